@@ -1,0 +1,23 @@
+"""The ``trainfer`` command. Each sub-command lives in its own module and is registered here."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from trainfer import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="trainfer")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Log details (logger 'trainfer') at DEBUG level.")
+def main(debug: bool, verbose: bool) -> None:
+    """Train one form of a PyTorch model, deploy its exact inference form, serve it safely."""
+    if verbose:
+        logging.basicConfig(format="%(name)s %(levelname)s %(message)s")
+        logging.getLogger("trainfer").setLevel(logging.DEBUG)
+
+
+# Sub-commands register themselves on `main` when imported (one module per command).
