@@ -6,6 +6,7 @@ Used by trainfer's own tests and benchmarks, and public so users can check their
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -57,14 +58,25 @@ def assert_close(candidate: Tensor, reference: Tensor, tolerance: float | None =
     return error
 
 
-class _OpCounter(TorchDispatchMode):
-    def __init__(self) -> None:
+class AtenOpCounter(TorchDispatchMode):
+    """Count every aten operator dispatched inside the ``with`` block into ``counts``.
+
+    ``observe(func, args, kwargs, out)``, when given, also sees each call and its result: the one
+    hook for measurements built on real executed ops (multiply-adds, tensor memory in ``bench``).
+    """
+
+    def __init__(self, observe: Callable[[Any, Any, dict[str, Any], Any], None] | None = None) -> None:
         super().__init__()
         self.counts: Counter[str] = Counter()
+        self.observe = observe
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.observe is not None:
+            self.observe(func, args, kwargs, out)
+        return out
 
 
 def count_aten_ops(model: nn.Module, *inputs: Any) -> Counter[str]:
@@ -73,7 +85,7 @@ def count_aten_ops(model: nn.Module, *inputs: Any) -> Counter[str]:
     Counting dispatched ops, not module types, sees functional calls (``F.batch_norm``) too.
     Names are overload packets, e.g. ``convolution``, ``_native_batch_norm_legit_no_training``.
     """
-    with torch.no_grad(), _OpCounter() as counter:
+    with torch.no_grad(), AtenOpCounter() as counter:
         model(*inputs)
     return counter.counts
 
