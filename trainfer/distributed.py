@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -88,3 +89,24 @@ def all_reduce_sum(values: Mapping[str, float], device: torch.device | None = No
     packed = torch.tensor([float(values[key]) for key in values], dtype=torch.float64, device=device)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     return dict(zip(values, packed.tolist()))
+
+
+def all_gather_object(value: Any) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order, on every rank (``[value]`` in a single process).
+
+    Pickled between this job's own processes only; never use it on data from outside the job.
+    """
+    if not is_initialized():
+        return [value]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``value`` (picklable) on every rank; other ranks' ``value`` is ignored."""
+    if not is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
