@@ -41,7 +41,7 @@ def test_normalisation_is_standard_on_the_training_split():
     spec = data.preprocess_spec()
     assert spec["input_shape"] == [1, 8, 8]
     pixels = torch.tensor([0, 255], dtype=torch.uint8)
-    manual = (pixels.double() * spec["scale"] - spec["mean"][0]) / spec["std"][0]
+    manual = (pixels.double() * spec["pixel_scale"] - spec["mean"][0]) / spec["std"][0]
     torch.testing.assert_close(data.normalize(pixels).double(), manual, rtol=1e-6, atol=1e-6)
 
 

@@ -37,6 +37,7 @@ INPUT_SHAPE = (1, 8, 8)
 NUM_CLASSES = 10
 LABELS = [str(digit) for digit in range(NUM_CLASSES)]
 _RAW_MAX = 16
+PIXEL_SCALE = 1 / 255
 
 
 @dataclass(frozen=True)
@@ -91,23 +92,19 @@ def _statistics() -> tuple[float, float]:
 
 
 def preprocess_spec() -> dict[str, object]:
-    """The preprocessing a bundle records: ``x = (pixel * scale - mean) / std`` on a grayscale
-    ``1 x 8 x 8`` image; larger images are reduced with a box filter (exact for :func:`save_png`)."""
+    """The preprocessing a bundle records (``trainfer.preprocess.PreprocessSpec`` fields):
+    a grayscale ``1 x 8 x 8`` image, ``x = (pixel * pixel_scale - mean) / std``."""
     mean, std = _statistics()
-    return {
-        "input_shape": list(INPUT_SHAPE),
-        "color": "L",
-        "scale": 1 / 255,
-        "mean": [mean],
-        "std": [std],
-        "resample": "box",
-    }
+    return {"input_shape": list(INPUT_SHAPE), "pixel_scale": PIXEL_SCALE, "mean": [mean], "std": [std]}
 
 
 def normalize(pixels: Tensor) -> Tensor:
-    """8-bit pixels (any shape) -> the float32 model input ``(pixels / 255 - mean) / std``."""
+    """8-bit pixels (any shape) -> the float32 model input ``(pixels * pixel_scale - mean) / std``.
+
+    The same float32 operations, in the same order, as an image file read through the spec.
+    """
     mean, std = _statistics()
-    return (pixels.float() / 255 - mean) / std
+    return (pixels.float() * PIXEL_SCALE - mean) / std
 
 
 def shift(pixels: Tensor, offsets: Tensor) -> Tensor:
@@ -171,8 +168,8 @@ def _eval_loader(split: Split, batch_size: int) -> DataLoader:
 def save_png(pixels: Tensor, path: str | os.PathLike, upscale: int = 8) -> Path:
     """Write one ``(1, 8, 8)`` uint8 digit as a grayscale PNG enlarged ``upscale`` times (nearest).
 
-    Each source pixel becomes an ``upscale x upscale`` block, so a box-filter reduction (the
-    ``resample`` of :func:`preprocess_spec`) recovers the 8-bit pixels exactly. Written atomically.
+    Each source pixel becomes an ``upscale x upscale`` block, so a box (or nearest) reduction
+    recovers the 8-bit pixels exactly; ``upscale=1`` needs no resizing at all. Written atomically.
     """
     from PIL import Image
 
