@@ -1,0 +1,310 @@
+"""What a model's output means: logits, probabilities or log-probabilities — and which output.
+
+Real training code ends ``forward`` in raw logits, in ``softmax``/``log_softmax``, or in
+``sigmoid``. Serving must turn each into probabilities exactly once:
+
+=====================  =============================  ==============================
+output kind            classification scores          binary scores
+=====================  =============================  ==============================
+``logits``             ``softmax(z, dim=1)``          ``sigmoid(z)``
+``probabilities``      ``p`` (as is)                  ``p`` (as is)
+``log_probabilities``  ``exp(l)``                     ``exp(l)``
+=====================  =============================  ==============================
+
+Regression outputs are values and are never transformed. A binary model may also return two
+columns; its score is then column 1 of the classification scores.
+
+:func:`detect_output_kind` reads the kind from the final operation of the model's traced eval
+graph (torch.fx), looking through shape-only operations (``flatten``, ``view``, ``squeeze``, ...).
+When tracing fails it falls back to forward hooks (:mod:`trainfer.capture`) on example inputs.
+:func:`select_output` picks the prediction from tuple, named-tuple and dict outputs.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+OUTPUT_KINDS = ("logits", "probabilities", "log_probabilities")
+TASKS = ("classification", "binary", "regression")
+Selector = int | str | None
+
+_PROBABILITY_MODULES: dict[type[nn.Module], str] = {
+    nn.Softmax: "probabilities",
+    nn.Sigmoid: "probabilities",
+    nn.LogSoftmax: "log_probabilities",
+}
+_PROBABILITY_FUNCTIONS: dict[Any, str] = {
+    torch.softmax: "probabilities",
+    F.softmax: "probabilities",
+    torch.special.softmax: "probabilities",
+    torch.sigmoid: "probabilities",
+    F.sigmoid: "probabilities",
+    torch.special.expit: "probabilities",
+    torch.log_softmax: "log_probabilities",
+    F.log_softmax: "log_probabilities",
+    torch.special.log_softmax: "log_probabilities",
+}
+_PROBABILITY_METHODS = {"softmax": "probabilities", "sigmoid": "probabilities", "log_softmax": "log_probabilities"}
+
+# Operations that change neither values nor their meaning: detection looks through them.
+_SHAPE_METHODS = frozenset(
+    {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "float", "double", "to", "clone", "detach"}
+)
+_SHAPE_FUNCTIONS = frozenset({torch.flatten, torch.squeeze, torch.unsqueeze, torch.reshape})
+_SHAPE_MODULES = (nn.Flatten, nn.Identity, nn.Unflatten)
+
+__all__ = [
+    "OUTPUT_KINDS",
+    "TASKS",
+    "OutputKind",
+    "check_kind",
+    "check_output_kind",
+    "describe_structure",
+    "detect_output_kind",
+    "flatten_outputs",
+    "select_output",
+    "to_scores",
+]
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """An output kind and how it was decided (recorded in the bundle manifest)."""
+
+    kind: str
+    decided_by: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"kind": self.kind, "decided_by": self.decided_by}
+
+
+def check_kind(kind: str) -> str:
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(f"output_kind must be one of {list(OUTPUT_KINDS)}; got {kind!r}")
+    return kind
+
+
+# --------------------------------------------------------------------------- output structure
+def select_output(output: Any, which: Selector = None) -> Tensor:
+    """The prediction tensor inside ``output``: ``which`` is a tuple index or a dict/named-tuple key.
+
+    By default: the tensor itself, the first element of a tuple, or the first value of a dict.
+    """
+    if isinstance(output, Tensor):
+        if which not in (None, 0):
+            raise ValueError(f"output={which!r} selects from a tuple or dict, but the model returns one tensor")
+        return output
+    value = _pick(output, which)
+    if not isinstance(value, Tensor):
+        raise ValueError(f"output {which!r} is {type(value).__name__}, expected a tensor")
+    return value
+
+
+def _pick(structure: Any, which: Selector) -> Any:
+    """Element ``which`` of a dict, tuple, list or named tuple (first element by default)."""
+    if isinstance(structure, Mapping):
+        keys = list(structure)
+        key = keys[0] if which is None and keys else which
+        if key not in structure:
+            raise ValueError(f"output={which!r} is not among the model's outputs {keys}")
+        return structure[key]
+    if isinstance(structure, tuple | list) and structure:
+        if isinstance(which, str):
+            fields = getattr(structure, "_fields", ())
+            if which not in fields:
+                raise ValueError(f"output={which!r} is not a field of the model's output; fields: {list(fields)}")
+            return getattr(structure, which)
+        index = 0 if which is None else which
+        if not -len(structure) <= index < len(structure):
+            raise ValueError(f"output={which!r} is out of range: the model returns {len(structure)} outputs")
+        return structure[index]
+    raise ValueError(f"the model returned {type(structure).__name__}; expected a tensor, a tuple or a dict of tensors")
+
+
+def describe_structure(output: Any) -> dict[str, Any]:
+    """A JSON-able description of an output: ``tensor``, ``tuple`` (length, fields) or ``dict`` (keys)."""
+    if isinstance(output, Tensor):
+        return {"type": "tensor"}
+    if isinstance(output, Mapping):
+        return {"type": "dict", "keys": [str(k) for k in output]}
+    if isinstance(output, tuple | list):
+        fields = list(getattr(output, "_fields", ()))
+        return {"type": "tuple", "length": len(output), **({"fields": fields} if fields else {})}
+    raise ValueError(f"the model returned {type(output).__name__}; expected a tensor, a tuple or a dict of tensors")
+
+
+def flatten_outputs(output: Any) -> tuple[list[str], list[Tensor]]:
+    """Names and tensors of a one-level output structure (names: dict keys, ``output_i``, ``output``)."""
+    structure = describe_structure(output)
+    if structure["type"] == "tensor":
+        return ["output"], [output]
+    if structure["type"] == "dict":
+        return list(structure["keys"]), [select_output(output, k) for k in output]
+    names = structure.get("fields") or [f"output_{i}" for i in range(len(output))]
+    return names, [select_output(output, i) for i in range(len(output))]
+
+
+# --------------------------------------------------------------------------- scores
+def to_scores(values: Tensor, kind: str, task: str) -> Tensor:
+    """Probabilities (classification ``(N, C)``, binary ``(N,)``) or values (regression), see module doc."""
+    if task == "regression":
+        return values
+    if task == "binary":
+        if values.dim() == 2 and values.shape[1] == 2:
+            return to_scores(values, kind, "classification")[:, 1]
+        if values.dim() == 2 and values.shape[1] == 1:
+            values = values[:, 0]
+        if values.dim() != 1:
+            raise ValueError(f"a binary model returns (N,), (N, 1) or (N, 2) outputs; got {tuple(values.shape)}")
+        return {"logits": torch.sigmoid, "probabilities": _same, "log_probabilities": torch.exp}[kind](values)
+    if values.dim() != 2:
+        raise ValueError(f"a classification model returns (N, classes) outputs; got {tuple(values.shape)}")
+    if kind == "logits":
+        return torch.softmax(values, dim=1)
+    return values if kind == "probabilities" else torch.exp(values)
+
+
+def _same(values: Tensor) -> Tensor:
+    return values
+
+
+def check_output_kind(values: Tensor, kind: str, task: str, tolerance: float = 1e-3) -> str | None:
+    """A message when ``values`` contradict ``kind`` (e.g. negative "probabilities"), else ``None``."""
+    if task == "regression" or values.numel() == 0:
+        return None
+    values = values.detach().double()
+    rows = values.dim() == 2 and values.shape[1] > 1 and task == "classification"
+    low, high = float(values.min()), float(values.max())
+    if kind == "probabilities":
+        if low < -tolerance or high > 1 + tolerance:
+            return f"declared output kind 'probabilities', but outputs range over [{low:.4g}, {high:.4g}], not [0, 1]"
+        sums = values.sum(1) if rows else None
+        if sums is not None and float((sums - 1).abs().max()) > tolerance:
+            return (
+                f"declared output kind 'probabilities', but rows sum to [{float(sums.min()):.4g}, "
+                f"{float(sums.max()):.4g}], not 1"
+            )
+    elif kind == "log_probabilities":
+        if high > tolerance:
+            return f"declared output kind 'log_probabilities', but outputs reach {high:.4g} > 0"
+        sums = values.exp().sum(1) if rows else None
+        if sums is not None and float((sums - 1).abs().max()) > tolerance:
+            return f"declared output kind 'log_probabilities', but exp(rows) sum to {float(sums.min()):.4g}.., not 1"
+    elif rows and low >= 0 and high <= 1 and float((values.sum(1) - 1).abs().max()) <= 1e-4:
+        return (
+            "declared output kind 'logits', but outputs look like probabilities (rows in [0, 1] summing to 1): "
+            "softmax would be applied twice; pass output_kind='probabilities'"
+        )
+    return None
+
+
+# --------------------------------------------------------------------------- detection
+def detect_output_kind(model: nn.Module, output: Selector = None, example_inputs: Any = None) -> OutputKind:
+    """Decide the kind of output ``output`` of ``model`` from the final op of its traced eval graph.
+
+    ``model`` must already be in eval mode (the graph is the inference graph). When torch.fx cannot
+    trace the model, forward hooks on ``example_inputs`` (if given) look for a final
+    ``nn.Softmax``/``nn.LogSoftmax``/``nn.Sigmoid`` module; otherwise the kind defaults to logits.
+    """
+    try:
+        graph = fx.symbolic_trace(model)
+    except Exception as error:  # tracing fails in many ways on real models; fall back, never crash
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        return _detect_with_hooks(model, output, example_inputs, reason)
+    node = _final_node(graph, output)
+    found = _classify(graph, node)
+    if found is not None:
+        return OutputKind(found[0], f"detected: final op {found[1]} in the traced eval graph")
+    return OutputKind("logits", f"detected: final op {_describe(graph, node)} is not softmax/log_softmax/sigmoid")
+
+
+def _final_node(graph: fx.GraphModule, which: Selector) -> fx.Node:
+    result = next(n for n in graph.graph.nodes if n.op == "output").args[0]
+    if isinstance(result, fx.Node) and result.op == "call_function" and isinstance(result.target, type):
+        fields = getattr(result.target, "_fields", ())  # a named tuple built in forward
+        result = dict(zip(fields, result.args, strict=False)) if isinstance(which, str) else tuple(result.args)
+    if not isinstance(result, fx.Node):
+        result = _pick(result, which)
+    elif which not in (None, 0):
+        raise ValueError(f"output={which!r} selects from a tuple or dict, but the model returns one tensor")
+    if not isinstance(result, fx.Node):
+        raise ValueError(f"output {which!r} of the traced graph is {type(result).__name__}, not a tensor")
+    while (source := _through_shape_op(graph, result)) is not None:
+        result = source
+    return result
+
+
+def _through_shape_op(graph: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if node.op == "call_method" and node.target in _SHAPE_METHODS:
+        return first
+    if node.op == "call_function" and (node.target in _SHAPE_FUNCTIONS or node.target is operator.getitem):
+        return first if node.target is not operator.getitem or _is_shape_index(node.args[1]) else None
+    if node.op == "call_module" and isinstance(graph.get_submodule(node.target), _SHAPE_MODULES):
+        return first
+    return None
+
+
+def _is_shape_index(index: Any) -> bool:
+    """``x[:, 0]``-style indexing that picks positions without changing values' meaning."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(i, slice | int) or i is None or i is Ellipsis for i in items)
+
+
+def _classify(graph: fx.GraphModule, node: fx.Node) -> tuple[str, str] | None:
+    if node.op == "call_module":
+        module = graph.get_submodule(node.target)
+        for cls, kind in _PROBABILITY_MODULES.items():
+            if isinstance(module, cls):
+                return kind, f"{type(module).__name__} module {node.target!r}"
+    elif node.op == "call_function" and node.target in _PROBABILITY_FUNCTIONS:
+        return _PROBABILITY_FUNCTIONS[node.target], f"{_qualname(node.target)}"
+    elif node.op == "call_method" and node.target in _PROBABILITY_METHODS:
+        return _PROBABILITY_METHODS[node.target], f"Tensor.{node.target}"
+    return None
+
+
+def _describe(graph: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"{type(graph.get_submodule(node.target)).__name__} module {node.target!r}"
+    if node.op == "call_function":
+        return _qualname(node.target)
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    return f"{node.op} {node.target!r}"
+
+
+def _qualname(target: Any) -> str:
+    module = getattr(target, "__module__", None) or "torch"
+    return f"{module}.{getattr(target, '__name__', repr(target))}"
+
+
+def _detect_with_hooks(model: nn.Module, which: Selector, example_inputs: Any, reason: str) -> OutputKind:
+    from trainfer.capture import capture
+
+    if example_inputs is None:
+        return OutputKind("logits", f"default: tracing failed ({reason}) and no example inputs; assumed logits")
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    probability_modules = tuple(_PROBABILITY_MODULES)
+    with torch.no_grad(), capture(model, _keep_output, lambda n, m: isinstance(m, probability_modules)) as records:
+        selected = select_output(model(*inputs), which)
+    for name, (module, value) in records.items():
+        if value is selected:
+            kind = next(k for cls, k in _PROBABILITY_MODULES.items() if isinstance(module, cls))
+            return OutputKind(
+                kind, f"detected by forward hooks (tracing failed: {reason}): {type(module).__name__} {name!r}"
+            )
+    return OutputKind(
+        "logits", f"detected by forward hooks (tracing failed: {reason}): no final softmax/sigmoid module"
+    )
+
+
+def _keep_output(name: str, module: nn.Module, output: Any) -> tuple[nn.Module, Any]:
+    return module, output

@@ -1,0 +1,358 @@
+"""What a model expects as input, and how raw inputs (arrays, images, CSV rows) become that.
+
+A :class:`PreprocessSpec` is the preprocessing a model was trained with, stored in the bundle
+manifest so serving repeats it exactly. Every input goes through two stages:
+
+1. **load** — files and array-likes become a *raw* batch ``(N, *input_shape)``. Images are
+   converted to the channel count of ``input_shape`` (grayscale ``L``, ``RGB``, optionally ``BGR``),
+   resized to its height and width, and scaled by ``pixel_scale`` (``1/255``: bytes to ``[0, 1]``);
+   CSV files give one sample per row, with the ``columns`` picked by name; arrays and tensors are
+   taken as they are (a single sample without its batch dimension gets one).
+2. **prepare** — the raw batch is validated (non-empty, numeric, the expected shape, finite) and
+   normalised: ``x' = (x - mean) / std`` per channel (dimension 1 of the batch), cast to ``dtype``.
+
+Regression targets scaled for training as ``t' = (t - target_mean) / target_std`` are mapped back
+by :meth:`PreprocessSpec.unscale_target`: ``t = t' * target_std + target_mean``.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+_IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+_CSV_CHUNK_ROWS = 1024
+
+__all__ = ["IMAGE_SUFFIXES", "PreprocessSpec", "gather", "iter_csv", "iter_raw", "load_image", "load_npy", "load_raw"]
+
+
+def _floats(values: Any) -> tuple[float, ...] | None:
+    if values is None:
+        return None
+    if isinstance(values, int | float):
+        return (float(values),)
+    return tuple(float(v) for v in values)
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """The input contract of a model (one sample: ``input_shape``, without the batch dimension).
+
+    ``input_shape`` is ``(C, H, W)`` for images, ``(F,)`` for tables; ``None`` accepts any batch
+    (then a single sample must carry its batch dimension). ``mean``/``std`` hold one value per
+    channel (or column), or one value for all. ``columns`` names the CSV columns in model order.
+    """
+
+    input_shape: tuple[int, ...] | None = None
+    dtype: str = "float32"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    pixel_scale: float = 1 / 255
+    channel_order: str = "RGB"
+    resize: bool = True
+    columns: tuple[str, ...] | None = None
+    target_mean: tuple[float, ...] | None = None
+    target_std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if self.input_shape is not None:
+            set_(self, "input_shape", tuple(int(s) for s in self.input_shape))
+        if self.columns is not None:
+            set_(self, "columns", tuple(str(c) for c in self.columns))
+        for name in ("mean", "std", "target_mean", "target_std"):
+            set_(self, name, _floats(getattr(self, name)))
+        if self.dtype not in ("float32", "float64", "float16", "bfloat16"):
+            raise ValueError(f"preprocess dtype must be float32/float64/float16/bfloat16; got {self.dtype!r}")
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"channel_order must be 'RGB' or 'BGR'; got {self.channel_order!r}")
+        if self.std is not None and any(s == 0 for s in self.std):
+            raise ValueError(f"std must be non-zero; got {self.std}")
+        if self.columns is not None and self.input_shape is not None and self.input_shape != (len(self.columns),):
+            raise ValueError(
+                f"{len(self.columns)} columns need input_shape ({len(self.columns)},); got {self.input_shape}"
+            )
+
+    # ----------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (tuples become lists); :meth:`from_dict` inverts it."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> PreprocessSpec:
+        """Build from :meth:`to_dict` output; unknown keys are an error naming them."""
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown preprocess keys {unknown}; expected some of {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def coerce(cls, spec: PreprocessSpec | dict[str, Any] | None, **defaults: Any) -> PreprocessSpec:
+        """Accept a spec, a dict or ``None``; ``defaults`` fill fields the given spec leaves unset."""
+        if isinstance(spec, cls):
+            data = spec.to_dict()
+        else:
+            data = dict(spec or {})
+        for key, value in defaults.items():
+            if data.get(key) is None and value is not None:
+                data[key] = value
+        return cls.from_dict(data)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    # ----------------------------------------------------------------- prepare
+    def prepare(self, raw: Tensor) -> Tensor:
+        """Validate a raw batch and normalise it: ``(x - mean) / std`` per channel, as ``dtype``."""
+        batch = self.check_batch(raw)
+        batch = batch.to(self.torch_dtype)
+        if self.mean is not None:
+            batch = batch - self._per_channel(self.mean, batch)
+        if self.std is not None:
+            batch = batch / self._per_channel(self.std, batch)
+        return batch
+
+    def check_batch(self, raw: Any) -> Tensor:
+        """Return ``raw`` as a ``(N, *input_shape)`` tensor or raise ``ValueError`` naming expected vs got."""
+        batch = _as_tensor(raw)
+        if batch.dtype.is_complex or batch.dtype == torch.bool:
+            raise ValueError(f"wrong input dtype: expected real numbers (float or int), got {batch.dtype}")
+        if self.input_shape is not None and batch.dim() == len(self.input_shape):
+            batch = batch.unsqueeze(0)
+        if batch.dim() == 0 or batch.shape[0] == 0:
+            raise ValueError(f"empty input: expected at least one sample of shape {self._shape_text()}")
+        self._check_shape(batch)
+        if batch.is_floating_point():
+            finite = torch.isfinite(batch)
+            if not bool(finite.all()):
+                bad = (~finite).flatten(1).any(1).nonzero().flatten().tolist()
+                raise ValueError(f"input contains NaN or inf values in sample(s) {bad[:10]}: expected finite numbers")
+        return batch
+
+    def _check_shape(self, batch: Tensor) -> None:
+        if self.input_shape is None:
+            return
+        sample = tuple(batch.shape[1:])
+        if sample == self.input_shape:
+            return
+        expected = self._shape_text()
+        dims = ", ".join(str(d) for d in self.input_shape)
+        if len(sample) == len(self.input_shape) == 3 and sample[1:] == self.input_shape[1:]:
+            raise ValueError(
+                f"wrong channel count: expected {self.input_shape[0]} channel(s) (sample shape {expected}), "
+                f"got {sample[0]} (sample shape {sample})"
+            )
+        raise ValueError(
+            f"wrong input shape: expected a batch (N, {dims}) or one sample {expected}, got {tuple(batch.shape)}"
+        )
+
+    def _shape_text(self) -> str:
+        return str(self.input_shape) if self.input_shape is not None else "(any)"
+
+    @staticmethod
+    def _per_channel(values: tuple[float, ...], batch: Tensor) -> Tensor:
+        tensor = torch.tensor(values, dtype=batch.dtype, device=batch.device)
+        if len(values) == 1:
+            return tensor
+        if batch.dim() < 2 or batch.shape[1] != len(values):
+            raise ValueError(
+                f"{len(values)} normalisation values need {len(values)} channels; got batch {tuple(batch.shape)}"
+            )
+        return tensor.view(1, -1, *([1] * (batch.dim() - 2)))
+
+    # ----------------------------------------------------------------- regression targets
+    def unscale_target(self, values: Tensor) -> Tensor:
+        """Invert the target scaling: ``values * target_std + target_mean`` (per output column)."""
+        if self.target_std is not None:
+            values = values * torch.tensor(self.target_std, dtype=values.dtype, device=values.device)
+        if self.target_mean is not None:
+            values = values + torch.tensor(self.target_mean, dtype=values.dtype, device=values.device)
+        return values
+
+
+# --------------------------------------------------------------------- loading raw inputs
+def _as_tensor(value: Any) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.detach()
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"cannot read input as a numeric array: {error}") from None
+    if array.dtype == object or array.dtype.kind in "USV":
+        raise ValueError(f"wrong input dtype: expected real numbers, got numpy dtype {array.dtype}")
+    if array.dtype == np.uint16 or array.dtype == np.uint32:
+        array = array.astype(np.int64)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _is_path(item: Any) -> bool:
+    return isinstance(item, str | Path)
+
+
+def load_raw(item: Any, spec: PreprocessSpec) -> Tensor:
+    """One input (a path, or an array-like holding one sample or a batch) as a raw batch."""
+    chunks = list(iter_raw([item], spec))
+    return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+
+
+def iter_raw(inputs: Any, spec: PreprocessSpec) -> Iterator[Tensor]:
+    """Yield raw batches from ``inputs``, lazily: a path, an array-like, or an iterable of those.
+
+    A CSV file yields chunks of rows (bounded memory); an image file one sample; a list of numbers
+    is one array-like. Order is kept.
+    """
+    if _is_path(inputs) or isinstance(inputs, Tensor | np.ndarray):
+        inputs = [inputs]
+    elif isinstance(inputs, Sequence) and not any(_is_path(x) or isinstance(x, Tensor | np.ndarray) for x in inputs):
+        inputs = [inputs]  # nested lists of numbers: one array-like
+    for item in inputs:
+        if _is_path(item):
+            yield from _iter_file(Path(item), spec)
+        else:
+            batch = _as_tensor(item)
+            if spec.input_shape is not None and batch.dim() == len(spec.input_shape):
+                batch = batch.unsqueeze(0)
+            yield batch
+
+
+def _iter_file(path: Path, spec: PreprocessSpec) -> Iterator[Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {str(path)!r}")
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        yield load_image(path, spec).unsqueeze(0)
+    elif suffix == ".csv":
+        yield from iter_csv(path, spec)
+    elif suffix == ".npy":
+        yield load_npy(path, spec)
+    else:
+        raise ValueError(
+            f"cannot read {str(path)!r}: expected an image ({', '.join(sorted(IMAGE_SUFFIXES))}), .csv or .npy file"
+        )
+
+
+def load_npy(path: Path, spec: PreprocessSpec) -> Tensor:
+    """A ``.npy`` array (never pickled objects: ``allow_pickle=False``) as a raw batch."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"cannot read {str(path)!r} as a .npy array: {error}") from None
+    batch = _as_tensor(array)
+    if spec.input_shape is not None and batch.dim() == len(spec.input_shape):
+        batch = batch.unsqueeze(0)
+    return batch
+
+
+def load_image(path: Path, spec: PreprocessSpec) -> Tensor:
+    """An image file as a raw ``(C, H, W)`` float sample in ``[0, 1]`` (``pixel_scale`` times bytes).
+
+    The channel count of ``spec.input_shape`` picks the mode (1: grayscale, 3: RGB or BGR, 4: RGBA);
+    the image is resized (bilinear) to its height and width unless ``spec.resize`` is false.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _image_to_tensor(image, spec, path)
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"cannot read image {str(path)!r}: {error}") from None
+
+
+def _image_to_tensor(image: Any, spec: PreprocessSpec, path: Path) -> Tensor:
+    from PIL import Image
+
+    shape = spec.input_shape
+    if shape is not None and len(shape) != 3:
+        raise ValueError(f"image {str(path)!r} given, but the model expects samples of shape {shape}, not (C, H, W)")
+    channels = shape[0] if shape is not None else (1 if image.mode in ("L", "I", "I;16", "F", "1") else 3)
+    if channels not in _IMAGE_MODES:
+        raise ValueError(f"images convert to 1, 3 or 4 channels; the model expects {channels} (shape {shape})")
+    image = image.convert(_IMAGE_MODES[channels])
+    if shape is not None and (image.height, image.width) != shape[1:]:
+        if not spec.resize:
+            raise ValueError(
+                f"image {str(path)!r} is {image.height}x{image.width}, expected {shape[1]}x{shape[2]} (resize is off)"
+            )
+        image = image.resize((shape[2], shape[1]), Image.Resampling.BILINEAR)
+    array = np.asarray(image, dtype=np.float32).reshape(image.height, image.width, channels)
+    if channels == 3 and spec.channel_order == "BGR":
+        array = array[..., ::-1]
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)) * spec.pixel_scale)
+
+
+def iter_csv(path: Path, spec: PreprocessSpec, chunk_rows: int = _CSV_CHUNK_ROWS) -> Iterator[Tensor]:
+    """Rows of a CSV file with a header, as raw ``(n, F)`` float64 chunks of at most ``chunk_rows``.
+
+    ``spec.columns`` picks and orders the columns by name (a missing one is named in the error);
+    without it every column is used in file order.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if not header:
+                raise ValueError(f"CSV file {str(path)!r} is empty: expected a header row of column names")
+            indices = _column_indices([h.strip() for h in header], spec, path)
+            rows: list[list[float]] = []
+            for line, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                rows.append(_parse_row(row, indices, header, path, line))
+                if len(rows) == chunk_rows:
+                    yield torch.tensor(rows, dtype=torch.float64)
+                    rows = []
+            if rows:
+                yield torch.tensor(rows, dtype=torch.float64)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"cannot read CSV file {str(path)!r}: {error}") from None
+
+
+def _column_indices(header: list[str], spec: PreprocessSpec, path: Path) -> list[int]:
+    if spec.columns is None:
+        return list(range(len(header)))
+    missing = [c for c in spec.columns if c not in header]
+    if missing:
+        raise ValueError(
+            f"CSV file {str(path)!r} lacks column(s) {missing}: expected {list(spec.columns)}, got {header}"
+        )
+    return [header.index(c) for c in spec.columns]
+
+
+def _parse_row(row: list[str], indices: list[int], header: list[str], path: Path, line: int) -> list[float]:
+    if len(row) < len(header):
+        raise ValueError(f"CSV file {str(path)!r} line {line}: expected {len(header)} values, got {len(row)}")
+    values = []
+    for i in indices:
+        try:
+            values.append(float(row[i]))
+        except ValueError:
+            raise ValueError(
+                f"CSV file {str(path)!r} line {line}, column {header[i]!r}: expected a number, got {row[i]!r}"
+            ) from None
+    return values
+
+
+def gather(inputs: Iterable[Any], spec: PreprocessSpec) -> Tensor:
+    """All of ``inputs`` as one raw batch (for inputs that fit in memory)."""
+    chunks = list(iter_raw(inputs, spec))
+    if not chunks:
+        raise ValueError(f"empty input: expected at least one sample of shape {spec._shape_text()}")
+    try:
+        return torch.cat(chunks)
+    except RuntimeError:
+        shapes = sorted({tuple(c.shape[1:]) for c in chunks})
+        raise ValueError(
+            f"inputs have different sample shapes {shapes}: expected one shape {spec._shape_text()}"
+        ) from None
