@@ -10,6 +10,8 @@ from trainfer.errors import (
     ModeWarning,
     OutputKindWarning,
 )
+from trainfer.inspection import Inspection, LayerRecord, inspect
+from trainfer.modes import inference, restore_modes, snapshot_modes, training
 
 __version__ = "0.1.0"
 
@@ -18,11 +20,18 @@ __all__ = [
     "BundleError",
     "DualModule",
     "EquivalenceError",
+    "Inspection",
+    "LayerRecord",
     "ModeError",
     "ModeWarning",
     "OutputKindWarning",
     "__version__",
     "algebra",
+    "inference",
     "infer_path",
+    "inspect",
+    "restore_modes",
+    "snapshot_modes",
     "train_only",
+    "training",
 ]

@@ -28,6 +28,9 @@ __all__ = ["DualModule", "TrainOnly", "infer_path", "train_only"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: Attribute set on methods decorated with :func:`infer_path` (``trainfer.modes`` finds them by it).
+INFER_PATH_MARK = "__trainfer_infer_path__"
+
 
 def _dispatch(self: DualModule, *args: Any, **kwargs: Any) -> Any:
     """``forward_train(*args, **kwargs)`` when ``self.training``, else ``forward_infer(...)``."""
@@ -133,6 +136,7 @@ def infer_path(other: Callable[..., Any] | str) -> Callable[[F], F]:
                 return getattr(self, other)(*args, **kwargs)
             return other(self, *args, **kwargs)
 
+        setattr(dispatch, INFER_PATH_MARK, other)
         return dispatch  # type: ignore[return-value]
 
     return decorate
