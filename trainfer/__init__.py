@@ -10,6 +10,7 @@ from trainfer.errors import (
     ModeWarning,
     OutputKindWarning,
 )
+from trainfer.guard import guard
 from trainfer.inspection import Inspection, LayerRecord, inspect
 from trainfer.modes import inference, restore_modes, snapshot_modes, training
 
@@ -27,6 +28,7 @@ __all__ = [
     "OutputKindWarning",
     "__version__",
     "algebra",
+    "guard",
     "inference",
     "infer_path",
     "inspect",
