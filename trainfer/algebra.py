@@ -381,8 +381,9 @@ def sequential(first: ConvOp, second: ConvOp) -> ConvOp:
       kxk conv use ``p2 = 0``.
     * ``second`` is 1x1 with padding 0 (kxk -> 1x1): always exact, strides multiply.
 
-    Groups: when both ops have the same groups the product is computed per group; otherwise
-    both are made dense first.
+    Groups: both ops are regrouped (:func:`regroup`) to ``gcd(groups1, groups2)`` groups, which
+    both are block-diagonal in, and the product is computed per group (a grouped 1x1 followed by
+    a depthwise avg-pool stays grouped).
     """
     if first.out_channels != second.in_channels:
         raise AlgebraError(f"first conv gives {first.out_channels} channels, second expects {second.in_channels}")
@@ -408,7 +409,7 @@ def sequential(first: ConvOp, second: ConvOp) -> ConvOp:
 
 
 def _common_groups(first: ConvOp, second: ConvOp) -> int:
-    return first.groups if first.groups == second.groups else 1
+    return _gcd(first.groups, second.groups)
 
 
 def _compose(first: ConvOp, second: ConvOp, *, second_is_pointwise: bool) -> tuple[Tensor, Tensor]:
