@@ -21,3 +21,6 @@ def main(debug: bool, verbose: bool) -> None:
 
 
 # Sub-commands register themselves on `main` when imported (one module per command).
+from trainfer.cli.inspect import command as inspect_command  # noqa: E402
+
+main.add_command(inspect_command)

@@ -1,0 +1,65 @@
+"""``trainfer inspect``: per-layer output statistics, and where train and eval modes part."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import torch
+from torch import nn
+
+from trainfer.cli.common import friendly_errors, load_factory, parse_shape
+from trainfer.inspection import MODES, inspect
+
+
+@click.command("inspect")
+@click.argument("model_spec", metavar="MODEL")
+@click.option("--input-shape", help="Input shape with batch, e.g. 2,3,32,32 (a bundle's own shape by default).")
+@click.option("--modes", default="eval", show_default=True, help=f"Comma-separated modes from {', '.join(MODES)}.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random input and of Dropout.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG plot here.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the records here.")
+@friendly_errors
+def command(
+    model_spec: str, input_shape: str | None, modes: str, seed: int, plot_path: Path | None, json_path: Path | None
+) -> None:
+    """Print per-layer output statistics of MODEL (package.module:factory or a bundle path).
+
+    With --modes train,eval both passes run on copies with the same seeded random input, and the
+    first module whose outputs differ is marked: where a forgotten eval() starts to matter.
+    """
+    model, shape = _load(model_spec, input_shape)
+    generator = torch.Generator().manual_seed(seed)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    inputs = torch.randn(shape, generator=generator, dtype=dtype)
+    result = inspect(model, inputs, modes=modes, seed=seed)
+    click.echo(str(result))
+    first = result.first_divergence
+    if len(result.modes) == 2:
+        click.echo(
+            "train and eval agree at every layer"
+            if first is None
+            else f"first train/eval divergence: {first.name or '(model)'} ({first.type}), "
+            f"relative error {first.divergence:.3g}"
+        )
+    if json_path is not None:
+        result.to_json(json_path)
+        click.echo(f"wrote {json_path}")
+    if plot_path is not None:
+        result.plot(plot_path)
+        click.echo(f"wrote {plot_path}")
+
+
+def _load(model_spec: str, input_shape: str | None) -> tuple[nn.Module, tuple[int, ...]]:
+    """A model from a bundle path or a ``package.module:factory``, and the input shape to use."""
+    if Path(model_spec).exists():
+        from trainfer.bundle import load, read_manifest
+
+        model = load(model_spec)
+        shape = parse_shape(input_shape) if input_shape else read_manifest(model_spec).get("input_shape")
+        if not shape:
+            raise click.BadParameter(f"bundle {model_spec} records no input shape; pass --input-shape")
+        return model, tuple(shape)
+    if input_shape is None:
+        raise click.BadParameter("--input-shape is required for a package.module:factory model")
+    return load_factory(model_spec)(), parse_shape(input_shape)
