@@ -110,3 +110,11 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (e.g. BatchNorm running statistics) to every rank, in place."""
+    if not is_initialized():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=src)
