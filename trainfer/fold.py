@@ -1,0 +1,787 @@
+"""The automatic folder: rewrite every maximal linear region of a model as one convolution.
+
+The pass works on a ``torch.fx`` trace of the model in eval mode, so ``if self.training``
+branches, ``forward_infer`` and ``train_only`` modules have already resolved to the inference path.
+
+A node is *linear* when its output is an affine function ``op(anchor)`` of one upstream tensor,
+its *anchor*, with ``op`` a :class:`trainfer.algebra.ConvOp`. Linear nodes are convolutions and
+linears with constant weights (modules or ``F.conv2d``/``F.linear`` on parameters), BatchNorm in
+eval mode (any ``_BatchNorm`` subclass, or ``F.batch_norm``), sums and differences of branches of
+the same anchor (``+``, ``torch.add``, ``sum([...])``), multiplication by a constant scalar or
+per-channel tensor (layer scale), zero padding and average pooling. Their operators compose
+through the algebra: ``sequential`` for a chain, ``add`` for branches, ``channel_affine`` for
+BatchNorm and scales. A chain stops (its last node becomes a *region root*) where the value feeds
+a non-linear node, has several consumers, or where the algebra says a further step is not exact
+(it raises :class:`~trainfer.algebra.AlgebraError`) or would cost more multiply-adds than the
+unfused ops. Every root whose region holds two or more ops becomes one ``nn.Conv2d`` (4-D values)
+or ``nn.Linear`` (2-D values) reading the anchor; dead nodes, and the modules and parameters only
+they used, disappear.
+
+A BatchNorm left alone between two non-linearities stays a BatchNorm: in eval mode it is one
+per-channel affine kernel, cheaper than the depthwise 1x1 convolution it could become.
+
+When a module cannot be traced (data-dependent control flow), :func:`fold` folds each of its
+children separately, fuses Conv->BatchNorm pairs that are adjacent in an ``nn.Sequential``, and
+records the fallback. The module-level protocols models carry (``reparameterize()``,
+``switch_to_deploy()``, ``fuse()``) run through :func:`apply_protocols`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import reduce
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn import functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+
+from trainfer import algebra
+from trainfer.algebra import AlgebraError, ConvOp
+
+__all__ = ["FoldLog", "FoldedRegion", "apply_protocols", "fold", "trace"]
+
+#: Methods of the model-zoo conventions that turn a block into its inference form, in place.
+PROTOCOLS = ("reparameterize", "switch_to_deploy", "fuse")
+
+
+@dataclass
+class FoldedRegion:
+    """One linear region rewritten as one module: ``members`` (original ops) -> ``name``."""
+
+    name: str
+    members: list[str]
+    module: str
+
+    def __str__(self) -> str:
+        return f"{self.name} = {self.module}  <-  {', '.join(self.members)}"
+
+
+@dataclass
+class FoldLog:
+    """What :func:`fold` did: regions folded, ops kept and why, eval no-ops dropped, fallbacks."""
+
+    regions: list[FoldedRegion] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)
+
+
+# --- tracing --------------------------------------------------------------------------------------
+
+
+def _is_torch_nn(function: Any) -> bool:
+    return getattr(function, "__module__", "").startswith(("torch.nn", "torch.ao.nn"))
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    """A ``torch.nn`` layer: its ``forward`` is torch's own and it is not a container."""
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    return _is_torch_nn(type(module).forward) and not isinstance(module, containers)
+
+
+class _EvalTracer(fx.Tracer):
+    """Trace through everything that is not a ``torch.nn`` layer.
+
+    A module is a leaf iff its ``forward`` is torch's own (``nn.Conv2d``, a user ``class
+    MyBN(nn.BatchNorm2d): pass``), containers excepted. Subclasses that override ``forward`` (a
+    BatchNorm with an extra activation, a weight-standardised conv) are traced into, so what they
+    compute appears as ``F.batch_norm``/``F.conv2d`` calls on parameters.
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return _is_leaf(m)
+
+
+def _accept_any_dim(input: Tensor) -> None:
+    """Stand-in for ``_check_input_dim``, whose ``if input.dim() != 4`` cannot be traced."""
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx`` trace of ``model`` in its current mode with :class:`_EvalTracer`.
+
+    BatchNorm subclasses that override ``forward`` and call ``super().forward`` get their input
+    rank check disabled (on this instance) so that the trace can see through them.
+    """
+    for module in model.modules():
+        if isinstance(module, _BatchNorm) and not _is_torch_nn(type(module).forward):
+            module._check_input_dim = _accept_any_dim
+    tracer = _EvalTracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+# --- module-level protocols -----------------------------------------------------------------------
+
+
+def apply_protocols(model: nn.Module) -> list[str]:
+    """Call ``reparameterize()``/``switch_to_deploy()``/``fuse()`` on the outermost modules having one.
+
+    A module's own method is trusted to handle its descendants, so they are not visited again.
+    Only methods callable without arguments are used. Returns ``"name.method()"`` per call.
+    """
+    calls: list[str] = []
+    done: list[str] = []
+    for name, module in model.named_modules():
+        if any(name == d or name.startswith(d + ".") or d == "" for d in done):
+            continue
+        method = next((m for m in PROTOCOLS if _callable_without_arguments(getattr(module, m, None))), None)
+        if method is not None:
+            result = getattr(module, method)()
+            if isinstance(result, nn.Module) and result is not module:
+                raise TypeError(f"{name or 'model'}.{method}() returned a new module instead of converting in place")
+            calls.append(f"{name or 'model'}.{method}()")
+            done.append(name)
+    return calls
+
+
+def _callable_without_arguments(method: Any) -> bool:
+    if not callable(method) or isinstance(method, nn.Module):
+        return False
+    try:
+        parameters = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return all(
+        p.default is not inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters
+    )
+
+
+# --- entry point and fallback ---------------------------------------------------------------------
+
+
+def fold(model: nn.Module, example_inputs: Sequence[Any]) -> tuple[nn.Module, FoldLog]:
+    """Fold ``model`` (in eval mode; modified and reused) into its inference form.
+
+    ``example_inputs`` (a tuple of positional arguments) drive shape propagation. Returns the
+    folded module, normally an ``fx.GraphModule``, and the log of what happened.
+    """
+    log = FoldLog()
+    return _fold_module(model, tuple(example_inputs), "", log), log
+
+
+def _fold_module(module: nn.Module, inputs: tuple[Any, ...], prefix: str, log: FoldLog) -> nn.Module:
+    try:
+        gm = trace(module)
+    except Exception as error:  # noqa: BLE001 - user forward code can raise anything on fx proxies
+        where = prefix.rstrip(".") or "model"
+        log.fallbacks.append(
+            f"{where}: not traceable ({type(error).__name__}: {_first_line(error)}); folded its children separately"
+        )
+        return _fold_children(module, inputs, prefix, log)
+    return _GraphFolder(gm, prefix, log).run(inputs)
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:160]
+
+
+@contextmanager
+def _recorded_child_inputs(module: nn.Module) -> Iterator[dict[str, tuple[Any, ...]]]:
+    """Record the positional inputs of each direct child's first call (pre-hooks, always removed)."""
+    inputs: dict[str, tuple[Any, ...]] = {}
+    handles = []
+
+    def hook_for(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(child: nn.Module, args: tuple[Any, ...]) -> None:
+            inputs.setdefault(name, args)
+
+        return hook
+
+    try:
+        for name, child in module.named_children():
+            handles.append(child.register_forward_pre_hook(hook_for(name)))
+        yield inputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _fold_children(module: nn.Module, inputs: tuple[Any, ...], prefix: str, log: FoldLog) -> nn.Module:
+    with _recorded_child_inputs(module) as child_inputs, torch.no_grad():
+        module(*inputs)
+    for name, child in list(module.named_children()):
+        if name in child_inputs and not _is_leaf(child):
+            setattr(module, name, _fold_module(child, child_inputs[name], f"{prefix}{name}.", log))
+    if isinstance(module, nn.Sequential):
+        _fuse_sequential_pairs(module, prefix, log)
+    return module
+
+
+def _fuse_sequential_pairs(sequence: nn.Sequential, prefix: str, log: FoldLog) -> None:
+    """Fold each ``nn.Conv2d`` directly followed by a BatchNorm in ``sequence`` into the conv."""
+    names = list(sequence._modules)
+    for first, second in zip(names, names[1:]):
+        conv, bn = sequence._modules[first], sequence._modules[second]
+        if type(conv) is not nn.Conv2d or not isinstance(bn, _BatchNorm) or not _is_torch_nn(type(bn).forward):
+            continue
+        try:
+            fused = algebra.to_conv2d(algebra.fuse_bn(ConvOp.from_module(conv), bn))
+        except AlgebraError as error:
+            log.kept.append(f"{prefix}{first} -> {prefix}{second}: {error}")
+            continue
+        sequence._modules[first], sequence._modules[second] = fused, nn.Identity()
+        log.regions.append(
+            FoldedRegion(f"{prefix}{first}", [f"{prefix}{first}", f"{prefix}{second}"], _describe(fused))
+        )
+
+
+def _describe(module: nn.Module) -> str:
+    if isinstance(module, nn.Conv2d):
+        return (
+            f"Conv2d({module.in_channels}->{module.out_channels}, kernel={tuple(module.kernel_size)}, "
+            f"stride={tuple(module.stride)}, padding={tuple(module.padding)}, groups={module.groups})"
+        )
+    if isinstance(module, nn.Linear):
+        return f"Linear({module.in_features}->{module.out_features})"
+    return type(module).__name__
+
+
+# --- the graph pass -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Expr:
+    """``op(anchor)`` (``op=None``: the anchor itself), built from ``members`` costing ``cost`` MACs."""
+
+    anchor: fx.Node
+    op: ConvOp | None
+    members: tuple[fx.Node, ...] = ()
+    cost: int = 0
+
+
+class _NotConstant(Exception):
+    """A node's value depends on the model's inputs."""
+
+
+_CONV = {torch.conv2d}
+_LINEAR = {F.linear}
+_BATCH_NORM = {F.batch_norm}
+_PAD = {F.pad}
+_AVG_POOL = {F.avg_pool2d, torch._C._nn.avg_pool2d}
+_ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
+_SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_"}
+_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+_DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
+_NEG = {operator.neg, torch.neg, "neg"}
+_DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
+
+_SIGNATURES: dict[str, tuple[tuple[str, Any], ...]] = {
+    "conv": (
+        ("input", None),
+        ("weight", None),
+        ("bias", None),
+        ("stride", 1),
+        ("padding", 0),
+        ("dilation", 1),
+        ("groups", 1),
+    ),
+    "linear": (("input", None), ("weight", None), ("bias", None)),
+    "batch_norm": (
+        ("input", None),
+        ("running_mean", None),
+        ("running_var", None),
+        ("weight", None),
+        ("bias", None),
+        ("training", False),
+        ("momentum", 0.1),
+        ("eps", 1e-5),
+    ),
+    "pad": (("input", None), ("pad", None), ("mode", "constant"), ("value", None)),
+    "avg_pool": (
+        ("input", None),
+        ("kernel_size", None),
+        ("stride", None),
+        ("padding", 0),
+        ("ceil_mode", False),
+        ("count_include_pad", True),
+        ("divisor_override", None),
+    ),
+    "dropout": (("input", None), ("p", 0.5), ("training", True), ("inplace", False)),
+}
+
+
+def _bind(node: fx.Node, signature: str) -> dict[str, Any]:
+    """The call's arguments by name, with the function's defaults filled in."""
+    names = [name for name, _ in _SIGNATURES[signature]]
+    bound = {name: default for name, default in _SIGNATURES[signature]}
+    bound.update(zip(names, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _numel(node: fx.Node) -> int:
+    shape = _shape(node) or ()
+    return int(torch.Size(shape).numel())
+
+
+def _macs(op: ConvOp, out: fx.Node) -> int:
+    """Multiply-adds of ``op`` producing ``out``: ``numel(out) * in_channels/groups * kh * kw``."""
+    return _numel(out) * op.weight.shape[1] * op.kernel_size[0] * op.kernel_size[1]
+
+
+class _GraphFolder:
+    """One pass over a traced graph: drop eval no-ops, build linear expressions, rewrite regions."""
+
+    def __init__(self, gm: fx.GraphModule, prefix: str, log: FoldLog):
+        self.gm, self.prefix, self.log = gm, prefix, log
+        self.modules = dict(gm.named_modules())
+        self.exprs: dict[fx.Node, _Expr] = {}
+        self.absorbed: set[fx.Node] = set()
+        self.constants: dict[fx.Node, Any] = {}
+        tensors = [*gm.parameters(), *gm.buffers()]
+        self.device = tensors[0].device if tensors else torch.device("cpu")
+
+    def run(self, inputs: tuple[Any, ...]) -> fx.GraphModule:
+        self._drop_eval_noops()
+        self._split_padding_modes()
+        with torch.no_grad():
+            ShapeProp(self.gm).propagate(*inputs)
+        for node in list(self.gm.graph.nodes):
+            expr = self._expression(node)
+            if expr is not None:
+                self.exprs[node] = expr
+        for node, expr in list(self.exprs.items()):
+            if node not in self.absorbed and len(expr.members) > 1:
+                self._rewrite(node, expr)
+        self.gm.graph.eliminate_dead_code()
+        self.gm.graph.lint()
+        return fx.GraphModule(self.gm, self.gm.graph, self.gm.__class__.__name__)
+
+    # -- eval no-ops ------------------------------------------------------------------------------
+
+    def _drop_eval_noops(self) -> None:
+        """Dropout (any kind) and ``nn.Identity`` compute the identity in eval mode: bypass them."""
+        for node in list(self.gm.graph.nodes):
+            if node.op == "call_module" and isinstance(self.modules[node.target], (_DropoutNd, nn.Identity)):
+                what = f"{self.prefix}{node.target} ({type(self.modules[node.target]).__name__})"
+            elif node.op == "call_function" and node.target in _DROPOUT and _bind(node, "dropout")["training"] is False:
+                what = f"{node.name} ({node.target.__name__}, training=False)"
+            else:
+                continue
+            node.replace_all_uses_with(node.args[0])
+            self.gm.graph.erase_node(node)
+            self.log.dropped.append(what)
+
+    def _split_padding_modes(self) -> None:
+        """A conv with ``padding_mode='reflect'`` (etc.) becomes ``F.pad(mode=...)`` then a zero-padded conv.
+
+        The pad is not a convolution, but the conv after it then is one and can take a BatchNorm.
+        """
+        for node in list(self.gm.graph.nodes):
+            module = self.modules.get(node.target) if node.op == "call_module" else None
+            if not isinstance(module, nn.Conv2d) or module.padding_mode == "zeros":
+                continue
+            pads = tuple(module._reversed_padding_repeated_twice)
+            with self.gm.graph.inserting_before(node):
+                padded = self.gm.graph.call_function(F.pad, (node.args[0], pads), {"mode": module.padding_mode})
+            module.padding, module.padding_mode = (0, 0), "zeros"
+            node.args = (padded, *node.args[1:])
+
+    # -- constants --------------------------------------------------------------------------------
+
+    def _constant(self, value: Any) -> Any:
+        """The value of ``value`` if it does not depend on the inputs (parameters, buffers, maths on them)."""
+        if not isinstance(value, fx.Node):
+            return value
+        if value not in self.constants:
+            self.constants[value] = self._evaluate(value)
+        result = self.constants[value]
+        if result is _NotConstant:
+            raise _NotConstant(value.name)
+        return result
+
+    def _evaluate(self, node: fx.Node) -> Any:
+        if node.op == "get_attr":
+            return reduce(getattr, node.target.split("."), self.gm)
+        if node.op not in ("call_function", "call_method") or not node.all_input_nodes:
+            return _NotConstant
+        try:
+            args = fx.node.map_arg(node.args, self._constant)
+            kwargs = fx.node.map_arg(node.kwargs, self._constant)
+        except _NotConstant:
+            return _NotConstant
+        with torch.no_grad():
+            if node.op == "call_method":
+                return getattr(args[0], node.target)(*args[1:], **kwargs)
+            return node.target(*args, **kwargs)
+
+    def _tensor_constant(self, value: Any) -> Tensor | None:
+        try:
+            constant = self._constant(value)
+        except _NotConstant:
+            return None
+        return constant.detach() if isinstance(constant, Tensor) else None
+
+    # -- linear expressions -----------------------------------------------------------------------
+
+    def _expression(self, node: fx.Node) -> _Expr | None:
+        shape = _shape(node)
+        if shape is None or len(shape) not in (2, 4) or not node.meta["tensor_meta"].dtype.is_floating_point:
+            return None
+        if _is_inplace(node) and len(node.args[0].users) > 1:
+            return None  # others read the mutated tensor too
+        try:
+            return self._linear_step(node, len(shape))
+        except _NotConstant:
+            return None
+
+    def _linear_step(self, node: fx.Node, rank: int) -> _Expr | None:
+        if node.op == "call_module":
+            return self._module_step(node, self.modules[node.target], rank)
+        if node.op not in ("call_function", "call_method"):
+            return None
+        key = node.target
+        if key in _CONV and rank == 4:
+            bound = _bind(node, "conv")
+            return self._chain(node, bound["input"], self._functional_conv(bound))
+        if key in _LINEAR and rank == 2:
+            bound = _bind(node, "linear")
+            return self._chain(node, bound["input"], self._dense(bound["weight"], bound["bias"]))
+        if key in _BATCH_NORM:
+            bound = _bind(node, "batch_norm")
+            if bound["training"] is not False or bound["running_mean"] is None:
+                return None
+            stats = [self._tensor_constant(bound[k]) for k in ("running_mean", "running_var", "weight", "bias")]
+            affine = algebra.batch_norm_affine(stats[0], stats[1], stats[2], stats[3], bound["eps"])
+            return self._chain(node, bound["input"], self._affine(node, *affine))
+        if key in _PAD and rank == 4:
+            return self._pad(node, _bind(node, "pad"))
+        if key in _AVG_POOL and rank == 4:
+            bound = _bind(node, "avg_pool")
+            return self._avg_pool(node, bound)
+        if key in _ADD | _SUB:
+            return self._add(node, key in _SUB)
+        if key in _MUL | _DIV:
+            return self._scale(node, divide=key in _DIV)
+        if key in _NEG:
+            return self._chain(node, node.args[0], self._affine(node, torch.tensor(-1.0), None))
+        return None
+
+    def _module_step(self, node: fx.Node, module: nn.Module, rank: int) -> _Expr | None:
+        source = node.args[0] if node.args else None
+        if isinstance(module, nn.Conv2d) and rank == 4:
+            try:
+                op = ConvOp.from_module(module)
+            except AlgebraError as error:
+                self.log.kept.append(f"{self._name(node)}: {error}")
+                return None
+            return self._chain(node, source, self._then(op))
+        if isinstance(module, nn.Linear) and rank == 2:
+            return self._chain(node, source, self._dense(module.weight, module.bias))
+        if isinstance(module, _BatchNorm):
+            if module.running_mean is None:
+                self.log.kept.append(f"{self._name(node)}: track_running_stats=False normalises with batch statistics")
+                return None
+            affine = algebra.batch_norm_affine(
+                module.running_mean, module.running_var, _detached(module.weight), _detached(module.bias), module.eps
+            )
+            return self._chain(node, source, self._affine(node, *affine))
+        if isinstance(module, nn.AvgPool2d):
+            bound = {
+                "kernel_size": module.kernel_size,
+                "stride": module.stride,
+                "padding": module.padding,
+                "ceil_mode": module.ceil_mode,
+                "count_include_pad": module.count_include_pad,
+                "divisor_override": module.divisor_override,
+                "input": source,
+            }
+            return self._avg_pool(node, bound)
+        if isinstance(module, nn.ConstantPad2d):
+            return self._pad(node, {"input": source, "pad": module.padding, "mode": "constant", "value": module.value})
+        return None
+
+    # -- one-input steps: each maps the source's operator (None = identity) to this node's ---------
+
+    def _then(self, op: ConvOp) -> Callable[[ConvOp | None, fx.Node], ConvOp]:
+        return lambda previous, source: op if previous is None else algebra.sequential(previous, op)
+
+    def _functional_conv(self, bound: dict[str, Any]) -> Callable[[ConvOp | None, fx.Node], ConvOp]:
+        weight = self._tensor_constant(bound["weight"])
+        if weight is None:
+            raise _NotConstant("conv weight")
+        bias = self._tensor_constant(bound["bias"]) if bound["bias"] is not None else weight.new_zeros(weight.shape[0])
+        padding = bound["padding"]
+        if isinstance(padding, str):
+            padding = algebra._resolve_string_padding(
+                padding, tuple(weight.shape[2:]), algebra._pair(bound["dilation"])
+            )
+        op = ConvOp(
+            weight,
+            bias,
+            algebra._pair(bound["stride"]),
+            algebra._pair(padding),
+            algebra._pair(bound["dilation"]),
+            int(bound["groups"]),
+        )
+        return self._then(op)
+
+    def _dense(self, weight: Any, bias: Any) -> Callable[[ConvOp | None, fx.Node], ConvOp]:
+        """``nn.Linear``/``F.linear`` as a 1x1 conv over ``(N, features, 1, 1)``."""
+        weight_ = self._tensor_constant(weight)
+        if weight_ is None:
+            raise _NotConstant("linear weight")
+        bias_ = self._tensor_constant(bias) if bias is not None else weight_.new_zeros(weight_.shape[0])
+        return self._then(ConvOp(weight_[:, :, None, None], bias_))
+
+    def _affine(self, node: fx.Node, scale: Tensor, shift: Tensor | None) -> Callable[[ConvOp | None, fx.Node], ConvOp]:
+        def step(previous: ConvOp | None, source: fx.Node) -> ConvOp:
+            return algebra.channel_affine(previous or self._identity(source), scale, shift)
+
+        return step
+
+    def _identity(self, source: fx.Node) -> ConvOp:
+        """The identity on ``source``'s channels as a depthwise 1x1 conv."""
+        meta = source.meta["tensor_meta"]
+        channels = meta.shape[1]
+        return algebra.identity(channels, 1, groups=channels, dtype=meta.dtype, device=self.device)
+
+    def _pad(self, node: fx.Node, bound: dict[str, Any]) -> _Expr | None:
+        """Zero padding after a pointwise op whose bias equals the pad value is that op with more padding."""
+        if bound["mode"] != "constant" or len(bound["pad"]) not in (2, 4):
+            return None
+        value = float(bound["value"] or 0.0)
+
+        def step(previous: ConvOp | None, source: fx.Node) -> ConvOp:
+            op = previous or self._identity(source)
+            if op.kernel_size != (1, 1) or op.stride != (1, 1) or op.dilation != (1, 1):
+                raise AlgebraError(f"padding after a {op.kernel_size} conv is not a conv's padding")
+            if not bool((op.bias == value).all()):
+                raise AlgebraError(f"pad value {value} differs from the bias it pads (the border would change)")
+            return algebra.pad_input(op, list(bound["pad"]))
+
+        return self._chain(node, bound["input"], step)
+
+    def _avg_pool(self, node: fx.Node, bound: dict[str, Any]) -> _Expr | None:
+        if bound["ceil_mode"] or not bound["count_include_pad"] or bound["divisor_override"] is not None:
+            self.log.kept.append(
+                f"{self._name(node)}: only avg-pool with count_include_pad=True, ceil_mode=False folds"
+            )
+            return None
+
+        def step(previous: ConvOp | None, source: fx.Node) -> ConvOp:
+            meta = source.meta["tensor_meta"]
+            pool = algebra.avg_pool(
+                meta.shape[1],
+                bound["kernel_size"],
+                bound["stride"] or None,
+                bound["padding"],
+                dtype=meta.dtype,
+                device=self.device,
+            )
+            return pool if previous is None else algebra.sequential(previous, pool)
+
+        return self._chain(node, bound["input"], step)
+
+    def _scale(self, node: fx.Node, divide: bool) -> _Expr | None:
+        """``x * c`` / ``x / c`` with ``c`` a constant scalar or per-channel tensor."""
+        split = self._split_constant(node)
+        if split is None or node.kwargs or (divide and not split[2]):
+            return None
+        variable, factor, _ = split
+        return self._chain(node, variable, self._affine(node, 1.0 / factor if divide else factor, None))
+
+    def _split_constant(self, node: fx.Node) -> tuple[fx.Node, Tensor, bool] | None:
+        """``(variable, per-channel constant, variable is the left operand)`` of a binary op, if one is constant."""
+        if len(node.args) != 2:
+            return None
+        for variable, constant, is_left in ((node.args[0], node.args[1], True), (node.args[1], node.args[0], False)):
+            if not isinstance(variable, fx.Node) or self._tensor_constant(variable) is not None:
+                continue
+            vector = self._channel_vector(node, self._tensor_or_number(constant))
+            if vector is not None:
+                return variable, vector, is_left
+        return None
+
+    def _tensor_or_number(self, value: Any) -> Tensor | None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return torch.tensor(float(value))
+        return self._tensor_constant(value) if isinstance(value, fx.Node) else None
+
+    def _channel_vector(self, node: fx.Node, constant: Tensor | None) -> Tensor | None:
+        """``constant`` as one value per channel of ``node``'s output, if it broadcasts that way."""
+        shape = _shape(node)
+        if constant is None or shape is None or constant.dim() > len(shape):
+            return None
+        if constant.numel() == 1:
+            return constant.reshape(())
+        aligned = (1,) * (len(shape) - constant.dim()) + tuple(constant.shape)
+        if any(size != 1 for i, size in enumerate(aligned) if i != 1) or aligned[1] != shape[1]:
+            return None
+        return constant.reshape(-1)
+
+    # -- composing ------------------------------------------------------------------------------
+
+    def _source_expr(self, source: fx.Node, consumer: fx.Node) -> tuple[_Expr, bool]:
+        """The source's expression if the consumer may absorb it (its only user), else the source itself."""
+        expr = self.exprs.get(source)
+        if expr is not None and len(source.users) == 1 and consumer in source.users:
+            return expr, True
+        return _Expr(source, None), False
+
+    def _chain(self, node: fx.Node, source: Any, step: Callable[[ConvOp | None, fx.Node], ConvOp]) -> _Expr | None:
+        if not isinstance(source, fx.Node) or _shape(source) is None:
+            return None
+        own_cost = self._own_cost(node)
+        expr, absorbable = self._source_expr(source, node)
+        if absorbable:
+            try:
+                op = step(expr.op, expr.anchor)
+                return self._accept(
+                    node, [source], _Expr(expr.anchor, op, expr.members + (node,), expr.cost + own_cost)
+                )
+            except AlgebraError as error:
+                self.log.kept.append(f"{self._name(node)} kept apart from {self._name(source)}: {error}")
+        try:
+            op = step(None, source)
+        except AlgebraError as error:
+            self.log.kept.append(f"{self._name(node)}: {error}")
+            return None
+        return _Expr(source, op, (node,), own_cost)
+
+    def _accept(self, node: fx.Node, sources: list[fx.Node], expr: _Expr) -> _Expr:
+        """Mark ``sources`` absorbed unless the folded op would cost more MACs than the ops it replaces."""
+        folded = _macs(expr.op, node)
+        if folded > expr.cost:
+            raise AlgebraError(f"folding would cost {folded} multiply-adds instead of {expr.cost}")
+        self.absorbed.update(sources)
+        return expr
+
+    def _own_cost(self, node: fx.Node) -> int:
+        """MACs (convs, linears) or elementwise operations (everything else) ``node`` itself performs."""
+        weight = None
+        if node.op == "call_module" and isinstance(self.modules[node.target], (nn.Conv2d, nn.Linear)):
+            weight = self.modules[node.target].weight
+        elif node.target in _CONV or node.target in _LINEAR:
+            weight = self._tensor_constant(node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None))
+        if weight is None:
+            return _numel(node)
+        taps = weight.shape[2] * weight.shape[3] if weight.dim() == 4 else 1
+        return _numel(node) * weight.shape[1] * taps
+
+    def _add(self, node: fx.Node, subtract: bool) -> _Expr | None:
+        """Branches of one anchor add up; ``x + c`` with a per-channel constant shifts the bias."""
+        if node.kwargs:
+            return None  # alpha=..., out=...
+        split = self._split_constant(node)
+        if split is not None:
+            variable, constant, is_left = split
+            factor = -1.0 if subtract and not is_left else 1.0  # c - x
+            shift = -constant if subtract and is_left else constant  # x - c
+            return self._chain(node, variable, self._affine(node, torch.tensor(factor), shift))
+        left, right = node.args[0], node.args[1]
+        if not (isinstance(left, fx.Node) and isinstance(right, fx.Node)):
+            return None
+        if not _shape(left) == _shape(right) == _shape(node):
+            return None  # broadcasting
+        return self._add_branches(node, left, right, -1.0 if subtract else 1.0)
+
+    def _add_branches(self, node: fx.Node, left: fx.Node, right: fx.Node, sign: float) -> _Expr | None:
+        if left is right:
+            (a, a_ok), (b, b_ok) = (_Expr(left, None), False), (_Expr(left, None), False)
+        else:
+            (a, a_ok), (b, b_ok) = self._source_expr(left, node), self._source_expr(right, node)
+        if a.anchor is not b.anchor:
+            return None
+        try:
+            ops = [a.op or self._identity(a.anchor), algebra.scale(b.op or self._identity(b.anchor), sign)]
+            op = algebra.add(ops, [self._name(left), self._name(right)])
+            expr = _Expr(a.anchor, op, a.members + b.members + (node,), a.cost + b.cost + _numel(node))
+            return self._accept(node, [s for s, ok in ((left, a_ok), (right, b_ok)) if ok], expr)
+        except AlgebraError as error:
+            self.log.kept.append(f"{self._name(node)}: branches not merged: {error}")
+            return None
+
+    # -- rewriting --------------------------------------------------------------------------------
+
+    def _rewrite(self, root: fx.Node, expr: _Expr) -> None:
+        """Replace the region ending at ``root`` by one conv/linear module reading the anchor."""
+        if len(_shape(root)) == 4:
+            module: nn.Module = algebra.to_conv2d(expr.op)
+        else:
+            dense = algebra.regroup(expr.op, 1)
+            module = algebra.to_linear(dense.weight[:, :, 0, 0], dense.bias)
+        name = self._new_name(expr.members)
+        self.gm.add_submodule(name, module)
+        with self.gm.graph.inserting_after(root):
+            new = self.gm.graph.call_module(name, (expr.anchor,))
+        new.meta = dict(root.meta)
+        root.replace_all_uses_with(new)
+        members = [self._name(m) for m in expr.members]
+        self.log.regions.append(FoldedRegion(self.prefix + name, members, _describe(module)))
+
+    def _new_name(self, members: Sequence[fx.Node]) -> str:
+        """``<common module path of the members>.fused`` (``_1``, ``_2``... when taken)."""
+        paths = [self._origin(m).split(".")[:-1] for m in members if self._origin(m)]
+        common: list[str] = []
+        for parts in zip(*paths) if paths else ():
+            if len(set(parts)) != 1:
+                break
+            common.append(parts[0])
+        executed = {node.target for node in self.gm.graph.nodes if node.op == "call_module"}
+        while common and ".".join(common) in executed:
+            common.pop()  # never add a child to a layer that runs
+        base = ".".join([*common, "fused"])
+        name, index = base, 0
+        while _has_attribute(self.gm, name):
+            index += 1
+            name = f"{base}_{index}"
+        return name
+
+    def _origin(self, node: fx.Node) -> str:
+        """The parameter or module path a node computes with (``""`` when it reads none)."""
+        if node.op == "call_module":
+            return f"{node.target}.forward"
+        if node.op == "get_attr":
+            return node.target
+        for argument in node.all_input_nodes:
+            if argument.op == "get_attr" or (
+                argument in self.constants and self.constants[argument] is not _NotConstant
+            ):
+                found = self._origin(argument)
+                if found:
+                    return found
+        return ""
+
+    def _name(self, node: Any) -> str:
+        if not isinstance(node, fx.Node):
+            return repr(node)
+        if node.op == "call_module":
+            return f"{self.prefix}{node.target}"
+        origin = self._origin(node)
+        return f"{self.prefix}{node.name}" + (f"[{self.prefix}{origin}]" if origin else "")
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _is_inplace(node: fx.Node) -> bool:
+    """``x.add_(y)``, ``x += y``, ...: the node's first argument is overwritten."""
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    return node.op == "call_function" and node.target in _INPLACE_OPERATORS
+
+
+def _has_attribute(module: nn.Module, dotted: str) -> bool:
+    try:
+        reduce(getattr, dotted.split("."), module)
+    except AttributeError:
+        return False
+    return True
+
+
+def _detached(tensor: Tensor | None) -> Tensor | None:
+    return tensor.detach() if tensor is not None else None
