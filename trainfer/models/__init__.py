@@ -1,0 +1,37 @@
+"""Model families built from trainfer's blocks; every factory records ``model.trainfer_config``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from trainfer.blocks import ReparamBlock
+from trainfer.models.digits import DigitsNet, digits_net
+from trainfer.models.mobileone import MobileOne, mobileone_s0
+from trainfer.models.repvgg import RepVGG, repvgg_a0, repvgg_a1, repvgg_a2, repvgg_b0
+
+__all__ = [
+    "DigitsNet",
+    "MobileOne",
+    "RepVGG",
+    "digits_net",
+    "mobileone_s0",
+    "reparameterize",
+    "repvgg_a0",
+    "repvgg_a1",
+    "repvgg_a2",
+    "repvgg_b0",
+]
+
+
+def reparameterize(model: nn.Module) -> nn.Module:
+    """Turn every :class:`~trainfer.blocks.ReparamBlock` in ``model`` into its one-conv form, in place.
+
+    Returns ``model``. Idempotent. Where the model records ``trainfer_config``, its ``deploy``
+    option becomes True, so the recorded factory call rebuilds this form (for bundles).
+    """
+    for block in [module for module in model.modules() if isinstance(module, ReparamBlock)]:
+        block.reparameterize()
+    config = getattr(model, "trainfer_config", None)
+    if config is not None:
+        config["config"]["deploy"] = True
+    return model
