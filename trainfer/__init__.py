@@ -1,6 +1,8 @@
 """trainfer: train one form of a PyTorch model, serve its exact, cheapest inference form."""
 
 from trainfer import algebra
+from trainfer.audit import audit
+from trainfer.bundle import load, save
 from trainfer.dual import DualModule, infer_path, train_only
 from trainfer.errors import (
     AlgebraError,
@@ -13,6 +15,8 @@ from trainfer.errors import (
 from trainfer.guard import guard
 from trainfer.inspection import Inspection, LayerRecord, inspect
 from trainfer.modes import inference, restore_modes, snapshot_modes, training
+from trainfer.predict import Predictor
+from trainfer.preprocess import PreprocessSpec
 
 __version__ = "0.1.0"
 
@@ -26,13 +30,18 @@ __all__ = [
     "ModeError",
     "ModeWarning",
     "OutputKindWarning",
+    "Predictor",
+    "PreprocessSpec",
     "__version__",
     "algebra",
+    "audit",
     "guard",
     "inference",
     "infer_path",
     "inspect",
+    "load",
     "restore_modes",
+    "save",
     "snapshot_modes",
     "train_only",
     "training",

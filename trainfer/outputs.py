@@ -63,12 +63,15 @@ _SHAPE_MODULES = (nn.Flatten, nn.Identity, nn.Unflatten)
 __all__ = [
     "OUTPUT_KINDS",
     "TASKS",
+    "Head",
     "OutputKind",
     "check_kind",
+    "check_task",
     "check_output_kind",
     "describe_structure",
     "detect_output_kind",
     "flatten_outputs",
+    "resolve_heads",
     "select_output",
     "to_scores",
 ]
@@ -308,3 +311,91 @@ def _detect_with_hooks(model: nn.Module, which: Selector, example_inputs: Any, r
 
 def _keep_output(name: str, module: nn.Module, output: Any) -> tuple[nn.Module, Any]:
     return module, output
+
+
+# --------------------------------------------------------------------------- heads
+@dataclass(frozen=True)
+class Head:
+    """One served prediction: which output (``select``), its task, labels and output kind.
+
+    A single-task model has one head named ``None``; ``heads={"digit": "classification", ...}``
+    gives one head per named (dict key, named-tuple field) or indexed (tuple position) output.
+    ``kind`` is ``None`` for regression (values are never transformed).
+    """
+
+    name: str | int | None
+    select: Selector
+    task: str
+    labels: tuple[str, ...] | None = None
+    kind: OutputKind | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "select": self.select,
+            "task": self.task,
+            "labels": list(self.labels) if self.labels is not None else None,
+            "output_kind": self.kind.kind if self.kind else None,
+            "output_kind_decided_by": self.kind.decided_by if self.kind else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Head:
+        kind = data.get("output_kind")
+        return cls(
+            name=data.get("name"),
+            select=data.get("select"),
+            task=check_task(data["task"]),
+            labels=tuple(data["labels"]) if data.get("labels") is not None else None,
+            kind=OutputKind(check_kind(kind), data.get("output_kind_decided_by") or "recorded") if kind else None,
+        )
+
+
+def check_task(task: str) -> str:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {list(TASKS)}; got {task!r}")
+    return task
+
+
+def resolve_heads(
+    model: Any,
+    task: str | None = "classification",
+    labels: Any = None,
+    output: Selector = None,
+    heads: Mapping[Any, str] | None = None,
+    output_kind: str | Mapping[Any, str] | None = None,
+    example_inputs: Any = None,
+) -> list[Head]:
+    """The heads a model serves, each with its output kind declared or detected (model in eval mode).
+
+    Without ``heads`` there is one head for output ``output`` with ``task`` and ``labels``; with
+    ``heads`` (name -> task), ``labels`` and ``output_kind`` may be dicts keyed by head name.
+    ``model`` may be any callable; kinds are detected only for ``nn.Module`` models.
+    """
+    if heads is None:
+        plan = [(None, output, check_task(task or "classification"), labels, output_kind)]
+    else:
+        if not heads:
+            raise ValueError("heads must name at least one output, e.g. {'digit': 'classification'}")
+        plan = [
+            (name, name, check_task(t), _per_head(labels, name), _per_head(output_kind, name))
+            for name, t in heads.items()
+        ]
+    return [_head(model, name, select, t, lab, kind, example_inputs) for name, select, t, lab, kind in plan]
+
+
+def _per_head(value: Any, name: Any) -> Any:
+    return value.get(name) if isinstance(value, Mapping) else value
+
+
+def _head(model: Any, name: Any, select: Selector, task: str, labels: Any, kind: Any, example_inputs: Any) -> Head:
+    labels = tuple(str(label) for label in labels) if labels is not None else None
+    if task == "regression":
+        decided = None
+    elif kind is not None:
+        decided = OutputKind(check_kind(kind), "declared by the caller")
+    elif isinstance(model, nn.Module):
+        decided = detect_output_kind(model, select, example_inputs)
+    else:
+        decided = OutputKind("logits", "default: not a torch module, cannot trace; assumed logits")
+    return Head(name, select, task, labels, decided)

@@ -1,0 +1,217 @@
+"""Bundles: exact round trips, strict manifest checks, no pickle execution, atomic writes."""
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import trainfer
+from trainfer import BundleError
+from trainfer.bundle import load_weights, read_manifest
+from trainfer.testing import assert_close, randomize_batchnorm
+
+FACTORY = f"{__name__}:tiny_cnn"
+
+
+def tiny_cnn(classes: int = 3, width: int = 4) -> nn.Module:
+    """A small CNN on 1x8x8 inputs with non-trivial BatchNorm."""
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, width, 3, stride=2, padding=1, groups=width),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(width * 16, classes),
+    )
+
+
+def trained(dtype: torch.dtype = torch.float32, **config) -> nn.Module:
+    torch.manual_seed(0)
+    model = randomize_batchnorm(tiny_cnn(**config)).to(dtype)
+    return model.eval()
+
+
+class Payload:
+    """A pickle that, if ever unpickled, creates ``marker``."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_round_trip_reproduces_outputs(tmp_path, dtype):
+    model = trained(dtype, classes=5, width=3)
+    x = torch.randn(4, 1, 8, 8, dtype=dtype)
+    trainfer.save(model, tmp_path / "b", factory=FACTORY, config={"classes": 5, "width": 3}, example_inputs=x)
+    loaded = trainfer.load(tmp_path / "b")
+    assert next(loaded.parameters()).dtype == dtype
+    with trainfer.inference(model, loaded):
+        assert_close(loaded(x), model(x))
+        assert torch.equal(loaded(x), model(x))
+    assert loaded.trainfer_config["factory"] == FACTORY and loaded.trainfer_config["input_shape"] == [1, 1, 8, 8]
+
+
+def test_manifest_records_everything(tmp_path):
+    model = trained()
+    spec = trainfer.PreprocessSpec(mean=[0.5], std=[0.25])
+    x = torch.randn(2, 1, 8, 8)
+    trainfer.save(
+        model,
+        tmp_path / "b",
+        factory=FACTORY,
+        task="classification",
+        labels=list("abc"),
+        preprocess=spec,
+        example_inputs=x,
+    )
+    manifest = read_manifest(tmp_path / "b")
+    assert manifest["factory"] == FACTORY and manifest["config"] == {} and manifest["form"] == "train"
+    assert manifest["input"] == {"shape": [1, 1, 8, 8], "dtype": "float32"}
+    assert manifest["preprocess"]["input_shape"] == [1, 8, 8] and manifest["preprocess"]["mean"] == [0.5]
+    assert manifest["labels"] == ["a", "b", "c"] and manifest["task"] == "classification"
+    assert manifest["heads"][0]["output_kind"] == "logits"
+    assert "Linear" in manifest["heads"][0]["output_kind_decided_by"]
+    assert manifest["versions"]["torch"] == torch.__version__
+    assert manifest["output_structure"] == {"type": "tensor"}
+    import hashlib
+
+    assert manifest["weights"]["sha256"] == hashlib.sha256((tmp_path / "b/model.safetensors").read_bytes()).hexdigest()
+
+
+def test_save_uses_trainfer_config_and_leaves_model_untouched(tmp_path):
+    model = trained().train()
+    model[1].eval()  # mixed modes must survive
+    model.trainfer_config = {"factory": FACTORY, "config": {"classes": 3}, "input_shape": [1, 1, 8, 8]}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainfer.save(model, tmp_path / "b")
+    assert model.training and not model[1].training and model[4].training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert read_manifest(tmp_path / "b")["input"]["shape"] == [1, 1, 8, 8]
+
+
+def test_save_without_factory_is_refused(tmp_path):
+    with pytest.raises(BundleError, match="factory="):
+        trainfer.save(tiny_cnn(), tmp_path / "b")
+
+
+def test_mismatched_weights_are_listed_by_name(tmp_path):
+    trainfer.save(trained(), tmp_path / "b", factory=FACTORY, example_inputs=torch.randn(1, 1, 8, 8))
+    manifest = read_manifest(tmp_path / "b")
+    manifest["config"] = {"classes": 7}
+    (tmp_path / "b/manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"mis-shaped \(2\): 7.weight: expected \(7, 64\), got \(3, 64\)"):
+        trainfer.load(tmp_path / "b")
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path):
+    state = trained().state_dict()
+    state["extra.weight"] = state.pop("7.bias")
+    torch.save(state, tmp_path / "ckpt.pt")
+    with pytest.raises(BundleError) as error:
+        trainfer.load(tmp_path / "ckpt.pt", factory=FACTORY)
+    assert "missing keys (1): 7.bias" in str(error.value) and "unexpected keys (1): extra.weight" in str(error.value)
+
+
+def test_tampered_weights_fail_the_checksum(tmp_path):
+    trainfer.save(trained(), tmp_path / "b", factory=FACTORY, example_inputs=torch.randn(1, 1, 8, 8))
+    weights = tmp_path / "b/model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256 expected"):
+        trainfer.load(tmp_path / "b")
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="no trainfer bundle"):
+        trainfer.load(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"format": "other"}')
+    with pytest.raises(BundleError, match="not a trainfer manifest"):
+        read_manifest(tmp_path)
+
+
+def test_bad_factory_is_named(tmp_path):
+    trainfer.save(trained(), tmp_path / "b", factory=FACTORY, example_inputs=torch.randn(1, 1, 8, 8))
+    manifest = read_manifest(tmp_path / "b")
+    for factory, message in [
+        ("nope_module_xyz:f", "cannot import"),
+        (f"{__name__}:missing", "no attribute"),
+        ("no_colon", "package.module:function"),
+    ]:
+        manifest["factory"] = factory
+        (tmp_path / "b/manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(BundleError, match=message):
+            trainfer.load(tmp_path / "b")
+
+
+def test_checkpoint_pt_loads_through_weights_only(tmp_path):
+    model = trained()
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "c.pt")
+    loaded = trainfer.load(tmp_path / "c.pt", factory=FACTORY)
+    x = torch.randn(2, 1, 8, 8)
+    with trainfer.inference(model, loaded):
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"weight": torch.zeros(1), "payload": Payload(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(BundleError, match="refusing to load"):
+        load_weights(tmp_path / "evil.pt")
+    with pytest.raises(BundleError, match="refusing to load"):
+        trainfer.load(tmp_path / "evil.pt", factory=FACTORY)
+    assert not marker.exists()
+
+
+def test_atomic_save_keeps_previous_bundle_on_crash(tmp_path, monkeypatch):
+    first = trained()
+    trainfer.save(first, tmp_path / "b", factory=FACTORY, example_inputs=torch.randn(1, 1, 8, 8))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
+
+    import trainfer.bundle as bundle
+
+    def crash(path, data):
+        with open(path, "w") as handle:
+            handle.write('{"partial": ')  # a half-written manifest, then the process dies
+        raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(bundle, "_write_json", crash)
+    second = randomize_batchnorm(tiny_cnn(), seed=5)
+    with pytest.raises(KeyboardInterrupt):
+        trainfer.save(second, tmp_path / "b", factory=FACTORY, example_inputs=torch.randn(1, 1, 8, 8))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary left behind
+    monkeypatch.undo()
+    trainfer.load(tmp_path / "b")  # still loads
+
+
+def test_save_overwrites_a_bundle_but_not_other_directories(tmp_path):
+    x = torch.randn(2, 1, 8, 8)
+    trainfer.save(trained(), tmp_path / "b", factory=FACTORY, example_inputs=x)
+    other = randomize_batchnorm(tiny_cnn(), seed=3).eval()
+    trainfer.save(other, tmp_path / "b", factory=FACTORY, example_inputs=x)
+    loaded = trainfer.load(tmp_path / "b")
+    with trainfer.inference(loaded):
+        assert torch.equal(loaded(x), other(x))
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos/cat.png").write_bytes(b"x")
+    with pytest.raises(BundleError, match="not a trainfer bundle"):
+        trainfer.save(other, tmp_path / "photos", factory=FACTORY, example_inputs=x)
+    assert (tmp_path / "photos/cat.png").exists()
+
+
+def test_loads_on_cpu_whatever_the_save_device(tmp_path):
+    model = trained()
+    trainfer.save(model, tmp_path / "b", factory=FACTORY, example_inputs=torch.randn(1, 1, 8, 8))
+    loaded = trainfer.load(tmp_path / "b")
+    assert all(t.device.type == "cpu" for t in loaded.state_dict().values())

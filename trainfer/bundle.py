@@ -1,0 +1,476 @@
+"""Bundles: a model's weights and everything needed to rebuild and serve it, without pickle.
+
+A bundle is a directory::
+
+    my_model/
+      model.safetensors   the state dict (safetensors: tensors only, no code)
+      manifest.json       how to rebuild and serve the model (below)
+
+``manifest.json`` holds ``factory`` (``package.module:function``) and its keyword ``config``;
+``form`` (``train`` or ``deploy``); ``input`` (shape with batch dimension, dtype); ``preprocess``
+(a :class:`~trainfer.preprocess.PreprocessSpec`); ``task``, ``labels`` and ``heads`` (each head's
+output, task, labels, output kind and how the kind was decided); ``output_structure`` (tensor,
+tuple or dict); the ``trainfer``/``torch`` versions; and the weights' file name and sha256.
+
+Loading rebuilds the architecture with ``factory(**config)``. A deploy-form bundle is rebuilt by
+re-deriving the deploy architecture: the training form from the factory gets generic BatchNorm
+statistics (:func:`trainfer.testing.randomize_batchnorm`, so folding decisions match a trained
+model) and goes through ``trainfer.deploy(..., verify=False)`` on inputs of the manifest's shape;
+the deploy weights are then loaded into it with strict key and shape checks.
+
+Saving is atomic: the bundle is written into a temporary directory beside the target, which then
+replaces the previous bundle; an interrupted save leaves the previous bundle intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from trainfer.errors import BundleError
+from trainfer.outputs import Head, Selector, describe_structure, resolve_heads
+from trainfer.preprocess import PreprocessSpec
+
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+FORMAT = "trainfer-bundle"
+FORMAT_VERSION = 1
+CHECKPOINT_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
+
+__all__ = [
+    "MANIFEST_FILE",
+    "WEIGHTS_FILE",
+    "atomic_directory",
+    "atomic_file",
+    "build_manifest",
+    "build_model",
+    "load",
+    "load_state_dict",
+    "load_weights",
+    "read_manifest",
+    "resolve_factory",
+    "save",
+]
+
+
+# --------------------------------------------------------------------------- save
+def save(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    factory: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    task: str | None = None,
+    labels: Any = None,
+    preprocess: PreprocessSpec | Mapping[str, Any] | None = None,
+    example_inputs: Any = None,
+    output_kind: str | Mapping[Any, str] | None = None,
+    output: Selector = None,
+    heads: Mapping[Any, str] | None = None,
+) -> Path:
+    """Write ``model`` as a bundle directory at ``path`` (atomically) and return the path.
+
+    ``factory``/``config``/input shape default to ``model.trainfer_config`` (trainfer's own models
+    and deploy forms carry it). Output kinds not given are detected from the traced eval graph.
+    The model is not modified (its modes are restored).
+    """
+    manifest = build_manifest(
+        model,
+        factory=factory,
+        config=config,
+        task=task,
+        labels=labels,
+        preprocess=preprocess,
+        example_inputs=example_inputs,
+        output_kind=output_kind,
+        output=output,
+        heads=heads,
+    )
+    state = _tensors_to_save(model)
+    target = Path(path)
+    with atomic_directory(target) as tmp:
+        _save_safetensors(state, tmp / WEIGHTS_FILE)
+        manifest["weights"] = {"file": WEIGHTS_FILE, "sha256": _sha256(tmp / WEIGHTS_FILE), "tensors": len(state)}
+        _write_json(tmp / MANIFEST_FILE, manifest)
+    return target
+
+
+def build_manifest(
+    model: nn.Module,
+    *,
+    factory: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    task: str | None = None,
+    labels: Any = None,
+    preprocess: PreprocessSpec | Mapping[str, Any] | None = None,
+    example_inputs: Any = None,
+    output_kind: str | Mapping[Any, str] | None = None,
+    output: Selector = None,
+    heads: Mapping[Any, str] | None = None,
+) -> dict[str, Any]:
+    """The manifest of ``model`` (everything but the weights entry); see the module docstring."""
+    from trainfer.modes import inference
+
+    known = dict(getattr(model, "trainfer_config", None) or {})
+    factory = factory or known.get("factory")
+    if not factory:
+        raise BundleError(
+            "save needs factory='package.module:function' (a callable that rebuilds the architecture) "
+            f"for a {type(model).__name__}; trainfer's own models carry it in model.trainfer_config"
+        )
+    config = dict(config if config is not None else known.get("config") or {})
+    _check_json(config, "config")
+    example = _example_inputs(model, example_inputs, known, preprocess)
+    first = example[0] if example else None
+    spec = PreprocessSpec.coerce(
+        preprocess,
+        input_shape=tuple(first.shape[1:]) if first is not None else None,
+        dtype=str(first.dtype).removeprefix("torch.") if first is not None else None,
+    )
+    with inference(model):
+        structure = describe_structure(model(*example)) if example else None
+        resolved = resolve_heads(model, task, labels, output, heads, output_kind, example or None)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "factory": factory,
+        "config": config,
+        "form": known.get("form", "train"),
+        "input": {"shape": [1, *first.shape[1:]] if first is not None else None, "dtype": spec.dtype},
+        "preprocess": spec.to_dict(),
+        "task": resolved[0].task if heads is None else "multi-head",
+        "labels": _manifest_labels(resolved, heads is None),
+        "heads": [head.to_dict() for head in resolved],
+        "output_structure": structure,
+        "versions": _versions(),
+    }
+
+
+def _example_inputs(model: nn.Module, given: Any, known: dict[str, Any], preprocess: Any) -> tuple[Tensor, ...]:
+    """The example inputs as a tuple: given, or random of the known input shape, or empty."""
+    if given is not None:
+        return tuple(given) if isinstance(given, tuple | list) else (given,)
+    spec = PreprocessSpec.coerce(preprocess)
+    shape = known.get("input_shape") or ([1, *spec.input_shape] if spec.input_shape is not None else None)
+    if shape is None:
+        return ()
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return (torch.randn(*shape, dtype=dtype, device=device),)
+
+
+def _manifest_labels(heads: list[Head], single: bool) -> Any:
+    if single:
+        return list(heads[0].labels) if heads[0].labels is not None else None
+    return {str(h.name): list(h.labels) for h in heads if h.labels is not None} or None
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+
+    import trainfer
+
+    return {"trainfer": trainfer.__version__, "torch": torch.__version__, "safetensors": safetensors.__version__}
+
+
+def _check_json(value: Any, what: str) -> None:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise BundleError(f"{what} must be JSON-serialisable (numbers, strings, lists, dicts): {error}") from None
+
+
+def _tensors_to_save(model: nn.Module) -> dict[str, Tensor]:
+    state = model.state_dict()
+    others = sorted(key for key, value in state.items() if not isinstance(value, Tensor))
+    if others:
+        raise BundleError(f"state_dict entries that are not tensors cannot be saved without pickle: {others}")
+    # Clone: safetensors refuses tensors that share memory (tied weights) and non-contiguous views.
+    return {key: value.detach().to("cpu").contiguous().clone() for key, value in state.items()}
+
+
+def _save_safetensors(state: dict[str, Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(state, str(path))
+    _fsync(path)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, allow_nan=False)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``target``; on success it replaces ``target``.
+
+    An existing ``target`` must be a bundle (a directory with ``manifest.json``): anything else is
+    refused rather than deleted. On any failure the temporary directory is removed and the previous
+    ``target`` is left as it was.
+    """
+    target = Path(target)
+    if target.exists() and not (target / MANIFEST_FILE).is_file():
+        raise BundleError(f"refusing to overwrite {str(target)!r}: it exists and is not a trainfer bundle")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(new, target)
+        return
+    old = target.parent / f".{target.name}.{uuid.uuid4().hex}.old"
+    os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary file path beside ``target``; on success it atomically replaces ``target``."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- load
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of the bundle at ``path`` (the directory, or its ``manifest.json``)."""
+    path = Path(path)
+    file = path / MANIFEST_FILE if path.is_dir() else path
+    if not file.is_file() or file.name != MANIFEST_FILE:
+        raise BundleError(f"no trainfer bundle at {str(path)!r}: expected a directory holding {MANIFEST_FILE}")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(f"{str(file)!r} is not valid JSON: {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f'{str(file)!r} is not a trainfer manifest (expected "format": "{FORMAT}")')
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise BundleError(
+            f"{str(file)!r} has format_version {manifest['format_version']}; this trainfer reads up to {FORMAT_VERSION}"
+        )
+    missing = [key for key in ("factory", "config", "form", "input", "weights") if key not in manifest]
+    if missing:
+        raise BundleError(f"{str(file)!r} lacks manifest keys {missing}")
+    return manifest
+
+
+def load(
+    path: str | os.PathLike[str], *, factory: str | None = None, config: Mapping[str, Any] | None = None
+) -> nn.Module:
+    """Rebuild the model of the bundle at ``path`` and load its weights (on CPU, never unpickling).
+
+    ``path`` may also be a bare checkpoint (``.safetensors``, or ``.pt``/``.pth`` read with
+    ``torch.load(weights_only=True)``) given with the ``factory`` (and ``config``) that builds it.
+    """
+    path = Path(path)
+    if path.is_file() and path.name != MANIFEST_FILE:
+        if factory is None:
+            raise BundleError(f"{str(path)!r} is a bare checkpoint: pass factory='package.module:function' to load it")
+        manifest = {"factory": factory, "config": dict(config or {}), "form": "train", "input": {"shape": None}}
+        state = load_weights(path)
+    else:
+        manifest = read_manifest(path)
+        state = _read_bundle_weights(path if path.is_dir() else path.parent, manifest)
+    model = build_model(manifest, _floating_dtype(state))
+    load_state_dict(model, state, source=str(path))
+    model.trainfer_config = {
+        "factory": manifest["factory"],
+        "config": manifest["config"],
+        "input_shape": manifest["input"].get("shape"),
+        "form": manifest["form"],
+    }
+    return model
+
+
+def _read_bundle_weights(directory: Path, manifest: dict[str, Any]) -> dict[str, Tensor]:
+    entry = manifest["weights"]
+    file = directory / entry.get("file", WEIGHTS_FILE)
+    if Path(entry.get("file", WEIGHTS_FILE)).name != entry.get("file", WEIGHTS_FILE) or file.suffix != ".safetensors":
+        raise BundleError(
+            f"manifest names weights file {entry.get('file')!r}; expected a .safetensors file in the bundle"
+        )
+    if not file.is_file():
+        raise BundleError(f"bundle {str(directory)!r} lacks its weights file {file.name!r}")
+    digest = _sha256(file)
+    if entry.get("sha256") and digest != entry["sha256"]:
+        raise BundleError(
+            f"weights {str(file)!r} do not match the manifest: sha256 expected {entry['sha256']}, got {digest}"
+        )
+    return load_weights(file)
+
+
+def load_weights(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """A state dict from ``.safetensors`` or a ``.pt``/``.pth``/``.bin``/``.ckpt`` checkpoint, on CPU.
+
+    Checkpoints go through ``torch.load(weights_only=True)``: a pickle that would import or call
+    anything beyond tensors and containers is refused with :class:`BundleError` and never runs.
+    A checkpoint dict wrapping the weights under ``state_dict``/``model``/``model_state_dict`` is
+    unwrapped, and a ``module.`` prefix (DistributedDataParallel) is removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"weights file not found: {str(path)!r}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as error:
+            raise BundleError(f"cannot read safetensors file {str(path)!r}: {error}") from None
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        raise BundleError(
+            f"unknown weights format {path.suffix!r} for {str(path)!r}: "
+            f"expected .safetensors or one of {sorted(CHECKPOINT_SUFFIXES)}"
+        )
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).split("\n\n")[-1].strip().splitlines()[0] if str(error) else "unsafe content"
+        raise BundleError(
+            f"refusing to load {str(path)!r}: the checkpoint is a pickle carrying code or objects other than "
+            f"tensors, which loading would execute ({reason}); re-save it as a state dict of tensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise BundleError(f"cannot read checkpoint {str(path)!r}: {error}") from None
+    return _state_from_checkpoint(data, path)
+
+
+def _state_from_checkpoint(data: Any, path: Path) -> dict[str, Tensor]:
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+            break
+    if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):
+        raise BundleError(f"{str(path)!r} does not hold a state dict (a mapping of names to tensors)")
+    if data and all(key.startswith("module.") for key in data):
+        data = {key.removeprefix("module."): value for key, value in data.items()}
+    return data
+
+
+def _floating_dtype(state: Mapping[str, Tensor]) -> torch.dtype | None:
+    dtypes = {value.dtype for value in state.values() if value.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def resolve_factory(spec: str) -> Callable[..., nn.Module]:
+    """``package.module:function`` (dotted attributes allowed after the colon) to the callable."""
+    module_name, sep, attribute = str(spec).partition(":")
+    if not sep or not module_name or not attribute:
+        raise BundleError(f"factory must look like package.module:function; got {spec!r}")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except ImportError as error:
+        raise BundleError(f"cannot import {module_name!r} for factory {spec!r}: {error}") from None
+    except AttributeError:
+        raise BundleError(f"module {module_name!r} has no attribute {attribute!r} (factory {spec!r})") from None
+    if not callable(target):
+        raise BundleError(f"factory {spec!r} is not callable")
+    return target
+
+
+def build_model(manifest: Mapping[str, Any], dtype: torch.dtype | None = None) -> nn.Module:
+    """The architecture a manifest describes (train or deploy form), with fresh weights, on CPU."""
+    factory = resolve_factory(manifest["factory"])
+    try:
+        model = factory(**manifest["config"])
+    except TypeError as error:
+        raise BundleError(f"factory {manifest['factory']!r} rejected config {manifest['config']}: {error}") from None
+    if not isinstance(model, nn.Module):
+        raise BundleError(f"factory {manifest['factory']!r} returned {type(model).__name__}, not an nn.Module")
+    if dtype is not None:
+        model = model.to(dtype)
+    if manifest["form"] == "deploy":
+        model = _deploy_architecture(model, manifest)
+    elif manifest["form"] != "train":
+        raise BundleError(f"unknown bundle form {manifest['form']!r}: expected 'train' or 'deploy'")
+    return model
+
+
+def _deploy_architecture(train_form: nn.Module, manifest: Mapping[str, Any]) -> nn.Module:
+    try:
+        from trainfer.deploy import deploy
+    except ImportError:
+        raise BundleError("this is a deploy-form bundle, and loading it needs trainfer.deploy") from None
+    from trainfer.testing import randomize_batchnorm
+
+    shape = manifest["input"].get("shape")
+    if not shape:
+        raise BundleError("a deploy-form bundle needs the input shape in its manifest to rebuild its architecture")
+    randomize_batchnorm(train_form)
+    dtype = next((p.dtype for p in train_form.parameters() if p.is_floating_point()), torch.float32)
+    return deploy(train_form, torch.randn(*shape, dtype=dtype), verify=False)
+
+
+def load_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str = "the checkpoint") -> None:
+    """Load ``state`` into ``model`` strictly; mismatches raise :class:`BundleError` listing every name."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    shapes = [
+        f"{key}: expected {tuple(expected[key].shape)}, got {tuple(state[key].shape)}"
+        for key in expected
+        if key in state and tuple(expected[key].shape) != tuple(state[key].shape)
+    ]
+    problems = [
+        f"{label} ({len(items)}): {', '.join(items)}"
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", shapes))
+        if items
+    ]
+    if problems:
+        raise BundleError(f"weights in {source} do not fit {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict(dict(state), strict=True)

@@ -1,0 +1,492 @@
+"""The Predictor: from raw inputs to typed, correct predictions, with modes handled for you.
+
+Each batch goes through three timed stages:
+
+* **preprocess** — inputs (tensors, arrays, lists, image/CSV/.npy paths) are loaded, validated and
+  normalised by the :class:`~trainfer.preprocess.PreprocessSpec`;
+* **forward** — the model runs under :func:`trainfer.inference` (eval mode + ``inference_mode``,
+  every submodule's mode restored afterwards);
+* **postprocess** — each head's output becomes scores exactly once according to its output kind
+  (:func:`trainfer.outputs.to_scores`: softmax of logits, probabilities as they are, exp of
+  log-probabilities; sigmoid for binary; regression values mapped back by the target scaling), then
+  typed results.
+
+Input is consumed in batches of ``batch_size``, in order, so :meth:`Predictor.predict_iter` streams
+any iterable in bounded memory. An optional LRU cache keyed by a hash of each preprocessed sample
+skips the forward pass for repeated samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from trainfer.errors import OutputKindWarning
+from trainfer.outputs import Head, Selector, check_output_kind, resolve_heads, select_output, to_scores
+from trainfer.preprocess import PreprocessSpec, gather, iter_raw
+
+logger = logging.getLogger("trainfer")
+
+__all__ = [
+    "BinaryResult",
+    "ClassificationResult",
+    "MultiHeadResult",
+    "Predictor",
+    "RegressionResult",
+    "Timings",
+    "pick_device",
+]
+
+
+# --------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class ClassificationResult:
+    """The most probable class and the ``top_k`` (label, probability) pairs, best first."""
+
+    index: int
+    label: str
+    probability: float
+    top_k: list[tuple[str, float]]
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "label": self.label,
+            "probability": self.probability,
+            "top_k": [[label, p] for label, p in self.top_k],
+        }
+
+
+@dataclass(frozen=True)
+class BinaryResult:
+    """The probability of the positive class and the decision ``probability >= threshold``."""
+
+    probability: float
+    decision: bool
+    threshold: float
+    label: str | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        record = {"probability": self.probability, "decision": self.decision, "threshold": self.threshold}
+        return record if self.label is None else {**record, "label": self.label}
+
+
+@dataclass(frozen=True)
+class RegressionResult:
+    """The predicted values in target units (the target scaling of the preprocess spec undone)."""
+
+    values: list[float]
+    names: tuple[str, ...] | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        if self.names is not None and len(self.names) == len(self.values):
+            return {"values": self.values, "named": dict(zip(self.names, self.values, strict=True))}
+        return {"values": self.values}
+
+
+Result = ClassificationResult | BinaryResult | RegressionResult
+
+
+@dataclass(frozen=True)
+class MultiHeadResult:
+    """One typed result per head, by head name."""
+
+    heads: dict[str, Result]
+
+    def __getitem__(self, name: str) -> Result:
+        return self.heads[name]
+
+    def to_record(self) -> dict[str, Any]:
+        return {name: result.to_record() for name, result in self.heads.items()}
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage, samples and batches processed, and prediction-cache hits/misses."""
+
+    preprocess: float = 0.0
+    forward: float = 0.0
+    postprocess: float = 0.0
+    samples: int = 0
+    batches: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    history: list[dict[str, float]] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, float]:
+        return {key: value for key, value in asdict(self).items() if key != "history"}
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: CUDA if available, then Apple MPS, then CPU; anything else as ``torch.device``."""
+    if str(device) != "auto":
+        try:
+            return torch.device(device)
+        except RuntimeError as error:
+            raise ValueError(f"unknown device {device!r}: expected auto, cpu, cuda, cuda:N or mps ({error})") from None
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- predictor
+class Predictor:
+    """Serve a model: validate and preprocess inputs, run it safely in batches, return typed results.
+
+    ``model`` is an ``nn.Module`` (never modified: a copy is moved when ``device`` differs from
+    where its weights are) or any callable batch -> output (e.g. an ONNX Runtime session wrapper).
+    ``output`` picks the prediction among tuple/dict outputs; ``heads`` (name -> task) serves
+    several at once. ``output_kind`` (``logits``/``probabilities``/``log_probabilities``, or a dict
+    per head) is detected from the traced eval graph when not given.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Any,
+        task: str = "classification",
+        labels: Any = None,
+        preprocess: PreprocessSpec | Mapping[str, Any] | None = None,
+        device: str | torch.device = "auto",
+        batch_size: int = 64,
+        output_kind: str | Mapping[Any, str] | None = None,
+        output: Selector = None,
+        heads: Mapping[Any, str] | None = None,
+        threshold: float = 0.5,
+        cache_size: int = 0,
+        *,
+        resolved_heads: list[Head] | None = None,
+    ):
+        if not callable(model):
+            raise TypeError(f"model must be an nn.Module or a callable; got {type(model).__name__}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must lie in [0, 1]; got {threshold}")
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0; got {cache_size}")
+        self.device = pick_device(device) if isinstance(model, nn.Module) else torch.device("cpu")
+        self.model = _placed(model, self.device)
+        self.preprocess_spec = _spec_for(self.model, preprocess)
+        self.batch_size = batch_size
+        self.threshold = threshold
+        self.heads = resolved_heads or self._resolve_heads(task, labels, output, heads, output_kind)
+        self.multi_head = heads is not None or (resolved_heads is not None and resolved_heads[0].name is not None)
+        self.timings = Timings()
+        self._cache: OrderedDict[bytes, list[Tensor]] | None = OrderedDict() if cache_size else None
+        self._cache_size = cache_size
+        self._checked = False
+
+    def _resolve_heads(self, task: str, labels: Any, output: Selector, heads: Any, output_kind: Any) -> list[Head]:
+        if not isinstance(self.model, nn.Module):
+            return resolve_heads(self.model, task, labels, output, heads, output_kind or "logits")
+        from trainfer.modes import inference
+
+        example = self._example_batch()
+        with inference(self.model):
+            return resolve_heads(self.model, task, labels, output, heads, output_kind, example)
+
+    def _example_batch(self) -> Tensor | None:
+        shape = self.preprocess_spec.input_shape
+        if shape is None:
+            return None
+        return torch.randn(1, *shape, dtype=self.preprocess_spec.torch_dtype, device=self.device)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], **overrides: Any) -> Predictor:
+        """A predictor for a bundle directory or an exported ``.onnx`` file (run by onnxruntime).
+
+        The manifest supplies task, labels, preprocessing, heads and output kinds; ``overrides``
+        (``device``, ``batch_size``, ``threshold``, ``cache_size``, ...) are passed on.
+        """
+        path = Path(path)
+        if path.suffix == ".onnx":
+            from trainfer.export import load_onnx
+
+            model, manifest = load_onnx(path)
+        else:
+            from trainfer.bundle import load, read_manifest
+
+            manifest = read_manifest(path)
+            model = load(path)
+        heads = [Head.from_dict(h) for h in manifest.get("heads") or []] or None
+        settings = {"preprocess": manifest.get("preprocess"), "resolved_heads": heads, **overrides}
+        return cls(model, **settings)
+
+    @classmethod
+    def ensemble(cls, predictors: Iterable[Predictor], weights: Iterable[float] | None = None) -> Any:
+        """Average several predictors (see :class:`trainfer.ensemble.Ensemble`)."""
+        from trainfer.ensemble import Ensemble
+
+        return Ensemble(predictors, weights)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """What the predictor serves: task, labels, input shape and preprocessing (compared by ensembles)."""
+        single = not self.multi_head
+        head = self.heads[0]
+        return {
+            "task": head.task if single else "multi-head",
+            "labels": (list(head.labels) if head.labels else None)
+            if single
+            else {str(h.name): list(h.labels) if h.labels else None for h in self.heads},
+            "input_shape": self.preprocess_spec.input_shape,
+            "preprocess": self.preprocess_spec.to_dict(),
+            "heads": None if single else {str(h.name): h.task for h in self.heads},
+        }
+
+    # ------------------------------------------------------------------ stages
+    def preprocess(self, inputs: Any) -> Tensor:
+        """``inputs`` (any accepted form) as one validated, normalised batch on the CPU."""
+        return self.preprocess_spec.prepare(gather(inputs, self.preprocess_spec))
+
+    def forward(self, batch: Tensor) -> Any:
+        """The model's raw output for a preprocessed batch, under :func:`trainfer.inference`."""
+        batch = batch.to(self.device, non_blocking=True)
+        if not isinstance(self.model, nn.Module):
+            return self.model(batch)
+        from trainfer.modes import inference
+
+        with inference(self.model):
+            return self.model(batch)
+
+    def scores(self, batch: Tensor) -> Tensor | dict[str, Tensor]:
+        """Probabilities (classification ``(N, C)``, binary ``(N,)``) or values (regression) of a batch.
+
+        Computed from the model's output with its output kind (softmax is never applied twice);
+        a dict by head name for multi-head predictors.
+        """
+        per_head = self._head_scores(self.forward(batch))
+        if self.multi_head:
+            return {str(head.name): scores for head, scores in zip(self.heads, per_head, strict=True)}
+        return per_head[0]
+
+    def _head_scores(self, output: Any) -> list[Tensor]:
+        scores = []
+        for head in self.heads:
+            values = select_output(output, head.select)
+            if head.kind is not None and not self._checked:
+                problem = check_output_kind(values, head.kind.kind, head.task)
+                if problem:
+                    name = f"head {head.name!r}: " if head.name is not None else ""
+                    warnings.warn(f"{name}{problem} ({head.kind.decided_by})", OutputKindWarning, stacklevel=4)
+            head_scores = to_scores(values, head.kind.kind if head.kind else "logits", head.task)
+            if head.task == "regression":
+                head_scores = self.preprocess_spec.unscale_target(head_scores)
+            scores.append(head_scores.detach().cpu())
+        self._checked = True
+        return scores
+
+    # ------------------------------------------------------------------ prediction
+    def predict(self, inputs: Any, top_k: int | None = None) -> list[Result | MultiHeadResult]:
+        """One typed result per input sample, in order (a progress bar shows for large inputs)."""
+        total = _sample_count(inputs)
+        results = list(self._run(iter_raw(inputs, self.preprocess_spec), top_k, total))
+        if not results:
+            raise ValueError(
+                f"empty input: expected at least one sample of shape {self.preprocess_spec.input_shape or '(any)'}"
+            )
+        return results
+
+    def predict_iter(self, samples: Iterable[Any], top_k: int | None = None) -> Iterator[Result | MultiHeadResult]:
+        """Stream results for an iterable of samples or paths, in order, holding one batch at a time."""
+        return self._run(iter_raw(samples, self.preprocess_spec), top_k, None)
+
+    def _run(self, chunks: Iterator[Tensor], top_k: int | None, total: int | None) -> Iterator[Any]:
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1; got {top_k}")
+        show = total is not None and total > self.batch_size
+        with tqdm(total=total, unit="sample", desc="predict", disable=None if show else True) as bar:
+            for raw, load_seconds in _timed_batches(chunks, self.batch_size, self.preprocess_spec):
+                yield from self._predict_batch(raw, top_k, load_seconds)
+                bar.update(len(raw))
+
+    def _predict_batch(self, raw: Tensor, top_k: int | None, load_seconds: float) -> list[Any]:
+        start = time.perf_counter()
+        batch = self.preprocess_spec.prepare(raw)
+        prepared = time.perf_counter()
+        per_head = self._cached_scores(batch) if self._cache is not None else self._head_scores(self.forward(batch))
+        forwarded = time.perf_counter()
+        results = self._results(per_head, top_k)
+        done = time.perf_counter()
+        stages = {
+            "preprocess": load_seconds + prepared - start,
+            "forward": forwarded - prepared,
+            "postprocess": done - forwarded,
+        }
+        self._record(len(raw), stages)
+        logger.debug(
+            "batch %d: %d samples, input %s, preprocess %.4fs, forward %.4fs, postprocess %.4fs",
+            self.timings.batches,
+            len(raw),
+            tuple(batch.shape),
+            *stages.values(),
+        )
+        return results
+
+    def _record(self, samples: int, stages: dict[str, float]) -> None:
+        timings = self.timings
+        timings.preprocess += stages["preprocess"]
+        timings.forward += stages["forward"]
+        timings.postprocess += stages["postprocess"]
+        timings.samples += samples
+        timings.batches += 1
+        timings.history.append({"samples": samples, **stages})
+
+    # ------------------------------------------------------------------ cache
+    def _cached_scores(self, batch: Tensor) -> list[Tensor]:
+        """Scores per head, computing only samples whose preprocessed bytes are not cached (LRU)."""
+        assert self._cache is not None
+        keys = [_sample_key(sample) for sample in batch]
+        rows: list[list[Tensor] | None] = [self._cache.get(key) for key in keys]
+        misses = [i for i, row in enumerate(rows) if row is None]
+        self.timings.cache_hits += len(keys) - len(misses)
+        self.timings.cache_misses += len(misses)
+        if misses:
+            fresh = self._head_scores(self.forward(batch[misses]))
+            for j, i in enumerate(misses):
+                rows[i] = [scores[j] for scores in fresh]
+        for key, row in zip(keys, rows, strict=True):
+            self._cache[key] = row  # type: ignore[assignment]
+            self._cache.move_to_end(key)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return [torch.stack([row[h] for row in rows]) for h in range(len(self.heads))]  # type: ignore[index]
+
+    # ------------------------------------------------------------------ postprocess
+    def _results(self, per_head: list[Tensor], top_k: int | None) -> list[Any]:
+        columns = [self._head_results(head, scores, top_k) for head, scores in zip(self.heads, per_head, strict=True)]
+        if not self.multi_head:
+            return columns[0]
+        names = [str(head.name) for head in self.heads]
+        return [MultiHeadResult(dict(zip(names, row, strict=True))) for row in zip(*columns, strict=True)]
+
+    def _head_results(self, head: Head, scores: Tensor, top_k: int | None) -> list[Result]:
+        if head.task == "classification":
+            return _classification_results(scores, head.labels, top_k or 1)
+        if head.task == "binary":
+            return _binary_results(scores, head.labels, self.threshold)
+        return [RegressionResult(_as_list(row), head.labels) for row in scores.tolist()]
+
+    # ------------------------------------------------------------------ explanations
+    def explain(self, inputs: Any, method: str = "integrated_gradients", target: Any = None) -> Any:
+        """Attributions for ``inputs`` (see :func:`trainfer.attribution.explain`)."""
+        from trainfer.attribution import explain
+
+        return explain(self, inputs, method=method, target=target)
+
+    def __repr__(self) -> str:
+        tasks = ", ".join(f"{h.name}: {h.task}" if h.name is not None else h.task for h in self.heads)
+        return f"Predictor({type(self.model).__name__}, {tasks}, device={self.device}, batch_size={self.batch_size})"
+
+
+# --------------------------------------------------------------------------- helpers
+def _placed(model: Any, device: torch.device) -> Any:
+    if not isinstance(model, nn.Module):
+        return model
+    current = next((t.device for t in [*model.parameters(), *model.buffers()]), device)
+    return model if current == device else copy.deepcopy(model).to(device)
+
+
+def _spec_for(model: Any, preprocess: Any) -> PreprocessSpec:
+    known = getattr(model, "trainfer_config", None) or {}
+    shape = known.get("input_shape")
+    if preprocess is not None:
+        return PreprocessSpec.coerce(preprocess, input_shape=tuple(shape[1:]) if shape else None)
+    dtype = (
+        next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        if isinstance(model, nn.Module)
+        else None
+    )
+    return PreprocessSpec.coerce(
+        None,
+        input_shape=tuple(shape[1:]) if shape else None,
+        dtype=str(dtype).removeprefix("torch.") if dtype else None,
+    )
+
+
+def _sample_count(inputs: Any) -> int | None:
+    if isinstance(inputs, Tensor) or hasattr(inputs, "__array__"):
+        return int(inputs.shape[0]) if len(inputs.shape) else None
+    return len(inputs) if isinstance(inputs, list | tuple) else None
+
+
+def _timed_batches(chunks: Iterator[Tensor], size: int, spec: PreprocessSpec) -> Iterator[tuple[Tensor, float]]:
+    """Regroup validated raw chunks into batches of ``size`` (the last may be smaller), in order.
+
+    Also yields the seconds spent loading and checking each batch's samples.
+    """
+    buffer: list[Tensor] = []
+    count, seconds = 0, 0.0
+    while True:
+        start = time.perf_counter()
+        chunk = next(chunks, None)
+        if chunk is not None:
+            chunk = spec.check_batch(chunk)
+            buffer.append(chunk)
+            count += len(chunk)
+        seconds += time.perf_counter() - start
+        while count >= size or (chunk is None and count):
+            joined = buffer[0] if len(buffer) == 1 else torch.cat(buffer)
+            yield joined[:size], seconds
+            buffer = [joined[size:]] if len(joined) > size else []
+            count, seconds = max(count - size, 0), 0.0
+        if chunk is None:
+            return
+
+
+def _sample_key(sample: Tensor) -> bytes:
+    data = sample.detach().cpu().contiguous()
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{data.dtype}{tuple(data.shape)}".encode())
+    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.digest()
+
+
+def _check_labels(labels: tuple[str, ...] | None, classes: int) -> tuple[str, ...]:
+    if labels is None:
+        return tuple(str(i) for i in range(classes))
+    if len(labels) != classes:
+        raise ValueError(f"{len(labels)} labels given, but the model outputs {classes} classes")
+    return labels
+
+
+def _classification_results(scores: Tensor, labels: tuple[str, ...] | None, top_k: int) -> list[Result]:
+    names = _check_labels(labels, scores.shape[1])
+    values, indices = scores.topk(min(top_k, scores.shape[1]), dim=1)
+    results: list[Result] = []
+    for row_values, row_indices in zip(values.tolist(), indices.tolist(), strict=True):
+        pairs = [(names[i], p) for i, p in zip(row_indices, row_values, strict=True)]
+        results.append(ClassificationResult(row_indices[0], names[row_indices[0]], row_values[0], pairs))
+    return results
+
+
+def _binary_results(scores: Tensor, labels: tuple[str, ...] | None, threshold: float) -> list[Result]:
+    if labels is not None and len(labels) != 2:
+        raise ValueError(f"a binary task takes 2 labels (negative, positive); got {len(labels)}")
+    results: list[Result] = []
+    for p in scores.tolist():
+        decision = p >= threshold
+        label = labels[int(decision)] if labels is not None else None
+        results.append(BinaryResult(p, decision, threshold, label))
+    return results
+
+
+def _as_list(row: Any) -> list[float]:
+    return row if isinstance(row, list) else [row]
