@@ -225,7 +225,9 @@ def detect_output_kind(model: nn.Module, output: Selector = None, example_inputs
     found = _classify(graph, node)
     if found is not None:
         return OutputKind(found[0], f"detected: final op {found[1]} in the traced eval graph")
-    return OutputKind("logits", f"detected: final op {_describe(graph, node)} is not softmax/log_softmax/sigmoid")
+    return OutputKind(
+        "logits", f"detected: final op {_describe(graph, node)} is not softmax/log_softmax/sigmoid (traced eval graph)"
+    )
 
 
 def _final_node(graph: fx.GraphModule, which: Selector) -> fx.Node:
