@@ -24,3 +24,6 @@ def main(debug: bool, verbose: bool) -> None:
 from trainfer.cli.inspect import command as inspect_command  # noqa: E402
 
 main.add_command(inspect_command)
+from trainfer.cli.audit import command as audit_command  # noqa: E402
+
+main.add_command(audit_command)
