@@ -1,0 +1,227 @@
+"""From a training-form model to its exact, cheapest inference form, proven equal.
+
+``deploy`` = copy -> eval -> module protocols -> fold (``trainfer.fold``) -> verify -> report:
+
+1. work on a deep copy in eval mode (the caller's parameters, buffers, modes and hooks stay as
+   they were); hooks are instrumentation, not part of the inference form, and are not carried;
+2. call the protocols blocks carry (``reparameterize()``, ``switch_to_deploy()``, ``fuse()``);
+3. fold every maximal linear region into one conv/linear, drop what inference never runs;
+4. verify: fold a float64 copy the same way and compare it with the float64 original (tolerance
+   1e-9), and compare the returned form with the original in the model's dtype (1e-5 for
+   float32), on the example inputs and random inputs of the same shapes. A mismatch raises
+   :class:`trainfer.EquivalenceError` naming where the forms part; a wrong model is never returned.
+
+The report (:class:`DeployReport`, also ``deployed.trainfer_report`` and :func:`explain`) lists
+each region folded, what was kept and why, what was removed, counts before/after and the errors.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainfer.errors import EquivalenceError
+from trainfer.fold import FoldedRegion, FoldLog, apply_protocols, fold
+from trainfer.testing import BATCH_NORM_OPS, count_aten_ops
+from trainfer.verify import Equivalence, as_arguments, model_dtype, verify
+
+__all__ = ["DeployReport", "deploy", "explain"]
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+
+@dataclass
+class Counts:
+    """Size and work of one form: parameters, leaf modules, and aten ops one forward executes."""
+
+    parameters: int
+    modules: int
+    convolutions: int
+    batch_norms: int
+    ops: int
+
+    @classmethod
+    def of(cls, model: nn.Module, arguments: tuple[Any, ...]) -> Counts:
+        executed = count_aten_ops(model, *arguments)
+        return cls(
+            parameters=sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers()),
+            modules=sum(1 for m in model.modules() if not list(m.children())),
+            convolutions=executed.get("convolution", 0),
+            batch_norms=sum(n for name, n in executed.items() if name in BATCH_NORM_OPS),
+            ops=sum(executed.values()),
+        )
+
+
+@dataclass
+class DeployReport:
+    """What :func:`deploy` did to a model, printable."""
+
+    model: str
+    protocols: list[str] = field(default_factory=list)
+    regions: list[FoldedRegion] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)
+    hooks_not_carried: int = 0
+    before: Counts | None = None
+    after: Counts | None = None
+    verification: dict[str, Equivalence] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """All verifications passed (``True`` when verification was skipped)."""
+        return all(eq.ok for eq in self.verification.values())
+
+    def failure(self) -> str:
+        """One paragraph naming the failed checks and where the forms first part."""
+        lines = []
+        for label, eq in self.verification.items():
+            if eq.ok:
+                continue
+            worst = max(eq.outputs, key=lambda o: (not o.ok, o.max_rel_error))
+            line = f"{label}: {worst}"
+            if eq.divergence:
+                regions = [r.name for r in self.regions if eq.divergence in r.members or r.members[-1] == eq.divergence]
+                line += f"; first divergence at module {eq.divergence!r}"
+                line += f" (folded into {', '.join(regions)})" if regions else ""
+            lines.append(line)
+        return "deploy changed what the model computes: " + "; ".join(lines)
+
+    def __str__(self) -> str:
+        lines = [f"deploy report for {self.model}"]
+        if self.before and self.after:
+            for name in ("parameters", "modules", "convolutions", "batch_norms", "ops"):
+                lines.append(f"  {name:<13} {getattr(self.before, name):>10} -> {getattr(self.after, name):>10}")
+        sections = [
+            ("protocols called", self.protocols),
+            ("regions folded", [str(r) for r in self.regions]),
+            ("removed (no work in inference)", self.removed),
+            ("not folded", self.kept),
+            ("fallbacks (untraceable code)", self.fallbacks),
+        ]
+        for title, items in sections:
+            if items:
+                lines.append(f"{title}:")
+                lines += [f"  - {item}" for item in items]
+        if self.hooks_not_carried:
+            lines.append(f"hooks not carried to the deployed form: {self.hooks_not_carried}")
+        for label, eq in self.verification.items():
+            lines.append(f"verification ({label}): " + str(eq).replace("\n", "\n  "))
+        return "\n".join(lines)
+
+
+def deploy(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    inplace: bool = False,
+    verify: bool = True,
+    rtol: float | None = None,
+    atol: float | None = None,
+    protocols: bool = True,
+) -> nn.Module:
+    """The inference form of ``model``: one conv per linear region, nothing that does not run.
+
+    ``example_inputs``: a tensor or a tuple of positional arguments. ``inplace=True`` lets deploy
+    modify ``model`` (eval mode, protocols) instead of copying it. ``protocols=False`` skips the
+    blocks' own ``reparameterize()``/``switch_to_deploy()``/``fuse()`` and relies on the folder
+    alone. ``rtol``/``atol`` override the per-dtype tolerance of the model-dtype check.
+    Raises :class:`trainfer.EquivalenceError` (with the report) if verification fails.
+    """
+    deployed, report = _deploy(model, example_inputs, inplace, verify, rtol, atol, protocols)
+    if not report.ok:
+        raise EquivalenceError(report.failure(), report)
+    return deployed
+
+
+def explain(model: nn.Module, example_inputs: Any, *, protocols: bool = True) -> DeployReport:
+    """The :class:`DeployReport` of deploying ``model``, verification errors included (never raises them)."""
+    return _deploy(model, example_inputs, False, True, None, None, protocols)[1]
+
+
+def _deploy(
+    model: nn.Module,
+    example_inputs: Any,
+    inplace: bool,
+    check: bool,
+    rtol: float | None,
+    atol: float | None,
+    protocols: bool,
+) -> tuple[nn.Module, DeployReport]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"deploy expects an nn.Module; got {type(model).__name__}")
+    arguments = as_arguments(example_inputs)
+    dtype = model_dtype(model)
+    arguments = _cast(arguments, dtype)
+    report = DeployReport(type(model).__name__)
+    reference = _inference_copy(model)
+    report.hooks_not_carried = _strip_hooks(reference)
+    working = model.eval() if inplace else copy.deepcopy(reference)
+    deployed, log = _fold(working, arguments, protocols, report)
+    _record(report, log)
+    report.before, report.after = Counts.of(reference, arguments), Counts.of(deployed, arguments)
+    report.removed += _vanished(reference, deployed, report)
+    if check:
+        pairs = {region.name: region.members[-1] for region in report.regions}
+        if dtype != torch.float64:
+            reference64 = copy.deepcopy(reference).double()
+            folded64, _ = _fold(copy.deepcopy(reference64), _cast(arguments, torch.float64), protocols, None)
+            report.verification["float64"] = verify(
+                reference64, folded64, arguments, dtypes=(torch.float64,), pairs=pairs
+            )
+        report.verification[str(dtype).removeprefix("torch.")] = verify(
+            reference, deployed, arguments, rtol=rtol, atol=atol, dtypes=(dtype,), pairs=pairs
+        )
+    config = getattr(model, "trainfer_config", None)
+    if isinstance(config, dict):
+        deployed.trainfer_config = {**config, "form": "deploy"}
+    deployed.trainfer_report = report
+    return deployed, report
+
+
+def _inference_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).eval()
+
+
+def _strip_hooks(model: nn.Module) -> int:
+    """Remove every module hook from ``model`` (a copy); return how many there were."""
+    removed = 0
+    for module in model.modules():
+        removed += sum(len(getattr(module, name, {})) for name in _HOOKS)
+        for name in _HOOKS + _HOOK_FLAGS:
+            getattr(module, name, {}).clear()
+    return removed
+
+
+def _cast(arguments: tuple[Any, ...], dtype: torch.dtype) -> tuple[Any, ...]:
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in arguments)
+
+
+def _fold(
+    working: nn.Module, arguments: tuple[Any, ...], protocols: bool, report: DeployReport | None
+) -> tuple[nn.Module, FoldLog]:
+    calls = apply_protocols(working) if protocols else []
+    if report is not None:
+        report.protocols = calls
+    return fold(working, arguments)
+
+
+def _record(report: DeployReport, log: FoldLog) -> None:
+    report.regions, report.kept, report.fallbacks = log.regions, log.kept, log.fallbacks
+    report.removed = [f"{item}: identity in eval mode" for item in log.dropped]
+
+
+def _vanished(reference: nn.Module, deployed: nn.Module, report: DeployReport) -> list[str]:
+    """Leaf modules of the original that neither survive nor were folded (training-only code, unused heads)."""
+    survivors = {name for name, _ in deployed.named_modules()}
+    folded = {member for region in report.regions for member in region.members}
+    dropped = {item.split(" ")[0] for item in report.removed}
+    leaves = [name for name, m in reference.named_modules() if name and not list(m.children())]
+    gone = [name for name in leaves if name not in survivors | folded | dropped]
+    reason = "replaced by a protocol or never runs in inference" if report.protocols else "never runs in inference"
+    return [f"{name}: {reason}" for name in gone]
