@@ -114,3 +114,12 @@ def test_save_png_rejects_wrong_input(tmp_path):
     with pytest.raises(ValueError, match=r"got torch.uint8 \(8, 8\)"):
         data.save_png(torch.zeros(8, 8, dtype=torch.uint8), tmp_path / "x.png")
     assert not list(tmp_path.iterdir())
+
+
+def test_png_read_through_the_bundle_spec_gives_the_training_tensor_exactly(tmp_path):
+    from trainfer.preprocess import PreprocessSpec, gather
+
+    spec = PreprocessSpec.from_dict(data.preprocess_spec())
+    test = data.splits()["test"].head(12)
+    paths = [data.save_png(pixels, tmp_path / f"{i}.png", upscale=1) for i, pixels in enumerate(test.pixels)]
+    assert torch.equal(spec.prepare(gather(paths, spec)), data.normalize(test.pixels))

@@ -177,3 +177,29 @@ def test_sync_batchnorm_is_refused_on_cpu():
     model, optimizer, _, loaders = _setup(subset=32)
     with pytest.raises(ValueError, match="sync_batchnorm needs a CUDA model"):
         fit(model, loaders.train, loaders.val, 1, optimizer, sync_batchnorm=True, progress=False)
+
+
+def test_fit_saves_the_best_epoch_as_a_bundle(tmp_path):
+    from trainfer.bundle import load, read_manifest
+    from trainfer.models import digits_net
+
+    torch.manual_seed(0)
+    model = digits_net(width=4)
+    loaders = data.loaders(batch_size=32, subset=96)
+    metadata = {"task": "classification", "labels": data.LABELS, "preprocess": data.preprocess_spec()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = fit(
+        model,
+        loaders.train,
+        loaders.val,
+        3,
+        optimizer,
+        best_bundle=tmp_path / "best",
+        bundle_metadata=metadata,
+        progress=False,
+    )
+    manifest = read_manifest(tmp_path / "best")
+    assert manifest["labels"] == data.LABELS and manifest["preprocess"]["mean"] == data.preprocess_spec()["mean"]
+    saved = evaluate(load(tmp_path / "best"), loaders.val)
+    assert saved == {"loss": result.best_val_loss, "accuracy": result.best_val_accuracy}
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]
