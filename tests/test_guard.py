@@ -1,7 +1,11 @@
+import contextlib
 import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_modes import module_trees
 from torch import nn
 
 import trainfer
@@ -116,3 +120,19 @@ def test_guard_rejects_non_modules():
 
 def test_public_name():
     assert trainfer.guard is guard
+
+
+def trains_something_mode_dependent(tree: nn.Module) -> bool:
+    """Independent oracle for the trees drawn: a BatchNorm or a p>0 Dropout in training mode."""
+    return any(isinstance(m, (nn.BatchNorm1d, nn.Dropout)) and m.training for m in tree.modules())
+
+
+@settings(max_examples=30)
+@given(tree=module_trees(), strict=st.booleans())
+def test_guard_fires_exactly_when_a_mode_dependent_module_trains(tree, strict):
+    fires = trains_something_mode_dependent(tree)
+    with guard(tree, strict=strict), warnings.catch_warnings(record=True) as record, torch.no_grad():
+        warnings.simplefilter("always")
+        with pytest.raises(ModeError) if strict and fires else contextlib.nullcontext():
+            tree(torch.randn(4, 3))
+    assert len(mode_warnings(record)) == int(fires and not strict)
