@@ -237,18 +237,26 @@ class Predictor:
         return Ensemble(predictors, weights)
 
     @property
+    def task(self) -> str:
+        """The task of a single-head predictor, ``"multi-head"`` otherwise."""
+        return self.heads[0].task if not self.multi_head else "multi-head"
+
+    @property
+    def labels(self) -> list[str] | dict[str, list[str] | None] | None:
+        """Class labels (a dict by head name for multi-head predictors)."""
+        if not self.multi_head:
+            return list(self.heads[0].labels) if self.heads[0].labels else None
+        return {str(h.name): list(h.labels) if h.labels else None for h in self.heads}
+
+    @property
     def spec(self) -> dict[str, Any]:
         """What the predictor serves: task, labels, input shape and preprocessing (compared by ensembles)."""
-        single = not self.multi_head
-        head = self.heads[0]
         return {
-            "task": head.task if single else "multi-head",
-            "labels": (list(head.labels) if head.labels else None)
-            if single
-            else {str(h.name): list(h.labels) if h.labels else None for h in self.heads},
+            "task": self.task,
+            "labels": self.labels,
             "input_shape": self.preprocess_spec.input_shape,
             "preprocess": self.preprocess_spec.to_dict(),
-            "heads": None if single else {str(h.name): h.task for h in self.heads},
+            "heads": {str(h.name): h.task for h in self.heads} if self.multi_head else None,
         }
 
     # ------------------------------------------------------------------ stages
@@ -257,9 +265,13 @@ class Predictor:
         return self.preprocess_spec.prepare(gather(inputs, self.preprocess_spec))
 
     def forward(self, batch: Tensor) -> Any:
-        """The model's raw output for a preprocessed batch, under :func:`trainfer.inference`."""
+        """The model's raw output for a preprocessed batch, under :func:`trainfer.inference`.
+
+        A batch that requires grad (with grad mode on) runs with autograd instead, in the modes the
+        caller set: that is how :mod:`trainfer.attribution` differentiates :meth:`scores`.
+        """
         batch = batch.to(self.device, non_blocking=True)
-        if not isinstance(self.model, nn.Module):
+        if not isinstance(self.model, nn.Module) or (batch.requires_grad and torch.is_grad_enabled()):
             return self.model(batch)
         from trainfer.modes import inference
 
@@ -289,9 +301,12 @@ class Predictor:
             head_scores = to_scores(values, head.kind.kind if head.kind else "logits", head.task)
             if head.task == "regression":
                 head_scores = self.preprocess_spec.unscale_target(head_scores)
-            scores.append(head_scores.detach().cpu())
+            scores.append(head_scores)
         self._checked = True
         return scores
+
+    def _cpu_scores(self, batch: Tensor) -> list[Tensor]:
+        return [scores.detach().cpu() for scores in self._head_scores(self.forward(batch))]
 
     # ------------------------------------------------------------------ prediction
     def predict(self, inputs: Any, top_k: int | None = None) -> list[Result | MultiHeadResult]:
@@ -321,7 +336,7 @@ class Predictor:
         start = time.perf_counter()
         batch = self.preprocess_spec.prepare(raw)
         prepared = time.perf_counter()
-        per_head = self._cached_scores(batch) if self._cache is not None else self._head_scores(self.forward(batch))
+        per_head = self._cached_scores(batch) if self._cache is not None else self._cpu_scores(batch)
         forwarded = time.perf_counter()
         results = self._results(per_head, top_k)
         done = time.perf_counter()
@@ -359,7 +374,7 @@ class Predictor:
         self.timings.cache_hits += len(keys) - len(misses)
         self.timings.cache_misses += len(misses)
         if misses:
-            fresh = self._head_scores(self.forward(batch[misses]))
+            fresh = self._cpu_scores(batch[misses])
             for j, i in enumerate(misses):
                 rows[i] = [scores[j] for scores in fresh]
         for key, row in zip(keys, rows, strict=True):
