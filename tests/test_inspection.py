@@ -270,3 +270,14 @@ def test_cli_reports_bad_input_in_one_line(args, message) -> None:
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_cli_inspects_a_bundle_at_its_recorded_shape(tmp_path) -> None:
+    from trainfer.bundle import save
+    from trainfer.models import digits_net
+
+    save(digits_net(), tmp_path / "digits")
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "digits"), "--modes", "train,eval"])
+    assert result.exit_code == 0, result.output
+    assert "2x32x8x8" in result.output  # the recorded (1, 1, 8, 8), batch raised to 2 for BatchNorm
+    assert "first train/eval divergence: stage1.0.dense.bn (BatchNorm2d)" in result.output

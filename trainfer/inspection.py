@@ -19,9 +19,8 @@ import copy
 import json
 import math
 import os
-import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trainfer.bundle import atomic_file
 from trainfer.capture import capture
 from trainfer.testing import TOLERANCE, relative_error
 
@@ -126,7 +126,8 @@ class Inspection:
         document = {"modes": list(self.modes), "first_divergence": first and first.name, "records": self.to_records()}
         text = json.dumps(document, indent=2, allow_nan=False)
         if path is not None:
-            atomic_write(Path(path), lambda tmp: tmp.write_text(text + "\n"))
+            with atomic_file(path) as tmp:
+                tmp.write_text(text + "\n")
         return text
 
     def __str__(self) -> str:
@@ -310,23 +311,6 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
-
-    Readers never see a half-written file; on failure the temporary file is removed.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(handle)
-    try:
-        write(Path(name))
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-    return path
-
-
 # ---- presentation: the table and the plot ---------------------------------------------------------------
 
 _COLUMNS = ("mean", "std", "min", "max")
@@ -397,7 +381,8 @@ def plot_inspection(inspection: Inspection, path: Path) -> Path:
     axes[-1][0].set_xticks(x, names, rotation=90, fontsize=7)
     top.set_title("per-layer outputs (in the order modules finish)")
     figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
+    with atomic_file(path) as tmp:
+        figure.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     plt.close(figure)
     return path
 

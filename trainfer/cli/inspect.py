@@ -14,7 +14,9 @@ from trainfer.inspection import MODES, inspect
 
 @click.command("inspect")
 @click.argument("model_spec", metavar="MODEL")
-@click.option("--input-shape", help="Input shape with batch, e.g. 2,3,32,32 (a bundle's own shape by default).")
+@click.option(
+    "--input-shape", help="Input shape with batch, e.g. 2,3,32,32 (default for a bundle: its recorded shape)."
+)
 @click.option("--modes", default="eval", show_default=True, help=f"Comma-separated modes from {', '.join(MODES)}.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random input and of Dropout.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG plot here.")
@@ -28,7 +30,7 @@ def command(
     With --modes train,eval both passes run on copies with the same seeded random input, and the
     first module whose outputs differ is marked: where a forgotten eval() starts to matter.
     """
-    model, shape = _load(model_spec, input_shape)
+    model, shape = _load(model_spec, input_shape, train_pass="train" in modes)
     generator = torch.Generator().manual_seed(seed)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     inputs = torch.randn(shape, generator=generator, dtype=dtype)
@@ -50,16 +52,22 @@ def command(
         click.echo(f"wrote {plot_path}")
 
 
-def _load(model_spec: str, input_shape: str | None) -> tuple[nn.Module, tuple[int, ...]]:
-    """A model from a bundle path or a ``package.module:factory``, and the input shape to use."""
-    if Path(model_spec).exists():
-        from trainfer.bundle import load, read_manifest
+def _load(model_spec: str, input_shape: str | None, train_pass: bool) -> tuple[nn.Module, tuple[int, ...]]:
+    """A model from a bundle directory or a ``package.module:factory``, and the input shape to use.
 
-        model = load(model_spec)
-        shape = parse_shape(input_shape) if input_shape else read_manifest(model_spec).get("input_shape")
-        if not shape:
+    A bundle's own input shape gets a batch of at least 2 when a train-mode pass runs (BatchNorm).
+    """
+    shape = parse_shape(input_shape) if input_shape is not None else None
+    if not Path(model_spec).exists():
+        if shape is None:
+            raise click.BadParameter("--input-shape is required for a package.module:factory model")
+        return load_factory(model_spec)(), shape
+    from trainfer.bundle import load
+
+    model = load(model_spec)
+    if shape is None:
+        recorded = model.trainfer_config.get("input_shape")
+        if not recorded:
             raise click.BadParameter(f"bundle {model_spec} records no input shape; pass --input-shape")
-        return model, tuple(shape)
-    if input_shape is None:
-        raise click.BadParameter("--input-shape is required for a package.module:factory model")
-    return load_factory(model_spec)(), parse_shape(input_shape)
+        shape = (max(recorded[0], 2 if train_pass else 1), *recorded[1:])
+    return model, shape

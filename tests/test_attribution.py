@@ -1,0 +1,218 @@
+"""trainfer.attribution: Captum explanations in eval mode with gradients, restored state, files."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from torch import nn
+
+from trainfer.attribution import attribute, explain, explain_to_files
+from trainfer.errors import ModeError
+from trainfer.predict import Predictor
+from trainfer.preprocess import PreprocessSpec
+from trainfer.testing import randomize_batchnorm
+
+
+def conv_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(), nn.Dropout(0.3), nn.Flatten(), nn.Linear(108, 4)
+    )
+    return randomize_batchnorm(model).double()
+
+
+@settings(max_examples=15)
+@given(
+    features=st.integers(1, 7),
+    classes=st.integers(2, 5),
+    batch=st.integers(1, 4),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_integrated_gradients_of_a_linear_model_is_weight_times_input_minus_baseline(
+    features, classes, batch, dtype, seed
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    model = nn.Linear(features, classes).to(dtype)
+    x = torch.randn(batch, features, generator=generator, dtype=dtype)
+    baseline = torch.randn(1, features, generator=generator, dtype=dtype)
+    result = attribute(model, x, baselines=baseline)
+    target = model(x).argmax(dim=1)
+    assert torch.equal(result.target, target)
+    expected = model.weight[target].detach() * (x - baseline)
+    # Exact in exact arithmetic; Captum's quadrature weights are float32, hence 1e-6 in both dtypes.
+    torch.testing.assert_close(result.values, expected, rtol=0, atol=1e-6 * float(expected.abs().max()) + 1e-30)
+    assert result.values.dtype == dtype and result.values.shape == x.shape
+
+
+def test_integrated_gradients_completeness_through_a_conv_net_with_batchnorm() -> None:
+    model = conv_net()
+    x = torch.randn(3, 1, 6, 6, dtype=torch.float64)
+    result = attribute(model, x)
+    with torch.no_grad():
+        model.eval()
+        rows = torch.arange(3)
+        gap = model(x)[rows, result.target] - model(torch.zeros_like(x))[rows, result.target]
+    assert torch.allclose(result.values.sum(dim=(1, 2, 3)), gap, rtol=0, atol=1e-6 * float(gap.abs().max()))
+    assert torch.allclose(result.scores, model(x)[rows, result.target].detach())
+
+
+def test_saliency_and_occlusion_of_a_linear_model() -> None:
+    model = nn.Linear(5, 3).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    saliency = attribute(model, x, "saliency", target=2)
+    assert torch.allclose(saliency.values, model.weight[2].detach().abs().expand(4, 5))
+    occlusion = attribute(model, x, "occlusion", target=[0, 1, 2, 0])
+    assert torch.allclose(occlusion.values, model.weight[[0, 1, 2, 0]].detach() * x)
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "saliency", "occlusion"])
+def test_every_method_gives_the_input_shape_and_restores_modes_and_grad_state(method) -> None:
+    model = conv_net()
+    model[1].eval()  # mixed modes must come back exactly
+    before = {name: m.training for name, m in model.named_modules()}
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append((m.training, torch.is_grad_enabled())))
+    x = torch.randn(2, 1, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        result = attribute(model, x, method, n_steps=8) if method == "integrated_gradients" else None
+        result = result or attribute(model, x, method)
+        assert not torch.is_grad_enabled()
+    assert result.values.shape == x.shape and result.inputs.shape == x.shape
+    assert seen and not any(training for training, _ in seen)  # every forward in eval mode
+    assert all(grad for _, grad in seen) or method == "occlusion"  # with gradients (occlusion needs none)
+    assert {name: m.training for name, m in model.named_modules()} == before
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_modes_and_grad_state_restored_when_the_forward_raises() -> None:
+    model = conv_net()
+    before = {name: m.training for name, m in model.named_modules()}
+
+    def failing(batch: torch.Tensor) -> torch.Tensor:
+        if batch.shape[0] > 2:  # the probe passes, the integrated-gradients pass fails
+            raise RuntimeError("boom")
+        return model(batch)
+
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="boom"):
+            attribute(model, torch.randn(2, 1, 6, 6, dtype=torch.float64), forward=failing)
+        assert not torch.is_grad_enabled()
+    assert {name: m.training for name, m in model.named_modules()} == before
+
+
+def test_inference_mode_is_refused_with_the_reason() -> None:
+    model = conv_net()
+    with torch.inference_mode(), pytest.raises(ModeError, match="need gradients.*inference_mode"):
+        attribute(model, torch.randn(2, 1, 6, 6, dtype=torch.float64))
+    assert model.training
+
+
+def test_scores_without_gradients_are_refused() -> None:
+    model = nn.Linear(3, 2).double()
+
+    def detached(batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(batch)
+
+    with pytest.raises(ModeError, match="without gradients"):
+        attribute(model, torch.randn(2, 3, dtype=torch.float64), forward=detached)
+
+
+def test_inference_tensors_from_preprocessing_are_accepted() -> None:
+    with torch.inference_mode():
+        batch = torch.randn(2, 3, dtype=torch.float64)
+    assert attribute(nn.Linear(3, 2).double(), batch).values.shape == (2, 3)
+
+
+def test_missing_captum_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "captum", None)
+    monkeypatch.setitem(sys.modules, "captum.attr", None)
+    with pytest.raises(ImportError, match=r"Captum.*pip install 'trainfer\[explain\]'"):
+        attribute(nn.Linear(3, 2), torch.randn(2, 3))
+
+
+def test_binary_and_regression_scores() -> None:
+    torch.manual_seed(0)
+    single = nn.Sequential(nn.Linear(4, 1), nn.Flatten(0))
+    x = torch.randn(3, 4)
+    result = attribute(single, x)
+    assert result.target is None and result.scores.shape == (3,)
+    torch.testing.assert_close(result.values, single[0].weight.detach() * x)
+    column = attribute(nn.Linear(4, 1), x)
+    assert column.target.tolist() == [0, 0, 0]
+    three = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match="regression model with 3 outputs: pass target="):
+        attribute(three, x, task="regression")
+    torch.testing.assert_close(attribute(three, x, target=1, task="regression").values, three.weight[1].detach() * x)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"method": "lime"}, ValueError, r"one of \['integrated_gradients', 'saliency', 'occlusion'\]; got 'lime'"),
+        ({"target": 3}, ValueError, r"index the 3 outputs \(0\.\.2\); got 3"),
+        ({"target": [0, 1]}, ValueError, "one class index or one per example"),
+        ({"batch": torch.ones(2, 3, dtype=torch.long)}, TypeError, "floating-point batch.*int64.*\\(2, 3\\)"),
+        ({"batch": torch.ones(3)}, TypeError, "batch \\(N, ...\\); got a float32 tensor of shape \\(3,\\)"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, error, match) -> None:
+    batch = kwargs.pop("batch", torch.randn(3, 4))
+    with pytest.raises(error, match=match):
+        attribute(nn.Linear(4, 3), batch, **kwargs)
+
+
+def _table_predictor(model: nn.Module, task: str = "classification", **spec) -> Predictor:
+    return Predictor(model, task=task, preprocess=PreprocessSpec(input_shape=(3,), dtype="float64", **spec))
+
+
+def test_explain_uses_the_predictors_preprocessing_and_served_probabilities() -> None:
+    torch.manual_seed(0)
+    predictor = _table_predictor(nn.Linear(3, 4).double(), mean=(1.0,), std=(2.0,))
+    rows = [[0.5, -1.0, 2.0], [1.0, 0.0, -0.5]]
+    result = predictor.explain(rows)
+    batch = (torch.tensor(rows, dtype=torch.float64) - 1.0) / 2.0
+    assert torch.equal(result.inputs, batch)
+    probabilities = predictor.scores(batch)
+    assert torch.equal(result.target, probabilities.argmax(dim=1))
+    torch.testing.assert_close(result.scores, probabilities.max(dim=1).values)
+    at_baseline = predictor.scores(torch.zeros(2, 3, dtype=torch.float64))[[0, 1], result.target]
+    torch.testing.assert_close(result.values.sum(dim=1), result.scores - at_baseline, rtol=0, atol=1e-6)
+
+
+def test_explain_binary_and_unscaled_regression_predictors() -> None:
+    torch.manual_seed(0)
+    rows = torch.randn(2, 3, dtype=torch.float64)
+    binary = explain(_table_predictor(nn.Linear(3, 1).double(), "binary"), rows)
+    assert binary.target is None and binary.scores.shape == (2,) and ((binary.scores > 0) & (binary.scores < 1)).all()
+    model = nn.Linear(3, 2).double()
+    regression = _table_predictor(model, "regression", target_mean=(5.0, 1.0), target_std=(10.0, 3.0))
+    with pytest.raises(ValueError, match="regression model with 2 outputs"):
+        explain(regression, rows)
+    result = explain(regression, rows, target=1)
+    torch.testing.assert_close(result.values, 3.0 * model.weight[1].detach() * rows)  # in served units
+    torch.testing.assert_close(result.scores, regression.scores(rows)[:, 1])
+
+
+def test_explain_to_files_draws_image_heat_maps_and_table_bars(tmp_path) -> None:
+    images = []
+    for i in range(2):
+        path = tmp_path / f"digit{i}.png"
+        Image.fromarray((torch.rand(6, 6) * 255).to(torch.uint8).numpy(), mode="L").save(path)
+        images.append(path)
+    spec = PreprocessSpec(input_shape=(1, 6, 6), dtype="float64")
+    predictor = Predictor(conv_net(), labels=["a", "b", "c", "d"], preprocess=spec)
+    written = explain_to_files(predictor, images, tmp_path / "maps")
+    assert [p.name for p in written] == ["000_digit0.png", "001_digit1.png"]
+    table = _table_predictor(nn.Linear(3, 2).double(), columns=("u", "v", "w"))
+    bars = explain_to_files(table, [[1.0, 2.0, 3.0]], tmp_path / "bars", method="occlusion")
+    assert [p.name for p in bars] == ["000.png"]
+    for path in [*written, *bars]:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["000_digit0.png", "001_digit1.png"]
