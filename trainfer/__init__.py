@@ -1,6 +1,6 @@
 """trainfer: train one form of a PyTorch model, serve its exact, cheapest inference form."""
 
-from trainfer import algebra
+from trainfer import algebra, bench, blocks, models
 from trainfer.audit import audit
 from trainfer.bundle import load, save
 from trainfer.dual import DualModule, infer_path, train_only
@@ -34,6 +34,9 @@ __all__ = [
     "PreprocessSpec",
     "__version__",
     "algebra",
+    "bench",
+    "blocks",
+    "models",
     "audit",
     "guard",
     "inference",
