@@ -1,0 +1,66 @@
+"""Tiny models for the serving tests (ensembles, batch and distributed prediction), saved as bundles.
+
+Importable as ``serving_models`` from the tests (pytest puts ``tests/`` on ``sys.path``) and from
+their subprocesses when ``PYTHONPATH`` holds ``tests/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+import trainfer
+from trainfer.testing import randomize_batchnorm
+
+FACTORY = "serving_models:tiny_net"
+TESTS = Path(__file__).parent
+
+
+def tiny_net(outputs: int = 3, width: int = 4, final: str | None = None) -> nn.Module:
+    """Conv-BN-ReLU, strided depthwise conv-BN-ReLU, linear on 1x8x8 inputs; ``final``: softmax/sigmoid/None."""
+    layers = [
+        nn.Conv2d(1, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, width, 3, stride=2, padding=1, groups=width),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(width * 16, outputs),
+    ]
+    if final == "softmax":
+        layers.append(nn.Softmax(dim=1))
+    elif final == "sigmoid":
+        layers += [nn.Flatten(0), nn.Sigmoid()]
+    return nn.Sequential(*layers)
+
+
+def trained(seed: int, dtype: torch.dtype = torch.float32, **config) -> nn.Module:
+    """A :func:`tiny_net` with seeded weights and non-trivial BatchNorm statistics, in eval mode."""
+    torch.manual_seed(seed)
+    return randomize_batchnorm(tiny_net(**config), seed=seed).to(dtype).eval()
+
+
+def save_bundle(
+    path: Path, seed: int, task: str = "classification", labels=None, preprocess=None, dtype=torch.float32, **config
+) -> Path:
+    """Save a :func:`trained` ``dtype`` model as a bundle at ``path`` for ``task``."""
+    model = trained(seed, dtype, **config)
+    spec = {"input_shape": [1, 8, 8], **(preprocess or {})}
+    return trainfer.save(model, path, factory=FACTORY, config=config, task=task, labels=labels, preprocess=spec)
+
+
+def write_pngs(directory: Path, count: int, seed: int = 0, size: int = 8) -> list[Path]:
+    """``count`` random grayscale ``size`` x ``size`` PNGs named ``img00000.png`` ... in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index in range(count):
+        path = directory / f"img{index:05d}.png"
+        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), mode="L").save(path)
+        paths.append(path)
+    return paths
