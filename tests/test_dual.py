@@ -192,3 +192,41 @@ def test_public_names():
     assert trainfer.DualModule is DualModule
     assert trainfer.train_only is train_only
     assert trainfer.infer_path is infer_path
+
+
+class ConvNetWithAux(DualModule):
+    """Conv-BN trunk; training also runs a train_only head and a second head of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(3, 5, 3, stride=2, padding=1), nn.BatchNorm2d(5), nn.ReLU())
+        self.conv = nn.Sequential(nn.Conv2d(5, 5, 3, padding=1, groups=5), nn.BatchNorm2d(5))
+        self.aux = train_only(nn.Sequential(nn.Conv2d(5, 7, 1), nn.BatchNorm2d(7)))
+        self.extra = nn.Conv2d(5, 2, 1)
+
+    def forward_train(self, x):
+        features = self.trunk(x)
+        return {"main": self.conv(features), "aux": self.aux(features), "extra": self.extra(features)}
+
+    def forward_infer(self, x):
+        features = self.trunk(x)
+        self.aux(features)  # None in eval mode, and no node in the traced graph
+        return self.conv(features)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_deploy_drops_train_only_modules_and_the_training_path(dtype):
+    from trainfer.deploy import deploy
+    from trainfer.testing import TOLERANCE, assert_close, batch_norm_calls, randomize_batchnorm
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(ConvNetWithAux()).to(dtype)
+    x = torch.randn(2, 3, 9, 9, dtype=dtype)
+    deployed = deploy(model, x)
+    names = {name for name, _ in deployed.named_modules()}
+    assert not any(name.startswith(("aux", "extra")) for name in names)
+    assert batch_norm_calls(deployed, x) == 0
+    with trainfer.inference(model):
+        reference = model(x)
+    assert_close(deployed(x), reference, TOLERANCE[dtype])
+    assert model.training and isinstance(model.aux, TrainOnly)  # the caller's model is untouched
