@@ -216,3 +216,22 @@ def test_explain_to_files_draws_image_heat_maps_and_table_bars(tmp_path) -> None
     for path in [*written, *bars]:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["000_digit0.png", "001_digit1.png"]
+
+
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"a": self.a(x), "b": self.b(x)}
+
+
+def test_explain_refuses_predictors_it_cannot_differentiate_or_choose_for() -> None:
+    spec = PreprocessSpec(input_shape=(3,))
+    callable_model = Predictor(lambda batch: batch[:, :2], output_kind="logits", preprocess=spec)
+    with pytest.raises(TypeError, match="need a torch model; this predictor serves a function"):
+        explain(callable_model, [[1.0, 2.0, 3.0]])
+    two_heads = Predictor(TwoHeads(), heads={"a": "classification", "b": "regression"}, preprocess=spec)
+    with pytest.raises(ValueError, match="multi-head"):
+        explain(two_heads, [[1.0, 2.0, 3.0]])

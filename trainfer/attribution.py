@@ -32,7 +32,6 @@ from tqdm import tqdm
 from trainfer.bundle import atomic_file
 from trainfer.errors import ModeError
 from trainfer.modes import restore_modes, snapshot_modes
-from trainfer.outputs import Head, select_output, to_scores
 
 METHODS = ("integrated_gradients", "saliency", "occlusion")
 EXTRA_HINT = "pip install 'trainfer[explain]'"
@@ -63,32 +62,17 @@ def explain(
 ) -> Attributions:
     """Explain ``predictor``'s predictions for ``inputs`` (anything ``predictor.preprocess`` accepts).
 
-    The explained function is the predictor's score, as served (probabilities for classification
-    and binary, unscaled values for regression), computed with gradients. ``options`` go to
-    Captum's ``attribute`` (e.g. ``n_steps``, ``baselines``, ``sliding_window_shapes``).
+    The explained function is ``predictor.scores``, as served (probabilities for classification
+    and binary, unscaled values for regression), which keeps autograd for inputs that require
+    grad. ``options`` go to Captum's ``attribute`` (e.g. ``n_steps``, ``baselines``,
+    ``sliding_window_shapes``).
     """
     if not isinstance(predictor.model, nn.Module):
         raise TypeError(f"explanations need a torch model; this predictor serves a {type(predictor.model).__name__}")
     if predictor.multi_head:
         raise ValueError("explanations of multi-head predictors are not supported: serve one head to explain it")
-    head = predictor.heads[0]
     batch = predictor.preprocess(inputs).to(predictor.device)
-    forward = _head_scores(predictor, head)
-    return attribute(predictor.model, batch, method, target, forward=forward, task=head.task, **options)
-
-
-def _head_scores(predictor: Any, head: Head) -> Callable[[Tensor], Tensor]:
-    """``predictor.scores`` with gradients: the same output selection, output kind and target unscaling.
-
-    (``Predictor.scores`` itself runs under ``inference_mode`` and detaches, as serving should.)
-    """
-    kind = head.kind.kind if head.kind else "logits"
-
-    def scores(batch: Tensor) -> Tensor:
-        values = to_scores(select_output(predictor.model(batch), head.select), kind, head.task)
-        return predictor.preprocess_spec.unscale_target(values) if head.task == "regression" else values
-
-    return scores
+    return attribute(predictor.model, batch, method, target, forward=predictor.scores, task=predictor.task, **options)
 
 
 def attribute(
@@ -224,7 +208,7 @@ def explain_to_files(
     result = explain(predictor, inputs, method, target, **options)
     out_dir = Path(out_dir)
     stems = _stems(inputs, len(result))
-    labels, columns = predictor.heads[0].labels, predictor.preprocess_spec.columns
+    labels, columns = predictor.labels, predictor.preprocess_spec.columns
     paths = []
     for i in tqdm(range(len(result)), desc="explanations", unit="file", disable=None):
         path = out_dir / (f"{i:03d}_{stems[i]}.png" if stems else f"{i:03d}.png")
