@@ -166,7 +166,7 @@ class Ensemble:
         for batches in zip(*streams, strict=True):
             yield torch.stack(
                 [
-                    member.scores(member.preprocess_spec.prepare(raw)).to(torch.float64)
+                    member.scores(member.preprocess_spec.prepare(raw)).detach().to("cpu", torch.float64)
                     for member, (raw, _) in zip(self.members, batches, strict=True)
                 ]
             )
