@@ -54,6 +54,11 @@ def test_never_trained_batchnorm_is_found():
     ]
 
 
+def test_lazy_batchnorm_that_never_ran_is_found():
+    ((module, detail),) = kinds(audit(nn.Sequential(nn.Linear(2, 3), nn.LazyBatchNorm1d())), "untrained-batchnorm")
+    assert module == "1" and "lazy module never ran" in detail
+
+
 def test_batchnorm_loaded_without_its_batch_counter_is_found():
     model = trained_net()
     model[1].num_batches_tracked.zero_()

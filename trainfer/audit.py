@@ -150,18 +150,22 @@ def _mismatch_findings(model: nn.Module) -> list[Finding]:
 def _batchnorm_findings(model: nn.Module) -> list[Finding]:
     findings = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.modules.batchnorm._NormBase) or module.running_mean is None:
-            continue
-        initial = bool((module.running_mean == 0).all() and (module.running_var == 1).all())
-        never_counted = module.num_batches_tracked is not None and int(module.num_batches_tracked) == 0
-        if initial:
-            detail = "running statistics at their initial values (mean 0, var 1): never trained, or not loaded"
-        elif never_counted:
-            detail = "num_batches_tracked is 0 though the statistics are set: loaded from a checkpoint without it?"
-        else:
-            continue
-        findings.append(Finding("untrained-batchnorm", name, type(module).__name__, detail))
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.running_mean is not None:
+            reason = _untrained_reason(module)
+            if reason is not None:
+                findings.append(Finding("untrained-batchnorm", name, type(module).__name__, reason))
     return findings
+
+
+def _untrained_reason(norm: nn.modules.batchnorm._NormBase) -> str | None:
+    """Why ``norm``'s running statistics look never updated, or ``None`` if they look trained."""
+    if nn.parameter.is_lazy(norm.running_mean):
+        return "running statistics not even allocated yet (lazy module never ran): never trained"
+    if bool((norm.running_mean == 0).all() and (norm.running_var == 1).all()):
+        return "running statistics at their initial values (mean 0, var 1): never trained, or not loaded"
+    if norm.num_batches_tracked is not None and int(norm.num_batches_tracked) == 0:
+        return "num_batches_tracked is 0 though the statistics are set: loaded from a checkpoint without it?"
+    return None
 
 
 def _divergence_finding(model: nn.Module, args: tuple[Any, ...], seed: int) -> tuple[Finding, Divergence | None]:
