@@ -281,3 +281,10 @@ def test_cli_inspects_a_bundle_at_its_recorded_shape(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert "2x32x8x8" in result.output  # the recorded (1, 1, 8, 8), batch raised to 2 for BatchNorm
     assert "first train/eval divergence: stage1.0.dense.bn (BatchNorm2d)" in result.output
+
+
+def test_a_strictly_guarded_model_inspects_without_false_alarms() -> None:
+    model = tiny_net()
+    with trainfer.guard(model, strict=True):
+        result = trainfer.inspect(model, torch.randn(2, 3, 7, 7), modes=("train", "eval"))
+    assert result.first_divergence.name == "1"

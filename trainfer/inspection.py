@@ -146,8 +146,9 @@ def inspect(
 ) -> Inspection:
     """Record every module's output statistics in each of ``modes`` (``"train"`` and/or ``"eval"``).
 
-    ``example_inputs`` is a tensor or a tuple of positional forward arguments. Each pass runs under
-    ``torch.no_grad`` on a deep copy, with the RNG seeded by ``seed`` inside a forked RNG state.
+    ``example_inputs`` is a tensor or a tuple of positional forward arguments. Each pass runs on a
+    deep copy, with the RNG seeded by ``seed`` inside a forked RNG state; the eval pass under
+    ``torch.no_grad``, the train pass with gradients on, as training runs.
     """
     modes = _check_modes(modes)
     inputs = _as_args(example_inputs)
@@ -191,7 +192,8 @@ def _run_pass(model: nn.Module, inputs: tuple[Any, ...], mode: str, seed: int, r
     """One seeded forward pass of a deep copy in ``mode``: ``{key: (module, {leaf path: leaf result})}``."""
     replica = copy.deepcopy(model).train(mode == "train")
     args = tuple(a.clone() if isinstance(a, Tensor) else a for a in inputs)  # in case a layer works in place
-    with torch.random.fork_rng(devices=_cuda_devices(args)), torch.no_grad(), capture(replica, recorder) as found:
+    grad = torch.set_grad_enabled(mode == "train")  # as training runs (and as trainfer.guard expects)
+    with torch.random.fork_rng(devices=_cuda_devices(args)), grad, capture(replica, recorder) as found:
         torch.manual_seed(seed)
         try:
             replica(*args)
