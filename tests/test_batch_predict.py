@@ -1,0 +1,169 @@
+"""Batch prediction to JSON lines: order, ids, bounded streaming, per-batch flushes, resuming."""
+
+import json
+
+import pytest
+import torch
+from serving_models import save_bundle, write_pngs
+
+import trainfer
+from trainfer.batch_predict import completed_ids, iter_images, predict_to_jsonl
+
+LABELS = ["cat", "dog", "owl"]
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory):
+    bundle = save_bundle(tmp_path_factory.mktemp("bundle") / "b", 0, labels=LABELS, preprocess={"mean": [0.5]})
+    return trainfer.Predictor.load(bundle, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """45 PNGs: 40 at the top, 5 in a sub-directory, plus a file that is not an image."""
+    root = tmp_path_factory.mktemp("images")
+    write_pngs(root, 40)
+    write_pngs(root / "more", 5, seed=1)
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def expected_lines(predictor, root, top_k=None) -> list[str]:
+    ids = [key for key, _ in iter_images(root)]
+    results = predictor.predict([str(root / key) for key in ids], top_k=top_k)
+    return [json.dumps({"id": key, **result.to_record()}) + "\n" for key, result in zip(ids, results, strict=True)]
+
+
+class Spy:
+    """A predictor wrapper recording every batch it is asked for and the output file's state then."""
+
+    def __init__(self, predictor, out=None):
+        self.predictor, self.out = predictor, out
+        self.batch_size = predictor.batch_size
+        self.preprocess_spec = predictor.preprocess_spec
+        self.calls: list[tuple[int, int]] = []  # (inputs asked for, records already in the file)
+
+    def predict(self, inputs, top_k=None):
+        flushed = len(self.out.read_text().splitlines()) if self.out and self.out.exists() else 0
+        self.calls.append((len(inputs), flushed))
+        return self.predictor.predict(inputs, top_k=top_k)
+
+
+def test_images_are_predicted_in_sorted_order_with_relative_ids(predictor, images, tmp_path):
+    out = tmp_path / "preds.jsonl"
+    summary = predict_to_jsonl(predictor, images, out, top_k=2, progress=False)
+    lines = out.read_text().splitlines(keepends=True)
+    assert lines == expected_lines(predictor, images, top_k=2)
+    assert [json.loads(line)["id"] for line in lines][-6:] == [
+        "img00039.png",
+        *(f"more/img0000{i}.png" for i in range(5)),
+    ]
+    assert (summary.resumed, summary.written) == (0, 45)
+
+
+def test_csv_rows_are_predicted_by_row_index_with_named_columns(tmp_path):
+    linear = torch.nn.Linear(2, 1).double()
+    predictor = trainfer.Predictor(linear, task="regression", preprocess={"columns": ["c", "a"], "dtype": "float64"})
+    rows = [(i, 0.5 * i, -i / 3) for i in range(50)]
+    source = tmp_path / "table.csv"
+    source.write_text("a,b,c\n" + "".join(f"{a},{b},{c!r}\n" for a, b, c in rows))
+    predict_to_jsonl(predictor, source, tmp_path / "out.jsonl", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    with torch.no_grad():
+        reference = linear(torch.tensor([[c, a] for a, _, c in rows], dtype=torch.float64)).flatten().tolist()
+    assert [r["id"] for r in records] == list(range(50))
+    assert [r["values"][0] for r in records] == pytest.approx(reference, rel=1e-12)
+
+
+def test_streaming_holds_one_batch_and_flushes_each_before_the_next(predictor, tmp_path):
+    out = tmp_path / "preds.jsonl"
+    pulled = []
+
+    def source():  # 2,000 inputs: a fully materialised list would show as pulled >> written
+        for index in range(2000):
+            pulled.append(index)
+            yield index, torch.full((1, 8, 8), index / 2000)
+
+    class Recording(Spy):
+        def predict(self, inputs, top_k=None):
+            results = super().predict(inputs, top_k)
+            assert len(pulled) - self.calls[-1][1] <= self.batch_size  # read ahead: this batch only
+            return results
+
+    recording = Recording(predictor, out)
+    predict_to_jsonl(recording, source(), out, progress=False)
+    assert [flushed for _, flushed in recording.calls] == list(range(0, 2000, 8))
+    assert len(out.read_text().splitlines()) == 2000
+
+
+def test_resume_skips_written_records_and_redoes_a_truncated_last_line(predictor, images, tmp_path):
+    full = tmp_path / "full.jsonl"
+    predict_to_jsonl(predictor, images, full, progress=False)
+    lines = full.read_text().splitlines(keepends=True)
+    crashed = tmp_path / "crashed.jsonl"
+    crashed.write_text("".join(lines[:13]) + lines[13][:25])  # a crash in the middle of record 14
+
+    spy = Spy(predictor)
+    summary = predict_to_jsonl(spy, images, crashed, progress=False)
+    assert crashed.read_bytes() == full.read_bytes()
+    assert (summary.resumed, summary.written) == (13, 32)
+    assert sum(count for count, _ in spy.calls) == 32  # the 13 done inputs are not predicted again
+
+    again = predict_to_jsonl(spy, images, crashed, progress=False)
+    assert (again.resumed, again.written) == (45, 0) and crashed.read_bytes() == full.read_bytes()
+
+
+def test_completed_ids_cuts_only_the_unterminated_tail(tmp_path):
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"id": "a"}\n{"id": 3}\n{"id": "c"')
+    assert completed_ids(out) == ["a", 3]
+    assert out.read_text() == '{"id": "a"}\n{"id": 3}\n'
+    assert completed_ids(tmp_path / "missing.jsonl") == []
+
+
+def test_resume_refuses_an_output_of_other_inputs_or_a_corrupt_line(predictor, images, tmp_path):
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"id": "img00000.png"}\n{"id": "elsewhere.png"}\n')
+    with pytest.raises(ValueError, match=r"line 2 is for 'elsewhere.png', input 2 is 'img00001.png'"):
+        predict_to_jsonl(predictor, images, out, progress=False)
+    out.write_text('{"id": "img00000.png"}\nnot json\n{"id": "img00002.png"}\n')
+    with pytest.raises(ValueError, match="line 2 is not a prediction record"):
+        predict_to_jsonl(predictor, images, out, progress=False)
+    out.write_text("".join(f'{{"id": {i}}}\n' for i in range(3)))
+    with pytest.raises(ValueError, match="is for 0, input 1 is 'img00000.png'"):
+        predict_to_jsonl(predictor, images, out, progress=False)
+
+
+def test_a_bad_image_stops_the_run_after_the_batches_before_it(predictor, tmp_path):
+    root = tmp_path / "images"
+    write_pngs(root, 20)
+    (root / "img00010.png").write_bytes(b"not a png")
+    out = tmp_path / "o.jsonl"
+    with pytest.raises(ValueError, match="cannot read image .*img00010.png"):
+        predict_to_jsonl(predictor, root, out, progress=False)
+    assert len(out.read_text().splitlines()) == 8  # the first batch was written; resuming redoes the rest
+
+
+@pytest.mark.parametrize(
+    ("source", "out", "error", "message"),
+    [
+        ("missing", "o.jsonl", FileNotFoundError, "does not exist"),
+        ("notes.txt", "o.jsonl", ValueError, "neither a directory of images nor a .csv"),
+        (".", "no/such/dir/o.jsonl", FileNotFoundError, "--out directory .* does not exist"),
+    ],
+)
+def test_bad_sources_and_outputs_are_named(predictor, tmp_path, source, out, error, message):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(error, match=message):
+        predict_to_jsonl(predictor, tmp_path / source, tmp_path / out, progress=False)
+
+
+def test_an_ensemble_streams_to_jsonl_with_members_and_spread(predictor, images, tmp_path):
+    other = trainfer.Predictor.load(save_bundle(tmp_path / "b2", 1, labels=LABELS), batch_size=8)
+    ensemble = trainfer.Predictor.ensemble([predictor, other])
+    out = tmp_path / "o.jsonl"
+    predict_to_jsonl(ensemble, images, out, progress=False)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    paths = [str(images / record["id"]) for record in records]
+    assert records == [{"id": r["id"], **result.to_record()} for r, result in zip(records, ensemble.predict(paths))]
+    assert {r["members"] for r in records} == {2} and all(r["spread"] >= 0 for r in records)

@@ -1,0 +1,200 @@
+"""Batch prediction over a directory of images or a CSV of rows: streamed, resumable, sharded by rank.
+
+``predict_to_jsonl(predictor, source, out)`` writes one JSON line per input, in input order, each
+``{"id": <input id>, **result.to_record()}`` where the id is the image's path relative to the
+directory or the CSV row's 0-based index. Guarantees:
+
+* **Bounded memory.** Inputs are read lazily and handled one *window* at a time: at most
+  ``world_size * batch_size`` inputs (and their results) are held, whatever the input count.
+* **Resumable.** An existing ``out`` is read first: its complete lines must be the results of the
+  first inputs, in order (checked id by id), and those inputs are skipped. A truncated last line
+  (a crash mid-write) is cut off and redone. Every window's lines are flushed before the next starts.
+* **Sharded under torchrun.** Window ``w`` holds inputs ``w*W*B ... (w+1)*W*B - 1``; rank ``r``
+  predicts its ``r``-th batch of ``B`` consecutive inputs. Each rank serialises its own lines; all
+  lines are gathered and rank 0 appends them in input order. Because every batch is made of the
+  same inputs as in a single process, the file is byte for byte the single-process one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from trainfer import distributed
+from trainfer.preprocess import IMAGE_SUFFIXES, PreprocessSpec, iter_csv
+
+Item = tuple[Any, Any]  # (id written in the record, input handed to the predictor)
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    """What one run did: ``written`` new records after ``resumed`` records already in ``path``."""
+
+    path: Path
+    resumed: int
+    written: int
+
+
+def iter_images(directory: str | os.PathLike[str]) -> Iterator[Item]:
+    """Image files under ``directory`` (recursively, sorted by name), as ``(relative path, path)``.
+
+    Only one directory's names are listed at a time; no image is opened here.
+    """
+    root = Path(directory)
+    for folder, subfolders, names in os.walk(root):
+        subfolders.sort()
+        for name in sorted(names):
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                path = Path(folder, name)
+                yield path.relative_to(root).as_posix(), str(path)
+
+
+def iter_csv_rows(path: str | os.PathLike[str], spec: PreprocessSpec) -> Iterator[Item]:
+    """Rows of a CSV file with a header, as ``(0-based row index, raw (1, F) row)``, read in chunks.
+
+    The columns are picked by ``spec.columns`` (see :func:`trainfer.preprocess.iter_csv`).
+    """
+    chunks = iter_csv(Path(path), spec)
+    rows = (row for chunk in chunks for row in chunk.split(1))
+    yield from enumerate(rows)
+
+
+def iter_source(source: str | os.PathLike[str], spec: PreprocessSpec) -> Iterator[Item]:
+    """A directory of images or a ``.csv`` file (columns as ``spec`` says), streamed as ``(id, input)``."""
+    path = Path(source)
+    if path.is_dir():
+        return iter_images(path)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return iter_csv_rows(path, spec)
+    if not path.exists():
+        raise FileNotFoundError(f"batch input {str(path)!r} does not exist (expected a directory of images or a .csv)")
+    raise ValueError(f"batch input {str(path)!r} is neither a directory of images nor a .csv file")
+
+
+def completed_ids(out: str | os.PathLike[str]) -> list[Any]:
+    """Ids of the complete records in ``out`` (none if it does not exist), cutting a truncated last line.
+
+    A last line without its newline is what a crash mid-write leaves: it is removed from the file
+    so that it is redone. Any other unreadable line is an error naming its number.
+    """
+    path = Path(out)
+    if not path.exists():
+        return []
+    with open(path, "rb+") as handle:
+        data = handle.read()
+        complete = data.rfind(b"\n") + 1
+        if complete < len(data):
+            handle.truncate(complete)
+    ids = []
+    for number, line in enumerate(data[:complete].splitlines(), start=1):
+        try:
+            ids.append(json.loads(line)["id"])
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{str(path)!r} line {number} is not a prediction record with an 'id'") from None
+    return ids
+
+
+def _skip_done(items: Iterator[Item], done: list[Any], out: Path) -> None:
+    """Advance ``items`` past the inputs whose records are already in ``out``, checking their ids."""
+    for number, expected in enumerate(done, start=1):
+        item = next(items, None)
+        if item is None:
+            raise ValueError(f"{str(out)!r} holds {len(done)} records but the input has only {number - 1}")
+        if item[0] != expected:
+            raise ValueError(
+                f"{str(out)!r} was written for other inputs: line {number} is for {expected!r}, "
+                f"input {number} is {item[0]!r} (use another --out or delete it)"
+            )
+
+
+def _resume(items: Iterator[Item], out: Path) -> int:
+    """On rank 0 read ``out`` and skip its records on every rank; return how many were skipped."""
+    outcome: Any = None
+    if distributed.is_main():
+        try:
+            done = completed_ids(out)
+            _skip_done(items, done, out)
+            outcome = len(done)
+        except (ValueError, OSError) as error:
+            outcome = error
+    outcome = distributed.broadcast_object(outcome)
+    if isinstance(outcome, Exception):
+        raise outcome
+    if not distributed.is_main():
+        next(itertools.islice(items, outcome, outcome), None)
+    return outcome
+
+
+def _record_lines(predictor: Any, batch: list[Item], top_k: int | None) -> str:
+    """One JSON line per input of ``batch``: its id, then its result's record."""
+    results = predictor.predict([item for _, item in batch], top_k=top_k)
+    return "".join(json.dumps({"id": key, **result.to_record()}) + "\n" for (key, _), result in zip(batch, results))
+
+
+def _predict_window(predictor: Any, window: list[Item], batch_size: int, top_k: int | None) -> list[str]:
+    """This rank's batch of ``window`` predicted, then every rank's lines in rank (= input) order.
+
+    An error on any rank is raised on every rank, so none is left waiting in a collective.
+    """
+    start = distributed.rank() * batch_size
+    mine = window[start : start + batch_size]
+    try:
+        lines: str | Exception = _record_lines(predictor, mine, top_k) if mine else ""
+    except Exception as error:  # re-raised below on every rank
+        lines = error
+    gathered = distributed.all_gather_object((len(window), lines))
+    for _, part in gathered:
+        if isinstance(part, Exception):
+            raise part
+    if len({count for count, _ in gathered}) > 1:
+        raise RuntimeError("ranks read different inputs: the source changed while being predicted")
+    return [part for _, part in gathered]
+
+
+def predict_to_jsonl(
+    predictor: Any,
+    source: str | os.PathLike[str] | Iterable[Item],
+    out: str | os.PathLike[str],
+    *,
+    batch_size: int | None = None,
+    top_k: int | None = None,
+    progress: bool = True,
+) -> BatchSummary:
+    """Predict every input of ``source`` into the JSON-lines file ``out`` (see the module docstring).
+
+    ``predictor`` is a :class:`trainfer.Predictor` or an ensemble (anything with
+    ``predict(inputs, top_k=...)`` returning results with ``to_record()``); ``source`` is a
+    directory of images, a ``.csv`` file, or an iterable of ``(id, input)`` pairs. Under torchrun
+    every rank calls this with the same arguments; only rank 0 writes ``out``.
+    """
+    out = Path(out)
+    if distributed.is_main() and not out.parent.is_dir():
+        raise FileNotFoundError(f"--out directory {str(out.parent)!r} does not exist")
+    batch_size = batch_size or predictor.batch_size
+    items = iter(iter_source(source, predictor.preprocess_spec) if isinstance(source, str | os.PathLike) else source)
+    resumed = _resume(items, out)
+    window_size = batch_size * distributed.world_size()
+    written = 0
+    main = distributed.is_main()
+    with (
+        open(out, "a", encoding="utf-8") if main else contextlib.nullcontext() as handle,
+        tqdm(desc="predict", unit="input", initial=resumed, disable=not (main and progress)) as bar,
+    ):
+        while True:  # every rank reads every window, so all stop together, on the first empty one
+            window = list(itertools.islice(items, window_size))
+            parts = _predict_window(predictor, window, batch_size, top_k)
+            if not window:
+                return BatchSummary(out, resumed, written)
+            if main:
+                handle.write("".join(parts))
+                handle.flush()
+            written += len(window)
+            bar.update(len(window))
