@@ -3,10 +3,13 @@ import inspect
 import pytest
 import torch
 import torch.fx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import trainfer
 from trainfer.dual import DualModule, TrainOnly, infer_path, train_only
+from trainfer.testing import assert_close
 
 
 class MultiTask(DualModule):
@@ -83,7 +86,7 @@ def test_dual_module_dispatches_on_mode_with_same_arguments():
     model.eval()
     infer_out = model(x, scale=2.0)
     assert isinstance(infer_out, torch.Tensor) and infer_out.shape == (2, 5)
-    torch.testing.assert_close(infer_out, model.forward_infer(x, 2.0))
+    assert_close(infer_out, model.forward_infer(x, 2.0))
 
 
 def test_dual_module_signature_is_the_inference_paths():
@@ -99,7 +102,7 @@ def test_dual_module_traces_only_inference_path_in_eval():
     assert "depth" not in call_targets(traced) and "edges" not in call_targets(traced)
     assert not hasattr(traced, "depth") and not hasattr(traced, "edges")
     x = torch.randn(3, 3, 5, 5)
-    torch.testing.assert_close(traced(x), model(x))
+    assert_close(traced(x), model(x))
     traced_train = torch.fx.symbolic_trace(MultiTask().train())
     assert {"depth", "edges"} <= call_targets(traced_train)
 
@@ -123,7 +126,7 @@ def test_subclass_of_dual_module_uses_its_own_paths():
     torch.manual_seed(0)
     model = Doubled().eval()
     x = torch.randn(1, 3, 5, 5)
-    torch.testing.assert_close(model(x), 2 * MultiTask.forward_infer(model, x))
+    assert_close(model(x), 2 * MultiTask.forward_infer(model, x))
 
 
 def test_train_only_runs_in_training_and_returns_none_in_eval():
@@ -146,7 +149,7 @@ def test_train_only_leaves_no_trace_in_eval_graph():
     assert call_targets(traced) == {"body", "head"}
     assert not hasattr(traced, "aux")
     x = torch.randn(2, 6)
-    torch.testing.assert_close(traced(x), model(x))
+    assert_close(traced(x), model(x))
     assert "aux.module.0" in call_targets(torch.fx.symbolic_trace(WithAuxHead().train()))
 
 
@@ -161,10 +164,10 @@ def test_infer_path_on_forward_and_other_methods():
     x = torch.randn(2, 4)
     main, aux = model.train()(x)
     assert aux.shape == (2, 2)
-    torch.testing.assert_close(model.head(x, bias=0.5), model.main(x) + 1.5)
+    assert_close(model.head(x, bias=0.5), model.main(x) + 1.5)
     model.eval()
-    torch.testing.assert_close(model(x), model.main(x))
-    torch.testing.assert_close(model.head(x, bias=0.5), model.main(x) + 0.5)
+    assert_close(model(x), model.main(x))
+    assert_close(model.head(x, bias=0.5), model.main(x) + 0.5)
 
 
 def test_infer_path_preserves_name_docstring_and_signature():
@@ -180,7 +183,7 @@ def test_infer_path_traces_in_eval_mode():
     traced = torch.fx.symbolic_trace(model)
     assert call_targets(traced) == {"main"}
     x = torch.randn(3, 4)
-    torch.testing.assert_close(traced(x), model(x))
+    assert_close(traced(x), model(x))
 
 
 def test_infer_path_rejects_non_callables():
@@ -197,31 +200,42 @@ def test_public_names():
 class ConvNetWithAux(DualModule):
     """Conv-BN trunk; training also runs a train_only head and a second head of its own."""
 
-    def __init__(self) -> None:
+    def __init__(self, channels: int = 5, stride: int = 2, groups: int = 5, dilation: int = 1) -> None:
         super().__init__()
-        self.trunk = nn.Sequential(nn.Conv2d(3, 5, 3, stride=2, padding=1), nn.BatchNorm2d(5), nn.ReLU())
-        self.conv = nn.Sequential(nn.Conv2d(5, 5, 3, padding=1, groups=5), nn.BatchNorm2d(5))
-        self.aux = train_only(nn.Sequential(nn.Conv2d(5, 7, 1), nn.BatchNorm2d(7)))
-        self.extra = nn.Conv2d(5, 2, 1)
+        self.trunk = nn.Sequential(nn.Conv2d(3, channels, 3, stride=stride, padding=1), nn.BatchNorm2d(channels))
+        self.conv = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation, groups=groups),
+            nn.BatchNorm2d(channels),
+        )
+        self.aux = train_only(nn.Sequential(nn.Conv2d(channels, 7, 1), nn.BatchNorm2d(7)))
+        self.extra = nn.Conv2d(channels, 2, 1)
 
     def forward_train(self, x):
-        features = self.trunk(x)
+        features = self.trunk(x).relu()
         return {"main": self.conv(features), "aux": self.aux(features), "extra": self.extra(features)}
 
     def forward_infer(self, x):
-        features = self.trunk(x)
+        features = self.trunk(x).relu()
         self.aux(features)  # None in eval mode, and no node in the traced graph
         return self.conv(features)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_deploy_drops_train_only_modules_and_the_training_path(dtype):
+@settings(max_examples=8)
+@given(
+    groups_channels=st.sampled_from([(1, 3), (1, 4), (5, 5), (3, 9), (2, 6)]),
+    stride=st.integers(1, 2),
+    dilation=st.integers(1, 2),
+    size=st.integers(5, 10),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+)
+def test_deploy_drops_train_only_modules_and_the_training_path(groups_channels, stride, dilation, size, dtype):
     from trainfer.deploy import deploy
-    from trainfer.testing import TOLERANCE, assert_close, batch_norm_calls, randomize_batchnorm
+    from trainfer.testing import TOLERANCE, batch_norm_calls, randomize_batchnorm
 
+    groups, channels = groups_channels
     torch.manual_seed(0)
-    model = randomize_batchnorm(ConvNetWithAux()).to(dtype)
-    x = torch.randn(2, 3, 9, 9, dtype=dtype)
+    model = randomize_batchnorm(ConvNetWithAux(channels, stride, groups, dilation)).to(dtype)
+    x = torch.randn(2, 3, size, size, dtype=dtype)
     deployed = deploy(model, x)
     names = {name for name, _ in deployed.named_modules()}
     assert not any(name.startswith(("aux", "extra")) for name in names)

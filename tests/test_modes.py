@@ -11,6 +11,7 @@ from torch import nn
 import trainfer
 from trainfer.dual import DualModule, infer_path, train_only
 from trainfer.modes import inference, mode_dependent_modules, restore_modes, snapshot_modes, training
+from trainfer.testing import assert_close
 
 
 def mixed_model() -> nn.Module:
@@ -107,7 +108,7 @@ def test_decorator_use_restores_after_each_call():
     x = torch.randn(2, 3, 5, 5)
     first = predict(x)
     assert modes_of(model) == MIXED
-    torch.testing.assert_close(predict(x), first)
+    assert_close(predict(x), first)
     assert modes_of(model) == MIXED
 
 
