@@ -215,3 +215,32 @@ def test_loads_on_cpu_whatever_the_save_device(tmp_path):
     trainfer.save(model, tmp_path / "b", factory=FACTORY, example_inputs=torch.randn(1, 1, 8, 8))
     loaded = trainfer.load(tmp_path / "b")
     assert all(t.device.type == "cpu" for t in loaded.state_dict().values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_deploy_form_round_trip(tmp_path, dtype):
+    from trainfer.deploy import deploy
+    from trainfer.testing import batch_norm_calls
+
+    model = trained(dtype, classes=5, width=3)
+    x = torch.randn(3, 1, 8, 8, dtype=dtype)
+    deployed = deploy(model, x)
+    trainfer.save(deployed, tmp_path / "d", factory=FACTORY, config={"classes": 5, "width": 3}, example_inputs=x)
+    assert read_manifest(tmp_path / "d")["form"] == "deploy"
+    loaded = trainfer.load(tmp_path / "d")
+    assert batch_norm_calls(loaded, x) == 0 and loaded.trainfer_config["form"] == "deploy"
+    with trainfer.inference(model, loaded):
+        assert_close(loaded(x), model(x))
+    assert loaded.state_dict().keys() == deployed.state_dict().keys()
+
+
+def test_deploy_form_weights_must_fit_the_rebuilt_architecture(tmp_path):
+    from trainfer.deploy import deploy
+
+    x = torch.randn(1, 1, 8, 8)
+    trainfer.save(deploy(trained(), x), tmp_path / "d", factory=FACTORY, example_inputs=x)
+    manifest = read_manifest(tmp_path / "d")
+    manifest["config"] = {"width": 6}
+    (tmp_path / "d/manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"mis-shaped .*expected \(6, 1, 3, 3\), got \(4, 1, 3, 3\)"):
+        trainfer.load(tmp_path / "d")

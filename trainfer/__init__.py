@@ -12,6 +12,7 @@ from trainfer.errors import (
     ModeWarning,
     OutputKindWarning,
 )
+from trainfer.export import export
 from trainfer.guard import guard
 from trainfer.inspection import Inspection, LayerRecord, inspect
 from trainfer.modes import inference, restore_modes, snapshot_modes, training
@@ -34,6 +35,7 @@ __all__ = [
     "PreprocessSpec",
     "__version__",
     "algebra",
+    "export",
     "bench",
     "blocks",
     "models",

@@ -87,6 +87,11 @@ def save(
     and deploy forms carry it). Output kinds not given are detected from the traced eval graph.
     The model is not modified (its modes are restored).
     """
+    if not (factory or (getattr(model, "trainfer_config", None) or {}).get("factory")):
+        raise BundleError(
+            "save needs factory='package.module:function' (a callable that rebuilds the architecture) "
+            f"for a {type(model).__name__}; trainfer's own models carry it in model.trainfer_config"
+        )
     manifest = build_manifest(
         model,
         factory=factory,
@@ -121,16 +126,14 @@ def build_manifest(
     output: Selector = None,
     heads: Mapping[Any, str] | None = None,
 ) -> dict[str, Any]:
-    """The manifest of ``model`` (everything but the weights entry); see the module docstring."""
+    """The manifest of ``model`` (everything but the weights entry); see the module docstring.
+
+    ``factory`` may stay ``None`` here (an exported file needs none); :func:`save` requires it.
+    """
     from trainfer.modes import inference
 
     known = dict(getattr(model, "trainfer_config", None) or {})
     factory = factory or known.get("factory")
-    if not factory:
-        raise BundleError(
-            "save needs factory='package.module:function' (a callable that rebuilds the architecture) "
-            f"for a {type(model).__name__}; trainfer's own models carry it in model.trainfer_config"
-        )
     config = dict(config if config is not None else known.get("config") or {})
     _check_json(config, "config")
     example = _example_inputs(model, example_inputs, known, preprocess)
@@ -148,7 +151,7 @@ def build_manifest(
         "format_version": FORMAT_VERSION,
         "factory": factory,
         "config": config,
-        "form": known.get("form", "train"),
+        "form": _form(model, known),
         "input": {"shape": [1, *first.shape[1:]] if first is not None else None, "dtype": spec.dtype},
         "preprocess": spec.to_dict(),
         "task": resolved[0].task if heads is None else "multi-head",
@@ -157,6 +160,11 @@ def build_manifest(
         "output_structure": structure,
         "versions": _versions(),
     }
+
+
+def _form(model: nn.Module, known: dict[str, Any]) -> str:
+    """``deploy`` for deploy forms (``trainfer_config["form"]``, or the report ``trainfer.deploy`` attaches)."""
+    return known.get("form") or ("deploy" if hasattr(model, "trainfer_report") else "train")
 
 
 def _example_inputs(model: nn.Module, given: Any, known: dict[str, Any], preprocess: Any) -> tuple[Tensor, ...]:
@@ -271,7 +279,8 @@ def atomic_file(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary file path beside ``target``; on success it atomically replaces ``target``."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    # The temporary keeps the target's suffix: some writers (torch.export.save) insist on it.
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent)
     os.close(handle)
     tmp = Path(name)
     try:

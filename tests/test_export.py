@@ -1,0 +1,171 @@
+"""Export: deploy form, dynamic batch, parity with PyTorch (onnxruntime), the manifest inside the file."""
+
+import importlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import trainfer
+from trainfer import BundleError, EquivalenceError, Predictor
+from trainfer.deploy import deploy
+from trainfer.export import export, read_exported_manifest
+from trainfer.testing import assert_close, randomize_batchnorm
+
+
+def tiny_cnn(classes: int = 3) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 5, 3, stride=2, padding=1),
+        nn.BatchNorm2d(5),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(5 * 16, classes),
+    )
+
+
+class TwoHeads(nn.Module):
+    """Returns a dict: class probabilities (softmax inside the model) and a regression value."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten())
+        self.digit = nn.Linear(3 * 64, 4)
+        self.size = nn.Linear(3 * 64, 1)
+
+    def forward(self, x):
+        h = self.body(x)
+        return {"digit": torch.softmax(self.digit(h), dim=1), "size": self.size(h)}
+
+
+def trained(factory=tiny_cnn):
+    torch.manual_seed(0)
+    return randomize_batchnorm(factory()).eval()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    path = tmp_path_factory.mktemp("export") / "bundle"
+    spec = trainfer.PreprocessSpec(mean=[0.2], std=[0.7])
+    model = trained()
+    trainfer.save(
+        model,
+        path,
+        factory=f"{__name__}:tiny_cnn",
+        labels=list("abc"),
+        preprocess=spec,
+        example_inputs=torch.randn(1, 1, 8, 8),
+    )
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def onnx_file(bundle):
+    path = bundle[0].parent / "model.onnx"
+    return path, export(bundle[0], path, format="onnx")
+
+
+def test_onnx_export_matches_pytorch_through_onnxruntime(bundle, onnx_file):
+    path, report = onnx_file
+    assert path.is_file() and report.format == "onnx" and report.deployed_here and report.form == "deploy"
+    assert report.max_rel_error <= 1e-5 and report.checked_batch_sizes == (1, 3)
+    assert "max rel error" in str(report)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    _, model = bundle
+    for batch in (1, 5):  # dynamic batch dimension
+        x = torch.randn(batch, 1, 8, 8)
+        (got,) = session.run(None, {"input": x.numpy()})
+        with trainfer.inference(model):
+            assert_close(torch.from_numpy(got), model(x))
+
+
+def test_the_onnx_file_is_the_deploy_form(onnx_file):
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(onnx_file[0])).graph.node}
+    assert "BatchNormalization" not in ops and "Conv" in ops
+
+
+def test_manifest_travels_inside_and_predictor_serves_the_onnx_file(bundle, onnx_file):
+    manifest = read_exported_manifest(onnx_file[0])
+    assert manifest["form"] == "deploy" and manifest["labels"] == ["a", "b", "c"]
+    assert manifest["exported"] == {"format": "onnx", "deployed_here": True} and "weights" not in manifest
+    served = Predictor.load(onnx_file[0])
+    reference = Predictor.load(bundle[0])
+    raw = torch.rand(6, 1, 8, 8)
+    got, expected = served.predict(raw, top_k=2), reference.predict(raw, top_k=2)
+    assert [r.label for r in got] == [r.label for r in expected]
+    np.testing.assert_allclose([r.probability for r in got], [r.probability for r in expected], atol=1e-6)
+    assert served.spec == reference.spec
+
+
+@pytest.mark.parametrize(("format", "suffix"), [("torchscript", ".ts"), ("exported-program", ".pt2")])
+def test_torchscript_and_exported_program(tmp_path, format, suffix):
+    model = trained()
+    deployed = deploy(model, torch.randn(2, 1, 8, 8))
+    report = export(deployed, tmp_path / f"m{suffix}", format=format, example_inputs=torch.randn(2, 1, 8, 8))
+    assert not report.deployed_here and report.max_rel_error <= 1e-5
+    assert read_exported_manifest(tmp_path / f"m{suffix}")["exported"]["format"] == format
+    loaded = (
+        torch.jit.load(str(tmp_path / "m.ts"))
+        if format == "torchscript"
+        else torch.export.load(str(tmp_path / "m.pt2")).module()
+    )
+    x = torch.randn(4, 1, 8, 8)
+    with trainfer.inference(model):
+        assert_close(loaded(x), model(x))
+
+
+def test_dict_outputs_through_onnx_and_multi_head_predictor(tmp_path):
+    model = trained(TwoHeads)
+    heads = {"digit": "classification", "size": "regression"}
+    trainfer.save(
+        model, tmp_path / "b", factory=f"{__name__}:TwoHeads", heads=heads, example_inputs=torch.randn(1, 1, 8, 8)
+    )
+    manifest = trainfer.bundle.read_manifest(tmp_path / "b")
+    assert manifest["output_structure"] == {"type": "dict", "keys": ["digit", "size"]}
+    assert manifest["heads"][0]["output_kind"] == "probabilities"
+    report = export(tmp_path / "b", tmp_path / "m.onnx")
+    assert report.outputs == ("digit", "size")
+    x = torch.randn(3, 1, 8, 8)
+    served = Predictor.load(tmp_path / "m.onnx").predict(x)
+    with trainfer.inference(model):
+        out = model(x)
+    for i, result in enumerate(served):
+        assert result["digit"].probability == pytest.approx(float(out["digit"][i].max()), abs=1e-6)
+        assert result["size"].values == pytest.approx(out["size"][i].tolist(), abs=1e-5)
+
+
+def test_a_disagreeing_export_is_never_written(tmp_path, monkeypatch):
+    module = importlib.import_module("trainfer.export")
+
+    def noisy(path):
+        loaded = torch.jit.load(str(path))
+        return lambda x: loaded(x) + 1.0
+
+    monkeypatch.setitem(module._RUNNERS, "torchscript", noisy)
+    deployed = deploy(trained(), torch.randn(2, 1, 8, 8))
+    with pytest.raises(EquivalenceError, match="max rel error .* nothing was written"):
+        export(deployed, tmp_path / "m.ts", format="torchscript", example_inputs=torch.randn(2, 1, 8, 8))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_errors(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="format must be one of"):
+        export(trained(), tmp_path / "m.x", format="tflite", example_inputs=torch.randn(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="needs the input shape"):
+        export(trained(), tmp_path / "m.onnx")
+    import onnx
+
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), str(tmp_path / "plain.onnx"))
+    with pytest.raises(BundleError, match="carries no trainfer manifest"):
+        Predictor.load(tmp_path / "plain.onnx")
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(ImportError, match=r"trainfer\[onnx\]"):
+        Predictor.load(tmp_path / "plain.onnx")
