@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
+import trainfer
 from trainfer.attribution import attribute, explain, explain_to_files
 from trainfer.errors import ModeError
 from trainfer.predict import Predictor
@@ -66,6 +67,7 @@ def test_saliency_and_occlusion_of_a_linear_model() -> None:
     model = nn.Linear(5, 3).double()
     x = torch.randn(4, 5, dtype=torch.float64)
     saliency = attribute(model, x, "saliency", target=2)
+    assert not x.requires_grad and x.grad is None  # the caller's batch is left alone
     assert torch.allclose(saliency.values, model.weight[2].detach().abs().expand(4, 5))
     occlusion = attribute(model, x, "occlusion", target=[0, 1, 2, 0])
     assert torch.allclose(occlusion.values, model.weight[[0, 1, 2, 0]].detach() * x)
@@ -111,6 +113,9 @@ def test_inference_mode_is_refused_with_the_reason() -> None:
     with torch.inference_mode(), pytest.raises(ModeError, match="need gradients.*inference_mode"):
         attribute(model, torch.randn(2, 1, 6, 6, dtype=torch.float64))
     assert model.training
+    predictor = Predictor(model, preprocess=PreprocessSpec(input_shape=(1, 6, 6), dtype="float64"))
+    with trainfer.inference(predictor.model), pytest.raises(ModeError, match="trainfer.inference"):
+        predictor.explain(torch.randn(2, 1, 6, 6))
 
 
 def test_scores_without_gradients_are_refused() -> None:
