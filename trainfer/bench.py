@@ -7,10 +7,15 @@ The measurements other benchmarks build on:
 * :func:`count_macs` - multiply-adds of the convolutions and matrix products a forward really
   executes, read from the dispatched aten calls (not from module types, so functional calls count);
 * :func:`peak_memory` - the most tensor memory that was live at once while a function ran.
+
+and on top of them the comparison of a model's forms (:data:`FORMS`: train, reparameterized,
+plain, deploy) that ``trainfer bench`` and ``benchmarks/`` print: :func:`time_forms` interleaves
+the forms so that ratios of medians hold on a busy machine, :func:`benchmark` gathers every figure.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
@@ -21,12 +26,27 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
+from tqdm.auto import tqdm
 
+from trainfer.capture import capture
 from trainfer.testing import AtenOpCounter
 
-__all__ = ["Timing", "count_macs", "count_parameters", "num_threads", "peak_memory", "time_forward"]
+__all__ = [
+    "FORMS",
+    "BenchReport",
+    "FormResult",
+    "Timing",
+    "benchmark",
+    "count_macs",
+    "count_parameters",
+    "num_threads",
+    "peak_memory",
+    "time_forms",
+    "time_forward",
+]
 
 
 @dataclass(frozen=True)
@@ -214,3 +234,286 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None)
     with AtenOpCounter(tracker.observe):
         fn()
     return tracker.peak
+
+
+# --- Comparing the forms of a model ---------------------------------------------------------------
+
+FormBuilder = Callable[[nn.Module, tuple[Tensor, ...]], nn.Module]
+
+
+def train_form(model: nn.Module, example_inputs: tuple[Tensor, ...]) -> nn.Module:
+    """The model as trained, in eval mode (a copy: the caller's model is untouched)."""
+    return copy.deepcopy(model).eval()
+
+
+def reparameterized_form(model: nn.Module, example_inputs: tuple[Tensor, ...]) -> nn.Module:
+    """A copy whose re-parameterizable blocks run their single conv (``trainfer.models.reparameterize``)."""
+    from trainfer.models import reparameterize
+
+    return reparameterize(train_form(model, example_inputs))
+
+
+def plain_form(model: nn.Module, example_inputs: tuple[Tensor, ...]) -> nn.Module:
+    """The speed limit: the reparameterized model's executed layers, in call order, as one ``nn.Sequential``.
+
+    Each block becomes its fused ``Conv2d`` followed by its squeeze-excitation and activation
+    (``Conv2d`` + ``ReLU`` for RepVGG); other leaf modules (pooling, flatten, linear) are kept.
+    Defined for models whose forward is a chain of module calls; otherwise a ``ValueError`` says so
+    (the check: the chain reproduces the model's output exactly).
+    """
+    from trainfer.blocks import ReparamBlock
+
+    reparameterized = reparameterized_form(model, example_inputs)
+    blocks = [name for name, m in reparameterized.named_modules() if isinstance(m, ReparamBlock)]
+
+    def is_layer(name: str, module: nn.Module) -> bool:
+        inside_block = any(name.startswith(f"{block}.") for block in blocks)
+        return not inside_block and (isinstance(module, ReparamBlock) or not any(module.children()))
+
+    with torch.no_grad(), capture(reparameterized, lambda name, module, output: module, is_layer) as called:
+        expected = reparameterized(*example_inputs)
+    layers: list[nn.Module] = []
+    for module in called.values():
+        parts = [module.reparam, module.se, module.act] if isinstance(module, ReparamBlock) else [module]
+        layers += [part for part in parts if not isinstance(part, nn.Identity)]
+    plain = nn.Sequential(*layers).eval()
+    with torch.no_grad():
+        got = plain(*example_inputs) if len(example_inputs) == 1 else None
+    if not isinstance(expected, Tensor) or got is None or got.shape != expected.shape or not torch.equal(got, expected):
+        raise ValueError(
+            f"plain form: {type(model).__name__}'s forward is not a chain of its modules "
+            "(replaying its layers in call order does not give its output)"
+        )
+    return plain
+
+
+def deploy_form(model: nn.Module, example_inputs: tuple[Tensor, ...]) -> nn.Module:
+    """``trainfer.deploy``: the automatic folder's inference form, verified against the model."""
+    from trainfer.deploy import deploy
+
+    return deploy(model, example_inputs)
+
+
+#: Form name -> builder ``(model, example_inputs) -> nn.Module``; every builder leaves ``model`` untouched.
+FORMS: dict[str, FormBuilder] = {
+    "train": train_form,
+    "reparameterized": reparameterized_form,
+    "plain": plain_form,
+    "deploy": deploy_form,
+}
+
+
+def time_forms(
+    forms: dict[str, Callable[..., Any]],
+    inputs: Tensor | Sequence[Any],
+    *,
+    rounds: int = 5,
+    repeats: int = 4,
+    warmup: int = 3,
+    threads: int | None = None,
+    progress: Callable[[], None] | None = None,
+) -> dict[str, Timing]:
+    """Time several forms on the same inputs, interleaved: ``rounds`` x (``repeats`` calls of each form).
+
+    Interleaving spreads background load evenly over the forms, so that the ratios of their
+    medians are meaningful on a busy machine. ``progress()`` is called after each form's turn.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in forms}
+    for model in forms.values():
+        time_forward(model, inputs, warmup=warmup, repeats=1, threads=threads)
+    for _ in range(rounds):
+        for name, model in forms.items():
+            samples[name] += time_forward(model, inputs, warmup=0, repeats=repeats, threads=threads).samples
+            if progress is not None:
+                progress()
+    return {name: Timing.from_samples(values) for name, values in samples.items()}
+
+
+@dataclass(frozen=True)
+class FormResult:
+    """One form's figures: latency at batch 1, throughput (items/s) at ``batch_size``, size and cost."""
+
+    form: str
+    latency: Timing
+    batch_latency: Timing
+    batch_size: int
+    parameters: int
+    macs: int
+    peak_memory_bytes: int
+
+    @property
+    def throughput(self) -> float:
+        return self.batch_size / self.batch_latency.median_s
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    """The forms measured in one run, the forms that could not be built (with why), the settings."""
+
+    model: str
+    input_shape: tuple[int, ...]
+    threads: int
+    results: list[FormResult]
+    skipped: dict[str, str]
+
+    def ratio(self, numerator: str, denominator: str, batched: bool = False) -> float:
+        """Median latency of form ``numerator`` over that of ``denominator`` (both from this run)."""
+        timings = {r.form: (r.batch_latency if batched else r.latency) for r in self.results}
+        return timings[numerator].median_s / timings[denominator].median_s
+
+    def ratios(self) -> dict[str, tuple[float, float]]:
+        """Latency ratios of the telling pairs measured, at batch 1 and at the batch size.
+
+        ``train / reparameterized`` (what folding saves), ``reparameterized / plain`` and
+        ``deploy / plain`` (how close a form comes to the plain chain of convs, the speed limit).
+        """
+        names = {r.form for r in self.results}
+        pairs = [("train", "reparameterized"), ("reparameterized", "plain"), ("deploy", "plain")]
+        return {
+            f"{a} / {b}": (self.ratio(a, b), self.ratio(a, b, batched=True))
+            for a, b in pairs
+            if a in names and b in names
+        }
+
+    def table(self) -> str:
+        """A plain-text table; the last column is each form's batch-1 latency over the baseline's
+        (``plain`` when measured, else the last form)."""
+        names = [r.form for r in self.results]
+        base = "plain" if "plain" in names else names[-1]
+        header = ["form", "params", "MMACs", "median ms", "p90 ms", f"items/s @{self.results[0].batch_size}"]
+        rows = [header + ["peak MB", f"/ {base}"]]
+        for r in self.results:
+            rows.append(
+                [
+                    r.form,
+                    f"{r.parameters:,}",
+                    f"{r.macs / 1e6:,.1f}",
+                    f"{r.latency.median_s * 1e3:.3f}",
+                    f"{r.latency.p90_s * 1e3:.3f}",
+                    f"{r.throughput:,.1f}",
+                    f"{r.peak_memory_bytes / 2**20:,.2f}",
+                    f"{self.ratio(r.form, base):.3f}",
+                ]
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header) + 2)]
+        lines = [
+            "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            for row in rows
+        ]
+        lines.insert(1, "-" * len(lines[0]))
+        batch = self.results[0].batch_size
+        lines += [
+            f"{pair}: {one:.3f} at batch 1, {many:.3f} at batch {batch}" for pair, (one, many) in self.ratios().items()
+        ]
+        lines += [f"skipped {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: settings, and per form every figure including the raw timing samples."""
+        forms = {}
+        for r in self.results:
+            forms[r.form] = {
+                "latency_s": {"median": r.latency.median_s, "p90": r.latency.p90_s, "samples": list(r.latency.samples)},
+                "batch_latency_s": {
+                    "median": r.batch_latency.median_s,
+                    "p90": r.batch_latency.p90_s,
+                    "samples": list(r.batch_latency.samples),
+                },
+                "throughput_per_s": r.throughput,
+                "parameters": r.parameters,
+                "macs": r.macs,
+                "peak_memory_bytes": r.peak_memory_bytes,
+            }
+        batch = self.results[0].batch_size if self.results else None
+        settings = {"model": self.model, "input_shape": list(self.input_shape), "batch_size": batch}
+        ratios = {pair: {"batch_1": one, f"batch_{batch}": many} for pair, (one, many) in self.ratios().items()}
+        return {**settings, "threads": self.threads, "forms": forms, "ratios": ratios, "skipped": self.skipped}
+
+    def plot(self) -> Figure:
+        """Bars per form: batch-1 latency (median, whisker to p90) and throughput at the batch size."""
+        figure = Figure(figsize=(10, 4), layout="constrained")
+        left, right = figure.subplots(1, 2)
+        names = [r.form for r in self.results]
+        medians = [r.latency.median_s * 1e3 for r in self.results]
+        spread = [[0] * len(names), [(r.latency.p90_s - r.latency.median_s) * 1e3 for r in self.results]]
+        left.bar(names, medians, yerr=spread, capsize=4, color="tab:blue")
+        left.set(title="latency at batch 1 (median, p90)", ylabel="ms")
+        right.bar(names, [r.throughput for r in self.results], color="tab:green")
+        right.set(title=f"throughput at batch {self.results[0].batch_size}", ylabel="items / s")
+        figure.suptitle(f"{self.model}  input {tuple(self.input_shape)}  {self.threads} threads")
+        return figure
+
+
+def benchmark(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    forms: Sequence[str] = ("train", "reparameterized", "plain"),
+    batch_size: int = 8,
+    rounds: int = 5,
+    repeats: int = 4,
+    warmup: int = 3,
+    threads: int | None = None,
+    name: str | None = None,
+    show_progress: bool = True,
+) -> BenchReport:
+    """Build each form of ``model`` and measure it on random inputs of ``input_shape`` (batch 1).
+
+    Latency is timed at batch 1 and throughput at ``batch_size``, the forms interleaved
+    (:func:`time_forms`); MACs at batch 1; peak memory of one forward at ``batch_size`` under
+    ``torch.inference_mode``. A form whose builder raises ``ValueError`` (e.g. ``plain`` for a model
+    that is not a chain of modules) is reported as skipped. The caller's model is not modified.
+    """
+    unknown = [form for form in forms if form not in FORMS]
+    if unknown:
+        raise ValueError(f"unknown forms {unknown}; expected some of {list(FORMS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive; got {batch_size}")
+    one = _random_input(model, input_shape, 1)
+    many = _random_input(model, input_shape, batch_size)
+    with tqdm(total=len(forms) * (1 + 2 * rounds), desc="bench", unit="step", disable=not show_progress) as bar:
+        built, skipped = _build_forms(model, forms, (one,), bar)
+        if not built:
+            raise ValueError(f"no form could be built: {skipped}")
+        bar.total = len(built) * (1 + 2 * rounds)
+        bar.set_postfix_str("timing")
+        timing = {"threads": threads, "rounds": rounds, "repeats": repeats, "warmup": warmup, "progress": bar.update}
+        latency = time_forms(built, one, **timing)
+        batch_latency = time_forms(built, many, **timing)
+    results = []
+    for form_name, form in built.items():
+        with torch.inference_mode():
+            memory = peak_memory(lambda form=form: form(many), many.device)
+        parameters, macs = count_parameters(form), count_macs(form, one)
+        results.append(
+            FormResult(form_name, latency[form_name], batch_latency[form_name], batch_size, parameters, macs, memory)
+        )
+    with num_threads(threads):
+        used_threads = torch.get_num_threads()
+    label = name or type(model).__name__
+    return BenchReport(label, tuple(int(size) for size in input_shape), used_threads, results, skipped)
+
+
+def _build_forms(
+    model: nn.Module, forms: Sequence[str], example_inputs: tuple[Tensor, ...], bar: tqdm
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    built, skipped = {}, {}
+    for form in forms:
+        bar.set_postfix_str(f"building {form}")
+        try:
+            built[form] = FORMS[form](model, example_inputs)
+        except ValueError as error:
+            skipped[form] = str(error)
+        bar.update()
+    return built, skipped
+
+
+def _random_input(model: nn.Module, input_shape: Sequence[int], batch_size: int) -> Tensor:
+    """Standard-normal input of ``(batch_size, *input_shape[1:])`` with the model's dtype and device."""
+    if len(input_shape) < 2 or any(int(size) < 1 for size in input_shape):
+        raise ValueError(
+            f"input shape must be positive sizes with a batch dimension, like 1,3,224,224; got {input_shape}"
+        )
+    reference = next(iter(model.parameters()), None)
+    options = {"dtype": reference.dtype, "device": reference.device} if reference is not None else {}
+    return torch.randn(batch_size, *[int(size) for size in input_shape[1:]], **options)

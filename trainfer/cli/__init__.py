@@ -27,3 +27,15 @@ main.add_command(inspect_command)
 from trainfer.cli.audit import command as audit_command  # noqa: E402
 
 main.add_command(audit_command)
+from trainfer.cli.demo import command as demo_command  # noqa: E402
+
+main.add_command(demo_command)
+from trainfer.cli.predict import command as predict_command  # noqa: E402
+
+main.add_command(predict_command)
+from trainfer.cli.export import command as export_command  # noqa: E402
+
+main.add_command(export_command)
+from trainfer.cli.bench import command as bench_command  # noqa: E402
+
+main.add_command(bench_command)

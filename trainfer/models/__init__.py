@@ -9,7 +9,13 @@ from trainfer.models.digits import DigitsNet, digits_net
 from trainfer.models.mobileone import MobileOne, mobileone_s0
 from trainfer.models.repvgg import RepVGG, repvgg_a0, repvgg_a1, repvgg_a2, repvgg_b0
 
+#: Every built-in model factory by name (``trainfer bench --model repvgg_a0``).
+FACTORIES = {
+    factory.__name__: factory for factory in (repvgg_a0, repvgg_a1, repvgg_a2, repvgg_b0, mobileone_s0, digits_net)
+}
+
 __all__ = [
+    "FACTORIES",
     "DigitsNet",
     "MobileOne",
     "RepVGG",

@@ -1,0 +1,123 @@
+"""``trainfer bench``: latency, throughput, parameters, MACs and peak memory of a model's forms."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import torch
+from torch import nn
+
+from trainfer.bench import FORMS, benchmark
+from trainfer.cli.common import friendly_errors, load_factory, parse_shape
+
+DEFAULT_FORMS = "train,reparameterized,plain,deploy"
+
+
+def resolve_model(spec: str) -> tuple[nn.Module, str]:
+    """``package.module:factory``, a bundle path, or a built-in model name -> (model, label)."""
+    from trainfer import models
+
+    if ":" in spec:
+        return load_factory(spec)(), spec
+    if Path(spec).exists():
+        from trainfer.bundle import load
+
+        return load(spec), spec
+    if spec in models.FACTORIES:
+        return models.FACTORIES[spec](), f"trainfer.models:{spec}"
+    raise click.BadParameter(
+        f"{spec!r} is neither package.module:factory, an existing bundle path, nor a built-in model "
+        f"{sorted(models.FACTORIES)}",
+        param_hint="--model",
+    )
+
+
+def _forms(text: str) -> list[str]:
+    forms = [form.strip() for form in text.split(",") if form.strip()]
+    unknown = [form for form in forms if form not in FORMS]
+    if not forms or unknown:
+        raise click.BadParameter(
+            f"expected comma-separated forms among {list(FORMS)}; got {text!r}", param_hint="--forms"
+        )
+    return forms
+
+
+@click.command("bench")
+@click.option(
+    "--model",
+    "spec",
+    default="repvgg_a0",
+    show_default=True,
+    help="package.module:factory, a bundle directory, or a built-in model (repvgg_a0, digits_net, ...).",
+)
+@click.option("--input-shape", help="Input shape with batch 1, e.g. 1,3,224,224 (default: the model's recorded shape).")
+@click.option("--batch-size", default=8, show_default=True, help="Batch size of the throughput measurement.")
+@click.option("--forms", "forms_text", default=DEFAULT_FORMS, show_default=True, help="Forms to compare.")
+@click.option("--threads", type=int, help="torch intra-op threads while timing (default: torch's).")
+@click.option("--rounds", default=5, show_default=True, help="Interleaved rounds over the forms.")
+@click.option("--repeats", default=4, show_default=True, help="Timed calls per form and round.")
+@click.option("--warmup", default=3, show_default=True, help="Untimed calls per form first.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the model's initialisation and of the inputs.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure (and samples) here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG bar chart here.")
+@friendly_errors
+def command(
+    spec: str,
+    input_shape: str | None,
+    batch_size: int,
+    forms_text: str,
+    threads: int | None,
+    rounds: int,
+    repeats: int,
+    warmup: int,
+    seed: int,
+    json_path: str | None,
+    plot_path: str | None,
+) -> None:
+    """Compare the forms of a model: train (in eval), reparameterized, plain convs, deploy.
+
+    Prints a table of median/p90 latency at batch 1, throughput at --batch-size, parameters,
+    multiply-adds and peak memory, with the latency ratios measured in the same run.
+    """
+    forms = _forms(forms_text)
+    torch.manual_seed(seed)
+    model, label = resolve_model(spec)
+    shape = parse_shape(input_shape) if input_shape else _recorded_shape(model, spec)
+    report = benchmark(
+        model,
+        shape,
+        forms=forms,
+        batch_size=batch_size,
+        rounds=rounds,
+        repeats=repeats,
+        warmup=warmup,
+        threads=threads,
+        name=label,
+    )
+    click.echo(report.table())
+    if json_path:
+        _write(Path(json_path), lambda path: path.write_text(json.dumps(report.to_dict(), indent=2)))
+        click.echo(f"wrote {json_path}")
+    if plot_path:
+        _write(Path(plot_path), lambda path: report.plot().savefig(path, format="png", dpi=120))
+        click.echo(f"wrote {plot_path}")
+
+
+def _recorded_shape(model: nn.Module, spec: str) -> tuple[int, ...]:
+    shape = (getattr(model, "trainfer_config", None) or {}).get("input_shape")
+    if not shape:
+        raise click.BadParameter(
+            f"{spec!r} records no input shape; pass one like 1,3,224,224", param_hint="--input-shape"
+        )
+    return tuple(int(size) for size in shape)
+
+
+def _write(target: Path, writer: Callable[[Path], object]) -> None:
+    """Write through a temporary file that replaces ``target`` only once complete."""
+    from trainfer.bundle import atomic_file
+
+    with atomic_file(target) as temporary:
+        writer(temporary)
