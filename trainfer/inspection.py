@@ -352,7 +352,7 @@ def _stats_cells(stats: Stats | None) -> list[str]:
 
 
 def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3g}"
+    return "-" if value is None else f"{value + 0.0:.3g}"  # + 0.0: no "-0"
 
 
 def plot_inspection(inspection: Inspection, path: Path) -> Path:
