@@ -89,7 +89,7 @@ def export(
     model, manifest = _source(bundle_or_model, example_inputs)
     shape = _input_shape(manifest, example_inputs)
     dtype = getattr(torch, manifest["input"].get("dtype") or "float32")
-    example = example_inputs if example_inputs is not None else torch.randn(2, *shape[1:], dtype=dtype)
+    example = example_inputs.to(dtype) if example_inputs is not None else torch.randn(2, *shape[1:], dtype=dtype)
     deployed_here = manifest["form"] == "train"
     if deployed_here:
         from trainfer.deploy import deploy

@@ -48,7 +48,8 @@ class PreprocessSpec:
 
     ``input_shape`` is ``(C, H, W)`` for images, ``(F,)`` for tables; ``None`` accepts any batch
     (then a single sample must carry its batch dimension). ``mean``/``std`` hold one value per
-    channel (or column), or one value for all. ``columns`` names the CSV columns in model order.
+    channel (or column), or one value for all. ``columns`` names the CSV columns in model order
+    (and implies ``input_shape = (len(columns),)``).
     """
 
     input_shape: tuple[int, ...] | None = None
@@ -68,6 +69,8 @@ class PreprocessSpec:
             set_(self, "input_shape", tuple(int(s) for s in self.input_shape))
         if self.columns is not None:
             set_(self, "columns", tuple(str(c) for c in self.columns))
+            if self.input_shape is None:
+                set_(self, "input_shape", (len(self.columns),))
         for name in ("mean", "std", "target_mean", "target_std"):
             set_(self, name, _floats(getattr(self, name)))
         if self.dtype not in ("float32", "float64", "float16", "bfloat16"):
