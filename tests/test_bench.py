@@ -1,11 +1,19 @@
 """The measurement API (trainfer.bench) against hand-computed figures."""
 
+import copy
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
 from torch import nn
 
-from trainfer.bench import Timing, count_macs, count_parameters, peak_memory, time_forward
+from trainfer import models
+from trainfer.bench import FORMS, Timing, benchmark, count_macs, count_parameters, peak_memory, time_forward
+from trainfer.blocks import ReparamBlock
+from trainfer.cli import main
+from trainfer.testing import assert_close, count_aten_ops, randomize_batchnorm
 
 
 def test_timing_statistics_nearest_rank():
@@ -111,3 +119,95 @@ def test_peak_memory_sees_what_autograd_keeps_for_backward():
         inference = peak_memory(lambda: layers(x))
     with_grad = peak_memory(lambda: layers(x).sum())
     assert with_grad > inference
+
+
+# --- forms and the command line -------------------------------------------------------------------
+
+
+def _tiny_repvgg():
+    return randomize_batchnorm(models.RepVGG((1, 2, 1, 1), (0.25, 0.25), num_classes=3))
+
+
+def test_plain_form_is_the_chain_of_fused_convs_and_relus():
+    model = _tiny_repvgg()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    plain = FORMS["plain"](model, (x,))
+    kinds = [type(m) for m in plain]
+    assert kinds == [nn.Conv2d, nn.ReLU] * 6 + [nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear]
+    with torch.no_grad():
+        assert_close(plain(x), model.eval()(x))
+    assert count_aten_ops(plain, x)["convolution"] == 6
+    assert not any(isinstance(m, ReparamBlock) and m.deploy for m in model.modules())  # caller's model untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_benchmark_reports_every_form_and_skips_what_cannot_be_built():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x) + x
+
+    report = benchmark(Residual(), (1, 3, 8, 8), forms=("train", "plain"), rounds=1, repeats=1, show_progress=False)
+    assert [r.form for r in report.results] == ["train"]
+    assert "not a chain" in report.skipped["plain"]
+    report = benchmark(
+        _tiny_repvgg(),
+        (1, 3, 16, 16),
+        forms=("train", "reparameterized", "plain"),
+        batch_size=3,
+        rounds=2,
+        repeats=1,
+        threads=1,
+        show_progress=False,
+    )
+    train, reparameterized, plain = report.results
+    assert len(train.latency.samples) == len(train.batch_latency.samples) == 2
+    assert train.macs > reparameterized.macs == plain.macs > 0
+    assert train.parameters > reparameterized.parameters == plain.parameters
+    assert report.threads == 1 and set(report.ratios()) == {"train / reparameterized", "reparameterized / plain"}
+    assert report.ratio("train", "plain") == train.latency.median_s / plain.latency.median_s
+
+
+@pytest.mark.parametrize("kwargs", [{"forms": ("train", "fast")}, {"batch_size": 0}])
+def test_benchmark_rejects_bad_settings(kwargs):
+    with pytest.raises(ValueError, match="unknown forms|batch_size"):
+        benchmark(_tiny_repvgg(), (1, 3, 8, 8), **kwargs)
+    with pytest.raises(ValueError, match="input shape"):
+        benchmark(_tiny_repvgg(), (3, 8, 0))
+
+
+def test_bench_command_prints_table_and_writes_json_and_plot(tmp_path):
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    arguments = ["bench", "--model", "digits_net", "--rounds", "1", "--repeats", "1", "--warmup", "0"]
+    arguments += ["--batch-size", "4", "--json", str(out_json), "--plot", str(out_png), "--threads", "1"]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    for form in ("train", "reparameterized", "plain", "deploy"):
+        assert form in result.output
+    data = json.loads(out_json.read_text())
+    assert data["model"] == "trainfer.models:digits_net" and data["input_shape"] == [1, 1, 8, 8]
+    assert set(data["forms"]) == {"train", "reparameterized", "plain", "deploy"}
+    assert data["forms"]["deploy"]["macs"] == data["forms"]["plain"]["macs"] < data["forms"]["train"]["macs"]
+    assert "reparameterized / plain" in data["ratios"]
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--model", "no_such_model"], "neither package.module:factory"),
+        (["--model", "trainfer.models:nope"], "has no attribute 'nope'"),
+        (["--model", "digits_net", "--forms", "train,fast"], "expected comma-separated forms"),
+        (["--model", "tests.test_bench:_tiny_repvgg"], "records no input shape"),
+        (["--model", "digits_net", "--input-shape", "1,a,8"], "comma-separated integers"),
+        (["--model", "digits_net", "--input-shape", "1,8,8"], "does not accept an input of shape (1, 8, 8)"),
+    ],
+)
+def test_bench_command_names_the_bad_input(arguments, message):
+    result = CliRunner().invoke(main, ["bench", *arguments])
+    assert result.exit_code == 2
+    assert message in result.output

@@ -471,6 +471,7 @@ def benchmark(
         raise ValueError(f"batch_size must be positive; got {batch_size}")
     one = _random_input(model, input_shape, 1)
     many = _random_input(model, input_shape, batch_size)
+    _check_accepts(model, one)
     with tqdm(total=len(forms) * (1 + 2 * rounds), desc="bench", unit="step", disable=not show_progress) as bar:
         built, skipped = _build_forms(model, forms, (one,), bar)
         if not built:
@@ -506,6 +507,17 @@ def _build_forms(
             skipped[form] = str(error)
         bar.update()
     return built, skipped
+
+
+def _check_accepts(model: nn.Module, example: Tensor) -> None:
+    """One eval-mode forward on a copy, so that a wrong input shape fails here with a clear message."""
+    try:
+        with torch.no_grad():
+            train_form(model, (example,))(example)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(
+            f"{type(model).__name__} does not accept an input of shape {tuple(example.shape)}: {error}"
+        ) from error
 
 
 def _random_input(model: nn.Module, input_shape: Sequence[int], batch_size: int) -> Tensor:
