@@ -28,6 +28,7 @@ __all__ = [
     "AlgebraError",
     "ConvOp",
     "add",
+    "align_pointwise_dilation",
     "avg_pool",
     "batch_norm_affine",
     "channel_affine",
@@ -327,6 +328,19 @@ def regroup(op: ConvOp, groups: int) -> ConvOp:
 # --- Combining operators --------------------------------------------------------------------------
 
 
+def align_pointwise_dilation(ops: Sequence[ConvOp]) -> list[ConvOp]:
+    """Give each branch's 1-tap dimensions the dilation of the branches that have taps there.
+
+    Dilation spaces taps, so a dimension with one tap (a 1x1 kernel) computes the same for any
+    dilation; aligning it lets a 1x1 branch add to a dilated kxk branch (exact, no change in output).
+    """
+    target = [next((op.dilation[i] for op in ops if op.kernel_size[i] > 1), None) for i in range(2)]
+    return [
+        replace(op, dilation=tuple(t if k == 1 and t else d for t, k, d in zip(target, op.kernel_size, op.dilation)))
+        for op in ops
+    ]
+
+
 def add(ops: Sequence[ConvOp], names: Sequence[str] | None = None) -> ConvOp:
     """The parallel sum ``sum_i op_i(x)`` of branches reading the same input.
 
@@ -337,6 +351,7 @@ def add(ops: Sequence[ConvOp], names: Sequence[str] | None = None) -> ConvOp:
     names = list(names) if names is not None else [f"branch {i}" for i in range(len(ops))]
     if not ops:
         raise AlgebraError("cannot add zero branches")
+    ops = align_pointwise_dilation(ops)
     first = ops[0]
     for op, name in zip(ops[1:], names[1:]):
         for attribute in ("stride", "dilation", "out_channels", "in_channels"):

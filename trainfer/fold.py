@@ -340,6 +340,9 @@ class _GraphFolder:
         self.modules = dict(gm.named_modules())
         self.exprs: dict[fx.Node, _Expr] = {}
         self.absorbed: set[fx.Node] = set()
+        self.forced: set[fx.Node] = set()  # materialised because a region through them would cost more MACs
+        self.kept: list[str] = []
+        self.splits: list[str] = []
         self.constants: dict[fx.Node, Any] = {}
         tensors = [*gm.parameters(), *gm.buffers()]
         self.device = tensors[0].device if tensors else torch.device("cpu")
@@ -349,16 +352,32 @@ class _GraphFolder:
         self._split_padding_modes()
         with torch.no_grad():
             ShapeProp(self.gm).propagate(*inputs)
+        roots = self._regions()
+        while costly := [(root, expr) for root, expr in roots if _macs(expr.op, root) > expr.cost]:
+            for root, expr in costly:
+                split = next(m for m in expr.members if _macs(self.exprs[m].op, m) > self.exprs[m].cost)
+                self.forced.update(node for node in split.all_input_nodes if node in self.exprs[split].members)
+                self.splits.append(
+                    f"{self._name(root)}: one conv would cost {_macs(expr.op, root)} multiply-adds instead of "
+                    f"{expr.cost}; folded in parts"
+                )
+            roots = self._regions()
+        self.log.kept += self.kept + self.splits
+        replaced: dict[fx.Node, fx.Node] = {}
+        for root, expr in roots:  # in graph order, so an anchor is replaced before regions read it
+            replaced[root] = self._rewrite(root, expr, replaced.get(expr.anchor, expr.anchor))
+        self.gm.graph.eliminate_dead_code()
+        self.gm.graph.lint()
+        return fx.GraphModule(self.gm, self.gm.graph, self.gm.__class__.__name__)
+
+    def _regions(self) -> list[tuple[fx.Node, _Expr]]:
+        """Build every node's linear expression; return the roots of regions with two or more ops."""
+        self.exprs, self.absorbed, self.kept = {}, set(), []
         for node in list(self.gm.graph.nodes):
             expr = self._expression(node)
             if expr is not None:
                 self.exprs[node] = expr
-        for node, expr in list(self.exprs.items()):
-            if node not in self.absorbed and len(expr.members) > 1:
-                self._rewrite(node, expr)
-        self.gm.graph.eliminate_dead_code()
-        self.gm.graph.lint()
-        return fx.GraphModule(self.gm, self.gm.graph, self.gm.__class__.__name__)
+        return [(n, e) for n, e in self.exprs.items() if n not in self.absorbed and len(e.members) > 1]
 
     # -- eval no-ops ------------------------------------------------------------------------------
 
@@ -476,14 +495,14 @@ class _GraphFolder:
             try:
                 op = ConvOp.from_module(module)
             except AlgebraError as error:
-                self.log.kept.append(f"{self._name(node)}: {error}")
+                self.kept.append(f"{self._name(node)}: {error}")
                 return None
             return self._chain(node, source, self._then(op))
         if isinstance(module, nn.Linear) and rank == 2:
             return self._chain(node, source, self._dense(module.weight, module.bias))
         if isinstance(module, _BatchNorm):
             if module.running_mean is None:
-                self.log.kept.append(f"{self._name(node)}: track_running_stats=False normalises with batch statistics")
+                self.kept.append(f"{self._name(node)}: track_running_stats=False normalises with batch statistics")
                 return None
             affine = algebra.batch_norm_affine(
                 module.running_mean, module.running_var, _detached(module.weight), _detached(module.bias), module.eps
@@ -507,7 +526,7 @@ class _GraphFolder:
     # -- one-input steps: each maps the source's operator (None = identity) to this node's ---------
 
     def _then(self, op: ConvOp) -> Callable[[ConvOp | None, fx.Node], ConvOp]:
-        return lambda previous, source: op if previous is None else algebra.sequential(previous, op)
+        return lambda previous, anchor: op if previous is None else algebra.sequential(previous, op)
 
     def _functional_conv(self, bound: dict[str, Any]) -> Callable[[ConvOp | None, fx.Node], ConvOp]:
         weight = self._tensor_constant(bound["weight"])
@@ -538,8 +557,8 @@ class _GraphFolder:
         return self._then(ConvOp(weight_[:, :, None, None], bias_))
 
     def _affine(self, node: fx.Node, scale: Tensor, shift: Tensor | None) -> Callable[[ConvOp | None, fx.Node], ConvOp]:
-        def step(previous: ConvOp | None, source: fx.Node) -> ConvOp:
-            return algebra.channel_affine(previous or self._identity(source), scale, shift)
+        def step(previous: ConvOp | None, anchor: fx.Node) -> ConvOp:
+            return algebra.channel_affine(previous or self._identity(anchor), scale, shift)
 
         return step
 
@@ -555,8 +574,8 @@ class _GraphFolder:
             return None
         value = float(bound["value"] or 0.0)
 
-        def step(previous: ConvOp | None, source: fx.Node) -> ConvOp:
-            op = previous or self._identity(source)
+        def step(previous: ConvOp | None, anchor: fx.Node) -> ConvOp:
+            op = previous or self._identity(anchor)
             if op.kernel_size != (1, 1) or op.stride != (1, 1) or op.dilation != (1, 1):
                 raise AlgebraError(f"padding after a {op.kernel_size} conv is not a conv's padding")
             if not bool((op.bias == value).all()):
@@ -567,13 +586,11 @@ class _GraphFolder:
 
     def _avg_pool(self, node: fx.Node, bound: dict[str, Any]) -> _Expr | None:
         if bound["ceil_mode"] or not bound["count_include_pad"] or bound["divisor_override"] is not None:
-            self.log.kept.append(
-                f"{self._name(node)}: only avg-pool with count_include_pad=True, ceil_mode=False folds"
-            )
+            self.kept.append(f"{self._name(node)}: only avg-pool with count_include_pad=True, ceil_mode=False folds")
             return None
 
-        def step(previous: ConvOp | None, source: fx.Node) -> ConvOp:
-            meta = source.meta["tensor_meta"]
+        def step(previous: ConvOp | None, anchor: fx.Node) -> ConvOp:
+            meta = node.meta["tensor_meta"]  # pooling keeps the channels
             pool = algebra.avg_pool(
                 meta.shape[1],
                 bound["kernel_size"],
@@ -628,7 +645,7 @@ class _GraphFolder:
     def _source_expr(self, source: fx.Node, consumer: fx.Node) -> tuple[_Expr, bool]:
         """The source's expression if the consumer may absorb it (its only user), else the source itself."""
         expr = self.exprs.get(source)
-        if expr is not None and len(source.users) == 1 and consumer in source.users:
+        if expr is not None and len(source.users) == 1 and consumer in source.users and source not in self.forced:
             return expr, True
         return _Expr(source, None), False
 
@@ -640,23 +657,17 @@ class _GraphFolder:
         if absorbable:
             try:
                 op = step(expr.op, expr.anchor)
-                return self._accept(
-                    node, [source], _Expr(expr.anchor, op, expr.members + (node,), expr.cost + own_cost)
-                )
+                return self._accept([source], _Expr(expr.anchor, op, expr.members + (node,), expr.cost + own_cost))
             except AlgebraError as error:
-                self.log.kept.append(f"{self._name(node)} kept apart from {self._name(source)}: {error}")
+                self.kept.append(f"{self._name(node)} kept apart from {self._name(source)}: {error}")
         try:
             op = step(None, source)
         except AlgebraError as error:
-            self.log.kept.append(f"{self._name(node)}: {error}")
+            self.kept.append(f"{self._name(node)}: {error}")
             return None
         return _Expr(source, op, (node,), own_cost)
 
-    def _accept(self, node: fx.Node, sources: list[fx.Node], expr: _Expr) -> _Expr:
-        """Mark ``sources`` absorbed unless the folded op would cost more MACs than the ops it replaces."""
-        folded = _macs(expr.op, node)
-        if folded > expr.cost:
-            raise AlgebraError(f"folding would cost {folded} multiply-adds instead of {expr.cost}")
+    def _accept(self, sources: list[fx.Node], expr: _Expr) -> _Expr:
         self.absorbed.update(sources)
         return expr
 
@@ -700,15 +711,15 @@ class _GraphFolder:
             ops = [a.op or self._identity(a.anchor), algebra.scale(b.op or self._identity(b.anchor), sign)]
             op = algebra.add(ops, [self._name(left), self._name(right)])
             expr = _Expr(a.anchor, op, a.members + b.members + (node,), a.cost + b.cost + _numel(node))
-            return self._accept(node, [s for s, ok in ((left, a_ok), (right, b_ok)) if ok], expr)
+            return self._accept([s for s, ok in ((left, a_ok), (right, b_ok)) if ok], expr)
         except AlgebraError as error:
-            self.log.kept.append(f"{self._name(node)}: branches not merged: {error}")
+            self.kept.append(f"{self._name(node)}: branches not merged: {error}")
             return None
 
     # -- rewriting --------------------------------------------------------------------------------
 
-    def _rewrite(self, root: fx.Node, expr: _Expr) -> None:
-        """Replace the region ending at ``root`` by one conv/linear module reading the anchor."""
+    def _rewrite(self, root: fx.Node, expr: _Expr, anchor: fx.Node) -> fx.Node:
+        """Replace the region ending at ``root`` by one conv/linear module reading ``anchor``."""
         if len(_shape(root)) == 4:
             module: nn.Module = algebra.to_conv2d(expr.op)
         else:
@@ -717,11 +728,12 @@ class _GraphFolder:
         name = self._new_name(expr.members)
         self.gm.add_submodule(name, module)
         with self.gm.graph.inserting_after(root):
-            new = self.gm.graph.call_module(name, (expr.anchor,))
+            new = self.gm.graph.call_module(name, (anchor,))
         new.meta = dict(root.meta)
         root.replace_all_uses_with(new)
         members = [self._name(m) for m in expr.members]
         self.log.regions.append(FoldedRegion(self.prefix + name, members, _describe(module)))
+        return new
 
     def _new_name(self, members: Sequence[fx.Node]) -> str:
         """``<common module path of the members>.fused`` (``_1``, ``_2``... when taken)."""

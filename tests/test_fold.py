@@ -1,0 +1,433 @@
+"""The graph pass on plain, user-written PyTorch models (no trainfer imports in the models).
+
+Every model is folded twice, as a float64 copy (checked at 1e-9) and as a float32 copy (1e-5),
+with random non-trivial BatchNorm statistics; what the folded form executes is counted with
+``count_aten_ops``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from trainfer.fold import FoldLog, apply_protocols, fold
+from trainfer.testing import assert_close, batch_norm_calls, count_aten_ops, randomize_batchnorm
+
+
+def conv_bn(cin: int, cout: int, kernel, stride=1, padding=0, groups=1, dilation=1) -> nn.Sequential:
+    conv = nn.Conv2d(cin, cout, kernel, stride, padding, dilation=dilation, groups=groups, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(cout))
+
+
+def folded(model: nn.Module, x: Tensor, seed: int = 0) -> tuple[nn.Module, FoldLog]:
+    """Fold float64 and float32 copies; assert both exact; return the float64 result and its log."""
+    randomize_batchnorm(model, seed)
+    result = None
+    for dtype in (torch.float32, torch.float64):
+        reference = copy.deepcopy(model).to(dtype).eval()
+        with torch.no_grad():
+            expected = reference(x.to(dtype))
+        gm, log = fold(copy.deepcopy(reference), (x.to(dtype),))
+        with torch.no_grad():
+            actual = gm(x.to(dtype))
+        for a, e in zip(_tensors(actual), _tensors(expected), strict=True):
+            assert_close(a, e)
+        result = gm, log
+    return result
+
+
+def _tensors(output) -> list[Tensor]:
+    if isinstance(output, dict):
+        return [t for v in output.values() for t in _tensors(v)]
+    if isinstance(output, (tuple, list)):
+        return [t for v in output for t in _tensors(v)]
+    return [output]
+
+
+def convs(model: nn.Module, x: Tensor) -> int:
+    return count_aten_ops(model, x.to(next(model.parameters()).dtype))["convolution"]
+
+
+def bns(model: nn.Module, x: Tensor) -> int:
+    return batch_norm_calls(model, x.to(next(model.parameters()).dtype))
+
+
+def only_conv(model: nn.Module) -> nn.Conv2d:
+    found = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(found) == 1, found
+    return found[0]
+
+
+# --- multi-branch blocks written by hand -----------------------------------------------------------
+
+
+class RepVGGStyle(nn.Module):
+    def __init__(self, cin, cout, stride=1, groups=1, dilation=1):
+        super().__init__()
+        self.dense = conv_bn(cin, cout, 3, stride, dilation, groups, dilation)
+        self.point = conv_bn(cin, cout, 1, stride, 0, groups)
+        self.identity = nn.BatchNorm2d(cout) if cin == cout and stride == 1 else None
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        y = self.dense(x) + self.point(x)
+        if self.identity is not None:
+            y = y + self.identity(x)
+        return self.act(y)
+
+
+@pytest.mark.parametrize(
+    ("cin", "cout", "stride", "groups", "dilation"),
+    [(4, 4, 1, 1, 1), (3, 7, 2, 1, 1), (6, 6, 1, 3, 1), (6, 6, 1, 6, 1), (5, 5, 1, 1, 2), (6, 9, 2, 3, 1)],
+)
+def test_repvgg_style_block_becomes_one_conv(cin, cout, stride, groups, dilation):
+    x = torch.randn(2, cin, 9, 10)
+    gm, log = folded(RepVGGStyle(cin, cout, stride, groups, dilation), x)
+    assert convs(gm, x) == 1 and bns(gm, x) == 0
+    conv = only_conv(gm)
+    assert conv.groups == groups, "folding must keep the groups (depthwise stays depthwise)"
+    assert conv.kernel_size == (3, 3) and conv.stride == (stride, stride)
+    assert len(log.regions) == 1 and "dense.0" in ", ".join(log.regions[0].members)
+
+
+class ACNetStyle(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.square = conv_bn(cin, cout, 3, stride, 1)
+        self.hor = conv_bn(cin, cout, (1, 3), stride, (0, 1))
+        self.ver = conv_bn(cin, cout, (3, 1), stride, (1, 0))
+
+    def forward(self, x):
+        return F.relu(self.square(x) + self.hor(x) + self.ver(x))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_acnet_style_asymmetric_branches(stride):
+    x = torch.randn(2, 5, 8, 11)
+    gm, _ = folded(ACNetStyle(5, 7, stride), x)
+    assert convs(gm, x) == 1 and bns(gm, x) == 0
+
+
+class DBBStyle(nn.Module):
+    """Diverse branch block in plain torch: the 1x1 pads first (BN-and-pad) so every branch is exact."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.square = conv_bn(cin, cout, 3, stride, 1)
+        self.point = conv_bn(cin, cout, 1, stride)
+        self.one_k = nn.Sequential(conv_bn(cin, cin, 1, 1, 1), conv_bn(cin, cout, 3, stride, 0))
+        self.pool = nn.Sequential(conv_bn(cin, cout, 1, 1, 1), nn.AvgPool2d(3, stride, 0), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return F.relu(self.square(x) + self.point(x) + self.one_k(x) + self.pool(x))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_dbb_style_sequential_and_avg_pool_branches(stride):
+    x = torch.randn(2, 4, 10, 9)
+    gm, log = folded(DBBStyle(4, 6, stride), x)
+    assert convs(gm, x) == 1 and bns(gm, x) == 0
+    assert count_aten_ops(gm, x.double())["avg_pool2d"] == 0
+    assert len(log.regions[0].members) >= 12
+
+
+class MobileOneStyle(nn.Module):
+    def __init__(self, channels, k, depthwise):
+        super().__init__()
+        groups = channels if depthwise else 1
+        kernel = 3 if depthwise else 1
+        self.branches = nn.ModuleList(conv_bn(channels, channels, kernel, 1, kernel // 2, groups) for _ in range(k))
+        self.scale = conv_bn(channels, channels, 1, 1, 0, groups) if depthwise else None
+        self.skip = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        out = self.skip(x)
+        if self.scale is not None:
+            out = out + self.scale(x)
+        for branch in self.branches:
+            out = out + branch(x)
+        return F.relu(out)
+
+
+@pytest.mark.parametrize("depthwise", [True, False])
+def test_mobileone_style_over_parameterised_branches(depthwise):
+    x = torch.randn(2, 6, 8, 8)
+    gm, _ = folded(MobileOneStyle(6, 3, depthwise), x)
+    assert convs(gm, x) == 1 and bns(gm, x) == 0
+    assert only_conv(gm).groups == (6 if depthwise else 1)
+
+
+# --- Conv-BN-ReLU stacks ---------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.down = conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else None
+
+    def forward(self, x):
+        identity = x if self.down is None else self.down(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+def test_resnet_stack_keeps_one_conv_per_conv_and_no_batch_norm():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), BasicBlock(8, 8, 1), BasicBlock(8, 12, 2)
+    )
+    x = torch.randn(2, 3, 12, 12)
+    gm, _ = folded(model, x)
+    assert convs(gm, x) == 6 and bns(gm, x) == 0
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, channels, expand):
+        super().__init__()
+        hidden = channels * expand
+        self.expand = nn.Sequential(conv_bn(channels, hidden, 1), nn.ReLU6())
+        self.depthwise = nn.Sequential(conv_bn(hidden, hidden, 3, 1, 1, hidden), nn.ReLU6())
+        self.project = conv_bn(hidden, channels, 1)
+
+    def forward(self, x):
+        return x + self.project(self.depthwise(self.expand(x)))
+
+
+def test_mobilenet_inverted_residual_keeps_depthwise():
+    x = torch.randn(2, 5, 8, 8)
+    gm, _ = folded(InvertedResidual(5, 3), x)
+    assert convs(gm, x) == 3 and bns(gm, x) == 0
+    assert sorted(m.groups for m in gm.modules() if isinstance(m, nn.Conv2d)) == [1, 1, 15]
+
+
+def test_depthwise_then_pointwise_is_not_merged_into_a_bigger_dense_conv():
+    model = nn.Sequential(conv_bn(8, 8, 3, 1, 1, groups=8), conv_bn(8, 16, 1))
+    x = torch.randn(1, 8, 7, 7)
+    gm, log = folded(model, x)
+    assert convs(gm, x) == 2 and bns(gm, x) == 0
+    assert sorted(m.groups for m in gm.modules() if isinstance(m, nn.Conv2d)) == [1, 8]
+    assert any("multiply-adds" in line for line in log.kept)
+
+
+def test_pointwise_into_dense_conv_merges_only_when_it_saves_work():
+    x = torch.randn(1, 4, 7, 7)
+    gm, _ = folded(nn.Sequential(conv_bn(4, 6, 1), conv_bn(6, 5, 3)), x)  # 4 inputs instead of 6: cheaper
+    assert convs(gm, x) == 1 and bns(gm, x) == 0
+    gm, log = folded(nn.Sequential(conv_bn(4, 2, 1), conv_bn(2, 5, 3)), x)  # a bottleneck: merging costs more
+    assert convs(gm, x) == 2 and bns(gm, x) == 0 and any("multiply-adds" in line for line in log.kept)
+
+
+# --- MLP, functional calls, model-zoo idioms -----------------------------------------------------
+
+
+def test_mlp_linear_batchnorm1d_dropout():
+    model = nn.Sequential(
+        nn.Linear(7, 9), nn.BatchNorm1d(9), nn.ReLU(), nn.Dropout(0.3),
+        nn.BatchNorm1d(9), nn.Linear(9, 3),
+    )  # fmt: skip
+    x = torch.randn(4, 7)
+    gm, log = folded(model, x)
+    ops = count_aten_ops(gm, x.double())
+    assert ops["addmm"] == 2 and bns(gm, x) == 0 and ops["dropout"] == 0
+    assert not any(isinstance(m, (nn.Dropout, nn.BatchNorm1d)) for m in gm.modules())
+    assert log.dropped == ["3 (Dropout)"]
+
+
+class Functional(nn.Module):
+    """F.conv2d / F.batch_norm on parameters, a layer-scale parameter, torch.add and sum([...])."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.w3, self.w1 = nn.Parameter(torch.randn(c, c, 3, 3) * 0.2), nn.Parameter(torch.randn(c, c, 1, 1))
+        self.bn3, self.bn1, self.bn_id = nn.BatchNorm2d(c), nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+        self.gamma = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+    @staticmethod
+    def bn(x, bn):
+        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.1, bn.eps)
+
+    def forward(self, x):
+        a = self.bn(F.conv2d(x, self.w3, padding=1), self.bn3)
+        b = self.bn(F.conv2d(x, self.w1), self.bn1)
+        y = sum([a, b, self.bn(x, self.bn_id)])
+        return F.relu(torch.add(x, self.gamma * y))
+
+
+def test_functional_calls_layer_scale_and_sum_of_branches():
+    x = torch.randn(2, 4, 6, 6)
+    gm, _ = folded(Functional(4), x)
+    assert convs(gm, x) == 1 and bns(gm, x) == 0
+    assert count_aten_ops(gm, x.double())["mul"] == 0
+
+
+class BNAct(nn.BatchNorm2d):
+    """timm-style BatchNorm with an activation that is the identity here."""
+
+    def __init__(self, c, act=nn.Identity):
+        super().__init__(c)
+        self.act = act()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+class PlainBN(nn.BatchNorm2d):
+    pass
+
+
+class StdConv(nn.Conv2d):
+    """Weight-standardised conv: its weight is computed from a parameter at every call."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_batch_norm_subclasses_and_computed_weights_fold():
+    model = nn.Sequential(
+        nn.Conv2d(3, 5, 3, padding=1), BNAct(5), nn.ReLU(),
+        StdConv(5, 6, 3, padding=1), PlainBN(6), nn.ReLU(),
+        nn.Conv2d(6, 6, 1), BNAct(6, nn.ReLU),
+    )  # fmt: skip
+    x = torch.randn(2, 3, 7, 7)
+    gm, _ = folded(model, x)
+    assert convs(gm, x) == 3 and bns(gm, x) == 0
+    assert count_aten_ops(gm, x.double())["relu"] == 3
+
+
+def test_reflect_padded_conv_still_absorbs_its_batch_norm():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(4), nn.ReLU())
+    x = torch.randn(1, 3, 6, 6)
+    gm, _ = folded(model, x)
+    assert convs(gm, x) == 1 and bns(gm, x) == 0
+
+
+class AuxHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = conv_bn(3, 4, 3, 1, 1)
+        self.aux = nn.Sequential(nn.Conv2d(4, 2, 1), nn.Flatten())
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        features = F.relu(self.body(x))
+        logits = self.head(features.mean((2, 3)))
+        if self.training:
+            return logits, self.aux(features)
+        return {"logits": logits, "features": features}
+
+
+def test_training_only_heads_vanish_and_dict_outputs_survive():
+    x = torch.randn(2, 3, 6, 6)
+    gm, _ = folded(AuxHead(), x)
+    assert set(gm(x.double())) == {"logits", "features"}
+    assert not any(key.startswith("aux") for key in gm.state_dict())
+    assert convs(gm, x) == 1
+
+
+# --- where folding would not be exact -------------------------------------------------------------
+
+
+def test_bias_meeting_zero_padding_is_not_folded_and_says_why():
+    model = nn.Sequential(conv_bn(4, 4, 1), conv_bn(4, 5, 3, 1, 1))
+    x = torch.randn(1, 4, 6, 6)
+    gm, log = folded(model, x)
+    assert convs(gm, x) == 2 and bns(gm, x) == 0
+    assert any("zero padding" in line for line in log.kept)
+
+
+def test_batch_norm_alone_between_non_linearities_stays_a_batch_norm():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.ReLU())
+    x = torch.randn(1, 3, 6, 6)
+    gm, log = folded(model, x)
+    assert bns(gm, x) == 1 and not log.regions
+
+
+def test_batch_norm_without_running_stats_and_exclusive_avg_pool_are_kept():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False),
+        nn.Conv2d(4, 4, 1), nn.AvgPool2d(3, 1, 1, count_include_pad=False),
+    )  # fmt: skip
+    x = torch.randn(2, 3, 6, 6)
+    gm, log = folded(model, x)
+    assert bns(gm, x) == 1 and convs(gm, x) == 2
+    assert any("track_running_stats" in line for line in log.kept)
+    assert any("count_include_pad" in line for line in log.kept)
+
+
+# --- fallback and protocols -------------------------------------------------------------------------
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.b = RepVGGStyle(4, 4)
+
+    def forward(self, x):
+        x = self.a(x)
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace this
+            x = x * 2
+        return self.b(x)
+
+
+def test_untraceable_model_folds_its_children_and_says_so():
+    x = torch.randn(2, 3, 6, 6)
+    gm, log = folded(DataDependent(), x)
+    assert convs(gm, x) == 2 and bns(gm, x) == 0
+    assert log.fallbacks and "model: not traceable" in log.fallbacks[0]
+
+
+class WithProtocol(nn.Module):
+    def __init__(self, method):
+        super().__init__()
+        self.branch = conv_bn(3, 3, 3, 1, 1)
+        self.calls = 0
+        setattr(self, method, self._convert)
+
+    def _convert(self):
+        self.calls += 1
+        self.branch = nn.Sequential(self.branch[0], nn.Identity())  # a deliberately visible conversion
+
+    def forward(self, x):
+        return self.branch(x)
+
+
+@pytest.mark.parametrize("method", ["reparameterize", "switch_to_deploy", "fuse"])
+def test_protocols_are_called_once_on_the_outermost_module(method):
+    inner = WithProtocol(method)
+    outer = nn.Sequential(inner, WithProtocol("fuse"))
+    assert apply_protocols(outer) == [f"0.{method}()", "1.fuse()"]
+    assert inner.calls == 1 and isinstance(inner.branch[1], nn.Identity)
+    root = WithProtocol(method)
+    root.child = WithProtocol("fuse")
+    assert apply_protocols(root) == [f"model.{method}()"] and root.child.calls == 0
+
+
+def test_protocol_with_required_arguments_is_not_called():
+    class NeedsArgument(nn.Module):
+        def fuse(self, other):
+            raise AssertionError("must not be called")
+
+    assert apply_protocols(NeedsArgument()) == []
+
+
+def test_folded_graph_scripts_and_exports():
+    model = nn.Sequential(
+        RepVGGStyle(3, 4, 2), RepVGGStyle(4, 4), nn.Flatten(), nn.Linear(4 * 16, 3), nn.BatchNorm1d(3)
+    )
+    x = torch.randn(2, 3, 8, 8)
+    gm, _ = folded(model, x)
+    scripted = torch.jit.script(gm)
+    assert_close(scripted(x.double()), gm(x.double()))
+    exported = torch.export.export(gm, (x.double(),))
+    assert_close(exported.module()(x.double()), gm(x.double()))
