@@ -71,7 +71,7 @@ def test_csv_rows_are_predicted_by_row_index_with_named_columns(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     with torch.no_grad():
         reference = linear(torch.tensor([[c, a] for a, _, c in rows], dtype=torch.float64)).flatten().tolist()
-    assert [r["id"] for r in records] == list(range(50))
+    assert [r["id"] for r in records] == [f"{source}:{i}" for i in range(50)]
     assert [r["values"][0] for r in records] == pytest.approx(reference, rel=1e-12)
 
 

@@ -2,7 +2,7 @@
 
 ``predict_to_jsonl(predictor, source, out)`` writes one JSON line per input, in input order, each
 ``{"id": <input id>, **result.to_record()}`` where the id is the image's path relative to the
-directory or the CSV row's 0-based index. Guarantees:
+directory, or ``"<csv path>:<0-based row>"``. Guarantees:
 
 * **Bounded memory.** Inputs are read lazily and handled one *window* at a time: at most
   ``world_size * batch_size`` inputs (and their results) are held, whatever the input count.
@@ -58,13 +58,13 @@ def iter_images(directory: str | os.PathLike[str]) -> Iterator[Item]:
 
 
 def iter_csv_rows(path: str | os.PathLike[str], spec: PreprocessSpec) -> Iterator[Item]:
-    """Rows of a CSV file with a header, as ``(0-based row index, raw (1, F) row)``, read in chunks.
+    """Rows of a CSV file with a header, as ``("path:i", raw (1, F) row)`` (``i`` 0-based), read in chunks.
 
-    The columns are picked by ``spec.columns`` (see :func:`trainfer.preprocess.iter_csv`).
+    The ids are those of ``trainfer predict``'s output; the columns are picked by ``spec.columns``
+    (see :func:`trainfer.preprocess.iter_csv`).
     """
-    chunks = iter_csv(Path(path), spec)
-    rows = (row for chunk in chunks for row in chunk.split(1))
-    yield from enumerate(rows)
+    rows = (row for chunk in iter_csv(Path(path), spec) for row in chunk.split(1))
+    yield from ((f"{path}:{index}", row) for index, row in enumerate(rows))
 
 
 def iter_source(source: str | os.PathLike[str], spec: PreprocessSpec) -> Iterator[Item]:
