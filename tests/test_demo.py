@@ -1,0 +1,110 @@
+import json
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from trainfer import data, demo
+from trainfer.bundle import load
+from trainfer.cli import main
+from trainfer.modes import inference
+
+QUICK = ["--epochs", "1", "--subset", "300", "--repeats", "3"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One reduced demo run through the CLI (1 epoch, 300 training images, 3 timed calls)."""
+    out = tmp_path_factory.mktemp("runs") / "demo"
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), *QUICK])
+    assert result.exit_code == 0, result.output
+    return out, result.output, json.loads((out / "results.json").read_text())
+
+
+def test_every_artefact_exists_and_the_report_links_resolve(demo_run):
+    out, printed, results = demo_run
+    for name in ["report.md", "results.json", "checkpoint.safetensors", "bundle_train/manifest.json", "digits.onnx"]:
+        assert (out / name).is_file(), name
+    for plot in [
+        "training_curves.png",
+        "speed.png",
+        "confusion_matrix.png",
+        "forgot_eval.png",
+        "inspect_divergence.png",
+    ]:
+        assert (out / plot).stat().st_size > 5_000, plot
+    report = (out / "report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report) + re.findall(r'<img src="([^"]+)"', report)
+    assert len(links) >= 9 and all((out / link).is_file() for link in links)
+    assert results["skipped"] == {}
+    assert f"report: {out / 'report.md'}" in printed
+    assert not [p.name for p in out.parent.iterdir() if p.name != "demo"]  # no staging directory left behind
+
+
+def test_the_two_forms_predict_identical_classes(demo_run):
+    out, _, results = demo_run
+    agreement = results["agreement"]
+    assert agreement["identical_classes"] and agreement["max_rel_error"] < 1e-5 and agreement["samples"] == 270
+    accuracies = list(agreement["accuracy"].values())
+    assert accuracies[0] == accuracies[1]
+
+    # Recomputed from the artefacts: the training bundle in eval mode and the exported ONNX file.
+    from trainfer.export import load_onnx
+
+    test = data.splits()["test"]
+    inputs = data.normalize(test.pixels)
+    trained = load(out / "bundle_train")
+    with inference(trained):
+        reference = trained(inputs)
+    onnx, _ = load_onnx(out / "digits.onnx")
+    assert torch.equal(onnx(inputs).argmax(1), reference.argmax(1))
+    assert accuracies[0] == int((reference.argmax(1) == test.labels).sum()) / 270
+    assert results["forgot_eval"]["correct"]["accuracy"] == accuracies[0]
+
+
+def test_png_files_predicted_by_the_cli_match_the_tensor_path(demo_run):
+    _, _, results = demo_run
+    predict = results["predict"]
+    assert predict["exact_preprocessing"] and predict["served"] == "digits.onnx"
+    assert len(predict["files"]) == 4
+    assert all(f["cli_class"] == f["tensor_class"] for f in predict["files"])
+
+
+def test_measurements_cover_every_form(demo_run):
+    _, _, results = demo_run
+    measure = results["measure"]
+    assert list(measure["forms"]) == ["training form (eval)", "deploy form", "ONNX Runtime"]
+    for form in measure["forms"].values():
+        assert 0 < form["latency_ms"] <= form["latency_p90_ms"] and form["throughput"] > 0
+    assert measure["memory"]["with_grad"] > measure["memory"]["inference_mode"] > 0
+    counts = results["deploy"]["counts"]
+    assert counts["batch-norm kernels run"] == {"train": 16, "deploy": 0}
+    assert counts["parameter and buffer elements"]["deploy"] < counts["parameter and buffer elements"]["train"]
+    forgot = results["forgot_eval"]["forgot"]
+    assert [run["name"] for run in forgot] == [f"no eval(), batch {b}" for b in demo.FORGOT_EVAL_BATCHES]
+
+
+def test_an_interrupted_run_leaves_the_previous_output_intact(demo_run, monkeypatch):
+    out, _, _ = demo_run
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "_forgot_eval", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run(demo.DemoOptions(out=out, epochs=1, subset=64, repeats=1))
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["demo"]
+
+
+def test_refuses_to_replace_a_directory_that_is_not_a_demo_output(tmp_path):
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "precious"), *QUICK])
+    assert result.exit_code == 2
+    assert "refusing to replace" in result.output and "not a trainfer demo output" in result.output
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+    result = CliRunner().invoke(main, ["demo", "--epochs", "-1"])
+    assert result.exit_code == 2 and "expected >= 0; got -1" in result.output
