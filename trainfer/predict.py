@@ -24,7 +24,7 @@ import logging
 import os
 import time
 import warnings
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +39,7 @@ from trainfer.outputs import Head, Selector, check_output_kind, resolve_heads, s
 from trainfer.preprocess import PreprocessSpec, gather, iter_raw
 
 logger = logging.getLogger("trainfer")
+HISTORY = 1024
 
 __all__ = [
     "BinaryResult",
@@ -115,7 +116,10 @@ class MultiHeadResult:
 
 @dataclass
 class Timings:
-    """Seconds spent per stage, samples and batches processed, and prediction-cache hits/misses."""
+    """Seconds spent per stage, samples and batches processed, and prediction-cache hits/misses.
+
+    ``history`` keeps the per-batch figures of the last ``HISTORY`` batches (bounded for streams).
+    """
 
     preprocess: float = 0.0
     forward: float = 0.0
@@ -124,7 +128,7 @@ class Timings:
     batches: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
-    history: list[dict[str, float]] = field(default_factory=list, repr=False)
+    history: deque[dict[str, float]] = field(default_factory=lambda: deque(maxlen=HISTORY), repr=False)
 
     def to_dict(self) -> dict[str, float]:
         return {key: value for key, value in asdict(self).items() if key != "history"}
