@@ -149,7 +149,10 @@ def _eval_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def _inputs(arguments: tuple[Any, ...], dtype: torch.dtype, count: int, seed: int) -> Iterator[tuple[Any, ...]]:
-    """The example arguments in ``dtype``, then ``count`` random ones of the same shapes."""
+    """The example arguments in ``dtype``, then ``count`` random ones of the same shapes.
+
+    Random values are drawn in float64 and then cast, so every dtype checks the same points.
+    """
 
     def cast(value: Any) -> Any:
         return value.to(dtype) if isinstance(value, Tensor) and value.is_floating_point() else value
@@ -158,7 +161,7 @@ def _inputs(arguments: tuple[Any, ...], dtype: torch.dtype, count: int, seed: in
     generator = torch.Generator().manual_seed(seed)
     for _ in range(count):
         yield tuple(
-            torch.randn(a.shape, generator=generator, dtype=dtype).to(a.device)
+            torch.randn(a.shape, generator=generator, dtype=torch.float64).to(a.device, dtype)
             if isinstance(a, Tensor) and a.is_floating_point()
             else a
             for a in arguments
