@@ -3,6 +3,7 @@
 from trainfer import algebra, bench, blocks, models
 from trainfer.audit import audit
 from trainfer.bundle import load, save
+from trainfer.deploy import DeployReport, deploy, explain
 from trainfer.dual import DualModule, infer_path, train_only
 from trainfer.errors import (
     AlgebraError,
@@ -18,13 +19,16 @@ from trainfer.inspection import Inspection, LayerRecord, inspect
 from trainfer.modes import inference, restore_modes, snapshot_modes, training
 from trainfer.predict import Predictor
 from trainfer.preprocess import PreprocessSpec
+from trainfer.verify import Equivalence, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlgebraError",
     "BundleError",
+    "DeployReport",
     "DualModule",
+    "Equivalence",
     "EquivalenceError",
     "Inspection",
     "LayerRecord",
@@ -50,4 +54,7 @@ __all__ = [
     "snapshot_modes",
     "train_only",
     "training",
+    "deploy",
+    "explain",
+    "verify",
 ]

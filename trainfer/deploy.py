@@ -159,14 +159,16 @@ def _deploy(
     dtype = model_dtype(model)
     arguments = _cast(arguments, dtype)
     report = DeployReport(type(model).__name__)
-    reference = _inference_copy(model)
-    report.hooks_not_carried = _strip_hooks(reference)
-    working = model.eval() if inplace else copy.deepcopy(reference)
+    working = model.eval() if inplace else _inference_copy(model)
+    report.hooks_not_carried = _strip_hooks(working)
+    reference = copy.deepcopy(working) if check else None
+    report.before = _counts_of_original(working, arguments)
+    leaves = _leaf_names(working)
     deployed, log = _fold(working, arguments, protocols, report)
     _record(report, log)
-    report.before, report.after = Counts.of(reference, arguments), Counts.of(deployed, arguments)
-    report.removed += _vanished(reference, deployed, report)
-    if check:
+    report.after = Counts.of(deployed, arguments)
+    report.removed += _vanished(leaves, deployed, report)
+    if reference is not None:
         pairs = {region.name: region.members[-1] for region in report.regions}
         if dtype != torch.float64:
             reference64 = copy.deepcopy(reference).double()
@@ -182,6 +184,19 @@ def _deploy(
         deployed.trainfer_config = {**config, "form": "deploy"}
     deployed.trainfer_report = report
     return deployed, report
+
+
+def _counts_of_original(model: nn.Module, arguments: tuple[Any, ...]) -> Counts:
+    """The original's counts; its first forward also checks that the example inputs fit the model."""
+    try:
+        return Counts.of(model, arguments)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        given = ", ".join(
+            f"tensor{list(a.shape)} {str(a.dtype).removeprefix('torch.')}" if isinstance(a, torch.Tensor) else repr(a)
+            for a in arguments
+        )
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{type(model).__name__} cannot run on the example inputs ({given}): {reason}") from error
 
 
 def _inference_copy(model: nn.Module) -> nn.Module:
@@ -216,12 +231,15 @@ def _record(report: DeployReport, log: FoldLog) -> None:
     report.removed = [f"{item}: identity in eval mode" for item in log.dropped]
 
 
-def _vanished(reference: nn.Module, deployed: nn.Module, report: DeployReport) -> list[str]:
+def _leaf_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if name and not list(module.children())]
+
+
+def _vanished(leaves: list[str], deployed: nn.Module, report: DeployReport) -> list[str]:
     """Leaf modules of the original that neither survive nor were folded (training-only code, unused heads)."""
     survivors = {name for name, _ in deployed.named_modules()}
     folded = {member for region in report.regions for member in region.members}
     dropped = {item.split(" ")[0] for item in report.removed}
-    leaves = [name for name, m in reference.named_modules() if name and not list(m.children())]
     gone = [name for name in leaves if name not in survivors | folded | dropped]
     reason = "replaced by a protocol or never runs in inference" if report.protocols else "never runs in inference"
     return [f"{name}: {reason}" for name in gone]
