@@ -81,10 +81,22 @@ class Untraceable(nn.Module):
         return {"main": self.final(z), "raw": z}
 
 
-def test_untraceable_models_fall_back_to_forward_hooks():
-    model = Untraceable(nn.LogSoftmax(1)).eval()
+@pytest.mark.parametrize(
+    ("final", "kind"),
+    [
+        (nn.LogSoftmax(1), "log_probabilities"),
+        (lambda z: F.log_softmax(z, 1), "log_probabilities"),
+        (lambda z: torch.softmax(z, 1).flatten(1), "probabilities"),
+        (lambda z: torch.sigmoid(z)[:, 0], "probabilities"),
+        (torch.tanh, "logits"),
+    ],
+)
+def test_untraceable_models_are_read_from_the_executed_ops(final, kind):
+    model = Untraceable(final).eval()
     decision = detect_output_kind(model, "main", torch.randn(2, 4))
-    assert decision.kind == "log_probabilities" and "forward hooks" in decision.decided_by
+    assert (
+        decision.kind == kind and "executed op aten." in decision.decided_by and "tracing failed" in decision.decided_by
+    )
     assert detect_output_kind(model, "raw", torch.randn(2, 4)).kind == "logits"
     without_inputs = detect_output_kind(model, "main")
     assert without_inputs.kind == "logits" and "no example inputs" in without_inputs.decided_by

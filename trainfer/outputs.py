@@ -16,7 +16,8 @@ columns; its score is then column 1 of the classification scores.
 
 :func:`detect_output_kind` reads the kind from the final operation of the model's traced eval
 graph (torch.fx), looking through shape-only operations (``flatten``, ``view``, ``squeeze``, ...).
-When tracing fails it falls back to forward hooks (:mod:`trainfer.capture`) on example inputs.
+When tracing fails it runs the model once on example inputs and looks at the aten operator that
+produced the output (again through reshapes).
 :func:`select_output` picks the prediction from tuple, named-tuple and dict outputs.
 """
 
@@ -59,6 +60,31 @@ _SHAPE_METHODS = frozenset(
 )
 _SHAPE_FUNCTIONS = frozenset({torch.flatten, torch.squeeze, torch.unsqueeze, torch.reshape})
 _SHAPE_MODULES = (nn.Flatten, nn.Identity, nn.Unflatten)
+# The same, as executed aten operators (for models torch.fx cannot trace).
+_ATEN_KINDS = {
+    "_softmax": "probabilities",
+    "softmax": "probabilities",
+    "sigmoid": "probabilities",
+    "_log_softmax": "log_probabilities",
+    "log_softmax": "log_probabilities",
+}
+_ATEN_SHAPE_OPS = frozenset(
+    {
+        "view",
+        "_unsafe_view",
+        "reshape",
+        "squeeze",
+        "unsqueeze",
+        "flatten",
+        "clone",
+        "alias",
+        "detach",
+        "select",
+        "slice",
+        "_to_copy",
+        "contiguous",
+    }
+)
 
 __all__ = [
     "OUTPUT_KINDS",
@@ -213,14 +239,14 @@ def detect_output_kind(model: nn.Module, output: Selector = None, example_inputs
     """Decide the kind of output ``output`` of ``model`` from the final op of its traced eval graph.
 
     ``model`` must already be in eval mode (the graph is the inference graph). When torch.fx cannot
-    trace the model, forward hooks on ``example_inputs`` (if given) look for a final
-    ``nn.Softmax``/``nn.LogSoftmax``/``nn.Sigmoid`` module; otherwise the kind defaults to logits.
+    trace the model, one forward pass on ``example_inputs`` (if given) finds the executed aten
+    operator that produced the output; without example inputs the kind defaults to logits.
     """
     try:
         graph = fx.symbolic_trace(model)
     except Exception as error:  # tracing fails in many ways on real models; fall back, never crash
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        return _detect_with_hooks(model, output, example_inputs, reason)
+        return _detect_from_executed_ops(model, output, example_inputs, reason)
     node = _final_node(graph, output)
     found = _classify(graph, node)
     if found is not None:
@@ -291,28 +317,33 @@ def _qualname(target: Any) -> str:
     return f"{module}.{getattr(target, '__name__', repr(target))}"
 
 
-def _detect_with_hooks(model: nn.Module, which: Selector, example_inputs: Any, reason: str) -> OutputKind:
-    from trainfer.capture import capture
+def _detect_from_executed_ops(model: nn.Module, which: Selector, example_inputs: Any, reason: str) -> OutputKind:
+    """Run the model once and find the aten op that produced the selected output (through reshapes)."""
+    from trainfer.testing import AtenOpCounter
 
     if example_inputs is None:
         return OutputKind("logits", f"default: tracing failed ({reason}) and no example inputs; assumed logits")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    probability_modules = tuple(_PROBABILITY_MODULES)
-    with torch.no_grad(), capture(model, _keep_output, lambda n, m: isinstance(m, probability_modules)) as records:
-        selected = select_output(model(*inputs), which)
-    for name, (module, value) in records.items():
-        if value is selected:
-            kind = next(k for cls, k in _PROBABILITY_MODULES.items() if isinstance(module, cls))
+    producers: dict[int, tuple[str, Tensor | None, Tensor]] = {}
+
+    def observe(func: Any, args: Any, kwargs: dict[str, Any], out: Any) -> None:
+        if isinstance(out, Tensor):  # the result is kept alive so that ids stay unique during the run
+            source = next((a for a in args if isinstance(a, Tensor)), None)
+            producers[id(out)] = (func.overloadpacket.__name__, source, out)
+
+    with torch.no_grad(), AtenOpCounter(observe):
+        tensor: Tensor | None = select_output(model(*inputs), which)
+    while tensor is not None and id(tensor) in producers:
+        op, source, _ = producers[id(tensor)]
+        if op in _ATEN_KINDS:
+            return OutputKind(_ATEN_KINDS[op], f"detected: final executed op aten.{op} (tracing failed: {reason})")
+        if op not in _ATEN_SHAPE_OPS:
             return OutputKind(
-                kind, f"detected by forward hooks (tracing failed: {reason}): {type(module).__name__} {name!r}"
+                "logits",
+                f"detected: final executed op aten.{op} is not softmax/log_softmax/sigmoid (tracing failed: {reason})",
             )
-    return OutputKind(
-        "logits", f"detected by forward hooks (tracing failed: {reason}): no final softmax/sigmoid module"
-    )
-
-
-def _keep_output(name: str, module: nn.Module, output: Any) -> tuple[nn.Module, Any]:
-    return module, output
+        tensor = source
+    return OutputKind("logits", f"default: the output is not computed by an op (tracing failed: {reason})")
 
 
 # --------------------------------------------------------------------------- heads
