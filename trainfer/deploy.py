@@ -86,11 +86,16 @@ class DeployReport:
             worst = max(eq.outputs, key=lambda o: (not o.ok, o.max_rel_error))
             line = f"{label}: {worst}"
             if eq.divergence:
-                regions = [r.name for r in self.regions if eq.divergence in r.members or r.members[-1] == eq.divergence]
-                line += f"; first divergence at module {eq.divergence!r}"
-                line += f" (folded into {', '.join(regions)})" if regions else ""
+                line += f"; first divergence at module {eq.divergence!r}" + self._region_of(eq.divergence)
             lines.append(line)
         return "deploy changed what the model computes: " + "; ".join(lines)
+
+    def _region_of(self, module: str) -> str:
+        folded = [r.name for r in self.regions if module in r.members]
+        if folded:
+            return f" (folded into {', '.join(folded)})"
+        feeding = [r.name for r in self.regions if module in r.feeds]
+        return f" (its input comes from the folded region {', '.join(feeding)})" if feeding else ""
 
     def __str__(self) -> str:
         lines = [f"deploy report for {self.model}"]

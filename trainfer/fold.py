@@ -54,11 +54,15 @@ PROTOCOLS = ("reparameterize", "switch_to_deploy", "fuse")
 
 @dataclass
 class FoldedRegion:
-    """One linear region rewritten as one module: ``members`` (original ops) -> ``name``."""
+    """One linear region rewritten as one module: ``members`` (original ops) -> ``name``.
+
+    ``feeds`` names the modules that read the new module's output (for divergence reports).
+    """
 
     name: str
     members: list[str]
     module: str
+    feeds: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         return f"{self.name} = {self.module}  <-  {', '.join(self.members)}"
@@ -732,7 +736,8 @@ class _GraphFolder:
         new.meta = dict(root.meta)
         root.replace_all_uses_with(new)
         members = [self._name(m) for m in expr.members]
-        self.log.regions.append(FoldedRegion(self.prefix + name, members, _describe(module)))
+        feeds = [f"{self.prefix}{user.target}" for user in new.users if user.op == "call_module"]
+        self.log.regions.append(FoldedRegion(self.prefix + name, members, _describe(module), feeds))
         return new
 
     def _new_name(self, members: Sequence[fx.Node]) -> str:

@@ -1,0 +1,247 @@
+"""``trainfer.deploy`` / ``explain``: the whole pipeline, its guarantees and its report."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import trainfer
+from trainfer import algebra
+from trainfer.blocks import ACBlock, DiverseBranchBlock, MobileOneBlock, RepVGGBlock
+from trainfer.models import digits_net, mobileone_s0, reparameterize, repvgg_a0
+from trainfer.testing import assert_close, batch_norm_calls, count_aten_ops, randomize_batchnorm
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.dense = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout))
+        self.point = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.dense(x) + self.point(x))
+
+
+class Net(nn.Module):
+    """Two blocks, a dropout, a classifier and a training-only auxiliary head; tuple output."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(Block(3, 6, 2), Block(6, 6))
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(6, 4)
+        self.aux = nn.Linear(6, 4)
+
+    def forward(self, x):
+        pooled = self.features(x).mean((2, 3))
+        logits = self.fc(self.drop(pooled))
+        if self.training:
+            return logits, self.aux(pooled)
+        return logits, pooled
+
+
+def net() -> Net:
+    torch.manual_seed(0)
+    return randomize_batchnorm(Net())
+
+
+X = torch.randn(2, 3, 8, 8)
+
+
+def test_deploy_folds_verifies_and_reports():
+    model = net()
+    deployed = trainfer.deploy(model, X)
+    assert count_aten_ops(deployed, X)["convolution"] == 2 and batch_norm_calls(deployed, X) == 0
+    expected = model.eval()(X)
+    for a, e in zip(deployed(X), expected, strict=True):
+        assert_close(a, e)
+    report = deployed.trainfer_report
+    assert report.ok and set(report.verification) == {"float64", "float32"}
+    assert report.verification["float64"].max_rel_error <= 1e-9
+    assert report.before.batch_norms == 4 and report.after.batch_norms == 0
+    assert report.after.parameters < report.before.parameters
+    assert any(item.startswith("aux: ") for item in report.removed), report.removed
+    assert any(item.startswith("drop (Dropout)") for item in report.removed), report.removed
+    assert not any(key.startswith(("aux", "drop")) for key in deployed.state_dict())
+    text = str(report)
+    for fragment in ("regions folded", "features.0.dense.0", "batch_norms", "verification (float64)", "removed"):
+        assert fragment in text
+
+
+def test_deploy_never_touches_the_callers_model():
+    model = net().train()
+    model.features[1].eval()  # mixed modes must survive as they are
+    calls = []
+    model.fc.register_forward_hook(lambda *args: calls.append("forward"))
+    model.features.register_forward_pre_hook(lambda *args: calls.append("pre"))
+    state = copy.deepcopy(model.state_dict())
+    modes = {name: m.training for name, m in model.named_modules()}
+    hooks = {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in model.named_modules()}
+    deployed = trainfer.deploy(model, X)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), f"{key} changed"
+    assert {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in model.named_modules()} == hooks
+    assert calls == [], "deploy must not run the caller's hooks"
+    assert deployed.trainfer_report.hooks_not_carried == 2
+    assert model.aux.weight.requires_grad and model.features[0].dense[1].num_batches_tracked.item() == 100
+
+
+def test_inplace_deploy_may_reuse_the_model():
+    model = net().train()
+    deployed = trainfer.deploy(model, X, inplace=True)
+    assert not model.training and batch_norm_calls(deployed, X) == 0
+
+
+def test_broken_fold_raises_equivalence_error_naming_the_region(monkeypatch):
+    original = algebra.channel_affine
+
+    def off_by_a_bit(op, scale, shift=None):
+        result = original(op, scale, shift)
+        return algebra.ConvOp(result.weight, result.bias + 0.01, result.stride, result.padding, result.dilation,
+                              result.groups)  # fmt: skip
+
+    monkeypatch.setattr(algebra, "channel_affine", off_by_a_bit)
+    with pytest.raises(trainfer.EquivalenceError, match=r"first divergence at module 'features\.0\.") as caught:
+        trainfer.deploy(net(), X)
+    assert "from the folded region features.0.fused" in str(caught.value)
+    assert isinstance(caught.value.report, trainfer.DeployReport) and not caught.value.report.ok
+    plain = randomize_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    with pytest.raises(trainfer.EquivalenceError, match=r"first divergence at module '1' \(folded into fused\)"):
+        trainfer.deploy(plain, X)
+    report = trainfer.explain(net(), X)  # the same failure, reported instead of raised
+    assert not report.ok and "FAIL" in str(report)
+
+
+def test_result_scripts_and_exports_with_tuple_output():
+    deployed = trainfer.deploy(net(), X)
+    scripted = torch.jit.script(deployed)
+    for a, e in zip(scripted(X), deployed(X), strict=True):
+        assert_close(a, e)
+    exported = torch.export.export(deployed, (X,)).module()
+    for a, e in zip(exported(X), deployed(X), strict=True):
+        assert_close(a, e)
+
+
+def test_float64_model_is_verified_once_at_float64_tolerance():
+    deployed = trainfer.deploy(net().double(), X.double())
+    assert list(deployed.trainfer_report.verification) == ["float64"]
+    assert next(deployed.parameters()).dtype == torch.float64
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(TypeError, match="deploy expects an nn.Module; got str"):
+        trainfer.deploy("model", X)
+    with pytest.raises(TypeError, match="example_inputs must be a tensor"):
+        trainfer.deploy(net(), "pixels")
+    with pytest.raises(ValueError, match=r"Net cannot run on the example inputs \(tensor\[2, 5, 8, 8\] float32\)"):
+        trainfer.deploy(net(), torch.randn(2, 5, 8, 8))
+
+
+# --- trainfer's own blocks and models ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        lambda: RepVGGBlock(4, 4),
+        lambda: RepVGGBlock(4, 6, stride=2, groups=2),
+        lambda: ACBlock(5, 5, stride=2),
+        lambda: DiverseBranchBlock(4, 6),
+        lambda: DiverseBranchBlock(6, 6, stride=2, groups=3),
+        lambda: MobileOneBlock(6, 6, groups=6),
+    ],
+)
+def test_trainfer_blocks_fold_without_their_protocol(block):
+    model = randomize_batchnorm(block())
+    x = torch.randn(2, model.in_channels if hasattr(model, "in_channels") else 4, 8, 8)
+    deployed = trainfer.deploy(model, x, protocols=False)
+    reference = reparameterize(copy.deepcopy(model).eval())
+    assert count_aten_ops(deployed, x)["convolution"] == count_aten_ops(reference, x)["convolution"] == 1
+    assert batch_norm_calls(deployed, x) == 0
+    assert sum(p.numel() for p in deployed.parameters()) <= sum(p.numel() for p in reference.parameters())
+
+
+@pytest.mark.parametrize("protocols", [False, True])
+def test_digits_net_dual_module_and_train_only_head(protocols):
+    model = randomize_batchnorm(digits_net())
+    x = torch.randn(3, 1, 8, 8)
+    deployed = trainfer.deploy(model, x, protocols=protocols)
+    reference = reparameterize(copy.deepcopy(model).eval())
+    assert count_aten_ops(deployed, x)["convolution"] == count_aten_ops(reference, x)["convolution"] == 4
+    assert batch_norm_calls(deployed, x) == 0
+    assert not any("aux_head" in key for key in deployed.state_dict())
+    assert deployed.trainfer_config == {**model.trainfer_config, "form": "deploy"}
+    assert model.trainfer_config.get("form") != "deploy"
+
+
+@pytest.mark.parametrize("factory", [repvgg_a0, mobileone_s0])
+def test_model_zoo_matches_its_reparameterize(factory):
+    model = randomize_batchnorm(factory(num_classes=5))
+    x = torch.randn(1, 3, 32, 32)
+    deployed = trainfer.deploy(model, x, protocols=False)
+    reference = reparameterize(copy.deepcopy(model).eval())
+    ours, theirs = count_aten_ops(deployed, x), count_aten_ops(reference, x)
+    assert ours["convolution"] == theirs["convolution"] and batch_norm_calls(deployed, x) == 0
+    assert sum(p.numel() for p in deployed.parameters()) <= sum(p.numel() for p in reference.parameters())
+    assert sum(ours.values()) <= sum(theirs.values())
+
+
+def test_protocol_conversion_then_folding_of_the_rest():
+    class Stem(nn.Module):
+        """A block with its own ``switch_to_deploy`` (mmpretrain convention) in a plain Conv-BN model."""
+
+        def __init__(self):
+            super().__init__()
+            self.block = RepVGGBlock(3, 4)
+            self.switched = False
+
+        def switch_to_deploy(self):
+            self.block.reparameterize()
+            self.switched = True
+
+        def forward(self, x):
+            return self.block(x)
+
+    model = randomize_batchnorm(nn.Sequential(Stem(), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)))
+    deployed = trainfer.deploy(model, torch.randn(1, 3, 6, 6))
+    report = deployed.trainfer_report
+    assert report.protocols == ["0.switch_to_deploy()"] and not model[0].switched
+    assert batch_norm_calls(deployed, torch.randn(1, 3, 6, 6)) == 0 and len(report.regions) == 1
+
+
+def test_untraceable_model_falls_back_and_reports_it():
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+            self.b = Block(4, 4)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.b(y) if float(y.mean()) > -100 else y
+
+    deployed = trainfer.deploy(randomize_batchnorm(Gate()), X)
+    report = deployed.trainfer_report
+    assert report.fallbacks and "not traceable" in str(report)
+    assert batch_norm_calls(deployed, X) == 0
+
+
+def test_functional_bn_after_functional_conv_never_survives():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = F.conv2d(x, self.weight, padding=1)
+            return F.batch_norm(y, self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias)
+
+    deployed = trainfer.deploy(randomize_batchnorm(Functional()), X)
+    assert batch_norm_calls(deployed, X) == 0 and count_aten_ops(deployed, X)["convolution"] == 1
