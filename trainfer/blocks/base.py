@@ -106,9 +106,9 @@ class ReparamBlock(nn.Module):
         self.stride = pair(stride, "stride")
         self.dilation = pair(dilation, "dilation")
         self.padding = same_padding(self.kernel_size, self.dilation) if padding is None else pair(padding, "padding")
-        self.factory = {"device": device, "dtype": dtype}
+        self.factory_kwargs = {"device": device, "dtype": dtype}
         self._check()
-        self.se = SqueezeExcite(out_channels, **self.factory) if use_se else nn.Identity()
+        self.se = SqueezeExcite(out_channels, **self.factory_kwargs) if use_se else nn.Identity()
         self.act = act_layer() if act_layer is not None else nn.Identity()
         self.reparam = self._conv(out_channels, self.kernel_size, self.padding, bias=True) if deploy else None
 
@@ -142,7 +142,7 @@ class ReparamBlock(nn.Module):
         """A conv reading the block's input with the block's stride, dilation and groups."""
         options = {"stride": self.stride, "dilation": self.dilation, "groups": self.groups} | kw
         return nn.Conv2d(
-            self.in_channels, out_channels, kernel_size, padding=padding, bias=bias, **options, **self.factory
+            self.in_channels, out_channels, kernel_size, padding=padding, bias=bias, **options, **self.factory_kwargs
         )
 
     def _conv_bn(self, kernel_size: Pair, padding: Pair) -> nn.Sequential:
@@ -150,7 +150,7 @@ class ReparamBlock(nn.Module):
         return nn.Sequential(
             OrderedDict(
                 conv=self._conv(self.out_channels, kernel_size, padding),
-                bn=nn.BatchNorm2d(self.out_channels, **self.factory),
+                bn=nn.BatchNorm2d(self.out_channels, **self.factory_kwargs),
             )
         )
 
@@ -167,7 +167,7 @@ class ReparamBlock(nn.Module):
         fits = self.in_channels == self.out_channels and self.stride == (1, 1)
         if not fits or self.padding != same_padding(self.kernel_size, self.dilation):
             return None
-        return nn.BatchNorm2d(self.in_channels, **self.factory)
+        return nn.BatchNorm2d(self.in_channels, **self.factory_kwargs)
 
     @property
     def deploy(self) -> bool:

@@ -56,15 +56,22 @@ class DiverseBranchBlock(ReparamBlock):
         self.internal_channels = internal
         if self.deploy:
             return
-        bn = {"num_features": out_channels, **self.factory}
+        bn = {"num_features": out_channels, **self.factory_kwargs}
         self.dense = self._conv_bn(self.kernel_size, self.padding)
         self.pointwise = self._conv_bn((1, 1), self._centred_padding((1, 1)))
         self.pointwise_dense = nn.Sequential(
             OrderedDict(
                 conv1=self._pointwise_padded(internal),
-                bn1=nn.BatchNorm2d(internal, **self.factory),
+                bn1=nn.BatchNorm2d(internal, **self.factory_kwargs),
                 conv2=nn.Conv2d(
-                    internal, out_channels, self.kernel_size, self.stride, 0, groups=groups, bias=False, **self.factory
+                    internal,
+                    out_channels,
+                    self.kernel_size,
+                    self.stride,
+                    0,
+                    groups=groups,
+                    bias=False,
+                    **self.factory_kwargs,
                 ),
                 bn2=nn.BatchNorm2d(**bn),
             )
