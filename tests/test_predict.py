@@ -395,3 +395,27 @@ def test_any_batching_gives_the_models_probabilities(classes, batch, batch_size,
     results = predictor.predict(x, top_k=classes)
     assert [r.index for r in results] == probabilities.argmax(1).tolist()
     assert all(len(r.top_k) == classes for r in results)
+
+
+def test_predictor_load_overrides_recorded_settings(tmp_path):
+    model = make(4, "probabilities")
+    trainfer.save(
+        model,
+        tmp_path / "b",
+        factory=f"{__name__}:probabilities_factory",
+        preprocess=SPEC,
+        output_kind="logits",
+        labels=list("wxyz"),
+    )
+    assert trainfer.bundle.read_manifest(tmp_path / "b")["heads"][0]["output_kind"] == "logits"
+    fixed = Predictor.load(tmp_path / "b", output_kind="probabilities")
+    assert fixed.heads[0].kind.kind == "probabilities" and fixed.labels == list("wxyz")
+    relabelled = Predictor.load(tmp_path / "b", labels=list("abcd"))
+    assert relabelled.labels == list("abcd") and relabelled.heads[0].kind.kind == "logits"
+    x = torch.randn(3, 1, 8, 8)
+    expected = reference(model, x).max(1).values
+    np.testing.assert_allclose([r.probability for r in fixed.predict(x)], expected, atol=1e-6)
+
+
+def probabilities_factory():
+    return Net(4, FINALS["probabilities"])

@@ -152,3 +152,11 @@ def test_target_scaling_is_inverted():
     spec = PreprocessSpec(target_mean=[10.0, -1.0], target_std=[2.0, 0.5])
     scaled = torch.tensor([[1.0, 2.0]])
     assert spec.unscale_target(scaled).tolist() == [[12.0, 0.0]]
+
+
+def test_large_finite_values_are_not_mistaken_for_inf():
+    huge = torch.full((2, 1, 8, 8), 3e38)  # finite, but their float32 sum overflows
+    assert torch.equal(IMAGE.prepare(huge), huge)
+    huge[1, 0, 0, 0] = float("-inf")
+    with pytest.raises(ValueError, match=r"sample\(s\) \[1\]"):
+        IMAGE.prepare(huge)

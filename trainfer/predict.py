@@ -217,7 +217,8 @@ class Predictor:
         """A predictor for a bundle directory or an exported ``.onnx`` file (run by onnxruntime).
 
         The manifest supplies task, labels, preprocessing, heads and output kinds; ``overrides``
-        (``device``, ``batch_size``, ``threshold``, ``cache_size``, ...) are passed on.
+        (``device``, ``batch_size``, ``threshold``, ``cache_size``, ...) are passed on, and override
+        the manifest's where they name the same setting (e.g. ``output_kind="probabilities"``).
         """
         path = Path(path)
         if path.suffix == ".onnx":
@@ -229,9 +230,10 @@ class Predictor:
 
             manifest = read_manifest(path)
             model = load(path)
-        heads = [Head.from_dict(h) for h in manifest.get("heads") or []] or None
-        settings = {"preprocess": manifest.get("preprocess"), "resolved_heads": heads, **overrides}
-        return cls(model, **settings)
+        heads = [Head.from_dict(h) for h in manifest.get("heads") or []]
+        if heads and _HEAD_SETTINGS & overrides.keys():
+            return cls(model, **{"preprocess": manifest.get("preprocess"), **_head_settings(heads), **overrides})
+        return cls(model, **{"preprocess": manifest.get("preprocess"), "resolved_heads": heads or None, **overrides})
 
     @classmethod
     def ensemble(cls, predictors: Iterable[Predictor], weights: Iterable[float] | None = None) -> Any:
@@ -338,7 +340,7 @@ class Predictor:
 
     def _predict_batch(self, raw: Tensor, top_k: int | None, load_seconds: float) -> list[Any]:
         start = time.perf_counter()
-        batch = self.preprocess_spec.prepare(raw)
+        batch = self.preprocess_spec.normalize(raw)  # checked by _timed_batches
         prepared = time.perf_counter()
         per_head = self._cached_scores(batch) if self._cache is not None else self._cpu_scores(batch)
         forwarded = time.perf_counter()
@@ -416,6 +418,22 @@ class Predictor:
 
 
 # --------------------------------------------------------------------------- helpers
+_HEAD_SETTINGS = frozenset({"task", "labels", "output", "heads", "output_kind"})
+
+
+def _head_settings(heads: list[Head]) -> dict[str, Any]:
+    """Recorded heads as constructor arguments (so that some of them can be overridden)."""
+    kinds = {h.name: h.kind.kind for h in heads if h.kind is not None}
+    if heads[0].name is None:
+        head = heads[0]
+        return {"task": head.task, "labels": head.labels, "output": head.select, "output_kind": kinds.get(None)}
+    return {
+        "heads": {h.name: h.task for h in heads},
+        "labels": {h.name: h.labels for h in heads if h.labels is not None},
+        "output_kind": kinds,
+    }
+
+
 def _placed(model: Any, device: torch.device) -> Any:
     if not isinstance(model, nn.Module):
         return model
