@@ -211,3 +211,16 @@ def test_bench_command_names_the_bad_input(arguments, message):
     result = CliRunner().invoke(main, ["bench", *arguments])
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_plain_form_refuses_a_model_whose_forward_reshapes_between_layers():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.linear = nn.Conv2d(1, 2, 3), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.linear(self.conv(x).flatten(1))
+
+    with pytest.raises(ValueError, match="not a chain"):
+        FORMS["plain"](Functional(), (torch.randn(1, 1, 4, 4),))
