@@ -245,3 +245,80 @@ def test_functional_bn_after_functional_conv_never_survives():
 
     deployed = trainfer.deploy(randomize_batchnorm(Functional()), X)
     assert batch_norm_calls(deployed, X) == 0 and count_aten_ops(deployed, X)["convolution"] == 1
+
+
+# --- command line -------------------------------------------------------------------------------------
+
+FACTORY_SOURCE = """
+import torch
+from torch import nn
+
+
+def make():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(256, 3))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    return model
+"""
+
+
+@pytest.fixture
+def factory(tmp_path, monkeypatch):
+    (tmp_path / "user_models.py").write_text(FACTORY_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    import user_models
+
+    importlib.reload(user_models)
+    return "user_models:make"
+
+
+def run_cli(*args):
+    from click.testing import CliRunner
+
+    from trainfer.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def test_cli_deploys_a_factory_with_weights_into_a_bundle(factory, tmp_path):
+    import user_models
+    from safetensors.torch import save_file
+
+    trained = user_models.make()
+    with torch.no_grad():
+        trained[1].bias.fill_(0.7)
+    save_file(trained.state_dict(), str(tmp_path / "ckpt.safetensors"))
+    out = tmp_path / "bundle"
+    result = run_cli("deploy", factory, "--weights", str(tmp_path / "ckpt.safetensors"),
+                     "--input-shape", "1,3,8,8", "-o", str(out))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "regions folded" in result.output and "verification (float64)" in result.output
+    loaded = trainfer.load(out)
+    x = torch.randn(2, 3, 8, 8)
+    assert_close(loaded(x), trained.eval()(x))
+    assert batch_norm_calls(loaded, x) == 0
+
+
+def test_cli_writes_bare_weights(factory, tmp_path):
+    from safetensors.torch import load_file
+
+    result = run_cli("deploy", factory, "--input-shape", "1,3,8,8", "-o", str(tmp_path / "w.safetensors"))
+    assert result.exit_code == 0, result.output
+    assert set(load_file(str(tmp_path / "w.safetensors"))) == {"fused.weight", "fused.bias", "4.weight", "4.bias"}
+
+
+def test_cli_exit_codes_for_bad_input_and_equivalence_failure(factory, tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    missing = run_cli("deploy", "no_such_module:make", "--input-shape", "1,3,8,8", "-o", out)
+    assert missing.exit_code == 2 and "no_such_module" in missing.output
+    wrong = run_cli("deploy", factory, "--input-shape", "1,5,8,8", "-o", out)
+    assert wrong.exit_code == 2 and "cannot run on the example inputs (tensor[1, 5, 8, 8] float32)" in wrong.output
+    original = algebra.channel_affine
+    monkeypatch.setattr(algebra, "channel_affine", lambda op, s, t=None: original(op, s * 1.01, t))
+    failed = run_cli("deploy", factory, "--input-shape", "1,3,8,8", "-o", out)
+    assert failed.exit_code == 1 and "first divergence" in failed.output
+    assert not (tmp_path / "out").exists(), "nothing is written when verification fails"

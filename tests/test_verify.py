@@ -133,3 +133,22 @@ def test_bad_arguments_raise_clear_errors():
         verify(lambda x: x, nn.Identity(), X)
     with pytest.raises(TypeError, match="example_inputs must be a tensor or a tuple"):
         verify(nn.Identity(), nn.Identity(), [1, 2])
+
+
+def test_cli_verify_exit_codes(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from trainfer.cli import main
+
+    (tmp_path / "pair.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def a():\n    torch.manual_seed(0)\n    return nn.Sequential(nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2))\n\n"
+        "def b():\n    model = a()\n    model[1].bias.data += 1\n    return model\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    same = CliRunner().invoke(main, ["verify", "pair:a", "pair:a", "--input-shape", "1,3,6,6"])
+    assert same.exit_code == 0 and "equivalence: ok" in same.output
+    differ = CliRunner().invoke(main, ["verify", "pair:a", "pair:b", "--input-shape", "1,3,6,6"])
+    assert differ.exit_code == 1 and "first divergence: module '1'" in differ.output
+    bad = CliRunner().invoke(main, ["verify", "pair:a", "pair:b"])
+    assert bad.exit_code == 2 and "--input-shape is required" in bad.output

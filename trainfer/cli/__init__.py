@@ -39,3 +39,9 @@ main.add_command(export_command)
 from trainfer.cli.bench import command as bench_command  # noqa: E402
 
 main.add_command(bench_command)
+from trainfer.cli.deploy import command as deploy_command  # noqa: E402
+
+main.add_command(deploy_command)
+from trainfer.cli.verify import command as verify_command  # noqa: E402
+
+main.add_command(verify_command)

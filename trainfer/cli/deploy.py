@@ -1,0 +1,99 @@
+"""``trainfer deploy MODEL --input-shape 1,3,224,224 -o OUT``: fold, verify, report, save.
+
+Exit codes: 0 deployed and verified, 1 the deployed form is not equivalent (report printed,
+nothing written), 2 bad input (unknown model, unreadable weights, shape that does not fit).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from trainfer.cli.common import friendly_errors, load_factory, parse_shape
+from trainfer.errors import EquivalenceError
+
+
+def load_model(spec: str, weights: str | None) -> nn.Module:
+    """A bundle directory, or ``package.module:factory`` (with an optional checkpoint), as a model.
+
+    A factory model gets ``trainfer_config`` (factory and input shape unknown yet) so that its
+    deploy form can be saved as a bundle that rebuilds itself.
+    """
+    from trainfer.bundle import load
+
+    if Path(spec).exists():
+        if weights:
+            raise click.BadParameter(f"{spec!r} is a bundle with its own weights; drop --weights")
+        return load(spec)
+    load_factory(spec)  # resolves or raises a clear BadParameter before the bundle code runs
+    model = load(weights, factory=spec) if weights else load_factory(spec)()
+    if not isinstance(model, nn.Module):
+        raise click.BadParameter(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
+    if not isinstance(getattr(model, "trainfer_config", None), dict):
+        model.trainfer_config = {"factory": spec, "config": {}, "input_shape": None}
+    return model
+
+
+def example_input(model: nn.Module, input_shape: str | None) -> torch.Tensor:
+    """A seeded random input of ``--input-shape`` (or the model's recorded shape), in the model's dtype."""
+    recorded = (getattr(model, "trainfer_config", None) or {}).get("input_shape")
+    if input_shape is None and not recorded:
+        raise click.BadParameter("--input-shape is required (the model records no input shape), e.g. 1,3,224,224")
+    shape = parse_shape(input_shape) if input_shape is not None else tuple(recorded)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+
+
+@click.command("deploy")
+@click.argument("model_spec", metavar="MODEL")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Checkpoint (.safetensors, .pt) for a factory.")
+@click.option("--input-shape", help="Example input shape with batch, e.g. 1,3,224,224 (default: recorded one).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Bundle directory, or FILE.safetensors.")
+@click.option("--rtol", type=float, help="Relative tolerance of the model-dtype check (default per dtype).")
+@click.option("--atol", type=float, help="Absolute tolerance of the model-dtype check (default 0).")
+@click.option("--no-protocols", is_flag=True, help="Do not call reparameterize()/switch_to_deploy()/fuse().")
+@friendly_errors
+def command(
+    model_spec: str,
+    weights: str | None,
+    input_shape: str | None,
+    output: str,
+    rtol: float | None,
+    atol: float | None,
+    no_protocols: bool,
+) -> None:
+    """Fold MODEL (package.module:factory or a bundle) into its inference form, verify it, save it."""
+    from trainfer.bundle import atomic_file, save
+    from trainfer.deploy import deploy
+
+    with tqdm(total=3, desc="deploy", unit="step", file=sys.stderr, disable=None) as bar:
+        bar.set_postfix_str("loading")
+        model = load_model(model_spec, weights)
+        x = example_input(model, input_shape)
+        model.trainfer_config["input_shape"] = model.trainfer_config.get("input_shape") or list(x.shape)
+        bar.update()
+        bar.set_postfix_str("folding and verifying")
+        try:
+            deployed = deploy(model, x, rtol=rtol, atol=atol, protocols=not no_protocols)
+        except EquivalenceError as error:
+            bar.close()
+            click.echo(str(error.report))
+            click.echo(f"error: {error}", err=True)
+            sys.exit(1)
+        bar.update()
+        bar.set_postfix_str("saving")
+        if output.endswith(".safetensors"):
+            from safetensors.torch import save_file
+
+            with atomic_file(output) as tmp:
+                save_file({k: v.contiguous() for k, v in deployed.state_dict().items()}, str(tmp))
+        else:
+            save(deployed, output, example_inputs=x)
+        bar.update()
+    click.echo(str(deployed.trainfer_report))
+    click.echo(f"wrote {output}")

@@ -1,0 +1,47 @@
+"""``trainfer verify REFERENCE CANDIDATE``: do two models (bundles or factories) compute the same?
+
+Exit codes: 0 equivalent, 1 not equivalent (errors and first divergence printed), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import torch
+
+from trainfer.cli.common import friendly_errors
+from trainfer.cli.deploy import example_input, load_model
+
+
+@click.command("verify")
+@click.argument("reference_spec", metavar="REFERENCE")
+@click.argument("candidate_spec", metavar="CANDIDATE")
+@click.option("--reference-weights", type=click.Path(dir_okay=False), help="Checkpoint for a REFERENCE factory.")
+@click.option("--candidate-weights", type=click.Path(dir_okay=False), help="Checkpoint for a CANDIDATE factory.")
+@click.option("--input-shape", help="Input shape with batch, e.g. 1,3,224,224 (default: REFERENCE's recorded one).")
+@click.option("--random-inputs", default=2, show_default=True, help="Random inputs checked besides the example.")
+@click.option("--rtol", type=float, help="Relative tolerance (default per dtype: 1e-9 float64, 1e-5 float32).")
+@click.option("--atol", type=float, help="Absolute tolerance (default 0).")
+@friendly_errors
+def command(
+    reference_spec: str,
+    candidate_spec: str,
+    reference_weights: str | None,
+    candidate_weights: str | None,
+    input_shape: str | None,
+    random_inputs: int,
+    rtol: float | None,
+    atol: float | None,
+) -> None:
+    """Compare CANDIDATE with REFERENCE in float64 and in REFERENCE's dtype, in eval mode."""
+    from trainfer.verify import verify
+
+    reference = load_model(reference_spec, reference_weights)
+    candidate = load_model(candidate_spec, candidate_weights)
+    x = example_input(reference, input_shape)
+    result = verify(reference, candidate, x, rtol=rtol, atol=atol, random_inputs=random_inputs,
+                    dtypes=(torch.float64, None))  # fmt: skip
+    click.echo(str(result))
+    if not result.ok:
+        sys.exit(1)
