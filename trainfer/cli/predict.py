@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import csv
 import json
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -17,6 +18,8 @@ from typing import IO, Any
 import click
 import numpy as np
 
+from trainfer import distributed
+from trainfer.batch_predict import iter_images, predict_to_jsonl
 from trainfer.cli.common import friendly_errors
 from trainfer.predict import Predictor
 from trainfer.preprocess import IMAGE_SUFFIXES, PreprocessSpec, iter_csv
@@ -123,6 +126,39 @@ def write_results(pairs: Iterable[tuple[str, Any]], fmt: str, stream: IO[str]) -
     return len(rows)
 
 
+def is_model(path: str) -> bool:
+    """A bundle directory (holding ``manifest.json``) or an exported ``.onnx`` file: a model, not an input."""
+    candidate = Path(path)
+    return (candidate / "manifest.json").is_file() or (candidate.suffix == ".onnx" and candidate.is_file())
+
+
+def split_models(bundle: str, arguments: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """BUNDLE and the models leading ``arguments`` (several: an ensemble), then the inputs."""
+    count = next((i for i, argument in enumerate(arguments) if not is_model(argument)), len(arguments))
+    return [bundle, *arguments[:count]], list(arguments[count:])
+
+
+def parse_weights(text: str | None) -> list[float] | None:
+    """``"1,2,0.5"`` -> ``[1.0, 2.0, 0.5]`` (validated by the ensemble)."""
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers like 1,2,1; got {text!r}") from None
+
+
+def load_serving(models: list[str], weights: list[float] | None, batch_size: int, device: str, threshold: float | None):
+    """One Predictor, or an ensemble of several (or of one with ``weights``)."""
+    predictors = [load_predictor(model, batch_size, device, threshold) for model in models]
+    return predictors[0] if len(predictors) == 1 and weights is None else Predictor.ensemble(predictors, weights)
+
+
+def batch_source(inputs: list[str], spec: PreprocessSpec) -> Any:
+    """``--out``'s inputs: one directory of images (ids relative to it), else what :func:`gather_inputs` gives."""
+    return iter_images(inputs[0]) if len(inputs) == 1 and Path(inputs[0]).is_dir() else gather_inputs(inputs, spec)
+
+
 @click.command("predict")
 @click.argument("bundle", type=click.Path())
 @click.argument("inputs", nargs=-1, required=True)
@@ -131,6 +167,16 @@ def write_results(pairs: Iterable[tuple[str, Any]], fmt: str, stream: IO[str]) -
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA, then MPS, then CPU), cpu, cuda:N, mps.")
+@click.option("--weights", default=None, help="Ensemble weights, one per bundle, comma-separated (default: equal).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Stream JSON lines to this file instead of stdout; re-running resumes it; sharded under torchrun.",
+)
+@click.option(
+    "--explain", "explain_dir", type=click.Path(file_okay=False), default=None, help="Also write attribution PNGs here."
+)
 @friendly_errors
 def command(
     bundle: str,
@@ -140,8 +186,40 @@ def command(
     fmt: str,
     batch_size: int,
     device: str,
+    weights: str | None,
+    out: str | None,
+    explain_dir: str | None,
 ) -> None:
-    """Predict INPUT... (image files, a .npy file or a CSV file) with the model of BUNDLE (or a .onnx file)."""
-    predictor = load_predictor(bundle, batch_size, device, threshold)
-    items = gather_inputs(inputs, predictor.preprocess_spec)
-    write_results(predictions(predictor, items, top_k), fmt, click.get_text_stream("stdout"))
+    """Predict INPUT... (image files, a directory of images with --out, a .npy file or a CSV file) with the
+    model of BUNDLE (or a .onnx file); several bundles before the inputs serve their ensemble.
+
+    Under "torchrun --nproc_per_node N -m trainfer predict ... --out preds.jsonl" the ranks share
+    the inputs and rank 0 writes the same file a single process would.
+    """
+    models, inputs = split_models(bundle, inputs)
+    if not inputs:
+        raise click.UsageError("expected INPUT... after the bundle(s)")
+    if explain_dir is not None and (len(models) > 1 or weights is not None):
+        raise click.UsageError("--explain takes one bundle, not an ensemble")
+    if distributed.launched_by_torchrun():
+        if out is None:
+            raise click.UsageError("under torchrun give --out: the ranks share the work of one output file")
+        rank_device = distributed.setup()
+        device = str(rank_device) if device == "auto" else device
+    try:
+        predictor = load_serving(models, parse_weights(weights), batch_size, device, threshold)
+        if out is not None:
+            summary = predict_to_jsonl(predictor, batch_source(inputs, predictor.preprocess_spec), out, top_k=top_k)
+            if distributed.is_main():
+                click.echo(
+                    f"{summary.written} records written to {out} after {summary.resumed} already there", err=True
+                )
+        else:
+            items = gather_inputs(inputs, predictor.preprocess_spec)
+            write_results(predictions(predictor, items, top_k), fmt, sys.stdout)
+        if explain_dir is not None and distributed.is_main():
+            from trainfer.attribution import explain_to_files
+
+            explain_to_files(predictor, inputs, explain_dir)
+    finally:
+        distributed.cleanup()
