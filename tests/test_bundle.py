@@ -244,3 +244,16 @@ def test_deploy_form_weights_must_fit_the_rebuilt_architecture(tmp_path):
     (tmp_path / "d/manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=r"mis-shaped .*expected \(6, 1, 3, 3\), got \(4, 1, 3, 3\)"):
         trainfer.load(tmp_path / "d")
+
+
+def test_trainfer_models_need_no_factory(tmp_path):
+    from trainfer.models import digits_net
+
+    model = randomize_batchnorm(digits_net(), seed=2)
+    trainfer.save(model, tmp_path / "digits", labels=[str(d) for d in range(10)])
+    manifest = read_manifest(tmp_path / "digits")
+    assert manifest["factory"] == "trainfer.models:digits_net" and manifest["input"]["shape"] == [1, 1, 8, 8]
+    loaded = trainfer.load(tmp_path / "digits")
+    x = torch.randn(5, 1, 8, 8)
+    with trainfer.inference(model, loaded):
+        assert torch.equal(loaded(x), model(x))

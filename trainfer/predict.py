@@ -190,7 +190,7 @@ class Predictor:
         self.batch_size = batch_size
         self.threshold = threshold
         self.heads = resolved_heads or self._resolve_heads(task, labels, output, heads, output_kind)
-        self.multi_head = heads is not None or (resolved_heads is not None and resolved_heads[0].name is not None)
+        self.multi_head = self.heads[0].name is not None  # named heads come from heads={...}
         self.timings = Timings()
         self._cache: OrderedDict[bytes, list[Tensor]] | None = OrderedDict() if cache_size else None
         self._cache_size = cache_size
