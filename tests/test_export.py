@@ -1,5 +1,6 @@
 """Export: deploy form, dynamic batch, parity with PyTorch (onnxruntime), the manifest inside the file."""
 
+import collections
 import importlib
 import sys
 
@@ -169,3 +170,40 @@ def test_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(ImportError, match=r"trainfer\[onnx\]"):
         Predictor.load(tmp_path / "plain.onnx")
+
+
+Pair = collections.namedtuple("Pair", "act pre")
+
+
+class NamedBinary(nn.Module):
+    """A binary table model returning a named tuple (activation, pre-activation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 1)
+
+    def forward(self, x):
+        z = self.linear(x)
+        return Pair(torch.sigmoid(z).squeeze(1), z)
+
+
+def test_named_tuple_outputs_keep_their_fields_through_onnx(tmp_path):
+    torch.manual_seed(3)
+    model = NamedBinary().eval()
+    trainfer.save(
+        model,
+        tmp_path / "b",
+        factory=f"{__name__}:NamedBinary",
+        task="binary",
+        output="pre",
+        example_inputs=torch.randn(2, 4),
+    )
+    export(tmp_path / "b", tmp_path / "m.onnx")
+    served = Predictor.load(tmp_path / "m.onnx")
+    assert served.heads[0].select == "pre" and served.heads[0].kind.kind == "logits"
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        expected = model(x).act
+    np.testing.assert_allclose([r.probability for r in served.predict(x)], expected, atol=1e-6)
+    chosen = Predictor.load(tmp_path / "m.onnx", output="act", output_kind="probabilities")
+    np.testing.assert_allclose([r.probability for r in chosen.predict(x)], expected, atol=1e-6)

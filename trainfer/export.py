@@ -18,6 +18,7 @@ the optional extra ``trainfer[onnx]`` and are imported only here, on use.
 
 from __future__ import annotations
 
+import collections
 import copy
 import importlib
 import io
@@ -240,6 +241,8 @@ class OnnxModel:
             return values[0]
         if structure["type"] == "dict":
             return dict(zip(self.output_names, values, strict=True))
+        if structure.get("fields"):  # a named tuple: rebuilt so that output="field" still selects
+            return collections.namedtuple("Outputs", structure["fields"])(*values)
         return tuple(values)
 
 
