@@ -95,6 +95,8 @@ def test_unreadable_and_missing_files(tmp_path):
         gather([broken], IMAGE)
     with pytest.raises(FileNotFoundError, match="input file not found"):
         gather([tmp_path / "missing.png"], IMAGE)
+    with pytest.raises(ValueError, match="is a directory"):
+        gather([tmp_path], IMAGE)
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ValueError, match=r"expected an image .*\.csv or \.npy file"):
         gather([tmp_path / "notes.txt"], IMAGE)

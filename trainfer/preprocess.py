@@ -235,6 +235,8 @@ def iter_raw(inputs: Any, spec: PreprocessSpec) -> Iterator[Tensor]:
 
 
 def _iter_file(path: Path, spec: PreprocessSpec) -> Iterator[Tensor]:
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a directory: expected image, .csv or .npy files (pass the files)")
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {str(path)!r}")
     suffix = path.suffix.lower()
