@@ -5,11 +5,13 @@
 1. work on a deep copy in eval mode (the caller's parameters, buffers, modes and hooks stay as
    they were); hooks are instrumentation, not part of the inference form, and are not carried;
 2. call the protocols blocks carry (``reparameterize()``, ``switch_to_deploy()``, ``fuse()``);
-3. fold every maximal linear region into one conv/linear, drop what inference never runs;
-4. verify: fold a float64 copy the same way and compare it with the float64 original (tolerance
-   1e-9), and compare the returned form with the original in the model's dtype (1e-5 for
-   float32), on the example inputs and random inputs of the same shapes. A mismatch raises
-   :class:`trainfer.EquivalenceError` naming where the forms part; a wrong model is never returned.
+3. convert the copy to float64 and fold every maximal linear region into one conv/linear (each
+   folded kernel is rounded once, when the result is cast back to the model's dtype); drop what
+   inference never runs;
+4. verify, on the example inputs and random inputs of the same shapes: the float64 fold against
+   the original in float64 (tolerance 1e-9), and the returned form against the original in the
+   model's dtype (1e-5 for float32). A mismatch raises :class:`trainfer.EquivalenceError` naming
+   where the forms part; a wrong model is never returned.
 
 The report (:class:`DeployReport`, also ``deployed.trainfer_report`` and :func:`explain`) lists
 each region folded, what was kept and why, what was removed, counts before/after and the errors.
@@ -26,7 +28,7 @@ from torch import nn
 
 from trainfer.errors import EquivalenceError
 from trainfer.fold import FoldedRegion, FoldLog, apply_protocols, fold
-from trainfer.testing import BATCH_NORM_OPS, count_aten_ops
+from trainfer.testing import BATCH_NORM_OPS, TOLERANCE, count_aten_ops
 from trainfer.verify import Equivalence, as_arguments, model_dtype, verify
 
 __all__ = ["DeployReport", "deploy", "explain"]
@@ -169,18 +171,18 @@ def _deploy(
     reference = copy.deepcopy(working) if check else None
     report.before = _counts_of_original(working, arguments)
     leaves = _leaf_names(working)
-    deployed, log = _fold(working, arguments, protocols, report)
+    folded, log = _fold(_in_float64(working), _cast(arguments, torch.float64), protocols, report)
     _record(report, log)
+    pairs = {region.name: region.members[-1] for region in report.regions}
+    if reference is not None and dtype != torch.float64:
+        # The fold ran on exactly up-cast weights, so float64's own tolerance applies.
+        report.verification["float64"] = verify(
+            reference, folded, arguments, rtol=TOLERANCE[torch.float64], dtypes=(torch.float64,), pairs=pairs
+        )
+    deployed = folded.to(dtype)
     report.after = Counts.of(deployed, arguments)
     report.removed += _vanished(leaves, deployed, report)
     if reference is not None:
-        pairs = {region.name: region.members[-1] for region in report.regions}
-        if dtype != torch.float64:
-            reference64 = copy.deepcopy(reference).double()
-            folded64, _ = _fold(copy.deepcopy(reference64), _cast(arguments, torch.float64), protocols, None)
-            report.verification["float64"] = verify(
-                reference64, folded64, arguments, dtypes=(torch.float64,), pairs=pairs
-            )
         report.verification[str(dtype).removeprefix("torch.")] = verify(
             reference, deployed, arguments, rtol=rtol, atol=atol, dtypes=(dtype,), pairs=pairs
         )
@@ -202,6 +204,14 @@ def _counts_of_original(model: nn.Module, arguments: tuple[Any, ...]) -> Counts:
         )
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ValueError(f"{type(model).__name__} cannot run on the example inputs ({given}): {reason}") from error
+
+
+def _in_float64(model: nn.Module) -> nn.Module:
+    """``model`` converted to float64 in place (folding there rounds each kernel once, at the end)."""
+    try:
+        return model.double()
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"deploy folds and verifies in float64, and {type(model).__name__} cannot: {error}") from error
 
 
 def _inference_copy(model: nn.Module) -> nn.Module:
