@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
+import trainfer
 from trainfer import models
 from trainfer.bench import FORMS, Timing, benchmark, count_macs, count_parameters, peak_memory, time_forward
 from trainfer.blocks import ReparamBlock
@@ -224,3 +225,15 @@ def test_plain_form_refuses_a_model_whose_forward_reshapes_between_layers():
 
     with pytest.raises(ValueError, match="not a chain"):
         FORMS["plain"](Functional(), (torch.randn(1, 1, 4, 4),))
+
+
+def test_bench_command_measures_a_saved_bundle(tmp_path):
+    model = randomize_batchnorm(models.digits_net(width=8)).eval()
+    bundle = trainfer.save(model, tmp_path / "digits")
+    arguments = ["bench", "--model", str(bundle), "--forms", "train,reparameterized", "--rounds", "1", "--repeats", "1"]
+    out_json = tmp_path / "out.json"
+    result = CliRunner().invoke(main, [*arguments, "--warmup", "0", "--json", str(out_json)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out_json.read_text())
+    assert data["input_shape"] == [1, 1, 8, 8]
+    assert data["forms"]["train"]["parameters"] == count_parameters(model)
