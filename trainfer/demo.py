@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from trainfer import data, distributed
-from trainfer.bench import Timing, count_macs, count_parameters, peak_memory, time_forward
+from trainfer.bench import Timing, count_macs, count_parameters, num_threads, peak_memory, time_forward
 from trainfer.bundle import load
 from trainfer.deploy import deploy
 from trainfer.inspection import inspect
@@ -57,7 +57,12 @@ MARKER = "results.json"
 
 @dataclass(frozen=True)
 class DemoOptions:
-    """What ``trainfer demo`` runs; ``subset`` (first N training images) and ``repeats`` make it quick."""
+    """What ``trainfer demo`` runs; ``subset`` (first N training images) and ``repeats`` make it quick.
+
+    ``threads``: torch's intra-op threads for the whole run. One is the default: an 8x8 model's
+    kernels are too small to share, threads spinning on a busy machine slow training tenfold,
+    and a fixed count keeps float reductions, hence the results, the same on every machine.
+    """
 
     out: Path = Path("runs/demo")
     epochs: int = 15
@@ -68,13 +73,14 @@ class DemoOptions:
     width: int = 32
     repeats: int = 30
     predict_count: int = 4
+    threads: int = 1
 
 
 def run(options: DemoOptions, echo: Callable[[str], None] = print) -> Path | None:
     """Run every step; return the report's path on rank 0 (``None`` on other ranks)."""
     device = distributed.setup()
     try:
-        with _staging(Path(options.out)) as work:
+        with num_threads(options.threads), _staging(Path(options.out)) as work:
             results = _pipeline(options, work, device, echo if distributed.is_main() else _silent)
             distributed.barrier()
         return Path(options.out) / "report.md" if results is not None else None
@@ -374,7 +380,9 @@ def _predict_pngs(bundle: Path, test: data.Split, predicted: Tensor, work: Path,
         for i in chosen
     ]
     command = [sys.executable, "-m", "trainfer", "predict", str(bundle), *map(str, paths), "--format", "jsonl"]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    finished = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=distributed.single_process_environment()
+    )
     if finished.returncode != 0:
         raise RuntimeError(f"`trainfer predict` failed (exit {finished.returncode}): {finished.stderr.strip()[-2000:]}")
     records = [json.loads(line) for line in finished.stdout.splitlines() if line.strip().startswith("{")]

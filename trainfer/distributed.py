@@ -118,3 +118,21 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
         return
     for buffer in module.buffers():
         dist.broadcast(buffer.data, src=src)
+
+
+#: Environment variables through which torchrun tells a process its place in the group.
+TORCHRUN_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def single_process_environment() -> dict[str, str]:
+    """This process's environment without torchrun's variables: for a child process that must run
+    on its own (e.g. a CLI call from rank 0) instead of trying to join this job's group."""
+    return {key: value for key, value in os.environ.items() if key not in TORCHRUN_VARIABLES}

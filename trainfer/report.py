@@ -160,7 +160,8 @@ def _title(results: Results) -> str:
         "# trainfer demo report\n\n"
         f"`digits_net` on scikit-learn's digits (8x8, 10 classes): {config['train_samples']} training, "
         f"{config['val_samples']} validation and {config['test_samples']} test images; {config['epochs']} epochs, "
-        f"seed {config['seed']}, {config['world_size']} process(es), torch {config['torch']}."
+        f"seed {config['seed']}, {config['world_size']} process(es) with {config['threads']} torch thread(s) each, "
+        f"torch {config['torch']}."
     )
 
 

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
 from trainfer.cli.common import friendly_errors
-
-
-def _positive(context: click.Context, parameter: click.Parameter, value: int | None) -> int | None:
-    if value is not None and value < (0 if parameter.name == "epochs" else 1):
-        raise click.BadParameter(
-            f"expected {'>= 0' if parameter.name == 'epochs' else 'a positive number'}; got {value}"
-        )
-    return value
 
 
 @click.command("demo")
@@ -25,12 +22,15 @@ def _positive(context: click.Context, parameter: click.Parameter, value: int | N
     type=click.Path(file_okay=False, path_type=Path),
     help="Output directory; replaced only after a successful run.",
 )
-@click.option("--epochs", default=15, show_default=True, callback=_positive, help="Training epochs.")
+@click.option("--epochs", default=15, show_default=True, type=click.IntRange(min=0), help="Training epochs.")
 @click.option("--seed", default=0, show_default=True, help="Seed of initialisation, shuffling, augmentation, Dropout.")
-@click.option("--subset", type=int, callback=_positive, help="Train on the first N training images only (quick runs).")
-@click.option("--repeats", default=30, show_default=True, callback=_positive, help="Timed calls per latency figure.")
+@click.option("--subset", type=click.IntRange(min=1), help="Train on the first N training images only (quick runs).")
+@click.option(
+    "--repeats", default=30, show_default=True, type=click.IntRange(min=1), help="Timed calls per latency figure."
+)
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="torch intra-op threads.")
 @friendly_errors
-def command(out: Path, epochs: int, seed: int, subset: int | None, repeats: int) -> None:
+def command(out: Path, epochs: int, seed: int, subset: int | None, repeats: int, threads: int) -> None:
     """Train digits_net, deploy it, prove both forms agree, measure them, and write a report.
 
     Under `torchrun --nproc_per_node N -m trainfer demo` training runs on N processes (DDP);
@@ -38,4 +38,20 @@ def command(out: Path, epochs: int, seed: int, subset: int | None, repeats: int)
     """
     from trainfer.demo import DemoOptions, run
 
-    run(DemoOptions(out=out, epochs=epochs, seed=seed, subset=subset, repeats=repeats), echo=click.echo)
+    options = DemoOptions(out=out, epochs=epochs, seed=seed, subset=subset, repeats=repeats, threads=threads)
+    with _terminate_as_exit():
+        run(options, echo=click.echo)
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """Let SIGTERM (``kill``, torchrun stopping its workers) unwind like Ctrl-C, so the demo's
+    staging directory is removed and no half-written output remains."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
