@@ -292,15 +292,16 @@ class StdConv(nn.Conv2d):
         return F.conv2d(x, w, self.bias, self.stride, self.padding)
 
 
-def test_batch_norm_subclasses_and_computed_weights_fold():
+def test_batch_norm_subclasses_sync_batch_norm_and_computed_weights_fold():
     model = nn.Sequential(
         nn.Conv2d(3, 5, 3, padding=1), BNAct(5), nn.ReLU(),
         StdConv(5, 6, 3, padding=1), PlainBN(6), nn.ReLU(),
         nn.Conv2d(6, 6, 1), BNAct(6, nn.ReLU),
+        nn.Conv2d(6, 3, 3), nn.SyncBatchNorm(3),
     )  # fmt: skip
     x = torch.randn(2, 3, 7, 7)
     gm, _ = folded(model, x)
-    assert convs(gm, x) == 3 and bns(gm, x) == 0
+    assert convs(gm, x) == 4 and bns(gm, x) == 0
     assert count_aten_ops(gm, x.double())["relu"] == 3
 
 
@@ -431,3 +432,32 @@ def test_folded_graph_scripts_and_exports():
     assert_close(scripted(x.double()), gm(x.double()))
     exported = torch.export.export(gm, (x.double(),))
     assert_close(exported.module()(x.double()), gm(x.double()))
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        return x if x.mean() > -100 else -x  # data-dependent control flow
+
+
+def test_untraceable_sequential_fuses_adjacent_conv_and_linear_batch_norm_pairs():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), Gate(),
+        nn.Flatten(), nn.Linear(4 * 25, 5), nn.BatchNorm1d(5),
+    )  # fmt: skip
+    x = torch.randn(2, 3, 5, 5)
+    gm, log = folded(model, x)
+    assert bns(gm, x) == 0 and convs(gm, x) == 1
+    assert [r.name for r in log.regions] == ["0", "5"]
+    assert log.fallbacks[0].startswith("model: not traceable") and log.fallbacks[1].startswith("3: not traceable")
+
+
+def test_algebra_aligns_the_dilation_of_pointwise_branches():
+    from trainfer import algebra
+
+    dilated = algebra.ConvOp(torch.randn(4, 4, 3, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
+                             padding=(2, 2), dilation=(2, 2))  # fmt: skip
+    point = algebra.ConvOp(torch.randn(4, 4, 1, 1, dtype=torch.float64), torch.zeros(4, dtype=torch.float64))
+    aligned = algebra.align_pointwise_dilation([dilated, point])
+    assert aligned[1].dilation == (2, 2) and aligned[0] is not None
+    x = torch.randn(1, 4, 9, 9, dtype=torch.float64)
+    assert_close(algebra.add([dilated, point])(x), dilated(x) + point(x))

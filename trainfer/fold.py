@@ -220,14 +220,17 @@ def _fold_children(module: nn.Module, inputs: tuple[Any, ...], prefix: str, log:
 
 
 def _fuse_sequential_pairs(sequence: nn.Sequential, prefix: str, log: FoldLog) -> None:
-    """Fold each ``nn.Conv2d`` directly followed by a BatchNorm in ``sequence`` into the conv."""
+    """Fold each ``nn.Conv2d``/``nn.Linear`` directly followed by a BatchNorm in ``sequence`` into it."""
     names = list(sequence._modules)
     for first, second in zip(names, names[1:]):
-        conv, bn = sequence._modules[first], sequence._modules[second]
-        if type(conv) is not nn.Conv2d or not isinstance(bn, _BatchNorm) or not _is_torch_nn(type(bn).forward):
+        layer, bn = sequence._modules[first], sequence._modules[second]
+        if type(layer) not in (nn.Conv2d, nn.Linear) or not isinstance(bn, _BatchNorm) or not _is_leaf(bn):
             continue
         try:
-            fused = algebra.to_conv2d(algebra.fuse_bn(ConvOp.from_module(conv), bn))
+            if isinstance(layer, nn.Conv2d):
+                fused: nn.Module = algebra.to_conv2d(algebra.fuse_bn(ConvOp.from_module(layer), bn))
+            else:
+                fused = algebra.to_linear(*algebra.fuse_linear_bn(layer.weight.detach(), _detached(layer.bias), bn))
         except AlgebraError as error:
             log.kept.append(f"{prefix}{first} -> {prefix}{second}: {error}")
             continue
