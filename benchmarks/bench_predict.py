@@ -9,7 +9,10 @@ timings. Its spec has no normalisation, since the bare loop gets the same, alrea
     .venv/bin/python benchmarks/bench_predict.py [--model repvgg_a0] [--batch-size 64] [--size 224]
         [--rounds 3] [--repeats 2] [--threads 2] [--plot runs/bench_predict.png]
 
-Target (issue 5): overhead below 3 % at batch 64 for repvgg_a0.
+Target (issue 5): overhead below 3 % at batch 64 for repvgg_a0. On a busy machine the ratio of
+medians moves by more than that from background load alone: the ratio of the fastest calls and
+the predictor's own stage timings (time outside the forward pass over time inside it) are printed
+beside it.
 """
 
 from __future__ import annotations
@@ -61,7 +64,13 @@ def main() -> None:
         f"forward {stages.forward / stages.batches * 1e3:.1f} ms, "
         f"postprocess {stages.postprocess / stages.batches * 1e3:.2f} ms"
     )
-    print(f"  overhead ratio Predictor / bare = {served / bare:.4f} (target < 1.03)")
+    fastest = min(timings["Predictor.predict"].samples) / min(timings["bare model(x)"].samples)
+    around = (stages.preprocess + stages.postprocess) / stages.forward
+    print(
+        f"  overhead ratio Predictor / bare = {served / bare:.4f} (medians), {fastest:.4f} (fastest calls); "
+        "target < 1.03"
+    )
+    print(f"  work outside the forward pass (preprocess + postprocess) / forward = {around:.4%}")
     if args.plot is not None:
         plot(args, timings, stages, args.plot)
         print(f"  plot: {args.plot}")
