@@ -419,3 +419,14 @@ def test_predictor_load_overrides_recorded_settings(tmp_path):
 
 def probabilities_factory():
     return Net(4, FINALS["probabilities"])
+
+
+def test_to_records_are_json_lines():
+    import json
+
+    from trainfer.predict import to_records
+
+    results = Predictor(make(3), preprocess=SPEC, labels=["a", "b", "c"]).predict(torch.randn(2, 1, 8, 8), top_k=2)
+    lines = [json.dumps(record) for record in to_records(results)]
+    assert [json.loads(line)["label"] for line in lines] == [r.label for r in results]
+    assert json.loads(lines[0])["top_k"][0] == [results[0].top_k[0][0], results[0].top_k[0][1]]

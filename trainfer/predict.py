@@ -49,6 +49,7 @@ __all__ = [
     "RegressionResult",
     "Timings",
     "pick_device",
+    "to_records",
 ]
 
 
@@ -229,7 +230,7 @@ class Predictor:
             from trainfer.bundle import load, read_manifest
 
             manifest = read_manifest(path)
-            model = load(path)
+            model = load(path).to(pick_device(overrides.get("device", "auto")))  # ours: moved, not copied
         heads = [Head.from_dict(h) for h in manifest.get("heads") or []]
         if heads and _HEAD_SETTINGS & overrides.keys():
             return cls(model, **{"preprocess": manifest.get("preprocess"), **_head_settings(heads), **overrides})
@@ -415,6 +416,11 @@ class Predictor:
     def __repr__(self) -> str:
         tasks = ", ".join(f"{h.name}: {h.task}" if h.name is not None else h.task for h in self.heads)
         return f"Predictor({type(self.model).__name__}, {tasks}, device={self.device}, batch_size={self.batch_size})"
+
+
+def to_records(results: Iterable[Any]) -> list[dict[str, Any]]:
+    """JSON-able dicts of typed results (``result.to_record()`` each), e.g. for JSON lines."""
+    return [result.to_record() for result in results]
 
 
 # --------------------------------------------------------------------------- helpers
