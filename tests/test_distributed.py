@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from trainfer import data, distributed
@@ -93,3 +94,24 @@ def test_single_process_helpers_are_identities():
     distributed.barrier()
     distributed.broadcast_buffers(torch.nn.BatchNorm1d(2))
     assert distributed.setup() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.slow
+def test_the_demo_under_torchrun_gives_a_model_that_deploys_and_verifies(tmp_path):
+    from trainfer.bundle import load
+    from trainfer.deploy import deploy
+
+    out = tmp_path / "demo"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "trainfer"]
+    command += ["demo", "--out", str(out), "--epochs", "1", "--subset", "64", "--repeats", "1"]
+    finished = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["world_size"] == 2 and results["skipped"] == {}
+    assert results["agreement"]["identical_classes"] and "verification (float64)" in results["deploy"]["report"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # one output, no staging left behind
+
+    trained = load(out / "bundle_train")
+    inputs = data.normalize(data.splits()["test"].pixels[:16])
+    deployed = deploy(trained, inputs)  # raises EquivalenceError unless float64 and float32 checks pass
+    assert deployed.trainfer_report.ok
