@@ -7,7 +7,7 @@ import torch
 from serving_models import save_bundle, write_pngs
 
 import trainfer
-from trainfer.batch_predict import completed_ids, iter_images, predict_to_jsonl
+from trainfer.batch_predict import count_records, iter_images, keep_records, predict_to_jsonl
 
 LABELS = ["cat", "dog", "owl"]
 
@@ -106,19 +106,21 @@ def test_resume_skips_written_records_and_redoes_a_truncated_last_line(predictor
     spy = Spy(predictor)
     summary = predict_to_jsonl(spy, images, crashed, progress=False)
     assert crashed.read_bytes() == full.read_bytes()
-    assert (summary.resumed, summary.written) == (13, 32)
-    assert sum(count for count, _ in spy.calls) == 32  # the 13 done inputs are not predicted again
+    assert (summary.resumed, summary.written) == (8, 37)  # back to the last whole batch of 8: same batches
+    assert [count for count, _ in spy.calls] == [8, 8, 8, 8, 5]  # the first batch is not predicted again
 
-    again = predict_to_jsonl(spy, images, crashed, progress=False)
-    assert (again.resumed, again.written) == (45, 0) and crashed.read_bytes() == full.read_bytes()
+    again = predict_to_jsonl(spy, images, crashed, progress=False)  # done: only the last partial batch is redone
+    assert (again.resumed, again.written) == (40, 5) and crashed.read_bytes() == full.read_bytes()
 
 
-def test_completed_ids_cuts_only_the_unterminated_tail(tmp_path):
+def test_records_are_counted_and_cut_by_complete_lines(tmp_path):
     out = tmp_path / "o.jsonl"
-    out.write_text('{"id": "a"}\n{"id": 3}\n{"id": "c"')
-    assert completed_ids(out) == ["a", 3]
-    assert out.read_text() == '{"id": "a"}\n{"id": 3}\n'
-    assert completed_ids(tmp_path / "missing.jsonl") == []
+    records = "".join(f'{{"id": {i}}}\n' for i in range(7))
+    out.write_text(records + '{"id": 7')
+    assert count_records(out) == 7
+    keep_records(out, 6)
+    assert out.read_text() == records[: records.index('{"id": 6}')]
+    assert count_records(tmp_path / "missing.jsonl") == 0
 
 
 def test_resume_refuses_an_output_of_other_inputs_or_a_corrupt_line(predictor, images, tmp_path):
@@ -126,6 +128,7 @@ def test_resume_refuses_an_output_of_other_inputs_or_a_corrupt_line(predictor, i
     out.write_text('{"id": "img00000.png"}\n{"id": "elsewhere.png"}\n')
     with pytest.raises(ValueError, match=r"line 2 is for 'elsewhere.png', input 2 is 'img00001.png'"):
         predict_to_jsonl(predictor, images, out, progress=False)
+    assert out.read_text() == '{"id": "img00000.png"}\n{"id": "elsewhere.png"}\n'  # refused, left untouched
     out.write_text('{"id": "img00000.png"}\nnot json\n{"id": "img00002.png"}\n')
     with pytest.raises(ValueError, match="line 2 is not a prediction record"):
         predict_to_jsonl(predictor, images, out, progress=False)

@@ -4,15 +4,19 @@
 ``{"id": <input id>, **result.to_record()}`` where the id is the image's path relative to the
 directory, or ``"<csv path>:<0-based row>"``. Guarantees:
 
-* **Bounded memory.** Inputs are read lazily and handled one *window* at a time: at most
-  ``world_size * batch_size`` inputs (and their results) are held, whatever the input count.
-* **Resumable.** An existing ``out`` is read first: its complete lines must be the results of the
-  first inputs, in order (checked id by id), and those inputs are skipped. A truncated last line
-  (a crash mid-write) is cut off and redone. Every window's lines are flushed before the next starts.
-* **Sharded under torchrun.** Window ``w`` holds inputs ``w*W*B ... (w+1)*W*B - 1``; rank ``r``
-  predicts its ``r``-th batch of ``B`` consecutive inputs. Each rank serialises its own lines; all
-  lines are gathered and rank 0 appends them in input order. Because every batch is made of the
-  same inputs as in a single process, the file is byte for byte the single-process one.
+* **Bounded memory.** Inputs are read lazily, in windows of ``W * B`` (``W`` ranks, batch size
+  ``B``): at most one window of inputs (and their results) is held, whatever the input count.
+* **Resumable.** An existing ``out`` is read first: its records must be the results of the first
+  inputs, in order (checked id by id), and those inputs are skipped. The records after the last
+  whole batch — a truncated last line from a crash mid-write, a last partial batch — are cut off
+  and predicted again (at most ``B - 1`` inputs). Every window's lines are flushed before the
+  next window is read.
+* **Sharded under torchrun.** Rank ``r`` predicts the ``r``-th batch of ``B`` consecutive inputs
+  of each window and serialises its lines; all lines are gathered and rank 0 appends them in
+  input order. Batches start at multiples of ``B`` (also when resuming), so each is made of the
+  same inputs as in one uninterrupted process: the file is byte for byte that process's, whatever
+  the number of ranks or interruptions, for the same ``B`` (kernels may round differently per
+  batch size).
 """
 
 from __future__ import annotations
@@ -79,50 +83,72 @@ def iter_source(source: str | os.PathLike[str], spec: PreprocessSpec) -> Iterato
     raise ValueError(f"batch input {str(path)!r} is neither a directory of images nor a .csv file")
 
 
-def completed_ids(out: str | os.PathLike[str]) -> list[Any]:
-    """Ids of the complete records in ``out`` (none if it does not exist), cutting a truncated last line.
-
-    A last line without its newline is what a crash mid-write leaves: it is removed from the file
-    so that it is redone. Any other unreadable line is an error naming its number.
-    """
+def count_records(out: str | os.PathLike[str]) -> int:
+    """How many complete (newline-terminated) lines ``out`` holds; 0 if it does not exist."""
     path = Path(out)
     if not path.exists():
-        return []
+        return 0
+    with open(path, "rb") as handle:
+        return sum(1 for line in handle if line.endswith(b"\n"))
+
+
+def keep_records(out: str | os.PathLike[str], keep: int) -> None:
+    """Cut ``out`` after its first ``keep`` lines (a missing file is left missing)."""
+    path = Path(out)
+    if not path.exists():
+        return
     with open(path, "rb+") as handle:
-        data = handle.read()
-        complete = data.rfind(b"\n") + 1
-        if complete < len(data):
-            handle.truncate(complete)
-    ids = []
-    for number, line in enumerate(data[:complete].splitlines(), start=1):
-        try:
-            ids.append(json.loads(line)["id"])
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{str(path)!r} line {number} is not a prediction record with an 'id'") from None
-    return ids
+        end = sum(len(line) for line in itertools.islice(handle, keep))
+        handle.truncate(end)
 
 
-def _skip_done(items: Iterator[Item], done: list[Any], out: Path) -> None:
-    """Advance ``items`` past the inputs whose records are already in ``out``, checking their ids."""
-    for number, expected in enumerate(done, start=1):
+def _record_ids(out: Path, count: int) -> Iterator[Any]:
+    """The ``id`` of the first ``count`` lines of ``out``, streamed; an unreadable line is named."""
+    if not count:
+        return
+    with open(out, "rb") as handle:
+        for number, line in enumerate(itertools.islice(handle, count), start=1):
+            try:
+                yield json.loads(line)["id"]
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{str(out)!r} line {number} is not a prediction record with an 'id'") from None
+
+
+def _skip_done(items: Iterator[Item], out: Path, done: int, keep: int) -> list[Item]:
+    """Advance ``items`` past the ``done`` inputs recorded in ``out``, checking every id.
+
+    Returns the inputs after the first ``keep``: they are predicted again.
+    """
+    again = []
+    for number, expected in enumerate(_record_ids(out, done), start=1):
         item = next(items, None)
         if item is None:
-            raise ValueError(f"{str(out)!r} holds {len(done)} records but the input has only {number - 1}")
+            raise ValueError(f"{str(out)!r} holds {done} records but the input has only {number - 1}")
         if item[0] != expected:
             raise ValueError(
                 f"{str(out)!r} was written for other inputs: line {number} is for {expected!r}, "
                 f"input {number} is {item[0]!r} (use another --out or delete it)"
             )
+        if number > keep:
+            again.append(item)
+    return again
 
 
-def _resume(items: Iterator[Item], out: Path) -> int:
-    """On rank 0 read ``out`` and skip its records on every rank; return how many were skipped."""
+def _resume(items: Iterator[Item], out: Path, batch_size: int) -> tuple[int, Iterator[Item]]:
+    """Skip ``out``'s records on every rank, back to the last whole batch; return their count and the rest.
+
+    Rank 0 checks every complete record's id, then cuts ``out`` after the last whole batch (a
+    truncated last line goes too): the inputs after it are predicted again, in the same batches
+    as an uninterrupted run.
+    """
     outcome: Any = None
+    again: list[Item] = []
     if distributed.is_main():
         try:
-            done = completed_ids(out)
-            _skip_done(items, done, out)
-            outcome = len(done)
+            done = count_records(out)
+            outcome = done - done % batch_size
+            again = _skip_done(items, out, done, outcome)
+            keep_records(out, outcome)
         except (ValueError, OSError) as error:
             outcome = error
     outcome = distributed.broadcast_object(outcome)
@@ -130,7 +156,7 @@ def _resume(items: Iterator[Item], out: Path) -> int:
         raise outcome
     if not distributed.is_main():
         next(itertools.islice(items, outcome, outcome), None)
-    return outcome
+    return outcome, itertools.chain(again, items)
 
 
 def _record_lines(predictor: Any, batch: list[Item], top_k: int | None) -> str:
@@ -180,7 +206,7 @@ def predict_to_jsonl(
         raise FileNotFoundError(f"--out directory {str(out.parent)!r} does not exist")
     batch_size = batch_size or predictor.batch_size
     items = iter(iter_source(source, predictor.preprocess_spec) if isinstance(source, str | os.PathLike) else source)
-    resumed = _resume(items, out)
+    resumed, items = _resume(items, out, batch_size)
     window_size = batch_size * distributed.world_size()
     written = 0
     main = distributed.is_main()
