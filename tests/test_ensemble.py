@@ -1,13 +1,20 @@
 """Ensembles: weighted averages of the members' own numbers, spreads, validation, refusals."""
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from serving_models import save_bundle, write_pngs
+from serving_models import TESTS, save_bundle, write_pngs
 
 import trainfer
+from trainfer.cli import main
 from trainfer.ensemble import Ensemble, EnsembleClassificationResult
 
 LABELS = ["cat", "dog", "owl"]
@@ -51,8 +58,9 @@ def weighted(per_member: np.ndarray, weights: list[float]) -> tuple[np.ndarray, 
 
 
 def class_probabilities(results) -> np.ndarray:
-    """``(N, C)`` probabilities in label order from results carrying every class in ``top_k``."""
-    return np.array([[dict(r.top_k)[label] for label in LABELS] for r in results])
+    """``(N, C)`` probabilities in label order from results (or their records) carrying every class in top_k."""
+    pairs = [r["top_k"] if isinstance(r, dict) else r.top_k for r in results]
+    return np.array([[dict(map(tuple, p))[label] for label in LABELS] for p in pairs])
 
 
 @settings(max_examples=15)
@@ -183,3 +191,38 @@ def test_csv_members_must_read_the_same_columns():
     second = trainfer.Predictor(linear, task="regression", preprocess={"columns": ["a", "c"]})
     with pytest.raises(ValueError, match=r"disagree on columns: member 0 has \['a', 'b'\], member 1 has \['a', 'c'\]"):
         Ensemble([first, second])
+
+
+def test_cli_serves_several_bundles_as_their_ensemble(bundles, members, tmp_path):
+    paths = [str(p) for p in write_pngs(tmp_path / "images", 3)]
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    command = [sys.executable, "-m", "trainfer", "predict", *map(str, bundles["classification"][:3]), *paths]
+    run = subprocess.run(
+        [*command, "--weights", "1,2,1", "--top-k", "3", "--format", "jsonl"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(line) for line in run.stdout.splitlines()]
+    expected = Ensemble(members["classification"][:3], weights=[1, 2, 1]).predict(paths, top_k=3)
+    assert [r["id"] for r in records] == paths
+    assert [r["label"] for r in records] == [e.label for e in expected]
+    np.testing.assert_allclose([r["spread"] for r in records], [e.spread for e in expected], atol=TOL)
+    np.testing.assert_allclose(class_probabilities(records), class_probabilities(expected), atol=TOL)
+    assert {r["members"] for r in records} == {3}
+
+
+def test_cli_refuses_a_bad_ensemble_in_one_line(bundles, tmp_path):
+    image = str(write_pngs(tmp_path / "images", 1)[0])
+    classifier, binary = str(bundles["classification"][0]), str(bundles["binary"][0])
+    cases = [
+        ([classifier, binary, image], "ensemble members disagree on task"),
+        ([classifier, classifier, image, "--weights", "1"], "expected 2 ensemble weights"),
+        ([classifier, classifier, image, "--weights", "1,x"], "expected comma-separated numbers"),
+        ([classifier, classifier, image, "--explain", str(tmp_path / "x")], "--explain takes one bundle"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(main, ["predict", *args])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
