@@ -4,10 +4,12 @@ import json
 
 import pytest
 import torch
+from click.testing import CliRunner
 from serving_models import save_bundle, write_pngs
 
 import trainfer
 from trainfer.batch_predict import count_records, iter_images, keep_records, predict_to_jsonl
+from trainfer.cli import main
 
 LABELS = ["cat", "dog", "owl"]
 
@@ -170,3 +172,37 @@ def test_an_ensemble_streams_to_jsonl_with_members_and_spread(predictor, images,
     paths = [str(images / record["id"]) for record in records]
     assert records == [{"id": r["id"], **result.to_record()} for r, result in zip(records, ensemble.predict(paths))]
     assert {r["members"] for r in records} == {2} and all(r["spread"] >= 0 for r in records)
+
+
+def test_cli_out_streams_files_and_explains_them(predictor, tmp_path):
+    bundle = save_bundle(tmp_path / "b", 0, labels=LABELS, preprocess={"mean": [0.5]})
+    paths = [str(p) for p in write_pngs(tmp_path / "images", 2)]
+    out, explained = tmp_path / "o.jsonl", tmp_path / "explained"
+    args = ["predict", str(bundle), *paths, "--out", str(out), "--explain", str(explained)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records == [{"id": path, **r.to_record()} for path, r in zip(paths, predictor.predict(paths), strict=True)]
+    assert sorted(p.name for p in explained.iterdir()) == ["000_img00000.png", "001_img00001.png"]
+
+
+def test_cli_out_resumes_a_csv(tmp_path):
+    linear = torch.nn.Linear(2, 1)
+    bundle = trainfer.save(
+        linear,
+        tmp_path / "b",
+        factory="torch.nn:Linear",
+        config={"in_features": 2, "out_features": 1},
+        task="regression",
+        preprocess={"columns": ["a", "b"]},
+    )
+    source = tmp_path / "t.csv"
+    source.write_text("a,b\n" + "".join(f"{i},{-i}\n" for i in range(10)))
+    out = tmp_path / "o.jsonl"
+    args = ["predict", str(bundle), str(source), "--out", str(out), "--batch-size", "4"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    full = out.read_text()
+    out.write_text(full[: full.index(f'"{source}:5"') + 3])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0 and out.read_text() == full
+    assert "6 records written" in result.output and "after 4 already there" in result.output
