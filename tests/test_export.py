@@ -207,3 +207,12 @@ def test_named_tuple_outputs_keep_their_fields_through_onnx(tmp_path):
     np.testing.assert_allclose([r.probability for r in served.predict(x)], expected, atol=1e-6)
     chosen = Predictor.load(tmp_path / "m.onnx", output="act", output_kind="probabilities")
     np.testing.assert_allclose([r.probability for r in chosen.predict(x)], expected, atol=1e-6)
+
+
+def test_float64_onnx_is_refused_clearly_and_nothing_is_written(tmp_path):
+    model = trained().double()
+    with pytest.raises(ValueError, match=r"onnxruntime cannot run .*export a float32 copy, model.float\(\)"):
+        export(model, tmp_path / "m.onnx", example_inputs=torch.randn(2, 1, 8, 8, dtype=torch.float64))
+    assert list(tmp_path.iterdir()) == []
+    report = export(model.float(), tmp_path / "m.onnx", example_inputs=torch.randn(2, 1, 8, 8))
+    assert report.max_rel_error <= 1e-5

@@ -227,11 +227,17 @@ class OnnxModel:
     def __init__(self, path: str | os.PathLike[str], manifest: dict[str, Any]):
         ort = _require("onnxruntime")
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        self.session = ort.InferenceSession(str(path), providers=providers)
+        self.dtype = manifest["input"].get("dtype") or "float32"
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as error:  # onnxruntime raises its own pybind exception types
+            hint = " (onnxruntime has few float64 kernels: export a float32 copy, model.float())"
+            raise ValueError(
+                f"onnxruntime cannot run {str(path)!r}: {error}{hint if self.dtype == 'float64' else ''}"
+            ) from None
         self.manifest = manifest
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [output.name for output in self.session.get_outputs()]
-        self.dtype = manifest["input"].get("dtype") or "float32"
 
     def __call__(self, batch: Tensor) -> Any:
         array = batch.detach().to("cpu", getattr(torch, self.dtype)).contiguous().numpy()
