@@ -5,6 +5,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import trainfer
@@ -257,3 +259,63 @@ def test_trainfer_models_need_no_factory(tmp_path):
     x = torch.randn(5, 1, 8, 8)
     with trainfer.inference(model, loaded):
         assert torch.equal(loaded(x), model(x))
+
+
+def conv_stack(
+    channels: int = 3, multiplier: int = 1, kernel: int = 3, stride: int = 1, dilation: int = 1, depthwise: bool = False
+) -> nn.Module:
+    """Conv-BN-ReLU-Conv-BN on 1x9x9 with configurable channels, kernel, stride, dilation and groups."""
+    mid = channels * multiplier
+    return nn.Sequential(
+        nn.Conv2d(1, channels, 3, padding=1),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        nn.Conv2d(
+            channels,
+            mid,
+            kernel,
+            stride=stride,
+            padding=dilation * (kernel // 2),
+            dilation=dilation,
+            groups=channels if depthwise else 1,
+        ),
+        nn.BatchNorm2d(mid),
+    )
+
+
+@settings(max_examples=12)
+@given(
+    channels=st.integers(1, 5),
+    multiplier=st.integers(1, 2),
+    kernel=st.sampled_from([1, 3, 5]),
+    stride=st.integers(1, 2),
+    dilation=st.integers(1, 2),
+    depthwise=st.booleans(),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    seed=st.integers(0, 100),
+)
+def test_round_trips_over_random_configurations(channels, multiplier, kernel, stride, dilation, depthwise, dtype, seed):
+    import tempfile
+
+    from trainfer.deploy import deploy
+
+    config = {
+        "channels": channels,
+        "multiplier": multiplier,
+        "kernel": kernel,
+        "stride": stride,
+        "dilation": dilation,
+        "depthwise": depthwise,
+    }
+    torch.manual_seed(seed)
+    model = randomize_batchnorm(conv_stack(**config), seed=seed).to(dtype).eval()
+    x = torch.randn(2, 1, 9, 9, dtype=dtype)
+    deployed = deploy(model, x)
+    with tempfile.TemporaryDirectory() as root:
+        for name, form in (("train", model), ("deploy", deployed)):
+            trainfer.save(form, f"{root}/{name}", factory=f"{__name__}:conv_stack", config=config, example_inputs=x)
+            loaded = trainfer.load(f"{root}/{name}")
+            assert read_manifest(f"{root}/{name}")["form"] == name
+            with trainfer.inference(form, loaded, model):
+                assert torch.equal(loaded(x), form(x))  # weights restored bit for bit
+                assert_close(loaded(x), model(x))  # and the deploy form still computes the model
