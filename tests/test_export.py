@@ -7,6 +7,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import trainfer
@@ -216,3 +218,44 @@ def test_float64_onnx_is_refused_clearly_and_nothing_is_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
     report = export(model.float(), tmp_path / "m.onnx", example_inputs=torch.randn(2, 1, 8, 8))
     assert report.max_rel_error <= 1e-5
+
+
+@settings(max_examples=4)
+@given(
+    channels=st.integers(1, 4),
+    kernel=st.sampled_from([1, 3]),
+    stride=st.integers(1, 2),
+    dilation=st.integers(1, 2),
+    depthwise=st.booleans(),
+    seed=st.integers(0, 100),
+)
+def test_onnx_parity_over_random_configurations(channels, kernel, stride, dilation, depthwise, seed):
+    import tempfile
+
+    import onnxruntime
+
+    torch.manual_seed(seed)
+    layers = [
+        nn.Conv2d(1, channels, 3, padding=1),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        nn.Conv2d(
+            channels,
+            channels * 2,
+            kernel,
+            stride=stride,
+            padding=dilation * (kernel // 2),
+            dilation=dilation,
+            groups=channels if depthwise else 1,
+        ),
+        nn.BatchNorm2d(channels * 2),
+    ]
+    model = randomize_batchnorm(nn.Sequential(*layers), seed=seed).eval()
+    with tempfile.TemporaryDirectory() as root:
+        report = export(model, f"{root}/m.onnx", example_inputs=torch.randn(2, 1, 7, 7))
+        assert report.max_rel_error <= 1e-5
+        session = onnxruntime.InferenceSession(f"{root}/m.onnx", providers=["CPUExecutionProvider"])
+        x = torch.randn(4, 1, 7, 7)
+        (got,) = session.run(None, {"input": x.numpy()})
+    with trainfer.inference(model):
+        assert_close(torch.from_numpy(got), model(x))
