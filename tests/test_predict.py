@@ -430,3 +430,15 @@ def test_to_records_are_json_lines():
     lines = [json.dumps(record) for record in to_records(results)]
     assert [json.loads(line)["label"] for line in lines] == [r.label for r in results]
     assert json.loads(lines[0])["top_k"][0] == [results[0].top_k[0][0], results[0].top_k[0][1]]
+
+
+def test_a_float64_model_overrides_the_specs_default_dtype(tmp_path):
+    model = make(4, "log_probabilities").double()
+    spec = trainfer.PreprocessSpec(input_shape=(1, 8, 8), mean=[0.5], std=[2.0])  # dtype left at float32
+    trainfer.save(model, tmp_path / "b", factory=f"{__name__}:bundle_factory", preprocess=spec)
+    assert trainfer.bundle.read_manifest(tmp_path / "b")["input"]["dtype"] == "float64"
+    predictor = Predictor.load(tmp_path / "b")
+    raw = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    expected = reference(model, (raw - 0.5) / 2.0).exp()
+    torch.testing.assert_close(predictor.scores(predictor.preprocess(raw)), expected, rtol=0, atol=1e-12)
+    assert Predictor(model, preprocess=spec).preprocess_spec.dtype == "float64"

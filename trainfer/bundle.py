@@ -138,11 +138,8 @@ def build_manifest(
     _check_json(config, "config")
     example = _example_inputs(model, example_inputs, known, preprocess)
     first = example[0] if example else None
-    spec = PreprocessSpec.coerce(
-        preprocess,
-        input_shape=tuple(first.shape[1:]) if first is not None else None,
-        dtype=str(first.dtype).removeprefix("torch.") if first is not None else None,
-    )
+    spec = PreprocessSpec.coerce(preprocess, input_shape=tuple(first.shape[1:]) if first is not None else None)
+    spec = spec.with_dtype(first.dtype if first is not None else _parameter_dtype(model))
     with inference(model):
         structure = describe_structure(model(*example)) if example else None
         resolved = resolve_heads(model, task, labels, output, heads, output_kind, example or None)
@@ -175,9 +172,12 @@ def _example_inputs(model: nn.Module, given: Any, known: dict[str, Any], preproc
     shape = known.get("input_shape") or ([1, *spec.input_shape] if spec.input_shape is not None else None)
     if shape is None:
         return ()
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    return (torch.randn(*shape, dtype=dtype, device=device),)
+    return (torch.randn(*shape, dtype=_parameter_dtype(model) or torch.float32, device=device),)
+
+
+def _parameter_dtype(model: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def _manifest_labels(heads: list[Head], single: bool) -> Any:

@@ -448,20 +448,12 @@ def _placed(model: Any, device: torch.device) -> Any:
 
 
 def _spec_for(model: Any, preprocess: Any) -> PreprocessSpec:
-    known = getattr(model, "trainfer_config", None) or {}
-    shape = known.get("input_shape")
-    if preprocess is not None:
-        return PreprocessSpec.coerce(preprocess, input_shape=tuple(shape[1:]) if shape else None)
-    dtype = (
-        next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-        if isinstance(model, nn.Module)
-        else None
-    )
-    return PreprocessSpec.coerce(
-        None,
-        input_shape=tuple(shape[1:]) if shape else None,
-        dtype=str(dtype).removeprefix("torch.") if dtype else None,
-    )
+    """The given spec (or an empty one), completed by the model's input shape and parameter dtype."""
+    shape = (getattr(model, "trainfer_config", None) or {}).get("input_shape")
+    spec = PreprocessSpec.coerce(preprocess, input_shape=tuple(shape[1:]) if shape else None)
+    if not isinstance(model, nn.Module):
+        return spec
+    return spec.with_dtype(next((p.dtype for p in model.parameters() if p.is_floating_point()), None))
 
 
 def _sample_count(inputs: Any) -> int | None:

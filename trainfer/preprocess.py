@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,12 @@ class PreprocessSpec:
             if data.get(key) is None and value is not None:
                 data[key] = value
         return cls.from_dict(data)
+
+    def with_dtype(self, dtype: torch.dtype | None) -> PreprocessSpec:
+        """This spec with ``dtype`` set to a floating ``dtype`` (the model's); unchanged for ``None``."""
+        if dtype is None or not dtype.is_floating_point:
+            return self
+        return replace(self, dtype=str(dtype).removeprefix("torch."))
 
     @property
     def torch_dtype(self) -> torch.dtype:
