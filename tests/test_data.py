@@ -123,3 +123,17 @@ def test_png_read_through_the_bundle_spec_gives_the_training_tensor_exactly(tmp_
     test = data.splits()["test"].head(12)
     paths = [data.save_png(pixels, tmp_path / f"{i}.png", upscale=1) for i, pixels in enumerate(test.pixels)]
     assert torch.equal(spec.prepare(gather(paths, spec)), data.normalize(test.pixels))
+
+
+def test_statistics_are_exact_and_thread_independent():
+    pixels = data.splits()["train"].pixels.numpy().astype(np.float64) / 255
+    spec = data.preprocess_spec()
+    assert abs(spec["mean"][0] - pixels.mean()) < 1e-15
+    assert abs(spec["std"][0] - pixels.std(ddof=1)) < 1e-15
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        data._statistics.cache_clear()
+        assert data.preprocess_spec() == spec
+    finally:
+        torch.set_num_threads(threads)

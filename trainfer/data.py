@@ -16,9 +16,11 @@ the training loader only, and draws from ``(seed, epoch)`` so an epoch can be re
 from __future__ import annotations
 
 import functools
+import math
 import os
 import tempfile
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -87,8 +89,14 @@ def splits() -> dict[str, Split]:
 
 @functools.cache
 def _statistics() -> tuple[float, float]:
-    scaled = splits()["train"].pixels.double() / 255
-    return float(scaled.mean()), float(scaled.std())
+    """Mean and (sample) standard deviation of the training pixels scaled to [0, 1].
+
+    Computed from exact integer sums, so the values do not depend on thread count or summation order.
+    """
+    pixels = splits()["train"].pixels.long()
+    count, total, squares = pixels.numel(), int(pixels.sum()), int((pixels * pixels).sum())
+    variance = Fraction(squares * count - total * total, count * (count - 1) * 255**2)
+    return float(Fraction(total, count * 255)), math.sqrt(variance)
 
 
 def preprocess_spec() -> dict[str, object]:
