@@ -27,7 +27,7 @@ ActLayer = Callable[[], nn.Module] | None
 
 
 def pair(value: int | Iterable[int], name: str) -> Pair:
-    """``3 -> (3, 3)``; a pair is validated. Every size must be a positive integer."""
+    """``3 -> (3, 3)``; anything but an int or a pair of ints raises ``ValueError`` naming ``name``."""
     result = (value, value) if isinstance(value, int) else tuple(value)
     if len(result) != 2 or not all(isinstance(v, int) for v in result):
         raise ValueError(f"{name} must be an int or a pair of ints; got {value!r}")
