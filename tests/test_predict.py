@@ -347,6 +347,9 @@ def test_device_choice():
     assert pick_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="unknown device 'gpu0'"):
         pick_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda:0' is not available"):
+            pick_device("cuda:0")
 
 
 def test_explain_and_ensemble_delegate(monkeypatch):

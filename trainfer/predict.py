@@ -139,15 +139,27 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"``: CUDA if available, then Apple MPS, then CPU; anything else as ``torch.device``."""
     if str(device) != "auto":
         try:
-            return torch.device(device)
+            chosen = torch.device(device)
         except RuntimeError as error:
             raise ValueError(f"unknown device {device!r}: expected auto, cpu, cuda, cuda:N or mps ({error})") from None
+        if not _available(chosen):
+            raise ValueError(f"device {str(device)!r} is not available on this machine (try device='auto' or 'cpu')")
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _available(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    if device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        return mps is not None and mps.is_available()
+    return True
 
 
 # --------------------------------------------------------------------------- predictor
