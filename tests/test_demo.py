@@ -81,6 +81,7 @@ def test_measurements_cover_every_form(demo_run):
     counts = results["deploy"]["counts"]
     assert counts["batch-norm kernels run"] == {"train": 16, "deploy": 0}
     assert counts["parameter and buffer elements"]["deploy"] < counts["parameter and buffer elements"]["train"]
+    assert "eval()" in results["forgot_eval"]["guard_warning"]
     forgot = results["forgot_eval"]["forgot"]
     assert [run["name"] for run in forgot] == [f"no eval(), batch {b}" for b in demo.FORGOT_EVAL_BATCHES]
 

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ from trainfer import data, distributed
 from trainfer.bench import Timing, count_macs, count_parameters, num_threads, peak_memory, time_forward
 from trainfer.bundle import load
 from trainfer.deploy import deploy
+from trainfer.errors import ModeWarning
+from trainfer.guard import guard
 from trainfer.inspection import inspect
 from trainfer.modes import inference
 from trainfer.report import write_report
@@ -283,17 +286,21 @@ def _confusion(predicted: Tensor, labels: Tensor) -> dict[str, Any]:
 
 
 def _forgot_eval(trained: nn.Module, inputs: Tensor, labels: Tensor, seed: int) -> dict[str, Any]:
-    """The correct evaluation next to copies run in training mode under ``no_grad``, per batch size."""
+    """The correct evaluation next to copies run in training mode under ``no_grad``, per batch size;
+    each copy under :func:`trainfer.guard`, whose warning the report quotes."""
     with inference(trained):
         correct = _prediction_stats("with eval()", trained(inputs), labels)
-    forgot = []
+    forgot, warned = [], []
     for batch in FORGOT_EVAL_BATCHES:
         mistaken = copy.deepcopy(trained).train()  # a copy: training-mode BatchNorm rewrites its statistics
-        with torch.random.fork_rng(), torch.no_grad():
+        with guard(mistaken), warnings.catch_warnings(record=True) as caught, torch.random.fork_rng():
+            warnings.simplefilter("always", ModeWarning)
             torch.manual_seed(seed)
-            logits = torch.cat([logits_of(mistaken(chunk)) for chunk in inputs.split(batch)])
+            with torch.no_grad():
+                logits = torch.cat([logits_of(mistaken(chunk)) for chunk in inputs.split(batch)])
+        warned += [str(w.message) for w in caught if issubclass(w.category, ModeWarning)]
         forgot.append(_prediction_stats(f"no eval(), batch {batch}", logits, labels))
-    return {"correct": correct, "forgot": forgot, "labels": data.LABELS}
+    return {"correct": correct, "forgot": forgot, "labels": data.LABELS, "guard_warning": warned[0] if warned else None}
 
 
 def _prediction_stats(name: str, logits: Tensor, labels: Tensor) -> dict[str, Any]:

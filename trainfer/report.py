@@ -220,9 +220,17 @@ def _forgot_eval(results: Results) -> str:
         "hurt more (a single-image request is normalised against itself). `no_grad` is not `eval()`; "
         "`trainfer.inference(model)` does both.\n\n"
         + _table(["run", "test accuracy", "most common class", "class entropy (bits, max 3.32)"], rows)
+        + _guarded(forgot.get("guard_warning"))
         + "\n\n"
         + _image("forgot_eval", "forgot eval comparison")
     )
+
+
+def _guarded(message: str | None) -> str:
+    if message is None:
+        return "\n\n`trainfer.guard` raised no warning on these runs."
+    quoted = "\n".join(f"> {line}" for line in message.splitlines())
+    return f"\n\nWith `trainfer.guard(model)` installed, the mistake does not pass silently:\n\n{quoted}"
 
 
 def _measure(results: Results) -> str:
