@@ -137,3 +137,24 @@ def test_statistics_are_exact_and_thread_independent():
         assert data.preprocess_spec() == spec
     finally:
         torch.set_num_threads(threads)
+
+
+@settings(max_examples=30)
+@given(
+    batch=st.integers(1, 4),
+    height=st.integers(2, 9),
+    width=st.integers(2, 9),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_shift_equals_a_roll_with_the_wrapped_border_zeroed(batch, height, width, seed):
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(1, 256, (batch, 2, height, width), dtype=torch.uint8, generator=generator)
+    offsets = torch.randint(-1, 2, (batch, 2), generator=generator)
+    shifted = data.shift(pixels, offsets)
+    for n, (dy, dx) in enumerate(offsets.tolist()):
+        expected = torch.roll(pixels[n], (dy, dx), dims=(1, 2))
+        if dy:
+            expected[:, 0 if dy > 0 else -1] = 0
+        if dx:
+            expected[:, :, 0 if dx > 0 else -1] = 0
+        assert torch.equal(shifted[n], expected)

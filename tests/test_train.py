@@ -3,13 +3,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from trainfer import data
 from trainfer.dual import DualModule
 from trainfer.errors import BundleError
 from trainfer.modes import snapshot_modes
-from trainfer.train import evaluate, fit, load_checkpoint, logits_of, objective, save_checkpoint
+from trainfer.train import _decode, _encode, evaluate, fit, load_checkpoint, logits_of, objective, save_checkpoint
 
 
 class TinyNet(DualModule):
@@ -203,3 +205,46 @@ def test_fit_saves_the_best_epoch_as_a_bundle(tmp_path):
     saved = evaluate(load(tmp_path / "best"), loaders.val)
     assert saved == {"loss": result.best_val_loss, "accuracy": result.best_val_accuracy}
     assert [p.name for p in tmp_path.iterdir()] == ["best"]
+
+
+_leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**53), 2**53),
+    st.floats(allow_nan=False),
+    st.text(max_size=5),
+    st.builds(
+        lambda n, seed: torch.randn(n, generator=torch.Generator().manual_seed(seed)),
+        st.integers(0, 4),
+        st.integers(0, 99),
+    ),
+)
+_states = st.recursive(
+    _leaves,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.lists(inner, max_size=3).map(tuple),
+        st.dictionaries(st.one_of(st.integers(0, 9), st.text(min_size=1, max_size=4)), inner, max_size=3),
+    ),
+    max_leaves=12,
+)
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return type(b) is dict and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return type(a) is type(b) and a == b
+
+
+@settings(max_examples=60)
+@given(state=_states)
+def test_checkpoint_state_encoding_round_trips_through_json(state):
+    import json
+
+    tensors = {}
+    encoded = json.loads(json.dumps(_encode(state, "state", tensors)))
+    assert _same(_decode(encoded, tensors), state)
