@@ -171,7 +171,9 @@ def _deploy(
     reference = copy.deepcopy(working) if check else None
     report.before = _counts_of_original(working, arguments)
     leaves = _leaf_names(working)
-    folded, log = _fold(_in_float64(working), _cast(arguments, torch.float64), protocols, report)
+    working = _in_float64(working)
+    report.protocols = apply_protocols(working) if protocols else []
+    folded, log = fold(working, _cast(arguments, torch.float64))
     _record(report, log)
     pairs = {region.name: region.members[-1] for region in report.regions}
     if reference is not None and dtype != torch.float64:
@@ -230,15 +232,6 @@ def _strip_hooks(model: nn.Module) -> int:
 
 def _cast(arguments: tuple[Any, ...], dtype: torch.dtype) -> tuple[Any, ...]:
     return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in arguments)
-
-
-def _fold(
-    working: nn.Module, arguments: tuple[Any, ...], protocols: bool, report: DeployReport | None
-) -> tuple[nn.Module, FoldLog]:
-    calls = apply_protocols(working) if protocols else []
-    if report is not None:
-        report.protocols = calls
-    return fold(working, arguments)
 
 
 def _record(report: DeployReport, log: FoldLog) -> None:
