@@ -22,7 +22,7 @@ from trainfer.cli.common import friendly_errors
     type=click.Path(file_okay=False, path_type=Path),
     help="Output directory; replaced only after a successful run.",
 )
-@click.option("--epochs", default=15, show_default=True, type=click.IntRange(min=0), help="Training epochs.")
+@click.option("--epochs", default=15, show_default=True, type=click.IntRange(min=1), help="Training epochs.")
 @click.option("--seed", default=0, show_default=True, help="Seed of initialisation, shuffling, augmentation, Dropout.")
 @click.option("--subset", type=click.IntRange(min=1), help="Train on the first N training images only (quick runs).")
 @click.option(
