@@ -75,8 +75,11 @@ def test_measurements_cover_every_form(demo_run):
     _, _, results = demo_run
     measure = results["measure"]
     assert list(measure["forms"]) == ["training form (eval)", "deploy form", "ONNX Runtime"]
+    reference = measure["forms"]["training form (eval)"]
     for form in measure["forms"].values():
         assert 0 < form["latency_ms"] <= form["latency_p90_ms"] and form["throughput"] > 0
+        assert form["speedup_latency"] == pytest.approx(reference["latency_ms"] / form["latency_ms"])
+        assert form["speedup_throughput"] == pytest.approx(form["throughput"] / reference["throughput"])
     assert measure["memory"]["with_grad"] > measure["memory"]["inference_mode"] > 0
     counts = results["deploy"]["counts"]
     assert counts["batch-norm kernels run"] == {"train": 16, "deploy": 0}

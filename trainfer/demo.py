@@ -355,6 +355,10 @@ def _measure(trained: nn.Module, deployed: nn.Module, onnx: Callable | None, inp
     with torch.inference_mode():
         without = peak_memory(lambda: eval_copy(many))
     notes = [] if onnx is not None else ["ONNX Runtime not timed: the export step was skipped (see section 7)."]
+    reference = measured["training form (eval)"]
+    for form in measured.values():  # ratios of figures measured in this one run, interleaved
+        form["speedup_latency"] = reference["latency_ms"] / form["latency_ms"]
+        form["speedup_throughput"] = form["throughput"] / reference["throughput"]
     return {
         "forms": measured,
         "batch": len(many),

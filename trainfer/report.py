@@ -243,6 +243,7 @@ def _measure(results: Results) -> str:
             f"{form['latency_ms']:.3f}",
             f"{form['latency_p90_ms']:.3f}",
             f"{form['throughput']:,.0f}",
+            f"{form['speedup_latency']:.1f}x / {form['speedup_throughput']:.1f}x",
             f"{form['parameters']:,}" if form.get("parameters") is not None else "-",
             f"{form['macs']:,}" if form.get("macs") is not None else "-",
         ]
@@ -258,6 +259,7 @@ def _measure(results: Results) -> str:
                 "latency b=1 (ms, median)",
                 "p90 (ms)",
                 f"throughput b={measure['batch']} (/s)",
+                "vs training form (latency / throughput)",
                 "parameters",
                 "MACs",
             ],
