@@ -1,9 +1,6 @@
 """Ensembles: weighted averages of the members' own numbers, spreads, validation, refusals."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +8,7 @@ import torch
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from serving_models import TESTS, save_bundle, write_pngs
+from serving_models import save_bundle, write_pngs
 
 import trainfer
 from trainfer.cli import main
@@ -195,17 +192,12 @@ def test_csv_members_must_read_the_same_columns():
 
 def test_cli_serves_several_bundles_as_their_ensemble(bundles, members, tmp_path):
     paths = [str(p) for p in write_pngs(tmp_path / "images", 3)]
-    env = {**os.environ, "PYTHONPATH": str(TESTS)}
-    command = [sys.executable, "-m", "trainfer", "predict", *map(str, bundles["classification"][:3]), *paths]
-    run = subprocess.run(
-        [*command, "--weights", "1,2,1", "--top-k", "3", "--format", "jsonl"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    models = [str(path) for path in bundles["classification"][:3]]
+    result = CliRunner().invoke(
+        main, ["predict", *models, *paths, "--weights", "1,2,1", "--top-k", "3", "--format", "jsonl"]
     )
-    assert run.returncode == 0, run.stderr
-    records = [json.loads(line) for line in run.stdout.splitlines()]
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
     expected = Ensemble(members["classification"][:3], weights=[1, 2, 1]).predict(paths, top_k=3)
     assert [r["id"] for r in records] == paths
     assert [r["label"] for r in records] == [e.label for e in expected]
