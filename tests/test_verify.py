@@ -152,3 +152,14 @@ def test_cli_verify_exit_codes(tmp_path, monkeypatch):
     assert differ.exit_code == 1 and "first divergence: module '1'" in differ.output
     bad = CliRunner().invoke(main, ["verify", "pair:a", "pair:b"])
     assert bad.exit_code == 2 and "--input-shape is required" in bad.output
+
+
+def test_models_already_in_eval_and_dtype_run_uncopied_and_stay_clean():
+    model, broken = small_net().eval(), small_net().eval()
+    with torch.no_grad():
+        broken[0].bias += 1
+    state = copy.deepcopy(model.state_dict())
+    eq = verify(model, broken, X, dtypes=(None,))
+    assert not eq.ok and eq.divergence == "0"
+    assert all(not m._forward_hooks for m in [*model.modules(), *broken.modules()]), "capture hooks removed"
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

@@ -38,7 +38,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
@@ -264,6 +266,27 @@ class _Expr:
     cost: int = 0
 
 
+def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
+    """Record each node's output shape and dtype as ``node.meta["tensor_meta"]``.
+
+    Fake tensors compute no arithmetic (the training form at full resolution costs milliseconds);
+    graphs fake tensors cannot run (data-dependent values) run for real through ``ShapeProp``.
+    """
+    with torch.no_grad():
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                FakeTensorProp(gm, mode).propagate(
+                    *(mode.from_tensor(a) if isinstance(a, Tensor) else a for a in inputs)
+                )
+        except Exception:  # noqa: BLE001 - any op fake tensors do not support: fall back to real execution
+            ShapeProp(gm).propagate(*inputs)
+            return
+    for node in gm.graph.nodes:
+        value = node.meta.get("val")
+        if isinstance(value, Tensor):
+            node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+
+
 class _NotConstant(Exception):
     """A node's value depends on the model's inputs."""
 
@@ -357,8 +380,7 @@ class _GraphFolder:
     def run(self, inputs: tuple[Any, ...]) -> fx.GraphModule:
         self._drop_eval_noops()
         self._split_padding_modes()
-        with torch.no_grad():
-            ShapeProp(self.gm).propagate(*inputs)
+        _propagate_shapes(self.gm, inputs)
         roots = self._regions()
         while costly := [(root, expr) for root, expr in roots if _macs(expr.op, root) > expr.cost]:
             for root, expr in costly:

@@ -145,7 +145,11 @@ def verify(
 
 
 def _eval_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    return copy.deepcopy(model).to(dtype).eval()
+    """``model`` in eval mode and ``dtype``: itself if it already is (running it then changes nothing)."""
+    ready = not any(m.training for m in model.modules()) and all(
+        t.dtype == dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()
+    )
+    return model if ready else copy.deepcopy(model).to(dtype).eval()
 
 
 def _inputs(arguments: tuple[Any, ...], dtype: torch.dtype, count: int, seed: int) -> Iterator[tuple[Any, ...]]:
