@@ -112,3 +112,17 @@ def test_refuses_to_replace_a_directory_that_is_not_a_demo_output(tmp_path):
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
     result = CliRunner().invoke(main, ["demo", "--epochs", "-1"])
     assert result.exit_code == 2 and "-1 is not in the range x>=1" in result.output
+
+
+def test_a_missing_optional_dependency_is_reported_as_skipped(demo_run, tmp_path, monkeypatch):
+    _, _, results = demo_run
+    monkeypatch.setitem(__import__("sys").modules, "captum", None)  # `import captum` now fails
+    results = {**results, "skipped": {}}
+    del results["explain"]
+    assert demo._optional(results, "explain", lambda: demo._need("captum", "explanations")) is None
+    assert results["skipped"]["explain"].startswith("explanations needs `captum`, which is not available here")
+
+    from trainfer.report import write_report
+
+    report = write_report(results, tmp_path).read_text()
+    assert "_Skipped: explanations needs `captum`" in report and "heat maps (`Predictor.explain`)" not in report

@@ -15,8 +15,9 @@ The steps, each reading the previous one's artefacts (all written into one outpu
 
 The output is built in a temporary directory beside ``--out`` and swapped in only after every
 step succeeded, so a failed or interrupted (Ctrl-C) run leaves the previous output as it was.
-A step whose trainfer module or optional dependency is not installed is recorded as skipped,
-with the reason, in the report; it never shows an invented number.
+A step whose optional dependency (``onnx``/``onnxruntime`` for the export, ``captum`` for the heat
+maps) is not installed is recorded as skipped, with the reason, in the report; it never shows an
+invented number.
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ from trainfer.bench import Timing, count_macs, count_parameters, num_threads, pe
 from trainfer.bundle import load
 from trainfer.deploy import deploy
 from trainfer.errors import ModeWarning
+from trainfer.export import export, load_onnx
 from trainfer.guard import guard
 from trainfer.inspection import inspect
 from trainfer.modes import inference
+from trainfer.predict import Predictor
 from trainfer.report import write_report
 from trainfer.testing import relative_error
 from trainfer.train import fit, logits_of
@@ -130,14 +133,14 @@ def _pipeline(options: DemoOptions, work: Path, device: torch.device, echo: Call
     results["training"] = _train(options, work, device)
     if not distributed.is_main():
         return None
-    trained = load(work / "bundle_train").eval()
+    bundle = work / "bundle_train"
+    trained = load(bundle).eval()
     test = data.splits()["test"]
     inputs, labels = data.normalize(test.pixels), test.labels
-    echo(f"[2/8] training-form bundle (best epoch {results['training']['best_epoch']}): {work / 'bundle_train'}")
+    echo(f"[2/8] training-form bundle (best epoch {results['training']['best_epoch']}): {bundle}")
 
     echo("[3/8] deploying with trainfer.deploy (automatic folding)")
     deployed = _deploy(trained, inputs, results, echo)
-    bundle = work / "bundle_train"
     echo("[4/8] comparing the two forms on the test set")
     predictions = _agreement(trained, deployed, inputs, labels, results)
     results["confusion"] = _confusion(predictions, labels)
@@ -148,9 +151,7 @@ def _pipeline(options: DemoOptions, work: Path, device: torch.device, echo: Call
     results["measure"] = _measure(trained, deployed, onnx, inputs, options.repeats)
     echo("[7/8] predicting test digits saved as PNG files through `trainfer predict`")
     served = work / "digits.onnx" if "export" in results else bundle
-    _optional(
-        results, "predict", lambda: _predict_pngs(served, test, predictions, work, options.predict_count, results)
-    )
+    _predict_pngs(served, test, predictions, work, options.predict_count, results)
     echo("[8/8] per-layer train/eval divergence, explanations, report")
     _inspect(trained, inputs, work, results)
     _optional(results, "explain", lambda: _explain(bundle, test, predictions, work, results))
@@ -162,7 +163,7 @@ def _pipeline(options: DemoOptions, work: Path, device: torch.device, echo: Call
 
 
 def _optional(results: dict, step: str, action: Callable[[], Any]) -> Any:
-    """Run ``action``; if a module or optional dependency it needs is missing, record why."""
+    """Run ``action``; if an optional dependency it needs is missing, record why and go on."""
     try:
         return action()
     except _Unavailable as error:
@@ -171,7 +172,7 @@ def _optional(results: dict, step: str, action: Callable[[], Any]) -> Any:
 
 
 class _Unavailable(Exception):
-    """A step cannot run here: a module it needs is not installed."""
+    """A step cannot run here: an optional dependency it needs is not installed."""
 
 
 def _need(module: str, what: str) -> Any:
@@ -319,16 +320,15 @@ def _prediction_stats(name: str, logits: Tensor, labels: Tensor) -> dict[str, An
 def _export(bundle: Path, work: Path, results: dict) -> Callable[[Tensor], Tensor]:
     """``digits.onnx`` exported from the training bundle (``trainfer.export`` deploys it and checks the file
     against PyTorch; the bundle's manifest, with its preprocessing, travels inside) and a callable on it."""
-    export = _need("trainfer.export", "ONNX export")
     _need("onnx", "ONNX export")
     _need("onnxruntime", "running the ONNX file")
-    report = export.export(bundle, work / "digits.onnx", format="onnx")
+    report = export(bundle, work / "digits.onnx", format="onnx")
     results["export"] = {
         "file": "digits.onnx",
         "max_abs_error": report.max_abs_error,
         "max_rel_error": report.max_rel_error,
     }
-    return export.load_onnx(work / "digits.onnx")[0]
+    return load_onnx(work / "digits.onnx")[0]
 
 
 def _measure(trained: nn.Module, deployed: nn.Module, onnx: Callable | None, inputs: Tensor, repeats: int) -> dict:
@@ -380,8 +380,6 @@ def _interleaved(forms: dict[str, Callable], inputs: Tensor, repeats: int, round
 def _predict_pngs(bundle: Path, test: data.Split, predicted: Tensor, work: Path, count: int, results: dict) -> None:
     """Write test digits as PNG files and predict them with the CLI; ``predicted`` are the deploy
     form's classes for the same digits as training tensors (:func:`trainfer.data.normalize`)."""
-    _need("trainfer.cli.predict", "the `trainfer predict` command")
-    from trainfer.predict import Predictor
 
     directory = work / "digits"
     directory.mkdir()
@@ -430,7 +428,6 @@ def _explain(bundle: Path, test: data.Split, predicted: Tensor, work: Path, resu
     """Integrated-gradients heat maps for one correctly and one wrongly classified test digit."""
     _need("captum", "explanations")
     from trainfer.attribution import explain_to_files
-    from trainfer.predict import Predictor
 
     wrong = (predicted != test.labels).nonzero().flatten().tolist()
     right = (predicted == test.labels).nonzero().flatten().tolist()
