@@ -3,15 +3,16 @@
 Runs the real command in fresh processes — one process, then ``torchrun --nproc_per_node P`` — each
 on a small and a large directory of generated PNGs (a digits_net bundle), and prints from one run:
 
-* images/s end to end, and marginal images/s: the large run's extra images over its extra seconds,
-  which cancels start-up (imports, process group, model load);
+* images/s end to end, and steady images/s: the records written after the first flush over the
+  time to the last write (the output file is watched), which leaves out start-up (imports, process
+  group, model load) and teardown;
 * peak RSS: the largest process of the command's tree (``os.wait4``; torchrun waits for its ranks);
-* ratios: P-process over 1-process marginal throughput, and large over small peak RSS (bounded
-  memory: about 1.0 whatever the input count);
+* ratios: P-process over 1-process steady throughput on the large directory, and large over small
+  peak RSS (bounded memory: about 1.0 whatever the input count);
 * whether the P-process output equals the 1-process output byte for byte.
 
     .venv/bin/python benchmarks/bench_batch_predict.py [--images 20000] [--small 2000] [--procs 2]
-        [--batch-size 64] [--plot runs/batch_predict.png]
+        [--batch-size 64] [--threads 1] [--plot runs/batch_predict.png]
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Run:
     procs: int
     images: int
     seconds: float
+    steady_rate: float
     peak_mib: float
     out: Path
 
@@ -77,20 +79,25 @@ def command(procs: int, bundle: Path, images: Path, out: Path, batch_size: int) 
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", *predict]
 
 
-def run(procs: int, bundle: Path, images: Path, work: Path, batch_size: int) -> Run:
-    """Time one command in a fresh process tree; its peak RSS comes from ``wait4``."""
+def run(procs: int, bundle: Path, images: Path, work: Path, batch_size: int, threads: int) -> Run:
+    """Time one command in a fresh process tree, watching its output; peak RSS comes from ``wait4``."""
     count = sum(1 for _ in images.iterdir())
     out = work / f"preds-{procs}p-{count}.jsonl"
-    threads = max(1, (os.cpu_count() or 1) // procs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    first: tuple[float, int] | None = None  # (time, records) at the first flush seen
     with open(work / f"{out.stem}.log", "w") as log:
         start = time.perf_counter()
         process = subprocess.Popen(command(procs, bundle, images, out, batch_size), env=env, stdout=log, stderr=log)
-        _, status, usage = os.wait4(process.pid, 0)
+        while not (waited := os.wait4(process.pid, os.WNOHANG))[0]:
+            if first is None and out.exists() and out.stat().st_size:
+                first = (time.time(), len(out.read_bytes().splitlines()))
+            time.sleep(0.002)
         seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
+    _, status, usage = waited
+    if os.waitstatus_to_exitcode(status) != 0 or first is None:
         sys.exit(f"{procs}-process run failed:\n{(work / f'{out.stem}.log').read_text()[-3000:]}")
-    return Run(procs, count, seconds, usage.ru_maxrss / 1024, out)
+    steady = (count - first[1]) / max(out.stat().st_mtime - first[0], 1e-9)
+    return Run(procs, count, seconds, steady, usage.ru_maxrss / 1024, out)
 
 
 def main() -> None:
@@ -100,6 +107,9 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=2, help="processes of the torchrun runs")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--width", type=int, default=8, help="digits_net width")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per process (torchrun's default, 1, for both)"
+    )
     parser.add_argument("--plot", help="write a PNG of throughput and peak RSS here")
     args = parser.parse_args()
     if not 0 < args.small < args.images:
@@ -110,31 +120,28 @@ def main() -> None:
         bundle = make_bundle(work / "bundle", args.width)
         small = make_images(work / "small", args.small)
         large = make_images(work / "large", args.images, seed=1)
-        runs = {
-            (procs, size): run(procs, bundle, images, work, args.batch_size)
-            for procs in (1, args.procs)
+        runs = {  # interleaved, so that drifting machine load hits both process counts alike
+            (procs, size): run(procs, bundle, images, work, args.batch_size, args.threads)
             for size, images in (("small", small), ("large", large))
+            for procs in (1, args.procs)
         }
+        print(f"batch size {args.batch_size}, {args.threads} torch thread(s) per process, {os.cpu_count()} CPUs")
         identical = filecmp.cmp(runs[1, "large"].out, runs[args.procs, "large"].out, shallow=False)
         report(runs, args.procs, identical)
     if args.plot:
         plot(runs, args.procs, args.plot)
 
 
-def marginal_rate(small: Run, large: Run) -> float:
-    return (large.images - small.images) / (large.seconds - small.seconds)
-
-
 def report(runs: dict[tuple[int, str], Run], procs: int, identical: bool) -> None:
-    print(f"{'processes':>9} {'images':>7} {'seconds':>8} {'images/s':>9} {'peak RSS MiB':>13}")
-    for run in runs.values():
-        print(
-            f"{run.procs:>9} {run.images:>7} {run.seconds:>8.2f} {run.images / run.seconds:>9.0f} {run.peak_mib:>13.0f}"
-        )
-    one = marginal_rate(runs[1, "small"], runs[1, "large"])
-    many = marginal_rate(runs[procs, "small"], runs[procs, "large"])
-    print(f"marginal images/s (start-up cancelled): 1 process {one:.0f}, {procs} processes {many:.0f}")
-    print(f"ratio {procs} processes / 1 process (marginal images/s): {many / one:.2f}")
+    print(f"{'processes':>9} {'images':>7} {'seconds':>8} {'images/s':>9} {'steady images/s':>16} {'peak RSS MiB':>13}")
+    for r in runs.values():
+        rate = r.images / r.seconds
+        print(f"{r.procs:>9} {r.images:>7} {r.seconds:>8.2f} {rate:>9.0f} {r.steady_rate:>16.0f} {r.peak_mib:>13.0f}")
+    one, many = runs[1, "large"], runs[procs, "large"]
+    print(
+        f"ratio {procs} processes / 1 process, steady images/s on {one.images} images: "
+        f"{many.steady_rate / one.steady_rate:.2f}"
+    )
     for p in (1, procs):
         large, small = runs[p, "large"], runs[p, "small"]
         growth = large.peak_mib / small.peak_mib
@@ -150,10 +157,10 @@ def plot(runs: dict[tuple[int, str], Run], procs: int, path: str) -> None:
 
     figure, (speed, memory) = plt.subplots(1, 2, figsize=(9, 3.5))
     labels = [f"{p} process{'es' if p > 1 else ''}" for p in (1, procs)]
-    rates = [marginal_rate(runs[p, "small"], runs[p, "large"]) for p in (1, procs)]
+    rates = [runs[p, "large"].steady_rate for p in (1, procs)]
     speed.bar(labels, rates, color=["tab:blue", "tab:orange"])
-    speed.set_ylabel("images/s (marginal)")
-    speed.set_title("throughput")
+    speed.set_ylabel("images/s (steady)")
+    speed.set_title(f"throughput, {runs[1, 'large'].images} PNGs")
     offsets = np.arange(2)
     for shift, size in ((-0.2, "small"), (0.2, "large")):
         heights = [runs[p, size].peak_mib for p in (1, procs)]
