@@ -29,7 +29,7 @@ import trainfer
 from trainfer.bench import num_threads, time_forms
 from trainfer.bundle import atomic_file
 from trainfer.models import reparameterize, repvgg_a0
-from trainfer.testing import assert_close, randomize_batchnorm
+from trainfer.testing import assert_close, count_aten_ops, randomize_batchnorm
 
 TARGET = 1.03
 #: RepVGG-A0: blocks per stage and widths (64 * 0.75 for the first stages, 512 * 2.5 for the last).
@@ -127,6 +127,7 @@ def main() -> None:
         user_forms = {"train (eval)": user, "fx fuse": fuse(user), "deploy": deployed, "plain": plain_model(deployed)}
         assert_close(deployed(x), user(x))
         assert_close(user_forms["plain"](x), deployed(x))
+        same_ops = count_aten_ops(deployed, x) == count_aten_ops(user_forms["plain"], x)
         ours = randomize_batchnorm(repvgg_a0()).eval()
         zoo_forms = {
             "fx fuse": fuse(ours),
@@ -144,6 +145,7 @@ def main() -> None:
     ratio = report_ratios(user_timings, "deploy", "plain")
     print(f"  deploy / plain Conv+ReLU = {ratio:.3f} ({'meets' if ratio <= TARGET else 'misses'} the {TARGET} target)")
     print(f"  fx fuse / deploy         = {report_ratios(user_timings, 'fx fuse', 'deploy'):.3f}")
+    print(f"  deploy executes the same aten ops as the plain chain: {same_ops}")
     print(f"  train (eval) / deploy    = {report_ratios(user_timings, 'train (eval)', 'deploy'):.3f}")
     print("trainfer.models.repvgg_a0 (median ms):")
     for name, timing in zoo_timings.items():
