@@ -29,8 +29,9 @@ def write_report(results: Results, directory: str | Path) -> Path:
     for key, draw in _DRAWERS.items():
         if key in results:
             _save(draw(results[key]), directory / PLOTS[key])
+    sections = [section(results) for section in _SECTIONS]
     path = directory / "report.md"
-    path.write_text("\n\n".join(section(results) for section in _SECTIONS if section(results)) + "\n", "utf-8")
+    path.write_text("\n\n".join(text for text in sections if text) + "\n", "utf-8")
     return path
 
 
