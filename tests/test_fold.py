@@ -458,6 +458,6 @@ def test_algebra_aligns_the_dilation_of_pointwise_branches():
                              padding=(2, 2), dilation=(2, 2))  # fmt: skip
     point = algebra.ConvOp(torch.randn(4, 4, 1, 1, dtype=torch.float64), torch.zeros(4, dtype=torch.float64))
     aligned = algebra.align_pointwise_dilation([dilated, point])
-    assert aligned[1].dilation == (2, 2) and aligned[0] is not None
+    assert aligned[1].dilation == (2, 2) and aligned[0].dilation == (2, 2)
     x = torch.randn(1, 4, 9, 9, dtype=torch.float64)
     assert_close(algebra.add([dilated, point])(x), dilated(x) + point(x))
