@@ -322,3 +322,22 @@ def test_cli_exit_codes_for_bad_input_and_equivalence_failure(factory, tmp_path,
     failed = run_cli("deploy", factory, "--input-shape", "1,3,8,8", "-o", out)
     assert failed.exit_code == 1 and "first divergence" in failed.output
     assert not (tmp_path / "out").exists(), "nothing is written when verification fails"
+
+
+def test_bfloat16_model_is_folded_in_float64_and_rounded_once():
+    model = net().to(torch.bfloat16)
+    x = X.to(torch.bfloat16)
+    deployed = trainfer.deploy(model, x)
+    assert next(deployed.parameters()).dtype == torch.bfloat16
+    assert set(deployed.trainfer_report.verification) == {"float64", "bfloat16"}
+    assert deployed.trainfer_report.verification["float64"].max_rel_error <= 1e-9
+
+
+def test_deploy_architecture_does_not_depend_on_the_statistics():
+    """Bundles rebuild a deploy form from the factory with other BatchNorm statistics, then load weights."""
+    trained, other = net(), randomize_batchnorm(net(), seed=7)
+    a, b = trainfer.deploy(trained, X, verify=False), trainfer.deploy(other, X, verify=False)
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    b.load_state_dict(a.state_dict())
+    for got, expected in zip(b(X), trained.eval()(X), strict=True):
+        assert_close(got, expected)
