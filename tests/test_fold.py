@@ -461,3 +461,21 @@ def test_algebra_aligns_the_dilation_of_pointwise_branches():
     assert aligned[1].dilation == (2, 2) and aligned[0].dilation == (2, 2)
     x = torch.randn(1, 4, 9, 9, dtype=torch.float64)
     assert_close(algebra.add([dilated, point])(x), dilated(x) + point(x))
+
+
+class ItemScaled(nn.Module):
+    """``.item()`` in the graph: fake tensors cannot propagate it, real shape propagation takes over."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = conv_bn(3, 4, 3, 1, 1)
+
+    def forward(self, x):
+        y = self.body(x)
+        return y / (1.0 + y.abs().max().item())
+
+
+def test_graph_with_data_dependent_scalars_still_folds():
+    x = torch.randn(2, 3, 6, 6)
+    gm, _ = folded(ItemScaled(), x)
+    assert convs(gm, x) == 1 and bns(gm, x) == 0
