@@ -305,11 +305,23 @@ def test_batch_norm_subclasses_sync_batch_norm_and_computed_weights_fold():
     assert count_aten_ops(gm, x.double())["relu"] == 3
 
 
-def test_reflect_padded_conv_still_absorbs_its_batch_norm():
+class SharedReflectConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")
+        self.bn1, self.bn2 = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn2(self.conv(torch.relu(self.bn1(self.conv(x)))))
+
+
+def test_reflect_padded_conv_still_absorbs_its_batch_norm_also_when_shared():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(4), nn.ReLU())
     x = torch.randn(1, 3, 6, 6)
     gm, _ = folded(model, x)
     assert convs(gm, x) == 1 and bns(gm, x) == 0
+    gm, _ = folded(SharedReflectConv(), x)
+    assert convs(gm, x) == 2 and bns(gm, x) == 0
 
 
 class AuxHead(nn.Module):

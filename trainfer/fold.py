@@ -428,15 +428,20 @@ class _GraphFolder:
 
         The pad is not a convolution, but the conv after it then is one and can take a BatchNorm.
         """
-        for node in list(self.gm.graph.nodes):
-            module = self.modules.get(node.target) if node.op == "call_module" else None
-            if not isinstance(module, nn.Conv2d) or module.padding_mode == "zeros":
-                continue
+        calls = [
+            (node, self.modules[node.target])
+            for node in self.gm.graph.nodes
+            if node.op == "call_module"
+            and isinstance(self.modules[node.target], nn.Conv2d)
+            and self.modules[node.target].padding_mode != "zeros"
+        ]
+        for node, module in calls:  # every call first: a shared conv is converted once, after
             pads = tuple(module._reversed_padding_repeated_twice)
             with self.gm.graph.inserting_before(node):
                 padded = self.gm.graph.call_function(F.pad, (node.args[0], pads), {"mode": module.padding_mode})
-            module.padding, module.padding_mode = (0, 0), "zeros"
             node.args = (padded, *node.args[1:])
+        for _, module in calls:
+            module.padding, module.padding_mode = (0, 0), "zeros"
 
     # -- constants --------------------------------------------------------------------------------
 
