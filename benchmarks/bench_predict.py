@@ -18,6 +18,7 @@ beside it.
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 import torch
@@ -65,12 +66,14 @@ def main() -> None:
         f"postprocess {stages.postprocess / stages.batches * 1e3:.2f} ms"
     )
     fastest = min(timings["Predictor.predict"].samples) / min(timings["bare model(x)"].samples)
-    around = (stages.preprocess + stages.postprocess) / stages.forward
+    around = statistics.median(b["preprocess"] + b["postprocess"] for b in stages.history) / statistics.median(
+        b["forward"] for b in stages.history
+    )
     print(
         f"  overhead ratio Predictor / bare = {served / bare:.4f} (medians), {fastest:.4f} (fastest calls); "
         "target < 1.03"
     )
-    print(f"  work outside the forward pass (preprocess + postprocess) / forward = {around:.4%}")
+    print(f"  work outside the forward pass (preprocess + postprocess) / forward = {around:.4%} (per-batch medians)")
     if args.plot is not None:
         plot(args, timings, stages, args.plot)
         print(f"  plot: {args.plot}")
