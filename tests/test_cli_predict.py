@@ -161,3 +161,42 @@ def test_export_then_predict_with_the_onnx_file(image_bundle, tmp_path):
     )
     failed = CliRunner().invoke(main, ["export", str(tmp_path / "nothing"), "-o", str(tmp_path / "x.onnx")])
     assert failed.exit_code == 2 and "no trainfer bundle" in failed.output
+
+
+def test_records_flatten_for_tables_and_csv():
+    import io
+
+    from trainfer.cli.predict import write_results
+    from trainfer.predict import BinaryResult, ClassificationResult, MultiHeadResult, RegressionResult
+
+    result = MultiHeadResult(
+        {
+            "digit": ClassificationResult(2, "two", 0.75, [("two", 0.75), ("one", 0.125)]),
+            "size": RegressionResult([1.5, -2.0], ("w", "h")),
+            "odd": BinaryResult(0.25, False, 0.5, None),
+        }
+    )
+    out = io.StringIO()
+    assert write_results([("a.png", result)], "csv", out) == 1
+    header, row = out.getvalue().splitlines()
+    assert header.split(",") == [
+        "id",
+        "digit.index",
+        "digit.label",
+        "digit.probability",
+        "digit.top_k",
+        "size.values",
+        "size.named.w",
+        "size.named.h",
+        "odd.probability",
+        "odd.decision",
+        "odd.threshold",
+    ]
+    assert row == "a.png,2,two,0.75,two=0.75 one=0.125,1.5 -2,1.5,-2.0,0.25,False,0.5"
+    table = io.StringIO()
+    write_results([("a.png", result), ("b.png", result)], "table", table)
+    lines = table.getvalue().splitlines()
+    assert len(lines) == 3 and lines[0].split()[:3] == ["id", "digit.index", "digit.label"]
+    jsonl = io.StringIO()
+    write_results([("a.png", result)], "jsonl", jsonl)
+    assert json.loads(jsonl.getvalue())["size"]["named"] == {"w": 1.5, "h": -2.0}
