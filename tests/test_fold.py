@@ -491,3 +491,23 @@ def test_graph_with_data_dependent_scalars_still_folds():
     x = torch.randn(2, 3, 6, 6)
     gm, _ = folded(ItemScaled(), x)
     assert convs(gm, x) == 1 and bns(gm, x) == 0
+
+
+class InputConditioned(nn.Module):
+    """BatchNorm whose affine weight, and a conv whose bias, are computed from the input: not constants."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(3, 4)
+        self.mix = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        gamma = self.fc(x.mean((2, 3))).mean(0)
+        y = F.batch_norm(self.conv(x), self.bn.running_mean, self.bn.running_var, gamma, None, False)
+        return F.conv2d(y, self.mix.weight, gamma)
+
+
+def test_parameters_computed_from_the_input_are_not_folded():
+    x = torch.randn(2, 3, 7, 7)
+    gm, log = folded(InputConditioned(), x)
+    assert bns(gm, x) == 1 and not log.regions

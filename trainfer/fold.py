@@ -507,7 +507,10 @@ class _GraphFolder:
             bound = _bind(node, "batch_norm")
             if bound["training"] is not False or bound["running_mean"] is None:
                 return None
-            stats = [self._tensor_constant(bound[k]) for k in ("running_mean", "running_var", "weight", "bias")]
+            names = ("running_mean", "running_var", "weight", "bias")
+            stats = [self._tensor_constant(bound[k]) for k in names]
+            if any(value is None and bound[k] is not None for k, value in zip(names, stats)):
+                return None  # statistics or affine parameters computed from the input
             affine = algebra.batch_norm_affine(stats[0], stats[1], stats[2], stats[3], bound["eps"])
             return self._chain(node, bound["input"], self._affine(node, *affine))
         if key in _PAD and rank == 4:
@@ -566,7 +569,7 @@ class _GraphFolder:
         weight = self._tensor_constant(bound["weight"])
         if weight is None:
             raise _NotConstant("conv weight")
-        bias = self._tensor_constant(bound["bias"]) if bound["bias"] is not None else weight.new_zeros(weight.shape[0])
+        bias = self._constant_bias(bound["bias"], weight)
         padding = bound["padding"]
         if isinstance(padding, str):
             padding = algebra._resolve_string_padding(
@@ -582,12 +585,21 @@ class _GraphFolder:
         )
         return self._then(op)
 
+    def _constant_bias(self, bias: Any, weight: Tensor) -> Tensor:
+        """The bias as a constant tensor (zeros when absent); raises :class:`_NotConstant` otherwise."""
+        if bias is None:
+            return weight.new_zeros(weight.shape[0])
+        value = self._tensor_constant(bias)
+        if value is None:
+            raise _NotConstant("bias")
+        return value
+
     def _dense(self, weight: Any, bias: Any) -> Callable[[ConvOp | None, fx.Node], ConvOp]:
         """``nn.Linear``/``F.linear`` as a 1x1 conv over ``(N, features, 1, 1)``."""
         weight_ = self._tensor_constant(weight)
         if weight_ is None:
             raise _NotConstant("linear weight")
-        bias_ = self._tensor_constant(bias) if bias is not None else weight_.new_zeros(weight_.shape[0])
+        bias_ = self._constant_bias(bias, weight_)
         return self._then(ConvOp(weight_[:, :, None, None], bias_))
 
     def _affine(self, node: fx.Node, scale: Tensor, shift: Tensor | None) -> Callable[[ConvOp | None, fx.Node], ConvOp]:
