@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from serving_models import save_bundle, write_pngs
 
 import trainfer
@@ -206,3 +208,20 @@ def test_cli_out_resumes_a_csv(tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0 and out.read_text() == full
     assert "6 records written" in result.output and "after 4 already there" in result.output
+
+
+@settings(max_examples=20)
+@given(count=st.integers(1, 30), batch_size=st.integers(1, 7), cut=st.floats(0, 1))
+def test_resuming_after_a_crash_at_any_byte_gives_the_uninterrupted_file(
+    predictor, tmp_path_factory, count, batch_size, cut
+):
+    samples = torch.rand(count, 1, 8, 8, generator=torch.Generator().manual_seed(count))
+    source = [(f"sample-{i}", sample) for i, sample in enumerate(samples)]
+    root = tmp_path_factory.mktemp("resume")
+    full, crashed = root / "full.jsonl", root / "crashed.jsonl"
+    predict_to_jsonl(predictor, source, full, batch_size=batch_size, progress=False)
+    data = full.read_bytes()
+    crashed.write_bytes(data[: int(cut * len(data))])
+    summary = predict_to_jsonl(predictor, source, crashed, batch_size=batch_size, progress=False)
+    assert crashed.read_bytes() == data
+    assert summary.resumed % batch_size == 0 and summary.resumed + summary.written == count
