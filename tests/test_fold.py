@@ -511,3 +511,21 @@ def test_parameters_computed_from_the_input_are_not_folded():
     x = torch.randn(2, 3, 7, 7)
     gm, log = folded(InputConditioned(), x)
     assert bns(gm, x) == 1 and not log.regions
+
+
+class ShapeDependentPad(nn.Module):
+    """Pad and pool sizes computed from the input's shape are graph values, not constants."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = conv_bn(3, 3, 1)
+
+    def forward(self, x):
+        p = x.shape[-1] // 4
+        return F.avg_pool2d(F.pad(self.body(x), [p, p, p, p]), p + 1, 1)
+
+
+def test_shape_dependent_pad_and_pool_stay_and_the_rest_folds():
+    x = torch.randn(1, 3, 8, 8)
+    gm, log = folded(ShapeDependentPad(), x)
+    assert convs(gm, x) == 1 and bns(gm, x) == 0 and [r.members for r in log.regions] == [["body.0", "body.1"]]

@@ -616,7 +616,7 @@ class _GraphFolder:
 
     def _pad(self, node: fx.Node, bound: dict[str, Any]) -> _Expr | None:
         """Zero padding after a pointwise op whose bias equals the pad value is that op with more padding."""
-        if bound["mode"] != "constant" or len(bound["pad"]) not in (2, 4):
+        if bound["mode"] != "constant" or not _static(bound["pad"], bound["value"]) or len(bound["pad"]) not in (2, 4):
             return None
         value = float(bound["value"] or 0.0)
 
@@ -631,6 +631,8 @@ class _GraphFolder:
         return self._chain(node, bound["input"], step)
 
     def _avg_pool(self, node: fx.Node, bound: dict[str, Any]) -> _Expr | None:
+        if not _static(*(bound[k] for k in ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"))):
+            return None
         if bound["ceil_mode"] or not bound["count_include_pad"] or bound["divisor_override"] is not None:
             self.kept.append(f"{self._name(node)}: only avg-pool with count_include_pad=True, ceil_mode=False folds")
             return None
@@ -825,6 +827,11 @@ class _GraphFolder:
 
 
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _static(*values: Any) -> bool:
+    """No value (nor element of a tuple/list value) is computed in the graph."""
+    return not any(isinstance(v, fx.Node) or (isinstance(v, (list, tuple)) and not _static(*v)) for v in values)
 
 
 def _is_inplace(node: fx.Node) -> bool:
