@@ -225,3 +225,10 @@ def test_resuming_after_a_crash_at_any_byte_gives_the_uninterrupted_file(
     summary = predict_to_jsonl(predictor, source, crashed, batch_size=batch_size, progress=False)
     assert crashed.read_bytes() == data
     assert summary.resumed % batch_size == 0 and summary.resumed + summary.written == count
+
+
+def test_cli_predicts_a_directory_to_stdout_with_the_ids_of_out(predictor, images, tmp_path):
+    bundle = save_bundle(tmp_path / "b", 0, labels=LABELS, preprocess={"mean": [0.5]})
+    result = CliRunner().invoke(main, ["predict", str(bundle), str(images), "--format", "jsonl", "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines(keepends=True) == expected_lines(predictor, images)

@@ -155,7 +155,7 @@ def load_serving(models: list[str], weights: list[float] | None, batch_size: int
 
 
 def batch_source(inputs: list[str], spec: PreprocessSpec) -> Any:
-    """``--out``'s inputs: one directory of images (ids relative to it), else what :func:`gather_inputs` gives."""
+    """``(id, sample)`` pairs: one directory's images (ids relative to it), else :func:`gather_inputs`'s."""
     return iter_images(inputs[0]) if len(inputs) == 1 and Path(inputs[0]).is_dir() else gather_inputs(inputs, spec)
 
 
@@ -190,7 +190,7 @@ def command(
     out: str | None,
     explain_dir: str | None,
 ) -> None:
-    """Predict INPUT... (image files, a directory of images with --out, a .npy file or a CSV file) with the
+    """Predict INPUT... (image files, a directory of images, a .npy file or a CSV file) with the
     model of BUNDLE (or a .onnx file); several bundles before the inputs serve their ensemble.
 
     Under "torchrun --nproc_per_node N -m trainfer predict ... --out preds.jsonl" the ranks share
@@ -215,7 +215,7 @@ def command(
                     f"{summary.written} records written to {out} after {summary.resumed} already there", err=True
                 )
         else:
-            items = gather_inputs(inputs, predictor.preprocess_spec)
+            items = batch_source(inputs, predictor.preprocess_spec)
             write_results(predictions(predictor, items, top_k), fmt, sys.stdout)
         if explain_dir is not None and distributed.is_main():
             from trainfer.attribution import explain_to_files
