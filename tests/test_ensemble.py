@@ -80,6 +80,7 @@ def test_classification_averages_members_probabilities(members, chosen, raw_weig
     np.testing.assert_array_equal(chosen_class, mean.argmax(1))
     np.testing.assert_allclose([r.spread for r in results], std[np.arange(7), chosen_class], atol=TOL)
     assert all(isinstance(r, EnsembleClassificationResult) and r.members == len(team) for r in results)
+    assert (ensemble.task, ensemble.labels, ensemble.spec["members"]) == ("classification", LABELS, len(team))
     assert [r.label for r in results] == [LABELS[i] for i in chosen_class]
 
 
@@ -218,3 +219,19 @@ def test_cli_refuses_a_bad_ensemble_in_one_line(bundles, tmp_path):
     for args, message in cases:
         result = CliRunner().invoke(main, ["predict", *args])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_multi_head_members_are_refused():
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 4)
+
+        def forward(self, x):
+            out = self.linear(x)
+            return {"kind": out[:, :3], "size": out[:, 3:]}
+
+    heads = {"kind": "classification", "size": "regression"}
+    member = trainfer.Predictor(TwoHeads(), heads=heads, preprocess={"input_shape": [2]})
+    with pytest.raises(ValueError, match="member 0 is 'multi-head': expected a classification, binary or regression"):
+        Ensemble([member, member])

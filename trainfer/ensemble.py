@@ -91,8 +91,9 @@ _AGREE_ON = ("task", "labels", "input_shape", "columns")
 
 
 def _agreement(spec: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`_AGREE_ON` entries of a Predictor's ``spec``."""
     columns = (spec.get("preprocess") or {}).get("columns")
-    return {**{key: spec.get(key) for key in _AGREE_ON[:3]}, "columns": columns}
+    return {"task": spec["task"], "labels": spec["labels"], "input_shape": spec["input_shape"], "columns": columns}
 
 
 def _check_members(members: list[Predictor]) -> None:
@@ -132,9 +133,9 @@ def _weights(given: Iterable[float] | None, count: int) -> Tensor:
 class Ensemble:
     """Weighted average of several :class:`~trainfer.Predictor` s (see the module docstring).
 
-    Quacks like a Predictor for serving: :meth:`predict`, :meth:`predict_iter`, ``spec``,
-    ``batch_size`` (the first member's) and ``preprocess_spec`` (the first member's: members read
-    the same input shape and columns, each then normalises in its own way).
+    Quacks like a Predictor for serving: :meth:`predict`, :meth:`predict_iter`, ``spec``, ``task``,
+    ``labels``, ``batch_size`` (the first member's) and ``preprocess_spec`` (the first member's:
+    members read the same input shape and columns, each then normalises in its own way).
     """
 
     def __init__(self, predictors: Iterable[Predictor], weights: Iterable[float] | None = None):
@@ -146,6 +147,14 @@ class Ensemble:
     @property
     def spec(self) -> dict[str, Any]:
         return {**self.members[0].spec, "members": len(self.members)}
+
+    @property
+    def task(self) -> str:
+        return self.members[0].task
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.members[0].labels
 
     @property
     def preprocess_spec(self) -> PreprocessSpec:
