@@ -145,6 +145,8 @@ def _resume(items: Iterator[Item], out: Path, batch_size: int) -> tuple[int, Ite
     again: list[Item] = []
     if distributed.is_main():
         try:
+            if not out.parent.is_dir():
+                raise FileNotFoundError(f"--out directory {str(out.parent)!r} does not exist")
             done = count_records(out)
             outcome = done - done % batch_size
             again = _skip_done(items, out, done, outcome)
@@ -202,8 +204,6 @@ def predict_to_jsonl(
     every rank calls this with the same arguments; only rank 0 writes ``out``.
     """
     out = Path(out)
-    if distributed.is_main() and not out.parent.is_dir():
-        raise FileNotFoundError(f"--out directory {str(out.parent)!r} does not exist")
     batch_size = batch_size or predictor.batch_size
     items = iter(iter_source(source, predictor.preprocess_spec) if isinstance(source, str | os.PathLike) else source)
     resumed, items = _resume(items, out, batch_size)
