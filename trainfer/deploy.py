@@ -170,9 +170,9 @@ def _deploy(
     report.hooks_not_carried = _strip_hooks(working)
     reference = copy.deepcopy(working) if check else None
     report.before = _counts_of_original(working, arguments)
-    leaves = _leaf_names(working)
     working = _in_float64(working)
     report.protocols = apply_protocols(working) if protocols else []
+    leaves = _leaf_names(working)  # after the protocols: what they replaced is not "removed"
     folded, log = fold(working, _cast(arguments, torch.float64))
     _record(report, log)
     pairs = {region.name: region.members[-1] for region in report.regions}
@@ -248,6 +248,4 @@ def _vanished(leaves: list[str], deployed: nn.Module, report: DeployReport) -> l
     survivors = {name for name, _ in deployed.named_modules()}
     folded = {member for region in report.regions for member in region.members}
     dropped = {item.split(" ")[0] for item in report.removed}
-    gone = [name for name in leaves if name not in survivors | folded | dropped]
-    reason = "replaced by a protocol or never runs in inference" if report.protocols else "never runs in inference"
-    return [f"{name}: {reason}" for name in gone]
+    return [f"{name}: never runs in inference" for name in leaves if name not in survivors | folded | dropped]
