@@ -1,7 +1,7 @@
 """Property tests: random multi-branch architectures, written in plain PyTorch, deploy exactly.
 
 Each generated block sums a random set of branches reading the same input: a main kxk conv-BN
-(always present, the largest kernel), 1x1 conv-BN, asymmetric 1xk / kx1 conv-BN, identity BN,
+(always present, the largest kernel, sometimes dilated), 1x1 conv-BN, asymmetric 1xk / kx1 conv-BN, identity BN,
 a per-channel scale, DBB's 1x1 -> kxk with BN-and-pad, and an avg-pool branch; with random
 kernels, strides, groups and channel counts. Blocks nest in sequences with ReLU between them.
 """
@@ -21,8 +21,8 @@ from trainfer.testing import assert_close, batch_norm_calls, count_aten_ops, ran
 BRANCHES = ("point", "asym", "identity", "scale", "one_k", "pool")
 
 
-def conv_bn(cin, cout, kernel, stride=1, padding=0, groups=1):
-    conv = nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=bool(torch.rand(()) < 0.5))
+def conv_bn(cin, cout, kernel, stride=1, padding=0, groups=1, dilation=1):
+    conv = nn.Conv2d(cin, cout, kernel, stride, padding, dilation, groups, bias=bool(torch.rand(()) < 0.5))
     return nn.Sequential(conv, nn.BatchNorm2d(cout))
 
 
@@ -38,10 +38,12 @@ class Scale(nn.Module):
 class Branchy(nn.Module):
     """``sum(branch(x) for branch in branches)``; every branch is exact to fold."""
 
-    def __init__(self, cin, cout, kernel, small, stride, groups, kinds):
+    def __init__(self, cin, cout, kernel, small, stride, groups, kinds, dilation=1):
         super().__init__()
         same = cin == cout and stride == 1
-        branches = [conv_bn(cin, cout, kernel, stride, kernel // 2, groups)]
+        branches = [conv_bn(cin, cout, kernel, stride, dilation * (kernel // 2), groups, dilation)]
+        if dilation > 1:  # only branches without spatial taps stay aligned with a dilated kernel
+            kinds = [kind for kind in kinds if kind in ("point", "identity", "scale")]
         for kind in kinds:
             if kind == "point":
                 branches.append(conv_bn(cin, cout, 1, stride, 0, groups))
@@ -81,6 +83,7 @@ def architectures(draw):
             draw(st.sampled_from([1, 2])),
             draw(st.sampled_from(divisors)),
             draw(st.lists(st.sampled_from(BRANCHES), max_size=4, unique=True)),
+            draw(st.sampled_from([1, 1, 2])),
         )
         blocks += [block, nn.ReLU()] if draw(st.booleans()) else [nn.Sequential(block, nn.ReLU())]
         channels = cout
