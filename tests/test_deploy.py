@@ -341,3 +341,26 @@ def test_deploy_architecture_does_not_depend_on_the_statistics():
     b.load_state_dict(a.state_dict())
     for got, expected in zip(b(X), trained.eval()(X), strict=True):
         assert_close(got, expected)
+
+
+def test_infer_path_methods_resolve_to_the_inference_path():
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
+            self.main, self.aux = nn.Linear(36, 2), nn.Linear(36, 2)
+
+        def head_infer(self, x):
+            return self.main(x)
+
+        @trainfer.infer_path(head_infer)
+        def head(self, x):
+            return self.main(x), self.aux(x)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    x = torch.randn(2, 3, 5, 5)
+    deployed = trainfer.deploy(randomize_batchnorm(Heads()), x)
+    assert isinstance(deployed(x), torch.Tensor) and not any(k.startswith("aux") for k in deployed.state_dict())
+    assert batch_norm_calls(deployed, x) == 0
