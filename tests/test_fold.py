@@ -473,6 +473,8 @@ def test_algebra_aligns_the_dilation_of_pointwise_branches():
     assert aligned[1].dilation == (2, 2) and aligned[0].dilation == (2, 2)
     x = torch.randn(1, 4, 9, 9, dtype=torch.float64)
     assert_close(algebra.add([dilated, point])(x), dilated(x) + point(x))
+    dilated_point = algebra.ConvOp(point.weight, point.bias, dilation=(2, 2))  # no taps anywhere: dilation moot
+    assert_close(algebra.add([dilated_point, point])(x), 2 * point(x))
 
 
 class ItemScaled(nn.Module):

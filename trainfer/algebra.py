@@ -329,14 +329,14 @@ def regroup(op: ConvOp, groups: int) -> ConvOp:
 
 
 def align_pointwise_dilation(ops: Sequence[ConvOp]) -> list[ConvOp]:
-    """Give each branch's 1-tap dimensions the dilation of the branches that have taps there.
+    """Give each branch's 1-tap dimensions the dilation of the branches that have taps there (else 1).
 
     Dilation spaces taps, so a dimension with one tap (a 1x1 kernel) computes the same for any
     dilation; aligning it lets a 1x1 branch add to a dilated kxk branch (exact, no change in output).
     """
-    target = [next((op.dilation[i] for op in ops if op.kernel_size[i] > 1), None) for i in range(2)]
+    target = [next((op.dilation[i] for op in ops if op.kernel_size[i] > 1), 1) for i in range(2)]
     return [
-        replace(op, dilation=tuple(t if k == 1 and t else d for t, k, d in zip(target, op.kernel_size, op.dilation)))
+        replace(op, dilation=tuple(t if k == 1 else d for t, k, d in zip(target, op.kernel_size, op.dilation)))
         for op in ops
     ]
 
