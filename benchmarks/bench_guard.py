@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import trainfer
 from trainfer.bench import time_forward
+from trainfer.bundle import atomic_file
 from trainfer.guard import GuardHandle
-from trainfer.inspection import atomic_write
 from trainfer.models import repvgg_a0
 from trainfer.testing import randomize_batchnorm
 
@@ -83,7 +82,8 @@ def plot(plain: list[float], guarded: list[float], path: str) -> None:
     axis.set_ylabel("forward time (ms)")
     axis.set_title("trainfer.guard overhead on repvgg_a0")
     figure.tight_layout()
-    atomic_write(Path(path), lambda tmp: figure.savefig(tmp, format="png"))
+    with atomic_file(path) as tmp:
+        figure.savefig(tmp, format="png")
     print(f"wrote {path}")
 
 
