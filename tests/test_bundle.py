@@ -236,6 +236,23 @@ def test_deploy_form_round_trip(tmp_path, dtype):
     assert loaded.state_dict().keys() == deployed.state_dict().keys()
 
 
+@pytest.mark.parametrize("protocols", [True, False])
+def test_deploy_options_are_replayed_on_load(tmp_path, protocols):
+    """digits_net's blocks fold under other names with protocols=False: the bundle must rebuild that form."""
+    from trainfer.deploy import deploy
+    from trainfer.models import digits_net
+
+    model = randomize_batchnorm(digits_net()).eval()
+    x = torch.randn(2, 1, 8, 8)
+    deployed = deploy(model, x, protocols=protocols)
+    trainfer.save(deployed, tmp_path / "d")
+    assert read_manifest(tmp_path / "d")["deploy_options"] == {"protocols": protocols}
+    loaded = trainfer.load(tmp_path / "d")
+    assert loaded.state_dict().keys() == deployed.state_dict().keys()
+    with trainfer.inference(model, loaded):
+        assert_close(loaded(x), model(x))
+
+
 def test_deploy_form_weights_must_fit_the_rebuilt_architecture(tmp_path):
     from trainfer.deploy import deploy
 

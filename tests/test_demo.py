@@ -24,7 +24,14 @@ def demo_run(tmp_path_factory):
 
 def test_every_artefact_exists_and_the_report_links_resolve(demo_run):
     out, printed, results = demo_run
-    for name in ["report.md", "results.json", "checkpoint.safetensors", "bundle_train/manifest.json", "digits.onnx"]:
+    for name in [
+        "report.md",
+        "results.json",
+        "checkpoint.safetensors",
+        "bundle_train/manifest.json",
+        "bundle_deploy/manifest.json",
+        "digits.onnx",
+    ]:
         assert (out / name).is_file(), name
     for plot in [
         "training_curves.png",
@@ -49,7 +56,7 @@ def test_the_two_forms_predict_identical_classes(demo_run):
     accuracies = list(agreement["accuracy"].values())
     assert accuracies[0] == accuracies[1]
 
-    # Recomputed from the artefacts: the training bundle in eval mode and the exported ONNX file.
+    # Recomputed from the artefacts: the training bundle in eval mode, the deploy bundle and the ONNX file.
     from trainfer.export import load_onnx
 
     test = data.splits()["test"]
@@ -57,6 +64,10 @@ def test_the_two_forms_predict_identical_classes(demo_run):
     trained = load(out / "bundle_train")
     with inference(trained):
         reference = trained(inputs)
+    deployed = load(out / "bundle_deploy")
+    assert deployed.trainfer_config["form"] == "deploy"
+    with inference(deployed):
+        assert torch.equal(deployed(inputs).argmax(1), reference.argmax(1))
     onnx, _ = load_onnx(out / "digits.onnx")
     assert torch.equal(onnx(inputs).argmax(1), reference.argmax(1))
     assert accuracies[0] == int((reference.argmax(1) == test.labels).sum()) / 270

@@ -149,6 +149,7 @@ def build_manifest(
         "factory": factory,
         "config": config,
         "form": _form(model, known),
+        "deploy_options": _deploy_options(model, known),
         "input": {"shape": [1, *first.shape[1:]] if first is not None else None, "dtype": spec.dtype},
         "preprocess": spec.to_dict(),
         "task": resolved[0].task if heads is None else "multi-head",
@@ -162,6 +163,12 @@ def build_manifest(
 def _form(model: nn.Module, known: dict[str, Any]) -> str:
     """``deploy`` for deploy forms (``trainfer_config["form"]``, or the report ``trainfer.deploy`` attaches)."""
     return known.get("form") or ("deploy" if hasattr(model, "trainfer_report") else "train")
+
+
+def _deploy_options(model: nn.Module, known: dict[str, Any]) -> dict[str, Any]:
+    """The options ``trainfer.deploy`` ran with (``{}`` for training forms): replayed on load."""
+    report = getattr(model, "trainfer_report", None)
+    return dict(known.get("deploy_options") or getattr(report, "options", None) or {})
 
 
 def _example_inputs(model: nn.Module, given: Any, known: dict[str, Any], preprocess: Any) -> tuple[Tensor, ...]:
@@ -339,6 +346,7 @@ def load(
         "config": manifest["config"],
         "input_shape": manifest["input"].get("shape"),
         "form": manifest["form"],
+        "deploy_options": manifest.get("deploy_options") or {},
     }
     return model
 
@@ -451,10 +459,7 @@ def build_model(manifest: Mapping[str, Any], dtype: torch.dtype | None = None) -
 
 
 def _deploy_architecture(train_form: nn.Module, manifest: Mapping[str, Any]) -> nn.Module:
-    try:
-        from trainfer.deploy import deploy
-    except ImportError:
-        raise BundleError("this is a deploy-form bundle, and loading it needs trainfer.deploy") from None
+    from trainfer.deploy import deploy
     from trainfer.testing import randomize_batchnorm
 
     shape = manifest["input"].get("shape")
@@ -462,7 +467,8 @@ def _deploy_architecture(train_form: nn.Module, manifest: Mapping[str, Any]) -> 
         raise BundleError("a deploy-form bundle needs the input shape in its manifest to rebuild its architecture")
     randomize_batchnorm(train_form)
     dtype = next((p.dtype for p in train_form.parameters() if p.is_floating_point()), torch.float32)
-    return deploy(train_form, torch.randn(*shape, dtype=dtype), verify=False)
+    options = manifest.get("deploy_options") or {}
+    return deploy(train_form, torch.randn(*shape, dtype=dtype), verify=False, **options)
 
 
 def load_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str = "the checkpoint") -> None:

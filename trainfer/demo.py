@@ -4,7 +4,7 @@ The steps, each reading the previous one's artefacts (all written into one outpu
 
 1. train ``digits_net`` with :func:`trainfer.train.fit` (progress bar per epoch; DDP under torchrun);
 2. the best epoch is saved as the training-form bundle ``bundle_train/``;
-3. that bundle is loaded and folded by ``trainfer.deploy`` (the automatic folder);
+3. that bundle is loaded and folded by ``trainfer.deploy`` (the automatic folder), saved as ``bundle_deploy/``;
 4. both forms run on the whole test set: max logit error, identical classes, accuracy of each;
 5. the "forgot ``eval()``" story: a copy run in training mode under ``no_grad``, per batch size;
 6. latency (batch 1) and throughput (batch 256) per form, through :mod:`trainfer.bench`, and peak
@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from trainfer import data, distributed
 from trainfer.bench import Timing, count_macs, count_parameters, num_threads, peak_memory, time_forward
-from trainfer.bundle import load
+from trainfer.bundle import load, save
 from trainfer.deploy import deploy
 from trainfer.errors import ModeWarning
 from trainfer.export import export, load_onnx
@@ -141,13 +141,16 @@ def _pipeline(options: DemoOptions, work: Path, device: torch.device, echo: Call
 
     echo("[3/8] deploying with trainfer.deploy (automatic folding)")
     deployed = _deploy(trained, inputs, results, echo)
+    deploy_bundle = work / "bundle_deploy"
+    save(deployed, deploy_bundle, **_bundle_metadata())
+    echo(f"      deploy-form bundle: {deploy_bundle}")
     echo("[4/8] comparing the two forms on the test set")
     predictions = _agreement(trained, deployed, inputs, labels, results)
     results["confusion"] = _confusion(predictions, labels)
     echo("[5/8] the forgotten eval(): the same model in training mode under no_grad")
     results["forgot_eval"] = _forgot_eval(trained, inputs, labels, options.seed)
     echo("[6/8] exporting ONNX; measuring latency, throughput and memory")
-    onnx = _optional(results, "export", lambda: _export(bundle, work, results))
+    onnx = _optional(results, "export", lambda: _export(deploy_bundle, work, results))
     results["measure"] = _measure(trained, deployed, onnx, inputs, options.repeats)
     echo("[7/8] predicting test digits saved as PNG files through `trainfer predict`")
     served = work / "digits.onnx" if "export" in results else bundle
@@ -318,8 +321,8 @@ def _prediction_stats(name: str, logits: Tensor, labels: Tensor) -> dict[str, An
 
 
 def _export(bundle: Path, work: Path, results: dict) -> Callable[[Tensor], Tensor]:
-    """``digits.onnx`` exported from the training bundle (``trainfer.export`` deploys it and checks the file
-    against PyTorch; the bundle's manifest, with its preprocessing, travels inside) and a callable on it."""
+    """``digits.onnx`` exported from the deploy-form bundle (``trainfer.export`` checks the file against
+    PyTorch; the bundle's manifest, with its preprocessing, travels inside) and a callable on it."""
     _need("onnx", "ONNX export")
     _need("onnxruntime", "running the ONNX file")
     report = export(bundle, work / "digits.onnx", format="onnx")

@@ -64,6 +64,8 @@ class DeployReport:
     """What :func:`deploy` did to a model, printable."""
 
     model: str
+    #: The keyword options deploy ran with; a deploy-form bundle replays them to rebuild the architecture.
+    options: dict[str, Any] = field(default_factory=dict)
     protocols: list[str] = field(default_factory=list)
     regions: list[FoldedRegion] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
@@ -165,7 +167,7 @@ def _deploy(
     arguments = as_arguments(example_inputs)
     dtype = model_dtype(model)
     arguments = _cast(arguments, dtype)
-    report = DeployReport(type(model).__name__)
+    report = DeployReport(type(model).__name__, options={"protocols": protocols})
     working = model.eval() if inplace else _inference_copy(model)
     report.hooks_not_carried = _strip_hooks(working)
     reference = copy.deepcopy(working) if check else None
@@ -190,7 +192,7 @@ def _deploy(
         )
     config = getattr(model, "trainfer_config", None)
     if isinstance(config, dict):
-        deployed.trainfer_config = {**config, "form": "deploy"}
+        deployed.trainfer_config = {**config, "form": "deploy", "deploy_options": report.options}
     deployed.trainfer_report = report
     return deployed, report
 
