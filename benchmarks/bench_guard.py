@@ -7,7 +7,7 @@ Two figures from one run:
 * hook cost: the guard's pre-hook timed alone over many calls, divided by the median forward time
   without the guard: the overhead free of the noise of timing whole forward passes.
 
-    .venv/bin/python benchmarks/bench_guard.py [--size 224] [--rounds 5] [--repeats 10] [--plot guard.png]
+    .venv/bin/python benchmarks/bench_guard.py [--size 224] [--rounds 60] [--repeats 1] [--plot guard.png]
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=224, help="input height and width")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved plain/guarded rounds")
-    parser.add_argument("--repeats", type=int, default=10, help="timed forwards per round and side")
+    parser.add_argument("--rounds", type=int, default=60, help="interleaved plain/guarded rounds")
+    parser.add_argument("--repeats", type=int, default=1, help="timed forwards per round and side")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: unchanged)")
     parser.add_argument("--plot", help="write a PNG of the per-forward times here")
     args = parser.parse_args()
@@ -51,10 +51,11 @@ def main() -> None:
     x = torch.randn(args.batch, 3, args.size, args.size)
     plain: list[float] = []
     guarded: list[float] = []
+    time_forward(model, x, warmup=3, repeats=1, threads=args.threads)
     for _ in tqdm(range(args.rounds), desc="rounds", unit="round"):
-        plain += time_forward(model, x, warmup=1, repeats=args.repeats, threads=args.threads).samples
+        plain += time_forward(model, x, warmup=0, repeats=args.repeats, threads=args.threads).samples
         with trainfer.guard(model):
-            guarded += time_forward(model, x, warmup=1, repeats=args.repeats, threads=args.threads).samples
+            guarded += time_forward(model, x, warmup=0, repeats=args.repeats, threads=args.threads).samples
     with trainfer.guard(model) as handle:
         per_hook = hook_cost_s(handle, model, x, calls=10_000)
         watched = len(handle.watched)
