@@ -137,13 +137,14 @@ def _pipeline(options: DemoOptions, work: Path, device: torch.device, echo: Call
     trained = load(bundle).eval()
     test = data.splits()["test"]
     inputs, labels = data.normalize(test.pixels), test.labels
-    echo(f"[2/8] training-form bundle (best epoch {results['training']['best_epoch']}): {bundle}")
+    final = Path(options.out)  # where the staged files land once every step has succeeded
+    echo(f"[2/8] training-form bundle (best epoch {results['training']['best_epoch']}): {final / bundle.name}")
 
     echo("[3/8] deploying with trainfer.deploy (automatic folding)")
     deployed = _deploy(trained, inputs, results, echo)
     deploy_bundle = work / "bundle_deploy"
     save(deployed, deploy_bundle, **_bundle_metadata())
-    echo(f"      deploy-form bundle: {deploy_bundle}")
+    echo(f"      deploy-form bundle: {final / deploy_bundle.name}")
     echo("[4/8] comparing the two forms on the test set")
     predictions = _agreement(trained, deployed, inputs, labels, results)
     results["confusion"] = _confusion(predictions, labels)
@@ -160,8 +161,7 @@ def _pipeline(options: DemoOptions, work: Path, device: torch.device, echo: Call
     _optional(results, "explain", lambda: _explain(bundle, test, predictions, work, results))
     (work / MARKER).write_text(json.dumps(results, indent=2), "utf-8")
     write_report(results, work)
-    out = Path(options.out)
-    echo(f"report: {out / 'report.md'}  (plots: {', '.join(sorted(p.name for p in work.glob('*.png')))})")
+    echo(f"report: {final / 'report.md'}  (plots: {', '.join(sorted(p.name for p in work.glob('*.png')))})")
     return results
 
 
