@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 from torch import nn
+
+from trainfer.errors import BundleError
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -25,23 +26,16 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def load_factory(spec: str) -> Callable[..., nn.Module]:
-    """Resolve ``package.module:factory`` (like uvicorn's ``app:main``) to a callable."""
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise click.BadParameter(f"expected package.module:factory; got {spec!r}")
+    """Resolve ``package.module:factory`` (like uvicorn's ``app:main``) to a callable.
+
+    The one resolver is :func:`trainfer.bundle.resolve_factory`; here its error becomes a usage error.
+    """
+    from trainfer.bundle import resolve_factory
+
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise click.BadParameter(f"cannot import module {module_name!r} from {spec!r}: {error}") from None
-    try:
-        target: Any = module
-        for part in attribute.split("."):
-            target = getattr(target, part)
-    except AttributeError:
-        raise click.BadParameter(f"module {module_name!r} has no attribute {attribute!r}") from None
-    if not callable(target):
-        raise click.BadParameter(f"{spec!r} is not callable")
-    return target
+        return resolve_factory(spec)
+    except BundleError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
