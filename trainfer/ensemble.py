@@ -33,8 +33,8 @@ from trainfer.predict import (
     ClassificationResult,
     Predictor,
     RegressionResult,
-    _sample_count,
-    _timed_batches,
+    sample_count,
+    timed_batches,
 )
 from trainfer.preprocess import PreprocessSpec, iter_raw
 
@@ -169,7 +169,7 @@ class Ensemble:
         count = len(self.members)
         sources = itertools.tee(inputs, count) if isinstance(inputs, Iterator) else [inputs] * count
         streams = [
-            _timed_batches(iter_raw(source, member.preprocess_spec), self.batch_size, member.preprocess_spec)
+            timed_batches(iter_raw(source, member.preprocess_spec), self.batch_size, member.preprocess_spec)
             for member, source in zip(self.members, sources, strict=True)
         ]
         for batches in zip(*streams, strict=True):
@@ -182,7 +182,7 @@ class Ensemble:
 
     def predict(self, inputs: Any, top_k: int | None = None) -> list[Any]:
         """One result per input sample, in order, with ``members`` and ``spread``."""
-        total = _sample_count(inputs)
+        total = sample_count(inputs)
         quiet = not total or total <= self.batch_size
         with tqdm(total=total, unit="sample", desc="ensemble", disable=True if quiet else None) as bar:
             results = []
@@ -205,7 +205,7 @@ class Ensemble:
             w = self.weights.view(-1, *[1] * (stacked.dim() - 1))
             mean = (w * stacked).sum(0)
             spread = (w * (stacked - mean) ** 2).sum(0).sqrt()
-            results = self.members[0]._results([mean], top_k)
+            results = self.members[0].results_from_scores([mean], top_k)
             yield [self._voted(result, row) for result, row in zip(results, spread, strict=True)]
 
     def _voted(self, result: Any, spread: Tensor) -> Any:

@@ -330,7 +330,7 @@ class Predictor:
     # ------------------------------------------------------------------ prediction
     def predict(self, inputs: Any, top_k: int | None = None) -> list[Result | MultiHeadResult]:
         """One typed result per input sample, in order (a progress bar shows for large inputs)."""
-        total = _sample_count(inputs)
+        total = sample_count(inputs)
         results = list(self._run(iter_raw(inputs, self.preprocess_spec), top_k, total))
         if not results:
             raise ValueError(
@@ -347,17 +347,17 @@ class Predictor:
             raise ValueError(f"top_k must be >= 1; got {top_k}")
         show = total is not None and total > self.batch_size
         with tqdm(total=total, unit="sample", desc="predict", disable=None if show else True) as bar:
-            for raw, load_seconds in _timed_batches(chunks, self.batch_size, self.preprocess_spec):
+            for raw, load_seconds in timed_batches(chunks, self.batch_size, self.preprocess_spec):
                 yield from self._predict_batch(raw, top_k, load_seconds)
                 bar.update(len(raw))
 
     def _predict_batch(self, raw: Tensor, top_k: int | None, load_seconds: float) -> list[Any]:
         start = time.perf_counter()
-        batch = self.preprocess_spec.normalize(raw)  # checked by _timed_batches
+        batch = self.preprocess_spec.normalize(raw)  # checked by timed_batches
         prepared = time.perf_counter()
         per_head = self._cached_scores(batch) if self._cache is not None else self._cpu_scores(batch)
         forwarded = time.perf_counter()
-        results = self._results(per_head, top_k)
+        results = self.results_from_scores(per_head, top_k)
         done = time.perf_counter()
         stages = {
             "preprocess": load_seconds + prepared - start,
@@ -404,7 +404,8 @@ class Predictor:
         return [torch.stack([row[h] for row in rows]) for h in range(len(self.heads))]  # type: ignore[index]
 
     # ------------------------------------------------------------------ postprocess
-    def _results(self, per_head: list[Tensor], top_k: int | None) -> list[Any]:
+    def results_from_scores(self, per_head: list[Tensor], top_k: int | None) -> list[Any]:
+        """Typed results from per-head scores (``scores()`` of a batch; an ensemble's averaged scores)."""
         columns = [self._head_results(head, scores, top_k) for head, scores in zip(self.heads, per_head, strict=True)]
         if not self.multi_head:
             return columns[0]
@@ -468,13 +469,13 @@ def _spec_for(model: Any, preprocess: Any) -> PreprocessSpec:
     return spec.with_dtype(next((p.dtype for p in model.parameters() if p.is_floating_point()), None))
 
 
-def _sample_count(inputs: Any) -> int | None:
+def sample_count(inputs: Any) -> int | None:
     if isinstance(inputs, Tensor) or hasattr(inputs, "__array__"):
         return int(inputs.shape[0]) if len(inputs.shape) else None
     return len(inputs) if isinstance(inputs, list | tuple) else None
 
 
-def _timed_batches(chunks: Iterator[Tensor], size: int, spec: PreprocessSpec) -> Iterator[tuple[Tensor, float]]:
+def timed_batches(chunks: Iterator[Tensor], size: int, spec: PreprocessSpec) -> Iterator[tuple[Tensor, float]]:
     """Regroup validated raw chunks into batches of ``size`` (the last may be smaller), in order.
 
     Also yields the seconds spent loading and checking each batch's samples.
