@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import trainfer
-from trainfer.bundle import atomic_file
+from trainfer.atomic import atomic_file
 from trainfer.models import digits_net
 from trainfer.testing import randomize_batchnorm
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from trainfer.atomic import atomic_file
 from trainfer.bench import benchmark
-from trainfer.bundle import atomic_file
 from trainfer.models import repvgg_a0
 from trainfer.testing import randomize_batchnorm
 

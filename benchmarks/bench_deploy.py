@@ -26,8 +26,8 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 import trainfer
+from trainfer.atomic import atomic_file
 from trainfer.bench import num_threads, time_forms
-from trainfer.bundle import atomic_file
 from trainfer.models import reparameterize, repvgg_a0
 from trainfer.testing import assert_close, count_aten_ops, randomize_batchnorm
 

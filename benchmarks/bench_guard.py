@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 import trainfer
+from trainfer.atomic import atomic_file
 from trainfer.bench import time_forward
-from trainfer.bundle import atomic_file
 from trainfer.guard import GuardHandle
 from trainfer.models import repvgg_a0
 from trainfer.testing import randomize_batchnorm

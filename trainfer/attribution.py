@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from trainfer.bundle import atomic_file
+from trainfer.atomic import atomic_file
 from trainfer.errors import ModeError
 from trainfer.modes import restore_modes, snapshot_modes
 

@@ -24,22 +24,19 @@ replaces the previous bundle; an interrupted save leaves the previous bundle int
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
 import json
 import os
 import pickle
-import shutil
-import tempfile
-import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from trainfer.atomic import atomic_directory, fsync_file
 from trainfer.errors import BundleError
 from trainfer.outputs import Head, Selector, describe_structure, resolve_heads
 from trainfer.preprocess import PreprocessSpec
@@ -53,8 +50,6 @@ CHECKPOINT_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
 __all__ = [
     "MANIFEST_FILE",
     "WEIGHTS_FILE",
-    "atomic_directory",
-    "atomic_file",
     "build_manifest",
     "build_model",
     "load",
@@ -106,6 +101,8 @@ def save(
     )
     state = _tensors_to_save(model)
     target = Path(path)
+    if target.exists() and not (target / MANIFEST_FILE).is_file():
+        raise BundleError(f"refusing to overwrite {str(target)!r}: it exists and is not a trainfer bundle")
     with atomic_directory(target) as tmp:
         _save_safetensors(state, tmp / WEIGHTS_FILE)
         manifest["weights"] = {"file": WEIGHTS_FILE, "sha256": _sha256(tmp / WEIGHTS_FILE), "tensors": len(state)}
@@ -221,7 +218,7 @@ def _save_safetensors(state: dict[str, Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(state, str(path))
-    _fsync(path)
+    fsync_file(path)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -232,71 +229,12 @@ def _write_json(path: Path, data: Any) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-# --------------------------------------------------------------------------- atomic writes
-@contextlib.contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside ``target``; on success it replaces ``target``.
-
-    An existing ``target`` must be a bundle (a directory with ``manifest.json``): anything else is
-    refused rather than deleted. On any failure the temporary directory is removed and the previous
-    ``target`` is left as it was.
-    """
-    target = Path(target)
-    if target.exists() and not (target / MANIFEST_FILE).is_file():
-        raise BundleError(f"refusing to overwrite {str(target)!r}: it exists and is not a trainfer bundle")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        yield tmp
-        _swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_in(new: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(new, target)
-        return
-    old = target.parent / f".{target.name}.{uuid.uuid4().hex}.old"
-    os.rename(target, old)
-    try:
-        os.rename(new, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_file(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary file path beside ``target``; on success it atomically replaces ``target``."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary keeps the target's suffix: some writers (torch.export.save) insist on it.
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent)
-    os.close(handle)
-    tmp = Path(name)
-    try:
-        yield tmp
-        _fsync(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- load

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from trainfer import distributed
+from trainfer.atomic import atomic_file
 
 #: Seed of the train/validation/test split: fixed, so every run and every rank sees the same split.
 SPLIT_SEED = 0
@@ -186,7 +186,6 @@ def save_png(pixels: Tensor, path: str | os.PathLike, upscale: int = 8) -> Path:
     image = Image.fromarray(pixels[0].numpy())
     image = image.resize((INPUT_SHAPE[2] * upscale, INPUT_SHAPE[1] * upscale), Image.Resampling.NEAREST)
     path = Path(path)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as handle:
-        image.save(handle, format="PNG")
-    os.replace(handle.name, path)
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
     return path

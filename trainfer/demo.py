@@ -25,13 +25,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -42,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from trainfer import data, distributed
+from trainfer.atomic import replace_directory, staging_directory
 from trainfer.bench import Timing, count_macs, count_parameters, num_threads, peak_memory, time_forward
 from trainfer.bundle import load, save
 from trainfer.deploy import deploy
@@ -103,27 +101,16 @@ def _staging(out: Path) -> Iterator[Path]:
     """A fresh directory beside ``out`` (shared by all ranks) that replaces ``out`` on success."""
     if out.exists() and not (out / MARKER).is_file():
         raise ValueError(f"refusing to replace {str(out)!r}: it exists and is not a trainfer demo output")
-    work = None
-    if distributed.is_main():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    work = staging_directory(out) if distributed.is_main() else None
     work = Path(distributed.broadcast_object(str(work)))
     try:
         yield work
         if distributed.is_main():
-            _swap(work, out)
+            replace_directory(work, out)
     except BaseException:
         if distributed.is_main():
             shutil.rmtree(work, ignore_errors=True)
         raise
-
-
-def _swap(new: Path, out: Path) -> None:
-    old = out.parent / f".{out.name}.{uuid.uuid4().hex}.old"
-    if out.exists():
-        os.rename(out, old)
-    os.rename(new, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ the pipeline

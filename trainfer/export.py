@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from trainfer.bundle import atomic_file, build_manifest, load, read_manifest
+from trainfer.atomic import atomic_file
+from trainfer.bundle import build_manifest, load, read_manifest
 from trainfer.errors import BundleError, EquivalenceError
 from trainfer.outputs import flatten_outputs
 

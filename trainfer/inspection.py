@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from trainfer.bundle import atomic_file
+from trainfer.atomic import atomic_file
 from trainfer.capture import capture
 from trainfer.testing import TOLERANCE, relative_error
 

@@ -470,6 +470,7 @@ def _spec_for(model: Any, preprocess: Any) -> PreprocessSpec:
 
 
 def sample_count(inputs: Any) -> int | None:
+    """How many samples ``inputs`` holds when that is known without reading them (for the progress bar)."""
     if isinstance(inputs, Tensor) or hasattr(inputs, "__array__"):
         return int(inputs.shape[0]) if len(inputs.shape) else None
     return len(inputs) if isinstance(inputs, list | tuple) else None

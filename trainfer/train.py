@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from trainfer import distributed
+from trainfer.atomic import atomic_file
 from trainfer.errors import BundleError
 from trainfer.modes import inference, training
 
@@ -245,14 +245,8 @@ def save_checkpoint(
         "result": _encode(vars(result), "result", tensors),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        temporary = Path(handle.name)
-    try:
-        save_file(tensors, temporary, metadata={_STATE_KEY: json.dumps(state)})
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_file(path) as tmp:
+        save_file(tensors, tmp, metadata={_STATE_KEY: json.dumps(state)})
     return path
 
 

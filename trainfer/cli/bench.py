@@ -117,7 +117,7 @@ def _recorded_shape(model: nn.Module, spec: str) -> tuple[int, ...]:
 
 def _write(target: Path, writer: Callable[[Path], object]) -> None:
     """Write through a temporary file that replaces ``target`` only once complete."""
-    from trainfer.bundle import atomic_file
+    from trainfer.atomic import atomic_file
 
     with atomic_file(target) as temporary:
         writer(temporary)

@@ -68,7 +68,8 @@ def command(
     no_protocols: bool,
 ) -> None:
     """Fold MODEL (package.module:factory or a bundle) into its inference form, verify it, save it."""
-    from trainfer.bundle import atomic_file, save
+    from trainfer.atomic import atomic_file
+    from trainfer.bundle import save
     from trainfer.deploy import deploy
 
     with tqdm(total=3, desc="deploy", unit="step", file=sys.stderr, disable=None) as bar:
