@@ -116,12 +116,14 @@ def test_save_png_rejects_wrong_input(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_png_read_through_the_bundle_spec_gives_the_training_tensor_exactly(tmp_path):
+@pytest.mark.parametrize("upscale", [1, 4])
+def test_png_read_through_the_bundle_spec_gives_the_training_tensor_exactly(tmp_path, upscale):
+    """Native 8x8 PNGs and enlarged ones (the spec box-filters them back) give the training input."""
     from trainfer.preprocess import PreprocessSpec, gather
 
     spec = PreprocessSpec.from_dict(data.preprocess_spec())
     test = data.splits()["test"].head(12)
-    paths = [data.save_png(pixels, tmp_path / f"{i}.png", upscale=1) for i, pixels in enumerate(test.pixels)]
+    paths = [data.save_png(pixels, tmp_path / f"{i}.png", upscale=upscale) for i, pixels in enumerate(test.pixels)]
     assert torch.equal(spec.prepare(gather(paths, spec)), data.normalize(test.pixels))
 
 

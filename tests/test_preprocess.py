@@ -88,6 +88,17 @@ def test_images_are_converted_resized_and_scaled(tmp_path):
         load_image(red, PreprocessSpec(input_shape=(1, 8, 8), resize=False))
 
 
+def test_resample_filter_is_chosen_by_name(tmp_path):
+    checker = np.kron(np.eye(2, dtype=np.uint8) * 255, np.ones((4, 4), np.uint8))  # 8x8, two white blocks
+    path = write_image(tmp_path / "c.png", np.kron(checker, np.ones((3, 3), np.uint8)), "L")  # enlarged 3x
+    boxed = load_image(path, PreprocessSpec(input_shape=(1, 8, 8), resample="box"))
+    assert torch.equal(boxed[0], torch.from_numpy(checker).float() / 255)
+    with pytest.raises(
+        ValueError, match="resample must be one of bilinear, box, nearest, bicubic, lanczos; got 'cubic'"
+    ):
+        PreprocessSpec(resample="cubic")
+
+
 def test_unreadable_and_missing_files(tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image at all")

@@ -101,9 +101,16 @@ def _statistics() -> tuple[float, float]:
 
 def preprocess_spec() -> dict[str, object]:
     """The preprocessing a bundle records (``trainfer.preprocess.PreprocessSpec`` fields):
-    a grayscale ``1 x 8 x 8`` image, ``x = (pixel * pixel_scale - mean) / std``."""
+    a grayscale ``1 x 8 x 8`` image, ``x = (pixel * pixel_scale - mean) / std``; larger images are
+    box-filtered down, so a digit enlarged by an integer factor (``save_png(upscale=k)``) maps back exactly."""
     mean, std = _statistics()
-    return {"input_shape": list(INPUT_SHAPE), "pixel_scale": PIXEL_SCALE, "mean": [mean], "std": [std]}
+    return {
+        "input_shape": list(INPUT_SHAPE),
+        "pixel_scale": PIXEL_SCALE,
+        "mean": [mean],
+        "std": [std],
+        "resample": "box",
+    }
 
 
 def normalize(pixels: Tensor) -> Tensor:

@@ -42,6 +42,10 @@ def _floats(values: Any) -> tuple[float, ...] | None:
     return tuple(float(v) for v in values)
 
 
+#: Pillow's resampling filters by name; ``box`` maps an image enlarged by an integer factor back exactly.
+_RESAMPLING = ("bilinear", "box", "nearest", "bicubic", "lanczos")
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     """The input contract of a model (one sample: ``input_shape``, without the batch dimension).
@@ -59,6 +63,7 @@ class PreprocessSpec:
     pixel_scale: float = 1 / 255
     channel_order: str = "RGB"
     resize: bool = True
+    resample: str = "bilinear"
     columns: tuple[str, ...] | None = None
     target_mean: tuple[float, ...] | None = None
     target_std: tuple[float, ...] | None = None
@@ -75,6 +80,8 @@ class PreprocessSpec:
             set_(self, name, _floats(getattr(self, name)))
         if self.dtype not in ("float32", "float64", "float16", "bfloat16"):
             raise ValueError(f"preprocess dtype must be float32/float64/float16/bfloat16; got {self.dtype!r}")
+        if self.resample not in _RESAMPLING:
+            raise ValueError(f"resample must be one of {', '.join(_RESAMPLING)}; got {self.resample!r}")
         if self.channel_order not in ("RGB", "BGR"):
             raise ValueError(f"channel_order must be 'RGB' or 'BGR'; got {self.channel_order!r}")
         if self.std is not None and any(s == 0 for s in self.std):
@@ -274,7 +281,8 @@ def load_image(path: Path, spec: PreprocessSpec) -> Tensor:
     """An image file as a raw ``(C, H, W)`` float sample in ``[0, 1]`` (``pixel_scale`` times bytes).
 
     The channel count of ``spec.input_shape`` picks the mode (1: grayscale, 3: RGB or BGR, 4: RGBA);
-    the image is resized (bilinear) to its height and width unless ``spec.resize`` is false.
+    the image is resized (``spec.resample``, bilinear by default) to its height and width unless
+    ``spec.resize`` is false.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -301,7 +309,7 @@ def _image_to_tensor(image: Any, spec: PreprocessSpec, path: Path) -> Tensor:
             raise ValueError(
                 f"image {str(path)!r} is {image.height}x{image.width}, expected {shape[1]}x{shape[2]} (resize is off)"
             )
-        image = image.resize((shape[2], shape[1]), Image.Resampling.BILINEAR)
+        image = image.resize((shape[2], shape[1]), getattr(Image.Resampling, spec.resample.upper()))
     array = np.asarray(image, dtype=np.float32).reshape(image.height, image.width, channels)
     if channels == 3 and spec.channel_order == "BGR":
         array = array[..., ::-1]
