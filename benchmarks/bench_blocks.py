@@ -10,7 +10,7 @@ one run (``trainfer.bench.time_forms``) so that drifting machine load hits every
 Printed as ratios: ``train / reparameterized`` (what folding saves) and ``reparameterized / plain``
 (target <= 1.03: the block wrapper costs nothing).
 
-    .venv/bin/python benchmarks/bench_blocks.py [--rounds 5] [--repeats 4] [--threads 2] [--json f] [--plot f.png]
+    .venv/bin/python benchmarks/bench_blocks.py [--rounds 30] [--repeats 1] [--threads 2] [--json f] [--plot f.png]
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=224, help="input height and width")
     parser.add_argument("--batch", type=int, default=8, help="the second batch size timed")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the forms")
-    parser.add_argument("--repeats", type=int, default=4, help="timed forwards per form and round")
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds over the forms")
+    parser.add_argument("--repeats", type=int, default=1, help="timed forwards per form and round")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--json", help="write every figure and timing sample here")
     parser.add_argument("--plot", help="write a PNG bar chart here")

@@ -9,7 +9,7 @@
 2. trainfer's own ``repvgg_a0``: ``deploy`` against the model's ``reparameterize()`` and fx fuse.
 3. Conversion time of ``deploy(repvgg_a0)`` (target < 2 s), without and with verification.
 
-    .venv/bin/python benchmarks/bench_deploy.py [--rounds 5] [--repeats 4] [--threads 2] [--plot f.png]
+    .venv/bin/python benchmarks/bench_deploy.py [--rounds 30] [--repeats 1] [--threads 2] [--plot f.png]
 """
 
 from __future__ import annotations
@@ -112,8 +112,8 @@ def plot(groups: dict[str, dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=224, help="input height and width")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the forms")
-    parser.add_argument("--repeats", type=int, default=4, help="timed forwards per form and round")
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds over the forms")
+    parser.add_argument("--repeats", type=int, default=1, help="timed forwards per form and round")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--conversions", type=int, default=3, help="timed deploy(repvgg_a0) calls")
     parser.add_argument("--plot", default="runs/bench_deploy.png", help="write a PNG bar chart here")
