@@ -9,6 +9,7 @@ import torch
 
 from trainfer.audit import audit
 from trainfer.cli.common import friendly_errors, load_factory, parse_shape
+from trainfer.verify import model_dtype
 
 
 @click.command("audit")
@@ -32,7 +33,7 @@ def command(model_spec: str, weights: str | None, input_shape: str | None, seed:
         load_state_dict(model, load_weights(weights), source=weights)
     inputs = None
     if input_shape is not None:
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+        dtype = model_dtype(model)
         inputs = torch.randn(parse_shape(input_shape), generator=torch.Generator().manual_seed(seed), dtype=dtype)
     report = audit(model, inputs, seed=seed)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else str(report))

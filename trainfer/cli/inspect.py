@@ -10,6 +10,7 @@ from torch import nn
 
 from trainfer.cli.common import friendly_errors, load_factory, parse_shape
 from trainfer.inspection import MODES, inspect
+from trainfer.verify import model_dtype
 
 
 @click.command("inspect")
@@ -32,7 +33,7 @@ def command(
     """
     model, shape = _load(model_spec, input_shape, train_pass="train" in modes)
     generator = torch.Generator().manual_seed(seed)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    dtype = model_dtype(model)
     inputs = torch.randn(shape, generator=generator, dtype=dtype)
     result = inspect(model, inputs, modes=modes, seed=seed)
     click.echo(str(result))
