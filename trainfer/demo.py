@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from trainfer import data, distributed
 from trainfer.atomic import replace_directory, staging_directory
-from trainfer.bench import Timing, count_macs, count_parameters, num_threads, peak_memory, time_forward
+from trainfer.bench import Timing, count_macs, count_parameters, num_threads, peak_memory, time_forms
 from trainfer.bundle import load, save
 from trainfer.deploy import deploy
 from trainfer.errors import ModeWarning
@@ -358,13 +358,9 @@ def _measure(trained: nn.Module, deployed: nn.Module, onnx: Callable | None, inp
 
 
 def _interleaved(forms: dict[str, Callable], inputs: Tensor, repeats: int, rounds: int = 3) -> dict[str, Timing]:
-    """``time_forward`` of every form in turn, ``rounds`` times, pooled: a load change on a shared
-    machine then hits every form alike instead of biasing the one measured at that moment."""
-    samples: dict[str, list[float]] = {name: [] for name in forms}
-    for _ in range(rounds):
-        for name, model in forms.items():  # torch forms are in eval mode; time_forward adds inference_mode
-            samples[name] += time_forward(model, inputs, warmup=2, repeats=max(1, repeats // rounds)).samples
-    return {name: Timing.from_samples(values) for name, values in samples.items()}
+    """About ``repeats`` timed calls per form, interleaved over ``rounds`` (see :func:`trainfer.bench.time_forms`)."""
+    # torch forms are in eval mode; time_forms adds inference_mode
+    return time_forms(forms, inputs, rounds=rounds, repeats=max(1, repeats // rounds), warmup=2)
 
 
 def _predict_pngs(bundle: Path, test: data.Split, predicted: Tensor, work: Path, count: int, results: dict) -> None:
