@@ -206,3 +206,9 @@ def test_cli_refuses_bad_weights_with_one_line(tmp_path):
     save_file({"weight": torch.zeros(2)}, str(mismatched))
     result = run_cli("--weights", str(mismatched))
     assert result.exit_code == 2 and "missing keys" in result.output
+
+
+@pytest.mark.parametrize("inputs", [5, {"x": torch.randn(2, 3)}])
+def test_audit_rejects_inputs_that_are_not_a_tensor_or_a_tuple(inputs):
+    with pytest.raises(TypeError, match=r"example_inputs must be a tensor or a tuple .*; got (int|dict)"):
+        audit(nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5)), inputs)

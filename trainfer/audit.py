@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trainfer.inspection import as_forward_args
 from trainfer.modes import inference, mode_dependent_modules, training
 from trainfer.testing import relative_error
 
@@ -102,7 +103,7 @@ def audit(model: nn.Module, example_inputs: Tensor | Sequence[Any] | None = None
     findings = _dependence_findings(model) + _mismatch_findings(model) + _batchnorm_findings(model)
     divergence = None
     if example_inputs is not None:
-        divergence_finding, divergence = _divergence_finding(model, _as_args(example_inputs), seed)
+        divergence_finding, divergence = _divergence_finding(model, as_forward_args(example_inputs), seed)
         findings.append(divergence_finding)
     findings.sort(key=lambda finding: KINDS.index(finding.kind))
     return AuditReport(type(model).__name__, model.training, findings, divergence)
@@ -208,7 +209,3 @@ def _describe(output: Any) -> str:
 
 def _mode(module: nn.Module) -> str:
     return "training" if module.training else "eval"
-
-
-def _as_args(example_inputs: Tensor | Sequence[Any]) -> tuple[Any, ...]:
-    return (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)

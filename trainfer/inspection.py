@@ -151,7 +151,7 @@ def inspect(
     ``torch.no_grad``, the train pass with gradients on, as training runs.
     """
     modes = _check_modes(modes)
-    inputs = _as_args(example_inputs)
+    inputs = as_forward_args(example_inputs)
     if "train" in modes:
         _check_train_batch(model, inputs)
     compare = len(modes) == 2
@@ -276,7 +276,11 @@ def _check_modes(modes: str | Sequence[str]) -> tuple[str, ...]:
     return chosen
 
 
-def _as_args(example_inputs: Tensor | Sequence[Any]) -> tuple[Any, ...]:
+def as_forward_args(example_inputs: Tensor | Sequence[Any]) -> tuple[Any, ...]:
+    """A tensor as the one positional argument, a tuple or list as the positional arguments.
+
+    Raises ``TypeError`` naming what was given for anything else (a dict, a number, ...).
+    """
     if isinstance(example_inputs, Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, list | tuple):
