@@ -22,6 +22,7 @@ def launched_by_torchrun() -> bool:
 
 
 def is_initialized() -> bool:
+    """True when ``torch.distributed`` is available and this process has joined a group."""
     return dist.is_available() and dist.is_initialized()
 
 
@@ -47,14 +48,17 @@ def cleanup() -> None:
 
 
 def rank() -> int:
+    """This process's rank in the group (0 in a single process)."""
     return dist.get_rank() if is_initialized() else 0
 
 
 def world_size() -> int:
+    """The number of processes in the group (1 in a single process)."""
     return dist.get_world_size() if is_initialized() else 1
 
 
 def local_rank() -> int:
+    """This process's rank on its machine, from torchrun's ``LOCAL_RANK`` (0 when unset)."""
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
@@ -64,6 +68,7 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
+    """Wait until every rank gets here (no-op in a single process)."""
     if is_initialized():
         dist.barrier()
 
