@@ -20,28 +20,8 @@ def main(debug: bool, verbose: bool) -> None:
         logging.getLogger("trainfer").setLevel(logging.DEBUG)
 
 
-# Sub-commands register themselves on `main` when imported (one module per command).
-from trainfer.cli.inspect import command as inspect_command  # noqa: E402
+# One module per sub-command, each defining `command`; imported after `main` exists.
+from trainfer.cli import audit, bench, demo, deploy, export, inspect, predict, verify  # noqa: E402
 
-main.add_command(inspect_command)
-from trainfer.cli.audit import command as audit_command  # noqa: E402
-
-main.add_command(audit_command)
-from trainfer.cli.demo import command as demo_command  # noqa: E402
-
-main.add_command(demo_command)
-from trainfer.cli.predict import command as predict_command  # noqa: E402
-
-main.add_command(predict_command)
-from trainfer.cli.export import command as export_command  # noqa: E402
-
-main.add_command(export_command)
-from trainfer.cli.bench import command as bench_command  # noqa: E402
-
-main.add_command(bench_command)
-from trainfer.cli.deploy import command as deploy_command  # noqa: E402
-
-main.add_command(deploy_command)
-from trainfer.cli.verify import command as verify_command  # noqa: E402
-
-main.add_command(verify_command)
+for _module in (inspect, audit, demo, predict, export, bench, deploy, verify):
+    main.add_command(_module.command)
