@@ -263,6 +263,7 @@ def test_cli_prints_table_and_writes_files(tmp_path) -> None:
         (["test_inspection:tiny_net", "--input-shape", "1,3,7,7", "--modes", "train,eval"], "batch of at least 2"),
         (["test_inspection:tiny_net"], "--input-shape is required"),
         (["test_inspection:tiny_net", "--input-shape", "2,3,7,7", "--modes", "deploy"], "distinct names"),
+        (["test_inspection:tiny_net", "--input-shape", "2,1,7,7"], "cannot run on an input of shape (2, 1, 7, 7)"),
     ],
 )
 def test_cli_reports_bad_input_in_one_line(args, message) -> None:

@@ -35,7 +35,15 @@ def command(
     generator = torch.Generator().manual_seed(seed)
     dtype = model_dtype(model)
     inputs = torch.randn(shape, generator=generator, dtype=dtype)
-    result = inspect(model, inputs, modes=modes, seed=seed)
+    try:
+        result = inspect(model, inputs, modes=modes, seed=seed)
+    except RuntimeError as error:  # torch's own, e.g. a channel count the first conv does not take
+        if click.get_current_context().find_root().params.get("debug", False):
+            raise
+        raise click.BadParameter(
+            f"{type(model).__name__} cannot run on an input of shape {tuple(shape)}: {str(error).splitlines()[0]}",
+            param_hint="--input-shape",
+        ) from None
     click.echo(str(result))
     first = result.first_divergence
     if len(result.modes) == 2:
