@@ -45,8 +45,9 @@ def example_input(model: nn.Module, input_shape: str | None) -> torch.Tensor:
     if input_shape is None and not recorded:
         raise click.BadParameter("--input-shape is required (the model records no input shape), e.g. 1,3,224,224")
     shape = parse_shape(input_shape) if input_shape is not None else tuple(recorded)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    return torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    from trainfer.verify import model_dtype
+
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=model_dtype(model))
 
 
 @click.command("deploy")
