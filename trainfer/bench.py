@@ -35,6 +35,7 @@ from trainfer.blocks import ReparamBlock
 from trainfer.capture import capture
 from trainfer.models import reparameterize
 from trainfer.testing import AtenOpCounter
+from trainfer.verify import model_dtype
 
 __all__ = [
     "FORMS",
@@ -527,6 +528,6 @@ def _random_input(model: nn.Module, input_shape: Sequence[int], batch_size: int)
         raise ValueError(
             f"input shape must be positive sizes with a batch dimension, like 1,3,224,224; got {input_shape}"
         )
-    reference = next(iter(model.parameters()), None)
-    options = {"dtype": reference.dtype, "device": reference.device} if reference is not None else {}
-    return torch.randn(batch_size, *[int(size) for size in input_shape[1:]], **options)
+    device = next((t.device for t in [*model.parameters(), *model.buffers()]), None)
+    shape = [batch_size, *[int(size) for size in input_shape[1:]]]
+    return torch.randn(shape, dtype=model_dtype(model), device=device)
