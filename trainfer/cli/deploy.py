@@ -30,8 +30,8 @@ def load_model(spec: str, weights: str | None) -> nn.Module:
         if weights:
             raise click.BadParameter(f"{spec!r} is a bundle with its own weights; drop --weights")
         return load(spec)
-    load_factory(spec)  # resolves or raises a clear BadParameter before the bundle code runs
-    model = load(weights, factory=spec) if weights else load_factory(spec)()
+    factory = load_factory(spec)  # resolves or raises a clear BadParameter before the bundle code runs
+    model = load(weights, factory=spec) if weights else factory()
     if not isinstance(model, nn.Module):
         raise click.BadParameter(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
     if not isinstance(getattr(model, "trainfer_config", None), dict):
