@@ -47,6 +47,7 @@ class OutputError:
 
     @property
     def ok(self) -> bool:
+        """No structural problem, and ``max_abs_error <= atol + rtol * scale``."""
         return self.problem is None and self.max_abs_error <= self.atol + self.rtol * self.scale
 
     def __str__(self) -> str:
@@ -69,14 +70,17 @@ class Equivalence:
 
     @property
     def ok(self) -> bool:
+        """At least one output was compared and every output passed."""
         return bool(self.outputs) and all(output.ok for output in self.outputs)
 
     @property
     def max_abs_error(self) -> float:
+        """The largest absolute error over all outputs and dtypes (NaN if nothing was compared)."""
         return max((o.max_abs_error for o in self.outputs), default=float("nan"))
 
     @property
     def max_rel_error(self) -> float:
+        """The largest error relative to its output's scale, over all outputs and dtypes (NaN if none)."""
         return max((o.max_rel_error for o in self.outputs), default=float("nan"))
 
     def __str__(self) -> str:
