@@ -164,7 +164,9 @@ def _resume(items: Iterator[Item], out: Path, batch_size: int) -> tuple[int, Ite
 def _record_lines(predictor: Any, batch: list[Item], top_k: int | None) -> str:
     """One JSON line per input of ``batch``: its id, then its result's record."""
     results = predictor.predict([item for _, item in batch], top_k=top_k)
-    return "".join(json.dumps({"id": key, **result.to_record()}) + "\n" for (key, _), result in zip(batch, results))
+    return "".join(
+        json.dumps({"id": key, **result.to_record()}) + "\n" for (key, _), result in zip(batch, results, strict=True)
+    )
 
 
 def _predict_window(predictor: Any, window: list[Item], batch_size: int, top_k: int | None) -> list[str]:
