@@ -222,11 +222,8 @@ def _save_safetensors(state: dict[str, Tensor], path: Path) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, allow_nan=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    fsync_file(path)
 
 
 def _sha256(path: Path) -> str:
