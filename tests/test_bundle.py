@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from serving_models import tiny_net
 from torch import nn
 
 import trainfer
@@ -18,17 +19,8 @@ FACTORY = f"{__name__}:tiny_cnn"
 
 
 def tiny_cnn(classes: int = 3, width: int = 4) -> nn.Module:
-    """A small CNN on 1x8x8 inputs with non-trivial BatchNorm."""
-    return nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1),
-        nn.BatchNorm2d(width),
-        nn.ReLU(),
-        nn.Conv2d(width, width, 3, stride=2, padding=1, groups=width),
-        nn.BatchNorm2d(width),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(width * 16, classes),
-    )
+    """The serving tests' small CNN on 1x8x8 inputs, under the keyword a bundle's config records."""
+    return tiny_net(outputs=classes, width=width)
 
 
 def trained(dtype: torch.dtype = torch.float32, **config) -> nn.Module:
