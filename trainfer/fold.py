@@ -381,16 +381,7 @@ class _GraphFolder:
         self._drop_eval_noops()
         self._split_padding_modes()
         _propagate_shapes(self.gm, inputs)
-        roots = self._regions()
-        while costly := [(root, expr) for root, expr in roots if _macs(expr.op, root) > expr.cost]:
-            for root, expr in costly:
-                split = next(m for m in expr.members if _macs(self.exprs[m].op, m) > self.exprs[m].cost)
-                self.forced.update(node for node in split.all_input_nodes if node in self.exprs[split].members)
-                self.splits.append(
-                    f"{self._name(root)}: one conv would cost {_macs(expr.op, root)} multiply-adds instead of "
-                    f"{expr.cost}; folded in parts"
-                )
-            roots = self._regions()
+        roots = self._settle_costs(self._regions())
         self.log.kept += self.kept + self.splits
         replaced: dict[fx.Node, fx.Node] = {}
         for root, expr in roots:  # in graph order, so an anchor is replaced before regions read it
@@ -398,6 +389,38 @@ class _GraphFolder:
         self.gm.graph.eliminate_dead_code()
         self.gm.graph.lint()
         return fx.GraphModule(self.gm, self.gm.graph, self.gm.__class__.__name__)
+
+    def _settle_costs(self, roots: list[tuple[fx.Node, _Expr]]) -> list[tuple[fx.Node, _Expr]]:
+        """Split every region whose single conv would cost more multiply-adds than its ops, until none does.
+
+        Finite: each round forces at least one node that was not forced before (see
+        :meth:`_split_point`), and ``self.forced`` is a set of graph nodes, so there are at most
+        ``len(graph.nodes)`` rounds.
+        """
+        while costly := [(root, expr) for root, expr in roots if _macs(expr.op, root) > expr.cost]:
+            before = len(self.forced)
+            for root, expr in costly:
+                self.forced.update(self._split_point(expr))
+                self.splits.append(
+                    f"{self._name(root)}: one conv would cost {_macs(expr.op, root)} multiply-adds instead of "
+                    f"{expr.cost}; folded in parts"
+                )
+            if len(self.forced) == before:  # cannot happen (see _split_point); never loop on it
+                raise AssertionError(f"cost split made no progress on {[self._name(r) for r, _ in costly]}")
+            roots = self._regions()
+        return roots
+
+    def _split_point(self, expr: _Expr) -> set[fx.Node]:
+        """The nodes to materialise so that the costly region ``expr`` breaks at its first costly member.
+
+        ``split`` is the first member whose own region costs more as one conv than its ops. Its
+        inputs inside that region are forced; they were absorbed, hence not forced yet. If it has
+        none, ``split`` is the first op of its chain (an average pool on the anchor, say): it is
+        forced itself, and it was not forced yet either, since the region's consumer absorbed it.
+        """
+        split = next(m for m in expr.members if _macs(self.exprs[m].op, m) > self.exprs[m].cost)
+        inputs = {node for node in split.all_input_nodes if node in self.exprs[split].members}
+        return inputs or {split}
 
     def _regions(self) -> list[tuple[fx.Node, _Expr]]:
         """Build every node's linear expression; return the roots of regions with two or more ops."""
@@ -633,8 +656,12 @@ class _GraphFolder:
     def _avg_pool(self, node: fx.Node, bound: dict[str, Any]) -> _Expr | None:
         if not _static(*(bound[k] for k in ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"))):
             return None
-        if bound["ceil_mode"] or not bound["count_include_pad"] or bound["divisor_override"] is not None:
-            self.kept.append(f"{self._name(node)}: only avg-pool with count_include_pad=True, ceil_mode=False folds")
+        padded = algebra._pair(bound["padding"]) != (0, 0)
+        if bound["ceil_mode"] or (padded and not bound["count_include_pad"]) or bound["divisor_override"] is not None:
+            self.kept.append(
+                f"{self._name(node)}: only avg-pool with ceil_mode=False and, when it pads, count_include_pad=True "
+                "folds (otherwise border windows have their own divisor)"
+            )
             return None
 
         def step(previous: ConvOp | None, anchor: fx.Node) -> ConvOp:
@@ -727,9 +754,20 @@ class _GraphFolder:
         elif node.target in _CONV or node.target in _LINEAR:
             weight = self._tensor_constant(node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None))
         if weight is None:
-            return _numel(node)
+            return _numel(node) * self._pool_taps(node)
         taps = weight.shape[2] * weight.shape[3] if weight.dim() == 4 else 1
         return _numel(node) * weight.shape[1] * taps
+
+    def _pool_taps(self, node: fx.Node) -> int:
+        """``kh * kw`` for an average pool (each output sums that many inputs), 1 for other elementwise ops."""
+        if node.op == "call_module" and isinstance(self.modules[node.target], nn.AvgPool2d):
+            kernel = self.modules[node.target].kernel_size
+        elif node.op == "call_function" and node.target in _AVG_POOL:
+            kernel = _bind(node, "avg_pool")["kernel_size"]
+        else:
+            return 1
+        kh, kw = algebra._pair(kernel)
+        return kh * kw
 
     def _add(self, node: fx.Node, subtract: bool) -> _Expr | None:
         """Branches of one anchor add up; ``x + c`` with a per-channel constant shifts the bias."""
