@@ -72,3 +72,26 @@ def test_unpadded_pool_folds_whatever_its_count_include_pad():
     x = torch.randn(2, 4, 8, 8)
     model = nn.Sequential(nn.ReLU(), nn.AvgPool2d(2, 2, count_include_pad=False), nn.BatchNorm2d(4))
     assert executed(deployed_both(model, x), x) == {"conv": 1, "bn": 0, "pool": 0}
+
+
+# --- 3. Python scalars fold in float64 ------------------------------------------------------------------
+
+
+class ScaledByScalars(nn.Module):
+    """Python-number constants in the graph: ``* 0.1`` and ``/ 9`` (0.1 and 1/9 are not float32 numbers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x)) * 0.1
+        return torch.relu(y / 9 + 0.3 - 1 / 7)
+
+
+def test_python_scalars_fold_in_float64_so_an_exact_model_deploys_exactly():
+    x = torch.randn(2, 3, 6, 6)
+    deployed = deployed_both(ScaledByScalars(), x)
+    assert deployed.trainfer_report.verification["float64"].max_rel_error <= 1e-12
+    assert executed(deployed, x) == {"conv": 1, "bn": 0, "pool": 0}
+    assert count_aten_ops(deployed, x.double())["mul"] == count_aten_ops(deployed, x.double())["div"] == 0

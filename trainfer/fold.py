@@ -699,8 +699,9 @@ class _GraphFolder:
         return None
 
     def _tensor_or_number(self, value: Any) -> Tensor | None:
+        """A constant operand as a tensor; Python numbers in float64, so ``x * 0.1`` folds to 0.1's double."""
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return torch.tensor(float(value))
+            return torch.tensor(float(value), dtype=torch.float64, device=self.device)
         return self._tensor_constant(value) if isinstance(value, fx.Node) else None
 
     def _channel_vector(self, node: fx.Node, constant: Tensor | None) -> Tensor | None:
