@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from time_limit import time_limit
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 import trainfer
 from trainfer.testing import assert_close, batch_norm_calls, count_aten_ops, randomize_batchnorm
@@ -95,3 +97,123 @@ def test_python_scalars_fold_in_float64_so_an_exact_model_deploys_exactly():
     assert deployed.trainfer_report.verification["float64"].max_rel_error <= 1e-12
     assert executed(deployed, x) == {"conv": 1, "bn": 0, "pool": 0}
     assert count_aten_ops(deployed, x.double())["mul"] == count_aten_ops(deployed, x.double())["div"] == 0
+
+
+# --- 2. an untraceable op does not switch folding off above it ------------------------------------
+# A Diverse Branch Block written the way its authors' repository writes it (DingXiaoH/DiverseBranchBlock):
+# BNAndPadLayer fills the padded border by item assignment, which torch.fx cannot trace.
+
+
+def dbb_conv_bn(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1):
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False)
+    se = nn.Sequential()
+    se.add_module("conv", conv)
+    se.add_module("bn", nn.BatchNorm2d(out_channels, affine=True))
+    return se
+
+
+class IdentityBasedConv1x1(nn.Conv2d):
+    def __init__(self, channels, groups=1):
+        super().__init__(channels, channels, kernel_size=1, stride=1, padding=0, groups=groups, bias=False)
+        input_dim = channels // groups
+        id_value = np.zeros((channels, input_dim, 1, 1))
+        for i in range(channels):
+            id_value[i, i % input_dim, 0, 0] = 1
+        self.id_tensor = torch.from_numpy(id_value).type_as(self.weight)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, input):
+        kernel = self.weight + self.id_tensor.to(self.weight.device)
+        return F.conv2d(input, kernel, None, stride=1, padding=0, dilation=self.dilation, groups=self.groups)
+
+
+class BNAndPadLayer(nn.Module):
+    def __init__(self, pad_pixels, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(num_features, eps, momentum, affine, track_running_stats)
+        self.pad_pixels = pad_pixels
+
+    def forward(self, input):
+        output = self.bn(input)
+        if self.pad_pixels > 0:
+            if self.bn.affine:
+                pad_values = self.bn.bias.detach() - self.bn.running_mean * self.bn.weight.detach() / torch.sqrt(
+                    self.bn.running_var + self.bn.eps
+                )
+            else:
+                pad_values = -self.bn.running_mean / torch.sqrt(self.bn.running_var + self.bn.eps)
+            output = F.pad(output, [self.pad_pixels] * 4)
+            pad_values = pad_values.view(1, -1, 1, 1)
+            output[:, :, 0 : self.pad_pixels, :] = pad_values
+            output[:, :, -self.pad_pixels :, :] = pad_values
+            output[:, :, :, 0 : self.pad_pixels] = pad_values
+            output[:, :, :, -self.pad_pixels :] = pad_values
+        return output
+
+
+class DiverseBranchBlock(nn.Module):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, groups=1, nonlinear=None):
+        super().__init__()
+        self.nonlinear = nn.Identity() if nonlinear is None else nonlinear
+        self.dbb_origin = dbb_conv_bn(in_channels, out_channels, kernel_size, stride, padding, groups=groups)
+        self.dbb_avg = nn.Sequential()
+        if groups < out_channels:
+            self.dbb_avg.add_module("conv", nn.Conv2d(in_channels, out_channels, 1, 1, 0, groups=groups, bias=False))
+            self.dbb_avg.add_module("bn", BNAndPadLayer(pad_pixels=padding, num_features=out_channels))
+            self.dbb_avg.add_module("avg", nn.AvgPool2d(kernel_size=kernel_size, stride=stride, padding=0))
+            self.dbb_1x1 = dbb_conv_bn(in_channels, out_channels, 1, stride, 0, groups=groups)
+        else:
+            self.dbb_avg.add_module("avg", nn.AvgPool2d(kernel_size=kernel_size, stride=stride, padding=padding))
+        self.dbb_avg.add_module("avgbn", nn.BatchNorm2d(out_channels))
+        internal_channels_1x1_3x3 = in_channels if groups < out_channels else 2 * in_channels
+        self.dbb_1x1_kxk = nn.Sequential()
+        if internal_channels_1x1_3x3 == in_channels:
+            self.dbb_1x1_kxk.add_module("idconv1", IdentityBasedConv1x1(channels=in_channels, groups=groups))
+        else:
+            self.dbb_1x1_kxk.add_module(
+                "conv1", nn.Conv2d(in_channels, internal_channels_1x1_3x3, 1, 1, 0, groups=groups, bias=False)
+            )
+        self.dbb_1x1_kxk.add_module("bn1", BNAndPadLayer(pad_pixels=padding, num_features=internal_channels_1x1_3x3))
+        conv2 = nn.Conv2d(internal_channels_1x1_3x3, out_channels, kernel_size, stride, 0, groups=groups, bias=False)
+        self.dbb_1x1_kxk.add_module("conv2", conv2)
+        self.dbb_1x1_kxk.add_module("bn2", nn.BatchNorm2d(out_channels))
+
+    def forward(self, inputs):
+        out = self.dbb_origin(inputs)
+        if hasattr(self, "dbb_1x1"):
+            out += self.dbb_1x1(inputs)
+        out += self.dbb_avg(inputs)
+        out += self.dbb_1x1_kxk(inputs)
+        return self.nonlinear(out)
+
+
+class DBBBasicBlock(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = DiverseBranchBlock(channels, channels, 3, 1, 1, nonlinear=nn.ReLU())
+        self.conv2 = DiverseBranchBlock(channels, channels, 3, 1, 1)
+
+    def forward(self, x):
+        return F.relu(self.conv2(self.conv1(x)) + x)
+
+
+def dbb_resnet() -> nn.Module:
+    return nn.Sequential(
+        DiverseBranchBlock(3, 8, 3, 2, 1, nonlinear=nn.ReLU()), DBBBasicBlock(8), DBBBasicBlock(8),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    )  # fmt: skip
+
+
+def test_untraceable_bn_and_pad_stays_opaque_and_everything_around_it_folds():
+    x = torch.randn(2, 3, 12, 12)
+    model = dbb_resnet()
+    before = executed(copy.deepcopy(model).double(), x)
+    deployed = deployed_both(model, x)
+    report = deployed.trainfer_report
+    opaque = [item for item in report.kept if "not traceable by torch.fx (TypeError: 'Proxy' object does not" in item]
+    assert len(opaque) == 10 and opaque[0].startswith("0.dbb_avg.bn: not traceable"), report.kept  # 2 per block
+    assert before == {"conv": 25, "bn": 30, "pool": 5}
+    # Per block: origin + 1x1 merge into one conv; the avg branch keeps its 1x1 conv and becomes one
+    # depthwise conv after its BN-and-pad; the 1x1-kxk branch keeps its 1x1 conv and one conv after
+    # it: 5 convs, and only the two batch norms inside the opaque BN-and-pad layers.
+    assert executed(deployed, x) == {"conv": 25, "bn": 10, "pool": 0}

@@ -20,9 +20,12 @@ they used, disappear.
 A BatchNorm left alone between two non-linearities stays a BatchNorm: in eval mode it is one
 per-channel affine kernel, cheaper than the depthwise 1x1 convolution it could become.
 
-When a module cannot be traced (data-dependent control flow), :func:`fold` folds each of its
-children separately, fuses Conv->BatchNorm pairs that are adjacent in an ``nn.Sequential``, and
-records the fallback. The module-level protocols models carry (``reparameterize()``,
+When a submodule's ``forward`` cannot be traced (item assignment, data-dependent control flow),
+it stays one opaque op of its parent's graph (:mod:`trainfer.fold_trace`), which is folded around
+it; the opaque module is listed under "not folded" and its own insides are folded separately.
+When a module's own ``forward`` cannot be traced, :func:`fold` folds each of its children
+separately, fuses Conv->BatchNorm pairs that are adjacent in an ``nn.Sequential``, and records the
+fallback. The module-level protocols models carry (``reparameterize()``,
 ``switch_to_deploy()``, ``fuse()``) run through :func:`apply_protocols`.
 """
 
@@ -47,6 +50,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from trainfer import algebra
 from trainfer.algebra import AlgebraError, ConvOp
+from trainfer.fold_trace import Untraceable, is_leaf, trace, trace_around_untraceable
 
 __all__ = ["FoldLog", "FoldedRegion", "apply_protocols", "fold", "trace"]
 
@@ -81,47 +85,6 @@ class FoldLog:
 
 
 # --- tracing --------------------------------------------------------------------------------------
-
-
-def _is_torch_nn(function: Any) -> bool:
-    return getattr(function, "__module__", "").startswith(("torch.nn", "torch.ao.nn"))
-
-
-def _is_leaf(module: nn.Module) -> bool:
-    """A ``torch.nn`` layer: its ``forward`` is torch's own and it is not a container."""
-    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-    return _is_torch_nn(type(module).forward) and not isinstance(module, containers)
-
-
-class _EvalTracer(fx.Tracer):
-    """Trace through everything that is not a ``torch.nn`` layer.
-
-    A module is a leaf iff its ``forward`` is torch's own (``nn.Conv2d``, a user ``class
-    MyBN(nn.BatchNorm2d): pass``), containers excepted. Subclasses that override ``forward`` (a
-    BatchNorm with an extra activation, a weight-standardised conv) are traced into, so what they
-    compute appears as ``F.batch_norm``/``F.conv2d`` calls on parameters.
-    """
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return _is_leaf(m)
-
-
-def _accept_any_dim(input: Tensor) -> None:
-    """Stand-in for ``_check_input_dim``, whose ``if input.dim() != 4`` cannot be traced."""
-
-
-def trace(model: nn.Module) -> fx.GraphModule:
-    """``torch.fx`` trace of ``model`` in its current mode with :class:`_EvalTracer`.
-
-    BatchNorm subclasses that override ``forward`` and call ``super().forward`` get their input
-    rank check disabled (on this instance) so that the trace can see through them.
-    """
-    for module in model.modules():
-        if isinstance(module, _BatchNorm) and not _is_torch_nn(type(module).forward):
-            module._check_input_dim = _accept_any_dim
-    tracer = _EvalTracer()
-    graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 # --- module-level protocols -----------------------------------------------------------------------
@@ -174,15 +137,36 @@ def fold(model: nn.Module, example_inputs: Sequence[Any]) -> tuple[nn.Module, Fo
 
 
 def _fold_module(module: nn.Module, inputs: tuple[Any, ...], prefix: str, log: FoldLog) -> nn.Module:
+    """Fold ``module`` as one graph, its untraceable submodules kept as opaque leaves (their insides
+    folded separately); if its own ``forward`` cannot be traced, fold its children separately."""
     try:
-        gm = trace(module)
-    except Exception as error:  # noqa: BLE001 - user forward code can raise anything on fx proxies
+        gm, opaque = trace_around_untraceable(module)
+    except Untraceable as untraceable:
         where = prefix.rstrip(".") or "model"
-        log.fallbacks.append(
-            f"{where}: not traceable ({type(error).__name__}: {_first_line(error)}); folded its children separately"
-        )
+        log.fallbacks.append(f"{where}: not traceable ({_reason(untraceable.error)}); folded its children separately")
         return _fold_children(module, inputs, prefix, log)
+    _fold_opaque(gm, opaque, inputs, prefix, log)
     return _GraphFolder(gm, prefix, log).run(inputs)
+
+
+def _fold_opaque(
+    gm: fx.GraphModule, opaque: dict[str, Exception], inputs: tuple[Any, ...], prefix: str, log: FoldLog
+) -> None:
+    """Record each opaque module under "not folded" with its reason, and fold its insides on their own."""
+    if not opaque:
+        return
+    with _recorded_inputs(gm, list(opaque)) as recorded, torch.no_grad():
+        gm(*inputs)
+    for name, error in opaque.items():
+        log.kept.append(
+            f"{prefix}{name}: not traceable by torch.fx ({_reason(error)}); kept as one opaque op, folded around"
+        )
+        if name in recorded:
+            gm.set_submodule(name, _fold_module(gm.get_submodule(name), recorded[name], f"{prefix}{name}.", log))
+
+
+def _reason(error: Exception) -> str:
+    return f"{type(error).__name__}: {_first_line(error)}"
 
 
 def _first_line(error: Exception) -> str:
@@ -190,8 +174,8 @@ def _first_line(error: Exception) -> str:
 
 
 @contextmanager
-def _recorded_child_inputs(module: nn.Module) -> Iterator[dict[str, tuple[Any, ...]]]:
-    """Record the positional inputs of each direct child's first call (pre-hooks, always removed)."""
+def _recorded_inputs(module: nn.Module, names: Sequence[str]) -> Iterator[dict[str, tuple[Any, ...]]]:
+    """Record the positional inputs of each named submodule's first call (pre-hooks, always removed)."""
     inputs: dict[str, tuple[Any, ...]] = {}
     handles = []
 
@@ -202,8 +186,8 @@ def _recorded_child_inputs(module: nn.Module) -> Iterator[dict[str, tuple[Any, .
         return hook
 
     try:
-        for name, child in module.named_children():
-            handles.append(child.register_forward_pre_hook(hook_for(name)))
+        for name in names:
+            handles.append(module.get_submodule(name).register_forward_pre_hook(hook_for(name)))
         yield inputs
     finally:
         for handle in handles:
@@ -211,10 +195,10 @@ def _recorded_child_inputs(module: nn.Module) -> Iterator[dict[str, tuple[Any, .
 
 
 def _fold_children(module: nn.Module, inputs: tuple[Any, ...], prefix: str, log: FoldLog) -> nn.Module:
-    with _recorded_child_inputs(module) as child_inputs, torch.no_grad():
+    with _recorded_inputs(module, [name for name, _ in module.named_children()]) as child_inputs, torch.no_grad():
         module(*inputs)
     for name, child in list(module.named_children()):
-        if name in child_inputs and not _is_leaf(child):
+        if name in child_inputs and not is_leaf(child):
             setattr(module, name, _fold_module(child, child_inputs[name], f"{prefix}{name}.", log))
     if isinstance(module, nn.Sequential):
         _fuse_sequential_pairs(module, prefix, log)
@@ -226,7 +210,7 @@ def _fuse_sequential_pairs(sequence: nn.Sequential, prefix: str, log: FoldLog) -
     names = list(sequence._modules)
     for first, second in zip(names, names[1:]):
         layer, bn = sequence._modules[first], sequence._modules[second]
-        if type(layer) not in (nn.Conv2d, nn.Linear) or not isinstance(bn, _BatchNorm) or not _is_leaf(bn):
+        if type(layer) not in (nn.Conv2d, nn.Linear) or not isinstance(bn, _BatchNorm) or not is_leaf(bn):
             continue
         try:
             if isinstance(layer, nn.Conv2d):
@@ -550,6 +534,8 @@ class _GraphFolder:
         return None
 
     def _module_step(self, node: fx.Node, module: nn.Module, rank: int) -> _Expr | None:
+        if not is_leaf(module):
+            return None  # an opaque (untraceable) module: whatever its class, its forward is its own
         source = node.args[0] if node.args else None
         if isinstance(module, nn.Conv2d) and rank == 4:
             try:
