@@ -217,3 +217,89 @@ def test_untraceable_bn_and_pad_stays_opaque_and_everything_around_it_folds():
     # depthwise conv after its BN-and-pad; the 1x1-kxk branch keeps its 1x1 conv and one conv after
     # it: 5 convs, and only the two batch norms inside the opaque BN-and-pad layers.
     assert executed(deployed, x) == {"conv": 25, "bn": 10, "pool": 0}
+
+
+# --- 4. BatchNorm subclasses with their own forward (timm's conventions) ---------------------------
+
+
+class DropPath(nn.Module):
+    """Stochastic depth the way timm writes it: the identity unless training."""
+
+    def __init__(self, drop_prob=0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.drop_prob)
+        return x * keep / (1 - self.drop_prob)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's convention: a BatchNorm2d subclass whose forward runs F.batch_norm, then drop, then act."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 apply_act=True, act_layer=nn.ReLU, inplace=True, drop_layer=None):  # fmt: skip
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats)  # fmt: skip
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        self.act = act_layer(inplace=inplace) if apply_act else nn.Identity()
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+        if self.training:
+            bn_training = True
+        else:
+            bn_training = (self.running_mean is None) and (self.running_var is None)
+        x = F.batch_norm(
+            x,
+            self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            exponential_average_factor,
+            self.eps,
+        )
+        x = self.drop(x)
+        return self.act(x)
+
+
+class InvertedResidualBNAct(nn.Module):
+    """EfficientNet-style block on timm's norm-act layers: expand, depthwise, squeeze-excite, project."""
+
+    def __init__(self, channels, expand=4):
+        super().__init__()
+        hidden = channels * expand
+        self.conv_pw = nn.Conv2d(channels, hidden, 1, bias=False)
+        self.bn1 = BatchNormAct2d(hidden, act_layer=nn.SiLU)
+        self.conv_dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False)
+        self.bn2 = BatchNormAct2d(hidden, act_layer=nn.SiLU, drop_layer=lambda: DropPath(0.1))
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(hidden, 4, 1), nn.SiLU(), nn.Conv2d(4, hidden, 1))
+        self.conv_pwl = nn.Conv2d(hidden, channels, 1, bias=False)
+        self.bn3 = BatchNormAct2d(channels, apply_act=False)
+        self.drop_path = DropPath(0.2)
+
+    def forward(self, x):
+        y = self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))
+        y = y * self.se(y).sigmoid()
+        return x + self.drop_path(self.bn3(self.conv_pwl(y)))
+
+
+def test_timm_style_batch_norm_act_folds_its_batch_norm_into_the_conv_before_and_keeps_the_act():
+    x = torch.randn(2, 8, 9, 9)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), BatchNormAct2d(8),
+                          InvertedResidualBNAct(8), InvertedResidualBNAct(8))  # fmt: skip
+    before = count_aten_ops(copy.deepcopy(model).double().eval(), x.double())
+    deployed = deployed_both(model, x)
+    after = count_aten_ops(deployed, x.double())
+    assert batch_norm_calls(deployed, x.double()) == 0
+    assert after["convolution"] == before["convolution"] == 11  # squeeze-excite convs read a pooled value
+    activations = ("relu", "relu_", "silu", "silu_", "sigmoid")
+    assert [after[name] for name in activations] == [before[name] for name in activations] == [0, 1, 2, 4, 2]
