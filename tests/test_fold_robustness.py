@@ -303,3 +303,31 @@ def test_timm_style_batch_norm_act_folds_its_batch_norm_into_the_conv_before_and
     assert after["convolution"] == before["convolution"] == 11  # squeeze-excite convs read a pooled value
     activations = ("relu", "relu_", "silu", "silu_", "sigmoid")
     assert [after[name] for name in activations] == [before[name] for name in activations] == [0, 1, 2, 4, 2]
+
+
+class NormHead(nn.Module):
+    """A final norm after the last activation, then global pooling and a classifier (three spellings)."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+        self.norm, self.pool, self.fc = nn.BatchNorm2d(6), nn.AdaptiveAvgPool2d(1), nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = self.norm(self.body(x))
+        if self.spelling == "module":
+            return self.fc(torch.flatten(self.pool(y), 1))
+        if self.spelling == "view":
+            y = F.adaptive_avg_pool2d(y, 1)
+            return self.fc(y.view(y.size(0), -1))
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("spelling", ["module", "view", "mean"])
+def test_batch_norm_then_global_pool_then_linear_folds_the_batch_norm_into_the_linear(spelling):
+    x = torch.randn(2, 3, 7, 7)
+    deployed = deployed_both(NormHead(spelling), x)
+    counts = count_aten_ops(deployed, x.double())
+    assert batch_norm_calls(deployed, x.double()) == 0 and counts["convolution"] == 1
+    assert counts["addmm"] == 1 and counts["relu"] == 1

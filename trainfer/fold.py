@@ -50,7 +50,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from trainfer import algebra
 from trainfer.algebra import AlgebraError, ConvOp
-from trainfer.fold_passes import resolve_rank_checks
+from trainfer.fold_passes import move_batch_norms_into_heads, resolve_rank_checks
 from trainfer.fold_trace import Untraceable, is_leaf, trace, trace_around_untraceable
 
 __all__ = ["FoldLog", "FoldedRegion", "apply_protocols", "fold", "trace"]
@@ -367,6 +367,7 @@ class _GraphFolder:
         self._split_padding_modes()
         _propagate_shapes(self.gm, inputs)
         resolve_rank_checks(self.gm.graph)
+        move_batch_norms_into_heads(self.gm)
         roots = self._settle_costs(self._regions())
         self.log.kept += self.kept + self.splits
         replaced: dict[fx.Node, fx.Node] = {}
