@@ -331,3 +331,71 @@ def test_batch_norm_then_global_pool_then_linear_folds_the_batch_norm_into_the_l
     counts = count_aten_ops(deployed, x.double())
     assert batch_norm_calls(deployed, x.double()) == 0 and counts["convolution"] == 1
     assert counts["addmm"] == 1 and counts["relu"] == 1
+
+
+class ACBlock(nn.Module):
+    """ACNet's asymmetric block the way its repository (DingXiaoH/ACNet, acb.py) writes it: when
+    ``padding < kernel_size // 2`` the 1xk and kx1 branches read a cropped input."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.square_conv = nn.Conv2d(in_channels, out_channels, (kernel_size, kernel_size), stride, padding, bias=False)
+        self.square_bn = nn.BatchNorm2d(out_channels)
+        if padding - kernel_size // 2 >= 0:
+            self.crop = 0
+            hor_padding = [padding - kernel_size // 2, padding]
+            ver_padding = [padding, padding - kernel_size // 2]
+        else:
+            self.crop = kernel_size // 2 - padding
+            hor_padding = [0, padding]
+            ver_padding = [padding, 0]
+        self.ver_conv = nn.Conv2d(in_channels, out_channels, (kernel_size, 1), stride, ver_padding, bias=False)
+        self.hor_conv = nn.Conv2d(in_channels, out_channels, (1, kernel_size), stride, hor_padding, bias=False)
+        self.ver_bn = nn.BatchNorm2d(out_channels)
+        self.hor_bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, input):
+        square_outputs = self.square_bn(self.square_conv(input))
+        if self.crop > 0:
+            ver_input = input[:, :, :, self.crop : -self.crop]
+            hor_input = input[:, :, self.crop : -self.crop, :]
+        else:
+            ver_input = input
+            hor_input = input
+        vertical_outputs = self.ver_bn(self.ver_conv(ver_input))
+        horizontal_outputs = self.hor_bn(self.hor_conv(hor_input))
+        return square_outputs + vertical_outputs + horizontal_outputs
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding"), [(3, 1, 0), (3, 2, 0), (5, 1, 1), (5, 2, 0)])
+def test_acnet_crop_slicing_folds_into_the_kernel(kernel, stride, padding):
+    x = torch.randn(2, 3, 11, 12)
+    deployed = deployed_both(nn.Sequential(ACBlock(3, 5, kernel, stride, padding), nn.ReLU()), x)
+    assert executed(deployed, x) == {"conv": 1, "bn": 0, "pool": 0}
+    assert count_aten_ops(deployed, x.double())["slice"] == 0
+
+
+CROPS = [(1, 0, (0, 0), 1, 1), (2, 1, (0, 0), 1, 2), (2, 0, (0, 1), (2, 1), 1), (0, 3, (2, 0), 1, 3)]
+
+
+@pytest.mark.parametrize(("rows", "cols", "padding", "dilation", "stride"), CROPS)
+def test_algebra_crop_then_conv_is_one_conv_on_the_whole_input(rows, cols, padding, dilation, stride):
+    from trainfer import algebra
+
+    x = torch.randn(2, 4, 13, 14, dtype=torch.float64)
+    conv = algebra.ConvOp(torch.randn(6, 2, 3, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64),
+                          (stride, stride), padding, algebra._pair(dilation), 2)  # fmt: skip
+    cropped = x[:, :, rows : x.shape[2] - rows, cols : x.shape[3] - cols]
+    crop = algebra.crop(4, rows, cols, dtype=torch.float64)
+    assert_close(crop(x), cropped)
+    assert_close(algebra.sequential(crop, conv)(x), conv(cropped))
+
+
+def test_algebra_crop_needs_whole_taps_at_a_dilation_and_no_padding_where_it_crops():
+    from trainfer import algebra
+
+    conv = algebra.ConvOp(torch.randn(2, 2, 3, 3), torch.zeros(2), dilation=(2, 2))
+    with pytest.raises(algebra.AlgebraError, match="whole number of taps"):
+        algebra.crop_input(conv, 1, 0)
+    with pytest.raises(algebra.AlgebraError, match="followed by zero padding 1"):
+        algebra.crop_input(algebra.ConvOp(torch.randn(2, 2, 3, 3), torch.zeros(2), padding=(1, 0)), 1, 0)

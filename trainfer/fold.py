@@ -532,6 +532,8 @@ class _GraphFolder:
             return self._add(node, key in _SUB)
         if key in _MUL | _DIV:
             return self._scale(node, divide=key in _DIV)
+        if key is operator.getitem and rank == 4:
+            return self._crop(node)
         if key in _NEG:
             return self._chain(node, node.args[0], self._affine(node, torch.tensor(-1.0), None))
         return None
@@ -666,6 +668,19 @@ class _GraphFolder:
             return pool if previous is None else algebra.sequential(previous, pool)
 
         return self._chain(node, bound["input"], step)
+
+    def _crop(self, node: fx.Node) -> _Expr | None:
+        """``x[:, :, c:-c, :]`` and the like (ACNet's crop before a 1xk conv): a shift the next conv absorbs."""
+        rows_cols = _symmetric_crop(node.args[1]) if len(node.args) == 2 else None
+        if rows_cols is None:
+            return None
+
+        def step(previous: ConvOp | None, anchor: fx.Node) -> ConvOp:
+            meta = node.meta["tensor_meta"]
+            op = algebra.crop(meta.shape[1], *rows_cols, dtype=meta.dtype, device=self.device)
+            return op if previous is None else algebra.sequential(previous, op)
+
+        return self._chain(node, node.args[0], step)
 
     def _scale(self, node: fx.Node, divide: bool) -> _Expr | None:
         """``x * c`` / ``x / c`` with ``c`` a constant scalar or per-channel tensor."""
@@ -855,6 +870,23 @@ class _GraphFolder:
 
 
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _symmetric_crop(index: Any) -> tuple[int, int] | None:
+    """``(rows, cols)`` for an index ``[:, :, r:-r, c:-c]`` (``:`` for 0), on any input size; else None."""
+    if not isinstance(index, tuple) or len(index) != 4 or any(not isinstance(i, slice) for i in index):
+        return None
+    if any(i != slice(None) for i in index[:2]):
+        return None
+    crops = []
+    for part in index[2:]:
+        if part == slice(None):
+            crops.append(0)
+        elif part.step is None and isinstance(part.start, int) and part.start > 0 and part.stop == -part.start:
+            crops.append(part.start)
+        else:
+            return None
+    return crops[0], crops[1]
 
 
 def _static(*values: Any) -> bool:
