@@ -250,14 +250,25 @@ def _deploy(trained: nn.Module, inputs: Tensor, results: dict, echo: Callable[[s
 
 
 def _agreement(trained: nn.Module, deployed: nn.Module, inputs: Tensor, labels: Tensor, results: dict) -> Tensor:
-    """Both forms' logits on the whole test set; returns the deploy form's predicted classes."""
+    """Both forms' logits on the whole test set; returns the deploy form's predicted classes.
+
+    A class may differ only where the training form's top-2 margin is within twice the logits'
+    difference (a tie that rounding breaks either way): ``class_differences`` counts differing
+    samples, ``near_tie_differences`` those of them at such a margin.
+    """
     with inference(trained, deployed):
         reference, candidate = logits_of(trained(inputs)), deployed(inputs)
+    max_abs_error = float((candidate - reference).abs().max())
+    top2 = reference.topk(2, dim=1).values
+    differs = candidate.argmax(1) != reference.argmax(1)
+    near_tie = (top2[:, 0] - top2[:, 1]) <= 2 * max_abs_error
     results["agreement"] = {
         "samples": len(labels),
-        "max_abs_error": float((candidate - reference).abs().max()),
+        "max_abs_error": max_abs_error,
         "max_rel_error": relative_error(candidate, reference),
-        "identical_classes": bool(torch.equal(candidate.argmax(1), reference.argmax(1))),
+        "identical_classes": not bool(differs.any()),
+        "class_differences": int(differs.sum()),
+        "near_tie_differences": int((differs & near_tie).sum()),
         "accuracy": {
             "training form (eval)": _accuracy(reference, labels),
             "deploy form": _accuracy(candidate, labels),
