@@ -23,10 +23,9 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
@@ -36,6 +35,9 @@ from trainfer.capture import capture
 from trainfer.models import reparameterize
 from trainfer.testing import AtenOpCounter
 from trainfer.verify import model_dtype
+
+if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn
+    from matplotlib.figure import Figure
 
 __all__ = [
     "FORMS",
@@ -433,6 +435,8 @@ class BenchReport:
 
     def plot(self) -> Figure:
         """Bars per form: batch-1 latency (median, whisker to p90) and throughput at the batch size."""
+        from matplotlib.figure import Figure
+
         figure = Figure(figsize=(10, 4), layout="constrained")
         left, right = figure.subplots(1, 2)
         names = [r.form for r in self.results]
