@@ -51,10 +51,11 @@ def image_bundle(tmp_path_factory):
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(
-        [sys.executable, "-m", "trainfer", *args], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-m", "trainfer", *args], capture_output=True, text=True, env=env, timeout=300
     )
 
 
+@pytest.mark.slow
 def test_predict_images_in_a_subprocess(image_bundle):
     root, images = image_bundle
     done = run_cli("predict", str(root / "bundle"), *images, "--top-k", "2", "--format", "jsonl")
@@ -66,6 +67,7 @@ def test_predict_images_in_a_subprocess(image_bundle):
     assert all(len(r["top_k"]) == 2 for r in records)
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_with_one_line_in_a_subprocess(image_bundle, tmp_path):
     root, _ = image_bundle
     np.save(tmp_path / "wrong.npy", np.zeros((2, 3, 8, 8), np.float32))

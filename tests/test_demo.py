@@ -11,6 +11,8 @@ from trainfer.cli import main
 from trainfer.modes import inference
 from trainfer.testing import assert_close
 
+pytestmark = pytest.mark.slow  # every test here shares one end-to-end demo run
+
 QUICK = ["--epochs", "1", "--subset", "300", "--repeats", "3"]
 
 

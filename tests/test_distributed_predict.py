@@ -29,7 +29,7 @@ def torchrun_predict(*args: str, processes: int = 2) -> subprocess.CompletedProc
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     return subprocess.run(
-        [*command, "-m", "trainfer", "predict", *args], env=env, capture_output=True, text=True, timeout=120
+        [*command, "-m", "trainfer", "predict", *args], env=env, capture_output=True, text=True, timeout=600
     )
 
 
