@@ -13,13 +13,13 @@ NUMERICS := tests/test_agreement.py tests/test_deploy.py tests/test_deploy_prope
 GENERIC_KERNELS := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2
 AVX2_KERNELS    := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 
-.PHONY: demo test test-fast test-kernels test-wheel lint bench clean
+.PHONY: demo test test-fast test-kernels test-wheel docs lint bench clean
 
 # torch==2.13.0 first (a CPU wheel on local disk); the project's range (torch>=2.13) then installs no other.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[all,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[all,dev,docs]'
 	touch $@
 
 demo: $(BIN)/.installed
@@ -47,6 +47,10 @@ test-wheel: $(BIN)/.installed
 	build/wheel-venv/bin/python -m pip install --quiet torch==2.13.0
 	build/wheel-venv/bin/python -m pip install --quiet dist/trainfer-*.whl
 	cd build && wheel-venv/bin/python ../tests/wheel_smoke.py
+
+# The documentation site (mkdocs-material, API reference by mkdocstrings); strict: warnings fail.
+docs: $(BIN)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --quiet
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
