@@ -19,6 +19,7 @@ from trainfer.export import export, read_exported_manifest
 from trainfer.testing import assert_close, randomize_batchnorm
 
 
+@trainfer.register_model
 def tiny_cnn(classes: int = 3) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1),
@@ -32,6 +33,7 @@ def tiny_cnn(classes: int = 3) -> nn.Module:
     )
 
 
+@trainfer.register_model
 class TwoHeads(nn.Module):
     """Returns a dict: class probabilities (softmax inside the model) and a regression value."""
 
@@ -177,6 +179,7 @@ def test_errors(tmp_path, monkeypatch):
 Pair = collections.namedtuple("Pair", "act pre")
 
 
+@trainfer.register_model
 class NamedBinary(nn.Module):
     """A binary table model returning a named tuple (activation, pre-activation)."""
 

@@ -329,6 +329,7 @@ def test_predictor_load_from_bundle_reuses_manifest(tmp_path):
     np.testing.assert_allclose([r.probability for r in predictor.predict(raw)], expected.max(1).values, atol=1e-6)
 
 
+@trainfer.register_model
 def bundle_factory():
     return Net(4, FINALS["log_probabilities"])
 
@@ -419,6 +420,7 @@ def test_predictor_load_overrides_recorded_settings(tmp_path):
     np.testing.assert_allclose([r.probability for r in fixed.predict(x)], expected, atol=1e-6)
 
 
+@trainfer.register_model
 def probabilities_factory():
     return Net(4, FINALS["probabilities"])
 

@@ -43,7 +43,7 @@ from trainfer.atomic import replace_directory, staging_directory
 from trainfer.bench import Timing, count_macs, count_parameters, num_threads, peak_memory, time_forms
 from trainfer.bundle import load, save
 from trainfer.deploy import deploy
-from trainfer.errors import ModeWarning
+from trainfer.errors import InputError, ModeWarning
 from trainfer.export import export, load_onnx
 from trainfer.guard import guard
 from trainfer.inspection import inspect
@@ -100,7 +100,7 @@ def _silent(message: str) -> None:
 def _staging(out: Path) -> Iterator[Path]:
     """A fresh directory beside ``out`` (shared by all ranks) that replaces ``out`` on success."""
     if out.exists() and not (out / MARKER).is_file():
-        raise ValueError(f"refusing to replace {str(out)!r}: it exists and is not a trainfer demo output")
+        raise InputError(f"refusing to replace {str(out)!r}: it exists and is not a trainfer demo output")
     work = staging_directory(out) if distributed.is_main() else None
     work = Path(distributed.broadcast_object(str(work)))
     try:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from trainfer.errors import InputError
 from trainfer.predict import (
     BinaryResult,
     ClassificationResult,
@@ -99,17 +100,17 @@ def _agreement(spec: dict[str, Any]) -> dict[str, Any]:
 def _check_members(members: list[Predictor]) -> None:
     """Refuse an empty ensemble, multi-head members, and members disagreeing on :data:`_AGREE_ON`."""
     if not members:
-        raise ValueError("an ensemble needs at least one predictor; got none")
+        raise InputError("an ensemble needs at least one predictor; got none")
     specs = [_agreement(member.spec) for member in members]
     for index, spec in enumerate(specs):
         if spec["task"] not in ("classification", "binary", "regression"):
-            raise ValueError(
+            raise InputError(
                 f"ensemble member {index} is {spec['task']!r}: "
                 "expected a classification, binary or regression predictor"
             )
         for key in _AGREE_ON:
             if spec[key] != specs[0][key]:
-                raise ValueError(
+                raise InputError(
                     f"ensemble members disagree on {key}: "
                     f"member 0 has {specs[0][key]!r}, member {index} has {spec[key]!r}"
                 )
@@ -121,12 +122,12 @@ def _weights(given: Iterable[float] | None, count: int) -> Tensor:
         return torch.full((count,), 1.0 / count, dtype=torch.float64)
     weights = [float(w) for w in given]
     if len(weights) != count:
-        raise ValueError(f"expected {count} ensemble weights (one per predictor); got {len(weights)}")
+        raise InputError(f"expected {count} ensemble weights (one per predictor); got {len(weights)}")
     if any(not math.isfinite(w) or w < 0 for w in weights):
-        raise ValueError(f"ensemble weights must be finite and non-negative; got {weights}")
+        raise InputError(f"ensemble weights must be finite and non-negative; got {weights}")
     total = sum(weights)
     if total == 0:
-        raise ValueError(f"ensemble weights must not all be zero; got {weights}")
+        raise InputError(f"ensemble weights must not all be zero; got {weights}")
     return torch.tensor(weights, dtype=torch.float64) / total
 
 
@@ -190,7 +191,7 @@ class Ensemble:
                 results.extend(batch)
                 bar.update(len(batch))
         if not results:
-            raise ValueError("empty input: expected at least one sample")
+            raise InputError("empty input: expected at least one sample")
         return results
 
     def predict_iter(self, samples: Iterable[Any], top_k: int | None = None) -> Iterator[Any]:
@@ -200,7 +201,7 @@ class Ensemble:
 
     def _results(self, inputs: Any, top_k: int | None) -> Iterator[list[Any]]:
         if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1; got {top_k}")
+            raise InputError(f"top_k must be >= 1; got {top_k}")
         for stacked in self.member_scores(inputs):
             w = self.weights.view(-1, *[1] * (stacked.dim() - 1))
             mean = (w * stacked).sum(0)

@@ -47,6 +47,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from trainfer import algebra
 from trainfer.algebra import AlgebraError, ConvOp
+from trainfer.errors import InputTypeError
 
 __all__ = ["FoldLog", "FoldedRegion", "apply_protocols", "fold", "trace"]
 
@@ -142,7 +143,9 @@ def apply_protocols(model: nn.Module) -> list[str]:
         if method is not None:
             result = getattr(module, method)()
             if isinstance(result, nn.Module) and result is not module:
-                raise TypeError(f"{name or 'model'}.{method}() returned a new module instead of converting in place")
+                raise InputTypeError(
+                    f"{name or 'model'}.{method}() returned a new module instead of converting in place"
+                )
             calls.append(f"{name or 'model'}.{method}()")
             done.append(name)
     return calls

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from trainfer.dual import INFER_PATH_MARK, DualModule, TrainOnly
+from trainfer.errors import InputError, InputTypeError
 
 __all__ = [
     "ModeDependent",
@@ -47,7 +48,7 @@ def restore_modes(model: nn.Module, snapshot: dict[str, bool]) -> None:
     if modules.keys() != snapshot.keys():
         missing = sorted(modules.keys() - snapshot.keys())
         extra = sorted(snapshot.keys() - modules.keys())
-        raise ValueError(
+        raise InputError(
             f"mode snapshot does not match {type(model).__name__}'s modules: "
             f"not in snapshot {missing[:5]}, not in model {extra[:5]}"
         )
@@ -57,7 +58,7 @@ def restore_modes(model: nn.Module, snapshot: dict[str, bool]) -> None:
 
 def _check_module(model: Any) -> None:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module; got {type(model).__name__}")
+        raise InputTypeError(f"expected a torch.nn.Module; got {type(model).__name__}")
 
 
 @contextmanager

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from trainfer.errors import OutputKindWarning
+from trainfer.errors import InputError, InputTypeError, OutputKindWarning
 from trainfer.outputs import Head, Selector, check_output_kind, resolve_heads, select_output, to_scores
 from trainfer.preprocess import PreprocessSpec, gather, iter_raw
 
@@ -141,9 +141,9 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
         try:
             chosen = torch.device(device)
         except RuntimeError as error:
-            raise ValueError(f"unknown device {device!r}: expected auto, cpu, cuda, cuda:N or mps ({error})") from None
+            raise InputError(f"unknown device {device!r}: expected auto, cpu, cuda, cuda:N or mps ({error})") from None
         if not _available(chosen):
-            raise ValueError(f"device {str(device)!r} is not available on this machine (try device='auto' or 'cpu')")
+            raise InputError(f"device {str(device)!r} is not available on this machine (try device='auto' or 'cpu')")
         return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -190,13 +190,13 @@ class Predictor:
         resolved_heads: list[Head] | None = None,
     ):
         if not callable(model):
-            raise TypeError(f"model must be an nn.Module or a callable; got {type(model).__name__}")
+            raise InputTypeError(f"model must be an nn.Module or a callable; got {type(model).__name__}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+            raise InputError(f"batch_size must be >= 1; got {batch_size}")
         if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must lie in [0, 1]; got {threshold}")
+            raise InputError(f"threshold must lie in [0, 1]; got {threshold}")
         if cache_size < 0:
-            raise ValueError(f"cache_size must be >= 0; got {cache_size}")
+            raise InputError(f"cache_size must be >= 0; got {cache_size}")
         self.device = pick_device(device) if isinstance(model, nn.Module) else torch.device("cpu")
         self.model = _placed(model, self.device)
         self.preprocess_spec = _spec_for(self.model, preprocess)
@@ -226,12 +226,15 @@ class Predictor:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def load(cls, path: str | os.PathLike[str], **overrides: Any) -> Predictor:
+    def load(
+        cls, path: str | os.PathLike[str], *, factory: Any = None, trust_factory: bool = False, **overrides: Any
+    ) -> Predictor:
         """A predictor for a bundle directory or an exported ``.onnx`` file (run by onnxruntime).
 
         The manifest supplies task, labels, preprocessing, heads and output kinds; ``overrides``
         (``device``, ``batch_size``, ``threshold``, ``cache_size``, ...) are passed on, and override
         the manifest's where they name the same setting (e.g. ``output_kind="probabilities"``).
+        ``factory`` and ``trust_factory`` are :func:`trainfer.load`'s (which factories a bundle may name).
         """
         path = Path(path)
         if path.suffix == ".onnx":
@@ -242,7 +245,8 @@ class Predictor:
             from trainfer.bundle import load, read_manifest
 
             manifest = read_manifest(path)
-            model = load(path).to(pick_device(overrides.get("device", "auto")))  # ours: moved, not copied
+            model = load(path, factory=factory, trust_factory=trust_factory)
+            model = model.to(pick_device(overrides.get("device", "auto")))  # ours: moved, not copied
         heads = [Head.from_dict(h) for h in manifest.get("heads") or []]
         if heads and _HEAD_SETTINGS & overrides.keys():
             return cls(model, **{"preprocess": manifest.get("preprocess"), **_head_settings(heads), **overrides})
@@ -333,7 +337,7 @@ class Predictor:
         total = sample_count(inputs)
         results = list(self._run(iter_raw(inputs, self.preprocess_spec), top_k, total))
         if not results:
-            raise ValueError(
+            raise InputError(
                 f"empty input: expected at least one sample of shape {self.preprocess_spec.input_shape or '(any)'}"
             )
         return results
@@ -344,7 +348,7 @@ class Predictor:
 
     def _run(self, chunks: Iterator[Tensor], top_k: int | None, total: int | None) -> Iterator[Any]:
         if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1; got {top_k}")
+            raise InputError(f"top_k must be >= 1; got {top_k}")
         show = total is not None and total > self.batch_size
         with tqdm(total=total, unit="sample", desc="predict", disable=None if show else True) as bar:
             for raw, load_seconds in timed_batches(chunks, self.batch_size, self.preprocess_spec):
@@ -512,7 +516,7 @@ def _check_labels(labels: tuple[str, ...] | None, classes: int) -> tuple[str, ..
     if labels is None:
         return tuple(str(i) for i in range(classes))
     if len(labels) != classes:
-        raise ValueError(f"{len(labels)} labels given, but the model outputs {classes} classes")
+        raise InputError(f"{len(labels)} labels given, but the model outputs {classes} classes")
     return labels
 
 
@@ -528,7 +532,7 @@ def _classification_results(scores: Tensor, labels: tuple[str, ...] | None, top_
 
 def _binary_results(scores: Tensor, labels: tuple[str, ...] | None, threshold: float) -> list[Result]:
     if labels is not None and len(labels) != 2:
-        raise ValueError(f"a binary task takes 2 labels (negative, positive); got {len(labels)}")
+        raise InputError(f"a binary task takes 2 labels (negative, positive); got {len(labels)}")
     results: list[Result] = []
     for p in scores.tolist():
         decision = p >= threshold

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from trainfer.errors import InputError, MissingFileError
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 _IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 _CSV_CHUNK_ROWS = 1024
@@ -79,15 +81,15 @@ class PreprocessSpec:
         for name in ("mean", "std", "target_mean", "target_std"):
             set_(self, name, _floats(getattr(self, name)))
         if self.dtype not in ("float32", "float64", "float16", "bfloat16"):
-            raise ValueError(f"preprocess dtype must be float32/float64/float16/bfloat16; got {self.dtype!r}")
+            raise InputError(f"preprocess dtype must be float32/float64/float16/bfloat16; got {self.dtype!r}")
         if self.resample not in _RESAMPLING:
-            raise ValueError(f"resample must be one of {', '.join(_RESAMPLING)}; got {self.resample!r}")
+            raise InputError(f"resample must be one of {', '.join(_RESAMPLING)}; got {self.resample!r}")
         if self.channel_order not in ("RGB", "BGR"):
-            raise ValueError(f"channel_order must be 'RGB' or 'BGR'; got {self.channel_order!r}")
+            raise InputError(f"channel_order must be 'RGB' or 'BGR'; got {self.channel_order!r}")
         if self.std is not None and any(s == 0 for s in self.std):
-            raise ValueError(f"std must be non-zero; got {self.std}")
+            raise InputError(f"std must be non-zero; got {self.std}")
         if self.columns is not None and self.input_shape is not None and self.input_shape != (len(self.columns),):
-            raise ValueError(
+            raise InputError(
                 f"{len(self.columns)} columns need input_shape ({len(self.columns)},); got {self.input_shape}"
             )
 
@@ -103,7 +105,7 @@ class PreprocessSpec:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown preprocess keys {unknown}; expected some of {sorted(known)}")
+            raise InputError(f"unknown preprocess keys {unknown}; expected some of {sorted(known)}")
         return cls(**data)
 
     @classmethod
@@ -146,11 +148,11 @@ class PreprocessSpec:
         """Return ``raw`` as a ``(N, *input_shape)`` tensor or raise ``ValueError`` naming expected vs got."""
         batch = _as_tensor(raw)
         if batch.dtype.is_complex or batch.dtype == torch.bool:
-            raise ValueError(f"wrong input dtype: expected real numbers (float or int), got {batch.dtype}")
+            raise InputError(f"wrong input dtype: expected real numbers (float or int), got {batch.dtype}")
         if self.input_shape is not None and batch.dim() == len(self.input_shape):
             batch = batch.unsqueeze(0)
         if batch.dim() == 0 or batch.shape[0] == 0:
-            raise ValueError(f"empty input: expected at least one sample of shape {self._shape_text()}")
+            raise InputError(f"empty input: expected at least one sample of shape {self._shape_text()}")
         self._check_shape(batch)
         # A finite sum proves every element finite (NaN and inf propagate) at a tenth of isfinite's cost;
         # only a non-finite sum (or an overflowing one) needs the element-wise check.
@@ -158,7 +160,7 @@ class PreprocessSpec:
             finite = torch.isfinite(batch)
             if not bool(finite.all()):
                 bad = (~finite).flatten(1).any(1).nonzero().flatten().tolist()
-                raise ValueError(f"input contains NaN or inf values in sample(s) {bad[:10]}: expected finite numbers")
+                raise InputError(f"input contains NaN or inf values in sample(s) {bad[:10]}: expected finite numbers")
         return batch
 
     def _check_shape(self, batch: Tensor) -> None:
@@ -170,11 +172,11 @@ class PreprocessSpec:
         expected = self._shape_text()
         dims = ", ".join(str(d) for d in self.input_shape)
         if len(sample) == len(self.input_shape) == 3 and sample[1:] == self.input_shape[1:]:
-            raise ValueError(
+            raise InputError(
                 f"wrong channel count: expected {self.input_shape[0]} channel(s) (sample shape {expected}), "
                 f"got {sample[0]} (sample shape {sample})"
             )
-        raise ValueError(
+        raise InputError(
             f"wrong input shape: expected a batch (N, {dims}) or one sample {expected}, got {tuple(batch.shape)}"
         )
 
@@ -187,7 +189,7 @@ class PreprocessSpec:
         if len(values) == 1:
             return tensor
         if batch.dim() < 2 or batch.shape[1] != len(values):
-            raise ValueError(
+            raise InputError(
                 f"{len(values)} normalisation values need {len(values)} channels; got batch {tuple(batch.shape)}"
             )
         return tensor.view(1, -1, *([1] * (batch.dim() - 2)))
@@ -209,9 +211,9 @@ def _as_tensor(value: Any) -> Tensor:
     try:
         array = np.asarray(value)
     except (ValueError, TypeError) as error:
-        raise ValueError(f"cannot read input as a numeric array: {error}") from None
+        raise InputError(f"cannot read input as a numeric array: {error}") from None
     if array.dtype == object or array.dtype.kind in "USV":
-        raise ValueError(f"wrong input dtype: expected real numbers, got numpy dtype {array.dtype}")
+        raise InputError(f"wrong input dtype: expected real numbers, got numpy dtype {array.dtype}")
     if array.dtype == np.uint16 or array.dtype == np.uint32:
         array = array.astype(np.int64)
     return torch.from_numpy(np.ascontiguousarray(array))
@@ -249,9 +251,9 @@ def iter_raw(inputs: Any, spec: PreprocessSpec) -> Iterator[Tensor]:
 
 def _iter_file(path: Path, spec: PreprocessSpec) -> Iterator[Tensor]:
     if path.is_dir():
-        raise ValueError(f"{str(path)!r} is a directory: expected image, .csv or .npy files (pass the files)")
+        raise InputError(f"{str(path)!r} is a directory: expected image, .csv or .npy files (pass the files)")
     if not path.is_file():
-        raise FileNotFoundError(f"input file not found: {str(path)!r}")
+        raise MissingFileError(f"input file not found: {str(path)!r}")
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         yield load_image(path, spec).unsqueeze(0)
@@ -260,7 +262,7 @@ def _iter_file(path: Path, spec: PreprocessSpec) -> Iterator[Tensor]:
     elif suffix == ".npy":
         yield load_npy(path, spec)
     else:
-        raise ValueError(
+        raise InputError(
             f"cannot read {str(path)!r}: expected an image ({', '.join(sorted(IMAGE_SUFFIXES))}), .csv or .npy file"
         )
 
@@ -270,7 +272,7 @@ def load_npy(path: Path, spec: PreprocessSpec) -> Tensor:
     try:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as error:
-        raise ValueError(f"cannot read {str(path)!r} as a .npy array: {error}") from None
+        raise InputError(f"cannot read {str(path)!r} as a .npy array: {error}") from None
     batch = _as_tensor(array)
     if spec.input_shape is not None and batch.dim() == len(spec.input_shape):
         batch = batch.unsqueeze(0)
@@ -291,7 +293,7 @@ def load_image(path: Path, spec: PreprocessSpec) -> Tensor:
             image.load()
             return _image_to_tensor(image, spec, path)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"cannot read image {str(path)!r}: {error}") from None
+        raise InputError(f"cannot read image {str(path)!r}: {error}") from None
 
 
 def _image_to_tensor(image: Any, spec: PreprocessSpec, path: Path) -> Tensor:
@@ -299,14 +301,14 @@ def _image_to_tensor(image: Any, spec: PreprocessSpec, path: Path) -> Tensor:
 
     shape = spec.input_shape
     if shape is not None and len(shape) != 3:
-        raise ValueError(f"image {str(path)!r} given, but the model expects samples of shape {shape}, not (C, H, W)")
+        raise InputError(f"image {str(path)!r} given, but the model expects samples of shape {shape}, not (C, H, W)")
     channels = shape[0] if shape is not None else (1 if image.mode in ("L", "I", "I;16", "F", "1") else 3)
     if channels not in _IMAGE_MODES:
-        raise ValueError(f"images convert to 1, 3 or 4 channels; the model expects {channels} (shape {shape})")
+        raise InputError(f"images convert to 1, 3 or 4 channels; the model expects {channels} (shape {shape})")
     image = image.convert(_IMAGE_MODES[channels])
     if shape is not None and (image.height, image.width) != shape[1:]:
         if not spec.resize:
-            raise ValueError(
+            raise InputError(
                 f"image {str(path)!r} is {image.height}x{image.width}, expected {shape[1]}x{shape[2]} (resize is off)"
             )
         image = image.resize((shape[2], shape[1]), getattr(Image.Resampling, spec.resample.upper()))
@@ -327,7 +329,7 @@ def iter_csv(path: Path, spec: PreprocessSpec, chunk_rows: int = _CSV_CHUNK_ROWS
             reader = csv.reader(handle)
             header = next(reader, None)
             if not header:
-                raise ValueError(f"CSV file {str(path)!r} is empty: expected a header row of column names")
+                raise InputError(f"CSV file {str(path)!r} is empty: expected a header row of column names")
             indices = _column_indices([h.strip() for h in header], spec, path)
             rows: list[list[float]] = []
             for line, row in enumerate(reader, start=2):
@@ -340,7 +342,7 @@ def iter_csv(path: Path, spec: PreprocessSpec, chunk_rows: int = _CSV_CHUNK_ROWS
             if rows:
                 yield torch.tensor(rows, dtype=torch.float64)
     except (UnicodeDecodeError, csv.Error) as error:
-        raise ValueError(f"cannot read CSV file {str(path)!r}: {error}") from None
+        raise InputError(f"cannot read CSV file {str(path)!r}: {error}") from None
 
 
 def _column_indices(header: list[str], spec: PreprocessSpec, path: Path) -> list[int]:
@@ -348,7 +350,7 @@ def _column_indices(header: list[str], spec: PreprocessSpec, path: Path) -> list
         return list(range(len(header)))
     missing = [c for c in spec.columns if c not in header]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"CSV file {str(path)!r} lacks column(s) {missing}: expected {list(spec.columns)}, got {header}"
         )
     return [header.index(c) for c in spec.columns]
@@ -356,13 +358,13 @@ def _column_indices(header: list[str], spec: PreprocessSpec, path: Path) -> list
 
 def _parse_row(row: list[str], indices: list[int], header: list[str], path: Path, line: int) -> list[float]:
     if len(row) < len(header):
-        raise ValueError(f"CSV file {str(path)!r} line {line}: expected {len(header)} values, got {len(row)}")
+        raise InputError(f"CSV file {str(path)!r} line {line}: expected {len(header)} values, got {len(row)}")
     values = []
     for i in indices:
         try:
             values.append(float(row[i]))
         except ValueError:
-            raise ValueError(
+            raise InputError(
                 f"CSV file {str(path)!r} line {line}, column {header[i]!r}: expected a number, got {row[i]!r}"
             ) from None
     return values
@@ -372,11 +374,11 @@ def gather(inputs: Iterable[Any], spec: PreprocessSpec) -> Tensor:
     """All of ``inputs`` as one raw batch (for inputs that fit in memory)."""
     chunks = list(iter_raw(inputs, spec))
     if not chunks:
-        raise ValueError(f"empty input: expected at least one sample of shape {spec._shape_text()}")
+        raise InputError(f"empty input: expected at least one sample of shape {spec._shape_text()}")
     try:
         return torch.cat(chunks)
     except RuntimeError:
         shapes = sorted({tuple(c.shape[1:]) for c in chunks})
-        raise ValueError(
+        raise InputError(
             f"inputs have different sample shapes {shapes}: expected one shape {spec._shape_text()}"
         ) from None
