@@ -6,6 +6,7 @@ in a fresh working directory, so a page's examples are a script that must work a
 
 import os
 import re
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -13,11 +14,11 @@ import pytest
 
 ROOT = Path(__file__).parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+BLOCK = re.compile(r"^( *)```python\n(.*?)^\1```", re.S | re.M)  # also blocks indented in lists
 
 
 def python_blocks(page: Path) -> list[str]:
-    return BLOCK.findall(page.read_text())
+    return [textwrap.dedent(code) for _, code in BLOCK.findall(page.read_text())]
 
 
 def test_the_pages_hold_code_to_run():
@@ -29,7 +30,7 @@ def test_code_blocks_run(page, tmp_path, monkeypatch):
     matplotlib.use("Agg")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-    namespace: dict = {"__name__": f"docs_{page.stem}"}
+    namespace: dict = {"__name__": "__main__"}  # as if the page were a script
     for number, block in enumerate(python_blocks(page), 1):
         try:
             exec(compile(block, f"{page.name}, block {number}", "exec"), namespace)
