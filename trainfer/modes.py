@@ -62,8 +62,15 @@ def _check_module(model: Any) -> None:
 
 @contextmanager
 def _modes(models: tuple[nn.Module, ...], train: bool, grad_mode: Callable[[], Any]) -> Iterator[None]:
-    """Set every model to ``train`` inside ``grad_mode()``; restore each submodule's flag on exit."""
-    snapshots = [snapshot_modes(model) for model in models]
+    """Set every model to ``train`` inside ``grad_mode()``; restore each submodule's flag on exit.
+
+    The flags are kept per module object, not per name: modules added inside the context keep
+    the mode they were given, modules removed or replaced inside get theirs back all the same,
+    and an exception raised inside propagates unchanged.
+    """
+    for model in models:
+        _check_module(model)
+    snapshots = [[(module, module.training) for module in model.modules()] for model in models]
     try:
         with grad_mode():
             for model in models:
@@ -71,8 +78,9 @@ def _modes(models: tuple[nn.Module, ...], train: bool, grad_mode: Callable[[], A
             yield
     finally:
         # Reverse order: a model passed twice (or sharing modules) ends as before the first.
-        for model, snapshot in reversed(list(zip(models, snapshots))):
-            restore_modes(model, snapshot)
+        for snapshot in reversed(snapshots):
+            for module, flag in snapshot:
+                module.training = flag
 
 
 def inference(*models: nn.Module) -> AbstractContextManager[None]:
