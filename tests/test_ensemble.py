@@ -136,14 +136,16 @@ def test_predict_iter_streams_a_one_shot_iterator_in_batches(members):
                 pulled.append(i)
                 yield sample
 
-        stream = Ensemble(team).predict_iter(samples(), top_k=3)
+        ensemble = Ensemble(team)
+        stream = ensemble.predict_iter(samples(), top_k=3)
         first = next(stream)
         assert len(pulled) <= 2 * 4  # one batch ahead at most, not the whole input
         streamed = [first, *stream]
+        whole = ensemble.predict(x, top_k=3)  # the same batches of 4: the same computation
     finally:
         for member in team:
             member.batch_size = 64
-    assert streamed == Ensemble(team).predict(x, top_k=3)
+    assert streamed == whole
 
 
 @pytest.mark.parametrize(

@@ -283,6 +283,8 @@ def load(
         "form": manifest["form"],
         "deploy_options": manifest.get("deploy_options") or {},
     }
+    if manifest["form"] == "deploy":
+        model.eval()  # an inference form is used in eval mode (a factory builds in train mode)
     return model
 
 

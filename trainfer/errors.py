@@ -32,3 +32,11 @@ class BundleError(ValueError):
 
 
 __all__ = ["AlgebraError", "BundleError", "EquivalenceError", "ModeError", "ModeWarning", "OutputKindWarning"]
+
+
+class NonFiniteError(ValueError):
+    """Numbers that must be finite are not: an input that overflows its dtype once cast and
+    normalised, or a model output holding NaN or inf (never served as a prediction)."""
+
+
+__all__ += ["NonFiniteError"]
