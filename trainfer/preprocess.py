@@ -385,8 +385,8 @@ def load_image(path: Path, spec: PreprocessSpec) -> Tensor:
             _check_pixels(image.width, image.height, path)
             image.load()
             return _image_to_tensor(image, spec, path)
-    except Image.DecompressionBombError:  # PIL's own, larger limit, checked when opening
-        raise ValueError(_too_large(path, "far more")) from None
+    except Image.DecompressionBombError:  # PIL's own limit (twice its warning size), checked when opening
+        raise ValueError(_too_large(path, f"more than {2 * (Image.MAX_IMAGE_PIXELS or 0)}")) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"cannot read image {str(path)!r}: {error}") from None
 
