@@ -166,7 +166,8 @@ def _record_lines(predictor: Any, batch: list[Item], top_k: int | None) -> str:
     """One JSON line per input of ``batch``: its id, then its result's record."""
     results = predictor.predict([item for _, item in batch], top_k=top_k)
     return "".join(
-        json.dumps({"id": key, **result.to_record()}) + "\n" for (key, _), result in zip(batch, results, strict=True)
+        json.dumps({"id": key, **result.to_record()}, allow_nan=False) + "\n"
+        for (key, _), result in zip(batch, results, strict=True)
     )
 
 

@@ -376,7 +376,9 @@ def load(
         "form": manifest["form"],
         "deploy_options": manifest.get("deploy_options") or {},
     }
-    return model.eval() if manifest["form"] == "deploy" else model
+    if manifest["form"] == "deploy":
+        model.eval()  # an inference form is used in eval mode (a factory builds in train mode)
+    return model
 
 
 def _read_bundle_weights(directory: Path, manifest: dict[str, Any]) -> dict[str, Tensor]:

@@ -70,6 +70,11 @@ class BundleWarning(UserWarning):
     """A bundle loads, but something about it deserves attention (no preprocessing, newer writer)."""
 
 
+class NonFiniteError(InputError):
+    """Numbers that must be finite are not: an input that overflows its dtype once cast and
+    normalised, or a model output holding NaN or inf (never served as a prediction)."""
+
+
 __all__ = [
     "AlgebraError",
     "BundleError",
@@ -79,6 +84,7 @@ __all__ = [
     "InputTypeError",
     "MissingExtraError",
     "MissingFileError",
+    "NonFiniteError",
     "ModeError",
     "ModeWarning",
     "OutputKindWarning",

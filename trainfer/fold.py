@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
@@ -111,8 +111,11 @@ def _accept_any_dim(input: Tensor) -> None:
     """Stand-in for ``_check_input_dim``, whose ``if input.dim() != 4`` cannot be traced."""
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
+def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
     """``torch.fx`` trace of ``model`` in its current mode with :class:`_EvalTracer`.
+
+    ``concrete_args`` fixes arguments of ``forward`` to values (traced as constants; the graph
+    asserts that calls pass the same values).
 
     BatchNorm subclasses that override ``forward`` and call ``super().forward`` get their input
     rank check disabled (on this instance) so that the trace can see through them.
@@ -121,7 +124,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
         if isinstance(module, _BatchNorm) and not _is_torch_nn(type(module).forward):
             module._check_input_dim = _accept_any_dim
     tracer = _EvalTracer()
-    graph = tracer.trace(model)
+    graph = tracer.trace(model, concrete_args)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
@@ -178,7 +181,7 @@ def fold(model: nn.Module, example_inputs: Sequence[Any]) -> tuple[nn.Module, Fo
 
 def _fold_module(module: nn.Module, inputs: tuple[Any, ...], prefix: str, log: FoldLog) -> nn.Module:
     try:
-        gm = trace(module)
+        gm = trace(module, _unsupplied_defaults(module, inputs))
     except Exception as error:  # noqa: BLE001 - user forward code can raise anything on fx proxies
         where = prefix.rstrip(".") or "model"
         log.fallbacks.append(
@@ -186,6 +189,26 @@ def _fold_module(module: nn.Module, inputs: tuple[Any, ...], prefix: str, log: F
         )
         return _fold_children(module, inputs, prefix, log)
     return _GraphFolder(gm, prefix, log).run(inputs)
+
+
+def _unsupplied_defaults(module: nn.Module, inputs: tuple[Any, ...]) -> dict[str, Any]:
+    """The defaults of ``module.forward``'s arguments that ``inputs`` leave out (folded as constants).
+
+    Tracing them as inputs would turn ``shift=None`` into a tensor placeholder (``shift is None``
+    false), so defaults are used as the example call uses them.
+    """
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    supplied = len(inputs)
+    defaults = {}
+    for index, parameter in enumerate(parameters):
+        if parameter.default is inspect.Parameter.empty or (parameter.kind in positional and index < supplied):
+            continue
+        defaults[parameter.name] = parameter.default
+    return defaults
 
 
 def _first_line(error: Exception) -> str:
@@ -282,12 +305,24 @@ def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
                     *(mode.from_tensor(a) if isinstance(a, Tensor) else a for a in inputs)
                 )
         except Exception:  # noqa: BLE001 - any op fake tensors do not support: fall back to real execution
-            ShapeProp(gm).propagate(*inputs)
+            _RealShapes(gm).run(*inputs)
             return
     for node in gm.graph.nodes:
         value = node.meta.get("val")
         if isinstance(value, Tensor):
             node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+
+
+class _RealShapes(fx.Interpreter):
+    """``ShapeProp`` without its ``traceback.print_exc()``: runs for real, records ``tensor_meta``, prints nothing."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if any(isinstance(value, Tensor) for value in torch.utils._pytree.tree_leaves(result)):
+            n.meta["tensor_meta"] = fx.node.map_aggregate(
+                result, lambda value: _extract_tensor_metadata(value) if isinstance(value, Tensor) else value
+            )
+        return result
 
 
 class _NotConstant(Exception):

@@ -6,10 +6,15 @@ manifest so serving repeats it exactly. Every input goes through two stages:
 1. **load** — files and array-likes become a *raw* batch ``(N, *input_shape)``. Images are
    converted to the channel count of ``input_shape`` (grayscale ``L``, ``RGB``, optionally ``BGR``),
    resized to its height and width, and scaled by ``pixel_scale`` (``1/255``: bytes to ``[0, 1]``);
-   CSV files give one sample per row, with the ``columns`` picked by name; arrays and tensors are
-   taken as they are (a single sample without its batch dimension gets one).
+   16-bit images (PIL modes ``I;16*`` and ``I``, values ``0..65535``) are first scaled by
+   ``255/65535`` and float images (mode ``F``, values in ``[0, 1]``) by ``255``, so that every
+   bit depth of one picture gives the same sample; images over :data:`MAX_IMAGE_PIXELS` pixels are
+   refused before decoding. CSV files give one sample per row, with the ``columns`` picked by
+   name; arrays and tensors are taken as they are (a single sample without its batch dimension
+   gets one).
 2. **prepare** — the raw batch is validated (non-empty, numeric, the expected shape, finite) and
-   normalised: ``x' = (x - mean) / std`` per channel (dimension 1 of the batch), cast to ``dtype``.
+   normalised: ``x' = (x - mean) / std`` per channel (dimension 1 of the batch), cast to ``dtype``;
+   ``x'`` is checked finite again (``1e300`` is finite as float64, inf as float32).
 
 Regression targets scaled for training as ``t' = (t - target_mean) / target_std`` are mapped back
 by :meth:`PreprocessSpec.unscale_target`: ``t = t' * target_std + target_mean``.
@@ -18,7 +23,7 @@ by :meth:`PreprocessSpec.unscale_target`: ``t = t' * target_std + target_mean``.
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -27,13 +32,30 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trainfer.errors import InputError, MissingFileError
+from trainfer.errors import InputError, MissingFileError, NonFiniteError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 _IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 _CSV_CHUNK_ROWS = 1024
+#: The largest image (width x height) trainfer decodes: 64 megapixels, e.g. 8000 x 8000. Larger
+#: ones (decompression bombs: a small file claiming a huge size) are refused before decoding.
+MAX_IMAGE_PIXELS = 64_000_000
+#: Full-scale value of single-channel images deeper than 8 bits, by PIL mode (mapped to 255).
+_FULL_SCALE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+_NPY_MAGIC = b"\x93NUMPY"
 
-__all__ = ["IMAGE_SUFFIXES", "PreprocessSpec", "gather", "iter_csv", "iter_raw", "load_image", "load_npy", "load_raw"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_IMAGE_PIXELS",
+    "PreprocessSpec",
+    "gather",
+    "iter_csv",
+    "iter_raw",
+    "load_image",
+    "load_npy",
+    "load_raw",
+    "read_npy",
+]
 
 
 def _floats(values: Any) -> tuple[float, ...] | None:
@@ -131,36 +153,54 @@ class PreprocessSpec:
         return getattr(torch, self.dtype)
 
     # ----------------------------------------------------------------- prepare
-    def prepare(self, raw: Tensor) -> Tensor:
-        """Validate a raw batch and normalise it: ``(x - mean) / std`` per channel, as ``dtype``."""
-        return self.normalize(self.check_batch(raw))
+    def prepare(self, raw: Tensor, first: int = 0) -> Tensor:
+        """Validate a raw batch and normalise it: ``(x - mean) / std`` per channel, as ``dtype``.
 
-    def normalize(self, batch: Tensor) -> Tensor:
-        """``(batch - mean) / std`` per channel, as ``dtype``, for a batch :meth:`check_batch` accepted."""
+        ``first`` is the index of the batch's first sample among all inputs (named in errors).
+        """
+        return self.normalize(self.check_batch(raw, first), first)
+
+    def normalize(self, batch: Tensor, first: int = 0) -> Tensor:
+        """``(batch - mean) / std`` per channel, as ``dtype``, for a batch :meth:`check_batch` accepted.
+
+        Raises :class:`~trainfer.errors.NonFiniteError` naming the samples (numbered from
+        ``first``) that the cast or the normalisation took out of ``dtype``'s range.
+        """
         batch = batch.to(self.torch_dtype)
         if self.mean is not None:
             batch = batch - self._per_channel(self.mean, batch)
         if self.std is not None:
             batch = batch / self._per_channel(self.std, batch)
+        bad = _non_finite_samples(batch, first)
+        if bad:
+            limit = torch.finfo(batch.dtype).max
+            raise NonFiniteError(
+                f"input sample(s) {bad[:10]} overflow {self.dtype} once cast and normalised ((x - mean) / std): "
+                f"expected values within +-{limit:.3g} after normalisation"
+            )
         return batch
 
-    def check_batch(self, raw: Any) -> Tensor:
-        """Return ``raw`` as a ``(N, *input_shape)`` tensor or raise ``ValueError`` naming expected vs got."""
+    def check_batch(self, raw: Any, first: int = 0) -> Tensor:
+        """Return ``raw`` as a ``(N, *input_shape)`` tensor or raise ``ValueError`` naming expected vs got.
+
+        ``first`` is the index of the batch's first sample among all inputs (named in errors).
+        """
         batch = _as_tensor(raw)
         if batch.dtype.is_complex or batch.dtype == torch.bool:
             raise InputError(f"wrong input dtype: expected real numbers (float or int), got {batch.dtype}")
+        if batch.dim() == 0:
+            raise InputError(
+                f"a 0-d input (one number, {batch.item()!r}) is not a sample: expected a batch (N, ...) "
+                f"or one sample of shape {self._shape_text()}"
+            )
         if self.input_shape is not None and batch.dim() == len(self.input_shape):
             batch = batch.unsqueeze(0)
-        if batch.dim() == 0 or batch.shape[0] == 0:
+        if batch.shape[0] == 0:
             raise InputError(f"empty input: expected at least one sample of shape {self._shape_text()}")
         self._check_shape(batch)
-        # A finite sum proves every element finite (NaN and inf propagate) at a tenth of isfinite's cost;
-        # only a non-finite sum (or an overflowing one) needs the element-wise check.
-        if batch.is_floating_point() and not bool(torch.isfinite(batch.sum())):
-            finite = torch.isfinite(batch)
-            if not bool(finite.all()):
-                bad = (~finite).flatten(1).any(1).nonzero().flatten().tolist()
-                raise InputError(f"input contains NaN or inf values in sample(s) {bad[:10]}: expected finite numbers")
+        bad = _non_finite_samples(batch, first)
+        if bad:
+            raise NonFiniteError(f"input contains NaN or inf values in sample(s) {bad[:10]}: expected finite numbers")
         return batch
 
     def _check_shape(self, batch: Tensor) -> None:
@@ -204,9 +244,25 @@ class PreprocessSpec:
         return values
 
 
+def _non_finite_samples(batch: Tensor, first: int) -> list[int]:
+    """Indices (numbered from ``first``) of the samples of ``batch`` holding NaN or inf."""
+    # A finite sum proves every element finite (NaN and inf propagate) at a tenth of isfinite's cost;
+    # only a non-finite sum (or an overflowing one) needs the element-wise check.
+    if not batch.is_floating_point() or bool(torch.isfinite(batch.sum())):
+        return []
+    finite = torch.isfinite(batch)
+    if bool(finite.all()):
+        return []
+    return [first + i for i in (~finite).reshape(len(batch), -1).any(1).nonzero().flatten().tolist()]
+
+
 # --------------------------------------------------------------------- loading raw inputs
 def _as_tensor(value: Any) -> Tensor:
     if isinstance(value, Tensor):
+        if value.layout != torch.strided:
+            raise TypeError(f"expected a dense (strided) tensor; got a {value.layout} tensor (call .to_dense())")
+        if value.is_meta:
+            raise ValueError(f"expected a tensor holding data; got a meta tensor of shape {tuple(value.shape)}")
         return value.detach()
     try:
         array = np.asarray(value)
@@ -216,7 +272,7 @@ def _as_tensor(value: Any) -> Tensor:
         raise InputError(f"wrong input dtype: expected real numbers, got numpy dtype {array.dtype}")
     if array.dtype == np.uint16 or array.dtype == np.uint32:
         array = array.astype(np.int64)
-    return torch.from_numpy(np.ascontiguousarray(array))
+    return torch.from_numpy(np.ascontiguousarray(array)).reshape(array.shape)  # 0-d stays 0-d
 
 
 def _is_path(item: Any) -> bool:
@@ -233,9 +289,10 @@ def iter_raw(inputs: Any, spec: PreprocessSpec) -> Iterator[Tensor]:
     """Yield raw batches from ``inputs``, lazily: a path, an array-like, or an iterable of those.
 
     A CSV file yields chunks of rows (bounded memory); an image file one sample; a list of numbers
-    is one array-like. Order is kept.
+    is one array-like. Order is kept. ``None``, a number, a dict, bytes: ``TypeError``.
     """
-    if _is_path(inputs) or isinstance(inputs, Tensor | np.ndarray):
+    _check_inputs(inputs)
+    if _is_path(inputs) or isinstance(inputs, Tensor | np.ndarray | np.generic):
         inputs = [inputs]
     elif isinstance(inputs, Sequence) and not any(_is_path(x) or isinstance(x, Tensor | np.ndarray) for x in inputs):
         inputs = [inputs]  # nested lists of numbers: one array-like
@@ -247,6 +304,22 @@ def iter_raw(inputs: Any, spec: PreprocessSpec) -> Iterator[Tensor]:
             if spec.input_shape is not None and batch.dim() == len(spec.input_shape):
                 batch = batch.unsqueeze(0)
             yield batch
+
+
+def _check_inputs(inputs: Any) -> None:
+    """Refuse what is not an input at all (and would otherwise fail obscurely or be misread)."""
+    if isinstance(inputs, Tensor | np.ndarray | np.generic | str | Path):
+        return  # numpy scalars are 0-d arrays, refused as such by the batch check
+    if inputs is None or isinstance(inputs, int | float | complex | Mapping | bytes | bytearray):
+        kind = "a dict (its keys would be read as paths)" if isinstance(inputs, Mapping) else type(inputs).__name__
+        raise TypeError(
+            "expected inputs as a tensor, an array, a (nested) list of numbers, a file path, or an iterable of "
+            f"samples or paths; got {kind}" + (f" ({inputs!r})" if isinstance(inputs, int | float | complex) else "")
+        )
+    if not isinstance(inputs, Iterable):
+        raise TypeError(
+            f"expected inputs as a tensor, an array, a list, a file path or an iterable; got {type(inputs).__name__}"
+        )
 
 
 def _iter_file(path: Path, spec: PreprocessSpec) -> Iterator[Tensor]:
@@ -269,14 +342,33 @@ def _iter_file(path: Path, spec: PreprocessSpec) -> Iterator[Tensor]:
 
 def load_npy(path: Path, spec: PreprocessSpec) -> Tensor:
     """A ``.npy`` array (never pickled objects: ``allow_pickle=False``) as a raw batch."""
+    return _as_tensor(read_npy(path, spec))
+
+
+def read_npy(path: Path, spec: PreprocessSpec, mmap: bool = False) -> np.ndarray:
+    """A ``.npy`` file as a batch array ``(N, ...)`` (memory-mapped if ``mmap``), never unpickled.
+
+    One sample of ``spec.input_shape`` gets its batch dimension. An empty, truncated or foreign
+    file, a 0-d array and an array of 0 samples are errors naming the file and what was expected.
+    """
+    name = str(path)
+    with open(path, "rb") as handle:
+        magic = handle.read(len(_NPY_MAGIC))
+    if magic != _NPY_MAGIC:
+        got = "an empty file (0 bytes)" if not magic else f"a file starting with {magic!r}"
+        raise ValueError(f"cannot read {name!r}: expected a .npy array (starting with {_NPY_MAGIC!r}), got {got}")
     try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as error:
-        raise InputError(f"cannot read {str(path)!r} as a .npy array: {error}") from None
-    batch = _as_tensor(array)
-    if spec.input_shape is not None and batch.dim() == len(spec.input_shape):
-        batch = batch.unsqueeze(0)
-    return batch
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise InputError(f"cannot read {name!r} as a .npy array: {error or 'truncated file'}") from None
+    expected = f"a batch (N, {', '.join(map(str, spec.input_shape))}) or one sample" if spec.input_shape else "a batch"
+    if array.ndim == 0:
+        raise InputError(f"{name!r} holds a 0-d array (one number): expected {expected} of shape {spec._shape_text()}")
+    if spec.input_shape is not None and array.ndim == len(spec.input_shape):
+        array = array[None]
+    if len(array) == 0:
+        raise InputError(f"{name!r} holds no samples (shape {array.shape}): expected at least one")
+    return array
 
 
 def load_image(path: Path, spec: PreprocessSpec) -> Tensor:
@@ -290,10 +382,25 @@ def load_image(path: Path, spec: PreprocessSpec) -> Tensor:
 
     try:
         with Image.open(path) as image:
+            _check_pixels(image.width, image.height, path)
             image.load()
             return _image_to_tensor(image, spec, path)
+    except Image.DecompressionBombError:  # PIL's own limit (twice its warning size), checked when opening
+        raise ValueError(_too_large(path, f"more than {2 * (Image.MAX_IMAGE_PIXELS or 0)}")) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise InputError(f"cannot read image {str(path)!r}: {error}") from None
+
+
+def _check_pixels(width: int, height: int, path: Path) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(_too_large(path, f"{width}x{height} = {width * height}"))
+
+
+def _too_large(path: Path, pixels: str) -> str:
+    return (
+        f"image {str(path)!r} claims {pixels} pixels: expected at most {MAX_IMAGE_PIXELS} "
+        "(trainfer.preprocess.MAX_IMAGE_PIXELS; larger images are refused as possible decompression bombs)"
+    )
 
 
 def _image_to_tensor(image: Any, spec: PreprocessSpec, path: Path) -> Tensor:
@@ -302,20 +409,46 @@ def _image_to_tensor(image: Any, spec: PreprocessSpec, path: Path) -> Tensor:
     shape = spec.input_shape
     if shape is not None and len(shape) != 3:
         raise InputError(f"image {str(path)!r} given, but the model expects samples of shape {shape}, not (C, H, W)")
-    channels = shape[0] if shape is not None else (1 if image.mode in ("L", "I", "I;16", "F", "1") else 3)
+    channels = shape[0] if shape is not None else (1 if image.mode in ("L", "1", *_FULL_SCALE) else 3)
     if channels not in _IMAGE_MODES:
         raise InputError(f"images convert to 1, 3 or 4 channels; the model expects {channels} (shape {shape})")
-    image = image.convert(_IMAGE_MODES[channels])
+    deep = image.mode in _FULL_SCALE
+    image = _in_byte_units(image, path) if deep else image.convert(_IMAGE_MODES[channels])
     if shape is not None and (image.height, image.width) != shape[1:]:
         if not spec.resize:
             raise InputError(
                 f"image {str(path)!r} is {image.height}x{image.width}, expected {shape[1]}x{shape[2]} (resize is off)"
             )
         image = image.resize((shape[2], shape[1]), getattr(Image.Resampling, spec.resample.upper()))
-    array = np.asarray(image, dtype=np.float32).reshape(image.height, image.width, channels)
+    if deep:  # gray in byte units: repeated over the colour channels, alpha opaque
+        gray = np.asarray(image, dtype=np.float32)
+        planes = [gray] * min(channels, 3) + ([np.full_like(gray, 255.0)] if channels == 4 else [])
+        array = np.stack(planes, axis=2)
+    else:
+        array = np.asarray(image, dtype=np.float32).reshape(image.height, image.width, channels)
     if channels == 3 and spec.channel_order == "BGR":
         array = array[..., ::-1]
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)) * spec.pixel_scale)
+
+
+def _in_byte_units(image: Any, path: Path) -> Any:
+    """A 16-bit or float single-channel image as a float (mode ``F``) image scaled to ``0..255``.
+
+    ``convert("L")`` would clip (65535 -> 255, 0.5 -> 0); here ``v * 255 / full_scale``, with the
+    full scale of the mode (65535 for 16 bits, 1.0 for floats). Values outside ``0..full_scale``
+    are refused: their scale is unknown.
+    """
+    from PIL import Image
+
+    full = _FULL_SCALE[image.mode]
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not (0 <= low and high <= full):  # also false for NaN
+        raise ValueError(
+            f"image {str(path)!r} (mode {image.mode}) holds values in [{low:g}, {high:g}]: "
+            f"expected 0..{full:g} ({'16-bit' if full != 1.0 else 'float intensities'})"
+        )
+    return Image.fromarray((values * (255.0 / full)).astype(np.float32))
 
 
 def iter_csv(path: Path, spec: PreprocessSpec, chunk_rows: int = _CSV_CHUNK_ROWS) -> Iterator[Tensor]:
@@ -332,15 +465,22 @@ def iter_csv(path: Path, spec: PreprocessSpec, chunk_rows: int = _CSV_CHUNK_ROWS
                 raise InputError(f"CSV file {str(path)!r} is empty: expected a header row of column names")
             indices = _column_indices([h.strip() for h in header], spec, path)
             rows: list[list[float]] = []
+            count = 0
             for line, row in enumerate(reader, start=2):
                 if not row:
                     continue
                 rows.append(_parse_row(row, indices, header, path, line))
+                count += 1
                 if len(rows) == chunk_rows:
                     yield torch.tensor(rows, dtype=torch.float64)
                     rows = []
             if rows:
                 yield torch.tensor(rows, dtype=torch.float64)
+            if not count:
+                raise ValueError(
+                    f"CSV file {str(path)!r} has a header but no data rows: expected at least one row of "
+                    f"{len(header)} values"
+                )
     except (UnicodeDecodeError, csv.Error) as error:
         raise InputError(f"cannot read CSV file {str(path)!r}: {error}") from None
 
@@ -357,8 +497,10 @@ def _column_indices(header: list[str], spec: PreprocessSpec, path: Path) -> list
 
 
 def _parse_row(row: list[str], indices: list[int], header: list[str], path: Path, line: int) -> list[float]:
-    if len(row) < len(header):
-        raise InputError(f"CSV file {str(path)!r} line {line}: expected {len(header)} values, got {len(row)}")
+    if len(row) != len(header):
+        raise InputError(
+            f"CSV file {str(path)!r} line {line}: expected {len(header)} values (one per header column), got {len(row)}"
+        )
     values = []
     for i in indices:
         try:

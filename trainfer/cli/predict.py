@@ -23,7 +23,7 @@ from trainfer.batch_predict import iter_images, predict_to_jsonl
 from trainfer.cli.common import friendly_errors, trust_factory_option, trusted
 from trainfer.errors import InputError, MissingFileError
 from trainfer.predict import Predictor
-from trainfer.preprocess import IMAGE_SUFFIXES, PreprocessSpec, iter_csv
+from trainfer.preprocess import IMAGE_SUFFIXES, PreprocessSpec, iter_csv, read_npy
 
 FORMATS = ("table", "jsonl", "csv")
 
@@ -59,12 +59,7 @@ def gather_inputs(paths: Iterable[str], spec: PreprocessSpec) -> Iterator[tuple[
 
 
 def _npy_rows(path: Path, spec: PreprocessSpec) -> Iterator[tuple[str, Any]]:
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as error:
-        raise InputError(f"cannot read {str(path)!r} as a .npy array: {error}") from None
-    if spec.input_shape is not None and array.ndim == len(spec.input_shape):
-        array = array[None]
+    array = read_npy(path, spec, mmap=True)
     for index in range(len(array)):
         yield f"{path}[{index}]", np.array(array[index : index + 1])
 
@@ -110,7 +105,7 @@ def write_results(pairs: Iterable[tuple[str, Any]], fmt: str, stream: IO[str]) -
     if fmt == "jsonl":
         count = 0
         for identifier, result in pairs:
-            stream.write(json.dumps({"id": identifier, **result.to_record()}) + "\n")
+            stream.write(json.dumps({"id": identifier, **result.to_record()}, allow_nan=False) + "\n")
             count += 1
         return count
     rows = [flat_record(identifier, result) for identifier, result in pairs]
