@@ -153,7 +153,7 @@ class Ensemble:
         _check_members(self.members)
         self.weights = _weights(weights, len(self.members))
         if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+            raise InputError(f"batch_size must be >= 1; got {batch_size}")
         self._batch_size = batch_size
 
     @property
@@ -164,7 +164,7 @@ class Ensemble:
     @batch_size.setter
     def batch_size(self, value: int) -> None:
         if value < 1:
-            raise ValueError(f"batch_size must be >= 1; got {value}")
+            raise InputError(f"batch_size must be >= 1; got {value}")
         self._batch_size = value
 
     @property

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trainfer.errors import InputError, MissingFileError, NonFiniteError
+from trainfer.errors import InputError, InputTypeError, MissingFileError, NonFiniteError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 _IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -260,9 +260,9 @@ def _non_finite_samples(batch: Tensor, first: int) -> list[int]:
 def _as_tensor(value: Any) -> Tensor:
     if isinstance(value, Tensor):
         if value.layout != torch.strided:
-            raise TypeError(f"expected a dense (strided) tensor; got a {value.layout} tensor (call .to_dense())")
+            raise InputTypeError(f"expected a dense (strided) tensor; got a {value.layout} tensor (call .to_dense())")
         if value.is_meta:
-            raise ValueError(f"expected a tensor holding data; got a meta tensor of shape {tuple(value.shape)}")
+            raise InputError(f"expected a tensor holding data; got a meta tensor of shape {tuple(value.shape)}")
         return value.detach()
     try:
         array = np.asarray(value)
@@ -312,12 +312,12 @@ def _check_inputs(inputs: Any) -> None:
         return  # numpy scalars are 0-d arrays, refused as such by the batch check
     if inputs is None or isinstance(inputs, int | float | complex | Mapping | bytes | bytearray):
         kind = "a dict (its keys would be read as paths)" if isinstance(inputs, Mapping) else type(inputs).__name__
-        raise TypeError(
+        raise InputTypeError(
             "expected inputs as a tensor, an array, a (nested) list of numbers, a file path, or an iterable of "
             f"samples or paths; got {kind}" + (f" ({inputs!r})" if isinstance(inputs, int | float | complex) else "")
         )
     if not isinstance(inputs, Iterable):
-        raise TypeError(
+        raise InputTypeError(
             f"expected inputs as a tensor, an array, a list, a file path or an iterable; got {type(inputs).__name__}"
         )
 
@@ -356,7 +356,7 @@ def read_npy(path: Path, spec: PreprocessSpec, mmap: bool = False) -> np.ndarray
         magic = handle.read(len(_NPY_MAGIC))
     if magic != _NPY_MAGIC:
         got = "an empty file (0 bytes)" if not magic else f"a file starting with {magic!r}"
-        raise ValueError(f"cannot read {name!r}: expected a .npy array (starting with {_NPY_MAGIC!r}), got {got}")
+        raise InputError(f"cannot read {name!r}: expected a .npy array (starting with {_NPY_MAGIC!r}), got {got}")
     try:
         array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
@@ -386,14 +386,14 @@ def load_image(path: Path, spec: PreprocessSpec) -> Tensor:
             image.load()
             return _image_to_tensor(image, spec, path)
     except Image.DecompressionBombError:  # PIL's own limit (twice its warning size), checked when opening
-        raise ValueError(_too_large(path, f"more than {2 * (Image.MAX_IMAGE_PIXELS or 0)}")) from None
+        raise InputError(_too_large(path, f"more than {2 * (Image.MAX_IMAGE_PIXELS or 0)}")) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise InputError(f"cannot read image {str(path)!r}: {error}") from None
 
 
 def _check_pixels(width: int, height: int, path: Path) -> None:
     if width * height > MAX_IMAGE_PIXELS:
-        raise ValueError(_too_large(path, f"{width}x{height} = {width * height}"))
+        raise InputError(_too_large(path, f"{width}x{height} = {width * height}"))
 
 
 def _too_large(path: Path, pixels: str) -> str:
@@ -444,7 +444,7 @@ def _in_byte_units(image: Any, path: Path) -> Any:
     values = np.asarray(image, dtype=np.float64)
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     if not (0 <= low and high <= full):  # also false for NaN
-        raise ValueError(
+        raise InputError(
             f"image {str(path)!r} (mode {image.mode}) holds values in [{low:g}, {high:g}]: "
             f"expected 0..{full:g} ({'16-bit' if full != 1.0 else 'float intensities'})"
         )
@@ -477,7 +477,7 @@ def iter_csv(path: Path, spec: PreprocessSpec, chunk_rows: int = _CSV_CHUNK_ROWS
             if rows:
                 yield torch.tensor(rows, dtype=torch.float64)
             if not count:
-                raise ValueError(
+                raise InputError(
                     f"CSV file {str(path)!r} has a header but no data rows: expected at least one row of "
                     f"{len(header)} values"
                 )
