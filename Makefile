@@ -2,21 +2,55 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
 
-.PHONY: demo test lint bench clean
+# The tests whose numbers depend on CPU kernels (batch composition, summation order, runtimes):
+# `make test` runs them again under the generic and the AVX2 kernel sets, so a test that only holds
+# on this machine's CPU fails here and not on a user's.
+NUMERICS := tests/test_agreement.py tests/test_deploy.py tests/test_deploy_properties.py tests/test_fold.py \
+            tests/test_verify.py tests/test_predict.py tests/test_ensemble.py tests/test_batch_predict.py \
+            tests/test_export.py
+GENERIC_KERNELS := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2
+AVX2_KERNELS    := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 
+.PHONY: demo test test-fast test-kernels test-wheel docs lint bench clean
+
+# torch==2.13.0 first (a CPU wheel on local disk); the project's range (torch>=2.13) then installs no other.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[all,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[all,dev,docs]'
 	touch $@
 
 demo: $(BIN)/.installed
 	$(BIN)/trainfer demo
 
-test: $(BIN)/.installed
-	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n 2
+test: lint $(BIN)/.installed
+	$(PYTEST) -n 2
+	$(MAKE) --no-print-directory test-kernels
+
+# The inner loop: everything but the slow end-to-end tests, one run, no kernel reruns.
+test-fast: $(BIN)/.installed
+	$(PYTEST) -n 2 -m "not slow"
+
+test-kernels: $(BIN)/.installed
+	$(GENERIC_KERNELS) $(PYTEST) -n 2 -m "not slow" $(NUMERICS)
+	@if grep -qw avx2 /proc/cpuinfo; then $(AVX2_KERNELS) $(PYTEST) -n 2 -m "not slow" $(NUMERICS); \
+	else echo "this CPU has no AVX2: the AVX2 kernel rerun is skipped"; fi
+
+# The package as users get it: build sdist + wheel, install the wheel into a clean venv beside
+# torch 2.13.0, and use it from outside the repository.
+test-wheel: $(BIN)/.installed
+	rm -rf dist build/wheel-venv
+	$(BIN)/python -m build --quiet --outdir dist .
+	$(PYTHON) -m venv build/wheel-venv
+	build/wheel-venv/bin/python -m pip install --quiet torch==2.13.0
+	build/wheel-venv/bin/python -m pip install --quiet dist/trainfer-*.whl
+	cd build && wheel-venv/bin/python ../tests/wheel_smoke.py
+
+# The documentation site (mkdocs-material, API reference by mkdocstrings); strict: warnings fail.
+docs: $(BIN)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --quiet
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
@@ -25,4 +59,4 @@ bench: $(BIN)/.installed
 	$(BIN)/trainfer bench
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) runs dist build .pytest_cache .hypothesis

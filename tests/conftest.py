@@ -10,3 +10,9 @@ settings.register_profile(
     "default", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def pytest_report_header() -> str:
+    """Which CPU kernels this run uses (``make test-kernels`` reruns the numerics under others)."""
+    asked = os.environ.get("ATEN_CPU_CAPABILITY", "unset")
+    return f"CPU kernels: aten {torch.backends.cpu.get_cpu_capability()} (ATEN_CPU_CAPABILITY={asked})"

@@ -1,8 +1,16 @@
-"""Interrupted writes leave what was there before, and no temporary files behind."""
+"""Interrupted writes (exceptions, crashes at any step) leave what was there before, and no leftovers."""
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
-from trainfer.atomic import atomic_directory, atomic_file
+from trainfer import WriteError, atomic
+from trainfer.atomic import atomic_directory, atomic_file, recover, staging_directory
 
 
 class Interrupted(Exception):
@@ -36,3 +44,117 @@ def test_atomic_directory_swaps_whole_directories(tmp_path):
         (staging / "b").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+# --------------------------------------------------------------------------- crashes at every step
+# The child replaces directory ``target`` (content "old") by one holding "new", and dies with
+# os._exit at its K-th file-system step (rename, exchange, fsync of the directory, rmtree), before
+# or after performing it. ``strategy`` "fallback" disables the atomic exchange.
+# The child imports trainfer.atomic without the package's __init__ (no torch: it starts fast).
+CHILD = f"""
+import os, shutil, sys, types
+from pathlib import Path
+package = types.ModuleType("trainfer")
+package.__path__ = [{str(Path(atomic.__file__).parent)!r}]
+sys.modules["trainfer"] = package
+import trainfer.atomic as atomic
+
+target, k, when, strategy = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+calls = [0]
+
+def step(function):
+    def run(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == k and when == "before":
+            os._exit(9)
+        result = function(*args, **kwargs)
+        if calls[0] == k and when == "after":
+            os._exit(9)
+        return result
+    return run
+
+os.rename = step(os.rename)
+shutil.rmtree = step(shutil.rmtree)
+atomic._fsync_directory = step(atomic._fsync_directory)
+atomic._exchange = step(atomic._exchange if strategy == "exchange" else (lambda first, second: False))
+with atomic.atomic_directory(target) as staging:
+    (staging / "content").write_text("new")
+print("completed")
+"""
+
+
+def crash_replace(target, k, when, strategy):
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(target), str(k), when, strategy], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode in (0, 9), done.stderr
+    return done.returncode == 0
+
+
+@pytest.mark.parametrize("strategy", ["exchange", "fallback"])
+def test_a_crash_at_any_step_of_a_replace_leaves_the_old_or_the_new_directory(tmp_path, strategy):
+    if strategy == "exchange" and not atomic._renameat2():
+        pytest.skip("no renameat2 on this system")
+    outcomes = set()
+    for k in range(1, 10):
+        for when in ("before", "after"):
+            root = tmp_path / f"{k}{when}"
+            target = root / "bundle"
+            target.mkdir(parents=True)
+            (target / "content").write_text("old")
+            completed = crash_replace(target, k, when, strategy)
+            if strategy == "exchange":
+                assert target.is_dir()  # the exchange is never empty, even before recovery
+            recover(target)  # what the next write or bundle load runs first
+            content = (target / "content").read_text()
+            assert content in ("old", "new") and sorted(p.name for p in root.iterdir()) == ["bundle"]
+            assert content == "new" or not completed
+            outcomes.add(content)
+        if completed:
+            break
+    assert completed and outcomes == {"old", "new"}  # every step was reached, and crashes at both ends
+
+
+def test_the_fallback_window_is_repaired_by_the_next_bundle_load(tmp_path):
+    import trainfer
+    from trainfer.models import digits_net
+
+    target = tmp_path / "b"
+    trainfer.save(digits_net(), target)
+    assert not crash_replace(target, 2, "after", "fallback")  # step 1 tries the exchange; 2 renames the bundle aside
+    assert not target.exists() and len(list(tmp_path.glob(".b.*.old"))) == 1
+    assert isinstance(trainfer.load(target), torch.nn.Module)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_leftovers_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    target = tmp_path / "demo"
+    target.mkdir()
+    names = [f".demo.{dead_pid}-abcd1234.tmp", ".demo.k2j3h4g5.tmp", f".demo.{dead_pid}-{'0' * 32}.old"]
+    live = f".demo.{os.getpid()}-live1234.tmp"
+    for name in [*names, live, ".demo2.x.tmp"]:
+        (tmp_path / name).mkdir()
+    staging = staging_directory(target)  # e.g. `trainfer demo` starting again after being killed
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["demo", live, ".demo2.x.tmp", staging.name])
+
+
+def test_a_legacy_old_copy_is_restored_when_the_target_is_missing(tmp_path):
+    old = tmp_path / f".bundle.{'a' * 32}.old"  # written by a trainfer that recorded no process id
+    old.mkdir()
+    (old / "content").write_text("old")
+    recover(tmp_path / "bundle")
+    assert (tmp_path / "bundle" / "content").read_text() == "old" and not old.exists()
+
+
+def test_write_failures_name_the_target(tmp_path, monkeypatch):
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic, "fsync_file", full)
+    with pytest.raises(WriteError, match=r"cannot write '.*report\.md': No space left on device") as caught:
+        with atomic_file(tmp_path / "report.md") as tmp:
+            tmp.write_text("x")
+    assert caught.value.errno == errno.ENOSPC and isinstance(caught.value, OSError)
+    assert list(tmp_path.iterdir()) == []

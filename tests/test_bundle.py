@@ -18,6 +18,7 @@ from trainfer.testing import assert_close, randomize_batchnorm
 FACTORY = f"{__name__}:tiny_cnn"
 
 
+@trainfer.register_model
 def tiny_cnn(classes: int = 3, width: int = 4) -> nn.Module:
     """The serving tests' small CNN on 1x8x8 inputs, under the keyword a bundle's config records."""
     return tiny_net(outputs=classes, width=width)
@@ -134,7 +135,7 @@ def test_not_a_bundle(tmp_path):
         read_manifest(tmp_path)
 
 
-def test_bad_factory_is_named(tmp_path):
+def test_bad_factory_is_named_when_trusted(tmp_path):
     trainfer.save(trained(), tmp_path / "b", factory=FACTORY, example_inputs=torch.randn(1, 1, 8, 8))
     manifest = read_manifest(tmp_path / "b")
     for factory, message in [
@@ -145,7 +146,7 @@ def test_bad_factory_is_named(tmp_path):
         manifest["factory"] = factory
         (tmp_path / "b/manifest.json").write_text(json.dumps(manifest))
         with pytest.raises(BundleError, match=message):
-            trainfer.load(tmp_path / "b")
+            trainfer.load(tmp_path / "b", trust_factory=True)
 
 
 def test_checkpoint_pt_loads_through_weights_only(tmp_path):
@@ -270,6 +271,7 @@ def test_trainfer_models_need_no_factory(tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
+@trainfer.register_model
 def conv_stack(
     channels: int = 3, multiplier: int = 1, kernel: int = 3, stride: int = 1, dilation: int = 1, depthwise: bool = False
 ) -> nn.Module:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from agreement import assert_results_close
 from click.testing import CliRunner
 from PIL import Image
 from torch import nn
@@ -50,10 +51,11 @@ def image_bundle(tmp_path_factory):
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(
-        [sys.executable, "-m", "trainfer", *args], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-m", "trainfer", *args], capture_output=True, text=True, env=env, timeout=300
     )
 
 
+@pytest.mark.slow
 def test_predict_images_in_a_subprocess(image_bundle):
     root, images = image_bundle
     done = run_cli("predict", str(root / "bundle"), *images, "--top-k", "2", "--format", "jsonl")
@@ -61,11 +63,11 @@ def test_predict_images_in_a_subprocess(image_bundle):
     records = [json.loads(line) for line in done.stdout.splitlines()]
     expected = Predictor.load(root / "bundle").predict(images, top_k=2)
     assert [r["id"] for r in records] == images
-    assert [r["label"] for r in records] == [e.label for e in expected]
-    np.testing.assert_allclose([r["probability"] for r in records], [e.probability for e in expected], atol=1e-6)
+    assert_results_close([{k: v for k, v in r.items() if k != "id"} for r in records], expected)
     assert all(len(r["top_k"]) == 2 for r in records)
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_with_one_line_in_a_subprocess(image_bundle, tmp_path):
     root, _ = image_bundle
     np.save(tmp_path / "wrong.npy", np.zeros((2, 3, 8, 8), np.float32))
@@ -155,10 +157,7 @@ def test_export_then_predict_with_the_onnx_file(image_bundle, tmp_path):
     from_onnx = invoke("predict", str(tmp_path / "m.onnx"), *images, "--format", "jsonl").output.splitlines()
     from_bundle = invoke("predict", str(root / "bundle"), *images, "--format", "jsonl").output.splitlines()
     onnx_records, bundle_records = [json.loads(x) for x in from_onnx], [json.loads(x) for x in from_bundle]
-    assert [r["label"] for r in onnx_records] == [r["label"] for r in bundle_records]
-    np.testing.assert_allclose(
-        [r["probability"] for r in onnx_records], [r["probability"] for r in bundle_records], atol=1e-6
-    )
+    assert_results_close(onnx_records, bundle_records)  # ONNX Runtime vs torch: equal within rounding
     failed = CliRunner().invoke(main, ["export", str(tmp_path / "nothing"), "-o", str(tmp_path / "x.onnx")])
     assert failed.exit_code == 2 and "no trainfer bundle" in failed.output
 

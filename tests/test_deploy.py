@@ -301,6 +301,7 @@ def test_cli_deploys_a_factory_with_weights_into_a_bundle(factory, tmp_path):
                      "--input-shape", "1,3,8,8", "-o", str(out))  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "regions folded" in result.output and "verification (float64)" in result.output
+    trainfer.register_model(user_models.make)  # the bundle names user_models:make: allow it
     loaded = trainfer.load(out)
     x = torch.randn(2, 3, 8, 8)
     assert_close(loaded(x), trained.eval()(x))

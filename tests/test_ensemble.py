@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from agreement import assert_results_close, assert_same_classes
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -77,7 +78,8 @@ def test_classification_averages_members_probabilities(members, chosen, raw_weig
     mean, std = weighted(per_member, weights or [1.0] * len(team))
     np.testing.assert_allclose(class_probabilities(results), mean, atol=TOL)
     chosen_class = [r.index for r in results]
-    np.testing.assert_array_equal(chosen_class, mean.argmax(1))
+    assert_same_classes(torch.tensor(class_probabilities(results)), torch.tensor(mean), atol=TOL)
+    assert chosen_class == class_probabilities(results).argmax(1).tolist()
     np.testing.assert_allclose([r.spread for r in results], std[np.arange(7), chosen_class], atol=TOL)
     assert all(isinstance(r, EnsembleClassificationResult) and r.members == len(team) for r in results)
     assert (ensemble.task, ensemble.labels, ensemble.spec["members"]) == ("classification", LABELS, len(team))
@@ -92,7 +94,8 @@ def test_binary_averages_positive_probabilities(members):
     mean, std = weighted(per_member, [1, 3])
     np.testing.assert_allclose([r.probability for r in results], mean, atol=TOL)
     np.testing.assert_allclose([r.spread for r in results], std, atol=TOL)
-    assert [r.decision for r in results] == [bool(p >= 0.5) for p in mean]
+    clear = np.abs(mean - 0.5) > TOL  # a decision may flip only within rounding of the threshold
+    assert [r.decision for r, c in zip(results, clear) if c] == [bool(p >= 0.5) for p in mean[clear]]
     assert {r.members for r in results} == {2} and std.max() > 1e-3  # the members do disagree
 
 
@@ -136,14 +139,17 @@ def test_predict_iter_streams_a_one_shot_iterator_in_batches(members):
                 pulled.append(i)
                 yield sample
 
-        stream = Ensemble(team).predict_iter(samples(), top_k=3)
+        ensemble = Ensemble(team)
+        stream = ensemble.predict_iter(samples(), top_k=3)
         first = next(stream)
         assert len(pulled) <= 2 * 4  # one batch ahead at most, not the whole input
         streamed = [first, *stream]
+        whole = ensemble.predict(x, top_k=3)  # the same batches of 4: the same computation
     finally:
         for member in team:
             member.batch_size = 64
-    assert streamed == Ensemble(team).predict(x, top_k=3)
+    # Stacked streamed samples vs slices of one tensor: the same batches, other memory: within rounding.
+    assert_results_close(streamed, whole)
 
 
 @pytest.mark.parametrize(
@@ -201,9 +207,7 @@ def test_cli_serves_several_bundles_as_their_ensemble(bundles, members, tmp_path
     records = [json.loads(line) for line in result.stdout.splitlines()]
     expected = Ensemble(members["classification"][:3], weights=[1, 2, 1]).predict(paths, top_k=3)
     assert [r["id"] for r in records] == paths
-    assert [r["label"] for r in records] == [e.label for e in expected]
-    np.testing.assert_allclose([r["spread"] for r in records], [e.spread for e in expected], atol=TOL)
-    np.testing.assert_allclose(class_probabilities(records), class_probabilities(expected), atol=TOL)
+    assert_results_close([{k: v for k, v in r.items() if k != "id"} for r in records], expected, atol=TOL)
     assert {r["members"] for r in records} == {3}
 
 

@@ -278,3 +278,23 @@ def test_classic_failure_no_grad_without_eval_collapses_and_inference_fixes_it()
 def test_public_names():
     assert trainfer.inference is inference and trainfer.training is training
     assert trainfer.snapshot_modes is snapshot_modes and trainfer.restore_modes is restore_modes
+
+
+@pytest.mark.parametrize("context", [inference, training])
+def test_module_added_inside_then_an_exception_restores_the_rest_and_keeps_the_users_error(context):
+    model = mixed_model()
+    with pytest.raises(KeyError, match="the user's own error"), context(model):
+        model.add_module("late", nn.Dropout(0.1))
+        raise KeyError("the user's own error")
+    assert modes_of(model)[: len(MIXED)] == MIXED  # every module that existed at entry is restored
+
+
+def test_module_replaced_inside_restores_every_module_that_existed_at_entry():
+    model = mixed_model()
+    conv = model[0]
+    with inference(model):
+        model[0] = nn.Conv2d(3, 4, 3).eval()  # the old module leaves, a new one takes its name
+    assert conv.training  # restored although no longer in the model
+    assert not model[0].training  # the newcomer keeps the mode it was given
+    modes = modes_of(model)
+    assert modes[:1] + modes[2:] == MIXED[:1] + MIXED[2:]

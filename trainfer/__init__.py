@@ -8,10 +8,14 @@ from trainfer.dual import DualModule, infer_path, train_only
 from trainfer.errors import (
     AlgebraError,
     BundleError,
+    BundleWarning,
     EquivalenceError,
+    InputError,
     ModeError,
     ModeWarning,
     OutputKindWarning,
+    TrainferError,
+    WriteError,
 )
 from trainfer.export import export
 from trainfer.guard import guard
@@ -19,6 +23,7 @@ from trainfer.inspection import Inspection, LayerRecord, inspect
 from trainfer.modes import inference, restore_modes, snapshot_modes, training
 from trainfer.predict import Predictor
 from trainfer.preprocess import PreprocessSpec
+from trainfer.registry import register_model
 from trainfer.verify import Equivalence, verify
 
 __version__ = "0.1.0"
@@ -26,10 +31,12 @@ __version__ = "0.1.0"
 __all__ = [
     "AlgebraError",
     "BundleError",
+    "BundleWarning",
     "DeployReport",
     "DualModule",
     "Equivalence",
     "EquivalenceError",
+    "InputError",
     "Inspection",
     "LayerRecord",
     "ModeError",
@@ -37,6 +44,8 @@ __all__ = [
     "OutputKindWarning",
     "Predictor",
     "PreprocessSpec",
+    "TrainferError",
+    "WriteError",
     "__version__",
     "algebra",
     "export",
@@ -49,6 +58,7 @@ __all__ = [
     "infer_path",
     "inspect",
     "load",
+    "register_model",
     "restore_modes",
     "save",
     "snapshot_modes",

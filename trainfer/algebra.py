@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from trainfer.errors import AlgebraError
+
 Pair = tuple[int, int]
 
 __all__ = [
@@ -46,10 +48,6 @@ __all__ = [
     "to_conv2d",
     "to_linear",
 ]
-
-
-class AlgebraError(ValueError):
-    """A fold that would not be exact was requested; the message names the failed condition."""
 
 
 def _pair(value: int | Sequence[int]) -> Pair:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from trainfer.atomic import atomic_file
-from trainfer.errors import ModeError
+from trainfer.errors import InputError, InputTypeError, MissingExtraError, ModeError
 from trainfer.modes import restore_modes, snapshot_modes
 
 METHODS = ("integrated_gradients", "saliency", "occlusion")
@@ -68,9 +68,10 @@ def explain(
     ``sliding_window_shapes``).
     """
     if not isinstance(predictor.model, nn.Module):
-        raise TypeError(f"explanations need a torch model; this predictor serves a {type(predictor.model).__name__}")
+        served = type(predictor.model).__name__
+        raise InputTypeError(f"explanations need a torch model; this predictor serves a {served}")
     if predictor.multi_head:
-        raise ValueError("explanations of multi-head predictors are not supported: serve one head to explain it")
+        raise InputError("explanations of multi-head predictors are not supported: serve one head to explain it")
     batch = predictor.preprocess(inputs).to(predictor.device)
     return attribute(predictor.model, batch, method, target, forward=predictor.scores, task=predictor.task, **options)
 
@@ -91,9 +92,9 @@ def attribute(
     ``task="regression"`` never picks a class: a regression model with several outputs needs ``target``.
     """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}; got {method!r}")
+        raise InputError(f"method must be one of {list(METHODS)}; got {method!r}")
     if not isinstance(batch, Tensor) or not batch.is_floating_point() or batch.dim() < 2:
-        raise TypeError(f"expected a preprocessed floating-point batch (N, ...); got {_describe(batch)}")
+        raise InputTypeError(f"expected a preprocessed floating-point batch (N, ...); got {_describe(batch)}")
     if torch.is_inference_mode_enabled():
         raise ModeError(
             "explanations need gradients, and torch.inference_mode() forbids them: call explain() outside "
@@ -120,7 +121,8 @@ def _captum_attr() -> ModuleType:
     try:
         return importlib.import_module("captum.attr")
     except ImportError as error:
-        raise ImportError(f"explanations need Captum, trainfer's optional extra 'explain': {EXTRA_HINT}") from error
+        message = f"explanations need Captum, trainfer's optional extra 'explain': {EXTRA_HINT}"
+        raise MissingExtraError(message) from error
 
 
 def _checked_scores(forward: Callable[[Tensor], Tensor], batch: Tensor) -> Tensor:
@@ -128,7 +130,7 @@ def _checked_scores(forward: Callable[[Tensor], Tensor], batch: Tensor) -> Tenso
     probe = batch.clone().requires_grad_()
     scores = forward(probe)
     if not isinstance(scores, Tensor) or scores.dim() not in (1, 2) or len(scores) != len(batch):
-        raise ValueError(f"expected scores of shape (N,) or (N, outputs) with N={len(batch)}; got {_describe(scores)}")
+        raise InputError(f"expected scores of shape (N,) or (N, outputs) with N={len(batch)}; got {_describe(scores)}")
     if not scores.requires_grad:
         raise ModeError(
             "the explained function returned scores without gradients (does it run under torch.no_grad or "
@@ -147,16 +149,16 @@ def _resolve_target(scores: Tensor, target: Any, task: str | None) -> Tensor | N
         if outputs == 1:
             return None if scores.dim() == 1 else torch.zeros(len(scores), dtype=torch.long, device=scores.device)
         if task == "regression":
-            raise ValueError(f"a regression model with {outputs} outputs: pass target= the output index to explain")
+            raise InputError(f"a regression model with {outputs} outputs: pass target= the output index to explain")
         return scores.detach().argmax(dim=1)
     if scores.dim() == 1:
-        raise ValueError(f"target={target!r} given, but the model returns one score per example (shape (N,))")
+        raise InputError(f"target={target!r} given, but the model returns one score per example (shape (N,))")
     indices = torch.as_tensor(target, dtype=torch.long, device=scores.device).reshape(-1)
     if len(indices) not in (1, len(scores)):
-        raise ValueError(f"target must be one class index or one per example ({len(scores)}); got {len(indices)}")
+        raise InputError(f"target must be one class index or one per example ({len(scores)}); got {len(indices)}")
     indices = indices.expand(len(scores))
     if ((indices < 0) | (indices >= outputs)).any():
-        raise ValueError(f"target must index the {outputs} outputs (0..{outputs - 1}); got {target!r}")
+        raise InputError(f"target must index the {outputs} outputs (0..{outputs - 1}); got {target!r}")
     return indices.clone()
 
 
@@ -243,7 +245,7 @@ def plot_attribution(
     elif values.dim() in (2, 3):
         figure = _heat_map(plt, values, sample)
     else:
-        raise ValueError(f"can draw attributions of shape (F,), (H, W) or (C, H, W); got {tuple(values.shape)}")
+        raise InputError(f"can draw attributions of shape (F,), (H, W) or (C, H, W); got {tuple(values.shape)}")
     figure.suptitle(_title(result, index, labels))
     figure.tight_layout()
     with atomic_file(path) as tmp:

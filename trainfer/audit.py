@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trainfer.errors import InputTypeError
 from trainfer.inspection import as_forward_args
 from trainfer.modes import inference, mode_dependent_modules, training
 from trainfer.testing import relative_error
@@ -99,7 +100,7 @@ def audit(model: nn.Module, example_inputs: Tensor | Sequence[Any] | None = None
     ``seed`` seeds the Dropout draws of that comparison (the caller's RNG state is left as it was).
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"audit expects a torch.nn.Module; got {type(model).__name__}")
+        raise InputTypeError(f"audit expects a torch.nn.Module; got {type(model).__name__}")
     findings = _dependence_findings(model) + _mismatch_findings(model) + _batchnorm_findings(model)
     divergence = None
     if example_inputs is not None:

@@ -33,6 +33,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from trainfer import distributed
+from trainfer.errors import InputError, MissingFileError, WriteError
 from trainfer.preprocess import IMAGE_SUFFIXES, PreprocessSpec, iter_csv
 
 Item = tuple[Any, Any]  # (id written in the record, input handed to the predictor)
@@ -79,8 +80,8 @@ def iter_source(source: str | os.PathLike[str], spec: PreprocessSpec) -> Iterato
     if path.is_file() and path.suffix.lower() == ".csv":
         return iter_csv_rows(path, spec)
     if not path.exists():
-        raise FileNotFoundError(f"batch input {str(path)!r} does not exist (expected a directory of images or a .csv)")
-    raise ValueError(f"batch input {str(path)!r} is neither a directory of images nor a .csv file")
+        raise MissingFileError(f"batch input {str(path)!r} does not exist (expected a directory of images or a .csv)")
+    raise InputError(f"batch input {str(path)!r} is neither a directory of images nor a .csv file")
 
 
 def count_records(out: str | os.PathLike[str]) -> int:
@@ -111,7 +112,7 @@ def _record_ids(out: Path, count: int) -> Iterator[Any]:
             try:
                 yield json.loads(line)["id"]
             except (ValueError, KeyError, TypeError):
-                raise ValueError(f"{str(out)!r} line {number} is not a prediction record with an 'id'") from None
+                raise InputError(f"{str(out)!r} line {number} is not a prediction record with an 'id'") from None
 
 
 def _skip_done(items: Iterator[Item], out: Path, done: int, keep: int) -> list[Item]:
@@ -123,9 +124,9 @@ def _skip_done(items: Iterator[Item], out: Path, done: int, keep: int) -> list[I
     for number, expected in enumerate(_record_ids(out, done), start=1):
         item = next(items, None)
         if item is None:
-            raise ValueError(f"{str(out)!r} holds {done} records but the input has only {number - 1}")
+            raise InputError(f"{str(out)!r} holds {done} records but the input has only {number - 1}")
         if item[0] != expected:
-            raise ValueError(
+            raise InputError(
                 f"{str(out)!r} was written for other inputs: line {number} is for {expected!r}, "
                 f"input {number} is {item[0]!r} (use another --out or delete it)"
             )
@@ -146,7 +147,7 @@ def _resume(items: Iterator[Item], out: Path, batch_size: int) -> tuple[int, Ite
     if distributed.is_main():
         try:
             if not out.parent.is_dir():
-                raise FileNotFoundError(f"--out directory {str(out.parent)!r} does not exist")
+                raise MissingFileError(f"--out directory {str(out.parent)!r} does not exist")
             done = count_records(out)
             outcome = done - done % batch_size
             again = _skip_done(items, out, done, outcome)
@@ -165,7 +166,8 @@ def _record_lines(predictor: Any, batch: list[Item], top_k: int | None) -> str:
     """One JSON line per input of ``batch``: its id, then its result's record."""
     results = predictor.predict([item for _, item in batch], top_k=top_k)
     return "".join(
-        json.dumps({"id": key, **result.to_record()}) + "\n" for (key, _), result in zip(batch, results, strict=True)
+        json.dumps({"id": key, **result.to_record()}, allow_nan=False) + "\n"
+        for (key, _), result in zip(batch, results, strict=True)
     )
 
 
@@ -187,6 +189,18 @@ def _predict_window(predictor: Any, window: list[Item], batch_size: int, top_k: 
     if len({count for count, _ in gathered}) > 1:
         raise RuntimeError("ranks read different inputs: the source changed while being predicted")
     return [part for _, part in gathered]
+
+
+def _append(handle: Any, text: str, out: Path) -> None:
+    """Write and flush ``text``; an ``OSError`` (disk full) becomes a :class:`WriteError` naming ``out``.
+
+    Whatever reached the file stays resumable: the next run cuts it back to its last whole batch.
+    """
+    try:
+        handle.write(text)
+        handle.flush()
+    except OSError as error:
+        raise WriteError(f"cannot write {str(out)!r}: {error.strerror or error}") from error
 
 
 def predict_to_jsonl(
@@ -222,7 +236,6 @@ def predict_to_jsonl(
             if not window:
                 return BatchSummary(out, resumed, written)
             if main:
-                handle.write("".join(parts))
-                handle.flush()
+                _append(handle, "".join(parts), out)
             written += len(window)
             bar.update(len(window))

@@ -23,19 +23,22 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from trainfer.blocks import ReparamBlock
 from trainfer.capture import capture
+from trainfer.errors import InputError
 from trainfer.models import reparameterize
 from trainfer.testing import AtenOpCounter
 from trainfer.verify import model_dtype
+
+if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn
+    from matplotlib.figure import Figure
 
 __all__ = [
     "FORMS",
@@ -78,7 +81,7 @@ def num_threads(count: int | None) -> Iterator[None]:
     saved = torch.get_num_threads()
     if count is not None:
         if count < 1:
-            raise ValueError(f"threads must be a positive number; got {count}")
+            raise InputError(f"threads must be a positive number; got {count}")
         torch.set_num_threads(count)
     try:
         yield
@@ -109,7 +112,7 @@ def time_forward(
     time the inference behaviour. CUDA work is synchronised before each clock reading.
     """
     if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0; got repeats={repeats}, warmup={warmup}")
+        raise InputError(f"need repeats >= 1 and warmup >= 0; got repeats={repeats}, warmup={warmup}")
     args = _as_args(inputs)
     samples = []
     with num_threads(threads), torch.inference_mode():
@@ -282,7 +285,7 @@ def plain_form(model: nn.Module, example_inputs: tuple[Tensor, ...]) -> nn.Modul
     except (RuntimeError, TypeError):  # a layer got an input it cannot take: not a chain
         same = False
     if not same:
-        raise ValueError(
+        raise InputError(
             f"plain form: {type(model).__name__}'s forward is not a chain of its modules "
             "(replaying its layers in call order does not give its output)"
         )
@@ -433,6 +436,8 @@ class BenchReport:
 
     def plot(self) -> Figure:
         """Bars per form: batch-1 latency (median, whisker to p90) and throughput at the batch size."""
+        from matplotlib.figure import Figure
+
         figure = Figure(figsize=(10, 4), layout="constrained")
         left, right = figure.subplots(1, 2)
         names = [r.form for r in self.results]
@@ -468,16 +473,16 @@ def benchmark(
     """
     unknown = [form for form in forms if form not in FORMS]
     if unknown:
-        raise ValueError(f"unknown forms {unknown}; expected some of {list(FORMS)}")
+        raise InputError(f"unknown forms {unknown}; expected some of {list(FORMS)}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive; got {batch_size}")
+        raise InputError(f"batch_size must be positive; got {batch_size}")
     one = _random_input(model, input_shape, 1)
     many = _random_input(model, input_shape, batch_size)
     _check_accepts(model, one)
     with tqdm(total=len(forms) * (1 + 2 * rounds), desc="bench", unit="step", disable=not show_progress) as bar:
         built, skipped = _build_forms(model, forms, (one,), bar)
         if not built:
-            raise ValueError(f"no form could be built: {skipped}")
+            raise InputError(f"no form could be built: {skipped}")
         bar.total = len(built) * (1 + 2 * rounds)
         bar.set_postfix_str("timing")
         timing = {"threads": threads, "rounds": rounds, "repeats": repeats, "warmup": warmup, "progress": bar.update}
@@ -517,7 +522,7 @@ def _check_accepts(model: nn.Module, example: Tensor) -> None:
         with torch.no_grad():
             train_form(model, (example,))(example)
     except (RuntimeError, ValueError) as error:
-        raise ValueError(
+        raise InputError(
             f"{type(model).__name__} does not accept an input of shape {tuple(example.shape)}: {error}"
         ) from error
 
@@ -525,7 +530,7 @@ def _check_accepts(model: nn.Module, example: Tensor) -> None:
 def _random_input(model: nn.Module, input_shape: Sequence[int], batch_size: int) -> Tensor:
     """Standard-normal input of ``(batch_size, *input_shape[1:])`` with the model's dtype and device."""
     if len(input_shape) < 2 or any(int(size) < 1 for size in input_shape):
-        raise ValueError(
+        raise InputError(
             f"input shape must be positive sizes with a batch dimension, like 1,3,224,224; got {input_shape}"
         )
     device = next((t.device for t in [*model.parameters(), *model.buffers()]), None)

@@ -12,6 +12,10 @@ A bundle is a directory::
 output, task, labels, output kind and how the kind was decided); ``output_structure`` (tensor,
 tuple or dict); the ``trainfer``/``torch`` versions; and the weights' file name and sha256.
 
+A manifest is untrusted input: loading validates all of it (:mod:`trainfer.manifest`: types and
+size limits) and calls only a factory the user allowed (:mod:`trainfer.registry`), or one passed
+explicitly; it never imports a module because a manifest names it (``trust_factory=True`` does).
+
 Loading rebuilds the architecture with ``factory(**config)``. A deploy-form bundle is rebuilt by
 re-deriving the deploy architecture: the training form from the factory gets generic BatchNorm
 statistics (:func:`trainfer.testing.randomize_batchnorm`, so folding decisions match a trained
@@ -29,6 +33,7 @@ import importlib
 import json
 import os
 import pickle
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,28 +41,38 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from trainfer.atomic import atomic_directory, fsync_file
-from trainfer.errors import BundleError
+from trainfer.atomic import atomic_directory, fsync_file, recover
+from trainfer.errors import BundleError, BundleWarning
 from trainfer.outputs import Head, Selector, describe_structure, resolve_heads
 from trainfer.preprocess import PreprocessSpec
+from trainfer.registry import ENTRY_POINT_GROUP, factory_name
+from trainfer.registry import allowed_factory as allowed_factory_named
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 FORMAT = "trainfer-bundle"
 FORMAT_VERSION = 1
 CHECKPOINT_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
+MAX_MANIFEST_BYTES = 16 * 2**20
+#: A manifest's config may build at most this many times the weight elements its bundle stores
+#: (a deploy form stores fewer than its training form), and always up to MIN_SIZE_LIMIT.
+MAX_GROWTH = 16
+MIN_SIZE_LIMIT = 2**20
 
 __all__ = [
     "MANIFEST_FILE",
     "WEIGHTS_FILE",
+    "allowed_factory",
     "build_manifest",
     "build_model",
+    "check_manifest",
     "load",
     "load_state_dict",
     "load_weights",
     "read_manifest",
     "resolve_factory",
     "save",
+    "write_safetensors",
 ]
 
 
@@ -104,7 +119,7 @@ def save(
     if target.exists() and not (target / MANIFEST_FILE).is_file():
         raise BundleError(f"refusing to overwrite {str(target)!r}: it exists and is not a trainfer bundle")
     with atomic_directory(target) as tmp:
-        _save_safetensors(state, tmp / WEIGHTS_FILE)
+        write_safetensors(state, tmp / WEIGHTS_FILE)
         manifest["weights"] = {"file": WEIGHTS_FILE, "sha256": _sha256(tmp / WEIGHTS_FILE), "tensors": len(state)}
         _write_json(tmp / MANIFEST_FILE, manifest)
     return target
@@ -214,10 +229,18 @@ def _tensors_to_save(model: nn.Module) -> dict[str, Tensor]:
     return {key: value.detach().to("cpu").contiguous().clone() for key, value in state.items()}
 
 
-def _save_safetensors(state: dict[str, Tensor], path: Path) -> None:
+def write_safetensors(state: Mapping[str, Tensor], path: str | os.PathLike[str]) -> None:
+    """Write ``state`` to ``path`` and flush it; a failure (disk full) is an ``OSError``.
+
+    Meant for the temporary file of an atomic write, which then names the real target.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file(state, str(path))
+    try:
+        save_file(dict(state), str(path))
+    except SafetensorError as error:  # safetensors reports I/O errors (ENOSPC) as its own type
+        raise OSError(f"safetensors could not write: {error}") from error
     fsync_file(path)
 
 
@@ -236,46 +259,116 @@ def _sha256(path: Path) -> str:
 
 # --------------------------------------------------------------------------- load
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest of the bundle at ``path`` (the directory, or its ``manifest.json``)."""
+    """The validated manifest of the bundle at ``path`` (the directory, or its ``manifest.json``).
+
+    The whole manifest is checked against :mod:`trainfer.manifest` (types and size limits) before
+    anything is built; a bundle interrupted mid-replace (see :func:`trainfer.atomic.recover`) is
+    restored first.
+    """
     path = Path(path)
+    if not path.exists():
+        recover(path)
     file = path / MANIFEST_FILE if path.is_dir() else path
     if not file.is_file() or file.name != MANIFEST_FILE:
         raise BundleError(f"no trainfer bundle at {str(path)!r}: expected a directory holding {MANIFEST_FILE}")
+    if file.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{str(file)!r} is larger than {MAX_MANIFEST_BYTES} bytes: not a trainfer manifest")
     try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        data = json.loads(file.read_bytes())
+    except (ValueError, RecursionError) as error:  # bad JSON, bad UTF-8, a 5000-digit integer, deep nesting
         raise BundleError(f"{str(file)!r} is not valid JSON: {error}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BundleError(f'{str(file)!r} is not a trainfer manifest (expected "format": "{FORMAT}")')
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise BundleError(
-            f"{str(file)!r} has format_version {manifest['format_version']}; this trainfer reads up to {FORMAT_VERSION}"
-        )
-    missing = [key for key in ("factory", "config", "form", "input", "weights") if key not in manifest]
+    return check_manifest(data, repr(str(file)))
+
+
+def check_manifest(data: Any, source: str, *, bundle: bool = True) -> dict[str, Any]:
+    """``data`` (parsed JSON) once validated as a manifest (``bundle``: one that rebuilds a model).
+
+    Refuses a newer ``format_version``; warns (:class:`BundleWarning`) when the writer's trainfer is
+    a newer major.minor release than this one, and when there is no ``preprocess`` section (inputs
+    are then served without normalisation).
+    """
+    from trainfer import manifest as schema
+
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise BundleError(f"{source} has format_version {version}; this trainfer reads up to {FORMAT_VERSION}")
+    newer = _newer_writer(data)
+    try:
+        manifest = schema.validate(data, source)
+    except BundleError as error:
+        raise BundleError(f"{error}{newer and f' (the bundle was written by a newer trainfer: {newer})'}") from None
+    if newer:
+        warnings.warn(f"{source} was written by a newer trainfer: {newer}", BundleWarning, stacklevel=3)
+    missing = [key for key in ("factory", "weights") if bundle and getattr(manifest, key) is None]
     if missing:
-        raise BundleError(f"{str(file)!r} lacks manifest keys {missing}")
-    return manifest
+        raise BundleError(f"invalid manifest {source}: {', '.join(missing)}: required in a bundle (found null)")
+    if manifest.preprocess is None:
+        warnings.warn(
+            f"{source} has no preprocess section: inputs are served as given, without normalisation",
+            BundleWarning,
+            stacklevel=3,
+        )
+    else:
+        try:
+            PreprocessSpec.from_dict(manifest.preprocess.model_dump())
+        except ValueError as error:
+            raise BundleError(f"invalid manifest {source}: preprocess: {error}") from None
+    return data
+
+
+def _newer_writer(data: Any) -> str:
+    """``"X.Y, this is A.B"`` when ``data`` was written by a newer trainfer major.minor, else ``""``."""
+    from trainfer import __version__
+    from trainfer.manifest import newer_writer
+
+    versions = data.get("versions") if isinstance(data, dict) else None
+    written = versions.get("trainfer") if isinstance(versions, dict) else None
+    if isinstance(written, str) and len(written) < 64 and newer_writer(written, __version__):
+        return f"{written}, this is {__version__}"
+    return ""
 
 
 def load(
-    path: str | os.PathLike[str], *, factory: str | None = None, config: Mapping[str, Any] | None = None
+    path: str | os.PathLike[str],
+    *,
+    factory: str | Callable[..., nn.Module] | None = None,
+    config: Mapping[str, Any] | None = None,
+    trust_factory: bool = False,
 ) -> nn.Module:
     """Rebuild the model of the bundle at ``path`` and load its weights (on CPU, never unpickling).
 
+    The manifest's factory must be allowed (:mod:`trainfer.registry`: trainfer's models, those
+    registered with :func:`trainfer.register_model` or installed as ``trainfer.models`` entry
+    points); otherwise loading is refused before anything is imported. ``factory`` (a callable,
+    or a ``package.module:function`` the caller names) builds the architecture instead, with
+    ``config`` or the manifest's config. ``trust_factory=True`` imports and calls whatever the
+    manifest names: it runs the bundle author's code, use it only for bundles you trust.
+
     ``path`` may also be a bare checkpoint (``.safetensors``, or ``.pt``/``.pth`` read with
     ``torch.load(weights_only=True)``) given with the ``factory`` (and ``config``) that builds it.
+    A deploy-form model is returned in eval mode, a training form in the mode its factory built.
     """
     path = Path(path)
     if path.is_file() and path.name != MANIFEST_FILE:
         if factory is None:
             raise BundleError(f"{str(path)!r} is a bare checkpoint: pass factory='package.module:function' to load it")
-        manifest = {"factory": factory, "config": dict(config or {}), "form": "train", "input": {"shape": None}}
+        name = factory if isinstance(factory, str) else factory_name(factory)
+        manifest = {"factory": name, "config": dict(config or {}), "form": "train", "input": {"shape": None}}
         state = load_weights(path)
     else:
         manifest = read_manifest(path)
+        if config is not None:
+            manifest["config"] = dict(config)
         state = _read_bundle_weights(path if path.is_dir() else path.parent, manifest)
-    model = build_model(manifest, _floating_dtype(state))
-    load_state_dict(model, state, source=str(path))
+    stored = sum(value.numel() for value in state.values())
+    model = build_model(manifest, _floating_dtype(state), factory=factory, trust_factory=trust_factory, stored=stored)
+    try:
+        load_state_dict(model, state, source=str(path))
+    except BundleError as error:
+        raise BundleError(
+            f"{error} (the architecture comes from the manifest's factory {manifest['factory']!r}, "
+            f"config {manifest['config']} and form {manifest['form']!r})"
+        ) from None
     model.trainfer_config = {
         "factory": manifest["factory"],
         "config": manifest["config"],
@@ -283,6 +376,8 @@ def load(
         "form": manifest["form"],
         "deploy_options": manifest.get("deploy_options") or {},
     }
+    if manifest["form"] == "deploy":
+        model.eval()  # an inference form is used in eval mode (a factory builds in train mode)
     return model
 
 
@@ -358,7 +453,11 @@ def _floating_dtype(state: Mapping[str, Tensor]) -> torch.dtype | None:
 
 
 def resolve_factory(spec: str) -> Callable[..., nn.Module]:
-    """``package.module:function`` (dotted attributes allowed after the colon) to the callable."""
+    """``package.module:function`` (dotted attributes allowed after the colon) to the callable.
+
+    Imports the module: only for names the user gave (command line, ``factory=``), never for a
+    name read from a bundle (see :func:`allowed_factory`).
+    """
     module_name, sep, attribute = str(spec).partition(":")
     if not sep or not module_name or not attribute:
         raise BundleError(f"factory must look like package.module:function; got {spec!r}")
@@ -375,15 +474,56 @@ def resolve_factory(spec: str) -> Callable[..., nn.Module]:
     return target
 
 
-def build_model(manifest: Mapping[str, Any], dtype: torch.dtype | None = None) -> nn.Module:
-    """The architecture a manifest describes (train or deploy form), with fresh weights, on CPU."""
-    factory = resolve_factory(manifest["factory"])
+def allowed_factory(
+    name: str, factory: str | Callable[..., nn.Module] | None = None, trust_factory: bool = False
+) -> Callable[..., nn.Module]:
+    """The callable that may build the architecture a manifest names ``name``.
+
+    ``factory`` given by the caller wins; else ``name`` must be allowed by :mod:`trainfer.registry`
+    (nothing is imported unless it names an installed entry point), or ``trust_factory`` be set.
+    """
+    if callable(factory):
+        return factory
+    if isinstance(factory, str):
+        return resolve_factory(factory)
     try:
-        model = factory(**manifest["config"])
-    except TypeError as error:
-        raise BundleError(f"factory {manifest['factory']!r} rejected config {manifest['config']}: {error}") from None
-    if not isinstance(model, nn.Module):
-        raise BundleError(f"factory {manifest['factory']!r} returned {type(model).__name__}, not an nn.Module")
+        found = allowed_factory_named(name)
+    except Exception as error:  # an installed entry point that fails to import: the user's package
+        raise BundleError(f"the {ENTRY_POINT_GROUP!r} entry point for factory {name!r} failed: {error}") from error
+    if found is not None:
+        return found
+    if trust_factory:
+        return resolve_factory(name)
+    raise BundleError(
+        f"refusing to build factory {name!r}: a bundle may only name allowed factories (nothing was imported). "
+        f"To allow it: decorate it with @trainfer.register_model in code you import before loading, declare it in "
+        f"the {ENTRY_POINT_GROUP!r} entry-point group of your package, pass factory=<callable> to trainfer.load / "
+        "Predictor.load, or, if you trust whoever wrote this bundle, trust_factory=True (CLI --trust-factory), "
+        "which imports and runs that code"
+    )
+
+
+def build_model(
+    manifest: Mapping[str, Any],
+    dtype: torch.dtype | None = None,
+    *,
+    factory: str | Callable[..., nn.Module] | None = None,
+    trust_factory: bool = False,
+    stored: int | None = None,
+) -> nn.Module:
+    """The architecture a manifest describes (train or deploy form), with fresh weights, on CPU.
+
+    The factory is chosen by :func:`allowed_factory` (``factory``/``trust_factory`` as there).
+    With ``stored`` (the number of weight elements the bundle holds), the factory first runs on
+    the meta device: an architecture over ``MAX_GROWTH`` times ``stored`` is refused before any
+    memory is allocated. A failure of the factory or of the deploy derivation (caused by the
+    manifest's config or input shape) is a :class:`BundleError`.
+    """
+    name, config = manifest["factory"], manifest["config"]
+    build = allowed_factory(name, factory, trust_factory)
+    if stored is not None:
+        _check_size(build, name, config, stored)
+    model = _call_factory(build, name, config)
     if dtype is not None:
         model = model.to(dtype)
     if manifest["form"] == "deploy":
@@ -393,17 +533,48 @@ def build_model(manifest: Mapping[str, Any], dtype: torch.dtype | None = None) -
     return model
 
 
+def _call_factory(build: Callable[..., Any], name: str, config: Mapping[str, Any]) -> nn.Module:
+    try:
+        model = build(**config)
+    except Exception as error:  # the factory is allowed code; what it failed on is the manifest's config
+        raise BundleError(f"config: factory {name!r} failed on config {dict(config)}: {error}") from error
+    if not isinstance(model, nn.Module):
+        raise BundleError(f"factory {name!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _check_size(build: Callable[..., Any], name: str, config: Mapping[str, Any], stored: int) -> None:
+    """Refuse a config whose architecture (built on the meta device) dwarfs the stored weights.
+
+    A factory that cannot build on the meta device is skipped here (it is built normally).
+    """
+    try:
+        with torch.device("meta"):
+            probe = build(**config)
+        size = sum(t.numel() for t in probe.state_dict().values() if isinstance(t, Tensor))
+    except Exception:
+        return
+    if size > max(MAX_GROWTH * stored, MIN_SIZE_LIMIT):
+        raise BundleError(
+            f"config: factory {name!r} with config {dict(config)} builds {size} weight elements, but the bundle "
+            f"stores {stored}: refusing to allocate more than {MAX_GROWTH}x the stored weights"
+        )
+
+
 def _deploy_architecture(train_form: nn.Module, manifest: Mapping[str, Any]) -> nn.Module:
     from trainfer.deploy import deploy
     from trainfer.testing import randomize_batchnorm
 
     shape = manifest["input"].get("shape")
     if not shape:
-        raise BundleError("a deploy-form bundle needs the input shape in its manifest to rebuild its architecture")
+        raise BundleError("input.shape: a deploy-form bundle needs the input shape to rebuild its architecture")
     randomize_batchnorm(train_form)
     dtype = next((p.dtype for p in train_form.parameters() if p.is_floating_point()), torch.float32)
     options = manifest.get("deploy_options") or {}
-    return deploy(train_form, torch.randn(*shape, dtype=dtype), verify=False, **options)
+    try:
+        return deploy(train_form, torch.randn(*shape, dtype=dtype), verify=False, **options)
+    except Exception as error:  # e.g. an input shape the architecture cannot take
+        raise BundleError(f"input.shape: cannot rebuild the deploy form on inputs of shape {shape}: {error}") from error
 
 
 def load_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str = "the checkpoint") -> None:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from trainfer import distributed
 from trainfer.atomic import atomic_file
+from trainfer.errors import InputError
 
 #: Seed of the train/validation/test split: fixed, so every run and every rank sees the same split.
 SPLIT_SEED = 0
@@ -59,7 +60,7 @@ class Split:
         if count is None:
             return self
         if count <= 0:
-            raise ValueError(f"subset must be a positive number of samples; got {count}")
+            raise InputError(f"subset must be a positive number of samples; got {count}")
         return Split(self.pixels[:count], self.labels[:count], self.indices[:count])
 
 
@@ -125,7 +126,7 @@ def normalize(pixels: Tensor) -> Tensor:
 def shift(pixels: Tensor, offsets: Tensor) -> Tensor:
     """Shift each image ``(N, C, H, W)`` by its ``offsets[n] = (dy, dx)`` in ``{-1, 0, 1}``, zero fill."""
     if offsets.abs().max() > 1:
-        raise ValueError(f"offsets must lie in {{-1, 0, 1}}; got max |offset| {int(offsets.abs().max())}")
+        raise InputError(f"offsets must lie in {{-1, 0, 1}}; got max |offset| {int(offsets.abs().max())}")
     height, width = pixels.shape[-2:]
     padded = F.pad(pixels, (1, 1, 1, 1))
     return torch.stack(
@@ -189,7 +190,7 @@ def save_png(pixels: Tensor, path: str | os.PathLike, upscale: int = 8) -> Path:
     from PIL import Image
 
     if pixels.dtype != torch.uint8 or tuple(pixels.shape) != INPUT_SHAPE:
-        raise ValueError(f"expected uint8 pixels of shape {INPUT_SHAPE}; got {pixels.dtype} {tuple(pixels.shape)}")
+        raise InputError(f"expected uint8 pixels of shape {INPUT_SHAPE}; got {pixels.dtype} {tuple(pixels.shape)}")
     image = Image.fromarray(pixels[0].numpy())
     image = image.resize((INPUT_SHAPE[2] * upscale, INPUT_SHAPE[1] * upscale), Image.Resampling.NEAREST)
     path = Path(path)

@@ -43,7 +43,7 @@ from trainfer.atomic import replace_directory, staging_directory
 from trainfer.bench import Timing, count_macs, count_parameters, num_threads, peak_memory, time_forms
 from trainfer.bundle import load, save
 from trainfer.deploy import deploy
-from trainfer.errors import ModeWarning
+from trainfer.errors import InputError, ModeWarning
 from trainfer.export import export, load_onnx
 from trainfer.guard import guard
 from trainfer.inspection import inspect
@@ -100,7 +100,7 @@ def _silent(message: str) -> None:
 def _staging(out: Path) -> Iterator[Path]:
     """A fresh directory beside ``out`` (shared by all ranks) that replaces ``out`` on success."""
     if out.exists() and not (out / MARKER).is_file():
-        raise ValueError(f"refusing to replace {str(out)!r}: it exists and is not a trainfer demo output")
+        raise InputError(f"refusing to replace {str(out)!r}: it exists and is not a trainfer demo output")
     work = staging_directory(out) if distributed.is_main() else None
     work = Path(distributed.broadcast_object(str(work)))
     try:
@@ -250,14 +250,25 @@ def _deploy(trained: nn.Module, inputs: Tensor, results: dict, echo: Callable[[s
 
 
 def _agreement(trained: nn.Module, deployed: nn.Module, inputs: Tensor, labels: Tensor, results: dict) -> Tensor:
-    """Both forms' logits on the whole test set; returns the deploy form's predicted classes."""
+    """Both forms' logits on the whole test set; returns the deploy form's predicted classes.
+
+    A class may differ only where the training form's top-2 margin is within twice the logits'
+    difference (a tie that rounding breaks either way): ``class_differences`` counts differing
+    samples, ``near_tie_differences`` those of them at such a margin.
+    """
     with inference(trained, deployed):
         reference, candidate = logits_of(trained(inputs)), deployed(inputs)
+    max_abs_error = float((candidate - reference).abs().max())
+    top2 = reference.topk(2, dim=1).values
+    differs = candidate.argmax(1) != reference.argmax(1)
+    near_tie = (top2[:, 0] - top2[:, 1]) <= 2 * max_abs_error
     results["agreement"] = {
         "samples": len(labels),
-        "max_abs_error": float((candidate - reference).abs().max()),
+        "max_abs_error": max_abs_error,
         "max_rel_error": relative_error(candidate, reference),
-        "identical_classes": bool(torch.equal(candidate.argmax(1), reference.argmax(1))),
+        "identical_classes": not bool(differs.any()),
+        "class_differences": int(differs.sum()),
+        "near_tie_differences": int((differs & near_tie).sum()),
         "accuracy": {
             "training form (eval)": _accuracy(reference, labels),
             "deploy form": _accuracy(candidate, labels),

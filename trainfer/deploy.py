@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainfer.errors import EquivalenceError
+from trainfer.errors import EquivalenceError, InputError, InputTypeError
 from trainfer.fold import FoldedRegion, FoldLog, apply_protocols, fold
 from trainfer.testing import BATCH_NORM_OPS, TOLERANCE, count_aten_ops
 from trainfer.verify import Equivalence, as_arguments, model_dtype, verify
@@ -163,7 +163,7 @@ def _deploy(
     protocols: bool,
 ) -> tuple[nn.Module, DeployReport]:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"deploy expects an nn.Module; got {type(model).__name__}")
+        raise InputTypeError(f"deploy expects an nn.Module; got {type(model).__name__}")
     arguments = as_arguments(example_inputs)
     dtype = model_dtype(model)
     arguments = _cast(arguments, dtype)
@@ -207,7 +207,7 @@ def _counts_of_original(model: nn.Module, arguments: tuple[Any, ...]) -> Counts:
             for a in arguments
         )
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"{type(model).__name__} cannot run on the example inputs ({given}): {reason}") from error
+        raise InputError(f"{type(model).__name__} cannot run on the example inputs ({given}): {reason}") from error
 
 
 def _in_float64(model: nn.Module) -> nn.Module:
@@ -215,7 +215,7 @@ def _in_float64(model: nn.Module) -> nn.Module:
     try:
         return model.double()
     except (RuntimeError, TypeError) as error:
-        raise ValueError(f"deploy folds and verifies in float64, and {type(model).__name__} cannot: {error}") from error
+        raise InputError(f"deploy folds and verifies in float64, and {type(model).__name__} cannot: {error}") from error
 
 
 def _inference_copy(model: nn.Module) -> nn.Module:

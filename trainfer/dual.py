@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from trainfer.errors import InputTypeError
+
 __all__ = ["DualModule", "TrainOnly", "infer_path", "train_only"]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -94,7 +96,7 @@ class TrainOnly(nn.Module):
     def __init__(self, module: nn.Module):
         super().__init__()
         if not isinstance(module, nn.Module):
-            raise TypeError(f"train_only expects an nn.Module; got {type(module).__name__}")
+            raise InputTypeError(f"train_only expects an nn.Module; got {type(module).__name__}")
         self.module = module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -125,7 +127,7 @@ def infer_path(other: Callable[..., Any] | str) -> Callable[[F], F]:
                 return self.main(x), self.aux(x)
     """
     if not (callable(other) or isinstance(other, str)):
-        raise TypeError(f"infer_path expects a method or a method name; got {type(other).__name__}")
+        raise InputTypeError(f"infer_path expects a method or a method name; got {type(other).__name__}")
 
     def decorate(train_method: F) -> F:
         @functools.wraps(train_method)

@@ -13,7 +13,12 @@ dtype, device); members must agree on what they predict (task, labels) and on wh
 
 Results are the Predictor's typed results plus ``members`` (how many voted) and ``spread``: the
 spread of the chosen class's probability (classification), of the positive probability (binary)
-or of each value (regression).
+or of each value (regression). A non-finite mean is refused like a Predictor's non-finite scores.
+
+Inputs are read in batches of ``batch_size``: the ensemble's own when given, else the first
+member's, read at each call (so changing ``members[0].batch_size`` changes the ensemble's).
+An ensemble holds no state of its own besides its members and weights: it is as safe to share
+between threads as its members are (see :mod:`trainfer.predict`).
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from trainfer.errors import InputError
 from trainfer.predict import (
     BinaryResult,
     ClassificationResult,
     Predictor,
     RegressionResult,
+    check_finite_scores,
     sample_count,
     timed_batches,
 )
@@ -99,17 +106,17 @@ def _agreement(spec: dict[str, Any]) -> dict[str, Any]:
 def _check_members(members: list[Predictor]) -> None:
     """Refuse an empty ensemble, multi-head members, and members disagreeing on :data:`_AGREE_ON`."""
     if not members:
-        raise ValueError("an ensemble needs at least one predictor; got none")
+        raise InputError("an ensemble needs at least one predictor; got none")
     specs = [_agreement(member.spec) for member in members]
     for index, spec in enumerate(specs):
         if spec["task"] not in ("classification", "binary", "regression"):
-            raise ValueError(
+            raise InputError(
                 f"ensemble member {index} is {spec['task']!r}: "
                 "expected a classification, binary or regression predictor"
             )
         for key in _AGREE_ON:
             if spec[key] != specs[0][key]:
-                raise ValueError(
+                raise InputError(
                     f"ensemble members disagree on {key}: "
                     f"member 0 has {specs[0][key]!r}, member {index} has {spec[key]!r}"
                 )
@@ -121,12 +128,12 @@ def _weights(given: Iterable[float] | None, count: int) -> Tensor:
         return torch.full((count,), 1.0 / count, dtype=torch.float64)
     weights = [float(w) for w in given]
     if len(weights) != count:
-        raise ValueError(f"expected {count} ensemble weights (one per predictor); got {len(weights)}")
+        raise InputError(f"expected {count} ensemble weights (one per predictor); got {len(weights)}")
     if any(not math.isfinite(w) or w < 0 for w in weights):
-        raise ValueError(f"ensemble weights must be finite and non-negative; got {weights}")
+        raise InputError(f"ensemble weights must be finite and non-negative; got {weights}")
     total = sum(weights)
     if total == 0:
-        raise ValueError(f"ensemble weights must not all be zero; got {weights}")
+        raise InputError(f"ensemble weights must not all be zero; got {weights}")
     return torch.tensor(weights, dtype=torch.float64) / total
 
 
@@ -134,15 +141,31 @@ class Ensemble:
     """Weighted average of several :class:`~trainfer.Predictor` s (see the module docstring).
 
     Quacks like a Predictor for serving: :meth:`predict`, :meth:`predict_iter`, ``spec``, ``task``,
-    ``labels``, ``batch_size`` (the first member's) and ``preprocess_spec`` (the first member's:
-    members read the same input shape and columns, each then normalises in its own way).
+    ``labels``, ``batch_size`` (``batch_size`` if given, else the first member's at call time) and
+    ``preprocess_spec`` (the first member's: members read the same input shape and columns, each
+    then normalises in its own way).
     """
 
-    def __init__(self, predictors: Iterable[Predictor], weights: Iterable[float] | None = None):
+    def __init__(
+        self, predictors: Iterable[Predictor], weights: Iterable[float] | None = None, batch_size: int | None = None
+    ):
         self.members = list(predictors)
         _check_members(self.members)
         self.weights = _weights(weights, len(self.members))
-        self.batch_size = self.members[0].batch_size
+        if batch_size is not None and batch_size < 1:
+            raise InputError(f"batch_size must be >= 1; got {batch_size}")
+        self._batch_size = batch_size
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per batch: the ensemble's own if given, else the first member's (read now)."""
+        return self._batch_size if self._batch_size is not None else self.members[0].batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        if value < 1:
+            raise InputError(f"batch_size must be >= 1; got {value}")
+        self._batch_size = value
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -166,19 +189,20 @@ class Ensemble:
         Every member reads ``inputs`` with its own preprocessing; a one-shot iterator is shared
         with :func:`itertools.tee`, the members advancing together one batch at a time.
         """
-        count = len(self.members)
+        count, size, first = len(self.members), self.batch_size, 0
         sources = itertools.tee(inputs, count) if isinstance(inputs, Iterator) else [inputs] * count
         streams = [
-            timed_batches(iter_raw(source, member.preprocess_spec), self.batch_size, member.preprocess_spec)
+            timed_batches(iter_raw(source, member.preprocess_spec), size, member.preprocess_spec)
             for member, source in zip(self.members, sources, strict=True)
         ]
         for batches in zip(*streams, strict=True):
             yield torch.stack(
                 [
-                    member.scores(member.preprocess_spec.prepare(raw)).detach().to("cpu", torch.float64)
+                    member.scores(member.preprocess_spec.normalize(raw, first)).detach().to("cpu", torch.float64)
                     for member, (raw, _) in zip(self.members, batches, strict=True)
                 ]
             )
+            first += len(batches[0][0])
 
     def predict(self, inputs: Any, top_k: int | None = None) -> list[Any]:
         """One result per input sample, in order, with ``members`` and ``spread``."""
@@ -190,7 +214,7 @@ class Ensemble:
                 results.extend(batch)
                 bar.update(len(batch))
         if not results:
-            raise ValueError("empty input: expected at least one sample")
+            raise InputError("empty input: expected at least one sample")
         return results
 
     def predict_iter(self, samples: Iterable[Any], top_k: int | None = None) -> Iterator[Any]:
@@ -200,10 +224,13 @@ class Ensemble:
 
     def _results(self, inputs: Any, top_k: int | None) -> Iterator[list[Any]]:
         if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1; got {top_k}")
+            raise InputError(f"top_k must be >= 1; got {top_k}")
+        first = 0
         for stacked in self.member_scores(inputs):
             w = self.weights.view(-1, *[1] * (stacked.dim() - 1))
             mean = (w * stacked).sum(0)
+            check_finite_scores([mean], self.members[0].heads, first)
+            first += len(mean)
             spread = (w * (stacked - mean) ** 2).sum(0).sqrt()
             results = self.members[0].results_from_scores([mean], top_k)
             yield [self._voted(result, row) for result, row in zip(results, spread, strict=True)]

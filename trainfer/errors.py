@@ -1,9 +1,44 @@
-"""Every exception and warning trainfer raises, in one place so callers can catch them by name."""
+"""Every exception and warning trainfer raises, in one place so callers can catch them by name.
 
-from trainfer.algebra import AlgebraError
+:class:`TrainferError` is the base of every trainfer exception: ``except trainfer.TrainferError``
+catches a problem trainfer detected and explained (bad input, a refused bundle, a fold that would
+not be exact), never a bug. Each subclass also derives from the built-in exception that code
+written before the base existed caught (``ValueError``, ``TypeError``, ``OSError``, ...).
+"""
 
 
-class EquivalenceError(AssertionError):
+class TrainferError(Exception):
+    """Base of every trainfer exception: a condition trainfer detected, with a message naming it."""
+
+
+class InputError(TrainferError, ValueError):
+    """An argument or an input (tensor, file content, option) has an invalid value."""
+
+
+class InputTypeError(TrainferError, TypeError):
+    """An argument has the wrong type (e.g. a callable where an ``nn.Module`` is needed)."""
+
+
+class MissingFileError(TrainferError, FileNotFoundError):
+    """A file the caller named does not exist."""
+
+
+class WriteError(TrainferError, OSError):
+    """Writing a file failed (disk full, permission denied); the message names the path.
+
+    Nothing was half-written: trainfer's writes are atomic (:mod:`trainfer.atomic`).
+    """
+
+
+class MissingExtraError(TrainferError, ImportError):
+    """An optional dependency (an extra such as ``trainfer[onnx]``) is not installed."""
+
+
+class AlgebraError(TrainferError, ValueError):
+    """A fold that would not be exact was requested; the message names the failed condition."""
+
+
+class EquivalenceError(TrainferError, ValueError):
     """Two forms of a model that should compute the same function do not.
 
     ``report`` holds the measured errors and, where found, the first module or region where the
@@ -19,7 +54,7 @@ class ModeWarning(UserWarning):
     """A forward pass ran in a mode that is probably not the intended one (e.g. forgot eval())."""
 
 
-class ModeError(RuntimeError):
+class ModeError(TrainferError, RuntimeError):
     """Raised instead of :class:`ModeWarning` when a guard is strict."""
 
 
@@ -27,8 +62,32 @@ class OutputKindWarning(UserWarning):
     """A model's outputs contradict the declared output kind (e.g. negative "probabilities")."""
 
 
-class BundleError(ValueError):
+class BundleError(TrainferError, ValueError):
     """A bundle or checkpoint is missing, malformed, unsafe or does not match its manifest."""
 
 
-__all__ = ["AlgebraError", "BundleError", "EquivalenceError", "ModeError", "ModeWarning", "OutputKindWarning"]
+class BundleWarning(UserWarning):
+    """A bundle loads, but something about it deserves attention (no preprocessing, newer writer)."""
+
+
+class NonFiniteError(InputError):
+    """Numbers that must be finite are not: an input that overflows its dtype once cast and
+    normalised, or a model output holding NaN or inf (never served as a prediction)."""
+
+
+__all__ = [
+    "AlgebraError",
+    "BundleError",
+    "BundleWarning",
+    "EquivalenceError",
+    "InputError",
+    "InputTypeError",
+    "MissingExtraError",
+    "MissingFileError",
+    "NonFiniteError",
+    "ModeError",
+    "ModeWarning",
+    "OutputKindWarning",
+    "TrainferError",
+    "WriteError",
+]

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from trainfer.atomic import atomic_file
-from trainfer.bundle import build_manifest, load, read_manifest
-from trainfer.errors import BundleError, EquivalenceError
+from trainfer.bundle import build_manifest, check_manifest, load, read_manifest
+from trainfer.errors import BundleError, EquivalenceError, InputError, MissingExtraError
 from trainfer.outputs import flatten_outputs
 
 FORMATS = ("onnx", "torchscript", "exported-program")
@@ -81,14 +81,16 @@ def export(
     example_inputs: Tensor | None = None,
     *,
     tolerance: float | None = None,
+    trust_factory: bool = False,
 ) -> ExportReport:
     """Export the deploy form of a bundle (or model) to ``path``; see the module docstring.
 
-    ``example_inputs`` fixes the sample shape (default: random inputs of the manifest's shape).
+    ``example_inputs`` fixes the sample shape (default: random inputs of the manifest's shape);
+    ``trust_factory`` is :func:`trainfer.load`'s.
     """
     if format not in FORMATS:
-        raise ValueError(f"format must be one of {list(FORMATS)}; got {format!r}")
-    model, manifest = _source(bundle_or_model, example_inputs)
+        raise InputError(f"format must be one of {list(FORMATS)}; got {format!r}")
+    model, manifest = _source(bundle_or_model, example_inputs, trust_factory)
     shape = _input_shape(manifest, example_inputs)
     dtype = getattr(torch, manifest["input"].get("dtype") or "float32")
     example = example_inputs.to(dtype) if example_inputs is not None else torch.randn(2, *shape[1:], dtype=dtype)
@@ -117,10 +119,10 @@ def export(
     )
 
 
-def _source(bundle_or_model: Any, example_inputs: Tensor | None) -> tuple[nn.Module, dict[str, Any]]:
+def _source(bundle_or_model: Any, example_inputs: Tensor | None, trust: bool) -> tuple[nn.Module, dict[str, Any]]:
     if isinstance(bundle_or_model, nn.Module):
         return bundle_or_model, build_manifest(bundle_or_model, example_inputs=example_inputs)
-    return load(bundle_or_model), read_manifest(bundle_or_model)
+    return load(bundle_or_model, trust_factory=trust), read_manifest(bundle_or_model)
 
 
 def _input_shape(manifest: dict[str, Any], example_inputs: Tensor | None) -> tuple[int, ...]:
@@ -128,7 +130,7 @@ def _input_shape(manifest: dict[str, Any], example_inputs: Tensor | None) -> tup
         return (1, *example_inputs.shape[1:])
     shape = manifest["input"].get("shape")
     if not shape:
-        raise ValueError("export needs the input shape: pass example_inputs (a batch of the model's inputs)")
+        raise InputError("export needs the input shape: pass example_inputs (a batch of the model's inputs)")
     return tuple(shape)
 
 
@@ -233,7 +235,7 @@ class OnnxModel:
             self.session = ort.InferenceSession(str(path), providers=providers)
         except Exception as error:  # onnxruntime raises its own pybind exception types
             hint = " (onnxruntime has few float64 kernels: export a float32 copy, model.float())"
-            raise ValueError(
+            raise InputError(
                 f"onnxruntime cannot run {str(path)!r}: {error}{hint if self.dtype == 'float64' else ''}"
             ) from None
         self.manifest = manifest
@@ -289,15 +291,16 @@ def _parse_manifest(text: str | bytes | None, path: Path) -> dict[str, Any]:
     if not text:
         raise BundleError(f"{str(path)!r} carries no trainfer manifest: export it with trainfer.export")
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as error:
         raise BundleError(f"the trainfer manifest inside {str(path)!r} is not valid JSON: {error}") from None
+    return check_manifest(data, f"inside {str(path)!r}", bundle=False)
 
 
 def _require(name: str) -> Any:
     try:
         return importlib.import_module(name)
     except ImportError as error:
-        raise ImportError(
+        raise MissingExtraError(
             f"{name} is needed for ONNX export and serving: {ONNX_EXTRA} (optional extra 'onnx')"
         ) from error

@@ -43,13 +43,14 @@ import torch
 from torch import Tensor, fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
 from trainfer import algebra
 from trainfer.algebra import AlgebraError, ConvOp
+from trainfer.errors import InputTypeError
 from trainfer.fold_passes import move_batch_norms_into_heads, resolve_rank_checks
 from trainfer.fold_trace import Untraceable, is_leaf, trace, trace_around_untraceable
 
@@ -106,7 +107,9 @@ def apply_protocols(model: nn.Module) -> list[str]:
         if method is not None:
             result = getattr(module, method)()
             if isinstance(result, nn.Module) and result is not module:
-                raise TypeError(f"{name or 'model'}.{method}() returned a new module instead of converting in place")
+                raise InputTypeError(
+                    f"{name or 'model'}.{method}() returned a new module instead of converting in place"
+                )
             calls.append(f"{name or 'model'}.{method}()")
             done.append(name)
     return calls
@@ -141,7 +144,7 @@ def _fold_module(module: nn.Module, inputs: tuple[Any, ...], prefix: str, log: F
     """Fold ``module`` as one graph, its untraceable submodules kept as opaque leaves (their insides
     folded separately); if its own ``forward`` cannot be traced, fold its children separately."""
     try:
-        gm, opaque = trace_around_untraceable(module)
+        gm, opaque = trace_around_untraceable(module, _unsupplied_defaults(module, inputs))
     except Untraceable as untraceable:
         where = prefix.rstrip(".") or "model"
         log.fallbacks.append(f"{where}: not traceable ({_reason(untraceable.error)}); folded its children separately")
@@ -168,6 +171,26 @@ def _fold_opaque(
 
 def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {_first_line(error)}"
+
+
+def _unsupplied_defaults(module: nn.Module, inputs: tuple[Any, ...]) -> dict[str, Any]:
+    """The defaults of ``module.forward``'s arguments that ``inputs`` leave out (folded as constants).
+
+    Tracing them as inputs would turn ``shift=None`` into a tensor placeholder (``shift is None``
+    false), so defaults are used as the example call uses them.
+    """
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    supplied = len(inputs)
+    defaults = {}
+    for index, parameter in enumerate(parameters):
+        if parameter.default is inspect.Parameter.empty or (parameter.kind in positional and index < supplied):
+            continue
+        defaults[parameter.name] = parameter.default
+    return defaults
 
 
 def _first_line(error: Exception) -> str:
@@ -264,12 +287,24 @@ def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
                     *(mode.from_tensor(a) if isinstance(a, Tensor) else a for a in inputs)
                 )
         except Exception:  # noqa: BLE001 - any op fake tensors do not support: fall back to real execution
-            ShapeProp(gm).propagate(*inputs)
+            _RealShapes(gm).run(*inputs)
             return
     for node in gm.graph.nodes:
         value = node.meta.get("val")
         if isinstance(value, Tensor):
             node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+
+
+class _RealShapes(fx.Interpreter):
+    """``ShapeProp`` without its ``traceback.print_exc()``: runs for real, records ``tensor_meta``, prints nothing."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if any(isinstance(value, Tensor) for value in torch.utils._pytree.tree_leaves(result)):
+            n.meta["tensor_meta"] = fx.node.map_aggregate(
+                result, lambda value: _extract_tensor_metadata(value) if isinstance(value, Tensor) else value
+            )
+        return result
 
 
 class _NotConstant(Exception):

@@ -65,8 +65,13 @@ def _accept_any_dim(input: Tensor) -> None:
     """Stand-in for ``_check_input_dim``, whose ``if input.dim() != 4`` cannot be traced."""
 
 
-def trace(model: nn.Module, opaque: frozenset[str] = frozenset()) -> fx.GraphModule:
+def trace(
+    model: nn.Module, concrete_args: dict[str, Any] | None = None, opaque: frozenset[str] = frozenset()
+) -> fx.GraphModule:
     """``torch.fx`` trace of ``model`` in its current mode; modules named in ``opaque`` stay leaves.
+
+    ``concrete_args`` fixes arguments of ``forward`` to values (traced as constants; the graph
+    asserts that calls pass the same values).
 
     BatchNorm subclasses that override ``forward`` and call ``super().forward`` get their input
     rank check disabled (on this instance) so that the trace can see through them.
@@ -75,7 +80,7 @@ def trace(model: nn.Module, opaque: frozenset[str] = frozenset()) -> fx.GraphMod
         if isinstance(module, _BatchNorm) and not is_torch_nn(type(module).forward):
             module._check_input_dim = _accept_any_dim
     tracer = _EvalTracer(opaque)
-    graph = tracer.trace(model)
+    graph = tracer.trace(model, concrete_args)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
@@ -87,8 +92,10 @@ class Untraceable(Exception):
         self.error = error
 
 
-def trace_around_untraceable(model: nn.Module) -> tuple[fx.GraphModule, dict[str, Exception]]:
-    """Trace ``model``, keeping each submodule whose ``forward`` cannot be traced as an opaque leaf.
+def trace_around_untraceable(
+    model: nn.Module, concrete_args: dict[str, Any] | None = None
+) -> tuple[fx.GraphModule, dict[str, Exception]]:
+    """Trace ``model`` (see :func:`trace`), keeping each submodule whose ``forward`` cannot be traced as an opaque leaf.
 
     Returns the graph module and ``{qualified name: the error its trace raised}``. Raises
     :class:`Untraceable` when the failure lies in ``model``'s own ``forward``. Finite: every retry
@@ -98,7 +105,7 @@ def trace_around_untraceable(model: nn.Module) -> tuple[fx.GraphModule, dict[str
     opaque: dict[str, Exception] = {}
     while True:
         try:
-            return trace(model, frozenset(opaque)), opaque
+            return trace(model, concrete_args, frozenset(opaque)), opaque
         except Exception as error:  # noqa: BLE001 - user forward code can raise anything on fx proxies
             culprit = getattr(error, _CULPRIT, "")
             if not culprit or culprit in opaque:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from trainfer.errors import ModeError, ModeWarning
+from trainfer.errors import InputTypeError, ModeError, ModeWarning
 from trainfer.modes import mode_dependent_modules
 
 __all__ = ["GuardHandle", "guard"]
@@ -82,7 +82,7 @@ def guard(model: nn.Module, strict: bool = False) -> GuardHandle:
     models, models without mode-dependent modules and grad-enabled training never trigger it.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"guard expects a torch.nn.Module; got {type(model).__name__}")
+        raise InputTypeError(f"guard expects a torch.nn.Module; got {type(model).__name__}")
     return GuardHandle(model, strict)
 
 

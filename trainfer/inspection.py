@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from trainfer.atomic import atomic_file
 from trainfer.capture import capture
+from trainfer.errors import InputError, InputTypeError
 from trainfer.testing import TOLERANCE, relative_error
 
 MODES = ("train", "eval")
@@ -272,7 +273,7 @@ def _count(module: nn.Module) -> int:
 def _check_modes(modes: str | Sequence[str]) -> tuple[str, ...]:
     chosen = tuple(m.strip() for m in modes.split(",")) if isinstance(modes, str) else tuple(modes)
     if not chosen or len(set(chosen)) != len(chosen) or not set(chosen) <= set(MODES):
-        raise ValueError(f"modes must be distinct names from {MODES}; got {modes!r}")
+        raise InputError(f"modes must be distinct names from {MODES}; got {modes!r}")
     return chosen
 
 
@@ -285,7 +286,7 @@ def as_forward_args(example_inputs: Tensor | Sequence[Any]) -> tuple[Any, ...]:
         return (example_inputs,)
     if isinstance(example_inputs, list | tuple):
         return tuple(example_inputs)
-    raise TypeError(
+    raise InputTypeError(
         f"example_inputs must be a tensor or a tuple of forward arguments; got {type(example_inputs).__name__}"
     )
 
@@ -295,7 +296,7 @@ def _check_train_batch(model: nn.Module, inputs: tuple[Any, ...]) -> None:
     first = next((a for a in inputs if isinstance(a, Tensor)), None)
     norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if norms and first is not None and first.dim() > 0 and first.shape[0] == 1:
-        raise ValueError(
+        raise InputError(
             f"the train-mode pass needs a batch of at least 2 examples: BatchNorm layer {norms[0] or 'model'!r} "
             f"normalises with batch statistics, and the input has shape {tuple(first.shape)} (batch size 1); "
             f"pass a larger batch or modes=('eval',)"

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dis
 import functools
+import threading
 import types
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from trainfer.dual import INFER_PATH_MARK, DualModule, TrainOnly
+from trainfer.errors import InputError, InputTypeError
 
 __all__ = [
     "ModeDependent",
@@ -27,6 +30,7 @@ __all__ = [
     "mode_dependence",
     "mode_dependent_modules",
     "restore_modes",
+    "shared_inference",
     "snapshot_modes",
     "training",
 ]
@@ -47,7 +51,7 @@ def restore_modes(model: nn.Module, snapshot: dict[str, bool]) -> None:
     if modules.keys() != snapshot.keys():
         missing = sorted(modules.keys() - snapshot.keys())
         extra = sorted(snapshot.keys() - modules.keys())
-        raise ValueError(
+        raise InputError(
             f"mode snapshot does not match {type(model).__name__}'s modules: "
             f"not in snapshot {missing[:5]}, not in model {extra[:5]}"
         )
@@ -57,13 +61,20 @@ def restore_modes(model: nn.Module, snapshot: dict[str, bool]) -> None:
 
 def _check_module(model: Any) -> None:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module; got {type(model).__name__}")
+        raise InputTypeError(f"expected a torch.nn.Module; got {type(model).__name__}")
 
 
 @contextmanager
 def _modes(models: tuple[nn.Module, ...], train: bool, grad_mode: Callable[[], Any]) -> Iterator[None]:
-    """Set every model to ``train`` inside ``grad_mode()``; restore each submodule's flag on exit."""
-    snapshots = [snapshot_modes(model) for model in models]
+    """Set every model to ``train`` inside ``grad_mode()``; restore each submodule's flag on exit.
+
+    The flags are kept per module object, not per name: modules added inside the context keep
+    the mode they were given, modules removed or replaced inside get theirs back all the same,
+    and an exception raised inside propagates unchanged.
+    """
+    for model in models:
+        _check_module(model)
+    snapshots = [[(module, module.training) for module in model.modules()] for model in models]
     try:
         with grad_mode():
             for model in models:
@@ -71,8 +82,9 @@ def _modes(models: tuple[nn.Module, ...], train: bool, grad_mode: Callable[[], A
             yield
     finally:
         # Reverse order: a model passed twice (or sharing modules) ends as before the first.
-        for model, snapshot in reversed(list(zip(models, snapshots))):
-            restore_modes(model, snapshot)
+        for snapshot in reversed(snapshots):
+            for module, flag in snapshot:
+                module.training = flag
 
 
 def inference(*models: nn.Module) -> AbstractContextManager[None]:
@@ -82,6 +94,37 @@ def inference(*models: nn.Module) -> AbstractContextManager[None]:
     previous ``training`` flag.
     """
     return _modes(models, False, torch.inference_mode)
+
+
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def _lock_of(model: nn.Module) -> threading.RLock:
+    with _LOCKS_LOCK:
+        return _LOCKS.setdefault(model, threading.RLock())
+
+
+@contextmanager
+def shared_inference(model: nn.Module) -> Iterator[None]:
+    """:func:`inference` for a model that other threads may be running at the same time.
+
+    A model whose every submodule is already in eval only enters ``torch.inference_mode()``:
+    nothing is switched, and concurrent calls run in parallel. Otherwise the switch to eval, the
+    body and the restore all run holding a lock of that model (re-entrant, one per model object),
+    so concurrent calls run one at a time and none sees another's switch. Only mode changes made
+    through this function are synchronised.
+    """
+    _check_module(model)
+    lock = _lock_of(model)
+    with lock:
+        switch = any(module.training for module in model.modules())
+        if switch:
+            with inference(model):
+                yield
+    if not switch:
+        with torch.inference_mode():
+            yield
 
 
 def training(*models: nn.Module) -> AbstractContextManager[None]:

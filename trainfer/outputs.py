@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from trainfer.errors import InputError
+
 OUTPUT_KINDS = ("logits", "probabilities", "log_probabilities")
 TASKS = ("classification", "binary", "regression")
 Selector = int | str | None
@@ -116,7 +118,7 @@ class OutputKind:
 
 def check_kind(kind: str) -> str:
     if kind not in OUTPUT_KINDS:
-        raise ValueError(f"output_kind must be one of {list(OUTPUT_KINDS)}; got {kind!r}")
+        raise InputError(f"output_kind must be one of {list(OUTPUT_KINDS)}; got {kind!r}")
     return kind
 
 
@@ -128,11 +130,11 @@ def select_output(output: Any, which: Selector = None) -> Tensor:
     """
     if isinstance(output, Tensor):
         if which not in (None, 0):
-            raise ValueError(f"output={which!r} selects from a tuple or dict, but the model returns one tensor")
+            raise InputError(f"output={which!r} selects from a tuple or dict, but the model returns one tensor")
         return output
     value = _pick(output, which)
     if not isinstance(value, Tensor):
-        raise ValueError(f"output {which!r} is {type(value).__name__}, expected a tensor")
+        raise InputError(f"output {which!r} is {type(value).__name__}, expected a tensor")
     return value
 
 
@@ -142,19 +144,19 @@ def _pick(structure: Any, which: Selector) -> Any:
         keys = list(structure)
         key = keys[0] if which is None and keys else which
         if key not in structure:
-            raise ValueError(f"output={which!r} is not among the model's outputs {keys}")
+            raise InputError(f"output={which!r} is not among the model's outputs {keys}")
         return structure[key]
     if isinstance(structure, tuple | list) and structure:
         if isinstance(which, str):
             fields = getattr(structure, "_fields", ())
             if which not in fields:
-                raise ValueError(f"output={which!r} is not a field of the model's output; fields: {list(fields)}")
+                raise InputError(f"output={which!r} is not a field of the model's output; fields: {list(fields)}")
             return getattr(structure, which)
         index = 0 if which is None else which
         if not -len(structure) <= index < len(structure):
-            raise ValueError(f"output={which!r} is out of range: the model returns {len(structure)} outputs")
+            raise InputError(f"output={which!r} is out of range: the model returns {len(structure)} outputs")
         return structure[index]
-    raise ValueError(f"the model returned {type(structure).__name__}; expected a tensor, a tuple or a dict of tensors")
+    raise InputError(f"the model returned {type(structure).__name__}; expected a tensor, a tuple or a dict of tensors")
 
 
 def describe_structure(output: Any) -> dict[str, Any]:
@@ -166,7 +168,7 @@ def describe_structure(output: Any) -> dict[str, Any]:
     if isinstance(output, tuple | list):
         fields = list(getattr(output, "_fields", ()))
         return {"type": "tuple", "length": len(output), **({"fields": fields} if fields else {})}
-    raise ValueError(f"the model returned {type(output).__name__}; expected a tensor, a tuple or a dict of tensors")
+    raise InputError(f"the model returned {type(output).__name__}; expected a tensor, a tuple or a dict of tensors")
 
 
 def flatten_outputs(output: Any) -> tuple[list[str], list[Tensor]]:
@@ -191,10 +193,10 @@ def to_scores(values: Tensor, kind: str, task: str) -> Tensor:
         if values.dim() == 2 and values.shape[1] == 1:
             values = values[:, 0]
         if values.dim() != 1:
-            raise ValueError(f"a binary model returns (N,), (N, 1) or (N, 2) outputs; got {tuple(values.shape)}")
+            raise InputError(f"a binary model returns (N,), (N, 1) or (N, 2) outputs; got {tuple(values.shape)}")
         return {"logits": torch.sigmoid, "probabilities": _same, "log_probabilities": torch.exp}[kind](values)
     if values.dim() != 2:
-        raise ValueError(f"a classification model returns (N, classes) outputs; got {tuple(values.shape)}")
+        raise InputError(f"a classification model returns (N, classes) outputs; got {tuple(values.shape)}")
     if kind == "logits":
         return torch.softmax(values, dim=1)
     return values if kind == "probabilities" else torch.exp(values)
@@ -264,9 +266,9 @@ def _final_node(graph: fx.GraphModule, which: Selector) -> fx.Node:
     if not isinstance(result, fx.Node):
         result = _pick(result, which)
     elif which not in (None, 0):
-        raise ValueError(f"output={which!r} selects from a tuple or dict, but the model returns one tensor")
+        raise InputError(f"output={which!r} selects from a tuple or dict, but the model returns one tensor")
     if not isinstance(result, fx.Node):
-        raise ValueError(f"output {which!r} of the traced graph is {type(result).__name__}, not a tensor")
+        raise InputError(f"output {which!r} of the traced graph is {type(result).__name__}, not a tensor")
     while (source := _through_shape_op(graph, result)) is not None:
         result = source
     return result
@@ -386,7 +388,7 @@ class Head:
 
 def check_task(task: str) -> str:
     if task not in TASKS:
-        raise ValueError(f"task must be one of {list(TASKS)}; got {task!r}")
+        raise InputError(f"task must be one of {list(TASKS)}; got {task!r}")
     return task
 
 
@@ -409,7 +411,7 @@ def resolve_heads(
         plan = [(None, output, check_task(task or "classification"), labels, output_kind)]
     else:
         if not heads:
-            raise ValueError("heads must name at least one output, e.g. {'digit': 'classification'}")
+            raise InputError("heads must name at least one output, e.g. {'digit': 'classification'}")
         plan = [
             (name, name, check_task(t), _per_head(labels, name), _per_head(output_kind, name))
             for name, t in heads.items()

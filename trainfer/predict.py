@@ -4,8 +4,7 @@ Each batch goes through three timed stages:
 
 * **preprocess** — inputs (tensors, arrays, lists, image/CSV/.npy paths) are loaded, validated and
   normalised by the :class:`~trainfer.preprocess.PreprocessSpec`;
-* **forward** — the model runs under :func:`trainfer.inference` (eval mode + ``inference_mode``,
-  every submodule's mode restored afterwards);
+* **forward** — the model runs in eval mode under ``inference_mode`` (see *Threads* below);
 * **postprocess** — each head's output becomes scores exactly once according to its output kind
   (:func:`trainfer.outputs.to_scores`: softmax of logits, probabilities as they are, exp of
   log-probabilities; sigmoid for binary; regression values mapped back by the target scaling), then
@@ -14,6 +13,19 @@ Each batch goes through three timed stages:
 Input is consumed in batches of ``batch_size``, in order, so :meth:`Predictor.predict_iter` streams
 any iterable in bounded memory. An optional LRU cache keyed by a hash of each preprocessed sample
 skips the forward pass for repeated samples.
+
+Numbers: a batch that is not finite after the cast to the model's dtype and the normalisation
+(``1e300`` as float32) is refused, and so is a model output holding NaN or inf: a
+:class:`~trainfer.errors.NonFiniteError` names the input samples (0-based, across the batches).
+
+Threads: one Predictor may be shared by any number of threads (a server's request threads).
+A model the Predictor owns — built by :meth:`Predictor.load`, or its own copy moved to
+``device`` — is put in eval mode once, at construction, and never switched again: calls run in
+parallel. A model passed in by the caller is never switched for good: if every submodule is in
+eval, calls run in parallel as they are; otherwise each batch switches it to eval and back
+holding a lock of that model (:func:`trainfer.modes.shared_inference`), so such calls run one at
+a time. The cache and the timings are updated under a lock. What is not synchronised: the
+caller changing the model (its weights or modes) while predictions run.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import copy
 import hashlib
 import logging
 import os
+import threading
 import time
 import warnings
 from collections import OrderedDict, deque
@@ -34,7 +47,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from trainfer.errors import OutputKindWarning
+from trainfer.errors import InputError, InputTypeError, NonFiniteError, OutputKindWarning
+from trainfer.modes import shared_inference
 from trainfer.outputs import Head, Selector, check_output_kind, resolve_heads, select_output, to_scores
 from trainfer.preprocess import PreprocessSpec, gather, iter_raw
 
@@ -141,9 +155,9 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
         try:
             chosen = torch.device(device)
         except RuntimeError as error:
-            raise ValueError(f"unknown device {device!r}: expected auto, cpu, cuda, cuda:N or mps ({error})") from None
+            raise InputError(f"unknown device {device!r}: expected auto, cpu, cuda, cuda:N or mps ({error})") from None
         if not _available(chosen):
-            raise ValueError(f"device {str(device)!r} is not available on this machine (try device='auto' or 'cpu')")
+            raise InputError(f"device {str(device)!r} is not available on this machine (try device='auto' or 'cpu')")
         return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -168,6 +182,9 @@ class Predictor:
 
     ``model`` is an ``nn.Module`` (never modified: a copy is moved when ``device`` differs from
     where its weights are) or any callable batch -> output (e.g. an ONNX Runtime session wrapper).
+    The predictor is safe to share between threads (see the module docstring): a model in
+    eval mode (or one :meth:`load` built) serves calls in parallel, one in training mode one
+    batch at a time.
     ``output`` picks the prediction among tuple/dict outputs; ``heads`` (name -> task) serves
     several at once. ``output_kind`` (``logits``/``probabilities``/``log_probabilities``, or a dict
     per head) is detected from the traced eval graph when not given.
@@ -190,13 +207,13 @@ class Predictor:
         resolved_heads: list[Head] | None = None,
     ):
         if not callable(model):
-            raise TypeError(f"model must be an nn.Module or a callable; got {type(model).__name__}")
+            raise InputTypeError(f"model must be an nn.Module or a callable; got {type(model).__name__}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+            raise InputError(f"batch_size must be >= 1; got {batch_size}")
         if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must lie in [0, 1]; got {threshold}")
+            raise InputError(f"threshold must lie in [0, 1]; got {threshold}")
         if cache_size < 0:
-            raise ValueError(f"cache_size must be >= 0; got {cache_size}")
+            raise InputError(f"cache_size must be >= 0; got {cache_size}")
         self.device = pick_device(device) if isinstance(model, nn.Module) else torch.device("cpu")
         self.model = _placed(model, self.device)
         self.preprocess_spec = _spec_for(self.model, preprocess)
@@ -208,14 +225,13 @@ class Predictor:
         self._cache: OrderedDict[bytes, list[Tensor]] | None = OrderedDict() if cache_size else None
         self._cache_size = cache_size
         self._checked = False
+        self._lock = threading.Lock()  # the cache and the timings
 
     def _resolve_heads(self, task: str, labels: Any, output: Selector, heads: Any, output_kind: Any) -> list[Head]:
         if not isinstance(self.model, nn.Module):
             return resolve_heads(self.model, task, labels, output, heads, output_kind or "logits")
-        from trainfer.modes import inference
-
         example = self._example_batch()
-        with inference(self.model):
+        with shared_inference(self.model):
             return resolve_heads(self.model, task, labels, output, heads, output_kind, example)
 
     def _example_batch(self) -> Tensor | None:
@@ -226,12 +242,15 @@ class Predictor:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def load(cls, path: str | os.PathLike[str], **overrides: Any) -> Predictor:
+    def load(
+        cls, path: str | os.PathLike[str], *, factory: Any = None, trust_factory: bool = False, **overrides: Any
+    ) -> Predictor:
         """A predictor for a bundle directory or an exported ``.onnx`` file (run by onnxruntime).
 
         The manifest supplies task, labels, preprocessing, heads and output kinds; ``overrides``
         (``device``, ``batch_size``, ``threshold``, ``cache_size``, ...) are passed on, and override
         the manifest's where they name the same setting (e.g. ``output_kind="probabilities"``).
+        ``factory`` and ``trust_factory`` are :func:`trainfer.load`'s (which factories a bundle may name).
         """
         path = Path(path)
         if path.suffix == ".onnx":
@@ -242,7 +261,9 @@ class Predictor:
             from trainfer.bundle import load, read_manifest
 
             manifest = read_manifest(path)
-            model = load(path).to(pick_device(overrides.get("device", "auto")))  # ours: moved, not copied
+            # ours: moved, not copied, and put in eval for good (calls then never switch modes)
+            model = load(path, factory=factory, trust_factory=trust_factory)
+            model = model.to(pick_device(overrides.get("device", "auto"))).eval()
         heads = [Head.from_dict(h) for h in manifest.get("heads") or []]
         if heads and _HEAD_SETTINGS & overrides.keys():
             return cls(model, **{"preprocess": manifest.get("preprocess"), **_head_settings(heads), **overrides})
@@ -284,17 +305,17 @@ class Predictor:
         return self.preprocess_spec.prepare(gather(inputs, self.preprocess_spec))
 
     def forward(self, batch: Tensor) -> Any:
-        """The model's raw output for a preprocessed batch, under :func:`trainfer.inference`.
+        """The model's raw output for a preprocessed batch, in eval mode under ``inference_mode``.
 
-        A batch that requires grad (with grad mode on) runs with autograd instead, in the modes the
-        caller set: that is how :mod:`trainfer.attribution` differentiates :meth:`scores`.
+        Thread-safe (:func:`trainfer.modes.shared_inference`: a model not in eval is switched
+        and restored under its lock). A batch that requires grad (with grad mode on) runs with
+        autograd instead, in the modes the caller set: that is how :mod:`trainfer.attribution`
+        differentiates :meth:`scores`.
         """
         batch = batch.to(self.device, non_blocking=True)
         if not isinstance(self.model, nn.Module) or (batch.requires_grad and torch.is_grad_enabled()):
             return self.model(batch)
-        from trainfer.modes import inference
-
-        with inference(self.model):
+        with shared_inference(self.model):
             return self.model(batch)
 
     def scores(self, batch: Tensor) -> Tensor | dict[str, Tensor]:
@@ -333,7 +354,7 @@ class Predictor:
         total = sample_count(inputs)
         results = list(self._run(iter_raw(inputs, self.preprocess_spec), top_k, total))
         if not results:
-            raise ValueError(
+            raise InputError(
                 f"empty input: expected at least one sample of shape {self.preprocess_spec.input_shape or '(any)'}"
             )
         return results
@@ -344,18 +365,22 @@ class Predictor:
 
     def _run(self, chunks: Iterator[Tensor], top_k: int | None, total: int | None) -> Iterator[Any]:
         if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1; got {top_k}")
+            raise InputError(f"top_k must be >= 1; got {top_k}")
         show = total is not None and total > self.batch_size
+        done = 0
         with tqdm(total=total, unit="sample", desc="predict", disable=None if show else True) as bar:
             for raw, load_seconds in timed_batches(chunks, self.batch_size, self.preprocess_spec):
-                yield from self._predict_batch(raw, top_k, load_seconds)
+                yield from self._predict_batch(raw, top_k, load_seconds, done)
+                done += len(raw)
                 bar.update(len(raw))
 
-    def _predict_batch(self, raw: Tensor, top_k: int | None, load_seconds: float) -> list[Any]:
+    def _predict_batch(self, raw: Tensor, top_k: int | None, load_seconds: float, first: int) -> list[Any]:
+        """Results of a checked raw batch whose first sample is input sample ``first``."""
         start = time.perf_counter()
-        batch = self.preprocess_spec.normalize(raw)  # checked by timed_batches
+        batch = self.preprocess_spec.normalize(raw, first)  # checked by timed_batches
         prepared = time.perf_counter()
         per_head = self._cached_scores(batch) if self._cache is not None else self._cpu_scores(batch)
+        check_finite_scores(per_head, self.heads, first)
         forwarded = time.perf_counter()
         results = self.results_from_scores(per_head, top_k)
         done = time.perf_counter()
@@ -364,43 +389,48 @@ class Predictor:
             "forward": forwarded - prepared,
             "postprocess": done - forwarded,
         }
-        self._record(len(raw), stages)
+        batches = self._record(len(raw), stages)
         logger.debug(
             "batch %d: %d samples, input %s, preprocess %.4fs, forward %.4fs, postprocess %.4fs",
-            self.timings.batches,
+            batches,
             len(raw),
             tuple(batch.shape),
             *stages.values(),
         )
         return results
 
-    def _record(self, samples: int, stages: dict[str, float]) -> None:
-        timings = self.timings
-        timings.preprocess += stages["preprocess"]
-        timings.forward += stages["forward"]
-        timings.postprocess += stages["postprocess"]
-        timings.samples += samples
-        timings.batches += 1
-        timings.history.append({"samples": samples, **stages})
+    def _record(self, samples: int, stages: dict[str, float]) -> int:
+        """Add a batch to the timings; return its number."""
+        with self._lock:
+            timings = self.timings
+            timings.preprocess += stages["preprocess"]
+            timings.forward += stages["forward"]
+            timings.postprocess += stages["postprocess"]
+            timings.samples += samples
+            timings.batches += 1
+            timings.history.append({"samples": samples, **stages})
+            return timings.batches
 
     # ------------------------------------------------------------------ cache
     def _cached_scores(self, batch: Tensor) -> list[Tensor]:
         """Scores per head, computing only samples whose preprocessed bytes are not cached (LRU)."""
         assert self._cache is not None
         keys = [_sample_key(sample) for sample in batch]
-        rows: list[list[Tensor] | None] = [self._cache.get(key) for key in keys]
-        misses = [i for i, row in enumerate(rows) if row is None]
-        self.timings.cache_hits += len(keys) - len(misses)
-        self.timings.cache_misses += len(misses)
-        if misses:
+        with self._lock:
+            rows: list[list[Tensor] | None] = [self._cache.get(key) for key in keys]
+            misses = [i for i, row in enumerate(rows) if row is None]
+            self.timings.cache_hits += len(keys) - len(misses)
+            self.timings.cache_misses += len(misses)
+        if misses:  # computed outside the lock: other threads' batches run meanwhile
             fresh = self._cpu_scores(batch[misses])
             for j, i in enumerate(misses):
                 rows[i] = [scores[j] for scores in fresh]
-        for key, row in zip(keys, rows, strict=True):
-            self._cache[key] = row  # type: ignore[assignment]
-            self._cache.move_to_end(key)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        with self._lock:
+            for key, row in zip(keys, rows, strict=True):
+                self._cache[key] = row  # type: ignore[assignment]
+                self._cache.move_to_end(key)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
         return [torch.stack([row[h] for row in rows]) for h in range(len(self.heads))]  # type: ignore[index]
 
     # ------------------------------------------------------------------ postprocess
@@ -454,10 +484,11 @@ def _head_settings(heads: list[Head]) -> dict[str, Any]:
 
 
 def _placed(model: Any, device: torch.device) -> Any:
+    """``model`` itself on ``device``, or a copy moved there (ours: put in eval for good)."""
     if not isinstance(model, nn.Module):
         return model
     current = next((t.device for t in [*model.parameters(), *model.buffers()]), device)
-    return model if current == device else copy.deepcopy(model).to(device)
+    return model if current == device else copy.deepcopy(model).to(device).eval()
 
 
 def _spec_for(model: Any, preprocess: Any) -> PreprocessSpec:
@@ -482,14 +513,15 @@ def timed_batches(chunks: Iterator[Tensor], size: int, spec: PreprocessSpec) -> 
     Also yields the seconds spent loading and checking each batch's samples.
     """
     buffer: list[Tensor] = []
-    count, seconds = 0, 0.0
+    count, seconds, seen = 0, 0.0, 0
     while True:
         start = time.perf_counter()
         chunk = next(chunks, None)
         if chunk is not None:
-            chunk = spec.check_batch(chunk)
+            chunk = spec.check_batch(chunk, seen)
             buffer.append(chunk)
             count += len(chunk)
+            seen += len(chunk)
         seconds += time.perf_counter() - start
         while count >= size or (chunk is None and count):
             joined = buffer[0] if len(buffer) == 1 else torch.cat(buffer)
@@ -498,6 +530,23 @@ def timed_batches(chunks: Iterator[Tensor], size: int, spec: PreprocessSpec) -> 
             count, seconds = max(count - size, 0), 0.0
         if chunk is None:
             return
+
+
+def check_finite_scores(per_head: list[Tensor], heads: list[Head], first: int = 0) -> None:
+    """Raise :class:`NonFiniteError` naming the input samples whose scores hold NaN or inf.
+
+    ``per_head`` holds one ``(N, ...)`` score tensor per head of ``heads``, for input samples
+    ``first .. first + N - 1``; a non-finite score is never served as a prediction.
+    """
+    for head, scores in zip(heads, per_head, strict=True):
+        if scores.is_floating_point() and not bool(torch.isfinite(scores).all()):
+            rows = (~torch.isfinite(scores)).reshape(len(scores), -1).any(1).nonzero().flatten()
+            bad = (rows + first).tolist()
+            name = f" (head {head.name!r})" if head.name is not None else ""
+            raise NonFiniteError(
+                f"the model's output for input sample(s) {bad[:10]}{name} holds NaN or inf: expected finite "
+                "scores (look for inputs far outside the training range, or broken weights)"
+            )
 
 
 def _sample_key(sample: Tensor) -> bytes:
@@ -512,7 +561,7 @@ def _check_labels(labels: tuple[str, ...] | None, classes: int) -> tuple[str, ..
     if labels is None:
         return tuple(str(i) for i in range(classes))
     if len(labels) != classes:
-        raise ValueError(f"{len(labels)} labels given, but the model outputs {classes} classes")
+        raise InputError(f"{len(labels)} labels given, but the model outputs {classes} classes")
     return labels
 
 
@@ -528,7 +577,7 @@ def _classification_results(scores: Tensor, labels: tuple[str, ...] | None, top_
 
 def _binary_results(scores: Tensor, labels: tuple[str, ...] | None, threshold: float) -> list[Result]:
     if labels is not None and len(labels) != 2:
-        raise ValueError(f"a binary task takes 2 labels (negative, positive); got {len(labels)}")
+        raise InputError(f"a binary task takes 2 labels (negative, positive); got {len(labels)}")
     results: list[Result] = []
     for p in scores.tolist():
         decision = p >= threshold

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from trainfer import distributed
 from trainfer.atomic import atomic_file
-from trainfer.errors import BundleError
+from trainfer.errors import BundleError, InputError, InputTypeError
 from trainfer.modes import inference, training
 
 Loss = Callable[[Tensor, Tensor], Tensor]
@@ -65,10 +65,12 @@ def logits_of(output: Any) -> Tensor:
     """The main prediction of a forward's output: the tensor itself, or a dict's ``"logits"``."""
     if isinstance(output, Mapping):
         if "logits" not in output:
-            raise ValueError(f"a forward returning a dict needs a 'logits' entry; got keys {sorted(output)}")
+            raise InputError(f"a forward returning a dict needs a 'logits' entry; got keys {sorted(output)}")
         return output["logits"]
     if not isinstance(output, Tensor):
-        raise TypeError(f"expected the forward to return a tensor or a dict of tensors; got {type(output).__name__}")
+        raise InputTypeError(
+            f"expected the forward to return a tensor or a dict of tensors; got {type(output).__name__}"
+        )
     return output
 
 
@@ -124,7 +126,7 @@ def fit(
     model's BatchNorm layers to ``SyncBatchNorm`` in place before wrapping in DDP (CUDA only).
     """
     if epochs < 0:
-        raise ValueError(f"epochs must be >= 0; got {epochs}")
+        raise InputError(f"epochs must be >= 0; got {epochs}")
     result = FitResult()
     if checkpoint is not None and resume and Path(checkpoint).exists():
         result = load_checkpoint(checkpoint, model, optimizer, scheduler)
@@ -182,7 +184,7 @@ def _train_epoch(
 
 def _means(sums: Mapping[str, float]) -> dict[str, float]:
     if sums["count"] == 0:
-        raise ValueError("no samples: the data loader is empty")
+        raise InputError("no samples: the data loader is empty")
     return {"loss": sums["loss"] / sums["count"], "accuracy": sums["correct"] / sums["count"]}
 
 
@@ -223,7 +225,7 @@ def _device_of(model: nn.Module) -> torch.device:
 def _parallel(model: nn.Module, sync_batchnorm: bool) -> nn.Module:
     """``model`` itself in a single process; wrapped in DDP under torchrun."""
     if sync_batchnorm and _device_of(model).type != "cuda":
-        raise ValueError("sync_batchnorm needs a CUDA model: SyncBatchNorm cannot train on CPU")
+        raise InputError("sync_batchnorm needs a CUDA model: SyncBatchNorm cannot train on CPU")
     if distributed.world_size() == 1:
         return model
     if sync_batchnorm:
@@ -303,7 +305,7 @@ def _encode(value: Any, name: str, tensors: dict[str, Tensor]) -> Any:
         return {"tuple": encoded} if isinstance(value, tuple) else encoded
     if value is None or isinstance(value, bool | int | float | str):
         return value
-    raise TypeError(
+    raise InputTypeError(
         f"cannot checkpoint {type(value).__name__} at {name!r}: only tensors, numbers, strings, lists, dicts"
     )
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from trainfer.capture import capture
+from trainfer.errors import InputTypeError
 from trainfer.testing import TOLERANCE
 
 __all__ = ["Equivalence", "OutputError", "as_arguments", "model_dtype", "verify"]
@@ -97,7 +98,7 @@ def as_arguments(example_inputs: Any) -> tuple[Any, ...]:
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)) and any(isinstance(a, Tensor) for a in example_inputs):
         return tuple(example_inputs)
-    raise TypeError(
+    raise InputTypeError(
         "example_inputs must be a tensor or a tuple of positional arguments holding at least one tensor; "
         f"got {type(example_inputs).__name__}"
     )
@@ -132,7 +133,7 @@ def verify(
     """
     for role, model in (("reference", reference), ("candidate", candidate)):
         if not isinstance(model, nn.Module):
-            raise TypeError(f"{role} must be an nn.Module; got {type(model).__name__}")
+            raise InputTypeError(f"{role} must be an nn.Module; got {type(model).__name__}")
     arguments = as_arguments(example_inputs)
     stored = {model_dtype(reference), model_dtype(candidate)}
     result = Equivalence()

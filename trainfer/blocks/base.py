@@ -21,6 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from trainfer import algebra
 from trainfer.algebra import ConvOp
 from trainfer.blocks.se import SqueezeExcite
+from trainfer.errors import InputError
 
 Pair = tuple[int, int]
 ActLayer = Callable[[], nn.Module] | None
@@ -30,7 +31,7 @@ def pair(value: int | Iterable[int], name: str) -> Pair:
     """``3 -> (3, 3)``; anything but an int or a pair of ints raises ``ValueError`` naming ``name``."""
     result = (value, value) if isinstance(value, int) else tuple(value)
     if len(result) != 2 or not all(isinstance(v, int) for v in result):
-        raise ValueError(f"{name} must be an int or a pair of ints; got {value!r}")
+        raise InputError(f"{name} must be an int or a pair of ints; got {value!r}")
     return result  # type: ignore[return-value]
 
 
@@ -58,9 +59,9 @@ def fold_chain(modules: Iterable[nn.Module]) -> ConvOp:
             )
             op = algebra.sequential(op, pool)
         else:
-            raise ValueError(f"cannot fold {type(module).__name__} at this place of a branch")
+            raise InputError(f"cannot fold {type(module).__name__} at this place of a branch")
     if op is None:
-        raise ValueError("cannot fold an empty branch")
+        raise InputError("cannot fold an empty branch")
     return op
 
 
@@ -118,22 +119,22 @@ class ReparamBlock(nn.Module):
         sizes = {"in_channels": self.in_channels, "out_channels": self.out_channels, "groups": self.groups}
         for key, value in sizes.items():
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: {key} must be a positive int; got {value!r}")
+                raise InputError(f"{name}: {key} must be a positive int; got {value!r}")
         if self.in_channels % self.groups or self.out_channels % self.groups:
-            raise ValueError(
+            raise InputError(
                 f"{name}: in_channels={self.in_channels} and out_channels={self.out_channels} "
                 f"must both be divisible by groups={self.groups}"
             )
         for key in ("kernel_size", "stride", "dilation"):
             if min(getattr(self, key)) < 1:
-                raise ValueError(f"{name}: {key} must be positive; got {getattr(self, key)}")
+                raise InputError(f"{name}: {key} must be positive; got {getattr(self, key)}")
         if any(k % 2 == 0 for k in self.kernel_size):
-            raise ValueError(
+            raise InputError(
                 f"{name}: kernel_size must be odd (smaller branches are centred in it); got {self.kernel_size}"
             )
         least = same_padding(self.kernel_size, self.dilation)
         if any(p < q for p, q in zip(self.padding, least)):
-            raise ValueError(
+            raise InputError(
                 f"{name}: padding {self.padding} is smaller than dilation*(kernel_size-1)/2 = {least}; "
                 "the smaller branches could not be aligned with the kxk conv"
             )

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from trainfer import algebra
 from trainfer.algebra import ConvOp
 from trainfer.blocks.base import ActLayer, Pair, ReparamBlock, fold_chain
+from trainfer.errors import InputError
 
 
 class DiverseBranchBlock(ReparamBlock):
@@ -46,10 +47,10 @@ class DiverseBranchBlock(ReparamBlock):
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, act_layer=act_layer, **options
         )
         if self.dilation != (1, 1):
-            raise ValueError(f"DiverseBranchBlock: the average-pooling branch has no dilation; got {self.dilation}")
+            raise InputError(f"DiverseBranchBlock: the average-pooling branch has no dilation; got {self.dilation}")
         internal = internal_channels if internal_channels is not None else in_channels
         if not isinstance(internal, int) or internal < 1 or internal % groups:
-            raise ValueError(
+            raise InputError(
                 f"DiverseBranchBlock: internal_channels must be a positive multiple of groups={groups}; "
                 f"got {internal!r}"
             )

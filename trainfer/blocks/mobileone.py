@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from trainfer import algebra
 from trainfer.algebra import ConvOp
 from trainfer.blocks.base import ActLayer, Pair, ReparamBlock, fold_chain, fold_identity_bn
+from trainfer.errors import InputError
 
 
 class MobileOneBlock(ReparamBlock):
@@ -37,7 +38,7 @@ class MobileOneBlock(ReparamBlock):
     ) -> None:
         """``options``: ``use_se``, ``deploy``, ``device``, ``dtype`` (see :class:`ReparamBlock`)."""
         if not isinstance(num_conv_branches, int) or num_conv_branches < 1:
-            raise ValueError(f"MobileOneBlock: num_conv_branches must be a positive int; got {num_conv_branches!r}")
+            raise InputError(f"MobileOneBlock: num_conv_branches must be a positive int; got {num_conv_branches!r}")
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, act_layer=act_layer, **options
         )

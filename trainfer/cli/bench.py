@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from trainfer.bench import FORMS, benchmark
-from trainfer.cli.common import friendly_errors, load_factory, parse_shape
+from trainfer.cli.common import friendly_errors, load_factory, parse_shape, trust_factory_option, trusted
 
 DEFAULT_FORMS = "train,reparameterized,plain,deploy"
 
@@ -25,7 +25,7 @@ def resolve_model(spec: str) -> tuple[nn.Module, str]:
     if Path(spec).exists():
         from trainfer.bundle import load
 
-        return load(spec), spec
+        return load(spec, trust_factory=trusted()), spec
     if spec in models.FACTORIES:
         return models.FACTORIES[spec](), f"trainfer.models:{spec}"
     raise click.BadParameter(
@@ -63,6 +63,7 @@ def _forms(text: str) -> list[str]:
 @click.option("--seed", default=0, show_default=True, help="Seed of the model's initialisation and of the inputs.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure (and samples) here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG bar chart here.")
+@trust_factory_option
 @friendly_errors
 def command(
     spec: str,

@@ -1,16 +1,24 @@
-"""Helpers shared by the command-line commands: model specs, shapes, friendly errors."""
+"""Helpers shared by the command-line commands: model specs, shapes, --trust-factory, friendly errors.
+
+Exit codes of every command: 0 success, 1 a negative verdict (e.g. not equivalent), 2 a user
+error (one line on stderr), 3 an internal error (traceback, then a line saying it is a bug).
+"""
 
 from __future__ import annotations
 
 import functools
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 import click
 from torch import nn
 
-from trainfer.errors import BundleError
+from trainfer import __version__
+from trainfer.errors import BundleError, TrainferError
+
+_TRUST_KEY = "trainfer.trust_factory"
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -38,8 +46,36 @@ def load_factory(spec: str) -> Callable[..., nn.Module]:
         raise click.BadParameter(str(error)) from None
 
 
+def trust_factory_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--trust-factory`` to a command that loads bundles (read back with :func:`trusted`)."""
+
+    def remember(context: click.Context, _: click.Parameter, value: bool) -> bool:
+        context.meta[_TRUST_KEY] = value
+        return value
+
+    return click.option(
+        "--trust-factory",
+        is_flag=True,
+        expose_value=False,
+        callback=remember,
+        help="Let a bundle name any factory: imports and runs code its author chose. Only for bundles you trust.",
+    )(command)
+
+
+def trusted() -> bool:
+    """Whether the running command was given ``--trust-factory``."""
+    context = click.get_current_context(silent=True)
+    return bool(context and context.meta.get(_TRUST_KEY, False))
+
+
 def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn expected failures into a one-line message and exit code 2 (traceback with --debug)."""
+    """User errors become a one-line message and exit code 2; bugs keep their traceback (exit 3).
+
+    User errors are trainfer's own exceptions (:class:`~trainfer.errors.TrainferError`) and
+    ``OSError`` (a path the user gave that is missing, unreadable or on a full disk). Anything else
+    is a bug in trainfer (or in the user's model code): its traceback is printed, then a line
+    saying so. ``--debug`` re-raises every error with its traceback.
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -48,10 +84,21 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
-        except (ValueError, FileNotFoundError, KeyError, TypeError) as error:
+        except (TrainferError, OSError) as error:
             if debug:
                 raise
-            click.echo(f"error: {error}", err=True)
+            click.echo(f"error: {_one_line(error)}", err=True)
             sys.exit(2)
+        except Exception:
+            if debug:
+                raise
+            traceback.print_exc()
+            click.echo(f"internal error in trainfer {__version__} (a bug): please report it, traceback above", err=True)
+            sys.exit(3)
 
     return wrapper
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (``OSError``: with the path it names)."""
+    return " ".join(str(error).split()) or type(error).__name__

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from trainfer.cli.common import friendly_errors, load_factory, parse_shape
+from trainfer.cli.common import friendly_errors, load_factory, parse_shape, trust_factory_option, trusted
 from trainfer.errors import EquivalenceError
 
 
@@ -29,7 +29,7 @@ def load_model(spec: str, weights: str | None) -> nn.Module:
     if Path(spec).exists():
         if weights:
             raise click.BadParameter(f"{spec!r} is a bundle with its own weights; drop --weights")
-        return load(spec)
+        return load(spec, trust_factory=trusted())
     factory = load_factory(spec)  # resolves or raises a clear BadParameter before the bundle code runs
     model = load(weights, factory=spec) if weights else factory()
     if not isinstance(model, nn.Module):
@@ -58,6 +58,7 @@ def example_input(model: nn.Module, input_shape: str | None) -> torch.Tensor:
 @click.option("--rtol", type=float, help="Relative tolerance of the model-dtype check (default per dtype).")
 @click.option("--atol", type=float, help="Absolute tolerance of the model-dtype check (default 0).")
 @click.option("--no-protocols", is_flag=True, help="Do not call reparameterize()/switch_to_deploy()/fuse().")
+@trust_factory_option
 @friendly_errors
 def command(
     model_spec: str,
@@ -90,10 +91,10 @@ def command(
         bar.update()
         bar.set_postfix_str("saving")
         if output.endswith(".safetensors"):
-            from safetensors.torch import save_file
+            from trainfer.bundle import write_safetensors
 
             with atomic_file(output) as tmp:
-                save_file({k: v.contiguous() for k, v in deployed.state_dict().items()}, str(tmp))
+                write_safetensors({k: v.contiguous() for k, v in deployed.state_dict().items()}, tmp)
         else:
             save(deployed, output, example_inputs=x)
         bar.update()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import torch
 
-from trainfer.cli.common import friendly_errors, parse_shape
+from trainfer.cli.common import friendly_errors, parse_shape, trust_factory_option, trusted
 from trainfer.errors import EquivalenceError
 from trainfer.export import FORMATS, export
 
@@ -15,12 +15,13 @@ from trainfer.export import FORMATS, export
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="onnx", show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The file to write.")
 @click.option("--input-shape", default=None, help="Example input shape, e.g. 1,3,224,224 (default: the manifest's).")
+@trust_factory_option
 @friendly_errors
 def command(bundle: str, fmt: str, output: str, input_shape: str | None) -> None:
     """Export the deploy form of BUNDLE (deploying it first if needed), checked against PyTorch."""
     example = torch.randn(parse_shape(input_shape)) if input_shape else None
     try:
-        report = export(bundle, output, format=fmt, example_inputs=example)
+        report = export(bundle, output, format=fmt, example_inputs=example, trust_factory=trusted())
     except (ImportError, EquivalenceError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(str(report))

@@ -8,7 +8,7 @@ import click
 import torch
 from torch import nn
 
-from trainfer.cli.common import friendly_errors, load_factory, parse_shape
+from trainfer.cli.common import friendly_errors, load_factory, parse_shape, trust_factory_option, trusted
 from trainfer.inspection import MODES, inspect
 from trainfer.verify import model_dtype
 
@@ -22,6 +22,7 @@ from trainfer.verify import model_dtype
 @click.option("--seed", default=0, show_default=True, help="Seed of the random input and of Dropout.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG plot here.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the records here.")
+@trust_factory_option
 @friendly_errors
 def command(
     model_spec: str, input_shape: str | None, modes: str, seed: int, plot_path: Path | None, json_path: Path | None
@@ -73,7 +74,7 @@ def _load(model_spec: str, input_shape: str | None, train_pass: bool) -> tuple[n
         return load_factory(model_spec)(), shape
     from trainfer.bundle import load
 
-    model = load(model_spec)
+    model = load(model_spec, trust_factory=trusted())
     if shape is None:
         recorded = model.trainfer_config.get("input_shape")
         if not recorded:

@@ -20,9 +20,10 @@ import numpy as np
 
 from trainfer import distributed
 from trainfer.batch_predict import iter_images, predict_to_jsonl
-from trainfer.cli.common import friendly_errors
+from trainfer.cli.common import friendly_errors, trust_factory_option, trusted
+from trainfer.errors import InputError, MissingFileError
 from trainfer.predict import Predictor
-from trainfer.preprocess import IMAGE_SUFFIXES, PreprocessSpec, iter_csv
+from trainfer.preprocess import IMAGE_SUFFIXES, PreprocessSpec, iter_csv, read_npy
 
 FORMATS = ("table", "jsonl", "csv")
 
@@ -32,7 +33,7 @@ def load_predictor(bundle: str, batch_size: int, device: str, threshold: float |
     overrides: dict[str, Any] = {"batch_size": batch_size, "device": device}
     if threshold is not None:
         overrides["threshold"] = threshold
-    return Predictor.load(bundle, **overrides)
+    return Predictor.load(bundle, trust_factory=trusted(), **overrides)
 
 
 def gather_inputs(paths: Iterable[str], spec: PreprocessSpec) -> Iterator[tuple[str, Any]]:
@@ -44,7 +45,7 @@ def gather_inputs(paths: Iterable[str], spec: PreprocessSpec) -> Iterator[tuple[
     for text in paths:
         path = Path(text)
         if not path.is_file():
-            raise FileNotFoundError(f"input file not found: {text!r}")
+            raise MissingFileError(f"input file not found: {text!r}")
         suffix = path.suffix.lower()
         if suffix in IMAGE_SUFFIXES:
             yield text, text
@@ -54,16 +55,11 @@ def gather_inputs(paths: Iterable[str], spec: PreprocessSpec) -> Iterator[tuple[
             rows = (row for chunk in iter_csv(path, spec) for row in chunk.split(1))
             yield from ((f"{text}:{index}", row) for index, row in enumerate(rows))
         else:
-            raise ValueError(f"cannot read {text!r}: expected image files, a .npy file or a .csv file")
+            raise InputError(f"cannot read {text!r}: expected image files, a .npy file or a .csv file")
 
 
 def _npy_rows(path: Path, spec: PreprocessSpec) -> Iterator[tuple[str, Any]]:
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as error:
-        raise ValueError(f"cannot read {str(path)!r} as a .npy array: {error}") from None
-    if spec.input_shape is not None and array.ndim == len(spec.input_shape):
-        array = array[None]
+    array = read_npy(path, spec, mmap=True)
     for index in range(len(array)):
         yield f"{path}[{index}]", np.array(array[index : index + 1])
 
@@ -109,7 +105,7 @@ def write_results(pairs: Iterable[tuple[str, Any]], fmt: str, stream: IO[str]) -
     if fmt == "jsonl":
         count = 0
         for identifier, result in pairs:
-            stream.write(json.dumps({"id": identifier, **result.to_record()}) + "\n")
+            stream.write(json.dumps({"id": identifier, **result.to_record()}, allow_nan=False) + "\n")
             count += 1
         return count
     rows = [flat_record(identifier, result) for identifier, result in pairs]
@@ -177,6 +173,7 @@ def batch_source(inputs: list[str], spec: PreprocessSpec) -> Any:
 @click.option(
     "--explain", "explain_dir", type=click.Path(file_okay=False), default=None, help="Also write attribution PNGs here."
 )
+@trust_factory_option
 @friendly_errors
 def command(
     bundle: str,

@@ -10,7 +10,7 @@ import sys
 import click
 import torch
 
-from trainfer.cli.common import friendly_errors
+from trainfer.cli.common import friendly_errors, trust_factory_option
 from trainfer.cli.deploy import example_input, load_model
 
 
@@ -23,6 +23,7 @@ from trainfer.cli.deploy import example_input, load_model
 @click.option("--random-inputs", default=2, show_default=True, help="Random inputs checked besides the example.")
 @click.option("--rtol", type=float, help="Relative tolerance (default per dtype: 1e-9 float64, 1e-5 float32).")
 @click.option("--atol", type=float, help="Absolute tolerance (default 0).")
+@trust_factory_option
 @friendly_errors
 def command(
     reference_spec: str,

@@ -8,11 +8,14 @@ from trainfer.blocks import ReparamBlock
 from trainfer.models.digits import DigitsNet, digits_net
 from trainfer.models.mobileone import MobileOne, mobileone_s0
 from trainfer.models.repvgg import RepVGG, repvgg_a0, repvgg_a1, repvgg_a2, repvgg_b0
+from trainfer.registry import register_model
 
 #: Every built-in model factory by name (``trainfer bench --model repvgg_a0``).
 FACTORIES = {
     factory.__name__: factory for factory in (repvgg_a0, repvgg_a1, repvgg_a2, repvgg_b0, mobileone_s0, digits_net)
 }
+for _factory in FACTORIES.values():  # bundles name them as trainfer.models:NAME (see trainfer.registry)
+    register_model(_factory, name=f"trainfer.models:{_factory.__name__}")
 
 __all__ = [
     "FACTORIES",

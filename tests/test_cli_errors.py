@@ -1,0 +1,133 @@
+"""Exit codes: user errors (trainfer's own, OSError on a user's path) are one line and exit 2; bugs keep
+their traceback, say so and exit 3. Disk full while writing names the path and leaves nothing half-written.
+"""
+
+import ast
+import errno
+import inspect
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import SafetensorError
+
+import trainfer
+from trainfer import errors
+from trainfer.cli import main
+from trainfer.models import digits_net
+
+NO_SPACE = OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    torch.manual_seed(0)
+    return trainfer.save(digits_net().eval(), tmp_path_factory.mktemp("cli") / "digits")
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(arg) for arg in args])
+
+
+def one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    last = result.output.splitlines()[-1]  # after a progress bar's lines, if one ran
+    assert last.startswith("error: ") and result.output.count("error: ") == 1, result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in last, result.output
+
+
+def test_an_internal_bug_keeps_its_traceback_and_says_it_is_a_bug(bundle, monkeypatch):
+    def broken(*args, **kwargs):
+        raise KeyError("boom")  # a bug inside trainfer, not a user error
+
+    monkeypatch.setattr(trainfer.bundle, "load", broken)
+    result = invoke("inspect", bundle)
+    assert result.exit_code == 3
+    assert "Traceback (most recent call last)" in result.output and "KeyError: 'boom'" in result.output
+    assert "internal error in trainfer" in result.output and "please report it" in result.output
+
+
+def test_a_trainfer_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    one_line_error(invoke("inspect", tmp_path), "no trainfer bundle at")
+    result = invoke("--debug", "inspect", tmp_path)
+    assert isinstance(result.exception, trainfer.BundleError)
+
+
+@pytest.mark.parametrize("failure", [NO_SPACE, SafetensorError("Error while serializing: IoError(No space left)")])
+@pytest.mark.parametrize("output", ["deployed", "deployed.safetensors"])
+def test_disk_full_during_deploy_names_the_output_and_writes_nothing(bundle, tmp_path, monkeypatch, failure, output):
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / output
+    one_line_error(invoke("deploy", bundle, "-o", out), f"cannot write {str(out)!r}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_during_export_names_the_output_and_writes_nothing(bundle, tmp_path, monkeypatch):
+    def full(path):
+        raise NO_SPACE
+
+    monkeypatch.setattr(trainfer.atomic, "fsync_file", full)
+    out = tmp_path / "model.pt"
+    one_line_error(invoke("export", bundle, "--format", "torchscript", "-o", out), f"cannot write {str(out)!r}")
+    assert list(tmp_path.iterdir()) == []
+
+
+class FullDisk:
+    """A file handle on a full disk: every write fails."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def write(self, text):
+        raise NO_SPACE
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+def test_disk_full_during_predict_out_names_the_output(bundle, tmp_path, monkeypatch):
+    import trainfer.batch_predict as batch_predict
+
+    def open_on_a_full_disk(path, mode="r", **kwargs):
+        handle = open(path, mode, **kwargs)
+        return FullDisk(handle) if "a" in mode else handle
+
+    monkeypatch.setattr(batch_predict, "open", open_on_a_full_disk, raising=False)
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32))
+    out = tmp_path / "predictions.jsonl"
+    one_line_error(invoke("predict", bundle, tmp_path / "x.npy", "--out", out), f"cannot write {str(out)!r}")
+
+
+def test_every_trainfer_exception_is_a_trainfer_error():
+    classes = [getattr(errors, name) for name in errors.__all__]
+    raised = [cls for cls in classes if issubclass(cls, Exception) and not issubclass(cls, Warning)]
+    assert len(raised) >= 10 and all(issubclass(cls, trainfer.TrainferError) for cls in raised)
+    assert issubclass(trainfer.EquivalenceError, ValueError)
+    assert not issubclass(trainfer.EquivalenceError, AssertionError)
+
+
+def test_trainfer_raises_no_bare_builtin_value_type_or_import_errors():
+    builtins = {"ValueError", "TypeError", "FileNotFoundError", "ImportError"}
+    allowed = {"manifest.py"}  # pydantic validators must raise ValueError (it reports them per field)
+    found = []
+    for path in Path(inspect.getfile(trainfer)).parent.rglob("*.py"):
+        if path.name in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+                name = getattr(node.exc.func, "id", None)
+                if name in builtins:
+                    found.append(f"{path.name}:{node.lineno} raise {name}")
+    assert found == []

@@ -1,0 +1,222 @@
+"""Input files a careless or hostile user hands over: deep images, decompression bombs, odd CSV and .npy.
+
+Each bad file gets a ValueError naming the file and what was expected (the CLI: one line, exit 2).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from serving_models import save_bundle
+
+import trainfer
+from trainfer import data, preprocess
+from trainfer.cli import main
+from trainfer.models import digits_net
+from trainfer.preprocess import PreprocessSpec, iter_csv, load_image, load_npy
+
+DIGIT_SPEC = data.preprocess_spec()
+UPSCALE = 4
+
+
+@pytest.fixture(scope="module")
+def digits() -> torch.Tensor:
+    """Eight test digits, 8-bit ``(8, 1, 8, 8)``."""
+    return data.splits()["test"].pixels[:8]
+
+
+@pytest.fixture(scope="module")
+def digit_predictor() -> trainfer.Predictor:
+    torch.manual_seed(0)
+    return trainfer.Predictor(digits_net().eval(), preprocess=DIGIT_SPEC, labels=data.LABELS)
+
+
+def enlarged(pixels: np.ndarray) -> np.ndarray:
+    return pixels.repeat(UPSCALE, 0).repeat(UPSCALE, 1)
+
+
+def write_depths(digit: torch.Tensor, folder: Path) -> dict[str, Path]:
+    """One digit at every bit depth: 8-bit PNG (L), 16-bit PNG (I;16), 32-bit int TIFF (I), float TIFF (F)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = enlarged(digit[0].numpy())
+    images = {
+        "L": Image.fromarray(pixels),
+        "I;16": Image.fromarray(pixels.astype(np.uint16) * 257),
+        "I": Image.fromarray(pixels.astype(np.int32) * 257),
+        "F": Image.fromarray(pixels.astype(np.float32) / 255),
+    }
+    paths = {}
+    for mode, image in images.items():
+        path = folder / f"digit_{mode.replace(';', '')}.{'png' if mode in ('L', 'I;16') else 'tif'}"
+        image.save(path)
+        with Image.open(path) as reread:
+            assert reread.mode == mode, (path, reread.mode)
+        paths[mode] = path
+    return paths
+
+
+def probabilities(results) -> np.ndarray:
+    return np.array([[p for _, p in sorted(r.top_k)] for r in results])
+
+
+# --------------------------------------------------------------------------- bit depths
+def test_every_bit_depth_of_a_digit_predicts_like_the_8_bit_one(digits, digit_predictor, tmp_path):
+    for index, digit in enumerate(digits):
+        paths = write_depths(digit, tmp_path / str(index))
+        eight = probabilities(digit_predictor.predict([paths["L"]], top_k=10))
+        for mode in ("I;16", "I", "F"):
+            deep = probabilities(digit_predictor.predict([paths[mode]], top_k=10))
+            np.testing.assert_allclose(deep, eight, rtol=1e-5, atol=1e-6, err_msg=f"mode {mode}")
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_deep_images_load_as_their_8_bit_copy_at_any_channel_count_and_size(digits, tmp_path, channels):
+    paths = write_depths(digits[0], tmp_path)
+    for size in (8 * UPSCALE, 8):  # as they are, and box-resized
+        spec = PreprocessSpec(input_shape=(channels, size, size), resample="box")
+        eight = load_image(paths["L"], spec)
+        for mode in ("I;16", "I", "F"):
+            # the 8-bit path rounds the resized image to bytes, the deep one keeps floats
+            np.testing.assert_allclose(load_image(paths[mode], spec), eight, atol=0.5 / 255 + 1e-7, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (
+            Image.fromarray(np.full((4, 4), 70000, np.int32)),
+            r"mode I\) holds values in \[70000, 70000\]: expected 0..65535",
+        ),
+        (Image.fromarray(np.full((4, 4), -0.5, np.float32)), r"mode F\) holds values in \[-0.5, -0.5\]: expected 0..1"),
+        (Image.fromarray(np.full((4, 4), np.nan, np.float32)), r"mode F\) holds values in \[nan, nan\]"),
+    ],
+)
+def test_deep_images_outside_their_range_are_refused(image, message, tmp_path):
+    path = tmp_path / "odd.tif"
+    image.save(path)
+    with pytest.raises(ValueError, match=message):
+        load_image(path, PreprocessSpec(input_shape=(1, 4, 4)))
+
+
+# --------------------------------------------------------------------------- decompression bombs
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` grayscale pixels, with almost no data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("side", [9000, 14000, 100000])  # over trainfer's limit; 14000 and up over PIL's too
+def test_decompression_bombs_are_refused_before_decoding(side, tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_header_claiming(side, side))
+    with pytest.raises(ValueError) as error:
+        load_image(path, PreprocessSpec(input_shape=(1, 8, 8)))
+    assert str(path) in str(error.value) and "at most 64000000" in str(error.value)
+    assert "MAX_IMAGE_PIXELS" in str(error.value)
+
+
+def test_the_pixel_limit_is_trainfers_own(tmp_path, monkeypatch):
+    path = tmp_path / "small.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(path)
+    monkeypatch.setattr(preprocess, "MAX_IMAGE_PIXELS", 63)
+    with pytest.raises(ValueError, match=r"claims 8x8 = 64 pixels: expected at most 63"):
+        load_image(path, PreprocessSpec(input_shape=(1, 8, 8)))
+
+
+# --------------------------------------------------------------------------- CSV and .npy files
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_csv_rows_with_more_values_than_the_header_are_refused(tmp_path):
+    path = write(tmp_path / "wide.csv", "a,b\n1,2\n3,4,5\n")
+    with pytest.raises(ValueError, match=r"wide.csv' line 3: expected 2 values \(one per header column\), got 3"):
+        list(iter_csv(path, PreprocessSpec(columns=("a", "b"))))
+
+
+def test_a_header_only_csv_is_refused(tmp_path):
+    path = write(tmp_path / "head.csv", "a,b\n")
+    with pytest.raises(ValueError, match=r"head.csv' has a header but no data rows: expected at least one row of 2"):
+        list(iter_csv(path, PreprocessSpec(columns=("a", "b"))))
+
+
+def npy(path: Path, array=None, raw: bytes | None = None) -> Path:
+    if raw is not None:
+        path.write_bytes(raw)
+    else:
+        np.save(path, array)
+    return path
+
+
+BAD_NPY = {
+    "empty.npy": (None, b"", r"empty.npy': expected a .npy array .*got an empty file \(0 bytes\)"),
+    "text.npy": (None, b"hello, world", r"text.npy': expected a .npy array .*got a file starting with b'hello,'"),
+    "scalar.npy": (
+        np.float32(3.0),
+        None,
+        r"scalar.npy' holds a 0-d array \(one number\): expected a batch \(N, 1, 8, 8\)",
+    ),
+    "none.npy": (np.zeros((0, 1, 8, 8), np.float32), None, r"none.npy' holds no samples \(shape \(0, 1, 8, 8\)\)"),
+    "cut.npy": (None, b"\x93NUMPY\x01\x00", r"cannot read '.*cut.npy' as a .npy array"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_NPY))
+def test_bad_npy_files_are_named(name, tmp_path):
+    array, raw, message = BAD_NPY[name]
+    path = npy(tmp_path / name, array, raw)
+    with pytest.raises(ValueError, match=message):
+        load_npy(path, PreprocessSpec(input_shape=(1, 8, 8)))
+
+
+def test_npy_files_are_never_unpickled(tmp_path):
+    path = tmp_path / "objects.npy"
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="objects.npy' as a .npy array: .*allow_pickle=False"):
+        load_npy(path, PreprocessSpec())
+
+
+# --------------------------------------------------------------------------- the command line
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return save_bundle(tmp_path_factory.mktemp("bundle") / "b", 0)
+
+
+def cli_error(bundle: Path, *inputs: Path) -> str:
+    result = CliRunner().invoke(main, ["predict", str(bundle), *map(str, inputs)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", sorted(BAD_NPY))
+def test_cli_bad_npy_files_one_line_exit_2(name, bundle, tmp_path):
+    array, raw, message = BAD_NPY[name]
+    assert re.search(message, cli_error(bundle, npy(tmp_path / name, array, raw)))
+
+
+def test_cli_bad_csv_files_one_line_exit_2(bundle, tmp_path):
+    assert "has a header but no data rows" in cli_error(bundle, write(tmp_path / "head.csv", "a,b\n"))
+    assert "expected 2 values" in cli_error(bundle, write(tmp_path / "wide.csv", "a,b\n1,2,3\n"))
+
+
+def test_cli_decompression_bomb_one_line_exit_2(bundle, tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_header_claiming(100000, 100000))
+    assert "expected at most 64000000" in cli_error(bundle, path)
