@@ -875,7 +875,7 @@ class _GraphFolder:
             common.pop()  # never add a child to a layer that runs
         base = ".".join([*common, "fused"])
         name, index = base, 0
-        while _has_attribute(self.gm, name):
+        while _has_attribute(self.gm, name):  # finite: the module has finitely many attributes
             index += 1
             name = f"{base}_{index}"
         return name
