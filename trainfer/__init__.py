@@ -14,22 +14,28 @@ from trainfer.errors import (
     OutputKindWarning,
 )
 from trainfer.export import export
+from trainfer.gate import AccuracyGate, GateReport
 from trainfer.guard import guard
 from trainfer.inspection import Inspection, LayerRecord, inspect
 from trainfer.modes import inference, restore_modes, snapshot_modes, training
 from trainfer.predict import Predictor
 from trainfer.preprocess import PreprocessSpec
+from trainfer.quantize import QuantizationError, quantize
+from trainfer.runtime import CompiledModel, RuntimeRecord, compile
 from trainfer.verify import Equivalence, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccuracyGate",
     "AlgebraError",
     "BundleError",
+    "CompiledModel",
     "DeployReport",
     "DualModule",
     "Equivalence",
     "EquivalenceError",
+    "GateReport",
     "Inspection",
     "LayerRecord",
     "ModeError",
@@ -37,11 +43,14 @@ __all__ = [
     "OutputKindWarning",
     "Predictor",
     "PreprocessSpec",
+    "QuantizationError",
+    "RuntimeRecord",
     "__version__",
     "algebra",
     "export",
     "bench",
     "blocks",
+    "compile",
     "models",
     "audit",
     "guard",
@@ -49,6 +58,7 @@ __all__ = [
     "infer_path",
     "inspect",
     "load",
+    "quantize",
     "restore_modes",
     "save",
     "snapshot_modes",

@@ -170,7 +170,8 @@ class Predictor:
     where its weights are) or any callable batch -> output (e.g. an ONNX Runtime session wrapper).
     ``output`` picks the prediction among tuple/dict outputs; ``heads`` (name -> task) serves
     several at once. ``output_kind`` (``logits``/``probabilities``/``log_probabilities``, or a dict
-    per head) is detected from the traced eval graph when not given.
+    per head) is detected from the traced eval graph when not given. ``runtime`` (a name, ``"auto"``
+    or a :class:`~trainfer.runtime.RuntimeRecord`) serves the model through :func:`trainfer.runtime.compile`.
     """
 
     def __init__(
@@ -188,6 +189,7 @@ class Predictor:
         cache_size: int = 0,
         *,
         resolved_heads: list[Head] | None = None,
+        runtime: Any = None,
     ):
         if not callable(model):
             raise TypeError(f"model must be an nn.Module or a callable; got {type(model).__name__}")
@@ -208,6 +210,10 @@ class Predictor:
         self._cache: OrderedDict[bytes, list[Tensor]] | None = OrderedDict() if cache_size else None
         self._cache_size = cache_size
         self._checked = False
+        if runtime is not None:  # served by trainfer.compile from here on (on the CPU)
+            from trainfer.runtime import compile_for
+
+            self.model, self.device = compile_for(self.model, runtime, self.preprocess_spec, batch_size), _CPU
 
     def _resolve_heads(self, task: str, labels: Any, output: Selector, heads: Any, output_kind: Any) -> list[Head]:
         if not isinstance(self.model, nn.Module):
@@ -229,6 +235,10 @@ class Predictor:
     def load(cls, path: str | os.PathLike[str], **overrides: Any) -> Predictor:
         """A predictor for a bundle directory or an exported ``.onnx`` file (run by onnxruntime).
 
+        ``runtime`` (see :func:`trainfer.runtime.compile`; ``"recorded"``: the bundle's
+        ``runtime.json``) serves the deploy form on another engine. A bundle carrying an int8 form
+        (``trainfer quantize``) serves that form unless ``runtime`` names a PyTorch runtime.
+
         The manifest supplies task, labels, preprocessing, heads and output kinds; ``overrides``
         (``device``, ``batch_size``, ``threshold``, ``cache_size``, ...) are passed on, and override
         the manifest's where they name the same setting (e.g. ``output_kind="probabilities"``).
@@ -240,9 +250,12 @@ class Predictor:
             model, manifest = load_onnx(path)
         else:
             from trainfer.bundle import load, read_manifest
+            from trainfer.runtime import bundle_model
 
             manifest = read_manifest(path)
-            model = load(path).to(pick_device(overrides.get("device", "auto")))  # ours: moved, not copied
+            model, overrides = bundle_model(path, overrides)
+            if model is None:
+                model = load(path).to(pick_device(overrides.get("device", "auto")))  # ours: moved, not copied
         heads = [Head.from_dict(h) for h in manifest.get("heads") or []]
         if heads and _HEAD_SETTINGS & overrides.keys():
             return cls(model, **{"preprocess": manifest.get("preprocess"), **_head_settings(heads), **overrides})
@@ -437,6 +450,7 @@ def to_records(results: Iterable[Any]) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- helpers
+_CPU = torch.device("cpu")
 _HEAD_SETTINGS = frozenset({"task", "labels", "output", "heads", "output_kind"})
 
 
