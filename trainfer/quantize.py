@@ -146,8 +146,11 @@ class QuantizedModel:
     def __call__(self, batch: Tensor) -> Any:
         return self.engine(batch)
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the bundle (float deploy form + ``quantized.onnx`` + ``quantization.json``), atomically."""
+    def save(self, path: str | os.PathLike[str], **metadata: Any) -> Path:
+        """Write the bundle (float deploy form + ``quantized.onnx`` + ``quantization.json``), atomically.
+
+        ``metadata`` goes to :func:`trainfer.save` (e.g. ``factory=...`` for a model of your own).
+        """
         from trainfer.bundle import MANIFEST_FILE, save
 
         target = Path(path)
@@ -155,7 +158,7 @@ class QuantizedModel:
             raise ValueError(f"refusing to overwrite {str(target)!r}: it exists and is not a trainfer bundle")
         staging = staging_directory(target)
         try:
-            inner = save(self.float_model, staging / "bundle", **_bundle_metadata(self.manifest))
+            inner = save(self.float_model, staging / "bundle", **{**_bundle_metadata(self.manifest), **metadata})
             (inner / QUANTIZED_FILE).write_bytes(self.onnx_bytes)
             entry = {
                 "format": "trainfer-quantized",

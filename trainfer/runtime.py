@@ -357,9 +357,17 @@ def _source(model_or_bundle: Any, example_inputs: Tensor | None, workdir: Path) 
     known = getattr(model, "trainfer_config", None) or {}
     if known.get("form") != "deploy" and not hasattr(model, "trainfer_report"):
         model = deploy(model.to("cpu"), example)
-    model = copy.deepcopy(model).to("cpu", torch.float32).eval()
+    model = _carrying_records(copy.deepcopy(model).to("cpu", torch.float32).eval(), model)
     manifest = recorded if recorded is not None else build_manifest(model, example_inputs=example)
     return _Source(model, manifest, copy.deepcopy(model).double(), tuple(example.shape[1:]), workdir)
+
+
+def _carrying_records(copied: nn.Module, original: nn.Module) -> nn.Module:
+    """``copied`` with the original's ``trainfer_config``/``trainfer_report`` (an FX deep copy drops them)."""
+    for key in ("trainfer_config", "trainfer_report"):
+        if hasattr(original, key):
+            setattr(copied, key, copy.deepcopy(getattr(original, key)))
+    return copied
 
 
 def _engine(runtime: str, dtype: str, source: _Source, threads: int) -> Callable[[Tensor], Any]:
