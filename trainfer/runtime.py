@@ -170,7 +170,7 @@ class RuntimeRecord:
         lines = [f"{'candidate':<28}{'status':<11}{'rel error':>10}" + "".join(f"{'x b' + s:>9}" for s in sizes)]
         for c in sorted(self.candidates, key=lambda c: (c.status != "ok", c.score)):
             error = f"{c.max_rel_error:.1e}" if c.max_rel_error is not None else "-"
-            ratios = "".join(f"{c.ratio[s]:>9.2f}" if s in c.ratio else f"{'-':>9}" for s in sizes)
+            ratios = "".join(f"{c.ratio[s]:>9.3g}" if s in c.ratio else f"{'-':>9}" for s in sizes)
             mark = " *" if (c.runtime, c.dtype) == (self.runtime, self.dtype) else ""
             note = f"  ({c.reason})" if c.reason else ""
             lines.append(f"{c.name + mark:<28}{c.status:<11}{error:>10}{ratios}{note}")
