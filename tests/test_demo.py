@@ -143,3 +143,17 @@ def test_a_missing_optional_dependency_is_reported_as_skipped(demo_run, tmp_path
 
     report = write_report(results, tmp_path).read_text()
     assert "_Skipped: explanations needs `captum`" in report and "heat maps (`Predictor.explain`)" not in report
+
+
+def test_serving_step_shows_the_auto_runtime_and_the_int8_form(demo_run):
+    out, _, results = demo_run
+    serving = results["serving"]
+    forms = serving["forms"]
+    assert "deploy form, eager float32" in forms and any(name.startswith("auto: ") for name in forms)
+    assert all(0 <= f["accuracy"] <= 1 and f["latency_ms"] > 0 and f["bytes"] > 0 for f in forms.values())
+    assert (out / "bundle_deploy" / "runtime.json").is_file() and (out / "serving.png").stat().st_size > 5_000
+    if serving["bundle"] is not None:  # one quick epoch may leave too little margin for the gate
+        assert serving["gate"]["ok"] and (out / "bundle_int8" / "quantized.onnx").is_file()
+    else:
+        assert serving["quantization"].startswith("refused: no int8 form passes the gate")
+    assert "## Serving: the fastest verified runtime and the int8 form" in (out / "report.md").read_text()

@@ -146,6 +146,8 @@ def _pipeline(options: DemoOptions, work: Path, device: torch.device, echo: Call
     echo("[8/8] per-layer train/eval divergence, explanations, report")
     _inspect(trained, inputs, work, results)
     _optional(results, "explain", lambda: _explain(bundle, test, predictions, work, results))
+    echo("      serving: the auto-chosen runtime and the gated int8 form (trainfer.compile, trainfer.quantize)")
+    _optional(results, "serving", lambda: _serving(deploy_bundle, work, (inputs, labels), options.repeats, results))
     (work / MARKER).write_text(json.dumps(results, indent=2), "utf-8")
     write_report(results, work)
     echo(f"report: {final / 'report.md'}  (plots: {', '.join(sorted(p.name for p in work.glob('*.png')))})")
@@ -408,6 +410,15 @@ def _predict_pngs(bundle: Path, test: data.Split, predicted: Tensor, work: Path,
             for i, path, record in zip(chosen, paths, records, strict=True)
         ],
     }
+
+
+def _serving(deploy_bundle: Path, work: Path, test: tuple[Tensor, Tensor], repeats: int, results: dict) -> None:
+    """The auto runtime and the int8 form next to the float forms (:mod:`trainfer.demo_serving`)."""
+    _need("onnxruntime", "the int8 form")
+    from trainfer.demo_serving import serving
+
+    calibration = data.normalize(data.splits()["train"].pixels)
+    results["serving"] = serving(deploy_bundle, work, test, calibration, repeats)
 
 
 def _inspect(trained: nn.Module, inputs: Tensor, work: Path, results: dict) -> None:

@@ -6,6 +6,8 @@ not be exact), never a bug. Each subclass also derives from the built-in excepti
 written before the base existed caught (``ValueError``, ``TypeError``, ``OSError``, ...).
 """
 
+from typing import Any
+
 
 class TrainferError(Exception):
     """Base of every trainfer exception: a condition trainfer detected, with a message naming it."""
@@ -70,6 +72,14 @@ class BundleWarning(UserWarning):
     """A bundle loads, but something about it deserves attention (no preprocessing, newer writer)."""
 
 
+class QuantizationError(TrainferError, ValueError):
+    """No int8 form within the allowed float fallback passes the accuracy gate (``report`` says why)."""
+
+    def __init__(self, message: str, report: Any = None):
+        super().__init__(message)
+        self.report = report
+
+
 class NonFiniteError(InputError):
     """Numbers that must be finite are not: an input that overflows its dtype once cast and
     normalised, or a model output holding NaN or inf (never served as a prediction)."""
@@ -88,6 +98,7 @@ __all__ = [
     "ModeError",
     "ModeWarning",
     "OutputKindWarning",
+    "QuantizationError",
     "TrainferError",
     "WriteError",
 ]

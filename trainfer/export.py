@@ -227,12 +227,13 @@ def _compare(
 class OnnxModel:
     """An ONNX Runtime session that takes a batch tensor and returns the model's output structure."""
 
-    def __init__(self, path: str | os.PathLike[str], manifest: dict[str, Any]):
+    def __init__(self, path: str | os.PathLike[str], manifest: dict[str, Any], session_options: Any = None):
+        """``session_options``: an ``onnxruntime.SessionOptions`` (threads, optimisation level), or None."""
         ort = _require("onnxruntime")
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         self.dtype = manifest["input"].get("dtype") or "float32"
         try:
-            self.session = ort.InferenceSession(str(path), providers=providers)
+            self.session = ort.InferenceSession(str(path), session_options, providers=providers)
         except Exception as error:  # onnxruntime raises its own pybind exception types
             hint = " (onnxruntime has few float64 kernels: export a float32 copy, model.float())"
             raise InputError(
@@ -245,14 +246,19 @@ class OnnxModel:
     def __call__(self, batch: Tensor) -> Any:
         array = batch.detach().to("cpu", getattr(torch, self.dtype)).contiguous().numpy()
         values = [torch.from_numpy(v) for v in self.session.run(self.output_names, {self.input_name: array})]
-        structure = self.manifest.get("output_structure") or {"type": "tensor"}
-        if structure["type"] == "tensor":
-            return values[0]
-        if structure["type"] == "dict":
-            return dict(zip(self.output_names, values, strict=True))
-        if structure.get("fields"):  # a named tuple: rebuilt so that output="field" still selects
-            return collections.namedtuple("Outputs", structure["fields"])(*values)
-        return tuple(values)
+        return structured(values, self.output_names, self.manifest)
+
+
+def structured(values: list[Tensor], names: list[str], manifest: dict[str, Any]) -> Any:
+    """Flat output ``values`` (named ``names``) in the output structure the manifest records."""
+    structure = manifest.get("output_structure") or {"type": "tensor"}
+    if structure["type"] == "tensor":
+        return values[0]
+    if structure["type"] == "dict":
+        return dict(zip(names, values, strict=True))
+    if structure.get("fields"):  # a named tuple: rebuilt so that output="field" still selects
+        return collections.namedtuple("Outputs", structure["fields"])(*values)
+    return tuple(values)
 
 
 def load_onnx(path: str | os.PathLike[str]) -> tuple[OnnxModel, dict[str, Any]]:

@@ -187,7 +187,8 @@ class Predictor:
     batch at a time.
     ``output`` picks the prediction among tuple/dict outputs; ``heads`` (name -> task) serves
     several at once. ``output_kind`` (``logits``/``probabilities``/``log_probabilities``, or a dict
-    per head) is detected from the traced eval graph when not given.
+    per head) is detected from the traced eval graph when not given. ``runtime`` (a name, ``"auto"``
+    or a :class:`~trainfer.runtime.RuntimeRecord`) serves the model through :func:`trainfer.runtime.compile`.
     """
 
     def __init__(
@@ -205,6 +206,7 @@ class Predictor:
         cache_size: int = 0,
         *,
         resolved_heads: list[Head] | None = None,
+        runtime: Any = None,
     ):
         if not callable(model):
             raise InputTypeError(f"model must be an nn.Module or a callable; got {type(model).__name__}")
@@ -226,6 +228,10 @@ class Predictor:
         self._cache_size = cache_size
         self._checked = False
         self._lock = threading.Lock()  # the cache and the timings
+        if runtime is not None:  # served by trainfer.compile from here on (on the CPU)
+            from trainfer.runtime import compile_for
+
+            self.model, self.device = compile_for(self.model, runtime, self.preprocess_spec, batch_size), _CPU
 
     def _resolve_heads(self, task: str, labels: Any, output: Selector, heads: Any, output_kind: Any) -> list[Head]:
         if not isinstance(self.model, nn.Module):
@@ -247,6 +253,10 @@ class Predictor:
     ) -> Predictor:
         """A predictor for a bundle directory or an exported ``.onnx`` file (run by onnxruntime).
 
+        ``runtime`` (see :func:`trainfer.runtime.compile`; ``"recorded"``: the bundle's
+        ``runtime.json``) serves the deploy form on another engine. A bundle carrying an int8 form
+        (``trainfer quantize``) serves that form unless ``runtime`` names a PyTorch runtime.
+
         The manifest supplies task, labels, preprocessing, heads and output kinds; ``overrides``
         (``device``, ``batch_size``, ``threshold``, ``cache_size``, ...) are passed on, and override
         the manifest's where they name the same setting (e.g. ``output_kind="probabilities"``).
@@ -259,11 +269,14 @@ class Predictor:
             model, manifest = load_onnx(path)
         else:
             from trainfer.bundle import load, read_manifest
+            from trainfer.runtime import bundle_model
 
             manifest = read_manifest(path)
-            # ours: moved, not copied, and put in eval for good (calls then never switch modes)
-            model = load(path, factory=factory, trust_factory=trust_factory)
-            model = model.to(pick_device(overrides.get("device", "auto"))).eval()
+            model, overrides = bundle_model(path, overrides)
+            if model is None:
+                # ours: moved, not copied, and put in eval for good (calls then never switch modes)
+                model = load(path, factory=factory, trust_factory=trust_factory)
+                model = model.to(pick_device(overrides.get("device", "auto"))).eval()
         heads = [Head.from_dict(h) for h in manifest.get("heads") or []]
         if heads and _HEAD_SETTINGS & overrides.keys():
             return cls(model, **{"preprocess": manifest.get("preprocess"), **_head_settings(heads), **overrides})
@@ -467,6 +480,7 @@ def to_records(results: Iterable[Any]) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- helpers
+_CPU = torch.device("cpu")
 _HEAD_SETTINGS = frozenset({"task", "labels", "output", "heads", "output_kind"})
 
 

@@ -20,6 +20,7 @@ PLOTS = {
     "measure": "speed.png",
     "confusion": "confusion_matrix.png",
     "forgot_eval": "forgot_eval.png",
+    "serving": "serving.png",
 }
 
 
@@ -127,7 +128,14 @@ _DRAWERS: dict[str, Callable[[Results], Any]] = {
     "measure": plot_speed,
     "confusion": plot_confusion,
     "forgot_eval": plot_forgot_eval,
+    "serving": lambda serving: _demo_serving().plot_serving(serving),
 }
+
+
+def _demo_serving() -> Any:
+    from trainfer import demo_serving
+
+    return demo_serving
 
 
 # ------------------------------------------------------------------ markdown
@@ -345,4 +353,5 @@ _SECTIONS: list[Callable[[Results], str]] = [
     _export,
     _insight,
     _confusion,
+    lambda results: _demo_serving().section(results),
 ]

@@ -8,7 +8,16 @@ from trainfer.blocks.acnet import ACBlock
 from trainfer.blocks.base import ReparamBlock
 from trainfer.blocks.dbb import DiverseBranchBlock
 from trainfer.blocks.mobileone import MobileOneBlock
+from trainfer.blocks.qarepvgg import QARepVGGBlock
 from trainfer.blocks.repvgg import RepVGGBlock
 from trainfer.blocks.se import SqueezeExcite
 
-__all__ = ["ACBlock", "DiverseBranchBlock", "MobileOneBlock", "RepVGGBlock", "ReparamBlock", "SqueezeExcite"]
+__all__ = [
+    "ACBlock",
+    "DiverseBranchBlock",
+    "MobileOneBlock",
+    "QARepVGGBlock",
+    "RepVGGBlock",
+    "ReparamBlock",
+    "SqueezeExcite",
+]

@@ -24,15 +24,20 @@ from trainfer.cli.common import friendly_errors, trust_factory_option, trusted
 from trainfer.errors import InputError, MissingFileError
 from trainfer.predict import Predictor
 from trainfer.preprocess import IMAGE_SUFFIXES, PreprocessSpec, iter_csv, read_npy
+from trainfer.runtime import RUNTIMES
 
 FORMATS = ("table", "jsonl", "csv")
 
 
-def load_predictor(bundle: str, batch_size: int, device: str, threshold: float | None) -> Predictor:
+def load_predictor(
+    bundle: str, batch_size: int, device: str, threshold: float | None, runtime: str | None = None
+) -> Predictor:
     """A :class:`Predictor` for a bundle directory or an exported ``.onnx`` file."""
     overrides: dict[str, Any] = {"batch_size": batch_size, "device": device}
     if threshold is not None:
         overrides["threshold"] = threshold
+    if runtime is not None:
+        overrides["runtime"] = runtime
     return Predictor.load(bundle, trust_factory=trusted(), **overrides)
 
 
@@ -144,9 +149,16 @@ def parse_weights(text: str | None) -> list[float] | None:
         raise click.BadParameter(f"expected comma-separated numbers like 1,2,1; got {text!r}") from None
 
 
-def load_serving(models: list[str], weights: list[float] | None, batch_size: int, device: str, threshold: float | None):
+def load_serving(
+    models: list[str],
+    weights: list[float] | None,
+    batch_size: int,
+    device: str,
+    threshold: float | None,
+    runtime: str | None = None,
+):
     """One Predictor, or an ensemble of several (or of one with ``weights``)."""
-    predictors = [load_predictor(model, batch_size, device, threshold) for model in models]
+    predictors = [load_predictor(model, batch_size, device, threshold, runtime) for model in models]
     return predictors[0] if len(predictors) == 1 and weights is None else Predictor.ensemble(predictors, weights)
 
 
@@ -164,6 +176,13 @@ def batch_source(inputs: list[str], spec: PreprocessSpec) -> Any:
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA, then MPS, then CPU), cpu, cuda:N, mps.")
 @click.option("--weights", default=None, help="Ensemble weights, one per bundle, comma-separated (default: equal).")
+@click.option(
+    "--runtime",
+    type=click.Choice(["auto", "recorded", *RUNTIMES]),
+    default=None,
+    help="Serve on this runtime (auto: the fastest verified one, measured now; recorded: the bundle's "
+    "runtime.json). A bundle with an int8 form serves it unless a torch runtime is named.",
+)
 @click.option(
     "--out",
     type=click.Path(dir_okay=False),
@@ -184,6 +203,7 @@ def command(
     batch_size: int,
     device: str,
     weights: str | None,
+    runtime: str | None,
     out: str | None,
     explain_dir: str | None,
 ) -> None:
@@ -204,7 +224,7 @@ def command(
         rank_device = distributed.setup()
         device = str(rank_device) if device == "auto" else device
     try:
-        predictor = load_serving(models, parse_weights(weights), batch_size, device, threshold)
+        predictor = load_serving(models, parse_weights(weights), batch_size, device, threshold, runtime)
         if out is not None:
             summary = predict_to_jsonl(predictor, batch_source(inputs, predictor.preprocess_spec), out, top_k=top_k)
             if distributed.is_main():

@@ -1,0 +1,185 @@
+"""trainfer.compile: every runtime serves the deploy form verified against float64; auto picks among verified ones."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import trainfer
+from trainfer import runtime as rt
+from trainfer.cli import main
+from trainfer.models import digits_net
+from trainfer.testing import TOLERANCE, randomize_batchnorm
+
+onnxruntime = pytest.importorskip("onnxruntime")
+
+
+def _model(width: int = 4):
+    torch.manual_seed(0)
+    return randomize_batchnorm(digits_net(width=width)).eval()
+
+
+@pytest.fixture(scope="module")
+def deployed():
+    return trainfer.deploy(_model(), torch.randn(2, 1, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, deployed):
+    path = tmp_path_factory.mktemp("runtime") / "bundle"
+    return trainfer.save(deployed, path, task="classification", labels=[str(i) for i in range(10)])
+
+
+def _rel_error(got, expected):
+    return float((got.double() - expected.double()).abs().max() / expected.double().abs().max())
+
+
+@pytest.mark.parametrize("name", ["torch", "torch-channels-last", "onnxruntime"])
+def test_each_named_runtime_serves_the_deploy_form_within_float32_tolerance(deployed, name):
+    compiled = trainfer.compile(deployed, torch.randn(2, 1, 8, 8), runtime=name)
+    x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        expected = _float64(deployed)(x)
+    assert _rel_error(compiled(x.float()), expected) <= TOLERANCE[torch.float32]
+    record = compiled.record
+    assert (record.runtime, record.dtype, record.chosen_by) == (name, "float32", "given")
+    assert record.candidates[0].max_rel_error <= record.candidates[0].tolerance == TOLERANCE[torch.float32]
+
+
+def _float64(model):
+    import copy
+
+    return copy.deepcopy(model).double().eval()
+
+
+def test_a_training_form_is_deployed_first_and_left_untouched():
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compiled = trainfer.compile(model, torch.randn(2, 1, 8, 8), runtime="torch")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert _rel_error(compiled(x), model(x)) <= TOLERANCE[torch.float32]
+
+
+def test_auto_measures_verified_candidates_and_picks_the_fastest(deployed):
+    compiled = trainfer.compile(
+        deployed, torch.randn(2, 1, 8, 8), dtype=("float32", "bfloat16"), batch_sizes=(1, 4), rounds=3
+    )
+    record = compiled.record
+    by_name = {c.name: c for c in record.candidates}
+    assert record.chosen_by == "auto" and by_name[rt.REFERENCE].ratio == {"1": 1.0, "4": 1.0}
+    served = [c for c in record.candidates if c.status == "ok"]
+    assert {"torch/float32", "torch/bfloat16", "onnxruntime/float32"} <= {c.name for c in served}
+    assert min(served, key=lambda c: c.score).name == f"{record.runtime}/{record.dtype}"
+    assert all(set(c.ratio) == {"1", "4"} and all(v > 0 for v in c.ratio.values()) for c in served)
+    assert by_name["onnxruntime/bfloat16"].status == "unavailable"
+    assert "float32 only" in by_name["onnxruntime/bfloat16"].reason
+    assert by_name["torch/bfloat16"].tolerance == TOLERANCE[torch.bfloat16]
+    assert record.machine["flags"].keys() >= {"avx2", "avx512_vnni", "amx_bf16"}
+    assert record.threads["onnxruntime_intra_op"] == record.threads["measured_with"] >= 1
+    assert "chosen:" in record.table() and "torch/bfloat16" in record.table()
+
+
+def test_a_candidate_that_computes_something_else_is_rejected_and_never_chosen(deployed, monkeypatch):
+    real = rt._engine
+
+    def engine(runtime, dtype, source, threads):
+        served = real(runtime, dtype, source, threads)
+        return (lambda x: served(x) * 1.01) if runtime == "torch-channels-last" else served
+
+    monkeypatch.setattr(rt, "_engine", engine)
+    compiled = trainfer.compile(
+        deployed, torch.randn(2, 1, 8, 8), candidates=["torch", "torch-channels-last"], rounds=2
+    )
+    wrong = next(c for c in compiled.record.candidates if c.runtime == "torch-channels-last")
+    assert wrong.status == "rejected" and "max rel error" in wrong.reason and wrong.ratio == {}
+    assert compiled.record.runtime == "torch"
+    with pytest.raises(trainfer.EquivalenceError, match="torch-channels-last/float32 cannot serve"):
+        trainfer.compile(deployed, torch.randn(2, 1, 8, 8), runtime="torch-channels-last")
+
+
+def test_bfloat16_goes_through_the_accuracy_gate(deployed):
+    x = torch.randn(64, 1, 8, 8)
+    compiled = trainfer.compile(deployed, x[:2], runtime="torch", dtype="bfloat16", gate_data=x)
+    gate = compiled.record.candidates[0].gate
+    assert gate["ok"] and gate["samples"] == 64 and 0 < gate["max_rel_error"] <= TOLERANCE[torch.bfloat16]
+    strict = trainfer.AccuracyGate(max_rel_error=1e-6)
+    with pytest.raises(trainfer.EquivalenceError, match="max relative output error"):
+        trainfer.compile(deployed, x[:2], runtime="torch", dtype="bfloat16", gate=strict, gate_data=x)
+
+
+def test_record_round_trip_through_a_bundle_and_recorded_runtime(bundle, deployed):
+    compiled = trainfer.compile(bundle, runtime="onnxruntime")
+    path = rt.save_record(bundle, compiled.record)
+    assert path.name == rt.RUNTIME_FILE and rt.read_record(bundle) == compiled.record
+    again = trainfer.compile(bundle, runtime="recorded")
+    assert (again.record.runtime, again.record.chosen_by) == ("onnxruntime", "given")
+    predictor = trainfer.Predictor.load(bundle, runtime="recorded")
+    eager = trainfer.Predictor.load(bundle)
+    x = torch.randn(6, 1, 8, 8)
+    assert [r.index for r in predictor.predict(x)] == [r.index for r in eager.predict(x)]
+    assert isinstance(predictor.model, trainfer.CompiledModel)
+
+
+def test_malformed_records_are_refused_with_a_clear_message(tmp_path, bundle):
+    with pytest.raises(trainfer.BundleError, match="runtime 'pytorch-nightly'"):
+        rt.RuntimeRecord.from_dict({"runtime": "pytorch-nightly", "dtype": "float32"})
+    with pytest.raises(trainfer.BundleError, match="unexpected fields"):
+        rt.RuntimeRecord.from_dict({"runtime": "torch", "dtype": "float32", "evil": 1})
+    with pytest.raises(trainfer.BundleError, match="no trainfer bundle"):
+        rt.save_record(tmp_path, trainfer.compile(bundle, runtime="torch").record)
+    with pytest.raises(trainfer.BundleError, match="records no runtime"):
+        trainfer.compile(trainfer.save(_model(), tmp_path / "plain"), runtime="recorded")
+    with pytest.raises(ValueError, match="runtime must be"):
+        trainfer.compile(bundle, runtime="tensorrt")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        trainfer.compile(bundle, runtime="torch", dtype="int4")
+
+
+def test_predictor_runtime_matches_the_eager_predictor(deployed):
+    labels = [str(i) for i in range(10)]
+    eager = trainfer.Predictor(deployed, labels=labels, preprocess={"input_shape": [1, 8, 8]})
+    served = trainfer.Predictor(deployed, labels=labels, preprocess={"input_shape": [1, 8, 8]}, runtime="onnxruntime")
+    x = torch.randn(9, 1, 8, 8)
+    expected, got = eager.predict(x, top_k=3), served.predict(x, top_k=3)
+    assert [r.index for r in got] == [r.index for r in expected]
+    assert np.allclose([r.probability for r in got], [r.probability for r in expected], atol=1e-5)
+
+
+def test_cli_predict_with_runtime(tmp_path, bundle):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32))
+    runner = CliRunner()
+    args = ["predict", str(bundle), str(tmp_path / "x.npy"), "--format", "jsonl"]
+    eager = runner.invoke(main, args, catch_exceptions=False)
+    served = runner.invoke(main, [*args, "--runtime", "onnxruntime"], catch_exceptions=False)
+    assert served.exit_code == 0
+    index = [json.loads(line)["index"] for line in served.output.splitlines()]
+    assert index == [json.loads(line)["index"] for line in eager.output.splitlines()] and len(index) == 4
+    bad = runner.invoke(main, [*args, "--runtime", "tensorrt"])
+    assert bad.exit_code == 2 and "tensorrt" in bad.output
+
+
+@pytest.mark.skipif(not rt.openvino_precisions(), reason="openvino is not installed")
+def test_openvino_serves_the_same_onnx_file(deployed):
+    compiled = trainfer.compile(deployed, torch.randn(2, 1, 8, 8), runtime="openvino")
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert _rel_error(compiled(x), deployed(x)) <= TOLERANCE[torch.float32]
+
+
+def test_machine_info_names_the_isa_flags():
+    info = rt.machine_info()
+    assert info["cores"] >= 1 and isinstance(info["cpu"], str)
+    assert info["bf16_hardware"] == (info["flags"]["avx512_bf16"] or info["flags"]["amx_bf16"])
+    assert info["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+@pytest.mark.slow
+def test_inductor_serves_the_deploy_form(deployed):
+    compiled = trainfer.compile(deployed, torch.randn(2, 1, 8, 8), runtime="inductor", batch_sizes=(2,))
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert _rel_error(compiled(x), deployed(x)) <= TOLERANCE[torch.float32]

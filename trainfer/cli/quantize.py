@@ -1,0 +1,64 @@
+"""``trainfer quantize BUNDLE --calibration DATA -o OUT``: the accuracy-gated int8 form of a bundle."""
+
+from __future__ import annotations
+
+import click
+import numpy as np
+import torch
+
+from trainfer.cli.common import friendly_errors
+from trainfer.gate import AccuracyGate
+
+DATA_HELP = (
+    "raw inputs: a .npy, .csv or image file, or a directory of images/.npy files (preprocessed as the manifest says)"
+)
+
+
+@click.command("quantize")
+@click.argument("bundle", type=click.Path())
+@click.option("--calibration", required=True, type=click.Path(exists=True), help=f"Calibration data: {DATA_HELP}.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="The int8 bundle to write.")
+@click.option("--validation", type=click.Path(exists=True), default=None, help="Gate data (default: calibration).")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None, help=".npy of class indices.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True)
+@click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), default=0.005, show_default=True, help="Fraction.")
+@click.option("--max-rel-error", type=click.FloatRange(min=0), default=None, help="Limit on max rel output error.")
+@click.option("--max-float-layers", type=click.IntRange(min=0), default=None, help="Default: half the layers.")
+@click.option("--equalize", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
+@click.option(
+    "--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True
+)
+@friendly_errors
+def command(
+    bundle: str,
+    calibration: str,
+    output: str,
+    validation: str | None,
+    labels: str | None,
+    min_agreement: float,
+    max_accuracy_drop: float,
+    max_rel_error: float | None,
+    max_float_layers: int | None,
+    equalize: str,
+    calibration_method: str,
+) -> None:
+    """Quantize the deploy form of BUNDLE to int8 (ONNX Runtime, QDQ, per-channel weights), keep the
+    most sensitive layers in float until the accuracy gate passes, and write the bundle OUT."""
+    from trainfer.quantize import quantize
+
+    targets = torch.from_numpy(np.load(labels, allow_pickle=False)).long() if labels else None
+    result = quantize(
+        bundle,
+        calibration,
+        validation=validation,
+        labels=targets,
+        gate=AccuracyGate(min_agreement, max_accuracy_drop, max_rel_error),
+        equalize={"auto": "auto", "on": True, "off": False}[equalize],
+        max_float_layers=max_float_layers,
+        calibration=calibration_method,
+    )
+    result.save(output)
+    click.echo(str(result.report))
+    click.echo(
+        f"wrote {output} (float deploy form + quantized.onnx); serve it with: trainfer predict {output} INPUT..."
+    )
