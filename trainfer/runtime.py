@@ -352,7 +352,8 @@ def _source(model_or_bundle: Any, example_inputs: Tensor | None, workdir: Path) 
             raise InputError("compile needs example_inputs (a batch of the model's inputs): the input shape is unknown")
         example_inputs = torch.randn(*shape)
     if not isinstance(example_inputs, Tensor) or not example_inputs.is_floating_point():
-        raise InputTypeError(f"example_inputs must be a floating-point tensor batch; got {type(example_inputs).__name__}")
+        given = type(example_inputs).__name__
+        raise InputTypeError(f"example_inputs must be a floating-point tensor batch; got {given}")
     example = example_inputs.detach().to("cpu", torch.float32)
     known = getattr(model, "trainfer_config", None) or {}
     if known.get("form") != "deploy" and not hasattr(model, "trainfer_report"):
