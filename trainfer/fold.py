@@ -23,15 +23,15 @@ per-channel affine kernel, cheaper than the depthwise 1x1 convolution it could b
 When a module cannot be traced (data-dependent control flow), :func:`fold` folds each of its
 children separately, fuses Conv->BatchNorm pairs that are adjacent in an ``nn.Sequential``, and
 records the fallback. The module-level protocols models carry (``reparameterize()``,
-``switch_to_deploy()``, ``fuse()``) run through :func:`apply_protocols`.
+``switch_to_deploy()``, ``fuse()``) run before, in :mod:`trainfer.protocols`.
 """
 
 from __future__ import annotations
 
-import inspect
+import io
 import operator
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass, field
 from functools import reduce
 from typing import Any
@@ -48,10 +48,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from trainfer import algebra
 from trainfer.algebra import AlgebraError, ConvOp
 
-__all__ = ["FoldLog", "FoldedRegion", "apply_protocols", "fold", "trace"]
-
-#: Methods of the model-zoo conventions that turn a block into its inference form, in place.
-PROTOCOLS = ("reparameterize", "switch_to_deploy", "fuse")
+__all__ = ["FoldLog", "FoldedRegion", "fold", "trace"]
 
 
 @dataclass
@@ -122,42 +119,6 @@ def trace(model: nn.Module) -> fx.GraphModule:
     tracer = _EvalTracer()
     graph = tracer.trace(model)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
-
-
-# --- module-level protocols -----------------------------------------------------------------------
-
-
-def apply_protocols(model: nn.Module) -> list[str]:
-    """Call ``reparameterize()``/``switch_to_deploy()``/``fuse()`` on the outermost modules having one.
-
-    A module's own method is trusted to handle its descendants, so they are not visited again.
-    Only methods callable without arguments are used. Returns ``"name.method()"`` per call.
-    """
-    calls: list[str] = []
-    done: list[str] = []
-    for name, module in model.named_modules():
-        if any(name == d or name.startswith(d + ".") or d == "" for d in done):
-            continue
-        method = next((m for m in PROTOCOLS if _callable_without_arguments(getattr(module, m, None))), None)
-        if method is not None:
-            result = getattr(module, method)()
-            if isinstance(result, nn.Module) and result is not module:
-                raise TypeError(f"{name or 'model'}.{method}() returned a new module instead of converting in place")
-            calls.append(f"{name or 'model'}.{method}()")
-            done.append(name)
-    return calls
-
-
-def _callable_without_arguments(method: Any) -> bool:
-    if not callable(method) or isinstance(method, nn.Module):
-        return False
-    try:
-        parameters = inspect.signature(method).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return all(
-        p.default is not inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters
-    )
 
 
 # --- entry point and fallback ---------------------------------------------------------------------
@@ -279,7 +240,8 @@ def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
                     *(mode.from_tensor(a) if isinstance(a, Tensor) else a for a in inputs)
                 )
         except Exception:  # noqa: BLE001 - any op fake tensors do not support: fall back to real execution
-            ShapeProp(gm).propagate(*inputs)
+            with redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback before it raises
+                ShapeProp(gm).propagate(*inputs)
             return
     for node in gm.graph.nodes:
         value = node.meta.get("val")
