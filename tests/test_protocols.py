@@ -2,10 +2,12 @@
 model zoos write them (no trainfer imports in the blocks), each checked on its own module.
 
 * ``DBBStyle``: the DiverseBranchBlock official repository's conversion: the average-pool kernel
-  comes from ``torch.zeros`` (float32, so ``1/9`` is rounded), a new ``dbb_reparam`` conv replaces
-  the branches and ``nonlinear`` keeps its name while reading another input.
-* ``ConvNorm``: timm's LeViT/RepViT convention: ``fuse()`` returns a new ``nn.Conv2d`` built in
-  float32 and filled with ``weight.data.copy_``; ``ExactConvNorm`` returns one in the weights' dtype.
+  comes from ``torch.zeros`` (the default dtype: float32 unless deploy sets it), a new
+  ``dbb_reparam`` conv replaces the branches and ``nonlinear`` keeps its name while reading another
+  input. ``DBBNumpy32`` builds that kernel as a numpy float32 array (as RepVGG's and ACNet's
+  repositories build theirs): ``1/9`` is rounded whatever torch's default dtype.
+* ``ConvNorm``: timm's LeViT/RepViT convention: ``fuse()`` returns a new ``nn.Conv2d`` (default
+  dtype) filled with ``weight.data.copy_``; ``Float32ConvNorm`` builds it as float32 explicitly.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -44,6 +47,8 @@ def trans_v_avg(channels: int, kernel_size: int) -> torch.Tensor:
 class DBBStyle(nn.Module):
     """kxk conv-BN + 1x1 conv-BN + (1x1 conv -> avg pool -> BN), then ReLU, as DBB's repository has it."""
 
+    avg_kernel = staticmethod(trans_v_avg)
+
     def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1):
         super().__init__()
         self.k, self.stride = k, stride
@@ -62,7 +67,7 @@ class DBBStyle(nn.Module):
         k_origin, b_origin = fuse_bn(self.dbb_origin[0].weight, self.dbb_origin[1])
         k_1x1, b_1x1 = fuse_bn(self.dbb_1x1[0].weight, self.dbb_1x1[1])
         first = self.dbb_avg.conv.weight
-        k_avg, b_avg = fuse_bn(trans_v_avg(first.shape[0], self.k).to(first.device), self.dbb_avg.avgbn)
+        k_avg, b_avg = fuse_bn(self.avg_kernel(first.shape[0], self.k).to(first.device), self.dbb_avg.avgbn)
         k_avg = F.conv2d(k_avg, first.permute(1, 0, 2, 3))  # DBB's transIII_1x1_kxk
         pad = [self.k // 2] * 4
         kernel, bias = k_origin + F.pad(k_1x1, pad) + k_avg, b_origin + b_1x1 + b_avg
@@ -73,8 +78,18 @@ class DBBStyle(nn.Module):
             self.__delattr__(name)
 
 
+def numpy32_avg(channels: int, kernel_size: int) -> torch.Tensor:
+    k = np.zeros((channels, channels, kernel_size, kernel_size), dtype=np.float32)
+    k[np.arange(channels), np.arange(channels), :, :] = 1.0 / kernel_size**2
+    return torch.from_numpy(k)
+
+
+class DBBNumpy32(DBBStyle):
+    avg_kernel = staticmethod(numpy32_avg)
+
+
 class ConvNorm(nn.Sequential):
-    """timm's ``ConvNorm``: ``fuse()`` returns a new float32 conv filled by ``copy_``."""
+    """timm's ``ConvNorm``: ``fuse()`` returns a new conv (default dtype) filled by ``copy_``."""
 
     def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, pad: int = 1):
         super().__init__()
@@ -94,10 +109,10 @@ class ConvNorm(nn.Sequential):
         return self._fused()
 
 
-class ExactConvNorm(ConvNorm):
+class Float32ConvNorm(ConvNorm):
     @torch.no_grad()
     def fuse(self):
-        return self._fused(dtype=self.c.weight.dtype)
+        return self._fused(dtype=torch.float32)
 
 
 def head_model(block: nn.Module, channels: int, seed: int = 0) -> nn.Module:
@@ -108,12 +123,32 @@ def head_model(block: nn.Module, channels: int, seed: int = 0) -> nn.Module:
 # --- the per-module check ---------------------------------------------------------------------------
 
 
+def dbb_model(cls: type[DBBStyle], cin: int = 3, cout: int = 8, k: int = 3, stride: int = 1) -> nn.Module:
+    return head_model(cls(cin, cout, k, stride), cout)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("k", "stride", "cin", "cout"), [(3, 1, 3, 8), (5, 2, 5, 6), (3, 2, 4, 4)])
-def test_dbb_conversion_with_float32_constants_is_undone_and_folded_exactly(dtype, k, stride, cin, cout):
-    model = head_model(DBBStyle(cin, cout, k, stride), cout).to(dtype)
+def test_dbb_conversion_builds_its_constants_in_float64(dtype, k, stride, cin, cout):
+    """torch.zeros in switch_to_deploy() made a float32 kernel: EquivalenceError (1e-8 > 1e-9) before."""
+    model = dbb_model(DBBStyle, cin, cout, k, stride).to(dtype)
     x = torch.randn(2, cin, 11, 11, dtype=dtype)
-    deployed = trainfer.deploy(model, x)  # raised EquivalenceError (1e-8 > 1e-9) when the protocol was kept
+    deployed = trainfer.deploy(model, x)
+    report = deployed.trainfer_report
+    assert report.protocols == ["0.switch_to_deploy()"] and report.protocols_rejected == []
+    assert report.verification["float64"].max_rel_error <= 1e-9
+    with torch.no_grad():
+        assert_close(deployed(x), model(x))
+    assert count_aten_ops(deployed, x)["convolution"] == 2 and batch_norm_calls(deployed, x) == 0
+    assert not hasattr(model[0], "dbb_reparam") and torch.get_default_dtype() == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("k", "stride", "cin", "cout"), [(3, 1, 3, 8), (5, 2, 5, 6), (3, 2, 4, 4)])
+def test_conversion_with_float32_constants_is_undone_and_folded_exactly(dtype, k, stride, cin, cout):
+    model = dbb_model(DBBNumpy32, cin, cout, k, stride).to(dtype)
+    x = torch.randn(2, cin, 11, 11, dtype=dtype)
+    deployed = trainfer.deploy(model, x)
     report = deployed.trainfer_report
     assert report.protocols == [] and len(report.protocols_rejected) == 1
     assert report.protocols_rejected[0].startswith("0.switch_to_deploy(): not exact in float64")
@@ -121,14 +156,12 @@ def test_dbb_conversion_with_float32_constants_is_undone_and_folded_exactly(dtyp
     assert report.verification["float64"].max_rel_error <= 1e-9
     with torch.no_grad():
         assert_close(deployed(x), model(x))
-    ops = count_aten_ops(deployed, x)
-    assert ops["convolution"] == 2 and batch_norm_calls(deployed, x) == 0
-    assert not hasattr(model[0], "dbb_reparam")  # the caller's model is untouched
+    assert count_aten_ops(deployed, x)["convolution"] == 2 and batch_norm_calls(deployed, x) == 0
 
 
 def test_trusted_inexact_protocol_is_named_as_the_divergence():
     """DBB keeps the name ``0.nonlinear`` for a ReLU reading the new conv: the locator must blame block 0."""
-    model = head_model(DBBStyle(3, 8), 8)
+    model = dbb_model(DBBNumpy32)
     with torch.no_grad():  # the average-pool branch dominates: its float32 kernel shows at the output
         model[0].dbb_origin[1].weight.mul_(0.01)
         model[0].dbb_1x1[1].weight.mul_(0.01)
@@ -142,9 +175,9 @@ def test_trusted_inexact_protocol_is_named_as_the_divergence():
 
 
 def test_divergence_locator_never_pairs_names_inside_a_converted_module():
-    reference = head_model(DBBStyle(3, 8), 8).double().eval()
+    reference = dbb_model(DBBNumpy32).double().eval()
     candidate = copy.deepcopy(reference)
-    candidate[0].switch_to_deploy()  # float32 avg kernel: 0.nonlinear now differs by ~1e-8
+    candidate[0].switch_to_deploy()  # float32 avg kernel: 0.nonlinear now differs by ~1e-9
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
     blind = trainfer.verify(reference, candidate, x, dtypes=(torch.float64,), rtol=1e-11)
     assert blind.divergence == "0.nonlinear"  # a reused name: the ReLU is not what went wrong
@@ -158,7 +191,7 @@ def test_nested_protocols_fall_back_to_the_exact_inner_ones():
 
         def __init__(self):
             super().__init__()
-            self.dbb = DBBStyle(4, 4)
+            self.dbb = DBBNumpy32(4, 4)
             self.rep = RepVGGBlock(4, 4)
 
         def switch_to_deploy(self):
@@ -170,13 +203,14 @@ def test_nested_protocols_fall_back_to_the_exact_inner_ones():
 
     model = randomize_batchnorm(nn.Sequential(Stage(), nn.Conv2d(4, 2, 1)))
     x = torch.randn(1, 4, 8, 8)
-    report = trainfer.deploy(model, x).trainfer_report
+    deployed = trainfer.deploy(model, x)
+    report = deployed.trainfer_report
     assert report.protocols == ["0.rep.reparameterize()"]
     assert [line.split(":")[0] for line in report.protocols_rejected] == [
         "0.switch_to_deploy()",
         "0.dbb.switch_to_deploy()",
     ]
-    assert batch_norm_calls(trainfer.deploy(model, x), x) == 0
+    assert batch_norm_calls(deployed, x) == 0
 
 
 def test_a_protocol_that_raises_is_undone_and_reported():
@@ -207,7 +241,7 @@ def test_protocol_of_a_module_that_never_runs_is_kept_unchecked():
         def __init__(self):
             super().__init__()
             self.used = nn.Conv2d(3, 3, 1)
-            self.aux = ExactConvNorm(3, 3)
+            self.aux = ConvNorm(3, 3)
 
         def forward(self, x):
             return self.used(x)
@@ -221,28 +255,31 @@ def test_protocol_of_a_module_that_never_runs_is_kept_unchecked():
 # --- timm's convention: fuse() returns a new module --------------------------------------------------
 
 
-def test_fuse_returning_a_new_module_replaces_it_in_its_parent():
-    model = head_model(ExactConvNorm(3, 8), 8)
-    x = torch.randn(2, 3, 7, 7)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fuse_returning_a_new_module_replaces_it_in_its_parent(dtype):
+    model = head_model(ConvNorm(3, 8), 8).to(dtype)
+    x = torch.randn(2, 3, 7, 7, dtype=dtype)
     deployed = trainfer.deploy(model, x)  # raised TypeError "...returned a new module" before
     assert deployed.trainfer_report.protocols == ["0.fuse()"]
+    assert deployed.trainfer_report.verification["float64"].max_rel_error <= 1e-9
     with torch.no_grad():
         assert_close(deployed(x), model(x))
     assert batch_norm_calls(deployed, x) == 0
 
 
 def test_fuse_of_the_root_returns_the_new_root():
-    model = randomize_batchnorm(ExactConvNorm(3, 4)).double().eval()
+    model = randomize_batchnorm(ConvNorm(3, 4)).double().eval()
     x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
     converted, log = apply_protocols(copy.deepcopy(model), (x,))
     assert type(converted) is nn.Conv2d and [c.call for c in log.kept] == ["model.fuse()"]
+    assert converted.weight.dtype == torch.float64
     with torch.no_grad():
         assert_close(converted(x), model(x))
 
 
 def test_float32_module_built_by_fuse_is_cast_and_then_judged(capfd):
-    """timm's fuse() leaves float32 weights in the float64 fold: cast, check, undo (inexact), fold."""
-    model = head_model(ConvNorm(3, 8), 8)
+    """A fuse() building a float32 layer left it in the float64 fold: cast, check, undo (inexact), fold."""
+    model = head_model(Float32ConvNorm(3, 8), 8)
     x = torch.randn(2, 3, 7, 7)
     deployed = trainfer.deploy(model, x)
     assert deployed.trainfer_report.protocols_rejected[0].startswith("0.fuse(): not exact in float64")

@@ -7,9 +7,13 @@ converts the module in place (returns ``None`` or the module itself), or it retu
 that takes the old one's place in its parent (timm's ``setattr(parent, name, child.fuse())``).
 
 A conversion is only as exact as its author made it: DBB builds its average-pool kernel with
-``torch.zeros`` (float32, so ``1/9`` is rounded), timm's ``fuse()`` copies fused weights into a
-freshly built float32 ``nn.Conv2d``. Such a model is float32-exact at best, and a float64 proof of
-equivalence would reject it. So, when example inputs are given, :func:`apply_protocols`
+``torch.zeros`` (the default dtype, float32, so ``1/9`` is rounded), timm's ``fuse()`` copies
+fused weights into a freshly built ``nn.Conv2d`` (float32 by default). Such a model is
+float32-exact at best, and a float64 proof of equivalence would reject it. So each method runs
+with torch's default dtype set to the module's own (float64 inside ``deploy``): what it creates
+with the default dtype is then as precise as its weights. What is still not exact (an explicit
+``dtype=torch.float32``, a numpy float32 constant) is caught: when example inputs are given,
+:func:`apply_protocols`
 
 1. runs the model once, recording the first call (inputs, output) of every module that has a
    protocol;
@@ -213,7 +217,7 @@ class _Converter:
         dtype = model_dtype(module)
         original = copy.deepcopy(module)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _default_dtype(dtype):
                 result = getattr(module, method)()
         except Exception as error:  # noqa: BLE001 - a model's own conversion code can raise anything
             _restore(module, original)
@@ -265,6 +269,18 @@ def _check(converted: nn.Module, call: _Call, dtype: torch.dtype, rtol: float | 
         f"not exact in {str(dtype).removeprefix('torch.')} (max rel error {worst.max_rel_error:.1e} "
         f"> {tolerance:.0e} on the example inputs)"
     )
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """torch's default dtype set to ``dtype`` (floating dtypes only), restored on exit."""
+    previous = torch.get_default_dtype()
+    if dtype.is_floating_point:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _restore(module: nn.Module, original: nn.Module) -> None:
