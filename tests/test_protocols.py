@@ -346,3 +346,13 @@ def test_shape_propagation_failure_prints_no_traceback(capfd):
     with pytest.raises(RuntimeError, match="ShapeProp error"):
         fold(model, (torch.randn(1, 3, 5, 5, dtype=torch.float64),))
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_verification_on_smaller_inputs_than_the_example():
+    model = dbb_model(DBBNumpy32)
+    deployed = trainfer.deploy(model, torch.randn(1, 3, 32, 32), verify_inputs=torch.randn(2, 3, 9, 9))
+    equivalence = deployed.trainfer_report.verification["float64"]
+    assert equivalence.ok and equivalence.inputs_checked == 3
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(deployed(x), model(x))

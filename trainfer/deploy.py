@@ -143,6 +143,7 @@ def deploy(
     rtol: float | None = None,
     atol: float | None = None,
     protocols: bool | str = True,
+    verify_inputs: Any = None,
 ) -> nn.Module:
     """The inference form of ``model``: one conv per linear region, nothing that does not run.
 
@@ -152,9 +153,13 @@ def deploy(
     that is float64-exact on its module; ``"trust"`` keeps every conversion as its author wrote
     it (an inexact one then fails verification, which names it); ``False`` relies on the folder alone.
     ``rtol``/``atol`` override the per-dtype tolerance of the model-dtype check.
+    ``verify_inputs`` (a tensor or tuple, like ``example_inputs``): verify on these and random
+    inputs of their shapes instead of the example's, e.g. a smaller image for a fully
+    convolutional model (the folded weights do not depend on the input size; what a smaller input
+    proves is in docs/deploy-protocols.md). The fold itself always traces ``example_inputs``.
     Raises :class:`trainfer.EquivalenceError` (with the report) if verification fails.
     """
-    deployed, report = _deploy(model, example_inputs, inplace, verify, rtol, atol, protocols)
+    deployed, report = _deploy(model, example_inputs, inplace, verify, rtol, atol, protocols, verify_inputs)
     if not report.ok:
         raise EquivalenceError(report.failure(), report)
     return deployed
@@ -162,7 +167,7 @@ def deploy(
 
 def explain(model: nn.Module, example_inputs: Any, *, protocols: bool | str = True) -> DeployReport:
     """The :class:`DeployReport` of deploying ``model``, verification errors included (never raises them)."""
-    return _deploy(model, example_inputs, False, True, None, None, protocols)[1]
+    return _deploy(model, example_inputs, False, True, None, None, protocols, None)[1]
 
 
 def _deploy(
@@ -173,6 +178,7 @@ def _deploy(
     rtol: float | None,
     atol: float | None,
     protocols: bool | str,
+    verify_inputs: Any,
 ) -> tuple[nn.Module, DeployReport]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"deploy expects an nn.Module; got {type(model).__name__}")
@@ -181,6 +187,7 @@ def _deploy(
     arguments = as_arguments(example_inputs)
     dtype = model_dtype(model)
     arguments = _cast(arguments, dtype)
+    checked = arguments if verify_inputs is None else _cast(as_arguments(verify_inputs), dtype)
     report = DeployReport(type(model).__name__, options={"protocols": protocols})
     working = model.eval() if inplace else _inference_copy(model)
     report.hooks_not_carried = _strip_hooks(working)
@@ -203,7 +210,7 @@ def _deploy(
         report.verification["float64"] = verify(
             reference,
             folded,
-            arguments,
+            checked,
             rtol=TOLERANCE[torch.float64],
             dtypes=(torch.float64,),
             pairs=pairs,
@@ -214,7 +221,7 @@ def _deploy(
     report.removed += _vanished(leaves, deployed, report)
     if reference is not None:
         report.verification[str(dtype).removeprefix("torch.")] = verify(
-            reference, deployed, arguments, rtol=rtol, atol=atol, dtypes=(dtype,), pairs=pairs, opaque=converted
+            reference, deployed, checked, rtol=rtol, atol=atol, dtypes=(dtype,), pairs=pairs, opaque=converted
         )
     _blame_inexact_protocols(report, calls)
     config = getattr(model, "trainfer_config", None)

@@ -238,11 +238,12 @@ def _errors(actual: Tensor, expected: Tensor) -> tuple[float, float, float]:
     """``(max |a - e|, that / max |e|, max |e|)`` over finite entries; mismatched NaN/inf -> infinite error."""
     actual, expected = actual.detach().double(), expected.detach().double()
     finite = torch.isfinite(expected)
-    if not torch.equal(finite, torch.isfinite(actual)) or not torch.equal(
-        actual[~finite].nan_to_num(), expected[~finite].nan_to_num()
-    ):
-        return _INF, _INF, 1.0
-    actual, expected = actual[finite], expected[finite]
+    if not (bool(finite.all()) and bool(torch.isfinite(actual).all())):  # masked copies only when needed
+        if not torch.equal(finite, torch.isfinite(actual)) or not torch.equal(
+            actual[~finite].nan_to_num(), expected[~finite].nan_to_num()
+        ):
+            return _INF, _INF, 1.0
+        actual, expected = actual[finite], expected[finite]
     if expected.numel() == 0:
         return 0.0, 0.0, 0.0
     difference, scale = float((actual - expected).abs().max()), float(expected.abs().max())
