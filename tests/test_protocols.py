@@ -28,6 +28,12 @@ from trainfer.protocols import apply_protocols
 from trainfer.testing import assert_close, batch_norm_calls, count_aten_ops, randomize_batchnorm
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Fixed weights and inputs: whether a float32 constant shows above a tolerance must not be luck."""
+    torch.manual_seed(0)
+
+
 def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, padding, bias=False), nn.BatchNorm2d(cout))
 
@@ -161,10 +167,10 @@ def test_conversion_with_float32_constants_is_undone_and_folded_exactly(dtype, k
 
 def test_trusted_inexact_protocol_is_named_as_the_divergence():
     """DBB keeps the name ``0.nonlinear`` for a ReLU reading the new conv: the locator must blame block 0."""
-    model = dbb_model(DBBNumpy32)
+    model = dbb_model(DBBNumpy32, k=5)  # float32(1/25) is 2.2e-8 off (float32(1/9): 3e-9)
     with torch.no_grad():  # the average-pool branch dominates: its float32 kernel shows at the output
-        model[0].dbb_origin[1].weight.mul_(0.01)
-        model[0].dbb_1x1[1].weight.mul_(0.01)
+        model[0].dbb_origin[1].weight.zero_()
+        model[0].dbb_1x1[1].weight.zero_()
     x = torch.randn(2, 3, 9, 9)
     with pytest.raises(trainfer.EquivalenceError) as caught:
         trainfer.deploy(model, x, protocols="trust")
