@@ -417,8 +417,17 @@ class Gate(nn.Module):
         return x if x.mean() > -100 else -x  # data-dependent control flow
 
 
+class GatedSequential(nn.Sequential):
+    """A Sequential whose own forward has data-dependent control flow."""
+
+    def forward(self, x):
+        for layer in self:
+            x = layer(x) if x.mean() > -100 else x
+        return x
+
+
 def test_untraceable_sequential_fuses_adjacent_conv_and_linear_batch_norm_pairs():
-    model = nn.Sequential(
+    model = GatedSequential(
         nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), Gate(),
         nn.Flatten(), nn.Linear(4 * 25, 5), nn.BatchNorm1d(5),
     )  # fmt: skip
@@ -427,6 +436,20 @@ def test_untraceable_sequential_fuses_adjacent_conv_and_linear_batch_norm_pairs(
     assert bns(gm, x) == 0 and convs(gm, x) == 1
     assert [r.name for r in log.regions] == ["0", "5"]
     assert log.fallbacks[0].startswith("model: not traceable") and log.fallbacks[1].startswith("3: not traceable")
+
+
+def test_untraceable_module_in_a_sequential_stays_opaque_and_the_sequential_folds_around_it():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), Gate(),
+        nn.Flatten(), nn.Linear(4 * 25, 5), nn.BatchNorm1d(5),
+    )  # fmt: skip
+    x = torch.randn(2, 3, 5, 5)
+    gm, log = folded(model, x)
+    assert bns(gm, x) == 0 and convs(gm, x) == 1
+    assert [r.members for r in log.regions] == [["0", "1"], ["5", "6"]]
+    assert any(item.startswith("3: not traceable by torch.fx (TraceError") for item in log.kept), log.kept
+    assert log.fallbacks == ["3: not traceable (TraceError: symbolically traced variables cannot be used as "
+                             "inputs to control flow); folded its children separately"]  # fmt: skip
 
 
 def test_algebra_aligns_the_dilation_of_pointwise_branches():

@@ -32,6 +32,8 @@ __all__ = [
     "avg_pool",
     "batch_norm_affine",
     "channel_affine",
+    "crop",
+    "crop_input",
     "fuse_bn",
     "fuse_bn_linear",
     "fuse_linear_bn",
@@ -270,6 +272,53 @@ def avg_pool(
     return ConvOp(weight, weight.new_zeros(channels), stride_, _pair(padding), (1, 1), groups or channels)
 
 
+def crop(
+    channels: int,
+    rows: int,
+    cols: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> ConvOp:
+    """``x[:, :, rows:-rows, cols:-cols]`` (0: that dimension uncropped) as a depthwise conv.
+
+    One tap of 1 at the centre of a ``(2 rows + 1) x (2 cols + 1)`` kernel, no padding: output
+    pixel ``(i, j)`` reads input ``(i + rows, j + cols)``, and the output is ``2 rows x 2 cols`` smaller.
+    """
+    centred = identity(channels, (2 * rows + 1, 2 * cols + 1), channels, dtype=dtype, device=device)
+    return replace(centred, padding=(0, 0))
+
+
+def _crop_of(op: ConvOp) -> Pair | None:
+    """``(rows, cols)`` if ``op`` is exactly :func:`crop`'s operator, else None."""
+    kh, kw = op.kernel_size
+    plain = op.stride == op.dilation == (1, 1) and op.padding == (0, 0) and kh % 2 == kw % 2 == 1
+    if not plain or op.groups != op.out_channels or op.in_channels != op.out_channels or bool(op.bias.any()):
+        return None
+    rows, cols = kh // 2, kw // 2
+    expected = crop(op.out_channels, rows, cols, dtype=op.weight.dtype, device=op.weight.device)
+    return (rows, cols) if torch.equal(op.weight, expected.weight) else None
+
+
+def crop_input(op: ConvOp, rows: int, cols: int) -> ConvOp:
+    """``op`` applied to its input cropped by ``rows``/``cols`` on each side, as one conv on the whole input.
+
+    In a cropped dimension ``op`` must not pad (ACNet's 1xk branches with ``padding < k // 2`` do
+    not): cropping ``c`` pixels then padding would put zeros where the whole input has pixels.
+    Then output pixel ``j`` reads from ``j * stride + c`` on: the kernel grows by ``c / dilation``
+    zero taps on each side (exact iff the dilation divides ``c``), still without padding.
+    """
+    grow = []
+    for c, p, d in zip((rows, cols), op.padding, op.dilation):
+        if c and p:
+            raise AlgebraError(f"a crop of {c} followed by zero padding {p} is not a conv of the uncropped input")
+        if c % d:
+            raise AlgebraError(f"a crop of {c} is not a whole number of taps at dilation {d}")
+        grow.append(c // d)
+    weight = nn.functional.pad(op.weight, (grow[1], grow[1], grow[0], grow[0]))
+    return replace(op, weight=weight)
+
+
 # --- Reshaping operators so that they can be combined ---------------------------------------------
 
 
@@ -386,8 +435,9 @@ def _is_pointwise(op: ConvOp) -> bool:
 
 
 def sequential(first: ConvOp, second: ConvOp) -> ConvOp:
-    """The composition ``second(first(x))`` when one of the two is a 1x1 conv.
+    """The composition ``second(first(x))`` when one of the two is a 1x1 conv, or ``first`` a crop.
 
+    * ``first`` is a :func:`crop`: ``second`` reads the uncropped input (:func:`crop_input`).
     * ``first`` is 1x1 with stride 1 (DBB's 1x1 -> kxk branch):
       ``W[o, c] = sum_m W2[o, m] W1[m, c]`` per tap, ``b = b2 + sum_{m, taps} W2[o, m] b1[m]``,
       padding ``p1 + p2``. If ``second`` zero-pads (``p2 > 0``) while ``b1 != 0``, the border
@@ -402,6 +452,9 @@ def sequential(first: ConvOp, second: ConvOp) -> ConvOp:
     """
     if first.out_channels != second.in_channels:
         raise AlgebraError(f"first conv gives {first.out_channels} channels, second expects {second.in_channels}")
+    cropped = _crop_of(first)
+    if cropped is not None:
+        return crop_input(second, *cropped)
     if _is_pointwise(first) and first.dilation == (1, 1):
         if second.padding != (0, 0) and bool(first.bias.any()) and first.padding == (0, 0):
             raise AlgebraError(

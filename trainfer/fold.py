@@ -20,9 +20,12 @@ they used, disappear.
 A BatchNorm left alone between two non-linearities stays a BatchNorm: in eval mode it is one
 per-channel affine kernel, cheaper than the depthwise 1x1 convolution it could become.
 
-When a module cannot be traced (data-dependent control flow), :func:`fold` folds each of its
-children separately, fuses Conv->BatchNorm pairs that are adjacent in an ``nn.Sequential``, and
-records the fallback. The module-level protocols models carry (``reparameterize()``,
+When a submodule's ``forward`` cannot be traced (item assignment, data-dependent control flow),
+it stays one opaque op of its parent's graph (:mod:`trainfer.fold_trace`), which is folded around
+it; the opaque module is listed under "not folded" and its own insides are folded separately.
+When a module's own ``forward`` cannot be traced, :func:`fold` folds each of its children
+separately, fuses Conv->BatchNorm pairs that are adjacent in an ``nn.Sequential``, and records the
+fallback. The module-level protocols models carry (``reparameterize()``,
 ``switch_to_deploy()``, ``fuse()``) run before, in :mod:`trainfer.protocols`.
 """
 
@@ -47,6 +50,8 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from trainfer import algebra
 from trainfer.algebra import AlgebraError, ConvOp
+from trainfer.fold_passes import move_batch_norms_into_heads, resolve_rank_checks
+from trainfer.fold_trace import Untraceable, is_leaf, trace, trace_around_untraceable
 
 __all__ = ["FoldLog", "FoldedRegion", "fold", "trace"]
 
@@ -77,50 +82,6 @@ class FoldLog:
     fallbacks: list[str] = field(default_factory=list)
 
 
-# --- tracing --------------------------------------------------------------------------------------
-
-
-def _is_torch_nn(function: Any) -> bool:
-    return getattr(function, "__module__", "").startswith(("torch.nn", "torch.ao.nn"))
-
-
-def _is_leaf(module: nn.Module) -> bool:
-    """A ``torch.nn`` layer: its ``forward`` is torch's own and it is not a container."""
-    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-    return _is_torch_nn(type(module).forward) and not isinstance(module, containers)
-
-
-class _EvalTracer(fx.Tracer):
-    """Trace through everything that is not a ``torch.nn`` layer.
-
-    A module is a leaf iff its ``forward`` is torch's own (``nn.Conv2d``, a user ``class
-    MyBN(nn.BatchNorm2d): pass``), containers excepted. Subclasses that override ``forward`` (a
-    BatchNorm with an extra activation, a weight-standardised conv) are traced into, so what they
-    compute appears as ``F.batch_norm``/``F.conv2d`` calls on parameters.
-    """
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return _is_leaf(m)
-
-
-def _accept_any_dim(input: Tensor) -> None:
-    """Stand-in for ``_check_input_dim``, whose ``if input.dim() != 4`` cannot be traced."""
-
-
-def trace(model: nn.Module) -> fx.GraphModule:
-    """``torch.fx`` trace of ``model`` in its current mode with :class:`_EvalTracer`.
-
-    BatchNorm subclasses that override ``forward`` and call ``super().forward`` get their input
-    rank check disabled (on this instance) so that the trace can see through them.
-    """
-    for module in model.modules():
-        if isinstance(module, _BatchNorm) and not _is_torch_nn(type(module).forward):
-            module._check_input_dim = _accept_any_dim
-    tracer = _EvalTracer()
-    graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
-
-
 # --- entry point and fallback ---------------------------------------------------------------------
 
 
@@ -135,15 +96,36 @@ def fold(model: nn.Module, example_inputs: Sequence[Any]) -> tuple[nn.Module, Fo
 
 
 def _fold_module(module: nn.Module, inputs: tuple[Any, ...], prefix: str, log: FoldLog) -> nn.Module:
+    """Fold ``module`` as one graph, its untraceable submodules kept as opaque leaves (their insides
+    folded separately); if its own ``forward`` cannot be traced, fold its children separately."""
     try:
-        gm = trace(module)
-    except Exception as error:  # noqa: BLE001 - user forward code can raise anything on fx proxies
+        gm, opaque = trace_around_untraceable(module)
+    except Untraceable as untraceable:
         where = prefix.rstrip(".") or "model"
-        log.fallbacks.append(
-            f"{where}: not traceable ({type(error).__name__}: {_first_line(error)}); folded its children separately"
-        )
+        log.fallbacks.append(f"{where}: not traceable ({_reason(untraceable.error)}); folded its children separately")
         return _fold_children(module, inputs, prefix, log)
+    _fold_opaque(gm, opaque, inputs, prefix, log)
     return _GraphFolder(gm, prefix, log).run(inputs)
+
+
+def _fold_opaque(
+    gm: fx.GraphModule, opaque: dict[str, Exception], inputs: tuple[Any, ...], prefix: str, log: FoldLog
+) -> None:
+    """Record each opaque module under "not folded" with its reason, and fold its insides on their own."""
+    if not opaque:
+        return
+    with _recorded_inputs(gm, list(opaque)) as recorded, torch.no_grad():
+        gm(*inputs)
+    for name, error in opaque.items():
+        log.kept.append(
+            f"{prefix}{name}: not traceable by torch.fx ({_reason(error)}); kept as one opaque op, folded around"
+        )
+        if name in recorded:
+            gm.set_submodule(name, _fold_module(gm.get_submodule(name), recorded[name], f"{prefix}{name}.", log))
+
+
+def _reason(error: Exception) -> str:
+    return f"{type(error).__name__}: {_first_line(error)}"
 
 
 def _first_line(error: Exception) -> str:
@@ -151,8 +133,8 @@ def _first_line(error: Exception) -> str:
 
 
 @contextmanager
-def _recorded_child_inputs(module: nn.Module) -> Iterator[dict[str, tuple[Any, ...]]]:
-    """Record the positional inputs of each direct child's first call (pre-hooks, always removed)."""
+def _recorded_inputs(module: nn.Module, names: Sequence[str]) -> Iterator[dict[str, tuple[Any, ...]]]:
+    """Record the positional inputs of each named submodule's first call (pre-hooks, always removed)."""
     inputs: dict[str, tuple[Any, ...]] = {}
     handles = []
 
@@ -163,8 +145,8 @@ def _recorded_child_inputs(module: nn.Module) -> Iterator[dict[str, tuple[Any, .
         return hook
 
     try:
-        for name, child in module.named_children():
-            handles.append(child.register_forward_pre_hook(hook_for(name)))
+        for name in names:
+            handles.append(module.get_submodule(name).register_forward_pre_hook(hook_for(name)))
         yield inputs
     finally:
         for handle in handles:
@@ -172,10 +154,10 @@ def _recorded_child_inputs(module: nn.Module) -> Iterator[dict[str, tuple[Any, .
 
 
 def _fold_children(module: nn.Module, inputs: tuple[Any, ...], prefix: str, log: FoldLog) -> nn.Module:
-    with _recorded_child_inputs(module) as child_inputs, torch.no_grad():
+    with _recorded_inputs(module, [name for name, _ in module.named_children()]) as child_inputs, torch.no_grad():
         module(*inputs)
     for name, child in list(module.named_children()):
-        if name in child_inputs and not _is_leaf(child):
+        if name in child_inputs and not is_leaf(child):
             setattr(module, name, _fold_module(child, child_inputs[name], f"{prefix}{name}.", log))
     if isinstance(module, nn.Sequential):
         _fuse_sequential_pairs(module, prefix, log)
@@ -187,7 +169,7 @@ def _fuse_sequential_pairs(sequence: nn.Sequential, prefix: str, log: FoldLog) -
     names = list(sequence._modules)
     for first, second in zip(names, names[1:]):
         layer, bn = sequence._modules[first], sequence._modules[second]
-        if type(layer) not in (nn.Conv2d, nn.Linear) or not isinstance(bn, _BatchNorm) or not _is_leaf(bn):
+        if type(layer) not in (nn.Conv2d, nn.Linear) or not isinstance(bn, _BatchNorm) or not is_leaf(bn):
             continue
         try:
             if isinstance(layer, nn.Conv2d):
@@ -343,16 +325,9 @@ class _GraphFolder:
         self._drop_eval_noops()
         self._split_padding_modes()
         _propagate_shapes(self.gm, inputs)
-        roots = self._regions()
-        while costly := [(root, expr) for root, expr in roots if _macs(expr.op, root) > expr.cost]:
-            for root, expr in costly:
-                split = next(m for m in expr.members if _macs(self.exprs[m].op, m) > self.exprs[m].cost)
-                self.forced.update(node for node in split.all_input_nodes if node in self.exprs[split].members)
-                self.splits.append(
-                    f"{self._name(root)}: one conv would cost {_macs(expr.op, root)} multiply-adds instead of "
-                    f"{expr.cost}; folded in parts"
-                )
-            roots = self._regions()
+        resolve_rank_checks(self.gm.graph)
+        move_batch_norms_into_heads(self.gm)
+        roots = self._settle_costs(self._regions())
         self.log.kept += self.kept + self.splits
         replaced: dict[fx.Node, fx.Node] = {}
         for root, expr in roots:  # in graph order, so an anchor is replaced before regions read it
@@ -360,6 +335,38 @@ class _GraphFolder:
         self.gm.graph.eliminate_dead_code()
         self.gm.graph.lint()
         return fx.GraphModule(self.gm, self.gm.graph, self.gm.__class__.__name__)
+
+    def _settle_costs(self, roots: list[tuple[fx.Node, _Expr]]) -> list[tuple[fx.Node, _Expr]]:
+        """Split every region whose single conv would cost more multiply-adds than its ops, until none does.
+
+        Finite: each round forces at least one node that was not forced before (see
+        :meth:`_split_point`), and ``self.forced`` is a set of graph nodes, so there are at most
+        ``len(graph.nodes)`` rounds.
+        """
+        while costly := [(root, expr) for root, expr in roots if _macs(expr.op, root) > expr.cost]:
+            before = len(self.forced)
+            for root, expr in costly:
+                self.forced.update(self._split_point(expr))
+                self.splits.append(
+                    f"{self._name(root)}: one conv would cost {_macs(expr.op, root)} multiply-adds instead of "
+                    f"{expr.cost}; folded in parts"
+                )
+            if len(self.forced) == before:  # cannot happen (see _split_point); never loop on it
+                raise AssertionError(f"cost split made no progress on {[self._name(r) for r, _ in costly]}")
+            roots = self._regions()
+        return roots
+
+    def _split_point(self, expr: _Expr) -> set[fx.Node]:
+        """The nodes to materialise so that the costly region ``expr`` breaks at its first costly member.
+
+        ``split`` is the first member whose own region costs more as one conv than its ops. Its
+        inputs inside that region are forced; they were absorbed, hence not forced yet. If it has
+        none, ``split`` is the first op of its chain (an average pool on the anchor, say): it is
+        forced itself, and it was not forced yet either, since the region's consumer absorbed it.
+        """
+        split = next(m for m in expr.members if _macs(self.exprs[m].op, m) > self.exprs[m].cost)
+        inputs = {node for node in split.all_input_nodes if node in self.exprs[split].members}
+        return inputs or {split}
 
     def _regions(self) -> list[tuple[fx.Node, _Expr]]:
         """Build every node's linear expression; return the roots of regions with two or more ops."""
@@ -484,11 +491,15 @@ class _GraphFolder:
             return self._add(node, key in _SUB)
         if key in _MUL | _DIV:
             return self._scale(node, divide=key in _DIV)
+        if key is operator.getitem and rank == 4:
+            return self._crop(node)
         if key in _NEG:
             return self._chain(node, node.args[0], self._affine(node, torch.tensor(-1.0), None))
         return None
 
     def _module_step(self, node: fx.Node, module: nn.Module, rank: int) -> _Expr | None:
+        if not is_leaf(module):
+            return None  # an opaque (untraceable) module: whatever its class, its forward is its own
         source = node.args[0] if node.args else None
         if isinstance(module, nn.Conv2d) and rank == 4:
             try:
@@ -595,8 +606,12 @@ class _GraphFolder:
     def _avg_pool(self, node: fx.Node, bound: dict[str, Any]) -> _Expr | None:
         if not _static(*(bound[k] for k in ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"))):
             return None
-        if bound["ceil_mode"] or not bound["count_include_pad"] or bound["divisor_override"] is not None:
-            self.kept.append(f"{self._name(node)}: only avg-pool with count_include_pad=True, ceil_mode=False folds")
+        padded = algebra._pair(bound["padding"]) != (0, 0)
+        if bound["ceil_mode"] or (padded and not bound["count_include_pad"]) or bound["divisor_override"] is not None:
+            self.kept.append(
+                f"{self._name(node)}: only avg-pool with ceil_mode=False and, when it pads, count_include_pad=True "
+                "folds (otherwise border windows have their own divisor)"
+            )
             return None
 
         def step(previous: ConvOp | None, anchor: fx.Node) -> ConvOp:
@@ -612,6 +627,19 @@ class _GraphFolder:
             return pool if previous is None else algebra.sequential(previous, pool)
 
         return self._chain(node, bound["input"], step)
+
+    def _crop(self, node: fx.Node) -> _Expr | None:
+        """``x[:, :, c:-c, :]`` and the like (ACNet's crop before a 1xk conv): a shift the next conv absorbs."""
+        rows_cols = _symmetric_crop(node.args[1]) if len(node.args) == 2 else None
+        if rows_cols is None:
+            return None
+
+        def step(previous: ConvOp | None, anchor: fx.Node) -> ConvOp:
+            meta = node.meta["tensor_meta"]
+            op = algebra.crop(meta.shape[1], *rows_cols, dtype=meta.dtype, device=self.device)
+            return op if previous is None else algebra.sequential(previous, op)
+
+        return self._chain(node, node.args[0], step)
 
     def _scale(self, node: fx.Node, divide: bool) -> _Expr | None:
         """``x * c`` / ``x / c`` with ``c`` a constant scalar or per-channel tensor."""
@@ -634,8 +662,9 @@ class _GraphFolder:
         return None
 
     def _tensor_or_number(self, value: Any) -> Tensor | None:
+        """A constant operand as a tensor; Python numbers in float64, so ``x * 0.1`` folds to 0.1's double."""
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return torch.tensor(float(value))
+            return torch.tensor(float(value), dtype=torch.float64, device=self.device)
         return self._tensor_constant(value) if isinstance(value, fx.Node) else None
 
     def _channel_vector(self, node: fx.Node, constant: Tensor | None) -> Tensor | None:
@@ -689,9 +718,20 @@ class _GraphFolder:
         elif node.target in _CONV or node.target in _LINEAR:
             weight = self._tensor_constant(node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None))
         if weight is None:
-            return _numel(node)
+            return _numel(node) * self._pool_taps(node)
         taps = weight.shape[2] * weight.shape[3] if weight.dim() == 4 else 1
         return _numel(node) * weight.shape[1] * taps
+
+    def _pool_taps(self, node: fx.Node) -> int:
+        """``kh * kw`` for an average pool (each output sums that many inputs), 1 for other elementwise ops."""
+        if node.op == "call_module" and isinstance(self.modules[node.target], nn.AvgPool2d):
+            kernel = self.modules[node.target].kernel_size
+        elif node.op == "call_function" and node.target in _AVG_POOL:
+            kernel = _bind(node, "avg_pool")["kernel_size"]
+        else:
+            return 1
+        kh, kw = algebra._pair(kernel)
+        return kh * kw
 
     def _add(self, node: fx.Node, subtract: bool) -> _Expr | None:
         """Branches of one anchor add up; ``x + c`` with a per-channel constant shifts the bias."""
@@ -789,6 +829,23 @@ class _GraphFolder:
 
 
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _symmetric_crop(index: Any) -> tuple[int, int] | None:
+    """``(rows, cols)`` for an index ``[:, :, r:-r, c:-c]`` (``:`` for 0), on any input size; else None."""
+    if not isinstance(index, tuple) or len(index) != 4 or any(not isinstance(i, slice) for i in index):
+        return None
+    if any(i != slice(None) for i in index[:2]):
+        return None
+    crops = []
+    for part in index[2:]:
+        if part == slice(None):
+            crops.append(0)
+        elif part.step is None and isinstance(part.start, int) and part.start > 0 and part.stop == -part.start:
+            crops.append(part.start)
+        else:
+            return None
+    return crops[0], crops[1]
 
 
 def _static(*values: Any) -> bool:

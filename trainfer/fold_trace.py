@@ -1,0 +1,106 @@
+"""Tracing for the folder: ``torch.fx`` in eval mode, with untraceable modules kept as opaque leaves.
+
+:func:`trace` sees through every module that is not a ``torch.nn`` layer, so what user blocks
+compute appears as calls on parameters. When some module's ``forward`` cannot be traced (item
+assignment on a tensor, data-dependent control flow), :func:`trace_around_untraceable` finds the
+innermost such module, makes it a leaf (one ``call_module`` node whose insides the folder does not
+see) and traces again, so that one untraceable op does not switch folding off above it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["Untraceable", "is_leaf", "trace", "trace_around_untraceable"]
+
+#: The attribute an exception carries, once, naming the innermost module whose forward raised it.
+_CULPRIT = "_trainfer_untraceable_module"
+
+
+def is_torch_nn(function: Any) -> bool:
+    """``function`` is defined by ``torch.nn`` (a layer's own ``forward``)."""
+    return getattr(function, "__module__", "").startswith(("torch.nn", "torch.ao.nn"))
+
+
+def is_leaf(module: nn.Module) -> bool:
+    """A ``torch.nn`` layer: its ``forward`` is torch's own and it is not a container."""
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    return is_torch_nn(type(module).forward) and not isinstance(module, containers)
+
+
+class _EvalTracer(fx.Tracer):
+    """Trace through everything that is not a ``torch.nn`` layer, except the ``opaque`` modules.
+
+    A module is a leaf iff its ``forward`` is torch's own (``nn.Conv2d``, a user ``class
+    MyBN(nn.BatchNorm2d): pass``), containers excepted, or it is named in ``opaque``. Subclasses
+    that override ``forward`` (a BatchNorm with an extra activation, a weight-standardised conv)
+    are traced into, so what they compute appears as ``F.batch_norm``/``F.conv2d`` calls on
+    parameters. An exception raised while tracing a module's ``forward`` is tagged with that
+    module's name (the innermost one: tags are never overwritten on the way out).
+    """
+
+    def __init__(self, opaque: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.opaque = opaque
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_leaf(m) or module_qualified_name in self.opaque
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as error:
+            if not hasattr(error, _CULPRIT):
+                try:
+                    setattr(error, _CULPRIT, self.path_of_module(m))
+                except (NameError, AttributeError):  # a module built inside forward: no name to make a leaf of
+                    pass
+            raise
+
+
+def _accept_any_dim(input: Tensor) -> None:
+    """Stand-in for ``_check_input_dim``, whose ``if input.dim() != 4`` cannot be traced."""
+
+
+def trace(model: nn.Module, opaque: frozenset[str] = frozenset()) -> fx.GraphModule:
+    """``torch.fx`` trace of ``model`` in its current mode; modules named in ``opaque`` stay leaves.
+
+    BatchNorm subclasses that override ``forward`` and call ``super().forward`` get their input
+    rank check disabled (on this instance) so that the trace can see through them.
+    """
+    for module in model.modules():
+        if isinstance(module, _BatchNorm) and not is_torch_nn(type(module).forward):
+            module._check_input_dim = _accept_any_dim
+    tracer = _EvalTracer(opaque)
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+class Untraceable(Exception):
+    """``model``'s own ``forward`` (not one of its submodules') cannot be traced; ``error`` says why."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def trace_around_untraceable(model: nn.Module) -> tuple[fx.GraphModule, dict[str, Exception]]:
+    """Trace ``model``, keeping each submodule whose ``forward`` cannot be traced as an opaque leaf.
+
+    Returns the graph module and ``{qualified name: the error its trace raised}``. Raises
+    :class:`Untraceable` when the failure lies in ``model``'s own ``forward``. Finite: every retry
+    adds a new name to the opaque set (a tagged module was traced into, so it was not opaque),
+    and ``model`` has finitely many submodules.
+    """
+    opaque: dict[str, Exception] = {}
+    while True:
+        try:
+            return trace(model, frozenset(opaque)), opaque
+        except Exception as error:  # noqa: BLE001 - user forward code can raise anything on fx proxies
+            culprit = getattr(error, _CULPRIT, "")
+            if not culprit or culprit in opaque:
+                raise Untraceable(error) from error
+            opaque[culprit] = error
