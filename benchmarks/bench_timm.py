@@ -46,7 +46,7 @@ BN_CNNS = (
     "mobilevitv2_050",
 )
 #: Families whose attention or position biases are sized at construction: they take ``img_size``.
-SIZED = ("levit", "efficientvit_m", "tiny_vit", "fastvit", "mobilevitv2")
+SIZED = ("levit", "efficientvit_m", "mobilevitv2")
 
 
 @dataclass
