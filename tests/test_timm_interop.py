@@ -37,8 +37,8 @@ SIZE, LIMIT_S = 64, 600
 
 #: Known failures, each a bug in the folder's fallback for untraceable modules (issue 14, section 2).
 KNOWN = {
-    "efficientvit_m0": "the fallback replaces an untraceable block's child by a GraphModule without the "
-    "child's plain attributes (`self.attn.resolution`): AttributeError",
+    "efficientvit_m0": "the untraceable LocalWindowAttention reads self.attn.resolution, which its folded child lacks: "
+    "AttributeError",
 }
 
 
