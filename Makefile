@@ -12,14 +12,23 @@ NUMERICS := tests/test_agreement.py tests/test_deploy.py tests/test_deploy_prope
             tests/test_export.py
 GENERIC_KERNELS := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2
 AVX2_KERNELS    := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+# The next torch (a CUDA build of about 5.5 GB, runs on the CPU) with timm beside it: optional checks.
+NEXT   := .venv-next/bin
 
-.PHONY: demo test test-fast test-kernels test-wheel docs lint bench clean
+.PHONY: demo test test-fast test-kernels test-wheel test-torch-next test-timm docs lint bench clean
 
 # torch==2.13.0 first (a CPU wheel on local disk); the project's range (torch>=2.13) then installs no other.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[all,dev,docs]'
+	touch $@
+
+$(NEXT)/.installed: pyproject.toml
+	$(PYTHON) -m venv .venv-next
+	$(NEXT)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(NEXT)/python -m pip install --quiet timm==1.0.31
+	$(NEXT)/python -m pip install --quiet -e '.[all,dev]'
 	touch $@
 
 demo: $(BIN)/.installed
@@ -52,6 +61,14 @@ test-wheel: $(BIN)/.installed
 docs: $(BIN)/.installed
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --quiet
 
+# The whole suite on torch 2.14.1 (a range that 2.14.1 satisfies installs no other torch).
+test-torch-next: $(NEXT)/.installed
+	$(NEXT)/python -m pytest -q -n 2
+
+# deploy against timm's own reparameterize_model on timm's architectures (tests/test_timm_interop.py).
+test-timm: $(NEXT)/.installed
+	$(NEXT)/python -m pytest -q tests/test_timm_interop.py
+
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 
@@ -59,4 +76,4 @@ bench: $(BIN)/.installed
 	$(BIN)/trainfer bench
 
 clean:
-	rm -rf $(VENV) runs dist build .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-next runs dist build .pytest_cache .hypothesis

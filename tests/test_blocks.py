@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from trainfer.blocks import ACBlock, DiverseBranchBlock, MobileOneBlock, ReparamBlock, RepVGGBlock
-from trainfer.testing import TOLERANCE, assert_close, batch_norm_calls, count_aten_ops, randomize_batchnorm
+from trainfer.testing import TOLERANCE, batch_norm_calls, count_aten_ops, randomize_batchnorm
 
 BLOCKS = [RepVGGBlock, ACBlock, DiverseBranchBlock, MobileOneBlock]
 
@@ -29,10 +29,19 @@ def _block(cls, *args, seed=0, **kwargs) -> ReparamBlock:
 
 
 def _check(block: ReparamBlock, x: torch.Tensor) -> ReparamBlock:
-    """Fold ``block`` (already in eval mode) and check it against its train form, in place."""
-    reference = block(x)
+    """Fold ``block`` (already in eval mode) and check it against its train form, in place.
+
+    The error is measured relative to the larger of the output's scale and the branch sum's: a
+    ReLU can zero all but a tiny output, while the rounding both forms make is relative to the
+    values summed before it (a 1-channel block once gave 1.3e-5 of a 0.014 output, 3.6e-7 of its sum).
+    """
+    with torch.no_grad():
+        reference, summed = block(x), block.forward_branches(x)
     block.reparameterize()
-    assert_close(block(x), reference, TOLERANCE[x.dtype])
+    with torch.no_grad():
+        error = float((block(x) - reference).abs().max())
+    scale = max(float(reference.abs().max()), float(summed.abs().max()))
+    assert error <= TOLERANCE[x.dtype] * scale, f"error {error:.3e} exceeds {TOLERANCE[x.dtype]:.0e} of {scale:.3e}"
     counts = count_aten_ops(block, x)
     se_convs = 0 if isinstance(block.se, nn.Identity) else 2
     assert counts["convolution"] == 1 + se_convs and batch_norm_calls(block, x) == 0, counts
@@ -97,7 +106,8 @@ def _property(cls):
     def check(data, seed):
         config = data.draw(block_configs(cls))
         size = 2 * (config["kernel_size"] - 1) * config["dilation"] + 1
-        x = torch.randn(2, config["in_channels"], size, size + 1, dtype=torch.float64)
+        generator = torch.Generator().manual_seed(seed)  # reproducible: hypothesis replays a failure
+        x = torch.randn(2, config["in_channels"], size, size + 1, dtype=torch.float64, generator=generator)
         _both_dtypes(cls, config, x, seed)
 
     return check

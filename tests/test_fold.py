@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from trainfer.fold import FoldLog, apply_protocols, fold
+from trainfer.fold import FoldLog, fold
 from trainfer.testing import assert_close, batch_norm_calls, count_aten_ops, randomize_batchnorm
 
 
@@ -377,7 +377,7 @@ def test_batch_norm_without_running_stats_and_exclusive_avg_pool_are_kept():
     assert any("count_include_pad" in line for line in log.kept)
 
 
-# --- fallback and protocols -------------------------------------------------------------------------
+# --- fallback -------------------------------------------------------------------------------------
 
 
 class DataDependent(nn.Module):
@@ -398,40 +398,6 @@ def test_untraceable_model_folds_its_children_and_says_so():
     gm, log = folded(DataDependent(), x)
     assert convs(gm, x) == 2 and bns(gm, x) == 0
     assert log.fallbacks and "model: not traceable" in log.fallbacks[0]
-
-
-class WithProtocol(nn.Module):
-    def __init__(self, method):
-        super().__init__()
-        self.branch = conv_bn(3, 3, 3, 1, 1)
-        self.calls = 0
-        setattr(self, method, self._convert)
-
-    def _convert(self):
-        self.calls += 1
-        self.branch = nn.Sequential(self.branch[0], nn.Identity())  # a deliberately visible conversion
-
-    def forward(self, x):
-        return self.branch(x)
-
-
-@pytest.mark.parametrize("method", ["reparameterize", "switch_to_deploy", "fuse"])
-def test_protocols_are_called_once_on_the_outermost_module(method):
-    inner = WithProtocol(method)
-    outer = nn.Sequential(inner, WithProtocol("fuse"))
-    assert apply_protocols(outer) == [f"0.{method}()", "1.fuse()"]
-    assert inner.calls == 1 and isinstance(inner.branch[1], nn.Identity)
-    root = WithProtocol(method)
-    root.child = WithProtocol("fuse")
-    assert apply_protocols(root) == [f"model.{method}()"] and root.child.calls == 0
-
-
-def test_protocol_with_required_arguments_is_not_called():
-    class NeedsArgument(nn.Module):
-        def fuse(self, other):
-            raise AssertionError("must not be called")
-
-    assert apply_protocols(NeedsArgument()) == []
 
 
 def test_folded_graph_scripts_and_exports():

@@ -4,10 +4,12 @@
 
 1. work on a deep copy in eval mode (the caller's parameters, buffers, modes and hooks stay as
    they were); hooks are instrumentation, not part of the inference form, and are not carried;
-2. call the protocols blocks carry (``reparameterize()``, ``switch_to_deploy()``, ``fuse()``);
-3. convert the copy to float64 and fold every maximal linear region into one conv/linear (each
-   folded kernel is rounded once, when the result is cast back to the model's dtype); drop what
-   inference never runs;
+2. convert the copy to float64 and call the protocols blocks carry (``reparameterize()``,
+   ``switch_to_deploy()``, ``fuse()``; :mod:`trainfer.protocols`), each checked on its own module:
+   a conversion that is not float64-exact (float32 constants, weights copied into a new float32
+   layer) is undone and that module is left to the folder;
+3. fold every maximal linear region into one conv/linear (each folded kernel is rounded once,
+   when the result is cast back to the model's dtype); drop what inference never runs;
 4. verify, on the example inputs and random inputs of the same shapes: the float64 fold against
    the original in float64 (tolerance 1e-9), and the returned form against the original in the
    model's dtype (1e-5 for float32). A mismatch raises :class:`trainfer.EquivalenceError` naming
@@ -27,7 +29,8 @@ import torch
 from torch import nn
 
 from trainfer.errors import EquivalenceError, InputError, InputTypeError
-from trainfer.fold import FoldedRegion, FoldLog, apply_protocols, fold
+from trainfer.fold import FoldedRegion, FoldLog, fold
+from trainfer.protocols import ProtocolLog, apply_protocols
 from trainfer.testing import BATCH_NORM_OPS, TOLERANCE, count_aten_ops
 from trainfer.verify import Equivalence, as_arguments, model_dtype, verify
 
@@ -66,7 +69,9 @@ class DeployReport:
     model: str
     #: The keyword options deploy ran with; a deploy-form bundle replays them to rebuild the architecture.
     options: dict[str, Any] = field(default_factory=dict)
+    #: Protocol calls kept (``"name.method()"``) and those undone with the reason (the folder did those).
     protocols: list[str] = field(default_factory=list)
+    protocols_rejected: list[str] = field(default_factory=list)
     regions: list[FoldedRegion] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
@@ -90,11 +95,15 @@ class DeployReport:
             worst = max(eq.outputs, key=lambda o: (not o.ok, o.max_rel_error))
             line = f"{label}: {worst}"
             if eq.divergence:
-                line += f"; first divergence at module {eq.divergence!r}" + self._region_of(eq.divergence)
+                line += f"; first divergence at module {eq.divergence!r}" + self._cause_at(eq.divergence)
             lines.append(line)
         return "deploy changed what the model computes: " + "; ".join(lines)
 
-    def _region_of(self, module: str) -> str:
+    def _cause_at(self, module: str) -> str:
+        """What deploy did at ``module``: its own inexact conversion, or the folded region it belongs to."""
+        own = [call for call in self.protocols if call.startswith(f"{module}.") and ": " in call]
+        if own:
+            return f" ({own[0]})"
         folded = [r.name for r in self.regions if module in r.members]
         if folded:
             return f" (folded into {', '.join(folded)})"
@@ -108,6 +117,7 @@ class DeployReport:
                 lines.append(f"  {name:<13} {getattr(self.before, name):>10} -> {getattr(self.after, name):>10}")
         sections = [
             ("protocols called", self.protocols),
+            ("protocols undone (not exact, or they failed)", self.protocols_rejected),
             ("regions folded", [str(r) for r in self.regions]),
             ("removed (no work in inference)", self.removed),
             ("not folded", self.kept),
@@ -132,25 +142,32 @@ def deploy(
     verify: bool = True,
     rtol: float | None = None,
     atol: float | None = None,
-    protocols: bool = True,
+    protocols: bool | str = True,
+    verify_inputs: Any = None,
 ) -> nn.Module:
     """The inference form of ``model``: one conv per linear region, nothing that does not run.
 
     ``example_inputs``: a tensor or a tuple of positional arguments. ``inplace=True`` lets deploy
-    modify ``model`` (eval mode, protocols) instead of copying it. ``protocols=False`` skips the
-    blocks' own ``reparameterize()``/``switch_to_deploy()``/``fuse()`` and relies on the folder
-    alone. ``rtol``/``atol`` override the per-dtype tolerance of the model-dtype check.
+    modify ``model`` (eval mode, protocols) instead of copying it. ``protocols``: ``True`` calls the
+    blocks' own ``reparameterize()``/``switch_to_deploy()``/``fuse()`` and keeps each conversion
+    that is float64-exact on its module; ``"trust"`` keeps every conversion as its author wrote
+    it (an inexact one then fails verification, which names it); ``False`` relies on the folder alone.
+    ``rtol``/``atol`` override the per-dtype tolerance of the model-dtype check.
+    ``verify_inputs`` (a tensor or tuple, like ``example_inputs``): verify on these and random
+    inputs of their shapes instead of the example's, e.g. a smaller image for a fully
+    convolutional model (the folded weights do not depend on the input size; what a smaller input
+    proves is in docs/deploy-protocols.md). The fold itself always traces ``example_inputs``.
     Raises :class:`trainfer.EquivalenceError` (with the report) if verification fails.
     """
-    deployed, report = _deploy(model, example_inputs, inplace, verify, rtol, atol, protocols)
+    deployed, report = _deploy(model, example_inputs, inplace, verify, rtol, atol, protocols, verify_inputs)
     if not report.ok:
         raise EquivalenceError(report.failure(), report)
     return deployed
 
 
-def explain(model: nn.Module, example_inputs: Any, *, protocols: bool = True) -> DeployReport:
+def explain(model: nn.Module, example_inputs: Any, *, protocols: bool | str = True) -> DeployReport:
     """The :class:`DeployReport` of deploying ``model``, verification errors included (never raises them)."""
-    return _deploy(model, example_inputs, False, True, None, None, protocols)[1]
+    return _deploy(model, example_inputs, False, True, None, None, protocols, None)[1]
 
 
 def _deploy(
@@ -160,41 +177,66 @@ def _deploy(
     check: bool,
     rtol: float | None,
     atol: float | None,
-    protocols: bool,
+    protocols: bool | str,
+    verify_inputs: Any,
 ) -> tuple[nn.Module, DeployReport]:
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"deploy expects an nn.Module; got {type(model).__name__}")
+    if protocols not in (True, False, "trust"):
+        raise InputError(f"protocols must be True, False or 'trust'; got {protocols!r}")
     arguments = as_arguments(example_inputs)
     dtype = model_dtype(model)
     arguments = _cast(arguments, dtype)
+    checked = arguments if verify_inputs is None else _cast(as_arguments(verify_inputs), dtype)
     report = DeployReport(type(model).__name__, options={"protocols": protocols})
     working = model.eval() if inplace else _inference_copy(model)
     report.hooks_not_carried = _strip_hooks(working)
     reference = copy.deepcopy(working) if check else None
     report.before = _counts_of_original(working, arguments)
     working = _in_float64(working)
-    report.protocols = apply_protocols(working) if protocols else []
+    arguments64 = _cast(arguments, torch.float64)
+    calls = ProtocolLog()
+    if protocols:
+        working, calls = apply_protocols(working, arguments64, undo_inexact=protocols is True)
+        report.protocols = [str(call) for call in calls.kept]
+        report.protocols_rejected = [str(call) for call in calls.rejected]
+    converted = calls.converted
     leaves = _leaf_names(working)  # after the protocols: what they replaced is not "removed"
-    folded, log = fold(working, _cast(arguments, torch.float64))
+    folded, log = fold(working, arguments64)
     _record(report, log)
     pairs = {region.name: region.members[-1] for region in report.regions}
     if reference is not None and dtype != torch.float64:
         # The fold ran on exactly up-cast weights, so float64's own tolerance applies.
         report.verification["float64"] = verify(
-            reference, folded, arguments, rtol=TOLERANCE[torch.float64], dtypes=(torch.float64,), pairs=pairs
+            reference,
+            folded,
+            checked,
+            rtol=TOLERANCE[torch.float64],
+            dtypes=(torch.float64,),
+            pairs=pairs,
+            opaque=converted,
         )
     deployed = folded.to(dtype)
     report.after = Counts.of(deployed, arguments)
     report.removed += _vanished(leaves, deployed, report)
     if reference is not None:
         report.verification[str(dtype).removeprefix("torch.")] = verify(
-            reference, deployed, arguments, rtol=rtol, atol=atol, dtypes=(dtype,), pairs=pairs
+            reference, deployed, checked, rtol=rtol, atol=atol, dtypes=(dtype,), pairs=pairs, opaque=converted
         )
+    _blame_inexact_protocols(report, calls)
     config = getattr(model, "trainfer_config", None)
     if isinstance(config, dict):
         deployed.trainfer_config = {**config, "form": "deploy", "deploy_options": report.options}
     deployed.trainfer_report = report
     return deployed, report
+
+
+def _blame_inexact_protocols(report: DeployReport, calls: ProtocolLog) -> None:
+    """A failed float64 check's divergence is the first kept conversion measured inexact on its own module."""
+    inexact = [call.module or "model" for call in calls.kept if call.exact is False]
+    for label, eq in report.verification.items():
+        if inexact and label == "float64" and not eq.ok:
+            eq.divergence = inexact[0]
 
 
 def _counts_of_original(model: nn.Module, arguments: tuple[Any, ...]) -> Counts:

@@ -26,7 +26,7 @@ it; the opaque module is listed under "not folded" and its own insides are folde
 When a module's own ``forward`` cannot be traced, :func:`fold` folds each of its children
 separately, fuses Conv->BatchNorm pairs that are adjacent in an ``nn.Sequential``, and records the
 fallback. The module-level protocols models carry (``reparameterize()``,
-``switch_to_deploy()``, ``fuse()``) run through :func:`apply_protocols`.
+``switch_to_deploy()``, ``fuse()``) run before, in :mod:`trainfer.protocols`.
 """
 
 from __future__ import annotations
@@ -50,14 +50,10 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from trainfer import algebra
 from trainfer.algebra import AlgebraError, ConvOp
-from trainfer.errors import InputTypeError
 from trainfer.fold_passes import move_batch_norms_into_heads, resolve_rank_checks
 from trainfer.fold_trace import Untraceable, is_leaf, trace, trace_around_untraceable
 
-__all__ = ["FoldLog", "FoldedRegion", "apply_protocols", "fold", "trace"]
-
-#: Methods of the model-zoo conventions that turn a block into its inference form, in place.
-PROTOCOLS = ("reparameterize", "switch_to_deploy", "fuse")
+__all__ = ["FoldLog", "FoldedRegion", "fold", "trace"]
 
 
 @dataclass
@@ -84,47 +80,6 @@ class FoldLog:
     kept: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
-
-
-# --- tracing --------------------------------------------------------------------------------------
-
-
-# --- module-level protocols -----------------------------------------------------------------------
-
-
-def apply_protocols(model: nn.Module) -> list[str]:
-    """Call ``reparameterize()``/``switch_to_deploy()``/``fuse()`` on the outermost modules having one.
-
-    A module's own method is trusted to handle its descendants, so they are not visited again.
-    Only methods callable without arguments are used. Returns ``"name.method()"`` per call.
-    """
-    calls: list[str] = []
-    done: list[str] = []
-    for name, module in model.named_modules():
-        if any(name == d or name.startswith(d + ".") or d == "" for d in done):
-            continue
-        method = next((m for m in PROTOCOLS if _callable_without_arguments(getattr(module, m, None))), None)
-        if method is not None:
-            result = getattr(module, method)()
-            if isinstance(result, nn.Module) and result is not module:
-                raise InputTypeError(
-                    f"{name or 'model'}.{method}() returned a new module instead of converting in place"
-                )
-            calls.append(f"{name or 'model'}.{method}()")
-            done.append(name)
-    return calls
-
-
-def _callable_without_arguments(method: Any) -> bool:
-    if not callable(method) or isinstance(method, nn.Module):
-        return False
-    try:
-        parameters = inspect.signature(method).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return all(
-        p.default is not inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters
-    )
 
 
 # --- entry point and fallback ---------------------------------------------------------------------

@@ -13,13 +13,16 @@ rounding, so it is held to float32's tolerance; fold a float64 copy to check at 
 
 When the forms differ, both run again under :func:`trainfer.capture.capture` and the first module
 (in the reference's execution order) whose output differs from its counterpart in the candidate
-is named: counterparts share a qualified name, or are paired explicitly through ``pairs``.
+is named: counterparts share a qualified name, or are paired explicitly through ``pairs``. A
+module the candidate rebuilt by its own conversion (``opaque``: a protocol like DBB's
+``switch_to_deploy()`` may keep a name such as ``block.nonlinear`` while feeding it another
+input) is compared as a whole; names inside it are never paired.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +33,7 @@ from trainfer.capture import capture
 from trainfer.errors import InputTypeError
 from trainfer.testing import TOLERANCE
 
-__all__ = ["Equivalence", "OutputError", "as_arguments", "model_dtype", "verify"]
+__all__ = ["Equivalence", "OutputError", "as_arguments", "compare_outputs", "model_dtype", "verify"]
 
 
 @dataclass
@@ -122,6 +125,7 @@ def verify(
     random_inputs: int = 2,
     dtypes: Sequence[torch.dtype | None] = (torch.float64, None),
     pairs: Mapping[str, str] | None = None,
+    opaque: Collection[str] = (),
     seed: int = 0,
 ) -> Equivalence:
     """Compare ``candidate`` with ``reference`` in eval mode; neither model is modified.
@@ -129,7 +133,8 @@ def verify(
     ``dtypes``: ``None`` stands for the reference's own dtype. ``random_inputs``: how many random
     inputs (``randn`` of the example shapes, seeded by ``seed``) are checked besides the examples.
     ``pairs`` maps candidate module names to reference module names for divergence localisation
-    (modules with equal names are paired anyway).
+    (modules with equal names are paired anyway); ``opaque`` names reference modules whose
+    submodules have no counterpart in the candidate (the module itself still has one).
     """
     for role, model in (("reference", reference), ("candidate", candidate)):
         if not isinstance(model, nn.Module):
@@ -145,7 +150,9 @@ def verify(
         result.outputs += errors
         result.inputs_checked += len(inputs)
         if result.divergence is None and not all(e.ok for e in errors):
-            result.divergence = _first_divergence(ref, cand, inputs, tolerance, atol or 0.0, dict(pairs or {}))
+            result.divergence = _first_divergence(
+                ref, cand, inputs, tolerance, atol or 0.0, dict(pairs or {}), tuple(opaque)
+            )
     return result
 
 
@@ -183,7 +190,7 @@ def _compare_all(
     worst: dict[str, OutputError] = {}
     with torch.no_grad():
         for arguments in inputs:
-            for error in _compare(_leaves(ref(*arguments)), _leaves(cand(*arguments)), dtype, rtol, atol):
+            for error in compare_outputs(ref(*arguments), cand(*arguments), dtype, rtol, atol):
                 previous = worst.get(error.path, error)
                 worst[error.path] = max(previous, error, key=lambda e: (not e.ok, e.max_rel_error))
     return list(worst.values())
@@ -196,6 +203,13 @@ def _leaves(output: Any, path: str = "output") -> dict[str, Any]:
     if isinstance(output, (tuple, list)):
         return {k: v for i, value in enumerate(output) for k, v in _leaves(value, f"{path}[{i}]").items()}
     return {path: output}
+
+
+def compare_outputs(
+    reference: Any, candidate: Any, dtype: torch.dtype, rtol: float, atol: float = 0.0
+) -> list[OutputError]:
+    """The error of each output leaf of ``candidate`` against ``reference`` (nested tuples/lists/dicts)."""
+    return list(_compare(_leaves(reference), _leaves(candidate), dtype, rtol, atol))
 
 
 def _compare(
@@ -225,11 +239,12 @@ def _errors(actual: Tensor, expected: Tensor) -> tuple[float, float, float]:
     """``(max |a - e|, that / max |e|, max |e|)`` over finite entries; mismatched NaN/inf -> infinite error."""
     actual, expected = actual.detach().double(), expected.detach().double()
     finite = torch.isfinite(expected)
-    if not torch.equal(finite, torch.isfinite(actual)) or not torch.equal(
-        actual[~finite].nan_to_num(), expected[~finite].nan_to_num()
-    ):
-        return _INF, _INF, 1.0
-    actual, expected = actual[finite], expected[finite]
+    if not (bool(finite.all()) and bool(torch.isfinite(actual).all())):  # masked copies only when needed
+        if not torch.equal(finite, torch.isfinite(actual)) or not torch.equal(
+            actual[~finite].nan_to_num(), expected[~finite].nan_to_num()
+        ):
+            return _INF, _INF, 1.0
+        actual, expected = actual[finite], expected[finite]
     if expected.numel() == 0:
         return 0.0, 0.0, 0.0
     difference, scale = float((actual - expected).abs().max()), float(expected.abs().max())
@@ -242,7 +257,13 @@ def _record(name: str, module: nn.Module, output: Any) -> Tensor | None:
 
 
 def _first_divergence(
-    ref: nn.Module, cand: nn.Module, inputs: list[tuple[Any, ...]], rtol: float, atol: float, pairs: dict[str, str]
+    ref: nn.Module,
+    cand: nn.Module,
+    inputs: list[tuple[Any, ...]],
+    rtol: float,
+    atol: float,
+    pairs: dict[str, str],
+    opaque: tuple[str, ...],
 ) -> str | None:
     """The first reference module whose output differs from its candidate counterpart's, on any input."""
     for arguments in inputs:
@@ -253,6 +274,8 @@ def _first_divergence(
         for name, value in expected.items():
             other = actual[counterpart[name]] if name in counterpart else None
             if name == "" or value is None or other is None or other.shape != value.shape:
+                continue
+            if any(name.startswith(f"{outer}.") or outer == "" for outer in opaque):
                 continue
             absolute, _, scale = _errors(other, value)
             if absolute > atol + rtol * scale:
