@@ -160,15 +160,17 @@ class ReparamBlock(nn.Module):
         big, small = same_padding(self.kernel_size, self.dilation), same_padding(kernel_size, self.dilation)
         return (self.padding[0] - big[0] + small[0], self.padding[1] - big[1] + small[1])
 
-    def _identity_bn(self) -> nn.BatchNorm2d | None:
-        """BatchNorm on the identity where the output can equal the input in shape, else None.
+    def _identity_fits(self) -> bool:
+        """Whether the output can equal the input in shape, so that an identity branch exists.
 
         That needs ``in_channels == out_channels``, stride 1 and size-preserving padding.
         """
         fits = self.in_channels == self.out_channels and self.stride == (1, 1)
-        if not fits or self.padding != same_padding(self.kernel_size, self.dilation):
-            return None
-        return nn.BatchNorm2d(self.in_channels, **self.factory_kwargs)
+        return fits and self.padding == same_padding(self.kernel_size, self.dilation)
+
+    def _identity_bn(self) -> nn.BatchNorm2d | None:
+        """BatchNorm on the identity where :meth:`_identity_fits`, else None."""
+        return nn.BatchNorm2d(self.in_channels, **self.factory_kwargs) if self._identity_fits() else None
 
     @property
     def deploy(self) -> bool:

@@ -13,47 +13,28 @@ The fold uses the same algebra as every block: ``fuse_bn(add([kxk-BN, 1x1, ident
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor, nn
 
 from trainfer import algebra
 from trainfer.algebra import ConvOp
-from trainfer.blocks.base import ActLayer, Pair, ReparamBlock, fold_chain
+from trainfer.blocks.base import fold_chain
+from trainfer.blocks.repvgg import RepVGGBlock
 
 
-class QARepVGGBlock(ReparamBlock):
+class QARepVGGBlock(RepVGGBlock):
     """``act(se(BN_post(BN(conv_kxk(x)) + conv_1x1(x) + x)))``, foldable into one kxk conv.
 
-    The identity branch exists where shapes allow (as :class:`~trainfer.blocks.RepVGGBlock`);
-    ``act_layer`` defaults to ``nn.ReLU``.
+    Built like :class:`~trainfer.blocks.RepVGGBlock` (same arguments, identity where shapes
+    allow, ``act_layer`` default ``nn.ReLU``); only the branches differ.
     """
 
     branch_names = ("dense", "pointwise", "has_identity", "post_bn")
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | Pair = 3,
-        stride: int | Pair = 1,
-        padding: int | Pair | None = None,
-        dilation: int | Pair = 1,
-        groups: int = 1,
-        *,
-        act_layer: ActLayer = nn.ReLU,
-        **options: Any,
-    ) -> None:
-        """``options``: ``use_se``, ``deploy``, ``device``, ``dtype`` (see :class:`ReparamBlock`)."""
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, act_layer=act_layer, **options
-        )
-        if self.deploy:
-            return
+    def _build_branches(self) -> None:
         self.dense = self._conv_bn(self.kernel_size, self.padding)
-        self.pointwise = self._conv(out_channels, (1, 1), self._centred_padding((1, 1)))
-        self.has_identity = self._identity_bn() is not None
-        self.post_bn = nn.BatchNorm2d(out_channels, **self.factory_kwargs)
+        self.pointwise = self._conv(self.out_channels, (1, 1), self._centred_padding((1, 1)))
+        self.has_identity = self._identity_fits()
+        self.post_bn = nn.BatchNorm2d(self.out_channels, **self.factory_kwargs)
 
     def forward_branches(self, x: Tensor) -> Tensor:
         y = self.dense(x) + self.pointwise(x)

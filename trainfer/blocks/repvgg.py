@@ -38,8 +38,10 @@ class RepVGGBlock(ReparamBlock):
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, act_layer=act_layer, **options
         )
-        if self.deploy:
-            return
+        if not self.deploy:
+            self._build_branches()
+
+    def _build_branches(self) -> None:
         self.dense = self._conv_bn(self.kernel_size, self.padding)
         self.pointwise = self._conv_bn((1, 1), self._centred_padding((1, 1)))
         self.identity = self._identity_bn()
