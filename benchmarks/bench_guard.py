@@ -22,8 +22,8 @@ from tqdm import tqdm
 import trainfer
 from trainfer.atomic import atomic_file
 from trainfer.bench import time_forward
-from trainfer.guard import GuardHandle
 from trainfer.models import repvgg_a0
+from trainfer.modes.guard import GuardHandle
 from trainfer.testing import randomize_batchnorm
 
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from trainfer import Predictor, models
 from trainfer.bench import time_forms
-from trainfer.predict import pick_device
+from trainfer.serve.predictor import pick_device
 from trainfer.testing import randomize_batchnorm
 
 

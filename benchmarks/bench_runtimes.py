@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 import trainfer
-from trainfer import runtime as rt
 from trainfer.bench import num_threads, time_forms
-from trainfer.gate import AccuracyGate
 from trainfer.models import FACTORIES
+from trainfer.serve import runtime as rt
+from trainfer.serve.gate import AccuracyGate
 from trainfer.testing import randomize_batchnorm
 
 FLOAT_FORMS = [

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainfer import algebra as A
+from trainfer.reparam import algebra as A
 from trainfer.testing import assert_close, randomize_batchnorm
 
 DT = torch.float64

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from trainfer import algebra as A
+from trainfer.reparam import algebra as A
 from trainfer.testing import assert_close, randomize_batchnorm
 
 DT = torch.float64

@@ -12,10 +12,10 @@ from PIL import Image
 from torch import nn
 
 import trainfer
-from trainfer.attribution import attribute, explain, explain_to_files
+from trainfer.analysis.attribution import attribute, explain, explain_to_files
 from trainfer.errors import ModeError
-from trainfer.predict import Predictor
-from trainfer.preprocess import PreprocessSpec
+from trainfer.serve.predictor import Predictor
+from trainfer.serve.preprocess import PreprocessSpec
 from trainfer.testing import randomize_batchnorm
 
 

@@ -8,10 +8,10 @@ from test_modes import bn_dropout_classifier
 from torch import nn
 
 import trainfer
-from trainfer.audit import Divergence, audit
+from trainfer.analysis.audit import Divergence, audit
 from trainfer.cli import main
-from trainfer.dual import DualModule
-from trainfer.guard import guard
+from trainfer.modes.dual import DualModule
+from trainfer.modes.guard import guard
 from trainfer.testing import randomize_batchnorm
 
 

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from serving_models import save_bundle, write_pngs
 
 import trainfer
-from trainfer.batch_predict import count_records, iter_images, keep_records, predict_to_jsonl
 from trainfer.cli import main
+from trainfer.serve.batch_predict import count_records, iter_images, keep_records, predict_to_jsonl
 
 LABELS = ["cat", "dog", "owl"]
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import trainfer
 from trainfer import BundleError
-from trainfer.bundle import load_weights, read_manifest
+from trainfer.serve.bundle import load_weights, read_manifest
 from trainfer.testing import assert_close, randomize_batchnorm
 
 FACTORY = f"{__name__}:tiny_cnn"
@@ -173,7 +173,7 @@ def test_atomic_save_keeps_previous_bundle_on_crash(tmp_path, monkeypatch):
     trainfer.save(first, tmp_path / "b", factory=FACTORY, example_inputs=torch.randn(1, 1, 8, 8))
     before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
 
-    import trainfer.bundle as bundle
+    import trainfer.serve.bundle as bundle
 
     def crash(path, data):
         with open(path, "w") as handle:
@@ -214,7 +214,7 @@ def test_loads_on_cpu_whatever_the_save_device(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_deploy_form_round_trip(tmp_path, dtype):
-    from trainfer.deploy import deploy
+    from trainfer.reparam.deploy import deploy
     from trainfer.testing import batch_norm_calls
 
     model = trained(dtype, classes=5, width=3)
@@ -232,8 +232,8 @@ def test_deploy_form_round_trip(tmp_path, dtype):
 @pytest.mark.parametrize("protocols", [True, False])
 def test_deploy_options_are_replayed_on_load(tmp_path, protocols):
     """digits_net's blocks fold under other names with protocols=False: the bundle must rebuild that form."""
-    from trainfer.deploy import deploy
     from trainfer.models import digits_net
+    from trainfer.reparam.deploy import deploy
 
     model = randomize_batchnorm(digits_net()).eval()
     x = torch.randn(2, 1, 8, 8)
@@ -247,7 +247,7 @@ def test_deploy_options_are_replayed_on_load(tmp_path, protocols):
 
 
 def test_deploy_form_weights_must_fit_the_rebuilt_architecture(tmp_path):
-    from trainfer.deploy import deploy
+    from trainfer.reparam.deploy import deploy
 
     x = torch.randn(1, 1, 8, 8)
     trainfer.save(deploy(trained(), x), tmp_path / "d", factory=FACTORY, example_inputs=x)
@@ -308,7 +308,7 @@ def conv_stack(
 def test_round_trips_over_random_configurations(channels, multiplier, kernel, stride, dilation, depthwise, dtype, seed):
     import tempfile
 
-    from trainfer.deploy import deploy
+    from trainfer.reparam.deploy import deploy
 
     config = {
         "channels": channels,

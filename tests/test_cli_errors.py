@@ -44,7 +44,7 @@ def test_an_internal_bug_keeps_its_traceback_and_says_it_is_a_bug(bundle, monkey
     def broken(*args, **kwargs):
         raise KeyError("boom")  # a bug inside trainfer, not a user error
 
-    monkeypatch.setattr(trainfer.bundle, "load", broken)
+    monkeypatch.setattr("trainfer.serve.bundle.load", broken)
     result = invoke("inspect", bundle)
     assert result.exit_code == 3
     assert "Traceback (most recent call last)" in result.output and "KeyError: 'boom'" in result.output
@@ -98,7 +98,7 @@ class FullDisk:
 
 
 def test_disk_full_during_predict_out_names_the_output(bundle, tmp_path, monkeypatch):
-    import trainfer.batch_predict as batch_predict
+    import trainfer.serve.batch_predict as batch_predict
 
     def open_on_a_full_disk(path, mode="r", **kwargs):
         handle = open(path, mode, **kwargs)

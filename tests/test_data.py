@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from trainfer import data
+from trainfer.demo import data
 
 
 def test_split_is_fixed_disjoint_stratified_and_complete():
@@ -119,7 +119,7 @@ def test_save_png_rejects_wrong_input(tmp_path):
 @pytest.mark.parametrize("upscale", [1, 4])
 def test_png_read_through_the_bundle_spec_gives_the_training_tensor_exactly(tmp_path, upscale):
     """Native 8x8 PNGs and enlarged ones (the spec box-filters them back) give the training input."""
-    from trainfer.preprocess import PreprocessSpec, gather
+    from trainfer.serve.preprocess import PreprocessSpec, gather
 
     spec = PreprocessSpec.from_dict(data.preprocess_spec())
     test = data.splits()["test"].head(12)

@@ -5,10 +5,11 @@ import pytest
 from agreement import assert_same_classes
 from click.testing import CliRunner
 
-from trainfer import data, demo
-from trainfer.bundle import load
 from trainfer.cli import main
-from trainfer.modes import inference
+from trainfer.demo import data
+from trainfer.demo import pipeline as demo
+from trainfer.modes.contexts import inference
+from trainfer.serve.bundle import load
 from trainfer.testing import assert_close
 
 pytestmark = pytest.mark.slow  # every test here shares one end-to-end demo run
@@ -61,7 +62,7 @@ def test_the_two_forms_predict_identical_classes(demo_run):
     assert abs(accuracies[0] - accuracies[1]) <= agreement["class_differences"] / 270
 
     # Recomputed from the artefacts: the training bundle in eval mode, the deploy bundle and the ONNX file.
-    from trainfer.export import load_onnx
+    from trainfer.serve.export import load_onnx
 
     test = data.splits()["test"]
     inputs = data.normalize(test.pixels)
@@ -139,7 +140,7 @@ def test_a_missing_optional_dependency_is_reported_as_skipped(demo_run, tmp_path
     assert demo._optional(results, "explain", lambda: demo._need("captum", "explanations")) is None
     assert results["skipped"]["explain"].startswith("explanations needs `captum`, which is not available here")
 
-    from trainfer.report import write_report
+    from trainfer.demo.report import write_report
 
     report = write_report(results, tmp_path).read_text()
     assert "_Skipped: explanations needs `captum`" in report and "heat maps (`Predictor.explain`)" not in report

@@ -10,9 +10,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import trainfer
-from trainfer import algebra
 from trainfer.blocks import ACBlock, DiverseBranchBlock, MobileOneBlock, RepVGGBlock
 from trainfer.models import digits_net, mobileone_s0, reparameterize, repvgg_a0
+from trainfer.reparam import algebra
 from trainfer.testing import assert_close, batch_norm_calls, count_aten_ops, randomize_batchnorm
 
 

@@ -7,13 +7,14 @@ import textwrap
 import pytest
 import torch
 
-from trainfer import data, distributed
-from trainfer.train import evaluate, load_checkpoint
+from trainfer.demo import data
+from trainfer.demo.train import evaluate, load_checkpoint
+from trainfer.serve import distributed
 
 MODEL = textwrap.dedent(
     """
     from torch import nn
-    from trainfer.dual import DualModule
+    from trainfer.modes.dual import DualModule
 
     class Net(DualModule):  # a stand-in with BatchNorm, Dropout and an auxiliary head
         def __init__(self):
@@ -33,8 +34,9 @@ SCRIPT = MODEL + textwrap.dedent(
     """
     import json, sys
     import torch
-    from trainfer import data, distributed
-    from trainfer.train import fit
+    from trainfer.demo import data
+from trainfer.serve import distributed
+    from trainfer.demo.train import fit
 
     out = sys.argv[1]
     distributed.setup()
@@ -99,8 +101,8 @@ def test_single_process_helpers_are_identities():
 
 @pytest.mark.slow
 def test_the_demo_under_torchrun_gives_a_model_that_deploys_and_verifies(tmp_path):
-    from trainfer.bundle import load
-    from trainfer.deploy import deploy
+    from trainfer.reparam.deploy import deploy
+    from trainfer.serve.bundle import load
 
     out = tmp_path / "demo"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "trainfer"]

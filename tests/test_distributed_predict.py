@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 from serving_models import TESTS, save_bundle, write_pngs
 
-from trainfer import distributed
 from trainfer.cli import main
+from trainfer.serve import distributed
 
 LABELS = ["cat", "dog", "owl"]
 

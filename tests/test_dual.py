@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import trainfer
-from trainfer.dual import DualModule, TrainOnly, infer_path, train_only
+from trainfer.modes.dual import DualModule, TrainOnly, infer_path, train_only
 from trainfer.testing import assert_close
 
 
@@ -229,7 +229,7 @@ class ConvNetWithAux(DualModule):
     dtype=st.sampled_from([torch.float64, torch.float32]),
 )
 def test_deploy_drops_train_only_modules_and_the_training_path(groups_channels, stride, dilation, size, dtype):
-    from trainfer.deploy import deploy
+    from trainfer.reparam.deploy import deploy
     from trainfer.testing import TOLERANCE, batch_norm_calls, randomize_batchnorm
 
     groups, channels = groups_channels

@@ -13,7 +13,7 @@ from serving_models import save_bundle, write_pngs
 
 import trainfer
 from trainfer.cli import main
-from trainfer.ensemble import Ensemble, EnsembleClassificationResult
+from trainfer.serve.ensemble import Ensemble, EnsembleClassificationResult
 
 LABELS = ["cat", "dog", "owl"]
 TOL = 1e-6

@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import trainfer
-from trainfer.equalize import equalize, find_pairs
 from trainfer.models import digits_net
+from trainfer.reparam.equalize import equalize, find_pairs
 from trainfer.testing import assert_close, randomize_batchnorm
 
 DT = torch.float64
@@ -100,7 +100,7 @@ def test_deployed_digits_net_equalizes_every_pair_exactly():
 
 def test_a_wrong_rescaling_would_be_caught(monkeypatch):
     """The verification is live: break the rule (scale only the first layer) and equalize refuses."""
-    from trainfer import equalize as module
+    from trainfer.reparam import equalize as module
 
     def broken(first, second):
         with torch.no_grad():

@@ -14,8 +14,8 @@ from torch import nn
 
 import trainfer
 from trainfer import BundleError, EquivalenceError, Predictor
-from trainfer.deploy import deploy
-from trainfer.export import export, read_exported_manifest
+from trainfer.reparam.deploy import deploy
+from trainfer.serve.export import export, read_exported_manifest
 from trainfer.testing import assert_close, randomize_batchnorm
 
 
@@ -133,7 +133,7 @@ def test_dict_outputs_through_onnx_and_multi_head_predictor(tmp_path):
     trainfer.save(
         model, tmp_path / "b", factory=f"{__name__}:TwoHeads", heads=heads, example_inputs=torch.randn(1, 1, 8, 8)
     )
-    manifest = trainfer.bundle.read_manifest(tmp_path / "b")
+    manifest = trainfer.serve.bundle.read_manifest(tmp_path / "b")
     assert manifest["output_structure"] == {"type": "dict", "keys": ["digit", "size"]}
     assert manifest["heads"][0]["output_kind"] == "probabilities"
     report = export(tmp_path / "b", tmp_path / "m.onnx")
@@ -148,7 +148,7 @@ def test_dict_outputs_through_onnx_and_multi_head_predictor(tmp_path):
 
 
 def test_a_disagreeing_export_is_never_written(tmp_path, monkeypatch):
-    module = importlib.import_module("trainfer.export")
+    module = importlib.import_module("trainfer.serve.export")
 
     def noisy(path):
         loaded = torch.jit.load(str(path))

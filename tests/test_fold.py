@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from trainfer.fold import FoldLog, fold
+from trainfer.reparam.fold import FoldLog, fold
 from trainfer.testing import assert_close, batch_norm_calls, count_aten_ops, randomize_batchnorm
 
 
@@ -453,7 +453,7 @@ def test_untraceable_module_in_a_sequential_stays_opaque_and_the_sequential_fold
 
 
 def test_algebra_aligns_the_dilation_of_pointwise_branches():
-    from trainfer import algebra
+    from trainfer.reparam import algebra
 
     dilated = algebra.ConvOp(torch.randn(4, 4, 3, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
                              padding=(2, 2), dilation=(2, 2))  # fmt: skip

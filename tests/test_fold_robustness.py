@@ -380,7 +380,7 @@ CROPS = [(1, 0, (0, 0), 1, 1), (2, 1, (0, 0), 1, 2), (2, 0, (0, 1), (2, 1), 1), 
 
 @pytest.mark.parametrize(("rows", "cols", "padding", "dilation", "stride"), CROPS)
 def test_algebra_crop_then_conv_is_one_conv_on_the_whole_input(rows, cols, padding, dilation, stride):
-    from trainfer import algebra
+    from trainfer.reparam import algebra
 
     x = torch.randn(2, 4, 13, 14, dtype=torch.float64)
     conv = algebra.ConvOp(torch.randn(6, 2, 3, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64),
@@ -392,7 +392,7 @@ def test_algebra_crop_then_conv_is_one_conv_on_the_whole_input(rows, cols, paddi
 
 
 def test_algebra_crop_needs_whole_taps_at_a_dilation_and_no_padding_where_it_crops():
-    from trainfer import algebra
+    from trainfer.reparam import algebra
 
     conv = algebra.ConvOp(torch.randn(2, 2, 3, 3), torch.zeros(2), dilation=(2, 2))
     with pytest.raises(algebra.AlgebraError, match="whole number of taps"):

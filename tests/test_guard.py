@@ -10,7 +10,7 @@ from torch import nn
 
 import trainfer
 from trainfer.errors import ModeError, ModeWarning
-from trainfer.guard import guard
+from trainfer.modes.guard import guard
 
 
 def classifier() -> nn.Module:

@@ -18,10 +18,11 @@ from PIL import Image
 from serving_models import save_bundle
 
 import trainfer
-from trainfer import data, preprocess
 from trainfer.cli import main
+from trainfer.demo import data
 from trainfer.models import digits_net
-from trainfer.preprocess import PreprocessSpec, iter_csv, load_image, load_npy
+from trainfer.serve import preprocess
+from trainfer.serve.preprocess import PreprocessSpec, iter_csv, load_image, load_npy
 
 DIGIT_SPEC = data.preprocess_spec()
 UPSCALE = 4

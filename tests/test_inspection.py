@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import trainfer
+from trainfer.analysis.inspection import Stats
 from trainfer.cli import main
-from trainfer.inspection import Stats
 from trainfer.testing import randomize_batchnorm
 
 
@@ -159,7 +159,9 @@ def test_capture_hooks_removed_when_forward_raises(monkeypatch: pytest.MonkeyPat
 
     replicas = []
     deepcopy = copy.deepcopy
-    monkeypatch.setattr("trainfer.inspection.copy.deepcopy", lambda m: replicas.append(deepcopy(m)) or replicas[-1])
+    monkeypatch.setattr(
+        "trainfer.analysis.inspection.copy.deepcopy", lambda m: replicas.append(deepcopy(m)) or replicas[-1]
+    )
     with pytest.raises(RuntimeError, match="boom") as raised:
         trainfer.inspect(nn.Sequential(nn.Linear(2, 2), Broken()), torch.randn(2, 2), modes=("train", "eval"))
     assert "eval-mode pass of trainfer.inspect" in "".join(raised.value.__notes__)
@@ -274,8 +276,8 @@ def test_cli_reports_bad_input_in_one_line(args, message) -> None:
 
 
 def test_cli_inspects_a_bundle_at_its_recorded_shape(tmp_path) -> None:
-    from trainfer.bundle import save
     from trainfer.models import digits_net
+    from trainfer.serve.bundle import save
 
     save(digits_net(), tmp_path / "digits")
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "digits"), "--modes", "train,eval"])

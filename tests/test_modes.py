@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import trainfer
-from trainfer.dual import DualModule, infer_path, train_only
-from trainfer.modes import inference, mode_dependent_modules, restore_modes, snapshot_modes, training
+from trainfer.modes.contexts import inference, mode_dependent_modules, restore_modes, snapshot_modes, training
+from trainfer.modes.dual import DualModule, infer_path, train_only
 from trainfer.testing import assert_close
 
 

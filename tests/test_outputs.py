@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from trainfer.outputs import (
+from trainfer.serve.outputs import (
     check_output_kind,
     describe_structure,
     detect_output_kind,

@@ -17,7 +17,7 @@ from torch import nn
 
 import trainfer
 from trainfer import OutputKindWarning, Predictor
-from trainfer.predict import BinaryResult, ClassificationResult, MultiHeadResult, RegressionResult, pick_device
+from trainfer.serve.predictor import BinaryResult, ClassificationResult, MultiHeadResult, RegressionResult, pick_device
 from trainfer.testing import randomize_batchnorm
 
 FINALS = {
@@ -356,12 +356,12 @@ def test_device_choice():
 
 def test_explain_and_ensemble_delegate(monkeypatch):
     calls = []
-    fake_attribution = types.ModuleType("trainfer.attribution")
+    fake_attribution = types.ModuleType("trainfer.analysis.attribution")
     fake_attribution.explain = lambda predictor, inputs, method, target: calls.append((predictor, method, target)) or 7
-    fake_ensemble = types.ModuleType("trainfer.ensemble")
+    fake_ensemble = types.ModuleType("trainfer.serve.ensemble")
     fake_ensemble.Ensemble = lambda predictors, weights: ("ensemble", list(predictors), weights)
-    monkeypatch.setitem(sys.modules, "trainfer.attribution", fake_attribution)
-    monkeypatch.setitem(sys.modules, "trainfer.ensemble", fake_ensemble)
+    monkeypatch.setitem(sys.modules, "trainfer.analysis.attribution", fake_attribution)
+    monkeypatch.setitem(sys.modules, "trainfer.serve.ensemble", fake_ensemble)
     predictor = Predictor(make(3), preprocess=SPEC)
     assert predictor.explain(torch.zeros(1, 1, 8, 8), method="saliency", target=2) == 7
     assert calls == [(predictor, "saliency", 2)]
@@ -410,7 +410,7 @@ def test_predictor_load_overrides_recorded_settings(tmp_path):
         output_kind="logits",
         labels=list("wxyz"),
     )
-    assert trainfer.bundle.read_manifest(tmp_path / "b")["heads"][0]["output_kind"] == "logits"
+    assert trainfer.serve.bundle.read_manifest(tmp_path / "b")["heads"][0]["output_kind"] == "logits"
     fixed = Predictor.load(tmp_path / "b", output_kind="probabilities")
     assert fixed.heads[0].kind.kind == "probabilities" and fixed.labels == list("wxyz")
     relabelled = Predictor.load(tmp_path / "b", labels=list("abcd"))
@@ -428,7 +428,7 @@ def probabilities_factory():
 def test_to_records_are_json_lines():
     import json
 
-    from trainfer.predict import to_records
+    from trainfer.serve.predictor import to_records
 
     results = Predictor(make(3), preprocess=SPEC, labels=["a", "b", "c"]).predict(torch.randn(2, 1, 8, 8), top_k=2)
     lines = [json.dumps(record) for record in to_records(results)]
@@ -440,7 +440,7 @@ def test_a_float64_model_overrides_the_specs_default_dtype(tmp_path):
     model = make(4, "log_probabilities").double()
     spec = trainfer.PreprocessSpec(input_shape=(1, 8, 8), mean=[0.5], std=[2.0])  # dtype left at float32
     trainfer.save(model, tmp_path / "b", factory=f"{__name__}:bundle_factory", preprocess=spec)
-    assert trainfer.bundle.read_manifest(tmp_path / "b")["input"]["dtype"] == "float64"
+    assert trainfer.serve.bundle.read_manifest(tmp_path / "b")["input"]["dtype"] == "float64"
     predictor = Predictor.load(tmp_path / "b")
     raw = torch.rand(3, 1, 8, 8, dtype=torch.float64)
     expected = reference(model, (raw - 0.5) / 2.0).exp()

@@ -18,13 +18,13 @@ from torch import nn
 
 import trainfer
 from trainfer import Predictor, PreprocessSpec
-from trainfer.batch_predict import predict_to_jsonl
 from trainfer.cli import main
 from trainfer.cli.predict import write_results
-from trainfer.ensemble import Ensemble
 from trainfer.errors import NonFiniteError
-from trainfer.modes import snapshot_modes
-from trainfer.predict import ClassificationResult
+from trainfer.modes.contexts import snapshot_modes
+from trainfer.serve.batch_predict import predict_to_jsonl
+from trainfer.serve.ensemble import Ensemble
+from trainfer.serve.predictor import ClassificationResult
 
 THREADS, CALLS, LIMIT_S = 8, 50, 120
 SPEC = {"input_shape": [1, 8, 8]}

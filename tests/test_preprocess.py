@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from trainfer.preprocess import PreprocessSpec, gather, iter_csv, iter_raw, load_image
+from trainfer.serve.preprocess import PreprocessSpec, gather, iter_csv, iter_raw, load_image
 
 IMAGE = PreprocessSpec(input_shape=(1, 8, 8))
 

@@ -23,8 +23,8 @@ from torch.nn import functional as F
 
 import trainfer
 from trainfer.blocks import RepVGGBlock
-from trainfer.fold import fold
-from trainfer.protocols import apply_protocols
+from trainfer.reparam.fold import fold
+from trainfer.reparam.protocols import apply_protocols
 from trainfer.testing import assert_close, batch_norm_calls, count_aten_ops, randomize_batchnorm
 
 

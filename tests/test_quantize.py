@@ -9,12 +9,12 @@ import torch
 from click.testing import CliRunner
 
 import trainfer
-from trainfer import data
 from trainfer.cli import main
+from trainfer.demo import data
+from trainfer.demo.train import fit
 from trainfer.models import digits_net
-from trainfer.quantize import calibration_inputs
-from trainfer.runtime import QUANTIZATION_FILE, QUANTIZED_FILE
-from trainfer.train import fit
+from trainfer.serve.quantize import calibration_inputs
+from trainfer.serve.runtime import QUANTIZATION_FILE, QUANTIZED_FILE
 
 pytest.importorskip("onnxruntime")
 EPOCHS = 8
@@ -129,7 +129,7 @@ def test_calibration_from_a_directory_of_images_is_preprocessed_like_prediction(
     pixels = digits["test"].pixels[:5]
     for index, image in enumerate(pixels):
         data.save_png(image, tmp_path / "images" / f"{index}.png", upscale=1)
-    manifest = trainfer.bundle.read_manifest(digits["bundle"])
+    manifest = trainfer.serve.bundle.read_manifest(digits["bundle"])
     loaded = calibration_inputs(tmp_path / "images", manifest)
     assert torch.equal(loaded, data.normalize(pixels))
     (tmp_path / "nothing").mkdir()

@@ -8,9 +8,9 @@ import torch
 from click.testing import CliRunner
 
 import trainfer
-from trainfer import runtime as rt
 from trainfer.cli import main
 from trainfer.models import digits_net
+from trainfer.serve import runtime as rt
 from trainfer.testing import TOLERANCE, randomize_batchnorm
 
 onnxruntime = pytest.importorskip("onnxruntime")

@@ -7,11 +7,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from trainfer import data
-from trainfer.dual import DualModule
+from trainfer.demo import data
+from trainfer.demo.train import _decode, _encode, evaluate, fit, load_checkpoint, logits_of, objective, save_checkpoint
 from trainfer.errors import BundleError
-from trainfer.modes import snapshot_modes
-from trainfer.train import _decode, _encode, evaluate, fit, load_checkpoint, logits_of, objective, save_checkpoint
+from trainfer.modes.contexts import snapshot_modes
+from trainfer.modes.dual import DualModule
 
 
 class TinyNet(DualModule):
@@ -182,8 +182,8 @@ def test_sync_batchnorm_is_refused_on_cpu():
 
 
 def test_fit_saves_the_best_epoch_as_a_bundle(tmp_path):
-    from trainfer.bundle import load, read_manifest
     from trainfer.models import digits_net
+    from trainfer.serve.bundle import load, read_manifest
 
     torch.manual_seed(0)
     model = digits_net(width=4)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from trainfer.reparam.verify import Equivalence, verify
 from trainfer.testing import randomize_batchnorm
-from trainfer.verify import Equivalence, verify
 
 
 def small_net() -> nn.Sequential:

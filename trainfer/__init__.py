@@ -1,11 +1,15 @@
-"""trainfer: train one form of a PyTorch model, serve its exact, cheapest inference form."""
+"""trainfer: train one form of a PyTorch model, serve its exact, cheapest inference form.
 
-from trainfer import algebra, bench, blocks, models
-from trainfer.audit import audit
-from trainfer.bundle import load, save
-from trainfer.deploy import DeployReport, deploy, explain
-from trainfer.dual import DualModule, infer_path, train_only
-from trainfer.ensemble import Ensemble
+The package is layered bottom up (see docs/architecture.md): base modules (errors, numerics,
+opcount, atomic, capture, recipe, registry), ``reparam``, ``modes``, ``analysis``, ``models``,
+``bench``, ``serve``, then the ``demo`` application and the ``cli``. This module only re-exports
+the public names.
+"""
+
+from trainfer import _moved, bench, blocks, models
+from trainfer._version import __version__
+from trainfer.analysis.audit import audit
+from trainfer.analysis.inspection import Inspection, LayerRecord, inspect
 from trainfer.errors import (
     AlgebraError,
     BundleError,
@@ -18,19 +22,23 @@ from trainfer.errors import (
     TrainferError,
     WriteError,
 )
-from trainfer.export import export
-from trainfer.gate import AccuracyGate, GateReport
-from trainfer.guard import guard
-from trainfer.inspection import Inspection, LayerRecord, inspect
-from trainfer.modes import inference, restore_modes, snapshot_modes, training
-from trainfer.predict import Predictor
-from trainfer.preprocess import PreprocessSpec
-from trainfer.quantize import QuantizationError, quantize
+from trainfer.modes.contexts import inference, restore_modes, snapshot_modes, training
+from trainfer.modes.dual import DualModule, infer_path, train_only
+from trainfer.modes.guard import guard
 from trainfer.registry import register_model
-from trainfer.runtime import CompiledModel, RuntimeRecord, compile
-from trainfer.verify import Equivalence, verify
+from trainfer.reparam import algebra
+from trainfer.reparam.deploy import DeployReport, deploy, explain
+from trainfer.reparam.verify import Equivalence, verify
+from trainfer.serve.bundle import load, save
+from trainfer.serve.ensemble import Ensemble
+from trainfer.serve.export import export
+from trainfer.serve.gate import AccuracyGate, GateReport
+from trainfer.serve.predictor import Predictor
+from trainfer.serve.preprocess import PreprocessSpec
+from trainfer.serve.quantize import QuantizationError, quantize
+from trainfer.serve.runtime import CompiledModel, RuntimeRecord, compile
 
-__version__ = "0.1.0"
+_moved.install()
 
 __all__ = [
     "AccuracyGate",

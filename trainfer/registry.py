@@ -11,7 +11,7 @@ Loading never imports a module because a manifest names it: the name must be one
   name or its ``module:attribute`` value. Only the names are read until one matches; the
   matching entry point is then imported (installing the package is the user's consent).
 
-Anything else is refused by :func:`trainfer.bundle.load` before any import, unless the caller
+Anything else is refused by :func:`trainfer.serve.bundle.load` before any import, unless the caller
 passes the factory itself (``factory=``) or opts in with ``trust_factory=True``.
 """
 

@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from trainfer import __version__
+from trainfer._version import __version__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -7,9 +7,9 @@ import json
 import click
 import torch
 
-from trainfer.audit import audit
+from trainfer.analysis.audit import audit
 from trainfer.cli.common import friendly_errors, load_factory, parse_shape
-from trainfer.verify import model_dtype
+from trainfer.reparam.verify import model_dtype
 
 
 @click.command("audit")
@@ -28,7 +28,7 @@ def command(model_spec: str, weights: str | None, input_shape: str | None, seed:
     """
     model = load_factory(model_spec)()
     if weights is not None:
-        from trainfer.bundle import load_state_dict, load_weights
+        from trainfer.serve.bundle import load_state_dict, load_weights
 
         load_state_dict(model, load_weights(weights), source=weights)
     inputs = None

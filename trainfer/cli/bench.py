@@ -23,7 +23,7 @@ def resolve_model(spec: str) -> tuple[nn.Module, str]:
     if ":" in spec:
         return load_factory(spec)(), spec
     if Path(spec).exists():
-        from trainfer.bundle import load
+        from trainfer.serve.bundle import load
 
         return load(spec, trust_factory=trusted()), spec
     if spec in models.FACTORIES:

@@ -15,7 +15,7 @@ from typing import Any
 import click
 from torch import nn
 
-from trainfer import __version__
+from trainfer._version import __version__
 from trainfer.errors import BundleError, TrainferError
 
 _TRUST_KEY = "trainfer.trust_factory"
@@ -36,9 +36,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
 def load_factory(spec: str) -> Callable[..., nn.Module]:
     """Resolve ``package.module:factory`` (like uvicorn's ``app:main``) to a callable.
 
-    The one resolver is :func:`trainfer.bundle.resolve_factory`; here its error becomes a usage error.
+    The one resolver is :func:`trainfer.serve.bundle.resolve_factory`; here its error becomes a usage error.
     """
-    from trainfer.bundle import resolve_factory
+    from trainfer.serve.bundle import resolve_factory
 
     try:
         return resolve_factory(spec)

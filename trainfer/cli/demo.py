@@ -36,7 +36,7 @@ def command(out: Path, epochs: int, seed: int, subset: int | None, repeats: int,
     Under `torchrun --nproc_per_node N -m trainfer demo` training runs on N processes (DDP);
     rank 0 does the rest.
     """
-    from trainfer.demo import DemoOptions, run
+    from trainfer.demo.pipeline import DemoOptions, run
 
     options = DemoOptions(out=out, epochs=epochs, seed=seed, subset=subset, repeats=repeats, threads=threads)
     with _terminate_as_exit():

@@ -24,7 +24,7 @@ def load_model(spec: str, weights: str | None) -> nn.Module:
     A factory model gets ``trainfer_config`` (factory and input shape unknown yet) so that its
     deploy form can be saved as a bundle that rebuilds itself.
     """
-    from trainfer.bundle import load
+    from trainfer.serve.bundle import load
 
     if Path(spec).exists():
         if weights:
@@ -45,7 +45,7 @@ def example_input(model: nn.Module, input_shape: str | None) -> torch.Tensor:
     if input_shape is None and not recorded:
         raise click.BadParameter("--input-shape is required (the model records no input shape), e.g. 1,3,224,224")
     shape = parse_shape(input_shape) if input_shape is not None else tuple(recorded)
-    from trainfer.verify import model_dtype
+    from trainfer.reparam.verify import model_dtype
 
     return torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=model_dtype(model))
 
@@ -71,8 +71,8 @@ def command(
 ) -> None:
     """Fold MODEL (package.module:factory or a bundle) into its inference form, verify it, save it."""
     from trainfer.atomic import atomic_file
-    from trainfer.bundle import save
-    from trainfer.deploy import deploy
+    from trainfer.reparam.deploy import deploy
+    from trainfer.serve.bundle import save
 
     with tqdm(total=3, desc="deploy", unit="step", file=sys.stderr, disable=None) as bar:
         bar.set_postfix_str("loading")
@@ -91,7 +91,7 @@ def command(
         bar.update()
         bar.set_postfix_str("saving")
         if output.endswith(".safetensors"):
-            from trainfer.bundle import write_safetensors
+            from trainfer.serve.bundle import write_safetensors
 
             with atomic_file(output) as tmp:
                 write_safetensors({k: v.contiguous() for k, v in deployed.state_dict().items()}, tmp)

@@ -7,7 +7,7 @@ import torch
 
 from trainfer.cli.common import friendly_errors, parse_shape, trust_factory_option, trusted
 from trainfer.errors import EquivalenceError
-from trainfer.export import FORMATS, export
+from trainfer.serve.export import FORMATS, export
 
 
 @click.command("export")

@@ -8,9 +8,9 @@ import click
 import torch
 from torch import nn
 
+from trainfer.analysis.inspection import MODES, inspect
 from trainfer.cli.common import friendly_errors, load_factory, parse_shape, trust_factory_option, trusted
-from trainfer.inspection import MODES, inspect
-from trainfer.verify import model_dtype
+from trainfer.reparam.verify import model_dtype
 
 
 @click.command("inspect")
@@ -72,7 +72,7 @@ def _load(model_spec: str, input_shape: str | None, train_pass: bool) -> tuple[n
         if shape is None:
             raise click.BadParameter("--input-shape is required for a package.module:factory model")
         return load_factory(model_spec)(), shape
-    from trainfer.bundle import load
+    from trainfer.serve.bundle import load
 
     model = load(model_spec, trust_factory=trusted())
     if shape is None:

@@ -18,13 +18,13 @@ from typing import IO, Any
 import click
 import numpy as np
 
-from trainfer import distributed
-from trainfer.batch_predict import iter_images, predict_to_jsonl
 from trainfer.cli.common import friendly_errors, trust_factory_option, trusted
 from trainfer.errors import InputError, MissingFileError
-from trainfer.predict import Predictor
-from trainfer.preprocess import IMAGE_SUFFIXES, PreprocessSpec, iter_csv, read_npy
-from trainfer.runtime import RUNTIMES
+from trainfer.serve import distributed
+from trainfer.serve.batch_predict import iter_images, predict_to_jsonl
+from trainfer.serve.predictor import Predictor
+from trainfer.serve.preprocess import IMAGE_SUFFIXES, PreprocessSpec, iter_csv, read_npy
+from trainfer.serve.runtime import RUNTIMES
 
 FORMATS = ("table", "jsonl", "csv")
 
@@ -235,7 +235,7 @@ def command(
             items = batch_source(inputs, predictor.preprocess_spec)
             write_results(predictions(predictor, items, top_k), fmt, sys.stdout)
         if explain_dir is not None and distributed.is_main():
-            from trainfer.attribution import explain_to_files
+            from trainfer.analysis.attribution import explain_to_files
 
             explain_to_files(predictor, inputs, explain_dir)
     finally:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from trainfer.cli.common import friendly_errors
-from trainfer.gate import AccuracyGate
+from trainfer.serve.gate import AccuracyGate
 
 DATA_HELP = (
     "raw inputs: a .npy, .csv or image file, or a directory of images/.npy files (preprocessed as the manifest says)"
@@ -44,7 +44,7 @@ def command(
 ) -> None:
     """Quantize the deploy form of BUNDLE to int8 (ONNX Runtime, QDQ, per-channel weights), keep the
     most sensitive layers in float until the accuracy gate passes, and write the bundle OUT."""
-    from trainfer.quantize import quantize
+    from trainfer.serve.quantize import quantize
 
     targets = torch.from_numpy(np.load(labels, allow_pickle=False)).long() if labels else None
     result = quantize(

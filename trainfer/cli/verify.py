@@ -36,7 +36,7 @@ def command(
     atol: float | None,
 ) -> None:
     """Compare CANDIDATE with REFERENCE in float64 and in REFERENCE's dtype, in eval mode."""
-    from trainfer.verify import verify
+    from trainfer.reparam.verify import verify
 
     reference = load_model(reference_spec, reference_weights)
     candidate = load_model(candidate_spec, candidate_weights)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainfer.blocks import ReparamBlock
 from trainfer.models.digits import DigitsNet, digits_net
 from trainfer.models.mobileone import MobileOne, mobileone_s0
 from trainfer.models.repvgg import RepVGG, repvgg_a0, repvgg_a1, repvgg_a2, repvgg_b0
 from trainfer.registry import register_model
+from trainfer.reparam.blocks import ReparamBlock
 
 #: Every built-in model factory by name (``trainfer bench --model repvgg_a0``).
 FACTORIES = {
@@ -33,7 +33,7 @@ __all__ = [
 
 
 def reparameterize(model: nn.Module) -> nn.Module:
-    """Turn every :class:`~trainfer.blocks.ReparamBlock` in ``model`` into its one-conv form, in place.
+    """Turn every :class:`~trainfer.reparam.blocks.ReparamBlock` in ``model`` into its one-conv form, in place.
 
     Returns ``model``. Idempotent. Where the model records ``trainfer_config``, its ``deploy``
     option becomes True, so the recorded factory call rebuilds this form (for bundles).

@@ -6,9 +6,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from trainfer.blocks import DiverseBranchBlock, RepVGGBlock
-from trainfer.dual import DualModule, train_only
 from trainfer.models.config import record_config
+from trainfer.modes.dual import DualModule, train_only
+from trainfer.reparam.blocks import DiverseBranchBlock, RepVGGBlock
 
 
 class DigitsNet(DualModule):

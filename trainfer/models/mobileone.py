@@ -8,8 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from trainfer.blocks import MobileOneBlock
 from trainfer.models.config import record_config
+from trainfer.reparam.blocks import MobileOneBlock
 
 BASE_WIDTHS = (64, 128, 256, 512)
 

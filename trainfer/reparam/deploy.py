@@ -1,0 +1,296 @@
+"""From a training-form model to its exact, cheapest inference form, proven equal.
+
+``deploy`` = copy -> eval -> module protocols -> fold (``trainfer.fold``) -> verify -> report:
+
+1. work on a deep copy in eval mode (the caller's parameters, buffers, modes and hooks stay as
+   they were); hooks are instrumentation, not part of the inference form, and are not carried;
+2. convert the copy to float64 and call the protocols blocks carry (``reparameterize()``,
+   ``switch_to_deploy()``, ``fuse()``; :mod:`trainfer.protocols`), each checked on its own module:
+   a conversion that is not float64-exact (float32 constants, weights copied into a new float32
+   layer) is undone and that module is left to the folder;
+3. fold every maximal linear region into one conv/linear (each folded kernel is rounded once,
+   when the result is cast back to the model's dtype); drop what inference never runs;
+4. verify, on the example inputs and random inputs of the same shapes: the float64 fold against
+   the original in float64 (tolerance 1e-9), and the returned form against the original in the
+   model's dtype (1e-5 for float32). A mismatch raises :class:`trainfer.EquivalenceError` naming
+   where the forms part; a wrong model is never returned.
+
+The report (:class:`DeployReport`, also ``deployed.trainfer_report`` and :func:`explain`) lists
+each region folded, what was kept and why, what was removed, counts before/after and the errors.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainfer.errors import EquivalenceError, InputError, InputTypeError
+from trainfer.numerics import TOLERANCE
+from trainfer.opcount import BATCH_NORM_OPS, count_aten_ops
+from trainfer.reparam.fold import FoldedRegion, FoldLog, fold
+from trainfer.reparam.protocols import ProtocolLog, apply_protocols
+from trainfer.reparam.verify import Equivalence, as_arguments, model_dtype, verify
+
+__all__ = ["DeployReport", "deploy", "explain"]
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+
+@dataclass
+class Counts:
+    """Size and work of one form: parameters, leaf modules, and aten ops one forward executes."""
+
+    parameters: int
+    modules: int
+    convolutions: int
+    batch_norms: int
+    ops: int
+
+    @classmethod
+    def of(cls, model: nn.Module, arguments: tuple[Any, ...]) -> Counts:
+        executed = count_aten_ops(model, *arguments)
+        return cls(
+            parameters=sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers()),
+            modules=sum(1 for m in model.modules() if not list(m.children())),
+            convolutions=executed.get("convolution", 0),
+            batch_norms=sum(n for name, n in executed.items() if name in BATCH_NORM_OPS),
+            ops=sum(executed.values()),
+        )
+
+
+@dataclass
+class DeployReport:
+    """What :func:`deploy` did to a model, printable."""
+
+    model: str
+    #: The keyword options deploy ran with; a deploy-form bundle replays them to rebuild the architecture.
+    options: dict[str, Any] = field(default_factory=dict)
+    #: Protocol calls kept (``"name.method()"``) and those undone with the reason (the folder did those).
+    protocols: list[str] = field(default_factory=list)
+    protocols_rejected: list[str] = field(default_factory=list)
+    regions: list[FoldedRegion] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)
+    hooks_not_carried: int = 0
+    before: Counts | None = None
+    after: Counts | None = None
+    verification: dict[str, Equivalence] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """All verifications passed (``True`` when verification was skipped)."""
+        return all(eq.ok for eq in self.verification.values())
+
+    def failure(self) -> str:
+        """One paragraph naming the failed checks and where the forms first part."""
+        lines = []
+        for label, eq in self.verification.items():
+            if eq.ok:
+                continue
+            worst = max(eq.outputs, key=lambda o: (not o.ok, o.max_rel_error))
+            line = f"{label}: {worst}"
+            if eq.divergence:
+                line += f"; first divergence at module {eq.divergence!r}" + self._cause_at(eq.divergence)
+            lines.append(line)
+        return "deploy changed what the model computes: " + "; ".join(lines)
+
+    def _cause_at(self, module: str) -> str:
+        """What deploy did at ``module``: its own inexact conversion, or the folded region it belongs to."""
+        own = [call for call in self.protocols if call.startswith(f"{module}.") and ": " in call]
+        if own:
+            return f" ({own[0]})"
+        folded = [r.name for r in self.regions if module in r.members]
+        if folded:
+            return f" (folded into {', '.join(folded)})"
+        feeding = [r.name for r in self.regions if module in r.feeds]
+        return f" (its input comes from the folded region {', '.join(feeding)})" if feeding else ""
+
+    def __str__(self) -> str:
+        lines = [f"deploy report for {self.model}"]
+        if self.before and self.after:
+            for name in ("parameters", "modules", "convolutions", "batch_norms", "ops"):
+                lines.append(f"  {name:<13} {getattr(self.before, name):>10} -> {getattr(self.after, name):>10}")
+        sections = [
+            ("protocols called", self.protocols),
+            ("protocols undone (not exact, or they failed)", self.protocols_rejected),
+            ("regions folded", [str(r) for r in self.regions]),
+            ("removed (no work in inference)", self.removed),
+            ("not folded", self.kept),
+            ("fallbacks (untraceable code)", self.fallbacks),
+        ]
+        for title, items in sections:
+            if items:
+                lines.append(f"{title}:")
+                lines += [f"  - {item}" for item in items]
+        if self.hooks_not_carried:
+            lines.append(f"hooks not carried to the deployed form: {self.hooks_not_carried}")
+        for label, eq in self.verification.items():
+            lines.append(f"verification ({label}): " + str(eq).replace("\n", "\n  "))
+        return "\n".join(lines)
+
+
+def deploy(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    inplace: bool = False,
+    verify: bool = True,
+    rtol: float | None = None,
+    atol: float | None = None,
+    protocols: bool | str = True,
+    verify_inputs: Any = None,
+) -> nn.Module:
+    """The inference form of ``model``: one conv per linear region, nothing that does not run.
+
+    ``example_inputs``: a tensor or a tuple of positional arguments. ``inplace=True`` lets deploy
+    modify ``model`` (eval mode, protocols) instead of copying it. ``protocols``: ``True`` calls the
+    blocks' own ``reparameterize()``/``switch_to_deploy()``/``fuse()`` and keeps each conversion
+    that is float64-exact on its module; ``"trust"`` keeps every conversion as its author wrote
+    it (an inexact one then fails verification, which names it); ``False`` relies on the folder alone.
+    ``rtol``/``atol`` override the per-dtype tolerance of the model-dtype check.
+    ``verify_inputs`` (a tensor or tuple, like ``example_inputs``): verify on these and random
+    inputs of their shapes instead of the example's, e.g. a smaller image for a fully
+    convolutional model (the folded weights do not depend on the input size; what a smaller input
+    proves is in docs/deploy-protocols.md). The fold itself always traces ``example_inputs``.
+    Raises :class:`trainfer.EquivalenceError` (with the report) if verification fails.
+    """
+    deployed, report = _deploy(model, example_inputs, inplace, verify, rtol, atol, protocols, verify_inputs)
+    if not report.ok:
+        raise EquivalenceError(report.failure(), report)
+    return deployed
+
+
+def explain(model: nn.Module, example_inputs: Any, *, protocols: bool | str = True) -> DeployReport:
+    """The :class:`DeployReport` of deploying ``model``, verification errors included (never raises them)."""
+    return _deploy(model, example_inputs, False, True, None, None, protocols, None)[1]
+
+
+def _deploy(
+    model: nn.Module,
+    example_inputs: Any,
+    inplace: bool,
+    check: bool,
+    rtol: float | None,
+    atol: float | None,
+    protocols: bool | str,
+    verify_inputs: Any,
+) -> tuple[nn.Module, DeployReport]:
+    if not isinstance(model, nn.Module):
+        raise InputTypeError(f"deploy expects an nn.Module; got {type(model).__name__}")
+    if protocols not in (True, False, "trust"):
+        raise InputError(f"protocols must be True, False or 'trust'; got {protocols!r}")
+    arguments = as_arguments(example_inputs)
+    dtype = model_dtype(model)
+    arguments = _cast(arguments, dtype)
+    checked = arguments if verify_inputs is None else _cast(as_arguments(verify_inputs), dtype)
+    report = DeployReport(type(model).__name__, options={"protocols": protocols})
+    working = model.eval() if inplace else _inference_copy(model)
+    report.hooks_not_carried = _strip_hooks(working)
+    reference = copy.deepcopy(working) if check else None
+    report.before = _counts_of_original(working, arguments)
+    working = _in_float64(working)
+    arguments64 = _cast(arguments, torch.float64)
+    calls = ProtocolLog()
+    if protocols:
+        working, calls = apply_protocols(working, arguments64, undo_inexact=protocols is True)
+        report.protocols = [str(call) for call in calls.kept]
+        report.protocols_rejected = [str(call) for call in calls.rejected]
+    converted = calls.converted
+    leaves = _leaf_names(working)  # after the protocols: what they replaced is not "removed"
+    folded, log = fold(working, arguments64)
+    _record(report, log)
+    pairs = {region.name: region.members[-1] for region in report.regions}
+    if reference is not None and dtype != torch.float64:
+        # The fold ran on exactly up-cast weights, so float64's own tolerance applies.
+        report.verification["float64"] = verify(
+            reference,
+            folded,
+            checked,
+            rtol=TOLERANCE[torch.float64],
+            dtypes=(torch.float64,),
+            pairs=pairs,
+            opaque=converted,
+        )
+    deployed = folded.to(dtype)
+    report.after = Counts.of(deployed, arguments)
+    report.removed += _vanished(leaves, deployed, report)
+    if reference is not None:
+        report.verification[str(dtype).removeprefix("torch.")] = verify(
+            reference, deployed, checked, rtol=rtol, atol=atol, dtypes=(dtype,), pairs=pairs, opaque=converted
+        )
+    _blame_inexact_protocols(report, calls)
+    config = getattr(model, "trainfer_config", None)
+    if isinstance(config, dict):
+        deployed.trainfer_config = {**config, "form": "deploy", "deploy_options": report.options}
+    deployed.trainfer_report = report
+    return deployed, report
+
+
+def _blame_inexact_protocols(report: DeployReport, calls: ProtocolLog) -> None:
+    """A failed float64 check's divergence is the first kept conversion measured inexact on its own module."""
+    inexact = [call.module or "model" for call in calls.kept if call.exact is False]
+    for label, eq in report.verification.items():
+        if inexact and label == "float64" and not eq.ok:
+            eq.divergence = inexact[0]
+
+
+def _counts_of_original(model: nn.Module, arguments: tuple[Any, ...]) -> Counts:
+    """The original's counts; its first forward also checks that the example inputs fit the model."""
+    try:
+        return Counts.of(model, arguments)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        given = ", ".join(
+            f"tensor{list(a.shape)} {str(a.dtype).removeprefix('torch.')}" if isinstance(a, torch.Tensor) else repr(a)
+            for a in arguments
+        )
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputError(f"{type(model).__name__} cannot run on the example inputs ({given}): {reason}") from error
+
+
+def _in_float64(model: nn.Module) -> nn.Module:
+    """``model`` converted to float64 in place (folding there rounds each kernel once, at the end)."""
+    try:
+        return model.double()
+    except (RuntimeError, TypeError) as error:
+        raise InputError(f"deploy folds and verifies in float64, and {type(model).__name__} cannot: {error}") from error
+
+
+def _inference_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).eval()
+
+
+def _strip_hooks(model: nn.Module) -> int:
+    """Remove every module hook from ``model`` (a copy); return how many there were."""
+    removed = 0
+    for module in model.modules():
+        removed += sum(len(getattr(module, name, {})) for name in _HOOKS)
+        for name in _HOOKS + _HOOK_FLAGS:
+            getattr(module, name, {}).clear()
+    return removed
+
+
+def _cast(arguments: tuple[Any, ...], dtype: torch.dtype) -> tuple[Any, ...]:
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in arguments)
+
+
+def _record(report: DeployReport, log: FoldLog) -> None:
+    report.regions, report.kept, report.fallbacks = log.regions, log.kept, log.fallbacks
+    report.removed = [f"{item}: identity in eval mode" for item in log.dropped]
+
+
+def _leaf_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if name and not list(module.children())]
+
+
+def _vanished(leaves: list[str], deployed: nn.Module, report: DeployReport) -> list[str]:
+    """Leaf modules of the original that neither survive nor were folded (training-only code, unused heads)."""
+    survivors = {name for name, _ in deployed.named_modules()}
+    folded = {member for region in report.regions for member in region.members}
+    dropped = {item.split(" ")[0] for item in report.removed}
+    return [f"{name}: never runs in inference" for name in leaves if name not in survivors | folded | dropped]

@@ -1,0 +1,200 @@
+"""Graph rewrites the folder runs before it looks for linear regions (each exact, each one pass).
+
+* :func:`resolve_rank_checks`: ``torch._assert(x.ndim == 4, ...)`` (timm's ``BatchNormAct2d`` and
+  others) reads the conv output a second time, which stops the conv from absorbing the batch norm
+  after it. A value's rank is fixed by the traced graph, so rank queries become constants, and
+  assertions that then hold statically are dropped.
+* :func:`move_batch_norms_into_heads`: ``BN -> global average pool -> flatten -> Linear`` (a head
+  after a final norm): a per-channel affine commutes with averaging over space and with flattening
+  a ``(N, C, 1, 1)`` value, ``mean(s x + t) = s mean(x) + t``, so the batch norm moves next to the
+  linear layer, which then absorbs it.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from trainfer.reparam.fold_trace import is_leaf
+
+__all__ = ["move_batch_norms_into_heads", "resolve_rank_checks"]
+
+_COMPARISONS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.not_}
+_ASSERTS = {torch._assert}
+
+
+def _rank_query(node: fx.Node) -> fx.Node | None:
+    """The tensor whose rank ``node`` asks for (``x.ndim``, ``x.dim()``, ``x.ndimension()``), else None."""
+    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("ndim",):
+        return node.args[0]
+    if node.op == "call_method" and node.target in ("dim", "ndimension") and len(node.args) == 1:
+        return node.args[0]
+    return None
+
+
+def _static_value(node: fx.Node) -> tuple[bool, Any]:
+    """``(True, value)`` for a rank query or a comparison of static values, ``(False, None)`` otherwise."""
+    source = _rank_query(node)
+    if isinstance(source, fx.Node):
+        meta = source.meta.get("tensor_meta")
+        return (True, len(meta.shape)) if meta is not None and hasattr(meta, "shape") else (False, None)
+    if node.op == "call_function" and node.target in _COMPARISONS and not node.all_input_nodes:
+        return True, node.target(*node.args)
+    return False, None
+
+
+def _replace_with_constant(node: fx.Node, value: Any) -> None:
+    """Every use of ``node`` reads the constant ``value`` instead."""
+
+    def swap(argument: fx.Node) -> Any:
+        return value if argument is node else argument
+
+    for user in list(node.users):
+        user.args, user.kwargs = fx.node.map_arg(user.args, swap), fx.node.map_arg(user.kwargs, swap)
+
+
+def resolve_rank_checks(graph: fx.Graph) -> int:
+    """Replace rank queries (and comparisons of them) by constants; drop asserts that hold. Returns how many.
+
+    Needs ``tensor_meta`` (shape propagation). One pass in graph order suffices: a comparison's
+    arguments come before it and are already constants when it is reached.
+    """
+    resolved = 0
+    for node in list(graph.nodes):
+        static, value = _static_value(node)
+        if static:
+            _replace_with_constant(node, value)
+            graph.erase_node(node)
+            resolved += 1
+        elif node.op == "call_function" and node.target in _ASSERTS and node.args and node.args[0] is True:
+            graph.erase_node(node)
+            resolved += 1
+    return resolved
+
+
+# --- batch norms into heads -------------------------------------------------------------------------
+
+_RESHAPES = {torch.flatten, torch.reshape, torch.squeeze, "flatten", "view", "reshape", "squeeze"}
+_MEANS = {torch.mean, "mean"}
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _averages_space(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Global average pooling of a 4-D value: ``AdaptiveAvgPool2d(1)``, ``F.adaptive_avg_pool2d(x, 1)``,
+    ``x.mean((2, 3))`` (``keepdim`` either way)."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        return isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1))
+    if node.target is F.adaptive_avg_pool2d:
+        return node.args[1:2] in ((1,), ((1, 1),)) or node.kwargs.get("output_size") in (1, (1, 1))
+    if node.target in _MEANS and len(node.args) >= 2 and not set(node.kwargs) - {"keepdim"}:
+        dims = node.args[1] if isinstance(node.args[1], (tuple, list)) else (node.args[1],)
+        return sorted(d % 4 for d in dims if isinstance(d, int)) == [2, 3] and len(dims) == 2
+    return False
+
+
+def _drops_unit_dims(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A flatten/view/reshape/squeeze that turns ``(N, C, 1, 1)`` into ``(N, C)``."""
+    reshape = (node.op == "call_module" and isinstance(modules[node.target], nn.Flatten)) or (
+        node.op in ("call_function", "call_method") and node.target in _RESHAPES
+    )
+    source = node.args[0] if node.args else None
+    before, after = _shape(source), _shape(node)
+    return (
+        reshape
+        and before is not None
+        and after is not None
+        and len(before) == 4
+        and before[2:] == (1, 1)
+        and after == before[:2]
+    )
+
+
+def _commutes(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """``node(s x + t) = s node(x) + t`` for per-channel ``s, t``, and it keeps channels on dim 1."""
+    return node.op in ("call_module", "call_function", "call_method") and (
+        _averages_space(node, modules) or _drops_unit_dims(node, modules)
+    )
+
+
+def _shape_query(node: fx.Node) -> bool:
+    """``x.size(...)``, ``x.shape``, ``x.ndim``, ``x.dim()``: reads the value's shape, not its values."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim", "ndimension")
+    return node.op == "call_function" and node.target is getattr and node.args[1:] in (("shape",), ("ndim",))
+
+
+def _is_linear_layer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return type(modules[node.target]) is nn.Linear
+    return node.op == "call_function" and node.target is F.linear
+
+
+def _batch_norm_arguments(node: fx.Node, modules: dict[str, nn.Module], graph: fx.Graph) -> tuple | None:
+    """``(input, running_mean, running_var, weight, bias, eps)`` of an eval-mode batch norm node, else None."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        if not (isinstance(module, _BatchNorm) and is_leaf(module)) or module.running_mean is None:
+            return None
+        with graph.inserting_before(node):
+            stats = [graph.get_attr(f"{node.target}.{name}") if getattr(module, name) is not None else None
+                     for name in ("running_mean", "running_var", "weight", "bias")]  # fmt: skip
+        return (node.args[0], *stats, module.eps)
+    if node.op != "call_function" or node.target is not F.batch_norm:
+        return None
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    bound = dict(zip(names, (None, None, None, None, None, False, 0.1, 1e-5)))
+    bound.update(zip(names, node.args))
+    bound.update(node.kwargs)
+    if bound["training"] is not False or bound["running_mean"] is None:
+        return None
+    return tuple(bound[k] for k in ("input", "running_mean", "running_var", "weight", "bias", "eps"))
+
+
+def _head_after(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node] | None:
+    """The commuting ops from ``node``'s only user on to a linear layer, if the chain reaches one."""
+    chain: list[fx.Node] = []
+    users = list(node.users)
+    while len(users) == 1:  # finite: each step goes one node further down the (acyclic) graph
+        node = users[0]
+        users = [user for user in node.users if not _shape_query(user)]  # sizes do not change when BN moves
+        if _is_linear_layer(node, modules):
+            return chain or None
+        if not _commutes(node, modules):
+            return None
+        chain.append(node)
+    return None
+
+
+def move_batch_norms_into_heads(gm: fx.GraphModule) -> int:
+    """Move each eval-mode batch norm that reaches a linear layer through commuting ops to just before it.
+
+    The moved batch norm is an ``F.batch_norm`` call on the value the linear layer reads (its
+    statistics read from the same buffers). Needs ``tensor_meta``; returns how many moved.
+    """
+    modules, graph, moved = dict(gm.named_modules()), gm.graph, 0
+    for node in list(graph.nodes):
+        chain = _head_after(node, modules)
+        arguments = _batch_norm_arguments(node, modules, graph) if chain else None
+        if arguments is None:
+            continue
+        source, mean, var, weight, bias, eps = arguments
+        chain[0].replace_input_with(node, source)
+        last = chain[-1]
+        with graph.inserting_after(last):
+            affine = {"weight": weight, "bias": bias, "eps": eps}
+            moved_bn = graph.call_function(F.batch_norm, (last, mean, var), affine)
+        moved_bn.meta = dict(last.meta)
+        last.replace_all_uses_with(moved_bn, delete_user_cb=lambda user, moved_bn=moved_bn: user is not moved_bn)
+        graph.erase_node(node)
+        moved += 1
+    return moved

@@ -1,0 +1,287 @@
+"""Do two forms of a model compute the same function? Measure it, and say where they part.
+
+:func:`verify` runs a *reference* and a *candidate* on the example inputs and on random inputs of
+the same shapes, in each requested dtype, and compares every output leaf (tensors inside tuples,
+lists and dicts are matched by position/key). An output passes when
+
+    max |candidate - reference| <= atol + rtol * max |reference|
+
+i.e. the error is measured relative to the output's scale. The default ``rtol`` is
+``trainfer.numerics.TOLERANCE`` of the least precise dtype involved: the dtype the models run in,
+and the dtype their weights were stored in (a float32 fold cast to float64 still carries float32
+rounding, so it is held to float32's tolerance; fold a float64 copy to check at 1e-9).
+
+When the forms differ, both run again under :func:`trainfer.capture.capture` and the first module
+(in the reference's execution order) whose output differs from its counterpart in the candidate
+is named: counterparts share a qualified name, or are paired explicitly through ``pairs``. A
+module the candidate rebuilt by its own conversion (``opaque``: a protocol like DBB's
+``switch_to_deploy()`` may keep a name such as ``block.nonlinear`` while feeding it another
+input) is compared as a whole; names inside it are never paired.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from trainfer.capture import capture
+from trainfer.errors import InputTypeError
+from trainfer.numerics import TOLERANCE
+
+__all__ = ["Equivalence", "OutputError", "as_arguments", "compare_outputs", "model_dtype", "verify"]
+
+
+@dataclass
+class OutputError:
+    """The worst error of one output leaf (``path`` like ``output[0]['logits']``) in one dtype."""
+
+    path: str
+    dtype: torch.dtype
+    max_abs_error: float
+    max_rel_error: float
+    scale: float
+    rtol: float
+    atol: float
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """No structural problem, and ``max_abs_error <= atol + rtol * scale``."""
+        return self.problem is None and self.max_abs_error <= self.atol + self.rtol * self.scale
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.ok else "FAIL"
+        if self.problem:
+            return f"{self.path} [{_dtype_name(self.dtype)}]: FAIL ({self.problem})"
+        return (
+            f"{self.path} [{_dtype_name(self.dtype)}]: max abs {self.max_abs_error:.3e}, "
+            f"max rel {self.max_rel_error:.3e} (rtol {self.rtol:.0e}) {verdict}"
+        )
+
+
+@dataclass
+class Equivalence:
+    """Result of :func:`verify`: per-output, per-dtype errors and, on failure, where the forms part."""
+
+    outputs: list[OutputError] = field(default_factory=list)
+    divergence: str | None = None
+    inputs_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """At least one output was compared and every output passed."""
+        return bool(self.outputs) and all(output.ok for output in self.outputs)
+
+    @property
+    def max_abs_error(self) -> float:
+        """The largest absolute error over all outputs and dtypes (NaN if nothing was compared)."""
+        return max((o.max_abs_error for o in self.outputs), default=float("nan"))
+
+    @property
+    def max_rel_error(self) -> float:
+        """The largest error relative to its output's scale, over all outputs and dtypes (NaN if none)."""
+        return max((o.max_rel_error for o in self.outputs), default=float("nan"))
+
+    def __str__(self) -> str:
+        lines = [f"equivalence: {'ok' if self.ok else 'FAILED'} over {self.inputs_checked} inputs"]
+        lines += [f"  {output}" for output in self.outputs]
+        if self.divergence:
+            lines.append(f"  first divergence: module {self.divergence!r}")
+        return "\n".join(lines)
+
+
+def as_arguments(example_inputs: Any) -> tuple[Any, ...]:
+    """A tensor or a tuple/list of positional arguments -> a tuple of positional arguments."""
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and any(isinstance(a, Tensor) for a in example_inputs):
+        return tuple(example_inputs)
+    raise InputTypeError(
+        "example_inputs must be a tensor or a tuple of positional arguments holding at least one tensor; "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter or buffer (float32 if none)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def verify(
+    reference: nn.Module,
+    candidate: nn.Module,
+    example_inputs: Any,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    random_inputs: int = 2,
+    dtypes: Sequence[torch.dtype | None] = (torch.float64, None),
+    pairs: Mapping[str, str] | None = None,
+    opaque: Collection[str] = (),
+    seed: int = 0,
+) -> Equivalence:
+    """Compare ``candidate`` with ``reference`` in eval mode; neither model is modified.
+
+    ``dtypes``: ``None`` stands for the reference's own dtype. ``random_inputs``: how many random
+    inputs (``randn`` of the example shapes, seeded by ``seed``) are checked besides the examples.
+    ``pairs`` maps candidate module names to reference module names for divergence localisation
+    (modules with equal names are paired anyway); ``opaque`` names reference modules whose
+    submodules have no counterpart in the candidate (the module itself still has one).
+    """
+    for role, model in (("reference", reference), ("candidate", candidate)):
+        if not isinstance(model, nn.Module):
+            raise InputTypeError(f"{role} must be an nn.Module; got {type(model).__name__}")
+    arguments = as_arguments(example_inputs)
+    stored = {model_dtype(reference), model_dtype(candidate)}
+    result = Equivalence()
+    for dtype in dict.fromkeys(d or model_dtype(reference) for d in dtypes):
+        tolerance = rtol if rtol is not None else max(TOLERANCE.get(d, 1e-5) for d in {dtype, *stored})
+        ref, cand = _eval_copy(reference, dtype), _eval_copy(candidate, dtype)
+        inputs = list(_inputs(arguments, dtype, random_inputs, seed))
+        errors = _compare_all(ref, cand, inputs, dtype, tolerance, atol or 0.0)
+        result.outputs += errors
+        result.inputs_checked += len(inputs)
+        if result.divergence is None and not all(e.ok for e in errors):
+            result.divergence = _first_divergence(
+                ref, cand, inputs, tolerance, atol or 0.0, dict(pairs or {}), tuple(opaque)
+            )
+    return result
+
+
+def _eval_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` in eval mode and ``dtype``: itself if it already is (running it then changes nothing)."""
+    ready = not any(m.training for m in model.modules()) and all(
+        t.dtype == dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()
+    )
+    return model if ready else copy.deepcopy(model).to(dtype).eval()
+
+
+def _inputs(arguments: tuple[Any, ...], dtype: torch.dtype, count: int, seed: int) -> Iterator[tuple[Any, ...]]:
+    """The example arguments in ``dtype``, then ``count`` random ones of the same shapes.
+
+    Random values are drawn in float64 and then cast, so every dtype checks the same points.
+    """
+
+    def cast(value: Any) -> Any:
+        return value.to(dtype) if isinstance(value, Tensor) and value.is_floating_point() else value
+
+    yield tuple(cast(a) for a in arguments)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(count):
+        yield tuple(
+            torch.randn(a.shape, generator=generator, dtype=torch.float64).to(a.device, dtype)
+            if isinstance(a, Tensor) and a.is_floating_point()
+            else a
+            for a in arguments
+        )
+
+
+def _compare_all(
+    ref: nn.Module, cand: nn.Module, inputs: list[tuple[Any, ...]], dtype: torch.dtype, rtol: float, atol: float
+) -> list[OutputError]:
+    worst: dict[str, OutputError] = {}
+    with torch.no_grad():
+        for arguments in inputs:
+            for error in compare_outputs(ref(*arguments), cand(*arguments), dtype, rtol, atol):
+                previous = worst.get(error.path, error)
+                worst[error.path] = max(previous, error, key=lambda e: (not e.ok, e.max_rel_error))
+    return list(worst.values())
+
+
+def _leaves(output: Any, path: str = "output") -> dict[str, Any]:
+    """Flatten tensors in nested tuples/lists/dicts into ``{path: leaf}``."""
+    if isinstance(output, Mapping):
+        return {k: v for key, value in output.items() for k, v in _leaves(value, f"{path}[{key!r}]").items()}
+    if isinstance(output, (tuple, list)):
+        return {k: v for i, value in enumerate(output) for k, v in _leaves(value, f"{path}[{i}]").items()}
+    return {path: output}
+
+
+def compare_outputs(
+    reference: Any, candidate: Any, dtype: torch.dtype, rtol: float, atol: float = 0.0
+) -> list[OutputError]:
+    """The error of each output leaf of ``candidate`` against ``reference`` (nested tuples/lists/dicts)."""
+    return list(_compare(_leaves(reference), _leaves(candidate), dtype, rtol, atol))
+
+
+def _compare(
+    reference: dict[str, Any], candidate: dict[str, Any], dtype: torch.dtype, rtol: float, atol: float
+) -> Iterator[OutputError]:
+    if reference.keys() != candidate.keys():
+        problem = f"output structure differs: reference {sorted(reference)} vs candidate {sorted(candidate)}"
+        yield OutputError("output", dtype, _INF, _INF, 1.0, rtol, atol, problem)
+        return
+    for path, expected in reference.items():
+        actual = candidate[path]
+        if not isinstance(expected, Tensor) or not isinstance(actual, Tensor):
+            same = type(expected) is type(actual) and expected == actual
+            problem = None if same else f"non-tensor outputs differ: {expected!r} vs {actual!r}"
+            yield OutputError(path, dtype, 0.0 if same else _INF, 0.0 if same else _INF, 1.0, rtol, atol, problem)
+        elif expected.shape != actual.shape:
+            problem = f"shape {tuple(actual.shape)} differs from the reference's {tuple(expected.shape)}"
+            yield OutputError(path, dtype, _INF, _INF, 1.0, rtol, atol, problem)
+        else:
+            yield OutputError(path, dtype, *_errors(actual, expected), rtol, atol)
+
+
+_INF = float("inf")
+
+
+def _errors(actual: Tensor, expected: Tensor) -> tuple[float, float, float]:
+    """``(max |a - e|, that / max |e|, max |e|)`` over finite entries; mismatched NaN/inf -> infinite error."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    finite = torch.isfinite(expected)
+    if not (bool(finite.all()) and bool(torch.isfinite(actual).all())):  # masked copies only when needed
+        if not torch.equal(finite, torch.isfinite(actual)) or not torch.equal(
+            actual[~finite].nan_to_num(), expected[~finite].nan_to_num()
+        ):
+            return _INF, _INF, 1.0
+        actual, expected = actual[finite], expected[finite]
+    if expected.numel() == 0:
+        return 0.0, 0.0, 0.0
+    difference, scale = float((actual - expected).abs().max()), float(expected.abs().max())
+    relative = difference / scale if scale > 0 else (0.0 if difference == 0 else _INF)
+    return difference, relative, scale
+
+
+def _record(name: str, module: nn.Module, output: Any) -> Tensor | None:
+    return output.detach().clone() if isinstance(output, Tensor) else None
+
+
+def _first_divergence(
+    ref: nn.Module,
+    cand: nn.Module,
+    inputs: list[tuple[Any, ...]],
+    rtol: float,
+    atol: float,
+    pairs: dict[str, str],
+    opaque: tuple[str, ...],
+) -> str | None:
+    """The first reference module whose output differs from its candidate counterpart's, on any input."""
+    for arguments in inputs:
+        with torch.no_grad(), capture(ref, _record) as expected, capture(cand, _record) as actual:
+            ref(*arguments)
+            cand(*arguments)
+        counterpart = {pairs.get(name, name): name for name in actual}
+        for name, value in expected.items():
+            other = actual[counterpart[name]] if name in counterpart else None
+            if name == "" or value is None or other is None or other.shape != value.shape:
+                continue
+            if any(name.startswith(f"{outer}.") or outer == "" for outer in opaque):
+                continue
+            absolute, _, scale = _errors(other, value)
+            if absolute > atol + rtol * scale:
+                return name
+    return None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,241 @@
+"""Batch prediction over a directory of images or a CSV of rows: streamed, resumable, sharded by rank.
+
+``predict_to_jsonl(predictor, source, out)`` writes one JSON line per input, in input order, each
+``{"id": <input id>, **result.to_record()}`` where the id is the image's path relative to the
+directory, or ``"<csv path>:<0-based row>"``. Guarantees:
+
+* **Bounded memory.** Inputs are read lazily, in windows of ``W * B`` (``W`` ranks, batch size
+  ``B``): at most one window of inputs (and their results) is held, whatever the input count.
+* **Resumable.** An existing ``out`` is read first: its records must be the results of the first
+  inputs, in order (checked id by id), and those inputs are skipped. The records after the last
+  whole batch — a truncated last line from a crash mid-write, a last partial batch — are cut off
+  and predicted again (at most ``B - 1`` inputs). Every window's lines are flushed before the
+  next window is read.
+* **Sharded under torchrun.** Rank ``r`` predicts the ``r``-th batch of ``B`` consecutive inputs
+  of each window and serialises its lines; all lines are gathered and rank 0 appends them in
+  input order. Batches start at multiples of ``B`` (also when resuming), so each is made of the
+  same inputs as in one uninterrupted process: the file is byte for byte that process's, whatever
+  the number of ranks or interruptions, for the same ``B`` (kernels may round differently per
+  batch size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from trainfer.errors import InputError, MissingFileError, WriteError
+from trainfer.serve import distributed
+from trainfer.serve.preprocess import IMAGE_SUFFIXES, PreprocessSpec, iter_csv
+
+Item = tuple[Any, Any]  # (id written in the record, input handed to the predictor)
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    """What one run did: ``written`` new records after ``resumed`` records already in ``path``."""
+
+    path: Path
+    resumed: int
+    written: int
+
+
+def iter_images(directory: str | os.PathLike[str]) -> Iterator[Item]:
+    """Image files under ``directory`` (recursively, sorted by name), as ``(relative path, path)``.
+
+    Only one directory's names are listed at a time; no image is opened here.
+    """
+    root = Path(directory)
+    for folder, subfolders, names in os.walk(root):
+        subfolders.sort()
+        for name in sorted(names):
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                path = Path(folder, name)
+                yield path.relative_to(root).as_posix(), str(path)
+
+
+def iter_csv_rows(path: str | os.PathLike[str], spec: PreprocessSpec) -> Iterator[Item]:
+    """Rows of a CSV file with a header, as ``("path:i", raw (1, F) row)`` (``i`` 0-based), read in chunks.
+
+    The ids are those of ``trainfer predict``'s output; the columns are picked by ``spec.columns``
+    (see :func:`trainfer.serve.preprocess.iter_csv`).
+    """
+    rows = (row for chunk in iter_csv(Path(path), spec) for row in chunk.split(1))
+    yield from ((f"{path}:{index}", row) for index, row in enumerate(rows))
+
+
+def iter_source(source: str | os.PathLike[str], spec: PreprocessSpec) -> Iterator[Item]:
+    """A directory of images or a ``.csv`` file (columns as ``spec`` says), streamed as ``(id, input)``."""
+    path = Path(source)
+    if path.is_dir():
+        return iter_images(path)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return iter_csv_rows(path, spec)
+    if not path.exists():
+        raise MissingFileError(f"batch input {str(path)!r} does not exist (expected a directory of images or a .csv)")
+    raise InputError(f"batch input {str(path)!r} is neither a directory of images nor a .csv file")
+
+
+def count_records(out: str | os.PathLike[str]) -> int:
+    """How many complete (newline-terminated) lines ``out`` holds; 0 if it does not exist."""
+    path = Path(out)
+    if not path.exists():
+        return 0
+    with open(path, "rb") as handle:
+        return sum(1 for line in handle if line.endswith(b"\n"))
+
+
+def keep_records(out: str | os.PathLike[str], keep: int) -> None:
+    """Cut ``out`` after its first ``keep`` lines (a missing file is left missing)."""
+    path = Path(out)
+    if not path.exists():
+        return
+    with open(path, "rb+") as handle:
+        end = sum(len(line) for line in itertools.islice(handle, keep))
+        handle.truncate(end)
+
+
+def _record_ids(out: Path, count: int) -> Iterator[Any]:
+    """The ``id`` of the first ``count`` lines of ``out``, streamed; an unreadable line is named."""
+    if not count:
+        return
+    with open(out, "rb") as handle:
+        for number, line in enumerate(itertools.islice(handle, count), start=1):
+            try:
+                yield json.loads(line)["id"]
+            except (ValueError, KeyError, TypeError):
+                raise InputError(f"{str(out)!r} line {number} is not a prediction record with an 'id'") from None
+
+
+def _skip_done(items: Iterator[Item], out: Path, done: int, keep: int) -> list[Item]:
+    """Advance ``items`` past the ``done`` inputs recorded in ``out``, checking every id.
+
+    Returns the inputs after the first ``keep``: they are predicted again.
+    """
+    again = []
+    for number, expected in enumerate(_record_ids(out, done), start=1):
+        item = next(items, None)
+        if item is None:
+            raise InputError(f"{str(out)!r} holds {done} records but the input has only {number - 1}")
+        if item[0] != expected:
+            raise InputError(
+                f"{str(out)!r} was written for other inputs: line {number} is for {expected!r}, "
+                f"input {number} is {item[0]!r} (use another --out or delete it)"
+            )
+        if number > keep:
+            again.append(item)
+    return again
+
+
+def _resume(items: Iterator[Item], out: Path, batch_size: int) -> tuple[int, Iterator[Item]]:
+    """Skip ``out``'s records on every rank, back to the last whole batch; return their count and the rest.
+
+    Rank 0 checks every complete record's id, then cuts ``out`` after the last whole batch (a
+    truncated last line goes too): the inputs after it are predicted again, in the same batches
+    as an uninterrupted run.
+    """
+    outcome: Any = None
+    again: list[Item] = []
+    if distributed.is_main():
+        try:
+            if not out.parent.is_dir():
+                raise MissingFileError(f"--out directory {str(out.parent)!r} does not exist")
+            done = count_records(out)
+            outcome = done - done % batch_size
+            again = _skip_done(items, out, done, outcome)
+            keep_records(out, outcome)
+        except (ValueError, OSError) as error:
+            outcome = error
+    outcome = distributed.broadcast_object(outcome)
+    if isinstance(outcome, Exception):
+        raise outcome
+    if not distributed.is_main():
+        next(itertools.islice(items, outcome, outcome), None)
+    return outcome, itertools.chain(again, items)
+
+
+def _record_lines(predictor: Any, batch: list[Item], top_k: int | None) -> str:
+    """One JSON line per input of ``batch``: its id, then its result's record."""
+    results = predictor.predict([item for _, item in batch], top_k=top_k)
+    return "".join(
+        json.dumps({"id": key, **result.to_record()}, allow_nan=False) + "\n"
+        for (key, _), result in zip(batch, results, strict=True)
+    )
+
+
+def _predict_window(predictor: Any, window: list[Item], batch_size: int, top_k: int | None) -> list[str]:
+    """This rank's batch of ``window`` predicted, then every rank's lines in rank (= input) order.
+
+    An error on any rank is raised on every rank, so none is left waiting in a collective.
+    """
+    start = distributed.rank() * batch_size
+    mine = window[start : start + batch_size]
+    try:
+        lines: str | Exception = _record_lines(predictor, mine, top_k) if mine else ""
+    except Exception as error:  # re-raised below on every rank
+        lines = error
+    gathered = distributed.all_gather_object((len(window), lines))
+    for _, part in gathered:
+        if isinstance(part, Exception):
+            raise part
+    if len({count for count, _ in gathered}) > 1:
+        raise RuntimeError("ranks read different inputs: the source changed while being predicted")
+    return [part for _, part in gathered]
+
+
+def _append(handle: Any, text: str, out: Path) -> None:
+    """Write and flush ``text``; an ``OSError`` (disk full) becomes a :class:`WriteError` naming ``out``.
+
+    Whatever reached the file stays resumable: the next run cuts it back to its last whole batch.
+    """
+    try:
+        handle.write(text)
+        handle.flush()
+    except OSError as error:
+        raise WriteError(f"cannot write {str(out)!r}: {error.strerror or error}") from error
+
+
+def predict_to_jsonl(
+    predictor: Any,
+    source: str | os.PathLike[str] | Iterable[Item],
+    out: str | os.PathLike[str],
+    *,
+    batch_size: int | None = None,
+    top_k: int | None = None,
+    progress: bool = True,
+) -> BatchSummary:
+    """Predict every input of ``source`` into the JSON-lines file ``out`` (see the module docstring).
+
+    ``predictor`` is a :class:`trainfer.Predictor` or an ensemble (anything with
+    ``predict(inputs, top_k=...)`` returning results with ``to_record()``); ``source`` is a
+    directory of images, a ``.csv`` file, or an iterable of ``(id, input)`` pairs. Under torchrun
+    every rank calls this with the same arguments; only rank 0 writes ``out``.
+    """
+    out = Path(out)
+    batch_size = batch_size or predictor.batch_size
+    items = iter(iter_source(source, predictor.preprocess_spec) if isinstance(source, str | os.PathLike) else source)
+    resumed, items = _resume(items, out, batch_size)
+    window_size = batch_size * distributed.world_size()
+    written = 0
+    main = distributed.is_main()
+    with (
+        open(out, "a", encoding="utf-8") if main else contextlib.nullcontext() as handle,
+        tqdm(desc="predict", unit="input", initial=resumed, disable=not (main and progress)) as bar,
+    ):
+        while True:  # every rank reads every window, so all stop together, on the first empty one
+            window = list(itertools.islice(items, window_size))
+            parts = _predict_window(predictor, window, batch_size, top_k)
+            if not window:
+                return BatchSummary(out, resumed, written)
+            if main:
+                _append(handle, "".join(parts), out)
+            written += len(window)
+            bar.update(len(window))

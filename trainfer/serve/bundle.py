@@ -1,0 +1,597 @@
+"""Bundles: a model's weights and everything needed to rebuild and serve it, without pickle.
+
+A bundle is a directory::
+
+    my_model/
+      model.safetensors   the state dict (safetensors: tensors only, no code)
+      manifest.json       how to rebuild and serve the model (below)
+
+``manifest.json`` holds ``factory`` (``package.module:function``) and its keyword ``config``;
+``form`` (``train`` or ``deploy``); ``input`` (shape with batch dimension, dtype); ``preprocess``
+(a :class:`~trainfer.serve.preprocess.PreprocessSpec`); ``task``, ``labels`` and ``heads`` (each head's
+output, task, labels, output kind and how the kind was decided); ``output_structure`` (tensor,
+tuple or dict); the ``trainfer``/``torch`` versions; and the weights' file name and sha256.
+
+A manifest is untrusted input: loading validates all of it (:mod:`trainfer.manifest`: types and
+size limits) and calls only a factory the user allowed (:mod:`trainfer.registry`), or one passed
+explicitly; it never imports a module because a manifest names it (``trust_factory=True`` does).
+
+Loading rebuilds the architecture with ``factory(**config)``. A deploy-form bundle is rebuilt by
+re-deriving the deploy architecture: the training form from the factory gets generic BatchNorm
+statistics (:func:`trainfer.testing.randomize_batchnorm`, so folding decisions match a trained
+model) and goes through ``trainfer.deploy(..., verify=False)`` on inputs of the manifest's shape;
+the deploy weights are then loaded into it with strict key and shape checks.
+
+Saving is atomic: the bundle is written into a temporary directory beside the target, which then
+replaces the previous bundle; an interrupted save leaves the previous bundle intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import pickle
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from trainfer.atomic import atomic_directory, fsync_file, recover
+from trainfer.errors import BundleError, BundleWarning
+from trainfer.registry import ENTRY_POINT_GROUP, factory_name
+from trainfer.registry import allowed_factory as allowed_factory_named
+from trainfer.serve.outputs import Head, Selector, describe_structure, resolve_heads
+from trainfer.serve.preprocess import PreprocessSpec
+
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+FORMAT = "trainfer-bundle"
+FORMAT_VERSION = 1
+CHECKPOINT_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
+MAX_MANIFEST_BYTES = 16 * 2**20
+#: A manifest's config may build at most this many times the weight elements its bundle stores
+#: (a deploy form stores fewer than its training form), and always up to MIN_SIZE_LIMIT.
+MAX_GROWTH = 16
+MIN_SIZE_LIMIT = 2**20
+
+__all__ = [
+    "MANIFEST_FILE",
+    "WEIGHTS_FILE",
+    "allowed_factory",
+    "build_manifest",
+    "build_model",
+    "check_manifest",
+    "load",
+    "load_state_dict",
+    "load_weights",
+    "read_manifest",
+    "resolve_factory",
+    "save",
+    "write_safetensors",
+]
+
+
+# --------------------------------------------------------------------------- save
+def save(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    factory: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    task: str | None = None,
+    labels: Any = None,
+    preprocess: PreprocessSpec | Mapping[str, Any] | None = None,
+    example_inputs: Any = None,
+    output_kind: str | Mapping[Any, str] | None = None,
+    output: Selector = None,
+    heads: Mapping[Any, str] | None = None,
+) -> Path:
+    """Write ``model`` as a bundle directory at ``path`` (atomically) and return the path.
+
+    ``factory``/``config``/input shape default to ``model.trainfer_config`` (trainfer's own models
+    and deploy forms carry it). Output kinds not given are detected from the traced eval graph.
+    The model is not modified (its modes are restored).
+    """
+    if not (factory or (getattr(model, "trainfer_config", None) or {}).get("factory")):
+        raise BundleError(
+            "save needs factory='package.module:function' (a callable that rebuilds the architecture) "
+            f"for a {type(model).__name__}; trainfer's own models carry it in model.trainfer_config"
+        )
+    manifest = build_manifest(
+        model,
+        factory=factory,
+        config=config,
+        task=task,
+        labels=labels,
+        preprocess=preprocess,
+        example_inputs=example_inputs,
+        output_kind=output_kind,
+        output=output,
+        heads=heads,
+    )
+    state = _tensors_to_save(model)
+    target = Path(path)
+    if target.exists() and not (target / MANIFEST_FILE).is_file():
+        raise BundleError(f"refusing to overwrite {str(target)!r}: it exists and is not a trainfer bundle")
+    with atomic_directory(target) as tmp:
+        write_safetensors(state, tmp / WEIGHTS_FILE)
+        manifest["weights"] = {"file": WEIGHTS_FILE, "sha256": _sha256(tmp / WEIGHTS_FILE), "tensors": len(state)}
+        _write_json(tmp / MANIFEST_FILE, manifest)
+    return target
+
+
+def build_manifest(
+    model: nn.Module,
+    *,
+    factory: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    task: str | None = None,
+    labels: Any = None,
+    preprocess: PreprocessSpec | Mapping[str, Any] | None = None,
+    example_inputs: Any = None,
+    output_kind: str | Mapping[Any, str] | None = None,
+    output: Selector = None,
+    heads: Mapping[Any, str] | None = None,
+) -> dict[str, Any]:
+    """The manifest of ``model`` (everything but the weights entry); see the module docstring.
+
+    ``factory`` may stay ``None`` here (an exported file needs none); :func:`save` requires it.
+    """
+    from trainfer.modes.contexts import inference
+
+    known = dict(getattr(model, "trainfer_config", None) or {})
+    factory = factory or known.get("factory")
+    config = dict(config if config is not None else known.get("config") or {})
+    _check_json(config, "config")
+    example = _example_inputs(model, example_inputs, known, preprocess)
+    first = example[0] if example else None
+    spec = PreprocessSpec.coerce(preprocess, input_shape=tuple(first.shape[1:]) if first is not None else None)
+    spec = spec.with_dtype(first.dtype if first is not None else _parameter_dtype(model))
+    with inference(model):
+        structure = describe_structure(model(*example)) if example else None
+        resolved = resolve_heads(model, task, labels, output, heads, output_kind, example or None)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "factory": factory,
+        "config": config,
+        "form": _form(model, known),
+        "deploy_options": _deploy_options(model, known),
+        "input": {"shape": [1, *first.shape[1:]] if first is not None else None, "dtype": spec.dtype},
+        "preprocess": spec.to_dict(),
+        "task": resolved[0].task if heads is None else "multi-head",
+        "labels": _manifest_labels(resolved, heads is None),
+        "heads": [head.to_dict() for head in resolved],
+        "output_structure": structure,
+        "versions": _versions(),
+    }
+
+
+def _form(model: nn.Module, known: dict[str, Any]) -> str:
+    """``deploy`` for deploy forms (``trainfer_config["form"]``, or the report ``trainfer.deploy`` attaches)."""
+    return known.get("form") or ("deploy" if hasattr(model, "trainfer_report") else "train")
+
+
+def _deploy_options(model: nn.Module, known: dict[str, Any]) -> dict[str, Any]:
+    """The options ``trainfer.deploy`` ran with (``{}`` for training forms): replayed on load."""
+    report = getattr(model, "trainfer_report", None)
+    return dict(known.get("deploy_options") or getattr(report, "options", None) or {})
+
+
+def _example_inputs(model: nn.Module, given: Any, known: dict[str, Any], preprocess: Any) -> tuple[Tensor, ...]:
+    """The example inputs as a tuple: given, or random of the known input shape, or empty."""
+    if given is not None:
+        return tuple(given) if isinstance(given, tuple | list) else (given,)
+    spec = PreprocessSpec.coerce(preprocess)
+    shape = known.get("input_shape") or ([1, *spec.input_shape] if spec.input_shape is not None else None)
+    if shape is None:
+        return ()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return (torch.randn(*shape, dtype=_parameter_dtype(model) or torch.float32, device=device),)
+
+
+def _parameter_dtype(model: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def _manifest_labels(heads: list[Head], single: bool) -> Any:
+    if single:
+        return list(heads[0].labels) if heads[0].labels is not None else None
+    return {str(h.name): list(h.labels) for h in heads if h.labels is not None} or None
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+
+    from trainfer._version import __version__
+
+    return {"trainfer": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__}
+
+
+def _check_json(value: Any, what: str) -> None:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise BundleError(f"{what} must be JSON-serialisable (numbers, strings, lists, dicts): {error}") from None
+
+
+def _tensors_to_save(model: nn.Module) -> dict[str, Tensor]:
+    state = model.state_dict()
+    others = sorted(key for key, value in state.items() if not isinstance(value, Tensor))
+    if others:
+        raise BundleError(f"state_dict entries that are not tensors cannot be saved without pickle: {others}")
+    # Clone: safetensors refuses tensors that share memory (tied weights) and non-contiguous views.
+    return {key: value.detach().to("cpu").contiguous().clone() for key, value in state.items()}
+
+
+def write_safetensors(state: Mapping[str, Tensor], path: str | os.PathLike[str]) -> None:
+    """Write ``state`` to ``path`` and flush it; a failure (disk full) is an ``OSError``.
+
+    Meant for the temporary file of an atomic write, which then names the real target.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(dict(state), str(path))
+    except SafetensorError as error:  # safetensors reports I/O errors (ENOSPC) as its own type
+        raise OSError(f"safetensors could not write: {error}") from error
+    fsync_file(path)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    fsync_file(path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- load
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The validated manifest of the bundle at ``path`` (the directory, or its ``manifest.json``).
+
+    The whole manifest is checked against :mod:`trainfer.manifest` (types and size limits) before
+    anything is built; a bundle interrupted mid-replace (see :func:`trainfer.atomic.recover`) is
+    restored first.
+    """
+    path = Path(path)
+    if not path.exists():
+        recover(path)
+    file = path / MANIFEST_FILE if path.is_dir() else path
+    if not file.is_file() or file.name != MANIFEST_FILE:
+        raise BundleError(f"no trainfer bundle at {str(path)!r}: expected a directory holding {MANIFEST_FILE}")
+    if file.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{str(file)!r} is larger than {MAX_MANIFEST_BYTES} bytes: not a trainfer manifest")
+    try:
+        data = json.loads(file.read_bytes())
+    except (ValueError, RecursionError) as error:  # bad JSON, bad UTF-8, a 5000-digit integer, deep nesting
+        raise BundleError(f"{str(file)!r} is not valid JSON: {error}") from None
+    return check_manifest(data, repr(str(file)))
+
+
+def check_manifest(data: Any, source: str, *, bundle: bool = True) -> dict[str, Any]:
+    """``data`` (parsed JSON) once validated as a manifest (``bundle``: one that rebuilds a model).
+
+    Refuses a newer ``format_version``; warns (:class:`BundleWarning`) when the writer's trainfer is
+    a newer major.minor release than this one, and when there is no ``preprocess`` section (inputs
+    are then served without normalisation).
+    """
+    from trainfer.serve import manifest as schema
+
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise BundleError(f"{source} has format_version {version}; this trainfer reads up to {FORMAT_VERSION}")
+    newer = _newer_writer(data)
+    try:
+        manifest = schema.validate(data, source)
+    except BundleError as error:
+        raise BundleError(f"{error}{newer and f' (the bundle was written by a newer trainfer: {newer})'}") from None
+    if newer:
+        warnings.warn(f"{source} was written by a newer trainfer: {newer}", BundleWarning, stacklevel=3)
+    missing = [key for key in ("factory", "weights") if bundle and getattr(manifest, key) is None]
+    if missing:
+        raise BundleError(f"invalid manifest {source}: {', '.join(missing)}: required in a bundle (found null)")
+    if manifest.preprocess is None:
+        warnings.warn(
+            f"{source} has no preprocess section: inputs are served as given, without normalisation",
+            BundleWarning,
+            stacklevel=3,
+        )
+    else:
+        try:
+            PreprocessSpec.from_dict(manifest.preprocess.model_dump())
+        except ValueError as error:
+            raise BundleError(f"invalid manifest {source}: preprocess: {error}") from None
+    return data
+
+
+def _newer_writer(data: Any) -> str:
+    """``"X.Y, this is A.B"`` when ``data`` was written by a newer trainfer major.minor, else ``""``."""
+    from trainfer._version import __version__
+    from trainfer.serve.manifest import newer_writer
+
+    versions = data.get("versions") if isinstance(data, dict) else None
+    written = versions.get("trainfer") if isinstance(versions, dict) else None
+    if isinstance(written, str) and len(written) < 64 and newer_writer(written, __version__):
+        return f"{written}, this is {__version__}"
+    return ""
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    factory: str | Callable[..., nn.Module] | None = None,
+    config: Mapping[str, Any] | None = None,
+    trust_factory: bool = False,
+) -> nn.Module:
+    """Rebuild the model of the bundle at ``path`` and load its weights (on CPU, never unpickling).
+
+    The manifest's factory must be allowed (:mod:`trainfer.registry`: trainfer's models, those
+    registered with :func:`trainfer.register_model` or installed as ``trainfer.models`` entry
+    points); otherwise loading is refused before anything is imported. ``factory`` (a callable,
+    or a ``package.module:function`` the caller names) builds the architecture instead, with
+    ``config`` or the manifest's config. ``trust_factory=True`` imports and calls whatever the
+    manifest names: it runs the bundle author's code, use it only for bundles you trust.
+
+    ``path`` may also be a bare checkpoint (``.safetensors``, or ``.pt``/``.pth`` read with
+    ``torch.load(weights_only=True)``) given with the ``factory`` (and ``config``) that builds it.
+    A deploy-form model is returned in eval mode, a training form in the mode its factory built.
+    """
+    path = Path(path)
+    if path.is_file() and path.name != MANIFEST_FILE:
+        if factory is None:
+            raise BundleError(f"{str(path)!r} is a bare checkpoint: pass factory='package.module:function' to load it")
+        name = factory if isinstance(factory, str) else factory_name(factory)
+        manifest = {"factory": name, "config": dict(config or {}), "form": "train", "input": {"shape": None}}
+        state = load_weights(path)
+    else:
+        manifest = read_manifest(path)
+        if config is not None:
+            manifest["config"] = dict(config)
+        state = _read_bundle_weights(path if path.is_dir() else path.parent, manifest)
+    stored = sum(value.numel() for value in state.values())
+    model = build_model(manifest, _floating_dtype(state), factory=factory, trust_factory=trust_factory, stored=stored)
+    try:
+        load_state_dict(model, state, source=str(path))
+    except BundleError as error:
+        raise BundleError(
+            f"{error} (the architecture comes from the manifest's factory {manifest['factory']!r}, "
+            f"config {manifest['config']} and form {manifest['form']!r})"
+        ) from None
+    model.trainfer_config = {
+        "factory": manifest["factory"],
+        "config": manifest["config"],
+        "input_shape": manifest["input"].get("shape"),
+        "form": manifest["form"],
+        "deploy_options": manifest.get("deploy_options") or {},
+    }
+    if manifest["form"] == "deploy":
+        model.eval()  # an inference form is used in eval mode (a factory builds in train mode)
+    return model
+
+
+def _read_bundle_weights(directory: Path, manifest: dict[str, Any]) -> dict[str, Tensor]:
+    entry = manifest["weights"]
+    file = directory / entry.get("file", WEIGHTS_FILE)
+    if Path(entry.get("file", WEIGHTS_FILE)).name != entry.get("file", WEIGHTS_FILE) or file.suffix != ".safetensors":
+        raise BundleError(
+            f"manifest names weights file {entry.get('file')!r}; expected a .safetensors file in the bundle"
+        )
+    if not file.is_file():
+        raise BundleError(f"bundle {str(directory)!r} lacks its weights file {file.name!r}")
+    digest = _sha256(file)
+    if entry.get("sha256") and digest != entry["sha256"]:
+        raise BundleError(
+            f"weights {str(file)!r} do not match the manifest: sha256 expected {entry['sha256']}, got {digest}"
+        )
+    return load_weights(file)
+
+
+def load_weights(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """A state dict from ``.safetensors`` or a ``.pt``/``.pth``/``.bin``/``.ckpt`` checkpoint, on CPU.
+
+    Checkpoints go through ``torch.load(weights_only=True)``: a pickle that would import or call
+    anything beyond tensors and containers is refused with :class:`BundleError` and never runs.
+    A checkpoint dict wrapping the weights under ``state_dict``/``model``/``model_state_dict`` is
+    unwrapped, and a ``module.`` prefix (DistributedDataParallel) is removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"weights file not found: {str(path)!r}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as error:
+            raise BundleError(f"cannot read safetensors file {str(path)!r}: {error}") from None
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        raise BundleError(
+            f"unknown weights format {path.suffix!r} for {str(path)!r}: "
+            f"expected .safetensors or one of {sorted(CHECKPOINT_SUFFIXES)}"
+        )
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).split("\n\n")[-1].strip().splitlines()[0] if str(error) else "unsafe content"
+        raise BundleError(
+            f"refusing to load {str(path)!r}: the checkpoint is a pickle carrying code or objects other than "
+            f"tensors, which loading would execute ({reason}); re-save it as a state dict of tensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise BundleError(f"cannot read checkpoint {str(path)!r}: {error}") from None
+    return _state_from_checkpoint(data, path)
+
+
+def _state_from_checkpoint(data: Any, path: Path) -> dict[str, Tensor]:
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+            break
+    if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):
+        raise BundleError(f"{str(path)!r} does not hold a state dict (a mapping of names to tensors)")
+    if data and all(key.startswith("module.") for key in data):
+        data = {key.removeprefix("module."): value for key, value in data.items()}
+    return data
+
+
+def _floating_dtype(state: Mapping[str, Tensor]) -> torch.dtype | None:
+    dtypes = {value.dtype for value in state.values() if value.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def resolve_factory(spec: str) -> Callable[..., nn.Module]:
+    """``package.module:function`` (dotted attributes allowed after the colon) to the callable.
+
+    Imports the module: only for names the user gave (command line, ``factory=``), never for a
+    name read from a bundle (see :func:`allowed_factory`).
+    """
+    module_name, sep, attribute = str(spec).partition(":")
+    if not sep or not module_name or not attribute:
+        raise BundleError(f"factory must look like package.module:function; got {spec!r}")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except ImportError as error:
+        raise BundleError(f"cannot import {module_name!r} for factory {spec!r}: {error}") from None
+    except AttributeError:
+        raise BundleError(f"module {module_name!r} has no attribute {attribute!r} (factory {spec!r})") from None
+    if not callable(target):
+        raise BundleError(f"factory {spec!r} is not callable")
+    return target
+
+
+def allowed_factory(
+    name: str, factory: str | Callable[..., nn.Module] | None = None, trust_factory: bool = False
+) -> Callable[..., nn.Module]:
+    """The callable that may build the architecture a manifest names ``name``.
+
+    ``factory`` given by the caller wins; else ``name`` must be allowed by :mod:`trainfer.registry`
+    (nothing is imported unless it names an installed entry point), or ``trust_factory`` be set.
+    """
+    if callable(factory):
+        return factory
+    if isinstance(factory, str):
+        return resolve_factory(factory)
+    try:
+        found = allowed_factory_named(name)
+    except Exception as error:  # an installed entry point that fails to import: the user's package
+        raise BundleError(f"the {ENTRY_POINT_GROUP!r} entry point for factory {name!r} failed: {error}") from error
+    if found is not None:
+        return found
+    if trust_factory:
+        return resolve_factory(name)
+    raise BundleError(
+        f"refusing to build factory {name!r}: a bundle may only name allowed factories (nothing was imported). "
+        f"To allow it: decorate it with @trainfer.register_model in code you import before loading, declare it in "
+        f"the {ENTRY_POINT_GROUP!r} entry-point group of your package, pass factory=<callable> to trainfer.load / "
+        "Predictor.load, or, if you trust whoever wrote this bundle, trust_factory=True (CLI --trust-factory), "
+        "which imports and runs that code"
+    )
+
+
+def build_model(
+    manifest: Mapping[str, Any],
+    dtype: torch.dtype | None = None,
+    *,
+    factory: str | Callable[..., nn.Module] | None = None,
+    trust_factory: bool = False,
+    stored: int | None = None,
+) -> nn.Module:
+    """The architecture a manifest describes (train or deploy form), with fresh weights, on CPU.
+
+    The factory is chosen by :func:`allowed_factory` (``factory``/``trust_factory`` as there).
+    With ``stored`` (the number of weight elements the bundle holds), the factory first runs on
+    the meta device: an architecture over ``MAX_GROWTH`` times ``stored`` is refused before any
+    memory is allocated. A failure of the factory or of the deploy derivation (caused by the
+    manifest's config or input shape) is a :class:`BundleError`.
+    """
+    name, config = manifest["factory"], manifest["config"]
+    build = allowed_factory(name, factory, trust_factory)
+    if stored is not None:
+        _check_size(build, name, config, stored)
+    model = _call_factory(build, name, config)
+    if dtype is not None:
+        model = model.to(dtype)
+    if manifest["form"] == "deploy":
+        model = _deploy_architecture(model, manifest)
+    elif manifest["form"] != "train":
+        raise BundleError(f"unknown bundle form {manifest['form']!r}: expected 'train' or 'deploy'")
+    return model
+
+
+def _call_factory(build: Callable[..., Any], name: str, config: Mapping[str, Any]) -> nn.Module:
+    try:
+        model = build(**config)
+    except Exception as error:  # the factory is allowed code; what it failed on is the manifest's config
+        raise BundleError(f"config: factory {name!r} failed on config {dict(config)}: {error}") from error
+    if not isinstance(model, nn.Module):
+        raise BundleError(f"factory {name!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _check_size(build: Callable[..., Any], name: str, config: Mapping[str, Any], stored: int) -> None:
+    """Refuse a config whose architecture (built on the meta device) dwarfs the stored weights.
+
+    A factory that cannot build on the meta device is skipped here (it is built normally).
+    """
+    try:
+        with torch.device("meta"):
+            probe = build(**config)
+        size = sum(t.numel() for t in probe.state_dict().values() if isinstance(t, Tensor))
+    except Exception:
+        return
+    if size > max(MAX_GROWTH * stored, MIN_SIZE_LIMIT):
+        raise BundleError(
+            f"config: factory {name!r} with config {dict(config)} builds {size} weight elements, but the bundle "
+            f"stores {stored}: refusing to allocate more than {MAX_GROWTH}x the stored weights"
+        )
+
+
+def _deploy_architecture(train_form: nn.Module, manifest: Mapping[str, Any]) -> nn.Module:
+    from trainfer.reparam.deploy import deploy
+    from trainfer.testing import randomize_batchnorm
+
+    shape = manifest["input"].get("shape")
+    if not shape:
+        raise BundleError("input.shape: a deploy-form bundle needs the input shape to rebuild its architecture")
+    randomize_batchnorm(train_form)
+    dtype = next((p.dtype for p in train_form.parameters() if p.is_floating_point()), torch.float32)
+    options = manifest.get("deploy_options") or {}
+    try:
+        return deploy(train_form, torch.randn(*shape, dtype=dtype), verify=False, **options)
+    except Exception as error:  # e.g. an input shape the architecture cannot take
+        raise BundleError(f"input.shape: cannot rebuild the deploy form on inputs of shape {shape}: {error}") from error
+
+
+def load_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str = "the checkpoint") -> None:
+    """Load ``state`` into ``model`` strictly; mismatches raise :class:`BundleError` listing every name."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    shapes = [
+        f"{key}: expected {tuple(expected[key].shape)}, got {tuple(state[key].shape)}"
+        for key in expected
+        if key in state and tuple(expected[key].shape) != tuple(state[key].shape)
+    ]
+    problems = [
+        f"{label} ({len(items)}): {', '.join(items)}"
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", shapes))
+        if items
+    ]
+    if problems:
+        raise BundleError(f"weights in {source} do not fit {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict(dict(state), strict=True)

@@ -1,0 +1,250 @@
+"""Ensembles: several predictors of the same task voting on the same inputs.
+
+For members ``i = 1..M`` with scores ``s_i`` (probabilities for classification and binary tasks,
+values in target units for regression, as :meth:`trainfer.Predictor.scores` gives them) and
+weights ``w_i >= 0`` normalised to sum to 1, the ensemble serves
+
+    mean    = sum_i w_i s_i
+    spread  = sqrt(sum_i w_i (s_i - mean)^2)      (the weighted population standard deviation)
+
+Each member loads and normalises the inputs with its own preprocessing (image size, mean/std,
+dtype, device); members must agree on what they predict (task, labels) and on what they read
+(input shape, CSV columns), and are refused with the difference named otherwise.
+
+Results are the Predictor's typed results plus ``members`` (how many voted) and ``spread``: the
+spread of the chosen class's probability (classification), of the positive probability (binary)
+or of each value (regression). A non-finite mean is refused like a Predictor's non-finite scores.
+
+Inputs are read in batches of ``batch_size``: the ensemble's own when given, else the first
+member's, read at each call (so changing ``members[0].batch_size`` changes the ensemble's).
+An ensemble holds no state of its own besides its members and weights: it is as safe to share
+between threads as its members are (see :mod:`trainfer.predict`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from trainfer.errors import InputError
+from trainfer.serve.predictor import (
+    BinaryResult,
+    ClassificationResult,
+    Predictor,
+    RegressionResult,
+    check_finite_scores,
+    sample_count,
+    timed_batches,
+)
+from trainfer.serve.preprocess import PreprocessSpec, iter_raw
+
+__all__ = [
+    "Ensemble",
+    "EnsembleBinaryResult",
+    "EnsembleClassificationResult",
+    "EnsembleRegressionResult",
+]
+
+
+class _Voted:
+    """Adds the ensemble's ``members`` and ``spread`` to a result's record."""
+
+    members: int
+    spread: Any
+
+    def to_record(self) -> dict[str, Any]:
+        return {**super().to_record(), "members": self.members, "spread": self.spread}  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class EnsembleClassificationResult(_Voted, ClassificationResult):
+    """A :class:`ClassificationResult`; ``spread`` is the std of the chosen class's probability."""
+
+    members: int = field(kw_only=True)
+    spread: float = field(kw_only=True)
+
+
+@dataclass(frozen=True)
+class EnsembleBinaryResult(_Voted, BinaryResult):
+    """A :class:`BinaryResult`; ``spread`` is the std of the positive class's probability."""
+
+    members: int = field(kw_only=True)
+    spread: float = field(kw_only=True)
+
+
+@dataclass(frozen=True)
+class EnsembleRegressionResult(_Voted, RegressionResult):
+    """A :class:`RegressionResult`; ``spread`` holds the std of each value."""
+
+    members: int = field(kw_only=True)
+    spread: list[float] = field(kw_only=True)
+
+
+_VOTED = {
+    ClassificationResult: EnsembleClassificationResult,
+    BinaryResult: EnsembleBinaryResult,
+    RegressionResult: EnsembleRegressionResult,
+}
+
+#: Spec entries every member must share: what is predicted, and what is read.
+_AGREE_ON = ("task", "labels", "input_shape", "columns")
+
+
+def _agreement(spec: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`_AGREE_ON` entries of a Predictor's ``spec``."""
+    columns = (spec.get("preprocess") or {}).get("columns")
+    return {"task": spec["task"], "labels": spec["labels"], "input_shape": spec["input_shape"], "columns": columns}
+
+
+def _check_members(members: list[Predictor]) -> None:
+    """Refuse an empty ensemble, multi-head members, and members disagreeing on :data:`_AGREE_ON`."""
+    if not members:
+        raise InputError("an ensemble needs at least one predictor; got none")
+    specs = [_agreement(member.spec) for member in members]
+    for index, spec in enumerate(specs):
+        if spec["task"] not in ("classification", "binary", "regression"):
+            raise InputError(
+                f"ensemble member {index} is {spec['task']!r}: "
+                "expected a classification, binary or regression predictor"
+            )
+        for key in _AGREE_ON:
+            if spec[key] != specs[0][key]:
+                raise InputError(
+                    f"ensemble members disagree on {key}: "
+                    f"member 0 has {specs[0][key]!r}, member {index} has {spec[key]!r}"
+                )
+
+
+def _weights(given: Iterable[float] | None, count: int) -> Tensor:
+    """Validated weights normalised to sum to 1 (equal weights when none are given), float64."""
+    if given is None:
+        return torch.full((count,), 1.0 / count, dtype=torch.float64)
+    weights = [float(w) for w in given]
+    if len(weights) != count:
+        raise InputError(f"expected {count} ensemble weights (one per predictor); got {len(weights)}")
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise InputError(f"ensemble weights must be finite and non-negative; got {weights}")
+    total = sum(weights)
+    if total == 0:
+        raise InputError(f"ensemble weights must not all be zero; got {weights}")
+    return torch.tensor(weights, dtype=torch.float64) / total
+
+
+class Ensemble:
+    """Weighted average of several :class:`~trainfer.Predictor` s (see the module docstring).
+
+    Quacks like a Predictor for serving: :meth:`predict`, :meth:`predict_iter`, ``spec``, ``task``,
+    ``labels``, ``batch_size`` (``batch_size`` if given, else the first member's at call time) and
+    ``preprocess_spec`` (the first member's: members read the same input shape and columns, each
+    then normalises in its own way).
+    """
+
+    def __init__(
+        self, predictors: Iterable[Predictor], weights: Iterable[float] | None = None, batch_size: int | None = None
+    ):
+        self.members = list(predictors)
+        _check_members(self.members)
+        self.weights = _weights(weights, len(self.members))
+        if batch_size is not None and batch_size < 1:
+            raise InputError(f"batch_size must be >= 1; got {batch_size}")
+        self._batch_size = batch_size
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per batch: the ensemble's own if given, else the first member's (read now)."""
+        return self._batch_size if self._batch_size is not None else self.members[0].batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        if value < 1:
+            raise InputError(f"batch_size must be >= 1; got {value}")
+        self._batch_size = value
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return {**self.members[0].spec, "members": len(self.members)}
+
+    @property
+    def task(self) -> str:
+        return self.members[0].task
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.members[0].labels
+
+    @property
+    def preprocess_spec(self) -> PreprocessSpec:
+        return self.members[0].preprocess_spec
+
+    def member_scores(self, inputs: Any) -> Iterator[Tensor]:
+        """Per batch of ``batch_size`` samples, every member's scores stacked: ``(M, N, ...)`` float64.
+
+        Every member reads ``inputs`` with its own preprocessing; a one-shot iterator is shared
+        with :func:`itertools.tee`, the members advancing together one batch at a time.
+        """
+        count, size, first = len(self.members), self.batch_size, 0
+        sources = itertools.tee(inputs, count) if isinstance(inputs, Iterator) else [inputs] * count
+        streams = [
+            timed_batches(iter_raw(source, member.preprocess_spec), size, member.preprocess_spec)
+            for member, source in zip(self.members, sources, strict=True)
+        ]
+        for batches in zip(*streams, strict=True):
+            yield torch.stack(
+                [
+                    member.scores(member.preprocess_spec.normalize(raw, first)).detach().to("cpu", torch.float64)
+                    for member, (raw, _) in zip(self.members, batches, strict=True)
+                ]
+            )
+            first += len(batches[0][0])
+
+    def predict(self, inputs: Any, top_k: int | None = None) -> list[Any]:
+        """One result per input sample, in order, with ``members`` and ``spread``."""
+        total = sample_count(inputs)
+        quiet = not total or total <= self.batch_size
+        with tqdm(total=total, unit="sample", desc="ensemble", disable=True if quiet else None) as bar:
+            results = []
+            for batch in self._results(inputs, top_k):
+                results.extend(batch)
+                bar.update(len(batch))
+        if not results:
+            raise InputError("empty input: expected at least one sample")
+        return results
+
+    def predict_iter(self, samples: Iterable[Any], top_k: int | None = None) -> Iterator[Any]:
+        """Stream results for an iterable of samples or paths, in order, one batch at a time."""
+        for batch in self._results(iter(samples), top_k):
+            yield from batch
+
+    def _results(self, inputs: Any, top_k: int | None) -> Iterator[list[Any]]:
+        if top_k is not None and top_k < 1:
+            raise InputError(f"top_k must be >= 1; got {top_k}")
+        first = 0
+        for stacked in self.member_scores(inputs):
+            w = self.weights.view(-1, *[1] * (stacked.dim() - 1))
+            mean = (w * stacked).sum(0)
+            check_finite_scores([mean], self.members[0].heads, first)
+            first += len(mean)
+            spread = (w * (stacked - mean) ** 2).sum(0).sqrt()
+            results = self.members[0].results_from_scores([mean], top_k)
+            yield [self._voted(result, row) for result, row in zip(results, spread, strict=True)]
+
+    def _voted(self, result: Any, spread: Tensor) -> Any:
+        if isinstance(result, ClassificationResult):
+            value: Any = float(spread[result.index])
+        elif isinstance(result, BinaryResult):
+            value = float(spread)
+        else:
+            value = spread.reshape(-1).tolist()
+        values = {f.name: getattr(result, f.name) for f in fields(result)}
+        return _VOTED[type(result)](**values, members=len(self.members), spread=value)
+
+    def __repr__(self) -> str:
+        weights = ", ".join(f"{w:.3g}" for w in self.weights.tolist())
+        return f"Ensemble({len(self.members)} members, {self.spec['task']}, weights=[{weights}])"

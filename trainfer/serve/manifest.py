@@ -1,0 +1,239 @@
+"""The schema of a bundle manifest: every field typed and bounded, checked before anything is built.
+
+A manifest is untrusted input. :func:`validate` checks the whole parsed JSON against the pydantic
+models below (strict types: ``"2"`` is not an integer, ``1`` is not a string) and raises
+:class:`~trainfer.errors.BundleError` naming the first bad fields, what each expects and what was
+found. Sizes are bounded so that a manifest cannot make loading allocate without limit:
+
+======================  =========================================================================
+input / sample shapes   at most 8 dimensions, each 1..65536, at most 2**24 elements in all
+config                  JSON values only, at most 8 levels deep, 10000 values, integers within
+                        +-2**31, finite floats, strings up to 1000 characters
+labels, columns         at most 100000 entries of up to 1000 characters
+mean / std              at most 4096 finite numbers
+heads                   at most 64
+======================  =========================================================================
+
+Imported only when a manifest is read (pydantic costs about 0.1 s to import).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from trainfer.errors import BundleError
+from trainfer.serve.outputs import OUTPUT_KINDS, TASKS
+
+FORMAT = "trainfer-bundle"
+MAX_DIMS = 8
+MAX_DIM = 65536
+MAX_ELEMENTS = 2**24
+MAX_TEXT = 1000
+MAX_ENTRIES = 100_000
+MAX_CHANNELS = 4096
+MAX_HEADS = 64
+MAX_CONFIG_DEPTH = 8
+MAX_CONFIG_VALUES = 10_000
+MAX_CONFIG_INT = 2**31
+#: ``package.module:function`` (dotted attributes allowed after the colon), or a registered short name.
+_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+FACTORY_PATTERN = rf"^{_DOTTED}(:{_DOTTED})?$"
+_TYPE_TAGS = frozenset({"int", "str", "float", "bool", "none", "constrained-str", "constrained-int"})
+_VERSION = re.compile(r"^(\d{1,6})\.(\d{1,6})")
+
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Dim = Annotated[int, Field(ge=1, le=MAX_DIM)]
+FloatDtype = Literal["float32", "float64", "float16", "bfloat16"]
+Channels = Annotated[list[Finite], Field(min_length=1, max_length=MAX_CHANNELS)]
+Labels = Annotated[list[Text], Field(max_length=MAX_ENTRIES)]
+Selector = Annotated[int, Field(ge=0, le=MAX_ENTRIES)] | Text | None
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+def _bounded_shape(shape: list[int] | None, what: str) -> list[int] | None:
+    if shape is not None and math.prod(shape) > MAX_ELEMENTS:
+        raise ValueError(f"{what} of {math.prod(shape)} elements is over the limit of {MAX_ELEMENTS}")
+    return shape
+
+
+class InputSpec(_Schema):
+    """The example input: shape with batch dimension (needed to rebuild a deploy form) and dtype."""
+
+    shape: Annotated[list[Dim], Field(min_length=1, max_length=MAX_DIMS)] | None = None
+    dtype: FloatDtype | None = None
+
+    @field_validator("shape")
+    @classmethod
+    def _size(cls, shape: list[int] | None) -> list[int] | None:
+        return _bounded_shape(shape, "an input shape")
+
+
+class Preprocess(_Schema):
+    """:class:`trainfer.serve.preprocess.PreprocessSpec`, field for field."""
+
+    input_shape: Annotated[list[Dim], Field(min_length=1, max_length=MAX_DIMS)] | None = None
+    dtype: FloatDtype = "float32"
+    mean: Channels | None = None
+    std: Channels | None = None
+    pixel_scale: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1 / 255
+    channel_order: Literal["RGB", "BGR"] = "RGB"
+    resize: bool = True
+    resample: Literal["bilinear", "box", "nearest", "bicubic", "lanczos"] = "bilinear"
+    columns: Annotated[list[Text], Field(min_length=1, max_length=MAX_ENTRIES)] | None = None
+    target_mean: Channels | None = None
+    target_std: Channels | None = None
+
+    @field_validator("input_shape")
+    @classmethod
+    def _size(cls, shape: list[int] | None) -> list[int] | None:
+        return _bounded_shape(shape, "a sample shape")
+
+
+class HeadSpec(_Schema):
+    """One served output: :class:`trainfer.serve.outputs.Head` as a dict."""
+
+    name: Selector = None
+    select: Selector = None
+    task: Literal[TASKS]
+    labels: Labels | None = None
+    output_kind: Literal[OUTPUT_KINDS] | None = None
+    output_kind_decided_by: Text | None = None
+
+
+class OutputStructure(_Schema):
+    """What the model returns: a tensor, a tuple (length, named fields) or a dict (keys)."""
+
+    type: Literal["tensor", "tuple", "dict"]
+    length: Annotated[int, Field(ge=0, le=MAX_HEADS * 16)] | None = None
+    fields: Annotated[list[Text], Field(max_length=MAX_HEADS * 16)] | None = None
+    keys: Annotated[list[Text], Field(max_length=MAX_HEADS * 16)] | None = None
+
+
+class DeployOptions(_Schema):
+    """The keyword options ``trainfer.deploy`` ran with, replayed to rebuild a deploy form."""
+
+    protocols: bool = True
+
+
+class Weights(_Schema):
+    """The weights file inside the bundle directory and its checksum."""
+
+    file: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,200}\.safetensors$")]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    tensors: Annotated[int, Field(ge=0, le=10_000_000)] | None = None
+
+
+class Versions(_Schema):
+    """Library versions of the writer (``trainfer`` is checked against this one, see :func:`newer_writer`)."""
+
+    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
+    trainfer: Annotated[str, Field(pattern=_VERSION.pattern, max_length=64)]
+    torch: Annotated[str, Field(max_length=64)] | None = None
+    safetensors: Annotated[str, Field(max_length=64)] | None = None
+
+
+class Exported(_Schema):
+    """Present in manifests inside exported files: the format and whether export deployed the model."""
+
+    format: Annotated[str, Field(max_length=64)]
+    deployed_here: bool
+
+
+class Manifest(_Schema):
+    """The whole ``manifest.json`` (see :mod:`trainfer.bundle`)."""
+
+    format: Literal["trainfer-bundle"]
+    format_version: Annotated[int, Field(ge=1)]
+    factory: Annotated[str, Field(max_length=300, pattern=FACTORY_PATTERN)] | None
+    config: dict[Annotated[str, Field(max_length=MAX_TEXT)], Any]
+    form: Literal["train", "deploy"]
+    deploy_options: DeployOptions = DeployOptions()
+    input: InputSpec
+    preprocess: Preprocess | None = None
+    task: Literal[(*TASKS, "multi-head")] | None = None
+    labels: Labels | dict[Text, Labels] | None = None
+    heads: Annotated[list[HeadSpec], Field(max_length=MAX_HEADS)] = []
+    output_structure: OutputStructure | None = None
+    versions: Versions
+    weights: Weights | None = None
+    exported: Exported | None = None
+
+    @field_validator("config")
+    @classmethod
+    def _json_values(cls, config: dict[str, Any]) -> dict[str, Any]:
+        _check_config(config, "config", [0], 0)
+        return config
+
+
+def _check_config(value: Any, where: str, count: list[int], depth: int) -> None:
+    """Raise ``ValueError`` naming ``where`` unless ``value`` is small, finite, plain JSON."""
+    count[0] += 1
+    if count[0] > MAX_CONFIG_VALUES:
+        raise ValueError(f"more than {MAX_CONFIG_VALUES} values")
+    if depth > MAX_CONFIG_DEPTH:
+        raise ValueError(f"{where} is nested deeper than {MAX_CONFIG_DEPTH} levels")
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, int):
+        if abs(value) > MAX_CONFIG_INT:
+            raise ValueError(f"{where} = {value} is outside +-2**31")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where} = {value} is not finite")
+    elif isinstance(value, str):
+        if len(value) > MAX_TEXT:
+            raise ValueError(f"{where} is a string longer than {MAX_TEXT} characters")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_config(item, f"{where}[{index}]", count, depth + 1)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str) or len(key) > MAX_TEXT:
+                raise ValueError(f"{where} has a key that is not a string of up to {MAX_TEXT} characters")
+            _check_config(item, f"{where}.{key}", count, depth + 1)
+    else:
+        raise ValueError(f"{where} is a {type(value).__name__}; expected JSON values")
+
+
+def validate(data: Any, source: str) -> Manifest:
+    """``data`` (parsed JSON) as a :class:`Manifest`, or :class:`BundleError` naming every bad field (up to 5)."""
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise BundleError(f'{source} is not a trainfer manifest (expected an object with "format": "{FORMAT}")')
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as error:
+        problems = [_describe(problem) for problem in error.errors(include_url=False)]
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise BundleError(f"invalid manifest {source}: " + "; ".join(problems[:5]) + more) from None
+
+
+def _describe(problem: Any) -> str:
+    """``field.path: what was expected (found: value)`` for one pydantic error."""
+    where = ".".join(str(part) for part in problem["loc"] if not _union_tag(part)) or "(top level)"
+    message = re.sub(r" or instance of \w+", "", problem["msg"].removeprefix("Value error, "))
+    if problem["type"] == "missing":
+        return f"{where}: required field is missing"
+    found = problem.get("input")
+    shown = repr(found) if len(repr(found)) <= 60 else repr(found)[:57] + "..."
+    return f"{where}: {message} (found {type(found).__name__} {shown})"
+
+
+def _union_tag(part: Any) -> bool:
+    """Whether a location part names a union member (``list[constrained-str]``, ``int``), not a field."""
+    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS)
+
+
+def newer_writer(version: str, current: str) -> bool:
+    """Whether a bundle written by trainfer ``version`` is newer (major.minor) than ``current``."""
+    written, ours = _VERSION.match(version), _VERSION.match(current)
+    if written is None or ours is None:
+        return False
+    return tuple(map(int, written.groups())) > tuple(map(int, ours.groups()))

@@ -1,0 +1,605 @@
+"""The Predictor: from raw inputs to typed, correct predictions, with modes handled for you.
+
+Each batch goes through three timed stages:
+
+* **preprocess** — inputs (tensors, arrays, lists, image/CSV/.npy paths) are loaded, validated and
+  normalised by the :class:`~trainfer.serve.preprocess.PreprocessSpec`;
+* **forward** — the model runs in eval mode under ``inference_mode`` (see *Threads* below);
+* **postprocess** — each head's output becomes scores exactly once according to its output kind
+  (:func:`trainfer.serve.outputs.to_scores`: softmax of logits, probabilities as they are, exp of
+  log-probabilities; sigmoid for binary; regression values mapped back by the target scaling), then
+  typed results.
+
+Input is consumed in batches of ``batch_size``, in order, so :meth:`Predictor.predict_iter` streams
+any iterable in bounded memory. An optional LRU cache keyed by a hash of each preprocessed sample
+skips the forward pass for repeated samples.
+
+Numbers: a batch that is not finite after the cast to the model's dtype and the normalisation
+(``1e300`` as float32) is refused, and so is a model output holding NaN or inf: a
+:class:`~trainfer.errors.NonFiniteError` names the input samples (0-based, across the batches).
+
+Threads: one Predictor may be shared by any number of threads (a server's request threads).
+A model the Predictor owns — built by :meth:`Predictor.load`, or its own copy moved to
+``device`` — is put in eval mode once, at construction, and never switched again: calls run in
+parallel. A model passed in by the caller is never switched for good: if every submodule is in
+eval, calls run in parallel as they are; otherwise each batch switches it to eval and back
+holding a lock of that model (:func:`trainfer.modes.contexts.shared_inference`), so such calls run one at
+a time. The cache and the timings are updated under a lock. What is not synchronised: the
+caller changing the model (its weights or modes) while predictions run.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import threading
+import time
+import warnings
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from trainfer.errors import InputError, InputTypeError, NonFiniteError, OutputKindWarning
+from trainfer.modes.contexts import shared_inference
+from trainfer.serve.outputs import Head, Selector, check_output_kind, resolve_heads, select_output, to_scores
+from trainfer.serve.preprocess import PreprocessSpec, gather, iter_raw
+
+logger = logging.getLogger("trainfer")
+HISTORY = 1024
+
+__all__ = [
+    "BinaryResult",
+    "ClassificationResult",
+    "MultiHeadResult",
+    "Predictor",
+    "RegressionResult",
+    "Timings",
+    "pick_device",
+    "to_records",
+]
+
+
+# --------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class ClassificationResult:
+    """The most probable class and the ``top_k`` (label, probability) pairs, best first."""
+
+    index: int
+    label: str
+    probability: float
+    top_k: list[tuple[str, float]]
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "label": self.label,
+            "probability": self.probability,
+            "top_k": [[label, p] for label, p in self.top_k],
+        }
+
+
+@dataclass(frozen=True)
+class BinaryResult:
+    """The probability of the positive class and the decision ``probability >= threshold``."""
+
+    probability: float
+    decision: bool
+    threshold: float
+    label: str | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        record = {"probability": self.probability, "decision": self.decision, "threshold": self.threshold}
+        return record if self.label is None else {**record, "label": self.label}
+
+
+@dataclass(frozen=True)
+class RegressionResult:
+    """The predicted values in target units (the target scaling of the preprocess spec undone)."""
+
+    values: list[float]
+    names: tuple[str, ...] | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        if self.names is not None and len(self.names) == len(self.values):
+            return {"values": self.values, "named": dict(zip(self.names, self.values, strict=True))}
+        return {"values": self.values}
+
+
+Result = ClassificationResult | BinaryResult | RegressionResult
+
+
+@dataclass(frozen=True)
+class MultiHeadResult:
+    """One typed result per head, by head name."""
+
+    heads: dict[str, Result]
+
+    def __getitem__(self, name: str) -> Result:
+        return self.heads[name]
+
+    def to_record(self) -> dict[str, Any]:
+        return {name: result.to_record() for name, result in self.heads.items()}
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage, samples and batches processed, and prediction-cache hits/misses.
+
+    ``history`` keeps the per-batch figures of the last ``HISTORY`` batches (bounded for streams).
+    """
+
+    preprocess: float = 0.0
+    forward: float = 0.0
+    postprocess: float = 0.0
+    samples: int = 0
+    batches: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    history: deque[dict[str, float]] = field(default_factory=lambda: deque(maxlen=HISTORY), repr=False)
+
+    def to_dict(self) -> dict[str, float]:
+        return {key: value for key, value in asdict(self).items() if key != "history"}
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: CUDA if available, then Apple MPS, then CPU; anything else as ``torch.device``."""
+    if str(device) != "auto":
+        try:
+            chosen = torch.device(device)
+        except RuntimeError as error:
+            raise InputError(f"unknown device {device!r}: expected auto, cpu, cuda, cuda:N or mps ({error})") from None
+        if not _available(chosen):
+            raise InputError(f"device {str(device)!r} is not available on this machine (try device='auto' or 'cpu')")
+        return chosen
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _available(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    if device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        return mps is not None and mps.is_available()
+    return True
+
+
+# --------------------------------------------------------------------------- predictor
+class Predictor:
+    """Serve a model: validate and preprocess inputs, run it safely in batches, return typed results.
+
+    ``model`` is an ``nn.Module`` (never modified: a copy is moved when ``device`` differs from
+    where its weights are) or any callable batch -> output (e.g. an ONNX Runtime session wrapper).
+    The predictor is safe to share between threads (see the module docstring): a model in
+    eval mode (or one :meth:`load` built) serves calls in parallel, one in training mode one
+    batch at a time.
+    ``output`` picks the prediction among tuple/dict outputs; ``heads`` (name -> task) serves
+    several at once. ``output_kind`` (``logits``/``probabilities``/``log_probabilities``, or a dict
+    per head) is detected from the traced eval graph when not given. ``runtime`` (a name, ``"auto"``
+    or a :class:`~trainfer.serve.runtime.RuntimeRecord`)
+    serves the model through :func:`trainfer.serve.runtime.compile`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Any,
+        task: str = "classification",
+        labels: Any = None,
+        preprocess: PreprocessSpec | Mapping[str, Any] | None = None,
+        device: str | torch.device = "auto",
+        batch_size: int = 64,
+        output_kind: str | Mapping[Any, str] | None = None,
+        output: Selector = None,
+        heads: Mapping[Any, str] | None = None,
+        threshold: float = 0.5,
+        cache_size: int = 0,
+        *,
+        resolved_heads: list[Head] | None = None,
+        runtime: Any = None,
+    ):
+        if not callable(model):
+            raise InputTypeError(f"model must be an nn.Module or a callable; got {type(model).__name__}")
+        if batch_size < 1:
+            raise InputError(f"batch_size must be >= 1; got {batch_size}")
+        if not 0.0 <= threshold <= 1.0:
+            raise InputError(f"threshold must lie in [0, 1]; got {threshold}")
+        if cache_size < 0:
+            raise InputError(f"cache_size must be >= 0; got {cache_size}")
+        self.device = pick_device(device) if isinstance(model, nn.Module) else torch.device("cpu")
+        self.model = _placed(model, self.device)
+        self.preprocess_spec = _spec_for(self.model, preprocess)
+        self.batch_size = batch_size
+        self.threshold = threshold
+        self.heads = resolved_heads or self._resolve_heads(task, labels, output, heads, output_kind)
+        self.multi_head = self.heads[0].name is not None  # named heads come from heads={...}
+        self.timings = Timings()
+        self._cache: OrderedDict[bytes, list[Tensor]] | None = OrderedDict() if cache_size else None
+        self._cache_size = cache_size
+        self._checked = False
+        self._lock = threading.Lock()  # the cache and the timings
+        if runtime is not None:  # served by trainfer.compile from here on (on the CPU)
+            from trainfer.serve.runtime import compile_for
+
+            self.model, self.device = compile_for(self.model, runtime, self.preprocess_spec, batch_size), _CPU
+
+    def _resolve_heads(self, task: str, labels: Any, output: Selector, heads: Any, output_kind: Any) -> list[Head]:
+        if not isinstance(self.model, nn.Module):
+            return resolve_heads(self.model, task, labels, output, heads, output_kind or "logits")
+        example = self._example_batch()
+        with shared_inference(self.model):
+            return resolve_heads(self.model, task, labels, output, heads, output_kind, example)
+
+    def _example_batch(self) -> Tensor | None:
+        shape = self.preprocess_spec.input_shape
+        if shape is None:
+            return None
+        return torch.randn(1, *shape, dtype=self.preprocess_spec.torch_dtype, device=self.device)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], *, factory: Any = None, trust_factory: bool = False, **overrides: Any
+    ) -> Predictor:
+        """A predictor for a bundle directory or an exported ``.onnx`` file (run by onnxruntime).
+
+        ``runtime`` (see :func:`trainfer.serve.runtime.compile`; ``"recorded"``: the bundle's
+        ``runtime.json``) serves the deploy form on another engine. A bundle carrying an int8 form
+        (``trainfer quantize``) serves that form unless ``runtime`` names a PyTorch runtime.
+
+        The manifest supplies task, labels, preprocessing, heads and output kinds; ``overrides``
+        (``device``, ``batch_size``, ``threshold``, ``cache_size``, ...) are passed on, and override
+        the manifest's where they name the same setting (e.g. ``output_kind="probabilities"``).
+        ``factory`` and ``trust_factory`` are :func:`trainfer.load`'s (which factories a bundle may name).
+        """
+        path = Path(path)
+        if path.suffix == ".onnx":
+            from trainfer.serve.export import load_onnx
+
+            model, manifest = load_onnx(path)
+        else:
+            from trainfer.serve.bundle import load, read_manifest
+            from trainfer.serve.runtime import bundle_model
+
+            manifest = read_manifest(path)
+            model, overrides = bundle_model(path, overrides)
+            if model is None:
+                # ours: moved, not copied, and put in eval for good (calls then never switch modes)
+                model = load(path, factory=factory, trust_factory=trust_factory)
+                model = model.to(pick_device(overrides.get("device", "auto"))).eval()
+        heads = [Head.from_dict(h) for h in manifest.get("heads") or []]
+        if heads and _HEAD_SETTINGS & overrides.keys():
+            return cls(model, **{"preprocess": manifest.get("preprocess"), **_head_settings(heads), **overrides})
+        return cls(model, **{"preprocess": manifest.get("preprocess"), "resolved_heads": heads or None, **overrides})
+
+    @classmethod
+    def ensemble(cls, predictors: Iterable[Predictor], weights: Iterable[float] | None = None) -> Any:
+        """Average several predictors (see :class:`trainfer.serve.ensemble.Ensemble`)."""
+        from trainfer.serve.ensemble import Ensemble
+
+        return Ensemble(predictors, weights)
+
+    @property
+    def task(self) -> str:
+        """The task of a single-head predictor, ``"multi-head"`` otherwise."""
+        return self.heads[0].task if not self.multi_head else "multi-head"
+
+    @property
+    def labels(self) -> list[str] | dict[str, list[str] | None] | None:
+        """Class labels (a dict by head name for multi-head predictors)."""
+        if not self.multi_head:
+            return list(self.heads[0].labels) if self.heads[0].labels else None
+        return {str(h.name): list(h.labels) if h.labels else None for h in self.heads}
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """What the predictor serves: task, labels, input shape and preprocessing (compared by ensembles)."""
+        return {
+            "task": self.task,
+            "labels": self.labels,
+            "input_shape": self.preprocess_spec.input_shape,
+            "preprocess": self.preprocess_spec.to_dict(),
+            "heads": {str(h.name): h.task for h in self.heads} if self.multi_head else None,
+        }
+
+    # ------------------------------------------------------------------ stages
+    def preprocess(self, inputs: Any) -> Tensor:
+        """``inputs`` (any accepted form) as one validated, normalised batch on the CPU."""
+        return self.preprocess_spec.prepare(gather(inputs, self.preprocess_spec))
+
+    def forward(self, batch: Tensor) -> Any:
+        """The model's raw output for a preprocessed batch, in eval mode under ``inference_mode``.
+
+        Thread-safe (:func:`trainfer.modes.contexts.shared_inference`: a model not in eval is switched
+        and restored under its lock). A batch that requires grad (with grad mode on) runs with
+        autograd instead, in the modes the caller set: that is how :mod:`trainfer.attribution`
+        differentiates :meth:`scores`.
+        """
+        batch = batch.to(self.device, non_blocking=True)
+        if not isinstance(self.model, nn.Module) or (batch.requires_grad and torch.is_grad_enabled()):
+            return self.model(batch)
+        with shared_inference(self.model):
+            return self.model(batch)
+
+    def scores(self, batch: Tensor) -> Tensor | dict[str, Tensor]:
+        """Probabilities (classification ``(N, C)``, binary ``(N,)``) or values (regression) of a batch.
+
+        Computed from the model's output with its output kind (softmax is never applied twice);
+        a dict by head name for multi-head predictors.
+        """
+        per_head = self._head_scores(self.forward(batch))
+        if self.multi_head:
+            return {str(head.name): scores for head, scores in zip(self.heads, per_head, strict=True)}
+        return per_head[0]
+
+    def _head_scores(self, output: Any) -> list[Tensor]:
+        scores = []
+        for head in self.heads:
+            values = select_output(output, head.select)
+            if head.kind is not None and not self._checked:
+                problem = check_output_kind(values, head.kind.kind, head.task)
+                if problem:
+                    name = f"head {head.name!r}: " if head.name is not None else ""
+                    warnings.warn(f"{name}{problem} ({head.kind.decided_by})", OutputKindWarning, stacklevel=4)
+            head_scores = to_scores(values, head.kind.kind if head.kind else "logits", head.task)
+            if head.task == "regression":
+                head_scores = self.preprocess_spec.unscale_target(head_scores)
+            scores.append(head_scores)
+        self._checked = True
+        return scores
+
+    def _cpu_scores(self, batch: Tensor) -> list[Tensor]:
+        return [scores.detach().cpu() for scores in self._head_scores(self.forward(batch))]
+
+    # ------------------------------------------------------------------ prediction
+    def predict(self, inputs: Any, top_k: int | None = None) -> list[Result | MultiHeadResult]:
+        """One typed result per input sample, in order (a progress bar shows for large inputs)."""
+        total = sample_count(inputs)
+        results = list(self._run(iter_raw(inputs, self.preprocess_spec), top_k, total))
+        if not results:
+            raise InputError(
+                f"empty input: expected at least one sample of shape {self.preprocess_spec.input_shape or '(any)'}"
+            )
+        return results
+
+    def predict_iter(self, samples: Iterable[Any], top_k: int | None = None) -> Iterator[Result | MultiHeadResult]:
+        """Stream results for an iterable of samples or paths, in order, holding one batch at a time."""
+        return self._run(iter_raw(samples, self.preprocess_spec), top_k, None)
+
+    def _run(self, chunks: Iterator[Tensor], top_k: int | None, total: int | None) -> Iterator[Any]:
+        if top_k is not None and top_k < 1:
+            raise InputError(f"top_k must be >= 1; got {top_k}")
+        show = total is not None and total > self.batch_size
+        done = 0
+        with tqdm(total=total, unit="sample", desc="predict", disable=None if show else True) as bar:
+            for raw, load_seconds in timed_batches(chunks, self.batch_size, self.preprocess_spec):
+                yield from self._predict_batch(raw, top_k, load_seconds, done)
+                done += len(raw)
+                bar.update(len(raw))
+
+    def _predict_batch(self, raw: Tensor, top_k: int | None, load_seconds: float, first: int) -> list[Any]:
+        """Results of a checked raw batch whose first sample is input sample ``first``."""
+        start = time.perf_counter()
+        batch = self.preprocess_spec.normalize(raw, first)  # checked by timed_batches
+        prepared = time.perf_counter()
+        per_head = self._cached_scores(batch) if self._cache is not None else self._cpu_scores(batch)
+        check_finite_scores(per_head, self.heads, first)
+        forwarded = time.perf_counter()
+        results = self.results_from_scores(per_head, top_k)
+        done = time.perf_counter()
+        stages = {
+            "preprocess": load_seconds + prepared - start,
+            "forward": forwarded - prepared,
+            "postprocess": done - forwarded,
+        }
+        batches = self._record(len(raw), stages)
+        logger.debug(
+            "batch %d: %d samples, input %s, preprocess %.4fs, forward %.4fs, postprocess %.4fs",
+            batches,
+            len(raw),
+            tuple(batch.shape),
+            *stages.values(),
+        )
+        return results
+
+    def _record(self, samples: int, stages: dict[str, float]) -> int:
+        """Add a batch to the timings; return its number."""
+        with self._lock:
+            timings = self.timings
+            timings.preprocess += stages["preprocess"]
+            timings.forward += stages["forward"]
+            timings.postprocess += stages["postprocess"]
+            timings.samples += samples
+            timings.batches += 1
+            timings.history.append({"samples": samples, **stages})
+            return timings.batches
+
+    # ------------------------------------------------------------------ cache
+    def _cached_scores(self, batch: Tensor) -> list[Tensor]:
+        """Scores per head, computing only samples whose preprocessed bytes are not cached (LRU)."""
+        assert self._cache is not None
+        keys = [_sample_key(sample) for sample in batch]
+        with self._lock:
+            rows: list[list[Tensor] | None] = [self._cache.get(key) for key in keys]
+            misses = [i for i, row in enumerate(rows) if row is None]
+            self.timings.cache_hits += len(keys) - len(misses)
+            self.timings.cache_misses += len(misses)
+        if misses:  # computed outside the lock: other threads' batches run meanwhile
+            fresh = self._cpu_scores(batch[misses])
+            for j, i in enumerate(misses):
+                rows[i] = [scores[j] for scores in fresh]
+        with self._lock:
+            for key, row in zip(keys, rows, strict=True):
+                self._cache[key] = row  # type: ignore[assignment]
+                self._cache.move_to_end(key)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return [torch.stack([row[h] for row in rows]) for h in range(len(self.heads))]  # type: ignore[index]
+
+    # ------------------------------------------------------------------ postprocess
+    def results_from_scores(self, per_head: list[Tensor], top_k: int | None) -> list[Any]:
+        """Typed results from per-head scores (``scores()`` of a batch; an ensemble's averaged scores)."""
+        columns = [self._head_results(head, scores, top_k) for head, scores in zip(self.heads, per_head, strict=True)]
+        if not self.multi_head:
+            return columns[0]
+        names = [str(head.name) for head in self.heads]
+        return [MultiHeadResult(dict(zip(names, row, strict=True))) for row in zip(*columns, strict=True)]
+
+    def _head_results(self, head: Head, scores: Tensor, top_k: int | None) -> list[Result]:
+        if head.task == "classification":
+            return _classification_results(scores, head.labels, top_k or 1)
+        if head.task == "binary":
+            return _binary_results(scores, head.labels, self.threshold)
+        return [RegressionResult(_as_list(row), head.labels) for row in scores.tolist()]
+
+    # ------------------------------------------------------------------ explanations
+    def explain(self, inputs: Any, method: str = "integrated_gradients", target: Any = None) -> Any:
+        """Attributions for ``inputs`` (see :func:`trainfer.analysis.attribution.explain`)."""
+        from trainfer.analysis.attribution import explain
+
+        return explain(self, inputs, method=method, target=target)
+
+    def __repr__(self) -> str:
+        tasks = ", ".join(f"{h.name}: {h.task}" if h.name is not None else h.task for h in self.heads)
+        return f"Predictor({type(self.model).__name__}, {tasks}, device={self.device}, batch_size={self.batch_size})"
+
+
+def to_records(results: Iterable[Any]) -> list[dict[str, Any]]:
+    """JSON-able dicts of typed results (``result.to_record()`` each), e.g. for JSON lines."""
+    return [result.to_record() for result in results]
+
+
+# --------------------------------------------------------------------------- helpers
+_CPU = torch.device("cpu")
+_HEAD_SETTINGS = frozenset({"task", "labels", "output", "heads", "output_kind"})
+
+
+def _head_settings(heads: list[Head]) -> dict[str, Any]:
+    """Recorded heads as constructor arguments (so that some of them can be overridden)."""
+    kinds = {h.name: h.kind.kind for h in heads if h.kind is not None}
+    if heads[0].name is None:
+        head = heads[0]
+        return {"task": head.task, "labels": head.labels, "output": head.select, "output_kind": kinds.get(None)}
+    return {
+        "heads": {h.name: h.task for h in heads},
+        "labels": {h.name: h.labels for h in heads if h.labels is not None},
+        "output_kind": kinds,
+    }
+
+
+def _placed(model: Any, device: torch.device) -> Any:
+    """``model`` itself on ``device``, or a copy moved there (ours: put in eval for good)."""
+    if not isinstance(model, nn.Module):
+        return model
+    current = next((t.device for t in [*model.parameters(), *model.buffers()]), device)
+    return model if current == device else copy.deepcopy(model).to(device).eval()
+
+
+def _spec_for(model: Any, preprocess: Any) -> PreprocessSpec:
+    """The given spec (or an empty one), completed by the model's input shape and parameter dtype."""
+    shape = (getattr(model, "trainfer_config", None) or {}).get("input_shape")
+    spec = PreprocessSpec.coerce(preprocess, input_shape=tuple(shape[1:]) if shape else None)
+    if not isinstance(model, nn.Module):
+        return spec
+    return spec.with_dtype(next((p.dtype for p in model.parameters() if p.is_floating_point()), None))
+
+
+def sample_count(inputs: Any) -> int | None:
+    """How many samples ``inputs`` holds when that is known without reading them (for the progress bar)."""
+    if isinstance(inputs, Tensor) or hasattr(inputs, "__array__"):
+        return int(inputs.shape[0]) if len(inputs.shape) else None
+    return len(inputs) if isinstance(inputs, list | tuple) else None
+
+
+def timed_batches(chunks: Iterator[Tensor], size: int, spec: PreprocessSpec) -> Iterator[tuple[Tensor, float]]:
+    """Regroup validated raw chunks into batches of ``size`` (the last may be smaller), in order.
+
+    Also yields the seconds spent loading and checking each batch's samples.
+    """
+    buffer: list[Tensor] = []
+    count, seconds, seen = 0, 0.0, 0
+    while True:
+        start = time.perf_counter()
+        chunk = next(chunks, None)
+        if chunk is not None:
+            chunk = spec.check_batch(chunk, seen)
+            buffer.append(chunk)
+            count += len(chunk)
+            seen += len(chunk)
+        seconds += time.perf_counter() - start
+        while count >= size or (chunk is None and count):
+            joined = buffer[0] if len(buffer) == 1 else torch.cat(buffer)
+            yield joined[:size], seconds
+            buffer = [joined[size:]] if len(joined) > size else []
+            count, seconds = max(count - size, 0), 0.0
+        if chunk is None:
+            return
+
+
+def check_finite_scores(per_head: list[Tensor], heads: list[Head], first: int = 0) -> None:
+    """Raise :class:`NonFiniteError` naming the input samples whose scores hold NaN or inf.
+
+    ``per_head`` holds one ``(N, ...)`` score tensor per head of ``heads``, for input samples
+    ``first .. first + N - 1``; a non-finite score is never served as a prediction.
+    """
+    for head, scores in zip(heads, per_head, strict=True):
+        if scores.is_floating_point() and not bool(torch.isfinite(scores).all()):
+            rows = (~torch.isfinite(scores)).reshape(len(scores), -1).any(1).nonzero().flatten()
+            bad = (rows + first).tolist()
+            name = f" (head {head.name!r})" if head.name is not None else ""
+            raise NonFiniteError(
+                f"the model's output for input sample(s) {bad[:10]}{name} holds NaN or inf: expected finite "
+                "scores (look for inputs far outside the training range, or broken weights)"
+            )
+
+
+def _sample_key(sample: Tensor) -> bytes:
+    data = sample.detach().cpu().contiguous()
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{data.dtype}{tuple(data.shape)}".encode())
+    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.digest()
+
+
+def _check_labels(labels: tuple[str, ...] | None, classes: int) -> tuple[str, ...]:
+    if labels is None:
+        return tuple(str(i) for i in range(classes))
+    if len(labels) != classes:
+        raise InputError(f"{len(labels)} labels given, but the model outputs {classes} classes")
+    return labels
+
+
+def _classification_results(scores: Tensor, labels: tuple[str, ...] | None, top_k: int) -> list[Result]:
+    names = _check_labels(labels, scores.shape[1])
+    values, indices = scores.topk(min(top_k, scores.shape[1]), dim=1)
+    results: list[Result] = []
+    for row_values, row_indices in zip(values.tolist(), indices.tolist(), strict=True):
+        pairs = [(names[i], p) for i, p in zip(row_indices, row_values, strict=True)]
+        results.append(ClassificationResult(row_indices[0], names[row_indices[0]], row_values[0], pairs))
+    return results
+
+
+def _binary_results(scores: Tensor, labels: tuple[str, ...] | None, threshold: float) -> list[Result]:
+    if labels is not None and len(labels) != 2:
+        raise InputError(f"a binary task takes 2 labels (negative, positive); got {len(labels)}")
+    results: list[Result] = []
+    for p in scores.tolist():
+        decision = p >= threshold
+        label = labels[int(decision)] if labels is not None else None
+        results.append(BinaryResult(p, decision, threshold, label))
+    return results
+
+
+def _as_list(row: Any) -> list[float]:
+    return row if isinstance(row, list) else [row]

@@ -1,0 +1,486 @@
+"""int8 post-training quantization of a deploy form, accuracy-gated, with a per-layer sensitivity report.
+
+:func:`quantize` runs, on the float32 deploy form of a model or bundle:
+
+1. **cross-layer equalization** (:func:`trainfer.reparam.equalize.equalize`, exact, verified in float64):
+   folded RepVGG kernels carry per-channel outliers that per-tensor activation ranges cannot
+   absorb; equalization evens them out without changing the function;
+2. **export** of the equalized form to ONNX (:func:`trainfer.serve.export.export`, checked);
+3. **static quantization** by ONNX Runtime (``quantize_static``): QDQ format, per-channel
+   symmetric int8 weights, uint8 activations calibrated (MinMax by default) on
+   ``calibration_data``. Why this backend: it is maintained with the runtime that executes the
+   file, needs no model changes (the graph is already the plain deploy form), its QDQ output is
+   a standard ONNX file that ONNX Runtime and OpenVINO both run (no pickle, no custom ops), and
+   it works on every x86 CPU (it does not require VNNI or AMX, which the torchao x86 flow assumes
+   for speed). On a CPU without VNNI the u8s8 dot product saturates 16-bit sums, so weights use
+   7 bits there (``reduce_range``, ONNX Runtime's own advice), recorded in the report;
+4. **the accuracy gate** (:class:`trainfer.serve.gate.AccuracyGate`; default class agreement >= 99 %
+   with the float deploy form, accuracy drop <= 0.5 points on labelled data), measured with the
+   quantized file running in ONNX Runtime;
+5. if the gate fails, **fallback**: the layers are ranked by sensitivity (network-output SQNR
+   with only that layer's weights and input fake-quantized, in PyTorch) and the most sensitive are
+   kept in float one at a time until the gate passes; past ``max_float_layers`` it refuses with
+   :class:`QuantizationError`, naming the figures.
+
+The result (:class:`QuantizedModel`) serves the int8 form and saves as a bundle: the equalized
+float deploy form (``model.safetensors`` + ``manifest.json``), ``quantized.onnx`` (the QDQ file,
+manifest inside) and ``quantization.json`` (its sha256 and the report). ``Predictor.load`` and
+``trainfer predict`` serve the int8 form of such a bundle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from trainfer.atomic import replace_directory, staging_directory
+from trainfer.errors import InputError, QuantizationError
+from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over
+from trainfer.serve.runtime import (
+    QUANTIZATION_FILE,
+    QUANTIZED_FILE,
+    _source,
+    machine_info,
+    ort_engine,
+)
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+_CALIBRATION_BATCH = 32
+
+__all__ = ["LayerSensitivity", "QuantizationError", "QuantizationReport", "QuantizedModel", "quantize"]
+
+
+# --------------------------------------------------------------------------- reports
+@dataclass
+class LayerSensitivity:
+    """How much quantizing one layer alone costs, and the weight ranges that explain it.
+
+    ``sqnr_db``: signal-to-quantization-noise ratio of the network output when only this layer's
+    weights (per-channel int8) and input (uint8, calibrated range) are quantized; lower = more
+    sensitive. ``weight_sqnr_db``: the same ratio for the layer's weights alone. ``channel_range``:
+    min, median and max over output channels of ``max |W[c]|``.
+    """
+
+    name: str
+    sqnr_db: float
+    weight_sqnr_db: float
+    channel_range: tuple[float, float, float]
+
+    @property
+    def outlier_ratio(self) -> float:
+        """Largest over median per-channel weight range."""
+        return self.channel_range[2] / self.channel_range[1] if self.channel_range[1] > 0 else math.inf
+
+    def __str__(self) -> str:
+        low, median, high = self.channel_range
+        return (
+            f"{self.name:<28}{self.sqnr_db:>9.1f}{self.weight_sqnr_db:>10.1f}"
+            f"   {low:.3g} / {median:.3g} / {high:.3g} (max/median {self.outlier_ratio:.1f})"
+        )
+
+
+@dataclass
+class QuantizationReport:
+    """Gate verdict, sensitivity ranking, float fallbacks and the settings that made the int8 form."""
+
+    gate: GateReport
+    sensitivity: list[LayerSensitivity]
+    float_layers: list[str]
+    attempts: list[str]
+    settings: dict[str, Any]
+    equalization: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "gate": self.gate.to_dict(),
+            "sensitivity": [asdict(layer) for layer in self.sensitivity],
+            "float_layers": self.float_layers,
+            "attempts": self.attempts,
+            "settings": self.settings,
+            "equalization": self.equalization,
+        }
+
+    def __str__(self) -> str:
+        lines = [f"int8 form: {self.gate}"]
+        lines.append(f"layers kept in float: {', '.join(self.float_layers) or 'none'}")
+        lines += [f"  attempt: {attempt}" for attempt in self.attempts]
+        lines.append(f"{'layer (most sensitive first)':<28}{'SQNR dB':>9}{'weight dB':>10}   weight range per channel")
+        lines += [str(layer) for layer in self.sensitivity]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the quantized model
+@dataclass
+class QuantizedModel:
+    """The int8 form (served by ONNX Runtime) beside the float form it was made from."""
+
+    float_model: nn.Module
+    onnx_bytes: bytes
+    manifest: dict[str, Any]
+    report: QuantizationReport
+    engine: Callable[[Tensor], Any] = field(repr=False)
+
+    def __call__(self, batch: Tensor) -> Any:
+        return self.engine(batch)
+
+    def save(self, path: str | os.PathLike[str], **metadata: Any) -> Path:
+        """Write the bundle (float deploy form + ``quantized.onnx`` + ``quantization.json``), atomically.
+
+        ``metadata`` goes to :func:`trainfer.save` (e.g. ``factory=...`` for a model of your own).
+        """
+        from trainfer.serve.bundle import MANIFEST_FILE, save
+
+        target = Path(path)
+        if target.exists() and not (target / MANIFEST_FILE).is_file():
+            raise InputError(f"refusing to overwrite {str(target)!r}: it exists and is not a trainfer bundle")
+        staging = staging_directory(target)
+        try:
+            inner = save(self.float_model, staging / "bundle", **{**_bundle_metadata(self.manifest), **metadata})
+            (inner / QUANTIZED_FILE).write_bytes(self.onnx_bytes)
+            entry = {
+                "format": "trainfer-quantized",
+                "format_version": 1,
+                "file": QUANTIZED_FILE,
+                "sha256": hashlib.sha256(self.onnx_bytes).hexdigest(),
+                "report": self.report.to_dict(),
+            }
+            (inner / QUANTIZATION_FILE).write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
+            replace_directory(inner, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+
+def _bundle_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
+    heads = manifest.get("heads") or [{}]
+    return {
+        "task": manifest.get("task"),
+        "labels": manifest.get("labels"),
+        "preprocess": manifest.get("preprocess"),
+        "output_kind": heads[0].get("output_kind"),
+    }
+
+
+# --------------------------------------------------------------------------- calibration data
+def calibration_inputs(data: Any, manifest: dict[str, Any], limit: int | None = None) -> Tensor:
+    """Model inputs as one float32 batch from a tensor/array (model inputs), a data set or loader
+    (items ``x`` or ``(x, label)``), or a path: a ``.npy``/``.csv``/image file or a directory of images
+    and ``.npy`` files (raw inputs, preprocessed as the bundle's manifest says)."""
+    from trainfer.serve.preprocess import PreprocessSpec, gather
+
+    if isinstance(data, str | os.PathLike):
+        spec = PreprocessSpec.coerce(manifest.get("preprocess"))
+        path = Path(data)
+        files = _input_files(path) if path.is_dir() else [str(path)]
+        batch = spec.prepare(gather(files, spec))
+    elif isinstance(data, Tensor | np.ndarray):
+        batch = torch.as_tensor(data)
+    else:
+        batch = torch.cat([_first(item) for item in data])
+    if not batch.is_floating_point() or batch.dim() < 2 or len(batch) == 0:
+        raise InputError(f"calibration data must be a non-empty float batch (N, ...); got {tuple(batch.shape)}")
+    batch = batch.detach().to("cpu", torch.float32)
+    return batch[:limit] if limit else batch
+
+
+def _first(item: Any) -> Tensor:
+    value = item[0] if isinstance(item, tuple | list) else item
+    value = torch.as_tensor(value)
+    return value if value.dim() >= 2 and isinstance(item, tuple | list) and len(item[0]) != 1 else value[None]
+
+
+def _input_files(directory: Path) -> list[str]:
+    from trainfer.serve.preprocess import IMAGE_SUFFIXES
+
+    files = sorted(str(p) for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES | {".npy"})
+    if not files:
+        raise InputError(f"no image or .npy files under {str(directory)!r} to calibrate with")
+    return files
+
+
+# --------------------------------------------------------------------------- sensitivity
+def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+
+
+def _fake_weight(weight: Tensor, bits: int) -> Tensor:
+    """Per-output-channel symmetric quantization to ``bits`` (what the QDQ file stores)."""
+    levels = 2 ** (bits - 1) - 1
+    step = weight.abs().flatten(1).amax(1).clamp_min(1e-12) / levels
+    step = step.reshape(-1, *[1] * (weight.dim() - 1))
+    return (weight / step).round().clamp(-levels, levels) * step
+
+
+def _fake_activation(x: Tensor, low: float, high: float) -> Tensor:
+    """Asymmetric uint8 quantization of ``x`` with the calibrated range (widened to hold 0)."""
+    low, high = min(low, 0.0), max(high, 0.0)
+    step = max(high - low, 1e-12) / 255
+    zero = round(-low / step)
+    return ((x / step).round() + zero).clamp(0, 255).sub(zero) * step
+
+
+def _sqnr_db(reference: Tensor, candidate: Tensor) -> float:
+    noise = float((reference.double() - candidate.double()).pow(2).sum())
+    signal = float(reference.double().pow(2).sum())
+    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
+
+
+@torch.no_grad()
+def sensitivity(model: nn.Module, inputs: Tensor, weight_bits: int = 8) -> list[LayerSensitivity]:
+    """Per-layer sensitivity of ``model`` on ``inputs``, most sensitive (lowest SQNR) first."""
+    model = copy.deepcopy(model).float().eval()
+    layers = _layers(model)
+    ranges: dict[str, list[float]] = {}
+
+    def observe(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            low, high = float(args[0].min()), float(args[0].max())
+            old = ranges.get(name, [low, high])
+            ranges[name] = [min(old[0], low), max(old[1], high)]
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(observe(name)) for name, module in layers]
+    reference = model(inputs)
+    for handle in handles:
+        handle.remove()
+    results = []
+    for name, module in layers:
+        weight = module.weight.data.clone()
+        quantized = _fake_weight(weight, weight_bits)
+        low, high = ranges[name]
+        handle = module.register_forward_pre_hook(lambda m, a, lo=low, hi=high: (_fake_activation(a[0], lo, hi),))
+        module.weight.data.copy_(quantized)
+        output = model(inputs)
+        module.weight.data.copy_(weight)
+        handle.remove()
+        per_channel = weight.abs().flatten(1).amax(1)
+        spread = (float(per_channel.min()), float(per_channel.median()), float(per_channel.max()))
+        results.append(LayerSensitivity(name, _sqnr_db(reference, output), _sqnr_db(weight, quantized), spread))
+    return sorted(results, key=lambda layer: layer.sqnr_db)
+
+
+# --------------------------------------------------------------------------- onnx runtime quantization
+def _node_names(onnx_path: Path, layers: Iterable[str]) -> dict[str, str]:
+    """Module name -> name of the ONNX node that reads ``<module>.weight``."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    by_weight = {node.input[1]: node.name for node in proto.graph.node if len(node.input) > 1}
+    missing = [name for name in layers if f"{name}.weight" not in by_weight]
+    if missing:
+        raise RuntimeError(f"exported ONNX graph has no node reading the weights of {missing}")
+    return {name: by_weight[f"{name}.weight"] for name in layers}
+
+
+def _quantize_file(float_path: Path, out: Path, inputs: Tensor, exclude: list[str], settings: dict[str, Any]) -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(inputs.split(_CALIBRATION_BATCH))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {"input": batch.numpy()}
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy}
+    methods["percentile"] = CalibrationMethod.Percentile
+    with _quiet():
+        quantize_static(
+            str(float_path),
+            str(out),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=settings["reduce_range"],
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["Conv", "Gemm"],
+            nodes_to_exclude=exclude,
+            calibrate_method=methods[settings["calibration"]],
+        )
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """ONNX Runtime's quantizer logs advice on the root logger and prints histogram progress."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _with_manifest(path: Path, manifest: dict[str, Any]) -> bytes:
+    import onnx
+
+    from trainfer.serve.export import MANIFEST_KEY
+
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = MANIFEST_KEY, json.dumps(manifest)
+    return proto.SerializeToString()
+
+
+# --------------------------------------------------------------------------- quantize
+def quantize(
+    model_or_bundle: nn.Module | str | os.PathLike[str],
+    calibration_data: Any,
+    *,
+    validation: Any = None,
+    labels: Tensor | None = None,
+    gate: AccuracyGate | None = None,
+    equalize: bool | str = "auto",
+    max_float_layers: int | None = None,
+    calibration: str = "minmax",
+    reduce_range: bool | None = None,
+    calibration_limit: int | None = 512,
+    sensitivity_samples: int = 128,
+    threads: int | None = None,
+) -> QuantizedModel:
+    """The gated int8 form of ``model_or_bundle``; see the module docstring.
+
+    ``validation`` (inputs, same forms as ``calibration_data``; default: the calibration inputs)
+    and ``labels`` (class indices, ``(N,)``) are what the gate measures on. ``equalize``: True,
+    False, or ``"auto"`` (quantize both the equalized and the plain form, keep the one closer to
+    the float form: with per-channel weights equalization does not always help). ``max_float_layers``:
+    how many layers may fall back to float (default: half of them). ``reduce_range``: 7-bit
+    weights (default: where the CPU lacks VNNI/AMX int8 dot products).
+    """
+    if calibration not in CALIBRATION_METHODS:
+        raise InputError(f"calibration must be one of {list(CALIBRATION_METHODS)}; got {calibration!r}")
+    if equalize not in (True, False, "auto"):
+        raise InputError(f"equalize must be True, False or 'auto'; got {equalize!r}")
+    gate = gate or AccuracyGate()
+    with tempfile.TemporaryDirectory(prefix="trainfer-quantize-") as work:
+        workdir = Path(work)
+        source = _source(model_or_bundle, _example(model_or_bundle, calibration_data), workdir)
+        calib = calibration_inputs(calibration_data, source.manifest, calibration_limit)
+        check = calibration_inputs(validation, source.manifest) if validation is not None else calib
+        if labels is not None:
+            labels = torch.as_tensor(labels).long().flatten()
+        settings = {
+            "backend": "onnxruntime.quantization.quantize_static",
+            "format": "QDQ",
+            "weights": "int8 symmetric, per output channel",
+            "activations": "uint8 asymmetric, per tensor",
+            "calibration": calibration,
+            "calibration_samples": len(calib),
+            "reduce_range": not machine_info()["int8_dot_product"] if reduce_range is None else reduce_range,
+        }
+        search = _Search(source, calib, (check, labels, logits_over(source.model, check)), gate, settings, workdir)
+        search.threads = threads or torch.get_num_threads()
+        options = (False, True) if equalize == "auto" else (equalize,)
+        variants = [search.prepare(option, sensitivity_samples) for option in options]
+        return search.run(variants, max_float_layers)
+
+
+def _example(model_or_bundle: Any, calibration_data: Any) -> Tensor | None:
+    """Two calibration samples as the example batch of a model (a bundle knows its input shape)."""
+    if isinstance(model_or_bundle, nn.Module) and isinstance(calibration_data, Tensor | np.ndarray):
+        return torch.as_tensor(calibration_data[:2]).float()
+    return None
+
+
+@dataclass
+class _Variant:
+    """One float form to quantize (equalized or not), its ONNX export and its sensitivity ranking."""
+
+    model: nn.Module
+    float_path: Path
+    nodes: dict[str, str]
+    ranking: list[LayerSensitivity]
+    equalization: str | None
+
+
+@dataclass
+class _Search:
+    """Quantize, gate, and fall back to float layer by layer (most sensitive first) until the gate passes."""
+
+    source: Any
+    calib: Tensor
+    check: tuple[Tensor, Tensor | None, Tensor]
+    gate: AccuracyGate
+    settings: dict[str, Any]
+    workdir: Path
+    threads: int = 1
+    attempts: list[str] = field(default_factory=list)
+
+    def prepare(self, equalized: bool, samples: int) -> _Variant:
+        from trainfer.serve.export import export
+
+        model, equalization = self.source.model, None
+        if equalized:
+            from trainfer.reparam.equalize import equalize
+
+            model, report = equalize(model, self.calib[:8])
+            equalization = str(report)
+        path = self.workdir / f"float_{int(equalized)}.onnx"
+        export(model, path, "onnx", example_inputs=self.calib[:2])
+        ranking = sensitivity(model, self.calib[:samples], 7 if self.settings["reduce_range"] else 8)
+        return _Variant(model, path, _node_names(path, [layer.name for layer in ranking]), ranking, equalization)
+
+    def attempt(self, variant: _Variant, count: int) -> tuple[GateReport, Any, Path]:
+        """Quantize ``variant`` with its ``count`` most sensitive layers kept in float, and gate it."""
+        inputs, labels, reference = self.check
+        kept = [layer.name for layer in variant.ranking[:count]]
+        out = self.workdir / f"int8_{len(self.attempts)}.onnx"
+        _quantize_file(variant.float_path, out, self.calib, [variant.nodes[name] for name in kept], self.settings)
+        engine = ort_engine(out, self.source.manifest, self.threads)
+        report = gate_report(reference, logits_over(engine, inputs), labels, self.gate)
+        form = "equalized" if variant.equalization else "plain"
+        self.attempts.append(f"{form}, {count} layer(s) in float: {report}")
+        return report, engine, out
+
+    def run(self, variants: list[_Variant], max_float_layers: int | None) -> QuantizedModel:
+        tried = [(variant, *self.attempt(variant, 0)) for variant in variants]
+        variant, report, engine, out = max(tried, key=lambda t: (t[1].ok, t[1].agreement, -t[1].max_rel_error))
+        limit = min(len(variant.ranking) // 2 if max_float_layers is None else max_float_layers, len(variant.ranking))
+        count = 0
+        while not report.ok and count < limit:
+            count += 1
+            report, engine, out = self.attempt(variant, count)
+        kept = [layer.name for layer in variant.ranking[:count]]
+        settings = {**self.settings, "equalized": variant.equalization is not None}
+        result = QuantizationReport(report, variant.ranking, kept, self.attempts, settings, variant.equalization)
+        if not report.ok:
+            raise QuantizationError(
+                f"no int8 form passes the gate with at most {limit} of {len(variant.ranking)} layers in float; "
+                f"last tried: {report}. Give more or more representative calibration data, allow more float "
+                f"layers (max_float_layers) or a looser gate",
+                result,
+            )
+        data = _with_manifest(out, _served_manifest(self.source.manifest))
+        return QuantizedModel(variant.model, data, self.source.manifest, result, engine)
+
+
+def _served_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    served = {key: value for key, value in manifest.items() if key != "weights"}
+    return {**served, "form": "deploy", "quantized": {"format": "QDQ", "weights": "int8"}}
