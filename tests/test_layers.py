@@ -21,7 +21,7 @@ import trainfer
 from trainfer import _moved
 
 ROOT = Path(__file__).resolve().parents[1]
-LINT_IMPORTS = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command as m; sys.exit(m())"]
+LINT_IMPORTS = [str(Path(sys.executable).with_name("lint-imports"))]
 
 
 def lint_imports(project: Path) -> subprocess.CompletedProcess[str]:
