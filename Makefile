@@ -69,8 +69,10 @@ test-torch-next: $(NEXT)/.installed
 test-timm: $(NEXT)/.installed
 	$(NEXT)/python -m pytest -q tests/test_timm_interop.py
 
+# ruff, then the import-linter contracts of pyproject.toml: layers only import downwards, no cycles.
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 
 bench: $(BIN)/.installed
 	$(BIN)/trainfer bench
