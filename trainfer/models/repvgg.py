@@ -8,8 +8,9 @@ from typing import Any
 
 from torch import nn
 
-from trainfer.models.config import record_config
+from trainfer.recipe import ModelRecipe, attach_recipe
 from trainfer.reparam.blocks import RepVGGBlock
+from trainfer.reparam.blocks.activations import recordable_activation
 
 BASE_WIDTHS = (64, 128, 256, 512)
 
@@ -51,7 +52,8 @@ class RepVGG(nn.Sequential):
 
 def _repvgg(name: str, num_blocks: Sequence[int], width_multipliers: Sequence[float], **config: Any) -> RepVGG:
     model = RepVGG(num_blocks, width_multipliers, **config)
-    return record_config(model, f"trainfer.models:{name}", config, [1, config.get("in_channels", 3), 224, 224])
+    shape = (1, config.get("in_channels", 3), 224, 224)
+    return attach_recipe(model, ModelRecipe(f"trainfer.models:{name}", recordable_activation(config), shape))
 
 
 def repvgg_a0(num_classes: int = 1000, **options: Any) -> RepVGG:
