@@ -42,8 +42,11 @@ class ModelRecipe:
     deploy_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.factory is not None and (not isinstance(self.factory, str) or ":" not in self.factory):
-            raise InputError(f"ModelRecipe.factory must look like 'package.module:function'; got {self.factory!r}")
+        if self.factory is not None and (not isinstance(self.factory, str) or not self.factory):
+            raise InputError(
+                f"ModelRecipe.factory must name a factory ('package.module:function' or a registered name); "
+                f"got {self.factory!r}"
+            )
         if self.form not in FORMS:
             raise InputError(f"ModelRecipe.form must be one of {list(FORMS)}; got {self.form!r}")
         object.__setattr__(self, "config", _json_copy(self.config, "config"))

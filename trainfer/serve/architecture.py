@@ -8,7 +8,8 @@
      "nodes": [{"name": "x", "op": "placeholder", "target": "x", "args": [], "kwargs": {}},
                {"name": "conv", "op": "call_module", "target": "stage1.0.reparam",
                 "args": [{"node": "x"}], "kwargs": {}}, ...,
-               {"name": "output", "op": "output", "target": "output", "args": [{"node": "fc"}], "kwargs": {}}]}
+               {"name": "output", "op": "output", "target": "output", "args": [{"node": "fc"}], "kwargs": {}}],
+     "sha256": "..."}
 
 Every ``call_module`` target is a module of :data:`MODULES` (``torch.nn`` types; ``Sequential``
 holding them) with the constructor arguments read from the module; ``call_function`` targets come
@@ -20,11 +21,16 @@ what JSON lacks: ``{"node": name}``, ``{"tuple": [...]}``, ``{"slice": [a, b, c]
 :func:`rebuild` validates every field against those tables (anything else is a
 :class:`~trainfer.errors.BundleError` naming what was found and what is allowed; nothing outside
 the tables is ever imported or called) and builds the module on the meta device: its weights come
-from the bundle's safetensors file, loaded by the caller with ``assign=True``.
+from the bundle's safetensors file, loaded by the caller with ``assign=True``. ``sha256`` (of the
+canonical JSON of the other fields) catches an edited or corrupted description; it is no signature:
+whoever can write the manifest can write a matching digest, and still only allow-listed types and
+functions are ever built or called.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import operator
 import re
@@ -37,7 +43,7 @@ from torch.nn import functional as F
 
 from trainfer.errors import BundleError
 
-__all__ = ["FUNCTIONS", "KIND", "METHODS", "MODULES", "describe", "rebuild"]
+__all__ = ["FUNCTIONS", "KIND", "METHODS", "MODULES", "describe", "digest", "rebuild"]
 
 KIND = "fx-graph"
 MAX_NODES = 100_000
@@ -156,7 +162,14 @@ def describe(gm: fx.GraphModule) -> dict[str, Any]:
                 "kwargs": {key: _encode(value) for key, value in node.kwargs.items()},
             }
         )
-    return {"kind": KIND, "class_name": _class_name(gm), "modules": modules, "attributes": attributes, "nodes": nodes}
+    description = {"kind": KIND, "class_name": _class_name(gm), "modules": modules, "attributes": attributes}
+    description["nodes"] = nodes
+    return {**description, "sha256": digest(description)}
+
+
+def digest(description: dict[str, Any]) -> str:
+    """The sha256 of ``description``'s canonical JSON: catches a hand-edited or corrupted architecture."""
+    return hashlib.sha256(json.dumps(description, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _class_name(gm: fx.GraphModule) -> str:
@@ -233,7 +246,10 @@ def rebuild(description: Any, source: str) -> fx.GraphModule:
     what is allowed). Load the weights with ``load_state_dict(..., assign=True)``.
     """
     where = f"{source}: architecture"
-    data = _mapping(description, where, {"kind", "class_name", "modules", "attributes", "nodes"})
+    data = _mapping(description, where, {"kind", "class_name", "modules", "attributes", "nodes", "sha256"})
+    body = {key: value for key, value in data.items() if key != "sha256"}
+    if data["sha256"] != digest(body):
+        raise BundleError(f"{where}: does not match its sha256 (the description was edited or corrupted)")
     if data["kind"] != KIND:
         raise BundleError(f"{where}.kind: expected {KIND!r}, found {data['kind']!r}")
     root = nn.Module()
