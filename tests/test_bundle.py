@@ -12,6 +12,7 @@ from torch import nn
 
 import trainfer
 from trainfer import BundleError
+from trainfer.serve.architecture import digest
 from trainfer.serve.bundle import load_weights, read_manifest
 from trainfer.testing import assert_close, randomize_batchnorm
 
@@ -50,7 +51,8 @@ def test_round_trip_reproduces_outputs(tmp_path, dtype):
     with trainfer.inference(model, loaded):
         assert_close(loaded(x), model(x))
         assert torch.equal(loaded(x), model(x))
-    assert loaded.trainfer_config["factory"] == FACTORY and loaded.trainfer_config["input_shape"] == [1, 1, 8, 8]
+    recipe = trainfer.recipe_of(loaded)
+    assert recipe.factory == FACTORY and recipe.input_shape == (1, 1, 8, 8) and recipe.form == "train"
 
 
 def test_manifest_records_everything(tmp_path):
@@ -80,10 +82,10 @@ def test_manifest_records_everything(tmp_path):
     assert manifest["weights"]["sha256"] == hashlib.sha256((tmp_path / "b/model.safetensors").read_bytes()).hexdigest()
 
 
-def test_save_uses_trainfer_config_and_leaves_model_untouched(tmp_path):
+def test_save_uses_the_recipe_and_leaves_model_untouched(tmp_path):
     model = trained().train()
     model[1].eval()  # mixed modes must survive
-    model.trainfer_config = {"factory": FACTORY, "config": {"classes": 3}, "input_shape": [1, 1, 8, 8]}
+    trainfer.attach_recipe(model, trainfer.ModelRecipe(FACTORY, {"classes": 3}, (1, 1, 8, 8)))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainfer.save(model, tmp_path / "b")
     assert model.training and not model[1].training and model[4].training
@@ -223,7 +225,7 @@ def test_deploy_form_round_trip(tmp_path, dtype):
     trainfer.save(deployed, tmp_path / "d", factory=FACTORY, config={"classes": 5, "width": 3}, example_inputs=x)
     assert read_manifest(tmp_path / "d")["form"] == "deploy"
     loaded = trainfer.load(tmp_path / "d")
-    assert batch_norm_calls(loaded, x) == 0 and loaded.trainfer_config["form"] == "deploy"
+    assert batch_norm_calls(loaded, x) == 0 and trainfer.recipe_of(loaded).form == "deploy"
     with trainfer.inference(model, loaded):
         assert_close(loaded(x), model(x))
     assert loaded.state_dict().keys() == deployed.state_dict().keys()
@@ -252,7 +254,10 @@ def test_deploy_form_weights_must_fit_the_rebuilt_architecture(tmp_path):
     x = torch.randn(1, 1, 8, 8)
     trainfer.save(deploy(trained(), x), tmp_path / "d", factory=FACTORY, example_inputs=x)
     manifest = read_manifest(tmp_path / "d")
-    manifest["config"] = {"width": 6}
+    first = next(spec for spec in manifest["architecture"]["modules"].values() if spec["type"] == "Conv2d")
+    first["args"]["out_channels"] = 6
+    architecture = {key: value for key, value in manifest["architecture"].items() if key != "sha256"}
+    manifest["architecture"]["sha256"] = digest(architecture)  # a consistent edit: the weights catch it
     (tmp_path / "d/manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=r"mis-shaped .*expected \(6, 1, 3, 3\), got \(4, 1, 3, 3\)"):
         trainfer.load(tmp_path / "d")

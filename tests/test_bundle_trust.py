@@ -180,7 +180,7 @@ def test_an_explicit_factory_builds_any_bundle(tmp_path):
     bundle = rewrite(save(tmp_path / "b", classes=5), factory="someone_elses.module:net")
     for factory in (unregistered_net, f"{__name__}:unregistered_net"):
         loaded = trainfer.load(bundle, factory=factory)
-        assert loaded.trainfer_config["factory"] == "someone_elses.module:net"
+        assert trainfer.recipe_of(loaded).factory == "someone_elses.module:net"
         with torch.no_grad():
             assert torch.equal(loaded.eval()(X), trained(classes=5)(X))
     predictor = trainfer.Predictor.load(bundle, factory=unregistered_net)
@@ -305,10 +305,10 @@ def test_a_bundle_from_a_newer_trainfer_warns_and_a_newer_format_is_refused(tmp_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trainfer.load(bundle)  # same major.minor: silent
-    rewrite(bundle, format_version=2, versions={**manifest["versions"], "trainfer": "99.1.0"}, weights=None)
-    with pytest.raises(BundleError, match="format_version 2; this trainfer reads up to 1"):
+    rewrite(bundle, format_version=3, versions={**manifest["versions"], "trainfer": "99.1.0"}, weights=None)
+    with pytest.raises(BundleError, match=r"format_version 3; this trainfer reads up to 2 \(written by trainfer 99.1"):
         trainfer.load(bundle)
-    rewrite(bundle, format_version=1, future_field=1)
+    rewrite(bundle, format_version=2, future_field=1)
     with pytest.raises(BundleError, match="future_field.*written by a newer trainfer"):
         trainfer.load(bundle)
 

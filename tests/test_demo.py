@@ -5,6 +5,7 @@ import pytest
 from agreement import assert_same_classes
 from click.testing import CliRunner
 
+import trainfer
 from trainfer.cli import main
 from trainfer.demo import data
 from trainfer.demo import pipeline as demo
@@ -70,7 +71,7 @@ def test_the_two_forms_predict_identical_classes(demo_run):
     with inference(trained):
         reference = trained(inputs)
     deployed = load(out / "bundle_deploy")
-    assert deployed.trainfer_config["form"] == "deploy"
+    assert trainfer.recipe_of(deployed).form == "deploy"
     with inference(deployed):
         served = deployed(inputs)
     onnx, _ = load_onnx(out / "digits.onnx")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -176,12 +177,9 @@ def test_digits_net_dual_module_and_train_only_head(protocols):
     assert count_aten_ops(deployed, x)["convolution"] == count_aten_ops(reference, x)["convolution"] == 4
     assert batch_norm_calls(deployed, x) == 0
     assert not any("aux_head" in key for key in deployed.state_dict())
-    assert deployed.trainfer_config == {
-        **model.trainfer_config,
-        "form": "deploy",
-        "deploy_options": {"protocols": protocols},
-    }
-    assert model.trainfer_config.get("form") != "deploy"
+    recipe = trainfer.recipe_of(model)
+    assert trainfer.recipe_of(deployed) == replace(recipe, form="deploy", deploy_options={"protocols": protocols})
+    assert trainfer.recipe_of(model).form == "train"
 
 
 @pytest.mark.parametrize("factory", [repvgg_a0, mobileone_s0])

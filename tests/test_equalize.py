@@ -95,7 +95,7 @@ def test_deployed_digits_net_equalizes_every_pair_exactly():
     equalized, report = equalize(deployed, x)
     assert len(report.pairs) == 4 and report.pairs[-1].second == "head.3"
     assert report.verification["float64"].max_rel_error <= 1e-12
-    assert equalized.trainfer_config["form"] == "deploy"
+    assert trainfer.recipe_of(equalized).form == "deploy"
 
 
 def test_a_wrong_rescaling_would_be_caught(monkeypatch):

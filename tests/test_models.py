@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import trainfer
 from trainfer import models
 from trainfer.bench import count_macs, count_parameters
 from trainfer.blocks import ReparamBlock
@@ -59,21 +60,19 @@ def test_architecture_matches_the_papers(factory, train_params, deploy_params, d
 
 def test_recorded_config_rebuilds_the_model_in_either_form():
     model = randomize_batchnorm(models.repvgg_a0(num_classes=5)).eval()
-    config = model.trainfer_config
-    assert config == {
-        "factory": "trainfer.models:repvgg_a0",
-        "config": {"num_classes": 5},
-        "input_shape": [1, 3, 224, 224],
-    }
+    recipe = trainfer.recipe_of(model)
+    assert recipe == trainfer.ModelRecipe("trainfer.models:repvgg_a0", {"num_classes": 5}, (1, 3, 224, 224))
     models.reparameterize(model)
-    assert json.loads(json.dumps(model.trainfer_config))["config"] == {"num_classes": 5, "deploy": True}
-    factory = getattr(models, config["factory"].split(":")[1])
-    rebuilt = factory(**config["config"]).eval()
+    deployed = trainfer.recipe_of(model)
+    assert json.loads(json.dumps(deployed.to_dict()))["config"] == {"num_classes": 5, "deploy": True}
+    assert recipe.config == {"num_classes": 5}  # a new recipe: the old one is not mutated
+    factory = getattr(models, deployed.factory.split(":")[1])
+    rebuilt = factory(**deployed.config).eval()
     rebuilt.load_state_dict(model.state_dict())  # strict
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(rebuilt(x), model(x))
-    assert models.digits_net().trainfer_config["input_shape"] == [1, 1, 8, 8]
-    assert models.mobileone_s0().trainfer_config["factory"] == "trainfer.models:mobileone_s0"
+    assert trainfer.recipe_of(models.digits_net()).input_shape == (1, 1, 8, 8)
+    assert trainfer.recipe_of(models.mobileone_s0()).factory == "trainfer.models:mobileone_s0"
 
 
 def test_digits_net_has_two_paths_and_folds_to_one_conv_per_block():

@@ -25,6 +25,7 @@ from trainfer.errors import (
 from trainfer.modes.contexts import inference, restore_modes, snapshot_modes, training
 from trainfer.modes.dual import DualModule, infer_path, train_only
 from trainfer.modes.guard import guard
+from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
 from trainfer.registry import register_model
 from trainfer.reparam import algebra
 from trainfer.reparam.deploy import DeployReport, deploy, explain
@@ -57,6 +58,7 @@ __all__ = [
     "LayerRecord",
     "ModeError",
     "ModeWarning",
+    "ModelRecipe",
     "OutputKindWarning",
     "Predictor",
     "PreprocessSpec",
@@ -66,6 +68,7 @@ __all__ = [
     "RuntimeRecord",
     "__version__",
     "algebra",
+    "attach_recipe",
     "export",
     "bench",
     "blocks",
@@ -79,6 +82,7 @@ __all__ = [
     "load",
     "register_model",
     "quantize",
+    "recipe_of",
     "restore_modes",
     "save",
     "snapshot_modes",

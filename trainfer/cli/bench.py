@@ -12,6 +12,7 @@ from torch import nn
 
 from trainfer.bench import FORMS, benchmark
 from trainfer.cli.common import friendly_errors, load_factory, parse_shape, trust_factory_option, trusted
+from trainfer.recipe import recipe_of
 
 DEFAULT_FORMS = "train,reparameterized,plain,deploy"
 
@@ -108,7 +109,7 @@ def command(
 
 
 def _recorded_shape(model: nn.Module, spec: str) -> tuple[int, ...]:
-    shape = (getattr(model, "trainfer_config", None) or {}).get("input_shape")
+    shape = getattr(recipe_of(model), "input_shape", None)
     if not shape:
         raise click.BadParameter(
             f"{spec!r} records no input shape; pass one like 1,3,224,224", param_hint="--input-shape"

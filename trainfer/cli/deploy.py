@@ -7,6 +7,7 @@ nothing written), 2 bad input (unknown model, unreadable weights, shape that doe
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -16,13 +17,14 @@ from tqdm.auto import tqdm
 
 from trainfer.cli.common import friendly_errors, load_factory, parse_shape, trust_factory_option, trusted
 from trainfer.errors import EquivalenceError
+from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
 
 
 def load_model(spec: str, weights: str | None) -> nn.Module:
     """A bundle directory, or ``package.module:factory`` (with an optional checkpoint), as a model.
 
-    A factory model gets ``trainfer_config`` (factory and input shape unknown yet) so that its
-    deploy form can be saved as a bundle that rebuilds itself.
+    A factory model without a recipe gets one naming ``spec`` (input shape unknown yet), so that
+    its deploy form can be saved as a bundle.
     """
     from trainfer.serve.bundle import load
 
@@ -34,14 +36,12 @@ def load_model(spec: str, weights: str | None) -> nn.Module:
     model = load(weights, factory=spec) if weights else factory()
     if not isinstance(model, nn.Module):
         raise click.BadParameter(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
-    if not isinstance(getattr(model, "trainfer_config", None), dict):
-        model.trainfer_config = {"factory": spec, "config": {}, "input_shape": None}
-    return model
+    return model if recipe_of(model) is not None else attach_recipe(model, ModelRecipe(spec))
 
 
 def example_input(model: nn.Module, input_shape: str | None) -> torch.Tensor:
     """A seeded random input of ``--input-shape`` (or the model's recorded shape), in the model's dtype."""
-    recorded = (getattr(model, "trainfer_config", None) or {}).get("input_shape")
+    recorded = getattr(recipe_of(model), "input_shape", None)
     if input_shape is None and not recorded:
         raise click.BadParameter("--input-shape is required (the model records no input shape), e.g. 1,3,224,224")
     shape = parse_shape(input_shape) if input_shape is not None else tuple(recorded)
@@ -78,7 +78,9 @@ def command(
         bar.set_postfix_str("loading")
         model = load_model(model_spec, weights)
         x = example_input(model, input_shape)
-        model.trainfer_config["input_shape"] = model.trainfer_config.get("input_shape") or list(x.shape)
+        recipe = recipe_of(model)
+        if recipe is not None and recipe.input_shape is None:
+            attach_recipe(model, replace(recipe, input_shape=tuple(x.shape)))
         bar.update()
         bar.set_postfix_str("folding and verifying")
         try:

@@ -10,6 +10,7 @@ from torch import nn
 
 from trainfer.analysis.inspection import MODES, inspect
 from trainfer.cli.common import friendly_errors, load_factory, parse_shape, trust_factory_option, trusted
+from trainfer.recipe import recipe_of
 from trainfer.reparam.verify import model_dtype
 
 
@@ -76,7 +77,7 @@ def _load(model_spec: str, input_shape: str | None, train_pass: bool) -> tuple[n
 
     model = load(model_spec, trust_factory=trusted())
     if shape is None:
-        recorded = model.trainfer_config.get("input_shape")
+        recorded = getattr(recipe_of(model), "input_shape", None)
         if not recorded:
             raise click.BadParameter(f"bundle {model_spec} records no input shape; pass --input-shape")
         shape = (max(recorded[0], 2 if train_pass else 1), *recorded[1:])

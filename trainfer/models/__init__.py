@@ -1,12 +1,15 @@
-"""Model families built from trainfer's blocks; every factory records ``model.trainfer_config``."""
+"""Model families built from trainfer's blocks; every factory attaches a :class:`~trainfer.recipe.ModelRecipe`."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from torch import nn
 
 from trainfer.models.digits import DigitsNet, digits_net
 from trainfer.models.mobileone import MobileOne, mobileone_s0
 from trainfer.models.repvgg import RepVGG, repvgg_a0, repvgg_a1, repvgg_a2, repvgg_b0
+from trainfer.recipe import attach_recipe, recipe_of
 from trainfer.registry import register_model
 from trainfer.reparam.blocks import ReparamBlock
 
@@ -35,12 +38,13 @@ __all__ = [
 def reparameterize(model: nn.Module) -> nn.Module:
     """Turn every :class:`~trainfer.reparam.blocks.ReparamBlock` in ``model`` into its one-conv form, in place.
 
-    Returns ``model``. Idempotent. Where the model records ``trainfer_config``, its ``deploy``
-    option becomes True, so the recorded factory call rebuilds this form (for bundles).
+    Returns ``model``. Idempotent. Where the model has a recipe (:func:`trainfer.recipe.recipe_of`),
+    it gets a new one whose config says ``deploy=True``, so the recorded factory call rebuilds this
+    form (for bundles).
     """
     for block in [module for module in model.modules() if isinstance(module, ReparamBlock)]:
         block.reparameterize()
-    config = getattr(model, "trainfer_config", None)
-    if config is not None:
-        config["config"]["deploy"] = True
+    recipe = recipe_of(model)
+    if recipe is not None:
+        attach_recipe(model, dataclasses.replace(recipe, config={**recipe.config, "deploy": True}))
     return model

@@ -6,8 +6,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from trainfer.models.config import record_config
 from trainfer.modes.dual import DualModule, train_only
+from trainfer.recipe import ModelRecipe, attach_recipe
 from trainfer.reparam.blocks import DiverseBranchBlock, RepVGGBlock
 
 
@@ -42,4 +42,4 @@ class DigitsNet(DualModule):
 def digits_net(num_classes: int = 10, **options: Any) -> DigitsNet:
     """A :class:`DigitsNet`; ``options``: ``width``, ``dropout``, ``deploy``."""
     config = {"num_classes": num_classes, **options}
-    return record_config(DigitsNet(**config), "trainfer.models:digits_net", config, [1, 1, 8, 8])
+    return attach_recipe(DigitsNet(**config), ModelRecipe("trainfer.models:digits_net", config, (1, 1, 8, 8)))

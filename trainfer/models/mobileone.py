@@ -8,8 +8,9 @@ from typing import Any
 
 from torch import nn
 
-from trainfer.models.config import record_config
+from trainfer.recipe import ModelRecipe, attach_recipe
 from trainfer.reparam.blocks import MobileOneBlock
+from trainfer.reparam.blocks.activations import recordable_activation
 
 BASE_WIDTHS = (64, 128, 256, 512)
 
@@ -63,4 +64,5 @@ def mobileone_s0(num_classes: int = 1000, **options: Any) -> MobileOne:
     """MobileOne-S0: blocks (2, 8, 10, 1), width multipliers (0.75, 1, 1, 2), 4 kxk branches."""
     config = {"num_classes": num_classes, **options}
     model = MobileOne((2, 8, 10, 1), (0.75, 1.0, 1.0, 2.0), num_conv_branches=4, **config)
-    return record_config(model, "trainfer.models:mobileone_s0", config, [1, config.get("in_channels", 3), 224, 224])
+    shape = (1, config.get("in_channels", 3), 224, 224)
+    return attach_recipe(model, ModelRecipe("trainfer.models:mobileone_s0", recordable_activation(config), shape))

@@ -8,8 +8,9 @@ from typing import Any
 
 from torch import nn
 
-from trainfer.models.config import record_config
+from trainfer.recipe import ModelRecipe, attach_recipe
 from trainfer.reparam.blocks import RepVGGBlock
+from trainfer.reparam.blocks.activations import ActLayer, recordable_activation
 
 BASE_WIDTHS = (64, 128, 256, 512)
 
@@ -19,6 +20,8 @@ class RepVGG(nn.Sequential):
     widths ``64 a, 128 a, 256 a, 512 b`` each opening with stride 2, global average pool, linear.
 
     ``num_blocks`` are the blocks per stage 1-4 and ``width_multipliers`` is ``(a, b)``.
+    ``act_layer`` is each block's activation (a name of
+    :data:`~trainfer.reparam.blocks.activations.ACTIVATIONS` or a module class; the recipe records the name).
     ``deploy=True`` builds every block in its single-conv form (for loading deploy checkpoints).
     """
 
@@ -30,11 +33,12 @@ class RepVGG(nn.Sequential):
         *,
         in_channels: int = 3,
         use_se: bool = False,
+        act_layer: ActLayer = "relu",
         deploy: bool = False,
     ) -> None:
         a, b = width_multipliers
         widths = [int(base * m) for base, m in zip(BASE_WIDTHS, (a, a, a, b))]
-        options = {"use_se": use_se, "deploy": deploy}
+        options = {"use_se": use_se, "act_layer": act_layer, "deploy": deploy}
         planes = min(64, int(64 * a))
         layers: OrderedDict[str, nn.Module] = OrderedDict(stage0=RepVGGBlock(in_channels, planes, 3, 2, **options))
         for index, (count, width) in enumerate(zip(num_blocks, widths), start=1):
@@ -51,7 +55,8 @@ class RepVGG(nn.Sequential):
 
 def _repvgg(name: str, num_blocks: Sequence[int], width_multipliers: Sequence[float], **config: Any) -> RepVGG:
     model = RepVGG(num_blocks, width_multipliers, **config)
-    return record_config(model, f"trainfer.models:{name}", config, [1, config.get("in_channels", 3), 224, 224])
+    shape = (1, config.get("in_channels", 3), 224, 224)
+    return attach_recipe(model, ModelRecipe(f"trainfer.models:{name}", recordable_activation(config), shape))
 
 
 def repvgg_a0(num_classes: int = 1000, **options: Any) -> RepVGG:

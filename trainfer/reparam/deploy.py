@@ -22,7 +22,7 @@ each region folded, what was kept and why, what was removed, counts before/after
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ from torch import nn
 from trainfer.errors import EquivalenceError, InputError, InputTypeError
 from trainfer.numerics import TOLERANCE
 from trainfer.opcount import BATCH_NORM_OPS, count_aten_ops
+from trainfer.recipe import attach_recipe, recipe_of
 from trainfer.reparam.fold import FoldedRegion, FoldLog, fold
 from trainfer.reparam.protocols import ProtocolLog, apply_protocols
 from trainfer.reparam.verify import Equivalence, as_arguments, model_dtype, verify
@@ -225,9 +226,9 @@ def _deploy(
             reference, deployed, checked, rtol=rtol, atol=atol, dtypes=(dtype,), pairs=pairs, opaque=converted
         )
     _blame_inexact_protocols(report, calls)
-    config = getattr(model, "trainfer_config", None)
-    if isinstance(config, dict):
-        deployed.trainfer_config = {**config, "form": "deploy", "deploy_options": report.options}
+    recipe = recipe_of(model)
+    if recipe is not None:
+        attach_recipe(deployed, replace(recipe, form="deploy", deploy_options=report.options))
     deployed.trainfer_report = report
     return deployed, report
 

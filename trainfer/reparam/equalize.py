@@ -34,6 +34,7 @@ from torch import Tensor, fx, nn
 
 from trainfer.errors import EquivalenceError, InputError
 from trainfer.numerics import TOLERANCE
+from trainfer.recipe import attach_recipe, recipe_of
 from trainfer.reparam.verify import Equivalence, as_arguments, model_dtype, verify
 
 __all__ = ["EqualizedPair", "EqualizationReport", "equalize", "find_pairs"]
@@ -208,9 +209,9 @@ def equalize(
         after = _spread(_output_ranges(modules[pair[0]]))
         report.pairs.append(EqualizedPair(*pair, len(s), before[pair], after, float(s.min()), float(s.max())))
     result = copy.deepcopy(working).to(dtype)
-    for key in ("trainfer_config", "trainfer_report"):
-        if hasattr(model, key):
-            setattr(result, key, copy.copy(getattr(model, key)))
+    attach_recipe(result, recipe_of(model))
+    if hasattr(model, "trainfer_report"):
+        result.trainfer_report = copy.copy(model.trainfer_report)
     if verify_result:
         _verify(model, working, result, arguments, dtype, report)
     return result, report

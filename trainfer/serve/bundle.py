@@ -6,21 +6,23 @@ A bundle is a directory::
       model.safetensors   the state dict (safetensors: tensors only, no code)
       manifest.json       how to rebuild and serve the model (below)
 
-``manifest.json`` holds ``factory`` (``package.module:function``) and its keyword ``config``;
-``form`` (``train`` or ``deploy``); ``input`` (shape with batch dimension, dtype); ``preprocess``
-(a :class:`~trainfer.serve.preprocess.PreprocessSpec`); ``task``, ``labels`` and ``heads`` (each head's
-output, task, labels, output kind and how the kind was decided); ``output_structure`` (tensor,
-tuple or dict); the ``trainfer``/``torch`` versions; and the weights' file name and sha256.
+``manifest.json`` holds ``factory`` (``package.module:function``) and its keyword ``config``; ``form``
+(``train`` or ``deploy``); for a deploy form traced by ``trainfer.deploy`` (a ``torch.fx.GraphModule``), its
+``architecture`` (:mod:`trainfer.serve.architecture`: the folded graph as declarative JSON over allow-listed
+module types and functions); ``input`` (shape with batch dimension, dtype); ``preprocess`` (a
+:class:`~trainfer.serve.preprocess.PreprocessSpec`); ``task``, ``labels`` and ``heads`` (each head's output,
+task, labels, output kind and how the kind was decided); ``output_structure`` (tensor, tuple or dict); the
+``trainfer``/``torch`` versions; and the weights' file name and sha256.
 
 A manifest is untrusted input: loading validates all of it (:mod:`trainfer.manifest`: types and
 size limits) and calls only a factory the user allowed (:mod:`trainfer.registry`), or one passed
 explicitly; it never imports a module because a manifest names it (``trust_factory=True`` does).
 
-Loading rebuilds the architecture with ``factory(**config)``. A deploy-form bundle is rebuilt by
-re-deriving the deploy architecture: the training form from the factory gets generic BatchNorm
-statistics (:func:`trainfer.testing.randomize_batchnorm`, so folding decisions match a trained
-model) and goes through ``trainfer.deploy(..., verify=False)`` on inputs of the manifest's shape;
-the deploy weights are then loaded into it with strict key and shape checks.
+Loading rebuilds the architecture with ``factory(**config)``, or, when the manifest holds an
+``architecture``, from that description alone (no factory is imported or called; the modules are
+built on the meta device, so nothing is allocated before the weights pass the strict key and shape
+checks). A deploy form without an ``architecture`` (blocks ``reparameterize()``d in place) is
+built by its factory, whose recorded config then says ``deploy=True``.
 
 Saving is atomic: the bundle is written into a temporary directory beside the target, which then
 replaces the previous bundle; an interrupted save leaves the previous bundle intact.
@@ -39,19 +41,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from trainfer.atomic import atomic_directory, fsync_file, recover
 from trainfer.errors import BundleError, BundleWarning
+from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
 from trainfer.registry import ENTRY_POINT_GROUP, factory_name
 from trainfer.registry import allowed_factory as allowed_factory_named
+from trainfer.serve.architecture import describe, rebuild
 from trainfer.serve.outputs import Head, Selector, describe_structure, resolve_heads
 from trainfer.serve.preprocess import PreprocessSpec
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 FORMAT = "trainfer-bundle"
-FORMAT_VERSION = 1
+#: 2: deploy forms carry their ``architecture``; a version-1 deploy-form bundle built by
+#: ``trainfer.deploy`` (rebuilt by replaying the fold) is refused with a message to re-save it.
+FORMAT_VERSION = 2
 CHECKPOINT_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
 MAX_MANIFEST_BYTES = 16 * 2**20
 #: A manifest's config may build at most this many times the weight elements its bundle stores
@@ -93,15 +99,11 @@ def save(
 ) -> Path:
     """Write ``model`` as a bundle directory at ``path`` (atomically) and return the path.
 
-    ``factory``/``config``/input shape default to ``model.trainfer_config`` (trainfer's own models
-    and deploy forms carry it). Output kinds not given are detected from the traced eval graph.
-    The model is not modified (its modes are restored).
+    ``factory``/``config``/input shape default to the model's recipe (:func:`trainfer.recipe_of`:
+    trainfer's own models and deploy forms carry one). A deploy form that ``trainfer.deploy`` traced
+    records its architecture and needs no factory. Output kinds not given are detected from the
+    traced eval graph. The model is not modified (its modes are restored).
     """
-    if not (factory or (getattr(model, "trainfer_config", None) or {}).get("factory")):
-        raise BundleError(
-            "save needs factory='package.module:function' (a callable that rebuilds the architecture) "
-            f"for a {type(model).__name__}; trainfer's own models carry it in model.trainfer_config"
-        )
     manifest = build_manifest(
         model,
         factory=factory,
@@ -114,6 +116,12 @@ def save(
         output=output,
         heads=heads,
     )
+    if not (manifest["factory"] or manifest["architecture"]):
+        raise BundleError(
+            "save needs factory='package.module:function' (a callable that rebuilds the architecture) "
+            f"for a {type(model).__name__}; trainfer's own models carry it in their recipe, and a deploy form "
+            "from trainfer.deploy records its architecture"
+        )
     state = _tensors_to_save(model)
     target = Path(path)
     if target.exists() and not (target / MANIFEST_FILE).is_file():
@@ -144,9 +152,9 @@ def build_manifest(
     """
     from trainfer.modes.contexts import inference
 
-    known = dict(getattr(model, "trainfer_config", None) or {})
-    factory = factory or known.get("factory")
-    config = dict(config if config is not None else known.get("config") or {})
+    known = recipe_of(model)
+    factory = factory or getattr(known, "factory", None)
+    config = dict(config if config is not None else getattr(known, "config", {}))
     _check_json(config, "config")
     example = _example_inputs(model, example_inputs, known, preprocess)
     first = example[0] if example else None
@@ -155,13 +163,15 @@ def build_manifest(
     with inference(model):
         structure = describe_structure(model(*example)) if example else None
         resolved = resolve_heads(model, task, labels, output, heads, output_kind, example or None)
+    form = _form(model, known)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "factory": factory,
         "config": config,
-        "form": _form(model, known),
+        "form": form,
         "deploy_options": _deploy_options(model, known),
+        "architecture": describe(model) if form == "deploy" and isinstance(model, fx.GraphModule) else None,
         "input": {"shape": [1, *first.shape[1:]] if first is not None else None, "dtype": spec.dtype},
         "preprocess": spec.to_dict(),
         "task": resolved[0].task if heads is None else "multi-head",
@@ -172,23 +182,25 @@ def build_manifest(
     }
 
 
-def _form(model: nn.Module, known: dict[str, Any]) -> str:
-    """``deploy`` for deploy forms (``trainfer_config["form"]``, or the report ``trainfer.deploy`` attaches)."""
-    return known.get("form") or ("deploy" if hasattr(model, "trainfer_report") else "train")
+def _form(model: nn.Module, known: ModelRecipe | None) -> str:
+    """``deploy`` for deploy forms (the recipe's form, or the report ``trainfer.deploy`` attaches)."""
+    if known is not None:
+        return known.form
+    return "deploy" if hasattr(model, "trainfer_report") else "train"
 
 
-def _deploy_options(model: nn.Module, known: dict[str, Any]) -> dict[str, Any]:
-    """The options ``trainfer.deploy`` ran with (``{}`` for training forms): replayed on load."""
+def _deploy_options(model: nn.Module, known: ModelRecipe | None) -> dict[str, Any]:
+    """The options ``trainfer.deploy`` ran with (``{}`` for training forms), for the record."""
     report = getattr(model, "trainfer_report", None)
-    return dict(known.get("deploy_options") or getattr(report, "options", None) or {})
+    return dict(getattr(known, "deploy_options", None) or getattr(report, "options", None) or {})
 
 
-def _example_inputs(model: nn.Module, given: Any, known: dict[str, Any], preprocess: Any) -> tuple[Tensor, ...]:
+def _example_inputs(model: nn.Module, given: Any, known: ModelRecipe | None, preprocess: Any) -> tuple[Tensor, ...]:
     """The example inputs as a tuple: given, or random of the known input shape, or empty."""
     if given is not None:
         return tuple(given) if isinstance(given, tuple | list) else (given,)
     spec = PreprocessSpec.coerce(preprocess)
-    shape = known.get("input_shape") or ([1, *spec.input_shape] if spec.input_shape is not None else None)
+    shape = getattr(known, "input_shape", None) or ([1, *spec.input_shape] if spec.input_shape is not None else None)
     if shape is None:
         return ()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -290,16 +302,20 @@ def check_manifest(data: Any, source: str, *, bundle: bool = True) -> dict[str, 
     from trainfer.serve import manifest as schema
 
     version = data.get("format_version") if isinstance(data, dict) else None
-    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
-        raise BundleError(f"{source} has format_version {version}; this trainfer reads up to {FORMAT_VERSION}")
     newer = _newer_writer(data)
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise BundleError(
+            f"{source} has format_version {version}; this trainfer reads up to {FORMAT_VERSION}"
+            f"{newer and f' (written by trainfer {newer}): upgrade trainfer to load it'}"
+        )
     try:
         manifest = schema.validate(data, source)
     except BundleError as error:
         raise BundleError(f"{error}{newer and f' (the bundle was written by a newer trainfer: {newer})'}") from None
     if newer:
         warnings.warn(f"{source} was written by a newer trainfer: {newer}", BundleWarning, stacklevel=3)
-    missing = [key for key in ("factory", "weights") if bundle and getattr(manifest, key) is None]
+    needed = ("weights",) if manifest.architecture is not None else ("factory", "weights")
+    missing = [key for key in needed if bundle and getattr(manifest, key) is None]
     if missing:
         raise BundleError(f"invalid manifest {source}: {', '.join(missing)}: required in a bundle (found null)")
     if manifest.preprocess is None:
@@ -362,20 +378,24 @@ def load(
         state = _read_bundle_weights(path if path.is_dir() else path.parent, manifest)
     stored = sum(value.numel() for value in state.values())
     model = build_model(manifest, _floating_dtype(state), factory=factory, trust_factory=trust_factory, stored=stored)
+    described = manifest.get("architecture") is not None
     try:
-        load_state_dict(model, state, source=str(path))
+        load_state_dict(model, state, source=str(path), assign=described)
     except BundleError as error:
-        raise BundleError(
-            f"{error} (the architecture comes from the manifest's factory {manifest['factory']!r}, "
-            f"config {manifest['config']} and form {manifest['form']!r})"
-        ) from None
-    model.trainfer_config = {
-        "factory": manifest["factory"],
-        "config": manifest["config"],
-        "input_shape": manifest["input"].get("shape"),
-        "form": manifest["form"],
-        "deploy_options": manifest.get("deploy_options") or {},
-    }
+        origin = (
+            "the manifest's architecture"
+            if described
+            else f"the manifest's factory {manifest['factory']!r}, config {manifest['config']}"
+        )
+        raise BundleError(f"{error} (the architecture comes from {origin})") from None
+    recipe = ModelRecipe(
+        manifest["factory"],
+        manifest["config"],
+        manifest["input"].get("shape"),
+        manifest["form"],
+        manifest.get("deploy_options") or {},
+    )
+    attach_recipe(model, recipe)
     if manifest["form"] == "deploy":
         model.eval()  # an inference form is used in eval mode (a factory builds in train mode)
     return model
@@ -513,24 +533,29 @@ def build_model(
 ) -> nn.Module:
     """The architecture a manifest describes (train or deploy form), with fresh weights, on CPU.
 
-    The factory is chosen by :func:`allowed_factory` (``factory``/``trust_factory`` as there).
-    With ``stored`` (the number of weight elements the bundle holds), the factory first runs on
-    the meta device: an architecture over ``MAX_GROWTH`` times ``stored`` is refused before any
-    memory is allocated. A failure of the factory or of the deploy derivation (caused by the
-    manifest's config or input shape) is a :class:`BundleError`.
+    A manifest holding an ``architecture`` is rebuilt from it alone, on the meta device (load the weights with
+    ``assign=True``); otherwise the factory is chosen by :func:`allowed_factory`
+    (``factory``/``trust_factory`` as there). With ``stored`` (the number of weight elements the bundle
+    holds), the factory first runs on the meta device: an architecture over ``MAX_GROWTH`` times ``stored`` is
+    refused before any memory is allocated. A failure of the factory or of the deploy derivation (caused by
+    the manifest's config) is a :class:`BundleError`.
     """
+    if manifest["form"] not in ("train", "deploy"):
+        raise BundleError(f"unknown bundle form {manifest['form']!r}: expected 'train' or 'deploy'")
+    if manifest.get("architecture") is not None:
+        return rebuild(manifest["architecture"], "manifest")
     name, config = manifest["factory"], manifest["config"]
+    if manifest["form"] == "deploy" and config.get("deploy") is not True:
+        raise BundleError(
+            f"this deploy-form bundle records no architecture and its factory {name!r} is not told deploy=True: "
+            "it was written by trainfer 0.x with format_version 1, whose deploy forms were rebuilt by replaying "
+            "the fold; load its training form and save trainfer.deploy(...) again with this trainfer"
+        )
     build = allowed_factory(name, factory, trust_factory)
     if stored is not None:
         _check_size(build, name, config, stored)
     model = _call_factory(build, name, config)
-    if dtype is not None:
-        model = model.to(dtype)
-    if manifest["form"] == "deploy":
-        model = _deploy_architecture(model, manifest)
-    elif manifest["form"] != "train":
-        raise BundleError(f"unknown bundle form {manifest['form']!r}: expected 'train' or 'deploy'")
-    return model
+    return model.to(dtype) if dtype is not None else model
 
 
 def _call_factory(build: Callable[..., Any], name: str, config: Mapping[str, Any]) -> nn.Module:
@@ -561,24 +586,14 @@ def _check_size(build: Callable[..., Any], name: str, config: Mapping[str, Any],
         )
 
 
-def _deploy_architecture(train_form: nn.Module, manifest: Mapping[str, Any]) -> nn.Module:
-    from trainfer.reparam.deploy import deploy
-    from trainfer.testing import randomize_batchnorm
+def load_state_dict(
+    model: nn.Module, state: Mapping[str, Tensor], source: str = "the checkpoint", *, assign: bool = False
+) -> None:
+    """Load ``state`` into ``model`` strictly; mismatches raise :class:`BundleError` listing every name.
 
-    shape = manifest["input"].get("shape")
-    if not shape:
-        raise BundleError("input.shape: a deploy-form bundle needs the input shape to rebuild its architecture")
-    randomize_batchnorm(train_form)
-    dtype = next((p.dtype for p in train_form.parameters() if p.is_floating_point()), torch.float32)
-    options = manifest.get("deploy_options") or {}
-    try:
-        return deploy(train_form, torch.randn(*shape, dtype=dtype), verify=False, **options)
-    except Exception as error:  # e.g. an input shape the architecture cannot take
-        raise BundleError(f"input.shape: cannot rebuild the deploy form on inputs of shape {shape}: {error}") from error
-
-
-def load_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str = "the checkpoint") -> None:
-    """Load ``state`` into ``model`` strictly; mismatches raise :class:`BundleError` listing every name."""
+    ``assign=True`` (a model built on the meta device) makes the loaded tensors the model's own;
+    a tensor ``state`` does not provide then stays on the meta device and is refused.
+    """
     expected = model.state_dict()
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
@@ -594,4 +609,7 @@ def load_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str =
     ]
     if problems:
         raise BundleError(f"weights in {source} do not fit {type(model).__name__}: " + "; ".join(problems))
-    model.load_state_dict(dict(state), strict=True)
+    model.load_state_dict(dict(state), strict=True, assign=assign)
+    unloaded = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if unloaded:
+        raise BundleError(f"weights in {source} leave {type(model).__name__} tensors unset: {', '.join(unloaded)}")

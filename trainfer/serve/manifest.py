@@ -118,7 +118,7 @@ class OutputStructure(_Schema):
 
 
 class DeployOptions(_Schema):
-    """The keyword options ``trainfer.deploy`` ran with, replayed to rebuild a deploy form."""
+    """The keyword options ``trainfer.deploy`` ran with (a record; the ``architecture`` rebuilds the form)."""
 
     protocols: bool = True
 
@@ -156,6 +156,8 @@ class Manifest(_Schema):
     config: dict[Annotated[str, Field(max_length=MAX_TEXT)], Any]
     form: Literal["train", "deploy"]
     deploy_options: DeployOptions = DeployOptions()
+    #: A deploy form's graph (:mod:`trainfer.serve.architecture` validates it field by field on load).
+    architecture: dict[Annotated[str, Field(max_length=MAX_TEXT)], Any] | None = None
     input: InputSpec
     preprocess: Preprocess | None = None
     task: Literal[(*TASKS, "multi-head")] | None = None

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from trainfer.errors import InputError, InputTypeError, NonFiniteError, OutputKindWarning
 from trainfer.modes.contexts import shared_inference
+from trainfer.recipe import recipe_of
 from trainfer.serve.outputs import Head, Selector, check_output_kind, resolve_heads, select_output, to_scores
 from trainfer.serve.preprocess import PreprocessSpec, gather, iter_raw
 
@@ -508,7 +509,7 @@ def _placed(model: Any, device: torch.device) -> Any:
 
 def _spec_for(model: Any, preprocess: Any) -> PreprocessSpec:
     """The given spec (or an empty one), completed by the model's input shape and parameter dtype."""
-    shape = (getattr(model, "trainfer_config", None) or {}).get("input_shape")
+    shape = getattr(recipe_of(model), "input_shape", None)
     spec = PreprocessSpec.coerce(preprocess, input_shape=tuple(shape[1:]) if shape else None)
     if not isinstance(model, nn.Module):
         return spec

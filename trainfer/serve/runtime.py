@@ -37,7 +37,7 @@ import os
 import platform
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from torch.utils._pytree import tree_map
 from trainfer.atomic import atomic_file
 from trainfer.errors import BundleError, EquivalenceError, InputError, InputTypeError, MissingExtraError
 from trainfer.numerics import TOLERANCE
+from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
 from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over
 from trainfer.serve.outputs import flatten_outputs
 
@@ -303,8 +304,9 @@ def _require(name: str, extra: str) -> Any:
 class CompiledModel:
     """The deploy form served by one runtime: call it on a batch; ``record`` says what and why."""
 
-    def __init__(self, engine: Callable[[Tensor], Any], record: RuntimeRecord, trainfer_config: dict[str, Any]):
-        self.engine, self.record, self.trainfer_config = engine, record, trainfer_config
+    def __init__(self, engine: Callable[[Tensor], Any], record: RuntimeRecord, recipe: ModelRecipe):
+        self.engine, self.record = engine, record
+        attach_recipe(self, recipe)
 
     def __call__(self, batch: Tensor) -> Any:
         return self.engine(batch)
@@ -343,7 +345,7 @@ def _source(model_or_bundle: Any, example_inputs: Tensor | None, workdir: Path) 
     recorded = None
     if isinstance(model_or_bundle, nn.Module):
         model = model_or_bundle
-        shape = (getattr(model, "trainfer_config", None) or {}).get("input_shape")
+        shape = getattr(recipe_of(model), "input_shape", None)
     else:
         model, recorded = load(model_or_bundle), read_manifest(model_or_bundle)
         shape = recorded["input"].get("shape")
@@ -355,8 +357,7 @@ def _source(model_or_bundle: Any, example_inputs: Tensor | None, workdir: Path) 
         given = type(example_inputs).__name__
         raise InputTypeError(f"example_inputs must be a floating-point tensor batch; got {given}")
     example = example_inputs.detach().to("cpu", torch.float32)
-    known = getattr(model, "trainfer_config", None) or {}
-    if known.get("form") != "deploy" and not hasattr(model, "trainfer_report"):
+    if getattr(recipe_of(model), "form", None) != "deploy" and not hasattr(model, "trainfer_report"):
         model = deploy(model.to("cpu"), example)
     model = _carrying_records(copy.deepcopy(model).to("cpu", torch.float32).eval(), model)
     manifest = recorded if recorded is not None else build_manifest(model, example_inputs=example)
@@ -364,11 +365,10 @@ def _source(model_or_bundle: Any, example_inputs: Tensor | None, workdir: Path) 
 
 
 def _carrying_records(copied: nn.Module, original: nn.Module) -> nn.Module:
-    """``copied`` with the original's ``trainfer_config``/``trainfer_report`` (an FX deep copy drops them)."""
-    for key in ("trainfer_config", "trainfer_report"):
-        if hasattr(original, key):
-            setattr(copied, key, copy.deepcopy(getattr(original, key)))
-    return copied
+    """``copied`` with the original's recipe and ``trainfer_report`` (an FX deep copy drops them)."""
+    if hasattr(original, "trainfer_report"):
+        copied.trainfer_report = copy.deepcopy(original.trainfer_report)
+    return attach_recipe(copied, recipe_of(original))
 
 
 def _engine(runtime: str, dtype: str, source: _Source, threads: int) -> Callable[[Tensor], Any]:
@@ -524,8 +524,8 @@ def compile(
         machine_info(),
         _versions(),
     )
-    config = {**(getattr(source.model, "trainfer_config", None) or {}), "input_shape": [1, *source.sample_shape]}
-    return CompiledModel(engines[chosen.name], record, config)
+    recipe = recipe_of(source.model) or ModelRecipe(None, form="deploy")
+    return CompiledModel(engines[chosen.name], record, replace(recipe, input_shape=(1, *source.sample_shape)))
 
 
 def _recorded(model_or_bundle: Any) -> RuntimeRecord:

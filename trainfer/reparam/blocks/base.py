@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -21,10 +21,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from trainfer.errors import InputError
 from trainfer.reparam import algebra
 from trainfer.reparam.algebra import ConvOp
+from trainfer.reparam.blocks.activations import ActLayer, activation_factory
 from trainfer.reparam.blocks.se import SqueezeExcite
 
 Pair = tuple[int, int]
-ActLayer = Callable[[], nn.Module] | None
 
 
 def pair(value: int | Iterable[int], name: str) -> Pair:
@@ -110,7 +110,8 @@ class ReparamBlock(nn.Module):
         self.factory_kwargs = {"device": device, "dtype": dtype}
         self._check()
         self.se = SqueezeExcite(out_channels, **self.factory_kwargs) if use_se else nn.Identity()
-        self.act = act_layer() if act_layer is not None else nn.Identity()
+        make_act = activation_factory(act_layer)
+        self.act = make_act() if make_act is not None else nn.Identity()
         self.reparam = self._conv(out_channels, self.kernel_size, self.padding, bias=True) if deploy else None
 
     def _check(self) -> None:
