@@ -27,7 +27,7 @@ from trainfer.modes.dual import DualModule, infer_path, train_only
 from trainfer.modes.guard import guard
 from trainfer.registry import register_model
 from trainfer.reparam import algebra
-from trainfer.reparam.deploy import DeployReport, deploy, explain
+from trainfer.reparam.deploy import DeployReport, deploy, deploy_report
 from trainfer.reparam.verify import Equivalence, verify
 from trainfer.serve.bundle import load, save
 from trainfer.serve.ensemble import Ensemble
@@ -39,6 +39,12 @@ from trainfer.serve.quantize import QuantizationError, quantize
 from trainfer.serve.runtime import CompiledModel, RuntimeRecord, compile
 
 _moved.install()
+
+
+def __getattr__(name: str) -> object:
+    """Renamed public names (``trainfer.explain`` is :func:`deploy_report`), warned for one release."""
+    return _moved.renamed(globals(), name)
+
 
 __all__ = [
     "AccuracyGate",
@@ -85,6 +91,6 @@ __all__ = [
     "train_only",
     "training",
     "deploy",
-    "explain",
+    "deploy_report",
     "verify",
 ]
