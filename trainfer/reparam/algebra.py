@@ -37,7 +37,6 @@ __all__ = [
     "crop",
     "crop_input",
     "fuse_bn",
-    "fuse_bn_linear",
     "fuse_linear_bn",
     "identity",
     "pad_input",
@@ -194,15 +193,6 @@ def fuse_linear_bn(weight: Tensor, bias: Tensor | None, bn: nn.modules.batchnorm
     return weight * scale_[:, None], bias * scale_ + shift
 
 
-def fuse_bn_linear(bn: nn.modules.batchnorm._NormBase, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """BatchNorm1d followed by Linear: ``W (s x + t) + b = (W s) x + (W t + b)``."""
-    scale_, shift = _bn_affine_of(bn)
-    if scale_.numel() != weight.shape[1]:
-        raise AlgebraError(f"BatchNorm has {scale_.numel()} features, the linear has {weight.shape[1]} inputs")
-    bias = bias if bias is not None else weight.new_zeros(weight.shape[0])
-    return weight * scale_[None, :], weight @ shift + bias
-
-
 # --- Operators that are convolutions in disguise -------------------------------------------------
 
 
@@ -236,16 +226,6 @@ def identity(
     weight = _diagonal_kernel(channels, groups, (kh, kw), fill)
     padding = (dh * (kh // 2), dw * (kw // 2))
     return ConvOp(weight, weight.new_zeros(channels), (1, 1), padding, (dh, dw), groups)
-
-
-def batch_norm(
-    bn: nn.modules.batchnorm._NormBase, kernel_size: int | Sequence[int] = 1, groups: int | None = None
-) -> ConvOp:
-    """BatchNorm alone (e.g. RepVGG's identity branch) as a conv; depthwise by default."""
-    channels = bn.num_features
-    ref = bn.running_mean if bn.running_mean is not None else bn.weight
-    op = identity(channels, kernel_size, groups or channels, dtype=ref.dtype, device=ref.device)
-    return fuse_bn(op, bn)
 
 
 def avg_pool(
