@@ -79,12 +79,14 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             f"{spec.name} moved to {new}; the old path goes in trainfer 0.3", DeprecationWarning, stacklevel=2
         )
         module = importlib.import_module(new)
+        assert module.__spec__ is not None  # the import system gives every imported module one
         self._own_specs[new] = module.__spec__
         return module
 
     def exec_module(self, module: ModuleType) -> None:
         """Nothing to run (the module ran under its new name): give it back its own spec and loader,
         which the import system has just overwritten with the alias's."""
+        assert module.__spec__ is not None  # the alias's, set by the import system
         own = self._own_specs[MOVED[module.__spec__.name]]
         module.__spec__, module.__loader__ = own, own.loader
 

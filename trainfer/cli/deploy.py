@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
@@ -35,7 +36,8 @@ def load_model(spec: str, weights: str | None) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise click.BadParameter(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
     if not isinstance(getattr(model, "trainfer_config", None), dict):
-        model.trainfer_config = {"factory": spec, "config": {}, "input_shape": None}
+        # a plain attribute (torch types module attributes as Tensor | Module only)
+        model.trainfer_config = {"factory": spec, "config": {}, "input_shape": None}  # type: ignore[assignment]
     return model
 
 
@@ -44,7 +46,7 @@ def example_input(model: nn.Module, input_shape: str | None) -> torch.Tensor:
     recorded = (getattr(model, "trainfer_config", None) or {}).get("input_shape")
     if input_shape is None and not recorded:
         raise click.BadParameter("--input-shape is required (the model records no input shape), e.g. 1,3,224,224")
-    shape = parse_shape(input_shape) if input_shape is not None else tuple(recorded)
+    shape = parse_shape(input_shape) if input_shape is not None else tuple(recorded or ())
     from trainfer.reparam.verify import model_dtype
 
     return torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=model_dtype(model))
@@ -78,7 +80,8 @@ def command(
         bar.set_postfix_str("loading")
         model = load_model(model_spec, weights)
         x = example_input(model, input_shape)
-        model.trainfer_config["input_shape"] = model.trainfer_config.get("input_shape") or list(x.shape)
+        config: dict[str, Any] = getattr(model, "trainfer_config", {})  # load_model gives every model one
+        config["input_shape"] = config.get("input_shape") or list(x.shape)
         bar.update()
         bar.set_postfix_str("folding and verifying")
         try:

@@ -76,7 +76,7 @@ def _load(model_spec: str, input_shape: str | None, train_pass: bool) -> tuple[n
 
     model = load(model_spec, trust_factory=trusted())
     if shape is None:
-        recorded = model.trainfer_config.get("input_shape")
+        recorded = (getattr(model, "trainfer_config", None) or {}).get("input_shape")
         if not recorded:
             raise click.BadParameter(f"bundle {model_spec} records no input shape; pass --input-shape")
         shape = (max(recorded[0], 2 if train_pass else 1), *recorded[1:])
