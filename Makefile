@@ -15,7 +15,7 @@ AVX2_KERNELS    := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_I
 # The next torch (a CUDA build of about 5.5 GB, runs on the CPU) with timm beside it: optional checks.
 NEXT   := .venv-next/bin
 
-.PHONY: demo test test-fast test-kernels test-wheel test-torch-next test-timm docs lint bench clean
+.PHONY: demo test test-fast test-kernels test-wheel test-torch-next test-timm docs lint typecheck bench clean
 
 # torch==2.13.0 first (a CPU wheel on local disk); the project's range (torch>=2.13) then installs no other.
 $(BIN)/.installed: pyproject.toml
@@ -34,7 +34,7 @@ $(NEXT)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	$(BIN)/trainfer demo
 
-test: lint $(BIN)/.installed
+test: lint typecheck $(BIN)/.installed
 	$(PYTEST) -n 2
 	$(MAKE) --no-print-directory test-kernels
 
@@ -73,6 +73,10 @@ test-timm: $(NEXT)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports --no-cache
+
+# mypy over the package ([tool.mypy] in pyproject.toml: what it checks and which imports have no types).
+typecheck: $(BIN)/.installed
+	$(BIN)/mypy
 
 bench: $(BIN)/.installed
 	$(BIN)/trainfer bench

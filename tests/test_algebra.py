@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainfer.reparam import algebra as A
+from trainfer.reparam.blocks.base import fold_identity_bn
 from trainfer.testing import assert_close, randomize_batchnorm
 
 DT = torch.float64
@@ -20,7 +21,7 @@ def test_conv_bn_and_parallel_sum_with_identity():
     conv3 = nn.Conv2d(6, 6, 3, 1, 1, groups=2, dtype=DT)
     bn3, bn_id = _bn(6, 1), _bn(6, 2)
     reference = bn3(conv3(x)) + bn_id(x)
-    folded = A.add([A.fuse_bn(A.ConvOp.from_module(conv3), bn3), A.batch_norm(bn_id, 3)])
+    folded = A.add([A.fuse_bn(A.ConvOp.from_module(conv3), bn3), fold_identity_bn(bn_id, 6, (1, 1))])
     assert folded.groups == 2
     assert_close(folded(x), reference)
 

@@ -1,4 +1,4 @@
-"""``trainfer.deploy`` / ``explain``: the whole pipeline, its guarantees and its report."""
+"""``trainfer.deploy`` / ``deploy_report``: the whole pipeline, its guarantees and its report."""
 
 from __future__ import annotations
 
@@ -115,8 +115,17 @@ def test_broken_fold_raises_equivalence_error_naming_the_region(monkeypatch):
     plain = randomize_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
     with pytest.raises(trainfer.EquivalenceError, match=r"first divergence at module '1' \(folded into fused\)"):
         trainfer.deploy(plain, X)
-    report = trainfer.explain(net(), X)  # the same failure, reported instead of raised
+    report = trainfer.deploy_report(net(), X)  # the same failure, reported instead of raised
     assert not report.ok and "FAIL" in str(report)
+
+
+def test_explain_is_the_old_name_of_deploy_report_with_a_warning():
+    """``Predictor.explain`` gives attributions; ``trainfer.explain`` meant the deploy report."""
+    with pytest.warns(DeprecationWarning, match="trainfer.explain is now trainfer.deploy_report"):
+        assert trainfer.explain is trainfer.deploy_report
+    assert "explain" not in trainfer.__all__
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        trainfer.no_such_name  # noqa: B018
 
 
 def test_result_scripts_and_exports_with_tuple_output():

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from agreement import assert_same_classes
 from click.testing import CliRunner
 
 import trainfer
@@ -13,6 +14,7 @@ from trainfer.cli import main
 from trainfer.demo import data
 from trainfer.demo.train import fit
 from trainfer.models import digits_net
+from trainfer.numerics import TOLERANCE, relative_error
 from trainfer.serve.quantize import calibration_inputs
 from trainfer.serve.runtime import QUANTIZATION_FILE, QUANTIZED_FILE
 
@@ -107,7 +109,11 @@ def test_bundle_round_trip_serves_the_int8_form_without_pickle(digits, int8, tmp
     served = trainfer.Predictor.load(path)
     assert isinstance(served.model, trainfer.CompiledModel) and served.model.record.dtype == "int8"
     x = digits["x"][:40]
-    assert [r.index for r in served.predict(x)] == int8(x).argmax(1).tolist()
+    expected = int8(x)
+    assert relative_error(served.model(x), expected) <= TOLERANCE[torch.float32]  # the same int8 file and session
+    raw = digits["test"].pixels[:40].float() * data.PIXEL_SCALE  # what an image file loads as: predict normalizes it
+    classes = torch.tensor([r.index for r in served.predict(raw)])
+    assert_same_classes(torch.nn.functional.one_hot(classes, len(data.LABELS)), expected)
     assert served.labels == data.LABELS
     float_form = trainfer.Predictor.load(path, runtime="torch")  # the float weights the int8 form came from
     assert (float_form.model.record.runtime, float_form.model.record.dtype) == ("torch", "float32")

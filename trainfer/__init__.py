@@ -28,7 +28,7 @@ from trainfer.modes.guard import guard
 from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
 from trainfer.registry import register_model
 from trainfer.reparam import algebra
-from trainfer.reparam.deploy import DeployReport, deploy, explain
+from trainfer.reparam.deploy import DeployReport, deploy, deploy_report
 from trainfer.reparam.verify import Equivalence, verify
 from trainfer.serve.bundle import load, save
 from trainfer.serve.ensemble import Ensemble
@@ -40,6 +40,12 @@ from trainfer.serve.quantize import QuantizationError, quantize
 from trainfer.serve.runtime import CompiledModel, RuntimeRecord, compile
 
 _moved.install()
+
+
+def __getattr__(name: str) -> object:
+    """Renamed public names (``trainfer.explain`` is :func:`deploy_report`), warned for one release."""
+    return _moved.renamed(globals(), name)
+
 
 __all__ = [
     "AccuracyGate",
@@ -89,6 +95,6 @@ __all__ = [
     "train_only",
     "training",
     "deploy",
-    "explain",
+    "deploy_report",
     "verify",
 ]

@@ -4,6 +4,7 @@
 object, so ``mock.patch("trainfer.predict.x")`` patches the real one) and a ``DeprecationWarning``
 naming the new path. ``trainfer.deploy``, ``verify``, ``audit``, ``guard``, ``export`` and
 ``quantize`` are not here: those names are the functions, and no module shadows them any more.
+Public names of ``trainfer`` that were renamed (:data:`RENAMED`) resolve the same way, with a warning.
 """
 
 from __future__ import annotations
@@ -41,6 +42,22 @@ MOVED = {
         "report": "demo.report",
     }.items()
 }
+
+
+#: Old public name of ``trainfer`` -> its new name (same object). Each entry goes in the release after next.
+RENAMED = {"explain": "deploy_report"}  # trainfer.explain gave the deploy report; Predictor.explain gives attributions
+
+
+def renamed(namespace: dict[str, object], name: str) -> object:
+    """``namespace[RENAMED[name]]`` with a ``DeprecationWarning`` naming the new name (a package's ``__getattr__``)."""
+    if name not in RENAMED:
+        raise AttributeError(f"module 'trainfer' has no attribute {name!r}")
+    warnings.warn(
+        f"trainfer.{name} is now trainfer.{RENAMED[name]}; the old name goes in trainfer 0.3",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return namespace[RENAMED[name]]
 
 
 class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):

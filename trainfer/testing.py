@@ -34,12 +34,14 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
-            if not isinstance(module, nn.modules.batchnorm._NormBase) or module.running_mean is None:
+            if not isinstance(module, nn.modules.batchnorm._NormBase):
+                continue
+            if module.running_mean is None or module.running_var is None:
                 continue
             shape = module.running_mean.shape
             module.running_mean.copy_(torch.randn(shape, generator=generator) * 0.5)
             module.running_var.copy_(_uniform(shape, 0.5, 2.0, generator))
-            if module.weight is not None:
+            if module.weight is not None and module.bias is not None:  # affine: both
                 module.weight.copy_(_uniform(shape, 0.5, 1.5, generator))
                 module.bias.copy_(torch.randn(shape, generator=generator) * 0.5)
             if module.num_batches_tracked is not None:

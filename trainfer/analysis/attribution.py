@@ -173,6 +173,8 @@ def _saliency(attr: ModuleType, forward: Callable, batch: Tensor, target: Any, o
 def _occlusion(attr: ModuleType, forward: Callable, batch: Tensor, target: Any, options: dict) -> Tensor:
     """Windows of ``C x k x k`` (``k`` about an eighth of the image side, half-overlapping) or single columns."""
     sample = batch.shape[1:]
+    window: tuple[int, ...]
+    strides: tuple[int, ...] | int
     if len(sample) == 3:
         side = max(1, round(min(sample[1:]) / 8))
         window, strides = (sample[0], side, side), (sample[0], max(1, side // 2), max(1, side // 2))

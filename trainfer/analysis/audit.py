@@ -152,7 +152,7 @@ def _mismatch_findings(model: nn.Module) -> list[Finding]:
 def _batchnorm_findings(model: nn.Module) -> list[Finding]:
     findings = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase) and module.running_mean is not None:
+        if isinstance(module, nn.modules.batchnorm._NormBase):
             reason = _untrained_reason(module)
             if reason is not None:
                 findings.append(Finding("untrained-batchnorm", name, type(module).__name__, reason))
@@ -160,10 +160,13 @@ def _batchnorm_findings(model: nn.Module) -> list[Finding]:
 
 
 def _untrained_reason(norm: nn.modules.batchnorm._NormBase) -> str | None:
-    """Why ``norm``'s running statistics look never updated, or ``None`` if they look trained."""
-    if nn.parameter.is_lazy(norm.running_mean):
+    """Why ``norm``'s running statistics look never updated, or ``None`` if they look trained (or it keeps none)."""
+    mean, var = norm.running_mean, norm.running_var
+    if mean is None or var is None:
+        return None
+    if nn.parameter.is_lazy(mean):
         return "running statistics not even allocated yet (lazy module never ran): never trained"
-    if bool((norm.running_mean == 0).all() and (norm.running_var == 1).all()):
+    if bool((mean == 0).all() and (var == 1).all()):
         return "running statistics at their initial values (mean 0, var 1): never trained, or not loaded"
     if norm.num_batches_tracked is not None and int(norm.num_batches_tracked) == 0:
         return "num_batches_tracked is 0 though the statistics are set: loaded from a checkpoint without it?"

@@ -20,7 +20,7 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,9 +61,10 @@ class Stats:
         finite = torch.isfinite(values)
         kept = values[finite]
         kept = (kept.abs() if kept.is_complex() else kept).double()
-        summary: list[float | None] = [None] * 4
+        summary: tuple[float | None, float | None, float | None, float | None] = (None, None, None, None)
         if kept.numel():
-            summary = torch.stack([kept.mean(), kept.std(correction=0), kept.min(), kept.max()]).tolist()
+            mean, std, low, high = torch.stack([kept.mean(), kept.std(correction=0), kept.min(), kept.max()]).tolist()
+            summary = (mean, std, low, high)
         zeros = float((values == 0).sum()) / values.numel() if values.numel() else 0.0
         nonfinite = values.numel() - int(finite.sum())
         return cls(tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), *summary, zeros, nonfinite)
@@ -257,6 +258,7 @@ def _tensor_leaves(output: Any, path: str = "") -> list[tuple[str, Tensor]]:
     """The tensors inside an output, with paths ``[i]`` / ``[key]`` into tuples, lists and dicts."""
     if isinstance(output, Tensor):
         return [(path, output)]
+    items: Iterable[tuple[Any, Any]]
     if isinstance(output, dict):
         items = output.items()
     elif isinstance(output, list | tuple):

@@ -9,6 +9,7 @@ print and plot.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -71,7 +72,7 @@ def plain_form(model: nn.Module, example_inputs: tuple[Tensor, ...]) -> nn.Modul
     layers: list[nn.Module] = []
     for module in called.values():
         parts = [module.reparam, module.se, module.act] if isinstance(module, ReparamBlock) else [module]
-        layers += [part for part in parts if not isinstance(part, nn.Identity)]
+        layers += [part for part in parts if part is not None and not isinstance(part, nn.Identity)]
     plain = nn.Sequential(*layers).eval()
     try:
         with torch.no_grad():
@@ -259,7 +260,7 @@ def benchmark(
     results = []
     for form_name, form in built.items():
         with torch.inference_mode():
-            memory = peak_memory(lambda form=form: form(many), many.device)
+            memory = peak_memory(functools.partial(form, many), many.device)
         parameters, macs = count_parameters(form), count_macs(form, one)
         results.append(
             FormResult(form_name, latency[form_name], batch_latency[form_name], batch_size, parameters, macs, memory)

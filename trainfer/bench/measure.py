@@ -17,7 +17,7 @@ import math
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -228,7 +228,7 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None)
 
 
 def time_forms(
-    forms: dict[str, Callable[..., Any]],
+    forms: Mapping[str, Callable[..., Any]],
     inputs: Tensor | Sequence[Any],
     *,
     rounds: int = 5,

@@ -44,7 +44,7 @@ def example_input(model: nn.Module, input_shape: str | None) -> torch.Tensor:
     recorded = getattr(recipe_of(model), "input_shape", None)
     if input_shape is None and not recorded:
         raise click.BadParameter("--input-shape is required (the model records no input shape), e.g. 1,3,224,224")
-    shape = parse_shape(input_shape) if input_shape is not None else tuple(recorded)
+    shape = parse_shape(input_shape) if input_shape is not None else tuple(recorded or ())
     from trainfer.reparam.verify import model_dtype
 
     return torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=model_dtype(model))

@@ -9,6 +9,9 @@ import torch
 from trainfer.cli.common import friendly_errors
 from trainfer.serve.gate import AccuracyGate
 
+#: ``--equalize`` -> the ``equalize`` argument of :func:`trainfer.quantize`.
+EQUALIZE: dict[str, bool | str] = {"auto": "auto", "on": True, "off": False}
+
 DATA_HELP = (
     "raw inputs: a .npy, .csv or image file, or a directory of images/.npy files (preprocessed as the manifest says)"
 )
@@ -24,7 +27,7 @@ DATA_HELP = (
 @click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), default=0.005, show_default=True, help="Fraction.")
 @click.option("--max-rel-error", type=click.FloatRange(min=0), default=None, help="Limit on max rel output error.")
 @click.option("--max-float-layers", type=click.IntRange(min=0), default=None, help="Default: half the layers.")
-@click.option("--equalize", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
+@click.option("--equalize", type=click.Choice(list(EQUALIZE)), default="auto", show_default=True)
 @click.option(
     "--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True
 )
@@ -53,7 +56,7 @@ def command(
         validation=validation,
         labels=targets,
         gate=AccuracyGate(min_agreement, max_accuracy_drop, max_rel_error),
-        equalize={"auto": "auto", "on": True, "off": False}[equalize],
+        equalize=EQUALIZE[equalize],
         max_float_layers=max_float_layers,
         calibration=calibration_method,
     )

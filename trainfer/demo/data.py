@@ -171,7 +171,9 @@ def loaders(batch_size: int = 64, seed: int = 0, subset: int | None = None, eval
     """
     parts = splits()
     dataset = DigitsDataset(parts["train"].head(subset), augment=True, seed=seed)
-    sampler = DistributedSampler(dataset, distributed.world_size(), distributed.rank(), shuffle=True, seed=seed)
+    sampler: DistributedSampler[int] = DistributedSampler(
+        dataset, distributed.world_size(), distributed.rank(), shuffle=True, seed=seed
+    )
     train = DataLoader(dataset, batch_size, sampler=sampler)
     return Loaders(train, _eval_loader(parts["val"], eval_batch_size), _eval_loader(parts["test"], eval_batch_size))
 

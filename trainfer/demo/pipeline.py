@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +48,7 @@ from trainfer.errors import InputError, ModeWarning
 from trainfer.modes.contexts import inference
 from trainfer.modes.guard import guard
 from trainfer.numerics import relative_error
-from trainfer.reparam.deploy import deploy
+from trainfer.reparam.deploy import DeployReport, deploy
 from trainfer.serve import distributed
 from trainfer.serve.bundle import load, save
 from trainfer.serve.export import export, load_onnx
@@ -238,7 +238,7 @@ def _deploy(trained: nn.Module, inputs: Tensor, results: dict, echo: Callable[[s
     """``trainfer.deploy`` by the automatic folder alone (``protocols=False``: the blocks' own
     ``reparameterize`` is not called), verified in float64 and float32 (it raises on a mismatch)."""
     deployed = deploy(trained, (inputs[:8],), protocols=False).eval()
-    report = deployed.trainfer_report
+    report = cast(DeployReport, deployed.trainfer_report)
     echo(str(report))
     counts = {
         label: {"train": getattr(report.before, name), "deploy": getattr(report.after, name)}
@@ -359,10 +359,10 @@ def _measure(trained: nn.Module, deployed: nn.Module, onnx: Callable | None, inp
     with torch.inference_mode():
         without = peak_memory(lambda: eval_copy(many))
     notes = [] if onnx is not None else ["ONNX Runtime not timed: the export step was skipped (see section 7)."]
-    reference = measured["training form (eval)"]
-    for form in measured.values():  # ratios of figures measured in this one run, interleaved
-        form["speedup_latency"] = reference["latency_ms"] / form["latency_ms"]
-        form["speedup_throughput"] = form["throughput"] / reference["throughput"]
+    reference = "training form (eval)"
+    for name, form in measured.items():  # ratios of figures measured in this one run, interleaved
+        form["speedup_latency"] = latency[reference].median_s / latency[name].median_s
+        form["speedup_throughput"] = bulk[reference].median_s / bulk[name].median_s
     return {
         "forms": measured,
         "batch": len(many),

@@ -172,7 +172,8 @@ def mode_dependence(module: nn.Module) -> tuple[str, str] | None:
         return "dual", "training: forward_train; eval: forward_infer"
     if isinstance(module, TrainOnly):
         return "train_only", f"training: runs {type(module.module).__name__}; eval: skipped, returns None"
-    readers = _methods_reading_training(type(module))
+    # a class is hashable; mypy reads nn.Module's __hash__ as the unbound method and disagrees
+    readers = _methods_reading_training(type(module))  # type: ignore[arg-type]
     if readers:
         return "reads_training", f"{', '.join(readers)} reads self.training"
     return None

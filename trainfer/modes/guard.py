@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from types import FrameType
 from typing import Any
 
 import torch
@@ -119,7 +120,8 @@ def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
 
 def _caller_stacklevel() -> int:
     """The ``stacklevel`` that points a warning at the first frame outside torch.nn and trainfer."""
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and os.path.dirname(frame.f_code.co_filename) in _INTERNAL_DIRS:
         frame, level = frame.f_back, level + 1
     return level

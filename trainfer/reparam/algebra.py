@@ -33,11 +33,11 @@ __all__ = [
     "align_pointwise_dilation",
     "avg_pool",
     "batch_norm_affine",
+    "bn_affine",
     "channel_affine",
     "crop",
     "crop_input",
     "fuse_bn",
-    "fuse_bn_linear",
     "fuse_linear_bn",
     "identity",
     "pad_input",
@@ -97,9 +97,7 @@ class ConvOp:
 
     def __call__(self, x: Tensor) -> Tensor:
         """Apply the operator (used by tests and verification)."""
-        return nn.functional.conv2d(
-            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
-        )
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     @classmethod
     def from_module(cls, conv: nn.Conv2d) -> ConvOp:
@@ -108,7 +106,7 @@ class ConvOp:
             raise AlgebraError(f"only zero padding folds exactly; this conv uses padding_mode={conv.padding_mode!r}")
         padding = conv.padding
         if isinstance(padding, str):
-            padding = _resolve_string_padding(padding, conv.kernel_size, conv.dilation)
+            padding = _resolve_string_padding(padding, _pair(conv.kernel_size), _pair(conv.dilation))
         weight = conv.weight.detach()
         bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(weight.shape[0])
         return cls(weight, bias, _pair(conv.stride), _pair(padding), _pair(conv.dilation), conv.groups)
@@ -147,7 +145,11 @@ def batch_norm_affine(
     return scale_, shift
 
 
-def _bn_affine_of(bn: nn.modules.batchnorm._NormBase) -> tuple[Tensor, Tensor]:
+def bn_affine(bn: nn.modules.batchnorm._NormBase) -> tuple[Tensor, Tensor]:
+    """A BatchNorm module in eval mode as ``(scale, shift)`` (:func:`batch_norm_affine` of its statistics).
+
+    Raises :class:`AlgebraError` for ``track_running_stats=False``: such a module has no fixed affine map.
+    """
     if bn.running_mean is None or bn.running_var is None:
         raise AlgebraError(
             f"{type(bn).__name__} has track_running_stats=False: it normalises with batch statistics "
@@ -158,19 +160,19 @@ def _bn_affine_of(bn: nn.modules.batchnorm._NormBase) -> tuple[Tensor, Tensor]:
     return batch_norm_affine(bn.running_mean, bn.running_var, weight, bias, bn.eps)
 
 
-def channel_affine(op: ConvOp, scale_: Tensor, shift: Tensor | None = None) -> ConvOp:
+def channel_affine(op: ConvOp, scale_: float | Tensor, shift: Tensor | None = None) -> ConvOp:
     """Follow ``op`` by ``y -> scale * y + shift`` per output channel (BatchNorm, layer scale).
 
     ``W' = scale[o] * W[o]`` and ``b' = scale[o] * b[o] + shift[o]``. ``scale`` may be a scalar.
     """
-    scale_ = torch.as_tensor(scale_, dtype=op.weight.dtype, device=op.weight.device)
-    scale_ = scale_.reshape(-1).expand(op.out_channels) if scale_.numel() == 1 else scale_.reshape(-1)
-    if scale_.numel() != op.out_channels:
-        raise AlgebraError(f"channel scale has {scale_.numel()} entries, the conv has {op.out_channels} outputs")
-    bias = op.bias * scale_
+    factor = torch.as_tensor(scale_, dtype=op.weight.dtype, device=op.weight.device)
+    factor = factor.reshape(-1).expand(op.out_channels) if factor.numel() == 1 else factor.reshape(-1)
+    if factor.numel() != op.out_channels:
+        raise AlgebraError(f"channel scale has {factor.numel()} entries, the conv has {op.out_channels} outputs")
+    bias = op.bias * factor
     if shift is not None:
         bias = bias + torch.as_tensor(shift, dtype=bias.dtype, device=bias.device).reshape(-1)
-    return replace(op, weight=op.weight * scale_.reshape(-1, 1, 1, 1), bias=bias)
+    return replace(op, weight=op.weight * factor.reshape(-1, 1, 1, 1), bias=bias)
 
 
 def scale(op: ConvOp, factor: float | Tensor) -> ConvOp:
@@ -182,25 +184,16 @@ def fuse_bn(op: ConvOp, bn: nn.modules.batchnorm._NormBase) -> ConvOp:
     """Conv followed by BatchNorm (any ``_BatchNorm`` incl. ``SyncBatchNorm``) in eval mode."""
     if bn.num_features != op.out_channels:
         raise AlgebraError(f"BatchNorm has {bn.num_features} features, the conv has {op.out_channels} outputs")
-    return channel_affine(op, *_bn_affine_of(bn))
+    return channel_affine(op, *bn_affine(bn))
 
 
 def fuse_linear_bn(weight: Tensor, bias: Tensor | None, bn: nn.modules.batchnorm._NormBase) -> tuple[Tensor, Tensor]:
     """Linear followed by BatchNorm1d: ``W' = scale[:, None] * W``, ``b' = scale * b + shift``."""
-    scale_, shift = _bn_affine_of(bn)
+    scale_, shift = bn_affine(bn)
     if scale_.numel() != weight.shape[0]:
         raise AlgebraError(f"BatchNorm has {scale_.numel()} features, the linear has {weight.shape[0]} outputs")
     bias = bias if bias is not None else weight.new_zeros(weight.shape[0])
     return weight * scale_[:, None], bias * scale_ + shift
-
-
-def fuse_bn_linear(bn: nn.modules.batchnorm._NormBase, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """BatchNorm1d followed by Linear: ``W (s x + t) + b = (W s) x + (W t + b)``."""
-    scale_, shift = _bn_affine_of(bn)
-    if scale_.numel() != weight.shape[1]:
-        raise AlgebraError(f"BatchNorm has {scale_.numel()} features, the linear has {weight.shape[1]} inputs")
-    bias = bias if bias is not None else weight.new_zeros(weight.shape[0])
-    return weight * scale_[None, :], weight @ shift + bias
 
 
 # --- Operators that are convolutions in disguise -------------------------------------------------
@@ -236,16 +229,6 @@ def identity(
     weight = _diagonal_kernel(channels, groups, (kh, kw), fill)
     padding = (dh * (kh // 2), dw * (kw // 2))
     return ConvOp(weight, weight.new_zeros(channels), (1, 1), padding, (dh, dw), groups)
-
-
-def batch_norm(
-    bn: nn.modules.batchnorm._NormBase, kernel_size: int | Sequence[int] = 1, groups: int | None = None
-) -> ConvOp:
-    """BatchNorm alone (e.g. RepVGG's identity branch) as a conv; depthwise by default."""
-    channels = bn.num_features
-    ref = bn.running_mean if bn.running_mean is not None else bn.weight
-    op = identity(channels, kernel_size, groups or channels, dtype=ref.dtype, device=ref.device)
-    return fuse_bn(op, bn)
 
 
 def avg_pool(
@@ -382,10 +365,13 @@ def align_pointwise_dilation(ops: Sequence[ConvOp]) -> list[ConvOp]:
     dilation; aligning it lets a 1x1 branch add to a dilated kxk branch (exact, no change in output).
     """
     target = [next((op.dilation[i] for op in ops if op.kernel_size[i] > 1), 1) for i in range(2)]
-    return [
-        replace(op, dilation=tuple(t if k == 1 else d for t, k, d in zip(target, op.kernel_size, op.dilation)))
-        for op in ops
-    ]
+    return [replace(op, dilation=_dilation_where_pointwise(op, target)) for op in ops]
+
+
+def _dilation_where_pointwise(op: ConvOp, target: Sequence[int]) -> Pair:
+    """``op``'s dilation with ``target``'s in each dimension where ``op`` has one tap."""
+    rows, cols = (t if k == 1 else d for t, k, d in zip(target, op.kernel_size, op.dilation))
+    return (rows, cols)
 
 
 def add(ops: Sequence[ConvOp], names: Sequence[str] | None = None) -> ConvOp:
@@ -525,7 +511,7 @@ def to_conv2d(op: ConvOp, *, bias: bool = True) -> nn.Conv2d:
     )
     with torch.no_grad():
         conv.weight.copy_(op.weight)
-        if bias:
+        if conv.bias is not None:  # bias=True
             conv.bias.copy_(op.bias)
         elif bool(op.bias.any()):
             raise AlgebraError("bias=False requested for an operator with a non-zero bias")

@@ -15,7 +15,7 @@
    model's dtype (1e-5 for float32). A mismatch raises :class:`trainfer.EquivalenceError` naming
    where the forms part; a wrong model is never returned.
 
-The report (:class:`DeployReport`, also ``deployed.trainfer_report`` and :func:`explain`) lists
+The report (:class:`DeployReport`, also ``deployed.trainfer_report`` and :func:`deploy_report`) lists
 each region folded, what was kept and why, what was removed, counts before/after and the errors.
 """
 
@@ -36,7 +36,7 @@ from trainfer.reparam.fold import FoldedRegion, FoldLog, fold
 from trainfer.reparam.protocols import ProtocolLog, apply_protocols
 from trainfer.reparam.verify import Equivalence, as_arguments, model_dtype, verify
 
-__all__ = ["DeployReport", "deploy", "explain"]
+__all__ = ["DeployReport", "deploy", "deploy_report"]
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
@@ -167,7 +167,7 @@ def deploy(
     return deployed
 
 
-def explain(model: nn.Module, example_inputs: Any, *, protocols: bool | str = True) -> DeployReport:
+def deploy_report(model: nn.Module, example_inputs: Any, *, protocols: bool | str = True) -> DeployReport:
     """The :class:`DeployReport` of deploying ``model``, verification errors included (never raises them)."""
     return _deploy(model, example_inputs, False, True, None, None, protocols, None)[1]
 

@@ -216,7 +216,9 @@ def _compare(
     reference: dict[str, Any], candidate: dict[str, Any], dtype: torch.dtype, rtol: float, atol: float
 ) -> Iterator[OutputError]:
     if reference.keys() != candidate.keys():
-        problem = f"output structure differs: reference {sorted(reference)} vs candidate {sorted(candidate)}"
+        problem: str | None = (
+            f"output structure differs: reference {sorted(reference)} vs candidate {sorted(candidate)}"
+        )
         yield OutputError("output", dtype, _INF, _INF, 1.0, rtol, atol, problem)
         return
     for path, expected in reference.items():

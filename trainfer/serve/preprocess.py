@@ -53,7 +53,6 @@ __all__ = [
     "iter_raw",
     "load_image",
     "load_npy",
-    "load_raw",
     "read_npy",
 ]
 
@@ -277,12 +276,6 @@ def _as_tensor(value: Any) -> Tensor:
 
 def _is_path(item: Any) -> bool:
     return isinstance(item, str | Path)
-
-
-def load_raw(item: Any, spec: PreprocessSpec) -> Tensor:
-    """One input (a path, or an array-like holding one sample or a batch) as a raw batch."""
-    chunks = list(iter_raw([item], spec))
-    return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 
 
 def iter_raw(inputs: Any, spec: PreprocessSpec) -> Iterator[Tensor]:

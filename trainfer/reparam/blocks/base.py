@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import Any
+from typing import TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -27,12 +27,19 @@ from trainfer.reparam.blocks.se import SqueezeExcite
 Pair = tuple[int, int]
 
 
+class FactoryKwargs(TypedDict):
+    """Where and in which dtype a block creates its parameters (``nn.Conv2d``'s factory arguments)."""
+
+    device: torch.device | str | None
+    dtype: torch.dtype | None
+
+
 def pair(value: int | Iterable[int], name: str) -> Pair:
     """``3 -> (3, 3)``; anything but an int or a pair of ints raises ``ValueError`` naming ``name``."""
     result = (value, value) if isinstance(value, int) else tuple(value)
     if len(result) != 2 or not all(isinstance(v, int) for v in result):
         raise InputError(f"{name} must be an int or a pair of ints; got {value!r}")
-    return result  # type: ignore[return-value]
+    return (result[0], result[1])
 
 
 def same_padding(kernel_size: Pair, dilation: Pair) -> Pair:
@@ -40,13 +47,14 @@ def same_padding(kernel_size: Pair, dilation: Pair) -> Pair:
     return (dilation[0] * (kernel_size[0] - 1) // 2, dilation[1] * (kernel_size[1] - 1) // 2)
 
 
-def fold_chain(modules: Iterable[nn.Module]) -> ConvOp:
-    """Compose a chain of ``Conv2d`` / BatchNorm (incl. ``SyncBatchNorm``) / ``AvgPool2d`` into one ConvOp.
+def fold_chain(branch: nn.Module) -> ConvOp:
+    """Compose a branch, an ``nn.Sequential`` chain of ``Conv2d`` / BatchNorm (incl. ``SyncBatchNorm``) /
+    ``AvgPool2d`` or one ``Conv2d``, into one ConvOp.
 
     BatchNorm contributes its running statistics (eval mode); pooling must count padding.
     """
     op: ConvOp | None = None
-    for module in modules:
+    for module in branch if isinstance(branch, nn.Sequential) else [branch]:
         if isinstance(module, nn.Conv2d):
             step = ConvOp.from_module(module)
             op = step if op is None else algebra.sequential(op, step)
@@ -67,9 +75,9 @@ def fold_chain(modules: Iterable[nn.Module]) -> ConvOp:
 
 def fold_identity_bn(bn: _BatchNorm, groups: int, dilation: Pair) -> ConvOp:
     """BatchNorm on the identity (the skip branch) as a grouped 1x1 conv with the block's dilation."""
-    ref = bn.running_mean
-    op = algebra.identity(bn.num_features, 1, groups, dilation, dtype=ref.dtype, device=ref.device)
-    return algebra.fuse_bn(op, bn)
+    scale, shift = algebra.bn_affine(bn)
+    op = algebra.identity(bn.num_features, 1, groups, dilation, dtype=scale.dtype, device=scale.device)
+    return algebra.channel_affine(op, scale, shift)
 
 
 class ReparamBlock(nn.Module):
@@ -107,7 +115,7 @@ class ReparamBlock(nn.Module):
         self.stride = pair(stride, "stride")
         self.dilation = pair(dilation, "dilation")
         self.padding = same_padding(self.kernel_size, self.dilation) if padding is None else pair(padding, "padding")
-        self.factory_kwargs = {"device": device, "dtype": dtype}
+        self.factory_kwargs = FactoryKwargs(device=device, dtype=dtype)
         self._check()
         self.se = SqueezeExcite(out_channels, **self.factory_kwargs) if use_se else nn.Identity()
         make_act = activation_factory(act_layer)
@@ -140,11 +148,21 @@ class ReparamBlock(nn.Module):
                 "the smaller branches could not be aligned with the kxk conv"
             )
 
-    def _conv(self, out_channels: int, kernel_size: Pair, padding: Pair, *, bias: bool = False, **kw: Any) -> nn.Conv2d:
-        """A conv reading the block's input with the block's stride, dilation and groups."""
-        options = {"stride": self.stride, "dilation": self.dilation, "groups": self.groups} | kw
+    def _conv(
+        self, out_channels: int, kernel_size: Pair, padding: Pair, *, bias: bool = False, stride: Pair | None = None
+    ) -> nn.Conv2d:
+        """A conv reading the block's input with the block's dilation, groups and stride (unless given)."""
+        stride = self.stride if stride is None else stride
         return nn.Conv2d(
-            self.in_channels, out_channels, kernel_size, padding=padding, bias=bias, **options, **self.factory_kwargs
+            self.in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            self.dilation,
+            self.groups,
+            bias,
+            **self.factory_kwargs,
         )
 
     def _conv_bn(self, kernel_size: Pair, padding: Pair) -> nn.Sequential:

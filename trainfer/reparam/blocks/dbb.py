@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from typing import Any
 
@@ -57,7 +58,7 @@ class DiverseBranchBlock(ReparamBlock):
         self.internal_channels = internal
         if self.deploy:
             return
-        bn = {"num_features": out_channels, **self.factory_kwargs}
+        bn = functools.partial(nn.BatchNorm2d, out_channels, **self.factory_kwargs)
         self.dense = self._conv_bn(self.kernel_size, self.padding)
         self.pointwise = self._conv_bn((1, 1), self._centred_padding((1, 1)))
         self.pointwise_dense = nn.Sequential(
@@ -74,15 +75,15 @@ class DiverseBranchBlock(ReparamBlock):
                     bias=False,
                     **self.factory_kwargs,
                 ),
-                bn2=nn.BatchNorm2d(**bn),
+                bn2=bn(),
             )
         )
         self.pointwise_avg = nn.Sequential(
             OrderedDict(
                 conv=self._pointwise_padded(out_channels),
-                bn1=nn.BatchNorm2d(**bn),
+                bn1=bn(),
                 pool=nn.AvgPool2d(self.kernel_size, self.stride, 0),
-                bn2=nn.BatchNorm2d(**bn),
+                bn2=bn(),
             )
         )
 

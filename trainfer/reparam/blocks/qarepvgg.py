@@ -41,9 +41,9 @@ class QARepVGGBlock(RepVGGBlock):
         return self.post_bn(y + x if self.has_identity else y)
 
     def fused_op(self) -> ConvOp:
-        ops = [fold_chain(self.dense), ConvOp.from_module(self.pointwise)]
+        ops = [fold_chain(self.dense), fold_chain(self.pointwise)]
         if self.has_identity:
-            ref = self.post_bn.running_mean
+            ref = ops[0].weight
             ops.append(
                 algebra.identity(self.in_channels, 1, self.groups, self.dilation, dtype=ref.dtype, device=ref.device)
             )

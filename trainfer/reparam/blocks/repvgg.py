@@ -19,7 +19,9 @@ class RepVGGBlock(ReparamBlock):
     ``act_layer`` defaults to ``nn.ReLU``; ``use_se`` adds squeeze-excitation after the sum.
     """
 
-    branch_names = ("dense", "pointwise", "identity")
+    branch_names: tuple[str, ...] = ("dense", "pointwise", "identity")
+    #: The 1x1 branch: conv-BN here, a plain conv in :class:`~trainfer.reparam.blocks.QARepVGGBlock`.
+    pointwise: nn.Module
 
     def __init__(
         self,
