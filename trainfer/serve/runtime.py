@@ -619,8 +619,8 @@ def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None) 
     record = RuntimeRecord(
         runtime, "int8", "bundle", [], [candidate], _thread_settings(threads), machine_info(), _versions()
     )
-    config = {"input_shape": manifest["input"].get("shape"), "form": "deploy", "factory": manifest.get("factory")}
-    return CompiledModel(engine, record, config)
+    recipe = ModelRecipe(manifest.get("factory"), manifest["config"], manifest["input"].get("shape"), "deploy")
+    return CompiledModel(engine, record, recipe)
 
 
 def _quantization_entry(directory: Path) -> dict[str, Any]:
