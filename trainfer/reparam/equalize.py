@@ -78,24 +78,31 @@ class EqualizationReport:
         return "\n".join(lines)
 
 
+Layer = nn.Conv2d | nn.Linear
+
+
+def _module(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The module a ``call_module`` node calls (its target is the module's name), else None."""
+    return modules[node.target] if node.op == "call_module" and isinstance(node.target, str) else None
+
+
 def _is_homogeneous(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
-        return isinstance(modules[node.target], _HOMOGENEOUS_MODULES)
+        return isinstance(_module(node, modules), _HOMOGENEOUS_MODULES)
     return node.op in ("call_function", "call_method") and (
         node.target in _HOMOGENEOUS_FUNCTIONS or node.target in ("relu", "relu_")
     )
 
 
 def _is_global_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module" and isinstance(modules[node.target], nn.AdaptiveAvgPool2d):
-        size = modules[node.target].output_size
-        return size in (1, (1, 1))
-    return False
+    pool = _module(node, modules)
+    return isinstance(pool, nn.AdaptiveAvgPool2d) and pool.output_size in (1, (1, 1))
 
 
 def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
-        return isinstance(modules[node.target], nn.Flatten) and modules[node.target].start_dim == 1
+        flatten = _module(node, modules)
+        return isinstance(flatten, nn.Flatten) and flatten.start_dim == 1
     return node.op == "call_function" and node.target is torch.flatten and node.args[1:2] == (1,)
 
 
@@ -107,15 +114,19 @@ def _single_user(node: fx.Node) -> fx.Node | None:
 def _follower(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     """The layer that alone reads activation ``node`` channel by channel: a conv, or a Linear after pool+flatten."""
     user = _single_user(node)
-    if user is None or user.op != "call_module":
+    if user is None or not isinstance(user.target, str):
         return None
-    if isinstance(modules[user.target], nn.Conv2d) and user.args[0] is node:
+    if isinstance(_module(user, modules), nn.Conv2d) and user.args[0] is node:
         return user.target
     if _is_global_pool(user, modules):
         flat = _single_user(user)
         if flat is not None and _is_flatten(flat, modules):
             linear = _single_user(flat)
-            if linear is not None and linear.op == "call_module" and isinstance(modules[linear.target], nn.Linear):
+            if (
+                linear is not None
+                and isinstance(linear.target, str)
+                and isinstance(_module(linear, modules), nn.Linear)
+            ):
                 return linear.target
     return None
 
@@ -125,20 +136,19 @@ def find_pairs(graph_module: fx.GraphModule) -> list[tuple[str, str]]:
     modules = dict(graph_module.named_modules())
     pairs = []
     for node in graph_module.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], nn.Conv2d):
-            continue
-        if modules[node.target].padding_mode != "zeros":
+        conv, first = _module(node, modules), node.target
+        if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros" or not isinstance(first, str):
             continue
         activation = _single_user(node)
         if activation is None or not _is_homogeneous(activation, modules) or activation.args[0] is not node:
             continue
         second = _follower(activation, modules)
         if second is not None:
-            pairs.append((node.target, second))
+            pairs.append((first, second))
     return pairs
 
 
-def _input_view(layer: nn.Module) -> Tensor:
+def _input_view(layer: Layer) -> Tensor:
     """``layer``'s weight as ``(groups, out/groups, in/groups, ...)``: in-channel ``c`` is ``[c // n, :, c % n]``."""
     weight = layer.weight
     groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
@@ -149,7 +159,7 @@ def _output_ranges(layer: nn.Conv2d) -> Tensor:
     return layer.weight.detach().abs().flatten(1).amax(1)
 
 
-def _input_ranges(layer: nn.Module) -> Tensor:
+def _input_ranges(layer: Layer) -> Tensor:
     view = _input_view(layer).detach().abs()  # (g, out/g, in/g, ...)
     return view.transpose(1, 2).flatten(2).amax(2).flatten()  # (g * in/g,)
 
@@ -160,7 +170,7 @@ def _spread(ranges: Tensor) -> float:
 
 
 @torch.no_grad()
-def _rescale(first: nn.Conv2d, second: nn.Module) -> Tensor:
+def _rescale(first: nn.Conv2d, second: Layer) -> Tensor:
     """Apply ``s = sqrt(r_first / r_second)`` in place; return ``s``."""
     r1, r2 = _output_ranges(first), _input_ranges(second)
     scale = torch.where((r1 > 0) & (r2 > 0), (r1 / r2.clamp_min(1e-300)).sqrt(), torch.ones_like(r1))
@@ -174,11 +184,16 @@ def _rescale(first: nn.Conv2d, second: nn.Module) -> Tensor:
     return scale
 
 
-def _check_pair(first: nn.Module, second: nn.Module, names: tuple[str, str]) -> None:
+def _pair_layers(modules: dict[str, nn.Module], names: tuple[str, str]) -> tuple[nn.Conv2d, Layer]:
+    """The two layers of a pair from :func:`find_pairs` (a conv, then a conv or a Linear), checked to fit."""
+    first, second = modules[names[0]], modules[names[1]]
+    if not isinstance(first, nn.Conv2d) or not isinstance(second, Layer):
+        raise InputError(f"{names[0]} -> {names[1]} is not a conv followed by a conv or Linear")
     channels = first.out_channels
     expected = second.in_channels if isinstance(second, nn.Conv2d) else second.in_features
     if channels != expected:  # a Linear after pooling reads one feature per channel
         raise InputError(f"{names[0]} has {channels} output channels but {names[1]} reads {expected}")
+    return first, second
 
 
 def equalize(
@@ -197,16 +212,15 @@ def equalize(
     modules = dict(working.named_modules())
     names = find_pairs(working)
     report = EqualizationReport(sweeps=sweeps if names else 0)
-    before = {pair: _spread(_output_ranges(modules[pair[0]])) for pair in names}
-    scales = {pair: torch.ones(modules[pair[0]].out_channels, dtype=torch.float64) for pair in names}
-    for pair in names:
-        _check_pair(modules[pair[0]], modules[pair[1]], pair)
+    layers = {pair: _pair_layers(modules, pair) for pair in names}
+    before = {pair: _spread(_output_ranges(first)) for pair, (first, _) in layers.items()}
+    scales = {pair: torch.ones(first.out_channels, dtype=torch.float64) for pair, (first, _) in layers.items()}
     for _ in range(report.sweeps):
         for pair in names:
-            scales[pair] = scales[pair] * _rescale(modules[pair[0]], modules[pair[1]])
+            scales[pair] = scales[pair] * _rescale(*layers[pair])
     for pair in names:
         s = scales[pair]
-        after = _spread(_output_ranges(modules[pair[0]]))
+        after = _spread(_output_ranges(layers[pair][0]))
         report.pairs.append(EqualizedPair(*pair, len(s), before[pair], after, float(s.min()), float(s.max())))
     result = copy.deepcopy(working).to(dtype)
     attach_recipe(result, recipe_of(model))
@@ -220,7 +234,9 @@ def equalize(
 def _verify(
     model: nn.Module, working: nn.Module, result: nn.Module, arguments: tuple, dtype: torch.dtype, report: Any
 ) -> None:
-    checks = {"float64": (working, torch.float64, TOLERANCE[torch.float64])}
+    checks: dict[str, tuple[nn.Module, torch.dtype, float | None]] = {
+        "float64": (working, torch.float64, TOLERANCE[torch.float64])
+    }
     if dtype != torch.float64:
         checks[str(dtype).removeprefix("torch.")] = (result, dtype, None)
     for label, (candidate, check_dtype, rtol) in checks.items():
