@@ -166,7 +166,7 @@ def test_records_flatten_for_tables_and_csv():
     import io
 
     from trainfer.cli.predict import write_results
-    from trainfer.serve.predictor import BinaryResult, ClassificationResult, MultiHeadResult, RegressionResult
+    from trainfer.serve.results import BinaryResult, ClassificationResult, MultiHeadResult, RegressionResult
 
     result = MultiHeadResult(
         {

@@ -17,7 +17,8 @@ from torch import nn
 
 import trainfer
 from trainfer import OutputKindWarning, Predictor
-from trainfer.serve.predictor import BinaryResult, ClassificationResult, MultiHeadResult, RegressionResult, pick_device
+from trainfer.serve.predictor import pick_device
+from trainfer.serve.results import BinaryResult, ClassificationResult, MultiHeadResult, RegressionResult
 from trainfer.testing import randomize_batchnorm
 
 FINALS = {
@@ -428,7 +429,7 @@ def probabilities_factory():
 def test_to_records_are_json_lines():
     import json
 
-    from trainfer.serve.predictor import to_records
+    from trainfer.serve.results import to_records
 
     results = Predictor(make(3), preprocess=SPEC, labels=["a", "b", "c"]).predict(torch.randn(2, 1, 8, 8), top_k=2)
     lines = [json.dumps(record) for record in to_records(results)]

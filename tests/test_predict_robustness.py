@@ -24,7 +24,7 @@ from trainfer.errors import NonFiniteError
 from trainfer.modes.contexts import snapshot_modes
 from trainfer.serve.batch_predict import predict_to_jsonl
 from trainfer.serve.ensemble import Ensemble
-from trainfer.serve.predictor import ClassificationResult
+from trainfer.serve.results import ClassificationResult
 
 THREADS, CALLS, LIMIT_S = 8, 50, 120
 SPEC = {"input_shape": [1, 8, 8]}

@@ -27,23 +27,19 @@ import itertools
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from trainfer.errors import InputError
-from trainfer.serve.predictor import (
-    BinaryResult,
-    ClassificationResult,
-    Predictor,
-    RegressionResult,
-    check_finite_scores,
-    sample_count,
-    timed_batches,
-)
+from trainfer.serve.batching import sample_count, timed_batches
 from trainfer.serve.preprocess import PreprocessSpec, iter_raw
+from trainfer.serve.results import BinaryResult, ClassificationResult, RegressionResult, check_finite_scores
+
+if TYPE_CHECKING:  # annotations only: the Predictor builds ensembles (Predictor.ensemble), not the reverse
+    from trainfer.serve.predictor import Predictor
 
 __all__ = [
     "Ensemble",

@@ -37,9 +37,8 @@ import os
 import threading
 import time
 import warnings
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,107 +46,24 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from trainfer.errors import InputError, InputTypeError, NonFiniteError, OutputKindWarning
+from trainfer.errors import InputError, InputTypeError, OutputKindWarning
 from trainfer.modes.contexts import shared_inference
 from trainfer.recipe import recipe_of
+from trainfer.serve.batching import sample_count, timed_batches
 from trainfer.serve.outputs import Head, Selector, check_output_kind, resolve_heads, select_output, to_scores
 from trainfer.serve.preprocess import PreprocessSpec, gather, iter_raw
+from trainfer.serve.results import (
+    MultiHeadResult,
+    Result,
+    Timings,
+    binary_results,
+    check_finite_scores,
+    classification_results,
+    regression_results,
+)
 
 logger = logging.getLogger("trainfer")
-HISTORY = 1024
-
-__all__ = [
-    "BinaryResult",
-    "ClassificationResult",
-    "MultiHeadResult",
-    "Predictor",
-    "RegressionResult",
-    "Timings",
-    "pick_device",
-    "to_records",
-]
-
-
-# --------------------------------------------------------------------------- results
-@dataclass(frozen=True)
-class ClassificationResult:
-    """The most probable class and the ``top_k`` (label, probability) pairs, best first."""
-
-    index: int
-    label: str
-    probability: float
-    top_k: list[tuple[str, float]]
-
-    def to_record(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "label": self.label,
-            "probability": self.probability,
-            "top_k": [[label, p] for label, p in self.top_k],
-        }
-
-
-@dataclass(frozen=True)
-class BinaryResult:
-    """The probability of the positive class and the decision ``probability >= threshold``."""
-
-    probability: float
-    decision: bool
-    threshold: float
-    label: str | None = None
-
-    def to_record(self) -> dict[str, Any]:
-        record = {"probability": self.probability, "decision": self.decision, "threshold": self.threshold}
-        return record if self.label is None else {**record, "label": self.label}
-
-
-@dataclass(frozen=True)
-class RegressionResult:
-    """The predicted values in target units (the target scaling of the preprocess spec undone)."""
-
-    values: list[float]
-    names: tuple[str, ...] | None = None
-
-    def to_record(self) -> dict[str, Any]:
-        if self.names is not None and len(self.names) == len(self.values):
-            return {"values": self.values, "named": dict(zip(self.names, self.values, strict=True))}
-        return {"values": self.values}
-
-
-Result = ClassificationResult | BinaryResult | RegressionResult
-
-
-@dataclass(frozen=True)
-class MultiHeadResult:
-    """One typed result per head, by head name."""
-
-    heads: dict[str, Result]
-
-    def __getitem__(self, name: str) -> Result:
-        return self.heads[name]
-
-    def to_record(self) -> dict[str, Any]:
-        return {name: result.to_record() for name, result in self.heads.items()}
-
-
-@dataclass
-class Timings:
-    """Seconds spent per stage, samples and batches processed, and prediction-cache hits/misses.
-
-    ``history`` keeps the per-batch figures of the last ``HISTORY`` batches (bounded for streams).
-    """
-
-    preprocess: float = 0.0
-    forward: float = 0.0
-    postprocess: float = 0.0
-    samples: int = 0
-    batches: int = 0
-    cache_hits: int = 0
-    cache_misses: int = 0
-    history: deque[dict[str, float]] = field(default_factory=lambda: deque(maxlen=HISTORY), repr=False)
-
-    def to_dict(self) -> dict[str, float]:
-        return {key: value for key, value in asdict(self).items() if key != "history"}
+__all__ = ["Predictor", "pick_device"]
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -459,10 +375,10 @@ class Predictor:
 
     def _head_results(self, head: Head, scores: Tensor, top_k: int | None) -> list[Result]:
         if head.task == "classification":
-            return _classification_results(scores, head.labels, top_k or 1)
+            return classification_results(scores, head.labels, top_k or 1)
         if head.task == "binary":
-            return _binary_results(scores, head.labels, self.threshold)
-        return [RegressionResult(_as_list(row), head.labels) for row in scores.tolist()]
+            return binary_results(scores, head.labels, self.threshold)
+        return regression_results(scores, head.labels)
 
     # ------------------------------------------------------------------ explanations
     def explain(self, inputs: Any, method: str = "integrated_gradients", target: Any = None) -> Any:
@@ -474,11 +390,6 @@ class Predictor:
     def __repr__(self) -> str:
         tasks = ", ".join(f"{h.name}: {h.task}" if h.name is not None else h.task for h in self.heads)
         return f"Predictor({type(self.model).__name__}, {tasks}, device={self.device}, batch_size={self.batch_size})"
-
-
-def to_records(results: Iterable[Any]) -> list[dict[str, Any]]:
-    """JSON-able dicts of typed results (``result.to_record()`` each), e.g. for JSON lines."""
-    return [result.to_record() for result in results]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -516,91 +427,9 @@ def _spec_for(model: Any, preprocess: Any) -> PreprocessSpec:
     return spec.with_dtype(next((p.dtype for p in model.parameters() if p.is_floating_point()), None))
 
 
-def sample_count(inputs: Any) -> int | None:
-    """How many samples ``inputs`` holds when that is known without reading them (for the progress bar)."""
-    if isinstance(inputs, Tensor) or hasattr(inputs, "__array__"):
-        return int(inputs.shape[0]) if len(inputs.shape) else None
-    return len(inputs) if isinstance(inputs, list | tuple) else None
-
-
-def timed_batches(chunks: Iterator[Tensor], size: int, spec: PreprocessSpec) -> Iterator[tuple[Tensor, float]]:
-    """Regroup validated raw chunks into batches of ``size`` (the last may be smaller), in order.
-
-    Also yields the seconds spent loading and checking each batch's samples.
-    """
-    buffer: list[Tensor] = []
-    count, seconds, seen = 0, 0.0, 0
-    while True:
-        start = time.perf_counter()
-        chunk = next(chunks, None)
-        if chunk is not None:
-            chunk = spec.check_batch(chunk, seen)
-            buffer.append(chunk)
-            count += len(chunk)
-            seen += len(chunk)
-        seconds += time.perf_counter() - start
-        while count >= size or (chunk is None and count):
-            joined = buffer[0] if len(buffer) == 1 else torch.cat(buffer)
-            yield joined[:size], seconds
-            buffer = [joined[size:]] if len(joined) > size else []
-            count, seconds = max(count - size, 0), 0.0
-        if chunk is None:
-            return
-
-
-def check_finite_scores(per_head: list[Tensor], heads: list[Head], first: int = 0) -> None:
-    """Raise :class:`NonFiniteError` naming the input samples whose scores hold NaN or inf.
-
-    ``per_head`` holds one ``(N, ...)`` score tensor per head of ``heads``, for input samples
-    ``first .. first + N - 1``; a non-finite score is never served as a prediction.
-    """
-    for head, scores in zip(heads, per_head, strict=True):
-        if scores.is_floating_point() and not bool(torch.isfinite(scores).all()):
-            rows = (~torch.isfinite(scores)).reshape(len(scores), -1).any(1).nonzero().flatten()
-            bad = (rows + first).tolist()
-            name = f" (head {head.name!r})" if head.name is not None else ""
-            raise NonFiniteError(
-                f"the model's output for input sample(s) {bad[:10]}{name} holds NaN or inf: expected finite "
-                "scores (look for inputs far outside the training range, or broken weights)"
-            )
-
-
 def _sample_key(sample: Tensor) -> bytes:
     data = sample.detach().cpu().contiguous()
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"{data.dtype}{tuple(data.shape)}".encode())
     digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.digest()
-
-
-def _check_labels(labels: tuple[str, ...] | None, classes: int) -> tuple[str, ...]:
-    if labels is None:
-        return tuple(str(i) for i in range(classes))
-    if len(labels) != classes:
-        raise InputError(f"{len(labels)} labels given, but the model outputs {classes} classes")
-    return labels
-
-
-def _classification_results(scores: Tensor, labels: tuple[str, ...] | None, top_k: int) -> list[Result]:
-    names = _check_labels(labels, scores.shape[1])
-    values, indices = scores.topk(min(top_k, scores.shape[1]), dim=1)
-    results: list[Result] = []
-    for row_values, row_indices in zip(values.tolist(), indices.tolist(), strict=True):
-        pairs = [(names[i], p) for i, p in zip(row_indices, row_values, strict=True)]
-        results.append(ClassificationResult(row_indices[0], names[row_indices[0]], row_values[0], pairs))
-    return results
-
-
-def _binary_results(scores: Tensor, labels: tuple[str, ...] | None, threshold: float) -> list[Result]:
-    if labels is not None and len(labels) != 2:
-        raise InputError(f"a binary task takes 2 labels (negative, positive); got {len(labels)}")
-    results: list[Result] = []
-    for p in scores.tolist():
-        decision = p >= threshold
-        label = labels[int(decision)] if labels is not None else None
-        results.append(BinaryResult(p, decision, threshold, label))
-    return results
-
-
-def _as_list(row: Any) -> list[float]:
-    return row if isinstance(row, list) else [row]
