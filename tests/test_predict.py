@@ -447,3 +447,9 @@ def test_a_float64_model_overrides_the_specs_default_dtype(tmp_path):
     expected = reference(model, (raw - 0.5) / 2.0).exp()
     torch.testing.assert_close(predictor.scores(predictor.preprocess(raw)), expected, rtol=0, atol=1e-12)
     assert Predictor(model, preprocess=spec).preprocess_spec.dtype == "float64"
+
+
+def test_options_after_the_model_are_keyword_only():
+    with pytest.raises(TypeError, match="positional"):
+        Predictor(make(3), "classification")
+    assert Predictor(make(3), task="classification", preprocess=SPEC).heads[0].task == "classification"

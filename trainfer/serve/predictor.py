@@ -112,6 +112,7 @@ class Predictor:
     def __init__(
         self,
         model: nn.Module | Any,
+        *,
         task: str = "classification",
         labels: Any = None,
         preprocess: PreprocessSpec | Mapping[str, Any] | None = None,
@@ -122,7 +123,6 @@ class Predictor:
         heads: Mapping[Any, str] | None = None,
         threshold: float = 0.5,
         cache_size: int = 0,
-        *,
         resolved_heads: list[Head] | None = None,
         runtime: Any = None,
     ):
