@@ -1,27 +1,8 @@
 """Benchmarks: measurement primitives (:mod:`~trainfer.bench.measure`) and the comparison of a
-model's forms (:mod:`~trainfer.bench.forms`), which ``trainfer bench`` prints."""
+model's forms (:mod:`~trainfer.bench.forms`), which ``trainfer bench`` prints. Both re-exported."""
 
-from trainfer.bench.forms import FORMS, BenchReport, FormResult, benchmark
-from trainfer.bench.measure import (
-    Timing,
-    count_macs,
-    count_parameters,
-    num_threads,
-    peak_memory,
-    time_forms,
-    time_forward,
-)
+from trainfer.bench import forms, measure
+from trainfer.bench.forms import *  # noqa: F403
+from trainfer.bench.measure import *  # noqa: F403
 
-__all__ = [
-    "FORMS",
-    "BenchReport",
-    "FormResult",
-    "Timing",
-    "benchmark",
-    "count_macs",
-    "count_parameters",
-    "num_threads",
-    "peak_memory",
-    "time_forms",
-    "time_forward",
-]
+__all__ = [*forms.__all__, *measure.__all__]
