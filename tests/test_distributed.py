@@ -35,7 +35,7 @@ SCRIPT = MODEL + textwrap.dedent(
     import json, sys
     import torch
     from trainfer.demo import data
-from trainfer.serve import distributed
+    from trainfer.serve import distributed
     from trainfer.demo.train import fit
 
     out = sys.argv[1]
