@@ -5,7 +5,7 @@ Everything here is a pure function on tensors. The central object is :class:`Con
 
     y = conv2d(x, weight, stride, padding, dilation, groups) + bias        (zero padding)
 
-Blocks (``trainfer.blocks``) and the automatic folder (``trainfer.fold``) both express a linear
+Blocks (``trainfer.blocks``) and the automatic folder (``trainfer.reparam.fold``) both express a linear
 region as a composition of these functions and turn the result back into one ``nn.Conv2d`` (or
 ``nn.Linear``) with :func:`to_conv2d` / :func:`to_linear`. A rule (how a 1x1 kernel sits inside a
 3x3, when a bias meets zero padding, ...) therefore lives in exactly one place.
@@ -41,6 +41,7 @@ __all__ = [
     "fuse_linear_bn",
     "identity",
     "pad_input",
+    "pair",
     "pad_kernel",
     "regroup",
     "scale",
@@ -50,11 +51,15 @@ __all__ = [
 ]
 
 
-def _pair(value: int | Sequence[int]) -> Pair:
+def pair(value: int | Sequence[int]) -> Pair:
+    """A conv or pool size argument (``stride=2``, ``padding=(1, 0)``) as ``(height, width)`` ints."""
     if isinstance(value, int):
         return (value, value)
     first, second = value
     return (int(first), int(second))
+
+
+_pair = pair  # the spelling the rest of this module uses
 
 
 @dataclass(frozen=True)
@@ -104,12 +109,28 @@ class ConvOp:
         """Read an ``nn.Conv2d`` (zero padding only; ``padding='same'`` only where symmetric)."""
         if conv.padding_mode != "zeros":
             raise AlgebraError(f"only zero padding folds exactly; this conv uses padding_mode={conv.padding_mode!r}")
-        padding = conv.padding
+        bias = conv.bias.detach() if conv.bias is not None else None
+        return cls.from_call(conv.weight.detach(), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    @classmethod
+    def from_call(
+        cls,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] | str = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+    ) -> ConvOp:
+        """The operator of ``F.conv2d(x, weight, bias, stride, padding, dilation, groups)``.
+
+        ``padding`` may be ``"valid"`` or ``"same"`` (where symmetric, else :class:`AlgebraError`);
+        a missing bias is zeros.
+        """
         if isinstance(padding, str):
-            padding = _resolve_string_padding(padding, _pair(conv.kernel_size), _pair(conv.dilation))
-        weight = conv.weight.detach()
-        bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(weight.shape[0])
-        return cls(weight, bias, _pair(conv.stride), _pair(padding), _pair(conv.dilation), conv.groups)
+            padding = _resolve_string_padding(padding, _pair(tuple(weight.shape[2:])), _pair(dilation))
+        bias = bias if bias is not None else weight.new_zeros(weight.shape[0])
+        return cls(weight, bias, _pair(stride), _pair(padding), _pair(dilation), int(groups))
 
 
 def _resolve_string_padding(mode: str, kernel_size: Pair, dilation: Pair) -> Pair:

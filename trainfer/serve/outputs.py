@@ -15,7 +15,8 @@ Regression outputs are values and are never transformed. A binary model may also
 columns; its score is then column 1 of the classification scores.
 
 :func:`detect_output_kind` reads the kind from the final operation of the model's traced eval
-graph (torch.fx), looking through shape-only operations (``flatten``, ``view``, ``squeeze``, ...).
+graph (torch.fx, with the folder's tracer :func:`trainfer.reparam.fold.trace.trace`), looking
+through shape-only operations (``flatten``, ``view``, ``squeeze``, ...).
 When tracing fails it runs the model once on example inputs and looks at the aten operator that
 produced the output (again through reshapes).
 :func:`select_output` picks the prediction from tuple, named-tuple and dict outputs.
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from trainfer.errors import InputError
+from trainfer.reparam.fold.trace import trace
 
 OUTPUT_KINDS = ("logits", "probabilities", "log_probabilities")
 TASKS = ("classification", "binary", "regression")
@@ -245,7 +247,7 @@ def detect_output_kind(model: nn.Module, output: Selector = None, example_inputs
     operator that produced the output; without example inputs the kind defaults to logits.
     """
     try:
-        graph = fx.symbolic_trace(model)
+        graph = trace(model)  # the folder's tracer policy: the graph the deployed form is folded from
     except Exception as error:  # tracing fails in many ways on real models; fall back, never crash
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         return _detect_from_executed_ops(model, output, example_inputs, reason)

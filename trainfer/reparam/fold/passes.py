@@ -1,5 +1,9 @@
 """Graph rewrites the folder runs before it looks for linear regions (each exact, each one pass).
 
+* :func:`drop_eval_noops`: Dropout (any kind) and ``nn.Identity`` compute the identity in eval
+  mode; they are bypassed.
+* :func:`split_padding_modes`: a conv with ``padding_mode='reflect'`` (etc.) becomes
+  ``F.pad(mode=...)`` then a zero-padded conv, which can then take a BatchNorm.
 * :func:`resolve_rank_checks`: ``torch._assert(x.ndim == 4, ...)`` (timm's ``BatchNormAct2d`` and
   others) reads the conv output a second time, which stops the conv from absorbing the batch norm
   after it. A value's rank is fixed by the traced graph, so rank queries become constants, and
@@ -19,10 +23,59 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
 
-from trainfer.reparam.fold_trace import is_leaf
+from trainfer.reparam.fold.calls import bind
+from trainfer.reparam.fold.shapes import shape
+from trainfer.reparam.fold.trace import is_leaf
 
-__all__ = ["move_batch_norms_into_heads", "resolve_rank_checks"]
+__all__ = ["drop_eval_noops", "move_batch_norms_into_heads", "resolve_rank_checks", "split_padding_modes"]
+
+_DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
+
+
+def drop_eval_noops(gm: fx.GraphModule, prefix: str) -> list[str]:
+    """Bypass and erase Dropout (modules, and functions called with ``training=False``) and ``nn.Identity``.
+
+    Returns what was dropped, each named with ``prefix`` for the log.
+    """
+    modules, dropped = dict(gm.named_modules()), []
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and isinstance(modules[node.target], (_DropoutNd, nn.Identity)):
+            what = f"{prefix}{node.target} ({type(modules[node.target]).__name__})"
+        elif node.op == "call_function" and node.target in _DROPOUT and bind(node, "dropout")["training"] is False:
+            what = f"{node.name} ({node.target.__name__}, training=False)"
+        else:
+            continue
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        dropped.append(what)
+    return dropped
+
+
+def split_padding_modes(gm: fx.GraphModule) -> None:
+    """Give each conv with a non-zero ``padding_mode`` an ``F.pad(mode=...)`` before it, and zero padding.
+
+    The pad is not a convolution, but the conv after it then is one and can take a BatchNorm.
+    """
+    modules = dict(gm.named_modules())
+    calls = [
+        (node, modules[node.target])
+        for node in gm.graph.nodes
+        if node.op == "call_module"
+        and isinstance(modules[node.target], nn.Conv2d)
+        and modules[node.target].padding_mode != "zeros"
+    ]
+    for node, module in calls:  # every call first: a shared conv is converted once, after
+        pads = tuple(module._reversed_padding_repeated_twice)
+        with gm.graph.inserting_before(node):
+            padded = gm.graph.call_function(F.pad, (node.args[0], pads), {"mode": module.padding_mode})
+        node.args = (padded, *node.args[1:])
+    for _, module in calls:
+        module.padding, module.padding_mode = (0, 0), "zeros"
+
+
+# --- rank checks ------------------------------------------------------------------------------------
 
 _COMPARISONS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.not_}
 _ASSERTS = {torch._assert}
@@ -83,11 +136,6 @@ _RESHAPES = {torch.flatten, torch.reshape, torch.squeeze, "flatten", "view", "re
 _MEANS = {torch.mean, "mean"}
 
 
-def _shape(node: Any) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
 def _averages_space(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Global average pooling of a 4-D value: ``AdaptiveAvgPool2d(1)``, ``F.adaptive_avg_pool2d(x, 1)``,
     ``x.mean((2, 3))`` (``keepdim`` either way)."""
@@ -108,7 +156,7 @@ def _drops_unit_dims(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         node.op in ("call_function", "call_method") and node.target in _RESHAPES
     )
     source = node.args[0] if node.args else None
-    before, after = _shape(source), _shape(node)
+    before, after = shape(source), shape(node)
     return (
         reshape
         and before is not None
@@ -151,10 +199,7 @@ def _batch_norm_arguments(node: fx.Node, modules: dict[str, nn.Module], graph: f
         return (node.args[0], *stats, module.eps)
     if node.op != "call_function" or node.target is not F.batch_norm:
         return None
-    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-    bound = dict(zip(names, (None, None, None, None, None, False, 0.1, 1e-5)))
-    bound.update(zip(names, node.args))
-    bound.update(node.kwargs)
+    bound = bind(node, "batch_norm")
     if bound["training"] is not False or bound["running_mean"] is None:
         return None
     return tuple(bound[k] for k in ("input", "running_mean", "running_var", "weight", "bias", "eps"))

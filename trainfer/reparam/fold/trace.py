@@ -1,20 +1,28 @@
-"""Tracing for the folder: ``torch.fx`` in eval mode, with untraceable modules kept as opaque leaves.
+"""The one tracer policy of trainfer: ``torch.fx`` in eval mode, untraceable modules kept as opaque leaves.
 
-:func:`trace` sees through every module that is not a ``torch.nn`` layer, so what user blocks
-compute appears as calls on parameters. When some module's ``forward`` cannot be traced (item
-assignment on a tensor, data-dependent control flow), :func:`trace_around_untraceable` finds the
-innermost such module, makes it a leaf (one ``call_module`` node whose insides the folder does not
-see) and traces again, so that one untraceable op does not switch folding off above it.
+The folder and output-kind detection (:func:`trainfer.serve.outputs.detect_output_kind`) both
+trace with :func:`trace`. It sees through every module that is not a ``torch.nn`` layer (nor of a
+type in :data:`extra_leaf_types`), so what user blocks compute appears as calls on parameters.
+When some module's ``forward`` cannot be traced (item assignment on a tensor, data-dependent
+control flow), :func:`trace_around_untraceable` finds the innermost such module, makes it a leaf
+(one ``call_module`` node whose insides the folder does not see) and traces again, so that one
+untraceable op does not switch folding off above it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["Untraceable", "is_leaf", "trace", "trace_around_untraceable"]
+__all__ = ["Untraceable", "extra_leaf_types", "is_leaf", "trace", "trace_around_untraceable"]
+
+#: Module types traced as leaves although their ``forward`` is not torch's own: the types fold
+#: handlers are registered for (:func:`trainfer.reparam.fold.register_fold_handler` keeps it).
+extra_leaf_types: set[type[nn.Module]] = set()
 
 #: The attribute an exception carries, once, naming the innermost module whose forward raised it.
 _CULPRIT = "_trainfer_untraceable_module"
@@ -26,9 +34,11 @@ def is_torch_nn(function: Any) -> bool:
 
 
 def is_leaf(module: nn.Module) -> bool:
-    """A ``torch.nn`` layer: its ``forward`` is torch's own and it is not a container."""
+    """A layer: its ``forward`` is torch's own, or that of a type in :data:`extra_leaf_types`; not a container."""
     containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-    return is_torch_nn(type(module).forward) and not isinstance(module, containers)
+    forward = type(module).forward
+    registered = any(forward is leaf_type.forward for leaf_type in extra_leaf_types)
+    return (is_torch_nn(forward) or registered) and not isinstance(module, containers)
 
 
 class _EvalTracer(fx.Tracer):
@@ -65,22 +75,37 @@ def _accept_any_dim(input: Tensor) -> None:
     """Stand-in for ``_check_input_dim``, whose ``if input.dim() != 4`` cannot be traced."""
 
 
+@contextmanager
+def _rank_checks_off(model: nn.Module) -> Iterator[None]:
+    """Disable ``_check_input_dim`` on BatchNorm subclasses that override ``forward``, for the trace only."""
+    patched = [
+        m
+        for m in model.modules()
+        if isinstance(m, _BatchNorm) and not is_torch_nn(type(m).forward) and "_check_input_dim" not in vars(m)
+    ]
+    try:
+        for module in patched:
+            module._check_input_dim = _accept_any_dim
+        yield
+    finally:
+        for module in patched:
+            del module._check_input_dim
+
+
 def trace(
     model: nn.Module, concrete_args: dict[str, Any] | None = None, opaque: frozenset[str] = frozenset()
 ) -> fx.GraphModule:
     """``torch.fx`` trace of ``model`` in its current mode; modules named in ``opaque`` stay leaves.
 
     ``concrete_args`` fixes arguments of ``forward`` to values (traced as constants; the graph
-    asserts that calls pass the same values).
+    asserts that calls pass the same values). ``model`` is left as it was.
 
-    BatchNorm subclasses that override ``forward`` and call ``super().forward`` get their input
-    rank check disabled (on this instance) so that the trace can see through them.
+    BatchNorm subclasses that override ``forward`` and call ``super().forward`` have their input
+    rank check disabled while tracing, so that the trace can see through them.
     """
-    for module in model.modules():
-        if isinstance(module, _BatchNorm) and not is_torch_nn(type(module).forward):
-            module._check_input_dim = _accept_any_dim
     tracer = _EvalTracer(opaque)
-    graph = tracer.trace(model, concrete_args)
+    with _rank_checks_off(model):
+        graph = tracer.trace(model, concrete_args)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 

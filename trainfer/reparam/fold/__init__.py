@@ -1,0 +1,58 @@
+"""The automatic folder: rewrite every maximal linear region of a model as one convolution.
+
+The pass works on a ``torch.fx`` trace of the model in eval mode, so ``if self.training``
+branches, ``forward_infer`` and ``train_only`` modules have already resolved to the inference path.
+
+A node is *linear* when its output is an affine function ``op(anchor)`` of one upstream tensor,
+its *anchor*, with ``op`` a :class:`trainfer.reparam.algebra.ConvOp`. Which calls are linear, and
+how, is a table of handlers keyed by call target (:mod:`~trainfer.reparam.fold.builtin`):
+convolutions and linears with constant weights (modules or ``F.conv2d``/``F.linear`` on
+parameters), BatchNorm in eval mode (any ``_BatchNorm`` subclass, or ``F.batch_norm``), sums and
+differences of branches of the same anchor (``+``, ``torch.add``, ``sum([...])``), multiplication
+by a constant scalar or per-channel tensor (layer scale), zero padding, average pooling and
+symmetric crops. :func:`register_fold_handler` adds to it. Operators compose through the algebra:
+``sequential`` for a chain, ``add`` for branches, ``channel_affine`` for BatchNorm and scales. A
+chain stops (its last node becomes a *region root*) where the value feeds a non-linear node, has
+several consumers, or where the algebra says a further step is not exact (it raises
+:class:`~trainfer.reparam.algebra.AlgebraError`) or would cost more multiply-adds than the unfused
+ops. Every root whose region holds two or more ops becomes one ``nn.Conv2d`` (4-D values) or
+``nn.Linear`` (2-D values) reading the anchor; dead nodes, and the modules and parameters only
+they used, disappear.
+
+A BatchNorm left alone between two non-linearities stays a BatchNorm: in eval mode it is one
+per-channel affine kernel, cheaper than the depthwise 1x1 convolution it could become.
+
+When a submodule's ``forward`` cannot be traced (item assignment, data-dependent control flow),
+it stays one opaque op of its parent's graph (:mod:`~trainfer.reparam.fold.trace`), which is
+folded around it; the opaque module is listed under "not folded" and its own insides are folded
+separately. When a module's own ``forward`` cannot be traced, :func:`fold` folds each of its
+children separately (:mod:`~trainfer.reparam.fold.driver`). The module-level protocols models
+carry (``reparameterize()``, ``switch_to_deploy()``, ``fuse()``) run before, in
+:mod:`trainfer.reparam.protocols`.
+
+Modules: ``driver`` (entry point, fallbacks, the pass's order), ``trace`` (the tracer policy),
+``passes`` (eval no-ops, padding modes, rank checks, head batch norms), ``shapes``, ``calls``
+(argument binding), ``constants`` (constant evaluation), ``handlers`` (the table) and ``builtin``
+(its entries), ``recognize`` (walking the graph), ``regions`` (composition), ``cost`` (the cost
+model), ``rewrite`` and ``naming``, ``log``.
+"""
+
+from __future__ import annotations
+
+from trainfer.reparam.fold.driver import fold
+from trainfer.reparam.fold.handlers import fold_handlers, register_fold_handler, unregister_fold_handler
+from trainfer.reparam.fold.log import FoldedRegion, FoldLog
+from trainfer.reparam.fold.regions import Expr, FoldContext
+from trainfer.reparam.fold.trace import trace
+
+__all__ = [
+    "Expr",
+    "FoldContext",
+    "FoldLog",
+    "FoldedRegion",
+    "fold",
+    "fold_handlers",
+    "register_fold_handler",
+    "trace",
+    "unregister_fold_handler",
+]

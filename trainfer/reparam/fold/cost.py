@@ -1,0 +1,52 @@
+"""The cost model: a region becomes one conv only where that costs no more than its ops did.
+
+A region's cost is the multiply-adds of its convs and linears plus one operation per output element
+of everything else (``kh * kw`` for an average pool). Where one conv would cost more
+(:func:`~trainfer.reparam.fold.shapes.macs`), :func:`settle_costs` forces nodes apart until no region does.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from trainfer.reparam.fold.recognize import find_regions
+from trainfer.reparam.fold.regions import Expr, FoldContext
+from trainfer.reparam.fold.shapes import macs
+
+__all__ = ["settle_costs"]
+
+
+def settle_costs(context: FoldContext, splits: list[str]) -> list[tuple[fx.Node, Expr]]:
+    """The regions of ``context``'s graph, split until none costs more as one conv than its ops.
+
+    Each split is recorded in ``splits``. Finite: each round forces at least one node that was not
+    forced before (see :func:`_split_point`), and ``context.forced`` is a set of graph nodes, so
+    there are at most ``len(graph.nodes)`` rounds.
+    """
+    roots = find_regions(context)
+    while costly := [(root, expr) for root, expr in roots if macs(expr.op, root) > expr.cost]:
+        before = len(context.forced)
+        for root, expr in costly:
+            context.forced.update(_split_point(context, expr))
+            splits.append(
+                f"{context.name(root)}: one conv would cost {macs(expr.op, root)} multiply-adds instead of "
+                f"{expr.cost}; folded in parts"
+            )
+        if len(context.forced) == before:  # cannot happen (see _split_point); never loop on it
+            raise AssertionError(f"cost split made no progress on {[context.name(r) for r, _ in costly]}")
+        roots = find_regions(context)
+    return roots
+
+
+def _split_point(context: FoldContext, expr: Expr) -> set[fx.Node]:
+    """The nodes to materialise so that the costly region ``expr`` breaks at its first costly member.
+
+    ``split`` is the first member whose own region costs more as one conv than its ops. Its
+    inputs inside that region are forced; they were absorbed, hence not forced yet. If it has
+    none, ``split`` is the first op of its chain (an average pool on the anchor, say): it is
+    forced itself, and it was not forced yet either, since the region's consumer absorbed it.
+    """
+    exprs = context.exprs
+    split = next(m for m in expr.members if macs(exprs[m].op, m) > exprs[m].cost)
+    inputs = {node for node in split.all_input_nodes if node in exprs[split].members}
+    return inputs or {split}
