@@ -17,10 +17,10 @@ from trainfer.reparam.fold import (
     fold,
     fold_handlers,
     register_fold_handler,
-    trace,
     unregister_fold_handler,
 )
 from trainfer.reparam.fold.builtin import BUILTIN_HANDLERS
+from trainfer.reparam.fold.trace import trace
 from trainfer.testing import assert_close, randomize_batchnorm
 
 

@@ -34,7 +34,8 @@ Modules: ``driver`` (entry point, fallbacks, the pass's order), ``trace`` (the t
 ``passes`` (eval no-ops, padding modes, rank checks, head batch norms), ``shapes``, ``calls``
 (argument binding), ``constants`` (constant evaluation), ``handlers`` (the table) and ``builtin``
 (its entries), ``recognize`` (walking the graph), ``regions`` (composition), ``cost`` (the cost
-model), ``rewrite`` and ``naming``, ``log``.
+model), ``rewrite`` and ``naming``, ``log``. The tracer is :func:`trainfer.reparam.fold.trace.trace`
+(not re-exported here, where the name is the module's).
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from trainfer.reparam.fold.driver import fold
 from trainfer.reparam.fold.handlers import fold_handlers, register_fold_handler, unregister_fold_handler
 from trainfer.reparam.fold.log import FoldedRegion, FoldLog
 from trainfer.reparam.fold.regions import Expr, FoldContext
-from trainfer.reparam.fold.trace import trace
 
 __all__ = [
     "Expr",
@@ -53,6 +53,5 @@ __all__ = [
     "fold",
     "fold_handlers",
     "register_fold_handler",
-    "trace",
     "unregister_fold_handler",
 ]
