@@ -138,7 +138,7 @@ def test_inference_tensors_from_preprocessing_are_accepted() -> None:
 def test_missing_captum_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "captum", None)
     monkeypatch.setitem(sys.modules, "captum.attr", None)
-    with pytest.raises(ImportError, match=r"Captum.*pip install 'trainfer\[explain\]'"):
+    with pytest.raises(ImportError, match=r"explaining predictions needs captum.*pip install 'trainfer\[explain\]'"):
         attribute(nn.Linear(3, 2), torch.randn(2, 3))
 
 

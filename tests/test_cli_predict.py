@@ -152,7 +152,8 @@ def test_not_a_bundle_exits_2_and_debug_shows_the_traceback(tmp_path, image_bund
 
 def test_export_then_predict_with_the_onnx_file(image_bundle, tmp_path):
     root, images = image_bundle
-    exported = invoke("export", str(root / "bundle"), "--format", "onnx", "-o", str(tmp_path / "m.onnx"))
+    onnx_file = str(tmp_path / "m.onnx")
+    exported = invoke("export", str(root / "bundle"), "--format", "onnx", "-o", onnx_file, "--rtol", "1e-4")
     assert exported.exit_code == 0 and "max rel error" in exported.output and (tmp_path / "m.onnx").is_file()
     from_onnx = invoke("predict", str(tmp_path / "m.onnx"), *images, "--format", "jsonl").output.splitlines()
     from_bundle = invoke("predict", str(root / "bundle"), *images, "--format", "jsonl").output.splitlines()
@@ -160,6 +161,9 @@ def test_export_then_predict_with_the_onnx_file(image_bundle, tmp_path):
     assert_results_close(onnx_records, bundle_records)  # ONNX Runtime vs torch: equal within rounding
     failed = CliRunner().invoke(main, ["export", str(tmp_path / "nothing"), "-o", str(tmp_path / "x.onnx")])
     assert failed.exit_code == 2 and "no trainfer bundle" in failed.output
+    negative = CliRunner().invoke(main, ["export", str(root / "bundle"), "-o", str(tmp_path / "y.onnx"), "--rtol=-1"])
+    assert negative.exit_code == 2 and "rtol must be a positive number; got -1.0" in negative.output
+    assert not (tmp_path / "y.onnx").exists()
 
 
 def test_records_flatten_for_tables_and_csv():

@@ -63,7 +63,7 @@ def test_the_two_forms_predict_identical_classes(demo_run):
     assert abs(accuracies[0] - accuracies[1]) <= agreement["class_differences"] / 270
 
     # Recomputed from the artefacts: the training bundle in eval mode, the deploy bundle and the ONNX file.
-    from trainfer.serve.export import load_onnx
+    from trainfer.serve.onnx_runtime import load_onnx
 
     test = data.splits()["test"]
     inputs = data.normalize(test.pixels)

@@ -15,7 +15,8 @@ from torch import nn
 import trainfer
 from trainfer import BundleError, EquivalenceError, Predictor
 from trainfer.reparam.deploy import deploy
-from trainfer.serve.export import export, read_exported_manifest
+from trainfer.serve.export import export
+from trainfer.serve.onnx_runtime import read_exported_manifest
 from trainfer.testing import assert_close, randomize_batchnorm
 
 
@@ -159,6 +160,23 @@ def test_a_disagreeing_export_is_never_written(tmp_path, monkeypatch):
     with pytest.raises(EquivalenceError, match="max rel error .* nothing was written"):
         export(deployed, tmp_path / "m.ts", format="torchscript", example_inputs=torch.randn(2, 1, 8, 8))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_rtol_bounds_the_relative_error(tmp_path, monkeypatch):
+    """An exported file 1e-3 (relative) off passes under rtol=1e-2 and is refused under the default."""
+    module = importlib.import_module("trainfer.serve.export")
+
+    def scaled(path):
+        loaded = torch.jit.load(str(path))
+        return lambda x: loaded(x) * (1 + 1e-3)
+
+    monkeypatch.setitem(module._RUNNERS, "torchscript", scaled)
+    deployed, x = deploy(trained(), torch.randn(2, 1, 8, 8)), torch.randn(2, 1, 8, 8)
+    report = export(deployed, tmp_path / "loose.ts", format="torchscript", example_inputs=x, rtol=1e-2)
+    assert 5e-4 < report.max_rel_error < 2e-3 and (tmp_path / "loose.ts").is_file()
+    with pytest.raises(EquivalenceError, match=r"> 1e-05"):
+        export(deployed, tmp_path / "strict.ts", format="torchscript", example_inputs=x)
+    assert not (tmp_path / "strict.ts").exists()
 
 
 def test_errors(tmp_path, monkeypatch):

@@ -17,7 +17,6 @@ score itself for binary and regression models with one output.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,11 +29,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from trainfer.atomic import atomic_file
-from trainfer.errors import InputError, InputTypeError, MissingExtraError, ModeError
+from trainfer.errors import InputError, InputTypeError, ModeError
+from trainfer.extras import require
 from trainfer.modes.contexts import restore_modes, snapshot_modes
 
 METHODS = ("integrated_gradients", "saliency", "occlusion")
-EXTRA_HINT = "pip install 'trainfer[explain]'"
 
 __all__ = ["METHODS", "Attributions", "attribute", "explain", "explain_to_files"]
 
@@ -100,7 +99,7 @@ def attribute(
             "explanations need gradients, and torch.inference_mode() forbids them: call explain() outside "
             "`with torch.inference_mode():` / `with trainfer.inference(model):`"
         )
-    attr = _captum_attr()
+    attr = require("captum.attr", "explain", "explaining predictions")
     forward = forward or model
     batch = batch.detach().clone()  # an ordinary tensor, even if preprocessing made an inference tensor
     modes = snapshot_modes(model)
@@ -114,15 +113,6 @@ def attribute(
         return Attributions(values.detach().to(batch.dtype), batch, target, explained.reshape(-1), method)
     finally:
         restore_modes(model, modes)
-
-
-def _captum_attr() -> ModuleType:
-    """``captum.attr``, imported on first use: Captum is an optional extra."""
-    try:
-        return importlib.import_module("captum.attr")
-    except ImportError as error:
-        message = f"explanations need Captum, trainfer's optional extra 'explain': {EXTRA_HINT}"
-        raise MissingExtraError(message) from error
 
 
 def _checked_scores(forward: Callable[[Tensor], Tensor], batch: Tensor) -> Tensor:

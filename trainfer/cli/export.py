@@ -15,13 +15,14 @@ from trainfer.serve.export import FORMATS, export
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="onnx", show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The file to write.")
 @click.option("--input-shape", default=None, help="Example input shape, e.g. 1,3,224,224 (default: the manifest's).")
+@click.option("--rtol", type=float, help="Max error relative to each output's scale (default per dtype).")
 @trust_factory_option
 @friendly_errors
-def command(bundle: str, fmt: str, output: str, input_shape: str | None) -> None:
+def command(bundle: str, fmt: str, output: str, input_shape: str | None, rtol: float | None) -> None:
     """Export the deploy form of BUNDLE (deploying it first if needed), checked against PyTorch."""
     example = torch.randn(parse_shape(input_shape)) if input_shape else None
     try:
-        report = export(bundle, output, format=fmt, example_inputs=example, trust_factory=trusted())
+        report = export(bundle, output, format=fmt, example_inputs=example, rtol=rtol, trust_factory=trusted())
     except (ImportError, EquivalenceError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(str(report))

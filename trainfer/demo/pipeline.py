@@ -51,7 +51,8 @@ from trainfer.numerics import relative_error
 from trainfer.reparam.deploy import DeployReport, deploy
 from trainfer.serve import distributed
 from trainfer.serve.bundle import load, save
-from trainfer.serve.export import export, load_onnx
+from trainfer.serve.export import export
+from trainfer.serve.onnx_runtime import load_onnx
 from trainfer.serve.predictor import Predictor
 
 #: Batch sizes of the "forgot eval()" runs: a single-image request, a small and a large batch.

@@ -3,24 +3,23 @@
 ``export(bundle_or_model, path, format)`` deploys a training-form model first
 (:func:`trainfer.deploy`, verified), exports it with a dynamic batch dimension, runs the exported
 file against PyTorch on random inputs of two batch sizes (ONNX through onnxruntime) and returns
-the maximum errors in an :class:`ExportReport`; a file that disagrees beyond ``tolerance`` is never
-written (:class:`trainfer.EquivalenceError`).
+the maximum errors in an :class:`ExportReport`; a file whose relative error exceeds ``rtol`` (default:
+the dtype's row of :data:`trainfer.numerics.TOLERANCE`) is never written
+(:class:`trainfer.EquivalenceError`).
 
 The bundle manifest travels inside the exported file, as JSON under the key ``trainfer.manifest``:
 in the ONNX model's ``metadata_props``, in TorchScript's ``_extra_files`` and in the
-ExportedProgram's ``extra_files``. :func:`load_onnx` reads it back so
+ExportedProgram's ``extra_files``. :mod:`trainfer.serve.onnx_runtime` reads it back so
 ``Predictor.load("model.onnx")`` serves with the same preprocessing, labels and output kinds.
 
 ONNX export uses PyTorch's TorchScript-based exporter (``dynamo=False``): for the plain conv/linear
 graphs of deploy forms it is the faster and more predictable of the two. onnx and onnxruntime are
-the optional extra ``trainfer[onnx]`` and are imported only here, on use.
+the optional extra ``trainfer[onnx]``, imported on use.
 """
 
 from __future__ import annotations
 
-import collections
 import copy
-import importlib
 import io
 import json
 import os
@@ -34,18 +33,18 @@ import torch
 from torch import Tensor, nn
 
 from trainfer.atomic import atomic_file
-from trainfer.errors import BundleError, EquivalenceError, InputError, MissingExtraError
+from trainfer.errors import EquivalenceError, InputError
+from trainfer.extras import require
 from trainfer.numerics import tolerance_for
-from trainfer.serve.bundle import build_manifest, check_manifest, load, read_manifest
+from trainfer.serve.bundle import build_manifest, load, read_manifest
+from trainfer.serve.onnx_runtime import MANIFEST_KEY, OnnxModel, read_onnx_manifest
 from trainfer.serve.outputs import flatten_outputs
 
 FORMATS = ("onnx", "torchscript", "exported-program")
-MANIFEST_KEY = "trainfer.manifest"
 ONNX_OPSET = 17
-ONNX_EXTRA = "pip install 'trainfer[onnx]'"
 _CHECK_BATCHES = (1, 3)
 
-__all__ = ["FORMATS", "ExportReport", "export", "load_onnx", "read_exported_manifest"]
+__all__ = ["FORMATS", "ExportReport", "export"]
 
 
 @dataclass(frozen=True)
@@ -79,16 +78,19 @@ def export(
     format: str = "onnx",
     example_inputs: Tensor | None = None,
     *,
-    tolerance: float | None = None,
+    rtol: float | None = None,
     trust_factory: bool = False,
 ) -> ExportReport:
     """Export the deploy form of a bundle (or model) to ``path``; see the module docstring.
 
     ``example_inputs`` fixes the sample shape (default: random inputs of the manifest's shape);
-    ``trust_factory`` is :func:`trainfer.load`'s.
+    ``rtol`` bounds the max error relative to each output's scale; ``trust_factory`` is
+    :func:`trainfer.load`'s.
     """
     if format not in FORMATS:
         raise InputError(f"format must be one of {list(FORMATS)}; got {format!r}")
+    if rtol is not None and not rtol > 0:
+        raise InputError(f"rtol must be a positive number; got {rtol!r}")
     model, manifest = _source(bundle_or_model, example_inputs, trust_factory)
     shape = _input_shape(manifest, example_inputs)
     dtype = getattr(torch, manifest["input"].get("dtype") or "float32")
@@ -103,7 +105,7 @@ def export(
     manifest.pop("weights", None)
     with torch.no_grad():
         names, _ = flatten_outputs(model(example))
-    limit = tolerance if tolerance is not None else tolerance_for(dtype)
+    limit = rtol if rtol is not None else tolerance_for(dtype)
     with atomic_file(path) as tmp:
         _EXPORTERS[format](model, example, names, json.dumps(manifest), tmp)
         run = _RUNNERS[format](tmp)
@@ -135,7 +137,7 @@ def _input_shape(manifest: dict[str, Any], example_inputs: Tensor | None) -> tup
 
 # --------------------------------------------------------------------------- exporters
 def _export_onnx(model: nn.Module, example: Tensor, names: list[str], manifest: str, path: Path) -> None:
-    onnx = _require("onnx")
+    onnx = require("onnx", "onnx", "ONNX export")
     buffer = io.BytesIO()
     dynamic = {name: {0: "batch"} for name in ["input", *names]}
     with warnings.catch_warnings():
@@ -189,7 +191,7 @@ def _run_program(path: Path) -> Callable[[Tensor], Any]:
 
 
 def _run_onnx(path: Path) -> Callable[[Tensor], Any]:
-    return OnnxModel(path, _onnx_manifest(path))
+    return OnnxModel(path, read_onnx_manifest(path))
 
 
 _RUNNERS: dict[str, Callable[[Path], Callable[[Tensor], Any]]] = {
@@ -220,92 +222,3 @@ def _compare(
             scale = float(reference.double().abs().max()) or 1.0
             abs_error, rel_error = max(abs_error, difference), max(rel_error, difference / scale)
     return abs_error, rel_error
-
-
-# --------------------------------------------------------------------------- ONNX serving
-class OnnxModel:
-    """An ONNX Runtime session that takes a batch tensor and returns the model's output structure."""
-
-    def __init__(self, path: str | os.PathLike[str], manifest: dict[str, Any], session_options: Any = None):
-        """``session_options``: an ``onnxruntime.SessionOptions`` (threads, optimisation level), or None."""
-        ort = _require("onnxruntime")
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        self.dtype = manifest["input"].get("dtype") or "float32"
-        try:
-            self.session = ort.InferenceSession(str(path), session_options, providers=providers)
-        except Exception as error:  # onnxruntime raises its own pybind exception types
-            hint = " (onnxruntime has few float64 kernels: export a float32 copy, model.float())"
-            raise InputError(
-                f"onnxruntime cannot run {str(path)!r}: {error}{hint if self.dtype == 'float64' else ''}"
-            ) from None
-        self.manifest = manifest
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_names = [output.name for output in self.session.get_outputs()]
-
-    def __call__(self, batch: Tensor) -> Any:
-        array = batch.detach().to("cpu", getattr(torch, self.dtype)).contiguous().numpy()
-        values = [torch.from_numpy(v) for v in self.session.run(self.output_names, {self.input_name: array})]
-        return structured(values, self.output_names, self.manifest)
-
-
-def structured(values: list[Tensor], names: list[str], manifest: dict[str, Any]) -> Any:
-    """Flat output ``values`` (named ``names``) in the output structure the manifest records."""
-    structure = manifest.get("output_structure") or {"type": "tensor"}
-    if structure["type"] == "tensor":
-        return values[0]
-    if structure["type"] == "dict":
-        return dict(zip(names, values, strict=True))
-    if structure.get("fields"):  # a named tuple: rebuilt so that output="field" still selects
-        return collections.namedtuple("Outputs", structure["fields"])(*values)
-    return tuple(values)
-
-
-def load_onnx(path: str | os.PathLike[str]) -> tuple[OnnxModel, dict[str, Any]]:
-    """An :class:`OnnxModel` for an exported file and the manifest stored inside it."""
-    manifest = _onnx_manifest(Path(path))
-    return OnnxModel(path, manifest), manifest
-
-
-def _onnx_manifest(path: Path) -> dict[str, Any]:
-    onnx = _require("onnx")
-    if not path.is_file():
-        raise BundleError(f"ONNX file not found: {str(path)!r}")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as error:  # onnx raises DecodeError and friends from protobuf
-        raise BundleError(f"cannot read ONNX model {str(path)!r}: {error}") from None
-    return _parse_manifest({p.key: p.value for p in proto.metadata_props}.get(MANIFEST_KEY), path)
-
-
-def read_exported_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest inside an exported ``.onnx``, TorchScript or ExportedProgram file."""
-    path = Path(path)
-    if path.suffix == ".onnx":
-        return _onnx_manifest(path)
-    extra = {MANIFEST_KEY: ""}
-    if path.suffix == ".pt2":
-        torch.export.load(str(path), extra_files=extra)
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return _parse_manifest(extra[MANIFEST_KEY] or None, path)
-
-
-def _parse_manifest(text: str | bytes | None, path: Path) -> dict[str, Any]:
-    if not text:
-        raise BundleError(f"{str(path)!r} carries no trainfer manifest: export it with trainfer.export")
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as error:
-        raise BundleError(f"the trainfer manifest inside {str(path)!r} is not valid JSON: {error}") from None
-    return check_manifest(data, f"inside {str(path)!r}", bundle=False)
-
-
-def _require(name: str) -> Any:
-    try:
-        return importlib.import_module(name)
-    except ImportError as error:
-        raise MissingExtraError(
-            f"{name} is needed for ONNX export and serving: {ONNX_EXTRA} (optional extra 'onnx')"
-        ) from error

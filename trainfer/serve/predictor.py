@@ -182,7 +182,7 @@ class Predictor:
         """
         path = Path(path)
         if path.suffix == ".onnx":
-            from trainfer.serve.export import load_onnx
+            from trainfer.serve.onnx_runtime import load_onnx
 
             model, manifest = load_onnx(path)
         else:

@@ -340,7 +340,7 @@ def _quiet() -> Iterator[None]:
 def _with_manifest(path: Path, manifest: dict[str, Any]) -> bytes:
     import onnx
 
-    from trainfer.serve.export import MANIFEST_KEY
+    from trainfer.serve.onnx_runtime import MANIFEST_KEY
 
     proto = onnx.load(str(path))
     del proto.metadata_props[:]

@@ -46,7 +46,8 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from trainfer.atomic import atomic_file
-from trainfer.errors import BundleError, EquivalenceError, InputError, InputTypeError, MissingExtraError
+from trainfer.errors import BundleError, EquivalenceError, InputError, InputTypeError
+from trainfer.extras import require
 from trainfer.numerics import TOLERANCE
 from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
 from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over
@@ -252,8 +253,8 @@ class TorchEngine:
 
 def ort_engine(path: Path, manifest: dict[str, Any], threads: int) -> Callable[[Tensor], Any]:
     """An ONNX Runtime session on ``path`` (all graph optimisations, ``threads`` intra-op threads)."""
-    ort = _require("onnxruntime", "onnx")
-    from trainfer.serve.export import OnnxModel
+    ort = require("onnxruntime", "onnx", "the onnxruntime runtime")
+    from trainfer.serve.onnx_runtime import OnnxModel
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
@@ -265,7 +266,7 @@ class OpenVinoEngine:
     """An OpenVINO CPU compilation of an ONNX file at ``precision`` (``f32``, ``bf16``, ``f16``)."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], threads: int, dtype: str = "float32"):
-        ov = _require("openvino", "openvino")
+        ov = require("openvino", "openvino", "the openvino runtime")
         core = ov.Core()
         hint = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[dtype]
         config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
@@ -275,7 +276,7 @@ class OpenVinoEngine:
         self.manifest = manifest
 
     def __call__(self, batch: Tensor) -> Any:
-        from trainfer.serve.export import structured
+        from trainfer.serve.onnx_runtime import structured
 
         result = self.request.infer({0: batch.detach().to("cpu", torch.float32).contiguous().numpy()})
         values = [torch.from_numpy(result[output].copy()) for output in self.compiled.outputs]
@@ -291,13 +292,6 @@ def openvino_precisions() -> tuple[str, ...]:
     capabilities = set(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
     names = {"FP32": "float32", "BF16": "bfloat16", "FP16": "float16"}
     return tuple(name for key, name in names.items() if key in capabilities)
-
-
-def _require(name: str, extra: str) -> Any:
-    try:
-        return importlib.import_module(name)
-    except ImportError as error:
-        raise MissingExtraError(f"{name} is not installed: pip install 'trainfer[{extra}]'") from error
 
 
 # --------------------------------------------------------------------------- compiled model
