@@ -213,8 +213,8 @@ def command(
     Under "torchrun --nproc_per_node N -m trainfer predict ... --out preds.jsonl" the ranks share
     the inputs and rank 0 writes the same file a single process would.
     """
-    models, inputs = split_models(bundle, inputs)
-    if not inputs:
+    models, paths = split_models(bundle, inputs)
+    if not paths:
         raise click.UsageError("expected INPUT... after the bundle(s)")
     if explain_dir is not None and (len(models) > 1 or weights is not None):
         raise click.UsageError("--explain takes one bundle, not an ensemble")
@@ -226,17 +226,17 @@ def command(
     try:
         predictor = load_serving(models, parse_weights(weights), batch_size, device, threshold, runtime)
         if out is not None:
-            summary = predict_to_jsonl(predictor, batch_source(inputs, predictor.preprocess_spec), out, top_k=top_k)
+            summary = predict_to_jsonl(predictor, batch_source(paths, predictor.preprocess_spec), out, top_k=top_k)
             if distributed.is_main():
                 click.echo(
                     f"{summary.written} records written to {out} after {summary.resumed} already there", err=True
                 )
         else:
-            items = batch_source(inputs, predictor.preprocess_spec)
+            items = batch_source(paths, predictor.preprocess_spec)
             write_results(predictions(predictor, items, top_k), fmt, sys.stdout)
         if explain_dir is not None and distributed.is_main():
             from trainfer.analysis.attribution import explain_to_files
 
-            explain_to_files(predictor, inputs, explain_dir)
+            explain_to_files(predictor, paths, explain_dir)
     finally:
         distributed.cleanup()

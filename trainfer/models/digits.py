@@ -21,10 +21,13 @@ class DigitsNet(DualModule):
 
     def __init__(self, num_classes: int = 10, width: int = 32, dropout: float = 0.2, *, deploy: bool = False) -> None:
         super().__init__()
-        relu = {"act_layer": nn.ReLU, "deploy": deploy}
-        self.stage1 = nn.Sequential(RepVGGBlock(1, width, **relu), DiverseBranchBlock(width, width, **relu))
+        self.stage1 = nn.Sequential(
+            RepVGGBlock(1, width, act_layer=nn.ReLU, deploy=deploy),
+            DiverseBranchBlock(width, width, act_layer=nn.ReLU, deploy=deploy),
+        )
         self.stage2 = nn.Sequential(
-            RepVGGBlock(width, 2 * width, stride=2, **relu), DiverseBranchBlock(2 * width, 2 * width, **relu)
+            RepVGGBlock(width, 2 * width, stride=2, act_layer=nn.ReLU, deploy=deploy),
+            DiverseBranchBlock(2 * width, 2 * width, act_layer=nn.ReLU, deploy=deploy),
         )
         self.head = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Dropout(dropout), nn.Linear(2 * width, num_classes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from torch import nn
@@ -44,14 +45,15 @@ class MobileOne(nn.Sequential):
         for index, (count, width, with_se) in enumerate(zip(num_blocks, widths, se_blocks), start=1):
             blocks = []
             for position in range(count):
-                options = {
-                    "num_conv_branches": num_conv_branches,
-                    "use_se": position >= count - with_se,
-                    "deploy": deploy,
-                }
+                block = partial(
+                    MobileOneBlock,
+                    num_conv_branches=num_conv_branches,
+                    use_se=position >= count - with_se,
+                    deploy=deploy,
+                )
                 stride = 2 if position == 0 else 1
-                blocks.append(MobileOneBlock(planes, planes, 3, stride, groups=planes, **options))
-                blocks.append(MobileOneBlock(planes, width, 1, **options))
+                blocks.append(block(planes, planes, 3, stride, groups=planes))
+                blocks.append(block(planes, width, 1))
                 planes = width
             layers[f"stage{index}"] = nn.Sequential(*blocks)
         layers["gap"] = nn.AdaptiveAvgPool2d(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from torch import nn
@@ -38,13 +39,13 @@ class RepVGG(nn.Sequential):
     ) -> None:
         a, b = width_multipliers
         widths = [int(base * m) for base, m in zip(BASE_WIDTHS, (a, a, a, b))]
-        options = {"use_se": use_se, "act_layer": act_layer, "deploy": deploy}
+        block = partial(RepVGGBlock, use_se=use_se, act_layer=act_layer, deploy=deploy)
         planes = min(64, int(64 * a))
-        layers: OrderedDict[str, nn.Module] = OrderedDict(stage0=RepVGGBlock(in_channels, planes, 3, 2, **options))
+        layers: OrderedDict[str, nn.Module] = OrderedDict(stage0=block(in_channels, planes, 3, 2))
         for index, (count, width) in enumerate(zip(num_blocks, widths), start=1):
             blocks = []
             for position in range(count):
-                blocks.append(RepVGGBlock(planes, width, 3, 2 if position == 0 else 1, **options))
+                blocks.append(block(planes, width, 3, 2 if position == 0 else 1))
                 planes = width
             layers[f"stage{index}"] = nn.Sequential(*blocks)
         layers["gap"] = nn.AdaptiveAvgPool2d(1)
