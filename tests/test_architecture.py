@@ -115,3 +115,31 @@ def test_a_recipe_is_validated_and_shares_nothing_with_its_caller():
         trainfer.ModelRecipe("pkg.mod:net", form="fused")
     model = trainfer.attach_recipe(nn.Linear(1, 1), recipe)
     assert trainfer.recipe_of(model) is recipe and trainfer.recipe_of(nn.Linear(1, 1)) is None
+
+
+class _SequentialLeafTracer(torch.fx.Tracer):
+    def is_leaf_module(self, module, name):
+        return isinstance(module, nn.Sequential) and name != "" or super().is_leaf_module(module, name)
+
+
+def _with_a_sequential_call() -> torch.fx.GraphModule:
+    root = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Sequential(nn.ReLU(), nn.Conv2d(3, 2, 1)), nn.Flatten(1)).eval()
+    return torch.fx.GraphModule(root, _SequentialLeafTracer().trace(root))
+
+
+def test_a_graph_calling_a_sequential_is_rebuilt_with_its_children():
+    gm, x = _with_a_sequential_call(), torch.randn(2, 1, 5, 5)
+    description = describe(gm)
+    assert description["modules"]["1"]["type"] == "Sequential"
+    rebuilt = rebuild(description, "test")
+    rebuilt.load_state_dict(gm.state_dict(), strict=True, assign=True)
+    assert isinstance(rebuilt.get_submodule("1"), nn.Sequential)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), gm(x), rtol=0, atol=0)
+
+
+def test_a_sequential_child_name_with_a_dot_is_refused():
+    description = describe(_with_a_sequential_call())
+    edited = _edited(description, lambda d: d["modules"]["1"]["children"].update({"a.b": {"type": "ReLU", "args": {}}}))
+    with pytest.raises(trainfer.BundleError, match=r"'a.b' is not a submodule name"):
+        rebuild(edited, "test")

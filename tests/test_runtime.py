@@ -129,6 +129,8 @@ def test_malformed_records_are_refused_with_a_clear_message(tmp_path, bundle):
         rt.RuntimeRecord.from_dict({"runtime": "pytorch-nightly", "dtype": "float32"})
     with pytest.raises(trainfer.BundleError, match="unexpected fields"):
         rt.RuntimeRecord.from_dict({"runtime": "torch", "dtype": "float32", "evil": 1})
+    with pytest.raises(trainfer.BundleError, match="expected 'runtime' to be a string, got list"):
+        rt.RuntimeRecord.from_dict({"runtime": ["torch"], "dtype": "float32"})
     with pytest.raises(trainfer.BundleError, match="no trainfer bundle"):
         rt.save_record(tmp_path, trainfer.compile(bundle, runtime="torch").record)
     with pytest.raises(trainfer.BundleError, match="records no runtime"):

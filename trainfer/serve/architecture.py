@@ -34,8 +34,9 @@ import json
 import math
 import operator
 import re
+from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
@@ -135,7 +136,9 @@ _OPS = ("placeholder", "get_attr", "call_module", "call_function", "call_method"
 _DTYPE_LIST = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.int32, torch.bool)
 _DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in _DTYPE_LIST}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,199}$")
-_PATH = re.compile(r"^([A-Za-z_][A-Za-z0-9_]{0,199}|[0-9]{1,9})(\.([A-Za-z_][A-Za-z0-9_]{0,199}|[0-9]{1,9})){0,63}$")
+_PART = r"([A-Za-z_][A-Za-z0-9_]{0,199}|[0-9]{1,9})"  # an attribute name, or a Sequential/ModuleList index
+_CHILD = re.compile(f"^{_PART}$")
+_PATH = re.compile(f"^{_PART}(\\.{_PART}){{0,63}}$")
 
 
 # --------------------------------------------------------------------------- describe (save)
@@ -162,7 +165,12 @@ def describe(gm: fx.GraphModule) -> dict[str, Any]:
                 "kwargs": {key: _encode(value) for key, value in node.kwargs.items()},
             }
         )
-    description = {"kind": KIND, "class_name": _class_name(gm), "modules": modules, "attributes": attributes}
+    description: dict[str, Any] = {
+        "kind": KIND,
+        "class_name": _class_name(gm),
+        "modules": modules,
+        "attributes": attributes,
+    }
     description["nodes"] = nodes
     return {**description, "sha256": digest(description)}
 
@@ -281,6 +289,12 @@ def _path(path: str, where: str) -> str:
     return path
 
 
+def _child_name(name: str, where: str) -> str:
+    if not _CHILD.match(name):
+        raise BundleError(f"{where}: {name!r} is not a submodule name (an identifier or an index, no dots)")
+    return name
+
+
 def _build_module(spec: Any, where: str) -> nn.Module:
     spec = _mapping(spec, where)
     name = spec.get("type")
@@ -289,7 +303,10 @@ def _build_module(spec: Any, where: str) -> nn.Module:
     if name == "Sequential":
         children = _mapping(_mapping(spec, where, {"type", "children"})["children"], f"{where}.children")
         return nn.Sequential(
-            {_path(key, f"{where}.children"): _build_module(c, f"{where}.{key}") for key, c in children.items()}
+            OrderedDict(
+                (_child_name(key, f"{where}.children"), _build_module(c, f"{where}.{key}"))
+                for key, c in children.items()
+            )
         )
     cls, allowed = MODULES[name]
     args = _mapping(_mapping(spec, where, {"type", "args"})["args"], f"{where}.args")
@@ -314,7 +331,7 @@ def _owner(root: nn.Module, path: str) -> nn.Module:
     for part in path.split(".") if path else ():
         if part not in owner._modules:
             owner.add_module(part, nn.Module())
-        owner = owner._modules[part]
+        owner = cast(nn.Module, owner._modules[part])  # never None: only _install and _owner add modules here
     return owner
 
 
@@ -334,7 +351,8 @@ def _install_tensor(root: nn.Module, path: str, spec: Any, where: str) -> None:
 def _build_graph(nodes: Any, modules: dict[str, Any], attributes: dict[str, Any], where: str) -> fx.Graph:
     if not isinstance(nodes, list) or not 0 < len(nodes) <= MAX_NODES:
         raise BundleError(f"{where}: expected a list of 1 to {MAX_NODES} nodes")
-    graph, env = fx.Graph(), {}
+    graph = fx.Graph()
+    env: dict[str, fx.Node] = {}
     for index, item in enumerate(nodes):
         here = f"{where}[{index}]"
         node = _mapping(item, here, {"name", "op", "target", "args", "kwargs"})

@@ -365,6 +365,7 @@ def load(
     A deploy-form model is returned in eval mode, a training form in the mode its factory built.
     """
     path = Path(path)
+    manifest: dict[str, Any]
     if path.is_file() and path.name != MANIFEST_FILE:
         if factory is None:
             raise BundleError(f"{str(path)!r} is a bare checkpoint: pass factory='package.module:function' to load it")

@@ -27,7 +27,7 @@ import itertools
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -118,6 +118,11 @@ def _check_members(members: list[Predictor]) -> None:
                 )
 
 
+def _scores(member: Predictor, batch: Tensor) -> Tensor:
+    """``member.scores(batch)``: a tensor, not a dict, as members are single-head (:func:`_check_members`)."""
+    return cast(Tensor, member.scores(batch))
+
+
 def _weights(given: Iterable[float] | None, count: int) -> Tensor:
     """Validated weights normalised to sum to 1 (equal weights when none are given), float64."""
     if given is None:
@@ -173,7 +178,7 @@ class Ensemble:
 
     @property
     def labels(self) -> list[str] | None:
-        return self.members[0].labels
+        return cast("list[str] | None", self.members[0].labels)  # not a dict: members are single-head (_check_members)
 
     @property
     def preprocess_spec(self) -> PreprocessSpec:
@@ -194,7 +199,7 @@ class Ensemble:
         for batches in zip(*streams, strict=True):
             yield torch.stack(
                 [
-                    member.scores(member.preprocess_spec.normalize(raw, first)).detach().to("cpu", torch.float64)
+                    _scores(member, member.preprocess_spec.normalize(raw, first)).detach().to("cpu", torch.float64)
                     for member, (raw, _) in zip(self.members, batches, strict=True)
                 ]
             )

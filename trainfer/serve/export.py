@@ -145,7 +145,7 @@ def _export_onnx(model: nn.Module, example: Tensor, names: list[str], manifest: 
         torch.onnx.export(
             model,
             (example,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # the TorchScript exporter writes to file objects; stub: paths only
             input_names=["input"],
             output_names=names,
             dynamic_axes=dynamic,

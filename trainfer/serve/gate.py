@@ -128,7 +128,7 @@ def gate_report(
         error = float("inf")
     predicted, expected = candidate.argmax(-1), reference.argmax(-1)
     agreement = float((predicted == expected).double().mean())
-    accuracies = (None, None)
+    accuracies: tuple[float | None, float | None] = (None, None)
     if labels is not None:
         labels = labels.to(predicted.device)
         accuracies = (float((expected == labels).double().mean()), float((predicted == labels).double().mean()))

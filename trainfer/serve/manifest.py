@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from trainfer.errors import BundleError
-from trainfer.serve.outputs import OUTPUT_KINDS, TASKS
+from trainfer.serve.outputs import OutputKindName, TaskName
 
 FORMAT = "trainfer-bundle"
 MAX_DIMS = 8
@@ -102,9 +102,9 @@ class HeadSpec(_Schema):
 
     name: Selector = None
     select: Selector = None
-    task: Literal[TASKS]
+    task: TaskName
     labels: Labels | None = None
-    output_kind: Literal[OUTPUT_KINDS] | None = None
+    output_kind: OutputKindName | None = None
     output_kind_decided_by: Text | None = None
 
 
@@ -160,7 +160,7 @@ class Manifest(_Schema):
     architecture: dict[Annotated[str, Field(max_length=MAX_TEXT)], Any] | None = None
     input: InputSpec
     preprocess: Preprocess | None = None
-    task: Literal[(*TASKS, "multi-head")] | None = None
+    task: Literal[TaskName, "multi-head"] | None = None
     labels: Labels | dict[Text, Labels] | None = None
     heads: Annotated[list[HeadSpec], Field(max_length=MAX_HEADS)] = []
     output_structure: OutputStructure | None = None

@@ -25,9 +25,9 @@ produced the output (again through reshapes).
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,10 @@ from torch import Tensor, fx, nn
 from trainfer.errors import InputError
 from trainfer.reparam.fold.trace import trace
 
-OUTPUT_KINDS = ("logits", "probabilities", "log_probabilities")
-TASKS = ("classification", "binary", "regression")
+OutputKindName = Literal["logits", "probabilities", "log_probabilities"]
+TaskName = Literal["classification", "binary", "regression"]
+OUTPUT_KINDS: tuple[OutputKindName, ...] = get_args(OutputKindName)
+TASKS: tuple[TaskName, ...] = get_args(TaskName)
 Selector = int | str | None
 
 _PROBABILITY_MODULES: dict[type[nn.Module], str] = {
@@ -196,7 +198,12 @@ def to_scores(values: Tensor, kind: str, task: str) -> Tensor:
             values = values[:, 0]
         if values.dim() != 1:
             raise InputError(f"a binary model returns (N,), (N, 1) or (N, 2) outputs; got {tuple(values.shape)}")
-        return {"logits": torch.sigmoid, "probabilities": _same, "log_probabilities": torch.exp}[kind](values)
+        squash: dict[str, Callable[[Tensor], Tensor]] = {
+            "logits": torch.sigmoid,
+            "probabilities": _same,
+            "log_probabilities": torch.exp,
+        }
+        return squash[kind](values)
     if values.dim() != 2:
         raise InputError(f"a classification model returns (N, classes) outputs; got {tuple(values.shape)}")
     if kind == "logits":
@@ -282,9 +289,14 @@ def _through_shape_op(graph: fx.GraphModule, node: fx.Node) -> fx.Node | None:
         return first
     if node.op == "call_function" and (node.target in _SHAPE_FUNCTIONS or node.target is operator.getitem):
         return first if node.target is not operator.getitem or _is_shape_index(node.args[1]) else None
-    if node.op == "call_module" and isinstance(graph.get_submodule(node.target), _SHAPE_MODULES):
+    if node.op == "call_module" and isinstance(_called_module(graph, node), _SHAPE_MODULES):
         return first
     return None
+
+
+def _called_module(graph: fx.GraphModule, node: fx.Node) -> nn.Module:
+    """The module a ``call_module`` node calls."""
+    return graph.get_submodule(cast(str, node.target))  # a str: fx.Node refuses other targets but call_function's
 
 
 def _is_shape_index(index: Any) -> bool:
@@ -295,7 +307,7 @@ def _is_shape_index(index: Any) -> bool:
 
 def _classify(graph: fx.GraphModule, node: fx.Node) -> tuple[str, str] | None:
     if node.op == "call_module":
-        module = graph.get_submodule(node.target)
+        module = _called_module(graph, node)
         for cls, kind in _PROBABILITY_MODULES.items():
             if isinstance(module, cls):
                 return kind, f"{type(module).__name__} module {node.target!r}"
@@ -308,7 +320,7 @@ def _classify(graph: fx.GraphModule, node: fx.Node) -> tuple[str, str] | None:
 
 def _describe(graph: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
-        return f"{type(graph.get_submodule(node.target)).__name__} module {node.target!r}"
+        return f"{type(_called_module(graph, node)).__name__} module {node.target!r}"
     if node.op == "call_function":
         return _qualname(node.target)
     if node.op == "call_method":

@@ -38,7 +38,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +181,7 @@ class Predictor:
         ``factory`` and ``trust_factory`` are :func:`trainfer.load`'s (which factories a bundle may name).
         """
         path = Path(path)
+        model: Callable[[Tensor], Any] | None  # an OnnxModel, a served runtime's model or the bundle's nn.Module
         if path.suffix == ".onnx":
             from trainfer.serve.onnx_runtime import load_onnx
 

@@ -130,9 +130,9 @@ class PreprocessSpec:
         return cls(**data)
 
     @classmethod
-    def coerce(cls, spec: PreprocessSpec | dict[str, Any] | None, **defaults: Any) -> PreprocessSpec:
+    def coerce(cls, spec: PreprocessSpec | Mapping[str, Any] | None, **defaults: Any) -> PreprocessSpec:
         """Accept a spec, a dict or ``None``; ``defaults`` fill fields the given spec leaves unset."""
-        if isinstance(spec, cls):
+        if isinstance(spec, PreprocessSpec):
             data = spec.to_dict()
         else:
             data = dict(spec or {})

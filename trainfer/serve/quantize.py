@@ -215,7 +215,7 @@ def _input_files(directory: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------- sensitivity
-def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _layers(model: nn.Module) -> list[tuple[str, nn.Conv2d | nn.Linear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
 
 
@@ -397,7 +397,7 @@ def quantize(
         }
         search = _Search(source, calib, (check, labels, logits_over(source.model, check)), gate, settings, workdir)
         search.threads = threads or torch.get_num_threads()
-        options = (False, True) if equalize == "auto" else (equalize,)
+        options = (False, True) if equalize == "auto" else (bool(equalize),)
         variants = [search.prepare(option, sensitivity_samples) for option in options]
         return search.run(variants, max_float_layers)
 

@@ -154,10 +154,13 @@ class RuntimeRecord:
         """Rebuild a record read from a file; anything malformed raises :class:`BundleError`."""
         if not isinstance(data, dict):
             raise BundleError(f"{source}: expected a JSON object, got {type(data).__name__}")
-        int8 = data.get("runtime") in QUANTIZED_RUNTIMES and data.get("dtype") == "int8"
-        if not int8 and data.get("dtype") not in SUPPORTED_DTYPES.get(data.get("runtime"), ()):
+        runtime: Any = data.get("runtime")  # untrusted JSON: any value, checked here
+        if not isinstance(runtime, str):
+            raise BundleError(f"{source}: expected 'runtime' to be a string, got {type(runtime).__name__}")
+        int8 = runtime in QUANTIZED_RUNTIMES and data.get("dtype") == "int8"
+        if not int8 and data.get("dtype") not in SUPPORTED_DTYPES.get(runtime, ()):
             raise BundleError(
-                f"{source}: runtime {data.get('runtime')!r} with dtype {data.get('dtype')!r} is not one of "
+                f"{source}: runtime {runtime!r} with dtype {data.get('dtype')!r} is not one of "
                 f"{ {name: list(dtypes) for name, dtypes in SUPPORTED_DTYPES.items()} }"
             )
         try:
@@ -239,7 +242,8 @@ class TorchEngine:
         self.dtype, self.channels_last = dtype, channels_last
         served = copy.deepcopy(model).to(dtype).eval()
         if channels_last:
-            served = served.to(memory_format=torch.channels_last)
+            # Module.to takes memory_format (torch's own docs); its overload stubs leave it out
+            served = served.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.model = torch.compile(served, dynamic=False, options={"freezing": True}) if inductor else served
 
     def __call__(self, batch: Tensor) -> Any:
@@ -483,7 +487,8 @@ def compile(
     if runtime == "recorded":
         runtime = _recorded(model_or_bundle)
     if isinstance(runtime, RuntimeRecord):
-        runtime, dtypes = runtime.runtime, (runtime.dtype,)
+        dtypes = (runtime.dtype,)
+        runtime = runtime.runtime
     if runtime != "auto" and runtime not in RUNTIMES:
         raise InputError(f"runtime must be 'auto', 'recorded' or one of {list(RUNTIMES)}; got {runtime!r}")
     names = list(candidates or AUTO_RUNTIMES) if runtime == "auto" else [runtime]
@@ -501,10 +506,10 @@ def compile(
     records = {record.name: record for record, _ in built}
     engines = {record.name: engine for record, engine in built if engine is not None}
     if runtime != "auto":
-        record = built[0][0]
-        if record.status != "ok":
-            raise EquivalenceError(f"{record.name} cannot serve this model: {record.reason}")
-        chosen, chosen_by = record, "given"
+        given = built[0][0]
+        if given.status != "ok":
+            raise EquivalenceError(f"{given.name} cannot serve this model: {given.reason}")
+        chosen, chosen_by = given, "given"
     else:
         _measure(engines, records, source, {"batch_sizes": batch_sizes, "rounds": rounds, "threads": threads})
         chosen, chosen_by = min((records[name] for name in engines), key=lambda r: r.score), "auto"
@@ -542,7 +547,7 @@ def _thread_settings(threads: int) -> dict[str, int]:
 
 
 def _versions() -> dict[str, str]:
-    versions = {"torch": torch.__version__}
+    versions: dict[str, str] = {"torch": torch.__version__}
     for name in ("onnxruntime", "openvino"):
         try:
             versions[name] = importlib.import_module(name).__version__
