@@ -229,7 +229,7 @@ def _deploy(
     recipe = recipe_of(model)
     if recipe is not None:
         attach_recipe(deployed, replace(recipe, form="deploy", deploy_options=report.options))
-    deployed.trainfer_report = report
+    deployed.trainfer_report = report  # type: ignore[assignment]  # nn.Module takes any attribute; torch types them Tensor | Module
     return deployed, report
 
 

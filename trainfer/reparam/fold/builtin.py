@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, fx, nn
@@ -45,7 +45,7 @@ def conv_module(context: FoldContext, node: fx.Node) -> Expr | None:
     if _rank(node) != 4:
         return None
     try:
-        op = ConvOp.from_module(context.module(node))
+        op = ConvOp.from_module(cast(nn.Conv2d, context.module(node)))  # the nn.Conv2d entry: its class matched
     except AlgebraError as error:
         context.keep(node, str(error))
         return None
@@ -82,12 +82,11 @@ def linear_function(context: FoldContext, node: fx.Node) -> Expr | None:
 
 
 def batch_norm_module(context: FoldContext, node: fx.Node) -> Expr | None:
-    bn = context.module(node)
+    bn = cast(_BatchNorm, context.module(node))  # the _BatchNorm entry: handler_for matched the module's class
     if bn.running_mean is None:
         context.keep(node, "track_running_stats=False normalises with batch statistics")
         return None
-    stats = [bn.running_mean, bn.running_var, *(t.detach() if t is not None else None for t in (bn.weight, bn.bias))]
-    return context.chain(node, _input(node), context.affine(*algebra.batch_norm_affine(*stats, bn.eps)))
+    return context.chain(node, _input(node), context.affine(*algebra.bn_affine(bn)))
 
 
 def batch_norm_function(context: FoldContext, node: fx.Node) -> Expr | None:
@@ -96,9 +95,10 @@ def batch_norm_function(context: FoldContext, node: fx.Node) -> Expr | None:
         return None
     names = ("running_mean", "running_var", "weight", "bias")
     stats = [context.constant(bound[k]) for k in names]
-    if any(value is None and bound[k] is not None for k, value in zip(names, stats)):
-        return None  # statistics or affine parameters computed from the input
-    affine = algebra.batch_norm_affine(*stats, bound["eps"])
+    mean, var, weight, bias = stats
+    if mean is None or var is None or any(value is None and bound[k] is not None for k, value in zip(names, stats)):
+        return None  # statistics absent, or statistics or affine parameters computed from the input
+    affine = algebra.batch_norm_affine(mean, var, weight, bias, bound["eps"])
     return context.chain(node, bound["input"], context.affine(*affine))
 
 

@@ -1,16 +1,17 @@
 """Arguments of the functional calls the folder reads, by name, with torch's defaults filled in.
 
 ``bind(node, "conv")`` gives ``{"input": ..., "weight": ..., "stride": 1, ...}`` for an
-``F.conv2d`` node however it was called (positionally or by keyword).
+``F.conv2d`` node however it was called (positionally or by keyword). :func:`target_name` reads
+the name a ``call_module``, ``call_method`` or ``get_attr`` node targets.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from torch import fx
 
-__all__ = ["bind"]
+__all__ = ["bind", "target_name"]
 
 _SIGNATURES: dict[str, tuple[tuple[str, Any], ...]] = {
     "conv": (
@@ -54,3 +55,8 @@ def bind(node: fx.Node, signature: str) -> dict[str, Any]:
     bound.update(zip(names, node.args))
     bound.update(node.kwargs)
     return bound
+
+
+def target_name(node: fx.Node) -> str:
+    """The target of a ``call_module``, ``call_method`` or ``get_attr`` node: a qualified or method name."""
+    return cast(str, node.target)  # torch.fx's Node requires a str target for every op but call_function

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
+from trainfer.reparam.fold.calls import target_name
+
 __all__ = ["Constants", "NotConstant"]
 
 
@@ -69,7 +71,7 @@ class Constants:
 
     def _evaluate(self, node: fx.Node) -> Any:
         if node.op == "get_attr":
-            return reduce(getattr, node.target.split("."), self.gm)
+            return reduce(getattr, target_name(node).split("."), self.gm)
         if node.op not in ("call_function", "call_method") or not node.all_input_nodes:
             return NotConstant
         try:
@@ -78,6 +80,6 @@ class Constants:
         except NotConstant:
             return NotConstant
         with torch.no_grad():
-            if node.op == "call_method":
+            if isinstance(node.target, str):  # call_method: only call_function nodes have callable targets
                 return getattr(args[0], node.target)(*args[1:], **kwargs)
             return node.target(*args, **kwargs)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import fx
 
 from trainfer.reparam.fold.recognize import find_regions
-from trainfer.reparam.fold.regions import Expr, FoldContext
+from trainfer.reparam.fold.regions import Expr, FoldContext, region_op
 from trainfer.reparam.fold.shapes import macs
 
 __all__ = ["settle_costs"]
@@ -24,12 +24,12 @@ def settle_costs(context: FoldContext, splits: list[str]) -> list[tuple[fx.Node,
     there are at most ``len(graph.nodes)`` rounds.
     """
     roots = find_regions(context)
-    while costly := [(root, expr) for root, expr in roots if macs(expr.op, root) > expr.cost]:
+    while costly := [(root, expr) for root, expr in roots if macs(region_op(expr), root) > expr.cost]:
         before = len(context.forced)
         for root, expr in costly:
             context.forced.update(_split_point(context, expr))
             splits.append(
-                f"{context.name(root)}: one conv would cost {macs(expr.op, root)} multiply-adds instead of "
+                f"{context.name(root)}: one conv would cost {macs(region_op(expr), root)} multiply-adds instead of "
                 f"{expr.cost}; folded in parts"
             )
         if len(context.forced) == before:  # cannot happen (see _split_point); never loop on it
@@ -47,6 +47,6 @@ def _split_point(context: FoldContext, expr: Expr) -> set[fx.Node]:
     forced itself, and it was not forced yet either, since the region's consumer absorbed it.
     """
     exprs = context.exprs
-    split = next(m for m in expr.members if macs(exprs[m].op, m) > exprs[m].cost)
+    split = next(m for m in expr.members if macs(region_op(exprs[m]), m) > exprs[m].cost)
     inputs = {node for node in split.all_input_nodes if node in exprs[split].members}
     return inputs or {split}

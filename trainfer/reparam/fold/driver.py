@@ -147,7 +147,8 @@ def _fold_graph(gm: fx.GraphModule, inputs: tuple[Any, ...], prefix: str, log: F
     propagate_shapes(gm, inputs)
     resolve_rank_checks(gm.graph)
     move_batch_norms_into_heads(gm)
-    context, splits = FoldContext(gm, prefix), []
+    context = FoldContext(gm, prefix)
+    splits: list[str] = []
     roots = settle_costs(context, splits)
     log.kept += context.kept + splits
     replaced: dict[fx.Node, fx.Node] = {}

@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from trainfer.errors import InputTypeError
 from trainfer.reparam.fold.builtin import BUILTIN_HANDLERS, Handler
+from trainfer.reparam.fold.calls import target_name
 from trainfer.reparam.fold.trace import extra_leaf_types, is_leaf
 
 __all__ = ["fold_handlers", "handler_for", "register_fold_handler", "unregister_fold_handler"]
@@ -70,7 +71,7 @@ def handler_for(node: fx.Node, modules: dict[str, nn.Module]) -> Handler | None:
     """The handler of ``node``'s call target; for a module call, of the first class along its type's MRO
     that has one, and only if the module is a leaf (an opaque module's ``forward`` is its own)."""
     if node.op == "call_module":
-        module = modules[node.target]
+        module = modules[target_name(node)]
         if not is_leaf(module):
             return None
         return next((_HANDLERS[cls] for cls in type(module).__mro__ if cls in _HANDLERS), None)

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import fx
 
+from trainfer.reparam.fold.calls import target_name
 from trainfer.reparam.fold.constants import Constants
 
 __all__ = ["Naming"]
@@ -27,7 +28,7 @@ class Naming:
         if node.op == "call_module":
             return f"{node.target}.forward"
         if node.op == "get_attr":
-            return node.target
+            return target_name(node)
         for argument in node.all_input_nodes:
             if argument.op == "get_attr" or self.constants.known(argument):
                 found = self.origin(argument)

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import operator
+from functools import partial
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-from trainfer.reparam.fold.calls import bind
+from trainfer.reparam.fold.calls import bind, target_name
 from trainfer.reparam.fold.shapes import shape
 from trainfer.reparam.fold.trace import is_leaf
 
@@ -83,17 +84,17 @@ _ASSERTS = {torch._assert}
 
 def _rank_query(node: fx.Node) -> fx.Node | None:
     """The tensor whose rank ``node`` asks for (``x.ndim``, ``x.dim()``, ``x.ndimension()``), else None."""
-    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("ndim",):
-        return node.args[0]
-    if node.op == "call_method" and node.target in ("dim", "ndimension") and len(node.args) == 1:
-        return node.args[0]
-    return None
+    asks_rank = (node.op == "call_function" and node.target is getattr and node.args[1:] == ("ndim",)) or (
+        node.op == "call_method" and node.target in ("dim", "ndimension") and len(node.args) == 1
+    )
+    source = node.args[0] if asks_rank else None
+    return source if isinstance(source, fx.Node) else None
 
 
 def _static_value(node: fx.Node) -> tuple[bool, Any]:
     """``(True, value)`` for a rank query or a comparison of static values, ``(False, None)`` otherwise."""
     source = _rank_query(node)
-    if isinstance(source, fx.Node):
+    if source is not None:
         meta = source.meta.get("tensor_meta")
         return (True, len(meta.shape)) if meta is not None and hasattr(meta, "shape") else (False, None)
     if node.op == "call_function" and node.target in _COMPARISONS and not node.all_input_nodes:
@@ -140,7 +141,7 @@ def _averages_space(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Global average pooling of a 4-D value: ``AdaptiveAvgPool2d(1)``, ``F.adaptive_avg_pool2d(x, 1)``,
     ``x.mean((2, 3))`` (``keepdim`` either way)."""
     if node.op == "call_module":
-        module = modules[node.target]
+        module = modules[target_name(node)]
         return isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1))
     if node.target is F.adaptive_avg_pool2d:
         return node.args[1:2] in ((1,), ((1, 1),)) or node.kwargs.get("output_size") in (1, (1, 1))
@@ -152,7 +153,7 @@ def _averages_space(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 def _drops_unit_dims(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """A flatten/view/reshape/squeeze that turns ``(N, C, 1, 1)`` into ``(N, C)``."""
-    reshape = (node.op == "call_module" and isinstance(modules[node.target], nn.Flatten)) or (
+    reshape = (node.op == "call_module" and isinstance(modules[target_name(node)], nn.Flatten)) or (
         node.op in ("call_function", "call_method") and node.target in _RESHAPES
     )
     source = node.args[0] if node.args else None
@@ -183,14 +184,14 @@ def _shape_query(node: fx.Node) -> bool:
 
 def _is_linear_layer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
-        return type(modules[node.target]) is nn.Linear
+        return type(modules[target_name(node)]) is nn.Linear
     return node.op == "call_function" and node.target is F.linear
 
 
 def _batch_norm_arguments(node: fx.Node, modules: dict[str, nn.Module], graph: fx.Graph) -> tuple | None:
     """``(input, running_mean, running_var, weight, bias, eps)`` of an eval-mode batch norm node, else None."""
     if node.op == "call_module":
-        module = modules[node.target]
+        module = modules[target_name(node)]
         if not (isinstance(module, _BatchNorm) and is_leaf(module)) or module.running_mean is None:
             return None
         with graph.inserting_before(node):
@@ -230,7 +231,7 @@ def move_batch_norms_into_heads(gm: fx.GraphModule) -> int:
     for node in list(graph.nodes):
         chain = _head_after(node, modules)
         arguments = _batch_norm_arguments(node, modules, graph) if chain else None
-        if arguments is None:
+        if chain is None or arguments is None:
             continue
         source, mean, var, weight, bias, eps = arguments
         chain[0].replace_input_with(node, source)
@@ -239,7 +240,7 @@ def move_batch_norms_into_heads(gm: fx.GraphModule) -> int:
             affine = {"weight": weight, "bias": bias, "eps": eps}
             moved_bn = graph.call_function(F.batch_norm, (last, mean, var), affine)
         moved_bn.meta = dict(last.meta)
-        last.replace_all_uses_with(moved_bn, delete_user_cb=lambda user, moved_bn=moved_bn: user is not moved_bn)
+        last.replace_all_uses_with(moved_bn, delete_user_cb=partial(operator.is_not, moved_bn))
         graph.erase_node(node)
         moved += 1
     return moved

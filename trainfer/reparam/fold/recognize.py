@@ -10,6 +10,7 @@ import operator
 
 from torch import fx
 
+from trainfer.reparam.fold.calls import target_name
 from trainfer.reparam.fold.constants import NotConstant
 from trainfer.reparam.fold.handlers import handler_for
 from trainfer.reparam.fold.regions import Expr, FoldContext
@@ -23,7 +24,7 @@ _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itru
 def _is_inplace(node: fx.Node) -> bool:
     """``x.add_(y)``, ``x += y``, ...: the node's first argument is overwritten."""
     if node.op == "call_method":
-        return node.target.endswith("_")
+        return target_name(node).endswith("_")
     return node.op == "call_function" and node.target in _INPLACE_OPERATORS
 
 
@@ -33,7 +34,7 @@ def expression(context: FoldContext, node: fx.Node) -> Expr | None:
     shape_ = shape(node)
     if shape_ is None or len(shape_) not in (2, 4) or not node.meta["tensor_meta"].dtype.is_floating_point:
         return None
-    if _is_inplace(node) and len(node.args[0].users) > 1:
+    if _is_inplace(node) and isinstance(node.args[0], fx.Node) and len(node.args[0].users) > 1:
         return None
     handler = handler_for(node, context.modules)
     try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, fx, nn
 
@@ -26,7 +26,7 @@ from trainfer.reparam.fold.constants import Constants
 from trainfer.reparam.fold.naming import Naming
 from trainfer.reparam.fold.shapes import macs, numel, shape
 
-__all__ = ["Expr", "FoldContext", "Step"]
+__all__ = ["Expr", "FoldContext", "Step", "region_op"]
 
 #: ``step(previous, anchor)``: the node's operator given its source's (``None``: the identity on ``anchor``).
 Step = Callable[[ConvOp | None, fx.Node], ConvOp]
@@ -40,6 +40,11 @@ class Expr:
     op: ConvOp | None
     members: tuple[fx.Node, ...] = ()
     cost: int = 0
+
+
+def region_op(expr: Expr) -> ConvOp:
+    """The ``op`` of an expression recorded in :attr:`FoldContext.exprs` (only placeholders have none)."""
+    return cast(ConvOp, expr.op)  # recorded expressions come from chain/add_branches, which always build an op
 
 
 class FoldContext:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import reduce
+from typing import cast
 
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -17,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from trainfer.reparam import algebra
 from trainfer.reparam.algebra import AlgebraError, ConvOp
 from trainfer.reparam.fold.log import FoldedRegion, FoldLog, describe
-from trainfer.reparam.fold.regions import Expr, FoldContext
+from trainfer.reparam.fold.regions import Expr, FoldContext, region_op
 from trainfer.reparam.fold.shapes import shape
 from trainfer.reparam.fold.trace import is_leaf
 
@@ -26,10 +27,10 @@ __all__ = ["fuse_sequential_pairs", "rewrite_region"]
 
 def rewrite_region(context: FoldContext, root: fx.Node, expr: Expr, anchor: fx.Node, log: FoldLog) -> fx.Node:
     """Replace the region ending at ``root`` by one conv/linear module reading ``anchor``; log it."""
-    if len(shape(root)) == 4:
-        module: nn.Module = algebra.to_conv2d(expr.op)
+    if len(shape(root) or ()) == 4:
+        module: nn.Module = algebra.to_conv2d(region_op(expr))
     else:
-        dense = algebra.regroup(expr.op, 1)
+        dense = algebra.regroup(region_op(expr), 1)
         module = algebra.to_linear(dense.weight[:, :, 0, 0], dense.bias)
     gm, prefix = context.gm, context.naming.prefix
     name = _new_name(context, expr.members)
@@ -72,7 +73,7 @@ def _has_attribute(module: nn.Module, dotted: str) -> bool:
     return True
 
 
-def _fused_pair(layer: nn.Module, bn: _BatchNorm) -> nn.Module:
+def _fused_pair(layer: nn.Conv2d | nn.Linear, bn: _BatchNorm) -> nn.Module:
     """``layer`` (``nn.Conv2d`` or ``nn.Linear``) followed by ``bn`` as one layer; raises :class:`AlgebraError`."""
     if isinstance(layer, nn.Conv2d):
         return algebra.to_conv2d(algebra.fuse_bn(ConvOp.from_module(layer), bn))
@@ -88,7 +89,7 @@ def fuse_sequential_pairs(sequence: nn.Sequential, prefix: str, log: FoldLog) ->
         if type(layer) not in (nn.Conv2d, nn.Linear) or not isinstance(bn, _BatchNorm) or not is_leaf(bn):
             continue
         try:
-            fused = _fused_pair(layer, bn)
+            fused = _fused_pair(cast(nn.Conv2d | nn.Linear, layer), bn)  # its exact type was checked above
         except AlgebraError as error:
             log.kept.append(f"{prefix}{first} -> {prefix}{second}: {error}")
             continue
