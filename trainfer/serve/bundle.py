@@ -56,7 +56,7 @@ WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 FORMAT = "trainfer-bundle"
 #: 2: deploy forms carry their ``architecture``; a version-1 deploy-form bundle built by
-#: ``trainfer.deploy`` (rebuilt by replaying the fold) is refused with a message to re-save it.
+#: ``trainfer.deploy`` (rebuilt by replaying the fold) is refused, pointing to ``trainfer migrate``.
 FORMAT_VERSION = 2
 CHECKPOINT_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
 MAX_MANIFEST_BYTES = 16 * 2**20
@@ -75,9 +75,13 @@ __all__ = [
     "load",
     "load_state_dict",
     "load_weights",
+    "read_bundle_weights",
     "read_manifest",
     "resolve_factory",
     "save",
+    "weights_dtype",
+    "write_bundle",
+    "writer_versions",
     "write_safetensors",
 ]
 
@@ -122,7 +126,20 @@ def save(
             f"for a {type(model).__name__}; trainfer's own models carry it in their recipe, and a deploy form "
             "from trainfer.deploy records its architecture"
         )
-    state = _tensors_to_save(model)
+    return write_bundle(path, manifest, _tensors_to_save(model))
+
+
+def write_bundle(
+    path: str | os.PathLike[str],
+    manifest: dict[str, Any],
+    state: Mapping[str, Tensor],
+    check: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write ``state`` and ``manifest`` (given its ``weights`` entry) as the bundle ``path``, atomically.
+
+    ``check(staging)`` runs on the complete bundle before it replaces ``path``: raising there leaves
+    ``path`` as it was. Refuses to replace a directory that is not a trainfer bundle.
+    """
     target = Path(path)
     if target.exists() and not (target / MANIFEST_FILE).is_file():
         raise BundleError(f"refusing to overwrite {str(target)!r}: it exists and is not a trainfer bundle")
@@ -130,6 +147,8 @@ def save(
         write_safetensors(state, tmp / WEIGHTS_FILE)
         manifest["weights"] = {"file": WEIGHTS_FILE, "sha256": _sha256(tmp / WEIGHTS_FILE), "tensors": len(state)}
         _write_json(tmp / MANIFEST_FILE, manifest)
+        if check is not None:
+            check(tmp)
     return target
 
 
@@ -178,7 +197,7 @@ def build_manifest(
         "labels": _manifest_labels(resolved, heads is None),
         "heads": [head.to_dict() for head in resolved],
         "output_structure": structure,
-        "versions": _versions(),
+        "versions": writer_versions(),
     }
 
 
@@ -217,7 +236,8 @@ def _manifest_labels(heads: list[Head], single: bool) -> Any:
     return {str(h.name): list(h.labels) for h in heads if h.labels is not None} or None
 
 
-def _versions() -> dict[str, str]:
+def writer_versions() -> dict[str, str]:
+    """The versions a manifest records of the trainfer, torch and safetensors writing it."""
     import safetensors
 
     from trainfer._version import __version__
@@ -376,9 +396,9 @@ def load(
         manifest = read_manifest(path)
         if config is not None:
             manifest["config"] = dict(config)
-        state = _read_bundle_weights(path if path.is_dir() else path.parent, manifest)
+        state = read_bundle_weights(path if path.is_dir() else path.parent, manifest)
     stored = sum(value.numel() for value in state.values())
-    model = build_model(manifest, _floating_dtype(state), factory=factory, trust_factory=trust_factory, stored=stored)
+    model = build_model(manifest, weights_dtype(state), factory=factory, trust_factory=trust_factory, stored=stored)
     described = manifest.get("architecture") is not None
     try:
         load_state_dict(model, state, source=str(path), assign=described)
@@ -402,7 +422,8 @@ def load(
     return model
 
 
-def _read_bundle_weights(directory: Path, manifest: dict[str, Any]) -> dict[str, Tensor]:
+def read_bundle_weights(directory: Path, manifest: dict[str, Any]) -> dict[str, Tensor]:
+    """The weights a bundle's manifest names, once their sha256 matches the manifest's."""
     entry = manifest["weights"]
     file = directory / entry.get("file", WEIGHTS_FILE)
     if Path(entry.get("file", WEIGHTS_FILE)).name != entry.get("file", WEIGHTS_FILE) or file.suffix != ".safetensors":
@@ -468,7 +489,8 @@ def _state_from_checkpoint(data: Any, path: Path) -> dict[str, Tensor]:
     return data
 
 
-def _floating_dtype(state: Mapping[str, Tensor]) -> torch.dtype | None:
+def weights_dtype(state: Mapping[str, Tensor]) -> torch.dtype | None:
+    """The one floating dtype of ``state``'s tensors (``None`` for none or several)."""
     dtypes = {value.dtype for value in state.values() if value.is_floating_point()}
     return dtypes.pop() if len(dtypes) == 1 else None
 
@@ -549,8 +571,8 @@ def build_model(
     if manifest["form"] == "deploy" and config.get("deploy") is not True:
         raise BundleError(
             f"this deploy-form bundle records no architecture and its factory {name!r} is not told deploy=True: "
-            "it was written by trainfer 0.x with format_version 1, whose deploy forms were rebuilt by replaying "
-            "the fold; load its training form and save trainfer.deploy(...) again with this trainfer"
+            "it was written with format_version 1, whose deploy forms were rebuilt by replaying the fold; "
+            "rewrite it once with `trainfer migrate OLD NEW` (trainfer.serve.migrate.migrate)"
         )
     build = allowed_factory(name, factory, trust_factory)
     if stored is not None:

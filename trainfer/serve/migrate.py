@@ -1,0 +1,131 @@
+"""Bundles of an older format rewritten in this trainfer's (``trainfer migrate OLD NEW``).
+
+Format 1 stored a deploy form folded by ``trainfer.deploy`` without its architecture: loading rebuilt it
+by replaying the fold on the training form (from the manifest's factory, with generic BatchNorm
+statistics) and loading the stored weights into the graph that came out. Format 2 records that graph
+(:mod:`trainfer.serve.architecture`) and no longer replays anything on load.
+
+:func:`migrate` replays the fold once, here, on the manifest's input shape and deploy options; the stored
+weights must fit the graph it gives exactly (strict keys and shapes), otherwise the folder has changed in
+a way that matters and nothing is written. The new bundle keeps every field of the old manifest, adds the
+``architecture`` and this trainfer's versions, and is loaded back and compared with the replayed model
+before it replaces ``target``. The factory is allowed exactly as :func:`trainfer.load` allows it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from trainfer.errors import BundleError
+from trainfer.numerics import randomize_batchnorm
+from trainfer.reparam.deploy import deploy
+from trainfer.reparam.verify import verify
+from trainfer.serve.architecture import describe
+from trainfer.serve.bundle import (
+    FORMAT_VERSION,
+    build_model,
+    load,
+    load_state_dict,
+    read_bundle_weights,
+    read_manifest,
+    weights_dtype,
+    write_bundle,
+    writer_versions,
+)
+
+__all__ = ["migrate", "needs_migration"]
+
+
+def needs_migration(manifest: dict[str, Any]) -> bool:
+    """Whether a (validated) manifest is a format-1 deploy form that only a fold replay rebuilds."""
+    return (
+        manifest["form"] == "deploy"
+        and manifest.get("architecture") is None
+        and manifest["config"].get("deploy") is not True
+    )
+
+
+def migrate(
+    source: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    *,
+    factory: str | Callable[..., nn.Module] | None = None,
+    trust_factory: bool = False,
+) -> Path:
+    """Write the format-1 deploy-form bundle ``source`` as a current bundle at ``target``; return ``target``.
+
+    ``target`` may be ``source`` itself (it is replaced atomically, once the new bundle has been checked).
+    Raises :class:`BundleError` for a bundle that needs no migration, a factory that is not allowed, or
+    weights that do not fit the graph this trainfer's fold gives; ``target`` is then left as it was.
+    """
+    source = Path(source)
+    manifest = read_manifest(source)
+    if not needs_migration(manifest):
+        raise BundleError(
+            f"{str(source)!r} (format_version {manifest['format_version']}, form {manifest['form']!r}) "
+            "loads as it is: nothing to migrate"
+        )
+    state = read_bundle_weights(source, manifest)
+    deployed = _replay_fold(manifest, state, factory, trust_factory, str(source))
+    migrated = {
+        **manifest,
+        "format_version": FORMAT_VERSION,
+        "architecture": describe(deployed),
+        "versions": {**writer_versions(), "migrated_from_trainfer": manifest["versions"]["trainfer"]},
+    }
+    shape = manifest["input"]["shape"]
+    probe = torch.randn(4, *shape[1:], dtype=weights_dtype(state) or torch.float32)
+    return write_bundle(target, migrated, state, check=lambda staged: _same_outputs(staged, deployed, probe))
+
+
+def _replay_fold(
+    manifest: dict[str, Any],
+    state: dict[str, Tensor],
+    factory: str | Callable[..., nn.Module] | None,
+    trust_factory: bool,
+    source: str,
+) -> fx.GraphModule:
+    """What format 1's loader built: the training form, folded on the manifest's input shape, with the weights."""
+    shape = manifest["input"].get("shape")
+    if not shape:
+        raise BundleError(f"{source}: input.shape: a format-1 deploy form needs its input shape to replay the fold")
+    stored = sum(value.numel() for value in state.values())
+    dtype = weights_dtype(state)
+    train = build_model(
+        {**manifest, "form": "train"}, dtype, factory=factory, trust_factory=trust_factory, stored=stored
+    )
+    randomize_batchnorm(train.eval())  # generic statistics, as format 1 used: no BatchNorm is an identity
+    options = manifest.get("deploy_options") or {}
+    try:
+        deployed = deploy(train, torch.randn(*shape, dtype=dtype or torch.float32), verify=False, **options)
+    except Exception as error:  # e.g. an input shape the architecture cannot take: the manifest's
+        raise BundleError(
+            f"{source}: input.shape: the fold cannot be replayed on inputs of shape {shape}: {error}"
+        ) from error
+    if not isinstance(deployed, fx.GraphModule):
+        raise BundleError(f"{source}: the replayed fold gives a {type(deployed).__name__}, not a graph to record")
+    try:
+        load_state_dict(deployed, state, source=source)
+    except BundleError as error:
+        raise BundleError(
+            f"{error}: this trainfer folds {manifest['factory']!r} into another graph than the trainfer "
+            f"{manifest['versions']['trainfer']} that wrote the bundle; load its training form and save "
+            "trainfer.deploy(...) of it instead"
+        ) from None
+    deployed.eval()
+    return deployed
+
+
+def _same_outputs(staged: Path, replayed: nn.Module, probe: Tensor) -> None:
+    """Refuse a migrated bundle whose model does not compute what the replayed one does."""
+    equivalence = verify(replayed, load(staged), probe, dtypes=(None,))
+    if not equivalence.ok:
+        raise BundleError(
+            f"the migrated bundle does not compute what the replayed fold does; nothing was written\n{equivalence}"
+        )
