@@ -1,4 +1,4 @@
-"""Every Python code block in the README and in docs/ runs, page by page.
+"""Every Python code block in the README and in docs/ runs, page by page; every shell command names what exists.
 
 The blocks of one page share a namespace and run in order (later blocks build on earlier ones),
 in a fresh working directory, so a page's examples are a script that must work as written.
@@ -6,9 +6,11 @@ in a fresh working directory, so a page's examples are a script that must work a
 
 import os
 import re
+import shlex
 import textwrap
 from pathlib import Path
 
+import click
 import matplotlib
 import pytest
 
@@ -36,3 +38,77 @@ def test_code_blocks_run(page, tmp_path, monkeypatch):
             exec(compile(block, f"{page.name}, block {number}", "exec"), namespace)
         except Exception as error:
             raise AssertionError(f"{page.name} block {number} failed: {error!r}\n{block}") from error
+
+
+# Shell blocks train models, launch torchrun or build venvs, so they are not run here: each command in them
+# is checked against what it names instead (the CLI's parser, the Makefile's targets, the files and options).
+SHELL_BLOCK = re.compile(r"^( *)```(?:bash|console|sh)\n(.*?)^\1```", re.S | re.M)
+MAKE_TARGETS = set(re.findall(r"^([\w.-]+):", (ROOT / "Makefile").read_text(), re.M))
+
+
+def shell_commands(page: Path) -> list[list[str]]:
+    """The argv of every command line in the page's shell blocks (``$ `` prompts, ``\\`` continuations
+    and ``#`` comments removed; output lines, which start with no known program, are skipped)."""
+    commands = []
+    for _, block in SHELL_BLOCK.findall(page.read_text()):
+        for line in textwrap.dedent(block).replace("\\\n", " ").splitlines():
+            argv = shlex.split(line.removeprefix("$ "), comments=True)
+            while argv and re.fullmatch(r"[A-Z_]+=\S*", argv[0]):  # VAR=value before the program
+                argv = argv[1:]
+            if argv and (argv[0] in ("trainfer", "make", "torchrun") or argv[0].endswith("python")):
+                commands.append(argv)
+    return commands
+
+
+def _check_trainfer(args: list[str]) -> None:
+    """Parse ``trainfer ARGS`` with the real CLI; only paths that must exist may fail (they name user files)."""
+    from trainfer.cli import main
+
+    context = click.Context(main, info_name="trainfer")
+    command = main.get_command(context, args[0])
+    assert command is not None, f"no sub-command {args[0]!r}"
+    try:
+        command.make_context(args[0], list(args[1:]), parent=context)
+    except click.BadParameter as error:
+        assert isinstance(error.param.type, click.Path) and "does not exist" in error.message, error.format_message()
+
+
+def check_command(argv: list[str]) -> None:
+    if argv[0] == "make":
+        assert set(argv[1:]) <= MAKE_TARGETS, f"not Makefile targets: {set(argv[1:]) - MAKE_TARGETS}"
+    elif argv[0] == "trainfer":
+        _check_trainfer(argv[1:])
+    elif "-m" in argv and argv[argv.index("-m") + 1] == "trainfer":  # torchrun / python -m trainfer
+        _check_trainfer(argv[argv.index("-m") + 2 :])
+    elif "-m" in argv and argv[argv.index("-m") + 1] == "pytest":
+        assert all((ROOT / arg).is_file() for arg in argv if arg.startswith("tests/")), argv
+    else:  # python benchmarks/x.py --option ...: the script exists and takes each option
+        script = next(ROOT / arg for arg in argv if arg.endswith(".py"))
+        options = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
+        assert options <= set(re.findall(r"--[\w-]+", script.read_text())), f"{script.name} lacks {options}"
+
+
+SHELL_PAGES = [p for p in PAGES if shell_commands(p)]
+
+
+@pytest.mark.parametrize("page", SHELL_PAGES, ids=lambda p: p.name)
+def test_shell_commands_name_what_exists(page):
+    for argv in shell_commands(page):
+        try:
+            check_command(argv)
+        except (AssertionError, click.ClickException) as error:
+            raise AssertionError(f"{page.name}: {shlex.join(argv)}: {error}") from error
+
+
+def test_a_stale_shell_command_is_caught():
+    stale = [
+        ["trainfer", "predict", "m", "x.png", "--top-kk", "3"],
+        ["trainfer", "deplyo", "x"],
+        ["make", "tests"],
+        ["python", "benchmarks/bench_predict.py", "--modle", "x"],
+        ["python", "-m", "pytest", "tests/test_nowhere.py"],
+    ]
+    for argv in stale:
+        with pytest.raises((AssertionError, click.ClickException)):
+            check_command(argv)
+    assert sum(len(shell_commands(page)) for page in PAGES) >= 35
