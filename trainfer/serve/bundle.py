@@ -75,6 +75,7 @@ __all__ = [
     "load",
     "load_state_dict",
     "load_weights",
+    "needs_migration",
     "read_bundle_weights",
     "read_manifest",
     "resolve_factory",
@@ -568,7 +569,7 @@ def build_model(
     if manifest.get("architecture") is not None:
         return rebuild(manifest["architecture"], "manifest")
     name, config = manifest["factory"], manifest["config"]
-    if manifest["form"] == "deploy" and config.get("deploy") is not True:
+    if needs_migration(manifest):
         raise BundleError(
             f"this deploy-form bundle records no architecture and its factory {name!r} is not told deploy=True: "
             "it was written with format_version 1, whose deploy forms were rebuilt by replaying the fold; "
@@ -579,6 +580,16 @@ def build_model(
         _check_size(build, name, config, stored)
     model = _call_factory(build, name, config)
     return model.to(dtype) if dtype is not None else model
+
+
+def needs_migration(manifest: Mapping[str, Any]) -> bool:
+    """Whether a (validated) manifest is a format-1 deploy form, which only a replay of the fold rebuilds
+    (:mod:`trainfer.serve.migrate` rewrites it once)."""
+    return (
+        manifest["form"] == "deploy"
+        and manifest.get("architecture") is None
+        and manifest["config"].get("deploy") is not True
+    )
 
 
 def _call_factory(build: Callable[..., Any], name: str, config: Mapping[str, Any]) -> nn.Module:

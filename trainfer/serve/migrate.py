@@ -32,6 +32,7 @@ from trainfer.serve.bundle import (
     build_model,
     load,
     load_state_dict,
+    needs_migration,
     read_bundle_weights,
     read_manifest,
     weights_dtype,
@@ -39,16 +40,7 @@ from trainfer.serve.bundle import (
     writer_versions,
 )
 
-__all__ = ["migrate", "needs_migration"]
-
-
-def needs_migration(manifest: dict[str, Any]) -> bool:
-    """Whether a (validated) manifest is a format-1 deploy form that only a fold replay rebuilds."""
-    return (
-        manifest["form"] == "deploy"
-        and manifest.get("architecture") is None
-        and manifest["config"].get("deploy") is not True
-    )
+__all__ = ["migrate"]
 
 
 def migrate(
