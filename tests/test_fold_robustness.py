@@ -219,6 +219,46 @@ def test_untraceable_bn_and_pad_stays_opaque_and_everything_around_it_folds():
     assert executed(deployed, x) == {"conv": 25, "bn": 10, "pool": 0}
 
 
+class ConvBNWithResolution(nn.Module):
+    """A child holding a plain attribute its parent reads, like timm's ``CascadedGroupAttention``."""
+
+    def __init__(self, channels: int, resolution: int):
+        super().__init__()
+        self.resolution = resolution
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class WindowedLike(nn.Module):
+    """timm's ``LocalWindowAttention`` shape: an untraceable forward (a branch on the input's size) that
+    reads ``self.attn.resolution`` around the call of its foldable child."""
+
+    def __init__(self, channels: int = 4, resolution: int = 6):
+        super().__init__()
+        self.attn = ConvBNWithResolution(channels, resolution)
+
+    def forward(self, x):
+        r = self.attn.resolution
+        if x.shape[-1] <= r:
+            return self.attn(x)
+        return F.pad(self.attn(x[..., :r, :r]), (0, x.shape[-1] - r, 0, x.shape[-2] - r))
+
+
+@pytest.mark.parametrize("opaque_inside_a_graph", [False, True])
+def test_a_folded_child_keeps_the_plain_attributes_its_untraceable_parent_reads(opaque_inside_a_graph):
+    x = torch.randn(2, 4, 8, 8)
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), WindowedLike()) if opaque_inside_a_graph else WindowedLike()
+    deployed = deployed_both(model, x)
+    assert executed(deployed, x)["bn"] == 0  # the child's BatchNorm is folded into its conv
+    windowed = deployed.get_submodule("1" if opaque_inside_a_graph else "")
+    assert isinstance(windowed.attn, torch.fx.GraphModule) and windowed.attn.resolution == 6
+    with torch.no_grad():  # a deep copy (as verify and users make) keeps them too
+        assert_close(copy.deepcopy(deployed)(x.double()), deployed(x.double()))
+
+
 # --- 4. BatchNorm subclasses with their own forward (timm's conventions) ---------------------------
 
 

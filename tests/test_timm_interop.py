@@ -35,18 +35,7 @@ bench = _bench()
 SIZE, LIMIT_S = 64, 600
 
 
-#: Known failures, each a bug in the folder's fallback for untraceable modules (issue 14, section 2).
-KNOWN = {
-    "efficientvit_m0": "the untraceable LocalWindowAttention reads self.attn.resolution, which its folded child lacks: "
-    "AttributeError",
-}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN[n], strict=True)) if n in KNOWN else n
-     for n in bench.REPARAM_MODELS + bench.BN_CNNS],
-)  # fmt: skip
+@pytest.mark.parametrize("name", bench.REPARAM_MODELS + bench.BN_CNNS)
 def test_deploy_is_exact_and_leaves_no_more_batch_norm_than_timm(name):
     row = bench.run_isolated(bench.compare, (name, SIZE), LIMIT_S)
     assert not row.error, row.error

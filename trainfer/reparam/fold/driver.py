@@ -77,7 +77,9 @@ def _fold_opaque(
             f"{prefix}{name}: not traceable by torch.fx ({_reason(error)}); kept as one opaque op, folded around"
         )
         if name in recorded:
-            gm.set_submodule(name, _fold_module(gm.get_submodule(name), recorded[name], f"{prefix}{name}.", log))
+            original = gm.get_submodule(name)
+            folded = _fold_module(original, recorded[name], f"{prefix}{name}.", log)
+            gm.set_submodule(name, _keep_plain_attributes(original, folded))
 
 
 def _reason(error: Exception) -> str:
@@ -134,10 +136,31 @@ def _fold_children(module: nn.Module, inputs: tuple[Any, ...], prefix: str, log:
         module(*inputs)
     for name, child in list(module.named_children()):
         if name in child_inputs and not is_leaf(child):
-            setattr(module, name, _fold_module(child, child_inputs[name], f"{prefix}{name}.", log))
+            folded = _fold_module(child, child_inputs[name], f"{prefix}{name}.", log)
+            setattr(module, name, _keep_plain_attributes(child, folded))
     if isinstance(module, nn.Sequential):
         fuse_sequential_pairs(module, prefix, log)
     return module
+
+
+def _keep_plain_attributes(original: nn.Module, folded: nn.Module) -> nn.Module:
+    """``folded`` (a traced copy of ``original``) given the plain attributes of ``original`` it lacks.
+
+    A parent whose own Python ``forward`` stays may read them (timm's ``LocalWindowAttention`` reads
+    ``self.attn.resolution``); a ``GraphModule`` only keeps what its graph reads. They are also listed
+    under ``meta["_user_preserved_attributes"]``, which ``GraphModule.__deepcopy__`` restores.
+    """
+    if not isinstance(folded, fx.GraphModule) or folded is original:
+        return folded
+    plain = {
+        name: value
+        for name, value in vars(original).items()
+        if not name.startswith("_") and name != "training" and not hasattr(folded, name)
+    }
+    for name, value in plain.items():
+        setattr(folded, name, value)
+    folded.meta.setdefault("_user_preserved_attributes", {}).update(plain)
+    return folded
 
 
 def _fold_graph(gm: fx.GraphModule, inputs: tuple[Any, ...], prefix: str, log: FoldLog) -> fx.GraphModule:
