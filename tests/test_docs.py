@@ -4,15 +4,19 @@ The blocks of one page share a namespace and run in order (later blocks build on
 in a fresh working directory, so a page's examples are a script that must work as written.
 """
 
+import importlib
 import os
 import re
 import shlex
 import textwrap
+import warnings
 from pathlib import Path
 
 import click
 import matplotlib
 import pytest
+
+from trainfer._moved import MOVED
 
 ROOT = Path(__file__).parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -112,3 +116,53 @@ def test_a_stale_shell_command_is_caught():
         with pytest.raises((AssertionError, click.ClickException)):
             check_command(argv)
     assert sum(len(shell_commands(page)) for page in PAGES) >= 35
+
+
+DOTTED = re.compile(r"`(trainfer(?:\.[A-Za-z_]\w*)+)")
+
+
+def documented_names(page: Path) -> set[str]:
+    """The dotted ``trainfer.*`` names a page writes in backticks (the table of 0.1 paths excepted)."""
+    text = page.read_text()
+    old_paths = re.search(r"^## Old import paths\n.*?(?=^## |\Z)", text, re.S | re.M)
+    if old_paths:
+        text = text.replace(old_paths.group(0), "")
+    return set(DOTTED.findall(text))
+
+
+def resolve(name: str) -> object:
+    """The object ``name`` names: its longest importable module prefix, then attributes; a moved
+    (deprecated) path or name raises a ``DeprecationWarning`` (already imported or not)."""
+    parts = name.split(".")
+    for cut in range(2, len(parts) + 1):
+        if ".".join(parts[:cut]) in MOVED:
+            raise DeprecationWarning(f"{'.'.join(parts[:cut])} moved to {MOVED['.'.join(parts[:cut])]}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        for cut in range(len(parts), 0, -1):
+            try:
+                found: object = importlib.import_module(".".join(parts[:cut]))
+                break
+            except ModuleNotFoundError:
+                continue
+        for part in parts[cut:]:
+            found = getattr(found, part)
+    return found
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if documented_names(p)], ids=lambda p: p.name)
+def test_every_dotted_name_a_page_writes_exists_at_its_current_path(page):
+    stale = {}
+    for name in sorted(documented_names(page)):
+        try:
+            resolve(name)
+        except (AttributeError, DeprecationWarning) as error:
+            stale[name] = f"{type(error).__name__}: {error}"
+    assert not stale, f"{page.name} names what is not there (or moved): {stale}"
+
+
+def test_a_moved_or_missing_name_is_caught():
+    for name in ("trainfer.algebra", "trainfer.serve.bundle.no_such_function"):
+        with pytest.raises((AttributeError, DeprecationWarning)):
+            resolve(name)
+    assert resolve("trainfer.serve.migrate.migrate") is not None
