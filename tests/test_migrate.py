@@ -58,8 +58,8 @@ def test_the_migrated_bundle_computes_what_the_old_loader_computed(old, tmp_path
     ]
 
 
-def test_a_bundle_migrates_in_place(old):
-    migration.migrate(old, old)
+def test_a_bundle_migrates_in_place_named_by_its_manifest(old):
+    migration.migrate(old / "manifest.json", old)
     assert json.loads((old / "manifest.json").read_text())["format_version"] == 2
     assert isinstance(trainfer.load(old), torch.fx.GraphModule)
 

@@ -50,7 +50,8 @@ def migrate(
     factory: str | Callable[..., nn.Module] | None = None,
     trust_factory: bool = False,
 ) -> Path:
-    """Write the format-1 deploy-form bundle ``source`` as a current bundle at ``target``; return ``target``.
+    """Write the format-1 deploy-form bundle ``source`` (its directory or its ``manifest.json``) as a current
+    bundle at ``target``; return ``target``.
 
     ``target`` may be ``source`` itself (it is replaced atomically, once the new bundle has been checked).
     Raises :class:`BundleError` for a bundle that needs no migration, a factory that is not allowed, or
@@ -63,7 +64,7 @@ def migrate(
             f"{str(source)!r} (format_version {manifest['format_version']}, form {manifest['form']!r}) "
             "loads as it is: nothing to migrate"
         )
-    state = read_bundle_weights(source, manifest)
+    state = read_bundle_weights(source if source.is_dir() else source.parent, manifest)
     deployed = _replay_fold(manifest, state, factory, trust_factory, str(source))
     migrated = {
         **manifest,
