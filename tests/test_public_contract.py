@@ -75,7 +75,7 @@ def test_the_public_contract_works_as_written(tmp_path):
     deployed = trainfer.deploy(model, x)
     assert all(torch.equal(state[key], value) for key, value in model.state_dict().items())
     equivalence = trainfer.verify(model, deployed, x)
-    assert equivalence.ok and equivalence.max_rel_error <= 1e-5 and equivalence.max_abs_error >= 0
+    assert equivalence.ok and equivalence.max_rel_error <= 1e-5
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in deployed.modules())
     assert issubclass(trainfer.EquivalenceError, trainfer.TrainferError)
 
@@ -90,7 +90,8 @@ def test_the_public_contract_works_as_written(tmp_path):
     ensemble = trainfer.Predictor.ensemble([predictor, trainfer.Predictor.load(tmp_path / "train")])
     assert isinstance(ensemble, trainfer.Ensemble) and len(ensemble.predict(x)) == 4
     pytest.importorskip("captum")
-    assert predictor.explain(x[:1], method="integrated_gradients") is not None
+    attributions = predictor.explain(x[:2], method="integrated_gradients")
+    assert attributions.values.shape == (2, 1, 8, 8) and bool(attributions.values.abs().sum() > 0)
 
     # errors and inspection
     with pytest.raises(trainfer.TrainferError):

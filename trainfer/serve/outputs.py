@@ -27,13 +27,14 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from trainfer.errors import InputError
+from trainfer.reparam.fold.calls import target_name
 from trainfer.reparam.fold.trace import trace
 
 OutputKindName = Literal["logits", "probabilities", "log_probabilities"]
@@ -289,14 +290,9 @@ def _through_shape_op(graph: fx.GraphModule, node: fx.Node) -> fx.Node | None:
         return first
     if node.op == "call_function" and (node.target in _SHAPE_FUNCTIONS or node.target is operator.getitem):
         return first if node.target is not operator.getitem or _is_shape_index(node.args[1]) else None
-    if node.op == "call_module" and isinstance(_called_module(graph, node), _SHAPE_MODULES):
+    if node.op == "call_module" and isinstance(graph.get_submodule(target_name(node)), _SHAPE_MODULES):
         return first
     return None
-
-
-def _called_module(graph: fx.GraphModule, node: fx.Node) -> nn.Module:
-    """The module a ``call_module`` node calls."""
-    return graph.get_submodule(cast(str, node.target))  # a str: fx.Node refuses other targets but call_function's
 
 
 def _is_shape_index(index: Any) -> bool:
@@ -307,7 +303,7 @@ def _is_shape_index(index: Any) -> bool:
 
 def _classify(graph: fx.GraphModule, node: fx.Node) -> tuple[str, str] | None:
     if node.op == "call_module":
-        module = _called_module(graph, node)
+        module = graph.get_submodule(target_name(node))
         for cls, kind in _PROBABILITY_MODULES.items():
             if isinstance(module, cls):
                 return kind, f"{type(module).__name__} module {node.target!r}"
@@ -320,7 +316,7 @@ def _classify(graph: fx.GraphModule, node: fx.Node) -> tuple[str, str] | None:
 
 def _describe(graph: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
-        return f"{type(_called_module(graph, node)).__name__} module {node.target!r}"
+        return f"{type(graph.get_submodule(target_name(node))).__name__} module {node.target!r}"
     if node.op == "call_function":
         return _qualname(node.target)
     if node.op == "call_method":
