@@ -52,20 +52,21 @@ def _edited(description: dict, edit) -> dict:
         (lambda d: d["nodes"][1].update(op="call_method", target="__reduce__"), r"'__reduce__' is not one of"),
         (lambda d: d["modules"]["fused"]["args"].update(evil=1), r"\['evil'\] are not arguments of Conv2d"),
         (lambda d: d["nodes"][1]["args"].append({"node": "later"}), r"unknown or invalid tagged value"),
-        (lambda d: d["nodes"][0].update(name="x; import os"), r"expected a new identifier"),
+        (lambda d: d["nodes"][0].update(target="x; import os"), r"expected a plain identifier"),
+        (lambda d: d["nodes"][1]["kwargs"].update({"x=1);print(1);(0": 1}), r"expected a plain identifier"),
     ],
 )
 def test_rebuild_refuses_what_is_not_allowed(edit, message):
     description = describe(_deployed())
     with pytest.raises(trainfer.BundleError, match=message):
-        rebuild(_edited(description, edit), "test")
+        rebuild(_edited(description, edit), "test", [2, 1, 6, 6])
 
 
 def test_an_edited_description_without_its_digest_is_refused():
     description = describe(_deployed())
     description["modules"]["fused"]["args"]["out_channels"] = 8
     with pytest.raises(trainfer.BundleError, match="does not match its sha256"):
-        rebuild(description, "test")
+        rebuild(description, "test", [2, 1, 6, 6])
 
 
 class _Leaf(nn.Module):
@@ -131,7 +132,7 @@ def test_a_graph_calling_a_sequential_is_rebuilt_with_its_children():
     gm, x = _with_a_sequential_call(), torch.randn(2, 1, 5, 5)
     description = describe(gm)
     assert description["modules"]["1"]["type"] == "Sequential"
-    rebuilt = rebuild(description, "test")
+    rebuilt = rebuild(description, "test", [2, 1, 5, 5])
     rebuilt.load_state_dict(gm.state_dict(), strict=True, assign=True)
     assert isinstance(rebuilt.get_submodule("1"), nn.Sequential)
     with torch.no_grad():
@@ -141,5 +142,5 @@ def test_a_graph_calling_a_sequential_is_rebuilt_with_its_children():
 def test_a_sequential_child_name_with_a_dot_is_refused():
     description = describe(_with_a_sequential_call())
     edited = _edited(description, lambda d: d["modules"]["1"]["children"].update({"a.b": {"type": "ReLU", "args": {}}}))
-    with pytest.raises(trainfer.BundleError, match=r"'a.b' is not a submodule name"):
-        rebuild(edited, "test")
+    with pytest.raises(trainfer.BundleError, match=r"expected a plain identifier.*'a.b'"):
+        rebuild(edited, "test", [2, 1, 5, 5])

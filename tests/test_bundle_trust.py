@@ -27,6 +27,7 @@ import trainfer
 from trainfer import BundleError, BundleWarning
 from trainfer.cli import main
 from trainfer.registry import factory_name
+from trainfer.serve.architecture import digest
 from trainfer.testing import randomize_batchnorm
 
 X = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -338,6 +339,7 @@ JUNK = st.deferred(
         st.floats(allow_nan=False, allow_infinity=False),
         st.text(max_size=12),
         st.sampled_from(["os:system", "subprocess:run", "trust_evil_mod:factory", "builtins:eval", "x" * 2000]),
+        st.sampled_from(["x\n", "x\r", "\u2028", "'", '"', "__class__", "training", "self", "ｘ", "**{})\r#", "a.b"]),
         st.lists(JUNK, max_size=3),
         st.dictionaries(st.text(max_size=6), JUNK, max_size=3),
     )
@@ -400,6 +402,10 @@ def test_mutated_manifests_give_a_named_bundle_error_or_a_correct_load(valid_bun
     path = data.draw(st.sampled_from(paths(manifest)), label="path")
     kind = data.draw(st.sampled_from(["delete", "replace", "replace", "wrap", "stringify"]), label="kind")
     mutated = mutate(manifest, path, kind, data.draw(JUNK, label="junk"))
+    architecture = mutated.get("architecture")
+    if path[0] == "architecture" and path[1:] != ("sha256",) and isinstance(architecture, dict):
+        body = {key: value for key, value in architecture.items() if key != "sha256"}
+        architecture["sha256"] = digest(body)  # as an attacker would: the digest is no signature
     with tempfile.TemporaryDirectory() as directory:
         bundle = Path(directory) / "b"
         shutil.copytree(source, bundle)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import keyword
 import math
 import operator
 import re
@@ -44,7 +45,7 @@ from torch.nn import functional as F
 
 from trainfer.errors import BundleError
 
-__all__ = ["FUNCTIONS", "KIND", "METHODS", "MODULES", "describe", "digest", "rebuild"]
+__all__ = ["FUNCTIONS", "KIND", "METHODS", "MODULES", "check_computation", "describe", "digest", "rebuild"]
 
 KIND = "fx-graph"
 MAX_NODES = 100_000
@@ -135,10 +136,6 @@ METHODS = frozenset(
 _OPS = ("placeholder", "get_attr", "call_module", "call_function", "call_method", "output")
 _DTYPE_LIST = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.int32, torch.bool)
 _DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in _DTYPE_LIST}
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,199}$")
-_PART = r"([A-Za-z_][A-Za-z0-9_]{0,199}|[0-9]{1,9})"  # an attribute name, or a Sequential/ModuleList index
-_CHILD = re.compile(f"^{_PART}$")
-_PATH = re.compile(f"^{_PART}(\\.{_PART}){{0,63}}$")
 
 
 # --------------------------------------------------------------------------- describe (save)
@@ -182,7 +179,8 @@ def digest(description: dict[str, Any]) -> str:
 
 def _class_name(gm: fx.GraphModule) -> str:
     name = type(gm).__name__
-    return name if _NAME.match(name) and name != "GraphModuleImpl" else "GraphModule"
+    plain = _IDENTIFIER.fullmatch(name) and not keyword.iskeyword(name) and not name.startswith("__")
+    return name if plain and name != "GraphModuleImpl" else "GraphModule"
 
 
 def _describe_module(module: nn.Module, path: str) -> dict[str, Any]:
@@ -247,11 +245,18 @@ def _encode(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- rebuild (load)
-def rebuild(description: Any, source: str) -> fx.GraphModule:
+def rebuild(description: Any, source: str, input_shape: list[int] | None) -> fx.GraphModule:
     """The :class:`torch.fx.GraphModule` ``description`` describes, its tensors on the meta device.
 
     Every field is validated (:class:`~trainfer.errors.BundleError` naming it, what was found and
-    what is allowed). Load the weights with ``load_state_dict(..., assign=True)``.
+    what is allowed), and the graph is run once on the meta device on an input of ``input_shape``
+    (the bundle's recorded example shape) under :func:`check_computation`'s bounds before it is
+    returned. Load the weights with ``load_state_dict(..., assign=True)``.
+
+    No string of the description reaches the Python code fx generates unless it is proven to be a
+    plain identifier (:func:`_identifier`): node names are chosen by fx from validated targets, the
+    recorded ones serve only to connect the nodes; strings passed as argument values are emitted by
+    fx through ``repr``.
     """
     where = f"{source}: architecture"
     data = _mapping(description, where, {"kind", "class_name", "modules", "attributes", "nodes", "sha256"})
@@ -260,75 +265,147 @@ def rebuild(description: Any, source: str) -> fx.GraphModule:
         raise BundleError(f"{where}: does not match its sha256 (the description was edited or corrupted)")
     if data["kind"] != KIND:
         raise BundleError(f"{where}.kind: expected {KIND!r}, found {data['kind']!r}")
+    if input_shape is None:
+        raise BundleError(f"{source}: input.shape: a recorded architecture needs the example input shape (found null)")
+    budget = _Budget(f"{where}")
     root = nn.Module()
-    for path, spec in _mapping(data["modules"], f"{where}.modules").items():
-        _install(root, _path(path, f"{where}.modules"), _build_module(spec, f"{where}.modules.{path}"))
-    for path, spec in _mapping(data["attributes"], f"{where}.attributes").items():
+    modules = _mapping(data["modules"], f"{where}.modules")
+    attributes = _mapping(data["attributes"], f"{where}.attributes")
+    budget.spend(len(modules) + len(attributes))
+    for path, spec in modules.items():
+        _install(root, _path(path, f"{where}.modules"), _build_module(spec, f"{where}.modules", budget), where)
+    for path, spec in attributes.items():
         _install_tensor(root, _path(path, f"{where}.attributes"), spec, f"{where}.attributes.{path}")
-    graph = _build_graph(data["nodes"], data["modules"], data["attributes"], f"{where}.nodes")
-    class_name = data["class_name"]
-    if not isinstance(class_name, str) or not _NAME.match(class_name):
-        raise BundleError(f"{where}.class_name: expected an identifier, found {class_name!r}")
+    graph = _build_graph(data["nodes"], modules, attributes, f"{where}.nodes", budget)
+    class_name = _identifier(data["class_name"], f"{where}.class_name")
     try:
-        return fx.GraphModule(root, graph, class_name)
+        module = fx.GraphModule(root, graph, class_name)
     except Exception as error:  # a graph that does not hold together (e.g. a dangling output)
         raise BundleError(f"{where}: not a valid graph: {error}") from None
+    check_computation(module, input_shape, where)
+    return module
+
+
+# Limits of a description: a real deploy form stays far below them (digits_net: 20 nodes, a RepVGG-B0:
+# ~100), and they bound the memory and time that reading one can cost.
+MAX_VALUES = 200_000  #: constant values (list items, arguments, modules) in one description
+MAX_LIST = 4096  #: items in one list or tuple argument
+MAX_DEPTH = 16  #: nesting of lists, tuples, dicts and Sequential modules
+MAX_INT = 2**62  #: magnitude of an integer, in the description and computed by a Python operator
+MAX_EXPONENT = 64  #: magnitude of a Python ``**`` exponent
+MAX_GROWTH = 1024  #: a tensor the graph computes holds at most this many times the input's elements...
+MIN_ELEMENTS_LIMIT = 2**24  #: ...or this many, whichever is larger,
+MAX_ELEMENTS_LIMIT = 2**30  #: and never more than this (on the recorded example input).
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
+_INDEX = re.compile(r"[0-9]{1,9}")
+#: Names an ``nn.Module``/``GraphModule`` already uses: a child or tensor of that name would shadow them.
+_MODULE_NAMES = frozenset(dir(fx.GraphModule)) | frozenset(vars(nn.Module()))
+#: A name fx's generated ``forward`` takes itself (a parameter shadowing a global it uses, ``torch``
+#: say, is caught when :func:`check_computation` runs that code).
+_CODE_NAMES = frozenset({"self"})
+
+
+def _identifier(value: Any, where: str, reserved: frozenset[str] = frozenset()) -> str:
+    """``value`` if it is a plain ASCII identifier (``fullmatch``: no trailing newline), not a keyword,
+    not a dunder and not ``reserved``: the only strings fx may paste into the code it generates."""
+    if (
+        not isinstance(value, str)
+        or not _IDENTIFIER.fullmatch(value)
+        or keyword.iskeyword(value)
+        or value.startswith("__")
+        or value in reserved
+    ):
+        shown = repr(value)[:120]
+        extra = f", not one of {sorted(reserved)[:8]}{' ...' if len(reserved) > 8 else ''}" if reserved else ""
+        raise BundleError(f"{where}: expected a plain identifier (ASCII, no keyword, no dunder{extra}), found {shown}")
+    return value
+
+
+def _part(part: str, where: str) -> str:
+    """One part of a module or tensor path: an identifier that shadows nothing, or a container index."""
+    return part if _INDEX.fullmatch(part) else _identifier(part, where, _MODULE_NAMES)
+
+
+def _path(path: Any, where: str) -> str:
+    if not isinstance(path, str) or not 0 < len(path) <= 2000 or path.count(".") > 63:
+        raise BundleError(f"{where}: expected a dotted path of at most 64 names, found {repr(path)[:120]}")
+    for part in path.split("."):
+        _part(part, f"{where}: {path[:120]!r}")
+    return path
+
+
+class _Budget:
+    """Counts the constant values decoded from one description (at most :data:`MAX_VALUES`)."""
+
+    def __init__(self, where: str) -> None:
+        self.where, self.left = where, MAX_VALUES
+
+    def spend(self, count: int) -> None:
+        self.left -= count
+        if self.left < 0:
+            raise BundleError(f"{self.where}: more than {MAX_VALUES} values: not a deploy form trainfer writes")
 
 
 def _mapping(value: Any, where: str, keys: set[str] | None = None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BundleError(f"{where}: expected an object, found {type(value).__name__}")
     if keys is not None and set(value) != keys:
-        raise BundleError(f"{where}: expected the fields {sorted(keys)}, found {sorted(value)}")
+        raise BundleError(f"{where}: expected the fields {sorted(keys)}, found {sorted(value)[:20]}")
     return value
 
 
-def _path(path: str, where: str) -> str:
-    if not _PATH.match(path):
-        raise BundleError(f"{where}: {path!r} is not a dotted attribute path")
-    return path
-
-
-def _child_name(name: str, where: str) -> str:
-    if not _CHILD.match(name):
-        raise BundleError(f"{where}: {name!r} is not a submodule name (an identifier or an index, no dots)")
-    return name
-
-
-def _build_module(spec: Any, where: str) -> nn.Module:
+def _build_module(spec: Any, where: str, budget: _Budget, depth: int = 0) -> nn.Module:
     spec = _mapping(spec, where)
     name = spec.get("type")
-    if name not in MODULES:
-        raise BundleError(f"{where}.type: {name!r} is not one of the allowed module types {sorted(MODULES)}")
+    if not isinstance(name, str) or name not in MODULES:
+        raise BundleError(f"{where}.type: {name!r:.120} is not one of the allowed module types {sorted(MODULES)}")
     if name == "Sequential":
+        if depth >= MAX_DEPTH:
+            raise BundleError(f"{where}: Sequential modules nested deeper than {MAX_DEPTH}")
         children = _mapping(_mapping(spec, where, {"type", "children"})["children"], f"{where}.children")
+        budget.spend(len(children))
         return nn.Sequential(
             OrderedDict(
-                (_child_name(key, f"{where}.children"), _build_module(c, f"{where}.{key}"))
-                for key, c in children.items()
+                (_part(key, f"{where}.children"), _build_module(child, f"{where}.children", budget, depth + 1))
+                for key, child in children.items()
             )
         )
     cls, allowed = MODULES[name]
     args = _mapping(_mapping(spec, where, {"type", "args"})["args"], f"{where}.args")
     unknown = sorted(set(args) - set(allowed))
     if unknown:
-        raise BundleError(f"{where}.args: {unknown} are not arguments of {name} (allowed: {list(allowed)})")
-    values = {key: _decode_constant(value, f"{where}.args.{key}") for key, value in args.items()}
+        raise BundleError(f"{where}.args: {unknown[:20]} are not arguments of {name} (allowed: {list(allowed)})")
+    values = {key: _decode(value, {}, f"{where}.args.{key}", budget) for key, value in args.items()}
     try:
         with torch.device("meta"):
-            return cls(**values)
+            module = cls(**values)
     except Exception as error:  # wrong argument values: the manifest's fault
         raise BundleError(f"{where}: {name}({values}) failed: {error}") from None
+    _check_constructed(module, name, where)
+    return module
 
 
-def _install(root: nn.Module, path: str, module: nn.Module) -> None:
+def _check_constructed(module: nn.Module, name: str, where: str) -> None:
+    """Arguments torch accepts at construction but that would fail (or mislead) only in forward."""
+    dim = getattr(module, "dim", None)
+    if name == "Softmax" and dim is not None and (not isinstance(dim, int) or isinstance(dim, bool)):
+        raise BundleError(f"{where}: Softmax dim must be an integer, found {dim!r:.60}")
+
+
+def _install(root: nn.Module, path: str, module: nn.Module, where: str) -> None:
     owner_path, _, name = path.rpartition(".")
-    _owner(root, owner_path).add_module(name, module)
+    owner = _owner(root, owner_path, where)
+    if name in owner._modules or name in owner._parameters or name in owner._buffers:
+        raise BundleError(f"{where}: {path!r} is declared twice")
+    owner.add_module(name, module)
 
 
-def _owner(root: nn.Module, path: str) -> nn.Module:
+def _owner(root: nn.Module, path: str, where: str) -> nn.Module:
     owner = root
     for part in path.split(".") if path else ():
+        if part in owner._parameters or part in owner._buffers:
+            raise BundleError(f"{where}: {path!r} passes through the tensor {part!r}")
         if part not in owner._modules:
             owner.add_module(part, nn.Module())
         owner = cast(nn.Module, owner._modules[part])  # never None: only _install and _owner add modules here
@@ -338,82 +415,189 @@ def _owner(root: nn.Module, path: str) -> nn.Module:
 def _install_tensor(root: nn.Module, path: str, spec: Any, where: str) -> None:
     kind = _mapping(spec, where, {"kind"})["kind"]
     owner_path, _, name = path.rpartition(".")
-    owner = _owner(root, owner_path)
+    owner = _owner(root, owner_path, where)
+    if name in owner._modules or name in owner._parameters or name in owner._buffers:
+        raise BundleError(f"{where}: {path!r} is declared twice")
     empty = torch.empty(0, device="meta")
     if kind == "parameter":
         owner.register_parameter(name, nn.Parameter(empty, requires_grad=False))
     elif kind == "buffer":
         owner.register_buffer(name, empty)
     else:
-        raise BundleError(f"{where}.kind: expected 'parameter' or 'buffer', found {kind!r}")
+        raise BundleError(f"{where}.kind: expected 'parameter' or 'buffer', found {kind!r:.60}")
 
 
-def _build_graph(nodes: Any, modules: dict[str, Any], attributes: dict[str, Any], where: str) -> fx.Graph:
+def _build_graph(
+    nodes: Any, modules: dict[str, Any], attributes: dict[str, Any], where: str, budget: _Budget
+) -> fx.Graph:
+    """The graph of ``nodes``. fx names every node from its (validated) target; a node's recorded
+    ``name`` only says which node a later ``{"node": name}`` argument means."""
     if not isinstance(nodes, list) or not 0 < len(nodes) <= MAX_NODES:
         raise BundleError(f"{where}: expected a list of 1 to {MAX_NODES} nodes")
+    budget.spend(len(nodes))
     graph = fx.Graph()
     env: dict[str, fx.Node] = {}
     for index, item in enumerate(nodes):
         here = f"{where}[{index}]"
         node = _mapping(item, here, {"name", "op", "target", "args", "kwargs"})
         name, op = node["name"], node["op"]
-        if not isinstance(name, str) or not _NAME.match(name) or name in env:
-            raise BundleError(f"{here}.name: expected a new identifier, found {name!r}")
+        if not isinstance(name, str) or not 0 < len(name) <= 200 or name in env:
+            raise BundleError(f"{here}.name: expected a new name of 1 to 200 characters, found {repr(name)[:120]}")
         if op not in _OPS:
-            raise BundleError(f"{here}.op: {op!r} is not one of {list(_OPS)}")
+            raise BundleError(f"{here}.op: {op!r:.60} is not one of {list(_OPS)}")
+        if (op == "output") != (index == len(nodes) - 1):
+            raise BundleError(f"{here}.op: the output must be the last node, and only it")
         target = _node_target(op, node["target"], modules, attributes, f"{here}.target")
-        args = tuple(_decode(arg, env, f"{here}.args") for arg in _list(node["args"], f"{here}.args"))
-        kwargs = {key: _decode(value, env, f"{here}.kwargs") for key, value in _mapping(node["kwargs"], here).items()}
+        args = tuple(_decode(arg, env, f"{here}.args", budget) for arg in _list(node["args"], f"{here}.args"))
+        kwargs = {
+            _identifier(key, f"{here}.kwargs"): _decode(value, env, f"{here}.kwargs.{key}", budget)
+            for key, value in _mapping(node["kwargs"], f"{here}.kwargs").items()
+        }
+        if op == "call_method" and not (args and isinstance(args[0], fx.Node)):
+            raise BundleError(f"{here}.args: a method is called on an earlier node, found {args[:1]!r:.120}")
         if target is getattr and (len(args) != 2 or args[1] not in ATTRIBUTES):
-            raise BundleError(f"{here}: getattr may read only {sorted(ATTRIBUTES)}, found {args[1:]!r}")
-        env[name] = graph.create_node(op, target, args, kwargs, name=name)
-    if nodes[-1]["op"] != "output":
-        raise BundleError(f"{where}: the last node must be the output, found {nodes[-1]['op']!r}")
+            raise BundleError(f"{here}: getattr may read only {sorted(ATTRIBUTES)}, found {args[1:]!r:.120}")
+        env[name] = graph.create_node(op, target, args, kwargs)
     return graph
 
 
 def _node_target(op: str, target: Any, modules: dict[str, Any], attributes: dict[str, Any], where: str) -> Any:
     allowed: Any = {"call_module": modules, "get_attr": attributes, "call_function": FUNCTIONS, "call_method": METHODS}
-    if op in allowed and target not in allowed[op]:
-        raise BundleError(f"{where}: {op} {target!r} is not one of the allowed {sorted(allowed[op])[:50]}")
+    if op in allowed and (not isinstance(target, str) or target not in allowed[op]):
+        raise BundleError(f"{where}: {op} {target!r:.120} is not one of the allowed {sorted(allowed[op])[:50]}")
     if op == "call_function":
         return FUNCTIONS[target]
-    if not isinstance(target, str) or (op in ("placeholder", "output") and not _NAME.match(target)):
-        raise BundleError(f"{where}: expected an identifier, found {target!r}")
-    return target
+    if op == "placeholder":  # the parameter's name in the generated forward's signature
+        return _identifier(target, where, _CODE_NAMES)
+    if op == "output":
+        return "output"
+    return target  # a validated module/tensor path, or a method of METHODS
 
 
 def _list(value: Any, where: str) -> list[Any]:
     if not isinstance(value, list):
         raise BundleError(f"{where}: expected a list, found {type(value).__name__}")
+    if len(value) > MAX_LIST:
+        raise BundleError(f"{where}: a list of {len(value)} items, over the limit of {MAX_LIST}")
     return value
 
 
-def _decode_constant(value: Any, where: str) -> Any:
-    return _decode(value, {}, where)
-
-
-def _decode(value: Any, env: dict[str, fx.Node], where: str) -> Any:
-    if value is None or isinstance(value, bool | int | float | str):
+def _decode(value: Any, env: dict[str, fx.Node], where: str, budget: _Budget, depth: int = 0) -> Any:
+    budget.spend(1)
+    if depth > MAX_DEPTH:
+        raise BundleError(f"{where}: values nested deeper than {MAX_DEPTH}")
+    if value is None or isinstance(value, bool | float):
+        return value
+    if isinstance(value, int):
+        if abs(value) > MAX_INT:
+            raise BundleError(f"{where}: the integer {value:.3g} is over the limit of 2**62 in magnitude")
+        return value
+    if isinstance(value, str):
+        if len(value) > 200:
+            raise BundleError(f"{where}: a string of {len(value)} characters, over the limit of 200")
         return value
     if isinstance(value, list):
-        return [_decode(item, env, where) for item in value]
+        return [_decode(item, env, where, budget, depth + 1) for item in _list(value, where)]
     if not isinstance(value, dict) or len(value) != 1:
         raise BundleError(f"{where}: expected a JSON value or a tagged object, found {value!r:.200}")
     (tag, inner), = value.items()  # fmt: skip
-    if tag == "node" and inner in env:
+    if tag == "node" and isinstance(inner, str) and inner in env:
         return env[inner]
     if tag == "tuple" and isinstance(inner, list):
-        return tuple(_decode(item, env, where) for item in inner)
+        return tuple(_decode(item, env, where, budget, depth + 1) for item in _list(inner, where))
     if tag == "slice" and isinstance(inner, list) and len(inner) == 3:
-        return slice(*(_decode(item, env, where) for item in inner))
-    if tag == "dtype" and inner in _DTYPES:
+        return slice(*(_decode(item, env, where, budget, depth + 1) for item in inner))
+    if tag == "dtype" and isinstance(inner, str) and inner in _DTYPES:
         return _DTYPES[inner]
     if tag == "float" and inner in ("inf", "-inf", "nan"):
         return float(inner)
     if tag == "dict" and isinstance(inner, list) and all(isinstance(p, list) and len(p) == 2 for p in inner):
-        return {str(key): _decode(item, env, where) for key, item in inner}
+        return {
+            _identifier(key, f"{where}.dict"): _decode(item, env, where, budget, depth + 1)
+            for key, item in _list(inner, where)
+        }
     raise BundleError(
         f"{where}: unknown or invalid tagged value {value!r:.200} (tags: node of an earlier node, tuple, slice, "
         f"dtype one of {sorted(_DTYPES)}, float, dict)"
     )
+
+
+# --------------------------------------------------------------------------- what a graph may compute
+_PYTHON_OPERATORS = frozenset(FUNCTIONS[f"operator.{name}"] for name in _OPERATORS if name != "getitem")
+_NUMBER = (bool, int, float)
+
+
+def check_computation(gm: fx.GraphModule, input_shape: list[int], where: str) -> None:
+    """Run ``gm`` once on the meta device (no memory, no arithmetic) on a float32 input of ``input_shape``
+    and refuse (:class:`~trainfer.errors.BundleError`) a graph that computes more than tensors:
+
+    - Python operators (``operator.add``, ``mul``, ``pow``, ...) take tensors or numbers, never
+      sequences or strings (``[0] * 3e8`` repeats a list); integers they compute stay within
+      :data:`MAX_INT`, and a ``**`` between numbers has an exponent of at most :data:`MAX_EXPONENT`;
+    - a method is called on a tensor;
+    - no tensor the graph computes holds more than ``max(MAX_GROWTH * input elements,
+      MIN_ELEMENTS_LIMIT)`` elements, capped at :data:`MAX_ELEMENTS_LIMIT` (a pad of 30000 per side,
+      an ``interpolate`` by 1e5, an ``expand`` to 1e15 elements);
+    - the graph runs, through the interpreter and through the code fx generated for it: shapes agree,
+      no division by zero, no parameter shadows a name the code uses.
+    """
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise BundleError(f"{where}: a recorded architecture takes one input, found {len(placeholders)} placeholders")
+    elements = math.prod(input_shape)
+    limit = min(max(MAX_GROWTH * elements, MIN_ELEMENTS_LIMIT), MAX_ELEMENTS_LIMIT)
+    try:
+        example = torch.empty(input_shape, device="meta")
+        _BoundedRun(gm, limit).run(example)
+        gm(example)
+    except BundleError as error:  # the interpreter appends where it was: the first line says what
+        raise BundleError(f"{where}: {str(error.args[0]).splitlines()[0]}") from None
+    except Exception as error:  # a graph that does not run on its own example input: the manifest's fault
+        raise BundleError(
+            f"{where}: does not run on the recorded input shape {list(input_shape)}: {type(error).__name__}: "
+            f"{str(error)[:300]}"
+        ) from None
+
+
+class _BoundedRun(fx.Interpreter):
+    """An interpreter that checks each node's operands before it runs and its result after."""
+
+    def __init__(self, gm: fx.GraphModule, limit: int) -> None:
+        super().__init__(gm)
+        self.limit = limit
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op == "call_function" and n.target in _PYTHON_OPERATORS:
+            _check_operands(n, [self.env[a] if isinstance(a, fx.Node) else a for a in n.args])
+        if n.op == "call_method" and not isinstance(self.env[cast(fx.Node, n.args[0])], torch.Tensor):
+            raise BundleError(f"node {n.name!r}: method {n.target!r} is called on a non-tensor")
+        result = super().run_node(n)
+        self._check_result(n, result)
+        return result
+
+    def _check_result(self, n: fx.Node, result: Any) -> None:
+        for item in result if isinstance(result, tuple | list) else (result,):
+            if isinstance(item, torch.Tensor) and item.numel() > self.limit:
+                raise BundleError(
+                    f"node {n.name!r} ({_shown(n)}) computes a tensor of {item.numel()} elements on the example "
+                    f"input, over the limit of {self.limit}"
+                )
+            if isinstance(item, int) and abs(item) > MAX_INT:
+                raise BundleError(f"node {n.name!r} ({_shown(n)}) computes an integer over 2**62 in magnitude")
+
+
+def _shown(n: fx.Node) -> str:
+    """What node ``n`` calls, as the description names it."""
+    return _FUNCTION_NAMES.get(id(n.target), str(n.target))
+
+
+def _check_operands(n: fx.Node, operands: list[Any]) -> None:
+    for operand in operands:
+        if not isinstance(operand, (torch.Tensor, *_NUMBER)):
+            raise BundleError(f"node {n.name!r}: {_shown(n)} takes tensors or numbers, found {type(operand).__name__}")
+    if n.target is operator.pow and all(isinstance(o, _NUMBER) for o in operands):
+        exponent = operands[1] if len(operands) > 1 else 0
+        if abs(exponent) > MAX_EXPONENT:
+            raise BundleError(
+                f"node {n.name!r}: a power of numbers with the exponent {exponent!r:.40} (limit {MAX_EXPONENT})"
+            )

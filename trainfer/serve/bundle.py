@@ -567,7 +567,7 @@ def build_model(
     if manifest["form"] not in ("train", "deploy"):
         raise BundleError(f"unknown bundle form {manifest['form']!r}: expected 'train' or 'deploy'")
     if manifest.get("architecture") is not None:
-        return rebuild(manifest["architecture"], "manifest")
+        return rebuild(manifest["architecture"], "manifest", manifest["input"].get("shape"))
     name, config = manifest["factory"], manifest["config"]
     if needs_migration(manifest):
         raise BundleError(
