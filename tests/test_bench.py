@@ -17,7 +17,7 @@ from trainfer.cli import main
 from trainfer.testing import assert_close, count_aten_ops, randomize_batchnorm
 
 
-def test_timing_statistics_nearest_rank():
+def test_timing_median_interpolates_and_p90_is_the_nearest_rank():
     timing = Timing.from_samples([5.0, 1.0, 4.0, 2.0, 3.0, 6.0, 7.0, 8.0, 9.0, 10.0])
     assert timing.median_s == 5.5
     assert timing.p90_s == 9.0

@@ -116,7 +116,7 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     assert "missing keys (1): 7.bias" in str(error.value) and "unexpected keys (1): extra.weight" in str(error.value)
 
 
-def test_tampered_weights_fail_the_checksum(tmp_path):
+def test_corrupted_weights_fail_the_checksum(tmp_path):
     trainfer.save(trained(), tmp_path / "b", factory=FACTORY, example_inputs=torch.randn(1, 1, 8, 8))
     weights = tmp_path / "b/model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -257,7 +257,7 @@ def test_deploy_form_weights_must_fit_the_rebuilt_architecture(tmp_path):
     last = [spec for spec in manifest["architecture"]["modules"].values() if spec["type"] == "Linear"][-1]
     classes, last["args"]["out_features"] = last["args"]["out_features"], 6
     architecture = {key: value for key, value in manifest["architecture"].items() if key != "sha256"}
-    manifest["architecture"]["sha256"] = digest(architecture)  # a consistent edit (the graph runs): the weights catch it
+    manifest["architecture"]["sha256"] = digest(architecture)  # a consistent edit (the graph runs): weights catch it
     (tmp_path / "d/manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=rf"mis-shaped .*expected \(6, \d+\), got \({classes}, \d+\)"):
         trainfer.load(tmp_path / "d")

@@ -12,6 +12,7 @@ shortcut (pool -> 1x1 conv-BN). Every deploy runs under a wall-clock limit: a ha
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from hypothesis import given, settings
@@ -26,9 +27,13 @@ BRANCHES = ("point", "asym", "identity", "scale", "one_k", "pool", "pool_first")
 LIMIT_S = 60
 
 
-def conv_bn(cin, cout, kernel, stride=1, padding=0, groups=1, dilation=1):
-    conv = nn.Conv2d(cin, cout, kernel, stride, padding, dilation, groups, bias=bool(torch.rand(()) < 0.5))
+def conv_bn(cin, cout, kernel, stride=1, padding=0, groups=1, dilation=1, bias=False):
+    """A conv (with a bias if ``bias``) and a BatchNorm."""
+    conv = nn.Conv2d(cin, cout, kernel, stride, padding, dilation, groups, bias=bias)
     return nn.Sequential(conv, nn.BatchNorm2d(cout))
+
+
+_conv_bn = conv_bn
 
 
 class Scale(nn.Module):
@@ -43,9 +48,14 @@ class Scale(nn.Module):
 class Branchy(nn.Module):
     """``sum(branch(x) for branch in branches)``; every branch is exact to fold."""
 
-    def __init__(self, cin, cout, kernel, small, stride, groups, kinds, dilation=1):
+    def __init__(self, cin, cout, kernel, small, stride, groups, kinds, dilation=1, biases=(False,)):
         super().__init__()
         same = cin == cout and stride == 1
+        has_bias = itertools.cycle(biases)  # which convs carry a bias, drawn by Hypothesis (so examples replay)
+
+        def conv_bn(*args):
+            return _conv_bn(*args, bias=next(has_bias))
+
         branches = [conv_bn(cin, cout, kernel, stride, dilation * (kernel // 2), groups, dilation)]
         if dilation > 1:  # only branches without spatial taps stay aligned with a dilated kernel
             kinds = [kind for kind in kinds if kind in ("point", "identity", "scale")]
@@ -87,6 +97,7 @@ def branchy(draw, channels):
         draw(st.sampled_from(divisors)),
         draw(st.lists(st.sampled_from(BRANCHES), max_size=4, unique=True)),
         draw(st.sampled_from([1, 1, 2])),
+        tuple(draw(st.lists(st.booleans(), min_size=1, max_size=8))),
     )
     return block, cout
 
