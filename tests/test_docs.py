@@ -166,3 +166,18 @@ def test_a_moved_or_missing_name_is_caught():
         with pytest.raises((AttributeError, DeprecationWarning)):
             resolve(name)
     assert resolve("trainfer.serve.migrate.migrate") is not None
+
+
+def test_the_runtimes_page_states_the_tolerances_of_the_code():
+    """docs/runtimes.md's table names each reduced precision's tolerance: the one numerics.TOLERANCE holds."""
+    import torch
+
+    from trainfer.numerics import TOLERANCE
+
+    page = (ROOT / "docs" / "runtimes.md").read_text().splitlines()
+    row = next(line for line in page if line.startswith("| bf16 / fp16"))
+    stated = {name: float(value) for value, name in re.findall(r"([0-9.]+e-[0-9]+) \((bf16|fp16)\)", row)}
+    assert stated == {
+        "bf16": TOLERANCE[torch.bfloat16],
+        "fp16": TOLERANCE[torch.float16],
+    }

@@ -15,7 +15,7 @@ Each runtime serves some dtypes (:data:`SUPPORTED_DTYPES`): float32 everywhere; 
 float16 in eager PyTorch, and in OpenVINO where the CPU reports them. Every candidate is verified
 against the float64 deploy form on the example batch shapes and random inputs: its max error
 relative to the output scale must stay within ``trainfer.numerics.TOLERANCE`` of its dtype (1e-5
-for float32, 2e-2 for bfloat16); a reduced-precision candidate must also pass an
+for float32, 3e-2 for bfloat16, 1e-2 for float16); a reduced-precision candidate must also pass an
 :class:`~trainfer.serve.gate.AccuracyGate` on ``gate_data`` when given.
 
 ``runtime="auto"`` measures every verified candidate on the target batch shapes, all candidates
