@@ -83,7 +83,8 @@ def test_fallback_keeps_the_most_sensitive_layers_in_float_until_the_gate_passes
     """An int8 form cannot meet a 1e-5 output error: every layer falls back, in sensitivity order."""
     train = data.normalize(digits["train"].pixels[:256])
     gate = trainfer.AccuracyGate(max_rel_error=1e-5)
-    result = trainfer.quantize(digits["deployed"], train, gate=gate, equalize=False, max_float_layers=5)
+    with pytest.warns(UserWarning, match="no validation data, so the accuracy gate measures on the calibration"):
+        result = trainfer.quantize(digits["deployed"], train, gate=gate, equalize=False, max_float_layers=5)
     ranking = [layer.name for layer in result.report.sensitivity]
     assert result.report.float_layers == ranking and result.report.gate.ok
     assert len(result.report.attempts) == 6 and result.report.attempts[-1].startswith("plain, 5 layer(s) in float")

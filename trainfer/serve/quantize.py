@@ -40,6 +40,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -384,6 +385,14 @@ def quantize(
         source = _source(model_or_bundle, _example(model_or_bundle, calibration_data), workdir)
         calib = calibration_inputs(calibration_data, source.manifest, calibration_limit)
         check = calibration_inputs(validation, source.manifest) if validation is not None else calib
+        if validation is None:
+            warnings.warn(
+                "quantize: no validation data, so the accuracy gate measures on the calibration inputs themselves, "
+                "which the int8 ranges were fitted to: its verdict overstates agreement on new data. Pass "
+                "validation= (CLI: --validation) with held-out inputs",
+                UserWarning,
+                stacklevel=2,
+            )
         if labels is not None:
             labels = torch.as_tensor(labels).long().flatten()
         settings = {
