@@ -45,6 +45,7 @@ from torch import Tensor, fx, nn
 
 from trainfer.atomic import atomic_directory, fsync_file, recover
 from trainfer.errors import BundleError, BundleWarning
+from trainfer.jsonfile import read_json
 from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
 from trainfer.registry import ENTRY_POINT_GROUP, factory_name
 from trainfer.registry import allowed_factory as allowed_factory_named
@@ -304,12 +305,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     file = path / MANIFEST_FILE if path.is_dir() else path
     if not file.is_file() or file.name != MANIFEST_FILE:
         raise BundleError(f"no trainfer bundle at {str(path)!r}: expected a directory holding {MANIFEST_FILE}")
-    if file.stat().st_size > MAX_MANIFEST_BYTES:
-        raise BundleError(f"{str(file)!r} is larger than {MAX_MANIFEST_BYTES} bytes: not a trainfer manifest")
-    try:
-        data = json.loads(file.read_bytes())
-    except (ValueError, RecursionError) as error:  # bad JSON, bad UTF-8, a 5000-digit integer, deep nesting
-        raise BundleError(f"{str(file)!r} is not valid JSON: {error}") from None
+    data = read_json(file, max_bytes=MAX_MANIFEST_BYTES, error=BundleError)
     return check_manifest(data, repr(str(file)))
 
 

@@ -12,7 +12,6 @@ the exporter. Every manifest read here passes the same schema check as a bundle'
 from __future__ import annotations
 
 import collections
-import json
 import os
 import warnings
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import Tensor
 
 from trainfer.errors import BundleError, InputError
 from trainfer.extras import require
+from trainfer.jsonfile import parse_json
 from trainfer.serve.bundle import check_manifest
 
 MANIFEST_KEY = "trainfer.manifest"
@@ -103,8 +103,5 @@ def read_exported_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _parse_manifest(text: str | bytes | None, path: Path) -> dict[str, Any]:
     if not text:
         raise BundleError(f"{str(path)!r} carries no trainfer manifest: export it with trainfer.export")
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as error:
-        raise BundleError(f"the trainfer manifest inside {str(path)!r} is not valid JSON: {error}") from None
+    data = parse_json(text, f"the trainfer manifest inside {str(path)!r}", error=BundleError)
     return check_manifest(data, f"inside {str(path)!r}", bundle=False)
