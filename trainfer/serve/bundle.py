@@ -52,6 +52,7 @@ from trainfer.registry import allowed_factory as allowed_factory_named
 from trainfer.serve.architecture import describe, rebuild
 from trainfer.serve.outputs import Head, Selector, describe_structure, resolve_heads
 from trainfer.serve.preprocess import PreprocessSpec
+from trainfer.validate import check_path
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -381,7 +382,7 @@ def load(
     ``torch.load(weights_only=True)``) given with the ``factory`` (and ``config``) that builds it.
     A deploy-form model is returned in eval mode, a training form in the mode its factory built.
     """
-    path = Path(path)
+    path = check_path("path", path)
     manifest: dict[str, Any]
     if path.is_file() and path.name != MANIFEST_FILE:
         if factory is None:
