@@ -286,12 +286,24 @@ def _mapping(value: Any, where: str, keys: set[str] | None = None) -> dict[str, 
 def _path(path: str, where: str) -> str:
     if not _PATH.match(path):
         raise BundleError(f"{where}: {path!r} is not a dotted attribute path")
+    for part in path.split("."):
+        _not_reserved(part, where)
     return path
 
 
 def _child_name(name: str, where: str) -> str:
     if not _CHILD.match(name):
         raise BundleError(f"{where}: {name!r} is not a submodule name (an identifier or an index, no dots)")
+    return _not_reserved(name, where)
+
+
+#: Names every ``nn.Module`` already has (``training``, ``forward``, ``__class__``, ...): not submodule names.
+_RESERVED = frozenset(dir(nn.Module()))
+
+
+def _not_reserved(name: str, where: str) -> str:
+    if name in _RESERVED:
+        raise BundleError(f"{where}: {name!r} names an attribute every nn.Module has: expected a submodule name")
     return name
 
 
