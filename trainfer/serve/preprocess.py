@@ -114,6 +114,13 @@ class PreprocessSpec:
             raise InputError(f"resample must be one of {', '.join(_RESAMPLING)}; got {self.resample!r}")
         if self.channel_order not in ("RGB", "BGR"):
             raise InputError(f"channel_order must be 'RGB' or 'BGR'; got {self.channel_order!r}")
+        for name in ("mean", "std"):
+            values, channels = getattr(self, name), self.input_shape[0] if self.input_shape else None
+            if values is not None and channels is not None and len(values) not in (1, channels):
+                raise InputError(
+                    f"{name} holds {len(values)} values for {channels} channel(s) (input_shape {self.input_shape}): "
+                    f"expected {channels} (one per channel) or 1 (one for all)"
+                )
         if self.std is not None and any(s == 0 for s in self.std):
             raise InputError(f"std must be non-zero; got {self.std}")
         if self.columns is not None and self.input_shape is not None and self.input_shape != (len(self.columns),):
