@@ -45,14 +45,28 @@ class OnnxModel:
             raise InputError(
                 f"onnxruntime cannot run {str(path)!r}: {error}{hint if self.dtype == 'float64' else ''}"
             ) from None
-        self.manifest = manifest
+        self.manifest, self.path = manifest, str(path)
+        self.errors = _ort_errors(ort)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [output.name for output in self.session.get_outputs()]
 
     def __call__(self, batch: Tensor) -> Any:
         array = batch.detach().to("cpu", getattr(torch, self.dtype)).contiguous().numpy()
-        values = [torch.from_numpy(v) for v in self.session.run(self.output_names, {self.input_name: array})]
+        try:
+            outputs = self.session.run(self.output_names, {self.input_name: array})
+        except self.errors as error:  # e.g. an allocation the machine cannot make, a shape the graph refuses
+            message = " ".join(str(error).split())[:500]
+            shape = tuple(array.shape)
+            raise InputError(f"onnxruntime failed running {self.path!r} on a batch of {shape}: {message}") from None
+        values = [torch.from_numpy(v) for v in outputs]
         return structured(values, self.output_names, self.manifest)
+
+
+def _ort_errors(ort: Any) -> tuple[type[Exception], ...]:
+    """The exception types onnxruntime raises from a run (its pybind classes), and MemoryError."""
+    state = ort.capi.onnxruntime_pybind11_state
+    found = [v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception)]
+    return (*found, MemoryError)
 
 
 def structured(values: list[Tensor], names: list[str], manifest: dict[str, Any]) -> Any:

@@ -272,7 +272,10 @@ class OpenVinoEngine:
         core = ov.Core()
         hint = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[dtype]
         config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-        self.compiled = core.compile_model(str(path), "CPU", config)
+        try:
+            self.compiled = core.compile_model(str(path), "CPU", config)
+        except RuntimeError as error:  # e.g. external data outside the model's directory: OpenVINO refuses it
+            raise InputError(f"openvino cannot compile {str(path)!r}: {' '.join(str(error).split())[:500]}") from None
         self.request = self.compiled.create_infer_request()
         self.names = [output.get_any_name() for output in self.compiled.outputs]
         self.manifest = manifest
