@@ -32,6 +32,7 @@ from trainfer.atomic import atomic_file
 from trainfer.errors import InputError, InputTypeError, ModeError
 from trainfer.extras import require
 from trainfer.modes.contexts import restore_modes, snapshot_modes
+from trainfer.validate import given
 
 METHODS = ("integrated_gradients", "saliency", "occlusion")
 
@@ -143,13 +144,25 @@ def _resolve_target(scores: Tensor, target: Any, task: str | None) -> Tensor | N
         return scores.detach().argmax(dim=1)
     if scores.dim() == 1:
         raise InputError(f"target={target!r} given, but the model returns one score per example (shape (N,))")
-    indices = torch.as_tensor(target, dtype=torch.long, device=scores.device).reshape(-1)
+    indices = _class_indices(target).to(scores.device).reshape(-1)
     if len(indices) not in (1, len(scores)):
         raise InputError(f"target must be one class index or one per example ({len(scores)}); got {len(indices)}")
     indices = indices.expand(len(scores))
     if ((indices < 0) | (indices >= outputs)).any():
         raise InputError(f"target must index the {outputs} outputs (0..{outputs - 1}); got {target!r}")
     return indices.clone()
+
+
+def _class_indices(target: Any) -> Tensor:
+    """``target`` (an int, a sequence or tensor of ints) as a long tensor; anything else is refused."""
+    expected = "a class index (int) or one per example (a list or tensor of ints)"
+    try:
+        indices = torch.as_tensor(target)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputTypeError(f"target must be {expected}; got {given(target)}") from None
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise InputTypeError(f"target must be {expected}; got {given(target)}")
+    return indices.long()
 
 
 def _integrated_gradients(attr: ModuleType, forward: Callable, batch: Tensor, target: Any, options: dict) -> Tensor:

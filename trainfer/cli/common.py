@@ -7,6 +7,7 @@ error (one line on stderr), 3 an internal error (traceback, then a line saying i
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import traceback
 from collections.abc import Callable
@@ -22,7 +23,13 @@ _TRUST_KEY = "trainfer.trust_factory"
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
-    """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``."""
+    """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``, of at most ``MAX_ELEMENTS`` elements.
+
+    The limit is the manifest's (:data:`trainfer.serve.manifest.MAX_ELEMENTS`, 2**24): a larger
+    example input could not be recorded in a bundle, and would be allocated before anything is checked.
+    """
+    from trainfer.serve.manifest import MAX_ELEMENTS
+
     parts = text.replace("x", ",").split(",")
     try:
         shape = tuple(int(p) for p in parts if p.strip())
@@ -30,7 +37,31 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"expected comma-separated integers like 1,3,224,224; got {text!r}") from None
     if not shape or any(s <= 0 for s in shape):
         raise click.BadParameter(f"expected positive sizes like 1,3,224,224; got {text!r}")
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise click.BadParameter(
+            f"expected at most {MAX_ELEMENTS} elements in all (trainfer.serve.manifest.MAX_ELEMENTS); "
+            f"got {text!r}: {math.prod(shape)} elements"
+        )
     return shape
+
+
+class Tolerance(click.ParamType):
+    """A tolerance option: a finite number, positive (``zero=False``) or non-negative (``zero=True``)."""
+
+    name = "tolerance"
+
+    def __init__(self, zero: bool = False):
+        self.zero = zero
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        expected = "a finite number >= 0" if self.zero else "a finite number > 0"
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"expected {expected}; got {value!r}", param, ctx)
+        if not math.isfinite(number) or number < 0 or (number == 0 and not self.zero):
+            self.fail(f"expected {expected}; got {value!r}", param, ctx)
+        return number
 
 
 def load_factory(spec: str) -> Callable[..., nn.Module]:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from trainfer.cli.common import friendly_errors, load_factory, parse_shape, trust_factory_option, trusted
+from trainfer.cli.common import Tolerance, friendly_errors, load_factory, parse_shape, trust_factory_option, trusted
 from trainfer.errors import EquivalenceError
 from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
 
@@ -55,8 +55,8 @@ def example_input(model: nn.Module, input_shape: str | None) -> torch.Tensor:
 @click.option("--weights", type=click.Path(dir_okay=False), help="Checkpoint (.safetensors, .pt) for a factory.")
 @click.option("--input-shape", help="Example input shape with batch, e.g. 1,3,224,224 (default: recorded one).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Bundle directory, or FILE.safetensors.")
-@click.option("--rtol", type=float, help="Relative tolerance of the model-dtype check (default per dtype).")
-@click.option("--atol", type=float, help="Absolute tolerance of the model-dtype check (default 0).")
+@click.option("--rtol", type=Tolerance(), help="Relative tolerance of the model-dtype check (default per dtype).")
+@click.option("--atol", type=Tolerance(zero=True), help="Absolute tolerance of the model-dtype check (default 0).")
 @click.option("--no-protocols", is_flag=True, help="Do not call reparameterize()/switch_to_deploy()/fuse().")
 @trust_factory_option
 @friendly_errors

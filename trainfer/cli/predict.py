@@ -105,6 +105,14 @@ def _number(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
+def printable(name: str) -> str:
+    """A file name as text any stream can encode: bytes that are not UTF-8 (``\\udcff`` from the OS) as ``\\xff``."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no OS name decodes to: shown as its escape
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def write_results(pairs: Iterable[tuple[str, Any]], fmt: str, stream: IO[str]) -> int:
     """Write ``(id, result)`` pairs as ``table``, ``jsonl`` or ``csv``; return how many were written."""
     if fmt == "jsonl":
@@ -113,7 +121,7 @@ def write_results(pairs: Iterable[tuple[str, Any]], fmt: str, stream: IO[str]) -
             stream.write(json.dumps({"id": identifier, **result.to_record()}, allow_nan=False) + "\n")
             count += 1
         return count
-    rows = [flat_record(identifier, result) for identifier, result in pairs]
+    rows = [flat_record(printable(identifier), result) for identifier, result in pairs]
     columns = list(dict.fromkeys(key for row in rows for key in row))
     if fmt == "csv":
         writer = csv.DictWriter(stream, columns, lineterminator="\n")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 import numpy as np
 import torch
 
 from trainfer.cli.common import friendly_errors
+from trainfer.errors import InputError
 from trainfer.serve.gate import AccuracyGate
 
 #: ``--equalize`` -> the ``equalize`` argument of :func:`trainfer.quantize`.
@@ -15,6 +18,18 @@ EQUALIZE: dict[str, bool | str] = {"auto": "auto", "on": True, "off": False}
 DATA_HELP = (
     "raw inputs: a .npy, .csv or image file, or a directory of images/.npy files (preprocessed as the manifest says)"
 )
+
+
+def read_labels(path: Path) -> torch.Tensor:
+    """``--labels``: a ``.npy`` file of integer class indices (read as any trainfer ``.npy`` input)."""
+    from trainfer.serve.preprocess import PreprocessSpec, read_npy
+
+    if path.suffix.lower() != ".npy":
+        raise InputError(f"--labels {str(path)!r}: expected a .npy file of integer class indices")
+    array = read_npy(path, PreprocessSpec())
+    if array.dtype.kind not in "iu":
+        raise InputError(f"--labels {str(path)!r}: expected integer class indices, got numpy dtype {array.dtype}")
+    return torch.from_numpy(array.astype(np.int64))
 
 
 @click.command("quantize")
@@ -49,7 +64,7 @@ def command(
     most sensitive layers in float until the accuracy gate passes, and write the bundle OUT."""
     from trainfer.serve.quantize import quantize
 
-    targets = torch.from_numpy(np.load(labels, allow_pickle=False)).long() if labels else None
+    targets = read_labels(Path(labels)) if labels else None
     result = quantize(
         bundle,
         calibration,

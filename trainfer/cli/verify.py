@@ -10,8 +10,10 @@ import sys
 import click
 import torch
 
-from trainfer.cli.common import friendly_errors, trust_factory_option
+from trainfer.cli.common import Tolerance, friendly_errors, trust_factory_option
 from trainfer.cli.deploy import example_input, load_model
+from trainfer.errors import InputError
+from trainfer.recipe import recipe_of
 
 
 @click.command("verify")
@@ -21,8 +23,8 @@ from trainfer.cli.deploy import example_input, load_model
 @click.option("--candidate-weights", type=click.Path(dir_okay=False), help="Checkpoint for a CANDIDATE factory.")
 @click.option("--input-shape", help="Input shape with batch, e.g. 1,3,224,224 (default: REFERENCE's recorded one).")
 @click.option("--random-inputs", default=2, show_default=True, help="Random inputs checked besides the example.")
-@click.option("--rtol", type=float, help="Relative tolerance (default per dtype: 1e-9 float64, 1e-5 float32).")
-@click.option("--atol", type=float, help="Absolute tolerance (default 0).")
+@click.option("--rtol", type=Tolerance(), help="Relative tolerance (default per dtype: 1e-9 float64, 1e-5 float32).")
+@click.option("--atol", type=Tolerance(zero=True), help="Absolute tolerance (default 0).")
 @trust_factory_option
 @friendly_errors
 def command(
@@ -41,6 +43,12 @@ def command(
     reference = load_model(reference_spec, reference_weights)
     candidate = load_model(candidate_spec, candidate_weights)
     x = example_input(reference, input_shape)
+    takes = getattr(recipe_of(candidate), "input_shape", None)
+    if takes and tuple(takes[1:]) != tuple(x.shape[1:]):
+        raise InputError(
+            f"incompatible inputs: CANDIDATE {candidate_spec!r} takes samples of shape {tuple(takes[1:])}, "
+            f"REFERENCE {reference_spec!r} is checked on {tuple(x.shape[1:])}: expected two models of one input"
+        )
     result = verify(reference, candidate, x, rtol=rtol, atol=atol, random_inputs=random_inputs,
                     dtypes=(torch.float64, None))  # fmt: skip
     click.echo(str(result))

@@ -45,12 +45,14 @@ from torch import Tensor, fx, nn
 
 from trainfer.atomic import atomic_directory, fsync_file, recover
 from trainfer.errors import BundleError, BundleWarning
+from trainfer.jsonfile import read_json
 from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
 from trainfer.registry import ENTRY_POINT_GROUP, factory_name
 from trainfer.registry import allowed_factory as allowed_factory_named
 from trainfer.serve.architecture import describe, rebuild
 from trainfer.serve.outputs import Head, Selector, describe_structure, resolve_heads
 from trainfer.serve.preprocess import PreprocessSpec
+from trainfer.validate import check_path
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -304,12 +306,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     file = path / MANIFEST_FILE if path.is_dir() else path
     if not file.is_file() or file.name != MANIFEST_FILE:
         raise BundleError(f"no trainfer bundle at {str(path)!r}: expected a directory holding {MANIFEST_FILE}")
-    if file.stat().st_size > MAX_MANIFEST_BYTES:
-        raise BundleError(f"{str(file)!r} is larger than {MAX_MANIFEST_BYTES} bytes: not a trainfer manifest")
-    try:
-        data = json.loads(file.read_bytes())
-    except (ValueError, RecursionError) as error:  # bad JSON, bad UTF-8, a 5000-digit integer, deep nesting
-        raise BundleError(f"{str(file)!r} is not valid JSON: {error}") from None
+    data = read_json(file, max_bytes=MAX_MANIFEST_BYTES, error=BundleError)
     return check_manifest(data, repr(str(file)))
 
 
@@ -347,9 +344,17 @@ def check_manifest(data: Any, source: str, *, bundle: bool = True) -> dict[str, 
         )
     else:
         try:
-            PreprocessSpec.from_dict(manifest.preprocess.model_dump())
+            spec = PreprocessSpec.from_dict(manifest.preprocess.model_dump())
+            shape = manifest.input.shape
+            if shape and len(shape) > 1 and spec.input_shape is None:  # the channels the recorded input has
+                PreprocessSpec.coerce(spec, input_shape=shape[1:])
         except ValueError as error:
             raise BundleError(f"invalid manifest {source}: preprocess: {error}") from None
+        if shape and spec.input_shape is not None and tuple(shape[1:]) != spec.input_shape:
+            raise BundleError(
+                f"invalid manifest {source}: preprocess.input_shape {list(spec.input_shape)} does not fit "
+                f"input.shape {shape}: expected {shape[1:]} (one sample of the recorded input)"
+            )
     return data
 
 
@@ -385,7 +390,7 @@ def load(
     ``torch.load(weights_only=True)``) given with the ``factory`` (and ``config``) that builds it.
     A deploy-form model is returned in eval mode, a training form in the mode its factory built.
     """
-    path = Path(path)
+    path = check_path("path", path)
     manifest: dict[str, Any]
     if path.is_file() and path.name != MANIFEST_FILE:
         if factory is None:
@@ -410,6 +415,8 @@ def load(
             else f"the manifest's factory {manifest['factory']!r}, config {manifest['config']}"
         )
         raise BundleError(f"{error} (the architecture comes from {origin})") from None
+    if described:
+        _check_outputs(manifest, meta_forward(model, manifest, str(path)), str(path))
     recipe = ModelRecipe(
         manifest["factory"],
         manifest["config"],
@@ -421,6 +428,51 @@ def load(
     if manifest["form"] == "deploy":
         model.eval()  # an inference form is used in eval mode (a factory builds in train mode)
     return model
+
+
+def meta_forward(model: nn.Module, manifest: Mapping[str, Any], source: str) -> Any:
+    """The output of ``model`` on the manifest's input shape, computed on the meta device (shapes only).
+
+    For a described architecture: an argument only the forward pass reads (``Softmax(dim="x")``) or
+    weights that do not fit the recorded input are refused at load, not at the first prediction.
+    """
+    from torch.func import functional_call
+
+    shape, dtype = manifest["input"].get("shape"), manifest["input"].get("dtype") or "float32"
+    if not shape:
+        return None
+    tensors = {name: t.to("meta") for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    example = torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+    try:
+        with torch.no_grad():
+            return functional_call(model, tensors, (example,))
+    except Exception as error:  # the manifest's architecture or weights are at fault
+        raise BundleError(
+            f"the architecture in {source!r} does not run on its recorded input shape {shape}: "
+            f"{' '.join(str(error).split())[:300]}"
+        ) from None
+
+
+def _check_outputs(manifest: Mapping[str, Any], output: Any, source: str) -> None:
+    """Refuse target scaling (``preprocess.target_mean``/``target_std``) of another width than its head."""
+    from trainfer.serve.outputs import select_output
+
+    preprocess = manifest.get("preprocess") or {}
+    keys = ("target_mean", "target_std")
+    scaling: dict[str, list[float]] = {key: preprocess[key] for key in keys if preprocess.get(key)}
+    if output is None or not scaling:
+        return
+    for head in manifest.get("heads") or []:
+        if head["task"] != "regression":
+            continue
+        values = select_output(output, Head.from_dict(head).select)
+        width = values.shape[-1] if values.dim() > 1 else 1
+        for key, value in scaling.items():
+            if len(value) not in (1, width):
+                raise BundleError(
+                    f"invalid manifest {source!r}: preprocess.{key} holds {len(value)} values for a regression "
+                    f"output of {width}: expected 1 or {width}"
+                )
 
 
 def read_bundle_weights(directory: Path, manifest: dict[str, Any]) -> dict[str, Tensor]:
@@ -636,11 +688,14 @@ def load_state_dict(
         for key in expected
         if key in state and tuple(expected[key].shape) != tuple(state[key].shape)
     ]
-    problems = [
-        f"{label} ({len(items)}): {', '.join(items)}"
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", shapes))
-        if items
+    parameters = [name for name, _ in model.named_parameters()]
+    floats = [
+        f"{key}: expected a floating dtype, got {state[key].dtype}"
+        for key in parameters
+        if key in state and not state[key].is_floating_point()
     ]
+    found = (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", shapes), ("not float", floats))
+    problems = [f"{label} ({len(items)}): {', '.join(items)}" for label, items in found if items]
     if problems:
         raise BundleError(f"weights in {source} do not fit {type(model).__name__}: " + "; ".join(problems))
     model.load_state_dict(dict(state), strict=True, assign=assign)

@@ -33,10 +33,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from trainfer.errors import InputError
+from trainfer.errors import InputError, InputTypeError
 from trainfer.serve.batching import sample_count, timed_batches
 from trainfer.serve.preprocess import PreprocessSpec, iter_raw
 from trainfer.serve.results import BinaryResult, ClassificationResult, RegressionResult, check_finite_scores
+from trainfer.validate import check_integer, given
 
 if TYPE_CHECKING:  # annotations only: the Predictor builds ensembles (Predictor.ensemble), not the reverse
     from trainfer.serve.predictor import Predictor
@@ -99,10 +100,17 @@ def _agreement(spec: dict[str, Any]) -> dict[str, Any]:
     return {"task": spec["task"], "labels": spec["labels"], "input_shape": spec["input_shape"], "columns": columns}
 
 
+#: What an ensemble uses of each member (a :class:`~trainfer.Predictor`, or anything serving like one).
+_MEMBER_API = ("spec", "preprocess_spec", "scores", "heads", "results_from_scores", "batch_size")
+
+
 def _check_members(members: list[Predictor]) -> None:
     """Refuse an empty ensemble, multi-head members, and members disagreeing on :data:`_AGREE_ON`."""
     if not members:
         raise InputError("an ensemble needs at least one predictor; got none")
+    for index, member in enumerate(members):
+        if not all(hasattr(member, name) for name in _MEMBER_API):
+            raise InputTypeError(f"ensemble member {index} must be a Predictor; got {given(member)}")
     specs = [_agreement(member.spec) for member in members]
     for index, spec in enumerate(specs):
         if spec["task"] not in ("classification", "binary", "regression"):
@@ -153,9 +161,7 @@ class Ensemble:
         self.members = list(predictors)
         _check_members(self.members)
         self.weights = _weights(weights, len(self.members))
-        if batch_size is not None and batch_size < 1:
-            raise InputError(f"batch_size must be >= 1; got {batch_size}")
-        self._batch_size = batch_size
+        self._batch_size = check_integer("batch_size", batch_size, minimum=1, optional=True)
 
     @property
     def batch_size(self) -> int:
@@ -164,9 +170,7 @@ class Ensemble:
 
     @batch_size.setter
     def batch_size(self, value: int) -> None:
-        if value < 1:
-            raise InputError(f"batch_size must be >= 1; got {value}")
-        self._batch_size = value
+        self._batch_size = check_integer("batch_size", value, minimum=1)
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -224,8 +228,7 @@ class Ensemble:
             yield from batch
 
     def _results(self, inputs: Any, top_k: int | None) -> Iterator[list[Any]]:
-        if top_k is not None and top_k < 1:
-            raise InputError(f"top_k must be >= 1; got {top_k}")
+        top_k = check_integer("top_k", top_k, minimum=1, optional=True)
         first = 0
         for stacked in self.member_scores(inputs):
             w = self.weights.view(-1, *[1] * (stacked.dim() - 1))

@@ -12,7 +12,6 @@ the exporter. Every manifest read here passes the same schema check as a bundle'
 from __future__ import annotations
 
 import collections
-import json
 import os
 import warnings
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import Tensor
 
 from trainfer.errors import BundleError, InputError
 from trainfer.extras import require
+from trainfer.jsonfile import parse_json
 from trainfer.serve.bundle import check_manifest
 
 MANIFEST_KEY = "trainfer.manifest"
@@ -45,14 +45,28 @@ class OnnxModel:
             raise InputError(
                 f"onnxruntime cannot run {str(path)!r}: {error}{hint if self.dtype == 'float64' else ''}"
             ) from None
-        self.manifest = manifest
+        self.manifest, self.path = manifest, str(path)
+        self.errors = _ort_errors(ort)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [output.name for output in self.session.get_outputs()]
 
     def __call__(self, batch: Tensor) -> Any:
         array = batch.detach().to("cpu", getattr(torch, self.dtype)).contiguous().numpy()
-        values = [torch.from_numpy(v) for v in self.session.run(self.output_names, {self.input_name: array})]
+        try:
+            outputs = self.session.run(self.output_names, {self.input_name: array})
+        except self.errors as error:  # e.g. an allocation the machine cannot make, a shape the graph refuses
+            message = " ".join(str(error).split())[:500]
+            shape = tuple(array.shape)
+            raise InputError(f"onnxruntime failed running {self.path!r} on a batch of {shape}: {message}") from None
+        values = [torch.from_numpy(v) for v in outputs]
         return structured(values, self.output_names, self.manifest)
+
+
+def _ort_errors(ort: Any) -> tuple[type[Exception], ...]:
+    """The exception types onnxruntime raises from a run (its pybind classes), and MemoryError."""
+    state = ort.capi.onnxruntime_pybind11_state
+    found = [v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception)]
+    return (*found, MemoryError)
 
 
 def structured(values: list[Tensor], names: list[str], manifest: dict[str, Any]) -> Any:
@@ -103,8 +117,5 @@ def read_exported_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _parse_manifest(text: str | bytes | None, path: Path) -> dict[str, Any]:
     if not text:
         raise BundleError(f"{str(path)!r} carries no trainfer manifest: export it with trainfer.export")
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as error:
-        raise BundleError(f"the trainfer manifest inside {str(path)!r} is not valid JSON: {error}") from None
+    data = parse_json(text, f"the trainfer manifest inside {str(path)!r}", error=BundleError)
     return check_manifest(data, f"inside {str(path)!r}", bundle=False)

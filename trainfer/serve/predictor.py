@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import logging
 import os
 import threading
@@ -39,7 +40,6 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,6 +61,7 @@ from trainfer.serve.results import (
     classification_results,
     regression_results,
 )
+from trainfer.validate import check_integer, check_keywords, check_number, check_path, check_type, given
 
 logger = logging.getLogger("trainfer")
 __all__ = ["Predictor", "pick_device"]
@@ -128,12 +129,14 @@ class Predictor:
     ):
         if not callable(model):
             raise InputTypeError(f"model must be an nn.Module or a callable; got {type(model).__name__}")
-        if batch_size < 1:
-            raise InputError(f"batch_size must be >= 1; got {batch_size}")
-        if not 0.0 <= threshold <= 1.0:
-            raise InputError(f"threshold must lie in [0, 1]; got {threshold}")
-        if cache_size < 0:
-            raise InputError(f"cache_size must be >= 0; got {cache_size}")
+        batch_size = check_integer("batch_size", batch_size, minimum=1)
+        threshold = check_number("threshold", threshold, low=0.0, high=1.0)
+        cache_size = check_integer("cache_size", cache_size, minimum=0)
+        check_type("preprocess", preprocess, PreprocessSpec | Mapping | None, "a PreprocessSpec, a dict or None")
+        if isinstance(labels, str | bytes) or not isinstance(labels, Iterable | None):
+            raise InputTypeError(
+                f"labels must be a list of class names, a dict by head name or None; got {given(labels)}"
+            )
         self.device = pick_device(device) if isinstance(model, nn.Module) else torch.device("cpu")
         self.model = _placed(model, self.device)
         self.preprocess_spec = _spec_for(self.model, preprocess)
@@ -180,7 +183,8 @@ class Predictor:
         the manifest's where they name the same setting (e.g. ``output_kind="probabilities"``).
         ``factory`` and ``trust_factory`` are :func:`trainfer.load`'s (which factories a bundle may name).
         """
-        path = Path(path)
+        path = check_path("path", path)
+        check_keywords("Predictor.load", overrides, _LOAD_OVERRIDES)
         model: Callable[[Tensor], Any] | None  # an OnnxModel, a served runtime's model or the bundle's nn.Module
         if path.suffix == ".onnx":
             from trainfer.serve.onnx_runtime import load_onnx
@@ -296,8 +300,7 @@ class Predictor:
         return self._run(iter_raw(samples, self.preprocess_spec), top_k, None)
 
     def _run(self, chunks: Iterator[Tensor], top_k: int | None, total: int | None) -> Iterator[Any]:
-        if top_k is not None and top_k < 1:
-            raise InputError(f"top_k must be >= 1; got {top_k}")
+        top_k = check_integer("top_k", top_k, minimum=1, optional=True)
         show = total is not None and total > self.batch_size
         done = 0
         with tqdm(total=total, unit="sample", desc="predict", disable=None if show else True) as bar:
@@ -396,6 +399,8 @@ class Predictor:
 # --------------------------------------------------------------------------- helpers
 _CPU = torch.device("cpu")
 _HEAD_SETTINGS = frozenset({"task", "labels", "output", "heads", "output_kind"})
+#: What ``Predictor.load`` passes on to the constructor (everything but the model and resolved heads).
+_LOAD_OVERRIDES = frozenset(inspect.signature(Predictor.__init__).parameters) - {"self", "model", "resolved_heads"}
 
 
 def _head_settings(heads: list[Head]) -> dict[str, Any]:

@@ -23,6 +23,8 @@ by :meth:`PreprocessSpec.unscale_target`: ``t = t' * target_std + target_mean``.
 from __future__ import annotations
 
 import csv
+import math
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -43,10 +45,15 @@ MAX_IMAGE_PIXELS = 64_000_000
 #: Full-scale value of single-channel images deeper than 8 bits, by PIL mode (mapped to 255).
 _FULL_SCALE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
 _NPY_MAGIC = b"\x93NUMPY"
+#: The most elements a ``.npy`` input read into memory may hold: 2**30 (4 GiB of float32). Its
+#: header is checked before any data is read; a header declaring more data than the file holds is
+#: refused too (memory-mapped reads are bounded by the file itself).
+MAX_NPY_ELEMENTS = 2**30
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "MAX_IMAGE_PIXELS",
+    "MAX_NPY_ELEMENTS",
     "PreprocessSpec",
     "gather",
     "iter_csv",
@@ -107,6 +114,13 @@ class PreprocessSpec:
             raise InputError(f"resample must be one of {', '.join(_RESAMPLING)}; got {self.resample!r}")
         if self.channel_order not in ("RGB", "BGR"):
             raise InputError(f"channel_order must be 'RGB' or 'BGR'; got {self.channel_order!r}")
+        for name in ("mean", "std"):
+            values, channels = getattr(self, name), self.input_shape[0] if self.input_shape else None
+            if values is not None and channels is not None and len(values) not in (1, channels):
+                raise InputError(
+                    f"{name} holds {len(values)} values for {channels} channel(s) (input_shape {self.input_shape}): "
+                    f"expected {channels} (one per channel) or 1 (one for all)"
+                )
         if self.std is not None and any(s == 0 for s in self.std):
             raise InputError(f"std must be non-zero; got {self.std}")
         if self.columns is not None and self.input_shape is not None and self.input_shape != (len(self.columns),):
@@ -267,11 +281,22 @@ def _as_tensor(value: Any) -> Tensor:
         array = np.asarray(value)
     except (ValueError, TypeError) as error:
         raise InputError(f"cannot read input as a numeric array: {error}") from None
-    if array.dtype == object or array.dtype.kind in "USV":
-        raise InputError(f"wrong input dtype: expected real numbers, got numpy dtype {array.dtype}")
+    _check_numeric(array.dtype, "wrong input dtype")
+    if not array.dtype.isnative:  # big-endian data on a little-endian machine: the same numbers, native order
+        array = array.astype(array.dtype.newbyteorder("="))
     if array.dtype == np.uint16 or array.dtype == np.uint32:
         array = array.astype(np.int64)
     return torch.from_numpy(np.ascontiguousarray(array)).reshape(array.shape)  # 0-d stays 0-d
+
+
+def _check_numeric(dtype: np.dtype, what: str) -> None:
+    """Refuse numpy dtypes that are not plain numbers torch holds (dates, strings, objects, long double)."""
+    wider = dtype.kind == "f" and dtype.itemsize > 8 or dtype.kind == "c" and dtype.itemsize > 16
+    if dtype.kind not in "biufc" or wider:
+        raise InputError(
+            f"{what}: expected real numbers, got numpy dtype {dtype} "
+            "(trainfer reads int8..int64, uint8..uint64, float16..float64)"
+        )
 
 
 def _is_path(item: Any) -> bool:
@@ -345,11 +370,7 @@ def read_npy(path: Path, spec: PreprocessSpec, mmap: bool = False) -> np.ndarray
     file, a 0-d array and an array of 0 samples are errors naming the file and what was expected.
     """
     name = str(path)
-    with open(path, "rb") as handle:
-        magic = handle.read(len(_NPY_MAGIC))
-    if magic != _NPY_MAGIC:
-        got = "an empty file (0 bytes)" if not magic else f"a file starting with {magic!r}"
-        raise InputError(f"cannot read {name!r}: expected a .npy array (starting with {_NPY_MAGIC!r}), got {got}")
+    _check_npy_header(path, mmap)
     try:
         array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
@@ -362,6 +383,46 @@ def read_npy(path: Path, spec: PreprocessSpec, mmap: bool = False) -> np.ndarray
     if len(array) == 0:
         raise InputError(f"{name!r} holds no samples (shape {array.shape}): expected at least one")
     return array
+
+
+def _check_npy_header(path: Path, mmap: bool) -> None:
+    """Refuse a ``.npy`` file from its header alone: not ``.npy``, not numbers, or more data than it holds.
+
+    Read into memory (not ``mmap``), it may hold at most :data:`MAX_NPY_ELEMENTS` elements.
+    """
+    name = str(path)
+    with open(path, "rb") as handle:
+        magic = handle.read(len(_NPY_MAGIC))
+        if magic != _NPY_MAGIC:
+            got = "an empty file (0 bytes)" if not magic else f"a file starting with {magic!r}"
+            raise InputError(f"cannot read {name!r}: expected a .npy array (starting with {_NPY_MAGIC!r}), got {got}")
+        handle.seek(0)
+        try:
+            version = np.lib.format.read_magic(handle)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in read_header:
+                raise ValueError(f"format version {version[0]}.{version[1]} (expected 1.0 or 2.0)")
+            shape, _, dtype = read_header[version](handle)
+        except (ValueError, OSError, EOFError, SyntaxError) as error:
+            raise InputError(f"cannot read {name!r} as a .npy array: {error or 'truncated header'}") from None
+        if dtype.hasobject:
+            raise InputError(
+                f"cannot read {name!r} as a .npy array: it holds pickled Python objects, never loaded "
+                "(allow_pickle=False): expected numbers"
+            )
+        _check_numeric(dtype, f"cannot read {name!r}: wrong dtype")
+        elements = math.prod(shape)
+        available = os.fstat(handle.fileno()).st_size - handle.tell()
+    if elements * dtype.itemsize > available:
+        raise InputError(
+            f"{name!r} declares shape {shape} of {dtype} ({elements * dtype.itemsize} bytes) but holds "
+            f"{available} bytes of data: a truncated or forged .npy file"
+        )
+    if not mmap and elements > MAX_NPY_ELEMENTS:
+        raise InputError(
+            f"{name!r} holds {elements} elements (shape {shape}): expected at most {MAX_NPY_ELEMENTS} "
+            "(trainfer.serve.preprocess.MAX_NPY_ELEMENTS) for a file read into memory"
+        )
 
 
 def load_image(path: Path, spec: PreprocessSpec) -> Tensor:
@@ -378,9 +439,11 @@ def load_image(path: Path, spec: PreprocessSpec) -> Tensor:
             _check_pixels(image.width, image.height, path)
             image.load()
             return _image_to_tensor(image, spec, path)
+    except InputError:
+        raise
     except Image.DecompressionBombError:  # PIL's own limit (twice its warning size), checked when opening
         raise InputError(_too_large(path, f"more than {2 * (Image.MAX_IMAGE_PIXELS or 0)}")) from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:  # ValueError: huge zTXt/iCCP chunks
         raise InputError(f"cannot read image {str(path)!r}: {error}") from None
 
 

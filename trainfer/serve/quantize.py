@@ -60,6 +60,7 @@ from trainfer.serve.runtime import (
     machine_info,
     ort_engine,
 )
+from trainfer.validate import check_type
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 _CALIBRATION_BATCH = 32
@@ -375,6 +376,7 @@ def quantize(
     how many layers may fall back to float (default: half of them). ``reduce_range``: 7-bit
     weights (default: where the CPU lacks VNNI/AMX int8 dot products).
     """
+    check_type("model_or_bundle", model_or_bundle, nn.Module | str | os.PathLike, "an nn.Module or a bundle path")
     if calibration not in CALIBRATION_METHODS:
         raise InputError(f"calibration must be one of {list(CALIBRATION_METHODS)}; got {calibration!r}")
     if equalize not in (True, False, "auto"):

@@ -48,6 +48,7 @@ from torch.utils._pytree import tree_map
 from trainfer.atomic import atomic_file
 from trainfer.errors import BundleError, EquivalenceError, InputError, InputTypeError
 from trainfer.extras import require
+from trainfer.jsonfile import read_json
 from trainfer.numerics import TOLERANCE
 from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
 from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over
@@ -227,10 +228,7 @@ def read_record(bundle: str | os.PathLike[str]) -> RuntimeRecord | None:
     file = Path(bundle) / RUNTIME_FILE
     if not file.is_file():
         return None
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BundleError(f"{str(file)!r} is not valid JSON: {error}") from None
+    data = read_json(file, error=BundleError)
     return RuntimeRecord.from_dict(data, repr(str(file)))
 
 
@@ -274,7 +272,10 @@ class OpenVinoEngine:
         core = ov.Core()
         hint = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[dtype]
         config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-        self.compiled = core.compile_model(str(path), "CPU", config)
+        try:
+            self.compiled = core.compile_model(str(path), "CPU", config)
+        except RuntimeError as error:  # e.g. external data outside the model's directory: OpenVINO refuses it
+            raise InputError(f"openvino cannot compile {str(path)!r}: {' '.join(str(error).split())[:500]}") from None
         self.request = self.compiled.create_infer_request()
         self.names = [output.get_any_name() for output in self.compiled.outputs]
         self.manifest = manifest
@@ -624,10 +625,7 @@ def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None) 
 
 def _quantization_entry(directory: Path) -> dict[str, Any]:
     file = directory / QUANTIZATION_FILE
-    try:
-        entry = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BundleError(f"cannot read {str(file)!r}: {error}") from None
+    entry = read_json(file, error=BundleError)
     if (
         not isinstance(entry, dict)
         or entry.get("format") != "trainfer-quantized"
