@@ -276,12 +276,12 @@ def _preprocess(**fields):
 
 
 FORGED_MANIFESTS = {
-    "module named training": (_rename_module("2", "training"), "'training' names an attribute every nn.Module has"),
-    "module named __class__": (_rename_module("2", "__class__"), "'__class__' names an attribute every nn.Module"),
-    "module named forward": (_rename_module("2", "forward"), "'forward' names an attribute every nn.Module has"),
-    "nested module named forward": (_rename_module("2", "x.forward"), "'forward' names an attribute"),
-    "Softmax(dim='x')": (_softmax("x"), "does not run on its recorded input shape .1, 1, 8, 8.: softmax"),
-    "Softmax(dim=None, 'x')": (_softmax([None, "x"]), "does not run on its recorded input shape"),
+    "module named training": (_rename_module("2", "training"), r"expected a plain identifier .*found 'training'"),
+    "module named __class__": (_rename_module("2", "__class__"), r"expected a plain identifier .*found '__class__'"),
+    "module named forward": (_rename_module("2", "forward"), r"expected a plain identifier .*found 'forward'"),
+    "nested module named forward": (_rename_module("2", "x.forward"), r"expected a plain identifier .*found 'forward'"),
+    "Softmax(dim='x')": (_softmax("x"), "Softmax dim must be an integer, found 'x'"),
+    "Softmax(dim=None, 'x')": (_softmax([None, "x"]), "Softmax dim must be an integer"),
     "3-channel mean on 1 channel": (_preprocess(mean=[0.1, 0.2, 0.3]), "mean holds 3 values for 1 channel"),
     "3-channel std on 1 channel": (_preprocess(std=[1.0, 2.0, 3.0]), "std holds 3 values for 1 channel"),
     "3-channel input_shape": (_preprocess(input_shape=[3, 8, 8]), r"input_shape \[3, 8, 8\] does not fit input.shape"),
