@@ -1,5 +1,6 @@
 """The deploy-form architecture a bundle records (trainfer.serve.architecture) and the committed fixture."""
 
+import inspect
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from torch import nn
 import trainfer
 from trainfer.reparam.blocks import RepVGGBlock
 from trainfer.reparam.blocks.activations import ACTIVATIONS
-from trainfer.serve.architecture import describe, digest, rebuild
+from trainfer.serve.architecture import MODULES, describe, digest, rebuild
 from trainfer.testing import randomize_batchnorm
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -144,3 +145,24 @@ def test_a_sequential_child_name_with_a_dot_is_refused():
     edited = _edited(description, lambda d: d["modules"]["1"]["children"].update({"a.b": {"type": "ReLU", "args": {}}}))
     with pytest.raises(trainfer.BundleError, match=r"expected a plain identifier.*'a.b'"):
         rebuild(edited, "test", [2, 1, 5, 5])
+
+
+@pytest.mark.parametrize("name", sorted(set(MODULES) - {"Sequential"}))
+def test_the_recorded_constructor_arguments_are_torchs_own(name):
+    """``MODULES`` lists each type's constructor arguments by hand: a torch that adds or renames one fails here."""
+    cls, recorded = MODULES[name]
+    parameters = inspect.signature(cls.__init__).parameters
+    named = [p for p in parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    expected = [p.name for p in named if p.name not in ("self", "device", "dtype")]
+    assert list(recorded) == expected
+    assert all(hasattr(cls(**_small_arguments(name)), arg) or arg == "bias" for arg in recorded)
+
+
+def _small_arguments(name: str) -> dict:
+    """Constructor arguments that build one ``name`` (the rest default)."""
+    required = {
+        "in_channels": 2, "out_channels": 2, "kernel_size": 1, "in_features": 2, "out_features": 2, "num_features": 2,
+        "normalized_shape": [2], "num_groups": 1, "num_channels": 2, "output_size": 1,
+    }  # fmt: skip
+    parameters = inspect.signature(MODULES[name][0].__init__).parameters
+    return {key: value for key, value in required.items() if key in parameters}

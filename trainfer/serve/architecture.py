@@ -60,12 +60,13 @@ _CONV = (
     "bias",
     "padding_mode",
 )
-_BATCH_NORM = ("num_features", "eps", "momentum", "affine", "track_running_stats")
+_BATCH_NORM = ("num_features", "eps", "momentum", "affine", "track_running_stats", "bias")
 _INPLACE = ("inplace",)
 _MAX_POOL = ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode")
 _AVG_POOL = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 
-#: The module types a described graph may hold, with the constructor arguments read from each.
+#: The module types a described graph may hold, with the constructor arguments read from each (in the
+#: order of torch's signatures; tests/test_architecture.py checks them against the installed torch).
 MODULES: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "Conv1d": (nn.Conv1d, _CONV),
     "Conv2d": (nn.Conv2d, _CONV),
@@ -75,7 +76,7 @@ MODULES: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "BatchNorm2d": (nn.BatchNorm2d, _BATCH_NORM),
     "BatchNorm3d": (nn.BatchNorm3d, _BATCH_NORM),
     "LayerNorm": (nn.LayerNorm, ("normalized_shape", "eps", "elementwise_affine", "bias")),
-    "GroupNorm": (nn.GroupNorm, ("num_groups", "num_channels", "eps", "affine")),
+    "GroupNorm": (nn.GroupNorm, ("num_groups", "num_channels", "eps", "affine", "bias")),
     "ReLU": (nn.ReLU, _INPLACE),
     "ReLU6": (nn.ReLU6, _INPLACE),
     "LeakyReLU": (nn.LeakyReLU, ("negative_slope", "inplace")),
