@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,8 +20,10 @@ import torch
 from trainfer.errors import InputError
 from trainfer.serve.preprocess import IMAGE_SUFFIXES, PreprocessSpec, load_image
 
-__all__ = ["read_upload"]
+__all__ = ["MAX_NAME", "read_upload"]
 
+#: Longest file name an upload may give (it is only echoed back in the sample ids, never opened).
+MAX_NAME = 255
 _NPY_MAGIC = b"\x93NUMPY"
 
 
@@ -38,7 +40,8 @@ class _Named(io.BytesIO):
 
 def read_upload(data: bytes, name: str, content_type: str, spec: PreprocessSpec) -> list[tuple[str, Any]]:
     """``(id, raw batch)`` pairs of the file ``data`` called ``name`` (a batch holds one or more samples)."""
-    name = PurePath(name).name or "upload"
+    if not name or len(name) > MAX_NAME:
+        raise InputError(f"the file name must have 1 to {MAX_NAME} characters; got {len(name)}")
     suffix = Path(name).suffix.lower()
     if not data:
         raise InputError(f"{name!r} is empty (0 bytes): expected an image, a .npy array or CSV rows")
