@@ -127,7 +127,7 @@ def command(
         bundles=model_names(bundles, names),
         max_batch=max_batch,
         max_delay_ms=max_delay_ms,
-        max_queue=max(max_queue, max_batch),
+        max_queue=max_queue,
         max_body=int(max_body_mb * 2**20),
         timeout=timeout,
         runtime=runtime,
