@@ -78,10 +78,11 @@ def post(url: str, body: bytes, timeout: float = 30.0, headers: dict | None = No
 
 
 @contextlib.contextmanager
-def running_server(*args: str, env: dict | None = None, ready: bool = True) -> Iterator[ServerProcess]:
-    """``trainfer serve ARGS`` on a free port until the block ends; killed if it does not stop in 20 s.
-
-    Waits for ``/v2/health/ready`` (``ready``) or ``/v2/health/live`` to answer 200 first.
+def running_server(
+    *args: str, env: dict | None = None, ready: bool = True, program: list[str] | None = None
+) -> Iterator[ServerProcess]:
+    """``trainfer serve ARGS`` (or ``program ARGS``) on a free port until the block ends; killed if it
+    does not stop in 20 s. Waits for ``/v2/health/ready`` (``ready``) or ``/v2/health/live`` to answer 200 first.
     """
     port = free_port()
     environment = {**os.environ, **(env or {})}
@@ -91,7 +92,8 @@ def running_server(*args: str, env: dict | None = None, ready: bool = True) -> I
     with tempfile.TemporaryDirectory(prefix="trainfer-serve-") as folder:
         log = Path(folder) / "server.log"
         with open(log, "wb") as stream:
-            command = [sys.executable, "-m", "trainfer", "serve", *args, "--port", str(port)]
+            start = program or [sys.executable, "-m", "trainfer", "serve"]
+            command = [*start, *args, "--port", str(port)]
             process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=environment)
         server = ServerProcess(process, port, log)
         try:

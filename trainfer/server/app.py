@@ -56,6 +56,9 @@ access_logger = logging.getLogger("trainfer.server.access")
 __all__ = ["ServerSettings", "create_app"]
 
 API_KEY_HEADER = "x-api-key"
+#: Request bodies up to this size are decoded on the event loop (a thread hop would cost more than
+#: the decoding); larger ones in a worker thread, so that the loop keeps answering meanwhile.
+INLINE_BYTES = 64 * 1024
 _OPEN_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/docs", "/openapi.json"})
 
 
@@ -246,7 +249,7 @@ def _routes(app: FastAPI, server: Server) -> None:
                 )
             return decoded, model.prepare(decoded.inputs[model.input_name])
 
-        decoded, batch = await asyncio.to_thread(decode)
+        decoded, batch = decode() if len(body) <= INLINE_BYTES else await asyncio.to_thread(decode)
         rows = await server.run(name, batch)
         content, headers = encode_response(name, decoded, model.tensors(rows))
         return Response(content, headers=headers)
