@@ -100,7 +100,9 @@ def test_the_public_contract_works_as_written(tmp_path):
     assert len(records.records) > 0
 
 
-@pytest.mark.parametrize("command", ["demo", "deploy", "verify", "bench", "audit", "inspect", "predict", "export"])
+@pytest.mark.parametrize(
+    "command", ["demo", "deploy", "verify", "bench", "audit", "inspect", "predict", "export", "serve"]
+)
 def test_every_contract_command_has_help(command):
     result = CliRunner().invoke(main, [command, "--help"])
     assert result.exit_code == 0 and result.output.startswith("Usage: "), result.output

@@ -105,3 +105,13 @@ def test_a_bundle_that_cannot_be_served_stops_the_server_in_one_line(tmp_path):
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "os:system" in errors[0], done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_two_worker_processes_serve_the_same_answers(bundle):
+    x = np.random.default_rng(9).random((2, 1, 8, 8), dtype=np.float32)
+    with running_server(str(bundle), "--workers", "2") as server:
+        answers = [post(f"{server.url}/v2/models/tiny/infer", request_body(x)) for _ in range(4)]
+    expected = Predictor.load(bundle).predict(x)
+    for status, body, _ in answers:
+        assert status == 200, body
+        assert_results_close(labels_and_probabilities(body), expected)

@@ -15,8 +15,9 @@ import sys
 from typing import Any
 
 from trainfer.server.app import ServerSettings, create_app
+from trainfer.server.model import load_model
 
-__all__ = ["SETTINGS_VARIABLE", "app_from_environment", "serve"]
+__all__ = ["SETTINGS_VARIABLE", "app_from_environment", "check_bundles", "serve"]
 
 #: How the settings reach worker processes (uvicorn imports the app by name in each of them).
 SETTINGS_VARIABLE = "TRAINFER_SERVE_SETTINGS"
@@ -39,7 +40,8 @@ def serve(
         "log_level": "info",
         **uvicorn,
     }
-    if workers > 1:
+    if workers > 1:  # each worker loads the models: a bundle that cannot be served fails here, once
+        check_bundles(settings)
         os.environ[SETTINGS_VARIABLE] = json.dumps(dataclasses.asdict(settings))
         engine.run(f"{__name__}:app_from_environment", factory=True, workers=workers, **options)
         return
@@ -54,6 +56,14 @@ def serve(
     server.run()
     if failures:
         raise failures[0]
+
+
+def check_bundles(settings: ServerSettings) -> None:
+    """Load and check every bundle of ``settings`` (raises what a worker would meet)."""
+    for name, path in settings.bundles.items():
+        load_model(
+            name, path, runtime=settings.runtime, trust_factory=settings.trust_factory, max_batch=settings.max_batch
+        )
 
 
 def app_from_environment() -> Any:
