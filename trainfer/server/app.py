@@ -173,17 +173,23 @@ class Server:
         return b"".join(chunks)
 
 
-def create_app(settings: ServerSettings, on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
-    """The ASGI app serving ``settings.bundles``; models load in the background once it starts.
+def create_app(
+    settings: ServerSettings, on_fatal: Callable[[BaseException], None] | None = None, background: bool = True
+) -> FastAPI:
+    """The ASGI app serving ``settings.bundles``; models load when its lifespan starts.
 
-    ``on_fatal`` hears a bundle that cannot be served (the runner stops the server; by default
-    the error is logged and readiness stays false).
+    ``background``: they load while the app already answers (live, not ready); otherwise the
+    lifespan's startup waits for them (a worker process sharing a port then takes no request
+    before it is ready). ``on_fatal`` hears a bundle that cannot be served (the runner stops the
+    server; by default the error is logged and readiness stays false).
     """
     server = Server(settings, on_fatal or (lambda error: logger.error("cannot serve: %s", one_line(error))))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         loading = asyncio.get_running_loop().create_task(server.load_all())
+        if not background:
+            await loading
         yield
         loading.cancel()
         await server.stop()

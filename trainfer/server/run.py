@@ -75,7 +75,7 @@ def app_from_environment() -> Any:
         logging.getLogger("trainfer.server").error("cannot serve: %s", error)
         os._exit(2)  # the supervisor sees the worker die and the user sees why
 
-    return create_app(settings, on_fatal=stop)
+    return create_app(settings, on_fatal=stop, background=False)
 
 
 def _log_access() -> None:
