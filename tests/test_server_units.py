@@ -193,3 +193,42 @@ def test_a_failing_model_fails_every_request_of_its_batch_and_the_batcher_goes_o
 
     results, after = run(main())
     assert all(isinstance(r, RuntimeError) for r in results) and after[0].item() == 1.0
+
+
+class TwoHeads(torch.nn.Module):
+    """A classification head (probabilities) and a regression head on 8-feature rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.digit, self.size = torch.nn.Linear(8, 6), torch.nn.Linear(6, 3), torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.body(x).relu()
+        return {"digit": self.digit(h).softmax(1), "size": self.size(h)}
+
+
+def test_multi_head_and_regression_outputs_are_the_predictors_results():
+    from trainfer import Predictor
+    from trainfer.server.model import ServedModel
+
+    torch.manual_seed(0)
+    predictor = Predictor(
+        TwoHeads().eval(), heads={"digit": "classification", "size": "regression"}, preprocess={"input_shape": [8]}
+    )
+    served = ServedModel("two", predictor)
+    served.check()
+    assert {name: dtype for name, (dtype, _) in served.outputs.items()} == {
+        "digit.probabilities": "FP32",
+        "digit.index": "INT64",
+        "digit.label": "BYTES",
+        "size.values": "FP32",
+    }
+    x = torch.randn(5, 8)
+    tensors = served.tensors(served.scores(served.prepare(x)))
+    expected = predictor.predict(x)
+    np.testing.assert_allclose(tensors["size.values"], [r["size"].values for r in expected], atol=1e-6, rtol=0)
+    assert tensors["digit.index"].tolist() == [r["digit"].index for r in expected]
+    assert [label.decode() for label in tensors["digit.label"]] == [r["digit"].label for r in expected]
+    np.testing.assert_allclose(
+        tensors["digit.probabilities"].max(1), [r["digit"].probability for r in expected], atol=1e-6
+    )
