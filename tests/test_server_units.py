@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,3 +233,49 @@ def test_multi_head_and_regression_outputs_are_the_predictors_results():
     np.testing.assert_allclose(
         tensors["digit.probabilities"].max(1), [r["digit"].probability for r in expected], atol=1e-6
     )
+
+
+async def asgi_get(app, path: str) -> tuple[int, dict[str, str], bytes]:
+    """A GET through the ASGI app itself (no server, no socket)."""
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": [],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    headers = {k.decode(): v.decode() for k, v in start["headers"]}
+    return start["status"], headers, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+def test_not_ready_until_the_models_are_loaded_and_checked():
+    pytest.importorskip("fastapi")
+    from trainfer.server.app import ServerSettings, create_app
+
+    app = create_app(ServerSettings(bundles={"digits": str(Path(__file__).parent / "fixtures" / "digits_deploy_v2")}))
+
+    async def main():
+        before = [await asgi_get(app, path) for path in ("/v2/health/ready", "/v2/models/digits/ready")]
+        live = await asgi_get(app, "/v2/health/live")
+        async with app.router.lifespan_context(app):
+            for _ in range(600):
+                if (await asgi_get(app, "/v2/health/ready"))[0] == 200:
+                    break
+                await asyncio.sleep(0.05)
+            after = [await asgi_get(app, path) for path in ("/v2/health/ready", "/v2/models/digits/ready")]
+            metadata = json.loads((await asgi_get(app, "/v2/models/digits"))[2])
+        return before, live, after, metadata
+
+    before, live, after, metadata = run(main(), seconds=60)
+    assert live[0] == 200 and [status for status, _, _ in before] == [503, 503]
+    assert before[1][1]["retry-after"] == "1" and "still loading" in json.loads(before[1][2])["error"]
+    assert [status for status, _, _ in after] == [200, 200]
+    assert metadata["outputs"][0] == {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}
