@@ -26,6 +26,7 @@ from trainfer.errors import InputError
 
 httpclient = pytest.importorskip("tritonclient.http")
 pytest.importorskip("fastapi")
+pytestmark = pytest.mark.slow  # one server subprocess for the module: about 15 s to start on 2 busy cores
 
 KEY = "k" * 24
 KEY_HEADER = {"X-API-Key": KEY}

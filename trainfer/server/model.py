@@ -32,6 +32,10 @@ from trainfer.server.protocol import datatype_of
 #: Samples in the random batch that checks a model before it is ready.
 CHECK_SAMPLES = 3
 
+#: The input datatype a model's metadata names (bfloat16 models say FP32: the protocol's JSON and
+#: numpy have no bfloat16, and any real datatype is cast by the preprocessing anyway).
+_TORCH_DATATYPES = {torch.float16: "FP16", torch.float32: "FP32", torch.float64: "FP64"}
+
 __all__ = ["CHECK_SAMPLES", "ServedModel", "load_model"]
 
 
@@ -53,7 +57,8 @@ class ServedModel:
 
     @property
     def input_datatype(self) -> str:
-        return datatype_of(str(self.predictor.preprocess_spec.torch_dtype).removeprefix("torch."))
+        """The protocol's name of the model's input dtype (any real datatype is accepted and cast)."""
+        return _TORCH_DATATYPES.get(self.predictor.preprocess_spec.torch_dtype, "FP32")
 
     def prepare(self, raw: Any) -> Tensor:
         """One request's samples, validated and normalised (the Predictor's preprocessing)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -66,7 +66,6 @@ class InferRequest:
     inputs: dict[str, np.ndarray]
     outputs: dict[str, bool] | None = None
     binary_outputs: bool = False
-    parameters: dict[str, Any] = field(default_factory=dict)
 
 
 def datatype_of(dtype: np.dtype[Any] | str) -> str:
@@ -103,7 +102,6 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         inputs=arrays,
         outputs=_requested_outputs(document.get("outputs")),
         binary_outputs=bool(_parameters(document).get("binary_data_output", False)),
-        parameters=_parameters(document),
     )
 
 

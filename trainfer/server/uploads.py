@@ -1,8 +1,9 @@
 """Files sent to the convenience endpoint, read in memory: images, ``.npy`` arrays and CSV rows.
 
 Nothing is written to disk and nothing is unpickled or evaluated. The kind of file is told by its
-first bytes (the ``.npy`` magic; an image format Pillow recognises) and otherwise by the name's
-suffix (``.csv``) or the content type (``text/csv``). Sample ids are ``trainfer predict``'s: an
+first bytes (the ``.npy`` magic), then by the name's suffix or the content type: ``.csv`` or
+``text/csv`` are CSV rows; an image suffix, an ``image/*`` type or no suffix at all, an image
+(Pillow then tells its format from its bytes). Sample ids are ``trainfer predict``'s: an
 image is one sample named by its file name, a ``.npy`` array gives ``name[i]`` per row and a CSV
 file ``name:i`` per data row (0-based), so the endpoint's JSON lines equal the command's.
 """
