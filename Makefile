@@ -15,7 +15,7 @@ AVX2_KERNELS    := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_I
 # The next torch (a CUDA build of about 5.5 GB, runs on the CPU) with timm beside it: optional checks.
 NEXT   := .venv-next/bin
 
-.PHONY: demo test test-fast test-kernels test-wheel test-torch-next test-timm docs lint typecheck bench clean
+.PHONY: demo serve test test-fast test-kernels test-wheel test-torch-next test-timm docs lint typecheck bench clean
 
 # torch==2.13.0 first (a CPU wheel on local disk); the project's range (torch>=2.13) then installs no other.
 $(BIN)/.installed: pyproject.toml
@@ -33,6 +33,9 @@ $(NEXT)/.installed: pyproject.toml
 
 demo: $(BIN)/.installed
 	$(BIN)/trainfer demo
+
+serve: $(BIN)/.installed
+	$(BIN)/trainfer serve runs/demo/bundle_deploy
 
 test: lint typecheck $(BIN)/.installed
 	$(PYTEST) -n 2

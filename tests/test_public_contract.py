@@ -106,7 +106,9 @@ def test_explain_of_the_contract_works_as_written():
     assert attributions.values.shape == (2, 1, 8, 8) and bool(attributions.values.abs().sum() > 0)
 
 
-@pytest.mark.parametrize("command", ["demo", "deploy", "verify", "bench", "audit", "inspect", "predict", "export"])
+@pytest.mark.parametrize(
+    "command", ["demo", "deploy", "verify", "bench", "audit", "inspect", "predict", "export", "serve"]
+)
 def test_every_contract_command_has_help(command):
     result = CliRunner().invoke(main, [command, "--help"])
     assert result.exit_code == 0 and result.output.startswith("Usage: "), result.output

@@ -85,6 +85,11 @@ class NonFiniteError(InputError):
     normalised, or a model output holding NaN or inf (never served as a prediction)."""
 
 
+def one_line(error: BaseException) -> str:
+    """An error's message on one line, as the CLI prints it and the server answers it (not an exception)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 __all__ = [
     "AlgebraError",
     "BundleError",

@@ -17,7 +17,7 @@ import click
 from torch import nn
 
 from trainfer._version import __version__
-from trainfer.errors import BundleError, TrainferError
+from trainfer.errors import BundleError, TrainferError, one_line
 
 _TRUST_KEY = "trainfer.trust_factory"
 
@@ -118,7 +118,7 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except (TrainferError, OSError) as error:
             if debug:
                 raise
-            click.echo(f"error: {_one_line(error)}", err=True)
+            click.echo(f"error: {one_line(error)}", err=True)
             sys.exit(2)
         except Exception:
             if debug:
@@ -128,8 +128,3 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(3)
 
     return wrapper
-
-
-def _one_line(error: BaseException) -> str:
-    """The error's message on one line (``OSError``: with the path it names)."""
-    return " ".join(str(error).split()) or type(error).__name__

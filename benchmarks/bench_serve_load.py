@@ -1,0 +1,240 @@
+"""``trainfer serve`` under load: dynamic batching against batch-1 serving and a plain FastAPI handler.
+
+For each model (deploy forms of ``digits_net`` on 1x8x8 and ``repvgg_a0`` on 3x224x224, random
+weights with non-trivial BatchNorm statistics) three servers run in turn, each in its own process:
+``trainfer serve`` with dynamic batching (``--max-batch 32 --max-delay-ms 5``), ``trainfer serve
+--max-batch 1``, and ``benchmarks/serve_peer.py`` (the same Predictor behind a per-request FastAPI
+handler). wrk (Debian's ``wrk``; a separate process) drives each at concurrency 1, 8 and 32 with
+one-sample Open Inference Protocol requests (binary tensor data) and reports throughput and
+p50/p99 latency. At concurrency 1 the server's overhead is ``1 - (mean seconds per batch in the
+model, from /metrics) / (mean request latency)``.
+
+The overload test drives the dynamic server with 10x the connections of the concurrency-32 run for
+``--overload-seconds``, then at concurrency 8: every answer must be 200 or 503 (with Retry-After),
+the process must live, its memory stay bounded, and the nominal phase answer only 200s.
+
+    .venv/bin/python benchmarks/bench_serve_load.py [--models digits_net,repvgg_a0] [--duration 10]
+        [--overload-seconds 30] [--out runs/serve_load.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # server_process: start and always stop a server
+
+from server_process import ServerProcess, get, running_server  # noqa: E402
+
+import trainfer  # noqa: E402
+from trainfer import models  # noqa: E402
+from trainfer.numerics import randomize_batchnorm  # noqa: E402
+
+SHAPES = {"digits_net": (1, 8, 8), "repvgg_a0": (3, 224, 224)}
+CONCURRENCY = (1, 8, 32)
+LUA = """
+local f = io.open(os.getenv("TRAINFER_BODY"), "rb"); wrk.body = f:read("*a"); f:close()
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/octet-stream"
+wrk.headers["Inference-Header-Content-Length"] = os.getenv("TRAINFER_HEADER")
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) ok = 0; busy = 0; other = 0; retry = 0 end
+function response(status, headers, body)
+  if status == 200 then ok = ok + 1
+  elseif status == 503 then
+    busy = busy + 1
+    if headers["retry-after"] or headers["Retry-After"] then retry = retry + 1 end
+  else other = other + 1 end
+end
+function done(summary, latency, requests)
+  local t = {ok = 0, busy = 0, other = 0, retry = 0}
+  for _, thread in ipairs(threads) do
+    for k, _ in pairs(t) do t[k] = t[k] + thread:get(k) end
+  end
+  io.write(string.format("STATUS ok=%d busy=%d other=%d retry=%d\\n", t.ok, t.busy, t.other, t.retry))
+end
+"""
+
+
+def make_bundles(root: Path, names: list[str]) -> dict[str, Path]:
+    """Deploy-form bundles of ``names`` (random weights, non-trivial BatchNorm statistics)."""
+    bundles = {}
+    for name in names:
+        torch.manual_seed(0)
+        model = randomize_batchnorm(getattr(models, name)(), seed=0).eval()
+        example = torch.randn(1, *SHAPES[name])
+        deployed = trainfer.deploy(model, example)
+        spec = trainfer.PreprocessSpec(input_shape=SHAPES[name])
+        bundles[name] = trainfer.save(deployed, root / name, preprocess=spec)
+    return bundles
+
+
+def request_file(root: Path, shape: tuple[int, ...]) -> tuple[Path, int]:
+    """One-sample request with binary tensor data; returns (path, JSON header length)."""
+    x = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
+    blob = x.tobytes()
+    header = {
+        "inputs": [
+            {"name": "input", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": len(blob)}}
+        ],
+        "outputs": [{"name": "label"}],
+    }
+    text = json.dumps(header).encode()
+    path = root / f"request_{'x'.join(map(str, shape))}.bin"
+    path.write_bytes(text + blob)
+    return path, len(text)
+
+
+def wrk(url: str, connections: int, seconds: float, body: tuple[Path, int], lua: Path) -> dict:
+    """Run wrk; throughput, p50/p99 latency (ms) and status counts."""
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "60s"]
+    env = {"TRAINFER_BODY": str(body[0]), "TRAINFER_HEADER": str(body[1]), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [*command, "-s", str(lua), url], capture_output=True, text=True, env=env, timeout=seconds + 120
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed: {done.stderr}")
+    out = done.stdout
+    status = dict(re.findall(r"(\w+)=(\d+)", re.search(r"STATUS (.*)", out).group(1)))
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": _ms(re.search(r"\s50%\s+([\d.]+\w+)", out).group(1)),
+        "p99_ms": _ms(re.search(r"\s99%\s+([\d.]+\w+)", out).group(1)),
+        **{k: int(v) for k, v in status.items()},
+        "socket_errors": sum(map(int, errors.groups())) if errors else 0,
+    }
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(\w+)", text).groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
+
+def inference_seconds(server: ServerProcess) -> tuple[float, float]:
+    """(sum, count) of the server's seconds per batch in the model, from /metrics."""
+    text = get(server.url + "/metrics")[1].decode()
+    total = sum(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith("trainfer_inference_seconds_sum")
+    )
+    count = sum(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith("trainfer_inference_seconds_count")
+    )
+    return total, count
+
+
+def rss_mb(server: ServerProcess) -> float:
+    status = Path(f"/proc/{server.process.pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
+
+
+def servers(bundle: Path, name: str) -> dict[str, tuple[list[str], list[str] | None]]:
+    peer = [sys.executable, str(ROOT / "benchmarks" / "serve_peer.py")]
+    return {
+        "trainfer serve, dynamic batching (32, 5 ms)": (
+            [str(bundle), "--names", name, "--max-batch", "32", "--max-delay-ms", "5"],
+            None,
+        ),
+        "trainfer serve --max-batch 1": (
+            [str(bundle), "--names", name, "--max-batch", "1", "--max-delay-ms", "0"],
+            None,
+        ),
+        "plain FastAPI per-request handler": ([str(bundle), "--name", name], peer),
+    }
+
+
+def measure_model(name: str, bundle: Path, body: tuple[Path, int], lua: Path, seconds: float) -> list[dict]:
+    rows = []
+    for label, (args, program) in servers(bundle, name).items():
+        with running_server(*args, program=program) as server:
+            url = f"{server.url}/v2/models/{name}/infer"
+            wrk(url, 8, 2, body, lua)  # warm-up
+            for connections in CONCURRENCY:
+                before = inference_seconds(server) if program is None else (0.0, 0.0)
+                row = {
+                    "model": name,
+                    "server": label,
+                    "concurrency": connections,
+                    **wrk(url, connections, seconds, body, lua),
+                }
+                if program is None and connections == 1:
+                    after = inference_seconds(server)
+                    per_batch = (after[0] - before[0]) / max(after[1] - before[1], 1)
+                    row["overhead"] = 1 - per_batch * row["rps"]  # rps = 1 / mean latency at concurrency 1
+                rows.append(row)
+                print(_row_text(row), flush=True)
+    return rows
+
+
+def overload(name: str, bundle: Path, body: tuple[Path, int], lua: Path, seconds: float) -> dict:
+    args = [str(bundle), "--names", name, "--max-batch", "32", "--max-delay-ms", "5"]
+    with running_server(*args) as server:
+        url = f"{server.url}/v2/models/{name}/infer"
+        wrk(url, 32, 3, body, lua)
+        before = rss_mb(server)
+        loaded = wrk(url, 320, seconds, body, lua)
+        during = rss_mb(server)
+        nominal = wrk(url, 8, 10, body, lua)
+        alive = server.process.poll() is None
+        return {
+            "model": name,
+            "rss_mb_before": before,
+            "rss_mb_after_overload": during,
+            "overload": loaded,
+            "nominal_after": nominal,
+            "alive": alive,
+        }
+
+
+def _row_text(row: dict) -> str:
+    overhead = f", overhead {row['overhead']:.1%}" if "overhead" in row else ""
+    return (
+        f"| {row['model']} | {row['server']} | {row['concurrency']} | {row['rps']:.1f} | {row['p50_ms']:.1f} | "
+        f"{row['p99_ms']:.1f} | {row['ok']} ok, {row['busy']} 503, {row['other']} other{overhead} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="digits_net,repvgg_a0", help="comma-separated: digits_net, repvgg_a0")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per load level")
+    parser.add_argument("--overload-seconds", type=float, default=30.0, help="0: no overload test")
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        parser.error("needs wrk (apt-get install wrk)")
+    names = args.models.split(",")
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as folder:
+        root = Path(folder)
+        bundles = make_bundles(root, names)
+        lua = root / "post.lua"
+        lua.write_text(LUA)
+        print("| model | server | concurrency | req/s | p50 ms | p99 ms | answers |\n|---|---|---|---|---|---|---|")
+        rows, overloads = [], []
+        for name in names:
+            body = request_file(root, SHAPES[name])
+            rows += measure_model(name, bundles[name], body, lua, args.duration)
+        if args.overload_seconds > 0:
+            for name in names:
+                result = overload(name, bundles[name], request_file(root, SHAPES[name]), lua, args.overload_seconds)
+                overloads.append(result)
+                print(json.dumps(result), flush=True)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"rows": rows, "overload": overloads, "time": time.ctime()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

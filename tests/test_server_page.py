@@ -1,0 +1,93 @@
+"""The page ``trainfer serve`` shows at ``/``, in a real headless browser (Debian's Chromium, driven by
+Playwright): a file chosen on the page is predicted, the typed result shown, the heat map drawn.
+
+Skipped only when Chromium (``/usr/bin/chromium``, or ``TRAINFER_CHROMIUM``) or Playwright is absent.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from server_process import post, running_server
+from serving_models import save_bundle, write_pngs
+
+from trainfer import Predictor
+
+pytest.importorskip("fastapi")
+pytest.importorskip("captum")
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = os.environ.get("TRAINFER_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+if not Path(CHROMIUM).is_file():
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+pytestmark = pytest.mark.slow
+
+LABELS = ["cat", "dog", "eel"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("page")
+    bundle = save_bundle(root / "tiny", seed=5, labels=LABELS)
+    with running_server(str(bundle)) as server:
+        yield server, bundle, root
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 900})
+            page.set_default_timeout(60_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def test_the_page_predicts_a_chosen_image_and_draws_its_heat_map(served, page):
+    server, bundle, root = served
+    image = write_pngs(root / "images", 1, seed=11)[0]
+    expected = Predictor.load(bundle).predict([str(image)], top_k=3)[0]
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelectorAll('#model option').length === 1")
+    assert page.locator("#model").input_value() == "tiny"
+    page.check("#explain")
+    page.set_input_files("#file", str(image))
+    page.wait_for_selector("#heatmap:not([hidden])")
+    assert page.inner_text("#error") == ""
+    rows = page.locator("#result table tr").all_inner_texts()
+    shown = [(cells.split()[0], float(cells.split()[-1])) for cells in rows]
+    assert [label for label, _ in shown] == [label for label, _ in expected.top_k]
+    np.testing.assert_allclose([p for _, p in shown], [p for _, p in expected.top_k], atol=1e-4)
+    assert page.inner_text("#result h3") == image.name
+
+    explained = post(f"{server.url}/v2/models/tiny/explain?filename=x.png", image.read_bytes())
+    heatmap = np.array(json.loads(explained[1])["heatmap"])
+    shot = Image.open(io.BytesIO(page.locator("#heatmap").screenshot())).convert("RGB")
+    cells = heatmap.shape[0]
+    size = shot.width / cells  # pixelated rendering: each heat-map cell is a square block
+    centres = [
+        [shot.getpixel((int((j + 0.5) * size), int((i + 0.5) * size)))[0] for j in range(cells)] for i in range(cells)
+    ]
+    np.testing.assert_allclose(np.array(centres) / 255, heatmap, atol=0.02)  # red channel = attribution share
+    full = Image.open(io.BytesIO(page.screenshot(full_page=True)))
+    assert full.width == 900 and np.unique(np.asarray(full.convert("L"))).size > 16  # text, bars, preview and heat map
+
+
+def test_the_page_shows_a_bad_file_as_the_servers_one_line_error(served, page, tmp_path):
+    server, _, _ = served
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelectorAll('#model option').length === 1")
+    page.set_input_files("#file", str(bad))
+    page.wait_for_function("document.getElementById('error').textContent.length > 0")
+    assert page.inner_text("#error").startswith("400: cannot read image 'broken.png'")
+    assert page.locator("#result table").count() == 0

@@ -1,0 +1,281 @@
+"""The server's parts in process: the protocol's tensor codec and the dynamic batcher (fast, no HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from time_limit import time_limit
+
+from trainfer.errors import InputError
+from trainfer.server.batching import DynamicBatcher, Overloaded
+from trainfer.server.protocol import DATATYPES, InferRequest, decode_request, encode_response
+
+NUMERIC = sorted(name for name in DATATYPES if name != "BOOL")
+ONE = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}'
+
+
+def split_response(body: bytes, headers: dict[str, str]) -> tuple[dict, bytes]:
+    size = int(headers.get("inference-header-content-length", len(body)))
+    return json.loads(body[:size]), body[size:]
+
+
+@settings(max_examples=30)
+@given(
+    datatype=st.sampled_from(NUMERIC),
+    shape=st.lists(st.integers(0, 4), min_size=1, max_size=3),
+    binary=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_a_tensor_survives_the_request_and_the_response_json_or_binary(datatype, shape, binary, seed):
+    dtype = DATATYPES[datatype]
+    rng = np.random.default_rng(seed)
+    if dtype.kind == "f":
+        array = (rng.standard_normal(shape) * 100).astype(dtype)
+    else:
+        info = np.iinfo(dtype)
+        array = rng.integers(max(info.min, -1000), min(info.max, 1000), size=shape, endpoint=True).astype(dtype)
+    tensor = {"name": "input", "shape": shape, "datatype": datatype}
+    if binary:
+        blob = array.astype(dtype.newbyteorder("<")).tobytes()
+        header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": len(blob)}}]}).encode()
+        decoded = decode_request(header + blob, str(len(header)))
+    else:
+        decoded = decode_request(json.dumps({"inputs": [{**tensor, "data": array.tolist()}]}).encode(), None)
+    got = decoded.inputs["input"]
+    assert got.dtype == dtype and got.shape == tuple(shape)
+    np.testing.assert_array_equal(got, array)  # JSON numbers carry float16/32/64 and integers exactly
+
+    request = InferRequest(id="x", inputs={}, outputs={"out": binary})
+    body, headers = encode_response("m", request, {"out": array})
+    document, rest = split_response(body, headers)
+    (entry,) = document["outputs"]
+    assert (entry["datatype"], entry["shape"], document["id"]) == (datatype, shape, "x")
+    back = np.frombuffer(rest, dtype=dtype) if binary else np.asarray(entry["data"], dtype=dtype)
+    np.testing.assert_array_equal(back.reshape(shape), array)
+
+
+def test_text_outputs_as_json_and_as_length_prefixed_bytes():
+    labels = np.array([b"cat", b"", "\u00e9l\u00e8ve".encode()], dtype=object)
+    for binary in (False, True):
+        body, headers = encode_response("m", InferRequest(None, {}, {"label": binary}), {"label": labels})
+        document, rest = split_response(body, headers)
+        assert document["outputs"][0]["datatype"] == "BYTES" and "id" not in document
+        if binary:
+            assert (
+                rest == b"\x03\x00\x00\x00cat" + b"\x00\x00\x00\x00" + b"\x07\x00\x00\x00" + "\u00e9l\u00e8ve".encode()
+            )
+        else:
+            assert document["outputs"][0]["data"] == ["cat", "", "\u00e9l\u00e8ve"]
+
+
+@pytest.mark.parametrize(
+    "body, header, message",
+    [
+        (b"[]", None, "expected a JSON object"),
+        (b'{"inputs": []}', None, '"inputs"'),
+        (b'{"inputs": [{"name": "x", "shape": [-1], "datatype": "FP32", "data": []}]}', None, "non-negative"),
+        (b'{"inputs": [{"name": "x", "shape": [true], "datatype": "FP32", "data": [1]}]}', None, "non-negative"),
+        (b'{"inputs": [{"name": "x", "shape": [100000, 100000], "datatype": "FP32"}]}', None, "at most"),
+        (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "INT8", "data": [1, 300]}]}', None, "int8"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32"}]}', None, "neither"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [Infinity]}]}', None, "finite"),
+        (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [[1], [2, 3]]}]}', None, "numbers"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}], "id": 3}', None, '"id"'),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}', "9999", "does not fit"),
+        (ONE + b"xx", str(len(ONE)), "no input claims"),
+        (
+            b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 8}}]}',
+            None,
+            "exceeds",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}',
+            None,
+            "!= 2 elements",
+        ),
+        (b"\xff\xfe", None, "not valid JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, None, "JSON"),
+    ],
+)
+def test_malformed_requests_are_input_errors_naming_the_problem(body, header, message):
+    with pytest.raises(InputError) as refused:
+        decode_request(body, header)
+    assert message in str(refused.value), str(refused.value)
+
+
+def test_an_unknown_requested_output_names_the_outputs():
+    with pytest.raises(InputError, match=r"no output\(s\) \['nope'\]: expected some of \['a'\]"):
+        encode_response("m", InferRequest(None, {}, {"nope": False}), {"a": np.zeros(1)})
+
+
+def run(coroutine, seconds: float = 20.0):
+    with time_limit(seconds):
+        return asyncio.run(coroutine)
+
+
+@settings(max_examples=25)
+@given(sizes=st.lists(st.integers(1, 7), min_size=1, max_size=24), max_batch=st.integers(1, 16))
+def test_each_request_gets_its_own_rows_back_in_batches_of_at_most_max_batch(sizes, max_batch):
+    """Requests of mixed sizes share batches (never split; one larger than ``max_batch`` runs alone);
+    each gets exactly its own rows of every output."""
+    batches: list[list[int]] = []  # the requests in each batch, in order
+
+    def model(batch: torch.Tensor) -> list[torch.Tensor]:
+        batches.append(list(dict.fromkeys(batch[:, 0].long().tolist())))
+        assert len(batch) <= max_batch or len(batches[-1]) == 1
+        return [batch * 2, batch.sum(1, keepdim=True)]
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch, max_delay=0.01, max_queue=10_000)
+        batcher.start()
+        inputs = [torch.cat([torch.full((n, 1), i), torch.randn(n, 2)], 1).double() for i, n in enumerate(sizes)]
+        answers = await asyncio.gather(*(batcher.submit(x) for x in inputs))
+        await batcher.stop()
+        return inputs, answers
+
+    inputs, answers = run(main())
+    for x, (doubled, summed) in zip(inputs, answers, strict=True):
+        torch.testing.assert_close(doubled, x * 2, rtol=0, atol=0)
+        torch.testing.assert_close(summed, x.sum(1, keepdim=True), rtol=0, atol=0)
+    assert [i for batch in batches for i in batch] == list(range(len(sizes)))  # arrival order, each once
+    if any(a + b <= max_batch for a, b in zip(sizes, sizes[1:])):
+        assert len(batches) < len(sizes)  # all queued before the first batch: two that fit together shared one
+
+
+def test_a_full_queue_refuses_at_once_and_a_cancelled_request_is_never_computed():
+    computed: list[int] = []
+
+    def model(batch: torch.Tensor) -> list[torch.Tensor]:
+        computed.append(len(batch))
+        return [batch]
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch=100, max_delay=0.3, max_queue=3)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(torch.zeros(2, 1)))
+        gone = asyncio.ensure_future(batcher.submit(torch.ones(1, 1)))
+        await asyncio.sleep(0.05)
+        assert batcher.queued == 3
+        with pytest.raises(Overloaded):
+            await batcher.submit(torch.zeros(1, 1))
+        gone.cancel()
+        rows = await first
+        await batcher.stop()
+        with pytest.raises(Overloaded, match="shutting down"):
+            await batcher.submit(torch.zeros(1, 1))
+        return rows, batcher.queued
+
+    rows, left = run(main())
+    assert rows[0].shape == (2, 1) and computed == [2] and left == 0
+
+
+def test_a_failing_model_fails_every_request_of_its_batch_and_the_batcher_goes_on():
+    def model(batch: torch.Tensor) -> list[torch.Tensor]:
+        if (batch < 0).any():
+            raise RuntimeError("broken")
+        return [batch]
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch=8, max_delay=0.05, max_queue=100)
+        batcher.start()
+        results = await asyncio.gather(
+            batcher.submit(-torch.ones(1, 1)), batcher.submit(torch.ones(1, 1)), return_exceptions=True
+        )
+        after = await batcher.submit(torch.ones(1, 1))
+        await batcher.stop()
+        return results, after
+
+    results, after = run(main())
+    assert all(isinstance(r, RuntimeError) for r in results) and after[0].item() == 1.0
+
+
+class TwoHeads(torch.nn.Module):
+    """A classification head (probabilities) and a regression head on 8-feature rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.digit, self.size = torch.nn.Linear(8, 6), torch.nn.Linear(6, 3), torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.body(x).relu()
+        return {"digit": self.digit(h).softmax(1), "size": self.size(h)}
+
+
+def test_multi_head_and_regression_outputs_are_the_predictors_results():
+    from trainfer import Predictor
+    from trainfer.server.model import ServedModel
+
+    torch.manual_seed(0)
+    predictor = Predictor(
+        TwoHeads().eval(), heads={"digit": "classification", "size": "regression"}, preprocess={"input_shape": [8]}
+    )
+    served = ServedModel("two", predictor)
+    served.check()
+    assert {name: dtype for name, (dtype, _) in served.outputs.items()} == {
+        "digit.probabilities": "FP32",
+        "digit.index": "INT64",
+        "digit.label": "BYTES",
+        "size.values": "FP32",
+    }
+    x = torch.randn(5, 8)
+    tensors = served.tensors(served.scores(served.prepare(x)))
+    expected = predictor.predict(x)
+    np.testing.assert_allclose(tensors["size.values"], [r["size"].values for r in expected], atol=1e-6, rtol=0)
+    assert tensors["digit.index"].tolist() == [r["digit"].index for r in expected]
+    assert [label.decode() for label in tensors["digit.label"]] == [r["digit"].label for r in expected]
+    np.testing.assert_allclose(
+        tensors["digit.probabilities"].max(1), [r["digit"].probability for r in expected], atol=1e-6
+    )
+
+
+async def asgi_get(app, path: str) -> tuple[int, dict[str, str], bytes]:
+    """A GET through the ASGI app itself (no server, no socket)."""
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": [],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    headers = {k.decode(): v.decode() for k, v in start["headers"]}
+    return start["status"], headers, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+def test_not_ready_until_the_models_are_loaded_and_checked():
+    pytest.importorskip("fastapi")
+    from trainfer.server.app import ServerSettings, create_app
+
+    app = create_app(ServerSettings(bundles={"digits": str(Path(__file__).parent / "fixtures" / "digits_deploy_v2")}))
+
+    async def main():
+        before = [await asgi_get(app, path) for path in ("/v2/health/ready", "/v2/models/digits/ready")]
+        live = await asgi_get(app, "/v2/health/live")
+        async with app.router.lifespan_context(app):
+            for _ in range(600):
+                if (await asgi_get(app, "/v2/health/ready"))[0] == 200:
+                    break
+                await asyncio.sleep(0.05)
+            after = [await asgi_get(app, path) for path in ("/v2/health/ready", "/v2/models/digits/ready")]
+            metadata = json.loads((await asgi_get(app, "/v2/models/digits"))[2])
+        return before, live, after, metadata
+
+    before, live, after, metadata = run(main(), seconds=60)
+    assert live[0] == 200 and [status for status, _, _ in before] == [503, 503]
+    assert before[1][1]["retry-after"] == "1" and "still loading" in json.loads(before[1][2])["error"]
+    assert [status for status, _, _ in after] == [200, 200]
+    assert metadata["outputs"][0] == {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}

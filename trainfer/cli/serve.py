@@ -1,0 +1,137 @@
+"""``trainfer serve BUNDLE [BUNDLE ...]``: the bundles over HTTP (Open Inference Protocol), dynamically batched."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from trainfer.cli.common import friendly_errors, trust_factory_option, trusted
+from trainfer.errors import InputError, MissingFileError
+from trainfer.extras import require
+from trainfer.serve.runtime import RUNTIMES
+
+
+def model_names(bundles: tuple[str, ...], names: str | None) -> dict[str, str]:
+    """Model name -> bundle path: ``--names`` (comma-separated) or each bundle directory's name."""
+    for bundle in bundles:
+        if not (Path(bundle) / "manifest.json").is_file():
+            raise MissingFileError(f"bundle not found: {bundle!r} (expected a directory holding manifest.json)")
+    chosen = names.split(",") if names is not None else [Path(b).resolve().name for b in bundles]
+    if len(chosen) != len(bundles):
+        raise InputError(f"--names gives {len(chosen)} names for {len(bundles)} bundles")
+    if len(set(chosen)) != len(chosen):
+        raise InputError(f"model names must differ; got {chosen} (name them with --names a,b)")
+    for name in chosen:
+        if not name or not all(c.isalnum() or c in "-_." for c in name):
+            raise InputError(f"model name {name!r}: use letters, digits, '-', '_' and '.' only")
+    return dict(zip(chosen, bundles, strict=True))
+
+
+def api_key(variable: str | None) -> str | None:
+    """The API key held by the environment variable ``variable`` (never given on the command line)."""
+    if variable is None:
+        return None
+    key = os.environ.get(variable, "")
+    if len(key) < 16:
+        raise InputError(f"--api-key-env {variable}: the variable must hold a key of at least 16 characters")
+    return key
+
+
+@click.command("serve")
+@click.argument("bundles", nargs=-1, required=True, type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--names", default=None, help="Model names, comma-separated (default: each bundle directory's name).")
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1), help="Samples per batch.")
+@click.option(
+    "--max-delay-ms",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="How long the first request of a batch waits for others.",
+)
+@click.option(
+    "--max-queue",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Samples waiting, per model, before 503.",
+)
+@click.option(
+    "--max-body-mb",
+    default=16.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Request size limit (413).",
+)
+@click.option(
+    "--timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a request may wait (504).",
+)
+@click.option(
+    "--max-connections", default=512, show_default=True, type=click.IntRange(min=1), help="Open connections before 503."
+)
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Server processes (each loads the models).",
+)
+@click.option(
+    "--runtime",
+    type=click.Choice(["auto", "recorded", *RUNTIMES]),
+    default=None,
+    help="Serve on this runtime (recorded: the bundle's runtime.json; auto: the fastest verified one, measured now).",
+)
+@click.option(
+    "--api-key-env",
+    default=None,
+    metavar="VAR",
+    help="Require the key held by environment variable VAR in header X-API-Key.",
+)
+@trust_factory_option
+@friendly_errors
+def command(
+    bundles: tuple[str, ...],
+    host: str,
+    port: int,
+    names: str | None,
+    max_batch: int,
+    max_delay_ms: float,
+    max_queue: int,
+    max_body_mb: float,
+    timeout: float,
+    max_connections: int,
+    workers: int,
+    runtime: str | None,
+    api_key_env: str | None,
+) -> None:
+    """Serve BUNDLE... over HTTP: the Open Inference Protocol (KServe v2) at /v2, a file endpoint,
+    Prometheus metrics at /metrics and a page to try the models at /.
+
+    Requests arriving within --max-delay-ms run as one batch of at most --max-batch samples.
+    SIGTERM finishes the requests in flight, then exits.
+    """
+    require("fastapi", "serve", "trainfer serve")
+    require("uvicorn", "serve", "trainfer serve")
+    from trainfer.server.app import ServerSettings
+    from trainfer.server.run import serve
+
+    settings = ServerSettings(
+        bundles=model_names(bundles, names),
+        max_batch=max_batch,
+        max_delay_ms=max_delay_ms,
+        max_queue=max_queue,
+        max_body=int(max_body_mb * 2**20),
+        timeout=timeout,
+        runtime=runtime,
+        trust_factory=trusted(),
+        api_key=api_key(api_key_env),
+    )
+    serve(settings, host=host, port=port, workers=workers, limit_concurrency=max_connections)

@@ -1,0 +1,144 @@
+"""One served model: a bundle's Predictor, checked before it is ready, and its protocol tensors.
+
+The server's path through a Predictor is the Predictor's own, cut in two at the batch: each
+request is validated and normalised alone (:meth:`~trainfer.serve.predictor.Predictor.preprocess`,
+so a bad sample is that request's error, named with that request's sample index), the batch of
+several requests runs through :meth:`~trainfer.serve.predictor.Predictor.scores`, and each
+request's rows become typed results (:meth:`~trainfer.serve.predictor.Predictor.results_from_scores`)
+or protocol tensors. The answers are thus ``Predictor.predict``'s, within the rounding that the
+batch composition changes.
+
+Outputs, per head (prefixed ``"<head>."`` for multi-head bundles): classification ``probabilities``
+``(N, C)``, ``index`` INT64 ``(N,)`` and ``label`` BYTES ``(N,)``; binary ``probability`` ``(N,)``
+and ``decision`` BOOL ``(N,)``; regression ``values`` ``(N, ...)`` in target units.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from trainfer.errors import EquivalenceError, InputError
+from trainfer.numerics import relative_error, tolerance_for
+from trainfer.serve.predictor import Predictor
+from trainfer.serve.results import check_finite_scores
+from trainfer.server.protocol import datatype_of
+
+#: Samples in the random batch that checks a model before it is ready.
+CHECK_SAMPLES = 3
+
+#: The input datatype a model's metadata names (bfloat16 models say FP32: the protocol's JSON and
+#: numpy have no bfloat16, and any real datatype is cast by the preprocessing anyway).
+_TORCH_DATATYPES = {torch.float16: "FP16", torch.float32: "FP32", torch.float64: "FP64"}
+
+__all__ = ["CHECK_SAMPLES", "ServedModel", "load_model"]
+
+
+@dataclass
+class ServedModel:
+    """A named Predictor with what the protocol's metadata says about it (filled by :meth:`check`)."""
+
+    name: str
+    predictor: Predictor
+    input_name: str = "input"
+    outputs: dict[str, tuple[str, list[int]]] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        shape = self.predictor.preprocess_spec.input_shape
+        if shape is None:
+            raise InputError(f"model {self.name!r}: the bundle records no input shape; serving needs one")
+        return tuple(shape)
+
+    @property
+    def input_datatype(self) -> str:
+        """The protocol's name of the model's input dtype (any real datatype is accepted and cast)."""
+        return _TORCH_DATATYPES.get(self.predictor.preprocess_spec.torch_dtype, "FP32")
+
+    def prepare(self, raw: Any) -> Tensor:
+        """One request's samples, validated and normalised (the Predictor's preprocessing)."""
+        return self.predictor.preprocess(raw)
+
+    def scores(self, batch: Tensor) -> list[Tensor]:
+        """Per-head scores of a prepared batch, on the CPU (what the batcher runs)."""
+        scores = self.predictor.scores(batch)
+        per_head = list(scores.values()) if isinstance(scores, dict) else [scores]
+        return [s.detach().cpu() for s in per_head]
+
+    def finite(self, per_head: list[Tensor]) -> list[Tensor]:
+        """``per_head`` when every score is finite (else :class:`~trainfer.errors.NonFiniteError`)."""
+        check_finite_scores(per_head, self.predictor.heads)
+        return per_head
+
+    def results(self, per_head: list[Tensor], top_k: int | None) -> list[Any]:
+        """Typed results of one request's rows."""
+        return self.predictor.results_from_scores(self.finite(per_head), top_k)
+
+    def tensors(self, per_head: list[Tensor]) -> dict[str, np.ndarray]:
+        """The protocol outputs of one request's rows, by name."""
+        results = self.results(per_head, top_k=1)
+        tensors: dict[str, np.ndarray] = {}
+        for head, scores in zip(self.predictor.heads, per_head, strict=True):
+            prefix = f"{head.name}." if self.predictor.multi_head else ""
+            rows = [r.heads[str(head.name)] if self.predictor.multi_head else r for r in results]
+            values = scores.numpy()
+            if head.task == "classification":
+                tensors[prefix + "probabilities"] = values
+                tensors[prefix + "index"] = np.array([r.index for r in rows], dtype=np.int64)
+                tensors[prefix + "label"] = np.array([r.label.encode() for r in rows], dtype=object)
+            elif head.task == "binary":
+                tensors[prefix + "probability"] = values
+                tensors[prefix + "decision"] = np.array([r.decision for r in rows], dtype=np.bool_)
+            else:
+                tensors[prefix + "values"] = values
+        return tensors
+
+    def check(self) -> None:
+        """Run a random batch, whole and sample by sample: finite, and the same answers within tolerance.
+
+        Fills the output metadata. Raises :class:`~trainfer.errors.EquivalenceError` when the
+        batched answers differ from the single ones beyond the dtype's tolerance.
+        """
+        generator = torch.Generator().manual_seed(0)
+        raw = torch.rand(CHECK_SAMPLES, *self.input_shape, generator=generator, dtype=torch.float64)
+        whole = self.finite(self.scores(self.prepare(raw)))
+        single = [self.finite(self.scores(self.prepare(raw[i : i + 1]))) for i in range(CHECK_SAMPLES)]
+        for h, scores in enumerate(whole):
+            alone = torch.cat([rows[h] for rows in single])
+            error = relative_error(alone.double(), scores.double())
+            if error > tolerance_for(scores.dtype):
+                raise EquivalenceError(
+                    f"model {self.name!r}: a batch of {CHECK_SAMPLES} and its samples one by one differ by "
+                    f"{error:.3g} relative (tolerance {tolerance_for(scores.dtype):.1g}): not served"
+                )
+        self.outputs = {
+            name: (datatype_of(array.dtype), [-1, *array.shape[1:]]) for name, array in self.tensors(whole).items()
+        }
+
+    def metadata(self) -> dict[str, Any]:
+        """The protocol's model metadata: name, versions, platform, inputs and outputs."""
+        return {
+            "name": self.name,
+            "versions": ["1"],
+            "platform": "trainfer",
+            "inputs": [{"name": self.input_name, "datatype": self.input_datatype, "shape": [-1, *self.input_shape]}],
+            "outputs": [{"name": n, "datatype": d, "shape": s} for n, (d, s) in self.outputs.items()],
+            "parameters": {"task": self.predictor.task, "labels": self.predictor.labels},
+        }
+
+
+def load_model(
+    name: str, path: str | os.PathLike[str], *, runtime: str | None, trust_factory: bool, max_batch: int
+) -> ServedModel:
+    """Load the bundle at ``path`` under the usual trust rules and check it (see :meth:`ServedModel.check`)."""
+    overrides: dict[str, Any] = {"batch_size": max_batch}
+    if runtime is not None:
+        overrides["runtime"] = runtime
+    model = ServedModel(name, Predictor.load(path, trust_factory=trust_factory, **overrides))
+    model.check()
+    return model

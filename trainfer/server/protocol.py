@@ -1,0 +1,255 @@
+"""The KServe v2 / Open Inference Protocol's tensors over HTTP: requests decoded, responses encoded.
+
+An inference request is a JSON object ``{"id"?, "parameters"?, "inputs": [{"name", "shape",
+"datatype", "data" | parameters.binary_data_size}], "outputs"?: [{"name", "parameters"?}]}``; the
+``data`` of a tensor is its elements in row-major order, flat or nested as its shape. With the
+binary tensor data extension (what Triton's clients send by default) the JSON object is the first
+``Inference-Header-Content-Length`` bytes of the body and each binary tensor follows it, in
+order, little-endian, without padding. The response mirrors it: ``{"model_name", "id"?,
+"outputs": [{"name", "shape", "datatype", "data" | parameters.binary_data_size}]}``.
+
+Everything read here is untrusted: the header length, shapes, element counts and binary sizes are
+checked against each other and against ``MAX_ELEMENTS`` before any array is built, and every
+mistake is an :class:`~trainfer.errors.InputError` naming what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from trainfer.errors import InputError
+
+#: The protocol's datatypes this server reads and writes, as numpy dtypes (little-endian).
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+#: Most elements one input tensor may declare (the body size limit bounds the bytes first).
+MAX_ELEMENTS = 64_000_000
+HEADER_LENGTH = "inference-header-content-length"
+
+__all__ = [
+    "DATATYPES",
+    "HEADER_LENGTH",
+    "MAX_ELEMENTS",
+    "InferRequest",
+    "datatype_of",
+    "decode_request",
+    "encode_response",
+]
+
+
+@dataclass
+class InferRequest:
+    """A decoded inference request: its id, input arrays by name, and the outputs asked for.
+
+    ``outputs`` maps each requested output name to whether it goes back as binary data; ``None``
+    means every output, as binary when ``binary_outputs`` (the request's ``binary_data_output``).
+    """
+
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, bool] | None = None
+    binary_outputs: bool = False
+
+
+def datatype_of(dtype: np.dtype[Any] | str) -> str:
+    """The protocol's name of a numpy dtype (``float32`` -> ``FP32``; text -> ``BYTES``)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "USO":
+        return "BYTES"
+    for name, known in DATATYPES.items():
+        if known == dtype.newbyteorder("<") or known == dtype:
+            return name
+    raise InputError(f"no protocol datatype for numpy dtype {dtype}")
+
+
+def decode_request(body: bytes, header_length: str | None) -> InferRequest:
+    """The request in ``body``; ``header_length`` is the ``Inference-Header-Content-Length`` header, if any."""
+    size = _header_size(header_length, len(body))
+    document = _json_object(body[:size])
+    inputs = document.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InputError('expected "inputs": a non-empty list of tensors {"name", "shape", "datatype", "data"}')
+    binary = memoryview(body)[size:]
+    offset = 0
+    arrays: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(inputs):
+        name, array, used = _input_tensor(tensor, index, binary[offset:])
+        if name in arrays:
+            raise InputError(f"input {name!r} is given twice")
+        arrays[name] = array
+        offset += used
+    if offset != len(binary):
+        raise InputError(f"{len(binary) - offset} bytes of binary data follow the JSON that no input claims")
+    return InferRequest(
+        id=_optional_text(document.get("id"), "id"),
+        inputs=arrays,
+        outputs=_requested_outputs(document.get("outputs")),
+        binary_outputs=bool(_parameters(document).get("binary_data_output", False)),
+    )
+
+
+def _header_size(header_length: str | None, total: int) -> int:
+    if header_length is None:
+        return total
+    try:
+        size = int(header_length)
+    except ValueError:
+        raise InputError(f"Inference-Header-Content-Length must be an integer; got {header_length[:40]!r}") from None
+    if not 0 < size <= total:
+        raise InputError(f"Inference-Header-Content-Length {size} does not fit a body of {total} bytes")
+    return size
+
+
+def _json_object(data: bytes) -> dict[str, Any]:
+    try:
+        document = json.loads(data, parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"the request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise InputError("the request body's JSON is nested too deeply") from None
+    if not isinstance(document, dict):
+        raise InputError(f"expected a JSON object as the inference request; got {type(document).__name__}")
+    return document
+
+
+def _refuse_constant(name: str) -> Any:
+    raise InputError(f"the request holds {name}: JSON numbers must be finite")
+
+
+def _parameters(document: dict[str, Any]) -> dict[str, Any]:
+    parameters = document.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise InputError(f'"parameters" must be a JSON object; got {type(parameters).__name__}')
+    return parameters
+
+
+def _optional_text(value: Any, what: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise InputError(f'"{what}" must be a string; got {type(value).__name__}')
+
+
+def _input_tensor(tensor: Any, index: int, binary: memoryview) -> tuple[str, np.ndarray, int]:
+    """``(name, array, binary bytes used)`` of the request's input number ``index``."""
+    if not isinstance(tensor, dict):
+        raise InputError(f"input {index} must be a JSON object; got {type(tensor).__name__}")
+    name = tensor.get("name")
+    if not isinstance(name, str) or not name:
+        raise InputError(f'input {index} needs a "name" (a non-empty string)')
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise InputError(f'input {name!r}: "shape" must be a list of non-negative integers; got {shape!r:.80}')
+    count = math.prod(shape)
+    if count > MAX_ELEMENTS:
+        raise InputError(f"input {name!r}: shape {shape} holds {count} elements; at most {MAX_ELEMENTS} are accepted")
+    datatype = tensor.get("datatype")
+    if datatype not in DATATYPES:
+        raise InputError(f"input {name!r}: datatype {datatype!r:.40} is not served; expected one of {list(DATATYPES)}")
+    dtype = DATATYPES[datatype]
+    size = _parameters(tensor).get("binary_data_size")
+    if size is not None:
+        return name, _binary_array(name, size, count, dtype, binary).reshape(shape), size
+    if "data" not in tensor:
+        raise InputError(f'input {name!r} has neither "data" nor parameters.binary_data_size')
+    return name, _json_array(name, tensor["data"], shape, count, dtype), 0
+
+
+def _binary_array(name: str, size: Any, count: int, dtype: np.dtype[Any], binary: memoryview) -> np.ndarray:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InputError(f"input {name!r}: binary_data_size must be a non-negative integer; got {size!r:.40}")
+    if size != count * dtype.itemsize:
+        raise InputError(
+            f"input {name!r}: binary_data_size {size} != {count} elements x {dtype.itemsize} bytes ({dtype.name})"
+        )
+    if size > len(binary):
+        raise InputError(f"input {name!r}: binary_data_size {size} exceeds the {len(binary)} bytes left in the body")
+    return np.frombuffer(binary[:size], dtype=dtype).copy()
+
+
+def _json_array(name: str, data: Any, shape: list[int], count: int, dtype: np.dtype[Any]) -> np.ndarray:
+    if not isinstance(data, list):
+        raise InputError(f'input {name!r}: "data" must be a list of numbers; got {type(data).__name__}')
+    try:
+        array = np.asarray(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as error:
+        raise InputError(f'input {name!r}: "data" must hold {dtype.name} numbers only ({error})') from None
+    if array.size != count:
+        raise InputError(f"input {name!r}: shape {shape} needs {count} elements; data holds {array.size}")
+    return array.reshape(shape)
+
+
+def _requested_outputs(outputs: Any) -> dict[str, bool] | None:
+    if outputs is None:
+        return None
+    if not isinstance(outputs, list):
+        raise InputError(f'"outputs" must be a list of {{"name"}} objects; got {type(outputs).__name__}')
+    requested: dict[str, bool] = {}
+    for index, output in enumerate(outputs):
+        if not isinstance(output, dict) or not isinstance(output.get("name"), str):
+            raise InputError(f'requested output {index} must be an object with a "name"')
+        requested[output["name"]] = bool(_parameters(output).get("binary_data", False))
+    return requested
+
+
+def encode_response(
+    model: str, request: InferRequest, outputs: dict[str, np.ndarray], version: str = "1"
+) -> tuple[bytes, dict[str, str]]:
+    """The response body for ``outputs`` (name -> array) and its extra headers.
+
+    Only the outputs the request names are sent (all when it names none); an unknown name is an
+    error listing the model's outputs. Binary outputs follow the JSON object, whose length the
+    ``Inference-Header-Content-Length`` header then gives.
+    """
+    wanted = request.outputs if request.outputs is not None else dict.fromkeys(outputs, request.binary_outputs)
+    unknown = [name for name in wanted if name not in outputs]
+    if unknown:
+        raise InputError(f"model {model!r} has no output(s) {unknown}: expected some of {list(outputs)}")
+    tensors, blobs = [], []
+    for name, binary in wanted.items():
+        array = outputs[name]
+        entry: dict[str, Any] = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
+        if binary:
+            blob = _to_bytes(array)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = [v.decode() if isinstance(v, bytes) else v for v in array.reshape(-1).tolist()]
+        tensors.append(entry)
+    document: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": tensors}
+    if request.id is not None:
+        document["id"] = request.id
+    header = json.dumps(document, allow_nan=False).encode()
+    if not blobs:
+        return header, {"content-type": "application/json"}
+    return header + b"".join(blobs), {
+        "content-type": "application/octet-stream",
+        HEADER_LENGTH: str(len(header)),
+    }
+
+
+def _to_bytes(array: np.ndarray) -> bytes:
+    """The binary tensor data of ``array``: elements little-endian; text as 4-byte length + bytes each."""
+    if array.dtype.kind in "USO":
+        parts = []
+        for value in array.reshape(-1).tolist():
+            data = value if isinstance(value, bytes) else str(value).encode()
+            parts.append(len(data).to_bytes(4, "little") + data)
+        return b"".join(parts)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()

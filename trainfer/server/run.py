@@ -1,0 +1,89 @@
+"""Running the app on uvicorn: one process, or ``workers`` processes sharing the port.
+
+SIGTERM (and Ctrl-C) shut down gracefully: the server stops accepting connections, answers the
+requests already received (the batchers finish their queues), then exits. A bundle that cannot be
+served stops the server, and :func:`serve` raises its error (the CLI prints it in one line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from trainfer.server.app import ServerSettings, create_app
+from trainfer.server.model import load_model
+
+__all__ = ["SETTINGS_VARIABLE", "app_from_environment", "check_bundles", "serve"]
+
+#: How the settings reach worker processes (uvicorn imports the app by name in each of them).
+SETTINGS_VARIABLE = "TRAINFER_SERVE_SETTINGS"
+#: Seconds added to the request timeout for a graceful shutdown before connections are dropped.
+SHUTDOWN_GRACE = 5.0
+
+
+def serve(
+    settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, **uvicorn: Any
+) -> None:
+    """Serve ``settings`` on ``host:port`` until SIGTERM or Ctrl-C (``uvicorn``: more ``uvicorn.Config`` options)."""
+    import uvicorn as engine
+
+    _log_access()
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "access_log": False,  # ours is structured: trainfer.server.access
+        "timeout_graceful_shutdown": settings.timeout + SHUTDOWN_GRACE,
+        "log_level": "info",
+        **uvicorn,
+    }
+    if workers > 1:  # each worker loads the models: a bundle that cannot be served fails here, once
+        check_bundles(settings)
+        os.environ[SETTINGS_VARIABLE] = json.dumps(dataclasses.asdict(settings))
+        engine.run(f"{__name__}:app_from_environment", factory=True, workers=workers, **options)
+        return
+    failures: list[BaseException] = []
+    server: Any = None
+
+    def stop(error: BaseException) -> None:
+        failures.append(error)
+        server.should_exit = True
+
+    server = engine.Server(engine.Config(create_app(settings, on_fatal=stop), **options))
+    server.run()
+    if failures:
+        raise failures[0]
+
+
+def check_bundles(settings: ServerSettings) -> None:
+    """Load and check every bundle of ``settings`` (raises what a worker would meet)."""
+    for name, path in settings.bundles.items():
+        load_model(
+            name, path, runtime=settings.runtime, trust_factory=settings.trust_factory, max_batch=settings.max_batch
+        )
+
+
+def app_from_environment() -> Any:
+    """The app of a worker process, from the settings its parent put in ``TRAINFER_SERVE_SETTINGS``."""
+    _log_access()
+    settings = ServerSettings(**json.loads(os.environ[SETTINGS_VARIABLE]))
+
+    def stop(error: BaseException) -> None:
+        logging.getLogger("trainfer.server").error("cannot serve: %s", error)
+        os._exit(2)  # the supervisor sees the worker die and the user sees why
+
+    return create_app(settings, on_fatal=stop, background=False)
+
+
+def _log_access() -> None:
+    """Structured access logs (one JSON object a line) and server messages on stderr."""
+    logger = logging.getLogger("trainfer.server")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
