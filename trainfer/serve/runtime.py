@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import queue
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -267,7 +268,13 @@ def ort_engine(path: Path, manifest: dict[str, Any], threads: int) -> Callable[[
 
 
 class OpenVinoEngine:
-    """An OpenVINO CPU compilation of an ONNX file at ``precision`` (``f32``, ``bf16``, ``f16``)."""
+    """An OpenVINO CPU compilation of an ONNX file at ``precision`` (``f32``, ``bf16``, ``f16``).
+
+    Safe to call from any number of threads: an OpenVINO infer request serves one inference at a
+    time (a second concurrent ``infer`` raises "Infer Request is busy" or overwrites the first's
+    outputs), so each call takes a request of its own from a pool, created on demand, copies its
+    outputs and puts the request back. The compiled model itself is shared (OpenVINO allows that).
+    """
 
     def __init__(self, path: Path, manifest: dict[str, Any], threads: int, dtype: str = "float32"):
         ov = require("openvino", "openvino", "the openvino runtime")
@@ -275,15 +282,22 @@ class OpenVinoEngine:
         hint = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[dtype]
         config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
         self.compiled = core.compile_model(str(path), "CPU", config)
-        self.request = self.compiled.create_infer_request()
+        self.requests: queue.SimpleQueue[Any] = queue.SimpleQueue()  # idle requests; at most one per thread
         self.names = [output.get_any_name() for output in self.compiled.outputs]
         self.manifest = manifest
 
     def __call__(self, batch: Tensor) -> Any:
         from trainfer.serve.onnx_runtime import structured
 
-        result = self.request.infer({0: batch.detach().to("cpu", torch.float32).contiguous().numpy()})
-        values = [torch.from_numpy(result[output].copy()) for output in self.compiled.outputs]
+        try:
+            request = self.requests.get_nowait()
+        except queue.Empty:
+            request = self.compiled.create_infer_request()
+        try:
+            result = request.infer({0: batch.detach().to("cpu", torch.float32).contiguous().numpy()})
+            values = [torch.from_numpy(result[output].copy()) for output in self.compiled.outputs]
+        finally:
+            self.requests.put(request)
         return structured(values, self.names, self.manifest)
 
 
