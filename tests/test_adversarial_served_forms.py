@@ -5,9 +5,11 @@ file *and* its recorded sha256, as an attacker would, and the load must refuse w
 :class:`trainfer.BundleError`, run no code (a marker file must never appear) and serve nothing
 wrong. Attacks (issue 22, section 4):
 
-* ``quantized.onnx`` replaced by another valid int8 model (other weights; a constant class; a
-  model that reads a file name as a marker), sha256 recomputed, under onnxruntime and openvino,
-  with the recorded gate loosened to 0 as well;
+* ``quantized.onnx`` replaced by another valid model (another model's int8 form; one answering
+  class 3 for every input, also through ``trainfer predict``; one whose weights name an external
+  file as a marker), sha256 recomputed, under onnxruntime and openvino, with the recorded gate
+  loosened to 0 as well;
+* the probe inputs stored beside it removed, forged (sha256, shape, NaN, none) or never recorded;
 * ``runtime.json`` naming a runtime whose engine answers wrong (it is rebuilt and verified);
 * ``output_kind`` probabilities / log-probabilities declared on a logits head, and logits declared
   on a softmax head, in a bundle and inside an exported ONNX file;
@@ -23,13 +25,16 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from serving_models import FACTORY, save_bundle, trained
 
 import trainfer
 from trainfer import BundleError, Predictor
+from trainfer.cli import main
 from trainfer.serve import runtime as rt
 from trainfer.serve.served_checks import MAX_PROBES, MIN_INT8_AGREEMENT, PROBES_FILE
 
@@ -172,8 +177,11 @@ def test_an_int8_file_answering_one_class_for_every_input_is_refused(int8_bundle
     forged = _swap_int8(genuine, _constant_class_model(10, 3), tmp_path / "forged", loosen_gate=True)
     with pytest.raises(BundleError, match="does not agree"):
         Predictor.load(forged)
-    with pytest.raises(BundleError):  # the CLI refuses the same way (exit 2, one line)
-        trainfer.serve.runtime.serve_quantized(forged)
+    probes = tmp_path / "x.npy"
+    np.save(probes, np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32))
+    result = CliRunner().invoke(main, ["predict", str(forged), str(probes)])
+    assert result.exit_code == 2 and "does not agree" in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 @needs_ort

@@ -10,7 +10,8 @@ BatchNorm buffer or a mode left switched is a failure. Attacks (issue 22, sectio
   in training mode), and 8 threads saving one eval model at once;
 * 8 threads of ``trainfer.compile(bundle, runtime="onnxruntime")`` and of ``trainfer.export``
   (onnx, torchscript) at once;
-* ``trainfer.deploy(model)`` from 2 threads while 16 threads predict with that model.
+* ``trainfer.deploy(model)`` from 2 threads while 16 threads predict with that model (in eval,
+  and in training mode).
 """
 
 from __future__ import annotations
@@ -144,8 +145,9 @@ def test_eight_threads_saving_one_eval_model(tmp_path):
     _assert_bundles_serve(paths, model)
 
 
-def test_deploying_a_model_while_16_threads_serve_it():
-    model = trained(14)
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_deploying_a_model_while_16_threads_serve_it(mode):
+    model = trained(14).train(mode == "train")
     predictor = Predictor(model, preprocess=SPEC)
     inputs = thread_inputs(THREADS)
     reference = [probabilities(predictor.predict(x, top_k=3)) for x in inputs]
@@ -163,9 +165,11 @@ def test_deploying_a_model_while_16_threads_serve_it():
             np.testing.assert_allclose(answer, reference[index], rtol=1e-6, atol=1e-7)
     assert_same_state(model, before)
     assert snapshot_modes(model) == modes
-    with torch.no_grad():
-        for [deployed] in results[:2]:
-            torch.testing.assert_close(deployed(inputs[0]), model(inputs[0]), rtol=1e-5, atol=1e-5)
+    with trainfer.inference(model):
+        expected = model(inputs[0])
+    for [deployed] in results[:2]:
+        with torch.no_grad():
+            torch.testing.assert_close(deployed(inputs[0]), expected, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- exporters
