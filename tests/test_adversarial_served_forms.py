@@ -302,3 +302,34 @@ def test_saving_contradicting_shapes_is_refused(tmp_path):
             example_inputs=torch.randn(1, 1, 8, 8),
         )
     assert not (tmp_path / "b").exists()
+
+
+def test_probes_of_one_column_outputs_pass_where_they_were_chosen():
+    """Chosen against the scale of the chosen samples: the load check passes on them by construction."""
+    from trainfer.serve.served_checks import MAX_INT8_REL_ERROR, select_probes
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(40, 1, 8, 8, generator=generator)
+    reference = torch.randn(40, 1, generator=generator) * torch.linspace(0.1, 10, 40)[:, None]
+    candidate = reference + 0.2 * torch.randn(40, 1, generator=generator)
+    probes = select_probes(inputs, reference, candidate)
+    chosen = [i for i in range(40) if any(torch.equal(inputs[i], p) for p in probes)]
+    assert 0 < len(chosen) <= MAX_PROBES
+    error = float((candidate[chosen] - reference[chosen]).abs().max())
+    assert error <= MAX_INT8_REL_ERROR * float(reference[chosen].abs().max())
+    with pytest.raises(ValueError, match="none of the validation samples"):
+        classes = torch.nn.functional.one_hot(torch.arange(40) % 3, 3).float()
+        select_probes(inputs, classes, classes.roll(1, 1))
+
+
+def test_a_declared_shape_the_model_cannot_run_is_refused_at_load(tmp_path):
+    """Both shapes changed together (no contradiction between fields), but not what the model takes."""
+    path = save_bundle(tmp_path / "b", 3)
+
+    def reshape(manifest):
+        manifest["input"]["shape"] = [1, 1, 9, 9]
+        manifest["preprocess"]["input_shape"] = [1, 9, 9]
+
+    _rewrite_json(path / "manifest.json", reshape)
+    with pytest.raises(BundleError, match="fails on 8 probe inputs"):
+        Predictor.load(path)

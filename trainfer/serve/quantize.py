@@ -488,7 +488,12 @@ class _Search:
             )
         data = _with_manifest(out, _served_manifest(self.source.manifest))
         inputs, _, reference = self.check
-        probes = select_probes(inputs, reference, logits_over(engine, inputs))
+        try:  # what a bundle's load checks the int8 form on (trainfer.serve.served_checks)
+            probes = select_probes(inputs, reference, logits_over(engine, inputs))
+        except ValueError as error:
+            raise QuantizationError(
+                f"{error}: the gate passed, but nothing could check this int8 form", result
+            ) from None
         return QuantizedModel(variant.model, data, self.source.manifest, result, engine, probes)
 
 

@@ -80,7 +80,11 @@ def check_declared_kinds(forward: Callable[[Tensor], Any], heads: Sequence[Head]
     declared = [head for head in heads if head.kind is not None and head.task != "regression"]
     if not declared:
         return
-    output = forward(probes)
+    try:
+        output = forward(probes)
+    except Exception as error:  # the model's own failure on inputs of the shape its manifest declares
+        failure = f"{type(error).__name__}: {error}"
+        raise BundleError(f"{source}: the model fails on {len(probes)} probe inputs of its shape: {failure}") from error
     for head in declared:
         values = select_output(output, head.select)
         tolerance = max(1e-3, tolerance_for(values.dtype)) if values.is_floating_point() else 1e-3
@@ -94,18 +98,27 @@ def check_declared_kinds(forward: Callable[[Tensor], Any], heads: Sequence[Head]
 def select_probes(inputs: Tensor, reference: Tensor, candidate: Tensor) -> Tensor:
     """The int8 probes to store: the first samples of ``inputs`` on which both forms' outputs agree.
 
-    ``reference``/``candidate``: the float and int8 outputs over ``inputs`` (the gate's). Agreement
-    is the same class, or for one-column outputs an error within :data:`MAX_INT8_REL_ERROR` of the
-    float output scale; at most :data:`MAX_PROBES` samples and :data:`PROBE_BYTES` bytes.
+    ``reference``/``candidate``: the float and int8 outputs over ``inputs`` (the gate's), 2-D.
+    Agreement is the same class, or for one-column outputs an error within
+    :data:`MAX_INT8_REL_ERROR` of the float output scale *of the chosen samples* (so that
+    :func:`check_int8_form` on them passes where they were chosen); at most :data:`MAX_PROBES`
+    samples and :data:`PROBE_BYTES` bytes. Raises ``ValueError`` when no sample agrees.
     """
+    count = max(1, min(MAX_PROBES, PROBE_BYTES // max(inputs[0].numel() * 4, 1)))
+    errors = (candidate - reference).abs().flatten(1).amax(1)
     if _classes(reference):
-        agree = reference.argmax(1) == candidate.argmax(1)
+        chosen = (reference.argmax(1) == candidate.argmax(1)).nonzero().flatten()[:count]
     else:
-        scale = float(reference.abs().max()) or 1.0
-        agree = (candidate - reference).abs().flatten(1).amax(1) <= MAX_INT8_REL_ERROR * scale
-    size = inputs[0].numel() * 4
-    count = max(1, min(MAX_PROBES, PROBE_BYTES // max(size, 1)))
-    return inputs[agree.nonzero().flatten()[:count]].detach().to("cpu", torch.float32).contiguous()
+        chosen = torch.arange(min(len(inputs), count))
+        while len(chosen):  # shrinks until every chosen error is within the chosen samples' scale
+            scale = float(reference[chosen].abs().max()) or 1.0
+            within = chosen[errors[chosen] <= MAX_INT8_REL_ERROR * scale]
+            if len(within) == len(chosen):
+                break
+            chosen = within
+    if not len(chosen):
+        raise ValueError("the int8 form agrees with the float form on none of the validation samples")
+    return inputs[chosen].detach().to("cpu", torch.float32).contiguous()
 
 
 def read_probes(directory: Path, entry: Any, sample_shape: Sequence[int]) -> Tensor:
