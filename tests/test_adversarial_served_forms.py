@@ -317,9 +317,8 @@ def test_probes_of_one_column_outputs_pass_where_they_were_chosen():
     assert 0 < len(chosen) <= MAX_PROBES
     error = float((candidate[chosen] - reference[chosen]).abs().max())
     assert error <= MAX_INT8_REL_ERROR * float(reference[chosen].abs().max())
-    with pytest.raises(ValueError, match="none of the validation samples"):
-        classes = torch.nn.functional.one_hot(torch.arange(40) % 3, 3).float()
-        select_probes(inputs, classes, classes.roll(1, 1))
+    classes = torch.nn.functional.one_hot(torch.arange(40) % 3, 3).float()
+    assert len(select_probes(inputs, classes, classes.roll(1, 1))) == 0  # quantize then refuses to make the form
 
 
 def test_a_declared_shape_the_model_cannot_run_is_refused_at_load(tmp_path):
