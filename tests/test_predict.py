@@ -414,8 +414,8 @@ def test_predictor_load_overrides_recorded_settings(tmp_path):
     assert trainfer.serve.bundle.read_manifest(tmp_path / "b")["heads"][0]["output_kind"] == "logits"
     fixed = Predictor.load(tmp_path / "b", output_kind="probabilities")
     assert fixed.heads[0].kind.kind == "probabilities" and fixed.labels == list("wxyz")
-    relabelled = Predictor.load(tmp_path / "b", labels=list("abcd"))
-    assert relabelled.labels == list("abcd") and relabelled.heads[0].kind.kind == "logits"
+    with pytest.raises(trainfer.BundleError, match="softmax would be applied twice"):
+        Predictor.load(tmp_path / "b", labels=list("abcd"))  # the recorded kind contradicts the model
     x = torch.randn(3, 1, 8, 8)
     expected = reference(model, x).max(1).values
     np.testing.assert_allclose([r.probability for r in fixed.predict(x)], expected, atol=1e-6)

@@ -7,13 +7,13 @@ single-threaded results, leave weights and BatchNorm buffers bit-identical and m
 from __future__ import annotations
 
 import io
-import threading
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from serving_models import save_bundle, trained
+from threads import assert_same_state, hammer, probabilities, state, thread_inputs
 from torch import nn
 
 import trainfer
@@ -26,58 +26,14 @@ from trainfer.serve.batch_predict import predict_to_jsonl
 from trainfer.serve.ensemble import Ensemble
 from trainfer.serve.results import ClassificationResult
 
-THREADS, CALLS, LIMIT_S = 8, 50, 120
+THREADS, CALLS = 8, 50
 SPEC = {"input_shape": [1, 8, 8]}
-
-
-def hammer(predict, inputs: list, threads: int = THREADS, calls: int = CALLS) -> list[list]:
-    """``predict(inputs[i])`` ``calls`` times in each of ``threads`` threads started together."""
-    barrier = threading.Barrier(threads)
-    results: list[list] = [[] for _ in range(threads)]
-    errors: list[BaseException] = []
-
-    def work(index: int) -> None:
-        try:
-            barrier.wait(LIMIT_S)
-            for _ in range(calls):
-                results[index].append(predict(inputs[index]))
-        except BaseException as error:  # noqa: BLE001 - reported by the test thread
-            errors.append(error)
-
-    workers = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(LIMIT_S)
-    assert not any(worker.is_alive() for worker in workers), f"threads still running after {LIMIT_S}s"
-    assert not errors, errors[0]
-    return results
-
-
-def thread_inputs(threads: int = THREADS, batch: int = 4) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(7)
-    return [torch.rand(batch, 1, 8, 8, generator=generator) for _ in range(threads)]
-
-
-def probabilities(results) -> np.ndarray:
-    """(N, classes) probabilities by label of classification results (``top_k`` = all classes)."""
-    return np.array([[p for _, p in sorted(r.top_k)] for r in results])
-
-
-def state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
-
-
-def assert_same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = model.state_dict()
-    changed = [name for name, tensor in before.items() if not torch.equal(after[name], tensor)]
-    assert not changed, f"changed by prediction: {changed}"
 
 
 def assert_shared_use_is_like_single_use(predictor, model: nn.Module | None = None) -> None:
     """Threads give the single-threaded results; weights, buffers and modes stay as they were."""
     model = model if model is not None else predictor.model
-    inputs = thread_inputs()
+    inputs = thread_inputs(THREADS)
     reference = [probabilities(predictor.predict(x, top_k=3)) for x in inputs]
     before, modes = state(model), snapshot_modes(model)
     results = hammer(lambda x: predictor.predict(x, top_k=3), inputs)
@@ -127,7 +83,7 @@ def test_the_callers_eval_model_shared_by_threads_with_a_cache():
 def test_two_predictors_of_one_training_model_shared_by_threads():
     model = trained(8).train()
     first, second = Predictor(model, preprocess=SPEC), Predictor(model, preprocess=SPEC)
-    inputs = thread_inputs()
+    inputs = thread_inputs(THREADS)
     reference = probabilities(first.predict(inputs[0], top_k=3))
     before = state(model)
     results = hammer(lambda p: p.predict(inputs[0], top_k=3), [first, second] * (THREADS // 2))
@@ -142,7 +98,7 @@ def test_an_ensemble_shared_by_threads(bundle, tmp_path):
     other = save_bundle(tmp_path / "other", 9)
     members = [Predictor.load(bundle), Predictor.load(other)]
     ensemble = Ensemble(members)
-    inputs = thread_inputs()
+    inputs = thread_inputs(THREADS)
     reference = [probabilities(ensemble.predict(x, top_k=3)) for x in inputs]
     before = [state(m.model) for m in members]
     results = hammer(lambda x: ensemble.predict(x, top_k=3), inputs, calls=20)

@@ -16,6 +16,7 @@ from trainfer.models import digits_net
 from trainfer.numerics import TOLERANCE, relative_error
 from trainfer.serve.quantize import calibration_inputs
 from trainfer.serve.runtime import QUANTIZATION_FILE, QUANTIZED_FILE
+from trainfer.serve.served_checks import PROBES_FILE
 
 onnx = pytest.importorskip("onnx")  # the optional onnx extra: the whole module needs it
 pytest.importorskip("onnxruntime")
@@ -103,7 +104,7 @@ def test_the_gate_refuses_with_a_clear_message_when_fallback_is_exhausted(digits
 def test_bundle_round_trip_serves_the_int8_form_without_pickle(digits, int8, tmp_path):
     path = int8.save(tmp_path / "int8")
     assert sorted(p.name for p in path.iterdir()) == sorted(
-        ["manifest.json", "model.safetensors", QUANTIZED_FILE, QUANTIZATION_FILE]
+        ["manifest.json", "model.safetensors", QUANTIZED_FILE, QUANTIZATION_FILE, PROBES_FILE]
     )
     record = json.loads((path / QUANTIZATION_FILE).read_text())
     assert record["report"]["gate"]["ok"] and record["report"]["settings"]["format"] == "QDQ"

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from trainfer.atomic import atomic_directory, fsync_file, recover
-from trainfer.errors import BundleError, BundleWarning
+from trainfer.errors import BundleError, BundleWarning, InputError
 from trainfer.jsonfile import read_json
 from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
 from trainfer.registry import ENTRY_POINT_GROUP, factory_name
@@ -109,7 +109,10 @@ def save(
     ``factory``/``config``/input shape default to the model's recipe (:func:`trainfer.recipe_of`:
     trainfer's own models and deploy forms carry one). A deploy form that ``trainfer.deploy`` traced
     records its architecture and needs no factory. Output kinds not given are detected from the
-    traced eval graph. The model is not modified (its modes are restored).
+    traced eval graph. The model is not modified (its modes are restored), and may be in use by
+    other threads meanwhile: a model not in eval is switched under the lock a
+    :class:`~trainfer.Predictor` serving it takes (:func:`trainfer.modes.contexts.shared_inference`),
+    and tracing never disturbs its calls from other threads (:mod:`trainfer.reparam.fold.trace`).
     """
     manifest = build_manifest(
         model,
@@ -172,7 +175,7 @@ def build_manifest(
 
     ``factory`` may stay ``None`` here (an exported file needs none); :func:`save` requires it.
     """
-    from trainfer.modes.contexts import inference
+    from trainfer.modes.contexts import shared_inference
 
     known = recipe_of(model)
     factory = factory or getattr(known, "factory", None)
@@ -182,7 +185,12 @@ def build_manifest(
     first = example[0] if example else None
     spec = PreprocessSpec.coerce(preprocess, input_shape=tuple(first.shape[1:]) if first is not None else None)
     spec = spec.with_dtype(first.dtype if first is not None else _parameter_dtype(model))
-    with inference(model):
+    if first is not None and spec.input_shape is not None and tuple(spec.input_shape) != tuple(first.shape[1:]):
+        raise InputError(
+            f"preprocess input_shape {list(spec.input_shape)} contradicts the example inputs' sample shape "
+            f"{list(first.shape[1:])}: the bundle would serve inputs the model was not saved for"
+        )
+    with shared_inference(model):  # other threads may be serving the model: switched under its lock
         structure = describe_structure(model(*example)) if example else None
         resolved = resolve_heads(model, task, labels, output, heads, output_kind, example or None)
     form = _form(model, known)

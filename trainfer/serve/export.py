@@ -15,6 +15,11 @@ ExportedProgram's ``extra_files``. :mod:`trainfer.serve.onnx_runtime` reads it b
 ONNX export uses PyTorch's TorchScript-based exporter (``dynamo=False``): for the plain conv/linear
 graphs of deploy forms it is the faster and more predictable of the two. onnx and onnxruntime are
 the optional extra ``trainfer[onnx]``, imported on use.
+
+Threads: ``export`` may be called from several threads at once. torch's exporters keep
+process-global state (the ONNX exporter's ``GLOBALS.in_onnx_export`` flag), so the export itself
+and the loading of the exported file run one at a time, under one lock of this module; the
+comparison against PyTorch runs in parallel.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import copy
 import io
 import json
 import os
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +49,9 @@ from trainfer.serve.outputs import flatten_outputs
 FORMATS = ("onnx", "torchscript", "exported-program")
 ONNX_OPSET = 17
 _CHECK_BATCHES = (1, 3)
+#: torch's exporters keep process-global state (the ONNX exporter's ``GLOBALS.in_onnx_export``,
+#: torch.export's tracing state, the warning filters set around them): one export at a time.
+_EXPORT_LOCK = threading.Lock()
 
 __all__ = ["FORMATS", "ExportReport", "export"]
 
@@ -107,8 +116,9 @@ def export(
         names, _ = flatten_outputs(model(example))
     limit = rtol if rtol is not None else tolerance_for(dtype)
     with atomic_file(path) as tmp:
-        _EXPORTERS[format](model, example, names, json.dumps(manifest), tmp)
-        run = _RUNNERS[format](tmp)
+        with _EXPORT_LOCK:  # also around loading: warnings.catch_warnings is process-global too
+            _EXPORTERS[format](model, example, names, json.dumps(manifest), tmp)
+            run = _RUNNERS[format](tmp)
         abs_error, rel_error = _compare(model, run, shape, dtype)
         if rel_error > limit:
             raise EquivalenceError(

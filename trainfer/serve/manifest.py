@@ -14,6 +14,12 @@ mean / std              at most 4096 finite numbers
 heads                   at most 64
 ======================  =========================================================================
 
+Fields that state one fact twice must agree (a :class:`~trainfer.errors.BundleError` otherwise):
+``preprocess.input_shape`` is ``input.shape`` without the batch dimension and ``preprocess.dtype``
+is ``input.dtype`` (where both are given); ``task`` and ``labels`` are those of the one unnamed
+head, or ``task`` is ``multi-head`` over named heads whose labels ``labels`` repeats by name; a
+regression head declares no output kind.
+
 Imported only when a manifest is read (pydantic costs about 0.1 s to import).
 """
 
@@ -23,7 +29,7 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainfer.errors import BundleError
 from trainfer.serve.outputs import OutputKindName, TaskName
@@ -173,6 +179,50 @@ class Manifest(_Schema):
     def _json_values(cls, config: dict[str, Any]) -> dict[str, Any]:
         _check_config(config, "config", [0], 0)
         return config
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        """Fields that state the same fact twice must agree: readers of either would serve differently."""
+        problems = _contradictions(self)
+        if problems:
+            raise ValueError("contradicting fields: " + "; ".join(problems))
+        return self
+
+
+def _contradictions(manifest: Manifest) -> list[str]:
+    """Each pair of manifest fields that contradict each other, as a sentence."""
+    problems = []
+    shape, spec = manifest.input.shape, manifest.preprocess
+    if spec is not None and spec.input_shape is not None and shape is not None and spec.input_shape != shape[1:]:
+        problems.append(f"preprocess.input_shape {spec.input_shape} is not input.shape {shape} without its batch")
+    if spec is not None and "dtype" in spec.model_fields_set and manifest.input.dtype not in (None, spec.dtype):
+        problems.append(f"preprocess.dtype {spec.dtype!r} is not input.dtype {manifest.input.dtype!r}")
+    if manifest.heads and manifest.task is not None:
+        problems += _head_contradictions(manifest)
+    for head in manifest.heads:
+        if head.task == "regression" and head.output_kind is not None:
+            problems.append(f"head {head.name!r} is a regression head (values) with output_kind {head.output_kind!r}")
+    return problems
+
+
+def _head_contradictions(manifest: Manifest) -> list[str]:
+    """``task`` and ``labels`` against the ``heads`` they summarise."""
+    heads, labels = manifest.heads, manifest.labels
+    if manifest.task == "multi-head":
+        if any(head.name is None for head in heads):
+            return ["task 'multi-head' with an unnamed head"]
+        named = {str(head.name): head.labels for head in heads}
+        if labels is not None and (not isinstance(labels, dict) or any(named.get(k) != v for k, v in labels.items())):
+            return ["labels differ from the heads' labels"]
+        return []
+    head = heads[0]
+    if len(heads) != 1 or head.name is not None:
+        return [f"task {manifest.task!r} (one head) with {len(heads)} head(s) named {[h.name for h in heads]}"]
+    if head.task != manifest.task:
+        return [f"task {manifest.task!r} differs from heads[0].task {head.task!r}"]
+    if labels != head.labels:
+        return ["labels differ from heads[0].labels"]
+    return []
 
 
 def _check_config(value: Any, where: str, count: list[int], depth: int) -> None:

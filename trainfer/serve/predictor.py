@@ -182,6 +182,11 @@ class Predictor:
         (``device``, ``batch_size``, ``threshold``, ``cache_size``, ...) are passed on, and override
         the manifest's where they name the same setting (e.g. ``output_kind="probabilities"``).
         ``factory`` and ``trust_factory`` are :func:`trainfer.load`'s (which factories a bundle may name).
+
+        What is served is checked against what the bundle declares before it is returned
+        (:mod:`trainfer.serve.served_checks`, on fixed probe inputs): a model whose outputs contradict
+        a recorded output kind (unless ``output_kind`` overrides the record), or an int8 form that
+        disagrees with the bundle's float weights, is refused with :class:`~trainfer.errors.BundleError`.
         """
         path = check_path("path", path)
         check_keywords("Predictor.load", overrides, _LOAD_OVERRIDES)
@@ -195,15 +200,27 @@ class Predictor:
             from trainfer.serve.runtime import bundle_model
 
             manifest = read_manifest(path)
-            model, overrides = bundle_model(path, overrides)
+            model, overrides = bundle_model(path, overrides, factory=factory, trust_factory=trust_factory)
             if model is None:
                 # ours: moved, not copied, and put in eval for good (calls then never switch modes)
                 model = load(path, factory=factory, trust_factory=trust_factory)
                 model = model.to(pick_device(overrides.get("device", "auto"))).eval()
         heads = [Head.from_dict(h) for h in manifest.get("heads") or []]
-        if heads and _HEAD_SETTINGS & overrides.keys():
-            return cls(model, **{"preprocess": manifest.get("preprocess"), **_head_settings(heads), **overrides})
-        return cls(model, **{"preprocess": manifest.get("preprocess"), "resolved_heads": heads or None, **overrides})
+        settings = (
+            _head_settings(heads) if heads and _HEAD_SETTINGS & overrides.keys() else {"resolved_heads": heads or None}
+        )
+        predictor = cls(model, **{"preprocess": manifest.get("preprocess"), **settings, **overrides})
+        if "output_kind" not in overrides:  # the caller's kinds replace the recorded ones (checked as they run)
+            predictor._check_recorded_kinds(heads, repr(str(path)))
+        return predictor
+
+    def _check_recorded_kinds(self, heads: list[Head], source: str) -> None:
+        """Refuse a bundle whose model contradicts the output kinds its manifest declares (on probe inputs)."""
+        from trainfer.serve.served_checks import check_declared_kinds, probe_inputs
+
+        shape = self.preprocess_spec.input_shape
+        if heads and shape is not None:
+            check_declared_kinds(self.forward, heads, probe_inputs(shape, self.preprocess_spec.torch_dtype), source)
 
     @classmethod
     def ensemble(cls, predictors: Iterable[Predictor], weights: Iterable[float] | None = None) -> Any:

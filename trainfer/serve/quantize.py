@@ -24,8 +24,10 @@
 
 The result (:class:`QuantizedModel`) serves the int8 form and saves as a bundle: the equalized
 float deploy form (``model.safetensors`` + ``manifest.json``), ``quantized.onnx`` (the QDQ file,
-manifest inside) and ``quantization.json`` (its sha256 and the report). ``Predictor.load`` and
-``trainfer predict`` serve the int8 form of such a bundle.
+manifest inside), ``probes.safetensors`` (up to 32 validation inputs on which both forms agree) and
+``quantization.json`` (their sha256 and the report). ``Predictor.load`` and ``trainfer predict``
+serve the int8 form of such a bundle once it agrees with the float weights on those probes
+(:mod:`trainfer.serve.served_checks`).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from trainfer.serve.runtime import (
     machine_info,
     ort_engine,
 )
+from trainfer.serve.served_checks import PROBES_FILE, select_probes
 from trainfer.validate import check_type
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -137,6 +140,9 @@ class QuantizedModel:
     manifest: dict[str, Any]
     report: QuantizationReport
     engine: Callable[[Tensor], Any] = field(repr=False)
+    #: Validation inputs on which both forms agree: stored with the bundle, the int8 form is checked
+    #: against the float weights on them at every load (:mod:`trainfer.serve.served_checks`).
+    probes: Tensor = field(default_factory=lambda: torch.empty(0), repr=False)
 
     def __call__(self, batch: Tensor) -> Any:
         return self.engine(batch)
@@ -146,7 +152,7 @@ class QuantizedModel:
 
         ``metadata`` goes to :func:`trainfer.save` (e.g. ``factory=...`` for a model of your own).
         """
-        from trainfer.serve.bundle import MANIFEST_FILE, save
+        from trainfer.serve.bundle import MANIFEST_FILE, save, write_safetensors
 
         target = Path(path)
         if target.exists() and not (target / MANIFEST_FILE).is_file():
@@ -155,11 +161,14 @@ class QuantizedModel:
         try:
             inner = save(self.float_model, staging / "bundle", **{**_bundle_metadata(self.manifest), **metadata})
             (inner / QUANTIZED_FILE).write_bytes(self.onnx_bytes)
+            write_safetensors({"inputs": self.probes}, inner / PROBES_FILE)
+            probes = hashlib.sha256((inner / PROBES_FILE).read_bytes()).hexdigest()
             entry = {
                 "format": "trainfer-quantized",
-                "format_version": 1,
+                "format_version": 2,
                 "file": QUANTIZED_FILE,
                 "sha256": hashlib.sha256(self.onnx_bytes).hexdigest(),
+                "probes": {"file": PROBES_FILE, "sha256": probes},
                 "report": self.report.to_dict(),
             }
             (inner / QUANTIZATION_FILE).write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
@@ -489,7 +498,14 @@ class _Search:
                 result,
             )
         data = _with_manifest(out, _served_manifest(self.source.manifest))
-        return QuantizedModel(variant.model, data, self.source.manifest, result, engine)
+        inputs, _, reference = self.check
+        try:  # what a bundle's load checks the int8 form on (trainfer.serve.served_checks)
+            probes = select_probes(inputs, reference, logits_over(engine, inputs))
+        except ValueError as error:
+            raise QuantizationError(
+                f"{error}: the gate passed, but nothing could check this int8 form", result
+            ) from None
+        return QuantizedModel(variant.model, data, self.source.manifest, result, engine, probes)
 
 
 def _served_manifest(manifest: dict[str, Any]) -> dict[str, Any]:

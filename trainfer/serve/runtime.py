@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import queue
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -265,7 +266,13 @@ def ort_engine(path: Path, manifest: dict[str, Any], threads: int) -> Callable[[
 
 
 class OpenVinoEngine:
-    """An OpenVINO CPU compilation of an ONNX file at ``precision`` (``f32``, ``bf16``, ``f16``)."""
+    """An OpenVINO CPU compilation of an ONNX file at ``precision`` (``f32``, ``bf16``, ``f16``).
+
+    Safe to call from any number of threads: an OpenVINO infer request serves one inference at a
+    time (a second concurrent ``infer`` raises "Infer Request is busy" or overwrites the first's
+    outputs), so each call takes a request of its own from a pool, created on demand, copies its
+    outputs and puts the request back. The compiled model itself is shared (OpenVINO allows that).
+    """
 
     def __init__(self, path: Path, manifest: dict[str, Any], threads: int, dtype: str = "float32"):
         ov = require("openvino", "openvino", "the openvino runtime")
@@ -276,15 +283,22 @@ class OpenVinoEngine:
             self.compiled = core.compile_model(str(path), "CPU", config)
         except RuntimeError as error:  # e.g. external data outside the model's directory: OpenVINO refuses it
             raise InputError(f"openvino cannot compile {str(path)!r}: {' '.join(str(error).split())[:500]}") from None
-        self.request = self.compiled.create_infer_request()
+        self.requests: queue.SimpleQueue[Any] = queue.SimpleQueue()  # idle requests; at most one per thread
         self.names = [output.get_any_name() for output in self.compiled.outputs]
         self.manifest = manifest
 
     def __call__(self, batch: Tensor) -> Any:
         from trainfer.serve.onnx_runtime import structured
 
-        result = self.request.infer({0: batch.detach().to("cpu", torch.float32).contiguous().numpy()})
-        values = [torch.from_numpy(result[output].copy()) for output in self.compiled.outputs]
+        try:
+            request = self.requests.get_nowait()
+        except queue.Empty:
+            request = self.compiled.create_infer_request()
+        try:
+            result = request.infer({0: batch.detach().to("cpu", torch.float32).contiguous().numpy()})
+            values = [torch.from_numpy(result[output].copy()) for output in self.compiled.outputs]
+        finally:
+            self.requests.put(request)
         return structured(values, self.names, self.manifest)
 
 
@@ -570,30 +584,39 @@ def compile_for(model: Any, runtime: Any, spec: Any, batch_size: int) -> Compile
     return compile(model, torch.randn(1, *spec.input_shape), runtime, batch_sizes=sizes)
 
 
-def bundle_model(bundle: str | os.PathLike[str], overrides: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def bundle_model(
+    bundle: str | os.PathLike[str], overrides: dict[str, Any], **load_options: Any
+) -> tuple[Any, dict[str, Any]]:
     """The model ``Predictor.load`` serves for a bundle, when it is not the plain PyTorch one.
 
     A bundle carrying an int8 form serves it (unless ``runtime`` names a PyTorch runtime);
     ``runtime="recorded"`` becomes the bundle's :class:`RuntimeRecord`. Returns ``(model or None,
-    the overrides left for the Predictor)``.
+    the overrides left for the Predictor)``. ``load_options`` (``factory``, ``trust_factory``) go to
+    :func:`trainfer.load` of the float form an int8 form is checked against.
     """
     runtime = overrides.get("runtime")
     if (Path(bundle) / QUANTIZATION_FILE).is_file() and runtime not in TORCH_RUNTIMES:
-        served = serve_quantized(bundle, None if runtime in (None, "auto", "recorded") else runtime)
+        chosen = None if runtime in (None, "auto", "recorded") else runtime
+        served = serve_quantized(bundle, chosen, **load_options)
         return served, {key: value for key, value in overrides.items() if key != "runtime"}
     if runtime == "recorded":
         return None, {**overrides, "runtime": _recorded(bundle)}
     return None, overrides
 
 
-def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None) -> CompiledModel:
-    """The int8 form of a bundle (``quantized.onnx``, checked against its recorded sha256).
+def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None, **load_options: Any) -> CompiledModel:
+    """The int8 form of a bundle (``quantized.onnx``), once checked against the bundle's float form.
 
-    ``runtime``: ``onnxruntime`` (default: the runtime its accuracy gate measured) or ``openvino``.
+    The file must match its recorded sha256, and then agree with the float weights on the probe
+    inputs stored beside it (:func:`trainfer.serve.served_checks.check_int8_form`; the float form is loaded with
+    ``load_options``, :func:`trainfer.load`'s ``factory``/``trust_factory``): a digest proves
+    nothing, whoever replaces the file recomputes it. ``runtime``: ``onnxruntime`` (default: the
+    runtime its accuracy gate measured) or ``openvino``.
     """
     import hashlib
 
-    from trainfer.serve.bundle import read_manifest
+    from trainfer.serve.bundle import load, read_manifest
+    from trainfer.serve.served_checks import check_int8_form, read_probes
 
     directory = Path(bundle)
     runtime = runtime or QUANTIZED_RUNTIMES[0]
@@ -610,11 +633,21 @@ def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None) 
         )
     manifest = read_manifest(directory)
     threads = torch.get_num_threads()
-    if runtime == "onnxruntime":
-        engine = ort_engine(file, manifest, threads)
-    else:
-        engine = OpenVinoEngine(file, manifest, threads)
-    gate = (entry.get("report") or {}).get("gate")
+    try:
+        engine = (
+            ort_engine(file, manifest, threads) if runtime == "onnxruntime" else OpenVinoEngine(file, manifest, threads)
+        )
+    except ImportError:
+        raise
+    except Exception as error:  # the file is untrusted: onnxruntime and OpenVINO raise their own types
+        raise BundleError(f"{runtime} cannot load the int8 form {str(file)!r}: {error}"[:2000]) from None
+    shape = manifest["input"].get("shape")
+    if not shape:
+        raise BundleError(f"bundle {str(directory)!r} records no input shape to check its int8 form on")
+    probes = read_probes(directory, entry, shape[1:])
+    check_int8_form(engine, load(directory, **load_options), probes, repr(str(file)))
+    report = entry.get("report")
+    gate = report.get("gate") if isinstance(report, dict) else None
     candidate = CandidateRecord(runtime, "int8", "ok", "accuracy gate measured at quantization", gate=gate)
     record = RuntimeRecord(
         runtime, "int8", "bundle", [], [candidate], _thread_settings(threads), machine_info(), _versions()

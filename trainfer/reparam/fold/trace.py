@@ -7,10 +7,17 @@ When some module's ``forward`` cannot be traced (item assignment on a tensor, da
 control flow), :func:`trace_around_untraceable` finds the innermost such module, makes it a leaf
 (one ``call_module`` node whose insides the folder does not see) and traces again, so that one
 untraceable op does not switch folding off above it.
+
+Threads: while it traces, torch.fx patches ``nn.Module.__call__`` and ``__getattr__`` for the
+whole process. :func:`trace` therefore traces one model at a time (two interleaved traces would
+undo each other's patches out of order and leave one in place), and its tracer lets calls from
+every other thread pass through untouched: a model that other threads are running meanwhile
+(a Predictor serving it while it is saved or deployed) computes as usual, never with proxies.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,6 +30,9 @@ __all__ = ["Untraceable", "extra_leaf_types", "is_leaf", "trace", "trace_around_
 #: Module types traced as leaves although their ``forward`` is not torch's own: the types fold
 #: handlers are registered for (:func:`trainfer.reparam.fold.register_fold_handler` keeps it).
 extra_leaf_types: set[type[nn.Module]] = set()
+
+#: One trace at a time in the process (see the module docstring); re-entrant for nested traces.
+_TRACE_LOCK = threading.RLock()
 
 #: The attribute an exception carries, once, naming the innermost module whose forward raised it.
 _CULPRIT = "_trainfer_untraceable_module"
@@ -55,11 +65,19 @@ class _EvalTracer(fx.Tracer):
     def __init__(self, opaque: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.opaque = opaque
+        self.thread = threading.get_ident()  # the tracing thread; calls from others pass through
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_leaf(m) or module_qualified_name in self.opaque
 
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if threading.get_ident() != self.thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if threading.get_ident() != self.thread:  # another thread runs a model while this one traces
+            return forward(*args, **kwargs)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as error:
@@ -103,10 +121,11 @@ def trace(
     BatchNorm subclasses that override ``forward`` and call ``super().forward`` have their input
     rank check disabled while tracing, so that the trace can see through them.
     """
-    tracer = _EvalTracer(opaque)
-    with _rank_checks_off(model):
-        graph = tracer.trace(model, concrete_args)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    with _TRACE_LOCK:
+        tracer = _EvalTracer(opaque)
+        with _rank_checks_off(model):
+            graph = tracer.trace(model, concrete_args)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 class Untraceable(Exception):

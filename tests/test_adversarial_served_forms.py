@@ -1,0 +1,334 @@
+"""The attacker's served forms and manifest contradictions: every answer must come from the float form.
+
+A bundle's digests prove nothing (the attacker recomputes them), so each attack here rewrites a
+file *and* its recorded sha256, as an attacker would, and the load must refuse with a
+:class:`trainfer.BundleError`, run no code (a marker file must never appear) and serve nothing
+wrong. Attacks (issue 22, section 4):
+
+* ``quantized.onnx`` replaced by another valid model (another model's int8 form; one answering
+  class 3 for every input, also through ``trainfer predict``; one whose weights name an external
+  file as a marker), sha256 recomputed, under onnxruntime and openvino, with the recorded gate
+  loosened to 0 as well;
+* the probe inputs stored beside it removed, forged (sha256, shape, NaN, none) or never recorded;
+* ``runtime.json`` naming a runtime whose engine answers wrong (it is rebuilt and verified);
+* ``output_kind`` probabilities / log-probabilities declared on a logits head, and logits declared
+  on a softmax head, in a bundle and inside an exported ONNX file;
+* ``preprocess.input_shape`` against ``input.shape``, ``preprocess.dtype`` against ``input.dtype``,
+  ``task``/``labels`` against ``heads``, an output kind on a regression head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+from serving_models import FACTORY, save_bundle, trained
+
+import trainfer
+from trainfer import BundleError, Predictor
+from trainfer.cli import main
+from trainfer.serve import runtime as rt
+from trainfer.serve.served_checks import MAX_PROBES, MIN_INT8_AGREEMENT, PROBES_FILE
+
+SPEC = {"input_shape": [1, 8, 8]}
+needs_ort = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed")
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+OPENVINO = pytest.param("openvino", marks=pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed"))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _rewrite_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _int8(model: torch.nn.Module, path: Path) -> Path:
+    calibration = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    gate = trainfer.AccuracyGate(min_agreement=None, max_accuracy_drop=None)
+    result = trainfer.quantize(model, calibration, gate=gate, equalize=False, sensitivity_samples=16)
+    return result.save(path, factory=FACTORY, preprocess=SPEC)
+
+
+@pytest.fixture(scope="module")
+def int8_bundles(tmp_path_factory):
+    """Two int8 bundles of different models: the second's ``quantized.onnx`` is the attacker's file."""
+    pytest.importorskip("onnxruntime")
+    root = tmp_path_factory.mktemp("served")
+    return _int8(trained(5, outputs=10), root / "genuine"), _int8(trained(6, outputs=10), root / "other")
+
+
+def _swap_int8(genuine: Path, replacement: bytes, target: Path, loosen_gate: bool = False) -> Path:
+    """A copy of ``genuine`` whose ``quantized.onnx`` is ``replacement``, its sha256 recomputed."""
+    import shutil
+
+    shutil.copytree(genuine, target)
+    (target / rt.QUANTIZED_FILE).write_bytes(replacement)
+
+    def forge(entry):
+        entry["sha256"] = hashlib.sha256(replacement).hexdigest()
+        if loosen_gate:
+            entry["report"]["gate"]["gate"] = {"min_agreement": 0.0, "max_accuracy_drop": None, "max_rel_error": None}
+
+    _rewrite_json(target / rt.QUANTIZATION_FILE, forge)
+    return target
+
+
+# --------------------------------------------------------------------------- int8 forms
+@needs_ort
+def test_a_genuine_int8_form_loads_and_agrees_with_its_float_form_on_its_probes(int8_bundles):
+    genuine, _ = int8_bundles
+    served = Predictor.load(genuine)
+    probes = load_file(str(genuine / PROBES_FILE))["inputs"]
+    assert probes.shape == (MAX_PROBES, 1, 8, 8)
+    with torch.no_grad():
+        expected = trainfer.load(genuine)(probes).argmax(1)
+    agreement = float((served.model(probes).argmax(1) == expected).double().mean())
+    assert agreement >= MIN_INT8_AGREEMENT
+
+
+@needs_ort
+@pytest.mark.parametrize(
+    "forge",
+    [
+        pytest.param(lambda entry, path: entry.pop("probes"), id="no probes recorded (an older trainfer)"),
+        pytest.param(lambda entry, path: (path / PROBES_FILE).unlink(), id="probes file removed"),
+        pytest.param(lambda entry, path: entry["probes"].update(sha256="0" * 64), id="probes sha256 wrong"),
+        pytest.param(lambda entry, path: _write_probes(path, entry, torch.zeros(2, 3, 8, 8)), id="probes mis-shaped"),
+        pytest.param(lambda entry, path: _write_probes(path, entry, torch.full((2, 1, 8, 8), float("nan"))), id="nan"),
+        pytest.param(lambda entry, path: _write_probes(path, entry, torch.zeros(0, 1, 8, 8)), id="no probes"),
+    ],
+)
+def test_int8_probes_that_cannot_check_anything_are_refused(int8_bundles, tmp_path, forge):
+    import shutil
+
+    genuine, _ = int8_bundles
+    path = tmp_path / "forged"
+    shutil.copytree(genuine, path)
+    _rewrite_json(path / rt.QUANTIZATION_FILE, lambda entry: forge(entry, path))
+    with pytest.raises(BundleError, match="probe"):
+        Predictor.load(path)
+
+
+def _write_probes(path: Path, entry: dict, inputs: torch.Tensor) -> None:
+    save_file({"inputs": inputs}, str(path / PROBES_FILE))
+    entry["probes"]["sha256"] = _sha256(path / PROBES_FILE)
+
+
+@needs_ort
+@pytest.mark.parametrize(
+    "runtime",
+    [None, pytest.param("openvino", marks=pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed"))],
+)
+@pytest.mark.parametrize("loosen_gate", [False, True])
+def test_an_int8_file_of_another_model_with_its_sha256_is_refused(int8_bundles, tmp_path, runtime, loosen_gate):
+    genuine, other = int8_bundles
+    forged = _swap_int8(genuine, (other / rt.QUANTIZED_FILE).read_bytes(), tmp_path / "forged", loosen_gate)
+    options = {"runtime": runtime} if runtime else {}
+    with pytest.raises(BundleError, match="does not agree with the bundle's float weights"):
+        Predictor.load(forged, **options)
+    float_form = Predictor.load(forged, runtime="torch")  # the float form itself is still served on request
+    assert float_form.model.record.runtime == "torch"
+
+
+def _constant_class_model(classes: int, label: int) -> bytes:
+    """A valid ONNX model that answers ``label`` for every input (the issue's "class 3 for every input")."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    logits = [0.0] * classes
+    logits[label] = 10.0
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", ["input", "axes"], ["total"], keepdims=0),
+            helper.make_node("Mul", ["total", "zero"], ["nothing"]),
+            helper.make_node("Unsqueeze", ["nothing", "axis"], ["column"]),
+            helper.make_node("Add", ["column", "logits"], ["output"]),
+        ],
+        "constant",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", classes])],
+        [
+            helper.make_tensor("axes", TensorProto.INT64, [3], [1, 2, 3]),
+            helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+            helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
+            helper.make_tensor("logits", TensorProto.FLOAT, [1, classes], logits),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+@needs_ort
+def test_an_int8_file_answering_one_class_for_every_input_is_refused(int8_bundles, tmp_path):
+    genuine, _ = int8_bundles
+    forged = _swap_int8(genuine, _constant_class_model(10, 3), tmp_path / "forged", loosen_gate=True)
+    with pytest.raises(BundleError, match="does not agree"):
+        Predictor.load(forged)
+    probes = tmp_path / "x.npy"
+    np.save(probes, np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32))
+    result = CliRunner().invoke(main, ["predict", str(forged), str(probes)])
+    assert result.exit_code == 2 and "does not agree" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@needs_ort
+def test_an_int8_file_that_names_a_marker_file_runs_nothing(int8_bundles, tmp_path, monkeypatch):
+    """ONNX external data naming a path outside the bundle: never read, never written, refused."""
+    import onnx
+
+    genuine, _ = int8_bundles
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "pwned"
+    proto = onnx.load_from_string(_constant_class_model(10, 3))
+    weights = next(t for t in proto.graph.initializer if t.name == "logits")
+    weights.data_location = onnx.TensorProto.EXTERNAL
+    weights.ClearField("float_data")
+    entry = weights.external_data.add()
+    entry.key, entry.value = "location", os.fspath(marker)
+    forged = _swap_int8(genuine, proto.SerializeToString(), tmp_path / "forged", loosen_gate=True)
+    with pytest.raises(BundleError):
+        Predictor.load(forged)
+    assert not marker.exists()
+
+
+@needs_ort
+def test_a_recorded_runtime_that_answers_wrong_is_refused(tmp_path, monkeypatch):
+    """runtime.json may only name a runtime: what serves is rebuilt from the float weights and verified."""
+    path = save_bundle(tmp_path / "b", 3)
+    compiled = trainfer.compile(path, torch.randn(2, 1, 8, 8), runtime="onnxruntime")
+    record = compiled.record
+    record.candidates[0].tolerance = 1e9  # a forged tolerance is never read
+    rt.save_record(path, record)
+
+    def wrong(path, manifest, threads):
+        return lambda batch: torch.zeros(len(batch), 3)
+
+    monkeypatch.setattr(rt, "ort_engine", wrong)
+    with pytest.raises(trainfer.EquivalenceError, match="cannot serve this model"):
+        Predictor.load(path, runtime="recorded")
+
+
+# --------------------------------------------------------------------------- declared output kinds
+@pytest.mark.parametrize("declared", ["probabilities", "log_probabilities"])
+def test_a_probability_kind_declared_on_a_logits_head_is_refused(tmp_path, declared):
+    path = save_bundle(tmp_path / "b", 3)  # a plain linear head: logits
+    _rewrite_json(path / "manifest.json", lambda m: m["heads"][0].update(output_kind=declared))
+    with pytest.raises(BundleError, match=f"declared output kind '{declared}'"):
+        Predictor.load(path)
+
+
+def test_logits_declared_on_a_softmax_head_is_refused(tmp_path):
+    path = save_bundle(tmp_path / "b", 3, final="softmax")
+    assert json.loads((path / "manifest.json").read_text())["heads"][0]["output_kind"] == "probabilities"
+    Predictor.load(path)  # as saved: detected and agreeing
+    _rewrite_json(path / "manifest.json", lambda m: m["heads"][0].update(output_kind="logits"))
+    with pytest.raises(BundleError, match="softmax would be applied twice"):
+        Predictor.load(path)
+
+
+def test_the_caller_may_still_declare_a_kind_and_is_warned(tmp_path):
+    """Only the bundle's own declarations are checked at load; the caller's stay a warning at predict."""
+    path = save_bundle(tmp_path / "b", 3)
+    predictor = Predictor.load(path, output_kind="probabilities")
+    with pytest.warns(trainfer.OutputKindWarning):
+        predictor.predict(torch.randn(2, 1, 8, 8))
+
+
+@needs_ort
+def test_a_kind_contradiction_inside_an_exported_onnx_file_is_refused(tmp_path):
+    import onnx
+
+    from trainfer.serve.onnx_runtime import MANIFEST_KEY
+
+    path = save_bundle(tmp_path / "b", 3)
+    onnx_path = tmp_path / "m.onnx"
+    trainfer.export(path, onnx_path)
+    proto = onnx.load(str(onnx_path))
+    entry = next(p for p in proto.metadata_props if p.key == MANIFEST_KEY)
+    manifest = json.loads(entry.value)
+    manifest["heads"][0]["output_kind"] = "probabilities"
+    entry.value = json.dumps(manifest)
+    onnx.save(proto, str(onnx_path))
+    with pytest.raises(BundleError, match="declared output kind 'probabilities'"):
+        Predictor.load(onnx_path)
+
+
+# --------------------------------------------------------------------------- manifest contradictions
+CONTRADICTIONS = {
+    "preprocess shape": (lambda m: m["preprocess"].update(input_shape=[1, 16, 16]), "preprocess.input_shape"),
+    "preprocess dtype": (lambda m: m["preprocess"].update(dtype="float64"), "preprocess.dtype"),
+    "task": (lambda m: m.update(task="binary"), "differs from heads"),
+    "labels": (lambda m: m.update(labels=["x", "y", "z"]), "labels differ"),
+    "multi-head": (lambda m: m.update(task="multi-head"), "unnamed head"),
+    "regression kind": (
+        lambda m: m["heads"][0].update(task="regression") or m.update(task="regression", labels=None),
+        "regression head",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONTRADICTIONS))
+def test_contradicting_manifest_fields_are_refused(tmp_path, name):
+    change, message = CONTRADICTIONS[name]
+    path = save_bundle(tmp_path / "b", 3, labels=["a", "b", "c"])
+    Predictor.load(path)
+    _rewrite_json(path / "manifest.json", change)
+    with pytest.raises(BundleError, match=message):
+        trainfer.load(path)
+    with pytest.raises(BundleError, match=message):
+        Predictor.load(path)
+
+
+def test_saving_contradicting_shapes_is_refused(tmp_path):
+    with pytest.raises(trainfer.TrainferError, match="input_shape"):
+        trainfer.save(
+            trained(3),
+            tmp_path / "b",
+            factory=FACTORY,
+            preprocess={"input_shape": [1, 16, 16]},
+            example_inputs=torch.randn(1, 1, 8, 8),
+        )
+    assert not (tmp_path / "b").exists()
+
+
+def test_probes_of_one_column_outputs_pass_where_they_were_chosen():
+    """Chosen against the scale of the chosen samples: the load check passes on them by construction."""
+    from trainfer.serve.served_checks import MAX_INT8_REL_ERROR, select_probes
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(40, 1, 8, 8, generator=generator)
+    reference = torch.randn(40, 1, generator=generator) * torch.linspace(0.1, 10, 40)[:, None]
+    candidate = reference + 0.2 * torch.randn(40, 1, generator=generator)
+    probes = select_probes(inputs, reference, candidate)
+    chosen = [i for i in range(40) if any(torch.equal(inputs[i], p) for p in probes)]
+    assert 0 < len(chosen) <= MAX_PROBES
+    error = float((candidate[chosen] - reference[chosen]).abs().max())
+    assert error <= MAX_INT8_REL_ERROR * float(reference[chosen].abs().max())
+    classes = torch.nn.functional.one_hot(torch.arange(40) % 3, 3).float()
+    assert len(select_probes(inputs, classes, classes.roll(1, 1))) == 0  # quantize then refuses to make the form
+
+
+def test_a_declared_shape_the_model_cannot_run_is_refused_at_load(tmp_path):
+    """Both shapes changed together (no contradiction between fields), but not what the model takes."""
+    path = save_bundle(tmp_path / "b", 3)
+
+    def reshape(manifest):
+        manifest["input"]["shape"] = [1, 1, 9, 9]
+        manifest["preprocess"]["input_shape"] = [1, 9, 9]
+
+    _rewrite_json(path / "manifest.json", reshape)
+    with pytest.raises(BundleError, match="fails on 8 probe inputs"):
+        Predictor.load(path)
