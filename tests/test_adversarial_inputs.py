@@ -284,7 +284,7 @@ FORGED_MANIFESTS = {
     "Softmax(dim=None, 'x')": (_softmax([None, "x"]), "Softmax dim must be an integer"),
     "3-channel mean on 1 channel": (_preprocess(mean=[0.1, 0.2, 0.3]), "mean holds 3 values for 1 channel"),
     "3-channel std on 1 channel": (_preprocess(std=[1.0, 2.0, 3.0]), "std holds 3 values for 1 channel"),
-    "3-channel input_shape": (_preprocess(input_shape=[3, 8, 8]), r"input_shape \[3, 8, 8\] does not fit input.shape"),
+    "3-channel input_shape": (_preprocess(input_shape=[3, 8, 8]), r"input_shape \[3, 8, 8\] is not input.shape"),
 }
 
 

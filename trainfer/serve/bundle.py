@@ -358,11 +358,6 @@ def check_manifest(data: Any, source: str, *, bundle: bool = True) -> dict[str, 
                 PreprocessSpec.coerce(spec, input_shape=shape[1:])
         except ValueError as error:
             raise BundleError(f"invalid manifest {source}: preprocess: {error}") from None
-        if shape and spec.input_shape is not None and tuple(shape[1:]) != spec.input_shape:
-            raise BundleError(
-                f"invalid manifest {source}: preprocess.input_shape {list(spec.input_shape)} does not fit "
-                f"input.shape {shape}: expected {shape[1:]} (one sample of the recorded input)"
-            )
     return data
 
 
