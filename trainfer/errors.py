@@ -85,10 +85,17 @@ class NonFiniteError(InputError):
     normalised, or a model output holding NaN or inf (never served as a prediction)."""
 
 
+class DecodingError(InputError):
+    """A sequence decoder got settings or scores it cannot decode: a token id outside the table, a
+    blank id colliding with a label, ``max_length`` < 1, a beam width of 0 or above the bound, log-probs
+    of the wrong shape, or a model whose ``step`` returns the wrong shape."""
+
+
 __all__ = [
     "AlgebraError",
     "BundleError",
     "BundleWarning",
+    "DecodingError",
     "EquivalenceError",
     "InputError",
     "InputTypeError",
