@@ -245,24 +245,22 @@ def _search(
         cand = (running.log_prob[:, :, None] + step_lp).view(n, width * vocab)
         top, index = cand.topk(min(2 * width, width * vocab), dim=1)
         beam, token = index // vocab, index % vocab
-        chosen = running.take(beam)
-        chosen.score, chosen.log_prob = top, top
-        chosen.tokens[:, :, t] = token
-        chosen.token_lp[:, :, t] = step_lp.view(n, -1).gather(1, index)
-        chosen.length = chosen.length + 1
+        token_lp = step_lp.view(n, -1).gather(1, index)
         is_eos = token == eos
         # an EOS candidate is finished if it ranks within the beam; done items take nothing more
         rank = torch.arange(top.shape[1])[None, :]
         keep = is_eos & (rank < width) & torch.isfinite(top) & ~done[:, None]
-        chosen.ended = is_eos
-        chosen.score = torch.where(keep, top / float(t + 1) ** penalty, -torch.inf)
-        finished = finished.merged_best(chosen, width)
+        if bool(keep.any()):
+            ended = _extend(running, beam, top, token, token_lp, t)
+            ended.ended = is_eos
+            ended.score = torch.where(keep, top / float(t + 1) ** penalty, -torch.inf)
+            finished = finished.merged_best(ended, width)
         # the `width` best non-EOS candidates go on (a stable sort puts them first, in rank order)
         going = torch.sort(is_eos.to(torch.uint8), dim=1, stable=True).indices[:, :width]
-        running = chosen.take(going)
-        running.log_prob = torch.where(running.ended, -torch.inf, running.log_prob)
-        running.ended = torch.zeros_like(running.ended)
-        state = reorder(model, state, (offsets + beam.gather(1, going)).view(-1), rows)
+        parent = beam.gather(1, going)
+        top, token, token_lp = top.gather(1, going), token.gather(1, going), token_lp.gather(1, going)
+        running = _extend(running, parent, torch.where(token == eos, -torch.inf, top), token, token_lp, t)
+        state = reorder(model, state, (offsets + parent).view(-1), rows)
         if t + 1 == max_length:
             break
         done |= _done(early_stopping, finished, running.log_prob, t, max_length, penalty)
@@ -274,6 +272,18 @@ def _search(
     at_end = running.log_prob / running.length.to(running.log_prob.dtype) ** penalty
     running.score = torch.where(open_, at_end, -torch.inf)
     return finished.merged_best(running, width)
+
+
+def _extend(
+    running: _Set, parent: torch.Tensor, log_prob: torch.Tensor, token: torch.Tensor, token_lp: torch.Tensor, t: int
+) -> _Set:
+    """The running beams ``parent`` ``(N, K)`` extended by ``token`` at position ``t``, summing to ``log_prob``."""
+    out = running.take(parent)
+    out.score, out.log_prob = log_prob, log_prob
+    out.tokens[:, :, t] = token
+    out.token_lp[:, :, t] = token_lp
+    out.length = out.length + 1
+    return out
 
 
 def _hypotheses(found: _Set, count: int) -> list[list[Hypothesis]]:

@@ -54,7 +54,8 @@ def check_scores(scores: object, what: str, shape: tuple[int | None, ...]) -> to
     if scores.dim() != len(shape) or any(s is not None and s != g for s, g in zip(shape, scores.shape)):
         want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
         raise DecodingError(f"{what} must have shape {want}, got {tuple(scores.shape)}")
-    if bool(torch.isnan(scores).any()) or bool(torch.isposinf(scores).any()):
+    total = float(scores.sum())  # NaN or +inf when any entry is NaN or +inf (one reduction, then a precise look)
+    if (total != total or total == float("inf")) and bool((torch.isnan(scores) | torch.isposinf(scores)).any()):
         raise DecodingError(f"{what} holds NaN or +inf; log-probabilities must be finite or -inf")
     return scores
 
