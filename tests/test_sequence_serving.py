@@ -122,3 +122,29 @@ def test_ensembles_of_sequence_predictors_are_refused_with_the_reason():
     member = Predictor(frame_model(), task="sequence", labels=TOKENS)
     with pytest.raises(InputError, match="sequence models are not averaged"):
         Predictor.ensemble([member, member])
+
+
+def test_trainfer_predict_prints_and_writes_sequences(tmp_path):
+    import numpy as np
+    from click.testing import CliRunner
+
+    from trainfer.cli import main
+
+    trainfer.save(
+        frame_model(),
+        tmp_path / "seq",
+        factory="test_sequence_serving:frame_model",
+        task="sequence",
+        labels=TOKENS,
+        decoder={"kind": "ctc", "blank": 0, "beam_width": 4},
+        example_inputs=one_hot_frames(PATHS),
+    )
+    np.save(tmp_path / "batch.npy", one_hot_frames(PATHS).numpy())
+    args = ["predict", str(tmp_path / "seq"), str(tmp_path / "batch.npy")]
+    table = CliRunner().invoke(main, args, catch_exceptions=False).output.splitlines()
+    assert table[0].split()[:4] == ["id", "text", "tokens", "score"] and table[1].split()[1] == "abbca"
+    lines = CliRunner().invoke(main, [*args, "--format", "jsonl", "--top-k", "2"], catch_exceptions=False).output
+    first = json.loads(lines.splitlines()[0])
+    assert first["text"] == "abbca" and first["n_best"][0][0] == "abbca" and len(first["n_best"]) == 2
+    csv_rows = CliRunner().invoke(main, [*args, "--format", "csv"], catch_exceptions=False).output.splitlines()
+    assert csv_rows[0].startswith("id,text,tokens,score") and ",abbca," in csv_rows[1]

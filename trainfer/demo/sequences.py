@@ -9,6 +9,7 @@ search (:func:`evaluate`).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainfer import decoding
+from trainfer.atomic import atomic_file
 from trainfer.demo.digit_strings import DigitStrings, digit_strings
 from trainfer.models.sequence import (
     BOS,
@@ -66,7 +68,7 @@ def _batches(count: int, size: int, gen: torch.Generator) -> list[Tensor]:
     return list(torch.randperm(count, generator=gen).split(size))
 
 
-def train_crnn(data: DigitStrings, epochs: int = 12, seed: int = 0, aux_weight: float = 0.3) -> nn.Module:
+def train_crnn(data: DigitStrings, epochs: int = 10, seed: int = 0, aux_weight: float = 0.3) -> nn.Module:
     """CTC training of :func:`~trainfer.models.sequence.digit_string_crnn`, the aux head weighted ``aux_weight``."""
     torch.manual_seed(seed)
     model = digit_string_crnn()
@@ -104,7 +106,7 @@ def seq2seq_targets(data: DigitStrings) -> tuple[Tensor, Tensor]:
     return inputs, out
 
 
-def train_seq2seq(data: DigitStrings, epochs: int = 12, seed: int = 0) -> DigitStringSeq2Seq:
+def train_seq2seq(data: DigitStrings, epochs: int = 10, seed: int = 0) -> DigitStringSeq2Seq:
     """Teacher-forced training of :func:`~trainfer.models.sequence.digit_string_seq2seq` (NLL per token)."""
     torch.manual_seed(seed)
     model = digit_string_seq2seq()
@@ -156,7 +158,7 @@ def evaluate(crnn: nn.Module, seq2seq: nn.Module, held_out: DigitStrings, beam_w
 
 
 def run(
-    out_dir: str | Path | None = None, train_count: int = 3000, test_count: int = 500, epochs: int = 12, seed: int = 0
+    out_dir: str | Path | None = None, train_count: int = 2000, test_count: int = 500, epochs: int = 10, seed: int = 0
 ) -> dict[str, Any]:
     """Train, deploy, verify and score both models; with ``out_dir``, also a bundle, a plot and the scores."""
     train, held_out = digit_strings("train", train_count, seed), digit_strings("test", test_count, seed + 1)
@@ -190,6 +192,8 @@ def run(
             example_inputs=example,
         )
         report["plot"] = str(plot(scores, out / "sequences.png"))
+        with atomic_file(out / "scores.json") as tmp:
+            tmp.write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -199,8 +203,6 @@ def plot(scores: Sequence[Scores], path: Path) -> Path:
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
-
-    from trainfer.atomic import atomic_file
 
     figure, axes = plt.subplots(1, 2, figsize=(8, 3.4))
     models = list(dict.fromkeys(s.model for s in scores))

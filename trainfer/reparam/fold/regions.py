@@ -150,4 +150,3 @@ class FoldContext:
     def _accept(self, sources: list[fx.Node], expr: Expr) -> Expr:
         self.absorbed.update(sources)
         return expr
-
