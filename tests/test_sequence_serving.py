@@ -148,3 +148,30 @@ def test_trainfer_predict_prints_and_writes_sequences(tmp_path):
     assert first["text"] == "abbca" and first["n_best"][0][0] == "abbca" and len(first["n_best"]) == 2
     csv_rows = CliRunner().invoke(main, [*args, "--format", "csv"], catch_exceptions=False).output.splitlines()
     assert csv_rows[0].startswith("id,text,tokens,score") and ",abbca," in csv_rows[1]
+
+
+def test_a_sequence_prediction_is_explained_for_its_decoded_sequence_score():
+    predictor = Predictor(frame_model(), task="sequence", labels=TOKENS, decoder={"kind": "ctc", "beam_width": 4})
+    x = one_hot_frames(PATHS) + 0.3 * torch.randn(2, 1, 4, 12)
+    results = predictor.predict(x)
+    explained = predictor.explain(x)  # integrated gradients of log P(decoded sequence)
+    assert explained.values.shape == x.shape and explained.target is None
+    beam = torch.tensor([r.score for r in results])  # a lower bound of the exact sum over alignments
+    assert bool((explained.scores >= beam - 1e-5).all()) and bool((explained.scores - beam < 0.1).all())
+    baseline_score = explained.scores.new_tensor(  # completeness: attributions sum to f(x) - f(0)
+        [
+            -float(
+                torch.nn.functional.ctc_loss(
+                    predictor.scores(torch.zeros(1, 1, 4, 12)).transpose(0, 1),
+                    torch.tensor(r.tokens, dtype=torch.long)[None] if r.tokens else torch.zeros(1, 0, dtype=torch.long),
+                    torch.tensor([12]),
+                    torch.tensor([len(r.tokens)]),
+                    reduction="sum",
+                )
+            )
+            for r in results
+        ]
+    )
+    torch.testing.assert_close(
+        explained.values.sum(dim=(1, 2, 3)), explained.scores - baseline_score, rtol=0, atol=2e-3
+    )

@@ -99,7 +99,59 @@ def explain(
     if predictor.multi_head:
         raise InputError("explanations of multi-head predictors are not supported: serve one head to explain it")
     batch = predictor.preprocess(inputs).to(predictor.device)
+    if predictor.task == "sequence":
+        if target is not None:
+            raise InputError("a sequence prediction is explained for its decoded sequence: target= does not apply")
+        # one item at a time: Captum's samplers (LIME, KernelSHAP) call f on one item's perturbations
+        parts = [
+            attribute(
+                predictor.model, row, method, forward=_sequence_score(predictor, row), task="regression", **options
+            )
+            for row in batch.split(1)
+        ]
+        details = {key: [p.details[key] for p in parts] for key in parts[0].details}
+        return Attributions(
+            torch.cat([p.values for p in parts]),
+            batch.detach(),
+            None,
+            torch.cat([p.scores for p in parts]),
+            method,
+            details,
+        )
     return attribute(predictor.model, batch, method, target, forward=predictor.scores, task=predictor.task, **options)
+
+
+def _sequence_score(predictor: Any, batch: Tensor) -> Callable[[Tensor], Tensor]:
+    """``f(x)``: the CTC log-probability of the sequence the predictor decodes for the one-item ``batch``.
+
+    The sequence is decoded once, from ``batch``; ``f`` then sums the probabilities of every alignment
+    of that sequence (``-ctc_loss``): the exact log-probability the beam's score bounds from below
+    (a beam prunes prefixes whose alignments would have merged later), and differentiable. ``f``
+    takes any number of rows (Captum stacks interpolated or perturbed copies of the item).
+    """
+    from trainfer import decoding
+
+    settings = predictor.decoder
+    with torch.no_grad():
+        log_probs = predictor.scores(batch.detach())
+    if settings.beam_width == 1:
+        chosen = decoding.ctc_greedy(log_probs, blank=settings.blank)
+    else:
+        found = decoding.ctc_beam_search(log_probs, beam_width=settings.beam_width, blank=settings.blank)
+        chosen = [list(hyps[0].tokens) for hyps in found]
+    tokens = torch.tensor(chosen[0], dtype=torch.long)
+
+    def score(x: Tensor) -> Tensor:
+        values = predictor.scores(x)
+        rows = len(values)
+        frames = torch.full((rows,), values.shape[1], dtype=torch.long)
+        lengths = torch.full((rows,), len(tokens), dtype=torch.long)
+        loss = torch.nn.functional.ctc_loss(
+            values.transpose(0, 1), tokens.repeat(rows), frames, lengths, blank=settings.blank, reduction="none"
+        )
+        return -loss
+
+    return score
 
 
 def attribute(
