@@ -9,7 +9,7 @@ import trainfer
 from trainfer import decoding
 from trainfer.demo import sequences
 from trainfer.demo.digit_strings import MAX_DIGITS, MIN_DIGITS, WIDTH, digit_strings
-from trainfer.models.sequence import BOS, EOS, digit_string_crnn, digit_string_seq2seq
+from trainfer.models.sequence import BOS, CTC_TOKENS, EOS, digit_string_crnn, digit_string_seq2seq
 from trainfer.serve.predictor import Predictor
 from trainfer.testing import randomize_batchnorm
 
@@ -25,7 +25,7 @@ def test_digit_strings_are_deterministic_and_built_from_their_split():
     assert int(data.pixels.sum()) > 0 and len(data.strings()[0]) == int(data.lengths[0])
 
 
-def test_the_crnn_deploys_exactly_without_its_aux_head():
+def test_the_crnn_deploys_exactly_without_its_aux_head(tmp_path):
     model = randomize_batchnorm(digit_string_crnn()).eval()
     x = digit_strings("val", 4).images
     deployed = trainfer.deploy(model, x)
@@ -35,6 +35,17 @@ def test_the_crnn_deploys_exactly_without_its_aux_head():
     with torch.inference_mode():
         torch.testing.assert_close(deployed(x), model(x), rtol=1e-4, atol=1e-4)
     assert set(model.train()(x)) == {"log_probs", "aux_log_probs"}
+    path = trainfer.save(
+        deployed,
+        tmp_path / "crnn",
+        task="sequence",
+        labels=list(CTC_TOKENS),
+        example_inputs=x,
+        decoder={"kind": "ctc", "blank": 0, "beam_width": 4},
+    )
+    served = Predictor.load(path)  # the deploy form's architecture, read back from the bundle
+    expected = decoding.ctc_beam_search(deployed(x).detach(), beam_width=4, blank=0)
+    assert [r.tokens for r in served.predict(x)] == [list(h[0].tokens) for h in expected]
 
 
 def test_the_encoder_decoder_is_a_step_model_whose_batches_agree():

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainfer.modes.dual import DualModule, train_only
@@ -69,12 +70,13 @@ class DigitStringCRNN(DualModule):
     def forward_train(self, x: Tensor) -> dict[str, Tensor]:
         frames = self.encoder(x)
         return {
-            "log_probs": self.head(frames).transpose(1, 2).log_softmax(-1),
-            "aux_log_probs": self.aux_head(frames).transpose(1, 2).log_softmax(-1),
+            "log_probs": F.log_softmax(self.head(frames).transpose(1, 2), dim=-1),
+            "aux_log_probs": F.log_softmax(self.aux_head(frames).transpose(1, 2), dim=-1),
         }
 
     def forward_infer(self, x: Tensor) -> Tensor:
-        return self.head(self.encoder(x)).transpose(1, 2).log_softmax(-1)
+        # F.log_softmax, not the tensor method: a deploy bundle's architecture allow-lists the function
+        return F.log_softmax(self.head(self.encoder(x)).transpose(1, 2), dim=-1)
 
 
 class DigitStringSeq2Seq(nn.Module):
