@@ -150,3 +150,4 @@ class FoldContext:
     def _accept(self, sources: list[fx.Node], expr: Expr) -> Expr:
         self.absorbed.update(sources)
         return expr
+
