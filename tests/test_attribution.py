@@ -160,7 +160,7 @@ def test_binary_and_regression_scores() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"method": "lime"}, ValueError, r"one of \['integrated_gradients', 'saliency', 'occlusion'\]; got 'lime'"),
+        ({"method": "anchors"}, ValueError, r"one of \['integrated_gradients', 'saliency', .*\]; got 'anchors'"),
         ({"target": 3}, ValueError, r"index the 3 outputs \(0\.\.2\); got 3"),
         ({"target": [0, 1]}, ValueError, "one class index or one per example"),
         ({"batch": torch.ones(2, 3, dtype=torch.long)}, TypeError, "floating-point batch.*int64.*\\(2, 3\\)"),

@@ -6,7 +6,7 @@ opcount, atomic, capture, recipe, registry), ``reparam``, ``modes``, ``analysis`
 the public names.
 """
 
-from trainfer import _moved, bench, blocks, models
+from trainfer import _moved, bench, blocks, decoding, models
 from trainfer._version import __version__
 from trainfer.analysis.audit import audit
 from trainfer.analysis.inspection import Inspection, LayerRecord, inspect
@@ -14,6 +14,7 @@ from trainfer.errors import (
     AlgebraError,
     BundleError,
     BundleWarning,
+    DecodingError,
     EquivalenceError,
     InputError,
     ModeError,
@@ -53,6 +54,7 @@ __all__ = [
     "BundleError",
     "BundleWarning",
     "CompiledModel",
+    "DecodingError",
     "DeployReport",
     "DualModule",
     "Ensemble",
@@ -78,6 +80,7 @@ __all__ = [
     "export",
     "bench",
     "blocks",
+    "decoding",
     "compile",
     "models",
     "audit",

@@ -85,6 +85,12 @@ class NonFiniteError(InputError):
     normalised, or a model output holding NaN or inf (never served as a prediction)."""
 
 
+class DecodingError(InputError):
+    """A sequence decoder got settings or scores it cannot decode: a token id outside the table, a
+    blank id colliding with a label, ``max_length`` < 1, a beam width of 0 or above the bound, log-probs
+    of the wrong shape, or a model whose ``step`` returns the wrong shape."""
+
+
 def one_line(error: BaseException) -> str:
     """An error's message on one line, as the CLI prints it and the server answers it (not an exception)."""
     return " ".join(str(error).split()) or type(error).__name__
@@ -94,6 +100,7 @@ __all__ = [
     "AlgebraError",
     "BundleError",
     "BundleWarning",
+    "DecodingError",
     "EquivalenceError",
     "InputError",
     "InputTypeError",

@@ -9,7 +9,28 @@ preprocessed space):
 - ``integrated_gradients``: ``(x - x0) * mean_a grad f(x0 + a (x - x0))``; attributions sum to
   ``f(x) - f(x0)`` (completeness), and equal ``w * (x - x0)`` for a linear ``f = w.x + b``;
 - ``saliency``: ``|grad f(x)|``;
-- ``occlusion``: ``f(x) - f(x with a window set to x0)``, spread over the window's elements.
+- ``occlusion``: ``f(x) - f(x with a window set to x0)``, spread over the window's elements;
+- ``kernel_shap``: Shapley values of features (image patches, table columns; see
+  :func:`feature_mask`) for the game "features present take their value in ``x``, absent ones
+  their value in ``x0``", estimated from ``n_samples`` coalitions by Kernel SHAP's weighted linear
+  regression; per feature they sum to ``f(x) - f(x0)`` (efficiency). Every element of a feature
+  carries its feature's value: sum over features, not elements, to check it;
+- ``lime``: the coefficients of a sparse linear surrogate (Lasso, alpha 0.01) fitted to ``f`` on
+  ``n_samples`` random coalitions weighted by closeness to ``x``; the fit is recorded per example
+  in ``details["surrogate_r2"]`` (weighted R^2 on those samples: how far to trust the surrogate);
+- ``gradient_shap``: ``E[(x - b) * grad f(b + a (x - b))]`` over baselines ``b`` drawn from
+  ``baselines`` and ``a ~ U(0, 1)`` (``n_samples`` draws); sums to ``f(x) - E f(b)`` in expectation,
+  exactly for linear ``f``;
+- ``deeplift_shap``: DeepLIFT's rescale rule averaged over the ``baselines``; it sums to
+  ``g(x) - mean_b g(b)`` where ``g`` is the MODEL's raw output (logits): its rules live on the
+  model's modules, so it explains the model, not the served probabilities.
+
+Baselines, explicitly: ``x0`` is all zeros in the preprocessed space unless ``baselines=`` is
+given (after the usual mean/std normalisation, zeros is the data set's mean image or row).
+``gradient_shap`` and ``deeplift_shap`` take a reference BATCH (say, a few training samples);
+the default is the zero baseline, twice for ``deeplift_shap`` (Captum needs two or more).
+Sample budgets: ``n_samples`` (default 200 for ``kernel_shap`` and ``lime``, 20 for
+``gradient_shap``); progress shows on a terminal (``show_progress=`` overrides).
 
 ``f`` is the predicted class's score by default (a ``target`` class index picks another), or the
 score itself for binary and regression models with one output.
@@ -18,8 +39,10 @@ score itself for binary and regression models with one output.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -34,9 +57,11 @@ from trainfer.extras import require
 from trainfer.modes.contexts import restore_modes, snapshot_modes
 from trainfer.validate import given
 
-METHODS = ("integrated_gradients", "saliency", "occlusion")
+METHODS = ("integrated_gradients", "saliency", "occlusion", "kernel_shap", "lime", "gradient_shap", "deeplift_shap")
+SAMPLE_BUDGET = {"kernel_shap": 200, "lime": 200, "gradient_shap": 20}
+"""Default ``n_samples`` per sampling method."""
 
-__all__ = ["METHODS", "Attributions", "attribute", "explain", "explain_to_files"]
+__all__ = ["METHODS", "SAMPLE_BUDGET", "Attributions", "attribute", "explain", "explain_to_files", "feature_mask"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +69,8 @@ class Attributions:
     """Per-element attributions ``values`` with the shape of the preprocessed ``inputs`` ``(N, ...)``.
 
     ``target`` is the explained class per example (``None``: a single score was explained) and
-    ``scores`` the explained score per example, ``f(x)``.
+    ``scores`` the explained score per example, ``f(x)``. ``details`` holds what a method reports
+    beside the values: ``feature_mask`` (kernel_shap, lime), ``surrogate_r2`` (lime, one per example).
     """
 
     values: Tensor
@@ -52,6 +78,7 @@ class Attributions:
     target: Tensor | None
     scores: Tensor
     method: str
+    details: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.values)
@@ -73,7 +100,59 @@ def explain(
     if predictor.multi_head:
         raise InputError("explanations of multi-head predictors are not supported: serve one head to explain it")
     batch = predictor.preprocess(inputs).to(predictor.device)
+    if predictor.task == "sequence":
+        if target is not None:
+            raise InputError("a sequence prediction is explained for its decoded sequence: target= does not apply")
+        # one item at a time: Captum's samplers (LIME, KernelSHAP) call f on one item's perturbations
+        parts = [
+            attribute(
+                predictor.model, row, method, forward=_sequence_score(predictor, row), task="regression", **options
+            )
+            for row in batch.split(1)
+        ]
+        details = {key: [p.details[key] for p in parts] for key in parts[0].details}
+        return Attributions(
+            torch.cat([p.values for p in parts]),
+            batch.detach(),
+            None,
+            torch.cat([p.scores for p in parts]),
+            method,
+            details,
+        )
     return attribute(predictor.model, batch, method, target, forward=predictor.scores, task=predictor.task, **options)
+
+
+def _sequence_score(predictor: Any, batch: Tensor) -> Callable[[Tensor], Tensor]:
+    """``f(x)``: the CTC log-probability of the sequence the predictor decodes for the one-item ``batch``.
+
+    The sequence is decoded once, from ``batch``; ``f`` then sums the probabilities of every alignment
+    of that sequence (``-ctc_loss``): the exact log-probability the beam's score bounds from below
+    (a beam prunes prefixes whose alignments would have merged later), and differentiable. ``f``
+    takes any number of rows (Captum stacks interpolated or perturbed copies of the item).
+    """
+    from trainfer import decoding
+
+    settings = predictor.decoder
+    with torch.no_grad():
+        log_probs = predictor.scores(batch.detach())
+    if settings.beam_width == 1:
+        chosen = decoding.ctc_greedy(log_probs, blank=settings.blank)
+    else:
+        found = decoding.ctc_beam_search(log_probs, beam_width=settings.beam_width, blank=settings.blank)
+        chosen = [list(hyps[0].tokens) for hyps in found]
+    tokens = torch.tensor(chosen[0], dtype=torch.long)
+
+    def score(x: Tensor) -> Tensor:
+        values = predictor.scores(x)
+        rows = len(values)
+        frames = torch.full((rows,), values.shape[1], dtype=torch.long)
+        lengths = torch.full((rows,), len(tokens), dtype=torch.long)
+        loss = torch.nn.functional.ctc_loss(
+            values.transpose(0, 1), tokens.repeat(rows), frames, lengths, blank=settings.blank, reduction="none"
+        )
+        return -loss
+
+    return score
 
 
 def attribute(
@@ -109,9 +188,12 @@ def attribute(
             model.eval()
             scores = _checked_scores(forward, batch)
             target = _resolve_target(scores, target, task)
-            values = _METHODS[method](attr, forward, batch, target, options)
+            if method == "deeplift_shap":
+                forward = model  # DeepLIFT's rules hook the model's modules: it explains the raw outputs
+            found = _METHODS[method](attr, forward, batch, target, options)
+        values, details = found if isinstance(found, tuple) else (found, {})
         explained = scores.detach() if target is None else scores.detach().gather(1, target[:, None])[:, 0]
-        return Attributions(values.detach().to(batch.dtype), batch, target, explained.reshape(-1), method)
+        return Attributions(values.detach().to(batch.dtype), batch, target, explained.reshape(-1), method, details)
     finally:
         restore_modes(model, modes)
 
@@ -188,7 +270,109 @@ def _occlusion(attr: ModuleType, forward: Callable, batch: Tensor, target: Any, 
         return attr.Occlusion(forward).attribute(batch, target=target, **{**settings, **options})
 
 
-_METHODS = {"integrated_gradients": _integrated_gradients, "saliency": _saliency, "occlusion": _occlusion}
+def feature_mask(batch: Tensor, patch: int | None = None) -> Tensor:
+    """Feature ids for KernelSHAP and LIME, shape ``(1, *batch.shape[1:])`` (shared by the batch).
+
+    Images ``(N, C, H, W)`` and ``(N, H, W)``: square patches of side ``patch`` (default: a quarter
+    of the shorter side, so about 16 features), all channels of a patch one feature. Tables
+    ``(N, F)``: one feature per column. Other shapes: one feature per element.
+    """
+    sample = batch.shape[1:]
+    if len(sample) in (2, 3):
+        height, width = sample[-2:]
+        side = patch or max(1, min(height, width) // 4)
+        if side < 1:
+            raise InputError(f"patch must be a positive side length; got {patch!r}")
+        rows, cols = torch.arange(height) // side, torch.arange(width) // side
+        ids = rows[:, None] * ((width + side - 1) // side) + cols[None, :]
+        return ids.expand(sample).reshape(1, *sample).to(batch.device)
+    return torch.arange(sample.numel(), device=batch.device).reshape(1, *sample)
+
+
+def _sampling_settings(method: str, batch: Tensor, options: dict) -> tuple[dict, dict]:
+    """Captum arguments (mask, budget, zero baselines, progress) with ``options`` on top; the patch option."""
+    options = dict(options)
+    mask = options.pop("feature_mask", None)
+    if mask is None:
+        mask = feature_mask(batch, options.pop("patch", None))
+    settings = {
+        "feature_mask": mask,
+        "n_samples": SAMPLE_BUDGET[method],
+        "baselines": 0.0,
+        "show_progress": sys.stderr.isatty(),
+    }
+    return {**settings, **options}, {"feature_mask": mask}
+
+
+def _kernel_shap(attr: ModuleType, forward: Callable, batch: Tensor, target: Any, options: dict) -> Any:
+    settings, details = _sampling_settings("kernel_shap", batch, options)
+    with torch.no_grad(), _one_fit_per_example():
+        return attr.KernelShap(forward).attribute(batch, target=target, **settings), details
+
+
+def _lime(attr: ModuleType, forward: Callable, batch: Tensor, target: Any, options: dict) -> Any:
+    settings, details = _sampling_settings("lime", batch, options)
+    surrogate = _recording_lasso(alpha=0.01)
+    with torch.no_grad(), _one_fit_per_example():
+        values = attr.Lime(forward, interpretable_model=surrogate).attribute(batch, target=target, **settings)
+    return values, {**details, "surrogate_r2": list(surrogate.r2)}
+
+
+@contextmanager
+def _one_fit_per_example() -> Iterator[None]:
+    """Silences Captum's warning that a batch fits one surrogate per example: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You are providing multiple inputs for Lime")
+        yield
+
+
+def _recording_lasso(alpha: float) -> Any:
+    """Captum's Lasso surrogate that also records, per fit, its weighted R^2 on the samples it was fitted to."""
+    from captum._utils.models.linear_model import SkLearnLasso
+
+    class RecordingLasso(SkLearnLasso):
+        def __init__(self, **kwargs: Any):
+            super().__init__(**kwargs)
+            self.r2: list[float] = []
+
+        def fit(self, train_data: Any, **kwargs: Any) -> Any:
+            result = super().fit(train_data, **kwargs)
+            x, y, w = (torch.cat(parts) for parts in zip(*train_data))
+            with torch.no_grad():
+                error = y.reshape(-1) - self(x).reshape(-1)
+            mean = (w * y).sum() / w.sum()
+            spread = (w * (y - mean) ** 2).sum()
+            self.r2.append(float(1 - (w * error**2).sum() / spread) if spread > 0 else 1.0)
+            return result
+
+    return RecordingLasso(alpha=alpha)
+
+
+def _reference_batch(batch: Tensor, options: dict, copies: int) -> dict:
+    """``options`` with ``baselines`` defaulting to ``copies`` zero samples."""
+    return {"baselines": torch.zeros((copies, *batch.shape[1:]), dtype=batch.dtype, device=batch.device), **options}
+
+
+def _gradient_shap(attr: ModuleType, forward: Callable, batch: Tensor, target: Any, options: dict) -> Tensor:
+    settings = {"n_samples": SAMPLE_BUDGET["gradient_shap"], **_reference_batch(batch, options, 1)}
+    return attr.GradientShap(forward).attribute(batch, target=target, **settings)
+
+
+def _deeplift_shap(attr: ModuleType, model: Callable, batch: Tensor, target: Any, options: dict) -> Tensor:
+    if not isinstance(model, nn.Module):
+        raise InputTypeError("deeplift_shap needs the model as an nn.Module (its rules hook the model's modules)")
+    return attr.DeepLiftShap(model).attribute(batch, target=target, **_reference_batch(batch, options, 2))
+
+
+_METHODS: dict[str, Callable[..., Any]] = {
+    "integrated_gradients": _integrated_gradients,
+    "saliency": _saliency,
+    "occlusion": _occlusion,
+    "kernel_shap": _kernel_shap,
+    "lime": _lime,
+    "gradient_shap": _gradient_shap,
+    "deeplift_shap": _deeplift_shap,
+}
 
 
 def _describe(value: Any) -> str:

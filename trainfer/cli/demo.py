@@ -29,13 +29,32 @@ from trainfer.cli.common import friendly_errors
     "--repeats", default=30, show_default=True, type=click.IntRange(min=1), help="Timed calls per latency figure."
 )
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="torch intra-op threads.")
+@click.option(
+    "--sequences",
+    is_flag=True,
+    help="Run the sequence step instead: digit strings, a CRNN-CTC and an encoder-decoder (OUT/sequences).",
+)
 @friendly_errors
-def command(out: Path, epochs: int, seed: int, subset: int | None, repeats: int, threads: int) -> None:
+def command(out: Path, epochs: int, seed: int, subset: int | None, repeats: int, threads: int, sequences: bool) -> None:
     """Train digits_net, deploy it, prove both forms agree, measure them, and write a report.
 
     Under `torchrun --nproc_per_node N -m trainfer demo` training runs on N processes (DDP);
     rank 0 does the rest.
     """
+    if sequences:
+        import torch
+
+        from trainfer.demo import sequences as sequence_demo
+
+        torch.set_num_threads(threads)
+        report = sequence_demo.run(out / "sequences", epochs=min(epochs, 10), seed=seed)
+        for row in report["scores"]:
+            click.echo(
+                f"{row['model']:>16} {row['decoder']:>7}: sequence accuracy {row['sequence_accuracy']:.3f}, "
+                f"CER {row['cer']:.3f}"
+            )
+        click.echo(f"wrote {out / 'sequences'} (crnn_bundle, sequences.png, scores.json)")
+        return
     from trainfer.demo.pipeline import DemoOptions, run
 
     options = DemoOptions(out=out, epochs=epochs, seed=seed, subset=subset, repeats=repeats, threads=threads)

@@ -9,6 +9,7 @@ from torch import nn
 from trainfer.models.digits import DigitsNet, digits_net
 from trainfer.models.mobileone import MobileOne, mobileone_s0
 from trainfer.models.repvgg import RepVGG, repvgg_a0, repvgg_a1, repvgg_a2, repvgg_b0
+from trainfer.models.sequence import digit_string_crnn, digit_string_seq2seq
 from trainfer.recipe import attach_recipe, recipe_of
 from trainfer.registry import register_model
 from trainfer.reparam.blocks import ReparamBlock
@@ -17,6 +18,8 @@ from trainfer.reparam.blocks import ReparamBlock
 FACTORIES = {
     factory.__name__: factory for factory in (repvgg_a0, repvgg_a1, repvgg_a2, repvgg_b0, mobileone_s0, digits_net)
 }
+for _sequence_factory in (digit_string_crnn, digit_string_seq2seq):  # bundles name them; bench does not
+    register_model(_sequence_factory, name=f"trainfer.models:{_sequence_factory.__name__}")
 for _factory in FACTORIES.values():  # bundles name them as trainfer.models:NAME (see trainfer.registry)
     register_model(_factory, name=f"trainfer.models:{_factory.__name__}")
 
@@ -25,6 +28,8 @@ __all__ = [
     "DigitsNet",
     "MobileOne",
     "RepVGG",
+    "digit_string_crnn",
+    "digit_string_seq2seq",
     "digits_net",
     "mobileone_s0",
     "reparameterize",

@@ -103,8 +103,12 @@ def save(
     output_kind: str | Mapping[Any, str] | None = None,
     output: Selector = None,
     heads: Mapping[Any, str] | None = None,
+    decoder: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` as a bundle directory at ``path`` (atomically) and return the path.
+
+    ``decoder``: the ``sequence`` task's decoding settings (:class:`trainfer.serve.sequence.DecoderSettings`),
+    checked against the labels (the token table) and recorded in the manifest.
 
     ``factory``/``config``/input shape default to the model's recipe (:func:`trainfer.recipe_of`:
     trainfer's own models and deploy forms carry one). A deploy form that ``trainfer.deploy`` traced
@@ -126,6 +130,12 @@ def save(
         output=output,
         heads=heads,
     )
+    if decoder is not None or manifest["task"] == "sequence":
+        from trainfer.serve.sequence import DecoderSettings
+
+        settings = DecoderSettings.coerce(decoder)
+        settings.table(tuple(manifest["labels"]) if manifest["labels"] else None)
+        manifest["decoder"] = settings.to_dict()
     if not (manifest["factory"] or manifest["architecture"]):
         raise BundleError(
             "save needs factory='package.module:function' (a callable that rebuilds the architecture) "

@@ -113,6 +113,12 @@ def _check_members(members: list[Predictor]) -> None:
             raise InputTypeError(f"ensemble member {index} must be a Predictor; got {given(member)}")
     specs = [_agreement(member.spec) for member in members]
     for index, spec in enumerate(specs):
+        if spec["task"] == "sequence":
+            raise InputError(
+                f"ensemble member {index} is a sequence predictor: sequence models are not averaged (their "
+                "per-frame distributions align differently, so their mean is no distribution over sequences); "
+                "decode each member and compare the hypotheses instead"
+            )
         if spec["task"] not in ("classification", "binary", "regression"):
             raise InputError(
                 f"ensemble member {index} is {spec['task']!r}: "

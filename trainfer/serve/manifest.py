@@ -153,6 +153,20 @@ class Exported(_Schema):
     deployed_here: bool
 
 
+class Decoder(_Schema):
+    """A sequence head's decoder settings (:class:`trainfer.serve.sequence.DecoderSettings`), bounded."""
+
+    kind: Literal["ctc", "autoregressive"]
+    blank: Annotated[int, Field(ge=0, le=MAX_ENTRIES)] | None = None
+    bos: Annotated[int, Field(ge=0, le=MAX_ENTRIES)] | None = None
+    eos: Annotated[int, Field(ge=0, le=MAX_ENTRIES)] | None = None
+    pad: Annotated[int, Field(ge=0, le=MAX_ENTRIES)] | None = None
+    beam_width: Annotated[int, Field(ge=1, le=1024)] = 1
+    n_best: Annotated[int, Field(ge=1, le=1024)] = 1
+    max_length: Annotated[int, Field(ge=1, le=4096)] = 64
+    length_penalty: Annotated[float, Field(ge=-10, le=10, allow_inf_nan=False)] = 1.0
+
+
 class Manifest(_Schema):
     """The whole ``manifest.json`` (see :mod:`trainfer.bundle`)."""
 
@@ -173,6 +187,7 @@ class Manifest(_Schema):
     versions: Versions
     weights: Weights | None = None
     exported: Exported | None = None
+    decoder: Decoder | None = None  # the sequence task's decoding settings
 
     @field_validator("config")
     @classmethod

@@ -38,7 +38,7 @@ from trainfer.reparam.fold.calls import target_name
 from trainfer.reparam.fold.trace import trace
 
 OutputKindName = Literal["logits", "probabilities", "log_probabilities"]
-TaskName = Literal["classification", "binary", "regression"]
+TaskName = Literal["classification", "binary", "regression", "sequence"]
 OUTPUT_KINDS: tuple[OutputKindName, ...] = get_args(OutputKindName)
 TASKS: tuple[TaskName, ...] = get_args(TaskName)
 Selector = int | str | None
@@ -192,6 +192,15 @@ def to_scores(values: Tensor, kind: str, task: str) -> Tensor:
     """Probabilities (classification ``(N, C)``, binary ``(N,)``) or values (regression), see module doc."""
     if task == "regression":
         return values
+    if task == "sequence":  # per-frame log-probabilities (N, T, C), what the decoders read
+        if values.dim() != 3:
+            raise InputError(f"a sequence model returns (N, frames, classes) outputs; got {tuple(values.shape)}")
+        to_log: dict[str, Callable[[Tensor, int], Tensor]] = {
+            "logits": torch.log_softmax,
+            "probabilities": _log,
+            "log_probabilities": _keep,
+        }
+        return to_log[kind](values, -1)
     if task == "binary":
         if values.dim() == 2 and values.shape[1] == 2:
             return to_scores(values, kind, "classification")[:, 1]
@@ -213,6 +222,14 @@ def to_scores(values: Tensor, kind: str, task: str) -> Tensor:
 
 
 def _same(values: Tensor) -> Tensor:
+    return values
+
+
+def _log(values: Tensor, dim: int) -> Tensor:
+    return values.log()
+
+
+def _keep(values: Tensor, dim: int) -> Tensor:
     return values
 
 

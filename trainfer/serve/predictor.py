@@ -126,6 +126,7 @@ class Predictor:
         cache_size: int = 0,
         resolved_heads: list[Head] | None = None,
         runtime: Any = None,
+        decoder: Any = None,
     ):
         if not callable(model):
             raise InputTypeError(f"model must be an nn.Module or a callable; got {type(model).__name__}")
@@ -144,6 +145,7 @@ class Predictor:
         self.threshold = threshold
         self.heads = resolved_heads or self._resolve_heads(task, labels, output, heads, output_kind)
         self.multi_head = self.heads[0].name is not None  # named heads come from heads={...}
+        self.decoder = _decoder_for(self.heads, decoder)
         self.timings = Timings()
         self._cache: OrderedDict[bytes, list[Tensor]] | None = OrderedDict() if cache_size else None
         self._cache_size = cache_size
@@ -206,6 +208,8 @@ class Predictor:
                 model = load(path, factory=factory, trust_factory=trust_factory)
                 model = model.to(pick_device(overrides.get("device", "auto"))).eval()
         heads = [Head.from_dict(h) for h in manifest.get("heads") or []]
+        if manifest.get("decoder") is not None:
+            overrides = {"decoder": manifest["decoder"], **overrides}
         settings = (
             _head_settings(heads) if heads and _HEAD_SETTINGS & overrides.keys() else {"resolved_heads": heads or None}
         )
@@ -394,7 +398,11 @@ class Predictor:
         names = [str(head.name) for head in self.heads]
         return [MultiHeadResult(dict(zip(names, row, strict=True))) for row in zip(*columns, strict=True)]
 
-    def _head_results(self, head: Head, scores: Tensor, top_k: int | None) -> list[Result]:
+    def _head_results(self, head: Head, scores: Tensor, top_k: int | None) -> list[Any]:
+        if head.task == "sequence":
+            from trainfer.serve.sequence import sequence_results
+
+            return sequence_results(scores, head.labels, self.decoder, top_k)
         if head.task == "classification":
             return classification_results(scores, head.labels, top_k or 1)
         if head.task == "binary":
@@ -431,6 +439,19 @@ def _head_settings(heads: list[Head]) -> dict[str, Any]:
         "labels": {h.name: h.labels for h in heads if h.labels is not None},
         "output_kind": kinds,
     }
+
+
+def _decoder_for(heads: list[Head], decoder: Any) -> Any:
+    """The sequence task's decoder settings (None for other tasks); one sequence head, not several."""
+    if not any(head.task == "sequence" for head in heads):
+        return None
+    if len(heads) > 1:
+        raise InputError("a sequence head is served alone: multi-head predictors with one are not supported")
+    from trainfer.serve.sequence import DecoderSettings
+
+    settings = DecoderSettings.coerce(decoder)
+    settings.table(heads[0].labels)
+    return settings
 
 
 def _placed(model: Any, device: torch.device) -> Any:

@@ -1,0 +1,127 @@
+"""SHAP and LIME in trainfer's explanations: each method's defining property, masks, baselines, records."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from trainfer.analysis.attribution import METHODS, attribute, feature_mask
+from trainfer.testing import randomize_batchnorm
+
+
+def mlp(features: int, classes: int, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(features, 8), nn.Tanh(), nn.Linear(8, classes)).double()
+
+
+def relu_conv_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 64, 4)
+    )
+    return randomize_batchnorm(model).double()
+
+
+def per_feature(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(N, features)``: each feature's attribution, read at the first element carrying its id."""
+    flat_mask = mask.reshape(-1)
+    first = torch.stack([(flat_mask == g).nonzero()[0, 0] for g in flat_mask.unique()])
+    per = values.reshape(len(values), -1)[:, first]
+    grouped = values.reshape(len(values), -1)
+    for k, g in enumerate(flat_mask.unique()):  # every element of a feature carries the same value
+        assert torch.allclose(grouped[:, flat_mask == g], per[:, k : k + 1].expand(-1, int((flat_mask == g).sum())))
+    return per
+
+
+def test_feature_masks_are_patches_for_images_and_columns_for_tables():
+    image = feature_mask(torch.zeros(2, 3, 8, 8))
+    assert image.shape == (1, 3, 8, 8) and image.unique().numel() == 16
+    assert torch.equal(image[0, 0, :2, :2], torch.zeros(2, 2, dtype=torch.long))
+    assert torch.equal(image[0, 0], image[0, 2])  # a patch spans the channels
+    assert feature_mask(torch.zeros(2, 8, 8), patch=4).unique().numel() == 4
+    assert torch.equal(feature_mask(torch.zeros(5, 6)), torch.arange(6)[None])
+
+
+def test_kernel_shap_is_efficient_on_table_columns():
+    """Per column, KernelSHAP's values sum to f(x) - f(baseline) (Captum weights the full coalitions 1e6)."""
+    model = mlp(4, 3)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    baseline = torch.randn(1, 4, dtype=torch.float64)
+    result = attribute(model, x, "kernel_shap", n_samples=64, baselines=baseline)
+    with torch.no_grad():
+        rows = torch.arange(3)
+        gap = model(x)[rows, result.target] - model(baseline.expand(3, 4))[rows, result.target]
+    sums = per_feature(result.values, result.details["feature_mask"]).sum(dim=1)
+    torch.testing.assert_close(sums, gap, rtol=0, atol=1e-4 * float(gap.abs().max()))
+
+
+def test_kernel_shap_is_efficient_on_image_patches():
+    model = relu_conv_net()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    result = attribute(model, x, "kernel_shap", n_samples=120, patch=4)
+    with torch.no_grad():
+        model.eval()
+        rows = torch.arange(2)
+        gap = model(x)[rows, result.target] - model(torch.zeros_like(x))[rows, result.target]
+    sums = per_feature(result.values, result.details["feature_mask"]).sum(dim=1)
+    torch.testing.assert_close(sums, gap, rtol=0, atol=1e-4 * float(gap.abs().max()))
+
+
+def test_kernel_shap_of_a_linear_model_is_weight_times_input_minus_baseline():
+    model = nn.Linear(5, 2).double()
+    x = torch.randn(2, 5, dtype=torch.float64)
+    result = attribute(model, x, "kernel_shap", target=1, n_samples=100)
+    torch.testing.assert_close(result.values, model.weight[1].detach() * x, rtol=0, atol=1e-4)
+
+
+def test_lime_records_its_surrogate_fit():
+    """A linear f is linear in the coalition: the surrogate fits it (R^2 near 1) with coefficients w * x."""
+    model = nn.Linear(4, 2).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[2.0, -1.0, 0.5, 3.0], [0.0, 0.0, 0.0, 0.0]]))
+    x = torch.tensor([[1.0, 2.0, -1.0, 0.5], [0.5, -0.5, 2.0, 1.0]], dtype=torch.float64)
+    result = attribute(model, x, "lime", target=0, n_samples=300)
+    assert len(result.details["surrogate_r2"]) == 2
+    assert all(0.98 < r2 <= 1.0 for r2 in result.details["surrogate_r2"])
+    torch.testing.assert_close(result.values, model.weight[0].detach() * x, rtol=0, atol=0.1)
+    nonlinear = attribute(mlp(4, 3), x, "lime", n_samples=50)
+    assert all(r2 <= 1.0 for r2 in nonlinear.details["surrogate_r2"])
+
+
+def test_gradient_shap_of_a_linear_model_sums_to_the_output_gap():
+    model = nn.Linear(6, 3).double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    references = torch.randn(5, 6, dtype=torch.float64)
+    result = attribute(model, x, "gradient_shap", target=2, n_samples=40, baselines=references[:1])
+    with torch.no_grad():
+        gap = model(x)[:, 2] - model(references[:1])[:, 2]
+    torch.testing.assert_close(result.values.sum(dim=1), gap, rtol=1e-9, atol=1e-9)
+    spread = attribute(model, x, "gradient_shap", target=2, baselines=references)  # a reference batch
+    assert spread.values.shape == x.shape
+
+
+def test_deeplift_shap_sums_to_the_gap_of_the_raw_outputs_against_the_mean_baseline():
+    model = relu_conv_net()
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    references = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    result = attribute(model, x, "deeplift_shap", target=1, baselines=references)
+    with torch.no_grad():
+        model.eval()
+        gap = model(x)[:, 1] - model(references)[:, 1].mean()
+    torch.testing.assert_close(result.values.sum(dim=(1, 2, 3)), gap, rtol=1e-6, atol=1e-9)
+    zero = attribute(model, x, "deeplift_shap", target=1)  # default: the zero baseline (twice)
+    with torch.no_grad():
+        zero_gap = model(x)[:, 1] - model(torch.zeros_like(x[:1]))[:, 1]
+    torch.testing.assert_close(zero.values.sum(dim=(1, 2, 3)), zero_gap, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["kernel_shap", "lime", "gradient_shap", "deeplift_shap"])
+def test_new_methods_restore_modes_and_give_the_input_shape(method):
+    assert method in METHODS
+    model = relu_conv_net()
+    model.train()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    result = attribute(model, x, method, n_samples=8) if method != "deeplift_shap" else attribute(model, x, method)
+    assert result.values.shape == x.shape and result.method == method
+    assert all(m.training for m in model.modules()) and torch.is_grad_enabled()

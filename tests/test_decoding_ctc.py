@@ -1,0 +1,156 @@
+"""CTC greedy and prefix beam search: brute force over alignments, priors, bad input."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trainfer import decoding
+from trainfer.decoding.tokens import TokenTable
+from trainfer.errors import DecodingError
+
+EXHAUSTION_EXAMPLES = 60
+
+
+def collapse(path, blank):
+    out = []
+    previous = None
+    for c in path:
+        if c != blank and c != previous:
+            out.append(c)
+        previous = c
+    return tuple(out)
+
+
+def brute_force(log_probs: torch.Tensor, blank: int) -> dict[tuple[int, ...], float]:
+    """log P(labels) for every label sequence: logsumexp over all C^T frame paths that collapse to it."""
+    frames, classes = log_probs.shape
+    sums: dict[tuple[int, ...], list[float]] = {}
+    for path in itertools.product(range(classes), repeat=frames):
+        score = sum(float(log_probs[t, c]) for t, c in enumerate(path))
+        sums.setdefault(collapse(path, blank), []).append(score)
+    return {k: float(torch.tensor(v, dtype=torch.float64).logsumexp(0)) for k, v in sums.items()}
+
+
+def prefixes(frames: int, classes: int) -> int:
+    return sum((classes - 1) ** k for k in range(frames + 1))
+
+
+@settings(max_examples=EXHAUSTION_EXAMPLES)
+@given(
+    frames=st.integers(1, 5),
+    classes=st.integers(2, 4),
+    items=st.integers(1, 3),
+    blank=st.integers(0, 3),
+    seed=st.integers(0, 2**31),
+    cut=st.booleans(),
+)
+def test_prefix_beam_search_as_wide_as_the_prefixes_is_the_sum_over_alignments(
+    frames, classes, items, blank, seed, cut
+):
+    if frames * classes > 12:  # keep C^T small
+        frames = max(1, 12 // classes)
+    blank %= classes
+    gen = torch.Generator().manual_seed(seed)
+    log_probs = (2 * torch.randn(items, frames, classes, generator=gen, dtype=torch.float64)).log_softmax(2)
+    lengths = torch.randint(0, frames + 1, (items,), generator=gen) if cut else None
+    width = min(prefixes(frames, classes), decoding.MAX_BEAM_WIDTH)
+    found = decoding.ctc_beam_search(log_probs, beam_width=width, blank=blank, n_best=width, lengths=lengths)
+    for item, hyps in enumerate(found):
+        used = frames if lengths is None else int(lengths[item])
+        truth = brute_force(log_probs[item, :used], blank) if used else {(): 0.0}
+        assert {h.tokens for h in hyps} == set(truth)
+        for h in hyps:
+            assert h.log_prob == pytest.approx(truth[h.tokens], rel=1e-9, abs=1e-12) and h.score == h.log_prob
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+
+
+@settings(max_examples=EXHAUSTION_EXAMPLES // 2)
+@given(frames=st.integers(1, 4), seed=st.integers(0, 2**31), bias=st.floats(-2.0, 2.0))
+def test_a_prior_shapes_the_ranking_exactly(frames, seed, bias):
+    """A per-token bias (shallow fusion) adds bias x length; a lexicon forbids a token."""
+    classes, blank, banned = 4, 0, 3
+    gen = torch.Generator().manual_seed(seed)
+    log_probs = (2 * torch.randn(1, frames, classes, generator=gen, dtype=torch.float64)).log_softmax(2)
+
+    def prior(prefix, lengths):
+        out = torch.full((prefix.shape[0], classes), bias, dtype=torch.float64)
+        out[:, banned] = -torch.inf
+        return out
+
+    width = prefixes(frames, classes)
+    (hyps,) = decoding.ctc_beam_search(log_probs, beam_width=width, blank=blank, n_best=width, prior=prior)
+    truth = {k: v for k, v in brute_force(log_probs[0], blank).items() if banned not in k}
+    assert {h.tokens for h in hyps} == set(truth)
+    for h in hyps:
+        assert h.log_prob == pytest.approx(truth[h.tokens], rel=1e-9, abs=1e-12)
+        assert h.score == pytest.approx(h.log_prob + bias * len(h.tokens), rel=1e-9, abs=1e-12)
+
+
+def test_greedy_merges_repeats_then_drops_blanks():
+    path = [[1, 1, 0, 1, 2, 2, 0, 0, 2], [0, 0, 3, 3, 3, 0, 3, 1, 1]]
+    log_probs = torch.full((2, 9, 4), -5.0)
+    for n, row in enumerate(path):
+        log_probs[n, torch.arange(9), torch.tensor(row)] = -0.1
+    assert decoding.ctc_greedy(log_probs, blank=0) == [[1, 1, 2, 2], [3, 3, 1]]
+    assert decoding.ctc_greedy(log_probs, blank=0, lengths=[4, 9]) == [[1, 1], [3, 3, 1]]
+    assert decoding.ctc_greedy(log_probs, blank=3) == [[1, 0, 1, 2, 0, 2], [0, 0, 1]]
+    (a, b) = decoding.ctc_greedy_confidences(log_probs, blank=0)
+    assert a.tokens == (1, 1, 2, 2) and a.token_log_probs == pytest.approx((-0.1,) * 4)
+    assert b.log_prob == pytest.approx(-0.9)
+
+
+def test_beam_results_do_not_depend_on_batch_composition():
+    torch.manual_seed(0)
+    log_probs = torch.randn(5, 12, 6).log_softmax(2)
+    lengths = torch.tensor([12, 3, 0, 8, 12])
+    batched = decoding.ctc_beam_search(log_probs, beam_width=4, n_best=3, lengths=lengths)
+    for i in range(5):
+        (alone,) = decoding.ctc_beam_search(log_probs[i : i + 1, : int(lengths[i])], beam_width=4, n_best=3)
+        assert [h.tokens for h in alone] == [h.tokens for h in batched[i]]
+        assert [h.score for h in alone] == pytest.approx([h.score for h in batched[i]], rel=1e-5)
+
+
+def test_beam_width_one_on_peaked_frames_is_greedy():
+    torch.manual_seed(1)
+    log_probs = (8 * torch.randn(3, 10, 5)).log_softmax(2)
+    greedy = decoding.ctc_greedy(log_probs)
+    beam = decoding.ctc_beam_search(log_probs, beam_width=1)
+    assert [list(h.tokens) for (h,) in beam] == greedy
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda lp: decoding.ctc_greedy(lp, blank=5), "blank id 5 is outside"),
+        (lambda lp: decoding.ctc_beam_search(lp, beam_width=0), "beam_width"),
+        (lambda lp: decoding.ctc_beam_search(lp, beam_width=decoding.MAX_BEAM_WIDTH + 1), "beam_width"),
+        (lambda lp: decoding.ctc_beam_search(lp, beam_width=2, n_best=3), "n_best"),
+        (lambda lp: decoding.ctc_greedy(lp[0]), "shape"),
+        (lambda lp: decoding.ctc_greedy(lp.long()), "floating"),
+        (lambda lp: decoding.ctc_greedy(lp * float("nan")), "NaN"),
+        (lambda lp: decoding.ctc_greedy(lp, lengths=[3, 9]), "lengths"),
+        (lambda lp: decoding.ctc_beam_search(lp, prior=lambda p, n: torch.zeros(1, 5)), "prior"),
+    ],
+)
+def test_bad_input_is_refused_clearly(call, match):
+    log_probs = torch.randn(2, 4, 5).log_softmax(2)
+    with pytest.raises(DecodingError, match=match):
+        call(log_probs)
+
+
+def test_token_tables_refuse_collisions():
+    table = TokenTable(("", "0", "1", "<eos>"), blank=0, eos=3)
+    assert table.text([1, 0, 2, 3]) == "01"
+    with pytest.raises(DecodingError, match="blank id 1 collides with the label '0'"):
+        TokenTable(("", "0", "1"), blank=1)
+    with pytest.raises(DecodingError, match="outside"):
+        TokenTable(("", "0", "1"), blank=0, eos=3)
+    with pytest.raises(DecodingError, match="outside"):
+        table.text([4])
+    with pytest.raises(DecodingError, match="unique"):
+        TokenTable(("", "0", "0"), blank=0)

@@ -1,0 +1,81 @@
+"""Digit strings, the CRNN and the encoder-decoder: data, deploy, decoding, and (slow) real training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import trainfer
+from trainfer import decoding
+from trainfer.demo import sequences
+from trainfer.demo.digit_strings import MAX_DIGITS, MIN_DIGITS, WIDTH, digit_strings
+from trainfer.models.sequence import BOS, CTC_TOKENS, EOS, digit_string_crnn, digit_string_seq2seq
+from trainfer.serve.predictor import Predictor
+from trainfer.testing import randomize_batchnorm
+
+
+def test_digit_strings_are_deterministic_and_built_from_their_split():
+    data = digit_strings("test", 20, seed=3)
+    again = digit_strings("test", 20, seed=3)
+    assert torch.equal(data.pixels, again.pixels) and data.images.shape == (20, 1, 8, WIDTH)
+    assert bool(((data.lengths >= MIN_DIGITS) & (data.lengths <= MAX_DIGITS)).all())
+    for row, length in zip(data.targets.tolist(), data.lengths.tolist()):
+        assert all(0 <= d <= 9 for d in row[:length]) and all(d == -1 for d in row[length:])
+    # every pixel column block that is not blank comes from a digit: the ink sums agree
+    assert int(data.pixels.sum()) > 0 and len(data.strings()[0]) == int(data.lengths[0])
+
+
+def test_the_crnn_deploys_exactly_without_its_aux_head(tmp_path):
+    model = randomize_batchnorm(digit_string_crnn()).eval()
+    x = digit_strings("val", 4).images
+    deployed = trainfer.deploy(model, x)
+    names = [n for n, _ in deployed.named_modules()]
+    assert not any("aux" in n for n in names)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d | torch.nn.Dropout) for m in deployed.modules())
+    with torch.inference_mode():
+        torch.testing.assert_close(deployed(x), model(x), rtol=1e-4, atol=1e-4)
+    assert set(model.train()(x)) == {"log_probs", "aux_log_probs"}
+    path = trainfer.save(
+        deployed,
+        tmp_path / "crnn",
+        task="sequence",
+        labels=list(CTC_TOKENS),
+        example_inputs=x,
+        decoder={"kind": "ctc", "blank": 0, "beam_width": 4},
+    )
+    served = Predictor.load(path)  # the deploy form's architecture, read back from the bundle
+    expected = decoding.ctc_beam_search(deployed(x).detach(), beam_width=4, blank=0)
+    assert [r.tokens for r in served.predict(x)] == [list(h[0].tokens) for h in expected]
+
+
+def test_the_encoder_decoder_is_a_step_model_whose_batches_agree():
+    torch.manual_seed(0)
+    model = digit_string_seq2seq().eval()
+    x = digit_strings("val", 3).images
+    with torch.inference_mode():
+        together = decoding.beam_search(model, x, bos=BOS, eos=EOS, max_length=7, num_beams=3)
+        for i in range(3):
+            alone = decoding.beam_search(model, x[i : i + 1], bos=BOS, eos=EOS, max_length=7, num_beams=3)[0]
+            assert alone[0].tokens == together[i][0].tokens
+            assert alone[0].score == pytest.approx(together[i][0].score, rel=1e-4)
+
+
+def test_scores_and_edit_distance():
+    assert sequences.edit_distance("4071", "471") == 1 and sequences.edit_distance("", "12") == 2
+    result = sequences.score("m", "greedy", ["123", "45", "7"], ["123", "456", "8"])
+    assert result.sequence_accuracy == pytest.approx(1 / 3) and result.cer == pytest.approx(2 / 7)
+
+
+@pytest.mark.slow
+def test_both_models_learn_digit_strings_and_the_crnn_serves_from_its_bundle(tmp_path):
+    torch.set_num_threads(1)
+    report = sequences.run(tmp_path, train_count=2000, test_count=200, epochs=10)
+    scores = {(s["model"], s["decoder"]): s for s in report["scores"]}
+    assert scores[("crnn-ctc", "greedy")]["sequence_accuracy"] > 0.6
+    assert scores[("crnn-ctc", "beam 8")]["cer"] <= scores[("crnn-ctc", "greedy")]["cer"] + 0.02
+    assert scores[("encoder-decoder", "beam 8")]["sequence_accuracy"] > 0.3
+    predictor = Predictor.load(tmp_path / "crnn_bundle")
+    held_out = digit_strings("test", 50, seed=1)
+    texts = [r.text for r in predictor.predict(held_out.images)]
+    assert sum(t == s for t, s in zip(texts, held_out.strings())) > 25
+    assert (tmp_path / "sequences.png").stat().st_size > 1000

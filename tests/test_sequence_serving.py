@@ -1,0 +1,177 @@
+"""The sequence task served like the others: bundles with decoder settings, typed results, CLI, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import trainfer
+from trainfer.errors import BundleError, DecodingError, InputError
+from trainfer.serve.predictor import Predictor
+from trainfer.serve.sequence import DecoderSettings, SequenceResult, sequence_results
+
+TOKENS = ["", "a", "b", "c"]
+
+
+class FrameModel(nn.Module):
+    """(N, 1, 4, 12) -> per-frame log-probs (N, 12, 4): a 1x1 conv over the 4 rows, then log-softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x[:, 0]).transpose(1, 2).log_softmax(-1)
+
+
+def frame_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = FrameModel()
+    with torch.no_grad():
+        model.conv.weight.copy_(4 * torch.eye(4)[:, :, None])
+        model.conv.bias.zero_()
+    return model
+
+
+trainfer.register_model(frame_model, name="test_sequence_serving:frame_model")
+
+
+def one_hot_frames(paths):
+    """Inputs whose frame t peaks at class paths[n][t]."""
+    x = torch.zeros(len(paths), 1, 4, 12)
+    for n, path in enumerate(paths):
+        x[n, 0, torch.tensor(path), torch.arange(12)] = 1.0
+    return x
+
+
+PATHS = [[1, 1, 0, 2, 2, 0, 2, 3, 0, 0, 1, 1], [0] * 12]
+
+
+def test_a_ctc_predictor_returns_typed_sequence_results():
+    predictor = Predictor(frame_model(), task="sequence", labels=TOKENS, decoder={"kind": "ctc", "blank": 0})
+    first, empty = predictor.predict(one_hot_frames(PATHS))
+    assert isinstance(first, SequenceResult) and first.text == "abbca" and first.tokens == [1, 2, 2, 3, 1]
+    assert empty.text == "" and empty.tokens == []
+    assert len(first.token_confidence) == 5 and all(0 < c <= 1 for c in first.token_confidence)
+    assert len(first.frame_confidence) == 12
+    expected = predictor.scores(one_hot_frames(PATHS)).max(dim=2).values.sum(dim=1)
+    assert first.score == pytest.approx(float(expected[0]), rel=1e-5)
+
+
+def test_n_best_from_the_beam_and_records():
+    predictor = Predictor(frame_model(), task="sequence", labels=TOKENS, decoder={"kind": "ctc", "beam_width": 4})
+    (result,) = predictor.predict(one_hot_frames(PATHS[:1]), top_k=3)
+    assert result.text == "abbca" and len(result.n_best) == 3 and result.n_best[0][0] == "abbca"
+    scores = [s for _, s in result.n_best]
+    assert scores == sorted(scores, reverse=True) and result.score == scores[0]
+    record = result.to_record()
+    assert record["text"] == "abbca" and record["n_best"][0] == ["abbca", scores[0]]
+    json.dumps(record, allow_nan=False)
+
+
+def test_bundles_record_the_decoder_and_serve_it(tmp_path):
+    model = frame_model()
+    path = trainfer.save(
+        model,
+        tmp_path / "seq",
+        factory="test_sequence_serving:frame_model",
+        task="sequence",
+        labels=TOKENS,
+        decoder={"kind": "ctc", "blank": 0, "beam_width": 4},
+        example_inputs=one_hot_frames(PATHS),
+    )
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["task"] == "sequence" and manifest["decoder"]["beam_width"] == 4
+    predictor = Predictor.load(path)
+    assert predictor.decoder == DecoderSettings(kind="ctc", blank=0, beam_width=4)
+    assert [r.text for r in predictor.predict(one_hot_frames(PATHS))] == ["abbca", ""]
+    manifest["decoder"]["beam_width"] = 100000
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="decoder.beam_width"):
+        Predictor.load(path)
+
+
+@pytest.mark.parametrize(
+    ("decoder", "labels", "match"),
+    [
+        ({"kind": "ctc", "blank": 1}, TOKENS, "blank id 1 collides with the label 'a'"),
+        ({"kind": "ctc", "blank": 7}, TOKENS, "outside"),
+        ({"kind": "ctc", "beam_width": 0}, TOKENS, "beam_width"),
+        ({"kind": "ctc", "beam_width": 5000}, TOKENS, "beam_width"),
+        ({"kind": "autoregressive", "bos": 1, "eos": 2, "max_length": 0}, TOKENS, "max_length"),
+        ({"kind": "ctc", "beams": 3}, TOKENS, "unknown decoder settings"),
+        ({"kind": "ctc"}, ["", "a", "b"], "3 entries, but the model scores 4"),
+    ],
+)
+def test_bad_decoder_settings_are_refused(decoder, labels, match):
+    with pytest.raises(DecodingError, match=match):
+        predictor = Predictor(frame_model(), task="sequence", labels=labels, decoder=decoder)
+        predictor.predict(one_hot_frames(PATHS))
+
+
+def test_autoregressive_settings_point_to_the_library():
+    settings = DecoderSettings(kind="autoregressive", bos=1, eos=2)
+    with pytest.raises(DecodingError, match="trainfer.decoding.beam_search"):
+        sequence_results(torch.zeros(1, 3, 4), tuple(TOKENS), settings)
+
+
+def test_ensembles_of_sequence_predictors_are_refused_with_the_reason():
+    member = Predictor(frame_model(), task="sequence", labels=TOKENS)
+    with pytest.raises(InputError, match="sequence models are not averaged"):
+        Predictor.ensemble([member, member])
+
+
+def test_trainfer_predict_prints_and_writes_sequences(tmp_path):
+    import numpy as np
+    from click.testing import CliRunner
+
+    from trainfer.cli import main
+
+    trainfer.save(
+        frame_model(),
+        tmp_path / "seq",
+        factory="test_sequence_serving:frame_model",
+        task="sequence",
+        labels=TOKENS,
+        decoder={"kind": "ctc", "blank": 0, "beam_width": 4},
+        example_inputs=one_hot_frames(PATHS),
+    )
+    np.save(tmp_path / "batch.npy", one_hot_frames(PATHS).numpy())
+    args = ["predict", str(tmp_path / "seq"), str(tmp_path / "batch.npy")]
+    table = CliRunner().invoke(main, args, catch_exceptions=False).output.splitlines()
+    assert table[0].split()[:4] == ["id", "text", "tokens", "score"] and table[1].split()[1] == "abbca"
+    lines = CliRunner().invoke(main, [*args, "--format", "jsonl", "--top-k", "2"], catch_exceptions=False).output
+    first = json.loads(lines.splitlines()[0])
+    assert first["text"] == "abbca" and first["n_best"][0][0] == "abbca" and len(first["n_best"]) == 2
+    csv_rows = CliRunner().invoke(main, [*args, "--format", "csv"], catch_exceptions=False).output.splitlines()
+    assert csv_rows[0].startswith("id,text,tokens,score") and ",abbca," in csv_rows[1]
+
+
+def test_a_sequence_prediction_is_explained_for_its_decoded_sequence_score():
+    predictor = Predictor(frame_model(), task="sequence", labels=TOKENS, decoder={"kind": "ctc", "beam_width": 4})
+    x = one_hot_frames(PATHS) + 0.3 * torch.randn(2, 1, 4, 12)
+    results = predictor.predict(x)
+    explained = predictor.explain(x)  # integrated gradients of log P(decoded sequence)
+    assert explained.values.shape == x.shape and explained.target is None
+    beam = torch.tensor([r.score for r in results])  # a lower bound of the exact sum over alignments
+    assert bool((explained.scores >= beam - 1e-5).all()) and bool((explained.scores - beam < 0.1).all())
+    baseline_score = explained.scores.new_tensor(  # completeness: attributions sum to f(x) - f(0)
+        [
+            -float(
+                torch.nn.functional.ctc_loss(
+                    predictor.scores(torch.zeros(1, 1, 4, 12)).transpose(0, 1),
+                    torch.tensor(r.tokens, dtype=torch.long)[None] if r.tokens else torch.zeros(1, 0, dtype=torch.long),
+                    torch.tensor([12]),
+                    torch.tensor([len(r.tokens)]),
+                    reduction="sum",
+                )
+            )
+            for r in results
+        ]
+    )
+    torch.testing.assert_close(
+        explained.values.sum(dim=(1, 2, 3)), explained.scores - baseline_score, rtol=0, atol=2e-3
+    )

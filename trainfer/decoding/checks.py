@@ -1,0 +1,77 @@
+"""Argument checks shared by the decoders: one bound per setting, one clear error per mistake."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from trainfer.errors import DecodingError
+
+MAX_BEAM_WIDTH = 1024
+"""The widest beam any decoder accepts (wider is refused as a mistake, not silently slow)."""
+
+MAX_LENGTH = 4096
+"""The longest ``max_length`` an autoregressive search accepts."""
+
+
+def check_int(name: str, value: object, low: int, high: int) -> int:
+    """``value`` as an int in ``[low, high]``, else a DecodingError naming ``name`` and the bounds."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DecodingError(f"{name} must be an int, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise DecodingError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def check_beam_width(value: object, name: str = "beam_width") -> int:
+    """A beam width in ``[1, MAX_BEAM_WIDTH]``."""
+    return check_int(name, value, 1, MAX_BEAM_WIDTH)
+
+
+def check_token_id(name: str, value: object, vocab: int) -> int:
+    """A token id inside a table of ``vocab`` tokens."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DecodingError(f"{name} must be an int token id, got {type(value).__name__}")
+    if not 0 <= value < vocab:
+        raise DecodingError(f"{name} id {value} is outside the token table of {vocab} tokens")
+    return value
+
+
+def check_finite_float(name: str, value: object) -> float:
+    """A finite real number (``length_penalty``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise DecodingError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_scores(scores: object, what: str, shape: tuple[int | None, ...]) -> torch.Tensor:
+    """A floating tensor of ``shape`` (None: any size) holding no NaN and no +inf (-inf is a zero probability)."""
+    if not isinstance(scores, torch.Tensor):
+        raise DecodingError(f"{what} must be a torch.Tensor, got {type(scores).__name__}")
+    if not scores.is_floating_point():
+        raise DecodingError(f"{what} must be floating point log-probabilities, got {scores.dtype}")
+    if scores.dim() != len(shape) or any(s is not None and s != g for s, g in zip(shape, scores.shape)):
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise DecodingError(f"{what} must have shape {want}, got {tuple(scores.shape)}")
+    total = float(scores.sum())  # NaN or +inf when any entry is NaN or +inf (one reduction, then a precise look)
+    if (total != total or total == float("inf")) and bool((torch.isnan(scores) | torch.isposinf(scores)).any()):
+        raise DecodingError(f"{what} holds NaN or +inf; log-probabilities must be finite or -inf")
+    return scores
+
+
+def check_lengths(lengths: object, batch: int, frames: int) -> torch.Tensor:
+    """Per-item frame counts in ``[0, frames]`` (None: every item uses all frames), as int64."""
+    if lengths is None:
+        return torch.full((batch,), frames, dtype=torch.long)
+    tensor = torch.as_tensor(lengths)
+    if tensor.shape != (batch,) or tensor.is_floating_point() or tensor.is_complex():
+        raise DecodingError(f"lengths must be {batch} integers, got shape {tuple(tensor.shape)} {tensor.dtype}")
+    if bool((tensor < 0).any()) or bool((tensor > frames).any()):
+        raise DecodingError(f"lengths must be in [0, {frames}], got {tensor.tolist()}")
+    return tensor.to(torch.long)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype scores are summed in: the input's, at least float32."""
+    return torch.promote_types(dtype, torch.float32)

@@ -1,0 +1,70 @@
+"""Digit strings from the embedded digits: 3 to 6 digits side by side with varied spacing (no download).
+
+Each string image is one row of 8x8 digits pasted on a blank canvas of ``1 x 8 x WIDTH`` 8-bit
+pixels, with a random gap of 0 to 2 pixels between digits and a random left margin. Training strings
+use digits of the training split only, held-out strings digits of the test split, so a held-out
+string never shows a digit image seen in training. The images are normalised exactly like single
+digits (:func:`trainfer.demo.data.normalize`).
+
+Targets are the digit values, padded with -1 after each string's length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from trainfer.demo.data import Split, normalize, splits
+from trainfer.errors import InputError
+
+WIDTH = 64
+"""Canvas width in pixels: 6 digits of 8 with 5 gaps of up to 2 pixels fit, with a margin."""
+MIN_DIGITS, MAX_DIGITS, MAX_GAP = 3, 6, 2
+
+
+@dataclass(frozen=True)
+class DigitStrings:
+    """``images`` ``(N, 1, 8, WIDTH)`` float32 (normalised), ``pixels`` the same as uint8,
+    ``targets`` ``(N, MAX_DIGITS)`` int64 digit values padded with -1, ``lengths`` ``(N,)``."""
+
+    images: Tensor
+    pixels: Tensor
+    targets: Tensor
+    lengths: Tensor
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def strings(self) -> list[str]:
+        """The target strings, e.g. ``"4071"``."""
+        return ["".join(str(d) for d in row[:n]) for row, n in zip(self.targets.tolist(), self.lengths.tolist())]
+
+
+def compose(split: Split, count: int, seed: int) -> DigitStrings:
+    """``count`` random digit strings made of ``split``'s digit images (deterministic in ``seed``)."""
+    if count < 1:
+        raise InputError(f"count must be a positive number of strings; got {count}")
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.zeros(count, 1, 8, WIDTH, dtype=torch.uint8)
+    targets = torch.full((count, MAX_DIGITS), -1, dtype=torch.long)
+    lengths = torch.randint(MIN_DIGITS, MAX_DIGITS + 1, (count,), generator=gen)
+    for n in range(count):
+        length = int(lengths[n])
+        picks = torch.randint(0, len(split.labels), (length,), generator=gen)
+        gaps = torch.randint(0, MAX_GAP + 1, (length,), generator=gen)
+        gaps[0] = 0
+        used = 8 * length + int(gaps.sum())
+        x = int(torch.randint(0, WIDTH - used + 1, (1,), generator=gen))
+        for k, (pick, gap) in enumerate(zip(picks.tolist(), gaps.tolist())):
+            x += gap
+            pixels[n, :, :, x : x + 8] = split.pixels[pick]
+            x += 8
+            targets[n, k] = split.labels[pick]
+    return DigitStrings(normalize(pixels), pixels, targets, lengths)
+
+
+def digit_strings(part: str, count: int, seed: int = 0) -> DigitStrings:
+    """Strings of the ``"train"``, ``"val"`` or ``"test"`` split's digits."""
+    return compose(splits()[part], count, seed)

@@ -1,0 +1,223 @@
+"""The sequence demo: train a CTC recogniser and an encoder-decoder on digit strings, deploy, serve, score.
+
+Both models train in seconds on 2 cores (:func:`train_crnn`, :func:`train_seq2seq`), are deployed
+(BN folded, dropout and the auxiliary head dropped; the encoder-decoder's conv encoder folded),
+verified, and scored on held-out strings built from test-split digits: sequence accuracy (the whole
+string right) and character error rate (edit distance over reference length), greedy against beam
+search (:func:`evaluate`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainfer import decoding
+from trainfer.atomic import atomic_file
+from trainfer.demo.digit_strings import DigitStrings, digit_strings
+from trainfer.models.sequence import (
+    BOS,
+    CTC_TOKENS,
+    EOS,
+    DigitStringSeq2Seq,
+    digit_string_crnn,
+    digit_string_seq2seq,
+)
+from trainfer.reparam.deploy import deploy
+from trainfer.reparam.verify import verify
+from trainfer.serve.bundle import save
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Sequence accuracy and character error rate of one model and decoder on held-out strings."""
+
+    model: str
+    decoder: str
+    sequence_accuracy: float
+    cer: float
+
+
+def edit_distance(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions each cost 1)."""
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+def score(model: str, decoder: str, predicted: Sequence[str], truth: Sequence[str]) -> Scores:
+    """Sequence accuracy and CER = sum of edit distances / sum of reference lengths."""
+    exact = sum(p == t for p, t in zip(predicted, truth)) / len(truth)
+    cer = sum(edit_distance(p, t) for p, t in zip(predicted, truth)) / sum(len(t) for t in truth)
+    return Scores(model, decoder, exact, cer)
+
+
+def _batches(count: int, size: int, gen: torch.Generator) -> list[Tensor]:
+    return list(torch.randperm(count, generator=gen).split(size))
+
+
+def train_crnn(data: DigitStrings, epochs: int = 10, seed: int = 0, aux_weight: float = 0.3) -> nn.Module:
+    """CTC training of :func:`~trainfer.models.sequence.digit_string_crnn`, the aux head weighted ``aux_weight``."""
+    torch.manual_seed(seed)
+    model = digit_string_crnn()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    targets = data.targets + 1  # digit d is CTC id d + 1 (0 is the blank)
+    model.train()
+    for _ in range(epochs):
+        for index in _batches(len(data), 64, gen):
+            out = model(data.images[index])
+            frames = out["log_probs"].shape[1]
+            lengths = torch.full((len(index),), frames, dtype=torch.long)
+            labels, label_lengths = targets[index].clamp(min=1), data.lengths[index]
+            main, aux = (
+                F.ctc_loss(out[key].transpose(0, 1), labels, lengths, label_lengths, zero_infinity=True)
+                for key in ("log_probs", "aux_log_probs")
+            )
+            loss = main + aux_weight * aux
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def seq2seq_targets(data: DigitStrings) -> tuple[Tensor, Tensor]:
+    """Teacher forcing pairs: inputs ``BOS d1 .. dn`` and outputs ``d1 .. dn EOS``, padded with EOS (ignored)."""
+    width = data.targets.shape[1] + 1
+    out = torch.full((len(data), width), -100, dtype=torch.long)
+    inputs = torch.full((len(data), width), EOS, dtype=torch.long)
+    inputs[:, 0] = BOS
+    for n, length in enumerate(data.lengths.tolist()):
+        out[n, :length] = data.targets[n, :length]
+        out[n, length] = EOS
+        inputs[n, 1 : length + 1] = data.targets[n, :length]
+    return inputs, out
+
+
+def train_seq2seq(data: DigitStrings, epochs: int = 10, seed: int = 0) -> DigitStringSeq2Seq:
+    """Teacher-forced training of :func:`~trainfer.models.sequence.digit_string_seq2seq` (NLL per token)."""
+    torch.manual_seed(seed)
+    model = digit_string_seq2seq()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    inputs, outputs = seq2seq_targets(data)
+    model.train()
+    for _ in range(epochs):
+        for index in _batches(len(data), 64, gen):
+            log_probs = model(data.images[index], inputs[index])
+            loss = F.nll_loss(log_probs.flatten(0, 1), outputs[index].flatten(), ignore_index=-100)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def ctc_strings(model: nn.Module, images: Tensor, beam_width: int) -> list[str]:
+    """Decoded strings of a CTC model: greedy for ``beam_width`` 1, else prefix beam search."""
+    with torch.inference_mode():
+        log_probs = model(images)
+    if beam_width == 1:
+        found = decoding.ctc_greedy(log_probs, blank=0)
+    else:
+        found = [list(h[0].tokens) for h in decoding.ctc_beam_search(log_probs, beam_width=beam_width, blank=0)]
+    return ["".join(CTC_TOKENS[i] for i in row) for row in found]
+
+
+def seq2seq_strings(model: nn.Module, images: Tensor, beam_width: int, max_length: int = 8) -> list[str]:
+    """Decoded strings of the encoder-decoder: greedy or beam search (HF semantics, length penalty 1)."""
+    settings: dict[str, Any] = {"bos": BOS, "eos": EOS, "max_length": max_length}
+    with torch.inference_mode():
+        if beam_width == 1:
+            found = [h.tokens for h in decoding.greedy_search(model, images, **settings)]
+        else:
+            found = [h[0].tokens for h in decoding.beam_search(model, images, num_beams=beam_width, **settings)]
+    return ["".join(str(t) for t in row if t < 10) for row in found]
+
+
+def evaluate(crnn: nn.Module, seq2seq: nn.Module, held_out: DigitStrings, beam_width: int = 8) -> list[Scores]:
+    """Both models, greedy and beam, on ``held_out``."""
+    truth = held_out.strings()
+    out = []
+    for name, decode, model in (("crnn-ctc", ctc_strings, crnn), ("encoder-decoder", seq2seq_strings, seq2seq)):
+        for width in (1, beam_width):
+            label = "greedy" if width == 1 else f"beam {width}"
+            out.append(score(name, label, decode(model, held_out.images, width), truth))
+    return out
+
+
+def run(
+    out_dir: str | Path | None = None, train_count: int = 2000, test_count: int = 500, epochs: int = 10, seed: int = 0
+) -> dict[str, Any]:
+    """Train, deploy, verify and score both models; with ``out_dir``, also a bundle, a plot and the scores."""
+    train, held_out = digit_strings("train", train_count, seed), digit_strings("test", test_count, seed + 1)
+    start = time.perf_counter()
+    crnn = train_crnn(train, epochs, seed)
+    crnn_seconds = time.perf_counter() - start
+    seq2seq = train_seq2seq(train, epochs, seed)
+    seq2seq_seconds = time.perf_counter() - start - crnn_seconds
+    example = held_out.images[:4]
+    deployed = deploy(crnn, example)  # raises EquivalenceError unless the forms agree
+    encoder = deploy(seq2seq.encoder, example)
+    errors = {
+        "crnn-ctc": verify(crnn, deployed, held_out.images[:64]).max_abs_error,
+        "encoder-decoder encoder": verify(seq2seq.encoder, encoder, held_out.images[:64]).max_abs_error,
+    }
+    seq2seq.encoder = encoder
+    scores = evaluate(deployed, seq2seq, held_out)
+    report: dict[str, Any] = {
+        "train_seconds": {"crnn-ctc": crnn_seconds, "encoder-decoder": seq2seq_seconds},
+        "deploy_max_abs_error": errors,
+        "scores": [asdict(s) for s in scores],
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        save(
+            deployed,
+            out / "crnn_bundle",
+            task="sequence",
+            labels=list(CTC_TOKENS),
+            decoder={"kind": "ctc", "blank": 0, "beam_width": 8},
+            example_inputs=example,
+        )
+        report["plot"] = str(plot(scores, out / "sequences.png"))
+        with atomic_file(out / "scores.json") as tmp:
+            tmp.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def plot(scores: Sequence[Scores], path: Path) -> Path:
+    """Bars of sequence accuracy and CER per model, greedy beside beam."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(8, 3.4))
+    models = list(dict.fromkeys(s.model for s in scores))
+    decoders = list(dict.fromkeys(s.decoder for s in scores))
+    for axis, metric in zip(axes, ("sequence_accuracy", "cer")):
+        for k, dec in enumerate(decoders):
+            values = [next(getattr(s, metric) for s in scores if s.model == m and s.decoder == dec) for m in models]
+            axis.bar([i + 0.38 * k for i in range(len(models))], values, width=0.36, label=dec)
+        axis.set_xticks([i + 0.19 for i in range(len(models))], models)
+        axis.set_title({"sequence_accuracy": "sequence accuracy", "cer": "character error rate"}[metric])
+    axes[0].legend()
+    figure.suptitle("held-out digit strings (test-split digits)")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        figure.savefig(tmp, dpi=110, format="png")
+    plt.close(figure)
+    return path

@@ -1,0 +1,156 @@
+"""The ``sequence`` task: per-frame scores decoded into token sequences, with typed results.
+
+A sequence model served by the :class:`~trainfer.serve.predictor.Predictor` returns per-frame class
+scores ``(N, T, C)`` (a CTC recogniser: OCR, speech, digit strings); its scores are the per-frame
+log-probabilities (log-softmax of logits, the log of probabilities, or log-probabilities as they
+are), decoded by :mod:`trainfer.decoding` with the settings recorded in the bundle manifest's
+``decoder`` entry (:class:`DecoderSettings`):
+
+* ``kind``: ``"ctc"`` (served by the Predictor) or ``"autoregressive"`` (a model with ``encode`` and
+  ``step``; decoded with :func:`trainfer.decoding.beam_search`, not through one forward per batch,
+  so the Predictor refuses it with that message);
+* ``blank`` (CTC), ``bos``/``eos``/``pad`` (autoregressive): ids into the token table, which is the
+  head's ``labels`` (the blank's entry is the empty string);
+* ``beam_width`` (1: greedy best path), ``n_best`` (hypotheses returned), ``max_length``,
+  ``length_penalty``: bounded as in :mod:`trainfer.decoding.checks`.
+
+Ensembles refuse sequence predictors: averaging per-frame distributions of different models is not
+the average of their distributions over sequences (the alignments differ), so it has no meaning to
+serve.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import Tensor
+
+from trainfer import decoding
+from trainfer.decoding.checks import MAX_BEAM_WIDTH, MAX_LENGTH, check_beam_width, check_finite_float, check_int
+from trainfer.decoding.tokens import TokenTable
+from trainfer.errors import DecodingError
+
+KINDS = ("ctc", "autoregressive")
+
+__all__ = ["KINDS", "DecoderSettings", "SequenceResult", "sequence_results"]
+
+
+@dataclass(frozen=True)
+class DecoderSettings:
+    """How a sequence head is decoded (the manifest's ``decoder``; see the module docstring)."""
+
+    kind: str = "ctc"
+    blank: int | None = 0
+    bos: int | None = None
+    eos: int | None = None
+    pad: int | None = None
+    beam_width: int = 1
+    n_best: int = 1
+    max_length: int = 64
+    length_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise DecodingError(f"decoder kind must be one of {list(KINDS)}; got {self.kind!r}")
+        check_beam_width(self.beam_width)
+        check_int("n_best", self.n_best, 1, self.beam_width)
+        check_int("max_length", self.max_length, 1, MAX_LENGTH)
+        check_finite_float("length_penalty", self.length_penalty)
+        if self.kind == "ctc" and self.blank is None:
+            raise DecodingError("a CTC decoder needs a blank id")
+        if self.kind == "autoregressive" and (self.bos is None or self.eos is None):
+            raise DecodingError("an autoregressive decoder needs bos and eos ids")
+
+    @classmethod
+    def coerce(cls, value: DecoderSettings | Mapping[str, Any] | None) -> DecoderSettings:
+        """Settings from themselves, a dict (the manifest's entry; unknown keys refused) or None (CTC defaults)."""
+        if value is None or isinstance(value, DecoderSettings):
+            return value or cls()
+        if not isinstance(value, Mapping):
+            raise DecodingError(f"decoder settings must be a dict; got {type(value).__name__}")
+        unknown = set(value) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise DecodingError(
+                f"unknown decoder settings {sorted(unknown)}; expected {sorted(cls.__dataclass_fields__)}"
+            )
+        return cls(**value)
+
+    def table(self, labels: tuple[str, ...] | None, classes: int | None = None) -> TokenTable:
+        """The token table: ``labels`` (or the class ids as strings, the blank as "") with these ids, checked."""
+        if labels is None:
+            if classes is None:
+                raise DecodingError("a sequence head needs labels (the token table) or a known class count")
+            labels = tuple("" if i == self.blank else str(i) for i in range(classes))
+        if classes is not None and len(labels) != classes:
+            raise DecodingError(f"the token table has {len(labels)} entries, but the model scores {classes} classes")
+        blank = self.blank if self.kind == "ctc" else None
+        return TokenTable(labels, blank=blank, bos=self.bos, eos=self.eos, pad=self.pad)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SequenceResult:
+    """One decoded sequence: its text and token ids, its score, confidences and the n-best list.
+
+    ``score`` is the log-probability of the sequence (beam: summed over its alignments; greedy: the
+    best path's). ``token_confidence`` (greedy) is per token the probability of the frame that
+    emitted it; ``frame_confidence`` is per frame the top class probability. ``n_best`` holds
+    ``(text, score)`` pairs, best first, when more than one was asked for.
+    """
+
+    text: str
+    tokens: list[int]
+    score: float
+    frame_confidence: list[float]
+    token_confidence: list[float] | None = None
+    n_best: list[tuple[str, float]] | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"text": self.text, "tokens": self.tokens, "score": self.score}
+        if self.token_confidence is not None:
+            record["token_confidence"] = self.token_confidence
+        record["frame_confidence"] = self.frame_confidence
+        if self.n_best is not None:
+            record["n_best"] = [[text, score] for text, score in self.n_best]
+        return record
+
+
+def sequence_results(
+    log_probs: Tensor, labels: tuple[str, ...] | None, settings: DecoderSettings, n_best: int | None = None
+) -> list[SequenceResult]:
+    """Decode ``(N, T, C)`` per-frame log-probabilities into one :class:`SequenceResult` per row.
+
+    ``n_best`` (the Predictor's ``top_k``) overrides the settings' ``n_best``; the beam widens to it.
+    """
+    if settings.kind != "ctc":
+        raise DecodingError(
+            "the Predictor serves CTC sequence models (one forward per batch); decode an autoregressive "
+            "model with trainfer.decoding.beam_search(model, inputs, ...)"
+        )
+    if log_probs.dim() != 3:
+        raise DecodingError(f"a CTC sequence model returns (N, frames, classes) scores; got {tuple(log_probs.shape)}")
+    table = settings.table(labels, log_probs.shape[2])
+    blank = int(settings.blank)  # type: ignore[arg-type]  # checked by DecoderSettings
+    wanted = settings.n_best if n_best is None else check_int("n_best", n_best, 1, MAX_BEAM_WIDTH)
+    frames = log_probs.max(dim=2).values.exp().tolist()
+    if settings.beam_width == 1 and wanted == 1:
+        found = decoding.ctc_greedy_confidences(log_probs, blank=blank)
+        return [
+            SequenceResult(
+                table.text(h.tokens), list(h.tokens), h.score, f, [math.exp(c) for c in h.token_log_probs or ()]
+            )
+            for h, f in zip(found, frames)
+        ]
+    width = max(settings.beam_width, wanted)
+    beams = decoding.ctc_beam_search(log_probs, beam_width=width, blank=blank, n_best=wanted)
+    out = []
+    for hyps, f in zip(beams, frames):
+        best = hyps[0]
+        listed = [(table.text(h.tokens), h.score) for h in hyps] if wanted > 1 else None
+        out.append(SequenceResult(table.text(best.tokens), list(best.tokens), best.score, f, None, listed))
+    return out
