@@ -131,7 +131,7 @@ METHODS = frozenset(
     {
         "view", "reshape", "flatten", "size", "dim", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
         "expand", "chunk", "split", "mean", "sum", "amax", "add", "sub", "mul", "div", "relu", "sigmoid", "tanh",
-        "softmax", "clamp", "float", "double", "type_as", "flip",
+        "softmax", "log_softmax", "clamp", "float", "double", "type_as", "flip",
     }
 )  # fmt: skip
 _OPS = ("placeholder", "get_attr", "call_module", "call_function", "call_method", "output")
