@@ -320,7 +320,7 @@ class Decorated(nn.Module):
         self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
 
     @can_return_tuple
-    def forward(self, x: Tensor, output_hidden: bool = False) -> OrderedDict:
+    def forward(self, x: Tensor, output_hidden: bool = False, **kwargs) -> OrderedDict:
         return OrderedDict(out=self.bn(self.conv(x)))
 
 
@@ -452,3 +452,72 @@ def test_the_report_tells_inlined_modules_from_never_run_ones():
     assert "aux: never runs in inference" in report.removed
     assert not any(item.startswith(("act:", "pad:")) for item in report.removed), report.removed
     assert [item.split(":")[0] for item in report.inlined] == ["act", "pad"]
+
+
+# --- 6. selections: float64 strict, float32 tolerant of near-ties ------------------------------------
+
+
+class TopBoxes(nn.Module):
+    """Scores -> top-k -> boxes gathered at the winners (a detector's post-processing); ``nudge``
+    moves score 1 by that much relative to the scores' scale, as a different rounding would."""
+
+    def __init__(self, nudge: float = 0.0) -> None:
+        super().__init__()
+        self.nudge = nudge
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        scores = x + self.nudge * x.abs().max() * (torch.arange(x.shape[-1]) == 1)
+        values, indices = scores.topk(2, dim=-1)
+        boxes = 100.0 * torch.arange(x.shape[-1], dtype=x.dtype)
+        return values, boxes[indices], scores.argmax(-1)
+
+
+def tied_scores() -> Tensor:
+    x = torch.randn(2, 6)
+    x[:, 1] = x[:, 0] = x.abs().max() + 1  # an exact tie at the top: index 0 wins it
+    return x
+
+
+def test_a_near_tie_flipped_by_rounding_fails_a_strict_check_and_passes_the_tolerant_one():
+    x = tied_scores()
+    strict = trainfer.verify(TopBoxes(), TopBoxes(2e-6), x, dtypes=(torch.float32,))
+    assert not strict.ok  # the winners differ (boxes gathered at them would be 100 apart)
+    tolerant = trainfer.verify(TopBoxes(), TopBoxes(2e-6), x, dtypes=(torch.float32,), near_ties=True)
+    assert tolerant.ok and tolerant.near_ties >= 1, str(tolerant)
+
+
+def test_a_selection_that_differs_by_more_than_the_tolerance_still_fails():
+    x = tied_scores()
+    assert not trainfer.verify(TopBoxes(), TopBoxes(1e-3), x, dtypes=(torch.float32,), near_ties=True).ok
+
+
+def test_a_flipped_threshold_is_a_near_tie_only_at_the_threshold():
+    class Above(nn.Module):
+        def __init__(self, nudge: float) -> None:
+            super().__init__()
+            self.nudge = nudge
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x[x + self.nudge > 0.5]
+
+    x = torch.randn(3, 8)
+    x[0, 0] = 0.5  # exactly at the threshold: a rounding decides whether it is kept
+    assert not trainfer.verify(Above(0.0), Above(2e-6), x, dtypes=(torch.float32,)).ok
+    assert trainfer.verify(Above(0.0), Above(2e-6), x, dtypes=(torch.float32,), near_ties=True).ok
+    assert not trainfer.verify(Above(0.0), Above(1e-2), x, dtypes=(torch.float32,), near_ties=True).ok
+
+
+def test_deploy_checks_float64_strictly_and_its_dtype_tolerant_of_near_ties():
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.select = conv_bn(), TopBoxes()
+
+        def forward(self, x: Tensor):
+            return self.select(self.body(x).mean((2, 3)))
+
+    x = torch.randn(2, 4, 6, 6)
+    result, reference = deployed(Head(), x, protocols=False)
+    report = result.trainfer_report
+    assert report.verification["float64"].near_ties == 0 and report.ok
+    assert batch_norm_calls(result, x) == 0

@@ -249,7 +249,14 @@ def _deploy(
     _record_vanished(report, leaves, deployed, ran)
     if reference is not None:
         report.verification[str(dtype).removeprefix("torch.")] = verify(
-            reference, deployed, checked, rtol=options.rtol, atol=options.atol, dtypes=(dtype,), **check
+            reference,
+            deployed,
+            checked,
+            rtol=options.rtol,
+            atol=options.atol,
+            dtypes=(dtype,),
+            near_ties=dtype != torch.float64,  # float64 is the strict proof; see trainfer.reparam.ties
+            **check,
         )
     _blame_inexact_protocols(report, calls)
     recipe = recipe_of(model)

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from trainfer.capture import capture
 from trainfer.errors import InputTypeError
 from trainfer.numerics import TOLERANCE
+from trainfer.reparam.ties import following, recording
 
 __all__ = [
     "Equivalence",
@@ -90,6 +91,9 @@ class Equivalence:
     outputs: list[OutputError] = field(default_factory=list)
     divergence: str | None = None
     inputs_checked: int = 0
+    #: Selections (top-k, argmax, thresholds) where the candidate took the reference's choice over its
+    #: own near-tie (``verify(..., near_ties=True)``; :mod:`trainfer.reparam.ties`).
+    near_ties: int = 0
 
     @property
     def ok(self) -> bool:
@@ -108,6 +112,8 @@ class Equivalence:
 
     def __str__(self) -> str:
         lines = [f"equivalence: {'ok' if self.ok else 'FAILED'} over {self.inputs_checked} inputs"]
+        if self.near_ties:
+            lines[0] += f" ({self.near_ties} near-tied selections followed the reference's)"
         lines += [f"  {output}" for output in self.outputs]
         if self.divergence:
             lines.append(f"  first divergence: module {self.divergence!r}")
@@ -181,12 +187,16 @@ def verify(
     seed: int = 0,
     example_kwargs: Mapping[str, Any] | None = None,
     allow_empty: bool = False,
+    near_ties: bool = False,
 ) -> Equivalence:
     """Compare ``candidate`` with ``reference`` in eval mode; neither model is modified.
 
     ``example_inputs``: a tensor or a tuple of positional arguments (a list of tensors passed as
     one argument: ``([t1, t2],)``); ``example_kwargs``: keyword arguments. ``allow_empty=True``
     lets an output that is empty on every input pass (by default that fails: nothing was compared).
+    ``near_ties=True``: where the candidate's selection (top-k, sort, argmax, a threshold's mask)
+    differs from the reference's only between values within the tolerance, it takes the
+    reference's (:mod:`trainfer.reparam.ties`); for checks in a rounding dtype, never for float64.
 
     ``dtypes``: ``None`` stands for the reference's own dtype. ``random_inputs``: how many random
     inputs (``randn`` of the example shapes, seeded by ``seed``) are checked besides the examples.
@@ -205,7 +215,8 @@ def verify(
         tolerance = rtol if rtol is not None else max(TOLERANCE.get(d, 1e-5) for d in {dtype, *stored})
         ref, cand = _eval_copy(reference, dtype), _eval_copy(candidate, dtype)
         inputs = list(_inputs((arguments, keywords), dtype, random_inputs, seed))
-        errors = _compare_all(ref, cand, inputs, dtype, tolerance, atol or 0.0, allow_empty)
+        errors, ties = _compare_all(ref, cand, inputs, dtype, tolerance, atol or 0.0, allow_empty, near_ties)
+        result.near_ties += ties
         result.outputs += errors
         result.inputs_checked += len(inputs)
         if result.divergence is None and not all(e.ok for e in errors):
@@ -262,13 +273,24 @@ def _compare_all(
     rtol: float,
     atol: float,
     allow_empty: bool,
-) -> list[OutputError]:
-    """The worst error of each output leaf over ``inputs``; a leaf empty on all of them fails unless ``allow_empty``."""
+    near_ties: bool,
+) -> tuple[list[OutputError], int]:
+    """The worst error of each output leaf over ``inputs`` (a leaf empty on all of them fails unless
+    ``allow_empty``), and how many near-tied selections the candidate took from the reference."""
     worst: dict[str, OutputError] = {}
     compared: dict[str, int] = {}
+    ties = 0
     with torch.no_grad():
         for args, kwargs in inputs:
-            for error in compare_outputs(ref(*args, **kwargs), cand(*args, **kwargs), dtype, rtol, atol):
+            if near_ties:
+                with recording() as selections:
+                    expected = ref(*args, **kwargs)
+                with following(selections, rtol, atol) as followed:
+                    actual = cand(*args, **kwargs)
+                ties += followed.ties
+            else:
+                expected, actual = ref(*args, **kwargs), cand(*args, **kwargs)
+            for error in compare_outputs(expected, actual, dtype, rtol, atol):
                 previous = worst.get(error.path, error)
                 compared[error.path] = compared.get(error.path, 0) + error.compared
                 worst[error.path] = max(previous, error, key=lambda e: (not e.ok, e.max_rel_error))
@@ -279,7 +301,7 @@ def _compare_all(
                 f"empty on every one of the {len(inputs)} inputs checked, so nothing was compared; "
                 "verify on inputs where it holds data, or pass allow_empty=True"
             )
-    return list(worst.values())
+    return list(worst.values()), ties
 
 
 def _leaves(output: Any, path: str = "output") -> dict[str, Any]:
