@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 import trainfer
 from trainfer.errors import EquivalenceError
-from trainfer.testing import assert_close, batch_norm_calls, randomize_batchnorm
+from trainfer.testing import assert_close, batch_norm_calls, count_aten_ops, randomize_batchnorm
 
 LIMIT_S = 60
 
@@ -521,3 +521,40 @@ def test_deploy_checks_float64_strictly_and_its_dtype_tolerant_of_near_ties():
     report = result.trainfer_report
     assert report.verification["float64"].near_ties == 0 and report.ok
     assert batch_norm_calls(result, x) == 0
+
+
+# --- 13. the cost model weighs weights and kernel kinds, not multiply-adds alone ---------------------
+
+
+def test_a_wide_1x1_conv_before_a_2x2_average_pool_is_not_merged_into_a_strided_2x2_conv():
+    x = torch.randn(1, 64, 8, 8)  # DenseNet's transition: 64 channels > a third of the 64 output pixels
+    model = nn.Sequential(nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 64, 1, bias=False), nn.AvgPool2d(2, 2))
+    result, reference = deployed(model, x, protocols=False)
+    assert_close(result(x), reference(x))
+    counts = count_aten_ops(result, x)
+    assert counts["convolution"] == 1 and counts["avg_pool2d"] == 1
+    assert all(m.kernel_size == (1, 1) for m in result.modules() if isinstance(m, nn.Conv2d))
+
+
+class LayerNorm2d(nn.Module):
+    """ConvNeXt's channels-first LayerNorm: normalise over channels, then a per-channel affine."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(channels)), nn.Parameter(torch.randn(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + 1e-6)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+def test_a_channels_first_layer_norms_affine_stays_elementwise_not_a_depthwise_conv():
+    x = torch.randn(2, 8, 6, 6)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), LayerNorm2d(8), nn.GELU())
+    result, reference = deployed(model, x, protocols=False)
+    assert_close(result(x), reference(x))
+    counts = count_aten_ops(result, x)
+    assert counts["convolution"] == 1  # the first conv only; no depthwise 1x1 conv
+    assert counts["addcmul"] == 1 and counts["mul"] == 0

@@ -24,7 +24,7 @@ from trainfer.reparam import algebra
 from trainfer.reparam.algebra import AlgebraError, ConvOp
 from trainfer.reparam.fold.constants import Constants
 from trainfer.reparam.fold.naming import Naming
-from trainfer.reparam.fold.shapes import macs, numel, shape
+from trainfer.reparam.fold.shapes import layer_cost, numel, shape
 
 __all__ = ["Expr", "FoldContext", "Step", "region_op"]
 
@@ -100,8 +100,8 @@ class FoldContext:
         return step
 
     def linear(self, node: fx.Node, source: Any, op: ConvOp) -> Expr | None:
-        """``node = op(source)``, costing ``op``'s multiply-adds: a conv or linear layer."""
-        return self.chain(node, source, self.then(op), macs(op, node))
+        """``node = op(source)``, costing ``op``'s multiply-adds and weights: a conv or linear layer."""
+        return self.chain(node, source, self.then(op), layer_cost(op, node))
 
     def chain(self, node: fx.Node, source: Any, step: Step, cost: int | None = None) -> Expr | None:
         """``node``'s expression from its one input ``source`` and its ``step``; ``cost`` defaults to
