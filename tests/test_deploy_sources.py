@@ -558,3 +558,36 @@ def test_a_channels_first_layer_norms_affine_stays_elementwise_not_a_depthwise_c
     counts = count_aten_ops(result, x)
     assert counts["convolution"] == 1  # the first conv only; no depthwise 1x1 conv
     assert counts["addcmul"] == 1 and counts["mul"] == 0
+
+
+# --- 12. dilated branches merge into the large kernel ------------------------------------------------
+
+
+class DilatedReparam(nn.Module):
+    """UniRepLKNet's dilated reparam block: a depthwise 13x13 conv-BN plus dilated depthwise branches."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+
+        def branch(k: int, d: int) -> nn.Sequential:
+            conv = nn.Conv2d(c, c, k, padding=d * (k - 1) // 2, dilation=d, groups=c, bias=False)
+            return nn.Sequential(conv, nn.BatchNorm2d(c))
+
+        self.large = branch(13, 1)
+        self.dilated = nn.ModuleList([branch(7, 2), branch(3, 3), branch(3, 4), branch(3, 5)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.large(x)
+        for b in self.dilated:
+            out = out + b(x)
+        return out
+
+
+def test_dilated_branches_merge_into_one_undilated_kernel():
+    x = torch.randn(1, 4, 20, 20)
+    result, reference = deployed(DilatedReparam(), x, protocols=False)
+    assert_close(result(x), reference(x))
+    counts = count_aten_ops(result, x)
+    assert counts["convolution"] == 1 and batch_norm_calls(result, x) == 0
+    (conv,) = [m for m in result.modules() if isinstance(m, nn.Conv2d)]
+    assert conv.kernel_size == (13, 13) and conv.dilation == (1, 1)

@@ -15,7 +15,7 @@ receive: the graph's modules, its constants, names for the log, and the composit
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 from torch import Tensor, fx, nn
@@ -26,7 +26,7 @@ from trainfer.reparam.fold.constants import Constants
 from trainfer.reparam.fold.naming import Naming
 from trainfer.reparam.fold.shapes import layer_cost, numel, shape
 
-__all__ = ["Expr", "FoldContext", "Step", "region_op"]
+__all__ = ["Expr", "FoldContext", "Step", "region_op", "undilated"]
 
 #: ``step(previous, anchor)``: the node's operator given its source's (``None``: the identity on ``anchor``).
 Step = Callable[[ConvOp | None, fx.Node], ConvOp]
@@ -40,6 +40,18 @@ class Expr:
     op: ConvOp | None
     members: tuple[fx.Node, ...] = ()
     cost: int = 0
+
+
+def undilated(op: ConvOp) -> ConvOp:
+    """``op`` with dilation 1: a ``k``-tap kernel dilated by ``d`` is a ``(k - 1) * d + 1``-tap kernel
+    with ``d - 1`` zeros between its taps, reading the same window (same padding and offset), so
+    branches of different dilations (UniRepLKNet's dilated reparam block) add up exactly."""
+    if op.dilation == (1, 1):
+        return op
+    (dh, dw), (kh, kw) = op.dilation, op.kernel_size
+    weight = op.weight.new_zeros(*op.weight.shape[:2], (kh - 1) * dh + 1, (kw - 1) * dw + 1)
+    weight[:, :, ::dh, ::dw] = op.weight
+    return replace(op, weight=weight, dilation=(1, 1))
 
 
 def region_op(expr: Expr) -> ConvOp:
@@ -133,6 +145,8 @@ class FoldContext:
             return None
         try:
             ops = [a.op or self.identity(a.anchor), algebra.scale(b.op or self.identity(b.anchor), sign)]
+            if ops[0].dilation != ops[1].dilation:
+                ops = [undilated(op) for op in ops]
             op = algebra.add(ops, [self.name(left), self.name(right)])
             expr = Expr(a.anchor, op, a.members + b.members + (node,), a.cost + b.cost + numel(node))
             return self._accept([s for s, ok in ((left, a_ok), (right, b_ok)) if ok], expr)
