@@ -591,3 +591,45 @@ def test_dilated_branches_merge_into_one_undilated_kernel():
     assert counts["convolution"] == 1 and batch_norm_calls(result, x) == 0
     (conv,) = [m for m in result.modules() if isinstance(m, nn.Conv2d)]
     assert conv.kernel_size == (13, 13) and conv.dilation == (1, 1)
+
+
+# --- 10. weights computed from parameters in forward -------------------------------------------------
+
+
+class GeneratedWeight(nn.Module):
+    """OREPA's pattern: the conv weight is an einsum chain of parameters, shaped with ``int(o / g)``."""
+
+    def __init__(self, c: int = 4, groups: int = 2) -> None:
+        super().__init__()
+        self.origin = nn.Parameter(torch.randn(c, c // groups, 3, 3))
+        self.pointwise = nn.Parameter(torch.randn(c, c // groups, 1, 1))
+        self.vector = nn.Parameter(torch.randn(2, c))
+        self.groups, self.bn = groups, nn.BatchNorm2d(c)
+
+    def weight_gen(self) -> Tensor:
+        o, i, h, w = self.origin.size()
+        per_group = int(o / self.groups)  # a Python int from a parameter's size: untraceable unless constant
+        origin = torch.einsum("oihw,o->oihw", self.origin, self.vector[0])
+        pointwise = torch.einsum("oihw,o->oihw", nn.functional.pad(self.pointwise, [1, 1, 1, 1]), self.vector[1])
+        return (origin + pointwise).view(self.groups, per_group, i, h, w).reshape(o, i, h, w)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(nn.functional.conv2d(x, self.weight_gen(), padding=1, groups=self.groups))
+
+
+def test_weights_generated_from_parameters_are_computed_once_and_folded():
+    x = torch.randn(1, 4, 8, 8)
+    result, reference = deployed(nn.Sequential(GeneratedWeight(), nn.ReLU()), x, protocols=False)
+    assert_close(result(x), reference(x))
+    assert dict(count_aten_ops(result, x)) == {"convolution": 1, "relu": 1}
+
+
+def test_a_generated_weight_without_a_batch_norm_is_still_computed_once():
+    class Bare(GeneratedWeight):
+        def forward(self, x: Tensor) -> Tensor:
+            return nn.functional.conv2d(x, self.weight_gen(), padding=1, groups=self.groups)
+
+    x = torch.randn(1, 4, 8, 8)
+    result, reference = deployed(nn.Sequential(Bare(), nn.ReLU()), x, protocols=False)
+    assert_close(result(x), reference(x))
+    assert dict(count_aten_ops(result, x)) == {"convolution": 1, "relu": 1}

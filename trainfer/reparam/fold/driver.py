@@ -9,7 +9,9 @@ opaque leaves, folded inside on their own), then runs the graph pass :func:`_fol
 3. find the linear regions (:mod:`~trainfer.reparam.fold.recognize`, through the handler table of
    :mod:`~trainfer.reparam.fold.handlers`) and split those that would cost more as one conv
    (:mod:`~trainfer.reparam.fold.cost`);
-4. rewrite each region as one conv or linear (:mod:`~trainfer.reparam.fold.rewrite`) and drop dead code.
+4. rewrite each region as one conv or linear (:mod:`~trainfer.reparam.fold.rewrite`), store the
+   constants computed from parameters that remain as buffers
+   (:func:`~trainfer.reparam.fold.constants.precompute`) and drop dead code.
 
 When a module's own ``forward`` cannot be traced, it runs once on its recorded inputs (positional
 and keyword, copied: a module that assigns into a list it was given must not change the record)
@@ -30,6 +32,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from trainfer.capture import Call, capture_inputs, snapshot
+from trainfer.reparam.fold.constants import precompute
 from trainfer.reparam.fold.cost import settle_costs
 from trainfer.reparam.fold.log import FoldLog
 from trainfer.reparam.fold.passes import (
@@ -194,6 +197,8 @@ def _fold_graph(gm: fx.GraphModule, inputs: tuple[Any, ...], prefix: str, log: F
     replaced: dict[fx.Node, fx.Node] = {}
     for root, expr in roots:  # in graph order, so an anchor is replaced before regions read it
         replaced[root] = rewrite_region(context, root, expr, replaced.get(expr.anchor, expr.anchor), log)
+    gm.graph.eliminate_dead_code()
+    precompute(gm, context.constants)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     return fx.GraphModule(gm, gm.graph, gm.__class__.__name__)

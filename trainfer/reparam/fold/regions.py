@@ -42,6 +42,16 @@ class Expr:
     cost: int = 0
 
 
+def _sum(ops: list[ConvOp], names: list[str]) -> ConvOp:
+    """``algebra.add`` of the branches, or of their :func:`undilated` kernels where only that adds them up."""
+    try:
+        return algebra.add(ops, names)
+    except AlgebraError:
+        if len({op.dilation for op in ops}) == 1:
+            raise
+        return algebra.add([undilated(op) for op in ops], names)
+
+
 def undilated(op: ConvOp) -> ConvOp:
     """``op`` with dilation 1: a ``k``-tap kernel dilated by ``d`` is a ``(k - 1) * d + 1``-tap kernel
     with ``d - 1`` zeros between its taps, reading the same window (same padding and offset), so
@@ -145,9 +155,7 @@ class FoldContext:
             return None
         try:
             ops = [a.op or self.identity(a.anchor), algebra.scale(b.op or self.identity(b.anchor), sign)]
-            if ops[0].dilation != ops[1].dilation:
-                ops = [undilated(op) for op in ops]
-            op = algebra.add(ops, [self.name(left), self.name(right)])
+            op = _sum(ops, [self.name(left), self.name(right)])
             expr = Expr(a.anchor, op, a.members + b.members + (node,), a.cost + b.cost + numel(node))
             return self._accept([s for s, ok in ((left, a_ok), (right, b_ok)) if ok], expr)
         except AlgebraError as error:
@@ -164,4 +172,3 @@ class FoldContext:
     def _accept(self, sources: list[fx.Node], expr: Expr) -> Expr:
         self.absorbed.update(sources)
         return expr
-

@@ -46,10 +46,24 @@ class ChannelAffine(nn.Module):
         return torch.addcmul(self.shift, x, self.scale)
 
 
-def _is_channel_affine(op: ConvOp) -> bool:
-    """``op`` scales and shifts each channel on its own: a depthwise 1x1 conv without stride or padding."""
+_LAYER_FUNCTIONS = {nn.functional.conv2d, nn.functional.linear, torch.conv2d}
+
+
+def _is_channel_affine(context: FoldContext, expr: Expr) -> bool:
+    """The region only scales and shifts each channel on its own (a depthwise 1x1 conv without stride
+    or padding) and none of its members is a conv or linear layer (those stay layers)."""
+    op = region_op(expr)
+    layers = [
+        m
+        for m in expr.members
+        if m.op == "call_module"
+        and isinstance(context.modules.get(str(m.target)), (nn.Conv2d, nn.Linear))
+        or m.op == "call_function"
+        and m.target in _LAYER_FUNCTIONS
+    ]
     return (
-        op.kernel_size == (1, 1)
+        not layers
+        and op.kernel_size == (1, 1)
         and op.groups == op.in_channels == op.out_channels
         and op.stride == (1, 1)
         and op.padding == (0, 0)
@@ -59,7 +73,7 @@ def _is_channel_affine(op: ConvOp) -> bool:
 def rewrite_region(context: FoldContext, root: fx.Node, expr: Expr, anchor: fx.Node, log: FoldLog) -> fx.Node:
     """Replace the region ending at ``root`` by one conv/linear module reading ``anchor``; log it."""
     rank = len(shape(root) or ())
-    if _is_channel_affine(region_op(expr)):
+    if _is_channel_affine(context, expr):
         op = region_op(expr)
         module: nn.Module = ChannelAffine(op.weight.flatten(), op.bias, rank)
     elif rank == 4:

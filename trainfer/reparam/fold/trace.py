@@ -61,10 +61,15 @@ class _EvalTracer(fx.Tracer):
     are traced into, so what they compute appears as ``F.batch_norm``/``F.conv2d`` calls on
     parameters. An exception raised while tracing a module's ``forward`` is tagged with that
     module's name (the innermost one: tags are never overwritten on the way out).
+
+    The shapes of parameters are constants (``param_shapes_constant``): ``o, i, h, w =
+    self.weight.size()`` and ``int(o / groups)`` give Python ints, as they do when the model runs,
+    so a block that generates its weight from parameters (OREPA) traces, and the folder evaluates
+    the generation once (:mod:`~trainfer.reparam.fold.constants`).
     """
 
     def __init__(self, opaque: frozenset[str] = frozenset()) -> None:
-        super().__init__()
+        super().__init__(param_shapes_constant=True)
         self.opaque = opaque
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
