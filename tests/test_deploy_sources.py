@@ -328,6 +328,7 @@ def test_a_decorated_forward_is_folded():
     x = torch.randn(1, 4, 6, 6)
     result, reference = deployed(Decorated(), x, protocols=False)
     assert_close(result(x)["out"], reference(x)["out"])
+    assert_close(result(x=x)["out"], reference(x=x)["out"])  # called by the model's own argument names
     assert batch_norm_calls(result, x) == 0
 
 

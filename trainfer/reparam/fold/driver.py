@@ -70,7 +70,10 @@ def _fold_part(module: nn.Module, call: Call, prefix: str, log: FoldLog) -> nn.M
     Folding changes a module whose own forward stays Python code in place (its children are
     replaced), so a copy taken before is what a failure returns.
     """
-    original = copy.deepcopy(module)
+    try:
+        original = copy.deepcopy(module)
+    except Exception:  # noqa: BLE001 - a module holding what cannot be copied is folded without a way back
+        return _fold_module(module, call, prefix, log)
     try:
         return _fold_module(module, call, prefix, log)
     except Exception as error:  # noqa: BLE001 - user forward code can raise anything when re-run

@@ -189,6 +189,9 @@ def trace(
     if isinstance(concrete_args, tuple):
         with _rank_checks_off(model), _called_by_keyword(model, concrete_args):
             graph = tracer.trace(model, tuple(PH for _ in concrete_args))  # type: ignore[arg-type]  # fx takes a tuple too
+        inputs = [node for node in graph.nodes if node.op == "placeholder"]
+        for node, keyword in zip(inputs, concrete_args):
+            node.target = keyword  # the graph's forward takes them by the model's names, not input_0, ...
     else:
         with _rank_checks_off(model):
             graph = tracer.trace(model, concrete_args)
