@@ -634,3 +634,24 @@ def test_a_generated_weight_without_a_batch_norm_is_still_computed_once():
     result, reference = deployed(nn.Sequential(Bare(), nn.ReLU()), x, protocols=False)
     assert_close(result(x), reference(x))
     assert dict(count_aten_ops(result, x)) == {"convolution": 1, "relu": 1}
+
+
+class ChannelsLastFeedForward(nn.Module):
+    """UniRepLKNet's feed-forward: Linear on NHWC, permute to NCHW, BatchNorm2d, times gamma."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+        self.norm, self.gamma = nn.BatchNorm2d(c), nn.Parameter(torch.randn(c))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.fc2(torch.relu(self.fc1(x.permute(0, 2, 3, 1))))
+        return x + self.norm(y.permute(0, 3, 1, 2)) * self.gamma.view(1, -1, 1, 1)
+
+
+def test_a_batch_norm_and_scale_after_a_channels_last_linear_fold_into_the_linear():
+    x = torch.randn(2, 4, 5, 5)
+    result, reference = deployed(ChannelsLastFeedForward(), x, protocols=False)
+    assert_close(result(x), reference(x))
+    counts = count_aten_ops(result, x)
+    assert batch_norm_calls(result, x) == 0 and counts["convolution"] == 0 and counts["mul"] == 0

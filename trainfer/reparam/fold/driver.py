@@ -37,6 +37,7 @@ from trainfer.reparam.fold.cost import settle_costs
 from trainfer.reparam.fold.log import FoldLog
 from trainfer.reparam.fold.passes import (
     drop_eval_noops,
+    fold_norms_into_channels_last_linears,
     move_batch_norms_into_heads,
     resolve_rank_checks,
     split_padding_modes,
@@ -193,6 +194,7 @@ def _fold_graph(gm: fx.GraphModule, inputs: tuple[Any, ...], prefix: str, log: F
     propagate_shapes(gm, inputs)
     resolve_rank_checks(gm.graph)
     move_batch_norms_into_heads(gm)
+    fold_norms_into_channels_last_linears(gm, prefix, log)
     context = FoldContext(gm, prefix)
     splits: list[str] = []
     roots = settle_costs(context, splits)
