@@ -28,13 +28,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainfer.capture import capture
 from trainfer.errors import EquivalenceError, InputError, InputTypeError
 from trainfer.numerics import TOLERANCE
-from trainfer.opcount import BATCH_NORM_OPS, count_aten_ops
+from trainfer.opcount import BATCH_NORM_OPS, AtenOpCounter
 from trainfer.recipe import attach_recipe, recipe_of
 from trainfer.reparam.fold import FoldedRegion, FoldLog, fold
 from trainfer.reparam.protocols import ProtocolLog, apply_protocols
-from trainfer.reparam.verify import Equivalence, as_arguments, model_dtype, verify
+from trainfer.reparam.verify import (
+    Equivalence,
+    as_arguments,
+    as_keywords,
+    cast_plain_tensors,
+    map_tensors,
+    model_dtype,
+    verify,
+)
 
 __all__ = ["DeployReport", "deploy", "deploy_report"]
 
@@ -53,8 +62,10 @@ class Counts:
     ops: int
 
     @classmethod
-    def of(cls, model: nn.Module, arguments: tuple[Any, ...]) -> Counts:
-        executed = count_aten_ops(model, *arguments)
+    def of(cls, model: nn.Module, arguments: tuple[Any, ...], keywords: dict[str, Any] | None = None) -> Counts:
+        with torch.no_grad(), AtenOpCounter() as counter:
+            model(*arguments, **(keywords or {}))
+        executed = counter.counts
         return cls(
             parameters=sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers()),
             modules=sum(1 for m in model.modules() if not list(m.children())),
@@ -75,8 +86,12 @@ class DeployReport:
     protocols: list[str] = field(default_factory=list)
     protocols_rejected: list[str] = field(default_factory=list)
     regions: list[FoldedRegion] = field(default_factory=list)
+    #: Why each op or module that could have folded did not (and parts of the model that never ran).
     kept: list[str] = field(default_factory=list)
+    #: Modules that are gone and do no work: identities in eval mode, code inference never runs.
     removed: list[str] = field(default_factory=list)
+    #: Modules whose forward was traced through: gone as modules, their operations in the graph.
+    inlined: list[str] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
     hooks_not_carried: int = 0
     before: Counts | None = None
@@ -122,6 +137,7 @@ class DeployReport:
             ("protocols undone (not exact, or they failed)", self.protocols_rejected),
             ("regions folded", [str(r) for r in self.regions]),
             ("removed (no work in inference)", self.removed),
+            ("inlined (traced through: their operations run in the graph)", self.inlined),
             ("not folded", self.kept),
             ("fallbacks (untraceable code)", self.fallbacks),
         ]
@@ -146,10 +162,16 @@ def deploy(
     atol: float | None = None,
     protocols: bool | str = True,
     verify_inputs: Any = None,
+    example_kwargs: dict[str, Any] | None = None,
+    allow_empty: bool = False,
 ) -> nn.Module:
     """The inference form of ``model``: one conv per linear region, nothing that does not run.
 
-    ``example_inputs``: a tensor or a tuple of positional arguments. ``inplace=True`` lets deploy
+    ``example_inputs``: a tensor or a tuple of positional arguments; an argument may be a list,
+    tuple or dict of tensors (``model([img1, img2])``: ``example_inputs=([img1, img2],)``).
+    ``example_kwargs``: keyword arguments of the example call (``{"attention_mask": mask}``).
+    ``allow_empty=True`` accepts outputs that are empty on every input verified (by default
+    such an output fails verification: nothing was compared; see docs/deploy.md). ``inplace=True`` lets deploy
     modify ``model`` (eval mode, protocols) instead of copying it. ``protocols``: ``True`` calls the
     blocks' own ``reparameterize()``/``switch_to_deploy()``/``fuse()`` and keeps each conversion
     that is float64-exact on its module; ``"trust"`` keeps every conversion as its author wrote
@@ -161,7 +183,8 @@ def deploy(
     proves is in docs/deploy-protocols.md). The fold itself always traces ``example_inputs``.
     Raises :class:`trainfer.EquivalenceError` (with the report) if verification fails.
     """
-    deployed, report = _deploy(model, example_inputs, inplace, verify, rtol, atol, protocols, verify_inputs)
+    options = _Options(inplace, verify, rtol, atol, protocols, allow_empty)
+    deployed, report = _deploy(model, example_inputs, example_kwargs, verify_inputs, options)
     if not report.ok:
         raise EquivalenceError(report.failure(), report)
     return deployed
@@ -169,61 +192,71 @@ def deploy(
 
 def deploy_report(model: nn.Module, example_inputs: Any, *, protocols: bool | str = True) -> DeployReport:
     """The :class:`DeployReport` of deploying ``model``, verification errors included (never raises them)."""
-    return _deploy(model, example_inputs, False, True, None, None, protocols, None)[1]
+    return _deploy(model, example_inputs, None, None, _Options(protocols=protocols))[1]
+
+
+@dataclass
+class _Options:
+    inplace: bool = False
+    check: bool = True
+    rtol: float | None = None
+    atol: float | None = None
+    protocols: bool | str = True
+    allow_empty: bool = False
 
 
 def _deploy(
-    model: nn.Module,
-    example_inputs: Any,
-    inplace: bool,
-    check: bool,
-    rtol: float | None,
-    atol: float | None,
-    protocols: bool | str,
-    verify_inputs: Any,
+    model: nn.Module, example_inputs: Any, example_kwargs: Any, verify_inputs: Any, options: _Options
 ) -> tuple[nn.Module, DeployReport]:
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"deploy expects an nn.Module; got {type(model).__name__}")
+    protocols = options.protocols
     if protocols not in (True, False, "trust"):
         raise InputError(f"protocols must be True, False or 'trust'; got {protocols!r}")
-    arguments = as_arguments(example_inputs)
     dtype = model_dtype(model)
-    arguments = _cast(arguments, dtype)
-    checked = arguments if verify_inputs is None else _cast(as_arguments(verify_inputs), dtype)
+    keywords = _cast(as_keywords(example_kwargs), dtype)
+    arguments = _cast(as_arguments(example_inputs, keywords), dtype)
+    checked = arguments if verify_inputs is None else _cast(as_arguments(verify_inputs, keywords), dtype)
     report = DeployReport(type(model).__name__, options={"protocols": protocols})
-    working = model.eval() if inplace else _inference_copy(model)
+    working = model.eval() if options.inplace else _inference_copy(model)
     report.hooks_not_carried = _strip_hooks(working)
-    reference = copy.deepcopy(working) if check else None
-    report.before = _counts_of_original(working, arguments)
+    reference = copy.deepcopy(working) if options.check else None
+    state = _plain_state(working)
+    report.before, ran = _counts_of_original(working, arguments, keywords)
+    _restore_plain_state(state)  # what forward cached in float32 must not reach the float64 fold
     working = _in_float64(working)
-    arguments64 = _cast(arguments, torch.float64)
+    arguments64, keywords64 = _cast(arguments, torch.float64), _cast(keywords, torch.float64)
     calls = ProtocolLog()
     if protocols:
-        working, calls = apply_protocols(working, arguments64, undo_inexact=protocols is True)
+        working, calls = apply_protocols(
+            working, arguments64, undo_inexact=protocols is True, example_kwargs=keywords64
+        )
         report.protocols = [str(call) for call in calls.kept]
         report.protocols_rejected = [str(call) for call in calls.rejected]
     converted = calls.converted
     leaves = _leaf_names(working)  # after the protocols: what they replaced is not "removed"
-    folded, log = fold(working, arguments64)
+    folded, log = fold(working, arguments64, keywords64)
     _record(report, log)
     pairs = {region.name: region.members[-1] for region in report.regions}
+    check = {"example_kwargs": keywords, "allow_empty": options.allow_empty, "pairs": pairs, "opaque": converted}
     if reference is not None and dtype != torch.float64:
         # The fold ran on exactly up-cast weights, so float64's own tolerance applies.
         report.verification["float64"] = verify(
-            reference,
-            folded,
-            checked,
-            rtol=TOLERANCE[torch.float64],
-            dtypes=(torch.float64,),
-            pairs=pairs,
-            opaque=converted,
+            reference, folded, checked, rtol=TOLERANCE[torch.float64], dtypes=(torch.float64,), **check
         )
-    deployed = folded.to(dtype)
-    report.after = Counts.of(deployed, arguments)
-    report.removed += _vanished(leaves, deployed, report)
+    deployed = cast_plain_tensors(folded.to(dtype), dtype)
+    report.after = Counts.of(deployed, arguments, keywords)
+    _record_vanished(report, leaves, deployed, ran)
     if reference is not None:
         report.verification[str(dtype).removeprefix("torch.")] = verify(
-            reference, deployed, checked, rtol=rtol, atol=atol, dtypes=(dtype,), pairs=pairs, opaque=converted
+            reference,
+            deployed,
+            checked,
+            rtol=options.rtol,
+            atol=options.atol,
+            dtypes=(dtype,),
+            near_ties=dtype != torch.float64,  # float64 is the strict proof; see trainfer.reparam.ties
+            **check,
         )
     _blame_inexact_protocols(report, calls)
     recipe = recipe_of(model)
@@ -241,10 +274,15 @@ def _blame_inexact_protocols(report: DeployReport, calls: ProtocolLog) -> None:
             eq.divergence = inexact[0]
 
 
-def _counts_of_original(model: nn.Module, arguments: tuple[Any, ...]) -> Counts:
-    """The original's counts; its first forward also checks that the example inputs fit the model."""
+def _counts_of_original(
+    model: nn.Module, arguments: tuple[Any, ...], keywords: dict[str, Any]
+) -> tuple[Counts, set[str]]:
+    """The original's counts and the names of the modules that ran; this first forward also checks
+    that the example inputs fit the model."""
     try:
-        return Counts.of(model, arguments)
+        with capture(model, lambda name, module, output: None) as ran:
+            counts = Counts.of(model, arguments, keywords)
+        return counts, {name.split("#")[0] for name in ran}
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
         given = ", ".join(
             f"tensor{list(a.shape)} {str(a.dtype).removeprefix('torch.')}" if isinstance(a, torch.Tensor) else repr(a)
@@ -254,10 +292,27 @@ def _counts_of_original(model: nn.Module, arguments: tuple[Any, ...]) -> Counts:
         raise InputError(f"{type(model).__name__} cannot run on the example inputs ({given}): {reason}") from error
 
 
+def _plain_state(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
+    """Each module with a copy of its plain attributes (what ``forward`` may cache: ``self.anchors``)."""
+    return [(module, {k: v for k, v in vars(module).items() if _is_plain(k)}) for module in model.modules()]
+
+
+def _restore_plain_state(state: list[tuple[nn.Module, dict[str, Any]]]) -> None:
+    """Put back the plain attributes of :func:`_plain_state`, removing those set since."""
+    for module, attributes in state:
+        for name in [k for k in vars(module) if _is_plain(k) and k not in attributes]:
+            del vars(module)[name]
+        vars(module).update(attributes)
+
+
+def _is_plain(name: str) -> bool:
+    return not name.startswith("_") and name != "training"
+
+
 def _in_float64(model: nn.Module) -> nn.Module:
     """``model`` converted to float64 in place (folding there rounds each kernel once, at the end)."""
     try:
-        return model.double()
+        return cast_plain_tensors(model.double(), torch.float64)
     except (RuntimeError, TypeError) as error:
         raise InputError(f"deploy folds and verifies in float64, and {type(model).__name__} cannot: {error}") from error
 
@@ -276,8 +331,9 @@ def _strip_hooks(model: nn.Module) -> int:
     return removed
 
 
-def _cast(arguments: tuple[Any, ...], dtype: torch.dtype) -> tuple[Any, ...]:
-    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in arguments)
+def _cast(arguments: Any, dtype: torch.dtype) -> Any:
+    """``arguments`` (nested containers too) with their floating-point tensors in ``dtype``."""
+    return map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, arguments)
 
 
 def _record(report: DeployReport, log: FoldLog) -> None:
@@ -289,9 +345,16 @@ def _leaf_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if name and not list(module.children())]
 
 
-def _vanished(leaves: list[str], deployed: nn.Module, report: DeployReport) -> list[str]:
-    """Leaf modules of the original that neither survive nor were folded (training-only code, unused heads)."""
+def _record_vanished(report: DeployReport, leaves: list[str], deployed: nn.Module, ran: set[str]) -> None:
+    """Sort the leaf modules of the original that neither survive nor were folded: traced through
+    (they ran on the example inputs: inlined) or never run (training-only code, unused heads: removed)."""
     survivors = {name for name, _ in deployed.named_modules()}
     folded = {member for region in report.regions for member in region.members}
     dropped = {item.split(" ")[0] for item in report.removed}
-    return [f"{name}: never runs in inference" for name in leaves if name not in survivors | folded | dropped]
+    for name in leaves:
+        if name in survivors | folded | dropped:
+            continue
+        if name in ran:
+            report.inlined.append(f"{name}: traced through; its operations run in the graph")
+        else:
+            report.removed.append(f"{name}: never runs in inference")

@@ -26,20 +26,26 @@ with the default dtype is then as precise as its weights. What is still not exac
 
 With ``undo_inexact=False`` every conversion is checked the same way but kept as it is (the
 result then names the inexact ones); without example inputs nothing is checked.
+
+Methods are called quietly: what they print is discarded, and a ``verbose`` parameter (Ultralytics'
+``fuse(verbose=True)`` prints a model summary and profiles its GFLOPs) is given ``False``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import io
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from trainfer.capture import snapshot
 from trainfer.numerics import TOLERANCE
 from trainfer.reparam.verify import compare_outputs, model_dtype
 
@@ -99,19 +105,21 @@ def apply_protocols(
     *,
     rtol: float | None = None,
     undo_inexact: bool = True,
+    example_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[nn.Module, ProtocolLog]:
     """Call each outermost module's protocol; keep a conversion only if it is exact on the example inputs.
 
     ``model`` is converted in place; the returned module is ``model`` unless the root's own
     protocol returned a new module. ``example_inputs`` (positional arguments of ``model``) switch
-    the per-module check on; ``rtol`` is its tolerance relative to each output's scale
-    (default ``TOLERANCE`` of the model's dtype / 100); ``undo_inexact=False`` keeps inexact conversions
-    (still recorded as such). Only methods callable without arguments are used.
+    the per-module check on (with ``example_kwargs``, its keyword arguments); ``rtol`` is its
+    tolerance relative to each output's scale (default ``TOLERANCE`` of the model's dtype / 100);
+    ``undo_inexact=False`` keeps inexact conversions (still recorded as such). Only methods
+    callable without arguments are used.
     """
     log = ProtocolLog()
     if not any(_protocol_of(module) for module in model.modules()):
         return model, log
-    records = _record_calls(model, example_inputs) if example_inputs is not None else None
+    records = _record_calls(model, example_inputs, dict(example_kwargs or {})) if example_inputs is not None else None
     return _Converter(records, rtol, undo_inexact, log).convert(model, ""), log
 
 
@@ -142,17 +150,6 @@ class _Call:
     output: Any = None
 
 
-def _snapshot(value: Any) -> Any:
-    """A detached copy of the tensors in ``value`` (later in-place ops must not change the record)."""
-    if isinstance(value, Tensor):
-        return value.detach().clone()
-    if isinstance(value, (tuple, list)):
-        return [_snapshot(v) for v in value] if isinstance(value, list) else tuple(_snapshot(v) for v in value)
-    if isinstance(value, Mapping):
-        return {k: _snapshot(v) for k, v in value.items()}
-    return value
-
-
 @contextmanager
 def _recording(model: nn.Module) -> Iterator[dict[str, _Call]]:
     """Record the first call of every module with a protocol, by qualified name (hooks always removed)."""
@@ -162,14 +159,14 @@ def _recording(model: nn.Module) -> Iterator[dict[str, _Call]]:
     def before(name: str):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if name not in records:
-                records[name] = _Call(_snapshot(args), _snapshot(kwargs))
+                records[name] = _Call(snapshot(args), snapshot(kwargs))
 
         return hook
 
     def after(name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if records[name].output is None:
-                records[name].output = _snapshot(output)
+                records[name].output = snapshot(output)
 
         return hook
 
@@ -184,9 +181,11 @@ def _recording(model: nn.Module) -> Iterator[dict[str, _Call]]:
             handle.remove()
 
 
-def _record_calls(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str, _Call]:
+def _record_calls(
+    model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: dict[str, Any]
+) -> dict[str, _Call]:
     with _recording(model) as records, torch.no_grad():
-        model(*example_inputs)
+        model(*example_inputs, **example_kwargs)
     return records
 
 
@@ -218,7 +217,7 @@ class _Converter:
         original = copy.deepcopy(module)
         try:
             with torch.no_grad(), _default_dtype(dtype):
-                result = getattr(module, method)()
+                result = _call_quietly(getattr(module, method))
         except Exception as error:  # noqa: BLE001 - a model's own conversion code can raise anything
             _restore(module, original)
             self._log(name, method, False, None, f"raised {_describe(error)}; left to trainfer's folder")
@@ -269,6 +268,13 @@ def _check(converted: nn.Module, call: _Call, dtype: torch.dtype, rtol: float | 
         f"not exact in {str(dtype).removeprefix('torch.')} (max rel error {worst.max_rel_error:.1e} "
         f"> {tolerance:.0e} on the example inputs)"
     )
+
+
+def _call_quietly(method: Any) -> Any:
+    """``method()``, its printing discarded and ``verbose=False`` given where it takes ``verbose``."""
+    quiet = {"verbose": False} if "verbose" in inspect.signature(method).parameters else {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        return method(**quiet)
 
 
 @contextmanager

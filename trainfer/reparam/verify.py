@@ -1,12 +1,19 @@
 """Do two forms of a model compute the same function? Measure it, and say where they part.
 
 :func:`verify` runs a *reference* and a *candidate* on the example inputs and on random inputs of
-the same shapes, in each requested dtype, and compares every output leaf (tensors inside tuples,
-lists and dicts are matched by position/key). An output passes when
+the same shapes (every floating-point tensor of the inputs, inside lists, tuples and dicts too, is
+drawn anew), in each requested dtype, and compares every output leaf (tensors inside tuples,
+lists and dicts are matched by position/key). The two outputs must have the same structure: the
+same container types (an ``OrderedDict`` or a ``ModelOutput`` is not a plain ``dict``), the same
+keys in the same order, the same lengths. An output passes when
 
     max |candidate - reference| <= atol + rtol * max |reference|
 
-i.e. the error is measured relative to the output's scale. The default ``rtol`` is
+i.e. the error is measured relative to the output's scale. A check must compare something: an
+output leaf that holds no element on every input checked (``y[y > threshold]`` with nothing over
+the threshold, a detector with no detection) fails, asking for inputs where it holds data, unless
+``allow_empty=True`` says that is expected; where it holds data on some inputs, those are compared.
+The default ``rtol`` is
 ``trainfer.numerics.TOLERANCE`` of the least precise dtype involved: the dtype the models run in,
 and the dtype their weights were stored in (a float32 fold cast to float64 still carries float32
 rounding, so it is held to float32's tolerance; fold a float64 copy to check at 1e-9).
@@ -22,7 +29,7 @@ input) is compared as a whole; names inside it are never paired.
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,8 +39,19 @@ from torch import Tensor, nn
 from trainfer.capture import capture
 from trainfer.errors import InputTypeError
 from trainfer.numerics import TOLERANCE
+from trainfer.reparam.ties import following, recording
 
-__all__ = ["Equivalence", "OutputError", "as_arguments", "compare_outputs", "model_dtype", "verify"]
+__all__ = [
+    "Equivalence",
+    "OutputError",
+    "as_arguments",
+    "as_keywords",
+    "cast_plain_tensors",
+    "compare_outputs",
+    "map_tensors",
+    "model_dtype",
+    "verify",
+]
 
 
 @dataclass
@@ -48,6 +66,8 @@ class OutputError:
     rtol: float
     atol: float
     problem: str | None = None
+    #: How many elements were compared (summed over the inputs checked); 0: an empty output.
+    compared: int = 1
 
     @property
     def ok(self) -> bool:
@@ -71,6 +91,9 @@ class Equivalence:
     outputs: list[OutputError] = field(default_factory=list)
     divergence: str | None = None
     inputs_checked: int = 0
+    #: Selections (top-k, argmax, thresholds) where the candidate took the reference's choice over its
+    #: own near-tie (``verify(..., near_ties=True)``; :mod:`trainfer.reparam.ties`).
+    near_ties: int = 0
 
     @property
     def ok(self) -> bool:
@@ -89,22 +112,57 @@ class Equivalence:
 
     def __str__(self) -> str:
         lines = [f"equivalence: {'ok' if self.ok else 'FAILED'} over {self.inputs_checked} inputs"]
+        if self.near_ties:
+            lines[0] += f" ({self.near_ties} near-tied selections followed the reference's)"
         lines += [f"  {output}" for output in self.outputs]
         if self.divergence:
             lines.append(f"  first divergence: module {self.divergence!r}")
         return "\n".join(lines)
 
 
-def as_arguments(example_inputs: Any) -> tuple[Any, ...]:
-    """A tensor or a tuple/list of positional arguments -> a tuple of positional arguments."""
+def as_arguments(example_inputs: Any, example_kwargs: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
+    """A tensor or a tuple/list of positional arguments -> a tuple of positional arguments.
+
+    An argument may itself be a list, tuple or dict of tensors (``model([image1, image2])`` is
+    given as ``([image1, image2],)``). Some tensor must be among the arguments or ``example_kwargs``.
+    """
     if isinstance(example_inputs, Tensor):
         return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and any(isinstance(a, Tensor) for a in example_inputs):
+    if isinstance(example_inputs, (tuple, list)) and (_holds_tensor(example_inputs) or _holds_tensor(example_kwargs)):
         return tuple(example_inputs)
     raise InputTypeError(
-        "example_inputs must be a tensor or a tuple of positional arguments holding at least one tensor; "
-        f"got {type(example_inputs).__name__}"
+        "example_inputs must be a tensor or a tuple of positional arguments holding at least one tensor "
+        f"(a list of tensors given as one argument: ([t1, t2],)); got {type(example_inputs).__name__}"
     )
+
+
+def as_keywords(example_kwargs: Any) -> dict[str, Any]:
+    """``example_kwargs`` (``None`` or a mapping of argument names to values) as a dict."""
+    if example_kwargs is None:
+        return {}
+    if not isinstance(example_kwargs, Mapping) or not all(isinstance(k, str) for k in example_kwargs):
+        raise InputTypeError(f"example_kwargs must be a dict of argument names to values; got {example_kwargs!r:.80}")
+    return dict(example_kwargs)
+
+
+def map_tensors(function: Callable[[Tensor], Any], value: Any) -> Any:
+    """``value`` with ``function`` applied to every tensor in it, inside (nested) lists, tuples and dicts."""
+    if isinstance(value, Tensor):
+        return function(value)
+    if isinstance(value, list):
+        return [map_tensors(function, v) for v in value]
+    if isinstance(value, tuple):
+        items = [map_tensors(function, v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, Mapping):
+        return {k: map_tensors(function, v) for k, v in value.items()}
+    return value
+
+
+def _holds_tensor(value: Any) -> bool:
+    found: list[Tensor] = []
+    map_tensors(found.append, value)
+    return bool(found)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -127,8 +185,18 @@ def verify(
     pairs: Mapping[str, str] | None = None,
     opaque: Collection[str] = (),
     seed: int = 0,
+    example_kwargs: Mapping[str, Any] | None = None,
+    allow_empty: bool = False,
+    near_ties: bool = False,
 ) -> Equivalence:
     """Compare ``candidate`` with ``reference`` in eval mode; neither model is modified.
+
+    ``example_inputs``: a tensor or a tuple of positional arguments (a list of tensors passed as
+    one argument: ``([t1, t2],)``); ``example_kwargs``: keyword arguments. ``allow_empty=True``
+    lets an output that is empty on every input pass (by default that fails: nothing was compared).
+    ``near_ties=True``: where the candidate's selection (top-k, sort, argmax, a threshold's mask)
+    differs from the reference's only between values within the tolerance, it takes the
+    reference's (:mod:`trainfer.reparam.ties`); for checks in a rounding dtype, never for float64.
 
     ``dtypes``: ``None`` stands for the reference's own dtype. ``random_inputs``: how many random
     inputs (``randn`` of the example shapes, seeded by ``seed``) are checked besides the examples.
@@ -139,14 +207,16 @@ def verify(
     for role, model in (("reference", reference), ("candidate", candidate)):
         if not isinstance(model, nn.Module):
             raise InputTypeError(f"{role} must be an nn.Module; got {type(model).__name__}")
-    arguments = as_arguments(example_inputs)
+    arguments = as_arguments(example_inputs, example_kwargs)
+    keywords = as_keywords(example_kwargs)
     stored = {model_dtype(reference), model_dtype(candidate)}
     result = Equivalence()
     for dtype in dict.fromkeys(d or model_dtype(reference) for d in dtypes):
         tolerance = rtol if rtol is not None else max(TOLERANCE.get(d, 1e-5) for d in {dtype, *stored})
         ref, cand = _eval_copy(reference, dtype), _eval_copy(candidate, dtype)
-        inputs = list(_inputs(arguments, dtype, random_inputs, seed))
-        errors = _compare_all(ref, cand, inputs, dtype, tolerance, atol or 0.0)
+        inputs = list(_inputs((arguments, keywords), dtype, random_inputs, seed))
+        errors, ties = _compare_all(ref, cand, inputs, dtype, tolerance, atol or 0.0, allow_empty, near_ties)
+        result.near_ties += ties
         result.outputs += errors
         result.inputs_checked += len(inputs)
         if result.divergence is None and not all(e.ok for e in errors):
@@ -161,39 +231,77 @@ def _eval_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     ready = not any(m.training for m in model.modules()) and all(
         t.dtype == dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()
     )
-    return model if ready else copy.deepcopy(model).to(dtype).eval()
+    return model if ready else cast_plain_tensors(copy.deepcopy(model).to(dtype).eval(), dtype)
 
 
-def _inputs(arguments: tuple[Any, ...], dtype: torch.dtype, count: int, seed: int) -> Iterator[tuple[Any, ...]]:
+def cast_plain_tensors(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast, in place, the floating-point tensors modules keep in plain attributes (not parameters
+    nor buffers: a cache ``self.anchors`` built by ``forward``) to ``dtype``, as ``Module.to`` does
+    for parameters and buffers; return ``model``."""
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if not name.startswith("_") and isinstance(value, Tensor) and value.is_floating_point():
+                setattr(module, name, value.to(dtype))
+    return model
+
+
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _inputs(call: Call, dtype: torch.dtype, count: int, seed: int) -> Iterator[Call]:
     """The example arguments in ``dtype``, then ``count`` random ones of the same shapes.
 
     Random values are drawn in float64 and then cast, so every dtype checks the same points.
     """
-
-    def cast(value: Any) -> Any:
-        return value.to(dtype) if isinstance(value, Tensor) and value.is_floating_point() else value
-
-    yield tuple(cast(a) for a in arguments)
+    yield map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, call)
     generator = torch.Generator().manual_seed(seed)
+
+    def draw(t: Tensor) -> Tensor:
+        if not t.is_floating_point():
+            return t
+        return torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.device, dtype)
+
     for _ in range(count):
-        yield tuple(
-            torch.randn(a.shape, generator=generator, dtype=torch.float64).to(a.device, dtype)
-            if isinstance(a, Tensor) and a.is_floating_point()
-            else a
-            for a in arguments
-        )
+        yield map_tensors(draw, call)
 
 
 def _compare_all(
-    ref: nn.Module, cand: nn.Module, inputs: list[tuple[Any, ...]], dtype: torch.dtype, rtol: float, atol: float
-) -> list[OutputError]:
+    ref: nn.Module,
+    cand: nn.Module,
+    inputs: list[Call],
+    dtype: torch.dtype,
+    rtol: float,
+    atol: float,
+    allow_empty: bool,
+    near_ties: bool,
+) -> tuple[list[OutputError], int]:
+    """The worst error of each output leaf over ``inputs`` (a leaf empty on all of them fails unless
+    ``allow_empty``), and how many near-tied selections the candidate took from the reference."""
     worst: dict[str, OutputError] = {}
+    compared: dict[str, int] = {}
+    ties = 0
     with torch.no_grad():
-        for arguments in inputs:
-            for error in compare_outputs(ref(*arguments), cand(*arguments), dtype, rtol, atol):
+        for args, kwargs in inputs:
+            if near_ties:
+                with recording() as selections:
+                    expected = ref(*args, **kwargs)
+                with following(selections, rtol, atol) as followed:
+                    actual = cand(*args, **kwargs)
+                ties += followed.ties
+            else:
+                expected, actual = ref(*args, **kwargs), cand(*args, **kwargs)
+            for error in compare_outputs(expected, actual, dtype, rtol, atol):
                 previous = worst.get(error.path, error)
+                compared[error.path] = compared.get(error.path, 0) + error.compared
                 worst[error.path] = max(previous, error, key=lambda e: (not e.ok, e.max_rel_error))
-    return list(worst.values())
+    for path, error in worst.items():
+        error.compared = compared[path]
+        if error.compared == 0 and error.problem is None and not allow_empty:
+            error.problem = (
+                f"empty on every one of the {len(inputs)} inputs checked, so nothing was compared; "
+                "verify on inputs where it holds data, or pass allow_empty=True"
+            )
+    return list(worst.values()), ties
 
 
 def _leaves(output: Any, path: str = "output") -> dict[str, Any]:
@@ -208,8 +316,30 @@ def _leaves(output: Any, path: str = "output") -> dict[str, Any]:
 def compare_outputs(
     reference: Any, candidate: Any, dtype: torch.dtype, rtol: float, atol: float = 0.0
 ) -> list[OutputError]:
-    """The error of each output leaf of ``candidate`` against ``reference`` (nested tuples/lists/dicts)."""
+    """The error of each output leaf of ``candidate`` against ``reference`` (nested tuples/lists/dicts),
+    after a difference of structure (container types, keys, lengths) if there is one."""
+    problem = _structure_difference(reference, candidate, "output")
+    if problem is not None:
+        return [OutputError(problem[0], dtype, _INF, _INF, 1.0, rtol, atol, f"output structure differs: {problem[1]}")]
     return list(_compare(_leaves(reference), _leaves(candidate), dtype, rtol, atol))
+
+
+def _structure_difference(reference: Any, candidate: Any, path: str) -> tuple[str, str] | None:
+    """The first place (path, what) where the containers of two outputs differ in type, keys or length."""
+    containers = (Mapping, tuple, list)
+    if not isinstance(reference, containers) and not isinstance(candidate, containers):
+        return None
+    if type(reference) is not type(candidate):
+        return path, f"{type(candidate).__name__} where the reference returns {type(reference).__name__}"
+    if isinstance(reference, Mapping):
+        if list(reference.keys()) != list(candidate.keys()):
+            return path, f"keys {list(candidate.keys())} differ from the reference's {list(reference.keys())}"
+        pairs = [(f"{path}[{k!r}]", reference[k], candidate[k]) for k in reference]
+    else:
+        if len(reference) != len(candidate):
+            return path, f"length {len(candidate)} differs from the reference's {len(reference)}"
+        pairs = [(f"{path}[{i}]", r, c) for i, (r, c) in enumerate(zip(reference, candidate))]
+    return next((d for p, r, c in pairs if (d := _structure_difference(r, c, p)) is not None), None)
 
 
 def _compare(
@@ -231,7 +361,7 @@ def _compare(
             problem = f"shape {tuple(actual.shape)} differs from the reference's {tuple(expected.shape)}"
             yield OutputError(path, dtype, _INF, _INF, 1.0, rtol, atol, problem)
         else:
-            yield OutputError(path, dtype, *_errors(actual, expected), rtol, atol)
+            yield OutputError(path, dtype, *_errors(actual, expected), rtol, atol, compared=expected.numel())
 
 
 _INF = float("inf")
@@ -247,7 +377,7 @@ def _errors(actual: Tensor, expected: Tensor) -> tuple[float, float, float]:
         ):
             return _INF, _INF, 1.0
         actual, expected = actual[finite], expected[finite]
-    if expected.numel() == 0:
+    if expected.numel() == 0:  # nothing to compare (the caller counts the elements compared)
         return 0.0, 0.0, 0.0
     difference, scale = float((actual - expected).abs().max()), float(expected.abs().max())
     relative = difference / scale if scale > 0 else (0.0 if difference == 0 else _INF)
@@ -261,17 +391,17 @@ def _record(name: str, module: nn.Module, output: Any) -> Tensor | None:
 def _first_divergence(
     ref: nn.Module,
     cand: nn.Module,
-    inputs: list[tuple[Any, ...]],
+    inputs: list[Call],
     rtol: float,
     atol: float,
     pairs: dict[str, str],
     opaque: tuple[str, ...],
 ) -> str | None:
     """The first reference module whose output differs from its candidate counterpart's, on any input."""
-    for arguments in inputs:
+    for args, kwargs in inputs:
         with torch.no_grad(), capture(ref, _record) as expected, capture(cand, _record) as actual:
-            ref(*arguments)
-            cand(*arguments)
+            ref(*args, **kwargs)
+            cand(*args, **kwargs)
         counterpart = {pairs.get(name, name): name for name in actual}
         for name, value in expected.items():
             other = actual[counterpart[name]] if name in counterpart else None

@@ -122,6 +122,7 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     **{f"torch.{name}": getattr(torch, name) for name in _TORCH},
     **{f"torch.nn.functional.{name}": getattr(F, name) for name in _FUNCTIONAL},
     "getattr": getattr,
+    "collections.OrderedDict": OrderedDict,  # a model's OrderedDict output, rebuilt as its own type by the fold
 }
 _FUNCTION_NAMES = {id(function): name for name, function in reversed(FUNCTIONS.items())}
 #: The tensor attributes ``getattr`` may read.

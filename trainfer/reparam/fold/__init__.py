@@ -14,10 +14,13 @@ symmetric crops. :func:`register_fold_handler` adds to it. Operators compose thr
 ``sequential`` for a chain, ``add`` for branches, ``channel_affine`` for BatchNorm and scales. A
 chain stops (its last node becomes a *region root*) where the value feeds a non-linear node, has
 several consumers, or where the algebra says a further step is not exact (it raises
-:class:`~trainfer.reparam.algebra.AlgebraError`) or would cost more multiply-adds than the unfused
-ops. Every root whose region holds two or more ops becomes one ``nn.Conv2d`` (4-D values) or
-``nn.Linear`` (2-D values) reading the anchor; dead nodes, and the modules and parameters only
-they used, disappear.
+:class:`~trainfer.reparam.algebra.AlgebraError`) or would cost more (multiply-adds plus weight
+elements, :mod:`~trainfer.reparam.fold.cost`) than the unfused ops. Every root whose region holds
+two or more ops becomes one ``nn.Conv2d`` (4-D values) or ``nn.Linear`` (2-D values) reading the
+anchor, or, when the region is only a per-channel affine without a conv or linear member, one
+:class:`~trainfer.reparam.fold.rewrite.ChannelAffine` (``addcmul``); dead nodes, and the modules
+and parameters only they used, disappear; constants computed from parameters that remain are
+stored once (:func:`~trainfer.reparam.fold.constants.precompute`).
 
 A BatchNorm left alone between two non-linearities stays a BatchNorm: in eval mode it is one
 per-channel affine kernel, cheaper than the depthwise 1x1 convolution it could become.

@@ -3,10 +3,15 @@
 A node is constant when it reads a parameter or buffer (``get_attr``) or is a function or method
 call whose arguments are all constant (``w * g / w.norm()``, a weight standardisation, ...). Values
 are computed once, without autograd, and cached per node.
+
+:func:`precompute` replaces each computed constant an input-dependent node reads (a weight generated
+from parameters in ``forward``, OREPA's einsum chains) by a buffer holding its value, so the
+deployed form does not generate it again on every call.
 """
 
 from __future__ import annotations
 
+import operator
 from functools import reduce
 from typing import Any
 
@@ -15,7 +20,7 @@ from torch import Tensor, fx
 
 from trainfer.reparam.fold.calls import target_name
 
-__all__ = ["Constants", "NotConstant"]
+__all__ = ["Constants", "NotConstant", "precompute"]
 
 
 class NotConstant(Exception):
@@ -83,3 +88,56 @@ class Constants:
             if isinstance(node.target, str):  # call_method: only call_function nodes have callable targets
                 return getattr(args[0], node.target)(*args[1:], **kwargs)
             return node.target(*args, **kwargs)
+
+
+def precompute(gm: fx.GraphModule, constants: Constants) -> int:
+    """Replace each computed constant tensor read by a non-constant node with a buffer; return how many.
+
+    Only values no larger than the tensors they are computed from are stored (``pos_embed.repeat(...)``
+    stays a computation), so the deployed form never holds more than the model did.
+    """
+    stored = 0
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method") or not node.users:
+            continue
+        try:
+            value = constants.value(node)
+        except NotConstant:
+            continue
+        sources = [constants.value(n) for n in node.all_input_nodes]
+        budget = sum(t.numel() for t in sources if isinstance(t, Tensor))
+        if not isinstance(value, Tensor) or value.numel() > budget:
+            continue
+        if any(user.op == "output" or _writes_in_place(user) for user in node.users):
+            continue  # returned, or updated in place: the model makes a fresh tensor each call
+        if all(_is_constant(constants, user) for user in node.users):
+            continue  # a later constant reads it: store that one instead
+        name = f"_precomputed_{stored}"
+        while hasattr(gm, name):
+            stored += 1
+            name = f"_precomputed_{stored}"
+        gm.register_buffer(name, value.detach().clone())
+        with gm.graph.inserting_before(node):
+            attribute = gm.graph.get_attr(name)
+        attribute.meta = dict(node.meta)
+        node.replace_all_uses_with(attribute)
+        stored += 1
+    return stored
+
+
+def _is_constant(constants: Constants, node: fx.Node) -> bool:
+    try:
+        constants.value(node)
+    except NotConstant:
+        return False
+    return True
+
+
+def _writes_in_place(node: fx.Node) -> bool:
+    """``x.add_(y)``, ``x += y``, ``x[i] = v``: the node may overwrite its first argument."""
+    if node.op == "call_method":
+        return target_name(node).endswith("_")
+    return node.op == "call_function" and node.target in _WRITING
+
+
+_WRITING = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}

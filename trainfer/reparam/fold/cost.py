@@ -1,8 +1,11 @@
 """The cost model: a region becomes one conv only where that costs no more than its ops did.
 
-A region's cost is the multiply-adds of its convs and linears plus one operation per output element
-of everything else (``kh * kw`` for an average pool). Where one conv would cost more
-(:func:`~trainfer.reparam.fold.shapes.macs`), :func:`settle_costs` forces nodes apart until no region does.
+A region's cost is, for each conv and linear, its multiply-adds plus its weight elements (each
+weight is read once per call: a ``1x1 conv -> AvgPool2d(2, 2)`` merged into a 2x2 stride-2 conv has
+the same multiply-adds and 4x the weights, and runs slower where the channels outnumber a third of
+the output pixels, e.g. DenseNet's 512- and 1024-channel transitions), plus one operation per
+output element of everything else (``kh * kw`` for an average pool). Where one conv would cost more
+(:func:`~trainfer.reparam.fold.shapes.layer_cost`), :func:`settle_costs` forces nodes apart until no region does.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from torch import fx
 
 from trainfer.reparam.fold.recognize import find_regions
 from trainfer.reparam.fold.regions import Expr, FoldContext, region_op
-from trainfer.reparam.fold.shapes import macs
+from trainfer.reparam.fold.shapes import layer_cost
 
 __all__ = ["settle_costs"]
 
@@ -24,13 +27,13 @@ def settle_costs(context: FoldContext, splits: list[str]) -> list[tuple[fx.Node,
     there are at most ``len(graph.nodes)`` rounds.
     """
     roots = find_regions(context)
-    while costly := [(root, expr) for root, expr in roots if macs(region_op(expr), root) > expr.cost]:
+    while costly := [(root, expr) for root, expr in roots if layer_cost(region_op(expr), root) > expr.cost]:
         before = len(context.forced)
         for root, expr in costly:
             context.forced.update(_split_point(context, expr))
             splits.append(
-                f"{context.name(root)}: one conv would cost {macs(region_op(expr), root)} multiply-adds instead of "
-                f"{expr.cost}; folded in parts"
+                f"{context.name(root)}: one conv would cost {layer_cost(region_op(expr), root)} operations "
+                f"(multiply-adds and weights) instead of {expr.cost}; folded in parts"
             )
         if len(context.forced) == before:  # cannot happen (see _split_point); never loop on it
             raise AssertionError(f"cost split made no progress on {[context.name(r) for r, _ in costly]}")
@@ -47,6 +50,6 @@ def _split_point(context: FoldContext, expr: Expr) -> set[fx.Node]:
     forced itself, and it was not forced yet either, since the region's consumer absorbed it.
     """
     exprs = context.exprs
-    split = next(m for m in expr.members if macs(region_op(exprs[m]), m) > exprs[m].cost)
+    split = next(m for m in expr.members if layer_cost(region_op(exprs[m]), m) > exprs[m].cost)
     inputs = {node for node in split.all_input_nodes if node in exprs[split].members}
     return inputs or {split}

@@ -9,26 +9,35 @@ opaque leaves, folded inside on their own), then runs the graph pass :func:`_fol
 3. find the linear regions (:mod:`~trainfer.reparam.fold.recognize`, through the handler table of
    :mod:`~trainfer.reparam.fold.handlers`) and split those that would cost more as one conv
    (:mod:`~trainfer.reparam.fold.cost`);
-4. rewrite each region as one conv or linear (:mod:`~trainfer.reparam.fold.rewrite`) and drop dead code.
+4. rewrite each region as one conv or linear (:mod:`~trainfer.reparam.fold.rewrite`), store the
+   constants computed from parameters that remain as buffers
+   (:func:`~trainfer.reparam.fold.constants.precompute`) and drop dead code.
 
-When a module's own ``forward`` cannot be traced, its children are folded separately and
-Conv->BatchNorm pairs adjacent in an ``nn.Sequential`` are fused; the log records the fallback.
+When a module's own ``forward`` cannot be traced, it runs once on its recorded inputs (positional
+and keyword, copied: a module that assigns into a list it was given must not change the record)
+and each outermost submodule that ran is folded separately on its own recorded inputs, inside
+containers that were iterated rather than called too; Conv->BatchNorm pairs adjacent in an
+``nn.Sequential`` that was called are fused. The log records each fallback, each part that never
+ran, and each part whose folding raised (that part is left as it was).
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+import copy
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from trainfer.capture import Call, capture_inputs, snapshot
+from trainfer.reparam.fold.constants import precompute
 from trainfer.reparam.fold.cost import settle_costs
 from trainfer.reparam.fold.log import FoldLog
 from trainfer.reparam.fold.passes import (
     drop_eval_noops,
+    fold_norms_into_channels_last_linears,
     move_batch_norms_into_heads,
     resolve_rank_checks,
     split_padding_modes,
@@ -36,30 +45,54 @@ from trainfer.reparam.fold.passes import (
 from trainfer.reparam.fold.regions import FoldContext
 from trainfer.reparam.fold.rewrite import fuse_sequential_pairs, rewrite_region
 from trainfer.reparam.fold.shapes import propagate_shapes
-from trainfer.reparam.fold.trace import Untraceable, is_leaf, trace_around_untraceable
+from trainfer.reparam.fold.trace import Untraceable, is_leaf, trace_arguments, trace_around_untraceable
 
 __all__ = ["fold"]
 
 
-def fold(model: nn.Module, example_inputs: Sequence[Any]) -> tuple[nn.Module, FoldLog]:
+def fold(
+    model: nn.Module, example_inputs: Sequence[Any], example_kwargs: Mapping[str, Any] | None = None
+) -> tuple[nn.Module, FoldLog]:
     """Fold ``model`` (in eval mode; modified and reused) into its inference form.
 
-    ``example_inputs`` (a tuple of positional arguments) drive shape propagation. Returns the
-    folded module, normally an ``fx.GraphModule``, and the log of what happened.
+    ``example_inputs`` (a tuple of positional arguments) and ``example_kwargs`` (keyword
+    arguments) drive shape propagation. Returns the folded module, normally an
+    ``fx.GraphModule``, and the log of what happened. An exception while folding a part of the
+    model (a submodule folded on its own) leaves that part as it was, with the reason in
+    ``log.fallbacks``; one while folding the model's own graph is raised.
     """
     log = FoldLog()
-    return _fold_module(model, tuple(example_inputs), "", log), log
+    return _fold_module(model, Call(tuple(example_inputs), dict(example_kwargs or {})), "", log), log
 
 
-def _fold_module(module: nn.Module, inputs: tuple[Any, ...], prefix: str, log: FoldLog) -> nn.Module:
+def _fold_part(module: nn.Module, call: Call, prefix: str, log: FoldLog) -> nn.Module:
+    """:func:`_fold_module`, or ``module`` as it was if folding it raised (the log says why).
+
+    Folding changes a module whose own forward stays Python code in place (its children are
+    replaced), so a copy taken before is what a failure returns.
+    """
+    try:
+        original = copy.deepcopy(module)
+    except Exception:  # noqa: BLE001 - a module holding what cannot be copied is folded without a way back
+        return _fold_module(module, call, prefix, log)
+    try:
+        return _fold_module(module, call, prefix, log)
+    except Exception as error:  # noqa: BLE001 - user forward code can raise anything when re-run
+        where = prefix.rstrip(".") or "model"
+        log.fallbacks.append(f"{where}: folding it raised {_reason(error)}; left as it was")
+        return original
+
+
+def _fold_module(module: nn.Module, call: Call, prefix: str, log: FoldLog) -> nn.Module:
     """Fold ``module`` as one graph, its untraceable submodules kept as opaque leaves (their insides
     folded separately); if its own ``forward`` cannot be traced, fold its children separately."""
     try:
-        gm, opaque = trace_around_untraceable(module, _unsupplied_defaults(module, inputs))
+        inputs, concrete = trace_arguments(module, call.args, call.kwargs)
+        gm, opaque = trace_around_untraceable(module, concrete)
     except Untraceable as untraceable:
         where = prefix.rstrip(".") or "model"
         log.fallbacks.append(f"{where}: not traceable ({_reason(untraceable.error)}); folded its children separately")
-        return _fold_children(module, inputs, prefix, log)
+        return _fold_children(module, call, prefix, log)
     _fold_opaque(gm, opaque, inputs, prefix, log)
     return _fold_graph(gm, inputs, prefix, log)
 
@@ -70,15 +103,15 @@ def _fold_opaque(
     """Record each opaque module under "not folded" with its reason, and fold its insides on their own."""
     if not opaque:
         return
-    with _recorded_inputs(gm, list(opaque)) as recorded, torch.no_grad():
-        gm(*inputs)
+    with capture_inputs(gm, list(opaque)) as recorded, torch.no_grad():
+        gm(*snapshot(inputs))
     for name, error in opaque.items():
         log.kept.append(
             f"{prefix}{name}: not traceable by torch.fx ({_reason(error)}); kept as one opaque op, folded around"
         )
         if name in recorded:
             original = gm.get_submodule(name)
-            folded = _fold_module(original, recorded[name], f"{prefix}{name}.", log)
+            folded = _fold_part(original, recorded[name], f"{prefix}{name}.", log)
             gm.set_submodule(name, _keep_plain_attributes(original, folded))
 
 
@@ -86,61 +119,52 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {_first_line(error)}"
 
 
-def _unsupplied_defaults(module: nn.Module, inputs: tuple[Any, ...]) -> dict[str, Any]:
-    """The defaults of ``module.forward``'s arguments that ``inputs`` leave out (folded as constants).
-
-    Tracing them as inputs would turn ``shift=None`` into a tensor placeholder (``shift is None``
-    false), so defaults are used as the example call uses them.
-    """
-    try:
-        parameters = list(inspect.signature(module.forward).parameters.values())
-    except (TypeError, ValueError):
-        return {}
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    supplied = len(inputs)
-    defaults = {}
-    for index, parameter in enumerate(parameters):
-        if parameter.default is inspect.Parameter.empty or (parameter.kind in positional and index < supplied):
-            continue
-        defaults[parameter.name] = parameter.default
-    return defaults
-
-
 def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [""])[0][:160]
 
 
-@contextmanager
-def _recorded_inputs(module: nn.Module, names: Sequence[str]) -> Iterator[dict[str, tuple[Any, ...]]]:
-    """Record the positional inputs of each named submodule's first call (pre-hooks, always removed)."""
-    inputs: dict[str, tuple[Any, ...]] = {}
-    handles = []
+def _fold_children(module: nn.Module, call: Call, prefix: str, log: FoldLog) -> nn.Module:
+    """Fold, in ``module`` whose own forward stays, each outermost submodule that ran on ``call``.
 
-    def hook_for(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        def hook(child: nn.Module, args: tuple[Any, ...]) -> None:
-            inputs.setdefault(name, args)
-
-        return hook
-
-    try:
-        for name in names:
-            handles.append(module.get_submodule(name).register_forward_pre_hook(hook_for(name)))
-        yield inputs
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _fold_children(module: nn.Module, inputs: tuple[Any, ...], prefix: str, log: FoldLog) -> nn.Module:
-    with _recorded_inputs(module, [name for name, _ in module.named_children()]) as child_inputs, torch.no_grad():
-        module(*inputs)
-    for name, child in list(module.named_children()):
-        if name in child_inputs and not is_leaf(child):
-            folded = _fold_module(child, child_inputs[name], f"{prefix}{name}.", log)
-            setattr(module, name, _keep_plain_attributes(child, folded))
-    if isinstance(module, nn.Sequential):
-        fuse_sequential_pairs(module, prefix, log)
+    A container iterated rather than called (``for m in self.model``) is looked into: its members
+    that ran are folded each on its own. Adjacent Conv->BatchNorm members are fused only in an
+    ``nn.Sequential`` called as a whole (a loop over one may route values between its members).
+    What never ran is listed under "not folded".
+    """
+    names = [name for name, _ in module.named_modules() if name]
+    with capture_inputs(module, names) as calls, torch.no_grad():
+        module(*snapshot(call.args), **snapshot(call.kwargs))
+    _fold_members(module, "", calls, prefix, log)
     return module
+
+
+def _fold_members(parent: nn.Module, path: str, calls: dict[str, Call], prefix: str, log: FoldLog) -> None:
+    """Fold the members of ``parent`` (at ``path`` inside the module being folded) that ran."""
+    for name, child in list(parent.named_children()):
+        qualified = f"{path}{name}"
+        if qualified in calls:
+            if not is_leaf(child):
+                folded = _fold_part(child, calls[qualified], f"{prefix}{qualified}.", log)
+                setattr(parent, name, _keep_plain_attributes(child, folded))
+        elif any(other.startswith(f"{qualified}.") for other in calls):
+            _fold_members(child, f"{qualified}.", calls, prefix, log)
+        else:
+            log.kept.append(f"{prefix}{qualified}: never ran on the example inputs; left as it is")
+    if isinstance(parent, nn.Sequential):
+        if not path or path.rstrip(".") in calls:
+            fuse_sequential_pairs(parent, f"{prefix}{path}", log)
+        else:
+            _explain_unfused_pairs(parent, f"{prefix}{path}", log)
+
+
+def _explain_unfused_pairs(sequential: nn.Sequential, prefix: str, log: FoldLog) -> None:
+    """List each BatchNorm of an iterated (not called) ``nn.Sequential`` that follows a member directly."""
+    for index, member in enumerate(sequential):
+        if index and isinstance(member, _BatchNorm):
+            log.kept.append(
+                f"{prefix}{index}: a BatchNorm member of an nn.Sequential its parent iterates instead of calling "
+                "(the loop may route values between members); not fused with the member before it"
+            )
 
 
 def _keep_plain_attributes(original: nn.Module, folded: nn.Module) -> nn.Module:
@@ -170,6 +194,7 @@ def _fold_graph(gm: fx.GraphModule, inputs: tuple[Any, ...], prefix: str, log: F
     propagate_shapes(gm, inputs)
     resolve_rank_checks(gm.graph)
     move_batch_norms_into_heads(gm)
+    fold_norms_into_channels_last_linears(gm, prefix, log)
     context = FoldContext(gm, prefix)
     splits: list[str] = []
     roots = settle_costs(context, splits)
@@ -177,6 +202,8 @@ def _fold_graph(gm: fx.GraphModule, inputs: tuple[Any, ...], prefix: str, log: F
     replaced: dict[fx.Node, fx.Node] = {}
     for root, expr in roots:  # in graph order, so an anchor is replaced before regions read it
         replaced[root] = rewrite_region(context, root, expr, replaced.get(expr.anchor, expr.anchor), log)
+    gm.graph.eliminate_dead_code()
+    precompute(gm, context.constants)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     return fx.GraphModule(gm, gm.graph, gm.__class__.__name__)

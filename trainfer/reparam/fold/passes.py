@@ -12,13 +12,15 @@
   after a final norm): a per-channel affine commutes with averaging over space and with flattening
   a ``(N, C, 1, 1)`` value, ``mean(s x + t) = s mean(x) + t``, so the batch norm moves next to the
   linear layer, which then absorbs it.
+* :func:`fold_norms_into_channels_last_linears`: ``Linear`` on a channels-last value, permuted to
+  channels-first, then ``BatchNorm2d`` (and a per-channel factor): they fold into the Linear.
 """
 
 from __future__ import annotations
 
 import operator
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
@@ -26,11 +28,21 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
+from trainfer.reparam import algebra
+from trainfer.reparam.algebra import AlgebraError
 from trainfer.reparam.fold.calls import bind, target_name
+from trainfer.reparam.fold.constants import Constants
+from trainfer.reparam.fold.log import FoldedRegion, FoldLog, describe
 from trainfer.reparam.fold.shapes import shape
 from trainfer.reparam.fold.trace import is_leaf
 
-__all__ = ["drop_eval_noops", "move_batch_norms_into_heads", "resolve_rank_checks", "split_padding_modes"]
+__all__ = [
+    "drop_eval_noops",
+    "fold_norms_into_channels_last_linears",
+    "move_batch_norms_into_heads",
+    "resolve_rank_checks",
+    "split_padding_modes",
+]
 
 _DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
 
@@ -244,3 +256,78 @@ def move_batch_norms_into_heads(gm: fx.GraphModule) -> int:
         graph.erase_node(node)
         moved += 1
     return moved
+
+
+def fold_norms_into_channels_last_linears(gm: fx.GraphModule, prefix: str, log: FoldLog) -> None:
+    """``Linear`` (channels-last) ``-> permute(0, 3, 1, 2) -> BatchNorm2d [-> * gamma]`` (UniRepLKNet's
+    feed-forward): the Linear's outputs are the batch norm's channels, so the batch norm, and a
+    per-channel constant factor after it, fold into the Linear (``algebra.fuse_linear_bn``);
+    the permute stays. Each fold is logged as a region."""
+    modules, graph = dict(gm.named_modules()), gm.graph
+    calls = [n.target for n in graph.nodes if n.op == "call_module"]
+    for node in list(graph.nodes):
+        chain = _linear_permute_norm(node, modules, calls)
+        if chain is None:
+            continue
+        linear, permute, norm = chain
+        layer, bn = modules[target_name(linear)], cast(_BatchNorm, modules[target_name(norm)])
+        try:
+            weight, bias = algebra.fuse_linear_bn(layer.weight.detach(), _detached(layer.bias), bn)
+        except AlgebraError:
+            continue
+        members, last = [linear, norm], norm
+        factor = _channel_factor(last, weight.shape[0], Constants(gm))
+        if factor is not None:
+            weight, bias = weight * factor[:, None], bias * factor
+            last = next(iter(norm.users))
+            members.append(last)
+        fused = algebra.to_linear(weight, bias)
+        gm.add_submodule(target_name(linear), fused)  # the one call of this Linear: replaced in place
+        last.replace_all_uses_with(permute)
+        for member in reversed(members[1:]):
+            graph.erase_node(member)
+        names = [f"{prefix}{target_name(linear)}", f"{prefix}{target_name(norm)}"] + [m.name for m in members[2:]]
+        log.regions.append(FoldedRegion(f"{prefix}{target_name(linear)}", names, describe(fused)))
+
+
+def _linear_permute_norm(node: fx.Node, modules: dict[str, nn.Module], calls: list[Any]) -> tuple[fx.Node, ...] | None:
+    """``(linear, permute, norm)`` when ``node`` is a once-called Linear feeding only that chain."""
+    if node.op != "call_module" or type(modules[target_name(node)]) is not nn.Linear or calls.count(node.target) != 1:
+        return None
+    permute = next(iter(node.users)) if len(node.users) == 1 else None
+    if permute is None or not _is_channels_first_permute(permute) or len(permute.users) != 1:
+        return None
+    norm = next(iter(permute.users))
+    bn = modules.get(target_name(norm)) if norm.op == "call_module" else None
+    if not isinstance(bn, _BatchNorm) or not is_leaf(bn) or bn.running_var is None or norm.args[:1] != (permute,):
+        return None
+    return node, permute, norm
+
+
+def _is_channels_first_permute(node: fx.Node) -> bool:
+    """``x.permute(0, 3, 1, 2)`` / ``torch.permute(x, (0, 3, 1, 2))``: NHWC -> NCHW."""
+    method = node.op == "call_method" and node.target == "permute"
+    if not (method or node.op == "call_function" and node.target is torch.permute):
+        return False
+    order: Any = (
+        node.args[1:] if len(node.args) > 2 else node.args[1] if len(node.args) == 2 else node.kwargs.get("dims")
+    )
+    return tuple(order or ()) == (0, 3, 1, 2)
+
+
+def _channel_factor(norm: fx.Node, channels: int, constants: Constants) -> torch.Tensor | None:
+    """The per-channel factor of ``norm``'s one user ``gamma * x`` (``gamma``: ``(1, C, 1, 1)`` or ``(C, 1, 1)``)."""
+    if len(norm.users) != 1:
+        return None
+    user = next(iter(norm.users))
+    if user.op != "call_function" or user.target not in (operator.mul, torch.mul) or len(user.args) != 2:
+        return None
+    other = user.args[1] if user.args[0] is norm else user.args[0]
+    value = constants.tensor(other) if isinstance(other, fx.Node) else None
+    if value is None or value.numel() != channels or value.dim() < 3 or value.shape[-3] != channels:
+        return None
+    return value.reshape(-1)
+
+
+def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return tensor.detach() if tensor is not None else None

@@ -15,7 +15,7 @@ receive: the graph's modules, its constants, names for the log, and the composit
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 from torch import Tensor, fx, nn
@@ -24,9 +24,9 @@ from trainfer.reparam import algebra
 from trainfer.reparam.algebra import AlgebraError, ConvOp
 from trainfer.reparam.fold.constants import Constants
 from trainfer.reparam.fold.naming import Naming
-from trainfer.reparam.fold.shapes import macs, numel, shape
+from trainfer.reparam.fold.shapes import layer_cost, numel, shape
 
-__all__ = ["Expr", "FoldContext", "Step", "region_op"]
+__all__ = ["Expr", "FoldContext", "Step", "region_op", "undilated"]
 
 #: ``step(previous, anchor)``: the node's operator given its source's (``None``: the identity on ``anchor``).
 Step = Callable[[ConvOp | None, fx.Node], ConvOp]
@@ -40,6 +40,28 @@ class Expr:
     op: ConvOp | None
     members: tuple[fx.Node, ...] = ()
     cost: int = 0
+
+
+def _sum(ops: list[ConvOp], names: list[str]) -> ConvOp:
+    """``algebra.add`` of the branches, or of their :func:`undilated` kernels where only that adds them up."""
+    try:
+        return algebra.add(ops, names)
+    except AlgebraError:
+        if len({op.dilation for op in ops}) == 1:
+            raise
+        return algebra.add([undilated(op) for op in ops], names)
+
+
+def undilated(op: ConvOp) -> ConvOp:
+    """``op`` with dilation 1: a ``k``-tap kernel dilated by ``d`` is a ``(k - 1) * d + 1``-tap kernel
+    with ``d - 1`` zeros between its taps, reading the same window (same padding and offset), so
+    branches of different dilations (UniRepLKNet's dilated reparam block) add up exactly."""
+    if op.dilation == (1, 1):
+        return op
+    (dh, dw), (kh, kw) = op.dilation, op.kernel_size
+    weight = op.weight.new_zeros(*op.weight.shape[:2], (kh - 1) * dh + 1, (kw - 1) * dw + 1)
+    weight[:, :, ::dh, ::dw] = op.weight
+    return replace(op, weight=weight, dilation=(1, 1))
 
 
 def region_op(expr: Expr) -> ConvOp:
@@ -100,8 +122,8 @@ class FoldContext:
         return step
 
     def linear(self, node: fx.Node, source: Any, op: ConvOp) -> Expr | None:
-        """``node = op(source)``, costing ``op``'s multiply-adds: a conv or linear layer."""
-        return self.chain(node, source, self.then(op), macs(op, node))
+        """``node = op(source)``, costing ``op``'s multiply-adds and weights: a conv or linear layer."""
+        return self.chain(node, source, self.then(op), layer_cost(op, node))
 
     def chain(self, node: fx.Node, source: Any, step: Step, cost: int | None = None) -> Expr | None:
         """``node``'s expression from its one input ``source`` and its ``step``; ``cost`` defaults to
@@ -133,7 +155,7 @@ class FoldContext:
             return None
         try:
             ops = [a.op or self.identity(a.anchor), algebra.scale(b.op or self.identity(b.anchor), sign)]
-            op = algebra.add(ops, [self.name(left), self.name(right)])
+            op = _sum(ops, [self.name(left), self.name(right)])
             expr = Expr(a.anchor, op, a.members + b.members + (node,), a.cost + b.cost + numel(node))
             return self._accept([s for s, ok in ((left, a_ok), (right, b_ok)) if ok], expr)
         except AlgebraError as error:
@@ -150,4 +172,3 @@ class FoldContext:
     def _accept(self, sources: list[fx.Node], expr: Expr) -> Expr:
         self.absorbed.update(sources)
         return expr
-

@@ -2,8 +2,12 @@
 
 :func:`rewrite_region` inserts ``<common module path>.fused`` (an ``nn.Conv2d`` for 4-D values, an
 ``nn.Linear`` for 2-D ones) reading the region's anchor and makes the region's users read it; the
-old nodes become dead code. :func:`fuse_sequential_pairs` is the same rewrite without a graph,
-for an ``nn.Sequential`` whose own ``forward`` could not be traced.
+old nodes become dead code. A region that is only a per-channel affine (BatchNorms, layer scales,
+a channels-first LayerNorm's ``weight[:, None, None] * x + bias[:, None, None]``) becomes a
+:class:`ChannelAffine`, one elementwise ``addcmul``: a depthwise 1x1 conv computes the same with
+fewer multiply-adds on paper, and CPU PyTorch runs it through a slow path.
+:func:`fuse_sequential_pairs` is the same rewrite without a graph, for an ``nn.Sequential`` whose
+own ``forward`` could not be traced.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from collections.abc import Sequence
 from functools import reduce
 from typing import cast
 
-from torch import fx, nn
+import torch
+from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from trainfer.reparam import algebra
@@ -22,13 +27,57 @@ from trainfer.reparam.fold.regions import Expr, FoldContext, region_op
 from trainfer.reparam.fold.shapes import shape
 from trainfer.reparam.fold.trace import is_leaf
 
-__all__ = ["fuse_sequential_pairs", "rewrite_region"]
+__all__ = ["ChannelAffine", "fuse_sequential_pairs", "rewrite_region"]
+
+
+class ChannelAffine(nn.Module):
+    """``x * scale + shift`` per channel (dim 1), one ``torch.addcmul`` kernel."""
+
+    scale: Tensor
+    shift: Tensor
+
+    def __init__(self, scale: Tensor, shift: Tensor, rank: int) -> None:
+        super().__init__()
+        trailing = (1,) * (rank - 2)
+        self.register_buffer("scale", scale.reshape(-1, *trailing).clone())
+        self.register_buffer("shift", shift.reshape(-1, *trailing).clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addcmul(self.shift, x, self.scale)
+
+
+_LAYER_FUNCTIONS = {nn.functional.conv2d, nn.functional.linear, torch.conv2d}
+
+
+def _is_channel_affine(context: FoldContext, expr: Expr) -> bool:
+    """The region only scales and shifts each channel on its own (a depthwise 1x1 conv without stride
+    or padding) and none of its members is a conv or linear layer (those stay layers)."""
+    op = region_op(expr)
+    layers = [
+        m
+        for m in expr.members
+        if m.op == "call_module"
+        and isinstance(context.modules.get(str(m.target)), (nn.Conv2d, nn.Linear))
+        or m.op == "call_function"
+        and m.target in _LAYER_FUNCTIONS
+    ]
+    return (
+        not layers
+        and op.kernel_size == (1, 1)
+        and op.groups == op.in_channels == op.out_channels
+        and op.stride == (1, 1)
+        and op.padding == (0, 0)
+    )
 
 
 def rewrite_region(context: FoldContext, root: fx.Node, expr: Expr, anchor: fx.Node, log: FoldLog) -> fx.Node:
     """Replace the region ending at ``root`` by one conv/linear module reading ``anchor``; log it."""
-    if len(shape(root) or ()) == 4:
-        module: nn.Module = algebra.to_conv2d(region_op(expr))
+    rank = len(shape(root) or ())
+    if _is_channel_affine(context, expr):
+        op = region_op(expr)
+        module: nn.Module = ChannelAffine(op.weight.flatten(), op.bias, rank)
+    elif rank == 4:
+        module = algebra.to_conv2d(region_op(expr))
     else:
         dense = algebra.regroup(region_op(expr), 1)
         module = algebra.to_linear(dense.weight[:, :, 0, 0], dense.bias)

@@ -1,8 +1,8 @@
 """Shapes for the folder: record every node's output shape and dtype, and read them back.
 
 :func:`propagate_shapes` fills ``node.meta["tensor_meta"]``; :func:`shape` and :func:`numel` read
-it (``None`` / 1 for nodes without a tensor value), :func:`macs` prices a conv producing a node.
-Nothing here changes the graph.
+it (``None`` / 1 for nodes without a tensor value), :func:`macs` and :func:`layer_cost` price a
+conv producing a node. Nothing here changes the graph.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from trainfer.reparam.algebra import ConvOp
 
-__all__ = ["macs", "numel", "propagate_shapes", "shape"]
+__all__ = ["layer_cost", "macs", "numel", "propagate_shapes", "shape"]
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
@@ -67,3 +67,9 @@ def numel(node: fx.Node) -> int:
 def macs(op: ConvOp, out: fx.Node) -> int:
     """Multiply-adds of ``op`` producing ``out``: ``numel(out) * in_channels/groups * kh * kw``."""
     return numel(out) * op.weight.shape[1] * op.kernel_size[0] * op.kernel_size[1]
+
+
+def layer_cost(op: ConvOp, out: fx.Node) -> int:
+    """What ``op`` costs as one layer producing ``out``: its multiply-adds plus its weight elements
+    (each weight is read once per call; see :mod:`~trainfer.reparam.fold.cost`)."""
+    return macs(op, out) + op.weight.numel()

@@ -13,19 +13,30 @@ whole process. :func:`trace` therefore traces one model at a time (two interleav
 undo each other's patches out of order and leave one in place), and its tracer lets calls from
 every other thread pass through untouched: a model that other threads are running meanwhile
 (a Predictor serving it while it is saved or deployed) computes as usual, never with proxies.
+
+Two ways libraries write ``forward`` are traced as the model runs them: a forward wrapped by a
+``functools.wraps`` decorator (the wrapper runs, called with the example's arguments by keyword;
+see :func:`trace_arguments`), and a result that is a ``dict`` subclass (``OrderedDict``, Hugging
+Face's ``ModelOutput``), rebuilt as its own type by the graph instead of a plain ``dict``.
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, fx, nn
+from torch.fx._symbolic_trace import PH
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["Untraceable", "extra_leaf_types", "is_leaf", "trace", "trace_around_untraceable"]
+__all__ = ["Untraceable", "extra_leaf_types", "is_leaf", "trace", "trace_arguments", "trace_around_untraceable"]
+
+#: What fixes the arguments a trace does not take as inputs: ``{name: value}`` (``concrete_args``),
+#: or, for a decorated forward, the names its inputs are passed by (see :func:`trace_arguments`).
+Concrete = dict[str, Any] | tuple[str, ...]
 
 #: Module types traced as leaves although their ``forward`` is not torch's own: the types fold
 #: handlers are registered for (:func:`trainfer.reparam.fold.register_fold_handler` keeps it).
@@ -60,10 +71,15 @@ class _EvalTracer(fx.Tracer):
     are traced into, so what they compute appears as ``F.batch_norm``/``F.conv2d`` calls on
     parameters. An exception raised while tracing a module's ``forward`` is tagged with that
     module's name (the innermost one: tags are never overwritten on the way out).
+
+    The shapes of parameters are constants (``param_shapes_constant``): ``o, i, h, w =
+    self.weight.size()`` and ``int(o / groups)`` give Python ints, as they do when the model runs,
+    so a block that generates its weight from parameters (OREPA) traces, and the folder evaluates
+    the generation once (:mod:`~trainfer.reparam.fold.constants`).
     """
 
     def __init__(self, opaque: frozenset[str] = frozenset()) -> None:
-        super().__init__()
+        super().__init__(param_shapes_constant=True)
         self.opaque = opaque
         self.thread = threading.get_ident()  # the tracing thread; calls from others pass through
 
@@ -74,6 +90,17 @@ class _EvalTracer(fx.Tracer):
         if threading.get_ident() != self.thread:
             return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_arg(self, a: Any) -> Any:
+        """As fx's, except that a ``dict`` subclass is rebuilt as its own type (fx makes it a ``dict``):
+        called with the items by keyword where the keys are names (a dataclass such as Hugging Face's
+        ``ModelOutput`` sets its attributes so), else with the items as one dict."""
+        if isinstance(a, dict) and type(a) is not dict:
+            items = cast(dict[Any, Any], super().create_arg(dict(a)))
+            if all(isinstance(key, str) for key in items):
+                return self.create_node("call_function", type(a), (), items)
+            return self.create_node("call_function", type(a), (items,), {})
+        return super().create_arg(a)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if threading.get_ident() != self.thread:  # another thread runs a model while this one traces
@@ -87,6 +114,59 @@ class _EvalTracer(fx.Tracer):
                 except (NameError, AttributeError):  # a module built inside forward: no name to make a leaf of
                     pass
             raise
+
+
+def trace_arguments(
+    module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> tuple[tuple[Any, ...], Concrete]:
+    """The graph's positional inputs for the call ``module(*args, **kwargs)``, and what fixes the rest.
+
+    The traced graph takes every argument the call supplies, positionally in ``forward``'s order;
+    an argument left out between two supplied ones is given its default, and every argument left
+    out is fixed to its default (tracing ``shift=None`` as an input would make ``shift is None``
+    false). A forward wrapped with ``functools.wraps`` is traced through its wrapper, called with
+    the supplied arguments by keyword (fx would pass the wrapper its inner function's defaults
+    positionally): the second value is then the tuple of their names. Raises :class:`Untraceable`
+    when the call fills ``*args``/``**kwargs`` or does not fit the signature.
+    """
+    forward = type(module).forward
+    try:
+        signature = inspect.signature(forward)
+    except (TypeError, ValueError):
+        return tuple(args), {}
+    try:
+        bound = signature.bind(module, *args, **kwargs).arguments
+    except TypeError as error:
+        raise Untraceable(error) from error
+    parameters = list(signature.parameters.values())[1:]
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    if any(p.kind in variadic and bound.get(p.name) for p in parameters):
+        raise Untraceable(TypeError(f"forward of {type(module).__name__} is called with *args or **kwargs"))
+    named = [p for p in parameters if p.kind not in variadic]
+    supplied = [p for p in named if p.name in bound]
+    if hasattr(forward, "__wrapped__"):
+        return tuple(bound[p.name] for p in supplied), tuple(p.name for p in supplied)
+    last = named.index(supplied[-1]) + 1 if supplied else 0
+    inputs = tuple(bound.get(p.name, p.default) for p in named[:last])
+    concrete = {p.name: p.default for p in named if p.name not in bound and p.default is not inspect.Parameter.empty}
+    return inputs, concrete
+
+
+@contextmanager
+def _called_by_keyword(model: nn.Module, names: tuple[str, ...]) -> Iterator[None]:
+    """``model``'s class swapped, for the trace, for a subclass whose ``forward(*inputs)`` calls the
+    original forward with ``inputs`` by the keywords ``names``."""
+    original = type(model)
+    wrapped = original.forward
+
+    def forward(self: nn.Module, *inputs: Any) -> Any:
+        return wrapped(self, **dict(zip(names, inputs)))
+
+    model.__class__ = type(original.__name__, (original,), {"forward": forward})
+    try:
+        yield
+    finally:
+        model.__class__ = original
 
 
 def _accept_any_dim(input: Tensor) -> None:
@@ -111,21 +191,30 @@ def _rank_checks_off(model: nn.Module) -> Iterator[None]:
 
 
 def trace(
-    model: nn.Module, concrete_args: dict[str, Any] | None = None, opaque: frozenset[str] = frozenset()
+    model: nn.Module, concrete_args: Concrete | None = None, opaque: frozenset[str] = frozenset()
 ) -> fx.GraphModule:
     """``torch.fx`` trace of ``model`` in its current mode; modules named in ``opaque`` stay leaves.
 
     ``concrete_args`` fixes arguments of ``forward`` to values (traced as constants; the graph
-    asserts that calls pass the same values). ``model`` is left as it was.
+    asserts that calls pass the same values); a tuple of names instead makes the graph's inputs
+    those keyword arguments of a decorated forward (:func:`trace_arguments`). ``model`` is left as it was.
 
     BatchNorm subclasses that override ``forward`` and call ``super().forward`` have their input
     rank check disabled while tracing, so that the trace can see through them.
     """
     with _TRACE_LOCK:
         tracer = _EvalTracer(opaque)
-        with _rank_checks_off(model):
-            graph = tracer.trace(model, concrete_args)
-        return fx.GraphModule(tracer.root, graph, type(model).__name__)
+        name = type(model).__name__
+        if isinstance(concrete_args, tuple):
+            with _rank_checks_off(model), _called_by_keyword(model, concrete_args):
+                graph = tracer.trace(model, tuple(PH for _ in concrete_args))  # type: ignore[arg-type]  # fx takes a tuple too
+            inputs = [node for node in graph.nodes if node.op == "placeholder"]
+            for node, keyword in zip(inputs, concrete_args):
+                node.target = keyword  # the graph's forward takes them by the model's names, not input_0, ...
+        else:
+            with _rank_checks_off(model):
+                graph = tracer.trace(model, concrete_args)
+        return fx.GraphModule(tracer.root, graph, name)
 
 
 class Untraceable(Exception):
@@ -137,7 +226,7 @@ class Untraceable(Exception):
 
 
 def trace_around_untraceable(
-    model: nn.Module, concrete_args: dict[str, Any] | None = None
+    model: nn.Module, concrete_args: Concrete | None = None
 ) -> tuple[fx.GraphModule, dict[str, Exception]]:
     """Trace ``model`` (see :func:`trace`), keeping each submodule whose ``forward`` cannot be traced as an opaque leaf.
 
