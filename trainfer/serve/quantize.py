@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -49,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from trainfer.atomic import replace_directory, staging_directory
+from trainfer.atomic import remove_staging, replace_directory, staging_directory
 from trainfer.errors import InputError, QuantizationError
 from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over
 from trainfer.serve.runtime import (
@@ -163,7 +162,7 @@ class QuantizedModel:
             (inner / QUANTIZATION_FILE).write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
             replace_directory(inner, target)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_staging(staging)
         return target
 
 
