@@ -126,6 +126,10 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+def _escaped(value: Any) -> Any:
+    return printable(value) if isinstance(value, str) else value
+
+
 def write_results(pairs: Iterable[tuple[str, Any]], fmt: str, stream: IO[str]) -> int:
     """Write ``(id, result)`` pairs as ``table``, ``jsonl`` or ``csv``; return how many were written.
 
@@ -137,7 +141,7 @@ def write_results(pairs: Iterable[tuple[str, Any]], fmt: str, stream: IO[str]) -
             stream.write(json.dumps({"id": identifier, **result.to_record()}, allow_nan=False) + "\n")
             count += 1
         return count or _nothing_predicted()
-    rows = [{printable(k): printable(_number(v)) for k, v in flat_record(i, r).items()} for i, r in pairs]
+    rows = [{printable(k): _escaped(v) for k, v in flat_record(i, r).items()} for i, r in pairs]
     if not rows:
         _nothing_predicted()
     columns = list(dict.fromkeys(key for row in rows for key in row))
@@ -146,7 +150,7 @@ def write_results(pairs: Iterable[tuple[str, Any]], fmt: str, stream: IO[str]) -
         writer.writeheader()
         writer.writerows(rows)
     else:
-        cells = [[row.get(c, "") for c in columns] for row in rows]
+        cells = [[_number(row.get(c, "")) for c in columns] for row in rows]
         widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
         for line in [columns, *cells]:
             stream.write("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() + "\n")

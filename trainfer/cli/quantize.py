@@ -49,7 +49,7 @@ def command(
     most sensitive layers in float until the accuracy gate passes, and write the bundle OUT."""
     from trainfer.serve.quantize import quantize
 
-    targets = torch.from_numpy(np.load(labels, allow_pickle=False)).long() if labels else None
+    targets = torch.from_numpy(np.load(labels, allow_pickle=False)) if labels else None  # checked by quantize
     result = quantize(
         bundle,
         calibration,

@@ -383,8 +383,8 @@ def quantize(
         source = _source(model_or_bundle, _example(model_or_bundle, calibration_data), workdir)
         calib = calibration_inputs(calibration_data, source.manifest, calibration_limit)
         check = calibration_inputs(validation, source.manifest) if validation is not None else calib
-        if labels is not None:
-            labels = torch.as_tensor(labels).long().flatten()
+        reference = logits_over(source.model, check)
+        labels = None if labels is None else class_indices(labels, reference.shape[-1], len(reference))
         settings = {
             "backend": "onnxruntime.quantization.quantize_static",
             "format": "QDQ",
@@ -394,11 +394,35 @@ def quantize(
             "calibration_samples": len(calib),
             "reduce_range": not machine_info()["int8_dot_product"] if reduce_range is None else reduce_range,
         }
-        search = _Search(source, calib, (check, labels, logits_over(source.model, check)), gate, settings, workdir)
+        search = _Search(source, calib, (check, labels, reference), gate, settings, workdir)
         search.threads = threads or torch.get_num_threads()
         options = (False, True) if equalize == "auto" else (bool(equalize),)
         variants = [search.prepare(option, sensitivity_samples) for option in options]
         return search.run(variants, max_float_layers)
+
+
+def class_indices(labels: Any, classes: int, count: int) -> Tensor:
+    """``labels`` checked as ``count`` class indices of a ``classes``-way output, as an int64 ``(count,)`` tensor.
+
+    Refuses (:class:`InputError`) anything but integers (a float, boolean or object array is not
+    a list of class indices) and any value outside ``0 .. classes - 1``.
+    """
+    try:
+        values = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise InputError(f"labels must be class indices (integers); got {type(labels).__name__}: {error}") from None
+    if values.dtype == torch.bool or values.is_floating_point() or values.is_complex():
+        raise InputError(f"labels must be integer class indices; got dtype {str(values.dtype).removeprefix('torch.')}")
+    values = values.flatten()
+    if len(values) != count:
+        raise InputError(f"labels must hold one class index per validation input ({count}); got {len(values)}")
+    outside = values[(values < 0) | (values >= classes)]
+    if len(outside):
+        raise InputError(
+            f"labels must be class indices in 0..{classes - 1} ({classes} classes); got {int(outside[0])} "
+            f"({len(outside)} out of range)"
+        )
+    return values.long()
 
 
 def _example(model_or_bundle: Any, calibration_data: Any) -> Tensor | None:
