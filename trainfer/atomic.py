@@ -162,7 +162,7 @@ class _Journal:
             with open(path, "rb") as handle:
                 lines = handle.read(MAX_JOURNAL_BYTES).decode("utf-8").splitlines()
             entries = [json.loads(line) for line in lines[:3]]
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
         if not entries or not all(isinstance(entry, dict) for entry in entries):
             return None
