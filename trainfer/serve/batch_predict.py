@@ -163,15 +163,20 @@ def _skip_done(items: Iterator[Item], out: Path, done: int, keep: int) -> list[I
 
 def check_output(out: Path) -> None:
     """Refuse an ``out`` that exists and is not a regular file (see the module docstring)."""
-    try:
-        mode = os.stat(out).st_mode
-    except FileNotFoundError:
-        return
-    except OSError as error:
-        raise InputError(f"--out {str(out)!r} cannot be examined: {error.strerror or error}") from None
-    if not stat.S_ISREG(mode):
-        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+    kind = _irregular(out, "--out")
+    if kind:
         raise InputError(f"--out {str(out)!r} is {kind}: expected a new path or a regular file to resume")
+
+
+def _irregular(path: Path, role: str) -> str | None:
+    """What ``path`` is when it exists and is not a regular file (following links), else ``None``."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise InputError(f"{role} {str(path)!r} cannot be examined: {error.strerror or error}") from None
+    return None if stat.S_ISREG(mode) else _KINDS.get(stat.S_IFMT(mode), "not a regular file")
 
 
 def producer_path(out: str | os.PathLike[str]) -> Path:
@@ -210,8 +215,10 @@ def producer_record(predictor: Any, top_k: int | None, producer: dict[str, Any] 
 def _check_producer(out: Path, expected: dict[str, Any]) -> None:
     """Refuse to resume the non-empty ``out`` unless its recorded producer is ``expected``."""
     path = producer_path(out)
-    check_output(path)
     again = "use another --out or delete it"
+    kind = _irregular(path, "the record")
+    if kind:
+        raise InputError(f"cannot resume {str(out)!r}: {path.name!r} is {kind}, not a record of what wrote it; {again}")
     if not path.is_file():
         raise InputError(f"cannot resume {str(out)!r}: nothing records what wrote it (no {path.name!r}); {again}")
     try:
