@@ -11,8 +11,9 @@ no operator whose output size is read from data (``ConstantOfShape``, ``Expand``
 ``Range``, ``Resize``, ``Pad``), no random, string or sequence operators, no custom domains.
 
 :func:`check_int8_ops` runs when a bundle's int8 form is loaded, before ONNX Runtime or
-OpenVINO sees the file, on the main graph, every nested graph (node attributes) and every
-model-local function; anything else is a :class:`BundleError`.
+OpenVINO sees the file, on the main graph, every nested graph (node attributes, refused as
+such: no allowed operator takes one) and every model-local function, at most
+:data:`MAX_INT8_NODES` nodes in all; anything else is a :class:`BundleError`.
 """
 
 from __future__ import annotations
@@ -74,6 +75,12 @@ def check_int8_ops(data: bytes, source: str) -> None:
             raise BundleError(
                 f"{source} uses the ONNX operator {name!r} ({where}), which trainfer's int8 forms never "
                 f"contain: refusing to run it (allowed: {', '.join(sorted(INT8_OPS))})"
+            )
+        graphs = [a.name for a in node.attribute if a.HasField("g") or len(a.graphs)]
+        if graphs:
+            raise BundleError(
+                f"{source}: node {node.name or node.op_type!r} ({where}) holds a graph (attribute {graphs[0]!r}), "
+                "which no operator of trainfer's int8 forms takes: refusing to run it"
             )
 
 
