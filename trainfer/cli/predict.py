@@ -71,8 +71,6 @@ def gather_inputs(paths: Iterable[str], spec: PreprocessSpec) -> Iterator[tuple[
 
 def _npy_rows(path: Path, spec: PreprocessSpec) -> Iterator[tuple[str, Any]]:
     array = read_npy(path, spec, mmap=True)
-    if not len(array):
-        raise InputError(f"{str(path)!r} holds no samples (its first dimension is 0)")
     for index in range(len(array)):
         yield f"{path}[{index}]", np.array(array[index : index + 1])
 
