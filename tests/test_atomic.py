@@ -1,13 +1,11 @@
 """Interrupted writes (exceptions, crashes at any step) leave what was there before, and no leftovers."""
 
 import errno
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from trainfer import WriteError, atomic
 from trainfer.atomic import atomic_directory, atomic_file, recover, staging_directory
@@ -49,7 +47,7 @@ def test_atomic_directory_swaps_whole_directories(tmp_path):
 # --------------------------------------------------------------------------- crashes at every step
 # The child replaces directory ``target`` (content "old") by one holding "new", and dies with
 # os._exit at its K-th file-system step (rename, exchange, fsync of the directory, rmtree), before
-# or after performing it. ``strategy`` "fallback" disables the atomic exchange.
+# or after performing it (the journal's writes included). ``strategy`` "fallback" disables the exchange.
 # The child imports trainfer.atomic without the package's __init__ (no torch: it starts fast).
 CHILD = f"""
 import os, shutil, sys, types
@@ -65,15 +63,19 @@ calls = [0]
 def step(function):
     def run(*args, **kwargs):
         calls[0] += 1
-        if calls[0] == k and when == "before":
+        n = calls[0]
+        if n == k and when == "before":
             os._exit(9)
         result = function(*args, **kwargs)
-        if calls[0] == k and when == "after":
+        if n == k and when == "after":
             os._exit(9)
         return result
     return run
 
 os.rename = step(os.rename)
+os.mkdir = step(os.mkdir)
+os.unlink = step(os.unlink)
+os.fsync = step(os.fsync)
 shutil.rmtree = step(shutil.rmtree)
 atomic._fsync_directory = step(atomic._fsync_directory)
 atomic._exchange = step(atomic._exchange if strategy == "exchange" else (lambda first, second: False))
@@ -96,7 +98,7 @@ def test_a_crash_at_any_step_of_a_replace_leaves_the_old_or_the_new_directory(tm
     if strategy == "exchange" and not atomic._renameat2():
         pytest.skip("no renameat2 on this system")
     outcomes = set()
-    for k in range(1, 10):
+    for k in range(1, 30):
         for when in ("before", "after"):
             root = tmp_path / f"{k}{when}"
             target = root / "bundle"
@@ -115,37 +117,64 @@ def test_a_crash_at_any_step_of_a_replace_leaves_the_old_or_the_new_directory(tm
     assert completed and outcomes == {"old", "new"}  # every step was reached, and crashes at both ends
 
 
-def test_the_fallback_window_is_repaired_by_the_next_bundle_load(tmp_path):
+def test_the_fallback_window_is_reported_by_a_load_and_repaired_by_the_next_write(tmp_path):
     import trainfer
     from trainfer.models import digits_net
 
     target = tmp_path / "b"
     trainfer.save(digits_net(), target)
-    assert not crash_replace(target, 2, "after", "fallback")  # step 1 tries the exchange; 2 renames the bundle aside
-    assert not target.exists() and len(list(tmp_path.glob(".b.*.old"))) == 1
-    assert isinstance(trainfer.load(target), torch.nn.Module)
+    before = trainfer.load(target).state_dict()
+    # steps: 1-2 open and sync the journal, 3 the staging mkdir, 4 its record, 5 the old record, 6 the
+    # (disabled) exchange, 7 renames the bundle aside: the crash leaves no directory at the path
+    assert not crash_replace(target, 7, "after", "fallback")
+    assert not target.exists() and len(list(tmp_path.glob(".b.trainfer-*.old"))) == 1
+    leftovers = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(trainfer.BundleError, match=r"interrupted and left the previous version in '\.b\.trainfer-"):
+        trainfer.load(target)  # a read explains, and moves nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == leftovers
+    trainfer.save(digits_net(), tmp_path / "b")  # the next write restores, then replaces
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    recover(target)
+    assert trainfer.load(target).state_dict().keys() == before.keys()
+
+
+def test_an_explicit_recover_puts_the_previous_version_back(tmp_path):
+    target = tmp_path / "bundle"
+    target.mkdir()
+    (target / "content").write_text("old")
+    assert not crash_replace(target, 7, "after", "fallback")
+    assert not target.exists()
+    recover(target)
+    assert (target / "content").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
 
 
 def test_leftovers_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(dead.stdout)
-    target = tmp_path / "demo"
-    target.mkdir()
-    names = [f".demo.{dead_pid}-abcd1234.tmp", ".demo.k2j3h4g5.tmp", f".demo.{dead_pid}-{'0' * 32}.old"]
-    live = f".demo.{os.getpid()}-live1234.tmp"
-    for name in [*names, live, ".demo2.x.tmp"]:
+    strategy = "exchange" if atomic._renameat2() else "fallback"
+    # killed after the staging mkdir (empty, unrecorded), after its record, after the exchange (or its try)
+    targets = {tmp_path / f"demo{k}": k for k in (3, 4, 6)}
+    live = staging_directory(tmp_path / "demo4")  # this process is alive: its write is never touched
+    (live / "x").write_text("live")
+    for target, k in targets.items():
+        target.mkdir(exist_ok=True)
+        assert not crash_replace(target, k, "after", strategy)
+    assert len(list(tmp_path.glob(".demo*.trainfer-*"))) == 2 * len(targets) + 2
+    for target in targets:
+        recover(target)  # e.g. `trainfer demo` starting again after being killed
+    remaining = sorted(p.name for p in tmp_path.iterdir())
+    assert remaining == sorted(["demo3", "demo4", "demo6", live.name, live.name[: -len("tmp")] + "journal"])
+
+
+def test_directories_trainfer_cannot_prove_it_made_are_never_touched(tmp_path):
+    target = tmp_path / "bundle"
+    names = [f".bundle.{'a' * 32}.old", ".bundle.12345-abcd.tmp", ".bundle.backup.old", ".bundle.notes.tmp"]
+    for name in names:  # look like leftovers of older trainfers, or are the user's own
         (tmp_path / name).mkdir()
-    staging = staging_directory(target)  # e.g. `trainfer demo` starting again after being killed
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["demo", live, ".demo2.x.tmp", staging.name])
-
-
-def test_a_legacy_old_copy_is_restored_when_the_target_is_missing(tmp_path):
-    old = tmp_path / f".bundle.{'a' * 32}.old"  # written by a trainfer that recorded no process id
-    old.mkdir()
-    (old / "content").write_text("old")
-    recover(tmp_path / "bundle")
-    assert (tmp_path / "bundle" / "content").read_text() == "old" and not old.exists()
+        (tmp_path / name / "content").write_text(name)
+    recover(target)
+    with atomic_directory(target) as staging:
+        (staging / "content").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bundle", *names])
+    assert all((tmp_path / name / "content").read_text() == name for name in names)
 
 
 def test_write_failures_name_the_target(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Batch prediction to JSON lines: order, ids, bounded streaming, per-batch flushes, resuming."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,7 +12,14 @@ from serving_models import save_bundle, write_pngs
 
 import trainfer
 from trainfer.cli import main
-from trainfer.serve.batch_predict import count_records, iter_images, keep_records, predict_to_jsonl
+from trainfer.serve.batch_predict import (
+    count_records,
+    iter_images,
+    keep_records,
+    predict_to_jsonl,
+    producer_path,
+    producer_record,
+)
 
 LABELS = ["cat", "dog", "owl"]
 
@@ -46,6 +54,7 @@ class Spy:
 
     def __init__(self, predictor, out=None):
         self.predictor, self.out = predictor, out
+        self.model, self.heads, self.threshold = predictor.model, predictor.heads, predictor.threshold  # its digest
         self.batch_size = predictor.batch_size
         self.preprocess_spec = predictor.preprocess_spec
         self.calls: list[tuple[int, int]] = []  # (inputs asked for, records already in the file)
@@ -109,6 +118,7 @@ def test_resume_skips_written_records_and_redoes_a_truncated_last_line(predictor
     lines = full.read_text().splitlines(keepends=True)
     crashed = tmp_path / "crashed.jsonl"
     crashed.write_text("".join(lines[:13]) + lines[13][:25])  # a crash in the middle of record 14
+    shutil.copy(producer_path(full), producer_path(crashed))
 
     spy = Spy(predictor)
     summary = predict_to_jsonl(spy, images, crashed, progress=False)
@@ -132,6 +142,7 @@ def test_records_are_counted_and_cut_by_complete_lines(tmp_path):
 
 def test_resume_refuses_an_output_of_other_inputs_or_a_corrupt_line(predictor, images, tmp_path):
     out = tmp_path / "o.jsonl"
+    producer_path(out).write_text(json.dumps(producer_record(predictor, None)))  # written by this predictor
     out.write_text('{"id": "img00000.png"}\n{"id": "elsewhere.png"}\n')
     with pytest.raises(ValueError, match=r"line 2 is for 'elsewhere.png', input 2 is 'img00001.png'"):
         predict_to_jsonl(predictor, images, out, progress=False)
@@ -225,6 +236,7 @@ def test_resuming_after_a_crash_at_any_byte_gives_the_uninterrupted_file(
     predict_to_jsonl(predictor, source, full, batch_size=batch_size, progress=False)
     data = full.read_bytes()
     crashed.write_bytes(data[: int(cut * len(data))])
+    shutil.copy(producer_path(full), producer_path(crashed))
     summary = predict_to_jsonl(predictor, source, crashed, batch_size=batch_size, progress=False)
     assert crashed.read_bytes() == data
     assert summary.resumed % batch_size == 0 and summary.resumed + summary.written == count

@@ -6,11 +6,22 @@ An interrupted write (exception, Ctrl-C, crash) never destroys the previous vers
 
 A directory is replaced by an atomic exchange where the system has one (Linux ``renameat2`` with
 ``RENAME_EXCHANGE``): the path always holds the old or the new directory, never nothing.
-Elsewhere the old directory is renamed aside (``.NAME.PID-HEX.old``) before the new one moves in;
-a crash between those two renames is repaired by :func:`recover`, which the next write (and the
-next bundle load) runs: it puts the previous version back and removes what dead writers left
-(staging ``.NAME.PID-XXXX.tmp`` directories, ``.old`` copies). A writer counts as dead when its
-process id no longer runs on this machine.
+Elsewhere the old directory is renamed aside before the new one moves in; a crash between those
+two renames is repaired by :func:`recover`, which the next write of the same path runs.
+
+Recovery touches only what trainfer can prove it made. A directory write first creates a
+*journal* beside the target, ``.NAME.trainfer-TOKEN.journal`` (``TOKEN``: 32 random hex digits;
+created exclusively, never through a link), recording the writer's process id and host name, and
+then the identity (device, inode) of each directory it makes or moves aside: its staging directory
+``.NAME.trainfer-TOKEN.tmp`` and the previous version ``.NAME.trainfer-TOKEN.old``. :func:`recover`
+acts on a leftover only when all of these hold: a journal of the exact name, a regular file owned
+by this user, at most 4096 bytes, whose header names the same token and target; its writer ran
+on this host and its process id no longer runs; and the directory at the token's ``.tmp`` /
+``.old`` name (never a link) has the identity the journal recorded. Anything else (a user's
+``.NAME.backup.old``, a copy, a renamed directory, a forged name without a journal) is left as it
+is. The one exception is an *empty* directory at a journaled name (a crash between creating it
+and recording it): removing an empty directory cannot lose data. Reads never recover: see
+:func:`interrupted_write`.
 """
 
 from __future__ import annotations
@@ -19,13 +30,17 @@ import contextlib
 import ctypes
 import errno
 import functools
+import json
 import os
 import re
+import secrets
 import shutil
+import socket
+import stat
 import sys
 import tempfile
-import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainfer.errors import TrainferError, WriteError
@@ -34,14 +49,21 @@ __all__ = [
     "atomic_directory",
     "atomic_file",
     "fsync_file",
+    "interrupted_write",
     "recover",
+    "remove_staging",
     "replace_directory",
     "staging_directory",
 ]
 
+JOURNAL_FORMAT = "trainfer-recovery"
+MAX_JOURNAL_BYTES = 4096
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 _UNSUPPORTED = frozenset({errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV})
+_STAGING = re.compile(r"\.(.+)\.trainfer-([0-9a-f]{32})\.tmp")
+
+Identity = tuple[int, int]
 
 
 def fsync_file(path: str | os.PathLike[str]) -> None:
@@ -72,35 +94,181 @@ def atomic_file(target: str | os.PathLike[str]) -> Iterator[Path]:
             raise
 
 
+# --------------------------------------------------------------------------- the journal
+@dataclass
+class _Journal:
+    """What one directory write of ``target`` made: its token, writer and the identities it recorded."""
+
+    target: Path
+    token: str
+    pid: int = 0
+    host: str = ""
+    owned: dict[str, Identity] = field(default_factory=dict)  # "staging" / "old" -> (device, inode)
+
+    def sibling(self, kind: str) -> Path:
+        """``.NAME.trainfer-TOKEN.KIND`` beside the target (``tmp``, ``old`` or ``journal``)."""
+        return self.target.parent / f".{self.target.name}.trainfer-{self.token}.{kind}"
+
+    @classmethod
+    def create(cls, target: Path) -> _Journal:
+        """A new journal for a write of ``target`` (created exclusively: never an existing file or a link)."""
+        journal = cls(target, secrets.token_hex(16), os.getpid(), socket.gethostname())
+        header = {"format": JOURNAL_FORMAT, "version": 1, "token": journal.token, "target": target.name}
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        descriptor = os.open(journal.sibling("journal"), flags, 0o600)
+        os.close(descriptor)
+        journal._append({**header, "pid": journal.pid, "host": journal.host})
+        return journal
+
+    @classmethod
+    def of(cls, directory: Path) -> _Journal | None:
+        """The journal of the staging directory ``directory`` (or of its parent), if it has one."""
+        for candidate in (Path(directory), Path(directory).parent):
+            match = _STAGING.fullmatch(candidate.name)
+            if match:
+                journal = cls(candidate.parent / match[1], match[2], os.getpid())
+                if journal.sibling("journal").is_file():
+                    return journal
+        return None
+
+    def record(self, kind: str, path: Path) -> None:
+        """Record that the directory now at ``path`` is this write's ``kind`` (``staging`` or ``old``)."""
+        identity = _identity(path)
+        if identity is not None:
+            self.owned[kind] = identity
+            self._append({kind: list(identity)})
+
+    def _append(self, entry: dict[str, object]) -> None:
+        with open(self.sibling("journal"), "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def close(self) -> None:
+        """Remove the journal (the write is complete or cleaned up)."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.sibling("journal"))
+
+    @classmethod
+    def read(cls, path: Path, target: Path) -> _Journal | None:
+        """The journal at ``path`` for ``target`` if it passes every check (module docstring), else ``None``."""
+        match = re.fullmatch(rf"\.{re.escape(target.name)}\.trainfer-([0-9a-f]{{32}})\.journal", path.name)
+        try:
+            info = os.lstat(path)
+            if not match or not stat.S_ISREG(info.st_mode) or info.st_size > MAX_JOURNAL_BYTES:
+                return None
+            if hasattr(os, "getuid") and info.st_uid != os.getuid():
+                return None
+            with open(path, "rb") as handle:
+                lines = handle.read(MAX_JOURNAL_BYTES).decode("utf-8").splitlines()
+            entries = [json.loads(line) for line in lines[:3]]
+        except (OSError, ValueError, RecursionError):
+            return None
+        if not entries or not all(isinstance(entry, dict) for entry in entries):
+            return None
+        return cls._checked(target, match[1], entries)
+
+    @classmethod
+    def _checked(cls, target: Path, token: str, entries: list[dict]) -> _Journal | None:
+        header = entries[0]
+        expected = {"format": JOURNAL_FORMAT, "version": 1, "token": token, "target": target.name}
+        if any(header.get(key) != value for key, value in expected.items()):
+            return None
+        pid, host = header.get("pid"), header.get("host")
+        if type(pid) is not int or not isinstance(host, str):
+            return None
+        owned: dict[str, Identity] = {}
+        for entry in entries[1:]:
+            for kind in ("staging", "old"):
+                value = entry.get(kind)
+                if isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value):
+                    owned[kind] = (value[0], value[1])
+        return cls(target, token, pid, host, owned)
+
+    def dead(self) -> bool:
+        """Whether the writer ran on this host and its process no longer runs."""
+        if self.host != socket.gethostname() or self.pid == os.getpid() or self.pid <= 0:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, OverflowError, OSError):
+            return False
+        return False
+
+
+def _identity(path: Path) -> Identity | None:
+    """(device, inode) of the directory at ``path`` (never following a link); ``None`` otherwise."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISDIR(info.st_mode) else None
+
+
+def _dead_journals(target: Path) -> list[_Journal]:
+    """The proven journals of dead writers of ``target``."""
+    prefix = f".{target.name}.trainfer-"
+    try:
+        names = [entry.name for entry in os.scandir(target.parent) if entry.name.startswith(prefix)]
+    except OSError:
+        return []
+    journals = (_Journal.read(target.parent / name, target) for name in names if name.endswith(".journal"))
+    return [journal for journal in journals if journal is not None and journal.dead()]
+
+
+# --------------------------------------------------------------------------- directories
 def staging_directory(target: str | os.PathLike[str]) -> Path:
     """A new empty directory beside ``target`` (same file system, so a rename can move it in).
 
-    Runs :func:`recover` first, so leftovers of an earlier crashed write are dealt with.
+    Runs :func:`recover` first, so leftovers of an earlier crashed write are dealt with; journals
+    the new directory (module docstring). Remove it with :func:`remove_staging` if it is not used.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover(target)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}-", suffix=".tmp", dir=target.parent))
+    journal = _Journal.create(target)
+    staging = journal.sibling("tmp")
+    os.mkdir(staging, 0o700)
+    journal.record("staging", staging)
+    return staging
+
+
+def remove_staging(staging: Path) -> None:
+    """Remove the staging directory ``staging`` (made by :func:`staging_directory`) and its journal."""
+    shutil.rmtree(staging, ignore_errors=True)
+    match = _STAGING.fullmatch(Path(staging).name)
+    if match:
+        _Journal(Path(staging).parent / match[1], match[2]).close()
 
 
 def replace_directory(new: Path, target: Path) -> None:
-    """Move directory ``new`` to ``target``, replacing an existing ``target`` (see the module docstring)."""
+    """Move directory ``new`` to ``target``, replacing an existing ``target`` (see the module docstring).
+
+    ``new`` is a :func:`staging_directory` or a directory inside one (its journal is completed and
+    removed); any other directory gets a journal of its own for the replace.
+    """
     new, target = Path(new), Path(target)
-    if not target.exists():
+    journal = _Journal.of(new)
+    if not os.path.lexists(target):
         os.rename(new, target)
         _fsync_directory(target.parent)
-        return
-    previous = new if _exchange(new, target) else _move_aside_then_in(new, target)
-    _fsync_directory(target.parent)
-    shutil.rmtree(previous, ignore_errors=True)
+    else:
+        journal = journal or _Journal.create(target)
+        journal.record("old", target)  # the same inode wherever the renames below move it
+        previous = new if _exchange(new, target) else _move_aside_then_in(new, target, journal.sibling("old"))
+        _fsync_directory(target.parent)
+        shutil.rmtree(previous, ignore_errors=True)
+    if journal is not None:
+        journal.close()
 
 
-def _move_aside_then_in(new: Path, target: Path) -> Path:
-    """Rename ``target`` to a ``.old`` sibling, then ``new`` to ``target``; return the ``.old`` path.
+def _move_aside_then_in(new: Path, target: Path, old: Path) -> Path:
+    """Rename ``target`` to ``old``, then ``new`` to ``target``; return ``old``.
 
     Between the two renames ``target`` is missing: :func:`recover` repairs a crash there.
     """
-    old = target.parent / f".{target.name}.{os.getpid()}-{uuid.uuid4().hex}.old"
     os.rename(target, old)
     try:
         os.rename(new, target)
@@ -113,47 +281,48 @@ def _move_aside_then_in(new: Path, target: Path) -> Path:
 def recover(target: str | os.PathLike[str]) -> None:
     """Repair what a crashed replace of ``target`` left behind; a no-op when nothing was left.
 
-    If ``target`` is missing, the newest ``.old`` copy of a dead writer becomes ``target`` again
-    (the crash came between the two renames of a non-exchanging replace). Then dead writers'
-    staging directories and ``.old`` copies beside ``target`` are removed. Live writers' files are
-    never touched. Failures (a read-only directory, a concurrent recovery) are ignored.
+    For each proven journal of a dead writer (module docstring): if ``target`` is missing, the
+    previous version it moved aside becomes ``target`` again; then its staging directory and
+    previous version are removed, and the journal last. Unproven directories are never touched;
+    failures (a read-only directory, a concurrent recovery) are ignored.
     """
     target = Path(target)
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?:(\d+)-)?[a-z0-9_]+\.(tmp|old)$")
-    try:
-        found = [(entry, pattern.match(entry.name)) for entry in os.scandir(target.parent)]
-    except OSError:
-        return
-    stale = [(Path(entry.path), match[2]) for entry, match in found if match and entry.is_dir() and _dead(match[1])]
-    olds = sorted((path for path, kind in stale if kind == "old"), key=_mtime, reverse=True)
-    with contextlib.suppress(OSError):
-        if olds and not target.exists():
-            os.rename(olds[0], target)
-            _fsync_directory(target.parent)
-    for path, _ in stale:
-        shutil.rmtree(path, ignore_errors=True)
+    for journal in _dead_journals(target):
+        with contextlib.suppress(OSError):
+            _repair(journal)
 
 
-def _dead(pid: str | None) -> bool:
-    """Whether the writer with process id ``pid`` (``None``: written before ids were recorded) is gone."""
-    if pid is None:
-        return True
-    if int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError, OSError):
-        return False
-    return False
+def _repair(journal: _Journal) -> None:
+    old = journal.sibling("old")
+    if not os.path.lexists(journal.target) and _identity(old) == journal.owned.get("old"):
+        os.rename(old, journal.target)
+        _fsync_directory(journal.target.parent)
+    owned = set(journal.owned.values())
+    for path in (journal.sibling("tmp"), old):
+        identity = _identity(path)
+        if identity in owned:
+            shutil.rmtree(path, ignore_errors=True)
+        elif identity is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # only ever removes an empty directory
+    if not any(os.path.lexists(journal.sibling(kind)) for kind in ("tmp", "old")):
+        journal.close()
 
 
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
+def interrupted_write(target: str | os.PathLike[str]) -> Path | None:
+    """The previous version of a missing ``target`` that a dead writer moved aside, if any (nothing moves).
+
+    Reads (loading a bundle, ``trainfer predict``) call this to explain a missing path; only a
+    write of ``target`` (or an explicit :func:`recover`) puts the previous version back.
+    """
+    target = Path(target)
+    if os.path.lexists(target):
+        return None
+    for journal in _dead_journals(target):
+        old = journal.sibling("old")
+        if journal.owned.get("old") is not None and _identity(old) == journal.owned["old"]:
+            return old
+    return None
 
 
 @functools.cache
@@ -222,5 +391,5 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
             yield staging
             replace_directory(staging, target)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_staging(staging)
             raise

@@ -3,12 +3,17 @@
 Three small steps, each reusable: :func:`load_predictor` (bundle or ``.onnx`` -> Predictor),
 :func:`gather_inputs` (INPUT paths -> ``(id, sample)`` pairs, streamed) and :func:`write_results`
 (``(id, result)`` pairs -> table, JSON lines or CSV on a stream).
+
+Table and CSV cells are :func:`printable`: a label or file name holding a newline, a terminal
+escape sequence or another control character is written escaped, never raw (JSON lines escape
+them as JSON does).
 """
 
 from __future__ import annotations
 
 import collections
 import csv
+import hashlib
 import json
 import sys
 from collections.abc import Iterable, Iterator
@@ -21,12 +26,13 @@ import numpy as np
 from trainfer.cli.common import friendly_errors, trust_factory_option, trusted
 from trainfer.errors import InputError, MissingFileError
 from trainfer.serve import distributed
-from trainfer.serve.batch_predict import iter_images, predict_to_jsonl
+from trainfer.serve.batch_predict import check_output, iter_images, predict_to_jsonl
 from trainfer.serve.predictor import Predictor
 from trainfer.serve.preprocess import IMAGE_SUFFIXES, PreprocessSpec, iter_csv, read_npy
 from trainfer.serve.runtime import RUNTIMES
 
 FORMATS = ("table", "jsonl", "csv")
+BUNDLE_RECORDS = ("manifest.json", "quantization.json", "runtime.json")
 
 
 def load_predictor(
@@ -105,23 +111,42 @@ def _number(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def printable(name: str) -> str:
-    """A file name as text any stream can encode: bytes that are not UTF-8 (``\\udcff`` from the OS) as ``\\xff``."""
+def printable(text: str) -> str:
+    """``text`` with each character that is not printable written as its Python escape.
+
+    Bytes of a file name that are not UTF-8 (``\\udcff`` from the OS) become ``\\xff``; control
+    characters (newline, carriage return, ESC of terminal sequences, NUL), line and paragraph
+    separators and format characters (bidirectional overrides) become ``\\n``, ``\\x1b``, ``\\u202e``:
+    a label can then neither start a row of its own nor act on the terminal. Printable text is
+    returned as is.
+    """
     try:
-        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate no OS name decodes to: shown as its escape
-        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no OS name decodes to: escaped below
+        pass
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _escaped(value: Any) -> Any:
+    return printable(value) if isinstance(value, str) else value
 
 
 def write_results(pairs: Iterable[tuple[str, Any]], fmt: str, stream: IO[str]) -> int:
-    """Write ``(id, result)`` pairs as ``table``, ``jsonl`` or ``csv``; return how many were written."""
+    """Write ``(id, result)`` pairs as ``table``, ``jsonl`` or ``csv``; return how many were written.
+
+    No pair at all is an :class:`InputError` (there was nothing to predict).
+    """
     if fmt == "jsonl":
         count = 0
         for identifier, result in pairs:
             stream.write(json.dumps({"id": identifier, **result.to_record()}, allow_nan=False) + "\n")
             count += 1
-        return count
-    rows = [flat_record(printable(identifier), result) for identifier, result in pairs]
+        return count or _nothing_predicted()
+    rows = [{printable(k): _escaped(v) for k, v in flat_record(i, r).items()} for i, r in pairs]
+    if not rows:
+        _nothing_predicted()
     columns = list(dict.fromkeys(key for row in rows for key in row))
     if fmt == "csv":
         writer = csv.DictWriter(stream, columns, lineterminator="\n")
@@ -133,6 +158,22 @@ def write_results(pairs: Iterable[tuple[str, Any]], fmt: str, stream: IO[str]) -
         for line in [columns, *cells]:
             stream.write("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() + "\n")
     return len(rows)
+
+
+def _nothing_predicted() -> int:
+    raise InputError("no inputs to predict: the inputs hold no image, .npy row or CSV row")
+
+
+def model_digest(model: str) -> str:
+    """sha256 of a bundle's metadata files (its manifest names its weights' sha256; its
+    ``quantization.json`` its int8 file's) or of a ``.onnx`` file."""
+    path = Path(model)
+    files = [path] if path.is_file() else [path / name for name in BUNDLE_RECORDS if (path / name).is_file()]
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as handle:
+            digest.update(file.name.encode() + hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()
 
 
 def is_model(path: str) -> bool:
@@ -232,9 +273,18 @@ def command(
         rank_device = distributed.setup()
         device = str(rank_device) if device == "auto" else device
     try:
+        if out is not None:
+            check_output(Path(out))  # before loading anything: /dev/stdout, a pipe, /dev/zero are refused
         predictor = load_serving(models, parse_weights(weights), batch_size, device, threshold, runtime)
         if out is not None:
-            summary = predict_to_jsonl(predictor, batch_source(paths, predictor.preprocess_spec), out, top_k=top_k)
+            producer = {
+                "models": [model_digest(model) for model in models],
+                "weights": parse_weights(weights),
+                "threshold": threshold,
+                "runtime": runtime,
+            }
+            source = batch_source(paths, predictor.preprocess_spec)
+            summary = predict_to_jsonl(predictor, source, out, top_k=top_k, producer=producer)
             if distributed.is_main():
                 click.echo(
                     f"{summary.written} records written to {out} after {summary.resumed} already there", err=True

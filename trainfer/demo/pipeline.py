@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -39,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from trainfer.analysis.inspection import inspect
-from trainfer.atomic import replace_directory, staging_directory
+from trainfer.atomic import remove_staging, replace_directory, staging_directory
 from trainfer.bench import Timing, count_macs, count_parameters, num_threads, peak_memory, time_forms
 from trainfer.demo import data
 from trainfer.demo.report import write_report
@@ -111,7 +110,7 @@ def _staging(out: Path) -> Iterator[Path]:
             replace_directory(work, out)
     except BaseException:
         if distributed.is_main():
-            shutil.rmtree(work, ignore_errors=True)
+            remove_staging(work)
         raise
 
 

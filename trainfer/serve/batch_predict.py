@@ -17,26 +17,45 @@ directory, or ``"<csv path>:<0-based row>"``. Guarantees:
   same inputs as in one uninterrupted process: the file is byte for byte that process's, whatever
   the number of ranks or interruptions, for the same ``B`` (kernels may round differently per
   batch size).
+* **Resumed only by what wrote it.** ``OUT.trainfer.json`` records what produces the records
+  (the model's digest, ``top_k``, the record format; the CLI adds the bundle files' digest,
+  threshold, runtime and ensemble weights). A non-empty ``out`` without it, or whose record
+  differs, is refused (:class:`InputError`) instead of appended to.
+* **Regular files only.** An ``out`` that exists and is not a regular file (``/dev/stdout``, a
+  pipe, ``/dev/zero``, a directory) is refused before anything reads or writes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
+from trainfer.atomic import atomic_file
 from trainfer.errors import InputError, MissingFileError, WriteError
 from trainfer.serve import distributed
 from trainfer.serve.preprocess import IMAGE_SUFFIXES, PreprocessSpec, iter_csv
 
 Item = tuple[Any, Any]  # (id written in the record, input handed to the predictor)
+PRODUCER_SUFFIX = ".trainfer.json"
+MAX_PRODUCER_BYTES = 1 << 16
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a pipe",
+    stat.S_IFSOCK: "a socket",
+}
 
 
 @dataclass(frozen=True)
@@ -52,14 +71,21 @@ def iter_images(directory: str | os.PathLike[str]) -> Iterator[Item]:
     """Image files under ``directory`` (recursively, sorted by name), as ``(relative path, path)``.
 
     Only one directory's names are listed at a time; no image is opened here.
+    An :class:`InputError` ends the listing if it found no image at all (an empty directory).
     """
     root = Path(directory)
+    found = False
     for folder, subfolders, names in os.walk(root):
         subfolders.sort()
         for name in sorted(names):
             if Path(name).suffix.lower() in IMAGE_SUFFIXES:
                 path = Path(folder, name)
+                found = True
                 yield path.relative_to(root).as_posix(), str(path)
+    if not found:
+        raise InputError(
+            f"no image files under {str(root)!r}: expected files ending in {', '.join(sorted(IMAGE_SUFFIXES))}"
+        )
 
 
 def iter_csv_rows(path: str | os.PathLike[str], spec: PreprocessSpec) -> Iterator[Item]:
@@ -135,12 +161,94 @@ def _skip_done(items: Iterator[Item], out: Path, done: int, keep: int) -> list[I
     return again
 
 
-def _resume(items: Iterator[Item], out: Path, batch_size: int) -> tuple[int, Iterator[Item]]:
+def check_output(out: Path) -> None:
+    """Refuse an ``out`` that exists and is not a regular file (see the module docstring)."""
+    kind = _irregular(out, "--out")
+    if kind:
+        raise InputError(f"--out {str(out)!r} is {kind}: expected a new path or a regular file to resume")
+
+
+def _irregular(path: Path, role: str) -> str | None:
+    """What ``path`` is when it exists and is not a regular file (following links), else ``None``."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise InputError(f"{role} {str(path)!r} cannot be examined: {error.strerror or error}") from None
+    return None if stat.S_ISREG(mode) else _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def producer_path(out: str | os.PathLike[str]) -> Path:
+    """Where the record of what produces ``out`` is kept: ``OUT.trainfer.json`` beside it."""
+    out = Path(out)
+    return out.with_name(out.name + PRODUCER_SUFFIX)
+
+
+def model_digest(predictor: Any) -> str:
+    """sha256 of what ``predictor`` serves: a PyTorch model's state (names, dtypes, shapes, bytes) and
+    heads; an ensemble's members' digests and weights; another engine's type and heads only."""
+    digest = hashlib.sha256()
+    members = getattr(predictor, "members", None)
+    if members is not None:
+        weights = torch.as_tensor(predictor.weights, dtype=torch.float64).tolist()
+        digest.update(json.dumps([[model_digest(m) for m in members], weights]).encode())
+        return digest.hexdigest()
+    model = getattr(predictor, "model", predictor)
+    digest.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    digest.update(json.dumps([h.to_dict() for h in getattr(predictor, "heads", [])], default=str).encode())
+    digest.update(repr(getattr(predictor, "threshold", None)).encode())
+    if isinstance(model, torch.nn.Module):
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(f"{name}{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def producer_record(predictor: Any, top_k: int | None, producer: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``OUT.trainfer.json`` records: the record format, ``top_k``, and ``producer`` (default:
+    the predictor's :func:`model_digest`)."""
+    made_by = {"model": model_digest(predictor)} if producer is None else producer
+    return {"format": "trainfer-predictions", "records": "jsonl", "top_k": top_k, **made_by}
+
+
+def _check_producer(out: Path, expected: dict[str, Any]) -> None:
+    """Refuse to resume the non-empty ``out`` unless its recorded producer is ``expected``."""
+    path = producer_path(out)
+    again = "use another --out or delete it"
+    kind = _irregular(path, "the record")
+    if kind:
+        raise InputError(f"cannot resume {str(out)!r}: {path.name!r} is {kind}, not a record of what wrote it; {again}")
+    if not path.is_file():
+        raise InputError(f"cannot resume {str(out)!r}: nothing records what wrote it (no {path.name!r}); {again}")
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read(MAX_PRODUCER_BYTES + 1)
+        recorded = json.loads(text) if len(text) <= MAX_PRODUCER_BYTES else None
+    except (OSError, ValueError, RecursionError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise InputError(f"cannot resume {str(out)!r}: {path.name!r} is not a record of what wrote it; {again}")
+    differences = [
+        f"{key} {recorded.get(key)!r}, not {expected.get(key)!r}"
+        for key in sorted(recorded.keys() | expected.keys())
+        if recorded.get(key) != expected.get(key)
+    ]
+    if differences:
+        raise InputError(f"cannot resume {str(out)!r}: it was written with {'; '.join(differences)}; {again}")
+
+
+def _write_producer(out: Path, producer: dict[str, Any]) -> None:
+    with atomic_file(producer_path(out)) as tmp:
+        tmp.write_text(json.dumps(producer, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+
+
+def _resume(items: Iterator[Item], out: Path, batch_size: int, producer: dict[str, Any]) -> tuple[int, Iterator[Item]]:
     """Skip ``out``'s records on every rank, back to the last whole batch; return their count and the rest.
 
-    Rank 0 checks every complete record's id, then cuts ``out`` after the last whole batch (a
-    truncated last line goes too): the inputs after it are predicted again, in the same batches
-    as an uninterrupted run.
+    Rank 0 checks ``out`` is a regular file written by ``producer`` and every complete record's
+    id, then cuts ``out`` after the last whole batch (a truncated last line goes too): the inputs
+    after it are predicted again, in the same batches as an uninterrupted run.
     """
     outcome: Any = None
     again: list[Item] = []
@@ -148,10 +256,14 @@ def _resume(items: Iterator[Item], out: Path, batch_size: int) -> tuple[int, Ite
         try:
             if not out.parent.is_dir():
                 raise MissingFileError(f"--out directory {str(out.parent)!r} does not exist")
+            check_output(out)
+            if out.exists() and out.stat().st_size:
+                _check_producer(out, producer)
             done = count_records(out)
             outcome = done - done % batch_size
             again = _skip_done(items, out, done, outcome)
             keep_records(out, outcome)
+            _write_producer(out, producer)
         except (ValueError, OSError) as error:
             outcome = error
     outcome = distributed.broadcast_object(outcome)
@@ -211,18 +323,21 @@ def predict_to_jsonl(
     batch_size: int | None = None,
     top_k: int | None = None,
     progress: bool = True,
+    producer: dict[str, Any] | None = None,
 ) -> BatchSummary:
     """Predict every input of ``source`` into the JSON-lines file ``out`` (see the module docstring).
 
     ``predictor`` is a :class:`trainfer.Predictor` or an ensemble (anything with
     ``predict(inputs, top_k=...)`` returning results with ``to_record()``); ``source`` is a
     directory of images, a ``.csv`` file, or an iterable of ``(id, input)`` pairs. Under torchrun
-    every rank calls this with the same arguments; only rank 0 writes ``out``.
+    every rank calls this with the same arguments; only rank 0 writes ``out``. ``producer``
+    (JSON values) identifies the model for resuming (default: :func:`model_digest`).
     """
     out = Path(out)
     batch_size = batch_size or predictor.batch_size
+    made_by = producer_record(predictor, top_k, producer)
     items = iter(iter_source(source, predictor.preprocess_spec) if isinstance(source, str | os.PathLike) else source)
-    resumed, items = _resume(items, out, batch_size)
+    resumed, items = _resume(items, out, batch_size, made_by)
     window_size = batch_size * distributed.world_size()
     written = 0
     main = distributed.is_main()

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from trainfer.atomic import atomic_directory, fsync_file, recover
+from trainfer.atomic import atomic_directory, fsync_file, interrupted_write
 from trainfer.errors import BundleError, BundleWarning, InputError
 from trainfer.jsonfile import read_json
 from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
@@ -315,12 +315,16 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The validated manifest of the bundle at ``path`` (the directory, or its ``manifest.json``).
 
     The whole manifest is checked against :mod:`trainfer.manifest` (types and size limits) before
-    anything is built; a bundle interrupted mid-replace (see :func:`trainfer.atomic.recover`) is
-    restored first.
+    anything is built. Reading never moves anything: a bundle missing because a write was killed
+    mid-replace (see :func:`trainfer.atomic.interrupted_write`) is reported, and left to the next write.
     """
     path = Path(path)
-    if not path.exists():
-        recover(path)
+    previous = interrupted_write(path)
+    if previous is not None:
+        raise BundleError(
+            f"no trainfer bundle at {str(path)!r}: a write to it was interrupted and left the previous version "
+            f"in {previous.name!r}; the next write to {str(path)!r} (or trainfer.atomic.recover) puts it back"
+        )
     file = path / MANIFEST_FILE if path.is_dir() else path
     if not file.is_file() or file.name != MANIFEST_FILE:
         raise BundleError(f"no trainfer bundle at {str(path)!r}: expected a directory holding {MANIFEST_FILE}")

@@ -545,14 +545,26 @@ def iter_csv(path: Path, spec: PreprocessSpec, chunk_rows: int = _CSV_CHUNK_ROWS
 
 
 def _column_indices(header: list[str], spec: PreprocessSpec, path: Path) -> list[int]:
+    """The position of each of ``spec.columns`` in ``header`` (its first occurrence), in linear time."""
     if spec.columns is None:
         return list(range(len(header)))
-    missing = [c for c in spec.columns if c not in header]
+    positions: dict[str, int] = {}
+    for index, name in enumerate(header):
+        positions.setdefault(name, index)
+    missing = [c for c in spec.columns if c not in positions]
     if missing:
         raise InputError(
-            f"CSV file {str(path)!r} lacks column(s) {missing}: expected {list(spec.columns)}, got {header}"
+            f"CSV file {str(path)!r} lacks column(s) {_some(missing)}: "
+            f"expected {_some(spec.columns)}, got {_some(header)}"
         )
-    return [header.index(c) for c in spec.columns]
+    return [positions[c] for c in spec.columns]
+
+
+def _some(names: Iterable[str], shown: int = 10) -> str:
+    """At most ``shown`` of ``names`` as a list, with how many more there are."""
+    names = list(names)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{names[:shown]}{more}"
 
 
 def _parse_row(row: list[str], indices: list[int], header: list[str], path: Path, line: int) -> list[float]:

@@ -40,7 +40,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -52,7 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from trainfer.atomic import replace_directory, staging_directory
+from trainfer.atomic import remove_staging, replace_directory, staging_directory
 from trainfer.errors import InputError, QuantizationError
 from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over
 from trainfer.serve.runtime import (
@@ -174,7 +173,7 @@ class QuantizedModel:
             (inner / QUANTIZATION_FILE).write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
             replace_directory(inner, target)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_staging(staging)
         return target
 
 
@@ -404,8 +403,8 @@ def quantize(
                 UserWarning,
                 stacklevel=2,
             )
-        if labels is not None:
-            labels = torch.as_tensor(labels).long().flatten()
+        reference = logits_over(source.model, check)
+        labels = None if labels is None else class_indices(labels, reference.shape[-1], len(reference))
         settings = {
             "backend": "onnxruntime.quantization.quantize_static",
             "format": "QDQ",
@@ -415,11 +414,35 @@ def quantize(
             "calibration_samples": len(calib),
             "reduce_range": not machine_info()["int8_dot_product"] if reduce_range is None else reduce_range,
         }
-        search = _Search(source, calib, (check, labels, logits_over(source.model, check)), gate, settings, workdir)
+        search = _Search(source, calib, (check, labels, reference), gate, settings, workdir)
         search.threads = threads or torch.get_num_threads()
         options = (False, True) if equalize == "auto" else (bool(equalize),)
         variants = [search.prepare(option, sensitivity_samples) for option in options]
         return search.run(variants, max_float_layers)
+
+
+def class_indices(labels: Any, classes: int, count: int) -> Tensor:
+    """``labels`` checked as ``count`` class indices of a ``classes``-way output, as an int64 ``(count,)`` tensor.
+
+    Refuses (:class:`InputError`) anything but integers (a float, boolean or object array is not
+    a list of class indices) and any value outside ``0 .. classes - 1``.
+    """
+    try:
+        values = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise InputError(f"labels must be class indices (integers); got {type(labels).__name__}: {error}") from None
+    if values.dtype == torch.bool or values.is_floating_point() or values.is_complex():
+        raise InputError(f"labels must be integer class indices; got dtype {str(values.dtype).removeprefix('torch.')}")
+    values = values.flatten()
+    if len(values) != count:
+        raise InputError(f"labels must hold one class index per validation input ({count}); got {len(values)}")
+    outside = values[(values < 0) | (values >= classes)]
+    if len(outside):
+        raise InputError(
+            f"labels must be class indices in 0..{classes - 1} ({classes} classes); got {int(outside[0])} "
+            f"({len(outside)} out of range)"
+        )
+    return values.long()
 
 
 def _example(model_or_bundle: Any, calibration_data: Any) -> Tensor | None:

@@ -53,6 +53,7 @@ from trainfer.jsonfile import read_json
 from trainfer.numerics import TOLERANCE
 from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
 from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over
+from trainfer.serve.int8_ops import check_int8_ops
 from trainfer.serve.outputs import flatten_outputs
 
 RUNTIMES = ("torch", "torch-channels-last", "inductor", "onnxruntime", "openvino")
@@ -626,11 +627,13 @@ def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None, 
     file = directory / QUANTIZED_FILE
     if not file.is_file():
         raise BundleError(f"bundle {str(directory)!r} lacks its int8 form {QUANTIZED_FILE!r}")
-    digest = hashlib.sha256(file.read_bytes()).hexdigest()
+    data = file.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
     if digest != entry.get("sha256"):
         raise BundleError(
             f"{str(file)!r} does not match {QUANTIZATION_FILE}: sha256 expected {entry.get('sha256')}, got {digest}"
         )
+    check_int8_ops(data, repr(str(file)))  # before any runtime parses it: only the operators trainfer writes
     manifest = read_manifest(directory)
     threads = torch.get_num_threads()
     try:

@@ -1,0 +1,204 @@
+"""A bundle's int8 form (``quantized.onnx``), attacked by someone who read the docs and recomputes
+its sha256 in ``quantization.json`` (integrity, not authenticity).
+
+trainfer wrote that file, so it accepts only the operators it writes
+(:data:`trainfer.serve.int8_ops.INT8_OPS`), on every graph, nested graph and function, before
+ONNX Runtime or OpenVINO parses it: control flow (a ``Loop`` of 1e12 iterations hung predict),
+size-from-data operators, custom domains and junk are a one-line :class:`trainfer.BundleError`.
+"""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+from serving_models import write_pngs
+from time_limit import time_limit
+
+import trainfer
+from trainfer.cli import main
+from trainfer.models import digits_net
+from trainfer.serve.int8_ops import INT8_OPS, MAX_INT8_NODES
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory):
+    torch.manual_seed(0)
+    samples = torch.rand(16, 1, 8, 8)
+    gate = trainfer.AccuracyGate(min_agreement=0.0, max_accuracy_drop=None)
+    quantized = trainfer.quantize(digits_net().eval(), samples, gate=gate, equalize=False, sensitivity_samples=8)
+    return quantized.save(tmp_path_factory.mktemp("int8") / "b")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    return write_pngs(tmp_path_factory.mktemp("image"), 1)[0]
+
+
+def tampered(bundle: Path, destination: Path, mutate) -> Path:
+    """A copy of ``bundle`` whose quantized.onnx ``mutate(model)`` edited, its sha256 recomputed."""
+    shutil.copytree(bundle, destination)
+    model = onnx.load(str(destination / "quantized.onnx"))
+    data = mutate(model) or model.SerializeToString()
+    (destination / "quantized.onnx").write_bytes(data)
+    entry = json.loads((destination / "quantization.json").read_text())
+    entry["sha256"] = hashlib.sha256(data).hexdigest()
+    (destination / "quantization.json").write_text(json.dumps(entry))
+    return destination
+
+
+def wrap_output(model, make_nodes) -> None:
+    """Route the graph's output through the nodes ``make_nodes(inner, outer)`` builds."""
+    output = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = [f"{name}_pre" if name == output else name for name in node.output]
+    model.graph.node.extend(make_nodes(f"{output}_pre", output))
+
+
+def identity_body(name: str):
+    """A loop body carrying ``v`` through unchanged: (iteration, condition, v) -> (condition, v)."""
+    return helper.make_graph(
+        [helper.make_node("Identity", ["cond"], ["cond_out"]), helper.make_node("Identity", ["v"], ["v_out"])],
+        name,
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v", TensorProto.FLOAT, None),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None),
+        ],
+    )
+
+
+def loop(inner, outer):
+    return [
+        helper.make_node("Constant", [], ["trips"], value=helper.make_tensor("t", TensorProto.INT64, [], [10**12])),
+        helper.make_node("Constant", [], ["go"], value=helper.make_tensor("g", TensorProto.BOOL, [], [True])),
+        helper.make_node("Loop", ["trips", "go", inner], [outer], body=identity_body("body")),
+    ]
+
+
+def branch(inner, outer):
+    then = helper.make_graph(
+        [helper.make_node("Identity", [inner], ["then_out"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, None)],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", [inner], ["else_out"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, None)],
+    )
+    return [
+        helper.make_node("Constant", [], ["go"], value=helper.make_tensor("g", TensorProto.BOOL, [], [True])),
+        helper.make_node("If", ["go"], [outer], then_branch=then, else_branch=other),
+    ]
+
+
+def scan(inner, outer):
+    return [helper.make_node("Scan", [inner], [outer], body=identity_body("scan"), num_scan_inputs=1)]
+
+
+def nested_in_an_allowed_op(inner, outer):
+    return [helper.make_node("Identity", [inner], [outer], hidden=identity_body("hidden_with_loop"))]
+
+
+def loop_in_a_nested_graph(inner, outer):
+    body = identity_body("body")
+    body.node.extend(loop("v", "unused"))
+    return [helper.make_node("Identity", [inner], [outer], hidden=body)]
+
+
+def custom_domain(inner, outer):
+    return [helper.make_node("Conv", [inner], [outer], domain="evil.example")]
+
+
+def microsoft_op(inner, outer):
+    return [helper.make_node("Gelu", [inner], [outer], domain="com.microsoft")]
+
+
+def constant_of_shape(inner, outer):
+    shape = helper.make_tensor("s", TensorProto.INT64, [2], [100_000, 100_000])
+    return [
+        helper.make_node("Constant", [], ["shape"], value=shape),
+        helper.make_node("ConstantOfShape", ["shape"], ["huge"]),
+        helper.make_node("Add", [inner, "huge"], [outer]),
+    ]
+
+
+def with_function(called: bool):
+    def mutate(model):
+        function = helper.make_function(
+            "evil.example", "Bomb", ["x"], ["y"], loop("x", "y"), [helper.make_opsetid("", 17)]
+        )
+        model.functions.append(function)
+        model.opset_import.append(helper.make_opsetid("evil.example", 1))
+        if called:
+            wrap_output(model, lambda inner, outer: [helper.make_node("Bomb", [inner], [outer], domain="evil.example")])
+
+    return mutate
+
+
+def too_many_nodes(model):
+    wrap_output(
+        model,
+        lambda inner, outer: [
+            *(helper.make_node("Identity", [inner], [f"n{i}"]) for i in range(MAX_INT8_NODES)),
+            helper.make_node("Identity", [inner], [outer]),
+        ],
+    )
+
+
+ATTACKS = {
+    "Loop of 1e12 iterations": (lambda model: wrap_output(model, loop), "'Loop'"),
+    "If": (lambda model: wrap_output(model, branch), "'If'"),
+    "Scan": (lambda model: wrap_output(model, scan), "'Scan'"),
+    "graph hidden in an allowed op": (lambda model: wrap_output(model, nested_in_an_allowed_op), "holds a graph"),
+    "Loop in a nested graph": (lambda model: wrap_output(model, loop_in_a_nested_graph), "holds a graph"),
+    "custom domain": (lambda model: wrap_output(model, custom_domain), "'evil.example:Conv'"),
+    "com.microsoft operator": (lambda model: wrap_output(model, microsoft_op), "'com.microsoft:Gelu'"),
+    "ConstantOfShape bomb": (lambda model: wrap_output(model, constant_of_shape), "'ConstantOfShape'"),
+    "function called": (with_function(True), "'evil.example:Bomb'"),
+    "function defined, not called": (with_function(False), "function evil.example:Bomb"),
+    "too many nodes": (too_many_nodes, f"more than {MAX_INT8_NODES} nodes"),
+    "not ONNX at all": (lambda model: b"\x0a\xff\xff\xff\xff\x0f junk", "not a valid ONNX model"),
+}
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_the_int8_form_may_only_use_the_operators_trainfer_writes(int8_bundle, tmp_path, attack):
+    mutate, message = ATTACKS[attack]
+    bundle = tampered(int8_bundle, tmp_path / "b", mutate)
+    with time_limit(120), pytest.raises(trainfer.BundleError, match=message.replace("(", r"\(")):
+        trainfer.Predictor.load(bundle)
+
+
+def test_the_command_line_refuses_it_in_one_line(int8_bundle, tmp_path, image):
+    bundle = tampered(int8_bundle, tmp_path / "b", ATTACKS["Loop of 1e12 iterations"][0])
+    with time_limit(120):
+        result = CliRunner().invoke(main, ["predict", str(bundle), str(image)])
+    assert result.exit_code == 2 and result.output.count("error: ") == 1, result.output
+    assert "uses the ONNX operator 'Loop'" in result.output and "Traceback" not in result.output
+
+
+def test_what_quantize_writes_passes_and_serves_what_the_file_computes(int8_bundle):
+    import onnxruntime
+
+    model = onnx.load(str(int8_bundle / "quantized.onnx"))
+    assert {node.op_type for node in model.graph.node} <= INT8_OPS
+    sample = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)).numpy()
+    served = trainfer.Predictor.load(int8_bundle).predict(sample)
+    session = onnxruntime.InferenceSession(str(int8_bundle / "quantized.onnx"), providers=["CPUExecutionProvider"])
+    logits = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: sample})[0])
+    probabilities = logits.double().softmax(-1)
+    assert [r.index for r in served] == probabilities.argmax(-1).tolist()
+    assert [r.probability for r in served] == pytest.approx(probabilities.max(-1).values.tolist(), rel=1e-5)
