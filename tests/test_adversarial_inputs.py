@@ -44,7 +44,8 @@ from trainfer.serve import architecture
 from trainfer.serve.preprocess import MAX_NPY_ELEMENTS
 
 X = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-ROOT = Path(__file__).parent.parent
+TESTS = Path(__file__).parent
+SOURCE = Path(trainfer.__file__).parent.parent  # subprocesses run the trainfer under test
 MEMORY_LIMIT = 3 * 2**30  # address space of a resource-bomb subprocess: torch loads, 1e12 samples do not
 
 
@@ -200,7 +201,7 @@ def run_limited(code: str, seconds: float = 120) -> subprocess.CompletedProcess:
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SOURCE), str(TESTS)])}
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=limit, env=env, timeout=seconds
     )
@@ -432,7 +433,7 @@ def test_a_file_name_that_is_not_utf8_prints_escaped(bundle, tmp_path, fmt):
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / name)
     except (OSError, UnicodeEncodeError):
         pytest.skip("this file system refuses file names that are not UTF-8")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8"}
+    env = {**os.environ, "PYTHONPATH": str(SOURCE), "PYTHONIOENCODING": "utf-8"}
     command = [sys.executable, "-m", "trainfer", "predict", str(bundle), str(tmp_path / name), "--format", fmt]
     result = subprocess.run(command, capture_output=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
