@@ -521,6 +521,11 @@ API_MISUSE = {
         InputTypeError,
         "ensemble member 0 must be a Predictor; got int 1",
     ),
+    "ensemble of 5": (
+        lambda p, b: trainfer.Predictor.ensemble(5),
+        InputTypeError,
+        "predictors must be an iterable of Predictors; got int 5",
+    ),
     "ensemble top_k=.2.": (
         lambda p, b: trainfer.Predictor.ensemble([p]).predict(X, top_k="2"),
         InputTypeError,
