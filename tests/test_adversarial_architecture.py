@@ -285,3 +285,27 @@ def test_the_address_space_limit_of_the_bomb_tests_is_real():
     """The bombs above run under RLIMIT_AS: a sanity check that the limit can be set on this machine."""
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     assert hard == resource.RLIM_INFINITY or hard >= 3 << 30
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        ("torch.nn.functional.softmax", ["INPUT"], {"dim": 7}),
+        ("torch.softmax", ["INPUT", -9]),
+        ("log_softmax", ["INPUT", 4], {}, "call_method"),
+    ],
+)
+def test_a_softmax_over_a_dimension_the_input_lacks_is_refused_at_load(tmp_path, deploy_bundle, node):
+    """PyTorch's meta kernels accept any softmax dim: the load-time run checks it (not the first prediction)."""
+    source, manifest, _ = deploy_bundle
+    with pytest.raises(trainfer.BundleError, match=r"softmax over dim -?\d of a 4-dimensional tensor"):
+        trainfer.load(_write(tmp_path, source, _with_node(manifest, *node)))
+
+
+def test_a_softmax_module_over_a_dimension_the_output_lacks_is_refused_at_load(tmp_path, deploy_bundle):
+    source, manifest, _ = deploy_bundle
+    evil = copy.deepcopy(manifest)
+    softmax = next(spec for spec in evil["architecture"]["modules"].values() if spec["type"] == "Softmax")
+    softmax["args"]["dim"] = 7
+    with pytest.raises(trainfer.BundleError, match=r"softmax over dim 7 of a 2-dimensional tensor"):
+        trainfer.load(_write(tmp_path, source, evil))

@@ -527,6 +527,10 @@ def _decode(value: Any, env: dict[str, fx.Node], where: str, budget: _Budget, de
 # --------------------------------------------------------------------------- what a graph may compute
 _PYTHON_OPERATORS = frozenset(FUNCTIONS[f"operator.{name}"] for name in _OPERATORS if name != "getitem")
 _NUMBER = (bool, int, float)
+_SOFTMAXES = frozenset(
+    {("call_function", F.softmax), ("call_function", F.log_softmax), ("call_function", torch.softmax)}
+    | {("call_method", "softmax"), ("call_method", "log_softmax")}
+)
 
 
 def check_computation(gm: fx.GraphModule, input_shape: list[int], where: str) -> None:
@@ -573,9 +577,23 @@ class _BoundedRun(fx.Interpreter):
             _check_operands(n, [self.env[a] if isinstance(a, fx.Node) else a for a in n.args])
         if n.op == "call_method" and not isinstance(self.env[cast(fx.Node, n.args[0])], torch.Tensor):
             raise BundleError(f"node {n.name!r}: method {n.target!r} is called on a non-tensor")
+        self._check_softmax_dim(n)
         result = super().run_node(n)
         self._check_result(n, result)
         return result
+
+    def _check_softmax_dim(self, n: fx.Node) -> None:
+        """PyTorch's meta kernels of softmax accept any ``dim``: refuse one outside the input's dimensions."""
+        dim: Any
+        if n.op == "call_module" and isinstance(self.module.get_submodule(cast(str, n.target)), nn.Softmax):
+            dim = self.module.get_submodule(cast(str, n.target)).dim
+        elif (n.op, n.target) in _SOFTMAXES:
+            dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+        else:
+            return
+        given = self.env.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+        if isinstance(given, torch.Tensor) and isinstance(dim, int) and not -given.dim() <= dim < max(given.dim(), 1):
+            raise BundleError(f"node {n.name!r}: softmax over dim {dim} of a {given.dim()}-dimensional tensor")
 
     def _check_result(self, n: fx.Node, result: Any) -> None:
         for item in result if isinstance(result, tuple | list) else (result,):

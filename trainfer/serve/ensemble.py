@@ -37,7 +37,7 @@ from trainfer.errors import InputError, InputTypeError
 from trainfer.serve.batching import sample_count, timed_batches
 from trainfer.serve.preprocess import PreprocessSpec, iter_raw
 from trainfer.serve.results import BinaryResult, ClassificationResult, RegressionResult, check_finite_scores
-from trainfer.validate import check_integer, given
+from trainfer.validate import check_integer, check_type, given
 
 if TYPE_CHECKING:  # annotations only: the Predictor builds ensembles (Predictor.ensemble), not the reverse
     from trainfer.serve.predictor import Predictor
@@ -164,7 +164,7 @@ class Ensemble:
     def __init__(
         self, predictors: Iterable[Predictor], weights: Iterable[float] | None = None, batch_size: int | None = None
     ):
-        self.members = list(predictors)
+        self.members = list(check_type("predictors", predictors, Iterable, "an iterable of Predictors"))
         _check_members(self.members)
         self.weights = _weights(weights, len(self.members))
         self._batch_size = check_integer("batch_size", batch_size, minimum=1, optional=True)

@@ -396,18 +396,14 @@ def _check_npy_header(path: Path, mmap: bool) -> None:
         if magic != _NPY_MAGIC:
             got = "an empty file (0 bytes)" if not magic else f"a file starting with {magic!r}"
             raise InputError(f"cannot read {name!r}: expected a .npy array (starting with {_NPY_MAGIC!r}), got {got}")
-        handle.seek(0)
+        version = tuple(handle.read(2))
         read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            raise InputError(f"cannot read {name!r} as a .npy array: format version {version}, expected (1, 0)/(2, 0)")
         try:
-            version = np.lib.format.read_magic(handle)
-            header = read_header.get(version)
-            shape, _, dtype = header(handle) if header is not None else ((), None, np.dtype("V"))
+            shape, _, dtype = read_header[version](handle)
         except (ValueError, OSError, EOFError, SyntaxError) as error:
             raise InputError(f"cannot read {name!r} as a .npy array: {error or 'truncated header'}") from None
-        if header is None:
-            raise InputError(
-                f"cannot read {name!r} as a .npy array: format version {version[0]}.{version[1]} (expected 1.0 or 2.0)"
-            )
         if dtype.hasobject:
             raise InputError(
                 f"cannot read {name!r} as a .npy array: it holds pickled Python objects, never loaded "
