@@ -26,12 +26,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from trainfer.errors import EquivalenceError, InputError, InputTypeError
 from trainfer.numerics import TOLERANCE
 from trainfer.opcount import BATCH_NORM_OPS, count_aten_ops
 from trainfer.recipe import attach_recipe, recipe_of
+from trainfer.reparam.dead import DeadChannelReport, remove_dead_channels
 from trainfer.reparam.fold import FoldedRegion, FoldLog, fold
 from trainfer.reparam.protocols import ProtocolLog, apply_protocols
 from trainfer.reparam.verify import Equivalence, as_arguments, model_dtype, verify
@@ -82,6 +83,8 @@ class DeployReport:
     before: Counts | None = None
     after: Counts | None = None
     verification: dict[str, Equivalence] = field(default_factory=dict)
+    #: With ``prune_dead=True``: the channels removed per layer, MACs and parameters before/after.
+    dead_channels: DeadChannelReport | None = None
 
     @property
     def ok(self) -> bool:
@@ -129,6 +132,8 @@ class DeployReport:
             if items:
                 lines.append(f"{title}:")
                 lines += [f"  - {item}" for item in items]
+        if self.dead_channels is not None:
+            lines.append(str(self.dead_channels))
         if self.hooks_not_carried:
             lines.append(f"hooks not carried to the deployed form: {self.hooks_not_carried}")
         for label, eq in self.verification.items():
@@ -146,6 +151,7 @@ def deploy(
     atol: float | None = None,
     protocols: bool | str = True,
     verify_inputs: Any = None,
+    prune_dead: bool = False,
 ) -> nn.Module:
     """The inference form of ``model``: one conv per linear region, nothing that does not run.
 
@@ -159,17 +165,24 @@ def deploy(
     inputs of their shapes instead of the example's, e.g. a smaller image for a fully
     convolutional model (the folded weights do not depend on the input size; what a smaller input
     proves is in docs/deploy-protocols.md). The fold itself always traces ``example_inputs``.
+    ``prune_dead=True`` also removes the folded graph's provably dead channels (constant or unused;
+    :mod:`trainfer.reparam.dead`, docs/pruning.md), folding their constants into the next biases;
+    the float64 check covers it and ``report.dead_channels`` lists what went.
     Raises :class:`trainfer.EquivalenceError` (with the report) if verification fails.
     """
-    deployed, report = _deploy(model, example_inputs, inplace, verify, rtol, atol, protocols, verify_inputs)
+    deployed, report = _deploy(
+        model, example_inputs, inplace, verify, rtol, atol, protocols, verify_inputs, prune_dead=prune_dead
+    )
     if not report.ok:
         raise EquivalenceError(report.failure(), report)
     return deployed
 
 
-def deploy_report(model: nn.Module, example_inputs: Any, *, protocols: bool | str = True) -> DeployReport:
+def deploy_report(
+    model: nn.Module, example_inputs: Any, *, protocols: bool | str = True, prune_dead: bool = False
+) -> DeployReport:
     """The :class:`DeployReport` of deploying ``model``, verification errors included (never raises them)."""
-    return _deploy(model, example_inputs, False, True, None, None, protocols, None)[1]
+    return _deploy(model, example_inputs, False, True, None, None, protocols, None, prune_dead=prune_dead)[1]
 
 
 def _deploy(
@@ -181,16 +194,20 @@ def _deploy(
     atol: float | None,
     protocols: bool | str,
     verify_inputs: Any,
+    prune_dead: bool = False,
 ) -> tuple[nn.Module, DeployReport]:
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"deploy expects an nn.Module; got {type(model).__name__}")
     if protocols not in (True, False, "trust"):
         raise InputError(f"protocols must be True, False or 'trust'; got {protocols!r}")
+    if not isinstance(prune_dead, bool):
+        raise InputTypeError(f"prune_dead must be True or False; got {prune_dead!r}")
     arguments = as_arguments(example_inputs)
     dtype = model_dtype(model)
     arguments = _cast(arguments, dtype)
     checked = arguments if verify_inputs is None else _cast(as_arguments(verify_inputs), dtype)
-    report = DeployReport(type(model).__name__, options={"protocols": protocols})
+    options: dict[str, Any] = {"protocols": protocols, **({"prune_dead": True} if prune_dead else {})}
+    report = DeployReport(type(model).__name__, options=options)
     working = model.eval() if inplace else _inference_copy(model)
     report.hooks_not_carried = _strip_hooks(working)
     reference = copy.deepcopy(working) if check else None
@@ -206,6 +223,8 @@ def _deploy(
     leaves = _leaf_names(working)  # after the protocols: what they replaced is not "removed"
     folded, log = fold(working, arguments64)
     _record(report, log)
+    if prune_dead and isinstance(folded, fx.GraphModule):
+        report.dead_channels = remove_dead_channels(folded, arguments64)
     pairs = {region.name: region.members[-1] for region in report.regions}
     if reference is not None and dtype != torch.float64:
         # The fold ran on exactly up-cast weights, so float64's own tolerance applies.
