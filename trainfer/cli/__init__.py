@@ -21,7 +21,7 @@ def main(debug: bool, verbose: bool) -> None:
 
 
 # One module per sub-command, each defining `command`; imported after `main` exists.
-from trainfer.cli import audit, bench, demo, deploy, export, inspect, migrate, predict, quantize, verify  # noqa: E402
+from trainfer.cli import audit, bench, demo, deploy, export, inspect, migrate, predict, prune, quantize, verify  # noqa: E402
 
-for _module in (inspect, audit, demo, predict, export, bench, deploy, verify, quantize, migrate):
+for _module in (inspect, audit, demo, predict, export, bench, deploy, verify, quantize, prune, migrate):
     main.add_command(_module.command)
