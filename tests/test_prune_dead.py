@@ -288,3 +288,14 @@ def test_random_architectures_stay_exact_and_never_widen(spec, dead, seed):
     report = result.trainfer_report.dead_channels
     assert (after < before) == bool(report.layers)
     assert report.macs[1] <= report.macs[0]
+
+
+def test_a_pruned_deploy_form_saves_its_architecture_and_loads(tmp_path):
+    model = Chain()
+    kill_filter(model.c3, 6, -1.0)
+    result = deployed(model)
+    trainfer.save(result, tmp_path / "b")
+    loaded = trainfer.load(tmp_path / "b")
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert convs(loaded)[-1] == (8, 7)
+    torch.testing.assert_close(loaded.double()(x), result(x), rtol=0, atol=0)
