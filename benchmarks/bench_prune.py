@@ -8,7 +8,7 @@
 2. ``repvgg_a0`` and a ResNet-18-shaped model in plain PyTorch (random weights, 1x3x224x224) at
    50 %: latency ratio against MACs ratio (how close a narrower network comes to its MACs).
 
-    .venv/bin/python benchmarks/bench_prune.py [--epochs 8] [--finetune-epochs 3] [--rounds 5] [--skip-large]
+    .venv/bin/python benchmarks/bench_prune.py [--epochs 8] [--finetune-epochs 3] [--rounds 5] [--part all|digits|large]
 """
 
 from __future__ import annotations
@@ -148,12 +148,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8, help="Training epochs of each digits model.")
     parser.add_argument("--finetune-epochs", type=int, default=3, help="Fine-tuning epochs after pruning.")
     parser.add_argument("--rounds", type=int, default=5, help="Interleaved timing rounds.")
-    parser.add_argument("--skip-large", action="store_true", help="Only the digits part.")
+    parser.add_argument("--part", choices=["all", "digits", "large"], default="all", help="Which part to run.")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for width in (32, 96):
+    for width in (32, 96) if args.part in ("all", "digits") else ():
         digits(width, args)
-    if not args.skip_large:
+    if args.part in ("all", "large"):
         large("repvgg_a0", repvgg_a0(), args)
         large("ResNet-18 (plain PyTorch)", ResNet18(), args)
 

@@ -225,6 +225,8 @@ def _deploy(
     _record(report, log)
     if prune_dead and isinstance(folded, fx.GraphModule):
         report.dead_channels = remove_dead_channels(folded, arguments64)
+    elif prune_dead:
+        report.kept.append("dead channels: not searched (the model did not trace as one graph)")
     pairs = {region.name: region.members[-1] for region in report.regions}
     if reference is not None and dtype != torch.float64:
         # The fold ran on exactly up-cast weights, so float64's own tolerance applies.
