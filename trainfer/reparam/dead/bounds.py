@@ -107,17 +107,32 @@ def _times(a: Tensor, b: Tensor) -> Tensor:
 
 
 def convolution_bounds(weight: Tensor, bias: Tensor | None, groups: int, source: Bounds, padded: bool) -> Bounds:
-    """Bounds of ``conv(x, weight, bias, groups)`` (``weight``: ``(out, in/groups, kh, kw)``), ``x`` in ``source``."""
+    """Bounds of ``conv(x, weight, bias, groups)`` (``weight``: ``(out, in/groups, kh, kw)``), ``x`` in ``source``.
+
+    Finite parts are matrix-vector products per group; a bound is infinite where a non-zero weight
+    of the right sign reads an infinite bound (``lo`` is finite or -inf, ``hi`` finite or +inf).
+    """
     lo, hi = source
     if padded:
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     positive = weight.clamp(min=0).flatten(2).sum(2)
     negative = weight.clamp(max=0).flatten(2).sum(2)
-    outputs, per_group = positive.shape
-    index = (torch.arange(outputs) // (outputs // groups))[:, None] * per_group + torch.arange(per_group)[None]
+    outputs = positive.shape[0]
     offset = bias.detach().double() if bias is not None else torch.zeros(outputs, dtype=torch.float64)
-    low = offset + (_times(positive, lo[index]) + _times(negative, hi[index])).sum(1)
-    high = offset + (_times(positive, hi[index]) + _times(negative, lo[index])).sum(1)
+
+    def total(w: Tensor, x: Tensor) -> Tensor:
+        """``sum_i w[o, i] x[i]`` over the inputs of ``o``'s group."""
+        per_group = w.shape[1]
+        return torch.bmm(w.reshape(groups, -1, per_group), x.reshape(groups, per_group, 1)).reshape(outputs)
+
+    def reaches(w: Tensor, infinite: Tensor) -> Tensor:
+        return total((w != 0).double(), infinite.double()) > 0
+
+    low_lo, high_hi = torch.where(lo.isinf(), 0.0, lo), torch.where(hi.isinf(), 0.0, hi)
+    low = offset + total(positive, low_lo) + total(negative, high_hi)
+    high = offset + total(positive, high_hi) + total(negative, low_lo)
+    low = torch.where(reaches(positive, lo.isinf()) | reaches(negative, hi.isinf()), -torch.inf, low)
+    high = torch.where(reaches(positive, hi.isinf()) | reaches(negative, lo.isinf()), torch.inf, high)
     return low, high
 
 
