@@ -37,6 +37,7 @@ from trainfer.serve.export import export
 from trainfer.serve.gate import AccuracyGate, GateReport
 from trainfer.serve.predictor import Predictor
 from trainfer.serve.preprocess import PreprocessSpec
+from trainfer.serve.prune import PruningError, prune
 from trainfer.serve.quantize import QuantizationError, quantize
 from trainfer.serve.runtime import CompiledModel, RuntimeRecord, compile
 
@@ -73,6 +74,7 @@ __all__ = [
     "TrainferError",
     "WriteError",
     "QuantizationError",
+    "PruningError",
     "RuntimeRecord",
     "__version__",
     "algebra",
@@ -90,6 +92,7 @@ __all__ = [
     "inspect",
     "load",
     "register_model",
+    "prune",
     "quantize",
     "recipe_of",
     "restore_modes",

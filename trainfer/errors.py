@@ -80,6 +80,14 @@ class QuantizationError(TrainferError, ValueError):
         self.report = report
 
 
+class PruningError(TrainferError, ValueError):
+    """No pruned form within the allowed search passes the accuracy gate (``report`` says why)."""
+
+    def __init__(self, message: str, report: Any = None):
+        super().__init__(message)
+        self.report = report
+
+
 class NonFiniteError(InputError):
     """Numbers that must be finite are not: an input that overflows its dtype once cast and
     normalised, or a model output holding NaN or inf (never served as a prediction)."""
@@ -110,6 +118,7 @@ __all__ = [
     "ModeError",
     "ModeWarning",
     "OutputKindWarning",
+    "PruningError",
     "QuantizationError",
     "TrainferError",
     "WriteError",

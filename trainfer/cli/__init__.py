@@ -30,10 +30,11 @@ from trainfer.cli import (  # noqa: E402
     inspect,
     migrate,
     predict,
+    prune,
     quantize,
     serve,
     verify,
 )
 
-for _module in (inspect, audit, demo, predict, export, bench, deploy, verify, quantize, migrate, serve):
+for _module in (inspect, audit, demo, predict, export, bench, deploy, verify, quantize, prune, migrate, serve):
     main.add_command(_module.command)

@@ -58,6 +58,7 @@ def example_input(model: nn.Module, input_shape: str | None) -> torch.Tensor:
 @click.option("--rtol", type=Tolerance(), help="Relative tolerance of the model-dtype check (default per dtype).")
 @click.option("--atol", type=Tolerance(zero=True), help="Absolute tolerance of the model-dtype check (default 0).")
 @click.option("--no-protocols", is_flag=True, help="Do not call reparameterize()/switch_to_deploy()/fuse().")
+@click.option("--prune-dead", is_flag=True, help="Also remove provably dead channels, exactly (docs/pruning.md).")
 @trust_factory_option
 @friendly_errors
 def command(
@@ -68,6 +69,7 @@ def command(
     rtol: float | None,
     atol: float | None,
     no_protocols: bool,
+    prune_dead: bool,
 ) -> None:
     """Fold MODEL (package.module:factory or a bundle) into its inference form, verify it, save it."""
     from trainfer.atomic import atomic_file
@@ -84,7 +86,7 @@ def command(
         bar.update()
         bar.set_postfix_str("folding and verifying")
         try:
-            deployed = deploy(model, x, rtol=rtol, atol=atol, protocols=not no_protocols)
+            deployed = deploy(model, x, rtol=rtol, atol=atol, protocols=not no_protocols, prune_dead=prune_dead)
         except EquivalenceError as error:
             bar.close()
             click.echo(str(error.report))

@@ -26,13 +26,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from trainfer.capture import capture
 from trainfer.errors import EquivalenceError, InputError, InputTypeError
 from trainfer.numerics import TOLERANCE
 from trainfer.opcount import BATCH_NORM_OPS, AtenOpCounter
 from trainfer.recipe import attach_recipe, recipe_of
+from trainfer.reparam.dead import DeadChannelReport, remove_dead_channels
 from trainfer.reparam.fold import FoldedRegion, FoldLog, fold
 from trainfer.reparam.protocols import ProtocolLog, apply_protocols
 from trainfer.reparam.verify import (
@@ -97,6 +98,8 @@ class DeployReport:
     before: Counts | None = None
     after: Counts | None = None
     verification: dict[str, Equivalence] = field(default_factory=dict)
+    #: With ``prune_dead=True``: the channels removed per layer, MACs and parameters before/after.
+    dead_channels: DeadChannelReport | None = None
 
     @property
     def ok(self) -> bool:
@@ -145,6 +148,8 @@ class DeployReport:
             if items:
                 lines.append(f"{title}:")
                 lines += [f"  - {item}" for item in items]
+        if self.dead_channels is not None:
+            lines.append(str(self.dead_channels))
         if self.hooks_not_carried:
             lines.append(f"hooks not carried to the deployed form: {self.hooks_not_carried}")
         for label, eq in self.verification.items():
@@ -164,6 +169,7 @@ def deploy(
     verify_inputs: Any = None,
     example_kwargs: dict[str, Any] | None = None,
     allow_empty: bool = False,
+    prune_dead: bool = False,
 ) -> nn.Module:
     """The inference form of ``model``: one conv per linear region, nothing that does not run.
 
@@ -181,18 +187,23 @@ def deploy(
     inputs of their shapes instead of the example's, e.g. a smaller image for a fully
     convolutional model (the folded weights do not depend on the input size; what a smaller input
     proves is in docs/deploy-protocols.md). The fold itself always traces ``example_inputs``.
+    ``prune_dead=True`` also removes the folded graph's provably dead channels (constant or unused;
+    :mod:`trainfer.reparam.dead`, docs/pruning.md), folding their constants into the next biases;
+    the float64 check covers it and ``report.dead_channels`` lists what went.
     Raises :class:`trainfer.EquivalenceError` (with the report) if verification fails.
     """
-    options = _Options(inplace, verify, rtol, atol, protocols, allow_empty)
+    options = _Options(inplace, verify, rtol, atol, protocols, allow_empty, prune_dead)
     deployed, report = _deploy(model, example_inputs, example_kwargs, verify_inputs, options)
     if not report.ok:
         raise EquivalenceError(report.failure(), report)
     return deployed
 
 
-def deploy_report(model: nn.Module, example_inputs: Any, *, protocols: bool | str = True) -> DeployReport:
+def deploy_report(
+    model: nn.Module, example_inputs: Any, *, protocols: bool | str = True, prune_dead: bool = False
+) -> DeployReport:
     """The :class:`DeployReport` of deploying ``model``, verification errors included (never raises them)."""
-    return _deploy(model, example_inputs, None, None, _Options(protocols=protocols))[1]
+    return _deploy(model, example_inputs, None, None, _Options(protocols=protocols, prune_dead=prune_dead))[1]
 
 
 @dataclass
@@ -203,6 +214,7 @@ class _Options:
     atol: float | None = None
     protocols: bool | str = True
     allow_empty: bool = False
+    prune_dead: bool = False
 
 
 def _deploy(
@@ -213,11 +225,14 @@ def _deploy(
     protocols = options.protocols
     if protocols not in (True, False, "trust"):
         raise InputError(f"protocols must be True, False or 'trust'; got {protocols!r}")
+    if not isinstance(options.prune_dead, bool):
+        raise InputTypeError(f"prune_dead must be True or False; got {options.prune_dead!r}")
     dtype = model_dtype(model)
     keywords = _cast(as_keywords(example_kwargs), dtype)
     arguments = _cast(as_arguments(example_inputs, keywords), dtype)
     checked = arguments if verify_inputs is None else _cast(as_arguments(verify_inputs, keywords), dtype)
-    report = DeployReport(type(model).__name__, options={"protocols": protocols})
+    recorded: dict[str, Any] = {"protocols": protocols, **({"prune_dead": True} if options.prune_dead else {})}
+    report = DeployReport(type(model).__name__, options=recorded)
     working = model.eval() if options.inplace else _inference_copy(model)
     report.hooks_not_carried = _strip_hooks(working)
     reference = copy.deepcopy(working) if options.check else None
@@ -237,6 +252,10 @@ def _deploy(
     leaves = _leaf_names(working)  # after the protocols: what they replaced is not "removed"
     folded, log = fold(working, arguments64, keywords64)
     _record(report, log)
+    if options.prune_dead and isinstance(folded, fx.GraphModule):
+        report.dead_channels = remove_dead_channels(folded, arguments64)
+    elif options.prune_dead:
+        report.kept.append("dead channels: not searched (the model did not trace as one graph)")
     pairs = {region.name: region.members[-1] for region in report.regions}
     check = {"example_kwargs": keywords, "allow_empty": options.allow_empty, "pairs": pairs, "opaque": converted}
     if reference is not None and dtype != torch.float64:

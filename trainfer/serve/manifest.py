@@ -123,10 +123,25 @@ class OutputStructure(_Schema):
     keys: Annotated[list[Text], Field(max_length=MAX_HEADS * 16)] | None = None
 
 
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+class PruneOptions(_Schema):
+    """How ``trainfer.prune`` narrowed a deploy form (a record; its widths are in the ``architecture``)."""
+
+    ratio: Fraction
+    ratios: Annotated[dict[Text, Fraction], Field(max_length=MAX_ENTRIES)] = {}
+    global_pruning: bool = False
+    round_to: Annotated[int, Field(ge=1, le=MAX_CHANNELS)] | None = None
+    importance: Literal["l1", "l2"] = "l2"
+
+
 class DeployOptions(_Schema):
     """The keyword options ``trainfer.deploy`` ran with (a record; the ``architecture`` rebuilds the form)."""
 
     protocols: bool = True
+    prune_dead: bool = False
+    pruned: PruneOptions | None = None
 
 
 class Weights(_Schema):
