@@ -15,6 +15,7 @@ import resource
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -309,3 +310,100 @@ def test_a_softmax_module_over_a_dimension_the_output_lacks_is_refused_at_load(t
     softmax["args"]["dim"] = 7
     with pytest.raises(trainfer.BundleError, match=r"softmax over dim 7 of a 2-dimensional tensor"):
         trainfer.load(_write(tmp_path, source, evil))
+
+
+# --------------------------------------------------------------------------- found by a docs-only attacker
+def _chain(manifest: dict, nodes: list[dict]) -> dict:
+    """``manifest`` with ``nodes`` before its output (they run though nothing uses them)."""
+    evil = copy.deepcopy(manifest)
+    evil["architecture"]["nodes"][-1:-1] = nodes
+    return evil
+
+
+def _input_name(manifest: dict) -> dict:
+    return {"node": _node(manifest, "placeholder")["name"]}
+
+
+def test_many_tensors_each_under_the_limit_are_refused_together(tmp_path, deploy_bundle):
+    """Forty 2**24-element tensors kept alive for one cat: 2.9 GB at predict, each within the per-tensor limit."""
+    source, manifest, _ = deploy_bundle
+    nodes = [{"name": "s", "op": "call_method", "target": "sum", "args": [_input_name(manifest)], "kwargs": {}}]
+    for i in range(40):
+        nodes.append({"name": f"e{i}", "op": "call_method", "target": "expand", "args": [{"node": "s"}, 2**24],
+                      "kwargs": {}})  # fmt: skip
+        nodes.append({"name": f"m{i}", "op": "call_function", "target": "operator.mul",
+                      "args": [{"node": f"e{i}"}, 2.0], "kwargs": {}})  # fmt: skip
+    with pytest.raises(trainfer.BundleError, match=r"tensors hold more than 16 x 16777216 elements in all"):
+        trainfer.load(_write(tmp_path, source, _chain(manifest, nodes)))
+
+
+def test_a_chain_of_big_matmuls_on_a_small_input_is_refused_for_its_work(tmp_path, deploy_bundle):
+    """Three 2048x2048 matmuls: 5e10 operations for an 8x8 network's 1e3 weights."""
+    source, manifest, _ = deploy_bundle
+    nodes = [
+        {"name": "s", "op": "call_method", "target": "sum", "args": [_input_name(manifest)], "kwargs": {}},
+        {"name": "e", "op": "call_method", "target": "expand", "args": [{"node": "s"}, 2048, 2048], "kwargs": {}},
+    ]
+    for i in range(3):
+        nodes.append({"name": f"mm{i}", "op": "call_function", "target": "torch.matmul",
+                      "args": [{"node": "e"}, {"node": "e"}], "kwargs": {}})  # fmt: skip
+    with pytest.raises(trainfer.BundleError, match=r"floating-point operations on its example input, over the limit"):
+        trainfer.load(_write(tmp_path, source, _chain(manifest, nodes)))
+
+
+def test_in_place_operators_and_flags_never_write_into_the_callers_input(tmp_path, deploy_bundle):
+    """``x += 1000`` on the input, an in-place ReLU and dropout(training=True): rebuilt as inference computes."""
+    source, manifest, expected = deploy_bundle
+    evil = copy.deepcopy(manifest)
+    evil.pop("preprocess", None)  # inputs served as given: no normalising copy
+    name = _input_name(evil)
+    first = next(node for node in evil["architecture"]["nodes"] if node["op"] == "call_module")
+    evil["architecture"]["nodes"][1:1] = [
+        {"name": "bump", "op": "call_function", "target": "operator.iadd", "args": [name, 1000.0], "kwargs": {}},
+        {"name": "back", "op": "call_function", "target": "operator.sub",
+         "args": [{"node": "bump"}, 1000.0], "kwargs": {}},
+        {"name": "drop", "op": "call_function", "target": "torch.nn.functional.dropout", "args": [{"node": "back"}],
+         "kwargs": {"p": 0.5, "training": True}},
+        {"name": "act", "op": "call_function", "target": "torch.nn.functional.relu6", "args": [{"node": "drop"}, True],
+         "kwargs": {}},
+    ]  # fmt: skip
+    first["args"] = [{"node": "drop"}]
+    x = X.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", trainfer.BundleWarning)
+        loaded = trainfer.load(_write(tmp_path, source, evil))
+    with torch.no_grad():
+        first_answer, second_answer = loaded(x), loaded(x)
+    assert torch.equal(x, X), "the bundle wrote into its input"
+    torch.testing.assert_close(first_answer, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(first_answer, second_answer)
+
+
+def test_batch_norm_over_batch_statistics_is_not_an_inference_form(tmp_path, deploy_bundle):
+    source, manifest, _ = deploy_bundle
+    evil = copy.deepcopy(manifest)
+    evil["architecture"]["modules"]["extra"] = {"type": "BatchNorm2d", "args": {"num_features": 1,
+                                                "track_running_stats": False, "affine": False}}  # fmt: skip
+    evil["architecture"]["nodes"][-1:-1] = [
+        {"name": "bn", "op": "call_module", "target": "extra", "args": [_input_name(evil)], "kwargs": {}}
+    ]
+    with pytest.raises(trainfer.BundleError, match="without running statistics"):
+        trainfer.load(_write(tmp_path, source, evil))
+
+
+class _WithBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4, 3)
+        self.register_buffer("shift", torch.tensor([1.0, 2.0, 3.0]))
+
+    def forward(self, x):
+        return torch.sigmoid(self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))) + self.shift
+
+
+def test_a_deploy_form_reading_a_buffer_round_trips(tmp_path):
+    """A graph reading a buffer after a non-linearity (a get_attr node) records its shape: it loads and predicts."""
+    deployed = trainfer.deploy(_WithBuffer().eval(), X)
+    trainfer.save(deployed, tmp_path / "b", example_inputs=X[:1], task="regression")
+    with torch.no_grad():
+        torch.testing.assert_close(trainfer.load(tmp_path / "b")(X), deployed(X))

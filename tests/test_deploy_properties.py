@@ -196,9 +196,11 @@ def test_models_with_pools_at_region_starts_and_avg_down_shortcuts_terminate_and
     x = torch.randn(shape, dtype=torch.float64)
     deployed = deploy_within_limit(copy.deepcopy(model), x)
     assert_close(deployed(x), model(x))
-    assert batch_norm_calls(deployed, x) == 0, deployed.trainfer_report  # every BN follows a conv or a linear pool
     pool_bns = sum(isinstance(m, nn.Sequential) and isinstance(m[-1], nn.BatchNorm2d) and isinstance(m[0], nn.AvgPool2d)
                    for m in model.modules())  # fmt: skip
+    # Every BN after a conv folds; one right after a pool may stay a BN (an eval BN is one cheap affine) where
+    # one conv would cost more than the pool and the BN (the cost model counts weights too: issue 23 item 13).
+    assert batch_norm_calls(deployed, x) <= pool_bns, deployed.trainfer_report
     assert count_aten_ops(deployed, x)["convolution"] <= count_aten_ops(model, x)["convolution"] + pool_bns
 
 

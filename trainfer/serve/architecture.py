@@ -30,6 +30,7 @@ functions are ever built or called.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import keyword
 import math
@@ -41,7 +42,9 @@ from typing import Any, cast
 
 import torch
 from torch import fx, nn
+from torch.func import functional_call
 from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from trainfer.errors import BundleError
 
@@ -204,13 +207,13 @@ def _constructor_value(module: nn.Module, arg: str) -> Any:
     return getattr(module, arg)
 
 
-def _describe_attribute(gm: fx.GraphModule, target: str) -> dict[str, str]:
+def _describe_attribute(gm: fx.GraphModule, target: str) -> dict[str, Any]:
     owner_path, _, name = target.rpartition(".")
     owner = gm.get_submodule(owner_path)
     if name in owner._parameters:
-        return {"kind": "parameter"}
+        return {"kind": "parameter", "shape": list(cast(torch.Tensor, owner._parameters[name]).shape)}
     if name in owner._buffers and name not in owner._non_persistent_buffers_set:
-        return {"kind": "buffer"}
+        return {"kind": "buffer", "shape": list(cast(torch.Tensor, owner._buffers[name]).shape)}
     raise BundleError(f"cannot record the architecture: {target!r} is not a parameter or persistent buffer")
 
 
@@ -251,9 +254,9 @@ def rebuild(description: Any, source: str, input_shape: list[int] | None) -> fx.
     """The :class:`torch.fx.GraphModule` ``description`` describes, its tensors on the meta device.
 
     Every field is validated (:class:`~trainfer.errors.BundleError` naming it, what was found and
-    what is allowed), and the graph is run once on the meta device on an input of ``input_shape``
-    (the bundle's recorded example shape) under :func:`check_computation`'s bounds before it is
-    returned. Load the weights with ``load_state_dict(..., assign=True)``.
+    what is allowed). Load the weights with ``load_state_dict(..., assign=True)``, then run
+    :func:`check_computation` on the recorded ``input_shape`` (required here) before the model
+    computes anything real.
 
     No string of the description reaches the Python code fx generates unless it is proven to be a
     plain identifier (:func:`_identifier`): node names are chosen by fx from validated targets, the
@@ -284,7 +287,6 @@ def rebuild(description: Any, source: str, input_shape: list[int] | None) -> fx.
         module = fx.GraphModule(root, graph, class_name)
     except Exception as error:  # a graph that does not hold together (e.g. a dangling output)
         raise BundleError(f"{where}: not a valid graph: {error}") from None
-    check_computation(module, input_shape, where)
     return module
 
 
@@ -297,7 +299,11 @@ MAX_INT = 2**62  #: magnitude of an integer, in the description and computed by 
 MAX_EXPONENT = 64  #: magnitude of a Python ``**`` exponent
 MAX_GROWTH = 1024  #: a tensor the graph computes holds at most this many times the input's elements...
 MIN_ELEMENTS_LIMIT = 2**24  #: ...or this many, whichever is larger,
-MAX_ELEMENTS_LIMIT = 2**30  #: and never more than this (on the recorded example input).
+MAX_ELEMENTS_LIMIT = 2**30  #: and never more than this (on the recorded example input);
+MAX_TOTAL_FACTOR = 16  #: all the tensors it computes hold at most this many times that limit.
+FLOPS_PER_WEIGHT = 8  #: floating-point operations per weight (and input element) per input element...
+MIN_FLOPS = 2**30  #: ...or this many, whichever is larger,
+MAX_FLOPS = 10**12  #: and never more than this (on the recorded example input).
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
 _INDEX = re.compile(r"[0-9]{1,9}")
@@ -379,6 +385,8 @@ def _build_module(spec: Any, where: str, budget: _Budget, depth: int = 0) -> nn.
     if unknown:
         raise BundleError(f"{where}.args: {unknown[:20]} are not arguments of {name} (allowed: {list(allowed)})")
     values = {key: _decode(value, {}, f"{where}.args.{key}", budget) for key, value in args.items()}
+    if "inplace" in values:  # a served form never writes into its input (the caller's array)
+        values["inplace"] = False
     try:
         with torch.device("meta"):
             module = cls(**values)
@@ -393,6 +401,11 @@ def _check_constructed(module: nn.Module, name: str, where: str) -> None:
     dim = getattr(module, "dim", None)
     if name == "Softmax" and dim is not None and (not isinstance(dim, int) or isinstance(dim, bool)):
         raise BundleError(f"{where}: Softmax dim must be an integer, found {dim!r:.60}")
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
+        raise BundleError(
+            f"{where}: a {name} without running statistics normalises each batch by its own statistics: "
+            "not an inference form (one sample's answer would depend on the others in its batch)"
+        )
 
 
 def _install(root: nn.Module, path: str, module: nn.Module, where: str) -> None:
@@ -415,12 +428,19 @@ def _owner(root: nn.Module, path: str, where: str) -> nn.Module:
 
 
 def _install_tensor(root: nn.Module, path: str, spec: Any, where: str) -> None:
-    kind = _mapping(spec, where, {"kind"})["kind"]
+    """A parameter or buffer of the recorded ``shape`` on the meta device (its values come with the weights)."""
+    spec = _mapping(spec, where)
+    if not {"kind"} <= set(spec) <= {"kind", "shape"}:
+        raise BundleError(f"{where}: expected the fields ['kind', 'shape'], found {sorted(spec)[:20]}")
+    kind, shape = spec["kind"], spec.get("shape", [0])
+    dims = isinstance(shape, list) and len(shape) <= 8 and all(type(d) is int and 0 <= d <= 2**31 for d in shape)
+    if not dims:
+        raise BundleError(f"{where}.shape: expected at most 8 sizes from 0 to 2**31, found {shape!r:.120}")
     owner_path, _, name = path.rpartition(".")
     owner = _owner(root, owner_path, where)
     if name in owner._modules or name in owner._parameters or name in owner._buffers:
         raise BundleError(f"{where}: {path!r} is declared twice")
-    empty = torch.empty(0, device="meta")
+    empty = torch.empty(shape, device="meta")
     if kind == "parameter":
         owner.register_parameter(name, nn.Parameter(empty, requires_grad=False))
     elif kind == "buffer":
@@ -459,8 +479,37 @@ def _build_graph(
             raise BundleError(f"{here}.args: a method is called on an earlier node, found {args[:1]!r:.120}")
         if target is getattr and (len(args) != 2 or args[1] not in ATTRIBUTES):
             raise BundleError(f"{here}: getattr may read only {sorted(ATTRIBUTES)}, found {args[1:]!r:.120}")
+        if op == "call_function":
+            target, args, kwargs = _inference_call(target, args, kwargs, here)
         env[name] = graph.create_node(op, target, args, kwargs)
     return graph
+
+
+#: In-place Python operators, rebuilt as their plain forms: the same value, and a served form never
+#: writes into a tensor it did not make (the caller's input array, shared without a copy).
+_NOT_IN_PLACE: dict[Any, Any] = {operator.iadd: operator.add, operator.imul: operator.mul}
+#: Keyword arguments fixed for inference whatever the description says: no in-place writes, no
+#: dropout or batch statistics (what training does).
+_INFERENCE_KEYWORDS = {"inplace": False, "training": False}
+
+
+def _inference_call(function: Any, args: tuple[Any, ...], kwargs: dict[str, Any], where: str) -> tuple[Any, ...]:
+    """``function(*args, **kwargs)`` as inference computes it: see :data:`_NOT_IN_PLACE` and
+    :data:`_INFERENCE_KEYWORDS` (arguments bound by name through the function's signature)."""
+    function = _NOT_IN_PLACE.get(function, function)
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):  # a builtin without a signature (torch.add, ...) takes no such flags
+        return function, args, kwargs
+    fixed = {key: value for key, value in _INFERENCE_KEYWORDS.items() if key in parameters}
+    if not fixed:
+        return function, args, kwargs
+    try:
+        bound = inspect.signature(function).bind(*args, **kwargs)
+    except TypeError as error:
+        raise BundleError(f"{where}: arguments do not fit {_FUNCTION_NAMES.get(id(function))}: {error}") from None
+    bound.arguments.update(fixed)
+    return function, bound.args, bound.kwargs
 
 
 def _node_target(op: str, target: Any, modules: dict[str, Any], attributes: dict[str, Any], where: str) -> Any:
@@ -533,29 +582,41 @@ _SOFTMAXES = frozenset(
 )
 
 
-def check_computation(gm: fx.GraphModule, input_shape: list[int], where: str) -> None:
-    """Run ``gm`` once on the meta device (no memory, no arithmetic) on a float32 input of ``input_shape``
-    and refuse (:class:`~trainfer.errors.BundleError`) a graph that computes more than tensors:
+def check_computation(gm: fx.GraphModule, input_shape: list[int] | None, where: str) -> Any:
+    """Run ``gm`` (its weights loaded) once on the meta device (no memory, no arithmetic) on a float32
+    input of ``input_shape``; return the output's meta tensors, or refuse
+    (:class:`~trainfer.errors.BundleError`) a graph that computes more than an inference form:
 
     - Python operators (``operator.add``, ``mul``, ``pow``, ...) take tensors or numbers, never
       sequences or strings (``[0] * 3e8`` repeats a list); integers they compute stay within
       :data:`MAX_INT`, and a ``**`` between numbers has an exponent of at most :data:`MAX_EXPONENT`;
-    - a method is called on a tensor;
-    - no tensor the graph computes holds more than ``max(MAX_GROWTH * input elements,
+    - a method is called on a tensor; a softmax runs over a dimension its input has;
+    - memory: no tensor the graph computes holds more than ``L = max(MAX_GROWTH * input elements,
       MIN_ELEMENTS_LIMIT)`` elements, capped at :data:`MAX_ELEMENTS_LIMIT` (a pad of 30000 per side,
-      an ``interpolate`` by 1e5, an ``expand`` to 1e15 elements);
+      an ``interpolate`` by 1e5, an ``expand`` to 1e15 elements), and all of them together at most
+      ``MAX_TOTAL_FACTOR * L`` (forty such tensors kept alive for one ``cat``);
+    - time: its floating-point operations (``torch.utils.flop_counter``: matmuls, convolutions, ...)
+      stay within ``max(FLOPS_PER_WEIGHT * (weights + input elements) * input elements, MIN_FLOPS)``,
+      capped at :data:`MAX_FLOPS`: the work of a network of that many weights on that input (a chain of
+      4096x4096 matmuls on an 8x8 image is not);
     - the graph runs, through the interpreter and through the code fx generated for it: shapes agree,
       no division by zero, no parameter shadows a name the code uses.
     """
+    if input_shape is None:
+        raise BundleError(f"{where}: a recorded architecture needs the example input shape (input.shape is null)")
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     if len(placeholders) != 1:
         raise BundleError(f"{where}: a recorded architecture takes one input, found {len(placeholders)} placeholders")
     elements = math.prod(input_shape)
+    weights = sum(t.numel() for t in gm.state_dict().values())
     limit = min(max(MAX_GROWTH * elements, MIN_ELEMENTS_LIMIT), MAX_ELEMENTS_LIMIT)
+    flops = min(max(FLOPS_PER_WEIGHT * (weights + elements) * elements, MIN_FLOPS), MAX_FLOPS)
+    meta = {name: torch.empty_like(t, device="meta") for name, t in gm.state_dict(keep_vars=True).items()}
+    example = torch.empty(input_shape, device="meta")
     try:
-        example = torch.empty(input_shape, device="meta")
-        _BoundedRun(gm, limit).run(example)
-        gm(example)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            output = functional_call(_Checked(gm, limit), {f"gm.{k}": v for k, v in meta.items()}, (example,))
+            functional_call(gm, meta, (example,))  # the code fx generated, on the same input
     except BundleError as error:  # the interpreter appends where it was: the first line says what
         raise BundleError(f"{where}: {str(error.args[0]).splitlines()[0]}") from None
     except Exception as error:  # a graph that does not run on its own example input: the manifest's fault
@@ -563,6 +624,23 @@ def check_computation(gm: fx.GraphModule, input_shape: list[int], where: str) ->
             f"{where}: does not run on the recorded input shape {list(input_shape)}: {type(error).__name__}: "
             f"{str(error)[:300]}"
         ) from None
+    if counter.get_total_flops() > flops:
+        raise BundleError(
+            f"{where}: computes {counter.get_total_flops():.3g} floating-point operations on its example input, over "
+            f"the limit of {flops:.3g} for {weights} weights and {elements} input elements"
+        )
+    return output
+
+
+class _Checked(nn.Module):
+    """``gm`` run by :class:`_BoundedRun` (a module, so that ``functional_call`` swaps in meta weights)."""
+
+    def __init__(self, gm: fx.GraphModule, limit: int) -> None:
+        super().__init__()
+        self.gm, self.limit = gm, limit
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return _BoundedRun(self.gm, self.limit).run(x)
 
 
 class _BoundedRun(fx.Interpreter):
@@ -570,7 +648,7 @@ class _BoundedRun(fx.Interpreter):
 
     def __init__(self, gm: fx.GraphModule, limit: int) -> None:
         super().__init__(gm)
-        self.limit = limit
+        self.limit, self.total = limit, 0
 
     def run_node(self, n: fx.Node) -> Any:
         if n.op == "call_function" and n.target in _PYTHON_OPERATORS:
@@ -602,6 +680,13 @@ class _BoundedRun(fx.Interpreter):
                     f"node {n.name!r} ({_shown(n)}) computes a tensor of {item.numel()} elements on the example "
                     f"input, over the limit of {self.limit}"
                 )
+            if isinstance(item, torch.Tensor):
+                self.total += item.numel()
+                if self.total > MAX_TOTAL_FACTOR * self.limit:
+                    raise BundleError(
+                        f"node {n.name!r} ({_shown(n)}): the graph's tensors hold more than {MAX_TOTAL_FACTOR} x "
+                        f"{self.limit} elements in all on the example input"
+                    )
             if isinstance(item, int) and abs(item) > MAX_INT:
                 raise BundleError(f"node {n.name!r} ({_shown(n)}) computes an integer over 2**62 in magnitude")
 

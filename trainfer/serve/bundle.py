@@ -38,7 +38,7 @@ import pickle
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, fx, nn
@@ -49,7 +49,7 @@ from trainfer.jsonfile import read_json
 from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
 from trainfer.registry import ENTRY_POINT_GROUP, factory_name
 from trainfer.registry import allowed_factory as allowed_factory_named
-from trainfer.serve.architecture import describe, rebuild
+from trainfer.serve.architecture import check_computation, describe, rebuild
 from trainfer.serve.outputs import Head, Selector, describe_structure, resolve_heads
 from trainfer.serve.preprocess import PreprocessSpec
 from trainfer.validate import check_path
@@ -432,8 +432,10 @@ def load(
             else f"the manifest's factory {manifest['factory']!r}, config {manifest['config']}"
         )
         raise BundleError(f"{error} (the architecture comes from {origin})") from None
-    if described:
-        _check_outputs(manifest, meta_forward(model, manifest, str(path)), str(path))
+    if described:  # weights in place: what the graph computes is bounded before it computes anything
+        graph = cast(fx.GraphModule, model)
+        output = check_computation(graph, manifest["input"].get("shape"), f"{path}: architecture")
+        _check_outputs(manifest, output, str(path))
     recipe = ModelRecipe(
         manifest["factory"],
         manifest["config"],
@@ -445,29 +447,6 @@ def load(
     if manifest["form"] == "deploy":
         model.eval()  # an inference form is used in eval mode (a factory builds in train mode)
     return model
-
-
-def meta_forward(model: nn.Module, manifest: Mapping[str, Any], source: str) -> Any:
-    """The output of ``model`` on the manifest's input shape, computed on the meta device (shapes only).
-
-    For a described architecture: an argument only the forward pass reads (``Softmax(dim="x")``) or
-    weights that do not fit the recorded input are refused at load, not at the first prediction.
-    """
-    from torch.func import functional_call
-
-    shape, dtype = manifest["input"].get("shape"), manifest["input"].get("dtype") or "float32"
-    if not shape:
-        return None
-    tensors = {name: t.to("meta") for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    example = torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
-    try:
-        with torch.no_grad():
-            return functional_call(model, tensors, (example,))
-    except Exception as error:  # the manifest's architecture or weights are at fault
-        raise BundleError(
-            f"the architecture in {source!r} does not run on its recorded input shape {shape}: "
-            f"{' '.join(str(error).split())[:300]}"
-        ) from None
 
 
 def _check_outputs(manifest: Mapping[str, Any], output: Any, source: str) -> None:
