@@ -270,3 +270,21 @@ def test_hostile_journals_cost_bounded_time_and_memory(tmp_path):
     assert done.returncode == 0, done.stderr
     assert intact(own) and not target.exists()
     assert resource.getrlimit(resource.RLIMIT_AS)  # the limit applied to the child only
+
+
+def test_a_write_onto_a_link_to_a_bundle_replaces_the_link_and_leaves_nothing_beside_it(tmp_path):
+    """Found by a docs-only attacker: the link moved aside stayed as a staging-named leftover."""
+    import torch
+    from torch import nn
+
+    import trainfer
+
+    model, x = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), torch.randn(1, 4)
+    victim = tmp_path / "victim"
+    trainfer.save(model, victim, factory="torch.nn:Identity", example_inputs=x)
+    before = {p.name: p.read_bytes() for p in victim.iterdir()}
+    (tmp_path / "lnk").symlink_to("victim")
+    trainfer.save(model, tmp_path / "lnk", factory="torch.nn:Identity", example_inputs=x)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lnk", "victim"]
+    assert (tmp_path / "lnk").is_dir() and not (tmp_path / "lnk").is_symlink()
+    assert {p.name: p.read_bytes() for p in victim.iterdir()} == before

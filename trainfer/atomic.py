@@ -259,7 +259,10 @@ def replace_directory(new: Path, target: Path) -> None:
         journal.record("old", target)  # the same inode wherever the renames below move it
         previous = new if _exchange(new, target) else _move_aside_then_in(new, target, journal.sibling("old"))
         _fsync_directory(target.parent)
-        shutil.rmtree(previous, ignore_errors=True)
+        if os.path.islink(previous):  # a link stood at the target: it goes, what it pointed to is untouched
+            os.unlink(previous)
+        else:
+            shutil.rmtree(previous, ignore_errors=True)
     if journal is not None:
         journal.close()
 
