@@ -583,8 +583,8 @@ _SOFTMAXES = frozenset(
 
 
 def check_computation(gm: fx.GraphModule, input_shape: list[int] | None, where: str) -> Any:
-    """Run ``gm`` (its weights loaded) once on the meta device (no memory, no arithmetic) on a float32
-    input of ``input_shape``; return the output's meta tensors, or refuse
+    """Run ``gm`` (its weights loaded) once on the meta device (no memory, no arithmetic) on an input of
+    ``input_shape`` in its weights' dtype; return the output's meta tensors, or refuse
     (:class:`~trainfer.errors.BundleError`) a graph that computes more than an inference form:
 
     - Python operators (``operator.add``, ``mul``, ``pow``, ...) take tensors or numbers, never
@@ -612,7 +612,8 @@ def check_computation(gm: fx.GraphModule, input_shape: list[int] | None, where: 
     limit = min(max(MAX_GROWTH * elements, MIN_ELEMENTS_LIMIT), MAX_ELEMENTS_LIMIT)
     flops = min(max(FLOPS_PER_WEIGHT * (weights + elements) * elements, MIN_FLOPS), MAX_FLOPS)
     meta = {name: torch.empty_like(t, device="meta") for name, t in gm.state_dict(keep_vars=True).items()}
-    example = torch.empty(input_shape, device="meta")
+    dtype = next((t.dtype for t in meta.values() if t.is_floating_point()), torch.float32)  # the weights' own
+    example = torch.empty(input_shape, device="meta", dtype=dtype)
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             output = functional_call(_Checked(gm, limit), {f"gm.{k}": v for k, v in meta.items()}, (example,))

@@ -204,6 +204,11 @@ def build_manifest(
         structure = describe_structure(model(*example)) if example else None
         resolved = resolve_heads(model, task, labels, output, heads, output_kind, example or None)
     form = _form(model, known)
+    if form == "deploy" and isinstance(model, fx.GraphModule) and first is None:
+        raise InputError(
+            "saving a deploy form records its graph, which a load checks on the example input shape: "
+            "pass example_inputs= (a batch of one sample is enough)"
+        )
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
