@@ -185,6 +185,14 @@ def test_cli_prints_the_report():
     assert "untrained-batchnorm" in result.output and "argmax agrees on" in result.output
 
 
+def test_cli_audits_a_bundle(tmp_path):
+    """A newcomer audits the bundle they trained, as deploy and verify take it (not only a factory)."""
+    trainfer.save(trainfer.models.digits_net(width=4), tmp_path / "b")  # an allowed factory: no --trust-factory
+    result = CliRunner().invoke(main, ["audit", str(tmp_path / "b"), "--input-shape", "4,1,8,8", "--json"])
+    assert result.exit_code == 0, result.output
+    assert {f["kind"] for f in json.loads(result.output)["findings"]} >= {"mode-dependent"}
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_cli_loads_weights(tmp_path, suffix):
     state = trained_net().state_dict()

@@ -8,7 +8,8 @@ import click
 import torch
 
 from trainfer.analysis.audit import audit
-from trainfer.cli.common import friendly_errors, load_factory, parse_shape
+from trainfer.cli.common import friendly_errors, parse_shape, trust_factory_option
+from trainfer.cli.deploy import load_model
 from trainfer.reparam.verify import model_dtype
 
 
@@ -18,19 +19,16 @@ from trainfer.reparam.verify import model_dtype
 @click.option("--input-shape", help="Input shape with batch, e.g. 16,3,32,32: compares train- and eval-mode outputs.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random example inputs and of Dropout.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+@trust_factory_option
 @friendly_errors
 def command(model_spec: str, weights: str | None, input_shape: str | None, seed: int, as_json: bool) -> None:
-    """Audit MODEL (package.module:factory) for mode risks.
+    """Audit MODEL (a bundle directory, or package.module:factory) for mode risks.
 
     Lists every module whose behaviour depends on train/eval mode, modules in another mode than
     their parent, BatchNorm layers whose running statistics were never updated, and, with
     --input-shape, how far training-mode outputs are from eval-mode outputs on random inputs.
     """
-    model = load_factory(model_spec)()
-    if weights is not None:
-        from trainfer.serve.bundle import load_state_dict, load_weights
-
-        load_state_dict(model, load_weights(weights), source=weights)
+    model = load_model(model_spec, weights)
     inputs = None
     if input_shape is not None:
         dtype = model_dtype(model)
