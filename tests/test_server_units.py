@@ -279,3 +279,25 @@ def test_not_ready_until_the_models_are_loaded_and_checked():
     assert before[1][1]["retry-after"] == "1" and "still loading" in json.loads(before[1][2])["error"]
     assert [status for status, _, _ in after] == [200, 200]
     assert metadata["outputs"][0] == {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.array(["2024-01-01"], dtype="datetime64[D]"), "expected real numbers"),
+        (np.zeros((0, 1, 8, 8), dtype=np.float32), "holds no samples"),
+        (np.float32(1.0), "0-d array"),
+    ],
+)
+def test_an_uploaded_npy_gets_the_checks_of_a_npy_file(array, message):
+    """Dates, no samples, one number: the same InputError as `trainfer predict` gives for the file."""
+    import io
+
+    from trainfer.errors import InputError
+    from trainfer.serve.preprocess import PreprocessSpec
+    from trainfer.server.uploads import _npy
+
+    data = io.BytesIO()
+    np.save(data, array)
+    with pytest.raises(InputError, match=message):
+        _npy(data.getvalue(), "x.npy", PreprocessSpec(input_shape=(1, 8, 8)))

@@ -375,6 +375,13 @@ def read_npy(path: Path, spec: PreprocessSpec, mmap: bool = False) -> np.ndarray
         array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
         raise InputError(f"cannot read {name!r} as a .npy array: {error or 'truncated file'}") from None
+    return npy_samples(array, name, spec)
+
+
+def npy_samples(array: np.ndarray, name: str, spec: PreprocessSpec) -> np.ndarray:
+    """``array`` (read from the ``.npy`` file ``name``) as a batch: numbers only, one sample of
+    ``spec.input_shape`` gains its batch dimension; a 0-d array or no samples is an :class:`InputError`."""
+    _check_numeric(array.dtype, f"cannot read {name!r}: wrong dtype")
     expected = f"a batch (N, {', '.join(map(str, spec.input_shape))}) or one sample" if spec.input_shape else "a batch"
     if array.ndim == 0:
         raise InputError(f"{name!r} holds a 0-d array (one number): expected {expected} of shape {spec._shape_text()}")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from trainfer.errors import InputError
-from trainfer.serve.preprocess import IMAGE_SUFFIXES, PreprocessSpec, load_image
+from trainfer.serve.preprocess import IMAGE_SUFFIXES, PreprocessSpec, load_image, npy_samples
 
 __all__ = ["MAX_NAME", "read_upload"]
 
@@ -61,12 +61,7 @@ def _npy(data: bytes, name: str, spec: PreprocessSpec) -> list[tuple[str, Any]]:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
         raise InputError(f"cannot read {name!r} as a .npy array: {error or 'truncated file'}") from None
-    if array.ndim == 0:
-        raise InputError(f"{name!r} holds a 0-d array (one number): expected samples of shape {spec.input_shape}")
-    if spec.input_shape is not None and array.ndim == len(spec.input_shape):
-        array = array[None]
-    if len(array) == 0:
-        raise InputError(f"{name!r} holds no samples (shape {array.shape}): expected at least one")
+    array = npy_samples(array, name, spec)  # the checks trainfer predict applies to a .npy file
     return [(f"{name}[{i}]", array[i : i + 1]) for i in range(len(array))]
 
 
