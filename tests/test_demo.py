@@ -102,7 +102,8 @@ def test_measurements_cover_every_form(demo_run):
     assert measure["memory"]["with_grad"] > measure["memory"]["inference_mode"] > 0
     counts = results["deploy"]["counts"]
     assert counts["batch-norm kernels run"] == {"train": 16, "deploy": 0}
-    assert counts["parameter and buffer elements"]["deploy"] < counts["parameter and buffer elements"]["train"]
+    assert counts["parameter elements"]["deploy"] < counts["parameter elements"]["train"]
+    assert counts["buffer elements"]["deploy"] < counts["buffer elements"]["train"]  # no BatchNorm statistics left
     assert "eval()" in results["forgot_eval"]["guard_warning"]
     forgot = results["forgot_eval"]["forgot"]
     assert [run["name"] for run in forgot] == [f"no eval(), batch {b}" for b in demo.FORGOT_EVAL_BATCHES]
