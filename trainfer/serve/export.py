@@ -45,6 +45,7 @@ from trainfer.numerics import tolerance_for
 from trainfer.serve.bundle import build_manifest, load, read_manifest
 from trainfer.serve.onnx_runtime import MANIFEST_KEY, OnnxModel, read_onnx_manifest
 from trainfer.serve.outputs import flatten_outputs
+from trainfer.validate import check_tolerance
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 ONNX_OPSET = 17
@@ -98,8 +99,7 @@ def export(
     """
     if format not in FORMATS:
         raise InputError(f"format must be one of {list(FORMATS)}; got {format!r}")
-    if rtol is not None and not rtol > 0:
-        raise InputError(f"rtol must be a positive number; got {rtol!r}")
+    rtol = check_tolerance("rtol", rtol)
     model, manifest = _source(bundle_or_model, example_inputs, trust_factory)
     shape = _input_shape(manifest, example_inputs)
     dtype = getattr(torch, manifest["input"].get("dtype") or "float32")
