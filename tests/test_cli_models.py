@@ -76,6 +76,9 @@ def test_deploy_a_built_in_name_with_weights_computes_what_the_weights_do(tmp_pa
     arguments = ["deploy", "digits_net", "--weights", str(tmp_path / "w.safetensors"), "--input-shape", "2,1,8,8"]
     result = CliRunner().invoke(main, [*arguments, "-o", str(out)])
     assert result.exit_code == 0, result.output
+    counts = {line.split()[0]: line.split()[1::2] for line in result.output.splitlines() if " -> " in line}
+    parameters, buffers = (sum(t.numel() for t in tensors) for tensors in (trained.parameters(), trained.buffers()))
+    assert counts["parameters"][0] == str(parameters) and counts["buffers"][0] == str(buffers)  # apart, not summed
     deployed = trainfer.load(out)
     assert trainfer.recipe_of(deployed).factory == "trainfer.models:digits_net"
     x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
