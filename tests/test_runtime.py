@@ -86,7 +86,7 @@ def test_auto_measures_verified_candidates_and_picks_the_fastest(deployed):
 
 @pytest.mark.parametrize("fast", ["torch", "torch-channels-last", "onnxruntime"])
 def test_auto_never_picks_a_candidate_made_slower(deployed, monkeypatch, fast):
-    """Known answer: every candidate but ``fast`` sleeps 30 ms a call, far above the model's own cost."""
+    """Known answer: every candidate but ``fast`` sleeps 100 ms a call, far above the model's own cost."""
     import time
 
     real = rt._engine
@@ -97,7 +97,7 @@ def test_auto_never_picks_a_candidate_made_slower(deployed, monkeypatch, fast):
             return served
 
         def slowed(x):
-            time.sleep(0.03)
+            time.sleep(0.1)
             return served(x)
 
         return slowed
@@ -108,7 +108,7 @@ def test_auto_never_picks_a_candidate_made_slower(deployed, monkeypatch, fast):
     record = compiled.record
     assert (record.runtime, record.dtype, record.chosen_by) == (fast, "float32", "auto")
     slowest = {c.runtime: c.median_ms["1"] for c in record.candidates if c.status == "ok"}
-    assert slowest[fast] < 30 <= min(ms for runtime, ms in slowest.items() if runtime != fast)
+    assert slowest[fast] < 100 <= min(ms for runtime, ms in slowest.items() if runtime != fast)
 
 
 def test_a_candidate_that_computes_something_else_is_rejected_and_never_chosen(deployed, monkeypatch):
