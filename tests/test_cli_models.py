@@ -111,6 +111,7 @@ BAD_SPECS = {
     "trainfer.models:nope": "has no attribute 'nope'",
     "test_cli_models:not_a_model": "returned str, not an nn.Module",
     "{empty}": "no trainfer bundle at",
+    "{checkpoint}": "is a checkpoint, not a bundle: name the model that takes it, with --weights",
 }
 
 
@@ -118,7 +119,8 @@ BAD_SPECS = {
 @pytest.mark.parametrize("spec", BAD_SPECS)
 def test_a_bad_spec_is_one_line_and_exit_2(command, spec, tmp_path):
     (tmp_path / "empty").mkdir()
-    result = invoke(command, spec.format(empty=tmp_path / "empty"), tmp_path)
+    save_file(small_net().state_dict(), str(tmp_path / "w.safetensors"))
+    result = invoke(command, spec.format(empty=tmp_path / "empty", checkpoint=tmp_path / "w.safetensors"), tmp_path)
     assert result.exit_code == 2, result.output
     lines = result.output.splitlines()
     assert lines[-1].startswith("error: ") and BAD_SPECS[spec] in lines[-1], result.output

@@ -75,6 +75,11 @@ def resolve_model(spec: str, weights: str | None = None, *, trust_factory: bool 
     if factory is None:
         if weights:
             raise InputError(f"MODEL {spec!r} is a bundle with its own weights; drop --weights")
+        if Path(spec).suffix in (".safetensors", ".pt", ".pth"):
+            raise InputError(
+                f"MODEL {spec!r} is a checkpoint, not a bundle: name the model that takes it, with --weights "
+                f"(e.g. mypkg.models:make_net --weights {spec})"
+            )
         return load(spec, trust_factory=trust_factory)
     build = resolve_factory(factory)  # imports or raises a clear BundleError before any weights are read
     built = build() if not weights else _on_meta(build)
