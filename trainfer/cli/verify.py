@@ -21,7 +21,11 @@ from trainfer.cli.model_spec import (
 from trainfer.errors import InputError
 
 
-@click.command("verify", epilog=f"REFERENCE and CANDIDATE are each a MODEL. {MODEL_HELP}")
+@click.command(
+    "verify",
+    epilog=f"REFERENCE and CANDIDATE are each a MODEL, with --reference-weights and --candidate-weights for --weights. "
+    f"{MODEL_HELP}",
+)
 @model_argument("reference_spec", "REFERENCE")
 @model_argument("candidate_spec", "CANDIDATE")
 @weights_option("--reference-weights")
