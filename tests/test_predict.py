@@ -411,7 +411,7 @@ def test_predictor_load_overrides_recorded_settings(tmp_path):
         output_kind="logits",
         labels=list("wxyz"),
     )
-    assert trainfer.serve.bundle.read_manifest(tmp_path / "b")["heads"][0]["output_kind"] == "logits"
+    assert trainfer.serve.bundle.read_manifest(tmp_path / "b").heads[0].output_kind == "logits"
     fixed = Predictor.load(tmp_path / "b", output_kind="probabilities")
     assert fixed.heads[0].kind.kind == "probabilities" and fixed.labels == list("wxyz")
     with pytest.raises(trainfer.BundleError, match="softmax would be applied twice"):
@@ -441,7 +441,7 @@ def test_a_float64_model_overrides_the_specs_default_dtype(tmp_path):
     model = make(4, "log_probabilities").double()
     spec = trainfer.PreprocessSpec(input_shape=(1, 8, 8), mean=[0.5], std=[2.0])  # dtype left at float32
     trainfer.save(model, tmp_path / "b", factory=f"{__name__}:bundle_factory", preprocess=spec)
-    assert trainfer.serve.bundle.read_manifest(tmp_path / "b")["input"]["dtype"] == "float64"
+    assert trainfer.serve.bundle.read_manifest(tmp_path / "b").input.dtype == "float64"
     predictor = Predictor.load(tmp_path / "b")
     raw = torch.rand(3, 1, 8, 8, dtype=torch.float64)
     expected = reference(model, (raw - 0.5) / 2.0).exp()

@@ -30,7 +30,6 @@ replaces the previous bundle; an interrupted save leaves the previous bundle int
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -38,21 +37,25 @@ import pickle
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, fx, nn
 
 from trainfer.atomic import atomic_directory, fsync_file, interrupted_write
+from trainfer.digest import sha256
 from trainfer.errors import BundleError, BundleWarning, InputError
 from trainfer.jsonfile import read_json
-from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
+from trainfer.recipe import ModelRecipe, attach_recipe, model_form, recipe_of
 from trainfer.registry import ENTRY_POINT_GROUP, factory_name
 from trainfer.registry import allowed_factory as allowed_factory_named
 from trainfer.serve.architecture import check_computation, describe, rebuild
 from trainfer.serve.outputs import Head, Selector, describe_structure, resolve_heads
 from trainfer.serve.preprocess import PreprocessSpec
 from trainfer.validate import check_path
+
+if TYPE_CHECKING:  # pydantic is imported when a manifest is read or written, not by ``import trainfer``
+    from trainfer.serve.manifest import Manifest
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -80,6 +83,7 @@ __all__ = [
     "needs_migration",
     "read_bundle_weights",
     "read_manifest",
+    "recipe_from",
     "resolve_factory",
     "save",
     "weights_dtype",
@@ -130,13 +134,14 @@ def save(
         output=output,
         heads=heads,
     )
-    if decoder is not None or manifest["task"] == "sequence":
+    if decoder is not None or manifest.task == "sequence":
+        from trainfer.serve import manifest as schema
         from trainfer.serve.sequence import DecoderSettings
 
         settings = DecoderSettings.coerce(decoder)
-        settings.table(tuple(manifest["labels"]) if manifest["labels"] else None)
-        manifest["decoder"] = settings.to_dict()
-    if not (manifest["factory"] or manifest["architecture"]):
+        settings.table(tuple(manifest.labels) if isinstance(manifest.labels, list) and manifest.labels else None)
+        manifest = schema.build({**manifest.to_json(), "decoder": settings.to_dict()})
+    if not (manifest.factory or manifest.architecture):
         raise BundleError(
             "save needs factory='package.module:function' (a callable that rebuilds the architecture) "
             f"for a {type(model).__name__}; trainfer's own models carry it in their recipe, and a deploy form "
@@ -147,7 +152,7 @@ def save(
 
 def write_bundle(
     path: str | os.PathLike[str],
-    manifest: dict[str, Any],
+    manifest: Manifest,
     state: Mapping[str, Tensor],
     check: Callable[[Path], None] | None = None,
 ) -> Path:
@@ -156,13 +161,15 @@ def write_bundle(
     ``check(staging)`` runs on the complete bundle before it replaces ``path``: raising there leaves
     ``path`` as it was. Refuses to replace a directory that is not a trainfer bundle.
     """
+    from trainfer.serve import manifest as schema
+
     target = Path(path)
     if target.exists() and not (target / MANIFEST_FILE).is_file():
         raise BundleError(f"refusing to overwrite {str(target)!r}: it exists and is not a trainfer bundle")
     with atomic_directory(target) as tmp:
         write_safetensors(state, tmp / WEIGHTS_FILE)
-        manifest["weights"] = {"file": WEIGHTS_FILE, "sha256": _sha256(tmp / WEIGHTS_FILE), "tensors": len(state)}
-        _write_json(tmp / MANIFEST_FILE, manifest)
+        weights = {"file": WEIGHTS_FILE, "sha256": sha256(tmp / WEIGHTS_FILE), "tensors": len(state)}
+        _write_json(tmp / MANIFEST_FILE, schema.build({**manifest.to_json(), "weights": weights}).to_json())
         if check is not None:
             check(tmp)
     return target
@@ -180,12 +187,13 @@ def build_manifest(
     output_kind: str | Mapping[Any, str] | None = None,
     output: Selector = None,
     heads: Mapping[Any, str] | None = None,
-) -> dict[str, Any]:
-    """The manifest of ``model`` (everything but the weights entry); see the module docstring.
+) -> Manifest:
+    """The manifest of ``model`` (everything but the weights entry), validated; see the module docstring.
 
     ``factory`` may stay ``None`` here (an exported file needs none); :func:`save` requires it.
     """
     from trainfer.modes.contexts import shared_inference
+    from trainfer.serve import manifest as schema
 
     known = recipe_of(model)
     factory = factory or getattr(known, "factory", None)
@@ -203,35 +211,30 @@ def build_manifest(
     with shared_inference(model):  # other threads may be serving the model: switched under its lock
         structure = describe_structure(model(*example)) if example else None
         resolved = resolve_heads(model, task, labels, output, heads, output_kind, example or None)
-    form = _form(model, known)
+    form = model_form(model)
     if form == "deploy" and isinstance(model, fx.GraphModule) and first is None:
         raise InputError(
             "saving a deploy form records its graph, which a load checks on the example input shape: "
             "pass example_inputs= (a batch of one sample is enough)"
         )
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "factory": factory,
-        "config": config,
-        "form": form,
-        "deploy_options": _deploy_options(model, known),
-        "architecture": describe(model) if form == "deploy" and isinstance(model, fx.GraphModule) else None,
-        "input": {"shape": [1, *first.shape[1:]] if first is not None else None, "dtype": spec.dtype},
-        "preprocess": spec.to_dict(),
-        "task": resolved[0].task if heads is None else "multi-head",
-        "labels": _manifest_labels(resolved, heads is None),
-        "heads": [head.to_dict() for head in resolved],
-        "output_structure": structure,
-        "versions": writer_versions(),
-    }
-
-
-def _form(model: nn.Module, known: ModelRecipe | None) -> str:
-    """``deploy`` for deploy forms (the recipe's form, or the report ``trainfer.deploy`` attaches)."""
-    if known is not None:
-        return known.form
-    return "deploy" if hasattr(model, "trainfer_report") else "train"
+    return schema.build(
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "factory": factory,
+            "config": config,
+            "form": form,
+            "deploy_options": _deploy_options(model, known),
+            "architecture": describe(model) if form == "deploy" and isinstance(model, fx.GraphModule) else None,
+            "input": {"shape": [1, *first.shape[1:]] if first is not None else None, "dtype": spec.dtype},
+            "preprocess": spec.to_dict(),
+            "task": resolved[0].task if heads is None else "multi-head",
+            "labels": _manifest_labels(resolved, heads is None),
+            "heads": [head.to_dict() for head in resolved],
+            "output_structure": structure,
+            "versions": writer_versions(),
+        }
+    )
 
 
 def _deploy_options(model: nn.Module, known: ModelRecipe | None) -> dict[str, Any]:
@@ -307,16 +310,8 @@ def _write_json(path: Path, data: Any) -> None:
     fsync_file(path)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --------------------------------------------------------------------------- load
-def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_manifest(path: str | os.PathLike[str]) -> Manifest:
     """The validated manifest of the bundle at ``path`` (the directory, or its ``manifest.json``).
 
     The whole manifest is checked against :mod:`trainfer.manifest` (types and size limits) before
@@ -337,8 +332,8 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     return check_manifest(data, repr(str(file)))
 
 
-def check_manifest(data: Any, source: str, *, bundle: bool = True) -> dict[str, Any]:
-    """``data`` (parsed JSON) once validated as a manifest (``bundle``: one that rebuilds a model).
+def check_manifest(data: Any, source: str, *, bundle: bool = True) -> Manifest:
+    """``data`` (parsed JSON) validated as a typed manifest (``bundle``: one that rebuilds a model).
 
     Refuses a newer ``format_version``; warns (:class:`BundleWarning`) when the writer's trainfer is
     a newer major.minor release than this one, and when there is no ``preprocess`` section (inputs
@@ -377,7 +372,7 @@ def check_manifest(data: Any, source: str, *, bundle: bool = True) -> dict[str, 
                 PreprocessSpec.coerce(spec, input_shape=shape[1:])
         except ValueError as error:
             raise BundleError(f"invalid manifest {source}: preprocess: {error}") from None
-    return data
+    return manifest
 
 
 def _newer_writer(data: Any) -> str:
@@ -413,60 +408,76 @@ def load(
     A deploy-form model is returned in eval mode, a training form in the mode its factory built.
     """
     path = check_path("path", path)
-    manifest: dict[str, Any]
     if path.is_file() and path.name != MANIFEST_FILE:
         if factory is None:
             raise BundleError(f"{str(path)!r} is a bare checkpoint: pass factory='package.module:function' to load it")
-        name = factory if isinstance(factory, str) else factory_name(factory)
-        manifest = {"factory": name, "config": dict(config or {}), "form": "train", "input": {"shape": None}}
+        manifest = _checkpoint_manifest(factory if isinstance(factory, str) else factory_name(factory), config)
         state = load_weights(path)
     else:
         manifest = read_manifest(path)
         if config is not None:
-            manifest["config"] = dict(config)
+            manifest = manifest.model_copy(update={"config": dict(config)})
         state = read_bundle_weights(path if path.is_dir() else path.parent, manifest)
     stored = sum(value.numel() for value in state.values())
     model = build_model(manifest, weights_dtype(state), factory=factory, trust_factory=trust_factory, stored=stored)
-    described = manifest.get("architecture") is not None
+    described = manifest.architecture is not None
     try:
         load_state_dict(model, state, source=str(path), assign=described)
     except BundleError as error:
         origin = (
             "the manifest's architecture"
             if described
-            else f"the manifest's factory {manifest['factory']!r}, config {manifest['config']}"
+            else f"the manifest's factory {manifest.factory!r}, config {manifest.config}"
         )
         raise BundleError(f"{error} (the architecture comes from {origin})") from None
     if described:  # weights in place: what the graph computes is bounded before it computes anything
         graph = cast(fx.GraphModule, model)
-        output = check_computation(graph, manifest["input"].get("shape"), f"{path}: architecture")
+        output = check_computation(graph, manifest.input_shape, f"{path}: architecture")
         _check_outputs(manifest, output, str(path))
-    recipe = ModelRecipe(
-        manifest["factory"],
-        manifest["config"],
-        manifest["input"].get("shape"),
-        manifest["form"],
-        manifest.get("deploy_options") or {},
-    )
-    attach_recipe(model, recipe)
-    if manifest["form"] == "deploy":
+    attach_recipe(model, recipe_from(manifest))
+    if manifest.form == "deploy":
         model.eval()  # an inference form is used in eval mode (a factory builds in train mode)
     return model
 
 
-def _check_outputs(manifest: Mapping[str, Any], output: Any, source: str) -> None:
+def _checkpoint_manifest(factory: str, config: Mapping[str, Any] | None) -> Manifest:
+    """What a bare checkpoint's loading knows: the training form the caller's ``factory(**config)`` builds."""
+    from trainfer._version import __version__
+    from trainfer.serve.manifest import InputSpec, Manifest, Versions
+
+    return Manifest.model_construct(  # the caller's own factory and config: nothing here was read from a file
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        factory=factory,
+        config=dict(config or {}),
+        form="train",
+        input=InputSpec(),
+        versions=Versions.model_construct(trainfer=__version__),
+    )
+
+
+def recipe_from(manifest: Manifest) -> ModelRecipe:
+    """The :class:`~trainfer.recipe.ModelRecipe` a model rebuilt from ``manifest`` carries."""
+    options = manifest.deploy_options.model_dump(mode="json", exclude_unset=True)
+    shape = tuple(manifest.input_shape) if manifest.input_shape is not None else None
+    return ModelRecipe(manifest.factory, manifest.config, shape, manifest.form, options)
+
+
+def _check_outputs(manifest: Manifest, output: Any, source: str) -> None:
     """Refuse target scaling (``preprocess.target_mean``/``target_std``) of another width than its head."""
     from trainfer.serve.outputs import select_output
 
-    preprocess = manifest.get("preprocess") or {}
-    keys = ("target_mean", "target_std")
-    scaling: dict[str, list[float]] = {key: preprocess[key] for key in keys if preprocess.get(key)}
+    preprocess = manifest.preprocess
+    scaling: dict[str, list[float]] = {}
+    if preprocess is not None:
+        given = {"target_mean": preprocess.target_mean, "target_std": preprocess.target_std}
+        scaling = {key: value for key, value in given.items() if value}
     if output is None or not scaling:
         return
-    for head in manifest.get("heads") or []:
-        if head["task"] != "regression":
+    for head in manifest.heads:
+        if head.task != "regression":
             continue
-        values = select_output(output, Head.from_dict(head).select)
+        values = select_output(output, head.select)
         width = values.shape[-1] if values.dim() > 1 else 1
         for key, value in scaling.items():
             if len(value) not in (1, width):
@@ -476,20 +487,21 @@ def _check_outputs(manifest: Mapping[str, Any], output: Any, source: str) -> Non
                 )
 
 
-def read_bundle_weights(directory: Path, manifest: dict[str, Any]) -> dict[str, Tensor]:
-    """The weights a bundle's manifest names, once their sha256 matches the manifest's."""
-    entry = manifest["weights"]
-    file = directory / entry.get("file", WEIGHTS_FILE)
-    if Path(entry.get("file", WEIGHTS_FILE)).name != entry.get("file", WEIGHTS_FILE) or file.suffix != ".safetensors":
-        raise BundleError(
-            f"manifest names weights file {entry.get('file')!r}; expected a .safetensors file in the bundle"
-        )
+def read_bundle_weights(directory: Path, manifest: Manifest) -> dict[str, Tensor]:
+    """The weights a bundle's manifest names, once their sha256 matches the manifest's.
+
+    The schema allows only a plain ``*.safetensors`` file name (no directory part) and a hex digest.
+    """
+    entry = manifest.weights
+    if entry is None:
+        raise BundleError(f"bundle {str(directory)!r}: its manifest names no weights file")
+    file = directory / entry.file
     if not file.is_file():
         raise BundleError(f"bundle {str(directory)!r} lacks its weights file {file.name!r}")
-    digest = _sha256(file)
-    if entry.get("sha256") and digest != entry["sha256"]:
+    digest = sha256(file)
+    if digest != entry.sha256:
         raise BundleError(
-            f"weights {str(file)!r} do not match the manifest: sha256 expected {entry['sha256']}, got {digest}"
+            f"weights {str(file)!r} do not match the manifest: sha256 expected {entry.sha256}, got {digest}"
         )
     return load_weights(file)
 
@@ -601,7 +613,7 @@ def allowed_factory(
 
 
 def build_model(
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
     dtype: torch.dtype | None = None,
     *,
     factory: str | Callable[..., nn.Module] | None = None,
@@ -617,11 +629,11 @@ def build_model(
     refused before any memory is allocated. A failure of the factory or of the deploy derivation (caused by
     the manifest's config) is a :class:`BundleError`.
     """
-    if manifest["form"] not in ("train", "deploy"):
-        raise BundleError(f"unknown bundle form {manifest['form']!r}: expected 'train' or 'deploy'")
-    if manifest.get("architecture") is not None:
-        return rebuild(manifest["architecture"], "manifest", manifest["input"].get("shape"))
-    name, config = manifest["factory"], manifest["config"]
+    if manifest.architecture is not None:
+        return rebuild(manifest.architecture, "manifest", manifest.input_shape)
+    name, config = manifest.factory, manifest.config
+    if name is None:
+        raise BundleError("the manifest names neither an architecture nor a factory to build the model with")
     if needs_migration(manifest):
         raise BundleError(
             f"this deploy-form bundle records no architecture and its factory {name!r} is not told deploy=True: "
@@ -635,14 +647,10 @@ def build_model(
     return model.to(dtype) if dtype is not None else model
 
 
-def needs_migration(manifest: Mapping[str, Any]) -> bool:
+def needs_migration(manifest: Manifest) -> bool:
     """Whether a (validated) manifest is a format-1 deploy form, which only a replay of the fold rebuilds
     (:mod:`trainfer.serve.migrate` rewrites it once)."""
-    return (
-        manifest["form"] == "deploy"
-        and manifest.get("architecture") is None
-        and manifest["config"].get("deploy") is not True
-    )
+    return manifest.form == "deploy" and manifest.architecture is None and manifest.config.get("deploy") is not True
 
 
 def _call_factory(build: Callable[..., Any], name: str, config: Mapping[str, Any]) -> nn.Module:

@@ -207,13 +207,13 @@ class Predictor:
                 # ours: moved, not copied, and put in eval for good (calls then never switch modes)
                 model = load(path, factory=factory, trust_factory=trust_factory)
                 model = model.to(pick_device(overrides.get("device", "auto"))).eval()
-        heads = [Head.from_dict(h) for h in manifest.get("heads") or []]
-        if manifest.get("decoder") is not None:
-            overrides = {"decoder": manifest["decoder"], **overrides}
+        heads = [Head.from_dict(h) for h in manifest.head_settings()]
+        if manifest.decoder is not None:
+            overrides = {"decoder": manifest.decoder.model_dump(), **overrides}
         settings = (
             _head_settings(heads) if heads and _HEAD_SETTINGS & overrides.keys() else {"resolved_heads": heads or None}
         )
-        predictor = cls(model, **{"preprocess": manifest.get("preprocess"), **settings, **overrides})
+        predictor = cls(model, **{"preprocess": manifest.preprocess_settings(), **settings, **overrides})
         if "output_kind" not in overrides:  # the caller's kinds replace the recorded ones (checked as they run)
             predictor._check_recorded_kinds(heads, repr(str(path)))
         return predictor

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import io
 import json
 import logging
@@ -45,24 +44,23 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from trainfer.atomic import remove_staging, replace_directory, staging_directory
+from trainfer.digest import sha256
 from trainfer.errors import InputError, QuantizationError
 from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over
-from trainfer.serve.runtime import (
-    QUANTIZATION_FILE,
-    QUANTIZED_FILE,
-    _source,
-    machine_info,
-    ort_engine,
-)
+from trainfer.serve.runtime import QUANTIZATION_FILE, QUANTIZED_FILE, machine_info, ort_engine
 from trainfer.serve.served_checks import PROBES_FILE, select_probes
+from trainfer.serve.source import float32_copy, load_source
 from trainfer.validate import check_type
+
+if TYPE_CHECKING:
+    from trainfer.serve.manifest import Manifest
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 _CALIBRATION_BATCH = 32
@@ -136,7 +134,7 @@ class QuantizedModel:
 
     float_model: nn.Module
     onnx_bytes: bytes
-    manifest: dict[str, Any]
+    manifest: Manifest
     report: QuantizationReport
     engine: Callable[[Tensor], Any] = field(repr=False)
     #: Validation inputs on which both forms agree: stored with the bundle, the int8 form is checked
@@ -158,15 +156,15 @@ class QuantizedModel:
             raise InputError(f"refusing to overwrite {str(target)!r}: it exists and is not a trainfer bundle")
         staging = staging_directory(target)
         try:
-            inner = save(self.float_model, staging / "bundle", **{**_bundle_metadata(self.manifest), **metadata})
+            inner = save(self.float_model, staging / "bundle", **{**bundle_metadata(self.manifest), **metadata})
             (inner / QUANTIZED_FILE).write_bytes(self.onnx_bytes)
             write_safetensors({"inputs": self.probes}, inner / PROBES_FILE)
-            probes = hashlib.sha256((inner / PROBES_FILE).read_bytes()).hexdigest()
+            probes = sha256(inner / PROBES_FILE)
             entry = {
                 "format": "trainfer-quantized",
                 "format_version": 2,
                 "file": QUANTIZED_FILE,
-                "sha256": hashlib.sha256(self.onnx_bytes).hexdigest(),
+                "sha256": sha256(self.onnx_bytes),
                 "probes": {"file": PROBES_FILE, "sha256": probes},
                 "report": self.report.to_dict(),
             }
@@ -177,25 +175,26 @@ class QuantizedModel:
         return target
 
 
-def _bundle_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
-    heads = manifest.get("heads") or [{}]
+def bundle_metadata(manifest: Manifest) -> dict[str, Any]:
+    """What a bundle derived from ``manifest``'s model keeps of it: :func:`trainfer.save`'s task, labels,
+    preprocessing and output kind."""
     return {
-        "task": manifest.get("task"),
-        "labels": manifest.get("labels"),
-        "preprocess": manifest.get("preprocess"),
-        "output_kind": heads[0].get("output_kind"),
+        "task": manifest.task,
+        "labels": manifest.labels,
+        "preprocess": manifest.preprocess_settings(),
+        "output_kind": manifest.heads[0].output_kind if manifest.heads else None,
     }
 
 
 # --------------------------------------------------------------------------- calibration data
-def calibration_inputs(data: Any, manifest: dict[str, Any], limit: int | None = None) -> Tensor:
+def calibration_inputs(data: Any, manifest: Manifest, limit: int | None = None) -> Tensor:
     """Model inputs as one float32 batch from a tensor/array (model inputs), a data set or loader
     (items ``x`` or ``(x, label)``), or a path: a ``.npy``/``.csv``/image file or a directory of images
     and ``.npy`` files (raw inputs, preprocessed as the bundle's manifest says)."""
     from trainfer.serve.preprocess import PreprocessSpec, gather
 
     if isinstance(data, str | os.PathLike):
-        spec = PreprocessSpec.coerce(manifest.get("preprocess"))
+        spec = PreprocessSpec.coerce(manifest.preprocess_settings())
         path = Path(data)
         files = _input_files(path) if path.is_dir() else [str(path)]
         batch = spec.prepare(gather(files, spec))
@@ -347,7 +346,8 @@ def _quiet() -> Iterator[None]:
         root.setLevel(level)
 
 
-def _with_manifest(path: Path, manifest: dict[str, Any]) -> bytes:
+def _with_manifest(path: Path, served: str) -> bytes:
+    """The ONNX file at ``path`` carrying the manifest JSON ``served`` (:func:`_served_manifest`)."""
     import onnx
 
     from trainfer.serve.onnx_runtime import MANIFEST_KEY
@@ -355,7 +355,7 @@ def _with_manifest(path: Path, manifest: dict[str, Any]) -> bytes:
     proto = onnx.load(str(path))
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()
-    entry.key, entry.value = MANIFEST_KEY, json.dumps(manifest)
+    entry.key, entry.value = MANIFEST_KEY, served
     return proto.SerializeToString()
 
 
@@ -374,6 +374,7 @@ def quantize(
     calibration_limit: int | None = 512,
     sensitivity_samples: int = 128,
     threads: int | None = None,
+    trust_factory: bool = False,
 ) -> QuantizedModel:
     """The gated int8 form of ``model_or_bundle``; see the module docstring.
 
@@ -382,7 +383,8 @@ def quantize(
     False, or ``"auto"`` (quantize both the equalized and the plain form, keep the one closer to
     the float form: with per-channel weights equalization does not always help). ``max_float_layers``:
     how many layers may fall back to float (default: half of them). ``reduce_range``: 7-bit
-    weights (default: where the CPU lacks VNNI/AMX int8 dot products).
+    weights (default: where the CPU lacks VNNI/AMX int8 dot products). ``trust_factory`` is
+    :func:`trainfer.load`'s (for a bundle).
     """
     check_type("model_or_bundle", model_or_bundle, nn.Module | str | os.PathLike, "an nn.Module or a bundle path")
     if calibration not in CALIBRATION_METHODS:
@@ -392,7 +394,8 @@ def quantize(
     gate = gate or AccuracyGate()
     with tempfile.TemporaryDirectory(prefix="trainfer-quantize-") as work:
         workdir = Path(work)
-        source = _source(model_or_bundle, _example(model_or_bundle, calibration_data), workdir)
+        loaded = load_source(model_or_bundle, _example(model_or_bundle, calibration_data), trust_factory=trust_factory)
+        source = _Float(float32_copy(loaded.model), loaded.manifest)
         calib = calibration_inputs(calibration_data, source.manifest, calibration_limit)
         check = calibration_inputs(validation, source.manifest) if validation is not None else calib
         if validation is None:
@@ -452,6 +455,14 @@ def _example(model_or_bundle: Any, calibration_data: Any) -> Tensor | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Float:
+    """The float32 deploy form to quantize and its manifest."""
+
+    model: nn.Module
+    manifest: Manifest
+
+
 @dataclass
 class _Variant:
     """One float form to quantize (equalized or not), its ONNX export and its sensitivity ranking."""
@@ -467,7 +478,7 @@ class _Variant:
 class _Search:
     """Quantize, gate, and fall back to float layer by layer (most sensitive first) until the gate passes."""
 
-    source: Any
+    source: _Float
     calib: Tensor
     check: tuple[Tensor, Tensor | None, Tensor]
     gate: AccuracyGate
@@ -531,6 +542,7 @@ class _Search:
         return QuantizedModel(variant.model, data, self.source.manifest, result, engine, probes)
 
 
-def _served_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
-    served = {key: value for key, value in manifest.items() if key != "weights"}
-    return {**served, "form": "deploy", "quantized": {"format": "QDQ", "weights": "int8"}}
+def _served_manifest(manifest: Manifest) -> str:
+    """The manifest JSON inside ``quantized.onnx``: the float form's, without weights, marked as the QDQ int8 form."""
+    served = manifest.model_copy(update={"form": "deploy", "weights": None}).to_json()
+    return json.dumps({**served, "quantized": {"format": "QDQ", "weights": "int8"}})

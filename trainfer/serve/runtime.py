@@ -40,13 +40,14 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from trainfer.atomic import atomic_file
+from trainfer.digest import sha256
 from trainfer.errors import BundleError, EquivalenceError, InputError, InputTypeError
 from trainfer.extras import require
 from trainfer.jsonfile import read_json
@@ -55,6 +56,10 @@ from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
 from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over
 from trainfer.serve.int8_ops import check_int8_ops
 from trainfer.serve.outputs import flatten_outputs
+from trainfer.serve.source import float32_copy, load_source
+
+if TYPE_CHECKING:
+    from trainfer.serve.manifest import Manifest
 
 RUNTIMES = ("torch", "torch-channels-last", "inductor", "onnxruntime", "openvino")
 #: What ``runtime="auto"`` tries unless told otherwise (inductor: see the module docstring).
@@ -255,7 +260,7 @@ class TorchEngine:
         return tree_map(lambda t: t.float() if isinstance(t, Tensor) and t.is_floating_point() else t, output)
 
 
-def ort_engine(path: Path, manifest: dict[str, Any], threads: int) -> Callable[[Tensor], Any]:
+def ort_engine(path: Path, manifest: Manifest, threads: int) -> Callable[[Tensor], Any]:
     """An ONNX Runtime session on ``path`` (all graph optimisations, ``threads`` intra-op threads)."""
     ort = require("onnxruntime", "onnx", "the onnxruntime runtime")
     from trainfer.serve.onnx_runtime import OnnxModel
@@ -263,7 +268,7 @@ def ort_engine(path: Path, manifest: dict[str, Any], threads: int) -> Callable[[
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return OnnxModel(path, {**manifest, "input": {**manifest["input"], "dtype": "float32"}}, options)
+    return OnnxModel(path, manifest, options, dtype="float32")
 
 
 class OpenVinoEngine:
@@ -275,7 +280,7 @@ class OpenVinoEngine:
     outputs and puts the request back. The compiled model itself is shared (OpenVINO allows that).
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], threads: int, dtype: str = "float32"):
+    def __init__(self, path: Path, manifest: Manifest, threads: int, dtype: str = "float32"):
         ov = require("openvino", "openvino", "the openvino runtime")
         core = ov.Core()
         hint = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[dtype]
@@ -334,7 +339,7 @@ class _Source:
     """The float32 deploy form, its manifest and a float64 copy to verify against."""
 
     model: nn.Module
-    manifest: dict[str, Any]
+    manifest: Manifest
     reference: nn.Module
     sample_shape: tuple[int, ...]
     workdir: Path
@@ -352,37 +357,18 @@ class _Source:
         return self.onnx
 
 
-def _source(model_or_bundle: Any, example_inputs: Tensor | None, workdir: Path) -> _Source:
-    from trainfer.reparam.deploy import deploy
-    from trainfer.serve.bundle import build_manifest, load, read_manifest
-
-    recorded = None
-    if isinstance(model_or_bundle, nn.Module):
-        model = model_or_bundle
-        shape = getattr(recipe_of(model), "input_shape", None)
-    else:
-        model, recorded = load(model_or_bundle), read_manifest(model_or_bundle)
-        shape = recorded["input"].get("shape")
-    if example_inputs is None:
-        if not shape:
-            raise InputError("compile needs example_inputs (a batch of the model's inputs): the input shape is unknown")
-        example_inputs = torch.randn(*shape)
-    if not isinstance(example_inputs, Tensor) or not example_inputs.is_floating_point():
-        given = type(example_inputs).__name__
-        raise InputTypeError(f"example_inputs must be a floating-point tensor batch; got {given}")
-    example = example_inputs.detach().to("cpu", torch.float32)
-    if getattr(recipe_of(model), "form", None) != "deploy" and not hasattr(model, "trainfer_report"):
-        model = deploy(model.to("cpu"), example)
-    model = _carrying_records(copy.deepcopy(model).to("cpu", torch.float32).eval(), model)
-    manifest = recorded if recorded is not None else build_manifest(model, example_inputs=example)
-    return _Source(model, manifest, copy.deepcopy(model).double(), tuple(example.shape[1:]), workdir)
+def _source(model_or_bundle: Any, example_inputs: Tensor | None, workdir: Path, trust_factory: bool) -> _Source:
+    """The float32 deploy form of ``model_or_bundle`` (:func:`trainfer.serve.source.load_source`) to serve."""
+    source = load_source(model_or_bundle, _float32(example_inputs), trust_factory=trust_factory)
+    model = float32_copy(source.model)
+    return _Source(model, source.manifest, copy.deepcopy(model).double(), source.sample_shape, workdir)
 
 
-def _carrying_records(copied: nn.Module, original: nn.Module) -> nn.Module:
-    """``copied`` with the original's recipe and ``trainfer_report`` (an FX deep copy drops them)."""
-    if hasattr(original, "trainfer_report"):
-        copied.trainfer_report = copy.deepcopy(original.trainfer_report)
-    return attach_recipe(copied, recipe_of(original))
+def _float32(example_inputs: Tensor | None) -> Tensor | None:
+    """Example inputs as float32 (a runtime serves float32 inputs; other types are refused by the source)."""
+    if isinstance(example_inputs, Tensor) and example_inputs.is_floating_point():
+        return example_inputs.detach().to("cpu", torch.float32)
+    return example_inputs
 
 
 def _engine(runtime: str, dtype: str, source: _Source, threads: int) -> Callable[[Tensor], Any]:
@@ -484,6 +470,7 @@ def compile(
     gate: AccuracyGate | None = None,
     gate_data: Tensor | tuple[Tensor, Tensor] | None = None,
     rounds: int = 10,
+    trust_factory: bool = False,
 ) -> CompiledModel:
     """Serve the deploy form of ``model_or_bundle`` on ``runtime``; see the module docstring.
 
@@ -493,6 +480,7 @@ def compile(
     every runtime (default: torch's current setting). ``gate_data``: inputs, or ``(inputs,
     labels)``, on which reduced-precision candidates must pass ``gate`` against the float form.
     A runtime named explicitly that fails verification raises :class:`trainfer.EquivalenceError`.
+    ``trust_factory`` is :func:`trainfer.load`'s (for a bundle).
     """
     dtypes = (dtype,) if isinstance(dtype, str) else tuple(dtype)
     for name in dtypes:
@@ -513,7 +501,7 @@ def compile(
         raise InputError(f"unknown candidates {unknown}: expected names from {list(RUNTIMES)}")
     threads = threads or torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="trainfer-compile-") as work:
-        source = _source(model_or_bundle, example_inputs, Path(work))
+        source = _source(model_or_bundle, example_inputs, Path(work), trust_factory)
         checks = (_verification_inputs(source, batch_sizes), gate or AccuracyGate(), gate_data)
         pairs = [(r, d) for r in names for d in dtypes]
         if runtime == "auto" and ("torch", "float32") not in pairs:
@@ -614,9 +602,7 @@ def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None, 
     nothing, whoever replaces the file recomputes it. ``runtime``: ``onnxruntime`` (default: the
     runtime its accuracy gate measured) or ``openvino``.
     """
-    import hashlib
-
-    from trainfer.serve.bundle import load, read_manifest
+    from trainfer.serve.bundle import load, read_manifest, recipe_from
     from trainfer.serve.served_checks import check_int8_form, read_probes
 
     directory = Path(bundle)
@@ -628,7 +614,7 @@ def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None, 
     if not file.is_file():
         raise BundleError(f"bundle {str(directory)!r} lacks its int8 form {QUANTIZED_FILE!r}")
     data = file.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
+    digest = sha256(data)
     if digest != entry.get("sha256"):
         raise BundleError(
             f"{str(file)!r} does not match {QUANTIZATION_FILE}: sha256 expected {entry.get('sha256')}, got {digest}"
@@ -644,7 +630,7 @@ def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None, 
         raise
     except Exception as error:  # the file is untrusted: onnxruntime and OpenVINO raise their own types
         raise BundleError(f"{runtime} cannot load the int8 form {str(file)!r}: {error}"[:2000]) from None
-    shape = manifest["input"].get("shape")
+    shape = manifest.input_shape
     if not shape:
         raise BundleError(f"bundle {str(directory)!r} records no input shape to check its int8 form on")
     probes = read_probes(directory, entry, shape[1:])
@@ -655,8 +641,7 @@ def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None, 
     record = RuntimeRecord(
         runtime, "int8", "bundle", [], [candidate], _thread_settings(threads), machine_info(), _versions()
     )
-    recipe = ModelRecipe(manifest.get("factory"), manifest["config"], manifest["input"].get("shape"), "deploy")
-    return CompiledModel(engine, record, recipe)
+    return CompiledModel(engine, record, replace(recipe_from(manifest), form="deploy"))
 
 
 def _quantization_entry(directory: Path) -> dict[str, Any]:
