@@ -39,7 +39,8 @@ def test_a_training_form_is_deployed_and_computes_the_same(dtype):
     with trainfer.inference(model, source.model):
         assert_close(source.model(x), model(x))
     copy = float32_copy(source.model)
-    assert next(copy.parameters()).dtype == torch.float32 and trainfer.recipe_of(copy) == trainfer.recipe_of(source.model)
+    assert next(copy.parameters()).dtype == torch.float32
+    assert trainfer.recipe_of(copy) == trainfer.recipe_of(source.model)
 
 
 def test_a_deploy_form_is_taken_as_it_is():
