@@ -175,14 +175,14 @@ def test_atomic_save_keeps_previous_bundle_on_crash(tmp_path, monkeypatch):
     trainfer.save(first, tmp_path / "b", factory=FACTORY, example_inputs=torch.randn(1, 1, 8, 8))
     before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
 
-    import trainfer.serve.bundle as bundle
+    import trainfer.serve.bundle_write as bundle_write
 
     def crash(path, data):
         with open(path, "w") as handle:
             handle.write('{"partial": ')  # a half-written manifest, then the process dies
         raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(bundle, "_write_json", crash)
+    monkeypatch.setattr(bundle_write, "_write_json", crash)
     second = randomize_batchnorm(tiny_cnn(), seed=5)
     with pytest.raises(KeyboardInterrupt):
         trainfer.save(second, tmp_path / "b", factory=FACTORY, example_inputs=torch.randn(1, 1, 8, 8))

@@ -22,7 +22,8 @@ DATA_HELP = (
 
 def read_labels(path: Path) -> torch.Tensor:
     """``--labels``: a ``.npy`` file of integer class indices (read as any trainfer ``.npy`` input)."""
-    from trainfer.serve.preprocess import PreprocessSpec, read_npy
+    from trainfer.serve.preprocess import PreprocessSpec
+    from trainfer.serve.readers import read_npy
 
     if path.suffix.lower() != ".npy":
         raise InputError(f"--labels {str(path)!r}: expected a .npy file of integer class indices")

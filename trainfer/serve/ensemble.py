@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from trainfer.errors import InputError, InputTypeError
 from trainfer.serve.batching import sample_count, timed_batches
-from trainfer.serve.preprocess import PreprocessSpec, iter_raw
+from trainfer.serve.inputs import iter_raw
+from trainfer.serve.preprocess import PreprocessSpec
 from trainfer.serve.results import BinaryResult, ClassificationResult, RegressionResult, check_finite_scores
 from trainfer.validate import check_integer, check_type, given
 

@@ -27,18 +27,11 @@ from trainfer.numerics import randomize_batchnorm
 from trainfer.reparam.deploy import deploy
 from trainfer.reparam.verify import verify
 from trainfer.serve.architecture import describe
-from trainfer.serve.bundle import (
-    FORMAT_VERSION,
-    build_model,
-    load,
-    load_state_dict,
-    needs_migration,
-    read_bundle_weights,
-    read_manifest,
-    weights_dtype,
-    write_bundle,
-    writer_versions,
-)
+from trainfer.serve.bundle import build_model, load
+from trainfer.serve.bundle_format import FORMAT_VERSION, needs_migration, read_manifest
+from trainfer.serve.bundle_write import write_bundle
+from trainfer.serve.manifest_build import writer_versions
+from trainfer.serve.weights import load_state_dict, read_bundle_weights, weights_dtype
 
 if TYPE_CHECKING:
     from trainfer.serve.manifest import Manifest

@@ -5,7 +5,7 @@ The exporter (:mod:`trainfer.serve.export`) writes the manifest as JSON under :d
 in the ONNX model's ``metadata_props``, in TorchScript's ``_extra_files`` and in the ExportedProgram's
 ``extra_files``. This module only reads: serving (``Predictor.load("model.onnx")``) needs it and never
 the exporter. Every manifest read here passes the same schema check as a bundle's
-(:func:`trainfer.serve.bundle.check_manifest`). onnx and onnxruntime are the optional extra
+(:func:`trainfer.serve.bundle_format.check_manifest`). onnx and onnxruntime are the optional extra
 ``trainfer[onnx]``, imported on use.
 """
 
@@ -23,7 +23,7 @@ from torch import Tensor
 from trainfer.errors import BundleError, InputError
 from trainfer.extras import require
 from trainfer.jsonfile import parse_json
-from trainfer.serve.bundle import check_manifest
+from trainfer.serve.bundle_format import check_manifest
 
 if TYPE_CHECKING:
     from trainfer.serve.manifest import Manifest

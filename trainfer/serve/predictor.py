@@ -50,8 +50,9 @@ from trainfer.errors import InputError, InputTypeError, OutputKindWarning
 from trainfer.modes.contexts import shared_inference
 from trainfer.recipe import recipe_of
 from trainfer.serve.batching import sample_count, timed_batches
+from trainfer.serve.inputs import gather, iter_raw
 from trainfer.serve.outputs import Head, Selector, check_output_kind, resolve_heads, select_output, to_scores
-from trainfer.serve.preprocess import PreprocessSpec, gather, iter_raw
+from trainfer.serve.preprocess import PreprocessSpec
 from trainfer.serve.results import (
     MultiHeadResult,
     Result,
@@ -198,7 +199,8 @@ class Predictor:
 
             model, manifest = load_onnx(path)
         else:
-            from trainfer.serve.bundle import load, read_manifest
+            from trainfer.serve.bundle import load
+            from trainfer.serve.bundle_format import read_manifest
             from trainfer.serve.runtime import bundle_model
 
             manifest = read_manifest(path)

@@ -51,11 +51,12 @@ import torch
 from torch import Tensor, nn
 
 from trainfer.atomic import remove_staging, replace_directory, staging_directory
-from trainfer.digest import sha256
 from trainfer.errors import InputError, QuantizationError
+from trainfer.serve.engines import ort_engine
 from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over
-from trainfer.serve.runtime import QUANTIZATION_FILE, QUANTIZED_FILE, machine_info, ort_engine
-from trainfer.serve.served_checks import PROBES_FILE, select_probes
+from trainfer.serve.int8_form import write_int8_form
+from trainfer.serve.runtime_record import machine_info
+from trainfer.serve.served_checks import select_probes
 from trainfer.serve.source import float32_copy, load_source
 from trainfer.validate import check_type
 
@@ -149,7 +150,8 @@ class QuantizedModel:
 
         ``metadata`` goes to :func:`trainfer.save` (e.g. ``factory=...`` for a model of your own).
         """
-        from trainfer.serve.bundle import MANIFEST_FILE, save, write_safetensors
+        from trainfer.serve.bundle_format import MANIFEST_FILE
+        from trainfer.serve.bundle_write import save
 
         target = Path(path)
         if target.exists() and not (target / MANIFEST_FILE).is_file():
@@ -157,18 +159,7 @@ class QuantizedModel:
         staging = staging_directory(target)
         try:
             inner = save(self.float_model, staging / "bundle", **{**bundle_metadata(self.manifest), **metadata})
-            (inner / QUANTIZED_FILE).write_bytes(self.onnx_bytes)
-            write_safetensors({"inputs": self.probes}, inner / PROBES_FILE)
-            probes = sha256(inner / PROBES_FILE)
-            entry = {
-                "format": "trainfer-quantized",
-                "format_version": 2,
-                "file": QUANTIZED_FILE,
-                "sha256": sha256(self.onnx_bytes),
-                "probes": {"file": PROBES_FILE, "sha256": probes},
-                "report": self.report.to_dict(),
-            }
-            (inner / QUANTIZATION_FILE).write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
+            write_int8_form(inner, self.onnx_bytes, self.probes, self.report.to_dict())
             replace_directory(inner, target)
         finally:
             remove_staging(staging)
@@ -191,7 +182,8 @@ def calibration_inputs(data: Any, manifest: Manifest, limit: int | None = None) 
     """Model inputs as one float32 batch from a tensor/array (model inputs), a data set or loader
     (items ``x`` or ``(x, label)``), or a path: a ``.npy``/``.csv``/image file or a directory of images
     and ``.npy`` files (raw inputs, preprocessed as the bundle's manifest says)."""
-    from trainfer.serve.preprocess import PreprocessSpec, gather
+    from trainfer.serve.inputs import gather
+    from trainfer.serve.preprocess import PreprocessSpec
 
     if isinstance(data, str | os.PathLike):
         spec = PreprocessSpec.coerce(manifest.preprocess_settings())
@@ -215,7 +207,7 @@ def _first(item: Any) -> Tensor:
 
 
 def _input_files(directory: Path) -> list[str]:
-    from trainfer.serve.preprocess import IMAGE_SUFFIXES
+    from trainfer.serve.readers import IMAGE_SUFFIXES
 
     files = sorted(str(p) for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES | {".npy"})
     if not files:

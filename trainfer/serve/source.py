@@ -1,7 +1,7 @@
 """A model or a bundle, as the deploy form that export, compile and quantize start from.
 
 :func:`load_source` is the one resolver of "model or bundle -> deploy form": a model comes with the
-manifest :func:`~trainfer.serve.bundle.build_manifest` records of it; a bundle path is loaded
+manifest :func:`~trainfer.serve.manifest_build.build_manifest` records of it; a bundle path is loaded
 (:func:`trainfer.load`, whose ``factory``/``trust_factory`` decide which code may build it) with its
 manifest. A training form (:func:`trainfer.recipe.model_form`) is then deployed on the example inputs
 (:func:`trainfer.deploy`, verified). The example inputs are the given batch, or random inputs of the
@@ -58,7 +58,9 @@ def load_source(
     Raises :class:`~trainfer.errors.InputError` when neither ``example_inputs`` nor the manifest gives the
     input shape, :class:`~trainfer.errors.InputTypeError` for example inputs that are not a float tensor.
     """
-    from trainfer.serve.bundle import build_manifest, load, read_manifest
+    from trainfer.serve.bundle import load
+    from trainfer.serve.bundle_format import read_manifest
+    from trainfer.serve.manifest_build import build_manifest
 
     if example_inputs is not None and not (isinstance(example_inputs, Tensor) and example_inputs.is_floating_point()):
         given = type(example_inputs).__name__
