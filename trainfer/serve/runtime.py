@@ -52,7 +52,6 @@ from trainfer.serve.runtime_record import (
     RUNTIME_FILE,
     RUNTIMES,
     SUPPORTED_DTYPES,
-    TORCH_RUNTIMES,
     CandidateRecord,
     RuntimeRecord,
     machine_info,
@@ -77,11 +76,11 @@ __all__ = [
     "CandidateRecord",
     "CompiledModel",
     "RuntimeRecord",
-    "bundle_model",
     "compile",
     "compile_for",
     "machine_info",
     "read_record",
+    "recorded_runtime",
     "save_record",
 ]
 
@@ -241,7 +240,7 @@ def compile(
     if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
         raise InputError(f"batch_sizes must be positive ints; got {batch_sizes!r}")
     if runtime == "recorded":
-        runtime = _recorded(model_or_bundle)
+        runtime = recorded_runtime(model_or_bundle)
     if isinstance(runtime, RuntimeRecord):
         dtypes = (runtime.dtype,)
         runtime = runtime.runtime
@@ -283,7 +282,8 @@ def compile(
     return CompiledModel(engines[chosen.name], record, replace(recipe, input_shape=(1, *source.sample_shape)))
 
 
-def _recorded(model_or_bundle: Any) -> RuntimeRecord:
+def recorded_runtime(model_or_bundle: Any) -> RuntimeRecord:
+    """The runtime record a bundle carries (``runtime="recorded"``); refused for a model or a bundle without one."""
     if isinstance(model_or_bundle, nn.Module):
         raise InputError("runtime='recorded' reads a bundle's runtime.json: pass the bundle path, not a model")
     record = read_record(model_or_bundle)
@@ -302,25 +302,3 @@ def compile_for(model: Any, runtime: Any, spec: Any, batch_size: int) -> Compile
         raise InputError("runtime= needs the input shape (preprocess={'input_shape': ...}) to compile the model")
     sizes = sorted({1, min(batch_size, 8)})
     return compile(model, torch.randn(1, *spec.input_shape), runtime, batch_sizes=sizes)
-
-
-def bundle_model(
-    bundle: str | os.PathLike[str], overrides: dict[str, Any], **load_options: Any
-) -> tuple[Any, dict[str, Any]]:
-    """The model ``Predictor.load`` serves for a bundle, when it is not the plain PyTorch one.
-
-    A bundle carrying an int8 form serves it (unless ``runtime`` names a PyTorch runtime);
-    ``runtime="recorded"`` becomes the bundle's :class:`RuntimeRecord`. Returns ``(model or None,
-    the overrides left for the Predictor)``. ``load_options`` (``factory``, ``trust_factory``) go to
-    :func:`trainfer.load` of the float form an int8 form is checked against.
-    """
-    runtime = overrides.get("runtime")
-    from trainfer.serve.int8_form import QUANTIZATION_FILE, serve_quantized
-
-    if (Path(bundle) / QUANTIZATION_FILE).is_file() and runtime not in TORCH_RUNTIMES:
-        chosen = None if runtime in (None, "auto", "recorded") else runtime
-        served = serve_quantized(bundle, chosen, **load_options)
-        return served, {key: value for key, value in overrides.items() if key != "runtime"}
-    if runtime == "recorded":
-        return None, {**overrides, "runtime": _recorded(bundle)}
-    return None, overrides
