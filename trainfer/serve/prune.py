@@ -42,8 +42,8 @@ from torch import Tensor, fx, nn
 from trainfer.errors import InputError, PruningError
 from trainfer.extras import require
 from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
+from trainfer.serve.calibration import calibration_inputs
 from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over
-from trainfer.serve.quantize import calibration_inputs
 from trainfer.serve.source import float32_copy, load_source
 
 __all__ = ["LayerPruneSensitivity", "PruneReport", "PruningError", "prune"]

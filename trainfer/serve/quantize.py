@@ -33,11 +33,9 @@ serve the int8 form of such a bundle once it agrees with the float weights on th
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import logging
-import math
 import os
 import tempfile
 import warnings
@@ -52,10 +50,12 @@ from torch import Tensor, nn
 
 from trainfer.atomic import remove_staging, replace_directory, staging_directory
 from trainfer.errors import InputError, QuantizationError
+from trainfer.serve.calibration import calibration_inputs, class_indices
 from trainfer.serve.engines import ort_engine
 from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over
 from trainfer.serve.int8_form import write_int8_form
 from trainfer.serve.runtime_record import machine_info
+from trainfer.serve.sensitivity import LayerSensitivity, sensitivity
 from trainfer.serve.served_checks import select_probes
 from trainfer.serve.source import float32_copy, load_source
 from trainfer.validate import check_type
@@ -70,34 +70,6 @@ __all__ = ["LayerSensitivity", "QuantizationError", "QuantizationReport", "Quant
 
 
 # --------------------------------------------------------------------------- reports
-@dataclass
-class LayerSensitivity:
-    """How much quantizing one layer alone costs, and the weight ranges that explain it.
-
-    ``sqnr_db``: signal-to-quantization-noise ratio of the network output when only this layer's
-    weights (per-channel int8) and input (uint8, calibrated range) are quantized; lower = more
-    sensitive. ``weight_sqnr_db``: the same ratio for the layer's weights alone. ``channel_range``:
-    min, median and max over output channels of ``max |W[c]|``.
-    """
-
-    name: str
-    sqnr_db: float
-    weight_sqnr_db: float
-    channel_range: tuple[float, float, float]
-
-    @property
-    def outlier_ratio(self) -> float:
-        """Largest over median per-channel weight range."""
-        return self.channel_range[2] / self.channel_range[1] if self.channel_range[1] > 0 else math.inf
-
-    def __str__(self) -> str:
-        low, median, high = self.channel_range
-        return (
-            f"{self.name:<28}{self.sqnr_db:>9.1f}{self.weight_sqnr_db:>10.1f}"
-            f"   {low:.3g} / {median:.3g} / {high:.3g} (max/median {self.outlier_ratio:.1f})"
-        )
-
-
 @dataclass
 class QuantizationReport:
     """Gate verdict, sensitivity ranking, float fallbacks and the settings that made the int8 form."""
@@ -178,105 +150,7 @@ def bundle_metadata(manifest: Manifest) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- calibration data
-def calibration_inputs(data: Any, manifest: Manifest, limit: int | None = None) -> Tensor:
-    """Model inputs as one float32 batch from a tensor/array (model inputs), a data set or loader
-    (items ``x`` or ``(x, label)``), or a path: a ``.npy``/``.csv``/image file or a directory of images
-    and ``.npy`` files (raw inputs, preprocessed as the bundle's manifest says)."""
-    from trainfer.serve.inputs import gather
-    from trainfer.serve.preprocess import PreprocessSpec
-
-    if isinstance(data, str | os.PathLike):
-        spec = PreprocessSpec.coerce(manifest.preprocess_settings())
-        path = Path(data)
-        files = _input_files(path) if path.is_dir() else [str(path)]
-        batch = spec.prepare(gather(files, spec))
-    elif isinstance(data, Tensor | np.ndarray):
-        batch = torch.as_tensor(data)
-    else:
-        batch = torch.cat([_first(item) for item in data])
-    if not batch.is_floating_point() or batch.dim() < 2 or len(batch) == 0:
-        raise InputError(f"calibration data must be a non-empty float batch (N, ...); got {tuple(batch.shape)}")
-    batch = batch.detach().to("cpu", torch.float32)
-    return batch[:limit] if limit else batch
-
-
-def _first(item: Any) -> Tensor:
-    value = item[0] if isinstance(item, tuple | list) else item
-    value = torch.as_tensor(value)
-    return value if value.dim() >= 2 and isinstance(item, tuple | list) and len(item[0]) != 1 else value[None]
-
-
-def _input_files(directory: Path) -> list[str]:
-    from trainfer.serve.readers import IMAGE_SUFFIXES
-
-    files = sorted(str(p) for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES | {".npy"})
-    if not files:
-        raise InputError(f"no image or .npy files under {str(directory)!r} to calibrate with")
-    return files
-
-
 # --------------------------------------------------------------------------- sensitivity
-def _layers(model: nn.Module) -> list[tuple[str, nn.Conv2d | nn.Linear]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-
-
-def _fake_weight(weight: Tensor, bits: int) -> Tensor:
-    """Per-output-channel symmetric quantization to ``bits`` (what the QDQ file stores)."""
-    levels = 2 ** (bits - 1) - 1
-    step = weight.abs().flatten(1).amax(1).clamp_min(1e-12) / levels
-    step = step.reshape(-1, *[1] * (weight.dim() - 1))
-    return (weight / step).round().clamp(-levels, levels) * step
-
-
-def _fake_activation(x: Tensor, low: float, high: float) -> Tensor:
-    """Asymmetric uint8 quantization of ``x`` with the calibrated range (widened to hold 0)."""
-    low, high = min(low, 0.0), max(high, 0.0)
-    step = max(high - low, 1e-12) / 255
-    zero = round(-low / step)
-    return ((x / step).round() + zero).clamp(0, 255).sub(zero) * step
-
-
-def _sqnr_db(reference: Tensor, candidate: Tensor) -> float:
-    noise = float((reference.double() - candidate.double()).pow(2).sum())
-    signal = float(reference.double().pow(2).sum())
-    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
-
-
-@torch.no_grad()
-def sensitivity(model: nn.Module, inputs: Tensor, weight_bits: int = 8) -> list[LayerSensitivity]:
-    """Per-layer sensitivity of ``model`` on ``inputs``, most sensitive (lowest SQNR) first."""
-    model = copy.deepcopy(model).float().eval()
-    layers = _layers(model)
-    ranges: dict[str, list[float]] = {}
-
-    def observe(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            low, high = float(args[0].min()), float(args[0].max())
-            old = ranges.get(name, [low, high])
-            ranges[name] = [min(old[0], low), max(old[1], high)]
-
-        return hook
-
-    handles = [module.register_forward_pre_hook(observe(name)) for name, module in layers]
-    reference = model(inputs)
-    for handle in handles:
-        handle.remove()
-    results = []
-    for name, module in layers:
-        weight = module.weight.data.clone()
-        quantized = _fake_weight(weight, weight_bits)
-        low, high = ranges[name]
-        handle = module.register_forward_pre_hook(lambda m, a, lo=low, hi=high: (_fake_activation(a[0], lo, hi),))
-        module.weight.data.copy_(quantized)
-        output = model(inputs)
-        module.weight.data.copy_(weight)
-        handle.remove()
-        per_channel = weight.abs().flatten(1).amax(1)
-        spread = (float(per_channel.min()), float(per_channel.median()), float(per_channel.max()))
-        results.append(LayerSensitivity(name, _sqnr_db(reference, output), _sqnr_db(weight, quantized), spread))
-    return sorted(results, key=lambda layer: layer.sqnr_db)
-
-
 # --------------------------------------------------------------------------- onnx runtime quantization
 def _node_names(onnx_path: Path, layers: Iterable[str]) -> dict[str, str]:
     """Module name -> name of the ONNX node that reads ``<module>.weight``."""
@@ -414,30 +288,6 @@ def quantize(
         options = (False, True) if equalize == "auto" else (bool(equalize),)
         variants = [search.prepare(option, sensitivity_samples) for option in options]
         return search.run(variants, max_float_layers)
-
-
-def class_indices(labels: Any, classes: int, count: int) -> Tensor:
-    """``labels`` checked as ``count`` class indices of a ``classes``-way output, as an int64 ``(count,)`` tensor.
-
-    Refuses (:class:`InputError`) anything but integers (a float, boolean or object array is not
-    a list of class indices) and any value outside ``0 .. classes - 1``.
-    """
-    try:
-        values = torch.as_tensor(labels)
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise InputError(f"labels must be class indices (integers); got {type(labels).__name__}: {error}") from None
-    if values.dtype == torch.bool or values.is_floating_point() or values.is_complex():
-        raise InputError(f"labels must be integer class indices; got dtype {str(values.dtype).removeprefix('torch.')}")
-    values = values.flatten()
-    if len(values) != count:
-        raise InputError(f"labels must hold one class index per validation input ({count}); got {len(values)}")
-    outside = values[(values < 0) | (values >= classes)]
-    if len(outside):
-        raise InputError(
-            f"labels must be class indices in 0..{classes - 1} ({classes} classes); got {int(outside[0])} "
-            f"({len(outside)} out of range)"
-        )
-    return values.long()
 
 
 def _example(model_or_bundle: Any, calibration_data: Any) -> Tensor | None:
