@@ -69,7 +69,8 @@ def resolve_model(spec: str, weights: str | None = None, *, trust_factory: bool 
     from torch import nn
 
     from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
-    from trainfer.serve.bundle import load, resolve_factory
+    from trainfer.serve.bundle import load
+    from trainfer.serve.factories import resolve_factory
 
     factory = factory_of(spec)
     if factory is None:
