@@ -8,7 +8,7 @@ and ``--finetune-labels`` (default: the gate's ``--data`` and ``--labels``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -16,6 +16,9 @@ from trainfer.cli.common import friendly_errors
 from trainfer.cli.quantize import DATA_HELP, read_labels
 from trainfer.errors import InputError
 from trainfer.serve.gate import AccuracyGate
+
+if TYPE_CHECKING:
+    from trainfer.serve.manifest import Manifest
 
 
 @click.command("prune")
@@ -68,7 +71,7 @@ def command(
     group magnitude), optionally fine-tune, gate the result against the unpruned form, and write OUT."""
     from trainfer.serve.bundle import read_manifest, save
     from trainfer.serve.prune import prune
-    from trainfer.serve.quantize import _bundle_metadata  # the task, labels and preprocessing a bundle carries on
+    from trainfer.serve.quantize import bundle_metadata  # the task, labels and preprocessing a bundle carries on
 
     manifest = read_manifest(bundle)
     loop = {
@@ -93,21 +96,21 @@ def command(
         search=search,
         max_exempt_layers=max_exempt_layers,
     )
-    save(pruned, output, **_bundle_metadata(manifest))
+    save(pruned, output, **bundle_metadata(manifest))
     click.echo(str(pruned.trainfer_prune_report))
     click.echo(f"wrote {output}; serve it with: trainfer predict {output} INPUT...")
 
 
 def _finetune_loop(
-    manifest: dict[str, Any],
+    manifest: Manifest,
     given: tuple[str | None, str | None],
     gate: tuple[str | None, str | None],
     options: dict[str, Any],
 ) -> Any:
     """The built-in loop on the ``given`` (inputs, labels) files, else the ``gate``'s, read as the gate's
     data is; it echoes each epoch."""
+    from trainfer.serve.calibration import calibration_inputs
     from trainfer.serve.finetune import FinetuneLoop
-    from trainfer.serve.quantize import calibration_inputs
 
     inputs, labels = given[0] or gate[0], given[1] or gate[1]
     if inputs is None or labels is None:
