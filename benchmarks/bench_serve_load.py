@@ -1,12 +1,14 @@
 """``trainfer serve`` under load: dynamic batching against batch-1 serving and a plain FastAPI handler.
 
 For each model (deploy forms of ``digits_net`` on 1x8x8 and ``repvgg_a0`` on 3x224x224, random
-weights with non-trivial BatchNorm statistics) three servers run in turn, each in its own process:
+weights with non-trivial BatchNorm statistics) four servers run in turn, each in its own process:
 ``trainfer serve`` with dynamic batching (``--max-batch 32 --max-delay-ms 5``), ``trainfer serve
---max-batch 1``, and ``benchmarks/serve_peer.py`` (the same Predictor behind a per-request FastAPI
-handler). wrk (Debian's ``wrk``; a separate process) drives each at concurrency 1, 8 and 32 with
-one-sample Open Inference Protocol requests (binary tensor data) and reports throughput and
-p50/p99 latency. At concurrency 1 the server's overhead is ``1 - (mean seconds per batch in the
+--max-batch 1``, ``benchmarks/serve_peer.py`` (the same Predictor behind a per-request FastAPI
+handler) and ``benchmarks/litserve_peer.py`` (the same Predictor behind LitServe with its batching,
+32 and 5 ms; skipped when litserve is not installed). wrk (Debian's ``wrk``; a separate process)
+drives each at concurrency 1, 8 and 32 with one-sample requests -- Open Inference Protocol binary
+tensor data, or for LitServe (which takes JSON only) the same bytes base64-encoded in JSON -- and
+reports throughput and p50/p99 latency. At concurrency 1 the server's overhead is ``1 - (mean seconds per batch in the
 model, from /metrics) / (mean request latency)``.
 
 The overload test drives the dynamic server with 10x the connections of the concurrency-32 run for
@@ -20,6 +22,8 @@ the process must live, its memory stay bounded, and the nominal phase answer onl
 from __future__ import annotations
 
 import argparse
+import base64
+import importlib.util
 import json
 import re
 import shutil
@@ -43,11 +47,16 @@ from trainfer.numerics import randomize_batchnorm  # noqa: E402
 
 SHAPES = {"digits_net": (1, 8, 8), "repvgg_a0": (3, 224, 224)}
 CONCURRENCY = (1, 8, 32)
+LITSERVE = "LitServe, its batching (32, 5 ms)"
 LUA = """
 local f = io.open(os.getenv("TRAINFER_BODY"), "rb"); wrk.body = f:read("*a"); f:close()
 wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/octet-stream"
-wrk.headers["Inference-Header-Content-Length"] = os.getenv("TRAINFER_HEADER")
+if os.getenv("TRAINFER_HEADER") == "json" then
+  wrk.headers["Content-Type"] = "application/json"
+else
+  wrk.headers["Content-Type"] = "application/octet-stream"
+  wrk.headers["Inference-Header-Content-Length"] = os.getenv("TRAINFER_HEADER")
+end
 local threads = {}
 function setup(thread) table.insert(threads, thread) end
 function init(args) ok = 0; busy = 0; other = 0; retry = 0 end
@@ -83,11 +92,10 @@ def make_bundles(root: Path, names: list[str]) -> dict[str, Path]:
 
 def request_file(root: Path, shape: tuple[int, ...]) -> tuple[Path, int]:
     """One-sample request with binary tensor data; returns (path, JSON header length)."""
-    x = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
-    blob = x.tobytes()
+    blob = _sample(shape).tobytes()
     header = {
         "inputs": [
-            {"name": "input", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": len(blob)}}
+            {"name": "input", "shape": [1, *shape], "datatype": "FP32", "parameters": {"binary_data_size": len(blob)}}
         ],
         "outputs": [{"name": "label"}],
     }
@@ -97,7 +105,19 @@ def request_file(root: Path, shape: tuple[int, ...]) -> tuple[Path, int]:
     return path, len(text)
 
 
-def wrk(url: str, connections: int, seconds: float, body: tuple[Path, int], lua: Path) -> dict:
+def litserve_request_file(root: Path, shape: tuple[int, ...]) -> tuple[Path, str]:
+    """The same sample as the LitServe peer takes it: its float32 bytes base64-encoded in JSON."""
+    body = {"shape": [1, *shape], "b64": base64.b64encode(_sample(shape).tobytes()).decode()}
+    path = root / f"request_{'x'.join(map(str, shape))}.json"
+    path.write_text(json.dumps(body))
+    return path, "json"
+
+
+def _sample(shape: tuple[int, ...]) -> np.ndarray:
+    return np.random.default_rng(0).random((1, *shape), dtype=np.float32)
+
+
+def wrk(url: str, connections: int, seconds: float, body: tuple[Path, int | str], lua: Path) -> dict:
     """Run wrk; throughput, p50/p99 latency (ms) and status counts."""
     command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "60s"]
     env = {"TRAINFER_BODY": str(body[0]), "TRAINFER_HEADER": str(body[1]), "PATH": "/usr/bin:/bin"}
@@ -141,8 +161,9 @@ def rss_mb(server: ServerProcess) -> float:
 
 
 def servers(bundle: Path, name: str) -> dict[str, tuple[list[str], list[str] | None]]:
-    peer = [sys.executable, str(ROOT / "benchmarks" / "serve_peer.py")]
-    return {
+    """Label -> (arguments, program: None for ``trainfer serve``) of each server to measure."""
+    peers = ROOT / "benchmarks"
+    found = {
         "trainfer serve, dynamic batching (32, 5 ms)": (
             [str(bundle), "--names", name, "--max-batch", "32", "--max-delay-ms", "5"],
             None,
@@ -151,13 +172,26 @@ def servers(bundle: Path, name: str) -> dict[str, tuple[list[str], list[str] | N
             [str(bundle), "--names", name, "--max-batch", "1", "--max-delay-ms", "0"],
             None,
         ),
-        "plain FastAPI per-request handler": ([str(bundle), "--name", name], peer),
+        "plain FastAPI per-request handler": (
+            [str(bundle), "--name", name],
+            [sys.executable, str(peers / "serve_peer.py")],
+        ),
     }
+    if importlib.util.find_spec("litserve") is not None:
+        found[LITSERVE] = (
+            [str(bundle), "--name", name, "--max-batch", "32", "--max-delay-ms", "5"],
+            [sys.executable, str(peers / "litserve_peer.py")],
+        )
+    return found
 
 
-def measure_model(name: str, bundle: Path, body: tuple[Path, int], lua: Path, seconds: float) -> list[dict]:
+def measure_model(
+    name: str, bundle: Path, bodies: dict[str, tuple[Path, int | str]], lua: Path, seconds: float
+) -> list[dict]:
+    """Every server of :func:`servers` at each concurrency; ``bodies``: "binary" and "litserve" requests."""
     rows = []
     for label, (args, program) in servers(bundle, name).items():
+        body = bodies["litserve" if label == LITSERVE else "binary"]
         with running_server(*args, program=program) as server:
             url = f"{server.url}/v2/models/{name}/infer"
             wrk(url, 8, 2, body, lua)  # warm-up
@@ -224,8 +258,8 @@ def main() -> None:
         print("| model | server | concurrency | req/s | p50 ms | p99 ms | answers |\n|---|---|---|---|---|---|---|")
         rows, overloads = [], []
         for name in names:
-            body = request_file(root, SHAPES[name])
-            rows += measure_model(name, bundles[name], body, lua, args.duration)
+            bodies = {"binary": request_file(root, SHAPES[name]), "litserve": litserve_request_file(root, SHAPES[name])}
+            rows += measure_model(name, bundles[name], bodies, lua, args.duration)
         if args.overload_seconds > 0:
             for name in names:
                 result = overload(name, bundles[name], request_file(root, SHAPES[name]), lua, args.overload_seconds)
