@@ -8,7 +8,8 @@ handler) and ``benchmarks/litserve_peer.py`` (the same Predictor behind LitServe
 32 and 5 ms; skipped when litserve is not installed). wrk (Debian's ``wrk``; a separate process)
 drives each at concurrency 1, 8 and 32 with one-sample requests -- Open Inference Protocol binary
 tensor data, or for LitServe (which takes JSON only) the same bytes base64-encoded in JSON -- and
-reports throughput and p50/p99 latency. At concurrency 1 the server's overhead is ``1 - (mean seconds per batch in the
+reports throughput and p50/p99 latency. Every server runs its model on ``--threads`` torch threads
+(1 by default, the same for all). At concurrency 1 the server's overhead is ``1 - (mean seconds per batch in the
 model, from /metrics) / (mean request latency)``.
 
 The overload test drives the dynamic server with 10x the connections of the concurrency-32 run for
@@ -16,7 +17,7 @@ The overload test drives the dynamic server with 10x the connections of the conc
 the process must live, its memory stay bounded, and the nominal phase answer only 200s.
 
     .venv/bin/python benchmarks/bench_serve_load.py [--models digits_net,repvgg_a0] [--duration 10]
-        [--overload-seconds 30] [--out runs/serve_load.json]
+        [--overload-seconds 30] [--threads 1] [--out runs/serve_load.json]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import base64
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -246,7 +248,16 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per load level")
     parser.add_argument("--overload-seconds", type=float, default=30.0, help="0: no overload test")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of every server (OMP_NUM_THREADS; 0: torch's default). On a shared machine more "
+        "than 1 makes each forward wait for descheduled sibling threads, batches most",
+    )
     args = parser.parse_args()
+    if args.threads > 0:  # inherited by every server process, peers included
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     if shutil.which("wrk") is None:
         parser.error("needs wrk (apt-get install wrk)")
     names = args.models.split(",")
@@ -267,7 +278,8 @@ def main() -> None:
                 print(json.dumps(result), flush=True)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"rows": rows, "overload": overloads, "time": time.ctime()}, indent=1))
+        run = {"rows": rows, "overload": overloads, "threads": args.threads, "time": time.ctime()}
+        args.out.write_text(json.dumps(run, indent=1))
 
 
 if __name__ == "__main__":
