@@ -231,7 +231,13 @@ def overload(name: str, bundle: Path, body: tuple[Path, int], lua: Path, seconds
             "overload": loaded,
             "nominal_after": nominal,
             "alive": alive,
+            "passed": alive and _only_ok_or_busy(loaded) and _only_ok_or_busy(nominal) and not nominal["busy"],
         }
+
+
+def _only_ok_or_busy(counts: dict) -> bool:
+    """Every answer 200 or 503-with-Retry-After, no socket error."""
+    return counts["other"] == 0 and counts["socket_errors"] == 0 and counts["retry"] == counts["busy"]
 
 
 def _row_text(row: dict) -> str:

@@ -20,10 +20,10 @@ from time_limit import time_limit
 
 import trainfer
 from trainfer import Predictor, models
-from trainfer.errors import MissingExtraError
+from trainfer.errors import InputError, MissingExtraError
 from trainfer.numerics import randomize_batchnorm
 from trainfer.server.app import ServerSettings
-from trainfer.server.ray_serve import deployment
+from trainfer.server.ray_serve import build, deployment
 
 
 def test_without_ray_the_deployment_names_the_extra(monkeypatch):
@@ -31,6 +31,15 @@ def test_without_ray_the_deployment_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray.serve", None)  # import ray.serve now fails
     with pytest.raises(MissingExtraError, match=r"trainfer\[ray\]"):
         deployment(ServerSettings(bundles={"m": "nowhere"}))
+
+
+def test_a_config_files_args_are_the_server_settings():
+    serve = pytest.importorskip("ray.serve")
+    application = build({"bundles": {"m": "somewhere"}, "max_batch": 4})
+    assert isinstance(application, serve.Application)
+    for args in ({"bundle": {"m": "somewhere"}}, {"bundles": {"m": "x"}, "max_batchh": 4}, ["bundles"]):
+        with pytest.raises(InputError, match="'bundles'"):
+            build(args)
 
 
 @pytest.mark.slow  # Ray's start and a replica's load take 20 to 60 s on 2 busy cores

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from trainfer.errors import InputError
 from trainfer.extras import require
 from trainfer.server.app import ServerSettings, create_app
 
@@ -72,6 +73,9 @@ def build(args: dict[str, Any]) -> Any:
     """The application of a Ray Serve config file (``import_path: trainfer.server.ray_serve:build``):
     ``args`` are :class:`~trainfer.server.app.ServerSettings`' fields (``bundles`` at least);
     replicas, autoscaling and resources come from the file's ``deployments:`` section."""
+    fields = {field.name for field in dataclasses.fields(ServerSettings)}
+    if not isinstance(args, dict) or "bundles" not in args or set(args) - fields:
+        raise InputError(f"the application's args must be a mapping with 'bundles', keys among {sorted(fields)}")
     return deployment(ServerSettings(**args))
 
 
