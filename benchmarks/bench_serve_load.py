@@ -9,12 +9,14 @@ handler) and ``benchmarks/litserve_peer.py`` (the same Predictor behind LitServe
 drives each at concurrency 1, 8 and 32 with one-sample requests -- Open Inference Protocol binary
 tensor data, or for LitServe (which takes JSON only) the same bytes base64-encoded in JSON -- and
 reports throughput and p50/p99 latency. Every server runs its model on ``--threads`` torch threads
-(1 by default, the same for all). At concurrency 1 the server's overhead is ``1 - (mean seconds per batch in the
-model, from /metrics) / (mean request latency)``.
+(1 by default, the same for all). At concurrency 1 the server's overhead is ``1 - (mean seconds
+per batch in the model, from /metrics) / (mean request latency)``.
 
-The overload test drives the dynamic server with 10x the connections of the concurrency-32 run for
-``--overload-seconds``, then at concurrency 8: every answer must be 200 or 503 (with Retry-After),
-the process must live, its memory stay bounded, and the nominal phase answer only 200s.
+The overload test drives the dynamic server (``--max-queue 64``) with 10x the connections of the
+concurrency-32 run (320, closed loop: wrk cannot hold a rate) for ``--overload-seconds``, waits
+for what the overload left queued to drain (``queue_drained_s``), then runs at concurrency 8:
+every answer must be 200 or 503 (with Retry-After), the process must live, its memory stay
+bounded, and the nominal phase answer only 200s.
 
     .venv/bin/python benchmarks/bench_serve_load.py [--models digits_net,repvgg_a0] [--duration 10]
         [--overload-seconds 30] [--threads 1] [--out runs/serve_load.json]
@@ -157,6 +159,12 @@ def inference_seconds(server: ServerProcess) -> tuple[float, float]:
     return total, count
 
 
+def queue_depth(server: ServerProcess) -> float:
+    """Samples waiting in the server's batchers, from /metrics."""
+    text = get(server.url + "/metrics")[1].decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("trainfer_queue_samples{"))
+
+
 def rss_mb(server: ServerProcess) -> float:
     status = Path(f"/proc/{server.process.pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
@@ -214,20 +222,39 @@ def measure_model(
     return rows
 
 
+#: The overload test's bound on waiting samples: below its 320 connections, so that a full queue is met.
+OVERLOAD_QUEUE = 64
+
+
 def overload(name: str, bundle: Path, body: tuple[Path, int], lua: Path, seconds: float) -> dict:
-    args = [str(bundle), "--names", name, "--max-batch", "32", "--max-delay-ms", "5"]
+    args = [
+        str(bundle),
+        "--names",
+        name,
+        "--max-batch",
+        "32",
+        "--max-delay-ms",
+        "5",
+        "--max-queue",
+        str(OVERLOAD_QUEUE),
+    ]
     with running_server(*args) as server:
         url = f"{server.url}/v2/models/{name}/infer"
         wrk(url, 32, 3, body, lua)
         before = rss_mb(server)
         loaded = wrk(url, 320, seconds, body, lua)
         during = rss_mb(server)
+        drained = time.monotonic()
+        while queue_depth(server) > 0 and time.monotonic() - drained < 300:  # what wrk left queued
+            time.sleep(0.5)
+        drain_s = time.monotonic() - drained
         nominal = wrk(url, 8, 10, body, lua)
         alive = server.process.poll() is None
         return {
             "model": name,
             "rss_mb_before": before,
             "rss_mb_after_overload": during,
+            "queue_drained_s": drain_s,
             "overload": loaded,
             "nominal_after": nominal,
             "alive": alive,
@@ -251,7 +278,9 @@ def _row_text(row: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="digits_net,repvgg_a0", help="comma-separated: digits_net, repvgg_a0")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per load level")
+    parser.add_argument(
+        "--duration", type=float, default=10.0, help="seconds per load level (0: the overload test only)"
+    )
     parser.add_argument("--overload-seconds", type=float, default=30.0, help="0: no overload test")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     parser.add_argument(
@@ -274,7 +303,7 @@ def main() -> None:
         lua.write_text(LUA)
         print("| model | server | concurrency | req/s | p50 ms | p99 ms | answers |\n|---|---|---|---|---|---|---|")
         rows, overloads = [], []
-        for name in names:
+        for name in names if args.duration > 0 else ():
             bodies = {"binary": request_file(root, SHAPES[name]), "litserve": litserve_request_file(root, SHAPES[name])}
             rows += measure_model(name, bundles[name], bodies, lua, args.duration)
         if args.overload_seconds > 0:
