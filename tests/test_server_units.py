@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import threading
 from pathlib import Path
@@ -367,3 +368,33 @@ def test_an_uploaded_npy_gets_the_checks_of_a_npy_file(array, message):
     np.save(data, array)
     with pytest.raises(InputError, match=message):
         _npy(data.getvalue(), "x.npy", PreprocessSpec(input_shape=(1, 8, 8)))
+
+
+def test_the_batch_thread_runs_with_the_torch_threads_of_the_batchers_creator():
+    """OpenMP keeps a thread count per thread: the worker thread must not fall back to its default."""
+    omp_threads = getattr(ctypes.CDLL(None), "omp_get_max_threads", None)
+    if omp_threads is None:
+        pytest.skip("torch's OpenMP runtime is not visible here")
+    seen: list[int] = []
+
+    def model(batch: torch.Tensor) -> list[torch.Tensor]:
+        seen.append(omp_threads())
+        return [batch]
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch=4, max_delay=0.0, max_queue=10)
+        batcher.start()
+        await batcher.submit(torch.zeros(1, 1))
+        await batcher.stop()
+
+    fresh: list[int] = []
+    thread = threading.Thread(target=lambda: fresh.append(omp_threads()))
+    thread.start()
+    thread.join()
+    saved, wanted = torch.get_num_threads(), fresh[0] + 1  # not what a new thread starts with
+    torch.set_num_threads(wanted)
+    try:
+        run(main())
+    finally:
+        torch.set_num_threads(saved)
+    assert seen == [wanted]

@@ -14,6 +14,7 @@ while the model is busy):
 A batch is the oldest waiting requests concatenated in arrival order -- requests of different sizes
 together, never splitting one -- up to ``max_batch`` samples; a request holding more than
 ``max_batch`` samples runs alone. The model runs once on it and each request gets its own rows.
+The worker thread runs with the torch (OpenMP) thread count of the thread that made the batcher.
 
 Memory is bounded: at most ``max_queue`` samples wait; a request that would exceed that is refused
 at once with :class:`Overloaded` (the server answers 503 with ``Retry-After``). A request whose
@@ -80,7 +81,12 @@ class DynamicBatcher:
         self._waiting: deque[_Pending] = deque()
         self._queued = 0
         self._arrival = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainfer-batch")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="trainfer-batch",
+            initializer=torch.set_num_threads,  # OpenMP keeps a thread count per thread: give it the caller's
+            initargs=(torch.get_num_threads(),),
+        )
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
