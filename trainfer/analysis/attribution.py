@@ -100,6 +100,11 @@ def explain(
     if predictor.multi_head:
         raise InputError("explanations of multi-head predictors are not supported: serve one head to explain it")
     batch = predictor.preprocess(inputs).to(predictor.device)
+    if getattr(predictor, "generates", False):
+        raise InputError(
+            "explanations of autoregressive sequence models are not supported yet (their score is a search "
+            "over encode/step calls); CTC sequence models are explained for their decoded sequence"
+        )
     if predictor.task == "sequence":
         if target is not None:
             raise InputError("a sequence prediction is explained for its decoded sequence: target= does not apply")

@@ -108,7 +108,8 @@ def save(
     """Write ``model`` as a bundle directory at ``path`` (atomically) and return the path.
 
     ``decoder``: the ``sequence`` task's decoding settings (:class:`trainfer.serve.sequence.DecoderSettings`),
-    checked against the labels (the token table) and recorded in the manifest.
+    checked against the labels (the token table) and recorded in the manifest. Autoregressive settings
+    save an ``encode``/``step`` model by its factory (:func:`trainfer.serve.generator_bundle.save_generator`).
 
     ``factory``/``config``/input shape default to the model's recipe (:func:`trainfer.recipe_of`:
     trainfer's own models and deploy forms carry one). A deploy form that ``trainfer.deploy`` traced
@@ -118,6 +119,21 @@ def save(
     :class:`~trainfer.Predictor` serving it takes (:func:`trainfer.modes.contexts.shared_inference`),
     and tracing never disturbs its calls from other threads (:mod:`trainfer.reparam.fold.trace`).
     """
+    from trainfer.serve.sequence import is_autoregressive
+
+    if decoder is not None and is_autoregressive(decoder):  # encode/step, not one forward
+        from trainfer.serve.generator_bundle import save_generator
+
+        return save_generator(
+            model,
+            path,
+            labels=labels,
+            decoder=decoder,
+            factory=factory,
+            config=config,
+            preprocess=preprocess,
+            example_inputs=example_inputs,
+        )
     manifest = build_manifest(
         model,
         factory=factory,
