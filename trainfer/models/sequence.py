@@ -145,10 +145,11 @@ def deploy_seq2seq(model: DigitStringSeq2Seq) -> DigitStringSeq2Seq:
         raise ValueError(f"the deploy form misses decoder weights {missing}")
     trained, inference = cast(nn.Sequential, model.encoder.blocks), cast(nn.Sequential, folded.encoder.blocks)
     for source, target in zip(list(trained)[:2], inference, strict=True):
-        op = fuse_bn(ConvOp.from_module(source[0]), source[1])
+        conv, bn = cast(nn.Conv2d, source[0]), cast(nn.BatchNorm2d, source[1])
+        op, out = fuse_bn(ConvOp.from_module(conv), bn), cast(nn.Conv2d, target[0])
         with torch.no_grad():
-            target[0].weight.copy_(op.weight)
-            target[0].bias.copy_(op.bias)
+            out.weight.copy_(op.weight)
+            cast(Tensor, out.bias).copy_(op.bias)
     if recipe is not None:
         attach_recipe(folded, dataclasses.replace(recipe, config=config, form="deploy"))
     return folded.eval()
