@@ -144,7 +144,8 @@ def deploy_seq2seq(model: DigitStringSeq2Seq) -> DigitStringSeq2Seq:
     if any(not key.startswith("encoder.") for key in missing):
         raise ValueError(f"the deploy form misses decoder weights {missing}")
     trained, inference = cast(nn.Sequential, model.encoder.blocks), cast(nn.Sequential, folded.encoder.blocks)
-    for source, target in zip(list(trained)[:2], inference, strict=True):
+    for index in range(len(inference)):  # the conv blocks (the trained form's dropout follows them)
+        source, target = cast(nn.Sequential, trained[index]), cast(nn.Sequential, inference[index])
         conv, bn = cast(nn.Conv2d, source[0]), cast(nn.BatchNorm2d, source[1])
         op, out = fuse_bn(ConvOp.from_module(conv), bn), cast(nn.Conv2d, target[0])
         with torch.no_grad():
