@@ -152,3 +152,21 @@ def _output(args):
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result.output
+
+
+def test_export_refuses_the_decoding_loop_and_exports_the_encoder(tmp_path):
+    pytest.importorskip("onnxruntime")
+    folded, x = deploy_seq2seq(tiny_model()), images(2)
+    path = trainfer.save(folded, tmp_path / "s2s", task="sequence", labels=LABELS, decoder=SETTINGS, example_inputs=x)
+    with pytest.raises(InputError, match="export its encoder"):
+        trainfer.export(path, tmp_path / "s2s.onnx")
+    assert not (tmp_path / "s2s.onnx").exists()
+    report = trainfer.export(folded.encoder, tmp_path / "encoder.onnx", example_inputs=x)
+    assert report.max_rel_error < 1e-4
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    (frames,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.inference_mode():
+        expected = folded.encoder(x)
+    assert np.abs(frames - expected.numpy()).max() <= 1e-5 * float(expected.abs().max())

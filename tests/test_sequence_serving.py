@@ -189,3 +189,23 @@ def lines_of(args):
     from trainfer.cli import main
 
     return CliRunner().invoke(main, [*args, "--format", "jsonl"], catch_exceptions=False).output.splitlines()
+
+
+def test_a_ctc_bundle_exports_to_onnx_and_serves_the_same_sequences(tmp_path):
+    pytest.importorskip("onnxruntime")
+    x = one_hot_frames(PATHS)
+    path = trainfer.save(
+        frame_model(),
+        tmp_path / "seq",
+        factory="test_sequence_serving:frame_model",
+        task="sequence",
+        labels=TOKENS,
+        decoder={"kind": "ctc", "blank": 0, "beam_width": 4},
+        example_inputs=x,
+    )
+    trainfer.export(path, tmp_path / "seq.onnx", example_inputs=x)
+    served = Predictor.load(tmp_path / "seq.onnx").predict(x, top_k=2)
+    expected = Predictor.load(path).predict(x, top_k=2)
+    assert [r.text for r in served] == ["abbca", ""] == [r.text for r in expected]
+    for got, want in zip(served, expected):
+        assert got.score == pytest.approx(want.score, rel=1e-5)

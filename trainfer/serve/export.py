@@ -100,6 +100,11 @@ def export(
         raise InputError(f"format must be one of {list(FORMATS)}; got {format!r}")
     if rtol is not None and not rtol > 0:
         raise InputError(f"rtol must be a positive number; got {rtol!r}")
+    if not isinstance(bundle_or_model, nn.Module) and _autoregressive(bundle_or_model):
+        raise InputError(
+            "an autoregressive sequence bundle decodes by a loop of encode() and step() calls, not one graph, "
+            "so it is not exported whole: export its encoder, trainfer.export(model.encoder, path, example_inputs=x)"
+        )
     model, manifest = _source(bundle_or_model, example_inputs, trust_factory)
     shape = _input_shape(manifest, example_inputs)
     dtype = getattr(torch, manifest["input"].get("dtype") or "float32")
@@ -128,6 +133,14 @@ def export(
     return ExportReport(
         Path(path), format, "deploy", deployed_here, shape, tuple(names), _CHECK_BATCHES, abs_error, rel_error
     )
+
+
+def _autoregressive(bundle: str | os.PathLike[str]) -> bool:
+    """Whether the bundle at ``bundle`` holds an autoregressive sequence model (its manifest's decoder says so)."""
+    if Path(bundle).suffix == ".onnx" or not Path(bundle).exists():
+        return False
+    decoder = read_manifest(bundle).get("decoder")
+    return decoder is not None and decoder.get("kind") == "autoregressive"
 
 
 def _source(bundle_or_model: Any, example_inputs: Tensor | None, trust: bool) -> tuple[nn.Module, dict[str, Any]]:
