@@ -217,9 +217,8 @@ class Predictor:
             _head_settings(heads) if heads and _HEAD_SETTINGS & overrides.keys() else {"resolved_heads": heads or None}
         )
         predictor = cls(model, **{"preprocess": manifest.get("preprocess"), **settings, **overrides})
-        if (
-            "output_kind" not in overrides and not predictor.generates
-        ):  # the caller's kinds replace the recorded ones (checked as they run)
+        # the caller's kinds replace the recorded ones (checked as they run); a generator has no single forward
+        if "output_kind" not in overrides and not predictor.generates:
             predictor._check_recorded_kinds(heads, repr(str(path)))
         return predictor
 
