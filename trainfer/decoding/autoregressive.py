@@ -36,7 +36,7 @@ from trainfer.decoding.checks import (
     check_token_id,
 )
 from trainfer.decoding.hypothesis import Hypothesis
-from trainfer.decoding.interface import batch_size, reorder, reorderer
+from trainfer.decoding.interface import batch_size, reorder, reorderer, state_device
 from trainfer.errors import DecodingError
 
 
@@ -103,17 +103,18 @@ def greedy_search(
     pad = _check_settings(bos, eos, pad, max_length, length_penalty)
     with torch.no_grad():
         state, n = _encode(model, inputs)
-        tokens = torch.full((n,), bos, dtype=torch.long)
+        device = state_device(state)
+        tokens = torch.full((n,), bos, dtype=torch.long, device=device)
         vocab = None
-        out_tokens = torch.full((n, max_length), pad, dtype=torch.long)
+        out_tokens = torch.full((n, max_length), pad, dtype=torch.long, device=device)
         out_lp: torch.Tensor | None = None
-        length = torch.zeros(n, dtype=torch.long)
-        ended = torch.zeros(n, dtype=torch.bool)
+        length = torch.zeros(n, dtype=torch.long, device=device)
+        ended = torch.zeros(n, dtype=torch.bool, device=device)
         for t in range(max_length):
             log_probs, state = _step(model, state, tokens, vocab, {"bos": bos, "eos": eos, "pad": pad})
             vocab = log_probs.shape[1]
             if out_lp is None:
-                out_lp = torch.zeros(n, max_length, dtype=accumulation_dtype(log_probs.dtype))
+                out_lp = torch.zeros(n, max_length, dtype=accumulation_dtype(log_probs.dtype), device=device)
             best_lp, best = log_probs.max(dim=1)
             best = torch.where(ended, pad, best)
             out_tokens[:, t] = best
@@ -185,7 +186,7 @@ def beam_search(
         raise DecodingError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     with torch.no_grad():
         state, n = _encode(model, inputs)
-        state = reorder(model, state, torch.arange(n).repeat_interleave(width), n)
+        state = reorder(model, state, torch.arange(n, device=state_device(state)).repeat_interleave(width), n)
         finished = _search(model, state, n, width, bos, eos, pad, max_length, length_penalty, early_stopping)
     return _hypotheses(finished, num_return_sequences)
 
@@ -208,9 +209,10 @@ class _Ends:
         return self.values[0]
 
     @classmethod
-    def empty(cls, batch: int, width: int, dtype: torch.dtype) -> _Ends:
+    def empty(cls, batch: int, width: int, dtype: torch.dtype, device: torch.device) -> _Ends:
         return cls(
-            torch.full((3, batch, width), -torch.inf, dtype=dtype), torch.zeros(4, batch, width, dtype=torch.long)
+            torch.full((3, batch, width), -torch.inf, dtype=dtype, device=device),
+            torch.zeros(4, batch, width, dtype=torch.long, device=device),
         )
 
     def merged_best(self, values: torch.Tensor, ids: torch.Tensor, width: int) -> _Ends:
@@ -238,8 +240,8 @@ class _History:
         score, log_prob, last_lp = ends.values.unbind(0)
         step, beam, last, ended = ends.ids.unbind(0)
         n, width = score.shape
-        tokens = torch.full((n, width, max_length), pad, dtype=torch.long)
-        token_lp = torch.zeros(n, width, max_length, dtype=score.dtype)
+        tokens = torch.full((n, width, max_length), pad, dtype=torch.long, device=score.device)
+        token_lp = torch.zeros(n, width, max_length, dtype=score.dtype, device=score.device)
         tokens.scatter_(2, step[:, :, None], last[:, :, None])
         token_lp.scatter_(2, step[:, :, None], torch.where(torch.isfinite(score), last_lp, 0.0)[:, :, None])
         for position in range(int(step.max()) - 1, -1, -1):
@@ -268,27 +270,28 @@ def _search(
     log-probs and appends back-pointers to the history; whole sequences are spelled out once.
     """
     rows = n * width
-    tokens = torch.full((rows,), bos, dtype=torch.long)
+    device = state_device(state)
+    tokens = torch.full((rows,), bos, dtype=torch.long, device=device)
     vocab: int | None = None
     log_prob = torch.zeros(0)
     ends: _Ends | None = None
     history = _History()
-    done = torch.zeros(n, dtype=torch.bool)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
     any_ended = any_done = False
-    offsets = (torch.arange(n) * width)[:, None]
+    offsets = (torch.arange(n, device=device) * width)[:, None]
     reorder_rows = reorderer(model)
     for t in range(max_length):
         log_probs, state = _step(model, state, tokens, vocab, {"bos": bos, "eos": eos, "pad": pad})
         if vocab is None:
             vocab = log_probs.shape[1]
             dtype = accumulation_dtype(log_probs.dtype)
-            log_prob = torch.full((n, width), -torch.inf, dtype=dtype)
+            log_prob = torch.full((n, width), -torch.inf, dtype=dtype, device=device)
             log_prob[:, 0] = 0.0  # one live beam at the start: the others would repeat it
-            ends = _Ends.empty(n, width, dtype)
+            ends = _Ends.empty(n, width, dtype, device)
             # candidates an EOS may finish: ranked inside the beam, of an item not done (updated with `done`)
-            within = torch.arange(min(2 * width, width * vocab)) < width
+            within = torch.arange(min(2 * width, width * vocab), device=device) < width
             eligible = within.expand(n, -1)
-            flat = torch.arange(width * vocab)
+            flat = torch.arange(width * vocab, device=device)
             beam_of, token_of = flat // vocab, flat % vocab  # a flat candidate index's beam and token
         assert ends is not None
         step_lp = log_probs.view(n, width, vocab).to(log_prob.dtype)

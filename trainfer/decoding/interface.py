@@ -101,3 +101,15 @@ def batch_size(state: Any) -> int:
         except DecodingError:
             continue
     raise DecodingError("encode() returned no tensor with a batch dimension; pass batch_size= explicitly")
+
+
+def state_device(state: Any) -> torch.device:
+    """Where the searches keep their own tensors: the first non-CPU device among the state's tensors, else the CPU."""
+    if isinstance(state, torch.Tensor):
+        return state.device
+    items = list(state) if isinstance(state, tuple | list) else list(state.values()) if isinstance(state, dict) else []
+    for item in items:
+        found = state_device(item)
+        if found.type != "cpu":
+            return found
+    return torch.device("cpu")
