@@ -113,8 +113,6 @@ def test_what_does_not_apply_to_a_generator_is_refused_clearly(tmp_path):
     predictor = Predictor(model, task="sequence", labels=LABELS, decoder=SETTINGS)
     with pytest.raises(InputError, match="sequence models are not averaged"):
         Predictor.ensemble([predictor, predictor])
-    with pytest.raises(InputError, match="autoregressive sequence models are not supported"):
-        predictor.explain(images(1))
     with pytest.raises(DecodingError, match="needs encode"):
         Predictor(torch.nn.Linear(2, 3), task="sequence", labels=LABELS, decoder=SETTINGS).predict(torch.ones(1, 2))
 
@@ -170,3 +168,16 @@ def test_export_refuses_the_decoding_loop_and_exports_the_encoder(tmp_path):
     with torch.inference_mode():
         expected = folded.encoder(x)
     assert np.abs(frames - expected.numpy()).max() <= 1e-5 * float(expected.abs().max())
+
+
+def test_an_explanation_is_for_the_decoded_sequence_log_probability():
+    pytest.importorskip("captum")
+    model, x = tiny_model(), images(2)
+    predictor = Predictor(model, task="sequence", labels=LABELS, decoder=SETTINGS)
+    explained = predictor.explain(x, method="saliency")
+    assert explained.values.shape == x.shape and bool(torch.isfinite(explained.values).all())
+    assert float(explained.values.abs().sum()) > 0
+    with torch.inference_mode():
+        found = decoding.beam_search(model, x, bos=BOS, eos=EOS, max_length=6, num_beams=3)
+    expected = [hyps[0].log_prob for hyps in found]  # what the search scored, EOS included when it ended
+    assert explained.scores.detach().tolist() == pytest.approx(expected, rel=1e-5)
