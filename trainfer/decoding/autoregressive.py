@@ -303,8 +303,8 @@ def _search(
         is_eos = token == eos
         # an EOS candidate is finished if it ranks within the beam; done items take nothing more
         keep = is_eos & eligible  # (a -inf candidate kept scores -inf: never ranks)
-        if bool(keep.any()):
-            score = torch.where(keep, top / float(t + 1) ** penalty, -torch.inf)
+        score = torch.where(keep, top / float(t + 1) ** penalty, -torch.inf)
+        if bool((score > ends.values[0, :, -1:]).any()):  # only what beats an item's worst finished enters
             values = torch.stack([score, top, token_lp])
             ids = torch.stack([torch.full_like(beam, t), beam, token, is_eos.long()])
             ends, any_ended = ends.merged_best(values, ids, width), True
