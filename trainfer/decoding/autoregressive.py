@@ -197,12 +197,14 @@ class _Ends:
     A hypothesis ending at step ``t`` is the running beam ``parent`` of step ``t - 1`` followed by
     ``token`` (log-prob ``token_lp``): its earlier tokens are read back once, at the end
     (:meth:`_History.spell`), so no step copies whole token histories. The fields are packed in
-    two tensors, ``values`` (score, log_prob, token_lp) and ``ids`` (step, parent, token, ended),
-    so that merging two sets costs a fixed handful of operations.
+    two tensors, so that merging two sets costs a fixed handful of operations: ``values`` (score,
+    log_prob, token_lp) and ``code``, ``t * width * vocab + parent * vocab + token`` (the step's flat
+    candidate index, offset by the step). A hypothesis ended with EOS exactly when its last token is
+    EOS (running beams never hold one).
     """
 
-    def __init__(self, values: torch.Tensor, ids: torch.Tensor):
-        self.values, self.ids = values, ids  # (3, N, K) floats, (4, N, K) int64
+    def __init__(self, values: torch.Tensor, code: torch.Tensor):
+        self.values, self.code = values, code  # (3, N, K) floats, (N, K) int64
 
     @property
     def score(self) -> torch.Tensor:
@@ -212,14 +214,14 @@ class _Ends:
     def empty(cls, batch: int, width: int, dtype: torch.dtype, device: torch.device) -> _Ends:
         return cls(
             torch.full((3, batch, width), -torch.inf, dtype=dtype, device=device),
-            torch.zeros(4, batch, width, dtype=torch.long, device=device),
+            torch.zeros(batch, width, dtype=torch.long, device=device),
         )
 
-    def merged_best(self, values: torch.Tensor, ids: torch.Tensor, width: int) -> _Ends:
-        """The ``width`` best by score of these and the candidates ``values``/``ids``, per item, best first."""
-        values, ids = torch.cat([self.values, values], dim=2), torch.cat([self.ids, ids], dim=2)
-        best = values[0].topk(width, dim=1).indices[None]
-        return _Ends(values.gather(2, best.expand(3, -1, -1)), ids.gather(2, best.expand(4, -1, -1)))
+    def merged_best(self, values: torch.Tensor, code: torch.Tensor, width: int) -> _Ends:
+        """The ``width`` best by score of these and the candidates ``values``/``code``, per item, best first."""
+        values, code = torch.cat([self.values, values], dim=2), torch.cat([self.code, code], dim=1)
+        best = values[0].topk(width, dim=1).indices
+        return _Ends(values.gather(2, best[None].expand(3, -1, -1)), code.gather(1, best))
 
 
 class _History:
@@ -235,11 +237,12 @@ class _History:
         self.tokens.append(token)
         self.token_lps.append(token_lp)
 
-    def spell(self, ends: _Ends, max_length: int, pad: int) -> _Set:
+    def spell(self, ends: _Ends, max_length: int, pad: int, eos: int, vocab: int) -> _Set:
         """The hypotheses ``ends`` with their whole token sequences, read back along the parents."""
         score, log_prob, last_lp = ends.values.unbind(0)
-        step, beam, last, ended = ends.ids.unbind(0)
         n, width = score.shape
+        step, flat = ends.code.div(width * vocab, rounding_mode="floor"), ends.code.remainder(width * vocab)
+        beam, last = flat.div(vocab, rounding_mode="floor"), flat.remainder(vocab)
         tokens = torch.full((n, width, max_length), pad, dtype=torch.long, device=score.device)
         token_lp = torch.zeros(n, width, max_length, dtype=score.dtype, device=score.device)
         tokens.scatter_(2, step[:, :, None], last[:, :, None])
@@ -249,7 +252,7 @@ class _History:
             tokens[:, :, position] = torch.where(inside, self.tokens[position].gather(1, beam), pad)
             token_lp[:, :, position] = torch.where(inside, self.token_lps[position].gather(1, beam), 0.0)
             beam = torch.where(inside, self.parents[position].gather(1, beam), beam)
-        return _Set(score, log_prob, tokens, token_lp, step + 1, ended.bool())
+        return _Set(score, log_prob, tokens, token_lp, step + 1, last == eos)
 
 
 def _search(
@@ -306,8 +309,7 @@ def _search(
         score = torch.where(keep, top / float(t + 1) ** penalty, -torch.inf)
         if bool((score > ends.values[0, :, -1:]).any()):  # only what beats an item's worst finished enters
             values = torch.stack([score, top, token_lp])
-            ids = torch.stack([torch.full_like(beam, t), beam, token, is_eos.long()])
-            ends, any_ended = ends.merged_best(values, ids, width), True
+            ends, any_ended = ends.merged_best(values, index + t * width * vocab, width), True
         # the `width` best non-EOS candidates go on (a stable sort puts them first, in rank order)
         going = torch.sort(is_eos.to(torch.uint8), dim=1, stable=True).indices[:, :width]
         parent, token = beam.gather(1, going), token.gather(1, going)
@@ -321,17 +323,16 @@ def _search(
             any_done = bool(done.any())
             if any_done:
                 if bool(done.all()):
-                    return history.spell(ends, max_length, pad)
+                    return history.spell(ends, max_length, pad, eos, vocab)
                 eligible = within & ~done[:, None]
         tokens = (torch.where(done[:, None], pad, token) if any_done else token).reshape(-1)
-    assert ends is not None
+    assert ends is not None and vocab is not None
     last = len(history.tokens) - 1
     open_ = torch.isfinite(log_prob) & ~done[:, None]
     at_end = torch.where(open_, log_prob / float(last + 1) ** penalty, -torch.inf)
     values = torch.stack([at_end, log_prob, history.token_lps[last]])
-    parent, token = history.parents[last], history.tokens[last]
-    ids = torch.stack([torch.full_like(token, last), parent, token, torch.zeros_like(token)])
-    return history.spell(ends.merged_best(values, ids, width), max_length, pad)
+    code = (last * width + history.parents[last]) * vocab + history.tokens[last]
+    return history.spell(ends.merged_best(values, code, width), max_length, pad, eos, vocab)
 
 
 def _hypotheses(found: _Set, count: int) -> list[list[Hypothesis]]:
