@@ -163,11 +163,8 @@ def _generated_score(predictor: Any, batch: Tensor) -> Callable[[Tensor], Tensor
     then feeds it by teacher forcing, ``sum_t log p(y_t | y_<t, x)`` over ``encode(x)`` and ``step``:
     the search's ``log_prob`` of that sequence, differentiable in ``x``, for any number of rows.
     """
-    from trainfer.serve.sequence import autoregressive_results
-
     settings, model = predictor.decoder, predictor.model
-    with torch.inference_mode():
-        (result,) = autoregressive_results(model, batch.detach(), predictor.heads[0].labels, settings)
+    (result,) = predictor.generate(batch.detach())
     tokens = [*result.tokens, settings.eos] if result.finished else list(result.tokens)
 
     def score(x: Tensor) -> Tensor:

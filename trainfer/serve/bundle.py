@@ -109,7 +109,7 @@ def save(
 
     ``decoder``: the ``sequence`` task's decoding settings (:class:`trainfer.serve.sequence.DecoderSettings`),
     checked against the labels (the token table) and recorded in the manifest. Autoregressive settings
-    save an ``encode``/``step`` model by its factory (:func:`trainfer.serve.generator_bundle.save_generator`).
+    save an ``encode``/``step`` model by its factory (:mod:`trainfer.serve.generator_bundle`).
 
     ``factory``/``config``/input shape default to the model's recipe (:func:`trainfer.recipe_of`:
     trainfer's own models and deploy forms carry one). A deploy form that ``trainfer.deploy`` traced
@@ -121,12 +121,11 @@ def save(
     """
     from trainfer.serve.sequence import is_autoregressive
 
-    if decoder is not None and is_autoregressive(decoder):  # encode/step, not one forward
-        from trainfer.serve.generator_bundle import save_generator
+    if decoder is not None and is_autoregressive(decoder):  # encode/step, not one forward: by its factory
+        from trainfer.serve.generator_bundle import generator_manifest
 
-        return save_generator(
+        fields = generator_manifest(
             model,
-            path,
             labels=labels,
             decoder=decoder,
             factory=factory,
@@ -134,6 +133,9 @@ def save(
             preprocess=preprocess,
             example_inputs=example_inputs,
         )
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **fields, "versions": writer_versions()}
+        _check_rebuilds(model, manifest)
+        return write_bundle(path, manifest, _tensors_to_save(model))
     manifest = build_manifest(
         model,
         factory=factory,
@@ -159,6 +161,21 @@ def save(
             "from trainfer.deploy records its architecture"
         )
     return write_bundle(path, manifest, _tensors_to_save(model))
+
+
+def _check_rebuilds(model: nn.Module, manifest: dict[str, Any]) -> None:
+    """The manifest's factory must rebuild ``model``'s weights (names and shapes), or the bundle would not load."""
+    rebuilt, mine = build_model(manifest, trust_factory=True).state_dict(), model.state_dict()
+    differ = sorted(
+        k
+        for k in rebuilt.keys() | mine.keys()
+        if k not in rebuilt or k not in mine or rebuilt[k].shape != mine[k].shape
+    )
+    if differ:
+        raise BundleError(
+            f"factory {manifest['factory']!r} with config {manifest['config']} does not rebuild this model's weights "
+            f"(differing: {differ[:5]}{' ...' if len(differ) > 5 else ''}); the bundle would not load"
+        )
 
 
 def write_bundle(

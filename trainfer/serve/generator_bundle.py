@@ -8,16 +8,15 @@ is allowed only for factories :func:`trainfer.load` allows (trainfer's own, thos
 :func:`trainfer.register_model` or installed as entry points; ``trust_factory=True`` otherwise).
 Nothing the bundle itself holds is executed.
 
-:func:`save_generator` checks before writing that the bundle will load and serve: the factory
-rebuilds exactly the model's weights (names and shapes), the decoder settings fit the token table,
-and decoding the example inputs runs with every step scoring the table's tokens.
+:func:`trainfer.save` with autoregressive ``decoder`` settings writes one, and checks before
+writing that it will load and serve: the factory rebuilds exactly the model's weights (names and
+shapes), the decoder settings fit the token table, and decoding the example inputs runs with every
+step scoring the table's tokens (:func:`generator_manifest`).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,41 +25,11 @@ from torch import Tensor, fx, nn
 from trainfer.errors import BundleError
 from trainfer.modes.contexts import shared_inference
 from trainfer.recipe import recipe_of
-from trainfer.serve.bundle import FORMAT, FORMAT_VERSION, build_model, write_bundle, writer_versions
 from trainfer.serve.outputs import Head, OutputKind
 from trainfer.serve.preprocess import PreprocessSpec
 from trainfer.serve.sequence import CheckedStep, DecoderSettings, autoregressive_results
 
-__all__ = ["generator_manifest", "save_generator"]
-
-
-def save_generator(
-    model: nn.Module,
-    path: str | os.PathLike[str],
-    *,
-    labels: Any,
-    decoder: DecoderSettings | Mapping[str, Any],
-    factory: str | None = None,
-    config: Mapping[str, Any] | None = None,
-    preprocess: PreprocessSpec | Mapping[str, Any] | None = None,
-    example_inputs: Tensor | None = None,
-) -> Path:
-    """Write the autoregressive ``model`` as a bundle at ``path`` (atomically); see the module docstring.
-
-    ``labels`` is the token table ``step()`` scores; ``decoder`` the autoregressive settings;
-    ``factory``/``config``/the input shape default to the model's recipe.
-    """
-    manifest = generator_manifest(
-        model,
-        labels=labels,
-        decoder=decoder,
-        factory=factory,
-        config=config,
-        preprocess=preprocess,
-        example_inputs=example_inputs,
-    )
-    state = {key: value.detach().to("cpu").contiguous().clone() for key, value in model.state_dict().items()}
-    return write_bundle(path, manifest, state)
+__all__ = ["generator_manifest"]
 
 
 def generator_manifest(
@@ -73,7 +42,11 @@ def generator_manifest(
     preprocess: PreprocessSpec | Mapping[str, Any] | None = None,
     example_inputs: Tensor | None = None,
 ) -> dict[str, Any]:
-    """The manifest of an autoregressive model (everything but the weights entry), checked to load and decode."""
+    """The manifest fields of an autoregressive model (all but format, versions and weights), checked to decode.
+
+    :func:`trainfer.serve.bundle.save` completes them, checks that the factory rebuilds the model's
+    weights, and writes the bundle.
+    """
     settings = DecoderSettings.coerce(decoder)
     if settings.kind != "autoregressive":
         raise BundleError(f"generator bundles hold autoregressive models; the decoder kind is {settings.kind!r}")
@@ -100,8 +73,6 @@ def generator_manifest(
     spec = PreprocessSpec.coerce(preprocess, input_shape=tuple(example.shape[1:])).with_dtype(example.dtype)
     head = Head(None, None, "sequence", table.tokens, OutputKind("log_probabilities", "step() returns log-probs"))
     manifest: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
         "factory": factory,
         "config": config,
         "form": getattr(known, "form", "train"),
@@ -113,10 +84,8 @@ def generator_manifest(
         "labels": list(table.tokens),
         "heads": [head.to_dict()],
         "output_structure": None,
-        "versions": writer_versions(),
         "decoder": settings.to_dict(),
     }
-    _check_rebuilt(model, manifest)
     with shared_inference(model):
         autoregressive_results(checked, example, table.tokens, settings)
     return manifest
@@ -133,19 +102,3 @@ def _example(model: nn.Module, given: Tensor | None, known: Any) -> Tensor:
         raise BundleError("saving an autoregressive model needs example_inputs= (a batch of one sample is enough)")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     return torch.randn(*shape, dtype=dtype)
-
-
-def _check_rebuilt(model: nn.Module, manifest: dict[str, Any]) -> None:
-    """The factory must rebuild the model's weights (names and shapes): otherwise the bundle would not load."""
-    rebuilt = build_model(manifest, trust_factory=True).state_dict()
-    mine = model.state_dict()
-    differ = sorted(
-        key
-        for key in rebuilt.keys() | mine.keys()
-        if key not in rebuilt or key not in mine or rebuilt[key].shape != mine[key].shape
-    )
-    if differ:
-        raise BundleError(
-            f"factory {manifest['factory']!r} with config {manifest['config']} does not rebuild this model's weights "
-            f"(differing: {differ[:5]}{' ...' if len(differ) > 5 else ''}); the bundle would not load"
-        )

@@ -340,7 +340,7 @@ class Predictor:
         batch = self.preprocess_spec.normalize(raw, first)  # checked by timed_batches
         prepared = time.perf_counter()
         if self.generates:  # the search calls the model step by step: decoding is the forward
-            results = self._generate(batch, top_k)
+            results = self.generate(batch, top_k)
             forwarded = done = time.perf_counter()
         else:
             per_head = self._cached_scores(batch) if self._cache is not None else self._cpu_scores(batch)
@@ -375,8 +375,9 @@ class Predictor:
             timings.history.append({"samples": samples, **stages})
             return timings.batches
 
-    def _generate(self, batch: Tensor, top_k: int | None) -> list[Any]:
-        """Results of an autoregressive sequence model (:func:`trainfer.serve.sequence.autoregressive_results`)."""
+    def generate(self, batch: Tensor, top_k: int | None = None) -> list[Any]:
+        """Results of an autoregressive sequence model for a preprocessed ``batch``, decoded in eval mode
+        under ``inference_mode`` (:func:`trainfer.serve.sequence.autoregressive_results`)."""
         from trainfer.serve.sequence import autoregressive_results
 
         batch = batch.to(self.device, non_blocking=True)
