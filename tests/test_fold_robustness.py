@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import trainfer
+from trainfer.reparam.fold.trace import preserve_attributes
 from trainfer.testing import assert_close, batch_norm_calls, count_aten_ops, randomize_batchnorm
 
 LIMIT_S = 60
@@ -520,3 +521,13 @@ def test_algebra_crop_needs_whole_taps_at_a_dilation_and_no_padding_where_it_cro
         algebra.crop_input(conv, 1, 0)
     with pytest.raises(algebra.AlgebraError, match="followed by zero padding 1"):
         algebra.crop_input(algebra.ConvOp(torch.randn(2, 2, 3, 3), torch.zeros(2), padding=(1, 0)), 1, 0)
+
+
+def test_preserved_attributes_survive_a_deep_copy_of_a_graph_module():
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(2, 2, 1)))
+    lost = copy.deepcopy(gm)
+    gm.resolution = 6  # a plain attribute the graph does not read: a deep copy drops it
+    assert not hasattr(copy.deepcopy(gm), "resolution") and not hasattr(lost, "resolution")
+    preserve_attributes(gm, {"resolution": 6, "window": (2, 3)})
+    copied = copy.deepcopy(gm)
+    assert (copied.resolution, copied.window) == (6, (2, 3))

@@ -4,11 +4,11 @@
 node however it was called (positionally or by keyword). The names and defaults are read from the
 call target's own signature (:func:`inspect.signature` for Python functions such as ``F.pad``;
 ``torch.fx.operator_schemas.get_signature_for_torch_op``, torch's schema, for builtins such as
-``torch.conv2d``), never copied by hand, so a new torch cannot drift from them. Where a builtin
-has overloads that differ in a type only (``padding: List[int]`` or ``str``), the names and
-defaults are those of its first schema: overloads of the ops read here differ in types, not in
-names or defaults (``tests/test_fold_calls.py`` checks it). :func:`target_name` reads the name a
-``call_module``, ``call_method`` or ``get_attr`` node targets.
+``torch.conv2d``), never copied by hand, so a new torch cannot drift from them. A builtin with
+overloads (``padding: List[int] = [0, 0]`` or ``str = 'valid'``) is read by its first schema; its
+overloads name the arguments alike and their defaults mean the same (``tests/test_fold_calls.py``
+passes the bound defaults explicitly and checks that every target computes what it did without
+them). :func:`target_name` reads the name a ``call_module``, ``call_method`` or ``get_attr`` node targets.
 """
 
 from __future__ import annotations
