@@ -56,8 +56,10 @@ def test_misaligned_branch_is_named():
         A.add([conv3, conv1], ["dense", "pointwise"])
 
 
-@pytest.mark.parametrize(("kernel", "dilation", "stride", "padding", "groups"),
-                         [((3, 3), (2, 3), (1, 1), (2, 3), 1), ((3, 5), (4, 2), (2, 1), (1, 0), 3), ((1, 3), (5, 2), (1, 2), (0, 2), 1)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kernel", "dilation", "stride", "padding", "groups"),
+    [((3, 3), (2, 3), (1, 1), (2, 3), 1), ((3, 5), (4, 2), (2, 1), (1, 0), 3), ((1, 3), (5, 2), (1, 2), (0, 2), 1)],
+)
 def test_undilated_computes_what_the_dilated_kernel_computes(kernel, dilation, stride, padding, groups):
     torch.manual_seed(0)
     weight = torch.randn(6, 6 // groups, *kernel, dtype=torch.float64)

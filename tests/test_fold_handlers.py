@@ -12,9 +12,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+import trainfer
 from trainfer.errors import InputTypeError
 from trainfer.reparam.algebra import ConvOp
-import trainfer
 from trainfer.reparam.fold import (
     FoldHandlers,
     NotLinear,

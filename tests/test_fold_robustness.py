@@ -254,7 +254,7 @@ class WrongBorder(BNAndPadLayer):
 
     def forward(self, input):
         output = F.pad(self.bn(input), [1] * 4)
-        value = (self.bn.bias - self.bn.running_mean * self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps))
+        value = self.bn.bias - self.bn.running_mean * self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
         value = value.detach().view(1, -1, 1, 1) + 1
         output[:, :, :1, :] = value
         output[:, :, -1:, :] = value
