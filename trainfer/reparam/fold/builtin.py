@@ -28,7 +28,7 @@ from trainfer.reparam.fold.regions import Expr, FoldContext
 from trainfer.reparam.fold.shapes import numel, shape
 from trainfer.reparam.fold.trace import assign
 
-__all__ = ["BUILTIN_HANDLERS", "Handler"]
+__all__ = ["BUILTIN_HANDLERS", "Handler", "channel_vector"]
 
 #: ``handler(context, node)``: the node's linear expression (it raises ``NotLinear`` where there is none).
 Handler = Callable[[FoldContext, fx.Node], Expr]
@@ -202,7 +202,7 @@ def border_fill(context: FoldContext, node: fx.Node) -> Expr:
     height, width = cast(tuple[int, ...], shape(node))[2:]
     sides = {(2, 0, top), (2, height - bottom, height), (3, 0, left), (3, width - right, width)}
     strips = {_strip(write.args[1], height, width) for write in writes}
-    values = [_channel_vector(node, context.constants.operand(write.args[2])) for write in writes]
+    values = [channel_vector(node, context.constants.operand(write.args[2])) for write in writes]
     reason = "item assignment that is not a per-channel constant on each side of a pad's border"
     _require(strips == {side for side in sides if side[1] < side[2]} and values[0] is not None, reason)
     value = cast(Tensor, values[0])
@@ -278,7 +278,7 @@ def crop(context: FoldContext, node: fx.Node) -> Expr:
 # --- arithmetic ---------------------------------------------------------------------------------------
 
 
-def _channel_vector(node: fx.Node, constant: Tensor | None) -> Tensor | None:
+def channel_vector(node: fx.Node, constant: Tensor | None) -> Tensor | None:
     """``constant`` as one value per channel of ``node``'s output, if it broadcasts that way."""
     shape_ = shape(node)
     if constant is None or shape_ is None or constant.dim() > len(shape_):
@@ -298,7 +298,7 @@ def _split_constant(context: FoldContext, node: fx.Node) -> tuple[fx.Node, Tenso
     for variable, constant, is_left in ((node.args[0], node.args[1], True), (node.args[1], node.args[0], False)):
         if not isinstance(variable, fx.Node) or context.constant(variable) is not None:
             continue
-        vector = _channel_vector(node, context.constants.operand(constant))
+        vector = channel_vector(node, context.constants.operand(constant))
         if vector is not None:
             return variable, vector, is_left
     return None

@@ -50,7 +50,7 @@ __all__ = [
 def _is(node: fx.Node, modules: dict[str, nn.Module], handlers: FoldHandlers, *kinds: Handler) -> bool:
     """The handler table reads ``node`` with one of the built-in handlers ``kinds`` (a BatchNorm, a conv...):
     the passes recognise ops the one way recognition does (a type with a handler of its own is not theirs)."""
-    return node.op in ("call_module", "call_function") and handlers.handler_for(node, modules) in kinds
+    return node.op in ("call_module", "call_function", "call_method") and handlers.handler_for(node, modules) in kinds
 
 
 _DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
@@ -281,8 +281,9 @@ def fold_norms_into_channels_last_linears(
         except AlgebraError:
             continue
         members, last = [linear, norm], norm
-        factor = _channel_factor(last, weight.shape[0], Constants(gm))
+        factor = _channel_factor(last, weight.shape[0], Constants(gm), modules, handlers)
         if factor is not None:
+            factor = factor.to(weight.dtype)
             weight, bias = weight * factor[:, None], bias * factor
             last = next(iter(norm.users))
             members.append(last)
@@ -323,18 +324,17 @@ def _is_channels_first_permute(node: fx.Node) -> bool:
     return tuple(order or ()) == (0, 3, 1, 2)
 
 
-def _channel_factor(norm: fx.Node, channels: int, constants: Constants) -> torch.Tensor | None:
-    """The per-channel factor of ``norm``'s one user ``gamma * x`` (``gamma``: ``(1, C, 1, 1)`` or ``(C, 1, 1)``)."""
-    if len(norm.users) != 1:
-        return None
-    user = next(iter(norm.users))
-    if user.op != "call_function" or user.target not in (operator.mul, torch.mul) or len(user.args) != 2:
+def _channel_factor(
+    norm: fx.Node, channels: int, constants: Constants, modules: dict[str, nn.Module], handlers: FoldHandlers
+) -> torch.Tensor | None:
+    """The per-channel (or scalar) constant factor of ``norm``'s one user ``gamma * x``, as the
+    multiplication handler reads it (:func:`~trainfer.reparam.fold.builtin.channel_vector`)."""
+    user = next(iter(norm.users)) if len(norm.users) == 1 else None
+    if user is None or not _is(user, modules, handlers, builtin.multiply) or len(user.args) != 2 or user.kwargs:
         return None
     other = user.args[1] if user.args[0] is norm else user.args[0]
-    value = constants.tensor(other) if isinstance(other, fx.Node) else None
-    if value is None or value.numel() != channels or value.dim() < 3 or value.shape[-3] != channels:
-        return None
-    return value.reshape(-1)
+    vector = builtin.channel_vector(user, constants.operand(other))
+    return None if vector is None else vector.expand(channels)
 
 
 def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
