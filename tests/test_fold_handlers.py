@@ -103,6 +103,8 @@ def test_a_handler_passed_to_one_call_is_used_there_and_does_not_leak_into_anoth
     plain = trainfer.deploy(model, x, protocols=False)  # the next call: built-ins only, the BN stays
     assert batch_norm_calls(plain, x) == 1 and count_aten_ops(plain, x)["convolution"] == 0
     assert module_calls(model, FoldHandlers.default()) == 2  # nor is the type a leaf of the shared tracer
+    report = trainfer.deploy_report(model, x, protocols=False, handlers={UnfoldConv: unfold_conv_handler})
+    assert [region.members for region in report.regions] == [["0", "1"]]
 
 
 def test_a_per_call_handler_overrides_a_registered_one_for_that_call_only(registered):

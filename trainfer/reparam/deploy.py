@@ -205,10 +205,16 @@ def deploy(
 
 
 def deploy_report(
-    model: nn.Module, example_inputs: Any, *, protocols: bool | str = True, prune_dead: bool = False
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    protocols: bool | str = True,
+    prune_dead: bool = False,
+    handlers: Mapping[Any, Handler] | None = None,
 ) -> DeployReport:
     """The :class:`DeployReport` of deploying ``model``, verification errors included (never raises them)."""
-    return _deploy(model, example_inputs, None, None, _Options(protocols=protocols, prune_dead=prune_dead))[1]
+    options = _Options(protocols=protocols, prune_dead=prune_dead, handlers=FoldHandlers.default(handlers))
+    return _deploy(model, example_inputs, None, None, options)[1]
 
 
 @dataclass
