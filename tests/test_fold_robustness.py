@@ -292,6 +292,24 @@ class WritesIntoItsInput(nn.Module):
         return y
 
 
+class WritesThroughAView(nn.Module):
+    """Pads, takes a view of the padded tensor, then writes into the border: the view must see the write."""
+
+    def forward(self, x):
+        out = F.pad(x, [1, 1, 1, 1])
+        inner = out[:, :, :2]  # a view that aliases the first rows
+        out[:, :, :1, :] = 3.0
+        return out + inner.sum()
+
+
+def test_item_assignment_into_a_padded_tensor_someone_already_read_stays_opaque():
+    x = torch.randn(2, 3, 6, 6)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), WritesThroughAView(), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+    deployed = deployed_both(model, x)  # exact: a traced, pure write would lose the alias's update
+    opaque = [item for item in deployed.trainfer_report.kept if "not traceable" in item]
+    assert len(opaque) == 1 and opaque[0].startswith("1: not traceable"), deployed.trainfer_report.kept
+
+
 def test_item_assignment_into_a_tensor_not_just_padded_still_stays_opaque():
     x = torch.randn(2, 3, 6, 6)
     model = nn.Sequential(nn.Conv2d(3, 3, 1), WritesIntoItsInput(), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
