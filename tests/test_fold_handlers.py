@@ -197,3 +197,24 @@ def test_trace_sees_through_batch_norm_subclasses_and_leaves_them_as_they_were()
     graph = trace(model).graph
     assert any(n.target is F.batch_norm for n in graph.nodes)
     assert "_check_input_dim" not in vars(model[1])
+
+
+class GatedSequential(nn.Sequential):
+    """A Sequential whose own forward cannot be traced: its members are folded pair by pair."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self:
+            x = layer(x) if x.mean() > -100 else x  # data-dependent control flow
+        return x
+
+
+def test_a_sequential_pair_is_recognised_through_the_same_table_as_a_graph():
+    model, x = model_and_input(torch.float64)
+    gated = GatedSequential(*model)
+    _, log = fold(copy.deepcopy(gated), (x,))
+    assert log.regions == []  # no handler for UnfoldConv: the pair is not linear
+    folded, log = fold(copy.deepcopy(gated), (x,), handlers=FoldHandlers.default({UnfoldConv: unfold_conv_handler}))
+    assert [(region.name, region.members) for region in log.regions] == [("0", ["0", "1"])]
+    assert batch_norm_calls(folded, x) == 0 and count_aten_ops(folded, x)["convolution"] == 1
+    with torch.no_grad():
+        assert_close(folded(x), gated(x), 1e-9)

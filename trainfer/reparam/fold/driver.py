@@ -188,16 +188,17 @@ def _fold_sequential_pairs(sequence: nn.Sequential, path: str, calls: dict[str, 
     names = list(sequence._modules)
     for first, second in zip(names, names[1:]):
         layer, bn = sequence._modules[first], sequence._modules[second]
-        if not (isinstance(bn, _BatchNorm) and run.handlers.is_leaf(bn) and run.handlers.is_leaf(layer)):
+        leaves = run.handlers.is_leaf(layer) and run.handlers.is_leaf(bn)
+        if not (leaves and isinstance(bn, _BatchNorm) and not isinstance(layer, _BatchNorm)):
             continue
-        if f"{path}{first}" not in calls or isinstance(layer, _BatchNorm):
-            continue
-        pair = copy.deepcopy(nn.Sequential(OrderedDict([(first, layer), (second, bn)])))  # the pass may edit modules
+        if f"{path}{first}" not in calls:
+            continue  # never ran: no input to trace it on (listed as such)
+        pair = copy.deepcopy(nn.Sequential(OrderedDict([(first, layer), (second, bn)])))  # the pass edits modules
+        traced = trace(pair, leaf_types=run.handlers.leaf_types)
         regions = len(run.log.regions)
-        folded = _fold_graph(trace(pair, leaf_types=run.handlers.leaf_types), calls[f"{path}{first}"].args,
-                             f"{prefix}{path}", run)  # fmt: skip
+        folded = _fold_graph(traced, calls[f"{path}{first}"].args, f"{prefix}{path}", run)
         if len(run.log.regions) > regions:
-            run.log.regions[-1].name = f"{prefix}{path}{first}"  # where the folded layer now lives
+            run.log.regions[-1].name = f"{prefix}{path}{first}"  # the region's module lives in the layer's slot
             sequence._modules[first], sequence._modules[second] = _only_module(folded), nn.Identity()
 
 

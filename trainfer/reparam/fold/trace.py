@@ -63,7 +63,7 @@ _CULPRIT = "_trainfer_untraceable_module"
 
 def is_torch_nn(function: Any) -> bool:
     """``function`` is defined by ``torch.nn`` (a layer's own ``forward``)."""
-    return getattr(function, "__module__", "").startswith(("torch.nn", "torch.ao.nn"))
+    return (getattr(function, "__module__", None) or "").startswith(("torch.nn", "torch.ao.nn"))  # fx code: None
 
 
 def is_leaf(module: nn.Module, leaf_types: frozenset[type[nn.Module]] = frozenset()) -> bool:
