@@ -28,7 +28,7 @@ from trainfer.reparam.fold.regions import Expr, FoldContext
 from trainfer.reparam.fold.shapes import numel, shape
 from trainfer.reparam.fold.trace import assign
 
-__all__ = ["BUILTIN_HANDLERS", "Handler", "channel_vector"]
+__all__ = ["BUILTIN_HANDLERS", "Handler", "channel_vector", "normalises_with_running_statistics"]
 
 #: ``handler(context, node)``: the node's linear expression (it raises ``NotLinear`` where there is none).
 Handler = Callable[[FoldContext, fx.Node], Expr]
@@ -104,9 +104,14 @@ def batch_norm_module(context: FoldContext, node: fx.Node) -> Expr:
     return context.chain(node, _input(node), context.affine(*algebra.bn_affine(bn)))
 
 
+def normalises_with_running_statistics(bound: dict[str, Any]) -> bool:
+    """An ``F.batch_norm`` call (its bound arguments) in eval mode, with running statistics: an affine map."""
+    return bound["training"] is False and bound["running_mean"] is not None
+
+
 def batch_norm_function(context: FoldContext, node: fx.Node) -> Expr:
     bound = bind(node)
-    _require(bound["training"] is False and bound["running_mean"] is not None)
+    _require(normalises_with_running_statistics(bound))
     names = ("running_mean", "running_var", "weight", "bias")
     stats = [context.constant(bound[k]) for k in names]
     mean, var, weight, bias = stats

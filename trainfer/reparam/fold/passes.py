@@ -216,7 +216,7 @@ def _batch_norm_arguments(
     if not _is(node, modules, handlers, builtin.batch_norm_function):
         return None
     bound = bind(node)
-    if bound["training"] is not False or bound["running_mean"] is None:
+    if not builtin.normalises_with_running_statistics(bound):
         return None
     return tuple(bound[k] for k in ("input", "running_mean", "running_var", "weight", "bias", "eps"))
 
