@@ -138,7 +138,7 @@ def test_the_handler_context_is_read_only():
     fold(copy.deepcopy(model), (x,), handlers=FoldHandlers.default({UnfoldConv: spy}))
     (context,) = contexts
     with pytest.raises(dataclasses.FrozenInstanceError):
-        context.state = None
+        context._state = None
     with pytest.raises(dataclasses.FrozenInstanceError):
         context.graph.handlers = None
     with pytest.raises(TypeError):

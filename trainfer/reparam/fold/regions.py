@@ -105,7 +105,7 @@ class FoldContext:
     """What a fold handler receives: the graph to read, and the composition that records its node's expression."""
 
     graph: FoldGraph
-    state: RegionState
+    _state: RegionState  # the round's state: written by the composition methods below, never by handlers
 
     # -- what handlers read ---------------------------------------------------------------------
 
@@ -168,7 +168,7 @@ class FoldContext:
                 joined = Expr(expr.anchor, op, expr.members + (node,), expr.cost + own_cost, expr.layer)
                 return self._accept([source], joined)
             except AlgebraError as error:
-                self.state.kept.append(f"{self.name(node)} kept apart from {self.name(source)}: {error}")
+                self._state.kept.append(f"{self.name(node)} kept apart from {self.name(source)}: {error}")
         try:
             op = step(None, source)
         except AlgebraError as error:
@@ -195,13 +195,13 @@ class FoldContext:
     def source_expr(self, source: fx.Node, consumer: fx.Node, via: Sequence[fx.Node] = ()) -> tuple[Expr, bool]:
         """The source's expression if the consumer may absorb it (the path ``source, *via, consumer``
         has one user at each step), else the source itself."""
-        expr = self.state.exprs.get(source)
+        expr = self._state.exprs.get(source)
         path = (source, *via, consumer)
         single = all(len(a.users) == 1 and b in a.users for a, b in zip(path, path[1:]))
-        if expr is not None and single and source not in self.state.forced:
+        if expr is not None and single and source not in self._state.forced:
             return expr, True
         return Expr(source, None), False
 
     def _accept(self, sources: list[fx.Node], expr: Expr) -> Expr:
-        self.state.absorbed.update(sources)
+        self._state.absorbed.update(sources)
         return expr
