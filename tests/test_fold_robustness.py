@@ -13,6 +13,8 @@ import copy
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from time_limit import time_limit
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -247,6 +249,26 @@ def test_bn_and_pad_folds_exactly_into_one_conv(cin, mid, cout, k, stride, group
     with torch.no_grad():
         reference = copy.deepcopy(model).double().eval()
         assert_close(deployed(x.double()), reference(x.double()), 1e-9)
+
+
+@pytest.mark.slow
+@settings(max_examples=5, deadline=None)
+@given(
+    groups=st.sampled_from([1, 3]),
+    widen=st.sampled_from([1, 2]),  # DBB's inner width: the input's (idconv) or twice it
+    k=st.sampled_from([1, 3, 5]),
+    stride=st.integers(1, 2),
+    affine=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_bn_and_pad_folds_exactly_for_drawn_shapes(groups, widen, k, stride, affine, seed):
+    torch.manual_seed(seed)
+    cin = 3 * groups
+    x = torch.randn(2, cin, 9, 8)
+    model = PaddedBranch(cin, widen * cin, cin, k, stride, groups, affine)
+    deployed = deployed_both(model, x)  # float32 and float64, each checked against the model
+    assert executed(deployed, x) == {"conv": 1, "bn": 0, "pool": 0}
+    assert deployed.trainfer_report.verification["float64"].max_rel_error <= 1e-9
 
 
 class WrongBorder(BNAndPadLayer):
