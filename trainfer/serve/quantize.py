@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from trainfer.atomic import remove_staging, replace_directory, staging_directory
+from trainfer.atomic import atomic_file, remove_staging, replace_directory, staging_directory
 from trainfer.errors import InputError, QuantizationError
 from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over
 from trainfer.serve.runtime import (
@@ -67,7 +67,14 @@ from trainfer.validate import check_type
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 _CALIBRATION_BATCH = 32
 
-__all__ = ["LayerSensitivity", "QuantizationError", "QuantizationReport", "QuantizedModel", "quantize"]
+__all__ = [
+    "LayerSensitivity",
+    "QuantizationError",
+    "QuantizationReport",
+    "QuantizedModel",
+    "quantize",
+    "write_int8_form",
+]
 
 
 # --------------------------------------------------------------------------- reports
@@ -151,7 +158,7 @@ class QuantizedModel:
 
         ``metadata`` goes to :func:`trainfer.save` (e.g. ``factory=...`` for a model of your own).
         """
-        from trainfer.serve.bundle import MANIFEST_FILE, save, write_safetensors
+        from trainfer.serve.bundle import MANIFEST_FILE, save
 
         target = Path(path)
         if target.exists() and not (target / MANIFEST_FILE).is_file():
@@ -159,22 +166,35 @@ class QuantizedModel:
         staging = staging_directory(target)
         try:
             inner = save(self.float_model, staging / "bundle", **{**_bundle_metadata(self.manifest), **metadata})
-            (inner / QUANTIZED_FILE).write_bytes(self.onnx_bytes)
-            write_safetensors({"inputs": self.probes}, inner / PROBES_FILE)
-            probes = hashlib.sha256((inner / PROBES_FILE).read_bytes()).hexdigest()
-            entry = {
-                "format": "trainfer-quantized",
-                "format_version": 2,
-                "file": QUANTIZED_FILE,
-                "sha256": hashlib.sha256(self.onnx_bytes).hexdigest(),
-                "probes": {"file": PROBES_FILE, "sha256": probes},
-                "report": self.report.to_dict(),
-            }
-            (inner / QUANTIZATION_FILE).write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
+            write_int8_form(inner, self)
             replace_directory(inner, target)
         finally:
             remove_staging(staging)
         return target
+
+
+def write_int8_form(directory: Path, quantized: QuantizedModel) -> None:
+    """Write ``quantized``'s int8 file, probes and ``quantization.json`` into a bundle ``directory``.
+
+    Each file is replaced atomically, the record (naming the others' sha256) last.
+    """
+    from trainfer.serve.bundle import write_safetensors
+
+    with atomic_file(directory / QUANTIZED_FILE) as tmp:
+        tmp.write_bytes(quantized.onnx_bytes)
+    with atomic_file(directory / PROBES_FILE) as tmp:
+        write_safetensors({"inputs": quantized.probes}, tmp)
+    probes = hashlib.sha256((directory / PROBES_FILE).read_bytes()).hexdigest()
+    entry = {
+        "format": "trainfer-quantized",
+        "format_version": 2,
+        "file": QUANTIZED_FILE,
+        "sha256": hashlib.sha256(quantized.onnx_bytes).hexdigest(),
+        "probes": {"file": PROBES_FILE, "sha256": probes},
+        "report": quantized.report.to_dict(),
+    }
+    with atomic_file(directory / QUANTIZATION_FILE) as tmp:
+        tmp.write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
 
 
 def _bundle_metadata(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -38,7 +38,7 @@ import platform
 import queue
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +166,12 @@ class RuntimeRecord:
                 f"{source}: runtime {runtime!r} with dtype {data.get('dtype')!r} is not one of "
                 f"{ {name: list(dtypes) for name, dtypes in SUPPORTED_DTYPES.items()} }"
             )
+        unexpected = sorted(set(data) - {f.name for f in fields(cls)})
+        if unexpected:
+            raise BundleError(f"{source}: unexpected fields: {unexpected}")
+        from trainfer.serve.runtime_schema import check_record
+
+        check_record(data, source)
         try:
             candidates = [CandidateRecord(**entry) for entry in data.get("candidates") or []]
             return cls(**{**data, "candidates": candidates})
@@ -230,7 +236,9 @@ def read_record(bundle: str | os.PathLike[str]) -> RuntimeRecord | None:
     file = Path(bundle) / RUNTIME_FILE
     if not file.is_file():
         return None
-    data = read_json(file, error=BundleError)
+    from trainfer.serve.runtime_schema import MAX_RECORD_BYTES
+
+    data = read_json(file, max_bytes=MAX_RECORD_BYTES, error=BundleError)
     return RuntimeRecord.from_dict(data, repr(str(file)))
 
 
@@ -318,8 +326,11 @@ def openvino_precisions() -> tuple[str, ...]:
 class CompiledModel:
     """The deploy form served by one runtime: call it on a batch; ``record`` says what and why."""
 
-    def __init__(self, engine: Callable[[Tensor], Any], record: RuntimeRecord, recipe: ModelRecipe):
-        self.engine, self.record = engine, record
+    def __init__(
+        self, engine: Callable[[Tensor], Any], record: RuntimeRecord, recipe: ModelRecipe, quantized: Any = None
+    ):
+        """``quantized``: the :class:`~trainfer.serve.quantize.QuantizedModel` an int8 choice serves (to save it)."""
+        self.engine, self.record, self.quantized = engine, record, quantized
         attach_recipe(self, recipe)
 
     def __call__(self, batch: Tensor) -> Any:
@@ -483,6 +494,7 @@ def compile(
     candidates: Sequence[str] | None = None,
     gate: AccuracyGate | None = None,
     gate_data: Tensor | tuple[Tensor, Tensor] | None = None,
+    calibration: Tensor | None = None,
     rounds: int = 10,
 ) -> CompiledModel:
     """Serve the deploy form of ``model_or_bundle`` on ``runtime``; see the module docstring.
@@ -492,6 +504,8 @@ def compile(
     (a bundle's ``runtime.json``) or a :class:`RuntimeRecord`. ``threads``: intra-op threads of
     every runtime (default: torch's current setting). ``gate_data``: inputs, or ``(inputs,
     labels)``, on which reduced-precision candidates must pass ``gate`` against the float form.
+    ``calibration`` (inputs, with ``gate_data`` and ``runtime="auto"``): also measure bf16 and
+    int8 candidates, each behind the gate (:mod:`trainfer.serve.gated`).
     A runtime named explicitly that fails verification raises :class:`trainfer.EquivalenceError`.
     """
     dtypes = (dtype,) if isinstance(dtype, str) else tuple(dtype)
@@ -502,6 +516,10 @@ def compile(
         raise InputError(f"batch_sizes must be positive ints; got {batch_sizes!r}")
     if runtime == "recorded":
         runtime = _recorded(model_or_bundle)
+    if isinstance(runtime, RuntimeRecord) and runtime.dtype == "int8":
+        if isinstance(model_or_bundle, nn.Module):
+            raise InputError("an int8 runtime record is served from its bundle's int8 form: pass the bundle path")
+        return serve_quantized(model_or_bundle, runtime.runtime)
     if isinstance(runtime, RuntimeRecord):
         dtypes = (runtime.dtype,)
         runtime = runtime.runtime
@@ -511,7 +529,13 @@ def compile(
     unknown = sorted(set(names) - set(RUNTIMES))
     if unknown:
         raise InputError(f"unknown candidates {unknown}: expected names from {list(RUNTIMES)}")
+    from trainfer.serve.gated import REDUCED_DTYPES, check_gated_arguments, int8_candidates
+
+    check_gated_arguments(runtime, gate_data, calibration)
+    if calibration is not None:
+        dtypes = (*dtypes, *(name for name in REDUCED_DTYPES if name not in dtypes))
     threads = threads or torch.get_num_threads()
+    quantized = None
     with tempfile.TemporaryDirectory(prefix="trainfer-compile-") as work:
         source = _source(model_or_bundle, example_inputs, Path(work))
         checks = (_verification_inputs(source, batch_sizes), gate or AccuracyGate(), gate_data)
@@ -519,6 +543,9 @@ def compile(
         if runtime == "auto" and ("torch", "float32") not in pairs:
             pairs.insert(0, ("torch", "float32"))  # the baseline of every ratio
         built = [_candidate(r, d, source, threads, checks) for r, d in pairs]
+        if calibration is not None and gate_data is not None:
+            int8, quantized = int8_candidates(model_or_bundle, source, threads, checks[1], gate_data, calibration)
+            built += int8
     records = {record.name: record for record, _ in built}
     engines = {record.name: engine for record, engine in built if engine is not None}
     if runtime != "auto":
@@ -540,7 +567,8 @@ def compile(
         _versions(),
     )
     recipe = recipe_of(source.model) or ModelRecipe(None, form="deploy")
-    return CompiledModel(engines[chosen.name], record, replace(recipe, input_shape=(1, *source.sample_shape)))
+    served = quantized if chosen.dtype == "int8" else None
+    return CompiledModel(engines[chosen.name], record, replace(recipe, input_shape=(1, *source.sample_shape)), served)
 
 
 def _recorded(model_or_bundle: Any) -> RuntimeRecord:
@@ -590,18 +618,25 @@ def bundle_model(
 ) -> tuple[Any, dict[str, Any]]:
     """The model ``Predictor.load`` serves for a bundle, when it is not the plain PyTorch one.
 
-    A bundle carrying an int8 form serves it (unless ``runtime`` names a PyTorch runtime);
-    ``runtime="recorded"`` becomes the bundle's :class:`RuntimeRecord`. Returns ``(model or None,
+    ``runtime="recorded"`` serves what the bundle's ``runtime.json`` names (its int8 form when
+    the record chose int8); otherwise a bundle carrying an int8 form serves it (unless ``runtime``
+    names a PyTorch runtime). Returns ``(model or None,
     the overrides left for the Predictor)``. ``load_options`` (``factory``, ``trust_factory``) go to
     :func:`trainfer.load` of the float form an int8 form is checked against.
     """
     runtime = overrides.get("runtime")
+    if runtime == "recorded" and (Path(bundle) / RUNTIME_FILE).is_file():  # what it names, int8 included
+        record = _recorded(bundle)
+        if record.dtype == "int8":
+            rest = {key: value for key, value in overrides.items() if key != "runtime"}
+            return serve_quantized(bundle, record.runtime, **load_options), rest
+        return None, {**overrides, "runtime": record}
     if (Path(bundle) / QUANTIZATION_FILE).is_file() and runtime not in TORCH_RUNTIMES:
         chosen = None if runtime in (None, "auto", "recorded") else runtime
         served = serve_quantized(bundle, chosen, **load_options)
         return served, {key: value for key, value in overrides.items() if key != "runtime"}
     if runtime == "recorded":
-        return None, {**overrides, "runtime": _recorded(bundle)}
+        return None, {**overrides, "runtime": _recorded(bundle)}  # raises: the bundle records none
     return None, overrides
 
 
