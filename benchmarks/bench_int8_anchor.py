@@ -5,10 +5,13 @@ forms of the same weights are timed in one run, interleaved call by call:
 
 * ``eager/float32`` — the deploy form in eager PyTorch (the baseline of every ratio);
 * ``nncf-ov/int8`` — NNCF ``nncf.quantize`` of the float ONNX read by OpenVINO (the anchor);
-* ``trainfer-qdq/ort`` — ``trainfer.quantize``'s QDQ file (ONNX Runtime's quantizer) on ONNX Runtime;
+* ``trainfer-qdq/ort`` — ``trainfer.quantize``'s QDQ file for ONNX Runtime (``runtime="onnxruntime"``:
+  quantizers on every conv's input and output, which ONNX Runtime fuses into QLinearConv) on ONNX Runtime;
 * ``trainfer-qdq/ov`` — the same QDQ file on OpenVINO;
-* ``trainfer-qdq8/ort``, ``trainfer-qdq8/ov`` — the same with full 8-bit weights (``reduce_range=False``;
-  trainfer's default on a CPU without VNNI is 7-bit weights, ONNX Runtime's advice there);
+* ``trainfer-ovq/ov``, ``trainfer-ovq/ort`` — ``trainfer.quantize(runtime="openvino")``'s file (quantizers
+  on conv and linear inputs only) on each runtime: trainfer's int8 form for the OpenVINO target;
+* ``...8`` — the same with full 8-bit weights (``reduce_range=False``; trainfer's default on a CPU
+  without VNNI is 7-bit weights, ONNX Runtime's advice there);
 * ``nncf-onnx/ort``, ``nncf-onnx/ov`` — NNCF's ONNX backend (a QDQ ONNX file) on each runtime:
   it separates the quantizer's placement from the runtime that executes the file.
 
@@ -43,10 +46,19 @@ from trainfer.serve.onnx_runtime import read_onnx_manifest
 from trainfer.testing import randomize_batchnorm
 
 ANCHOR = "nncf-ov/int8"
+#: trainfer.quantize files: name, reduce_range (None: trainfer's default), the runtime it places quantizers for.
+VARIANTS = (
+    ("trainfer-qdq", None, "onnxruntime"),
+    ("trainfer-qdq8", False, "onnxruntime"),
+    ("trainfer-ovq", None, "openvino"),
+    ("trainfer-ovq8", False, "openvino"),
+)
 BASE = "eager/float32"
 
 
-def _trainfer_int8(deployed: torch.nn.Module, calibration: torch.Tensor, reduce_range: bool | None) -> bytes:
+def _trainfer_int8(
+    deployed: torch.nn.Module, calibration: torch.Tensor, reduce_range: bool | None, runtime: str
+) -> bytes:
     int8 = trainfer.quantize(
         deployed,
         calibration,
@@ -56,6 +68,7 @@ def _trainfer_int8(deployed: torch.nn.Module, calibration: torch.Tensor, reduce_
         max_float_layers=0,
         sensitivity_samples=2,
         reduce_range=reduce_range,
+        runtime=runtime,
     )
     return int8.onnx_bytes
 
@@ -79,7 +92,7 @@ def build(deployed: torch.nn.Module, work: Path, threads: int, files: dict[str, 
     manifest = read_onnx_manifest(files["float"])
     forms: dict[str, Callable[[torch.Tensor], Any]] = {BASE: rt.TorchEngine(deployed, torch.float32)}
     forms[ANCHOR] = rt.OpenVinoEngine(files["nncf-ov"], manifest, threads)
-    for name in ("trainfer-qdq", "trainfer-qdq8", "nncf-onnx"):
+    for name in (*(key for key, _, _ in VARIANTS), "nncf-onnx"):
         forms[f"{name}/ort"] = rt.ort_engine(files[name], manifest, threads)
         forms[f"{name}/ov"] = rt.OpenVinoEngine(files[name], manifest, threads)
     return forms
@@ -133,9 +146,9 @@ def main() -> None:
         work = Path(name)
         files = {"float": work / "float.onnx"}
         export(deployed, files["float"], "onnx", example_inputs=example)
-        for key, reduce_range in (("trainfer-qdq", None), ("trainfer-qdq8", False)):
+        for key, reduce_range, runtime in VARIANTS:
             files[key] = work / f"{key}.onnx"
-            files[key].write_bytes(_trainfer_int8(deployed, calibration, reduce_range))
+            files[key].write_bytes(_trainfer_int8(deployed, calibration, reduce_range, runtime))
         nncf_files = _nncf_files(files["float"], calibration, work)
         files["nncf-ov"], files["nncf-onnx"] = nncf_files["ov"], nncf_files["onnx"]
         for threads, clock, title in (

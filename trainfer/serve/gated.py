@@ -6,10 +6,10 @@ calibration=inputs)`` measures, beside the float32 runtimes:
 * **bf16** — eager PyTorch in bfloat16 and OpenVINO with its ``bf16`` inference-precision hint
   (where OpenVINO's CPU plugin reports bf16; otherwise recorded ``unavailable`` with the reason);
   each within the bf16 tolerance of the float64 deploy form and passing ``gate`` on ``gate_data``;
-* **int8** — the QDQ file of :func:`trainfer.quantize` (equalization, calibration on
-  ``calibration``, the gate on ``gate_data`` and its sensitivity-ordered float fallback) run by
-  ONNX Runtime (the runtime that gate measured) and by OpenVINO (gated again here: another
-  runtime's int8 kernels round differently). A gate that no int8 form passes leaves both
+* **int8** — for each of ONNX Runtime and OpenVINO, the QDQ file :func:`trainfer.quantize` makes
+  for that runtime (equalization, calibration on ``calibration``, quantizers placed where that
+  runtime runs them fastest, the gate measured on that runtime over ``gate_data``, and its
+  sensitivity-ordered float fallback). A gate that no int8 form passes leaves the candidate
   ``rejected``, with the quantizer's verdict as the reason.
 
 The passing candidates are timed paired, call by call, in the same run as the float32 ones; the
@@ -34,7 +34,6 @@ from trainfer.serve.runtime import (
     QUANTIZED_RUNTIMES,
     CandidateRecord,
     CompiledModel,
-    _gate,
     _Source,
     _unavailable,
     save_record,
@@ -55,53 +54,52 @@ def int8_candidates(
     gate: AccuracyGate,
     gate_data: Tensor | tuple[Tensor, Tensor],
     calibration: Tensor,
-) -> tuple[list[tuple[CandidateRecord, Engine | None]], Any]:
-    """``onnxruntime/int8`` and ``openvino/int8`` candidates, and the :class:`QuantizedModel` they serve.
+) -> tuple[list[tuple[CandidateRecord, Engine | None]], dict[str, Any]]:
+    """One ``<runtime>/int8`` candidate per runtime of :data:`QUANTIZED_RUNTIMES`, and the int8 forms that passed.
 
-    Never raises for the candidates' own failures (a refused gate, a runtime error): those are
-    recorded. The quantized model is ``None`` when no int8 form passed the gate.
+    Each is :func:`trainfer.quantize` made for that runtime (its quantizer placement) and gated
+    there, fallback search included. Never raises for a candidate's own failure (a refused
+    gate, a runtime error): it is recorded. Returns ``(candidates, {runtime: QuantizedModel})``.
     """
+    built, passed = [], {}
+    for runtime in QUANTIZED_RUNTIMES:
+        record, quantized = _int8_candidate(runtime, model_or_bundle, source, threads, gate, gate_data, calibration)
+        built.append((record, quantized.engine if quantized is not None else None))
+        if quantized is not None:
+            passed[runtime] = quantized
+    return built, passed
+
+
+def _int8_candidate(
+    runtime: str,
+    model_or_bundle: Any,
+    source: _Source,
+    threads: int,
+    gate: AccuracyGate,
+    gate_data: Any,
+    calibration: Tensor,
+) -> tuple[CandidateRecord, Any]:
     from trainfer.serve.quantize import quantize
 
+    reason = _unavailable(runtime, "float32")
+    if reason is not None:
+        return CandidateRecord(runtime, "int8", "unavailable", reason), None
     inputs, labels = gate_data if isinstance(gate_data, tuple) else (gate_data, None)
     target = model_or_bundle if not isinstance(model_or_bundle, nn.Module) else source.model
     try:
-        quantized = quantize(target, calibration, validation=inputs, labels=labels, gate=gate, threads=threads)
+        quantized = quantize(
+            target, calibration, validation=inputs, labels=labels, gate=gate, threads=threads, runtime=runtime
+        )
     except QuantizationError as refused:
-        report = refused.report.gate.to_dict() if refused.report is not None else None
-        reason = f"trainfer.quantize: {refused}"[:500]
-        return [(CandidateRecord(r, "int8", "rejected", reason, gate=report), None) for r in QUANTIZED_RUNTIMES], None
-    except Exception as failure:  # ONNX Runtime's quantizer raises its own types
+        verdict = refused.report.gate.to_dict() if refused.report is not None else None
+        return CandidateRecord(runtime, "int8", "rejected", f"trainfer.quantize: {refused}"[:500], gate=verdict), None
+    except Exception as failure:  # ONNX Runtime's quantizer and OpenVINO raise their own types
         reason = f"trainfer.quantize failed: {type(failure).__name__}: {failure}"[:500]
-        return [(CandidateRecord(r, "int8", "error", reason), None) for r in QUANTIZED_RUNTIMES], None
+        return CandidateRecord(runtime, "int8", "error", reason), None
     report = quantized.report
-    note = f"int8 QDQ, {len(report.float_layers)} layer(s) kept in float"
-    measured = report.gate
-    ort = CandidateRecord("onnxruntime", "int8", "ok", note, measured.max_rel_error, None, measured.to_dict())
-    return [(ort, quantized.engine), _openvino_int8(quantized, source, threads, gate, gate_data, note)], quantized
-
-
-def _openvino_int8(
-    quantized: Any, source: _Source, threads: int, gate: AccuracyGate, gate_data: Any, note: str
-) -> tuple[CandidateRecord, Engine | None]:
-    """The same QDQ file compiled by OpenVINO, gated on its own outputs."""
-    from trainfer.serve.runtime import OpenVinoEngine
-
-    reason = _unavailable("openvino", "float32")
-    if reason is not None:
-        return CandidateRecord("openvino", "int8", "unavailable", reason), None
-    path = source.workdir / "int8.onnx"
-    path.write_bytes(quantized.onnx_bytes)
-    try:
-        engine = OpenVinoEngine(path, source.manifest, threads)
-        report = _gate(engine, source, gate, gate_data)
-    except Exception as failure:  # OpenVINO raises its own types
-        return CandidateRecord("openvino", "int8", "error", f"{type(failure).__name__}: {failure}"[:300]), None
-    record = CandidateRecord("openvino", "int8", "ok", note, report.max_rel_error, None, report.to_dict())
-    if not report.ok:
-        record.status, record.reason = "rejected", "; ".join(report.failures())
-        return record, None
-    return record, engine
+    note = f"int8 QDQ placed for {runtime}, {len(report.float_layers)} layer(s) kept in float"
+    verdict = report.gate
+    return CandidateRecord(runtime, "int8", "ok", note, verdict.max_rel_error, None, verdict.to_dict()), quantized
 
 
 def check_gated_arguments(runtime: Any, gate_data: Any, calibration: Any) -> None:

@@ -71,7 +71,7 @@ RUNTIME_FILE = "runtime.json"
 #: The int8 form a bundle may carry (``trainfer quantize``): a QDQ ONNX file and its record.
 QUANTIZED_FILE = "quantized.onnx"
 QUANTIZATION_FILE = "quantization.json"
-#: Runtimes that execute a QDQ file, the first being the one the accuracy gate measured.
+#: Runtimes that execute a QDQ file (the default, for int8 records that name none, first).
 QUANTIZED_RUNTIMES = ("onnxruntime", "openvino")
 TORCH_RUNTIMES = ("torch", "torch-channels-last", "inductor")
 REFERENCE = "torch/float32"
@@ -535,7 +535,7 @@ def compile(
     if calibration is not None:
         dtypes = (*dtypes, *(name for name in REDUCED_DTYPES if name not in dtypes))
     threads = threads or torch.get_num_threads()
-    quantized = None
+    quantized: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="trainfer-compile-") as work:
         source = _source(model_or_bundle, example_inputs, Path(work))
         checks = (_verification_inputs(source, batch_sizes), gate or AccuracyGate(), gate_data)
@@ -567,7 +567,7 @@ def compile(
         _versions(),
     )
     recipe = recipe_of(source.model) or ModelRecipe(None, form="deploy")
-    served = quantized if chosen.dtype == "int8" else None
+    served = quantized.get(chosen.runtime) if chosen.dtype == "int8" else None
     return CompiledModel(engines[chosen.name], record, replace(recipe, input_shape=(1, *source.sample_shape)), served)
 
 
@@ -646,8 +646,8 @@ def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None, 
     The file must match its recorded sha256, and then agree with the float weights on the probe
     inputs stored beside it (:func:`trainfer.serve.served_checks.check_int8_form`; the float form is loaded with
     ``load_options``, :func:`trainfer.load`'s ``factory``/``trust_factory``): a digest proves
-    nothing, whoever replaces the file recomputes it. ``runtime``: ``onnxruntime`` (default: the
-    runtime its accuracy gate measured) or ``openvino``.
+    nothing, whoever replaces the file recomputes it. ``runtime``: ``onnxruntime`` or ``openvino``
+    (default: the runtime the file was made and gated for, as its settings record).
     """
     import hashlib
 
@@ -655,10 +655,10 @@ def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None, 
     from trainfer.serve.served_checks import check_int8_form, read_probes
 
     directory = Path(bundle)
-    runtime = runtime or QUANTIZED_RUNTIMES[0]
+    entry = _quantization_entry(directory)
+    runtime = runtime or _quantized_for(entry)
     if runtime not in QUANTIZED_RUNTIMES:
         raise InputError(f"an int8 form runs on {list(QUANTIZED_RUNTIMES)}; got runtime {runtime!r}")
-    entry = _quantization_entry(directory)
     file = directory / QUANTIZED_FILE
     if not file.is_file():
         raise BundleError(f"bundle {str(directory)!r} lacks its int8 form {QUANTIZED_FILE!r}")
@@ -672,9 +672,7 @@ def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None, 
     manifest = read_manifest(directory)
     threads = torch.get_num_threads()
     try:
-        engine = (
-            ort_engine(file, manifest, threads) if runtime == "onnxruntime" else OpenVinoEngine(file, manifest, threads)
-        )
+        engine = int8_engine(runtime, file, manifest, threads)
     except ImportError:
         raise
     except Exception as error:  # the file is untrusted: onnxruntime and OpenVINO raise their own types
@@ -692,6 +690,25 @@ def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None, 
     )
     recipe = ModelRecipe(manifest.get("factory"), manifest["config"], manifest["input"].get("shape"), "deploy")
     return CompiledModel(engine, record, recipe)
+
+
+def int8_engine(runtime: str, path: Path, manifest: dict[str, Any], threads: int) -> Callable[[Tensor], Any]:
+    """The engine of ``runtime`` (one of :data:`QUANTIZED_RUNTIMES`) on the QDQ file at ``path``."""
+    if runtime == "onnxruntime":
+        return ort_engine(path, manifest, threads)
+    return OpenVinoEngine(path, manifest, threads)
+
+
+def _quantized_for(entry: dict[str, Any]) -> str:
+    """The runtime an int8 record says its file was made and gated for (older records: ONNX Runtime)."""
+    report = entry.get("report")
+    settings = report.get("settings") if isinstance(report, dict) else None
+    runtime = settings.get("runtime", QUANTIZED_RUNTIMES[0]) if isinstance(settings, dict) else QUANTIZED_RUNTIMES[0]
+    if runtime not in QUANTIZED_RUNTIMES:
+        raise BundleError(
+            f"{QUANTIZATION_FILE}: the int8 form is made for {runtime!r}, not one of {list(QUANTIZED_RUNTIMES)}"
+        )
+    return str(runtime)
 
 
 def _quantization_entry(directory: Path) -> dict[str, Any]:

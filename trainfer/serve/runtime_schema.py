@@ -6,9 +6,9 @@ parsed JSON with the same strict pydantic conventions as the manifest (:mod:`tra
 :class:`~trainfer.errors.BundleError` naming the bad fields. Bounds: at most 64 candidates, 32
 batch sizes (each 1..2**20), reasons up to 2000 characters, names up to 200; timings positive
 and finite, keyed by batch size. Facts stated twice must agree: every candidate's runtime serves
-its dtype (int8 only on the runtimes that run a QDQ file) unless it is recorded ``unavailable``, and a record ``chosen_by`` ``"auto"``
-names a candidate that passed (status ``ok``, and its gate where it has one). The file itself is
-read at most :data:`MAX_RECORD_BYTES` long (:func:`trainfer.jsonfile.read_json`).
+its dtype (int8 only on the runtimes that run a QDQ file) unless it is recorded ``unavailable``,
+and a record ``chosen_by`` ``"auto"`` names a candidate that passed (status ``ok``, and its gate
+where it has one). The file itself is read at most :data:`MAX_RECORD_BYTES` long (:func:`trainfer.jsonfile.read_json`).
 
 Imported only when a record is read (pydantic costs about 0.1 s to import).
 """
