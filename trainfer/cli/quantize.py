@@ -46,6 +46,13 @@ def read_labels(path: Path) -> torch.Tensor:
 @click.option(
     "--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True
 )
+@click.option(
+    "--runtime",
+    type=click.Choice(["onnxruntime", "openvino"]),
+    default="onnxruntime",
+    show_default=True,
+    help="The runtime the int8 file is made for: where its quantizers go, where the gate runs, what serves it.",
+)
 @friendly_errors
 def command(
     bundle: str,
@@ -59,8 +66,9 @@ def command(
     max_float_layers: int | None,
     equalize: str,
     calibration_method: str,
+    runtime: str,
 ) -> None:
-    """Quantize the deploy form of BUNDLE to int8 (ONNX Runtime, QDQ, per-channel weights), keep the
+    """Quantize the deploy form of BUNDLE to int8 (QDQ, per-channel weights, for --runtime), keep the
     most sensitive layers in float until the accuracy gate passes, and write the bundle OUT."""
     from trainfer.serve.quantize import quantize
 
@@ -74,6 +82,7 @@ def command(
         equalize=EQUALIZE[equalize],
         max_float_layers=max_float_layers,
         calibration=calibration_method,
+        runtime=runtime,
     )
     result.save(output)
     click.echo(str(result.report))
