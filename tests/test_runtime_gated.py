@@ -151,3 +151,24 @@ def test_calibration_needs_gate_data_and_auto(data):
         trainfer.compile(data["deployed"], data["x"][:2], calibration=data["calibration"])
     with pytest.raises(trainfer.InputError, match="runtime='auto'"):
         trainfer.compile(data["deployed"], data["x"][:2], runtime="torch", gate_data=data["x"], calibration=data["x"])
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_the_int8_file_places_its_quantizers_for_its_runtime(data, runtime):
+    """ONNX Runtime's file quantizes conv outputs (it fuses them into QLinearConv); OpenVINO's only conv inputs."""
+    import onnx
+
+    if runtime == "openvino" and not rt.openvino_precisions():
+        pytest.skip("openvino is not installed")
+    int8 = trainfer.quantize(
+        data["deployed"], data["calibration"], validation=data["x"], gate=OPEN, equalize=False, runtime=runtime
+    )
+    graph = onnx.load_from_string(int8.onnx_bytes).graph
+    producer = {output: node.op_type for node in graph.node for output in node.output}
+    quantized_outputs = [n for n in graph.node if n.op_type == "QuantizeLinear" and producer.get(n.input[0]) == "Conv"]
+    assert (len(quantized_outputs) > 0) == (runtime == "onnxruntime")
+    assert (producer[graph.output[0].name] == "Gemm") == (runtime == "openvino")  # logits left in float
+    assert int8.report.settings["runtime"] == runtime
+    with torch.no_grad():
+        expected = data["deployed"](data["x"])
+    assert float((int8(data["x"]) - expected).abs().max() / expected.abs().max()) < 0.1
