@@ -99,16 +99,17 @@ def build(deployed: torch.nn.Module, work: Path, threads: int, files: dict[str, 
 
 
 def interleaved(forms: dict[str, Callable], x: torch.Tensor, rounds: int, clock: Callable[[], float]) -> dict:
-    """Median seconds per call of each form by ``clock``, forms alternating call by call."""
+    """Median seconds per call of each form by ``clock``, forms alternating call by call in a rotating order."""
     samples: dict[str, list[float]] = {name: [] for name in forms}
     with torch.no_grad():
         for form in forms.values():
             for _ in range(2):
                 form(x)
-        for _ in range(rounds):
-            for name, form in forms.items():
+        names = list(forms)
+        for round_ in range(rounds):  # the order rotates each round: no form always follows the same one
+            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
                 start = clock()
-                form(x)
+                forms[name](x)
                 samples[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
 

@@ -22,7 +22,7 @@ serve what was recorded.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +34,47 @@ from trainfer.serve.runtime import (
     QUANTIZED_RUNTIMES,
     CandidateRecord,
     CompiledModel,
+    RuntimeRecord,
     _Source,
     _unavailable,
     save_record,
 )
+from trainfer.serve.runtime import compile as compile_float
 
 #: What a gated ``compile`` adds to the float32 candidates.
 REDUCED_DTYPES = ("bfloat16",)
 
-__all__ = ["REDUCED_DTYPES", "int8_candidates", "save_compiled"]
+__all__ = ["REDUCED_DTYPES", "compile", "int8_candidates", "save_compiled"]
 
 Engine = Callable[[Tensor], Any]
+
+
+def compile(
+    model_or_bundle: nn.Module | str | os.PathLike[str],
+    example_inputs: Tensor | None = None,
+    runtime: str | RuntimeRecord = "auto",
+    dtype: str | Sequence[str] = "float32",
+    *,
+    calibration: Tensor | None = None,
+    **options: Any,
+) -> CompiledModel:
+    """``trainfer.compile``: :func:`trainfer.serve.runtime.compile`, and with ``calibration`` the gated search.
+
+    ``calibration`` (model inputs; needs ``runtime="auto"`` and ``gate_data``): also measure
+    bf16 (:data:`REDUCED_DTYPES`) and one int8 candidate per runtime, each behind ``gate`` (see
+    the module docstring). ``options`` are :func:`~trainfer.serve.runtime.compile`'s.
+    """
+    gate_data = options.get("gate_data")
+    check_gated_arguments(runtime, gate_data, calibration)
+    if calibration is None or gate_data is None:
+        return compile_float(model_or_bundle, example_inputs, runtime, dtype, **options)
+    dtypes = (dtype,) if isinstance(dtype, str) else tuple(dtype)
+    dtypes = (*dtypes, *(name for name in REDUCED_DTYPES if name not in dtypes))
+
+    def int8(source: _Source, threads: int, gate: AccuracyGate) -> tuple[list[Any], dict[str, Any]]:
+        return int8_candidates(model_or_bundle, source, threads, gate, gate_data, calibration)
+
+    return compile_float(model_or_bundle, example_inputs, runtime, dtypes, extra_candidates=int8, **options)
 
 
 def int8_candidates(
@@ -59,14 +89,14 @@ def int8_candidates(
 
     Each is :func:`trainfer.quantize` made for that runtime (its quantizer placement) and gated
     there, fallback search included. Never raises for a candidate's own failure (a refused
-    gate, a runtime error): it is recorded. Returns ``(candidates, {runtime: QuantizedModel})``.
+    gate, a runtime error): it is recorded. Returns ``(candidates, {name: QuantizedModel})``.
     """
     built, passed = [], {}
     for runtime in QUANTIZED_RUNTIMES:
         record, quantized = _int8_candidate(runtime, model_or_bundle, source, threads, gate, gate_data, calibration)
         built.append((record, quantized.engine if quantized is not None else None))
         if quantized is not None:
-            passed[runtime] = quantized
+            passed[record.name] = quantized
     return built, passed
 
 

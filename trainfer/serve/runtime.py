@@ -55,24 +55,15 @@ from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
 from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over
 from trainfer.serve.int8_ops import check_int8_ops
 from trainfer.serve.outputs import flatten_outputs
+from trainfer.serve.runtime_names import QUANTIZED_RUNTIMES, RUNTIMES, SUPPORTED_DTYPES
 
-RUNTIMES = ("torch", "torch-channels-last", "inductor", "onnxruntime", "openvino")
 #: What ``runtime="auto"`` tries unless told otherwise (inductor: see the module docstring).
 AUTO_RUNTIMES = ("torch", "torch-channels-last", "onnxruntime", "openvino")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SUPPORTED_DTYPES = {
-    "torch": ("float32", "bfloat16", "float16"),
-    "torch-channels-last": ("float32", "bfloat16", "float16"),
-    "inductor": ("float32", "bfloat16"),
-    "onnxruntime": ("float32",),
-    "openvino": ("float32", "bfloat16", "float16"),
-}
 RUNTIME_FILE = "runtime.json"
 #: The int8 form a bundle may carry (``trainfer quantize``): a QDQ ONNX file and its record.
 QUANTIZED_FILE = "quantized.onnx"
 QUANTIZATION_FILE = "quantization.json"
-#: Runtimes that execute a QDQ file (the default, for int8 records that name none, first).
-QUANTIZED_RUNTIMES = ("onnxruntime", "openvino")
 TORCH_RUNTIMES = ("torch", "torch-channels-last", "inductor")
 REFERENCE = "torch/float32"
 _FLAGS = (
@@ -494,8 +485,8 @@ def compile(
     candidates: Sequence[str] | None = None,
     gate: AccuracyGate | None = None,
     gate_data: Tensor | tuple[Tensor, Tensor] | None = None,
-    calibration: Tensor | None = None,
     rounds: int = 10,
+    extra_candidates: Callable[[_Source, int, AccuracyGate], tuple[list[Any], dict[str, Any]]] | None = None,
 ) -> CompiledModel:
     """Serve the deploy form of ``model_or_bundle`` on ``runtime``; see the module docstring.
 
@@ -504,8 +495,10 @@ def compile(
     (a bundle's ``runtime.json``) or a :class:`RuntimeRecord`. ``threads``: intra-op threads of
     every runtime (default: torch's current setting). ``gate_data``: inputs, or ``(inputs,
     labels)``, on which reduced-precision candidates must pass ``gate`` against the float form.
-    ``calibration`` (inputs, with ``gate_data`` and ``runtime="auto"``): also measure bf16 and
-    int8 candidates, each behind the gate (:mod:`trainfer.serve.gated`).
+    ``extra_candidates(source, threads, gate)``: more ``(CandidateRecord, engine or None)`` pairs
+    to verify-free measure beside the others, and ``{candidate name: what saving it needs}``
+    (:mod:`trainfer.serve.gated` passes its int8 candidates so; ``trainfer.compile`` with
+    ``calibration=`` is that module's wrapper).
     A runtime named explicitly that fails verification raises :class:`trainfer.EquivalenceError`.
     """
     dtypes = (dtype,) if isinstance(dtype, str) else tuple(dtype)
@@ -529,13 +522,8 @@ def compile(
     unknown = sorted(set(names) - set(RUNTIMES))
     if unknown:
         raise InputError(f"unknown candidates {unknown}: expected names from {list(RUNTIMES)}")
-    from trainfer.serve.gated import REDUCED_DTYPES, check_gated_arguments, int8_candidates
-
-    check_gated_arguments(runtime, gate_data, calibration)
-    if calibration is not None:
-        dtypes = (*dtypes, *(name for name in REDUCED_DTYPES if name not in dtypes))
     threads = threads or torch.get_num_threads()
-    quantized: dict[str, Any] = {}
+    artifacts: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="trainfer-compile-") as work:
         source = _source(model_or_bundle, example_inputs, Path(work))
         checks = (_verification_inputs(source, batch_sizes), gate or AccuracyGate(), gate_data)
@@ -543,9 +531,9 @@ def compile(
         if runtime == "auto" and ("torch", "float32") not in pairs:
             pairs.insert(0, ("torch", "float32"))  # the baseline of every ratio
         built = [_candidate(r, d, source, threads, checks) for r, d in pairs]
-        if calibration is not None and gate_data is not None:
-            int8, quantized = int8_candidates(model_or_bundle, source, threads, checks[1], gate_data, calibration)
-            built += int8
+        if extra_candidates is not None and runtime == "auto":
+            more, artifacts = extra_candidates(source, threads, checks[1])
+            built += more
     records = {record.name: record for record, _ in built}
     engines = {record.name: engine for record, engine in built if engine is not None}
     if runtime != "auto":
@@ -567,7 +555,7 @@ def compile(
         _versions(),
     )
     recipe = recipe_of(source.model) or ModelRecipe(None, form="deploy")
-    served = quantized.get(chosen.runtime) if chosen.dtype == "int8" else None
+    served = artifacts.get(chosen.name)
     return CompiledModel(engines[chosen.name], record, replace(recipe, input_shape=(1, *source.sample_shape)), served)
 
 

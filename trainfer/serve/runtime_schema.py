@@ -21,6 +21,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from trainfer.errors import BundleError
 from trainfer.serve.manifest import _describe, _Schema
+from trainfer.serve.runtime_names import serves
 
 #: The largest ``runtime.json`` read: a record of 64 candidates takes about 100 KiB.
 MAX_RECORD_BYTES = 2**20
@@ -84,15 +85,10 @@ class Record(_Schema):
 
     @model_validator(mode="after")
     def _consistent(self) -> Record:
-        from trainfer.serve.runtime import QUANTIZED_RUNTIMES, SUPPORTED_DTYPES
-
-        def served(runtime: str, dtype: str) -> bool:
-            return dtype in SUPPORTED_DTYPES[runtime] or (dtype == "int8" and runtime in QUANTIZED_RUNTIMES)
-
         for c in self.candidates:
-            if c.status != "unavailable" and not served(c.runtime, c.dtype):
+            if c.status != "unavailable" and not serves(c.runtime, c.dtype):
                 raise ValueError(f"candidate {c.runtime}/{c.dtype}: {c.runtime} does not serve {c.dtype}")
-        if not served(self.runtime, self.dtype):
+        if not serves(self.runtime, self.dtype):
             raise ValueError(f"{self.runtime} does not serve {self.dtype}")
         if self.chosen_by == "auto":
             chosen = [c for c in self.candidates if (c.runtime, c.dtype) == (self.runtime, self.dtype)]
