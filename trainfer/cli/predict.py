@@ -28,7 +28,8 @@ from trainfer.errors import InputError, MissingFileError
 from trainfer.serve import distributed
 from trainfer.serve.batch_predict import check_output, iter_images, predict_to_jsonl
 from trainfer.serve.predictor import Predictor
-from trainfer.serve.preprocess import IMAGE_SUFFIXES, PreprocessSpec, iter_csv, read_npy
+from trainfer.serve.preprocess import PreprocessSpec
+from trainfer.serve.readers import IMAGE_SUFFIXES, iter_csv, read_npy
 from trainfer.serve.runtime import RUNTIMES
 
 FORMATS = ("table", "jsonl", "csv")

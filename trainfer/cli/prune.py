@@ -45,7 +45,7 @@ def command(
     group magnitude), gate the result against the unpruned form, and write the bundle OUT."""
     from trainfer.serve.bundle import read_manifest, save
     from trainfer.serve.prune import prune
-    from trainfer.serve.quantize import _bundle_metadata  # the task, labels and preprocessing a bundle carries on
+    from trainfer.serve.quantize import bundle_metadata  # the task, labels and preprocessing a bundle carries on
 
     targets = torch.from_numpy(np.load(labels, allow_pickle=False)).long() if labels else None
     pruned = prune(
@@ -60,6 +60,6 @@ def command(
         search=search,
         max_exempt_layers=max_exempt_layers,
     )
-    save(pruned, output, **_bundle_metadata(read_manifest(bundle)))
+    save(pruned, output, **bundle_metadata(read_manifest(bundle)))
     click.echo(str(pruned.trainfer_prune_report))
     click.echo(f"wrote {output}; serve it with: trainfer predict {output} INPUT...")

@@ -29,17 +29,11 @@ from typing import Any
 from torch import Tensor, nn
 
 from trainfer.errors import InputError, QuantizationError
+from trainfer.serve.engines import CompiledModel
 from trainfer.serve.gate import AccuracyGate
-from trainfer.serve.runtime import (
-    QUANTIZED_RUNTIMES,
-    CandidateRecord,
-    CompiledModel,
-    RuntimeRecord,
-    _Source,
-    _unavailable,
-    save_record,
-)
+from trainfer.serve.runtime import _Source, _unavailable
 from trainfer.serve.runtime import compile as compile_float
+from trainfer.serve.runtime_record import QUANTIZED_RUNTIMES, CandidateRecord, RuntimeRecord, save_record
 
 #: What a gated ``compile`` adds to the float32 candidates.
 REDUCED_DTYPES = ("bfloat16",)
@@ -150,11 +144,11 @@ def save_compiled(bundle: str | os.PathLike[str], compiled: CompiledModel) -> Pa
     The int8 files (``quantized.onnx``, its probes and ``quantization.json``) are written before
     ``runtime.json``, each atomically; a load checks them against the bundle's float weights.
     """
-    from trainfer.serve.quantize import write_int8_form
+    from trainfer.serve.int8_form import write_int8_form
 
     if compiled.record.dtype == "int8":
-        quantized = getattr(compiled, "quantized", None)
+        quantized = compiled.quantized
         if quantized is None:
             raise InputError("this compiled model serves an int8 form it does not carry: it was loaded, not compiled")
-        write_int8_form(Path(bundle), quantized)
+        write_int8_form(Path(bundle), quantized.onnx_bytes, quantized.probes, quantized.report.to_dict())
     return save_record(bundle, compiled.record)

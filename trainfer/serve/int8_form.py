@@ -1,0 +1,139 @@
+"""The int8 form a bundle may carry (``trainfer quantize``): its files, writing them, and serving them checked.
+
+Beside the float deploy form, such a bundle holds :data:`QUANTIZED_FILE` (the QDQ ONNX file, manifest
+inside), ``probes.safetensors`` (validation inputs on which both forms agree) and :data:`QUANTIZATION_FILE`
+(``{"format": "trainfer-quantized", "file": ..., "sha256": ..., "probes": {...}, "report": {...}}``).
+:func:`write_int8_form` writes them (:class:`trainfer.serve.quantize.QuantizedModel.save`);
+:func:`serve_quantized` serves the int8 form once the file matches its digest, holds only the operators
+trainfer writes, and agrees with the float weights on the probes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from trainfer.atomic import atomic_file
+from trainfer.digest import sha256
+from trainfer.errors import BundleError, InputError
+from trainfer.jsonfile import read_json
+from trainfer.serve.engines import CompiledModel, int8_engine
+from trainfer.serve.int8_ops import check_int8_ops
+from trainfer.serve.runtime_record import (
+    QUANTIZED_RUNTIMES,
+    CandidateRecord,
+    RuntimeRecord,
+    machine_info,
+    runtime_versions,
+    thread_settings,
+)
+from trainfer.serve.served_checks import PROBES_FILE
+
+#: The int8 form a bundle may carry (``trainfer quantize``): a QDQ ONNX file and its record.
+QUANTIZED_FILE = "quantized.onnx"
+QUANTIZATION_FILE = "quantization.json"
+
+__all__ = ["QUANTIZATION_FILE", "QUANTIZED_FILE", "serve_quantized", "write_int8_form"]
+
+
+def write_int8_form(directory: Path, onnx_bytes: bytes, probes: Tensor, report: dict[str, Any]) -> None:
+    """Write the int8 form's files into the bundle ``directory`` (a staging directory that the caller
+    then puts in place atomically, or a bundle that ``trainfer.compile``'s int8 choice is saved into):
+    each file is replaced atomically, the record naming the others' sha256 last."""
+    from trainfer.serve.bundle_write import write_safetensors
+
+    with atomic_file(directory / QUANTIZED_FILE) as tmp:
+        tmp.write_bytes(onnx_bytes)
+    with atomic_file(directory / PROBES_FILE) as tmp:
+        write_safetensors({"inputs": probes}, tmp)
+    entry = {
+        "format": "trainfer-quantized",
+        "format_version": 2,
+        "file": QUANTIZED_FILE,
+        "sha256": sha256(onnx_bytes),
+        "probes": {"file": PROBES_FILE, "sha256": sha256(directory / PROBES_FILE)},
+        "report": report,
+    }
+    with atomic_file(directory / QUANTIZATION_FILE) as tmp:
+        tmp.write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
+
+
+def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None, **load_options: Any) -> CompiledModel:
+    """The int8 form of a bundle (``quantized.onnx``), once checked against the bundle's float form.
+
+    The file must match its recorded sha256, and then agree with the float weights on the probe
+    inputs stored beside it (:func:`trainfer.serve.served_checks.check_int8_form`; the float form is loaded with
+    ``load_options``, :func:`trainfer.load`'s ``factory``/``trust_factory``): a digest proves
+    nothing, whoever replaces the file recomputes it. ``runtime``: ``onnxruntime`` or ``openvino``
+    (default: the runtime the file was made and gated for, as its settings record).
+    """
+    from trainfer.serve.bundle import load, recipe_from
+    from trainfer.serve.bundle_format import read_manifest
+    from trainfer.serve.served_checks import check_int8_form, read_probes
+
+    directory = Path(bundle)
+    entry = _quantization_entry(directory)
+    runtime = runtime or _made_for(entry)
+    if runtime not in QUANTIZED_RUNTIMES:
+        raise InputError(f"an int8 form runs on {list(QUANTIZED_RUNTIMES)}; got runtime {runtime!r}")
+    file = directory / QUANTIZED_FILE
+    if not file.is_file():
+        raise BundleError(f"bundle {str(directory)!r} lacks its int8 form {QUANTIZED_FILE!r}")
+    data = file.read_bytes()
+    digest = sha256(data)
+    if digest != entry.get("sha256"):
+        raise BundleError(
+            f"{str(file)!r} does not match {QUANTIZATION_FILE}: sha256 expected {entry.get('sha256')}, got {digest}"
+        )
+    check_int8_ops(data, repr(str(file)))  # before any runtime parses it: only the operators trainfer writes
+    manifest = read_manifest(directory)
+    threads = torch.get_num_threads()
+    try:
+        engine = int8_engine(runtime, file, manifest, threads)
+    except ImportError:
+        raise
+    except Exception as error:  # the file is untrusted: onnxruntime and OpenVINO raise their own types
+        raise BundleError(f"{runtime} cannot load the int8 form {str(file)!r}: {error}"[:2000]) from None
+    shape = manifest.input_shape
+    if not shape:
+        raise BundleError(f"bundle {str(directory)!r} records no input shape to check its int8 form on")
+    probes = read_probes(directory, entry, shape[1:])
+    check_int8_form(engine, load(directory, **load_options), probes, repr(str(file)))
+    report = entry.get("report")
+    gate = report.get("gate") if isinstance(report, dict) else None
+    candidate = CandidateRecord(runtime, "int8", "ok", "accuracy gate measured at quantization", gate=gate)
+    record = RuntimeRecord(
+        runtime, "int8", "bundle", [], [candidate], thread_settings(threads), machine_info(), runtime_versions()
+    )
+    return CompiledModel(engine, record, replace(recipe_from(manifest), form="deploy"))
+
+
+def _made_for(entry: dict[str, Any]) -> str:
+    """The runtime an int8 record says its file was made and gated for (records without one: ONNX Runtime)."""
+    report = entry.get("report")
+    settings = report.get("settings") if isinstance(report, dict) else None
+    runtime = settings.get("runtime", QUANTIZED_RUNTIMES[0]) if isinstance(settings, dict) else QUANTIZED_RUNTIMES[0]
+    if runtime not in QUANTIZED_RUNTIMES:
+        raise BundleError(f"{QUANTIZATION_FILE}: the int8 form is made for {runtime!r}, not {list(QUANTIZED_RUNTIMES)}")
+    return str(runtime)
+
+
+def _quantization_entry(directory: Path) -> dict[str, Any]:
+    file = directory / QUANTIZATION_FILE
+    entry = read_json(file, error=BundleError)
+    if (
+        not isinstance(entry, dict)
+        or entry.get("format") != "trainfer-quantized"
+        or entry.get("file") != QUANTIZED_FILE
+    ):
+        raise BundleError(
+            f'{str(file)!r} is not a trainfer int8 record (expected "format": "trainfer-quantized", '
+            f'"file": "{QUANTIZED_FILE}")'
+        )
+    return entry
