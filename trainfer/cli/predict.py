@@ -89,8 +89,12 @@ def predictions(predictor: Predictor, items: Iterator[tuple[str, Any]], top_k: i
         yield waiting.popleft(), result
 
 
-def flat_record(identifier: str, result: Any) -> dict[str, Any]:
-    """A result's record as one level of columns: nested keys joined by ``.``, pairs as ``label=p``."""
+def flat_record(identifier: str, result: Any, summary: bool = False) -> dict[str, Any]:
+    """A result's record as one level of columns: nested keys joined by ``.``, pairs as ``label=p``.
+
+    ``summary``: the result's ``summary_record()`` where it has one (a sequence's text, score and
+    lowest confidence, not its per-token and per-frame lists), for a table a person reads.
+    """
     flat: dict[str, Any] = {"id": identifier}
 
     def visit(prefix: str, value: Any) -> None:
@@ -104,7 +108,8 @@ def flat_record(identifier: str, result: Any) -> dict[str, Any]:
         else:
             flat[prefix] = value
 
-    visit("", result.to_record())
+    brief = getattr(result, "summary_record", None) if summary else None
+    visit("", brief() if brief is not None else result.to_record())
     return flat
 
 
@@ -145,7 +150,7 @@ def write_results(pairs: Iterable[tuple[str, Any]], fmt: str, stream: IO[str]) -
             stream.write(json.dumps({"id": identifier, **result.to_record()}, allow_nan=False) + "\n")
             count += 1
         return count or _nothing_predicted()
-    rows = [{printable(k): _escaped(v) for k, v in flat_record(i, r).items()} for i, r in pairs]
+    rows = [{printable(k): _escaped(v) for k, v in flat_record(i, r, fmt == "table").items()} for i, r in pairs]
     if not rows:
         _nothing_predicted()
     columns = list(dict.fromkeys(key for row in rows for key in row))

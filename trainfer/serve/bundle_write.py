@@ -18,8 +18,9 @@ from torch import Tensor, nn
 from trainfer.atomic import atomic_directory, fsync_file
 from trainfer.digest import sha256
 from trainfer.errors import BundleError
-from trainfer.serve.bundle_format import MANIFEST_FILE, WEIGHTS_FILE
-from trainfer.serve.manifest_build import build_manifest
+from trainfer.serve.bundle_format import FORMAT, FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE
+from trainfer.serve.factories import call_factory, manifest_factory
+from trainfer.serve.manifest_build import build_manifest, writer_versions
 from trainfer.serve.outputs import Selector
 from trainfer.serve.preprocess import PreprocessSpec
 
@@ -47,7 +48,8 @@ def save(
     """Write ``model`` as a bundle directory at ``path`` (atomically) and return the path.
 
     ``decoder``: the ``sequence`` task's decoding settings (:class:`trainfer.serve.sequence.DecoderSettings`),
-    checked against the labels (the token table) and recorded in the manifest.
+    checked against the labels (the token table) and recorded in the manifest. Autoregressive settings
+    save an ``encode``/``step`` model by its factory (:mod:`trainfer.serve.generator_bundle`).
 
     ``factory``/``config``/input shape default to the model's recipe (:func:`trainfer.recipe_of`:
     trainfer's own models and deploy forms carry one). A deploy form that ``trainfer.deploy`` traced
@@ -57,6 +59,11 @@ def save(
     :class:`~trainfer.Predictor` serving it takes (:func:`trainfer.modes.contexts.shared_inference`),
     and tracing never disturbs its calls from other threads (:mod:`trainfer.reparam.fold.trace`).
     """
+    from trainfer.serve.sequence import is_autoregressive
+
+    if decoder is not None and is_autoregressive(decoder):  # encode/step, not one forward: by its factory
+        options = {"factory": factory, "config": config, "preprocess": preprocess, "example_inputs": example_inputs}
+        return _save_generator(model, path, labels=labels, decoder=decoder, **options)
     manifest = build_manifest(
         model,
         factory=factory,
@@ -83,6 +90,36 @@ def save(
             "from trainfer.deploy records its architecture"
         )
     return write_bundle(path, manifest, _tensors_to_save(model))
+
+
+def _save_generator(model: nn.Module, path: str | os.PathLike[str], **options: Any) -> Path:
+    """An autoregressive model's bundle (:func:`trainfer.serve.generator_bundle.generator_manifest`'s fields)."""
+    from trainfer.serve import manifest as schema
+    from trainfer.serve.generator_bundle import generator_manifest
+
+    fields = generator_manifest(model, **options)
+    manifest = schema.build(
+        {"format": FORMAT, "format_version": FORMAT_VERSION, **fields, "versions": writer_versions()}
+    )
+    _check_rebuilds(model, manifest)
+    return write_bundle(path, manifest, _tensors_to_save(model))
+
+
+def _check_rebuilds(model: nn.Module, manifest: Manifest) -> None:
+    """The manifest's factory must rebuild ``model``'s weights (names and shapes), or the bundle would not load."""
+    name = str(manifest.factory)
+    rebuilt = call_factory(manifest_factory(name, None, trust_factory=True), name, manifest.config).state_dict()
+    mine = model.state_dict()
+    differ = sorted(
+        k
+        for k in rebuilt.keys() | mine.keys()
+        if k not in rebuilt or k not in mine or rebuilt[k].shape != mine[k].shape
+    )
+    if differ:
+        raise BundleError(
+            f"factory {name!r} with config {manifest.config} does not rebuild this model's weights "
+            f"(differing: {differ[:5]}{' ...' if len(differ) > 5 else ''}); the bundle would not load"
+        )
 
 
 def write_bundle(

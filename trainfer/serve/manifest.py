@@ -181,6 +181,7 @@ class Decoder(_Schema):
     n_best: Annotated[int, Field(ge=1, le=1024)] = 1
     max_length: Annotated[int, Field(ge=1, le=4096)] = 64
     length_penalty: Annotated[float, Field(ge=-10, le=10, allow_inf_nan=False)] = 1.0
+    early_stopping: bool | Literal["never"] = False
 
 
 class Manifest(_Schema):

@@ -113,6 +113,8 @@ class Predictor:
                 f"labels must be a list of class names, a dict by head name or None; got {given(labels)}"
             )
         self._place(model, preprocess, device, batch_size, threshold, cache_size)
+        if output_kind is None and task == "sequence" and _autoregressive(decoder):
+            output_kind = "log_probabilities"  # what step() returns (StepModel); no single forward to trace
         self._serve(self._resolve_heads(task, labels, output, heads, output_kind), runtime, decoder)
 
     @classmethod
@@ -159,6 +161,7 @@ class Predictor:
         self.heads = heads
         self.multi_head = self.heads[0].name is not None  # named heads come from heads={...}
         self.decoder = _decoder_for(self.heads, decoder)
+        self.generates = _generates(self.decoder, self._cache_size, runtime)  # autoregressive: decoding runs the model
         self.timings = Timings()
         self._cache: OrderedDict[bytes, list[Tensor]] | None = OrderedDict() if self._cache_size else None
         self._checked = False
@@ -217,7 +220,8 @@ class Predictor:
             predictor = cls._recorded(served.model, served.heads, **settings)
         else:  # the caller overrides some head settings: the recorded ones fill in the others
             predictor = cls(served.model, **{**(_head_settings(served.heads) if served.heads else {}), **settings})
-        if "output_kind" not in overrides:  # the caller's kinds replace the recorded ones (checked as they run)
+        # the caller's kinds replace the recorded ones (checked as they run); a generator has no single forward
+        if "output_kind" not in overrides and not predictor.generates:
             predictor._check_recorded_kinds(served.heads, repr(str(path)))
         return predictor
 
@@ -336,11 +340,15 @@ class Predictor:
         start = time.perf_counter()
         batch = self.preprocess_spec.normalize(raw, first)  # checked by timed_batches
         prepared = time.perf_counter()
-        per_head = self._cached_scores(batch) if self._cache is not None else self._cpu_scores(batch)
-        check_finite_scores(per_head, self.heads, first)
-        forwarded = time.perf_counter()
-        results = self.results_from_scores(per_head, top_k)
-        done = time.perf_counter()
+        if self.generates:  # the search calls the model step by step: decoding is the forward
+            results = self.generate(batch, top_k)
+            forwarded = done = time.perf_counter()
+        else:
+            per_head = self._cached_scores(batch) if self._cache is not None else self._cpu_scores(batch)
+            check_finite_scores(per_head, self.heads, first)
+            forwarded = time.perf_counter()
+            results = self.results_from_scores(per_head, top_k)
+            done = time.perf_counter()
         stages = {
             "preprocess": load_seconds + prepared - start,
             "forward": forwarded - prepared,
@@ -367,6 +375,15 @@ class Predictor:
             timings.batches += 1
             timings.history.append({"samples": samples, **stages})
             return timings.batches
+
+    def generate(self, batch: Tensor, top_k: int | None = None) -> list[Any]:
+        """Results of an autoregressive sequence model for a preprocessed ``batch``, decoded in eval mode
+        under ``inference_mode`` (:func:`trainfer.serve.sequence.autoregressive_results`)."""
+        from trainfer.serve.sequence import autoregressive_results
+
+        batch = batch.to(self.device, non_blocking=True)
+        with shared_inference(self.model):
+            return autoregressive_results(self.model, batch, self.heads[0].labels, self.decoder, top_k)
 
     # ------------------------------------------------------------------ cache
     def _cached_scores(self, batch: Tensor) -> list[Tensor]:
@@ -453,6 +470,25 @@ def _decoder_for(heads: list[Head], decoder: Any) -> Any:
     settings = DecoderSettings.coerce(decoder)
     settings.table(heads[0].labels)
     return settings
+
+
+def _autoregressive(decoder: Any) -> bool:
+    from trainfer.serve.sequence import is_autoregressive
+
+    return is_autoregressive(decoder)
+
+
+def _generates(decoder: Any, cache_size: int, runtime: Any) -> bool:
+    """Whether the predictor decodes an autoregressive model; what does not apply to one is refused."""
+    if decoder is None or not _autoregressive(decoder):
+        return False
+    for name, value in (("cache_size", cache_size), ("runtime", runtime)):
+        if value:
+            raise InputError(
+                f"{name} does not apply to an autoregressive sequence model: its decoding calls "
+                "encode() and step() per token, not one forward per batch"
+            )
+    return True
 
 
 def _placed(model: Any, device: torch.device) -> Any:

@@ -68,8 +68,14 @@ def load_source(
     if isinstance(model_or_bundle, nn.Module):
         model, manifest = model_or_bundle, build_manifest(model_or_bundle, example_inputs=example_inputs)
     else:
-        model = load(model_or_bundle, factory=factory, trust_factory=trust_factory)
         manifest = read_manifest(model_or_bundle)
+        if manifest.decoder is not None and manifest.decoder.kind == "autoregressive":
+            raise InputError(
+                "an autoregressive sequence bundle decodes by a loop of encode() and step() calls, not one forward, "
+                "so it is not exported, compiled, quantized or pruned whole: export its encoder, "
+                "trainfer.export(model.encoder, path, example_inputs=x)"
+            )
+        model = load(model_or_bundle, factory=factory, trust_factory=trust_factory)
     example = _example(manifest, example_inputs)
     deployed_here = model_form(model) != "deploy"
     if deployed_here:
