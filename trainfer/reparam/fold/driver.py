@@ -34,6 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from trainfer.capture import Call, capture_inputs, snapshot
 from trainfer.reparam.fold.constants import precompute
 from trainfer.reparam.fold.cost import settle_costs
+from trainfer.reparam.fold.effects import eliminate_dead_code
 from trainfer.reparam.fold.log import FoldLog
 from trainfer.reparam.fold.passes import (
     drop_eval_noops,
@@ -202,8 +203,8 @@ def _fold_graph(gm: fx.GraphModule, inputs: tuple[Any, ...], prefix: str, log: F
     replaced: dict[fx.Node, fx.Node] = {}
     for root, expr in roots:  # in graph order, so an anchor is replaced before regions read it
         replaced[root] = rewrite_region(context, root, expr, replaced.get(expr.anchor, expr.anchor), log)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     precompute(gm, context.constants)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     gm.graph.lint()
     return fx.GraphModule(gm, gm.graph, gm.__class__.__name__)
