@@ -12,23 +12,30 @@ import pytest
 
 pytest.importorskip("torchvision")
 
-from interop import deploy_checked  # noqa: E402 - only once torchvision is known to be there
+from interop import bench, deploy_checked  # noqa: E402 - only once torchvision is known to be there
 
-CLASSIFIERS = [
-    "resnet18",
-    "mobilenet_v3_small",
-    "efficientnet_b0",
-    "convnext_tiny",
-    "googlenet",
-    "inception_v3",
-    "densenet121",
-]
+CLASSIFIERS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "googlenet", "inception_v3"]
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS)
 def test_classifiers_deploy_exactly_with_every_batch_norm_folded(name):
     row = deploy_checked(name)
     assert row.batch_norms[1] == 0, row
+
+
+def test_densenet_keeps_only_its_pre_activation_batch_norms():
+    """DenseNet normalises the concatenation of earlier features (``norm1`` of each layer, the
+    transitions' ``norm``, ``norm5``) before a ReLU: no conv computes that value alone (the
+    features are concatenated unnormalised elsewhere), so those stay; every ``norm2`` (after
+    ``conv1``) folds."""
+    from torch import nn
+
+    row = deploy_checked("densenet121")
+    model = bench.build("densenet121").model
+    pre_activation = [
+        name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and not name.endswith("norm2")
+    ]
+    assert row.batch_norms[1] == len(pre_activation), row
 
 
 def test_deeplabv3_keeps_its_ordered_dict_output_and_folds_every_batch_norm():
