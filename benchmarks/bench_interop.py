@@ -358,7 +358,9 @@ def _ratios(
 
 def run(name: str, protocols: bool = True, rounds: int = 0, timeout: float = 600) -> Row:
     """:func:`compare` in a forked process under ``timeout`` seconds (a hang or crash is the row's error)."""
-    return _sibling("bench_timm").run_isolated(compare, (name, protocols, rounds), timeout, row=Row)
+    row = _sibling("bench_timm").run_isolated(compare, (name, protocols, rounds), timeout, row=Row)
+    row.protocols = protocols  # an error row is built from the name alone
+    return row
 
 
 # --- the table ----------------------------------------------------------------------------------------
