@@ -4,9 +4,13 @@
    briefly: test accuracy before and after pruning at 30 / 50 / 70 % of the channels, without and
    with fine-tuning (the demo's loop, a few epochs on the pruned deploy form), MACs and parameters,
    and latency ratios pruned / unpruned deploy form at batch 1 and 256, paired (interleaved) in one
-   run: wall clock at the default thread count, and process CPU time at one thread.
+   run: wall clock at two threads, and process CPU time at one thread;
 2. ``repvgg_a0`` and a ResNet-18-shaped model in plain PyTorch (random weights, 1x3x224x224) at
-   50 %: latency ratio against MACs ratio (how close a narrower network comes to its MACs).
+   50 %: latency ratio against MACs ratio (how close a narrower network comes to its MACs);
+3. for each model: float, pruned (50 %), int8 and pruned + int8 (``trainfer.quantize``, ungated:
+   QDQ on ONNX Runtime), latency ratios to the float deploy form, the four forms interleaved in one
+   run, wall clock at two threads and process CPU time at one thread (an ONNX Runtime session per
+   thread count).
 
     .venv/bin/python benchmarks/bench_prune.py [--epochs 8] [--finetune-epochs 3] [--rounds 5] [--part all|digits|large]
 """
@@ -30,6 +34,7 @@ from trainfer.models import digits_net, repvgg_a0
 
 OPEN = trainfer.AccuracyGate(min_agreement=None, max_accuracy_drop=None)
 RATIOS = (0.3, 0.5, 0.7)
+WALL_THREADS = 2
 
 
 def train(model: nn.Module, epochs: int, lr: float = 3e-3) -> nn.Module:
@@ -61,13 +66,47 @@ def cpu_times(forms: dict[str, Callable[..., Any]], x: Tensor, rounds: int, repe
 
 
 def latency_ratios(
-    base: nn.Module, pruned: dict[str, nn.Module], x: Tensor, rounds: int
+    wall_forms: dict[str, Callable[..., Any]], cpu_forms: dict[str, Callable[..., Any]], x: Tensor, rounds: int
 ) -> dict[str, tuple[float, float]]:
-    """Per pruned form: (wall-clock ratio at default threads, CPU-time ratio at one thread) to ``base``."""
-    forms = {"base": base, **pruned}
-    wall = time_forms(forms, x, rounds=rounds, repeats=4)
-    cpu = cpu_times(forms, x, rounds, 2 if len(x) > 1 else 8)
-    return {name: (wall[name].median_s / wall["base"].median_s, cpu[name] / cpu["base"]) for name in pruned}
+    """Per form but the first (the reference): (wall-clock ratio at two threads, CPU-time ratio at one thread).
+
+    ``wall_forms`` and ``cpu_forms`` are the same forms (the same names) set up for each thread count.
+    """
+    reference = next(iter(wall_forms))
+    wall = time_forms(wall_forms, x, rounds=rounds, repeats=4, threads=WALL_THREADS)
+    cpu = cpu_times(cpu_forms, x, rounds, 2 if len(x) > 1 else 8)
+    return {
+        name: (wall[name].median_s / wall[reference].median_s, cpu[name] / cpu[reference])
+        for name in list(wall_forms)[1:]
+    }
+
+
+def ort_session(onnx: bytes, threads: int) -> Callable[[Tensor], Tensor]:
+    """An ONNX Runtime session on an int8 model with ``threads`` intra-op threads, called on a tensor."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+
+def with_int8(base: nn.Module, pruned: nn.Module, calibration: Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
+    """float, pruned, int8, pruned + int8, set up for the wall-clock (two threads) and the CPU-time (one) runs."""
+    floats = {"float": base, "pruned": pruned}
+    int8 = {
+        name: trainfer.quantize(model, calibration, validation=calibration[:8], gate=OPEN, equalize=False).onnx_bytes
+        for name, model in (("int8", base), ("pruned + int8", pruned))
+    }
+    wall, cpu = ({**floats, **{name: ort_session(onnx, threads) for name, onnx in int8.items()}}
+                 for threads in (WALL_THREADS, 1))  # fmt: skip
+    return wall, cpu
+
+
+def print_ratios(title: str, ratios: dict[str, tuple[float, float]]) -> None:
+    print(f"  {title}: latency / float (wall, {WALL_THREADS} threads | CPU time, 1 thread): "
+          + ", ".join(f"{n} {w:.2f} | {c:.2f}" for n, (w, c) in ratios.items()))  # fmt: skip
 
 
 def digits(width: int, args: argparse.Namespace) -> None:
@@ -92,12 +131,18 @@ def digits(width: int, args: argparse.Namespace) -> None:
             params = sum(p.numel() for p in pruned.parameters())
             print(f"  {name:<8} accuracy {accuracy(pruned, inputs, labels):7.2%}  MACs {macs / macs0:6.1%}  "
                   f"params {params / params0:6.1%}")  # fmt: skip
-    untuned = {name: form for name, form in forms.items() if "ft" not in name}
+    untuned: dict[str, Callable[..., Any]] = {
+        "float": base,
+        **{name: form for name, form in forms.items() if "ft" not in name},
+    }
+    train_inputs = data.normalize(data.splits()["train"].pixels)
+    wall_forms, cpu_forms = with_int8(base, forms["50% +ft"], train_inputs)
+    for name, form in wall_forms.items():
+        print(f"  {name:<14} test accuracy {accuracy(form, inputs, labels):7.2%}")
     for batch in (1, 256):
         x = inputs[:batch] if batch <= len(inputs) else inputs.repeat(2, 1, 1, 1)[:batch]
-        ratios = latency_ratios(base, untuned, x, args.rounds)
-        print(f"  batch {batch}: latency pruned/unpruned (wall, default threads | CPU time, 1 thread): "
-              + ", ".join(f"{n} {w:.2f} | {c:.2f}" for n, (w, c) in ratios.items()))  # fmt: skip
+        print_ratios(f"batch {batch}, pruned", latency_ratios(untuned, untuned, x, args.rounds))
+        print_ratios(f"batch {batch}, int8 (pruned = 50% +ft)", latency_ratios(wall_forms, cpu_forms, x, args.rounds))
 
 
 class BasicBlock(nn.Module):
@@ -138,9 +183,9 @@ def large(name: str, model: nn.Module, args: argparse.Namespace) -> None:
     base = trainfer.deploy(model.eval(), x)
     pruned = trainfer.prune(base, x, ratio=0.5, gate=OPEN).eval()
     macs = count_macs(pruned, x) / count_macs(base, x)
-    (wall, cpu), = latency_ratios(base, {"50%": pruned}, x, args.rounds).values()  # fmt: skip
-    print(f"\n{name} at 50 %: MACs ratio {macs:.3f}, latency ratio {wall:.3f} (wall, default threads), "
-          f"{cpu:.3f} (CPU time, 1 thread)")  # fmt: skip
+    wall_forms, cpu_forms = with_int8(base, pruned, torch.randn(16, 3, 224, 224))
+    print(f"\n{name} at 50 %: MACs ratio {macs:.3f}")
+    print_ratios("batch 1", latency_ratios(wall_forms, cpu_forms, x, args.rounds))
 
 
 def main() -> None:

@@ -1,26 +1,34 @@
 """``trainfer serve`` under load: dynamic batching against batch-1 serving and a plain FastAPI handler.
 
 For each model (deploy forms of ``digits_net`` on 1x8x8 and ``repvgg_a0`` on 3x224x224, random
-weights with non-trivial BatchNorm statistics) three servers run in turn, each in its own process:
+weights with non-trivial BatchNorm statistics) four servers run in turn, each in its own process:
 ``trainfer serve`` with dynamic batching (``--max-batch 32 --max-delay-ms 5``), ``trainfer serve
---max-batch 1``, and ``benchmarks/serve_peer.py`` (the same Predictor behind a per-request FastAPI
-handler). wrk (Debian's ``wrk``; a separate process) drives each at concurrency 1, 8 and 32 with
-one-sample Open Inference Protocol requests (binary tensor data) and reports throughput and
-p50/p99 latency. At concurrency 1 the server's overhead is ``1 - (mean seconds per batch in the
-model, from /metrics) / (mean request latency)``.
+--max-batch 1``, ``benchmarks/serve_peer.py`` (the same Predictor behind a per-request FastAPI
+handler) and ``benchmarks/litserve_peer.py`` (the same Predictor behind LitServe with its batching,
+32 and 5 ms; skipped when litserve is not installed). wrk (Debian's ``wrk``; a separate process)
+drives each at concurrency 1, 8 and 32 with one-sample requests -- Open Inference Protocol binary
+tensor data, or for LitServe (which takes JSON only) the same bytes base64-encoded in JSON -- and
+reports throughput and p50/p99 latency. Every server runs its model on ``--threads`` torch threads
+(1 by default, the same for all). At concurrency 1 the server's overhead is ``1 - (mean seconds
+per batch in the model, from /metrics) / (mean request latency)``.
 
-The overload test drives the dynamic server with 10x the connections of the concurrency-32 run for
-``--overload-seconds``, then at concurrency 8: every answer must be 200 or 503 (with Retry-After),
-the process must live, its memory stay bounded, and the nominal phase answer only 200s.
+The overload test drives the dynamic server (``--max-queue 64``) with 10x the connections of the
+concurrency-32 run (320, closed loop: wrk cannot hold a rate) for ``--overload-seconds``, waits
+for what the overload left queued to drain (``queue_drained_s``), then runs at concurrency 8:
+every answer must be 200 or 503 (with Retry-After), the process must live, its memory stay
+bounded, and the nominal phase answer only 200s.
 
     .venv/bin/python benchmarks/bench_serve_load.py [--models digits_net,repvgg_a0] [--duration 10]
-        [--overload-seconds 30] [--out runs/serve_load.json]
+        [--overload-seconds 30] [--threads 1] [--out runs/serve_load.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -43,11 +51,16 @@ from trainfer.numerics import randomize_batchnorm  # noqa: E402
 
 SHAPES = {"digits_net": (1, 8, 8), "repvgg_a0": (3, 224, 224)}
 CONCURRENCY = (1, 8, 32)
+LITSERVE = "LitServe, its batching (32, 5 ms)"
 LUA = """
 local f = io.open(os.getenv("TRAINFER_BODY"), "rb"); wrk.body = f:read("*a"); f:close()
 wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/octet-stream"
-wrk.headers["Inference-Header-Content-Length"] = os.getenv("TRAINFER_HEADER")
+if os.getenv("TRAINFER_HEADER") == "json" then
+  wrk.headers["Content-Type"] = "application/json"
+else
+  wrk.headers["Content-Type"] = "application/octet-stream"
+  wrk.headers["Inference-Header-Content-Length"] = os.getenv("TRAINFER_HEADER")
+end
 local threads = {}
 function setup(thread) table.insert(threads, thread) end
 function init(args) ok = 0; busy = 0; other = 0; retry = 0 end
@@ -83,11 +96,10 @@ def make_bundles(root: Path, names: list[str]) -> dict[str, Path]:
 
 def request_file(root: Path, shape: tuple[int, ...]) -> tuple[Path, int]:
     """One-sample request with binary tensor data; returns (path, JSON header length)."""
-    x = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
-    blob = x.tobytes()
+    blob = _sample(shape).tobytes()
     header = {
         "inputs": [
-            {"name": "input", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": len(blob)}}
+            {"name": "input", "shape": [1, *shape], "datatype": "FP32", "parameters": {"binary_data_size": len(blob)}}
         ],
         "outputs": [{"name": "label"}],
     }
@@ -97,7 +109,19 @@ def request_file(root: Path, shape: tuple[int, ...]) -> tuple[Path, int]:
     return path, len(text)
 
 
-def wrk(url: str, connections: int, seconds: float, body: tuple[Path, int], lua: Path) -> dict:
+def litserve_request_file(root: Path, shape: tuple[int, ...]) -> tuple[Path, str]:
+    """The same sample as the LitServe peer takes it: its float32 bytes base64-encoded in JSON."""
+    body = {"shape": [1, *shape], "b64": base64.b64encode(_sample(shape).tobytes()).decode()}
+    path = root / f"request_{'x'.join(map(str, shape))}.json"
+    path.write_text(json.dumps(body))
+    return path, "json"
+
+
+def _sample(shape: tuple[int, ...]) -> np.ndarray:
+    return np.random.default_rng(0).random((1, *shape), dtype=np.float32)
+
+
+def wrk(url: str, connections: int, seconds: float, body: tuple[Path, int | str], lua: Path) -> dict:
     """Run wrk; throughput, p50/p99 latency (ms) and status counts."""
     command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "60s"]
     env = {"TRAINFER_BODY": str(body[0]), "TRAINFER_HEADER": str(body[1]), "PATH": "/usr/bin:/bin"}
@@ -135,14 +159,21 @@ def inference_seconds(server: ServerProcess) -> tuple[float, float]:
     return total, count
 
 
+def queue_depth(server: ServerProcess) -> float:
+    """Samples waiting in the server's batchers, from /metrics."""
+    text = get(server.url + "/metrics")[1].decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("trainfer_queue_samples{"))
+
+
 def rss_mb(server: ServerProcess) -> float:
     status = Path(f"/proc/{server.process.pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
 
 
 def servers(bundle: Path, name: str) -> dict[str, tuple[list[str], list[str] | None]]:
-    peer = [sys.executable, str(ROOT / "benchmarks" / "serve_peer.py")]
-    return {
+    """Label -> (arguments, program: None for ``trainfer serve``) of each server to measure."""
+    peers = ROOT / "benchmarks"
+    found = {
         "trainfer serve, dynamic batching (32, 5 ms)": (
             [str(bundle), "--names", name, "--max-batch", "32", "--max-delay-ms", "5"],
             None,
@@ -151,13 +182,26 @@ def servers(bundle: Path, name: str) -> dict[str, tuple[list[str], list[str] | N
             [str(bundle), "--names", name, "--max-batch", "1", "--max-delay-ms", "0"],
             None,
         ),
-        "plain FastAPI per-request handler": ([str(bundle), "--name", name], peer),
+        "plain FastAPI per-request handler": (
+            [str(bundle), "--name", name],
+            [sys.executable, str(peers / "serve_peer.py")],
+        ),
     }
+    if importlib.util.find_spec("litserve") is not None:
+        found[LITSERVE] = (
+            [str(bundle), "--name", name, "--max-batch", "32", "--max-delay-ms", "5"],
+            [sys.executable, str(peers / "litserve_peer.py")],
+        )
+    return found
 
 
-def measure_model(name: str, bundle: Path, body: tuple[Path, int], lua: Path, seconds: float) -> list[dict]:
+def measure_model(
+    name: str, bundle: Path, bodies: dict[str, tuple[Path, int | str]], lua: Path, seconds: float
+) -> list[dict]:
+    """Every server of :func:`servers` at each concurrency; ``bodies``: "binary" and "litserve" requests."""
     rows = []
     for label, (args, program) in servers(bundle, name).items():
+        body = bodies["litserve" if label == LITSERVE else "binary"]
         with running_server(*args, program=program) as server:
             url = f"{server.url}/v2/models/{name}/infer"
             wrk(url, 8, 2, body, lua)  # warm-up
@@ -178,24 +222,49 @@ def measure_model(name: str, bundle: Path, body: tuple[Path, int], lua: Path, se
     return rows
 
 
+#: The overload test's bound on waiting samples: below its 320 connections, so that a full queue is met.
+OVERLOAD_QUEUE = 64
+
+
 def overload(name: str, bundle: Path, body: tuple[Path, int], lua: Path, seconds: float) -> dict:
-    args = [str(bundle), "--names", name, "--max-batch", "32", "--max-delay-ms", "5"]
+    args = [
+        str(bundle),
+        "--names",
+        name,
+        "--max-batch",
+        "32",
+        "--max-delay-ms",
+        "5",
+        "--max-queue",
+        str(OVERLOAD_QUEUE),
+    ]
     with running_server(*args) as server:
         url = f"{server.url}/v2/models/{name}/infer"
         wrk(url, 32, 3, body, lua)
         before = rss_mb(server)
         loaded = wrk(url, 320, seconds, body, lua)
         during = rss_mb(server)
+        drained = time.monotonic()
+        while queue_depth(server) > 0 and time.monotonic() - drained < 300:  # what wrk left queued
+            time.sleep(0.5)
+        drain_s = time.monotonic() - drained
         nominal = wrk(url, 8, 10, body, lua)
         alive = server.process.poll() is None
         return {
             "model": name,
             "rss_mb_before": before,
             "rss_mb_after_overload": during,
+            "queue_drained_s": drain_s,
             "overload": loaded,
             "nominal_after": nominal,
             "alive": alive,
+            "passed": alive and _only_ok_or_busy(loaded) and _only_ok_or_busy(nominal) and not nominal["busy"],
         }
+
+
+def _only_ok_or_busy(counts: dict) -> bool:
+    """Every answer 200 or 503-with-Retry-After, no socket error."""
+    return counts["other"] == 0 and counts["socket_errors"] == 0 and counts["retry"] == counts["busy"]
 
 
 def _row_text(row: dict) -> str:
@@ -209,10 +278,21 @@ def _row_text(row: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="digits_net,repvgg_a0", help="comma-separated: digits_net, repvgg_a0")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per load level")
+    parser.add_argument(
+        "--duration", type=float, default=10.0, help="seconds per load level (0: the overload test only)"
+    )
     parser.add_argument("--overload-seconds", type=float, default=30.0, help="0: no overload test")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of every server (OMP_NUM_THREADS; 0: torch's default). On a shared machine more "
+        "than 1 makes each forward wait for descheduled sibling threads, batches most",
+    )
     args = parser.parse_args()
+    if args.threads > 0:  # inherited by every server process, peers included
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     if shutil.which("wrk") is None:
         parser.error("needs wrk (apt-get install wrk)")
     names = args.models.split(",")
@@ -223,9 +303,9 @@ def main() -> None:
         lua.write_text(LUA)
         print("| model | server | concurrency | req/s | p50 ms | p99 ms | answers |\n|---|---|---|---|---|---|---|")
         rows, overloads = [], []
-        for name in names:
-            body = request_file(root, SHAPES[name])
-            rows += measure_model(name, bundles[name], body, lua, args.duration)
+        for name in names if args.duration > 0 else ():
+            bodies = {"binary": request_file(root, SHAPES[name]), "litserve": litserve_request_file(root, SHAPES[name])}
+            rows += measure_model(name, bundles[name], bodies, lua, args.duration)
         if args.overload_seconds > 0:
             for name in names:
                 result = overload(name, bundles[name], request_file(root, SHAPES[name]), lua, args.overload_seconds)
@@ -233,7 +313,8 @@ def main() -> None:
                 print(json.dumps(result), flush=True)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"rows": rows, "overload": overloads, "time": time.ctime()}, indent=1))
+        run = {"rows": rows, "overload": overloads, "threads": args.threads, "time": time.ctime()}
+        args.out.write_text(json.dumps(run, indent=1))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ their subprocesses when ``PYTHONPATH`` holds ``tests/``.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,46 @@ def tiny_net(outputs: int = 3, width: int = 4, final: str | None = None) -> nn.M
     elif final == "sigmoid":
         layers += [nn.Flatten(0), nn.Sigmoid()]
     return nn.Sequential(*layers)
+
+
+#: A sample whose first value is at least this is held by :class:`HeldNet` until its gate opens.
+HOLD = 1000.0
+
+
+class HeldNet(nn.Module):
+    """:func:`tiny_net` that holds a batch containing a :data:`HOLD` sample until the file ``gate``
+    exists (at most a minute), with the file ``gate.held`` present while it holds: the server tests'
+    way to keep the model busy while requests queue."""
+
+    def __init__(self, gate: str, **config):
+        super().__init__()
+        self.gate, self.net = Path(gate), tiny_net(**config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x.flatten(1)[:, 0] >= HOLD).any()):
+            held = self.gate.with_suffix(".held")
+            held.touch()
+            deadline = time.monotonic() + 60
+            while not self.gate.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            held.unlink()
+        return self.net(x)
+
+
+def held_net(gate: str, **config) -> nn.Module:
+    return HeldNet(gate, **config)
+
+
+def save_held_bundle(path: Path, seed: int, gate: Path, labels=None) -> Path:
+    """A bundle of a seeded :class:`HeldNet` (non-trivial BatchNorm statistics) held by the file ``gate``."""
+    torch.manual_seed(seed)
+    model = HeldNet(str(gate))
+    randomize_batchnorm(model.net, seed=seed)
+    spec = {"input_shape": [1, 8, 8]}
+    config = {"gate": str(gate)}
+    return trainfer.save(
+        model.eval(), path, factory="serving_models:held_net", config=config, labels=labels, preprocess=spec
+    )
 
 
 def trained(seed: int, dtype: torch.dtype = torch.float32, **config) -> nn.Module:

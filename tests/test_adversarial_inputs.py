@@ -42,7 +42,7 @@ from trainfer.cli import main
 from trainfer.errors import BundleError, InputError, InputTypeError, TrainferError
 from trainfer.jsonfile import MAX_JSON_DEPTH, json_depth, parse_json
 from trainfer.serve import architecture
-from trainfer.serve.preprocess import MAX_NPY_ELEMENTS
+from trainfer.serve.readers import MAX_NPY_ELEMENTS
 
 X = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 TESTS = Path(__file__).parent
@@ -359,7 +359,7 @@ def test_an_onnx_runtime_allocation_failure_is_an_input_error(tmp_path):
     pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper, numpy_helper
 
-    from trainfer.serve.runtime import ort_engine
+    from trainfer.serve.engines import ort_engine
 
     shape = numpy_helper.from_array(np.array([10**5, 10**5, 10**5], np.int64), "s")  # 4e15 bytes
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 1])
@@ -373,7 +373,7 @@ def test_openvino_refusing_external_data_outside_the_model_directory_is_an_input
     pytest.importorskip("openvino")
     from onnx import TensorProto, helper, numpy_helper
 
-    from trainfer.serve.runtime import OpenVinoEngine
+    from trainfer.serve.engines import OpenVinoEngine
 
     weight = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
     weight.data_location = TensorProto.EXTERNAL

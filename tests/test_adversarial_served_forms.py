@@ -35,6 +35,7 @@ from serving_models import FACTORY, save_bundle, trained
 import trainfer
 from trainfer import BundleError, Predictor
 from trainfer.cli import main
+from trainfer.serve import int8_form
 from trainfer.serve import runtime as rt
 from trainfer.serve.served_checks import MAX_PROBES, MIN_INT8_AGREEMENT, PROBES_FILE
 
@@ -74,14 +75,14 @@ def _swap_int8(genuine: Path, replacement: bytes, target: Path, loosen_gate: boo
     import shutil
 
     shutil.copytree(genuine, target)
-    (target / rt.QUANTIZED_FILE).write_bytes(replacement)
+    (target / int8_form.QUANTIZED_FILE).write_bytes(replacement)
 
     def forge(entry):
         entry["sha256"] = hashlib.sha256(replacement).hexdigest()
         if loosen_gate:
             entry["report"]["gate"]["gate"] = {"min_agreement": 0.0, "max_accuracy_drop": None, "max_rel_error": None}
 
-    _rewrite_json(target / rt.QUANTIZATION_FILE, forge)
+    _rewrite_json(target / int8_form.QUANTIZATION_FILE, forge)
     return target
 
 
@@ -116,7 +117,7 @@ def test_int8_probes_that_cannot_check_anything_are_refused(int8_bundles, tmp_pa
     genuine, _ = int8_bundles
     path = tmp_path / "forged"
     shutil.copytree(genuine, path)
-    _rewrite_json(path / rt.QUANTIZATION_FILE, lambda entry: forge(entry, path))
+    _rewrite_json(path / int8_form.QUANTIZATION_FILE, lambda entry: forge(entry, path))
     with pytest.raises(BundleError, match="probe"):
         Predictor.load(path)
 
@@ -134,7 +135,7 @@ def _write_probes(path: Path, entry: dict, inputs: torch.Tensor) -> None:
 @pytest.mark.parametrize("loosen_gate", [False, True])
 def test_an_int8_file_of_another_model_with_its_sha256_is_refused(int8_bundles, tmp_path, runtime, loosen_gate):
     genuine, other = int8_bundles
-    forged = _swap_int8(genuine, (other / rt.QUANTIZED_FILE).read_bytes(), tmp_path / "forged", loosen_gate)
+    forged = _swap_int8(genuine, (other / int8_form.QUANTIZED_FILE).read_bytes(), tmp_path / "forged", loosen_gate)
     options = {"runtime": runtime} if runtime else {}
     with pytest.raises(BundleError, match="does not agree with the bundle's float weights"):
         Predictor.load(forged, **options)

@@ -69,17 +69,17 @@ def test_manifest_records_everything(tmp_path):
         example_inputs=x,
     )
     manifest = read_manifest(tmp_path / "b")
-    assert manifest["factory"] == FACTORY and manifest["config"] == {} and manifest["form"] == "train"
-    assert manifest["input"] == {"shape": [1, 1, 8, 8], "dtype": "float32"}
-    assert manifest["preprocess"]["input_shape"] == [1, 8, 8] and manifest["preprocess"]["mean"] == [0.5]
-    assert manifest["labels"] == ["a", "b", "c"] and manifest["task"] == "classification"
-    assert manifest["heads"][0]["output_kind"] == "logits"
-    assert "Linear" in manifest["heads"][0]["output_kind_decided_by"]
-    assert manifest["versions"]["torch"] == torch.__version__
-    assert manifest["output_structure"] == {"type": "tensor"}
+    assert manifest.factory == FACTORY and manifest.config == {} and manifest.form == "train"
+    assert manifest.input.model_dump() == {"shape": [1, 1, 8, 8], "dtype": "float32"}
+    assert manifest.preprocess.input_shape == [1, 8, 8] and manifest.preprocess.mean == [0.5]
+    assert manifest.labels == ["a", "b", "c"] and manifest.task == "classification"
+    assert manifest.heads[0].output_kind == "logits"
+    assert "Linear" in manifest.heads[0].output_kind_decided_by
+    assert manifest.versions.torch == torch.__version__
+    assert manifest.output_structure.model_dump(exclude_unset=True) == {"type": "tensor"}
     import hashlib
 
-    assert manifest["weights"]["sha256"] == hashlib.sha256((tmp_path / "b/model.safetensors").read_bytes()).hexdigest()
+    assert manifest.weights.sha256 == hashlib.sha256((tmp_path / "b/model.safetensors").read_bytes()).hexdigest()
 
 
 def test_save_uses_the_recipe_and_leaves_model_untouched(tmp_path):
@@ -90,7 +90,7 @@ def test_save_uses_the_recipe_and_leaves_model_untouched(tmp_path):
     trainfer.save(model, tmp_path / "b")
     assert model.training and not model[1].training and model[4].training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert read_manifest(tmp_path / "b")["input"]["shape"] == [1, 1, 8, 8]
+    assert read_manifest(tmp_path / "b").input.shape == [1, 1, 8, 8]
 
 
 def test_save_without_factory_is_refused(tmp_path):
@@ -100,7 +100,7 @@ def test_save_without_factory_is_refused(tmp_path):
 
 def test_mismatched_weights_are_listed_by_name(tmp_path):
     trainfer.save(trained(), tmp_path / "b", factory=FACTORY, example_inputs=torch.randn(1, 1, 8, 8))
-    manifest = read_manifest(tmp_path / "b")
+    manifest = read_manifest(tmp_path / "b").to_json()
     manifest["config"] = {"classes": 7}
     (tmp_path / "b/manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=r"mis-shaped \(2\): 7.weight: expected \(7, 64\), got \(3, 64\)"):
@@ -139,7 +139,7 @@ def test_not_a_bundle(tmp_path):
 
 def test_bad_factory_is_named_when_trusted(tmp_path):
     trainfer.save(trained(), tmp_path / "b", factory=FACTORY, example_inputs=torch.randn(1, 1, 8, 8))
-    manifest = read_manifest(tmp_path / "b")
+    manifest = read_manifest(tmp_path / "b").to_json()
     for factory, message in [
         ("nope_module_xyz:f", "cannot import"),
         (f"{__name__}:missing", "no attribute"),
@@ -175,14 +175,14 @@ def test_atomic_save_keeps_previous_bundle_on_crash(tmp_path, monkeypatch):
     trainfer.save(first, tmp_path / "b", factory=FACTORY, example_inputs=torch.randn(1, 1, 8, 8))
     before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
 
-    import trainfer.serve.bundle as bundle
+    import trainfer.serve.bundle_write as bundle_write
 
     def crash(path, data):
         with open(path, "w") as handle:
             handle.write('{"partial": ')  # a half-written manifest, then the process dies
         raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(bundle, "_write_json", crash)
+    monkeypatch.setattr(bundle_write, "_write_json", crash)
     second = randomize_batchnorm(tiny_cnn(), seed=5)
     with pytest.raises(KeyboardInterrupt):
         trainfer.save(second, tmp_path / "b", factory=FACTORY, example_inputs=torch.randn(1, 1, 8, 8))
@@ -223,7 +223,7 @@ def test_deploy_form_round_trip(tmp_path, dtype):
     x = torch.randn(3, 1, 8, 8, dtype=dtype)
     deployed = deploy(model, x)
     trainfer.save(deployed, tmp_path / "d", factory=FACTORY, config={"classes": 5, "width": 3}, example_inputs=x)
-    assert read_manifest(tmp_path / "d")["form"] == "deploy"
+    assert read_manifest(tmp_path / "d").form == "deploy"
     loaded = trainfer.load(tmp_path / "d")
     assert batch_norm_calls(loaded, x) == 0 and trainfer.recipe_of(loaded).form == "deploy"
     with trainfer.inference(model, loaded):
@@ -241,7 +241,7 @@ def test_deploy_options_are_replayed_on_load(tmp_path, protocols):
     x = torch.randn(2, 1, 8, 8)
     deployed = deploy(model, x, protocols=protocols)
     trainfer.save(deployed, tmp_path / "d")
-    assert read_manifest(tmp_path / "d")["deploy_options"] == {"protocols": protocols}
+    assert read_manifest(tmp_path / "d").to_json()["deploy_options"] == {"protocols": protocols}
     loaded = trainfer.load(tmp_path / "d")
     assert loaded.state_dict().keys() == deployed.state_dict().keys()
     with trainfer.inference(model, loaded):
@@ -253,7 +253,7 @@ def test_deploy_form_weights_must_fit_the_rebuilt_architecture(tmp_path):
 
     x = torch.randn(1, 1, 8, 8)
     trainfer.save(deploy(trained(), x), tmp_path / "d", factory=FACTORY, example_inputs=x)
-    manifest = read_manifest(tmp_path / "d")
+    manifest = read_manifest(tmp_path / "d").to_json()
     last = [spec for spec in manifest["architecture"]["modules"].values() if spec["type"] == "Linear"][-1]
     classes, last["args"]["out_features"] = last["args"]["out_features"], 6
     architecture = {key: value for key, value in manifest["architecture"].items() if key != "sha256"}
@@ -269,7 +269,7 @@ def test_trainfer_models_need_no_factory(tmp_path):
     model = randomize_batchnorm(digits_net(), seed=2)
     trainfer.save(model, tmp_path / "digits", labels=[str(d) for d in range(10)])
     manifest = read_manifest(tmp_path / "digits")
-    assert manifest["factory"] == "trainfer.models:digits_net" and manifest["input"]["shape"] == [1, 1, 8, 8]
+    assert manifest.factory == "trainfer.models:digits_net" and manifest.input.shape == [1, 1, 8, 8]
     loaded = trainfer.load(tmp_path / "digits")
     x = torch.randn(5, 1, 8, 8)
     with trainfer.inference(model, loaded):
@@ -331,7 +331,7 @@ def test_round_trips_over_random_configurations(channels, multiplier, kernel, st
         for name, form in (("train", model), ("deploy", deployed)):
             trainfer.save(form, f"{root}/{name}", factory=f"{__name__}:conv_stack", config=config, example_inputs=x)
             loaded = trainfer.load(f"{root}/{name}")
-            assert read_manifest(f"{root}/{name}")["form"] == name
+            assert read_manifest(f"{root}/{name}").form == name
             with trainfer.inference(form, loaded, model):
                 assert torch.equal(loaded(x), form(x))  # weights restored bit for bit
                 assert_close(loaded(x), model(x))  # and the deploy form still computes the model

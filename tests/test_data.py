@@ -119,7 +119,8 @@ def test_save_png_rejects_wrong_input(tmp_path):
 @pytest.mark.parametrize("upscale", [1, 4])
 def test_png_read_through_the_bundle_spec_gives_the_training_tensor_exactly(tmp_path, upscale):
     """Native 8x8 PNGs and enlarged ones (the spec box-filters them back) give the training input."""
-    from trainfer.serve.preprocess import PreprocessSpec, gather
+    from trainfer.serve.inputs import gather
+    from trainfer.serve.preprocess import PreprocessSpec
 
     spec = PreprocessSpec.from_dict(data.preprocess_spec())
     test = data.splits()["test"].head(12)

@@ -44,6 +44,7 @@ def test_every_artefact_exists_and_the_report_links_resolve(demo_run):
         "confusion_matrix.png",
         "forgot_eval.png",
         "inspect_divergence.png",
+        "pruning.png",
     ]:
         assert (out / plot).stat().st_size > 5_000, plot
     report = (out / "report.md").read_text()
@@ -159,3 +160,34 @@ def test_serving_step_shows_the_auto_runtime_and_the_int8_form(demo_run):
     else:
         assert serving["quantization"].startswith("refused: no int8 form passes the gate")
     assert "## Serving: the fastest verified runtime and the int8 form" in (out / "report.md").read_text()
+
+
+def test_pruning_step_gates_each_candidate_and_plots_accuracy_against_latency(demo_run):
+    from trainfer.demo.pruning import GATE, RATIOS
+
+    out, printed, results = demo_run
+    pruning = results["pruning"]
+    candidates = pruning["candidates"]
+    assert [(c["ratio"], c["finetuned"]) for c in candidates] == [(r, t) for r in RATIOS for t in (False, True)]
+    for candidate in candidates:
+        (macs, pruned_macs), (parameters, pruned_parameters) = candidate["macs"], candidate["parameters"]
+        assert 0 < pruned_macs < macs and 0 < pruned_parameters < parameters
+        gate = candidate["gate"]
+        assert 0 <= gate["candidate_accuracy"] <= 1 and gate["samples"] == 270  # the validation digits
+        assert candidate["verdict"] == ("passed" if gate["accuracy_drop"] <= GATE.max_accuracy_drop else "refused")
+    forms = pruning["forms"]
+    passed = [c["name"] for c in candidates if c["verdict"] == "passed"]
+    assert [name for name, form in forms.items() if form["kind"] == "pruned"] == passed
+    assert all(0 <= f["accuracy"] <= 1 and f["latency_b1_ms"] > 0 and f["latency_b256_ms"] > 0 for f in forms.values())
+    deploy_accuracy = results["agreement"]["accuracy"]["deploy form"]
+    assert abs(forms["float (deploy form)"]["accuracy"] - deploy_accuracy) <= 1 / 270  # other batches: a near-tie
+    for name, text in pruning["quantization"].items():  # int8 of the float form and of the smallest passing form
+        assert (
+            (forms[name]["kind"].endswith("int8") and "gate passed" in text)
+            if name in forms
+            else text.startswith("refused: no int8 form passes the gate")
+        )
+    assert len(pruning["quantization"]) == 1 + bool(passed)
+    report = (out / "report.md").read_text()
+    assert "## Pruning: narrower layers behind the accuracy gate" in report and "![pruning](pruning.png)" in report
+    assert all(f"| {c['name']} |" in report for c in candidates) and "pruned + int8" in printed

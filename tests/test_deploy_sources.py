@@ -675,19 +675,25 @@ def test_a_generated_weight_without_a_batch_norm_is_still_computed_once():
 class ChannelsLastFeedForward(nn.Module):
     """UniRepLKNet's feed-forward: Linear on NHWC, permute to NCHW, BatchNorm2d, times gamma."""
 
-    def __init__(self, c: int = 4) -> None:
+    def __init__(self, c: int = 4, scale: str = "gamma") -> None:
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
         self.norm, self.gamma = nn.BatchNorm2d(c), nn.Parameter(torch.randn(c))
+        self.scale = scale
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.fc2(torch.relu(self.fc1(x.permute(0, 2, 3, 1))))
-        return x + self.norm(y.permute(0, 3, 1, 2)) * self.gamma.view(1, -1, 1, 1)
+        y = self.norm(self.fc2(torch.relu(self.fc1(x.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2))
+        if self.scale == "gamma":
+            return x + y * self.gamma.view(1, -1, 1, 1)
+        if self.scale == "method":
+            return x + y.mul(self.gamma[:, None, None])
+        return x + 0.5 * y  # a Python number
 
 
-def test_a_batch_norm_and_scale_after_a_channels_last_linear_fold_into_the_linear():
+@pytest.mark.parametrize("scale", ["gamma", "method", "number"])
+def test_a_batch_norm_and_scale_after_a_channels_last_linear_fold_into_the_linear(scale):
     x = torch.randn(2, 4, 5, 5)
-    result, reference = deployed(ChannelsLastFeedForward(), x, protocols=False)
+    result, reference = deployed(ChannelsLastFeedForward(scale=scale), x, protocols=False)
     assert_close(result(x), reference(x))
     counts = count_aten_ops(result, x)
     assert batch_norm_calls(result, x) == 0 and counts["convolution"] == 0 and counts["mul"] == 0

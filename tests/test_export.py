@@ -101,8 +101,8 @@ def test_the_onnx_file_is_the_deploy_form(onnx_file):
 
 def test_manifest_travels_inside_and_predictor_serves_the_onnx_file(bundle, onnx_file):
     manifest = read_exported_manifest(onnx_file[0])
-    assert manifest["form"] == "deploy" and manifest["labels"] == ["a", "b", "c"]
-    assert manifest["exported"] == {"format": "onnx", "deployed_here": True} and "weights" not in manifest
+    assert manifest.form == "deploy" and manifest.labels == ["a", "b", "c"]
+    assert manifest.to_json()["exported"] == {"format": "onnx", "deployed_here": True} and manifest.weights is None
     served = Predictor.load(onnx_file[0])
     reference = Predictor.load(bundle[0])
     raw = torch.rand(6, 1, 8, 8)
@@ -117,7 +117,7 @@ def test_torchscript_and_exported_program(tmp_path, format, suffix):
     deployed = deploy(model, torch.randn(2, 1, 8, 8))
     report = export(deployed, tmp_path / f"m{suffix}", format=format, example_inputs=torch.randn(2, 1, 8, 8))
     assert not report.deployed_here and report.max_rel_error <= 1e-5
-    assert read_exported_manifest(tmp_path / f"m{suffix}")["exported"]["format"] == format
+    assert read_exported_manifest(tmp_path / f"m{suffix}").exported.format == format
     loaded = (
         torch.jit.load(str(tmp_path / "m.ts"))
         if format == "torchscript"
@@ -135,8 +135,8 @@ def test_dict_outputs_through_onnx_and_multi_head_predictor(tmp_path):
         model, tmp_path / "b", factory=f"{__name__}:TwoHeads", heads=heads, example_inputs=torch.randn(1, 1, 8, 8)
     )
     manifest = trainfer.serve.bundle.read_manifest(tmp_path / "b")
-    assert manifest["output_structure"] == {"type": "dict", "keys": ["digit", "size"]}
-    assert manifest["heads"][0]["output_kind"] == "probabilities"
+    assert manifest.to_json()["output_structure"] == {"type": "dict", "keys": ["digit", "size"]}
+    assert manifest.heads[0].output_kind == "probabilities"
     report = export(tmp_path / "b", tmp_path / "m.onnx")
     assert report.outputs == ("digit", "size")
     x = torch.randn(3, 1, 8, 8)

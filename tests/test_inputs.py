@@ -21,8 +21,9 @@ import trainfer
 from trainfer.cli import main
 from trainfer.demo import data
 from trainfer.models import digits_net
-from trainfer.serve import preprocess
-from trainfer.serve.preprocess import PreprocessSpec, iter_csv, load_image, load_npy
+from trainfer.serve import readers
+from trainfer.serve.preprocess import PreprocessSpec
+from trainfer.serve.readers import iter_csv, load_image, load_npy
 
 DIGIT_SPEC = data.preprocess_spec()
 UPSCALE = 4
@@ -133,7 +134,7 @@ def test_decompression_bombs_are_refused_before_decoding(side, tmp_path):
 def test_the_pixel_limit_is_trainfers_own(tmp_path, monkeypatch):
     path = tmp_path / "small.png"
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(path)
-    monkeypatch.setattr(preprocess, "MAX_IMAGE_PIXELS", 63)
+    monkeypatch.setattr(readers, "MAX_IMAGE_PIXELS", 63)
     with pytest.raises(ValueError, match=r"claims 8x8 = 64 pixels: expected at most 63"):
         load_image(path, PreprocessSpec(input_shape=(1, 8, 8)))
 

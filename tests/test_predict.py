@@ -359,10 +359,10 @@ def test_explain_and_ensemble_delegate(monkeypatch):
     calls = []
     fake_attribution = types.ModuleType("trainfer.analysis.attribution")
     fake_attribution.explain = lambda predictor, inputs, method, target: calls.append((predictor, method, target)) or 7
-    fake_ensemble = types.ModuleType("trainfer.serve.ensemble")
-    fake_ensemble.Ensemble = lambda predictors, weights: ("ensemble", list(predictors), weights)
     monkeypatch.setitem(sys.modules, "trainfer.analysis.attribution", fake_attribution)
-    monkeypatch.setitem(sys.modules, "trainfer.serve.ensemble", fake_ensemble)
+    monkeypatch.setattr(
+        "trainfer.serve.predictor.Ensemble", lambda predictors, weights: ("ensemble", list(predictors), weights)
+    )
     predictor = Predictor(make(3), preprocess=SPEC)
     assert predictor.explain(torch.zeros(1, 1, 8, 8), method="saliency", target=2) == 7
     assert calls == [(predictor, "saliency", 2)]
@@ -411,7 +411,7 @@ def test_predictor_load_overrides_recorded_settings(tmp_path):
         output_kind="logits",
         labels=list("wxyz"),
     )
-    assert trainfer.serve.bundle.read_manifest(tmp_path / "b")["heads"][0]["output_kind"] == "logits"
+    assert trainfer.serve.bundle.read_manifest(tmp_path / "b").heads[0].output_kind == "logits"
     fixed = Predictor.load(tmp_path / "b", output_kind="probabilities")
     assert fixed.heads[0].kind.kind == "probabilities" and fixed.labels == list("wxyz")
     with pytest.raises(trainfer.BundleError, match="softmax would be applied twice"):
@@ -441,7 +441,7 @@ def test_a_float64_model_overrides_the_specs_default_dtype(tmp_path):
     model = make(4, "log_probabilities").double()
     spec = trainfer.PreprocessSpec(input_shape=(1, 8, 8), mean=[0.5], std=[2.0])  # dtype left at float32
     trainfer.save(model, tmp_path / "b", factory=f"{__name__}:bundle_factory", preprocess=spec)
-    assert trainfer.serve.bundle.read_manifest(tmp_path / "b")["input"]["dtype"] == "float64"
+    assert trainfer.serve.bundle.read_manifest(tmp_path / "b").input.dtype == "float64"
     predictor = Predictor.load(tmp_path / "b")
     raw = torch.rand(3, 1, 8, 8, dtype=torch.float64)
     expected = reference(model, (raw - 0.5) / 2.0).exp()
@@ -453,3 +453,20 @@ def test_options_after_the_model_are_keyword_only():
     with pytest.raises(TypeError, match="positional"):
         Predictor(make(3), "classification")
     assert Predictor(make(3), task="classification", preprocess=SPEC).heads[0].task == "classification"
+
+
+def test_the_predictor_serves_and_the_ensemble_module_owns_its_construction():
+    """``Predictor.load``'s decisions live in serve/served_model.py; the constructor takes no resolved heads;
+    the ensemble module never imports the predictor (not even for annotations): no cycle in either direction."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    import trainfer.serve.ensemble as ensemble_module
+
+    assert "resolved_heads" not in inspect.signature(Predictor).parameters
+    tree = ast.parse(Path(ensemble_module.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not {name for name in imported if name and name.startswith("trainfer.serve.predictor")}
+    assert isinstance(Predictor.ensemble([Predictor(make(3), preprocess=SPEC)]), ensemble_module.Ensemble)

@@ -7,7 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from trainfer.serve.preprocess import PreprocessSpec, gather, iter_csv, iter_raw, load_image
+from trainfer.serve.inputs import gather, iter_raw
+from trainfer.serve.preprocess import PreprocessSpec
+from trainfer.serve.readers import iter_csv, load_image
 
 IMAGE = PreprocessSpec(input_shape=(1, 8, 8))
 

@@ -14,8 +14,8 @@ from trainfer.demo import data
 from trainfer.demo.train import fit
 from trainfer.models import digits_net
 from trainfer.numerics import TOLERANCE, relative_error
-from trainfer.serve.quantize import calibration_inputs
-from trainfer.serve.runtime import QUANTIZATION_FILE, QUANTIZED_FILE
+from trainfer.serve.calibration import calibration_inputs
+from trainfer.serve.int8_form import QUANTIZATION_FILE, QUANTIZED_FILE
 from trainfer.serve.served_checks import PROBES_FILE
 
 onnx = pytest.importorskip("onnx")  # the optional onnx extra: the whole module needs it

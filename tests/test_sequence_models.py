@@ -67,7 +67,7 @@ def test_scores_and_edit_distance():
 
 
 @pytest.mark.slow
-def test_both_models_learn_digit_strings_and_the_crnn_serves_from_its_bundle(tmp_path):
+def test_both_models_learn_digit_strings_and_serve_from_their_bundles(tmp_path):
     torch.set_num_threads(1)
     report = sequences.run(tmp_path, train_count=2000, test_count=200, epochs=10)
     scores = {(s["model"], s["decoder"]): s for s in report["scores"]}
@@ -79,3 +79,6 @@ def test_both_models_learn_digit_strings_and_the_crnn_serves_from_its_bundle(tmp
     texts = [r.text for r in predictor.predict(held_out.images)]
     assert sum(t == s for t, s in zip(texts, held_out.strings())) > 25
     assert (tmp_path / "sequences.png").stat().st_size > 1000
+    served = Predictor.load(tmp_path / "seq2seq_bundle").predict(held_out.images[:20])
+    assert sum(r.text == s for r, s in zip(served, held_out.strings()[:20])) > 5
+    assert "sequences.png" in (tmp_path / "report.md").read_text()

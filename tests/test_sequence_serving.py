@@ -142,8 +142,13 @@ def test_trainfer_predict_prints_and_writes_sequences(tmp_path):
     np.save(tmp_path / "batch.npy", one_hot_frames(PATHS).numpy())
     args = ["predict", str(tmp_path / "seq"), str(tmp_path / "batch.npy")]
     table = CliRunner().invoke(main, args, catch_exceptions=False).output.splitlines()
-    assert table[0].split()[:4] == ["id", "text", "tokens", "score"] and table[1].split()[1] == "abbca"
+    # the table is for reading: text, score and the lowest confidence, not 12 frame confidences per row
+    assert table[0].split() == ["id", "text", "score", "min_confidence"] and table[1].split()[1] == "abbca"
+    # beam search gives no per-token confidence: the lowest per-frame one, printed to 6 digits
+    frames = json.loads(lines_of(args)[0])["frame_confidence"]
+    assert float(table[1].split()[3]) == pytest.approx(min(frames), rel=1e-5)
     lines = CliRunner().invoke(main, [*args, "--format", "jsonl", "--top-k", "2"], catch_exceptions=False).output
+    assert "frame_confidence" in lines
     first = json.loads(lines.splitlines()[0])
     assert first["text"] == "abbca" and first["n_best"][0][0] == "abbca" and len(first["n_best"]) == 2
     csv_rows = CliRunner().invoke(main, [*args, "--format", "csv"], catch_exceptions=False).output.splitlines()
@@ -175,3 +180,32 @@ def test_a_sequence_prediction_is_explained_for_its_decoded_sequence_score():
     torch.testing.assert_close(
         explained.values.sum(dim=(1, 2, 3)), explained.scores - baseline_score, rtol=0, atol=2e-3
     )
+
+
+def lines_of(args):
+    """The JSON lines ``trainfer predict ARGS --format jsonl`` prints."""
+    from click.testing import CliRunner
+
+    from trainfer.cli import main
+
+    return CliRunner().invoke(main, [*args, "--format", "jsonl"], catch_exceptions=False).output.splitlines()
+
+
+def test_a_ctc_bundle_exports_to_onnx_and_serves_the_same_sequences(tmp_path):
+    pytest.importorskip("onnxruntime")
+    x = one_hot_frames(PATHS)
+    path = trainfer.save(
+        frame_model(),
+        tmp_path / "seq",
+        factory="test_sequence_serving:frame_model",
+        task="sequence",
+        labels=TOKENS,
+        decoder={"kind": "ctc", "blank": 0, "beam_width": 4},
+        example_inputs=x,
+    )
+    trainfer.export(path, tmp_path / "seq.onnx", example_inputs=x)
+    served = Predictor.load(tmp_path / "seq.onnx").predict(x, top_k=2)
+    expected = Predictor.load(path).predict(x, top_k=2)
+    assert [r.text for r in served] == ["abbca", ""] == [r.text for r in expected]
+    for got, want in zip(served, expected):
+        assert got.score == pytest.approx(want.score, rel=1e-5)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from agreement import assert_results_close
 from server_process import TESTS, get, post, running_server
-from serving_models import save_bundle
+from serving_models import HOLD, save_bundle, save_held_bundle
 
 from trainfer import Predictor
 
@@ -56,20 +56,40 @@ def wait_for(condition, seconds: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def test_overload_is_503_with_retry_after_then_recovery_and_sigterm_answers_in_flight(bundle):
-    args = [str(bundle), "--max-batch", "64", "--max-queue", "3", "--max-delay-ms", "3000"]
+@pytest.fixture
+def held(tmp_path):
+    """A bundle whose model holds a batch with a HOLD sample until the file ``gate`` exists."""
+    gate = tmp_path / "gate"
+    return save_held_bundle(tmp_path / "tiny", seed=2, gate=gate, labels=LABELS), gate
+
+
+def hold(pool, server, gate):
+    """A request the model holds (busy) until ``gate`` is created: its future, once it is running."""
+    gate.unlink(missing_ok=True)
+    x = np.full((1, 1, 8, 8), HOLD, dtype=np.float32)
+    future = pool.submit(post, f"{server.url}/v2/models/tiny/infer", request_body(x), 60.0)
+    wait_for(gate.with_suffix(".held").exists)  # in the model, which holds it
+    return future
+
+
+def test_overload_is_503_with_retry_after_then_recovery_and_sigterm_answers_in_flight(held):
+    bundle, gate = held
+    args = [str(bundle), "--max-batch", "64", "--max-queue", "3", "--max-delay-ms", "0"]
     inputs = [np.random.default_rng(i).random((1, 1, 8, 8), dtype=np.float32) for i in range(3)]
     expected = [Predictor.load(bundle).predict(x) for x in inputs]
     url_of = "{}/v2/models/tiny/infer".format
-    with running_server(*args) as server, ThreadPoolExecutor(3) as pool:
+    with running_server(*args) as server, ThreadPoolExecutor(4) as pool:
         for round_ in ("overload", "sigterm"):
+            busy = hold(pool, server, gate)
             waiting = [pool.submit(post, url_of(server.url), request_body(x), 60.0) for x in inputs]
-            wait_for(lambda: queued(server) == 3)  # the batch waits 3 s for more requests: the queue is full
+            wait_for(lambda: queued(server) == 3)  # they wait for the busy model: the queue is full
             status, body, headers = post(url_of(server.url), request_body(inputs[0]))
             assert status == 503 and headers.get("retry-after") == "1", (status, body)
             assert "overloaded" in json.loads(body)["error"]
             if round_ == "sigterm":
                 server.process.send_signal(signal.SIGTERM)
+            gate.touch()
+            assert busy.result(timeout=60)[0] == 200
             for future, want in zip(waiting, expected, strict=True):
                 status, body, _ = future.result(timeout=60)
                 assert status == 200, body
@@ -79,12 +99,17 @@ def test_overload_is_503_with_retry_after_then_recovery_and_sigterm_answers_in_f
         assert "Finished server process" in server.logs()
 
 
-def test_a_request_waiting_past_its_timeout_is_504_and_the_server_goes_on(bundle):
-    with running_server(str(bundle), "--max-delay-ms", "2000", "--timeout", "0.5") as server:
+def test_a_request_waiting_past_its_timeout_is_504_and_the_server_goes_on(held):
+    bundle, gate = held
+    with running_server(str(bundle), "--timeout", "0.5") as server, ThreadPoolExecutor(1) as pool:
+        busy = hold(pool, server, gate)
         x = np.zeros((2, 1, 8, 8), dtype=np.float32)
-        for _ in range(2):
-            status, body, _ = post(f"{server.url}/v2/models/tiny/infer", request_body(x))
-            assert status == 504 and "timeout of 0.5 s" in json.loads(body)["error"]
+        status, body, _ = post(f"{server.url}/v2/models/tiny/infer", request_body(x))  # waits for the busy model
+        assert status == 504 and "timeout of 0.5 s" in json.loads(body)["error"]
+        assert busy.result(timeout=60)[0] == 504  # held past its timeout too
+        gate.touch()
+        wait_for(lambda: not gate.with_suffix(".held").exists())
+        assert post(f"{server.url}/v2/models/tiny/infer", request_body(x))[0] == 200
         assert get(f"{server.url}/v2/health/ready")[0] == 200
 
 

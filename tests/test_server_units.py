@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -149,23 +151,88 @@ def test_each_request_gets_its_own_rows_back_in_batches_of_at_most_max_batch(siz
         assert len(batches) < len(sizes)  # all queued before the first batch: two that fit together shared one
 
 
-def test_a_full_queue_refuses_at_once_and_a_cancelled_request_is_never_computed():
-    computed: list[int] = []
+class HeldModel:
+    """A model that records each batch's size and holds its first batch until :meth:`release`."""
+
+    def __init__(self):
+        self.sizes: list[int] = []
+        self.started, self.released = threading.Event(), threading.Event()
+
+    def __call__(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        self.sizes.append(len(batch))
+        self.started.set()
+        if not self.released.wait(30):
+            raise RuntimeError("never released")
+        return [batch * 2]
+
+    async def busy(self, batcher: DynamicBatcher) -> asyncio.Future:
+        """Submit one sample and return once the model runs it (and holds it)."""
+        first = asyncio.ensure_future(batcher.submit(torch.zeros(1, 1)))
+        while not self.started.is_set():
+            await asyncio.sleep(0.001)
+        return first
+
+
+def test_a_lone_request_on_an_idle_model_runs_at_once_without_waiting_for_the_delay():
+    """An hour of ``max_delay`` is never waited by requests that find the model idle (concurrency 1)."""
+    sizes: list[int] = []
 
     def model(batch: torch.Tensor) -> list[torch.Tensor]:
-        computed.append(len(batch))
-        return [batch]
+        sizes.append(len(batch))
+        return [batch + 1]
 
     async def main():
-        batcher = DynamicBatcher(model, max_batch=100, max_delay=0.3, max_queue=3)
+        batcher = DynamicBatcher(model, max_batch=32, max_delay=3600.0, max_queue=100)
         batcher.start()
+        answers = [await batcher.submit(torch.full((1, 1), float(i))) for i in range(5)]  # one at a time
+        await batcher.stop()
+        return answers
+
+    answers = run(main(), seconds=30)  # waiting for the delay once would take an hour
+    assert sizes == [1] * 5 and [a[0].item() for a in answers] == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+@pytest.mark.parametrize(
+    ("max_batch", "max_delay", "queued", "expected"), [(5, 3600.0, 5, [1, 5]), (32, 0.0, 7, [1, 7])]
+)
+def test_requests_arriving_while_the_model_is_busy_run_together(max_batch, max_delay, queued, expected):
+    """While a batch runs, arrivals queue; when it ends they run as one batch: at once when
+    ``max_batch`` samples wait (however long the delay), or after the delay with fewer."""
+    model = HeldModel()
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch=max_batch, max_delay=max_delay, max_queue=100)
+        batcher.start()
+        first = await model.busy(batcher)
+        rest = [asyncio.ensure_future(batcher.submit(torch.full((1, 1), float(i)))) for i in range(queued)]
+        await asyncio.sleep(0)
+        waiting = batcher.queued
+        model.released.set()
+        answers = await asyncio.gather(first, *rest)
+        await batcher.stop()
+        return waiting, answers
+
+    waiting, answers = run(main(), seconds=30)
+    assert waiting == queued and model.sizes == expected
+    assert [a[0].item() for a in answers[1:]] == [2.0 * i for i in range(queued)]
+
+
+def test_a_full_queue_refuses_at_once_and_a_cancelled_request_is_never_computed():
+    model = HeldModel()
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch=100, max_delay=0.0, max_queue=3)
+        batcher.start()
+        busy = await model.busy(batcher)
         first = asyncio.ensure_future(batcher.submit(torch.zeros(2, 1)))
         gone = asyncio.ensure_future(batcher.submit(torch.ones(1, 1)))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)
         assert batcher.queued == 3
         with pytest.raises(Overloaded):
             await batcher.submit(torch.zeros(1, 1))
         gone.cancel()
+        model.released.set()
+        await busy
         rows = await first
         await batcher.stop()
         with pytest.raises(Overloaded, match="shutting down"):
@@ -173,7 +240,7 @@ def test_a_full_queue_refuses_at_once_and_a_cancelled_request_is_never_computed(
         return rows, batcher.queued
 
     rows, left = run(main())
-    assert rows[0].shape == (2, 1) and computed == [2] and left == 0
+    assert rows[0].shape == (2, 1) and model.sizes == [1, 2] and left == 0
 
 
 def test_a_failing_model_fails_every_request_of_its_batch_and_the_batcher_goes_on():
@@ -301,3 +368,33 @@ def test_an_uploaded_npy_gets_the_checks_of_a_npy_file(array, message):
     np.save(data, array)
     with pytest.raises(InputError, match=message):
         _npy(data.getvalue(), "x.npy", PreprocessSpec(input_shape=(1, 8, 8)))
+
+
+def test_the_batch_thread_runs_with_the_torch_threads_of_the_batchers_creator():
+    """OpenMP keeps a thread count per thread: the worker thread must not fall back to its default."""
+    omp_threads = getattr(ctypes.CDLL(None), "omp_get_max_threads", None)
+    if omp_threads is None:
+        pytest.skip("torch's OpenMP runtime is not visible here")
+    seen: list[int] = []
+
+    def model(batch: torch.Tensor) -> list[torch.Tensor]:
+        seen.append(omp_threads())
+        return [batch]
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch=4, max_delay=0.0, max_queue=10)
+        batcher.start()
+        await batcher.submit(torch.zeros(1, 1))
+        await batcher.stop()
+
+    fresh: list[int] = []
+    thread = threading.Thread(target=lambda: fresh.append(omp_threads()))
+    thread.start()
+    thread.join()
+    saved, wanted = torch.get_num_threads(), fresh[0] + 1  # not what a new thread starts with
+    torch.set_num_threads(wanted)
+    try:
+        run(main())
+    finally:
+        torch.set_num_threads(saved)
+    assert seen == [wanted]

@@ -201,7 +201,7 @@ def test_fit_saves_the_best_epoch_as_a_bundle(tmp_path):
         progress=False,
     )
     manifest = read_manifest(tmp_path / "best")
-    assert manifest["labels"] == data.LABELS and manifest["preprocess"]["mean"] == data.preprocess_spec()["mean"]
+    assert manifest.labels == data.LABELS and manifest.preprocess.mean == data.preprocess_spec()["mean"]
     saved = evaluate(load(tmp_path / "best"), loaders.val)
     assert saved == {"loss": result.best_val_loss, "accuracy": result.best_val_accuracy}
     assert [p.name for p in tmp_path.iterdir()] == ["best"]

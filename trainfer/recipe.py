@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from trainfer.errors import InputError, InputTypeError
 
-__all__ = ["ModelRecipe", "attach_recipe", "recipe_of"]
+__all__ = ["ModelRecipe", "attach_recipe", "model_form", "recipe_of"]
 
 #: The attribute a recipe lives under (read and written only here).
 _ATTRIBUTE = "trainfer_recipe"
@@ -90,6 +90,14 @@ def recipe_of(model: Any) -> ModelRecipe | None:
     """The recipe attached to ``model`` (any object: a module, a compiled model), or ``None``."""
     recipe = getattr(model, _ATTRIBUTE, None)
     return recipe if isinstance(recipe, ModelRecipe) else None
+
+
+def model_form(model: Any) -> Literal["train", "deploy"]:
+    """``"deploy"`` for a deploy form (its recipe says so, or it carries the report ``trainfer.deploy``
+    attaches), else ``"train"``: the one test of which form a model is."""
+    recipe = recipe_of(model)
+    deployed = (recipe is not None and recipe.form == "deploy") or hasattr(model, "trainfer_report")
+    return "deploy" if deployed else "train"
 
 
 def attach_recipe(model: Any, recipe: ModelRecipe | None) -> Any:

@@ -101,12 +101,13 @@ def explain(
         raise InputError("explanations of multi-head predictors are not supported: serve one head to explain it")
     batch = predictor.preprocess(inputs).to(predictor.device)
     if predictor.task == "sequence":
+        sequence_score = _generated_score if getattr(predictor, "generates", False) else _sequence_score
         if target is not None:
             raise InputError("a sequence prediction is explained for its decoded sequence: target= does not apply")
         # one item at a time: Captum's samplers (LIME, KernelSHAP) call f on one item's perturbations
         parts = [
             attribute(
-                predictor.model, row, method, forward=_sequence_score(predictor, row), task="regression", **options
+                predictor.model, row, method, forward=sequence_score(predictor, row), task="regression", **options
             )
             for row in batch.split(1)
         ]
@@ -151,6 +152,30 @@ def _sequence_score(predictor: Any, batch: Tensor) -> Callable[[Tensor], Tensor]
             values.transpose(0, 1), tokens.repeat(rows), frames, lengths, blank=settings.blank, reduction="none"
         )
         return -loss
+
+    return score
+
+
+def _generated_score(predictor: Any, batch: Tensor) -> Callable[[Tensor], Tensor]:
+    """``f(x)``: the log-probability an autoregressive model gives the sequence decoded for the one-item ``batch``.
+
+    The sequence (EOS included when it ended) is decoded once, with the predictor's settings; ``f``
+    then feeds it by teacher forcing, ``sum_t log p(y_t | y_<t, x)`` over ``encode(x)`` and ``step``:
+    the search's ``log_prob`` of that sequence, differentiable in ``x``, for any number of rows.
+    """
+    settings, model = predictor.decoder, predictor.model
+    (result,) = predictor.generate(batch.detach())
+    tokens = [*result.tokens, settings.eos] if result.finished else list(result.tokens)
+
+    def score(x: Tensor) -> Tensor:
+        state = model.encode(x)
+        previous = torch.full((len(x),), settings.bos, dtype=torch.long, device=x.device)
+        total = x.new_zeros(len(x))
+        for token in tokens:
+            log_probs, state = model.step(state, previous)
+            total = total + log_probs[:, token]
+            previous = torch.full_like(previous, token)
+        return total
 
     return score
 

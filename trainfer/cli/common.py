@@ -67,9 +67,9 @@ class Tolerance(click.ParamType):
 def load_factory(spec: str) -> Callable[..., nn.Module]:
     """Resolve ``package.module:factory`` (like uvicorn's ``app:main``) to a callable.
 
-    The one resolver is :func:`trainfer.serve.bundle.resolve_factory`; here its error becomes a usage error.
+    The one resolver is :func:`trainfer.serve.factories.resolve_factory`; here its error becomes a usage error.
     """
-    from trainfer.serve.bundle import resolve_factory
+    from trainfer.serve.factories import resolve_factory
 
     try:
         return resolve_factory(spec)

@@ -53,7 +53,7 @@ def command(out: Path, epochs: int, seed: int, subset: int | None, repeats: int,
                 f"{row['model']:>16} {row['decoder']:>7}: sequence accuracy {row['sequence_accuracy']:.3f}, "
                 f"CER {row['cer']:.3f}"
             )
-        click.echo(f"wrote {out / 'sequences'} (crnn_bundle, sequences.png, scores.json)")
+        click.echo(f"wrote {out / 'sequences'} (report.md, sequences.png, scores.json, crnn_bundle, seq2seq_bundle)")
         return
     from trainfer.demo.pipeline import DemoOptions, run
 

@@ -95,7 +95,7 @@ def command(
         bar.update()
         bar.set_postfix_str("saving")
         if output.endswith(".safetensors"):
-            from trainfer.serve.bundle import write_safetensors
+            from trainfer.serve.bundle_write import write_safetensors
 
             with atomic_file(output) as tmp:
                 write_safetensors({k: v.contiguous() for k, v in deployed.state_dict().items()}, tmp)

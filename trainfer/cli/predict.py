@@ -28,7 +28,8 @@ from trainfer.errors import InputError, MissingFileError
 from trainfer.serve import distributed
 from trainfer.serve.batch_predict import check_output, iter_images, predict_to_jsonl
 from trainfer.serve.predictor import Predictor
-from trainfer.serve.preprocess import IMAGE_SUFFIXES, PreprocessSpec, iter_csv, read_npy
+from trainfer.serve.preprocess import PreprocessSpec
+from trainfer.serve.readers import IMAGE_SUFFIXES, iter_csv, read_npy
 from trainfer.serve.runtime import RUNTIMES
 
 FORMATS = ("table", "jsonl", "csv")
@@ -88,8 +89,12 @@ def predictions(predictor: Predictor, items: Iterator[tuple[str, Any]], top_k: i
         yield waiting.popleft(), result
 
 
-def flat_record(identifier: str, result: Any) -> dict[str, Any]:
-    """A result's record as one level of columns: nested keys joined by ``.``, pairs as ``label=p``."""
+def flat_record(identifier: str, result: Any, summary: bool = False) -> dict[str, Any]:
+    """A result's record as one level of columns: nested keys joined by ``.``, pairs as ``label=p``.
+
+    ``summary``: the result's ``summary_record()`` where it has one (a sequence's text, score and
+    lowest confidence, not its per-token and per-frame lists), for a table a person reads.
+    """
     flat: dict[str, Any] = {"id": identifier}
 
     def visit(prefix: str, value: Any) -> None:
@@ -103,7 +108,8 @@ def flat_record(identifier: str, result: Any) -> dict[str, Any]:
         else:
             flat[prefix] = value
 
-    visit("", result.to_record())
+    brief = getattr(result, "summary_record", None) if summary else None
+    visit("", brief() if brief is not None else result.to_record())
     return flat
 
 
@@ -144,7 +150,7 @@ def write_results(pairs: Iterable[tuple[str, Any]], fmt: str, stream: IO[str]) -
             stream.write(json.dumps({"id": identifier, **result.to_record()}, allow_nan=False) + "\n")
             count += 1
         return count or _nothing_predicted()
-    rows = [{printable(k): _escaped(v) for k, v in flat_record(i, r).items()} for i, r in pairs]
+    rows = [{printable(k): _escaped(v) for k, v in flat_record(i, r, fmt == "table").items()} for i, r in pairs]
     if not rows:
         _nothing_predicted()
     columns = list(dict.fromkeys(key for row in rows for key in row))

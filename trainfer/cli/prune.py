@@ -1,14 +1,24 @@
-"""``trainfer prune BUNDLE -o OUT --ratio R --data DATA``: the gated, channel-pruned deploy form of a bundle."""
+"""``trainfer prune BUNDLE -o OUT --ratio R --data DATA``: the gated, channel-pruned deploy form of a bundle.
+
+``--finetune-epochs N`` trains each pruned candidate before the gate with the built-in loop
+(:class:`trainfer.serve.finetune.FinetuneLoop`: cross-entropy, Adam or SGD) on ``--finetune-data``
+and ``--finetune-labels`` (default: the gate's ``--data`` and ``--labels``).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 import click
-import numpy as np
-import torch
 
 from trainfer.cli.common import friendly_errors
-from trainfer.cli.quantize import DATA_HELP
+from trainfer.cli.quantize import DATA_HELP, read_labels
+from trainfer.errors import InputError
 from trainfer.serve.gate import AccuracyGate
+
+if TYPE_CHECKING:
+    from trainfer.serve.manifest import Manifest
 
 
 @click.command("prune")
@@ -26,6 +36,16 @@ from trainfer.serve.gate import AccuracyGate
 @click.option("--search/--no-search", default=True, show_default=True,
               help="Exempt the most sensitive layers until the gate passes.")  # fmt: skip
 @click.option("--max-exempt-layers", type=click.IntRange(min=0), default=None, help="Default: half the layers.")
+@click.option("--finetune-epochs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Fine-tune each pruned candidate this many epochs before the gate (cross-entropy).")  # fmt: skip
+@click.option("--finetune-data", type=click.Path(exists=True), default=None,
+              help=f"Fine-tuning inputs (default: --data): {DATA_HELP}.")  # fmt: skip
+@click.option("--finetune-labels", type=click.Path(exists=True, dir_okay=False), default=None,
+              help=".npy of class indices for --finetune-data (default: --labels).")  # fmt: skip
+@click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--finetune-optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True,
+              help="Adam, or SGD with momentum 0.9.")  # fmt: skip
+@click.option("--finetune-batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @friendly_errors
 def command(
     bundle: str,
@@ -40,26 +60,66 @@ def command(
     importance: str,
     search: bool,
     max_exempt_layers: int | None,
+    finetune_epochs: int,
+    finetune_data: str | None,
+    finetune_labels: str | None,
+    finetune_lr: float,
+    finetune_optimizer: str,
+    finetune_batch_size: int,
 ) -> None:
     """Remove the least important channels of BUNDLE's deploy form (Torch-Pruning's dependency graph,
-    group magnitude), gate the result against the unpruned form, and write the bundle OUT."""
+    group magnitude), optionally fine-tune, gate the result against the unpruned form, and write OUT."""
     from trainfer.serve.bundle import read_manifest, save
     from trainfer.serve.prune import prune
-    from trainfer.serve.quantize import _bundle_metadata  # the task, labels and preprocessing a bundle carries on
+    from trainfer.serve.quantize import bundle_metadata  # the task, labels and preprocessing a bundle carries on
 
-    targets = torch.from_numpy(np.load(labels, allow_pickle=False)).long() if labels else None
+    manifest = read_manifest(bundle)
+    loop = {
+        "epochs": finetune_epochs,
+        "lr": finetune_lr,
+        "optimizer": finetune_optimizer,
+        "batch_size": finetune_batch_size,
+    }
+    finetune = (
+        _finetune_loop(manifest, (finetune_data, finetune_labels), (data, labels), loop) if finetune_epochs else None
+    )
     pruned = prune(
         bundle,
         ratio=ratio,
         data=data,
-        labels=targets,
+        labels=read_labels(Path(labels)) if labels else None,
         gate=AccuracyGate(min_agreement, max_accuracy_drop),
+        finetune=finetune,
         round_to=round_to,
         global_pruning=global_pruning,
         importance=importance,
         search=search,
         max_exempt_layers=max_exempt_layers,
     )
-    save(pruned, output, **_bundle_metadata(read_manifest(bundle)))
+    save(pruned, output, **bundle_metadata(manifest))
     click.echo(str(pruned.trainfer_prune_report))
     click.echo(f"wrote {output}; serve it with: trainfer predict {output} INPUT...")
+
+
+def _finetune_loop(
+    manifest: Manifest,
+    given: tuple[str | None, str | None],
+    gate: tuple[str | None, str | None],
+    options: dict[str, Any],
+) -> Any:
+    """The built-in loop on the ``given`` (inputs, labels) files, else the ``gate``'s, read as the gate's
+    data is; it echoes each epoch."""
+    from trainfer.serve.calibration import calibration_inputs
+    from trainfer.serve.finetune import FinetuneLoop
+
+    inputs, labels = given[0] or gate[0], given[1] or gate[1]
+    if inputs is None or labels is None:
+        raise InputError("--finetune-epochs needs labelled data: --finetune-data and --finetune-labels (or --data)")
+    if given[0] is None:
+        click.echo(
+            "note: fine-tuning on the gate's data (--data), so the gate measures on data the model was tuned on; "
+            "pass held-out --data, or --finetune-data and --finetune-labels",
+            err=True,
+        )
+    samples, targets = calibration_inputs(inputs, manifest), read_labels(Path(labels))
+    return FinetuneLoop(samples, targets, **options, progress=lambda record: click.echo(str(record)))

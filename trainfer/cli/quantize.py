@@ -8,7 +8,7 @@ import click
 import numpy as np
 import torch
 
-from trainfer.cli.common import friendly_errors
+from trainfer.cli.common import friendly_errors, trust_factory_option, trusted
 from trainfer.errors import InputError
 from trainfer.serve.gate import AccuracyGate
 
@@ -22,7 +22,8 @@ DATA_HELP = (
 
 def read_labels(path: Path) -> torch.Tensor:
     """``--labels``: a ``.npy`` file of integer class indices (read as any trainfer ``.npy`` input)."""
-    from trainfer.serve.preprocess import PreprocessSpec, read_npy
+    from trainfer.serve.preprocess import PreprocessSpec
+    from trainfer.serve.readers import read_npy
 
     if path.suffix.lower() != ".npy":
         raise InputError(f"--labels {str(path)!r}: expected a .npy file of integer class indices")
@@ -46,6 +47,7 @@ def read_labels(path: Path) -> torch.Tensor:
 @click.option(
     "--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True
 )
+@trust_factory_option
 @friendly_errors
 def command(
     bundle: str,
@@ -74,6 +76,7 @@ def command(
         equalize=EQUALIZE[equalize],
         max_float_layers=max_float_layers,
         calibration=calibration_method,
+        trust_factory=trusted(),
     )
     result.save(output)
     click.echo(str(result.report))

@@ -50,7 +50,7 @@ def api_key(variable: str | None) -> str | None:
     default=5.0,
     show_default=True,
     type=click.FloatRange(min=0),
-    help="How long the first request of a batch waits for others.",
+    help="How long a request waiting for a busy model may wait for others (one finding it idle runs at once).",
 )
 @click.option(
     "--max-queue",
@@ -115,7 +115,8 @@ def command(
     """Serve BUNDLE... over HTTP: the Open Inference Protocol (KServe v2) at /v2, a file endpoint,
     Prometheus metrics at /metrics and a page to try the models at /.
 
-    Requests arriving within --max-delay-ms run as one batch of at most --max-batch samples.
+    A request that finds the model idle runs at once; requests arriving while it is busy run as
+    one batch of at most --max-batch samples, waiting at most --max-delay-ms for others.
     SIGTERM finishes the requests in flight, then exits.
     """
     require("fastapi", "serve", "trainfer serve")

@@ -36,7 +36,7 @@ from trainfer.decoding.checks import (
     check_token_id,
 )
 from trainfer.decoding.hypothesis import Hypothesis
-from trainfer.decoding.interface import batch_size, reorder
+from trainfer.decoding.interface import batch_size, reorder, reorderer, state_device
 from trainfer.errors import DecodingError
 
 
@@ -50,31 +50,6 @@ class _Set:
     token_lp: torch.Tensor
     length: torch.Tensor
     ended: torch.Tensor
-
-    @classmethod
-    def empty(cls, batch: int, width: int, max_length: int, pad: int, dtype: torch.dtype) -> _Set:
-        return cls(
-            torch.full((batch, width), -torch.inf, dtype=dtype),
-            torch.full((batch, width), -torch.inf, dtype=dtype),
-            torch.full((batch, width, max_length), pad, dtype=torch.long),
-            torch.zeros(batch, width, max_length, dtype=dtype),
-            torch.zeros(batch, width, dtype=torch.long),
-            torch.zeros(batch, width, dtype=torch.bool),
-        )
-
-    def take(self, index: torch.Tensor) -> _Set:
-        """The hypotheses at ``index`` ``(N, K')`` of each item."""
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            idx = index.view(index.shape + (1,) * (value.dim() - 2)).expand(index.shape + value.shape[2:])
-            out[f.name] = value.gather(1, idx)
-        return _Set(**out)
-
-    def merged_best(self, other: _Set, width: int) -> _Set:
-        """The ``width`` best by score of both sets, per item, best first."""
-        both = _Set(*(torch.cat([getattr(self, f.name), getattr(other, f.name)], dim=1) for f in fields(self)))
-        return both.take(both.score.topk(width, dim=1).indices)
 
 
 def _check_settings(bos: int, eos: int, pad: int | None, max_length: int, length_penalty: float) -> int:
@@ -128,17 +103,18 @@ def greedy_search(
     pad = _check_settings(bos, eos, pad, max_length, length_penalty)
     with torch.no_grad():
         state, n = _encode(model, inputs)
-        tokens = torch.full((n,), bos, dtype=torch.long)
+        device = state_device(state)
+        tokens = torch.full((n,), bos, dtype=torch.long, device=device)
         vocab = None
-        out_tokens = torch.full((n, max_length), pad, dtype=torch.long)
+        out_tokens = torch.full((n, max_length), pad, dtype=torch.long, device=device)
         out_lp: torch.Tensor | None = None
-        length = torch.zeros(n, dtype=torch.long)
-        ended = torch.zeros(n, dtype=torch.bool)
+        length = torch.zeros(n, dtype=torch.long, device=device)
+        ended = torch.zeros(n, dtype=torch.bool, device=device)
         for t in range(max_length):
             log_probs, state = _step(model, state, tokens, vocab, {"bos": bos, "eos": eos, "pad": pad})
             vocab = log_probs.shape[1]
             if out_lp is None:
-                out_lp = torch.zeros(n, max_length, dtype=accumulation_dtype(log_probs.dtype))
+                out_lp = torch.zeros(n, max_length, dtype=accumulation_dtype(log_probs.dtype), device=device)
             best_lp, best = log_probs.max(dim=1)
             best = torch.where(ended, pad, best)
             out_tokens[:, t] = best
@@ -156,19 +132,22 @@ def greedy_search(
 
 
 def _done(
-    early_stopping: bool | str, finished: _Set, running: torch.Tensor, t: int, max_length: int, penalty: float
+    early_stopping: bool | str, finished: torch.Tensor, best: torch.Tensor, t: int, max_length: int, penalty: float
 ) -> torch.Tensor:
-    """Items whose finished hypotheses can no longer be displaced (see the module docstring)."""
-    full = torch.isfinite(finished.score).all(dim=1)
+    """Items whose finished hypotheses can no longer be displaced (see the module docstring).
+
+    ``finished``: the items' finished scores ``(N, K)``, best first (so the set is full when its last,
+    worst score is finite); ``best``: each item's best running log-prob. ``worst >= bound`` says both
+    "full and not beatable" and, where ``best`` is -inf (the bound too), "nothing left running".
+    """
+    worst = finished[:, -1]
     if early_stopping is True:
-        return full
-    best = running.max(dim=1).values
+        return torch.isfinite(worst)
     if early_stopping == "never":
         length = max_length if penalty > 0 else min(t + 2, max_length)
     else:
         length = t + 1
-    bound = best / float(length) ** penalty
-    return full & (finished.score[:, -1] >= bound) | torch.isneginf(best)
+    return worst >= best / float(length) ** penalty
 
 
 def beam_search(
@@ -207,9 +186,73 @@ def beam_search(
         raise DecodingError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     with torch.no_grad():
         state, n = _encode(model, inputs)
-        state = reorder(model, state, torch.arange(n).repeat_interleave(width), n)
+        state = reorder(model, state, torch.arange(n, device=state_device(state)).repeat_interleave(width), n)
         finished = _search(model, state, n, width, bos, eos, pad, max_length, length_penalty, early_stopping)
     return _hypotheses(finished, num_return_sequences)
+
+
+class _Ends:
+    """Each item's ``width`` best complete hypotheses ``(N, width)``, best first, kept as back-pointers.
+
+    A hypothesis ending at step ``t`` is the running beam ``parent`` of step ``t - 1`` followed by
+    ``token`` (log-prob ``token_lp``): its earlier tokens are read back once, at the end
+    (:meth:`_History.spell`), so no step copies whole token histories. The fields are packed in
+    two tensors, so that merging two sets costs a fixed handful of operations: ``values`` (score,
+    log_prob, token_lp) and ``code``, ``t * width * vocab + parent * vocab + token`` (the step's flat
+    candidate index, offset by the step). A hypothesis ended with EOS exactly when its last token is
+    EOS (running beams never hold one).
+    """
+
+    def __init__(self, values: torch.Tensor, code: torch.Tensor):
+        self.values, self.code = values, code  # (3, N, K) floats, (N, K) int64
+
+    @property
+    def score(self) -> torch.Tensor:
+        return self.values[0]
+
+    @classmethod
+    def empty(cls, batch: int, width: int, dtype: torch.dtype, device: torch.device) -> _Ends:
+        return cls(
+            torch.full((3, batch, width), -torch.inf, dtype=dtype, device=device),
+            torch.zeros(batch, width, dtype=torch.long, device=device),
+        )
+
+    def merged_best(self, values: torch.Tensor, code: torch.Tensor, width: int) -> _Ends:
+        """The ``width`` best by score of these and the candidates ``values``/``code``, per item, best first."""
+        values, code = torch.cat([self.values, values], dim=2), torch.cat([self.code, code], dim=1)
+        best = values[0].topk(width, dim=1).indices
+        return _Ends(values.gather(2, best[None].expand(3, -1, -1)), code.gather(1, best))
+
+
+class _History:
+    """Per step, the running beams' parents (beam indices into the previous step's), tokens and their log-probs."""
+
+    def __init__(self) -> None:
+        self.parents: list[torch.Tensor] = []
+        self.tokens: list[torch.Tensor] = []
+        self.token_lps: list[torch.Tensor] = []
+
+    def add(self, parent: torch.Tensor, token: torch.Tensor, token_lp: torch.Tensor) -> None:
+        self.parents.append(parent)
+        self.tokens.append(token)
+        self.token_lps.append(token_lp)
+
+    def spell(self, ends: _Ends, max_length: int, pad: int, eos: int, vocab: int) -> _Set:
+        """The hypotheses ``ends`` with their whole token sequences, read back along the parents."""
+        score, log_prob, last_lp = ends.values.unbind(0)
+        n, width = score.shape
+        step, flat = ends.code.div(width * vocab, rounding_mode="floor"), ends.code.remainder(width * vocab)
+        beam, last = flat.div(vocab, rounding_mode="floor"), flat.remainder(vocab)
+        tokens = torch.full((n, width, max_length), pad, dtype=torch.long, device=score.device)
+        token_lp = torch.zeros(n, width, max_length, dtype=score.dtype, device=score.device)
+        tokens.scatter_(2, step[:, :, None], last[:, :, None])
+        token_lp.scatter_(2, step[:, :, None], torch.where(torch.isfinite(score), last_lp, 0.0)[:, :, None])
+        for position in range(int(step.max()) - 1, -1, -1):
+            inside = step > position  # hypotheses long enough to have a token at `position`
+            tokens[:, :, position] = torch.where(inside, self.tokens[position].gather(1, beam), pad)
+            token_lp[:, :, position] = torch.where(inside, self.token_lps[position].gather(1, beam), 0.0)
+            beam = torch.where(inside, self.parents[position].gather(1, beam), beam)
+        return _Set(score, log_prob, tokens, token_lp, step + 1, last == eos)
 
 
 def _search(
@@ -224,66 +267,72 @@ def _search(
     penalty: float,
     early_stopping: bool | str,
 ) -> _Set:
-    """The step loop; returns each item's ``width`` best finished hypotheses (open beams finalised)."""
+    """The step loop; returns each item's ``width`` best finished hypotheses (open beams finalised).
+
+    Running beams all have the same length (the step count), so a step keeps only their summed
+    log-probs and appends back-pointers to the history; whole sequences are spelled out once.
+    """
     rows = n * width
-    tokens = torch.full((rows,), bos, dtype=torch.long)
+    device = state_device(state)
+    tokens = torch.full((rows,), bos, dtype=torch.long, device=device)
     vocab: int | None = None
-    running: _Set | None = None
-    finished: _Set | None = None
-    done = torch.zeros(n, dtype=torch.bool)
-    offsets = (torch.arange(n) * width)[:, None]
+    log_prob = torch.zeros(0)
+    ends: _Ends | None = None
+    history = _History()
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    any_ended = any_done = False
+    offsets = (torch.arange(n, device=device) * width)[:, None]
+    reorder_rows = reorderer(model)
     for t in range(max_length):
         log_probs, state = _step(model, state, tokens, vocab, {"bos": bos, "eos": eos, "pad": pad})
-        vocab = log_probs.shape[1]
-        if running is None:
+        if vocab is None:
+            vocab = log_probs.shape[1]
             dtype = accumulation_dtype(log_probs.dtype)
-            running = _Set.empty(n, width, max_length, pad, dtype)
-            running.log_prob[:, 0] = 0.0  # one live beam at the start: the others would repeat it
-            finished = _Set.empty(n, width, max_length, pad, dtype)
-        assert finished is not None
-        step_lp = log_probs.view(n, width, vocab).to(running.log_prob.dtype)
-        cand = (running.log_prob[:, :, None] + step_lp).view(n, width * vocab)
+            log_prob = torch.full((n, width), -torch.inf, dtype=dtype, device=device)
+            log_prob[:, 0] = 0.0  # one live beam at the start: the others would repeat it
+            ends = _Ends.empty(n, width, dtype, device)
+            # candidates an EOS may finish: ranked inside the beam, of an item not done (updated with `done`)
+            within = torch.arange(min(2 * width, width * vocab), device=device) < width
+            eligible = within.expand(n, -1)
+            flat = torch.arange(width * vocab, device=device)
+            beam_of, token_of = flat // vocab, flat % vocab  # a flat candidate index's beam and token
+        assert ends is not None
+        step_lp = log_probs.view(n, width, vocab).to(log_prob.dtype)
+        cand = (log_prob[:, :, None] + step_lp).view(n, width * vocab)
+        step_lp = step_lp.view(n, width * vocab)
         top, index = cand.topk(min(2 * width, width * vocab), dim=1)
-        beam, token = index // vocab, index % vocab
-        token_lp = step_lp.view(n, -1).gather(1, index)
+        beam, token = beam_of.take(index), token_of.take(index)
+        token_lp = step_lp.gather(1, index)
         is_eos = token == eos
         # an EOS candidate is finished if it ranks within the beam; done items take nothing more
-        rank = torch.arange(top.shape[1])[None, :]
-        keep = is_eos & (rank < width) & torch.isfinite(top) & ~done[:, None]
-        if bool(keep.any()):
-            ended = _extend(running, beam, top, token, token_lp, t)
-            ended.ended = is_eos
-            ended.score = torch.where(keep, top / float(t + 1) ** penalty, -torch.inf)
-            finished = finished.merged_best(ended, width)
+        keep = is_eos & eligible  # (a -inf candidate kept scores -inf: never ranks)
+        score = torch.where(keep, top / float(t + 1) ** penalty, -torch.inf)
+        if bool((score > ends.values[0, :, -1:]).any()):  # only what beats an item's worst finished enters
+            values = torch.stack([score, top, token_lp])
+            ends, any_ended = ends.merged_best(values, index + t * width * vocab, width), True
         # the `width` best non-EOS candidates go on (a stable sort puts them first, in rank order)
         going = torch.sort(is_eos.to(torch.uint8), dim=1, stable=True).indices[:, :width]
-        parent = beam.gather(1, going)
-        top, token, token_lp = top.gather(1, going), token.gather(1, going), token_lp.gather(1, going)
-        running = _extend(running, parent, torch.where(token == eos, -torch.inf, top), token, token_lp, t)
-        state = reorder(model, state, (offsets + parent).view(-1), rows)
+        parent, token = beam.gather(1, going), token.gather(1, going)
+        log_prob = torch.where(token == eos, -torch.inf, top.gather(1, going))
+        history.add(parent, token, token_lp.gather(1, going))
+        state = reorder_rows(state, (offsets + parent).view(-1), rows)
         if t + 1 == max_length:
             break
-        done |= _done(early_stopping, finished, running.log_prob, t, max_length, penalty)
-        if bool(done.all()):
-            return finished
-        tokens = torch.where(done[:, None], pad, running.tokens[:, :, t]).view(-1)
-    assert running is not None and finished is not None
-    open_ = torch.isfinite(running.log_prob) & ~done[:, None]
-    at_end = running.log_prob / running.length.to(running.log_prob.dtype) ** penalty
-    running.score = torch.where(open_, at_end, -torch.inf)
-    return finished.merged_best(running, width)
-
-
-def _extend(
-    running: _Set, parent: torch.Tensor, log_prob: torch.Tensor, token: torch.Tensor, token_lp: torch.Tensor, t: int
-) -> _Set:
-    """The running beams ``parent`` ``(N, K)`` extended by ``token`` at position ``t``, summing to ``log_prob``."""
-    out = running.take(parent)
-    out.score, out.log_prob = log_prob, log_prob
-    out.tokens[:, :, t] = token
-    out.token_lp[:, :, t] = token_lp
-    out.length = out.length + 1
-    return out
+        if any_ended or bool(torch.isneginf(log_prob[:, 0]).any()):
+            done |= _done(early_stopping, ends.score, log_prob[:, 0], t, max_length, penalty)  # beams rank-sorted
+            any_done = bool(done.any())
+            if any_done:
+                if bool(done.all()):
+                    return history.spell(ends, max_length, pad, eos, vocab)
+                eligible = within & ~done[:, None]
+        tokens = (torch.where(done[:, None], pad, token) if any_done else token).reshape(-1)
+    assert ends is not None and vocab is not None
+    last = len(history.tokens) - 1
+    open_ = torch.isfinite(log_prob) & ~done[:, None]
+    at_end = torch.where(open_, log_prob / float(last + 1) ** penalty, -torch.inf)
+    values = torch.stack([at_end, log_prob, history.token_lps[last]])
+    code = (last * width + history.parents[last]) * vocab + history.tokens[last]
+    return history.spell(ends.merged_best(values, code, width), max_length, pad, eos, vocab)
 
 
 def _hypotheses(found: _Set, count: int) -> list[list[Hypothesis]]:

@@ -16,6 +16,7 @@ The searches reorder it after every step to follow the surviving beams, by
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -44,34 +45,44 @@ def reorder_state(state: Any, index: torch.Tensor, rows: int) -> Any:
     Tensors, tuples, lists and dicts (recursively) and None are understood; anything else, or a
     tensor whose first dimension is not ``rows``, is refused with a DecodingError naming where.
     """
-    return _reorder(state, index, rows, "state")
+    return _reorder(state, index, rows, ())
 
 
-def _reorder(state: Any, index: torch.Tensor, rows: int, where: str) -> Any:
+def _reorder(state: Any, index: torch.Tensor, rows: int, path: tuple[Any, ...]) -> Any:
+    """``state`` reordered; ``path`` (the keys leading to it) names it in errors only (no work per step)."""
     if state is None:
         return None
     if isinstance(state, torch.Tensor):
         if state.dim() == 0 or state.shape[0] != rows:
             raise DecodingError(
-                f"{where} has shape {tuple(state.shape)}; decoder state tensors need the {rows} rows "
+                f"{_where(path)} has shape {tuple(state.shape)}; decoder state tensors need the {rows} rows "
                 "(items x beams) first, or a reorder_state(state, index) method on the model"
             )
         return state.index_select(0, index.to(state.device))
     if isinstance(state, tuple | list):
-        return type(state)(_reorder(s, index, rows, f"{where}[{i}]") for i, s in enumerate(state))
+        return type(state)([_reorder(s, index, rows, (*path, i)) for i, s in enumerate(state)])
     if isinstance(state, dict):
-        return {k: _reorder(v, index, rows, f"{where}[{k!r}]") for k, v in state.items()}
+        return {k: _reorder(v, index, rows, (*path, k)) for k, v in state.items()}
     raise DecodingError(
-        f"{where} is a {type(state).__name__}; give the model a reorder_state(state, index) method to reorder it"
+        f"{_where(path)} is a {type(state).__name__}; give the model a reorder_state(state, index) method to reorder it"
     )
+
+
+def _where(path: tuple[Any, ...]) -> str:
+    return "state" + "".join(f"[{key!r}]" for key in path)
 
 
 def reorder(model: Any, state: Any, index: torch.Tensor, rows: int) -> Any:
     """The model's own ``reorder_state(state, index)`` when it has one, else :func:`reorder_state`."""
+    return reorderer(model)(state, index, rows)
+
+
+def reorderer(model: Any) -> Callable[[Any, torch.Tensor, int], Any]:
+    """``f(state, index, rows)``: :func:`reorder` for ``model``, its method looked up once (per search)."""
     own = getattr(model, "reorder_state", None)
     if callable(own):
-        return own(state, index)
-    return reorder_state(state, index, rows)
+        return lambda state, index, rows: own(state, index)
+    return reorder_state
 
 
 def batch_size(state: Any) -> int:
@@ -90,3 +101,15 @@ def batch_size(state: Any) -> int:
         except DecodingError:
             continue
     raise DecodingError("encode() returned no tensor with a batch dimension; pass batch_size= explicitly")
+
+
+def state_device(state: Any) -> torch.device:
+    """Where the searches keep their own tensors: the first non-CPU device among the state's tensors, else the CPU."""
+    if isinstance(state, torch.Tensor):
+        return state.device
+    items = list(state) if isinstance(state, tuple | list) else list(state.values()) if isinstance(state, dict) else []
+    for item in items:
+        found = state_device(item)
+        if found.type != "cpu":
+            return found
+    return torch.device("cpu")

@@ -149,6 +149,8 @@ def _pipeline(options: DemoOptions, work: Path, device: torch.device, echo: Call
     _optional(results, "explain", lambda: _explain(bundle, test, predictions, work, results))
     echo("      serving: the auto-chosen runtime and the gated int8 form (trainfer.compile, trainfer.quantize)")
     _optional(results, "serving", lambda: _serving(deploy_bundle, work, (inputs, labels), options.repeats, results))
+    echo("      pruning: gated channel pruning, with and without fine-tuning, and pruned + int8 (trainfer.prune)")
+    _optional(results, "pruning", lambda: _pruning(deployed, options, (inputs, labels), results))
     (work / MARKER).write_text(json.dumps(results, indent=2), "utf-8")
     write_report(results, work)
     echo(f"report: {final / 'report.md'}  (plots: {', '.join(sorted(p.name for p in work.glob('*.png')))})")
@@ -420,6 +422,18 @@ def _serving(deploy_bundle: Path, work: Path, test: tuple[Tensor, Tensor], repea
 
     calibration = data.normalize(data.splits()["train"].pixels)
     results["serving"] = serving(deploy_bundle, work, test, calibration, repeats)
+
+
+def _pruning(deployed: nn.Module, options: DemoOptions, test: tuple[Tensor, Tensor], results: dict) -> None:
+    """Pruned, fine-tuned and int8 forms next to the float one (:mod:`trainfer.demo.pruning`)."""
+    _need("torch_pruning", "pruning")
+    _need("onnxruntime", "the int8 forms")
+    from trainfer.demo.pruning import pruning
+
+    parts = data.splits()
+    train, val = parts["train"].head(options.subset), parts["val"]
+    splits = [(data.normalize(part.pixels), part.labels) for part in (train, val)]
+    results["pruning"] = pruning(deployed, splits[0], splits[1], test, options.repeats)
 
 
 def _inspect(trained: nn.Module, inputs: Tensor, work: Path, results: dict) -> None:

@@ -21,6 +21,7 @@ PLOTS = {
     "confusion": "confusion_matrix.png",
     "forgot_eval": "forgot_eval.png",
     "serving": "serving.png",
+    "pruning": "pruning.png",
 }
 
 
@@ -129,6 +130,7 @@ _DRAWERS: dict[str, Callable[[Results], Any]] = {
     "confusion": plot_confusion,
     "forgot_eval": plot_forgot_eval,
     "serving": lambda serving: _demo_serving().plot_serving(serving),
+    "pruning": lambda pruning: _demo_pruning().plot_pruning(pruning),
 }
 
 
@@ -136,6 +138,12 @@ def _demo_serving() -> Any:
     from trainfer.demo import serving as demo_serving
 
     return demo_serving
+
+
+def _demo_pruning() -> Any:
+    from trainfer.demo import pruning as demo_pruning
+
+    return demo_pruning
 
 
 # ------------------------------------------------------------------ markdown
@@ -354,4 +362,5 @@ _SECTIONS: list[Callable[[Results], str]] = [
     _insight,
     _confusion,
     lambda results: _demo_serving().section(results),
+    lambda results: _demo_pruning().section(results),
 ]

@@ -1,10 +1,12 @@
 """The sequence demo: train a CTC recogniser and an encoder-decoder on digit strings, deploy, serve, score.
 
 Both models train in seconds on 2 cores (:func:`train_crnn`, :func:`train_seq2seq`), are deployed
-(BN folded, dropout and the auxiliary head dropped; the encoder-decoder's conv encoder folded),
-verified, and scored on held-out strings built from test-split digits: sequence accuracy (the whole
-string right) and character error rate (edit distance over reference length), greedy against beam
-search (:func:`evaluate`).
+(BN folded, dropout and the auxiliary head dropped; the encoder-decoder's conv encoder folded by
+:func:`~trainfer.models.sequence.deploy_seq2seq`), verified, saved as bundles (the CRNN's records
+its graph; the encoder-decoder's names its factory, see :mod:`trainfer.serve.generator_bundle`),
+and scored on held-out strings built from test-split digits: sequence accuracy (the whole string
+right) and character error rate (edit distance over reference length), greedy against beam search
+(:func:`evaluate`), in ``report.md`` with a plot.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from trainfer.models.sequence import (
     BOS,
     CTC_TOKENS,
     EOS,
+    SEQ_TOKENS,
     DigitStringSeq2Seq,
+    deploy_seq2seq,
     digit_string_crnn,
     digit_string_seq2seq,
 )
@@ -169,13 +173,12 @@ def run(
     seq2seq_seconds = time.perf_counter() - start - crnn_seconds
     example = held_out.images[:4]
     deployed = deploy(crnn, example)  # raises EquivalenceError unless the forms agree
-    encoder = deploy(seq2seq.encoder, example)
+    folded = deploy_seq2seq(seq2seq)
     errors = {
         "crnn-ctc": verify(crnn, deployed, held_out.images[:64]).max_abs_error,
-        "encoder-decoder encoder": verify(seq2seq.encoder, encoder, held_out.images[:64]).max_abs_error,
+        "encoder-decoder encoder": verify(seq2seq.encoder, folded.encoder, held_out.images[:64]).max_abs_error,
     }
-    seq2seq.encoder = encoder
-    scores = evaluate(deployed, seq2seq, held_out)
+    scores = evaluate(deployed, folded, held_out)
     report: dict[str, Any] = {
         "train_seconds": {"crnn-ctc": crnn_seconds, "encoder-decoder": seq2seq_seconds},
         "deploy_max_abs_error": errors,
@@ -191,10 +194,35 @@ def run(
             decoder={"kind": "ctc", "blank": 0, "beam_width": 8},
             example_inputs=example,
         )
+        save(
+            folded,
+            out / "seq2seq_bundle",
+            task="sequence",
+            labels=list(SEQ_TOKENS),
+            decoder={"kind": "autoregressive", "bos": BOS, "eos": EOS, "beam_width": 8, "max_length": 8},
+            example_inputs=example[:1],
+        )
         report["plot"] = str(plot(scores, out / "sequences.png"))
         with atomic_file(out / "scores.json") as tmp:
             tmp.write_text(json.dumps(report, indent=2))
+        with atomic_file(out / "report.md") as tmp:
+            tmp.write_text(markdown(report, scores))
     return report
+
+
+def markdown(report: dict[str, Any], scores: Sequence[Scores]) -> str:
+    """The step's report: training times, deploy errors, the scores table and the plot."""
+    rows = "\n".join(f"| {s.model} | {s.decoder} | {s.sequence_accuracy:.3f} | {s.cer:.3f} |" for s in scores)
+    errors = ", ".join(f"{name} {value:.1e}" for name, value in report["deploy_max_abs_error"].items())
+    seconds = ", ".join(f"{name} {value:.1f} s" for name, value in report["train_seconds"].items())
+    return (
+        "# Sequences: digit strings, greedy vs beam search\n\n"
+        f"Training: {seconds}. Deploy max abs error (float32): {errors}.\n\n"
+        "| model | decoder | sequence accuracy | CER |\n| --- | --- | --- | --- |\n"
+        f"{rows}\n\n![greedy vs beam](sequences.png)\n\n"
+        "Bundles: `crnn_bundle/` (CTC, prefix beam 8) and `seq2seq_bundle/` (autoregressive, beam 8), "
+        "served by `trainfer predict BUNDLE strings.npy`.\n"
+    )
 
 
 def plot(scores: Sequence[Scores], path: Path) -> Path:

@@ -14,14 +14,16 @@ pool the height away and keep ``W / 2`` frames), and differ in the head:
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainfer.modes.dual import DualModule, train_only
-from trainfer.recipe import ModelRecipe, attach_recipe
+from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
+from trainfer.reparam.algebra import ConvOp, fuse_bn
 
 DIGITS = 10
 CTC_TOKENS = ("",) + tuple(str(d) for d in range(DIGITS))
@@ -33,18 +35,22 @@ MAX_FRAMES = 128
 """The encoder-decoder's position table: images up to 256 pixels wide."""
 
 
-def _block(cin: int, cout: int, pool: tuple[int, int]) -> nn.Sequential:
+def _block(cin: int, cout: int, pool: tuple[int, int], deploy: bool = False) -> nn.Sequential:
+    if deploy:  # the folded form: the BatchNorm lives in the conv's weight and bias
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.MaxPool2d(pool))
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(pool))
 
 
 class Encoder(nn.Module):
-    """``(N, 1, 8, W)`` -> frames ``(N, width * 2, W / 2)``: height 8 -> 4 -> 2, width halved once."""
+    """``(N, 1, 8, W)`` -> frames ``(N, width * 2, W / 2)``: height 8 -> 4 -> 2, width halved once.
 
-    def __init__(self, width: int = 32, dropout: float = 0.1):
+    ``deploy=True`` builds the inference form: conv-ReLU-pool blocks (BN folded), no dropout.
+    """
+
+    def __init__(self, width: int = 32, dropout: float = 0.1, deploy: bool = False):
         super().__init__()
-        self.blocks = nn.Sequential(
-            _block(1, width // 2, (2, 2)), _block(width // 2, width, (2, 1)), nn.Dropout(dropout)
-        )
+        first, second = _block(1, width // 2, (2, 2), deploy), _block(width // 2, width, (2, 1), deploy)
+        self.blocks = nn.Sequential(first, second) if deploy else nn.Sequential(first, second, nn.Dropout(dropout))
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.blocks(x)  # (N, width, 2, W/2)
@@ -84,11 +90,12 @@ class DigitStringSeq2Seq(nn.Module):
 
     ``forward(x, targets_in)`` is teacher forcing: ``(N, L)`` previous tokens (BOS first) to ``(N, L, 12)``
     next-token log-probs. ``encode``/``step`` serve the searches; the state ``(h, memory)`` has rows first.
+    ``deploy=True`` builds the inference form (:func:`deploy_seq2seq`: the encoder's BN folded, no dropout).
     """
 
-    def __init__(self, width: int = 16, hidden: int = 48, dropout: float = 0.1):
+    def __init__(self, width: int = 16, hidden: int = 48, dropout: float = 0.1, deploy: bool = False):
         super().__init__()
-        self.encoder: nn.Module = Encoder(width, dropout)  # trainfer.deploy may swap in its folded form
+        self.encoder: nn.Module = Encoder(width, dropout, deploy)
         self.project = nn.Linear(2 * width, hidden)
         self.position = nn.Embedding(MAX_FRAMES, hidden)  # attention by content alone cannot tell digits apart
         self.embed = nn.Embedding(len(SEQ_TOKENS), hidden)
@@ -119,6 +126,36 @@ class DigitStringSeq2Seq(nn.Module):
         return torch.stack(steps, dim=1)
 
 
+def deploy_seq2seq(model: DigitStringSeq2Seq) -> DigitStringSeq2Seq:
+    """The inference form of a trained encoder-decoder: a new ``deploy=True`` model, ``model`` untouched.
+
+    Each encoder conv followed by BatchNorm (eval statistics) becomes one conv
+    (:func:`trainfer.reparam.algebra.fuse_bn`: ``W' = s W``, ``b' = s b + t`` with the BN's
+    ``y = s x + t``); dropout goes; the decoder's weights are copied as they are. Its recipe says
+    ``deploy=True`` and ``form="deploy"``, so a bundle's factory call rebuilds this form.
+    Check it against ``model`` with :func:`trainfer.verify` on ``encode`` (see the sequence demo).
+    """
+    recipe = recipe_of(model)
+    config = dict(recipe.config) if recipe is not None else {}
+    config["deploy"] = True
+    folded = DigitStringSeq2Seq(**config).to(next(model.parameters()).dtype)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+    missing = folded.load_state_dict(state, strict=False).missing_keys
+    if any(not key.startswith("encoder.") for key in missing):
+        raise ValueError(f"the deploy form misses decoder weights {missing}")
+    trained, inference = cast(nn.Sequential, model.encoder.blocks), cast(nn.Sequential, folded.encoder.blocks)
+    for index in range(len(inference)):  # the conv blocks (the trained form's dropout follows them)
+        source, target = cast(nn.Sequential, trained[index]), cast(nn.Sequential, inference[index])
+        conv, bn = cast(nn.Conv2d, source[0]), cast(nn.BatchNorm2d, source[1])
+        op, out = fuse_bn(ConvOp.from_module(conv), bn), cast(nn.Conv2d, target[0])
+        with torch.no_grad():
+            out.weight.copy_(op.weight)
+            cast(Tensor, out.bias).copy_(op.bias)
+    if recipe is not None:
+        attach_recipe(folded, dataclasses.replace(recipe, config=config, form="deploy"))
+    return folded.eval()
+
+
 def digit_string_crnn(**options: Any) -> DigitStringCRNN:
     """A :class:`DigitStringCRNN` (``width``, ``dropout``) for ``(N, 1, 8, 64)`` strings."""
     return attach_recipe(
@@ -127,7 +164,7 @@ def digit_string_crnn(**options: Any) -> DigitStringCRNN:
 
 
 def digit_string_seq2seq(**options: Any) -> DigitStringSeq2Seq:
-    """A :class:`DigitStringSeq2Seq` (``width``, ``hidden``, ``dropout``)."""
+    """A :class:`DigitStringSeq2Seq` (``width``, ``hidden``, ``dropout``, ``deploy``)."""
     return attach_recipe(
         DigitStringSeq2Seq(**options), ModelRecipe("trainfer.models:digit_string_seq2seq", dict(options), (1, 1, 8, 64))
     )

@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 from trainfer.atomic import atomic_file
 from trainfer.errors import InputError, MissingFileError, WriteError
 from trainfer.serve import distributed
-from trainfer.serve.preprocess import IMAGE_SUFFIXES, PreprocessSpec, iter_csv
+from trainfer.serve.preprocess import PreprocessSpec
+from trainfer.serve.readers import IMAGE_SUFFIXES, iter_csv
 
 Item = tuple[Any, Any]  # (id written in the record, input handed to the predictor)
 PRODUCER_SUFFIX = ".trainfer.json"
@@ -92,7 +93,7 @@ def iter_csv_rows(path: str | os.PathLike[str], spec: PreprocessSpec) -> Iterato
     """Rows of a CSV file with a header, as ``("path:i", raw (1, F) row)`` (``i`` 0-based), read in chunks.
 
     The ids are those of ``trainfer predict``'s output; the columns are picked by ``spec.columns``
-    (see :func:`trainfer.serve.preprocess.iter_csv`).
+    (see :func:`trainfer.serve.readers.iter_csv`).
     """
     rows = (row for chunk in iter_csv(Path(path), spec) for row in chunk.split(1))
     yield from ((f"{path}:{index}", row) for index, row in enumerate(rows))

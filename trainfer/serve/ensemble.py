@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -35,12 +35,10 @@ from tqdm.auto import tqdm
 
 from trainfer.errors import InputError, InputTypeError
 from trainfer.serve.batching import sample_count, timed_batches
-from trainfer.serve.preprocess import PreprocessSpec, iter_raw
+from trainfer.serve.inputs import iter_raw
+from trainfer.serve.preprocess import PreprocessSpec
 from trainfer.serve.results import BinaryResult, ClassificationResult, RegressionResult, check_finite_scores
 from trainfer.validate import check_integer, check_type, given
-
-if TYPE_CHECKING:  # annotations only: the Predictor builds ensembles (Predictor.ensemble), not the reverse
-    from trainfer.serve.predictor import Predictor
 
 __all__ = [
     "Ensemble",
@@ -104,7 +102,28 @@ def _agreement(spec: dict[str, Any]) -> dict[str, Any]:
 _MEMBER_API = ("spec", "preprocess_spec", "scores", "heads", "results_from_scores", "batch_size")
 
 
-def _check_members(members: list[Predictor]) -> None:
+class Member(Protocol):
+    """What an ensemble uses of each member: a :class:`~trainfer.Predictor` (this module never imports it:
+    ``Predictor.ensemble`` delegates here, the ensemble does not depend on the predictor)."""
+
+    @property
+    def spec(self) -> dict[str, Any]: ...
+
+    @property
+    def preprocess_spec(self) -> PreprocessSpec: ...
+
+    @property
+    def heads(self) -> Sequence[Any]: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
+    def scores(self, batch: Tensor) -> Tensor | dict[str, Tensor]: ...
+
+    def results_from_scores(self, per_head: list[Tensor], top_k: int | None) -> list[Any]: ...
+
+
+def _check_members(members: list[Member]) -> None:
     """Refuse an empty ensemble, multi-head members, and members disagreeing on :data:`_AGREE_ON`."""
     if not members:
         raise InputError("an ensemble needs at least one predictor; got none")
@@ -132,7 +151,7 @@ def _check_members(members: list[Predictor]) -> None:
                 )
 
 
-def _scores(member: Predictor, batch: Tensor) -> Tensor:
+def _scores(member: Member, batch: Tensor) -> Tensor:
     """``member.scores(batch)``: a tensor, not a dict, as members are single-head (:func:`_check_members`)."""
     return cast(Tensor, member.scores(batch))
 
@@ -162,7 +181,7 @@ class Ensemble:
     """
 
     def __init__(
-        self, predictors: Iterable[Predictor], weights: Iterable[float] | None = None, batch_size: int | None = None
+        self, predictors: Iterable[Member], weights: Iterable[float] | None = None, batch_size: int | None = None
     ):
         self.members = list(check_type("predictors", predictors, Iterable, "an iterable of Predictors"))
         _check_members(self.members)

@@ -42,9 +42,9 @@ from trainfer.atomic import atomic_file
 from trainfer.errors import EquivalenceError, InputError
 from trainfer.extras import require
 from trainfer.numerics import tolerance_for
-from trainfer.serve.bundle import build_manifest, load, read_manifest
 from trainfer.serve.onnx_runtime import MANIFEST_KEY, OnnxModel, read_onnx_manifest
 from trainfer.serve.outputs import flatten_outputs
+from trainfer.serve.source import load_source
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 ONNX_OPSET = 17
@@ -96,28 +96,24 @@ def export(
     ``rtol`` bounds the max error relative to each output's scale; ``trust_factory`` is
     :func:`trainfer.load`'s.
     """
+    from trainfer.serve.manifest import Exported
+
     if format not in FORMATS:
         raise InputError(f"format must be one of {list(FORMATS)}; got {format!r}")
     if rtol is not None and not rtol > 0:
         raise InputError(f"rtol must be a positive number; got {rtol!r}")
-    model, manifest = _source(bundle_or_model, example_inputs, trust_factory)
-    shape = _input_shape(manifest, example_inputs)
-    dtype = getattr(torch, manifest["input"].get("dtype") or "float32")
-    example = example_inputs.to(dtype) if example_inputs is not None else torch.randn(2, *shape[1:], dtype=dtype)
-    deployed_here = manifest["form"] == "train"
-    if deployed_here:
-        from trainfer.reparam.deploy import deploy
-
-        model = deploy(model, example)
-    model = copy.deepcopy(model).eval().to("cpu")
-    manifest = {**manifest, "form": "deploy", "exported": {"format": format, "deployed_here": deployed_here}}
-    manifest.pop("weights", None)
+    source = load_source(bundle_or_model, example_inputs, trust_factory=trust_factory)
+    example, deployed_here = source.example, source.deployed_here
+    shape, dtype = (1, *source.sample_shape), example.dtype
+    model = copy.deepcopy(source.model).eval().to("cpu")
+    exported = Exported(format=format, deployed_here=deployed_here)
+    manifest = source.manifest.model_copy(update={"weights": None, "exported": exported})
     with torch.no_grad():
         names, _ = flatten_outputs(model(example))
     limit = rtol if rtol is not None else tolerance_for(dtype)
     with atomic_file(path) as tmp:
         with _EXPORT_LOCK:  # also around loading: warnings.catch_warnings is process-global too
-            _EXPORTERS[format](model, example, names, json.dumps(manifest), tmp)
+            _EXPORTERS[format](model, example, names, json.dumps(manifest.to_json()), tmp)
             run = _RUNNERS[format](tmp)
         abs_error, rel_error = _compare(model, run, shape, dtype)
         if rel_error > limit:
@@ -128,21 +124,6 @@ def export(
     return ExportReport(
         Path(path), format, "deploy", deployed_here, shape, tuple(names), _CHECK_BATCHES, abs_error, rel_error
     )
-
-
-def _source(bundle_or_model: Any, example_inputs: Tensor | None, trust: bool) -> tuple[nn.Module, dict[str, Any]]:
-    if isinstance(bundle_or_model, nn.Module):
-        return bundle_or_model, build_manifest(bundle_or_model, example_inputs=example_inputs)
-    return load(bundle_or_model, trust_factory=trust), read_manifest(bundle_or_model)
-
-
-def _input_shape(manifest: dict[str, Any], example_inputs: Tensor | None) -> tuple[int, ...]:
-    if example_inputs is not None:
-        return (1, *example_inputs.shape[1:])
-    shape = manifest["input"].get("shape")
-    if not shape:
-        raise InputError("export needs the input shape: pass example_inputs (a batch of the model's inputs)")
-    return tuple(shape)
 
 
 # --------------------------------------------------------------------------- exporters

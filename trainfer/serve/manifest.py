@@ -25,6 +25,7 @@ Imported only when a manifest is read (pydantic costs about 0.1 s to import).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Annotated, Any, Literal
@@ -180,6 +181,7 @@ class Decoder(_Schema):
     n_best: Annotated[int, Field(ge=1, le=1024)] = 1
     max_length: Annotated[int, Field(ge=1, le=4096)] = 64
     length_penalty: Annotated[float, Field(ge=-10, le=10, allow_inf_nan=False)] = 1.0
+    early_stopping: bool | Literal["never"] = False
 
 
 class Manifest(_Schema):
@@ -217,6 +219,23 @@ class Manifest(_Schema):
         if problems:
             raise ValueError("contradicting fields: " + "; ".join(problems))
         return self
+
+    def preprocess_settings(self) -> dict[str, Any] | None:
+        """The ``preprocess`` section as :meth:`~trainfer.serve.preprocess.PreprocessSpec.from_dict` takes it."""
+        return None if self.preprocess is None else self.preprocess.model_dump()
+
+    def head_settings(self) -> list[dict[str, Any]]:
+        """The ``heads`` as :meth:`~trainfer.serve.outputs.Head.from_dict` takes them."""
+        return [head.model_dump() for head in self.heads]
+
+    @property
+    def input_shape(self) -> list[int] | None:
+        """The recorded example input shape, batch dimension first (``None``: not recorded)."""
+        return self.input.shape
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object ``manifest.json`` holds: the fields that were given (defaults stay implicit)."""
+        return self.model_dump(mode="json", exclude_unset=True)
 
 
 def _contradictions(manifest: Manifest) -> list[str]:
@@ -295,6 +314,16 @@ def validate(data: Any, source: str) -> Manifest:
         problems = [_describe(problem) for problem in error.errors(include_url=False)]
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise BundleError(f"invalid manifest {source}: " + "; ".join(problems[:5]) + more) from None
+
+
+def build(data: dict[str, Any]) -> Manifest:
+    """A manifest trainfer writes, from Python values: passed through JSON and :func:`validate`, exactly as a
+    reader will see it (so a manifest that would not load is never written)."""
+    try:
+        text = json.dumps(data, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise BundleError(f"a manifest holds JSON values only (numbers, strings, lists, dicts): {error}") from None
+    return validate(json.loads(text), "the manifest being written")
 
 
 def _describe(problem: Any) -> str:

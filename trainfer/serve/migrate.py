@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, fx, nn
@@ -27,18 +27,14 @@ from trainfer.numerics import randomize_batchnorm
 from trainfer.reparam.deploy import deploy
 from trainfer.reparam.verify import verify
 from trainfer.serve.architecture import describe
-from trainfer.serve.bundle import (
-    FORMAT_VERSION,
-    build_model,
-    load,
-    load_state_dict,
-    needs_migration,
-    read_bundle_weights,
-    read_manifest,
-    weights_dtype,
-    write_bundle,
-    writer_versions,
-)
+from trainfer.serve.bundle import build_model, load
+from trainfer.serve.bundle_format import FORMAT_VERSION, needs_migration, read_manifest
+from trainfer.serve.bundle_write import write_bundle
+from trainfer.serve.manifest_build import writer_versions
+from trainfer.serve.weights import load_state_dict, read_bundle_weights, weights_dtype
+
+if TYPE_CHECKING:
+    from trainfer.serve.manifest import Manifest
 
 __all__ = ["migrate"]
 
@@ -57,44 +53,47 @@ def migrate(
     Raises :class:`BundleError` for a bundle that needs no migration, a factory that is not allowed, or
     weights that do not fit the graph this trainfer's fold gives; ``target`` is then left as it was.
     """
+    from trainfer.serve import manifest as schema
+
     source = Path(source)
     manifest = read_manifest(source)
     if not needs_migration(manifest):
         raise BundleError(
-            f"{str(source)!r} (format_version {manifest['format_version']}, form {manifest['form']!r}) "
+            f"{str(source)!r} (format_version {manifest.format_version}, form {manifest.form!r}) "
             "loads as it is: nothing to migrate"
         )
     state = read_bundle_weights(source if source.is_dir() else source.parent, manifest)
     deployed = _replay_fold(manifest, state, factory, trust_factory, str(source))
-    migrated = {
-        **manifest,
-        "format_version": FORMAT_VERSION,
-        "architecture": describe(deployed),
-        "versions": {**writer_versions(), "migrated_from_trainfer": manifest["versions"]["trainfer"]},
-    }
-    shape = manifest["input"]["shape"]
+    migrated = schema.build(
+        {
+            **manifest.to_json(),
+            "format_version": FORMAT_VERSION,
+            "architecture": describe(deployed),
+            "versions": {**writer_versions(), "migrated_from_trainfer": manifest.versions.trainfer},
+        }
+    )
+    shape = manifest.input_shape or []  # _replay_fold refused a manifest without one
     probe = torch.randn(4, *shape[1:], dtype=weights_dtype(state) or torch.float32)
     return write_bundle(target, migrated, state, check=lambda staged: _same_outputs(staged, deployed, probe))
 
 
 def _replay_fold(
-    manifest: dict[str, Any],
+    manifest: Manifest,
     state: dict[str, Tensor],
     factory: str | Callable[..., nn.Module] | None,
     trust_factory: bool,
     source: str,
 ) -> fx.GraphModule:
     """What format 1's loader built: the training form, folded on the manifest's input shape, with the weights."""
-    shape = manifest["input"].get("shape")
+    shape = manifest.input_shape
     if not shape:
         raise BundleError(f"{source}: input.shape: a format-1 deploy form needs its input shape to replay the fold")
     stored = sum(value.numel() for value in state.values())
     dtype = weights_dtype(state)
-    train = build_model(
-        {**manifest, "form": "train"}, dtype, factory=factory, trust_factory=trust_factory, stored=stored
-    )
+    training = manifest.model_copy(update={"form": "train"})
+    train = build_model(training, dtype, factory=factory, trust_factory=trust_factory, stored=stored)
     randomize_batchnorm(train.eval())  # generic statistics, as format 1 used: no BatchNorm is an identity
-    options = manifest.get("deploy_options") or {}
+    options = manifest.deploy_options.model_dump(mode="json", exclude_unset=True)
     try:
         deployed = deploy(train, torch.randn(*shape, dtype=dtype or torch.float32), verify=False, **options)
     except Exception as error:  # e.g. an input shape the architecture cannot take: the manifest's
@@ -107,8 +106,8 @@ def _replay_fold(
         load_state_dict(deployed, state, source=source)
     except BundleError as error:
         raise BundleError(
-            f"{error}: this trainfer folds {manifest['factory']!r} into another graph than the trainfer "
-            f"{manifest['versions']['trainfer']} that wrote the bundle; load its training form and save "
+            f"{error}: this trainfer folds {manifest.factory!r} into another graph than the trainfer "
+            f"{manifest.versions.trainfer} that wrote the bundle; load its training form and save "
             "trainfer.deploy(...) of it instead"
         ) from None
     deployed.eval()

@@ -5,7 +5,7 @@ The exporter (:mod:`trainfer.serve.export`) writes the manifest as JSON under :d
 in the ONNX model's ``metadata_props``, in TorchScript's ``_extra_files`` and in the ExportedProgram's
 ``extra_files``. This module only reads: serving (``Predictor.load("model.onnx")``) needs it and never
 the exporter. Every manifest read here passes the same schema check as a bundle's
-(:func:`trainfer.serve.bundle.check_manifest`). onnx and onnxruntime are the optional extra
+(:func:`trainfer.serve.bundle_format.check_manifest`). onnx and onnxruntime are the optional extra
 ``trainfer[onnx]``, imported on use.
 """
 
@@ -15,7 +15,7 @@ import collections
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -23,7 +23,10 @@ from torch import Tensor
 from trainfer.errors import BundleError, InputError
 from trainfer.extras import require
 from trainfer.jsonfile import parse_json
-from trainfer.serve.bundle import check_manifest
+from trainfer.serve.bundle_format import check_manifest
+
+if TYPE_CHECKING:
+    from trainfer.serve.manifest import Manifest
 
 MANIFEST_KEY = "trainfer.manifest"
 
@@ -33,11 +36,18 @@ __all__ = ["MANIFEST_KEY", "OnnxModel", "load_onnx", "read_exported_manifest", "
 class OnnxModel:
     """An ONNX Runtime session that takes a batch tensor and returns the model's output structure."""
 
-    def __init__(self, path: str | os.PathLike[str], manifest: dict[str, Any], session_options: Any = None):
-        """``session_options``: an ``onnxruntime.SessionOptions`` (threads, optimisation level), or None."""
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        manifest: Manifest,
+        session_options: Any = None,
+        dtype: str | None = None,
+    ):
+        """``session_options``: an ``onnxruntime.SessionOptions`` (threads, optimisation level), or None;
+        ``dtype``: the input dtype the file takes (default: the manifest's)."""
         ort = require("onnxruntime", "onnx", "serving an ONNX file")
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        self.dtype = manifest["input"].get("dtype") or "float32"
+        self.dtype = dtype or manifest.input.dtype or "float32"
         try:
             self.session = ort.InferenceSession(str(path), session_options, providers=providers)
         except Exception as error:  # onnxruntime raises its own pybind exception types
@@ -69,25 +79,25 @@ def _ort_errors(ort: Any) -> tuple[type[Exception], ...]:
     return (*found, MemoryError)
 
 
-def structured(values: list[Tensor], names: list[str], manifest: dict[str, Any]) -> Any:
+def structured(values: list[Tensor], names: list[str], manifest: Manifest) -> Any:
     """Flat output ``values`` (named ``names``) in the output structure the manifest records."""
-    structure = manifest.get("output_structure") or {"type": "tensor"}
-    if structure["type"] == "tensor":
+    structure = manifest.output_structure
+    if structure is None or structure.type == "tensor":
         return values[0]
-    if structure["type"] == "dict":
+    if structure.type == "dict":
         return dict(zip(names, values, strict=True))
-    if structure.get("fields"):  # a named tuple: rebuilt so that output="field" still selects
-        return collections.namedtuple("Outputs", structure["fields"])(*values)
+    if structure.fields:  # a named tuple: rebuilt so that output="field" still selects
+        return collections.namedtuple("Outputs", structure.fields)(*values)
     return tuple(values)
 
 
-def load_onnx(path: str | os.PathLike[str]) -> tuple[OnnxModel, dict[str, Any]]:
+def load_onnx(path: str | os.PathLike[str]) -> tuple[OnnxModel, Manifest]:
     """An :class:`OnnxModel` for an exported file and the manifest stored inside it."""
     manifest = read_onnx_manifest(Path(path))
     return OnnxModel(path, manifest), manifest
 
 
-def read_onnx_manifest(path: Path) -> dict[str, Any]:
+def read_onnx_manifest(path: Path) -> Manifest:
     """The manifest stored in an ONNX file's ``metadata_props`` (schema-checked)."""
     onnx = require("onnx", "onnx", "reading an ONNX file")
     if not path.is_file():
@@ -99,7 +109,7 @@ def read_onnx_manifest(path: Path) -> dict[str, Any]:
     return _parse_manifest({p.key: p.value for p in proto.metadata_props}.get(MANIFEST_KEY), path)
 
 
-def read_exported_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_exported_manifest(path: str | os.PathLike[str]) -> Manifest:
     """The manifest inside an exported ``.onnx``, TorchScript or ExportedProgram file."""
     path = Path(path)
     if path.suffix == ".onnx":
@@ -114,7 +124,7 @@ def read_exported_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     return _parse_manifest(extra[MANIFEST_KEY] or None, path)
 
 
-def _parse_manifest(text: str | bytes | None, path: Path) -> dict[str, Any]:
+def _parse_manifest(text: str | bytes | None, path: Path) -> Manifest:
     if not text:
         raise BundleError(f"{str(path)!r} carries no trainfer manifest: export it with trainfer.export")
     data = parse_json(text, f"the trainfer manifest inside {str(path)!r}", error=BundleError)

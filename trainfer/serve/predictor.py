@@ -40,7 +40,7 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -50,8 +50,11 @@ from trainfer.errors import InputError, InputTypeError, OutputKindWarning
 from trainfer.modes.contexts import shared_inference
 from trainfer.recipe import recipe_of
 from trainfer.serve.batching import sample_count, timed_batches
+from trainfer.serve.devices import pick_device
+from trainfer.serve.ensemble import Ensemble, Member
+from trainfer.serve.inputs import gather, iter_raw
 from trainfer.serve.outputs import Head, Selector, check_output_kind, resolve_heads, select_output, to_scores
-from trainfer.serve.preprocess import PreprocessSpec, gather, iter_raw
+from trainfer.serve.preprocess import PreprocessSpec
 from trainfer.serve.results import (
     MultiHeadResult,
     Result,
@@ -61,37 +64,15 @@ from trainfer.serve.results import (
     classification_results,
     regression_results,
 )
+from trainfer.serve.served_model import open_served
 from trainfer.validate import check_integer, check_keywords, check_number, check_path, check_type, given
+
+if TYPE_CHECKING:
+    from trainfer.serve.runtime_record import RuntimeRecord
+    from trainfer.serve.sequence import DecoderSettings
 
 logger = logging.getLogger("trainfer")
 __all__ = ["Predictor", "pick_device"]
-
-
-def pick_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"``: CUDA if available, then Apple MPS, then CPU; anything else as ``torch.device``."""
-    if str(device) != "auto":
-        try:
-            chosen = torch.device(device)
-        except RuntimeError as error:
-            raise InputError(f"unknown device {device!r}: expected auto, cpu, cuda, cuda:N or mps ({error})") from None
-        if not _available(chosen):
-            raise InputError(f"device {str(device)!r} is not available on this machine (try device='auto' or 'cpu')")
-        return chosen
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def _available(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
-    if device.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        return mps is not None and mps.is_available()
-    return True
 
 
 # --------------------------------------------------------------------------- predictor
@@ -124,37 +105,72 @@ class Predictor:
         heads: Mapping[Any, str] | None = None,
         threshold: float = 0.5,
         cache_size: int = 0,
-        resolved_heads: list[Head] | None = None,
-        runtime: Any = None,
-        decoder: Any = None,
+        runtime: str | RuntimeRecord | None = None,
+        decoder: DecoderSettings | Mapping[str, Any] | None = None,
     ):
-        if not callable(model):
-            raise InputTypeError(f"model must be an nn.Module or a callable; got {type(model).__name__}")
-        batch_size = check_integer("batch_size", batch_size, minimum=1)
-        threshold = check_number("threshold", threshold, low=0.0, high=1.0)
-        cache_size = check_integer("cache_size", cache_size, minimum=0)
-        check_type("preprocess", preprocess, PreprocessSpec | Mapping | None, "a PreprocessSpec, a dict or None")
         if isinstance(labels, str | bytes) or not isinstance(labels, Iterable | None):
             raise InputTypeError(
                 f"labels must be a list of class names, a dict by head name or None; got {given(labels)}"
             )
+        self._place(model, preprocess, device, batch_size, threshold, cache_size)
+        if output_kind is None and task == "sequence" and _autoregressive(decoder):
+            output_kind = "log_probabilities"  # what step() returns (StepModel); no single forward to trace
+        self._serve(self._resolve_heads(task, labels, output, heads, output_kind), runtime, decoder)
+
+    @classmethod
+    def _recorded(
+        cls,
+        model: Callable[[Tensor], Any],
+        heads: list[Head],
+        *,
+        runtime: str | RuntimeRecord | None = None,
+        decoder: DecoderSettings | Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Predictor:
+        """A predictor serving ``heads`` as a bundle records them (resolved when it was saved, not again).
+
+        ``options``: the constructor's ``preprocess``, ``device``, ``batch_size``, ``threshold``, ``cache_size``.
+        """
+        predictor = cls.__new__(cls)
+        predictor._place(model, **options)
+        predictor._serve(heads, runtime, decoder)
+        return predictor
+
+    def _place(
+        self,
+        model: Any,
+        preprocess: PreprocessSpec | Mapping[str, Any] | None = None,
+        device: str | torch.device = "auto",
+        batch_size: int = 64,
+        threshold: float = 0.5,
+        cache_size: int = 0,
+    ) -> None:
+        """Validate the settings and place the model on its device (the heads come next, :meth:`_serve`)."""
+        if not callable(model):
+            raise InputTypeError(f"model must be an nn.Module or a callable; got {type(model).__name__}")
+        self.batch_size = check_integer("batch_size", batch_size, minimum=1)
+        self.threshold = check_number("threshold", threshold, low=0.0, high=1.0)
+        self._cache_size = check_integer("cache_size", cache_size, minimum=0)
+        check_type("preprocess", preprocess, PreprocessSpec | Mapping | None, "a PreprocessSpec, a dict or None")
         self.device = pick_device(device) if isinstance(model, nn.Module) else torch.device("cpu")
         self.model = _placed(model, self.device)
         self.preprocess_spec = _spec_for(self.model, preprocess)
-        self.batch_size = batch_size
-        self.threshold = threshold
-        self.heads = resolved_heads or self._resolve_heads(task, labels, output, heads, output_kind)
+
+    def _serve(self, heads: list[Head], runtime: Any, decoder: Any) -> None:
+        """Serve ``heads``: the decoder, the cache and timings, and the runtime the model is compiled for."""
+        self.heads = heads
         self.multi_head = self.heads[0].name is not None  # named heads come from heads={...}
         self.decoder = _decoder_for(self.heads, decoder)
+        self.generates = _generates(self.decoder, self._cache_size, runtime)  # autoregressive: decoding runs the model
         self.timings = Timings()
-        self._cache: OrderedDict[bytes, list[Tensor]] | None = OrderedDict() if cache_size else None
-        self._cache_size = cache_size
+        self._cache: OrderedDict[bytes, list[Tensor]] | None = OrderedDict() if self._cache_size else None
         self._checked = False
         self._lock = threading.Lock()  # the cache and the timings
         if runtime is not None:  # served by trainfer.compile from here on (on the CPU)
             from trainfer.serve.runtime import compile_for
 
-            self.model, self.device = compile_for(self.model, runtime, self.preprocess_spec, batch_size), _CPU
+            self.model = compile_for(self.model, runtime, self.preprocess_spec, self.batch_size)
+            self.device = _CPU
 
     def _resolve_heads(self, task: str, labels: Any, output: Selector, heads: Any, output_kind: Any) -> list[Head]:
         if not isinstance(self.model, nn.Module):
@@ -172,9 +188,16 @@ class Predictor:
     # ------------------------------------------------------------------ construction
     @classmethod
     def load(
-        cls, path: str | os.PathLike[str], *, factory: Any = None, trust_factory: bool = False, **overrides: Any
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        factory: str | Callable[..., nn.Module] | None = None,
+        trust_factory: bool = False,
+        **overrides: Any,
     ) -> Predictor:
         """A predictor for a bundle directory or an exported ``.onnx`` file (run by onnxruntime).
+
+        What serves the path is decided by :func:`trainfer.serve.served_model.open_served`; the class serves it.
 
         ``runtime`` (see :func:`trainfer.serve.runtime.compile`; ``"recorded"``: the bundle's
         ``runtime.json``) serves the deploy form on another engine. A bundle carrying an int8 form
@@ -190,32 +213,16 @@ class Predictor:
         a recorded output kind (unless ``output_kind`` overrides the record), or an int8 form that
         disagrees with the bundle's float weights, is refused with :class:`~trainfer.errors.BundleError`.
         """
-        path = check_path("path", path)
         check_keywords("Predictor.load", overrides, _LOAD_OVERRIDES)
-        model: Callable[[Tensor], Any] | None  # an OnnxModel, a served runtime's model or the bundle's nn.Module
-        if path.suffix == ".onnx":
-            from trainfer.serve.onnx_runtime import load_onnx
-
-            model, manifest = load_onnx(path)
-        else:
-            from trainfer.serve.bundle import load, read_manifest
-            from trainfer.serve.runtime import bundle_model
-
-            manifest = read_manifest(path)
-            model, overrides = bundle_model(path, overrides, factory=factory, trust_factory=trust_factory)
-            if model is None:
-                # ours: moved, not copied, and put in eval for good (calls then never switch modes)
-                model = load(path, factory=factory, trust_factory=trust_factory)
-                model = model.to(pick_device(overrides.get("device", "auto"))).eval()
-        heads = [Head.from_dict(h) for h in manifest.get("heads") or []]
-        if manifest.get("decoder") is not None:
-            overrides = {"decoder": manifest["decoder"], **overrides}
-        settings = (
-            _head_settings(heads) if heads and _HEAD_SETTINGS & overrides.keys() else {"resolved_heads": heads or None}
-        )
-        predictor = cls(model, **{"preprocess": manifest.get("preprocess"), **settings, **overrides})
-        if "output_kind" not in overrides:  # the caller's kinds replace the recorded ones (checked as they run)
-            predictor._check_recorded_kinds(heads, repr(str(path)))
+        served = open_served(check_path("path", path), overrides, factory=factory, trust_factory=trust_factory)
+        settings = {"preprocess": served.preprocess, **served.overrides}
+        if served.heads and not _HEAD_SETTINGS & served.overrides.keys():
+            predictor = cls._recorded(served.model, served.heads, **settings)
+        else:  # the caller overrides some head settings: the recorded ones fill in the others
+            predictor = cls(served.model, **{**(_head_settings(served.heads) if served.heads else {}), **settings})
+        # the caller's kinds replace the recorded ones (checked as they run); a generator has no single forward
+        if "output_kind" not in overrides and not predictor.generates:
+            predictor._check_recorded_kinds(served.heads, repr(str(path)))
         return predictor
 
     def _check_recorded_kinds(self, heads: list[Head], source: str) -> None:
@@ -226,11 +233,9 @@ class Predictor:
         if heads and shape is not None:
             check_declared_kinds(self.forward, heads, probe_inputs(shape, self.preprocess_spec.torch_dtype), source)
 
-    @classmethod
-    def ensemble(cls, predictors: Iterable[Predictor], weights: Iterable[float] | None = None) -> Any:
-        """Average several predictors (see :class:`trainfer.serve.ensemble.Ensemble`)."""
-        from trainfer.serve.ensemble import Ensemble
-
+    @staticmethod
+    def ensemble(predictors: Iterable[Member], weights: Iterable[float] | None = None) -> Ensemble:
+        """Average several predictors: :class:`trainfer.serve.ensemble.Ensemble` (which owns the construction)."""
         return Ensemble(predictors, weights)
 
     @property
@@ -335,11 +340,15 @@ class Predictor:
         start = time.perf_counter()
         batch = self.preprocess_spec.normalize(raw, first)  # checked by timed_batches
         prepared = time.perf_counter()
-        per_head = self._cached_scores(batch) if self._cache is not None else self._cpu_scores(batch)
-        check_finite_scores(per_head, self.heads, first)
-        forwarded = time.perf_counter()
-        results = self.results_from_scores(per_head, top_k)
-        done = time.perf_counter()
+        if self.generates:  # the search calls the model step by step: decoding is the forward
+            results = self.generate(batch, top_k)
+            forwarded = done = time.perf_counter()
+        else:
+            per_head = self._cached_scores(batch) if self._cache is not None else self._cpu_scores(batch)
+            check_finite_scores(per_head, self.heads, first)
+            forwarded = time.perf_counter()
+            results = self.results_from_scores(per_head, top_k)
+            done = time.perf_counter()
         stages = {
             "preprocess": load_seconds + prepared - start,
             "forward": forwarded - prepared,
@@ -366,6 +375,15 @@ class Predictor:
             timings.batches += 1
             timings.history.append({"samples": samples, **stages})
             return timings.batches
+
+    def generate(self, batch: Tensor, top_k: int | None = None) -> list[Any]:
+        """Results of an autoregressive sequence model for a preprocessed ``batch``, decoded in eval mode
+        under ``inference_mode`` (:func:`trainfer.serve.sequence.autoregressive_results`)."""
+        from trainfer.serve.sequence import autoregressive_results
+
+        batch = batch.to(self.device, non_blocking=True)
+        with shared_inference(self.model):
+            return autoregressive_results(self.model, batch, self.heads[0].labels, self.decoder, top_k)
 
     # ------------------------------------------------------------------ cache
     def _cached_scores(self, batch: Tensor) -> list[Tensor]:
@@ -424,8 +442,8 @@ class Predictor:
 # --------------------------------------------------------------------------- helpers
 _CPU = torch.device("cpu")
 _HEAD_SETTINGS = frozenset({"task", "labels", "output", "heads", "output_kind"})
-#: What ``Predictor.load`` passes on to the constructor (everything but the model and resolved heads).
-_LOAD_OVERRIDES = frozenset(inspect.signature(Predictor.__init__).parameters) - {"self", "model", "resolved_heads"}
+#: What ``Predictor.load`` passes on to the constructor (everything but the model).
+_LOAD_OVERRIDES = frozenset(inspect.signature(Predictor.__init__).parameters) - {"self", "model"}
 
 
 def _head_settings(heads: list[Head]) -> dict[str, Any]:
@@ -452,6 +470,25 @@ def _decoder_for(heads: list[Head], decoder: Any) -> Any:
     settings = DecoderSettings.coerce(decoder)
     settings.table(heads[0].labels)
     return settings
+
+
+def _autoregressive(decoder: Any) -> bool:
+    from trainfer.serve.sequence import is_autoregressive
+
+    return is_autoregressive(decoder)
+
+
+def _generates(decoder: Any, cache_size: int, runtime: Any) -> bool:
+    """Whether the predictor decodes an autoregressive model; what does not apply to one is refused."""
+    if decoder is None or not _autoregressive(decoder):
+        return False
+    for name, value in (("cache_size", cache_size), ("runtime", runtime)):
+        if value:
+            raise InputError(
+                f"{name} does not apply to an autoregressive sequence model: its decoding calls "
+                "encode() and step() per token, not one forward per batch"
+            )
+    return True
 
 
 def _placed(model: Any, device: torch.device) -> Any:

@@ -32,10 +32,8 @@ load), and it goes on through ``trainfer.deploy``, ``trainfer.compile`` and ``tr
 from __future__ import annotations
 
 import copy
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,9 +42,9 @@ from torch import Tensor, fx, nn
 from trainfer.errors import InputError, PruningError
 from trainfer.extras import require
 from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
+from trainfer.serve.calibration import calibration_inputs
 from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over
-from trainfer.serve.quantize import calibration_inputs
-from trainfer.serve.runtime import _source
+from trainfer.serve.source import float32_copy, load_source
 
 __all__ = ["LayerPruneSensitivity", "PruneReport", "PruningError", "prune"]
 
@@ -139,9 +137,8 @@ def prune(
     """
     settings = _settings(ratio, ratios, global_pruning, round_to, importance)
     gate = gate or AccuracyGate()
-    with tempfile.TemporaryDirectory(prefix="trainfer-prune-") as work:
-        source = _source(model_or_bundle, example_inputs, Path(work))
-    model, example = source.model, torch.randn(2, *source.sample_shape)
+    source = load_source(model_or_bundle, example_inputs)
+    model, example = float32_copy(source.model), torch.randn(2, *source.sample_shape)
     inputs = (
         calibration_inputs(data, source.manifest)
         if data is not None

@@ -33,19 +33,16 @@ serve the int8 form of such a bundle once it agrees with the float weights on th
 from __future__ import annotations
 
 import contextlib
-import copy
-import hashlib
 import io
 import json
 import logging
-import math
 import os
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -53,16 +50,18 @@ from torch import Tensor, nn
 
 from trainfer.atomic import remove_staging, replace_directory, staging_directory
 from trainfer.errors import InputError, QuantizationError
+from trainfer.serve.calibration import calibration_inputs, class_indices
+from trainfer.serve.engines import ort_engine
 from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over
-from trainfer.serve.runtime import (
-    QUANTIZATION_FILE,
-    QUANTIZED_FILE,
-    _source,
-    machine_info,
-    ort_engine,
-)
-from trainfer.serve.served_checks import PROBES_FILE, select_probes
+from trainfer.serve.int8_form import write_int8_form
+from trainfer.serve.runtime_record import machine_info
+from trainfer.serve.sensitivity import LayerSensitivity, sensitivity
+from trainfer.serve.served_checks import select_probes
+from trainfer.serve.source import float32_copy, load_source
 from trainfer.validate import check_type
+
+if TYPE_CHECKING:
+    from trainfer.serve.manifest import Manifest
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 _CALIBRATION_BATCH = 32
@@ -71,34 +70,6 @@ __all__ = ["LayerSensitivity", "QuantizationError", "QuantizationReport", "Quant
 
 
 # --------------------------------------------------------------------------- reports
-@dataclass
-class LayerSensitivity:
-    """How much quantizing one layer alone costs, and the weight ranges that explain it.
-
-    ``sqnr_db``: signal-to-quantization-noise ratio of the network output when only this layer's
-    weights (per-channel int8) and input (uint8, calibrated range) are quantized; lower = more
-    sensitive. ``weight_sqnr_db``: the same ratio for the layer's weights alone. ``channel_range``:
-    min, median and max over output channels of ``max |W[c]|``.
-    """
-
-    name: str
-    sqnr_db: float
-    weight_sqnr_db: float
-    channel_range: tuple[float, float, float]
-
-    @property
-    def outlier_ratio(self) -> float:
-        """Largest over median per-channel weight range."""
-        return self.channel_range[2] / self.channel_range[1] if self.channel_range[1] > 0 else math.inf
-
-    def __str__(self) -> str:
-        low, median, high = self.channel_range
-        return (
-            f"{self.name:<28}{self.sqnr_db:>9.1f}{self.weight_sqnr_db:>10.1f}"
-            f"   {low:.3g} / {median:.3g} / {high:.3g} (max/median {self.outlier_ratio:.1f})"
-        )
-
-
 @dataclass
 class QuantizationReport:
     """Gate verdict, sensitivity ranking, float fallbacks and the settings that made the int8 form."""
@@ -136,7 +107,7 @@ class QuantizedModel:
 
     float_model: nn.Module
     onnx_bytes: bytes
-    manifest: dict[str, Any]
+    manifest: Manifest
     report: QuantizationReport
     engine: Callable[[Tensor], Any] = field(repr=False)
     #: Validation inputs on which both forms agree: stored with the bundle, the int8 form is checked
@@ -151,141 +122,35 @@ class QuantizedModel:
 
         ``metadata`` goes to :func:`trainfer.save` (e.g. ``factory=...`` for a model of your own).
         """
-        from trainfer.serve.bundle import MANIFEST_FILE, save, write_safetensors
+        from trainfer.serve.bundle_format import MANIFEST_FILE
+        from trainfer.serve.bundle_write import save
 
         target = Path(path)
         if target.exists() and not (target / MANIFEST_FILE).is_file():
             raise InputError(f"refusing to overwrite {str(target)!r}: it exists and is not a trainfer bundle")
         staging = staging_directory(target)
         try:
-            inner = save(self.float_model, staging / "bundle", **{**_bundle_metadata(self.manifest), **metadata})
-            (inner / QUANTIZED_FILE).write_bytes(self.onnx_bytes)
-            write_safetensors({"inputs": self.probes}, inner / PROBES_FILE)
-            probes = hashlib.sha256((inner / PROBES_FILE).read_bytes()).hexdigest()
-            entry = {
-                "format": "trainfer-quantized",
-                "format_version": 2,
-                "file": QUANTIZED_FILE,
-                "sha256": hashlib.sha256(self.onnx_bytes).hexdigest(),
-                "probes": {"file": PROBES_FILE, "sha256": probes},
-                "report": self.report.to_dict(),
-            }
-            (inner / QUANTIZATION_FILE).write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
+            inner = save(self.float_model, staging / "bundle", **{**bundle_metadata(self.manifest), **metadata})
+            write_int8_form(inner, self.onnx_bytes, self.probes, self.report.to_dict())
             replace_directory(inner, target)
         finally:
             remove_staging(staging)
         return target
 
 
-def _bundle_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
-    heads = manifest.get("heads") or [{}]
+def bundle_metadata(manifest: Manifest) -> dict[str, Any]:
+    """What a bundle derived from ``manifest``'s model keeps of it: :func:`trainfer.save`'s task, labels,
+    preprocessing and output kind."""
     return {
-        "task": manifest.get("task"),
-        "labels": manifest.get("labels"),
-        "preprocess": manifest.get("preprocess"),
-        "output_kind": heads[0].get("output_kind"),
+        "task": manifest.task,
+        "labels": manifest.labels,
+        "preprocess": manifest.preprocess_settings(),
+        "output_kind": manifest.heads[0].output_kind if manifest.heads else None,
     }
 
 
 # --------------------------------------------------------------------------- calibration data
-def calibration_inputs(data: Any, manifest: dict[str, Any], limit: int | None = None) -> Tensor:
-    """Model inputs as one float32 batch from a tensor/array (model inputs), a data set or loader
-    (items ``x`` or ``(x, label)``), or a path: a ``.npy``/``.csv``/image file or a directory of images
-    and ``.npy`` files (raw inputs, preprocessed as the bundle's manifest says)."""
-    from trainfer.serve.preprocess import PreprocessSpec, gather
-
-    if isinstance(data, str | os.PathLike):
-        spec = PreprocessSpec.coerce(manifest.get("preprocess"))
-        path = Path(data)
-        files = _input_files(path) if path.is_dir() else [str(path)]
-        batch = spec.prepare(gather(files, spec))
-    elif isinstance(data, Tensor | np.ndarray):
-        batch = torch.as_tensor(data)
-    else:
-        batch = torch.cat([_first(item) for item in data])
-    if not batch.is_floating_point() or batch.dim() < 2 or len(batch) == 0:
-        raise InputError(f"calibration data must be a non-empty float batch (N, ...); got {tuple(batch.shape)}")
-    batch = batch.detach().to("cpu", torch.float32)
-    return batch[:limit] if limit else batch
-
-
-def _first(item: Any) -> Tensor:
-    value = item[0] if isinstance(item, tuple | list) else item
-    value = torch.as_tensor(value)
-    return value if value.dim() >= 2 and isinstance(item, tuple | list) and len(item[0]) != 1 else value[None]
-
-
-def _input_files(directory: Path) -> list[str]:
-    from trainfer.serve.preprocess import IMAGE_SUFFIXES
-
-    files = sorted(str(p) for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES | {".npy"})
-    if not files:
-        raise InputError(f"no image or .npy files under {str(directory)!r} to calibrate with")
-    return files
-
-
 # --------------------------------------------------------------------------- sensitivity
-def _layers(model: nn.Module) -> list[tuple[str, nn.Conv2d | nn.Linear]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-
-
-def _fake_weight(weight: Tensor, bits: int) -> Tensor:
-    """Per-output-channel symmetric quantization to ``bits`` (what the QDQ file stores)."""
-    levels = 2 ** (bits - 1) - 1
-    step = weight.abs().flatten(1).amax(1).clamp_min(1e-12) / levels
-    step = step.reshape(-1, *[1] * (weight.dim() - 1))
-    return (weight / step).round().clamp(-levels, levels) * step
-
-
-def _fake_activation(x: Tensor, low: float, high: float) -> Tensor:
-    """Asymmetric uint8 quantization of ``x`` with the calibrated range (widened to hold 0)."""
-    low, high = min(low, 0.0), max(high, 0.0)
-    step = max(high - low, 1e-12) / 255
-    zero = round(-low / step)
-    return ((x / step).round() + zero).clamp(0, 255).sub(zero) * step
-
-
-def _sqnr_db(reference: Tensor, candidate: Tensor) -> float:
-    noise = float((reference.double() - candidate.double()).pow(2).sum())
-    signal = float(reference.double().pow(2).sum())
-    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
-
-
-@torch.no_grad()
-def sensitivity(model: nn.Module, inputs: Tensor, weight_bits: int = 8) -> list[LayerSensitivity]:
-    """Per-layer sensitivity of ``model`` on ``inputs``, most sensitive (lowest SQNR) first."""
-    model = copy.deepcopy(model).float().eval()
-    layers = _layers(model)
-    ranges: dict[str, list[float]] = {}
-
-    def observe(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            low, high = float(args[0].min()), float(args[0].max())
-            old = ranges.get(name, [low, high])
-            ranges[name] = [min(old[0], low), max(old[1], high)]
-
-        return hook
-
-    handles = [module.register_forward_pre_hook(observe(name)) for name, module in layers]
-    reference = model(inputs)
-    for handle in handles:
-        handle.remove()
-    results = []
-    for name, module in layers:
-        weight = module.weight.data.clone()
-        quantized = _fake_weight(weight, weight_bits)
-        low, high = ranges[name]
-        handle = module.register_forward_pre_hook(lambda m, a, lo=low, hi=high: (_fake_activation(a[0], lo, hi),))
-        module.weight.data.copy_(quantized)
-        output = model(inputs)
-        module.weight.data.copy_(weight)
-        handle.remove()
-        per_channel = weight.abs().flatten(1).amax(1)
-        spread = (float(per_channel.min()), float(per_channel.median()), float(per_channel.max()))
-        results.append(LayerSensitivity(name, _sqnr_db(reference, output), _sqnr_db(weight, quantized), spread))
-    return sorted(results, key=lambda layer: layer.sqnr_db)
-
-
 # --------------------------------------------------------------------------- onnx runtime quantization
 def _node_names(onnx_path: Path, layers: Iterable[str]) -> dict[str, str]:
     """Module name -> name of the ONNX node that reads ``<module>.weight``."""
@@ -347,7 +212,8 @@ def _quiet() -> Iterator[None]:
         root.setLevel(level)
 
 
-def _with_manifest(path: Path, manifest: dict[str, Any]) -> bytes:
+def _with_manifest(path: Path, served: str) -> bytes:
+    """The ONNX file at ``path`` carrying the manifest JSON ``served`` (:func:`_served_manifest`)."""
     import onnx
 
     from trainfer.serve.onnx_runtime import MANIFEST_KEY
@@ -355,7 +221,7 @@ def _with_manifest(path: Path, manifest: dict[str, Any]) -> bytes:
     proto = onnx.load(str(path))
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()
-    entry.key, entry.value = MANIFEST_KEY, json.dumps(manifest)
+    entry.key, entry.value = MANIFEST_KEY, served
     return proto.SerializeToString()
 
 
@@ -374,6 +240,7 @@ def quantize(
     calibration_limit: int | None = 512,
     sensitivity_samples: int = 128,
     threads: int | None = None,
+    trust_factory: bool = False,
 ) -> QuantizedModel:
     """The gated int8 form of ``model_or_bundle``; see the module docstring.
 
@@ -382,7 +249,8 @@ def quantize(
     False, or ``"auto"`` (quantize both the equalized and the plain form, keep the one closer to
     the float form: with per-channel weights equalization does not always help). ``max_float_layers``:
     how many layers may fall back to float (default: half of them). ``reduce_range``: 7-bit
-    weights (default: where the CPU lacks VNNI/AMX int8 dot products).
+    weights (default: where the CPU lacks VNNI/AMX int8 dot products). ``trust_factory`` is
+    :func:`trainfer.load`'s (for a bundle).
     """
     check_type("model_or_bundle", model_or_bundle, nn.Module | str | os.PathLike, "an nn.Module or a bundle path")
     if calibration not in CALIBRATION_METHODS:
@@ -392,7 +260,8 @@ def quantize(
     gate = gate or AccuracyGate()
     with tempfile.TemporaryDirectory(prefix="trainfer-quantize-") as work:
         workdir = Path(work)
-        source = _source(model_or_bundle, _example(model_or_bundle, calibration_data), workdir)
+        loaded = load_source(model_or_bundle, _example(model_or_bundle, calibration_data), trust_factory=trust_factory)
+        source = _Float(float32_copy(loaded.model), loaded.manifest)
         calib = calibration_inputs(calibration_data, source.manifest, calibration_limit)
         check = calibration_inputs(validation, source.manifest) if validation is not None else calib
         if validation is None:
@@ -421,35 +290,19 @@ def quantize(
         return search.run(variants, max_float_layers)
 
 
-def class_indices(labels: Any, classes: int, count: int) -> Tensor:
-    """``labels`` checked as ``count`` class indices of a ``classes``-way output, as an int64 ``(count,)`` tensor.
-
-    Refuses (:class:`InputError`) anything but integers (a float, boolean or object array is not
-    a list of class indices) and any value outside ``0 .. classes - 1``.
-    """
-    try:
-        values = torch.as_tensor(labels)
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise InputError(f"labels must be class indices (integers); got {type(labels).__name__}: {error}") from None
-    if values.dtype == torch.bool or values.is_floating_point() or values.is_complex():
-        raise InputError(f"labels must be integer class indices; got dtype {str(values.dtype).removeprefix('torch.')}")
-    values = values.flatten()
-    if len(values) != count:
-        raise InputError(f"labels must hold one class index per validation input ({count}); got {len(values)}")
-    outside = values[(values < 0) | (values >= classes)]
-    if len(outside):
-        raise InputError(
-            f"labels must be class indices in 0..{classes - 1} ({classes} classes); got {int(outside[0])} "
-            f"({len(outside)} out of range)"
-        )
-    return values.long()
-
-
 def _example(model_or_bundle: Any, calibration_data: Any) -> Tensor | None:
     """Two calibration samples as the example batch of a model (a bundle knows its input shape)."""
     if isinstance(model_or_bundle, nn.Module) and isinstance(calibration_data, Tensor | np.ndarray):
         return torch.as_tensor(calibration_data[:2]).float()
     return None
+
+
+@dataclass(frozen=True)
+class _Float:
+    """The float32 deploy form to quantize and its manifest."""
+
+    model: nn.Module
+    manifest: Manifest
 
 
 @dataclass
@@ -467,7 +320,7 @@ class _Variant:
 class _Search:
     """Quantize, gate, and fall back to float layer by layer (most sensitive first) until the gate passes."""
 
-    source: Any
+    source: _Float
     calib: Tensor
     check: tuple[Tensor, Tensor | None, Tensor]
     gate: AccuracyGate
@@ -531,6 +384,7 @@ class _Search:
         return QuantizedModel(variant.model, data, self.source.manifest, result, engine, probes)
 
 
-def _served_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
-    served = {key: value for key, value in manifest.items() if key != "weights"}
-    return {**served, "form": "deploy", "quantized": {"format": "QDQ", "weights": "int8"}}
+def _served_manifest(manifest: Manifest) -> str:
+    """The manifest JSON inside ``quantized.onnx``: the float form's, without weights, marked as the QDQ int8 form."""
+    served = manifest.model_copy(update={"form": "deploy", "weights": None}).to_json()
+    return json.dumps({**served, "quantized": {"format": "QDQ", "weights": "int8"}})

@@ -6,13 +6,15 @@ log-probabilities (log-softmax of logits, the log of probabilities, or log-proba
 are), decoded by :mod:`trainfer.decoding` with the settings recorded in the bundle manifest's
 ``decoder`` entry (:class:`DecoderSettings`):
 
-* ``kind``: ``"ctc"`` (served by the Predictor) or ``"autoregressive"`` (a model with ``encode`` and
-  ``step``; decoded with :func:`trainfer.decoding.beam_search`, not through one forward per batch,
-  so the Predictor refuses it with that message);
+* ``kind``: ``"ctc"`` (one forward per batch, then :func:`trainfer.decoding.ctc_beam_search`) or
+  ``"autoregressive"`` (a model with ``encode`` and ``step``, see
+  :class:`trainfer.decoding.StepModel`; decoded by :func:`autoregressive_results`, which drives
+  :func:`trainfer.decoding.beam_search` over the model, so there is no single forward per batch);
 * ``blank`` (CTC), ``bos``/``eos``/``pad`` (autoregressive): ids into the token table, which is the
   head's ``labels`` (the blank's entry is the empty string);
-* ``beam_width`` (1: greedy best path), ``n_best`` (hypotheses returned), ``max_length``,
-  ``length_penalty``: bounded as in :mod:`trainfer.decoding.checks`.
+* ``beam_width`` (Hugging Face's ``num_beams``; 1: greedy), ``n_best`` (hypotheses returned,
+  ``num_return_sequences``), ``max_length``, ``length_penalty`` and ``early_stopping``
+  (autoregressive: True, False or ``"never"``): bounded as in :mod:`trainfer.decoding.checks`.
 
 Ensembles refuse sequence predictors: averaging per-frame distributions of different models is not
 the average of their distributions over sequences (the alignments differ), so it has no meaning to
@@ -30,12 +32,21 @@ from torch import Tensor
 
 from trainfer import decoding
 from trainfer.decoding.checks import MAX_BEAM_WIDTH, MAX_LENGTH, check_beam_width, check_finite_float, check_int
+from trainfer.decoding.interface import batch_size
 from trainfer.decoding.tokens import TokenTable
 from trainfer.errors import DecodingError
 
 KINDS = ("ctc", "autoregressive")
 
-__all__ = ["KINDS", "DecoderSettings", "SequenceResult", "sequence_results"]
+__all__ = [
+    "KINDS",
+    "CheckedStep",
+    "DecoderSettings",
+    "SequenceResult",
+    "autoregressive_results",
+    "is_autoregressive",
+    "sequence_results",
+]
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,7 @@ class DecoderSettings:
     n_best: int = 1
     max_length: int = 64
     length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -59,6 +71,8 @@ class DecoderSettings:
         check_int("n_best", self.n_best, 1, self.beam_width)
         check_int("max_length", self.max_length, 1, MAX_LENGTH)
         check_finite_float("length_penalty", self.length_penalty)
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise DecodingError(f"early_stopping must be true, false or 'never'; got {self.early_stopping!r}")
         if self.kind == "ctc" and self.blank is None:
             raise DecodingError("a CTC decoder needs a blank id")
         if self.kind == "autoregressive" and (self.bos is None or self.eos is None):
@@ -97,24 +111,43 @@ class DecoderSettings:
 class SequenceResult:
     """One decoded sequence: its text and token ids, its score, confidences and the n-best list.
 
-    ``score`` is the log-probability of the sequence (beam: summed over its alignments; greedy: the
-    best path's). ``token_confidence`` (greedy) is per token the probability of the frame that
-    emitted it; ``frame_confidence`` is per frame the top class probability. ``n_best`` holds
-    ``(text, score)`` pairs, best first, when more than one was asked for.
+    ``score`` is what the search ranked by. CTC: the log-probability of the sequence (beam: summed
+    over its alignments; greedy: the best path's). Autoregressive: ``log_prob / length **
+    length_penalty`` (:class:`trainfer.decoding.Hypothesis`). ``token_confidence`` is per token the
+    probability the model gave it (CTC greedy: of the frame that emitted it; autoregressive: at the
+    step that chose it); ``frame_confidence`` (CTC) is per frame the top class probability.
+    ``n_best`` holds ``(text, score)`` pairs, best first, when more than one was asked for.
+    ``finished`` (autoregressive): False when the sequence was cut at ``max_length``, not ended by EOS.
     """
 
     text: str
     tokens: list[int]
     score: float
-    frame_confidence: list[float]
+    frame_confidence: list[float] | None
     token_confidence: list[float] | None = None
     n_best: list[tuple[str, float]] | None = None
+    finished: bool | None = None
 
     def to_record(self) -> dict[str, Any]:
+        """Everything, for JSON lines: the per-token and per-frame confidences in full."""
         record: dict[str, Any] = {"text": self.text, "tokens": self.tokens, "score": self.score}
+        if self.finished is not None:
+            record["finished"] = self.finished
         if self.token_confidence is not None:
             record["token_confidence"] = self.token_confidence
-        record["frame_confidence"] = self.frame_confidence
+        if self.frame_confidence is not None:
+            record["frame_confidence"] = self.frame_confidence
+        if self.n_best is not None:
+            record["n_best"] = [[text, score] for text, score in self.n_best]
+        return record
+
+    def summary_record(self) -> dict[str, Any]:
+        """One readable table row: text, score, the lowest confidence (token's, else frame's), the n-best."""
+        record: dict[str, Any] = {"text": self.text, "score": self.score}
+        if self.finished is not None:
+            record["finished"] = self.finished
+        confidences = self.token_confidence if self.token_confidence else self.frame_confidence
+        record["min_confidence"] = min(confidences) if confidences else None
         if self.n_best is not None:
             record["n_best"] = [[text, score] for text, score in self.n_best]
         return record
@@ -129,8 +162,8 @@ def sequence_results(
     """
     if settings.kind != "ctc":
         raise DecodingError(
-            "the Predictor serves CTC sequence models (one forward per batch); decode an autoregressive "
-            "model with trainfer.decoding.beam_search(model, inputs, ...)"
+            "autoregressive settings decode a model, not scores: use autoregressive_results(model, inputs, ...) "
+            "or trainfer.decoding.beam_search(model, inputs, ...)"
         )
     if log_probs.dim() != 3:
         raise DecodingError(f"a CTC sequence model returns (N, frames, classes) scores; got {tuple(log_probs.shape)}")
@@ -154,3 +187,95 @@ def sequence_results(
         listed = [(table.text(h.tokens), h.score) for h in hyps] if wanted > 1 else None
         out.append(SequenceResult(table.text(best.tokens), list(best.tokens), best.score, f, None, listed))
     return out
+
+
+def is_autoregressive(decoder: DecoderSettings | Mapping[str, Any] | None) -> bool:
+    """Whether ``decoder`` (settings, the manifest's dict or None) names the autoregressive kind."""
+    if isinstance(decoder, DecoderSettings):
+        return decoder.kind == "autoregressive"
+    return isinstance(decoder, Mapping) and decoder.get("kind") == "autoregressive"
+
+
+def autoregressive_results(
+    model: Any, inputs: Any, labels: tuple[str, ...] | None, settings: DecoderSettings, n_best: int | None = None
+) -> list[SequenceResult]:
+    """Decode ``inputs`` with an autoregressive ``model`` (``encode``/``step``) into one result per item.
+
+    Beam width 1 and one result: :func:`trainfer.decoding.greedy_search`; otherwise
+    :func:`trainfer.decoding.beam_search` with the settings (``n_best``, the Predictor's ``top_k``,
+    overrides the settings' ``n_best``; the beam widens to it). Every step's log-probs must score
+    exactly the token table's entries (:class:`CheckedStep`).
+    """
+    if settings.kind != "autoregressive":
+        raise DecodingError(f"autoregressive_results needs autoregressive decoder settings; got kind {settings.kind!r}")
+    if labels is None:
+        raise DecodingError("an autoregressive sequence model needs labels: the token table its step() scores")
+    table = settings.table(labels)
+    wanted = settings.n_best if n_best is None else check_int("n_best", n_best, 1, MAX_BEAM_WIDTH)
+    width = max(settings.beam_width, wanted)
+    common: dict[str, Any] = {
+        "bos": settings.bos,
+        "eos": settings.eos,
+        "pad": settings.pad,
+        "max_length": settings.max_length,
+        "length_penalty": settings.length_penalty,
+    }
+    checked = CheckedStep(model, len(table.tokens))
+    if width == 1:
+        found = [[h] for h in decoding.greedy_search(checked, inputs, **common)]
+    else:
+        found = decoding.beam_search(
+            checked,
+            inputs,
+            num_beams=width,
+            early_stopping=settings.early_stopping,
+            num_return_sequences=wanted,
+            **common,
+        )
+    return [_generated(hyps, table, wanted > 1) for hyps in found]
+
+
+def _generated(hyps: list[decoding.Hypothesis], table: TokenTable, listed: bool) -> SequenceResult:
+    best = hyps[0]
+    confidence = [math.exp(c) for c in best.token_log_probs or ()]
+    n_best = [(table.text(h.tokens), h.score) for h in hyps] if listed else None
+    return SequenceResult(
+        table.text(best.tokens), list(best.tokens), best.score, None, confidence, n_best, best.finished
+    )
+
+
+class CheckedStep:
+    """A :class:`~trainfer.decoding.StepModel` whose steps must score exactly ``vocab`` tokens (the table's).
+
+    Delegates ``encode``, ``step`` and the model's own ``reorder_state`` when it has one; a step
+    returning another number of classes is refused with a :class:`~trainfer.errors.DecodingError`
+    (the searches check the rest of the shape, the rows, and the values).
+    """
+
+    def __init__(self, model: Any, vocab: int):
+        if not callable(getattr(model, "encode", None)) or not callable(getattr(model, "step", None)):
+            raise DecodingError(
+                f"an autoregressive sequence model needs encode(inputs) and step(state, tokens) methods; "
+                f"{type(model).__name__} lacks them (see trainfer.decoding.StepModel)"
+            )
+        self.model, self.vocab = model, vocab
+
+    def encode(self, inputs: Any) -> Any:
+        return self.model.encode(inputs)
+
+    def step(self, state: Any, tokens: Tensor) -> tuple[Any, Any]:
+        out = self.model.step(state, tokens)
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise DecodingError(f"step() must return (log_probs, state); got {type(out).__name__}")
+        log_probs = out[0]
+        if isinstance(log_probs, Tensor) and log_probs.dim() == 2 and log_probs.shape[1] != self.vocab:
+            raise DecodingError(
+                f"step() returned scores over {log_probs.shape[1]} tokens, but the token table has {self.vocab}"
+            )
+        return out
+
+    def reorder_state(self, state: Any, index: Tensor) -> Any:
+        own = getattr(self.model, "reorder_state", None)
+        if callable(own):
+            return own(state, index)
+        return decoding.reorder_state(state, index, batch_size(state))

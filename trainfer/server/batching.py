@@ -1,11 +1,20 @@
 """Dynamic batching: requests arriving close together run as one batch, and each gets its rows back.
 
-A request is a batch of ``n >= 1`` preprocessed samples. The batcher waits for the first request,
-then gathers more for at most ``max_delay`` seconds (or until ``max_batch`` samples are waiting),
-concatenates them in arrival order -- requests of different sizes together, never splitting one --
-runs the model once on the concatenation and hands each request its own rows. A request holding
-more than ``max_batch`` samples runs alone. Batches run one at a time, in a worker thread, so the
-event loop keeps accepting (and refusing) requests while the model computes.
+A request is a batch of ``n >= 1`` preprocessed samples. Batches run one at a time, in a worker
+thread, so the event loop keeps accepting (and refusing) requests while the model computes; the
+requests that arrive meanwhile are the next batch's. When to run (Triton's rule, collecting only
+while the model is busy):
+
+- a request that finds the model idle and nobody waiting runs at once, alone with whatever arrived
+  in the same instant: a lone request never waits for companions that may never come;
+- requests that arrived while the model was busy run when it frees, once ``max_batch`` samples are
+  waiting or the oldest has waited ``max_delay`` seconds since its arrival, whichever comes first
+  (a model slower than ``max_delay`` thus runs the next batch at once).
+
+A batch is the oldest waiting requests concatenated in arrival order -- requests of different sizes
+together, never splitting one -- up to ``max_batch`` samples; a request holding more than
+``max_batch`` samples runs alone. The model runs once on it and each request gets its own rows.
+The worker thread runs with the torch (OpenMP) thread count of the thread that made the batcher.
 
 Memory is bounded: at most ``max_queue`` samples wait; a request that would exceed that is refused
 at once with :class:`Overloaded` (the server answers 503 with ``Retry-After``). A request whose
@@ -72,7 +81,12 @@ class DynamicBatcher:
         self._waiting: deque[_Pending] = deque()
         self._queued = 0
         self._arrival = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainfer-batch")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="trainfer-batch",
+            initializer=torch.set_num_threads,  # OpenMP keeps a thread count per thread: give it the caller's
+            initargs=(torch.get_num_threads(),),
+        )
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -109,14 +123,18 @@ class DynamicBatcher:
         self.stats.queue_depth(self._queued)
 
     async def _loop(self) -> None:
+        found_idle = True  # the waiting requests arrived while no batch ran and none waited
         while True:
             if not self._waiting:
                 if self._closing:
                     return
                 self._arrival.clear()
                 await self._arrival.wait()
+                found_idle = True
                 continue
-            await self._gather()
+            if not found_idle:
+                await self._gather()
+            found_idle = False
             taken = self._take()
             if taken:
                 await self._run(taken)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from trainfer.errors import InputError
-from trainfer.serve.preprocess import IMAGE_SUFFIXES, PreprocessSpec, load_image, npy_samples
+from trainfer.serve.preprocess import PreprocessSpec
+from trainfer.serve.readers import IMAGE_SUFFIXES, column_indices, load_image, npy_samples, parse_row
 
 __all__ = ["MAX_NAME", "read_upload"]
 
@@ -67,15 +68,13 @@ def _npy(data: bytes, name: str, spec: PreprocessSpec) -> list[tuple[str, Any]]:
 
 def _csv(data: bytes, name: str, spec: PreprocessSpec) -> list[tuple[str, Any]]:
     """The CSV rows of ``data`` (a header, then rows of numbers), picked by ``spec.columns``."""
-    from trainfer.serve.preprocess import _column_indices, _parse_row
-
     try:
         reader = csv.reader(io.StringIO(data.decode("utf-8"), newline=""))
         header = [h.strip() for h in next(reader, [])]
         if not header:
             raise InputError(f"CSV file {name!r} is empty: expected a header row of column names")
-        indices = _column_indices(header, spec, Path(name))
-        rows = [_parse_row(row, indices, header, Path(name), line) for line, row in enumerate(reader, start=2) if row]
+        indices = column_indices(header, spec, Path(name))
+        rows = [parse_row(row, indices, header, Path(name), line) for line, row in enumerate(reader, start=2) if row]
     except (UnicodeDecodeError, csv.Error) as error:
         raise InputError(f"cannot read CSV file {name!r}: {error}") from None
     if not rows:

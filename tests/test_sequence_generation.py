@@ -1,0 +1,183 @@
+"""Autoregressive (encode/step) sequence models served like the CTC task: Predictor, bundles, CLI, refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import trainfer
+from trainfer import decoding
+from trainfer.cli import main
+from trainfer.errors import BundleError, DecodingError, InputError
+from trainfer.models.sequence import BOS, EOS, SEQ_TOKENS, deploy_seq2seq, digit_string_seq2seq
+from trainfer.numerics import randomize_batchnorm
+from trainfer.serve.predictor import Predictor
+from trainfer.serve.sequence import SequenceResult
+
+LABELS = list(SEQ_TOKENS)
+SETTINGS = {"kind": "autoregressive", "bos": BOS, "eos": EOS, "beam_width": 3, "max_length": 6}
+
+
+def tiny_model(dtype=torch.float32):
+    """A small untrained encoder-decoder, random BN statistics: its searches differ from greedy."""
+    torch.manual_seed(0)
+    model = digit_string_seq2seq(width=4, hidden=8).to(dtype)
+    randomize_batchnorm(model, seed=1)
+    with torch.no_grad():
+        model.out.weight.mul_(8.0)  # peaked next-token distributions: beams and greedy disagree somewhere
+    return model.eval()
+
+
+def images(count=4, seed=2, dtype=torch.float32):
+    return torch.randn(count, 1, 8, 64, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def test_the_predictor_returns_what_beam_search_finds_with_typed_results():
+    model, x = tiny_model(), images()
+    predictor = Predictor(model, task="sequence", labels=LABELS, decoder=SETTINGS)
+    results = predictor.predict(x, top_k=2)
+    with torch.inference_mode():
+        direct = decoding.beam_search(model, x, bos=BOS, eos=EOS, max_length=6, num_beams=3, num_return_sequences=2)
+    for result, hyps in zip(results, direct, strict=True):
+        assert isinstance(result, SequenceResult) and result.frame_confidence is None
+        assert result.tokens == list(hyps[0].tokens) and result.score == pytest.approx(hyps[0].score, rel=1e-6)
+        assert result.text == "".join(str(t) for t in hyps[0].tokens) and result.finished == hyps[0].finished
+        assert result.token_confidence == pytest.approx([math.exp(v) for v in hyps[0].token_log_probs[:]])
+        assert [s for _, s in result.n_best] == pytest.approx([h.score for h in hyps], rel=1e-6)
+    json.dumps([r.to_record() for r in results], allow_nan=False)
+
+
+def test_beam_width_one_is_greedy_search():
+    model, x = tiny_model(), images()
+    predictor = Predictor(model, task="sequence", labels=LABELS, decoder={**SETTINGS, "beam_width": 1})
+    with torch.inference_mode():
+        greedy = decoding.greedy_search(model, x, bos=BOS, eos=EOS, max_length=6)
+    assert [r.tokens for r in predictor.predict(x)] == [list(h.tokens) for h in greedy]
+
+
+def test_the_deploy_form_folds_the_encoder_exactly_in_float64():
+    model = tiny_model(torch.float64)
+    folded = deploy_seq2seq(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d | torch.nn.Dropout) for m in folded.modules())
+    x = images(dtype=torch.float64)
+    for a, b in zip(model.encode(x), folded.encode(x), strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12 * float(a.detach().abs().max()))
+    assert trainfer.recipe_of(folded).config["deploy"] is True and trainfer.recipe_of(folded).form == "deploy"
+
+
+def test_a_bundle_records_the_settings_loads_without_a_graph_and_serves_the_same(tmp_path):
+    folded, x = deploy_seq2seq(tiny_model()), images()
+    decoder = {**SETTINGS, "early_stopping": "never", "length_penalty": 0.5}
+    path = trainfer.save(folded, tmp_path / "s2s", task="sequence", labels=LABELS, decoder=decoder, example_inputs=x)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["form"] == "deploy" and manifest["architecture"] is None
+    assert manifest["factory"] == "trainfer.models:digit_string_seq2seq" and manifest["config"]["deploy"] is True
+    assert manifest["decoder"]["early_stopping"] == "never" and manifest["decoder"]["length_penalty"] == 0.5
+    served = Predictor.load(path).predict(x, top_k=2)
+    assert [r.to_record() for r in served] == [
+        r.to_record() for r in Predictor(folded, task="sequence", labels=LABELS, decoder=decoder).predict(x, top_k=2)
+    ]
+    for key, value in (("early_stopping", "sometimes"), ("beam_width", 5000), ("max_length", 0)):
+        broken = json.loads(json.dumps(manifest))
+        broken["decoder"][key] = value
+        (path / "manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(BundleError, match=f"decoder.{key}"):
+            Predictor.load(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "labels", "match"),
+    [
+        ({"eos": 12}, LABELS, "eos id 12 is outside the token table of 12"),
+        ({"max_length": 0}, LABELS, "max_length"),
+        ({"beam_width": 0}, LABELS, "beam_width"),
+        ({"beam_width": 5000}, LABELS, "beam_width"),
+        ({"early_stopping": 1}, LABELS, "early_stopping"),
+        ({}, [*LABELS, "extra"], "scores over 12 tokens, but the token table has 13"),
+    ],
+)
+def test_bad_settings_and_a_step_of_the_wrong_shape_are_refused(change, labels, match):
+    with pytest.raises(DecodingError, match=match):
+        Predictor(tiny_model(), task="sequence", labels=labels, decoder={**SETTINGS, **change}).predict(images(1))
+
+
+def test_what_does_not_apply_to_a_generator_is_refused_clearly(tmp_path):
+    model = tiny_model()
+    with pytest.raises(InputError, match="cache_size does not apply to an autoregressive"):
+        Predictor(model, task="sequence", labels=LABELS, decoder=SETTINGS, cache_size=4)
+    predictor = Predictor(model, task="sequence", labels=LABELS, decoder=SETTINGS)
+    with pytest.raises(InputError, match="sequence models are not averaged"):
+        Predictor.ensemble([predictor, predictor])
+    with pytest.raises(DecodingError, match="needs encode"):
+        Predictor(torch.nn.Linear(2, 3), task="sequence", labels=LABELS, decoder=SETTINGS).predict(torch.ones(1, 2))
+
+
+def test_a_model_without_a_factory_is_refused_at_save(tmp_path):
+    model = tiny_model()
+    trainfer.recipe.attach_recipe(model, trainfer.recipe.ModelRecipe(None, {}, (1, 1, 8, 64)))
+    with pytest.raises(BundleError, match="needs factory="):
+        trainfer.save(model, tmp_path / "b", task="sequence", labels=LABELS, decoder=SETTINGS, example_inputs=images(1))
+    assert not (tmp_path / "b").exists()
+
+
+def test_trainfer_predict_table_jsonl_csv_and_resumable_out(tmp_path):
+    x = images(5)
+    trainfer.save(tiny_model(), tmp_path / "s2s", task="sequence", labels=LABELS, decoder=SETTINGS, example_inputs=x)
+    np.save(tmp_path / "batch.npy", x.numpy())
+    args = ["predict", str(tmp_path / "s2s"), str(tmp_path / "batch.npy")]
+    table = CliRunner().invoke(main, args, catch_exceptions=False).output.splitlines()
+    assert table[0].split() == ["id", "text", "score", "finished", "min_confidence"] and len(table) == 6
+    records = [json.loads(line) for line in _output(args + ["--format", "jsonl", "--top-k", "2"]).splitlines()]
+    assert len(records) == 5 and all(len(r["n_best"]) == 2 for r in records)
+    assert all(len(r["token_confidence"]) == len(r["tokens"]) for r in records)
+    assert float(table[1].split()[4]) == pytest.approx(min(records[0]["token_confidence"]), rel=1e-5)
+    assert _output(args + ["--format", "csv"]).splitlines()[0].startswith("id,text,tokens,score,finished")
+    out = tmp_path / "preds.jsonl"
+    _output(args + ["--top-k", "2", "--out", str(out)])
+    whole = out.read_text().splitlines()
+    out.write_text("\n".join(whole[:2]) + "\n")  # as if stopped after two records
+    _output(args + ["--top-k", "2", "--out", str(out)])
+    assert out.read_text().splitlines() == whole
+    assert [json.loads(line)["text"] for line in whole] == [r["text"] for r in records]
+
+
+def _output(args):
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_export_refuses_the_decoding_loop_and_exports_the_encoder(tmp_path):
+    pytest.importorskip("onnxruntime")
+    folded, x = deploy_seq2seq(tiny_model()), images(2)
+    path = trainfer.save(folded, tmp_path / "s2s", task="sequence", labels=LABELS, decoder=SETTINGS, example_inputs=x)
+    with pytest.raises(InputError, match="export its encoder"):
+        trainfer.export(path, tmp_path / "s2s.onnx")
+    assert not (tmp_path / "s2s.onnx").exists()
+    report = trainfer.export(folded.encoder, tmp_path / "encoder.onnx", example_inputs=x)
+    assert report.max_rel_error < 1e-4
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    (frames,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.inference_mode():
+        expected = folded.encoder(x)
+    assert np.abs(frames - expected.numpy()).max() <= 1e-5 * float(expected.abs().max())
+
+
+def test_an_explanation_is_for_the_decoded_sequence_log_probability():
+    pytest.importorskip("captum")
+    model, x = tiny_model(), images(2)
+    predictor = Predictor(model, task="sequence", labels=LABELS, decoder=SETTINGS)
+    explained = predictor.explain(x, method="saliency")
+    assert explained.values.shape == x.shape and bool(torch.isfinite(explained.values).all())
+    assert float(explained.values.abs().sum()) > 0
+    with torch.inference_mode():
+        found = decoding.beam_search(model, x, bos=BOS, eos=EOS, max_length=6, num_beams=3)
+    expected = [hyps[0].log_prob for hyps in found]  # what the search scored, EOS included when it ended
+    assert explained.scores.detach().tolist() == pytest.approx(expected, rel=1e-5)

@@ -1,0 +1,176 @@
+"""Writing bundles, atomically: a model's weights (safetensors, never pickle) beside its manifest.
+
+:func:`save` builds the manifest (:func:`trainfer.serve.manifest_build.build_manifest`) and
+:func:`write_bundle` writes both into a temporary directory beside the target, which then replaces the
+previous bundle: an interrupted save leaves the previous bundle intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+
+from trainfer.atomic import atomic_directory, fsync_file
+from trainfer.digest import sha256
+from trainfer.errors import BundleError
+from trainfer.serve.bundle_format import FORMAT, FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE
+from trainfer.serve.factories import call_factory, manifest_factory
+from trainfer.serve.manifest_build import build_manifest, writer_versions
+from trainfer.serve.outputs import Selector
+from trainfer.serve.preprocess import PreprocessSpec
+
+if TYPE_CHECKING:
+    from trainfer.serve.manifest import Manifest
+
+__all__ = ["save", "write_bundle", "write_safetensors"]
+
+
+def save(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    factory: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    task: str | None = None,
+    labels: Any = None,
+    preprocess: PreprocessSpec | Mapping[str, Any] | None = None,
+    example_inputs: Any = None,
+    output_kind: str | Mapping[Any, str] | None = None,
+    output: Selector = None,
+    heads: Mapping[Any, str] | None = None,
+    decoder: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` as a bundle directory at ``path`` (atomically) and return the path.
+
+    ``decoder``: the ``sequence`` task's decoding settings (:class:`trainfer.serve.sequence.DecoderSettings`),
+    checked against the labels (the token table) and recorded in the manifest. Autoregressive settings
+    save an ``encode``/``step`` model by its factory (:mod:`trainfer.serve.generator_bundle`).
+
+    ``factory``/``config``/input shape default to the model's recipe (:func:`trainfer.recipe_of`:
+    trainfer's own models and deploy forms carry one). A deploy form that ``trainfer.deploy`` traced
+    records its architecture and needs no factory. Output kinds not given are detected from the
+    traced eval graph. The model is not modified (its modes are restored), and may be in use by
+    other threads meanwhile: a model not in eval is switched under the lock a
+    :class:`~trainfer.Predictor` serving it takes (:func:`trainfer.modes.contexts.shared_inference`),
+    and tracing never disturbs its calls from other threads (:mod:`trainfer.reparam.fold.trace`).
+    """
+    from trainfer.serve.sequence import is_autoregressive
+
+    if decoder is not None and is_autoregressive(decoder):  # encode/step, not one forward: by its factory
+        options = {"factory": factory, "config": config, "preprocess": preprocess, "example_inputs": example_inputs}
+        return _save_generator(model, path, labels=labels, decoder=decoder, **options)
+    manifest = build_manifest(
+        model,
+        factory=factory,
+        config=config,
+        task=task,
+        labels=labels,
+        preprocess=preprocess,
+        example_inputs=example_inputs,
+        output_kind=output_kind,
+        output=output,
+        heads=heads,
+    )
+    if decoder is not None or manifest.task == "sequence":
+        from trainfer.serve import manifest as schema
+        from trainfer.serve.sequence import DecoderSettings
+
+        settings = DecoderSettings.coerce(decoder)
+        settings.table(tuple(manifest.labels) if isinstance(manifest.labels, list) and manifest.labels else None)
+        manifest = schema.build({**manifest.to_json(), "decoder": settings.to_dict()})
+    if not (manifest.factory or manifest.architecture):
+        raise BundleError(
+            "save needs factory='package.module:function' (a callable that rebuilds the architecture) "
+            f"for a {type(model).__name__}; trainfer's own models carry it in their recipe, and a deploy form "
+            "from trainfer.deploy records its architecture"
+        )
+    return write_bundle(path, manifest, _tensors_to_save(model))
+
+
+def _save_generator(model: nn.Module, path: str | os.PathLike[str], **options: Any) -> Path:
+    """An autoregressive model's bundle (:func:`trainfer.serve.generator_bundle.generator_manifest`'s fields)."""
+    from trainfer.serve import manifest as schema
+    from trainfer.serve.generator_bundle import generator_manifest
+
+    fields = generator_manifest(model, **options)
+    manifest = schema.build(
+        {"format": FORMAT, "format_version": FORMAT_VERSION, **fields, "versions": writer_versions()}
+    )
+    _check_rebuilds(model, manifest)
+    return write_bundle(path, manifest, _tensors_to_save(model))
+
+
+def _check_rebuilds(model: nn.Module, manifest: Manifest) -> None:
+    """The manifest's factory must rebuild ``model``'s weights (names and shapes), or the bundle would not load."""
+    name = str(manifest.factory)
+    rebuilt = call_factory(manifest_factory(name, None, trust_factory=True), name, manifest.config).state_dict()
+    mine = model.state_dict()
+    differ = sorted(
+        k
+        for k in rebuilt.keys() | mine.keys()
+        if k not in rebuilt or k not in mine or rebuilt[k].shape != mine[k].shape
+    )
+    if differ:
+        raise BundleError(
+            f"factory {name!r} with config {manifest.config} does not rebuild this model's weights "
+            f"(differing: {differ[:5]}{' ...' if len(differ) > 5 else ''}); the bundle would not load"
+        )
+
+
+def write_bundle(
+    path: str | os.PathLike[str],
+    manifest: Manifest,
+    state: Mapping[str, Tensor],
+    check: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write ``state`` and ``manifest`` (given its ``weights`` entry) as the bundle ``path``, atomically.
+
+    ``check(staging)`` runs on the complete bundle before it replaces ``path``: raising there leaves
+    ``path`` as it was. Refuses to replace a directory that is not a trainfer bundle.
+    """
+    from trainfer.serve import manifest as schema
+
+    target = Path(path)
+    if target.exists() and not (target / MANIFEST_FILE).is_file():
+        raise BundleError(f"refusing to overwrite {str(target)!r}: it exists and is not a trainfer bundle")
+    with atomic_directory(target) as tmp:
+        write_safetensors(state, tmp / WEIGHTS_FILE)
+        weights = {"file": WEIGHTS_FILE, "sha256": sha256(tmp / WEIGHTS_FILE), "tensors": len(state)}
+        _write_json(tmp / MANIFEST_FILE, schema.build({**manifest.to_json(), "weights": weights}).to_json())
+        if check is not None:
+            check(tmp)
+    return target
+
+
+def _tensors_to_save(model: nn.Module) -> dict[str, Tensor]:
+    state = model.state_dict()
+    others = sorted(key for key, value in state.items() if not isinstance(value, Tensor))
+    if others:
+        raise BundleError(f"state_dict entries that are not tensors cannot be saved without pickle: {others}")
+    # Clone: safetensors refuses tensors that share memory (tied weights) and non-contiguous views.
+    return {key: value.detach().to("cpu").contiguous().clone() for key, value in state.items()}
+
+
+def write_safetensors(state: Mapping[str, Tensor], path: str | os.PathLike[str]) -> None:
+    """Write ``state`` to ``path`` and flush it; a failure (disk full) is an ``OSError``.
+
+    Meant for the temporary file of an atomic write, which then names the real target.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(dict(state), str(path))
+    except SafetensorError as error:  # safetensors reports I/O errors (ENOSPC) as its own type
+        raise OSError(f"safetensors could not write: {error}") from error
+    fsync_file(path)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    fsync_file(path)

@@ -1,0 +1,126 @@
+"""The int8 form a bundle may carry (``trainfer quantize``): its files, writing them, and serving them checked.
+
+Beside the float deploy form, such a bundle holds :data:`QUANTIZED_FILE` (the QDQ ONNX file, manifest
+inside), ``probes.safetensors`` (validation inputs on which both forms agree) and :data:`QUANTIZATION_FILE`
+(``{"format": "trainfer-quantized", "file": ..., "sha256": ..., "probes": {...}, "report": {...}}``).
+:func:`write_int8_form` writes them (:class:`trainfer.serve.quantize.QuantizedModel.save`);
+:func:`serve_quantized` serves the int8 form once the file matches its digest, holds only the operators
+trainfer writes, and agrees with the float weights on the probes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from trainfer.digest import sha256
+from trainfer.errors import BundleError, InputError
+from trainfer.jsonfile import read_json
+from trainfer.serve.engines import CompiledModel, OpenVinoEngine, ort_engine
+from trainfer.serve.int8_ops import check_int8_ops
+from trainfer.serve.runtime_record import (
+    QUANTIZED_RUNTIMES,
+    CandidateRecord,
+    RuntimeRecord,
+    machine_info,
+    runtime_versions,
+    thread_settings,
+)
+from trainfer.serve.served_checks import PROBES_FILE
+
+#: The int8 form a bundle may carry (``trainfer quantize``): a QDQ ONNX file and its record.
+QUANTIZED_FILE = "quantized.onnx"
+QUANTIZATION_FILE = "quantization.json"
+
+__all__ = ["QUANTIZATION_FILE", "QUANTIZED_FILE", "serve_quantized", "write_int8_form"]
+
+
+def write_int8_form(directory: Path, onnx_bytes: bytes, probes: Tensor, report: dict[str, Any]) -> None:
+    """Write the int8 form's files into the bundle ``directory`` (a staging directory: the caller replaces
+    the target with it atomically)."""
+    from trainfer.serve.bundle_write import write_safetensors
+
+    (directory / QUANTIZED_FILE).write_bytes(onnx_bytes)
+    write_safetensors({"inputs": probes}, directory / PROBES_FILE)
+    entry = {
+        "format": "trainfer-quantized",
+        "format_version": 2,
+        "file": QUANTIZED_FILE,
+        "sha256": sha256(onnx_bytes),
+        "probes": {"file": PROBES_FILE, "sha256": sha256(directory / PROBES_FILE)},
+        "report": report,
+    }
+    (directory / QUANTIZATION_FILE).write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
+
+
+def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None, **load_options: Any) -> CompiledModel:
+    """The int8 form of a bundle (``quantized.onnx``), once checked against the bundle's float form.
+
+    The file must match its recorded sha256, and then agree with the float weights on the probe
+    inputs stored beside it (:func:`trainfer.serve.served_checks.check_int8_form`; the float form is loaded with
+    ``load_options``, :func:`trainfer.load`'s ``factory``/``trust_factory``): a digest proves
+    nothing, whoever replaces the file recomputes it. ``runtime``: ``onnxruntime`` (default: the
+    runtime its accuracy gate measured) or ``openvino``.
+    """
+    from trainfer.serve.bundle import load, recipe_from
+    from trainfer.serve.bundle_format import read_manifest
+    from trainfer.serve.served_checks import check_int8_form, read_probes
+
+    directory = Path(bundle)
+    runtime = runtime or QUANTIZED_RUNTIMES[0]
+    if runtime not in QUANTIZED_RUNTIMES:
+        raise InputError(f"an int8 form runs on {list(QUANTIZED_RUNTIMES)}; got runtime {runtime!r}")
+    entry = _quantization_entry(directory)
+    file = directory / QUANTIZED_FILE
+    if not file.is_file():
+        raise BundleError(f"bundle {str(directory)!r} lacks its int8 form {QUANTIZED_FILE!r}")
+    data = file.read_bytes()
+    digest = sha256(data)
+    if digest != entry.get("sha256"):
+        raise BundleError(
+            f"{str(file)!r} does not match {QUANTIZATION_FILE}: sha256 expected {entry.get('sha256')}, got {digest}"
+        )
+    check_int8_ops(data, repr(str(file)))  # before any runtime parses it: only the operators trainfer writes
+    manifest = read_manifest(directory)
+    threads = torch.get_num_threads()
+    try:
+        engine = (
+            ort_engine(file, manifest, threads) if runtime == "onnxruntime" else OpenVinoEngine(file, manifest, threads)
+        )
+    except ImportError:
+        raise
+    except Exception as error:  # the file is untrusted: onnxruntime and OpenVINO raise their own types
+        raise BundleError(f"{runtime} cannot load the int8 form {str(file)!r}: {error}"[:2000]) from None
+    shape = manifest.input_shape
+    if not shape:
+        raise BundleError(f"bundle {str(directory)!r} records no input shape to check its int8 form on")
+    probes = read_probes(directory, entry, shape[1:])
+    check_int8_form(engine, load(directory, **load_options), probes, repr(str(file)))
+    report = entry.get("report")
+    gate = report.get("gate") if isinstance(report, dict) else None
+    candidate = CandidateRecord(runtime, "int8", "ok", "accuracy gate measured at quantization", gate=gate)
+    record = RuntimeRecord(
+        runtime, "int8", "bundle", [], [candidate], thread_settings(threads), machine_info(), runtime_versions()
+    )
+    return CompiledModel(engine, record, replace(recipe_from(manifest), form="deploy"))
+
+
+def _quantization_entry(directory: Path) -> dict[str, Any]:
+    file = directory / QUANTIZATION_FILE
+    entry = read_json(file, error=BundleError)
+    if (
+        not isinstance(entry, dict)
+        or entry.get("format") != "trainfer-quantized"
+        or entry.get("file") != QUANTIZED_FILE
+    ):
+        raise BundleError(
+            f'{str(file)!r} is not a trainfer int8 record (expected "format": "trainfer-quantized", '
+            f'"file": "{QUANTIZED_FILE}")'
+        )
+    return entry

@@ -1,0 +1,278 @@
+"""File readers: images, CSV rows and ``.npy`` arrays become raw samples, bounded before they are decoded.
+
+Images are converted to the channel count of the spec's ``input_shape``, resized and scaled (see
+:mod:`trainfer.serve.preprocess`); images over :data:`MAX_IMAGE_PIXELS` pixels are refused before decoding.
+CSV files give one sample per row (``columns`` picked by name), in chunks; ``.npy`` headers are checked before
+any data is read (numbers only, at most :data:`MAX_NPY_ELEMENTS` read into memory).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from trainfer.errors import InputError
+from trainfer.serve.preprocess import PreprocessSpec, as_tensor, check_numeric
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+_IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+_CSV_CHUNK_ROWS = 1024
+#: The largest image (width x height) trainfer decodes: 64 megapixels, e.g. 8000 x 8000. Larger
+#: ones (decompression bombs: a small file claiming a huge size) are refused before decoding.
+MAX_IMAGE_PIXELS = 64_000_000
+#: Full-scale value of single-channel images deeper than 8 bits, by PIL mode (mapped to 255).
+_FULL_SCALE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+_NPY_MAGIC = b"\x93NUMPY"
+#: The most elements a ``.npy`` input read into memory may hold: 2**30 (4 GiB of float32). Its
+#: header is checked before any data is read; a header declaring more data than the file holds is
+#: refused too (memory-mapped reads are bounded by the file itself).
+MAX_NPY_ELEMENTS = 2**30
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_IMAGE_PIXELS",
+    "MAX_NPY_ELEMENTS",
+    "column_indices",
+    "iter_csv",
+    "load_image",
+    "load_npy",
+    "npy_samples",
+    "parse_row",
+    "read_npy",
+]
+
+
+def load_npy(path: Path, spec: PreprocessSpec) -> Tensor:
+    """A ``.npy`` array (never pickled objects: ``allow_pickle=False``) as a raw batch."""
+    return as_tensor(read_npy(path, spec))
+
+
+def read_npy(path: Path, spec: PreprocessSpec, mmap: bool = False) -> np.ndarray:
+    """A ``.npy`` file as a batch array ``(N, ...)`` (memory-mapped if ``mmap``), never unpickled.
+
+    One sample of ``spec.input_shape`` gets its batch dimension. An empty, truncated or foreign
+    file, a 0-d array and an array of 0 samples are errors naming the file and what was expected.
+    """
+    name = str(path)
+    _check_npy_header(path, mmap)
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise InputError(f"cannot read {name!r} as a .npy array: {error or 'truncated file'}") from None
+    return npy_samples(array, name, spec)
+
+
+def npy_samples(array: np.ndarray, name: str, spec: PreprocessSpec) -> np.ndarray:
+    """``array`` (read from the ``.npy`` file ``name``) as a batch: numbers only, one sample of
+    ``spec.input_shape`` gains its batch dimension; a 0-d array or no samples is an :class:`InputError`."""
+    check_numeric(array.dtype, f"cannot read {name!r}: wrong dtype")
+    expected = f"a batch (N, {', '.join(map(str, spec.input_shape))}) or one sample" if spec.input_shape else "a batch"
+    if array.ndim == 0:
+        raise InputError(f"{name!r} holds a 0-d array (one number): expected {expected} of shape {spec._shape_text()}")
+    if spec.input_shape is not None and array.ndim == len(spec.input_shape):
+        array = array[None]
+    if len(array) == 0:
+        raise InputError(f"{name!r} holds no samples (shape {array.shape}): expected at least one")
+    return array
+
+
+def _check_npy_header(path: Path, mmap: bool) -> None:
+    """Refuse a ``.npy`` file from its header alone: not ``.npy``, not numbers, or more data than it holds.
+
+    Read into memory (not ``mmap``), it may hold at most :data:`MAX_NPY_ELEMENTS` elements.
+    """
+    name = str(path)
+    with open(path, "rb") as handle:
+        magic = handle.read(len(_NPY_MAGIC))
+        if magic != _NPY_MAGIC:
+            got = "an empty file (0 bytes)" if not magic else f"a file starting with {magic!r}"
+            raise InputError(f"cannot read {name!r}: expected a .npy array (starting with {_NPY_MAGIC!r}), got {got}")
+        version = tuple(handle.read(2))
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            raise InputError(f"cannot read {name!r} as a .npy array: format version {version}, expected (1, 0)/(2, 0)")
+        try:
+            shape, _, dtype = read_header[version](handle)
+        except (ValueError, OSError, EOFError, SyntaxError) as error:
+            raise InputError(f"cannot read {name!r} as a .npy array: {error or 'truncated header'}") from None
+        if dtype.hasobject:
+            raise InputError(
+                f"cannot read {name!r} as a .npy array: it holds pickled Python objects, never loaded "
+                "(allow_pickle=False): expected numbers"
+            )
+        check_numeric(dtype, f"cannot read {name!r}: wrong dtype")
+        elements = math.prod(shape)
+        available = os.fstat(handle.fileno()).st_size - handle.tell()
+    if elements * dtype.itemsize > available:
+        raise InputError(
+            f"{name!r} declares shape {shape} of {dtype} ({elements * dtype.itemsize} bytes) but holds "
+            f"{available} bytes of data: a truncated or forged .npy file"
+        )
+    if not mmap and elements > MAX_NPY_ELEMENTS:
+        raise InputError(
+            f"{name!r} holds {elements} elements (shape {shape}): expected at most {MAX_NPY_ELEMENTS} "
+            "(trainfer.serve.readers.MAX_NPY_ELEMENTS) for a file read into memory"
+        )
+
+
+def load_image(path: Path, spec: PreprocessSpec) -> Tensor:
+    """An image file as a raw ``(C, H, W)`` float sample in ``[0, 1]`` (``pixel_scale`` times bytes).
+
+    The channel count of ``spec.input_shape`` picks the mode (1: grayscale, 3: RGB or BGR, 4: RGBA);
+    the image is resized (``spec.resample``, bilinear by default) to its height and width unless
+    ``spec.resize`` is false.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            _check_pixels(image.width, image.height, path)
+            image.load()
+            return _image_to_tensor(image, spec, path)
+    except InputError:
+        raise
+    except Image.DecompressionBombError:  # PIL's own limit (twice its warning size), checked when opening
+        raise InputError(_too_large(path, f"more than {2 * (Image.MAX_IMAGE_PIXELS or 0)}")) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:  # ValueError: huge zTXt/iCCP chunks
+        raise InputError(f"cannot read image {str(path)!r}: {error}") from None
+
+
+def _check_pixels(width: int, height: int, path: Path) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InputError(_too_large(path, f"{width}x{height} = {width * height}"))
+
+
+def _too_large(path: Path, pixels: str) -> str:
+    return (
+        f"image {str(path)!r} claims {pixels} pixels: expected at most {MAX_IMAGE_PIXELS} "
+        "(trainfer.serve.readers.MAX_IMAGE_PIXELS; larger images are refused as possible decompression bombs)"
+    )
+
+
+def _image_to_tensor(image: Any, spec: PreprocessSpec, path: Path) -> Tensor:
+    from PIL import Image
+
+    shape = spec.input_shape
+    if shape is not None and len(shape) != 3:
+        raise InputError(f"image {str(path)!r} given, but the model expects samples of shape {shape}, not (C, H, W)")
+    channels = shape[0] if shape is not None else (1 if image.mode in ("L", "1", *_FULL_SCALE) else 3)
+    if channels not in _IMAGE_MODES:
+        raise InputError(f"images convert to 1, 3 or 4 channels; the model expects {channels} (shape {shape})")
+    deep = image.mode in _FULL_SCALE
+    image = _in_byte_units(image, path) if deep else image.convert(_IMAGE_MODES[channels])
+    if shape is not None and (image.height, image.width) != shape[1:]:
+        if not spec.resize:
+            raise InputError(
+                f"image {str(path)!r} is {image.height}x{image.width}, expected {shape[1]}x{shape[2]} (resize is off)"
+            )
+        image = image.resize((shape[2], shape[1]), getattr(Image.Resampling, spec.resample.upper()))
+    if deep:  # gray in byte units: repeated over the colour channels, alpha opaque
+        gray = np.asarray(image, dtype=np.float32)
+        planes = [gray] * min(channels, 3) + ([np.full_like(gray, 255.0)] if channels == 4 else [])
+        array = np.stack(planes, axis=2)
+    else:
+        array = np.asarray(image, dtype=np.float32).reshape(image.height, image.width, channels)
+    if channels == 3 and spec.channel_order == "BGR":
+        array = array[..., ::-1]
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)) * spec.pixel_scale)
+
+
+def _in_byte_units(image: Any, path: Path) -> Any:
+    """A 16-bit or float single-channel image as a float (mode ``F``) image scaled to ``0..255``.
+
+    ``convert("L")`` would clip (65535 -> 255, 0.5 -> 0); here ``v * 255 / full_scale``, with the
+    full scale of the mode (65535 for 16 bits, 1.0 for floats). Values outside ``0..full_scale``
+    are refused: their scale is unknown.
+    """
+    from PIL import Image
+
+    full = _FULL_SCALE[image.mode]
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not (0 <= low and high <= full):  # also false for NaN
+        raise InputError(
+            f"image {str(path)!r} (mode {image.mode}) holds values in [{low:g}, {high:g}]: "
+            f"expected 0..{full:g} ({'16-bit' if full != 1.0 else 'float intensities'})"
+        )
+    return Image.fromarray((values * (255.0 / full)).astype(np.float32))
+
+
+def iter_csv(path: Path, spec: PreprocessSpec, chunk_rows: int = _CSV_CHUNK_ROWS) -> Iterator[Tensor]:
+    """Rows of a CSV file with a header, as raw ``(n, F)`` float64 chunks of at most ``chunk_rows``.
+
+    ``spec.columns`` picks and orders the columns by name (a missing one is named in the error);
+    without it every column is used in file order.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if not header:
+                raise InputError(f"CSV file {str(path)!r} is empty: expected a header row of column names")
+            indices = column_indices([h.strip() for h in header], spec, path)
+            rows: list[list[float]] = []
+            count = 0
+            for line, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                rows.append(parse_row(row, indices, header, path, line))
+                count += 1
+                if len(rows) == chunk_rows:
+                    yield torch.tensor(rows, dtype=torch.float64)
+                    rows = []
+            if rows:
+                yield torch.tensor(rows, dtype=torch.float64)
+            if not count:
+                raise InputError(
+                    f"CSV file {str(path)!r} has a header but no data rows: expected at least one row of "
+                    f"{len(header)} values"
+                )
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise InputError(f"cannot read CSV file {str(path)!r}: {error}") from None
+
+
+def column_indices(header: list[str], spec: PreprocessSpec, path: Path) -> list[int]:
+    """The position of each of ``spec.columns`` in ``header`` (its first occurrence), in linear time."""
+    if spec.columns is None:
+        return list(range(len(header)))
+    positions: dict[str, int] = {}
+    for index, name in enumerate(header):
+        positions.setdefault(name, index)
+    missing = [c for c in spec.columns if c not in positions]
+    if missing:
+        raise InputError(
+            f"CSV file {str(path)!r} lacks column(s) {_some(missing)}: "
+            f"expected {_some(spec.columns)}, got {_some(header)}"
+        )
+    return [positions[c] for c in spec.columns]
+
+
+def _some(names: Iterable[str], shown: int = 10) -> str:
+    """At most ``shown`` of ``names`` as a list, with how many more there are."""
+    names = list(names)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{names[:shown]}{more}"
+
+
+def parse_row(row: list[str], indices: list[int], header: list[str], path: Path, line: int) -> list[float]:
+    if len(row) != len(header):
+        raise InputError(
+            f"CSV file {str(path)!r} line {line}: expected {len(header)} values (one per header column), got {len(row)}"
+        )
+    values = []
+    for i in indices:
+        try:
+            values.append(float(row[i]))
+        except ValueError:
+            raise InputError(
+                f"CSV file {str(path)!r} line {line}, column {header[i]!r}: expected a number, got {row[i]!r}"
+            ) from None
+    return values

@@ -1,0 +1,217 @@
+"""What ``trainfer.compile`` chose and why: candidate and runtime records, the machine, ``runtime.json``.
+
+A :class:`RuntimeRecord` holds the chosen runtime and dtype, every candidate's figures (or why it was left
+out, :class:`CandidateRecord`), the thread settings and the machine (:func:`machine_info`: CPU flags that
+decide bf16/int8 speed). :func:`save_record` writes it into a bundle as ``runtime.json``; :func:`read_record`
+reads it back, refusing anything malformed with :class:`~trainfer.errors.BundleError`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainfer.atomic import atomic_file
+from trainfer.errors import BundleError
+from trainfer.jsonfile import read_json
+
+RUNTIMES = ("torch", "torch-channels-last", "inductor", "onnxruntime", "openvino")
+#: What ``runtime="auto"`` tries unless told otherwise (inductor: see the module docstring).
+AUTO_RUNTIMES = ("torch", "torch-channels-last", "onnxruntime", "openvino")
+SUPPORTED_DTYPES = {
+    "torch": ("float32", "bfloat16", "float16"),
+    "torch-channels-last": ("float32", "bfloat16", "float16"),
+    "inductor": ("float32", "bfloat16"),
+    "onnxruntime": ("float32",),
+    "openvino": ("float32", "bfloat16", "float16"),
+}
+RUNTIME_FILE = "runtime.json"
+#: Runtimes that execute a QDQ file, the first being the one the accuracy gate measured.
+QUANTIZED_RUNTIMES = ("onnxruntime", "openvino")
+TORCH_RUNTIMES = ("torch", "torch-channels-last", "inductor")
+_FLAGS = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
+
+__all__ = [
+    "AUTO_RUNTIMES",
+    "QUANTIZED_RUNTIMES",
+    "RUNTIMES",
+    "RUNTIME_FILE",
+    "SUPPORTED_DTYPES",
+    "TORCH_RUNTIMES",
+    "CandidateRecord",
+    "RuntimeRecord",
+    "machine_info",
+    "read_record",
+    "runtime_versions",
+    "save_record",
+    "thread_settings",
+]
+
+
+@dataclass
+class CandidateRecord:
+    """One runtime/dtype pair: whether it could serve, its error, and its latency per batch size.
+
+    ``status``: ``ok``, ``unavailable`` (not installed, or the CPU lacks the dtype), ``rejected``
+    (failed verification or the gate) or ``error`` (building or running it raised). ``median_ms``
+    and ``ratio`` (to eager float32, measured in the same run) are keyed by batch size.
+    """
+
+    runtime: str
+    dtype: str
+    status: str
+    reason: str | None = None
+    max_rel_error: float | None = None
+    tolerance: float | None = None
+    gate: dict[str, Any] | None = None
+    median_ms: dict[str, float] = field(default_factory=dict)
+    ratio: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.runtime}/{self.dtype}"
+
+    @property
+    def score(self) -> float:
+        """Geometric mean of the latency ratios (infinite when not measured)."""
+        values = list(self.ratio.values())
+        return math.exp(sum(map(math.log, values)) / len(values)) if values else math.inf
+
+
+@dataclass
+class RuntimeRecord:
+    """Which runtime serves the model, why, on which machine, with which thread settings."""
+
+    runtime: str
+    dtype: str
+    chosen_by: str
+    batch_sizes: list[int]
+    candidates: list[CandidateRecord]
+    threads: dict[str, int]
+    machine: dict[str, Any]
+    versions: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "runtime record") -> RuntimeRecord:
+        """Rebuild a record read from a file; anything malformed raises :class:`BundleError`."""
+        if not isinstance(data, dict):
+            raise BundleError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        runtime: Any = data.get("runtime")  # untrusted JSON: any value, checked here
+        if not isinstance(runtime, str):
+            raise BundleError(f"{source}: expected 'runtime' to be a string, got {type(runtime).__name__}")
+        int8 = runtime in QUANTIZED_RUNTIMES and data.get("dtype") == "int8"
+        if not int8 and data.get("dtype") not in SUPPORTED_DTYPES.get(runtime, ()):
+            raise BundleError(
+                f"{source}: runtime {runtime!r} with dtype {data.get('dtype')!r} is not one of "
+                f"{ {name: list(dtypes) for name, dtypes in SUPPORTED_DTYPES.items()} }"
+            )
+        try:
+            candidates = [CandidateRecord(**entry) for entry in data.get("candidates") or []]
+            return cls(**{**data, "candidates": candidates})
+        except TypeError as error:
+            raise BundleError(f"{source}: unexpected fields: {error}") from None
+
+    def table(self) -> str:
+        """The candidates' figures as a text table, best first."""
+        sizes = [str(b) for b in self.batch_sizes]
+        lines = [f"{'candidate':<28}{'status':<11}{'rel error':>10}" + "".join(f"{'x b' + s:>9}" for s in sizes)]
+        for c in sorted(self.candidates, key=lambda c: (c.status != "ok", c.score)):
+            error = f"{c.max_rel_error:.1e}" if c.max_rel_error is not None else "-"
+            ratios = "".join(f"{c.ratio[s]:>9.3g}" if s in c.ratio else f"{'-':>9}" for s in sizes)
+            mark = " *" if (c.runtime, c.dtype) == (self.runtime, self.dtype) else ""
+            note = f"  ({c.reason})" if c.reason else ""
+            lines.append(f"{c.name + mark:<28}{c.status:<11}{error:>10}{ratios}{note}")
+        threads = ", ".join(f"{k} {v}" for k, v in self.threads.items())
+        flags = " ".join(f for f in _FLAGS if self.machine.get("flags", {}).get(f)) or "none of interest"
+        lines.append(f"chosen: {self.runtime}/{self.dtype} ({self.chosen_by}); latency x eager float32, same run")
+        lines.append(f"threads: {threads}; machine: {self.machine.get('cpu')} [{flags}]")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def machine_info() -> dict[str, Any]:
+    """The CPU's name, core count, the instruction-set flags that decide bf16/int8 speed, torch's ISA level."""
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            cpu = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "flags": {flag: flag in flags for flag in _FLAGS},
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_hardware": bool({"avx512_bf16", "amx_bf16"} & flags),
+        "int8_dot_product": bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags),
+    }
+
+
+def save_record(bundle: str | os.PathLike[str], record: RuntimeRecord) -> Path:
+    """Write ``record`` as ``runtime.json`` into the bundle directory (atomically); return its path."""
+    directory = Path(bundle)
+    if not (directory / "manifest.json").is_file():
+        raise BundleError(f"no trainfer bundle at {str(directory)!r}: expected a directory holding manifest.json")
+    with atomic_file(directory / RUNTIME_FILE) as tmp:
+        tmp.write_text(json.dumps(record.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return directory / RUNTIME_FILE
+
+
+def read_record(bundle: str | os.PathLike[str]) -> RuntimeRecord | None:
+    """The bundle's recorded runtime choice, or ``None`` when it carries none."""
+    file = Path(bundle) / RUNTIME_FILE
+    if not file.is_file():
+        return None
+    data = read_json(file, error=BundleError)
+    return RuntimeRecord.from_dict(data, repr(str(file)))
+
+
+def thread_settings(threads: int) -> dict[str, int]:
+    """The intra/inter-op thread settings of torch and the threads every runtime was given."""
+    return {
+        "torch_intra_op": torch.get_num_threads(),
+        "torch_inter_op": torch.get_num_interop_threads(),
+        "measured_with": threads,
+        "onnxruntime_intra_op": threads,
+        "openvino_inference": threads,
+    }
+
+
+def runtime_versions() -> dict[str, str]:
+    """The versions of torch and of the optional runtimes installed."""
+    versions: dict[str, str] = {"torch": torch.__version__}
+    for name in ("onnxruntime", "openvino"):
+        try:
+            versions[name] = importlib.import_module(name).__version__
+        except ImportError:
+            continue
+    return versions

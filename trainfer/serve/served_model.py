@@ -1,0 +1,92 @@
+"""What ``Predictor.load`` serves for a path: the one place that decides ONNX file, int8 form, recorded
+runtime or the bundle's PyTorch model (:class:`~trainfer.Predictor` then only serves it).
+
+* an ``.onnx`` file: an ONNX Runtime session (:class:`~trainfer.serve.onnx_runtime.OnnxModel`) and the
+  manifest stored inside it;
+* a bundle carrying an int8 form (``trainfer quantize``): that form, checked against the float weights
+  (:func:`trainfer.serve.int8_form.serve_quantized`), unless ``runtime`` names a PyTorch runtime;
+* ``runtime="recorded"``: the bundle's :class:`~trainfer.serve.runtime_record.RuntimeRecord`;
+* otherwise the bundle's model (:func:`trainfer.load`), moved to its device and put in eval for good.
+
+The manifest supplies the heads, preprocessing and decoder settings; the caller's ``overrides`` win.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from trainfer.serve.devices import pick_device
+from trainfer.serve.outputs import Head
+from trainfer.serve.runtime_record import TORCH_RUNTIMES
+
+__all__ = ["Served", "open_served"]
+
+
+@dataclass(frozen=True)
+class Served:
+    """The model to serve, the heads and preprocessing its manifest records, and the settings left to apply."""
+
+    model: Callable[[Tensor], Any]
+    heads: list[Head]
+    preprocess: dict[str, Any] | None
+    overrides: dict[str, Any]
+
+
+def open_served(
+    path: Path,
+    overrides: dict[str, Any],
+    *,
+    factory: str | Callable[..., nn.Module] | None = None,
+    trust_factory: bool = False,
+) -> Served:
+    """What serves the ``.onnx`` file or bundle at ``path`` (see the module docstring).
+
+    ``factory`` and ``trust_factory`` are :func:`trainfer.load`'s (also for the float form an int8 form is
+    checked against).
+    """
+    model: Callable[[Tensor], Any]
+    if path.suffix == ".onnx":
+        from trainfer.serve.onnx_runtime import load_onnx
+
+        model, manifest = load_onnx(path)
+    else:
+        from trainfer.serve.bundle import load
+        from trainfer.serve.bundle_format import read_manifest
+
+        manifest = read_manifest(path)
+        engine, overrides = _engine(path, overrides, factory=factory, trust_factory=trust_factory)
+        if engine is None:  # ours: moved, not copied, and put in eval for good (calls then never switch modes)
+            module = load(path, factory=factory, trust_factory=trust_factory)
+            engine = module.to(pick_device(overrides.get("device", "auto"))).eval()
+        model = engine
+    if manifest.decoder is not None:
+        overrides = {"decoder": manifest.decoder.model_dump(), **overrides}
+    heads = [Head.from_dict(head) for head in manifest.head_settings()]
+    return Served(model, heads, manifest.preprocess_settings(), overrides)
+
+
+def _engine(
+    bundle: str | os.PathLike[str], overrides: dict[str, Any], **load_options: Any
+) -> tuple[Callable[[Tensor], Any] | None, dict[str, Any]]:
+    """The int8 form a bundle carries (or ``None``: its PyTorch model serves), and the overrides left.
+
+    ``runtime="recorded"`` becomes the bundle's :class:`~trainfer.serve.runtime_record.RuntimeRecord`.
+    """
+    runtime = overrides.get("runtime")
+    from trainfer.serve.int8_form import QUANTIZATION_FILE, serve_quantized
+
+    if (Path(bundle) / QUANTIZATION_FILE).is_file() and runtime not in TORCH_RUNTIMES:
+        chosen = None if runtime in (None, "auto", "recorded") else runtime
+        served = serve_quantized(bundle, chosen, **load_options)
+        return served, {key: value for key, value in overrides.items() if key != "runtime"}
+    if runtime == "recorded":
+        from trainfer.serve.runtime import recorded_runtime
+
+        return None, {**overrides, "runtime": recorded_runtime(bundle)}
+    return None, overrides

@@ -1,0 +1,133 @@
+"""Weights I/O: a bundle's checksummed safetensors, bare checkpoints (never unpickling code), strict loading.
+
+:func:`load_weights` reads ``.safetensors`` or ``torch.load(weights_only=True)`` checkpoints (unwrapping
+``state_dict``/``model`` entries and DistributedDataParallel's ``module.`` prefix); :func:`read_bundle_weights`
+first checks the sha256 the manifest records; :func:`load_state_dict` loads strictly, naming every mismatch.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from trainfer.digest import sha256
+from trainfer.errors import BundleError
+
+if TYPE_CHECKING:
+    from trainfer.serve.manifest import Manifest
+
+CHECKPOINT_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
+
+__all__ = ["CHECKPOINT_SUFFIXES", "load_state_dict", "load_weights", "read_bundle_weights", "weights_dtype"]
+
+
+def read_bundle_weights(directory: Path, manifest: Manifest) -> dict[str, Tensor]:
+    """The weights a bundle's manifest names, once their sha256 matches the manifest's.
+
+    The schema allows only a plain ``*.safetensors`` file name (no directory part) and a hex digest.
+    """
+    entry = manifest.weights
+    if entry is None:
+        raise BundleError(f"bundle {str(directory)!r}: its manifest names no weights file")
+    file = directory / entry.file
+    if not file.is_file():
+        raise BundleError(f"bundle {str(directory)!r} lacks its weights file {file.name!r}")
+    digest = sha256(file)
+    if digest != entry.sha256:
+        raise BundleError(
+            f"weights {str(file)!r} do not match the manifest: sha256 expected {entry.sha256}, got {digest}"
+        )
+    return load_weights(file)
+
+
+def load_weights(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """A state dict from ``.safetensors`` or a ``.pt``/``.pth``/``.bin``/``.ckpt`` checkpoint, on CPU.
+
+    Checkpoints go through ``torch.load(weights_only=True)``: a pickle that would import or call
+    anything beyond tensors and containers is refused with :class:`BundleError` and never runs.
+    A checkpoint dict wrapping the weights under ``state_dict``/``model``/``model_state_dict`` is
+    unwrapped, and a ``module.`` prefix (DistributedDataParallel) is removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"weights file not found: {str(path)!r}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as error:
+            raise BundleError(f"cannot read safetensors file {str(path)!r}: {error}") from None
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        raise BundleError(
+            f"unknown weights format {path.suffix!r} for {str(path)!r}: "
+            f"expected .safetensors or one of {sorted(CHECKPOINT_SUFFIXES)}"
+        )
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).split("\n\n")[-1].strip().splitlines()[0] if str(error) else "unsafe content"
+        raise BundleError(
+            f"refusing to load {str(path)!r}: the checkpoint is a pickle carrying code or objects other than "
+            f"tensors, which loading would execute ({reason}); re-save it as a state dict of tensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise BundleError(f"cannot read checkpoint {str(path)!r}: {error}") from None
+    return _state_from_checkpoint(data, path)
+
+
+def _state_from_checkpoint(data: Any, path: Path) -> dict[str, Tensor]:
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+            break
+    if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):
+        raise BundleError(f"{str(path)!r} does not hold a state dict (a mapping of names to tensors)")
+    if data and all(key.startswith("module.") for key in data):
+        data = {key.removeprefix("module."): value for key, value in data.items()}
+    return data
+
+
+def weights_dtype(state: Mapping[str, Tensor]) -> torch.dtype | None:
+    """The one floating dtype of ``state``'s tensors (``None`` for none or several)."""
+    dtypes = {value.dtype for value in state.values() if value.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def load_state_dict(
+    model: nn.Module, state: Mapping[str, Tensor], source: str = "the checkpoint", *, assign: bool = False
+) -> None:
+    """Load ``state`` into ``model`` strictly; mismatches raise :class:`BundleError` listing every name.
+
+    ``assign=True`` (a model built on the meta device) makes the loaded tensors the model's own;
+    a tensor ``state`` does not provide then stays on the meta device and is refused.
+    """
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    shapes = [
+        f"{key}: expected {tuple(expected[key].shape)}, got {tuple(state[key].shape)}"
+        for key in expected
+        if key in state and tuple(expected[key].shape) != tuple(state[key].shape)
+    ]
+    parameters = [name for name, _ in model.named_parameters()]
+    floats = [
+        f"{key}: expected a floating dtype, got {state[key].dtype}"
+        for key in parameters
+        if key in state and not state[key].is_floating_point()
+    ]
+    found = (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", shapes), ("not float", floats))
+    problems = [f"{label} ({len(items)}): {', '.join(items)}" for label, items in found if items]
+    if problems:
+        raise BundleError(f"weights in {source} do not fit {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict(dict(state), strict=True, assign=assign)
+    unloaded = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if unloaded:
+        raise BundleError(f"weights in {source} leave {type(model).__name__} tensors unset: {', '.join(unloaded)}")
