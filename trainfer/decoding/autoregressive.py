@@ -295,25 +295,26 @@ def _search(
             within = torch.arange(min(2 * width, width * vocab), device=device) < width
             eligible = within.expand(n, -1)
             flat = torch.arange(width * vocab, device=device)
-            beam_of, token_of = flat // vocab, flat % vocab  # a flat candidate index's beam and token
+            beam_token_of = torch.stack([flat // vocab, flat % vocab])  # a flat candidate index's beam and token
         assert ends is not None
         step_lp = log_probs.view(n, width, vocab).to(log_prob.dtype)
         cand = (log_prob[:, :, None] + step_lp).view(n, width * vocab)
         step_lp = step_lp.view(n, width * vocab)
         top, index = cand.topk(min(2 * width, width * vocab), dim=1)
-        beam, token = beam_of.take(index), token_of.take(index)
+        beam_token = beam_token_of.index_select(1, index.view(-1)).view(2, n, -1)
         token_lp = step_lp.gather(1, index)
-        is_eos = token == eos
+        is_eos = beam_token[1] == eos
         # an EOS candidate is finished if it ranks within the beam; done items take nothing more
         keep = is_eos & eligible  # (a -inf candidate kept scores -inf: never ranks)
         score = torch.where(keep, top / float(t + 1) ** penalty, -torch.inf)
         if bool((score > ends.values[0, :, -1:]).any()):  # only what beats an item's worst finished enters
             values = torch.stack([score, top, token_lp])
             ends, any_ended = ends.merged_best(values, index + t * width * vocab, width), True
-        # the `width` best non-EOS candidates go on (a stable sort puts them first, in rank order)
-        going = torch.sort(is_eos.to(torch.uint8), dim=1, stable=True).indices[:, :width]
-        parent, token = beam.gather(1, going), token.gather(1, going)
-        log_prob = torch.where(token == eos, -torch.inf, top.gather(1, going))
+        # the `width` best non-EOS candidates go on (a stable sort puts them first, in rank order): there
+        # are always `width` of them, as each beam has one EOS among its V >= 2 tokens
+        going = torch.sort(is_eos, dim=1, stable=True).indices[:, :width]
+        parent, token = beam_token.gather(2, going[None].expand(2, -1, -1))
+        log_prob = top.gather(1, going)
         history.add(parent, token, token_lp.gather(1, going))
         state = reorder_rows(state, (offsets + parent).view(-1), rows)
         if t + 1 == max_length:
