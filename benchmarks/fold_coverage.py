@@ -27,7 +27,7 @@ cases = {
         nn.Sequential(nn.AvgPool2d(2, 2), nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16)),
         (2, 8, 12, 12),
     ),
-    "DBB ResNet-ish (BNAndPad untraceable)": (t.dbb_resnet(), (2, 3, 12, 12)),
+    "DBB ResNet-ish (BNAndPad border fill)": (t.dbb_resnet(), (2, 3, 12, 12)),
     "timm-style BatchNormAct2d EfficientNet-ish": (
         nn.Sequential(
             nn.Conv2d(8, 8, 3, padding=1, bias=False),

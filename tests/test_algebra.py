@@ -54,3 +54,24 @@ def test_misaligned_branch_is_named():
     conv1 = A.ConvOp.from_module(nn.Conv2d(3, 3, 1, padding=1, dtype=DT))
     with pytest.raises(A.AlgebraError, match="pointwise"):
         A.add([conv3, conv1], ["dense", "pointwise"])
+
+
+@pytest.mark.parametrize(
+    ("kernel", "dilation", "stride", "padding", "groups"),
+    [((3, 3), (2, 3), (1, 1), (2, 3), 1), ((3, 5), (4, 2), (2, 1), (1, 0), 3), ((1, 3), (5, 2), (1, 2), (0, 2), 1)],
+)
+def test_undilated_computes_what_the_dilated_kernel_computes(kernel, dilation, stride, padding, groups):
+    torch.manual_seed(0)
+    weight = torch.randn(6, 6 // groups, *kernel, dtype=torch.float64)
+    op = A.ConvOp(weight, torch.randn(6, dtype=torch.float64), stride, padding, dilation, groups)
+    wide = A.undilated(op)
+    expected = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation))
+    assert wide.dilation == (1, 1) and wide.kernel_size == expected and wide.padding == op.padding
+    assert int((wide.weight != 0).sum()) == int((weight != 0).sum())  # the same taps, zeros in between
+    x = torch.randn(2, 6, 23, 19, dtype=torch.float64)
+    assert_close(wide(x), op(x), 1e-12)
+
+
+def test_undilated_leaves_an_undilated_op_as_it_is():
+    op = A.ConvOp(torch.randn(2, 2, 3, 3), torch.zeros(2), padding=(1, 1))
+    assert A.undilated(op) is op

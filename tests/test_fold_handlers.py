@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import operator
 
 import pytest
@@ -11,9 +12,12 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+import trainfer
 from trainfer.errors import InputTypeError
 from trainfer.reparam.algebra import ConvOp
 from trainfer.reparam.fold import (
+    FoldHandlers,
+    NotLinear,
     fold,
     fold_handlers,
     register_fold_handler,
@@ -21,7 +25,7 @@ from trainfer.reparam.fold import (
 )
 from trainfer.reparam.fold.builtin import BUILTIN_HANDLERS
 from trainfer.reparam.fold.trace import trace
-from trainfer.testing import assert_close, randomize_batchnorm
+from trainfer.testing import assert_close, batch_norm_calls, count_aten_ops, randomize_batchnorm
 
 
 class UnfoldConv(nn.Module):
@@ -77,12 +81,68 @@ def test_a_registered_module_handler_is_used_and_its_conv_absorbs_the_batch_norm
         assert_close(gm(x), model(x))
 
 
-def test_registration_makes_the_type_a_leaf_of_the_shared_trace_and_unregistering_undoes_it(registered):
+def module_calls(model: nn.Module, handlers: FoldHandlers) -> int:
+    return [n.op for n in trace(model, leaf_types=handlers.leaf_types).graph.nodes].count("call_module")
+
+
+def test_registration_makes_the_type_a_leaf_of_the_default_table_and_unregistering_undoes_it(registered):
     model, _ = model_and_input(torch.float32)
-    assert [n.op for n in trace(model).graph.nodes].count("call_module") == 3
+    assert module_calls(model, FoldHandlers.default()) == 3
     unregister_fold_handler(UnfoldConv)
-    assert [n.op for n in trace(model).graph.nodes].count("call_module") == 2
+    assert module_calls(model, FoldHandlers.default()) == 2
     assert UnfoldConv not in fold_handlers()
+
+
+def test_a_handler_passed_to_one_call_is_used_there_and_does_not_leak_into_another_call():
+    model, x = model_and_input(torch.float64)
+    deployed = trainfer.deploy(model, x, protocols=False, handlers={UnfoldConv: unfold_conv_handler})
+    assert batch_norm_calls(deployed, x) == 0 and count_aten_ops(deployed, x)["convolution"] == 1
+    with torch.no_grad():
+        assert_close(deployed(x), model(x), 1e-9)
+    assert UnfoldConv not in fold_handlers() and UnfoldConv not in FoldHandlers.default().leaf_types
+    plain = trainfer.deploy(model, x, protocols=False)  # the next call: built-ins only, the BN stays
+    assert batch_norm_calls(plain, x) == 1 and count_aten_ops(plain, x)["convolution"] == 0
+    assert module_calls(model, FoldHandlers.default()) == 2  # nor is the type a leaf of the shared tracer
+    report = trainfer.deploy_report(model, x, protocols=False, handlers={UnfoldConv: unfold_conv_handler})
+    assert [region.members for region in report.regions] == [["0", "1"]]
+
+
+def test_a_per_call_handler_overrides_a_registered_one_for_that_call_only(registered):
+    seen = []
+
+    def declining(context, node):
+        seen.append(node.name)
+        raise NotLinear("declined by the per-call handler")
+
+    model, x = model_and_input(torch.float64)
+    _, log = fold(copy.deepcopy(model), (x,), handlers=FoldHandlers.default({UnfoldConv: declining}))
+    assert seen and log.regions == [] and any("declined by the per-call handler" in item for item in log.kept)
+    _, log = fold(copy.deepcopy(model), (x,))
+    assert [region.members for region in log.regions] == [["0", "1"]]
+
+
+def test_a_handler_declines_one_way_and_returning_none_is_a_clear_error():
+    model, x = model_and_input(torch.float64)
+    with pytest.raises(InputTypeError, match="raises NotLinear"):
+        fold(copy.deepcopy(model), (x,), handlers=FoldHandlers.default({UnfoldConv: lambda context, node: None}))
+
+
+def test_the_handler_context_is_read_only():
+    contexts = []
+
+    def spy(context, node):
+        contexts.append(context)
+        return unfold_conv_handler(context, node)
+
+    model, x = model_and_input(torch.float64)
+    fold(copy.deepcopy(model), (x,), handlers=FoldHandlers.default({UnfoldConv: spy}))
+    (context,) = contexts
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        context._state = None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        context.graph.handlers = None
+    with pytest.raises(TypeError):
+        context.graph.modules["0"] = nn.Identity()  # the graph's module table is a read-only view
 
 
 def test_a_registered_function_handler_replaces_the_built_in_one_until_unregistered():
@@ -137,3 +197,24 @@ def test_trace_sees_through_batch_norm_subclasses_and_leaves_them_as_they_were()
     graph = trace(model).graph
     assert any(n.target is F.batch_norm for n in graph.nodes)
     assert "_check_input_dim" not in vars(model[1])
+
+
+class GatedSequential(nn.Sequential):
+    """A Sequential whose own forward cannot be traced: its members are folded pair by pair."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self:
+            x = layer(x) if x.mean() > -100 else x  # data-dependent control flow
+        return x
+
+
+def test_a_sequential_pair_is_recognised_through_the_same_table_as_a_graph():
+    model, x = model_and_input(torch.float64)
+    gated = GatedSequential(*model)
+    _, log = fold(copy.deepcopy(gated), (x,))
+    assert log.regions == []  # no handler for UnfoldConv: the pair is not linear
+    folded, log = fold(copy.deepcopy(gated), (x,), handlers=FoldHandlers.default({UnfoldConv: unfold_conv_handler}))
+    assert [(region.name, region.members) for region in log.regions] == [("0", ["0", "1"])]
+    assert batch_norm_calls(folded, x) == 0 and count_aten_ops(folded, x)["convolution"] == 1
+    with torch.no_grad():
+        assert_close(folded(x), gated(x), 1e-9)

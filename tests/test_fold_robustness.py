@@ -13,11 +13,14 @@ import copy
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from time_limit import time_limit
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 import trainfer
+from trainfer.reparam.fold.trace import preserve_attributes
 from trainfer.testing import assert_close, batch_norm_calls, count_aten_ops, randomize_batchnorm
 
 LIMIT_S = 60
@@ -101,7 +104,8 @@ def test_python_scalars_fold_in_float64_so_an_exact_model_deploys_exactly():
 
 # --- 2. an untraceable op does not switch folding off above it ------------------------------------
 # A Diverse Branch Block written the way its authors' repository writes it (DingXiaoH/DiverseBranchBlock):
-# BNAndPadLayer fills the padded border by item assignment, which torch.fx cannot trace.
+# BNAndPadLayer fills the padded border by item assignment; the tracer records that write as a pure
+# call (the padded tensor is fresh) and the folder reads pad + border fill as the BN with more padding.
 
 
 def dbb_conv_bn(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1):
@@ -204,19 +208,137 @@ def dbb_resnet() -> nn.Module:
     )  # fmt: skip
 
 
-def test_untraceable_bn_and_pad_stays_opaque_and_everything_around_it_folds():
+def test_dbb_with_bn_and_pad_folds_to_the_authors_kernel_count_with_protocols_off():
     x = torch.randn(2, 3, 12, 12)
     model = dbb_resnet()
     before = executed(copy.deepcopy(model).double(), x)
     deployed = deployed_both(model, x)
     report = deployed.trainfer_report
-    opaque = [item for item in report.kept if "not traceable by torch.fx (TypeError: 'Proxy' object does not" in item]
-    assert len(opaque) == 10 and opaque[0].startswith("0.dbb_avg.bn: not traceable"), report.kept  # 2 per block
+    assert not [item for item in report.kept if "not traceable" in item], report.kept
     assert before == {"conv": 25, "bn": 30, "pool": 5}
-    # Per block: origin + 1x1 merge into one conv; the avg branch keeps its 1x1 conv and becomes one
-    # depthwise conv after its BN-and-pad; the 1x1-kxk branch keeps its 1x1 conv and one conv after
-    # it: 5 convs, and only the two batch norms inside the opaque BN-and-pad layers.
-    assert executed(deployed, x) == {"conv": 25, "bn": 10, "pool": 0}
+    # The authors' converter (DiverseBranchBlock.switch_to_deploy) turns each block into one
+    # `dbb_reparam` conv: one kernel per block. The folder reaches the same count, with no BN left.
+    authors = sum(isinstance(m, DiverseBranchBlock) for m in model.modules())
+    assert executed(deployed, x) == {"conv": authors, "bn": 0, "pool": 0}
+    assert report.verification["float64"].max_rel_error <= 1e-9
+
+
+class PaddedBranch(nn.Module):
+    """DBB's 1x1-kxk branch in plain PyTorch: 1x1 conv -> BNAndPad -> kxk conv (stride, groups) -> BN."""
+
+    def __init__(self, cin: int, mid: int, cout: int, k: int, stride: int, groups: int, affine: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, mid, 1, groups=groups, bias=False)
+        self.bn1 = BNAndPadLayer(pad_pixels=k // 2, num_features=mid, affine=affine)
+        self.conv2 = nn.Conv2d(mid, cout, k, stride, 0, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn2(self.conv2(self.bn1(self.conv1(x))))
+
+
+@pytest.mark.parametrize(
+    ("cin", "mid", "cout", "k", "stride", "groups", "affine"),
+    [(3, 5, 7, 3, 1, 1, True), (3, 7, 5, 5, 2, 1, True), (6, 9, 3, 3, 2, 3, True), (5, 5, 5, 3, 1, 5, False)],
+)
+def test_bn_and_pad_folds_exactly_into_one_conv(cin, mid, cout, k, stride, groups, affine):
+    x = torch.randn(2, cin, 11, 9)
+    model = PaddedBranch(cin, mid, cout, k, stride, groups, affine)
+    deployed = deployed_both(model, x)
+    assert executed(deployed, x) == {"conv": 1, "bn": 0, "pool": 0}  # the authors' converter: 1 conv too
+    with torch.no_grad():
+        reference = copy.deepcopy(model).double().eval()
+        assert_close(deployed(x.double()), reference(x.double()), 1e-9)
+
+
+@pytest.mark.slow
+@settings(max_examples=5, deadline=None)
+@given(
+    groups=st.sampled_from([1, 3]),
+    widen=st.sampled_from([1, 2]),  # DBB's inner width: the input's (idconv) or twice it
+    k=st.sampled_from([1, 3, 5]),
+    stride=st.integers(1, 2),
+    affine=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_bn_and_pad_folds_exactly_for_drawn_shapes(groups, widen, k, stride, affine, seed):
+    torch.manual_seed(seed)
+    cin = 3 * groups
+    x = torch.randn(2, cin, 9, 8)
+    model = PaddedBranch(cin, widen * cin, cin, k, stride, groups, affine)
+    deployed = deployed_both(model, x)  # float32 and float64, each checked against the model
+    assert executed(deployed, x) == {"conv": 1, "bn": 0, "pool": 0}
+    assert deployed.trainfer_report.verification["float64"].max_rel_error <= 1e-9
+
+
+class WrongBorder(BNAndPadLayer):
+    """Writes the BN's constant plus one into the border: a pad whose border is not the bias cannot fold."""
+
+    def forward(self, input):
+        output = F.pad(self.bn(input), [1] * 4)
+        value = self.bn.bias - self.bn.running_mean * self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+        value = value.detach().view(1, -1, 1, 1) + 1
+        output[:, :, :1, :] = value
+        output[:, :, -1:, :] = value
+        output[:, :, :, :1] = value
+        output[:, :, :, -1:] = value
+        return output
+
+
+class PartialBorder(BNAndPadLayer):
+    """Fills only the top and bottom rows: the left and right columns stay zero."""
+
+    def forward(self, input):
+        output = F.pad(self.bn(input), [1] * 4)
+        value = self.bn.bias.detach().view(1, -1, 1, 1)
+        output[:, :, :1, :] = value
+        output[:, :, -1:, :] = value
+        return output
+
+
+@pytest.mark.parametrize("layer", [WrongBorder, PartialBorder])
+def test_a_border_write_that_is_not_the_bias_on_every_side_is_traced_but_not_folded(layer):
+    x = torch.randn(2, 3, 8, 8)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), layer(pad_pixels=1, num_features=4), nn.Conv2d(4, 4, 3))
+    deployed = deployed_both(model, x)  # exact in float64 and float32
+    assert not [item for item in deployed.trainfer_report.kept if "not traceable" in item]
+    assert executed(deployed, x)["conv"] == 2  # conv+BN folded; the filled pad stays between the convs
+
+
+class WritesIntoItsInput(nn.Module):
+    """Item assignment into a tensor it did not make: an alias (the caller's tensor) would see it."""
+
+    def forward(self, x):
+        y = x * 2
+        y[:, :, 0, :] = 0
+        return y
+
+
+class WritesThroughAView(nn.Module):
+    """Pads, takes a view of the padded tensor, then writes into the border: the view must see the write."""
+
+    def forward(self, x):
+        out = F.pad(x, [1, 1, 1, 1])
+        inner = out[:, :, :2]  # a view that aliases the first rows
+        out[:, :, :1, :] = 3.0
+        return out + inner.sum()
+
+
+def test_item_assignment_into_a_padded_tensor_someone_already_read_stays_opaque():
+    x = torch.randn(2, 3, 6, 6)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), WritesThroughAView(), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+    deployed = deployed_both(model, x)  # exact: a traced, pure write would lose the alias's update
+    opaque = [item for item in deployed.trainfer_report.kept if "not traceable" in item]
+    assert len(opaque) == 1 and opaque[0].startswith("1: not traceable"), deployed.trainfer_report.kept
+
+
+def test_item_assignment_into_a_tensor_not_just_padded_still_stays_opaque():
+    x = torch.randn(2, 3, 6, 6)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), WritesIntoItsInput(), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+    deployed = deployed_both(model, x)
+    opaque = [item for item in deployed.trainfer_report.kept if "not traceable" in item]
+    assert len(opaque) == 1 and opaque[0].startswith("1: not traceable"), deployed.trainfer_report.kept
+    assert executed(deployed, x) == {"conv": 2, "bn": 0, "pool": 0}
 
 
 class ConvBNWithResolution(nn.Module):
@@ -439,3 +561,13 @@ def test_algebra_crop_needs_whole_taps_at_a_dilation_and_no_padding_where_it_cro
         algebra.crop_input(conv, 1, 0)
     with pytest.raises(algebra.AlgebraError, match="followed by zero padding 1"):
         algebra.crop_input(algebra.ConvOp(torch.randn(2, 2, 3, 3), torch.zeros(2), padding=(1, 0)), 1, 0)
+
+
+def test_preserved_attributes_survive_a_deep_copy_of_a_graph_module():
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(2, 2, 1)))
+    lost = copy.deepcopy(gm)
+    gm.resolution = 6  # a plain attribute the graph does not read: a deep copy drops it
+    assert not hasattr(copy.deepcopy(gm), "resolution") and not hasattr(lost, "resolution")
+    preserve_attributes(gm, {"resolution": 6, "window": (2, 3)})
+    copied = copy.deepcopy(gm)
+    assert (copied.resolution, copied.window) == (6, (2, 3))

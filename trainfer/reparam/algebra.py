@@ -48,6 +48,7 @@ __all__ = [
     "sequential",
     "to_conv2d",
     "to_linear",
+    "undilated",
 ]
 
 
@@ -353,6 +354,26 @@ def pad_input(op: ConvOp, pads: Sequence[int]) -> ConvOp:
     if left != right or top != bottom:
         raise AlgebraError(f"asymmetric input padding {tuple(pads)} cannot become a conv's padding")
     return replace(op, padding=(op.padding[0] + top, op.padding[1] + left))
+
+
+def undilated(op: ConvOp) -> ConvOp:
+    """``op`` with dilation 1, computing exactly the same.
+
+    A ``k``-tap kernel with dilation ``d`` reads the inputs ``x[i * s - p + j * d]`` for taps
+    ``j = 0 .. k-1``; a ``(k - 1) * d + 1``-tap kernel ``W'`` with ``W'[j * d] = W[j]`` and zeros
+    in between reads ``x[i * s - p + t]`` for ``t = 0 .. (k - 1) * d``, the same window with the
+    same stride ``s`` and padding ``p``, and its non-zero taps multiply the same inputs by the same
+    weights. Per axis, so a ``3x3`` kernel with dilation ``(2, 3)`` becomes ``5x7``. Branches of
+    different dilations (UniRepLKNet's dilated reparam block) then share dilation 1 and add up
+    (:func:`add`); the zeros cost multiply-adds a dilated conv does not, so use it only where a sum
+    needs it.
+    """
+    if op.dilation == (1, 1):
+        return op
+    (dh, dw), (kh, kw) = op.dilation, op.kernel_size
+    weight = op.weight.new_zeros(*op.weight.shape[:2], (kh - 1) * dh + 1, (kw - 1) * dw + 1)
+    weight[:, :, ::dh, ::dw] = op.weight
+    return replace(op, weight=weight, dilation=(1, 1))
 
 
 def regroup(op: ConvOp, groups: int) -> ConvOp:

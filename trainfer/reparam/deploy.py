@@ -22,6 +22,7 @@ each region folded, what was kept and why, what was removed, counts before/after
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -34,7 +35,7 @@ from trainfer.numerics import TOLERANCE
 from trainfer.opcount import BATCH_NORM_OPS, AtenOpCounter
 from trainfer.recipe import attach_recipe, recipe_of
 from trainfer.reparam.dead import DeadChannelReport, remove_dead_channels
-from trainfer.reparam.fold import FoldedRegion, FoldLog, fold
+from trainfer.reparam.fold import FoldedRegion, FoldHandlers, FoldLog, Handler, fold
 from trainfer.reparam.protocols import ProtocolLog, apply_protocols
 from trainfer.reparam.verify import (
     Equivalence,
@@ -45,6 +46,7 @@ from trainfer.reparam.verify import (
     model_dtype,
     verify,
 )
+from trainfer.validate import check_tolerance
 
 __all__ = ["DeployReport", "deploy", "deploy_report"]
 
@@ -54,9 +56,14 @@ _HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_f
 
 @dataclass
 class Counts:
-    """Size and work of one form: parameters, leaf modules, and aten ops one forward executes."""
+    """Size and work of one form: parameter and buffer elements, leaf modules, aten ops one forward executes.
+
+    ``parameters`` counts the elements of ``model.parameters()`` only; ``buffers`` those of
+    ``model.buffers()`` (BatchNorm running statistics and the like), which are state, not weights.
+    """
 
     parameters: int
+    buffers: int
     modules: int
     convolutions: int
     batch_norms: int
@@ -68,7 +75,8 @@ class Counts:
             model(*arguments, **(keywords or {}))
         executed = counter.counts
         return cls(
-            parameters=sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers()),
+            parameters=sum(p.numel() for p in model.parameters()),
+            buffers=sum(b.numel() for b in model.buffers()),
             modules=sum(1 for m in model.modules() if not list(m.children())),
             convolutions=executed.get("convolution", 0),
             batch_norms=sum(n for name, n in executed.items() if name in BATCH_NORM_OPS),
@@ -133,7 +141,7 @@ class DeployReport:
     def __str__(self) -> str:
         lines = [f"deploy report for {self.model}"]
         if self.before and self.after:
-            for name in ("parameters", "modules", "convolutions", "batch_norms", "ops"):
+            for name in ("parameters", "buffers", "modules", "convolutions", "batch_norms", "ops"):
                 lines.append(f"  {name:<13} {getattr(self.before, name):>10} -> {getattr(self.after, name):>10}")
         sections = [
             ("protocols called", self.protocols),
@@ -170,6 +178,7 @@ def deploy(
     example_kwargs: dict[str, Any] | None = None,
     allow_empty: bool = False,
     prune_dead: bool = False,
+    handlers: Mapping[Any, Handler] | None = None,
 ) -> nn.Module:
     """The inference form of ``model``: one conv per linear region, nothing that does not run.
 
@@ -190,9 +199,13 @@ def deploy(
     ``prune_dead=True`` also removes the folded graph's provably dead channels (constant or unused;
     :mod:`trainfer.reparam.dead`, docs/pruning.md), folding their constants into the next biases;
     the float64 check covers it and ``report.dead_channels`` lists what went.
+    ``handlers``: extra fold handlers for this call only, ``{call target: handler}`` over the
+    built-in table (and any :func:`~trainfer.reparam.fold.register_fold_handler` entries); the
+    contract is :func:`~trainfer.reparam.fold.register_fold_handler`'s (docs/deploy.md).
     Raises :class:`trainfer.EquivalenceError` (with the report) if verification fails.
     """
-    options = _Options(inplace, verify, rtol, atol, protocols, allow_empty, prune_dead)
+    rtol, atol = check_tolerance("rtol", rtol), check_tolerance("atol", atol, zero=True)
+    options = _Options(inplace, verify, rtol, atol, protocols, allow_empty, prune_dead, FoldHandlers.default(handlers))
     deployed, report = _deploy(model, example_inputs, example_kwargs, verify_inputs, options)
     if not report.ok:
         raise EquivalenceError(report.failure(), report)
@@ -200,10 +213,16 @@ def deploy(
 
 
 def deploy_report(
-    model: nn.Module, example_inputs: Any, *, protocols: bool | str = True, prune_dead: bool = False
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    protocols: bool | str = True,
+    prune_dead: bool = False,
+    handlers: Mapping[Any, Handler] | None = None,
 ) -> DeployReport:
     """The :class:`DeployReport` of deploying ``model``, verification errors included (never raises them)."""
-    return _deploy(model, example_inputs, None, None, _Options(protocols=protocols, prune_dead=prune_dead))[1]
+    options = _Options(protocols=protocols, prune_dead=prune_dead, handlers=FoldHandlers.default(handlers))
+    return _deploy(model, example_inputs, None, None, options)[1]
 
 
 @dataclass
@@ -215,6 +234,7 @@ class _Options:
     protocols: bool | str = True
     allow_empty: bool = False
     prune_dead: bool = False
+    handlers: FoldHandlers = field(default_factory=FoldHandlers.default)
 
 
 def _deploy(
@@ -250,7 +270,7 @@ def _deploy(
         report.protocols_rejected = [str(call) for call in calls.rejected]
     converted = calls.converted
     leaves = _leaf_names(working)  # after the protocols: what they replaced is not "removed"
-    folded, log = fold(working, arguments64, keywords64)
+    folded, log = fold(working, arguments64, keywords64, options.handlers)
     _record(report, log)
     if options.prune_dead and isinstance(folded, fx.GraphModule):
         report.dead_channels = remove_dead_channels(folded, arguments64)

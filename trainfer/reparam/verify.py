@@ -40,6 +40,7 @@ from trainfer.capture import capture
 from trainfer.errors import InputTypeError
 from trainfer.numerics import TOLERANCE
 from trainfer.reparam.ties import following, recording
+from trainfer.validate import check_tolerance
 
 __all__ = [
     "Equivalence",
@@ -207,6 +208,7 @@ def verify(
     for role, model in (("reference", reference), ("candidate", candidate)):
         if not isinstance(model, nn.Module):
             raise InputTypeError(f"{role} must be an nn.Module; got {type(model).__name__}")
+    rtol, atol = check_tolerance("rtol", rtol), check_tolerance("atol", atol, zero=True)
     arguments = as_arguments(example_inputs, example_kwargs)
     keywords = as_keywords(example_kwargs)
     stored = {model_dtype(reference), model_dtype(candidate)}

@@ -197,7 +197,7 @@ def _reads_zero_padding(node: fx.Node, module: nn.Module | None) -> bool:
         padding = module.padding if isinstance(module.padding, tuple) else (module.padding,)
         return module.count_include_pad and any(p > 0 for p in padding)
     if node.target is F.avg_pool2d:
-        arguments = bind(node, "avg_pool")
+        arguments = bind(node)
         given = arguments["padding"]
         return bool(arguments["count_include_pad"]) and any(
             p > 0 for p in (given if isinstance(given, tuple | list) else (given,))

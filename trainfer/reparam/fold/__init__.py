@@ -10,7 +10,10 @@ convolutions and linears with constant weights (modules or ``F.conv2d``/``F.line
 parameters), BatchNorm in eval mode (any ``_BatchNorm`` subclass, or ``F.batch_norm``), sums and
 differences of branches of the same anchor (``+``, ``torch.add``, ``sum([...])``), multiplication
 by a constant scalar or per-channel tensor (layer scale), zero padding, average pooling and
-symmetric crops. :func:`register_fold_handler` adds to it. Operators compose through the algebra:
+symmetric crops, and a pad whose border item assignments fill with the bias before it (DBB's
+``BNAndPad``). A call passes its own extra entries (``fold(..., handlers=FoldHandlers.default({...}))``,
+``trainfer.deploy(..., handlers={...})``); :func:`register_fold_handler` adds to every call's
+default. Operators compose through the algebra:
 ``sequential`` for a chain, ``add`` for branches, ``channel_affine`` for BatchNorm and scales. A
 chain stops (its last node becomes a *region root*) where the value feeds a non-linear node, has
 several consumers, or where the algebra says a further step is not exact (it raises
@@ -34,25 +37,32 @@ carry (``reparameterize()``, ``switch_to_deploy()``, ``fuse()``) run before, in
 :mod:`trainfer.reparam.protocols`.
 
 Modules: ``driver`` (entry point, fallbacks, the pass's order), ``trace`` (the tracer policy),
-``passes`` (eval no-ops, padding modes, rank checks, head batch norms), ``shapes``, ``calls``
-(argument binding), ``constants`` (constant evaluation), ``handlers`` (the table) and ``builtin``
-(its entries), ``recognize`` (walking the graph), ``regions`` (composition), ``cost`` (the cost
-model), ``rewrite`` and ``naming``, ``log``. The tracer is :func:`trainfer.reparam.fold.trace.trace`
+``passes`` (eval no-ops, padding modes, rank checks, head batch norms; they recognise ops through
+the handler table too), ``shapes``, ``calls`` (argument binding with torch's own signatures),
+``constants`` (constant evaluation), ``linearity`` (``NotLinear``, the one way a handler
+declines), ``handlers`` (the table) and ``builtin`` (its entries), ``recognize`` (walking the
+graph), ``regions`` (the read-only graph, the per-round state, the handlers' context), ``cost``
+(the cost model), ``rewrite`` and ``naming``, ``log``. The tracer is :func:`trainfer.reparam.fold.trace.trace`
 (not re-exported here, where the name is the module's).
 """
 
 from __future__ import annotations
 
+from trainfer.reparam.fold.builtin import Handler
 from trainfer.reparam.fold.driver import fold
-from trainfer.reparam.fold.handlers import fold_handlers, register_fold_handler, unregister_fold_handler
+from trainfer.reparam.fold.handlers import FoldHandlers, fold_handlers, register_fold_handler, unregister_fold_handler
+from trainfer.reparam.fold.linearity import NotLinear
 from trainfer.reparam.fold.log import FoldedRegion, FoldLog
 from trainfer.reparam.fold.regions import Expr, FoldContext
 
 __all__ = [
     "Expr",
     "FoldContext",
+    "FoldHandlers",
     "FoldLog",
     "FoldedRegion",
+    "Handler",
+    "NotLinear",
     "fold",
     "fold_handlers",
     "register_fold_handler",

@@ -19,12 +19,20 @@ import torch
 from torch import Tensor, fx
 
 from trainfer.reparam.fold.calls import target_name
+from trainfer.reparam.fold.linearity import NotLinear
 
 __all__ = ["Constants", "NotConstant", "precompute"]
 
 
-class NotConstant(Exception):
-    """A node's value depends on the model's inputs."""
+class NotConstant(NotLinear):
+    """A node's value depends on the model's inputs (a handler that needed it as a constant is not linear).
+
+    The message names the value; the log reason is empty: an input-dependent operand is no news.
+    """
+
+    def __init__(self, what: str) -> None:
+        Exception.__init__(self, what)
+        self.reason = ""
 
 
 class Constants:

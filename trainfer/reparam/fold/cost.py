@@ -12,36 +12,41 @@ from __future__ import annotations
 
 from torch import fx
 
-from trainfer.reparam.fold.recognize import find_regions
-from trainfer.reparam.fold.regions import Expr, FoldContext, region_op
+from trainfer.reparam.fold.recognize import Regions, find_regions
+from trainfer.reparam.fold.regions import Expr, FoldGraph, region_op
 from trainfer.reparam.fold.shapes import layer_cost
 
 __all__ = ["settle_costs"]
 
 
-def settle_costs(context: FoldContext, splits: list[str]) -> list[tuple[fx.Node, Expr]]:
-    """The regions of ``context``'s graph, split until none costs more as one conv than its ops.
+def _costly(regions: Regions) -> list[tuple[fx.Node, Expr]]:
+    return [(root, expr) for root, expr in regions.roots if layer_cost(region_op(expr), root) > expr.cost]
+
+
+def settle_costs(graph: FoldGraph, splits: list[str]) -> Regions:
+    """The regions of ``graph``, split until none costs more as one conv than its ops.
 
     Each split is recorded in ``splits``. Finite: each round forces at least one node that was not
-    forced before (see :func:`_split_point`), and ``context.forced`` is a set of graph nodes, so
-    there are at most ``len(graph.nodes)`` rounds.
+    forced before (see :func:`_split_point`), and the forced nodes are graph nodes, so there are at
+    most ``len(graph.nodes)`` rounds.
     """
-    roots = find_regions(context)
-    while costly := [(root, expr) for root, expr in roots if layer_cost(region_op(expr), root) > expr.cost]:
-        before = len(context.forced)
+    forced: set[fx.Node] = set()
+    regions = find_regions(graph)
+    while costly := _costly(regions):
+        before = len(forced)
         for root, expr in costly:
-            context.forced.update(_split_point(context, expr))
+            forced.update(_split_point(regions, expr))
             splits.append(
-                f"{context.name(root)}: one conv would cost {layer_cost(region_op(expr), root)} operations "
+                f"{graph.naming.name(root)}: one conv would cost {layer_cost(region_op(expr), root)} operations "
                 f"(multiply-adds and weights) instead of {expr.cost}; folded in parts"
             )
-        if len(context.forced) == before:  # cannot happen (see _split_point); never loop on it
-            raise AssertionError(f"cost split made no progress on {[context.name(r) for r, _ in costly]}")
-        roots = find_regions(context)
-    return roots
+        if len(forced) == before:  # cannot happen (see _split_point); never loop on it
+            raise AssertionError(f"cost split made no progress on {[graph.naming.name(r) for r, _ in costly]}")
+        regions = find_regions(graph, frozenset(forced))
+    return regions
 
 
-def _split_point(context: FoldContext, expr: Expr) -> set[fx.Node]:
+def _split_point(regions: Regions, expr: Expr) -> set[fx.Node]:
     """The nodes to materialise so that the costly region ``expr`` breaks at its first costly member.
 
     ``split`` is the first member whose own region costs more as one conv than its ops. Its
@@ -49,7 +54,7 @@ def _split_point(context: FoldContext, expr: Expr) -> set[fx.Node]:
     none, ``split`` is the first op of its chain (an average pool on the anchor, say): it is
     forced itself, and it was not forced yet either, since the region's consumer absorbed it.
     """
-    exprs = context.exprs
+    exprs = regions.exprs
     split = next(m for m in expr.members if layer_cost(region_op(exprs[m]), m) > exprs[m].cost)
     inputs = {node for node in split.all_input_nodes if node in exprs[split].members}
     return inputs or {split}

@@ -16,15 +16,18 @@ opaque leaves, folded inside on their own), then runs the graph pass :func:`_fol
 When a module's own ``forward`` cannot be traced, it runs once on its recorded inputs (positional
 and keyword, copied: a module that assigns into a list it was given must not change the record)
 and each outermost submodule that ran is folded separately on its own recorded inputs, inside
-containers that were iterated rather than called too; Conv->BatchNorm pairs adjacent in an
-``nn.Sequential`` that was called are fused. The log records each fallback, each part that never
-ran, and each part whose folding raised (that part is left as it was).
+containers that were iterated rather than called too; in an ``nn.Sequential`` that was called, a
+layer directly followed by a BatchNorm is folded as the two-node graph ``layer -> bn`` (the same
+recognition, through the same handler table, as every other graph). The log records each
+fallback, each part that never ran, and each part whose folding raised (that part is left as it was).
 """
 
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,6 +37,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from trainfer.capture import Call, capture_inputs, snapshot
 from trainfer.reparam.fold.constants import precompute
 from trainfer.reparam.fold.cost import settle_costs
+from trainfer.reparam.fold.effects import eliminate_dead_code
+from trainfer.reparam.fold.handlers import FoldHandlers
 from trainfer.reparam.fold.log import FoldLog
 from trainfer.reparam.fold.passes import (
     drop_eval_noops,
@@ -42,30 +47,48 @@ from trainfer.reparam.fold.passes import (
     resolve_rank_checks,
     split_padding_modes,
 )
-from trainfer.reparam.fold.regions import FoldContext
-from trainfer.reparam.fold.rewrite import fuse_sequential_pairs, rewrite_region
+from trainfer.reparam.fold.regions import FoldGraph
+from trainfer.reparam.fold.rewrite import rewrite_region
 from trainfer.reparam.fold.shapes import propagate_shapes
-from trainfer.reparam.fold.trace import Untraceable, is_leaf, trace_arguments, trace_around_untraceable
+from trainfer.reparam.fold.trace import (
+    Untraceable,
+    preserve_attributes,
+    trace,
+    trace_arguments,
+    trace_around_untraceable,
+)
 
 __all__ = ["fold"]
 
 
+@dataclass(frozen=True)
+class _Run:
+    """One :func:`fold` call: the handler table it reads and the log it writes."""
+
+    handlers: FoldHandlers
+    log: FoldLog
+
+
 def fold(
-    model: nn.Module, example_inputs: Sequence[Any], example_kwargs: Mapping[str, Any] | None = None
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    example_kwargs: Mapping[str, Any] | None = None,
+    handlers: FoldHandlers | None = None,
 ) -> tuple[nn.Module, FoldLog]:
     """Fold ``model`` (in eval mode; modified and reused) into its inference form.
 
     ``example_inputs`` (a tuple of positional arguments) and ``example_kwargs`` (keyword
-    arguments) drive shape propagation. Returns the folded module, normally an
-    ``fx.GraphModule``, and the log of what happened. An exception while folding a part of the
-    model (a submodule folded on its own) leaves that part as it was, with the reason in
-    ``log.fallbacks``; one while folding the model's own graph is raised.
+    arguments) drive shape propagation. ``handlers``: the table that recognises linear calls
+    (default: :meth:`FoldHandlers.default`, the built-ins and registered entries). Returns the
+    folded module, normally an ``fx.GraphModule``, and the log of what happened. An exception
+    while folding a part of the model (a submodule folded on its own) leaves that part as it was,
+    with the reason in ``log.fallbacks``; one while folding the model's own graph is raised.
     """
-    log = FoldLog()
-    return _fold_module(model, Call(tuple(example_inputs), dict(example_kwargs or {})), "", log), log
+    run = _Run(handlers or FoldHandlers.default(), FoldLog())
+    return _fold_module(model, Call(tuple(example_inputs), dict(example_kwargs or {})), "", run), run.log
 
 
-def _fold_part(module: nn.Module, call: Call, prefix: str, log: FoldLog) -> nn.Module:
+def _fold_part(module: nn.Module, call: Call, prefix: str, run: _Run) -> nn.Module:
     """:func:`_fold_module`, or ``module`` as it was if folding it raised (the log says why).
 
     Folding changes a module whose own forward stays Python code in place (its children are
@@ -74,31 +97,32 @@ def _fold_part(module: nn.Module, call: Call, prefix: str, log: FoldLog) -> nn.M
     try:
         original = copy.deepcopy(module)
     except Exception:  # noqa: BLE001 - a module holding what cannot be copied is folded without a way back
-        return _fold_module(module, call, prefix, log)
+        return _fold_module(module, call, prefix, run)
     try:
-        return _fold_module(module, call, prefix, log)
+        return _fold_module(module, call, prefix, run)
     except Exception as error:  # noqa: BLE001 - user forward code can raise anything when re-run
         where = prefix.rstrip(".") or "model"
-        log.fallbacks.append(f"{where}: folding it raised {_reason(error)}; left as it was")
+        run.log.fallbacks.append(f"{where}: folding it raised {_reason(error)}; left as it was")
         return original
 
 
-def _fold_module(module: nn.Module, call: Call, prefix: str, log: FoldLog) -> nn.Module:
+def _fold_module(module: nn.Module, call: Call, prefix: str, run: _Run) -> nn.Module:
     """Fold ``module`` as one graph, its untraceable submodules kept as opaque leaves (their insides
     folded separately); if its own ``forward`` cannot be traced, fold its children separately."""
     try:
         inputs, concrete = trace_arguments(module, call.args, call.kwargs)
-        gm, opaque = trace_around_untraceable(module, concrete)
+        gm, opaque = trace_around_untraceable(module, concrete, run.handlers.leaf_types)
     except Untraceable as untraceable:
         where = prefix.rstrip(".") or "model"
-        log.fallbacks.append(f"{where}: not traceable ({_reason(untraceable.error)}); folded its children separately")
-        return _fold_children(module, call, prefix, log)
-    _fold_opaque(gm, opaque, inputs, prefix, log)
-    return _fold_graph(gm, inputs, prefix, log)
+        reason = _reason(untraceable.error)
+        run.log.fallbacks.append(f"{where}: not traceable ({reason}); folded its children separately")
+        return _fold_children(module, call, prefix, run)
+    _fold_opaque(gm, opaque, inputs, prefix, run)
+    return _fold_graph(gm, inputs, prefix, run)
 
 
 def _fold_opaque(
-    gm: fx.GraphModule, opaque: dict[str, Exception], inputs: tuple[Any, ...], prefix: str, log: FoldLog
+    gm: fx.GraphModule, opaque: dict[str, Exception], inputs: tuple[Any, ...], prefix: str, run: _Run
 ) -> None:
     """Record each opaque module under "not folded" with its reason, and fold its insides on their own."""
     if not opaque:
@@ -106,12 +130,12 @@ def _fold_opaque(
     with capture_inputs(gm, list(opaque)) as recorded, torch.no_grad():
         gm(*snapshot(inputs))
     for name, error in opaque.items():
-        log.kept.append(
+        run.log.kept.append(
             f"{prefix}{name}: not traceable by torch.fx ({_reason(error)}); kept as one opaque op, folded around"
         )
         if name in recorded:
             original = gm.get_submodule(name)
-            folded = _fold_part(original, recorded[name], f"{prefix}{name}.", log)
+            folded = _fold_part(original, recorded[name], f"{prefix}{name}.", run)
             gm.set_submodule(name, _keep_plain_attributes(original, folded))
 
 
@@ -123,7 +147,7 @@ def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [""])[0][:160]
 
 
-def _fold_children(module: nn.Module, call: Call, prefix: str, log: FoldLog) -> nn.Module:
+def _fold_children(module: nn.Module, call: Call, prefix: str, run: _Run) -> nn.Module:
     """Fold, in ``module`` whose own forward stays, each outermost submodule that ran on ``call``.
 
     A container iterated rather than called (``for m in self.model``) is looked into: its members
@@ -134,27 +158,57 @@ def _fold_children(module: nn.Module, call: Call, prefix: str, log: FoldLog) -> 
     names = [name for name, _ in module.named_modules() if name]
     with capture_inputs(module, names) as calls, torch.no_grad():
         module(*snapshot(call.args), **snapshot(call.kwargs))
-    _fold_members(module, "", calls, prefix, log)
+    _fold_members(module, "", calls, prefix, run)
     return module
 
 
-def _fold_members(parent: nn.Module, path: str, calls: dict[str, Call], prefix: str, log: FoldLog) -> None:
+def _fold_members(parent: nn.Module, path: str, calls: dict[str, Call], prefix: str, run: _Run) -> None:
     """Fold the members of ``parent`` (at ``path`` inside the module being folded) that ran."""
     for name, child in list(parent.named_children()):
         qualified = f"{path}{name}"
         if qualified in calls:
-            if not is_leaf(child):
-                folded = _fold_part(child, calls[qualified], f"{prefix}{qualified}.", log)
+            if not run.handlers.is_leaf(child):
+                folded = _fold_part(child, calls[qualified], f"{prefix}{qualified}.", run)
                 setattr(parent, name, _keep_plain_attributes(child, folded))
         elif any(other.startswith(f"{qualified}.") for other in calls):
-            _fold_members(child, f"{qualified}.", calls, prefix, log)
+            _fold_members(child, f"{qualified}.", calls, prefix, run)
         else:
-            log.kept.append(f"{prefix}{qualified}: never ran on the example inputs; left as it is")
+            run.log.kept.append(f"{prefix}{qualified}: never ran on the example inputs; left as it is")
     if isinstance(parent, nn.Sequential):
         if not path or path.rstrip(".") in calls:
-            fuse_sequential_pairs(parent, f"{prefix}{path}", log)
+            _fold_sequential_pairs(parent, path, calls, prefix, run)
         else:
-            _explain_unfused_pairs(parent, f"{prefix}{path}", log)
+            _explain_unfused_pairs(parent, f"{prefix}{path}", run.log)
+
+
+def _fold_sequential_pairs(sequence: nn.Sequential, path: str, calls: dict[str, Call], prefix: str, run: _Run) -> None:
+    """Fold each leaf member directly followed by a BatchNorm member, in ``sequence`` (at ``path``), as the
+    graph ``layer -> bn`` run on the layer's recorded input; the layer's slot gets the result, the BN's
+    an ``nn.Identity``. Recognition is the graph pass's: a pair the handler table does not read as
+    linear, or that the algebra refuses, stays (the log says why)."""
+    names = list(sequence._modules)
+    for first, second in zip(names, names[1:]):
+        layer, bn = sequence._modules[first], sequence._modules[second]
+        leaves = run.handlers.is_leaf(layer) and run.handlers.is_leaf(bn)
+        if not (leaves and isinstance(bn, _BatchNorm) and not isinstance(layer, _BatchNorm)):
+            continue
+        if f"{path}{first}" not in calls:
+            continue  # never ran: no input to trace it on (listed as such)
+        pair = copy.deepcopy(nn.Sequential(OrderedDict([(first, layer), (second, bn)])))  # the pass edits modules
+        traced = trace(pair, leaf_types=run.handlers.leaf_types)
+        regions = len(run.log.regions)
+        folded = _fold_graph(traced, calls[f"{path}{first}"].args, f"{prefix}{path}", run)
+        if len(run.log.regions) > regions:
+            run.log.regions[-1].name = f"{prefix}{path}{first}"  # the region's module lives in the layer's slot
+            sequence._modules[first], sequence._modules[second] = _only_module(folded), nn.Identity()
+
+
+def _only_module(gm: fx.GraphModule) -> nn.Module:
+    """The one module ``gm`` calls on its input and returns, if that is all it does; else ``gm``."""
+    calls = [node for node in gm.graph.nodes if node.op not in ("placeholder", "output")]
+    if len(calls) == 1 and calls[0].op == "call_module" and len(gm.graph.find_nodes(op="placeholder")) == 1:
+        return gm.get_submodule(str(calls[0].target))
+    return gm
 
 
 def _explain_unfused_pairs(sequential: nn.Sequential, prefix: str, log: FoldLog) -> None:
@@ -171,8 +225,8 @@ def _keep_plain_attributes(original: nn.Module, folded: nn.Module) -> nn.Module:
     """``folded`` (a traced copy of ``original``) given the plain attributes of ``original`` it lacks.
 
     A parent whose own Python ``forward`` stays may read them (timm's ``LocalWindowAttention`` reads
-    ``self.attn.resolution``); a ``GraphModule`` only keeps what its graph reads. They are also listed
-    under ``meta["_user_preserved_attributes"]``, which ``GraphModule.__deepcopy__`` restores.
+    ``self.attn.resolution``); a ``GraphModule`` only keeps what its graph reads, and a deep copy of
+    one only what :func:`~trainfer.reparam.fold.trace.preserve_attributes` set.
     """
     if not isinstance(folded, fx.GraphModule) or folded is original:
         return folded
@@ -181,29 +235,28 @@ def _keep_plain_attributes(original: nn.Module, folded: nn.Module) -> nn.Module:
         for name, value in vars(original).items()
         if not name.startswith("_") and name != "training" and not hasattr(folded, name)
     }
-    for name, value in plain.items():
-        setattr(folded, name, value)
-    folded.meta.setdefault("_user_preserved_attributes", {}).update(plain)
+    preserve_attributes(folded, plain)
     return folded
 
 
-def _fold_graph(gm: fx.GraphModule, inputs: tuple[Any, ...], prefix: str, log: FoldLog) -> fx.GraphModule:
+def _fold_graph(gm: fx.GraphModule, inputs: tuple[Any, ...], prefix: str, run: _Run) -> fx.GraphModule:
     """The graph pass (steps 1-4 above) on ``gm``, traced from the module at path ``prefix``."""
+    log, handlers = run.log, run.handlers
     log.dropped += drop_eval_noops(gm, prefix)
-    split_padding_modes(gm)
+    split_padding_modes(gm, handlers)
     propagate_shapes(gm, inputs)
     resolve_rank_checks(gm.graph)
-    move_batch_norms_into_heads(gm)
-    fold_norms_into_channels_last_linears(gm, prefix, log)
-    context = FoldContext(gm, prefix)
+    move_batch_norms_into_heads(gm, handlers)
+    fold_norms_into_channels_last_linears(gm, prefix, log, handlers)
+    graph = FoldGraph.of(gm, prefix, handlers)
     splits: list[str] = []
-    roots = settle_costs(context, splits)
-    log.kept += context.kept + splits
+    regions = settle_costs(graph, splits)
+    log.kept += [*regions.kept, *splits]
     replaced: dict[fx.Node, fx.Node] = {}
-    for root, expr in roots:  # in graph order, so an anchor is replaced before regions read it
-        replaced[root] = rewrite_region(context, root, expr, replaced.get(expr.anchor, expr.anchor), log)
-    gm.graph.eliminate_dead_code()
-    precompute(gm, context.constants)
-    gm.graph.eliminate_dead_code()
+    for root, expr in regions.roots:  # in graph order, so an anchor is replaced before regions read it
+        replaced[root] = rewrite_region(graph, root, expr, replaced.get(expr.anchor, expr.anchor), log)
+    eliminate_dead_code(gm.graph)
+    precompute(gm, graph.constants)
+    eliminate_dead_code(gm.graph)
     gm.graph.lint()
     return fx.GraphModule(gm, gm.graph, gm.__class__.__name__)

@@ -30,11 +30,13 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from trainfer.reparam import algebra
 from trainfer.reparam.algebra import AlgebraError
+from trainfer.reparam.fold import builtin
+from trainfer.reparam.fold.builtin import Handler
 from trainfer.reparam.fold.calls import bind, target_name
 from trainfer.reparam.fold.constants import Constants
+from trainfer.reparam.fold.handlers import FoldHandlers
 from trainfer.reparam.fold.log import FoldedRegion, FoldLog, describe
 from trainfer.reparam.fold.shapes import shape
-from trainfer.reparam.fold.trace import is_leaf
 
 __all__ = [
     "drop_eval_noops",
@@ -43,6 +45,13 @@ __all__ = [
     "resolve_rank_checks",
     "split_padding_modes",
 ]
+
+
+def _is(node: fx.Node, modules: dict[str, nn.Module], handlers: FoldHandlers, *kinds: Handler) -> bool:
+    """The handler table reads ``node`` with one of the built-in handlers ``kinds`` (a BatchNorm, a conv...):
+    the passes recognise ops the one way recognition does (a type with a handler of its own is not theirs)."""
+    return node.op in ("call_module", "call_function", "call_method") and handlers.handler_for(node, modules) in kinds
+
 
 _DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
 
@@ -56,7 +65,7 @@ def drop_eval_noops(gm: fx.GraphModule, prefix: str) -> list[str]:
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and isinstance(modules[node.target], (_DropoutNd, nn.Identity)):
             what = f"{prefix}{node.target} ({type(modules[node.target]).__name__})"
-        elif node.op == "call_function" and node.target in _DROPOUT and bind(node, "dropout")["training"] is False:
+        elif node.op == "call_function" and node.target in _DROPOUT and bind(node)["training"] is False:
             what = f"{node.name} ({node.target.__name__}, training=False)"
         else:
             continue
@@ -66,7 +75,7 @@ def drop_eval_noops(gm: fx.GraphModule, prefix: str) -> list[str]:
     return dropped
 
 
-def split_padding_modes(gm: fx.GraphModule) -> None:
+def split_padding_modes(gm: fx.GraphModule, handlers: FoldHandlers) -> None:
     """Give each conv with a non-zero ``padding_mode`` an ``F.pad(mode=...)`` before it, and zero padding.
 
     The pad is not a convolution, but the conv after it then is one and can take a BatchNorm.
@@ -75,9 +84,7 @@ def split_padding_modes(gm: fx.GraphModule) -> None:
     calls = [
         (node, modules[node.target])
         for node in gm.graph.nodes
-        if node.op == "call_module"
-        and isinstance(modules[node.target], nn.Conv2d)
-        and modules[node.target].padding_mode != "zeros"
+        if _is(node, modules, handlers, builtin.conv_module) and modules[node.target].padding_mode != "zeros"
     ]
     for node, module in calls:  # every call first: a shared conv is converted once, after
         pads = tuple(module._reversed_padding_repeated_twice)
@@ -194,38 +201,34 @@ def _shape_query(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is getattr and node.args[1:] in (("shape",), ("ndim",))
 
 
-def _is_linear_layer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return type(modules[target_name(node)]) is nn.Linear
-    return node.op == "call_function" and node.target is F.linear
-
-
-def _batch_norm_arguments(node: fx.Node, modules: dict[str, nn.Module], graph: fx.Graph) -> tuple | None:
+def _batch_norm_arguments(
+    node: fx.Node, modules: dict[str, nn.Module], graph: fx.Graph, handlers: FoldHandlers
+) -> tuple | None:
     """``(input, running_mean, running_var, weight, bias, eps)`` of an eval-mode batch norm node, else None."""
-    if node.op == "call_module":
-        module = modules[target_name(node)]
-        if not (isinstance(module, _BatchNorm) and is_leaf(module)) or module.running_mean is None:
+    if _is(node, modules, handlers, builtin.batch_norm_module):
+        module = cast(_BatchNorm, modules[target_name(node)])
+        if module.running_mean is None:
             return None
         with graph.inserting_before(node):
             stats = [graph.get_attr(f"{node.target}.{name}") if getattr(module, name) is not None else None
                      for name in ("running_mean", "running_var", "weight", "bias")]  # fmt: skip
         return (node.args[0], *stats, module.eps)
-    if node.op != "call_function" or node.target is not F.batch_norm:
+    if not _is(node, modules, handlers, builtin.batch_norm_function):
         return None
-    bound = bind(node, "batch_norm")
-    if bound["training"] is not False or bound["running_mean"] is None:
+    bound = bind(node)
+    if not builtin.normalises_with_running_statistics(bound):
         return None
     return tuple(bound[k] for k in ("input", "running_mean", "running_var", "weight", "bias", "eps"))
 
 
-def _head_after(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node] | None:
+def _head_after(node: fx.Node, modules: dict[str, nn.Module], handlers: FoldHandlers) -> list[fx.Node] | None:
     """The commuting ops from ``node``'s only user on to a linear layer, if the chain reaches one."""
     chain: list[fx.Node] = []
     users = list(node.users)
     while len(users) == 1:  # finite: each step goes one node further down the (acyclic) graph
         node = users[0]
         users = [user for user in node.users if not _shape_query(user)]  # sizes do not change when BN moves
-        if _is_linear_layer(node, modules):
+        if _is(node, modules, handlers, builtin.linear_module, builtin.linear_function):
             return chain or None
         if not _commutes(node, modules):
             return None
@@ -233,7 +236,7 @@ def _head_after(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node] |
     return None
 
 
-def move_batch_norms_into_heads(gm: fx.GraphModule) -> int:
+def move_batch_norms_into_heads(gm: fx.GraphModule, handlers: FoldHandlers) -> int:
     """Move each eval-mode batch norm that reaches a linear layer through commuting ops to just before it.
 
     The moved batch norm is an ``F.batch_norm`` call on the value the linear layer reads (its
@@ -241,8 +244,8 @@ def move_batch_norms_into_heads(gm: fx.GraphModule) -> int:
     """
     modules, graph, moved = dict(gm.named_modules()), gm.graph, 0
     for node in list(graph.nodes):
-        chain = _head_after(node, modules)
-        arguments = _batch_norm_arguments(node, modules, graph) if chain else None
+        chain = _head_after(node, modules, handlers)
+        arguments = _batch_norm_arguments(node, modules, graph, handlers) if chain else None
         if chain is None or arguments is None:
             continue
         source, mean, var, weight, bias, eps = arguments
@@ -258,7 +261,9 @@ def move_batch_norms_into_heads(gm: fx.GraphModule) -> int:
     return moved
 
 
-def fold_norms_into_channels_last_linears(gm: fx.GraphModule, prefix: str, log: FoldLog) -> None:
+def fold_norms_into_channels_last_linears(
+    gm: fx.GraphModule, prefix: str, log: FoldLog, handlers: FoldHandlers
+) -> None:
     """``Linear`` (channels-last) ``-> permute(0, 3, 1, 2) -> BatchNorm2d [-> * gamma]`` (UniRepLKNet's
     feed-forward): the Linear's outputs are the batch norm's channels, so the batch norm, and a
     per-channel constant factor after it, fold into the Linear (``algebra.fuse_linear_bn``);
@@ -266,7 +271,7 @@ def fold_norms_into_channels_last_linears(gm: fx.GraphModule, prefix: str, log: 
     modules, graph = dict(gm.named_modules()), gm.graph
     calls = [n.target for n in graph.nodes if n.op == "call_module"]
     for node in list(graph.nodes):
-        chain = _linear_permute_norm(node, modules, calls)
+        chain = _linear_permute_norm(node, modules, calls, handlers)
         if chain is None:
             continue
         linear, permute, norm = chain
@@ -276,8 +281,9 @@ def fold_norms_into_channels_last_linears(gm: fx.GraphModule, prefix: str, log: 
         except AlgebraError:
             continue
         members, last = [linear, norm], norm
-        factor = _channel_factor(last, weight.shape[0], Constants(gm))
+        factor = _channel_factor(last, weight.shape[0], Constants(gm), modules, handlers)
         if factor is not None:
+            factor = factor.to(weight.dtype)
             weight, bias = weight * factor[:, None], bias * factor
             last = next(iter(norm.users))
             members.append(last)
@@ -290,16 +296,19 @@ def fold_norms_into_channels_last_linears(gm: fx.GraphModule, prefix: str, log: 
         log.regions.append(FoldedRegion(f"{prefix}{target_name(linear)}", names, describe(fused)))
 
 
-def _linear_permute_norm(node: fx.Node, modules: dict[str, nn.Module], calls: list[Any]) -> tuple[fx.Node, ...] | None:
+def _linear_permute_norm(
+    node: fx.Node, modules: dict[str, nn.Module], calls: list[Any], handlers: FoldHandlers
+) -> tuple[fx.Node, ...] | None:
     """``(linear, permute, norm)`` when ``node`` is a once-called Linear feeding only that chain."""
-    if node.op != "call_module" or type(modules[target_name(node)]) is not nn.Linear or calls.count(node.target) != 1:
+    if not _is(node, modules, handlers, builtin.linear_module) or calls.count(node.target) != 1:
         return None
     permute = next(iter(node.users)) if len(node.users) == 1 else None
     if permute is None or not _is_channels_first_permute(permute) or len(permute.users) != 1:
         return None
     norm = next(iter(permute.users))
-    bn = modules.get(target_name(norm)) if norm.op == "call_module" else None
-    if not isinstance(bn, _BatchNorm) or not is_leaf(bn) or bn.running_var is None or norm.args[:1] != (permute,):
+    if not _is(norm, modules, handlers, builtin.batch_norm_module) or norm.args[:1] != (permute,):
+        return None
+    if cast(_BatchNorm, modules[target_name(norm)]).running_var is None:
         return None
     return node, permute, norm
 
@@ -315,18 +324,17 @@ def _is_channels_first_permute(node: fx.Node) -> bool:
     return tuple(order or ()) == (0, 3, 1, 2)
 
 
-def _channel_factor(norm: fx.Node, channels: int, constants: Constants) -> torch.Tensor | None:
-    """The per-channel factor of ``norm``'s one user ``gamma * x`` (``gamma``: ``(1, C, 1, 1)`` or ``(C, 1, 1)``)."""
-    if len(norm.users) != 1:
-        return None
-    user = next(iter(norm.users))
-    if user.op != "call_function" or user.target not in (operator.mul, torch.mul) or len(user.args) != 2:
+def _channel_factor(
+    norm: fx.Node, channels: int, constants: Constants, modules: dict[str, nn.Module], handlers: FoldHandlers
+) -> torch.Tensor | None:
+    """The per-channel (or scalar) constant factor of ``norm``'s one user ``gamma * x``, as the
+    multiplication handler reads it (:func:`~trainfer.reparam.fold.builtin.channel_vector`)."""
+    user = next(iter(norm.users)) if len(norm.users) == 1 else None
+    if user is None or not _is(user, modules, handlers, builtin.multiply) or len(user.args) != 2 or user.kwargs:
         return None
     other = user.args[1] if user.args[0] is norm else user.args[0]
-    value = constants.tensor(other) if isinstance(other, fx.Node) else None
-    if value is None or value.numel() != channels or value.dim() < 3 or value.shape[-3] != channels:
-        return None
-    return value.reshape(-1)
+    vector = builtin.channel_vector(user, constants.operand(other))
+    return None if vector is None else vector.expand(channels)
 
 
 def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:

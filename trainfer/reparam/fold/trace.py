@@ -2,7 +2,8 @@
 
 The folder and output-kind detection (:func:`trainfer.serve.outputs.detect_output_kind`) both
 trace with :func:`trace`. It sees through every module that is not a ``torch.nn`` layer (nor of a
-type in :data:`extra_leaf_types`), so what user blocks compute appears as calls on parameters.
+type in the ``leaf_types`` a call passes: the types its fold handlers are for), so what user
+blocks compute appears as calls on parameters.
 When some module's ``forward`` cannot be traced (item assignment on a tensor, data-dependent
 control flow), :func:`trace_around_untraceable` finds the innermost such module, makes it a leaf
 (one ``call_module`` node whose insides the folder does not see) and traces again, so that one
@@ -18,6 +19,12 @@ Two ways libraries write ``forward`` are traced as the model runs them: a forwar
 ``functools.wraps`` decorator (the wrapper runs, called with the example's arguments by keyword;
 see :func:`trace_arguments`), and a result that is a ``dict`` subclass (``OrderedDict``, Hugging
 Face's ``ModelOutput``), rebuilt as its own type by the graph instead of a plain ``dict``.
+
+Item assignment into a tensor that the traced code itself just made by padding (``out =
+F.pad(x, p); out[:, :, :p] = v``, DBB's ``BNAndPad`` writing its border) is traced as the pure
+call :func:`assign` whose result every later use of ``out`` reads: nothing else can hold that
+tensor (nothing has read it yet), so no alias sees the difference. Item assignment anywhere else
+still fails the trace (the module stays an opaque leaf, as before).
 """
 
 from __future__ import annotations
@@ -30,17 +37,22 @@ from typing import Any, cast
 
 from torch import Tensor, fx, nn
 from torch.fx._symbolic_trace import PH
+from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["Untraceable", "extra_leaf_types", "is_leaf", "trace", "trace_arguments", "trace_around_untraceable"]
+__all__ = [
+    "Untraceable",
+    "assign",
+    "is_leaf",
+    "preserve_attributes",
+    "trace",
+    "trace_arguments",
+    "trace_around_untraceable",
+]
 
 #: What fixes the arguments a trace does not take as inputs: ``{name: value}`` (``concrete_args``),
 #: or, for a decorated forward, the names its inputs are passed by (see :func:`trace_arguments`).
 Concrete = dict[str, Any] | tuple[str, ...]
-
-#: Module types traced as leaves although their ``forward`` is not torch's own: the types fold
-#: handlers are registered for (:func:`trainfer.reparam.fold.register_fold_handler` keeps it).
-extra_leaf_types: set[type[nn.Module]] = set()
 
 #: One trace at a time in the process (see the module docstring); re-entrant for nested traces.
 _TRACE_LOCK = threading.RLock()
@@ -51,14 +63,14 @@ _CULPRIT = "_trainfer_untraceable_module"
 
 def is_torch_nn(function: Any) -> bool:
     """``function`` is defined by ``torch.nn`` (a layer's own ``forward``)."""
-    return getattr(function, "__module__", "").startswith(("torch.nn", "torch.ao.nn"))
+    return (getattr(function, "__module__", None) or "").startswith(("torch.nn", "torch.ao.nn"))  # fx code: None
 
 
-def is_leaf(module: nn.Module) -> bool:
-    """A layer: its ``forward`` is torch's own, or that of a type in :data:`extra_leaf_types`; not a container."""
+def is_leaf(module: nn.Module, leaf_types: frozenset[type[nn.Module]] = frozenset()) -> bool:
+    """A layer: its ``forward`` is torch's own, or that of a type in ``leaf_types``; not a container."""
     containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
     forward = type(module).forward
-    registered = any(forward is leaf_type.forward for leaf_type in extra_leaf_types)
+    registered = any(forward is leaf_type.forward for leaf_type in leaf_types)
     return (is_torch_nn(forward) or registered) and not isinstance(module, containers)
 
 
@@ -78,13 +90,16 @@ class _EvalTracer(fx.Tracer):
     the generation once (:mod:`~trainfer.reparam.fold.constants`).
     """
 
-    def __init__(self, opaque: frozenset[str] = frozenset()) -> None:
+    def __init__(self, opaque: frozenset[str] = frozenset(), leaf_types: frozenset[type[nn.Module]] = frozenset()):
         super().__init__(param_shapes_constant=True)
-        self.opaque = opaque
+        self.opaque, self.leaf_types = opaque, leaf_types
         self.thread = threading.get_ident()  # the tracing thread; calls from others pass through
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_leaf(m) or module_qualified_name in self.opaque
+        return is_leaf(m, self.leaf_types) or module_qualified_name in self.opaque
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _AssignableProxy(node, self)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         if threading.get_ident() != self.thread:
@@ -191,9 +206,13 @@ def _rank_checks_off(model: nn.Module) -> Iterator[None]:
 
 
 def trace(
-    model: nn.Module, concrete_args: Concrete | None = None, opaque: frozenset[str] = frozenset()
+    model: nn.Module,
+    concrete_args: Concrete | None = None,
+    opaque: frozenset[str] = frozenset(),
+    leaf_types: frozenset[type[nn.Module]] = frozenset(),
 ) -> fx.GraphModule:
-    """``torch.fx`` trace of ``model`` in its current mode; modules named in ``opaque`` stay leaves.
+    """``torch.fx`` trace of ``model`` in its current mode; modules named in ``opaque``, and modules
+    of the ``leaf_types`` (:func:`is_leaf`), stay leaves.
 
     ``concrete_args`` fixes arguments of ``forward`` to values (traced as constants; the graph
     asserts that calls pass the same values); a tuple of names instead makes the graph's inputs
@@ -203,7 +222,7 @@ def trace(
     rank check disabled while tracing, so that the trace can see through them.
     """
     with _TRACE_LOCK:
-        tracer = _EvalTracer(opaque)
+        tracer = _EvalTracer(opaque, leaf_types)
         name = type(model).__name__
         if isinstance(concrete_args, tuple):
             with _rank_checks_off(model), _called_by_keyword(model, concrete_args):
@@ -217,6 +236,42 @@ def trace(
         return fx.GraphModule(tracer.root, graph, name)
 
 
+def assign(tensor: Tensor, index: Any, value: Any) -> Tensor:
+    """``tensor`` with ``tensor[index] = value`` applied, as a new tensor (the traced form of item assignment)."""
+    result = tensor.clone()
+    result[index] = value
+    return result
+
+
+#: Calls whose result is a tensor of its own (no view of an input): item assignment into one traces.
+_FRESH = frozenset({F.pad, assign})
+
+
+class _AssignableProxy(fx.Proxy):
+    """A proxy that traces ``proxy[index] = value`` as :func:`assign` where the write cannot be seen
+    through an alias: the tensor was made by padding (or by an earlier such write) and nothing read it yet."""
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        node = self.node
+        if not (node.op == "call_function" and node.target in _FRESH and not node.users):
+            # fx's own tracing error (a ValueError): the caller falls back as for any untraceable forward
+            raise fx.proxy.TraceError("item assignment into a tensor that may be read through an alias")
+        self.node = self.tracer.create_proxy("call_function", assign, (self, index, value), {}).node
+
+
+def preserve_attributes(gm: fx.GraphModule, values: Mapping[str, Any]) -> None:
+    """Set plain attributes on ``gm`` that survive ``copy.deepcopy`` (which rebuilds a ``GraphModule``
+    from its graph and would drop attributes the graph does not read).
+
+    torch.fx has no public way: ``GraphModule.__deepcopy__`` restores the private
+    ``meta["_user_preserved_attributes"]``. This function is the one place that relies on it;
+    ``tests/test_fold_robustness.py`` checks a deep copy keeps them.
+    """
+    for name, value in values.items():
+        setattr(gm, name, value)
+    gm.meta.setdefault("_user_preserved_attributes", {}).update(values)
+
+
 class Untraceable(Exception):
     """``model``'s own ``forward`` (not one of its submodules') cannot be traced; ``error`` says why."""
 
@@ -226,7 +281,7 @@ class Untraceable(Exception):
 
 
 def trace_around_untraceable(
-    model: nn.Module, concrete_args: Concrete | None = None
+    model: nn.Module, concrete_args: Concrete | None = None, leaf_types: frozenset[type[nn.Module]] = frozenset()
 ) -> tuple[fx.GraphModule, dict[str, Exception]]:
     """Trace ``model`` (see :func:`trace`), keeping each submodule whose ``forward`` cannot be traced as an opaque leaf.
 
@@ -238,7 +293,7 @@ def trace_around_untraceable(
     opaque: dict[str, Exception] = {}
     while True:
         try:
-            return trace(model, concrete_args, frozenset(opaque)), opaque
+            return trace(model, concrete_args, frozenset(opaque), leaf_types), opaque
         except Exception as error:  # noqa: BLE001 - user forward code can raise anything on fx proxies
             culprit = getattr(error, _CULPRIT, "")
             if not culprit or culprit in opaque:
