@@ -12,10 +12,11 @@ NUMERICS := tests/test_agreement.py tests/test_deploy.py tests/test_deploy_prope
             tests/test_export.py
 GENERIC_KERNELS := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2
 AVX2_KERNELS    := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
-# The next torch (a CUDA build of about 5.5 GB, runs on the CPU) with timm beside it: optional checks.
+# The next torch (a CUDA build of about 5.5 GB, runs on the CPU) with timm, transformers and
+# ultralytics beside it: optional checks (the interop suites), never part of `make test`.
 NEXT   := .venv-next/bin
 
-.PHONY: demo serve test test-fast test-kernels test-wheel test-torch-next test-timm docs lint typecheck bench clean
+.PHONY: demo serve test test-fast test-kernels test-wheel test-torch-next test-timm test-interop docs lint typecheck bench clean
 
 # torch==2.13.0 first (a CPU wheel on local disk); the project's range (torch>=2.13) then installs no other.
 $(BIN)/.installed: pyproject.toml
@@ -28,6 +29,7 @@ $(NEXT)/.installed: pyproject.toml
 	$(PYTHON) -m venv .venv-next
 	$(NEXT)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(NEXT)/python -m pip install --quiet timm==1.0.31
+	$(NEXT)/python -m pip install --quiet 'transformers>=5,<6' 'ultralytics>=8.3,<9'
 	$(NEXT)/python -m pip install --quiet -e '.[all,dev]'
 	touch $@
 
@@ -71,6 +73,13 @@ test-torch-next: $(NEXT)/.installed
 # deploy against timm's own reparameterize_model on timm's architectures (tests/test_timm_interop.py).
 test-timm: $(NEXT)/.installed
 	$(NEXT)/python -m pytest -q tests/test_timm_interop.py
+
+# deploy on the models of torchvision, transformers and Ultralytics (random weights, built from their
+# configs, no download): exact outputs of the same types, BatchNorm and conv kernels vs the eval form
+# and the library's own fuse (tests/test_interop_*.py; docs/deploy-coverage.md). A few minutes on 2 cores.
+test-interop: $(NEXT)/.installed
+	$(NEXT)/python -m pytest -q -p no:cacheprovider tests/test_interop_torchvision.py \
+	    tests/test_interop_transformers.py tests/test_interop_ultralytics.py
 
 # ruff, then the import-linter contracts of pyproject.toml: layers only import downwards, no cycles.
 lint: $(BIN)/.installed

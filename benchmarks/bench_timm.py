@@ -116,8 +116,11 @@ def compare(name: str, size: int, rounds: int = 0) -> Row:
     return row
 
 
-def run_isolated(function: Callable[..., Row], args: tuple[Any, ...], timeout: float) -> Row:
-    """``function(*args)`` in a forked process; a timeout or an exception becomes the row's ``error``."""
+def run_isolated(function: Callable[..., Any], args: tuple[Any, ...], timeout: float, row: type = Row) -> Any:
+    """``function(*args)`` in a forked process; a timeout or an exception becomes the row's ``error``.
+
+    ``row`` is the dataclass ``function`` returns (its first field the model's name, with an ``error`` field).
+    """
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
 
@@ -126,7 +129,7 @@ def run_isolated(function: Callable[..., Row], args: tuple[Any, ...], timeout: f
             queue.put(asdict(function(*args)))
         except Exception as error:  # noqa: BLE001 - reported in the row, with where it came from
             where = traceback.extract_tb(error.__traceback__)[-1]
-            queue.put(asdict(Row(args[0], error=f"{type(error).__name__}: {str(error)[:160]} ({where.name})")))
+            queue.put(asdict(row(args[0], error=f"{type(error).__name__}: {str(error)[:160]} ({where.name})")))
 
     process = context.Process(target=target)
     process.start()
@@ -134,8 +137,8 @@ def run_isolated(function: Callable[..., Row], args: tuple[Any, ...], timeout: f
     if process.is_alive():
         process.kill()
         process.join()
-        return Row(args[0], error=f"no result within {timeout:.0f} s")
-    return Row(**queue.get()) if not queue.empty() else Row(args[0], error=f"exit code {process.exitcode}")
+        return row(args[0], error=f"no result within {timeout:.0f} s")
+    return row(**queue.get()) if not queue.empty() else row(args[0], error=f"exit code {process.exitcode}")
 
 
 def markdown(rows: list[Row]) -> str:

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import time
 
 import pytest
 import torch
@@ -11,7 +12,17 @@ from torch import nn
 
 import trainfer
 from trainfer import models
-from trainfer.bench import FORMS, Timing, benchmark, count_macs, count_parameters, peak_memory, time_forward
+from trainfer.bench import (
+    FORMS,
+    BenchReport,
+    FormResult,
+    Timing,
+    benchmark,
+    count_macs,
+    count_parameters,
+    peak_memory,
+    time_forward,
+)
 from trainfer.blocks import ReparamBlock
 from trainfer.cli import main
 from trainfer.testing import assert_close, count_aten_ops, randomize_batchnorm
@@ -170,7 +181,46 @@ def test_benchmark_reports_every_form_and_skips_what_cannot_be_built():
     assert train.macs > reparameterized.macs == plain.macs > 0
     assert train.parameters > reparameterized.parameters == plain.parameters
     assert report.threads == 1 and set(report.ratios()) == {"train / reparameterized", "reparameterized / plain"}
-    assert report.ratio("train", "plain") == train.latency.median_s / plain.latency.median_s
+
+
+def test_ratios_are_medians_over_medians_known_answer():
+    def result(form, batch_1_ms, batch_4_ms):
+        return FormResult(form, Timing.from_samples(batch_1_ms), Timing.from_samples(batch_4_ms), 4, 1, 1, 0)
+
+    report = BenchReport(
+        "m",
+        (1, 3, 8, 8),
+        1,
+        [result("train", [9, 6, 100], [20, 24, 22]), result("reparameterized", [3, 2, 4], [11, 12, 10]),
+         result("plain", [2, 1, 50], [8, 8, 9])],
+        {},
+    )  # fmt: skip
+    assert report.ratio("train", "plain") == 9 / 2 and report.ratio("train", "plain", batched=True) == 22 / 8
+    assert report.ratios() == {"train / reparameterized": (3.0, 2.0), "reparameterized / plain": (1.5, 1.375)}
+
+
+def test_a_form_made_slower_measures_slower(monkeypatch):
+    """Samples land on the form that took them: a plain form sleeping 100 ms a call is the slow one."""
+
+    class Slow(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            time.sleep(0.1)
+            return self.inner(x)
+
+    real = FORMS["plain"]
+    monkeypatch.setitem(FORMS, "plain", lambda model, inputs: Slow(real(model, inputs)))
+    forms = ("train", "reparameterized", "plain")
+    report = benchmark(_tiny_repvgg(), (1, 3, 16, 16), forms=forms, batch_size=2, rounds=2, repeats=1, warmup=0,
+                       threads=1, show_progress=False)  # fmt: skip
+    train, reparameterized, plain = report.results
+    assert plain.latency.median_s >= 0.1 > reparameterized.latency.median_s
+    assert plain.batch_latency.median_s >= 0.1 > reparameterized.batch_latency.median_s
+    batch_1, batched = report.ratios()["reparameterized / plain"]
+    assert batch_1 < 1 and batched < 1 and report.ratio("plain", "reparameterized") > 1
 
 
 @pytest.mark.parametrize("kwargs", [{"forms": ("train", "fast")}, {"batch_size": 0}])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import replace
 
 import pytest
@@ -376,3 +377,35 @@ def test_infer_path_methods_resolve_to_the_inference_path():
     deployed = trainfer.deploy(randomize_batchnorm(Heads()), x)
     assert isinstance(deployed(x), torch.Tensor) and not any(k.startswith("aux") for k in deployed.state_dict())
     assert batch_norm_calls(deployed, x) == 0
+
+
+BAD_TOLERANCES = [
+    ("rtol", float("nan"), trainfer.InputError, "rtol must be a finite number > 0 or None; got nan"),
+    ("rtol", float("inf"), trainfer.InputError, "rtol must be a finite number > 0 or None; got inf"),
+    ("rtol", -1e-5, trainfer.InputError, "rtol must be a finite number > 0 or None; got -1e-05"),
+    ("rtol", 0.0, trainfer.InputError, "rtol must be a finite number > 0 or None; got 0.0"),
+    ("rtol", "1e-5", TypeError, "rtol must be a finite number > 0 or None; got str '1e-5'"),
+    ("rtol", True, TypeError, "rtol must be a finite number > 0 or None; got bool True"),
+    ("atol", float("nan"), trainfer.InputError, "atol must be a finite number >= 0 or None; got nan"),
+    ("atol", -1.0, trainfer.InputError, "atol must be a finite number >= 0 or None; got -1.0"),
+    ("atol", [0.1], TypeError, "atol must be a finite number >= 0 or None; got list [0.1]"),
+]
+
+
+@pytest.mark.parametrize("function", ["deploy", "verify"])
+@pytest.mark.parametrize(("name", "value", "error", "message"), BAD_TOLERANCES)
+def test_a_tolerance_that_checks_nothing_is_refused_by_the_python_api(function, name, value, error, message):
+    """NaN passes no comparison and inf every one: neither is a tolerance (nor a negative one, nor a string)."""
+    model, x = net(), torch.randn(1, 3, 8, 8)
+    call = trainfer.deploy if function == "deploy" else lambda m, x, **kw: trainfer.verify(m, m, x, **kw)
+    with pytest.raises(error, match=re.escape(message)) as raised:
+        call(model, x, **{name: value})
+    assert isinstance(raised.value, trainfer.TrainferError)
+
+
+def test_zero_absolute_and_numpy_tolerances_are_accepted():
+    import numpy as np
+
+    model, x = net(), torch.randn(1, 3, 8, 8)
+    assert trainfer.verify(model, model, x, rtol=np.float32(1e-5), atol=0).ok
+    assert trainfer.deploy(model, x, rtol=np.float64(1e-5), atol=0.0).trainfer_report.ok

@@ -19,6 +19,7 @@ import pytest
 import torch
 from time_limit import time_limit
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 import trainfer
 from trainfer.errors import EquivalenceError
@@ -244,6 +245,41 @@ def test_an_exception_while_folding_a_part_falls_back_with_a_reason(monkeypatch)
     report = result.trainfer_report
     assert any("encoder" in item and "boom" in item for item in report.fallbacks)
     assert_close(result(x), reference(x))
+
+
+class ExtraLevel(nn.Module):
+    """torchvision's FPN ``LastLevelMaxPool``: appends a level to the lists it is given, returns them."""
+
+    def forward(self, x: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        names.append("pool")
+        x.append(F.max_pool2d(x[-1], 1, 2, 0))
+        return x, names
+
+
+class Pyramid(nn.Module):
+    """An untraceable parent (``list(chunk)`` iterates a value) whose parameter-free child mutates lists."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([conv_bn(2), conv_bn(2)])
+        self.extra = ExtraLevel()
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        features = [block(part) for block, part in zip(self.blocks, list(x.chunk(2, dim=1)))]
+        features, names = self.extra(features, ["0", "1"])
+        return OrderedDict(zip(names, features))
+
+
+def test_a_child_that_appends_to_the_lists_it_is_given_keeps_doing_so_when_folded_on_its_own():
+    """fx drops ``call_method`` nodes whose result is unused: ``names.append`` and ``x.append``
+    must survive dead-code elimination, or the folded FPN loses its ``"pool"`` level."""
+    x = torch.randn(1, 4, 8, 8)
+    result, reference = deployed(Pyramid(), x, protocols=False)
+    out = result(x)
+    assert list(out) == ["0", "1", "pool"]
+    for name, expected in reference(x).items():
+        assert_close(out[name], expected)
+    assert batch_norm_calls(result, x) == 0
 
 
 # --- 9. inputs that are lists of tensors; keyword inputs ---------------------------------------------

@@ -280,3 +280,11 @@ def test_onnx_parity_over_random_configurations(channels, kernel, stride, dilati
         (got,) = session.run(None, {"input": x.numpy()})
     with trainfer.inference(model):
         assert_close(torch.from_numpy(got), model(x))
+
+
+@pytest.mark.parametrize(("rtol", "error"), [(float("nan"), ValueError), (float("inf"), ValueError),
+                                             (-1e-3, ValueError), ("1e-3", TypeError)])  # fmt: skip
+def test_a_tolerance_that_checks_nothing_is_refused_before_any_work(tmp_path, rtol, error):
+    with pytest.raises(error, match="rtol must be a finite number > 0 or None") as raised:
+        export(torch.nn.Conv2d(1, 1, 1), tmp_path / "m.ts", format="torchscript", rtol=rtol)
+    assert isinstance(raised.value, trainfer.TrainferError) and not (tmp_path / "m.ts").exists()

@@ -35,11 +35,12 @@ from trainfer.serve.bundle import load, save
 from trainfer.serve.ensemble import Ensemble
 from trainfer.serve.export import export
 from trainfer.serve.gate import AccuracyGate, GateReport
+from trainfer.serve.gated import compile
 from trainfer.serve.predictor import Predictor
 from trainfer.serve.preprocess import PreprocessSpec
 from trainfer.serve.prune import PruningError, prune
 from trainfer.serve.quantize import QuantizationError, quantize
-from trainfer.serve.runtime import CompiledModel, RuntimeRecord, compile
+from trainfer.serve.runtime import CompiledModel, RuntimeRecord
 
 _moved.install()
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from trainfer.errors import InputError, InputTypeError
 
-__all__ = ["check_integer", "check_keywords", "check_number", "check_path", "check_type", "given"]
+__all__ = ["check_integer", "check_keywords", "check_number", "check_path", "check_tolerance", "check_type", "given"]
 
 
 def given(value: Any) -> str:
@@ -60,6 +60,24 @@ def check_number(name: str, value: Any, *, low: float, high: float) -> float:
         raise InputTypeError(f"{name} must be {expected}; got {given(value)}")
     number = float(value)
     if not (math.isfinite(number) and low <= number <= high):
+        raise InputError(f"{name} must be {expected}; got {number!r}")
+    return number
+
+
+def check_tolerance(name: str, value: Any, *, zero: bool = False) -> float | None:
+    """A tolerance: ``None`` (the per-dtype default), or a finite ``float`` > 0 (``>= 0`` where ``zero``).
+
+    ``max |candidate - reference| <= atol + rtol * scale`` holds for no pair at all when a tolerance is
+    NaN, and for every pair when it is infinite: neither checks anything, so both are refused, as are
+    negative tolerances, ``bool`` and strings.
+    """
+    expected = f"a finite number {'>=' if zero else '>'} 0 or None"
+    if value is None:
+        return None
+    if isinstance(value, bool | str | bytes) or not hasattr(value, "__float__"):
+        raise InputTypeError(f"{name} must be {expected}; got {given(value)}")
+    number = float(value)
+    if not math.isfinite(number) or number < 0 or (number == 0 and not zero):
         raise InputError(f"{name} must be {expected}; got {number!r}")
     return number
 

@@ -89,12 +89,15 @@ def time_forward(
     warmup: int = 3,
     repeats: int = 20,
     threads: int | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Timing:
     """Time ``model(*inputs)``: ``warmup`` untimed calls, then ``repeats`` timed ones.
 
     Runs under ``torch.inference_mode()`` with ``torch.set_num_threads(threads)`` (restored
     afterwards). The model's train/eval mode is left as the caller set it: put it in ``eval()`` to
-    time the inference behaviour. CUDA work is synchronised before each clock reading.
+    time the inference behaviour. CUDA work is synchronised before each clock reading. ``clock``
+    is wall time by default; ``time.thread_time`` measures the CPU time of the calling thread (at
+    ``threads=1`` all of the work, and unaffected by other processes' load).
     """
     if repeats < 1 or warmup < 0:
         raise InputError(f"need repeats >= 1 and warmup >= 0; got repeats={repeats}, warmup={warmup}")
@@ -105,10 +108,10 @@ def time_forward(
             model(*args)
         _synchronize(args)
         for _ in range(repeats):
-            start = time.perf_counter()
+            start = clock()
             model(*args)
             _synchronize(args)
-            samples.append(time.perf_counter() - start)
+            samples.append(clock() - start)
     return Timing.from_samples(samples)
 
 
@@ -236,18 +239,21 @@ def time_forms(
     warmup: int = 3,
     threads: int | None = None,
     progress: Callable[[], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Timing]:
     """Time several forms on the same inputs, interleaved: ``rounds`` x (``repeats`` calls of each form).
 
     Interleaving spreads background load evenly over the forms, so that the ratios of their
-    medians are meaningful on a busy machine. ``progress()`` is called after each form's turn.
+    medians are meaningful on a busy machine. ``progress()`` is called after each form's turn;
+    ``clock`` is :func:`time_forward`'s.
     """
     samples: dict[str, list[float]] = {name: [] for name in forms}
     for model in forms.values():
         time_forward(model, inputs, warmup=warmup, repeats=1, threads=threads)
     for _ in range(rounds):
         for name, model in forms.items():
-            samples[name] += time_forward(model, inputs, warmup=0, repeats=repeats, threads=threads).samples
+            timing = time_forward(model, inputs, warmup=0, repeats=repeats, threads=threads, clock=clock)
+            samples[name] += timing.samples
             if progress is not None:
                 progress()
     return {name: Timing.from_samples(values) for name, values in samples.items()}

@@ -8,32 +8,12 @@ from pathlib import Path
 
 import click
 import torch
-from torch import nn
 
 from trainfer.bench import FORMS, benchmark
-from trainfer.cli.common import friendly_errors, load_factory, parse_shape, trust_factory_option, trusted
-from trainfer.recipe import recipe_of
+from trainfer.cli.common import friendly_errors, trust_factory_option, trusted
+from trainfer.cli.model_spec import MODEL_HELP, example_shape, factory_of, resolve_model, weights_option
 
 DEFAULT_FORMS = "train,reparameterized,plain,deploy"
-
-
-def resolve_model(spec: str) -> tuple[nn.Module, str]:
-    """``package.module:factory``, a bundle path, or a built-in model name -> (model, label)."""
-    from trainfer import models
-
-    if ":" in spec:
-        return load_factory(spec)(), spec
-    if Path(spec).exists():
-        from trainfer.serve.bundle import load
-
-        return load(spec, trust_factory=trusted()), spec
-    if spec in models.FACTORIES:
-        return models.FACTORIES[spec](), f"trainfer.models:{spec}"
-    raise click.BadParameter(
-        f"{spec!r} is neither package.module:factory, an existing bundle path, nor a built-in model "
-        f"{sorted(models.FACTORIES)}",
-        param_hint="--model",
-    )
 
 
 def _forms(text: str) -> list[str]:
@@ -46,15 +26,10 @@ def _forms(text: str) -> list[str]:
     return forms
 
 
-@click.command("bench")
-@click.option(
-    "--model",
-    "spec",
-    default="repvgg_a0",
-    show_default=True,
-    help="package.module:factory, a bundle directory, or a built-in model (repvgg_a0, digits_net, ...).",
-)
-@click.option("--input-shape", help="Input shape with batch 1, e.g. 1,3,224,224 (default: the model's recorded shape).")
+@click.command("bench", epilog=MODEL_HELP)
+@click.option("--model", "spec", metavar="MODEL", default="repvgg_a0", show_default=True, help="The MODEL to measure.")
+@weights_option()
+@click.option("--input-shape", help="Input shape with batch 1, e.g. 1,3,224,224 (default: MODEL's recorded shape).")
 @click.option("--batch-size", default=8, show_default=True, help="Batch size of the throughput measurement.")
 @click.option("--forms", "forms_text", default=DEFAULT_FORMS, show_default=True, help="Forms to compare.")
 @click.option("--threads", type=int, help="torch intra-op threads while timing (default: torch's).")
@@ -68,6 +43,7 @@ def _forms(text: str) -> list[str]:
 @friendly_errors
 def command(
     spec: str,
+    weights: str | None,
     input_shape: str | None,
     batch_size: int,
     forms_text: str,
@@ -86,8 +62,8 @@ def command(
     """
     forms = _forms(forms_text)
     torch.manual_seed(seed)
-    model, label = resolve_model(spec)
-    shape = parse_shape(input_shape) if input_shape else _recorded_shape(model, spec)
+    model = resolve_model(spec, weights, trust_factory=trusted())
+    shape = example_shape(model, input_shape, spec)
     report = benchmark(
         model,
         shape,
@@ -97,7 +73,7 @@ def command(
         repeats=repeats,
         warmup=warmup,
         threads=threads,
-        name=label,
+        name=factory_of(spec) or spec,
     )
     click.echo(report.table())
     if json_path:
@@ -106,15 +82,6 @@ def command(
     if plot_path:
         _write(Path(plot_path), lambda path: report.plot().savefig(path, format="png", dpi=120))
         click.echo(f"wrote {plot_path}")
-
-
-def _recorded_shape(model: nn.Module, spec: str) -> tuple[int, ...]:
-    shape = getattr(recipe_of(model), "input_shape", None)
-    if not shape:
-        raise click.BadParameter(
-            f"{spec!r} records no input shape; pass one like 1,3,224,224", param_hint="--input-shape"
-        )
-    return tuple(int(size) for size in shape)
 
 
 def _write(target: Path, writer: Callable[[Path], object]) -> None:

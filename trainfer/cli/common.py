@@ -11,13 +11,12 @@ import math
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import click
-from torch import nn
 
 from trainfer._version import __version__
-from trainfer.errors import BundleError, TrainferError, one_line
+from trainfer.errors import TrainferError, one_line
 
 _TRUST_KEY = "trainfer.trust_factory"
 
@@ -46,7 +45,10 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 class Tolerance(click.ParamType):
-    """A tolerance option: a finite number, positive (``zero=False``) or non-negative (``zero=True``)."""
+    """A tolerance option: a finite number > 0, or >= 0 with ``zero=True``.
+
+    The rule is :func:`trainfer.validate.check_tolerance`'s, which the Python API applies too.
+    """
 
     name = "tolerance"
 
@@ -54,27 +56,12 @@ class Tolerance(click.ParamType):
         self.zero = zero
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        expected = "a finite number >= 0" if self.zero else "a finite number > 0"
+        from trainfer.validate import check_tolerance
+
         try:
-            number = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"expected {expected}; got {value!r}", param, ctx)
-        if not math.isfinite(number) or number < 0 or (number == 0 and not self.zero):
-            self.fail(f"expected {expected}; got {value!r}", param, ctx)
-        return number
-
-
-def load_factory(spec: str) -> Callable[..., nn.Module]:
-    """Resolve ``package.module:factory`` (like uvicorn's ``app:main``) to a callable.
-
-    The one resolver is :func:`trainfer.serve.factories.resolve_factory`; here its error becomes a usage error.
-    """
-    from trainfer.serve.factories import resolve_factory
-
-    try:
-        return resolve_factory(spec)
-    except BundleError as error:
-        raise click.BadParameter(str(error)) from None
+            return cast(float, check_tolerance(self.name, float(value), zero=self.zero))  # never None: a float
+        except (TypeError, ValueError):  # not a number, or refused (InputError is a ValueError)
+            self.fail(f"expected a finite number {'>=' if self.zero else '>'} 0; got {value!r}", param, ctx)
 
 
 def trust_factory_option(command: Callable[..., Any]) -> Callable[..., Any]:

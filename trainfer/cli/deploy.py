@@ -8,51 +8,23 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import click
-import torch
-from torch import nn
-from tqdm.auto import tqdm
 
-from trainfer.cli.common import Tolerance, friendly_errors, load_factory, parse_shape, trust_factory_option, trusted
-from trainfer.errors import EquivalenceError
-from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
-
-
-def load_model(spec: str, weights: str | None) -> nn.Module:
-    """A bundle directory, or ``package.module:factory`` (with an optional checkpoint), as a model.
-
-    A factory model without a recipe gets one naming ``spec`` (input shape unknown yet), so that
-    its deploy form can be saved as a bundle.
-    """
-    from trainfer.serve.bundle import load
-
-    if Path(spec).exists():
-        if weights:
-            raise click.BadParameter(f"{spec!r} is a bundle with its own weights; drop --weights")
-        return load(spec, trust_factory=trusted())
-    factory = load_factory(spec)  # resolves or raises a clear BadParameter before the bundle code runs
-    model = load(weights, factory=spec) if weights else factory()
-    if not isinstance(model, nn.Module):
-        raise click.BadParameter(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
-    return model if recipe_of(model) is not None else attach_recipe(model, ModelRecipe(spec))
+from trainfer.cli.common import Tolerance, friendly_errors, trust_factory_option, trusted
+from trainfer.cli.model_spec import (
+    MODEL_HELP,
+    example_shape,
+    model_argument,
+    random_input,
+    resolve_model,
+    weights_option,
+)
 
 
-def example_input(model: nn.Module, input_shape: str | None) -> torch.Tensor:
-    """A seeded random input of ``--input-shape`` (or the model's recorded shape), in the model's dtype."""
-    recorded = getattr(recipe_of(model), "input_shape", None)
-    if input_shape is None and not recorded:
-        raise click.BadParameter("--input-shape is required (the model records no input shape), e.g. 1,3,224,224")
-    shape = parse_shape(input_shape) if input_shape is not None else tuple(recorded or ())
-    from trainfer.reparam.verify import model_dtype
-
-    return torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=model_dtype(model))
-
-
-@click.command("deploy")
-@click.argument("model_spec", metavar="MODEL")
-@click.option("--weights", type=click.Path(dir_okay=False), help="Checkpoint (.safetensors, .pt) for a factory.")
+@click.command("deploy", epilog=MODEL_HELP)
+@model_argument()
+@weights_option()
 @click.option("--input-shape", help="Example input shape with batch, e.g. 1,3,224,224 (default: recorded one).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Bundle directory, or FILE.safetensors.")
 @click.option("--rtol", type=Tolerance(), help="Relative tolerance of the model-dtype check (default per dtype).")
@@ -71,15 +43,19 @@ def command(
     no_protocols: bool,
     prune_dead: bool,
 ) -> None:
-    """Fold MODEL (package.module:factory or a bundle) into its inference form, verify it, save it."""
+    """Fold MODEL into its inference form, verify it, save it."""
+    from tqdm.auto import tqdm
+
     from trainfer.atomic import atomic_file
+    from trainfer.errors import EquivalenceError
+    from trainfer.recipe import attach_recipe, recipe_of
     from trainfer.reparam.deploy import deploy
     from trainfer.serve.bundle import save
 
     with tqdm(total=3, desc="deploy", unit="step", file=sys.stderr, disable=None) as bar:
         bar.set_postfix_str("loading")
-        model = load_model(model_spec, weights)
-        x = example_input(model, input_shape)
+        model = resolve_model(model_spec, weights, trust_factory=trusted())
+        x = random_input(model, example_shape(model, input_shape, model_spec))
         recipe = recipe_of(model)
         if recipe is not None and recipe.input_shape is None:
             attach_recipe(model, replace(recipe, input_shape=tuple(x.shape)))

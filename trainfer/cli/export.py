@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import torch
 
-from trainfer.cli.common import friendly_errors, parse_shape, trust_factory_option, trusted
+from trainfer.cli.common import Tolerance, friendly_errors, parse_shape, trust_factory_option, trusted
 from trainfer.errors import EquivalenceError
 from trainfer.serve.export import FORMATS, export
 
@@ -15,7 +15,7 @@ from trainfer.serve.export import FORMATS, export
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="onnx", show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The file to write.")
 @click.option("--input-shape", default=None, help="Example input shape, e.g. 1,3,224,224 (default: the manifest's).")
-@click.option("--rtol", type=float, help="Max error relative to each output's scale (default per dtype).")
+@click.option("--rtol", type=Tolerance(), help="Max error relative to each output's scale (default per dtype).")
 @trust_factory_option
 @friendly_errors
 def command(bundle: str, fmt: str, output: str, input_shape: str | None, rtol: float | None) -> None:

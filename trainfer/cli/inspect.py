@@ -5,19 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import torch
-from torch import nn
 
 from trainfer.analysis.inspection import MODES, inspect
-from trainfer.cli.common import friendly_errors, load_factory, parse_shape, trust_factory_option, trusted
-from trainfer.recipe import recipe_of
-from trainfer.reparam.verify import model_dtype
+from trainfer.cli.common import friendly_errors, trust_factory_option, trusted
+from trainfer.cli.model_spec import (
+    MODEL_HELP,
+    example_shape,
+    model_argument,
+    random_input,
+    resolve_model,
+    weights_option,
+)
 
 
-@click.command("inspect")
-@click.argument("model_spec", metavar="MODEL")
+@click.command("inspect", epilog=MODEL_HELP)
+@model_argument()
+@weights_option()
 @click.option(
-    "--input-shape", help="Input shape with batch, e.g. 2,3,32,32 (default for a bundle: its recorded shape)."
+    "--input-shape", help="Input shape with batch, e.g. 2,3,32,32 (default: MODEL's recorded one, batch >= 2 to train)."
 )
 @click.option("--modes", default="eval", show_default=True, help=f"Comma-separated modes from {', '.join(MODES)}.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random input and of Dropout.")
@@ -26,17 +31,22 @@ from trainfer.reparam.verify import model_dtype
 @trust_factory_option
 @friendly_errors
 def command(
-    model_spec: str, input_shape: str | None, modes: str, seed: int, plot_path: Path | None, json_path: Path | None
+    model_spec: str,
+    weights: str | None,
+    input_shape: str | None,
+    modes: str,
+    seed: int,
+    plot_path: Path | None,
+    json_path: Path | None,
 ) -> None:
-    """Print per-layer output statistics of MODEL (package.module:factory or a bundle path).
+    """Print per-layer output statistics of MODEL.
 
     With --modes train,eval both passes run on copies with the same seeded random input, and the
     first module whose outputs differ is marked: where a forgotten eval() starts to matter.
     """
-    model, shape = _load(model_spec, input_shape, train_pass="train" in modes)
-    generator = torch.Generator().manual_seed(seed)
-    dtype = model_dtype(model)
-    inputs = torch.randn(shape, generator=generator, dtype=dtype)
+    model = resolve_model(model_spec, weights, trust_factory=trusted())
+    shape = example_shape(model, input_shape, model_spec, min_batch=2 if "train" in modes else 1)
+    inputs = random_input(model, shape, seed)
     try:
         result = inspect(model, inputs, modes=modes, seed=seed)
     except RuntimeError as error:  # torch's own, e.g. a channel count the first conv does not take
@@ -61,24 +71,3 @@ def command(
     if plot_path is not None:
         result.plot(plot_path)
         click.echo(f"wrote {plot_path}")
-
-
-def _load(model_spec: str, input_shape: str | None, train_pass: bool) -> tuple[nn.Module, tuple[int, ...]]:
-    """A model from a bundle directory or a ``package.module:factory``, and the input shape to use.
-
-    A bundle's own input shape gets a batch of at least 2 when a train-mode pass runs (BatchNorm).
-    """
-    shape = parse_shape(input_shape) if input_shape is not None else None
-    if not Path(model_spec).exists():
-        if shape is None:
-            raise click.BadParameter("--input-shape is required for a package.module:factory model")
-        return load_factory(model_spec)(), shape
-    from trainfer.serve.bundle import load
-
-    model = load(model_spec, trust_factory=trusted())
-    if shape is None:
-        recorded = getattr(recipe_of(model), "input_shape", None)
-        if not recorded:
-            raise click.BadParameter(f"bundle {model_spec} records no input shape; pass --input-shape")
-        shape = (max(recorded[0], 2 if train_pass else 1), *recorded[1:])
-    return model, shape

@@ -47,6 +47,13 @@ def read_labels(path: Path) -> torch.Tensor:
 @click.option(
     "--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True
 )
+@click.option(
+    "--runtime",
+    type=click.Choice(["onnxruntime", "openvino"]),
+    default="onnxruntime",
+    show_default=True,
+    help="The runtime the int8 file is made for: where its quantizers go, where the gate runs, what serves it.",
+)
 @trust_factory_option
 @friendly_errors
 def command(
@@ -61,8 +68,9 @@ def command(
     max_float_layers: int | None,
     equalize: str,
     calibration_method: str,
+    runtime: str,
 ) -> None:
-    """Quantize the deploy form of BUNDLE to int8 (ONNX Runtime, QDQ, per-channel weights), keep the
+    """Quantize the deploy form of BUNDLE to int8 (QDQ, per-channel weights, for --runtime), keep the
     most sensitive layers in float until the accuracy gate passes, and write the bundle OUT."""
     from trainfer.serve.quantize import quantize
 
@@ -76,6 +84,7 @@ def command(
         equalize=EQUALIZE[equalize],
         max_float_layers=max_float_layers,
         calibration=calibration_method,
+        runtime=runtime,
         trust_factory=trusted(),
     )
     result.save(output)

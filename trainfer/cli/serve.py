@@ -87,7 +87,8 @@ def api_key(variable: str | None) -> str | None:
     "--runtime",
     type=click.Choice(["auto", "recorded", *RUNTIMES]),
     default=None,
-    help="Serve on this runtime (recorded: the bundle's runtime.json; auto: the fastest verified one, measured now).",
+    help="Serve on this runtime (recorded, the default where the bundle has a runtime.json: what trainfer.compile "
+    "chose and recorded there; auto: the fastest verified float32 one, measured now).",
 )
 @click.option(
     "--api-key-env",

@@ -1,4 +1,4 @@
-"""``trainfer verify REFERENCE CANDIDATE``: do two models (bundles or factories) compute the same?
+"""``trainfer verify REFERENCE CANDIDATE``: do two models (each a MODEL spec) compute the same?
 
 Exit codes: 0 equivalent, 1 not equivalent (errors and first divergence printed), 2 bad input.
 """
@@ -8,19 +8,28 @@ from __future__ import annotations
 import sys
 
 import click
-import torch
 
-from trainfer.cli.common import Tolerance, friendly_errors, trust_factory_option
-from trainfer.cli.deploy import example_input, load_model
+from trainfer.cli.common import Tolerance, friendly_errors, trust_factory_option, trusted
+from trainfer.cli.model_spec import (
+    MODEL_HELP,
+    example_shape,
+    model_argument,
+    random_input,
+    resolve_model,
+    weights_option,
+)
 from trainfer.errors import InputError
-from trainfer.recipe import recipe_of
 
 
-@click.command("verify")
-@click.argument("reference_spec", metavar="REFERENCE")
-@click.argument("candidate_spec", metavar="CANDIDATE")
-@click.option("--reference-weights", type=click.Path(dir_okay=False), help="Checkpoint for a REFERENCE factory.")
-@click.option("--candidate-weights", type=click.Path(dir_okay=False), help="Checkpoint for a CANDIDATE factory.")
+@click.command(
+    "verify",
+    epilog=f"REFERENCE and CANDIDATE are each a MODEL, with --reference-weights and --candidate-weights for --weights. "
+    f"{MODEL_HELP}",
+)
+@model_argument("reference_spec", "REFERENCE")
+@model_argument("candidate_spec", "CANDIDATE")
+@weights_option("--reference-weights")
+@weights_option("--candidate-weights")
 @click.option("--input-shape", help="Input shape with batch, e.g. 1,3,224,224 (default: REFERENCE's recorded one).")
 @click.option("--random-inputs", default=2, show_default=True, help="Random inputs checked besides the example.")
 @click.option("--rtol", type=Tolerance(), help="Relative tolerance (default per dtype: 1e-9 float64, 1e-5 float32).")
@@ -38,11 +47,14 @@ def command(
     atol: float | None,
 ) -> None:
     """Compare CANDIDATE with REFERENCE in float64 and in REFERENCE's dtype, in eval mode."""
+    import torch
+
+    from trainfer.recipe import recipe_of
     from trainfer.reparam.verify import verify
 
-    reference = load_model(reference_spec, reference_weights)
-    candidate = load_model(candidate_spec, candidate_weights)
-    x = example_input(reference, input_shape)
+    reference = resolve_model(reference_spec, reference_weights, trust_factory=trusted())
+    candidate = resolve_model(candidate_spec, candidate_weights, trust_factory=trusted())
+    x = random_input(reference, example_shape(reference, input_shape, reference_spec))
     takes = getattr(recipe_of(candidate), "input_shape", None)
     if takes and tuple(takes[1:]) != tuple(x.shape[1:]):
         raise InputError(

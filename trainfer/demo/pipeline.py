@@ -228,7 +228,8 @@ def _bundle_metadata() -> dict[str, Any]:
 
 
 _COUNT_LABELS = {
-    "parameters": "parameter and buffer elements",
+    "parameters": "parameter elements",
+    "buffers": "buffer elements",
     "modules": "leaf modules",
     "convolutions": "convolutions run",
     "batch_norms": "batch-norm kernels run",

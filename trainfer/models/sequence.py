@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainfer.errors import InputError
 from trainfer.modes.dual import DualModule, train_only
 from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
 from trainfer.reparam.algebra import ConvOp, fuse_bn
@@ -142,7 +143,7 @@ def deploy_seq2seq(model: DigitStringSeq2Seq) -> DigitStringSeq2Seq:
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}
     missing = folded.load_state_dict(state, strict=False).missing_keys
     if any(not key.startswith("encoder.") for key in missing):
-        raise ValueError(f"the deploy form misses decoder weights {missing}")
+        raise InputError(f"the deploy form needs every decoder weight of the trained model; missing: {missing}")
     trained, inference = cast(nn.Sequential, model.encoder.blocks), cast(nn.Sequential, folded.encoder.blocks)
     for index in range(len(inference)):  # the conv blocks (the trained form's dropout follows them)
         source, target = cast(nn.Sequential, trained[index]), cast(nn.Sequential, inference[index])

@@ -46,6 +46,7 @@ from trainfer.reparam.verify import (
     model_dtype,
     verify,
 )
+from trainfer.validate import check_tolerance
 
 __all__ = ["DeployReport", "deploy", "deploy_report"]
 
@@ -55,9 +56,14 @@ _HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_f
 
 @dataclass
 class Counts:
-    """Size and work of one form: parameters, leaf modules, and aten ops one forward executes."""
+    """Size and work of one form: parameter and buffer elements, leaf modules, aten ops one forward executes.
+
+    ``parameters`` counts the elements of ``model.parameters()`` only; ``buffers`` those of
+    ``model.buffers()`` (BatchNorm running statistics and the like), which are state, not weights.
+    """
 
     parameters: int
+    buffers: int
     modules: int
     convolutions: int
     batch_norms: int
@@ -69,7 +75,8 @@ class Counts:
             model(*arguments, **(keywords or {}))
         executed = counter.counts
         return cls(
-            parameters=sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers()),
+            parameters=sum(p.numel() for p in model.parameters()),
+            buffers=sum(b.numel() for b in model.buffers()),
             modules=sum(1 for m in model.modules() if not list(m.children())),
             convolutions=executed.get("convolution", 0),
             batch_norms=sum(n for name, n in executed.items() if name in BATCH_NORM_OPS),
@@ -134,7 +141,7 @@ class DeployReport:
     def __str__(self) -> str:
         lines = [f"deploy report for {self.model}"]
         if self.before and self.after:
-            for name in ("parameters", "modules", "convolutions", "batch_norms", "ops"):
+            for name in ("parameters", "buffers", "modules", "convolutions", "batch_norms", "ops"):
                 lines.append(f"  {name:<13} {getattr(self.before, name):>10} -> {getattr(self.after, name):>10}")
         sections = [
             ("protocols called", self.protocols),
@@ -197,6 +204,7 @@ def deploy(
     contract is :func:`~trainfer.reparam.fold.register_fold_handler`'s (docs/deploy.md).
     Raises :class:`trainfer.EquivalenceError` (with the report) if verification fails.
     """
+    rtol, atol = check_tolerance("rtol", rtol), check_tolerance("atol", atol, zero=True)
     options = _Options(inplace, verify, rtol, atol, protocols, allow_empty, prune_dead, FoldHandlers.default(handlers))
     deployed, report = _deploy(model, example_inputs, example_kwargs, verify_inputs, options)
     if not report.ok:

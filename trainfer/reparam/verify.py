@@ -42,6 +42,7 @@ from trainfer.numerics import TOLERANCE
 from trainfer.reparam.example_inputs import as_arguments, as_keywords, map_tensors
 from trainfer.reparam.output_comparison import OutputError, compare_outputs, leaf_errors
 from trainfer.reparam.ties import following, recording
+from trainfer.validate import check_tolerance
 
 __all__ = [
     "Equivalence",
@@ -134,6 +135,7 @@ def verify(
     for role, model in (("reference", reference), ("candidate", candidate)):
         if not isinstance(model, nn.Module):
             raise InputTypeError(f"{role} must be an nn.Module; got {type(model).__name__}")
+    rtol, atol = check_tolerance("rtol", rtol), check_tolerance("atol", atol, zero=True)
     arguments = as_arguments(example_inputs, example_kwargs)
     keywords = as_keywords(example_kwargs)
     stored = {model_dtype(reference), model_dtype(candidate)}

@@ -28,7 +28,15 @@ if TYPE_CHECKING:
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-__all__ = ["DTYPES", "CompiledModel", "OpenVinoEngine", "TorchEngine", "openvino_precisions", "ort_engine"]
+__all__ = [
+    "DTYPES",
+    "CompiledModel",
+    "OpenVinoEngine",
+    "TorchEngine",
+    "int8_engine",
+    "openvino_precisions",
+    "ort_engine",
+]
 
 
 class TorchEngine:
@@ -60,6 +68,13 @@ def ort_engine(path: Path, manifest: Manifest, threads: int) -> Callable[[Tensor
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return OnnxModel(path, manifest, options, dtype="float32")
+
+
+def int8_engine(runtime: str, path: Path, manifest: Manifest, threads: int) -> Callable[[Tensor], Any]:
+    """The engine of ``runtime`` (``onnxruntime`` or ``openvino``) on the QDQ file at ``path``."""
+    if runtime == "onnxruntime":
+        return ort_engine(path, manifest, threads)
+    return OpenVinoEngine(path, manifest, threads)
 
 
 class OpenVinoEngine:
@@ -113,8 +128,11 @@ def openvino_precisions() -> tuple[str, ...]:
 class CompiledModel:
     """The deploy form served by one runtime: call it on a batch; ``record`` says what and why."""
 
-    def __init__(self, engine: Callable[[Tensor], Any], record: RuntimeRecord, recipe: ModelRecipe):
-        self.engine, self.record = engine, record
+    def __init__(
+        self, engine: Callable[[Tensor], Any], record: RuntimeRecord, recipe: ModelRecipe, quantized: Any = None
+    ):
+        """``quantized``: the :class:`~trainfer.serve.quantize.QuantizedModel` an int8 choice serves (to save it)."""
+        self.engine, self.record, self.quantized = engine, record, quantized
         attach_recipe(self, recipe)
 
     def __call__(self, batch: Tensor) -> Any:

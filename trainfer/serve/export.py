@@ -45,6 +45,7 @@ from trainfer.numerics import tolerance_for
 from trainfer.serve.onnx_runtime import MANIFEST_KEY, OnnxModel, read_onnx_manifest
 from trainfer.serve.outputs import flatten_outputs
 from trainfer.serve.source import load_source
+from trainfer.validate import check_tolerance
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 ONNX_OPSET = 17
@@ -100,8 +101,7 @@ def export(
 
     if format not in FORMATS:
         raise InputError(f"format must be one of {list(FORMATS)}; got {format!r}")
-    if rtol is not None and not rtol > 0:
-        raise InputError(f"rtol must be a positive number; got {rtol!r}")
+    rtol = check_tolerance("rtol", rtol)
     source = load_source(bundle_or_model, example_inputs, trust_factory=trust_factory)
     example, deployed_here = source.example, source.deployed_here
     shape, dtype = (1, *source.sample_shape), example.dtype

@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from trainfer.atomic import atomic_file
 from trainfer.digest import sha256
 from trainfer.errors import BundleError, InputError
 from trainfer.jsonfile import read_json
-from trainfer.serve.engines import CompiledModel, OpenVinoEngine, ort_engine
+from trainfer.serve.engines import CompiledModel, int8_engine
 from trainfer.serve.int8_ops import check_int8_ops
 from trainfer.serve.runtime_record import (
     QUANTIZED_RUNTIMES,
@@ -42,12 +43,15 @@ __all__ = ["QUANTIZATION_FILE", "QUANTIZED_FILE", "serve_quantized", "write_int8
 
 
 def write_int8_form(directory: Path, onnx_bytes: bytes, probes: Tensor, report: dict[str, Any]) -> None:
-    """Write the int8 form's files into the bundle ``directory`` (a staging directory: the caller replaces
-    the target with it atomically)."""
+    """Write the int8 form's files into the bundle ``directory`` (a staging directory that the caller
+    then puts in place atomically, or a bundle that ``trainfer.compile``'s int8 choice is saved into):
+    each file is replaced atomically, the record naming the others' sha256 last."""
     from trainfer.serve.bundle_write import write_safetensors
 
-    (directory / QUANTIZED_FILE).write_bytes(onnx_bytes)
-    write_safetensors({"inputs": probes}, directory / PROBES_FILE)
+    with atomic_file(directory / QUANTIZED_FILE) as tmp:
+        tmp.write_bytes(onnx_bytes)
+    with atomic_file(directory / PROBES_FILE) as tmp:
+        write_safetensors({"inputs": probes}, tmp)
     entry = {
         "format": "trainfer-quantized",
         "format_version": 2,
@@ -56,7 +60,8 @@ def write_int8_form(directory: Path, onnx_bytes: bytes, probes: Tensor, report: 
         "probes": {"file": PROBES_FILE, "sha256": sha256(directory / PROBES_FILE)},
         "report": report,
     }
-    (directory / QUANTIZATION_FILE).write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
+    with atomic_file(directory / QUANTIZATION_FILE) as tmp:
+        tmp.write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
 
 
 def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None, **load_options: Any) -> CompiledModel:
@@ -65,18 +70,18 @@ def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None, 
     The file must match its recorded sha256, and then agree with the float weights on the probe
     inputs stored beside it (:func:`trainfer.serve.served_checks.check_int8_form`; the float form is loaded with
     ``load_options``, :func:`trainfer.load`'s ``factory``/``trust_factory``): a digest proves
-    nothing, whoever replaces the file recomputes it. ``runtime``: ``onnxruntime`` (default: the
-    runtime its accuracy gate measured) or ``openvino``.
+    nothing, whoever replaces the file recomputes it. ``runtime``: ``onnxruntime`` or ``openvino``
+    (default: the runtime the file was made and gated for, as its settings record).
     """
     from trainfer.serve.bundle import load, recipe_from
     from trainfer.serve.bundle_format import read_manifest
     from trainfer.serve.served_checks import check_int8_form, read_probes
 
     directory = Path(bundle)
-    runtime = runtime or QUANTIZED_RUNTIMES[0]
+    entry = _quantization_entry(directory)
+    runtime = runtime or _made_for(entry)
     if runtime not in QUANTIZED_RUNTIMES:
         raise InputError(f"an int8 form runs on {list(QUANTIZED_RUNTIMES)}; got runtime {runtime!r}")
-    entry = _quantization_entry(directory)
     file = directory / QUANTIZED_FILE
     if not file.is_file():
         raise BundleError(f"bundle {str(directory)!r} lacks its int8 form {QUANTIZED_FILE!r}")
@@ -90,9 +95,7 @@ def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None, 
     manifest = read_manifest(directory)
     threads = torch.get_num_threads()
     try:
-        engine = (
-            ort_engine(file, manifest, threads) if runtime == "onnxruntime" else OpenVinoEngine(file, manifest, threads)
-        )
+        engine = int8_engine(runtime, file, manifest, threads)
     except ImportError:
         raise
     except Exception as error:  # the file is untrusted: onnxruntime and OpenVINO raise their own types
@@ -109,6 +112,16 @@ def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None, 
         runtime, "int8", "bundle", [], [candidate], thread_settings(threads), machine_info(), runtime_versions()
     )
     return CompiledModel(engine, record, replace(recipe_from(manifest), form="deploy"))
+
+
+def _made_for(entry: dict[str, Any]) -> str:
+    """The runtime an int8 record says its file was made and gated for (records without one: ONNX Runtime)."""
+    report = entry.get("report")
+    settings = report.get("settings") if isinstance(report, dict) else None
+    runtime = settings.get("runtime", QUANTIZED_RUNTIMES[0]) if isinstance(settings, dict) else QUANTIZED_RUNTIMES[0]
+    if runtime not in QUANTIZED_RUNTIMES:
+        raise BundleError(f"{QUANTIZATION_FILE}: the int8 form is made for {runtime!r}, not {list(QUANTIZED_RUNTIMES)}")
+    return str(runtime)
 
 
 def _quantization_entry(directory: Path) -> dict[str, Any]:

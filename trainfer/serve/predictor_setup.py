@@ -11,7 +11,7 @@ from torch import nn
 
 from trainfer.errors import InputError
 from trainfer.recipe import recipe_of
-from trainfer.serve.outputs import Head
+from trainfer.serve.heads import Head
 from trainfer.serve.preprocess import PreprocessSpec
 
 

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from trainfer.atomic import remove_staging, replace_directory, staging_directory
 from trainfer.errors import InputError, QuantizationError
 from trainfer.serve.calibration import calibration_inputs, class_indices
-from trainfer.serve.engines import ort_engine
+from trainfer.serve.engines import int8_engine
 from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over
 from trainfer.serve.int8_form import write_int8_form
 from trainfer.serve.runtime_record import machine_info
@@ -64,6 +64,16 @@ if TYPE_CHECKING:
     from trainfer.serve.manifest import Manifest
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+#: Where the quantizers go, per runtime that executes the file (ONNX Runtime's ``extra_options``).
+#: ONNX Runtime fuses DequantizeLinear -> Conv -> QuantizeLinear into QLinearConv, so its file
+#: quantizes every conv's input *and* output; OpenVINO runs the quantizers it reads as operations
+#: of their own, and the conv-output pairs are 22 extra requantizations on repvgg_a0 (1.09-1.21x
+#: the CPU time of the NNCF placement, which quantizes inputs only; docs/runtimes.md). The file
+#: for OpenVINO therefore quantizes conv and linear inputs only, and the network output stays float.
+PLACEMENT: dict[str, dict[str, Any]] = {
+    "onnxruntime": {},
+    "openvino": {"OpTypesToExcludeOutputQuantization": ["Conv", "Gemm"]},
+}
 _CALIBRATION_BATCH = 32
 
 __all__ = ["LayerSensitivity", "QuantizationError", "QuantizationReport", "QuantizedModel", "quantize"]
@@ -196,6 +206,7 @@ def _quantize_file(float_path: Path, out: Path, inputs: Tensor, exclude: list[st
             op_types_to_quantize=["Conv", "Gemm"],
             nodes_to_exclude=exclude,
             calibrate_method=methods[settings["calibration"]],
+            extra_options=PLACEMENT[settings["runtime"]],
         )
 
 
@@ -241,6 +252,7 @@ def quantize(
     sensitivity_samples: int = 128,
     threads: int | None = None,
     trust_factory: bool = False,
+    runtime: str = "onnxruntime",
 ) -> QuantizedModel:
     """The gated int8 form of ``model_or_bundle``; see the module docstring.
 
@@ -250,11 +262,15 @@ def quantize(
     the float form: with per-channel weights equalization does not always help). ``max_float_layers``:
     how many layers may fall back to float (default: half of them). ``reduce_range``: 7-bit
     weights (default: where the CPU lacks VNNI/AMX int8 dot products). ``trust_factory`` is
-    :func:`trainfer.load`'s (for a bundle).
+    :func:`trainfer.load`'s (for a bundle). ``runtime``: the runtime the file is made for, which
+    places the quantizers (:data:`PLACEMENT`) and runs the gate (``"onnxruntime"`` or
+    ``"openvino"``); a bundle serves its int8 form there by default.
     """
     check_type("model_or_bundle", model_or_bundle, nn.Module | str | os.PathLike, "an nn.Module or a bundle path")
     if calibration not in CALIBRATION_METHODS:
         raise InputError(f"calibration must be one of {list(CALIBRATION_METHODS)}; got {calibration!r}")
+    if runtime not in PLACEMENT:
+        raise InputError(f"runtime must be one of {list(PLACEMENT)}; got {runtime!r}")
     if equalize not in (True, False, "auto"):
         raise InputError(f"equalize must be True, False or 'auto'; got {equalize!r}")
     gate = gate or AccuracyGate()
@@ -282,6 +298,7 @@ def quantize(
             "calibration": calibration,
             "calibration_samples": len(calib),
             "reduce_range": not machine_info()["int8_dot_product"] if reduce_range is None else reduce_range,
+            "runtime": runtime,
         }
         search = _Search(source, calib, (check, labels, reference), gate, settings, workdir)
         search.threads = threads or torch.get_num_threads()
@@ -349,7 +366,7 @@ class _Search:
         kept = [layer.name for layer in variant.ranking[:count]]
         out = self.workdir / f"int8_{len(self.attempts)}.onnx"
         _quantize_file(variant.float_path, out, self.calib, [variant.nodes[name] for name in kept], self.settings)
-        engine = ort_engine(out, self.source.manifest, self.threads)
+        engine = int8_engine(self.settings["runtime"], out, self.source.manifest, self.threads)
         report = gate_report(reference, logits_over(engine, inputs), labels, self.gate)
         form = "equalized" if variant.equalization else "plain"
         self.attempts.append(f"{form}, {count} layer(s) in float: {report}")

@@ -222,6 +222,7 @@ def compile(
     gate_data: Tensor | tuple[Tensor, Tensor] | None = None,
     rounds: int = 10,
     trust_factory: bool = False,
+    extra_candidates: Callable[[_Source, int, AccuracyGate], tuple[list[Any], dict[str, Any]]] | None = None,
 ) -> CompiledModel:
     """Serve the deploy form of ``model_or_bundle`` on ``runtime``; see the module docstring.
 
@@ -231,7 +232,11 @@ def compile(
     every runtime (default: torch's current setting). ``gate_data``: inputs, or ``(inputs,
     labels)``, on which reduced-precision candidates must pass ``gate`` against the float form.
     A runtime named explicitly that fails verification raises :class:`trainfer.EquivalenceError`.
-    ``trust_factory`` is :func:`trainfer.load`'s (for a bundle).
+    ``trust_factory`` is :func:`trainfer.load`'s (for a bundle). ``extra_candidates(source, threads,
+    gate)``: more ``(CandidateRecord, engine or None)`` pairs to measure beside the others (each
+    already verified and gated by whoever made it), and ``{candidate name: what saving it needs}``;
+    :mod:`trainfer.serve.gated` passes its int8 candidates so (``trainfer.compile`` with
+    ``calibration=`` is that module's wrapper). An int8 record is served from its bundle's int8 form.
     """
     dtypes = (dtype,) if isinstance(dtype, str) else tuple(dtype)
     for name in dtypes:
@@ -241,6 +246,12 @@ def compile(
         raise InputError(f"batch_sizes must be positive ints; got {batch_sizes!r}")
     if runtime == "recorded":
         runtime = recorded_runtime(model_or_bundle)
+    if isinstance(runtime, RuntimeRecord) and runtime.dtype == "int8":
+        if isinstance(model_or_bundle, nn.Module):
+            raise InputError("an int8 runtime record is served from its bundle's int8 form: pass the bundle path")
+        from trainfer.serve.int8_form import serve_quantized
+
+        return serve_quantized(model_or_bundle, runtime.runtime, trust_factory=trust_factory)
     if isinstance(runtime, RuntimeRecord):
         dtypes = (runtime.dtype,)
         runtime = runtime.runtime
@@ -251,6 +262,7 @@ def compile(
     if unknown:
         raise InputError(f"unknown candidates {unknown}: expected names from {list(RUNTIMES)}")
     threads = threads or torch.get_num_threads()
+    artifacts: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="trainfer-compile-") as work:
         source = _source(model_or_bundle, example_inputs, Path(work), trust_factory)
         checks = (_verification_inputs(source, batch_sizes), gate or AccuracyGate(), gate_data)
@@ -258,6 +270,9 @@ def compile(
         if runtime == "auto" and ("torch", "float32") not in pairs:
             pairs.insert(0, ("torch", "float32"))  # the baseline of every ratio
         built = [_candidate(r, d, source, threads, checks) for r, d in pairs]
+        if extra_candidates is not None and runtime == "auto":
+            more, artifacts = extra_candidates(source, threads, checks[1])
+            built += more
     records = {record.name: record for record, _ in built}
     engines = {record.name: engine for record, engine in built if engine is not None}
     if runtime != "auto":
@@ -279,7 +294,8 @@ def compile(
         runtime_versions(),
     )
     recipe = recipe_of(source.model) or ModelRecipe(None, form="deploy")
-    return CompiledModel(engines[chosen.name], record, replace(recipe, input_shape=(1, *source.sample_shape)))
+    shaped = replace(recipe, input_shape=(1, *source.sample_shape))
+    return CompiledModel(engines[chosen.name], record, shaped, artifacts.get(chosen.name))
 
 
 def recorded_runtime(model_or_bundle: Any) -> RuntimeRecord:

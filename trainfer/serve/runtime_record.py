@@ -13,7 +13,7 @@ import json
 import math
 import os
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +22,11 @@ import torch
 from trainfer.atomic import atomic_file
 from trainfer.errors import BundleError
 from trainfer.jsonfile import read_json
+from trainfer.serve.runtime_names import QUANTIZED_RUNTIMES, RUNTIMES, SUPPORTED_DTYPES
 
-RUNTIMES = ("torch", "torch-channels-last", "inductor", "onnxruntime", "openvino")
 #: What ``runtime="auto"`` tries unless told otherwise (inductor: see the module docstring).
 AUTO_RUNTIMES = ("torch", "torch-channels-last", "onnxruntime", "openvino")
-SUPPORTED_DTYPES = {
-    "torch": ("float32", "bfloat16", "float16"),
-    "torch-channels-last": ("float32", "bfloat16", "float16"),
-    "inductor": ("float32", "bfloat16"),
-    "onnxruntime": ("float32",),
-    "openvino": ("float32", "bfloat16", "float16"),
-}
 RUNTIME_FILE = "runtime.json"
-#: Runtimes that execute a QDQ file, the first being the one the accuracy gate measured.
-QUANTIZED_RUNTIMES = ("onnxruntime", "openvino")
 TORCH_RUNTIMES = ("torch", "torch-channels-last", "inductor")
 _FLAGS = (
     "avx2",
@@ -127,6 +118,12 @@ class RuntimeRecord:
                 f"{source}: runtime {runtime!r} with dtype {data.get('dtype')!r} is not one of "
                 f"{ {name: list(dtypes) for name, dtypes in SUPPORTED_DTYPES.items()} }"
             )
+        unexpected = sorted(set(data) - {f.name for f in fields(cls)})
+        if unexpected:
+            raise BundleError(f"{source}: unexpected fields: {unexpected}")
+        from trainfer.serve.runtime_schema import check_record
+
+        check_record(data, source)
         try:
             candidates = [CandidateRecord(**entry) for entry in data.get("candidates") or []]
             return cls(**{**data, "candidates": candidates})
@@ -191,7 +188,9 @@ def read_record(bundle: str | os.PathLike[str]) -> RuntimeRecord | None:
     file = Path(bundle) / RUNTIME_FILE
     if not file.is_file():
         return None
-    data = read_json(file, error=BundleError)
+    from trainfer.serve.runtime_schema import MAX_RECORD_BYTES
+
+    data = read_json(file, max_bytes=MAX_RECORD_BYTES, error=BundleError)
     return RuntimeRecord.from_dict(data, repr(str(file)))
 
 

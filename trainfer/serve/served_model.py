@@ -5,7 +5,8 @@ runtime or the bundle's PyTorch model (:class:`~trainfer.Predictor` then only se
   manifest stored inside it;
 * a bundle carrying an int8 form (``trainfer quantize``): that form, checked against the float weights
   (:func:`trainfer.serve.int8_form.serve_quantized`), unless ``runtime`` names a PyTorch runtime;
-* ``runtime="recorded"``: the bundle's :class:`~trainfer.serve.runtime_record.RuntimeRecord`;
+* ``runtime="recorded"``: the bundle's :class:`~trainfer.serve.runtime_record.RuntimeRecord` (an int8
+  record: the int8 form, on the runtime it records);
 * otherwise the bundle's model (:func:`trainfer.load`), moved to its device and put in eval for good.
 
 The manifest supplies the heads, preprocessing and decoder settings; the caller's ``overrides`` win.
@@ -76,10 +77,21 @@ def _engine(
 ) -> tuple[Callable[[Tensor], Any] | None, dict[str, Any]]:
     """The int8 form a bundle carries (or ``None``: its PyTorch model serves), and the overrides left.
 
-    ``runtime="recorded"`` becomes the bundle's :class:`~trainfer.serve.runtime_record.RuntimeRecord`.
+    ``runtime="recorded"`` serves what the bundle's ``runtime.json`` names (its int8 form where the
+    record chose int8), or where the bundle has no record, its int8 form if it carries one.
     """
     runtime = overrides.get("runtime")
     from trainfer.serve.int8_form import QUANTIZATION_FILE, serve_quantized
+    from trainfer.serve.runtime_record import RUNTIME_FILE
+
+    if runtime == "recorded" and (Path(bundle) / RUNTIME_FILE).is_file():
+        from trainfer.serve.runtime import recorded_runtime
+
+        record = recorded_runtime(bundle)
+        if record.dtype == "int8":
+            rest = {key: value for key, value in overrides.items() if key != "runtime"}
+            return serve_quantized(bundle, record.runtime, **load_options), rest
+        return None, {**overrides, "runtime": record}
 
     if (Path(bundle) / QUANTIZATION_FILE).is_file() and runtime not in TORCH_RUNTIMES:
         chosen = None if runtime in (None, "auto", "recorded") else runtime

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from trainfer.errors import EquivalenceError, InputError
 from trainfer.numerics import relative_error, tolerance_for
 from trainfer.serve.predictor import Predictor
 from trainfer.serve.results import check_finite_scores
+from trainfer.serve.runtime import RUNTIME_FILE
 from trainfer.server.protocol import datatype_of
 
 #: Samples in the random batch that checks a model before it is ready.
@@ -137,6 +139,8 @@ def load_model(
 ) -> ServedModel:
     """Load the bundle at ``path`` under the usual trust rules and check it (see :meth:`ServedModel.check`)."""
     overrides: dict[str, Any] = {"batch_size": max_batch}
+    if runtime is None and (Path(path) / RUNTIME_FILE).is_file():
+        runtime = "recorded"  # the runtime trainfer.compile chose and recorded (gated int8/bf16 included)
     if runtime is not None:
         overrides["runtime"] = runtime
     model = ServedModel(name, Predictor.load(path, trust_factory=trust_factory, **overrides))

@@ -20,6 +20,8 @@ from typing import Any, cast
 from torch import fx
 from torch.fx.operator_schemas import get_signature_for_torch_op
 
+from trainfer.errors import InputTypeError
+
 __all__ = ["bind", "parameters", "target_name"]
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -33,7 +35,9 @@ def parameters(target: Any) -> tuple[tuple[str, Any], ...]:
     except (TypeError, ValueError):  # a builtin: torch's schema
         schemas = get_signature_for_torch_op(target)
         if not schemas:
-            raise TypeError(f"no signature known for {target!r}") from None
+            raise InputTypeError(
+                f"no signature known for {target!r}: bind needs a call with a Python or torch signature"
+            ) from None
         signature = schemas[0]
     return tuple(
         (p.name, None if p.default is inspect.Parameter.empty else p.default)

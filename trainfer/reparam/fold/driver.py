@@ -37,6 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from trainfer.capture import Call, capture_inputs, snapshot
 from trainfer.reparam.fold.constants import precompute
 from trainfer.reparam.fold.cost import settle_costs
+from trainfer.reparam.fold.effects import eliminate_dead_code
 from trainfer.reparam.fold.handlers import FoldHandlers
 from trainfer.reparam.fold.log import FoldLog
 from trainfer.reparam.fold.passes import (
@@ -254,8 +255,8 @@ def _fold_graph(gm: fx.GraphModule, inputs: tuple[Any, ...], prefix: str, run: _
     replaced: dict[fx.Node, fx.Node] = {}
     for root, expr in regions.roots:  # in graph order, so an anchor is replaced before regions read it
         replaced[root] = rewrite_region(graph, root, expr, replaced.get(expr.anchor, expr.anchor), log)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     precompute(gm, graph.constants)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     gm.graph.lint()
     return fx.GraphModule(gm, gm.graph, gm.__class__.__name__)

@@ -254,7 +254,8 @@ class _AssignableProxy(fx.Proxy):
     def __setitem__(self, index: Any, value: Any) -> None:
         node = self.node
         if not (node.op == "call_function" and node.target in _FRESH and not node.users):
-            raise TypeError("'Proxy' object does not support item assignment")
+            # fx's own tracing error (a ValueError): the caller falls back as for any untraceable forward
+            raise fx.proxy.TraceError("item assignment into a tensor that may be read through an alias")
         self.node = self.tracer.create_proxy("call_function", assign, (self, index, value), {}).node
 
 

@@ -1,0 +1,34 @@
+"""deploy on Hugging Face transformers models built from tiny ``*Config`` objects (optional: skipped
+without transformers; ``make test-interop`` runs it in ``.venv-next``). No download.
+
+Text models are called as users call them: ``model(input_ids, attention_mask=...)`` (and
+``decoder_input_ids=`` for encoder-decoders), so deploy gets ``example_kwargs``. Every result must
+keep its ``ModelOutput`` type (``out.logits`` works); common checks in ``tests/interop.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from interop import bench, deploy_checked  # noqa: E402 - only once transformers is known to be there
+
+TEXT = ["bert", "distilbert", "t5", "bart", "wav2vec2_ctc"]
+VISION = ["vit", "convnext", "resnet", "mobilevit"]
+
+
+@pytest.mark.parametrize("name", TEXT + VISION)
+def test_models_deploy_exactly_and_keep_their_model_output(name):
+    row = deploy_checked(name)
+    assert row.batch_norms[1] == 0, row
+
+
+def test_the_deployed_output_is_a_model_output_with_logits():
+    import trainfer
+
+    case = bench.build("bert")
+    deployed = trainfer.deploy(case.model, case.args, example_kwargs=case.kwargs)
+    out = deployed(*case.args, **case.kwargs)
+    assert type(out).__name__ == "SequenceClassifierOutput"
+    assert out.logits.shape == (1, 2)

@@ -1,0 +1,174 @@
+"""compile with a gate and data: bf16 and int8 gated, the paired measurement decides, runtime.json records it."""
+
+import json
+import shutil
+import time
+
+import pytest
+import torch
+
+import trainfer
+from trainfer.models import digits_net
+from trainfer.serve import runtime as rt
+from trainfer.serve.gated import save_compiled
+from trainfer.testing import randomize_batchnorm
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+OPEN = trainfer.AccuracyGate(min_agreement=0.0, max_accuracy_drop=None)
+#: The int8 runtime the round trip records: OpenVINO's placement where it is installed.
+INT8 = "openvino" if rt.openvino_precisions() else "onnxruntime"
+SLOW_S = 0.02
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.manual_seed(0)
+    model = randomize_batchnorm(digits_net(width=4)).eval()
+    deployed = trainfer.deploy(model, torch.randn(2, 1, 8, 8))
+    x, calibration = torch.randn(48, 1, 8, 8), torch.randn(32, 1, 8, 8)
+    with torch.no_grad():
+        labels = deployed(x).argmax(1)
+    return {"deployed": deployed, "x": x, "labels": labels, "calibration": calibration}
+
+
+def _compile(target, data, gate, **options):
+    return trainfer.compile(
+        target,
+        data["x"][:2],
+        gate=gate,
+        gate_data=(data["x"], data["labels"]),
+        calibration=data["calibration"],
+        candidates=["torch", "onnxruntime"],
+        batch_sizes=(1, 4),
+        rounds=3,
+        **options,
+    )
+
+
+def _only_fast(monkeypatch, fast):
+    """Every engine but ``fast`` sleeps SLOW_S per call while the chooser measures."""
+    measure = rt._measure
+
+    def slowed(engines, records, source, options):
+        def slow(engine):
+            return lambda batch: (time.sleep(SLOW_S), engine(batch))[1]
+
+        measure({n: e if n == fast else slow(e) for n, e in engines.items()}, records, source, options)
+
+    monkeypatch.setattr(rt, "_measure", slowed)
+
+
+def test_a_gate_that_refuses_int8_and_bf16_leaves_float32_chosen(data):
+    compiled = _compile(data["deployed"], data, trainfer.AccuracyGate(max_rel_error=1e-9))
+    record = compiled.record
+    by_name = {c.name: c for c in record.candidates}
+    assert record.dtype == "float32" and record.chosen_by == "auto"
+    for name in {"onnxruntime/int8", f"{INT8}/int8"}:
+        assert by_name[name].status == "rejected" and "trainfer.quantize" in by_name[name].reason
+        assert by_name[name].ratio == {}
+    assert by_name["onnxruntime/int8"].gate["ok"] is False
+    bf16 = by_name["torch/bfloat16"]
+    assert bf16.status == "rejected" and "max relative output error" in bf16.reason and not bf16.gate["ok"]
+    assert compiled.quantized is None
+
+
+@pytest.mark.parametrize("fast", [f"{INT8}/int8", "torch/bfloat16", "onnxruntime/float32"])
+def test_the_choice_among_passing_candidates_is_the_one_the_paired_run_finds_fastest(data, monkeypatch, fast):
+    _only_fast(monkeypatch, fast)
+    compiled = _compile(data["deployed"], data, OPEN)
+    record = compiled.record
+    passing = [c for c in record.candidates if c.status == "ok"]
+    assert {"onnxruntime/int8", f"{INT8}/int8", "torch/bfloat16", "torch/float32"} <= {c.name for c in passing}
+    assert all(c.gate["ok"] for c in passing if c.dtype != "float32")
+    assert f"{record.runtime}/{record.dtype}" == fast  # every other candidate slept SLOW_S per call
+    chosen = next(c for c in passing if c.name == fast)
+    assert chosen.score == min(c.score for c in passing) and all(set(c.median_ms) == {"1", "4"} for c in passing)
+    with torch.no_grad():
+        expected = data["deployed"](data["x"])
+    agreement = (compiled(data["x"]).argmax(1) == expected.argmax(1)).double().mean()
+    assert agreement >= chosen.gate["agreement"] - 1e-9 if chosen.gate else agreement == 1
+
+
+def test_an_int8_choice_round_trips_through_the_bundle_and_is_what_serves(data, monkeypatch, tmp_path):
+    bundle = trainfer.save(data["deployed"], tmp_path / "b", task="classification", labels=list("0123456789"))
+    _only_fast(monkeypatch, f"{INT8}/int8")
+    compiled = _compile(bundle, data, OPEN)
+    assert (compiled.record.runtime, compiled.record.dtype) == (INT8, "int8")
+    save_compiled(bundle, compiled)
+    assert rt.read_record(bundle) == compiled.record
+    saved = {(c["runtime"], c["dtype"]): c for c in json.loads((bundle / rt.RUNTIME_FILE).read_text())["candidates"]}
+    assert saved[INT8, "int8"]["gate"]["ok"] and saved[INT8, "int8"]["median_ms"].keys() == {"1", "4"}
+    predictor = trainfer.Predictor.load(bundle, runtime="recorded")
+    assert (predictor.model.record.runtime, predictor.model.record.dtype) == (INT8, "int8")
+    assert trainfer.Predictor.load(bundle).model.record.runtime == INT8  # the int8 file's own target
+    x = data["x"][:8]
+    assert torch.allclose(predictor.model(x), compiled(x), atol=1e-6)
+    pytest.importorskip("fastapi")
+    from trainfer.server.model import load_model
+
+    served = load_model("b", bundle, runtime=None, trust_factory=False, max_batch=4)
+    assert served.predictor.model.record.dtype == "int8"  # the server serves what was recorded
+
+
+def _tampered(bundle, tmp_path, change):
+    copy = tmp_path / "tampered"
+    shutil.copytree(bundle, copy)
+    file = copy / rt.RUNTIME_FILE
+    data = json.loads(file.read_text())
+    file.write_text(change(data) if callable(change) else change)
+    return copy
+
+
+def _reject_the_choice(record):
+    chosen = next(c for c in record["candidates"] if (c["runtime"], c["dtype"]) == (record["runtime"], record["dtype"]))
+    chosen["status"] = "rejected"
+    return json.dumps(record)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_reject_the_choice, "contradicts itself"),
+        (lambda r: json.dumps({**r, "candidates": [{**r["candidates"][0], "ratio": {"1": "fast"}}]}), "ratio.1"),
+        (lambda r: json.dumps({**r, "candidates": r["candidates"] * 70}), "at most 64"),
+        (lambda r: json.dumps({**r, "batch_sizes": [0]}), "batch_sizes.0"),
+        (lambda r: json.dumps({**r, "chosen_by": "me"}), "chosen_by"),
+        (lambda r: json.dumps(r) + " " * 2**20, "larger than 1048576 bytes"),
+    ],
+    ids=["chosen-rejected", "timing-not-a-number", "too-many-candidates", "batch-0", "chooser", "oversized"],
+)
+def test_a_tampered_runtime_record_is_refused_with_a_clear_error(data, tmp_path, change, message):
+    bundle = trainfer.save(data["deployed"], tmp_path / "b", task="classification", labels=list("0123456789"))
+    rt.save_record(bundle, trainfer.compile(bundle, runtime="auto", candidates=["torch"], rounds=1).record)
+    copy = _tampered(bundle, tmp_path, change)
+    with pytest.raises(trainfer.BundleError, match=message):
+        trainfer.Predictor.load(copy, runtime="recorded")
+
+
+def test_calibration_needs_gate_data_and_auto(data):
+    with pytest.raises(trainfer.InputError, match="needs gate_data"):
+        trainfer.compile(data["deployed"], data["x"][:2], calibration=data["calibration"])
+    with pytest.raises(trainfer.InputError, match="runtime='auto'"):
+        trainfer.compile(data["deployed"], data["x"][:2], runtime="torch", gate_data=data["x"], calibration=data["x"])
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_the_int8_file_places_its_quantizers_for_its_runtime(data, runtime):
+    """ONNX Runtime's file quantizes conv outputs (it fuses them into QLinearConv); OpenVINO's only conv inputs."""
+    import onnx
+
+    if runtime == "openvino" and not rt.openvino_precisions():
+        pytest.skip("openvino is not installed")
+    int8 = trainfer.quantize(
+        data["deployed"], data["calibration"], validation=data["x"], gate=OPEN, equalize=False, runtime=runtime
+    )
+    graph = onnx.load_from_string(int8.onnx_bytes).graph
+    producer = {output: node.op_type for node in graph.node for output in node.output}
+    quantized_outputs = [n for n in graph.node if n.op_type == "QuantizeLinear" and producer.get(n.input[0]) == "Conv"]
+    assert (len(quantized_outputs) > 0) == (runtime == "onnxruntime")
+    assert (producer[graph.output[0].name] == "Gemm") == (runtime == "openvino")  # logits left in float
+    assert int8.report.settings["runtime"] == runtime
+    with torch.no_grad():
+        expected = data["deployed"](data["x"])
+    assert float((int8(data["x"]) - expected).abs().max() / expected.abs().max()) < 0.1

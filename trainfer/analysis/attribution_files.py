@@ -1,0 +1,111 @@
+"""Explanations as files: a heat map over each image, a bar chart per table row (PNG, written atomically)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+from tqdm import tqdm
+
+from trainfer.analysis.attribution_methods import Attributions, explain
+from trainfer.atomic import atomic_file
+from trainfer.errors import InputError
+
+__all__ = ["explain_to_files", "plot_attribution"]
+
+
+def explain_to_files(
+    predictor: Any,
+    inputs: Any,
+    out_dir: str | Path,
+    method: str = "integrated_gradients",
+    target: Any = None,
+    **options: Any,
+) -> list[Path]:
+    """Write one PNG per example to ``out_dir``: a heat map over each image, a bar chart per table row.
+
+    Files are named ``<index>_<input file stem>.png`` (or ``<index>.png``); returns their paths.
+    """
+    result = explain(predictor, inputs, method, target, **options)
+    out_dir = Path(out_dir)
+    stems = _stems(inputs, len(result))
+    labels, columns = predictor.labels, predictor.preprocess_spec.columns
+    paths = []
+    for i in tqdm(range(len(result)), desc="explanations", unit="file", disable=None):
+        path = out_dir / (f"{i:03d}_{stems[i]}.png" if stems else f"{i:03d}.png")
+        paths.append(plot_attribution(result, i, path, labels=labels, columns=columns))
+    return paths
+
+
+def _stems(inputs: Any, count: int) -> list[str] | None:
+    """Input file names without suffix, when ``inputs`` is one path per example."""
+    items = [inputs] if isinstance(inputs, str | Path) else inputs
+    if isinstance(items, Sequence) and len(items) == count and all(isinstance(i, str | Path) for i in items):
+        return [Path(i).stem for i in items]
+    return None
+
+
+def plot_attribution(
+    result: Attributions,
+    index: int,
+    path: Path,
+    labels: Sequence[str] | None = None,
+    columns: Sequence[str] | None = None,
+) -> Path:
+    """Draw example ``index``: input and attribution overlay for ``(C, H, W)``/``(H, W)``, bars for ``(F,)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    values, sample = result.values[index].cpu().double(), result.inputs[index].cpu().double()
+    if values.dim() == 1:
+        figure = _bars(plt, values, columns)
+    elif values.dim() in (2, 3):
+        figure = _heat_map(plt, values, sample)
+    else:
+        raise InputError(f"can draw attributions of shape (F,), (H, W) or (C, H, W); got {tuple(values.shape)}")
+    figure.suptitle(_title(result, index, labels))
+    figure.tight_layout()
+    with atomic_file(path) as tmp:
+        figure.savefig(tmp, dpi=110, format="png")
+    plt.close(figure)
+    return path
+
+
+def _heat_map(plt: Any, values: Tensor, sample: Tensor) -> Any:
+    """Left: the input (rescaled to [0, 1]); right: attributions summed over channels, over it."""
+    image = sample if sample.dim() == 2 else (sample.permute(1, 2, 0) if sample.shape[0] == 3 else sample.mean(0))
+    image = (image - image.min()) / (image.max() - image.min()).clamp_min(1e-12)
+    heat = values if values.dim() == 2 else values.sum(0)
+    limit = float(heat.abs().max()) or 1.0
+    figure, (left, right) = plt.subplots(1, 2, figsize=(7, 3.4))
+    for axis in (left, right):
+        axis.imshow(image.numpy(), cmap="gray")
+        axis.axis("off")
+    left.set_title("input")
+    shown = right.imshow(heat.numpy(), cmap="bwr", vmin=-limit, vmax=limit, alpha=0.6)
+    right.set_title("attribution")
+    figure.colorbar(shown, ax=right, fraction=0.046)
+    return figure
+
+
+def _bars(plt: Any, values: Tensor, columns: Sequence[str] | None) -> Any:
+    names = list(columns) if columns and len(columns) == len(values) else [f"x{i}" for i in range(len(values))]
+    figure, axis = plt.subplots(figsize=(7, max(2.5, 0.3 * len(names) + 1)))
+    axis.barh(names, values.numpy(), color=["tab:red" if v > 0 else "tab:blue" for v in values.tolist()])
+    axis.invert_yaxis()  # first column on top
+    axis.axvline(0, color="black", linewidth=0.8)
+    axis.set_xlabel("attribution")
+    return figure
+
+
+def _title(result: Attributions, index: int, labels: Sequence[str] | None) -> str:
+    score = f"score {float(result.scores[index]):.4g}"
+    if result.target is None:
+        return f"{result.method}: {score}"
+    klass = int(result.target[index])
+    name = labels[klass] if labels is not None and klass < len(labels) else f"class {klass}"
+    return f"{result.method}: {name} ({score})"

@@ -1,0 +1,274 @@
+"""Running attributions: :func:`attribute` (a model and a preprocessed batch), :func:`explain` (a
+predictor's inputs), their result :class:`Attributions`, and the gradient methods (integrated
+gradients, saliency, occlusion). The methods' definitions are in :mod:`trainfer.analysis.attribution`;
+the sampling ones live in :mod:`~trainfer.analysis.attribution_shap`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from trainfer.analysis.attribution_shap import deeplift_shap, gradient_shap, kernel_shap, lime
+from trainfer.errors import InputError, InputTypeError, ModeError
+from trainfer.extras import require
+from trainfer.modes.contexts import restore_modes, snapshot_modes
+from trainfer.validate import given
+
+METHODS = ("integrated_gradients", "saliency", "occlusion", "kernel_shap", "lime", "gradient_shap", "deeplift_shap")
+
+__all__ = ["METHODS", "Attributions", "attribute", "explain"]
+
+
+@dataclass(frozen=True)
+class Attributions:
+    """Per-element attributions ``values`` with the shape of the preprocessed ``inputs`` ``(N, ...)``.
+
+    ``target`` is the explained class per example (``None``: a single score was explained) and
+    ``scores`` the explained score per example, ``f(x)``. ``details`` holds what a method reports
+    beside the values: ``feature_mask`` (kernel_shap, lime), ``surrogate_r2`` (lime, one per example).
+    """
+
+    values: Tensor
+    inputs: Tensor
+    target: Tensor | None
+    scores: Tensor
+    method: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def explain(
+    predictor: Any, inputs: Any, method: str = "integrated_gradients", target: Any = None, **options: Any
+) -> Attributions:
+    """Explain ``predictor``'s predictions for ``inputs`` (anything ``predictor.preprocess`` accepts).
+
+    The explained function is ``predictor.scores``, as served (probabilities for classification
+    and binary, unscaled values for regression), which keeps autograd for inputs that require
+    grad. ``options`` go to Captum's ``attribute`` (e.g. ``n_steps``, ``baselines``,
+    ``sliding_window_shapes``).
+    """
+    if not isinstance(predictor.model, nn.Module):
+        served = type(predictor.model).__name__
+        raise InputTypeError(f"explanations need a torch model; this predictor serves a {served}")
+    if predictor.multi_head:
+        raise InputError("explanations of multi-head predictors are not supported: serve one head to explain it")
+    batch = predictor.preprocess(inputs).to(predictor.device)
+    if predictor.task == "sequence":
+        sequence_score = _generated_score if getattr(predictor, "generates", False) else _sequence_score
+        if target is not None:
+            raise InputError("a sequence prediction is explained for its decoded sequence: target= does not apply")
+        # one item at a time: Captum's samplers (LIME, KernelSHAP) call f on one item's perturbations
+        parts = [
+            attribute(
+                predictor.model, row, method, forward=sequence_score(predictor, row), task="regression", **options
+            )
+            for row in batch.split(1)
+        ]
+        details = {key: [p.details[key] for p in parts] for key in parts[0].details}
+        return Attributions(
+            torch.cat([p.values for p in parts]),
+            batch.detach(),
+            None,
+            torch.cat([p.scores for p in parts]),
+            method,
+            details,
+        )
+    return attribute(predictor.model, batch, method, target, forward=predictor.scores, task=predictor.task, **options)
+
+
+def _sequence_score(predictor: Any, batch: Tensor) -> Callable[[Tensor], Tensor]:
+    """``f(x)``: the CTC log-probability of the sequence the predictor decodes for the one-item ``batch``.
+
+    The sequence is decoded once, from ``batch``; ``f`` then sums the probabilities of every alignment
+    of that sequence (``-ctc_loss``): the exact log-probability the beam's score bounds from below
+    (a beam prunes prefixes whose alignments would have merged later), and differentiable. ``f``
+    takes any number of rows (Captum stacks interpolated or perturbed copies of the item).
+    """
+    from trainfer import decoding
+
+    settings = predictor.decoder
+    with torch.no_grad():
+        log_probs = predictor.scores(batch.detach())
+    if settings.beam_width == 1:
+        chosen = decoding.ctc_greedy(log_probs, blank=settings.blank)
+    else:
+        found = decoding.ctc_beam_search(log_probs, beam_width=settings.beam_width, blank=settings.blank)
+        chosen = [list(hyps[0].tokens) for hyps in found]
+    tokens = torch.tensor(chosen[0], dtype=torch.long)
+
+    def score(x: Tensor) -> Tensor:
+        values = predictor.scores(x)
+        rows = len(values)
+        frames = torch.full((rows,), values.shape[1], dtype=torch.long)
+        lengths = torch.full((rows,), len(tokens), dtype=torch.long)
+        loss = torch.nn.functional.ctc_loss(
+            values.transpose(0, 1), tokens.repeat(rows), frames, lengths, blank=settings.blank, reduction="none"
+        )
+        return -loss
+
+    return score
+
+
+def _generated_score(predictor: Any, batch: Tensor) -> Callable[[Tensor], Tensor]:
+    """``f(x)``: the log-probability an autoregressive model gives the sequence decoded for the one-item ``batch``.
+
+    The sequence (EOS included when it ended) is decoded once, with the predictor's settings; ``f``
+    then feeds it by teacher forcing, ``sum_t log p(y_t | y_<t, x)`` over ``encode(x)`` and ``step``:
+    the search's ``log_prob`` of that sequence, differentiable in ``x``, for any number of rows.
+    """
+    settings, model = predictor.decoder, predictor.model
+    (result,) = predictor.generate(batch.detach())
+    tokens = [*result.tokens, settings.eos] if result.finished else list(result.tokens)
+
+    def score(x: Tensor) -> Tensor:
+        state = model.encode(x)
+        previous = torch.full((len(x),), settings.bos, dtype=torch.long, device=x.device)
+        total = x.new_zeros(len(x))
+        for token in tokens:
+            log_probs, state = model.step(state, previous)
+            total = total + log_probs[:, token]
+            previous = torch.full_like(previous, token)
+        return total
+
+    return score
+
+
+def attribute(
+    model: nn.Module,
+    batch: Tensor,
+    method: str = "integrated_gradients",
+    target: Any = None,
+    *,
+    forward: Callable[[Tensor], Tensor] | None = None,
+    task: str | None = None,
+    **options: Any,
+) -> Attributions:
+    """Attribute ``forward(batch)`` (``model(batch)`` by default) to the elements of ``batch``.
+
+    Runs ``model`` in eval mode with gradients on; restores its modes and the grad mode on exit.
+    ``task="regression"`` never picks a class: a regression model with several outputs needs ``target``.
+    """
+    if method not in METHODS:
+        raise InputError(f"method must be one of {list(METHODS)}; got {method!r}")
+    if not isinstance(batch, Tensor) or not batch.is_floating_point() or batch.dim() < 2:
+        raise InputTypeError(f"expected a preprocessed floating-point batch (N, ...); got {_describe(batch)}")
+    if torch.is_inference_mode_enabled():
+        raise ModeError(
+            "explanations need gradients, and torch.inference_mode() forbids them: call explain() outside "
+            "`with torch.inference_mode():` / `with trainfer.inference(model):`"
+        )
+    attr = require("captum.attr", "explain", "explaining predictions")
+    forward = forward or model
+    batch = batch.detach().clone()  # an ordinary tensor, even if preprocessing made an inference tensor
+    modes = snapshot_modes(model)
+    try:
+        with torch.enable_grad():
+            model.eval()
+            scores = _checked_scores(forward, batch)
+            target = _resolve_target(scores, target, task)
+            if method == "deeplift_shap":
+                forward = model  # DeepLIFT's rules hook the model's modules: it explains the raw outputs
+            found = _METHODS[method](attr, forward, batch, target, options)
+        values, details = found if isinstance(found, tuple) else (found, {})
+        explained = scores.detach() if target is None else scores.detach().gather(1, target[:, None])[:, 0]
+        return Attributions(values.detach().to(batch.dtype), batch, target, explained.reshape(-1), method, details)
+    finally:
+        restore_modes(model, modes)
+
+
+def _checked_scores(forward: Callable[[Tensor], Tensor], batch: Tensor) -> Tensor:
+    """``forward(batch)`` once, checked to be a score tensor gradients can flow through."""
+    probe = batch.clone().requires_grad_()
+    scores = forward(probe)
+    if not isinstance(scores, Tensor) or scores.dim() not in (1, 2) or len(scores) != len(batch):
+        raise InputError(f"expected scores of shape (N,) or (N, outputs) with N={len(batch)}; got {_describe(scores)}")
+    if not scores.requires_grad:
+        raise ModeError(
+            "the explained function returned scores without gradients (does it run under torch.no_grad or "
+            "inference_mode?); explanations need a differentiable forward"
+        )
+    return scores
+
+
+def _resolve_target(scores: Tensor, target: Any, task: str | None) -> Tensor | None:
+    """The class index per example: ``target`` if given, else the predicted (argmax) class.
+
+    ``None`` when the score is a single value per example (binary, one-output regression).
+    """
+    outputs = 1 if scores.dim() == 1 else scores.shape[1]
+    if target is None:
+        if outputs == 1:
+            return None if scores.dim() == 1 else torch.zeros(len(scores), dtype=torch.long, device=scores.device)
+        if task == "regression":
+            raise InputError(f"a regression model with {outputs} outputs: pass target= the output index to explain")
+        return scores.detach().argmax(dim=1)
+    if scores.dim() == 1:
+        raise InputError(f"target={target!r} given, but the model returns one score per example (shape (N,))")
+    indices = _class_indices(target).to(scores.device).reshape(-1)
+    if len(indices) not in (1, len(scores)):
+        raise InputError(f"target must be one class index or one per example ({len(scores)}); got {len(indices)}")
+    indices = indices.expand(len(scores))
+    if ((indices < 0) | (indices >= outputs)).any():
+        raise InputError(f"target must index the {outputs} outputs (0..{outputs - 1}); got {target!r}")
+    return indices.clone()
+
+
+def _class_indices(target: Any) -> Tensor:
+    """``target`` (an int, a sequence or tensor of ints) as a long tensor; anything else is refused."""
+    expected = "a class index (int) or one per example (a list or tensor of ints)"
+    try:
+        indices = torch.as_tensor(target)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputTypeError(f"target must be {expected}; got {given(target)}") from None
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise InputTypeError(f"target must be {expected}; got {given(target)}")
+    return indices.long()
+
+
+def _integrated_gradients(attr: ModuleType, forward: Callable, batch: Tensor, target: Any, options: dict) -> Tensor:
+    return attr.IntegratedGradients(forward).attribute(batch, target=target, **options)
+
+
+def _saliency(attr: ModuleType, forward: Callable, batch: Tensor, target: Any, options: dict) -> Tensor:
+    return attr.Saliency(forward).attribute(batch.requires_grad_(), target=target, **options)
+
+
+def _occlusion(attr: ModuleType, forward: Callable, batch: Tensor, target: Any, options: dict) -> Tensor:
+    """Windows of ``C x k x k`` (``k`` about an eighth of the image side, half-overlapping) or single columns."""
+    sample = batch.shape[1:]
+    window: tuple[int, ...]
+    strides: tuple[int, ...] | int
+    if len(sample) == 3:
+        side = max(1, round(min(sample[1:]) / 8))
+        window, strides = (sample[0], side, side), (sample[0], max(1, side // 2), max(1, side // 2))
+    else:
+        window, strides = (1,) * len(sample), 1
+    settings = {"sliding_window_shapes": window, "strides": strides, "show_progress": sys.stderr.isatty()}
+    with torch.no_grad():
+        return attr.Occlusion(forward).attribute(batch, target=target, **{**settings, **options})
+
+
+_METHODS: dict[str, Callable[..., Any]] = {
+    "integrated_gradients": _integrated_gradients,
+    "saliency": _saliency,
+    "occlusion": _occlusion,
+    "kernel_shap": kernel_shap,
+    "lime": lime,
+    "gradient_shap": gradient_shap,
+    "deeplift_shap": deeplift_shap,
+}
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"

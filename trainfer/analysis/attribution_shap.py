@@ -1,0 +1,117 @@
+"""The sampling attribution methods: Kernel SHAP and LIME over features (:func:`feature_mask`), and
+GradientSHAP and DeepLIFT-SHAP over a reference batch (see :mod:`trainfer.analysis.attribution`).
+Each takes Captum's ``captum.attr`` module, the explained function, the batch, the target and options.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from trainfer.errors import InputError, InputTypeError
+
+SAMPLE_BUDGET = {"kernel_shap": 200, "lime": 200, "gradient_shap": 20}
+"""Default ``n_samples`` per sampling method."""
+
+__all__ = ["SAMPLE_BUDGET", "deeplift_shap", "feature_mask", "gradient_shap", "kernel_shap", "lime"]
+
+
+def feature_mask(batch: Tensor, patch: int | None = None) -> Tensor:
+    """Feature ids for KernelSHAP and LIME, shape ``(1, *batch.shape[1:])`` (shared by the batch).
+
+    Images ``(N, C, H, W)`` and ``(N, H, W)``: square patches of side ``patch`` (default: a quarter
+    of the shorter side, so about 16 features), all channels of a patch one feature. Tables
+    ``(N, F)``: one feature per column. Other shapes: one feature per element.
+    """
+    sample = batch.shape[1:]
+    if len(sample) in (2, 3):
+        height, width = sample[-2:]
+        side = patch or max(1, min(height, width) // 4)
+        if side < 1:
+            raise InputError(f"patch must be a positive side length; got {patch!r}")
+        rows, cols = torch.arange(height) // side, torch.arange(width) // side
+        ids = rows[:, None] * ((width + side - 1) // side) + cols[None, :]
+        return ids.expand(sample).reshape(1, *sample).to(batch.device)
+    return torch.arange(sample.numel(), device=batch.device).reshape(1, *sample)
+
+
+def _sampling_settings(method: str, batch: Tensor, options: dict) -> tuple[dict, dict]:
+    """Captum arguments (mask, budget, zero baselines, progress) with ``options`` on top; the patch option."""
+    options = dict(options)
+    mask = options.pop("feature_mask", None)
+    if mask is None:
+        mask = feature_mask(batch, options.pop("patch", None))
+    settings = {
+        "feature_mask": mask,
+        "n_samples": SAMPLE_BUDGET[method],
+        "baselines": 0.0,
+        "show_progress": sys.stderr.isatty(),
+    }
+    return {**settings, **options}, {"feature_mask": mask}
+
+
+def kernel_shap(attr: ModuleType, forward: Callable, batch: Tensor, target: Any, options: dict) -> Any:
+    settings, details = _sampling_settings("kernel_shap", batch, options)
+    with torch.no_grad(), _one_fit_per_example():
+        return attr.KernelShap(forward).attribute(batch, target=target, **settings), details
+
+
+def lime(attr: ModuleType, forward: Callable, batch: Tensor, target: Any, options: dict) -> Any:
+    settings, details = _sampling_settings("lime", batch, options)
+    surrogate = _recording_lasso(alpha=0.01)
+    with torch.no_grad(), _one_fit_per_example():
+        values = attr.Lime(forward, interpretable_model=surrogate).attribute(batch, target=target, **settings)
+    return values, {**details, "surrogate_r2": list(surrogate.r2)}
+
+
+@contextmanager
+def _one_fit_per_example() -> Iterator[None]:
+    """Silences Captum's warning that a batch fits one surrogate per example: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You are providing multiple inputs for Lime")
+        yield
+
+
+def _recording_lasso(alpha: float) -> Any:
+    """Captum's Lasso surrogate that also records, per fit, its weighted R^2 on the samples it was fitted to."""
+    from captum._utils.models.linear_model import SkLearnLasso
+
+    class RecordingLasso(SkLearnLasso):
+        def __init__(self, **kwargs: Any):
+            super().__init__(**kwargs)
+            self.r2: list[float] = []
+
+        def fit(self, train_data: Any, **kwargs: Any) -> Any:
+            result = super().fit(train_data, **kwargs)
+            x, y, w = (torch.cat(parts) for parts in zip(*train_data))
+            with torch.no_grad():
+                error = y.reshape(-1) - self(x).reshape(-1)
+            mean = (w * y).sum() / w.sum()
+            spread = (w * (y - mean) ** 2).sum()
+            self.r2.append(float(1 - (w * error**2).sum() / spread) if spread > 0 else 1.0)
+            return result
+
+    return RecordingLasso(alpha=alpha)
+
+
+def _reference_batch(batch: Tensor, options: dict, copies: int) -> dict:
+    """``options`` with ``baselines`` defaulting to ``copies`` zero samples."""
+    return {"baselines": torch.zeros((copies, *batch.shape[1:]), dtype=batch.dtype, device=batch.device), **options}
+
+
+def gradient_shap(attr: ModuleType, forward: Callable, batch: Tensor, target: Any, options: dict) -> Tensor:
+    settings = {"n_samples": SAMPLE_BUDGET["gradient_shap"], **_reference_batch(batch, options, 1)}
+    return attr.GradientShap(forward).attribute(batch, target=target, **settings)
+
+
+def deeplift_shap(attr: ModuleType, model: Callable, batch: Tensor, target: Any, options: dict) -> Tensor:
+    if not isinstance(model, nn.Module):
+        raise InputTypeError("deeplift_shap needs the model as an nn.Module (its rules hook the model's modules)")
+    return attr.DeepLiftShap(model).attribute(batch, target=target, **_reference_batch(batch, options, 2))

@@ -1,0 +1,154 @@
+"""The reduced-precision candidates of ``trainfer.compile``: bf16 and int8, each behind the accuracy gate.
+
+``compile(model, runtime="auto", gate=AccuracyGate(...), gate_data=(inputs, labels),
+calibration=inputs)`` measures, beside the float32 runtimes:
+
+* **bf16** — eager PyTorch in bfloat16 and OpenVINO with its ``bf16`` inference-precision hint
+  (where OpenVINO's CPU plugin reports bf16; otherwise recorded ``unavailable`` with the reason);
+  each within the bf16 tolerance of the float64 deploy form and passing ``gate`` on ``gate_data``;
+* **int8** — for each of ONNX Runtime and OpenVINO, the QDQ file :func:`trainfer.quantize` makes
+  for that runtime (equalization, calibration on ``calibration``, quantizers placed where that
+  runtime runs them fastest, the gate measured on that runtime over ``gate_data``, and its
+  sensitivity-ordered float fallback). A gate that no int8 form passes leaves the candidate
+  ``rejected``, with the quantizer's verdict as the reason.
+
+The passing candidates are timed paired, call by call, in the same run as the float32 ones; the
+lowest geometric mean of latency relative to eager float32 wins. :func:`save_compiled` writes
+the choice into a bundle (``runtime.json``, and for int8 the int8 form itself, checked against the
+float weights at every load); ``trainfer serve`` and ``Predictor.load(bundle, runtime="recorded")``
+serve what was recorded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from trainfer.errors import InputError, QuantizationError
+from trainfer.serve.engines import CompiledModel
+from trainfer.serve.gate import AccuracyGate
+from trainfer.serve.runtime import _Source, _unavailable
+from trainfer.serve.runtime import compile as compile_float
+from trainfer.serve.runtime_record import QUANTIZED_RUNTIMES, CandidateRecord, RuntimeRecord, save_record
+
+#: What a gated ``compile`` adds to the float32 candidates.
+REDUCED_DTYPES = ("bfloat16",)
+
+__all__ = ["REDUCED_DTYPES", "compile", "int8_candidates", "save_compiled"]
+
+Engine = Callable[[Tensor], Any]
+
+
+def compile(
+    model_or_bundle: nn.Module | str | os.PathLike[str],
+    example_inputs: Tensor | None = None,
+    runtime: str | RuntimeRecord = "auto",
+    dtype: str | Sequence[str] = "float32",
+    *,
+    calibration: Tensor | None = None,
+    **options: Any,
+) -> CompiledModel:
+    """``trainfer.compile``: :func:`trainfer.serve.runtime.compile`, and with ``calibration`` the gated search.
+
+    ``calibration`` (model inputs; needs ``runtime="auto"`` and ``gate_data``): also measure
+    bf16 (:data:`REDUCED_DTYPES`) and one int8 candidate per runtime, each behind ``gate`` (see
+    the module docstring). ``options`` are :func:`~trainfer.serve.runtime.compile`'s.
+    """
+    gate_data = options.get("gate_data")
+    check_gated_arguments(runtime, gate_data, calibration)
+    if calibration is None or gate_data is None:
+        return compile_float(model_or_bundle, example_inputs, runtime, dtype, **options)
+    dtypes = (dtype,) if isinstance(dtype, str) else tuple(dtype)
+    dtypes = (*dtypes, *(name for name in REDUCED_DTYPES if name not in dtypes))
+
+    def int8(source: _Source, threads: int, gate: AccuracyGate) -> tuple[list[Any], dict[str, Any]]:
+        return int8_candidates(model_or_bundle, source, threads, gate, gate_data, calibration)
+
+    return compile_float(model_or_bundle, example_inputs, runtime, dtypes, extra_candidates=int8, **options)
+
+
+def int8_candidates(
+    model_or_bundle: nn.Module | str | os.PathLike[str],
+    source: _Source,
+    threads: int,
+    gate: AccuracyGate,
+    gate_data: Tensor | tuple[Tensor, Tensor],
+    calibration: Tensor,
+) -> tuple[list[tuple[CandidateRecord, Engine | None]], dict[str, Any]]:
+    """One ``<runtime>/int8`` candidate per runtime of :data:`QUANTIZED_RUNTIMES`, and the int8 forms that passed.
+
+    Each is :func:`trainfer.quantize` made for that runtime (its quantizer placement) and gated
+    there, fallback search included. Never raises for a candidate's own failure (a refused
+    gate, a runtime error): it is recorded. Returns ``(candidates, {name: QuantizedModel})``.
+    """
+    built, passed = [], {}
+    for runtime in QUANTIZED_RUNTIMES:
+        record, quantized = _int8_candidate(runtime, model_or_bundle, source, threads, gate, gate_data, calibration)
+        built.append((record, quantized.engine if quantized is not None else None))
+        if quantized is not None:
+            passed[record.name] = quantized
+    return built, passed
+
+
+def _int8_candidate(
+    runtime: str,
+    model_or_bundle: Any,
+    source: _Source,
+    threads: int,
+    gate: AccuracyGate,
+    gate_data: Any,
+    calibration: Tensor,
+) -> tuple[CandidateRecord, Any]:
+    from trainfer.serve.quantize import quantize
+
+    reason = _unavailable(runtime, "float32")
+    if reason is not None:
+        return CandidateRecord(runtime, "int8", "unavailable", reason), None
+    inputs, labels = gate_data if isinstance(gate_data, tuple) else (gate_data, None)
+    target = model_or_bundle if not isinstance(model_or_bundle, nn.Module) else source.model
+    try:
+        quantized = quantize(
+            target, calibration, validation=inputs, labels=labels, gate=gate, threads=threads, runtime=runtime
+        )
+    except QuantizationError as refused:
+        verdict = refused.report.gate.to_dict() if refused.report is not None else None
+        return CandidateRecord(runtime, "int8", "rejected", f"trainfer.quantize: {refused}"[:500], gate=verdict), None
+    except Exception as failure:  # ONNX Runtime's quantizer and OpenVINO raise their own types
+        reason = f"trainfer.quantize failed: {type(failure).__name__}: {failure}"[:500]
+        return CandidateRecord(runtime, "int8", "error", reason), None
+    report = quantized.report
+    note = f"int8 QDQ placed for {runtime}, {len(report.float_layers)} layer(s) kept in float"
+    verdict = report.gate
+    return CandidateRecord(runtime, "int8", "ok", note, verdict.max_rel_error, None, verdict.to_dict()), quantized
+
+
+def check_gated_arguments(runtime: Any, gate_data: Any, calibration: Any) -> None:
+    """``calibration`` asks for the int8 search: it needs ``runtime="auto"`` and ``gate_data`` to gate on."""
+    if calibration is None:
+        return
+    if runtime != "auto":
+        raise InputError(f"calibration= asks compile to search int8 forms: use runtime='auto' (got {runtime!r})")
+    if gate_data is None:
+        raise InputError("calibration= needs gate_data= (validation inputs, or (inputs, labels)) to gate int8 on")
+    if not isinstance(calibration, Tensor) or not calibration.is_floating_point() or calibration.dim() < 2:
+        raise InputError("calibration= must be a float tensor batch of model inputs (N, ...)")
+
+
+def save_compiled(bundle: str | os.PathLike[str], compiled: CompiledModel) -> Path:
+    """Record ``compiled``'s choice in ``bundle``: ``runtime.json`` and, when it serves int8, the int8 form.
+
+    The int8 files (``quantized.onnx``, its probes and ``quantization.json``) are written before
+    ``runtime.json``, each atomically; a load checks them against the bundle's float weights.
+    """
+    from trainfer.serve.int8_form import write_int8_form
+
+    if compiled.record.dtype == "int8":
+        quantized = compiled.quantized
+        if quantized is None:
+            raise InputError("this compiled model serves an int8 form it does not carry: it was loaded, not compiled")
+        write_int8_form(Path(bundle), quantized.onnx_bytes, quantized.probes, quantized.report.to_dict())
+    return save_record(bundle, compiled.record)

@@ -1,0 +1,21 @@
+"""The runtimes ``trainfer.compile`` knows and the dtypes each serves: the one table records and engines share."""
+
+from __future__ import annotations
+
+RUNTIMES = ("torch", "torch-channels-last", "inductor", "onnxruntime", "openvino")
+SUPPORTED_DTYPES = {
+    "torch": ("float32", "bfloat16", "float16"),
+    "torch-channels-last": ("float32", "bfloat16", "float16"),
+    "inductor": ("float32", "bfloat16"),
+    "onnxruntime": ("float32",),
+    "openvino": ("float32", "bfloat16", "float16"),
+}
+#: Runtimes that execute a QDQ file (the default, for int8 records that name none, first).
+QUANTIZED_RUNTIMES = ("onnxruntime", "openvino")
+
+__all__ = ["QUANTIZED_RUNTIMES", "RUNTIMES", "SUPPORTED_DTYPES", "serves"]
+
+
+def serves(runtime: str, dtype: str) -> bool:
+    """Whether ``runtime`` serves ``dtype`` (int8: a QDQ file, on :data:`QUANTIZED_RUNTIMES`)."""
+    return dtype in SUPPORTED_DTYPES.get(runtime, ()) or (dtype == "int8" and runtime in QUANTIZED_RUNTIMES)

@@ -1,0 +1,110 @@
+"""The schema of a bundle's ``runtime.json``: every field typed and bounded, checked before anything is built.
+
+``runtime.json`` is read from a bundle, so it is untrusted. :func:`check_record` validates the
+parsed JSON with the same strict pydantic conventions as the manifest (:mod:`trainfer.serve.manifest`:
+``"2"`` is not an integer, unknown fields are refused) and raises
+:class:`~trainfer.errors.BundleError` naming the bad fields. Bounds: at most 64 candidates, 32
+batch sizes (each 1..2**20), reasons up to 2000 characters, names up to 200; timings positive
+and finite, keyed by batch size. Facts stated twice must agree: every candidate's runtime serves
+its dtype (int8 only on the runtimes that run a QDQ file) unless it is recorded ``unavailable``,
+and a record ``chosen_by`` ``"auto"`` names a candidate that passed (status ``ok``, and its gate
+where it has one). The file itself is read at most :data:`MAX_RECORD_BYTES` long (:func:`trainfer.jsonfile.read_json`).
+
+Imported only when a record is read (pydantic costs about 0.1 s to import).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from trainfer.errors import BundleError
+from trainfer.serve.manifest import _describe, _Schema
+from trainfer.serve.runtime_names import serves
+
+#: The largest ``runtime.json`` read: a record of 64 candidates takes about 100 KiB.
+MAX_RECORD_BYTES = 2**20
+MAX_CANDIDATES = 64
+MAX_BATCH = 2**20
+
+RuntimeName = Literal["torch", "torch-channels-last", "inductor", "onnxruntime", "openvino"]
+Dtype = Literal["float32", "bfloat16", "float16", "int8"]
+Name = Annotated[str, Field(max_length=200)]
+Reason = Annotated[str, Field(max_length=2000)]
+Error = Annotated[float, Field(ge=0)]  # infinity allowed: a candidate whose output had the wrong shape
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+BatchKey = Annotated[str, Field(pattern=r"^[1-9][0-9]{0,6}$")]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Timings = Annotated[dict[BatchKey, Positive], Field(max_length=32)]
+Scalar = Name | Annotated[int, Field(ge=-(2**31), le=2**31)] | bool | None
+
+__all__ = ["MAX_RECORD_BYTES", "check_record"]
+
+
+class GateLimits(_Schema):
+    min_agreement: Fraction | None
+    max_accuracy_drop: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None
+    max_rel_error: Error | None
+
+
+class GateVerdict(_Schema):
+    """:meth:`trainfer.serve.gate.GateReport.to_dict`."""
+
+    gate: GateLimits
+    samples: Annotated[int, Field(ge=0, le=2**31)]
+    max_rel_error: Error
+    agreement: Fraction
+    reference_accuracy: Fraction | None
+    candidate_accuracy: Fraction | None
+    accuracy_drop: Annotated[float, Field(ge=-1, le=1, allow_inf_nan=False)] | None
+    ok: bool
+
+
+class Candidate(_Schema):
+    runtime: RuntimeName
+    dtype: Dtype
+    status: Literal["ok", "unavailable", "rejected", "error"]
+    reason: Reason | None = None
+    max_rel_error: Error | None = None
+    tolerance: Error | None = None
+    gate: GateVerdict | None = None
+    median_ms: Timings = {}
+    ratio: Timings = {}
+
+
+class Record(_Schema):
+    runtime: RuntimeName
+    dtype: Dtype
+    chosen_by: Literal["given", "auto", "bundle"]
+    batch_sizes: Annotated[list[Annotated[int, Field(ge=1, le=MAX_BATCH)]], Field(max_length=32)]
+    candidates: Annotated[list[Candidate], Field(max_length=MAX_CANDIDATES)]
+    threads: Annotated[dict[Name, Annotated[int, Field(ge=0, le=65536)]], Field(max_length=16)]
+    machine: Annotated[dict[Name, Scalar | Annotated[dict[Name, bool], Field(max_length=64)]], Field(max_length=32)]
+    versions: Annotated[dict[Name, Name], Field(max_length=16)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Record:
+        for c in self.candidates:
+            if c.status != "unavailable" and not serves(c.runtime, c.dtype):
+                raise ValueError(f"candidate {c.runtime}/{c.dtype}: {c.runtime} does not serve {c.dtype}")
+        if not serves(self.runtime, self.dtype):
+            raise ValueError(f"{self.runtime} does not serve {self.dtype}")
+        if self.chosen_by == "auto":
+            chosen = [c for c in self.candidates if (c.runtime, c.dtype) == (self.runtime, self.dtype)]
+            if len(chosen) != 1 or chosen[0].status != "ok" or (chosen[0].gate is not None and not chosen[0].gate.ok):
+                raise ValueError(
+                    f"the choice {self.runtime}/{self.dtype} is not exactly one candidate that passed "
+                    "(status ok, gate passed): the record contradicts itself"
+                )
+        return self
+
+
+def check_record(data: Any, source: str) -> None:
+    """Refuse (:class:`BundleError`) parsed ``runtime.json`` data that does not meet the schema."""
+    try:
+        Record.model_validate(data)
+    except ValidationError as error:
+        problems = [_describe(problem) for problem in error.errors(include_url=False)]
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise BundleError(f"invalid runtime record {source}: " + "; ".join(problems[:5]) + more) from None
