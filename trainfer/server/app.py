@@ -174,7 +174,7 @@ def _routes(app: FastAPI, server: Server) -> None:
         content_type = request.headers.get("content-type", "")
         items = await asyncio.to_thread(read_upload, body, filename, content_type, model.predictor.preprocess_spec)
         async with server.explaining:
-            attributions = await asyncio.to_thread(model.predictor.explain, items[0][1])
+            attributions = await asyncio.to_thread(model.explain, items[0][1])
         values = attributions.values[0].detach().double().abs()
         heat = values.sum(0) if values.dim() == 3 else values.reshape(1, -1)
         heat = heat / heat.max().clamp_min(1e-300)
