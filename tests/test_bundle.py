@@ -335,3 +335,14 @@ def test_round_trips_over_random_configurations(channels, multiplier, kernel, st
             with trainfer.inference(form, loaded, model):
                 assert torch.equal(loaded(x), form(x))  # weights restored bit for bit
                 assert_close(loaded(x), model(x))  # and the deploy form still computes the model
+
+
+def test_a_training_checkpoint_is_named_as_such_in_a_short_message(tmp_path):
+    state = {f"model.{key}": value for key, value in trained().state_dict().items()}
+    state.update({f"optimizer.state.{i}": torch.zeros(1) for i in range(40)})
+    torch.save(state, tmp_path / "ckpt.pt")
+    with pytest.raises(BundleError) as error:
+        trainfer.load(tmp_path / "ckpt.pt", factory=FACTORY)
+    message = str(error.value)
+    assert "under the prefix 'model.'" in message and "a training checkpoint?" in message
+    assert "... and" in message and len(message) < 1200  # five names per kind, then a count

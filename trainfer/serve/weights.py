@@ -124,10 +124,36 @@ def load_state_dict(
         if key in state and not state[key].is_floating_point()
     ]
     found = (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", shapes), ("not float", floats))
-    problems = [f"{label} ({len(items)}): {', '.join(items)}" for label, items in found if items]
+    problems = [f"{label} ({len(items)}): {_first(items)}" for label, items in found if items]
     if problems:
-        raise BundleError(f"weights in {source} do not fit {type(model).__name__}: " + "; ".join(problems))
+        hint = _prefix_hint(missing, unexpected)
+        raise BundleError(f"weights in {source} do not fit {type(model).__name__}: " + "; ".join(problems) + hint)
     model.load_state_dict(dict(state), strict=True, assign=assign)
     unloaded = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
     if unloaded:
         raise BundleError(f"weights in {source} leave {type(model).__name__} tensors unset: {', '.join(unloaded)}")
+
+
+#: Names listed per kind of mismatch in an error (the count says how many there are in all).
+LISTED_NAMES = 5
+
+
+def _first(items: list[str]) -> str:
+    """The first :data:`LISTED_NAMES` of ``items``, and how many more."""
+    more = len(items) - LISTED_NAMES
+    return ", ".join(items[:LISTED_NAMES]) + (f", ... and {more} more" if more > 0 else "")
+
+
+def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
+    """A hint when every missing name is present under one prefix (a training checkpoint that holds
+    the model beside optimizer state, say), else ``""``."""
+    if not missing:
+        return ""
+    for prefix in sorted({key.split(".", 1)[0] + "." for key in unexpected if "." in key}):
+        if all(prefix + key in unexpected for key in missing):
+            return (
+                f" (the checkpoint holds these weights under the prefix {prefix!r} beside other entries: "
+                "a training checkpoint? give the model's own state dict, or the training bundle)"
+            )
+    return ""
+
