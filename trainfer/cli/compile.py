@@ -8,6 +8,7 @@ accuracy gate (:mod:`trainfer.serve.gated`); without, only float32 forms. ``trai
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -58,7 +59,12 @@ def command(
     if gate_data is None and (labels or calibration):
         raise InputError("--labels and --calibration gate bf16/int8 forms: they need --gate-data (validation inputs)")
     gate = AccuracyGate(min_agreement, max_accuracy_drop, max_rel_error)
-    options = {"gate": gate, "candidates": candidates or None, "rounds": rounds, "trust_factory": trusted()}
+    options: dict[str, Any] = {
+        "gate": gate,
+        "candidates": candidates or None,
+        "rounds": rounds,
+        "trust_factory": trusted(),
+    }
     if gate_data is not None:
         inputs = calibration_inputs(gate_data, manifest)
         targets = read_labels(Path(labels)) if labels else None
