@@ -50,31 +50,12 @@ def command(
     """Measure the runtimes that serve BUNDLE's deploy form on this machine (paired, call by call), and
     record the fastest verified one in BUNDLE/runtime.json (with --gate-data: bf16 and int8 too, each
     behind the accuracy gate). The bundle is otherwise unchanged."""
-    from trainfer.errors import InputError
     from trainfer.serve import gated
-    from trainfer.serve.bundle import read_manifest
-    from trainfer.serve.calibration import calibration_inputs
 
-    manifest = read_manifest(bundle)
-    if gate_data is None and (labels or calibration):
-        raise InputError("--labels and --calibration gate bf16/int8 forms: they need --gate-data (validation inputs)")
     gate = AccuracyGate(min_agreement, max_accuracy_drop, max_rel_error)
-    options: dict[str, Any] = {
-        "gate": gate,
-        "candidates": candidates or None,
-        "rounds": rounds,
-        "trust_factory": trusted(),
-    }
-    if gate_data is not None:
-        inputs = calibration_inputs(gate_data, manifest)
-        targets = read_labels(Path(labels)) if labels else None
-        options["gate_data"] = (inputs, targets) if targets is not None else inputs
-        options["calibration"] = calibration_inputs(calibration, manifest) if calibration else inputs
-        click.echo(
-            f"compiling {bundle}: float32, bf16 and int8 candidates, gated on {len(inputs)} samples...", err=True
-        )
-    else:
-        click.echo(f"compiling {bundle}: float32 candidates...", err=True)
+    options = _gated_options(bundle, gate_data, labels, calibration)
+    click.echo(f"compiling {bundle}: {'float32, bf16 and int8' if options else 'float32'} candidates...", err=True)
+    options.update(gate=gate, candidates=candidates or None, rounds=rounds, trust_factory=trusted())
     compiled = gated.compile(bundle, runtime=runtime, **options)
     saved = gated.save_compiled(bundle, compiled)
     click.echo(compiled.record.table())
@@ -88,3 +69,25 @@ def command(
         )
         click.echo(f"{why}: float32 stays chosen")
     click.echo(f"recorded {record.runtime}/{record.dtype} in {saved}; serve it with: trainfer serve {bundle}")
+
+
+def _gated_options(bundle: str, gate_data: str | None, labels: str | None, calibration: str | None) -> dict[str, Any]:
+    """``gate_data`` and ``calibration`` of :func:`trainfer.serve.gated.compile`, read from the files as the
+    bundle's manifest says (``{}``: no gate data, the float32-only search); labels without data are refused."""
+    from trainfer.errors import InputError
+    from trainfer.serve.bundle import read_manifest
+    from trainfer.serve.calibration import calibration_inputs
+
+    manifest = read_manifest(bundle)  # also refuses a path that is not a bundle, before anything is measured
+    if gate_data is None:
+        if labels or calibration:
+            raise InputError(
+                "--labels and --calibration gate bf16/int8 forms: they need --gate-data (validation inputs)"
+            )
+        return {}
+    inputs = calibration_inputs(gate_data, manifest)
+    targets = read_labels(Path(labels)) if labels else None
+    return {
+        "gate_data": (inputs, targets) if targets is not None else inputs,
+        "calibration": calibration_inputs(calibration, manifest) if calibration else inputs,
+    }
