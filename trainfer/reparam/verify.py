@@ -29,7 +29,7 @@ input) is compared as a whole; names inside it are never paired.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,8 @@ from torch import Tensor, nn
 from trainfer.capture import capture
 from trainfer.errors import InputTypeError
 from trainfer.numerics import TOLERANCE
+from trainfer.reparam.example_inputs import as_arguments, as_keywords, map_tensors
+from trainfer.reparam.output_comparison import OutputError, compare_outputs, leaf_errors
 from trainfer.reparam.ties import following, recording
 from trainfer.validate import check_tolerance
 
@@ -53,36 +55,6 @@ __all__ = [
     "model_dtype",
     "verify",
 ]
-
-
-@dataclass
-class OutputError:
-    """The worst error of one output leaf (``path`` like ``output[0]['logits']``) in one dtype."""
-
-    path: str
-    dtype: torch.dtype
-    max_abs_error: float
-    max_rel_error: float
-    scale: float
-    rtol: float
-    atol: float
-    problem: str | None = None
-    #: How many elements were compared (summed over the inputs checked); 0: an empty output.
-    compared: int = 1
-
-    @property
-    def ok(self) -> bool:
-        """No structural problem, and ``max_abs_error <= atol + rtol * scale``."""
-        return self.problem is None and self.max_abs_error <= self.atol + self.rtol * self.scale
-
-    def __str__(self) -> str:
-        verdict = "ok" if self.ok else "FAIL"
-        if self.problem:
-            return f"{self.path} [{_dtype_name(self.dtype)}]: FAIL ({self.problem})"
-        return (
-            f"{self.path} [{_dtype_name(self.dtype)}]: max abs {self.max_abs_error:.3e}, "
-            f"max rel {self.max_rel_error:.3e} (rtol {self.rtol:.0e}) {verdict}"
-        )
 
 
 @dataclass
@@ -119,51 +91,6 @@ class Equivalence:
         if self.divergence:
             lines.append(f"  first divergence: module {self.divergence!r}")
         return "\n".join(lines)
-
-
-def as_arguments(example_inputs: Any, example_kwargs: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
-    """A tensor or a tuple/list of positional arguments -> a tuple of positional arguments.
-
-    An argument may itself be a list, tuple or dict of tensors (``model([image1, image2])`` is
-    given as ``([image1, image2],)``). Some tensor must be among the arguments or ``example_kwargs``.
-    """
-    if isinstance(example_inputs, Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and (_holds_tensor(example_inputs) or _holds_tensor(example_kwargs)):
-        return tuple(example_inputs)
-    raise InputTypeError(
-        "example_inputs must be a tensor or a tuple of positional arguments holding at least one tensor "
-        f"(a list of tensors given as one argument: ([t1, t2],)); got {type(example_inputs).__name__}"
-    )
-
-
-def as_keywords(example_kwargs: Any) -> dict[str, Any]:
-    """``example_kwargs`` (``None`` or a mapping of argument names to values) as a dict."""
-    if example_kwargs is None:
-        return {}
-    if not isinstance(example_kwargs, Mapping) or not all(isinstance(k, str) for k in example_kwargs):
-        raise InputTypeError(f"example_kwargs must be a dict of argument names to values; got {example_kwargs!r:.80}")
-    return dict(example_kwargs)
-
-
-def map_tensors(function: Callable[[Tensor], Any], value: Any) -> Any:
-    """``value`` with ``function`` applied to every tensor in it, inside (nested) lists, tuples and dicts."""
-    if isinstance(value, Tensor):
-        return function(value)
-    if isinstance(value, list):
-        return [map_tensors(function, v) for v in value]
-    if isinstance(value, tuple):
-        items = [map_tensors(function, v) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
-    if isinstance(value, Mapping):
-        return {k: map_tensors(function, v) for k, v in value.items()}
-    return value
-
-
-def _holds_tensor(value: Any) -> bool:
-    found: list[Tensor] = []
-    map_tensors(found.append, value)
-    return bool(found)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -306,86 +233,6 @@ def _compare_all(
     return list(worst.values()), ties
 
 
-def _leaves(output: Any, path: str = "output") -> dict[str, Any]:
-    """Flatten tensors in nested tuples/lists/dicts into ``{path: leaf}``."""
-    if isinstance(output, Mapping):
-        return {k: v for key, value in output.items() for k, v in _leaves(value, f"{path}[{key!r}]").items()}
-    if isinstance(output, (tuple, list)):
-        return {k: v for i, value in enumerate(output) for k, v in _leaves(value, f"{path}[{i}]").items()}
-    return {path: output}
-
-
-def compare_outputs(
-    reference: Any, candidate: Any, dtype: torch.dtype, rtol: float, atol: float = 0.0
-) -> list[OutputError]:
-    """The error of each output leaf of ``candidate`` against ``reference`` (nested tuples/lists/dicts),
-    after a difference of structure (container types, keys, lengths) if there is one."""
-    problem = _structure_difference(reference, candidate, "output")
-    if problem is not None:
-        return [OutputError(problem[0], dtype, _INF, _INF, 1.0, rtol, atol, f"output structure differs: {problem[1]}")]
-    return list(_compare(_leaves(reference), _leaves(candidate), dtype, rtol, atol))
-
-
-def _structure_difference(reference: Any, candidate: Any, path: str) -> tuple[str, str] | None:
-    """The first place (path, what) where the containers of two outputs differ in type, keys or length."""
-    containers = (Mapping, tuple, list)
-    if not isinstance(reference, containers) and not isinstance(candidate, containers):
-        return None
-    if type(reference) is not type(candidate):
-        return path, f"{type(candidate).__name__} where the reference returns {type(reference).__name__}"
-    if isinstance(reference, Mapping):
-        if list(reference.keys()) != list(candidate.keys()):
-            return path, f"keys {list(candidate.keys())} differ from the reference's {list(reference.keys())}"
-        pairs = [(f"{path}[{k!r}]", reference[k], candidate[k]) for k in reference]
-    else:
-        if len(reference) != len(candidate):
-            return path, f"length {len(candidate)} differs from the reference's {len(reference)}"
-        pairs = [(f"{path}[{i}]", r, c) for i, (r, c) in enumerate(zip(reference, candidate))]
-    return next((d for p, r, c in pairs if (d := _structure_difference(r, c, p)) is not None), None)
-
-
-def _compare(
-    reference: dict[str, Any], candidate: dict[str, Any], dtype: torch.dtype, rtol: float, atol: float
-) -> Iterator[OutputError]:
-    if reference.keys() != candidate.keys():
-        problem: str | None = (
-            f"output structure differs: reference {sorted(reference)} vs candidate {sorted(candidate)}"
-        )
-        yield OutputError("output", dtype, _INF, _INF, 1.0, rtol, atol, problem)
-        return
-    for path, expected in reference.items():
-        actual = candidate[path]
-        if not isinstance(expected, Tensor) or not isinstance(actual, Tensor):
-            same = type(expected) is type(actual) and expected == actual
-            problem = None if same else f"non-tensor outputs differ: {expected!r} vs {actual!r}"
-            yield OutputError(path, dtype, 0.0 if same else _INF, 0.0 if same else _INF, 1.0, rtol, atol, problem)
-        elif expected.shape != actual.shape:
-            problem = f"shape {tuple(actual.shape)} differs from the reference's {tuple(expected.shape)}"
-            yield OutputError(path, dtype, _INF, _INF, 1.0, rtol, atol, problem)
-        else:
-            yield OutputError(path, dtype, *_errors(actual, expected), rtol, atol, compared=expected.numel())
-
-
-_INF = float("inf")
-
-
-def _errors(actual: Tensor, expected: Tensor) -> tuple[float, float, float]:
-    """``(max |a - e|, that / max |e|, max |e|)`` over finite entries; mismatched NaN/inf -> infinite error."""
-    actual, expected = actual.detach().double(), expected.detach().double()
-    finite = torch.isfinite(expected)
-    if not (bool(finite.all()) and bool(torch.isfinite(actual).all())):  # masked copies only when needed
-        if not torch.equal(finite, torch.isfinite(actual)) or not torch.equal(
-            actual[~finite].nan_to_num(), expected[~finite].nan_to_num()
-        ):
-            return _INF, _INF, 1.0
-        actual, expected = actual[finite], expected[finite]
-    if expected.numel() == 0:  # nothing to compare (the caller counts the elements compared)
-        return 0.0, 0.0, 0.0
-    difference, scale = float((actual - expected).abs().max()), float(expected.abs().max())
-    relative = difference / scale if scale > 0 else (0.0 if difference == 0 else _INF)
-    return difference, relative, scale
-
-
 def _record(name: str, module: nn.Module, output: Any) -> Tensor | None:
     return output.detach().clone() if isinstance(output, Tensor) else None
 
@@ -411,11 +258,7 @@ def _first_divergence(
                 continue
             if any(name.startswith(f"{outer}.") or outer == "" for outer in opaque):
                 continue
-            absolute, _, scale = _errors(other, value)
+            absolute, _, scale = leaf_errors(other, value)
             if absolute > atol + rtol * scale:
                 return name
     return None
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
