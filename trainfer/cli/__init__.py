@@ -24,6 +24,7 @@ def main(debug: bool, verbose: bool) -> None:
 from trainfer.cli import (  # noqa: E402
     audit,
     bench,
+    compile,
     demo,
     deploy,
     export,
@@ -36,5 +37,5 @@ from trainfer.cli import (  # noqa: E402
     verify,
 )
 
-for _module in (inspect, audit, demo, predict, export, bench, deploy, verify, quantize, prune, migrate, serve):
+for _module in (inspect, audit, demo, predict, export, bench, deploy, verify, quantize, prune, compile, migrate, serve):
     main.add_command(_module.command)

@@ -80,6 +80,24 @@ def trust_factory_option(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
+def gate_options(rel_error: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the accuracy gate's thresholds, ``--min-agreement`` and ``--max-accuracy-drop`` (a fraction),
+    and with ``rel_error`` ``--max-rel-error``, with the defaults of every command that gates a reduced
+    form (quantize, prune, compile)."""
+
+    def add(command: Callable[..., Any]) -> Callable[..., Any]:
+        if rel_error:
+            command = click.option(
+                "--max-rel-error", type=click.FloatRange(min=0), default=None, help="Limit on max rel output error."
+            )(command)
+        command = click.option(
+            "--max-accuracy-drop", type=click.FloatRange(0, 1), default=0.005, show_default=True, help="Fraction."
+        )(command)
+        return click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True)(command)
+
+    return add
+
+
 def trusted() -> bool:
     """Whether the running command was given ``--trust-factory``."""
     context = click.get_current_context(silent=True)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from trainfer.cli.common import friendly_errors
+from trainfer.cli.common import friendly_errors, gate_options
 from trainfer.cli.quantize import DATA_HELP, read_labels
 from trainfer.errors import InputError
 from trainfer.serve.gate import AccuracyGate
@@ -28,8 +28,7 @@ if TYPE_CHECKING:
               help="Fraction of each layer's channels to remove.")  # fmt: skip
 @click.option("--data", type=click.Path(exists=True), default=None, help=f"Gate data: {DATA_HELP}.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None, help=".npy of class indices.")
-@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True)
-@click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), default=0.005, show_default=True, help="Fraction.")
+@gate_options()
 @click.option("--round-to", type=click.IntRange(min=1), default=None, help="Keep widths multiples of this.")
 @click.option("--global", "global_pruning", is_flag=True, help="Rank channels across all layers, not per layer.")
 @click.option("--importance", type=click.Choice(["l2", "l1"]), default="l2", show_default=True)

@@ -8,7 +8,7 @@ import click
 import numpy as np
 import torch
 
-from trainfer.cli.common import friendly_errors, trust_factory_option, trusted
+from trainfer.cli.common import friendly_errors, gate_options, trust_factory_option, trusted
 from trainfer.errors import InputError
 from trainfer.serve.gate import AccuracyGate
 
@@ -39,9 +39,7 @@ def read_labels(path: Path) -> torch.Tensor:
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="The int8 bundle to write.")
 @click.option("--validation", type=click.Path(exists=True), default=None, help="Gate data (default: calibration).")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None, help=".npy of class indices.")
-@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True)
-@click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), default=0.005, show_default=True, help="Fraction.")
-@click.option("--max-rel-error", type=click.FloatRange(min=0), default=None, help="Limit on max rel output error.")
+@gate_options(rel_error=True)
 @click.option("--max-float-layers", type=click.IntRange(min=0), default=None, help="Default: half the layers.")
 @click.option("--equalize", type=click.Choice(list(EQUALIZE)), default="auto", show_default=True)
 @click.option(

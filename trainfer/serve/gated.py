@@ -131,7 +131,7 @@ def _int8_candidate(
 
 
 def check_gated_arguments(runtime: Any, gate_data: Any, calibration: Any) -> None:
-    """``calibration`` asks for the int8 search: it needs ``runtime="auto"`` and ``gate_data`` to gate on."""
+    """``calibration`` asks for the int8 search: it needs ``runtime="auto"`` and ``gate_data`` (one label per input)."""
     if calibration is None:
         return
     if runtime != "auto":
@@ -140,6 +140,9 @@ def check_gated_arguments(runtime: Any, gate_data: Any, calibration: Any) -> Non
         raise InputError("calibration= needs gate_data= (validation inputs, or (inputs, labels)) to gate int8 on")
     if not isinstance(calibration, Tensor) or not calibration.is_floating_point() or calibration.dim() < 2:
         raise InputError("calibration= must be a float tensor batch of model inputs (N, ...)")
+    if isinstance(gate_data, tuple) and len(gate_data) == 2 and len(gate_data[0]) != len(gate_data[1]):
+        inputs, labels = len(gate_data[0]), len(gate_data[1])
+        raise InputError(f"gate_data= has {inputs} inputs but {labels} labels: one label per input")
 
 
 def save_compiled(bundle: str | os.PathLike[str], compiled: CompiledModel) -> Path:

@@ -131,15 +131,17 @@ class RuntimeRecord:
             raise BundleError(f"{source}: unexpected fields: {error}") from None
 
     def table(self) -> str:
-        """The candidates' figures as a text table, best first."""
+        """The candidates' figures as a text table, best first: status, gate verdict (``-``: none), error, ratios."""
         sizes = [str(b) for b in self.batch_sizes]
-        lines = [f"{'candidate':<28}{'status':<11}{'rel error':>10}" + "".join(f"{'x b' + s:>9}" for s in sizes)]
+        header = f"{'candidate':<30}{'status':<12}{'gate':<7}{'rel error':>10}"
+        lines = [header + "".join(f"{'x b' + s:>9}" for s in sizes)]
         for c in sorted(self.candidates, key=lambda c: (c.status != "ok", c.score)):
             error = f"{c.max_rel_error:.1e}" if c.max_rel_error is not None else "-"
+            gate = "-" if c.gate is None else "passed" if c.gate.get("ok") else "FAILED"
             ratios = "".join(f"{c.ratio[s]:>9.3g}" if s in c.ratio else f"{'-':>9}" for s in sizes)
             mark = " *" if (c.runtime, c.dtype) == (self.runtime, self.dtype) else ""
             note = f"  ({c.reason})" if c.reason else ""
-            lines.append(f"{c.name + mark:<28}{c.status:<11}{error:>10}{ratios}{note}")
+            lines.append(f"{c.name + mark:<30}{c.status:<12}{gate:<7}{error:>10}{ratios}{note}")
         threads = ", ".join(f"{k} {v}" for k, v in self.threads.items())
         flags = " ".join(f for f in _FLAGS if self.machine.get("flags", {}).get(f)) or "none of interest"
         lines.append(f"chosen: {self.runtime}/{self.dtype} ({self.chosen_by}); latency x eager float32, same run")

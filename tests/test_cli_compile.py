@@ -1,0 +1,129 @@
+"""``trainfer compile``: the (gated) runtime search from the command line, recorded in the bundle, then served."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from test_runtime_gated import INT8, _only_fast
+
+import trainfer
+from trainfer.cli import main
+from trainfer.models import digits_net
+from trainfer.serve import runtime as rt
+from trainfer.testing import randomize_batchnorm
+
+pytest.importorskip("onnxruntime")
+FAST = ("--candidates", "torch", "--candidates", "onnxruntime", "--rounds", "2")
+OPEN = ("--min-agreement", "0", "--max-accuracy-drop", "1")
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A deployed digits bundle, 48 validation inputs (.npy) and the float model's own labels for them."""
+    root = tmp_path_factory.mktemp("compile")
+    torch.manual_seed(0)
+    deployed = trainfer.deploy(randomize_batchnorm(digits_net(width=4)).eval(), torch.randn(2, 1, 8, 8))
+    trainfer.save(deployed, root / "bundle", task="classification", labels=list("0123456789"))
+    x = torch.randn(48, 1, 8, 8)
+    with torch.no_grad():
+        np.save(root / "x.npy", x.numpy())
+        np.save(root / "y.npy", deployed(x).argmax(1).numpy())
+        np.save(root / "y5.npy", deployed(x[:5]).argmax(1).numpy())
+    return {"root": root, "deployed": deployed, "x": x}
+
+
+@pytest.fixture
+def bundle(made, tmp_path):
+    return shutil.copytree(made["root"] / "bundle", tmp_path / "bundle")
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, ["compile", *(str(a) for a in args)])
+
+
+def files(bundle):
+    return {path.name: path.read_bytes() for path in sorted(bundle.iterdir())}
+
+
+def served_agreement(bundle, made):
+    """Class agreement of what ``Predictor.load(bundle, runtime="recorded")`` serves with the float model."""
+    predictor = trainfer.Predictor.load(bundle, runtime="recorded")
+    recorded, serving = rt.read_record(bundle), predictor.model.record
+    assert (serving.runtime, serving.dtype) == (recorded.runtime, recorded.dtype)
+    with torch.no_grad():
+        expected = made["deployed"](made["x"])
+        return predictor.model, float((predictor.model(made["x"]).argmax(1) == expected.argmax(1)).double().mean())
+
+
+def test_an_open_gate_lets_the_fastest_int8_form_be_chosen_recorded_and_served(made, bundle, monkeypatch):
+    _only_fast(monkeypatch, f"{INT8}/int8")  # every other candidate sleeps while measured: int8 must win
+    before = files(bundle)
+    root = made["root"]
+    result = invoke(bundle, "--gate-data", root / "x.npy", "--labels", root / "y.npy", *OPEN, *FAST)
+    assert result.exit_code == 0, result.output
+    record = rt.read_record(bundle)
+    assert (record.runtime, record.dtype) == (INT8, "int8")
+    assert f"{INT8}/int8 *" in result.output and "passed" in result.output and "torch/bfloat16" in result.output
+    assert f"recorded {INT8}/int8" in result.output
+    after = files(bundle)
+    assert {name: after[name] for name in before} == before  # only runtime.json and the int8 form were added
+    assert {"runtime.json", "quantized.onnx"} <= set(after) - set(before)
+    model, agreement = served_agreement(bundle, made)
+    chosen = next(c for c in record.candidates if c.name == f"{INT8}/int8")
+    assert model.record.dtype == "int8" and agreement >= chosen.gate["agreement"] - 1e-9
+
+
+def test_a_refusing_gate_leaves_float32_chosen_and_says_so(made, bundle):
+    root = made["root"]
+    result = invoke(bundle, "--gate-data", root / "x.npy", "--labels", root / "y.npy", "--max-rel-error", "1e-9", *FAST)
+    assert result.exit_code == 0, result.output
+    record = rt.read_record(bundle)
+    by_name = {c.name: c for c in record.candidates}
+    assert record.dtype == "float32" and "no bf16 or int8 form passed the gate: float32 stays chosen" in result.output
+    assert all(by_name[name].status == "rejected" for name in ("torch/bfloat16", "onnxruntime/int8"))
+    assert "FAILED" in result.output and not (bundle / "quantized.onnx").exists()
+    model, agreement = served_agreement(bundle, made)
+    with torch.no_grad():
+        expected = made["deployed"](made["x"])
+    scale = expected.abs().max()
+    assert agreement == 1 and float((model(made["x"]) - expected).abs().max() / scale) <= 1e-5
+
+
+def test_without_gate_data_only_float32_is_searched_and_it_says_why(made, bundle):
+    result = invoke(bundle, "--candidates", "torch", "--rounds", "1")
+    assert result.exit_code == 0, result.output
+    assert "bf16 and int8 were not considered: no gate data was given" in result.output
+    record = rt.read_record(bundle)
+    assert {c.dtype for c in record.candidates} == {"float32"} and record.runtime == "torch"
+
+
+def _one_line_error(result, fragment):
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: ") and fragment in last and "Traceback" not in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("--gate-data", "{root}/x.npy", "--labels", "{root}/y5.npy"), "48 inputs but 5 labels"),
+        (("--labels", "{root}/y.npy"), "need --gate-data"),
+        (("--gate-data", "{root}/x.npy", "--runtime", "torch"), "use runtime='auto'"),
+        (("--gate-data", "{root}/x.npy", "--labels", "{root}/x.npy"), "expected integer class indices"),
+    ],
+    ids=["label-count", "labels-without-data", "gate-needs-auto", "float-labels"],
+)
+def test_bad_input_is_one_line_exit_2_and_leaves_the_bundle_unchanged(made, bundle, args, fragment):
+    before = files(bundle)
+    _one_line_error(invoke(bundle, *(a.format(root=made["root"]) for a in args), *FAST), fragment)
+    assert files(bundle) == before
+
+
+def test_a_missing_file_or_a_non_bundle_exits_2(made, bundle, tmp_path):
+    before = files(bundle)
+    missing = invoke(bundle, "--gate-data", tmp_path / "nowhere.npy")
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    _one_line_error(invoke(tmp_path, *FAST), "no trainfer bundle at")
+    assert files(bundle) == before
