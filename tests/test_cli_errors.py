@@ -131,3 +131,12 @@ def test_trainfer_raises_no_bare_builtin_value_type_or_import_errors():
                 if name in builtins:
                     found.append(f"{path.name}:{node.lineno} raise {name}")
     assert found == []
+
+
+def test_the_command_line_prints_a_warning_as_one_line_without_its_source(monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    assert CliRunner().invoke(main, ["verify", "--help"]).exit_code == 0
+    shown = warnings.formatwarning(UserWarning("no validation\n  data"), UserWarning, "quantize.py", 78, "quantize(")
+    assert shown == "warning: no validation data\n"

@@ -94,7 +94,7 @@ def test_search_exempts_the_most_sensitive_layers_until_the_gate_passes():
     ranked = [layer.name for layer in report.sensitivity]
     assert len(ranked) == 4 and report.gate.ok
     assert report.exempt == ranked[: len(report.exempt)] and report.exempt  # most damaging exempted first
-    assert "most sensitive first" in str(report)
+    assert "most sensitive first" in str(report) and "agreement  drop pts" in str(report)  # apart, aligned
 
 
 def test_finetune_hook_trains_the_pruned_form_before_the_gate():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import click
 
@@ -15,9 +16,17 @@ from trainfer._version import __version__
 @click.option("-v", "--verbose", is_flag=True, help="Log details (logger 'trainfer') at DEBUG level.")
 def main(debug: bool, verbose: bool) -> None:
     """Train one form of a PyTorch model, deploy its exact inference form, serve it safely."""
+    if not debug:  # a warning is one line, as errors are (--debug keeps Python's form with the source line)
+        warnings.formatwarning = one_line_warning
     if verbose:
         logging.basicConfig(format="%(name)s %(levelname)s %(message)s")
         logging.getLogger("trainfer").setLevel(logging.DEBUG)
+
+
+def one_line_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
+    """``warning: <message>`` on one line (the format of warnings the command line prints)."""
+    text = " ".join(str(message).split())
+    return f"warning: {text}\n"
 
 
 # One module per sub-command, each defining `command`; imported after `main` exists.

@@ -66,7 +66,7 @@ class LayerPruneSensitivity:
         return self.accuracy_drop if self.accuracy_drop is not None else 1 - self.agreement
 
     def __str__(self) -> str:
-        drop = "" if self.accuracy_drop is None else f"{100 * self.accuracy_drop:>8.2f}"
+        drop = "" if self.accuracy_drop is None else f"{100 * self.accuracy_drop:>10.2f}"
         return f"{self.name:<32}{self.agreement:>10.2%}{drop}"
 
 
@@ -105,7 +105,7 @@ class PruneReport:
         lines += [f"  attempt: {attempt}" for attempt in self.attempts]
         lines += [f"  {line}" for line in self.layers]
         if self.sensitivity:
-            lines.append(f"{'layer (most sensitive first)':<32}{'agreement':>10}{'drop pts':>8}")
+            lines.append(f"{'layer (most sensitive first)':<32}{'agreement':>10}{'drop pts':>10}")
             lines += [str(layer) for layer in self.sensitivity]
         return "\n".join(lines)
 
@@ -273,7 +273,8 @@ class _Run:
             how = f"with {len(exempt)} of {len(ranking)} layers exempt" if search else "(search off)"
             raise PruningError(
                 f"no pruned form at ratio {self.settings['ratio']} passes the gate {how}; last tried: {report}. "
-                "Prune less (a lower ratio), fine-tune (finetune=...), exempt more layers or loosen the gate",
+                "Prune less (a lower ratio), fine-tune (finetune=...; CLI: --finetune-epochs), exempt more layers "
+                "or loosen the gate",
                 result,
             )
         return candidate, result
