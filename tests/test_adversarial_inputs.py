@@ -117,7 +117,9 @@ def test_an_oversized_runtime_json_is_refused_unread(bundle, tmp_path):
     copy = forge(bundle, tmp_path / "b")
     with open(copy / "runtime.json", "w") as handle:
         handle.truncate(17 * 2**20)
-    with pytest.raises(BundleError, match="runtime.json' is larger than 16777216 bytes"):
+    from trainfer.serve.runtime_schema import MAX_RECORD_BYTES
+
+    with pytest.raises(BundleError, match=f"runtime.json' is larger than {MAX_RECORD_BYTES} bytes"):
         trainfer.Predictor.load(copy, runtime="recorded")
 
 

@@ -546,7 +546,7 @@ def test_algebra_crop_then_conv_is_one_conv_on_the_whole_input(rows, cols, paddi
 
     x = torch.randn(2, 4, 13, 14, dtype=torch.float64)
     conv = algebra.ConvOp(torch.randn(6, 2, 3, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64),
-                          (stride, stride), padding, algebra._pair(dilation), 2)  # fmt: skip
+                          (stride, stride), padding, algebra.pair(dilation), 2)  # fmt: skip
     cropped = x[:, :, rows : x.shape[2] - rows, cols : x.shape[3] - cols]
     crop = algebra.crop(4, rows, cols, dtype=torch.float64)
     assert_close(crop(x), cropped)

@@ -39,11 +39,26 @@ def _compile(target, data, gate, **options):
         gate=gate,
         gate_data=(data["x"], data["labels"]),
         calibration=data["calibration"],
-        candidates=["torch", "onnxruntime"],
+        candidates=sorted({"torch", "onnxruntime", INT8}),
         batch_sizes=(1, 4),
         rounds=3,
         **options,
     )
+
+
+def test_int8_candidates_come_only_from_the_runtimes_candidates_names(data):
+    compiled = trainfer.compile(
+        data["deployed"],
+        data["x"][:2],
+        gate=trainfer.AccuracyGate(max_rel_error=1e-9),
+        gate_data=(data["x"], data["labels"]),
+        calibration=data["calibration"],
+        candidates=["torch"],
+        batch_sizes=(1,),
+        rounds=1,
+    )
+    assert {c.runtime for c in compiled.record.candidates} == {"torch"}
+    assert "int8" not in {c.dtype for c in compiled.record.candidates}
 
 
 def _only_fast(monkeypatch, fast):

@@ -398,3 +398,17 @@ def test_the_batch_thread_runs_with_the_torch_threads_of_the_batchers_creator():
     finally:
         torch.set_num_threads(saved)
     assert seen == [wanted]
+
+
+def test_a_model_served_compiled_is_explained_on_the_bundles_torch_model():
+    from trainfer import Predictor
+    from trainfer.server.model import load_model
+
+    bundle = Path(__file__).parent / "fixtures" / "digits_deploy_v2"
+    served = load_model("digits", bundle, runtime="torch", trust_factory=False, max_batch=4)
+    assert not isinstance(served.predictor.model, torch.nn.Module)  # a CompiledModel: no gradients through it
+    sample = torch.rand(1, *served.input_shape, generator=torch.Generator().manual_seed(0))
+    explained = served.explain(sample)
+    expected = Predictor.load(bundle).explain(sample)
+    assert explained.values.abs().sum() > 0
+    torch.testing.assert_close(explained.values, expected.values, rtol=1e-5, atol=1e-7)

@@ -225,33 +225,42 @@ class _Ends:
 
 
 class _History:
-    """Per step, the running beams' parents (beam indices into the previous step's), tokens and their log-probs."""
+    """Per step, the running beams' ``(parent, token)`` (``(2, N, width)``: parents are beam indices into the
+    previous step's) and their tokens' log-probs ``(N, width)``."""
 
     def __init__(self) -> None:
-        self.parents: list[torch.Tensor] = []
-        self.tokens: list[torch.Tensor] = []
+        self.parent_tokens: list[torch.Tensor] = []
         self.token_lps: list[torch.Tensor] = []
 
-    def add(self, parent: torch.Tensor, token: torch.Tensor, token_lp: torch.Tensor) -> None:
-        self.parents.append(parent)
-        self.tokens.append(token)
+    def add(self, parent_token: torch.Tensor, token_lp: torch.Tensor) -> None:
+        self.parent_tokens.append(parent_token)
         self.token_lps.append(token_lp)
 
     def spell(self, ends: _Ends, max_length: int, pad: int, eos: int, vocab: int) -> _Set:
-        """The hypotheses ``ends`` with their whole token sequences, read back along the parents."""
+        """The hypotheses ``ends`` with their whole token sequences, read back along the parents.
+
+        A hypothesis ending at step ``s`` has tokens at positions ``< s`` from the history (its beam
+        index stays put until the walk back reaches ``s - 1``) and its last token at ``s``; pad after.
+        """
         score, log_prob, last_lp = ends.values.unbind(0)
         n, width = score.shape
         step, flat = ends.code.div(width * vocab, rounding_mode="floor"), ends.code.remainder(width * vocab)
         beam, last = flat.div(vocab, rounding_mode="floor"), flat.remainder(vocab)
+        earlier = int(step.max())  # positions read from the history
+        inside = step[:, :, None] > torch.arange(earlier, device=step.device)  # (N, width, earlier)
+        tokens_back, lps_back = [], []
+        for position in range(earlier - 1, -1, -1):
+            parent, token = self.parent_tokens[position].gather(2, beam[None].expand(2, -1, -1))
+            tokens_back.append(token)
+            lps_back.append(self.token_lps[position].gather(1, beam))
+            beam = torch.where(inside[:, :, position], parent, beam)
         tokens = torch.full((n, width, max_length), pad, dtype=torch.long, device=score.device)
         token_lp = torch.zeros(n, width, max_length, dtype=score.dtype, device=score.device)
+        if earlier:
+            tokens[:, :, :earlier] = torch.where(inside, torch.stack(tokens_back[::-1], dim=2), pad)
+            token_lp[:, :, :earlier] = torch.where(inside, torch.stack(lps_back[::-1], dim=2), 0.0)
         tokens.scatter_(2, step[:, :, None], last[:, :, None])
         token_lp.scatter_(2, step[:, :, None], torch.where(torch.isfinite(score), last_lp, 0.0)[:, :, None])
-        for position in range(int(step.max()) - 1, -1, -1):
-            inside = step > position  # hypotheses long enough to have a token at `position`
-            tokens[:, :, position] = torch.where(inside, self.tokens[position].gather(1, beam), pad)
-            token_lp[:, :, position] = torch.where(inside, self.token_lps[position].gather(1, beam), 0.0)
-            beam = torch.where(inside, self.parents[position].gather(1, beam), beam)
         return _Set(score, log_prob, tokens, token_lp, step + 1, last == eos)
 
 
@@ -295,26 +304,28 @@ def _search(
             within = torch.arange(min(2 * width, width * vocab), device=device) < width
             eligible = within.expand(n, -1)
             flat = torch.arange(width * vocab, device=device)
-            beam_of, token_of = flat // vocab, flat % vocab  # a flat candidate index's beam and token
+            beam_token_of = torch.stack([flat // vocab, flat % vocab])  # a flat candidate index's beam and token
         assert ends is not None
         step_lp = log_probs.view(n, width, vocab).to(log_prob.dtype)
         cand = (log_prob[:, :, None] + step_lp).view(n, width * vocab)
         step_lp = step_lp.view(n, width * vocab)
         top, index = cand.topk(min(2 * width, width * vocab), dim=1)
-        beam, token = beam_of.take(index), token_of.take(index)
+        beam_token = beam_token_of.index_select(1, index.view(-1)).view(2, n, -1)
         token_lp = step_lp.gather(1, index)
-        is_eos = token == eos
+        is_eos = beam_token[1] == eos
         # an EOS candidate is finished if it ranks within the beam; done items take nothing more
         keep = is_eos & eligible  # (a -inf candidate kept scores -inf: never ranks)
         score = torch.where(keep, top / float(t + 1) ** penalty, -torch.inf)
         if bool((score > ends.values[0, :, -1:]).any()):  # only what beats an item's worst finished enters
             values = torch.stack([score, top, token_lp])
             ends, any_ended = ends.merged_best(values, index + t * width * vocab, width), True
-        # the `width` best non-EOS candidates go on (a stable sort puts them first, in rank order)
-        going = torch.sort(is_eos.to(torch.uint8), dim=1, stable=True).indices[:, :width]
-        parent, token = beam.gather(1, going), token.gather(1, going)
-        log_prob = torch.where(token == eos, -torch.inf, top.gather(1, going))
-        history.add(parent, token, token_lp.gather(1, going))
+        # the `width` best non-EOS candidates go on (a stable sort puts them first, in rank order): there
+        # are always `width` of them, as each beam has one EOS among its V >= 2 tokens
+        going = torch.sort(is_eos, dim=1, stable=True).indices[:, :width]
+        parent_token = beam_token.gather(2, going[None].expand(2, -1, -1))
+        parent, token = parent_token
+        log_prob = top.gather(1, going)
+        history.add(parent_token, token_lp.gather(1, going))
         state = reorder_rows(state, (offsets + parent).view(-1), rows)
         if t + 1 == max_length:
             break
@@ -327,11 +338,11 @@ def _search(
                 eligible = within & ~done[:, None]
         tokens = (torch.where(done[:, None], pad, token) if any_done else token).reshape(-1)
     assert ends is not None and vocab is not None
-    last = len(history.tokens) - 1
+    last = len(history.token_lps) - 1
     open_ = torch.isfinite(log_prob) & ~done[:, None]
     at_end = torch.where(open_, log_prob / float(last + 1) ** penalty, -torch.inf)
     values = torch.stack([at_end, log_prob, history.token_lps[last]])
-    code = (last * width + history.parents[last]) * vocab + history.tokens[last]
+    code = (last * width + parent) * vocab + token
     return history.spell(ends.merged_best(values, code, width), max_length, pad, eos, vocab)
 
 

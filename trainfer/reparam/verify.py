@@ -32,8 +32,7 @@ input) is compared as a whole; names inside it are never paired.
 from __future__ import annotations
 
 import copy
-import dataclasses
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +42,8 @@ from torch import Tensor, nn
 from trainfer.capture import capture
 from trainfer.errors import InputTypeError
 from trainfer.numerics import TOLERANCE
+from trainfer.reparam.example_inputs import as_arguments, as_keywords, map_tensors
+from trainfer.reparam.output_comparison import OutputError, compare_outputs, leaf_errors
 from trainfer.reparam.ties import following, recording
 from trainfer.validate import check_tolerance
 
@@ -57,36 +58,6 @@ __all__ = [
     "model_dtype",
     "verify",
 ]
-
-
-@dataclass
-class OutputError:
-    """The worst error of one output leaf (``path`` like ``output[0]['logits']``) in one dtype."""
-
-    path: str
-    dtype: torch.dtype
-    max_abs_error: float
-    max_rel_error: float
-    scale: float
-    rtol: float
-    atol: float
-    problem: str | None = None
-    #: How many elements were compared (summed over the inputs checked); 0: an empty output.
-    compared: int = 1
-
-    @property
-    def ok(self) -> bool:
-        """No structural problem, and ``max_abs_error <= atol + rtol * scale``."""
-        return self.problem is None and self.max_abs_error <= self.atol + self.rtol * self.scale
-
-    def __str__(self) -> str:
-        verdict = "ok" if self.ok else "FAIL"
-        if self.problem:
-            return f"{self.path} [{_dtype_name(self.dtype)}]: FAIL ({self.problem})"
-        return (
-            f"{self.path} [{_dtype_name(self.dtype)}]: max abs {self.max_abs_error:.3e}, "
-            f"max rel {self.max_rel_error:.3e} (rtol {self.rtol:.0e}) {verdict}"
-        )
 
 
 @dataclass
@@ -123,51 +94,6 @@ class Equivalence:
         if self.divergence:
             lines.append(f"  first divergence: module {self.divergence!r}")
         return "\n".join(lines)
-
-
-def as_arguments(example_inputs: Any, example_kwargs: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
-    """A tensor or a tuple/list of positional arguments -> a tuple of positional arguments.
-
-    An argument may itself be a list, tuple or dict of tensors (``model([image1, image2])`` is
-    given as ``([image1, image2],)``). Some tensor must be among the arguments or ``example_kwargs``.
-    """
-    if isinstance(example_inputs, Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and (_holds_tensor(example_inputs) or _holds_tensor(example_kwargs)):
-        return tuple(example_inputs)
-    raise InputTypeError(
-        "example_inputs must be a tensor or a tuple of positional arguments holding at least one tensor "
-        f"(a list of tensors given as one argument: ([t1, t2],)); got {type(example_inputs).__name__}"
-    )
-
-
-def as_keywords(example_kwargs: Any) -> dict[str, Any]:
-    """``example_kwargs`` (``None`` or a mapping of argument names to values) as a dict."""
-    if example_kwargs is None:
-        return {}
-    if not isinstance(example_kwargs, Mapping) or not all(isinstance(k, str) for k in example_kwargs):
-        raise InputTypeError(f"example_kwargs must be a dict of argument names to values; got {example_kwargs!r:.80}")
-    return dict(example_kwargs)
-
-
-def map_tensors(function: Callable[[Tensor], Any], value: Any) -> Any:
-    """``value`` with ``function`` applied to every tensor in it, inside (nested) lists, tuples and dicts."""
-    if isinstance(value, Tensor):
-        return function(value)
-    if isinstance(value, list):
-        return [map_tensors(function, v) for v in value]
-    if isinstance(value, tuple):
-        items = [map_tensors(function, v) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
-    if isinstance(value, Mapping):
-        return {k: map_tensors(function, v) for k, v in value.items()}
-    return value
-
-
-def _holds_tensor(value: Any) -> bool:
-    found: list[Tensor] = []
-    map_tensors(found.append, value)
-    return bool(found)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -310,136 +236,6 @@ def _compare_all(
     return list(worst.values()), ties
 
 
-def _attributes(value: Any) -> dict[str, Any] | None:
-    """The fields of a dataclass, or the attributes of a plain object with Python's identity ``==``
-    (a key/value cache, a result record), that verify looks into; ``None`` for anything else."""
-    if isinstance(value, (Tensor, Mapping, tuple, list, nn.Module, type)):
-        return None
-    if dataclasses.is_dataclass(value):
-        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    if type(value).__eq__ is not object.__eq__ or not hasattr(value, "__dict__"):
-        return None
-    return dict(vars(value))
-
-
-def _children(value: Any) -> list[tuple[str, Any]] | None:
-    """``(path suffix, child)`` of a value verify looks into (tuples, lists, mappings, dataclasses,
-    plain objects' attributes); ``None`` for a leaf."""
-    if isinstance(value, Mapping):
-        return [(f"[{key!r}]", child) for key, child in value.items()]
-    if isinstance(value, (tuple, list)):
-        return [(f"[{i}]", child) for i, child in enumerate(value)]
-    attributes = _attributes(value)
-    return None if attributes is None else [(f".{name}", child) for name, child in attributes.items()]
-
-
-def _leaves(output: Any, path: str = "output", ancestors: frozenset[int] = frozenset()) -> dict[str, Any]:
-    """Flatten nested containers and objects into ``{path: leaf}`` (an object met again inside itself
-    is not followed)."""
-    children = _children(output)
-    if children is None:
-        return {path: output}
-    if id(output) in ancestors:
-        return {}
-    inner = ancestors | {id(output)}
-    return {k: v for suffix, child in children for k, v in _leaves(child, path + suffix, inner).items()}
-
-
-def compare_outputs(
-    reference: Any, candidate: Any, dtype: torch.dtype, rtol: float, atol: float = 0.0
-) -> list[OutputError]:
-    """The error of each output leaf of ``candidate`` against ``reference`` (nested tuples/lists/dicts),
-    after a difference of structure (container types, keys, lengths) if there is one."""
-    problem = _structure_difference(reference, candidate, "output")
-    if problem is not None:
-        return [OutputError(problem[0], dtype, _INF, _INF, 1.0, rtol, atol, f"output structure differs: {problem[1]}")]
-    return list(_compare(_leaves(reference), _leaves(candidate), dtype, rtol, atol))
-
-
-def _structure_difference(
-    reference: Any, candidate: Any, path: str, ancestors: frozenset[int] = frozenset()
-) -> tuple[str, str] | None:
-    """The first place (path, what) where the containers of two outputs differ in type, keys,
-    attributes or length."""
-    expected, actual = _children(reference), _children(candidate)
-    if expected is None and actual is None:
-        return None
-    if type(reference) is not type(candidate) or expected is None or actual is None:
-        return path, f"{type(candidate).__name__} where the reference returns {type(reference).__name__}"
-    if id(reference) in ancestors:
-        return None
-    if [s for s, _ in expected] != [s for s, _ in actual]:
-        if isinstance(reference, (tuple, list)):
-            return path, f"length {len(candidate)} differs from the reference's {len(reference)}"
-        what = "keys" if isinstance(reference, Mapping) else "attributes"
-        return path, f"{what} {[s for s, _ in actual]} differ from the reference's {[s for s, _ in expected]}"
-    inner = ancestors | {id(reference)}
-    pairs = [(path + s, r, c) for (s, r), (_, c) in zip(expected, actual)]
-    return next((d for p, r, c in pairs if (d := _structure_difference(r, c, p, inner)) is not None), None)
-
-
-def _compare(
-    reference: dict[str, Any], candidate: dict[str, Any], dtype: torch.dtype, rtol: float, atol: float
-) -> Iterator[OutputError]:
-    if reference.keys() != candidate.keys():
-        problem: str | None = (
-            f"output structure differs: reference {sorted(reference)} vs candidate {sorted(candidate)}"
-        )
-        yield OutputError("output", dtype, _INF, _INF, 1.0, rtol, atol, problem)
-        return
-    for path, expected in reference.items():
-        actual = candidate[path]
-        if not isinstance(expected, Tensor) or not isinstance(actual, Tensor):
-            problem = _leaf_difference(expected, actual)
-            same = problem is None
-            yield OutputError(path, dtype, 0.0 if same else _INF, 0.0 if same else _INF, 1.0, rtol, atol, problem)
-        elif expected.shape != actual.shape:
-            problem = f"shape {tuple(actual.shape)} differs from the reference's {tuple(expected.shape)}"
-            yield OutputError(path, dtype, _INF, _INF, 1.0, rtol, atol, problem)
-        else:
-            yield OutputError(path, dtype, *_errors(actual, expected), rtol, atol, compared=expected.numel())
-
-
-_INF = float("inf")
-
-
-def _leaf_difference(expected: Any, actual: Any) -> str | None:
-    """Why two non-tensor leaves differ, or cannot be compared; ``None`` when they are equal. A leaf
-    with only identity equality (an object verify cannot look into: ``__slots__``, a module) is
-    not a pass: nothing about its value was compared."""
-    if expected is actual:
-        return None
-    if type(expected) is not type(actual):
-        return f"{type(actual).__name__} where the reference returns {type(expected).__name__}"
-    if type(expected).__eq__ is object.__eq__:
-        return (
-            f"cannot compare a {type(expected).__name__}: not a tensor, container, dataclass or object with "
-            "attributes, and no == of its own"
-        )
-    try:
-        same = bool(expected == actual)
-    except (TypeError, ValueError, RuntimeError) as error:
-        return f"cannot compare a {type(expected).__name__}: its == raised {error}"
-    return None if same else f"non-tensor outputs differ: {expected!r} vs {actual!r}"
-
-
-def _errors(actual: Tensor, expected: Tensor) -> tuple[float, float, float]:
-    """``(max |a - e|, that / max |e|, max |e|)`` over finite entries; mismatched NaN/inf -> infinite error."""
-    actual, expected = actual.detach().double(), expected.detach().double()
-    finite = torch.isfinite(expected)
-    if not (bool(finite.all()) and bool(torch.isfinite(actual).all())):  # masked copies only when needed
-        if not torch.equal(finite, torch.isfinite(actual)) or not torch.equal(
-            actual[~finite].nan_to_num(), expected[~finite].nan_to_num()
-        ):
-            return _INF, _INF, 1.0
-        actual, expected = actual[finite], expected[finite]
-    if expected.numel() == 0:  # nothing to compare (the caller counts the elements compared)
-        return 0.0, 0.0, 0.0
-    difference, scale = float((actual - expected).abs().max()), float(expected.abs().max())
-    relative = difference / scale if scale > 0 else (0.0 if difference == 0 else _INF)
-    return difference, relative, scale
-
-
 def _record(name: str, module: nn.Module, output: Any) -> Tensor | None:
     return output.detach().clone() if isinstance(output, Tensor) else None
 
@@ -465,11 +261,7 @@ def _first_divergence(
                 continue
             if any(name.startswith(f"{outer}.") or outer == "" for outer in opaque):
                 continue
-            absolute, _, scale = _errors(other, value)
+            absolute, _, scale = leaf_errors(other, value)
             if absolute > atol + rtol * scale:
                 return name
     return None
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

@@ -65,8 +65,10 @@ def compile(
     dtypes = (dtype,) if isinstance(dtype, str) else tuple(dtype)
     dtypes = (*dtypes, *(name for name in REDUCED_DTYPES if name not in dtypes))
 
+    runtimes = tuple(name for name in QUANTIZED_RUNTIMES if name in (options.get("candidates") or QUANTIZED_RUNTIMES))
+
     def int8(source: _Source, threads: int, gate: AccuracyGate) -> tuple[list[Any], dict[str, Any]]:
-        return int8_candidates(model_or_bundle, source, threads, gate, gate_data, calibration)
+        return int8_candidates(model_or_bundle, source, threads, gate, gate_data, calibration, runtimes)
 
     return compile_float(model_or_bundle, example_inputs, runtime, dtypes, extra_candidates=int8, **options)
 
@@ -78,15 +80,17 @@ def int8_candidates(
     gate: AccuracyGate,
     gate_data: Tensor | tuple[Tensor, Tensor],
     calibration: Tensor,
+    runtimes: Sequence[str] = QUANTIZED_RUNTIMES,
 ) -> tuple[list[tuple[CandidateRecord, Engine | None]], dict[str, Any]]:
-    """One ``<runtime>/int8`` candidate per runtime of :data:`QUANTIZED_RUNTIMES`, and the int8 forms that passed.
+    """One ``<runtime>/int8`` candidate per runtime of ``runtimes`` (those of :data:`QUANTIZED_RUNTIMES`
+    that ``compile``'s ``candidates=`` names, all by default), and the int8 forms that passed.
 
     Each is :func:`trainfer.quantize` made for that runtime (its quantizer placement) and gated
     there, fallback search included. Never raises for a candidate's own failure (a refused
     gate, a runtime error): it is recorded. Returns ``(candidates, {name: QuantizedModel})``.
     """
     built, passed = [], {}
-    for runtime in QUANTIZED_RUNTIMES:
+    for runtime in runtimes:
         record, quantized = _int8_candidate(runtime, model_or_bundle, source, threads, gate, gate_data, calibration)
         built.append((record, quantized.engine if quantized is not None else None))
         if quantized is not None:

@@ -30,15 +30,12 @@ caller changing the model (its weights or modes) while predictions run.
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import inspect
 import logging
 import os
 import threading
 import time
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -48,12 +45,12 @@ from tqdm.auto import tqdm
 
 from trainfer.errors import InputError, InputTypeError, OutputKindWarning
 from trainfer.modes.contexts import shared_inference
-from trainfer.recipe import recipe_of
 from trainfer.serve.batching import sample_count, timed_batches
 from trainfer.serve.devices import pick_device
 from trainfer.serve.ensemble import Ensemble, Member
 from trainfer.serve.inputs import gather, iter_raw
 from trainfer.serve.outputs import Head, Selector, check_output_kind, resolve_heads, select_output, to_scores
+from trainfer.serve.predictor_setup import autoregressive, decoder_for, generates, head_settings, placed, spec_for
 from trainfer.serve.preprocess import PreprocessSpec
 from trainfer.serve.results import (
     MultiHeadResult,
@@ -64,6 +61,7 @@ from trainfer.serve.results import (
     classification_results,
     regression_results,
 )
+from trainfer.serve.score_cache import ScoreCache
 from trainfer.serve.served_model import open_served
 from trainfer.validate import check_integer, check_keywords, check_number, check_path, check_type, given
 
@@ -113,7 +111,7 @@ class Predictor:
                 f"labels must be a list of class names, a dict by head name or None; got {given(labels)}"
             )
         self._place(model, preprocess, device, batch_size, threshold, cache_size)
-        if output_kind is None and task == "sequence" and _autoregressive(decoder):
+        if output_kind is None and task == "sequence" and autoregressive(decoder):
             output_kind = "log_probabilities"  # what step() returns (StepModel); no single forward to trace
         self._serve(self._resolve_heads(task, labels, output, heads, output_kind), runtime, decoder)
 
@@ -153,19 +151,19 @@ class Predictor:
         self._cache_size = check_integer("cache_size", cache_size, minimum=0)
         check_type("preprocess", preprocess, PreprocessSpec | Mapping | None, "a PreprocessSpec, a dict or None")
         self.device = pick_device(device) if isinstance(model, nn.Module) else torch.device("cpu")
-        self.model = _placed(model, self.device)
-        self.preprocess_spec = _spec_for(self.model, preprocess)
+        self.model = placed(model, self.device)
+        self.preprocess_spec = spec_for(self.model, preprocess)
 
     def _serve(self, heads: list[Head], runtime: Any, decoder: Any) -> None:
         """Serve ``heads``: the decoder, the cache and timings, and the runtime the model is compiled for."""
         self.heads = heads
         self.multi_head = self.heads[0].name is not None  # named heads come from heads={...}
-        self.decoder = _decoder_for(self.heads, decoder)
-        self.generates = _generates(self.decoder, self._cache_size, runtime)  # autoregressive: decoding runs the model
+        self.decoder = decoder_for(self.heads, decoder)
+        self.generates = generates(self.decoder, self._cache_size, runtime)  # autoregressive: decoding runs the model
         self.timings = Timings()
-        self._cache: OrderedDict[bytes, list[Tensor]] | None = OrderedDict() if self._cache_size else None
         self._checked = False
         self._lock = threading.Lock()  # the cache and the timings
+        self._cache = ScoreCache(self._cache_size, self._lock) if self._cache_size else None
         if runtime is not None:  # served by trainfer.compile from here on (on the CPU)
             from trainfer.serve.runtime import compile_for
 
@@ -219,7 +217,7 @@ class Predictor:
         if served.heads and not _HEAD_SETTINGS & served.overrides.keys():
             predictor = cls._recorded(served.model, served.heads, **settings)
         else:  # the caller overrides some head settings: the recorded ones fill in the others
-            predictor = cls(served.model, **{**(_head_settings(served.heads) if served.heads else {}), **settings})
+            predictor = cls(served.model, **{**(head_settings(served.heads) if served.heads else {}), **settings})
         # the caller's kinds replace the recorded ones (checked as they run); a generator has no single forward
         if "output_kind" not in overrides and not predictor.generates:
             predictor._check_recorded_kinds(served.heads, repr(str(path)))
@@ -344,7 +342,10 @@ class Predictor:
             results = self.generate(batch, top_k)
             forwarded = done = time.perf_counter()
         else:
-            per_head = self._cached_scores(batch) if self._cache is not None else self._cpu_scores(batch)
+            if self._cache is not None:
+                per_head = self._cache.scores(batch, self._cpu_scores, self.timings, len(self.heads))
+            else:
+                per_head = self._cpu_scores(batch)
             check_finite_scores(per_head, self.heads, first)
             forwarded = time.perf_counter()
             results = self.results_from_scores(per_head, top_k)
@@ -385,28 +386,6 @@ class Predictor:
         with shared_inference(self.model):
             return autoregressive_results(self.model, batch, self.heads[0].labels, self.decoder, top_k)
 
-    # ------------------------------------------------------------------ cache
-    def _cached_scores(self, batch: Tensor) -> list[Tensor]:
-        """Scores per head, computing only samples whose preprocessed bytes are not cached (LRU)."""
-        assert self._cache is not None
-        keys = [_sample_key(sample) for sample in batch]
-        with self._lock:
-            rows: list[list[Tensor] | None] = [self._cache.get(key) for key in keys]
-            misses = [i for i, row in enumerate(rows) if row is None]
-            self.timings.cache_hits += len(keys) - len(misses)
-            self.timings.cache_misses += len(misses)
-        if misses:  # computed outside the lock: other threads' batches run meanwhile
-            fresh = self._cpu_scores(batch[misses])
-            for j, i in enumerate(misses):
-                rows[i] = [scores[j] for scores in fresh]
-        with self._lock:
-            for key, row in zip(keys, rows, strict=True):
-                self._cache[key] = row  # type: ignore[assignment]
-                self._cache.move_to_end(key)
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return [torch.stack([row[h] for row in rows]) for h in range(len(self.heads))]  # type: ignore[index]
-
     # ------------------------------------------------------------------ postprocess
     def results_from_scores(self, per_head: list[Tensor], top_k: int | None) -> list[Any]:
         """Typed results from per-head scores (``scores()`` of a batch; an ensemble's averaged scores)."""
@@ -444,73 +423,3 @@ _CPU = torch.device("cpu")
 _HEAD_SETTINGS = frozenset({"task", "labels", "output", "heads", "output_kind"})
 #: What ``Predictor.load`` passes on to the constructor (everything but the model).
 _LOAD_OVERRIDES = frozenset(inspect.signature(Predictor.__init__).parameters) - {"self", "model"}
-
-
-def _head_settings(heads: list[Head]) -> dict[str, Any]:
-    """Recorded heads as constructor arguments (so that some of them can be overridden)."""
-    kinds = {h.name: h.kind.kind for h in heads if h.kind is not None}
-    if heads[0].name is None:
-        head = heads[0]
-        return {"task": head.task, "labels": head.labels, "output": head.select, "output_kind": kinds.get(None)}
-    return {
-        "heads": {h.name: h.task for h in heads},
-        "labels": {h.name: h.labels for h in heads if h.labels is not None},
-        "output_kind": kinds,
-    }
-
-
-def _decoder_for(heads: list[Head], decoder: Any) -> Any:
-    """The sequence task's decoder settings (None for other tasks); one sequence head, not several."""
-    if not any(head.task == "sequence" for head in heads):
-        return None
-    if len(heads) > 1:
-        raise InputError("a sequence head is served alone: multi-head predictors with one are not supported")
-    from trainfer.serve.sequence import DecoderSettings
-
-    settings = DecoderSettings.coerce(decoder)
-    settings.table(heads[0].labels)
-    return settings
-
-
-def _autoregressive(decoder: Any) -> bool:
-    from trainfer.serve.sequence import is_autoregressive
-
-    return is_autoregressive(decoder)
-
-
-def _generates(decoder: Any, cache_size: int, runtime: Any) -> bool:
-    """Whether the predictor decodes an autoregressive model; what does not apply to one is refused."""
-    if decoder is None or not _autoregressive(decoder):
-        return False
-    for name, value in (("cache_size", cache_size), ("runtime", runtime)):
-        if value:
-            raise InputError(
-                f"{name} does not apply to an autoregressive sequence model: its decoding calls "
-                "encode() and step() per token, not one forward per batch"
-            )
-    return True
-
-
-def _placed(model: Any, device: torch.device) -> Any:
-    """``model`` itself on ``device``, or a copy moved there (ours: put in eval for good)."""
-    if not isinstance(model, nn.Module):
-        return model
-    current = next((t.device for t in [*model.parameters(), *model.buffers()]), device)
-    return model if current == device else copy.deepcopy(model).to(device).eval()
-
-
-def _spec_for(model: Any, preprocess: Any) -> PreprocessSpec:
-    """The given spec (or an empty one), completed by the model's input shape and parameter dtype."""
-    shape = getattr(recipe_of(model), "input_shape", None)
-    spec = PreprocessSpec.coerce(preprocess, input_shape=tuple(shape[1:]) if shape else None)
-    if not isinstance(model, nn.Module):
-        return spec
-    return spec.with_dtype(next((p.dtype for p in model.parameters() if p.is_floating_point()), None))
-
-
-def _sample_key(sample: Tensor) -> bytes:
-    data = sample.detach().cpu().contiguous()
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{data.dtype}{tuple(data.shape)}".encode())
-    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.digest()

@@ -16,14 +16,17 @@ and ``decision`` BOOL ``(N,)``; regression ``values`` ``(N, ...)`` in target uni
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from trainfer.analysis.attribution import Attributions
 from trainfer.errors import EquivalenceError, InputError
 from trainfer.numerics import relative_error, tolerance_for
 from trainfer.serve.predictor import Predictor
@@ -49,6 +52,21 @@ class ServedModel:
     predictor: Predictor
     input_name: str = "input"
     outputs: dict[str, tuple[str, list[int]]] = field(default_factory=dict)
+    #: Loads the bundle's torch model as a Predictor, for explanations when ``predictor`` serves a
+    #: compiled or int8 form (gradients need the float torch model); None: explain ``predictor``.
+    explainer_loader: Callable[[], Predictor] | None = None
+    _explainer: Predictor | None = field(default=None, repr=False)
+    _explainer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def explain(self, sample: Any) -> Attributions:
+        """``sample`` explained (integrated gradients) on the bundle's float torch model: the served
+        predictor's own when it serves one, else the model loaded once by ``explainer_loader``."""
+        if isinstance(self.predictor.model, nn.Module) or self.explainer_loader is None:
+            return self.predictor.explain(sample)
+        with self._explainer_lock:
+            if self._explainer is None:
+                self._explainer = self.explainer_loader()
+        return self._explainer.explain(sample)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -143,6 +161,10 @@ def load_model(
         runtime = "recorded"  # the runtime trainfer.compile chose and recorded (gated int8/bf16 included)
     if runtime is not None:
         overrides["runtime"] = runtime
-    model = ServedModel(name, Predictor.load(path, trust_factory=trust_factory, **overrides))
+    model = ServedModel(
+        name,
+        Predictor.load(path, trust_factory=trust_factory, **overrides),
+        explainer_loader=lambda: Predictor.load(path, trust_factory=trust_factory),
+    )
     model.check()
     return model

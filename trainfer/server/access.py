@@ -1,0 +1,93 @@
+"""Every request's gate and record: the API key, one structured access-log line (the logger
+``trainfer.server.access``), the metrics, and a one-line 500 for an exception escaping the app."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from trainfer.server.state import Server
+
+logger = logging.getLogger("trainfer.server")
+access_logger = logging.getLogger("trainfer.server.access")
+
+API_KEY_HEADER = "x-api-key"
+_OPEN_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/docs", "/openapi.json"})
+
+
+class AccessMiddleware:
+    """ASGI middleware: the API key, one structured access-log line and the metrics of every request.
+
+    An exception escaping the app (a bug) is logged with its traceback and answered 500 in one line.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]], server: Server):
+        self.app, self.server = app, server
+        key = server.settings.api_key
+        self.key = key.encode() if key else None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 500
+        started = False
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+            await send(message)
+
+        path: str = scope["path"]
+        try:
+            if self.key is not None and path not in _OPEN_PATHS and not self._authorized(scope):
+                await _send_json(sending, 401, {"error": f"missing or wrong API key (header {API_KEY_HEADER})"})
+            else:
+                await self.app(scope, receive, sending)
+        except Exception:
+            logger.exception("internal error answering %s %s", scope["method"], path[:200])
+            if not started:
+                await _send_json(sending, 500, {"error": "internal error in trainfer (a bug): logged on the server"})
+        seconds = time.perf_counter() - start
+        self.server.metrics.observe(endpoint_label(path), status, seconds)
+        client = scope.get("client") or ("", 0)
+        access_logger.info(
+            json.dumps(
+                {
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "client": client[0],
+                    "method": scope["method"],
+                    "path": path[:200],
+                    "status": status,
+                    "seconds": round(seconds, 6),
+                }
+            )
+        )
+
+    def _authorized(self, scope: dict[str, Any]) -> bool:
+        assert self.key is not None
+        given = next((value for name, value in scope["headers"] if name == API_KEY_HEADER.encode()), b"")
+        return hmac.compare_digest(given, self.key)
+
+
+async def _send_json(send: Any, status: int, document: dict[str, Any]) -> None:
+    body = json.dumps(document).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def endpoint_label(path: str) -> str:
+    """A bounded label for the metrics: the route's kind, never the raw path."""
+    parts = path.strip("/").split("/")
+    if parts[:2] == ["v2", "models"] and len(parts) >= 3:
+        last = parts[-1]
+        return last if last in ("infer", "predict", "explain", "ready") else "metadata"
+    if path in ("/", "/metrics", "/v2", "/v2/models", "/v2/health/live", "/v2/health/ready", "/docs", "/openapi.json"):
+        return path
+    return "other"

@@ -1,0 +1,130 @@
+"""What one app of ``trainfer serve`` holds: its settings, the served models with their dynamic
+batchers and metrics, and the HTTP answers (:class:`HTTPError`) their limits give."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from fastapi import Request
+
+from trainfer.errors import InputError
+from trainfer.server.batching import DynamicBatcher, Overloaded
+from trainfer.server.metrics import Metrics
+from trainfer.server.model import ServedModel, load_model
+
+logger = logging.getLogger("trainfer.server")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What ``trainfer serve`` was asked to serve, and its limits.
+
+    ``bundles`` maps model names to bundle paths; ``max_queue`` bounds the samples waiting per
+    model; ``max_body`` the bytes of one request; ``timeout`` the seconds one request may wait
+    for its answer; ``api_key`` (when set) must be sent in the ``X-API-Key`` header.
+    """
+
+    bundles: dict[str, str]
+    max_batch: int = 32
+    max_delay_ms: float = 5.0
+    max_queue: int = 256
+    max_body: int = 16 * 2**20
+    timeout: float = 30.0
+    runtime: str | None = None
+    trust_factory: bool = False
+    api_key: str | None = None
+    retry_after: int = 1
+
+
+class HTTPError(Exception):
+    """An answer other than 200, with its one-line message and headers."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, headers or {}
+
+
+class Server:
+    """The served models, their batchers and the metrics of one app."""
+
+    def __init__(self, settings: ServerSettings, on_fatal: Callable[[BaseException], None]):
+        self.settings = settings
+        self.metrics = Metrics(settings.max_batch)
+        self.models: dict[str, ServedModel] = {}
+        self.batchers: dict[str, DynamicBatcher] = {}
+        self.on_fatal = on_fatal
+        self.explaining = asyncio.Lock()  # one explanation at a time: each runs the model dozens of times
+
+    @property
+    def ready(self) -> bool:
+        return len(self.batchers) == len(self.settings.bundles)
+
+    async def load_all(self) -> None:
+        """Load and check every bundle, in order, off the event loop; a failure stops the server."""
+        settings = self.settings
+        try:
+            for name, path in settings.bundles.items():
+                model = await asyncio.to_thread(
+                    load_model,
+                    name,
+                    path,
+                    runtime=settings.runtime,
+                    trust_factory=settings.trust_factory,
+                    max_batch=settings.max_batch,
+                )
+                batcher = DynamicBatcher(
+                    model.scores,
+                    settings.max_batch,
+                    settings.max_delay_ms / 1000,
+                    settings.max_queue,
+                    self.metrics.batch_stats(name),
+                )
+                batcher.start()
+                self.models[name] = model
+                self.batchers[name] = batcher
+                logger.info("model %r ready (%s)", name, path)
+        except Exception as error:  # a bundle that cannot be served: say why in one line and stop
+            self.on_fatal(error)
+
+    async def stop(self) -> None:
+        for batcher in self.batchers.values():
+            await batcher.stop()
+
+    def model(self, name: str) -> ServedModel:
+        if name not in self.settings.bundles:
+            raise HTTPError(404, f"unknown model {name!r}: this server serves {list(self.settings.bundles)}")
+        if name not in self.batchers:
+            raise HTTPError(503, f"model {name!r} is still loading", {"Retry-After": str(self.settings.retry_after)})
+        return self.models[name]
+
+    async def run(self, name: str, batch: torch.Tensor) -> list[torch.Tensor]:
+        """``batch``'s rows of every output, through the model's dynamic batcher, within the timeout."""
+        if not len(batch):
+            raise InputError("empty input: expected at least one sample")
+        try:
+            return await asyncio.wait_for(self.batchers[name].submit(batch), self.settings.timeout)
+        except Overloaded as error:
+            raise HTTPError(503, f"overloaded: {error}; retry later", self._retry()) from None
+        except TimeoutError:
+            raise HTTPError(504, f"no answer within the request timeout of {self.settings.timeout:g} s") from None
+
+    def _retry(self) -> dict[str, str]:
+        return {"Retry-After": str(self.settings.retry_after)}
+
+    async def body(self, request: Request) -> bytes:
+        """The request's body, refused with 413 as soon as it exceeds ``max_body`` bytes."""
+        limit = self.settings.max_body
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise HTTPError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
