@@ -114,8 +114,8 @@ def _deeplab() -> Case:
 def _text(config: Any, model_class: Any, decoder: bool = False) -> Case:
     ids = torch.randint(3, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
     kwargs: dict[str, Any] = {"attention_mask": torch.ones(1, 8, dtype=torch.long)}
-    if decoder:  # one forward, no generation: the key/value cache object (not tensors) is not returned
-        kwargs.update(decoder_input_ids=ids[:, :5], use_cache=False)
+    if decoder:  # as users call it: the cache on (the default), so the output holds a key/value cache object
+        kwargs.update(decoder_input_ids=ids[:, :5])
     return Case(model_class(config), (ids,), kwargs)
 
 

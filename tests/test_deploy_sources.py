@@ -159,6 +159,64 @@ def test_verify_compares_output_types_and_keys():
     assert "OrderedDict" in str(eq)
 
 
+class KeyValueCache:
+    """A plain object in an output (transformers' ``Cache``): no ``==`` of its own, tensors inside."""
+
+    def __init__(self, keys: list[Tensor]) -> None:
+        self.keys, self.length = keys, len(keys)
+
+
+class Slotted:
+    """An object verify cannot look into: ``__slots__``, identity ``==``."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Tensor) -> None:
+        self.value = value
+
+
+class WithCache(nn.Module):
+    def __init__(self, shift: float = 0.0, holder: type = KeyValueCache) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.shift, self.holder = conv_bn(), shift, holder
+
+    def forward(self, x: Tensor):
+        y = self.body(x)
+        return y.mean((2, 3)), self.holder([y, y * 2 + self.shift] if self.holder is KeyValueCache else y)
+
+
+def test_verify_compares_the_tensors_inside_a_plain_object_in_the_output():
+    x = torch.randn(1, 4, 6, 6)
+    reference = randomize_batchnorm(WithCache()).eval()
+    same = copy.deepcopy(reference)
+    eq = trainfer.verify(reference, same, x)
+    assert eq.ok, eq
+    paths = {e.path for e in eq.outputs}
+    assert {"output[1].keys[0]", "output[1].keys[1]", "output[1].length"} <= paths
+    shifted = copy.deepcopy(reference)
+    shifted.shift = 1e-3
+    eq = trainfer.verify(reference, shifted, x)
+    assert not eq.ok
+    assert {e.path for e in eq.outputs if not e.ok} == {"output[1].keys[1]"}
+
+
+def test_deploy_holds_on_a_model_returning_a_plain_object():
+    x = torch.randn(1, 4, 6, 6)
+    result, reference = deployed(WithCache(), x, protocols=False)
+    out, expected = result(x), reference(x)
+    assert type(out[1]) is KeyValueCache
+    assert_close(out[1].keys[1], expected[1].keys[1])
+    assert batch_norm_calls(result, x) == 0
+
+
+def test_verify_says_it_cannot_compare_a_leaf_it_cannot_look_into():
+    reference = WithCache(holder=Slotted).eval()
+    eq = trainfer.verify(reference, copy.deepcopy(reference), torch.randn(1, 4, 6, 6))
+    assert not eq.ok
+    assert "cannot compare a Slotted" in str(eq)
+
+
 # --- 1. children called by keyword -------------------------------------------------------------------
 
 

@@ -32,3 +32,20 @@ def test_the_deployed_output_is_a_model_output_with_logits():
     out = deployed(*case.args, **case.kwargs)
     assert type(out).__name__ == "SequenceClassifierOutput"
     assert out.logits.shape == (1, 2)
+
+
+def test_the_key_value_cache_of_an_encoder_decoder_is_compared_tensor_by_tensor():
+    """With the cache on (the default), T5 returns a ``Cache`` object, a plain object verify looks
+    into: its key and value tensors are compared, not the object's identity."""
+    import copy
+
+    from time_limit import time_limit
+
+    import trainfer
+
+    case = bench.build("t5")
+    with time_limit(300):
+        eq = trainfer.verify(case.model, copy.deepcopy(case.model), case.args, example_kwargs=case.kwargs)
+    cached = [e for e in eq.outputs if e.path.endswith((".keys", ".values"))]
+    assert eq.ok, eq
+    assert len(cached) >= 8 and all(e.compared > 0 for e in cached), eq

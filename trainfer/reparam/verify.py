@@ -3,9 +3,12 @@
 :func:`verify` runs a *reference* and a *candidate* on the example inputs and on random inputs of
 the same shapes (every floating-point tensor of the inputs, inside lists, tuples and dicts too, is
 drawn anew), in each requested dtype, and compares every output leaf (tensors inside tuples,
-lists and dicts are matched by position/key). The two outputs must have the same structure: the
-same container types (an ``OrderedDict`` or a ``ModelOutput`` is not a plain ``dict``), the same
-keys in the same order, the same lengths. An output passes when
+lists and dicts are matched by position/key, inside dataclasses and plain objects such as a
+key/value cache by attribute name). The two outputs must have the same structure: the same
+container types (an ``OrderedDict`` or a ``ModelOutput`` is not a plain ``dict``), the same keys
+or attributes in the same order, the same lengths. Other non-tensor leaves compare by their own
+``==``; a leaf with neither attributes to look into nor an ``==`` of its own (``__slots__``, identity
+equality) fails as "cannot compare": nothing about its value would be checked. An output passes when
 
     max |candidate - reference| <= atol + rtol * max |reference|
 
