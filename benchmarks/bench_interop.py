@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import math
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -60,6 +62,28 @@ class Case:
     allow_empty: bool = False
 
 
+@dataclass(frozen=True)
+class Spread:
+    """A paired time ratio: the median of the per-round ratios and its 95 % confidence interval.
+
+    The interval is distribution-free: the order statistics at ranks n/2 -+ 1.96 sqrt(n)/2 of the
+    n per-round ratios bound the median with about 95 % confidence.
+    """
+
+    median: float = float("nan")
+    low: float = float("nan")
+    high: float = float("nan")
+
+    @classmethod
+    def of(cls, ratios: list[float]) -> Spread:
+        if not ratios:
+            return cls()
+        ordered, half_width = sorted(ratios), 1.96 * math.sqrt(len(ratios)) / 2
+        low = max(0, math.floor(len(ordered) / 2 - half_width))
+        high = min(len(ordered) - 1, math.ceil(len(ordered) / 2 + half_width))
+        return cls(statistics.median(ordered), ordered[low], ordered[high])
+
+
 @dataclass
 class Row:
     """One model's figures; ``error`` is set when deploy raised or the run timed out."""
@@ -77,8 +101,9 @@ class Row:
     kept: int = 0
     fallbacks: int = 0
     deploy_seconds: float = 0.0
-    wall_2_threads: tuple[float, float] = (float("nan"), float("nan"))  # deploy / eval, own / eval
-    cpu_1_thread: tuple[float, float] = (float("nan"), float("nan"))
+    #: deploy / eval and own / eval: the median of the per-round ratios with its 95 % interval.
+    wall_2_threads: tuple[Spread, Spread] = (Spread(), Spread())
+    cpu_1_thread: tuple[Spread, Spread] = (Spread(), Spread())
     error: str = ""
 
 
@@ -298,7 +323,7 @@ def _counts(model: nn.Module, case: Case) -> tuple[int, int, int]:
     return batch_norms, executed.get("convolution", 0), sum(executed.values())
 
 
-def compare(name: str, protocols: bool = True, rounds: int = 0) -> Row:
+def compare(name: str, protocols: bool = True, rounds: int = 0, wall: bool = True) -> Row:
     """Deploy ``name``, count what each form executes and, if ``rounds``, time them against eval."""
     import trainfer
 
@@ -328,17 +353,24 @@ def compare(name: str, protocols: bool = True, rounds: int = 0) -> Row:
     counts = {label: _counts(form, case) for label, form in forms.items()}
     own = counts.get("own", (-1, -1, -1))
     row.batch_norms, row.convolutions, row.ops = ((counts["eval"][i], counts["deploy"][i], own[i]) for i in range(3))
-    if rounds:
+    if rounds and wall:
         row.wall_2_threads = _ratios(forms, case, rounds, threads=2, clock=time.perf_counter)
+    if rounds:
         row.cpu_1_thread = _ratios(forms, case, rounds, threads=1, clock=time.thread_time)
     return row
 
 
 def _ratios(
     forms: dict[str, nn.Module], case: Case, rounds: int, threads: int, clock: Callable[[], float]
-) -> tuple[float, float]:
-    """Median time of the deploy form and the own converter's form over the eval form's, paired."""
+) -> tuple[Spread, Spread]:
+    """Time of the deploy form and the own converter's form over the eval form's, paired per round.
+
+    Each round times every form ``repeats`` times in turn; a round's ratio is the form's median
+    over the eval form's median in that round, so load that changes between rounds cancels.
+    """
     from trainfer.bench import time_forms
+
+    repeats = 5
 
     def calling(model: nn.Module) -> Callable[..., Any]:
         return lambda *args: model(*args, **case.kwargs)
@@ -347,19 +379,32 @@ def _ratios(
         {label: calling(form) for label, form in forms.items()},
         case.args,
         rounds=rounds,
-        repeats=5,
+        repeats=repeats,
         threads=threads,
         clock=clock,
     )
-    base = timings["eval"].median_s
-    own = timings["own"].median_s / base if "own" in timings else float("nan")
-    return timings["deploy"].median_s / base, own
+
+    def per_round(label: str) -> list[float]:
+        samples = timings[label].samples
+        return [statistics.median(samples[i : i + repeats]) for i in range(0, len(samples), repeats)]
+
+    base = per_round("eval")
+
+    def spread(label: str) -> Spread:
+        return Spread.of([t / b for t, b in zip(per_round(label), base)]) if label in timings else Spread()
+
+    return spread("deploy"), spread("own")
 
 
-def run(name: str, protocols: bool = True, rounds: int = 0, timeout: float = 600) -> Row:
+def run(name: str, protocols: bool = True, rounds: int = 0, timeout: float = 600, wall: bool = True) -> Row:
     """:func:`compare` in a forked process under ``timeout`` seconds (a hang or crash is the row's error)."""
-    row = _sibling("bench_timm").run_isolated(compare, (name, protocols, rounds), timeout, row=Row)
+    row = _sibling("bench_timm").run_isolated(compare, (name, protocols, rounds, wall), timeout, row=Row)
     row.protocols = protocols  # an error row is built from the name alone
+    # the forked process sends the row as a dict (dataclasses.asdict): rebuild the ratios
+    row.wall_2_threads, row.cpu_1_thread = (
+        tuple(Spread(**s) if isinstance(s, dict) else s for s in pair)
+        for pair in (row.wall_2_threads, row.cpu_1_thread)
+    )
     return row
 
 
@@ -370,8 +415,10 @@ def _triple(values: tuple[int, int, int]) -> str:
     return " / ".join("-" if v < 0 else str(v) for v in values)
 
 
-def _ratio(value: float) -> str:
-    return "-" if value != value else f"{value:.2f}"
+def _ratio(value: Spread) -> str:
+    if value.median != value.median:
+        return "-"
+    return f"{value.median:.3f} ({value.low:.3f}-{value.high:.3f})"
 
 
 def markdown(rows: list[Row]) -> str:
@@ -398,14 +445,18 @@ def markdown(rows: list[Row]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per model (0: no timing)")
+    parser.add_argument("--no-wall", action="store_true", help="time CPU at 1 thread only (stable under load)")
+    parser.add_argument(
+        "--protocols", choices=("both", "on"), default="both", help="Ultralytics: both settings or on only"
+    )
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per model")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated names: " + ", ".join(MODELS))
     args = parser.parse_args()
     rows = []
     for name in args.models.split(","):
-        settings = (True, False) if MODELS[name][0] == "ultralytics" else (True,)
-        for protocols in settings:
-            rows.append(run(name, protocols, args.rounds, args.timeout))
+        both = MODELS[name][0] == "ultralytics" and args.protocols == "both"
+        for protocols in (True, False) if both else (True,):
+            rows.append(run(name, protocols, args.rounds, args.timeout, wall=not args.no_wall))
             print(f"{name}: {rows[-1]}", flush=True)
     import torchvision
 
@@ -413,7 +464,10 @@ def main() -> None:
     for library in ("transformers", "ultralytics"):
         if importlib.util.find_spec(library):
             versions.append(f"{library} {importlib.import_module(library).__version__}")
-    print(f"\n{', '.join(versions)}; batch 1; timed paired and interleaved, {args.rounds} rounds\n")
+    print(
+        f"\n{', '.join(versions)}; batch 1; timed paired and interleaved, {args.rounds} rounds "
+        "(ratio: median of the per-round ratios, with its 95 % confidence interval)\n"
+    )
     print(markdown(rows))
 
 
