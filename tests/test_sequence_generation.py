@@ -101,8 +101,8 @@ def test_a_bundle_records_the_settings_loads_without_a_graph_and_serves_the_same
         ({"beam_width": 0}, LABELS, "beam_width"),
         ({"beam_width": 5000}, LABELS, "beam_width"),
         ({"beam_width": 65}, LABELS, r"beam_width must be in \[1, 64\]"),
-        ({"max_length": 1025}, LABELS, r"max_length must be in \[1, 1024\]"),
-        ({"beam_width": 32, "max_length": 1024}, LABELS, "beam_width × max_length must be at most 16384"),
+        ({"max_length": 513}, LABELS, r"max_length must be in \[1, 512\]"),
+        ({"beam_width": 16, "max_length": 512}, LABELS, "beam_width × max_length must be at most 4096"),
         ({"early_stopping": 1}, LABELS, "early_stopping"),
         ({}, [*LABELS, "extra"], "scores over 12 tokens, but the token table has 13"),
     ],
@@ -195,7 +195,7 @@ def test_an_explanation_is_for_the_decoded_sequence_log_probability():
         ({"beam_width": 256, "max_length": 512}, "decoder.beam_width"),
         ({"max_length": 4096}, "decoder.max_length"),
         ({"n_best": 65}, "decoder.n_best"),
-        ({"beam_width": 64, "max_length": 257}, "beam_width × max_length must be at most 16384"),
+        ({"beam_width": 64, "max_length": 65}, "beam_width × max_length must be at most 4096"),
     ],
 )
 def test_a_bundles_decoder_settings_are_bounded_so_one_prediction_is_not_a_compute_bomb(tmp_path, change, match):
@@ -211,9 +211,9 @@ def test_a_bundles_decoder_settings_are_bounded_so_one_prediction_is_not_a_compu
 
 
 def test_top_k_cannot_widen_a_served_search_past_the_bounds():
-    predictor = Predictor(tiny_model(), task="sequence", labels=LABELS, decoder={**SETTINGS, "max_length": 1024})
-    with pytest.raises(DecodingError, match="top_k 17 widens the beam"):
-        predictor.predict(images(1), top_k=17)
+    predictor = Predictor(tiny_model(), task="sequence", labels=LABELS, decoder={**SETTINGS, "max_length": 512})
+    with pytest.raises(DecodingError, match="top_k 9 widens the beam"):
+        predictor.predict(images(1), top_k=9)
     with pytest.raises(DecodingError, match=r"n_best must be in \[1, 64\]"):
         predictor.predict(images(1), top_k=65)
 

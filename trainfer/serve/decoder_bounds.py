@@ -12,9 +12,9 @@ from __future__ import annotations
 #: The widest beam (and the most hypotheses, ``n_best`` or ``top_k``) a served decoder runs.
 MAX_SERVED_BEAM_WIDTH = 64
 #: The longest ``max_length`` a served autoregressive decoder runs.
-MAX_SERVED_LENGTH = 1024
+MAX_SERVED_LENGTH = 512
 #: The most ``beam_width × max_length`` (model steps per item) of a served autoregressive search.
-MAX_SERVED_SEARCH_WORK = 16384
+MAX_SERVED_SEARCH_WORK = 4096
 
 __all__ = ["MAX_SERVED_BEAM_WIDTH", "MAX_SERVED_LENGTH", "MAX_SERVED_SEARCH_WORK", "search_work_problem"]
 
