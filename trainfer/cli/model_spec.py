@@ -133,3 +133,21 @@ def model_argument(name: str = "model_spec", metavar: str = "MODEL") -> Callable
 def weights_option(*names: str) -> Callable[[Any], Any]:
     """A ``--weights``-style option (``names`` as :func:`click.option` takes them) for a factory MODEL."""
     return click.option(*(names or ("--weights",)), type=click.Path(dir_okay=False), help=WEIGHTS_HELP)
+
+
+def refuse_encoder_decoder(model: nn.Module, spec: str, command: str) -> None:
+    """Raise :class:`~trainfer.errors.InputError` when ``model`` is an autoregressive encoder-decoder.
+
+    Such a model (:class:`trainfer.decoding.StepModel`: ``encode`` and ``step``) decodes by a loop of
+    calls, and its ``forward`` takes target tokens besides the input: ``command``'s one forward of a
+    random input cannot run it. The error says what to run instead (its encoder, or its decoding).
+    """
+    from trainfer.decoding.interface import StepModel
+
+    if isinstance(model, StepModel):
+        raise InputError(
+            f"MODEL {spec!r} is an autoregressive encoder-decoder (encode/step): it decodes by a loop of calls, "
+            f"not one forward of an input, so `trainfer {command}` cannot run it whole; {command} its encoder "
+            f"in Python (trainfer.{command}(model.encoder, ...)), or check its decoded sequences with "
+            f"`trainfer predict {spec} INPUT`"
+        )
