@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import trainfer
+from trainfer.errors import BundleError
 from trainfer.models import digits_net
 from trainfer.serve import runtime as rt
 from trainfer.serve.gated import save_compiled
@@ -213,3 +214,13 @@ def test_the_int8_file_places_its_quantizers_for_its_runtime(data, runtime):
     with torch.no_grad():
         expected = data["deployed"](data["x"])
     assert float((int8(data["x"]) - expected).abs().max() / expected.abs().max()) < 0.1
+
+
+def test_a_reduced_precision_choice_without_a_gate_is_never_written(data, tmp_path):
+    bundle = tmp_path / "b"
+    trainfer.save(data["deployed"], bundle, example_inputs=data["x"][:1])
+    compiled = trainfer.compile(data["deployed"], data["x"][:2], runtime="torch", dtype="bfloat16", rounds=1)
+    assert compiled.record.dtype == "bfloat16"
+    with pytest.raises(BundleError, match="needs a passing gate"):
+        rt.save_record(bundle, compiled.record)
+    assert not (bundle / rt.RUNTIME_FILE).exists()
