@@ -407,3 +407,26 @@ def test_a_deploy_form_reading_a_buffer_round_trips(tmp_path):
     trainfer.save(deployed, tmp_path / "b", example_inputs=X[:1], task="regression")
     with torch.no_grad():
         torch.testing.assert_close(trainfer.load(tmp_path / "b")(X), deployed(X))
+
+
+def test_a_chain_of_nodes_over_the_limit_is_refused_quickly(tmp_path, deploy_bundle):
+    """A forged chain of MAX_NODES + 1 cheap nodes is refused before any of it is traced."""
+    from trainfer.serve.architecture_rebuild import MAX_NODES
+
+    source, manifest, _ = deploy_bundle
+    evil = copy.deepcopy(manifest)
+    nodes = evil["architecture"]["nodes"]
+    previous = nodes[-1]["args"][0]
+    extra = MAX_NODES + 1 - len(nodes)
+    for index in range(extra):
+        nodes.insert(
+            -1, {"name": f"r{index}", "op": "call_function", "target": "torch.relu", "args": [previous], "kwargs": {}}
+        )
+        previous = {"node": f"r{index}"}
+    nodes[-1]["args"] = [previous]
+    assert len(nodes) == MAX_NODES + 1
+    with (
+        time_limit(20),
+        pytest.raises(trainfer.BundleError, match=rf"{MAX_NODES + 1} nodes, over the limit of MAX_NODES = {MAX_NODES}"),
+    ):
+        trainfer.load(_write(tmp_path, source, evil))

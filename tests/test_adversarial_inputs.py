@@ -227,7 +227,8 @@ BOMBS = {
     ),
     "deploy --input-shape 1,1,60000,60000": (
         "main(['deploy', BUNDLE, '-o', OUT, '--input-shape', '1,1,60000,60000'], standalone_mode=False)",
-        "BadParameter expected at most 16777216 elements in all (trainfer.serve.manifest.MAX_ELEMENTS); "
+        "_OneLineError Invalid value for '--input-shape': "
+        "expected at most 16777216 elements in all (trainfer.serve.manifest.MAX_ELEMENTS); "
         "got '1,1,60000,60000': 3600000000 elements",
     ),
 }

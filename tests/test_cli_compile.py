@@ -15,7 +15,8 @@ from trainfer.serve import runtime as rt
 from trainfer.testing import randomize_batchnorm
 
 pytest.importorskip("onnxruntime")
-FAST = ("--candidates", "torch", "--candidates", "onnxruntime", "--rounds", "2")
+RUNTIMES = sorted({"torch", "onnxruntime", INT8})  # INT8: the runtime that serves int8 here
+FAST = (*(arg for name in RUNTIMES for arg in ("--candidates", name)), "--rounds", "2")
 OPEN = ("--min-agreement", "0", "--max-accuracy-drop", "1")
 
 

@@ -140,3 +140,83 @@ def test_the_command_line_prints_a_warning_as_one_line_without_its_source(monkey
     assert CliRunner().invoke(main, ["verify", "--help"]).exit_code == 0
     shown = warnings.formatwarning(UserWarning("no validation\n  data"), UserWarning, "quantize.py", 78, "quantize(")
     assert shown == "warning: no validation data\n"
+
+
+def _data(tmp_path):
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32))
+    return data
+
+
+OVERWRITING = {
+    "prune": lambda b, d, o: ["prune", b, "-o", o, "--data", d, "--min-agreement", "0", "--no-search"],
+    "quantize": lambda b, d, o: ["quantize", b, "--calibration", d, "-o", o],
+    "export": lambda b, d, o: ["export", b, "-o", o],
+    "deploy": lambda b, d, o: ["deploy", b, "-o", o],
+    "predict": lambda b, d, o: ["predict", b, d, "--out", o],
+}
+
+
+@pytest.mark.parametrize("command", sorted(OVERWRITING))
+@pytest.mark.parametrize("where", ["same", "inside", "symlink"])
+def test_an_output_that_would_overwrite_an_input_is_refused_and_the_input_kept(bundle, tmp_path, command, where):
+    data = _data(tmp_path)
+    target = data if command == "predict" and where != "inside" else bundle  # predict's --out is a file
+    if where == "symlink":
+        (tmp_path / "link").symlink_to(target)
+        output = tmp_path / "link"
+    else:
+        output = target / "sub" if where == "inside" else target
+    before = {path: path.read_bytes() for path in [data, *Path(bundle).rglob("*")] if path.is_file()}
+    result = invoke(*OVERWRITING[command](bundle, data, output))
+    one_line_error(result)
+    last = result.output.splitlines()[-1]  # export's FILE option refuses a directory before trainfer looks
+    assert "would overwrite the input" in last or (command == "export" and "is a directory" in last), last
+    after = {path: path.read_bytes() for path in [data, *Path(bundle).rglob("*")] if path.is_file()}
+    assert after == before
+
+
+def test_a_factory_that_needs_arguments_is_a_user_error_but_a_typeerror_inside_it_is_a_bug(tmp_path, monkeypatch):
+    (tmp_path / "factories_for_cli.py").write_text(
+        "def needs(width):\n    raise AssertionError('never called')\ndef broken():\n    return len(1)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    output = tmp_path / "out"
+    one_line_error(
+        invoke("deploy", "os:system", "-o", output), "the factory os:system cannot be called without arguments"
+    )
+    one_line_error(invoke("deploy", "factories_for_cli:needs", "-o", output), "'width'")
+    result = invoke("deploy", "factories_for_cli:broken", "-o", output)
+    assert result.exit_code == 3 and "TypeError" in result.output, result.output
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("spec", ["", "  "])
+def test_an_empty_model_is_refused_not_read_as_the_current_directory(tmp_path, spec):
+    one_line_error(invoke("deploy", spec, "-o", tmp_path / "out"), "MODEL is empty")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["deploy", "digits_net", "--input-shape", "abc", "-o", "x"], "Invalid value for '--input-shape'"),
+        (["deploy"], "Missing argument 'MODEL'"),
+        (["deploy", "--no-such-option"], "No such option"),
+        (["--no-such-option"], "No such option"),
+        (["no-such-command"], "No such command"),
+        (["prune", "b", "-o", "o", "--ratio", "2"], "Invalid value for '--ratio'"),
+    ],
+)
+def test_a_click_usage_error_is_one_line_and_debug_keeps_clicks_form(args, fragment):
+    result = invoke(*args)
+    one_line_error(result, fragment)
+    assert len(result.output.splitlines()) == 1 and "Usage:" not in result.output
+    if args[0] != "--no-such-option":
+        full = invoke("--debug", *args)
+        assert full.exit_code == 2 and "Usage:" in full.output, full.output
+
+
+def test_help_is_kept_and_a_bare_command_still_shows_it():
+    for args in (["deploy", "--help"], ["--help"], []):
+        result = invoke(*args)
+        assert result.output.startswith("Usage: ") and "error:" not in result.output, result.output

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import trainfer
+from trainfer.errors import BundleError
 from trainfer.models import digits_net
 from trainfer.serve import runtime as rt
 from trainfer.serve.gated import save_compiled
@@ -135,6 +136,19 @@ def _tampered(bundle, tmp_path, change):
     return copy
 
 
+def _reduced(record, dtype, gate_ok, runtime=None):
+    """The record's choice forged into ``dtype`` (on ``runtime``), with no gate (``gate_ok`` None) or a verdict."""
+    chosen = next(c for c in record["candidates"] if (c["runtime"], c["dtype"]) == (record["runtime"], record["dtype"]))
+    runtime = runtime or chosen["runtime"]
+    verdict = None
+    if gate_ok is not None:
+        limits = {"min_agreement": 0.99, "max_accuracy_drop": None, "max_rel_error": None}
+        verdict = {"gate": limits, "samples": 8, "max_rel_error": 0.5, "agreement": 0.5, "reference_accuracy": None,
+                   "candidate_accuracy": None, "accuracy_drop": None, "ok": gate_ok}  # fmt: skip
+    chosen.update(runtime=runtime, dtype=dtype, gate=verdict)
+    return {**record, "runtime": runtime, "dtype": dtype}
+
+
 def _reject_the_choice(record):
     chosen = next(c for c in record["candidates"] if (c["runtime"], c["dtype"]) == (record["runtime"], record["dtype"]))
     chosen["status"] = "rejected"
@@ -150,8 +164,21 @@ def _reject_the_choice(record):
         (lambda r: json.dumps({**r, "batch_sizes": [0]}), "batch_sizes.0"),
         (lambda r: json.dumps({**r, "chosen_by": "me"}), "chosen_by"),
         (lambda r: json.dumps(r) + " " * 2**20, "larger than 1048576 bytes"),
+        (lambda r: json.dumps(_reduced(r, "bfloat16", None)), "reduced precision without"),
+        (lambda r: json.dumps(_reduced(r, "int8", None, runtime="onnxruntime")), "reduced precision without"),
+        (lambda r: json.dumps(_reduced(r, "bfloat16", False)), "reduced precision without"),
     ],
-    ids=["chosen-rejected", "timing-not-a-number", "too-many-candidates", "batch-0", "chooser", "oversized"],
+    ids=[
+        "chosen-rejected",
+        "timing-not-a-number",
+        "too-many-candidates",
+        "batch-0",
+        "chooser",
+        "oversized",
+        "bf16-ungated",
+        "int8-ungated",
+        "bf16-gate-failed",
+    ],
 )
 def test_a_tampered_runtime_record_is_refused_with_a_clear_error(data, tmp_path, change, message):
     bundle = trainfer.save(data["deployed"], tmp_path / "b", task="classification", labels=list("0123456789"))
@@ -187,3 +214,13 @@ def test_the_int8_file_places_its_quantizers_for_its_runtime(data, runtime):
     with torch.no_grad():
         expected = data["deployed"](data["x"])
     assert float((int8(data["x"]) - expected).abs().max() / expected.abs().max()) < 0.1
+
+
+def test_a_reduced_precision_choice_without_a_gate_is_never_written(data, tmp_path):
+    bundle = tmp_path / "b"
+    trainfer.save(data["deployed"], bundle, example_inputs=data["x"][:1])
+    compiled = trainfer.compile(data["deployed"], data["x"][:2], runtime="torch", dtype="bfloat16", rounds=1)
+    assert compiled.record.dtype == "bfloat16"
+    with pytest.raises(BundleError, match="needs a passing gate"):
+        rt.save_record(bundle, compiled.record)
+    assert not (bundle / rt.RUNTIME_FILE).exists()

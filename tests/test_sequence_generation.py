@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,6 +100,9 @@ def test_a_bundle_records_the_settings_loads_without_a_graph_and_serves_the_same
         ({"max_length": 0}, LABELS, "max_length"),
         ({"beam_width": 0}, LABELS, "beam_width"),
         ({"beam_width": 5000}, LABELS, "beam_width"),
+        ({"beam_width": 65}, LABELS, r"beam_width must be in \[1, 64\]"),
+        ({"max_length": 513}, LABELS, r"max_length must be in \[1, 512\]"),
+        ({"beam_width": 16, "max_length": 512}, LABELS, "beam_width × max_length must be at most 4096"),
         ({"early_stopping": 1}, LABELS, "early_stopping"),
         ({}, [*LABELS, "extra"], "scores over 12 tokens, but the token table has 13"),
     ],
@@ -181,3 +187,62 @@ def test_an_explanation_is_for_the_decoded_sequence_log_probability():
         found = decoding.beam_search(model, x, bos=BOS, eos=EOS, max_length=6, num_beams=3)
     expected = [hyps[0].log_prob for hyps in found]  # what the search scored, EOS included when it ended
     assert explained.scores.detach().tolist() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"beam_width": 256, "max_length": 512}, "decoder.beam_width"),
+        ({"max_length": 4096}, "decoder.max_length"),
+        ({"n_best": 65}, "decoder.n_best"),
+        ({"beam_width": 64, "max_length": 65}, "beam_width × max_length must be at most 4096"),
+    ],
+)
+def test_a_bundles_decoder_settings_are_bounded_so_one_prediction_is_not_a_compute_bomb(tmp_path, change, match):
+    x = images(1)
+    path = trainfer.save(
+        tiny_model(), tmp_path / "s2s", task="sequence", labels=LABELS, decoder=SETTINGS, example_inputs=x
+    )
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["decoder"].update(change)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=match):
+        Predictor.load(path)
+
+
+def test_top_k_cannot_widen_a_served_search_past_the_bounds():
+    predictor = Predictor(tiny_model(), task="sequence", labels=LABELS, decoder={**SETTINGS, "max_length": 512})
+    with pytest.raises(DecodingError, match="top_k 9 widens the beam"):
+        predictor.predict(images(1), top_k=9)
+    with pytest.raises(DecodingError, match=r"n_best must be in \[1, 64\]"):
+        predictor.predict(images(1), top_k=65)
+
+
+@pytest.mark.parametrize("command", [["verify", "{b}", "{b}"], ["inspect", "{b}"]])
+def test_verify_and_inspect_refuse_an_encoder_decoder_in_one_line_saying_what_to_do(tmp_path, command):
+    path = trainfer.save(
+        tiny_model(), tmp_path / "s2s", task="sequence", labels=LABELS, decoder=SETTINGS, example_inputs=images(1)
+    )
+    result = CliRunner().invoke(main, [a.format(b=path) for a in command])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "autoregressive encoder-decoder" in lines[0], result.output
+    assert f"{command[0]} its encoder" in lines[0] and "trainfer predict" in lines[0]
+
+
+def test_the_server_refuses_an_autoregressive_bundle_at_startup_in_one_line(tmp_path):
+    path = trainfer.save(
+        tiny_model(), tmp_path / "s2s", task="sequence", labels=LABELS, decoder=SETTINGS, example_inputs=images(1)
+    )
+    tests = Path(__file__).parent
+    done = subprocess.run(
+        [sys.executable, "-m", "trainfer", "serve", str(path), "--port", "0"],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": f"{tests.parent}:{tests}"},
+        timeout=180,
+    )
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "autoregressive (encoder-decoder) sequence bundle" in errors[0], done.stderr
+    assert str(path) in errors[0] and "Traceback" not in done.stderr

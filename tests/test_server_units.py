@@ -102,6 +102,11 @@ def test_text_outputs_as_json_and_as_length_prefixed_bytes():
             None,
             "!= 2 elements",
         ),
+        (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": ["1", "2"]}]}', None, "found '1'"),
+        (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [[1], ["2"]]}]}', None, "found '2'"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT32", "data": [true]}]}', None, "found True"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BOOL", "data": [1]}]}', None, "true/false only"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [null]}]}', None, "found None"),
         (b"\xff\xfe", None, "not valid JSON"),
         (b"[" * 100_000 + b"]" * 100_000, None, "JSON"),
     ],
@@ -412,3 +417,33 @@ def test_a_model_served_compiled_is_explained_on_the_bundles_torch_model():
     expected = Predictor.load(bundle).explain(sample)
     assert explained.values.abs().sum() > 0
     torch.testing.assert_close(explained.values, expected.values, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("data", "name", "message"),
+    [
+        (b"not an image", "x.png", r"cannot read image 'x\.png': cannot identify image file 'x\.png'$"),
+        (b"not an array", "a.npy", r"cannot read 'a\.npy' as a \.npy array: it does not start with the \.npy magic"),
+    ],
+)
+def test_an_unreadable_upload_is_named_by_its_file_name_and_what_failed(data, name, message):
+    """The refusal names the upload (never an object's repr) and the format its name claims."""
+    from trainfer.errors import InputError
+    from trainfer.serve.preprocess import PreprocessSpec
+    from trainfer.server.uploads import read_upload
+
+    with pytest.raises(InputError, match=message) as refused:
+        read_upload(data, name, "application/octet-stream", PreprocessSpec(input_shape=(1, 8, 8)))
+    assert "object at" not in str(refused.value)
+
+
+@pytest.mark.parametrize(("path", "status"), [("/no/such/route", 404), ("/v2/models/digits/infer", 405)])
+def test_a_routing_error_answers_in_the_error_form(path, status):
+    """No route, or a GET where only POST is served: ``{"error": one line}`` like every other refusal."""
+    pytest.importorskip("fastapi")
+    from trainfer.server.app import ServerSettings, create_app
+
+    app = create_app(ServerSettings(bundles={"digits": str(Path(__file__).parent / "fixtures" / "digits_deploy_v2")}))
+    got, _, body = run(asgi_get(app, path), seconds=30)
+    assert got == status
+    assert json.loads(body) == {"error": "Not Found" if status == 404 else "Method Not Allowed"}

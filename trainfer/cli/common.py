@@ -11,14 +11,16 @@ import math
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import click
 
 from trainfer._version import __version__
-from trainfer.errors import TrainferError, one_line
+from trainfer.errors import InputError, TrainferError, one_line
 
 _TRUST_KEY = "trainfer.trust_factory"
+_HINT = "'--input-shape'"  # the option every command parses a shape from
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -33,13 +35,16 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(p) for p in parts if p.strip())
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers like 1,3,224,224; got {text!r}") from None
+        raise click.BadParameter(
+            f"expected comma-separated integers like 1,3,224,224; got {text!r}", param_hint=_HINT
+        ) from None
     if not shape or any(s <= 0 for s in shape):
-        raise click.BadParameter(f"expected positive sizes like 1,3,224,224; got {text!r}")
+        raise click.BadParameter(f"expected positive sizes like 1,3,224,224; got {text!r}", param_hint=_HINT)
     if math.prod(shape) > MAX_ELEMENTS:
         raise click.BadParameter(
             f"expected at most {MAX_ELEMENTS} elements in all (trainfer.serve.manifest.MAX_ELEMENTS); "
-            f"got {text!r}: {math.prod(shape)} elements"
+            f"got {text!r}: {math.prod(shape)} elements",
+            param_hint=_HINT,
         )
     return shape
 
@@ -62,6 +67,23 @@ class Tolerance(click.ParamType):
             return cast(float, check_tolerance(self.name, float(value), zero=self.zero))  # never None: a float
         except (TypeError, ValueError):  # not a number, or refused (InputError is a ValueError)
             self.fail(f"expected a finite number {'>=' if self.zero else '>'} 0; got {value!r}", param, ctx)
+
+
+def check_output_apart(output: str | Path, *inputs: str | Path, option: str = "--output") -> None:
+    """Refuse an ``output`` that would overwrite one of ``inputs``: the same path, a path inside it, or one holding it.
+
+    Paths are compared resolved (symlinks followed, also for paths that do not exist yet), so
+    ``-o ./b``, a link to ``b`` or ``b/sub`` are all ``b``. Every command that writes a file or a
+    bundle from input paths calls this before reading anything: a refused command leaves its inputs
+    untouched. Raises :class:`~trainfer.errors.InputError` (one line, exit 2).
+    """
+    target = Path(output).resolve()
+    for source in inputs:
+        resolved = Path(source).resolve()
+        if target == resolved or target.is_relative_to(resolved) or resolved.is_relative_to(target):
+            raise InputError(
+                f"{option} {str(output)!r} would overwrite the input {str(source)!r}: write to another path"
+            )
 
 
 def trust_factory_option(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -11,10 +11,11 @@ from dataclasses import replace
 
 import click
 
-from trainfer.cli.common import Tolerance, friendly_errors, trust_factory_option, trusted
+from trainfer.cli.common import Tolerance, check_output_apart, friendly_errors, trust_factory_option, trusted
 from trainfer.cli.model_spec import (
     MODEL_HELP,
     example_shape,
+    factory_of,
     model_argument,
     random_input,
     resolve_model,
@@ -52,6 +53,8 @@ def command(
     from trainfer.reparam.deploy import deploy
     from trainfer.serve.bundle import save
 
+    bundle = [model_spec] if factory_of(model_spec) is None else []  # factory_of refuses an empty MODEL
+    check_output_apart(output, *bundle, *([weights] if weights else []))
     with tqdm(total=3, desc="deploy", unit="step", file=sys.stderr, disable=None) as bar:
         bar.set_postfix_str("loading")
         model = resolve_model(model_spec, weights, trust_factory=trusted())

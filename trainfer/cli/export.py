@@ -5,7 +5,14 @@ from __future__ import annotations
 import click
 import torch
 
-from trainfer.cli.common import Tolerance, friendly_errors, parse_shape, trust_factory_option, trusted
+from trainfer.cli.common import (
+    Tolerance,
+    check_output_apart,
+    friendly_errors,
+    parse_shape,
+    trust_factory_option,
+    trusted,
+)
 from trainfer.errors import EquivalenceError
 from trainfer.serve.export import FORMATS, export
 
@@ -20,6 +27,7 @@ from trainfer.serve.export import FORMATS, export
 @friendly_errors
 def command(bundle: str, fmt: str, output: str, input_shape: str | None, rtol: float | None) -> None:
     """Export the deploy form of BUNDLE (deploying it first if needed), checked against PyTorch."""
+    check_output_apart(output, bundle)
     example = torch.randn(parse_shape(input_shape)) if input_shape else None
     try:
         report = export(bundle, output, format=fmt, example_inputs=example, rtol=rtol, trust_factory=trusted())

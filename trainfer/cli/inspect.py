@@ -13,6 +13,7 @@ from trainfer.cli.model_spec import (
     example_shape,
     model_argument,
     random_input,
+    refuse_encoder_decoder,
     resolve_model,
     weights_option,
 )
@@ -45,6 +46,7 @@ def command(
     first module whose outputs differ is marked: where a forgotten eval() starts to matter.
     """
     model = resolve_model(model_spec, weights, trust_factory=trusted())
+    refuse_encoder_decoder(model, model_spec, "inspect")
     shape = example_shape(model, input_shape, model_spec, min_batch=2 if "train" in modes else 1)
     inputs = random_input(model, shape, seed)
     try:

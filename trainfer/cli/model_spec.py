@@ -14,6 +14,7 @@ torch and the serving layer are imported only when a command resolves a model, n
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -42,8 +43,11 @@ WEIGHTS_HELP = "Checkpoint (.safetensors, .pt) for a factory or built-in MODEL."
 def factory_of(spec: str) -> str | None:
     """The ``package.module:factory`` that ``spec`` names, or ``None`` when it is an existing path (a bundle).
 
-    A built-in model name ``NAME`` is ``trainfer.models:NAME``. Anything else is an :class:`InputError`.
+    A built-in model name ``NAME`` is ``trainfer.models:NAME``. Anything else, and an empty ``spec``
+    (which as a path would name the current directory), is an :class:`InputError`.
     """
+    if not spec.strip():
+        raise InputError("MODEL is empty: expected a bundle path, package.module:factory or a built-in model name")
     if Path(spec).exists():
         return None
     if ":" in spec:
@@ -83,6 +87,7 @@ def resolve_model(spec: str, weights: str | None = None, *, trust_factory: bool 
             )
         return load(spec, trust_factory=trust_factory)
     build = resolve_factory(factory)  # imports or raises a clear BundleError before any weights are read
+    _check_callable_bare(build, factory)
     built = build() if not weights else _on_meta(build)
     if not isinstance(built, nn.Module):
         raise InputError(f"MODEL {spec!r}: {factory} returned {type(built).__name__}, not an nn.Module")
@@ -91,6 +96,22 @@ def resolve_model(spec: str, weights: str | None = None, *, trust_factory: bool 
         return attach_recipe(built, recipe)
     model = load(weights, factory=factory)  # a checkpoint records no input shape: keep the factory's
     return attach_recipe(model, replace(recipe_of(model) or recipe, input_shape=recipe.input_shape))
+
+
+def _check_callable_bare(build: Callable[..., Any], factory: str) -> None:
+    """Refuse a factory whose signature needs arguments (an :class:`InputError`), before calling it.
+
+    Only the signature is checked: a TypeError raised inside a factory that can be called bare is
+    its own error (a bug, shown with its traceback). A callable without a readable signature is called.
+    """
+    try:
+        signature = inspect.signature(build)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind()
+    except TypeError as error:
+        raise InputError(f"the factory {factory} cannot be called without arguments: {error}") from None
 
 
 def _on_meta(build: Callable[[], Any]) -> Any:
@@ -133,3 +154,21 @@ def model_argument(name: str = "model_spec", metavar: str = "MODEL") -> Callable
 def weights_option(*names: str) -> Callable[[Any], Any]:
     """A ``--weights``-style option (``names`` as :func:`click.option` takes them) for a factory MODEL."""
     return click.option(*(names or ("--weights",)), type=click.Path(dir_okay=False), help=WEIGHTS_HELP)
+
+
+def refuse_encoder_decoder(model: nn.Module, spec: str, command: str) -> None:
+    """Raise :class:`~trainfer.errors.InputError` when ``model`` is an autoregressive encoder-decoder.
+
+    Such a model (:class:`trainfer.decoding.StepModel`: ``encode`` and ``step``) decodes by a loop of
+    calls, and its ``forward`` takes target tokens besides the input: ``command``'s one forward of a
+    random input cannot run it. The error says what to run instead (its encoder, or its decoding).
+    """
+    from trainfer.decoding.interface import StepModel
+
+    if isinstance(model, StepModel):
+        raise InputError(
+            f"MODEL {spec!r} is an autoregressive encoder-decoder (encode/step): it decodes by a loop of calls, "
+            f"not one forward of an input, so `trainfer {command}` cannot run it whole; {command} its encoder "
+            f"in Python (trainfer.{command}(model.encoder, ...)), or check its decoded sequences with "
+            f"`trainfer predict {spec} INPUT`"
+        )

@@ -23,7 +23,7 @@ from typing import IO, Any
 import click
 import numpy as np
 
-from trainfer.cli.common import friendly_errors, trust_factory_option, trusted
+from trainfer.cli.common import check_output_apart, friendly_errors, trust_factory_option, trusted
 from trainfer.errors import InputError, MissingFileError
 from trainfer.serve import distributed
 from trainfer.serve.batch_predict import check_output, iter_images, predict_to_jsonl
@@ -281,6 +281,8 @@ def command(
     try:
         if out is not None:
             check_output(Path(out))  # before loading anything: /dev/stdout, a pipe, /dev/zero are refused
+            # a bundle, or an input file: writing into a directory of images is fine
+            check_output_apart(out, *models, *(path for path in paths if Path(path).is_file()), option="--out")
         predictor = load_serving(models, parse_weights(weights), batch_size, device, threshold, runtime)
         if out is not None:
             producer = {

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from trainfer.cli.common import friendly_errors, gate_options
+from trainfer.cli.common import check_output_apart, friendly_errors, gate_options
 from trainfer.cli.quantize import DATA_HELP, read_labels
 from trainfer.errors import InputError
 from trainfer.serve.gate import AccuracyGate
@@ -72,6 +72,7 @@ def command(
     from trainfer.serve.prune import prune
     from trainfer.serve.quantize import bundle_metadata  # the task, labels and preprocessing a bundle carries on
 
+    check_output_apart(output, bundle, *(p for p in (data, labels, finetune_data, finetune_labels) if p))
     manifest = read_manifest(bundle)
     loop = {
         "epochs": finetune_epochs,

@@ -8,7 +8,7 @@ import click
 import numpy as np
 import torch
 
-from trainfer.cli.common import friendly_errors, gate_options, trust_factory_option, trusted
+from trainfer.cli.common import check_output_apart, friendly_errors, gate_options, trust_factory_option, trusted
 from trainfer.errors import InputError
 from trainfer.serve.gate import AccuracyGate
 
@@ -72,6 +72,7 @@ def command(
     most sensitive layers in float until the accuracy gate passes, and write the bundle OUT."""
     from trainfer.serve.quantize import quantize
 
+    check_output_apart(output, bundle, *(p for p in (calibration, validation, labels) if p))
     targets = read_labels(Path(labels)) if labels else None
     result = quantize(
         bundle,

@@ -15,6 +15,7 @@ from trainfer.cli.model_spec import (
     example_shape,
     model_argument,
     random_input,
+    refuse_encoder_decoder,
     resolve_model,
     weights_option,
 )
@@ -54,6 +55,8 @@ def command(
 
     reference = resolve_model(reference_spec, reference_weights, trust_factory=trusted())
     candidate = resolve_model(candidate_spec, candidate_weights, trust_factory=trusted())
+    refuse_encoder_decoder(reference, reference_spec, "verify")
+    refuse_encoder_decoder(candidate, candidate_spec, "verify")
     x = random_input(reference, example_shape(reference, input_shape, reference_spec))
     takes = getattr(recipe_of(candidate), "input_shape", None)
     if takes and tuple(takes[1:]) != tuple(x.shape[1:]):

@@ -73,11 +73,13 @@ def rebuild(description: Any, source: str, input_shape: list[int] | None) -> fx.
 
 
 # Limits of a description: a real deploy form stays far below them (digits_net: 20 nodes, a RepVGG-B0:
-# ~100), and they bound the memory and time that reading one can cost.
+# ~100), and they bound the memory and time that reading one can cost. Loading costs a few
+# milliseconds of CPU per node (the cost bound traces every node on fake tensors), so MAX_NODES keeps
+# a forged chain of nodes to seconds while leaving real models (a ResNet-152: ~500 nodes) far below it.
 MAX_VALUES = 200_000  #: constant values (list items, arguments, modules) in one description
 MAX_LIST = 4096  #: items in one list or tuple argument
 MAX_DEPTH = 16  #: nesting of lists, tuples, dicts and Sequential modules
-MAX_NODES = 100_000  #: nodes in one description
+MAX_NODES = 4096  #: nodes in one description
 
 
 class _Budget:
@@ -191,8 +193,10 @@ def _build_graph(
 ) -> fx.Graph:
     """The graph of ``nodes``. fx names every node from its (validated) target; a node's recorded
     ``name`` only says which node a later ``{"node": name}`` argument means."""
-    if not isinstance(nodes, list) or not 0 < len(nodes) <= MAX_NODES:
+    if not isinstance(nodes, list) or not nodes:
         raise BundleError(f"{where}: expected a list of 1 to {MAX_NODES} nodes")
+    if len(nodes) > MAX_NODES:
+        raise BundleError(f"{where}: {len(nodes)} nodes, over the limit of MAX_NODES = {MAX_NODES}")
     budget.spend(len(nodes))
     graph = fx.Graph()
     env: dict[str, fx.Node] = {}

@@ -33,6 +33,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainfer.errors import BundleError
+from trainfer.serve.decoder_bounds import MAX_SERVED_BEAM_WIDTH, MAX_SERVED_LENGTH, search_work_problem
 from trainfer.serve.outputs import OutputKindName, TaskName
 
 FORMAT = "trainfer-bundle"
@@ -177,11 +178,19 @@ class Decoder(_Schema):
     bos: Annotated[int, Field(ge=0, le=MAX_ENTRIES)] | None = None
     eos: Annotated[int, Field(ge=0, le=MAX_ENTRIES)] | None = None
     pad: Annotated[int, Field(ge=0, le=MAX_ENTRIES)] | None = None
-    beam_width: Annotated[int, Field(ge=1, le=1024)] = 1
-    n_best: Annotated[int, Field(ge=1, le=1024)] = 1
-    max_length: Annotated[int, Field(ge=1, le=4096)] = 64
+    beam_width: Annotated[int, Field(ge=1, le=MAX_SERVED_BEAM_WIDTH)] = 1
+    n_best: Annotated[int, Field(ge=1, le=MAX_SERVED_BEAM_WIDTH)] = 1
+    max_length: Annotated[int, Field(ge=1, le=MAX_SERVED_LENGTH)] = 64
     length_penalty: Annotated[float, Field(ge=-10, le=10, allow_inf_nan=False)] = 1.0
     early_stopping: bool | Literal["never"] = False
+
+    @model_validator(mode="after")
+    def _bounded_search(self) -> Decoder:
+        """An autoregressive search of at most ``MAX_SERVED_SEARCH_WORK`` steps per item."""
+        problem = search_work_problem(self.beam_width, self.max_length) if self.kind == "autoregressive" else None
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class Manifest(_Schema):

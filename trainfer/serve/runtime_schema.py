@@ -8,7 +8,9 @@ batch sizes (each 1..2**20), reasons up to 2000 characters, names up to 200; tim
 and finite, keyed by batch size. Facts stated twice must agree: every candidate's runtime serves
 its dtype (int8 only on the runtimes that run a QDQ file) unless it is recorded ``unavailable``,
 and a record ``chosen_by`` ``"auto"`` names a candidate that passed (status ``ok``, and its gate
-where it has one). The file itself is read at most :data:`MAX_RECORD_BYTES` long (:func:`trainfer.jsonfile.read_json`).
+where it has one); a chosen dtype other than float32 is served only with its candidate's passing
+gate verdict (a reduced precision is never served unchecked). The file itself is read at most
+:data:`MAX_RECORD_BYTES` long (:func:`trainfer.jsonfile.read_json`).
 
 Imported only when a record is read (pydantic costs about 0.1 s to import).
 """
@@ -90,6 +92,13 @@ class Record(_Schema):
                 raise ValueError(f"candidate {c.runtime}/{c.dtype}: {c.runtime} does not serve {c.dtype}")
         if not serves(self.runtime, self.dtype):
             raise ValueError(f"{self.runtime} does not serve {self.dtype}")
+        if self.dtype != "float32":
+            chosen = [c for c in self.candidates if (c.runtime, c.dtype) == (self.runtime, self.dtype)]
+            if len(chosen) != 1 or chosen[0].gate is None or not chosen[0].gate.ok:
+                raise ValueError(
+                    f"the choice {self.runtime}/{self.dtype} is a reduced precision without exactly one candidate "
+                    "whose gate passed: compile it with gate_data"
+                )
         if self.chosen_by == "auto":
             chosen = [c for c in self.candidates if (c.runtime, c.dtype) == (self.runtime, self.dtype)]
             if len(chosen) != 1 or chosen[0].status != "ok" or (chosen[0].gate is not None and not chosen[0].gate.ok):

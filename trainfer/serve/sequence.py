@@ -14,7 +14,8 @@ are), decoded by :mod:`trainfer.decoding` with the settings recorded in the bund
   head's ``labels`` (the blank's entry is the empty string);
 * ``beam_width`` (Hugging Face's ``num_beams``; 1: greedy), ``n_best`` (hypotheses returned,
   ``num_return_sequences``), ``max_length``, ``length_penalty`` and ``early_stopping``
-  (autoregressive: True, False or ``"never"``): bounded as in :mod:`trainfer.decoding.checks`.
+  (autoregressive: True, False or ``"never"``): bounded as in :mod:`trainfer.serve.decoder_bounds`
+  (tighter than the library's searches: a bundle's settings are read from a file).
 
 Ensembles refuse sequence predictors: averaging per-frame distributions of different models is not
 the average of their distributions over sequences (the alignments differ), so it has no meaning to
@@ -31,10 +32,11 @@ from typing import Any
 from torch import Tensor
 
 from trainfer import decoding
-from trainfer.decoding.checks import MAX_BEAM_WIDTH, MAX_LENGTH, check_beam_width, check_finite_float, check_int
+from trainfer.decoding.checks import check_finite_float, check_int
 from trainfer.decoding.interface import batch_size
 from trainfer.decoding.tokens import TokenTable
 from trainfer.errors import DecodingError
+from trainfer.serve.decoder_bounds import MAX_SERVED_BEAM_WIDTH, MAX_SERVED_LENGTH, search_work_problem
 
 KINDS = ("ctc", "autoregressive")
 
@@ -67,9 +69,12 @@ class DecoderSettings:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise DecodingError(f"decoder kind must be one of {list(KINDS)}; got {self.kind!r}")
-        check_beam_width(self.beam_width)
+        check_int("beam_width", self.beam_width, 1, MAX_SERVED_BEAM_WIDTH)
         check_int("n_best", self.n_best, 1, self.beam_width)
-        check_int("max_length", self.max_length, 1, MAX_LENGTH)
+        check_int("max_length", self.max_length, 1, MAX_SERVED_LENGTH)
+        problem = search_work_problem(self.beam_width, self.max_length) if self.kind == "autoregressive" else None
+        if problem:
+            raise DecodingError(problem)
         check_finite_float("length_penalty", self.length_penalty)
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise DecodingError(f"early_stopping must be true, false or 'never'; got {self.early_stopping!r}")
@@ -169,7 +174,7 @@ def sequence_results(
         raise DecodingError(f"a CTC sequence model returns (N, frames, classes) scores; got {tuple(log_probs.shape)}")
     table = settings.table(labels, log_probs.shape[2])
     blank = int(settings.blank)  # type: ignore[arg-type]  # checked by DecoderSettings
-    wanted = settings.n_best if n_best is None else check_int("n_best", n_best, 1, MAX_BEAM_WIDTH)
+    wanted = settings.n_best if n_best is None else check_int("n_best", n_best, 1, MAX_SERVED_BEAM_WIDTH)
     frames = log_probs.max(dim=2).values.exp().tolist()
     if settings.beam_width == 1 and wanted == 1:
         found = decoding.ctc_greedy_confidences(log_probs, blank=blank)
@@ -211,8 +216,11 @@ def autoregressive_results(
     if labels is None:
         raise DecodingError("an autoregressive sequence model needs labels: the token table its step() scores")
     table = settings.table(labels)
-    wanted = settings.n_best if n_best is None else check_int("n_best", n_best, 1, MAX_BEAM_WIDTH)
+    wanted = settings.n_best if n_best is None else check_int("n_best", n_best, 1, MAX_SERVED_BEAM_WIDTH)
     width = max(settings.beam_width, wanted)
+    problem = search_work_problem(width, settings.max_length)
+    if problem:
+        raise DecodingError(f"top_k {wanted} widens the beam: {problem}")
     common: dict[str, Any] = {
         "bos": settings.bos,
         "eos": settings.eos,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from trainfer.errors import MissingExtraError, TrainferError, one_line
 from trainfer.server.state import HTTPError
@@ -27,6 +28,11 @@ def answer_errors(app: FastAPI) -> None:
     @app.exception_handler(TrainferError)
     async def user_error(request: Request, error: TrainferError) -> JSONResponse:
         return answer(400, one_line(error))
+
+    @app.exception_handler(HTTPException)
+    async def routing_error(request: Request, error: HTTPException) -> JSONResponse:
+        """Starlette's own answers (404 no such route, 405 wrong method) in the same form."""
+        return answer(error.status_code, " ".join(str(error.detail).split()), dict(error.headers or {}))
 
     @app.exception_handler(RequestValidationError)
     async def bad_parameters(request: Request, error: RequestValidationError) -> JSONResponse:

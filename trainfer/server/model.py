@@ -155,16 +155,23 @@ class ServedModel:
 def load_model(
     name: str, path: str | os.PathLike[str], *, runtime: str | None, trust_factory: bool, max_batch: int
 ) -> ServedModel:
-    """Load the bundle at ``path`` under the usual trust rules and check it (see :meth:`ServedModel.check`)."""
+    """Load the bundle at ``path`` under the usual trust rules and check it (see :meth:`ServedModel.check`).
+
+    An autoregressive sequence bundle is refused (:class:`~trainfer.errors.InputError`): its decoding is
+    a loop of model calls per batch, which the batcher's one forward per batch cannot run.
+    """
     overrides: dict[str, Any] = {"batch_size": max_batch}
     if runtime is None and (Path(path) / RUNTIME_FILE).is_file():
         runtime = "recorded"  # the runtime trainfer.compile chose and recorded (gated int8/bf16 included)
     if runtime is not None:
         overrides["runtime"] = runtime
-    model = ServedModel(
-        name,
-        Predictor.load(path, trust_factory=trust_factory, **overrides),
-        explainer_loader=lambda: Predictor.load(path, trust_factory=trust_factory),
-    )
+    predictor = Predictor.load(path, trust_factory=trust_factory, **overrides)
+    if predictor.generates:
+        raise InputError(
+            f"model {name!r} ({path}): an autoregressive (encoder-decoder) sequence bundle decodes by a loop of "
+            "encode() and step() calls, and the server's batches run one forward: not served; decode it with "
+            f"`trainfer predict {path} INPUT` or trainfer.Predictor.load(...).predict"
+        )
+    model = ServedModel(name, predictor, explainer_loader=lambda: Predictor.load(path, trust_factory=trust_factory))
     model.check()
     return model

@@ -186,6 +186,11 @@ def _binary_array(name: str, size: Any, count: int, dtype: np.dtype[Any], binary
 def _json_array(name: str, data: Any, shape: list[int], count: int, dtype: np.dtype[Any]) -> np.ndarray:
     if not isinstance(data, list):
         raise InputError(f'input {name!r}: "data" must be a list of numbers; got {type(data).__name__}')
+    allowed = (bool,) if dtype == DATATYPES["BOOL"] else (int, float)
+    for leaf in _leaves(data):
+        if type(leaf) not in allowed:  # json gives exactly bool, int, float, str, None, dict
+            kind = "true/false" if dtype == DATATYPES["BOOL"] else f"{dtype.name} numbers"
+            raise InputError(f'input {name!r}: "data" must hold {kind} only; found {leaf!r:.40}')
     try:
         array = np.asarray(data, dtype=dtype)
     except (ValueError, TypeError, OverflowError) as error:
@@ -193,6 +198,19 @@ def _json_array(name: str, data: Any, shape: list[int], count: int, dtype: np.dt
     if array.size != count:
         raise InputError(f"input {name!r}: shape {shape} needs {count} elements; data holds {array.size}")
     return array.reshape(shape)
+
+
+def _leaves(data: list[Any]) -> Any:
+    """The non-list values of the nested lists ``data``, in order (without recursion)."""
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            yield item
+        else:
+            stack.pop()
 
 
 def _requested_outputs(outputs: Any) -> dict[str, bool] | None:

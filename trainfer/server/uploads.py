@@ -39,6 +39,9 @@ class _Named(io.BytesIO):
     def __str__(self) -> str:
         return self.upload_name
 
+    def __repr__(self) -> str:  # PIL names an unreadable file by its repr
+        return repr(self.upload_name)
+
 
 def read_upload(data: bytes, name: str, content_type: str, spec: PreprocessSpec) -> list[tuple[str, Any]]:
     """``(id, raw batch)`` pairs of the file ``data`` called ``name`` (a batch holds one or more samples)."""
@@ -49,6 +52,8 @@ def read_upload(data: bytes, name: str, content_type: str, spec: PreprocessSpec)
         raise InputError(f"{name!r} is empty (0 bytes): expected an image, a .npy array or CSV rows")
     if data.startswith(_NPY_MAGIC):
         return _npy(data, name, spec)
+    if suffix == ".npy":
+        raise InputError(f"cannot read {name!r} as a .npy array: it does not start with the .npy magic bytes")
     if suffix == ".csv" or content_type.split(";")[0].strip() in ("text/csv", "text/plain"):
         return _csv(data, name, spec)
     if suffix in IMAGE_SUFFIXES or content_type.startswith("image/") or not suffix:
