@@ -105,3 +105,16 @@ def write_pngs(directory: Path, count: int, seed: int = 0, size: int = 8) -> lis
         Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), mode="L").save(path)
         paths.append(path)
     return paths
+
+
+class Sleeping(nn.Module):
+    """``inner`` made deliberately slower: each call sleeps ``seconds`` first (a known answer for timing tests)."""
+
+    def __init__(self, inner: nn.Module, seconds: float = 0.1):
+        super().__init__()
+        self.inner, self.seconds = inner, seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return self.inner(x)
+

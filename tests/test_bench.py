@@ -2,12 +2,12 @@
 
 import copy
 import json
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from serving_models import Sleeping
 from torch import nn
 
 import trainfer
@@ -202,17 +202,9 @@ def test_ratios_are_medians_over_medians_known_answer():
 def test_a_form_made_slower_measures_slower(monkeypatch):
     """Samples land on the form that took them: a plain form sleeping 100 ms a call is the slow one."""
 
-    class Slow(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            time.sleep(0.1)
-            return self.inner(x)
 
     real = FORMS["plain"]
-    monkeypatch.setitem(FORMS, "plain", lambda model, inputs: Slow(real(model, inputs)))
+    monkeypatch.setitem(FORMS, "plain", lambda model, inputs: Sleeping(real(model, inputs)))
     forms = ("train", "reparameterized", "plain")
     report = benchmark(_tiny_repvgg(), (1, 3, 16, 16), forms=forms, batch_size=2, rounds=2, repeats=1, warmup=0,
                        threads=1, show_progress=False)  # fmt: skip

@@ -1,11 +1,11 @@
 import json
 import re
-import time
 
 import pytest
 import torch
 from agreement import assert_same_classes
 from click.testing import CliRunner
+from serving_models import Sleeping
 
 import trainfer
 from trainfer.cli import main
@@ -116,18 +116,11 @@ def test_measurements_cover_every_form(demo_run):
 def test_a_training_form_made_slower_shows_the_deploy_form_faster():
     """Known answer: a training form sleeping 100 ms a call is slower than its deploy form at both batch sizes."""
 
-    class Slow(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            time.sleep(0.1)
-            return self.inner(x)
 
     torch.manual_seed(0)
     deployed = trainfer.deploy(digits_net(width=4).eval(), torch.randn(1, 1, 8, 8))
-    measured = demo._measure(Slow(deployed), deployed, None, torch.randn(demo.THROUGHPUT_BATCH, 1, 8, 8), 1)["forms"]
+    inputs = torch.randn(demo.THROUGHPUT_BATCH, 1, 8, 8)
+    measured = demo._measure(Sleeping(deployed), deployed, None, inputs, 1)["forms"]
     slow, fast = measured["training form (eval)"], measured["deploy form"]
     assert slow["latency_ms"] >= 100 > fast["latency_ms"] and slow["throughput"] < fast["throughput"]
     assert fast["speedup_latency"] > 1 and fast["speedup_throughput"] > 1

@@ -1,18 +1,8 @@
 """What a model's output means: logits, probabilities or log-probabilities — and which output.
 
 Real training code ends ``forward`` in raw logits, in ``softmax``/``log_softmax``, or in
-``sigmoid``. Serving must turn each into probabilities exactly once:
-
-=====================  =============================  ==============================
-output kind            classification scores          binary scores
-=====================  =============================  ==============================
-``logits``             ``softmax(z, dim=1)``          ``sigmoid(z)``
-``probabilities``      ``p`` (as is)                  ``p`` (as is)
-``log_probabilities``  ``exp(l)``                     ``exp(l)``
-=====================  =============================  ==============================
-
-Regression outputs are values and are never transformed. A binary model may also return two
-columns; its score is then column 1 of the classification scores.
+``sigmoid``; serving turns each into probabilities exactly once (the table of
+:mod:`~trainfer.serve.output_kinds`). Regression outputs are values and are never transformed.
 
 :func:`detect_output_kind` reads the kind from the final operation of the model's traced eval
 graph (torch.fx, with the folder's tracer :func:`trainfer.reparam.fold.trace.trace`), looking
