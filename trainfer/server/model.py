@@ -15,6 +15,7 @@ and ``decision`` BOOL ``(N,)``; regression ``values`` ``(N, ...)`` in target uni
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from trainfer.serve.predictor import Predictor
 from trainfer.serve.results import check_finite_scores
 from trainfer.serve.runtime import RUNTIME_FILE
 from trainfer.server.protocol import datatype_of
+
+logger = logging.getLogger("trainfer.server")
 
 #: Samples in the random batch that checks a model before it is ready.
 CHECK_SAMPLES = 3
@@ -148,23 +151,44 @@ class ServedModel:
             "platform": "trainfer",
             "inputs": [{"name": self.input_name, "datatype": self.input_datatype, "shape": [-1, *self.input_shape]}],
             "outputs": [{"name": n, "datatype": d, "shape": s} for n, (d, s) in self.outputs.items()],
-            "parameters": {"task": self.predictor.task, "labels": self.predictor.labels},
+            "parameters": {"task": self.predictor.task, "labels": self.predictor.labels, **self._runtime()},
         }
+
+    def _runtime(self) -> dict[str, str]:
+        """``{"runtime": "<runtime>/<dtype>"}`` when a compiled form serves (a ``CompiledModel``), else ``{}``."""
+        record = getattr(self.predictor.model, "record", None)
+        return {"runtime": f"{record.runtime}/{record.dtype}"} if record is not None else {}
 
 
 def load_model(
-    name: str, path: str | os.PathLike[str], *, runtime: str | None, trust_factory: bool, max_batch: int
+    name: str,
+    path: str | os.PathLike[str],
+    *,
+    runtime: str | None,
+    trust_factory: bool,
+    max_batch: int,
+    search: dict[str, Any] | None = None,
+    write_runtime: bool = False,
 ) -> ServedModel:
     """Load the bundle at ``path`` under the usual trust rules and check it (see :meth:`ServedModel.check`).
+
+    ``search`` (the keyword arguments of :func:`trainfer.serve.gated.compile`): first run that runtime
+    search on the bundle (:func:`compiled_form`) and serve the form it chose (``runtime`` must then be
+    ``None`` or ``"auto"``).
 
     An autoregressive sequence bundle is refused (:class:`~trainfer.errors.InputError`): its decoding is
     a loop of model calls per batch, which the batcher's one forward per batch cannot run.
     """
     overrides: dict[str, Any] = {"batch_size": max_batch}
-    if runtime is None and (Path(path) / RUNTIME_FILE).is_file():
-        runtime = "recorded"  # the runtime trainfer.compile chose and recorded (gated int8/bf16 included)
-    if runtime is not None:
-        overrides["runtime"] = runtime
+    served: Any = runtime
+    if search is not None:
+        if runtime not in (None, "auto"):
+            raise InputError(f"model {name!r}: the start-up search chooses the runtime; got runtime {runtime!r} too")
+        served = compiled_form(name, path, search, write_runtime)
+    elif runtime is None and (Path(path) / RUNTIME_FILE).is_file():
+        served = "recorded"  # the runtime trainfer.compile chose and recorded (gated int8/bf16 included)
+    if served is not None:
+        overrides["runtime"] = served
     predictor = Predictor.load(path, trust_factory=trust_factory, **overrides)
     if predictor.generates:
         raise InputError(
@@ -175,3 +199,27 @@ def load_model(
     model = ServedModel(name, predictor, explainer_loader=lambda: Predictor.load(path, trust_factory=trust_factory))
     model.check()
     return model
+
+
+def compiled_form(name: str, path: str | os.PathLike[str], search: dict[str, Any], write_runtime: bool) -> Any:
+    """The form :func:`trainfer.serve.gated.compile` chooses for the bundle at ``path`` with ``search``
+    (what ``trainfer compile`` would record), its progress and every candidate's figures logged.
+
+    ``write_runtime``: also record it in the bundle (:func:`~trainfer.serve.gated.save_compiled`, atomic
+    writes); otherwise the bundle is left as it was and the record lives in the log and the model's metadata.
+    """
+    from trainfer.serve import gated
+
+    kinds = gated.searched_kinds(search)
+    logger.info("model %r: searching the fastest of the %s forms of %s (not ready until done)", name, kinds, path)
+    compiled = gated.compile(path, runtime="auto", **search)
+    record = compiled.record
+    for line in record.table().splitlines():
+        logger.info("model %r: %s", name, line)
+    note = gated.choice_note(record, search.get("gate_data") is not None)
+    if note:
+        logger.info("model %r: %s", name, note)
+    if write_runtime:
+        logger.info("model %r: recorded in %s", name, gated.save_compiled(path, compiled))
+    logger.info("model %r: serving %s/%s, chosen by the search", name, record.runtime, record.dtype)
+    return compiled

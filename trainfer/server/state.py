@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from fastapi import Request
@@ -26,6 +27,11 @@ class ServerSettings:
     ``bundles`` maps model names to bundle paths; ``max_queue`` bounds the samples waiting per
     model; ``max_body`` the bytes of one request; ``timeout`` the seconds one request may wait
     for its answer; ``api_key`` (when set) must be sent in the ``X-API-Key`` header.
+
+    ``compile`` maps model names to the keyword arguments of :func:`trainfer.serve.gated.compile`
+    (``gate``, ``gate_data``, ``calibration``, ``candidates``, ``rounds``, ...; ``runtime="auto"``
+    implied): that model is searched at start-up, before it is ready, and serves what the search
+    chose. ``write_runtime``: also record the choice in its bundle, as ``trainfer compile`` does.
     """
 
     bundles: dict[str, str]
@@ -38,6 +44,8 @@ class ServerSettings:
     trust_factory: bool = False
     api_key: str | None = None
     retry_after: int = 1
+    compile: dict[str, dict[str, Any]] | None = None
+    write_runtime: bool = False
 
 
 class HTTPError(Exception):
@@ -75,6 +83,8 @@ class Server:
                     runtime=settings.runtime,
                     trust_factory=settings.trust_factory,
                     max_batch=settings.max_batch,
+                    search=(settings.compile or {}).get(name),
+                    write_runtime=settings.write_runtime,
                 )
                 batcher = DynamicBatcher(
                     model.scores,
