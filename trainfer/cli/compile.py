@@ -2,7 +2,9 @@
 
 With ``--gate-data`` (and ``--labels``) the search also weighs bf16 and int8 forms, each behind the
 accuracy gate (:mod:`trainfer.serve.gated`); without, only float32 forms. ``trainfer serve`` and
-``Predictor.load(bundle, runtime="recorded")`` then serve what was recorded.
+``Predictor.load(bundle, runtime="recorded")`` then serve what was recorded. The search's options
+(:func:`search_options`, :func:`search_settings`) are shared with ``trainfer serve --compile``,
+which runs the same search at start-up.
 """
 
 from __future__ import annotations
