@@ -153,3 +153,11 @@ def test_bad_options_are_one_line_exit_2_before_serving(made, bundle, args, frag
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("error: ") and fragment in last and "Traceback" not in result.output, result.output
     assert files(bundle) == before
+
+
+def test_the_python_side_refuses_a_runtime_beside_the_search_before_searching(bundle):
+    from trainfer.errors import InputError
+    from trainfer.server.model import load_model
+
+    with pytest.raises(InputError, match="the start-up search chooses the runtime"):
+        load_model("digits", bundle, runtime="torch", trust_factory=False, max_batch=4, search={})

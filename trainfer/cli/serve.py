@@ -141,7 +141,8 @@ def _given(context: click.Context, name: str) -> bool:
     "--write-runtime",
     is_flag=True,
     help="With --compile: also record the choice in the bundle (runtime.json, and the int8 form when int8 won), "
-    "as `trainfer compile` does. Without it the bundle is left unchanged and the search lives in the log.",
+    "as `trainfer compile` does. Without it the bundle is left unchanged: the search is logged, and the model's "
+    "metadata names the served form.",
 )
 @search_options
 @trust_factory_option
