@@ -30,7 +30,8 @@ def cpu_seconds(tree: str) -> tuple[float, bool]:
     """CPU seconds of one ``trainfer --help`` with ``tree`` first on the path, and whether it imported torch."""
     env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS="1")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
+    command = [sys.executable, "-c", PROBE]  # run in ``tree``: ``-c`` puts the working directory first on the path
+    done = subprocess.run(command, env=env, cwd=tree, capture_output=True, text=True, check=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, done.stderr.strip() == "True"
 
