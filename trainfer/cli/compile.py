@@ -17,7 +17,6 @@ import click
 
 from trainfer.cli.common import friendly_errors, gate_options, trust_factory_option, trusted
 from trainfer.cli.quantize import DATA_HELP, read_labels
-from trainfer.serve.gate import AccuracyGate
 from trainfer.serve.runtime_names import RUNTIMES
 
 #: The parameters :func:`search_options` adds (what :func:`search_settings` reads).
@@ -83,6 +82,7 @@ def command(bundle: str, runtime: str, **search: Any) -> None:
     behind the accuracy gate). The bundle is otherwise unchanged. `trainfer serve BUNDLE --compile`
     runs the same search at start-up."""
     from trainfer.serve import gated
+    from trainfer.serve.gate import AccuracyGate
 
     settings = search_settings(bundle, trusted(), **search)
     gated_search = "gate_data" in settings
