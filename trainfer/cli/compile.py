@@ -58,6 +58,7 @@ def search_settings(bundle: str, trust_factory: bool, **search: Any) -> dict[str
     :func:`search_options` (``search``): the gate, and the gate data and calibration read as the bundle's
     manifest says (none: the float32-only search). Bad files and labels without data are refused here,
     before anything is measured."""
+    from trainfer.serve.gate import AccuracyGate
     from trainfer.serve.gated import check_gated_arguments
 
     gate = AccuracyGate(search["min_agreement"], search["max_accuracy_drop"], search["max_rel_error"])
@@ -82,7 +83,6 @@ def command(bundle: str, runtime: str, **search: Any) -> None:
     behind the accuracy gate). The bundle is otherwise unchanged. `trainfer serve BUNDLE --compile`
     runs the same search at start-up."""
     from trainfer.serve import gated
-    from trainfer.serve.gate import AccuracyGate
 
     settings = search_settings(bundle, trusted(), **search)
     gated_search = "gate_data" in settings
