@@ -18,7 +18,7 @@ from trainfer.testing import assert_close
 
 pytestmark = pytest.mark.slow  # every test here shares one end-to-end demo run
 
-QUICK = ["--epochs", "1", "--subset", "300", "--repeats", "3"]
+QUICK = ["--epochs", "1", "--subset", "300", "--repeats", "3", "--no-sequences"]
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +240,25 @@ def test_pruning_step_gates_each_candidate_and_plots_accuracy_against_latency(de
     report = (out / "report.md").read_text()
     assert "## Pruning: narrower layers behind the accuracy gate" in report and "![pruning](pruning.png)" in report
     assert all(f"| {c['name']} |" in report for c in candidates) and "pruned + int8" in printed
+
+
+def test_the_report_shows_the_sequence_step_headline_and_links_its_report(demo_run, tmp_path):
+    out, _, results = demo_run
+    assert results["config"]["sequences"] is False and "sequences" not in results
+    assert "_Not run (`--no-sequences`)" in (out / "report.md").read_text()
+    scores = [
+        {"model": model, "decoder": decoder, "sequence_accuracy": accuracy, "cer": cer}
+        for model, decoder, accuracy, cer in [
+            ("crnn-ctc", "greedy", 0.812, 0.05),
+            ("crnn-ctc", "beam 8", 0.823, 0.047),
+            ("encoder-decoder", "greedy", 0.411, 0.2),
+            ("encoder-decoder", "beam 8", 0.456, 0.18),
+        ]
+    ]
+    found = {"report": "sequences/report.md", "plot": "sequences/sequences.png", "scores": scores}
+    config = {**results["config"], "sequences": True}
+    from trainfer.demo.report import write_report
+
+    report = write_report({**results, "config": config, "sequences": found}, tmp_path).read_text()
+    assert "[sequences/report.md](sequences/report.md)" in report and "Not run" not in report
+    assert "| encoder-decoder | beam 8 | 0.456 | 0.180 |" in report and "| crnn-ctc | greedy | 0.812 | 0.050 |" in report

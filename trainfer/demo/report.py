@@ -212,9 +212,13 @@ def _agreement(results: Results) -> str:
     if agreement is None:
         return "## 4. Do the two forms agree?\n\n" + _skipped(results, "deploy")
     rows = [[form, _percent(accuracy)] for form, accuracy in agreement["accuracy"].items()]
-    same = "identical" if agreement["identical_classes"] else (
-        f"different on {agreement['class_differences']} images, {agreement['near_tie_differences']} of them "
-        "near-ties (top-2 margin within twice the logits' difference, which rounding breaks either way)"
+    same = (
+        "identical"
+        if agreement["identical_classes"]
+        else (
+            f"different on {agreement['class_differences']} images, {agreement['near_tie_differences']} of them "
+            "near-ties (top-2 margin within twice the logits' difference, which rounding breaks either way)"
+        )
     )
     return (
         "## 4. Do the two forms agree?\n\n"
@@ -347,6 +351,26 @@ def _insight(results: Results) -> str:
     return "\n\n".join(parts)
 
 
+def _sequences(results: Results) -> str:
+    """The sequence step's headline (both models, greedy vs beam) and a link to its own report."""
+    title = "## Sequences: digit strings, greedy vs beam search"
+    found = results.get("sequences")
+    if found is None:
+        return (
+            ""
+            if results["config"].get("sequences", True)
+            else (f"{title}\n\n_Not run (`--no-sequences`); `trainfer demo --sequences` runs that step alone._")
+        )
+    rows = [[s["model"], s["decoder"], f"{s['sequence_accuracy']:.3f}", f"{s['cer']:.3f}"] for s in found["scores"]]
+    return (
+        f"{title}\n\nA CRNN-CTC recogniser and an image-to-sequence encoder-decoder trained on strings of 3 to 6 "
+        "training digits, deployed, verified and served from bundles, scored on held-out strings of test "
+        f"digits (details, training times and bundles: [{found['report']}]({found['report']})):\n\n"
+        + _table(["model", "decoder", "sequence accuracy", "character error rate"], rows)
+        + f"\n\n![greedy vs beam]({found['plot']})"
+    )
+
+
 def _confusion(results: Results) -> str:
     return "## Per-class results\n\n" + _image("confusion", "confusion matrix") if "confusion" in results else ""
 
@@ -363,4 +387,5 @@ _SECTIONS: list[Callable[[Results], str]] = [
     _confusion,
     lambda results: _demo_serving().section(results),
     lambda results: _demo_pruning().section(results),
+    _sequences,
 ]

@@ -39,6 +39,9 @@ from trainfer.reparam.deploy import deploy
 from trainfer.reparam.verify import verify
 from trainfer.serve.bundle import save
 
+EPOCHS = 10
+"""Training epochs of each model by default (``trainfer demo`` passes at most its ``--epochs``)."""
+
 
 @dataclass(frozen=True)
 class Scores:
@@ -227,12 +230,10 @@ def markdown(report: dict[str, Any], scores: Sequence[Scores]) -> str:
 
 def plot(scores: Sequence[Scores], path: Path) -> Path:
     """Bars of sequence accuracy and CER per model, greedy beside beam."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(8, 3.4))
+    figure = Figure(figsize=(8, 3.4), layout="constrained")
+    axes = figure.subplots(1, 2)
     models = list(dict.fromkeys(s.model for s in scores))
     decoders = list(dict.fromkeys(s.decoder for s in scores))
     for axis, metric in zip(axes, ("sequence_accuracy", "cer")):
@@ -243,9 +244,7 @@ def plot(scores: Sequence[Scores], path: Path) -> Path:
         axis.set_title({"sequence_accuracy": "sequence accuracy", "cer": "character error rate"}[metric])
     axes[0].legend()
     figure.suptitle("held-out digit strings (test-split digits)")
-    figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         figure.savefig(tmp, dpi=110, format="png")
-    plt.close(figure)
     return path

@@ -116,5 +116,5 @@ def check_class_gate(manifest: Manifest, what: str) -> None:
         raise InputError(
             f"{what} is gated on per-sample class agreement, which says nothing about the strings a "
             f"{manifest.decoder.kind} sequence bundle decodes: it supports classification and regression bundles; "
-            "serve a sequence bundle in float32 (trainfer compile without --gate-data)"
+            "serve a sequence bundle in float32"
         )
