@@ -70,6 +70,8 @@ def command(
                 f"{row['model']:>16} {row['decoder']:>7}: sequence accuracy {row['sequence_accuracy']:.3f}, "
                 f"CER {row['cer']:.3f}"
             )
+        step = report["step_seconds"]
+        click.echo(f"{step['wall']:.1f} s wall-clock, {step['cpu']:.1f} s of process CPU time")
         click.echo(f"wrote {out / 'sequences'} (report.md, sequences.png, scores.json, crnn_bundle, seq2seq_bundle)")
         return
     from trainfer.demo.pipeline import DemoOptions, run
