@@ -11,6 +11,7 @@ import trainfer
 from trainfer.cli import main
 from trainfer.demo import data
 from trainfer.demo import pipeline as demo
+from trainfer.errors import InputError
 from trainfer.models import digits_net
 from trainfer.modes.contexts import inference
 from trainfer.serve.bundle import load
@@ -150,6 +151,19 @@ def test_refuses_to_replace_a_directory_that_is_not_a_demo_output(tmp_path):
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
     result = CliRunner().invoke(main, ["demo", "--epochs", "-1"])
     assert result.exit_code == 2 and "-1 is not in the range x>=1" in result.output
+
+
+def test_a_sequences_only_output_may_be_replaced_by_the_whole_demo(tmp_path):
+    """``trainfer demo --sequences`` first, then ``make demo``: its ``sequences/`` alone is a demo output."""
+    out = tmp_path / "demo"
+    (out / "sequences").mkdir(parents=True)
+    (out / "sequences" / "notes.txt").write_text("not the step's output")
+    with pytest.raises(InputError, match="not a trainfer demo output"), demo._staging(out):
+        pass
+    (out / "sequences" / "scores.json").write_text("{}")
+    with demo._staging(out) as work:
+        (work / "report.md").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]
 
 
 def test_a_missing_optional_dependency_is_reported_as_skipped(demo_run, tmp_path, monkeypatch):

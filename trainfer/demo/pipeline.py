@@ -104,7 +104,7 @@ def _silent(message: str) -> None:
 @contextlib.contextmanager
 def _staging(out: Path) -> Iterator[Path]:
     """A fresh directory beside ``out`` (shared by all ranks) that replaces ``out`` on success."""
-    if out.exists() and not (out / MARKER).is_file():
+    if out.exists() and not (out / MARKER).is_file() and not _sequences_only(out):
         raise InputError(f"refusing to replace {str(out)!r}: it exists and is not a trainfer demo output")
     work = staging_directory(out) if distributed.is_main() else None
     work = Path(distributed.broadcast_object(str(work)))
@@ -116,6 +116,11 @@ def _staging(out: Path) -> Iterator[Path]:
         if distributed.is_main():
             remove_staging(work)
         raise
+
+
+def _sequences_only(out: Path) -> bool:
+    """``out`` holds nothing but what ``trainfer demo --sequences`` writes (``sequences/`` with its scores)."""
+    return [p.name for p in out.iterdir()] == ["sequences"] and (out / "sequences" / "scores.json").is_file()
 
 
 # ------------------------------------------------------------------ the pipeline
