@@ -212,13 +212,9 @@ def _agreement(results: Results) -> str:
     if agreement is None:
         return "## 4. Do the two forms agree?\n\n" + _skipped(results, "deploy")
     rows = [[form, _percent(accuracy)] for form, accuracy in agreement["accuracy"].items()]
-    same = (
-        "identical"
-        if agreement["identical_classes"]
-        else (
-            f"different on {agreement['class_differences']} images, {agreement['near_tie_differences']} of them "
-            "near-ties (top-2 margin within twice the logits' difference, which rounding breaks either way)"
-        )
+    same = "identical" if agreement["identical_classes"] else (
+        f"different on {agreement['class_differences']} images, {agreement['near_tie_differences']} of them "
+        "near-ties (top-2 margin within twice the logits' difference, which rounding breaks either way)"
     )
     return (
         "## 4. Do the two forms agree?\n\n"
@@ -355,12 +351,10 @@ def _sequences(results: Results) -> str:
     """The sequence step's headline (both models, greedy vs beam) and a link to its own report."""
     title = "## Sequences: digit strings, greedy vs beam search"
     found = results.get("sequences")
+    if found is None and results["config"].get("sequences", True):
+        return ""  # an older results.json, from before the step was part of the demo
     if found is None:
-        return (
-            ""
-            if results["config"].get("sequences", True)
-            else (f"{title}\n\n_Not run (`--no-sequences`); `trainfer demo --sequences` runs that step alone._")
-        )
+        return f"{title}\n\n_Not run (`--no-sequences`); `trainfer demo --sequences` runs that step alone._"
     rows = [[s["model"], s["decoder"], f"{s['sequence_accuracy']:.3f}", f"{s['cer']:.3f}"] for s in found["scores"]]
     return (
         f"{title}\n\nA CRNN-CTC recogniser and an image-to-sequence encoder-decoder trained on strings of 3 to 6 "
