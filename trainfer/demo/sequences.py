@@ -44,7 +44,7 @@ EPOCHS = 10
 TRAIN_COUNT, BATCH_SIZE, LR = 1000, 32, 1e-2
 """Training strings, batch size and AdamW learning rate by default: measured on 2 cores, half the
 strings at twice the steps per epoch and 2.5x the rate learn as well as 2000 strings in batches of
-64 at 4e-3, at half the CPU time (docs/sequences.md, "Measured")."""
+64 at 4e-3, at about half the training CPU time (docs/sequences.md, "Measured")."""
 
 
 @dataclass(frozen=True)
