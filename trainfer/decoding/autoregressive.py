@@ -132,15 +132,14 @@ def greedy_search(
 
 
 def _done(
-    early_stopping: bool | str, finished: torch.Tensor, best: torch.Tensor, t: int, max_length: int, penalty: float
+    early_stopping: bool | str, worst: torch.Tensor, best: torch.Tensor, t: int, max_length: int, penalty: float
 ) -> torch.Tensor:
     """Items whose finished hypotheses can no longer be displaced (see the module docstring).
 
-    ``finished``: the items' finished scores ``(N, K)``, best first (so the set is full when its last,
-    worst score is finite); ``best``: each item's best running log-prob. ``worst >= bound`` says both
+    ``worst``: the last (worst) of each item's finished scores, kept best first (so the set is full
+    when it is finite); ``best``: each item's best running log-prob. ``worst >= bound`` says both
     "full and not beatable" and, where ``best`` is -inf (the bound too), "nothing left running".
     """
-    worst = finished[:, -1]
     if early_stopping is True:
         return torch.isfinite(worst)
     if early_stopping == "never":
@@ -305,13 +304,14 @@ def _search(
             log_prob = torch.full((n, width), -torch.inf, dtype=dtype, device=device)
             log_prob[:, 0] = 0.0  # one live beam at the start: the others would repeat it
             ends = _Ends.empty(n, width, dtype, device)
-            worst = ends.score[:, -1:]
+            worst = ends.score[:, -1:]  # (N, 1): what a new finished hypothesis must beat
             # candidates an EOS may finish: ranked inside the beam, of an item not done (updated with `done`)
             within = torch.arange(min(2 * width, width * vocab), device=device) < width
             eligible = within.expand(n, -1)
             flat = torch.arange(width * vocab, device=device)
             beam_token_of = torch.stack([flat // vocab, flat % vocab])  # a flat candidate index's beam and token
             is_eos_of = beam_token_of[1] == eos
+            never = torch.tensor(-torch.inf, dtype=dtype, device=device)  # the score of what cannot finish
         assert ends is not None
         step_lp = log_probs.to(log_prob.dtype).view(n, width * vocab)
         cand = (log_prob[:, :, None] + step_lp.view(n, width, vocab)).view(n, width * vocab)
@@ -319,7 +319,7 @@ def _search(
         is_eos = torch.take(is_eos_of, index)
         # an EOS candidate is finished if it ranks within the beam; done items take nothing more
         keep = is_eos & eligible  # (a -inf candidate kept scores -inf: never ranks)
-        score = torch.where(keep, top / float(t + 1) ** penalty, -torch.inf)
+        score = torch.where(keep, top / float(t + 1) ** penalty, never)
         if bool((score > worst).any()):  # only what beats an item's worst finished enters
             values = torch.stack([score, top, step_lp.gather(1, index)])
             ends, any_ended = ends.merged_best(values, index + t * width * vocab, width), True
@@ -336,7 +336,7 @@ def _search(
         if t + 1 == max_length:
             break
         if any_ended or bool(torch.isneginf(log_prob[:, 0]).any()):
-            done |= _done(early_stopping, ends.score, log_prob[:, 0], t, max_length, penalty)  # beams rank-sorted
+            done |= _done(early_stopping, worst[:, 0], log_prob[:, 0], t, max_length, penalty)  # beams rank-sorted
             any_done = bool(done.any())
             if any_done:
                 if bool(done.all()):
