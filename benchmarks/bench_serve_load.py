@@ -11,7 +11,7 @@ tensor data, or for LitServe (which takes JSON only) the same bytes base64-encod
 reports throughput and p50/p99 latency. Every server runs its model on ``--threads`` torch threads
 (1 by default, the same for all). At concurrency 1 the server's overhead is ``1 - (mean seconds
 per batch in the model, from /metrics) / (mean request latency)``. ``cpu_ms`` is the server
-process's own CPU time (user + system, every thread, from ``/proc/PID/stat``) per answered request
+process's own CPU time (user + system, every thread and child process, from ``/proc``) per answered request
 over the run: unlike req/s it hardly moves with the machine's load, so it is the figure to compare
 code by on a shared machine (``--compare-with DIR``: a checkout of other code, run interleaved).
 
@@ -169,9 +169,19 @@ def queue_depth(server: ServerProcess) -> float:
 
 
 def cpu_seconds(server: ServerProcess) -> float:
-    """User + system CPU seconds of the server process so far (every thread)."""
-    fields = Path(f"/proc/{server.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+    """User + system CPU seconds so far of the server process and its live descendants (every thread;
+    LitServe computes in child processes)."""
+    total, pids = 0.0, [server.process.pid]
+    while pids:
+        pid = pids.pop()
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                pids += [int(child) for child in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):  # a child that exited meanwhile
+            continue
+    return total
 
 
 def rss_mb(server: ServerProcess) -> float:
