@@ -12,8 +12,10 @@ reports throughput and p50/p99 latency. Every server runs its model on ``--threa
 (1 by default, the same for all). At concurrency 1 the server's overhead is ``1 - (mean seconds
 per batch in the model, from /metrics) / (mean request latency)``. ``cpu_ms`` is the server
 process's own CPU time (user + system, every thread and child process, from ``/proc``) per answered request
-over the run: unlike req/s it hardly moves with the machine's load, so it is the figure to compare
-code by on a shared machine (``--compare-with DIR``: a checkout of other code, run interleaved).
+over the run: it moves far less with the machine's load than req/s (caches and clock still shift it),
+so it is the figure to compare code by on a shared machine (``--compare-with DIR``: a checkout of
+other code, each of its rows right after the same row of this code); it means little for a run in
+which few requests finished (requests still in flight when wrk stops cost CPU but are not counted).
 
 The overload test drives the dynamic server (``--max-queue 64``) with 10x the connections of the
 concurrency-32 run (320, closed loop: wrk cannot hold a rate) for ``--overload-seconds``, waits
