@@ -513,6 +513,8 @@ def test_a_part_folded_to_a_chain_of_module_calls_is_installed_as_a_sequential_a
     # a residual is not a chain, and a part called by keyword keeps the GraphModule that takes its keywords
     assert isinstance(result.model[1], torch.fx.GraphModule) and result.model[1].f == -1
     assert isinstance(result.head, torch.fx.GraphModule)
+    # the parts the fold built are in inference mode like everything else in a deploy form
+    assert not any(m.training for m in result.modules()), [n for n, m in result.named_modules() if m.training]
 
 
 # --- 7. plain attributes cached by forward -----------------------------------------------------------
