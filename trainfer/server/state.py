@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from fastapi import Request
@@ -77,7 +78,7 @@ class Server:
                     max_batch=settings.max_batch,
                 )
                 batcher = DynamicBatcher(
-                    model.scores,
+                    model.compute,
                     settings.max_batch,
                     settings.max_delay_ms / 1000,
                     settings.max_queue,
@@ -101,12 +102,14 @@ class Server:
             raise HTTPError(503, f"model {name!r} is still loading", {"Retry-After": str(self.settings.retry_after)})
         return self.models[name]
 
-    async def run(self, name: str, batch: torch.Tensor) -> list[torch.Tensor]:
-        """``batch``'s rows of every output, through the model's dynamic batcher, within the timeout."""
+    async def run(self, name: str, batch: torch.Tensor, top_k: int | None = None) -> list[Any]:
+        """``batch``'s rows of every output (:meth:`ServedModel.compute`), through the model's dynamic
+        batcher, within the timeout; ``top_k`` reaches a model that generates (its search depends on it)."""
         if not len(batch):
             raise InputError("empty input: expected at least one sample")
+        key = self.models[name].key(top_k)
         try:
-            return await asyncio.wait_for(self.batchers[name].submit(batch), self.settings.timeout)
+            return await asyncio.wait_for(self.batchers[name].submit(batch, key), self.settings.timeout)
         except Overloaded as error:
             raise HTTPError(503, f"overloaded: {error}; retry later", self._retry()) from None
         except TimeoutError:
