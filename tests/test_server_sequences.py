@@ -216,3 +216,12 @@ def test_explain_from_two_threads_at_once_answers_as_one_at_a_time(server, bundl
         values = predictor.explain(np.load(io.BytesIO(body))).values[0].double().abs().sum(0)
         np.testing.assert_allclose(got, (values / values.max()).numpy(), atol=1e-5, rtol=0)
     assert not np.allclose(both[0], both[1])  # two different answers: a swap would be seen
+
+
+def test_only_a_top_k_that_changes_the_search_keeps_requests_apart(bundles):
+    from trainfer.server.model import ServedModel
+
+    s2s = ServedModel("s2s", Predictor.load(bundles / "s2s"))  # n_best 1: None and 1 decode alike
+    assert [s2s.key(k) for k in (None, 1, 2, 5)] == [None, None, 2, 5]
+    ctc = ServedModel("ctc", Predictor.load(bundles / "ctc"))  # one forward per batch: top_k never matters
+    assert [ctc.key(k) for k in (None, 1, 2)] == [None, None, None]

@@ -101,8 +101,10 @@ class ServedModel:
         return self.predictor.generates
 
     def key(self, top_k: int | None) -> Hashable:
-        """A request's batcher key: its ``top_k`` when the model generates (the search depends on it)."""
-        return top_k if self.generates else None
+        """A request's batcher key: its ``top_k`` when the model generates and it changes the search
+        (None, the bundle's ``n_best``, and ``top_k == n_best`` decode alike: they share batches)."""
+        decoder = self.predictor.decoder
+        return top_k if self.generates and top_k != decoder.n_best else None
 
     def compute(self, batch: Tensor, top_k: int | None = None) -> list[Any]:
         """What the batcher runs on a prepared batch: :meth:`scores`, or, for a model that generates,
