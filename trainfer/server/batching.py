@@ -13,9 +13,10 @@ while the model is busy):
 
 A batch is the oldest waiting requests concatenated in arrival order -- requests of different sizes
 together, never splitting one -- up to ``max_batch`` samples; a request holding more than
-``max_batch`` samples runs alone. A request may carry a ``key`` (a sequence model's ``top_k``):
-a batch holds requests of one key only (it stops at the first of another key, so order is kept),
-and runs ``run(batch, key)`` instead of ``run(batch)``. The model runs once on it and each request gets its own rows.
+``max_batch`` samples runs alone. The model runs once on it and each request gets its own rows.
+A request may carry a ``key`` (a sequence model's ``top_k``): a batch holds requests of one key
+only (it stops at the first of another key, so order is kept) and runs ``run(batch, key)``
+instead of ``run(batch)``.
 The worker thread runs with the torch (OpenMP) thread count of the thread that made the batcher.
 
 Memory is bounded: at most ``max_queue`` samples wait; a request that would exceed that is refused
