@@ -14,6 +14,7 @@ import importlib.abc
 import importlib.util
 import sys
 import warnings
+from collections.abc import Callable
 from types import ModuleType
 
 #: Old path -> new path. Each entry goes in the release after next.
@@ -48,8 +49,8 @@ MOVED = {
 RENAMED = {"explain": "deploy_report"}  # trainfer.explain gave the deploy report; Predictor.explain gives attributions
 
 
-def renamed(namespace: dict[str, object], name: str) -> object:
-    """``namespace[RENAMED[name]]`` with a ``DeprecationWarning`` naming the new name (a package's ``__getattr__``)."""
+def renamed(resolve: Callable[[str], object], name: str) -> object:
+    """``resolve(RENAMED[name])`` with a ``DeprecationWarning`` naming the new name (a package's ``__getattr__``)."""
     if name not in RENAMED:
         raise AttributeError(f"module 'trainfer' has no attribute {name!r}")
     warnings.warn(
@@ -57,7 +58,7 @@ def renamed(namespace: dict[str, object], name: str) -> object:
         DeprecationWarning,
         stacklevel=3,
     )
-    return namespace[RENAMED[name]]
+    return resolve(RENAMED[name])
 
 
 class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):

@@ -24,14 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trainfer.analysis.inspection_modes import MODES, REFERENCE_MODE
 from trainfer.analysis.inspection_report import Inspection, LayerRecord, Stats
 from trainfer.capture import capture
 from trainfer.errors import InputError, InputTypeError
 from trainfer.numerics import relative_error, tolerance_for
-
-MODES = ("train", "eval")
-#: The mode whose outputs are the divergence's reference: the one a deployed model runs in.
-REFERENCE_MODE = "eval"
 
 
 def inspect(

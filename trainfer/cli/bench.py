@@ -7,9 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
-import torch
 
-from trainfer.bench import FORMS, benchmark
 from trainfer.cli.common import friendly_errors, trust_factory_option, trusted
 from trainfer.cli.model_spec import MODEL_HELP, example_shape, factory_of, resolve_model, weights_option
 
@@ -17,6 +15,8 @@ DEFAULT_FORMS = "train,reparameterized,plain,deploy"
 
 
 def _forms(text: str) -> list[str]:
+    from trainfer.bench import FORMS
+
     forms = [form.strip() for form in text.split(",") if form.strip()]
     unknown = [form for form in forms if form not in FORMS]
     if not forms or unknown:
@@ -60,6 +60,10 @@ def command(
     Prints a table of median/p90 latency at batch 1, throughput at --batch-size, parameters,
     multiply-adds and peak memory, with the latency ratios measured in the same run.
     """
+    import torch
+
+    from trainfer.bench import benchmark
+
     forms = _forms(forms_text)
     torch.manual_seed(seed)
     model = resolve_model(spec, weights, trust_factory=trusted())

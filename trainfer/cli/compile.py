@@ -14,7 +14,6 @@ import click
 
 from trainfer.cli.common import friendly_errors, gate_options, trust_factory_option, trusted
 from trainfer.cli.quantize import DATA_HELP, read_labels
-from trainfer.serve.gate import AccuracyGate
 from trainfer.serve.runtime_names import RUNTIMES
 
 
@@ -51,6 +50,7 @@ def command(
     record the fastest verified one in BUNDLE/runtime.json (with --gate-data: bf16 and int8 too, each
     behind the accuracy gate). The bundle is otherwise unchanged."""
     from trainfer.serve import gated
+    from trainfer.serve.gate import AccuracyGate
 
     gate = AccuracyGate(min_agreement, max_accuracy_drop, max_rel_error)
     options = _gated_options(bundle, gate_data, labels, calibration)

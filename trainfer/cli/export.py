@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import click
-import torch
 
 from trainfer.cli.common import (
     Tolerance,
@@ -14,7 +13,7 @@ from trainfer.cli.common import (
     trusted,
 )
 from trainfer.errors import EquivalenceError
-from trainfer.serve.export import FORMATS, export
+from trainfer.serve.export_formats import FORMATS
 
 
 @click.command("export")
@@ -27,6 +26,10 @@ from trainfer.serve.export import FORMATS, export
 @friendly_errors
 def command(bundle: str, fmt: str, output: str, input_shape: str | None, rtol: float | None) -> None:
     """Export the deploy form of BUNDLE (deploying it first if needed), checked against PyTorch."""
+    import torch
+
+    from trainfer.serve.export import export
+
     check_output_apart(output, bundle)
     example = torch.randn(parse_shape(input_shape)) if input_shape else None
     try:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from trainfer.analysis.inspection import MODES, inspect
+from trainfer.analysis.inspection_modes import MODES
 from trainfer.cli.common import friendly_errors, trust_factory_option, trusted
 from trainfer.cli.model_spec import (
     MODEL_HELP,
@@ -45,6 +45,8 @@ def command(
     With --modes train,eval both passes run on copies with the same seeded random input, and the
     first module whose outputs differ is marked: where a forgotten eval() starts to matter.
     """
+    from trainfer.analysis.inspection import inspect
+
     model = resolve_model(model_spec, weights, trust_factory=trusted())
     refuse_encoder_decoder(model, model_spec, "inspect")
     shape = example_shape(model, input_shape, model_spec, min_batch=2 if "train" in modes else 1)

@@ -18,19 +18,17 @@ import json
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
-import numpy as np
 
 from trainfer.cli.common import check_output_apart, friendly_errors, trust_factory_option, trusted
 from trainfer.errors import InputError, MissingFileError
-from trainfer.serve import distributed
-from trainfer.serve.batch_predict import check_output, iter_images, predict_to_jsonl
-from trainfer.serve.predictor import Predictor
-from trainfer.serve.preprocess import PreprocessSpec
-from trainfer.serve.readers import IMAGE_SUFFIXES, iter_csv, read_npy
-from trainfer.serve.runtime import RUNTIMES
+from trainfer.serve.runtime_names import RUNTIMES
+
+if TYPE_CHECKING:  # torch and the serving layer are imported when a command runs, never for --help
+    from trainfer.serve.predictor import Predictor
+    from trainfer.serve.preprocess import PreprocessSpec
 
 FORMATS = ("table", "jsonl", "csv")
 BUNDLE_RECORDS = ("manifest.json", "quantization.json", "runtime.json")
@@ -40,6 +38,8 @@ def load_predictor(
     bundle: str, batch_size: int, device: str, threshold: float | None, runtime: str | None = None
 ) -> Predictor:
     """A :class:`Predictor` for a bundle directory or an exported ``.onnx`` file."""
+    from trainfer.serve.predictor import Predictor
+
     overrides: dict[str, Any] = {"batch_size": batch_size, "device": device}
     if threshold is not None:
         overrides["threshold"] = threshold
@@ -54,6 +54,8 @@ def gather_inputs(paths: Iterable[str], spec: PreprocessSpec) -> Iterator[tuple[
     An image is one sample (id: its path); a ``.npy`` array gives one sample per row (id:
     ``path[i]``, memory-mapped); a CSV file one per data row (id: ``path:i``, 0-based).
     """
+    from trainfer.serve.readers import IMAGE_SUFFIXES, iter_csv
+
     for text in paths:
         path = Path(text)
         if not path.is_file():
@@ -71,6 +73,10 @@ def gather_inputs(paths: Iterable[str], spec: PreprocessSpec) -> Iterator[tuple[
 
 
 def _npy_rows(path: Path, spec: PreprocessSpec) -> Iterator[tuple[str, Any]]:
+    import numpy as np
+
+    from trainfer.serve.readers import read_npy
+
     array = read_npy(path, spec, mmap=True)
     for index in range(len(array)):
         yield f"{path}[{index}]", np.array(array[index : index + 1])
@@ -213,12 +219,16 @@ def load_serving(
     runtime: str | None = None,
 ):
     """One Predictor, or an ensemble of several (or of one with ``weights``)."""
+    from trainfer.serve.predictor import Predictor
+
     predictors = [load_predictor(model, batch_size, device, threshold, runtime) for model in models]
     return predictors[0] if len(predictors) == 1 and weights is None else Predictor.ensemble(predictors, weights)
 
 
 def batch_source(inputs: list[str], spec: PreprocessSpec) -> Any:
     """``(id, sample)`` pairs: one directory's images (ids relative to it), else :func:`gather_inputs`'s."""
+    from trainfer.serve.batch_predict import iter_images
+
     return iter_images(inputs[0]) if len(inputs) == 1 and Path(inputs[0]).is_dir() else gather_inputs(inputs, spec)
 
 
@@ -268,6 +278,9 @@ def command(
     Under "torchrun --nproc_per_node N -m trainfer predict ... --out preds.jsonl" the ranks share
     the inputs and rank 0 writes the same file a single process would.
     """
+    from trainfer.serve import distributed
+    from trainfer.serve.batch_predict import check_output, predict_to_jsonl
+
     models, paths = split_models(bundle, inputs)
     if not paths:
         raise click.UsageError("expected INPUT... after the bundle(s)")

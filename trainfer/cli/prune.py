@@ -15,7 +15,6 @@ import click
 from trainfer.cli.common import check_output_apart, friendly_errors, gate_options
 from trainfer.cli.quantize import DATA_HELP, read_labels
 from trainfer.errors import InputError
-from trainfer.serve.gate import AccuracyGate
 
 if TYPE_CHECKING:
     from trainfer.serve.manifest import Manifest
@@ -69,6 +68,7 @@ def command(
     """Remove the least important channels of BUNDLE's deploy form (Torch-Pruning's dependency graph,
     group magnitude), optionally fine-tune, gate the result against the unpruned form, and write OUT."""
     from trainfer.serve.bundle import read_manifest, save
+    from trainfer.serve.gate import AccuracyGate
     from trainfer.serve.prune import prune
     from trainfer.serve.quantize import bundle_metadata  # the task, labels and preprocessing a bundle carries on
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import numpy as np
-import torch
 
 from trainfer.cli.common import check_output_apart, friendly_errors, gate_options, trust_factory_option, trusted
 from trainfer.errors import InputError
-from trainfer.serve.gate import AccuracyGate
+
+if TYPE_CHECKING:  # imported when a command runs, never for --help
+    import torch
 
 #: ``--equalize`` -> the ``equalize`` argument of :func:`trainfer.quantize`.
 EQUALIZE: dict[str, bool | str] = {"auto": "auto", "on": True, "off": False}
@@ -22,6 +23,9 @@ DATA_HELP = (
 
 def read_labels(path: Path) -> torch.Tensor:
     """``--labels``: a ``.npy`` file of integer class indices (read as any trainfer ``.npy`` input)."""
+    import numpy as np
+    import torch
+
     from trainfer.serve.preprocess import PreprocessSpec
     from trainfer.serve.readers import read_npy
 
@@ -70,6 +74,7 @@ def command(
 ) -> None:
     """Quantize the deploy form of BUNDLE to int8 (QDQ, per-channel weights, for --runtime), keep the
     most sensitive layers in float until the accuracy gate passes, and write the bundle OUT."""
+    from trainfer.serve.gate import AccuracyGate
     from trainfer.serve.quantize import quantize
 
     check_output_apart(output, bundle, *(p for p in (calibration, validation, labels) if p))

@@ -10,7 +10,7 @@ import click
 from trainfer.cli.common import friendly_errors, trust_factory_option, trusted
 from trainfer.errors import InputError, MissingFileError
 from trainfer.extras import require
-from trainfer.serve.runtime import RUNTIMES
+from trainfer.serve.runtime_names import RUNTIMES
 
 
 def model_names(bundles: tuple[str, ...], names: str | None) -> dict[str, str]:

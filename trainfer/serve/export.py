@@ -42,12 +42,12 @@ from trainfer.atomic import atomic_file
 from trainfer.errors import EquivalenceError, InputError
 from trainfer.extras import require
 from trainfer.numerics import tolerance_for
+from trainfer.serve.export_formats import FORMATS
 from trainfer.serve.onnx_runtime import MANIFEST_KEY, OnnxModel, read_onnx_manifest
 from trainfer.serve.outputs import flatten_outputs
 from trainfer.serve.source import load_source
 from trainfer.validate import check_tolerance
 
-FORMATS = ("onnx", "torchscript", "exported-program")
 ONNX_OPSET = 17
 _CHECK_BATCHES = (1, 3)
 #: torch's exporters keep process-global state (the ONNX exporter's ``GLOBALS.in_onnx_export``,
