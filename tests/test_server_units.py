@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -258,6 +259,49 @@ def test_requests_arriving_while_the_model_is_busy_run_together(max_batch, max_d
     assert [a[0].item() for a in answers[1:]] == [2.0 * i for i in range(queued)]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_up_to_workers_batches_run_at_once_and_a_request_finding_a_worker_idle_runs_at_once(workers):
+    """With ``workers`` threads, a request arriving while fewer batches run starts its own batch at
+    once (an hour of delay is never waited); beyond that it queues for the next free worker."""
+    model = HeldModel()
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch=2, max_delay=3600.0, max_queue=100, workers=workers)
+        batcher.start()
+        first = await model.busy(batcher)
+        second = asyncio.ensure_future(batcher.submit(torch.ones(1, 1)))
+        for _ in range(2000):  # until the second batch starts, or 2 s
+            if len(model.sizes) == 2:
+                break
+            await asyncio.sleep(0.001)
+        running = len(model.sizes)
+        third = asyncio.ensure_future(batcher.submit(torch.ones(2, 1)))  # max_batch: runs once a worker frees
+        await asyncio.sleep(0.05)
+        queued = batcher.queued
+        model.released.set()
+        answers = await asyncio.gather(first, second, third)
+        await batcher.stop()
+        return running, queued, answers
+
+    running, queued, answers = run(main(), seconds=30)
+    assert running == workers and queued == {1: 3, 2: 2}[workers]  # the third found every worker busy
+    assert [a[0].tolist() for a in answers] == [[[0.0]], [[2.0]], [[2.0], [2.0]]]
+
+
+def test_the_default_workers_are_the_cores_over_torchs_threads():
+    from trainfer.server.batching import default_workers
+
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = default_workers()
+        torch.set_num_threads(10_000)
+        many = default_workers()
+    finally:
+        torch.set_num_threads(saved)
+    assert one == len(os.sched_getaffinity(0)) and many == 1
+
+
 def test_a_full_queue_refuses_at_once_and_a_cancelled_request_is_never_computed():
     model = HeldModel()
 
@@ -368,10 +412,15 @@ def test_not_ready_until_the_models_are_loaded_and_checked():
     pytest.importorskip("fastapi")
     from trainfer.server.app import ServerSettings, create_app
 
-    app = create_app(ServerSettings(bundles={"digits": str(Path(__file__).parent / "fixtures" / "digits_deploy_v2")}))
+    readied: list[bool] = []
+    app = create_app(
+        ServerSettings(bundles={"digits": str(Path(__file__).parent / "fixtures" / "digits_deploy_v2")}),
+        on_ready=lambda: readied.append(app.state.server.ready),
+    )
 
     async def main():
         before = [await asgi_get(app, path) for path in ("/v2/health/ready", "/v2/models/digits/ready")]
+        assert not readied
         live = await asgi_get(app, "/v2/health/live")
         async with app.router.lifespan_context(app):
             for _ in range(600):
@@ -385,7 +434,7 @@ def test_not_ready_until_the_models_are_loaded_and_checked():
     before, live, after, metadata = run(main(), seconds=60)
     assert live[0] == 200 and [status for status, _, _ in before] == [503, 503]
     assert before[1][1]["retry-after"] == "1" and "still loading" in json.loads(before[1][2])["error"]
-    assert [status for status, _, _ in after] == [200, 200]
+    assert [status for status, _, _ in after] == [200, 200] and readied == [True]  # once, when loaded
     assert metadata["outputs"][0] == {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}
 
 

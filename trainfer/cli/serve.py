@@ -84,6 +84,13 @@ def api_key(variable: str | None) -> str | None:
     help="Server processes (each loads the models).",
 )
 @click.option(
+    "--batch-workers",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Batches of one model that may run at once, each in its own thread (default: the cores over torch's "
+    "threads per forward: 1 with torch's default threads, one per core with OMP_NUM_THREADS=1).",
+)
+@click.option(
     "--runtime",
     type=click.Choice(["auto", "recorded", *RUNTIMES]),
     default=None,
@@ -110,6 +117,7 @@ def command(
     timeout: float,
     max_connections: int,
     workers: int,
+    batch_workers: int | None,
     runtime: str | None,
     api_key_env: str | None,
 ) -> None:
@@ -135,5 +143,6 @@ def command(
         runtime=runtime,
         trust_factory=trusted(),
         api_key=api_key(api_key_env),
+        batch_workers=batch_workers,
     )
     serve(settings, host=host, port=port, workers=workers, limit_concurrency=max_connections)

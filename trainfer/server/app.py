@@ -58,16 +58,20 @@ INLINE_BYTES = 64 * 1024
 
 
 def create_app(
-    settings: ServerSettings, on_fatal: Callable[[BaseException], None] | None = None, background: bool = True
+    settings: ServerSettings,
+    on_fatal: Callable[[BaseException], None] | None = None,
+    background: bool = True,
+    on_ready: Callable[[], None] = lambda: None,
 ) -> FastAPI:
     """The ASGI app serving ``settings.bundles``; models load when its lifespan starts.
 
     ``background``: they load while the app already answers (live, not ready); otherwise the
     lifespan's startup waits for them (a worker process sharing a port then takes no request
     before it is ready). ``on_fatal`` hears a bundle that cannot be served (the runner stops the
-    server; by default the error is logged and readiness stays false).
+    server; by default the error is logged and readiness stays false); ``on_ready`` is called once
+    every model is loaded, before the app reports ready.
     """
-    server = Server(settings, on_fatal or (lambda error: logger.error("cannot serve: %s", one_line(error))))
+    server = Server(settings, on_fatal or (lambda error: logger.error("cannot serve: %s", one_line(error))), on_ready)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:

@@ -13,7 +13,7 @@ import torch
 from fastapi import Request
 
 from trainfer.errors import InputError
-from trainfer.server.batching import DynamicBatcher, Overloaded
+from trainfer.server.batching import DynamicBatcher, Overloaded, default_workers
 from trainfer.server.metrics import Metrics
 from trainfer.server.model import ServedModel, load_model
 
@@ -26,7 +26,9 @@ class ServerSettings:
 
     ``bundles`` maps model names to bundle paths; ``max_queue`` bounds the samples waiting per
     model; ``max_body`` the bytes of one request; ``timeout`` the seconds one request may wait
-    for its answer; ``api_key`` (when set) must be sent in the ``X-API-Key`` header.
+    for its answer; ``api_key`` (when set) must be sent in the ``X-API-Key`` header;
+    ``batch_workers`` the batches of one model that may run at once (None: one per core over
+    torch's threads per forward, :func:`~trainfer.server.batching.default_workers`).
     """
 
     bundles: dict[str, str]
@@ -39,6 +41,7 @@ class ServerSettings:
     trust_factory: bool = False
     api_key: str | None = None
     retry_after: int = 1
+    batch_workers: int | None = None
 
 
 class HTTPError(Exception):
@@ -52,8 +55,14 @@ class HTTPError(Exception):
 class Server:
     """The served models, their batchers and the metrics of one app."""
 
-    def __init__(self, settings: ServerSettings, on_fatal: Callable[[BaseException], None]):
+    def __init__(
+        self,
+        settings: ServerSettings,
+        on_fatal: Callable[[BaseException], None],
+        on_ready: Callable[[], None] = lambda: None,
+    ):
         self.settings = settings
+        self.on_ready = on_ready
         self.metrics = Metrics(settings.max_batch)
         self.models: dict[str, ServedModel] = {}
         self.batchers: dict[str, DynamicBatcher] = {}
@@ -83,11 +92,13 @@ class Server:
                     settings.max_delay_ms / 1000,
                     settings.max_queue,
                     self.metrics.batch_stats(name),
+                    settings.batch_workers or default_workers(),
                 )
                 batcher.start()
                 self.models[name] = model
                 self.batchers[name] = batcher
                 logger.info("model %r ready (%s)", name, path)
+            self.on_ready()
         except Exception as error:  # a bundle that cannot be served: say why in one line and stop
             self.on_fatal(error)
 
