@@ -107,6 +107,13 @@ def test_text_outputs_as_json_and_as_length_prefixed_bytes():
         (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [[1], ["2"]]}]}', None, "found '2'"),
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT32", "data": [true]}]}', None, "found True"),
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BOOL", "data": [1]}]}', None, "true/false only"),
+        (
+            b'{"inputs": [{"name": "ids", "shape": [2], "datatype": "INT64", "data": [1, 1.5]}]}',
+            None,
+            "input 'ids': \"data\" must hold int64 integers only; found 1.5",
+        ),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "UINT8", "data": [[2.0]]}]}', None, "found 2.0"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT8", "data": [1e2]}]}', None, "int8 integers"),
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [null]}]}', None, "found None"),
         (b"\xff\xfe", None, "not valid JSON"),
         (b"[" * 100_000 + b"]" * 100_000, None, "JSON"),
@@ -155,6 +162,35 @@ def test_each_request_gets_its_own_rows_back_in_batches_of_at_most_max_batch(siz
     assert [i for batch in batches for i in batch] == list(range(len(sizes)))  # arrival order, each once
     if any(a + b <= max_batch for a, b in zip(sizes, sizes[1:])):
         assert len(batches) < len(sizes)  # all queued before the first batch: two that fit together shared one
+
+
+@settings(max_examples=20)
+@given(keys=st.lists(st.sampled_from([None, 1, 3]), min_size=1, max_size=16))
+def test_requests_of_different_keys_never_share_a_batch_and_each_batch_runs_with_its_key(keys):
+    """A sequence model's ``top_k`` is the key: a batch holds one key, runs ``run(batch, key)``
+    (``run(batch)`` for None), and the requests keep their arrival order."""
+    batches: list[tuple[object, list[int]]] = []
+
+    def model(batch: torch.Tensor, *key: int) -> list[torch.Tensor]:
+        batches.append((key[0] if key else None, batch[:, 0].long().tolist()))
+        return [batch + (key[0] if key else 0)]
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch=8, max_delay=0.01, max_queue=100)
+        batcher.start()
+        answers = await asyncio.gather(
+            *(batcher.submit(torch.full((1, 1), float(i)), key) for i, key in enumerate(keys))
+        )
+        await batcher.stop()
+        return answers
+
+    answers = run(main())
+    assert [a[0].item() for a in answers] == [i + (k or 0) for i, k in enumerate(keys)]
+    assert [i for _, rows in batches for i in rows] == list(range(len(keys)))
+    for key, rows in batches:
+        assert {keys[i] for i in rows} == {key}
+    if len(keys) > 1 and all(k == keys[0] for k in keys) and len(keys) <= 8:
+        assert len(batches) < len(keys)  # one key: they do share
 
 
 class HeldModel:

@@ -163,7 +163,7 @@ def _routes(app: FastAPI, server: Server) -> None:
             return [i for i, _ in items], model.prepare([sample for _, sample in items])
 
         ids, batch = await asyncio.to_thread(prepare)
-        results = model.results(await server.run(name, batch), top_k)
+        results = model.results(await server.run(name, batch, top_k), top_k)
         lines = [
             json.dumps({"id": i, **r}, allow_nan=False) + "\n" for i, r in zip(ids, to_records(results), strict=True)
         ]

@@ -14,6 +14,9 @@ batch's. When to run (Triton's rule, collecting only while every worker is busy)
 A batch is the oldest waiting requests concatenated in arrival order -- requests of different sizes
 together, never splitting one -- up to ``max_batch`` samples; a request holding more than
 ``max_batch`` samples runs alone. The model runs once on it and each request gets its own rows.
+A request may carry a ``key`` (a sequence model's ``top_k``): a batch holds requests of one key
+only (it stops at the first of another key, so order is kept) and runs ``run(batch, key)``
+instead of ``run(batch)``.
 Each worker thread runs with the torch (OpenMP) thread count of the thread that made the batcher,
 so ``workers`` x that count is the cores the batcher may use: on a CPU, where a batch gains little
 per sample over one sample, several workers of one thread each keep every core busy (see
@@ -30,9 +33,10 @@ import asyncio
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -68,12 +72,14 @@ class BatchStats:
 @dataclass
 class _Pending:
     batch: Tensor
-    future: asyncio.Future[list[Tensor]]
+    future: asyncio.Future[list[Any]]
+    key: Hashable = None
     arrived: float = field(default_factory=time.monotonic)
 
 
 class DynamicBatcher:
-    """Batch ``run`` (a batch ``(N, ...)`` -> a list of per-output ``(N, ...)`` tensors) across requests.
+    """Batch ``run`` (a batch ``(N, ...)`` -> a list of per-output ``(N, ...)`` tensors, or of lists of
+    ``N`` items) across requests.
 
     Start it with :meth:`start` inside the running event loop and stop it with :meth:`stop`
     (requests already queued are finished first).
@@ -81,7 +87,7 @@ class DynamicBatcher:
 
     def __init__(
         self,
-        run: Callable[[Tensor], list[Tensor]],
+        run: Callable[..., list[Any]],
         max_batch: int,
         max_delay: float,
         max_queue: int,
@@ -126,14 +132,14 @@ class DynamicBatcher:
             await self._task
         self._executor.shutdown(wait=True)
 
-    def submit(self, batch: Tensor) -> asyncio.Future[list[Tensor]]:
+    def submit(self, batch: Tensor, key: Hashable = None) -> asyncio.Future[list[Any]]:
         """A future of the outputs' rows for ``batch`` (raises :class:`Overloaded` at once when the queue
-        is full); cancelling it drops the request before its batch is formed."""
+        is full); cancelling it drops the request before its batch is formed. ``key``: see the module docstring."""
         if self._closing:
             raise Overloaded("the server is shutting down")
         if self._queued + len(batch) > self.max_queue and self._queued:
             raise Overloaded(f"{self._queued} samples are waiting (at most {self.max_queue})")
-        pending = _Pending(batch, asyncio.get_running_loop().create_future())
+        pending = _Pending(batch, asyncio.get_running_loop().create_future(), key)
         self._waiting.append(pending)
         self._add(len(batch))
         self._changed.set()
@@ -195,7 +201,7 @@ class DynamicBatcher:
                 return
 
     def _take(self) -> list[_Pending]:
-        """The oldest live requests whose samples fit in ``max_batch`` (at least one request)."""
+        """The oldest live requests of one key whose samples fit in ``max_batch`` (at least one request)."""
         taken: list[_Pending] = []
         samples = 0
         while self._waiting:
@@ -204,7 +210,7 @@ class DynamicBatcher:
                 self._waiting.popleft()
                 self._add(-len(pending.batch))
                 continue
-            if taken and samples + len(pending.batch) > self.max_batch:
+            if taken and (samples + len(pending.batch) > self.max_batch or pending.key != taken[0].key):
                 break
             self._waiting.popleft()
             self._add(-len(pending.batch))
@@ -214,9 +220,10 @@ class DynamicBatcher:
 
     async def _run(self, taken: list[_Pending]) -> None:
         joined = taken[0].batch if len(taken) == 1 else torch.cat([p.batch for p in taken])
+        keyed = () if taken[0].key is None else (taken[0].key,)
         start = time.perf_counter()
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.run, joined)
+            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.run, joined, *keyed)
         except Exception as error:  # the model failed: every request of the batch hears why
             for pending in taken:
                 if not pending.future.done():

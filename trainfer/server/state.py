@@ -96,7 +96,7 @@ class Server:
                     write_runtime=settings.write_runtime,
                 )
                 batcher = DynamicBatcher(
-                    model.scores,
+                    model.compute,
                     settings.max_batch,
                     settings.max_delay_ms / 1000,
                     settings.max_queue,
@@ -122,12 +122,14 @@ class Server:
             raise HTTPError(503, f"model {name!r} is still loading", {"Retry-After": str(self.settings.retry_after)})
         return self.models[name]
 
-    async def run(self, name: str, batch: torch.Tensor) -> list[torch.Tensor]:
-        """``batch``'s rows of every output, through the model's dynamic batcher, within the timeout."""
+    async def run(self, name: str, batch: torch.Tensor, top_k: int | None = None) -> list[Any]:
+        """``batch``'s rows of every output (:meth:`ServedModel.compute`), through the model's dynamic
+        batcher, within the timeout; ``top_k`` reaches a model that generates (its search depends on it)."""
         if not len(batch):
             raise InputError("empty input: expected at least one sample")
+        key = self.models[name].key(top_k)
         try:
-            return await asyncio.wait_for(self.batchers[name].submit(batch), self.settings.timeout)
+            return await asyncio.wait_for(self.batchers[name].submit(batch, key), self.settings.timeout)
         except Overloaded as error:
             raise HTTPError(503, f"overloaded: {error}; retry later", self._retry()) from None
         except TimeoutError:
