@@ -145,7 +145,11 @@ def _routes(app: FastAPI, server: Server) -> None:
 
         decoded, batch = decode() if len(body) <= INLINE_BYTES else await asyncio.to_thread(decode)
         rows = await server.run(name, batch)
-        content, headers = encode_response(name, decoded, model.tensors(rows))
+
+        def answer() -> tuple[bytes, dict[str, str]]:
+            return encode_response(name, decoded, model.tensors(rows))
+
+        content, headers = await asyncio.to_thread(answer) if model.decodes_answers else answer()
         return Response(content, headers=headers)
 
     @app.post("/v2/models/{name}/predict", summary="Typed predictions for a file", openapi_extra=FILE_SCHEMA)
@@ -163,7 +167,10 @@ def _routes(app: FastAPI, server: Server) -> None:
             return [i for i, _ in items], model.prepare([sample for _, sample in items])
 
         ids, batch = await asyncio.to_thread(prepare)
-        results = model.results(await server.run(name, batch, top_k), top_k)
+        rows = await server.run(name, batch, top_k)
+        results = (
+            await asyncio.to_thread(model.results, rows, top_k) if model.decodes_answers else model.results(rows, top_k)
+        )
         lines = [
             json.dumps({"id": i, **r}, allow_nan=False) + "\n" for i, r in zip(ids, to_records(results), strict=True)
         ]

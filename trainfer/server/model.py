@@ -103,6 +103,12 @@ class ServedModel:
         """Whether the model is an autoregressive sequence model (decoded, not scored, per batch)."""
         return self.predictor.generates
 
+    @property
+    def decodes_answers(self) -> bool:
+        """Whether turning its scores into answers decodes (CTC: a beam search per sample), which the
+        server then runs off the event loop."""
+        return self.predictor.task == "sequence" and not self.generates
+
     def key(self, top_k: int | None) -> Hashable:
         """A request's batcher key: its ``top_k`` when the model generates and it changes the search
         (None, the bundle's ``n_best``, and ``top_k == n_best`` decode alike: they share batches)."""
