@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from trainfer.cli.common import friendly_errors, gate_options, trust_factory_option, trusted
 from trainfer.cli.quantize import DATA_HELP, read_labels
 from trainfer.serve.runtime_names import RUNTIMES
+
+if TYPE_CHECKING:
+    from trainfer.serve.manifest import Manifest
 
 #: The parameters :func:`search_options` adds (what :func:`search_settings` reads).
 SEARCH_PARAMETERS = (
@@ -53,16 +56,21 @@ def search_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def search_settings(bundle: str, trust_factory: bool, **search: Any) -> dict[str, Any]:
+def search_settings(bundle: str, trust_factory: bool, what: str, way_out: str, **search: Any) -> dict[str, Any]:
     """The keyword arguments of :func:`trainfer.serve.gated.compile` for ``bundle`` from the values of
     :func:`search_options` (``search``): the gate, and the gate data and calibration read as the bundle's
-    manifest says (none: the float32-only search). Bad files and labels without data are refused here,
-    before anything is measured."""
+    manifest says (none: the float32-only search). A bundle the search cannot take
+    (:func:`trainfer.serve.source.check_searchable`: ``what`` is the refused command, ``way_out`` what to do
+    instead), bad files and labels without data are refused here, before anything is read or measured."""
+    from trainfer.serve.bundle import read_manifest
     from trainfer.serve.gate import AccuracyGate
     from trainfer.serve.gated import check_gated_arguments
+    from trainfer.serve.source import check_searchable
 
+    manifest = read_manifest(bundle)  # also refuses a path that is not a bundle, before anything is measured
+    check_searchable(manifest, search["gate_data"] is not None, what, way_out)
     gate = AccuracyGate(search["min_agreement"], search["max_accuracy_drop"], search["max_rel_error"])
-    options = _gated_options(bundle, search["gate_data"], search["labels"], search["calibration"])
+    options = _gated_options(manifest, search["gate_data"], search["labels"], search["calibration"])
     if "gate_data" in options:
         check_gated_arguments("auto", options["gate_data"], options["calibration"])
     candidates = search["candidates"]
@@ -84,7 +92,8 @@ def command(bundle: str, runtime: str, **search: Any) -> None:
     runs the same search at start-up."""
     from trainfer.serve import gated
 
-    settings = search_settings(bundle, trusted(), **search)
+    way_out = f"serve it as it is (in PyTorch): trainfer serve {bundle}"
+    settings = search_settings(bundle, trusted(), "trainfer compile", way_out, **search)
     gated_search = "gate_data" in settings
     click.echo(f"compiling {bundle}: {gated.searched_kinds(settings)} candidates...", err=True)
     compiled = gated.compile(bundle, runtime=runtime, **settings)
@@ -97,14 +106,14 @@ def command(bundle: str, runtime: str, **search: Any) -> None:
     click.echo(f"recorded {record.runtime}/{record.dtype} in {saved}; serve it with: trainfer serve {bundle}")
 
 
-def _gated_options(bundle: str, gate_data: str | None, labels: str | None, calibration: str | None) -> dict[str, Any]:
+def _gated_options(
+    manifest: Manifest, gate_data: str | None, labels: str | None, calibration: str | None
+) -> dict[str, Any]:
     """``gate_data`` and ``calibration`` of :func:`trainfer.serve.gated.compile`, read from the files as the
-    bundle's manifest says (``{}``: no gate data, the float32-only search); labels without data are refused."""
+    bundle's ``manifest`` says (``{}``: no gate data, the float32-only search); labels without data are refused."""
     from trainfer.errors import InputError
-    from trainfer.serve.bundle import read_manifest
     from trainfer.serve.calibration import calibration_inputs
 
-    manifest = read_manifest(bundle)  # also refuses a path that is not a bundle, before anything is measured
     if gate_data is None:
         if labels or calibration:
             raise InputError(

@@ -270,7 +270,11 @@ def compiled_form(name: str, path: str | os.PathLike[str], search: dict[str, Any
     writes); otherwise the bundle is left as it was and the record lives in the log and the model's metadata.
     """
     from trainfer.serve import gated
+    from trainfer.serve.bundle import read_manifest
+    from trainfer.serve.source import check_searchable
 
+    what = f"model {name!r}: the start-up runtime search (compile=)"
+    check_searchable(read_manifest(path), search.get("gate_data") is not None, what, "serve it without a search")
     kinds = gated.searched_kinds(search)
     logger.info("model %r: searching the fastest of the %s forms of %s (not ready until done)", name, kinds, path)
     compiled = gated.compile(path, runtime="auto", **search)
