@@ -195,37 +195,40 @@ def beam_search(
 
 
 class _Ends:
-    """Each item's ``width`` best complete hypotheses ``(N, width)``, best first, kept as back-pointers.
+    """Each item's ``width`` best complete hypotheses, best first, kept as back-pointers: one float64
+    array ``(N, width, 4)`` of (score, log_prob, token_lp, code), so that a merge is a handful of NumPy
+    operations.
 
     A hypothesis ending at step ``t`` is the running beam ``parent`` of step ``t - 1`` followed by
     ``token`` (log-prob ``token_lp``): its earlier tokens are read back once, at the end
-    (:meth:`_History.spell`), so no step copies whole token histories. The fields are packed in
-    two NumPy arrays, so that merging two sets costs a fixed handful of operations: ``values`` (score,
-    log_prob, token_lp) and ``code``, ``t * width * vocab + parent * vocab + token`` (the step's flat
-    candidate index, offset by the step). A hypothesis ended with EOS exactly when its last token is
-    EOS (running beams never hold one).
+    (:meth:`_History.spell`), so no step copies whole token histories. ``code`` is
+    ``t * width * vocab + parent * vocab + token`` (the step's flat candidate index, offset by the
+    step), exact in float64 (below ``MAX_LENGTH * MAX_BEAM_WIDTH * vocab < 2**53``); the float32 or
+    float64 scores are exact in float64 too. A hypothesis ended with EOS exactly when its last token
+    is EOS (running beams never hold one).
     """
 
-    def __init__(self, values: np.ndarray, code: np.ndarray):
-        self.values, self.code = values, code  # (3, N, K) floats, (N, K) int64
+    def __init__(self, packed: np.ndarray):
+        self.packed = packed
 
     @property
     def score(self) -> np.ndarray:
-        return self.values[0]
+        return self.packed[:, :, 0]
 
     @classmethod
-    def empty(cls, batch: int, width: int, dtype: np.dtype) -> _Ends:
-        return cls(np.full((3, batch, width), -np.inf, dtype=dtype), np.zeros((batch, width), dtype=np.int64))
+    def empty(cls, batch: int, width: int) -> _Ends:
+        packed = np.full((batch, width, 4), -np.inf)
+        packed[:, :, 3] = 0.0
+        return cls(packed)
 
-    def merged_best(self, values: np.ndarray, code: np.ndarray, width: int) -> _Ends:
-        """The ``width`` best by score of these and the candidates ``values``/``code``, per item, best first.
+    def merged_best(self, candidates: np.ndarray, width: int) -> _Ends:
+        """The ``width`` best by score of these and ``candidates`` ``(N, C, 4)``, per item, best first.
 
-        Ranked by torch's top-k, as every other ranking of the search, so ties resolve the same way.
+        Equal scores keep their order: these before the candidates, candidates by rank.
         """
-        values, code = np.concatenate([self.values, values], axis=2), np.concatenate([self.code, code], axis=1)
-        best = torch.from_numpy(values[0]).topk(width, dim=1).indices.numpy()
-        items = np.arange(code.shape[0])[:, None]
-        return _Ends(values[:, items, best], code[items, best])
+        both = np.concatenate([self.packed, candidates], axis=1)
+        best = np.argsort(-both[:, :, 0], axis=1, kind="stable")[:, :width]
+        return _Ends(both[np.arange(both.shape[0])[:, None], best])
 
 
 class _History:
@@ -240,15 +243,16 @@ class _History:
         self.choices.append(choice)
         self.token_lps.append(token_lp)
 
-    def spell(self, ends: _Ends, max_length: int, pad: int, eos: int, vocab: int) -> _Set:
+    def spell(self, ends: _Ends, max_length: int, pad: int, eos: int, vocab: int, dtype: np.dtype) -> _Set:
         """The hypotheses ``ends`` with their whole token sequences, read back along the parents.
 
         A hypothesis ending at step ``s`` has tokens at positions ``< s`` from the history (its beam
         index stays put until the walk back reaches ``s - 1``) and its last token at ``s``; pad after.
+        Scores and log-probs come back in ``dtype`` (the search's accumulation dtype).
         """
-        score, log_prob, last_lp = ends.values
+        score, log_prob, last_lp = (ends.packed[:, :, i].astype(dtype) for i in range(3))
         n, width = score.shape
-        step, flat = np.divmod(ends.code, width * vocab)
+        step, flat = np.divmod(ends.packed[:, :, 3].astype(np.int64), width * vocab)
         beam, last = np.divmod(flat, vocab)
         earlier = int(step.max())  # positions read from the history
         inside = step[:, :, None] > np.arange(earlier)  # (N, width, earlier)
@@ -270,15 +274,21 @@ class _History:
 
 
 def _host(tensor: torch.Tensor) -> np.ndarray:
-    """A search-made tensor as a NumPy array (no copy on the CPU)."""
-    return tensor.numpy() if tensor.device.type == "cpu" else tensor.cpu().numpy()
+    """A tensor as a NumPy array (no copy on the CPU)."""
+    return tensor.detach().numpy() if tensor.device.type == "cpu" else tensor.detach().cpu().numpy()
 
 
-def _candidate_lps(step_lp: torch.Tensor, index: torch.Tensor, index_np: np.ndarray) -> np.ndarray:
+def _device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A NumPy array as a tensor on ``device`` (no copy on the CPU)."""
+    tensor = torch.from_numpy(array)
+    return tensor if device.type == "cpu" else tensor.to(device)
+
+
+def _candidate_lps(step_lp: torch.Tensor, index: torch.Tensor, index_np: np.ndarray, items: np.ndarray) -> np.ndarray:
     """The token log-probs ``(N, K)`` of the ranked candidates ``index`` (flat over ``width * vocab``)."""
     if step_lp.device.type == "cpu":
-        return step_lp.detach().numpy()[np.arange(index_np.shape[0])[:, None], index_np]
-    return step_lp.gather(1, index).cpu().numpy()
+        return _host(step_lp)[items, index_np]
+    return _host(step_lp.gather(1, index))
 
 
 def _search(
@@ -314,7 +324,7 @@ def _search(
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
     running = np.full((n, width), -np.inf, dtype=np_dtype)  # the going beams' summed log-probs
     running[:, 0] = 0.0  # one live beam at the start: the others would repeat it
-    ends = _Ends.empty(n, width, np_dtype)
+    ends = _Ends.empty(n, width)
     worst = ends.score[:, -1:]  # (N, 1): what a new finished hypothesis must beat
     # candidates an EOS may finish: ranked inside the beam, of an item not done (updated with `done`)
     within = np.arange(min(2 * width, width * vocab)) < width
@@ -329,16 +339,17 @@ def _search(
     for t in range(max_length):
         if t:
             log_probs, state = _step(model, state, tokens, vocab, ids)
-        step_lp = log_probs.to(dtype).view(n, width * vocab)
-        cand = torch.from_numpy(running.reshape(n, width, 1)).to(step_lp.device) + step_lp.view(n, width, vocab)
+        step_lp = (log_probs if log_probs.dtype == dtype else log_probs.to(dtype)).view(n, width * vocab)
+        cand = _device(running.reshape(n, width, 1), step_lp.device) + step_lp.view(n, width, vocab)
         top_t, index_t = cand.view(n, width * vocab).topk(within.size, dim=1)
         top, index = _host(top_t), _host(index_t)
-        cand_lp = _candidate_lps(step_lp, index_t, index)
+        cand_lp = _candidate_lps(step_lp, index_t, index, items)
         is_eos = is_eos_of[index]
         # an EOS candidate is finished if it ranks within the beam; done items take nothing more
         score = np.where(is_eos & eligible, top / float(t + 1) ** penalty, -np.inf)  # -inf: never ranks
         if (score > worst).any():  # only what beats an item's worst finished enters
-            ends, any_ended = ends.merged_best(np.stack([score, top, cand_lp]), index + t * width * vocab, width), True
+            candidates = np.stack([score, top, cand_lp, index + t * width * vocab], axis=2)
+            ends, any_ended = ends.merged_best(candidates, width), True
             worst = ends.score[:, -1:]
         # the `width` best non-EOS candidates go on (a stable sort puts them first, in rank order): there
         # are always `width` of them, as each beam has one EOS among its V >= 2 tokens
@@ -348,7 +359,7 @@ def _search(
         history.add(choice, cand_lp[items, going])
         parent, token = np.divmod(choice, vocab)
         if width > 1:
-            state = reorder_rows(state, torch.from_numpy((offsets + parent).reshape(rows)).to(device), rows)
+            state = reorder_rows(state, _device((offsets + parent).reshape(rows), device), rows)
         if t + 1 == max_length:
             break
         if any_ended or np.isneginf(running[:, 0]).any():
@@ -356,17 +367,16 @@ def _search(
             any_done = bool(done.any())
             if any_done:
                 if done.all():
-                    return history.spell(ends, max_length, pad, eos, vocab)
+                    return history.spell(ends, max_length, pad, eos, vocab, np_dtype)
                 eligible = within & ~done[:, None]
         if any_done:
             token = np.where(done[:, None], pad, token)
-        tokens = torch.from_numpy(token.reshape(rows)).to(device)
+        tokens = _device(token.reshape(rows), device)
     last = len(history.token_lps) - 1
     open_ = np.isfinite(running) & ~done[:, None]
     at_end = np.where(open_, running / float(last + 1) ** penalty, -np.inf)
-    values = np.stack([at_end, running, history.token_lps[last]])
-    code = history.choices[last] + last * width * vocab
-    return history.spell(ends.merged_best(values, code, width), max_length, pad, eos, vocab)
+    values = np.stack([at_end, running, history.token_lps[last], history.choices[last] + last * width * vocab], axis=2)
+    return history.spell(ends.merged_best(values, width), max_length, pad, eos, vocab, np_dtype)
 
 
 def _hypotheses(found: _Set, count: int) -> list[list[Hypothesis]]:
