@@ -35,6 +35,7 @@ from trainfer.decoding.checks import (
     check_int,
     check_scores,
     check_token_id,
+    refuse_not_log_probs,
 )
 from trainfer.decoding.hypothesis import Hypothesis
 from trainfer.decoding.interface import batch_size, reorder, reorderer, state_device
@@ -66,13 +67,17 @@ def _check_settings(bos: int, eos: int, pad: int | None, max_length: int, length
     return eos if pad is None else pad
 
 
+_STEP_LOG_PROBS = "step()'s log_probs"
+
+
 def _step(
-    model: Any, state: Any, tokens: torch.Tensor, vocab: int | None, ids: dict[str, int]
+    model: Any, state: Any, tokens: torch.Tensor, vocab: int | None, ids: dict[str, int], values: bool = True
 ) -> tuple[torch.Tensor, Any]:
-    """One model step, its log-probs checked: ``(rows, V)`` with V the same every step and >= 2."""
+    """One model step, its log-probs checked: ``(rows, V)`` with V the same every step and >= 2, and
+    (``values``) no NaN or +inf (else the caller checks that)."""
     rows = tokens.shape[0]
     log_probs, state = model.step(state, tokens)
-    log_probs = check_scores(log_probs, "step()'s log_probs", (rows, vocab))
+    log_probs = check_scores(log_probs, _STEP_LOG_PROBS, (rows, vocab), values)
     if vocab is None:
         if log_probs.shape[1] < 2:
             raise DecodingError(f"step() returned {log_probs.shape[1]} classes; a vocabulary needs at least 2")
@@ -195,40 +200,37 @@ def beam_search(
 
 
 class _Ends:
-    """Each item's ``width`` best complete hypotheses, best first, kept as back-pointers: one float64
-    array ``(N, width, 4)`` of (score, log_prob, token_lp, code), so that a merge is a handful of NumPy
-    operations.
+    """Each item's ``width`` best complete hypotheses, best first, kept as back-pointers.
 
     A hypothesis ending at step ``t`` is the running beam ``parent`` of step ``t - 1`` followed by
     ``token`` (log-prob ``token_lp``): its earlier tokens are read back once, at the end
-    (:meth:`_History.spell`), so no step copies whole token histories. ``code`` is
-    ``t * width * vocab + parent * vocab + token`` (the step's flat candidate index, offset by the
-    step), exact in float64 (below ``MAX_LENGTH * MAX_BEAM_WIDTH * vocab < 2**53``); the float32 or
-    float64 scores are exact in float64 too. A hypothesis ended with EOS exactly when its last token
-    is EOS (running beams never hold one).
+    (:meth:`_History.spell`), so no step copies whole token histories. The fields are packed in one
+    float64 array ``(N, width + C, 4)`` of (score, log_prob, token_lp, code): the set in its first
+    ``width`` columns, room for C candidates after them, so that a merge writes the candidates in
+    place, sorts once and gathers once. ``code`` is ``t * width * vocab + parent * vocab + token``
+    (the step's flat candidate index, offset by the step), exact in float64 (below
+    ``MAX_LENGTH * MAX_BEAM_WIDTH * vocab < 2**53``), as are float32 and float64 scores. A
+    hypothesis ended with EOS exactly when its last token is EOS (running beams never hold one).
     """
 
-    def __init__(self, packed: np.ndarray):
-        self.packed = packed
+    def __init__(self, batch: int, width: int, room: int):
+        self.width = width
+        self.packed = np.full((batch, width + room, 4), -np.inf)
+        self.packed[:, :, 3] = 0.0
+        self.worst = self.packed[:, width - 1 : width, 0]  # (N, 1): what a new one must beat (a live view)
+        self._items = np.arange(batch)[:, None]
 
-    @property
-    def score(self) -> np.ndarray:
-        return self.packed[:, :, 0]
+    def merge(self, score: np.ndarray, log_prob: np.ndarray, token_lp: np.ndarray, code: np.ndarray) -> None:
+        """Keeps the ``width`` best by score of the set and the ``(N, c)`` candidates, per item, best first.
 
-    @classmethod
-    def empty(cls, batch: int, width: int) -> _Ends:
-        packed = np.full((batch, width, 4), -np.inf)
-        packed[:, :, 3] = 0.0
-        return cls(packed)
-
-    def merged_best(self, candidates: np.ndarray, width: int) -> _Ends:
-        """The ``width`` best by score of these and ``candidates`` ``(N, C, 4)``, per item, best first.
-
-        Equal scores keep their order: these before the candidates, candidates by rank.
+        Equal scores keep their order: the set's before the candidates, candidates by rank.
         """
-        both = np.concatenate([self.packed, candidates], axis=1)
-        best = np.argsort(-both[:, :, 0], axis=1, kind="stable")[:, :width]
-        return _Ends(both[np.arange(both.shape[0])[:, None], best])
+        room = self.packed[:, self.width :]
+        c = score.shape[1]
+        room[:, :c, 0], room[:, :c, 1], room[:, :c, 2], room[:, :c, 3] = score, log_prob, token_lp, code
+        room[:, c:, 0] = -np.inf
+        best = (-self.packed[:, :, 0]).argsort(axis=1, kind="stable")[:, : self.width]
+        self.packed[:, : self.width] = self.packed[self._items, best]
 
 
 class _History:
@@ -250,9 +252,10 @@ class _History:
         index stays put until the walk back reaches ``s - 1``) and its last token at ``s``; pad after.
         Scores and log-probs come back in ``dtype`` (the search's accumulation dtype).
         """
-        score, log_prob, last_lp = (ends.packed[:, :, i].astype(dtype) for i in range(3))
+        found = ends.packed[:, : ends.width]
+        score, log_prob, last_lp = (found[:, :, i].astype(dtype) for i in range(3))
         n, width = score.shape
-        step, flat = np.divmod(ends.packed[:, :, 3].astype(np.int64), width * vocab)
+        step, flat = np.divmod(found[:, :, 3].astype(np.int64), width * vocab)
         beam, last = np.divmod(flat, vocab)
         earlier = int(step.max())  # positions read from the history
         inside = step[:, :, None] > np.arange(earlier)  # (N, width, earlier)
@@ -275,7 +278,7 @@ class _History:
 
 def _host(tensor: torch.Tensor) -> np.ndarray:
     """A tensor as a NumPy array (no copy on the CPU)."""
-    return tensor.detach().numpy() if tensor.device.type == "cpu" else tensor.detach().cpu().numpy()
+    return tensor.numpy() if tensor.device.type == "cpu" else tensor.cpu().numpy()
 
 
 def _device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -287,7 +290,7 @@ def _device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 def _candidate_lps(step_lp: torch.Tensor, index: torch.Tensor, index_np: np.ndarray, items: np.ndarray) -> np.ndarray:
     """The token log-probs ``(N, K)`` of the ranked candidates ``index`` (flat over ``width * vocab``)."""
     if step_lp.device.type == "cpu":
-        return _host(step_lp)[items, index_np]
+        return step_lp.detach().numpy()[items, index_np]
     return _host(step_lp.gather(1, index))
 
 
@@ -318,16 +321,15 @@ def _search(
     rows = n * width
     device = state_device(state)
     ids = {"bos": bos, "eos": eos, "pad": pad}
-    log_probs, state = _step(model, state, torch.full((rows,), bos, dtype=torch.long, device=device), None, ids)
+    log_probs, state = _step(model, state, torch.full((rows,), bos, dtype=torch.long, device=device), None, ids, False)
     vocab = log_probs.shape[1]
     dtype = accumulation_dtype(log_probs.dtype)
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
     running = np.full((n, width), -np.inf, dtype=np_dtype)  # the going beams' summed log-probs
     running[:, 0] = 0.0  # one live beam at the start: the others would repeat it
-    ends = _Ends.empty(n, width)
-    worst = ends.score[:, -1:]  # (N, 1): what a new finished hypothesis must beat
     # candidates an EOS may finish: ranked inside the beam, of an item not done (updated with `done`)
     within = np.arange(min(2 * width, width * vocab)) < width
+    ends = _Ends(n, width, within.size)
     eligible = np.broadcast_to(within, (n, within.size))
     is_eos_of = np.arange(width * vocab) % vocab == eos  # a flat candidate index's EOS flag
     items = np.arange(n)[:, None]
@@ -337,23 +339,22 @@ def _search(
     any_ended = any_done = False
     reorder_rows = reorderer(model)
     for t in range(max_length):
-        if t:
-            log_probs, state = _step(model, state, tokens, vocab, ids)
         step_lp = (log_probs if log_probs.dtype == dtype else log_probs.to(dtype)).view(n, width * vocab)
         cand = _device(running.reshape(n, width, 1), step_lp.device) + step_lp.view(n, width, vocab)
         top_t, index_t = cand.view(n, width * vocab).topk(within.size, dim=1)
         top, index = _host(top_t), _host(index_t)
+        if not (top[:, 0] < np.inf).all():  # NaN and +inf rank first (any in the step's output reach `top`)
+            refuse_not_log_probs(_STEP_LOG_PROBS)
         cand_lp = _candidate_lps(step_lp, index_t, index, items)
         is_eos = is_eos_of[index]
         # an EOS candidate is finished if it ranks within the beam; done items take nothing more
         score = np.where(is_eos & eligible, top / float(t + 1) ** penalty, -np.inf)  # -inf: never ranks
-        if (score > worst).any():  # only what beats an item's worst finished enters
-            candidates = np.stack([score, top, cand_lp, index + t * width * vocab], axis=2)
-            ends, any_ended = ends.merged_best(candidates, width), True
-            worst = ends.score[:, -1:]
+        if (score > ends.worst).any():  # only what beats an item's worst finished enters
+            ends.merge(score, top, cand_lp, index + t * width * vocab)
+            any_ended = True
         # the `width` best non-EOS candidates go on (a stable sort puts them first, in rank order): there
         # are always `width` of them, as each beam has one EOS among its V >= 2 tokens
-        going = np.argsort(is_eos, axis=1, kind="stable")[:, :width]
+        going = is_eos.argsort(axis=1, kind="stable")[:, :width]
         choice = index[items, going]
         running = top[items, going]
         history.add(choice, cand_lp[items, going])
@@ -362,8 +363,8 @@ def _search(
             state = reorder_rows(state, _device((offsets + parent).reshape(rows), device), rows)
         if t + 1 == max_length:
             break
-        if any_ended or np.isneginf(running[:, 0]).any():
-            done |= _done(early_stopping, worst[:, 0], running[:, 0], t, max_length, penalty)  # beams rank-sorted
+        if any_ended or (running[:, 0] == -np.inf).any():
+            done |= _done(early_stopping, ends.worst[:, 0], running[:, 0], t, max_length, penalty)  # beams rank-sorted
             any_done = bool(done.any())
             if any_done:
                 if done.all():
@@ -371,12 +372,12 @@ def _search(
                 eligible = within & ~done[:, None]
         if any_done:
             token = np.where(done[:, None], pad, token)
-        tokens = _device(token.reshape(rows), device)
+        log_probs, state = _step(model, state, _device(token.reshape(rows), device), vocab, ids, False)
     last = len(history.token_lps) - 1
     open_ = np.isfinite(running) & ~done[:, None]
     at_end = np.where(open_, running / float(last + 1) ** penalty, -np.inf)
-    values = np.stack([at_end, running, history.token_lps[last], history.choices[last] + last * width * vocab], axis=2)
-    return history.spell(ends.merged_best(values, width), max_length, pad, eos, vocab, np_dtype)
+    ends.merge(at_end, running, history.token_lps[last], history.choices[last] + last * width * vocab)
+    return history.spell(ends, max_length, pad, eos, vocab, np_dtype)
 
 
 def _hypotheses(found: _Set, count: int) -> list[list[Hypothesis]]:
