@@ -205,30 +205,28 @@ class _Ends:
     A hypothesis ending at step ``t`` is the running beam ``parent`` of step ``t - 1`` followed by
     ``token`` (log-prob ``token_lp``): its earlier tokens are read back once, at the end
     (:meth:`_History.spell`), so no step copies whole token histories. The fields are packed in one
-    float64 array ``(N, width + C, 4)`` of (score, log_prob, token_lp, code): the set in its first
-    ``width`` columns, room for C candidates after them, so that a merge writes the candidates in
-    place, sorts once and gathers once. ``code`` is ``t * width * vocab + parent * vocab + token``
+    float64 array ``(N, 2 * width, 4)`` of (score, log_prob, token_lp, code): the set in its first
+    ``width`` columns, room for ``width`` candidates after them, so that a merge writes the candidates
+    in place, sorts once and gathers once. ``code`` is ``t * width * vocab + parent * vocab + token``
     (the step's flat candidate index, offset by the step), exact in float64 (below
     ``MAX_LENGTH * MAX_BEAM_WIDTH * vocab < 2**53``), as are float32 and float64 scores. A
     hypothesis ended with EOS exactly when its last token is EOS (running beams never hold one).
     """
 
-    def __init__(self, batch: int, width: int, room: int):
+    def __init__(self, batch: int, width: int):
         self.width = width
-        self.packed = np.full((batch, width + room, 4), -np.inf)
+        self.packed = np.full((batch, 2 * width, 4), -np.inf)
         self.packed[:, :, 3] = 0.0
         self.worst = self.packed[:, width - 1 : width, 0]  # (N, 1): what a new one must beat (a live view)
         self._items = np.arange(batch)[:, None]
 
     def merge(self, score: np.ndarray, log_prob: np.ndarray, token_lp: np.ndarray, code: np.ndarray) -> None:
-        """Keeps the ``width`` best by score of the set and the ``(N, c)`` candidates, per item, best first.
+        """Keeps the ``width`` best by score of the set and the ``(N, width)`` candidates, per item, best first.
 
         Equal scores keep their order: the set's before the candidates, candidates by rank.
         """
         room = self.packed[:, self.width :]
-        c = score.shape[1]
-        room[:, :c, 0], room[:, :c, 1], room[:, :c, 2], room[:, :c, 3] = score, log_prob, token_lp, code
-        room[:, c:, 0] = -np.inf
+        room[:, :, 0], room[:, :, 1], room[:, :, 2], room[:, :, 3] = score, log_prob, token_lp, code
         best = (-self.packed[:, :, 0]).argsort(axis=1, kind="stable")[:, : self.width]
         self.packed[:, : self.width] = self.packed[self._items, best]
 
@@ -287,10 +285,11 @@ def _device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor if device.type == "cpu" else tensor.to(device)
 
 
-def _candidate_lps(step_lp: torch.Tensor, index: torch.Tensor, index_np: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """The token log-probs ``(N, K)`` of the ranked candidates ``index`` (flat over ``width * vocab``)."""
+def _candidate_lps(step_lp: torch.Tensor, index: torch.Tensor, flat: np.ndarray) -> np.ndarray:
+    """The token log-probs ``(N, K)`` of the ranked candidates: ``index`` (per item, over ``width * vocab``)
+    or, the same, ``flat`` (over all of ``step_lp``)."""
     if step_lp.device.type == "cpu":
-        return step_lp.detach().numpy()[items, index_np]
+        return step_lp.detach().numpy().take(flat)
     return _host(step_lp.gather(1, index))
 
 
@@ -327,13 +326,12 @@ def _search(
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
     running = np.full((n, width), -np.inf, dtype=np_dtype)  # the going beams' summed log-probs
     running[:, 0] = 0.0  # one live beam at the start: the others would repeat it
-    # candidates an EOS may finish: ranked inside the beam, of an item not done (updated with `done`)
-    within = np.arange(min(2 * width, width * vocab)) < width
-    ends = _Ends(n, width, within.size)
-    eligible = np.broadcast_to(within, (n, within.size))
+    ranked = min(2 * width, width * vocab)  # candidates ranked per item and step
+    ends = _Ends(n, width)
+    live = np.ones((n, 1), dtype=bool)  # items not done: their EOS candidates may finish
     is_eos_of = np.arange(width * vocab) % vocab == eos  # a flat candidate index's EOS flag
     items = np.arange(n)[:, None]
-    offsets = np.arange(n)[:, None] * width  # each item's first row
+    offsets, rank_base, lp_base = items * width, items * ranked, items * (width * vocab)  # flat offsets per item
     history = _History()
     done = np.zeros(n, dtype=bool)
     any_ended = any_done = False
@@ -341,23 +339,23 @@ def _search(
     for t in range(max_length):
         step_lp = (log_probs if log_probs.dtype == dtype else log_probs.to(dtype)).view(n, width * vocab)
         cand = _device(running.reshape(n, width, 1), step_lp.device) + step_lp.view(n, width, vocab)
-        top_t, index_t = cand.view(n, width * vocab).topk(within.size, dim=1)
+        top_t, index_t = cand.view(n, width * vocab).topk(ranked, dim=1)
         top, index = _host(top_t), _host(index_t)
         if not (top[:, 0] < np.inf).all():  # NaN and +inf rank first (any in the step's output reach `top`)
             refuse_not_log_probs(_STEP_LOG_PROBS)
-        cand_lp = _candidate_lps(step_lp, index_t, index, items)
-        is_eos = is_eos_of[index]
-        # an EOS candidate is finished if it ranks within the beam; done items take nothing more
-        score = np.where(is_eos & eligible, top / float(t + 1) ** penalty, -np.inf)  # -inf: never ranks
+        cand_lp = _candidate_lps(step_lp, index_t, index + lp_base)
+        is_eos = is_eos_of.take(index)
+        # an EOS candidate is finished if it ranks within the beam (the first `width`); done items take
+        # nothing more; -inf never ranks
+        score = np.where(is_eos[:, :width] & live, top[:, :width] / float(t + 1) ** penalty, -np.inf)
         if (score > ends.worst).any():  # only what beats an item's worst finished enters
-            ends.merge(score, top, cand_lp, index + t * width * vocab)
+            ends.merge(score, top[:, :width], cand_lp[:, :width], index[:, :width] + t * width * vocab)
             any_ended = True
         # the `width` best non-EOS candidates go on (a stable sort puts them first, in rank order): there
         # are always `width` of them, as each beam has one EOS among its V >= 2 tokens
-        going = is_eos.argsort(axis=1, kind="stable")[:, :width]
-        choice = index[items, going]
-        running = top[items, going]
-        history.add(choice, cand_lp[items, going])
+        going = is_eos.argsort(axis=1, kind="stable")[:, :width] + rank_base
+        choice, running = index.take(going), top.take(going)
+        history.add(choice, cand_lp.take(going))
         parent, token = np.divmod(choice, vocab)
         if width > 1:
             state = reorder_rows(state, _device((offsets + parent).reshape(rows), device), rows)
@@ -369,7 +367,7 @@ def _search(
             if any_done:
                 if done.all():
                     return history.spell(ends, max_length, pad, eos, vocab, np_dtype)
-                eligible = within & ~done[:, None]
+                live = ~done[:, None]
         if any_done:
             token = np.where(done[:, None], pad, token)
         log_probs, state = _step(model, state, _device(token.reshape(rows), device), vocab, ids, False)
