@@ -56,7 +56,9 @@ def check_scores(scores: object, what: str, shape: tuple[int | None, ...], value
         raise DecodingError(f"{what} must be a torch.Tensor, got {type(scores).__name__}")
     if not scores.is_floating_point():
         raise DecodingError(f"{what} must be floating point log-probabilities, got {scores.dtype}")
-    if scores.dim() != len(shape) or any(s is not None and s != g for s, g in zip(shape, scores.shape)):
+    if scores.shape != shape and (  # the first test settles every fully known shape at once
+        scores.dim() != len(shape) or any(s is not None and s != g for s, g in zip(shape, scores.shape))
+    ):
         want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
         raise DecodingError(f"{what} must have shape {want}, got {tuple(scores.shape)}")
     if not values:
