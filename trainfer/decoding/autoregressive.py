@@ -16,7 +16,11 @@ The model plugs in through :class:`~trainfer.decoding.interface.StepModel`. Conv
 * Each item has its own done flag; done items are fed ``pad`` and ignored. At ``max_length`` the
   beams still running are finalised (scored at ``max_length``, ``finished=False``).
 
-Everything per step is a fixed number of tensor operations over ``(N, num_beams, ...)``.
+Everything per step is a fixed number of array operations over ``(N, num_beams, ...)``: torch for
+what scales with the vocabulary (the candidates' sum and top-k) and the state's reorder, NumPy on
+the host for the bookkeeping of the ``(N, 2 * num_beams)`` ranked candidates (on an accelerator,
+a few small copies per step). Step log-probs holding NaN or +inf are refused (beam search finds
+them in the top-k, where they rank first).
 """
 
 from __future__ import annotations
