@@ -50,8 +50,10 @@ def graph(kind, nodes):
         lambda h: g.call_module("conv2", (h,)),
         lambda h: g.call_function(operator.add, (h, g.call_method("mean", (h, 1), {"keepdim": True}))),
     ]
-    while len(g.nodes) < nodes - 1:
+    while len(g.nodes) < nodes - 2:  # a step adds one or two nodes
         h = steps[0](h) if kind == "relu chain" else steps[len(g.nodes) % len(steps)](h)
+    while len(g.nodes) < nodes - 1:
+        h = steps[0](h)
     g.output(h)
     return fx.GraphModule(root, g)
 
