@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import trainfer
 from trainfer.serve.computation_check import MAX_TOTAL_FACTOR, MIN_ELEMENTS_LIMIT, MIN_FLOPS, check_computation
 from trainfer.serve.flop_replay import FlopReplay
+from trainfer.serve.meta_shortcuts import SAME_AS_INPUT, shortcut
 
 INPUT = [1, 1, 1, 1]  # one element, no weights: the limits are MIN_FLOPS and MIN_ELEMENTS_LIMIT
 
@@ -122,3 +123,32 @@ def test_a_replayed_result_is_a_new_tensor_like_the_recorded_one():
         replayed.t_()
     assert replayed is not recorded and (recorded.shape, recorded.stride()) == ((4, 4), (4, 1))
     assert counter.flops == 2 * 2 * 4 * 8 * 4
+
+
+# --------------------------------------------------------------------------- the meta shortcuts
+def _tensors(dtype: torch.dtype) -> list[torch.Tensor]:
+    """Meta tensors: new contiguous ones (0-d, empty, size-1 dims), then channels-last, transposed, offset, expanded."""
+    plain = [torch.empty(shape, dtype=dtype, device="meta") for shape in [(), (0,), (3,), (1, 4, 8, 8), (2, 1, 3), (5, 0, 2)]]
+    base = torch.empty(2, 3, 4, 5, dtype=dtype, device="meta")
+    other = [base.to(memory_format=torch.channels_last), base.transpose(0, 1), base[1], base[:, :1].expand(2, 3, 4, 5)]
+    return plain + other
+
+
+@pytest.mark.parametrize("func", sorted(SAME_AS_INPUT, key=str))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.bool])
+def test_a_shortcut_gives_what_the_meta_kernel_gives_or_nothing(func, dtype):
+    """Where the shortcut answers, the kernel gives the same metadata (and counts no flops); it answers for
+    every new contiguous floating-point tensor, and for nothing else."""
+    for index, x in enumerate(_tensors(dtype)):
+        quick = shortcut(func, (x,), {})
+        assert (quick is not None) == (dtype.is_floating_point and index < 6), (func, x.shape, x.stride())
+        if quick is not None:
+            with FlopCounterMode(display=False) as counter:
+                real = func(x)
+            assert (quick.shape, quick.stride(), quick.dtype, quick.device) == (
+                real.shape, real.stride(), real.dtype, real.device
+            )  # fmt: skip
+            assert counter.get_total_flops() == 0
+    x = torch.empty(3, device="meta")
+    assert shortcut(func, (x, x), {}) is None and shortcut(func, (x,), {"approximate": "tanh"}) is None
+    assert shortcut(torch.ops.aten.hardtanh.default, (x,), {}) is None

@@ -12,6 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 from torch.utils.flop_counter import flop_registry
 
+from trainfer.serve.meta_shortcuts import shortcut
+
 __all__ = ["FlopReplay"]
 
 
@@ -67,7 +69,11 @@ class FlopReplay(TorchDispatchMode):
 
     def _counted(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         """``func`` run and counted as ``FlopCounterMode`` does (its ``__torch_dispatch__``, module tracking
-        left out); the calls of its decomposition come back here nested."""
+        left out; the calls of a decomposition come back here nested), or its result made directly where
+        :func:`~trainfer.serve.meta_shortcuts.shortcut` knows it (ops without a flop formula)."""
+        quick = shortcut(func, args, kwargs)  # an op outside flop_registry whose result is known: nothing to count
+        if quick is not None:
+            return quick
         self._depth += 1
         try:
             if func not in flop_registry and func is not torch.ops.prim.device.default:
