@@ -42,6 +42,7 @@ class FlopReplay(TorchDispatchMode):
         self._replaying: bool | None = False  # False: recording; True: replaying; None: running (no record)
         self._position = 0
         self._depth = 0
+        self._aliasing: dict[Any, bool] = {}
 
     def replay(self) -> None:
         """From now on, answer calls from the record (from its first call) while they repeat it."""
@@ -49,23 +50,34 @@ class FlopReplay(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if self._depth or _aliases(func):  # a part of a decomposition, a view, an in-place op: runs
+        if self._depth or self._aliases(func):  # a part of a decomposition, a view, an in-place op: runs
             return self._counted(func, args, kwargs)
-        leaves, spec = tree_flatten((args, kwargs))
+        tensors: list[torch.Tensor] = []
+        key = (func, _described(args, tensors), _described(kwargs, tensors))
         if self._replaying:
-            recorded = self._matching(func, leaves, spec)
-            if recorded is None:
+            recorded = self._record[self._position] if self._position < len(self._record) else None
+            if recorded is None or recorded.key != key:
                 self._replaying = None
-            elif recorded.replayable:
-                self.flops += recorded.flops
-                return tree_map_only(torch.Tensor, _like, recorded.result)
-        snapshot = tuple(_Then.of(leaf) for leaf in leaves)
+            else:
+                self._position += 1
+                if recorded.replayable:
+                    self.flops += recorded.flops
+                    return tree_map_only(torch.Tensor, _like, recorded.result)
         before = self.flops
         result = self._counted(func, args, kwargs)
         if self._replaying is False:
-            replayable = all(_plain(out, leaves) for out in tree_flatten(result)[0] if isinstance(out, torch.Tensor))
-            self._record.append(_Call(func, spec, snapshot, result, self.flops - before, replayable))
+            outs = [out for out in tree_flatten(result)[0] if isinstance(out, torch.Tensor)]
+            replayable = all(_plain(out, tensors) for out in outs)
+            self._record.append(_Call(key, result, self.flops - before, replayable))
         return result
+
+    def _aliases(self, func: Any) -> bool:
+        """Whether ``func`` may return a view of an argument or write one (or has no schema to tell)."""
+        if func not in self._aliasing:
+            schema = getattr(func, "_schema", None)
+            items = (*schema.arguments, *schema.returns) if schema is not None else ()
+            self._aliasing[func] = schema is None or any(item.alias_info is not None for item in items)
+        return self._aliasing[func]
 
     def _counted(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         """``func`` run and counted as ``FlopCounterMode`` does (its ``__torch_dispatch__``, module tracking
@@ -88,60 +100,32 @@ class FlopReplay(TorchDispatchMode):
         finally:
             self._depth -= 1
 
-    def _matching(self, func: Any, leaves: list[Any], spec: Any) -> _Call | None:
-        """The next recorded call (now consumed) if this one repeats it, else ``None``."""
-        if self._position >= len(self._record):
-            return None
-        recorded = self._record[self._position]
-        if recorded.func is not func or recorded.spec != spec or len(recorded.leaves) != len(leaves):
-            return None
-        if not all(then.matches(now) for then, now in zip(recorded.leaves, leaves, strict=True)):
-            return None
-        self._position += 1
-        return recorded
-
-
-@dataclass(frozen=True)
-class _Then:
-    """A leaf of a call's arguments when recorded: a tensor by its metadata, any other value as it was."""
-
-    value: Any
-    metadata: tuple[Any, ...] | None = None
-
-    @staticmethod
-    def of(leaf: Any) -> _Then:
-        return _Then(None, _metadata(leaf)) if isinstance(leaf, torch.Tensor) else _Then(leaf)
-
-    def matches(self, leaf: Any) -> bool:
-        """A tensor of the same metadata, or a non-tensor of the same type and an equal value."""
-        if isinstance(leaf, torch.Tensor) or self.metadata is not None:
-            return isinstance(leaf, torch.Tensor) and self.metadata == _metadata(leaf)
-        return type(self.value) is type(leaf) and bool(self.value == leaf)
-
 
 @dataclass(frozen=True)
 class _Call:
     """One outermost call of a functional op in the recorded run: its arguments, result and flops."""
 
-    func: Any
-    spec: Any  # the pytree structure of (args, kwargs)
-    leaves: tuple[_Then, ...]
+    key: tuple[Any, ...]  # the op and its arguments as :func:`_described` describes them
     result: Any
     flops: int
     replayable: bool  # its tensors are new, plain and dense from offset 0: a copy of their metadata is the result
 
 
-def _aliases(func: Any) -> bool:
-    """Whether ``func`` may return a view of an argument or write one (or has no schema to tell)."""
-    schema = getattr(func, "_schema", None)
-    return schema is None or any(item.alias_info is not None for item in (*schema.arguments, *schema.returns))
-
-
-def _metadata(tensor: torch.Tensor) -> tuple[Any, ...]:
-    return (
-        type(tensor), tensor.layout, tensor.shape, tensor.stride(), tensor.storage_offset(), tensor.dtype,
-        tensor.device, tensor.is_conj(), tensor.is_neg(),
-    )  # fmt: skip
+def _described(value: Any, tensors: list[torch.Tensor]) -> Any:
+    """``value`` as a comparable tuple: a tensor by its metadata (type, layout, shape, strides, storage offset,
+    dtype, device, conjugate and negative bits; appended to ``tensors``), a list, tuple or dict by its type
+    and items, anything else by its type and value."""
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return (
+            type(value), value.layout, value.shape, value.stride(), value.storage_offset(), value.dtype,
+            value.device, value.is_conj(), value.is_neg(),
+        )  # fmt: skip
+    if isinstance(value, list | tuple):
+        return type(value), tuple(_described(item, tensors) for item in value)
+    if isinstance(value, dict):
+        return dict, tuple((key, _described(item, tensors)) for key, item in value.items())
+    return type(value), value
 
 
 def _plain(out: torch.Tensor, leaves: list[Any]) -> bool:
