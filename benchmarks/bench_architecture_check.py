@@ -95,7 +95,9 @@ def main() -> None:
             values = samples[name][graph]
             line.append(f"{name} median {statistics.median(values):.2f} s CPU (min {min(values):.2f})")
         if args.against:
-            ratios = [old / new for old, new in zip(samples["against"][graph], samples["this tree"][graph], strict=True)]
+            ratios = [
+                old / new for old, new in zip(samples["against"][graph], samples["this tree"][graph], strict=True)
+            ]
             low, high = bootstrap(ratios)
             line.append(f"ratio {statistics.median(ratios):.1f} (95 % interval {low:.1f} to {high:.1f})")
         print(f"{graph[0]}, {graph[1]} nodes: " + "; ".join(line))

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import trainfer
 from trainfer.serve.computation_check import MAX_TOTAL_FACTOR, MIN_ELEMENTS_LIMIT, MIN_FLOPS, check_computation
 from trainfer.serve.flop_replay import FlopReplay
-from trainfer.serve.meta_shortcuts import SAME_AS_INPUT, shortcut
+from trainfer.serve.meta_shortcuts import ARITHMETIC, SAME_AS_INPUT, shortcut
 
 INPUT = [1, 1, 1, 1]  # one element, no weights: the limits are MIN_FLOPS and MIN_ELEMENTS_LIMIT
 
@@ -71,7 +71,9 @@ def test_memory_per_tensor_and_in_all_at_the_limits():
     """The input and its sum hold one element each; each of ``count`` expands and products holds ``elements``,
     and the output (the last product) is counted again: 2 + (2 count + 1) elements in all."""
     check_computation(_expands(MIN_ELEMENTS_LIMIT, 1), INPUT, "t")
-    with pytest.raises(trainfer.BundleError, match=rf"tensor of {MIN_ELEMENTS_LIMIT + 1} elements .* {MIN_ELEMENTS_LIMIT}"):
+    with pytest.raises(
+        trainfer.BundleError, match=rf"tensor of {MIN_ELEMENTS_LIMIT + 1} elements .* {MIN_ELEMENTS_LIMIT}"
+    ):
         check_computation(_expands(MIN_ELEMENTS_LIMIT + 1, 1), INPUT, "t")
     most = (MAX_TOTAL_FACTOR * MIN_ELEMENTS_LIMIT - 2) // 17  # with count 8
     check_computation(_expands(most, 8), INPUT, "t")
@@ -96,7 +98,9 @@ def _run(ops: list[str], x: torch.Tensor, w: torch.Tensor) -> list[tuple]:
 
 
 @settings(max_examples=25, deadline=None)
-@given(first=st.lists(st.sampled_from(sorted(OPS)), max_size=6), second=st.lists(st.sampled_from(sorted(OPS)), max_size=6))
+@given(
+    first=st.lists(st.sampled_from(sorted(OPS)), max_size=6), second=st.lists(st.sampled_from(sorted(OPS)), max_size=6)
+)
 def test_a_replayed_run_counts_and_returns_what_running_it_would(first, second):
     """Two runs under FlopReplay, the second replayed: the same flops and results as FlopCounterMode on both."""
     shapes = [(8, 8), (8, 8)]
@@ -128,14 +132,18 @@ def test_a_replayed_result_is_a_new_tensor_like_the_recorded_one():
 # --------------------------------------------------------------------------- the meta shortcuts
 def _tensors(dtype: torch.dtype) -> list[torch.Tensor]:
     """Meta tensors: new contiguous ones (0-d, empty, size-1 dims), then channels-last, transposed, offset, expanded."""
-    plain = [torch.empty(shape, dtype=dtype, device="meta") for shape in [(), (0,), (3,), (1, 4, 8, 8), (2, 1, 3), (5, 0, 2)]]
+    plain = [
+        torch.empty(shape, dtype=dtype, device="meta") for shape in [(), (0,), (3,), (1, 4, 8, 8), (2, 1, 3), (5, 0, 2)]
+    ]
     base = torch.empty(2, 3, 4, 5, dtype=dtype, device="meta")
     other = [base.to(memory_format=torch.channels_last), base.transpose(0, 1), base[1], base[:, :1].expand(2, 3, 4, 5)]
     return plain + other
 
 
 @pytest.mark.parametrize("func", sorted(SAME_AS_INPUT, key=str))
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.bool])
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.bool]
+)
 def test_a_shortcut_gives_what_the_meta_kernel_gives_or_nothing(func, dtype):
     """Where the shortcut answers, the kernel gives the same metadata (and counts no flops); it answers for
     every new contiguous floating-point tensor, and for nothing else."""
@@ -145,10 +153,41 @@ def test_a_shortcut_gives_what_the_meta_kernel_gives_or_nothing(func, dtype):
         if quick is not None:
             with FlopCounterMode(display=False) as counter:
                 real = func(x)
-            assert (quick.shape, quick.stride(), quick.dtype, quick.device) == (
-                real.shape, real.stride(), real.dtype, real.device
-            )  # fmt: skip
+            assert _same_metadata(quick, real)
             assert counter.get_total_flops() == 0
     x = torch.empty(3, device="meta")
     assert shortcut(func, (x, x), {}) is None and shortcut(func, (x,), {"approximate": "tanh"}) is None
     assert shortcut(torch.ops.aten.hardtanh.default, (x,), {}) is None
+
+
+def _same_metadata(quick: torch.Tensor, real: torch.Tensor) -> bool:
+    return _like(quick, real) and quick.storage_offset() == real.storage_offset()
+
+
+def _like(y: torch.Tensor, x: torch.Tensor) -> bool:
+    return (y.shape, y.stride(), y.dtype, y.device, y.storage_offset()) == (x.shape, x.stride(), x.dtype, x.device, 0)
+
+
+def _scalar(dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty((), dtype=dtype, device="meta")
+
+
+@pytest.mark.parametrize("func", sorted(ARITHMETIC, key=str))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, torch.int64])
+def test_an_arithmetic_shortcut_gives_what_the_meta_kernel_gives_or_nothing(func, dtype):
+    """x: every tensor of ``_tensors``; y: x itself, a tensor like x of another dtype, 0-d meta and CPU
+    tensors of each kind (float64, int, bool, complex), a broadcast row. Both orders."""
+    tame = [_scalar(torch.float64), _scalar(torch.int32), torch.tensor(2.5)]  # a CPU scalar
+    for index, x in enumerate(_tensors(dtype)):
+        other_dtype = torch.float32 if dtype != torch.float32 else torch.float64
+        others = [x, x.to(other_dtype), *tame, _scalar(torch.bool), _scalar(torch.complex64), x[..., :1]]
+        for y in others:
+            for pair in [(x, y), (y, x)]:
+                quick = shortcut(func, pair, {})
+                answers = _like(y, x) or (y.dim() == 0 < x.dim() and any(y is t for t in tame))
+                expected = dtype.is_floating_point and index < 6 and answers
+                assert (quick is not None) == expected, (func, x.shape, x.stride(), y.dtype, y.shape)
+                if quick is not None:
+                    assert _same_metadata(quick, func(*pair))
+    x = torch.empty(3, device="meta")
+    assert shortcut(func, (x, x), {"alpha": 2}) is None and shortcut(func, (x, x, x), {}) is None

@@ -16,18 +16,47 @@ _aten = torch.ops.aten
 SAME_AS_INPUT = frozenset(
     {_aten.relu.default, _aten.hardswish.default, _aten.hardsigmoid.default, _aten.mish.default, _aten.gelu.default}
 )
+#: arithmetic of two tensors: on a floating-point tensor and a same tensor or a real number, a result like the first
+ARITHMETIC = frozenset({_aten.add.Tensor, _aten.sub.Tensor, _aten.mul.Tensor, _aten.div.Tensor})
 
 
 def shortcut(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
     """The meta tensor ``func(*args, **kwargs)`` gives, made without its kernel, or ``None`` where that is not
-    known here: ``func`` in :data:`SAME_AS_INPUT`, called on one plain meta tensor of a floating-point dtype
-    with the strides of a new contiguous tensor and no other argument (``gelu``'s default approximation),
-    gives a new contiguous tensor of that shape and dtype and never raises (every other call: ``None``).
+    known here. With no keyword argument (``gelu``'s default approximation, ``add``'s ``alpha`` of 1) and
+    ``x`` a plain meta tensor of a floating-point dtype with the strides of a new contiguous tensor, these
+    calls give a new contiguous tensor of ``x``'s shape and dtype and never raise:
+
+    - ``func(x)`` for ``func`` in :data:`SAME_AS_INPUT`;
+    - ``func(x, y)`` or ``func(y, x)`` for ``func`` in :data:`ARITHMETIC`, ``y`` either a tensor like ``x``
+      (the same shape, dtype and strides) or, with ``x`` of at least one dimension, a 0-dimensional integer
+      or floating-point tensor (a Python number: of a lower or the same category, it does not promote).
+
+    Every other call: ``None``.
     """
-    if func not in SAME_AS_INPUT or len(args) != 1 or kwargs:
+    if kwargs or not (func in SAME_AS_INPUT and len(args) == 1 or func in ARITHMETIC and len(args) == 2):
         return None
-    (x,) = args
+    for x, y in [(args[0], args[-1]), (args[-1], args[0])]:
+        if _dense_float(x) and (len(args) == 1 or _tame(y, x)):
+            return torch.empty(x.shape, dtype=x.dtype, device="meta")
+    return None
+
+
+def _dense_float(x: Any) -> bool:
+    """A plain strided meta tensor of a floating-point dtype with the strides of a new contiguous tensor."""
     if type(x) is not torch.Tensor or x.device.type != "meta" or not x.is_floating_point() or x.is_neg():
-        return None
-    out = torch.empty(x.shape, dtype=x.dtype, device="meta")
-    return out if out.stride() == x.stride() and x.storage_offset() == 0 and x.layout == torch.strided else None
+        return False
+    return x.layout == torch.strided and x.storage_offset() == 0 and x.stride() == _contiguous(x.shape)
+
+
+def _contiguous(shape: torch.Size) -> tuple[int, ...]:
+    """The strides of a new contiguous tensor of ``shape`` (1 for a dimension of size 0 or 1 at the end)."""
+    return torch.empty(shape, device="meta").stride()
+
+
+def _tame(y: Any, x: torch.Tensor) -> bool:
+    """Whether ``y`` leaves ``x``'s shape, dtype and layout to an arithmetic result with it (see :func:`shortcut`)."""
+    if type(y) is not torch.Tensor or y.is_complex() or y.dtype == torch.bool or y.is_neg() or y.is_conj():
+        return False
+    if y.device == x.device and y.dtype == x.dtype and y.shape == x.shape and _dense_float(y):
+        return True
+    return y.dim() == 0 < x.dim() and y.layout == torch.strided and y.device.type in ("meta", "cpu")
