@@ -180,7 +180,14 @@ def test_an_arithmetic_shortcut_gives_what_the_meta_kernel_gives_or_nothing(func
     tame = [_scalar(torch.float64), _scalar(torch.int32), torch.tensor(2.5)]  # a CPU scalar
     for index, x in enumerate(_tensors(dtype)):
         other_dtype = torch.float32 if dtype != torch.float32 else torch.float64
-        others = [x, x.to(other_dtype), *tame, _scalar(torch.bool), _scalar(torch.complex64), x[..., :1]]
+        others = [
+            x,
+            x.to(other_dtype),
+            *tame,
+            _scalar(torch.bool),
+            _scalar(torch.complex64),
+            x[..., :1] if x.dim() else x,
+        ]
         for y in others:
             for pair in [(x, y), (y, x)]:
                 quick = shortcut(func, pair, {})
