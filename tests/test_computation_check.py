@@ -175,9 +175,15 @@ def _scalar(dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("func", sorted(ARITHMETIC, key=str))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, torch.int64])
 def test_an_arithmetic_shortcut_gives_what_the_meta_kernel_gives_or_nothing(func, dtype):
-    """x: every tensor of ``_tensors``; y: x itself, a tensor like x of another dtype, 0-d meta and CPU
-    tensors of each kind (float64, int, bool, complex), a broadcast row. Both orders."""
+    """x: every tensor of ``_tensors``; y: Python numbers, x itself, a tensor like x of another dtype, 0-d meta
+    and CPU tensors of each kind (float64, int, bool, complex), a broadcast row. Both orders."""
     tame = [_scalar(torch.float64), _scalar(torch.int32), torch.tensor(2.5)]  # a CPU scalar
+    numbers = [1.0, -2.5, 1e300, float("nan"), float("-inf"), 0, 3, 2**63 - 1, -(2**63)]
+    for x in _tensors(dtype)[:6] if dtype.is_floating_point else []:
+        for number in numbers:
+            for pair in [(x, number), (number, x)]:
+                assert _same_metadata(shortcut(func, pair, {}), func(*pair))
+        assert all(shortcut(func, (x, wild), {}) is None for wild in [2**63, -(2**63) - 1, True, 1j])
     for index, x in enumerate(_tensors(dtype)):
         other_dtype = torch.float32 if dtype != torch.float32 else torch.float64
         others = [

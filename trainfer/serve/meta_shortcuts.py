@@ -16,7 +16,7 @@ _aten = torch.ops.aten
 SAME_AS_INPUT = frozenset(
     {_aten.relu.default, _aten.hardswish.default, _aten.hardsigmoid.default, _aten.mish.default, _aten.gelu.default}
 )
-#: arithmetic of two tensors: on a floating-point tensor and a same tensor or a real number, a result like the first
+#: arithmetic on a floating-point tensor and a tensor like it or a real number: a result like the first
 ARITHMETIC = frozenset({_aten.add.Tensor, _aten.sub.Tensor, _aten.mul.Tensor, _aten.div.Tensor})
 
 
@@ -27,9 +27,10 @@ def shortcut(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.
     calls give a new contiguous tensor of ``x``'s shape and dtype and never raise:
 
     - ``func(x)`` for ``func`` in :data:`SAME_AS_INPUT`;
-    - ``func(x, y)`` or ``func(y, x)`` for ``func`` in :data:`ARITHMETIC`, ``y`` either a tensor like ``x``
-      (the same shape, dtype and strides) or, with ``x`` of at least one dimension, a 0-dimensional integer
-      or floating-point tensor (a Python number: of a lower or the same category, it does not promote).
+    - ``func(x, y)`` or ``func(y, x)`` for ``func`` in :data:`ARITHMETIC`, ``y`` a tensor like ``x`` (the
+      same shape, dtype and strides), a Python ``float`` or an ``int`` within int64, or (``x`` of at least
+      one dimension) a 0-dimensional integer or floating-point tensor: a number of a lower or the same
+      category does not promote.
 
     Every other call: ``None``.
     """
@@ -55,6 +56,8 @@ def _contiguous(shape: torch.Size) -> tuple[int, ...]:
 
 def _tame(y: Any, x: torch.Tensor) -> bool:
     """Whether ``y`` leaves ``x``'s shape, dtype and layout to an arithmetic result with it (see :func:`shortcut`)."""
+    if type(y) is float or type(y) is int and -(2**63) <= y < 2**63:  # not bool, complex, an int over int64
+        return True
     if type(y) is not torch.Tensor or y.is_complex() or y.dtype == torch.bool or y.is_neg() or y.is_conj():
         return False
     if y.device == x.device and y.dtype == x.dtype and y.shape == x.shape and _dense_float(y):
