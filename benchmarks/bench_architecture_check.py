@@ -1,9 +1,10 @@
 """CPU time of the load-time computation check of a recorded architecture, optionally against another checkout.
 
 ``trainfer.serve.computation_check.check_computation`` runs on forged graphs of 500 and 4096 nodes
-(``MAX_NODES``) on a 1x1x8x8 input: a ``conv`` followed by a chain of ``relu`` ("relu chain"), and a
-conv followed by a cycle of node kinds ("mix": ``torch.relu``, ``operator.add``, ``operator.mul``,
-the ``sigmoid`` method, ``F.softmax``, a 4->4 ``conv`` module, ``mean`` + broadcast ``add``). Each
+(``MAX_NODES``) on a 1x1x8x8 input: a ``conv`` followed by a chain of ``relu`` ("relu chain"), a conv
+followed by a cycle of node kinds ("mix": ``torch.relu``, ``operator.add``, ``operator.mul``, the
+``sigmoid`` method, ``F.softmax``, a 4->4 ``conv`` module, ``mean`` + broadcast ``add``), and a conv
+followed by ``F.hardtanh(h, -1.0, 2.0)`` (4096 nodes; among the costliest meta kernels per node). Each
 round runs one fresh interpreter per source tree (interleaved, so machine load hits both alike) at
 one torch thread; it times each check with ``time.process_time`` after one warm-up check. With
 ``--against TREE`` (say an older checkout) it prints, per graph, the median ratio TREE / this tree
@@ -25,7 +26,7 @@ from pathlib import Path
 from bench_cli_help import bootstrap
 
 HERE = str(Path(__file__).resolve().parent.parent)
-GRAPHS = [("relu chain", 500), ("relu chain", 4096), ("mix", 500), ("mix", 4096)]
+GRAPHS = [("relu chain", 500), ("relu chain", 4096), ("mix", 500), ("mix", 4096), ("hardtanh chain", 4096)]
 PROBE = """
 import json, operator, sys, time
 import torch
@@ -50,8 +51,9 @@ def graph(kind, nodes):
         lambda h: g.call_module("conv2", (h,)),
         lambda h: g.call_function(operator.add, (h, g.call_method("mean", (h, 1), {"keepdim": True}))),
     ]
+    chains = {"relu chain": steps[0], "hardtanh chain": lambda h: g.call_function(F.hardtanh, (h, -1.0, 2.0))}
     while len(g.nodes) < nodes - 2:  # a step adds one or two nodes
-        h = steps[0](h) if kind == "relu chain" else steps[len(g.nodes) % len(steps)](h)
+        h = chains[kind](h) if kind in chains else steps[len(g.nodes) % len(steps)](h)
     while len(g.nodes) < nodes - 1:
         h = steps[0](h)
     g.output(h)
