@@ -157,7 +157,7 @@ def test_a_shortcut_gives_what_the_meta_kernel_gives_or_nothing(func, dtype):
             assert counter.get_total_flops() == 0
     x = torch.empty(3, device="meta")
     assert shortcut(func, (x, x), {}) is None and shortcut(func, (x,), {"approximate": "tanh"}) is None
-    assert shortcut(torch.ops.aten.hardtanh.default, (x,), {}) is None
+    assert shortcut(torch.ops.aten.hardshrink.default, (x,), {}) is None
 
 
 def _same_metadata(quick: torch.Tensor, real: torch.Tensor) -> bool:
@@ -204,3 +204,19 @@ def test_an_arithmetic_shortcut_gives_what_the_meta_kernel_gives_or_nothing(func
                     assert _same_metadata(quick, func(*pair))
     x = torch.empty(3, device="meta")
     assert shortcut(func, (x, x), {"alpha": 2}) is None and shortcut(func, (x, x, x), {}) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64])
+def test_a_hardtanh_shortcut_gives_what_the_meta_kernel_gives_or_nothing(dtype):
+    """Bounds from Python numbers (nan, infinities, int64 extremes), both orders; min > max is left to the kernel."""
+    func = torch.ops.aten.hardtanh.default
+    numbers = [-2.5, 1e300, float("nan"), float("-inf"), 0, 3, 2**63 - 1, -(2**63)]
+    for index, x in enumerate(_tensors(dtype)):
+        for bounds in [(), (-2.0,), (0.5,), *((low, high) for low in numbers for high in numbers)]:
+            quick = shortcut(func, (x, *bounds), {})
+            low, high = (*bounds, *(-1, 1)[len(bounds) :])
+            expected = dtype.is_floating_point and index < 6 and not low > high
+            assert (quick is not None) == expected, (x.shape, x.stride(), bounds)
+            if quick is not None:
+                assert _same_metadata(quick, func(x, *bounds))
+        assert shortcut(func, (x, 2.0, 1.0), {}) is None and shortcut(func, (x, True, 2.0), {}) is None

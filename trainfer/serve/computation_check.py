@@ -55,6 +55,11 @@ def check_computation(gm: fx.GraphModule, input_shape: list[int] | None, where: 
       4096x4096 matmuls on an 8x8 image is not);
     - the graph runs, through the interpreter and through the code fx generated for it: shapes agree,
       no division by zero, no parameter shadows a name the code uses.
+
+    Both runs count toward the flop limit. The second is answered from the first's record while its aten
+    calls repeat the first's (:class:`~trainfer.serve.flop_replay.FlopReplay`), and a few elementwise ops
+    skip PyTorch's Python meta kernels (:func:`~trainfer.serve.meta_shortcuts.shortcut`): the same
+    results and counts as running them, at a fraction of the CPU (``benchmarks/bench_architecture_check.py``).
     """
     if input_shape is None:
         raise BundleError(f"{where}: a recorded architecture needs the example input shape (input.shape is null)")

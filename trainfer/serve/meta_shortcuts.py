@@ -20,6 +20,10 @@ SAME_AS_INPUT = frozenset(
 ARITHMETIC = frozenset({_aten.add.Tensor, _aten.sub.Tensor, _aten.mul.Tensor, _aten.div.Tensor})
 
 
+#: ``hardtanh(x, min_val=-1, max_val=1)``: refused where ``min_val > max_val``, else a result like ``x``
+BOUNDED = frozenset({_aten.hardtanh.default})
+
+
 def shortcut(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
     """The meta tensor ``func(*args, **kwargs)`` gives, made without its kernel, or ``None`` where that is not
     known here. With no keyword argument (``gelu``'s default approximation, ``add``'s ``alpha`` of 1) and
@@ -30,10 +34,17 @@ def shortcut(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.
     - ``func(x, y)`` or ``func(y, x)`` for ``func`` in :data:`ARITHMETIC`, ``y`` a tensor like ``x`` (the
       same shape, dtype and strides), a Python ``float`` or an ``int`` within int64, or (``x`` of at least
       one dimension) a 0-dimensional integer or floating-point tensor: a number of a lower or the same
-      category does not promote.
+      category does not promote;
+    - ``func(x[, min_val[, max_val]])`` for ``func`` in :data:`BOUNDED`, the bounds Python numbers as above
+      with not ``min_val > max_val`` (that call raises: left to the kernel).
 
     Every other call: ``None``.
     """
+    if func in BOUNDED and 1 <= len(args) <= 3 and not kwargs and _dense_float(args[0]):
+        bounds: list[Any] = [*args[1:], *[-1, 1][len(args) - 1 :]]
+        low, high = bounds
+        plain = _number(low) and _number(high) and not low > high
+        return torch.empty(args[0].shape, dtype=args[0].dtype, device="meta") if plain else None
     if kwargs or not (func in SAME_AS_INPUT and len(args) == 1 or func in ARITHMETIC and len(args) == 2):
         return None
     for x, y in [(args[0], args[-1]), (args[-1], args[0])]:
@@ -49,6 +60,11 @@ def _dense_float(x: Any) -> bool:
     return x.layout == torch.strided and x.storage_offset() == 0 and x.stride() == _contiguous(x.shape)
 
 
+def _number(y: Any) -> bool:
+    """A Python ``float`` or an ``int`` within int64 (not a bool, a complex, a bigger int)."""
+    return type(y) is float or type(y) is int and -(2**63) <= y < 2**63
+
+
 def _contiguous(shape: torch.Size) -> tuple[int, ...]:
     """The strides of a new contiguous tensor of ``shape`` (1 for a dimension of size 0 or 1 at the end)."""
     return torch.empty(shape, device="meta").stride()
@@ -56,7 +72,7 @@ def _contiguous(shape: torch.Size) -> tuple[int, ...]:
 
 def _tame(y: Any, x: torch.Tensor) -> bool:
     """Whether ``y`` leaves ``x``'s shape, dtype and layout to an arithmetic result with it (see :func:`shortcut`)."""
-    if type(y) is float or type(y) is int and -(2**63) <= y < 2**63:  # not bool, complex, an int over int64
+    if _number(y):
         return True
     if type(y) is not torch.Tensor or y.is_complex() or y.dtype == torch.bool or y.is_neg() or y.is_conj():
         return False
