@@ -33,6 +33,7 @@ $(NEXT)/.installed: pyproject.toml
 	$(NEXT)/python -m pip install --quiet -e '.[all,dev]'
 	touch $@
 
+# runs/demo: the digits_net story, then the sequence step (runs/demo/sequences; `trainfer demo --no-sequences` skips it)
 demo: $(BIN)/.installed
 	$(BIN)/trainfer demo
 

@@ -11,13 +11,18 @@ non-trivial BatchNorm statistics, no download), in eval mode, with a small input
   one exists (Ultralytics ``fuse()``; torchvision and transformers have none);
 * with ``--rounds``: latency of the deploy form and the own converter's form relative to the eval
   form, batch 1, timed paired and interleaved in one run (``trainfer.bench.time_forms``): wall
-  time at 2 threads and CPU time of the calling thread at 1 thread.
+  time at 2 threads and CPU time of the calling thread at 1 thread;
+* with ``--vs-fuse`` (and ``--rounds``): instead, the direct comparison: process CPU time at 1
+  thread of eval, deploy and the own converter's form, interleaved call by call, and per round
+  deploy / eval, own / eval and deploy / own, each the median of the per-round ratios with a 95 %
+  percentile-bootstrap interval (a second table).
 
 Each model runs in its own forked process under a time limit (``bench_timm.run_isolated``).
 Needs the ``.venv-next`` of ``make test-interop`` (torch 2.14.1, torchvision 0.29.1, transformers
 5.x, ultralytics 8.x):
 
     .venv-next/bin/python benchmarks/bench_interop.py [--rounds 5] [--models resnet18,yolov8n,...]
+    .venv-next/bin/python benchmarks/bench_interop.py --vs-fuse --rounds 40 --protocols off --models yolov8n
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import argparse
 import copy
 import importlib.util
 import math
+import random
 import statistics
 import sys
 import time
@@ -83,6 +89,16 @@ class Spread:
         high = min(len(ordered) - 1, math.ceil(len(ordered) / 2 + half_width))
         return cls(statistics.median(ordered), ordered[low], ordered[high])
 
+    @classmethod
+    def bootstrap(cls, ratios: list[float], resamples: int = 2000, seed: int = 0) -> Spread:
+        """The median of ``ratios`` with the 2.5 and 97.5 percentiles of the medians of ``resamples``
+        resamples (drawn with replacement, seeded: the same ratios give the same interval)."""
+        if not ratios:
+            return cls()
+        generator = random.Random(seed)
+        medians = sorted(statistics.median(generator.choices(ratios, k=len(ratios))) for _ in range(resamples))
+        return cls(statistics.median(ratios), medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1])
+
 
 @dataclass
 class Row:
@@ -104,6 +120,8 @@ class Row:
     #: deploy / eval and own / eval: the median of the per-round ratios with its 95 % interval.
     wall_2_threads: tuple[Spread, Spread] = (Spread(), Spread())
     cpu_1_thread: tuple[Spread, Spread] = (Spread(), Spread())
+    #: ``--vs-fuse``: deploy / eval, own / eval, deploy / own in process CPU time, bootstrap intervals.
+    vs_fuse: tuple[Spread, Spread, Spread] = (Spread(), Spread(), Spread())
     error: str = ""
 
 
@@ -323,8 +341,9 @@ def _counts(model: nn.Module, case: Case) -> tuple[int, int, int]:
     return batch_norms, executed.get("convolution", 0), sum(executed.values())
 
 
-def compare(name: str, protocols: bool = True, rounds: int = 0, wall: bool = True) -> Row:
-    """Deploy ``name``, count what each form executes and, if ``rounds``, time them against eval."""
+def compare(name: str, protocols: bool = True, rounds: int = 0, wall: bool = True, vs_fuse: bool = False) -> Row:
+    """Deploy ``name``, count what each form executes and, if ``rounds``, time them against eval
+    (``vs_fuse``: the direct comparison of :func:`_vs_fuse` instead of wall and thread time)."""
     import trainfer
 
     case = build(name)
@@ -353,6 +372,9 @@ def compare(name: str, protocols: bool = True, rounds: int = 0, wall: bool = Tru
     counts = {label: _counts(form, case) for label, form in forms.items()}
     own = counts.get("own", (-1, -1, -1))
     row.batch_norms, row.convolutions, row.ops = ((counts["eval"][i], counts["deploy"][i], own[i]) for i in range(3))
+    if rounds and vs_fuse:
+        row.vs_fuse = _vs_fuse(forms, case, rounds)
+        return row
     if rounds and wall:
         row.wall_2_threads = _ratios(forms, case, rounds, threads=2, clock=time.perf_counter)
     if rounds:
@@ -360,14 +382,11 @@ def compare(name: str, protocols: bool = True, rounds: int = 0, wall: bool = Tru
     return row
 
 
-def _ratios(
+def _per_round(
     forms: dict[str, nn.Module], case: Case, rounds: int, threads: int, clock: Callable[[], float]
-) -> tuple[Spread, Spread]:
-    """Time of the deploy form and the own converter's form over the eval form's, paired per round.
-
-    Each round times every form ``repeats`` times in turn; a round's ratio is the form's median
-    over the eval form's median in that round, so load that changes between rounds cancels.
-    """
+) -> dict[str, list[float]]:
+    """Each form's median time in each round: every round times every form ``repeats`` times in turn
+    (``trainfer.bench.time_forms``), so load that changes between rounds falls on all forms alike."""
     from trainfer.bench import time_forms
 
     repeats = 5
@@ -383,27 +402,45 @@ def _ratios(
         threads=threads,
         clock=clock,
     )
-
-    def per_round(label: str) -> list[float]:
-        samples = timings[label].samples
-        return [statistics.median(samples[i : i + repeats]) for i in range(0, len(samples), repeats)]
-
-    base = per_round("eval")
-
-    def spread(label: str) -> Spread:
-        return Spread.of([t / b for t, b in zip(per_round(label), base)]) if label in timings else Spread()
-
-    return spread("deploy"), spread("own")
+    return {
+        label: [statistics.median(timing.samples[i : i + repeats]) for i in range(0, len(timing.samples), repeats)]
+        for label, timing in timings.items()
+    }
 
 
-def run(name: str, protocols: bool = True, rounds: int = 0, timeout: float = 600, wall: bool = True) -> Row:
+def _paired(times: dict[str, list[float]], numerator: str, denominator: str) -> list[float]:
+    """The per-round ratios ``numerator / denominator`` (empty when a form is missing)."""
+    if numerator not in times or denominator not in times:
+        return []
+    return [t / b for t, b in zip(times[numerator], times[denominator])]
+
+
+def _ratios(
+    forms: dict[str, nn.Module], case: Case, rounds: int, threads: int, clock: Callable[[], float]
+) -> tuple[Spread, Spread]:
+    """Time of the deploy form and the own converter's form over the eval form's, paired per round."""
+    times = _per_round(forms, case, rounds, threads, clock)
+    return Spread.of(_paired(times, "deploy", "eval")), Spread.of(_paired(times, "own", "eval"))
+
+
+def _vs_fuse(forms: dict[str, nn.Module], case: Case, rounds: int) -> tuple[Spread, Spread, Spread]:
+    """deploy / eval, own / eval and deploy / own: process CPU time at 1 thread (``time.process_time``,
+    all of the process's work, little affected by other processes), paired per round, bootstrap intervals."""
+    times = _per_round(forms, case, rounds, threads=1, clock=time.process_time)
+    pairs = (("deploy", "eval"), ("own", "eval"), ("deploy", "own"))
+    return tuple(Spread.bootstrap(_paired(times, *pair)) for pair in pairs)  # type: ignore[return-value]
+
+
+def run(
+    name: str, protocols: bool = True, rounds: int = 0, timeout: float = 600, wall: bool = True, vs_fuse: bool = False
+) -> Row:
     """:func:`compare` in a forked process under ``timeout`` seconds (a hang or crash is the row's error)."""
-    row = _sibling("bench_timm").run_isolated(compare, (name, protocols, rounds, wall), timeout, row=Row)
+    row = _sibling("bench_timm").run_isolated(compare, (name, protocols, rounds, wall, vs_fuse), timeout, row=Row)
     row.protocols = protocols  # an error row is built from the name alone
     # the forked process sends the row as a dict (dataclasses.asdict): rebuild the ratios
-    row.wall_2_threads, row.cpu_1_thread = (
+    row.wall_2_threads, row.cpu_1_thread, row.vs_fuse = (
         tuple(Spread(**s) if isinstance(s, dict) else s for s in pair)
-        for pair in (row.wall_2_threads, row.cpu_1_thread)
+        for pair in (row.wall_2_threads, row.cpu_1_thread, row.vs_fuse)
     )
     return row
 
@@ -442,21 +479,39 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def markdown_vs_fuse(rows: list[Row]) -> str:
+    """The ``--vs-fuse`` table: the three paired ratios of each row, with their bootstrap intervals."""
+    lines = [
+        "| model | protocols | CPU, 1 thread: deploy / eval | own / eval | deploy / own |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        cells = f"no: {r.error} | | " if r.error else " | ".join(_ratio(spread) for spread in r.vs_fuse)
+        lines.append(f"| {r.model} | {'on' if r.protocols else 'off'} | {cells} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per model (0: no timing)")
     parser.add_argument("--no-wall", action="store_true", help="time CPU at 1 thread only (stable under load)")
     parser.add_argument(
-        "--protocols", choices=("both", "on"), default="both", help="Ultralytics: both settings or on only"
+        "--vs-fuse",
+        action="store_true",
+        help="time eval, deploy and the own converter against each other (process CPU time, 1 thread)",
+    )
+    parser.add_argument(
+        "--protocols", choices=("both", "on", "off"), default="both", help="Ultralytics: both settings, on or off"
     )
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per model")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated names: " + ", ".join(MODELS))
     args = parser.parse_args()
     rows = []
     for name in args.models.split(","):
-        both = MODELS[name][0] == "ultralytics" and args.protocols == "both"
-        for protocols in (True, False) if both else (True,):
-            rows.append(run(name, protocols, args.rounds, args.timeout, wall=not args.no_wall))
+        ultralytics = MODELS[name][0] == "ultralytics"
+        settings = {"both": (True, False), "on": (True,), "off": (False,)}[args.protocols if ultralytics else "on"]
+        for protocols in settings:
+            rows.append(run(name, protocols, args.rounds, args.timeout, not args.no_wall, args.vs_fuse))
             print(f"{name}: {rows[-1]}", flush=True)
     import torchvision
 
@@ -469,6 +524,9 @@ def main() -> None:
         "(ratio: median of the per-round ratios, with its 95 % confidence interval)\n"
     )
     print(markdown(rows))
+    if args.vs_fuse:
+        print("\nprocess CPU time, 1 thread; 95 % percentile-bootstrap intervals of the median\n")
+        print(markdown_vs_fuse(rows))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,12 @@ drives each at concurrency 1, 8 and 32 with one-sample requests -- Open Inferenc
 tensor data, or for LitServe (which takes JSON only) the same bytes base64-encoded in JSON -- and
 reports throughput and p50/p99 latency. Every server runs its model on ``--threads`` torch threads
 (1 by default, the same for all). At concurrency 1 the server's overhead is ``1 - (mean seconds
-per batch in the model, from /metrics) / (mean request latency)``.
+per batch in the model, from /metrics) / (mean request latency)``. ``cpu_ms`` is the server
+process's own CPU time (user + system, every thread and child process, from ``/proc``) per answered request
+over the run: it moves far less with the machine's load than req/s (caches and clock still shift it),
+so it is the figure to compare code by on a shared machine (``--compare-with DIR``: a checkout of
+other code, each of its rows right after the same row of this code); it means little for a run in
+which few requests finished (requests still in flight when wrk stops cost CPU but are not counted).
 
 The overload test drives the dynamic server (``--max-queue 64``) with 10x the connections of the
 concurrency-32 run (320, closed loop: wrk cannot hold a rate) for ``--overload-seconds``, waits
@@ -165,13 +170,30 @@ def queue_depth(server: ServerProcess) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("trainfer_queue_samples{"))
 
 
+def cpu_seconds(server: ServerProcess) -> float:
+    """User + system CPU seconds so far of the server process and its live descendants (every thread;
+    LitServe computes in child processes)."""
+    total, pids = 0.0, [server.process.pid]
+    while pids:
+        pid = pids.pop()
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                pids += [int(child) for child in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):  # a child that exited meanwhile
+            continue
+    return total
+
+
 def rss_mb(server: ServerProcess) -> float:
     status = Path(f"/proc/{server.process.pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
 
 
-def servers(bundle: Path, name: str) -> dict[str, tuple[list[str], list[str] | None]]:
-    """Label -> (arguments, program: None for ``trainfer serve``) of each server to measure."""
+def servers(bundle: Path, name: str, compare: Path | None = None) -> dict[str, tuple[list[str], list[str] | None]]:
+    """Label -> (arguments, program: None for ``trainfer serve``) of each server to measure; with
+    ``compare`` (a checkout), each ``trainfer serve`` is followed by the same served by that code."""
     peers = ROOT / "benchmarks"
     found = {
         "trainfer serve, dynamic batching (32, 5 ms)": (
@@ -187,6 +209,13 @@ def servers(bundle: Path, name: str) -> dict[str, tuple[list[str], list[str] | N
             [sys.executable, str(peers / "serve_peer.py")],
         ),
     }
+    if compare is not None:
+        found = dict(
+            entry
+            for label, (args, program) in found.items()
+            for entry in [(label, (args, program))]
+            + ([(f"{label} [{compare.name}]", (args, compared_program(compare)))] if program is None else [])
+        )
     if importlib.util.find_spec("litserve") is not None:
         found[LITSERVE] = (
             [str(bundle), "--name", name, "--max-batch", "32", "--max-delay-ms", "5"],
@@ -195,25 +224,39 @@ def servers(bundle: Path, name: str) -> dict[str, tuple[list[str], list[str] | N
     return found
 
 
+def compared_program(checkout: Path) -> list[str]:
+    """``trainfer serve`` as the code in ``checkout`` runs it (its ``trainfer`` package first on the path)."""
+    run = "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); runpy.run_module('trainfer', run_name='__main__')"
+    return [sys.executable, "-c", run, str(checkout.resolve()), "serve"]
+
+
 def measure_model(
-    name: str, bundle: Path, bodies: dict[str, tuple[Path, int | str]], lua: Path, seconds: float
+    name: str,
+    bundle: Path,
+    bodies: dict[str, tuple[Path, int | str]],
+    lua: Path,
+    seconds: float,
+    compare: Path | None = None,
 ) -> list[dict]:
     """Every server of :func:`servers` at each concurrency; ``bodies``: "binary" and "litserve" requests."""
     rows = []
-    for label, (args, program) in servers(bundle, name).items():
+    for label, (args, program) in servers(bundle, name, compare).items():
+        trainfer_serve = program is None or label.endswith("]")
         body = bodies["litserve" if label == LITSERVE else "binary"]
         with running_server(*args, program=program) as server:
             url = f"{server.url}/v2/models/{name}/infer"
             wrk(url, 8, 2, body, lua)  # warm-up
             for connections in CONCURRENCY:
-                before = inference_seconds(server) if program is None else (0.0, 0.0)
+                before = inference_seconds(server) if trainfer_serve else (0.0, 0.0)
+                cpu = cpu_seconds(server)
                 row = {
                     "model": name,
                     "server": label,
                     "concurrency": connections,
                     **wrk(url, connections, seconds, body, lua),
                 }
-                if program is None and connections == 1:
+                row["cpu_ms"] = 1e3 * (cpu_seconds(server) - cpu) / max(row["ok"], 1)
+                if trainfer_serve and connections == 1:
                     after = inference_seconds(server)
                     per_batch = (after[0] - before[0]) / max(after[1] - before[1], 1)
                     row["overhead"] = 1 - per_batch * row["rps"]  # rps = 1 / mean latency at concurrency 1
@@ -271,7 +314,8 @@ def _row_text(row: dict) -> str:
     overhead = f", overhead {row['overhead']:.1%}" if "overhead" in row else ""
     return (
         f"| {row['model']} | {row['server']} | {row['concurrency']} | {row['rps']:.1f} | {row['p50_ms']:.1f} | "
-        f"{row['p99_ms']:.1f} | {row['ok']} ok, {row['busy']} 503, {row['other']} other{overhead} |"
+        f"{row['p99_ms']:.1f} | {row['cpu_ms']:.2f} | {row['ok']} ok, {row['busy']} 503, {row['other']} other"
+        f"{overhead} |"
     )
 
 
@@ -283,6 +327,14 @@ def main() -> None:
     )
     parser.add_argument("--overload-seconds", type=float, default=30.0, help="0: no overload test")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
+    parser.add_argument(
+        "--compare-with",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a checkout of other code (its trainfer/ package): each trainfer serve row is followed by the same "
+        "server running that code",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -301,11 +353,14 @@ def main() -> None:
         bundles = make_bundles(root, names)
         lua = root / "post.lua"
         lua.write_text(LUA)
-        print("| model | server | concurrency | req/s | p50 ms | p99 ms | answers |\n|---|---|---|---|---|---|---|")
+        print(
+            "| model | server | concurrency | req/s | p50 ms | p99 ms | server CPU ms/request | answers |\n"
+            "|---|---|---|---|---|---|---|---|"
+        )
         rows, overloads = [], []
         for name in names if args.duration > 0 else ():
             bodies = {"binary": request_file(root, SHAPES[name]), "litserve": litserve_request_file(root, SHAPES[name])}
-            rows += measure_model(name, bundles[name], bodies, lua, args.duration)
+            rows += measure_model(name, bundles[name], bodies, lua, args.duration, args.compare_with)
         if args.overload_seconds > 0:
             for name in names:
                 result = overload(name, bundles[name], request_file(root, SHAPES[name]), lua, args.overload_seconds)

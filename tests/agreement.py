@@ -56,6 +56,10 @@ def _assert_record_close(got: Any, want: Any, atol: float, where: str) -> None:
             _assert_record_close(got[key], want[key], atol, f"{where}.{key}")
     elif isinstance(want, float) or (isinstance(want, list) and want and isinstance(want[0], float)):
         np.testing.assert_allclose(got, want, atol=atol, rtol=0, err_msg=where)
+    elif isinstance(want, list):  # e.g. a sequence's n-best [text, score] pairs: item by item
+        assert isinstance(got, list) and len(got) == len(want), f"{where}: {got!r} != {want!r}"
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _assert_record_close(g, w, atol, f"{where}[{i}]")
     else:
         assert got == want, f"{where}: {got!r} != {want!r}"
 

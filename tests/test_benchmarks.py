@@ -20,3 +20,14 @@ def test_benchmark_help_runs(script, monkeypatch, capsys):
         runpy.run_path(str(script), run_name="__main__")
     assert exit_info.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_the_interop_bootstrap_interval_brackets_the_median_reproducibly():
+    from interop import bench  # benchmarks/bench_interop.py (plain torch: no interop library is imported)
+
+    ratios = [1.0 + 0.01 * i for i in range(41)]  # median 1.2
+    spread = bench.Spread.bootstrap(ratios)
+    assert spread.median == 1.2 and 1.1 < spread.low < 1.2 < spread.high < 1.3, spread
+    assert bench.Spread.bootstrap(ratios) == spread  # seeded
+    assert bench.Spread.bootstrap([1.05] * 9) == bench.Spread(1.05, 1.05, 1.05)
+    assert bench.Spread.bootstrap([]).median != bench.Spread.bootstrap([]).median  # nan: nothing timed

@@ -11,6 +11,7 @@ import trainfer
 from trainfer.cli import main
 from trainfer.demo import data
 from trainfer.demo import pipeline as demo
+from trainfer.errors import InputError
 from trainfer.models import digits_net
 from trainfer.modes.contexts import inference
 from trainfer.serve.bundle import load
@@ -18,7 +19,7 @@ from trainfer.testing import assert_close
 
 pytestmark = pytest.mark.slow  # every test here shares one end-to-end demo run
 
-QUICK = ["--epochs", "1", "--subset", "300", "--repeats", "3"]
+QUICK = ["--epochs", "1", "--subset", "300", "--repeats", "3", "--no-sequences"]
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +153,19 @@ def test_refuses_to_replace_a_directory_that_is_not_a_demo_output(tmp_path):
     assert result.exit_code == 2 and "-1 is not in the range x>=1" in result.output
 
 
+def test_a_sequences_only_output_may_be_replaced_by_the_whole_demo(tmp_path):
+    """``trainfer demo --sequences`` first, then ``make demo``: its ``sequences/`` alone is a demo output."""
+    out = tmp_path / "demo"
+    (out / "sequences").mkdir(parents=True)
+    (out / "sequences" / "notes.txt").write_text("not the step's output")
+    with pytest.raises(InputError, match="not a trainfer demo output"), demo._staging(out):
+        pass
+    (out / "sequences" / "scores.json").write_text("{}")
+    with demo._staging(out) as work:
+        (work / "report.md").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]
+
+
 def test_a_missing_optional_dependency_is_reported_as_skipped(demo_run, tmp_path, monkeypatch):
     _, _, results = demo_run
     monkeypatch.setitem(__import__("sys").modules, "captum", None)  # `import captum` now fails
@@ -240,3 +254,26 @@ def test_pruning_step_gates_each_candidate_and_plots_accuracy_against_latency(de
     report = (out / "report.md").read_text()
     assert "## Pruning: narrower layers behind the accuracy gate" in report and "![pruning](pruning.png)" in report
     assert all(f"| {c['name']} |" in report for c in candidates) and "pruned + int8" in printed
+
+
+def test_the_report_shows_the_sequence_step_headline_and_links_its_report(demo_run, tmp_path):
+    out, _, results = demo_run
+    assert results["config"]["sequences"] is False and "sequences" not in results
+    assert "_Not run (`--no-sequences`)" in (out / "report.md").read_text()
+    scores = [
+        {"model": model, "decoder": decoder, "sequence_accuracy": accuracy, "cer": cer}
+        for model, decoder, accuracy, cer in [
+            ("crnn-ctc", "greedy", 0.812, 0.05),
+            ("crnn-ctc", "beam 8", 0.823, 0.047),
+            ("encoder-decoder", "greedy", 0.411, 0.2),
+            ("encoder-decoder", "beam 8", 0.456, 0.18),
+        ]
+    ]
+    found = {"report": "sequences/report.md", "plot": "sequences/sequences.png", "scores": scores}
+    config = {**results["config"], "sequences": True}
+    from trainfer.demo.report import write_report
+
+    report = write_report({**results, "config": config, "sequences": found}, tmp_path).read_text()
+    assert "[sequences/report.md](sequences/report.md)" in report and "Not run" not in report
+    assert "| encoder-decoder | beam 8 | 0.456 | 0.180 |" in report
+    assert "| crnn-ctc | greedy | 0.812 | 0.050 |" in report

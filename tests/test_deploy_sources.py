@@ -460,6 +460,63 @@ def test_a_sequential_that_was_iterated_is_folded_inside_and_the_report_says_wha
     assert any(item.startswith("unused") and "never ran" in item for item in report.kept), report.kept
 
 
+class ConvBNAct(nn.Module):
+    """Ultralytics' ``Conv``: ``act(bn(conv(x)))``, with the plain attributes its parent's loop reads."""
+
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.SiLU()
+        self.f = -1  # "from": read by the parent's loop, not by forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = ConvBNAct()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.block(x)
+
+
+class ChainLoop(nn.Module):
+    """An untraceable root calling its parts one by one: chains, a residual, a part called by keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.ModuleList([ConvBNAct(), Residual(), ConvBNAct()])
+        self.head = Encoder()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.sum() > 1e9:  # data-dependent: fx cannot trace the root
+            x = x * 2
+        for m in self.model:
+            x = m(x) if m.f == -1 else x  # reads each part's plain attribute, like Ultralytics' loop
+        return self.head(hidden_states=x)
+
+
+def test_a_part_folded_to_a_chain_of_module_calls_is_installed_as_a_sequential_and_stays_exact():
+    x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
+    model = ChainLoop().double()
+    for part in model.model:
+        part.f = -1  # Residual has none of its own
+    result, reference = deployed(model, x, protocols=False)
+    assert_close(result(x), reference(x))  # float64: within 1e-9 relative
+    assert batch_norm_calls(result, x) == 0
+    for index in (0, 2):  # conv -> bn -> act folds to conv -> act: a plain nn.Sequential, attributes kept
+        part = result.model[index]
+        assert type(part) is nn.Sequential and part.f == -1, part
+        assert [type(m) for m in part] == [nn.Conv2d, nn.SiLU]
+        assert copy.deepcopy(part).f == -1
+    # a residual is not a chain, and a part called by keyword keeps the GraphModule that takes its keywords
+    assert isinstance(result.model[1], torch.fx.GraphModule) and result.model[1].f == -1
+    assert isinstance(result.head, torch.fx.GraphModule)
+    # the parts the fold built are in inference mode like everything else in a deploy form
+    assert not any(m.training for m in result.modules()), [n for n, m in result.named_modules() if m.training]
+
+
 # --- 7. plain attributes cached by forward -----------------------------------------------------------
 
 

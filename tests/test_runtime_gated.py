@@ -2,10 +2,10 @@
 
 import json
 import shutil
-import time
 
 import pytest
 import torch
+from search_hook import hooked_measure
 
 import trainfer
 from trainfer.errors import BundleError
@@ -19,7 +19,6 @@ pytest.importorskip("onnx")
 OPEN = trainfer.AccuracyGate(min_agreement=0.0, max_accuracy_drop=None)
 #: The int8 runtime the round trip records: OpenVINO's placement where it is installed.
 INT8 = "openvino" if rt.openvino_precisions() else "onnxruntime"
-SLOW_S = 0.02
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +62,8 @@ def test_int8_candidates_come_only_from_the_runtimes_candidates_names(data):
 
 
 def _only_fast(monkeypatch, fast):
-    """Every engine but ``fast`` sleeps SLOW_S per call while the chooser measures."""
-    measure = rt._measure
-
-    def slowed(engines, records, source, options):
-        def slow(engine):
-            return lambda batch: (time.sleep(SLOW_S), engine(batch))[1]
-
-        measure({n: e if n == fast else slow(e) for n, e in engines.items()}, records, source, options)
-
-    monkeypatch.setattr(rt, "_measure", slowed)
+    """Every engine but ``fast`` sleeps ``search_hook.SLOW_S`` per call while the chooser measures."""
+    monkeypatch.setattr(rt, "_measure", hooked_measure(rt._measure, None, fast))
 
 
 def test_a_gate_that_refuses_int8_and_bf16_leaves_float32_chosen(data):

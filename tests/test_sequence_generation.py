@@ -230,13 +230,15 @@ def test_verify_and_inspect_refuse_an_encoder_decoder_in_one_line_saying_what_to
     assert f"{command[0]} its encoder" in lines[0] and "trainfer predict" in lines[0]
 
 
-def test_the_server_refuses_an_autoregressive_bundle_at_startup_in_one_line(tmp_path):
+def test_the_server_refuses_a_runtime_for_an_autoregressive_bundle_at_startup_in_one_line(tmp_path):
+    """The server serves encoder-decoders (tests/test_server_sequences.py), but not on another runtime:
+    ``--runtime`` compiles one forward per batch, and decoding is a loop of encode() and step() calls."""
     path = trainfer.save(
         tiny_model(), tmp_path / "s2s", task="sequence", labels=LABELS, decoder=SETTINGS, example_inputs=images(1)
     )
     tests = Path(__file__).parent
     done = subprocess.run(
-        [sys.executable, "-m", "trainfer", "serve", str(path), "--port", "0"],
+        [sys.executable, "-m", "trainfer", "serve", str(path), "--port", "0", "--runtime", "torch"],
         capture_output=True,
         text=True,
         env={"PYTHONPATH": f"{tests.parent}:{tests}"},
@@ -244,5 +246,5 @@ def test_the_server_refuses_an_autoregressive_bundle_at_startup_in_one_line(tmp_
     )
     assert done.returncode == 2, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "autoregressive (encoder-decoder) sequence bundle" in errors[0], done.stderr
-    assert str(path) in errors[0] and "Traceback" not in done.stderr
+    assert len(errors) == 1 and "runtime does not apply to an autoregressive sequence model" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr

@@ -209,3 +209,37 @@ def test_a_ctc_bundle_exports_to_onnx_and_serves_the_same_sequences(tmp_path):
     assert [r.text for r in served] == ["abbca", ""] == [r.text for r in expected]
     for got, want in zip(served, expected):
         assert got.score == pytest.approx(want.score, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("command", "what"),
+    [
+        (["prune", "-o", "{out}", "--data", "{data}"], "trainfer.prune"),
+        (["quantize", "--calibration", "{data}", "-o", "{out}"], "trainfer.quantize"),
+        (["compile", "--gate-data", "{data}"], "trainfer.compile with gate_data"),
+    ],
+)
+def test_class_agreement_gates_refuse_a_ctc_bundle_in_one_line(tmp_path, command, what):
+    """Their gate compares per-sample argmax classes (per frame here), not decoded strings: refused, exit 2."""
+    import numpy as np
+    from click.testing import CliRunner
+
+    from trainfer.cli import main
+
+    x = one_hot_frames(PATHS)
+    path = trainfer.save(
+        frame_model(),
+        tmp_path / "seq",
+        factory="test_sequence_serving:frame_model",
+        task="sequence",
+        labels=TOKENS,
+        decoder={"kind": "ctc", "blank": 0},
+        example_inputs=x,
+    )
+    np.save(tmp_path / "x.npy", x.numpy())
+    args = [a.format(out=tmp_path / "out", data=tmp_path / "x.npy") for a in command]
+    result = CliRunner().invoke(main, [args[0], str(path), *args[1:]])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and what in errors[0] and "decodes" in errors[0], result.output
+    assert not (tmp_path / "out").exists() and not (path / "runtime.json").exists()

@@ -1,5 +1,6 @@
 """The page ``trainfer serve`` shows at ``/``, in a real headless browser (Debian's Chromium, driven by
-Playwright): a file chosen on the page is predicted, the typed result shown, the heat map drawn.
+Playwright): a file chosen on the page is predicted, the typed result shown (a sequence model's
+decoded text and score too), the heat map drawn.
 
 Skipped only when Chromium (``/usr/bin/chromium``, or ``TRAINFER_CHROMIUM``) or Playwright is absent.
 """
@@ -17,7 +18,10 @@ import pytest
 from PIL import Image
 from server_process import post, running_server
 from serving_models import save_bundle, write_pngs
+from test_sequence_generation import LABELS as TOKENS
+from test_sequence_generation import SETTINGS, images, tiny_model
 
+import trainfer
 from trainfer import Predictor
 
 pytest.importorskip("fastapi")
@@ -35,7 +39,10 @@ LABELS = ["cat", "dog", "eel"]
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("page")
     bundle = save_bundle(root / "tiny", seed=5, labels=LABELS)
-    with running_server(str(bundle)) as server:
+    s2s = trainfer.save(
+        tiny_model(), root / "s2s", task="sequence", labels=TOKENS, decoder=SETTINGS, example_inputs=images(1)
+    )
+    with running_server(str(bundle), str(s2s)) as server:
         yield server, bundle, root
 
 
@@ -56,7 +63,7 @@ def test_the_page_predicts_a_chosen_image_and_draws_its_heat_map(served, page):
     image = write_pngs(root / "images", 1, seed=11)[0]
     expected = Predictor.load(bundle).predict([str(image)], top_k=3)[0]
     page.goto(server.url + "/")
-    page.wait_for_function("document.querySelectorAll('#model option').length === 1")
+    page.wait_for_function("document.querySelectorAll('#model option').length === 2")
     assert page.locator("#model").input_value() == "tiny"
     page.check("#explain")
     page.set_input_files("#file", str(image))
@@ -86,8 +93,32 @@ def test_the_page_shows_a_bad_file_as_the_servers_one_line_error(served, page, t
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
     page.goto(server.url + "/")
-    page.wait_for_function("document.querySelectorAll('#model option').length === 1")
+    page.wait_for_function("document.querySelectorAll('#model option').length === 2")
     page.set_input_files("#file", str(bad))
     page.wait_for_function("document.getElementById('error').textContent.length > 0")
     assert page.inner_text("#error").startswith("400: cannot read image 'broken.png'")
     assert page.locator("#result table").count() == 0
+
+
+def test_the_page_shows_a_decoded_sequence_its_score_and_n_best(served, page):
+    server, _, root = served
+    image = write_pngs(root / "strings", 1, seed=12)[0]  # 8 x 8, resized to the bundle's 8 x 64
+    expected = Predictor.load(root / "s2s").predict([str(image)], top_k=3)[0]
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelectorAll('#model option').length === 2")
+    page.select_option("#model", "s2s")
+    page.set_input_files("#file", str(image))
+    page.wait_for_selector("#result table")
+    assert page.inner_text("#error") == ""
+    rows = [cells.split("\t") for cells in page.locator("#result table tr").all_inner_texts()]
+    assert rows[:3] == [
+        ["text", expected.text],
+        ["score", f"{expected.score:.4f}"],
+        ["finished", str(expected.finished).lower()],
+    ]
+    shown = [(name, value.rsplit(" (", 1)) for name, value in rows[3:]]
+    assert [(name, text) for name, (text, _) in shown] == [(f"#{i + 1}", t) for i, (t, _) in enumerate(expected.n_best)]
+    np.testing.assert_allclose(
+        [float(s.rstrip(")")) for _, (_, s) in shown], [s for _, s in expected.n_best], atol=1e-4
+    )
+    assert page.locator("#result td.sequence").inner_text() == expected.text

@@ -42,6 +42,13 @@ def test_a_config_files_args_are_the_server_settings():
             build(args)
 
 
+def test_a_start_up_runtime_search_is_refused_on_ray_serve():
+    """Each replica would search on its own and could serve another form than its neighbours."""
+    pytest.importorskip("fastapi")
+    with pytest.raises(InputError, match="trainfer compile"):
+        deployment(ServerSettings(bundles={"m": "nowhere"}, compile={"m": {}}))
+
+
 @pytest.mark.slow  # Ray's start and a replica's load take 20 to 60 s on 2 busy cores
 def test_a_ray_serve_replica_answers_the_protocol_as_the_predictor(tmp_path):
     ray = pytest.importorskip("ray")

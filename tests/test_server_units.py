@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -106,6 +107,13 @@ def test_text_outputs_as_json_and_as_length_prefixed_bytes():
         (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [[1], ["2"]]}]}', None, "found '2'"),
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT32", "data": [true]}]}', None, "found True"),
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BOOL", "data": [1]}]}', None, "true/false only"),
+        (
+            b'{"inputs": [{"name": "ids", "shape": [2], "datatype": "INT64", "data": [1, 1.5]}]}',
+            None,
+            "input 'ids': \"data\" must hold int64 integers only; found 1.5",
+        ),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "UINT8", "data": [[2.0]]}]}', None, "found 2.0"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT8", "data": [1e2]}]}', None, "int8 integers"),
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [null]}]}', None, "found None"),
         (b"\xff\xfe", None, "not valid JSON"),
         (b"[" * 100_000 + b"]" * 100_000, None, "JSON"),
@@ -154,6 +162,35 @@ def test_each_request_gets_its_own_rows_back_in_batches_of_at_most_max_batch(siz
     assert [i for batch in batches for i in batch] == list(range(len(sizes)))  # arrival order, each once
     if any(a + b <= max_batch for a, b in zip(sizes, sizes[1:])):
         assert len(batches) < len(sizes)  # all queued before the first batch: two that fit together shared one
+
+
+@settings(max_examples=20)
+@given(keys=st.lists(st.sampled_from([None, 1, 3]), min_size=1, max_size=16))
+def test_requests_of_different_keys_never_share_a_batch_and_each_batch_runs_with_its_key(keys):
+    """A sequence model's ``top_k`` is the key: a batch holds one key, runs ``run(batch, key)``
+    (``run(batch)`` for None), and the requests keep their arrival order."""
+    batches: list[tuple[object, list[int]]] = []
+
+    def model(batch: torch.Tensor, *key: int) -> list[torch.Tensor]:
+        batches.append((key[0] if key else None, batch[:, 0].long().tolist()))
+        return [batch + (key[0] if key else 0)]
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch=8, max_delay=0.01, max_queue=100)
+        batcher.start()
+        answers = await asyncio.gather(
+            *(batcher.submit(torch.full((1, 1), float(i)), key) for i, key in enumerate(keys))
+        )
+        await batcher.stop()
+        return answers
+
+    answers = run(main())
+    assert [a[0].item() for a in answers] == [i + (k or 0) for i, k in enumerate(keys)]
+    assert [i for _, rows in batches for i in rows] == list(range(len(keys)))
+    for key, rows in batches:
+        assert {keys[i] for i in rows} == {key}
+    if len(keys) > 1 and all(k == keys[0] for k in keys) and len(keys) <= 8:
+        assert len(batches) < len(keys)  # one key: they do share
 
 
 class HeldModel:
@@ -220,6 +257,49 @@ def test_requests_arriving_while_the_model_is_busy_run_together(max_batch, max_d
     waiting, answers = run(main(), seconds=30)
     assert waiting == queued and model.sizes == expected
     assert [a[0].item() for a in answers[1:]] == [2.0 * i for i in range(queued)]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_up_to_workers_batches_run_at_once_and_a_request_finding_a_worker_idle_runs_at_once(workers):
+    """With ``workers`` threads, a request arriving while fewer batches run starts its own batch at
+    once (an hour of delay is never waited); beyond that it queues for the next free worker."""
+    model = HeldModel()
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch=2, max_delay=3600.0, max_queue=100, workers=workers)
+        batcher.start()
+        first = await model.busy(batcher)
+        second = asyncio.ensure_future(batcher.submit(torch.ones(1, 1)))
+        for _ in range(2000):  # until the second batch starts, or 2 s
+            if len(model.sizes) == 2:
+                break
+            await asyncio.sleep(0.001)
+        running = len(model.sizes)
+        third = asyncio.ensure_future(batcher.submit(torch.ones(2, 1)))  # max_batch: runs once a worker frees
+        await asyncio.sleep(0.05)
+        queued = batcher.queued
+        model.released.set()
+        answers = await asyncio.gather(first, second, third)
+        await batcher.stop()
+        return running, queued, answers
+
+    running, queued, answers = run(main(), seconds=30)
+    assert running == workers and queued == {1: 3, 2: 2}[workers]  # the third found every worker busy
+    assert [a[0].tolist() for a in answers] == [[[0.0]], [[2.0]], [[2.0], [2.0]]]
+
+
+def test_the_default_workers_are_the_cores_over_torchs_threads():
+    from trainfer.server.batching import default_workers
+
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = default_workers()
+        torch.set_num_threads(10_000)
+        many = default_workers()
+    finally:
+        torch.set_num_threads(saved)
+    assert one == len(os.sched_getaffinity(0)) and many == 1
 
 
 def test_a_full_queue_refuses_at_once_and_a_cancelled_request_is_never_computed():
@@ -332,10 +412,15 @@ def test_not_ready_until_the_models_are_loaded_and_checked():
     pytest.importorskip("fastapi")
     from trainfer.server.app import ServerSettings, create_app
 
-    app = create_app(ServerSettings(bundles={"digits": str(Path(__file__).parent / "fixtures" / "digits_deploy_v2")}))
+    readied: list[bool] = []
+    app = create_app(
+        ServerSettings(bundles={"digits": str(Path(__file__).parent / "fixtures" / "digits_deploy_v2")}),
+        on_ready=lambda: readied.append(app.state.server.ready),
+    )
 
     async def main():
         before = [await asgi_get(app, path) for path in ("/v2/health/ready", "/v2/models/digits/ready")]
+        assert not readied
         live = await asgi_get(app, "/v2/health/live")
         async with app.router.lifespan_context(app):
             for _ in range(600):
@@ -349,7 +434,7 @@ def test_not_ready_until_the_models_are_loaded_and_checked():
     before, live, after, metadata = run(main(), seconds=60)
     assert live[0] == 200 and [status for status, _, _ in before] == [503, 503]
     assert before[1][1]["retry-after"] == "1" and "still loading" in json.loads(before[1][2])["error"]
-    assert [status for status, _, _ in after] == [200, 200]
+    assert [status for status, _, _ in after] == [200, 200] and readied == [True]  # once, when loaded
     assert metadata["outputs"][0] == {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}
 
 

@@ -2,11 +2,14 @@
 
 With ``--gate-data`` (and ``--labels``) the search also weighs bf16 and int8 forms, each behind the
 accuracy gate (:mod:`trainfer.serve.gated`); without, only float32 forms. ``trainfer serve`` and
-``Predictor.load(bundle, runtime="recorded")`` then serve what was recorded.
+``Predictor.load(bundle, runtime="recorded")`` then serve what was recorded. The search's options
+(:func:`search_options`, :func:`search_settings`) are shared with ``trainfer serve --compile``,
+which runs the same search at start-up.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,58 +19,81 @@ from trainfer.cli.common import friendly_errors, gate_options, trust_factory_opt
 from trainfer.cli.quantize import DATA_HELP, read_labels
 from trainfer.serve.runtime_names import RUNTIMES
 
+#: The parameters :func:`search_options` adds (what :func:`search_settings` reads).
+SEARCH_PARAMETERS = (
+    "gate_data",
+    "labels",
+    "calibration",
+    "candidates",
+    "rounds",
+    "min_agreement",
+    "max_accuracy_drop",
+    "max_rel_error",
+)
+
+
+def search_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the runtime search's options (:data:`SEARCH_PARAMETERS`): gate data, labels, calibration, candidates,
+    rounds and the gate's thresholds. ``trainfer compile`` and ``trainfer serve --compile`` share them."""
+    options = [
+        click.option("--gate-data", type=click.Path(exists=True), default=None,
+                     help=f"Validation inputs the bf16 and int8 forms must pass the gate on: {DATA_HELP}."),
+        click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help=".npy of class indices for --gate-data (gates the accuracy drop)."),
+        click.option("--calibration", type=click.Path(exists=True), default=None,
+                     help=f"int8 calibration data (default: --gate-data): {DATA_HELP}."),
+        click.option("--candidates", type=click.Choice(RUNTIMES), multiple=True,
+                     help="The runtimes to measure (repeat; default: all but inductor)."),
+        click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True,
+                     help="Timed rounds of the paired measurement."),
+    ]  # fmt: skip
+    command = gate_options(rel_error=True)(command)
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def search_settings(bundle: str, trust_factory: bool, **search: Any) -> dict[str, Any]:
+    """The keyword arguments of :func:`trainfer.serve.gated.compile` for ``bundle`` from the values of
+    :func:`search_options` (``search``): the gate, and the gate data and calibration read as the bundle's
+    manifest says (none: the float32-only search). Bad files and labels without data are refused here,
+    before anything is measured."""
+    from trainfer.serve.gate import AccuracyGate
+    from trainfer.serve.gated import check_gated_arguments
+
+    gate = AccuracyGate(search["min_agreement"], search["max_accuracy_drop"], search["max_rel_error"])
+    options = _gated_options(bundle, search["gate_data"], search["labels"], search["calibration"])
+    if "gate_data" in options:
+        check_gated_arguments("auto", options["gate_data"], options["calibration"])
+    candidates = search["candidates"]
+    return {**options, "gate": gate, "candidates": candidates or None, "rounds": search["rounds"],
+            "trust_factory": trust_factory}  # fmt: skip
+
 
 @click.command("compile")
 @click.argument("bundle", type=click.Path())
 @click.option("--runtime", type=click.Choice(["auto", *RUNTIMES]), default="auto", show_default=True,
               help="auto: measure every runtime and keep the fastest that passes; or serve this one.")  # fmt: skip
-@click.option("--gate-data", type=click.Path(exists=True), default=None,
-              help=f"Validation inputs the bf16 and int8 forms must pass the gate on: {DATA_HELP}.")  # fmt: skip
-@click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
-              help=".npy of class indices for --gate-data (gates the accuracy drop).")  # fmt: skip
-@click.option("--calibration", type=click.Path(exists=True), default=None,
-              help=f"int8 calibration data (default: --gate-data): {DATA_HELP}.")  # fmt: skip
-@click.option("--candidates", type=click.Choice(RUNTIMES), multiple=True,
-              help="With --runtime auto: the runtimes to measure (repeat; default: all but inductor).")  # fmt: skip
-@click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Timed rounds of the paired measurement.")  # fmt: skip
-@gate_options(rel_error=True)
+@search_options
 @trust_factory_option
 @friendly_errors
-def command(
-    bundle: str,
-    runtime: str,
-    gate_data: str | None,
-    labels: str | None,
-    calibration: str | None,
-    candidates: tuple[str, ...],
-    rounds: int,
-    min_agreement: float,
-    max_accuracy_drop: float,
-    max_rel_error: float | None,
-) -> None:
+def command(bundle: str, runtime: str, **search: Any) -> None:
     """Measure the runtimes that serve BUNDLE's deploy form on this machine (paired, call by call), and
     record the fastest verified one in BUNDLE/runtime.json (with --gate-data: bf16 and int8 too, each
-    behind the accuracy gate). The bundle is otherwise unchanged."""
+    behind the accuracy gate). The bundle is otherwise unchanged. `trainfer serve BUNDLE --compile`
+    runs the same search at start-up."""
     from trainfer.serve import gated
-    from trainfer.serve.gate import AccuracyGate
 
-    gate = AccuracyGate(min_agreement, max_accuracy_drop, max_rel_error)
-    options = _gated_options(bundle, gate_data, labels, calibration)
-    click.echo(f"compiling {bundle}: {'float32, bf16 and int8' if options else 'float32'} candidates...", err=True)
-    options.update(gate=gate, candidates=candidates or None, rounds=rounds, trust_factory=trusted())
-    compiled = gated.compile(bundle, runtime=runtime, **options)
+    settings = search_settings(bundle, trusted(), **search)
+    gated_search = "gate_data" in settings
+    click.echo(f"compiling {bundle}: {gated.searched_kinds(settings)} candidates...", err=True)
+    compiled = gated.compile(bundle, runtime=runtime, **settings)
     saved = gated.save_compiled(bundle, compiled)
     click.echo(compiled.record.table())
     record = compiled.record
-    if gate_data is None and runtime == "auto":
-        click.echo("bf16 and int8 were not considered: no gate data was given (--gate-data, --labels)")
-    elif gate_data is not None and record.dtype == "float32":
-        passed = any(c.status == "ok" and c.dtype != "float32" for c in record.candidates)
-        why = (
-            "bf16/int8 forms passed the gate but measured slower" if passed else "no bf16 or int8 form passed the gate"
-        )
-        click.echo(f"{why}: float32 stays chosen")
+    note = gated.choice_note(record, gated_search) if gated_search or runtime == "auto" else None
+    if note:
+        click.echo(note)
     click.echo(f"recorded {record.runtime}/{record.dtype} in {saved}; serve it with: trainfer serve {bundle}")
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 
 from trainfer.cli.common import friendly_errors, trust_factory_option, trusted
+from trainfer.cli.compile import SEARCH_PARAMETERS, search_options, search_settings
 from trainfer.errors import InputError, MissingFileError
 from trainfer.extras import require
 from trainfer.serve.runtime_names import RUNTIMES
@@ -37,6 +39,38 @@ def api_key(variable: str | None) -> str | None:
     if len(key) < 16:
         raise InputError(f"--api-key-env {variable}: the variable must hold a key of at least 16 characters")
     return key
+
+
+def compile_settings(
+    bundles: dict[str, str],
+    search: bool,
+    write_runtime: bool,
+    runtime: str | None,
+    workers: int,
+    values: dict[str, Any],
+) -> dict[str, dict[str, Any]] | None:
+    """``ServerSettings.compile`` from ``--compile`` and the search options' ``values`` (read and checked
+    per bundle now, before the server starts); the search options without ``--compile`` are refused."""
+    if not search:
+        context = click.get_current_context()
+        given = [name for name in (*SEARCH_PARAMETERS, "write_runtime") if _given(context, name)]
+        if given:
+            listed = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise InputError(f"{listed}: these options set the start-up search; add --compile")
+        return None
+    if runtime not in (None, "auto"):
+        raise InputError(f"--compile searches the runtime (restrict it with --candidates); drop --runtime {runtime}")
+    if workers > 1:
+        raise InputError(
+            "--compile with --workers > 1 would search once per worker, each perhaps choosing another form: "
+            "run `trainfer compile BUNDLE ...` once, then `trainfer serve BUNDLE --workers N`"
+        )
+    return {name: search_settings(path, trusted(), **values) for name, path in bundles.items()}
+
+
+def _given(context: click.Context, name: str) -> bool:
+    source = context.get_parameter_source(name)
+    return source is not None and source != click.core.ParameterSource.DEFAULT
 
 
 @click.command("serve")
@@ -84,6 +118,13 @@ def api_key(variable: str | None) -> str | None:
     help="Server processes (each loads the models).",
 )
 @click.option(
+    "--batch-workers",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Batches of one model that may run at once, each in its own thread (default: the cores over torch's "
+    "threads per forward: 1 with torch's default threads, one per core with OMP_NUM_THREADS=1).",
+)
+@click.option(
     "--runtime",
     type=click.Choice(["auto", "recorded", *RUNTIMES]),
     default=None,
@@ -96,6 +137,21 @@ def api_key(variable: str | None) -> str | None:
     metavar="VAR",
     help="Require the key held by environment variable VAR in header X-API-Key.",
 )
+@click.option(
+    "--compile",
+    "search",
+    is_flag=True,
+    help="Before serving, search the fastest verified form as `trainfer compile` does (with --gate-data: bf16 "
+    "and int8 too, behind the gate; not ready until done) and serve it; the options below are compile's.",
+)
+@click.option(
+    "--write-runtime",
+    is_flag=True,
+    help="With --compile: also record the choice in the bundle (runtime.json, and the int8 form when int8 won), "
+    "as `trainfer compile` does. Without it the bundle is left unchanged: the search is logged, and the model's "
+    "metadata names the served form.",
+)
+@search_options
 @trust_factory_option
 @friendly_errors
 def command(
@@ -110,8 +166,12 @@ def command(
     timeout: float,
     max_connections: int,
     workers: int,
+    batch_workers: int | None,
     runtime: str | None,
     api_key_env: str | None,
+    search: bool,
+    write_runtime: bool,
+    **search_values: Any,
 ) -> None:
     """Serve BUNDLE... over HTTP: the Open Inference Protocol (KServe v2) at /v2, a file endpoint,
     Prometheus metrics at /metrics and a page to try the models at /.
@@ -119,14 +179,18 @@ def command(
     A request that finds the model idle runs at once; requests arriving while it is busy run as
     one batch of at most --max-batch samples, waiting at most --max-delay-ms for others.
     SIGTERM finishes the requests in flight, then exits.
+
+    --compile first runs `trainfer compile`'s search on each bundle (the server is live, not ready,
+    meanwhile; progress and every candidate's figures in the log) and serves the form it chose.
     """
     require("fastapi", "serve", "trainfer serve")
     require("uvicorn", "serve", "trainfer serve")
     from trainfer.server.app import ServerSettings
     from trainfer.server.run import serve
 
+    served = model_names(bundles, names)
     settings = ServerSettings(
-        bundles=model_names(bundles, names),
+        bundles=served,
         max_batch=max_batch,
         max_delay_ms=max_delay_ms,
         max_queue=max_queue,
@@ -135,5 +199,8 @@ def command(
         runtime=runtime,
         trust_factory=trusted(),
         api_key=api_key(api_key_env),
+        batch_workers=batch_workers,
+        compile=compile_settings(served, search, write_runtime, runtime, workers, search_values),
+        write_runtime=write_runtime,
     )
     serve(settings, host=host, port=port, workers=workers, limit_concurrency=max_connections)

@@ -132,15 +132,14 @@ def greedy_search(
 
 
 def _done(
-    early_stopping: bool | str, finished: torch.Tensor, best: torch.Tensor, t: int, max_length: int, penalty: float
+    early_stopping: bool | str, worst: torch.Tensor, best: torch.Tensor, t: int, max_length: int, penalty: float
 ) -> torch.Tensor:
     """Items whose finished hypotheses can no longer be displaced (see the module docstring).
 
-    ``finished``: the items' finished scores ``(N, K)``, best first (so the set is full when its last,
-    worst score is finite); ``best``: each item's best running log-prob. ``worst >= bound`` says both
+    ``worst``: the last (worst) of each item's finished scores, kept best first (so the set is full
+    when it is finite); ``best``: each item's best running log-prob. ``worst >= bound`` says both
     "full and not beatable" and, where ``best`` is -inf (the bound too), "nothing left running".
     """
-    worst = finished[:, -1]
     if early_stopping is True:
         return torch.isfinite(worst)
     if early_stopping == "never":
@@ -225,15 +224,15 @@ class _Ends:
 
 
 class _History:
-    """Per step, the running beams' ``(parent, token)`` (``(2, N, width)``: parents are beam indices into the
-    previous step's) and their tokens' log-probs ``(N, width)``."""
+    """Per step, the running beams' flat candidate indices ``beam * vocab + token`` (``(N, width)``: beams
+    index the previous step's) and their tokens' log-probs ``(N, width)``."""
 
     def __init__(self) -> None:
-        self.parent_tokens: list[torch.Tensor] = []
+        self.choices: list[torch.Tensor] = []
         self.token_lps: list[torch.Tensor] = []
 
-    def add(self, parent_token: torch.Tensor, token_lp: torch.Tensor) -> None:
-        self.parent_tokens.append(parent_token)
+    def add(self, choice: torch.Tensor, token_lp: torch.Tensor) -> None:
+        self.choices.append(choice)
         self.token_lps.append(token_lp)
 
     def spell(self, ends: _Ends, max_length: int, pad: int, eos: int, vocab: int) -> _Set:
@@ -248,16 +247,17 @@ class _History:
         beam, last = flat.div(vocab, rounding_mode="floor"), flat.remainder(vocab)
         earlier = int(step.max())  # positions read from the history
         inside = step[:, :, None] > torch.arange(earlier, device=step.device)  # (N, width, earlier)
-        tokens_back, lps_back = [], []
+        choices_back, lps_back = [], []
         for position in range(earlier - 1, -1, -1):
-            parent, token = self.parent_tokens[position].gather(2, beam[None].expand(2, -1, -1))
-            tokens_back.append(token)
+            choice = self.choices[position].gather(1, beam)
+            choices_back.append(choice)
             lps_back.append(self.token_lps[position].gather(1, beam))
-            beam = torch.where(inside[:, :, position], parent, beam)
+            beam = torch.where(inside[:, :, position], choice.div(vocab, rounding_mode="floor"), beam)
         tokens = torch.full((n, width, max_length), pad, dtype=torch.long, device=score.device)
         token_lp = torch.zeros(n, width, max_length, dtype=score.dtype, device=score.device)
         if earlier:
-            tokens[:, :, :earlier] = torch.where(inside, torch.stack(tokens_back[::-1], dim=2), pad)
+            spelled = torch.stack(choices_back[::-1], dim=2).remainder(vocab)
+            tokens[:, :, :earlier] = torch.where(inside, spelled, pad)
             token_lp[:, :, :earlier] = torch.where(inside, torch.stack(lps_back[::-1], dim=2), 0.0)
         tokens.scatter_(2, step[:, :, None], last[:, :, None])
         token_lp.scatter_(2, step[:, :, None], torch.where(torch.isfinite(score), last_lp, 0.0)[:, :, None])
@@ -280,6 +280,10 @@ def _search(
 
     Running beams all have the same length (the step count), so a step keeps only their summed
     log-probs and appends back-pointers to the history; whole sequences are spelled out once.
+    Per step: one top-k over the ``width * vocab`` candidates, one stable sort of their EOS flags
+    (the going beams: the best non-EOS), a handful of gathers; the candidates' token log-probs and
+    the finished set are touched only when an EOS candidate beats an item's worst finished one. With
+    one beam the state is never reordered (its only parent is itself).
     """
     rows = n * width
     device = state_device(state)
@@ -290,7 +294,7 @@ def _search(
     history = _History()
     done = torch.zeros(n, dtype=torch.bool, device=device)
     any_ended = any_done = False
-    offsets = (torch.arange(n, device=device) * width)[:, None]
+    offsets = torch.arange(n, device=device).repeat_interleave(width) * width  # each row's item's first row
     reorder_rows = reorderer(model)
     for t in range(max_length):
         log_probs, state = _step(model, state, tokens, vocab, {"bos": bos, "eos": eos, "pad": pad})
@@ -300,49 +304,52 @@ def _search(
             log_prob = torch.full((n, width), -torch.inf, dtype=dtype, device=device)
             log_prob[:, 0] = 0.0  # one live beam at the start: the others would repeat it
             ends = _Ends.empty(n, width, dtype, device)
+            worst = ends.score[:, -1:]  # (N, 1): what a new finished hypothesis must beat
             # candidates an EOS may finish: ranked inside the beam, of an item not done (updated with `done`)
             within = torch.arange(min(2 * width, width * vocab), device=device) < width
             eligible = within.expand(n, -1)
             flat = torch.arange(width * vocab, device=device)
             beam_token_of = torch.stack([flat // vocab, flat % vocab])  # a flat candidate index's beam and token
+            is_eos_of = beam_token_of[1] == eos
+            never = torch.tensor(-torch.inf, dtype=dtype, device=device)  # the score of what cannot finish
         assert ends is not None
-        step_lp = log_probs.view(n, width, vocab).to(log_prob.dtype)
-        cand = (log_prob[:, :, None] + step_lp).view(n, width * vocab)
-        step_lp = step_lp.view(n, width * vocab)
+        step_lp = log_probs.to(log_prob.dtype).view(n, width * vocab)
+        cand = (log_prob[:, :, None] + step_lp.view(n, width, vocab)).view(n, width * vocab)
         top, index = cand.topk(min(2 * width, width * vocab), dim=1)
-        beam_token = beam_token_of.index_select(1, index.view(-1)).view(2, n, -1)
-        token_lp = step_lp.gather(1, index)
-        is_eos = beam_token[1] == eos
+        is_eos = torch.take(is_eos_of, index)
         # an EOS candidate is finished if it ranks within the beam; done items take nothing more
         keep = is_eos & eligible  # (a -inf candidate kept scores -inf: never ranks)
-        score = torch.where(keep, top / float(t + 1) ** penalty, -torch.inf)
-        if bool((score > ends.values[0, :, -1:]).any()):  # only what beats an item's worst finished enters
-            values = torch.stack([score, top, token_lp])
+        score = torch.where(keep, top / float(t + 1) ** penalty, never)
+        if bool((score > worst).any()):  # only what beats an item's worst finished enters
+            values = torch.stack([score, top, step_lp.gather(1, index)])
             ends, any_ended = ends.merged_best(values, index + t * width * vocab, width), True
+            worst = ends.score[:, -1:]
         # the `width` best non-EOS candidates go on (a stable sort puts them first, in rank order): there
         # are always `width` of them, as each beam has one EOS among its V >= 2 tokens
         going = torch.sort(is_eos, dim=1, stable=True).indices[:, :width]
-        parent_token = beam_token.gather(2, going[None].expand(2, -1, -1))
-        parent, token = parent_token
+        choice = index.gather(1, going)
         log_prob = top.gather(1, going)
-        history.add(parent_token, token_lp.gather(1, going))
-        state = reorder_rows(state, (offsets + parent).view(-1), rows)
+        history.add(choice, step_lp.gather(1, choice))
+        parent, token = beam_token_of.index_select(1, choice.view(-1))
+        if width > 1:
+            state = reorder_rows(state, offsets + parent, rows)
         if t + 1 == max_length:
             break
         if any_ended or bool(torch.isneginf(log_prob[:, 0]).any()):
-            done |= _done(early_stopping, ends.score, log_prob[:, 0], t, max_length, penalty)  # beams rank-sorted
+            done |= _done(early_stopping, worst[:, 0], log_prob[:, 0], t, max_length, penalty)  # beams rank-sorted
             any_done = bool(done.any())
             if any_done:
                 if bool(done.all()):
                     return history.spell(ends, max_length, pad, eos, vocab)
                 eligible = within & ~done[:, None]
-        tokens = (torch.where(done[:, None], pad, token) if any_done else token).reshape(-1)
+                done_rows = done.repeat_interleave(width)
+        tokens = torch.where(done_rows, pad, token) if any_done else token
     assert ends is not None and vocab is not None
     last = len(history.token_lps) - 1
     open_ = torch.isfinite(log_prob) & ~done[:, None]
     at_end = torch.where(open_, log_prob / float(last + 1) ** penalty, -torch.inf)
     values = torch.stack([at_end, log_prob, history.token_lps[last]])
-    code = (last * width + parent) * vocab + token
+    code = history.choices[last] + last * width * vocab
     return history.spell(ends.merged_best(values, code, width), max_length, pad, eos, vocab)
 
 

@@ -47,21 +47,20 @@ def compose(split: Split, count: int, seed: int) -> DigitStrings:
     if count < 1:
         raise InputError(f"count must be a positive number of strings; got {count}")
     gen = torch.Generator().manual_seed(seed)
-    pixels = torch.zeros(count, 1, 8, WIDTH, dtype=torch.uint8)
-    targets = torch.full((count, MAX_DIGITS), -1, dtype=torch.long)
     lengths = torch.randint(MIN_DIGITS, MAX_DIGITS + 1, (count,), generator=gen)
-    for n in range(count):
-        length = int(lengths[n])
-        picks = torch.randint(0, len(split.labels), (length,), generator=gen)
-        gaps = torch.randint(0, MAX_GAP + 1, (length,), generator=gen)
-        gaps[0] = 0
-        used = 8 * length + int(gaps.sum())
-        x = int(torch.randint(0, WIDTH - used + 1, (1,), generator=gen))
-        for k, (pick, gap) in enumerate(zip(picks.tolist(), gaps.tolist())):
-            x += gap
-            pixels[n, :, :, x : x + 8] = split.pixels[pick]
-            x += 8
-            targets[n, k] = split.labels[pick]
+    present = torch.arange(MAX_DIGITS) < lengths[:, None]  # (N, MAX_DIGITS): slot k holds a digit
+    picks = torch.randint(0, len(split.labels), (count, MAX_DIGITS), generator=gen)
+    gaps = torch.randint(0, MAX_GAP + 1, (count, MAX_DIGITS), generator=gen) * present
+    gaps[:, 0] = 0
+    used = 8 * lengths + gaps.sum(1)
+    margin = (torch.rand(count, generator=gen) * (WIDTH - used + 1)).long()  # uniform in 0 .. WIDTH - used
+    starts = margin[:, None] + gaps.cumsum(1) + 8 * torch.arange(MAX_DIGITS)  # left column of slot k
+    pixels = torch.zeros(count, 8, WIDTH, dtype=torch.uint8)
+    strings, slots = present.nonzero(as_tuple=True)
+    columns = starts[strings, slots][:, None, None] + torch.arange(8)  # (M, 1, 8)
+    pixels[strings[:, None, None], torch.arange(8)[:, None], columns] = split.pixels[picks[strings, slots], 0]
+    pixels = pixels[:, None]
+    targets = torch.where(present, split.labels[picks], -1)
     return DigitStrings(normalize(pixels), pixels, targets, lengths)
 
 

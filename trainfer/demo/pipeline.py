@@ -11,7 +11,10 @@ The steps, each reading the previous one's artefacts (all written into one outpu
    memory of a forward pass with gradients vs under ``inference_mode``;
 7. ONNX export, and a few test digits written as PNG files predicted by ``trainfer predict``;
 8. ``report.md``, its plots and ``results.json``, plus per-layer train/eval divergence
-   (``trainfer.inspect``) and explanation heat maps (``Predictor.explain``).
+   (``trainfer.inspect``) and explanation heat maps (``Predictor.explain``); unless ``sequences`` is
+   off (``--no-sequences``), also the sequence step (:mod:`trainfer.demo.sequences`:
+   digit strings, a CRNN-CTC and an encoder-decoder, greedy vs beam) into ``sequences/``, its
+   headline in the main report with a link to its own.
 
 The output is built in a temporary directory beside ``--out`` and swapped in only after every
 step succeeded, so a failed or interrupted (Ctrl-C) run leaves the previous output as it was.
@@ -79,6 +82,7 @@ class DemoOptions:
     repeats: int = 30
     predict_count: int = 4
     threads: int = 1
+    sequences: bool = True
 
 
 def run(options: DemoOptions, echo: Callable[[str], None] = print) -> Path | None:
@@ -100,7 +104,7 @@ def _silent(message: str) -> None:
 @contextlib.contextmanager
 def _staging(out: Path) -> Iterator[Path]:
     """A fresh directory beside ``out`` (shared by all ranks) that replaces ``out`` on success."""
-    if out.exists() and not (out / MARKER).is_file():
+    if out.exists() and not (out / MARKER).is_file() and not _sequences_only(out):
         raise InputError(f"refusing to replace {str(out)!r}: it exists and is not a trainfer demo output")
     work = staging_directory(out) if distributed.is_main() else None
     work = Path(distributed.broadcast_object(str(work)))
@@ -112,6 +116,11 @@ def _staging(out: Path) -> Iterator[Path]:
         if distributed.is_main():
             remove_staging(work)
         raise
+
+
+def _sequences_only(out: Path) -> bool:
+    """``out`` holds nothing but what ``trainfer demo --sequences`` writes (``sequences/`` with its scores)."""
+    return [p.name for p in out.iterdir()] == ["sequences"] and (out / "sequences" / "scores.json").is_file()
 
 
 # ------------------------------------------------------------------ the pipeline
@@ -151,6 +160,9 @@ def _pipeline(options: DemoOptions, work: Path, device: torch.device, echo: Call
     _optional(results, "serving", lambda: _serving(deploy_bundle, work, (inputs, labels), options.repeats, results))
     echo("      pruning: gated channel pruning, with and without fine-tuning, and pruned + int8 (trainfer.prune)")
     _optional(results, "pruning", lambda: _pruning(deployed, options, (inputs, labels), results))
+    if options.sequences:
+        echo("      sequences: digit strings, a CRNN-CTC and an encoder-decoder, greedy vs beam search")
+        results["sequences"] = _sequences(work / "sequences", options)
     (work / MARKER).write_text(json.dumps(results, indent=2), "utf-8")
     write_report(results, work)
     echo(f"report: {final / 'report.md'}  (plots: {', '.join(sorted(p.name for p in work.glob('*.png')))})")
@@ -435,6 +447,14 @@ def _pruning(deployed: nn.Module, options: DemoOptions, test: tuple[Tensor, Tens
     train, val = parts["train"].head(options.subset), parts["val"]
     splits = [(data.normalize(part.pixels), part.labels) for part in (train, val)]
     results["pruning"] = pruning(deployed, splits[0], splits[1], test, options.repeats)
+
+
+def _sequences(out: Path, options: DemoOptions) -> dict[str, Any]:
+    """The sequence step into ``out``; the main report keeps its scores and links to its report."""
+    from trainfer.demo import sequences
+
+    report = sequences.run(out, epochs=min(options.epochs, sequences.EPOCHS), seed=options.seed)
+    return {"report": f"{out.name}/report.md", "plot": f"{out.name}/sequences.png", "scores": report["scores"]}
 
 
 def _inspect(trained: nn.Module, inputs: Tensor, work: Path, results: dict) -> None:

@@ -347,6 +347,24 @@ def _insight(results: Results) -> str:
     return "\n\n".join(parts)
 
 
+def _sequences(results: Results) -> str:
+    """The sequence step's headline (both models, greedy vs beam) and a link to its own report."""
+    title = "## Sequences: digit strings, greedy vs beam search"
+    found = results.get("sequences")
+    if found is None and results["config"].get("sequences", True):
+        return ""  # an older results.json, from before the step was part of the demo
+    if found is None:
+        return f"{title}\n\n_Not run (`--no-sequences`); `trainfer demo --sequences` runs that step alone._"
+    rows = [[s["model"], s["decoder"], f"{s['sequence_accuracy']:.3f}", f"{s['cer']:.3f}"] for s in found["scores"]]
+    return (
+        f"{title}\n\nA CRNN-CTC recogniser and an image-to-sequence encoder-decoder trained on strings of 3 to 6 "
+        "training digits, deployed, verified and served from bundles, scored on held-out strings of test "
+        f"digits (details, training times and bundles: [{found['report']}]({found['report']})):\n\n"
+        + _table(["model", "decoder", "sequence accuracy", "character error rate"], rows)
+        + f"\n\n![greedy vs beam]({found['plot']})"
+    )
+
+
 def _confusion(results: Results) -> str:
     return "## Per-class results\n\n" + _image("confusion", "confusion matrix") if "confusion" in results else ""
 
@@ -363,4 +381,5 @@ _SECTIONS: list[Callable[[Results], str]] = [
     _confusion,
     lambda results: _demo_serving().section(results),
     lambda results: _demo_pruning().section(results),
+    _sequences,
 ]

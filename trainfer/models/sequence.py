@@ -90,7 +90,10 @@ class DigitStringSeq2Seq(nn.Module):
     """Conv encoder; GRU decoder with dot-product attention over the frames (a StepModel).
 
     ``forward(x, targets_in)`` is teacher forcing: ``(N, L)`` previous tokens (BOS first) to ``(N, L, 12)``
-    next-token log-probs. ``encode``/``step`` serve the searches; the state ``(h, memory)`` has rows first.
+    next-token log-probs. ``encode``/``step`` serve the searches. The state ``(h, memory, context)`` has
+    the R rows (items x beams) first in ``h`` and ``context``, but ``memory`` (the encoder frames)
+    keeps one entry per ITEM, ``(N, T, hidden)`` with ``R = N * beams``: row ``r`` attends to item
+    ``r // beams``, so :meth:`reorder_state` leaves it alone while beams move within their items.
     ``deploy=True`` builds the inference form (:func:`deploy_seq2seq`: the encoder's BN folded, no dropout).
     """
 
@@ -114,9 +117,28 @@ class DigitStringSeq2Seq(nn.Module):
     ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
         h, memory, context = state
         h = self.cell(torch.cat([self.embed(tokens), context], dim=1), h)
-        weights = torch.softmax((memory @ h[:, :, None]).squeeze(2) / memory.shape[2] ** 0.5, dim=1)
-        context = (weights[:, :, None] * memory).sum(dim=1)
+        items, frames, width = memory.shape
+        grouped = memory[:, None]  # (N, 1, T, hidden): broadcast over each item's beams, never copied per row
+        scores = (grouped @ h.view(items, -1, width, 1)).view(h.shape[0], frames)
+        weights = torch.softmax(scores / width**0.5, dim=1)
+        context = (weights.view(items, -1, frames, 1) * grouped).sum(dim=2).view(h.shape)
         return self.out(torch.cat([h, context], dim=1)).log_softmax(-1), (h, memory, context)
+
+    def reorder_state(self, state: tuple[Tensor, Tensor, Tensor], index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The state of rows ``index`` (see :func:`trainfer.decoding.reorder_state`), ``memory`` per item.
+
+        When every new row ``r`` comes from the item ``r // beams`` (new beams), as the searches'
+        reorders always do, ``memory`` is returned as is; otherwise it is indexed to one entry per new
+        row (each row its own item). Either way each row attends to the same frames as under a
+        generic reorder of a per-row memory.
+        """
+        h, memory, context = state
+        items, rows = memory.shape[0], index.shape[0]
+        item = index.div(h.shape[0] // items, rounding_mode="floor")  # each new row's item
+        grouped = torch.arange(items, device=item.device).repeat_interleave(rows // items)  # r // new beams
+        if rows % items or not torch.equal(item, grouped):
+            memory = memory.index_select(0, item)
+        return h.index_select(0, index), memory, context.index_select(0, index)
 
     def forward(self, x: Tensor, targets_in: Tensor) -> Tensor:
         state = self.encode(x)

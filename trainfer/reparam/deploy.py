@@ -271,6 +271,7 @@ def _deploy(
     converted = calls.converted
     leaves = _leaf_names(working)  # after the protocols: what they replaced is not "removed"
     folded, log = fold(working, arguments64, keywords64, options.handlers)
+    folded.eval()  # parts the fold built (GraphModule, nn.Sequential) start in training mode
     _record(report, log)
     if options.prune_dead and isinstance(folded, fx.GraphModule):
         report.dead_channels = remove_dead_channels(folded, arguments64)

@@ -61,6 +61,8 @@ def manifest_factory(
         return factory
     if isinstance(factory, str):
         return resolve_factory(factory)
+    if name.startswith("trainfer.models:"):  # trainfer's own register when trainfer.models is imported (lazily)
+        importlib.import_module("trainfer.models")
     try:
         found = registered_factory(name)
     except Exception as error:  # an installed entry point that fails to import: the user's package

@@ -38,7 +38,7 @@ from trainfer.serve.runtime_record import QUANTIZED_RUNTIMES, CandidateRecord, R
 #: What a gated ``compile`` adds to the float32 candidates.
 REDUCED_DTYPES = ("bfloat16",)
 
-__all__ = ["REDUCED_DTYPES", "compile", "int8_candidates", "save_compiled"]
+__all__ = ["REDUCED_DTYPES", "choice_note", "compile", "int8_candidates", "save_compiled", "searched_kinds"]
 
 Engine = Callable[[Tensor], Any]
 
@@ -159,3 +159,22 @@ def save_compiled(bundle: str | os.PathLike[str], compiled: CompiledModel) -> Pa
             raise InputError("this compiled model serves an int8 form it does not carry: it was loaded, not compiled")
         write_int8_form(Path(bundle), quantized.onnx_bytes, quantized.probes, quantized.report.to_dict())
     return save_record(bundle, compiled.record)
+
+
+def choice_note(record: RuntimeRecord, gated: bool) -> str | None:
+    """Why a search's float32 choice left bf16 and int8 aside (``None`` when nothing needs saying).
+
+    ``gated``: whether the search had gate data (``trainfer compile`` and ``trainfer serve --compile`` say it alike).
+    """
+    if not gated:
+        return "bf16 and int8 were not considered: no gate data was given (--gate-data, --labels)"
+    if record.dtype != "float32":
+        return None
+    passed = any(c.status == "ok" and c.dtype != "float32" for c in record.candidates)
+    why = "bf16/int8 forms passed the gate but measured slower" if passed else "no bf16 or int8 form passed the gate"
+    return f"{why}: float32 stays chosen"
+
+
+def searched_kinds(options: dict[str, Any]) -> str:
+    """What a search with :func:`compile`'s keyword ``options`` considers, in words (gate data: bf16, int8 too)."""
+    return "float32, bf16 and int8" if options.get("gate_data") is not None else "float32"

@@ -198,7 +198,8 @@ class Predictor:
         What serves the path is decided by :func:`trainfer.serve.served_model.open_served`; the class serves it.
 
         ``runtime`` (see :func:`trainfer.serve.runtime.compile`; ``"recorded"``: the bundle's
-        ``runtime.json``) serves the deploy form on another engine. A bundle carrying an int8 form
+        ``runtime.json``; a :class:`~trainfer.serve.engines.CompiledModel` that ``trainfer.compile``
+        returned for this bundle: that form) serves the deploy form on another engine. A bundle carrying an int8 form
         (``trainfer quantize``) serves that form unless ``runtime`` names a PyTorch runtime.
 
         The manifest supplies task, labels, preprocessing, heads and output kinds; ``overrides``

@@ -44,7 +44,7 @@ from trainfer.extras import require
 from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
 from trainfer.serve.calibration import calibration_inputs
 from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over
-from trainfer.serve.source import float32_copy, load_source
+from trainfer.serve.source import check_class_gate, float32_copy, load_source
 
 __all__ = ["LayerPruneSensitivity", "PruneReport", "PruningError", "prune"]
 
@@ -138,6 +138,7 @@ def prune(
     settings = _settings(ratio, ratios, global_pruning, round_to, importance)
     gate = gate or AccuracyGate()
     source = load_source(model_or_bundle, example_inputs)
+    check_class_gate(source.manifest, "trainfer.prune")
     model, example = float32_copy(source.model), torch.randn(2, *source.sample_shape)
     inputs = (
         calibration_inputs(data, source.manifest)

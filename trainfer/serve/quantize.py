@@ -57,7 +57,7 @@ from trainfer.serve.int8_form import write_int8_form
 from trainfer.serve.runtime_record import machine_info
 from trainfer.serve.sensitivity import LayerSensitivity, sensitivity
 from trainfer.serve.served_checks import select_probes
-from trainfer.serve.source import float32_copy, load_source
+from trainfer.serve.source import check_class_gate, float32_copy, load_source
 from trainfer.validate import check_type
 
 if TYPE_CHECKING:
@@ -277,6 +277,7 @@ def quantize(
     with tempfile.TemporaryDirectory(prefix="trainfer-quantize-") as work:
         workdir = Path(work)
         loaded = load_source(model_or_bundle, _example(model_or_bundle, calibration_data), trust_factory=trust_factory)
+        check_class_gate(loaded.manifest, "trainfer.quantize")
         source = _Float(float32_copy(loaded.model), loaded.manifest)
         calib = calibration_inputs(calibration_data, source.manifest, calibration_limit)
         check = calibration_inputs(validation, source.manifest) if validation is not None else calib

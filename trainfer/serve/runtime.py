@@ -60,7 +60,7 @@ from trainfer.serve.runtime_record import (
     save_record,
     thread_settings,
 )
-from trainfer.serve.source import float32_copy, load_source
+from trainfer.serve.source import check_class_gate, float32_copy, load_source
 
 if TYPE_CHECKING:
     from trainfer.serve.manifest import Manifest
@@ -265,6 +265,8 @@ def compile(
     artifacts: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="trainfer-compile-") as work:
         source = _source(model_or_bundle, example_inputs, Path(work), trust_factory)
+        if gate_data is not None:
+            check_class_gate(source.manifest, "trainfer.compile with gate_data (--gate-data)")
         checks = (_verification_inputs(source, batch_sizes), gate or AccuracyGate(), gate_data)
         pairs = [(r, d) for r in names for d in dtypes]
         if runtime == "auto" and ("torch", "float32") not in pairs:

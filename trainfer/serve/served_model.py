@@ -5,6 +5,8 @@ runtime or the bundle's PyTorch model (:class:`~trainfer.Predictor` then only se
   manifest stored inside it;
 * a bundle carrying an int8 form (``trainfer quantize``): that form, checked against the float weights
   (:func:`trainfer.serve.int8_form.serve_quantized`), unless ``runtime`` names a PyTorch runtime;
+* ``runtime=`` a :class:`~trainfer.serve.engines.CompiledModel` (what :func:`trainfer.compile` returned for
+  this bundle, e.g. ``trainfer serve --compile``'s search): that form, as it is;
 * ``runtime="recorded"``: the bundle's :class:`~trainfer.serve.runtime_record.RuntimeRecord` (an int8
   record: the int8 form, on the runtime it records);
 * otherwise the bundle's model (:func:`trainfer.load`), moved to its device and put in eval for good.
@@ -81,9 +83,12 @@ def _engine(
     record chose int8), or where the bundle has no record, its int8 form if it carries one.
     """
     runtime = overrides.get("runtime")
+    from trainfer.serve.engines import CompiledModel
     from trainfer.serve.int8_form import QUANTIZATION_FILE, serve_quantized
     from trainfer.serve.runtime_record import RUNTIME_FILE
 
+    if isinstance(runtime, CompiledModel):  # compiled (verified, gated) for this bundle by the caller
+        return runtime, {key: value for key, value in overrides.items() if key != "runtime"}
     if runtime == "recorded" and (Path(bundle) / RUNTIME_FILE).is_file():
         from trainfer.serve.runtime import recorded_runtime
 

@@ -25,7 +25,7 @@ from trainfer.recipe import attach_recipe, model_form, recipe_of
 if TYPE_CHECKING:
     from trainfer.serve.manifest import Manifest
 
-__all__ = ["Source", "float32_copy", "load_source"]
+__all__ = ["Source", "check_class_gate", "float32_copy", "load_source"]
 
 
 @dataclass(frozen=True)
@@ -103,3 +103,18 @@ def float32_copy(model: nn.Module) -> nn.Module:
     if hasattr(model, "trainfer_report"):
         copied.trainfer_report = copy.deepcopy(model.trainfer_report)
     return attach_recipe(copied, recipe_of(model))
+
+
+def check_class_gate(manifest: Manifest, what: str) -> None:
+    """Refuse to gate a sequence bundle (one whose manifest has a decoder) by :mod:`trainfer.serve.gate`.
+
+    That gate compares each sample's argmax class with the float form's: on a CTC model's ``(N, T, C)``
+    frames it measures per-frame classes, not the decoded strings a user is served, so a verdict
+    there would say nothing true about sequence accuracy. ``what`` names the refused operation.
+    """
+    if manifest.decoder is not None:
+        raise InputError(
+            f"{what} is gated on per-sample class agreement, which says nothing about the strings a "
+            f"{manifest.decoder.kind} sequence bundle decodes: it supports classification and regression bundles; "
+            "serve a sequence bundle in float32"
+        )

@@ -55,6 +55,8 @@ class AccessMiddleware:
                 await _send_json(sending, 500, {"error": "internal error in trainfer (a bug): logged on the server"})
         seconds = time.perf_counter() - start
         self.server.metrics.observe(endpoint_label(path), status, seconds)
+        if not access_logger.isEnabledFor(logging.INFO):
+            return
         client = scope.get("client") or ("", 0)
         access_logger.info(
             json.dumps(

@@ -58,16 +58,20 @@ INLINE_BYTES = 64 * 1024
 
 
 def create_app(
-    settings: ServerSettings, on_fatal: Callable[[BaseException], None] | None = None, background: bool = True
+    settings: ServerSettings,
+    on_fatal: Callable[[BaseException], None] | None = None,
+    background: bool = True,
+    on_ready: Callable[[], None] = lambda: None,
 ) -> FastAPI:
     """The ASGI app serving ``settings.bundles``; models load when its lifespan starts.
 
     ``background``: they load while the app already answers (live, not ready); otherwise the
     lifespan's startup waits for them (a worker process sharing a port then takes no request
     before it is ready). ``on_fatal`` hears a bundle that cannot be served (the runner stops the
-    server; by default the error is logged and readiness stays false).
+    server; by default the error is logged and readiness stays false); ``on_ready`` is called once
+    every model is loaded, before the app reports ready.
     """
-    server = Server(settings, on_fatal or (lambda error: logger.error("cannot serve: %s", one_line(error))))
+    server = Server(settings, on_fatal or (lambda error: logger.error("cannot serve: %s", one_line(error))), on_ready)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
@@ -141,7 +145,11 @@ def _routes(app: FastAPI, server: Server) -> None:
 
         decoded, batch = decode() if len(body) <= INLINE_BYTES else await asyncio.to_thread(decode)
         rows = await server.run(name, batch)
-        content, headers = encode_response(name, decoded, model.tensors(rows))
+
+        def answer() -> tuple[bytes, dict[str, str]]:
+            return encode_response(name, decoded, model.tensors(rows))
+
+        content, headers = await asyncio.to_thread(answer) if model.decodes_answers else answer()
         return Response(content, headers=headers)
 
     @app.post("/v2/models/{name}/predict", summary="Typed predictions for a file", openapi_extra=FILE_SCHEMA)
@@ -159,7 +167,10 @@ def _routes(app: FastAPI, server: Server) -> None:
             return [i for i, _ in items], model.prepare([sample for _, sample in items])
 
         ids, batch = await asyncio.to_thread(prepare)
-        results = model.results(await server.run(name, batch), top_k)
+        rows = await server.run(name, batch, top_k)
+        results = (
+            await asyncio.to_thread(model.results, rows, top_k) if model.decodes_answers else model.results(rows, top_k)
+        )
         lines = [
             json.dumps({"id": i, **r}, allow_nan=False) + "\n" for i, r in zip(ids, to_records(results), strict=True)
         ]

@@ -1,20 +1,26 @@
 """Dynamic batching: requests arriving close together run as one batch, and each gets its rows back.
 
-A request is a batch of ``n >= 1`` preprocessed samples. Batches run one at a time, in a worker
-thread, so the event loop keeps accepting (and refusing) requests while the model computes; the
-requests that arrive meanwhile are the next batch's. When to run (Triton's rule, collecting only
-while the model is busy):
+A request is a batch of ``n >= 1`` preprocessed samples. Batches run in ``workers`` worker threads
+(at most ``workers`` batches at once; 1 by default), so the event loop keeps accepting (and
+refusing) requests while the model computes; the requests that arrive meanwhile are the next
+batch's. When to run (Triton's rule, collecting only while every worker is busy):
 
-- a request that finds the model idle and nobody waiting runs at once, alone with whatever arrived
+- a request that finds a worker idle and nobody waiting runs at once, alone with whatever arrived
   in the same instant: a lone request never waits for companions that may never come;
-- requests that arrived while the model was busy run when it frees, once ``max_batch`` samples are
-  waiting or the oldest has waited ``max_delay`` seconds since its arrival, whichever comes first
-  (a model slower than ``max_delay`` thus runs the next batch at once).
+- requests that arrived while every worker was busy run when one frees, once ``max_batch`` samples
+  are waiting or the oldest has waited ``max_delay`` seconds since its arrival, whichever comes
+  first (a model slower than ``max_delay`` thus runs the next batch at once).
 
 A batch is the oldest waiting requests concatenated in arrival order -- requests of different sizes
 together, never splitting one -- up to ``max_batch`` samples; a request holding more than
 ``max_batch`` samples runs alone. The model runs once on it and each request gets its own rows.
-The worker thread runs with the torch (OpenMP) thread count of the thread that made the batcher.
+A request may carry a ``key`` (a sequence model's ``top_k``): a batch holds requests of one key
+only (it stops at the first of another key, so order is kept) and runs ``run(batch, key)``
+instead of ``run(batch)``.
+Each worker thread runs with the torch (OpenMP) thread count of the thread that made the batcher,
+so ``workers`` x that count is the cores the batcher may use: on a CPU, where a batch gains little
+per sample over one sample, several workers of one thread each keep every core busy (see
+:func:`default_workers`).
 
 Memory is bounded: at most ``max_queue`` samples wait; a request that would exceed that is refused
 at once with :class:`Overloaded` (the server answers 503 with ``Retry-After``). A request whose
@@ -24,18 +30,31 @@ caller stopped waiting (a timeout, a closed connection) is dropped before its ba
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from trainfer.errors import InputError
 
-__all__ = ["BatchStats", "DynamicBatcher", "Overloaded"]
+__all__ = ["BatchStats", "DynamicBatcher", "Overloaded", "default_workers"]
+
+
+def default_workers() -> int:
+    """Batches to run at once by default: the cores this process may use over torch's threads per forward.
+
+    With torch's default (one thread per core) that is 1, one batch at a time using every core; with
+    one thread per forward (``OMP_NUM_THREADS=1``, the setting for many small concurrent requests)
+    it is one worker per core, as a per-request thread pool would use them.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, torch.get_num_threads()))
 
 
 class Overloaded(Exception):
@@ -53,12 +72,14 @@ class BatchStats:
 @dataclass
 class _Pending:
     batch: Tensor
-    future: asyncio.Future[list[Tensor]]
+    future: asyncio.Future[list[Any]]
+    key: Hashable = None
     arrived: float = field(default_factory=time.monotonic)
 
 
 class DynamicBatcher:
-    """Batch ``run`` (a batch ``(N, ...)`` -> a list of per-output ``(N, ...)`` tensors) across requests.
+    """Batch ``run`` (a batch ``(N, ...)`` -> a list of per-output ``(N, ...)`` tensors, or of lists of
+    ``N`` items) across requests.
 
     Start it with :meth:`start` inside the running event loop and stop it with :meth:`stop`
     (requests already queued are finished first).
@@ -66,23 +87,28 @@ class DynamicBatcher:
 
     def __init__(
         self,
-        run: Callable[[Tensor], list[Tensor]],
+        run: Callable[..., list[Any]],
         max_batch: int,
         max_delay: float,
         max_queue: int,
         stats: BatchStats | None = None,
+        workers: int = 1,
     ):
-        if max_batch < 1 or max_queue < 1 or max_delay < 0:
+        if max_batch < 1 or max_queue < 1 or max_delay < 0 or workers < 1:
             raise InputError(
-                f"need max_batch >= 1, max_queue >= 1, max_delay >= 0; got {max_batch, max_queue, max_delay}"
+                "need max_batch >= 1, max_queue >= 1, max_delay >= 0, workers >= 1; "
+                f"got {max_batch, max_queue, max_delay, workers}"
             )
         self.run, self.max_batch, self.max_delay, self.max_queue = run, max_batch, max_delay, max_queue
+        self.workers = workers
         self.stats = stats or BatchStats()
         self._waiting: deque[_Pending] = deque()
         self._queued = 0
-        self._arrival = asyncio.Event()
+        self._busy = 0  # batches running
+        self._running: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Event()  # a request arrived or a batch finished
         self._executor = ThreadPoolExecutor(
-            max_workers=1,
+            max_workers=workers,
             thread_name_prefix="trainfer-batch",
             initializer=torch.set_num_threads,  # OpenMP keeps a thread count per thread: give it the caller's
             initargs=(torch.get_num_threads(),),
@@ -101,43 +127,65 @@ class DynamicBatcher:
     async def stop(self) -> None:
         """Finish every queued request, then stop the loop and the worker thread."""
         self._closing = True
-        self._arrival.set()
+        self._changed.set()
         if self._task is not None:
             await self._task
         self._executor.shutdown(wait=True)
 
-    async def submit(self, batch: Tensor) -> list[Tensor]:
-        """The outputs' rows for ``batch`` (raises :class:`Overloaded` when the queue is full)."""
+    def submit(self, batch: Tensor, key: Hashable = None) -> asyncio.Future[list[Any]]:
+        """A future of the outputs' rows for ``batch`` (raises :class:`Overloaded` at once when the queue
+        is full); cancelling it drops the request before its batch is formed. ``key``: see the module docstring."""
         if self._closing:
             raise Overloaded("the server is shutting down")
         if self._queued + len(batch) > self.max_queue and self._queued:
             raise Overloaded(f"{self._queued} samples are waiting (at most {self.max_queue})")
-        pending = _Pending(batch, asyncio.get_running_loop().create_future())
+        pending = _Pending(batch, asyncio.get_running_loop().create_future(), key)
         self._waiting.append(pending)
         self._add(len(batch))
-        self._arrival.set()
-        return await pending.future
+        self._changed.set()
+        return pending.future
 
     def _add(self, samples: int) -> None:
         self._queued += samples
         self.stats.queue_depth(self._queued)
 
     async def _loop(self) -> None:
-        found_idle = True  # the waiting requests arrived while no batch ran and none waited
+        found_idle = True  # the waiting requests arrived while a worker was idle and none waited
         while True:
             if not self._waiting:
                 if self._closing:
-                    return
-                self._arrival.clear()
-                await self._arrival.wait()
-                found_idle = True
+                    break
+                await self._change()
+                found_idle = self._busy < self.workers
+                continue
+            if self._busy >= self.workers:
+                await self._change()
+                found_idle = False
                 continue
             if not found_idle:
                 await self._gather()
             found_idle = False
             taken = self._take()
             if taken:
-                await self._run(taken)
+                self._start(taken)
+        if self._running:
+            await asyncio.wait(self._running)
+
+    async def _change(self) -> None:
+        """Until a request arrives or a batch finishes."""
+        self._changed.clear()
+        await self._changed.wait()
+
+    def _start(self, taken: list[_Pending]) -> None:
+        self._busy += 1
+        task = asyncio.get_running_loop().create_task(self._run(taken))
+        self._running.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._busy -= 1
+        self._changed.set()
 
     async def _gather(self) -> None:
         """Wait until ``max_batch`` samples are queued or the oldest request has waited ``max_delay``."""
@@ -146,14 +194,14 @@ class DynamicBatcher:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            self._arrival.clear()
+            self._changed.clear()
             try:
-                await asyncio.wait_for(self._arrival.wait(), left)
+                await asyncio.wait_for(self._changed.wait(), left)
             except TimeoutError:
                 return
 
     def _take(self) -> list[_Pending]:
-        """The oldest live requests whose samples fit in ``max_batch`` (at least one request)."""
+        """The oldest live requests of one key whose samples fit in ``max_batch`` (at least one request)."""
         taken: list[_Pending] = []
         samples = 0
         while self._waiting:
@@ -162,7 +210,7 @@ class DynamicBatcher:
                 self._waiting.popleft()
                 self._add(-len(pending.batch))
                 continue
-            if taken and samples + len(pending.batch) > self.max_batch:
+            if taken and (samples + len(pending.batch) > self.max_batch or pending.key != taken[0].key):
                 break
             self._waiting.popleft()
             self._add(-len(pending.batch))
@@ -172,9 +220,10 @@ class DynamicBatcher:
 
     async def _run(self, taken: list[_Pending]) -> None:
         joined = taken[0].batch if len(taken) == 1 else torch.cat([p.batch for p in taken])
+        keyed = () if taken[0].key is None else (taken[0].key,)
         start = time.perf_counter()
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.run, joined)
+            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.run, joined, *keyed)
         except Exception as error:  # the model failed: every request of the batch hears why
             for pending in taken:
                 if not pending.future.done():

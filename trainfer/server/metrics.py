@@ -38,6 +38,8 @@ class Metrics:
             buckets=_LATENCY,
             registry=self.registry,
         )
+        self._counters: dict[tuple[str, int], Counter] = {}  # bounded: endpoint labels x HTTP statuses
+        self._latencies: dict[str, Histogram] = {}
         self.queue = Gauge("trainfer_queue_samples", "Samples waiting for a batch", ["model"], registry=self.registry)
         sizes = sorted({2**i for i in range(max_batch.bit_length() + 1)} | {max_batch})
         self.batch = Histogram(
@@ -52,8 +54,14 @@ class Metrics:
         )
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
-        self.requests.labels(endpoint, str(status)).inc()
-        self.latency.labels(endpoint).observe(seconds)
+        counter = self._counters.get((endpoint, status))
+        if counter is None:  # labels() takes a lock and builds its key on every call: look each up once
+            counter = self._counters[endpoint, status] = self.requests.labels(endpoint, str(status))
+        histogram = self._latencies.get(endpoint)
+        if histogram is None:
+            histogram = self._latencies[endpoint] = self.latency.labels(endpoint)
+        counter.inc()
+        histogram.observe(seconds)
 
     def batch_stats(self, model: str) -> BatchStats:
         """Observers that a model's batcher reports to."""

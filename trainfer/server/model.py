@@ -8,16 +8,27 @@ request's rows become typed results (:meth:`~trainfer.serve.predictor.Predictor.
 or protocol tensors. The answers are thus ``Predictor.predict``'s, within the rounding that the
 batch composition changes.
 
+An autoregressive sequence model has no scores to batch: the batch of several requests is decoded
+whole (:meth:`~trainfer.serve.predictor.Predictor.generate`, the bundle's decoder settings), and each
+request gets its rows' results. Decoding is independent of the batch's other items (each item's
+search is its own; :meth:`ServedModel.check` compares a batch with its samples one by one before
+the model is ready), so these are ``Predictor.predict``'s results within rounding. A request's
+``top_k`` changes the search (it widens the beam), so it is the batcher's key: requests asking for
+different ``top_k`` never share a batch.
+
 Outputs, per head (prefixed ``"<head>."`` for multi-head bundles): classification ``probabilities``
 ``(N, C)``, ``index`` INT64 ``(N,)`` and ``label`` BYTES ``(N,)``; binary ``probability`` ``(N,)``
-and ``decision`` BOOL ``(N,)``; regression ``values`` ``(N, ...)`` in target units.
+and ``decision`` BOOL ``(N,)``; regression ``values`` ``(N, ...)`` in target units; sequence the
+decoded ``text``, ``tokens``, ``lengths``, ``score`` (and ``finished``, autoregressive) of
+:mod:`trainfer.server.sequence_outputs`, and a CTC model's per-frame log-probabilities ``values``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +44,9 @@ from trainfer.serve.predictor import Predictor
 from trainfer.serve.results import check_finite_scores
 from trainfer.serve.runtime import RUNTIME_FILE
 from trainfer.server.protocol import datatype_of
+from trainfer.server.sequence_outputs import VARIABLE, sequence_tensors
+
+logger = logging.getLogger("trainfer.server")
 
 #: Samples in the random batch that checks a model before it is ready.
 CHECK_SAMPLES = 3
@@ -84,8 +98,32 @@ class ServedModel:
         """One request's samples, validated and normalised (the Predictor's preprocessing)."""
         return self.predictor.preprocess(raw)
 
+    @property
+    def generates(self) -> bool:
+        """Whether the model is an autoregressive sequence model (decoded, not scored, per batch)."""
+        return self.predictor.generates
+
+    @property
+    def decodes_answers(self) -> bool:
+        """Whether turning its scores into answers decodes (CTC: a beam search per sample), which the
+        server then runs off the event loop."""
+        return self.predictor.task == "sequence" and not self.generates
+
+    def key(self, top_k: int | None) -> Hashable:
+        """A request's batcher key: its ``top_k`` when the model generates and it changes the search
+        (None, the bundle's ``n_best``, and ``top_k == n_best`` decode alike: they share batches)."""
+        decoder = self.predictor.decoder
+        return top_k if self.generates and top_k != decoder.n_best else None
+
+    def compute(self, batch: Tensor, top_k: int | None = None) -> list[Any]:
+        """What the batcher runs on a prepared batch: :meth:`scores`, or, for a model that generates,
+        ``[results]``: the batch decoded with the bundle's settings (``top_k``: the Predictor's)."""
+        if self.generates:
+            return [self.predictor.generate(batch, top_k)]
+        return self.scores(batch)
+
     def scores(self, batch: Tensor) -> list[Tensor]:
-        """Per-head scores of a prepared batch, on the CPU (what the batcher runs)."""
+        """Per-head scores of a prepared batch, on the CPU."""
         scores = self.predictor.scores(batch)
         per_head = list(scores.values()) if isinstance(scores, dict) else [scores]
         return [s.detach().cpu() for s in per_head]
@@ -95,13 +133,18 @@ class ServedModel:
         check_finite_scores(per_head, self.predictor.heads)
         return per_head
 
-    def results(self, per_head: list[Tensor], top_k: int | None) -> list[Any]:
-        """Typed results of one request's rows."""
+    def results(self, per_head: list[Any], top_k: int | None) -> list[Any]:
+        """Typed results of one request's rows of :meth:`compute` (decoded already when the model generates)."""
+        if self.generates:
+            return list(per_head[0])
         return self.predictor.results_from_scores(self.finite(per_head), top_k)
 
-    def tensors(self, per_head: list[Tensor]) -> dict[str, np.ndarray]:
-        """The protocol outputs of one request's rows, by name."""
-        results = self.results(per_head, top_k=1)
+    def tensors(self, per_head: list[Any]) -> dict[str, np.ndarray]:
+        """The protocol outputs of one request's rows, by name (decoded with the bundle's settings)."""
+        results = self.results(per_head, top_k=None)
+        if self.predictor.task == "sequence":
+            decoded = sequence_tensors(results, self.generates)
+            return decoded if self.generates else {**decoded, "values": per_head[0].numpy()}
         tensors: dict[str, np.ndarray] = {}
         for head, scores in zip(self.predictor.heads, per_head, strict=True):
             prefix = f"{head.name}." if self.predictor.multi_head else ""
@@ -126,19 +169,39 @@ class ServedModel:
         """
         generator = torch.Generator().manual_seed(0)
         raw = torch.rand(CHECK_SAMPLES, *self.input_shape, generator=generator, dtype=torch.float64)
-        whole = self.finite(self.scores(self.prepare(raw)))
-        single = [self.finite(self.scores(self.prepare(raw[i : i + 1]))) for i in range(CHECK_SAMPLES)]
-        for h, scores in enumerate(whole):
-            alone = torch.cat([rows[h] for rows in single])
-            error = relative_error(alone.double(), scores.double())
-            if error > tolerance_for(scores.dtype):
-                raise EquivalenceError(
-                    f"model {self.name!r}: a batch of {CHECK_SAMPLES} and its samples one by one differ by "
-                    f"{error:.3g} relative (tolerance {tolerance_for(scores.dtype):.1g}): not served"
-                )
+        whole = self.compute(self.prepare(raw))
+        single = [self.compute(self.prepare(raw[i : i + 1])) for i in range(CHECK_SAMPLES)]
+        if self.generates:  # the same tokens, and scores within the tolerance
+            self._compare(whole[0], [rows[0][0] for rows in single])
+        else:
+            for h, scores in enumerate(self.finite(whole)):
+                self._agree(torch.cat([self.finite(rows)[h] for rows in single]), scores)
         self.outputs = {
-            name: (datatype_of(array.dtype), [-1, *array.shape[1:]]) for name, array in self.tensors(whole).items()
+            name: (datatype_of(array.dtype), [-1, *(-1 if name in VARIABLE else d for d in array.shape[1:])])
+            for name, array in self.tensors(whole).items()
         }
+
+    def _compare(self, together: list[Any], alone: list[Any]) -> None:
+        """Refuse decoded sequences that change with the batch (their tokens, or scores beyond tolerance)."""
+        if [r.tokens for r in together] != [r.tokens for r in alone]:
+            raise EquivalenceError(
+                f"model {self.name!r}: a batch of {CHECK_SAMPLES} decodes to other tokens than its samples "
+                "one by one: not served"
+            )
+        dtype = self.predictor.preprocess_spec.torch_dtype
+        alone_scores, together_scores = (
+            torch.tensor([r.score for r in rs], dtype=torch.float64) for rs in (alone, together)
+        )
+        self._agree(alone_scores, together_scores, tolerance_for(dtype))
+
+    def _agree(self, alone: Tensor, together: Tensor, tolerance: float | None = None) -> None:
+        tolerance = tolerance_for(together.dtype) if tolerance is None else tolerance
+        error = relative_error(alone.double(), together.double())
+        if error > tolerance:
+            raise EquivalenceError(
+                f"model {self.name!r}: a batch of {CHECK_SAMPLES} and its samples one by one differ by "
+                f"{error:.3g} relative (tolerance {tolerance:.1g}): not served"
+            )
 
     def metadata(self) -> dict[str, Any]:
         """The protocol's model metadata: name, versions, platform, inputs and outputs."""
@@ -148,30 +211,76 @@ class ServedModel:
             "platform": "trainfer",
             "inputs": [{"name": self.input_name, "datatype": self.input_datatype, "shape": [-1, *self.input_shape]}],
             "outputs": [{"name": n, "datatype": d, "shape": s} for n, (d, s) in self.outputs.items()],
-            "parameters": {"task": self.predictor.task, "labels": self.predictor.labels},
+            "parameters": {
+                "task": self.predictor.task,
+                "labels": self.predictor.labels,
+                **self._runtime(),
+                **self._decoder(),
+            },
         }
+
+    def _runtime(self) -> dict[str, str]:
+        """``{"runtime": "<runtime>/<dtype>"}`` when a compiled form serves (a ``CompiledModel``), else ``{}``."""
+        record = getattr(self.predictor.model, "record", None)
+        return {"runtime": f"{record.runtime}/{record.dtype}"} if record is not None else {}
+
+    def _decoder(self) -> dict[str, Any]:
+        """``{"decoder": settings}`` for a sequence bundle (its recorded decoder settings), else ``{}``."""
+        decoder = self.predictor.decoder
+        return {} if decoder is None else {"decoder": decoder.to_dict()}
 
 
 def load_model(
-    name: str, path: str | os.PathLike[str], *, runtime: str | None, trust_factory: bool, max_batch: int
+    name: str,
+    path: str | os.PathLike[str],
+    *,
+    runtime: str | None,
+    trust_factory: bool,
+    max_batch: int,
+    search: dict[str, Any] | None = None,
+    write_runtime: bool = False,
 ) -> ServedModel:
     """Load the bundle at ``path`` under the usual trust rules and check it (see :meth:`ServedModel.check`).
 
-    An autoregressive sequence bundle is refused (:class:`~trainfer.errors.InputError`): its decoding is
-    a loop of model calls per batch, which the batcher's one forward per batch cannot run.
+    ``search`` (the keyword arguments of :func:`trainfer.serve.gated.compile`): first run that runtime
+    search on the bundle (:func:`compiled_form`) and serve the form it chose (``runtime`` must then be
+    ``None`` or ``"auto"``).
     """
     overrides: dict[str, Any] = {"batch_size": max_batch}
-    if runtime is None and (Path(path) / RUNTIME_FILE).is_file():
-        runtime = "recorded"  # the runtime trainfer.compile chose and recorded (gated int8/bf16 included)
-    if runtime is not None:
-        overrides["runtime"] = runtime
+    served: Any = runtime
+    if search is not None:
+        if runtime not in (None, "auto"):
+            raise InputError(f"model {name!r}: the start-up search chooses the runtime; got runtime {runtime!r} too")
+        served = compiled_form(name, path, search, write_runtime)
+    elif runtime is None and (Path(path) / RUNTIME_FILE).is_file():
+        served = "recorded"  # the runtime trainfer.compile chose and recorded (gated int8/bf16 included)
+    if served is not None:
+        overrides["runtime"] = served
     predictor = Predictor.load(path, trust_factory=trust_factory, **overrides)
-    if predictor.generates:
-        raise InputError(
-            f"model {name!r} ({path}): an autoregressive (encoder-decoder) sequence bundle decodes by a loop of "
-            "encode() and step() calls, and the server's batches run one forward: not served; decode it with "
-            f"`trainfer predict {path} INPUT` or trainfer.Predictor.load(...).predict"
-        )
     model = ServedModel(name, predictor, explainer_loader=lambda: Predictor.load(path, trust_factory=trust_factory))
     model.check()
     return model
+
+
+def compiled_form(name: str, path: str | os.PathLike[str], search: dict[str, Any], write_runtime: bool) -> Any:
+    """The form :func:`trainfer.serve.gated.compile` chooses for the bundle at ``path`` with ``search``
+    (what ``trainfer compile`` would record), its progress and every candidate's figures logged.
+
+    ``write_runtime``: also record it in the bundle (:func:`~trainfer.serve.gated.save_compiled`, atomic
+    writes); otherwise the bundle is left as it was and the record lives in the log and the model's metadata.
+    """
+    from trainfer.serve import gated
+
+    kinds = gated.searched_kinds(search)
+    logger.info("model %r: searching the fastest of the %s forms of %s (not ready until done)", name, kinds, path)
+    compiled = gated.compile(path, runtime="auto", **search)
+    record = compiled.record
+    for line in record.table().splitlines():
+        logger.info("model %r: %s", name, line)
+    note = gated.choice_note(record, search.get("gate_data") is not None)
+    if note:
+        logger.info("model %r: %s", name, note)
+    if write_runtime:
+        logger.info("model %r: recorded in %s", name, gated.save_compiled(path, compiled))
+    logger.info("model %r: serving %s/%s, chosen by the search", name, record.runtime, record.dtype)
+    return compiled

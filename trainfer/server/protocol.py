@@ -186,10 +186,9 @@ def _binary_array(name: str, size: Any, count: int, dtype: np.dtype[Any], binary
 def _json_array(name: str, data: Any, shape: list[int], count: int, dtype: np.dtype[Any]) -> np.ndarray:
     if not isinstance(data, list):
         raise InputError(f'input {name!r}: "data" must be a list of numbers; got {type(data).__name__}')
-    allowed = (bool,) if dtype == DATATYPES["BOOL"] else (int, float)
+    allowed, kind = _json_leaves(dtype)
     for leaf in _leaves(data):
         if type(leaf) not in allowed:  # json gives exactly bool, int, float, str, None, dict
-            kind = "true/false" if dtype == DATATYPES["BOOL"] else f"{dtype.name} numbers"
             raise InputError(f'input {name!r}: "data" must hold {kind} only; found {leaf!r:.40}')
     try:
         array = np.asarray(data, dtype=dtype)
@@ -198,6 +197,16 @@ def _json_array(name: str, data: Any, shape: list[int], count: int, dtype: np.dt
     if array.size != count:
         raise InputError(f"input {name!r}: shape {shape} needs {count} elements; data holds {array.size}")
     return array.reshape(shape)
+
+
+def _json_leaves(dtype: np.dtype[Any]) -> tuple[tuple[type, ...], str]:
+    """The JSON value types a tensor of ``dtype`` holds, and their name: an integer datatype takes
+    integers only (``1.5`` would be truncated, ``1.0`` is a float in JSON), a real one any number."""
+    if dtype == DATATYPES["BOOL"]:
+        return (bool,), "true/false"
+    if dtype.kind in "iu":
+        return (int,), f"{dtype.name} integers"
+    return (int, float), f"{dtype.name} numbers"
 
 
 def _leaves(data: list[Any]) -> Any:

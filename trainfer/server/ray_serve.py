@@ -31,6 +31,7 @@ from typing import Any
 from trainfer.errors import InputError
 from trainfer.extras import require
 from trainfer.server.app import ServerSettings, create_app
+from trainfer.server.run import freeze_heap
 
 __all__ = ["build", "deployment"]
 
@@ -55,6 +56,11 @@ def deployment(
     the proxy queues at most ``max_queued_requests`` more (default ``settings.max_queue``), then
     answers 503 too, so memory never grows without bound.
     """
+    if settings.compile:
+        raise InputError(
+            "Ray Serve: a start-up runtime search (compile=) would run in every replica, which could each choose "
+            "another form; run `trainfer compile BUNDLE ...` once and serve the runtime it records"
+        )
     serve = require("ray.serve", "ray", "serving on Ray Serve")
     options: dict[str, Any] = {
         "name": DEPLOYMENT_NAME,
@@ -86,7 +92,7 @@ class _Replica:
         self.settings = ServerSettings(**settings)
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self.settings, on_fatal=_fail, background=False)
+        return create_app(self.settings, on_fatal=_fail, background=False, on_ready=freeze_heap)
 
 
 def _fail(error: BaseException) -> None:

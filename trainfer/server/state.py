@@ -7,12 +7,13 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from fastapi import Request
 
 from trainfer.errors import InputError
-from trainfer.server.batching import DynamicBatcher, Overloaded
+from trainfer.server.batching import DynamicBatcher, Overloaded, default_workers
 from trainfer.server.metrics import Metrics
 from trainfer.server.model import ServedModel, load_model
 
@@ -25,7 +26,14 @@ class ServerSettings:
 
     ``bundles`` maps model names to bundle paths; ``max_queue`` bounds the samples waiting per
     model; ``max_body`` the bytes of one request; ``timeout`` the seconds one request may wait
-    for its answer; ``api_key`` (when set) must be sent in the ``X-API-Key`` header.
+    for its answer; ``api_key`` (when set) must be sent in the ``X-API-Key`` header;
+    ``batch_workers`` the batches of one model that may run at once (None: one per core over
+    torch's threads per forward, :func:`~trainfer.server.batching.default_workers`).
+
+    ``compile`` maps model names to the keyword arguments of :func:`trainfer.serve.gated.compile`
+    (``gate``, ``gate_data``, ``calibration``, ``candidates``, ``rounds``, ...; ``runtime="auto"``
+    implied): that model is searched at start-up, before it is ready, and serves what the search
+    chose. ``write_runtime``: also record the choice in its bundle, as ``trainfer compile`` does.
     """
 
     bundles: dict[str, str]
@@ -38,6 +46,9 @@ class ServerSettings:
     trust_factory: bool = False
     api_key: str | None = None
     retry_after: int = 1
+    batch_workers: int | None = None
+    compile: dict[str, dict[str, Any]] | None = None
+    write_runtime: bool = False
 
 
 class HTTPError(Exception):
@@ -51,8 +62,14 @@ class HTTPError(Exception):
 class Server:
     """The served models, their batchers and the metrics of one app."""
 
-    def __init__(self, settings: ServerSettings, on_fatal: Callable[[BaseException], None]):
+    def __init__(
+        self,
+        settings: ServerSettings,
+        on_fatal: Callable[[BaseException], None],
+        on_ready: Callable[[], None] = lambda: None,
+    ):
         self.settings = settings
+        self.on_ready = on_ready
         self.metrics = Metrics(settings.max_batch)
         self.models: dict[str, ServedModel] = {}
         self.batchers: dict[str, DynamicBatcher] = {}
@@ -75,18 +92,22 @@ class Server:
                     runtime=settings.runtime,
                     trust_factory=settings.trust_factory,
                     max_batch=settings.max_batch,
+                    search=(settings.compile or {}).get(name),
+                    write_runtime=settings.write_runtime,
                 )
                 batcher = DynamicBatcher(
-                    model.scores,
+                    model.compute,
                     settings.max_batch,
                     settings.max_delay_ms / 1000,
                     settings.max_queue,
                     self.metrics.batch_stats(name),
+                    settings.batch_workers or default_workers(),
                 )
                 batcher.start()
                 self.models[name] = model
                 self.batchers[name] = batcher
                 logger.info("model %r ready (%s)", name, path)
+            self.on_ready()
         except Exception as error:  # a bundle that cannot be served: say why in one line and stop
             self.on_fatal(error)
 
@@ -101,12 +122,14 @@ class Server:
             raise HTTPError(503, f"model {name!r} is still loading", {"Retry-After": str(self.settings.retry_after)})
         return self.models[name]
 
-    async def run(self, name: str, batch: torch.Tensor) -> list[torch.Tensor]:
-        """``batch``'s rows of every output, through the model's dynamic batcher, within the timeout."""
+    async def run(self, name: str, batch: torch.Tensor, top_k: int | None = None) -> list[Any]:
+        """``batch``'s rows of every output (:meth:`ServedModel.compute`), through the model's dynamic
+        batcher, within the timeout; ``top_k`` reaches a model that generates (its search depends on it)."""
         if not len(batch):
             raise InputError("empty input: expected at least one sample")
+        key = self.models[name].key(top_k)
         try:
-            return await asyncio.wait_for(self.batchers[name].submit(batch), self.settings.timeout)
+            return await asyncio.wait_for(self.batchers[name].submit(batch, key), self.settings.timeout)
         except Overloaded as error:
             raise HTTPError(503, f"overloaded: {error}; retry later", self._retry()) from None
         except TimeoutError:

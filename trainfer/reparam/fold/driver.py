@@ -136,7 +136,7 @@ def _fold_opaque(
         if name in recorded:
             original = gm.get_submodule(name)
             folded = _fold_part(original, recorded[name], f"{prefix}{name}.", run)
-            gm.set_submodule(name, _keep_plain_attributes(original, folded))
+            gm.set_submodule(name, _installed(original, folded, recorded[name]))
 
 
 def _reason(error: Exception) -> str:
@@ -169,7 +169,7 @@ def _fold_members(parent: nn.Module, path: str, calls: dict[str, Call], prefix: 
         if qualified in calls:
             if not run.handlers.is_leaf(child):
                 folded = _fold_part(child, calls[qualified], f"{prefix}{qualified}.", run)
-                setattr(parent, name, _keep_plain_attributes(child, folded))
+                setattr(parent, name, _installed(child, folded, calls[qualified]))
         elif any(other.startswith(f"{qualified}.") for other in calls):
             _fold_members(child, f"{qualified}.", calls, prefix, run)
         else:
@@ -221,22 +221,54 @@ def _explain_unfused_pairs(sequential: nn.Sequential, prefix: str, log: FoldLog)
             )
 
 
-def _keep_plain_attributes(original: nn.Module, folded: nn.Module) -> nn.Module:
-    """``folded`` (a traced copy of ``original``) given the plain attributes of ``original`` it lacks.
+def _installed(original: nn.Module, folded: nn.Module, call: Call) -> nn.Module:
+    """What goes in ``original``'s slot of a parent whose own Python ``forward`` stays: ``folded`` (a
+    traced copy of ``original``), as an ``nn.Sequential`` when its graph is a chain of module calls.
 
-    A parent whose own Python ``forward`` stays may read them (timm's ``LocalWindowAttention`` reads
-    ``self.attn.resolution``); a ``GraphModule`` only keeps what its graph reads, and a deep copy of
-    one only what :func:`~trainfer.reparam.fold.trace.preserve_attributes` set.
+    The chain ``x -> m1 -> m2 -> ... -> mk -> output`` (each module called on the value before it
+    alone, nothing else computed or returned) is ``nn.Sequential(m1, ..., mk)`` exactly: the same
+    modules called on the same values in the same order. An ``fx.GraphModule`` call costs more
+    Python (its ``__call__`` wrapper and generated ``forward``), paid once per folded part per
+    forward, so a parent that calls many folded parts (a model whose root cannot be traced) runs
+    measurably slower with GraphModules. Only a part its parent called with one positional
+    argument is replaced (``nn.Sequential`` takes no keywords), and only when every module name is
+    a plain attribute name, so the folded modules keep their paths (``model.0.fused``).
+
+    Either way the result gets the plain attributes of ``original`` it lacks: a parent whose own
+    ``forward`` stays may read them (timm's ``LocalWindowAttention`` reads ``self.attn.resolution``,
+    Ultralytics' loop ``m.f``); a ``GraphModule`` only keeps what its graph reads, and a deep copy
+    of one only what :func:`~trainfer.reparam.fold.trace.preserve_attributes` set.
     """
     if not isinstance(folded, fx.GraphModule) or folded is original:
         return folded
+    chain = _module_chain(folded) if len(call.args) == 1 and not call.kwargs else None
+    installed: nn.Module = folded if chain is None else nn.Sequential(OrderedDict(chain))
     plain = {
         name: value
         for name, value in vars(original).items()
-        if not name.startswith("_") and name != "training" and not hasattr(folded, name)
+        if not name.startswith("_") and name != "training" and not hasattr(installed, name)
     }
-    preserve_attributes(folded, plain)
-    return folded
+    if isinstance(installed, fx.GraphModule):
+        preserve_attributes(installed, plain)
+    else:
+        vars(installed).update(plain)
+    return installed
+
+
+def _module_chain(gm: fx.GraphModule) -> list[tuple[str, nn.Module]] | None:
+    """The (name, module) calls of ``gm`` if its graph is ``input -> m1 -> ... -> mk -> output`` with
+    each module called on the previous value alone (no keywords) and used only by the next; else ``None``."""
+    *body, output = gm.graph.nodes
+    if not body or body[0].op != "placeholder" or len(body) < 2:
+        return None
+    previous, chain = body[0], []
+    for node in body[1:]:
+        single = node.op == "call_module" and node.args == (previous,) and not node.kwargs
+        if not single or len(previous.users) != 1 or "." in str(node.target):
+            return None
+        chain.append((str(node.target), gm.get_submodule(str(node.target))))
+        previous = node
+    return chain if output.args == (previous,) and len(previous.users) == 1 else None
 
 
 def _fold_graph(gm: fx.GraphModule, inputs: tuple[Any, ...], prefix: str, run: _Run) -> fx.GraphModule:
