@@ -4,7 +4,7 @@
 (``MAX_NODES``) on a 1x1x8x8 input: a ``conv`` followed by a chain of ``relu`` ("relu chain"), a conv
 followed by a cycle of node kinds ("mix": ``torch.relu``, ``operator.add``, ``operator.mul``, the
 ``sigmoid`` method, ``F.softmax``, a 4->4 ``conv`` module, ``mean`` + broadcast ``add``), and a conv
-followed by ``F.hardtanh(h, -1.0, 2.0)`` (4096 nodes; among the costliest meta kernels per node). Each
+followed by ``F.hardtanh(h, -1.0, 2.0)`` (4096 nodes; its Python meta kernel is among the costliest). Each
 round runs one fresh interpreter per source tree (interleaved, so machine load hits both alike) at
 one torch thread; it times each check with ``time.process_time`` after one warm-up check. With
 ``--against TREE`` (say an older checkout) it prints, per graph, the median ratio TREE / this tree
