@@ -257,7 +257,9 @@ def load_model(
     if served is not None:
         overrides["runtime"] = served
     predictor = Predictor.load(path, trust_factory=trust_factory, **overrides)
-    model = ServedModel(name, predictor, explainer_loader=lambda: Predictor.load(path, trust_factory=trust_factory))
+    model = ServedModel(
+        name, predictor, explainer_loader=lambda: Predictor.load(path, trust_factory=trust_factory, float_form=True)
+    )
     model.check()
     return model
 
