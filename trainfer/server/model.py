@@ -290,8 +290,8 @@ def compiled_form(name: str, path: str | os.PathLike[str], search: dict[str, Any
     logger.info("model %r: searching the fastest of the %s forms of %s (not ready until done)", name, kinds, path)
     compiled = gated.compile(path, runtime="auto", **search)
     record = compiled.record
-    for line in record.table().splitlines():
-        logger.info("model %r: %s", name, line)
+    for line in record.table().splitlines():  # a "warning: " line (untrusted latencies) at warning level
+        logger.log(logging.WARNING if line.startswith("warning: ") else logging.INFO, "model %r: %s", name, line)
     note = gated.choice_note(record, search.get("gate_data") is not None)
     if note:
         logger.info("model %r: %s", name, note)
