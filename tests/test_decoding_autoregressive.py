@@ -249,3 +249,33 @@ def test_a_step_of_the_wrong_shape_is_refused():
 class _BadState(_GRUModel):
     def encode(self, x):
         return (torch.tanh(x)[None], {"memory": x})  # (layers, rows, hidden): not rows first
+
+
+class _PoisonedStep(_GRUModel):
+    """Puts ``value`` at one (row, token) of the log-probs at step ``at``: a single entry, anywhere."""
+
+    def __init__(self, value, at, row, token):
+        super().__init__()
+        self.value, self.at, self.row, self.token, self.calls = value, at, row, token, 0
+
+    def step(self, state, tokens):
+        lp, state = super().step(state, tokens)
+        if self.calls == self.at:
+            lp = lp.clone()
+            lp[self.row, self.token] = self.value
+        self.calls += 1
+        return lp, state
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize(("at", "row", "token"), [(0, 0, 0), (0, 7, 5), (2, 3, 1), (2, 5, 4)])
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_nan_or_plus_inf_in_a_step_is_refused(value, at, row, token, num_beams):
+    """Even in a row of a beam not yet live (rows 1-3 at step 0) or of a token never chosen."""
+    torch.manual_seed(0)
+    model = _PoisonedStep(value, at, row if num_beams == 4 else row % 2, token)
+    with pytest.raises(DecodingError, match=r"step\(\)'s log_probs holds NaN or \+inf"):
+        decoding.beam_search(model, torch.randn(2, 8), bos=0, eos=1, max_length=4, num_beams=num_beams)
+    model.calls, model.row = 0, row % 2  # greedy: one row per item
+    with pytest.raises(DecodingError, match=r"step\(\)'s log_probs holds NaN or \+inf"):
+        decoding.greedy_search(model, torch.randn(2, 8), bos=0, eos=1, max_length=4)

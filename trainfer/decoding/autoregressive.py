@@ -16,7 +16,11 @@ The model plugs in through :class:`~trainfer.decoding.interface.StepModel`. Conv
 * Each item has its own done flag; done items are fed ``pad`` and ignored. At ``max_length`` the
   beams still running are finalised (scored at ``max_length``, ``finished=False``).
 
-Everything per step is a fixed number of tensor operations over ``(N, num_beams, ...)``.
+Everything per step is a fixed number of array operations over ``(N, num_beams, ...)``: torch for
+what scales with the vocabulary (the candidates' sum and top-k) and the state's reorder, NumPy on
+the host for the bookkeeping of the ``(N, 2 * num_beams)`` ranked candidates (on an accelerator,
+a few small copies per step). Step log-probs holding NaN or +inf are refused (beam search finds
+them in the top-k, where they rank first).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 
 from trainfer.decoding.checks import (
@@ -34,6 +39,7 @@ from trainfer.decoding.checks import (
     check_int,
     check_scores,
     check_token_id,
+    refuse_not_log_probs,
 )
 from trainfer.decoding.hypothesis import Hypothesis
 from trainfer.decoding.interface import batch_size, reorder, reorderer, state_device
@@ -42,14 +48,17 @@ from trainfer.errors import DecodingError
 
 @dataclass
 class _Set:
-    """Hypotheses of every item, ``(N, K, ...)``: score, summed log-prob, tokens, their log-probs, length, ended."""
+    """Hypotheses of every item, ``(N, K, ...)``: score, summed log-prob, tokens, their log-probs, length, ended.
 
-    score: torch.Tensor
-    log_prob: torch.Tensor
-    tokens: torch.Tensor
-    token_lp: torch.Tensor
-    length: torch.Tensor
-    ended: torch.Tensor
+    Tensors (greedy search) or NumPy arrays (beam search's bookkeeping, on the host).
+    """
+
+    score: torch.Tensor | np.ndarray
+    log_prob: torch.Tensor | np.ndarray
+    tokens: torch.Tensor | np.ndarray
+    token_lp: torch.Tensor | np.ndarray
+    length: torch.Tensor | np.ndarray
+    ended: torch.Tensor | np.ndarray
 
 
 def _check_settings(bos: int, eos: int, pad: int | None, max_length: int, length_penalty: float) -> int:
@@ -62,13 +71,17 @@ def _check_settings(bos: int, eos: int, pad: int | None, max_length: int, length
     return eos if pad is None else pad
 
 
+_STEP_LOG_PROBS = "step()'s log_probs"
+
+
 def _step(
-    model: Any, state: Any, tokens: torch.Tensor, vocab: int | None, ids: dict[str, int]
+    model: Any, state: Any, tokens: torch.Tensor, vocab: int | None, ids: dict[str, int], values: bool = True
 ) -> tuple[torch.Tensor, Any]:
-    """One model step, its log-probs checked: ``(rows, V)`` with V the same every step and >= 2."""
+    """One model step, its log-probs checked: ``(rows, V)`` with V the same every step and >= 2, and
+    (``values``) no NaN or +inf (else the caller checks that)."""
     rows = tokens.shape[0]
     log_probs, state = model.step(state, tokens)
-    log_probs = check_scores(log_probs, "step()'s log_probs", (rows, vocab))
+    log_probs = check_scores(log_probs, _STEP_LOG_PROBS, (rows, vocab), values)
     if vocab is None:
         if log_probs.shape[1] < 2:
             raise DecodingError(f"step() returned {log_probs.shape[1]} classes; a vocabulary needs at least 2")
@@ -132,8 +145,8 @@ def greedy_search(
 
 
 def _done(
-    early_stopping: bool | str, worst: torch.Tensor, best: torch.Tensor, t: int, max_length: int, penalty: float
-) -> torch.Tensor:
+    early_stopping: bool | str, worst: np.ndarray, best: np.ndarray, t: int, max_length: int, penalty: float
+) -> np.ndarray:
     """Items whose finished hypotheses can no longer be displaced (see the module docstring).
 
     ``worst``: the last (worst) of each item's finished scores, kept best first (so the set is full
@@ -141,7 +154,7 @@ def _done(
     "full and not beatable" and, where ``best`` is -inf (the bound too), "nothing left running".
     """
     if early_stopping is True:
-        return torch.isfinite(worst)
+        return np.isfinite(worst)
     if early_stopping == "never":
         length = max_length if penalty > 0 else min(t + 2, max_length)
     else:
@@ -191,77 +204,97 @@ def beam_search(
 
 
 class _Ends:
-    """Each item's ``width`` best complete hypotheses ``(N, width)``, best first, kept as back-pointers.
+    """Each item's ``width`` best complete hypotheses, best first, kept as back-pointers.
 
     A hypothesis ending at step ``t`` is the running beam ``parent`` of step ``t - 1`` followed by
     ``token`` (log-prob ``token_lp``): its earlier tokens are read back once, at the end
-    (:meth:`_History.spell`), so no step copies whole token histories. The fields are packed in
-    two tensors, so that merging two sets costs a fixed handful of operations: ``values`` (score,
-    log_prob, token_lp) and ``code``, ``t * width * vocab + parent * vocab + token`` (the step's flat
-    candidate index, offset by the step). A hypothesis ended with EOS exactly when its last token is
-    EOS (running beams never hold one).
+    (:meth:`_History.spell`), so no step copies whole token histories. The fields are packed in one
+    float64 array ``(N, 2 * width, 4)`` of (score, log_prob, token_lp, code): the set in its first
+    ``width`` columns, room for ``width`` candidates after them, so that a merge writes the candidates
+    in place, sorts once and gathers once. ``code`` is ``t * width * vocab + parent * vocab + token``
+    (the step's flat candidate index, offset by the step), exact in float64 (below
+    ``MAX_LENGTH * MAX_BEAM_WIDTH * vocab < 2**53``), as are float32 and float64 scores. A
+    hypothesis ended with EOS exactly when its last token is EOS (running beams never hold one).
     """
 
-    def __init__(self, values: torch.Tensor, code: torch.Tensor):
-        self.values, self.code = values, code  # (3, N, K) floats, (N, K) int64
+    def __init__(self, batch: int, width: int):
+        self.width = width
+        self.packed = np.full((batch, 2 * width, 4), -np.inf)
+        self.packed[:, :, 3] = 0.0
+        self.worst = self.packed[:, width - 1 : width, 0]  # (N, 1): what a new one must beat (a live view)
+        self._items = np.arange(batch)[:, None]
 
-    @property
-    def score(self) -> torch.Tensor:
-        return self.values[0]
+    def merge(self, score: np.ndarray, log_prob: np.ndarray, token_lp: np.ndarray, code: np.ndarray) -> None:
+        """Keeps the ``width`` best by score of the set and the ``(N, width)`` candidates, per item, best first.
 
-    @classmethod
-    def empty(cls, batch: int, width: int, dtype: torch.dtype, device: torch.device) -> _Ends:
-        return cls(
-            torch.full((3, batch, width), -torch.inf, dtype=dtype, device=device),
-            torch.zeros(batch, width, dtype=torch.long, device=device),
-        )
-
-    def merged_best(self, values: torch.Tensor, code: torch.Tensor, width: int) -> _Ends:
-        """The ``width`` best by score of these and the candidates ``values``/``code``, per item, best first."""
-        values, code = torch.cat([self.values, values], dim=2), torch.cat([self.code, code], dim=1)
-        best = values[0].topk(width, dim=1).indices
-        return _Ends(values.gather(2, best[None].expand(3, -1, -1)), code.gather(1, best))
+        Equal scores keep their order: the set's before the candidates, candidates by rank.
+        """
+        room = self.packed[:, self.width :]
+        room[:, :, 0], room[:, :, 1], room[:, :, 2], room[:, :, 3] = score, log_prob, token_lp, code
+        best = (-self.packed[:, :, 0]).argsort(axis=1, kind="stable")[:, : self.width]
+        self.packed[:, : self.width] = self.packed[self._items, best]
 
 
 class _History:
     """Per step, the running beams' flat candidate indices ``beam * vocab + token`` (``(N, width)``: beams
-    index the previous step's) and their tokens' log-probs ``(N, width)``."""
+    index the previous step's) and their tokens' log-probs ``(N, width)``, as NumPy arrays."""
 
     def __init__(self) -> None:
-        self.choices: list[torch.Tensor] = []
-        self.token_lps: list[torch.Tensor] = []
+        self.choices: list[np.ndarray] = []
+        self.token_lps: list[np.ndarray] = []
 
-    def add(self, choice: torch.Tensor, token_lp: torch.Tensor) -> None:
+    def add(self, choice: np.ndarray, token_lp: np.ndarray) -> None:
         self.choices.append(choice)
         self.token_lps.append(token_lp)
 
-    def spell(self, ends: _Ends, max_length: int, pad: int, eos: int, vocab: int) -> _Set:
+    def spell(self, ends: _Ends, max_length: int, pad: int, eos: int, vocab: int, dtype: np.dtype) -> _Set:
         """The hypotheses ``ends`` with their whole token sequences, read back along the parents.
 
         A hypothesis ending at step ``s`` has tokens at positions ``< s`` from the history (its beam
         index stays put until the walk back reaches ``s - 1``) and its last token at ``s``; pad after.
+        Scores and log-probs come back in ``dtype`` (the search's accumulation dtype).
         """
-        score, log_prob, last_lp = ends.values.unbind(0)
+        found = ends.packed[:, : ends.width]
+        score, log_prob, last_lp = (found[:, :, i].astype(dtype) for i in range(3))
         n, width = score.shape
-        step, flat = ends.code.div(width * vocab, rounding_mode="floor"), ends.code.remainder(width * vocab)
-        beam, last = flat.div(vocab, rounding_mode="floor"), flat.remainder(vocab)
+        step, flat = np.divmod(found[:, :, 3].astype(np.int64), width * vocab)
+        beam, last = np.divmod(flat, vocab)
         earlier = int(step.max())  # positions read from the history
-        inside = step[:, :, None] > torch.arange(earlier, device=step.device)  # (N, width, earlier)
-        choices_back, lps_back = [], []
+        inside = step[:, :, None] > np.arange(earlier)  # (N, width, earlier)
+        items = np.arange(n)[:, None]
+        choices = np.zeros((n, width, earlier), dtype=np.int64)
+        lps = np.zeros((n, width, earlier), dtype=score.dtype)
         for position in range(earlier - 1, -1, -1):
-            choice = self.choices[position].gather(1, beam)
-            choices_back.append(choice)
-            lps_back.append(self.token_lps[position].gather(1, beam))
-            beam = torch.where(inside[:, :, position], choice.div(vocab, rounding_mode="floor"), beam)
-        tokens = torch.full((n, width, max_length), pad, dtype=torch.long, device=score.device)
-        token_lp = torch.zeros(n, width, max_length, dtype=score.dtype, device=score.device)
-        if earlier:
-            spelled = torch.stack(choices_back[::-1], dim=2).remainder(vocab)
-            tokens[:, :, :earlier] = torch.where(inside, spelled, pad)
-            token_lp[:, :, :earlier] = torch.where(inside, torch.stack(lps_back[::-1], dim=2), 0.0)
-        tokens.scatter_(2, step[:, :, None], last[:, :, None])
-        token_lp.scatter_(2, step[:, :, None], torch.where(torch.isfinite(score), last_lp, 0.0)[:, :, None])
+            choices[:, :, position] = choice = self.choices[position][items, beam]
+            lps[:, :, position] = self.token_lps[position][items, beam]
+            beam = np.where(inside[:, :, position], choice // vocab, beam)
+        tokens = np.full((n, width, max_length), pad, dtype=np.int64)
+        token_lp = np.zeros((n, width, max_length), dtype=score.dtype)
+        tokens[:, :, :earlier] = np.where(inside, choices % vocab, pad)
+        token_lp[:, :, :earlier] = np.where(inside, lps, 0.0)
+        hyps = np.arange(width)[None, :]
+        tokens[items, hyps, step] = last
+        token_lp[items, hyps, step] = np.where(np.isfinite(score), last_lp, 0.0)
         return _Set(score, log_prob, tokens, token_lp, step + 1, last == eos)
+
+
+def _host(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor as a NumPy array (no copy on the CPU)."""
+    return tensor.numpy() if tensor.device.type == "cpu" else tensor.cpu().numpy()
+
+
+def _device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A NumPy array as a tensor on ``device`` (no copy on the CPU)."""
+    tensor = torch.from_numpy(array)
+    return tensor if device.type == "cpu" else tensor.to(device)
+
+
+def _candidate_lps(step_lp: torch.Tensor, index: torch.Tensor, flat: np.ndarray) -> np.ndarray:
+    """The token log-probs ``(N, K)`` of the ranked candidates: ``index`` (per item, over ``width * vocab``)
+    or, the same, ``flat`` (over all of ``step_lp``)."""
+    if step_lp.device.type == "cpu":
+        return step_lp.detach().numpy().take(flat)
+    return _host(step_lp.gather(1, index))
 
 
 def _search(
@@ -280,77 +313,73 @@ def _search(
 
     Running beams all have the same length (the step count), so a step keeps only their summed
     log-probs and appends back-pointers to the history; whole sequences are spelled out once.
-    Per step: one top-k over the ``width * vocab`` candidates, one stable sort of their EOS flags
-    (the going beams: the best non-EOS), a handful of gathers; the candidates' token log-probs and
-    the finished set are touched only when an EOS candidate beats an item's worst finished one. With
-    one beam the state is never reordered (its only parent is itself).
+    Per step, torch does what scales with the vocabulary: the candidates' log-probs (one addition),
+    one top-k over the ``width * vocab`` candidates, and the state's reorder. The rest works on the
+    ``(N, 2 * width)`` ranked candidates, tiny arrays, in NumPy on the host (a NumPy operation on a
+    tiny array costs a fraction of a torch dispatch): the EOS flags (a table), the going beams (a
+    stable sort of those flags: the best non-EOS, in rank order), the finished set (merged only when
+    an EOS candidate beats an item's worst finished one), the done flags and the history. With one
+    beam the state is never reordered (its only parent is itself).
     """
     rows = n * width
     device = state_device(state)
-    tokens = torch.full((rows,), bos, dtype=torch.long, device=device)
-    vocab: int | None = None
-    log_prob = torch.zeros(0)
-    ends: _Ends | None = None
+    ids = {"bos": bos, "eos": eos, "pad": pad}
+    log_probs, state = _step(model, state, torch.full((rows,), bos, dtype=torch.long, device=device), None, ids, False)
+    vocab = log_probs.shape[1]
+    dtype = accumulation_dtype(log_probs.dtype)
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    running = np.full((n, width), -np.inf, dtype=np_dtype)  # the going beams' summed log-probs
+    running[:, 0] = 0.0  # one live beam at the start: the others would repeat it
+    ranked = min(2 * width, width * vocab)  # candidates ranked per item and step
+    ends = _Ends(n, width)
+    live = np.ones((n, 1), dtype=bool)  # items not done: their EOS candidates may finish
+    is_eos_of = np.arange(width * vocab) % vocab == eos  # a flat candidate index's EOS flag
+    items = np.arange(n)[:, None]
+    offsets, rank_base, lp_base = items * width, items * ranked, items * (width * vocab)  # flat offsets per item
     history = _History()
-    done = torch.zeros(n, dtype=torch.bool, device=device)
+    done = np.zeros(n, dtype=bool)
     any_ended = any_done = False
-    offsets = torch.arange(n, device=device).repeat_interleave(width) * width  # each row's item's first row
     reorder_rows = reorderer(model)
     for t in range(max_length):
-        log_probs, state = _step(model, state, tokens, vocab, {"bos": bos, "eos": eos, "pad": pad})
-        if vocab is None:
-            vocab = log_probs.shape[1]
-            dtype = accumulation_dtype(log_probs.dtype)
-            log_prob = torch.full((n, width), -torch.inf, dtype=dtype, device=device)
-            log_prob[:, 0] = 0.0  # one live beam at the start: the others would repeat it
-            ends = _Ends.empty(n, width, dtype, device)
-            worst = ends.score[:, -1:]  # (N, 1): what a new finished hypothesis must beat
-            # candidates an EOS may finish: ranked inside the beam, of an item not done (updated with `done`)
-            within = torch.arange(min(2 * width, width * vocab), device=device) < width
-            eligible = within.expand(n, -1)
-            flat = torch.arange(width * vocab, device=device)
-            beam_token_of = torch.stack([flat // vocab, flat % vocab])  # a flat candidate index's beam and token
-            is_eos_of = beam_token_of[1] == eos
-            never = torch.tensor(-torch.inf, dtype=dtype, device=device)  # the score of what cannot finish
-        assert ends is not None
-        step_lp = log_probs.to(log_prob.dtype).view(n, width * vocab)
-        cand = (log_prob[:, :, None] + step_lp.view(n, width, vocab)).view(n, width * vocab)
-        top, index = cand.topk(min(2 * width, width * vocab), dim=1)
-        is_eos = torch.take(is_eos_of, index)
-        # an EOS candidate is finished if it ranks within the beam; done items take nothing more
-        keep = is_eos & eligible  # (a -inf candidate kept scores -inf: never ranks)
-        score = torch.where(keep, top / float(t + 1) ** penalty, never)
-        if bool((score > worst).any()):  # only what beats an item's worst finished enters
-            values = torch.stack([score, top, step_lp.gather(1, index)])
-            ends, any_ended = ends.merged_best(values, index + t * width * vocab, width), True
-            worst = ends.score[:, -1:]
+        step_lp = (log_probs if log_probs.dtype == dtype else log_probs.to(dtype)).view(n, width * vocab)
+        cand = _device(running.reshape(n, width, 1), step_lp.device) + step_lp.view(n, width, vocab)
+        top_t, index_t = cand.view(n, width * vocab).topk(ranked, dim=1)
+        top, index = _host(top_t), _host(index_t)
+        if not (top[:, 0] < np.inf).all():  # NaN and +inf rank first (any in the step's output reach `top`)
+            refuse_not_log_probs(_STEP_LOG_PROBS)
+        cand_lp = _candidate_lps(step_lp, index_t, index + lp_base)
+        is_eos = is_eos_of.take(index)
+        # an EOS candidate is finished if it ranks within the beam (the first `width`); done items take
+        # nothing more; -inf never ranks
+        score = np.where(is_eos[:, :width] & live, top[:, :width] / float(t + 1) ** penalty, -np.inf)
+        if (score > ends.worst).any():  # only what beats an item's worst finished enters
+            ends.merge(score, top[:, :width], cand_lp[:, :width], index[:, :width] + t * width * vocab)
+            any_ended = True
         # the `width` best non-EOS candidates go on (a stable sort puts them first, in rank order): there
         # are always `width` of them, as each beam has one EOS among its V >= 2 tokens
-        going = torch.sort(is_eos, dim=1, stable=True).indices[:, :width]
-        choice = index.gather(1, going)
-        log_prob = top.gather(1, going)
-        history.add(choice, step_lp.gather(1, choice))
-        parent, token = beam_token_of.index_select(1, choice.view(-1))
+        going = is_eos.argsort(axis=1, kind="stable")[:, :width] + rank_base
+        choice, running = index.take(going), top.take(going)
+        history.add(choice, cand_lp.take(going))
+        parent, token = np.divmod(choice, vocab)
         if width > 1:
-            state = reorder_rows(state, offsets + parent, rows)
+            state = reorder_rows(state, _device((offsets + parent).reshape(rows), device), rows)
         if t + 1 == max_length:
             break
-        if any_ended or bool(torch.isneginf(log_prob[:, 0]).any()):
-            done |= _done(early_stopping, worst[:, 0], log_prob[:, 0], t, max_length, penalty)  # beams rank-sorted
+        if any_ended or (running[:, 0] == -np.inf).any():
+            done |= _done(early_stopping, ends.worst[:, 0], running[:, 0], t, max_length, penalty)  # beams rank-sorted
             any_done = bool(done.any())
             if any_done:
-                if bool(done.all()):
-                    return history.spell(ends, max_length, pad, eos, vocab)
-                eligible = within & ~done[:, None]
-                done_rows = done.repeat_interleave(width)
-        tokens = torch.where(done_rows, pad, token) if any_done else token
-    assert ends is not None and vocab is not None
+                if done.all():
+                    return history.spell(ends, max_length, pad, eos, vocab, np_dtype)
+                live = ~done[:, None]
+        if any_done:
+            token = np.where(done[:, None], pad, token)
+        log_probs, state = _step(model, state, _device(token.reshape(rows), device), vocab, ids, False)
     last = len(history.token_lps) - 1
-    open_ = torch.isfinite(log_prob) & ~done[:, None]
-    at_end = torch.where(open_, log_prob / float(last + 1) ** penalty, -torch.inf)
-    values = torch.stack([at_end, log_prob, history.token_lps[last]])
-    code = history.choices[last] + last * width * vocab
-    return history.spell(ends.merged_best(values, code, width), max_length, pad, eos, vocab)
+    open_ = np.isfinite(running) & ~done[:, None]
+    at_end = np.where(open_, running / float(last + 1) ** penalty, -np.inf)
+    ends.merge(at_end, running, history.token_lps[last], history.choices[last] + last * width * vocab)
+    return history.spell(ends, max_length, pad, eos, vocab, np_dtype)
 
 
 def _hypotheses(found: _Set, count: int) -> list[list[Hypothesis]]:

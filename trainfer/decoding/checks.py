@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NoReturn
 
 import torch
 
@@ -45,19 +46,32 @@ def check_finite_float(name: str, value: object) -> float:
     return float(value)
 
 
-def check_scores(scores: object, what: str, shape: tuple[int | None, ...]) -> torch.Tensor:
-    """A floating tensor of ``shape`` (None: any size) holding no NaN and no +inf (-inf is a zero probability)."""
+def check_scores(scores: object, what: str, shape: tuple[int | None, ...], values: bool = True) -> torch.Tensor:
+    """A floating tensor of ``shape`` (None: any size) holding no NaN and no +inf (-inf is a zero probability).
+
+    ``values=False`` checks type and shape only: for a caller that finds NaN and +inf itself (a
+    top-k ranks them first), and refuses them with :func:`refuse_not_log_probs`.
+    """
     if not isinstance(scores, torch.Tensor):
         raise DecodingError(f"{what} must be a torch.Tensor, got {type(scores).__name__}")
     if not scores.is_floating_point():
         raise DecodingError(f"{what} must be floating point log-probabilities, got {scores.dtype}")
-    if scores.dim() != len(shape) or any(s is not None and s != g for s, g in zip(shape, scores.shape)):
+    if scores.shape != shape and (  # the first test settles every fully known shape at once
+        scores.dim() != len(shape) or any(s is not None and s != g for s, g in zip(shape, scores.shape))
+    ):
         want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
         raise DecodingError(f"{what} must have shape {want}, got {tuple(scores.shape)}")
+    if not values:
+        return scores
     total = float(scores.sum())  # NaN or +inf when any entry is NaN or +inf (one reduction, then a precise look)
     if (total != total or total == float("inf")) and bool((torch.isnan(scores) | torch.isposinf(scores)).any()):
-        raise DecodingError(f"{what} holds NaN or +inf; log-probabilities must be finite or -inf")
+        refuse_not_log_probs(what)
     return scores
+
+
+def refuse_not_log_probs(what: str) -> NoReturn:
+    """The error for scores holding NaN or +inf."""
+    raise DecodingError(f"{what} holds NaN or +inf; log-probabilities must be finite or -inf")
 
 
 def check_lengths(lengths: object, batch: int, frames: int) -> torch.Tensor:

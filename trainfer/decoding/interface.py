@@ -58,7 +58,7 @@ def _reorder(state: Any, index: torch.Tensor, rows: int, path: tuple[Any, ...]) 
                 f"{_where(path)} has shape {tuple(state.shape)}; decoder state tensors need the {rows} rows "
                 "(items x beams) first, or a reorder_state(state, index) method on the model"
             )
-        return state.index_select(0, index.to(state.device))
+        return state.index_select(0, index if index.device == state.device else index.to(state.device))
     if isinstance(state, tuple | list):
         return type(state)([_reorder(s, index, rows, (*path, i)) for i, s in enumerate(state)])
     if isinstance(state, dict):

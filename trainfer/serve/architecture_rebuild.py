@@ -73,9 +73,10 @@ def rebuild(description: Any, source: str, input_shape: list[int] | None) -> fx.
 
 
 # Limits of a description: a real deploy form stays far below them (digits_net: 20 nodes, a RepVGG-B0:
-# ~100), and they bound the memory and time that reading one can cost. Loading costs a few
-# milliseconds of CPU per node (the cost bound traces every node on fake tensors), so MAX_NODES keeps
-# a forged chain of nodes to seconds while leaving real models (a ResNet-152: ~500 nodes) far below it.
+# ~100), and they bound the memory and time that reading one can cost. Loading costs ~0.1 to 2
+# milliseconds of CPU per node (the computation check runs every node on the meta device; measured
+# figures in docs/security.md), so MAX_NODES keeps a forged chain of nodes to seconds while
+# leaving real models (a ResNet-152: ~500 nodes) far below it.
 MAX_VALUES = 200_000  #: constant values (list items, arguments, modules) in one description
 MAX_LIST = 4096  #: items in one list or tuple argument
 MAX_DEPTH = 16  #: nesting of lists, tuples, dicts and Sequential modules

@@ -12,10 +12,10 @@ import torch
 from torch import fx, nn
 from torch.func import functional_call
 from torch.nn import functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from trainfer.errors import BundleError
 from trainfer.serve.architecture_tables import FUNCTION_NAMES, FUNCTIONS, MAX_INT, OPERATORS
+from trainfer.serve.flop_replay import FlopReplay
 
 __all__ = ["check_computation"]
 
@@ -55,6 +55,11 @@ def check_computation(gm: fx.GraphModule, input_shape: list[int] | None, where: 
       4096x4096 matmuls on an 8x8 image is not);
     - the graph runs, through the interpreter and through the code fx generated for it: shapes agree,
       no division by zero, no parameter shadows a name the code uses.
+
+    Both runs count toward the flop limit. The second is answered from the first's record while its aten
+    calls repeat the first's (:class:`~trainfer.serve.flop_replay.FlopReplay`), and a few elementwise ops
+    skip PyTorch's Python meta kernels (:func:`~trainfer.serve.meta_shortcuts.shortcut`): the same
+    results and counts as running them, at a fraction of the CPU (``benchmarks/bench_architecture_check.py``).
     """
     if input_shape is None:
         raise BundleError(f"{where}: a recorded architecture needs the example input shape (input.shape is null)")
@@ -69,9 +74,10 @@ def check_computation(gm: fx.GraphModule, input_shape: list[int] | None, where: 
     dtype = next((t.dtype for t in meta.values() if t.is_floating_point()), torch.float32)  # the weights' own
     example = torch.empty(input_shape, device="meta", dtype=dtype)
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), FlopReplay() as counter:
             output = functional_call(_Checked(gm, limit), {f"gm.{k}": v for k, v in meta.items()}, (example,))
-            functional_call(gm, meta, (example,))  # the code fx generated, on the same input
+            counter.replay()  # the code fx generated, on the same input: its calls repeat the interpreter's
+            functional_call(gm, meta, (example,))
     except BundleError as error:  # the interpreter appends where it was: the first line says what
         raise BundleError(f"{where}: {str(error.args[0]).splitlines()[0]}") from None
     except Exception as error:  # a graph that does not run on its own example input: the manifest's fault
@@ -79,9 +85,9 @@ def check_computation(gm: fx.GraphModule, input_shape: list[int] | None, where: 
             f"{where}: does not run on the recorded input shape {list(input_shape)}: {type(error).__name__}: "
             f"{str(error)[:300]}"
         ) from None
-    if counter.get_total_flops() > flops:
+    if counter.flops > flops:
         raise BundleError(
-            f"{where}: computes {counter.get_total_flops():.3g} floating-point operations on its example input, over "
+            f"{where}: computes {counter.flops:.3g} floating-point operations on its example input, over "
             f"the limit of {flops:.3g} for {weights} weights and {elements} input elements"
         )
     return output
