@@ -90,11 +90,14 @@ def command(bundle: str, runtime: str, **search: Any) -> None:
     record the fastest verified one in BUNDLE/runtime.json (with --gate-data: bf16 and int8 too, each
     behind the accuracy gate). The bundle is otherwise unchanged. `trainfer serve BUNDLE --compile`
     runs the same search at start-up."""
+    from trainfer.errors import InputError
     from trainfer.serve import gated
 
     way_out = f"serve it as it is (in PyTorch): trainfer serve {bundle}"
     settings = search_settings(bundle, trusted(), "trainfer compile", way_out, **search)
     gated_search = "gate_data" in settings
+    if gated_search and runtime != "auto":
+        raise InputError(f"--gate-data asks compile to search bf16/int8 forms: use --runtime auto (got {runtime!r})")
     click.echo(f"compiling {bundle}: {gated.searched_kinds(settings)} candidates...", err=True)
     compiled = gated.compile(bundle, runtime=runtime, **settings)
     saved = gated.save_compiled(bundle, compiled)
@@ -110,7 +113,8 @@ def _gated_options(
     manifest: Manifest, gate_data: str | None, labels: str | None, calibration: str | None
 ) -> dict[str, Any]:
     """``gate_data`` and ``calibration`` of :func:`trainfer.serve.gated.compile`, read from the files as the
-    bundle's ``manifest`` says (``{}``: no gate data, the float32-only search); labels without data are refused."""
+    bundle's ``manifest`` says (``{}``: no gate data, the float32-only search); labels without data, or not one
+    per input, are refused."""
     from trainfer.errors import InputError
     from trainfer.serve.calibration import calibration_inputs
 
@@ -122,6 +126,8 @@ def _gated_options(
         return {}
     inputs = calibration_inputs(gate_data, manifest)
     targets = read_labels(Path(labels)) if labels else None
+    if targets is not None and len(targets) != len(inputs):  # named as the CLI spells it, not gate_data=
+        raise InputError(f"--gate-data has {len(inputs)} inputs but --labels has {len(targets)}: one label per input")
     return {
         "gate_data": (inputs, targets) if targets is not None else inputs,
         "calibration": calibration_inputs(calibration, manifest) if calibration else inputs,
