@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from trainfer.atomic import recover
 from trainfer.cli import main
+from trainfer.demo import pipeline as demo
 from trainfer.demo import sequences
 
 pytestmark = pytest.mark.slow  # each run deploys, verifies, scores and plots (about 6 s of CPU)
@@ -94,6 +95,7 @@ def test_a_failure_while_writing_leaves_the_earlier_output_as_it_was(copy_of_ear
 
 KILLED = """
 import os, signal, sys
+from trainfer.demo import pipeline as demo
 from trainfer.demo import sequences
 
 sequences.markdown = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
@@ -111,3 +113,13 @@ def test_a_kill_while_writing_leaves_the_earlier_output_as_it_was(copy_of_earlie
     assert left and all(name.startswith(".sequences.trainfer-") for name in left)  # staging and journal
     recover(out)  # what the next write of the output runs first
     assert snapshot(copy_of_earlier) == before and [p.name for p in copy_of_earlier.iterdir()] == ["sequences"]
+
+
+def test_the_whole_demo_recovers_what_a_killed_sequence_run_left(copy_of_earlier):
+    """A ``--sequences`` output with a killed run's leftovers beside it is still one the demo may replace."""
+    done = subprocess.run([sys.executable, "-c", KILLED, str(copy_of_earlier / "sequences")], timeout=300)
+    assert done.returncode == -signal.SIGKILL and len(list(copy_of_earlier.iterdir())) > 1
+    with demo._staging(copy_of_earlier) as work:
+        (work / "results.json").write_text("{}")
+    assert [p.name for p in copy_of_earlier.iterdir()] == ["results.json"]
+    assert [p.name for p in copy_of_earlier.parent.iterdir()] == ["demo"]
