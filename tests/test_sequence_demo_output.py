@@ -18,6 +18,7 @@ from trainfer.atomic import recover
 from trainfer.cli import main
 from trainfer.demo import pipeline as demo
 from trainfer.demo import sequences
+from trainfer.errors import InputError
 
 pytestmark = pytest.mark.slow  # each run deploys, verifies, scores and plots (about 6 s of CPU)
 
@@ -72,6 +73,13 @@ def test_only_an_earlier_output_proves_itself(earlier, tmp_path):
     assert not sequences.is_output(forged)
     (forged / "scores.json").write_text('{"scores": []}')
     assert sequences.is_output(forged) and not sequences.is_output(tmp_path / "missing")
+    for name in forged.iterdir():
+        shutil.rmtree(name) if name.is_dir() else name.unlink()
+    with sequences.staged_output(forged) as work:  # an empty directory loses nothing: it may be replaced
+        (work / "new").write_text("new")
+    assert [p.name for p in forged.iterdir()] == ["new"]
+    with pytest.raises(InputError, match="not a trainfer sequence demo output"), sequences.staged_output(forged):
+        pytest.fail("entered")
 
 
 def test_a_failure_while_writing_leaves_the_earlier_output_as_it_was(copy_of_earlier, monkeypatch):
@@ -97,6 +105,7 @@ KILLED = """
 import os, signal, sys
 from trainfer.demo import pipeline as demo
 from trainfer.demo import sequences
+from trainfer.errors import InputError
 
 sequences.markdown = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
 sequences.run(sys.argv[1], seed=1, train_count=32, test_count=8, epochs=0)

@@ -206,13 +206,22 @@ def staged_output(out: Path) -> Iterator[Path]:
     """A fresh staging directory beside ``out`` that atomically replaces it once the block succeeds.
 
     Made before any work, so an unwritable ``out`` fails at once (:class:`~trainfer.errors.WriteError`);
-    an existing ``out`` that is not :func:`is_output` is refused (:class:`~trainfer.errors.InputError`).
-    A failure removes the staging directory; after a kill, the next write's recovery does.
+    an existing ``out`` that is neither an empty directory nor :func:`is_output` is refused
+    (:class:`~trainfer.errors.InputError`). A failure removes the staging directory; after a kill,
+    the next write's recovery does.
     """
-    if os.path.lexists(out) and not is_output(out):
+    if os.path.lexists(out) and not (_empty_directory(out) or is_output(out)):
         raise InputError(f"refusing to replace {str(out)!r}: it exists and is not a trainfer sequence demo output")
     with atomic_directory(out) as work:
         yield work
+
+
+def _empty_directory(path: Path) -> bool:
+    """Whether ``path`` is an empty directory (not a link): replacing it loses nothing."""
+    try:
+        return not path.is_symlink() and path.is_dir() and next(path.iterdir(), None) is None
+    except OSError:
+        return False
 
 
 def run(
