@@ -95,7 +95,8 @@ def test_a_failure_while_writing_leaves_the_earlier_output_as_it_was(copy_of_ear
             sequences.run(copy_of_earlier / "sequences", seed=1, **TINY)
     assert snapshot(copy_of_earlier) == before
     assert [p.name for p in copy_of_earlier.iterdir()] == ["sequences"]
-    sequences.run(copy_of_earlier / "sequences", seed=1, **TINY)  # an earlier output may be replaced
+    report = sequences.run(copy_of_earlier / "sequences", seed=1, **TINY)  # an earlier output may be replaced
+    assert report["plot"] == "sequences.png"  # relative to the output, never the staging directory
     after = snapshot(copy_of_earlier)
     assert after.keys() == before.keys() and after != before
     assert [p.name for p in copy_of_earlier.iterdir()] == ["sequences"]

@@ -237,15 +237,13 @@ def run(
     The report records the step's cost: wall-clock and process CPU seconds from data to written files.
     """
     if out_dir is None:
-        return _run(None, None, train_count, test_count, epochs, seed)
+        return _run(None, train_count, test_count, epochs, seed)
     with staged_output(Path(out_dir)) as work:
-        return _run(work, Path(out_dir), train_count, test_count, epochs, seed)
+        return _run(work, train_count, test_count, epochs, seed)
 
 
-def _run(
-    out: Path | None, final: Path | None, train_count: int, test_count: int, epochs: int, seed: int
-) -> dict[str, Any]:
-    """:func:`run`'s steps, writing into ``out`` (a staging directory that becomes ``final``)."""
+def _run(out: Path | None, train_count: int, test_count: int, epochs: int, seed: int) -> dict[str, Any]:
+    """:func:`run`'s steps, writing into ``out`` (a staging directory); paths recorded are relative to it."""
     began, began_cpu = time.perf_counter(), time.process_time()
     train, held_out = digit_strings("train", train_count, seed), digit_strings("test", test_count, seed + 1)
     start = time.perf_counter()
@@ -274,7 +272,7 @@ def _run(
         "deploy_max_abs_error": errors,
         "scores": [asdict(s) for s in scores],
     }
-    if out is not None and final is not None:
+    if out is not None:
         save(
             deployed,
             out / "crnn_bundle",
@@ -293,7 +291,7 @@ def _run(
             preprocess=preprocess_spec(),
             example_inputs=example[:1],
         )
-        report["plot"] = str(final / plot(scores, out / "sequences.png").name)
+        report["plot"] = plot(scores, out / "sequences.png").name
     report["step_seconds"] = {"wall": time.perf_counter() - began, "cpu": time.process_time() - began_cpu}
     if out is not None:
         with atomic_file(out / "scores.json") as tmp:
