@@ -160,7 +160,11 @@ def test_a_sequences_only_output_may_be_replaced_by_the_whole_demo(tmp_path):
     (out / "sequences" / "notes.txt").write_text("not the step's output")
     with pytest.raises(InputError, match="not a trainfer demo output"), demo._staging(out):
         pass
-    (out / "sequences" / "scores.json").write_text("{}")
+    (out / "sequences" / "notes.txt").unlink()
+    (out / "sequences" / "scores.json").write_text("MY SCORES")  # a user's, not the step's
+    with pytest.raises(InputError, match="not a trainfer demo output"), demo._staging(out):
+        pass
+    (out / "sequences" / "scores.json").write_text('{"scores": []}')
     with demo._staging(out) as work:
         (work / "report.md").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["report.md"]

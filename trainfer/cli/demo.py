@@ -64,7 +64,8 @@ def command(
         from trainfer.demo import sequences as sequence_demo
 
         torch.set_num_threads(threads)
-        report = sequence_demo.run(out / "sequences", epochs=min(epochs, sequence_demo.EPOCHS), seed=seed)
+        with _terminate_as_exit():
+            report = sequence_demo.run(out / "sequences", epochs=min(epochs, sequence_demo.EPOCHS), seed=seed)
         for row in report["scores"]:
             click.echo(
                 f"{row['model']:>16} {row['decoder']:>7}: sequence accuracy {row['sequence_accuracy']:.3f}, "

@@ -41,10 +41,11 @@ import torch
 from torch import Tensor, nn
 
 from trainfer.analysis.inspection import inspect
-from trainfer.atomic import remove_staging, replace_directory, staging_directory
+from trainfer.atomic import recover, remove_staging, replace_directory, staging_directory
 from trainfer.bench import Timing, count_macs, count_parameters, num_threads, peak_memory, time_forms
 from trainfer.demo import data
 from trainfer.demo.report import write_report
+from trainfer.demo.sequences import is_output
 from trainfer.demo.train import fit, logits_of
 from trainfer.errors import InputError, ModeWarning
 from trainfer.modes.contexts import inference
@@ -104,6 +105,7 @@ def _silent(message: str) -> None:
 @contextlib.contextmanager
 def _staging(out: Path) -> Iterator[Path]:
     """A fresh directory beside ``out`` (shared by all ranks) that replaces ``out`` on success."""
+    recover(out / "sequences")  # what a killed `--sequences` run left beside its output
     if out.exists() and not (out / MARKER).is_file() and not _sequences_only(out):
         raise InputError(f"refusing to replace {str(out)!r}: it exists and is not a trainfer demo output")
     work = staging_directory(out) if distributed.is_main() else None
@@ -119,8 +121,8 @@ def _staging(out: Path) -> Iterator[Path]:
 
 
 def _sequences_only(out: Path) -> bool:
-    """``out`` holds nothing but what ``trainfer demo --sequences`` writes (``sequences/`` with its scores)."""
-    return [p.name for p in out.iterdir()] == ["sequences"] and (out / "sequences" / "scores.json").is_file()
+    """``out`` holds nothing but what ``trainfer demo --sequences`` writes (a proven ``sequences/``)."""
+    return [p.name for p in out.iterdir()] == ["sequences"] and is_output(out / "sequences")
 
 
 # ------------------------------------------------------------------ the pipeline

@@ -8,13 +8,20 @@ record the strings' preprocessing, :func:`~trainfer.demo.digit_strings.preproces
 and scored on held-out strings built from test-split digits: sequence accuracy (the whole string
 right) and character error rate (edit distance over reference length), greedy against beam search
 (:func:`evaluate`), in ``report.md`` with a plot.
+
+The output directory is written like the main demo's: everything into a fresh staging directory
+beside it, then one atomic replace (:func:`trainfer.atomic.atomic_directory`), so a failure or a
+kill leaves an earlier output as it was; an existing directory is replaced only if it is provably
+an earlier output of this step (:func:`is_output`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainfer import decoding
-from trainfer.atomic import atomic_file
+from trainfer.atomic import atomic_directory, atomic_file
 from trainfer.demo.digit_strings import DigitStrings, digit_strings, preprocess_spec
+from trainfer.errors import InputError
 from trainfer.models.sequence import (
     BOS,
     CTC_TOKENS,
@@ -46,6 +54,10 @@ TRAIN_COUNT, BATCH_SIZE, LR = 1000, 32, 1e-2
 """Training strings, batch size and AdamW learning rate by default: measured on 2 cores, half the
 strings at twice the steps per epoch and 2.5x the rate learn as well as 2000 strings in batches of
 64 at 4e-3, at about half the training CPU time (docs/sequences.md, "Measured")."""
+OUTPUTS = frozenset({"report.md", "scores.json", "sequences.png", "crnn_bundle", "seq2seq_bundle"})
+"""What the step writes into its output directory: all that an earlier output it may replace holds."""
+MAX_SCORES_BYTES = 1 << 20
+"""The most of an existing ``scores.json`` read to prove it is this step's (:func:`is_output`)."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +185,45 @@ def evaluate(crnn: nn.Module, seq2seq: nn.Module, held_out: DigitStrings, beam_w
     return out
 
 
+def is_output(path: Path) -> bool:
+    """Whether ``path`` is a directory (not a link) holding nothing but an earlier output of this step:
+    every name among :data:`OUTPUTS`, and a ``scores.json`` (at most :data:`MAX_SCORES_BYTES`) that is
+    a JSON object with a ``scores`` list, as :func:`run` writes."""
+    scores = path / "scores.json"
+    try:
+        if path.is_symlink() or not path.is_dir() or not {p.name for p in path.iterdir()} <= OUTPUTS:
+            return False
+        if scores.is_symlink() or not scores.is_file() or scores.stat().st_size > MAX_SCORES_BYTES:
+            return False
+        found = json.loads(scores.read_text("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(found, dict) and isinstance(found.get("scores"), list)
+
+
+@contextlib.contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """A fresh staging directory beside ``out`` that atomically replaces it once the block succeeds.
+
+    Made before any work, so an unwritable ``out`` fails at once (:class:`~trainfer.errors.WriteError`);
+    an existing ``out`` that is neither an empty directory nor :func:`is_output` is refused
+    (:class:`~trainfer.errors.InputError`). A failure removes the staging directory; after a kill,
+    the next write's recovery does.
+    """
+    if os.path.lexists(out) and not (_empty_directory(out) or is_output(out)):
+        raise InputError(f"refusing to replace {str(out)!r}: it exists and is not a trainfer sequence demo output")
+    with atomic_directory(out) as work:
+        yield work
+
+
+def _empty_directory(path: Path) -> bool:
+    """Whether ``path`` is an empty directory (not a link): replacing it loses nothing."""
+    try:
+        return not path.is_symlink() and path.is_dir() and next(path.iterdir(), None) is None
+    except OSError:
+        return False
+
+
 def run(
     out_dir: str | Path | None = None,
     train_count: int = TRAIN_COUNT,
@@ -182,8 +233,17 @@ def run(
 ) -> dict[str, Any]:
     """Train, deploy, verify and score both models; with ``out_dir``, also a bundle, a plot and the scores.
 
+    ``out_dir`` is written through :func:`staged_output`: all of it or, on any failure, none of it.
     The report records the step's cost: wall-clock and process CPU seconds from data to written files.
     """
+    if out_dir is None:
+        return _run(None, train_count, test_count, epochs, seed)
+    with staged_output(Path(out_dir)) as work:
+        return _run(work, train_count, test_count, epochs, seed)
+
+
+def _run(out: Path | None, train_count: int, test_count: int, epochs: int, seed: int) -> dict[str, Any]:
+    """:func:`run`'s steps, writing into ``out`` (a staging directory); paths recorded are relative to it."""
     began, began_cpu = time.perf_counter(), time.process_time()
     train, held_out = digit_strings("train", train_count, seed), digit_strings("test", test_count, seed + 1)
     start = time.perf_counter()
@@ -212,8 +272,7 @@ def run(
         "deploy_max_abs_error": errors,
         "scores": [asdict(s) for s in scores],
     }
-    if out_dir is not None:
-        out = Path(out_dir)
+    if out is not None:
         save(
             deployed,
             out / "crnn_bundle",
@@ -232,9 +291,9 @@ def run(
             preprocess=preprocess_spec(),
             example_inputs=example[:1],
         )
-        report["plot"] = str(plot(scores, out / "sequences.png"))
+        report["plot"] = plot(scores, out / "sequences.png").name
     report["step_seconds"] = {"wall": time.perf_counter() - began, "cpu": time.process_time() - began_cpu}
-    if out_dir is not None:
+    if out is not None:
         with atomic_file(out / "scores.json") as tmp:
             tmp.write_text(json.dumps(report, indent=2))
         with atomic_file(out / "report.md") as tmp:
