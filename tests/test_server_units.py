@@ -117,6 +117,11 @@ def test_text_outputs_as_json_and_as_length_prefixed_bytes():
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [null]}]}', None, "found None"),
         (b"\xff\xfe", None, "not valid JSON"),
         (b"[" * 100_000 + b"]" * 100_000, None, "JSON"),
+        (
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1' + b"0" * 5000 + b"]}]}",
+            None,
+            "JSON number too long",
+        ),
     ],
 )
 def test_malformed_requests_are_input_errors_naming_the_problem(body, header, message):
