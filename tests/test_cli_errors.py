@@ -220,3 +220,42 @@ def test_help_is_kept_and_a_bare_command_still_shows_it():
     for args in (["deploy", "--help"], ["--help"], []):
         result = invoke(*args)
         assert result.output.startswith("Usage: ") and "error:" not in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--max-delay-ms", "inf"),
+        ("--max-delay-ms", "nan"),
+        ("--timeout", "inf"),
+        ("--timeout", "nan"),
+        ("--max-body-mb", "nan"),
+        ("--max-body-mb", "1e308"),
+        ("--max-batch", "100000"),
+        ("--max-queue", "9999999999"),
+        ("--batch-workers", "5000"),
+        ("--workers", "5000"),
+        ("--max-connections", "99999999"),
+    ],
+)
+def test_every_numeric_serve_option_must_be_finite_and_bounded(bundle, option, value):
+    pytest.importorskip("fastapi")
+    one_line_error(invoke("serve", bundle, option, value), option)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_delay_ms", float("inf")),
+        ("timeout", float("nan")),
+        ("max_body", 2**40),
+        ("max_batch", 0),
+        ("max_queue", 1.5),
+    ],
+)
+def test_server_settings_refuse_an_unbounded_number(field, value):
+    pytest.importorskip("fastapi")
+    from trainfer.server.state import ServerSettings
+
+    with pytest.raises(errors.InputError, match=field):
+        ServerSettings(bundles={}, **{field: value})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,17 @@ from trainfer.server.metrics import Metrics
 from trainfer.server.model import ServedModel, load_model
 
 logger = logging.getLogger("trainfer.server")
+
+#: Bounds of :class:`ServerSettings`' numbers (and ``trainfer serve``'s options): field -> (least, most).
+LIMITS: dict[str, tuple[float, float]] = {
+    "max_batch": (1, 65536),
+    "max_delay_ms": (0, 60_000),
+    "max_queue": (1, 2**20),
+    "max_body": (1, 2**31),
+    "timeout": (0.001, 86_400),
+    "retry_after": (0, 3600),
+    "batch_workers": (1, 1024),
+}
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,26 @@ class ServerSettings:
     batch_workers: int | None = None
     compile: dict[str, dict[str, Any]] | None = None
     write_runtime: bool = False
+
+    def __post_init__(self) -> None:
+        """Every number finite and within :data:`LIMITS` (an infinite delay or timeout would hold requests)."""
+        for name, (least, most) in LIMITS.items():
+            check_number(name, getattr(self, name), least, most, integer=name not in ("max_delay_ms", "timeout"))
+
+
+def check_number(name: str, value: Any, least: float, most: float, integer: bool) -> None:
+    """Refuse ``value`` (None passes) unless it is a finite number (an int where ``integer``) in [least, most]."""
+    if value is None:
+        return
+    kinds = (int,) if integer else (int, float)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kinds)
+        or not math.isfinite(value)
+        or not least <= value <= most
+    ):
+        kind = "an integer" if integer else "a finite number"
+        raise InputError(f"{name} must be {kind} in [{least:g}, {most:g}]; got {value!r}")
 
 
 class HTTPError(Exception):
