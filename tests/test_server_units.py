@@ -537,3 +537,13 @@ def test_a_routing_error_answers_in_the_error_form(path, status):
     got, _, body = run(asgi_get(app, path), seconds=30)
     assert got == status
     assert json.loads(body) == {"error": "Not Found" if status == 404 else "Method Not Allowed"}
+
+
+def test_a_csv_upload_past_max_rows_is_refused_before_its_rows_are_read():
+    from trainfer.serve.preprocess import PreprocessSpec
+    from trainfer.server.uploads import read_upload
+
+    data = b"x\n" + b"1\n" * 100_000
+    with time_limit(20), pytest.raises(InputError, match="more than 10 rows"):
+        read_upload(data, "big.csv", "text/csv", PreprocessSpec(), max_rows=10)
+    assert len(read_upload(b"x\n1\n2\n", "ok.csv", "text/csv", PreprocessSpec(), max_rows=2)) == 2
