@@ -83,6 +83,13 @@ def check_number(name: str, value: Any, least: float, most: float, integer: bool
         raise InputError(f"{name} must be {kind} in [{least:g}, {most:g}]; got {value!r}")
 
 
+def _joined(chunks: list[Any]) -> Any:
+    """One output's rows of consecutive chunks, joined: tensors concatenated, lists (decoded results) chained."""
+    if isinstance(chunks[0], torch.Tensor):
+        return torch.cat(chunks)
+    return [row for chunk in chunks for row in chunk]
+
+
 class HTTPError(Exception):
     """An answer other than 200, with its one-line message and headers."""
 
@@ -156,12 +163,22 @@ class Server:
 
     async def run(self, name: str, batch: torch.Tensor, top_k: int | None = None) -> list[Any]:
         """``batch``'s rows of every output (:meth:`ServedModel.compute`), through the model's dynamic
-        batcher, within the timeout; ``top_k`` reaches a model that generates (its search depends on it)."""
+        batcher, within the timeout; ``top_k`` reaches a model that generates (its search depends on it).
+        A request of more than ``max_batch`` samples runs as chunks of ``max_batch``, one after another:
+        once its timeout passes, the chunk running finishes and the rest are never computed."""
         if not len(batch):
             raise InputError("empty input: expected at least one sample")
         key = self.models[name].key(top_k)
+        loop, size = asyncio.get_running_loop(), self.settings.max_batch
+        deadline = loop.time() + self.settings.timeout
         try:
-            return await asyncio.wait_for(self.batchers[name].submit(batch, key), self.settings.timeout)
+            parts = []
+            for start in range(0, len(batch), size):  # a timed-out request's later chunks never run
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise TimeoutError
+                parts.append(await asyncio.wait_for(self.batchers[name].submit(batch[start : start + size], key), left))
+            return parts[0] if len(parts) == 1 else [_joined(list(rows)) for rows in zip(*parts, strict=True)]
         except Overloaded as error:
             raise HTTPError(503, f"overloaded: {error}; retry later", self._retry()) from None
         except TimeoutError:
