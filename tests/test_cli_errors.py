@@ -259,3 +259,18 @@ def test_server_settings_refuse_an_unbounded_number(field, value):
 
     with pytest.raises(errors.InputError, match=field):
         ServerSettings(bundles={}, **{field: value})
+
+
+def test_serve_on_a_port_in_use_or_a_bad_host_is_one_line_before_loading(bundle, monkeypatch):
+    pytest.importorskip("fastapi")
+    import socket
+
+    def never(*args, **kwargs):
+        raise AssertionError("the models were loaded before the address was checked")
+
+    monkeypatch.setattr("trainfer.server.run._log_access", never)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        one_line_error(invoke("serve", bundle, "--port", taken.getsockname()[1]), "cannot listen", "in use")
+    one_line_error(invoke("serve", bundle, "--host", "bad host!"), "--host 'bad host!'")
