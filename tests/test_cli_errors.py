@@ -274,3 +274,17 @@ def test_serve_on_a_port_in_use_or_a_bad_host_is_one_line_before_loading(bundle,
         taken.listen()
         one_line_error(invoke("serve", bundle, "--port", taken.getsockname()[1]), "cannot listen", "in use")
     one_line_error(invoke("serve", bundle, "--host", "bad host!"), "--host 'bad host!'")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_an_input_that_is_not_a_regular_file_is_named_so_not_missing(bundle, tmp_path, kind):
+    import os
+
+    path = tmp_path / "x.npy"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    one_line_error(invoke("predict", bundle, path), "not a regular file")
+    with pytest.raises(errors.InputError, match="not a regular file"):
+        trainfer.Predictor.load(bundle).predict(path)
