@@ -288,3 +288,10 @@ def test_an_input_that_is_not_a_regular_file_is_named_so_not_missing(bundle, tmp
     one_line_error(invoke("predict", bundle, path), "not a regular file")
     with pytest.raises(errors.InputError, match="not a regular file"):
         trainfer.Predictor.load(bundle).predict(path)
+
+
+def test_threshold_on_a_bundle_without_a_binary_head_is_refused_not_ignored(bundle, tmp_path):
+    samples = tmp_path / "x.npy"
+    np.save(samples, np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32))
+    one_line_error(invoke("predict", bundle, samples, "--threshold", "0.5"), "--threshold", "classification")
+    assert invoke("predict", bundle, samples).exit_code == 0

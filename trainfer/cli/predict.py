@@ -45,7 +45,11 @@ def load_predictor(
         overrides["threshold"] = threshold
     if runtime is not None:
         overrides["runtime"] = runtime
-    return Predictor.load(bundle, trust_factory=trusted(), **overrides)
+    predictor = Predictor.load(bundle, trust_factory=trusted(), **overrides)
+    tasks = sorted({head.task for head in predictor.heads})
+    if threshold is not None and "binary" not in tasks:  # it would be silently ignored
+        raise InputError(f"--threshold applies to binary tasks only; {bundle!r} is {', '.join(tasks)}: drop it")
+    return predictor
 
 
 def gather_inputs(paths: Iterable[str], spec: PreprocessSpec) -> Iterator[tuple[str, Any]]:
