@@ -109,9 +109,9 @@ def _one_line_error(result, fragment):
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (("--gate-data", "{root}/x.npy", "--labels", "{root}/y5.npy"), "48 inputs but 5 labels"),
+        (("--gate-data", "{root}/x.npy", "--labels", "{root}/y5.npy"), "--gate-data has 48 inputs but --labels has 5"),
         (("--labels", "{root}/y.npy"), "need --gate-data"),
-        (("--gate-data", "{root}/x.npy", "--runtime", "torch"), "use runtime='auto'"),
+        (("--gate-data", "{root}/x.npy", "--runtime", "torch"), "use --runtime auto"),
         (("--gate-data", "{root}/x.npy", "--labels", "{root}/x.npy"), "expected integer class indices"),
     ],
     ids=["label-count", "labels-without-data", "gate-needs-auto", "float-labels"],

@@ -9,9 +9,11 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect as pyinspect
+import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import trainfer
@@ -107,3 +109,30 @@ def test_import_trainfer_imports_no_submodule_that_needs_torch():
     probe = "import sys, trainfer; print(sorted(m for m in sys.modules if m.startswith('trainfer')))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.strip() == "['trainfer', 'trainfer._moved', 'trainfer._version']"
+
+
+def test_a_fresh_interpreter_loads_and_predicts_a_bundle_naming_a_builtin_factory(tmp_path):
+    """``trainfer.models:digits_net`` registers on import of ``trainfer.models``, which the lazy package
+    never imports by itself: loading or predicting first thing in a new process must still find it."""
+    from trainfer.models import digits_net
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    bundle = trainfer.save(
+        digits_net(num_classes=10, width=8).eval(),
+        tmp_path / "b",
+        factory="trainfer.models:digits_net",
+        config={"num_classes": 10, "width": 8},
+        task="classification",
+        preprocess={"input_shape": [1, 8, 8]},
+    )
+    probe = f"import trainfer; print(type(trainfer.load({str(bundle)!r})).__name__)"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "DigitsNet"
+    sample = tmp_path / "x.npy"
+    np.save(sample, np.random.default_rng(0).random((1, 8, 8), dtype=np.float32))
+    command = [sys.executable, "-m", "trainfer", "predict", str(bundle), str(sample), "--format", "jsonl"]
+    predicted = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert predicted.returncode == 0, predicted.stderr
+    assert json.loads(predicted.stdout)["label"] in [str(digit) for digit in range(10)]

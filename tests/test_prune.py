@@ -85,6 +85,23 @@ def test_gate_refuses_with_the_figures_and_the_report():
     assert not caught.value.report.gate.ok and caught.value.report.attempts
 
 
+@pytest.mark.parametrize(
+    ("max_exempt", "why"),
+    [
+        (None, "with 2 of 4 layers exempt: the most the search allows (half the prunable layers"),
+        (1, "with 1 of 4 layers exempt: the most max_exempt_layers=1 (CLI --max-exempt-layers) allows"),
+    ],
+)
+def test_a_refusal_says_why_the_exemption_search_stopped(max_exempt, why):
+    impossible = trainfer.AccuracyGate(min_agreement=1.0, max_rel_error=0.0)  # no pruned form matches exactly
+    data = torch.randn(16, 1, 8, 8)
+    with pytest.raises(PruningError) as caught:
+        trainfer.prune(
+            digits_net().eval(), data[:2], ratio=0.5, data=data, gate=impossible, max_exempt_layers=max_exempt
+        )
+    assert why in str(caught.value)
+
+
 def test_search_exempts_the_most_sensitive_layers_until_the_gate_passes():
     model = digits_net().eval()
     strict = trainfer.AccuracyGate(min_agreement=1.0)

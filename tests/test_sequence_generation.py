@@ -230,6 +230,40 @@ def test_verify_and_inspect_refuse_an_encoder_decoder_in_one_line_saying_what_to
     assert f"{command[0]} its encoder" in lines[0] and "trainfer predict" in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("command", "way_out"),
+    [(["serve", "{b}", "--compile"], "drop --compile"), (["compile", "{b}"], "serve it as it is")],
+)
+def test_the_runtime_search_refuses_an_encoder_decoder_first_in_one_line(tmp_path, monkeypatch, command, way_out):
+    """``trainfer serve --compile`` and ``trainfer compile``: refused from the manifest, before a server starts
+    or a search is announced, saying what to do instead (not how to export an encoder)."""
+    import trainfer.server.run
+
+    pytest.importorskip("uvicorn")
+    started = []
+    monkeypatch.setattr(trainfer.server.run, "serve", lambda *a, **k: started.append(a))
+    path = trainfer.save(
+        tiny_model(), tmp_path / "s2s", task="sequence", labels=LABELS, decoder=SETTINGS, example_inputs=images(1)
+    )
+    result = CliRunner().invoke(main, [a.format(b=path) for a in command])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "does not apply to an encoder-decoder" in lines[0], result.output
+    assert way_out in lines[0] and "export" not in lines[0]
+    assert not started and not (path / "runtime.json").exists()
+
+
+def test_a_servers_start_up_search_refuses_an_encoder_decoder_saying_to_serve_it_without(tmp_path):
+    """``ServerSettings(compile=...)`` in Python: the model's loader refuses before any search, naming the model."""
+    from trainfer.server.model import load_model
+
+    path = trainfer.save(
+        tiny_model(), tmp_path / "s2s", task="sequence", labels=LABELS, decoder=SETTINGS, example_inputs=images(1)
+    )
+    with pytest.raises(InputError, match="model 's2s': the start-up runtime search .* serve it without a search"):
+        load_model("s2s", path, runtime=None, trust_factory=False, max_batch=4, search={})
+
+
 def test_the_server_refuses_a_runtime_for_an_autoregressive_bundle_at_startup_in_one_line(tmp_path):
     """The server serves encoder-decoders (tests/test_server_sequences.py), but not on another runtime:
     ``--runtime`` compiles one forward per batch, and decoding is a loop of encode() and step() calls."""

@@ -66,6 +66,37 @@ def test_scores_and_edit_distance():
     assert result.sequence_accuracy == pytest.approx(1 / 3) and result.cer == pytest.approx(2 / 7)
 
 
+def test_the_demo_bundles_read_strings_from_png_and_unit_npy_as_the_models_were_trained(tmp_path):
+    """The demo step's bundles (built at tiny settings) record digit_strings' preprocessing: a PNG of a string's
+    8-bit pixels and a .npy of the pixels over 255 become the normalised tensor the models were trained on, and
+    decode, through the Predictor and ``trainfer predict``, to what the step's scoring decodes from that tensor."""
+    import json
+
+    import numpy as np
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from trainfer.cli import main
+
+    sequences.run(tmp_path, train_count=32, test_count=2, epochs=1)
+    held_out = digit_strings("test", 3, seed=1)
+    pngs = [str(tmp_path / f"str{i}.png") for i in range(len(held_out))]
+    for path, pixels in zip(pngs, held_out.pixels):
+        Image.fromarray(pixels[0].numpy()).save(path)
+    npy = tmp_path / "strings.npy"
+    np.save(npy, (held_out.pixels.numpy() / 255).astype(np.float32))
+    for bundle, decode in (("crnn_bundle", sequences.ctc_strings), ("seq2seq_bundle", sequences.seq2seq_strings)):
+        predictor = Predictor.load(tmp_path / bundle)
+        assert torch.equal(predictor.preprocess(pngs), held_out.images)
+        torch.testing.assert_close(predictor.preprocess(str(npy)), held_out.images, rtol=0, atol=1e-6)
+        expected = decode(trainfer.load(tmp_path / bundle), held_out.images, 8)  # the bundle's beam width
+        assert [r.text for r in predictor.predict(pngs)] == expected
+        found = CliRunner().invoke(main, ["predict", str(tmp_path / bundle), pngs[0], str(npy), "--format", "jsonl"])
+        assert found.exit_code == 0, found.output
+        texts = [json.loads(line)["text"] for line in found.output.splitlines() if line.startswith("{")]
+        assert texts == expected[:1] + expected  # the PNG, then the .npy's strings
+
+
 @pytest.mark.slow
 def test_both_models_learn_digit_strings_and_serve_from_their_bundles(tmp_path):
     """``trainfer demo --sequences`` at its default settings (one thread): far above chance (about 1e-4 for
@@ -87,10 +118,10 @@ def test_both_models_learn_digit_strings_and_serve_from_their_bundles(tmp_path):
     assert report["step_seconds"]["cpu"] > 0 and "s of process CPU time" in result.output
     predictor = Predictor.load(out / "crnn_bundle")
     held_out = digit_strings("test", 50, seed=1)
-    texts = [r.text for r in predictor.predict(held_out.images)]
+    texts = [r.text for r in predictor.predict(held_out.pixels / 255)]  # [0, 1], as a .npy holds them
     assert sum(t == s for t, s in zip(texts, held_out.strings())) > 25
     assert (out / "sequences.png").stat().st_size > 1000
-    served = Predictor.load(out / "seq2seq_bundle").predict(held_out.images[:20])
+    served = Predictor.load(out / "seq2seq_bundle").predict(held_out.pixels[:20] / 255)
     assert sum(r.text == s for r, s in zip(served, held_out.strings()[:20])) > 3
     assert "sequences.png" in (out / "report.md").read_text()
     refused = CliRunner().invoke(main, ["demo", "--sequences", "--no-sequences", "--out", str(tmp_path / "x")])

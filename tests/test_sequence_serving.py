@@ -242,4 +242,5 @@ def test_class_agreement_gates_refuse_a_ctc_bundle_in_one_line(tmp_path, command
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and what in errors[0] and "decodes" in errors[0], result.output
+    assert result.output.strip().splitlines() == errors  # refused first: no search or progress announced
     assert not (tmp_path / "out").exists() and not (path / "runtime.json").exists()

@@ -140,7 +140,10 @@ def test_without_gate_data_only_float32_is_searched(made, bundle):
         (("--write-runtime",), "add --compile"),
         (("--compile", "--runtime", "torch"), "drop --runtime torch"),
         (("--compile", "--workers", "2"), "run `trainfer compile BUNDLE ...` once"),
-        (("--compile", "--gate-data", "{root}/x.npy", "--labels", "{root}/y5.npy"), "48 inputs but 5 labels"),
+        (
+            ("--compile", "--gate-data", "{root}/x.npy", "--labels", "{root}/y5.npy"),
+            "--gate-data has 48 inputs but --labels has 5",
+        ),
         (("--compile", "--labels", "{root}/y.npy"), "need --gate-data"),
         (("--compile", "--gate-data", "{root}/x.npy", "--labels", "{root}/x.npy"), "expected integer class indices"),
     ],

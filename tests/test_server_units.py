@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -583,3 +584,19 @@ def test_a_request_past_max_batch_runs_in_chunks_and_its_later_chunks_never_run_
         with pytest.raises(HTTPError) as refused:
             asyncio.run(answer(0.6, batch))
     assert refused.value.status == 504 and 1 <= len(sizes) <= 2 and 2 not in sizes
+
+
+def test_the_ready_line_names_the_runtime_served_and_why(tmp_path):
+    from trainfer.serve import runtime as rt
+    from trainfer.serve.runtime_record import save_record
+    from trainfer.server.model import load_model
+
+    fixture = Path(__file__).parent / "fixtures" / "digits_deploy_v2"
+    plain = load_model("d", fixture, runtime=None, trust_factory=False, max_batch=4)
+    assert plain.serving() == "torch, the bundle's PyTorch model"
+    asked = load_model("d", fixture, runtime="torch", trust_factory=False, max_batch=4)
+    assert asked.serving() == "torch/float32, runtime 'torch' asked for"
+    bundle = shutil.copytree(fixture, tmp_path / "b")
+    save_record(bundle, rt.compile(bundle, runtime="torch").record)
+    recorded = load_model("d", bundle, runtime=None, trust_factory=False, max_batch=4)
+    assert recorded.serving() == "torch/float32, recorded in runtime.json"

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from trainfer.cli.common import friendly_errors, gate_options, trust_factory_option, trusted
 from trainfer.cli.quantize import DATA_HELP, read_labels
 from trainfer.serve.runtime_names import RUNTIMES
+
+if TYPE_CHECKING:
+    from trainfer.serve.manifest import Manifest
 
 #: The parameters :func:`search_options` adds (what :func:`search_settings` reads).
 SEARCH_PARAMETERS = (
@@ -53,16 +56,21 @@ def search_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def search_settings(bundle: str, trust_factory: bool, **search: Any) -> dict[str, Any]:
+def search_settings(bundle: str, trust_factory: bool, what: str, way_out: str, **search: Any) -> dict[str, Any]:
     """The keyword arguments of :func:`trainfer.serve.gated.compile` for ``bundle`` from the values of
     :func:`search_options` (``search``): the gate, and the gate data and calibration read as the bundle's
-    manifest says (none: the float32-only search). Bad files and labels without data are refused here,
-    before anything is measured."""
+    manifest says (none: the float32-only search). A bundle the search cannot take
+    (:func:`trainfer.serve.source.check_searchable`: ``what`` is the refused command, ``way_out`` what to do
+    instead), bad files and labels without data are refused here, before anything is read or measured."""
+    from trainfer.serve.bundle import read_manifest
     from trainfer.serve.gate import AccuracyGate
     from trainfer.serve.gated import check_gated_arguments
+    from trainfer.serve.source import check_searchable
 
+    manifest = read_manifest(bundle)  # also refuses a path that is not a bundle, before anything is measured
+    check_searchable(manifest, search["gate_data"] is not None, what, way_out)
     gate = AccuracyGate(search["min_agreement"], search["max_accuracy_drop"], search["max_rel_error"])
-    options = _gated_options(bundle, search["gate_data"], search["labels"], search["calibration"])
+    options = _gated_options(manifest, search["gate_data"], search["labels"], search["calibration"])
     if "gate_data" in options:
         check_gated_arguments("auto", options["gate_data"], options["calibration"])
     candidates = search["candidates"]
@@ -82,10 +90,14 @@ def command(bundle: str, runtime: str, **search: Any) -> None:
     record the fastest verified one in BUNDLE/runtime.json (with --gate-data: bf16 and int8 too, each
     behind the accuracy gate). The bundle is otherwise unchanged. `trainfer serve BUNDLE --compile`
     runs the same search at start-up."""
+    from trainfer.errors import InputError
     from trainfer.serve import gated
 
-    settings = search_settings(bundle, trusted(), **search)
+    way_out = f"serve it as it is (in PyTorch): trainfer serve {bundle}"
+    settings = search_settings(bundle, trusted(), "trainfer compile", way_out, **search)
     gated_search = "gate_data" in settings
+    if gated_search and runtime != "auto":
+        raise InputError(f"--gate-data asks compile to search bf16/int8 forms: use --runtime auto (got {runtime!r})")
     click.echo(f"compiling {bundle}: {gated.searched_kinds(settings)} candidates...", err=True)
     compiled = gated.compile(bundle, runtime=runtime, **settings)
     saved = gated.save_compiled(bundle, compiled)
@@ -97,14 +109,15 @@ def command(bundle: str, runtime: str, **search: Any) -> None:
     click.echo(f"recorded {record.runtime}/{record.dtype} in {saved}; serve it with: trainfer serve {bundle}")
 
 
-def _gated_options(bundle: str, gate_data: str | None, labels: str | None, calibration: str | None) -> dict[str, Any]:
+def _gated_options(
+    manifest: Manifest, gate_data: str | None, labels: str | None, calibration: str | None
+) -> dict[str, Any]:
     """``gate_data`` and ``calibration`` of :func:`trainfer.serve.gated.compile`, read from the files as the
-    bundle's manifest says (``{}``: no gate data, the float32-only search); labels without data are refused."""
+    bundle's ``manifest`` says (``{}``: no gate data, the float32-only search); labels without data, or not one
+    per input, are refused."""
     from trainfer.errors import InputError
-    from trainfer.serve.bundle import read_manifest
     from trainfer.serve.calibration import calibration_inputs
 
-    manifest = read_manifest(bundle)  # also refuses a path that is not a bundle, before anything is measured
     if gate_data is None:
         if labels or calibration:
             raise InputError(
@@ -113,6 +126,8 @@ def _gated_options(bundle: str, gate_data: str | None, labels: str | None, calib
         return {}
     inputs = calibration_inputs(gate_data, manifest)
     targets = read_labels(Path(labels)) if labels else None
+    if targets is not None and len(targets) != len(inputs):  # named as the CLI spells it, not gate_data=
+        raise InputError(f"--gate-data has {len(inputs)} inputs but --labels has {len(targets)}: one label per input")
     return {
         "gate_data": (inputs, targets) if targets is not None else inputs,
         "calibration": calibration_inputs(calibration, manifest) if calibration else inputs,

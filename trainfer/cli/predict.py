@@ -213,6 +213,18 @@ def parse_weights(text: str | None) -> list[float] | None:
         raise click.BadParameter(f"expected comma-separated numbers like 1,2,1; got {text!r}") from None
 
 
+def explaining_predictor(predictor: Predictor, bundle: str, device: str) -> Predictor:
+    """``predictor`` where it serves a torch model, else the bundle's float torch model (gradients need it):
+    a compiled or int8 form (recorded in ``runtime.json`` or chosen by ``--runtime``) is never explained."""
+    from torch import nn
+
+    from trainfer.serve.predictor import Predictor
+
+    if isinstance(predictor.model, nn.Module):
+        return predictor
+    return Predictor.load(bundle, trust_factory=trusted(), float_form=True, device=device)
+
+
 def load_serving(
     models: list[str],
     weights: list[float] | None,
@@ -319,6 +331,6 @@ def command(
         if explain_dir is not None and distributed.is_main():
             from trainfer.analysis.attribution import explain_to_files
 
-            explain_to_files(predictor, paths, explain_dir)
+            explain_to_files(explaining_predictor(predictor, models[0], device), paths, explain_dir)
     finally:
         distributed.cleanup()

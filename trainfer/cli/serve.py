@@ -65,7 +65,8 @@ def compile_settings(
             "--compile with --workers > 1 would search once per worker, each perhaps choosing another form: "
             "run `trainfer compile BUNDLE ...` once, then `trainfer serve BUNDLE --workers N`"
         )
-    return {name: search_settings(path, trusted(), **values) for name, path in bundles.items()}
+    what, way_out = "trainfer serve --compile (the start-up runtime search)", "drop --compile to serve it"
+    return {name: search_settings(path, trusted(), what, way_out, **values) for name, path in bundles.items()}
 
 
 def check_options(**values: float | None) -> None:

@@ -4,7 +4,9 @@ Each string image is one row of 8x8 digits pasted on a blank canvas of ``1 x 8 x
 pixels, with a random gap of 0 to 2 pixels between digits and a random left margin. Training strings
 use digits of the training split only, held-out strings digits of the test split, so a held-out
 string never shows a digit image seen in training. The images are normalised exactly like single
-digits (:func:`trainfer.demo.data.normalize`).
+digits (:func:`trainfer.demo.data.normalize`), and :func:`preprocess_spec` records that preprocessing
+for the bundles, so a PNG of the 8-bit pixels (or the pixels over 255 in a ``.npy``) read through it
+gives the very tensor the models were trained on.
 
 Targets are the digit values, padded with -1 after each string's length.
 """
@@ -17,6 +19,7 @@ import torch
 from torch import Tensor
 
 from trainfer.demo.data import Split, normalize, splits
+from trainfer.demo.data import preprocess_spec as digit_preprocess_spec
 from trainfer.errors import InputError
 
 WIDTH = 64
@@ -62,6 +65,12 @@ def compose(split: Split, count: int, seed: int) -> DigitStrings:
     pixels = pixels[:, None]
     targets = torch.where(present, split.labels[picks], -1)
     return DigitStrings(normalize(pixels), pixels, targets, lengths)
+
+
+def preprocess_spec() -> dict[str, object]:
+    """The preprocessing a digit-string bundle records: the digits' (:func:`trainfer.demo.data.preprocess_spec`,
+    ``x = (pixel * pixel_scale - mean) / std``) on a grayscale ``1 x 8 x WIDTH`` image."""
+    return {**digit_preprocess_spec(), "input_shape": [1, 8, WIDTH]}
 
 
 def digit_strings(part: str, count: int, seed: int = 0) -> DigitStrings:

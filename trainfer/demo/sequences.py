@@ -3,7 +3,8 @@
 Both models train in seconds on 2 cores (:func:`train_crnn`, :func:`train_seq2seq`), are deployed
 (BN folded, dropout and the auxiliary head dropped; the encoder-decoder's conv encoder folded by
 :func:`~trainfer.models.sequence.deploy_seq2seq`), verified, saved as bundles (the CRNN's records
-its graph; the encoder-decoder's names its factory, see :mod:`trainfer.serve.generator_bundle`),
+its graph; the encoder-decoder's names its factory, see :mod:`trainfer.serve.generator_bundle`; both
+record the strings' preprocessing, :func:`~trainfer.demo.digit_strings.preprocess_spec`),
 and scored on held-out strings built from test-split digits: sequence accuracy (the whole string
 right) and character error rate (edit distance over reference length), greedy against beam search
 (:func:`evaluate`), in ``report.md`` with a plot.
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from trainfer import decoding
 from trainfer.atomic import atomic_file
-from trainfer.demo.digit_strings import DigitStrings, digit_strings
+from trainfer.demo.digit_strings import DigitStrings, digit_strings, preprocess_spec
 from trainfer.models.sequence import (
     BOS,
     CTC_TOKENS,
@@ -219,6 +220,7 @@ def run(
             task="sequence",
             labels=list(CTC_TOKENS),
             decoder={"kind": "ctc", "blank": 0, "beam_width": 8},
+            preprocess=preprocess_spec(),
             example_inputs=example,
         )
         save(
@@ -227,6 +229,7 @@ def run(
             task="sequence",
             labels=list(SEQ_TOKENS),
             decoder={"kind": "autoregressive", "bos": BOS, "eos": EOS, "beam_width": 8, "max_length": 8},
+            preprocess=preprocess_spec(),
             example_inputs=example[:1],
         )
         report["plot"] = str(plot(scores, out / "sequences.png"))
@@ -255,7 +258,9 @@ def markdown(report: dict[str, Any], scores: Sequence[Scores]) -> str:
         "| model | decoder | sequence accuracy | CER |\n| --- | --- | --- | --- |\n"
         f"{rows}\n\n![greedy vs beam](sequences.png)\n\n"
         "Bundles: `crnn_bundle/` (CTC, prefix beam 8) and `seq2seq_bundle/` (autoregressive, beam 8), "
-        "served by `trainfer predict BUNDLE strings.npy`.\n"
+        "served by `trainfer predict BUNDLE strings.npy` (or a PNG of a string): they record the "
+        "preprocessing the models were trained with, so they take a string's 8-bit pixels over 255, in [0, 1]. "
+        "docs/sequences.md shows how to write `strings.npy` and a PNG from `trainfer.demo.digit_strings`.\n"
     )
 
 

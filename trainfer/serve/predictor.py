@@ -191,6 +191,7 @@ class Predictor:
         *,
         factory: str | Callable[..., nn.Module] | None = None,
         trust_factory: bool = False,
+        float_form: bool = False,
         **overrides: Any,
     ) -> Predictor:
         """A predictor for a bundle directory or an exported ``.onnx`` file (run by onnxruntime).
@@ -206,6 +207,8 @@ class Predictor:
         (``device``, ``batch_size``, ``threshold``, ``cache_size``, ...) are passed on, and override
         the manifest's where they name the same setting (e.g. ``output_kind="probabilities"``).
         ``factory`` and ``trust_factory`` are :func:`trainfer.load`'s (which factories a bundle may name).
+        ``float_form``: serve the bundle's float PyTorch model, ignoring any recorded runtime or int8 form
+        (what :meth:`explain` needs: gradients).
 
         What is served is checked against what the bundle declares before it is returned
         (:mod:`trainfer.serve.served_checks`, on fixed probe inputs): a model whose outputs contradict
@@ -213,7 +216,9 @@ class Predictor:
         disagrees with the bundle's float weights, is refused with :class:`~trainfer.errors.BundleError`.
         """
         check_keywords("Predictor.load", overrides, _LOAD_OVERRIDES)
-        served = open_served(check_path("path", path), overrides, factory=factory, trust_factory=trust_factory)
+        served = open_served(
+            check_path("path", path), overrides, factory=factory, trust_factory=trust_factory, float_form=float_form
+        )
         settings = {"preprocess": served.preprocess, **served.overrides}
         if served.heads and not _HEAD_SETTINGS & served.overrides.keys():
             predictor = cls._recorded(served.model, served.heads, **settings)

@@ -271,7 +271,11 @@ class _Run:
         widths = _widths(self.model, candidate)
         result = PruneReport(self.settings, report, widths, (m0, m1), (p0, p1), exempt, ranking, self.attempts)
         if not report.ok:
-            how = f"with {len(exempt)} of {len(ranking)} layers exempt" if search else "(search off)"
+            how = (
+                f"with {len(exempt)} of {len(ranking)} layers exempt: {_why_stopped(len(ranking), max_exempt)}"
+                if search
+                else "(search off)"
+            )
             raise PruningError(
                 f"no pruned form at ratio {self.settings['ratio']} passes the gate {how}; last tried: {report}. "
                 "Prune less (a lower ratio), fine-tune (finetune=...; CLI: --finetune-epochs), exempt more layers "
@@ -279,6 +283,15 @@ class _Run:
                 result,
             )
         return candidate, result
+
+
+def _why_stopped(layers: int, max_exempt: int | None) -> str:
+    """Why the exemption search stopped (it stops early only when the gate passes): the bound it reached."""
+    if max_exempt is None:
+        return "the most the search allows (half the prunable layers; max_exempt_layers, CLI --max-exempt-layers)"
+    if max_exempt >= layers:
+        return "every prunable layer"
+    return f"the most max_exempt_layers={max_exempt} (CLI --max-exempt-layers) allows"
 
 
 def _widths(before: nn.Module, after: nn.Module) -> list[str]:

@@ -35,6 +35,7 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -197,12 +198,26 @@ def _candidate(
 def _measure(
     engines: dict[str, Callable[[Tensor], Any]], records: dict[str, CandidateRecord], source: _Source, options: dict
 ) -> None:
-    """Median latency per batch size of every engine, paired call by call in one run; ratios to eager float32."""
-    from trainfer.bench import time_forms
+    """Median latency per batch size of every engine, paired call by call in one run; ratios to eager float32.
 
+    Why the figures cannot be trusted (:func:`trainfer.bench.conditions.untrusted`: a starved process, a
+    load above the cores, a huge spread), if anything says so, is appended to ``options["warnings"]``
+    (once); ``options["sources"]``: :func:`~trainfer.bench.conditions.measured`'s clocks (tests inject them).
+    """
+    from trainfer.bench import time_forms
+    from trainfer.bench.conditions import measured, untrusted
+
+    warnings: list[str] = options.get("warnings", [])
     for batch in options["batch_sizes"]:
         x = torch.randn(batch, *source.sample_shape)
-        timings = time_forms(engines, x, rounds=options["rounds"], repeats=1, warmup=2, threads=options["threads"])
+        timings, conditions = measured(
+            partial(time_forms, engines, x, rounds=options["rounds"], repeats=1, warmup=2, threads=options["threads"]),
+            options["threads"],
+            **options.get("sources", {}),
+        )
+        warning = untrusted(conditions, timings)
+        if warning is not None and not warnings:
+            warnings.append(f"batch {batch}: {warning}")
         for name, timing in timings.items():
             records[name].median_ms[str(batch)] = 1e3 * timing.median_s
         for name in engines:
@@ -276,6 +291,7 @@ def compile(
             more, artifacts = extra_candidates(source, threads, checks[1])
             built += more
     records = {record.name: record for record, _ in built}
+    warnings: list[str] = []
     engines = {record.name: engine for record, engine in built if engine is not None}
     if runtime != "auto":
         given = built[0][0]
@@ -283,7 +299,8 @@ def compile(
             raise EquivalenceError(f"{given.name} cannot serve this model: {given.reason}")
         chosen, chosen_by = given, "given"
     else:
-        _measure(engines, records, source, {"batch_sizes": batch_sizes, "rounds": rounds, "threads": threads})
+        options = {"batch_sizes": batch_sizes, "rounds": rounds, "threads": threads, "warnings": warnings}
+        _measure(engines, records, source, options)
         chosen, chosen_by = min((records[name] for name in engines), key=lambda r: r.score), "auto"
     record = RuntimeRecord(
         chosen.runtime,
@@ -294,6 +311,7 @@ def compile(
         thread_settings(threads),
         machine_info(),
         runtime_versions(),
+        warnings,
     )
     recipe = recipe_of(source.model) or ModelRecipe(None, form="deploy")
     shaped = replace(recipe, input_shape=(1, *source.sample_shape))

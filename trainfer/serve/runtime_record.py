@@ -100,6 +100,8 @@ class RuntimeRecord:
     threads: dict[str, int]
     machine: dict[str, Any]
     versions: dict[str, str]
+    #: Why the latencies cannot be trusted (:func:`trainfer.bench.conditions.untrusted`); empty: nothing seen.
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,6 +148,7 @@ class RuntimeRecord:
         flags = " ".join(f for f in _FLAGS if self.machine.get("flags", {}).get(f)) or "none of interest"
         lines.append(f"chosen: {self.runtime}/{self.dtype} ({self.chosen_by}); latency x eager float32, same run")
         lines.append(f"threads: {threads}; machine: {self.machine.get('cpu')} [{flags}]")
+        lines += [f"warning: {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -47,11 +47,13 @@ def open_served(
     *,
     factory: str | Callable[..., nn.Module] | None = None,
     trust_factory: bool = False,
+    float_form: bool = False,
 ) -> Served:
     """What serves the ``.onnx`` file or bundle at ``path`` (see the module docstring).
 
     ``factory`` and ``trust_factory`` are :func:`trainfer.load`'s (also for the float form an int8 form is
-    checked against).
+    checked against). ``float_form``: the bundle's float PyTorch model whatever it records or carries
+    (``runtime.json``, an int8 form, a ``runtime`` override): what explanations differentiate.
     """
     model: Callable[[Tensor], Any]
     if path.suffix == ".onnx":
@@ -64,7 +66,10 @@ def open_served(
 
         manifest = read_manifest(path)
         _refuse_stray_record(path, manifest.decoder)
-        engine, overrides = _engine(path, overrides, factory=factory, trust_factory=trust_factory)
+        if float_form:
+            engine, overrides = None, {key: value for key, value in overrides.items() if key != "runtime"}
+        else:
+            engine, overrides = _engine(path, overrides, factory=factory, trust_factory=trust_factory)
         if engine is None:  # ours: moved, not copied, and put in eval for good (calls then never switch modes)
             module = load(path, factory=factory, trust_factory=trust_factory)
             engine = module.to(pick_device(overrides.get("device", "auto"))).eval()

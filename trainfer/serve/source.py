@@ -25,7 +25,7 @@ from trainfer.recipe import attach_recipe, model_form, recipe_of
 if TYPE_CHECKING:
     from trainfer.serve.manifest import Manifest
 
-__all__ = ["Source", "check_class_gate", "float32_copy", "load_source"]
+__all__ = ["Source", "check_class_gate", "check_searchable", "float32_copy", "load_source"]
 
 
 @dataclass(frozen=True)
@@ -118,3 +118,19 @@ def check_class_gate(manifest: Manifest, what: str) -> None:
             f"{manifest.decoder.kind} sequence bundle decodes: it supports classification and regression bundles; "
             "serve a sequence bundle in float32"
         )
+
+
+def check_searchable(manifest: Manifest, gated: bool, what: str, way_out: str) -> None:
+    """Refuse, before anything is loaded or measured, a bundle the runtime search (``what``) cannot take.
+
+    An encoder-decoder (autoregressive decoder) decodes by a loop of ``encode()`` and ``step()`` calls,
+    not one forward, so it has no form whose runtimes could be measured; ``way_out`` says what to do
+    instead. With gate data (``gated``), any sequence bundle is refused too (:func:`check_class_gate`).
+    """
+    if manifest.decoder is not None and manifest.decoder.kind == "autoregressive":
+        raise InputError(
+            f"{what} does not apply to an encoder-decoder (autoregressive sequence) bundle: it decodes by a loop "
+            f"of encode() and step() calls, not one forward whose runtimes could be measured; {way_out}"
+        )
+    if gated:
+        check_class_gate(manifest, "trainfer.compile with gate_data (--gate-data)")

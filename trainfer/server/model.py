@@ -69,6 +69,8 @@ class ServedModel:
     #: Loads the bundle's torch model as a Predictor, for explanations when ``predictor`` serves a
     #: compiled or int8 form (gradients need the float torch model); None: explain ``predictor``.
     explainer_loader: Callable[[], Predictor] | None = None
+    #: Why this form serves (e.g. "recorded in runtime.json"), said beside it in :meth:`serving`.
+    origin: str = ""
     _explainer: Predictor | None = field(default=None, repr=False)
     _explainer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -224,6 +226,12 @@ class ServedModel:
         record = getattr(self.predictor.model, "record", None)
         return {"runtime": f"{record.runtime}/{record.dtype}"} if record is not None else {}
 
+    def serving(self) -> str:
+        """What serves, for the ready log line: ``"<runtime>/<dtype>, <origin>"`` (e.g.
+        ``"onnxruntime/float32, recorded in runtime.json"``), or the bundle's PyTorch model."""
+        runtime = self._runtime().get("runtime", "torch, the bundle's PyTorch model")
+        return f"{runtime}, {self.origin}" if self.origin else runtime
+
     def _decoder(self) -> dict[str, Any]:
         """``{"decoder": settings}`` for a sequence bundle (its recorded decoder settings), else ``{}``."""
         decoder = self.predictor.decoder
@@ -248,16 +256,23 @@ def load_model(
     """
     overrides: dict[str, Any] = {"batch_size": max_batch}
     served: Any = runtime
+    origin = "" if runtime is None else f"runtime {runtime!r} asked for"
     if search is not None:
         if runtime not in (None, "auto"):
             raise InputError(f"model {name!r}: the start-up search chooses the runtime; got runtime {runtime!r} too")
-        served = compiled_form(name, path, search, write_runtime)
+        served, origin = compiled_form(name, path, search, write_runtime), "chosen by the start-up search"
     elif runtime is None and (Path(path) / RUNTIME_FILE).is_file():
         served = "recorded"  # the runtime trainfer.compile chose and recorded (gated int8/bf16 included)
+        origin = f"recorded in {RUNTIME_FILE}"
     if served is not None:
         overrides["runtime"] = served
     predictor = Predictor.load(path, trust_factory=trust_factory, **overrides)
-    model = ServedModel(name, predictor, explainer_loader=lambda: Predictor.load(path, trust_factory=trust_factory))
+    model = ServedModel(
+        name,
+        predictor,
+        explainer_loader=lambda: Predictor.load(path, trust_factory=trust_factory, float_form=True),
+        origin=origin,
+    )
     model.check()
     return model
 
@@ -270,13 +285,17 @@ def compiled_form(name: str, path: str | os.PathLike[str], search: dict[str, Any
     writes); otherwise the bundle is left as it was and the record lives in the log and the model's metadata.
     """
     from trainfer.serve import gated
+    from trainfer.serve.bundle import read_manifest
+    from trainfer.serve.source import check_searchable
 
+    what = f"model {name!r}: the start-up runtime search (compile=)"
+    check_searchable(read_manifest(path), search.get("gate_data") is not None, what, "serve it without a search")
     kinds = gated.searched_kinds(search)
     logger.info("model %r: searching the fastest of the %s forms of %s (not ready until done)", name, kinds, path)
     compiled = gated.compile(path, runtime="auto", **search)
     record = compiled.record
-    for line in record.table().splitlines():
-        logger.info("model %r: %s", name, line)
+    for line in record.table().splitlines():  # a "warning: " line (untrusted latencies) at warning level
+        logger.log(logging.WARNING if line.startswith("warning: ") else logging.INFO, "model %r: %s", name, line)
     note = gated.choice_note(record, search.get("gate_data") is not None)
     if note:
         logger.info("model %r: %s", name, note)

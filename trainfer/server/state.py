@@ -145,7 +145,7 @@ class Server:
                 batcher.start()
                 self.models[name] = model
                 self.batchers[name] = batcher
-                logger.info("model %r ready (%s)", name, path)
+                logger.info("model %r ready (%s) from %s", name, model.serving(), path)
             self.on_ready()
         except Exception as error:  # a bundle that cannot be served: say why in one line and stop
             self.on_fatal(error)
