@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench_cli_help import bootstrap
+from trainfer.bench.intervals import median_interval
 
 HERE = str(Path(__file__).resolve().parent.parent)
 GRAPHS = [("relu chain", 500), ("relu chain", 4096), ("mix", 500), ("mix", 4096), ("hardtanh chain", 4096)]
@@ -100,7 +100,7 @@ def main() -> None:
             ratios = [
                 old / new for old, new in zip(samples["against"][graph], samples["this tree"][graph], strict=True)
             ]
-            low, high = bootstrap(ratios)
+            low, high = median_interval(ratios)
             line.append(f"ratio {statistics.median(ratios):.1f} (95 % interval {low:.1f} to {high:.1f})")
         print(f"{graph[0]}, {graph[1]} nodes: " + "; ".join(line))
 

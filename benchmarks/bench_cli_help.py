@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import resource
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from trainfer.bench.intervals import median_interval
 
 HERE = str(Path(__file__).resolve().parent.parent)
 PROBE = (
@@ -34,13 +35,6 @@ def cpu_seconds(tree: str) -> tuple[float, bool]:
     done = subprocess.run(command, env=env, cwd=tree, capture_output=True, text=True, check=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, done.stderr.strip() == "True"
-
-
-def bootstrap(ratios: list[float], draws: int = 2000) -> tuple[float, float]:
-    """95 % bootstrap interval of the median of ``ratios``."""
-    rng = random.Random(0)
-    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
-    return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
 
 
 def main() -> None:
@@ -62,7 +56,7 @@ def main() -> None:
         )
     if args.against:
         ratios = [old / new for old, new in zip(samples["against"], samples["this tree"], strict=True)]
-        low, high = bootstrap(ratios)
+        low, high = median_interval(ratios)
         print(
             f"against / this tree: median ratio {statistics.median(ratios):.1f} (95 % interval {low:.1f} to {high:.1f})"
         )

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import subprocess
 import tempfile
@@ -51,6 +50,7 @@ from torch import Tensor, nn
 
 import trainfer
 from trainfer.bench import num_threads
+from trainfer.bench.intervals import median_interval
 from trainfer.demo import data
 from trainfer.demo.train import fit
 from trainfer.models import digits_net
@@ -181,15 +181,13 @@ def cpu_time_ratios(forms: dict[str, Callable], x: Tensor, rounds: int, repeats:
                 for _ in range(repeats):
                     forms[name](x)
                 samples[name].append((time.process_time() - start) / repeats)
-    rng = random.Random(0)
     out = {}
     for name in names:
         ratios = [a / b for a, b in zip(samples[name], samples[BASE], strict=True)]
-        boots = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
         out[name] = {
             "median_ms": 1e3 * statistics.median(samples[name]),
             "ratio": statistics.median(ratios),
-            "ratio_ci95": [boots[50], boots[1949]],
+            "ratio_ci95": list(median_interval(ratios)),
         }
     return out
 

@@ -31,7 +31,6 @@ import argparse
 import copy
 import importlib.util
 import math
-import random
 import statistics
 import sys
 import time
@@ -42,6 +41,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from trainfer.bench.intervals import median_interval
 
 
 def _sibling(name: str) -> Any:
@@ -95,9 +96,7 @@ class Spread:
         resamples (drawn with replacement, seeded: the same ratios give the same interval)."""
         if not ratios:
             return cls()
-        generator = random.Random(seed)
-        medians = sorted(statistics.median(generator.choices(ratios, k=len(ratios))) for _ in range(resamples))
-        return cls(statistics.median(ratios), medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1])
+        return cls(statistics.median(ratios), *median_interval(ratios, resamples, seed))
 
 
 @dataclass
