@@ -220,3 +220,78 @@ def test_help_is_kept_and_a_bare_command_still_shows_it():
     for args in (["deploy", "--help"], ["--help"], []):
         result = invoke(*args)
         assert result.output.startswith("Usage: ") and "error:" not in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--max-delay-ms", "inf"),
+        ("--max-delay-ms", "nan"),
+        ("--timeout", "inf"),
+        ("--timeout", "nan"),
+        ("--max-body-mb", "nan"),
+        ("--max-body-mb", "1e308"),
+        ("--max-batch", "100000"),
+        ("--max-queue", "9999999999"),
+        ("--batch-workers", "5000"),
+        ("--workers", "5000"),
+        ("--max-connections", "99999999"),
+    ],
+)
+def test_every_numeric_serve_option_must_be_finite_and_bounded(bundle, option, value):
+    pytest.importorskip("fastapi")
+    one_line_error(invoke("serve", bundle, option, value), option)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_delay_ms", float("inf")),
+        ("timeout", float("nan")),
+        ("max_body", 2**40),
+        ("max_batch", 0),
+        ("max_queue", 1.5),
+    ],
+)
+def test_server_settings_refuse_an_unbounded_number(field, value):
+    pytest.importorskip("fastapi")
+    from trainfer.server.state import ServerSettings
+
+    with pytest.raises(errors.InputError, match=field):
+        ServerSettings(bundles={}, **{field: value})
+
+
+def test_serve_on_a_port_in_use_or_a_bad_host_is_one_line_before_loading(bundle, monkeypatch):
+    pytest.importorskip("fastapi")
+    import socket
+
+    def never(*args, **kwargs):
+        raise AssertionError("the models were loaded before the address was checked")
+
+    monkeypatch.setattr("trainfer.server.run._log_access", never)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        one_line_error(invoke("serve", bundle, "--port", taken.getsockname()[1]), "cannot listen", "in use")
+    one_line_error(invoke("serve", bundle, "--host", "bad host!"), "--host 'bad host!'")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_an_input_that_is_not_a_regular_file_is_named_so_not_missing(bundle, tmp_path, kind):
+    import os
+
+    path = tmp_path / "x.npy"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    one_line_error(invoke("predict", bundle, path), "not a regular file")
+    with pytest.raises(errors.InputError, match="not a regular file"):
+        trainfer.Predictor.load(bundle).predict(path)
+
+
+def test_threshold_on_a_bundle_without_a_binary_head_is_refused_not_ignored(bundle, tmp_path):
+    samples = tmp_path / "x.npy"
+    np.save(samples, np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32))
+    one_line_error(invoke("predict", bundle, samples, "--threshold", "0.5"), "--threshold", "classification")
+    assert invoke("predict", bundle, samples).exit_code == 0

@@ -282,3 +282,17 @@ def test_the_server_refuses_a_runtime_for_an_autoregressive_bundle_at_startup_in
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "runtime does not apply to an autoregressive sequence model" in errors[0], done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_stray_runtime_json_in_an_autoregressive_bundle_is_refused_at_load_everywhere(tmp_path):
+    """trainfer compile never records a runtime for one: predict, serve and Predictor.load all refuse it."""
+    path = trainfer.save(
+        tiny_model(), tmp_path / "s2s", task="sequence", labels=LABELS, decoder=SETTINGS, example_inputs=images(1)
+    )
+    Predictor.load(path)  # loads without it
+    (path / "runtime.json").write_text("{}")
+    with pytest.raises(BundleError, match="holds a runtime.json"):
+        Predictor.load(path)
+    np.save(tmp_path / "x.npy", images(1).numpy())
+    result = CliRunner().invoke(main, ["predict", str(path), str(tmp_path / "x.npy")])
+    assert result.exit_code == 2 and "remove runtime.json" in result.output.strip().splitlines()[-1], result.output

@@ -118,6 +118,11 @@ def test_text_outputs_as_json_and_as_length_prefixed_bytes():
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [null]}]}', None, "found None"),
         (b"\xff\xfe", None, "not valid JSON"),
         (b"[" * 100_000 + b"]" * 100_000, None, "JSON"),
+        (
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1' + b"0" * 5000 + b"]}]}",
+            None,
+            "JSON number too long",
+        ),
     ],
 )
 def test_malformed_requests_are_input_errors_naming_the_problem(body, header, message):
@@ -533,6 +538,52 @@ def test_a_routing_error_answers_in_the_error_form(path, status):
     got, _, body = run(asgi_get(app, path), seconds=30)
     assert got == status
     assert json.loads(body) == {"error": "Not Found" if status == 404 else "Method Not Allowed"}
+
+
+def test_a_csv_upload_past_max_rows_is_refused_before_its_rows_are_read():
+    from trainfer.serve.preprocess import PreprocessSpec
+    from trainfer.server.uploads import read_upload
+
+    data = b"x\n" + b"1\n" * 100_000
+    with time_limit(20), pytest.raises(InputError, match="more than 10 rows"):
+        read_upload(data, "big.csv", "text/csv", PreprocessSpec(), max_rows=10)
+    assert len(read_upload(b"x\n1\n2\n", "ok.csv", "text/csv", PreprocessSpec(), max_rows=2)) == 2
+
+
+def test_a_request_past_max_batch_runs_in_chunks_and_its_later_chunks_never_run_after_its_timeout():
+    """The answer equals the whole request's; a timed-out request frees the model after its running chunk."""
+    from types import SimpleNamespace
+
+    from trainfer.server.state import HTTPError, Server, ServerSettings
+
+    sizes: list[int] = []
+    pause = [0.0]
+
+    def run(batch):
+        sizes.append(len(batch))
+        threading.Event().wait(pause[0])
+        return [batch * 2, [f"r{v:g}" for v in batch[:, 0].tolist()]]
+
+    async def answer(timeout, batch):
+        server = Server(ServerSettings(bundles={"m": "m"}, max_batch=4, timeout=timeout), on_fatal=print)
+        server.models["m"] = SimpleNamespace(key=lambda top_k: None)
+        server.batchers["m"] = batcher = DynamicBatcher(run, max_batch=4, max_delay=0.0, max_queue=100)
+        batcher.start()
+        try:
+            return await server.run("m", batch)
+        finally:
+            await batcher.stop()
+
+    batch = torch.rand(10, 3, generator=torch.Generator().manual_seed(0))
+    with time_limit(30):
+        scores, names = asyncio.run(answer(30.0, batch))
+        assert sizes == [4, 4, 2] and torch.equal(scores, batch * 2)
+        assert names == [f"r{v:g}" for v in batch[:, 0].tolist()]
+        sizes.clear()
+        pause[0] = 0.4
+        with pytest.raises(HTTPError) as refused:
+            asyncio.run(answer(0.6, batch))
+    assert refused.value.status == 504 and 1 <= len(sizes) <= 2 and 2 not in sizes
 
 
 def test_the_ready_line_names_the_runtime_served_and_why(tmp_path):

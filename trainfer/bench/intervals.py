@@ -7,6 +7,8 @@ import random
 import statistics
 from collections.abc import Sequence
 
+from trainfer.errors import InputError
+
 __all__ = ["median_interval"]
 
 
@@ -14,7 +16,7 @@ def median_interval(values: Sequence[float], resamples: int = 2000, seed: int = 
     """``(low, high)``: the 2.5th and 97.5th percentiles of the medians of ``resamples`` resamples of
     ``values`` drawn with replacement. Seeded, so the same values give the same interval."""
     if not values:
-        raise ValueError("median_interval needs at least one value")
+        raise InputError("median_interval needs at least one value")
     generator = random.Random(seed)
     medians = sorted(statistics.median(generator.choices(values, k=len(values))) for _ in range(resamples))
     return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]

@@ -23,7 +23,7 @@ from typing import IO, TYPE_CHECKING, Any
 import click
 
 from trainfer.cli.common import check_output_apart, friendly_errors, trust_factory_option, trusted
-from trainfer.errors import InputError, MissingFileError
+from trainfer.errors import InputError
 from trainfer.serve.runtime_names import RUNTIMES
 
 if TYPE_CHECKING:  # torch and the serving layer are imported when a command runs, never for --help
@@ -45,7 +45,11 @@ def load_predictor(
         overrides["threshold"] = threshold
     if runtime is not None:
         overrides["runtime"] = runtime
-    return Predictor.load(bundle, trust_factory=trusted(), **overrides)
+    predictor = Predictor.load(bundle, trust_factory=trusted(), **overrides)
+    tasks = sorted({head.task for head in predictor.heads})
+    if threshold is not None and "binary" not in tasks:  # it would be silently ignored
+        raise InputError(f"--threshold applies to binary tasks only; {bundle!r} is {', '.join(tasks)}: drop it")
+    return predictor
 
 
 def gather_inputs(paths: Iterable[str], spec: PreprocessSpec) -> Iterator[tuple[str, Any]]:
@@ -54,12 +58,11 @@ def gather_inputs(paths: Iterable[str], spec: PreprocessSpec) -> Iterator[tuple[
     An image is one sample (id: its path); a ``.npy`` array gives one sample per row (id:
     ``path[i]``, memory-mapped); a CSV file one per data row (id: ``path:i``, 0-based).
     """
-    from trainfer.serve.readers import IMAGE_SUFFIXES, iter_csv
+    from trainfer.serve.readers import IMAGE_SUFFIXES, check_regular_file, iter_csv
 
     for text in paths:
         path = Path(text)
-        if not path.is_file():
-            raise MissingFileError(f"input file not found: {text!r}")
+        check_regular_file(path, text)
         suffix = path.suffix.lower()
         if suffix in IMAGE_SUFFIXES:
             yield text, text

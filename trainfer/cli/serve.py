@@ -69,6 +69,16 @@ def compile_settings(
     return {name: search_settings(path, trusted(), what, way_out, **values) for name, path in bundles.items()}
 
 
+def check_options(**values: float | None) -> None:
+    """Each option of ``values`` finite and within ServerSettings' bounds (``max_body_mb``: ``max_body``'s
+    in MiB), refused as one line naming the option, before anything is converted or loaded."""
+    from trainfer.server.state import LIMITS, check_number
+
+    for field, value in values.items():
+        least, most = LIMITS[field] if field != "max_body_mb" else (2**-20, LIMITS["max_body"][1] / 2**20)
+        check_number("--" + field.replace("_", "-"), value, least, most, integer=isinstance(value, int))
+
+
 def _given(context: click.Context, name: str) -> bool:
     source = context.get_parameter_source(name)
     return source is not None and source != click.core.ParameterSource.DEFAULT
@@ -109,13 +119,17 @@ def _given(context: click.Context, name: str) -> bool:
     help="Seconds a request may wait (504).",
 )
 @click.option(
-    "--max-connections", default=512, show_default=True, type=click.IntRange(min=1), help="Open connections before 503."
+    "--max-connections",
+    default=512,
+    show_default=True,
+    type=click.IntRange(1, 1_000_000),
+    help="Open connections before 503.",
 )
 @click.option(
     "--workers",
     default=1,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, 1024),
     help="Server processes (each loads the models).",
 )
 @click.option(
@@ -189,13 +203,21 @@ def command(
     from trainfer.server.app import ServerSettings
     from trainfer.server.run import serve
 
+    check_options(
+        max_batch=max_batch,
+        max_delay_ms=max_delay_ms,
+        max_queue=max_queue,
+        timeout=timeout,
+        batch_workers=batch_workers,
+        max_body_mb=max_body_mb,
+    )
     served = model_names(bundles, names)
     settings = ServerSettings(
         bundles=served,
         max_batch=max_batch,
         max_delay_ms=max_delay_ms,
         max_queue=max_queue,
-        max_body=int(max_body_mb * 2**20),
+        max_body=max(1, int(max_body_mb * 2**20)),
         timeout=timeout,
         runtime=runtime,
         trust_factory=trusted(),

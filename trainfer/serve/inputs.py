@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trainfer.errors import InputError, InputTypeError, MissingFileError
+from trainfer.errors import InputError, InputTypeError
 from trainfer.serve.preprocess import PreprocessSpec, as_tensor
-from trainfer.serve.readers import IMAGE_SUFFIXES, iter_csv, load_image, load_npy
+from trainfer.serve.readers import IMAGE_SUFFIXES, check_regular_file, iter_csv, load_image, load_npy
 
 __all__ = ["gather", "iter_raw"]
 
@@ -65,8 +65,7 @@ def _check_inputs(inputs: Any) -> None:
 def _iter_file(path: Path, spec: PreprocessSpec) -> Iterator[Tensor]:
     if path.is_dir():
         raise InputError(f"{str(path)!r} is a directory: expected image, .csv or .npy files (pass the files)")
-    if not path.is_file():
-        raise MissingFileError(f"input file not found: {str(path)!r}")
+    check_regular_file(path)
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         yield load_image(path, spec).unsqueeze(0)

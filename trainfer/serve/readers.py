@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trainfer.errors import InputError
+from trainfer.errors import InputError, MissingFileError
 from trainfer.serve.preprocess import PreprocessSpec, as_tensor, check_numeric
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -38,6 +38,7 @@ MAX_NPY_ELEMENTS = 2**30
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "check_regular_file",
     "MAX_IMAGE_PIXELS",
     "MAX_NPY_ELEMENTS",
     "column_indices",
@@ -203,6 +204,16 @@ def _in_byte_units(image: Any, path: Path) -> Any:
             f"expected 0..{full:g} ({'16-bit' if full != 1.0 else 'float intensities'})"
         )
     return Image.fromarray((values * (255.0 / full)).astype(np.float32))
+
+
+def check_regular_file(path: Path, text: str | None = None) -> None:
+    """Refuse an input ``path`` (named as ``text``) that is missing or, once links are followed, not a
+    regular file (a FIFO, a device such as /dev/zero: reading either could block or never end)."""
+    name = text if text is not None else str(path)
+    if not path.exists():
+        raise MissingFileError(f"input file not found: {name!r}")
+    if not path.is_file():
+        raise InputError(f"input {name!r} is not a regular file (a FIFO, a device or a socket): pass a file")
 
 
 def iter_csv(path: Path, spec: PreprocessSpec, chunk_rows: int = _CSV_CHUNK_ROWS) -> Iterator[Tensor]:

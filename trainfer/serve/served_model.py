@@ -65,6 +65,7 @@ def open_served(
         from trainfer.serve.bundle_format import read_manifest
 
         manifest = read_manifest(path)
+        _refuse_stray_record(path, manifest.decoder)
         if float_form:
             engine, overrides = None, {key: value for key, value in overrides.items() if key != "runtime"}
         else:
@@ -77,6 +78,20 @@ def open_served(
         overrides = {"decoder": manifest.decoder.model_dump(), **overrides}
     heads = [Head.from_dict(head) for head in manifest.head_settings()]
     return Served(model, heads, manifest.preprocess_settings(), overrides)
+
+
+def _refuse_stray_record(bundle: Path, decoder: Any) -> None:
+    """Refuse a ``runtime.json`` in an autoregressive sequence bundle: no runtime applies to one (its
+    decoding calls encode() and step() per token) and ``trainfer compile`` refuses it, so none recorded it."""
+    from trainfer.errors import BundleError
+    from trainfer.serve.runtime_record import RUNTIME_FILE
+    from trainfer.serve.sequence import is_autoregressive
+
+    if decoder is not None and is_autoregressive(decoder.model_dump()) and (bundle / RUNTIME_FILE).is_file():
+        raise BundleError(
+            f"bundle {str(bundle)!r} holds a {RUNTIME_FILE}, but no runtime applies to an autoregressive sequence "
+            f"model (trainfer compile never records one for it): remove {RUNTIME_FILE}"
+        )
 
 
 def _engine(

@@ -163,7 +163,8 @@ def _routes(app: FastAPI, server: Server) -> None:
         content_type = request.headers.get("content-type", "")
 
         def prepare() -> tuple[list[str], torch.Tensor]:
-            items = read_upload(body, filename, content_type, model.predictor.preprocess_spec)
+            spec = model.predictor.preprocess_spec
+            items = read_upload(body, filename, content_type, spec, server.settings.max_queue)
             return [i for i, _ in items], model.prepare([sample for _, sample in items])
 
         ids, batch = await asyncio.to_thread(prepare)
@@ -183,7 +184,8 @@ def _routes(app: FastAPI, server: Server) -> None:
         model = server.model(name)
         body = await server.body(request)
         content_type = request.headers.get("content-type", "")
-        items = await asyncio.to_thread(read_upload, body, filename, content_type, model.predictor.preprocess_spec)
+        spec = model.predictor.preprocess_spec
+        items = await asyncio.to_thread(read_upload, body, filename, content_type, spec, server.settings.max_queue)
         async with server.explaining:
             attributions = await asyncio.to_thread(model.explain, items[0][1])
         values = attributions.values[0].detach().double().abs()

@@ -120,10 +120,14 @@ def _header_size(header_length: str | None, total: int) -> int:
 def _json_object(data: bytes) -> dict[str, Any]:
     try:
         document = json.loads(data, parse_constant=_refuse_constant)
+    except InputError:
+        raise
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InputError(f"the request body is not valid JSON: {error}") from None
     except RecursionError:
         raise InputError("the request body's JSON is nested too deeply") from None
+    except ValueError:  # int() past sys.get_int_max_str_digits: a number no tensor could hold
+        raise InputError("the request holds a JSON number too long to be converted") from None
     if not isinstance(document, dict):
         raise InputError(f"expected a JSON object as the inference request; got {type(document).__name__}")
     return document

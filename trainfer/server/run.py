@@ -17,18 +17,35 @@ import gc
 import json
 import logging
 import os
+import socket
 import sys
 from typing import Any
 
+from trainfer.errors import InputError
 from trainfer.server.app import ServerSettings, create_app
 from trainfer.server.model import load_model
 
-__all__ = ["SETTINGS_VARIABLE", "app_from_environment", "check_bundles", "freeze_heap", "serve"]
+__all__ = ["SETTINGS_VARIABLE", "app_from_environment", "check_address", "check_bundles", "freeze_heap", "serve"]
 
 #: How the settings reach worker processes (uvicorn imports the app by name in each of them).
 SETTINGS_VARIABLE = "TRAINFER_SERVE_SETTINGS"
 #: Seconds added to the request timeout for a graceful shutdown before connections are dropped.
 SHUTDOWN_GRACE = 5.0
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse (:class:`InputError`) a ``host`` that does not resolve or a ``host:port`` that cannot be
+    bound now (in use, not this machine's), by binding it once, as uvicorn will."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError, ValueError) as error:
+        raise InputError(f"--host {host!r}: not an address or a name that resolves ({error})") from None
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a closed port's TIME_WAIT is fine
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise InputError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
 
 
 def serve(
@@ -37,6 +54,7 @@ def serve(
     """Serve ``settings`` on ``host:port`` until SIGTERM or Ctrl-C (``uvicorn``: more ``uvicorn.Config`` options)."""
     import uvicorn as engine
 
+    check_address(host, port)  # before the models load: a wrong address is known at once
     _log_access()
     options: dict[str, Any] = {
         "host": host,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,17 @@ from trainfer.server.metrics import Metrics
 from trainfer.server.model import ServedModel, load_model
 
 logger = logging.getLogger("trainfer.server")
+
+#: Bounds of :class:`ServerSettings`' numbers (and ``trainfer serve``'s options): field -> (least, most).
+LIMITS: dict[str, tuple[float, float]] = {
+    "max_batch": (1, 65536),
+    "max_delay_ms": (0, 60_000),
+    "max_queue": (1, 2**20),
+    "max_body": (1, 2**31),
+    "timeout": (0.001, 86_400),
+    "retry_after": (0, 3600),
+    "batch_workers": (1, 1024),
+}
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,33 @@ class ServerSettings:
     batch_workers: int | None = None
     compile: dict[str, dict[str, Any]] | None = None
     write_runtime: bool = False
+
+    def __post_init__(self) -> None:
+        """Every number finite and within :data:`LIMITS` (an infinite delay or timeout would hold requests)."""
+        for name, (least, most) in LIMITS.items():
+            check_number(name, getattr(self, name), least, most, integer=name not in ("max_delay_ms", "timeout"))
+
+
+def check_number(name: str, value: Any, least: float, most: float, integer: bool) -> None:
+    """Refuse ``value`` (None passes) unless it is a finite number (an int where ``integer``) in [least, most]."""
+    if value is None:
+        return
+    kinds = (int,) if integer else (int, float)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kinds)
+        or not math.isfinite(value)
+        or not least <= value <= most
+    ):
+        kind = "an integer" if integer else "a finite number"
+        raise InputError(f"{name} must be {kind} in [{least:g}, {most:g}]; got {value!r}")
+
+
+def _joined(chunks: list[Any]) -> Any:
+    """One output's rows of consecutive chunks, joined: tensors concatenated, lists (decoded results) chained."""
+    if isinstance(chunks[0], torch.Tensor):
+        return torch.cat(chunks)
+    return [row for chunk in chunks for row in chunk]
 
 
 class HTTPError(Exception):
@@ -124,12 +163,22 @@ class Server:
 
     async def run(self, name: str, batch: torch.Tensor, top_k: int | None = None) -> list[Any]:
         """``batch``'s rows of every output (:meth:`ServedModel.compute`), through the model's dynamic
-        batcher, within the timeout; ``top_k`` reaches a model that generates (its search depends on it)."""
+        batcher, within the timeout; ``top_k`` reaches a model that generates (its search depends on it).
+        A request of more than ``max_batch`` samples runs as chunks of ``max_batch``, one after another:
+        once its timeout passes, the chunk running finishes and the rest are never computed."""
         if not len(batch):
             raise InputError("empty input: expected at least one sample")
         key = self.models[name].key(top_k)
+        loop, size = asyncio.get_running_loop(), self.settings.max_batch
+        deadline = loop.time() + self.settings.timeout
         try:
-            return await asyncio.wait_for(self.batchers[name].submit(batch, key), self.settings.timeout)
+            parts = []
+            for start in range(0, len(batch), size):  # a timed-out request's later chunks never run
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise TimeoutError
+                parts.append(await asyncio.wait_for(self.batchers[name].submit(batch[start : start + size], key), left))
+            return parts[0] if len(parts) == 1 else [_joined(list(rows)) for rows in zip(*parts, strict=True)]
         except Overloaded as error:
             raise HTTPError(503, f"overloaded: {error}; retry later", self._retry()) from None
         except TimeoutError:

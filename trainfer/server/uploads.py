@@ -43,8 +43,11 @@ class _Named(io.BytesIO):
         return repr(self.upload_name)
 
 
-def read_upload(data: bytes, name: str, content_type: str, spec: PreprocessSpec) -> list[tuple[str, Any]]:
-    """``(id, raw batch)`` pairs of the file ``data`` called ``name`` (a batch holds one or more samples)."""
+def read_upload(
+    data: bytes, name: str, content_type: str, spec: PreprocessSpec, max_rows: int = 2**20
+) -> list[tuple[str, Any]]:
+    """``(id, raw batch)`` pairs of the file ``data`` called ``name`` (a batch holds one or more samples);
+    CSV rows past ``max_rows`` are refused before they are read into numbers."""
     if not name or len(name) > MAX_NAME:
         raise InputError(f"the file name must have 1 to {MAX_NAME} characters; got {len(name)}")
     suffix = Path(name).suffix.lower()
@@ -55,7 +58,7 @@ def read_upload(data: bytes, name: str, content_type: str, spec: PreprocessSpec)
     if suffix == ".npy":
         raise InputError(f"cannot read {name!r} as a .npy array: it does not start with the .npy magic bytes")
     if suffix == ".csv" or content_type.split(";")[0].strip() in ("text/csv", "text/plain"):
-        return _csv(data, name, spec)
+        return _csv(data, name, spec, max_rows)
     if suffix in IMAGE_SUFFIXES or content_type.startswith("image/") or not suffix:
         return [(name, load_image(_Named(data, name), spec).unsqueeze(0))]  # type: ignore[arg-type]
     raise InputError(f"cannot read {name!r}: expected an image ({', '.join(sorted(IMAGE_SUFFIXES))}), .csv or .npy")
@@ -71,15 +74,20 @@ def _npy(data: bytes, name: str, spec: PreprocessSpec) -> list[tuple[str, Any]]:
     return [(f"{name}[{i}]", array[i : i + 1]) for i in range(len(array))]
 
 
-def _csv(data: bytes, name: str, spec: PreprocessSpec) -> list[tuple[str, Any]]:
-    """The CSV rows of ``data`` (a header, then rows of numbers), picked by ``spec.columns``."""
+def _csv(data: bytes, name: str, spec: PreprocessSpec, max_rows: int) -> list[tuple[str, Any]]:
+    """The CSV rows of ``data`` (a header, then rows of numbers), picked by ``spec.columns``; at most ``max_rows``."""
     try:
         reader = csv.reader(io.StringIO(data.decode("utf-8"), newline=""))
         header = [h.strip() for h in next(reader, [])]
         if not header:
             raise InputError(f"CSV file {name!r} is empty: expected a header row of column names")
         indices = column_indices(header, spec, Path(name))
-        rows = [parse_row(row, indices, header, Path(name), line) for line, row in enumerate(reader, start=2) if row]
+        rows: list[list[float]] = []
+        for line, row in enumerate(reader, start=2):
+            if row and len(rows) == max_rows:
+                raise InputError(f"CSV file {name!r} holds more than {max_rows} rows: at most {max_rows} per request")
+            if row:
+                rows.append(parse_row(row, indices, header, Path(name), line))
     except (UnicodeDecodeError, csv.Error) as error:
         raise InputError(f"cannot read CSV file {name!r}: {error}") from None
     if not rows:
