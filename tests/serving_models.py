@@ -118,3 +118,19 @@ class Sleeping(nn.Module):
         time.sleep(self.seconds)
         return self.inner(x)
 
+
+def gated_digits_bundle(root: Path, name: str = "bundle", samples: int = 48) -> tuple[nn.Module, torch.Tensor]:
+    """Save a deployed ``digits_net`` (width 4, non-trivial BatchNorm statistics) as ``root/name``, with
+    gate data beside it: ``x.npy`` (``samples`` random inputs), ``y.npy`` (the model's own labels for
+    them) and ``y5.npy`` (the labels of the first five, a deliberate mismatch). Returns (model, inputs)."""
+    from trainfer.models import digits_net
+
+    torch.manual_seed(0)
+    deployed = trainfer.deploy(randomize_batchnorm(digits_net(width=4)).eval(), torch.randn(2, 1, 8, 8))
+    trainfer.save(deployed, root / name, task="classification", labels=list("0123456789"))
+    x = torch.randn(samples, 1, 8, 8)
+    with torch.no_grad():
+        np.save(root / "x.npy", x.numpy())
+        np.save(root / "y.npy", deployed(x).argmax(1).numpy())
+        np.save(root / "y5.npy", deployed(x[:5]).argmax(1).numpy())
+    return deployed, x

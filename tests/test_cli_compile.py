@@ -2,17 +2,15 @@
 
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from serving_models import gated_digits_bundle
 from test_runtime_gated import INT8, _only_fast
 
 import trainfer
 from trainfer.cli import main
-from trainfer.models import digits_net
 from trainfer.serve import runtime as rt
-from trainfer.testing import randomize_batchnorm
 
 pytest.importorskip("onnxruntime")
 RUNTIMES = sorted({"torch", "onnxruntime", INT8})  # INT8: the runtime that serves int8 here
@@ -24,14 +22,7 @@ OPEN = ("--min-agreement", "0", "--max-accuracy-drop", "1")
 def made(tmp_path_factory):
     """A deployed digits bundle, 48 validation inputs (.npy) and the float model's own labels for them."""
     root = tmp_path_factory.mktemp("compile")
-    torch.manual_seed(0)
-    deployed = trainfer.deploy(randomize_batchnorm(digits_net(width=4)).eval(), torch.randn(2, 1, 8, 8))
-    trainfer.save(deployed, root / "bundle", task="classification", labels=list("0123456789"))
-    x = torch.randn(48, 1, 8, 8)
-    with torch.no_grad():
-        np.save(root / "x.npy", x.numpy())
-        np.save(root / "y.npy", deployed(x).argmax(1).numpy())
-        np.save(root / "y5.npy", deployed(x[:5]).argmax(1).numpy())
+    deployed, x = gated_digits_bundle(root)
     return {"root": root, "deployed": deployed, "x": x}
 
 

@@ -16,12 +16,11 @@ import sys
 
 import pytest
 import torch
+from serving_models import gated_digits_bundle
 
 import trainfer
 from trainfer.errors import TrainferError
-from trainfer.models import digits_net
 from trainfer.serve import runtime as rt
-from trainfer.testing import randomize_batchnorm
 
 pytestmark = pytest.mark.slow  # a fresh interpreter (torch, the command) per file-system step
 
@@ -76,9 +75,7 @@ def steps_of(done: subprocess.CompletedProcess) -> int:
 def source(tmp_path_factory):
     """A deployed classification bundle (the user's files)."""
     root = tmp_path_factory.mktemp("sigkill")
-    torch.manual_seed(0)
-    deployed = trainfer.deploy(randomize_batchnorm(digits_net(width=4)).eval(), torch.randn(2, 1, 8, 8))
-    trainfer.save(deployed, root / "bundle", task="classification", labels=list("0123456789"))
+    gated_digits_bundle(root)
     return root / "bundle"
 
 

@@ -14,13 +14,12 @@ import pytest
 from click.testing import CliRunner
 from search_hook import hooked_measure
 from server_process import TESTS, get, post, running_server
+from serving_models import gated_digits_bundle
 from test_runtime_gated import INT8
 
 import trainfer
 from trainfer.cli import main
-from trainfer.models import digits_net
 from trainfer.serve import runtime as rt
-from trainfer.testing import randomize_batchnorm
 
 pytest.importorskip("fastapi")
 pytest.importorskip("onnxruntime")
@@ -35,15 +34,7 @@ OPEN = ("--min-agreement", "0", "--max-accuracy-drop", "1")
 def made(tmp_path_factory):
     """A deployed digits bundle (named ``digits``), 48 validation inputs and the float model's labels for them."""
     root = tmp_path_factory.mktemp("servecompile")
-    torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
-    deployed = trainfer.deploy(randomize_batchnorm(digits_net(width=4)).eval(), torch.randn(2, 1, 8, 8))
-    trainfer.save(deployed, root / "digits", task="classification", labels=list("0123456789"))
-    x = torch.randn(48, 1, 8, 8)
-    with torch.no_grad():
-        np.save(root / "x.npy", x.numpy())
-        np.save(root / "y.npy", deployed(x).argmax(1).numpy())
-        np.save(root / "y5.npy", deployed(x[:5]).argmax(1).numpy())
+    gated_digits_bundle(root, "digits")
     return root
 
 
