@@ -43,6 +43,7 @@ def images(tmp_path_factory):
 # The CSV resume test saves a bare nn.Linear; bundles may name it once it is registered.
 trainfer.register_model(torch.nn.Linear, name="torch.nn:Linear")
 
+
 def expected_lines(predictor, root, top_k=None) -> list[str]:
     ids = [key for key, _ in iter_images(root)]
     results = predictor.predict([str(root / key) for key in ids], top_k=top_k)

@@ -202,7 +202,6 @@ def test_ratios_are_medians_over_medians_known_answer():
 def test_a_form_made_slower_measures_slower(monkeypatch):
     """Samples land on the form that took them: a plain form sleeping 100 ms a call is the slow one."""
 
-
     real = FORMS["plain"]
     monkeypatch.setitem(FORMS, "plain", lambda model, inputs: Sleeping(real(model, inputs)))
     forms = ("train", "reparameterized", "plain")

@@ -117,7 +117,6 @@ def test_measurements_cover_every_form(demo_run):
 def test_a_training_form_made_slower_shows_the_deploy_form_faster():
     """Known answer: a training form sleeping 100 ms a call is slower than its deploy form at both batch sizes."""
 
-
     torch.manual_seed(0)
     deployed = trainfer.deploy(digits_net(width=4).eval(), torch.randn(1, 1, 8, 8))
     inputs = torch.randn(demo.THROUGHPUT_BATCH, 1, 8, 8)

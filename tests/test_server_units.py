@@ -371,6 +371,39 @@ class TwoHeads(torch.nn.Module):
         return {"digit": self.digit(h).softmax(1), "size": self.size(h)}
 
 
+def test_a_request_overflowing_once_normalised_fails_alone_with_its_own_message_and_its_batch_mates_are_served():
+    from trainfer import Predictor
+    from trainfer.errors import NonFiniteError
+    from trainfer.server.model import ServedModel
+
+    torch.manual_seed(0)
+    served = ServedModel("digits", Predictor(torch.nn.Linear(4, 3).eval(), preprocess={"input_shape": [4]}))
+    served.check()
+    good = np.random.default_rng(0).random((2, 4))
+    huge = np.full((1, 4), 1e300)  # finite as float64, inf once cast to the model's float32
+    sizes: list[int] = []
+
+    def compute(batch: torch.Tensor) -> list[torch.Tensor]:
+        sizes.append(len(batch))
+        return served.compute(batch)
+
+    async def main():
+        batcher = DynamicBatcher(compute, max_batch=8, max_delay=0.05, max_queue=100)
+        batcher.start()
+        answers = await asyncio.gather(
+            batcher.submit(served.prepare(good)), batcher.submit(served.prepare(huge)), return_exceptions=True
+        )
+        await batcher.stop()
+        return answers
+
+    rows, error = run(main())
+    assert sizes == [3, 2, 1]  # together, then each request alone
+    assert isinstance(error, NonFiniteError) and "input sample(s) [0] overflow float32" in str(error)
+    expected = served.predictor.predict(good)
+    assert served.tensors(rows)["index"].tolist() == [r.index for r in expected]
+    np.testing.assert_allclose(served.tensors(rows)["probabilities"].max(1), [r.probability for r in expected], 1e-6)
+
+
 def test_multi_head_and_regression_outputs_are_the_predictors_results():
     from trainfer import Predictor
     from trainfer.server.model import ServedModel
@@ -398,19 +431,21 @@ def test_multi_head_and_regression_outputs_are_the_predictors_results():
     )
 
 
-async def asgi_get(app, path: str) -> tuple[int, dict[str, str], bytes]:
-    """A GET through the ASGI app itself (no server, no socket)."""
+async def asgi_request(
+    app, path: str, method: str = "GET", body: bytes = b"", headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> tuple[int, dict[str, str], bytes]:
+    """A request through the ASGI app itself (no server, no socket)."""
     sent: list[dict] = []
 
     async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message):
         sent.append(message)
 
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": [],
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": list(headers),
         "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
     }  # fmt: skip
     await app(scope, receive, send)
@@ -430,16 +465,16 @@ def test_not_ready_until_the_models_are_loaded_and_checked():
     )
 
     async def main():
-        before = [await asgi_get(app, path) for path in ("/v2/health/ready", "/v2/models/digits/ready")]
+        before = [await asgi_request(app, path) for path in ("/v2/health/ready", "/v2/models/digits/ready")]
         assert not readied
-        live = await asgi_get(app, "/v2/health/live")
+        live = await asgi_request(app, "/v2/health/live")
         async with app.router.lifespan_context(app):
             for _ in range(600):
-                if (await asgi_get(app, "/v2/health/ready"))[0] == 200:
+                if (await asgi_request(app, "/v2/health/ready"))[0] == 200:
                     break
                 await asyncio.sleep(0.05)
-            after = [await asgi_get(app, path) for path in ("/v2/health/ready", "/v2/models/digits/ready")]
-            metadata = json.loads((await asgi_get(app, "/v2/models/digits"))[2])
+            after = [await asgi_request(app, path) for path in ("/v2/health/ready", "/v2/models/digits/ready")]
+            metadata = json.loads((await asgi_request(app, "/v2/models/digits"))[2])
         return before, live, after, metadata
 
     before, live, after, metadata = run(main(), seconds=60)
@@ -533,6 +568,41 @@ def test_an_unreadable_upload_is_named_by_its_file_name_and_what_failed(data, na
     assert "object at" not in str(refused.value)
 
 
+def test_a_bug_is_answered_500_in_one_line_and_its_traceback_logged_once_on_infer_and_other_routes(caplog):
+    """An exception that is not a request's mistake, in the inference hot path or a FastAPI route."""
+    pytest.importorskip("fastapi")
+    from trainfer.server.app import ServerSettings, create_app
+    from trainfer.server.error_answers import INTERNAL_ERROR
+
+    app = create_app(ServerSettings(bundles={"digits": str(Path(__file__).parent / "fixtures" / "digits_deploy_v2")}))
+    request = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]}
+    ).encode()
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            while (await asgi_request(app, "/v2/health/ready"))[0] != 200:
+                await asyncio.sleep(0.05)
+            ok = await asgi_request(app, "/v2/models/digits/infer", "POST", request)
+            server = app.state.server
+            server.models["digits"].tensors = broken
+            server.metrics.render = broken
+            return ok, [
+                await asgi_request(app, "/v2/models/digits/infer", "POST", request),
+                await asgi_request(app, "/metrics"),
+            ]
+
+    with caplog.at_level("ERROR", logger="trainfer.server"):
+        ok, bugs = run(main(), seconds=60)
+    assert ok[0] == 200 and json.loads(ok[2])["outputs"]
+    assert [(status, json.loads(body)) for status, _, body in bugs] == [(500, {"error": INTERNAL_ERROR})] * 2
+    tracebacks = [r for r in caplog.records if r.exc_info and "boom" in str(r.exc_info[1])]
+    assert len(tracebacks) == 2, [r.getMessage() for r in tracebacks]  # one per request
+
+
 @pytest.mark.parametrize(("path", "status"), [("/no/such/route", 404), ("/v2/models/digits/infer", 405)])
 def test_a_routing_error_answers_in_the_error_form(path, status):
     """No route, or a GET where only POST is served: ``{"error": one line}`` like every other refusal."""
@@ -540,7 +610,7 @@ def test_a_routing_error_answers_in_the_error_form(path, status):
     from trainfer.server.app import ServerSettings, create_app
 
     app = create_app(ServerSettings(bundles={"digits": str(Path(__file__).parent / "fixtures" / "digits_deploy_v2")}))
-    got, _, body = run(asgi_get(app, path), seconds=30)
+    got, _, body = run(asgi_request(app, path), seconds=30)
     assert got == status
     assert json.loads(body) == {"error": "Not Found" if status == 404 else "Method Not Allowed"}
 

@@ -82,7 +82,7 @@ def test_the_check_catches_a_raw_read(line):
 
 @pytest.mark.parametrize(
     "line",
-    ['form = manifest.form', 'deploy = manifest.config.get("deploy")', "def f(manifest: Manifest) -> None: ..."],
+    ["form = manifest.form", 'deploy = manifest.config.get("deploy")', "def f(manifest: Manifest) -> None: ..."],
 )
 def test_the_check_allows_typed_reads(line):
     assert not raw_manifest_reads(line)

@@ -212,9 +212,13 @@ def _agreement(results: Results) -> str:
     if agreement is None:
         return "## 4. Do the two forms agree?\n\n" + _skipped(results, "deploy")
     rows = [[form, _percent(accuracy)] for form, accuracy in agreement["accuracy"].items()]
-    same = "identical" if agreement["identical_classes"] else (
-        f"different on {agreement['class_differences']} images, {agreement['near_tie_differences']} of them "
-        "near-ties (top-2 margin within twice the logits' difference, which rounding breaks either way)"
+    same = (
+        "identical"
+        if agreement["identical_classes"]
+        else (
+            f"different on {agreement['class_differences']} images, {agreement['near_tie_differences']} of them "
+            "near-ties (top-2 margin within twice the logits' difference, which rounding breaks either way)"
+        )
     )
     return (
         "## 4. Do the two forms agree?\n\n"

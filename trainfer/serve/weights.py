@@ -156,4 +156,3 @@ def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
                 "a training checkpoint? give the model's own state dict, or the training bundle)"
             )
     return ""
-

@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from trainfer.server.error_answers import INTERNAL_ERROR
 from trainfer.server.state import Server
 
 logger = logging.getLogger("trainfer.server")
@@ -52,7 +53,7 @@ class AccessMiddleware:
         except Exception:
             logger.exception("internal error answering %s %s", scope["method"], path[:200])
             if not started:
-                await _send_json(sending, 500, {"error": "internal error in trainfer (a bug): logged on the server"})
+                await _send_json(sending, 500, {"error": INTERNAL_ERROR})
         seconds = time.perf_counter() - start
         self.server.metrics.observe(endpoint_label(path), status, seconds)
         if not access_logger.isEnabledFor(logging.INFO):

@@ -9,7 +9,7 @@ Routes (``{name}``: a served model; ``/versions/1`` may follow it, as the protoc
 ``/v2/models``                        GET     the served models and their readiness (trainfer's)
 ``/v2/models/{name}``                 GET     inputs and outputs: names, datatypes, shapes
 ``/v2/models/{name}/ready``           GET     200 when that model is ready, else 503
-``/v2/models/{name}/infer``           POST    JSON (or binary) tensors in, tensors out
+``/v2/models/{name}/infer``           POST    JSON (or binary) tensors in, tensors out (:mod:`.infer_route`)
 ``/v2/models/{name}/predict``         POST    a file's bytes in, ``trainfer predict`` JSON lines out
 ``/v2/models/{name}/explain``         POST    a file's bytes in, an attribution heat map out
 ``/metrics``                          GET     Prometheus exposition
@@ -42,19 +42,15 @@ from trainfer.errors import InputError, one_line
 from trainfer.serve.results import to_records
 from trainfer.server.access import AccessMiddleware
 from trainfer.server.error_answers import answer_errors
+from trainfer.server.infer_route import InferRoute, versioned
 from trainfer.server.metrics import CONTENT_TYPE_LATEST
-from trainfer.server.openapi_schemas import FILE_SCHEMA, INFER_PATH, document_infer
-from trainfer.server.protocol import HEADER_LENGTH, decode_request, encode_response
-from trainfer.server.state import HTTPError, Server, ServerSettings
+from trainfer.server.openapi_schemas import FILE_SCHEMA, document_infer
+from trainfer.server.state import Server, ServerSettings
 from trainfer.server.uploads import read_upload
 
 logger = logging.getLogger("trainfer.server")
 
 __all__ = ["ServerSettings", "create_app"]
-
-#: Request bodies up to this size are decoded on the event loop (a thread hop would cost more than
-#: the decoding); larger ones in a worker thread, so that the loop keeps answering meanwhile.
-INLINE_BYTES = 64 * 1024
 
 
 def create_app(
@@ -82,7 +78,8 @@ def create_app(
         loading.cancel()
         await server.stop()
 
-    app = FastAPI(
+    app = _App(
+        server,
         title="trainfer serve",
         version=__version__,
         description="The Open Inference Protocol (KServe v2) over HTTP for trainfer bundles.",
@@ -91,8 +88,20 @@ def create_app(
     app.state.server = server
     _routes(app, server)
     answer_errors(app)
-    app.add_middleware(AccessMiddleware, server=server)
     return app
+
+
+class _App(FastAPI):
+    """FastAPI with two layers outside its own middleware: :class:`AccessMiddleware` (API key, access
+    log, metrics, a one-line 500 for a bug), then :class:`InferRoute` (the protocol's inference
+    requests, answered without FastAPI's layers); every other request reaches FastAPI's stack."""
+
+    def __init__(self, server: Server, **options: Any):
+        super().__init__(**options)
+        self.server = server
+
+    def build_middleware_stack(self) -> Any:
+        return AccessMiddleware(InferRoute(super().build_middleware_stack(), self.server), self.server)
 
 
 def _routes(app: FastAPI, server: Server) -> None:
@@ -121,41 +130,15 @@ def _routes(app: FastAPI, server: Server) -> None:
     @app.get("/v2/models/{name}", summary="Model metadata")
     @app.get("/v2/models/{name}/versions/{version}", include_in_schema=False)
     async def model_metadata(name: str, version: str = "1") -> dict[str, Any]:
-        return server.model(_versioned(name, version)).metadata()
+        return server.model(versioned(name, version)).metadata()
 
     @app.get("/v2/models/{name}/ready", summary="Model readiness")
     @app.get("/v2/models/{name}/versions/{version}/ready", include_in_schema=False)
     async def model_ready(name: str, version: str = "1") -> JSONResponse:
-        server.model(_versioned(name, version))
+        server.model(versioned(name, version))
         return JSONResponse({"name": name, "ready": True})
 
-    async def infer(request: Request) -> Response:
-        """Open Inference Protocol inference: a plain Starlette endpoint (FastAPI's parameter solving
-        would cost more than the protocol's own work on a small model), documented by :func:`document_infer`."""
-        name = _versioned(request.path_params["name"], request.path_params.get("version", "1"))
-        model = server.model(name)
-        body = await server.body(request)
-
-        def decode() -> tuple[Any, torch.Tensor]:
-            decoded = decode_request(body, request.headers.get(HEADER_LENGTH))
-            if set(decoded.inputs) != {model.input_name}:
-                raise InputError(
-                    f"model {name!r} takes one input named {model.input_name!r}; got {list(decoded.inputs)}"
-                )
-            return decoded, model.prepare(decoded.inputs[model.input_name])
-
-        decoded, batch = decode() if len(body) <= INLINE_BYTES else await asyncio.to_thread(decode)
-        rows = await server.run(name, batch)
-
-        def answer() -> tuple[bytes, dict[str, str]]:
-            return encode_response(name, decoded, model.tensors(rows))
-
-        content, headers = await asyncio.to_thread(answer) if model.decodes_answers else answer()
-        return Response(content, headers=headers)
-
-    app.add_route(INFER_PATH, infer, methods=["POST"])
-    app.add_route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"], include_in_schema=False)
-    document_infer(app)
+    document_infer(app)  # answered by InferRoute, ahead of these routes
 
     @app.post("/v2/models/{name}/predict", summary="Typed predictions for a file", openapi_extra=FILE_SCHEMA)
     async def predict(name: str, request: Request, filename: str = "upload", top_k: int | None = None) -> Response:
@@ -201,9 +184,3 @@ def _routes(app: FastAPI, server: Server) -> None:
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:
         return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-
-def _versioned(name: str, version: str) -> str:
-    if version != "1":
-        raise HTTPError(404, f"model {name!r} has one version, 1; got {version!r}")
-    return name

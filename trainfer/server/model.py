@@ -103,7 +103,8 @@ class ServedModel:
         a bad sample is that request's error) and cast to the model's dtype; :meth:`compute` normalises
         them with the other requests of their batch (the same elementwise arithmetic, done once)."""
         spec = self.predictor.preprocess_spec
-        return spec.check_batch(gather(raw, spec)).to(spec.torch_dtype)
+        batch = raw if isinstance(raw, np.ndarray) else gather(raw, spec)  # a protocol tensor is one batch already
+        return spec.check_batch(batch).to(spec.torch_dtype)
 
     @property
     def generates(self) -> bool:

@@ -1,0 +1,92 @@
+"""The Open Inference Protocol's inference endpoint, answered ahead of FastAPI: the server's hot path.
+
+``POST /v2/models/{name}/infer`` (and ``/v2/models/{name}/versions/{version}/infer``) is every
+request of a loaded server, and on a small model FastAPI's layers -- its exception and body-limit
+middleware, routing, parameter solving -- cost more than the protocol's own work. :class:`InferRoute`
+is an ASGI middleware that answers those paths itself and hands every other request to the app it
+wraps; it sits inside :class:`~trainfer.server.access.AccessMiddleware`, so the API key, the
+access log and the metrics apply to it as to every route.
+
+A request's path through it: its body (bounded, :meth:`~trainfer.server.state.Server.body`), decoded
+(:func:`~trainfer.server.protocol.decode_request`) and checked (:meth:`ServedModel.prepare`), its
+samples through the model's dynamic batcher (:meth:`~trainfer.server.state.Server.run`), its rows
+encoded (:func:`~trainfer.server.protocol.encode_response`). Errors are answered as every route
+answers them (:func:`~trainfer.server.error_answers.error_answer`); any other exception is a bug and
+propagates to the access middleware (logged with its traceback, answered 500 in one line).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from trainfer.errors import InputError
+from trainfer.server.error_answers import error_answer
+from trainfer.server.protocol import HEADER_LENGTH, decode_request, encode_response
+from trainfer.server.state import HTTPError, Server
+
+__all__ = ["INLINE_BYTES", "InferRoute", "versioned"]
+
+ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+
+#: Request bodies up to this size are decoded on the event loop (a thread hop would cost more than
+#: the decoding); larger ones in a worker thread, so that the loop keeps answering meanwhile.
+INLINE_BYTES = 64 * 1024
+_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
+
+
+class InferRoute:
+    """ASGI middleware: inference requests answered here, every other request by ``app``."""
+
+    def __init__(self, app: ASGIApp, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        match = _PATH.fullmatch(scope["path"]) if scope["type"] == "http" else None
+        if match is None:
+            return await self.app(scope, receive, send)
+        try:
+            if scope["method"] != "POST":
+                raise HTTPError(405, "Method Not Allowed", {"Allow": "POST"})
+            response = await self.infer(Request(scope, receive), match["name"], match["version"] or "1")
+        except Exception as error:
+            answer = error_answer(error)
+            if answer is None:
+                raise
+            response = answer
+        await response(scope, receive, send)
+
+    async def infer(self, request: Request, name: str, version: str) -> Response:
+        """The protocol's answer to one inference request for model ``name``."""
+        server = self.server
+        model = server.model(versioned(name, version))
+        body = await server.body(request)
+
+        def decode() -> tuple[Any, Any]:
+            decoded = decode_request(body, request.headers.get(HEADER_LENGTH))
+            if set(decoded.inputs) != {model.input_name}:
+                raise InputError(
+                    f"model {name!r} takes one input named {model.input_name!r}; got {list(decoded.inputs)}"
+                )
+            return decoded, model.prepare(decoded.inputs[model.input_name])
+
+        decoded, batch = decode() if len(body) <= INLINE_BYTES else await asyncio.to_thread(decode)
+        rows = await server.run(name, batch)
+
+        def answer() -> tuple[bytes, dict[str, str]]:
+            return encode_response(name, decoded, model.tensors(rows))
+
+        content, headers = await asyncio.to_thread(answer) if model.decodes_answers else answer()
+        return Response(content, headers=headers)
+
+
+def versioned(name: str, version: str) -> str:
+    """``name``, when ``version`` is the one version a served model has ("1"); else a 404."""
+    if version != "1":
+        raise HTTPError(404, f"model {name!r} has one version, 1; got {version!r}")
+    return name
