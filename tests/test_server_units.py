@@ -334,24 +334,29 @@ def test_a_full_queue_refuses_at_once_and_a_cancelled_request_is_never_computed(
     assert rows[0].shape == (2, 1) and model.sizes == [1, 2] and left == 0
 
 
-def test_a_failing_model_fails_every_request_of_its_batch_and_the_batcher_goes_on():
+def test_a_failing_batch_runs_again_request_by_request_and_only_the_bad_request_fails():
+    sizes: list[int] = []
+
     def model(batch: torch.Tensor) -> list[torch.Tensor]:
+        sizes.append(len(batch))
         if (batch < 0).any():
             raise RuntimeError("broken")
-        return [batch]
+        return [batch * 2]
 
     async def main():
         batcher = DynamicBatcher(model, max_batch=8, max_delay=0.05, max_queue=100)
         batcher.start()
         results = await asyncio.gather(
-            batcher.submit(-torch.ones(1, 1)), batcher.submit(torch.ones(1, 1)), return_exceptions=True
+            batcher.submit(-torch.ones(1, 1)), batcher.submit(torch.full((2, 1), 3.0)), return_exceptions=True
         )
         after = await batcher.submit(torch.ones(1, 1))
         await batcher.stop()
         return results, after
 
-    results, after = run(main())
-    assert all(isinstance(r, RuntimeError) for r in results) and after[0].item() == 1.0
+    (bad, good), after = run(main())
+    assert sizes == [3, 1, 2, 1]  # the batch of both, each alone, then the next request
+    assert isinstance(bad, RuntimeError) and str(bad) == "broken"
+    assert good[0].tolist() == [[6.0], [6.0]] and after[0].item() == 2.0
 
 
 class TwoHeads(torch.nn.Module):
@@ -383,7 +388,7 @@ def test_multi_head_and_regression_outputs_are_the_predictors_results():
         "size.values": "FP32",
     }
     x = torch.randn(5, 8)
-    tensors = served.tensors(served.scores(served.prepare(x)))
+    tensors = served.tensors(served.compute(served.prepare(x)))
     expected = predictor.predict(x)
     np.testing.assert_allclose(tensors["size.values"], [r["size"].values for r in expected], atol=1e-6, rtol=0)
     assert tensors["digit.index"].tolist() == [r["digit"].index for r in expected]

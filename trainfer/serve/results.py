@@ -35,6 +35,7 @@ __all__ = [
     "binary_results",
     "check_finite_scores",
     "check_top_k",
+    "class_names",
     "classification_results",
     "regression_results",
     "to_records",
@@ -164,7 +165,8 @@ def check_top_k(top_k: Any, heads: Iterable[Head], name: str = "top_k") -> int |
     return top_k
 
 
-def _check_labels(labels: tuple[str, ...] | None, classes: int) -> tuple[str, ...]:
+def class_names(labels: tuple[str, ...] | None, classes: int) -> tuple[str, ...]:
+    """The name of each of ``classes`` classes: ``labels`` (exactly one per class), else ``"0"``, ``"1"``, ..."""
     if labels is None:
         return tuple(str(i) for i in range(classes))
     if len(labels) != classes:
@@ -173,7 +175,7 @@ def _check_labels(labels: tuple[str, ...] | None, classes: int) -> tuple[str, ..
 
 
 def classification_results(scores: Tensor, labels: tuple[str, ...] | None, top_k: int) -> list[Result]:
-    names = _check_labels(labels, scores.shape[1])
+    names = class_names(labels, scores.shape[1])
     values, indices = scores.topk(min(top_k, scores.shape[1]), dim=1)
     results: list[Result] = []
     for row_values, row_indices in zip(values.tolist(), indices.tolist(), strict=True):

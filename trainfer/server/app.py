@@ -43,7 +43,7 @@ from trainfer.serve.results import check_top_k, to_records
 from trainfer.server.access import AccessMiddleware
 from trainfer.server.error_answers import answer_errors
 from trainfer.server.metrics import CONTENT_TYPE_LATEST
-from trainfer.server.openapi_schemas import FILE_SCHEMA, INFER_SCHEMA
+from trainfer.server.openapi_schemas import FILE_SCHEMA, INFER_PATH, document_infer
 from trainfer.server.protocol import HEADER_LENGTH, decode_request, encode_response
 from trainfer.server.state import HTTPError, Server, ServerSettings
 from trainfer.server.uploads import read_upload
@@ -129,10 +129,11 @@ def _routes(app: FastAPI, server: Server) -> None:
         server.model(_versioned(name, version))
         return JSONResponse({"name": name, "ready": True})
 
-    @app.post("/v2/models/{name}/infer", summary="Inference (Open Inference Protocol)", openapi_extra=INFER_SCHEMA)
-    @app.post("/v2/models/{name}/versions/{version}/infer", include_in_schema=False)
-    async def infer(name: str, request: Request, version: str = "1") -> Response:
-        model = server.model(_versioned(name, version))
+    async def infer(request: Request) -> Response:
+        """Open Inference Protocol inference: a plain Starlette endpoint (FastAPI's parameter solving
+        would cost more than the protocol's own work on a small model), documented by :func:`document_infer`."""
+        name = _versioned(request.path_params["name"], request.path_params.get("version", "1"))
+        model = server.model(name)
         body = await server.body(request)
 
         def decode() -> tuple[Any, torch.Tensor]:
@@ -151,6 +152,10 @@ def _routes(app: FastAPI, server: Server) -> None:
 
         content, headers = await asyncio.to_thread(answer) if model.decodes_answers else answer()
         return Response(content, headers=headers)
+
+    app.add_route(INFER_PATH, infer, methods=["POST"])
+    app.add_route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"], include_in_schema=False)
+    document_infer(app)
 
     @app.post("/v2/models/{name}/predict", summary="Typed predictions for a file", openapi_extra=FILE_SCHEMA)
     async def predict(name: str, request: Request, filename: str = "upload", top_k: int | None = None) -> Response:

@@ -14,6 +14,8 @@ batch's. When to run (Triton's rule, collecting only while every worker is busy)
 A batch is the oldest waiting requests concatenated in arrival order -- requests of different sizes
 together, never splitting one -- up to ``max_batch`` samples; a request holding more than
 ``max_batch`` samples runs alone. The model runs once on it and each request gets its own rows.
+When that run raises, the batch's requests run again one by one, so that each hears its own answer
+or error: one request's values (NaN scores, a model error) never fail the others of its batch.
 A request may carry a ``key`` (a sequence model's ``top_k``): a batch holds requests of one key
 only (it stops at the first of another key, so order is kept) and runs ``run(batch, key)``
 instead of ``run(batch)``.
@@ -221,13 +223,15 @@ class DynamicBatcher:
     async def _run(self, taken: list[_Pending]) -> None:
         joined = taken[0].batch if len(taken) == 1 else torch.cat([p.batch for p in taken])
         keyed = () if taken[0].key is None else (taken[0].key,)
+        loop = asyncio.get_running_loop()
         start = time.perf_counter()
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.run, joined, *keyed)
-        except Exception as error:  # the model failed: every request of the batch hears why
-            for pending in taken:
+            outputs = await loop.run_in_executor(self._executor, self.run, joined, *keyed)
+        except Exception as error:  # each request hears its own answer or error: run them one by one
+            answers = [error] if len(taken) == 1 else await loop.run_in_executor(self._executor, self._alone, taken)
+            for pending, answer in zip(taken, answers, strict=True):
                 if not pending.future.done():
-                    pending.future.set_exception(error)
+                    _settle(pending.future, answer)
             return
         self.stats.batch(len(joined), time.perf_counter() - start)
         first = 0
@@ -236,3 +240,21 @@ class DynamicBatcher:
             first = rows.stop
             if not pending.future.done():
                 pending.future.set_result([output[rows] for output in outputs])
+
+    def _alone(self, taken: list[_Pending]) -> list[Any]:
+        """Each request of a failed batch run alone: its outputs, or the exception it raised."""
+        answers: list[Any] = []
+        for pending in taken:
+            try:
+                answers.append(self.run(pending.batch, *(() if pending.key is None else (pending.key,))))
+            except Exception as error:
+                answers.append(error)
+        return answers
+
+
+def _settle(future: asyncio.Future[list[Any]], answer: Any) -> None:
+    """``future`` given ``answer``: raised when it is an exception, else its result."""
+    if isinstance(answer, BaseException):
+        future.set_exception(answer)
+    else:
+        future.set_result(answer)

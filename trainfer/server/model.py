@@ -40,8 +40,9 @@ from torch import Tensor, nn
 from trainfer.analysis.attribution import Attributions
 from trainfer.errors import EquivalenceError, InputError
 from trainfer.numerics import relative_error, tolerance_for
+from trainfer.serve.inputs import gather
 from trainfer.serve.predictor import Predictor
-from trainfer.serve.results import check_finite_scores
+from trainfer.serve.results import check_finite_scores, class_names
 from trainfer.serve.runtime import RUNTIME_FILE
 from trainfer.server.protocol import datatype_of
 from trainfer.server.sequence_outputs import VARIABLE, sequence_tensors
@@ -73,6 +74,7 @@ class ServedModel:
     origin: str = ""
     _explainer: Predictor | None = field(default=None, repr=False)
     _explainer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _labels: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # see _label_table
 
     def explain(self, sample: Any) -> Attributions:
         """``sample`` explained (integrated gradients) on the bundle's float torch model: the served
@@ -97,8 +99,11 @@ class ServedModel:
         return _TORCH_DATATYPES.get(self.predictor.preprocess_spec.torch_dtype, "FP32")
 
     def prepare(self, raw: Any) -> Tensor:
-        """One request's samples, validated and normalised (the Predictor's preprocessing)."""
-        return self.predictor.preprocess(raw)
+        """One request's samples checked as the Predictor checks them (shape, real and finite numbers:
+        a bad sample is that request's error) and cast to the model's dtype; :meth:`compute` normalises
+        them with the other requests of their batch (the same elementwise arithmetic, done once)."""
+        spec = self.predictor.preprocess_spec
+        return spec.check_batch(gather(raw, spec)).to(spec.torch_dtype)
 
     @property
     def generates(self) -> bool:
@@ -118,14 +123,22 @@ class ServedModel:
         return top_k if self.generates and top_k != decoder.n_best else None
 
     def compute(self, batch: Tensor, top_k: int | None = None) -> list[Any]:
-        """What the batcher runs on a prepared batch: :meth:`scores`, or, for a model that generates,
-        ``[results]``: the batch decoded with the bundle's settings (``top_k``: the Predictor's)."""
+        """What the batcher runs on a batch of :meth:`prepare`'d requests, once normalised: the per-head
+        :meth:`scores`, checked finite, followed by each classification head's top class
+        (``[*scores, *top_classes]``, all ``(N, ...)``: their rows are the requests' answers), or, for a
+        model that generates, ``[results]``: the batch decoded with the bundle's settings (``top_k``: the Predictor's).
+
+        A non-finite score raises :class:`~trainfer.errors.NonFiniteError` for the whole batch (the
+        batcher then runs its requests one by one, so that only the request it comes from hears it).
+        """
+        batch = self.predictor.preprocess_spec.normalize(batch)
         if self.generates:
             return [self.predictor.generate(batch, top_k)]
-        return self.scores(batch)
+        scores = self.finite(self.scores(batch))
+        return scores + [s.topk(1, dim=1).indices[:, 0] for s, h in zip(scores, self.predictor.heads) if _ranked(h)]
 
     def scores(self, batch: Tensor) -> list[Tensor]:
-        """Per-head scores of a prepared batch, on the CPU."""
+        """Per-head scores of a normalised batch, on the CPU."""
         scores = self.predictor.scores(batch)
         per_head = list(scores.values()) if isinstance(scores, dict) else [scores]
         return [s.detach().cpu() for s in per_head]
@@ -135,33 +148,43 @@ class ServedModel:
         check_finite_scores(per_head, self.predictor.heads)
         return per_head
 
-    def results(self, per_head: list[Any], top_k: int | None) -> list[Any]:
+    def results(self, rows: list[Any], top_k: int | None) -> list[Any]:
         """Typed results of one request's rows of :meth:`compute` (decoded already when the model generates)."""
         if self.generates:
-            return list(per_head[0])
-        return self.predictor.results_from_scores(self.finite(per_head), top_k)
+            return list(rows[0])
+        return self.predictor.results_from_scores(rows[: len(self.predictor.heads)], top_k)
 
-    def tensors(self, per_head: list[Any]) -> dict[str, np.ndarray]:
-        """The protocol outputs of one request's rows, by name (decoded with the bundle's settings)."""
-        results = self.results(per_head, top_k=None)
+    def tensors(self, rows: list[Any]) -> dict[str, np.ndarray]:
+        """The protocol outputs of one request's rows of :meth:`compute`, by name (sequences decoded
+        with the bundle's settings); the same numbers as :meth:`results` gives, read from the rows."""
         if self.predictor.task == "sequence":
-            decoded = sequence_tensors(results, self.generates)
-            return decoded if self.generates else {**decoded, "values": per_head[0].numpy()}
+            decoded = sequence_tensors(self.results(rows, top_k=None), self.generates)
+            return decoded if self.generates else {**decoded, "values": rows[0].numpy()}
+        heads = self.predictor.heads
+        top_classes = iter(rows[len(heads) :])
         tensors: dict[str, np.ndarray] = {}
-        for head, scores in zip(self.predictor.heads, per_head, strict=True):
+        for head, scores in zip(heads, rows[: len(heads)], strict=True):
             prefix = f"{head.name}." if self.predictor.multi_head else ""
-            rows = [r.heads[str(head.name)] if self.predictor.multi_head else r for r in results]
             values = scores.numpy()
-            if head.task == "classification":
+            if _ranked(head):
+                index = next(top_classes).numpy()
                 tensors[prefix + "probabilities"] = values
-                tensors[prefix + "index"] = np.array([r.index for r in rows], dtype=np.int64)
-                tensors[prefix + "label"] = np.array([r.label.encode() for r in rows], dtype=object)
+                tensors[prefix + "index"] = index
+                tensors[prefix + "label"] = self._label_table(head, values.shape[1])[index]
             elif head.task == "binary":
                 tensors[prefix + "probability"] = values
-                tensors[prefix + "decision"] = np.array([r.decision for r in rows], dtype=np.bool_)
+                tensors[prefix + "decision"] = values.astype(np.float64) >= self.predictor.threshold  # as in Python
             else:
                 tensors[prefix + "values"] = values
         return tensors
+
+    def _label_table(self, head: Any, classes: int) -> np.ndarray:
+        """The encoded label of each class of ``head`` (the typed results' names), indexable by class."""
+        table = self._labels.get(str(head.name))
+        if table is None or len(table) != classes:
+            names = class_names(head.labels, classes)
+            table = self._labels[str(head.name)] = np.array([name.encode() for name in names], dtype=object)
+        return table
 
     def check(self) -> None:
         """Run a random batch, whole and sample by sample: finite, and the same answers within tolerance.
@@ -176,8 +199,8 @@ class ServedModel:
         if self.generates:  # the same tokens, and scores within the tolerance
             self._compare(whole[0], [rows[0][0] for rows in single])
         else:
-            for h, scores in enumerate(self.finite(whole)):
-                self._agree(torch.cat([self.finite(rows)[h] for rows in single]), scores)
+            for h, scores in enumerate(whole[: len(self.predictor.heads)]):
+                self._agree(torch.cat([rows[h] for rows in single]), scores)
         self.outputs = {
             name: (datatype_of(array.dtype), [-1, *(-1 if name in VARIABLE else d for d in array.shape[1:])])
             for name, array in self.tensors(whole).items()
@@ -236,6 +259,11 @@ class ServedModel:
         """``{"decoder": settings}`` for a sequence bundle (its recorded decoder settings), else ``{}``."""
         decoder = self.predictor.decoder
         return {} if decoder is None else {"decoder": decoder.to_dict()}
+
+
+def _ranked(head: Any) -> bool:
+    """Whether ``head``'s answers name a top class (:meth:`ServedModel.compute` ranks it once per batch)."""
+    return head.task == "classification"
 
 
 def load_model(
