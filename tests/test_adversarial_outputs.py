@@ -131,9 +131,27 @@ def test_resume_refuses_other_options_another_bundle_or_no_record(bundle, images
     other = save_bundle(tmp_path / "other", 1, labels=HOSTILE)
     one_line_error(invoke("predict", other, images, "--out", out, "--top-k", "2"), "models")
     one_line_error(invoke("predict", bundle, bundle, images, "--out", out, "--top-k", "2"), "models")
-    one_line_error(invoke("predict", bundle, images, "--out", out, "--top-k", "2", "--threshold", "0.3"), "threshold")
+    # a classifier takes no threshold: refused before the record is read (resuming with one: the next test)
+    thresholded = invoke("predict", bundle, images, "--out", out, "--top-k", "2", "--threshold", "0.3")
+    one_line_error(thresholded, "--threshold applies to binary tasks only", "is classification: drop it")
     assert out.read_bytes() == before  # refused, left untouched
     assert invoke("predict", bundle, images, "--out", out, "--top-k", "2").exit_code == 0  # the same producer resumes
+    assert out.read_text().splitlines(keepends=True) == lines
+
+
+def test_resume_needs_the_threshold_the_run_was_started_with(images, tmp_path):
+    binary = save_bundle(tmp_path / "yesno", 1, task="binary", outputs=1, final="sigmoid")
+    out = tmp_path / "o.jsonl"
+    assert invoke("predict", binary, images, "--out", out, "--threshold", "0.3").exit_code == 0
+    lines = out.read_text().splitlines(keepends=True)
+    assert len(lines) == 3 and {json.loads(line)["threshold"] for line in lines} == {0.3}
+    out.write_text("".join(lines[:1]))  # as a crash leaves it
+    before = out.read_bytes()
+    for other, given in ((["--threshold", "0.4"], "0.4"), ([], "None")):  # another threshold, or the bundle's own
+        result = invoke("predict", binary, images, "--out", out, *other)
+        one_line_error(result, "cannot resume", f"written with threshold 0.3, not {given};")
+    assert out.read_bytes() == before  # refused, left untouched
+    assert invoke("predict", binary, images, "--out", out, "--threshold", "0.3").exit_code == 0  # resumed
     assert out.read_text().splitlines(keepends=True) == lines
 
 

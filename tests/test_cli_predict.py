@@ -126,6 +126,24 @@ def test_binary_csv_rows_and_threshold(tmp_path):
     assert failed.exit_code == 2 and "lacks column(s) ['c']" in failed.output
 
 
+@pytest.mark.parametrize("task", ["binary", "regression"])
+def test_top_k_on_a_bundle_that_ranks_nothing_is_a_one_line_usage_error(tmp_path, task):
+    torch.manual_seed(2)
+    bundle = tmp_path / task
+    trainfer.save(scorer(), bundle, factory=f"{__name__}:scorer", task=task, preprocess={"columns": ["a", "b", "c"]})
+    (tmp_path / "rows.csv").write_text("a,b,c\n1,2,3\n")
+    out = tmp_path / "preds.jsonl"
+    for extra in ([], ["--out", str(out)]):
+        failed = CliRunner().invoke(main, ["predict", str(bundle), str(tmp_path / "rows.csv"), "--top-k", "2", *extra])
+        assert failed.exit_code == 2, failed.output
+        assert failed.output == (
+            f"error: --top-k applies to classification and sequence models only; this model's task is {task}: "
+            "drop --top-k\n"
+        )
+    assert not out.exists()  # refused before anything was written
+    assert invoke("predict", str(bundle), str(tmp_path / "rows.csv")).exit_code == 0
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -190,6 +190,21 @@ def test_sanity_check_names_the_contradiction():
     assert check_output_kind(z, "probabilities", "regression") is None
 
 
+@pytest.mark.parametrize("task", ["classification", "sequence"])
+def test_logits_that_already_are_normalised_rows_contradict_their_declaration(task):
+    """Along the class axis (the last of (N, C) and of a CTC head's (N, T, C)): "logits" that are
+    probabilities or log-probabilities, and "(log-)probabilities" whose rows do not sum to 1, are named."""
+    z = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    z = z[:, 0] if task == "classification" else z
+    log_probs = z.log_softmax(-1)
+    assert "look like log-probabilities" in check_output_kind(log_probs, "logits", task)
+    assert "softmax would be applied twice" in check_output_kind(log_probs.exp(), "logits", task)
+    assert "rows sum to" in check_output_kind(z.sigmoid(), "probabilities", task)
+    assert "exp(rows) sum to" in check_output_kind(-z.abs(), "log_probabilities", task)
+    for values, kind in [(z, "logits"), (log_probs.exp(), "probabilities"), (log_probs, "log_probabilities")]:
+        assert check_output_kind(values, kind, task) is None
+
+
 def test_resolve_heads_declared_detected_and_regression():
     model = Structured("dict").eval()
     heads = resolve_heads(model, heads={"probs": "classification", "logits": "regression"}, labels={"probs": "abc"})

@@ -288,6 +288,22 @@ def test_bad_inputs_through_the_predictor(tmp_path):
         predictor.predict(torch.zeros(1, 1, 8, 8), top_k=0)
 
 
+@pytest.mark.parametrize("task", ["binary", "regression"])
+def test_top_k_on_a_model_that_ranks_nothing_is_refused_naming_its_task(task):
+    """A binary or regression model has no ranking for ``top_k`` to cut: refused, never silently ignored."""
+    model = nn.Sequential(nn.Linear(3, 1), nn.Flatten(0)) if task == "binary" else Regressor()
+    predictor = Predictor(model, task=task, preprocess={"input_shape": [3]})
+    x = torch.randn(2, 3)
+    assert len(predictor.predict(x)) == 2
+    message = f"top_k applies to classification and sequence models only; this model's task is {task}: drop top_k"
+    with pytest.raises(trainfer.InputError, match=message):
+        predictor.predict(x, top_k=2)
+    with pytest.raises(trainfer.InputError, match=message):
+        next(predictor.predict_iter(x, top_k=2))
+    with pytest.raises(trainfer.InputError, match=message):
+        Predictor.ensemble([predictor, predictor]).predict(x, top_k=2)
+
+
 def test_accepts_arrays_lists_single_samples_images_and_csv(tmp_path):
     model = make(3)
     spec = trainfer.PreprocessSpec(input_shape=(1, 8, 8), mean=[0.5], std=[0.25])

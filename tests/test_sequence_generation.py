@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from test_sequence_serving import PATHS, TOKENS, frame_model, one_hot_frames
 
 import trainfer
 from trainfer import decoding
@@ -129,6 +131,30 @@ def test_a_model_without_a_factory_is_refused_at_save(tmp_path):
     with pytest.raises(BundleError, match="needs factory="):
         trainfer.save(model, tmp_path / "b", task="sequence", labels=LABELS, decoder=SETTINGS, example_inputs=images(1))
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("kind", ["autoregressive", "ctc"])
+def test_a_sequence_manifest_without_its_decoder_is_refused_at_load_naming_it(tmp_path, kind):
+    """Without ``decoder`` an encoder-decoder was read as CTC (the default kind) and failed later on a
+    blank colliding with a digit: the missing settings are the one-line error, for either kind."""
+    x = images(2)
+    if kind == "autoregressive":
+        path = trainfer.save(tiny_model(), tmp_path / "b", task="sequence", labels=LABELS, decoder=SETTINGS)
+    else:
+        path = trainfer.save(
+            frame_model(), tmp_path / "b", factory="test_sequence_serving:frame_model", task="sequence", labels=TOKENS
+        )
+        x = one_hot_frames(PATHS)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["decoder"]["kind"] == kind  # trainfer.save records it for every sequence bundle
+    del manifest["decoder"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    message = "no 'decoder' settings, which a sequence head needs: kind 'ctc' (blank) or 'autoregressive'"
+    with pytest.raises(BundleError, match=re.escape(message)):
+        Predictor.load(path)
+    np.save(tmp_path / "x.npy", x.numpy())
+    failed = CliRunner().invoke(main, ["predict", str(path), str(tmp_path / "x.npy")])
+    assert failed.exit_code == 2 and failed.output.count("\n") == 1 and message in failed.output, failed.output
 
 
 def test_trainfer_predict_table_jsonl_csv_and_resumable_out(tmp_path):

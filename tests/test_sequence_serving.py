@@ -94,6 +94,29 @@ def test_bundles_record_the_decoder_and_serve_it(tmp_path):
         Predictor.load(path)
 
 
+def test_a_ctc_head_declared_logits_that_returns_log_probabilities_is_refused_or_warned(tmp_path):
+    """The contradiction is a bundle's refusal at load (as any recorded kind the probes contradict) and,
+    declared by the caller, an OutputKindWarning at the first prediction."""
+    path = trainfer.save(
+        frame_model(),
+        tmp_path / "seq",
+        factory="test_sequence_serving:frame_model",
+        task="sequence",
+        labels=TOKENS,
+        example_inputs=one_hot_frames(PATHS),  # an input shape: the load probes the recorded kind
+    )
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["heads"][0]["output_kind"] == "log_probabilities"  # detected: the final log_softmax
+    manifest["heads"][0]["output_kind"] = "logits"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    message = "declared output kind 'logits', but outputs look like log-probabilities"
+    with pytest.raises(BundleError, match=f"{message}.* probe inputs: refusing to serve it"):
+        Predictor.load(path)
+    declared = Predictor(frame_model(), task="sequence", labels=TOKENS, output_kind="logits")
+    with pytest.warns(trainfer.OutputKindWarning, match=f"{message}.*declared by the caller"):
+        assert [r.text for r in declared.predict(one_hot_frames(PATHS))] == ["abbca", ""]
+
+
 @pytest.mark.parametrize(
     ("decoder", "labels", "match"),
     [

@@ -42,7 +42,8 @@ def served(tmp_path_factory):
     s2s = trainfer.save(
         tiny_model(), root / "s2s", task="sequence", labels=TOKENS, decoder=SETTINGS, example_inputs=images(1)
     )
-    with running_server(str(bundle), str(s2s)) as server:
+    yesno = save_bundle(root / "yesno", seed=6, task="binary", outputs=1, final="sigmoid")
+    with running_server(str(bundle), str(s2s), str(yesno)) as server:
         yield server, bundle, root
 
 
@@ -63,7 +64,7 @@ def test_the_page_predicts_a_chosen_image_and_draws_its_heat_map(served, page):
     image = write_pngs(root / "images", 1, seed=11)[0]
     expected = Predictor.load(bundle).predict([str(image)], top_k=3)[0]
     page.goto(server.url + "/")
-    page.wait_for_function("document.querySelectorAll('#model option').length === 2")
+    page.wait_for_function("document.querySelectorAll('#model option').length === 3")
     assert page.locator("#model").input_value() == "tiny"
     page.check("#explain")
     page.set_input_files("#file", str(image))
@@ -93,7 +94,7 @@ def test_the_page_shows_a_bad_file_as_the_servers_one_line_error(served, page, t
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
     page.goto(server.url + "/")
-    page.wait_for_function("document.querySelectorAll('#model option').length === 2")
+    page.wait_for_function("document.querySelectorAll('#model option').length === 3")
     page.set_input_files("#file", str(bad))
     page.wait_for_function("document.getElementById('error').textContent.length > 0")
     assert page.inner_text("#error").startswith("400: cannot read image 'broken.png'")
@@ -105,7 +106,7 @@ def test_the_page_shows_a_decoded_sequence_its_score_and_n_best(served, page):
     image = write_pngs(root / "strings", 1, seed=12)[0]  # 8 x 8, resized to the bundle's 8 x 64
     expected = Predictor.load(root / "s2s").predict([str(image)], top_k=3)[0]
     page.goto(server.url + "/")
-    page.wait_for_function("document.querySelectorAll('#model option').length === 2")
+    page.wait_for_function("document.querySelectorAll('#model option').length === 3")
     page.select_option("#model", "s2s")
     page.set_input_files("#file", str(image))
     page.wait_for_selector("#result table")
@@ -122,3 +123,19 @@ def test_the_page_shows_a_decoded_sequence_its_score_and_n_best(served, page):
         [float(s.rstrip(")")) for _, (_, s) in shown], [s for _, s in expected.n_best], atol=1e-4
     )
     assert page.locator("#result td.sequence").inner_text() == expected.text
+
+
+def test_the_page_predicts_with_a_binary_model_sending_no_top_k(served, page):
+    """The server refuses top_k for a binary model (400): the page sends it only to models that rank."""
+    server, _, root = served
+    image = write_pngs(root / "binary", 1, seed=13)[0]
+    expected = Predictor.load(root / "yesno").predict([str(image)])[0]
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelectorAll('#model option').length === 3")
+    page.select_option("#model", "yesno")
+    page.set_input_files("#file", str(image))
+    page.wait_for_selector("#result table")
+    assert page.inner_text("#error") == ""
+    probability, decision = page.locator("#result table tr").all_inner_texts()[0].split("\t")
+    assert float(probability.removeprefix("p = ")) == pytest.approx(expected.probability, abs=1e-4)
+    assert decision == f"decision: {str(expected.decision).lower()}"

@@ -35,10 +35,20 @@ BUNDLE_RECORDS = ("manifest.json", "quantization.json", "runtime.json")
 
 
 def load_predictor(
-    bundle: str, batch_size: int, device: str, threshold: float | None, runtime: str | None = None
+    bundle: str,
+    batch_size: int,
+    device: str,
+    threshold: float | None,
+    runtime: str | None = None,
+    top_k: int | None = None,
 ) -> Predictor:
-    """A :class:`Predictor` for a bundle directory or an exported ``.onnx`` file."""
+    """A :class:`Predictor` for a bundle directory or an exported ``.onnx`` file.
+
+    A ``threshold`` (binary only) or ``top_k`` (classification and sequence only) that the bundle's
+    task would silently ignore is refused (:class:`InputError`).
+    """
     from trainfer.serve.predictor import Predictor
+    from trainfer.serve.results import check_top_k
 
     overrides: dict[str, Any] = {"batch_size": batch_size, "device": device}
     if threshold is not None:
@@ -49,6 +59,7 @@ def load_predictor(
     tasks = sorted({head.task for head in predictor.heads})
     if threshold is not None and "binary" not in tasks:  # it would be silently ignored
         raise InputError(f"--threshold applies to binary tasks only; {bundle!r} is {', '.join(tasks)}: drop it")
+    check_top_k(top_k, predictor.heads, name="--top-k")
     return predictor
 
 
@@ -232,11 +243,12 @@ def load_serving(
     device: str,
     threshold: float | None,
     runtime: str | None = None,
+    top_k: int | None = None,
 ):
-    """One Predictor, or an ensemble of several (or of one with ``weights``)."""
+    """One Predictor, or an ensemble of several (or of one with ``weights``), each checked by :func:`load_predictor`."""
     from trainfer.serve.predictor import Predictor
 
-    predictors = [load_predictor(model, batch_size, device, threshold, runtime) for model in models]
+    predictors = [load_predictor(model, batch_size, device, threshold, runtime, top_k) for model in models]
     return predictors[0] if len(predictors) == 1 and weights is None else Predictor.ensemble(predictors, weights)
 
 
@@ -250,7 +262,12 @@ def batch_source(inputs: list[str], spec: PreprocessSpec) -> Any:
 @click.command("predict")
 @click.argument("bundle", type=click.Path())
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Report the k most probable classes.")
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Report the k most probable classes (classification) or k hypotheses (sequence).",
+)
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Decision threshold (binary tasks).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
@@ -311,7 +328,7 @@ def command(
             check_output(Path(out))  # before loading anything: /dev/stdout, a pipe, /dev/zero are refused
             # a bundle, or an input file: writing into a directory of images is fine
             check_output_apart(out, *models, *(path for path in paths if Path(path).is_file()), option="--out")
-        predictor = load_serving(models, parse_weights(weights), batch_size, device, threshold, runtime)
+        predictor = load_serving(models, parse_weights(weights), batch_size, device, threshold, runtime, top_k)
         if out is not None:
             producer = {
                 "models": [model_digest(model) for model in models],

@@ -75,14 +75,8 @@ def save(
         output_kind=output_kind,
         output=output,
         heads=heads,
+        decoder=decoder,
     )
-    if decoder is not None or manifest.task == "sequence":
-        from trainfer.serve import manifest as schema
-        from trainfer.serve.sequence import DecoderSettings
-
-        settings = DecoderSettings.coerce(decoder)
-        settings.table(tuple(manifest.labels) if isinstance(manifest.labels, list) and manifest.labels else None)
-        manifest = schema.build({**manifest.to_json(), "decoder": settings.to_dict()})
     if not (manifest.factory or manifest.architecture):
         raise BundleError(
             "save needs factory='package.module:function' (a callable that rebuilds the architecture) "

@@ -37,7 +37,13 @@ from trainfer.errors import InputError, InputTypeError
 from trainfer.serve.batching import sample_count, timed_batches
 from trainfer.serve.inputs import iter_raw
 from trainfer.serve.preprocess import PreprocessSpec
-from trainfer.serve.results import BinaryResult, ClassificationResult, RegressionResult, check_finite_scores
+from trainfer.serve.results import (
+    BinaryResult,
+    ClassificationResult,
+    RegressionResult,
+    check_finite_scores,
+    check_top_k,
+)
 from trainfer.validate import check_integer, check_type, given
 
 __all__ = [
@@ -253,7 +259,7 @@ class Ensemble:
             yield from batch
 
     def _results(self, inputs: Any, top_k: int | None) -> Iterator[list[Any]]:
-        top_k = check_integer("top_k", top_k, minimum=1, optional=True)
+        top_k = check_top_k(top_k, self.members[0].heads)
         first = 0
         for stacked in self.member_scores(inputs):
             w = self.weights.view(-1, *[1] * (stacked.dim() - 1))

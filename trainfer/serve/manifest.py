@@ -222,6 +222,17 @@ class Manifest(_Schema):
         return config
 
     @model_validator(mode="after")
+    def _decoded(self) -> Manifest:
+        """A sequence head is decoded by its ``decoder`` settings: without them an encoder-decoder would
+        be taken for a CTC model (the default kind) and fail later with an error about something else."""
+        if self.decoder is None and (self.task == "sequence" or any(h.task == "sequence" for h in self.heads)):
+            raise ValueError(
+                "no 'decoder' settings, which a sequence head needs: kind 'ctc' (blank) or 'autoregressive' "
+                "(bos, eos, max_length), as trainfer.save(..., decoder=...) records them"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _consistent(self) -> Manifest:
         """Fields that state the same fact twice must agree: readers of either would serve differently."""
         problems = _contradictions(self)
@@ -336,9 +347,12 @@ def build(data: dict[str, Any]) -> Manifest:
 
 
 def _describe(problem: Any) -> str:
-    """``field.path: what was expected (found: value)`` for one pydantic error."""
-    where = ".".join(str(part) for part in problem["loc"] if not _union_tag(part)) or "(top level)"
+    """``field.path: what was expected (found: value)`` for one pydantic error; a check of the whole
+    manifest (no field path) gives its message alone, which names the fields."""
+    where = ".".join(str(part) for part in problem["loc"] if not _union_tag(part))
     message = re.sub(r" or instance of \w+", "", problem["msg"].removeprefix("Value error, "))
+    if not where:
+        return message
     if problem["type"] == "missing":
         return f"{where}: required field is missing"
     found = problem.get("input")

@@ -39,10 +39,12 @@ def build_manifest(
     output_kind: str | Mapping[Any, str] | None = None,
     output: Selector = None,
     heads: Mapping[Any, str] | None = None,
+    decoder: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """The manifest of ``model`` (everything but the weights entry), validated; see the module docstring.
 
     ``factory`` may stay ``None`` here (an exported file needs none); :func:`save` requires it.
+    ``decoder``: a sequence head's decoding settings (default: CTC's), checked against the token table.
     """
     from trainfer.modes.contexts import shared_inference
     from trainfer.serve import manifest as schema
@@ -69,6 +71,7 @@ def build_manifest(
             "saving a deploy form records its graph, which a load checks on the example input shape: "
             "pass example_inputs= (a batch of one sample is enough)"
         )
+    task_name = resolved[0].task if heads is None else "multi-head"
     return schema.build(
         {
             "format": FORMAT,
@@ -80,13 +83,26 @@ def build_manifest(
             "architecture": describe(model) if form == "deploy" and isinstance(model, fx.GraphModule) else None,
             "input": {"shape": [1, *first.shape[1:]] if first is not None else None, "dtype": spec.dtype},
             "preprocess": spec.to_dict(),
-            "task": resolved[0].task if heads is None else "multi-head",
+            "task": task_name,
             "labels": _manifest_labels(resolved, heads is None),
             "heads": [head.to_dict() for head in resolved],
             "output_structure": structure,
             "versions": writer_versions(),
+            **_decoder_entry(decoder, task_name, resolved[0].labels if heads is None else None),
         }
     )
+
+
+def _decoder_entry(decoder: Mapping[str, Any] | None, task: str, labels: tuple[str, ...] | None) -> dict[str, Any]:
+    """``{"decoder": settings}`` for a sequence head (or where settings are given), checked against the
+    token table ``labels``; ``{}`` otherwise."""
+    if decoder is None and task != "sequence":
+        return {}
+    from trainfer.serve.sequence import DecoderSettings
+
+    settings = DecoderSettings.coerce(decoder)
+    settings.table(labels or None)
+    return {"decoder": settings.to_dict()}
 
 
 def _deploy_options(model: nn.Module, known: ModelRecipe | None) -> dict[str, Any]:

@@ -108,16 +108,24 @@ def _keep(values: Tensor, dim: int) -> Tensor:
 
 
 def check_output_kind(values: Tensor, kind: str, task: str, tolerance: float = 1e-3) -> str | None:
-    """A message when ``values`` contradict ``kind`` (e.g. negative "probabilities"), else ``None``."""
+    """A message when ``values`` contradict ``kind``, else ``None``.
+
+    Contradictions: "probabilities" outside [0, 1] or whose rows do not sum to 1; "log_probabilities"
+    above 0 or whose ``exp`` rows do not sum to 1; "logits" that already are such rows of
+    probabilities (softmax would be applied twice) or of log-probabilities (the declaration is
+    wrong, though softmax and log_softmax leave them as they are). Rows run along the class axis:
+    the last one of a classification ``(N, C)`` (``C > 1``) or a sequence ``(N, T, C)`` output; a
+    binary or regression output has none.
+    """
     if task == "regression" or values.numel() == 0:
         return None
     values = values.detach().double()
-    rows = values.dim() == 2 and values.shape[1] > 1 and task == "classification"
+    axis = _class_axis(values, task)
     low, high = float(values.min()), float(values.max())
     if kind == "probabilities":
         if low < -tolerance or high > 1 + tolerance:
             return f"declared output kind 'probabilities', but outputs range over [{low:.4g}, {high:.4g}], not [0, 1]"
-        sums = values.sum(1) if rows else None
+        sums = values.sum(axis) if axis is not None else None
         if sums is not None and float((sums - 1).abs().max()) > tolerance:
             return (
                 f"declared output kind 'probabilities', but rows sum to [{float(sums.min()):.4g}, "
@@ -126,12 +134,31 @@ def check_output_kind(values: Tensor, kind: str, task: str, tolerance: float = 1
     elif kind == "log_probabilities":
         if high > tolerance:
             return f"declared output kind 'log_probabilities', but outputs reach {high:.4g} > 0"
-        sums = values.exp().sum(1) if rows else None
+        sums = values.exp().sum(axis) if axis is not None else None
         if sums is not None and float((sums - 1).abs().max()) > tolerance:
             return f"declared output kind 'log_probabilities', but exp(rows) sum to {float(sums.min()):.4g}.., not 1"
-    elif rows and low >= 0 and high <= 1 and float((values.sum(1) - 1).abs().max()) <= 1e-4:
+    elif axis is not None and low >= 0 and high <= 1 and _sum_to_one(values.sum(axis)):
         return (
             "declared output kind 'logits', but outputs look like probabilities (rows in [0, 1] summing to 1): "
             "softmax would be applied twice; pass output_kind='probabilities'"
         )
+    elif axis is not None and _sum_to_one(values.exp().sum(axis)):
+        return (
+            "declared output kind 'logits', but outputs look like log-probabilities (rows whose exp sums to 1): "
+            "pass output_kind='log_probabilities'"
+        )
     return None
+
+
+def _class_axis(values: Tensor, task: str) -> int | None:
+    """The axis along which a row of class scores runs (see :func:`check_output_kind`), or None."""
+    if task == "classification" and values.dim() == 2 and values.shape[1] > 1:
+        return 1
+    if task == "sequence" and values.dim() == 3:
+        return 2
+    return None
+
+
+def _sum_to_one(sums: Tensor) -> bool:
+    """Whether every row sum is 1 closely enough that the rows were normalised (not raw logits)."""
+    return float((sums - 1).abs().max()) <= 1e-4

@@ -58,6 +58,7 @@ from trainfer.serve.results import (
     Timings,
     binary_results,
     check_finite_scores,
+    check_top_k,
     classification_results,
     regression_results,
 )
@@ -330,7 +331,7 @@ class Predictor:
         return self._run(iter_raw(samples, self.preprocess_spec), top_k, None)
 
     def _run(self, chunks: Iterator[Tensor], top_k: int | None, total: int | None) -> Iterator[Any]:
-        top_k = check_integer("top_k", top_k, minimum=1, optional=True)
+        top_k = check_top_k(top_k, self.heads)
         show = total is not None and total > self.batch_size
         done = 0
         with tqdm(total=total, unit="sample", desc="predict", disable=None if show else True) as bar:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from trainfer.errors import InputError, NonFiniteError
 from trainfer.serve.outputs import Head
+from trainfer.validate import check_integer
 
 #: Per-batch timings kept by :class:`Timings` (bounded, so that a stream does not grow memory).
 HISTORY = 1024
@@ -33,6 +34,7 @@ __all__ = [
     "Timings",
     "binary_results",
     "check_finite_scores",
+    "check_top_k",
     "class_names",
     "classification_results",
     "regression_results",
@@ -141,6 +143,26 @@ def check_finite_scores(per_head: list[Tensor], heads: list[Head], first: int = 
                 f"the model's output for input sample(s) {bad[:10]}{name} holds NaN or inf: expected finite "
                 "scores (look for inputs far outside the training range, or broken weights)"
             )
+
+
+#: The tasks whose results rank answers, so that a ``top_k`` means something to them.
+_RANKING_TASKS = ("classification", "sequence")
+
+
+def check_top_k(top_k: Any, heads: Iterable[Head], name: str = "top_k") -> int | None:
+    """``top_k`` as an ``int >= 1`` or None, refused (:class:`InputError`) where no head of ``heads``
+    ranks its answers: a binary or regression model would silently ignore it.
+
+    ``name``: how the caller spells the setting in the message (``--top-k`` on the command line).
+    """
+    top_k = check_integer(name, top_k, minimum=1, optional=True)
+    tasks = sorted({head.task for head in heads})
+    if top_k is not None and not any(task in _RANKING_TASKS for task in tasks):
+        raise InputError(
+            f"{name} applies to classification and sequence models only; this model's task is "
+            f"{', '.join(tasks)}: drop {name}"
+        )
+    return top_k
 
 
 def class_names(labels: tuple[str, ...] | None, classes: int) -> tuple[str, ...]:

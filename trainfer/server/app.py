@@ -39,7 +39,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from trainfer._version import __version__
 from trainfer.errors import InputError, one_line
-from trainfer.serve.results import to_records
+from trainfer.serve.results import check_top_k, to_records
 from trainfer.server.access import AccessMiddleware
 from trainfer.server.error_answers import answer_errors
 from trainfer.server.infer_route import InferRoute, versioned
@@ -145,8 +145,7 @@ def _routes(app: FastAPI, server: Server) -> None:
         """The file in the body (an image, a .npy array or CSV rows) -> one JSON line per sample, as
         ``trainfer predict --format jsonl`` writes them."""
         model = server.model(name)
-        if top_k is not None and top_k < 1:
-            raise InputError(f"top_k must be >= 1; got {top_k}")
+        check_top_k(top_k, model.predictor.heads)  # before reading the body: a refused top_k costs nothing
         body = await server.body(request)
         content_type = request.headers.get("content-type", "")
 
