@@ -1,30 +1,53 @@
 """``trainfer serve`` under load: dynamic batching against batch-1 serving and a plain FastAPI handler.
 
 For each model (deploy forms of ``digits_net`` on 1x8x8 and ``repvgg_a0`` on 3x224x224, random
-weights with non-trivial BatchNorm statistics) four servers run in turn, each in its own process:
+weights with non-trivial BatchNorm statistics) five servers run in turn, each in its own process(es):
 ``trainfer serve`` with dynamic batching (``--max-batch 32 --max-delay-ms 5``), ``trainfer serve
 --max-batch 1``, ``benchmarks/serve_peer.py`` (the same Predictor behind a per-request FastAPI
-handler) and ``benchmarks/litserve_peer.py`` (the same Predictor behind LitServe with its batching,
-32 and 5 ms; skipped when litserve is not installed). wrk (Debian's ``wrk``; a separate process)
-drives each at concurrency 1, 8 and 32 with one-sample requests -- Open Inference Protocol binary
-tensor data, or for LitServe (which takes JSON only) the same bytes base64-encoded in JSON -- and
-reports throughput and p50/p99 latency. Every server runs its model on ``--threads`` torch threads
-(1 by default, the same for all). At concurrency 1 the server's overhead is ``1 - (mean seconds
-per batch in the model, from /metrics) / (mean request latency)``. ``cpu_ms`` is the server
-process's own CPU time (user + system, every thread and child process, from ``/proc``) per answered request
-over the run: it moves far less with the machine's load than req/s (caches and clock still shift it),
-so it is the figure to compare code by on a shared machine (``--compare-with DIR``: a checkout of
-other code, each of its rows right after the same row of this code); it means little for a run in
-which few requests finished (requests still in flight when wrk stops cost CPU but are not counted).
+handler), ``benchmarks/litserve_peer.py`` (the same Predictor behind LitServe with its batching,
+32 and 5 ms; skipped when litserve is not installed) and the floor, ``benchmarks/floor_peer.py``
+(uvicorn with uvloop and httptools, the stack ``trainfer serve`` runs on, serving a raw ASGI app
+that reads the body and answers a fixed, precomputed response of the right shape: no framework, no
+model, no decoding; always one process, so its concurrency-8 and -32 rows are the throughput
+ceiling of one Python process on this stack). wrk (Debian's ``wrk``; a separate process) drives
+each at concurrency 1, 8 and 32 with one-sample requests -- Open Inference Protocol binary tensor
+data, or for LitServe (which takes JSON only) the same bytes base64-encoded in JSON -- and reports
+throughput and p50/p99 latency. Every server runs its model on ``--threads`` torch threads
+(1 by default, the same for all).
+
+``--workers N`` (1 by default) runs every server but the floor as N processes sharing the port:
+``trainfer serve --workers N``, the FastAPI peer as N uvicorn workers, LitServe with N inference
+workers and N HTTP front-end processes (``workers_per_device=N``, ``num_api_servers=N``).
+
+At concurrency 1 the server's overhead is ``1 - (mean seconds per batch in the model, from
+/metrics) / (mean request latency)``, measured with ``--workers 1`` only: with more, /metrics
+answers from whichever process takes its connection, not necessarily the one that served wrk's, so
+the figure is left out rather than guessed. From the same run, the overhead a server costing only
+the floor would have: ``floor latency / (floor latency + forward)`` (mean latencies at
+concurrency 1) -- whether 15 % is reachable at all for a model whose forward is sub-millisecond.
+
+``cpu_ms`` is the server process's own CPU time (user + system, every thread and child process,
+from ``/proc``) per answered request over the run: it moves far less with the machine's load than
+req/s (caches and clock still shift it), so it is the figure to compare code by on a shared machine
+(``--compare-with DIR``: a checkout of other code, each of its rows right after the same row of
+this code); it means little for a run in which few requests finished (requests still in flight
+when wrk stops cost CPU but are not counted).
 
 The overload test drives the dynamic server (``--max-queue 64``) with 10x the connections of the
 concurrency-32 run (320, closed loop: wrk cannot hold a rate) for ``--overload-seconds``, waits
 for what the overload left queued to drain (``queue_drained_s``), then runs at concurrency 8:
 every answer must be 200 or 503 (with Retry-After), the process must live, its memory stay
-bounded, and the nominal phase answer only 200s.
+bounded, and the nominal phase answer only 200s (one process, whatever ``--workers``).
+
+After the tables, one line per model states each of the issue's targets and whether this run met
+it, computed from the rows (``serve_targets.py``): dynamic batching >= 2x the req/s of
+``--max-batch 1`` at concurrency 32, its p99 there under 3x its p50 at concurrency 1 + 5 ms, its
+overhead at concurrency 1 under 15 %, and the same overhead for a server at the floor. ``--plot
+PATH`` draws, per model, req/s and p99 against concurrency for every server (log scales) with the
+p99 target as a line.
 
     .venv/bin/python benchmarks/bench_serve_load.py [--models digits_net,repvgg_a0] [--duration 10]
-        [--overload-seconds 30] [--threads 1] [--out runs/serve_load.json]
+        [--overload-seconds 30] [--threads 1] [--workers 1] [--plot serve_load.png] [--out runs/serve_load.json]
 """
 
 from __future__ import annotations
@@ -47,7 +70,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # server_process: start and always stop a server
+sys.path.insert(0, str(ROOT / "benchmarks"))  # serve_targets (also when run by runpy, which adds nothing)
 
+import serve_targets  # noqa: E402
+from serve_targets import BATCH_1, DYNAMIC, FLOOR  # noqa: E402
 from server_process import ServerProcess, get, running_server  # noqa: E402
 
 import trainfer  # noqa: E402
@@ -191,21 +217,19 @@ def rss_mb(server: ServerProcess) -> float:
     return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
 
 
-def servers(bundle: Path, name: str, compare: Path | None = None) -> dict[str, tuple[list[str], list[str] | None]]:
-    """Label -> (arguments, program: None for ``trainfer serve``) of each server to measure; with
-    ``compare`` (a checkout), each ``trainfer serve`` is followed by the same served by that code."""
+def servers(
+    bundle: Path, name: str, workers: int = 1, compare: Path | None = None
+) -> dict[str, tuple[list[str], list[str] | None]]:
+    """Label -> (arguments, program: None for ``trainfer serve``) of each server to measure, each but the
+    floor with ``workers`` processes; with ``compare`` (a checkout), each ``trainfer serve`` is followed
+    by the same served by that code."""
     peers = ROOT / "benchmarks"
+    processes = ["--workers", str(workers)]
     found = {
-        "trainfer serve, dynamic batching (32, 5 ms)": (
-            [str(bundle), "--names", name, "--max-batch", "32", "--max-delay-ms", "5"],
-            None,
-        ),
-        "trainfer serve --max-batch 1": (
-            [str(bundle), "--names", name, "--max-batch", "1", "--max-delay-ms", "0"],
-            None,
-        ),
+        DYNAMIC: ([str(bundle), "--names", name, "--max-batch", "32", "--max-delay-ms", "5", *processes], None),
+        BATCH_1: ([str(bundle), "--names", name, "--max-batch", "1", "--max-delay-ms", "0", *processes], None),
         "plain FastAPI per-request handler": (
-            [str(bundle), "--name", name],
+            [str(bundle), "--name", name, *processes],
             [sys.executable, str(peers / "serve_peer.py")],
         ),
     }
@@ -218,9 +242,10 @@ def servers(bundle: Path, name: str, compare: Path | None = None) -> dict[str, t
         )
     if importlib.util.find_spec("litserve") is not None:
         found[LITSERVE] = (
-            [str(bundle), "--name", name, "--max-batch", "32", "--max-delay-ms", "5"],
+            [str(bundle), "--name", name, "--max-batch", "32", "--max-delay-ms", "5", *processes],
             [sys.executable, str(peers / "litserve_peer.py")],
         )
+    found[FLOOR] = (["--name", name], [sys.executable, str(peers / "floor_peer.py")])
     return found
 
 
@@ -236,18 +261,21 @@ def measure_model(
     bodies: dict[str, tuple[Path, int | str]],
     lua: Path,
     seconds: float,
+    workers: int = 1,
     compare: Path | None = None,
 ) -> list[dict]:
-    """Every server of :func:`servers` at each concurrency; ``bodies``: "binary" and "litserve" requests."""
+    """Every server of :func:`servers` at each concurrency; ``bodies``: "binary" and "litserve" requests.
+    The overhead at concurrency 1 (and the forward's mean seconds, ``forward_ms``) only with one worker."""
     rows = []
-    for label, (args, program) in servers(bundle, name, compare).items():
+    for label, (args, program) in servers(bundle, name, workers, compare).items():
         trainfer_serve = program is None or label.endswith("]")
+        overhead_at_1 = trainfer_serve and workers == 1
         body = bodies["litserve" if label == LITSERVE else "binary"]
         with running_server(*args, program=program) as server:
             url = f"{server.url}/v2/models/{name}/infer"
             wrk(url, 8, 2, body, lua)  # warm-up
             for connections in CONCURRENCY:
-                before = inference_seconds(server) if trainfer_serve else (0.0, 0.0)
+                before = inference_seconds(server) if overhead_at_1 else (0.0, 0.0)
                 cpu = cpu_seconds(server)
                 row = {
                     "model": name,
@@ -256,10 +284,11 @@ def measure_model(
                     **wrk(url, connections, seconds, body, lua),
                 }
                 row["cpu_ms"] = 1e3 * (cpu_seconds(server) - cpu) / max(row["ok"], 1)
-                if trainfer_serve and connections == 1:
+                if overhead_at_1 and connections == 1:
                     after = inference_seconds(server)
                     per_batch = (after[0] - before[0]) / max(after[1] - before[1], 1)
                     row["overhead"] = 1 - per_batch * row["rps"]  # rps = 1 / mean latency at concurrency 1
+                    row["forward_ms"] = 1e3 * per_batch
                 rows.append(row)
                 print(_row_text(row), flush=True)
     return rows
@@ -319,6 +348,48 @@ def _row_text(row: dict) -> str:
     )
 
 
+def report_targets(rows: list[dict], names: list[str], workers: int) -> None:
+    """One line per model: each target of :mod:`serve_targets`, its figure and whether this run met it."""
+    print()
+    for name in names:
+        print(f"{name}: " + "; ".join(map(str, serve_targets.verdicts(rows, name))))
+    if workers > 1:
+        print(f"(--workers {workers}: the overheads at concurrency 1 are not measured, /metrics is per process)")
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Per model, req/s and p99 against concurrency for every server (log scales), and the p99 target
+    (3x the dynamic server's p50 at concurrency 1 + 5 ms), as a PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    names = list(dict.fromkeys(row["model"] for row in rows))
+    figure, axes = pyplot.subplots(len(names), 2, figsize=(13, 4.8 * len(names)), squeeze=False)
+    for (speed, tail), name in zip(axes, names):
+        for server in dict.fromkeys(row["server"] for row in rows if row["model"] == name):
+            own = [row for row in rows if (row["model"], row["server"]) == (name, server) and row["rps"] > 0]
+            levels = [row["concurrency"] for row in own]
+            style = {"marker": "o", "linestyle": "--" if server == FLOOR else "-"}
+            speed.plot(levels, [row["rps"] for row in own], label=server, **style)
+            tail.plot(levels, [row["p99_ms"] for row in own], label=server, **style)
+        single = serve_targets.find(rows, name, DYNAMIC, 1)
+        if single is not None:
+            bound = serve_targets.p99_target_ms(single["p50_ms"])
+            tail.axhline(bound, color="red", linestyle=":", label=f"p99 target at c=32: {bound:.1f} ms")
+        for axis, what in ((speed, "requests/s"), (tail, "p99 latency, ms")):
+            axis.set(xscale="log", yscale="log", xlabel="concurrency (wrk connections)", ylabel=what)
+            axis.set_xticks(CONCURRENCY, [str(c) for c in CONCURRENCY])
+            axis.set_title(f"{name}: {what}")
+            axis.grid(True, which="both", alpha=0.3)
+        tail.legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="digits_net,repvgg_a0", help="comma-separated: digits_net, repvgg_a0")
@@ -342,7 +413,24 @@ def main() -> None:
         help="torch threads of every server (OMP_NUM_THREADS; 0: torch's default). On a shared machine more "
         "than 1 makes each forward wait for descheduled sibling threads, batches most",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes of every server but the floor, sharing its port (trainfer serve --workers N, uvicorn "
+        "workers=N for the FastAPI peer, N inference workers and N HTTP servers for LitServe); the overhead at "
+        "concurrency 1 is measured with 1 only (/metrics is per process)",
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also draw req/s and p99 against concurrency, per model and server, with the p99 target (PNG)",
+    )
     args = parser.parse_args()
+    if args.workers < 1:
+        parser.error(f"--workers: expected at least 1, got {args.workers}")
     if args.threads > 0:  # inherited by every server process, peers included
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     if shutil.which("wrk") is None:
@@ -360,16 +448,21 @@ def main() -> None:
         rows, overloads = [], []
         for name in names if args.duration > 0 else ():
             bodies = {"binary": request_file(root, SHAPES[name]), "litserve": litserve_request_file(root, SHAPES[name])}
-            rows += measure_model(name, bundles[name], bodies, lua, args.duration, args.compare_with)
+            rows += measure_model(name, bundles[name], bodies, lua, args.duration, args.workers, args.compare_with)
+        if rows:
+            report_targets(rows, names, args.workers)
         if args.overload_seconds > 0:
             for name in names:
                 result = overload(name, bundles[name], request_file(root, SHAPES[name]), lua, args.overload_seconds)
                 overloads.append(result)
                 print(json.dumps(result), flush=True)
+    if args.plot is not None and rows:
+        title = f"bench_serve_load: --threads {args.threads} --workers {args.workers}, {time.ctime()}"
+        plot(rows, args.plot, title)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        run = {"rows": rows, "overload": overloads, "threads": args.threads, "time": time.ctime()}
-        args.out.write_text(json.dumps(run, indent=1))
+        figures = {"rows": rows, "overload": overloads, "threads": args.threads, "workers": args.workers}
+        args.out.write_text(json.dumps({**figures, "time": time.ctime()}, indent=1))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,11 @@ parsed JSON only, so a request is ``{"shape": [N, ...], "b64": "<base64 of the f
 by ``Predictor.preprocess``, the batch runs through ``Predictor.scores`` and each request's rows
 become typed results (``Predictor.results_from_scores``), as in ``trainfer serve``.
 
-    .venv/bin/python benchmarks/litserve_peer.py BUNDLE --port 8002 [--max-batch 32 --max-delay-ms 5]
+``--workers N`` runs N inference worker processes (``workers_per_device=N`` on the CPU, each
+loading the bundle and batching on its own) and N HTTP front-end processes sharing the port
+(``num_api_servers=N``, LitServe's own default for N inference workers).
+
+    .venv/bin/python benchmarks/litserve_peer.py BUNDLE --port 8002 [--max-batch 32 --max-delay-ms 5] [--workers 1]
 """
 
 from __future__ import annotations
@@ -92,6 +96,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8002)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-delay-ms", type=float, default=5.0)
+    parser.add_argument("--workers", type=int, default=1, help="inference worker and HTTP server processes")
     args = parser.parse_args()
     stop_group_on_sigterm()
     api = BundleAPI(
@@ -100,8 +105,14 @@ def main() -> None:
         batch_timeout=args.max_delay_ms / 1000,
         api_path=f"/v2/models/{args.name}/infer",
     )
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, healthcheck_path="/v2/health/ready")
-    server.run(host="127.0.0.1", port=args.port, log_level="warning", generate_client_file=False)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=args.workers, healthcheck_path="/v2/health/ready")
+    server.run(
+        host="127.0.0.1",
+        port=args.port,
+        num_api_servers=args.workers,
+        log_level="warning",
+        generate_client_file=False,
+    )
 
 
 if __name__ == "__main__":
