@@ -266,46 +266,58 @@ def test_requests_arriving_while_the_model_is_busy_run_together(max_batch, max_d
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_up_to_workers_batches_run_at_once_and_a_request_finding_a_worker_idle_runs_at_once(workers):
-    """With ``workers`` threads, a request arriving while fewer batches run starts its own batch at
-    once (an hour of delay is never waited); beyond that it queues for the next free worker."""
+def test_while_a_batch_runs_requests_gather_and_a_full_batch_starts_on_a_free_worker(workers):
+    """A lone request runs at once only on an idle model; while a batch runs, later requests gather
+    (here for up to an hour) until ``max_batch`` samples wait, then start on a free worker, if any."""
     model = HeldModel()
 
     async def main():
         batcher = DynamicBatcher(model, max_batch=2, max_delay=3600.0, max_queue=100, workers=workers)
         batcher.start()
-        first = await model.busy(batcher)
+        first = await model.busy(batcher)  # the model was idle: it runs at once, alone
         second = asyncio.ensure_future(batcher.submit(torch.ones(1, 1)))
+        await asyncio.sleep(0.05)
+        gathered = (len(model.sizes), batcher.queued)  # a free worker does not take it alone
+        third = asyncio.ensure_future(batcher.submit(torch.ones(1, 1)))  # max_batch samples wait now
         for _ in range(2000):  # until the second batch starts, or 2 s
             if len(model.sizes) == 2:
                 break
             await asyncio.sleep(0.001)
-        running = len(model.sizes)
-        third = asyncio.ensure_future(batcher.submit(torch.ones(2, 1)))  # max_batch: runs once a worker frees
-        await asyncio.sleep(0.05)
-        queued = batcher.queued
+        started = (len(model.sizes), batcher.queued)
         model.released.set()
         answers = await asyncio.gather(first, second, third)
         await batcher.stop()
-        return running, queued, answers
+        return gathered, started, answers
 
-    running, queued, answers = run(main(), seconds=30)
-    assert running == workers and queued == {1: 3, 2: 2}[workers]  # the third found every worker busy
-    assert [a[0].tolist() for a in answers] == [[[0.0]], [[2.0]], [[2.0], [2.0]]]
+    gathered, started, answers = run(main(), seconds=30)
+    assert gathered == (1, 1)
+    assert started == {1: (1, 2), 2: (2, 0)}[workers]  # one worker: the pair waits for the first batch
+    assert model.sizes == [1, 2] and [a[0].tolist() for a in answers] == [[[0.0]], [[2.0]], [[2.0]]]
 
 
-def test_the_default_workers_are_the_cores_over_torchs_threads():
-    from trainfer.server.batching import default_workers
+def test_the_default_workers_are_the_cores_over_torchs_threads_and_one_for_a_fast_model():
+    from trainfer.server.batching import COMPUTE_BOUND, default_workers
 
     saved = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = default_workers()
+        one = [default_workers(), default_workers(COMPUTE_BOUND), default_workers(COMPUTE_BOUND / 2)]
         torch.set_num_threads(10_000)
         many = default_workers()
     finally:
         torch.set_num_threads(saved)
-    assert one == len(os.sched_getaffinity(0)) and many == 1
+    cores = len(os.sched_getaffinity(0))
+    assert one == [cores, cores, 1] and many == 1
+
+
+def test_a_checked_model_knows_its_one_sample_forward_time():
+    from trainfer import Predictor
+    from trainfer.server.model import ServedModel
+
+    served = ServedModel("linear", Predictor(torch.nn.Linear(4, 3).eval(), preprocess={"input_shape": [4]}))
+    assert served.forward_seconds is None
+    served.check()
+    assert 0 < served.forward_seconds < 10
 
 
 def test_a_full_queue_refuses_at_once_and_a_cancelled_request_is_never_computed():

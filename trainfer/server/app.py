@@ -92,16 +92,21 @@ def create_app(
 
 
 class _App(FastAPI):
-    """FastAPI with two layers outside its own middleware: :class:`AccessMiddleware` (API key, access
-    log, metrics, a one-line 500 for a bug), then :class:`InferRoute` (the protocol's inference
-    requests, answered without FastAPI's layers); every other request reaches FastAPI's stack."""
+    """FastAPI entered through two layers of trainfer's: every HTTP request passes
+    :class:`AccessMiddleware` (API key, access log, metrics, a one-line 500 for a bug), then
+    :class:`InferRoute`, which answers the protocol's inference requests itself -- without FastAPI's
+    per-request work (its telemetry check, middleware, routing; so also without FastAPI's
+    OpenTelemetry spans: trainfer's metrics count them) -- and hands every other request to FastAPI.
+    Lifespan events go to FastAPI directly."""
 
     def __init__(self, server: Server, **options: Any):
         super().__init__(**options)
-        self.server = server
+        self._front = AccessMiddleware(InferRoute(super().__call__, server), server)
 
-    def build_middleware_stack(self) -> Any:
-        return AccessMiddleware(InferRoute(super().build_middleware_stack(), self.server), self.server)
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            return await self._front(scope, receive, send)
+        await super().__call__(scope, receive, send)
 
 
 def _routes(app: FastAPI, server: Server) -> None:

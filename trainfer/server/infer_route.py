@@ -47,7 +47,7 @@ class InferRoute:
         self.app, self.server = app, server
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        match = _PATH.fullmatch(scope["path"]) if scope["type"] == "http" else None
+        match = _PATH.fullmatch(_route_path(scope)) if scope["type"] == "http" else None
         if match is None:
             return await self.app(scope, receive, send)
         try:
@@ -83,6 +83,12 @@ class InferRoute:
 
         content, headers = await asyncio.to_thread(answer) if model.decodes_answers else answer()
         return Response(content, headers=headers)
+
+
+def _route_path(scope: dict[str, Any]) -> str:
+    """The request's path below the app's mount point (``root_path``, e.g. a Ray Serve route prefix)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def versioned(name: str, version: str) -> str:

@@ -26,8 +26,10 @@ decoded ``text``, ``tokens``, ``lengths``, ``score`` (and ``finished``, autoregr
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +76,8 @@ class ServedModel:
     origin: str = ""
     _explainer: Predictor | None = field(default=None, repr=False)
     _explainer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: Seconds of the fastest one-sample :meth:`compute` in :meth:`check` (None until checked).
+    forward_seconds: float | None = None
     _labels: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # see _label_table
 
     def explain(self, sample: Any) -> Attributions:
@@ -126,7 +130,7 @@ class ServedModel:
     def compute(self, batch: Tensor, top_k: int | None = None) -> list[Any]:
         """What the batcher runs on a batch of :meth:`prepare`'d requests, once normalised: the per-head
         :meth:`scores`, checked finite, followed by each classification head's top class
-        (``[*scores, *top_classes]``, all ``(N, ...)``: their rows are the requests' answers), or, for a
+        (``[*scores, *top_classes]``, numpy arrays ``(N, ...)``: their rows are the requests' answers), or, for a
         model that generates, ``[results]``: the batch decoded with the bundle's settings (``top_k``: the Predictor's).
 
         A non-finite score raises :class:`~trainfer.errors.NonFiniteError` for the whole batch (the
@@ -136,7 +140,8 @@ class ServedModel:
         if self.generates:
             return [self.predictor.generate(batch, top_k)]
         scores = self.finite(self.scores(batch))
-        return scores + [s.topk(1, dim=1).indices[:, 0] for s, h in zip(scores, self.predictor.heads) if _ranked(h)]
+        top_classes = [s.topk(1, dim=1).indices[:, 0] for s, h in zip(scores, self.predictor.heads) if _ranked(h)]
+        return [column.numpy() for column in scores + top_classes]  # numpy: each request's rows are cheap views
 
     def scores(self, batch: Tensor) -> list[Tensor]:
         """Per-head scores of a normalised batch, on the CPU."""
@@ -153,22 +158,22 @@ class ServedModel:
         """Typed results of one request's rows of :meth:`compute` (decoded already when the model generates)."""
         if self.generates:
             return list(rows[0])
-        return self.predictor.results_from_scores(rows[: len(self.predictor.heads)], top_k)
+        scores = [torch.from_numpy(column) for column in rows[: len(self.predictor.heads)]]
+        return self.predictor.results_from_scores(scores, top_k)
 
     def tensors(self, rows: list[Any]) -> dict[str, np.ndarray]:
         """The protocol outputs of one request's rows of :meth:`compute`, by name (sequences decoded
         with the bundle's settings); the same numbers as :meth:`results` gives, read from the rows."""
         if self.predictor.task == "sequence":
             decoded = sequence_tensors(self.results(rows, top_k=None), self.generates)
-            return decoded if self.generates else {**decoded, "values": rows[0].numpy()}
+            return decoded if self.generates else {**decoded, "values": rows[0]}
         heads = self.predictor.heads
         top_classes = iter(rows[len(heads) :])
         tensors: dict[str, np.ndarray] = {}
-        for head, scores in zip(heads, rows[: len(heads)], strict=True):
+        for head, values in zip(heads, rows[: len(heads)], strict=True):
             prefix = f"{head.name}." if self.predictor.multi_head else ""
-            values = scores.numpy()
             if _ranked(head):
-                index = next(top_classes).numpy()
+                index = next(top_classes)
                 tensors[prefix + "probabilities"] = values
                 tensors[prefix + "index"] = index
                 tensors[prefix + "label"] = self._label_table(head, values.shape[1])[index]
@@ -196,16 +201,23 @@ class ServedModel:
         generator = torch.Generator().manual_seed(0)
         raw = torch.rand(CHECK_SAMPLES, *self.input_shape, generator=generator, dtype=torch.float64)
         whole = self.compute(self.prepare(raw))
-        single = [self.compute(self.prepare(raw[i : i + 1])) for i in range(CHECK_SAMPLES)]
+        single = [self._timed(self.prepare(raw[i : i + 1])) for i in range(CHECK_SAMPLES)]
         if self.generates:  # the same tokens, and scores within the tolerance
             self._compare(whole[0], [rows[0][0] for rows in single])
         else:
             for h, scores in enumerate(whole[: len(self.predictor.heads)]):
-                self._agree(torch.cat([rows[h] for rows in single]), scores)
+                self._agree(torch.from_numpy(np.concatenate([rows[h] for rows in single])), torch.from_numpy(scores))
         self.outputs = {
             name: (datatype_of(array.dtype), [-1, *(-1 if name in VARIABLE else d for d in array.shape[1:])])
             for name, array in self.tensors(whole).items()
         }
+
+    def _timed(self, batch: Tensor) -> list[Any]:
+        """:meth:`compute` of ``batch``, its seconds kept in :attr:`forward_seconds` when the fastest so far."""
+        start = time.perf_counter()
+        rows = self.compute(batch)
+        self.forward_seconds = min(self.forward_seconds or math.inf, time.perf_counter() - start)
+        return rows
 
     def _compare(self, together: list[Any], alone: list[Any]) -> None:
         """Refuse decoded sequences that change with the batch (their tokens, or scores beyond tolerance)."""

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from fastapi import Request
 
@@ -40,7 +41,8 @@ class ServerSettings:
     model; ``max_body`` the bytes of one request; ``timeout`` the seconds one request may wait
     for its answer; ``api_key`` (when set) must be sent in the ``X-API-Key`` header;
     ``batch_workers`` the batches of one model that may run at once (None: one per core over
-    torch's threads per forward, :func:`~trainfer.server.batching.default_workers`).
+    torch's threads per forward, or 1 for a model whose one-sample forward takes under 1 ms,
+    :func:`~trainfer.server.batching.default_workers`).
 
     ``compile`` maps model names to the keyword arguments of :func:`trainfer.serve.gated.compile`
     (``gate``, ``gate_data``, ``calibration``, ``candidates``, ``rounds``, ...; ``runtime="auto"``
@@ -84,7 +86,10 @@ def check_number(name: str, value: Any, least: float, most: float, integer: bool
 
 
 def _joined(chunks: list[Any]) -> Any:
-    """One output's rows of consecutive chunks, joined: tensors concatenated, lists (decoded results) chained."""
+    """One output's rows of consecutive chunks, joined: arrays and tensors concatenated, lists (decoded
+    results) chained."""
+    if isinstance(chunks[0], np.ndarray):
+        return np.concatenate(chunks)
     if isinstance(chunks[0], torch.Tensor):
         return torch.cat(chunks)
     return [row for chunk in chunks for row in chunk]
@@ -140,7 +145,7 @@ class Server:
                     settings.max_delay_ms / 1000,
                     settings.max_queue,
                     self.metrics.batch_stats(name),
-                    settings.batch_workers or default_workers(),
+                    settings.batch_workers or default_workers(model.forward_seconds),
                 )
                 batcher.start()
                 self.models[name] = model
@@ -166,18 +171,14 @@ class Server:
         batcher, within the timeout; ``top_k`` reaches a model that generates (its search depends on it).
         A request of more than ``max_batch`` samples runs as chunks of ``max_batch``, one after another:
         once its timeout passes, the chunk running finishes and the rest are never computed."""
-        if not len(batch):
+        samples, size = batch.shape[0], self.settings.max_batch
+        if not samples:
             raise InputError("empty input: expected at least one sample")
-        key = self.models[name].key(top_k)
-        loop, size = asyncio.get_running_loop(), self.settings.max_batch
-        deadline = loop.time() + self.settings.timeout
+        key, batcher = self.models[name].key(top_k), self.batchers[name]
+        chunks = [batch] if samples <= size else [batch[start : start + size] for start in range(0, samples, size)]
         try:
-            parts = []
-            for start in range(0, len(batch), size):  # a timed-out request's later chunks never run
-                left = deadline - loop.time()
-                if left <= 0:
-                    raise TimeoutError
-                parts.append(await asyncio.wait_for(self.batchers[name].submit(batch[start : start + size], key), left))
+            async with asyncio.timeout(self.settings.timeout):  # a timed-out request's later chunks never run
+                parts = [await batcher.submit(chunk, key) for chunk in chunks]
             return parts[0] if len(parts) == 1 else [_joined(list(rows)) for rows in zip(*parts, strict=True)]
         except Overloaded as error:
             raise HTTPError(503, f"overloaded: {error}; retry later", self._retry()) from None
