@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response
 
 from trainfer.errors import InputError
 from trainfer.server.error_answers import error_answer
@@ -53,16 +52,19 @@ class InferRoute:
         try:
             if scope["method"] != "POST":
                 raise HTTPError(405, "Method Not Allowed", {"Allow": "POST"})
-            response = await self.infer(Request(scope, receive), match["name"], match["version"] or "1")
+            content, headers = await self.infer(Request(scope, receive), match["name"], match["version"] or "1")
         except Exception as error:
             answer = error_answer(error)
             if answer is None:
                 raise
-            response = answer
-        await response(scope, receive, send)
+            return await answer(scope, receive, send)
+        fields = [(b"content-length", str(len(content)).encode())]
+        fields += [(key.encode("latin-1"), value.encode("latin-1")) for key, value in headers.items()]
+        await send({"type": "http.response.start", "status": 200, "headers": fields})
+        await send({"type": "http.response.body", "body": content})
 
-    async def infer(self, request: Request, name: str, version: str) -> Response:
-        """The protocol's answer to one inference request for model ``name``."""
+    async def infer(self, request: Request, name: str, version: str) -> tuple[bytes, dict[str, str]]:
+        """The protocol's answer to one inference request for model ``name``: its body and headers."""
         server = self.server
         model = server.model(versioned(name, version))
         body = await server.body(request)
@@ -81,8 +83,7 @@ class InferRoute:
         def answer() -> tuple[bytes, dict[str, str]]:
             return encode_response(name, decoded, model.tensors(rows))
 
-        content, headers = await asyncio.to_thread(answer) if model.decodes_answers else answer()
-        return Response(content, headers=headers)
+        return await asyncio.to_thread(answer) if model.decodes_answers else answer()
 
 
 def _route_path(scope: dict[str, Any]) -> str:
