@@ -1,12 +1,13 @@
 """One served model: a bundle's Predictor, checked before it is ready, and its protocol tensors.
 
 The server's path through a Predictor is the Predictor's own, cut in two at the batch: each
-request is validated and normalised alone (:meth:`~trainfer.serve.predictor.Predictor.preprocess`,
-so a bad sample is that request's error, named with that request's sample index), the batch of
-several requests runs through :meth:`~trainfer.serve.predictor.Predictor.scores`, and each
-request's rows become typed results (:meth:`~trainfer.serve.predictor.Predictor.results_from_scores`)
-or protocol tensors. The answers are thus ``Predictor.predict``'s, within the rounding that the
-batch composition changes.
+request is checked alone (the preprocessing spec's checks, so a bad sample is that request's error,
+named with that request's sample index); the batch of several requests is normalised, runs through
+:meth:`~trainfer.serve.predictor.Predictor.scores`, is checked finite and has its top classes
+ranked, once; and each request's rows become typed results
+(:meth:`~trainfer.serve.predictor.Predictor.results_from_scores`) or protocol tensors. Normalising
+is elementwise and ranking is row by row, so the answers are ``Predictor.predict``'s, within the
+rounding that the batch composition changes in the forward.
 
 An autoregressive sequence model has no scores to batch: the batch of several requests is decoded
 whole (:meth:`~trainfer.serve.predictor.Predictor.generate`, the bundle's decoder settings), and each
