@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,9 @@ from trainfer.cli.compile import SEARCH_PARAMETERS, search_options, search_setti
 from trainfer.errors import InputError, MissingFileError
 from trainfer.extras import require
 from trainfer.serve.runtime_names import RUNTIMES
+
+#: The exit status after Ctrl-C (SIGINT): the shell's 128 + 2, not click's "Aborted!" and 1 (a verdict's code).
+INTERRUPTED = 130
 
 
 def model_names(bundles: tuple[str, ...], names: str | None) -> dict[str, str]:
@@ -193,7 +197,7 @@ def command(
 
     A request that finds the model idle runs at once; requests arriving while it is busy run as
     one batch of at most --max-batch samples, waiting at most --max-delay-ms for others.
-    SIGTERM finishes the requests in flight, then exits.
+    SIGTERM or Ctrl-C finishes the requests in flight, then exits (after Ctrl-C with status 130).
 
     --compile first runs `trainfer compile`'s search on each bundle (the server is live, not ready,
     meanwhile; progress and every candidate's figures in the log) and serves the form it chose.
@@ -226,4 +230,7 @@ def command(
         compile=compile_settings(served, search, write_runtime, runtime, workers, search_values),
         write_runtime=write_runtime,
     )
-    serve(settings, host=host, port=port, workers=workers, limit_concurrency=max_connections)
+    try:
+        serve(settings, host=host, port=port, workers=workers, limit_concurrency=max_connections)
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once its graceful shutdown is done
+        sys.exit(INTERRUPTED)
