@@ -272,7 +272,12 @@ def test_serve_on_a_port_in_use_or_a_bad_host_is_one_line_before_loading(bundle,
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        one_line_error(invoke("serve", bundle, "--port", taken.getsockname()[1]), "cannot listen", "in use")
+        one_line_error(
+            invoke("serve", bundle, "--port", taken.getsockname()[1]),
+            "cannot listen",
+            "in use",
+            "(choose another with --port)",
+        )
     one_line_error(invoke("serve", bundle, "--host", "bad host!"), "--host 'bad host!'")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -81,6 +82,18 @@ def check_options(**values: float | None) -> None:
     for field, value in values.items():
         least, most = LIMITS[field] if field != "max_body_mb" else (2**-20, LIMITS["max_body"][1] / 2**20)
         check_number("--" + field.replace("_", "-"), value, least, most, integer=isinstance(value, int))
+
+
+def check_port(host: str, port: int) -> None:
+    """:func:`trainfer.server.run.check_address`, its message naming the way out when the port is in use."""
+    from trainfer.server.run import check_address
+
+    try:
+        check_address(host, port)
+    except InputError as error:
+        if os.strerror(errno.EADDRINUSE) not in str(error):
+            raise
+        raise InputError(f"{error} (choose another with --port)") from None
 
 
 def _given(context: click.Context, name: str) -> bool:
@@ -215,6 +228,7 @@ def command(
         batch_workers=batch_workers,
         max_body_mb=max_body_mb,
     )
+    check_port(host, port)
     served = model_names(bundles, names)
     settings = ServerSettings(
         bundles=served,
