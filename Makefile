@@ -38,6 +38,7 @@ demo: $(BIN)/.installed
 	$(BIN)/trainfer demo
 
 serve: $(BIN)/.installed
+	@test -f runs/demo/bundle_deploy/manifest.json || { echo "no runs/demo/bundle_deploy yet: run \`make demo\` first" >&2; exit 2; }
 	$(BIN)/trainfer serve runs/demo/bundle_deploy
 
 test: lint typecheck $(BIN)/.installed
