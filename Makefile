@@ -1,4 +1,4 @@
-# Two commands matter: `make demo` (the main job) and `make test` (the whole suite, as CI runs it).
+# Three commands matter: `make demo` (the main job), `make test` (the whole suite, as CI runs it) and `make serve` (the demo's bundle over HTTP, after `make demo`).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
