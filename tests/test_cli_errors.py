@@ -300,3 +300,15 @@ def test_threshold_on_a_bundle_without_a_binary_head_is_refused_not_ignored(bund
     np.save(samples, np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32))
     one_line_error(invoke("predict", bundle, samples, "--threshold", "0.5"), "--threshold", "classification")
     assert invoke("predict", bundle, samples).exit_code == 0
+
+
+def test_serve_help_shows_the_bounds_the_server_checks():
+    pytest.importorskip("fastapi")
+    from trainfer.cli.serve import command
+    from trainfer.server.state import LIMITS
+
+    ranges = {param.name: param.type for param in command.params}
+    for field in ("max_batch", "max_delay_ms", "max_queue", "timeout", "batch_workers"):
+        assert (ranges[field].min, ranges[field].max) == LIMITS[field], field
+    assert ranges["max_body_mb"].max == LIMITS["max_body"][1] / 2**20
+    assert "1<=x<=65536" in invoke("serve", "--help").output

@@ -106,33 +106,35 @@ def _given(context: click.Context, name: str) -> bool:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--names", default=None, help="Model names, comma-separated (default: each bundle directory's name).")
-@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1), help="Samples per batch.")
+# The ranges below are trainfer.server.state.LIMITS' (not imported here: it loads torch and fastapi), shown by
+# --help; check_options then refuses what a range lets through (nan, inf). A test keeps the two equal.
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1, 65536), help="Samples per batch.")
 @click.option(
     "--max-delay-ms",
     default=5.0,
     show_default=True,
-    type=click.FloatRange(min=0),
+    type=click.FloatRange(0, 60_000),
     help="How long a request waiting for a busy model may wait for others (one finding it idle runs at once).",
 )
 @click.option(
     "--max-queue",
     default=256,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, 2**20),
     help="Samples waiting, per model, before 503.",
 )
 @click.option(
     "--max-body-mb",
     default=16.0,
     show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
+    type=click.FloatRange(0, 2048, min_open=True),
     help="Request size limit (413).",
 )
 @click.option(
     "--timeout",
     default=30.0,
     show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
+    type=click.FloatRange(0.001, 86_400),
     help="Seconds a request may wait (504).",
 )
 @click.option(
@@ -152,7 +154,7 @@ def _given(context: click.Context, name: str) -> bool:
 @click.option(
     "--batch-workers",
     default=None,
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, 1024),
     help="Batches of one model that may run at once, each in its own thread (default: the cores over torch's "
     "threads per forward: 1 with torch's default threads, one per core with OMP_NUM_THREADS=1).",
 )
