@@ -256,6 +256,8 @@ def test_pruning_step_gates_each_candidate_and_plots_accuracy_against_latency(de
     assert len(pruning["quantization"]) == 1 + bool(passed)
     report = (out / "report.md").read_text()
     assert "## Pruning: narrower layers behind the accuracy gate" in report and "![pruning](pruning.png)" in report
+    heading = "The forms that passed and their int8 forms" if passed else "No pruned form passed the gate"
+    assert heading in report, report
     assert all(f"| {c['name']} |" in report for c in candidates) and "pruned + int8" in printed
 
 

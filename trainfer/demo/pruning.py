@@ -190,10 +190,17 @@ def section(results: dict[str, Any]) -> str:
         f"Validation accuracy of the float form: {_percent(pruned['candidates'][0]['gate']['reference_accuracy'])}.\n\n"
         "| candidate | MACs vs float | parameters vs float | validation accuracy | gate |\n|---|---|---|---|---|\n"
         + "\n".join(rows)
-        + "\n\nThe forms that passed and their int8 forms (`trainfer.quantize`), on the test digits, paired:\n\n"
+        + f"\n\n{_forms_heading(pruned['candidates'])} (`trainfer.quantize`), on the test digits, paired:\n\n"
         "| form | kind | test accuracy | latency b=1 (ms) | latency b=256 (ms) |\n"
         "|---|---|---|---|---|\n" + "\n".join(forms) + f"\n\n{quantization}\n\n![pruning](pruning.png)"
     )
+
+
+def _forms_heading(candidates: list[dict[str, Any]]) -> str:
+    """What the table of measured forms holds: the passing pruned forms too, or only the float form."""
+    if any(c["verdict"] == "passed" for c in candidates):
+        return "The forms that passed and their int8 forms"
+    return "No pruned form passed the gate: the float (deploy) form and its int8 form"
 
 
 def _short(name: str) -> str:
