@@ -292,7 +292,7 @@ def _json_bytes(document: dict[str, Any]) -> bytes:
     for tensor in document["outputs"]:
         data = tensor.get("data")
         if data and isinstance(data[0], float) and not all(map(math.isfinite, data)):
-            raise ValueError(f"output {tensor['name']!r} holds NaN or inf, which JSON cannot carry")
+            raise RuntimeError(f"output {tensor['name']!r} holds NaN or inf, which JSON cannot carry")
     return orjson.dumps(document)
 
 
