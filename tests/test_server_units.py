@@ -444,13 +444,20 @@ def test_multi_head_and_regression_outputs_are_the_predictors_results():
 
 
 async def asgi_request(
-    app, path: str, method: str = "GET", body: bytes = b"", headers: tuple[tuple[bytes, bytes], ...] = ()
+    app,
+    path: str,
+    method: str = "GET",
+    body: bytes = b"",
+    headers: tuple[tuple[bytes, bytes], ...] = (),
+    receive=None,
 ) -> tuple[int, dict[str, str], bytes]:
-    """A request through the ASGI app itself (no server, no socket)."""
+    """A request through the ASGI app itself (no server, no socket); ``receive``: the client's side."""
     sent: list[dict] = []
 
-    async def receive():
+    async def whole_body():
         return {"type": "http.request", "body": body, "more_body": False}
+
+    receive = receive or whole_body
 
     async def send(message):
         sent.append(message)
@@ -613,6 +620,74 @@ def test_a_bug_is_answered_500_in_one_line_and_its_traceback_logged_once_on_infe
     assert [(status, json.loads(body)) for status, _, body in bugs] == [(500, {"error": INTERNAL_ERROR})] * 2
     tracebacks = [r for r in caplog.records if r.exc_info and "boom" in str(r.exc_info[1])]
     assert len(tracebacks) == 2, [r.getMessage() for r in tracebacks]  # one per request
+
+
+async def _ready(app) -> None:
+    while (await asgi_request(app, "/v2/health/ready"))[0] != 200:
+        await asyncio.sleep(0.05)
+
+
+def _digits_app(**settings):
+    from trainfer.server.app import ServerSettings, create_app
+
+    bundle = str(Path(__file__).parent / "fixtures" / "digits_deploy_v2")
+    return create_app(ServerSettings(bundles={"digits": bundle}, **settings))
+
+
+def test_a_sample_at_fault_in_a_request_past_max_batch_is_named_by_its_number_in_the_request():
+    pytest.importorskip("fastapi")
+    app = _digits_app(max_batch=4)
+    data = np.random.default_rng(0).random((10, 1, 8, 8))
+    data[6] = 1e300  # finite in FP64, inf once cast to the model's float32: the third chunk's third sample
+    request = json.dumps(
+        {"inputs": [{"name": "input", "shape": list(data.shape), "datatype": "FP64", "data": data.ravel().tolist()}]}
+    ).encode()
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            await _ready(app)
+            return await asgi_request(app, "/v2/models/digits/infer", "POST", request)
+
+    status, _, body = run(main(), seconds=60)
+    assert status == 400 and json.loads(body)["error"].startswith("input sample(s) [6] overflow float32")
+
+
+def test_a_body_that_does_not_arrive_within_the_timeout_is_408_and_a_client_gone_mid_body_499_without_a_traceback(
+    caplog,
+):
+    pytest.importorskip("fastapi")
+    app = _digits_app(timeout=0.3)
+
+    async def trickle():  # the first bytes, then nothing: a slow-body client
+        if trickle.sent:
+            await asyncio.sleep(3600)
+        trickle.sent = True
+        return {"type": "http.request", "body": b'{"inputs": [', "more_body": True}
+
+    async def leave():  # the first bytes, then the client disconnects
+        if leave.sent:
+            return {"type": "http.disconnect"}
+        leave.sent = True
+        return {"type": "http.request", "body": b'{"inputs": [', "more_body": True}
+
+    trickle.sent = leave.sent = False
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            await _ready(app)
+            slow = await asgi_request(app, "/v2/models/digits/infer", "POST", receive=trickle)
+            gone = await asgi_request(app, "/v2/models/digits/predict", "POST", receive=leave)
+            leave.sent = False
+            gone_infer = await asgi_request(app, "/v2/models/digits/infer", "POST", receive=leave)
+            metrics = (await asgi_request(app, "/metrics"))[2].decode()
+        return slow, gone, gone_infer, metrics
+
+    with caplog.at_level("INFO", logger="trainfer.server"):
+        slow, gone, gone_infer, metrics = run(main(), seconds=60)
+    assert slow[0] == 408 and "did not arrive within the request timeout of 0.3 s" in json.loads(slow[2])["error"]
+    assert gone[0] == gone_infer[0] == 499
+    assert 'endpoint="infer",status="499"' in metrics and 'endpoint="predict",status="499"' in metrics
+    assert not [r for r in caplog.records if r.exc_info], "a client leaving is not a bug"
 
 
 @pytest.mark.parametrize(("path", "status"), [("/no/such/route", 404), ("/v2/models/digits/infer", 405)])

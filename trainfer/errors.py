@@ -90,7 +90,22 @@ class PruningError(TrainferError, ValueError):
 
 class NonFiniteError(InputError):
     """Numbers that must be finite are not: an input that overflows its dtype once cast and
-    normalised, or a model output holding NaN or inf (never served as a prediction)."""
+    normalised, or a model output holding NaN or inf (never served as a prediction).
+
+    Raised as ``NonFiniteError(message)``, or ``NonFiniteError(before, samples, after)``: the message
+    ``before + str(samples[:10]) + after`` names the samples at fault, which :meth:`counted_from`
+    renumbers (a chunk's error, told in its whole request's numbering).
+    """
+
+    def __init__(self, before: str, samples: list[int] | None = None, after: str = ""):
+        self.before, self.samples, self.after = before, samples, after
+        super().__init__(before if samples is None else f"{before}{samples[:10]}{after}")
+
+    def counted_from(self, first: int) -> "NonFiniteError":
+        """This error with its sample numbers counted from ``first`` instead of 0."""
+        if self.samples is None or not first:
+            return self
+        return NonFiniteError(self.before, [first + i for i in self.samples], self.after)
 
 
 class DecodingError(InputError):

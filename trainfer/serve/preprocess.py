@@ -162,8 +162,10 @@ class PreprocessSpec:
         if bad:
             limit = torch.finfo(batch.dtype).max
             raise NonFiniteError(
-                f"input sample(s) {bad[:10]} overflow {self.dtype} once cast and normalised ((x - mean) / std): "
-                f"expected values within +-{limit:.3g} after normalisation"
+                "input sample(s) ",
+                bad,
+                f" overflow {self.dtype} once cast and normalised ((x - mean) / std): "
+                f"expected values within +-{limit:.3g} after normalisation",
             )
         return batch
 
@@ -187,7 +189,7 @@ class PreprocessSpec:
         self._check_shape(batch)
         bad = _non_finite_samples(batch, first)
         if bad:
-            raise NonFiniteError(f"input contains NaN or inf values in sample(s) {bad[:10]}: expected finite numbers")
+            raise NonFiniteError("input contains NaN or inf values in sample(s) ", bad, ": expected finite numbers")
         return batch
 
     def _check_shape(self, batch: Tensor) -> None:

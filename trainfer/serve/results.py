@@ -140,8 +140,10 @@ def check_finite_scores(per_head: list[Tensor], heads: list[Head], first: int = 
             bad = (rows + first).tolist()
             name = f" (head {head.name!r})" if head.name is not None else ""
             raise NonFiniteError(
-                f"the model's output for input sample(s) {bad[:10]}{name} holds NaN or inf: expected finite "
-                "scores (look for inputs far outside the training range, or broken weights)"
+                "the model's output for input sample(s) ",
+                bad,
+                f"{name} holds NaN or inf: expected finite scores (look for inputs far outside the training range, "
+                "or broken weights)",
             )
 
 

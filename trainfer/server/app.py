@@ -159,7 +159,7 @@ def _routes(app: FastAPI, server: Server) -> None:
             items = read_upload(body, filename, content_type, spec, server.settings.max_queue)
             return [i for i, _ in items], model.prepare([sample for _, sample in items])
 
-        ids, batch = await asyncio.to_thread(prepare)
+        ids, batch = await server.decode(prepare)
         rows = await server.run(name, batch, top_k)
         results = (
             await asyncio.to_thread(model.results, rows, top_k) if model.decodes_answers else model.results(rows, top_k)

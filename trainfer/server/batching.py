@@ -50,7 +50,7 @@ from torch import Tensor
 
 from trainfer.errors import InputError
 
-__all__ = ["COMPUTE_BOUND", "BatchStats", "DynamicBatcher", "Overloaded", "default_workers"]
+__all__ = ["COMPUTE_BOUND", "BatchStats", "DynamicBatcher", "Overloaded", "default_workers", "usable_cores"]
 
 
 #: A one-sample forward shorter than this (seconds) leaves a server bound by its event loop's Python,
@@ -70,8 +70,12 @@ def default_workers(forward_seconds: float | None = None) -> int:
     """
     if forward_seconds is not None and forward_seconds < COMPUTE_BOUND:
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, torch.get_num_threads()))
+    return max(1, usable_cores() // max(1, torch.get_num_threads()))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class Overloaded(Exception):

@@ -6,10 +6,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from trainfer.errors import MissingExtraError, TrainferError, one_line
 from trainfer.server.state import HTTPError
 
+#: The status logged and counted for a request whose client left before sending its whole body
+#: (nginx's "client closed request"; never seen by the client).
+CLIENT_GONE = 499
 #: The answer to an exception that is a bug (its traceback goes to the server's log only).
 INTERNAL_ERROR = "internal error in trainfer (a bug): logged on the server"
 
@@ -22,12 +26,15 @@ def answer(status: int, message: str, headers: dict[str, str] | None = None) -> 
 def error_answer(error: Exception) -> JSONResponse | None:
     """The answer to ``error`` when it is a request's mistake or a limit; None for a bug.
 
-    :class:`~trainfer.server.state.HTTPError` its own status; a missing optional extra 501; any
+    :class:`~trainfer.server.state.HTTPError` its own status; a client that left mid-body
+    :data:`CLIENT_GONE`; a missing optional extra 501; any
     other trainfer error (bad input) 400 with the CLI's one-line message; Starlette's routing
     answers (404, 405) and FastAPI's parameter errors in the same form.
     """
     if isinstance(error, HTTPError):
         return answer(error.status, str(error), error.headers)
+    if isinstance(error, ClientDisconnect):  # nobody reads this answer: it gives the log and metrics a status
+        return answer(CLIENT_GONE, "the client closed the connection before its request was read")
     if isinstance(error, MissingExtraError):
         return answer(501, one_line(error))
     if isinstance(error, TrainferError):
@@ -52,6 +59,6 @@ def answer_errors(app: FastAPI) -> None:
         """Starlette answers with this, then raises ``error`` on: the access middleware logs its traceback."""
         return answer(500, INTERNAL_ERROR)
 
-    for kind in (HTTPError, MissingExtraError, TrainferError, HTTPException, RequestValidationError):
+    for kind in (HTTPError, ClientDisconnect, MissingExtraError, TrainferError, HTTPException, RequestValidationError):
         app.add_exception_handler(kind, known)
     app.add_exception_handler(Exception, bug)

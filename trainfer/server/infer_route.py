@@ -77,7 +77,7 @@ class InferRoute:
                 )
             return decoded, model.prepare(decoded.inputs[model.input_name])
 
-        decoded, batch = decode() if len(body) <= INLINE_BYTES else await asyncio.to_thread(decode)
+        decoded, batch = decode() if len(body) <= INLINE_BYTES else await server.decode(decode)
         rows = await server.run(name, batch)
 
         def answer() -> tuple[bytes, dict[str, str]]:

@@ -6,20 +6,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from fastapi import Request
 
-from trainfer.errors import InputError
-from trainfer.server.batching import DynamicBatcher, Overloaded, default_workers
+from trainfer.errors import InputError, NonFiniteError
+from trainfer.server.batching import DynamicBatcher, Overloaded, default_workers, usable_cores
 from trainfer.server.metrics import Metrics
 from trainfer.server.model import ServedModel, load_model
 
 logger = logging.getLogger("trainfer.server")
+T = TypeVar("T")
 
 #: Bounds of :class:`ServerSettings`' numbers (and ``trainfer serve``'s options): field -> (least, most).
 LIMITS: dict[str, tuple[float, float]] = {
@@ -119,6 +120,7 @@ class Server:
         self.batchers: dict[str, DynamicBatcher] = {}
         self.on_fatal = on_fatal
         self.explaining = asyncio.Lock()  # one explanation at a time: each runs the model dozens of times
+        self._decoding = asyncio.Semaphore(usable_cores())  # see decode
 
     @property
     def ready(self) -> bool:
@@ -175,29 +177,53 @@ class Server:
         if not samples:
             raise InputError("empty input: expected at least one sample")
         key, batcher = self.models[name].key(top_k), self.batchers[name]
-        chunks = [batch] if samples <= size else [batch[start : start + size] for start in range(0, samples, size)]
+        starts = range(0, samples, size)
         try:
             async with asyncio.timeout(self.settings.timeout):  # a timed-out request's later chunks never run
-                parts = [await batcher.submit(chunk, key) for chunk in chunks]
+                parts = [await self._chunk(batcher, batch, start, size, key) for start in starts]
             return parts[0] if len(parts) == 1 else [_joined(list(rows)) for rows in zip(*parts, strict=True)]
         except Overloaded as error:
             raise HTTPError(503, f"overloaded: {error}; retry later", self._retry()) from None
         except TimeoutError:
             raise HTTPError(504, f"no answer within the request timeout of {self.settings.timeout:g} s") from None
 
+    @staticmethod
+    async def _chunk(batcher: DynamicBatcher, batch: torch.Tensor, start: int, size: int, key: Hashable) -> list[Any]:
+        """The rows of ``batch[start : start + size]`` (the whole ``batch`` when it fits), a sample at
+        fault named by its number in the whole request."""
+        chunk = batch if start == 0 and batch.shape[0] <= size else batch[start : start + size]
+        try:
+            return await batcher.submit(chunk, key)
+        except NonFiniteError as error:
+            raise error.counted_from(start) from None
+
+    async def decode(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` in a worker thread, at most one per core at once: decoding a large body
+        (JSON numbers become Python objects, about 8x the body's bytes while parsed) off the event
+        loop, with the memory that takes bounded by the cores, not by ``--max-connections``."""
+        async with self._decoding:
+            return await asyncio.to_thread(function, *args)
+
     def _retry(self) -> dict[str, str]:
         return {"Retry-After": str(self.settings.retry_after)}
 
     async def body(self, request: Request) -> bytes:
-        """The request's body, refused with 413 as soon as it exceeds ``max_body`` bytes."""
-        limit = self.settings.max_body
+        """The request's body, refused with 413 as soon as it exceeds ``max_body`` bytes, and with 408
+        when it has not all arrived within the request timeout (a client trickling its body would
+        otherwise hold its connection, one of ``--max-connections``, for as long as it likes)."""
+        limit, timeout = self.settings.max_body, self.settings.timeout
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise HTTPError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HTTPError(413, f"request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(timeout):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise HTTPError(413, f"request body exceeds the limit of {limit} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            message = f"the request body did not arrive within the request timeout of {timeout:g} s"
+            raise HTTPError(408, message) from None
         return b"".join(chunks)
