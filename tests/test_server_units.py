@@ -92,6 +92,23 @@ def test_text_outputs_as_json_and_as_length_prefixed_bytes():
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [Infinity]}]}', None, "finite"),
         (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [[1], [2, 3]]}]}', None, "numbers"),
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}], "id": 3}', None, '"id"'),
+        (ONE[:-1] + b', "id": "\\ud800"}', None, "\"id\" must be valid Unicode text; got '\\ud800'"),
+        (
+            ONE[:-1] + b', "parameters": {"binary_data_output": "yes"}}',
+            None,
+            "parameter 'binary_data_output' of the request must be true or false (a JSON boolean); got 'yes'",
+        ),
+        (
+            ONE[:-1] + b', "outputs": [{"name": "y", "parameters": {"binary_data": "false"}}]}',
+            None,
+            "parameter 'binary_data' of output 'y' must be true or false (a JSON boolean); got 'false'",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1], '
+            b'"parameters": {"binary_data_size": 4}}]}',
+            None,
+            'both "data" and parameters.binary_data_size',
+        ),
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}', "9999", "does not fit"),
         (ONE + b"xx", str(len(ONE)), "no input claims"),
         (
