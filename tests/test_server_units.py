@@ -535,6 +535,21 @@ def test_an_uploaded_npy_gets_the_checks_of_a_npy_file(array, message):
         _npy(data.getvalue(), "x.npy", PreprocessSpec(input_shape=(1, 8, 8)))
 
 
+def test_an_uploaded_npy_whose_header_claims_more_data_than_it_holds_is_refused_before_allocating():
+    """A forged header (10**11 samples of 8x8 float32, 256 bytes sent) is a 400, not a MemoryError."""
+    import io
+
+    from trainfer.errors import InputError
+    from trainfer.serve.preprocess import PreprocessSpec
+    from trainfer.server.uploads import read_upload
+
+    data = io.BytesIO()
+    np.lib.format.write_array_header_1_0(data, {"descr": "<f4", "fortran_order": False, "shape": (10**11, 1, 8, 8)})
+    data.write(b"\0" * 256)
+    with pytest.raises(InputError, match=r"'x\.npy' declares shape \(100000000000, 1, 8, 8\) .* holds 256 bytes"):
+        read_upload(data.getvalue(), "x.npy", "application/octet-stream", PreprocessSpec(input_shape=(1, 8, 8)))
+
+
 def test_the_batch_thread_runs_with_the_torch_threads_of_the_batchers_creator():
     """OpenMP keeps a thread count per thread: the worker thread must not fall back to its default."""
     omp_threads = getattr(ctypes.CDLL(None), "omp_get_max_threads", None)
