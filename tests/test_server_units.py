@@ -647,6 +647,32 @@ def test_a_bug_is_answered_500_in_one_line_and_its_traceback_logged_once_on_infe
     assert len(tracebacks) == 2, [r.getMessage() for r in tracebacks]  # one per request
 
 
+def test_explain_refuses_an_input_whose_scores_overflow_as_predict_does_never_a_heat_map_of_nulls():
+    """Pixels of 1e38 overflow the digits fixture's scores: the explanation (NaN attributions) is a
+    400 as the prediction is, not a 200 whose heat map JSON holds nulls."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("captum")
+    import io
+
+    from trainfer.server.app import ServerSettings, create_app
+
+    app = create_app(ServerSettings(bundles={"digits": str(Path(__file__).parent / "fixtures" / "digits_deploy_v2")}))
+    upload = io.BytesIO()
+    np.save(upload, np.full((1, 1, 8, 8), 1e38, np.float32))
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            while (await asgi_request(app, "/v2/health/ready"))[0] != 200:
+                await asyncio.sleep(0.05)
+            routes = ("predict", "explain")
+            return [await asgi_request(app, f"/v2/models/digits/{r}", "POST", upload.getvalue()) for r in routes]
+
+    answers = [(status, json.loads(body)) for status, _, body in run(main(), seconds=60)]
+    assert [status for status, _ in answers] == [400, 400], answers
+    assert "the model's output for input sample(s) [0] holds NaN or inf" in answers[0][1]["error"]
+    assert "explaining 'upload[0]' gives NaN or inf scores or attributions" in answers[1][1]["error"]
+
+
 @pytest.mark.parametrize(("path", "status"), [("/no/such/route", 404), ("/v2/models/digits/infer", 405)])
 def test_a_routing_error_answers_in_the_error_form(path, status):
     """No route, or a GET where only POST is served: ``{"error": one line}`` like every other refusal."""
