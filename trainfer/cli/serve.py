@@ -39,8 +39,9 @@ def model_names(bundles: tuple[str, ...], names: str | None) -> dict[str, str]:
 def api_key(variable: str | None) -> str | None:
     """The API key held by the environment variable ``variable`` (never given on the command line).
 
-    At least 16 visible ASCII characters (``!`` to ``~``): a client cannot send a space or control
-    character at the edges of a header value (they are stripped), nor reliably any other byte.
+    At least 16 visible ASCII characters (``!`` to ``~``): HTTP strips the spaces at a header value's
+    edges, and control or non-ASCII characters are not portable in headers, so such a key could
+    never (or not reliably) be sent.
     """
     if variable is None:
         return None
@@ -49,7 +50,8 @@ def api_key(variable: str | None) -> str | None:
     if len(key) < 16 or invisible:
         raise InputError(
             f"--api-key-env {variable}: the variable must hold a key of at least 16 visible ASCII characters "
-            f"('!' to '~': no spaces or control characters); got {len(key)} characters, {invisible} of them not"
+            f"('!' to '~': no spaces, control or non-ASCII characters); got {len(key)} characters, "
+            f"{invisible} of them outside '!' to '~'"
         )
     return key
 
