@@ -261,6 +261,29 @@ def test_server_settings_refuse_an_unbounded_number(field, value):
         ServerSettings(bundles={}, **{field: value})
 
 
+@pytest.mark.parametrize(
+    ("key", "given"),
+    [
+        (" " * 24, "24 characters, 24 of them outside"),
+        (" " + "k" * 23, "24 characters, 1 of them outside"),
+        ("k" * 23 + "\n", "24 characters, 1 of them outside"),
+        ("k" * 12 + "\x7f" + "k" * 11, "24 characters, 1 of them outside"),
+        ("é" * 24, "24 characters, 24 of them outside"),
+        ("k" * 15, "15 characters, 0 of them outside"),
+    ],
+)
+def test_serve_refuses_an_api_key_no_client_can_send_in_one_line_before_serving(bundle, monkeypatch, key, given):
+    """Header values lose their edge whitespace and carry ASCII only: such a key could never match."""
+    pytest.importorskip("fastapi")
+    served = []
+    monkeypatch.setattr("trainfer.server.run.serve", lambda settings, **options: served.append(settings.api_key))
+    args = ["serve", str(bundle), "--api-key-env", "SERVE_KEY"]
+    refused = CliRunner().invoke(main, args, env={"SERVE_KEY": key})
+    one_line_error(refused, "--api-key-env SERVE_KEY", "at least 16 visible ASCII characters", f"got {given}")
+    assert CliRunner().invoke(main, args, env={"SERVE_KEY": "k!~" * 6}).exit_code == 0
+    assert served == ["k!~" * 6]
+
+
 def test_serve_on_a_port_in_use_or_a_bad_host_is_one_line_before_loading(bundle, monkeypatch):
     pytest.importorskip("fastapi")
     import socket

@@ -239,6 +239,12 @@ def test_bad_inputs_are_400_with_the_cli_message_and_the_server_keeps_serving(se
             json.dumps({"inputs": [{"name": "input", "shape": [1], "datatype": "FP32", "data": ["x"]}]}).encode(),
             "numbers only",
         ),
+        "lone surrogate id": (_json_request(samples(1, 0))[:-1] + b', "id": "\\ud800"}', '"id" must be valid Unicode'),
+        "binary_data as a string": (
+            _json_request(samples(1, 0))[:-1]
+            + b', "outputs": [{"name": "label", "parameters": {"binary_data": "false"}}]}',
+            "parameter 'binary_data' of output 'label' must be true or false",
+        ),
     }
     for case, (body, message) in cases.items():
         status, answer, _ = post(url, body, headers={**KEY_HEADER, "Content-Type": "application/json"})

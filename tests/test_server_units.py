@@ -92,6 +92,23 @@ def test_text_outputs_as_json_and_as_length_prefixed_bytes():
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [Infinity]}]}', None, "finite"),
         (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [[1], [2, 3]]}]}', None, "numbers"),
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}], "id": 3}', None, '"id"'),
+        (ONE[:-1] + b', "id": "\\ud800"}', None, "\"id\" must be valid Unicode text; got '\\ud800'"),
+        (
+            ONE[:-1] + b', "parameters": {"binary_data_output": "yes"}}',
+            None,
+            "parameter 'binary_data_output' of the request must be true or false (a JSON boolean); got 'yes'",
+        ),
+        (
+            ONE[:-1] + b', "outputs": [{"name": "y", "parameters": {"binary_data": "false"}}]}',
+            None,
+            "parameter 'binary_data' of output 'y' must be true or false (a JSON boolean); got 'false'",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1], '
+            b'"parameters": {"binary_data_size": 4}}]}',
+            None,
+            'both "data" and parameters.binary_data_size',
+        ),
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}', "9999", "does not fit"),
         (ONE + b"xx", str(len(ONE)), "no input claims"),
         (
@@ -525,6 +542,21 @@ def test_an_uploaded_npy_gets_the_checks_of_a_npy_file(array, message):
         _npy(data.getvalue(), "x.npy", PreprocessSpec(input_shape=(1, 8, 8)))
 
 
+def test_an_uploaded_npy_whose_header_claims_more_data_than_it_holds_is_refused_before_allocating():
+    """A forged header (10**11 samples of 8x8 float32, 256 bytes sent) is a 400, not a MemoryError."""
+    import io
+
+    from trainfer.errors import InputError
+    from trainfer.serve.preprocess import PreprocessSpec
+    from trainfer.server.uploads import read_upload
+
+    data = io.BytesIO()
+    np.lib.format.write_array_header_1_0(data, {"descr": "<f4", "fortran_order": False, "shape": (10**11, 1, 8, 8)})
+    data.write(b"\0" * 256)
+    with pytest.raises(InputError, match=r"'x\.npy' declares shape \(100000000000, 1, 8, 8\) .* holds 256 bytes"):
+        read_upload(data.getvalue(), "x.npy", "application/octet-stream", PreprocessSpec(input_shape=(1, 8, 8)))
+
+
 def test_the_batch_thread_runs_with_the_torch_threads_of_the_batchers_creator():
     """OpenMP keeps a thread count per thread: the worker thread must not fall back to its default."""
     omp_threads = getattr(ctypes.CDLL(None), "omp_get_max_threads", None)
@@ -688,6 +720,32 @@ def test_a_body_that_does_not_arrive_within_the_timeout_is_408_and_a_client_gone
     assert gone[0] == gone_infer[0] == 499
     assert 'endpoint="infer",status="499"' in metrics and 'endpoint="predict",status="499"' in metrics
     assert not [r for r in caplog.records if r.exc_info], "a client leaving is not a bug"
+
+
+def test_explain_refuses_an_input_whose_scores_overflow_as_predict_does_never_a_heat_map_of_nulls():
+    """Pixels of 1e38 overflow the digits fixture's scores: the explanation (NaN attributions) is a
+    400 as the prediction is, not a 200 whose heat map JSON holds nulls."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("captum")
+    import io
+
+    from trainfer.server.app import ServerSettings, create_app
+
+    app = create_app(ServerSettings(bundles={"digits": str(Path(__file__).parent / "fixtures" / "digits_deploy_v2")}))
+    upload = io.BytesIO()
+    np.save(upload, np.full((1, 1, 8, 8), 1e38, np.float32))
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            while (await asgi_request(app, "/v2/health/ready"))[0] != 200:
+                await asyncio.sleep(0.05)
+            routes = ("predict", "explain")
+            return [await asgi_request(app, f"/v2/models/digits/{r}", "POST", upload.getvalue()) for r in routes]
+
+    answers = [(status, json.loads(body)) for status, _, body in run(main(), seconds=60)]
+    assert [status for status, _ in answers] == [400, 400], answers
+    assert "the model's output for input sample(s) [0] holds NaN or inf" in answers[0][1]["error"]
+    assert "explaining 'upload[0]' gives NaN or inf scores or attributions" in answers[1][1]["error"]
 
 
 @pytest.mark.parametrize(("path", "status"), [("/no/such/route", 404), ("/v2/models/digits/infer", 405)])

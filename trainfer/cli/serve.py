@@ -37,12 +37,22 @@ def model_names(bundles: tuple[str, ...], names: str | None) -> dict[str, str]:
 
 
 def api_key(variable: str | None) -> str | None:
-    """The API key held by the environment variable ``variable`` (never given on the command line)."""
+    """The API key held by the environment variable ``variable`` (never given on the command line).
+
+    At least 16 visible ASCII characters (``!`` to ``~``): HTTP strips the spaces at a header value's
+    edges, and control or non-ASCII characters are not portable in headers, so such a key could
+    never (or not reliably) be sent.
+    """
     if variable is None:
         return None
     key = os.environ.get(variable, "")
-    if len(key) < 16:
-        raise InputError(f"--api-key-env {variable}: the variable must hold a key of at least 16 characters")
+    invisible = sum(not "!" <= c <= "~" for c in key)
+    if len(key) < 16 or invisible:
+        raise InputError(
+            f"--api-key-env {variable}: the variable must hold a key of at least 16 visible ASCII characters "
+            f"('!' to '~': no spaces, control or non-ASCII characters); got {len(key)} characters, "
+            f"{invisible} of them outside '!' to '~'"
+        )
     return key
 
 

@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ MAX_NPY_ELEMENTS = 2**30
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "check_npy_header",
     "check_regular_file",
     "MAX_IMAGE_PIXELS",
     "MAX_NPY_ELEMENTS",
@@ -63,7 +64,8 @@ def read_npy(path: Path, spec: PreprocessSpec, mmap: bool = False) -> np.ndarray
     file, a 0-d array and an array of 0 samples are errors naming the file and what was expected.
     """
     name = str(path)
-    _check_npy_header(path, mmap)
+    with open(path, "rb") as handle:
+        check_npy_header(handle, name, os.fstat(handle.fileno()).st_size, mmap)
     try:
         array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
@@ -85,33 +87,34 @@ def npy_samples(array: np.ndarray, name: str, spec: PreprocessSpec) -> np.ndarra
     return array
 
 
-def _check_npy_header(path: Path, mmap: bool) -> None:
-    """Refuse a ``.npy`` file from its header alone: not ``.npy``, not numbers, or more data than it holds.
+def check_npy_header(handle: BinaryIO, name: str, size: int, mmap: bool = False) -> None:
+    """Refuse the ``.npy`` file ``name`` from its header alone: not ``.npy``, not numbers, or more data than it holds.
 
-    Read into memory (not ``mmap``), it may hold at most :data:`MAX_NPY_ELEMENTS` elements.
+    ``handle`` is at the file's start and the file holds ``size`` bytes. The header's element count
+    times the item size is checked against the bytes after the header before any array is built (a
+    forged header claiming a huge shape would otherwise be allocated). Read into memory (not
+    ``mmap``), the file may hold at most :data:`MAX_NPY_ELEMENTS` elements.
     """
-    name = str(path)
-    with open(path, "rb") as handle:
-        magic = handle.read(len(_NPY_MAGIC))
-        if magic != _NPY_MAGIC:
-            got = "an empty file (0 bytes)" if not magic else f"a file starting with {magic!r}"
-            raise InputError(f"cannot read {name!r}: expected a .npy array (starting with {_NPY_MAGIC!r}), got {got}")
-        version = tuple(handle.read(2))
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if version not in read_header:
-            raise InputError(f"cannot read {name!r} as a .npy array: format version {version}, expected (1, 0)/(2, 0)")
-        try:
-            shape, _, dtype = read_header[version](handle)
-        except (ValueError, OSError, EOFError, SyntaxError) as error:
-            raise InputError(f"cannot read {name!r} as a .npy array: {error or 'truncated header'}") from None
-        if dtype.hasobject:
-            raise InputError(
-                f"cannot read {name!r} as a .npy array: it holds pickled Python objects, never loaded "
-                "(allow_pickle=False): expected numbers"
-            )
-        check_numeric(dtype, f"cannot read {name!r}: wrong dtype")
-        elements = math.prod(shape)
-        available = os.fstat(handle.fileno()).st_size - handle.tell()
+    magic = handle.read(len(_NPY_MAGIC))
+    if magic != _NPY_MAGIC:
+        got = "an empty file (0 bytes)" if not magic else f"a file starting with {magic!r}"
+        raise InputError(f"cannot read {name!r}: expected a .npy array (starting with {_NPY_MAGIC!r}), got {got}")
+    version = tuple(handle.read(2))
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in read_header:
+        raise InputError(f"cannot read {name!r} as a .npy array: format version {version}, expected (1, 0)/(2, 0)")
+    try:
+        shape, _, dtype = read_header[version](handle)
+    except (ValueError, OSError, EOFError, SyntaxError) as error:
+        raise InputError(f"cannot read {name!r} as a .npy array: {error or 'truncated header'}") from None
+    if dtype.hasobject:
+        raise InputError(
+            f"cannot read {name!r} as a .npy array: it holds pickled Python objects, never loaded "
+            "(allow_pickle=False): expected numbers"
+        )
+    check_numeric(dtype, f"cannot read {name!r}: wrong dtype")
+    elements = math.prod(shape)
+    available = size - handle.tell()
     if elements * dtype.itemsize > available:
         raise InputError(
             f"{name!r} declares shape {shape} of {dtype} ({elements * dtype.itemsize} bytes) but holds "

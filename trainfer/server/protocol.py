@@ -102,7 +102,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         id=_optional_text(document.get("id"), "id"),
         inputs=arrays,
         outputs=_requested_outputs(document.get("outputs")),
-        binary_outputs=bool(_parameters(document).get("binary_data_output", False)),
+        binary_outputs=_flag(_parameters(document), "binary_data_output", "the request"),
     )
 
 
@@ -155,10 +155,27 @@ def _parameters(document: dict[str, Any]) -> dict[str, Any]:
     return parameters
 
 
+def _flag(parameters: dict[str, Any], name: str, owner: str) -> bool:
+    """The boolean parameter ``name`` of ``owner`` (false when absent): a JSON ``true`` or ``false``
+    only, as ``"false"`` (a non-empty string) would otherwise count as true."""
+    value = parameters.get(name, False)
+    if not isinstance(value, bool):
+        raise InputError(f"parameter {name!r} of {owner} must be true or false (a JSON boolean); got {value!r:.40}")
+    return value
+
+
 def _optional_text(value: Any, what: str) -> str | None:
-    if value is None or isinstance(value, str):
+    """``value`` when absent or text the response can echo: JSON lets an escape (``\\ud800``) give a
+    lone surrogate, which no UTF-8 encoder writes back."""
+    if value is None:
         return value
-    raise InputError(f'"{what}" must be a string; got {type(value).__name__}')
+    if not isinstance(value, str):
+        raise InputError(f'"{what}" must be a string; got {type(value).__name__}')
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InputError(f'"{what}" must be valid Unicode text; got {value!r:.40} ({error.reason})') from None
+    return value
 
 
 def _input_tensor(tensor: Any, index: int, binary: memoryview) -> tuple[str, np.ndarray, int]:
@@ -180,6 +197,8 @@ def _input_tensor(tensor: Any, index: int, binary: memoryview) -> tuple[str, np.
     dtype = DATATYPES[datatype]
     size = _parameters(tensor).get("binary_data_size")
     if size is not None:
+        if "data" in tensor:
+            raise InputError(f'input {name!r} has both "data" and parameters.binary_data_size: give one of them')
         return name, _binary_array(name, size, count, dtype, binary).reshape(shape), size
     if "data" not in tensor:
         raise InputError(f'input {name!r} has neither "data" nor parameters.binary_data_size')
@@ -246,7 +265,7 @@ def _requested_outputs(outputs: Any) -> dict[str, bool] | None:
     for index, output in enumerate(outputs):
         if not isinstance(output, dict) or not isinstance(output.get("name"), str):
             raise InputError(f'requested output {index} must be an object with a "name"')
-        requested[output["name"]] = bool(_parameters(output).get("binary_data", False))
+        requested[output["name"]] = _flag(_parameters(output), "binary_data", f"output {output['name']!r}")
     return requested
 
 

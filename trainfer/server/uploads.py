@@ -20,7 +20,14 @@ import torch
 
 from trainfer.errors import InputError
 from trainfer.serve.preprocess import PreprocessSpec
-from trainfer.serve.readers import IMAGE_SUFFIXES, column_indices, load_image, npy_samples, parse_row
+from trainfer.serve.readers import (
+    IMAGE_SUFFIXES,
+    check_npy_header,
+    column_indices,
+    load_image,
+    npy_samples,
+    parse_row,
+)
 
 __all__ = ["MAX_NAME", "read_upload"]
 
@@ -65,7 +72,9 @@ def read_upload(
 
 
 def _npy(data: bytes, name: str, spec: PreprocessSpec) -> list[tuple[str, Any]]:
-    """One raw sample per row of the ``.npy`` array in ``data`` (never unpickled)."""
+    """One raw sample per row of the ``.npy`` array in ``data`` (never unpickled; its header checked
+    against the bytes present before any array is built, as ``trainfer predict`` checks a file)."""
+    check_npy_header(io.BytesIO(data), name, len(data))
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
