@@ -177,7 +177,7 @@ def _routes(app: FastAPI, server: Server) -> None:
         body = await server.body(request)
         content_type = request.headers.get("content-type", "")
         spec = model.predictor.preprocess_spec
-        items = await asyncio.to_thread(read_upload, body, filename, content_type, spec, server.settings.max_queue)
+        items = await server.decode(read_upload, body, filename, content_type, spec, server.settings.max_queue)
         async with server.explaining:
             attributions = await asyncio.to_thread(model.explain, items[0][1])
         return {
