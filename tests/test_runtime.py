@@ -213,3 +213,16 @@ def test_inductor_serves_the_deploy_form(deployed):
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         assert _rel_error(compiled(x), deployed(x)) <= TOLERANCE[torch.float32]
+
+
+def test_onnx_runtime_pool_threads_sleep_when_idle_so_they_never_take_the_cores_of_what_runs_next(deployed, tmp_path):
+    """Spinning intra-op threads kept 2 cores busy after each run and slowed the next form of a
+    paired measurement (OpenVINO's int8 at 2 threads: 1.2-3.6x its own time) or a server's event loop."""
+    from trainfer.serve.engines import ort_engine
+
+    path = tmp_path / "digits.onnx"
+    trainfer.export(deployed, path, example_inputs=torch.randn(1, 1, 8, 8))
+    engine = ort_engine(path, {"input": {"shape": [1, 1, 8, 8], "dtype": "float32"}}, 2)
+    options = engine.session.get_session_options()
+    assert options.intra_op_num_threads == 2
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"

@@ -60,12 +60,15 @@ class TorchEngine:
 
 
 def ort_engine(path: Path, manifest: Manifest, threads: int) -> Callable[[Tensor], Any]:
-    """An ONNX Runtime session on ``path`` (all graph optimisations, ``threads`` intra-op threads)."""
+    """An ONNX Runtime session on ``path`` (all graph optimisations, ``threads`` intra-op threads that
+    sleep when idle: by default they spin for a while after each run, taking the cores from whatever
+    runs next -- the next form of a paired measurement, a server's event loop)."""
     ort = require("onnxruntime", "onnx", "the onnxruntime runtime")
     from trainfer.serve.onnx_runtime import OnnxModel
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return OnnxModel(path, manifest, options, dtype="float32")
 
