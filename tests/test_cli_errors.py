@@ -334,4 +334,5 @@ def test_serve_help_shows_the_bounds_the_server_checks():
     for field in ("max_batch", "max_delay_ms", "max_queue", "timeout", "batch_workers"):
         assert (ranges[field].min, ranges[field].max) == LIMITS[field], field
     assert ranges["max_body_mb"].max == LIMITS["max_body"][1] / 2**20
+    assert (ranges["max_connections"].min, ranges["max_connections"].max) == LIMITS["max_requests"]
     assert "1<=x<=65536" in invoke("serve", "--help").output

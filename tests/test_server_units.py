@@ -748,6 +748,37 @@ def test_explain_refuses_an_input_whose_scores_overflow_as_predict_does_never_a_
     assert "explaining 'upload[0]' gives NaN or inf scores or attributions" in answers[1][1]["error"]
 
 
+def test_past_max_requests_a_request_gets_a_json_503_with_retry_after_before_its_body_is_read_probes_excepted():
+    pytest.importorskip("fastapi")
+    app = _digits_app(max_requests=2, timeout=30)
+    held = asyncio.Event()
+
+    async def hold():  # a client whose body never comes: it holds one of the max_requests
+        await held.wait()
+        return {"type": "http.disconnect"}
+
+    async def never():
+        raise AssertionError("the body of a refused request is read")
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            await _ready(app)
+            holders = [asyncio.ensure_future(asgi_request(app, "/v2/models/digits/infer", "POST", receive=hold))]
+            holders.append(asyncio.ensure_future(asgi_request(app, "/v2/models/digits/infer", "POST", receive=hold)))
+            await asyncio.sleep(0.1)
+            refused = await asgi_request(app, "/v2/models/digits/infer", "POST", receive=never)
+            probe = await asgi_request(app, "/v2/health/live")
+            held.set()
+            await asyncio.gather(*holders)
+            after = await asgi_request(app, "/v2/models/digits")
+        return refused, probe, after
+
+    refused, probe, after = run(main(), seconds=60)
+    assert refused[0] == 503 and refused[1]["retry-after"] == "1"
+    assert json.loads(refused[2]) == {"error": "overloaded: 2 requests are being handled; retry later"}
+    assert probe[0] == 200 and after[0] == 200
+
+
 @pytest.mark.parametrize(("path", "status"), [("/no/such/route", 404), ("/v2/models/digits/infer", 405)])
 def test_a_routing_error_answers_in_the_error_form(path, status):
     """No route, or a GET where only POST is served: ``{"error": one line}`` like every other refusal."""

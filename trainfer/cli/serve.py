@@ -152,7 +152,7 @@ def _given(context: click.Context, name: str) -> bool:
     default=512,
     show_default=True,
     type=click.IntRange(1, 1_000_000),
-    help="Open connections before 503.",
+    help="Requests handled at once (bodies held); the next gets 503 with Retry-After (health probes excepted).",
 )
 @click.option(
     "--workers",
@@ -253,10 +253,11 @@ def command(
         trust_factory=trusted(),
         api_key=api_key(api_key_env),
         batch_workers=batch_workers,
+        max_requests=max_connections,
         compile=compile_settings(served, search, write_runtime, runtime, workers, search_values),
         write_runtime=write_runtime,
     )
     try:
-        serve(settings, host=host, port=port, workers=workers, limit_concurrency=max_connections)
+        serve(settings, host=host, port=port, workers=workers)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once its graceful shutdown is done
         sys.exit(INTERRUPTED)

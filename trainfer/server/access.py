@@ -1,4 +1,5 @@
-"""Every request's gate and record: the API key, one structured access-log line (the logger
+"""Every request's gate and record: the number of requests handled at once (a 503 with
+``Retry-After`` past ``max_requests``), the API key, one structured access-log line (the logger
 ``trainfer.server.access``), the metrics, and a one-line 500 for an exception escaping the app."""
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ logger = logging.getLogger("trainfer.server")
 access_logger = logging.getLogger("trainfer.server.access")
 
 API_KEY_HEADER = "x-api-key"
-_OPEN_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/docs", "/openapi.json"})
+_PROBES = frozenset({"/v2/health/live", "/v2/health/ready"})  # answered even past max_requests: they hold no body
+_OPEN_PATHS = frozenset({"/", "/docs", "/openapi.json", *_PROBES})
 
 
 class AccessMiddleware:
@@ -30,6 +32,7 @@ class AccessMiddleware:
         self.app, self.server = app, server
         key = server.settings.api_key
         self.key = key.encode() if key else None
+        self.in_flight = 0  # requests being handled (their bodies held): at most settings.max_requests
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -45,8 +48,13 @@ class AccessMiddleware:
             await send(message)
 
         path: str = scope["path"]
+        settings = self.server.settings
+        self.in_flight += 1
         try:
-            if self.key is not None and path not in _OPEN_PATHS and not self._authorized(scope):
+            if self.in_flight > settings.max_requests and path not in _PROBES:
+                message = f"overloaded: {settings.max_requests} requests are being handled; retry later"
+                await _send_json(sending, 503, {"error": message}, {"retry-after": str(settings.retry_after)})
+            elif self.key is not None and path not in _OPEN_PATHS and not self._authorized(scope):
                 await _send_json(sending, 401, {"error": f"missing or wrong API key (header {API_KEY_HEADER})"})
             else:
                 await self.app(scope, receive, sending)
@@ -54,6 +62,8 @@ class AccessMiddleware:
             logger.exception("internal error answering %s %s", scope["method"], path[:200])
             if not started:
                 await _send_json(sending, 500, {"error": INTERNAL_ERROR})
+        finally:
+            self.in_flight -= 1
         seconds = time.perf_counter() - start
         self.server.metrics.observe(endpoint_label(path), status, seconds)
         if not access_logger.isEnabledFor(logging.INFO):
@@ -78,9 +88,10 @@ class AccessMiddleware:
         return hmac.compare_digest(given, self.key)
 
 
-async def _send_json(send: Any, status: int, document: dict[str, Any]) -> None:
+async def _send_json(send: Any, status: int, document: dict[str, Any], extra: dict[str, str] | None = None) -> None:
     body = json.dumps(document).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(name.encode(), value.encode()) for name, value in (extra or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

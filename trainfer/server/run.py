@@ -61,6 +61,9 @@ def serve(
         "port": port,
         "access_log": False,  # ours is structured: trainfer.server.access
         "timeout_graceful_shutdown": settings.timeout + SHUTDOWN_GRACE,
+        # a backstop: trainfer's access layer answers 503 with Retry-After past max_requests; past
+        # twice that, uvicorn refuses connections itself (a plain-text 503)
+        "limit_concurrency": 2 * settings.max_requests,
         "log_level": "info",
         **uvicorn,
     }

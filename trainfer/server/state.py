@@ -31,6 +31,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "timeout": (0.001, 86_400),
     "retry_after": (0, 3600),
     "batch_workers": (1, 1024),
+    "max_requests": (1, 10**6),
 }
 
 
@@ -43,7 +44,9 @@ class ServerSettings:
     for its answer; ``api_key`` (when set) must be sent in the ``X-API-Key`` header;
     ``batch_workers`` the batches of one model that may run at once (None: one per core over
     torch's threads per forward, or 1 for a model whose one-sample forward takes under 1 ms,
-    :func:`~trainfer.server.batching.default_workers`).
+    :func:`~trainfer.server.batching.default_workers`); ``max_requests`` the requests handled at
+    once (one per open connection, ``--max-connections``): the next is answered 503 with
+    ``Retry-After`` before its body is read.
 
     ``compile`` maps model names to the keyword arguments of :func:`trainfer.serve.gated.compile`
     (``gate``, ``gate_data``, ``calibration``, ``candidates``, ``rounds``, ...; ``runtime="auto"``
@@ -62,6 +65,7 @@ class ServerSettings:
     api_key: str | None = None
     retry_after: int = 1
     batch_workers: int | None = None
+    max_requests: int = 512
     compile: dict[str, dict[str, Any]] | None = None
     write_runtime: bool = False
 
