@@ -11,6 +11,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from starlette.types import Receive, Scope, Send
+
 from trainfer.server.error_answers import INTERNAL_ERROR
 from trainfer.server.state import Server
 
@@ -34,7 +36,7 @@ class AccessMiddleware:
         self.key = key.encode() if key else None
         self.in_flight = 0  # requests being handled (their bodies held): at most settings.max_requests
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
@@ -82,7 +84,7 @@ class AccessMiddleware:
             )
         )
 
-    def _authorized(self, scope: dict[str, Any]) -> bool:
+    def _authorized(self, scope: Scope) -> bool:
         assert self.key is not None
         given = next((value for name, value in scope["headers"] if name == API_KEY_HEADER.encode()), b"")
         return hmac.compare_digest(given, self.key)

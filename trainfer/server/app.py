@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from trainfer._version import __version__
 from trainfer.errors import NonFiniteError, one_line
@@ -103,7 +104,7 @@ class _App(FastAPI):
         super().__init__(**options)
         self._front = AccessMiddleware(InferRoute(super().__call__, server), server)
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             return await self._front(scope, receive, send)
         await super().__call__(scope, receive, send)

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from trainfer.errors import InputError
 from trainfer.server.error_answers import error_answer
@@ -30,8 +30,6 @@ from trainfer.server.protocol import HEADER_LENGTH, decode_request, encode_respo
 from trainfer.server.state import HTTPError, Server
 
 __all__ = ["INLINE_BYTES", "InferRoute", "versioned"]
-
-ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
 #: Request bodies up to this size are decoded on the event loop (a thread hop would cost more than
 #: the decoding); larger ones in a worker thread, so that the loop keeps answering meanwhile.
@@ -45,7 +43,7 @@ class InferRoute:
     def __init__(self, app: ASGIApp, server: Server):
         self.app, self.server = app, server
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = _PATH.fullmatch(_route_path(scope)) if scope["type"] == "http" else None
         if match is None:
             return await self.app(scope, receive, send)
@@ -86,7 +84,7 @@ class InferRoute:
         return await asyncio.to_thread(answer) if model.decodes_answers else answer()
 
 
-def _route_path(scope: dict[str, Any]) -> str:
+def _route_path(scope: Scope) -> str:
     """The request's path below the app's mount point (``root_path``, e.g. a Ray Serve route prefix)."""
     path, root = scope["path"], scope.get("root_path", "")
     return path[len(root) :] if root and path.startswith(root) else path
