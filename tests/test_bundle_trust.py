@@ -394,6 +394,25 @@ def valid_bundles(tmp_path_factory):
     }, expected
 
 
+@pytest.mark.parametrize("returned", [None, "wrapped"])
+def test_an_architecture_returning_other_than_the_recorded_output_structure_is_refused(valid_bundles, returned):
+    """Found by the property below: the output node edited to return None, or the tensor in a list
+    (the description's digest recomputed, as an attacker would), loaded and computed something else."""
+    bundles, _ = valid_bundles
+    source, manifest = bundles["deploy"]
+    mutated = copy.deepcopy(manifest)
+    output = mutated["architecture"]["nodes"][-1]
+    output["args"][0] = None if returned is None else [output["args"][0]]
+    body = {key: value for key, value in mutated["architecture"].items() if key != "sha256"}
+    mutated["architecture"]["sha256"] = digest(body)
+    with tempfile.TemporaryDirectory() as directory:
+        bundle = Path(directory) / "b"
+        shutil.copytree(source, bundle)
+        (bundle / "manifest.json").write_text(json.dumps(mutated))
+        with pytest.raises(BundleError, match="architecture"):
+            trainfer.load(bundle)
+
+
 @settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), form=st.sampled_from(["train", "deploy"]))
 def test_mutated_manifests_give_a_named_bundle_error_or_a_correct_load(valid_bundles, evil_module, data, form):

@@ -122,6 +122,8 @@ def test_text_outputs_as_json_and_as_length_prefixed_bytes():
             "!= 2 elements",
         ),
         (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": ["1", "2"]}]}', None, "found '1'"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": {}, "data": [1]}]}', None, "datatype {} is not served"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": [1], "data": [1]}]}', None, "is not served"),
         (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [[1], ["2"]]}]}', None, "found '2'"),
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT32", "data": [true]}]}', None, "found True"),
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BOOL", "data": [1]}]}', None, "true/false only"),
@@ -768,15 +770,16 @@ def test_past_max_requests_a_request_gets_a_json_503_with_retry_after_before_its
             await asyncio.sleep(0.1)
             refused = await asgi_request(app, "/v2/models/digits/infer", "POST", receive=never)
             probe = await asgi_request(app, "/v2/health/live")
+            metrics = await asgi_request(app, "/metrics")  # bodiless: never refused for the limit
             held.set()
             await asyncio.gather(*holders)
             after = await asgi_request(app, "/v2/models/digits")
-        return refused, probe, after
+        return refused, (probe, metrics), after
 
-    refused, probe, after = run(main(), seconds=60)
+    refused, (probe, metrics), after = run(main(), seconds=60)
     assert refused[0] == 503 and refused[1]["retry-after"] == "1"
     assert json.loads(refused[2]) == {"error": "overloaded: 2 requests are being handled; retry later"}
-    assert probe[0] == 200 and after[0] == 200
+    assert probe[0] == metrics[0] == after[0] == 200
 
 
 @pytest.mark.parametrize(("path", "status"), [("/no/such/route", 404), ("/v2/models/digits/infer", 405)])

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import fx, nn
 
-from trainfer.errors import BundleError
+from trainfer.errors import BundleError, InputError
 from trainfer.recipe import ModelRecipe, attach_recipe
 from trainfer.registry import factory_name
 from trainfer.serve.architecture import check_computation, rebuild
@@ -119,6 +119,7 @@ def load(
     if described:  # weights in place: what the graph computes is bounded before it computes anything
         graph = cast(fx.GraphModule, model)
         output = check_computation(graph, manifest.input_shape, f"{path}: architecture")
+        _check_structure(manifest, output, str(path))
         _check_outputs(manifest, output, str(path))
     attach_recipe(model, recipe_from(manifest))
     if manifest.form == "deploy":
@@ -147,6 +148,23 @@ def recipe_from(manifest: Manifest) -> ModelRecipe:
     options = manifest.deploy_options.model_dump(mode="json", exclude_unset=True)
     shape = tuple(manifest.input_shape) if manifest.input_shape is not None else None
     return ModelRecipe(manifest.factory, manifest.config, shape, manifest.form, options)
+
+
+def _check_structure(manifest: Manifest, output: Any, source: str) -> None:
+    """Refuse an architecture that returns something else than a tensor, a tuple or a dict of tensors,
+    or other than the ``output_structure`` the manifest records (its kind, length, fields or keys)."""
+    from trainfer.serve.output_structure import describe_structure
+
+    try:
+        found = describe_structure(output)
+    except InputError as error:
+        raise BundleError(f"invalid manifest {source!r}: architecture: {error}") from None
+    recorded = manifest.output_structure
+    if recorded is not None and found != recorded.model_dump(exclude_none=True):
+        raise BundleError(
+            f"invalid manifest {source!r}: architecture returns {found}, but output_structure records "
+            f"{recorded.model_dump(exclude_none=True)}"
+        )
 
 
 def _check_outputs(manifest: Manifest, output: Any, source: str) -> None:

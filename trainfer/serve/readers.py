@@ -105,8 +105,11 @@ def check_npy_header(handle: BinaryIO, name: str, size: int, mmap: bool = False)
         raise InputError(f"cannot read {name!r} as a .npy array: format version {version}, expected (1, 0)/(2, 0)")
     try:
         shape, _, dtype = read_header[version](handle)
-    except (ValueError, OSError, EOFError, SyntaxError) as error:
-        raise InputError(f"cannot read {name!r} as a .npy array: {error or 'truncated header'}") from None
+    except (ValueError, OSError, EOFError, SyntaxError):  # numpy's message may quote the parsed header's objects
+        raise InputError(
+            f"cannot read {name!r} as a .npy array: a malformed or truncated header (expected a dict of descr, "
+            "fortran_order and shape)"
+        ) from None
     if dtype.hasobject:
         raise InputError(
             f"cannot read {name!r} as a .npy array: it holds pickled Python objects, never loaded "

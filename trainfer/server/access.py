@@ -1,4 +1,4 @@
-"""Every request's gate and record: the number of requests handled at once (a 503 with
+"""Every request's gate and record: the number of requests with a body handled at once (a 503 with
 ``Retry-After`` past ``max_requests``), the API key, one structured access-log line (the logger
 ``trainfer.server.access``), the metrics, and a one-line 500 for an exception escaping the app."""
 
@@ -20,8 +20,10 @@ logger = logging.getLogger("trainfer.server")
 access_logger = logging.getLogger("trainfer.server.access")
 
 API_KEY_HEADER = "x-api-key"
-_PROBES = frozenset({"/v2/health/live", "/v2/health/ready"})  # answered even past max_requests: they hold no body
-_OPEN_PATHS = frozenset({"/", "/docs", "/openapi.json", *_PROBES})
+_OPEN_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/docs", "/openapi.json"})
+#: Methods whose requests hold no body: never counted against max_requests (probes, metadata and
+#: /metrics answer under any load).
+_BODILESS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class AccessMiddleware:
@@ -34,7 +36,7 @@ class AccessMiddleware:
         self.app, self.server = app, server
         key = server.settings.api_key
         self.key = key.encode() if key else None
-        self.in_flight = 0  # requests being handled (their bodies held): at most settings.max_requests
+        self.in_flight = 0  # requests with a body being handled: at most settings.max_requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -51,9 +53,10 @@ class AccessMiddleware:
 
         path: str = scope["path"]
         settings = self.server.settings
-        self.in_flight += 1
+        counted = scope["method"] not in _BODILESS  # only a request that may carry a body holds one
+        self.in_flight += counted
         try:
-            if self.in_flight > settings.max_requests and path not in _PROBES:
+            if counted and self.in_flight > settings.max_requests:
                 message = f"overloaded: {settings.max_requests} requests are being handled; retry later"
                 await _send_json(sending, 503, {"error": message}, {"retry-after": str(settings.retry_after)})
             elif self.key is not None and path not in _OPEN_PATHS and not self._authorized(scope):
@@ -65,7 +68,7 @@ class AccessMiddleware:
             if not started:
                 await _send_json(sending, 500, {"error": INTERNAL_ERROR})
         finally:
-            self.in_flight -= 1
+            self.in_flight -= counted
         seconds = time.perf_counter() - start
         self.server.metrics.observe(endpoint_label(path), status, seconds)
         if not access_logger.isEnabledFor(logging.INFO):

@@ -192,7 +192,7 @@ def _input_tensor(tensor: Any, index: int, binary: memoryview) -> tuple[str, np.
     if count > MAX_ELEMENTS:
         raise InputError(f"input {name!r}: shape {shape} holds {count} elements; at most {MAX_ELEMENTS} are accepted")
     datatype = tensor.get("datatype")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise InputError(f"input {name!r}: datatype {datatype!r:.40} is not served; expected one of {list(DATATYPES)}")
     dtype = DATATYPES[datatype]
     size = _parameters(tensor).get("binary_data_size")

@@ -44,9 +44,9 @@ class ServerSettings:
     for its answer; ``api_key`` (when set) must be sent in the ``X-API-Key`` header;
     ``batch_workers`` the batches of one model that may run at once (None: one per core over
     torch's threads per forward, or 1 for a model whose one-sample forward takes under 1 ms,
-    :func:`~trainfer.server.batching.default_workers`); ``max_requests`` the requests handled at
-    once (one per open connection, ``--max-connections``): the next is answered 503 with
-    ``Retry-After`` before its body is read.
+    :func:`~trainfer.server.batching.default_workers`); ``max_requests`` the requests with a body
+    (POST) handled at once (``--max-connections``): the next is answered 503 with ``Retry-After``
+    before its body is read; bodiless requests (probes, metadata, metrics) are never refused so.
 
     ``compile`` maps model names to the keyword arguments of :func:`trainfer.serve.gated.compile`
     (``gate``, ``gate_data``, ``calibration``, ``candidates``, ``rounds``, ...; ``runtime="auto"``
