@@ -782,6 +782,38 @@ def test_past_max_requests_a_request_gets_a_json_503_with_retry_after_before_its
     assert probe[0] == metrics[0] == after[0] == 200
 
 
+def test_an_answer_that_cannot_be_sent_because_the_client_left_is_499_without_a_traceback(caplog):
+    """uvicorn raises from ``send`` on a closed transport (a client that pipelined requests and left)."""
+    pytest.importorskip("fastapi")
+    app = _digits_app()
+    request = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]}
+    ).encode()
+
+    async def closed(message):
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+
+    async def receive():
+        return {"type": "http.request", "body": request, "more_body": False}
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v2/models/digits/infer", "raw_path": b"/v2/models/digits/infer", "query_string": b"",
+        "root_path": "", "headers": [], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            await _ready(app)
+            await app(scope, receive, closed)
+            return (await asgi_request(app, "/metrics"))[2].decode()
+
+    with caplog.at_level("INFO", logger="trainfer.server"):
+        metrics = run(main(), seconds=60)
+    assert 'endpoint="infer",status="499"' in metrics
+    assert not [r for r in caplog.records if r.exc_info], "a client leaving is not a bug"
+
+
 @pytest.mark.parametrize(("path", "status"), [("/no/such/route", 404), ("/v2/models/digits/infer", 405)])
 def test_a_routing_error_answers_in_the_error_form(path, status):
     """No route, or a GET where only POST is served: ``{"error": one line}`` like every other refusal."""

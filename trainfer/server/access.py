@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from trainfer.server.error_answers import INTERNAL_ERROR
+from trainfer.server.error_answers import CLIENT_GONE, INTERNAL_ERROR
 from trainfer.server.state import Server
 
 logger = logging.getLogger("trainfer.server")
@@ -43,13 +43,18 @@ class AccessMiddleware:
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         status = 500
-        started = False
+        started = gone = False
 
         async def sending(message: dict[str, Any]) -> None:
-            nonlocal status, started
+            nonlocal status, started, gone
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
-            await send(message)
+            if gone:
+                return
+            try:
+                await send(message)
+            except (RuntimeError, OSError):  # the connection is closed: its client left (pipelined requests unread)
+                gone = True
 
         path: str = scope["path"]
         settings = self.server.settings
@@ -69,6 +74,8 @@ class AccessMiddleware:
                 await _send_json(sending, 500, {"error": INTERNAL_ERROR})
         finally:
             self.in_flight -= counted
+        if gone:
+            status = CLIENT_GONE
         seconds = time.perf_counter() - start
         self.server.metrics.observe(endpoint_label(path), status, seconds)
         if not access_logger.isEnabledFor(logging.INFO):
