@@ -814,6 +814,17 @@ def test_an_answer_that_cannot_be_sent_because_the_client_left_is_499_without_a_
     assert not [r for r in caplog.records if r.exc_info], "a client leaving is not a bug"
 
 
+@pytest.mark.parametrize("key", [" " * 20, "x" * 15, "a-valid-key-but\n", "caf\u00e9-key-of-16-chars"])
+def test_server_settings_refuse_an_api_key_no_client_can_send_also_outside_the_cli(key):
+    """create_app and the Ray Serve deployment take ServerSettings directly: the key rule is theirs too."""
+    pytest.importorskip("fastapi")
+    from trainfer.server.state import ServerSettings
+
+    with pytest.raises(InputError, match="api_key must be a key of at least 16 visible ASCII characters"):
+        ServerSettings(bundles={"m": "b"}, api_key=key)
+    assert ServerSettings(bundles={"m": "b"}, api_key="k" * 16).api_key == "k" * 16
+
+
 @pytest.mark.parametrize(("path", "status"), [("/no/such/route", 404), ("/v2/models/digits/infer", 405)])
 def test_a_routing_error_answers_in_the_error_form(path, status):
     """No route, or a GET where only POST is served: ``{"error": one line}`` like every other refusal."""

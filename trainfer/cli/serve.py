@@ -39,20 +39,14 @@ def model_names(bundles: tuple[str, ...], names: str | None) -> dict[str, str]:
 def api_key(variable: str | None) -> str | None:
     """The API key held by the environment variable ``variable`` (never given on the command line).
 
-    At least 16 visible ASCII characters (``!`` to ``~``): HTTP strips the spaces at a header value's
-    edges, and control or non-ASCII characters are not portable in headers, so such a key could
-    never (or not reliably) be sent.
+    At least 16 visible ASCII characters (:func:`trainfer.server.state.check_api_key`).
     """
+    from trainfer.server.state import check_api_key
+
     if variable is None:
         return None
     key = os.environ.get(variable, "")
-    invisible = sum(not "!" <= c <= "~" for c in key)
-    if len(key) < 16 or invisible:
-        raise InputError(
-            f"--api-key-env {variable}: the variable must hold a key of at least 16 visible ASCII characters "
-            f"('!' to '~': no spaces, control or non-ASCII characters); got {len(key)} characters, "
-            f"{invisible} of them outside '!' to '~'"
-        )
+    check_api_key(key, f"--api-key-env {variable}: the variable's value")
     return key
 
 

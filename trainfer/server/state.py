@@ -70,9 +70,25 @@ class ServerSettings:
     write_runtime: bool = False
 
     def __post_init__(self) -> None:
-        """Every number finite and within :data:`LIMITS` (an infinite delay or timeout would hold requests)."""
+        """Every number finite and within :data:`LIMITS` (an infinite delay or timeout would hold
+        requests); an API key one that clients can send (:func:`check_api_key`)."""
         for name, (least, most) in LIMITS.items():
             check_number(name, getattr(self, name), least, most, integer=name not in ("max_delay_ms", "timeout"))
+        check_api_key(self.api_key, "api_key")
+
+
+def check_api_key(key: str | None, what: str) -> None:
+    """Refuse a key (None passes) shorter than 16 characters or holding any outside ``!`` to ``~``:
+    HTTP strips the spaces at a header value's edges, and control or non-ASCII characters are not
+    portable in headers, so such a key could never (or not reliably) be sent."""
+    if key is None:
+        return
+    invisible = sum(not "!" <= c <= "~" for c in key)
+    if len(key) < 16 or invisible:
+        raise InputError(
+            f"{what} must be a key of at least 16 visible ASCII characters ('!' to '~': no spaces, control or "
+            f"non-ASCII characters); got {len(key)} characters, {invisible} of them outside '!' to '~'"
+        )
 
 
 def check_number(name: str, value: Any, least: float, most: float, integer: bool) -> None:
