@@ -248,7 +248,8 @@ def benchmark(
     one = _random_input(model, input_shape, 1)
     many = _random_input(model, input_shape, batch_size)
     _check_accepts(model, one)
-    with tqdm(total=len(forms) * (1 + 2 * rounds), desc="bench", unit="step", disable=not show_progress) as bar:
+    steps = len(forms) * (1 + 2 * rounds)
+    with tqdm(total=steps, desc="bench", unit="step", disable=None if show_progress else True) as bar:
         built, skipped = _build_forms(model, forms, (one,), bar)
         if not built:
             raise InputError(f"no form could be built: {skipped}")

@@ -138,7 +138,7 @@ def fit(
         bar = tqdm(
             total=len(train_loader),
             desc=f"epoch {epoch + 1}/{epochs}",
-            disable=not (progress and distributed.is_main()),
+            disable=None if progress and distributed.is_main() else True,  # None: off when not a terminal
         )
         with training(net):
             train = _train_epoch(net, train_loader, optimizer, loss, aux_weight, device, bar)

@@ -344,7 +344,7 @@ def predict_to_jsonl(
     main = distributed.is_main()
     with (
         open(out, "a", encoding="utf-8") if main else contextlib.nullcontext() as handle,
-        tqdm(desc="predict", unit="input", initial=resumed, disable=not (main and progress)) as bar,
+        tqdm(desc="predict", unit="input", initial=resumed, disable=None if main and progress else True) as bar,
     ):
         while True:  # every rank reads every window, so all stop together, on the first empty one
             window = list(itertools.islice(items, window_size))
