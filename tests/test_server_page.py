@@ -59,12 +59,25 @@ def page(served):
             browser.close()
 
 
+def _open(page, url: str) -> None:
+    page.goto(url + "/")
+    page.wait_for_function("document.querySelectorAll('#model option').length === 3")
+
+
+def _predict_on_page(page, url: str, model: str, image) -> None:
+    """Choose ``model`` on the page, drop ``image`` on it, and wait for its result (no error shown)."""
+    _open(page, url)
+    page.select_option("#model", model)
+    page.set_input_files("#file", str(image))
+    page.wait_for_selector("#result table")
+    assert page.inner_text("#error") == ""
+
+
 def test_the_page_predicts_a_chosen_image_and_draws_its_heat_map(served, page):
     server, bundle, root = served
     image = write_pngs(root / "images", 1, seed=11)[0]
     expected = Predictor.load(bundle).predict([str(image)], top_k=3)[0]
-    page.goto(server.url + "/")
-    page.wait_for_function("document.querySelectorAll('#model option').length === 3")
+    _open(page, server.url)
     assert page.locator("#model").input_value() == "tiny"
     page.check("#explain")
     page.set_input_files("#file", str(image))
@@ -93,8 +106,7 @@ def test_the_page_shows_a_bad_file_as_the_servers_one_line_error(served, page, t
     server, _, _ = served
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
-    page.goto(server.url + "/")
-    page.wait_for_function("document.querySelectorAll('#model option').length === 3")
+    _open(page, server.url)
     page.set_input_files("#file", str(bad))
     page.wait_for_function("document.getElementById('error').textContent.length > 0")
     assert page.inner_text("#error").startswith("400: cannot read image 'broken.png'")
@@ -105,12 +117,7 @@ def test_the_page_shows_a_decoded_sequence_its_score_and_n_best(served, page):
     server, _, root = served
     image = write_pngs(root / "strings", 1, seed=12)[0]  # 8 x 8, resized to the bundle's 8 x 64
     expected = Predictor.load(root / "s2s").predict([str(image)], top_k=3)[0]
-    page.goto(server.url + "/")
-    page.wait_for_function("document.querySelectorAll('#model option').length === 3")
-    page.select_option("#model", "s2s")
-    page.set_input_files("#file", str(image))
-    page.wait_for_selector("#result table")
-    assert page.inner_text("#error") == ""
+    _predict_on_page(page, server.url, "s2s", image)
     rows = [cells.split("\t") for cells in page.locator("#result table tr").all_inner_texts()]
     assert rows[:3] == [
         ["text", expected.text],
@@ -130,12 +137,7 @@ def test_the_page_predicts_with_a_binary_model_sending_no_top_k(served, page):
     server, _, root = served
     image = write_pngs(root / "binary", 1, seed=13)[0]
     expected = Predictor.load(root / "yesno").predict([str(image)])[0]
-    page.goto(server.url + "/")
-    page.wait_for_function("document.querySelectorAll('#model option').length === 3")
-    page.select_option("#model", "yesno")
-    page.set_input_files("#file", str(image))
-    page.wait_for_selector("#result table")
-    assert page.inner_text("#error") == ""
+    _predict_on_page(page, server.url, "yesno", image)
     probability, decision = page.locator("#result table tr").all_inner_texts()[0].split("\t")
     assert float(probability.removeprefix("p = ")) == pytest.approx(expected.probability, abs=1e-4)
     assert decision == f"decision: {str(expected.decision).lower()}"
