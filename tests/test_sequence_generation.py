@@ -244,16 +244,28 @@ def test_top_k_cannot_widen_a_served_search_past_the_bounds():
         predictor.predict(images(1), top_k=65)
 
 
-@pytest.mark.parametrize("command", [["verify", "{b}", "{b}"], ["inspect", "{b}"]])
-def test_verify_and_inspect_refuse_an_encoder_decoder_in_one_line_saying_what_to_do(tmp_path, command):
-    path = trainfer.save(
-        tiny_model(), tmp_path / "s2s", task="sequence", labels=LABELS, decoder=SETTINGS, example_inputs=images(1)
+def save_s2s(root: Path) -> Path:
+    """The tiny encoder-decoder saved as the bundle ``root/s2s``, with the decoder ``SETTINGS``."""
+    return trainfer.save(
+        tiny_model(), root / "s2s", task="sequence", labels=LABELS, decoder=SETTINGS, example_inputs=images(1)
     )
+
+
+def _refused_in_one_line(tmp_path, command: list[str]) -> tuple[str, Path]:
+    """``trainfer *command`` on a saved encoder-decoder (``{b}``: its path): its one line, exit 2, and the path."""
+    path = save_s2s(tmp_path)
     result = CliRunner().invoke(main, [a.format(b=path) for a in command])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "autoregressive encoder-decoder" in lines[0], result.output
-    assert f"{command[0]} its encoder" in lines[0] and "trainfer predict" in lines[0]
+    assert len(lines) == 1, result.output
+    return lines[0], path
+
+
+@pytest.mark.parametrize("command", [["verify", "{b}", "{b}"], ["inspect", "{b}"]])
+def test_verify_and_inspect_refuse_an_encoder_decoder_in_one_line_saying_what_to_do(tmp_path, command):
+    line, _ = _refused_in_one_line(tmp_path, command)
+    assert "autoregressive encoder-decoder" in line
+    assert f"{command[0]} its encoder" in line and "trainfer predict" in line
 
 
 @pytest.mark.parametrize(
@@ -268,14 +280,9 @@ def test_the_runtime_search_refuses_an_encoder_decoder_first_in_one_line(tmp_pat
     pytest.importorskip("uvicorn")
     started = []
     monkeypatch.setattr(trainfer.server.run, "serve", lambda *a, **k: started.append(a))
-    path = trainfer.save(
-        tiny_model(), tmp_path / "s2s", task="sequence", labels=LABELS, decoder=SETTINGS, example_inputs=images(1)
-    )
-    result = CliRunner().invoke(main, [a.format(b=path) for a in command])
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "does not apply to an encoder-decoder" in lines[0], result.output
-    assert way_out in lines[0] and "export" not in lines[0]
+    line, path = _refused_in_one_line(tmp_path, command)
+    assert "does not apply to an encoder-decoder" in line
+    assert way_out in line and "export" not in line
     assert not started and not (path / "runtime.json").exists()
 
 
@@ -283,9 +290,7 @@ def test_a_servers_start_up_search_refuses_an_encoder_decoder_saying_to_serve_it
     """``ServerSettings(compile=...)`` in Python: the model's loader refuses before any search, naming the model."""
     from trainfer.server.model import load_model
 
-    path = trainfer.save(
-        tiny_model(), tmp_path / "s2s", task="sequence", labels=LABELS, decoder=SETTINGS, example_inputs=images(1)
-    )
+    path = save_s2s(tmp_path)
     with pytest.raises(InputError, match="model 's2s': the start-up runtime search .* serve it without a search"):
         load_model("s2s", path, runtime=None, trust_factory=False, max_batch=4, search={})
 
@@ -293,9 +298,7 @@ def test_a_servers_start_up_search_refuses_an_encoder_decoder_saying_to_serve_it
 def test_the_server_refuses_a_runtime_for_an_autoregressive_bundle_at_startup_in_one_line(tmp_path):
     """The server serves encoder-decoders (tests/test_server_sequences.py), but not on another runtime:
     ``--runtime`` compiles one forward per batch, and decoding is a loop of encode() and step() calls."""
-    path = trainfer.save(
-        tiny_model(), tmp_path / "s2s", task="sequence", labels=LABELS, decoder=SETTINGS, example_inputs=images(1)
-    )
+    path = save_s2s(tmp_path)
     tests = Path(__file__).parent
     done = subprocess.run(
         [sys.executable, "-m", "trainfer", "serve", str(path), "--port", "0", "--runtime", "torch"],
@@ -312,9 +315,7 @@ def test_the_server_refuses_a_runtime_for_an_autoregressive_bundle_at_startup_in
 
 def test_a_stray_runtime_json_in_an_autoregressive_bundle_is_refused_at_load_everywhere(tmp_path):
     """trainfer compile never records a runtime for one: predict, serve and Predictor.load all refuse it."""
-    path = trainfer.save(
-        tiny_model(), tmp_path / "s2s", task="sequence", labels=LABELS, decoder=SETTINGS, example_inputs=images(1)
-    )
+    path = save_s2s(tmp_path)
     Predictor.load(path)  # loads without it
     (path / "runtime.json").write_text("{}")
     with pytest.raises(BundleError, match="holds a runtime.json"):

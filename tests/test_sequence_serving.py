@@ -27,6 +27,9 @@ class FrameModel(nn.Module):
         return self.conv(x[:, 0]).transpose(1, 2).log_softmax(-1)
 
 
+CTC_BEAM = {"kind": "ctc", "blank": 0, "beam_width": 4}
+
+
 def frame_model() -> nn.Module:
     torch.manual_seed(0)
     model = FrameModel()
@@ -48,6 +51,20 @@ def one_hot_frames(paths):
 
 
 PATHS = [[1, 1, 0, 2, 2, 0, 2, 3, 0, 0, 1, 1], [0] * 12]
+
+
+def save_frame_bundle(root, model=None, decoder=CTC_BEAM):
+    """``frame_model`` (or ``model``) saved as a CTC sequence bundle ``root/seq`` over ``TOKENS``, with
+    ``decoder`` (None: the manifest records none, trainfer's defaults), on the frames of ``PATHS``."""
+    return trainfer.save(
+        frame_model() if model is None else model,
+        root / "seq",
+        factory="test_sequence_serving:frame_model",
+        task="sequence",
+        labels=TOKENS,
+        **({} if decoder is None else {"decoder": decoder}),
+        example_inputs=one_hot_frames(PATHS),
+    )
 
 
 def test_a_ctc_predictor_returns_typed_sequence_results():
@@ -74,15 +91,7 @@ def test_n_best_from_the_beam_and_records():
 
 def test_bundles_record_the_decoder_and_serve_it(tmp_path):
     model = frame_model()
-    path = trainfer.save(
-        model,
-        tmp_path / "seq",
-        factory="test_sequence_serving:frame_model",
-        task="sequence",
-        labels=TOKENS,
-        decoder={"kind": "ctc", "blank": 0, "beam_width": 4},
-        example_inputs=one_hot_frames(PATHS),
-    )
+    path = save_frame_bundle(tmp_path, model)
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["task"] == "sequence" and manifest["decoder"]["beam_width"] == 4
     predictor = Predictor.load(path)
@@ -97,14 +106,7 @@ def test_bundles_record_the_decoder_and_serve_it(tmp_path):
 def test_a_ctc_head_declared_logits_that_returns_log_probabilities_is_refused_or_warned(tmp_path):
     """The contradiction is a bundle's refusal at load (as any recorded kind the probes contradict) and,
     declared by the caller, an OutputKindWarning at the first prediction."""
-    path = trainfer.save(
-        frame_model(),
-        tmp_path / "seq",
-        factory="test_sequence_serving:frame_model",
-        task="sequence",
-        labels=TOKENS,
-        example_inputs=one_hot_frames(PATHS),  # an input shape: the load probes the recorded kind
-    )
+    path = save_frame_bundle(tmp_path, decoder=None)
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["heads"][0]["output_kind"] == "log_probabilities"  # detected: the final log_softmax
     manifest["heads"][0]["output_kind"] = "logits"
@@ -153,15 +155,7 @@ def test_trainfer_predict_prints_and_writes_sequences(tmp_path):
 
     from trainfer.cli import main
 
-    trainfer.save(
-        frame_model(),
-        tmp_path / "seq",
-        factory="test_sequence_serving:frame_model",
-        task="sequence",
-        labels=TOKENS,
-        decoder={"kind": "ctc", "blank": 0, "beam_width": 4},
-        example_inputs=one_hot_frames(PATHS),
-    )
+    save_frame_bundle(tmp_path)
     np.save(tmp_path / "batch.npy", one_hot_frames(PATHS).numpy())
     args = ["predict", str(tmp_path / "seq"), str(tmp_path / "batch.npy")]
     table = CliRunner().invoke(main, args, catch_exceptions=False).output.splitlines()
@@ -217,15 +211,7 @@ def lines_of(args):
 def test_a_ctc_bundle_exports_to_onnx_and_serves_the_same_sequences(tmp_path):
     pytest.importorskip("onnxruntime")
     x = one_hot_frames(PATHS)
-    path = trainfer.save(
-        frame_model(),
-        tmp_path / "seq",
-        factory="test_sequence_serving:frame_model",
-        task="sequence",
-        labels=TOKENS,
-        decoder={"kind": "ctc", "blank": 0, "beam_width": 4},
-        example_inputs=x,
-    )
+    path = save_frame_bundle(tmp_path)
     trainfer.export(path, tmp_path / "seq.onnx", example_inputs=x)
     served = Predictor.load(tmp_path / "seq.onnx").predict(x, top_k=2)
     expected = Predictor.load(path).predict(x, top_k=2)
@@ -250,15 +236,7 @@ def test_class_agreement_gates_refuse_a_ctc_bundle_in_one_line(tmp_path, command
     from trainfer.cli import main
 
     x = one_hot_frames(PATHS)
-    path = trainfer.save(
-        frame_model(),
-        tmp_path / "seq",
-        factory="test_sequence_serving:frame_model",
-        task="sequence",
-        labels=TOKENS,
-        decoder={"kind": "ctc", "blank": 0},
-        example_inputs=x,
-    )
+    path = save_frame_bundle(tmp_path, decoder={"kind": "ctc", "blank": 0})
     np.save(tmp_path / "x.npy", x.numpy())
     args = [a.format(out=tmp_path / "out", data=tmp_path / "x.npy") for a in command]
     result = CliRunner().invoke(main, [args[0], str(path), *args[1:]])
