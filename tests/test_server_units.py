@@ -469,8 +469,10 @@ async def asgi_request(
     body: bytes = b"",
     headers: tuple[tuple[bytes, bytes], ...] = (),
     receive=None,
+    root_path: str = "",
 ) -> tuple[int, dict[str, str], bytes]:
-    """A request through the ASGI app itself (no server, no socket); ``receive``: the client's side."""
+    """A request through the ASGI app itself (no server, no socket); ``receive``: the client's side;
+    ``root_path``: where the app is mounted (``path`` then starts with it, as ASGI servers send it)."""
     sent: list[dict] = []
 
     async def whole_body():
@@ -483,7 +485,7 @@ async def asgi_request(
 
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": list(headers),
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": root_path, "headers": list(headers),
         "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
     }  # fmt: skip
     await app(scope, receive, send)
@@ -823,6 +825,25 @@ def test_server_settings_refuse_an_api_key_no_client_can_send_also_outside_the_c
     with pytest.raises(InputError, match="api_key must be a key of at least 16 visible ASCII characters"):
         ServerSettings(bundles={"m": "b"}, api_key=key)
     assert ServerSettings(bundles={"m": "b"}, api_key="k" * 16).api_key == "k" * 16
+
+
+def test_an_app_mounted_under_a_prefix_answers_inference_below_it_as_its_other_routes():
+    """A Ray Serve route prefix or a proxy's root path: the hot path matches the path below the mount point."""
+    pytest.importorskip("fastapi")
+    app = _digits_app()
+    request = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]}
+    ).encode()
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            await _ready(app)
+            infer = await asgi_request(app, "/p/v2/models/digits/infer", "POST", request, root_path="/p")
+            metadata = await asgi_request(app, "/p/v2/models/digits", root_path="/p")
+        return infer, metadata
+
+    infer, metadata = run(main(), seconds=60)
+    assert infer[0] == metadata[0] == 200 and json.loads(infer[2])["model_name"] == "digits"
 
 
 @pytest.mark.parametrize(("path", "status"), [("/no/such/route", 404), ("/v2/models/digits/infer", 405)])
