@@ -57,15 +57,12 @@ class AccessMiddleware:
                 gone = True
 
         path: str = scope["path"]
-        settings = self.server.settings
         counted = scope["method"] not in _BODILESS  # only a request that may carry a body holds one
         self.in_flight += counted
         try:
-            if counted and self.in_flight > settings.max_requests:
-                message = f"overloaded: {settings.max_requests} requests are being handled; retry later"
-                await _send_json(sending, 503, {"error": message}, {"retry-after": str(settings.retry_after)})
-            elif self.key is not None and path not in _OPEN_PATHS and not self._authorized(scope):
-                await _send_json(sending, 401, {"error": f"missing or wrong API key (header {API_KEY_HEADER})"})
+            refusal = self._refusal(scope, counted)
+            if refusal is not None:
+                await _send_json(sending, *refusal)
             else:
                 await self.app(scope, receive, sending)
         except Exception:
@@ -74,9 +71,22 @@ class AccessMiddleware:
                 await _send_json(sending, 500, {"error": INTERNAL_ERROR})
         finally:
             self.in_flight -= counted
-        if gone:
-            status = CLIENT_GONE
-        seconds = time.perf_counter() - start
+        self._record(scope, CLIENT_GONE if gone else status, time.perf_counter() - start)
+
+    def _refusal(self, scope: Scope, counted: bool) -> tuple[int, dict[str, str], dict[str, str]] | None:
+        """(status, document, headers) of a request refused before the app sees it: over
+        ``max_requests`` (503), or without the API key (401); None to let it through."""
+        settings = self.server.settings
+        if counted and self.in_flight > settings.max_requests:
+            message = f"overloaded: {settings.max_requests} requests are being handled; retry later"
+            return 503, {"error": message}, {"retry-after": str(settings.retry_after)}
+        if self.key is not None and scope["path"] not in _OPEN_PATHS and not self._authorized(scope):
+            return 401, {"error": f"missing or wrong API key (header {API_KEY_HEADER})"}, {}
+        return None
+
+    def _record(self, scope: Scope, status: int, seconds: float) -> None:
+        """The request in the metrics and, when that logger is on, one JSON line of the access log."""
+        path: str = scope["path"]
         self.server.metrics.observe(endpoint_label(path), status, seconds)
         if not access_logger.isEnabledFor(logging.INFO):
             return
