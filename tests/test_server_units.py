@@ -259,6 +259,37 @@ def test_a_lone_request_on_an_idle_model_runs_at_once_without_waiting_for_the_de
     assert sizes == [1] * 5 and [a[0].item() for a in answers] == [1.0, 2.0, 3.0, 4.0, 5.0]
 
 
+def test_inline_serial_requests_run_on_the_event_loop_and_concurrent_ones_batch_on_a_worker():
+    """With ``inline``, a lone request following a lone one runs on the loop's thread (no hand-off);
+    the first of a series, and requests arriving together, run on a worker thread as a batch; an
+    inline run's error is its request's own."""
+    threads: list[tuple[str, int]] = []
+
+    def model(batch: torch.Tensor) -> list[torch.Tensor]:
+        threads.append((threading.current_thread().name, len(batch)))
+        if bool((batch < 0).any()):
+            raise ValueError("negative input")
+        return [batch + 1]
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch=32, max_delay=3600.0, max_queue=100, inline=True)
+        batcher.start()
+        serial = [await batcher.submit(torch.full((1, 1), float(i))) for i in range(3)]
+        together = await asyncio.gather(*(batcher.submit(torch.full((1, 1), float(i))) for i in range(3)))
+        after = await batcher.submit(torch.zeros(1, 1))  # follows a batch of three: a worker's again
+        with pytest.raises(ValueError, match="negative input"):
+            await batcher.submit(-torch.ones(1, 1))
+        last = await batcher.submit(torch.ones(1, 1))
+        await batcher.stop()
+        return [*serial, *together, after, last]
+
+    answers = run(main(), seconds=30)
+    loop_thread = threading.current_thread().name
+    placed = [(name == loop_thread, size) for name, size in threads]
+    assert placed == [(False, 1), (True, 1), (True, 1), (False, 3), (False, 1), (True, 1), (True, 1)]
+    assert [a[0].item() for a in answers] == [1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 1.0, 2.0]
+
+
 @pytest.mark.parametrize(
     ("max_batch", "max_delay", "queued", "expected"), [(5, 3600.0, 5, [1, 5]), (32, 0.0, 7, [1, 7])]
 )

@@ -7,7 +7,8 @@ name                                   type       labels / meaning
 ``trainfer_request_seconds``           histogram  ``endpoint``: time from request to response
 ``trainfer_queue_samples``             gauge      ``model``: samples waiting for a batch
 ``trainfer_batch_samples``             histogram  ``model``: samples per batch run
-``trainfer_inference_seconds``         histogram  ``model``: seconds per batch in the model
+``trainfer_inference_seconds``         histogram  ``model``: seconds per batch in the model (timed on
+                                                  the thread that runs it)
 =====================================  =========  =============================================
 """
 

@@ -15,7 +15,7 @@ import torch
 from fastapi import Request
 
 from trainfer.errors import InputError, NonFiniteError
-from trainfer.server.batching import DynamicBatcher, Overloaded, default_workers, usable_cores
+from trainfer.server.batching import COMPUTE_BOUND, DynamicBatcher, Overloaded, default_workers, usable_cores
 from trainfer.server.metrics import Metrics
 from trainfer.server.model import ServedModel, load_model
 
@@ -168,6 +168,7 @@ class Server:
                     settings.max_queue,
                     self.metrics.batch_stats(name),
                     settings.batch_workers or default_workers(model.forward_seconds),
+                    inline=model.forward_seconds is not None and model.forward_seconds < COMPUTE_BOUND,
                 )
                 batcher.start()
                 self.models[name] = model
