@@ -19,7 +19,10 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import uvicorn
 
 __all__ = ["PARENT_POLL", "exit_with_parent", "supervise"]
 
@@ -29,9 +32,9 @@ PARENT_POLL = 0.5
 _PR_SET_PDEATHSIG = 1
 
 
-def supervise(config: Any) -> None:
-    """Run ``config.workers`` processes serving ``config``'s app (a ``uvicorn.Config`` naming it by
-    import string) on one socket until SIGTERM or Ctrl-C (SIGINT).
+def supervise(config: uvicorn.Config) -> None:
+    """Run ``config.workers`` processes serving ``config``'s app (named by import string) on one socket
+    until SIGTERM or Ctrl-C (SIGINT).
 
     The workers then shut down gracefully (each answers the requests it received), and the signal
     that stopped the supervisor is raised again under the handlers that were in place before
@@ -69,7 +72,8 @@ def exit_with_parent() -> None:
     On Linux the kernel sends the signal (``prctl(PR_SET_PDEATHSIG)``; the parent's thread that
     started the worker must live as long as the parent, as uvicorn's main thread does); a parent
     already gone when it is asked is caught by comparing ``os.getppid()`` with the parent's pid
-    right after. Elsewhere a daemon thread compares them every :data:`PARENT_POLL` seconds.
+    right after. Elsewhere a daemon thread compares them every :data:`PARENT_POLL` seconds: enough
+    where an orphan gets a new parent (macOS, the BSDs), not on Windows, where it keeps its parent id.
     """
     parent = multiprocessing.parent_process()
     if parent is None:
@@ -85,7 +89,7 @@ def _signal_on_parent_death(number: int) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     with contextlib.suppress(OSError, AttributeError):
-        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, number, 0, 0, 0) == 0
+        return ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, number, 0, 0, 0) == 0
     return False
 
 
