@@ -115,6 +115,31 @@ def stop(server: ServerProcess, grace: float = 20.0) -> int:
     return server.process.returncode
 
 
+def still_running(pids: list[int], limit: float) -> list[int]:
+    """Those of processes ``pids`` still running after up to ``limit`` seconds of waiting for them all to exit."""
+    deadline = time.monotonic() + limit
+    while (left := list(filter(process_running, pids))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def kill_running(pids: list[int]) -> None:
+    """SIGKILL those of processes ``pids`` still running (the clean-up of a test that may have failed)."""
+    for pid in still_running(pids, 0):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie, whose new parent has not reaped it,
+    has exited), from Linux's /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
 def _wait_until_up(server: ServerProcess, path: str) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:

@@ -1,13 +1,17 @@
-"""How ``trainfer serve`` ends on a signal, in a real server process: Ctrl-C (SIGINT) after the graceful
-shutdown exits quietly with the shell's 130 (not click's ``Aborted!`` and 1, which docs/security.md's
-exit codes give to a negative verdict); SIGTERM keeps uvicorn's status (the signal re-raised, or 0)."""
+"""How ``trainfer serve`` ends on a signal, in a real server process, alone and with ``--workers 2`` alike:
+Ctrl-C (SIGINT) after the graceful shutdown exits quietly with the shell's 130 (not click's
+``Aborted!`` and 1, which docs/security.md's exit codes give to a negative verdict); SIGTERM ends
+it by that signal, re-raised after the graceful shutdown. SIGKILL of a multi-worker server's
+supervisor stops its workers too (they would otherwise keep serving the port)."""
 
 from __future__ import annotations
 
 import signal
+import sys
+from pathlib import Path
 
 import pytest
-from server_process import running_server
+from server_process import get, kill_running, running_server, still_running
 from serving_models import save_bundle
 
 pytest.importorskip("fastapi")
@@ -15,6 +19,8 @@ pytestmark = pytest.mark.slow  # a server subprocess: torch imported cold, the m
 
 #: Seconds a served tiny model may take to shut down gracefully before the test fails.
 SHUTDOWN_LIMIT = 60
+#: How a signal ends the server, whatever its number of worker processes.
+STATUS = {signal.SIGINT: 130, signal.SIGTERM: -signal.SIGTERM}
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +28,40 @@ def bundle(tmp_path_factory):
     return save_bundle(tmp_path_factory.mktemp("signals") / "tiny", seed=0, labels=["a", "b", "c"])
 
 
-@pytest.mark.parametrize(
-    ("sent", "statuses"),
-    [(signal.SIGINT, {130}), (signal.SIGTERM, {0, -signal.SIGTERM})],
-    ids=["ctrl-c", "sigterm"],
-)
-def test_a_signal_ends_the_server_gracefully_with_its_status_and_no_abort_message(bundle, sent, statuses):
-    with running_server(str(bundle)) as server:
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_ends_the_server_gracefully_with_its_status_and_no_abort_message(bundle, sent, workers):
+    with running_server(str(bundle), "--workers", workers) as server:
         server.process.send_signal(sent)
         status = server.process.wait(SHUTDOWN_LIMIT)  # TimeoutExpired fails the test; the block then kills it
         logs = server.logs()
-    assert status in statuses, logs[-3000:]
-    assert "Finished server process" in logs, logs[-3000:]  # uvicorn's graceful shutdown ran to its end
+    assert status == STATUS[sent], logs[-3000:]
+    # uvicorn's graceful shutdown ran to its end in every server process
+    assert logs.count("Finished server process") == int(workers), logs[-3000:]
     assert "Aborted!" not in logs and "Traceback" not in logs, logs[-3000:]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in Linux's /proc")
+def test_sigkill_of_the_supervisor_stops_its_workers(bundle):
+    with running_server(str(bundle), "--workers", "2") as server:
+        workers = worker_processes(server.process.pid)
+        try:
+            assert len(workers) == 2, workers
+            server.process.kill()
+            server.process.wait(SHUTDOWN_LIMIT)
+            assert not still_running(workers, SHUTDOWN_LIMIT), (workers, server.logs()[-3000:])
+            with pytest.raises(OSError):  # nothing serves the port any more
+                get(server.url + "/v2/health/live", timeout=5)
+        finally:
+            kill_running(workers)
+
+
+def worker_processes(supervisor: int) -> list[int]:
+    """The pids of uvicorn's worker processes under ``supervisor`` (its multiprocessing-spawned
+    children, not multiprocessing's resource tracker), from Linux's /proc."""
+    children = [
+        int(pid)
+        for task in Path(f"/proc/{supervisor}/task").iterdir()
+        for pid in (task / "children").read_text().split()
+    ]
+    return [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]

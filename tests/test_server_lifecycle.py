@@ -1,6 +1,7 @@
 """``trainfer serve`` under pressure: overload (503 + Retry-After, then recovery), request timeouts
-(504), SIGTERM with requests in flight (answered, then a clean exit), and a bundle that cannot be
-served (one line, exit 2, never ready). Each runs a server subprocess that is always stopped."""
+(504), SIGTERM with requests in flight, to one server process or two (answered, then a clean exit),
+and a bundle that cannot be served (one line, exit 2, never ready). Each runs a server subprocess
+that is always stopped."""
 
 from __future__ import annotations
 
@@ -97,6 +98,17 @@ def test_overload_is_503_with_retry_after_then_recovery_and_sigterm_answers_in_f
         # uvicorn re-raises the SIGTERM after its graceful shutdown: the process ends by that signal
         assert server.process.wait(30) in (0, -signal.SIGTERM)
         assert "Finished server process" in server.logs()
+
+
+def test_sigterm_to_two_worker_processes_answers_the_request_in_flight_then_ends_by_sigterm(held):
+    bundle, gate = held
+    with running_server(str(bundle), "--workers", "2") as server, ThreadPoolExecutor(1) as pool:
+        busy = hold(pool, server, gate)
+        server.process.send_signal(signal.SIGTERM)  # to the supervisor, which passes it to its workers
+        wait_for(lambda: server.logs().count("Shutting down") == 2)  # both workers stopped accepting
+        gate.touch()
+        assert busy.result(timeout=60)[0] == 200
+        assert server.process.wait(30) == -signal.SIGTERM
 
 
 def test_a_request_waiting_past_its_timeout_is_504_and_the_server_goes_on(held):

@@ -1,8 +1,11 @@
 """Running the app on uvicorn: one process, or ``workers`` processes sharing the port.
 
 SIGTERM (and Ctrl-C) shut down gracefully: the server stops accepting connections, answers the
-requests already received (the batchers finish their queues), then exits. A bundle that cannot be
-served stops the server, and :func:`serve` raises its error (the CLI prints it in one line).
+requests already received (the batchers finish their queues), then ends as the signal ends a
+process (Ctrl-C: with ``KeyboardInterrupt``, which the CLI turns into 130), with
+one worker process or many (:mod:`trainfer.server.supervisor`, which also stops the workers of a
+supervisor that was killed). A bundle that cannot be served stops the server, and :func:`serve`
+raises its error (the CLI prints it in one line).
 
 Once the models are loaded, the process's objects so far (torch, the models, the app: some
 300 000) are moved out of the garbage collector's sight (:func:`freeze_heap`): otherwise every
@@ -24,6 +27,7 @@ from typing import Any
 from trainfer.errors import InputError
 from trainfer.server.app import ServerSettings, create_app
 from trainfer.server.model import load_model
+from trainfer.server.supervisor import exit_with_parent, supervise
 
 __all__ = ["SETTINGS_VARIABLE", "app_from_environment", "check_address", "check_bundles", "freeze_heap", "serve"]
 
@@ -70,7 +74,7 @@ def serve(
     if workers > 1:  # each worker loads the models: a bundle that cannot be served fails here, once
         check_bundles(settings)
         os.environ[SETTINGS_VARIABLE] = json.dumps(dataclasses.asdict(settings))
-        engine.run(f"{__name__}:app_from_environment", factory=True, workers=workers, **options)
+        supervise(engine.Config(f"{__name__}:app_from_environment", factory=True, workers=workers, **options))
         return
     failures: list[BaseException] = []
     server: Any = None
@@ -102,7 +106,9 @@ def freeze_heap() -> None:
 
 
 def app_from_environment() -> Any:
-    """The app of a worker process, from the settings its parent put in ``TRAINFER_SERVE_SETTINGS``."""
+    """The app of a worker process, from the settings its parent put in ``TRAINFER_SERVE_SETTINGS``;
+    the worker shuts down when its parent, the supervisor, dies (:func:`exit_with_parent`)."""
+    exit_with_parent()
     _log_access()
     settings = ServerSettings(**json.loads(os.environ[SETTINGS_VARIABLE]))
 

@@ -1,0 +1,100 @@
+"""``trainfer serve --workers N``: uvicorn's supervisor process and its worker processes, tied together.
+
+Two promises that uvicorn's own multi-process supervisor does not keep:
+
+* the supervisor ends as a single-process server does (:func:`supervise`): after SIGTERM by
+  that signal (143 in a shell), after Ctrl-C with ``KeyboardInterrupt`` (the CLI's 130), once its
+  workers have shut down gracefully;
+* a worker never outlives its supervisor (:func:`exit_with_parent`), however the supervisor died
+  (SIGKILL included): otherwise orphaned workers keep serving the port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import uvicorn
+
+__all__ = ["PARENT_POLL", "exit_with_parent", "supervise"]
+
+#: Seconds between two looks at the parent where the kernel cannot signal its death (not Linux).
+PARENT_POLL = 0.5
+#: ``prctl``'s option that asks for a signal when the parent dies (<linux/prctl.h>).
+_PR_SET_PDEATHSIG = 1
+
+
+def supervise(config: uvicorn.Config) -> None:
+    """Run ``config.workers`` processes serving ``config``'s app (named by import string) on one socket
+    until SIGTERM or Ctrl-C (SIGINT).
+
+    The workers then shut down gracefully (each answers the requests it received), and the signal
+    that stopped the supervisor is raised again under the handlers that were in place before
+    uvicorn's, as a single uvicorn server does: SIGTERM's default handler ends the process by that
+    signal; Python's SIGINT handler raises ``KeyboardInterrupt``. Any other end returns normally.
+    """
+    from uvicorn.supervisors.multiprocess import SIGNALS, Multiprocess
+
+    before = {number: signal.getsignal(number) for number in SIGNALS}
+    stopped_by: list[int] = []
+
+    class _Supervisor(Multiprocess):
+        def handle_int(self) -> None:
+            stopped_by.append(signal.SIGINT)
+            super().handle_int()
+
+        def handle_term(self) -> None:
+            stopped_by.append(signal.SIGTERM)
+            super().handle_term()
+
+    try:
+        _Supervisor(config, sockets=[config.bind_socket()]).run()
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+    if stopped_by:
+        signal.raise_signal(stopped_by[0])
+
+
+def exit_with_parent() -> None:
+    """In a worker process started by :mod:`multiprocessing` (uvicorn's are): SIGTERM this process
+    -- a graceful shutdown in a uvicorn server -- as soon as its parent dies, however it died. Call
+    it first thing in the worker; elsewhere (no multiprocessing parent) it does nothing.
+
+    On Linux the kernel sends the signal (``prctl(PR_SET_PDEATHSIG)``; the parent's thread that
+    started the worker must live as long as the parent, as uvicorn's main thread does); a parent
+    already gone when it is asked is caught by comparing ``os.getppid()`` with the parent's pid
+    right after. Elsewhere a daemon thread compares them every :data:`PARENT_POLL` seconds: enough
+    where an orphan gets a new parent (macOS, the BSDs), not on Windows, where it keeps its parent id.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    if not _signal_on_parent_death(signal.SIGTERM):
+        threading.Thread(target=_watch_parent, args=(parent.pid,), name="trainfer-parent-watch", daemon=True).start()
+    if os.getppid() != parent.pid:  # died before the kernel was asked to tell
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _signal_on_parent_death(number: int) -> bool:
+    """Ask Linux to send signal ``number`` to this process when its parent dies; False where it cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, number, 0, 0, 0) == 0
+    return False
+
+
+def _watch_parent(parent: int) -> None:
+    """Poll until this process's parent is no longer ``parent``, then SIGTERM this process."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL)
+    os.kill(os.getpid(), signal.SIGTERM)
