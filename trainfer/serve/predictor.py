@@ -415,10 +415,19 @@ class Predictor:
 
     # ------------------------------------------------------------------ explanations
     def explain(self, inputs: Any, method: str = "integrated_gradients", target: Any = None) -> Any:
-        """Attributions for ``inputs`` (see :func:`trainfer.analysis.attribution.explain`)."""
+        """Attributions for ``inputs`` (see :func:`trainfer.analysis.attribution.explain`).
+
+        The scores are checked first as :meth:`predict` checks them: NaN or inf raises
+        :class:`~trainfer.errors.NonFiniteError` naming the input samples. Integrated gradients that
+        fail completeness (a saturated score) raise :class:`~trainfer.errors.ExplanationError`.
+        """
         from trainfer.analysis.attribution import explain
 
-        return explain(self, inputs, method=method, target=target)
+        return explain(self, inputs, method=method, target=target, check_scores=self._check_finite)
+
+    def _check_finite(self, scores: Tensor) -> None:
+        """:func:`~trainfer.serve.results.check_finite_scores` of one head's ``scores`` of samples 0..N-1."""
+        check_finite_scores([scores.detach().cpu()], self.heads)
 
     def __repr__(self) -> str:
         tasks = ", ".join(f"{h.name}: {h.task}" if h.name is not None else h.task for h in self.heads)
