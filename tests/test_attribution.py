@@ -219,7 +219,7 @@ def test_integrated_gradients_of_a_saturated_probability_is_refused_never_a_sile
     assert float(unsaturated.details["completeness_gap"].abs().max()) < 1e-4
 
 
-def test_explain_refuses_non_finite_scores_with_predicts_error() -> None:
+def test_explain_refuses_non_finite_scores_with_predicts_error(tmp_path) -> None:
     class LogOf(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.log(x).repeat(1, 2)  # NaN for a negative input
@@ -231,6 +231,9 @@ def test_explain_refuses_non_finite_scores_with_predicts_error() -> None:
     with pytest.raises(NonFiniteError) as explained:
         predictor.explain(rows)
     assert str(explained.value) == str(predicted.value)
+    with pytest.raises(NonFiniteError) as drawn:  # trainfer predict --explain
+        explain_to_files(predictor, rows, tmp_path)
+    assert str(drawn.value) == str(predicted.value)
     with pytest.raises(NonFiniteError, match=r"NaN or inf between the baseline and the input of example\(s\) \[0\]"):
         predictor.explain(rows[:1])  # finite at x, not at the zero baseline: log(0)
 

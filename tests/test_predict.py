@@ -374,16 +374,14 @@ def test_device_choice():
 def test_explain_and_ensemble_delegate(monkeypatch):
     calls = []
     fake_attribution = types.ModuleType("trainfer.analysis.attribution")
-    fake_attribution.explain = lambda predictor, inputs, method, target, check_scores: (
-        calls.append((predictor, method, target, check_scores)) or 7
-    )
+    fake_attribution.explain = lambda predictor, inputs, method, target: calls.append((predictor, method, target)) or 7
     monkeypatch.setitem(sys.modules, "trainfer.analysis.attribution", fake_attribution)
     monkeypatch.setattr(
         "trainfer.serve.predictor.Ensemble", lambda predictors, weights: ("ensemble", list(predictors), weights)
     )
     predictor = Predictor(make(3), preprocess=SPEC)
     assert predictor.explain(torch.zeros(1, 1, 8, 8), method="saliency", target=2) == 7
-    assert calls == [(predictor, "saliency", 2, predictor._check_finite)]
+    assert calls == [(predictor, "saliency", 2)]
     assert Predictor.ensemble([predictor], weights=[1.0]) == ("ensemble", [predictor], [1.0])
 
 

@@ -54,23 +54,17 @@ class Attributions:
 
 
 def explain(
-    predictor: Any,
-    inputs: Any,
-    method: str = "integrated_gradients",
-    target: Any = None,
-    *,
-    check_scores: Callable[[Tensor], None] | None = None,
-    **options: Any,
+    predictor: Any, inputs: Any, method: str = "integrated_gradients", target: Any = None, **options: Any
 ) -> Attributions:
     """Explain ``predictor``'s predictions for ``inputs`` (anything ``predictor.preprocess`` accepts).
 
     The explained function is ``predictor.scores``, as served (probabilities for classification
     and binary, unscaled values for regression), which keeps autograd for inputs that require
-    grad. ``check_scores`` is called with the scores of the preprocessed batch (one forward without
-    gradients) before anything is attributed: ``Predictor.explain`` passes ``predict``'s check of
-    non-finite scores (an autoregressive model, whose prediction is a search, is not checked there
-    either). ``options`` go to Captum's ``attribute`` (e.g. ``n_steps``, ``baselines``,
-    ``sliding_window_shapes``).
+    grad. Before anything is attributed, the batch's scores (one forward without gradients) go to
+    ``predictor.check_scores``, ``predict``'s check: NaN or inf raises
+    :class:`~trainfer.errors.NonFiniteError` naming the input samples (not for an autoregressive model,
+    whose prediction is a search that ``predict`` does not check either). ``options`` go to Captum's
+    ``attribute`` (e.g. ``n_steps``, ``baselines``, ``sliding_window_shapes``).
     """
     if not isinstance(predictor.model, nn.Module):
         served = type(predictor.model).__name__
@@ -78,9 +72,9 @@ def explain(
     if predictor.multi_head:
         raise InputError("explanations of multi-head predictors are not supported: serve one head to explain it")
     batch = predictor.preprocess(inputs).to(predictor.device)
-    if check_scores is not None and not getattr(predictor, "generates", False):
+    if not getattr(predictor, "generates", False):
         with torch.no_grad():
-            check_scores(predictor.scores(batch))
+            predictor.check_scores(predictor.scores(batch))
     if predictor.task == "sequence":
         sequence_score = _generated_score if getattr(predictor, "generates", False) else _sequence_score
         if target is not None:
