@@ -275,17 +275,17 @@ def _check_completeness(values: Tensor, scores: Tensor, gap: Tensor) -> None:
     a saturated model misses about 100 %.
     NaN or inf on the path (``f(x0)``, a gradient) raises :class:`NonFiniteError` instead.
     """
-    rounding = torch.finfo(values.dtype).eps ** 0.5
-    values, scores, gap = values.double(), scores.double(), gap.double().to(values.device)
-    change = values.flatten(1).sum(1) - gap  # f(x) - f(x0), as Captum measured it
-    magnitude = torch.maximum(scores.abs(), (scores - change).abs())
-    allowed = torch.maximum(COMPLETENESS_TOLERANCE * change.abs(), rounding * magnitude)
     broken = (~torch.isfinite(gap)).nonzero().flatten().tolist()
     if broken:
         raise NonFiniteError(
             f"integrated gradients meet NaN or inf between the baseline and the input of example(s) {broken[:10]}: "
             "expected finite scores and gradients on the path (the baseline x0 is zeros unless baselines= is given)"
         )
+    rounding = torch.finfo(values.dtype).eps ** 0.5
+    values, scores, gap = values.double(), scores.double(), gap.double().to(values.device)
+    change = values.flatten(1).sum(1) - gap  # f(x) - f(x0), as Captum measured it
+    magnitude = torch.maximum(scores.abs(), (scores - change).abs())
+    allowed = torch.maximum(COMPLETENESS_TOLERANCE * change.abs(), rounding * magnitude)
     failed = (gap.abs() > allowed).nonzero().flatten().tolist()
     if failed:
         i = failed[0]
