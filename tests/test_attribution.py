@@ -13,7 +13,7 @@ from torch import nn
 
 import trainfer
 from trainfer.analysis.attribution import attribute, explain, explain_to_files
-from trainfer.errors import ModeError
+from trainfer.errors import ExplanationError, ModeError, NonFiniteError
 from trainfer.serve.predictor import Predictor
 from trainfer.serve.preprocess import PreprocessSpec
 from trainfer.testing import randomize_batchnorm
@@ -87,6 +87,9 @@ def test_every_method_gives_the_input_shape_and_restores_modes_and_grad_state(me
         assert not torch.is_grad_enabled()
     assert result.values.shape == x.shape and result.inputs.shape == x.shape
     assert seen and not any(training for training, _ in seen)  # every forward in eval mode
+    if method == "integrated_gradients":  # its completeness check measures f(x) and f(x0) last, without gradients
+        assert [grad for _, grad in seen[-2:]] == [False, False]
+        seen = seen[:-2]
     assert all(grad for _, grad in seen) or method == "occlusion"  # with gradients (occlusion needs none)
     assert {name: m.training for name, m in model.named_modules()} == before
     assert all(p.grad is None for p in model.parameters())
@@ -189,6 +192,50 @@ def test_explain_uses_the_predictors_preprocessing_and_served_probabilities() ->
     torch.testing.assert_close(result.scores, probabilities.max(dim=1).values)
     at_baseline = predictor.scores(torch.zeros(2, 3, dtype=torch.float64))[[0, 1], result.target]
     torch.testing.assert_close(result.values.sum(dim=1), result.scores - at_baseline, rtol=0, atol=1e-6)
+
+
+def _two_class_linear(scale: float) -> Predictor:
+    """Logits ``scale * (x0 - x1, x1 - x0)``: at the zero baseline both classes are at 0.5; with a
+    ``scale`` of 1e4 the softmax is one-hot a thousandth of the way from there to ``x = (1, 0)``."""
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.copy_(scale * torch.tensor([[1.0, -1.0], [-1.0, 1.0]]))
+        model.bias.zero_()
+    return Predictor(model, task="classification", preprocess=PreprocessSpec(input_shape=(2,)))
+
+
+def test_integrated_gradients_of_a_saturated_probability_is_refused_never_a_silent_zero_map() -> None:
+    """The probability's gradient p (1 - p) vanishes past the first thousandth of the path: the
+    quadrature's map is about zero while f(x) - f(x0) = 0.5. Occlusion, which the message offers, explains it."""
+    x = [[1.0, 0.0]]
+    expected = r"completeness check for example\(s\) \[0\].*expected f\(x\) - f\(x0\) = 0.5 "
+    with pytest.raises(ExplanationError, match=expected):
+        _two_class_linear(1e4).explain(x)
+    occluded = _two_class_linear(1e4).explain(x, method="occlusion")
+    torch.testing.assert_close(occluded.values, torch.tensor([[0.5, 0.0]]))  # x0 in column 0: 1 -> 0.5
+
+    unsaturated = _two_class_linear(1.0).explain(x)  # the same model at a scale where it does not saturate
+    assert abs(float(unsaturated.values.sum()) - (float(unsaturated.scores[0]) - 0.5)) < 1e-4
+    assert float(unsaturated.details["completeness_gap"].abs().max()) < 1e-4
+
+
+def test_explain_refuses_non_finite_scores_with_predicts_error(tmp_path) -> None:
+    class LogOf(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.log(x).repeat(1, 2)  # NaN for a negative input
+
+    predictor = _table_predictor(LogOf())
+    rows = [[1.0, 2.0, 3.0], [1.0, -2.0, 3.0]]
+    with pytest.raises(NonFiniteError, match=r"output for input sample\(s\) \[1\] holds NaN or inf") as predicted:
+        predictor.predict(rows)
+    with pytest.raises(NonFiniteError) as explained:
+        predictor.explain(rows)
+    assert str(explained.value) == str(predicted.value)
+    with pytest.raises(NonFiniteError) as drawn:  # trainfer predict --explain
+        explain_to_files(predictor, rows, tmp_path)
+    assert str(drawn.value) == str(predicted.value)
+    with pytest.raises(NonFiniteError, match=r"NaN or inf between the baseline and the input of example\(s\) \[0\]"):
+        predictor.explain(rows[:1])  # finite at x, not at the zero baseline: log(0)
 
 
 def test_explain_binary_and_unscaled_regression_predictors() -> None:

@@ -181,6 +181,19 @@ def test_a_regression_output_holding_inf_is_refused():
         predictor.predict(torch.rand(2, 1, 8, 8) + 0.5)
 
 
+def test_check_scores_takes_what_scores_gives_and_names_the_head_as_predict_does():
+    """What explanations check before attributing (Predictor.explain, trainfer predict --explain)."""
+
+    class TwoHeads(nn.Module):
+        def forward(self, x):
+            return {"a": x[:, :2], "b": x[:, 2:] * 1e38 * 1e38}  # inf in float32 where column 2 is not 0
+
+    predictor = Predictor(TwoHeads(), heads={"a": "classification", "b": "regression"}, preprocess={"input_shape": [3]})
+    predictor.check_scores(predictor.scores(torch.tensor([[1.0, 2.0, 0.0]])))
+    with pytest.raises(NonFiniteError, match=r"output for input sample\(s\) \[1\] \(head 'b'\) holds NaN or inf"):
+        predictor.check_scores(predictor.scores(torch.tensor([[1.0, 2.0, 0.0], [1.0, 2.0, 3.0]])))
+
+
 def test_an_ensemble_with_a_nan_member_is_refused_naming_the_input():
     members = [Predictor(LogOf(), preprocess=SPEC), Predictor(LogOf(), preprocess=SPEC)]
     x = torch.rand(5, 1, 8, 8)

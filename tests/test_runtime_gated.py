@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,3 +216,96 @@ def test_a_reduced_precision_choice_without_a_gate_is_never_written(data, tmp_pa
     with pytest.raises(BundleError, match="needs a passing gate"):
         rt.save_record(bundle, compiled.record)
     assert not (bundle / rt.RUNTIME_FILE).exists()
+
+
+#: The files an int8 choice adds to a bundle (``save_compiled``), and the name a removal renames the record to.
+INT8_FILES = {"quantized.onnx", "probes.safetensors", "quantization.json"}
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(data, tmp_path_factory):
+    """A bundle whose runtime.json chose int8 (save_compiled wrote the int8 form), and its float bundle's files."""
+    bundle = trainfer.save(data["deployed"], tmp_path_factory.mktemp("int8") / "b", task="classification")
+    float_files = {p.name for p in bundle.iterdir()}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rt, "_measure", hooked_measure(rt._measure, None, f"{INT8}/int8"))
+        save_compiled(bundle, _compile(bundle, data, OPEN))
+    assert INT8_FILES <= {p.name for p in bundle.iterdir()}
+    return bundle, float_files
+
+
+def _copy(int8_bundle, tmp_path):
+    bundle, float_files = int8_bundle
+    return Path(shutil.copytree(bundle, tmp_path / "b")), float_files
+
+
+def _save_float32(bundle):
+    """A float32 choice recorded in ``bundle`` by ``save_compiled``."""
+    compiled = trainfer.compile(bundle, runtime="auto", candidates=["torch"], rounds=1)
+    assert compiled.record.dtype == "float32"
+    return save_compiled(bundle, compiled)
+
+
+def _serves_float32(bundle):
+    predictor = trainfer.Predictor.load(bundle, runtime="recorded")
+    assert predictor.model.record.dtype == "float32" == rt.read_record(bundle).dtype
+    predictor.predict(torch.rand(2, 1, 8, 8))
+
+
+@pytest.mark.parametrize("made_by", [True, False], ids=["made_by", "record-before-made_by"])
+def test_a_float32_choice_after_an_int8_one_removes_the_int8_form_and_only_it(int8_bundle, tmp_path, made_by):
+    """An int8 record without made_by (written before it existed) is compile's when runtime.json chose int8."""
+    bundle, float_files = _copy(int8_bundle, tmp_path)
+    if not made_by:
+        record = json.loads((bundle / "quantization.json").read_text())
+        del record["made_by"]
+        (bundle / "quantization.json").write_text(json.dumps(record))
+    (bundle / "notes.txt").write_text("mine")
+    (bundle / "quantized.onnx.orig").write_bytes((bundle / "quantized.onnx").read_bytes())
+    _save_float32(bundle)
+    assert {p.name for p in bundle.iterdir()} == float_files | {rt.RUNTIME_FILE, "notes.txt", "quantized.onnx.orig"}
+    _serves_float32(bundle)
+    assert isinstance(trainfer.Predictor.load(bundle).model, torch.nn.Module)  # no int8 form left to serve
+    assert (bundle / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("crash_in", ["retire_int8_form", "sha256"], ids=["before-rename", "after-rename"])
+def test_a_crash_after_runtime_json_is_written_leaves_a_loadable_bundle_the_next_compile_cleans(
+    int8_bundle, tmp_path, monkeypatch, crash_in
+):
+    from trainfer.serve import int8_form
+
+    bundle, float_files = _copy(int8_bundle, tmp_path)
+
+    def crash(*args):
+        raise KeyboardInterrupt("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(int8_form, crash_in, crash)
+        with pytest.raises(KeyboardInterrupt):
+            _save_float32(bundle)
+    _serves_float32(bundle)
+    trainfer.Predictor.load(bundle).predict(torch.rand(2, 1, 8, 8))  # the default load works in between too
+    _save_float32(bundle)
+    assert {p.name for p in bundle.iterdir()} == float_files | {rt.RUNTIME_FILE}
+
+
+def test_a_float32_choice_leaves_int8_files_trainfer_cannot_prove_its_own(int8_bundle, tmp_path):
+    """A trainfer quantize bundle's own int8 form, a changed file, a link out of the bundle: all kept."""
+    bundle, _ = _copy(int8_bundle, tmp_path)
+    record = json.loads((bundle / "quantization.json").read_text())
+    (bundle / "quantization.json").write_text(json.dumps({**record, "made_by": "trainfer quantize"}))
+    (bundle / rt.RUNTIME_FILE).unlink()
+    _save_float32(bundle)
+    assert INT8_FILES <= {p.name for p in bundle.iterdir()}
+
+    outside = tmp_path / "outside.onnx"
+    outside.write_bytes((bundle / "quantized.onnx").read_bytes())
+    (bundle / "quantized.onnx").unlink()
+    (bundle / "quantized.onnx").symlink_to(outside)
+    (bundle / "probes.safetensors").write_bytes(b"changed by hand")
+    (bundle / "quantization.json").write_text(json.dumps(record))  # compile's again: it is removed
+    _save_float32(bundle)
+    assert outside.is_file() and (bundle / "quantized.onnx").is_symlink()
+    assert (bundle / "probes.safetensors").read_bytes() == b"changed by hand"
+    assert not (bundle / "quantization.json").exists()

@@ -52,6 +52,12 @@ class EquivalenceError(TrainferError, ValueError):
         self.report = report
 
 
+class ExplanationError(TrainferError, ValueError):
+    """An explanation failed its method's own check: integrated gradients whose attributions do not sum
+    to ``f(x) - f(x0)`` (a score that saturates along the path, or too few steps). The message names
+    the examples, both sums and what to change; no map is returned that would read as meaningful."""
+
+
 class ModeWarning(UserWarning):
     """A forward pass ran in a mode that is probably not the intended one (e.g. forgot eval())."""
 
@@ -125,6 +131,7 @@ __all__ = [
     "BundleWarning",
     "DecodingError",
     "EquivalenceError",
+    "ExplanationError",
     "InputError",
     "InputTypeError",
     "MissingExtraError",

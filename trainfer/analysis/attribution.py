@@ -7,7 +7,12 @@ there. Methods, for a score ``f`` of the input ``x`` and a baseline ``x0`` (zero
 preprocessed space):
 
 - ``integrated_gradients``: ``(x - x0) * mean_a grad f(x0 + a (x - x0))``; attributions sum to
-  ``f(x) - f(x0)`` (completeness), and equal ``w * (x - x0)`` for a linear ``f = w.x + b``;
+  ``f(x) - f(x0)`` (completeness), and equal ``w * (x - x0)`` for a linear ``f = w.x + b``.
+  Completeness is checked (Captum's convergence delta, in ``details["completeness_gap"]``): a sum
+  off by more than half of ``f(x) - f(x0)`` raises :class:`~trainfer.errors.ExplanationError`. It
+  fails where ``f`` is a saturated probability: ``d softmax(z)_c / d z_c = p (1 - p)`` is 0 on
+  almost all of the path when the logits are large, so the ``n_steps`` quadrature sees no gradient
+  although ``f`` changes (docs/inspection.md, "Integrated gradients: completeness");
 - ``saliency``: ``|grad f(x)|``;
 - ``occlusion``: ``f(x) - f(x with a window set to x0)``, spread over the window's elements;
 - ``kernel_shap``: Shapley values of features (image patches, table columns; see

@@ -28,12 +28,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from trainfer.errors import InputError, QuantizationError
+from trainfer.errors import BundleError, InputError, QuantizationError
 from trainfer.serve.engines import CompiledModel
 from trainfer.serve.gate import AccuracyGate
 from trainfer.serve.runtime import _Source, _unavailable
 from trainfer.serve.runtime import compile as compile_float
-from trainfer.serve.runtime_record import QUANTIZED_RUNTIMES, CandidateRecord, RuntimeRecord, save_record
+from trainfer.serve.runtime_record import QUANTIZED_RUNTIMES, CandidateRecord, RuntimeRecord, read_record, save_record
 
 #: What a gated ``compile`` adds to the float32 candidates.
 REDUCED_DTYPES = ("bfloat16",)
@@ -149,16 +149,34 @@ def save_compiled(bundle: str | os.PathLike[str], compiled: CompiledModel) -> Pa
     """Record ``compiled``'s choice in ``bundle``: ``runtime.json`` and, when it serves int8, the int8 form.
 
     The int8 files (``quantized.onnx``, its probes and ``quantization.json``) are written before
-    ``runtime.json``, each atomically; a load checks them against the bundle's float weights.
+    ``runtime.json``, each atomically; a load checks them against the bundle's float weights. A
+    float32 or bf16 choice leaves the bundle holding what it uses: an int8 form an earlier compile
+    wrote is removed once ``runtime.json`` is in place (:func:`~trainfer.serve.int8_form.retire_int8_form`:
+    only trainfer's own files, crash-safe; a removal a crash interrupted is finished here too).
+    A ``trainfer quantize`` bundle's own int8 form, and every other file, is left as it is.
     """
-    from trainfer.serve.int8_form import write_int8_form
+    from trainfer.serve.int8_form import MADE_BY, compile_made, retire_int8_form, write_int8_form
 
-    if compiled.record.dtype == "int8":
+    directory = Path(bundle)
+    int8 = compiled.record.dtype == "int8"
+    if int8:
         quantized = compiled.quantized
         if quantized is None:
             raise InputError("this compiled model serves an int8 form it does not carry: it was loaded, not compiled")
-        write_int8_form(Path(bundle), quantized.onnx_bytes, quantized.probes, quantized.report.to_dict())
-    return save_record(bundle, compiled.record)
+        write_int8_form(directory, quantized.onnx_bytes, quantized.probes, quantized.report.to_dict(), MADE_BY[1])
+    stale = not int8 and compile_made(directory, _recorded_int8(directory))
+    saved = save_record(bundle, compiled.record)
+    retire_int8_form(directory, stale)
+    return saved
+
+
+def _recorded_int8(bundle: Path) -> bool:
+    """Whether the bundle's ``runtime.json`` (before it is replaced) chose int8; an unreadable one did not."""
+    try:
+        previous = read_record(bundle)
+    except BundleError:
+        return False
+    return previous is not None and previous.dtype == "int8"
 
 
 def choice_note(record: RuntimeRecord, gated: bool) -> str | None:

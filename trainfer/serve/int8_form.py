@@ -2,10 +2,12 @@
 
 Beside the float deploy form, such a bundle holds :data:`QUANTIZED_FILE` (the QDQ ONNX file, manifest
 inside), ``probes.safetensors`` (validation inputs on which both forms agree) and :data:`QUANTIZATION_FILE`
-(``{"format": "trainfer-quantized", "file": ..., "sha256": ..., "probes": {...}, "report": {...}}``).
-:func:`write_int8_form` writes them (:class:`trainfer.serve.quantize.QuantizedModel.save`);
-:func:`serve_quantized` serves the int8 form once the file matches its digest, holds only the operators
-trainfer writes, and agrees with the float weights on the probes.
+(``{"format": "trainfer-quantized", "file": ..., "sha256": ..., "probes": {...}, "made_by": ..., "report": {...}}``).
+:func:`write_int8_form` writes them (:class:`trainfer.serve.quantize.QuantizedModel.save`, and
+:func:`trainfer.serve.gated.save_compiled` for an int8 choice); :func:`serve_quantized` serves the int8
+form once the file matches its digest, holds only the operators trainfer writes, and agrees with the
+float weights on the probes; :func:`retire_int8_form` removes a form ``trainfer compile`` wrote once a
+later choice no longer uses it.
 """
 
 from __future__ import annotations
@@ -38,14 +40,30 @@ from trainfer.serve.served_checks import PROBES_FILE
 #: The int8 form a bundle may carry (``trainfer quantize``): a QDQ ONNX file and its record.
 QUANTIZED_FILE = "quantized.onnx"
 QUANTIZATION_FILE = "quantization.json"
+#: What :func:`retire_int8_form` renames :data:`QUANTIZATION_FILE` to while it removes the files it names.
+RETIRED_FILE = "quantization.json.retired"
+#: The writers ``made_by`` names: ``trainfer quantize`` (a bundle of its own), ``trainfer compile``'s int8 choice.
+MADE_BY = ("trainfer quantize", "trainfer compile")
 
-__all__ = ["QUANTIZATION_FILE", "QUANTIZED_FILE", "serve_quantized", "write_int8_form"]
+__all__ = [
+    "MADE_BY",
+    "QUANTIZATION_FILE",
+    "QUANTIZED_FILE",
+    "RETIRED_FILE",
+    "compile_made",
+    "retire_int8_form",
+    "serve_quantized",
+    "write_int8_form",
+]
 
 
-def write_int8_form(directory: Path, onnx_bytes: bytes, probes: Tensor, report: dict[str, Any]) -> None:
+def write_int8_form(
+    directory: Path, onnx_bytes: bytes, probes: Tensor, report: dict[str, Any], made_by: str = MADE_BY[0]
+) -> None:
     """Write the int8 form's files into the bundle ``directory`` (a staging directory that the caller
     then puts in place atomically, or a bundle that ``trainfer.compile``'s int8 choice is saved into):
-    each file is replaced atomically, the record naming the others' sha256 last."""
+    each file is replaced atomically, the record naming the others' sha256 (and ``made_by``, one of
+    :data:`MADE_BY`) last."""
     from trainfer.serve.bundle_write import write_safetensors
 
     with atomic_file(directory / QUANTIZED_FILE) as tmp:
@@ -58,6 +76,7 @@ def write_int8_form(directory: Path, onnx_bytes: bytes, probes: Tensor, report: 
         "file": QUANTIZED_FILE,
         "sha256": sha256(onnx_bytes),
         "probes": {"file": PROBES_FILE, "sha256": sha256(directory / PROBES_FILE)},
+        "made_by": made_by,
         "report": report,
     }
     with atomic_file(directory / QUANTIZATION_FILE) as tmp:
@@ -124,9 +143,63 @@ def _made_for(entry: dict[str, Any]) -> str:
     return str(runtime)
 
 
+def compile_made(directory: Path, recorded_int8: bool) -> bool:
+    """Whether the int8 form in the bundle ``directory`` is one ``trainfer compile`` wrote: its
+    :data:`QUANTIZATION_FILE` is a regular file (not a link) holding trainfer's int8 record, which says
+    ``"made_by": "trainfer compile"``, or (a record written before ``made_by`` existed) the bundle's
+    ``runtime.json`` serves it (``recorded_int8``: it chose int8). A ``trainfer quantize`` bundle's own
+    int8 form is not."""
+    entry = _own_record(directory / QUANTIZATION_FILE)
+    if entry is None:
+        return False
+    return entry.get("made_by") == MADE_BY[1] or ("made_by" not in entry and recorded_int8)
+
+
+def retire_int8_form(directory: Path, stale: bool) -> None:
+    """Remove the int8 form ``trainfer compile`` wrote into the bundle ``directory`` once its
+    ``runtime.json`` no longer uses it (``stale``), and finish a removal a crash interrupted. After
+    each step the bundle loads and serves what ``runtime.json`` records:
+
+    1. ``stale``: :data:`QUANTIZATION_FILE` is renamed :data:`RETIRED_FILE` (atomic: from then on no
+       reader sees an int8 form);
+    2. each file :data:`RETIRED_FILE` names (:data:`QUANTIZED_FILE`, the probes) is removed if it still
+       is what trainfer wrote: a regular file, not a link, with the recorded sha256. Where a live
+       :data:`QUANTIZATION_FILE` exists (an int8 form written since), those names are its files: kept;
+    3. :data:`RETIRED_FILE` is removed.
+    """
+    if stale:
+        os.replace(directory / QUANTIZATION_FILE, directory / RETIRED_FILE)
+    entry = _own_record(directory / RETIRED_FILE)
+    if entry is None:
+        return
+    if not os.path.lexists(directory / QUANTIZATION_FILE):
+        probes = entry.get("probes")
+        probes_digest = probes.get("sha256") if isinstance(probes, dict) else None
+        written = {QUANTIZED_FILE: entry.get("sha256"), PROBES_FILE: probes_digest}
+        for name, digest in written.items():
+            file = directory / name
+            if file.is_file() and not file.is_symlink() and sha256(file) == digest:
+                file.unlink()
+    (directory / RETIRED_FILE).unlink()
+
+
+def _own_record(file: Path) -> dict[str, Any] | None:
+    """The int8 record at ``file`` when it is a regular file (not a link) holding trainfer's, else ``None``."""
+    if file.is_symlink() or not file.is_file():
+        return None
+    try:
+        return _checked_entry(read_json(file, error=BundleError), file)
+    except BundleError:
+        return None
+
+
 def _quantization_entry(directory: Path) -> dict[str, Any]:
     file = directory / QUANTIZATION_FILE
-    entry = read_json(file, error=BundleError)
+    return _checked_entry(read_json(file, error=BundleError), file)
+
+
+def _checked_entry(entry: Any, file: Path) -> dict[str, Any]:
+    """``entry``, read from ``file``, when it is a trainfer int8 record (else :class:`BundleError`)."""
     if (
         not isinstance(entry, dict)
         or entry.get("format") != "trainfer-quantized"

@@ -415,10 +415,20 @@ class Predictor:
 
     # ------------------------------------------------------------------ explanations
     def explain(self, inputs: Any, method: str = "integrated_gradients", target: Any = None) -> Any:
-        """Attributions for ``inputs`` (see :func:`trainfer.analysis.attribution.explain`)."""
+        """Attributions for ``inputs`` (see :func:`trainfer.analysis.attribution.explain`).
+
+        The scores are checked first as :meth:`predict` checks them (:meth:`check_scores`). Integrated
+        gradients that fail completeness (a saturated score) raise :class:`~trainfer.errors.ExplanationError`.
+        """
         from trainfer.analysis.attribution import explain
 
         return explain(self, inputs, method=method, target=target)
+
+    def check_scores(self, scores: Tensor | dict[str, Tensor]) -> None:
+        """Refuse :meth:`scores` of input samples 0..N-1 as :meth:`predict` does: NaN or inf raises
+        :class:`~trainfer.errors.NonFiniteError` naming the samples (and the head)."""
+        per_head = [scores[str(head.name)] for head in self.heads] if isinstance(scores, dict) else [scores]
+        check_finite_scores([head_scores.detach().cpu() for head_scores in per_head], self.heads)
 
     def __repr__(self) -> str:
         tasks = ", ".join(f"{h.name}: {h.task}" if h.name is not None else h.task for h in self.heads)

@@ -39,7 +39,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from trainfer._version import __version__
-from trainfer.errors import NonFiniteError, one_line
+from trainfer.errors import one_line
 from trainfer.serve.results import check_top_k, to_records
 from trainfer.server.access import AccessMiddleware
 from trainfer.server.error_answers import answer_errors
@@ -184,7 +184,7 @@ def _routes(app: FastAPI, server: Server) -> None:
         return {
             "id": items[0][0],
             "method": attributions.method,
-            "heatmap": _heat_map(attributions, items[0][0]),
+            "heatmap": _heat_map(attributions),
         }
 
     @app.get("/metrics", summary="Prometheus metrics")
@@ -192,16 +192,11 @@ def _routes(app: FastAPI, server: Server) -> None:
         return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def _heat_map(attributions: Any, sample: str) -> list[list[float]]:
+def _heat_map(attributions: Any) -> list[list[float]]:
     """The first example's attributions as a heat map: absolute values summed over channels, scaled
-    to a maximum of 1. NaN or inf in its explained score or its attributions (a model whose scores
-    overflow on that input) is a :class:`NonFiniteError`, as ``/infer`` and ``/predict`` refuse
-    such scores: never a heat map of nulls."""
+    to a maximum of 1. Never a map of nulls or zeros that means nothing: ``Predictor.explain`` has
+    refused non-finite scores (:class:`~trainfer.errors.NonFiniteError`, as ``/infer`` and ``/predict`` do) and
+    integrated gradients that fail completeness (:class:`~trainfer.errors.ExplanationError`)."""
     values = attributions.values[0].detach().double().abs()
-    if not (bool(torch.isfinite(attributions.scores[0]).all()) and bool(torch.isfinite(values).all())):
-        raise NonFiniteError(
-            f"explaining {sample!r} gives NaN or inf scores or attributions: expected finite numbers (look "
-            "for inputs far outside the training range, or broken weights; /infer and /predict refuse it too)"
-        )
     heat = values.sum(0) if values.dim() == 3 else values.reshape(1, -1)
     return (heat / heat.max().clamp_min(1e-300)).tolist()
