@@ -20,7 +20,8 @@ throughput and p50/p99 latency. Every server runs its model on ``--threads`` tor
 workers and N HTTP front-end processes (``workers_per_device=N``, ``num_api_servers=N``).
 
 At concurrency 1 the server's overhead is ``1 - (mean seconds per batch in the model, from
-/metrics) / (mean request latency)``, measured with ``--workers 1`` only: with more, /metrics
+/metrics: timed on the thread that runs the batch, the hand-off to it excluded) / (mean request
+latency)``, measured with ``--workers 1`` only: with more, /metrics
 answers from whichever process takes its connection, not necessarily the one that served wrk's, so
 the figure is left out rather than guessed. From the same run, the overhead a server costing only
 the floor would have: ``floor latency / (floor latency + forward)`` (mean latencies at
