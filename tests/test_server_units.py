@@ -280,14 +280,25 @@ def test_inline_serial_requests_run_on_the_event_loop_and_concurrent_ones_batch_
         with pytest.raises(ValueError, match="negative input"):
             await batcher.submit(-torch.ones(1, 1))
         last = await batcher.submit(torch.ones(1, 1))
+        several = await batcher.submit(torch.ones(4, 1))  # lone, but several samples: never on the loop
         await batcher.stop()
-        return [*serial, *together, after, last]
+        return [*serial, *together, after, last, several]
 
     answers = run(main(), seconds=30)
     loop_thread = threading.current_thread().name
     placed = [(name == loop_thread, size) for name, size in threads]
-    assert placed == [(False, 1), (True, 1), (True, 1), (False, 3), (False, 1), (True, 1), (True, 1)]
-    assert [a[0].item() for a in answers] == [1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 1.0, 2.0]
+    assert placed == [(False, 1), (True, 1), (True, 1), (False, 3), (False, 1), (True, 1), (True, 1), (False, 4)]
+    assert [a[0].flatten().tolist() for a in answers] == [
+        [1.0],
+        [2.0],
+        [3.0],
+        [1.0],
+        [2.0],
+        [3.0],
+        [1.0],
+        [2.0],
+        [2.0] * 4,
+    ]
 
 
 @pytest.mark.parametrize(

@@ -15,12 +15,13 @@ batch's. When to run (Triton's rule, collecting only while the model is busy):
   per-request Python outweighs its forward, such one-sample batches only contend for the
   interpreter lock and scatter the latencies (digits_net's p99 at concurrency 32 went from 14 to
   9 ms with 2 workers, machine B).
-- with ``inline``, a lone request on an idle model that follows a batch of one request (serial
-  traffic: concurrency 1) runs on the event loop's own thread, not a worker's: for a model faster
-  than :data:`COMPUTE_BOUND` the hand-off to a worker thread and back costs a third of its forward
-  (digits_net, machine B: 0.13 ms around a 0.37 ms forward). The loop waits for that forward as it
-  would for the worker's; under concurrent traffic batches are larger than one and run on workers,
-  so that the loop reads the next requests meanwhile.
+- with ``inline``, a lone one-sample request on an idle model that follows a batch of one request
+  (serial traffic: concurrency 1) runs on the event loop's own thread, not a worker's: for a model
+  whose one-sample forward is under :data:`COMPUTE_BOUND` the hand-off to a worker thread and back
+  costs a third of that forward (digits_net, machine B: 0.13 ms around a 0.37 ms forward). The loop
+  then serves nothing else for that one forward, so a request of several samples (its forward
+  grows with them: 16384 digits samples take 1.7 s) always runs on a worker; so do concurrent
+  requests, whose batches are larger than one, so that the loop reads the next requests meanwhile.
 
 A batch is the oldest waiting requests concatenated in arrival order -- requests of different sizes
 together, never splitting one -- up to ``max_batch`` samples; a request holding more than
@@ -201,7 +202,7 @@ class DynamicBatcher:
             if not found_idle:
                 await self._gather()
             taken = self._take()
-            if taken and found_idle and self.inline and self._lone and len(taken) == 1:
+            if taken and found_idle and self.inline and self._lone and len(taken) == 1 and taken[0].size == 1:
                 self._run_here(taken[0])
             elif taken:
                 self._start(taken)
