@@ -336,3 +336,12 @@ def test_serve_help_shows_the_bounds_the_server_checks():
     assert ranges["max_body_mb"].max == LIMITS["max_body"][1] / 2**20
     assert (ranges["max_connections"].min, ranges["max_connections"].max) == LIMITS["max_requests"]
     assert "1<=x<=65536" in invoke("serve", "--help").output
+
+
+def test_serve_names_an_unset_api_key_variable_as_unset(bundle, monkeypatch):
+    """An --api-key-env variable that is not set is named as such, not as a key of 0 characters."""
+    pytest.importorskip("fastapi")
+    monkeypatch.setattr("trainfer.server.run.serve", lambda settings, **options: None)
+    monkeypatch.delenv("SERVE_KEY_UNSET", raising=False)
+    refused = CliRunner().invoke(main, ["serve", str(bundle), "--api-key-env", "SERVE_KEY_UNSET"])
+    one_line_error(refused, "--api-key-env SERVE_KEY_UNSET", "no such environment variable is set")

@@ -74,6 +74,7 @@ def test_bad_input_exits_2_with_one_line_in_a_subprocess(image_bundle, tmp_path)
     done = run_cli("predict", str(root / "bundle"), str(tmp_path / "wrong.npy"))
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "wrong channel count: expected 1" in done.stderr
+    assert "wrong.npy' holds an array of shape (2, 3, 8, 8)" in done.stderr  # the file and its shape, named
     assert "Traceback" not in done.stderr
 
 

@@ -45,7 +45,9 @@ def api_key(variable: str | None) -> str | None:
 
     if variable is None:
         return None
-    key = os.environ.get(variable, "")
+    if variable not in os.environ:
+        raise InputError(f"--api-key-env {variable}: no such environment variable is set (export it with the key)")
+    key = os.environ[variable]
     check_api_key(key, f"--api-key-env {variable}: the variable's value")
     return key
 

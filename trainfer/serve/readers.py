@@ -75,7 +75,8 @@ def read_npy(path: Path, spec: PreprocessSpec, mmap: bool = False) -> np.ndarray
 
 def npy_samples(array: np.ndarray, name: str, spec: PreprocessSpec) -> np.ndarray:
     """``array`` (read from the ``.npy`` file ``name``) as a batch: numbers only, one sample of
-    ``spec.input_shape`` gains its batch dimension; a 0-d array or no samples is an :class:`InputError`."""
+    ``spec.input_shape`` gains its batch dimension; a 0-d array, no samples or samples of another
+    shape than ``spec.input_shape`` is an :class:`InputError` naming the file and the array's shape."""
     check_numeric(array.dtype, f"cannot read {name!r}: wrong dtype")
     expected = f"a batch (N, {', '.join(map(str, spec.input_shape))}) or one sample" if spec.input_shape else "a batch"
     if array.ndim == 0:
@@ -84,6 +85,10 @@ def npy_samples(array: np.ndarray, name: str, spec: PreprocessSpec) -> np.ndarra
         array = array[None]
     if len(array) == 0:
         raise InputError(f"{name!r} holds no samples (shape {array.shape}): expected at least one")
+    try:
+        spec._check_shape(array)  # type: ignore[arg-type]  # reads only ``.shape``
+    except InputError as error:
+        raise InputError(f"{name!r} holds an array of shape {array.shape}: {error}") from None
     return array
 
 
