@@ -1,4 +1,4 @@
-"""``trainfer serve`` under load: dynamic batching against batch-1 serving and a plain FastAPI handler.
+"""``trainfer serve`` under load: dynamic batching against batch 1, plain FastAPI, LitServe and the floor.
 
 For each model (deploy forms of ``digits_net`` on 1x8x8 and ``repvgg_a0`` on 3x224x224, random
 weights with non-trivial BatchNorm statistics) five servers run in turn, each in its own process(es):
@@ -411,7 +411,7 @@ def main() -> None:
         "--threads",
         type=int,
         default=1,
-        help="torch threads of every server (OMP_NUM_THREADS; 0: torch's default). On a shared machine more "
+        help="torch threads of every server (OMP_NUM_THREADS; 0: torch's default; default 1). On a shared machine more "
         "than 1 makes each forward wait for descheduled sibling threads, batches most",
     )
     parser.add_argument(
@@ -437,6 +437,8 @@ def main() -> None:
     if shutil.which("wrk") is None:
         parser.error("needs wrk (apt-get install wrk)")
     names = args.models.split(",")
+    if importlib.util.find_spec("litserve") is None:
+        print("LitServe is not installed (pip install -e '.[bench]'): its rows are left out", flush=True)
     with tempfile.TemporaryDirectory(prefix="serve-load-") as folder:
         root = Path(folder)
         bundles = make_bundles(root, names)

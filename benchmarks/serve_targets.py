@@ -27,6 +27,8 @@ MIN_BATCHING_GAIN = 2.0
 P99_FACTOR = 3.0
 MAX_OVERHEAD = 0.15
 HIGH = 32  # the concurrency the batching targets are judged at
+FLOOR_WHAT = "(not a target) overhead at the floor"
+FLOOR_OUTCOMES = ("reachable", "out of reach even at the floor")
 
 
 def p99_target_ms(p50_c1_ms: float, delay_ms: float = MAX_DELAY_MS) -> float:
@@ -55,9 +57,11 @@ class Verdict:
     measured: str
     target: str
     met: bool | None
+    #: The words for met and not met (the floor is no target of trainfer's: it says whether one is reachable).
+    outcomes: tuple[str, str] = ("met", "NOT met")
 
     def __str__(self) -> str:
-        outcome = {True: "met", False: "NOT met", None: "not measured"}[self.met]
+        outcome = {True: self.outcomes[0], False: self.outcomes[1], None: "not measured"}[self.met]
         return f"{self.what} {self.measured} (target {self.target}): {outcome}"
 
 
@@ -94,14 +98,15 @@ def overhead(rows: list[dict], model: str) -> Verdict:
 
 
 def floor(rows: list[dict], model: str) -> Verdict:
-    """The overhead a server costing only the floor would have around this model's forward."""
+    """The overhead a server costing only the floor would have around this model's forward: not a
+    target of trainfer's but whether the overhead target is reachable at all on this stack."""
     single, bare = find(rows, model, DYNAMIC, 1), find(rows, model, FLOOR, 1)
     target = f"< {MAX_OVERHEAD:.0%}"
     if bare is None:
-        return Verdict("overhead at the floor", "-", target, None)
+        return Verdict(FLOOR_WHAT, "-", target, None)
     latency = 1e3 / bare["rps"]  # mean latency at concurrency 1, as the overhead uses
     if single is None or "forward_ms" not in single:
-        return Verdict("overhead at the floor", f"- ({latency:.2f} ms floor, forward not measured)", target, None)
+        return Verdict(FLOOR_WHAT, f"- ({latency:.2f} ms floor, forward not measured)", target, None)
     share = floor_overhead(latency, single["forward_ms"])
     measured = f"{share:.1%} ({latency:.2f} ms floor + {single['forward_ms']:.2f} ms forward)"
-    return Verdict("overhead at the floor", measured, target, share < MAX_OVERHEAD)
+    return Verdict(FLOOR_WHAT, measured, target, share < MAX_OVERHEAD, FLOOR_OUTCOMES)

@@ -64,7 +64,10 @@ def test_verdicts_state_their_figures():
     assert batching == "batching gain at c=32 2.50x (1000.0 / 400.0 req/s) (target >= 2x): met"
     assert tail == "dynamic p99 at c=32 9.0 ms (target < 3 x 1.00 + 5 = 8.0 ms): NOT met"
     assert overhead == "dynamic overhead at c=1 10.0% (target < 15%): met"
-    assert floor == "overhead at the floor 20.0% (0.50 ms floor + 2.00 ms forward) (target < 15%): NOT met"
+    assert floor == (
+        "(not a target) overhead at the floor 20.0% (0.50 ms floor + 2.00 ms forward) (target < 15%): "
+        "out of reach even at the floor"
+    )
 
 
 def test_a_missing_or_silent_row_is_not_measured_never_a_pass():
@@ -73,7 +76,8 @@ def test_a_missing_or_silent_row_is_not_measured_never_a_pass():
     assert outcomes([r for r in rows if r["server"] != targets.BATCH_1]) == [None, False, True, False]
     without_overhead = [{k: v for k, v in r.items() if k not in ("overhead", "forward_ms")} for r in rows]
     assert outcomes(without_overhead) == [True, False, None, None]  # --workers > 1
-    assert str(targets.floor(without_overhead, "m")).startswith("overhead at the floor - (0.50 ms floor, forward not")
+    floor_text = str(targets.floor(without_overhead, "m"))
+    assert floor_text.startswith("(not a target) overhead at the floor - (0.50 ms floor, forward not")
     silent = [r | {"rps": 0.0} if r["server"] == targets.BATCH_1 else r for r in rows]
     assert outcomes(silent)[0] is None  # no division by zero, no infinite gain
     assert outcomes([]) == [None] * 4
