@@ -25,6 +25,7 @@ by :meth:`PreprocessSpec.unscale_target`: ``t = t' * target_std + target_mean``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -174,6 +175,9 @@ class PreprocessSpec:
 
         ``first`` is the index of the batch's first sample among all inputs (named in errors).
         """
+        plain = self._plain_batch(raw)
+        if plain is not None:
+            return plain
         batch = as_tensor(raw)
         if batch.dtype.is_complex or batch.dtype == torch.bool:
             raise InputError(f"wrong input dtype: expected real numbers (float or int), got {batch.dtype}")
@@ -191,6 +195,22 @@ class PreprocessSpec:
         if bad:
             raise NonFiniteError("input contains NaN or inf values in sample(s) ", bad, ": expected finite numbers")
         return batch
+
+    def _plain_batch(self, raw: Any) -> Tensor | None:
+        """``raw`` as a tensor when it plainly passes :meth:`check_batch` (a C-contiguous float32 or
+        float64 NumPy array of ``(N >= 1, *input_shape)`` whose sum is finite, so every element is:
+        a protocol request's tensor), else None: the full checks then run and name what is wrong.
+        Serving's hot path: the same answer for a tenth of the checks' cost."""
+        if (
+            type(raw) is not np.ndarray
+            or raw.dtype not in _PLAIN_DTYPES
+            or raw.shape[1:] != self.input_shape
+            or not raw.shape[0]
+            or not raw.flags.c_contiguous
+            or not math.isfinite(np.add.reduce(raw, axis=None))
+        ):
+            return None
+        return torch.from_numpy(raw)
 
     def _check_shape(self, batch: Tensor) -> None:
         if self.input_shape is None:
@@ -246,6 +266,7 @@ def _non_finite_samples(batch: Tensor, first: int) -> list[int]:
 
 
 _NUMPY_FLOATS = frozenset({torch.float16, torch.float32, torch.float64})
+_PLAIN_DTYPES = frozenset({np.dtype(np.float32), np.dtype(np.float64)})  # native byte order
 
 
 def _finite_sum(batch: Tensor) -> bool:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 from starlette.types import Receive, Scope, Send
 
 from trainfer.server.error_answers import CLIENT_GONE, INTERNAL_ERROR
@@ -92,7 +93,7 @@ class AccessMiddleware:
             return
         client = scope.get("client") or ("", 0)
         access_logger.info(
-            json.dumps(
+            _json_line(
                 {
                     "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "client": client[0],
@@ -108,6 +109,15 @@ class AccessMiddleware:
         assert self.key is not None
         given = next((value for name, value in scope["headers"] if name == API_KEY_HEADER.encode()), b"")
         return hmac.compare_digest(given, self.key)
+
+
+def _json_line(document: dict[str, Any]) -> str:
+    """``document`` as one line of JSON: orjson's (a third of the standard library's cost per access
+    line), or the standard library's for text orjson refuses (a lone surrogate, escaped as ``\\udXXX``)."""
+    try:
+        return orjson.dumps(document).decode()
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(document)
 
 
 async def _send_json(send: Any, status: int, document: dict[str, Any], extra: dict[str, str] | None = None) -> None:

@@ -152,7 +152,7 @@ def _routes(app: FastAPI, server: Server) -> None:
         ``trainfer predict --format jsonl`` writes them."""
         model = server.model(name)
         check_top_k(top_k, model.predictor.heads)  # before reading the body: a refused top_k costs nothing
-        body = await server.body(request)
+        body = await server.body(request.receive, request.headers.get("content-length"))
         content_type = request.headers.get("content-type", "")
 
         def prepare() -> tuple[list[str], torch.Tensor]:
@@ -175,7 +175,7 @@ def _routes(app: FastAPI, server: Server) -> None:
         """The first sample of the file in the body, explained by integrated gradients: the absolute
         attributions summed over channels, scaled to a maximum of 1 (``heatmap``, rows of numbers)."""
         model = server.model(name)
-        body = await server.body(request)
+        body = await server.body(request.receive, request.headers.get("content-length"))
         content_type = request.headers.get("content-type", "")
         spec = model.predictor.preprocess_spec
         items = await server.decode(read_upload, body, filename, content_type, spec, server.settings.max_queue)

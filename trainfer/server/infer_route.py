@@ -21,7 +21,6 @@ import asyncio
 import re
 from typing import Any
 
-from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from trainfer.errors import InputError
@@ -34,6 +33,7 @@ __all__ = ["INLINE_BYTES", "InferRoute", "versioned"]
 #: Request bodies up to this size are decoded on the event loop (a thread hop would cost more than
 #: the decoding); larger ones in a worker thread, so that the loop keeps answering meanwhile.
 INLINE_BYTES = 64 * 1024
+_HEADER_LENGTH = HEADER_LENGTH.encode("latin-1")
 _PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
 
 
@@ -50,7 +50,7 @@ class InferRoute:
         try:
             if scope["method"] != "POST":
                 raise HTTPError(405, "Method Not Allowed", {"Allow": "POST"})
-            content, headers = await self.infer(Request(scope, receive), match["name"], match["version"] or "1")
+            content, headers = await self.infer(scope, receive, match["name"], match["version"] or "1")
         except Exception as error:
             answer = error_answer(error)
             if answer is None:
@@ -61,14 +61,15 @@ class InferRoute:
         await send({"type": "http.response.start", "status": 200, "headers": fields})
         await send({"type": "http.response.body", "body": content})
 
-    async def infer(self, request: Request, name: str, version: str) -> tuple[bytes, dict[str, str]]:
+    async def infer(self, scope: Scope, receive: Receive, name: str, version: str) -> tuple[bytes, dict[str, str]]:
         """The protocol's answer to one inference request for model ``name``: its body and headers."""
         server = self.server
         model = server.model(versioned(name, version))
-        body = await server.body(request)
+        headers = _headers(scope, (b"content-length", _HEADER_LENGTH))
+        body = await server.body(receive, headers[0])
 
         def decode() -> tuple[Any, Any]:
-            decoded = decode_request(body, request.headers.get(HEADER_LENGTH))
+            decoded = decode_request(body, headers[1])
             if set(decoded.inputs) != {model.input_name}:
                 raise InputError(
                     f"model {name!r} takes one input named {model.input_name!r}; got {list(decoded.inputs)}"
@@ -82,6 +83,18 @@ class InferRoute:
             return encode_response(name, decoded, model.tensors(rows))
 
         return await asyncio.to_thread(answer) if model.decodes_answers else answer()
+
+
+def _headers(scope: Scope, names: tuple[bytes, ...]) -> list[str | None]:
+    """The values of the request headers ``names`` (lower case; None when absent, the first when
+    repeated), read from the ASGI scope without building Starlette's header mapping."""
+    found: list[str | None] = [None] * len(names)
+    for key, value in scope["headers"]:
+        if key in names:
+            where = names.index(key)
+            if found[where] is None:
+                found[where] = value.decode("latin-1")
+    return found
 
 
 def _route_path(scope: Scope) -> str:

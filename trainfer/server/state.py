@@ -12,7 +12,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from fastapi import Request
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive
 
 from trainfer.errors import InputError, NonFiniteError
 from trainfer.server.batching import COMPUTE_BOUND, DynamicBatcher, Overloaded, default_workers, usable_cores
@@ -228,23 +229,28 @@ class Server:
     def _retry(self) -> dict[str, str]:
         return {"Retry-After": str(self.settings.retry_after)}
 
-    async def body(self, request: Request) -> bytes:
-        """The request's body, refused with 413 as soon as it exceeds ``max_body`` bytes, and with 408
-        when it has not all arrived within the request timeout (a client trickling its body would
-        otherwise hold its connection, one of ``--max-connections``, for as long as it likes)."""
+    async def body(self, receive: Receive, declared: str | None) -> bytes:
+        """The request's body, read from its ASGI ``receive`` (``declared``: its Content-Length header,
+        if any), refused with 413 as soon as it exceeds ``max_body`` bytes, and with 408 when it has
+        not all arrived within the request timeout (a client trickling its body would otherwise hold
+        its connection, one of ``--max-connections``, for as long as it likes). A client that leaves
+        before its body has arrived raises Starlette's ``ClientDisconnect`` (answered 499)."""
         limit, timeout = self.settings.max_body, self.settings.timeout
-        declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise HTTPError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-        chunks, size = [], 0
+        chunks, size, more = [], 0, True
         try:
             async with asyncio.timeout(timeout):
-                async for chunk in request.stream():
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise ClientDisconnect()
+                    chunk, more = message.get("body", b""), message.get("more_body", False)
                     size += len(chunk)
                     if size > limit:
                         raise HTTPError(413, f"request body exceeds the limit of {limit} bytes")
                     chunks.append(chunk)
         except TimeoutError:
-            message = f"the request body did not arrive within the request timeout of {timeout:g} s"
-            raise HTTPError(408, message) from None
-        return b"".join(chunks)
+            late = f"the request body did not arrive within the request timeout of {timeout:g} s"
+            raise HTTPError(408, late) from None
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
