@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from trainfer.errors import InputError, NonFiniteError
 from trainfer.serve.inputs import gather, iter_raw
 from trainfer.serve.preprocess import PreprocessSpec
 from trainfer.serve.readers import iter_csv, load_image
@@ -175,3 +176,35 @@ def test_large_finite_values_are_not_mistaken_for_inf():
     huge[1, 0, 0, 0] = float("-inf")
     with pytest.raises(ValueError, match=r"sample\(s\) \[1\]"):
         IMAGE.prepare(huge)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(
+        st.sampled_from([0.0, 1.5, -2.0, 3e38, -3e38, 1.7e308, float("nan"), float("inf"), -float("inf")]),
+        min_size=12,
+        max_size=12,
+    ),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    shape=st.sampled_from([(2, 2, 3), (1, 3, 4), (4, 3), (12,), (2, 6)]),
+)
+def test_a_plain_array_gets_the_same_batch_or_the_same_error_as_the_full_checks(values, dtype, shape):
+    """check_batch's fast path for NumPy arrays (a finite sum proves finite elements) never changes
+    the answer: the batch equals the full path's, a non-finite sample is named as the full path names
+    it, and finite values whose sum overflows still pass."""
+    spec = PreprocessSpec(input_shape=(2, 3))
+    with np.errstate(over="ignore"):
+        array = np.array(values, dtype=np.float64).astype(dtype).reshape(shape)
+
+    def outcome(raw):
+        try:
+            return ("ok", spec.check_batch(raw))
+        except (InputError, NonFiniteError) as error:
+            return ("error", str(error))
+
+    fast, full = outcome(array), outcome(torch.from_numpy(array.copy()))  # a tensor never takes the fast path
+    assert fast[0] == full[0]
+    if fast[0] == "ok":
+        assert torch.equal(fast[1], full[1]) and fast[1].dtype == full[1].dtype
+    else:
+        assert fast[1] == full[1]
