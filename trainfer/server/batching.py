@@ -179,7 +179,8 @@ class DynamicBatcher:
             raise Overloaded(f"{self._queued} samples are waiting (at most {self.max_queue})")
         self._waiting.append(pending)
         self._add(pending.size)
-        self._changed.set()
+        if len(self._waiting) == 1 or self._queued >= self.max_batch:  # else nothing the loop waits for changed
+            self._changed.set()
         return pending.future
 
     def _add(self, samples: int) -> None:
@@ -212,7 +213,8 @@ class DynamicBatcher:
             await asyncio.wait(self._running)
 
     async def _change(self) -> None:
-        """Until a request arrives or a batch finishes."""
+        """Until a request arrives in an empty queue, ``max_batch`` samples wait, or a batch finishes
+        (what the loop may act on: :meth:`submit` wakes it for nothing else)."""
         self._changed.clear()
         await self._changed.wait()
 

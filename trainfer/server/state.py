@@ -199,11 +199,12 @@ class Server:
         if not samples:
             raise InputError("empty input: expected at least one sample")
         key, batcher = self.models[name].key(top_k), self.batchers[name]
-        starts = range(0, samples, size)
         try:
             async with asyncio.timeout(self.settings.timeout):  # a timed-out request's later chunks never run
-                parts = [await self._chunk(batcher, batch, start, size, key) for start in starts]
-            return parts[0] if len(parts) == 1 else [_joined(list(rows)) for rows in zip(*parts, strict=True)]
+                if samples <= size:
+                    return await self._chunk(batcher, batch, 0, size, key)
+                parts = [await self._chunk(batcher, batch, start, size, key) for start in range(0, samples, size)]
+            return [_joined(list(rows)) for rows in zip(*parts, strict=True)]
         except Overloaded as error:
             raise HTTPError(503, f"overloaded: {error}; retry later", self._retry()) from None
         except TimeoutError:
