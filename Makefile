@@ -37,9 +37,11 @@ $(NEXT)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	$(BIN)/trainfer demo
 
+# make serve PORT=8080: another port
+PORT ?= 8000
 serve: $(BIN)/.installed
 	@test -f runs/demo/bundle_deploy/manifest.json || { echo "no runs/demo/bundle_deploy yet: run \`make demo\` first" >&2; exit 2; }
-	$(BIN)/trainfer serve runs/demo/bundle_deploy
+	$(BIN)/trainfer serve runs/demo/bundle_deploy --port $(PORT)
 
 test: lint typecheck $(BIN)/.installed
 	$(PYTEST) -n 2
