@@ -63,6 +63,23 @@ def test_integrated_gradients_completeness_through_a_conv_net_with_batchnorm() -
     assert torch.allclose(result.scores, model(x)[rows, result.target].detach())
 
 
+@pytest.mark.parametrize(("examples", "most_rows"), [(1, 8), (3, 6), (12, 12)])
+def test_integrated_gradients_runs_the_path_in_chunks_of_at_most_8_rows(examples, most_rows) -> None:
+    """Not n_steps (50) rows per example at once: whole steps of every example, at most 8 rows or one step."""
+    model = conv_net()
+    rows: list[int] = []
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        rows.append(len(x))
+        return model(x)
+
+    x = torch.randn(examples, 1, 6, 6, dtype=torch.float64)
+    result = attribute(model, x, forward=forward)
+    assert max(rows[1:]) == most_rows  # rows[0]: the scores of the batch itself, before the path
+    assert sum(rows) == examples * (1 + 50 + 2)  # the batch, 50 steps, then f(x) and f(x0) for the gap
+    assert result.details["completeness_gap"].abs().max() < 1e-6
+
+
 def test_saliency_and_occlusion_of_a_linear_model() -> None:
     model = nn.Linear(5, 3).double()
     x = torch.randn(4, 5, dtype=torch.float64)

@@ -139,6 +139,35 @@ def test_the_pixel_limit_is_trainfers_own(tmp_path, monkeypatch):
         load_image(path, PreprocessSpec(input_shape=(1, 8, 8)))
 
 
+def test_a_16_bit_image_at_the_pixel_limit_is_refused_for_its_decoding_memory(tmp_path):
+    """The attack: a 124 KB 16-bit PNG of 64 megapixels (the pixel limit) took 1.2 GB to decode."""
+    path = tmp_path / "bomb_16.png"
+    Image.new("I;16", (8000, 8000)).save(path)
+    with pytest.raises(ValueError) as error:
+        load_image(path, PreprocessSpec(input_shape=(1, 8, 8)))
+    assert str(error.value) == (
+        f"image {str(path)!r} (8000x8000 pixels of mode I;16) takes 1536000000 bytes to decode (24 a pixel): "
+        "expected at most 576000000 (trainfer.serve.readers.MAX_IMAGE_DECODE_BYTES)"
+    )
+
+
+@pytest.mark.parametrize(("image", "refused"), [(Image.new("L", (10, 10)), False), (Image.new("F", (10, 10)), True)])
+def test_the_decoding_budget_counts_bytes_per_pixel_of_the_mode(image, refused, tmp_path, monkeypatch):
+    """Within a budget of 10 x 10 pixels at 9 bytes, an 8-bit image passes and a float one (24) does not."""
+    path = tmp_path / "ten.tif"
+    image.save(path)
+    monkeypatch.setattr(readers, "MAX_IMAGE_DECODE_BYTES", 900)
+    if refused:
+        with pytest.raises(ValueError, match=r"10x10 pixels of mode F\) takes 2400 bytes .* at most 900 "):
+            load_image(path, PreprocessSpec(input_shape=(1, 8, 8)))
+    else:
+        assert load_image(path, PreprocessSpec(input_shape=(1, 8, 8))).shape == (1, 8, 8)
+
+
+def test_every_8_bit_image_within_the_pixel_limit_fits_the_decoding_budget():
+    assert readers.MAX_IMAGE_PIXELS * readers._DECODE_BYTES_PER_PIXEL["8-bit"] <= readers.MAX_IMAGE_DECODE_BYTES
+
+
 # --------------------------------------------------------------------------- CSV and .npy files
 def write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")

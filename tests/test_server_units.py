@@ -795,6 +795,46 @@ def test_explain_refuses_an_input_whose_scores_overflow_as_predict_does_never_a_
     assert answers[1][1]["error"] == answers[0][1]["error"]
 
 
+def test_an_explanation_past_the_timeout_is_504_its_turn_waiters_too_and_the_turn_is_freed_when_its_thread_ends():
+    """The first explanation's thread blocks: its request gets 504 at the timeout; the next one, sent
+    after that 504 while the thread still runs, waits for its turn and gets 504 without being
+    computed; once the thread ends the turn is free and an explanation is answered again."""
+    pytest.importorskip("captum")
+    import io
+
+    app = _digits_app(timeout=1)
+    server = app.state.server
+    release, calls = threading.Event(), []
+    upload = io.BytesIO()
+    np.save(upload, np.zeros((1, 1, 8, 8), np.float32))
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            await _ready(app)
+            model = server.models["digits"]
+            explain = model.explain
+
+            def blocked(sample):
+                calls.append(sample)
+                release.wait(30)
+                return explain(sample)
+
+            model.explain = blocked
+            path = "/v2/models/digits/explain"
+            late = [await asgi_request(app, path, "POST", upload.getvalue()) for _ in range(2)]
+            computed_while_late = len(calls)
+            release.set()
+            while server.explaining.locked():
+                await asyncio.sleep(0.01)
+            return late, computed_while_late, await asgi_request(app, path, "POST", upload.getvalue())
+
+    late, computed_while_late, after = run(main(), seconds=60)
+    assert [status for status, _, _ in late] == [504, 504]
+    assert {json.loads(b)["error"] for _, _, b in late} == {"no answer within the request timeout of 1 s"}
+    assert computed_while_late == 1  # the second never ran: the timed-out first one's thread kept the turn
+    assert after[0] == 200 and len(json.loads(after[2])["heatmap"]) == 8
+
+
 def test_past_max_requests_a_request_gets_a_json_503_with_retry_after_before_its_body_is_read_probes_excepted():
     pytest.importorskip("fastapi")
     app = _digits_app(max_requests=2, timeout=30)

@@ -27,8 +27,13 @@ METHODS = ("integrated_gradients", "saliency", "occlusion", "kernel_shap", "lime
 #: misses that on a few inputs at any ``n_steps``; a map missing half the change says nothing (see
 #: :func:`_check_completeness`). ``details["completeness_gap"]`` keeps the gap for a stricter check.
 COMPLETENESS_TOLERANCE = 0.5
+#: The most rows integrated gradients runs through the model at once (forward and backward): its
+#: ``n_steps`` points of the path (50 by default) for each example go in chunks of whole steps of
+#: at most this many rows (at least one step of the whole batch), so an explanation holds a few
+#: samples' activations, not ``n_steps`` of them. ``internal_batch_size=`` overrides it.
+INTEGRATED_GRADIENTS_ROWS = 8
 
-__all__ = ["COMPLETENESS_TOLERANCE", "METHODS", "Attributions", "attribute", "explain"]
+__all__ = ["COMPLETENESS_TOLERANCE", "INTEGRATED_GRADIENTS_ROWS", "METHODS", "Attributions", "attribute", "explain"]
 
 
 @dataclass(frozen=True)
@@ -254,9 +259,14 @@ def _class_indices(target: Any) -> Tensor:
 def _integrated_gradients(
     attr: ModuleType, forward: Callable, batch: Tensor, target: Any, options: dict
 ) -> tuple[Tensor, dict[str, Any]]:
-    """Captum's integrated gradients and its convergence delta: ``sum(attributions) - (f(x) - f(x0))`` per example."""
+    """Captum's integrated gradients and its convergence delta: ``sum(attributions) - (f(x) - f(x0))`` per example.
+
+    The path's points run in chunks of :data:`INTEGRATED_GRADIENTS_ROWS` rows (Captum's
+    ``internal_batch_size``, whole steps of every example, summed in order; unless given in ``options``).
+    """
+    chunk = max(len(batch), INTEGRATED_GRADIENTS_ROWS)
     values, gap = attr.IntegratedGradients(forward).attribute(
-        batch, target=target, return_convergence_delta=True, **options
+        batch, target=target, return_convergence_delta=True, **{"internal_batch_size": chunk, **options}
     )
     return values, {"completeness_gap": gap.detach().reshape(-1)}
 

@@ -12,9 +12,9 @@ manifest so serving repeats it exactly. Every input goes through two stages:
    16-bit images (PIL modes ``I;16*`` and ``I``, values ``0..65535``) are first scaled by
    ``255/65535`` and float images (mode ``F``, values in ``[0, 1]``) by ``255``, so that every
    bit depth of one picture gives the same sample; images over :data:`trainfer.serve.readers.MAX_IMAGE_PIXELS`
-   pixels are refused before decoding. CSV files give one sample per row, with the ``columns`` picked by
-   name; arrays and tensors are taken as they are (a single sample without its batch dimension
-   gets one).
+   pixels, or :data:`~trainfer.serve.readers.MAX_IMAGE_DECODE_BYTES` to decode, are refused before
+   decoding. CSV files give one sample per row, with the ``columns`` picked by name; arrays and
+   tensors are taken as they are (a single sample without its batch dimension gets one).
 2. **prepare** — the raw batch is validated (non-empty, numeric, the expected shape, finite) and
    normalised: ``x' = (x - mean) / std`` per channel (dimension 1 of the batch), cast to ``dtype``;
    ``x'`` is checked finite again (``1e300`` is finite as float64, inf as float32).

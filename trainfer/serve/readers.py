@@ -1,7 +1,8 @@
 """File readers: images, CSV rows and ``.npy`` arrays become raw samples, bounded before they are decoded.
 
 Images are converted to the channel count of the spec's ``input_shape``, resized and scaled (see
-:mod:`trainfer.serve.preprocess`); images over :data:`MAX_IMAGE_PIXELS` pixels are refused before decoding.
+:mod:`trainfer.serve.preprocess`); images over :data:`MAX_IMAGE_PIXELS` pixels, or whose decoding would take
+more than :data:`MAX_IMAGE_DECODE_BYTES`, are refused before decoding.
 CSV files give one sample per row (``columns`` picked by name), in chunks; ``.npy`` headers are checked before
 any data is read (numbers only, at most :data:`MAX_NPY_ELEMENTS` read into memory).
 """
@@ -30,6 +31,17 @@ _CSV_CHUNK_ROWS = 1024
 MAX_IMAGE_PIXELS = 64_000_000
 #: Full-scale value of single-channel images deeper than 8 bits, by PIL mode (mapped to 255).
 _FULL_SCALE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+#: Peak bytes per pixel that decoding and converting one image takes before it is resized (peak
+#: resident memory measured on 3000 x 3000 files, rounded up): at most 9 for 8-bit modes (PIL's
+#: decoded image, up to 4 bytes a pixel, and its converted copy; CMYK to grayscale is the most), 24
+#: for the modes deeper than 8 bits (the decoded image, float64 copies to check and scale its
+#: values, then a float32 one: see :func:`_in_byte_units`).
+_DECODE_BYTES_PER_PIXEL = {"8-bit": 9, "deep": 24}
+#: The most memory decoding one image may take: 576,000,000 bytes, 9 bytes for each of
+#: :data:`MAX_IMAGE_PIXELS`, so that every 8-bit image within the pixel limit passes; a 16-bit or
+#: float image may hold at most 24,000,000 pixels (e.g. 4800 x 5000). An image over it is refused
+#: from its header, before decoding.
+MAX_IMAGE_DECODE_BYTES = 576_000_000
 _NPY_MAGIC = b"\x93NUMPY"
 #: The most elements a ``.npy`` input read into memory may hold: 2**30 (4 GiB of float32). Its
 #: header is checked before any data is read; a header declaring more data than the file holds is
@@ -40,6 +52,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "check_npy_header",
     "check_regular_file",
+    "MAX_IMAGE_DECODE_BYTES",
     "MAX_IMAGE_PIXELS",
     "MAX_NPY_ELEMENTS",
     "column_indices",
@@ -140,13 +153,15 @@ def load_image(path: Path, spec: PreprocessSpec) -> Tensor:
 
     The channel count of ``spec.input_shape`` picks the mode (1: grayscale, 3: RGB or BGR, 4: RGBA);
     the image is resized (``spec.resample``, bilinear by default) to its height and width unless
-    ``spec.resize`` is false.
+    ``spec.resize`` is false. An image over :data:`MAX_IMAGE_PIXELS` pixels or whose decoding takes
+    more than :data:`MAX_IMAGE_DECODE_BYTES` (:func:`_check_decode_bytes`) is refused before decoding.
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             _check_pixels(image.width, image.height, path)
+            _check_decode_bytes(image, path)
             image.load()
             return _image_to_tensor(image, spec, path)
     except InputError:
@@ -160,6 +175,19 @@ def load_image(path: Path, spec: PreprocessSpec) -> Tensor:
 def _check_pixels(width: int, height: int, path: Path) -> None:
     if width * height > MAX_IMAGE_PIXELS:
         raise InputError(_too_large(path, f"{width}x{height} = {width * height}"))
+
+
+def _check_decode_bytes(image: Any, path: Path) -> None:
+    """Refuse an opened (not yet decoded) image whose decoding would take more than
+    :data:`MAX_IMAGE_DECODE_BYTES`: its pixels times its mode's :data:`_DECODE_BYTES_PER_PIXEL`."""
+    per_pixel = _DECODE_BYTES_PER_PIXEL["deep" if image.mode in _FULL_SCALE else "8-bit"]
+    needed = image.width * image.height * per_pixel
+    if needed > MAX_IMAGE_DECODE_BYTES:
+        raise InputError(
+            f"image {str(path)!r} ({image.width}x{image.height} pixels of mode {image.mode}) takes {needed} bytes "
+            f"to decode ({per_pixel} a pixel): expected at most {MAX_IMAGE_DECODE_BYTES} "
+            "(trainfer.serve.readers.MAX_IMAGE_DECODE_BYTES)"
+        )
 
 
 def _too_large(path: Path, pixels: str) -> str:

@@ -39,14 +39,16 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from trainfer._version import __version__
+from trainfer.analysis.attribution import Attributions
 from trainfer.errors import one_line
 from trainfer.serve.results import check_top_k, to_records
 from trainfer.server.access import AccessMiddleware
 from trainfer.server.error_answers import answer_errors
 from trainfer.server.infer_route import InferRoute, versioned
 from trainfer.server.metrics import CONTENT_TYPE_LATEST
+from trainfer.server.model import ServedModel
 from trainfer.server.openapi_schemas import FILE_SCHEMA, document_infer
-from trainfer.server.state import Server, ServerSettings
+from trainfer.server.state import HTTPError, Server, ServerSettings
 from trainfer.server.uploads import read_upload
 
 logger = logging.getLogger("trainfer.server")
@@ -173,14 +175,14 @@ def _routes(app: FastAPI, server: Server) -> None:
     @app.post("/v2/models/{name}/explain", summary="Attribution heat map for a file", openapi_extra=FILE_SCHEMA)
     async def explain(name: str, request: Request, filename: str = "upload") -> dict[str, Any]:
         """The first sample of the file in the body, explained by integrated gradients: the absolute
-        attributions summed over channels, scaled to a maximum of 1 (``heatmap``, rows of numbers)."""
+        attributions summed over channels, scaled to a maximum of 1 (``heatmap``, rows of numbers);
+        504 past the request timeout (:func:`_explained`)."""
         model = server.model(name)
         body = await server.body(request.receive, request.headers.get("content-length"))
         content_type = request.headers.get("content-type", "")
         spec = model.predictor.preprocess_spec
         items = await server.decode(read_upload, body, filename, content_type, spec, server.settings.max_queue)
-        async with server.explaining:
-            attributions = await asyncio.to_thread(model.explain, items[0][1])
+        attributions = await _explained(server, model, items[0][1])
         return {
             "id": items[0][0],
             "method": attributions.method,
@@ -190,6 +192,33 @@ def _routes(app: FastAPI, server: Server) -> None:
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:
         return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _explained(server: Server, model: ServedModel, sample: Any) -> Attributions:
+    """``model.explain(sample)`` in a worker thread, one explanation at a time (``server.explaining``),
+    within the request timeout, the wait for its turn included: past it, a 504.
+
+    A thread cannot be stopped: an explanation that times out runs on in its thread, its result or
+    error dropped, and keeps the turn until it ends (so at most one explanation computes at once);
+    the turn is released when the thread ends, whether or not its request is still waiting.
+    """
+    timeout, turn = server.settings.timeout, server.explaining
+    try:
+        async with asyncio.timeout(timeout):
+            await turn.acquire()
+            computing = asyncio.ensure_future(asyncio.to_thread(model.explain, sample))
+            computing.add_done_callback(lambda done: _end_turn(turn, done))
+            return await asyncio.shield(computing)  # a timeout stops the waiting, not the thread
+    except TimeoutError:
+        raise HTTPError(504, f"no answer within the request timeout of {timeout:g} s") from None
+
+
+def _end_turn(turn: asyncio.Lock, done: asyncio.Future) -> None:
+    """Release ``turn`` once an explanation's thread has ended; its error, if any, counts as seen
+    (a timed-out request no longer waits for it)."""
+    turn.release()
+    if not done.cancelled():
+        done.exception()
 
 
 def _heat_map(attributions: Any) -> list[list[float]]:
