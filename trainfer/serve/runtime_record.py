@@ -22,10 +22,8 @@ import torch
 from trainfer.atomic import atomic_file
 from trainfer.errors import BundleError
 from trainfer.jsonfile import read_json
-from trainfer.serve.runtime_names import QUANTIZED_RUNTIMES, RUNTIMES, SUPPORTED_DTYPES
+from trainfer.serve.runtime_names import AUTO_RUNTIMES, QUANTIZED_RUNTIMES, RUNTIMES, SUPPORTED_DTYPES
 
-#: What ``runtime="auto"`` tries unless told otherwise (inductor: see the module docstring).
-AUTO_RUNTIMES = ("torch", "torch-channels-last", "onnxruntime", "openvino")
 RUNTIME_FILE = "runtime.json"
 TORCH_RUNTIMES = ("torch", "torch-channels-last", "inductor")
 _FLAGS = (
