@@ -207,6 +207,55 @@ def test_save_overwrites_a_bundle_but_not_other_directories(tmp_path):
     assert (tmp_path / "photos/cat.png").exists()
 
 
+def _files_under(directory):
+    return {path: path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def test_save_refuses_to_replace_a_bundle_holding_files_of_the_users_and_keeps_them(tmp_path):
+    """M5: rewriting a bundle swapped the whole directory, deleting NOTES.txt and mydata/ the user had put there."""
+    x = torch.randn(2, 1, 8, 8)
+    bundle = trainfer.save(trained(), tmp_path / "b", factory=FACTORY, example_inputs=x)
+    (bundle / "NOTES.txt").write_text("notes")
+    (bundle / "mydata").mkdir()
+    (bundle / "mydata/f").write_text("x")
+    before = _files_under(bundle)
+    refused = "refusing to overwrite the bundle '.*b': it also holds 'NOTES.txt', 'mydata', which are not files "
+    with pytest.raises(BundleError, match=refused + "of a trainfer bundle and would be deleted: move them out of it"):
+        trainfer.save(trained(), bundle, factory=FACTORY, example_inputs=x)
+    assert _files_under(bundle) == before
+    for name in ("a", "c", "d"):
+        (bundle / name).write_text(name)
+    with pytest.raises(BundleError, match="holds 'NOTES.txt', 'a', 'c' and 2 more, which"):
+        trainfer.save(trained(), bundle, factory=FACTORY, example_inputs=x)
+
+
+def test_a_directory_or_link_under_a_bundle_files_name_is_not_a_bundle_file(tmp_path):
+    x = torch.randn(2, 1, 8, 8)
+    bundle = trainfer.save(trained(), tmp_path / "b", factory=FACTORY, example_inputs=x)
+    (bundle / "runtime.json").mkdir()
+    (bundle / "runtime.json/mine").write_text("x")
+    (bundle / "probes.safetensors").symlink_to(tmp_path)
+    with pytest.raises(BundleError, match="holds 'probes.safetensors', 'runtime.json', which"):
+        trainfer.save(trained(), bundle, factory=FACTORY, example_inputs=x)
+    assert (bundle / "runtime.json/mine").read_text() == "x"
+
+
+def test_save_replaces_a_bundle_holding_every_kind_of_bundle_file(tmp_path):
+    """A bundle holding a recorded runtime and an int8 form (every name bundle_files lists) is rewritten whole."""
+    from trainfer.serve.bundle_format import bundle_files
+
+    x = torch.randn(2, 1, 8, 8)
+    bundle = trainfer.save(trained(), tmp_path / "b", factory=FACTORY, example_inputs=x)
+    for name in bundle_files() - {"manifest.json", "model.safetensors"}:
+        (bundle / name).write_text("stale")
+    other = randomize_batchnorm(tiny_cnn(), seed=3).eval()
+    trainfer.save(other, bundle, factory=FACTORY, example_inputs=x)
+    assert sorted(path.name for path in bundle.iterdir()) == ["manifest.json", "model.safetensors"]
+    loaded = trainfer.load(bundle)
+    with trainfer.inference(loaded):
+        assert torch.equal(loaded(x), other(x))
+
+
 def test_loads_on_cpu_whatever_the_save_device(tmp_path):
     model = trained()
     trainfer.save(model, tmp_path / "b", factory=FACTORY, example_inputs=torch.randn(1, 1, 8, 8))

@@ -5,6 +5,7 @@ their traceback, say so and exit 3. Disk full while writing names the path and l
 import ast
 import errno
 import inspect
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,52 @@ def test_an_output_that_would_overwrite_an_input_is_refused_and_the_input_kept(b
     assert "would overwrite the input" in last or (command == "export" and "is a directory" in last), last
     after = {path: path.read_bytes() for path in [data, *Path(bundle).rglob("*")] if path.is_file()}
     assert after == before
+
+
+#: The work each bundle-writing command does before it writes (patched to fail: a refusal must come first).
+EXPENSIVE = {
+    "deploy": "trainfer.reparam.deploy.deploy",
+    "prune": "trainfer.serve.prune.prune",
+    "quantize": "trainfer.serve.quantize.quantize",
+}
+
+
+def _users_files(output):
+    (output / "NOTES.txt").write_text("notes")
+    (output / "mydata").mkdir()
+    (output / "mydata/f").write_text("x")
+
+
+@pytest.mark.parametrize("command", sorted(EXPENSIVE))
+@pytest.mark.parametrize(
+    ("contents", "refusal"),
+    [
+        pytest.param(
+            _users_files, "it also holds 'NOTES.txt', 'mydata', which are not files", id="a bundle + user files"
+        ),
+        pytest.param(lambda output: (output / "manifest.json").unlink(), "not a trainfer bundle", id="not a bundle"),
+    ],
+)
+def test_an_output_bundle_holding_other_files_is_refused_before_any_work_and_kept(
+    bundle, tmp_path, monkeypatch, command, contents, refusal
+):
+    """M5: `trainfer deploy digits -o ow` replaced the directory ow whole, deleting ow/NOTES.txt and ow/mydata."""
+    output = tmp_path / "ow"
+    shutil.copytree(bundle, output)
+    contents(output)
+    before = {path: path.read_bytes() for path in output.rglob("*") if path.is_file()}
+    monkeypatch.setattr(EXPENSIVE[command], lambda *args, **kwargs: pytest.fail(f"{command} worked before refusing"))
+    one_line_error(invoke(*OVERWRITING[command](bundle, _data(tmp_path), output)), refusal)
+    assert {path: path.read_bytes() for path in output.rglob("*") if path.is_file()} == before
+
+
+def test_deploy_rewrites_a_bundle_that_holds_only_bundle_files(bundle, tmp_path):
+    output = tmp_path / "ow"
+    assert invoke("deploy", bundle, "-o", output).exit_code == 0
+    (output / "runtime.json").write_text("{}")  # a bundle file, whatever it holds: trainfer replaces it
+    result = invoke("deploy", bundle, "-o", output)
+    assert result.exit_code == 0 and result.output.endswith(f"wrote {output}\n"), result.output
+    assert sorted(path.name for path in output.iterdir()) == ["manifest.json", "model.safetensors"]
 
 
 def test_a_factory_that_needs_arguments_is_a_user_error_but_a_typeerror_inside_it_is_a_bug(tmp_path, monkeypatch):

@@ -14,8 +14,10 @@ from trainfer.demo import data
 from trainfer.demo.train import fit
 from trainfer.models import digits_net
 from trainfer.numerics import TOLERANCE, relative_error
+from trainfer.serve.bundle_format import bundle_files
 from trainfer.serve.calibration import calibration_inputs
 from trainfer.serve.int8_form import QUANTIZATION_FILE, QUANTIZED_FILE
+from trainfer.serve.runtime import save_record
 from trainfer.serve.served_checks import PROBES_FILE
 
 onnx = pytest.importorskip("onnx")  # the optional onnx extra: the whole module needs it
@@ -122,6 +124,18 @@ def test_bundle_round_trip_serves_the_int8_form_without_pickle(digits, int8, tmp
     with torch.no_grad():
         reference = digits["deployed"](x)
     assert relative_error(float_form.model(x), reference) <= TOLERANCE[torch.float32]  # the same float32 weights
+
+
+def test_every_file_trainfer_writes_into_a_bundle_is_a_bundle_file_and_a_rewrite_keeps_the_users_files(int8, tmp_path):
+    """What check_replaceable lets a rewrite delete (bundle_files) covers all trainfer writes; nothing else goes."""
+    path = int8.save(tmp_path / "int8")
+    save_record(path, trainfer.compile(path, runtime="torch").record)
+    assert {entry.name for entry in path.iterdir()} <= bundle_files()
+    assert int8.save(path) == path  # a bundle holding only bundle files is rewritten
+    (path / "NOTES.txt").write_text("notes")
+    with pytest.raises(trainfer.BundleError, match="it also holds 'NOTES.txt', which are not files of a trainfer"):
+        int8.save(path)
+    assert (path / "NOTES.txt").read_text() == "notes"
 
 
 def test_a_corrupted_int8_file_is_refused(int8, tmp_path):

@@ -1,6 +1,8 @@
 """trainfer.compile: every runtime serves the deploy form verified against float64; auto picks among verified ones."""
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -167,6 +169,55 @@ def test_malformed_records_are_refused_with_a_clear_message(tmp_path, bundle):
         trainfer.compile(bundle, runtime="tensorrt")
     with pytest.raises(ValueError, match="dtype must be one of"):
         trainfer.compile(bundle, runtime="torch", dtype="int4")
+
+
+def _forge_inductor_record(tmp_path, bundle):
+    """A copy of ``bundle`` whose runtime.json (a genuine record, edited) chooses inductor/float32, as an attacker
+    forges it: no gate is needed for float32, so only the rule on code-generating runtimes refuses it."""
+    path = tmp_path / "forged"
+    shutil.copytree(bundle, path)
+    record = trainfer.compile(path, runtime="torch").record.to_dict()
+    record["candidates"].append({**record["candidates"][0], "runtime": "inductor"})
+    record["runtime"] = "inductor"
+    (path / rt.RUNTIME_FILE).write_text(json.dumps(record))
+    return path
+
+
+@pytest.fixture
+def no_codegen(monkeypatch):
+    """Record every torch.compile call; serve the model as given instead of generating code."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **options: calls.append(options) or model)
+    return calls
+
+
+def test_a_record_choosing_a_code_generating_runtime_is_refused_at_load_before_any_code_is_made(
+    tmp_path, bundle, no_codegen
+):
+    """M2: a downloaded bundle's runtime.json naming inductor made `trainfer serve` run a C++ compiler."""
+    path = _forge_inductor_record(tmp_path, bundle)
+    refused = f"invalid runtime record '{path / rt.RUNTIME_FILE}': a runtime record may choose only "
+    with pytest.raises(trainfer.BundleError, match=re.escape(refused) + ".*'inductor' generates and compiles code"):
+        rt.read_record(path)
+    with pytest.raises(trainfer.BundleError, match="--runtime inductor"):
+        trainfer.Predictor.load(path, runtime="recorded")
+    from trainfer.server.model import load_model
+
+    with pytest.raises(trainfer.BundleError, match="inductor"):  # `trainfer serve BUNDLE` follows runtime.json
+        load_model("forged", path, runtime=None, trust_factory=False, max_batch=8)
+    np.save(tmp_path / "x.npy", np.zeros((2, 1, 8, 8), np.float32))
+    result = CliRunner().invoke(main, ["predict", str(path), str(tmp_path / "x.npy"), "--runtime", "recorded"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("error: invalid runtime record") and rt.RUNTIME_FILE in result.output
+    assert no_codegen == []
+
+
+def test_the_operator_may_still_choose_a_code_generating_runtime_but_never_records_it(tmp_path, bundle, no_codegen):
+    path = _forge_inductor_record(tmp_path, bundle)
+    predictor = trainfer.Predictor.load(path, runtime="inductor")  # named by the operator, not read from the file
+    assert predictor.model.record.runtime == "inductor" and len(no_codegen) == 1
+    with pytest.raises(trainfer.BundleError, match="may choose only"):  # trainfer never writes what it refuses
+        rt.save_record(path, predictor.model.record)
 
 
 def test_predictor_runtime_matches_the_eager_predictor(deployed):

@@ -52,9 +52,12 @@ def command(
     from trainfer.recipe import attach_recipe, recipe_of
     from trainfer.reparam.deploy import deploy
     from trainfer.serve.bundle import save
+    from trainfer.serve.bundle_write import check_replaceable
 
     bundle = [model_spec] if factory_of(model_spec) is None else []  # factory_of refuses an empty MODEL
     check_output_apart(output, *bundle, *([weights] if weights else []))
+    if not output.endswith(".safetensors"):
+        check_replaceable(output)  # before folding: a bundle holding the user's files is refused, not emptied
     with tqdm(total=3, desc="deploy", unit="step", file=sys.stderr, disable=None) as bar:
         bar.set_postfix_str("loading")
         model = resolve_model(model_spec, weights, trust_factory=trusted())

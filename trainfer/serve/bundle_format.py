@@ -1,6 +1,7 @@
 """The bundle format: its files, its format version, and reading a manifest (validated, version policy).
 
-A bundle is a directory holding :data:`WEIGHTS_FILE` and :data:`MANIFEST_FILE` (see :mod:`trainfer.serve.bundle`).
+A bundle is a directory holding :data:`WEIGHTS_FILE` and :data:`MANIFEST_FILE` (see :mod:`trainfer.serve.bundle`),
+and maybe the other files :func:`bundle_files` names.
 :func:`read_manifest` and :func:`check_manifest` turn the untrusted JSON into the typed
 :class:`~trainfer.serve.manifest.Manifest`: a newer ``format_version`` is refused, a manifest written by a newer
 trainfer major.minor warns (:class:`~trainfer.errors.BundleWarning`), and :func:`needs_migration` names the
@@ -35,10 +36,25 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_FILE",
     "WEIGHTS_FILE",
+    "bundle_files",
     "check_manifest",
     "needs_migration",
     "read_manifest",
 ]
+
+
+def bundle_files() -> frozenset[str]:
+    """The names of every file a bundle trainfer writes may hold, each constant taken from the module that writes
+    it: the float form (:data:`MANIFEST_FILE`, :data:`WEIGHTS_FILE`), the recorded runtime (``runtime.json``), the
+    int8 form (``quantized.onnx``, ``quantization.json``, ``probes.safetensors``, and ``quantization.json.retired``
+    while a later ``trainfer compile`` removes it). Anything else in a bundle directory is someone else's."""
+    from trainfer.serve.int8_form import QUANTIZATION_FILE, QUANTIZED_FILE, RETIRED_FILE
+    from trainfer.serve.runtime_record import RUNTIME_FILE
+    from trainfer.serve.served_checks import PROBES_FILE
+
+    return frozenset(
+        (MANIFEST_FILE, WEIGHTS_FILE, RUNTIME_FILE, QUANTIZED_FILE, QUANTIZATION_FILE, PROBES_FILE, RETIRED_FILE)
+    )
 
 
 def read_manifest(path: str | os.PathLike[str]) -> Manifest:

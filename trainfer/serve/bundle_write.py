@@ -2,7 +2,9 @@
 
 :func:`save` builds the manifest (:func:`trainfer.serve.manifest_build.build_manifest`) and
 :func:`write_bundle` writes both into a temporary directory beside the target, which then replaces the
-previous bundle: an interrupted save leaves the previous bundle intact.
+previous bundle: an interrupted save leaves the previous bundle intact. Replacing a directory deletes what
+it held, so :func:`check_replaceable` refuses a target that is not a bundle, or that holds anything but the
+files of one (the user's notes, data, ...): trainfer does not touch what it did not make.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import Tensor, nn
 from trainfer.atomic import atomic_directory, fsync_file
 from trainfer.digest import sha256
 from trainfer.errors import BundleError
-from trainfer.serve.bundle_format import FORMAT, FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE
+from trainfer.serve.bundle_format import FORMAT, FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE, bundle_files
 from trainfer.serve.factories import call_factory, manifest_factory
 from trainfer.serve.manifest_build import build_manifest, writer_versions
 from trainfer.serve.outputs import Selector
@@ -27,7 +29,10 @@ from trainfer.serve.preprocess import PreprocessSpec
 if TYPE_CHECKING:
     from trainfer.serve.manifest import Manifest
 
-__all__ = ["save", "write_bundle", "write_safetensors"]
+__all__ = ["check_replaceable", "save", "write_bundle", "write_safetensors"]
+
+#: How many entries that are not bundle files a refusal names.
+SHOWN_ENTRIES = 3
 
 
 def save(
@@ -125,13 +130,12 @@ def write_bundle(
     """Write ``state`` and ``manifest`` (given its ``weights`` entry) as the bundle ``path``, atomically.
 
     ``check(staging)`` runs on the complete bundle before it replaces ``path``: raising there leaves
-    ``path`` as it was. Refuses to replace a directory that is not a trainfer bundle.
+    ``path`` as it was. Refuses to replace anything but a bundle of trainfer's files (:func:`check_replaceable`).
     """
     from trainfer.serve import manifest as schema
 
     target = Path(path)
-    if target.exists() and not (target / MANIFEST_FILE).is_file():
-        raise BundleError(f"refusing to overwrite {str(target)!r}: it exists and is not a trainfer bundle")
+    check_replaceable(target)
     with atomic_directory(target) as tmp:
         write_safetensors(state, tmp / WEIGHTS_FILE)
         weights = {"file": WEIGHTS_FILE, "sha256": sha256(tmp / WEIGHTS_FILE), "tensors": len(state)}
@@ -139,6 +143,29 @@ def write_bundle(
         if check is not None:
             check(tmp)
     return target
+
+
+def check_replaceable(path: str | os.PathLike[str]) -> None:
+    """Refuse (:class:`BundleError`) to replace ``path`` unless it is missing or a trainfer bundle holding nothing
+    but regular files named in :func:`~trainfer.serve.bundle_format.bundle_files` (a link or directory under such a
+    name is not one): replacing the directory would delete everything else in it. The refusal names up to
+    :data:`SHOWN_ENTRIES` of the other entries. Cheap (one directory listing): commands call it before their work.
+    """
+    target = Path(path)
+    if not target.exists():
+        return
+    if not (target / MANIFEST_FILE).is_file():
+        raise BundleError(f"refusing to overwrite {str(target)!r}: it exists and is not a trainfer bundle")
+    known = bundle_files()
+    with os.scandir(target) as entries:
+        others = sorted(e.name for e in entries if e.name not in known or not e.is_file(follow_symlinks=False))
+    if others:
+        shown = ", ".join(map(repr, others[:SHOWN_ENTRIES]))
+        more = f" and {len(others) - SHOWN_ENTRIES} more" if len(others) > SHOWN_ENTRIES else ""
+        raise BundleError(
+            f"refusing to overwrite the bundle {str(target)!r}: it also holds {shown}{more}, which are not "
+            "files of a trainfer bundle and would be deleted: move them out of it, or write to another path"
+        )
 
 
 def _tensors_to_save(model: nn.Module) -> dict[str, Tensor]:

@@ -128,16 +128,16 @@ class QuantizedModel:
         return self.engine(batch)
 
     def save(self, path: str | os.PathLike[str], **metadata: Any) -> Path:
-        """Write the bundle (float deploy form + ``quantized.onnx`` + ``quantization.json``), atomically.
+        """Write the bundle (float deploy form + ``quantized.onnx`` + ``quantization.json``), atomically; a
+        target that is not a bundle of trainfer's files alone is refused
+        (:func:`trainfer.serve.bundle_write.check_replaceable`).
 
         ``metadata`` goes to :func:`trainfer.save` (e.g. ``factory=...`` for a model of your own).
         """
-        from trainfer.serve.bundle_format import MANIFEST_FILE
-        from trainfer.serve.bundle_write import save
+        from trainfer.serve.bundle_write import check_replaceable, save
 
         target = Path(path)
-        if target.exists() and not (target / MANIFEST_FILE).is_file():
-            raise InputError(f"refusing to overwrite {str(target)!r}: it exists and is not a trainfer bundle")
+        check_replaceable(target)
         staging = staging_directory(target)
         try:
             inner = save(self.float_model, staging / "bundle", **{**bundle_metadata(self.manifest), **metadata})

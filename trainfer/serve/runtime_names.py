@@ -12,8 +12,13 @@ SUPPORTED_DTYPES = {
 }
 #: Runtimes that execute a QDQ file (the default, for int8 records that name none, first).
 QUANTIZED_RUNTIMES = ("onnxruntime", "openvino")
+#: Runtimes that generate source code and compile it when built (inductor: Python and C++, through a compiler).
+#: Only the operator's own choice runs one: a file (``runtime.json``) never selects it (docs/security.md).
+CODE_GENERATING_RUNTIMES = ("inductor",)
+#: What ``runtime="auto"`` tries unless told otherwise, and so the runtimes a ``runtime.json`` may choose.
+AUTO_RUNTIMES = tuple(name for name in RUNTIMES if name not in CODE_GENERATING_RUNTIMES)
 
-__all__ = ["QUANTIZED_RUNTIMES", "RUNTIMES", "SUPPORTED_DTYPES", "serves"]
+__all__ = ["AUTO_RUNTIMES", "CODE_GENERATING_RUNTIMES", "QUANTIZED_RUNTIMES", "RUNTIMES", "SUPPORTED_DTYPES", "serves"]
 
 
 def serves(runtime: str, dtype: str) -> bool:

@@ -22,10 +22,8 @@ import torch
 from trainfer.atomic import atomic_file
 from trainfer.errors import BundleError
 from trainfer.jsonfile import read_json
-from trainfer.serve.runtime_names import QUANTIZED_RUNTIMES, RUNTIMES, SUPPORTED_DTYPES
+from trainfer.serve.runtime_names import AUTO_RUNTIMES, QUANTIZED_RUNTIMES, RUNTIMES, SUPPORTED_DTYPES
 
-#: What ``runtime="auto"`` tries unless told otherwise (inductor: see the module docstring).
-AUTO_RUNTIMES = ("torch", "torch-channels-last", "onnxruntime", "openvino")
 RUNTIME_FILE = "runtime.json"
 TORCH_RUNTIMES = ("torch", "torch-channels-last", "inductor")
 _FLAGS = (
@@ -182,14 +180,14 @@ def save_record(bundle: str | os.PathLike[str], record: RuntimeRecord) -> Path:
     """Write ``record`` as ``runtime.json`` into the bundle directory (atomically); return its path.
 
     The record is checked as a load checks it first, so trainfer never writes a record it would
-    refuse (a bf16 or int8 choice without a passing accuracy gate, say).
+    refuse (a bf16 or int8 choice without a passing accuracy gate, a choice of inductor, say).
     """
     from trainfer.serve.runtime_schema import check_record
 
     directory = Path(bundle)
     if not (directory / "manifest.json").is_file():
         raise BundleError(f"no trainfer bundle at {str(directory)!r}: expected a directory holding manifest.json")
-    check_record(record.to_dict(), "to be written (a reduced-precision choice needs a passing gate: gate_data=)")
+    check_record(record.to_dict(), "to be written")  # the schema's message says what the record lacks
     with atomic_file(directory / RUNTIME_FILE) as tmp:
         tmp.write_text(json.dumps(record.to_dict(), indent=2) + "\n", encoding="utf-8")
     return directory / RUNTIME_FILE

@@ -9,7 +9,10 @@ and finite, keyed by batch size. Facts stated twice must agree: every candidate'
 its dtype (int8 only on the runtimes that run a QDQ file) unless it is recorded ``unavailable``,
 and a record ``chosen_by`` ``"auto"`` names a candidate that passed (status ``ok``, and its gate
 where it has one); a chosen dtype other than float32 is served only with its candidate's passing
-gate verdict (a reduced precision is never served unchecked). The file itself is read at most
+gate verdict (a reduced precision is never served unchecked). The chosen runtime is one of
+:data:`~trainfer.serve.runtime_names.AUTO_RUNTIMES`: a runtime that generates and compiles code when
+built (:data:`~trainfer.serve.runtime_names.CODE_GENERATING_RUNTIMES`, inductor) runs only when the
+operator names it, never because a file does (a candidate may still list its figures). The file itself is read at most
 :data:`MAX_RECORD_BYTES` long (:func:`trainfer.jsonfile.read_json`).
 
 Imported only when a record is read (pydantic costs about 0.1 s to import).
@@ -23,7 +26,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from trainfer.errors import BundleError
 from trainfer.serve.manifest import _describe, _Schema
-from trainfer.serve.runtime_names import serves
+from trainfer.serve.runtime_names import AUTO_RUNTIMES, serves
 
 #: The largest ``runtime.json`` read: a record of 64 candidates takes about 100 KiB.
 MAX_RECORD_BYTES = 2**20
@@ -88,6 +91,12 @@ class Record(_Schema):
 
     @model_validator(mode="after")
     def _consistent(self) -> Record:
+        if self.runtime not in AUTO_RUNTIMES:
+            raise ValueError(
+                f"a runtime record may choose only {', '.join(AUTO_RUNTIMES)}; {self.runtime!r} generates and "
+                f"compiles code when it is built, so it runs only when you name it: serve the bundle with "
+                f"--runtime {self.runtime} (Python: runtime={self.runtime!r}), or record another with trainfer compile"
+            )
         for c in self.candidates:
             if c.status != "unavailable" and not serves(c.runtime, c.dtype):
                 raise ValueError(f"candidate {c.runtime}/{c.dtype}: {c.runtime} does not serve {c.dtype}")
