@@ -345,3 +345,84 @@ def test_serve_names_an_unset_api_key_variable_as_unset(bundle, monkeypatch):
     monkeypatch.delenv("SERVE_KEY_UNSET", raising=False)
     refused = CliRunner().invoke(main, ["serve", str(bundle), "--api-key-env", "SERVE_KEY_UNSET"])
     one_line_error(refused, "--api-key-env SERVE_KEY_UNSET", "no such environment variable is set")
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    """The expensive work of bench, demo, verify, inspect and audit fails the test if a refused option reaches it."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("the work started before the option was refused")
+
+    for target in (
+        "torch.set_num_threads",
+        "trainfer.bench.benchmark",
+        "trainfer.demo.pipeline.run",
+        "trainfer.reparam.verify.verify",
+        "trainfer.analysis.inspection.inspect",
+        "trainfer.analysis.audit.audit",
+    ):
+        monkeypatch.setattr(target, never)
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["bench", "--model", "digits_net", "--threads", "100000"], "--threads"),
+        (["bench", "--model", "digits_net", "--threads", "0"], "--threads"),
+        (["demo", "--threads", "100000", "--epochs", "1", "--subset", "10", "--no-sequences"], "--threads"),
+        (["bench", "--model", "digits_net", "--rounds", "0"], "--rounds"),
+        (["bench", "--model", "digits_net", "--rounds", "10001"], "--rounds"),
+        (["bench", "--model", "digits_net", "--repeats", "0"], "--repeats"),
+        (["bench", "--model", "digits_net", "--warmup", "-1"], "--warmup"),
+        (["demo", "--epochs", "1000000"], "--epochs"),
+        (["compile", "b", "--rounds", "0"], "--rounds"),
+        (["prune", "b", "-o", "o", "--finetune-epochs", "1000000"], "--finetune-epochs"),
+        (["bench", "--model", "digits_net", "--seed", "99999999999999999999999"], "--seed"),
+        (["inspect", "digits_net", "--seed", str(2**64)], "--seed"),
+        (["audit", "digits_net", "--seed", str(2**64)], "--seed"),
+        (["demo", "--seed", "-1"], "--seed"),
+        (["bench", "--model", "digits_net", "--batch-size", "0"], "--batch-size"),
+        (["verify", "digits_net", "digits_net", "--random-inputs", "1000000000"], "--random-inputs"),
+        (["verify", "digits_net", "digits_net", "--random-inputs", "-1"], "--random-inputs"),
+    ],
+)
+def test_a_count_seed_or_thread_option_out_of_its_range_is_one_line_before_any_work(nothing_runs, args, option):
+    one_line_error(invoke(*args), f"Invalid value for '{option}'")
+
+
+def test_bench_refuses_a_batch_of_more_input_elements_than_an_input_shape_may_have(nothing_runs):
+    """2**24 elements, the bound of --input-shape: 100000000 digits samples of 64 pixels are far more."""
+    one_line_error(
+        invoke("bench", "--model", "digits_net", "--batch-size", 100_000_000),
+        "'--batch-size'",
+        "at most 16777216 elements",
+        "100000000 samples of shape (1, 8, 8)",
+    )
+
+
+def test_every_seed_threads_and_count_option_shares_one_range():
+    """One bound per kind of option across commands; the seed's is exactly what torch.manual_seed takes."""
+    from trainfer.cli import common
+
+    kinds = {
+        "seed": common.SEED,
+        "threads": common.THREADS,
+        "rounds": common.COUNT,
+        "repeats": common.COUNT,
+        "epochs": common.COUNT,
+        "random_inputs": common.COUNT_OR_ZERO,
+        "warmup": common.COUNT_OR_ZERO,
+        "finetune_epochs": common.COUNT_OR_ZERO,
+    }
+    found = {
+        (name, param.name): param.type
+        for name, command in main.commands.items()
+        for param in command.params
+        if param.name in kinds
+    }
+    other = {key: given for key, given in found.items() if given is not kinds[key[1]]}
+    assert len(found) >= 15 and other == {}, other
+    torch.manual_seed(common.SEED.max)
+    with pytest.raises((ValueError, RuntimeError)):
+        torch.manual_seed(common.SEED.max + 1)

@@ -1,4 +1,4 @@
-"""Helpers shared by the command-line commands: model specs, shapes, --trust-factory, friendly errors.
+"""Helpers shared by the command-line commands: option bounds, shapes, --trust-factory, friendly errors.
 
 Exit codes of every command: 0 success, 1 a negative verdict (e.g. not equivalent), 2 a user
 error (one line on stderr), 3 an internal error (traceback, then a line saying it is a bug).
@@ -23,14 +23,27 @@ _TRUST_KEY = "trainfer.trust_factory"
 _HINT = "'--input-shape'"  # the option every command parses a shape from
 
 
+#: The most threads a ``--threads`` option takes: as many as ``serve --workers`` (far more than any
+#: machine has cores; 100000 crashed OpenBLAS's thread start-up).
+MAX_THREADS = 1024
+#: The most a count option takes (``--rounds``, ``--repeats``, ``--warmup``, ``--epochs``, ``--random-inputs``):
+#: far more than any run needs, so that a typo (a few zeros too many) is refused, not run for days.
+MAX_COUNT = 10_000
+
+#: ``--threads``: torch intra-op threads, 1 to :data:`MAX_THREADS`.
+THREADS = click.IntRange(1, MAX_THREADS)
+#: ``--seed``: 0 to 2**64 - 1, the range ``torch.manual_seed`` takes (negative seeds, which torch
+#: folds into that range, are refused: numpy's generators refuse them).
+SEED = click.IntRange(0, 2**64 - 1)
+#: A count of at least one (``--rounds``, ``--repeats``, ``--epochs``).
+COUNT = click.IntRange(1, MAX_COUNT)
+#: A count that may be zero (``--warmup``, ``--finetune-epochs``, ``--random-inputs``).
+COUNT_OR_ZERO = click.IntRange(0, MAX_COUNT)
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
-    """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``, of at most ``MAX_ELEMENTS`` elements.
-
-    The limit is the manifest's (:data:`trainfer.serve.manifest.MAX_ELEMENTS`, 2**24): a larger
-    example input could not be recorded in a bundle, and would be allocated before anything is checked.
-    """
-    from trainfer.serve.manifest import MAX_ELEMENTS
-
+    """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``, of at most ``MAX_ELEMENTS`` elements
+    (:func:`check_elements`)."""
     parts = text.replace("x", ",").split(",")
     try:
         shape = tuple(int(p) for p in parts if p.strip())
@@ -40,13 +53,25 @@ def parse_shape(text: str) -> tuple[int, ...]:
         ) from None
     if not shape or any(s <= 0 for s in shape):
         raise click.BadParameter(f"expected positive sizes like 1,3,224,224; got {text!r}", param_hint=_HINT)
+    check_elements(shape, repr(text), _HINT)
+    return shape
+
+
+def check_elements(shape: tuple[int, ...], given: str, param_hint: str) -> None:
+    """Refuse an input ``shape`` of more than ``MAX_ELEMENTS`` elements, naming the option and the value ``given``.
+
+    The limit is the manifest's (:data:`trainfer.serve.manifest.MAX_ELEMENTS`, 2**24): a larger
+    example input could not be recorded in a bundle, and would be allocated before anything is checked.
+    Raises ``click.BadParameter`` (one line, exit 2).
+    """
+    from trainfer.serve.manifest import MAX_ELEMENTS
+
     if math.prod(shape) > MAX_ELEMENTS:
         raise click.BadParameter(
             f"expected at most {MAX_ELEMENTS} elements in all (trainfer.serve.manifest.MAX_ELEMENTS); "
-            f"got {text!r}: {math.prod(shape)} elements",
-            param_hint=_HINT,
+            f"got {given}: {math.prod(shape)} elements",
+            param_hint=param_hint,
         )
-    return shape
 
 
 class Tolerance(click.ParamType):

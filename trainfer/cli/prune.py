@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from trainfer.cli.common import check_output_apart, friendly_errors, gate_options
+from trainfer.cli.common import COUNT_OR_ZERO, check_output_apart, friendly_errors, gate_options
 from trainfer.cli.quantize import DATA_HELP, read_labels
 from trainfer.errors import InputError
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 @click.option("--search/--no-search", default=True, show_default=True,
               help="Exempt the most sensitive layers until the gate passes.")  # fmt: skip
 @click.option("--max-exempt-layers", type=click.IntRange(min=0), default=None, help="Default: half the layers.")
-@click.option("--finetune-epochs", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--finetune-epochs", type=COUNT_OR_ZERO, default=0, show_default=True,
               help="Fine-tune each pruned candidate this many epochs before the gate (cross-entropy).")  # fmt: skip
 @click.option("--finetune-data", type=click.Path(exists=True), default=None,
               help=f"Fine-tuning inputs (default: --data): {DATA_HELP}.")  # fmt: skip
