@@ -5,6 +5,9 @@ their traceback, say so and exit 3. Disk full while writing names the path and l
 import ast
 import errno
 import inspect
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -426,3 +429,16 @@ def test_every_seed_threads_and_count_option_shares_one_range():
     torch.manual_seed(common.SEED.max)
     with pytest.raises((ValueError, RuntimeError)):
         torch.manual_seed(common.SEED.max + 1)
+
+
+@pytest.mark.parametrize("rows", [2, 2000])  # the failing write is the last flush, or one while predicting
+def test_a_reader_that_leaves_ends_the_command_quietly(bundle, tmp_path, rows):
+    """`trainfer predict ... | head -1`: no `error: Broken pipe`, exit status 141 as a shell shows SIGPIPE's."""
+    samples = tmp_path / "x.npy"
+    np.save(samples, np.zeros((rows, 1, 8, 8), np.float32))
+    command = [sys.executable, "-m", "trainfer", "predict", str(bundle), str(samples), "--format", "jsonl"]
+    buffered = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}  # as in a shell
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=buffered) as child:
+        child.stdout.close()  # the reader leaves before the first line
+        stderr = child.stderr.read()
+        assert (child.wait(timeout=300), stderr) == (141, b"")

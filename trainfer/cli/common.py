@@ -1,18 +1,20 @@
 """Helpers shared by the command-line commands: option bounds, shapes, --trust-factory, friendly errors.
 
 Exit codes of every command: 0 success, 1 a negative verdict (e.g. not equivalent), 2 a user
-error (one line on stderr), 3 an internal error (traceback, then a line saying it is a bug).
+error (one line on stderr), 3 an internal error (traceback, then a line saying it is a bug), 141 the
+reader of stdout left (``trainfer predict ... | head -1``: quietly, as a program SIGPIPE ended).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import click
 
@@ -21,6 +23,8 @@ from trainfer.errors import InputError, TrainferError, one_line
 
 _TRUST_KEY = "trainfer.trust_factory"
 _HINT = "'--input-shape'"  # the option every command parses a shape from
+#: The exit status when the reader of stdout left: 128 + SIGPIPE, a shell's status for a program SIGPIPE ended.
+EXIT_READER_LEFT = 141
 
 
 #: The most threads a ``--threads`` option takes: as many as ``serve --workers`` (far more than any
@@ -157,16 +161,21 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     User errors are trainfer's own exceptions (:class:`~trainfer.errors.TrainferError`) and
     ``OSError`` (a path the user gave that is missing, unreadable or on a full disk). Anything else
     is a bug in trainfer (or in the user's model code): its traceback is printed, then a line
-    saying so. ``--debug`` re-raises every error with its traceback.
+    saying so. ``--debug`` re-raises every error with its traceback. When the reader of stdout
+    leaves (``| head -1``), the command ends quietly with :data:`EXIT_READER_LEFT`.
     """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = click.get_current_context().find_root().params.get("debug", False)
         try:
-            return command(*args, **kwargs)
+            result = command(*args, **kwargs)
+            sys.stdout.flush()  # a reader that left is found here, not in Python's last flush at exit
+            return result
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except BrokenPipeError:
+            _exit_for_a_reader_that_left()
         except (TrainferError, OSError) as error:
             if debug:
                 raise
@@ -180,3 +189,13 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(3)
 
     return wrapper
+
+
+def _exit_for_a_reader_that_left() -> NoReturn:
+    """End quietly with :data:`EXIT_READER_LEFT`: stdout's reader is gone, so there is no one to tell.
+
+    stdout is pointed at ``/dev/null`` first, so that Python's flush at exit of what is still
+    buffered does not fail again (the recipe of the "Note on SIGPIPE" in Python's ``signal`` docs).
+    """
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(EXIT_READER_LEFT)
