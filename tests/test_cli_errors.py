@@ -383,6 +383,7 @@ def nothing_runs(monkeypatch):
         (["prune", "b", "-o", "o", "--finetune-epochs", "1000000"], "--finetune-epochs"),
         (["bench", "--model", "digits_net", "--seed", "99999999999999999999999"], "--seed"),
         (["inspect", "digits_net", "--seed", str(2**64)], "--seed"),
+        (["demo", "--seed", str(2**32)], "--seed"),
         (["audit", "digits_net", "--seed", str(2**64)], "--seed"),
         (["demo", "--seed", "-1"], "--seed"),
         (["bench", "--model", "digits_net", "--batch-size", "0"], "--batch-size"),
@@ -405,7 +406,7 @@ def test_bench_refuses_a_batch_of_more_input_elements_than_an_input_shape_may_ha
 
 
 def test_every_seed_threads_and_count_option_shares_one_range():
-    """One bound per kind of option across commands; the seed's is exactly what torch.manual_seed takes."""
+    """One bound per kind of option across commands; the seed's within what torch.manual_seed takes."""
     from trainfer.cli import common
 
     kinds = {
@@ -426,9 +427,6 @@ def test_every_seed_threads_and_count_option_shares_one_range():
     }
     other = {key: given for key, given in found.items() if given is not kinds[key[1]]}
     assert len(found) >= 15 and other == {}, other
-    torch.manual_seed(common.SEED.max)
-    with pytest.raises((ValueError, RuntimeError)):
-        torch.manual_seed(common.SEED.max + 1)
 
 
 @pytest.mark.parametrize("rows", [2, 2000])  # the failing write is the last flush, or one while predicting
@@ -442,3 +440,14 @@ def test_a_reader_that_leaves_ends_the_command_quietly(bundle, tmp_path, rows):
         child.stdout.close()  # the reader leaves before the first line
         stderr = child.stderr.read()
         assert (child.wait(timeout=300), stderr) == (141, b"")
+
+
+def test_the_demo_derives_its_seeds_within_torchs_range_from_the_largest_seed_and_epoch():
+    """The demo seeds each epoch from ``(seed, epoch, rank)``: at the largest --seed and --epochs too."""
+    from trainfer.cli.common import MAX_COUNT, SEED
+    from trainfer.demo import data, train
+
+    with torch.random.fork_rng():
+        loaders = data.loaders(batch_size=4, seed=SEED.max, subset=8)
+        train._seed_epoch(loaders.train, SEED.max, MAX_COUNT)  # the sampler's, the augmentation's, Dropout's
+        assert len(next(iter(loaders.train))[0]) == 4

@@ -36,9 +36,9 @@ MAX_COUNT = 10_000
 
 #: ``--threads``: torch intra-op threads, 1 to :data:`MAX_THREADS`.
 THREADS = click.IntRange(1, MAX_THREADS)
-#: ``--seed``: 0 to 2**64 - 1, the range ``torch.manual_seed`` takes (negative seeds, which torch
-#: folds into that range, are refused: numpy's generators refuse them).
-SEED = click.IntRange(0, 2**64 - 1)
+#: ``--seed``: 0 to 2**32 - 1 (numpy's legacy seeds). ``torch.manual_seed`` takes up to 2**64 - 1, but the
+#: demo derives each epoch's seeds as ``(seed * 1_000_003 + epoch) * 1_009 + rank``, which must stay in it.
+SEED = click.IntRange(0, 2**32 - 1)
 #: A count of at least one (``--rounds``, ``--repeats``, ``--epochs``).
 COUNT = click.IntRange(1, MAX_COUNT)
 #: A count that may be zero (``--warmup``, ``--finetune-epochs``, ``--random-inputs``).
