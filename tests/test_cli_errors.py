@@ -387,27 +387,31 @@ def nothing_runs(monkeypatch):
         (["audit", "digits_net", "--seed", str(2**64)], "--seed"),
         (["demo", "--seed", "-1"], "--seed"),
         (["bench", "--model", "digits_net", "--batch-size", "0"], "--batch-size"),
+        (["predict", "b", "x.npy", "--batch-size", str(2**63)], "--batch-size"),
+        (["prune", "b", "-o", "o", "--finetune-batch-size", str(2**63)], "--finetune-batch-size"),
+        (["prune", "b", "-o", "o", "--round-to", "5000"], "--round-to"),
         (["verify", "digits_net", "digits_net", "--random-inputs", "1000000000"], "--random-inputs"),
         (["verify", "digits_net", "digits_net", "--random-inputs", "-1"], "--random-inputs"),
     ],
 )
-def test_a_count_seed_or_thread_option_out_of_its_range_is_one_line_before_any_work(nothing_runs, args, option):
+def test_a_count_seed_threads_or_size_option_out_of_range_is_one_line_before_any_work(nothing_runs, args, option):
     one_line_error(invoke(*args), f"Invalid value for '{option}'")
 
 
 def test_bench_refuses_a_batch_of_more_input_elements_than_an_input_shape_may_have(nothing_runs):
-    """2**24 elements, the bound of --input-shape: 100000000 digits samples of 64 pixels are far more."""
+    """2**24 elements, the bound of --input-shape: 2**20 digits samples of 64 pixels are 64 times more."""
     one_line_error(
-        invoke("bench", "--model", "digits_net", "--batch-size", 100_000_000),
+        invoke("bench", "--model", "digits_net", "--batch-size", 2**20),
         "'--batch-size'",
         "at most 16777216 elements",
-        "100000000 samples of shape (1, 8, 8)",
+        "1048576 samples of shape (1, 8, 8): 67108864 elements",
     )
 
 
-def test_every_seed_threads_and_count_option_shares_one_range():
+def test_every_seed_threads_count_and_batch_size_option_shares_one_range():
     """One bound per kind of option across commands; the seed's within what torch.manual_seed takes."""
     from trainfer.cli import common
+    from trainfer.serve.manifest import MAX_CHANNELS, MAX_ELEMENTS
 
     kinds = {
         "seed": common.SEED,
@@ -418,6 +422,8 @@ def test_every_seed_threads_and_count_option_shares_one_range():
         "random_inputs": common.COUNT_OR_ZERO,
         "warmup": common.COUNT_OR_ZERO,
         "finetune_epochs": common.COUNT_OR_ZERO,
+        "batch_size": common.BATCH_SIZE,
+        "finetune_batch_size": common.BATCH_SIZE,
     }
     found = {
         (name, param.name): param.type
@@ -426,7 +432,10 @@ def test_every_seed_threads_and_count_option_shares_one_range():
         if param.name in kinds
     }
     other = {key: given for key, given in found.items() if given is not kinds[key[1]]}
-    assert len(found) >= 15 and other == {}, other
+    assert len(found) >= 18 and other == {}, other
+    assert common.MAX_BATCH_SIZE == MAX_ELEMENTS
+    round_to = next(param.type for param in main.commands["prune"].params if param.name == "round_to")
+    assert (round_to.min, round_to.max) == (1, MAX_CHANNELS)
 
 
 @pytest.mark.parametrize("rows", [2, 2000])  # the failing write is the last flush, or one while predicting

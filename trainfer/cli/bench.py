@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from trainfer.cli.common import (
+    BATCH_SIZE,
     COUNT,
     COUNT_OR_ZERO,
     SEED,
@@ -43,7 +44,7 @@ def _forms(text: str) -> list[str]:
     "--batch-size",
     default=8,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=BATCH_SIZE,
     help="Batch size of the throughput measurement (at most 2**24 input elements in all).",
 )
 @click.option("--forms", "forms_text", default=DEFAULT_FORMS, show_default=True, help="Forms to compare.")

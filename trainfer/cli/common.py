@@ -33,6 +33,10 @@ MAX_THREADS = 1024
 #: The most a count option takes (``--rounds``, ``--repeats``, ``--warmup``, ``--epochs``, ``--random-inputs``):
 #: far more than any run needs, so that a typo (a few zeros too many) is refused, not run for days.
 MAX_COUNT = 10_000
+#: The most samples a batch-size option takes (``--batch-size``, ``--finetune-batch-size``): a batch of more
+#: samples holds more than the 2**24 elements any input may have (``trainfer.serve.manifest.MAX_ELEMENTS``,
+#: not imported here: it loads pydantic; a test keeps the two equal).
+MAX_BATCH_SIZE = 2**24
 
 #: ``--threads``: torch intra-op threads, 1 to :data:`MAX_THREADS`.
 THREADS = click.IntRange(1, MAX_THREADS)
@@ -43,6 +47,8 @@ SEED = click.IntRange(0, 2**32 - 1)
 COUNT = click.IntRange(1, MAX_COUNT)
 #: A count that may be zero (``--warmup``, ``--finetune-epochs``, ``--random-inputs``).
 COUNT_OR_ZERO = click.IntRange(0, MAX_COUNT)
+#: A batch size: 1 to :data:`MAX_BATCH_SIZE` samples.
+BATCH_SIZE = click.IntRange(1, MAX_BATCH_SIZE)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
