@@ -23,6 +23,7 @@ from trainfer.bench import (
     peak_memory,
     time_forward,
 )
+from trainfer.bench.measure import time_forms
 from trainfer.blocks import ReparamBlock
 from trainfer.cli import main
 from trainfer.testing import assert_close, count_aten_ops, randomize_batchnorm
@@ -64,6 +65,11 @@ def test_time_forward_restores_threads_when_the_model_raises():
 def test_time_forward_rejects_bad_settings(kwargs):
     with pytest.raises(ValueError, match="repeats|threads"):
         time_forward(nn.Identity(), torch.ones(1), **kwargs)
+
+
+def test_time_forms_rejects_zero_rounds_before_timing():
+    with pytest.raises(ValueError, match="rounds >= 1; got rounds=0"):
+        time_forms({"identity": nn.Identity()}, torch.ones(1), rounds=0)
 
 
 def test_count_parameters_counts_shared_parameters_once():

@@ -5,7 +5,10 @@ their traceback, say so and exit 3. Disk full while writing names the path and l
 import ast
 import errno
 import inspect
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -392,3 +395,115 @@ def test_serve_names_an_unset_api_key_variable_as_unset(bundle, monkeypatch):
     monkeypatch.delenv("SERVE_KEY_UNSET", raising=False)
     refused = CliRunner().invoke(main, ["serve", str(bundle), "--api-key-env", "SERVE_KEY_UNSET"])
     one_line_error(refused, "--api-key-env SERVE_KEY_UNSET", "no such environment variable is set")
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    """The expensive work of bench, demo, verify, inspect and audit fails the test if a refused option reaches it."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("the work started before the option was refused")
+
+    for target in (
+        "torch.set_num_threads",
+        "trainfer.bench.benchmark",
+        "trainfer.demo.pipeline.run",
+        "trainfer.reparam.verify.verify",
+        "trainfer.analysis.inspection.inspect",
+        "trainfer.analysis.audit.audit",
+    ):
+        monkeypatch.setattr(target, never)
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["bench", "--model", "digits_net", "--threads", "100000"], "--threads"),
+        (["bench", "--model", "digits_net", "--threads", "0"], "--threads"),
+        (["demo", "--threads", "100000", "--epochs", "1", "--subset", "10", "--no-sequences"], "--threads"),
+        (["bench", "--model", "digits_net", "--rounds", "0"], "--rounds"),
+        (["bench", "--model", "digits_net", "--rounds", "10001"], "--rounds"),
+        (["bench", "--model", "digits_net", "--repeats", "0"], "--repeats"),
+        (["bench", "--model", "digits_net", "--warmup", "-1"], "--warmup"),
+        (["demo", "--epochs", "1000000"], "--epochs"),
+        (["compile", "b", "--rounds", "0"], "--rounds"),
+        (["prune", "b", "-o", "o", "--finetune-epochs", "1000000"], "--finetune-epochs"),
+        (["bench", "--model", "digits_net", "--seed", "99999999999999999999999"], "--seed"),
+        (["inspect", "digits_net", "--seed", str(2**64)], "--seed"),
+        (["demo", "--seed", str(2**32)], "--seed"),
+        (["audit", "digits_net", "--seed", str(2**64)], "--seed"),
+        (["demo", "--seed", "-1"], "--seed"),
+        (["bench", "--model", "digits_net", "--batch-size", "0"], "--batch-size"),
+        (["predict", "b", "x.npy", "--batch-size", str(2**63)], "--batch-size"),
+        (["prune", "b", "-o", "o", "--finetune-batch-size", str(2**63)], "--finetune-batch-size"),
+        (["prune", "b", "-o", "o", "--round-to", "5000"], "--round-to"),
+        (["verify", "digits_net", "digits_net", "--random-inputs", "1000000000"], "--random-inputs"),
+        (["verify", "digits_net", "digits_net", "--random-inputs", "-1"], "--random-inputs"),
+    ],
+)
+def test_a_count_seed_threads_or_size_option_out_of_range_is_one_line_before_any_work(nothing_runs, args, option):
+    one_line_error(invoke(*args), f"Invalid value for '{option}'")
+
+
+def test_bench_refuses_a_batch_of_more_input_elements_than_an_input_shape_may_have(nothing_runs):
+    """2**24 elements, the bound of --input-shape: 2**20 digits samples of 64 pixels are 64 times more."""
+    one_line_error(
+        invoke("bench", "--model", "digits_net", "--batch-size", 2**20),
+        "'--batch-size'",
+        "at most 16777216 elements",
+        "1048576 samples of shape (1, 8, 8): 67108864 elements",
+    )
+
+
+def test_every_seed_threads_count_and_batch_size_option_shares_one_range():
+    """One bound per kind of option across commands; the seed's within what torch.manual_seed takes."""
+    from trainfer.cli import common
+    from trainfer.serve.manifest import MAX_CHANNELS, MAX_ELEMENTS
+
+    kinds = {
+        "seed": common.SEED,
+        "threads": common.THREADS,
+        "rounds": common.COUNT,
+        "repeats": common.COUNT,
+        "epochs": common.COUNT,
+        "random_inputs": common.COUNT_OR_ZERO,
+        "warmup": common.COUNT_OR_ZERO,
+        "finetune_epochs": common.COUNT_OR_ZERO,
+        "batch_size": common.BATCH_SIZE,
+        "finetune_batch_size": common.BATCH_SIZE,
+    }
+    found = {
+        (name, param.name): param.type
+        for name, command in main.commands.items()
+        for param in command.params
+        if param.name in kinds
+    }
+    other = {key: given for key, given in found.items() if given is not kinds[key[1]]}
+    assert len(found) >= 18 and other == {}, other
+    assert common.MAX_BATCH_SIZE == MAX_ELEMENTS
+    round_to = next(param.type for param in main.commands["prune"].params if param.name == "round_to")
+    assert (round_to.min, round_to.max) == (1, MAX_CHANNELS)
+
+
+@pytest.mark.parametrize("rows", [2, 2000])  # the failing write is the last flush, or one while predicting
+def test_a_reader_that_leaves_ends_the_command_quietly(bundle, tmp_path, rows):
+    """`trainfer predict ... | head -1`: no `error: Broken pipe`, exit status 141 as a shell shows SIGPIPE's."""
+    samples = tmp_path / "x.npy"
+    np.save(samples, np.zeros((rows, 1, 8, 8), np.float32))
+    command = [sys.executable, "-m", "trainfer", "predict", str(bundle), str(samples), "--format", "jsonl"]
+    buffered = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}  # as in a shell
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=buffered) as child:
+        child.stdout.close()  # the reader leaves before the first line
+        stderr = child.stderr.read()
+        assert (child.wait(timeout=300), stderr) == (141, b"")
+
+
+def test_the_demo_derives_its_seeds_within_torchs_range_from_the_largest_seed_and_epoch():
+    """The demo seeds each epoch from ``(seed, epoch, rank)``: at the largest --seed and --epochs too."""
+    from trainfer.cli.common import MAX_COUNT, SEED
+    from trainfer.demo import data, train
+
+    with torch.random.fork_rng():
+        loaders = data.loaders(batch_size=4, seed=SEED.max, subset=8)
+        train._seed_epoch(loaders.train, SEED.max, MAX_COUNT)  # the sampler's, the augmentation's, Dropout's
+        assert len(next(iter(loaders.train))[0]) == 4

@@ -149,7 +149,7 @@ def test_refuses_to_replace_a_directory_that_is_not_a_demo_output(tmp_path):
     assert "refusing to replace" in result.output and "not a trainfer demo output" in result.output
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
     result = CliRunner().invoke(main, ["demo", "--epochs", "-1"])
-    assert result.exit_code == 2 and "-1 is not in the range x>=1" in result.output
+    assert result.exit_code == 2 and "-1 is not in the range 1<=x<=10000" in result.output
 
 
 def test_a_sequences_only_output_may_be_replaced_by_the_whole_demo(tmp_path):

@@ -245,8 +245,10 @@ def time_forms(
 
     Interleaving spreads background load evenly over the forms, so that the ratios of their
     medians are meaningful on a busy machine. ``progress()`` is called after each form's turn;
-    ``clock`` is :func:`time_forward`'s.
+    ``clock`` is :func:`time_forward`'s. Raises :class:`~trainfer.errors.InputError` for ``rounds`` < 1.
     """
+    if rounds < 1:
+        raise InputError(f"need rounds >= 1; got rounds={rounds}")
     samples: dict[str, list[float]] = {name: [] for name in forms}
     for model in forms.values():
         time_forward(model, inputs, warmup=warmup, repeats=1, threads=threads)

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from trainfer.cli.common import friendly_errors, parse_shape, trust_factory_option, trusted
+from trainfer.cli.common import SEED, friendly_errors, parse_shape, trust_factory_option, trusted
 from trainfer.cli.model_spec import MODEL_HELP, model_argument, random_input, resolve_model, weights_option
 
 
@@ -14,7 +14,9 @@ from trainfer.cli.model_spec import MODEL_HELP, model_argument, random_input, re
 @model_argument()
 @weights_option()
 @click.option("--input-shape", help="Input shape with batch, e.g. 16,3,32,32: compares train- and eval-mode outputs.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the random example inputs and of Dropout.")
+@click.option(
+    "--seed", default=0, show_default=True, type=SEED, help="Seed of the random example inputs and of Dropout."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @trust_factory_option
 @friendly_errors

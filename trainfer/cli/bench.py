@@ -8,7 +8,17 @@ from pathlib import Path
 
 import click
 
-from trainfer.cli.common import friendly_errors, trust_factory_option, trusted
+from trainfer.cli.common import (
+    BATCH_SIZE,
+    COUNT,
+    COUNT_OR_ZERO,
+    SEED,
+    THREADS,
+    check_elements,
+    friendly_errors,
+    trust_factory_option,
+    trusted,
+)
 from trainfer.cli.model_spec import MODEL_HELP, example_shape, factory_of, resolve_model, weights_option
 
 DEFAULT_FORMS = "train,reparameterized,plain,deploy"
@@ -30,13 +40,21 @@ def _forms(text: str) -> list[str]:
 @click.option("--model", "spec", metavar="MODEL", default="repvgg_a0", show_default=True, help="The MODEL to measure.")
 @weights_option()
 @click.option("--input-shape", help="Input shape with batch 1, e.g. 1,3,224,224 (default: MODEL's recorded shape).")
-@click.option("--batch-size", default=8, show_default=True, help="Batch size of the throughput measurement.")
+@click.option(
+    "--batch-size",
+    default=8,
+    show_default=True,
+    type=BATCH_SIZE,
+    help="Batch size of the throughput measurement (at most 2**24 input elements in all).",
+)
 @click.option("--forms", "forms_text", default=DEFAULT_FORMS, show_default=True, help="Forms to compare.")
-@click.option("--threads", type=int, help="torch intra-op threads while timing (default: torch's).")
-@click.option("--rounds", default=5, show_default=True, help="Interleaved rounds over the forms.")
-@click.option("--repeats", default=4, show_default=True, help="Timed calls per form and round.")
-@click.option("--warmup", default=3, show_default=True, help="Untimed calls per form first.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the model's initialisation and of the inputs.")
+@click.option("--threads", type=THREADS, help="torch intra-op threads while timing (default: torch's).")
+@click.option("--rounds", default=5, show_default=True, type=COUNT, help="Interleaved rounds over the forms.")
+@click.option("--repeats", default=4, show_default=True, type=COUNT, help="Timed calls per form and round.")
+@click.option("--warmup", default=3, show_default=True, type=COUNT_OR_ZERO, help="Untimed calls per form first.")
+@click.option(
+    "--seed", default=0, show_default=True, type=SEED, help="Seed of the model's initialisation and of the inputs."
+)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure (and samples) here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG bar chart here.")
 @trust_factory_option
@@ -68,6 +86,7 @@ def command(
     torch.manual_seed(seed)
     model = resolve_model(spec, weights, trust_factory=trusted())
     shape = example_shape(model, input_shape, spec)
+    check_elements((batch_size, *shape[1:]), f"{batch_size} samples of shape {tuple(shape[1:])}", "'--batch-size'")
     report = benchmark(
         model,
         shape,

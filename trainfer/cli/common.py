@@ -1,18 +1,20 @@
-"""Helpers shared by the command-line commands: model specs, shapes, --trust-factory, friendly errors.
+"""Helpers shared by the command-line commands: option bounds, shapes, --trust-factory, friendly errors.
 
 Exit codes of every command: 0 success, 1 a negative verdict (e.g. not equivalent), 2 a user
-error (one line on stderr), 3 an internal error (traceback, then a line saying it is a bug).
+error (one line on stderr), 3 an internal error (traceback, then a line saying it is a bug), 141 the
+reader of stdout left (``trainfer predict ... | head -1``: quietly, as a program SIGPIPE ended).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import click
 
@@ -21,16 +23,37 @@ from trainfer.errors import InputError, TrainferError, one_line
 
 _TRUST_KEY = "trainfer.trust_factory"
 _HINT = "'--input-shape'"  # the option every command parses a shape from
+#: The exit status when the reader of stdout left: 128 + SIGPIPE, a shell's status for a program SIGPIPE ended.
+EXIT_READER_LEFT = 141
+
+
+#: The most threads a ``--threads`` option takes: as many as ``serve --workers`` (far more than any
+#: machine has cores; 100000 crashed OpenBLAS's thread start-up).
+MAX_THREADS = 1024
+#: The most a count option takes (``--rounds``, ``--repeats``, ``--warmup``, ``--epochs``, ``--random-inputs``):
+#: far more than any run needs, so that a typo (a few zeros too many) is refused, not run for days.
+MAX_COUNT = 10_000
+#: The most samples a batch-size option takes (``--batch-size``, ``--finetune-batch-size``): a batch of more
+#: samples holds more than the 2**24 elements any input may have (``trainfer.serve.manifest.MAX_ELEMENTS``,
+#: not imported here: it loads pydantic; a test keeps the two equal).
+MAX_BATCH_SIZE = 2**24
+
+#: ``--threads``: torch intra-op threads, 1 to :data:`MAX_THREADS`.
+THREADS = click.IntRange(1, MAX_THREADS)
+#: ``--seed``: 0 to 2**32 - 1 (numpy's legacy seeds). ``torch.manual_seed`` takes up to 2**64 - 1, but the
+#: demo derives each epoch's seeds as ``(seed * 1_000_003 + epoch) * 1_009 + rank``, which must stay in it.
+SEED = click.IntRange(0, 2**32 - 1)
+#: A count of at least one (``--rounds``, ``--repeats``, ``--epochs``).
+COUNT = click.IntRange(1, MAX_COUNT)
+#: A count that may be zero (``--warmup``, ``--finetune-epochs``, ``--random-inputs``).
+COUNT_OR_ZERO = click.IntRange(0, MAX_COUNT)
+#: A batch size: 1 to :data:`MAX_BATCH_SIZE` samples.
+BATCH_SIZE = click.IntRange(1, MAX_BATCH_SIZE)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
-    """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``, of at most ``MAX_ELEMENTS`` elements.
-
-    The limit is the manifest's (:data:`trainfer.serve.manifest.MAX_ELEMENTS`, 2**24): a larger
-    example input could not be recorded in a bundle, and would be allocated before anything is checked.
-    """
-    from trainfer.serve.manifest import MAX_ELEMENTS
-
+    """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``, of at most ``MAX_ELEMENTS`` elements
+    (:func:`check_elements`)."""
     parts = text.replace("x", ",").split(",")
     try:
         shape = tuple(int(p) for p in parts if p.strip())
@@ -40,13 +63,25 @@ def parse_shape(text: str) -> tuple[int, ...]:
         ) from None
     if not shape or any(s <= 0 for s in shape):
         raise click.BadParameter(f"expected positive sizes like 1,3,224,224; got {text!r}", param_hint=_HINT)
+    check_elements(shape, repr(text), _HINT)
+    return shape
+
+
+def check_elements(shape: tuple[int, ...], given: str, param_hint: str) -> None:
+    """Refuse an input ``shape`` of more than ``MAX_ELEMENTS`` elements, naming the option and the value ``given``.
+
+    The limit is the manifest's (:data:`trainfer.serve.manifest.MAX_ELEMENTS`, 2**24): a larger
+    example input could not be recorded in a bundle, and would be allocated before anything is checked.
+    Raises ``click.BadParameter`` (one line, exit 2).
+    """
+    from trainfer.serve.manifest import MAX_ELEMENTS
+
     if math.prod(shape) > MAX_ELEMENTS:
         raise click.BadParameter(
             f"expected at most {MAX_ELEMENTS} elements in all (trainfer.serve.manifest.MAX_ELEMENTS); "
-            f"got {text!r}: {math.prod(shape)} elements",
-            param_hint=_HINT,
+            f"got {given}: {math.prod(shape)} elements",
+            param_hint=param_hint,
         )
-    return shape
 
 
 class Tolerance(click.ParamType):
@@ -132,16 +167,21 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     User errors are trainfer's own exceptions (:class:`~trainfer.errors.TrainferError`) and
     ``OSError`` (a path the user gave that is missing, unreadable or on a full disk). Anything else
     is a bug in trainfer (or in the user's model code): its traceback is printed, then a line
-    saying so. ``--debug`` re-raises every error with its traceback.
+    saying so. ``--debug`` re-raises every error with its traceback. When the reader of stdout
+    leaves (``| head -1``), the command ends quietly with :data:`EXIT_READER_LEFT`.
     """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = click.get_current_context().find_root().params.get("debug", False)
         try:
-            return command(*args, **kwargs)
+            result = command(*args, **kwargs)
+            sys.stdout.flush()  # a reader that left is found here, not in Python's last flush at exit
+            return result
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except BrokenPipeError:
+            _exit_for_a_reader_that_left()
         except (TrainferError, OSError) as error:
             if debug:
                 raise
@@ -155,3 +195,13 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(3)
 
     return wrapper
+
+
+def _exit_for_a_reader_that_left() -> NoReturn:
+    """End quietly with :data:`EXIT_READER_LEFT`: stdout's reader is gone, so there is no one to tell.
+
+    stdout is pointed at ``/dev/null`` first, so that Python's flush at exit of what is still
+    buffered does not fail again (the recipe of the "Note on SIGPIPE" in Python's ``signal`` docs).
+    """
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(EXIT_READER_LEFT)

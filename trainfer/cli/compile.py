@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from trainfer.cli.common import friendly_errors, gate_options, trust_factory_option, trusted
+from trainfer.cli.common import COUNT, friendly_errors, gate_options, trust_factory_option, trusted
 from trainfer.cli.quantize import DATA_HELP, read_labels
 from trainfer.serve.runtime_names import RUNTIMES
 
@@ -47,7 +47,7 @@ def search_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help=f"int8 calibration data (default: --gate-data): {DATA_HELP}."),
         click.option("--candidates", type=click.Choice(RUNTIMES), multiple=True,
                      help="The runtimes to measure (repeat; default: all but inductor)."),
-        click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True,
+        click.option("--rounds", type=COUNT, default=10, show_default=True,
                      help="Timed rounds of the paired measurement."),
     ]  # fmt: skip
     command = gate_options(rel_error=True)(command)

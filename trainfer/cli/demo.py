@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from trainfer.cli.common import friendly_errors
+from trainfer.cli.common import COUNT, SEED, THREADS, friendly_errors
 
 
 @click.command("demo")
@@ -26,13 +26,13 @@ from trainfer.cli.common import friendly_errors
     type=click.Path(file_okay=False, path_type=Path),
     help="Output directory; replaced only after a successful run.",
 )
-@click.option("--epochs", default=15, show_default=True, type=click.IntRange(min=1), help="Training epochs.")
-@click.option("--seed", default=0, show_default=True, help="Seed of initialisation, shuffling, augmentation, Dropout.")
-@click.option("--subset", type=click.IntRange(min=1), help="Train on the first N training images only (quick runs).")
+@click.option("--epochs", default=15, show_default=True, type=COUNT, help="Training epochs.")
 @click.option(
-    "--repeats", default=30, show_default=True, type=click.IntRange(min=1), help="Timed calls per latency figure."
+    "--seed", default=0, show_default=True, type=SEED, help="Seed of initialisation, shuffling, augmentation, Dropout."
 )
-@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="torch intra-op threads.")
+@click.option("--subset", type=click.IntRange(min=1), help="Train on the first N training images only (quick runs).")
+@click.option("--repeats", default=30, show_default=True, type=COUNT, help="Timed calls per latency figure.")
+@click.option("--threads", default=1, show_default=True, type=THREADS, help="torch intra-op threads.")
 @click.option(
     "--sequences",
     is_flag=True,

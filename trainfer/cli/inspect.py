@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from trainfer.analysis.inspection_modes import MODES
-from trainfer.cli.common import friendly_errors, trust_factory_option, trusted
+from trainfer.cli.common import SEED, friendly_errors, trust_factory_option, trusted
 from trainfer.cli.model_spec import (
     MODEL_HELP,
     example_shape,
@@ -26,7 +26,7 @@ from trainfer.cli.model_spec import (
     "--input-shape", help="Input shape with batch, e.g. 2,3,32,32 (default: MODEL's recorded one, batch >= 2 to train)."
 )
 @click.option("--modes", default="eval", show_default=True, help=f"Comma-separated modes from {', '.join(MODES)}.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the random input and of Dropout.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the random input and of Dropout.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG plot here.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the records here.")
 @trust_factory_option

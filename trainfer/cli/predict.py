@@ -22,7 +22,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import click
 
-from trainfer.cli.common import check_output_apart, friendly_errors, trust_factory_option, trusted
+from trainfer.cli.common import BATCH_SIZE, check_output_apart, friendly_errors, trust_factory_option, trusted
 from trainfer.errors import InputError
 from trainfer.serve.runtime_names import RUNTIMES
 
@@ -270,7 +270,7 @@ def batch_source(inputs: list[str], spec: PreprocessSpec) -> Any:
 )
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Decision threshold (binary tasks).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=BATCH_SIZE, default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA, then MPS, then CPU), cpu, cuda:N, mps.")
 @click.option("--weights", default=None, help="Ensemble weights, one per bundle, comma-separated (default: equal).")
 @click.option(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from trainfer.cli.common import check_output_apart, friendly_errors, gate_options
+from trainfer.cli.common import BATCH_SIZE, COUNT_OR_ZERO, check_output_apart, friendly_errors, gate_options
 from trainfer.cli.quantize import DATA_HELP, read_labels
 from trainfer.errors import InputError
 
@@ -28,13 +28,14 @@ if TYPE_CHECKING:
 @click.option("--data", type=click.Path(exists=True), default=None, help=f"Gate data: {DATA_HELP}.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None, help=".npy of class indices.")
 @gate_options()
-@click.option("--round-to", type=click.IntRange(min=1), default=None, help="Keep widths multiples of this.")
+# 4096: trainfer.serve.manifest.MAX_CHANNELS, the most a bundle records (not imported here: it loads pydantic)
+@click.option("--round-to", type=click.IntRange(1, 4096), default=None, help="Keep widths multiples of this.")
 @click.option("--global", "global_pruning", is_flag=True, help="Rank channels across all layers, not per layer.")
 @click.option("--importance", type=click.Choice(["l2", "l1"]), default="l2", show_default=True)
 @click.option("--search/--no-search", default=True, show_default=True,
               help="Exempt the most sensitive layers until the gate passes.")  # fmt: skip
 @click.option("--max-exempt-layers", type=click.IntRange(min=0), default=None, help="Default: half the layers.")
-@click.option("--finetune-epochs", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--finetune-epochs", type=COUNT_OR_ZERO, default=0, show_default=True,
               help="Fine-tune each pruned candidate this many epochs before the gate (cross-entropy).")  # fmt: skip
 @click.option("--finetune-data", type=click.Path(exists=True), default=None,
               help=f"Fine-tuning inputs (default: --data): {DATA_HELP}.")  # fmt: skip
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 @click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--finetune-optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True,
               help="Adam, or SGD with momentum 0.9.")  # fmt: skip
-@click.option("--finetune-batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--finetune-batch-size", type=BATCH_SIZE, default=64, show_default=True)
 @friendly_errors
 def command(
     bundle: str,

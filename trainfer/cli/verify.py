@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from trainfer.cli.common import Tolerance, friendly_errors, trust_factory_option, trusted
+from trainfer.cli.common import COUNT_OR_ZERO, Tolerance, friendly_errors, trust_factory_option, trusted
 from trainfer.cli.model_spec import (
     MODEL_HELP,
     example_shape,
@@ -32,7 +32,13 @@ from trainfer.errors import InputError
 @weights_option("--reference-weights")
 @weights_option("--candidate-weights")
 @click.option("--input-shape", help="Input shape with batch, e.g. 1,3,224,224 (default: REFERENCE's recorded one).")
-@click.option("--random-inputs", default=2, show_default=True, help="Random inputs checked besides the example.")
+@click.option(
+    "--random-inputs",
+    default=2,
+    show_default=True,
+    type=COUNT_OR_ZERO,
+    help="Random inputs checked besides the example.",
+)
 @click.option("--rtol", type=Tolerance(), help="Relative tolerance (default per dtype: 1e-9 float64, 1e-5 float32).")
 @click.option("--atol", type=Tolerance(zero=True), help="Absolute tolerance (default 0).")
 @trust_factory_option
