@@ -507,3 +507,25 @@ def test_the_demo_derives_its_seeds_within_torchs_range_from_the_largest_seed_an
         loaders = data.loaders(batch_size=4, seed=SEED.max, subset=8)
         train._seed_epoch(loaders.train, SEED.max, MAX_COUNT)  # the sampler's, the augmentation's, Dropout's
         assert len(next(iter(loaders.train))[0]) == 4
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        (["quantize", "{bundle}", "-o", "{out}"], "--min-agreement"),
+        (["quantize", "{bundle}", "-o", "{out}"], "--max-accuracy-drop"),
+        (["quantize", "{bundle}", "-o", "{out}"], "--max-rel-error"),
+        (["prune", "{bundle}", "-o", "{out}"], "--ratio"),
+        (["predict", "{bundle}", "x.npy"], "--threshold"),
+        (["serve", "{bundle}"], "--timeout"),
+    ],
+)
+def test_a_threshold_that_is_not_a_finite_number_is_refused_in_one_line(bundle, tmp_path, command, option, value):
+    """NaN compares false with every bound: accepted, it would make a gate that can never fail."""
+    args = [part.format(bundle=bundle, out=tmp_path / "out") for part in command]
+    refused = CliRunner().invoke(main, [*args, option, value])
+    expected = "is not a finite number" if value == "nan" else ("is not a finite number", "not in the range")
+    assert refused.exit_code == 2, refused.output
+    assert any(text in refused.output for text in ([expected] if isinstance(expected, str) else expected))
+    assert "Traceback" not in refused.output and not (tmp_path / "out").exists()

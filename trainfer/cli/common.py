@@ -51,6 +51,19 @@ COUNT_OR_ZERO = click.IntRange(0, MAX_COUNT)
 BATCH_SIZE = click.IntRange(1, MAX_BATCH_SIZE)
 
 
+class FiniteFloatRange(click.FloatRange):
+    """click's ``FloatRange`` that also refuses NaN and infinities: a NaN compares false with every
+    number, so a NaN threshold would pass every range check and make a gate that can never fail."""
+
+    name = "finite float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``, of at most ``MAX_ELEMENTS`` elements
     (:func:`check_elements`)."""
@@ -145,12 +158,12 @@ def gate_options(rel_error: bool = False) -> Callable[[Callable[..., Any]], Call
     def add(command: Callable[..., Any]) -> Callable[..., Any]:
         if rel_error:
             command = click.option(
-                "--max-rel-error", type=click.FloatRange(min=0), default=None, help="Limit on max rel output error."
+                "--max-rel-error", type=FiniteFloatRange(min=0), default=None, help="Limit on max rel output error."
             )(command)
         command = click.option(
-            "--max-accuracy-drop", type=click.FloatRange(0, 1), default=0.005, show_default=True, help="Fraction."
+            "--max-accuracy-drop", type=FiniteFloatRange(0, 1), default=0.005, show_default=True, help="Fraction."
         )(command)
-        return click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True)(command)
+        return click.option("--min-agreement", type=FiniteFloatRange(0, 1), default=0.99, show_default=True)(command)
 
     return add
 

@@ -22,7 +22,14 @@ from typing import IO, TYPE_CHECKING, Any
 
 import click
 
-from trainfer.cli.common import BATCH_SIZE, check_output_apart, friendly_errors, trust_factory_option, trusted
+from trainfer.cli.common import (
+    BATCH_SIZE,
+    FiniteFloatRange,
+    check_output_apart,
+    friendly_errors,
+    trust_factory_option,
+    trusted,
+)
 from trainfer.errors import InputError
 from trainfer.serve.runtime_names import RUNTIMES
 
@@ -268,7 +275,7 @@ def batch_source(inputs: list[str], spec: PreprocessSpec) -> Any:
     default=None,
     help="Report the k most probable classes (classification) or k hypotheses (sequence).",
 )
-@click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Decision threshold (binary tasks).")
+@click.option("--threshold", type=FiniteFloatRange(0, 1), default=None, help="Decision threshold (binary tasks).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 @click.option("--batch-size", type=BATCH_SIZE, default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA, then MPS, then CPU), cpu, cuda:N, mps.")

@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from trainfer.cli.common import BATCH_SIZE, COUNT_OR_ZERO, check_output_apart, friendly_errors, gate_options
+from trainfer.cli.common import (
+    BATCH_SIZE,
+    COUNT_OR_ZERO,
+    FiniteFloatRange,
+    check_output_apart,
+    friendly_errors,
+    gate_options,
+)
 from trainfer.cli.quantize import DATA_HELP, read_labels
 from trainfer.errors import InputError
 
@@ -23,7 +30,7 @@ if TYPE_CHECKING:
 @click.command("prune")
 @click.argument("bundle", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="The pruned bundle to write.")
-@click.option("--ratio", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True,
+@click.option("--ratio", type=FiniteFloatRange(0, 1, max_open=True), default=0.5, show_default=True,
               help="Fraction of each layer's channels to remove.")  # fmt: skip
 @click.option("--data", type=click.Path(exists=True), default=None, help=f"Gate data: {DATA_HELP}.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None, help=".npy of class indices.")
@@ -41,7 +48,7 @@ if TYPE_CHECKING:
               help=f"Fine-tuning inputs (default: --data): {DATA_HELP}.")  # fmt: skip
 @click.option("--finetune-labels", type=click.Path(exists=True, dir_okay=False), default=None,
               help=".npy of class indices for --finetune-data (default: --labels).")  # fmt: skip
-@click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--finetune-lr", type=FiniteFloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--finetune-optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True,
               help="Adam, or SGD with momentum 0.9.")  # fmt: skip
 @click.option("--finetune-batch-size", type=BATCH_SIZE, default=64, show_default=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from trainfer.cli.common import friendly_errors, trust_factory_option, trusted
+from trainfer.cli.common import FiniteFloatRange, friendly_errors, trust_factory_option, trusted
 from trainfer.cli.compile import SEARCH_PARAMETERS, search_options, search_settings
 from trainfer.errors import InputError, MissingFileError
 from trainfer.extras import require
@@ -119,7 +119,7 @@ def _given(context: click.Context, name: str) -> bool:
     "--max-delay-ms",
     default=5.0,
     show_default=True,
-    type=click.FloatRange(0, 60_000),
+    type=FiniteFloatRange(0, 60_000),
     help="How long a request waiting for a busy model may wait for others (one finding it idle runs at once).",
 )
 @click.option(
@@ -133,14 +133,14 @@ def _given(context: click.Context, name: str) -> bool:
     "--max-body-mb",
     default=16.0,
     show_default=True,
-    type=click.FloatRange(0, 2048, min_open=True),
+    type=FiniteFloatRange(0, 2048, min_open=True),
     help="Request size limit (413).",
 )
 @click.option(
     "--timeout",
     default=30.0,
     show_default=True,
-    type=click.FloatRange(0.001, 86_400),
+    type=FiniteFloatRange(0.001, 86_400),
     help="Seconds a request may wait (504).",
 )
 @click.option(
