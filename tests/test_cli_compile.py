@@ -119,3 +119,28 @@ def test_a_missing_file_or_a_non_bundle_exits_2(made, bundle, tmp_path):
     assert missing.exit_code == 2 and "does not exist" in missing.output
     _one_line_error(invoke(tmp_path, *FAST), "no trainfer bundle at")
     assert files(bundle) == before
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["compile", "{bundle}", "--runtime", "inductor"],
+        ["compile", "{bundle}", "--candidates", "torch", "--candidates", "inductor"],
+        ["serve", "{bundle}", "--compile", "--candidates", "inductor", "--write-runtime"],
+    ],
+)
+def test_a_search_that_would_record_a_code_generating_runtime_is_refused_before_measuring(bundle, monkeypatch, args):
+    """runtime.json never records inductor (it compiles code when built: it runs only when named at load),
+    so compile, and serve --compile --write-runtime, refuse to search for it before anything runs."""
+    from trainfer.serve import gated
+
+    monkeypatch.setattr(gated, "compile", lambda *a, **k: pytest.fail("measured a search it cannot record"))
+    monkeypatch.setattr("trainfer.server.run.serve", lambda *a, **k: pytest.fail("served"))
+    before = files(bundle)
+    refused = CliRunner().invoke(main, [part.format(bundle=bundle) for part in args])
+    assert refused.exit_code == 2, refused.output
+    assert (
+        refused.output.count("\n") == 1
+        and "runtime.json records only runtimes that load without generating code" in refused.output
+    )
+    assert files(bundle) == before

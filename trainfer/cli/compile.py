@@ -17,7 +17,7 @@ import click
 
 from trainfer.cli.common import COUNT, friendly_errors, gate_options, trust_factory_option, trusted
 from trainfer.cli.quantize import DATA_HELP, read_labels
-from trainfer.serve.runtime_names import RUNTIMES
+from trainfer.serve.runtime_names import AUTO_RUNTIMES, CODE_GENERATING_RUNTIMES, RUNTIMES
 
 if TYPE_CHECKING:
     from trainfer.serve.manifest import Manifest
@@ -78,6 +78,19 @@ def search_settings(bundle: str, trust_factory: bool, what: str, way_out: str, *
             "trust_factory": trust_factory}  # fmt: skip
 
 
+def check_recordable(runtime: str | None, candidates: tuple[str, ...]) -> None:
+    """Refuse, before anything is measured, a search whose choice ``runtime.json`` could not record: a
+    runtime that generates and compiles code when it is built runs only when named at load."""
+    from trainfer.errors import InputError
+
+    named = [name for name in (runtime, *candidates) if name in CODE_GENERATING_RUNTIMES]
+    if named:
+        raise InputError(
+            f"{named[0]}: runtime.json records only runtimes that load without generating code "
+            f"({', '.join(AUTO_RUNTIMES)}); serve it named instead: trainfer serve BUNDLE --runtime {named[0]}"
+        )
+
+
 @click.command("compile")
 @click.argument("bundle", type=click.Path())
 @click.option("--runtime", type=click.Choice(["auto", *RUNTIMES]), default="auto", show_default=True,
@@ -93,6 +106,7 @@ def command(bundle: str, runtime: str, **search: Any) -> None:
     from trainfer.errors import InputError
     from trainfer.serve import gated
 
+    check_recordable(runtime, search["candidates"])
     way_out = f"serve it as it is (in PyTorch): trainfer serve {bundle}"
     settings = search_settings(bundle, trusted(), "trainfer compile", way_out, **search)
     gated_search = "gate_data" in settings

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from trainfer.cli.common import FiniteFloatRange, friendly_errors, trust_factory_option, trusted
-from trainfer.cli.compile import SEARCH_PARAMETERS, search_options, search_settings
+from trainfer.cli.compile import SEARCH_PARAMETERS, check_recordable, search_options, search_settings
 from trainfer.errors import InputError, MissingFileError
 from trainfer.extras import require
 from trainfer.serve.runtime_names import RUNTIMES
@@ -76,6 +76,8 @@ def compile_settings(
             "--compile with --workers > 1 would search once per worker, each perhaps choosing another form: "
             "run `trainfer compile BUNDLE ...` once, then `trainfer serve BUNDLE --workers N`"
         )
+    if write_runtime:
+        check_recordable(None, values["candidates"])
     what, way_out = "trainfer serve --compile (the start-up runtime search)", "drop --compile to serve it"
     return {name: search_settings(path, trusted(), what, way_out, **values) for name, path in bundles.items()}
 
