@@ -25,6 +25,13 @@ if TYPE_CHECKING:  # pydantic is imported when a manifest is read or written, no
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
+#: The int8 form a bundle may carry (``trainfer quantize``, or ``trainfer compile``'s int8 choice: see
+#: :mod:`trainfer.serve.int8_form`): a QDQ ONNX file and its record.
+QUANTIZED_FILE = "quantized.onnx"
+QUANTIZATION_FILE = "quantization.json"
+#: What :func:`trainfer.serve.int8_form.retire_int8_form` renames :data:`QUANTIZATION_FILE` to while it
+#: removes the files it names.
+RETIRED_FILE = "quantization.json.retired"
 FORMAT = "trainfer-bundle"
 #: 2: deploy forms carry their ``architecture``; a version-1 deploy-form bundle built by
 #: ``trainfer.deploy`` (rebuilt by replaying the fold) is refused, pointing to ``trainfer migrate``.
@@ -48,7 +55,6 @@ def bundle_files() -> frozenset[str]:
     it: the float form (:data:`MANIFEST_FILE`, :data:`WEIGHTS_FILE`), the recorded runtime (``runtime.json``), the
     int8 form (``quantized.onnx``, ``quantization.json``, ``probes.safetensors``, and ``quantization.json.retired``
     while a later ``trainfer compile`` removes it). Anything else in a bundle directory is someone else's."""
-    from trainfer.serve.int8_form import QUANTIZATION_FILE, QUANTIZED_FILE, RETIRED_FILE
     from trainfer.serve.runtime_record import RUNTIME_FILE
     from trainfer.serve.served_checks import PROBES_FILE
 

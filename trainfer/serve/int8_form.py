@@ -25,6 +25,7 @@ from trainfer.atomic import atomic_file
 from trainfer.digest import sha256
 from trainfer.errors import BundleError, InputError
 from trainfer.jsonfile import read_json
+from trainfer.serve.bundle_format import QUANTIZATION_FILE, QUANTIZED_FILE, RETIRED_FILE
 from trainfer.serve.engines import CompiledModel, int8_engine
 from trainfer.serve.int8_ops import check_int8_ops
 from trainfer.serve.runtime_record import (
@@ -37,11 +38,8 @@ from trainfer.serve.runtime_record import (
 )
 from trainfer.serve.served_checks import PROBES_FILE
 
-#: The int8 form a bundle may carry (``trainfer quantize``): a QDQ ONNX file and its record.
-QUANTIZED_FILE = "quantized.onnx"
-QUANTIZATION_FILE = "quantization.json"
-#: What :func:`retire_int8_form` renames :data:`QUANTIZATION_FILE` to while it removes the files it names.
-RETIRED_FILE = "quantization.json.retired"
+# The int8 form's file names (QUANTIZED_FILE, QUANTIZATION_FILE, RETIRED_FILE) are part of the bundle's
+# layout, in trainfer.serve.bundle_format, which lists every file a bundle may hold.
 #: The writers ``made_by`` names: ``trainfer quantize`` (a bundle of its own), ``trainfer compile``'s int8 choice.
 MADE_BY = ("trainfer quantize", "trainfer compile")
 
