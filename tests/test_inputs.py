@@ -20,6 +20,7 @@ from serving_models import save_bundle
 import trainfer
 from trainfer.cli import main
 from trainfer.demo import data
+from trainfer.errors import InputError
 from trainfer.models import digits_net
 from trainfer.serve import readers
 from trainfer.serve.preprocess import PreprocessSpec
@@ -251,3 +252,20 @@ def test_cli_decompression_bomb_one_line_exit_2(bundle, tmp_path):
     path = tmp_path / "bomb.png"
     path.write_bytes(png_header_claiming(100000, 100000))
     assert "expected at most 64000000" in cli_error(bundle, path)
+
+
+@pytest.mark.parametrize("kind", ["postscript", "jpeg2000"])
+def test_an_image_is_decoded_only_in_the_listed_formats_whatever_its_name_says(kind, tmp_path, monkeypatch):
+    """Pillow picks a decoder from the bytes: a .png holding PostScript would run Ghostscript (a
+    program, on a file it writes), one holding JPEG 2000 its decoder. Both are refused, named."""
+    from PIL import EpsImagePlugin, Image
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: pytest.fail("Ghostscript ran"))
+    path = tmp_path / "x.png"
+    if kind == "postscript":
+        path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    else:
+        pytest.importorskip("PIL.Jpeg2KImagePlugin")
+        Image.new("L", (8, 8)).save(path, "JPEG2000")
+    with pytest.raises(InputError, match=r"'.*x\.png': expected one of the formats BMP, GIF, JPEG, PNG, TIFF, WEBP"):
+        load_image(path, PreprocessSpec(input_shape=(1, 8, 8)))

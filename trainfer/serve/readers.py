@@ -23,7 +23,21 @@ from torch import Tensor
 from trainfer.errors import InputError, MissingFileError
 from trainfer.serve.preprocess import PreprocessSpec, as_tensor, check_numeric
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+#: The image files trainfer reads, by suffix, and the Pillow format each is decoded as. Decoding is
+#: limited to these formats whatever a file's name says (Pillow picks a format from the bytes): an
+#: upload holding PostScript would otherwise run Ghostscript, and one holding JPEG 2000 its decoder.
+_IMAGE_FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".bmp": "BMP",
+    ".gif": "GIF",
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
+IMAGE_SUFFIXES = frozenset(_IMAGE_FORMATS)
+IMAGE_FORMATS = tuple(sorted(set(_IMAGE_FORMATS.values())))
 _IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 _CSV_CHUNK_ROWS = 1024
 #: The largest image (width x height) trainfer decodes: 64 megapixels, e.g. 8000 x 8000. Larger
@@ -49,6 +63,7 @@ _NPY_MAGIC = b"\x93NUMPY"
 MAX_NPY_ELEMENTS = 2**30
 
 __all__ = [
+    "IMAGE_FORMATS",
     "IMAGE_SUFFIXES",
     "check_npy_header",
     "check_regular_file",
@@ -159,7 +174,7 @@ def load_image(path: Path, spec: PreprocessSpec) -> Tensor:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
             _check_pixels(image.width, image.height, path)
             _check_decode_bytes(image, path)
             image.load()
@@ -168,7 +183,12 @@ def load_image(path: Path, spec: PreprocessSpec) -> Tensor:
         raise
     except Image.DecompressionBombError:  # PIL's own limit (twice its warning size), checked when opening
         raise InputError(_too_large(path, f"more than {2 * (Image.MAX_IMAGE_PIXELS or 0)}")) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:  # ValueError: huge zTXt/iCCP chunks
+    except UnidentifiedImageError:
+        raise InputError(
+            f"cannot read image {str(path)!r}: expected one of the formats {', '.join(IMAGE_FORMATS)} "
+            "(recognised by the file's content, not its name)"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as error:  # ValueError: huge zTXt/iCCP chunks
         raise InputError(f"cannot read image {str(path)!r}: {error}") from None
 
 
