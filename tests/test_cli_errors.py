@@ -529,3 +529,14 @@ def test_a_threshold_that_is_not_a_finite_number_is_refused_in_one_line(bundle, 
     assert refused.exit_code == 2, refused.output
     assert any(text in refused.output for text in ([expected] if isinstance(expected, str) else expected))
     assert "Traceback" not in refused.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("inside", ["", "pngs"])
+def test_predict_refuses_to_write_explanations_into_its_bundle(bundle, tmp_path, inside):
+    """--explain DIR inside the bundle (or the bundle itself) would mix PNGs into it: refused first."""
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 8, 8), np.float32))
+    before = sorted(p.name for p in Path(bundle).iterdir())
+    target = Path(bundle) / inside if inside else Path(bundle)
+    refused = CliRunner().invoke(main, ["predict", str(bundle), str(tmp_path / "x.npy"), "--explain", str(target)])
+    one_line_error(refused, "--explain", "would overwrite the input")
+    assert sorted(p.name for p in Path(bundle).iterdir()) == before

@@ -325,6 +325,8 @@ def command(
         raise click.UsageError("expected INPUT... after the bundle(s)")
     if explain_dir is not None and (len(models) > 1 or weights is not None):
         raise click.UsageError("--explain takes one bundle, not an ensemble")
+    if explain_dir is not None:  # its PNGs never land in the bundle or on an input file
+        check_output_apart(explain_dir, *models, *(path for path in paths if Path(path).is_file()), option="--explain")
     if distributed.launched_by_torchrun():
         if out is None:
             raise click.UsageError("under torchrun give --out: the ranks share the work of one output file")
