@@ -179,3 +179,16 @@ def test_cli_quantize_then_predict(digits, tmp_path):
     )
     assert refused.exit_code == 2 and refused.output.startswith("error: no int8 form passes the gate")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("label", [-4, 3])
+def test_the_gate_refuses_labels_no_class_can_match(label):
+    """A label outside 0..C-1 is missed by both forms alike: it would pass any accuracy drop."""
+    from trainfer.errors import InputError
+    from trainfer.serve.gate import gate_report
+
+    reference = torch.randn(4, 3)
+    labels = torch.tensor([0, 1, label, 2])
+    with pytest.raises(InputError, match=rf"labels must be class indices in 0\.\.2 \(3 classes\); got {label}"):
+        gate_report(reference, reference.clone(), labels)
+    assert gate_report(reference, reference.clone(), torch.tensor([0, 1, 2, 2])).agreement == 1.0

@@ -121,6 +121,11 @@ def gate_report(
         raise InputError(f"candidate outputs have shape {tuple(candidate.shape)}; expected {tuple(reference.shape)}")
     if labels is not None and (labels.dim() != 1 or len(labels) != len(reference)):
         raise InputError(f"labels must have shape ({len(reference)},); got {tuple(labels.shape)}")
+    if labels is not None:  # a label no class can match would pass any accuracy drop (both forms miss it)
+        classes = reference.shape[-1]
+        outside = labels[(labels < 0) | (labels >= classes)]
+        if len(outside):
+            raise InputError(f"labels must be class indices in 0..{classes - 1} ({classes} classes); got {int(outside[0])}")
     reference, candidate = reference.double(), candidate.double()
     scale = float(reference.abs().max()) or 1.0
     error = float((candidate - reference).abs().max()) / scale
