@@ -125,7 +125,8 @@ def gate_report(
         classes = reference.shape[-1]
         outside = labels[(labels < 0) | (labels >= classes)]
         if len(outside):
-            raise InputError(f"labels must be class indices in 0..{classes - 1} ({classes} classes); got {int(outside[0])}")
+            first = int(outside[0])
+            raise InputError(f"labels must be class indices in 0..{classes - 1} ({classes} classes); got {first}")
     reference, candidate = reference.double(), candidate.double()
     scale = float(reference.abs().max()) or 1.0
     error = float((candidate - reference).abs().max()) / scale
