@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from nodes import NODES, kind_named, make_node, node_state
 from time_limit import time_limit
 
 from trainfer import InputError, WriteError, atomic
@@ -193,41 +194,16 @@ def test_write_failures_name_the_target(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- only files and directories are replaced
-# Private nodes in tmp_path only: never a real /dev node. A character device (1, 3) is a null
-# device (writes vanish), which only root may make.
-def make_node(path: Path, kind: str) -> Path:
-    """A node of ``kind`` at ``path``: a FIFO, a character device, or a link to either."""
-    if kind == "fifo":
-        os.mkfifo(path)
-    elif kind == "character device":
-        if os.geteuid() != 0:
-            pytest.skip("only root makes device nodes")
-        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
-    else:
-        path.symlink_to(make_node(path.with_name(f"{path.name}.to"), kind.removeprefix("link to a ")))
-    return path
-
-
-NODES = ["fifo", "character device", "link to a fifo", "link to a character device"]
-KIND_OF = {"fifo": "a pipe", "character device": "a character device"}
-
-
-def _node_state(path: Path) -> tuple[int, int, int]:
-    """What a check that a node was left as it is compares: its type, inode and the link's own inode."""
-    return (stat.S_IFMT(os.stat(path).st_mode), os.stat(path).st_ino, os.lstat(path).st_ino)
-
-
+# Private nodes in tmp_path only (tests/nodes.py): never a real /dev node.
 @pytest.mark.parametrize("kind", NODES)
 def test_atomic_file_refuses_a_target_that_is_not_a_regular_file(tmp_path, kind):
     target = make_node(tmp_path / "out.png", kind)
-    before = _node_state(target)
+    before = node_state(target)
     written = []
-    with pytest.raises(
-        InputError, match=rf"'.*out\.png' is {KIND_OF[kind.removeprefix('link to a ')]}: expected a new"
-    ):
+    with pytest.raises(InputError, match=rf"'.*out\.png' is {kind_named(kind)}: expected a new"):
         with atomic_file(target) as tmp:
             written.append(tmp)  # never reached: refused before the writer runs
-    assert written == [] and _node_state(target) == before
+    assert written == [] and node_state(target) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.png.")]
 
 
@@ -257,11 +233,11 @@ def test_atomic_directory_refuses_a_target_that_is_not_a_directory(tmp_path, kin
         target.write_text("mine")
     else:
         make_node(target, kind)
-    before = _node_state(target)
+    before = node_state(target)
     with time_limit(10), pytest.raises(InputError, match=r"'.*bundle' is a .*: expected a new path or a directory"):
         with atomic_directory(target) as staging:  # a FIFO exchanged aside, then removed as a tree, hung
             (staging / "a").write_text("new")
-    assert _node_state(target) == before
+    assert node_state(target) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.")]  # no staging, no journal
 
 

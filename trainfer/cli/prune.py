@@ -67,11 +67,13 @@ def command(
 ) -> None:
     """Remove the least important channels of BUNDLE's deploy form (Torch-Pruning's dependency graph,
     group magnitude), optionally fine-tune, gate the result against the unpruned form, and write OUT."""
+    from trainfer.atomic import check_target
     from trainfer.serve.bundle import read_manifest, save
     from trainfer.serve.gate import AccuracyGate
     from trainfer.serve.prune import prune
     from trainfer.serve.quantize import bundle_metadata  # the task, labels and preprocessing a bundle carries on
 
+    check_target(output, "--output", directory=True)
     check_output_apart(output, bundle, *(p for p in (data, labels, finetune_data, finetune_labels) if p))
     manifest = read_manifest(bundle)
     loop = {
