@@ -259,8 +259,13 @@ OUTPUTS = {
     "deploy -o DIR": (["deploy", "{missing}", "-o", "{node}"], "--output", "a directory"),
     "quantize -o": (["quantize", "{missing}", "--calibration", "{data}", "-o", "{node}"], "--output", "a directory"),
     "prune -o": (["prune", "{missing}", "-o", "{node}"], "--output", "a directory"),
-    "migrate NEW": (["migrate", "{empty}", "{node}"], "NEW", "a directory"),
-    "compile (runtime.json)": (["compile", "{empty}"], "", "a regular file"),
+    "migrate NEW": (["migrate", "{stub}", "{node}"], "NEW", "a directory"),
+    "compile (runtime.json)": (["compile", "{stub}"], "", "a regular file"),
+    "serve --write-runtime (runtime.json)": (
+        ["serve", "{stub}", "--port", "0", "--compile", "--write-runtime"],
+        "",
+        "a regular file",
+    ),
     "demo --out": (["demo", "--out", "{node}"], "--out", "a directory"),
     "predict --explain": (["predict", "{missing}", "{data}", "--explain", "{node}"], "--explain", "a directory"),
 }
@@ -270,13 +275,14 @@ OUTPUTS = {
 @pytest.mark.parametrize("command", list(OUTPUTS))
 def test_every_output_refuses_a_device_or_a_fifo_before_any_work(tmp_path, command, kind):
     arguments, option, expected = OUTPUTS[command]
-    empty, data = tmp_path / "empty", tmp_path / "data.npy"
-    empty.mkdir()
+    stub, data = tmp_path / "stub", tmp_path / "data.npy"  # stub: a directory that only looks like a bundle
+    stub.mkdir()
+    (stub / "manifest.json").write_text("{}")
     np.save(data, np.zeros((1, 1, 8, 8), np.float32))
-    node = empty / "runtime.json" if command.startswith("compile") else tmp_path / "out"
+    node = stub / "runtime.json" if "runtime.json" in command else tmp_path / "out"
     node = make_node(node.with_name(node.name + (".safetensors" if "safetensors" in command else "")), kind)
     before = node_state(node)
-    places = {"missing": tmp_path / "missing", "data": data, "empty": empty, "node": tmp_path / "out"}
+    places = {"missing": tmp_path / "missing", "data": data, "stub": stub, "node": tmp_path / "out"}
     with time_limit(60):  # a write into a FIFO nobody reads would never end
         result = invoke(*[argument.format(**places) for argument in arguments])
     refusal = f"is {kind_named(kind)}: expected a new path or {expected}"
