@@ -278,7 +278,8 @@ def batch_source(inputs: list[str], spec: PreprocessSpec) -> Any:
     type=click.Choice(["auto", "recorded", *RUNTIMES]),
     default=None,
     help="Serve on this runtime (auto: the fastest verified one, measured now; recorded: the bundle's "
-    "runtime.json). A bundle with an int8 form serves it unless a torch runtime is named.",
+    "runtime.json). A bundle with an int8 form serves it unless a torch runtime is named or its runtime.json "
+    "records another choice.",
 )
 @click.option(
     "--out",
