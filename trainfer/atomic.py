@@ -90,14 +90,15 @@ def fsync_file(path: str | os.PathLike[str]) -> None:
 
 def irregular(path: str | os.PathLike[str], role: str, directory: bool = False) -> str | None:
     """What ``path`` is when it exists and is not a regular file (``directory``: not a directory), links
-    followed, e.g. ``"a pipe"``; ``None`` for a new path (a dangling link too) or one of the expected kind.
+    followed, e.g. ``"a pipe"``; ``None`` for a new path (a dangling link too, or one under a file:
+    the write itself then says why it cannot be made) or one of the expected kind.
 
     Raises :class:`~trainfer.errors.InputError` naming ``role`` and ``path`` when ``path`` cannot be
     examined (permission denied, a loop of links).
     """
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as error:
         raise InputError(f"{role} {str(path)!r} cannot be examined: {error.strerror or error}") from None
