@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from nodes import kind_named, make_node, node_state
 from serving_models import save_bundle, write_pngs
 from time_limit import time_limit
 
@@ -241,3 +242,49 @@ def test_quantize_refuses_labels_that_are_not_class_indices(labels, message):
     samples = torch.rand(8, 1, 8, 8)
     with pytest.raises(trainfer.InputError, match=message):
         trainfer.quantize(digits_net().eval(), samples, validation=samples, labels=torch.tensor(labels))
+
+
+# --------------------------------------------------------------------------- no output replaces a device
+# Each command names a missing MODEL or BUNDLE: the refusal of its output must come first, before
+# anything is loaded (an error about the model would mean the output was checked late, or never).
+# ``{node}`` is the output; a directory output must be a new path or a directory, a file output a
+# new path or a regular file. Nodes are private ones in tmp_path (tests/nodes.py).
+OUTPUTS = {
+    "bench --json": (["bench", "--model", "{missing}", "--json", "{node}"], "--json", "a regular file"),
+    "bench --plot": (["bench", "--model", "{missing}", "--plot", "{node}"], "--plot", "a regular file"),
+    "inspect --json": (["inspect", "{missing}", "--json", "{node}"], "--json", "a regular file"),
+    "inspect --plot": (["inspect", "{missing}", "--plot", "{node}"], "--plot", "a regular file"),
+    "export -o": (["export", "{missing}", "-o", "{node}"], "--output", "a regular file"),
+    "deploy -o FILE.safetensors": (["deploy", "{missing}", "-o", "{node}.safetensors"], "--output", "a regular file"),
+    "deploy -o DIR": (["deploy", "{missing}", "-o", "{node}"], "--output", "a directory"),
+    "quantize -o": (["quantize", "{missing}", "--calibration", "{data}", "-o", "{node}"], "--output", "a directory"),
+    "prune -o": (["prune", "{missing}", "-o", "{node}"], "--output", "a directory"),
+    "migrate NEW": (["migrate", "{stub}", "{node}"], "NEW", "a directory"),
+    "compile (runtime.json)": (["compile", "{stub}"], "", "a regular file"),
+    "serve --write-runtime (runtime.json)": (
+        ["serve", "{stub}", "--port", "0", "--compile", "--write-runtime"],
+        "",
+        "a regular file",
+    ),
+    "demo --out": (["demo", "--out", "{node}"], "--out", "a directory"),
+    "predict --explain": (["predict", "{missing}", "{data}", "--explain", "{node}"], "--explain", "a directory"),
+}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "character device", "link to a character device"])
+@pytest.mark.parametrize("command", list(OUTPUTS))
+def test_every_output_refuses_a_device_or_a_fifo_before_any_work(tmp_path, command, kind):
+    arguments, option, expected = OUTPUTS[command]
+    stub, data = tmp_path / "stub", tmp_path / "data.npy"  # stub: a directory that only looks like a bundle
+    stub.mkdir()
+    (stub / "manifest.json").write_text("{}")
+    np.save(data, np.zeros((1, 1, 8, 8), np.float32))
+    node = stub / "runtime.json" if "runtime.json" in command else tmp_path / "out"
+    node = make_node(node.with_name(node.name + (".safetensors" if "safetensors" in command else "")), kind)
+    before = node_state(node)
+    places = {"missing": tmp_path / "missing", "data": data, "stub": stub, "node": tmp_path / "out"}
+    with time_limit(60):  # a write into a FIFO nobody reads would never end
+        result = invoke(*[argument.format(**places) for argument in arguments])
+    refusal = f"is {kind_named(kind)}: expected a new path or {expected}"
+    one_line_error(result, f"{option} {str(node)!r}".strip(), refusal)
+    assert node_state(node) == before

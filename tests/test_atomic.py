@@ -1,13 +1,17 @@
 """Interrupted writes (exceptions, crashes at any step) leave what was there before, and no leftovers."""
 
 import errno
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from nodes import NODES, kind_named, make_node, node_state
+from time_limit import time_limit
 
-from trainfer import WriteError, atomic
+from trainfer import InputError, WriteError, atomic
 from trainfer.atomic import atomic_directory, atomic_file, recover, staging_directory
 
 
@@ -187,3 +191,71 @@ def test_write_failures_name_the_target(tmp_path, monkeypatch):
             tmp.write_text("x")
     assert caught.value.errno == errno.ENOSPC and isinstance(caught.value, OSError)
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- only files and directories are replaced
+# Private nodes in tmp_path only (tests/nodes.py): never a real /dev node.
+@pytest.mark.parametrize("kind", NODES)
+def test_atomic_file_refuses_a_target_that_is_not_a_regular_file(tmp_path, kind):
+    target = make_node(tmp_path / "out.png", kind)
+    before = node_state(target)
+    written = []
+    with pytest.raises(InputError, match=rf"'.*out\.png' is {kind_named(kind)}: expected a new"):
+        with atomic_file(target) as tmp:
+            written.append(tmp)  # never reached: refused before the writer runs
+    assert written == [] and node_state(target) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.png.")]
+
+
+def test_atomic_file_checks_again_just_before_the_rename(tmp_path):
+    target = tmp_path / "out.json"
+    with pytest.raises(InputError, match="is a pipe"):
+        with atomic_file(target) as tmp:
+            tmp.write_text("{}")
+            os.mkfifo(target)  # appears while the writer works
+    assert stat.S_ISFIFO(os.lstat(target).st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_atomic_file_replaces_a_link_to_a_regular_file_and_a_dangling_link(tmp_path):
+    (tmp_path / "real").write_text("old")
+    for name, points_to in (("link", "real"), ("dangling", "missing")):
+        (tmp_path / name).symlink_to(tmp_path / points_to)
+        with atomic_file(tmp_path / name) as tmp:
+            tmp.write_text("new")
+        assert not (tmp_path / name).is_symlink() and (tmp_path / name).read_text() == "new"
+    assert (tmp_path / "real").read_text() == "old"
+
+
+@pytest.mark.parametrize("kind", ["regular file", *NODES])
+def test_atomic_directory_refuses_a_target_that_is_not_a_directory(tmp_path, kind):
+    target = tmp_path / "bundle"
+    if kind == "regular file":
+        target.write_text("mine")
+    else:
+        make_node(target, kind)
+    before = node_state(target)
+    with time_limit(10), pytest.raises(InputError, match=r"'.*bundle' is a .*: expected a new path or a directory"):
+        with atomic_directory(target) as staging:  # a FIFO exchanged aside, then removed as a tree, hung
+            (staging / "a").write_text("new")
+    assert node_state(target) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.")]  # no staging, no journal
+
+
+def test_replace_directory_refuses_a_file_that_appeared_at_the_target(tmp_path):
+    target = tmp_path / "bundle"
+    staging = staging_directory(target)
+    os.mkfifo(target)  # appears after the staging directory was made
+    with time_limit(10), pytest.raises(InputError, match="is a pipe: expected a new path or a directory"):
+        atomic.replace_directory(staging, target)
+    assert stat.S_ISFIFO(os.lstat(target).st_mode) and staging.is_dir()
+    atomic.remove_staging(staging)
+
+
+def test_atomic_directory_replaces_a_link_to_a_directory_and_leaves_what_it_pointed_to(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "a").write_text("old")
+    (tmp_path / "bundle").symlink_to(tmp_path / "real")
+    with atomic_directory(tmp_path / "bundle") as staging:
+        (staging / "a").write_text("new")
+    assert not (tmp_path / "bundle").is_symlink() and (tmp_path / "bundle" / "a").read_text() == "new"
+    assert (tmp_path / "real" / "a").read_text() == "old"

@@ -310,3 +310,26 @@ def test_a_float32_choice_leaves_int8_files_trainfer_cannot_prove_its_own(int8_b
     assert outside.is_file() and (bundle / "quantized.onnx").is_symlink()
     assert (bundle / "probes.safetensors").read_bytes() == b"changed by hand"
     assert not (bundle / "quantization.json").exists()
+
+
+def test_a_quantized_bundle_compiled_to_float32_serves_one_form_in_predict_and_serve(data, tmp_path):
+    """trainfer quantize, then trainfer compile --candidates torch: runtime.json records torch/float32 and
+    quantize's own int8 form stays (compile removes only its own); the default load (trainfer predict)
+    and the server (which follows runtime.json) serve the same form, with the same numbers."""
+    pytest.importorskip("fastapi")
+    from trainfer.server.model import load_model
+
+    quantized = trainfer.quantize(
+        data["deployed"], data["calibration"], validation=data["x"], gate=OPEN, equalize=False
+    )
+    bundle = quantized.save(tmp_path / "dq", task="classification")
+    assert not isinstance(trainfer.Predictor.load(bundle).model, torch.nn.Module)  # no runtime.json: int8
+    _save_float32(bundle)
+    assert INT8_FILES <= {p.name for p in bundle.iterdir()}
+    predicted = trainfer.Predictor.load(bundle)
+    served = load_model("dq", bundle, runtime=None, trust_factory=False, max_batch=4).predictor
+    assert isinstance(predicted.model, torch.nn.Module)  # the float32 deploy form, in PyTorch
+    assert (served.model.record.runtime, served.model.record.dtype) == ("torch", "float32")
+    x = data["x"][:8]
+    torch.testing.assert_close(predicted.model(x), served.model(x), rtol=0, atol=0)
+    assert [r.to_record() for r in predicted.predict(x)] == [r.to_record() for r in served.predict(x)]

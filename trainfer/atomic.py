@@ -4,6 +4,12 @@ Every file trainfer writes for a user (bundles, checkpoints, exports, reports, p
 here: content is written to a temporary sibling, flushed to disk, then renamed over the target.
 An interrupted write (exception, Ctrl-C, crash) never destroys the previous version.
 
+Only a file or a directory is ever replaced: a rename would put a regular file in place of a
+device, a FIFO or a link to one (``/dev/full``, a link to ``/proc/self/fd/1``), so a file write
+refuses a target that exists and is not a regular file, and a directory write one that exists and
+is not a directory, links followed (:func:`check_target`, :class:`~trainfer.errors.InputError`;
+the commands call it up front, before any expensive work).
+
 A directory is replaced by an atomic exchange where the system has one (Linux ``renameat2`` with
 ``RENAME_EXCHANGE``): the path always holds the old or the new directory, never nothing.
 Elsewhere the old directory is renamed aside before the new one moves in; a crash between those
@@ -43,13 +49,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainfer.errors import TrainferError, WriteError
+from trainfer.errors import InputError, TrainferError, WriteError
 
 __all__ = [
     "atomic_directory",
     "atomic_file",
+    "check_target",
     "fsync_file",
     "interrupted_write",
+    "irregular",
     "recover",
     "remove_staging",
     "replace_directory",
@@ -62,6 +70,14 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 _UNSUPPORTED = frozenset({errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV})
 _STAGING = re.compile(r"\.(.+)\.trainfer-([0-9a-f]{32})\.tmp")
+_KINDS = {
+    stat.S_IFREG: "a regular file",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a pipe",
+    stat.S_IFSOCK: "a socket",
+}
 
 Identity = tuple[int, int]
 
@@ -72,15 +88,52 @@ def fsync_file(path: str | os.PathLike[str]) -> None:
         os.fsync(handle.fileno())
 
 
+def irregular(path: str | os.PathLike[str], role: str, directory: bool = False) -> str | None:
+    """What ``path`` is when it exists and is not a regular file (``directory``: not a directory), links
+    followed, e.g. ``"a pipe"``; ``None`` for a new path (a dangling link too, or one under a file:
+    the write itself then says why it cannot be made) or one of the expected kind.
+
+    Raises :class:`~trainfer.errors.InputError` naming ``role`` and ``path`` when ``path`` cannot be
+    examined (permission denied, a loop of links).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as error:
+        raise InputError(f"{role} {str(path)!r} cannot be examined: {error.strerror or error}") from None
+    expected = stat.S_ISDIR(mode) if directory else stat.S_ISREG(mode)
+    return None if expected else _KINDS.get(stat.S_IFMT(mode), "a file of an unknown kind")
+
+
+def check_target(target: str | os.PathLike[str], option: str = "", directory: bool = False) -> None:
+    """Refuse to write ``target`` when it exists and is not a regular file (``directory``: not a
+    directory), links followed: a device, a FIFO, a socket, a link to one of them.
+
+    A link to a file of the expected kind is fine (a file write replaces the link by the new file, as
+    :func:`os.replace` does; so does a directory write). Raises :class:`~trainfer.errors.InputError`,
+    ``"OPTION 'PATH' is a pipe: expected a new path or a regular file"`` (``option``: the command
+    line option that named ``target``, if any).
+    """
+    role = f"{option} " if option else ""
+    kind = irregular(target, role.strip() or "the target", directory)
+    if kind:
+        expected = "a directory" if directory else "a regular file"
+        raise InputError(f"{role}{str(target)!r} is {kind}: expected a new path or {expected}")
+
+
 @contextlib.contextmanager
 def atomic_file(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary file path beside ``target``; on success it atomically replaces ``target``.
 
-    An ``OSError`` while writing (disk full, permission denied) becomes a :class:`WriteError` naming ``target``.
+    A ``target`` that exists and is not a regular file (links followed) is refused when the write
+    starts and again just before the rename (:func:`check_target`). An ``OSError`` while writing
+    (disk full, permission denied) becomes a :class:`WriteError` naming ``target``.
     """
     target = Path(target)
     with _naming_failures(target):
         target.parent.mkdir(parents=True, exist_ok=True)
+        check_target(target)
         # The temporary keeps the target's suffix: some writers (torch.export.save) insist on it.
         handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent)
         os.close(handle)
@@ -88,6 +141,7 @@ def atomic_file(target: str | os.PathLike[str]) -> Iterator[Path]:
         try:
             yield tmp
             fsync_file(tmp)
+            check_target(target)  # the writer may have taken long: the last check, just before the rename
             os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -222,11 +276,13 @@ def _dead_journals(target: Path) -> list[_Journal]:
 def staging_directory(target: str | os.PathLike[str]) -> Path:
     """A new empty directory beside ``target`` (same file system, so a rename can move it in).
 
-    Runs :func:`recover` first, so leftovers of an earlier crashed write are dealt with; journals
-    the new directory (module docstring). Remove it with :func:`remove_staging` if it is not used.
+    Refuses a ``target`` that exists and is not a directory (:func:`check_target`). Runs
+    :func:`recover` first, so leftovers of an earlier crashed write are dealt with; journals the new
+    directory (module docstring). Remove it with :func:`remove_staging` if it is not used.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    check_target(target, directory=True)
     recover(target)
     journal = _Journal.create(target)
     staging = journal.sibling("tmp")
@@ -247,7 +303,10 @@ def replace_directory(new: Path, target: Path) -> None:
     """Move directory ``new`` to ``target``, replacing an existing ``target`` (see the module docstring).
 
     ``new`` is a :func:`staging_directory` or a directory inside one (its journal is completed and
-    removed); any other directory gets a journal of its own for the replace.
+    removed); any other directory gets a journal of its own for the replace. A ``target`` that
+    exists and is not a directory, links followed (a file, a device, a FIFO), is refused with
+    :class:`~trainfer.errors.InputError` and left as it is; a link to a directory is replaced by
+    ``new``, what it pointed to untouched.
     """
     new, target = Path(new), Path(target)
     journal = _Journal.of(new)
@@ -255,6 +314,7 @@ def replace_directory(new: Path, target: Path) -> None:
         os.rename(new, target)
         _fsync_directory(target.parent)
     else:
+        check_target(target, directory=True)
         journal = journal or _Journal.create(target)
         journal.record("old", target)  # the same inode wherever the renames below move it
         previous = new if _exchange(new, target) else _move_aside_then_in(new, target, journal.sibling("old"))
@@ -384,8 +444,9 @@ def _naming_failures(target: Path) -> Iterator[None]:
 def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a staging directory; on success it replaces ``target``, on failure it is removed.
 
-    Callers decide beforehand whether an existing ``target`` may be replaced at all. An ``OSError``
-    while writing becomes a :class:`WriteError` naming ``target``.
+    Callers decide beforehand whether an existing directory ``target`` may be replaced at all; one
+    that exists and is not a directory (links followed) is always refused (:func:`replace_directory`).
+    An ``OSError`` while writing becomes a :class:`WriteError` naming ``target``.
     """
     target = Path(target)
     with _naming_failures(target):

@@ -80,9 +80,13 @@ def command(
     """
     import torch
 
+    from trainfer.atomic import check_target
     from trainfer.bench import benchmark
 
     forms = _forms(forms_text)
+    for option, path in (("--json", json_path), ("--plot", plot_path)):
+        if path:
+            check_target(path, option)  # before the model is built: /dev/full, a FIFO are refused
     torch.manual_seed(seed)
     model = resolve_model(spec, weights, trust_factory=trusted())
     shape = example_shape(model, input_shape, spec)

@@ -103,10 +103,13 @@ def command(bundle: str, runtime: str, **search: Any) -> None:
     record the fastest verified one in BUNDLE/runtime.json (with --gate-data: bf16 and int8 too, each
     behind the accuracy gate). The bundle is otherwise unchanged. `trainfer serve BUNDLE --compile`
     runs the same search at start-up."""
+    from trainfer.atomic import check_target
     from trainfer.errors import InputError
     from trainfer.serve import gated
+    from trainfer.serve.runtime_record import RUNTIME_FILE
 
     check_recordable(runtime, search["candidates"])
+    check_target(Path(bundle) / RUNTIME_FILE)  # what compile writes, refused before the search if not a file
     way_out = f"serve it as it is (in PyTorch): trainfer serve {bundle}"
     settings = search_settings(bundle, trusted(), "trainfer compile", way_out, **search)
     gated_search = "gate_data" in settings

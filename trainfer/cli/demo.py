@@ -56,8 +56,11 @@ def command(
     Under `torchrun --nproc_per_node N -m trainfer demo` training runs on N processes (DDP);
     rank 0 does the rest.
     """
+    from trainfer.atomic import check_target
+
     if sequences and no_sequences:
         raise click.UsageError("--sequences (only the sequence step) and --no-sequences exclude each other")
+    check_target(out, "--out", directory=True)  # before any training: a file, a device, a FIFO are refused
     if sequences:
         import torch
 

@@ -47,13 +47,14 @@ def command(
     """Fold MODEL into its inference form, verify it, save it."""
     from tqdm.auto import tqdm
 
-    from trainfer.atomic import atomic_file
+    from trainfer.atomic import atomic_file, check_target
     from trainfer.errors import EquivalenceError
     from trainfer.recipe import attach_recipe, recipe_of
     from trainfer.reparam.deploy import deploy
     from trainfer.serve.bundle import save
     from trainfer.serve.bundle_write import check_replaceable
 
+    check_target(output, "--output", directory=not output.endswith(".safetensors"))
     bundle = [model_spec] if factory_of(model_spec) is None else []  # factory_of refuses an empty MODEL
     check_output_apart(output, *bundle, *([weights] if weights else []))
     if not output.endswith(".safetensors"):

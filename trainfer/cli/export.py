@@ -28,8 +28,10 @@ def command(bundle: str, fmt: str, output: str, input_shape: str | None, rtol: f
     """Export the deploy form of BUNDLE (deploying it first if needed), checked against PyTorch."""
     import torch
 
+    from trainfer.atomic import check_target
     from trainfer.serve.export import export
 
+    check_target(output, "--output")
     check_output_apart(output, bundle)
     example = torch.randn(parse_shape(input_shape)) if input_shape else None
     try:

@@ -46,7 +46,11 @@ def command(
     first module whose outputs differ is marked: where a forgotten eval() starts to matter.
     """
     from trainfer.analysis.inspection import inspect
+    from trainfer.atomic import check_target
 
+    for option, path in (("--json", json_path), ("--plot", plot_path)):
+        if path is not None:
+            check_target(path, option)  # before the model is built: /dev/full, a FIFO are refused
     model = resolve_model(model_spec, weights, trust_factory=trusted())
     refuse_encoder_decoder(model, model_spec, "inspect")
     shape = example_shape(model, input_shape, model_spec, min_batch=2 if "train" in modes else 1)

@@ -21,7 +21,9 @@ def command(source: str, target: str) -> None:
     The fold is replayed once on OLD's training form; the stored weights must fit the graph it gives,
     and NEW is loaded back and compared before it is written.
     """
+    from trainfer.atomic import check_target
     from trainfer.serve.migrate import migrate
 
+    check_target(target, "NEW", directory=True)
     written = migrate(source, target, trust_factory=trusted())
     click.echo(f"migrated {source} -> {written} (it now records its architecture: no fold is replayed on load)")

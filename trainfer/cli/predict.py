@@ -285,7 +285,8 @@ def batch_source(inputs: list[str], spec: PreprocessSpec) -> Any:
     type=click.Choice(["auto", "recorded", *RUNTIMES]),
     default=None,
     help="Serve on this runtime (auto: the fastest verified one, measured now; recorded: the bundle's "
-    "runtime.json). A bundle with an int8 form serves it unless a torch runtime is named.",
+    "runtime.json). A bundle with an int8 form serves it unless a torch runtime is named or its runtime.json "
+    "records another choice.",
 )
 @click.option(
     "--out",
@@ -317,8 +318,9 @@ def command(
     Under "torchrun --nproc_per_node N -m trainfer predict ... --out preds.jsonl" the ranks share
     the inputs and rank 0 writes the same file a single process would.
     """
+    from trainfer.atomic import check_target
     from trainfer.serve import distributed
-    from trainfer.serve.batch_predict import check_output, predict_to_jsonl
+    from trainfer.serve.batch_predict import predict_to_jsonl
 
     models, paths = split_models(bundle, inputs)
     if not paths:
@@ -334,9 +336,11 @@ def command(
         device = str(rank_device) if device == "auto" else device
     try:
         if out is not None:
-            check_output(Path(out))  # before loading anything: /dev/stdout, a pipe, /dev/zero are refused
+            check_target(out, "--out")  # before loading anything: /dev/stdout, a pipe, /dev/zero are refused
             # a bundle, or an input file: writing into a directory of images is fine
             check_output_apart(out, *models, *(path for path in paths if Path(path).is_file()), option="--out")
+        if explain_dir is not None:
+            check_target(explain_dir, "--explain", directory=True)
         predictor = load_serving(models, parse_weights(weights), batch_size, device, threshold, runtime, top_k)
         if out is not None:
             producer = {

@@ -75,12 +75,14 @@ def command(
 ) -> None:
     """Remove the least important channels of BUNDLE's deploy form (Torch-Pruning's dependency graph,
     group magnitude), optionally fine-tune, gate the result against the unpruned form, and write OUT."""
+    from trainfer.atomic import check_target
     from trainfer.serve.bundle import read_manifest, save
     from trainfer.serve.bundle_write import check_replaceable
     from trainfer.serve.gate import AccuracyGate
     from trainfer.serve.prune import prune
     from trainfer.serve.quantize import bundle_metadata  # the task, labels and preprocessing a bundle carries on
 
+    check_target(output, "--output", directory=True)
     check_output_apart(output, bundle, *(p for p in (data, labels, finetune_data, finetune_labels) if p))
     check_replaceable(output)  # before pruning: a bundle holding the user's files is refused, not emptied
     manifest = read_manifest(bundle)

@@ -74,10 +74,12 @@ def command(
 ) -> None:
     """Quantize the deploy form of BUNDLE to int8 (QDQ, per-channel weights, for --runtime), keep the
     most sensitive layers in float until the accuracy gate passes, and write the bundle OUT."""
+    from trainfer.atomic import check_target
     from trainfer.serve.bundle_write import check_replaceable
     from trainfer.serve.gate import AccuracyGate
     from trainfer.serve.quantize import quantize
 
+    check_target(output, "--output", directory=True)
     check_output_apart(output, bundle, *(p for p in (calibration, validation, labels) if p))
     check_replaceable(output)  # before quantizing: a bundle holding the user's files is refused, not emptied
     targets = read_labels(Path(labels)) if labels else None

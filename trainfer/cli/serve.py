@@ -77,7 +77,12 @@ def compile_settings(
             "run `trainfer compile BUNDLE ...` once, then `trainfer serve BUNDLE --workers N`"
         )
     if write_runtime:
+        from trainfer.atomic import check_target
+        from trainfer.serve.runtime_record import RUNTIME_FILE
+
         check_recordable(None, values["candidates"])
+        for path in bundles.values():
+            check_target(Path(path) / RUNTIME_FILE)  # what --write-runtime writes, refused before any search
     what, way_out = "trainfer serve --compile (the start-up runtime search)", "drop --compile to serve it"
     return {name: search_settings(path, trusted(), what, way_out, **values) for name, path in bundles.items()}
 

@@ -32,7 +32,6 @@ import hashlib
 import itertools
 import json
 import os
-import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from trainfer.atomic import atomic_file
+from trainfer.atomic import atomic_file, check_target, irregular
 from trainfer.errors import InputError, MissingFileError, WriteError
 from trainfer.serve import distributed
 from trainfer.serve.preprocess import PreprocessSpec
@@ -50,13 +49,6 @@ from trainfer.serve.readers import IMAGE_SUFFIXES, iter_csv
 Item = tuple[Any, Any]  # (id written in the record, input handed to the predictor)
 PRODUCER_SUFFIX = ".trainfer.json"
 MAX_PRODUCER_BYTES = 1 << 16
-_KINDS = {
-    stat.S_IFDIR: "a directory",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFIFO: "a pipe",
-    stat.S_IFSOCK: "a socket",
-}
 
 
 @dataclass(frozen=True)
@@ -162,24 +154,6 @@ def _skip_done(items: Iterator[Item], out: Path, done: int, keep: int) -> list[I
     return again
 
 
-def check_output(out: Path) -> None:
-    """Refuse an ``out`` that exists and is not a regular file (see the module docstring)."""
-    kind = _irregular(out, "--out")
-    if kind:
-        raise InputError(f"--out {str(out)!r} is {kind}: expected a new path or a regular file to resume")
-
-
-def _irregular(path: Path, role: str) -> str | None:
-    """What ``path`` is when it exists and is not a regular file (following links), else ``None``."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        raise InputError(f"{role} {str(path)!r} cannot be examined: {error.strerror or error}") from None
-    return None if stat.S_ISREG(mode) else _KINDS.get(stat.S_IFMT(mode), "not a regular file")
-
-
 def producer_path(out: str | os.PathLike[str]) -> Path:
     """Where the record of what produces ``out`` is kept: ``OUT.trainfer.json`` beside it."""
     out = Path(out)
@@ -217,7 +191,7 @@ def _check_producer(out: Path, expected: dict[str, Any]) -> None:
     """Refuse to resume the non-empty ``out`` unless its recorded producer is ``expected``."""
     path = producer_path(out)
     again = "use another --out or delete it"
-    kind = _irregular(path, "the record")
+    kind = irregular(path, "the record")
     if kind:
         raise InputError(f"cannot resume {str(out)!r}: {path.name!r} is {kind}, not a record of what wrote it; {again}")
     if not path.is_file():
@@ -257,7 +231,7 @@ def _resume(items: Iterator[Item], out: Path, batch_size: int, producer: dict[st
         try:
             if not out.parent.is_dir():
                 raise MissingFileError(f"--out directory {str(out.parent)!r} does not exist")
-            check_output(out)
+            check_target(out, "--out")
             if out.exists() and out.stat().st_size:
                 _check_producer(out, producer)
             done = count_records(out)

@@ -4,7 +4,10 @@ runtime or the bundle's PyTorch model (:class:`~trainfer.Predictor` then only se
 * an ``.onnx`` file: an ONNX Runtime session (:class:`~trainfer.serve.onnx_runtime.OnnxModel`) and the
   manifest stored inside it;
 * a bundle carrying an int8 form (``trainfer quantize``): that form, checked against the float weights
-  (:func:`trainfer.serve.int8_form.serve_quantized`), unless ``runtime`` names a PyTorch runtime;
+  (:func:`trainfer.serve.int8_form.serve_quantized`), unless ``runtime`` names a PyTorch runtime, or
+  no ``runtime`` is named and the bundle's ``runtime.json`` records another choice (``trainfer compile``
+  chose float32, say): then it is served as a bundle without an int8 form, so a default load serves
+  what ``trainfer serve`` (which follows ``runtime.json``) serves;
 * ``runtime=`` a :class:`~trainfer.serve.engines.CompiledModel` (what :func:`trainfer.compile` returned for
   this bundle, e.g. ``trainfer serve --compile``'s search): that form, as it is;
 * ``runtime="recorded"``: the bundle's :class:`~trainfer.serve.runtime_record.RuntimeRecord` (an int8
@@ -100,7 +103,8 @@ def _engine(
     """The int8 form a bundle carries (or ``None``: its PyTorch model serves), and the overrides left.
 
     ``runtime="recorded"`` serves what the bundle's ``runtime.json`` names (its int8 form where the
-    record chose int8), or where the bundle has no record, its int8 form if it carries one.
+    record chose int8), or where the bundle has no record, its int8 form if it carries one. No
+    ``runtime``: the int8 form, unless ``runtime.json`` records another choice (then the PyTorch model).
     """
     runtime = overrides.get("runtime")
     from trainfer.serve.engines import CompiledModel
@@ -118,7 +122,10 @@ def _engine(
             return serve_quantized(bundle, record.runtime, **load_options), rest
         return None, {**overrides, "runtime": record}
 
-    if (Path(bundle) / QUANTIZATION_FILE).is_file() and runtime not in TORCH_RUNTIMES:
+    int8_form = (Path(bundle) / QUANTIZATION_FILE).is_file()
+    if int8_form and runtime is None and _records_another_choice(bundle):
+        return None, overrides  # as for a bundle without an int8 form: runtime.json did not choose it
+    if int8_form and runtime not in TORCH_RUNTIMES:
         chosen = None if runtime in (None, "auto", "recorded") else runtime
         served = serve_quantized(bundle, chosen, **load_options)
         return served, {key: value for key, value in overrides.items() if key != "runtime"}
@@ -127,3 +134,12 @@ def _engine(
 
         return None, {**overrides, "runtime": recorded_runtime(bundle)}
     return None, overrides
+
+
+def _records_another_choice(bundle: str | os.PathLike[str]) -> bool:
+    """Whether the bundle's ``runtime.json`` records a choice other than an int8 form (a malformed one is
+    refused with :class:`~trainfer.errors.BundleError`, as ``runtime="recorded"`` refuses it)."""
+    from trainfer.serve.runtime_record import read_record
+
+    record = read_record(bundle)
+    return record is not None and record.dtype != "int8"
