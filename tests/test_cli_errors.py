@@ -540,3 +540,15 @@ def test_predict_refuses_to_write_explanations_into_its_bundle(bundle, tmp_path,
     refused = CliRunner().invoke(main, ["predict", str(bundle), str(tmp_path / "x.npy"), "--explain", str(target)])
     one_line_error(refused, "--explain", "would overwrite the input")
     assert sorted(p.name for p in Path(bundle).iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [(",", "model name '': use letters"), ("a,a", "model names must differ"), ("a", "--names gives 1 names for 2")],
+)
+def test_serve_names_each_bad_model_name_for_what_it_is(bundle, monkeypatch, names, message):
+    """Empty names are named as empty (not as duplicates), equal ones as equal, a count mismatch as such."""
+    pytest.importorskip("fastapi")
+    monkeypatch.setattr("trainfer.server.run.serve", lambda settings, **options: pytest.fail("served"))
+    refused = CliRunner().invoke(main, ["serve", str(bundle), str(bundle), "--names", names])
+    one_line_error(refused, message)

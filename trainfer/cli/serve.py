@@ -28,11 +28,11 @@ def model_names(bundles: tuple[str, ...], names: str | None) -> dict[str, str]:
     chosen = names.split(",") if names is not None else [Path(b).resolve().name for b in bundles]
     if len(chosen) != len(bundles):
         raise InputError(f"--names gives {len(chosen)} names for {len(bundles)} bundles")
-    if len(set(chosen)) != len(chosen):
-        raise InputError(f"model names must differ; got {chosen} (name them with --names a,b)")
-    for name in chosen:
+    for name in chosen:  # before the duplicates: "--names ," is two empty names, not two equal ones
         if not name or not all(c.isalnum() or c in "-_." for c in name):
             raise InputError(f"model name {name!r}: use letters, digits, '-', '_' and '.' only")
+    if len(set(chosen)) != len(chosen):
+        raise InputError(f"model names must differ; got {chosen} (name them with --names a,b)")
     return dict(zip(chosen, bundles, strict=True))
 
 
