@@ -269,3 +269,23 @@ def test_an_image_is_decoded_only_in_the_listed_formats_whatever_its_name_says(k
         Image.new("L", (8, 8)).save(path, "JPEG2000")
     with pytest.raises(InputError, match=r"'.*x\.png': expected one of the formats BMP, GIF, JPEG, PNG, TIFF, WEBP"):
         load_image(path, PreprocessSpec(input_shape=(1, 8, 8)))
+
+
+def test_a_csv_header_with_a_byte_order_mark_reads_as_without_one(tmp_path):
+    """Spreadsheet programs write UTF-8 with a BOM: its first column's name must still match."""
+    spec = PreprocessSpec(input_shape=(2,), columns=("a", "b"))
+    plain, marked = tmp_path / "plain.csv", tmp_path / "marked.csv"
+    plain.write_text("a,b\n1,2\n", encoding="utf-8")
+    marked.write_text("a,b\n1,2\n", encoding="utf-8-sig")
+    assert torch.equal(torch.cat(list(iter_csv(marked, spec))), torch.cat(list(iter_csv(plain, spec))))
+
+
+def test_a_csv_naming_a_picked_column_twice_is_refused_and_an_unpicked_repeat_is_fine(tmp_path):
+    """Which copy of a repeated column holds the values would be a guess: refused, named."""
+    spec = PreprocessSpec(input_shape=(2,), columns=("a", "b"))
+    repeated, unpicked = tmp_path / "repeated.csv", tmp_path / "unpicked.csv"
+    repeated.write_text("a,b,a\n1,2,3\n")
+    unpicked.write_text("a,b,c,c\n1,2,3,4\n")
+    with pytest.raises(InputError, match=r"names column\(s\) \['a'\] more than once"):
+        list(iter_csv(repeated, spec))
+    assert torch.cat(list(iter_csv(unpicked, spec))).tolist() == [[1.0, 2.0]]

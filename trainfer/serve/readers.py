@@ -40,6 +40,8 @@ IMAGE_SUFFIXES = frozenset(_IMAGE_FORMATS)
 IMAGE_FORMATS = tuple(sorted(set(_IMAGE_FORMATS.values())))
 _IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 _CSV_CHUNK_ROWS = 1024
+#: CSV text is UTF-8; a byte-order mark before the header (as spreadsheet programs write) is dropped.
+CSV_ENCODING = "utf-8-sig"
 #: The largest image (width x height) trainfer decodes: 64 megapixels, e.g. 8000 x 8000. Larger
 #: ones (decompression bombs: a small file claiming a huge size) are refused before decoding.
 MAX_IMAGE_PIXELS = 64_000_000
@@ -63,6 +65,7 @@ _NPY_MAGIC = b"\x93NUMPY"
 MAX_NPY_ELEMENTS = 2**30
 
 __all__ = [
+    "CSV_ENCODING",
     "IMAGE_FORMATS",
     "IMAGE_SUFFIXES",
     "check_npy_header",
@@ -282,7 +285,7 @@ def iter_csv(path: Path, spec: PreprocessSpec, chunk_rows: int = _CSV_CHUNK_ROWS
     without it every column is used in file order.
     """
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding=CSV_ENCODING) as handle:
             reader = csv.reader(handle)
             header = next(reader, None)
             if not header:
@@ -310,12 +313,21 @@ def iter_csv(path: Path, spec: PreprocessSpec, chunk_rows: int = _CSV_CHUNK_ROWS
 
 
 def column_indices(header: list[str], spec: PreprocessSpec, path: Path) -> list[int]:
-    """The position of each of ``spec.columns`` in ``header`` (its first occurrence), in linear time."""
+    """The position of each of ``spec.columns`` in ``header``, in linear time; a picked column missing
+    from ``header``, or named there more than once, is an :class:`InputError`."""
     if spec.columns is None:
         return list(range(len(header)))
     positions: dict[str, int] = {}
+    repeated: set[str] = set()
     for index, name in enumerate(header):
-        positions.setdefault(name, index)
+        if positions.setdefault(name, index) != index:
+            repeated.add(name)
+    ambiguous = [c for c in spec.columns if c in repeated]
+    if ambiguous:
+        raise InputError(
+            f"CSV file {str(path)!r} names column(s) {_some(ambiguous)} more than once: expected each of "
+            f"{_some(spec.columns)} once (which copy holds the values would be a guess)"
+        )
     missing = [c for c in spec.columns if c not in positions]
     if missing:
         raise InputError(

@@ -21,6 +21,7 @@ import torch
 from trainfer.errors import InputError
 from trainfer.serve.preprocess import PreprocessSpec
 from trainfer.serve.readers import (
+    CSV_ENCODING,
     IMAGE_SUFFIXES,
     check_npy_header,
     column_indices,
@@ -86,7 +87,7 @@ def _npy(data: bytes, name: str, spec: PreprocessSpec) -> list[tuple[str, Any]]:
 def _csv(data: bytes, name: str, spec: PreprocessSpec, max_rows: int) -> list[tuple[str, Any]]:
     """The CSV rows of ``data`` (a header, then rows of numbers), picked by ``spec.columns``; at most ``max_rows``."""
     try:
-        reader = csv.reader(io.StringIO(data.decode("utf-8"), newline=""))
+        reader = csv.reader(io.StringIO(data.decode(CSV_ENCODING), newline=""))
         header = [h.strip() for h in next(reader, [])]
         if not header:
             raise InputError(f"CSV file {name!r} is empty: expected a header row of column names")
