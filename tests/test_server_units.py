@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import io
 import json
 import os
 import shutil
@@ -513,8 +514,9 @@ async def asgi_request(
     receive=None,
     root_path: str = "",
 ) -> tuple[int, dict[str, str], bytes]:
-    """A request through the ASGI app itself (no server, no socket); ``receive``: the client's side;
-    ``root_path``: where the app is mounted (``path`` then starts with it, as ASGI servers send it)."""
+    """A request through the ASGI app itself (no server, no socket); ``path`` may end in ``?query``;
+    ``receive``: the client's side; ``root_path``: where the app is mounted (``path`` then starts with
+    it, as ASGI servers send it)."""
     sent: list[dict] = []
 
     async def whole_body():
@@ -527,7 +529,8 @@ async def asgi_request(
 
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": root_path, "headers": list(headers),
+        "path": path.partition("?")[0], "raw_path": path.partition("?")[0].encode(),
+        "query_string": path.partition("?")[2].encode(), "root_path": root_path, "headers": list(headers),
         "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
     }  # fmt: skip
     await app(scope, receive, send)
@@ -814,10 +817,10 @@ def test_an_explanation_past_the_timeout_is_504_its_turn_waiters_too_and_the_tur
             model = server.models["digits"]
             explain = model.explain
 
-            def blocked(sample):
+            def blocked(sample, target=None):
                 calls.append(sample)
                 release.wait(30)
-                return explain(sample)
+                return explain(sample, target)
 
             model.explain = blocked
             path = "/v2/models/digits/explain"
@@ -1001,3 +1004,29 @@ def test_the_ready_line_names_the_runtime_served_and_why(tmp_path):
     save_record(bundle, rt.compile(bundle, runtime="torch").record)
     recorded = load_model("d", bundle, runtime=None, trust_factory=False, max_batch=4)
     assert recorded.serving() == "torch/float32, recorded in runtime.json"
+
+
+def test_explain_takes_the_class_or_output_to_explain_and_refuses_one_out_of_range():
+    """``?target=K`` explains class K (the predicted one by default), as ``Predictor.explain(target=K)``;
+    an index past the outputs is a 400 naming the range."""
+    pytest.importorskip("fastapi")
+    app = _digits_app()
+    upload = io.BytesIO()
+    np.save(upload, np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32))
+    path = "/v2/models/digits/explain"
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            await _ready(app)
+            return [
+                await asgi_request(app, path + query, "POST", upload.getvalue())
+                for query in ("?target=3", "?target=10")
+            ]
+
+    (status, _, body), (refused, _, message) = run(main())
+    assert status == 200 and refused == 400, (body, message)
+    model = app.state.server.models["digits"]
+    expected = model.explain(np.load(io.BytesIO(upload.getvalue())), target=3).values[0].double().abs().sum(0)
+    heat = torch.tensor(json.loads(body)["heatmap"], dtype=torch.float64)
+    torch.testing.assert_close(heat, expected / expected.max(), rtol=1e-5, atol=1e-6)
+    assert "target must index the 10 outputs (0..9); got 10" in json.loads(message)["error"]

@@ -173,16 +173,19 @@ def _routes(app: FastAPI, server: Server) -> None:
         return Response("".join(lines), media_type="application/jsonl")
 
     @app.post("/v2/models/{name}/explain", summary="Attribution heat map for a file", openapi_extra=FILE_SCHEMA)
-    async def explain(name: str, request: Request, filename: str = "upload") -> dict[str, Any]:
+    async def explain(
+        name: str, request: Request, filename: str = "upload", target: int | None = None
+    ) -> dict[str, Any]:
         """The first sample of the file in the body, explained by integrated gradients: the absolute
         attributions summed over channels, scaled to a maximum of 1 (``heatmap``, rows of numbers);
-        504 past the request timeout (:func:`_explained`)."""
+        ``target``: the class or output index explained (default: the predicted class; a regression
+        model with several outputs needs it); 504 past the request timeout (:func:`_explained`)."""
         model = server.model(name)
         body = await server.body(request.receive, request.headers.get("content-length"))
         content_type = request.headers.get("content-type", "")
         spec = model.predictor.preprocess_spec
         items = await server.decode(read_upload, body, filename, content_type, spec, server.settings.max_queue)
-        attributions = await _explained(server, model, items[0][1])
+        attributions = await _explained(server, model, items[0][1], target)
         return {
             "id": items[0][0],
             "method": attributions.method,
@@ -194,8 +197,8 @@ def _routes(app: FastAPI, server: Server) -> None:
         return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-async def _explained(server: Server, model: ServedModel, sample: Any) -> Attributions:
-    """``model.explain(sample)`` in a worker thread, one explanation at a time (``server.explaining``),
+async def _explained(server: Server, model: ServedModel, sample: Any, target: int | None) -> Attributions:
+    """``model.explain(sample, target)`` in a worker thread, one explanation at a time (``server.explaining``),
     within the request timeout, the wait for its turn included: past it, a 504.
 
     A thread cannot be stopped: an explanation that times out runs on in its thread, its result or
@@ -206,7 +209,7 @@ async def _explained(server: Server, model: ServedModel, sample: Any) -> Attribu
     try:
         async with asyncio.timeout(timeout):
             await turn.acquire()
-            computing = asyncio.ensure_future(asyncio.to_thread(model.explain, sample))
+            computing = asyncio.ensure_future(asyncio.to_thread(model.explain, sample, target))
             computing.add_done_callback(lambda done: _end_turn(turn, done))
             return await asyncio.shield(computing)  # a timeout stops the waiting, not the thread
     except TimeoutError:

@@ -81,15 +81,16 @@ class ServedModel:
     forward_seconds: float | None = None
     _labels: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # see _label_table
 
-    def explain(self, sample: Any) -> Attributions:
+    def explain(self, sample: Any, target: int | None = None) -> Attributions:
         """``sample`` explained (integrated gradients) on the bundle's float torch model: the served
-        predictor's own when it serves one, else the model loaded once by ``explainer_loader``."""
+        predictor's own when it serves one, else the model loaded once by ``explainer_loader``.
+        ``target``: the class or output index to explain (None: the predicted class, or the one score)."""
         if isinstance(self.predictor.model, nn.Module) or self.explainer_loader is None:
-            return self.predictor.explain(sample)
+            return self.predictor.explain(sample, target=target)
         with self._explainer_lock:
             if self._explainer is None:
                 self._explainer = self.explainer_loader()
-        return self._explainer.explain(sample)
+        return self._explainer.explain(sample, target=target)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
