@@ -207,10 +207,11 @@ class PreprocessSpec:
             or raw.shape[1:] != self.input_shape
             or not raw.shape[0]
             or not raw.flags.c_contiguous
-            or not math.isfinite(np.add.reduce(raw, axis=None))
         ):
             return None
-        return torch.from_numpy(raw)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflowing sum only sends it to the full checks
+            finite = math.isfinite(np.add.reduce(raw, axis=None))
+        return torch.from_numpy(raw) if finite else None
 
     def _check_shape(self, batch: Tensor) -> None:
         if self.input_shape is None:
@@ -273,7 +274,8 @@ def _finite_sum(batch: Tensor) -> bool:
     """Whether the sum of ``batch``'s elements is finite: numpy's on a CPU tensor it can view (a
     request's few samples: a tenth of torch's per-call cost), torch's otherwise."""
     if batch.device.type == "cpu" and batch.dtype in _NUMPY_FLOATS and not batch.requires_grad:
-        return bool(np.isfinite(batch.numpy().sum()))
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflowing sum only calls for the element check
+            return bool(np.isfinite(batch.numpy().sum()))
     return bool(torch.isfinite(batch.sum()))
 
 
