@@ -289,3 +289,40 @@ def test_a_csv_naming_a_picked_column_twice_is_refused_and_an_unpicked_repeat_is
     with pytest.raises(InputError, match=r"names column\(s\) \['a'\] more than once"):
         list(iter_csv(repeated, spec))
     assert torch.cat(list(iter_csv(unpicked, spec))).tolist() == [[1.0, 2.0]]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode", "refused"), [("PNG", "RGB", False), ("WEBP", "RGB", True), ("JPEG", "CMYK", True)]
+)
+def test_webp_and_cmyk_images_count_16_bytes_a_pixel(fmt, mode, refused, tmp_path, monkeypatch):
+    """Their decoders hold a second copy (a served 8000 x 8000 WEBP took +978 MB, 15 bytes a pixel):
+    within a budget of 10 x 10 pixels at 9 bytes, they are refused and an RGB PNG passes."""
+    path = tmp_path / f"ten.{fmt.lower()}"
+    Image.new(mode, (10, 10)).save(path, fmt)
+    monkeypatch.setattr(readers, "MAX_IMAGE_DECODE_BYTES", 900)
+    if refused:
+        with pytest.raises(ValueError, match=r"takes 1600 bytes to decode \(16 a pixel\)"):
+            load_image(path, PreprocessSpec(input_shape=(1, 8, 8)))
+    else:
+        assert load_image(path, PreprocessSpec(input_shape=(1, 8, 8))).shape == (1, 8, 8)
+
+
+def _tiff_declaring_a_tile(path: Path, width: int, height: int, tile: int) -> None:
+    """A little-endian 8-bit grayscale TIFF of ``width x height`` whose one tile is ``tile x tile``."""
+    tags = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 1), (262, 3, 1), (277, 3, 1)]
+    tags += [(322, 4, tile), (323, 4, tile), (324, 4, 0), (325, 4, 16)]
+    data_offset = 8 + 2 + 12 * len(tags) + 4
+    entries = b"".join(
+        struct.pack("<HHII", tag, kind, 1, data_offset if tag == 324 else value) if kind == 4
+        else struct.pack("<HHIHH", tag, kind, 1, value, 0)
+        for tag, kind, value in tags
+    )  # fmt: skip
+    path.write_bytes(b"II" + struct.pack("<HI", 42, 8) + struct.pack("<H", len(tags)) + entries + bytes(4 + 16))
+
+
+def test_a_tiff_declaring_a_tile_far_larger_than_its_pixels_is_refused_from_its_header(tmp_path):
+    """The attack: a 16 x 16 TIFF declaring one 32768 x 32768 tile took 1 GB (its decoder allocates the tile)."""
+    path = tmp_path / "tile.tiff"
+    _tiff_declaring_a_tile(path, 16, 16, 32768)
+    with pytest.raises(ValueError, match=r"\(16x16 pixels of mode L, declaring a tile or strip of 1073741824 pixels\)"):
+        load_image(path, PreprocessSpec(input_shape=(1, 8, 8)))

@@ -51,8 +51,10 @@ _FULL_SCALE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I
 #: resident memory measured on 3000 x 3000 files, rounded up): at most 9 for 8-bit modes (PIL's
 #: decoded image, up to 4 bytes a pixel, and its converted copy; CMYK to grayscale is the most), 24
 #: for the modes deeper than 8 bits (the decoded image, float64 copies to check and scale its
-#: values, then a float32 one: see :func:`_in_byte_units`).
-_DECODE_BYTES_PER_PIXEL = {"8-bit": 9, "deep": 24}
+#: values, then a float32 one: see :func:`_in_byte_units`). WEBP and CMYK images take up to 16 (a
+#: serving process measured +978 MB for an 8000 x 8000 WEBP, +944 MB for a CMYK JPEG: their decoders
+#: hold a second full copy while converting).
+_DECODE_BYTES_PER_PIXEL = {"8-bit": 9, "WEBP or CMYK": 16, "deep": 24}
 #: The most memory decoding one image may take: 576,000,000 bytes, 9 bytes for each of
 #: :data:`MAX_IMAGE_PIXELS`, so that every 8-bit image within the pixel limit passes; a 16-bit or
 #: float image may hold at most 24,000,000 pixels (e.g. 4800 x 5000). An image over it is refused
@@ -202,15 +204,37 @@ def _check_pixels(width: int, height: int, path: Path) -> None:
 
 def _check_decode_bytes(image: Any, path: Path) -> None:
     """Refuse an opened (not yet decoded) image whose decoding would take more than
-    :data:`MAX_IMAGE_DECODE_BYTES`: its pixels times its mode's :data:`_DECODE_BYTES_PER_PIXEL`."""
-    per_pixel = _DECODE_BYTES_PER_PIXEL["deep" if image.mode in _FULL_SCALE else "8-bit"]
-    needed = image.width * image.height * per_pixel
+    :data:`MAX_IMAGE_DECODE_BYTES`: its pixels (or a TIFF's largest declared tile or strip, if
+    larger) times its kind's :data:`_DECODE_BYTES_PER_PIXEL`."""
+    per_pixel = _DECODE_BYTES_PER_PIXEL[_decode_kind(image)]
+    pixels, chunk = image.width * image.height, _tiff_chunk_pixels(image)
+    needed = max(pixels, chunk) * per_pixel
     if needed > MAX_IMAGE_DECODE_BYTES:
+        declared = f", declaring a tile or strip of {chunk} pixels" if chunk > pixels else ""
         raise InputError(
-            f"image {str(path)!r} ({image.width}x{image.height} pixels of mode {image.mode}) takes {needed} bytes "
-            f"to decode ({per_pixel} a pixel): expected at most {MAX_IMAGE_DECODE_BYTES} "
+            f"image {str(path)!r} ({image.width}x{image.height} pixels of mode {image.mode}{declared}) takes "
+            f"{needed} bytes to decode ({per_pixel} a pixel): expected at most {MAX_IMAGE_DECODE_BYTES} "
             "(trainfer.serve.readers.MAX_IMAGE_DECODE_BYTES)"
         )
+
+
+def _tiff_chunk_pixels(image: Any) -> int:
+    """The pixels of the largest tile or strip a TIFF declares (0 for other formats): its decoder
+    allocates a whole declared tile, which may be far larger than the image (a 16 x 16 image
+    declaring one 32768 x 32768 tile took 1 GB)."""
+    if image.format != "TIFF":
+        return 0
+    tags = image.tag_v2
+    tile = int(tags.get(322, 0) or 0) * int(tags.get(323, 0) or 0)  # TileWidth x TileLength
+    strip = image.width * min(int(tags.get(278, 0) or 0), image.height)  # RowsPerStrip, at most the image
+    return max(tile, strip)
+
+
+def _decode_kind(image: Any) -> str:
+    """Which of :data:`_DECODE_BYTES_PER_PIXEL` an opened image's decoding takes."""
+    if image.mode in _FULL_SCALE:
+        return "deep"
+    return "WEBP or CMYK" if image.format == "WEBP" or image.mode == "CMYK" else "8-bit"
 
 
 def _too_large(path: Path, pixels: str) -> str:
