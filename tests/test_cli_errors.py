@@ -552,3 +552,9 @@ def test_serve_names_each_bad_model_name_for_what_it_is(bundle, monkeypatch, nam
     monkeypatch.setattr("trainfer.server.run.serve", lambda settings, **options: pytest.fail("served"))
     refused = CliRunner().invoke(main, ["serve", str(bundle), str(bundle), "--names", names])
     one_line_error(refused, message)
+
+
+def test_prune_bounds_the_fine_tuning_learning_rate(bundle, tmp_path):
+    """A learning rate of 1e38 overflowed float32 inside the optimiser (an internal error): bounded to (0, 10]."""
+    refused = CliRunner().invoke(main, ["prune", str(bundle), "-o", str(tmp_path / "out"), "--finetune-lr", "1e38"])
+    assert refused.exit_code == 2 and "not in the range" in refused.output and not (tmp_path / "out").exists()

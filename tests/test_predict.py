@@ -366,6 +366,9 @@ def test_device_choice():
     assert pick_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="unknown device 'gpu0'"):
         pick_device("gpu0")
+    for holds_no_data in ("meta", "xla"):  # devices torch knows that cannot serve: named, not a crash later
+        with pytest.raises(ValueError, match=rf"device '{holds_no_data}': expected auto, cpu, cuda, cuda:N or mps"):
+            pick_device(holds_no_data)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device 'cuda:0' is not available"):
             pick_device("cuda:0")

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
               help=f"Fine-tuning inputs (default: --data): {DATA_HELP}.")  # fmt: skip
 @click.option("--finetune-labels", type=click.Path(exists=True, dir_okay=False), default=None,
               help=".npy of class indices for --finetune-data (default: --labels).")  # fmt: skip
-@click.option("--finetune-lr", type=FiniteFloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--finetune-lr", type=FiniteFloatRange(min=0, max=10, min_open=True), default=1e-3, show_default=True)
 @click.option("--finetune-optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True,
               help="Adam, or SGD with momentum 0.9.")  # fmt: skip
 @click.option("--finetune-batch-size", type=BATCH_SIZE, default=64, show_default=True)

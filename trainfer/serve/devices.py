@@ -16,6 +16,8 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
             chosen = torch.device(device)
         except RuntimeError as error:
             raise InputError(f"unknown device {device!r}: expected auto, cpu, cuda, cuda:N or mps ({error})") from None
+        if chosen.type not in SERVING_DEVICE_TYPES:
+            raise InputError(f"device {str(device)!r}: expected auto, cpu, cuda, cuda:N or mps (one that computes)")
         if not _available(chosen):
             raise InputError(f"device {str(device)!r} is not available on this machine (try device='auto' or 'cpu')")
         return chosen
@@ -25,6 +27,11 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     if mps is not None and mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+#: The device types a model computes on: others torch knows (``meta`` holds no data, ``xla``,
+#: ``hpu`` and friends need their own runtime) are refused by name.
+SERVING_DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 def _available(device: torch.device) -> bool:
