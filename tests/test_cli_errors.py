@@ -250,6 +250,8 @@ def test_an_empty_model_is_refused_not_read_as_the_current_directory(tmp_path, s
     ("args", "fragment"),
     [
         (["deploy", "digits_net", "--input-shape", "abc", "-o", "x"], "Invalid value for '--input-shape'"),
+        (["deploy", "digits_net", "--input-shape", "1,,8,8", "-o", "x"], "got '1,,8,8'"),  # not (1, 8, 8)
+        (["deploy", "digits_net", "--input-shape", "1,8,8,", "-o", "x"], "got '1,8,8,'"),
         (["deploy"], "Missing argument 'MODEL'"),
         (["deploy", "--no-such-option"], "No such option"),
         (["--no-such-option"], "No such option"),

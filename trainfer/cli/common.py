@@ -68,8 +68,10 @@ def parse_shape(text: str) -> tuple[int, ...]:
     """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``, of at most ``MAX_ELEMENTS`` elements
     (:func:`check_elements`)."""
     parts = text.replace("x", ",").split(",")
+    if any(not part.strip() for part in parts):  # "1,,8,8" is a typo, not (1, 8, 8)
+        raise click.BadParameter(f"expected comma-separated integers like 1,3,224,224; got {text!r}", param_hint=_HINT)
     try:
-        shape = tuple(int(p) for p in parts if p.strip())
+        shape = tuple(int(p) for p in parts)
     except ValueError:
         raise click.BadParameter(
             f"expected comma-separated integers like 1,3,224,224; got {text!r}", param_hint=_HINT
