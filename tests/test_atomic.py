@@ -259,3 +259,16 @@ def test_atomic_directory_replaces_a_link_to_a_directory_and_leaves_what_it_poin
         (staging / "a").write_text("new")
     assert not (tmp_path / "bundle").is_symlink() and (tmp_path / "bundle" / "a").read_text() == "new"
     assert (tmp_path / "real" / "a").read_text() == "old"
+
+
+def test_a_target_under_a_file_is_refused_up_front_naming_why(tmp_path):
+    """No write can make ``file/x.json``: the check says so before any work (bench ran its whole
+    benchmark, then failed naming another reason)."""
+    from trainfer.atomic import check_target
+    from trainfer.errors import InputError
+
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(InputError, match=r"--json '.*file/x\.json' is under a file, not in a directory"):
+        check_target(tmp_path / "file" / "x.json", "--json")
+    check_target(tmp_path / "new" / "x.json", "--json")  # a missing parent is fine: the write makes it
+    assert (tmp_path / "file").read_text() == "mine"

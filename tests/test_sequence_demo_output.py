@@ -58,7 +58,7 @@ def test_a_users_files_are_refused_before_training(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("a file")
     unwritable = tmp_path / "file" / "out"  # like /dev/null: --out cannot be a directory
     result = CliRunner().invoke(main, ["demo", "--sequences", "--out", str(unwritable), "--epochs", "1"])
-    assert result.exit_code == 2 and "cannot write" in result.output
+    assert result.exit_code == 2 and "is under a file, not in a directory" in result.output
     assert (tmp_path / "file").read_text() == "a file"
 
 

@@ -90,16 +90,19 @@ def fsync_file(path: str | os.PathLike[str]) -> None:
 
 def irregular(path: str | os.PathLike[str], role: str, directory: bool = False) -> str | None:
     """What ``path`` is when it exists and is not a regular file (``directory``: not a directory), links
-    followed, e.g. ``"a pipe"``; ``None`` for a new path (a dangling link too, or one under a file:
-    the write itself then says why it cannot be made) or one of the expected kind.
+    followed, e.g. ``"a pipe"``, or ``"under a file, not in a directory"`` when one of its parents is
+    a file (no write can make it); ``None`` for a new path (a dangling link too) or one of the
+    expected kind.
 
     Raises :class:`~trainfer.errors.InputError` naming ``role`` and ``path`` when ``path`` cannot be
     examined (permission denied, a loop of links).
     """
     try:
         mode = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):
+    except FileNotFoundError:
         return None
+    except NotADirectoryError:
+        return "under a file, not in a directory"
     except OSError as error:
         raise InputError(f"{role} {str(path)!r} cannot be examined: {error.strerror or error}") from None
     expected = stat.S_ISDIR(mode) if directory else stat.S_ISREG(mode)
