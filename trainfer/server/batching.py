@@ -262,10 +262,9 @@ class DynamicBatcher:
 
     async def _run(self, taken: list[_Pending]) -> None:
         joined = taken[0].batch if len(taken) == 1 else torch.cat([p.batch for p in taken])
-        keyed = () if taken[0].key is None else (taken[0].key,)
         loop = asyncio.get_running_loop()
         try:
-            outputs, seconds = await loop.run_in_executor(self._executor, self._timed, joined, *keyed)
+            outputs, seconds = await loop.run_in_executor(self._executor, self._timed, joined, taken[0].key)
         except Exception as error:  # each request hears its own answer or error: run them one by one
             answers = [error] if len(taken) == 1 else await loop.run_in_executor(self._executor, self._alone, taken)
             for pending, answer in zip(taken, answers, strict=True):
@@ -283,26 +282,30 @@ class DynamicBatcher:
     def _run_here(self, pending: _Pending) -> None:
         """Run a lone request on the event loop's thread (``inline``): its rows or its error."""
         try:
-            outputs, seconds = self._timed(pending.batch, *(() if pending.key is None else (pending.key,)))
+            outputs, seconds = self._timed(pending.batch, pending.key)
         except Exception as error:
             pending.future.set_exception(error)
             return
         self.stats.batch(pending.size, seconds)
         pending.future.set_result(outputs)
 
-    def _timed(self, batch: Tensor, *key: Hashable) -> tuple[list[Any], float]:
-        """``run(batch, *key)`` and its seconds, timed on the thread that runs it: the wait for a worker
+    def _timed(self, batch: Tensor, key: Hashable) -> tuple[list[Any], float]:
+        """:meth:`_keyed_run` and its seconds, timed on the thread that runs it: the wait for a worker
         thread and the hop back to the event loop are the server's time, not the model's."""
         start = time.perf_counter()
-        outputs = self.run(batch, *key)
+        outputs = self._keyed_run(batch, key)
         return outputs, time.perf_counter() - start
+
+    def _keyed_run(self, batch: Tensor, key: Hashable) -> list[Any]:
+        """``run(batch)``, or ``run(batch, key)`` for requests that carry a key."""
+        return self.run(batch) if key is None else self.run(batch, key)
 
     def _alone(self, taken: list[_Pending]) -> list[Any]:
         """Each request of a failed batch run alone: its outputs, or the exception it raised."""
         answers: list[Any] = []
         for pending in taken:
             try:
-                answers.append(self.run(pending.batch, *(() if pending.key is None else (pending.key,))))
+                answers.append(self._keyed_run(pending.batch, pending.key))
             except Exception as error:
                 answers.append(error)
         return answers
