@@ -209,9 +209,7 @@ class PreprocessSpec:
             or not raw.flags.c_contiguous
         ):
             return None
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflowing sum only sends it to the full checks
-            finite = math.isfinite(np.add.reduce(raw, axis=None))
-        return torch.from_numpy(raw) if finite else None
+        return torch.from_numpy(raw) if _finite_array_sum(raw) else None
 
     def _check_shape(self, batch: Tensor) -> None:
         if self.input_shape is None:
@@ -274,9 +272,15 @@ def _finite_sum(batch: Tensor) -> bool:
     """Whether the sum of ``batch``'s elements is finite: numpy's on a CPU tensor it can view (a
     request's few samples: a tenth of torch's per-call cost), torch's otherwise."""
     if batch.device.type == "cpu" and batch.dtype in _NUMPY_FLOATS and not batch.requires_grad:
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflowing sum only calls for the element check
-            return bool(np.isfinite(batch.numpy().sum()))
+        return _finite_array_sum(batch.numpy())
     return bool(torch.isfinite(batch.sum()))
+
+
+def _finite_array_sum(array: np.ndarray) -> bool:
+    """Whether the sum of a NumPy float array's elements is finite (NaN and inf propagate; a sum
+    that overflows is no error, only a call for the element-wise check, so numpy stays quiet)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return math.isfinite(np.add.reduce(array, axis=None))
 
 
 def as_tensor(value: Any) -> Tensor:
