@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,17 +142,51 @@ def test_bfloat16_goes_through_the_accuracy_gate(deployed):
         trainfer.compile(deployed, x[:2], runtime="torch", dtype="bfloat16", gate=strict, gate_data=x)
 
 
-def test_record_round_trip_through_a_bundle_and_recorded_runtime(bundle, deployed):
+def test_record_round_trip_through_a_bundle_and_recorded_runtime(bundle, tmp_path):
+    bundle = Path(shutil.copytree(bundle, tmp_path / "b"))  # the module's bundle keeps no record
     compiled = trainfer.compile(bundle, runtime="onnxruntime")
     path = rt.save_record(bundle, compiled.record)
     assert path.name == rt.RUNTIME_FILE and rt.read_record(bundle) == compiled.record
     again = trainfer.compile(bundle, runtime="recorded")
     assert (again.record.runtime, again.record.chosen_by) == ("onnxruntime", "given")
     predictor = trainfer.Predictor.load(bundle, runtime="recorded")
-    eager = trainfer.Predictor.load(bundle)
+    eager = trainfer.Predictor.load(bundle, runtime="torch")
     x = torch.randn(6, 1, 8, 8)
     assert_results_close(predictor.predict(x), eager.predict(x), atol=1e-5)  # classes where margins are clear
-    assert isinstance(predictor.model, trainfer.CompiledModel)
+    assert (predictor.model.record.runtime, eager.model.record.runtime) == ("onnxruntime", "torch")
+
+
+def test_a_default_load_serves_what_runtime_json_records_as_the_server_does(bundle, tmp_path):
+    """Predictor.load(bundle) and trainfer predict BUNDLE follow runtime.json (the same numbers as
+    runtime="recorded" and as trainfer serve); runtime="torch" still serves the PyTorch model."""
+    bundle = Path(shutil.copytree(bundle, tmp_path / "b"))
+    rt.save_record(bundle, trainfer.compile(bundle, runtime="onnxruntime").record)
+    x = torch.randn(5, 1, 8, 8)
+    default, recorded = trainfer.Predictor.load(bundle), trainfer.Predictor.load(bundle, runtime="recorded")
+    assert default.model.record.runtime == "onnxruntime"
+    torch.testing.assert_close(default.model(x), recorded.model(x), rtol=0, atol=0)
+    assert trainfer.Predictor.load(bundle, runtime="torch").model.record.runtime == "torch"
+    np.save(tmp_path / "x.npy", x.numpy())
+    args = ["predict", str(bundle), str(tmp_path / "x.npy"), "--format", "jsonl"]
+    runner = CliRunner()
+    outputs = [
+        runner.invoke(main, args + extra, catch_exceptions=False).output for extra in ([], ["--runtime", "recorded"])
+    ]
+    assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 5
+
+
+def test_a_default_load_of_a_recorded_bundle_on_another_device_serves_the_pytorch_model_there(
+    bundle, tmp_path, monkeypatch
+):
+    """The record's runtimes run on the CPU: on device='cuda' the PyTorch model serves, on that device."""
+    from trainfer.serve import served_model
+
+    bundle = Path(shutil.copytree(bundle, tmp_path / "b"))
+    rt.save_record(bundle, trainfer.compile(bundle, runtime="torch").record)
+    monkeypatch.setattr(served_model, "pick_device", lambda name: torch.device(name.split(":")[0]))
+    assert served_model._engine(bundle, {"device": "cuda"}) == (None, {"device": "cuda"})
+    _, on_the_cpu = served_model._engine(bundle, {"device": "cpu"})
+    assert on_the_cpu["runtime"].runtime == "torch"
 
 
 def test_malformed_records_are_refused_with_a_clear_message(tmp_path, bundle):

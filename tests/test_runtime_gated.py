@@ -266,7 +266,7 @@ def test_a_float32_choice_after_an_int8_one_removes_the_int8_form_and_only_it(in
     _save_float32(bundle)
     assert {p.name for p in bundle.iterdir()} == float_files | {rt.RUNTIME_FILE, "notes.txt", "quantized.onnx.orig"}
     _serves_float32(bundle)
-    assert isinstance(trainfer.Predictor.load(bundle).model, torch.nn.Module)  # no int8 form left to serve
+    assert trainfer.Predictor.load(bundle).model.record.dtype == "float32"  # a default load follows the record
     assert (bundle / "notes.txt").read_text() == "mine"
 
 
@@ -315,7 +315,7 @@ def test_a_float32_choice_leaves_int8_files_trainfer_cannot_prove_its_own(int8_b
 def test_a_quantized_bundle_compiled_to_float32_serves_one_form_in_predict_and_serve(data, tmp_path):
     """trainfer quantize, then trainfer compile --candidates torch: runtime.json records torch/float32 and
     quantize's own int8 form stays (compile removes only its own); the default load (trainfer predict)
-    and the server (which follows runtime.json) serve the same form, with the same numbers."""
+    and the server both follow runtime.json: the same form, with the same numbers."""
     pytest.importorskip("fastapi")
     from trainfer.server.model import load_model
 
@@ -328,8 +328,8 @@ def test_a_quantized_bundle_compiled_to_float32_serves_one_form_in_predict_and_s
     assert INT8_FILES <= {p.name for p in bundle.iterdir()}
     predicted = trainfer.Predictor.load(bundle)
     served = load_model("dq", bundle, runtime=None, trust_factory=False, max_batch=4).predictor
-    assert isinstance(predicted.model, torch.nn.Module)  # the float32 deploy form, in PyTorch
-    assert (served.model.record.runtime, served.model.record.dtype) == ("torch", "float32")
+    for predictor in (predicted, served):  # the float32 deploy form, in PyTorch, as runtime.json records
+        assert (predictor.model.record.runtime, predictor.model.record.dtype) == ("torch", "float32")
     x = data["x"][:8]
     torch.testing.assert_close(predicted.model(x), served.model(x), rtol=0, atol=0)
     assert [r.to_record() for r in predicted.predict(x)] == [r.to_record() for r in served.predict(x)]

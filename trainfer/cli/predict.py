@@ -285,8 +285,8 @@ def batch_source(inputs: list[str], spec: PreprocessSpec) -> Any:
     type=click.Choice(["auto", "recorded", *RUNTIMES]),
     default=None,
     help="Serve on this runtime (auto: the fastest verified one, measured now; recorded: the bundle's "
-    "runtime.json). A bundle with an int8 form serves it unless a torch runtime is named or its runtime.json "
-    "records another choice.",
+    "runtime.json). Default: what the bundle's runtime.json records, as trainfer serve does; without one, "
+    "its int8 form if it has one, else its PyTorch model.",
 )
 @click.option(
     "--out",

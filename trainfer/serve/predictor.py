@@ -201,10 +201,10 @@ class Predictor:
 
         ``runtime`` (see :func:`trainfer.serve.runtime.compile`; ``"recorded"``: the bundle's
         ``runtime.json``; a :class:`~trainfer.serve.engines.CompiledModel` that ``trainfer.compile``
-        returned for this bundle: that form) serves the deploy form on another engine. A bundle carrying an int8 form
-        (``trainfer quantize``) serves that form unless ``runtime`` names a PyTorch runtime, or no ``runtime`` is
-        named and the bundle's ``runtime.json`` records another choice (then its PyTorch model serves, as for a
-        bundle without an int8 form): a default load serves the form ``trainfer serve`` serves.
+        returned for this bundle: that form) serves the deploy form on another engine. Without ``runtime``, a
+        bundle's ``runtime.json`` serves it (on the CPU; on another ``device``, the PyTorch model serves), else its
+        int8 form (``trainfer quantize``) unless ``runtime`` names a PyTorch runtime: a default load serves the
+        form ``trainfer serve`` serves.
 
         The manifest supplies task, labels, preprocessing, heads and output kinds; ``overrides``
         (``device``, ``batch_size``, ``threshold``, ``cache_size``, ...) are passed on, and override

@@ -3,11 +3,12 @@ runtime or the bundle's PyTorch model (:class:`~trainfer.Predictor` then only se
 
 * an ``.onnx`` file: an ONNX Runtime session (:class:`~trainfer.serve.onnx_runtime.OnnxModel`) and the
   manifest stored inside it;
-* a bundle carrying an int8 form (``trainfer quantize``): that form, checked against the float weights
-  (:func:`trainfer.serve.int8_form.serve_quantized`), unless ``runtime`` names a PyTorch runtime, or
-  no ``runtime`` is named and the bundle's ``runtime.json`` records another choice (``trainfer compile``
-  chose float32, say): then it is served as a bundle without an int8 form, so a default load serves
-  what ``trainfer serve`` (which follows ``runtime.json``) serves;
+* a bundle with a ``runtime.json`` (``trainfer compile``) and no ``runtime`` named: what it records,
+  as ``runtime="recorded"`` serves it, so that a default load serves what ``trainfer serve`` serves;
+  on another ``device`` (the record's runtimes run on the CPU) the bundle's PyTorch model serves there;
+* a bundle carrying an int8 form (``trainfer quantize``) and no ``runtime.json``: that form, checked
+  against the float weights (:func:`trainfer.serve.int8_form.serve_quantized`), unless ``runtime``
+  names a PyTorch runtime;
 * ``runtime=`` a :class:`~trainfer.serve.engines.CompiledModel` (what :func:`trainfer.compile` returned for
   this bundle, e.g. ``trainfer serve --compile``'s search): that form, as it is;
 * ``runtime="recorded"``: the bundle's :class:`~trainfer.serve.runtime_record.RuntimeRecord` (an int8
@@ -70,7 +71,7 @@ def open_served(
         manifest = read_manifest(path)
         _refuse_stray_record(path, manifest.decoder)
         if float_form:
-            engine, overrides = None, {key: value for key, value in overrides.items() if key != "runtime"}
+            engine, overrides = None, _without_runtime(overrides)
         else:
             engine, overrides = _engine(path, overrides, factory=factory, trust_factory=trust_factory)
         if engine is None:  # ours: moved, not copied, and put in eval for good (calls then never switch modes)
@@ -100,46 +101,38 @@ def _refuse_stray_record(bundle: Path, decoder: Any) -> None:
 def _engine(
     bundle: str | os.PathLike[str], overrides: dict[str, Any], **load_options: Any
 ) -> tuple[Callable[[Tensor], Any] | None, dict[str, Any]]:
-    """The int8 form a bundle carries (or ``None``: its PyTorch model serves), and the overrides left.
-
-    ``runtime="recorded"`` serves what the bundle's ``runtime.json`` names (its int8 form where the
-    record chose int8), or where the bundle has no record, its int8 form if it carries one. No
-    ``runtime``: the int8 form, unless ``runtime.json`` records another choice (then the PyTorch model).
-    """
-    runtime = overrides.get("runtime")
+    """The int8 form or recorded runtime a bundle serves (or ``None``: its PyTorch model serves), and
+    the overrides left (see the module docstring)."""
     from trainfer.serve.engines import CompiledModel
     from trainfer.serve.int8_form import QUANTIZATION_FILE, serve_quantized
+    from trainfer.serve.runtime import recorded_runtime
     from trainfer.serve.runtime_record import RUNTIME_FILE
 
+    runtime = overrides.get("runtime")
     if isinstance(runtime, CompiledModel):  # compiled (verified, gated) for this bundle by the caller
-        return runtime, {key: value for key, value in overrides.items() if key != "runtime"}
-    if runtime == "recorded" and (Path(bundle) / RUNTIME_FILE).is_file():
-        from trainfer.serve.runtime import recorded_runtime
-
+        return runtime, _without_runtime(overrides)
+    recorded = (Path(bundle) / RUNTIME_FILE).is_file()
+    if runtime is None and recorded:
+        if not _on_the_cpu(overrides):  # the record's runtimes run on the CPU
+            return None, overrides
+        runtime = "recorded"
+    if runtime == "recorded" and recorded:
         record = recorded_runtime(bundle)
         if record.dtype == "int8":
-            rest = {key: value for key, value in overrides.items() if key != "runtime"}
-            return serve_quantized(bundle, record.runtime, **load_options), rest
+            return serve_quantized(bundle, record.runtime, **load_options), _without_runtime(overrides)
         return None, {**overrides, "runtime": record}
-
-    int8_form = (Path(bundle) / QUANTIZATION_FILE).is_file()
-    if int8_form and runtime is None and _records_another_choice(bundle):
-        return None, overrides  # as for a bundle without an int8 form: runtime.json did not choose it
-    if int8_form and runtime not in TORCH_RUNTIMES:
+    if (Path(bundle) / QUANTIZATION_FILE).is_file() and runtime not in TORCH_RUNTIMES:
         chosen = None if runtime in (None, "auto", "recorded") else runtime
-        served = serve_quantized(bundle, chosen, **load_options)
-        return served, {key: value for key, value in overrides.items() if key != "runtime"}
+        return serve_quantized(bundle, chosen, **load_options), _without_runtime(overrides)
     if runtime == "recorded":
-        from trainfer.serve.runtime import recorded_runtime
-
-        return None, {**overrides, "runtime": recorded_runtime(bundle)}
+        return None, {**overrides, "runtime": recorded_runtime(bundle)}  # refused: the bundle records none
     return None, overrides
 
 
-def _records_another_choice(bundle: str | os.PathLike[str]) -> bool:
-    """Whether the bundle's ``runtime.json`` records a choice other than an int8 form (a malformed one is
-    refused with :class:`~trainfer.errors.BundleError`, as ``runtime="recorded"`` refuses it)."""
-    from trainfer.serve.runtime_record import read_record
+def _without_runtime(overrides: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in overrides.items() if key != "runtime"}
 
-    record = read_record(bundle)
-    return record is not None and record.dtype != "int8"
+
+def _on_the_cpu(overrides: dict[str, Any]) -> bool:
+    """Whether the load's ``device`` (default ``"auto"``) is the CPU."""
+    return pick_device(overrides.get("device", "auto")).type == "cpu"
