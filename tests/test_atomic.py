@@ -193,6 +193,37 @@ def test_a_file_written_into_the_directory_during_its_replace_is_kept_with_the_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", kept, kept + "-2"]
 
 
+@pytest.mark.parametrize("strategy", ["exchange", "fallback"])
+def test_an_interrupt_just_after_the_swap_cleans_up_without_deleting_a_file_the_writer_does_not_own(
+    tmp_path, monkeypatch, strategy
+):
+    """Ctrl-C between the swap and the discard: the clean-up (with the exchange, of the staging name, which now
+    holds the previous version) discards it as the write would have, never removing it whole."""
+    if strategy == "exchange" and not atomic._renameat2():
+        pytest.skip("no renameat2 on this system")
+    target = tmp_path / "bundle"
+    target.mkdir()
+    (target / "content").write_text("old")
+    (target / "late.txt").write_text("user")
+    if strategy == "fallback":
+        monkeypatch.setattr(atomic, "_exchange", lambda first, second: False)
+    fsync_directory = atomic._fsync_directory
+    interrupts = [KeyboardInterrupt]
+
+    def interrupted_once(path):
+        fsync_directory(path)
+        while interrupts:
+            raise interrupts.pop()
+
+    monkeypatch.setattr(atomic, "_fsync_directory", interrupted_once)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(WriteWarning, match="held 'late.txt'"):
+        with atomic_directory(target, own=lambda directory: ["content"]) as staging:
+            (staging / "content").write_text("new")
+    kept = tmp_path / ("bundle" + atomic.KEPT_SUFFIX)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", kept.name]
+    assert (kept / "late.txt").read_text() == "user" and (kept / "content").read_text() == "old"
+
+
 def test_a_writer_owning_every_file_of_the_previous_version_removes_it_silently(tmp_path):
     target = tmp_path / "bundle"
     target.mkdir()
