@@ -183,7 +183,7 @@ def test_a_file_written_into_the_directory_during_its_replace_is_kept_with_the_p
     kept = "bundle" + atomic.KEPT_SUFFIX
     for previous, name in (("old", kept), ("new", kept + "-2")):  # a second kept version takes a free name
         warned = r"'.*bundle' was rewritten, but it held 'late.txt' besides its writer's files \(written into it"
-        kept_in = rf" during the rewrite\): nothing was deleted, the previous version and them are in '.*/{name}'$"
+        kept_in = rf" during the rewrite\): nothing was deleted, the previous version is kept with them in '.*/{name}'$"
         with pytest.warns(WriteWarning, match=warned + kept_in):
             with atomic_directory(target, own=lambda directory: ["content"]) as staging:
                 (staging / "content").write_text("new")

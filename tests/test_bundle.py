@@ -289,7 +289,7 @@ def test_a_file_written_into_a_bundle_while_it_is_rewritten_is_kept_with_the_pre
     monkeypatch.setattr(bundle_write, "write_safetensors", user_writes_meanwhile)
     other = randomize_batchnorm(tiny_cnn(), seed=3).eval()
     kept = tmp_path / "b.previous-version-with-your-files"
-    with pytest.warns(trainfer.WriteWarning, match=rf"held 'late.txt' .* are in '{kept}'$"):
+    with pytest.warns(trainfer.WriteWarning, match=rf"held 'late.txt' .* kept with them in '{kept}'$"):
         trainfer.save(other, bundle, factory=FACTORY, example_inputs=x)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", kept.name]
     assert _files_under(kept) == {kept / "late.txt": b"user data", **{kept / p.name: v for p, v in previous.items()}}

@@ -440,7 +440,7 @@ def _keep(previous: Path, target: Path, foreign: Collection[str]) -> None:
                 break
     warnings.warn(
         f"{str(target)!r} was rewritten, but it held {named(foreign)} besides its writer's files (written into it "
-        f"during the rewrite): nothing was deleted, the previous version and them are in {str(place)!r}",
+        f"during the rewrite): nothing was deleted, the previous version is kept with them in {str(place)!r}",
         WriteWarning,
         stacklevel=2,
     )
