@@ -5,13 +5,14 @@ import os
 import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 from nodes import NODES, kind_named, make_node, node_state
 from time_limit import time_limit
 
-from trainfer import InputError, WriteError, atomic
+from trainfer import InputError, WriteError, WriteWarning, atomic
 from trainfer.atomic import atomic_directory, atomic_file, recover, staging_directory
 
 
@@ -52,7 +53,9 @@ def test_atomic_directory_swaps_whole_directories(tmp_path):
 # The child replaces directory ``target`` (content "old") by one holding "new", and dies with
 # os._exit at its K-th file-system step (rename, exchange, fsync of the directory, rmtree), before
 # or after performing it (the journal's writes included). ``strategy`` "fallback" disables the exchange.
-# The child imports trainfer.atomic without the package's __init__ (no torch: it starts fast).
+# ``own``: the writer owns only the file "content" of the directory it replaces (as a bundle write owns
+# only the bundle's files). The child imports trainfer.atomic without the package's __init__ (no torch:
+# it starts fast).
 CHILD = f"""
 import os, shutil, sys, types
 from pathlib import Path
@@ -61,7 +64,7 @@ package.__path__ = [{str(Path(atomic.__file__).parent)!r}]
 sys.modules["trainfer"] = package
 import trainfer.atomic as atomic
 
-target, k, when, strategy = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+target, k, when, strategy, own = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 calls = [0]
 
 def step(function):
@@ -70,29 +73,31 @@ def step(function):
         n = calls[0]
         if n == k and when == "before":
             os._exit(9)
-        result = function(*args, **kwargs)
-        if n == k and when == "after":
-            os._exit(9)
-        return result
+        try:
+            return function(*args, **kwargs)
+        finally:  # after the step, even one that raised (mkdir(exist_ok=True) of an existing parent)
+            if n == k and when == "after":
+                os._exit(9)
     return run
 
 os.rename = step(os.rename)
 os.mkdir = step(os.mkdir)
 os.unlink = step(os.unlink)
+os.rmdir = step(os.rmdir)
 os.fsync = step(os.fsync)
 shutil.rmtree = step(shutil.rmtree)
 atomic._fsync_directory = step(atomic._fsync_directory)
 atomic._exchange = step(atomic._exchange if strategy == "exchange" else (lambda first, second: False))
-with atomic.atomic_directory(target) as staging:
+atomic._rename_noreplace = step(atomic._rename_noreplace)
+with atomic.atomic_directory(target, own=(lambda directory: ["content"]) if own == "own" else None) as staging:
     (staging / "content").write_text("new")
 print("completed")
 """
 
 
-def crash_replace(target, k, when, strategy):
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(target), str(k), when, strategy], capture_output=True, text=True, timeout=120
-    )
+def crash_replace(target, k, when, strategy, own=False):
+    arguments = [str(target), str(k), when, strategy, "own" if own else "all"]
+    done = subprocess.run([sys.executable, "-c", CHILD, *arguments], capture_output=True, text=True, timeout=120)
     assert done.returncode in (0, 9), done.stderr
     return done.returncode == 0
 
@@ -119,6 +124,115 @@ def test_a_crash_at_any_step_of_a_replace_leaves_the_old_or_the_new_directory(tm
         if completed:
             break
     assert completed and outcomes == {"old", "new"}  # every step was reached, and crashes at both ends
+
+
+@pytest.mark.parametrize("strategy", ["exchange", "fallback"])
+@pytest.mark.parametrize("foreign", [False, True])
+def test_a_crash_at_any_step_never_deletes_a_file_the_writer_does_not_own(tmp_path, strategy, foreign):
+    """M-B1: the previous version holds "late.txt", which the writer does not own (a file written into the
+    directory during its rewrite). At every crash point, after recovery, it is where it was (the old version
+    still in place) or kept with the old version beside the target; without it, nothing is left over."""
+    if strategy == "exchange" and not atomic._renameat2():
+        pytest.skip("no renameat2 on this system")
+    kept_name = "bundle" + atomic.KEPT_SUFFIX
+    outcomes = set()
+    for k in range(1, 40):
+        for when in ("before", "after"):
+            root = tmp_path / f"{k}{when}"
+            target = root / "bundle"
+            target.mkdir(parents=True)
+            (target / "content").write_text("old")
+            if foreign:
+                (target / "late.txt").write_text("user")
+            completed = crash_replace(target, k, when, strategy, own=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", WriteWarning)  # recovery keeps the old version as the write would
+                recover(target)
+            content = (target / "content").read_text()
+            kept = [kept_name] if foreign and content == "new" else []
+            assert content in ("old", "new") and sorted(p.name for p in root.iterdir()) == ["bundle", *kept]
+            assert [path.read_text() for path in root.rglob("late.txt")] == (["user"] if foreign else [])
+            if kept:
+                assert (root / kept_name / "content").read_text() == "old"
+                assert sorted(p.name for p in (root / kept_name).iterdir()) == ["content", "late.txt"]
+            assert content == "new" or not completed
+            outcomes.add(content)
+        if completed:
+            break
+    assert completed and outcomes == {"old", "new"}
+
+
+@pytest.mark.parametrize("strategy", ["exchange", "fallback"])
+def test_a_file_written_into_the_directory_during_its_replace_is_kept_with_the_previous_version(
+    tmp_path, monkeypatch, strategy
+):
+    """M-B1: a file someone writes into the directory after the writer's check, the instant before the swap,
+    is never deleted: the previous version is kept whole beside the target, and a one-line warning names both."""
+    if strategy == "exchange" and not atomic._renameat2():
+        pytest.skip("no renameat2 on this system")
+    target = tmp_path / "bundle"
+    target.mkdir()
+    (target / "content").write_text("old")
+    exchange = atomic._exchange
+
+    def user_writes_then_exchange(first, second):
+        (target / "late.txt").write_text("user")  # a logger writing into its bundle while it is rewritten
+        return exchange(first, second) if strategy == "exchange" else False
+
+    monkeypatch.setattr(atomic, "_exchange", user_writes_then_exchange)
+    kept = "bundle" + atomic.KEPT_SUFFIX
+    for previous, name in (("old", kept), ("new", kept + "-2")):  # a second kept version takes a free name
+        warned = r"'.*bundle' was rewritten, but it held 'late.txt' besides its writer's files \(written into it"
+        kept_in = rf" during the rewrite\): nothing was deleted, the previous version is kept with them in '.*/{name}'$"
+        with pytest.warns(WriteWarning, match=warned + kept_in):
+            with atomic_directory(target, own=lambda directory: ["content"]) as staging:
+                (staging / "content").write_text("new")
+        assert (tmp_path / name / "late.txt").read_text() == "user"
+        assert (tmp_path / name / "content").read_text() == previous
+        assert sorted(p.name for p in target.iterdir()) == ["content"] and (target / "content").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", kept, kept + "-2"]
+
+
+@pytest.mark.parametrize("strategy", ["exchange", "fallback"])
+def test_an_interrupt_just_after_the_swap_cleans_up_without_deleting_a_file_the_writer_does_not_own(
+    tmp_path, monkeypatch, strategy
+):
+    """Ctrl-C between the swap and the discard: the clean-up (with the exchange, of the staging name, which now
+    holds the previous version) discards it as the write would have, never removing it whole."""
+    if strategy == "exchange" and not atomic._renameat2():
+        pytest.skip("no renameat2 on this system")
+    target = tmp_path / "bundle"
+    target.mkdir()
+    (target / "content").write_text("old")
+    (target / "late.txt").write_text("user")
+    if strategy == "fallback":
+        monkeypatch.setattr(atomic, "_exchange", lambda first, second: False)
+    fsync_directory = atomic._fsync_directory
+    interrupts = [KeyboardInterrupt]
+
+    def interrupted_once(path):
+        fsync_directory(path)
+        while interrupts:
+            raise interrupts.pop()
+
+    monkeypatch.setattr(atomic, "_fsync_directory", interrupted_once)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(WriteWarning, match="held 'late.txt'"):
+        with atomic_directory(target, own=lambda directory: ["content"]) as staging:
+            (staging / "content").write_text("new")
+    kept = tmp_path / ("bundle" + atomic.KEPT_SUFFIX)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", kept.name]
+    assert (kept / "late.txt").read_text() == "user" and (kept / "content").read_text() == "old"
+
+
+def test_a_writer_owning_every_file_of_the_previous_version_removes_it_silently(tmp_path):
+    target = tmp_path / "bundle"
+    target.mkdir()
+    (target / "content").write_text("old")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with atomic_directory(target, own=lambda directory: ["content", "missing"]) as staging:
+            (staging / "content").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"] and (target / "content").read_text() == "new"
 
 
 def test_the_fallback_window_is_reported_by_a_load_and_repaired_by_the_next_write(tmp_path):

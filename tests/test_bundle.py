@@ -240,17 +240,59 @@ def test_a_directory_or_link_under_a_bundle_files_name_is_not_a_bundle_file(tmp_
     assert (bundle / "runtime.json/mine").read_text() == "x"
 
 
+INT8_RECORD = {"format": "trainfer-quantized", "file": "quantized.onnx", "sha256": "0" * 64}
+
+
 def test_save_replaces_a_bundle_holding_every_kind_of_bundle_file(tmp_path):
     """A bundle holding a recorded runtime and an int8 form (every name bundle_files lists) is rewritten whole."""
-    from trainfer.serve.bundle_format import bundle_files
+    from trainfer.serve.bundle_format import RETIRED_FILE, bundle_files
 
     x = torch.randn(2, 1, 8, 8)
     bundle = trainfer.save(trained(), tmp_path / "b", factory=FACTORY, example_inputs=x)
-    for name in bundle_files() - {"manifest.json", "model.safetensors"}:
+    for name in bundle_files() - {"manifest.json", "model.safetensors", RETIRED_FILE}:
         (bundle / name).write_text("stale")
+    (bundle / RETIRED_FILE).write_text(json.dumps(INT8_RECORD))  # what trainfer compile renames its record to
     other = randomize_batchnorm(tiny_cnn(), seed=3).eval()
     trainfer.save(other, bundle, factory=FACTORY, example_inputs=x)
     assert sorted(path.name for path in bundle.iterdir()) == ["manifest.json", "model.safetensors"]
+    loaded = trainfer.load(bundle)
+    with trainfer.inference(loaded):
+        assert torch.equal(loaded(x), other(x))
+
+
+def test_a_retired_record_that_is_not_trainfers_is_the_users_file(tmp_path):
+    """L-B2: the name quantization.json.retired alone proves nothing: a file of that name not holding trainfer's
+    int8 record is refused like any other file of the user's, never deleted."""
+    x = torch.randn(2, 1, 8, 8)
+    bundle = trainfer.save(trained(), tmp_path / "b", factory=FACTORY, example_inputs=x)
+    (bundle / "quantization.json.retired").write_text("x")
+    before = _files_under(bundle)
+    with pytest.raises(BundleError, match="holds 'quantization.json.retired', which are not files of a trainfer"):
+        trainfer.save(trained(), bundle, factory=FACTORY, example_inputs=x)
+    assert _files_under(bundle) == before
+
+
+def test_a_file_written_into_a_bundle_while_it_is_rewritten_is_kept_with_the_previous_version(tmp_path, monkeypatch):
+    """M-B1: a file written into the bundle after save's check (a logger, while the new version is staged)
+    is never deleted: the previous version is kept whole beside the bundle, and a warning says where."""
+    from trainfer.serve import bundle_write
+
+    x = torch.randn(2, 1, 8, 8)
+    bundle = trainfer.save(trained(), tmp_path / "b", factory=FACTORY, example_inputs=x)
+    previous = _files_under(bundle)
+    write_safetensors = bundle_write.write_safetensors
+
+    def user_writes_meanwhile(state, path):
+        (bundle / "late.txt").write_text("user data")
+        write_safetensors(state, path)
+
+    monkeypatch.setattr(bundle_write, "write_safetensors", user_writes_meanwhile)
+    other = randomize_batchnorm(tiny_cnn(), seed=3).eval()
+    kept = tmp_path / "b.previous-version-with-your-files"
+    with pytest.warns(trainfer.WriteWarning, match=rf"held 'late.txt' .* kept with them in '{kept}'$"):
+        trainfer.save(other, bundle, factory=FACTORY, example_inputs=x)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", kept.name]
+    assert _files_under(kept) == {kept / "late.txt": b"user data", **{kept / p.name: v for p, v in previous.items()}}
     loaded = trainfer.load(bundle)
     with trainfer.inference(loaded):
         assert torch.equal(loaded(x), other(x))

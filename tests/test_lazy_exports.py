@@ -30,7 +30,7 @@ EXPORTED = _table(
         "trainfer.analysis.audit": "audit",
         "trainfer.analysis.inspection": "Inspection LayerRecord inspect",
         "trainfer.errors": "AlgebraError BundleError BundleWarning DecodingError EquivalenceError InputError "
-        "ModeError ModeWarning OutputKindWarning TrainferError WriteError",
+        "ModeError ModeWarning OutputKindWarning TrainferError WriteError WriteWarning",
         "trainfer.modes.contexts": "inference restore_modes snapshot_modes training",
         "trainfer.modes.dual": "DualModule infer_path train_only",
         "trainfer.modes.guard": "guard",

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs (tests/test_lazy
         OutputKindWarning,
         TrainferError,
         WriteError,
+        WriteWarning,
     )
     from trainfer.modes.contexts import inference, restore_modes, snapshot_modes, training
     from trainfer.modes.dual import DualModule, infer_path, train_only
@@ -64,7 +65,7 @@ _HOMES = _homes(
         "trainfer.analysis.audit": "audit",
         "trainfer.analysis.inspection": "Inspection LayerRecord inspect",
         "trainfer.errors": "AlgebraError BundleError BundleWarning DecodingError EquivalenceError InputError "
-        "ModeError ModeWarning OutputKindWarning TrainferError WriteError",
+        "ModeError ModeWarning OutputKindWarning TrainferError WriteError WriteWarning",
         "trainfer.modes.contexts": "inference restore_modes snapshot_modes training",
         "trainfer.modes.dual": "DualModule infer_path train_only",
         "trainfer.modes.guard": "guard",
@@ -141,6 +142,7 @@ __all__ = [
     "PreprocessSpec",
     "TrainferError",
     "WriteError",
+    "WriteWarning",
     "QuantizationError",
     "PruningError",
     "RuntimeRecord",

@@ -28,6 +28,14 @@ on this host and its process id no longer runs; and the directory at the token's
 is. The one exception is an *empty* directory at a journaled name (a crash between creating it
 and recording it): removing an empty directory cannot lose data. Reads never recover: see
 :func:`interrupted_write`.
+
+The previous version is deleted whole only when the writer owns all of it. A writer that owns only some
+files of the directory it replaces (a bundle: :func:`trainfer.serve.bundle_format.own_files`) passes
+``own``: just before the exchange the journal records the identity of each of those files, and afterwards
+only they are unlinked and the emptied directory removed with ``rmdir``. Anything else found there (a file
+someone wrote into the directory while it was being rewritten) keeps the previous version whole: it is
+renamed to ``NAME.previous-version-with-your-files`` beside the target, with a :class:`WriteWarning`
+naming it (:func:`_discard_previous`; recovery after a crash does the same).
 """
 
 from __future__ import annotations
@@ -45,11 +53,12 @@ import socket
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainfer.errors import InputError, TrainferError, WriteError
+from trainfer.errors import InputError, TrainferError, WriteError, WriteWarning
 
 __all__ = [
     "atomic_directory",
@@ -58,6 +67,7 @@ __all__ = [
     "fsync_file",
     "interrupted_write",
     "irregular",
+    "named",
     "recover",
     "remove_staging",
     "replace_directory",
@@ -66,7 +76,12 @@ __all__ = [
 
 JOURNAL_FORMAT = "trainfer-recovery"
 MAX_JOURNAL_BYTES = 4096
+#: What the previous version of a directory is renamed to when it holds files that are not the writer's.
+KEPT_SUFFIX = ".previous-version-with-your-files"
+#: How many entries a message names (:func:`named`).
+SHOWN_ENTRIES = 3
 _AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _UNSUPPORTED = frozenset({errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV})
 _STAGING = re.compile(r"\.(.+)\.trainfer-([0-9a-f]{32})\.tmp")
@@ -80,6 +95,16 @@ _KINDS = {
 }
 
 Identity = tuple[int, int]
+#: Given the directory a write replaces, the names of its entries that are the writer's own files (the only ones
+#: it may delete). A writer passing none owns the whole directory.
+OwnFiles = Callable[[Path], Collection[str]]
+
+
+def named(entries: Collection[str]) -> str:
+    """``'a', 'b', 'c' and 2 more``: up to :data:`SHOWN_ENTRIES` of the sorted ``entries``, for a one-line message."""
+    ordered = sorted(entries)
+    more = f" and {len(ordered) - SHOWN_ENTRIES} more" if len(ordered) > SHOWN_ENTRIES else ""
+    return ", ".join(map(repr, ordered[:SHOWN_ENTRIES])) + more
 
 
 def fsync_file(path: str | os.PathLike[str]) -> None:
@@ -161,6 +186,7 @@ class _Journal:
     pid: int = 0
     host: str = ""
     owned: dict[str, Identity] = field(default_factory=dict)  # "staging" / "old" -> (device, inode)
+    files: dict[str, Identity] | None = None  # the writer's own files in "old" (None: all of it is the writer's)
 
     def sibling(self, kind: str) -> Path:
         """``.NAME.trainfer-TOKEN.KIND`` beside the target (``tmp``, ``old`` or ``journal``)."""
@@ -179,25 +205,34 @@ class _Journal:
 
     @classmethod
     def of(cls, directory: Path) -> _Journal | None:
-        """The journal of the staging directory ``directory`` (or of its parent), if it has one."""
+        """The journal of the staging directory ``directory`` (or of its parent), read back, if it has one."""
         for candidate in (Path(directory), Path(directory).parent):
             match = _STAGING.fullmatch(candidate.name)
             if match:
-                journal = cls(candidate.parent / match[1], match[2], os.getpid())
-                if journal.sibling("journal").is_file():
-                    return journal
+                journal = cls(candidate.parent / match[1], match[2])
+                return cls.read(journal.sibling("journal"), journal.target)
         return None
 
-    def record(self, kind: str, path: Path) -> None:
-        """Record that the directory now at ``path`` is this write's ``kind`` (``staging`` or ``old``)."""
+    def record(self, kind: str, path: Path, files: Collection[str] | None = None) -> None:
+        """Record that the directory now at ``path`` is this write's ``kind`` (``staging`` or ``old``), and with
+        ``files`` the identity of each of those regular files in it (the writer's own: see :data:`OwnFiles`)."""
         identity = _identity(path)
-        if identity is not None:
-            self.owned[kind] = identity
-            self._append({kind: list(identity)})
+        if identity is None:
+            return
+        entry: dict[str, object] = {kind: list(identity)}
+        if files is not None:
+            found = {name: _file_identity(path / name) for name in files}
+            self.files = {name: file for name, file in found.items() if file is not None}
+            entry["files"] = {name: list(file) for name, file in self.files.items()}
+        self.owned[kind] = identity
+        self._append(entry)
 
     def _append(self, entry: dict[str, object]) -> None:
+        line = json.dumps(entry) + "\n"
+        if os.path.getsize(self.sibling("journal")) + len(line.encode()) > MAX_JOURNAL_BYTES:
+            raise WriteError(f"cannot journal the write of {str(self.target)!r}: over {MAX_JOURNAL_BYTES} bytes")
         with open(self.sibling("journal"), "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry) + "\n")
+            handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -235,12 +270,19 @@ class _Journal:
         if type(pid) is not int or not isinstance(host, str):
             return None
         owned: dict[str, Identity] = {}
+        files: dict[str, Identity] | None = None
         for entry in entries[1:]:
             for kind in ("staging", "old"):
-                value = entry.get(kind)
-                if isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value):
-                    owned[kind] = (value[0], value[1])
-        return cls(target, token, pid, host, owned)
+                identity = _parsed_identity(entry.get(kind))
+                if identity is not None:
+                    owned[kind] = identity
+            if isinstance(entry.get("files"), dict):
+                files = {}
+                for name, value in entry["files"].items():
+                    identity = _parsed_identity(value)
+                    if identity is not None and name not in ("", ".", "..") and name == os.path.basename(name):
+                        files[name] = identity  # a plain name: never a path out of the directory
+        return cls(target, token, pid, host, owned, files)
 
     def dead(self) -> bool:
         """Whether the writer ran on this host and its process no longer runs."""
@@ -255,13 +297,26 @@ class _Journal:
         return False
 
 
-def _identity(path: Path) -> Identity | None:
-    """(device, inode) of the directory at ``path`` (never following a link); ``None`` otherwise."""
+def _parsed_identity(value: object) -> Identity | None:
+    """A journal's ``[device, inode]`` as an :data:`Identity`, or ``None`` if ``value`` is not one."""
+    if isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value):
+        return (value[0], value[1])
+    return None
+
+
+def _identity(path: Path, kind: int = stat.S_IFDIR) -> Identity | None:
+    """(device, inode) of the directory (``kind``: of that file type) at ``path``, never following a link;
+    ``None`` otherwise."""
     try:
         info = os.lstat(path)
     except OSError:
         return None
-    return (info.st_dev, info.st_ino) if stat.S_ISDIR(info.st_mode) else None
+    return (info.st_dev, info.st_ino) if stat.S_IFMT(info.st_mode) == kind else None
+
+
+def _file_identity(path: Path) -> Identity | None:
+    """(device, inode) of the regular file at ``path`` (not a link); ``None`` otherwise."""
+    return _identity(path, stat.S_IFREG)
 
 
 def _dead_journals(target: Path) -> list[_Journal]:
@@ -295,15 +350,24 @@ def staging_directory(target: str | os.PathLike[str]) -> Path:
 
 
 def remove_staging(staging: Path) -> None:
-    """Remove the staging directory ``staging`` (made by :func:`staging_directory`) and its journal."""
-    shutil.rmtree(staging, ignore_errors=True)
-    match = _STAGING.fullmatch(Path(staging).name)
-    if match:
-        _Journal(Path(staging).parent / match[1], match[2]).close()
+    """Remove the staging directory ``staging`` (made by :func:`staging_directory`) and its journal.
+
+    After its exchange the staging name holds the previous version: that is discarded as the write would
+    have (:func:`_discard_previous`), never removed whole if it holds more than the writer's own files.
+    """
+    journal = _Journal.of(Path(staging))
+    if journal is None:
+        shutil.rmtree(staging, ignore_errors=True)
+    else:
+        _clean(journal)
 
 
-def replace_directory(new: Path, target: Path) -> None:
+def replace_directory(new: Path, target: Path, own: OwnFiles | None = None) -> None:
     """Move directory ``new`` to ``target``, replacing an existing ``target`` (see the module docstring).
+
+    ``own``: which files of the previous ``target`` are the writer's (:data:`OwnFiles`): only those are
+    deleted, and a previous version holding anything else is kept beside ``target``
+    (:func:`_discard_previous`). Without it the whole previous directory is the writer's.
 
     ``new`` is a :func:`staging_directory` or a directory inside one (its journal is completed and
     removed); any other directory gets a journal of its own for the replace. A ``target`` that
@@ -319,15 +383,67 @@ def replace_directory(new: Path, target: Path) -> None:
     else:
         check_target(target, directory=True)
         journal = journal or _Journal.create(target)
-        journal.record("old", target)  # the same inode wherever the renames below move it
+        files = None if own is None or os.path.islink(target) else own(target)
+        journal.record("old", target, files)  # the same inodes wherever the renames below move them
         previous = new if _exchange(new, target) else _move_aside_then_in(new, target, journal.sibling("old"))
         _fsync_directory(target.parent)
         if os.path.islink(previous):  # a link stood at the target: it goes, what it pointed to is untouched
             os.unlink(previous)
         else:
-            shutil.rmtree(previous, ignore_errors=True)
+            _discard_previous(previous, journal)
+        if os.path.lexists(previous):
+            return  # kept where it is (it could not be renamed): the journal stays, a later recover retries
     if journal is not None:
         journal.close()
+
+
+def _discard_previous(previous: Path, journal: _Journal) -> None:
+    """Remove ``previous``, the version of ``journal.target`` its write replaced: whole when the writer owns all
+    of it (``journal.files`` is ``None``); otherwise only the files the journal records as the writer's (each
+    still the recorded file), then the emptied directory (``rmdir``). One holding anything else is kept whole,
+    renamed beside the target with a warning (:func:`_keep`): nothing the writer does not own is deleted."""
+    files = journal.files
+    if files is None:
+        shutil.rmtree(previous, ignore_errors=True)
+        return
+    foreign = _foreign(previous, files)
+    if not foreign:
+        for name, identity in files.items():
+            if _file_identity(previous / name) == identity:
+                with contextlib.suppress(OSError):
+                    os.unlink(previous / name)
+        with contextlib.suppress(OSError):
+            os.rmdir(previous)  # only ever removes an empty directory
+    if os.path.lexists(previous):
+        _keep(previous, journal.target, foreign or _foreign(previous, {}))
+
+
+def _foreign(directory: Path, files: dict[str, Identity]) -> list[str]:
+    """The entries of ``directory`` that are not one of ``files`` (by name and identity)."""
+    with os.scandir(directory) as entries:
+        names = [entry.name for entry in entries]
+    return [name for name in names if name not in files or _file_identity(directory / name) != files[name]]
+
+
+def _keep(previous: Path, target: Path, foreign: Collection[str]) -> None:
+    """Rename ``previous`` (a replaced version of ``target`` holding ``foreign``, entries its writer does not own)
+    to the first free ``NAME`` :data:`KEPT_SUFFIX` (``-2``, ``-3``, ...) beside ``target``, and warn naming
+    them and where they are (:class:`WriteWarning`). Where the rename fails, ``previous`` stays, and the
+    warning names it."""
+    place = previous
+    with contextlib.suppress(OSError):
+        for number in range(1, 1000):
+            kept = target.with_name(f"{target.name}{KEPT_SUFFIX}{f'-{number}' if number > 1 else ''}")
+            if _rename_noreplace(previous, kept):
+                _fsync_directory(target.parent)
+                place = kept
+                break
+    warnings.warn(
+        f"{str(target)!r} was rewritten, but it held {named(foreign)} besides its writer's files (written into it "
+        f"during the rewrite): nothing was deleted, the previous version is kept with them in {str(place)!r}",
+        WriteWarning,
+        stacklevel=2,
+    )
 
 
 def _move_aside_then_in(new: Path, target: Path, old: Path) -> Path:
@@ -363,12 +479,22 @@ def _repair(journal: _Journal) -> None:
     if not os.path.lexists(journal.target) and _identity(old) == journal.owned.get("old"):
         os.rename(old, journal.target)
         _fsync_directory(journal.target.parent)
-    owned = set(journal.owned.values())
-    for path in (journal.sibling("tmp"), old):
+    _clean(journal)
+
+
+def _clean(journal: _Journal) -> None:
+    """Remove what the write ``journal`` records at its ``.tmp`` and ``.old`` names: its staging directory, its
+    previous version as the write discards it (:func:`_discard_previous`), an unrecorded directory only if
+    empty; then the journal, once nothing is left there."""
+    for path in (journal.sibling("tmp"), journal.sibling("old")):
         identity = _identity(path)
-        if identity in owned:
+        if identity is None:
+            continue
+        if identity == journal.owned.get("old"):
+            _discard_previous(path, journal)
+        elif identity == journal.owned.get("staging"):
             shutil.rmtree(path, ignore_errors=True)
-        elif identity is not None:
+        else:
             with contextlib.suppress(OSError):
                 os.rmdir(path)  # only ever removes an empty directory
     if not any(os.path.lexists(journal.sibling(kind)) for kind in ("tmp", "old")):
@@ -405,17 +531,41 @@ def _renameat2() -> Callable[..., int] | None:
     return function
 
 
-def _exchange(first: Path, second: Path) -> bool:
-    """Atomically swap two existing paths; ``False`` where the system or file system cannot."""
+def _rename2(first: Path, second: Path, flags: int) -> int | None:
+    """``renameat2(first, second, flags)``: 0, or the ``errno`` it failed with; ``None`` where the system has no
+    such call or the file system does not support ``flags``."""
     function = _renameat2()
     if function is None:
-        return False
-    if function(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
-        return True
+        return None
+    if function(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), flags) == 0:
+        return 0
     code = ctypes.get_errno()
-    if code in _UNSUPPORTED:
+    return None if code in _UNSUPPORTED else code
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Atomically swap two existing paths; ``False`` where the system or file system cannot."""
+    code = _rename2(first, second, _RENAME_EXCHANGE)
+    if code:
+        raise OSError(code, os.strerror(code), str(second))
+    return code == 0
+
+
+def _rename_noreplace(source: Path, destination: Path) -> bool:
+    """Rename ``source`` to ``destination`` unless something exists there (then ``False``). Atomic where
+    ``renameat2`` has ``RENAME_NOREPLACE``; elsewhere checked just before the rename, which could then
+    replace only an empty directory made in between."""
+    code = _rename2(source, destination, _RENAME_NOREPLACE)
+    if code is None:
+        if os.path.lexists(destination):
+            return False
+        os.rename(source, destination)
+        return True
+    if code in (errno.EEXIST, errno.ENOTEMPTY):
         return False
-    raise OSError(code, os.strerror(code), str(second))
+    if code:
+        raise OSError(code, os.strerror(code), str(destination))
+    return True
 
 
 def _fsync_directory(path: Path) -> None:
@@ -444,19 +594,19 @@ def _naming_failures(target: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_directory(target: str | os.PathLike[str], own: OwnFiles | None = None) -> Iterator[Path]:
     """Yield a staging directory; on success it replaces ``target``, on failure it is removed.
 
     Callers decide beforehand whether an existing directory ``target`` may be replaced at all; one
-    that exists and is not a directory (links followed) is always refused (:func:`replace_directory`).
-    An ``OSError`` while writing becomes a :class:`WriteError` naming ``target``.
+    that exists and is not a directory (links followed) is always refused (:func:`replace_directory`,
+    which ``own`` is passed to). An ``OSError`` while writing becomes a :class:`WriteError` naming ``target``.
     """
     target = Path(target)
     with _naming_failures(target):
         staging = staging_directory(target)
         try:
             yield staging
-            replace_directory(staging, target)
+            replace_directory(staging, target, own)
         except BaseException:
             remove_staging(staging)
             raise

@@ -78,6 +78,10 @@ class BundleWarning(UserWarning):
     """A bundle loads, but something about it deserves attention (no preprocessing, newer writer)."""
 
 
+class WriteWarning(UserWarning):
+    """A write completed, but kept something it found rather than delete it (the message says where)."""
+
+
 class QuantizationError(TrainferError, ValueError):
     """No int8 form within the allowed float fallback passes the accuracy gate (``report`` says why)."""
 
@@ -144,4 +148,5 @@ __all__ = [
     "QuantizationError",
     "TrainferError",
     "WriteError",
+    "WriteWarning",
 ]

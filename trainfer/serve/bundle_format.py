@@ -1,7 +1,8 @@
 """The bundle format: its files, its format version, and reading a manifest (validated, version policy).
 
 A bundle is a directory holding :data:`WEIGHTS_FILE` and :data:`MANIFEST_FILE` (see :mod:`trainfer.serve.bundle`),
-and maybe the other files :func:`bundle_files` names.
+and maybe the other files :func:`bundle_files` names; :func:`own_files` says which entries of a bundle directory
+are trainfer's (the only ones a rewrite deletes), checking the int8 record (:func:`int8_record`) by its content.
 :func:`read_manifest` and :func:`check_manifest` turn the untrusted JSON into the typed
 :class:`~trainfer.serve.manifest.Manifest`: a newer ``format_version`` is refused, a manifest written by a newer
 trainfer major.minor warns (:class:`~trainfer.errors.BundleWarning`), and :func:`needs_migration` names the
@@ -45,7 +46,10 @@ __all__ = [
     "WEIGHTS_FILE",
     "bundle_files",
     "check_manifest",
+    "int8_record",
     "needs_migration",
+    "own_files",
+    "own_int8_record",
     "read_manifest",
 ]
 
@@ -61,6 +65,40 @@ def bundle_files() -> frozenset[str]:
     return frozenset(
         (MANIFEST_FILE, WEIGHTS_FILE, RUNTIME_FILE, QUANTIZED_FILE, QUANTIZATION_FILE, PROBES_FILE, RETIRED_FILE)
     )
+
+
+def own_files(directory: Path) -> list[str]:
+    """The entries of the bundle ``directory`` that trainfer wrote, the only ones a rewrite deletes: regular files
+    (not links, not directories) named in :func:`bundle_files`, and of those :data:`RETIRED_FILE` only when it
+    holds trainfer's int8 record (:func:`own_int8_record`): a file of that name is otherwise someone else's."""
+    known = bundle_files()
+    with os.scandir(directory) as entries:
+        files = [e.name for e in entries if e.name in known and e.is_file(follow_symlinks=False)]
+    return [name for name in files if name != RETIRED_FILE or own_int8_record(directory / name) is not None]
+
+
+def own_int8_record(file: Path) -> dict[str, Any] | None:
+    """The int8 record at ``file`` when it is a regular file (not a link) holding trainfer's, else ``None``."""
+    if file.is_symlink() or not file.is_file():
+        return None
+    try:
+        return int8_record(read_json(file, error=BundleError), file)
+    except BundleError:
+        return None
+
+
+def int8_record(entry: Any, file: Path) -> dict[str, Any]:
+    """``entry``, read from ``file``, when it is a trainfer int8 record (else :class:`BundleError`)."""
+    if (
+        not isinstance(entry, dict)
+        or entry.get("format") != "trainfer-quantized"
+        or entry.get("file") != QUANTIZED_FILE
+    ):
+        raise BundleError(
+            f'{str(file)!r} is not a trainfer int8 record (expected "format": "trainfer-quantized", '
+            f'"file": "{QUANTIZED_FILE}")'
+        )
+    return entry
 
 
 def read_manifest(path: str | os.PathLike[str]) -> Manifest:

@@ -4,7 +4,10 @@
 :func:`write_bundle` writes both into a temporary directory beside the target, which then replaces the
 previous bundle: an interrupted save leaves the previous bundle intact. Replacing a directory deletes what
 it held, so :func:`check_replaceable` refuses a target that is not a bundle, or that holds anything but the
-files of one (the user's notes, data, ...): trainfer does not touch what it did not make.
+files of one (the user's notes, data, ...): trainfer does not touch what it did not make. A file written
+into the bundle while it is rewritten is not deleted either: only the previous version's
+:func:`~trainfer.serve.bundle_format.own_files` are (:func:`trainfer.atomic.replace_directory`'s ``own``), and
+a previous version holding anything else is kept beside the bundle, with a warning.
 """
 
 from __future__ import annotations
@@ -17,22 +20,33 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from trainfer.atomic import atomic_directory, fsync_file
+from trainfer.atomic import atomic_directory, fsync_file, named
 from trainfer.digest import sha256
 from trainfer.errors import BundleError
-from trainfer.serve.bundle_format import FORMAT, FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE, bundle_files
+from trainfer.serve.bundle_format import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    own_files,
+)
 from trainfer.serve.factories import call_factory, manifest_factory
 from trainfer.serve.manifest_build import build_manifest, writer_versions
 from trainfer.serve.outputs import Selector
 from trainfer.serve.preprocess import PreprocessSpec
+from trainfer.serve.weights import write_safetensors
 
 if TYPE_CHECKING:
     from trainfer.serve.manifest import Manifest
 
-__all__ = ["check_replaceable", "save", "write_bundle", "write_safetensors"]
-
-#: How many entries that are not bundle files a refusal names.
-SHOWN_ENTRIES = 3
+__all__ = [
+    "bundle_manifest",
+    "check_replaceable",
+    "save",
+    "tensors_to_save",
+    "write_bundle",
+    "write_safetensors",
+]
 
 
 def save(
@@ -64,12 +78,7 @@ def save(
     :class:`~trainfer.Predictor` serving it takes (:func:`trainfer.modes.contexts.shared_inference`),
     and tracing never disturbs its calls from other threads (:mod:`trainfer.reparam.fold.trace`).
     """
-    from trainfer.serve.sequence import is_autoregressive
-
-    if decoder is not None and is_autoregressive(decoder):  # encode/step, not one forward: by its factory
-        options = {"factory": factory, "config": config, "preprocess": preprocess, "example_inputs": example_inputs}
-        return _save_generator(model, path, labels=labels, decoder=decoder, **options)
-    manifest = build_manifest(
+    manifest = bundle_manifest(
         model,
         factory=factory,
         config=config,
@@ -82,17 +91,30 @@ def save(
         heads=heads,
         decoder=decoder,
     )
+    return write_bundle(path, manifest, tensors_to_save(model))
+
+
+def bundle_manifest(model: nn.Module, **metadata: Any) -> Manifest:
+    """The manifest :func:`save` writes for ``model`` (``metadata``: :func:`save`'s keywords), without its
+    ``weights`` entry (:func:`write_bundle` adds it)."""
+    from trainfer.serve.sequence import is_autoregressive
+
+    decoder = metadata.get("decoder")
+    if decoder is not None and is_autoregressive(decoder):  # encode/step, not one forward: by its factory
+        names = ("factory", "config", "preprocess", "example_inputs", "labels", "decoder")
+        return _generator_manifest(model, **{name: metadata.get(name) for name in names})
+    manifest = build_manifest(model, **metadata)
     if not (manifest.factory or manifest.architecture):
         raise BundleError(
             "save needs factory='package.module:function' (a callable that rebuilds the architecture) "
             f"for a {type(model).__name__}; trainfer's own models carry it in their recipe, and a deploy form "
             "from trainfer.deploy records its architecture"
         )
-    return write_bundle(path, manifest, _tensors_to_save(model))
+    return manifest
 
 
-def _save_generator(model: nn.Module, path: str | os.PathLike[str], **options: Any) -> Path:
-    """An autoregressive model's bundle (:func:`trainfer.serve.generator_bundle.generator_manifest`'s fields)."""
+def _generator_manifest(model: nn.Module, **options: Any) -> Manifest:
+    """An autoregressive model's manifest (:func:`trainfer.serve.generator_bundle.generator_manifest`'s fields)."""
     from trainfer.serve import manifest as schema
     from trainfer.serve.generator_bundle import generator_manifest
 
@@ -101,7 +123,7 @@ def _save_generator(model: nn.Module, path: str | os.PathLike[str], **options: A
         {"format": FORMAT, "format_version": FORMAT_VERSION, **fields, "versions": writer_versions()}
     )
     _check_rebuilds(model, manifest)
-    return write_bundle(path, manifest, _tensors_to_save(model))
+    return manifest
 
 
 def _check_rebuilds(model: nn.Module, manifest: Manifest) -> None:
@@ -125,71 +147,55 @@ def write_bundle(
     path: str | os.PathLike[str],
     manifest: Manifest,
     state: Mapping[str, Tensor],
-    check: Callable[[Path], None] | None = None,
+    finish: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``state`` and ``manifest`` (given its ``weights`` entry) as the bundle ``path``, atomically.
 
-    ``check(staging)`` runs on the complete bundle before it replaces ``path``: raising there leaves
-    ``path`` as it was. Refuses to replace anything but a bundle of trainfer's files (:func:`check_replaceable`).
+    ``finish(staging)`` runs on the complete bundle before it replaces ``path``, to check it or to add files
+    of the bundle (the int8 form): raising there leaves ``path`` as it was. Refuses to replace anything but a
+    bundle of trainfer's files (:func:`check_replaceable`), and deletes only those
+    (:func:`~trainfer.serve.bundle_format.own_files`).
     """
     from trainfer.serve import manifest as schema
 
     target = Path(path)
     check_replaceable(target)
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, own=own_files) as tmp:
         write_safetensors(state, tmp / WEIGHTS_FILE)
         weights = {"file": WEIGHTS_FILE, "sha256": sha256(tmp / WEIGHTS_FILE), "tensors": len(state)}
         _write_json(tmp / MANIFEST_FILE, schema.build({**manifest.to_json(), "weights": weights}).to_json())
-        if check is not None:
-            check(tmp)
+        if finish is not None:
+            finish(tmp)
     return target
 
 
 def check_replaceable(path: str | os.PathLike[str]) -> None:
     """Refuse (:class:`BundleError`) to replace ``path`` unless it is missing or a trainfer bundle holding nothing
-    but regular files named in :func:`~trainfer.serve.bundle_format.bundle_files` (a link or directory under such a
-    name is not one): replacing the directory would delete everything else in it. The refusal names up to
-    :data:`SHOWN_ENTRIES` of the other entries. Cheap (one directory listing): commands call it before their work.
+    but its :func:`~trainfer.serve.bundle_format.own_files`: replacing the directory would delete everything
+    else in it. The refusal names up to :data:`trainfer.atomic.SHOWN_ENTRIES` of the other entries. Cheap (one
+    directory listing, at most one small record read): commands call it before their work.
     """
     target = Path(path)
     if not target.exists():
         return
     if not (target / MANIFEST_FILE).is_file():
         raise BundleError(f"refusing to overwrite {str(target)!r}: it exists and is not a trainfer bundle")
-    known = bundle_files()
-    with os.scandir(target) as entries:
-        others = sorted(e.name for e in entries if e.name not in known or not e.is_file(follow_symlinks=False))
+    others = set(os.listdir(target)) - set(own_files(target))
     if others:
-        shown = ", ".join(map(repr, others[:SHOWN_ENTRIES]))
-        more = f" and {len(others) - SHOWN_ENTRIES} more" if len(others) > SHOWN_ENTRIES else ""
         raise BundleError(
-            f"refusing to overwrite the bundle {str(target)!r}: it also holds {shown}{more}, which are not "
+            f"refusing to overwrite the bundle {str(target)!r}: it also holds {named(others)}, which are not "
             "files of a trainfer bundle and would be deleted: move them out of it, or write to another path"
         )
 
 
-def _tensors_to_save(model: nn.Module) -> dict[str, Tensor]:
+def tensors_to_save(model: nn.Module) -> dict[str, Tensor]:
+    """``model``'s state dict as :func:`write_bundle` takes it: detached, contiguous copies on the CPU."""
     state = model.state_dict()
     others = sorted(key for key, value in state.items() if not isinstance(value, Tensor))
     if others:
         raise BundleError(f"state_dict entries that are not tensors cannot be saved without pickle: {others}")
     # Clone: safetensors refuses tensors that share memory (tied weights) and non-contiguous views.
     return {key: value.detach().to("cpu").contiguous().clone() for key, value in state.items()}
-
-
-def write_safetensors(state: Mapping[str, Tensor], path: str | os.PathLike[str]) -> None:
-    """Write ``state`` to ``path`` and flush it; a failure (disk full) is an ``OSError``.
-
-    Meant for the temporary file of an atomic write, which then names the real target.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    try:
-        save_file(dict(state), str(path))
-    except SafetensorError as error:  # safetensors reports I/O errors (ENOSPC) as its own type
-        raise OSError(f"safetensors could not write: {error}") from error
-    fsync_file(path)
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -25,7 +25,13 @@ from trainfer.atomic import atomic_file
 from trainfer.digest import sha256
 from trainfer.errors import BundleError, InputError
 from trainfer.jsonfile import read_json
-from trainfer.serve.bundle_format import QUANTIZATION_FILE, QUANTIZED_FILE, RETIRED_FILE
+from trainfer.serve.bundle_format import (
+    QUANTIZATION_FILE,
+    QUANTIZED_FILE,
+    RETIRED_FILE,
+    int8_record,
+    own_int8_record,
+)
 from trainfer.serve.engines import CompiledModel, int8_engine
 from trainfer.serve.int8_ops import check_int8_ops
 from trainfer.serve.runtime_record import (
@@ -37,6 +43,7 @@ from trainfer.serve.runtime_record import (
     thread_settings,
 )
 from trainfer.serve.served_checks import PROBES_FILE
+from trainfer.serve.weights import write_safetensors
 
 # The int8 form's file names (QUANTIZED_FILE, QUANTIZATION_FILE, RETIRED_FILE) are part of the bundle's
 # layout, in trainfer.serve.bundle_format, which lists every file a bundle may hold.
@@ -62,8 +69,6 @@ def write_int8_form(
     then puts in place atomically, or a bundle that ``trainfer.compile``'s int8 choice is saved into):
     each file is replaced atomically, the record naming the others' sha256 (and ``made_by``, one of
     :data:`MADE_BY`) last."""
-    from trainfer.serve.bundle_write import write_safetensors
-
     with atomic_file(directory / QUANTIZED_FILE) as tmp:
         tmp.write_bytes(onnx_bytes)
     with atomic_file(directory / PROBES_FILE) as tmp:
@@ -147,7 +152,7 @@ def compile_made(directory: Path, recorded_int8: bool) -> bool:
     ``"made_by": "trainfer compile"``, or (a record written before ``made_by`` existed) the bundle's
     ``runtime.json`` serves it (``recorded_int8``: it chose int8). A ``trainfer quantize`` bundle's own
     int8 form is not."""
-    entry = _own_record(directory / QUANTIZATION_FILE)
+    entry = own_int8_record(directory / QUANTIZATION_FILE)
     if entry is None:
         return False
     return entry.get("made_by") == MADE_BY[1] or ("made_by" not in entry and recorded_int8)
@@ -167,7 +172,7 @@ def retire_int8_form(directory: Path, stale: bool) -> None:
     """
     if stale:
         os.replace(directory / QUANTIZATION_FILE, directory / RETIRED_FILE)
-    entry = _own_record(directory / RETIRED_FILE)
+    entry = own_int8_record(directory / RETIRED_FILE)
     if entry is None:
         return
     if not os.path.lexists(directory / QUANTIZATION_FILE):
@@ -181,30 +186,6 @@ def retire_int8_form(directory: Path, stale: bool) -> None:
     (directory / RETIRED_FILE).unlink()
 
 
-def _own_record(file: Path) -> dict[str, Any] | None:
-    """The int8 record at ``file`` when it is a regular file (not a link) holding trainfer's, else ``None``."""
-    if file.is_symlink() or not file.is_file():
-        return None
-    try:
-        return _checked_entry(read_json(file, error=BundleError), file)
-    except BundleError:
-        return None
-
-
 def _quantization_entry(directory: Path) -> dict[str, Any]:
     file = directory / QUANTIZATION_FILE
-    return _checked_entry(read_json(file, error=BundleError), file)
-
-
-def _checked_entry(entry: Any, file: Path) -> dict[str, Any]:
-    """``entry``, read from ``file``, when it is a trainfer int8 record (else :class:`BundleError`)."""
-    if (
-        not isinstance(entry, dict)
-        or entry.get("format") != "trainfer-quantized"
-        or entry.get("file") != QUANTIZED_FILE
-    ):
-        raise BundleError(
-            f'{str(file)!r} is not a trainfer int8 record (expected "format": "trainfer-quantized", '
-            f'"file": "{QUANTIZED_FILE}")'
-        )
-    return entry
+    return int8_record(read_json(file, error=BundleError), file)

@@ -74,7 +74,7 @@ def migrate(
     )
     shape = manifest.input_shape or []  # _replay_fold refused a manifest without one
     probe = torch.randn(4, *shape[1:], dtype=weights_dtype(state) or torch.float32)
-    return write_bundle(target, migrated, state, check=lambda staged: _same_outputs(staged, deployed, probe))
+    return write_bundle(target, migrated, state, finish=lambda staged: _same_outputs(staged, deployed, probe))
 
 
 def _replay_fold(

@@ -48,7 +48,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from trainfer.atomic import remove_staging, replace_directory, staging_directory
 from trainfer.errors import InputError, QuantizationError
 from trainfer.serve.calibration import calibration_inputs, class_indices
 from trainfer.serve.engines import int8_engine
@@ -134,18 +133,16 @@ class QuantizedModel:
 
         ``metadata`` goes to :func:`trainfer.save` (e.g. ``factory=...`` for a model of your own).
         """
-        from trainfer.serve.bundle_write import check_replaceable, save
+        from trainfer.serve.bundle_write import bundle_manifest, tensors_to_save, write_bundle
 
-        target = Path(path)
-        check_replaceable(target)
-        staging = staging_directory(target)
-        try:
-            inner = save(self.float_model, staging / "bundle", **{**bundle_metadata(self.manifest), **metadata})
-            write_int8_form(inner, self.onnx_bytes, self.probes, self.report.to_dict())
-            replace_directory(inner, target)
-        finally:
-            remove_staging(staging)
-        return target
+        manifest = bundle_manifest(self.float_model, **{**bundle_metadata(self.manifest), **metadata})
+        report = self.report.to_dict()
+        return write_bundle(
+            path,
+            manifest,
+            tensors_to_save(self.float_model),
+            finish=lambda staged: write_int8_form(staged, self.onnx_bytes, self.probes, report),
+        )
 
 
 def bundle_metadata(manifest: Manifest) -> dict[str, Any]:

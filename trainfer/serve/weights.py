@@ -1,5 +1,7 @@
 """Weights I/O: a bundle's checksummed safetensors, bare checkpoints (never unpickling code), strict loading.
 
+:func:`write_safetensors` writes tensors (into an atomic write's temporary file).
+
 :func:`load_weights` reads ``.safetensors`` or ``torch.load(weights_only=True)`` checkpoints (unwrapping
 ``state_dict``/``model`` entries and DistributedDataParallel's ``module.`` prefix); :func:`read_bundle_weights`
 first checks the sha256 the manifest records; :func:`load_state_dict` loads strictly, naming every mismatch.
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from trainfer.atomic import fsync_file
 from trainfer.digest import sha256
 from trainfer.errors import BundleError
 
@@ -24,7 +27,14 @@ if TYPE_CHECKING:
 
 CHECKPOINT_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
 
-__all__ = ["CHECKPOINT_SUFFIXES", "load_state_dict", "load_weights", "read_bundle_weights", "weights_dtype"]
+__all__ = [
+    "CHECKPOINT_SUFFIXES",
+    "load_state_dict",
+    "load_weights",
+    "read_bundle_weights",
+    "weights_dtype",
+    "write_safetensors",
+]
 
 
 def read_bundle_weights(directory: Path, manifest: Manifest) -> dict[str, Tensor]:
@@ -156,3 +166,18 @@ def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
                 "a training checkpoint? give the model's own state dict, or the training bundle)"
             )
     return ""
+
+
+def write_safetensors(state: Mapping[str, Tensor], path: str | os.PathLike[str]) -> None:
+    """Write ``state`` to ``path`` and flush it; a failure (disk full) is an ``OSError``.
+
+    Meant for the temporary file of an atomic write, which then names the real target.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(dict(state), str(path))
+    except SafetensorError as error:  # safetensors reports I/O errors (ENOSPC) as its own type
+        raise OSError(f"safetensors could not write: {error}") from error
+    fsync_file(path)
