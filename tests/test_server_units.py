@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import ctypes
 import io
@@ -20,9 +21,9 @@ from time_limit import time_limit
 
 from trainfer.errors import InputError
 from trainfer.server.batching import DynamicBatcher, Overloaded
-from trainfer.server.protocol import DATATYPES, InferRequest, decode_request, encode_response
+from trainfer.server.protocol import DATATYPES, INPUT_DATATYPES, InferRequest, decode_request, encode_response
 
-NUMERIC = sorted(name for name in DATATYPES if name != "BOOL")
+NUMERIC = sorted(INPUT_DATATYPES)
 ONE = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}'
 
 
@@ -127,7 +128,6 @@ def test_text_outputs_as_json_and_as_length_prefixed_bytes():
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": [1], "data": [1]}]}', None, "is not served"),
         (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [[1], ["2"]]}]}', None, "found '2'"),
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT32", "data": [true]}]}', None, "found True"),
-        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BOOL", "data": [1]}]}', None, "true/false only"),
         (
             b'{"inputs": [{"name": "ids", "shape": [2], "datatype": "INT64", "data": [1, 1.5]}]}',
             None,
@@ -149,6 +149,22 @@ def test_malformed_requests_are_input_errors_naming_the_problem(body, header, me
     with pytest.raises(InputError) as refused:
         decode_request(body, header)
     assert message in str(refused.value), str(refused.value)
+
+
+@pytest.mark.parametrize("datatype", ["BOOL", "BYTES", "BF16"])
+def test_a_datatype_refused_as_an_input_is_not_among_those_the_answer_lists(datatype):
+    """Every listed datatype is read; BOOL, which the server writes (a binary model's decision),
+    is not: no served model takes booleans."""
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": datatype, "data": [True]}]}).encode()
+    with pytest.raises(InputError) as refused:
+        decode_request(body, None)
+    listed = ast.literal_eval(str(refused.value).partition("expected one of ")[2])
+    assert str(refused.value).startswith(f"input 'x': datatype {datatype!r} is not served as an input")
+    assert datatype not in listed and "BOOL" not in listed
+    for name in listed:
+        decode_request(
+            json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": name, "data": [1]}]}).encode(), None
+        )
 
 
 def test_an_unknown_requested_output_names_the_outputs():

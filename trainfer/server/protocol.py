@@ -25,7 +25,7 @@ import orjson
 
 from trainfer.errors import InputError
 
-#: The protocol's datatypes this server reads and writes, as numpy dtypes (little-endian).
+#: The protocol's datatypes this server writes, as numpy dtypes (little-endian).
 DATATYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),
     "UINT8": np.dtype("<u1"),
@@ -40,6 +40,9 @@ DATATYPES: dict[str, np.dtype[Any]] = {
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
 }
+#: The datatypes this server reads: the real numbers every served model takes. ``BOOL`` is only
+#: written (a binary model's ``decision``), ``BYTES`` only written too (labels, text).
+INPUT_DATATYPES = {name: dtype for name, dtype in DATATYPES.items() if name != "BOOL"}
 #: Most elements one input tensor may declare (the body size limit bounds the bytes first).
 MAX_ELEMENTS = 64_000_000
 HEADER_LENGTH = "inference-header-content-length"
@@ -47,6 +50,7 @@ HEADER_LENGTH = "inference-header-content-length"
 __all__ = [
     "DATATYPES",
     "HEADER_LENGTH",
+    "INPUT_DATATYPES",
     "MAX_ELEMENTS",
     "InferRequest",
     "datatype_of",
@@ -192,9 +196,12 @@ def _input_tensor(tensor: Any, index: int, binary: memoryview) -> tuple[str, np.
     if count > MAX_ELEMENTS:
         raise InputError(f"input {name!r}: shape {shape} holds {count} elements; at most {MAX_ELEMENTS} are accepted")
     datatype = tensor.get("datatype")
-    if not isinstance(datatype, str) or datatype not in DATATYPES:
-        raise InputError(f"input {name!r}: datatype {datatype!r:.40} is not served; expected one of {list(DATATYPES)}")
-    dtype = DATATYPES[datatype]
+    if not isinstance(datatype, str) or datatype not in INPUT_DATATYPES:
+        served = list(INPUT_DATATYPES)
+        raise InputError(
+            f"input {name!r}: datatype {datatype!r:.40} is not served as an input; expected one of {served}"
+        )
+    dtype = INPUT_DATATYPES[datatype]
     size = _parameters(tensor).get("binary_data_size")
     if size is not None:
         if "data" in tensor:
@@ -236,8 +243,6 @@ def _json_array(name: str, data: Any, shape: list[int], count: int, dtype: np.dt
 def _json_leaves(dtype: np.dtype[Any]) -> tuple[tuple[type, ...], str]:
     """The JSON value types a tensor of ``dtype`` holds, and their name: an integer datatype takes
     integers only (``1.5`` would be truncated, ``1.0`` is a float in JSON), a real one any number."""
-    if dtype == DATATYPES["BOOL"]:
-        return (bool,), "true/false"
     if dtype.kind in "iu":
         return (int,), f"{dtype.name} integers"
     return (int, float), f"{dtype.name} numbers"
