@@ -2,7 +2,8 @@
 Ctrl-C (SIGINT) after the graceful shutdown exits quietly with the shell's 130 (not click's
 ``Aborted!`` and 1, which docs/security.md's exit codes give to a negative verdict); SIGTERM ends
 it by that signal, re-raised after the graceful shutdown. SIGKILL of a multi-worker server's
-supervisor stops its workers too (they would otherwise keep serving the port)."""
+supervisor stops its workers too (they would otherwise keep serving the port). No process leaves a
+semaphore behind for multiprocessing's resource tracker to warn about."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from server_process import get, kill_running, running_server, still_running
-from serving_models import save_bundle
+from serving_models import gated_digits_bundle
 
 pytest.importorskip("fastapi")
 pytestmark = pytest.mark.slow  # a server subprocess: torch imported cold, the model loaded
@@ -25,20 +26,27 @@ STATUS = {signal.SIGINT: 130, signal.SIGTERM: -signal.SIGTERM}
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    return save_bundle(tmp_path_factory.mktemp("signals") / "tiny", seed=0, labels=["a", "b", "c"])
+    """A deployed model: loading it runs torch.fx's interpreter over its recorded architecture, which
+    builds a (disabled) tqdm bar, whose first one in a process makes tqdm's multiprocessing lock."""
+    root = tmp_path_factory.mktemp("signals")
+    gated_digits_bundle(root, "tiny")
+    return root / "tiny"
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 @pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_signal_ends_the_server_gracefully_with_its_status_and_no_abort_message(bundle, sent, workers):
     with running_server(str(bundle), "--workers", workers) as server:
+        children = child_processes(server.process.pid)  # the workers and multiprocessing's resource tracker
         server.process.send_signal(sent)
         status = server.process.wait(SHUTDOWN_LIMIT)  # TimeoutExpired fails the test; the block then kills it
+        assert not still_running(children, SHUTDOWN_LIMIT)  # the tracker writes its warnings as it ends
         logs = server.logs()
     assert status == STATUS[sent], logs[-3000:]
     # uvicorn's graceful shutdown ran to its end in every server process
     assert logs.count("Finished server process") == int(workers), logs[-3000:]
     assert "Aborted!" not in logs and "Traceback" not in logs, logs[-3000:]
+    assert "leaked" not in logs and "resource_tracker" not in logs, logs[-3000:]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in Linux's /proc")
@@ -59,9 +67,13 @@ def test_sigkill_of_the_supervisor_stops_its_workers(bundle):
 def worker_processes(supervisor: int) -> list[int]:
     """The pids of uvicorn's worker processes under ``supervisor`` (its multiprocessing-spawned
     children, not multiprocessing's resource tracker), from Linux's /proc."""
-    children = [
-        int(pid)
-        for task in Path(f"/proc/{supervisor}/task").iterdir()
-        for pid in (task / "children").read_text().split()
+    return [pid for pid in child_processes(supervisor) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def child_processes(parent: int) -> list[int]:
+    """The pids of the children of ``parent``, from Linux's /proc (none elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    return [
+        int(pid) for task in Path(f"/proc/{parent}/task").iterdir() for pid in (task / "children").read_text().split()
     ]
-    return [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]

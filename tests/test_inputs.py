@@ -110,16 +110,22 @@ def test_deep_images_outside_their_range_are_refused(image, message, tmp_path):
 
 
 # --------------------------------------------------------------------------- decompression bombs
+def png_chunk(kind: bytes, body: bytes = b"") -> bytes:
+    """One PNG chunk: length, kind, body and CRC."""
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png(width: int, height: int, before: bytes = b"", after: bytes = b"") -> bytes:
+    """A grayscale PNG of ``width`` x ``height`` zero pixels (image data for 8 x 8 at most), with the
+    chunks ``before`` and ``after`` its image data."""
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    pixels = png_chunk(b"IDAT", zlib.compress(b"\0" * 72))  # 8 rows: a filter byte, 8 pixels
+    return b"\x89PNG\r\n\x1a\n" + header + before + pixels + after + png_chunk(b"IEND")
+
+
 def png_header_claiming(width: int, height: int) -> bytes:
     """A PNG whose header claims ``width`` x ``height`` grayscale pixels, with almost no data."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    )
+    return png(width, height)
 
 
 @pytest.mark.parametrize("side", [9000, 14000, 100000])  # over trainfer's limit; 14000 and up over PIL's too
@@ -174,6 +180,107 @@ def test_the_decoding_budget_counts_the_bytes_a_pixel_of_the_image(fmt, mode, pe
 
 def test_every_8_bit_image_within_the_pixel_limit_fits_the_decoding_budget():
     assert readers.MAX_IMAGE_PIXELS * readers._DECODE_BYTES_PER_PIXEL["8-bit"] <= readers.MAX_IMAGE_DECODE_BYTES
+
+
+# --------------------------------------------------------------------------- PNG chunk counts
+def texts(count: int) -> bytes:
+    return b"".join(png_chunk(b"tEXt", b"k%d\0v" % i) for i in range(count))
+
+
+def animation(frames: int) -> tuple[bytes, bytes]:
+    """The chunks of an animated PNG of 8 x 8 pixels: its animation control before the default
+    image, then each further frame's control and image data."""
+    control = png_chunk(b"acTL", struct.pack(">II", frames + 1, 0))
+    frame = struct.pack(">IIIIHHBB", 8, 8, 0, 0, 1, 10, 0, 0)
+    data = zlib.compress(b"\0" * 72)
+    after = b"".join(
+        png_chunk(b"fcTL", struct.pack(">I", 2 * i + 1) + frame)
+        + png_chunk(b"fdAT", struct.pack(">I", 2 * i + 2) + data)
+        for i in range(frames)
+    )
+    return control, after
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (texts(20), b""),
+        (b"", texts(20)),
+        (png_chunk(b"xxXx") * 20, b""),  # unknown ancillary chunks, empty
+        (b"", png_chunk(b"IDAT") * 20),  # empty image data
+        animation(10),
+    ],
+    ids=["text-before-the-image", "text-after-it", "unknown", "empty-image-data", "animation-frames"],
+)
+def test_a_png_of_more_chunks_than_allowed_is_refused_before_pillow_reads_them(before, after, tmp_path, monkeypatch):
+    """The attack: an 8x8 PNG of 600,000 chunks (12.5 MB) took 2-3 s of CPU in Pillow, a chunk at a time."""
+    from trainfer.server.uploads import read_upload
+
+    data = png(8, 8, before, after)
+    assert len(data) < 1024  # no KiB adds to the limit
+    path = tmp_path / "chunks.png"
+    path.write_bytes(data)
+    monkeypatch.setattr(readers, "MAX_PNG_CHUNKS", 16)
+    limit = (
+        "holds more than 16 chunks: expected at most 16 (trainfer.serve.readers.MAX_PNG_CHUNKS) plus one per KiB "
+        f"of its {len(data)} bytes"
+    )
+    with pytest.raises(InputError) as refused:
+        load_image(path, PreprocessSpec(input_shape=(1, 8, 8)))
+    assert str(refused.value) == f"PNG file {str(path)!r} {limit}"
+    with pytest.raises(InputError) as refused:
+        read_upload(data, "up.png", "image/png", PreprocessSpec(input_shape=(1, 8, 8)))
+    assert str(refused.value) == f"PNG file 'up.png' {limit}"
+    monkeypatch.setattr(readers, "MAX_PNG_CHUNKS", 2**20)
+    assert load_image(path, PreprocessSpec(input_shape=(1, 8, 8))).shape == (1, 8, 8)  # the file itself is fine
+
+
+@pytest.mark.parametrize(("padding", "texts_allowed"), [(0, 13), (3000, 15)])
+def test_the_png_chunk_limit_is_max_png_chunks_plus_one_per_kib_of_the_file(padding, texts_allowed, tmp_path):
+    """IHDR, IDAT and IEND, one padding chunk (if any) and the tEXt chunks count; with 16 allowed and
+    3000 bytes of padding, 2 more are."""
+    spec = PreprocessSpec(input_shape=(1, 8, 8))
+    pad = png_chunk(b"tEXt", b"pad\0" + b"x" * padding) if padding else b""
+    for count, passes in [(texts_allowed, True), (texts_allowed + 1, False)]:
+        path = tmp_path / f"{count}.png"
+        path.write_bytes(png(8, 8, pad + texts(count)))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(readers, "MAX_PNG_CHUNKS", 16)
+            if passes:
+                assert load_image(path, spec).shape == (1, 8, 8)
+            else:
+                with pytest.raises(InputError, match="holds more than"):
+                    load_image(path, spec)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        png(8, 8, texts(20))[:40],  # truncated inside a chunk's header
+        png(8, 8, png_chunk(b"tEXt", b"k\0v")[:-7] + b"\xff\xff\xff\xff" + texts(20)),  # a length past the end
+    ],
+    ids=["truncated", "length-past-the-end"],
+)
+def test_a_png_whose_chunks_end_early_is_pillows_to_refuse(data, tmp_path, monkeypatch):
+    """The count stops where the file ends or a length points past it: Pillow, reading the same
+    lengths, finds the file truncated."""
+    path = tmp_path / "short.png"
+    path.write_bytes(data)
+    monkeypatch.setattr(readers, "MAX_PNG_CHUNKS", 16)
+    with pytest.raises(InputError, match=r"cannot read image .*short\.png'"):
+        load_image(path, PreprocessSpec(input_shape=(1, 8, 8)))
+
+
+def test_predict_refuses_a_png_of_too_many_chunks_in_one_line_with_status_2(tmp_path):
+    bundle = save_bundle(tmp_path / "b", seed=0, labels=["a", "b", "c"])
+    path = tmp_path / "chunks.png"
+    path.write_bytes(png(8, 8, png_chunk(b"xxXx") * 2 * readers.MAX_PNG_CHUNKS))  # 24 KiB: 1048 allowed
+    result = CliRunner().invoke(main, ["predict", str(bundle), str(path)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"error: PNG file {str(path)!r} holds more than 1048 chunks: expected at most 1024 "
+        "(trainfer.serve.readers.MAX_PNG_CHUNKS) plus one per KiB of its 24645 bytes"
+    ]
 
 
 # --------------------------------------------------------------------------- CSV and .npy files

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import ctypes
 import io
@@ -20,9 +21,9 @@ from time_limit import time_limit
 
 from trainfer.errors import InputError
 from trainfer.server.batching import DynamicBatcher, Overloaded
-from trainfer.server.protocol import DATATYPES, InferRequest, decode_request, encode_response
+from trainfer.server.protocol import DATATYPES, INPUT_DATATYPES, InferRequest, decode_request, encode_response
 
-NUMERIC = sorted(name for name in DATATYPES if name != "BOOL")
+NUMERIC = sorted(INPUT_DATATYPES)
 ONE = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}'
 
 
@@ -127,7 +128,6 @@ def test_text_outputs_as_json_and_as_length_prefixed_bytes():
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": [1], "data": [1]}]}', None, "is not served"),
         (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [[1], ["2"]]}]}', None, "found '2'"),
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT32", "data": [true]}]}', None, "found True"),
-        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BOOL", "data": [1]}]}', None, "true/false only"),
         (
             b'{"inputs": [{"name": "ids", "shape": [2], "datatype": "INT64", "data": [1, 1.5]}]}',
             None,
@@ -149,6 +149,60 @@ def test_malformed_requests_are_input_errors_naming_the_problem(body, header, me
     with pytest.raises(InputError) as refused:
         decode_request(body, header)
     assert message in str(refused.value), str(refused.value)
+
+
+TENSOR = '{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}'
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        ('{"inputs": [{"name": "x", "shape": [2], "shape": [1], "datatype": "FP32", "data": [1]}]}', "shape"),
+        ('{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": ["a:b"], "data": [1]}]}', "data"),
+        (f'{{"id": "a", "inputs": [{TENSOR}], "id": "b:c"}}', "id"),  # a colon in a string
+        (f'{{"id": "\\u003a", "inputs": [{TENSOR}], "id": "b"}}', "id"),  # an escaped one
+        (f'{{"id": "a", "inputs": [{TENSOR}], "id": "\\u003a"}}', "id"),  # the kept one's escape evens the count
+        (f'{{"inputs": [{TENSOR}], "parameters": {{"p": {{"a:b": 1, "a:b": 2}}}}}}', "a:b"),
+        (f'{{"inputs": [{TENSOR}], "outputs": [{{"name": "y", "name": "z"}}]}}', "name"),
+    ],
+)
+def test_a_key_given_twice_in_one_object_of_the_request_is_refused_by_name(body, key):
+    """JSON parsers keep one of the values silently: the request's meaning would be a guess."""
+    with pytest.raises(InputError) as refused:
+        decode_request(body.encode(), None)
+    assert str(refused.value) == (
+        f"the request names the key {key!r} twice in one JSON object: expected each key once "
+        "(which value was meant would be a guess)"
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        f'{{"id": "a:b::c", "inputs": [{TENSOR}], "parameters": {{"k:1": "v:2", "n": [":", {{"x": ":"}}]}}}}',
+        f'{{"id": "\\u003a", "inputs": [{TENSOR}]}}',  # an escaped colon, no key repeated
+        f'{{"id": "\\\\u003a", "inputs": [{TENSOR}]}}',  # an escaped backslash, then "u003a"
+        f'{{"inputs": [{TENSOR}, {{"name": "y", "shape": [1], "datatype": "FP32", "data": [1]}}]}}',
+    ],
+)
+def test_colons_and_escapes_in_a_requests_strings_are_not_mistaken_for_repeated_keys(body):
+    assert "x" in decode_request(body.encode(), None).inputs
+
+
+@pytest.mark.parametrize("datatype", ["BOOL", "BYTES", "BF16"])
+def test_a_datatype_refused_as_an_input_is_not_among_those_the_answer_lists(datatype):
+    """Every listed datatype is read; BOOL, which the server writes (a binary model's decision),
+    is not: no served model takes booleans."""
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": datatype, "data": [True]}]}).encode()
+    with pytest.raises(InputError) as refused:
+        decode_request(body, None)
+    listed = ast.literal_eval(str(refused.value).partition("expected one of ")[2])
+    assert str(refused.value).startswith(f"input 'x': datatype {datatype!r} is not served as an input")
+    assert datatype not in listed and "BOOL" not in listed
+    for name in listed:
+        decode_request(
+            json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": name, "data": [1]}]}).encode(), None
+        )
 
 
 def test_an_unknown_requested_output_names_the_outputs():

@@ -2,7 +2,8 @@
 
 Images are converted to the channel count of the spec's ``input_shape``, resized and scaled (see
 :mod:`trainfer.serve.preprocess`); images over :data:`MAX_IMAGE_PIXELS` pixels, or whose decoding would take
-more than :data:`MAX_IMAGE_DECODE_BYTES`, are refused before decoding.
+more than :data:`MAX_IMAGE_DECODE_BYTES`, and PNG files of more chunks than :data:`MAX_PNG_CHUNKS` allows,
+are refused before decoding.
 CSV files give one sample per row (``columns`` picked by name), in chunks; ``.npy`` headers are checked before
 any data is read (numbers only, at most :data:`MAX_NPY_ELEMENTS` read into memory).
 """
@@ -10,8 +11,10 @@ any data is read (numbers only, at most :data:`MAX_NPY_ELEMENTS` read into memor
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
+import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -60,6 +63,13 @@ _DECODE_BYTES_PER_PIXEL = {"8-bit": 9, "WEBP or CMYK": 16, "deep": 24}
 #: float image may hold at most 24,000,000 pixels (e.g. 4800 x 5000). An image over it is refused
 #: from its header, before decoding.
 MAX_IMAGE_DECODE_BYTES = 576_000_000
+#: The most chunks a PNG file may hold: 1024, plus one for each KiB of the file. Pillow reads every
+#: chunk in Python (some 3 microseconds each): 600,000 empty ones (7 MB) took 1.5-2 s of CPU to
+#: decode an 8x8 image. Real files hold a few chunks besides their image data, whose chunks
+#: encoders write 8 KiB (libpng) to 64 KiB (Pillow) long. Every chunk up to ``IEND`` counts, the
+#: frames of an animated PNG included. Counted from the chunks' headers before Pillow reads any.
+MAX_PNG_CHUNKS = 1024
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _NPY_MAGIC = b"\x93NUMPY"
 #: The most elements a ``.npy`` input read into memory may hold: 2**30 (4 GiB of float32). Its
 #: header is checked before any data is read; a header declaring more data than the file holds is
@@ -75,6 +85,7 @@ __all__ = [
     "MAX_IMAGE_DECODE_BYTES",
     "MAX_IMAGE_PIXELS",
     "MAX_NPY_ELEMENTS",
+    "MAX_PNG_CHUNKS",
     "column_indices",
     "iter_csv",
     "load_image",
@@ -174,11 +185,14 @@ def load_image(path: Path, spec: PreprocessSpec) -> Tensor:
     The channel count of ``spec.input_shape`` picks the mode (1: grayscale, 3: RGB or BGR, 4: RGBA);
     the image is resized (``spec.resample``, bilinear by default) to its height and width unless
     ``spec.resize`` is false. An image over :data:`MAX_IMAGE_PIXELS` pixels or whose decoding takes
-    more than :data:`MAX_IMAGE_DECODE_BYTES` (:func:`_check_decode_bytes`) is refused before decoding.
+    more than :data:`MAX_IMAGE_DECODE_BYTES` (:func:`_check_decode_bytes`), or a PNG file of more
+    chunks than :data:`MAX_PNG_CHUNKS` allows (:func:`_check_png_chunks`), is refused before decoding.
+    ``path`` may also be a binary file object (an upload in memory), read from its start.
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
+        _check_png_chunks(path)
         with Image.open(path, formats=IMAGE_FORMATS) as image:
             _check_pixels(image.width, image.height, path)
             _check_decode_bytes(image, path)
@@ -195,6 +209,45 @@ def load_image(path: Path, spec: PreprocessSpec) -> Tensor:
         ) from None
     except (OSError, SyntaxError, ValueError) as error:  # ValueError: huge zTXt/iCCP chunks
         raise InputError(f"cannot read image {str(path)!r}: {error}") from None
+
+
+def _check_png_chunks(path: Path | BinaryIO) -> None:
+    """Refuse a PNG file (at ``path``, or a file object read from its start and left there) of more
+    chunks than :data:`MAX_PNG_CHUNKS` plus one per KiB of its bytes; any other file passes."""
+    if isinstance(path, io.IOBase):
+        _count_png_chunks(path, path)  # type: ignore[arg-type]
+    else:
+        with open(path, "rb") as stream:
+            _count_png_chunks(stream, path)
+
+
+def _count_png_chunks(stream: BinaryIO, path: Path | BinaryIO) -> None:
+    """:func:`_check_png_chunks` of the file ``stream`` (named ``path``), left at its start.
+
+    Only the chunks' 8-byte headers are read, each giving the length to skip to the next, up to
+    ``IEND`` or the file's end (the frames of an animated PNG count); a count past the limit stops
+    the walk, so the check reads at most that many headers. A length that points past the end (a
+    lie, or a truncated file) ends the walk: what it skipped does not exist for Pillow either,
+    which then refuses the file as truncated.
+    """
+    size = stream.seek(0, os.SEEK_END)
+    stream.seek(0)
+    if stream.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE:
+        limit = MAX_PNG_CHUNKS + size // 1024
+        position, chunks = len(_PNG_SIGNATURE), 0
+        while position + 8 <= size:
+            stream.seek(position)
+            length, kind = struct.unpack(">I4s", stream.read(8))
+            chunks += 1
+            if chunks > limit:
+                raise InputError(
+                    f"PNG file {str(path)!r} holds more than {limit} chunks: expected at most {MAX_PNG_CHUNKS} "
+                    f"(trainfer.serve.readers.MAX_PNG_CHUNKS) plus one per KiB of its {size} bytes"
+                )
+            if kind == b"IEND":
+                break
+            position += 12 + length  # header, data, CRC
+    stream.seek(0)
 
 
 def _check_pixels(width: int, height: int, path: Path) -> None:

@@ -9,8 +9,9 @@ order, little-endian, without padding. The response mirrors it: ``{"model_name",
 "outputs": [{"name", "shape", "datatype", "data" | parameters.binary_data_size}]}``.
 
 Everything read here is untrusted: the header length, shapes, element counts and binary sizes are
-checked against each other and against ``MAX_ELEMENTS`` before any array is built, and every
-mistake is an :class:`~trainfer.errors.InputError` naming what was expected and what was given.
+checked against each other and against ``MAX_ELEMENTS`` before any array is built, a key named
+twice in one JSON object is refused, and every mistake is an :class:`~trainfer.errors.InputError`
+naming what was expected and what was given.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import orjson
 
 from trainfer.errors import InputError
 
-#: The protocol's datatypes this server reads and writes, as numpy dtypes (little-endian).
+#: The protocol's datatypes this server writes, as numpy dtypes (little-endian).
 DATATYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),
     "UINT8": np.dtype("<u1"),
@@ -40,6 +41,9 @@ DATATYPES: dict[str, np.dtype[Any]] = {
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
 }
+#: The datatypes this server reads: the real numbers every served model takes. ``BOOL`` is only
+#: written (a binary model's ``decision``), ``BYTES`` only written too (labels, text).
+INPUT_DATATYPES = {name: dtype for name, dtype in DATATYPES.items() if name != "BOOL"}
 #: Most elements one input tensor may declare (the body size limit bounds the bytes first).
 MAX_ELEMENTS = 64_000_000
 HEADER_LENGTH = "inference-header-content-length"
@@ -47,6 +51,7 @@ HEADER_LENGTH = "inference-header-content-length"
 __all__ = [
     "DATATYPES",
     "HEADER_LENGTH",
+    "INPUT_DATATYPES",
     "MAX_ELEMENTS",
     "InferRequest",
     "datatype_of",
@@ -87,6 +92,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     inputs = document.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InputError('expected "inputs": a non-empty list of tensors {"name", "shape", "datatype", "data"}')
+    _check_unique_keys(body[:size], document, [tensor.get("data") for tensor in inputs if isinstance(tensor, dict)])
     binary = memoryview(body)[size:]
     offset = 0
     arrays: dict[str, np.ndarray] = {}
@@ -131,9 +137,61 @@ def _json_object(data: bytes) -> dict[str, Any]:
     return document
 
 
-def _standard_json(data: bytes) -> Any:
+def _check_unique_keys(text: bytes, document: dict[str, Any], numbers: list[list[Any]]) -> None:
+    """Refuse a request whose JSON ``text`` names a key twice in one object (``"shape"`` twice: a
+    parser keeps one value silently); ``document`` is its parse and ``numbers`` its inputs' ``data``,
+    which hold numbers only in a valid request and are not walked (a key or a colon in them makes
+    the counts below differ, and the exact parse decides).
+
+    Exact at the cost of one byte count and a walk of the document's few objects: outside strings,
+    each colon of JSON text separates a key from its value, so the text's colons number the keys of
+    its objects plus the colons in its strings. The document, which holds one key of each repeated
+    one, has as many only if no key is repeated. An escaped colon (``\\u003a``) would be a colon of
+    the document's strings only: with one in the text, as when the counts differ, the standard
+    library parses the text again, refusing a repeated key by name as it builds each object.
+    """
+    escaped = b"\\" in text and (b"\\u003a" in text or b"\\u003A" in text)
+    if not escaped and text.count(b":") == _keys_and_colons(document, {id(data) for data in numbers}):
+        return
+    _standard_json(text, object_pairs_hook=_unique_keys)
+
+
+def _keys_and_colons(document: Any, skipped: set[int]) -> int:
+    """The keys of the objects in ``document`` (parsed JSON: exactly dicts, lists, strings, numbers,
+    booleans and None) plus the colons in its strings, keys included, not looking into the lists or
+    objects whose ``id`` is in ``skipped``."""
+    count, stack = 0, [document]
+    while stack:
+        value = stack.pop()
+        if type(value) is dict:
+            count += len(value)
+            value = [*value, *value.values()]
+        for item in value:
+            kind = type(item)
+            if kind is str:
+                count += item.count(":")
+            elif (kind is dict or kind is list) and id(item) not in skipped:
+                stack.append(item)
+    return count
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's ``(key, value)`` pairs as a dict; a key given twice is an :class:`InputError`."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise InputError(
+                f"the request names the key {key!r:.60} twice in one JSON object: expected each key once "
+                "(which value was meant would be a guess)"
+            )
+        seen.add(key)
+    return dict(pairs)
+
+
+def _standard_json(data: bytes, **options: Any) -> Any:
+    """``data`` parsed by the standard library (``options``: more of ``json.loads``'s)."""
     try:
-        return json.loads(data, parse_constant=_refuse_constant)
+        return json.loads(data, parse_constant=_refuse_constant, **options)
     except InputError:
         raise
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -192,9 +250,12 @@ def _input_tensor(tensor: Any, index: int, binary: memoryview) -> tuple[str, np.
     if count > MAX_ELEMENTS:
         raise InputError(f"input {name!r}: shape {shape} holds {count} elements; at most {MAX_ELEMENTS} are accepted")
     datatype = tensor.get("datatype")
-    if not isinstance(datatype, str) or datatype not in DATATYPES:
-        raise InputError(f"input {name!r}: datatype {datatype!r:.40} is not served; expected one of {list(DATATYPES)}")
-    dtype = DATATYPES[datatype]
+    if not isinstance(datatype, str) or datatype not in INPUT_DATATYPES:
+        served = list(INPUT_DATATYPES)
+        raise InputError(
+            f"input {name!r}: datatype {datatype!r:.40} is not served as an input; expected one of {served}"
+        )
+    dtype = INPUT_DATATYPES[datatype]
     size = _parameters(tensor).get("binary_data_size")
     if size is not None:
         if "data" in tensor:
@@ -236,8 +297,6 @@ def _json_array(name: str, data: Any, shape: list[int], count: int, dtype: np.dt
 def _json_leaves(dtype: np.dtype[Any]) -> tuple[tuple[type, ...], str]:
     """The JSON value types a tensor of ``dtype`` holds, and their name: an integer datatype takes
     integers only (``1.5`` would be truncated, ``1.0`` is a float in JSON), a real one any number."""
-    if dtype == DATATYPES["BOOL"]:
-        return (bool,), "true/false"
     if dtype.kind in "iu":
         return (int,), f"{dtype.name} integers"
     return (int, float), f"{dtype.name} numbers"

@@ -27,7 +27,7 @@ from typing import Any
 from trainfer.errors import InputError
 from trainfer.server.app import ServerSettings, create_app
 from trainfer.server.model import load_model
-from trainfer.server.supervisor import exit_with_parent, supervise
+from trainfer.server.supervisor import exit_with_parent, supervise, thread_locks_for_progress_bars
 
 __all__ = ["SETTINGS_VARIABLE", "app_from_environment", "check_address", "check_bundles", "freeze_heap", "serve"]
 
@@ -107,8 +107,10 @@ def freeze_heap() -> None:
 
 def app_from_environment() -> Any:
     """The app of a worker process, from the settings its parent put in ``TRAINFER_SERVE_SETTINGS``;
-    the worker shuts down when its parent, the supervisor, dies (:func:`exit_with_parent`)."""
+    the worker shuts down when its parent, the supervisor, dies (:func:`exit_with_parent`), and its
+    progress bars make no semaphore (:func:`thread_locks_for_progress_bars`)."""
     exit_with_parent()
+    thread_locks_for_progress_bars()
     _log_access()
     settings = ServerSettings(**json.loads(os.environ[SETTINGS_VARIABLE]))
 

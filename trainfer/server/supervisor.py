@@ -6,7 +6,9 @@ Two promises that uvicorn's own multi-process supervisor does not keep:
   that signal (143 in a shell), after Ctrl-C with ``KeyboardInterrupt`` (the CLI's 130), once its
   workers have shut down gracefully;
 * a worker never outlives its supervisor (:func:`exit_with_parent`), however the supervisor died
-  (SIGKILL included): otherwise orphaned workers keep serving the port.
+  (SIGKILL included): otherwise orphaned workers keep serving the port;
+* a worker leaves no semaphore behind (:func:`thread_locks_for_progress_bars`): otherwise
+  multiprocessing's resource tracker warns of "leaked semaphore objects" as the server stops.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import uvicorn
 
-__all__ = ["PARENT_POLL", "exit_with_parent", "supervise"]
+__all__ = ["PARENT_POLL", "exit_with_parent", "supervise", "thread_locks_for_progress_bars"]
 
 #: Seconds between two looks at the parent where the kernel cannot signal its death (not Linux).
 PARENT_POLL = 0.5
@@ -82,6 +84,23 @@ def exit_with_parent() -> None:
         threading.Thread(target=_watch_parent, args=(parent.pid,), name="trainfer-parent-watch", daemon=True).start()
     if os.getppid() != parent.pid:  # died before the kernel was asked to tell
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def thread_locks_for_progress_bars() -> None:
+    """In a worker process: tqdm's progress bars share a thread lock, not tqdm's default one, which
+    also holds a multiprocessing lock. Call it before any bar is built.
+
+    A worker builds bars, disabled ones included: torch.fx's interpreter, which checks a bundle's
+    recorded architecture, builds one. The first bar of a process makes tqdm's lock, and in a process
+    started by spawn (uvicorn's workers are) its multiprocessing half is a named POSIX semaphore
+    that multiprocessing's exit handlers would unlink. A uvicorn worker ends by re-raising SIGTERM
+    after its graceful shutdown, so they never run, and the resource tracker warns of a leaked
+    semaphore per worker as the server stops (and unlinks them then). A worker draws no bar that
+    another process shares: a thread lock is all it needs.
+    """
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
 
 
 def _signal_on_parent_death(number: int) -> bool:
