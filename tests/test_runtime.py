@@ -154,6 +154,17 @@ def test_record_round_trip_through_a_bundle_and_recorded_runtime(bundle, deploye
     assert isinstance(predictor.model, trainfer.CompiledModel)
 
 
+@pytest.mark.parametrize("runtime", ["TORCH", "Inductor", " inductor"])
+def test_a_refused_runtime_is_told_only_what_a_record_may_choose(runtime):
+    """Attacker round 4 L-R1: the refusal listed inductor among the allowed choices, which a record never makes."""
+    with pytest.raises(trainfer.BundleError) as refused:
+        rt.RuntimeRecord.from_dict({"runtime": runtime, "dtype": "float32"})
+    message = str(refused.value)
+    assert f"runtime {runtime!r} with dtype 'float32' is not one a record may choose" in message
+    assert "'inductor'" not in message and "'torch': ['float32', 'bfloat16', 'float16']" in message
+    assert "'onnxruntime': ['float32', 'int8']" in message
+
+
 def test_malformed_records_are_refused_with_a_clear_message(tmp_path, bundle):
     with pytest.raises(trainfer.BundleError, match="runtime 'pytorch-nightly'"):
         rt.RuntimeRecord.from_dict({"runtime": "pytorch-nightly", "dtype": "float32"})
