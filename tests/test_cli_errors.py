@@ -457,6 +457,19 @@ def test_bench_refuses_a_batch_of_more_input_elements_than_an_input_shape_may_ha
     )
 
 
+@pytest.mark.parametrize(
+    ("extra", "blamed", "given"),
+    [
+        ([], "'--input-shape'", "8 samples (the default --batch-size 8) of shape (1, 4096, 4096)"),
+        (["--batch-size", "8"], "'--batch-size' / '--input-shape'", "8 samples of shape (1, 4096, 4096)"),
+    ],
+)
+def test_bench_blames_the_options_the_user_gave_for_too_large_a_batch(nothing_runs, extra, blamed, given):
+    """Attacker round 4 L-C2: --input-shape alone was refused as an invalid --batch-size the user never gave."""
+    result = invoke("bench", "--model", "digits_net", "--input-shape", "1,1,4096,4096", *extra)
+    one_line_error(result, f"Invalid value for {blamed}:", f"got {given}: 134217728 elements")
+
+
 def test_every_seed_threads_count_and_batch_size_option_shares_one_range():
     """One bound per kind of option across commands; the seed's within what torch.manual_seed takes."""
     from trainfer.cli import common
