@@ -288,3 +288,33 @@ def test_every_output_refuses_a_device_or_a_fifo_before_any_work(tmp_path, comma
     refusal = f"is {kind_named(kind)}: expected a new path or {expected}"
     one_line_error(result, f"{option} {str(node)!r}".strip(), refusal)
     assert node_state(node) == before
+
+
+@pytest.mark.parametrize("command", [command for command in OUTPUTS if "runtime.json" not in command])
+def test_every_output_under_a_file_is_refused_naming_why_before_any_work(tmp_path, command):
+    """Attacker round 4 L-W2: ``bench --json FILE/x.json`` ran its benchmark, then failed with "File exists"."""
+    arguments, option, expected = OUTPUTS[command]
+    data, file = tmp_path / "data.npy", tmp_path / "file"
+    np.save(data, np.zeros((1, 1, 8, 8), np.float32))
+    file.write_text("mine")
+    places = {"missing": tmp_path / "missing", "data": data, "stub": tmp_path, "node": file / "out"}
+    result = invoke(*[argument.format(**places) for argument in arguments])
+    refusal = f"is under a file, not in a directory: expected a new path or {expected}"
+    one_line_error(result, f"{option} '{file / 'out'}", refusal)  # out, or out.safetensors
+    assert file.read_text() == "mine"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to a fifo"])
+@pytest.mark.parametrize("name", ["000_data.png", "003.png"])  # one example per input; another count's name
+def test_predict_refuses_an_explanation_file_it_may_write_before_loading(tmp_path, kind, name):
+    """Attacker round 4 L-W1: a FIFO at ``DIR/000_data.png`` was refused only after the predictions were printed."""
+    data, pngs = tmp_path / "data.npy", tmp_path / "pngs"
+    np.save(data, np.zeros((1, 1, 8, 8), np.float32))
+    pngs.mkdir()
+    node = make_node(pngs / name, kind)
+    (pngs / "000_other.png").symlink_to(node)  # a name no run of these inputs writes: left alone
+    before = node_state(node)
+    with time_limit(60):  # a write into a FIFO nobody reads would never end
+        result = invoke("predict", tmp_path / "missing", data, "--explain", pngs)
+    one_line_error(result, f"--explain {str(node)!r} is a pipe: expected a new path or a regular file")
+    assert node_state(node) == before

@@ -340,7 +340,10 @@ def command(
             # a bundle, or an input file: writing into a directory of images is fine
             check_output_apart(out, *models, *(path for path in paths if Path(path).is_file()), option="--out")
         if explain_dir is not None:
+            from trainfer.analysis.attribution_files import check_file_targets
+
             check_target(explain_dir, "--explain", directory=True)
+            check_file_targets(paths, explain_dir)  # the PNGs it will write, before predicting
         predictor = load_serving(models, parse_weights(weights), batch_size, device, threshold, runtime, top_k)
         if out is not None:
             producer = {
