@@ -10,14 +10,11 @@ from typing import Any
 
 import click
 
-from trainfer.cli.common import FiniteFloatRange, friendly_errors, trust_factory_option, trusted
+from trainfer.cli.common import INTERRUPTED, FiniteFloatRange, friendly_errors, trust_factory_option, trusted
 from trainfer.cli.compile import SEARCH_PARAMETERS, check_recordable, search_options, search_settings
 from trainfer.errors import InputError, MissingFileError
 from trainfer.extras import require
 from trainfer.serve.runtime_names import RUNTIMES
-
-#: The exit status after Ctrl-C (SIGINT): the shell's 128 + 2, not click's "Aborted!" and 1 (a verdict's code).
-INTERRUPTED = 130
 
 
 def model_names(bundles: tuple[str, ...], names: str | None) -> dict[str, str]:
