@@ -189,6 +189,37 @@ def test_benchmark_reports_every_form_and_skips_what_cannot_be_built():
     assert report.threads == 1 and set(report.ratios()) == {"train / reparameterized", "reparameterized / plain"}
 
 
+def test_the_progress_bar_counts_every_step_the_peak_memory_forwards_included(monkeypatch):
+    """Attacker round 4 L-C4: at a large batch the peak-memory forwards ran for minutes after the bar had ended."""
+    from trainfer.bench import forms as bench_forms
+
+    events, bars = [], []
+
+    class Bar:
+        def __init__(self, total, **options):
+            self.total = total
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *failure):
+            events.append("closed")
+
+        def update(self, steps=1):
+            events.extend(["step"] * steps)
+
+        def set_postfix_str(self, text):
+            pass
+
+    measure = bench_forms.peak_memory
+    monkeypatch.setattr(bench_forms, "tqdm", Bar)
+    monkeypatch.setattr(bench_forms, "peak_memory", lambda *args: events.append("memory") or measure(*args))
+    benchmark(_tiny_repvgg(), (1, 3, 16, 16), forms=("train", "plain"), batch_size=2, rounds=1, repeats=1, warmup=0)
+    assert events[-5:] == ["memory", "step", "memory", "step", "closed"]
+    assert events.count("step") == bars[0].total
+
+
 def test_ratios_are_medians_over_medians_known_answer():
     def result(form, batch_1_ms, batch_4_ms):
         return FormResult(form, Timing.from_samples(batch_1_ms), Timing.from_samples(batch_4_ms), 4, 1, 1, 0)
