@@ -177,7 +177,8 @@ def _divergence_finding(model: nn.Module, args: tuple[Any, ...], seed: int) -> t
     outputs = {}
     for mode, context in (("train", training), ("eval", inference)):
         replica = copy.deepcopy(model)
-        with torch.random.fork_rng(), context(replica):
+        # no_grad: only the outputs are compared, so the training pass keeps no activations for a backward
+        with torch.random.fork_rng(), context(replica), torch.no_grad():
             torch.manual_seed(seed)
             try:
                 outputs[mode] = replica(*args)
