@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from progress_bars import RecordingBar
 from serving_models import Sleeping
 from torch import nn
 
@@ -193,31 +194,13 @@ def test_the_progress_bar_counts_every_step_the_peak_memory_forwards_included(mo
     """Attacker round 4 L-C4: at a large batch the peak-memory forwards ran for minutes after the bar had ended."""
     from trainfer.bench import forms as bench_forms
 
-    events, bars = [], []
-
-    class Bar:
-        def __init__(self, total, **options):
-            self.total = total
-            bars.append(self)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *failure):
-            events.append("closed")
-
-        def update(self, steps=1):
-            events.extend(["step"] * steps)
-
-        def set_postfix_str(self, text):
-            pass
-
+    bar = RecordingBar.reset()
     measure = bench_forms.peak_memory
-    monkeypatch.setattr(bench_forms, "tqdm", Bar)
-    monkeypatch.setattr(bench_forms, "peak_memory", lambda *args: events.append("memory") or measure(*args))
+    monkeypatch.setattr(bench_forms, "tqdm", bar)
+    monkeypatch.setattr(bench_forms, "peak_memory", lambda *args: bar.events.append("memory") or measure(*args))
     benchmark(_tiny_repvgg(), (1, 3, 16, 16), forms=("train", "plain"), batch_size=2, rounds=1, repeats=1, warmup=0)
-    assert events[-5:] == ["memory", "step", "memory", "step", "closed"]
-    assert events.count("step") == bars[0].total
+    assert bar.events[-5:] == ["memory", "step", "memory", "step", "closed"]
+    assert bar.events.count("step") == bar.made[0].total
 
 
 def test_ratios_are_medians_over_medians_known_answer():
