@@ -174,7 +174,10 @@ def test_a_hostile_producer_record_is_refused_quickly(bundle, images, tmp_path, 
         sidecar.write_text(json.dumps({"format": "trainfer-predictions", "records": "csv", "top_k": None}))
     with time_limit(60):
         result = invoke("predict", bundle, images, "--out", out)
-    one_line_error(result, "cannot resume", "use another --out or delete it")
+    if record == "fifo":  # an output too (predict writes the record): refused as one, before the bundle loads
+        one_line_error(result, "--out's record", "is a pipe: expected a new path or a regular file")
+    else:
+        one_line_error(result, "cannot resume", "use another --out or delete it")
     assert out.read_text() == '{"id": "img00001.png"}\n'
 
 
@@ -317,4 +320,21 @@ def test_predict_refuses_an_explanation_file_it_may_write_before_loading(tmp_pat
     with time_limit(60):  # a write into a FIFO nobody reads would never end
         result = invoke("predict", tmp_path / "missing", data, "--explain", pngs)
     one_line_error(result, f"--explain {str(node)!r} is a pipe: expected a new path or a regular file")
+    assert node_state(node) == before
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to a fifo"])
+@pytest.mark.parametrize("resumed", [False, True], ids=["new OUT", "OUT to resume"])
+def test_out_whose_record_is_no_regular_file_is_refused_before_loading(tmp_path, kind, resumed):
+    """``OUT.trainfer.json``, which ``predict --out`` writes beside OUT, was refused only after the bundle
+    was loaded (found looking for outputs checked late, attacker round 4 L-W2)."""
+    data, out = tmp_path / "data.npy", tmp_path / "o.jsonl"
+    np.save(data, np.zeros((1, 1, 8, 8), np.float32))
+    if resumed:
+        out.write_text('{"id": "data.npy[0]"}\n')
+    node = make_node(producer_path(out), kind)
+    before = node_state(node)
+    with time_limit(60):  # a read of a FIFO nobody writes would never end
+        result = invoke("predict", tmp_path / "missing", data, "--out", out)
+    one_line_error(result, f"--out's record {str(node)!r} is a pipe: expected a new path or a regular file")
     assert node_state(node) == before

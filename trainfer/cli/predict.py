@@ -320,7 +320,7 @@ def command(
     """
     from trainfer.atomic import check_target
     from trainfer.serve import distributed
-    from trainfer.serve.batch_predict import predict_to_jsonl
+    from trainfer.serve.batch_predict import predict_to_jsonl, producer_path
 
     models, paths = split_models(bundle, inputs)
     if not paths:
@@ -337,6 +337,7 @@ def command(
     try:
         if out is not None:
             check_target(out, "--out")  # before loading anything: /dev/stdout, a pipe, /dev/zero are refused
+            check_target(producer_path(out), "--out's record")  # OUT.trainfer.json, written beside it
             # a bundle, or an input file: writing into a directory of images is fine
             check_output_apart(out, *models, *(path for path in paths if Path(path).is_file()), option="--out")
         if explain_dir is not None:
