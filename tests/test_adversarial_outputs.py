@@ -338,3 +338,27 @@ def test_out_whose_record_is_no_regular_file_is_refused_before_loading(tmp_path,
         result = invoke("predict", tmp_path / "missing", data, "--out", out)
     one_line_error(result, f"--out's record {str(node)!r} is a pipe: expected a new path or a regular file")
     assert node_state(node) == before
+
+
+@pytest.mark.parametrize("name", ["quantized.onnx", "probes.safetensors", "quantization.json"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["compile", "{stub}", "--gate-data", "{data}"],
+        ["serve", "{stub}", "--port", "0", "--compile", "--write-runtime", "--gate-data", "{data}"],
+    ],
+    ids=["compile", "serve --compile --write-runtime"],
+)
+def test_a_gated_search_refuses_an_int8_file_it_may_write_before_searching(tmp_path, name, command):
+    """With --gate-data an int8 choice writes its files into the bundle: a FIFO there was refused only
+    after the whole search (found grepping for outputs checked late, attacker round 4 L-W2)."""
+    stub, data = tmp_path / "stub", tmp_path / "data.npy"
+    stub.mkdir()
+    (stub / "manifest.json").write_text("{}")  # refused if read: the check must come first
+    np.save(data, np.zeros((1, 1, 8, 8), np.float32))
+    node = make_node(stub / name, "fifo")
+    before = node_state(node)
+    with time_limit(60):
+        result = invoke(*[argument.format(stub=stub, data=data) for argument in command])
+    one_line_error(result, f"{str(node)!r} is a pipe: expected a new path or a regular file")
+    assert node_state(node) == before
