@@ -174,7 +174,10 @@ def test_a_hostile_producer_record_is_refused_quickly(bundle, images, tmp_path, 
         sidecar.write_text(json.dumps({"format": "trainfer-predictions", "records": "csv", "top_k": None}))
     with time_limit(60):
         result = invoke("predict", bundle, images, "--out", out)
-    one_line_error(result, "cannot resume", "use another --out or delete it")
+    if record == "fifo":  # an output too (predict writes the record): refused as one, before the bundle loads
+        one_line_error(result, "--out's record", "is a pipe: expected a new path or a regular file")
+    else:
+        one_line_error(result, "cannot resume", "use another --out or delete it")
     assert out.read_text() == '{"id": "img00001.png"}\n'
 
 
@@ -287,4 +290,75 @@ def test_every_output_refuses_a_device_or_a_fifo_before_any_work(tmp_path, comma
         result = invoke(*[argument.format(**places) for argument in arguments])
     refusal = f"is {kind_named(kind)}: expected a new path or {expected}"
     one_line_error(result, f"{option} {str(node)!r}".strip(), refusal)
+    assert node_state(node) == before
+
+
+@pytest.mark.parametrize("command", [command for command in OUTPUTS if "runtime.json" not in command])
+def test_every_output_under_a_file_is_refused_naming_why_before_any_work(tmp_path, command):
+    """Attacker round 4 L-W2: ``bench --json FILE/x.json`` ran its benchmark, then failed with "File exists"."""
+    arguments, option, expected = OUTPUTS[command]
+    data, file = tmp_path / "data.npy", tmp_path / "file"
+    np.save(data, np.zeros((1, 1, 8, 8), np.float32))
+    file.write_text("mine")
+    places = {"missing": tmp_path / "missing", "data": data, "stub": tmp_path, "node": file / "out"}
+    result = invoke(*[argument.format(**places) for argument in arguments])
+    refusal = f"is under a file, not in a directory: expected a new path or {expected}"
+    one_line_error(result, f"{option} '{file / 'out'}", refusal)  # out, or out.safetensors
+    assert file.read_text() == "mine"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to a fifo"])
+@pytest.mark.parametrize("name", ["000_data.png", "003.png"])  # one example per input; another count's name
+def test_predict_refuses_an_explanation_file_it_may_write_before_loading(tmp_path, kind, name):
+    """Attacker round 4 L-W1: a FIFO at ``DIR/000_data.png`` was refused only after the predictions were printed."""
+    data, pngs = tmp_path / "data.npy", tmp_path / "pngs"
+    np.save(data, np.zeros((1, 1, 8, 8), np.float32))
+    pngs.mkdir()
+    node = make_node(pngs / name, kind)
+    (pngs / "000_other.png").symlink_to(node)  # a name no run of these inputs writes: left alone
+    before = node_state(node)
+    with time_limit(60):  # a write into a FIFO nobody reads would never end
+        result = invoke("predict", tmp_path / "missing", data, "--explain", pngs)
+    one_line_error(result, f"--explain {str(node)!r} is a pipe: expected a new path or a regular file")
+    assert node_state(node) == before
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to a fifo"])
+@pytest.mark.parametrize("resumed", [False, True], ids=["new OUT", "OUT to resume"])
+def test_out_whose_record_is_no_regular_file_is_refused_before_loading(tmp_path, kind, resumed):
+    """``OUT.trainfer.json``, which ``predict --out`` writes beside OUT, was refused only after the bundle
+    was loaded (found looking for outputs checked late, attacker round 4 L-W2)."""
+    data, out = tmp_path / "data.npy", tmp_path / "o.jsonl"
+    np.save(data, np.zeros((1, 1, 8, 8), np.float32))
+    if resumed:
+        out.write_text('{"id": "data.npy[0]"}\n')
+    node = make_node(producer_path(out), kind)
+    before = node_state(node)
+    with time_limit(60):  # a read of a FIFO nobody writes would never end
+        result = invoke("predict", tmp_path / "missing", data, "--out", out)
+    one_line_error(result, f"--out's record {str(node)!r} is a pipe: expected a new path or a regular file")
+    assert node_state(node) == before
+
+
+@pytest.mark.parametrize("name", ["quantized.onnx", "probes.safetensors", "quantization.json"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["compile", "{stub}", "--gate-data", "{data}"],
+        ["serve", "{stub}", "--port", "0", "--compile", "--write-runtime", "--gate-data", "{data}"],
+    ],
+    ids=["compile", "serve --compile --write-runtime"],
+)
+def test_a_gated_search_refuses_an_int8_file_it_may_write_before_searching(tmp_path, name, command):
+    """With --gate-data an int8 choice writes its files into the bundle: a FIFO there was refused only
+    after the whole search (found grepping for outputs checked late, attacker round 4 L-W2)."""
+    stub, data = tmp_path / "stub", tmp_path / "data.npy"
+    stub.mkdir()
+    (stub / "manifest.json").write_text("{}")  # refused if read: the check must come first
+    np.save(data, np.zeros((1, 1, 8, 8), np.float32))
+    node = make_node(stub / name, "fifo")
+    before = node_state(node)
+    with time_limit(60):
+        result = invoke(*[argument.format(stub=stub, data=data) for argument in command])
+    one_line_error(result, f"{str(node)!r} is a pipe: expected a new path or a regular file")
     assert node_state(node) == before

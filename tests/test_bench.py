@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from progress_bars import RecordingBar
 from serving_models import Sleeping
 from torch import nn
 
@@ -187,6 +188,19 @@ def test_benchmark_reports_every_form_and_skips_what_cannot_be_built():
     assert train.macs > reparameterized.macs == plain.macs > 0
     assert train.parameters > reparameterized.parameters == plain.parameters
     assert report.threads == 1 and set(report.ratios()) == {"train / reparameterized", "reparameterized / plain"}
+
+
+def test_the_progress_bar_counts_every_step_the_peak_memory_forwards_included(monkeypatch):
+    """Attacker round 4 L-C4: at a large batch the peak-memory forwards ran for minutes after the bar had ended."""
+    from trainfer.bench import forms as bench_forms
+
+    bar = RecordingBar.reset()
+    measure = bench_forms.peak_memory
+    monkeypatch.setattr(bench_forms, "tqdm", bar)
+    monkeypatch.setattr(bench_forms, "peak_memory", lambda *args: bar.events.append("memory") or measure(*args))
+    benchmark(_tiny_repvgg(), (1, 3, 16, 16), forms=("train", "plain"), batch_size=2, rounds=1, repeats=1, warmup=0)
+    assert bar.events[-5:] == ["memory", "step", "memory", "step", "closed"]
+    assert bar.events.count("step") == bar.made[0].total
 
 
 def test_ratios_are_medians_over_medians_known_answer():

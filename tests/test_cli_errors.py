@@ -457,6 +457,19 @@ def test_bench_refuses_a_batch_of_more_input_elements_than_an_input_shape_may_ha
     )
 
 
+@pytest.mark.parametrize(
+    ("extra", "blamed", "given"),
+    [
+        ([], "'--input-shape'", "8 samples (the default --batch-size 8) of shape (1, 4096, 4096)"),
+        (["--batch-size", "8"], "'--batch-size' / '--input-shape'", "8 samples of shape (1, 4096, 4096)"),
+    ],
+)
+def test_bench_blames_the_options_the_user_gave_for_too_large_a_batch(nothing_runs, extra, blamed, given):
+    """Attacker round 4 L-C2: --input-shape alone was refused as an invalid --batch-size the user never gave."""
+    result = invoke("bench", "--model", "digits_net", "--input-shape", "1,1,4096,4096", *extra)
+    one_line_error(result, f"Invalid value for {blamed}:", f"got {given}: 134217728 elements")
+
+
 def test_every_seed_threads_count_and_batch_size_option_shares_one_range():
     """One bound per kind of option across commands; the seed's within what torch.manual_seed takes."""
     from trainfer.cli import common
@@ -560,3 +573,33 @@ def test_prune_bounds_the_fine_tuning_learning_rate(bundle, tmp_path):
     """A learning rate of 1e38 overflowed float32 inside the optimiser (an internal error): bounded to (0, 10]."""
     refused = CliRunner().invoke(main, ["prune", str(bundle), "-o", str(tmp_path / "out"), "--finetune-lr", "1e38"])
     assert refused.exit_code == 2 and "not in the range" in refused.output and not (tmp_path / "out").exists()
+
+
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    ("work", "args"),
+    [
+        ("trainfer.bench.benchmark", ["bench", "--model", "digits_net"]),
+        ("trainfer.analysis.inspection.inspect", ["inspect", "digits_net"]),
+        ("trainfer.analysis.audit.audit", ["audit", "digits_net", "--input-shape", "4,1,8,8"]),
+        ("trainfer.reparam.deploy.deploy", ["deploy", "digits_net", "-o", "{tmp}/out"]),
+    ],
+)
+def test_ctrl_c_ends_a_long_command_with_one_line_and_130(monkeypatch, tmp_path, work, args):
+    """Attacker round 4 L-C4: long runs at the input bounds; Ctrl-C was click's "Aborted!" and exit 1 (a verdict)."""
+    monkeypatch.setattr(work, interrupt)
+    result = invoke(*[arg.format(tmp=tmp_path) for arg in args])
+    assert (result.exit_code, result.output.splitlines()[-1:]) == (130, ["interrupted (Ctrl-C)"]), result.output
+    assert result.output.count("interrupted") == 1 and "Aborted" not in result.output
+    assert list(tmp_path.iterdir()) == []  # nothing written, nothing half-written
+
+
+def test_ctrl_c_while_writing_an_output_leaves_nothing_half_written(monkeypatch, tmp_path):
+    monkeypatch.setattr("trainfer.cli.bench.json.dumps", interrupt)
+    arguments = ["--rounds", "1", "--repeats", "1", "--warmup", "0", "--forms", "train", "--json", tmp_path / "b.json"]
+    result = invoke("bench", "--model", "digits_net", *arguments)
+    assert (result.exit_code, result.output.splitlines()[-1]) == (130, "interrupted (Ctrl-C)"), result.output
+    assert list(tmp_path.iterdir()) == []

@@ -189,6 +189,17 @@ def test_a_default_load_of_a_recorded_bundle_on_another_device_serves_the_pytorc
     assert on_the_cpu["runtime"].runtime == "torch"
 
 
+@pytest.mark.parametrize("runtime", ["TORCH", "Inductor", " inductor"])
+def test_a_refused_runtime_is_told_only_what_a_record_may_choose(runtime):
+    """Attacker round 4 L-R1: the refusal listed inductor among the allowed choices, which a record never makes."""
+    with pytest.raises(trainfer.BundleError) as refused:
+        rt.RuntimeRecord.from_dict({"runtime": runtime, "dtype": "float32"})
+    message = str(refused.value)
+    assert f"runtime {runtime!r} with dtype 'float32' is not one a record may choose" in message
+    assert "'inductor'" not in message and "'torch': ['float32', 'bfloat16', 'float16']" in message
+    assert "'onnxruntime': ['float32', 'int8']" in message
+
+
 def test_malformed_records_are_refused_with_a_clear_message(tmp_path, bundle):
     with pytest.raises(trainfer.BundleError, match="runtime 'pytorch-nightly'"):
         rt.RuntimeRecord.from_dict({"runtime": "pytorch-nightly", "dtype": "float32"})

@@ -43,13 +43,22 @@ score itself for binary and regression models with one output.
 The concepts live in their own modules; this one re-exports their public names:
 :mod:`~trainfer.analysis.attribution_methods` (:func:`attribute`, :func:`explain`, the gradient
 methods), :mod:`~trainfer.analysis.attribution_shap` (the sampling methods, :func:`feature_mask`)
-and :mod:`~trainfer.analysis.attribution_files` (:func:`explain_to_files`).
+and :mod:`~trainfer.analysis.attribution_files` (:func:`explain_to_files`, :func:`check_file_targets`).
 """
 
 from __future__ import annotations
 
-from trainfer.analysis.attribution_files import explain_to_files
+from trainfer.analysis.attribution_files import check_file_targets, explain_to_files
 from trainfer.analysis.attribution_methods import METHODS, Attributions, attribute, explain
 from trainfer.analysis.attribution_shap import SAMPLE_BUDGET, feature_mask
 
-__all__ = ["METHODS", "SAMPLE_BUDGET", "Attributions", "attribute", "explain", "explain_to_files", "feature_mask"]
+__all__ = [
+    "METHODS",
+    "SAMPLE_BUDGET",
+    "Attributions",
+    "attribute",
+    "check_file_targets",
+    "explain",
+    "explain_to_files",
+    "feature_mask",
+]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,10 +12,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from trainfer.analysis.attribution_methods import Attributions, explain
-from trainfer.atomic import atomic_file
+from trainfer.atomic import atomic_file, check_target
 from trainfer.errors import InputError
 
-__all__ = ["explain_to_files", "plot_attribution"]
+__all__ = ["check_file_targets", "explain_to_files", "file_names", "plot_attribution"]
+
+#: The names of explanation files when the examples are not one per input path (:func:`file_names`).
+_NUMBERED = re.compile(r"[0-9]{3,}\.png")
 
 
 def explain_to_files(
@@ -29,14 +34,42 @@ def explain_to_files(
     Files are named ``<index>_<input file stem>.png`` (or ``<index>.png``); returns their paths.
     """
     result = explain(predictor, inputs, method, target, **options)
-    out_dir = Path(out_dir)
-    stems = _stems(inputs, len(result))
+    names = file_names(inputs, len(result))
     labels, columns = predictor.labels, predictor.preprocess_spec.columns
     paths = []
     for i in tqdm(range(len(result)), desc="explanations", unit="file", disable=None):
-        path = out_dir / (f"{i:03d}_{stems[i]}.png" if stems else f"{i:03d}.png")
-        paths.append(plot_attribution(result, i, path, labels=labels, columns=columns))
+        paths.append(plot_attribution(result, i, Path(out_dir) / names[i], labels=labels, columns=columns))
     return paths
+
+
+def file_names(inputs: Any, count: int) -> list[str]:
+    """The names :func:`explain_to_files` gives ``count`` examples of ``inputs``: ``<index>_<input file
+    stem>.png`` when ``inputs`` is one path per example, else ``<index>.png``."""
+    stems = _stems(inputs, count)
+    return [f"{i:03d}_{stems[i]}.png" if stems else f"{i:03d}.png" for i in range(count)]
+
+
+def check_file_targets(inputs: Any, out_dir: str | Path, option: str = "--explain") -> None:
+    """Refuse, before any work, a file :func:`explain_to_files` may write into ``out_dir`` that exists and
+    is not a regular file (:func:`trainfer.atomic.check_target`: a FIFO, a device, a link to one).
+
+    How many examples ``inputs`` hold is known only once they are read, so the names checked are those
+    of one example per input path and every ``<index>.png`` already in ``out_dir`` (another count's).
+    """
+    out_dir = Path(out_dir)
+    paths = [inputs] if isinstance(inputs, str | Path) else list(inputs)
+    numbered = [entry.name for entry in _entries(out_dir) if _NUMBERED.fullmatch(entry.name)]
+    for name in [*file_names(paths, len(paths)), *numbered]:
+        check_target(out_dir / name, option)
+
+
+def _entries(directory: Path) -> list[os.DirEntry[str]]:
+    """The entries of ``directory``, none when it is not one (yet)."""
+    try:
+        with os.scandir(directory) as entries:
+            return list(entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _stems(inputs: Any, count: int) -> list[str] | None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from trainfer.analysis.inspection import as_forward_args
 from trainfer.errors import InputTypeError
@@ -174,16 +175,19 @@ def _untrained_reason(norm: nn.modules.batchnorm._NormBase) -> str | None:
 
 
 def _divergence_finding(model: nn.Module, args: tuple[Any, ...], seed: int) -> tuple[Finding, Divergence | None]:
+    """One forward of a copy of ``model`` in each mode (a progress bar on a terminal counts them), compared."""
     outputs = {}
-    for mode, context in (("train", training), ("eval", inference)):
-        replica = copy.deepcopy(model)
-        with torch.random.fork_rng(), context(replica):
-            torch.manual_seed(seed)
-            try:
-                outputs[mode] = replica(*args)
-            except (RuntimeError, ValueError) as error:  # e.g. BatchNorm, one value per channel, training
-                detail = f"{mode}-mode forward failed: {str(error).splitlines()[0]}"
-                return Finding("train-eval-divergence", "", type(model).__name__, detail), None
+    with tqdm(total=2, desc="audit", unit="pass", disable=None) as bar:
+        for mode, context in (("train", training), ("eval", inference)):
+            replica = copy.deepcopy(model)
+            with torch.random.fork_rng(), context(replica):
+                torch.manual_seed(seed)
+                try:
+                    outputs[mode] = replica(*args)
+                except (RuntimeError, ValueError) as error:  # e.g. BatchNorm, one value per channel, training
+                    detail = f"{mode}-mode forward failed: {str(error).splitlines()[0]}"
+                    return Finding("train-eval-divergence", "", type(model).__name__, detail), None
+            bar.update()
     train, evaluated = outputs["train"], outputs["eval"]
     if not (isinstance(train, Tensor) and isinstance(evaluated, Tensor) and train.shape == evaluated.shape):
         detail = f"outputs differ in kind: training returns {_describe(train)}, eval returns {_describe(evaluated)}"

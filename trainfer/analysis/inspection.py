@@ -18,11 +18,12 @@ from __future__ import annotations
 import copy
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from trainfer.analysis.inspection_modes import MODES, REFERENCE_MODE
 from trainfer.analysis.inspection_report import Inspection, LayerRecord, Stats
@@ -41,18 +42,20 @@ def inspect(
 
     ``example_inputs`` is a tensor or a tuple of positional forward arguments. Each pass runs on a
     deep copy, with the RNG seeded by ``seed`` inside a forked RNG state; the eval pass under
-    ``torch.no_grad``, the train pass with gradients on, as training runs.
+    ``torch.no_grad``, the train pass with gradients on, as training runs. A progress bar on a
+    terminal counts the module outputs recorded.
     """
     modes = _check_modes(modes)
     inputs = as_forward_args(example_inputs)
     if "train" in modes:
         _check_train_batch(model, inputs)
     compare = len(modes) == 2
-    recorders = {mode: _Recorder(keep=compare and mode == REFERENCE_MODE) for mode in modes}
-    if compare:
-        recorders["train"].reference = recorders[REFERENCE_MODE].kept
-    reference_first = sorted(modes, key=lambda mode: mode != REFERENCE_MODE)
-    results = {mode: _run_pass(model, inputs, mode, seed, recorders[mode]) for mode in reference_first}
+    with tqdm(desc="inspect", unit="output", disable=None) as bar:  # no total: modules run any number of times
+        recorders = {mode: _Recorder(compare and mode == REFERENCE_MODE, progress=bar.update) for mode in modes}
+        if compare:
+            recorders["train"].reference = recorders[REFERENCE_MODE].kept
+        reference_first = sorted(modes, key=lambda mode: mode != REFERENCE_MODE)
+        results = {mode: _run_pass(model, inputs, mode, seed, recorders[mode]) for mode in reference_first}
     return Inspection(modes, _merge(modes, results))
 
 
@@ -60,11 +63,17 @@ class _Recorder:
     """The capture callback of one pass: reduces each output to statistics, keeping or comparing it.
 
     ``kept[name][k]`` holds the k-th call's tensors by leaf path when ``keep``; with a ``reference``,
-    each output is compared with the same call's reference tensors.
+    each output is compared with the same call's reference tensors. ``progress()`` is called after
+    each output.
     """
 
-    def __init__(self, keep: bool, reference: dict[str, list[dict[str, Tensor]]] | None = None):
-        self.keep, self.reference = keep, reference
+    def __init__(
+        self,
+        keep: bool,
+        reference: dict[str, list[dict[str, Tensor]]] | None = None,
+        progress: Callable[[], object] = lambda: None,
+    ):
+        self.keep, self.reference, self.progress = keep, reference, progress
         self.kept: dict[str, list[dict[str, Tensor]]] = {}
         self.calls: Counter[str] = Counter()
 
@@ -74,11 +83,11 @@ class _Recorder:
         leaves = _tensor_leaves(output)
         if self.keep:
             self.kept.setdefault(name, []).append({path: value.detach().clone() for path, value in leaves})
-        if not leaves:
-            return module, {"": (None, None, False)}
         references = self.reference.get(name, []) if self.reference is not None else []
         peers = references[call] if call < len(references) else {}
-        return module, {path: (Stats.of(value), *_divergence(value, peers.get(path))) for path, value in leaves}
+        found = {path: (Stats.of(value), *_divergence(value, peers.get(path))) for path, value in leaves}
+        self.progress()
+        return module, found or {"": (None, None, False)}
 
 
 def _run_pass(model: nn.Module, inputs: tuple[Any, ...], mode: str, seed: int, recorder: _Recorder) -> dict:

@@ -41,16 +41,26 @@ class Stats:
     @classmethod
     def of(cls, tensor: Tensor) -> Stats:
         values = tensor.detach().reshape(-1)
-        finite = torch.isfinite(values)
-        kept = values[finite]
+        kept = _finite(values)
         kept = (kept.abs() if kept.is_complex() else kept).double()
         summary: tuple[float | None, float | None, float | None, float | None] = (None, None, None, None)
         if kept.numel():
-            mean, std, low, high = torch.stack([kept.mean(), kept.std(correction=0), kept.min(), kept.max()]).tolist()
+            mean, std, low, high = torch.stack([kept.mean(), kept.std(correction=0), *torch.aminmax(kept)]).tolist()
             summary = (mean, std, low, high)
-        zeros = float((values == 0).sum()) / values.numel() if values.numel() else 0.0
-        nonfinite = values.numel() - int(finite.sum())
-        return cls(tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), *summary, zeros, nonfinite)
+        zeros = (values.numel() - int(torch.count_nonzero(values))) / values.numel() if values.numel() else 0.0
+        return cls(
+            tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), *summary, zeros, len(values) - len(kept)
+        )
+
+
+def _finite(values: Tensor) -> Tensor:
+    """The finite elements of the flat ``values``: ``values`` itself, not a copy, when all are (the usual case,
+    found by one cheap pass: NaN and infinities show in the minimum or maximum)."""
+    if not values.is_floating_point():
+        return values[torch.isfinite(values)] if values.is_complex() else values
+    if values.numel() and bool(torch.isfinite(torch.stack(torch.aminmax(values))).all()):
+        return values
+    return values[torch.isfinite(values)]
 
 
 @dataclass(frozen=True)

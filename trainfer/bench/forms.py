@@ -248,28 +248,38 @@ def benchmark(
     one = _random_input(model, input_shape, 1)
     many = _random_input(model, input_shape, batch_size)
     _check_accepts(model, one)
-    steps = len(forms) * (1 + 2 * rounds)
+    steps = len(forms) * (2 + 2 * rounds)  # per form: build, a turn per round at each batch, peak memory
     with tqdm(total=steps, desc="bench", unit="step", disable=None if show_progress else True) as bar:
         built, skipped = _build_forms(model, forms, (one,), bar)
         if not built:
             raise InputError(f"no form could be built: {skipped}")
-        bar.total = len(built) * (1 + 2 * rounds)
+        bar.total = len(built) * (2 + 2 * rounds)
         bar.set_postfix_str("timing")
         timing = {"threads": threads, "rounds": rounds, "repeats": repeats, "warmup": warmup, "progress": bar.update}
         latency = time_forms(built, one, **timing)
         batch_latency = time_forms(built, many, **timing)
+        bar.set_postfix_str("peak memory")
+        memory = {form_name: _peak_memory(form, many, bar) for form_name, form in built.items()}
     results = []
     for form_name, form in built.items():
-        with torch.inference_mode():
-            memory = peak_memory(functools.partial(form, many), many.device)
         parameters, macs = count_parameters(form), count_macs(form, one)
         results.append(
-            FormResult(form_name, latency[form_name], batch_latency[form_name], batch_size, parameters, macs, memory)
+            FormResult(
+                form_name, latency[form_name], batch_latency[form_name], batch_size, parameters, macs, memory[form_name]
+            )
         )
     with num_threads(threads):
         used_threads = torch.get_num_threads()
     label = name or type(model).__name__
     return BenchReport(label, tuple(int(size) for size in input_shape), used_threads, results, skipped)
+
+
+def _peak_memory(form: nn.Module, batch: Tensor, bar: tqdm) -> int:
+    """The peak memory of one ``torch.inference_mode`` forward of ``batch`` (:func:`peak_memory`); a step of ``bar``."""
+    with torch.inference_mode():
+        memory = peak_memory(functools.partial(form, batch), batch.device)
+    bar.update()
+    return memory
 
 
 def _build_forms(

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from trainfer.cli.common import (
     BATCH_SIZE,
@@ -90,7 +91,7 @@ def command(
     torch.manual_seed(seed)
     model = resolve_model(spec, weights, trust_factory=trusted())
     shape = example_shape(model, input_shape, spec)
-    check_elements((batch_size, *shape[1:]), f"{batch_size} samples of shape {tuple(shape[1:])}", "'--batch-size'")
+    _check_batch_elements(batch_size, shape, input_shape is not None)
     report = benchmark(
         model,
         shape,
@@ -109,6 +110,17 @@ def command(
     if plot_path:
         _write(Path(plot_path), lambda path: report.plot().savefig(path, format="png", dpi=120))
         click.echo(f"wrote {plot_path}")
+
+
+def _check_batch_elements(batch_size: int, shape: tuple[int, ...], shape_given: bool) -> None:
+    """Refuse a throughput batch (``batch_size`` samples of ``shape``'s sample) over the elements an input
+    may have, naming the options that made it: ``--batch-size`` when the user gave it, ``--input-shape``
+    when the user gave that (with the default batch size when it is the default that multiplies it)."""
+    batch_given = click.get_current_context().get_parameter_source("batch_size") is not ParameterSource.DEFAULT
+    named = (("--batch-size", batch_given or not shape_given), ("--input-shape", shape_given))
+    default = "" if batch_given else f" (the default --batch-size {batch_size})"
+    given = f"{batch_size} samples{default} of shape {tuple(shape[1:])}"
+    check_elements((batch_size, *shape[1:]), given, " / ".join(f"'{option}'" for option, blamed in named if blamed))
 
 
 def _write(target: Path, writer: Callable[[Path], object]) -> None:

@@ -1,8 +1,9 @@
 """Helpers shared by the command-line commands: option bounds, shapes, --trust-factory, friendly errors.
 
 Exit codes of every command: 0 success, 1 a negative verdict (e.g. not equivalent), 2 a user
-error (one line on stderr), 3 an internal error (traceback, then a line saying it is a bug), 141 the
-reader of stdout left (``trainfer predict ... | head -1``: quietly, as a program SIGPIPE ended).
+error (one line on stderr), 3 an internal error (traceback, then a line saying it is a bug), 130
+Ctrl-C (one line), 141 the reader of stdout left (``trainfer predict ... | head -1``: quietly, as a
+program SIGPIPE ended).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ _TRUST_KEY = "trainfer.trust_factory"
 _HINT = "'--input-shape'"  # the option every command parses a shape from
 #: The exit status when the reader of stdout left: 128 + SIGPIPE, a shell's status for a program SIGPIPE ended.
 EXIT_READER_LEFT = 141
+#: The exit status after Ctrl-C (SIGINT): the shell's 128 + 2, not click's "Aborted!" and 1 (a verdict's code).
+INTERRUPTED = 130
 
 
 #: The most threads a ``--threads`` option takes: as many as ``serve --workers`` (far more than any
@@ -183,7 +186,8 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     ``OSError`` (a path the user gave that is missing, unreadable or on a full disk). Anything else
     is a bug in trainfer (or in the user's model code): its traceback is printed, then a line
     saying so. ``--debug`` re-raises every error with its traceback. When the reader of stdout
-    leaves (``| head -1``), the command ends quietly with :data:`EXIT_READER_LEFT`.
+    leaves (``| head -1``), the command ends quietly with :data:`EXIT_READER_LEFT`; Ctrl-C ends it
+    with one line and :data:`INTERRUPTED` (every write is atomic: an interrupted one leaves nothing).
     """
 
     @functools.wraps(command)
@@ -197,6 +201,11 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except BrokenPipeError:
             _exit_for_a_reader_that_left()
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("interrupted (Ctrl-C)", err=True)
+            sys.exit(INTERRUPTED)
         except (TrainferError, OSError) as error:
             if debug:
                 raise

@@ -78,6 +78,18 @@ def search_settings(bundle: str, trust_factory: bool, what: str, way_out: str, *
             "trust_factory": trust_factory}  # fmt: skip
 
 
+def check_written(bundle: str, gated: bool) -> None:
+    """Refuse, before any search, a file the search may write into ``bundle`` that exists and is not a
+    regular file (:func:`trainfer.atomic.check_target`): ``runtime.json``, and with ``gated`` (``--gate-data``)
+    the int8 form's files, which an int8 choice writes."""
+    from trainfer.atomic import check_target
+    from trainfer.serve.int8_form import INT8_FILES
+    from trainfer.serve.runtime_record import RUNTIME_FILE
+
+    for name in (RUNTIME_FILE, *(INT8_FILES if gated else ())):
+        check_target(Path(bundle) / name)
+
+
 def check_recordable(runtime: str | None, candidates: tuple[str, ...]) -> None:
     """Refuse, before anything is measured, a search whose choice ``runtime.json`` could not record: a
     runtime that generates and compiles code when it is built runs only when named at load."""
@@ -103,13 +115,11 @@ def command(bundle: str, runtime: str, **search: Any) -> None:
     record the fastest verified one in BUNDLE/runtime.json (with --gate-data: bf16 and int8 too, each
     behind the accuracy gate). The bundle is otherwise unchanged. `trainfer serve BUNDLE --compile`
     runs the same search at start-up."""
-    from trainfer.atomic import check_target
     from trainfer.errors import InputError
     from trainfer.serve import gated
-    from trainfer.serve.runtime_record import RUNTIME_FILE
 
     check_recordable(runtime, search["candidates"])
-    check_target(Path(bundle) / RUNTIME_FILE)  # what compile writes, refused before the search if not a file
+    check_written(bundle, gated=search["gate_data"] is not None)
     way_out = f"serve it as it is (in PyTorch): trainfer serve {bundle}"
     settings = search_settings(bundle, trusted(), "trainfer compile", way_out, **search)
     gated_search = "gate_data" in settings

@@ -320,7 +320,7 @@ def command(
     """
     from trainfer.atomic import check_target
     from trainfer.serve import distributed
-    from trainfer.serve.batch_predict import predict_to_jsonl
+    from trainfer.serve.batch_predict import predict_to_jsonl, producer_path
 
     models, paths = split_models(bundle, inputs)
     if not paths:
@@ -337,10 +337,14 @@ def command(
     try:
         if out is not None:
             check_target(out, "--out")  # before loading anything: /dev/stdout, a pipe, /dev/zero are refused
+            check_target(producer_path(out), "--out's record")  # OUT.trainfer.json, written beside it
             # a bundle, or an input file: writing into a directory of images is fine
             check_output_apart(out, *models, *(path for path in paths if Path(path).is_file()), option="--out")
         if explain_dir is not None:
+            from trainfer.analysis.attribution_files import check_file_targets
+
             check_target(explain_dir, "--explain", directory=True)
+            check_file_targets(paths, explain_dir)  # the PNGs it will write, before predicting
         predictor = load_serving(models, parse_weights(weights), batch_size, device, threshold, runtime, top_k)
         if out is not None:
             producer = {

@@ -10,14 +10,17 @@ from typing import Any
 
 import click
 
-from trainfer.cli.common import FiniteFloatRange, friendly_errors, trust_factory_option, trusted
-from trainfer.cli.compile import SEARCH_PARAMETERS, check_recordable, search_options, search_settings
+from trainfer.cli.common import INTERRUPTED, FiniteFloatRange, friendly_errors, trust_factory_option, trusted
+from trainfer.cli.compile import (
+    SEARCH_PARAMETERS,
+    check_recordable,
+    check_written,
+    search_options,
+    search_settings,
+)
 from trainfer.errors import InputError, MissingFileError
 from trainfer.extras import require
 from trainfer.serve.runtime_names import RUNTIMES
-
-#: The exit status after Ctrl-C (SIGINT): the shell's 128 + 2, not click's "Aborted!" and 1 (a verdict's code).
-INTERRUPTED = 130
 
 
 def model_names(bundles: tuple[str, ...], names: str | None) -> dict[str, str]:
@@ -77,12 +80,9 @@ def compile_settings(
             "run `trainfer compile BUNDLE ...` once, then `trainfer serve BUNDLE --workers N`"
         )
     if write_runtime:
-        from trainfer.atomic import check_target
-        from trainfer.serve.runtime_record import RUNTIME_FILE
-
         check_recordable(None, values["candidates"])
         for path in bundles.values():
-            check_target(Path(path) / RUNTIME_FILE)  # what --write-runtime writes, refused before any search
+            check_written(path, gated=values["gate_data"] is not None)  # before any search
     what, way_out = "trainfer serve --compile (the start-up runtime search)", "drop --compile to serve it"
     return {name: search_settings(path, trusted(), what, way_out, **values) for name, path in bundles.items()}
 

@@ -52,6 +52,7 @@ MADE_BY = ("trainfer quantize", "trainfer compile")
 
 __all__ = [
     "MADE_BY",
+    "INT8_FILES",
     "QUANTIZATION_FILE",
     "QUANTIZED_FILE",
     "RETIRED_FILE",
@@ -60,6 +61,9 @@ __all__ = [
     "serve_quantized",
     "write_int8_form",
 ]
+
+#: The files :func:`write_int8_form` writes into a bundle, in the order it writes them.
+INT8_FILES = (QUANTIZED_FILE, PROBES_FILE, QUANTIZATION_FILE)
 
 
 def write_int8_form(

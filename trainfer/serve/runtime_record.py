@@ -115,8 +115,8 @@ class RuntimeRecord:
         int8 = runtime in QUANTIZED_RUNTIMES and data.get("dtype") == "int8"
         if not int8 and data.get("dtype") not in SUPPORTED_DTYPES.get(runtime, ()):
             raise BundleError(
-                f"{source}: runtime {runtime!r} with dtype {data.get('dtype')!r} is not one of "
-                f"{ {name: list(dtypes) for name, dtypes in SUPPORTED_DTYPES.items()} }"
+                f"{source}: runtime {runtime!r} with dtype {data.get('dtype')!r} is not one a record may choose: "
+                f"{_recordable()}"
             )
         unexpected = sorted(set(data) - {f.name for f in fields(cls)})
         if unexpected:
@@ -173,6 +173,14 @@ def machine_info() -> dict[str, Any]:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "bf16_hardware": bool({"avx512_bf16", "amx_bf16"} & flags),
         "int8_dot_product": bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags),
+    }
+
+
+def _recordable() -> dict[str, list[str]]:
+    """The ``{runtime: dtypes}`` a ``runtime.json`` may choose: never a code-generating runtime (inductor),
+    int8 on the runtimes that run a QDQ file."""
+    return {
+        name: [*SUPPORTED_DTYPES[name], *(["int8"] if name in QUANTIZED_RUNTIMES else [])] for name in AUTO_RUNTIMES
     }
 
 
