@@ -137,7 +137,7 @@ def _json_object(data: bytes) -> dict[str, Any]:
     return document
 
 
-def _check_unique_keys(text: bytes, document: dict[str, Any], numbers: list[list[Any]]) -> None:
+def _check_unique_keys(text: bytes, document: dict[str, Any], numbers: list[Any]) -> None:
     """Refuse a request whose JSON ``text`` names a key twice in one object (``"shape"`` twice: a
     parser keeps one value silently); ``document`` is its parse and ``numbers`` its inputs' ``data``,
     which hold numbers only in a valid request and are not walked (a key or a colon in them makes
