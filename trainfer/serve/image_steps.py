@@ -131,7 +131,7 @@ def tiff_steps(stream: BinaryIO, size: int) -> Iterator[int]:
 
 #: The walker of each format whose opening costs Pillow a step per piece, by the file's first bytes
 #: (the prefixes Pillow recognises the format by). WEBP and BMP are not here: libwebp walks a WEBP's
-#: chunks in C, and a BMP's headers are fixed fields.
+#: chunks in C, and a BMP's headers are fixed fields (its RLE data, decoded in Python, is not bounded).
 WALKS: dict[bytes, tuple[str, Walk]] = {
     PNG_SIGNATURE: ("PNG", png_steps),
     b"\xff\xd8\xff": ("JPEG", jpeg_steps),
