@@ -323,6 +323,10 @@ def tiff_of_strips(rows: int, extra_tags: int = 0) -> bytes:
     return tiff(entries, b"\0" + offsets + counts)
 
 
+#: The entries of an uncompressed 8 x 8 grayscale TIFF whose pixels start at offset 8.
+TIFF_8X8 = [(256, 3, 1, 8), (257, 3, 1, 8), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1), (273, 4, 1, 8)]
+TIFF_8X8 += [(277, 3, 1, 1), (278, 3, 1, 8), (279, 4, 1, 64)]
+
 #: Files of 20 pieces Pillow reads one at a time in Python, each with its format's limit.
 PIECES = {
     "jpeg-comments": (jpeg_with(b"\xff\xfe\0\2" * 20), "JPEG", "MAX_JPEG_SEGMENTS"),
@@ -333,13 +337,16 @@ PIECES = {
     "gif-stray-bytes": (gif_with(b"\0" * 20), "GIF", "MAX_GIF_BLOCKS"),
     "tiff-entries": (tiff_of_strips(1, extra_tags=20), "TIFF", "MAX_TIFF_ENTRIES"),
     "tiff-strips": (tiff_of_strips(20), "TIFF", "MAX_TIFF_ENTRIES"),
+    "tiff-rationals": (tiff([*TIFF_8X8, (282, 5, 20, 8)], bytes(160)), "TIFF", "MAX_TIFF_ENTRIES"),  # XResolution
 }
 
 
+@pytest.mark.filterwarnings("ignore:Metadata Warning")  # tiff-rationals: one XResolution expected
 @pytest.mark.parametrize("kind", PIECES)
 def test_an_image_of_more_pieces_than_allowed_is_refused_before_pillow_reads_them(kind, tmp_path, monkeypatch):
     """The attacks: 600,000 empty JPEG comments (2.4 MB) took 0.45 s of CPU, 1.2 MB of JPEG fill bytes
-    0.42 s, 600,000 GIF comments (3 MB) 0.31 s, a TIFF of 600,000 one-row strips (3.6 MB) 4.7 s."""
+    0.42 s, 600,000 GIF comments (3 MB) 0.31 s, a TIFF of 600,000 one-row strips (3.6 MB) 4.7 s, a TIFF
+    XResolution of 1,000,000 rationals (8 MB) 3.3 s."""
     from trainfer.server.uploads import read_upload
 
     data, fmt, name = PIECES[kind]
@@ -370,6 +377,7 @@ class _CountingReads(io.BytesIO):
         return super().read(size)
 
 
+@pytest.mark.filterwarnings("ignore:Metadata Warning")  # tiff-rationals: one XResolution expected
 @pytest.mark.parametrize(
     "data",
     [

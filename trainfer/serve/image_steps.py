@@ -25,6 +25,7 @@ _JPEG_START_OF_SCAN = 0xDA
 _GIF_COMMENT = 0xFE
 _TIFF_OFFSET_TAGS = (273, 324)  # StripOffsets, TileOffsets: Pillow builds a Python tile for each value
 _TIFF_COMPRESSION, _TIFF_UNCOMPRESSED, _TIFF_SHORT = 259, 1, 3  # the Compression tag, its value "none", a type
+_TIFF_RATIONALS = (5, 10)  # RATIONAL, SRATIONAL: Pillow builds a Python IFDRational for each value it reads
 
 
 def png_steps(stream: BinaryIO, size: int) -> Iterator[int]:
@@ -100,9 +101,10 @@ def _gif_sub_block(stream: BinaryIO) -> bool:
 
 
 def tiff_steps(stream: BinaryIO, size: int) -> Iterator[int]:
-    """The first directory's entries (Pillow reads each in Python), then, in an uncompressed file, the values
-    of its strip and tile offsets (Pillow builds a Python tile for each; libtiff reads a compressed file's
-    strips in C), from the directory alone; classic and BigTIFF files."""
+    """The first directory's entries (Pillow reads each in Python), the values of its rational entries (one
+    Python object each: an 8 MB XResolution took 3.3 s of CPU), then, in an uncompressed file, the values of its
+    strip and tile offsets (Pillow builds a Python tile for each; libtiff reads a compressed file's strips in
+    C), from the directory alone; classic and BigTIFF files."""
     stream.seek(0)
     head = stream.read(16)
     order = "<" if head[:2] == b"II" else ">"
@@ -121,6 +123,8 @@ def tiff_steps(stream: BinaryIO, size: int) -> Iterator[int]:
     table = stream.read(entries * width)
     compression, tiles = _TIFF_UNCOMPRESSED, 0
     for tag, kind, values, field in struct.iter_unpack(order + entry, table[: len(table) - len(table) % width]):
+        if kind in _TIFF_RATIONALS:
+            yield values
         if tag in _TIFF_OFFSET_TAGS:
             tiles += values
         elif tag == _TIFF_COMPRESSION and values:

@@ -77,17 +77,18 @@ MAX_JPEG_SEGMENTS = 1024
 #: bytes before the first image, plus one for each KiB of the file. 600,000 comment extensions (3 MB)
 #: took 0.31 s of CPU; real files hold a few extensions before their first image.
 MAX_GIF_BLOCKS = 1024
-#: The most entries (tags) plus strips and tiles the first directory of a TIFF may declare: 1024, plus one
-#: for each KiB of the file. Pillow reads each entry, and builds each strip or tile, in Python: 600,000
-#: one-row strips (3.6 MB) took 4.7 s of CPU. Real files declare a few dozen entries and strips of 8 KiB
-#: or more.
+#: The most entries (tags), rational values, and strips and tiles of an uncompressed file, the first
+#: directory of a TIFF may declare: 1024, plus one for each KiB of the file. Pillow reads each entry, builds
+#: each rational and each strip or tile, in Python: 600,000 one-row strips (3.6 MB) took 4.7 s of CPU, an
+#: XResolution of 1,000,000 rationals (8 MB) 3.3 s. Real files declare a few dozen entries, a few rationals
+#: and strips of 8 KiB or more.
 MAX_TIFF_ENTRIES = 1024
 #: For each format :mod:`trainfer.serve.image_steps` walks, the name of its limit (above) and what it counts.
 _STEP_LIMITS = {
     "PNG": ("MAX_PNG_CHUNKS", "chunks"),
     "JPEG": ("MAX_JPEG_SEGMENTS", "marker segments, fill and stray bytes before its image data"),
     "GIF": ("MAX_GIF_BLOCKS", "blocks, sub-blocks and stray bytes before its first image"),
-    "TIFF": ("MAX_TIFF_ENTRIES", "directory entries, strips and tiles"),
+    "TIFF": ("MAX_TIFF_ENTRIES", "directory entries, rational values, strips and tiles"),
 }
 _NPY_MAGIC = b"\x93NUMPY"
 #: The most elements a ``.npy`` input read into memory may hold: 2**30 (4 GiB of float32). Its
