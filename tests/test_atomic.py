@@ -2,6 +2,7 @@
 
 import errno
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -233,6 +234,24 @@ def test_a_writer_owning_every_file_of_the_previous_version_removes_it_silently(
         with atomic_directory(target, own=lambda directory: ["content", "missing"]) as staging:
             (staging / "content").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"] and (target / "content").read_text() == "new"
+
+
+def test_a_directory_the_writer_owns_goes_with_all_it_holds_but_a_link_named_like_it_is_foreign(tmp_path):
+    """``trainfer demo`` owns its subdirectories whole; an entry of that name that is a link is not the writer's."""
+    target = tmp_path / "out"
+    (target / "models").mkdir(parents=True)
+    (target / "models" / "a.bin").write_text("old")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with atomic_directory(target, own=lambda directory: ["models"]) as staging:
+            (staging / "models").mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not any((target / "models").iterdir())
+    shutil.rmtree(target / "models")
+    (target / "models").symlink_to(tmp_path)
+    with pytest.warns(WriteWarning, match="held 'models'"):
+        with atomic_directory(target, own=lambda directory: ["models"]) as staging:
+            (staging / "models").mkdir()
+    assert (tmp_path / ("out" + atomic.KEPT_SUFFIX) / "models").is_symlink()
 
 
 def test_the_fallback_window_is_reported_by_a_load_and_repaired_by_the_next_write(tmp_path):

@@ -1,5 +1,6 @@
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from click.testing import CliRunner
 from serving_models import Sleeping
 
 import trainfer
+from trainfer import WriteWarning, atomic
 from trainfer.cli import main
 from trainfer.demo import data
 from trainfer.demo import pipeline as demo
@@ -57,6 +59,7 @@ def test_every_artefact_exists_and_the_report_links_resolve(demo_run):
     assert results["skipped"] == {}
     assert f"report: {out / 'report.md'}" in printed
     assert not [p.name for p in out.parent.iterdir() if p.name != "demo"]  # no staging directory left behind
+    assert {p.name for p in out.iterdir()} <= demo.OUTPUTS  # what a rerun deletes covers all the demo writes
 
 
 def test_the_two_forms_predict_identical_classes(demo_run):
@@ -167,6 +170,35 @@ def test_a_sequences_only_output_may_be_replaced_by_the_whole_demo(tmp_path):
     with demo._staging(out) as work:
         (work / "report.md").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["report.md"]
+
+
+def test_a_file_written_into_the_output_during_a_run_is_kept_with_the_previous_output(tmp_path, monkeypatch):
+    """A user's file lands in ``--out`` just before the new output replaces it: the previous output, the
+    file with it, is kept beside it with a warning; a rerun with nothing foreign replaces silently."""
+    out = tmp_path / "demo"
+    (out / "bundle_train").mkdir(parents=True)
+    (out / "bundle_train" / "manifest.json").write_text("old")
+    (out / demo.MARKER).write_text("{}")
+    exchange = atomic._exchange
+
+    def user_writes_then_exchange(first, second):
+        (out / "notes.txt").write_text("mine")
+        return exchange(first, second)
+
+    monkeypatch.setattr(atomic, "_exchange", user_writes_then_exchange)
+    kept = tmp_path / ("demo" + atomic.KEPT_SUFFIX)
+    with pytest.warns(WriteWarning, match=rf"held 'notes.txt' .* kept with them in '{kept}'$"):
+        with demo._staging(out) as work:
+            (work / demo.MARKER).write_text("new")
+    assert (kept / "notes.txt").read_text() == "mine" and (kept / "bundle_train" / "manifest.json").read_text() == "old"
+    assert sorted(p.name for p in out.iterdir()) == [demo.MARKER] and (out / demo.MARKER).read_text() == "new"
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with demo._staging(out) as work:
+            (work / demo.MARKER).write_text("newer")
+            (work / "bundle_train").mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", kept.name]
 
 
 def test_a_missing_optional_dependency_is_reported_as_skipped(demo_run, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ Each bad file gets a ValueError naming the file and what was expected (the CLI: 
 
 from __future__ import annotations
 
+import io
 import re
 import struct
 import zlib
@@ -23,6 +24,7 @@ from trainfer.demo import data
 from trainfer.errors import InputError
 from trainfer.models import digits_net
 from trainfer.serve import readers
+from trainfer.serve.image_steps import WALKS
 from trainfer.serve.preprocess import PreprocessSpec
 from trainfer.serve.readers import iter_csv, load_image, load_npy
 
@@ -280,6 +282,170 @@ def test_predict_refuses_a_png_of_too_many_chunks_in_one_line_with_status_2(tmp_
     assert result.output.strip().splitlines() == [
         f"error: PNG file {str(path)!r} holds more than 1048 chunks: expected at most 1024 "
         "(trainfer.serve.readers.MAX_PNG_CHUNKS) plus one per KiB of its 24645 bytes"
+    ]
+
+
+# --------------------------------------------------------------------------- JPEG, GIF and TIFF pieces
+def pillow_file(fmt: str, **options: object) -> bytes:
+    """An 8 x 8 grayscale image as Pillow writes it in ``fmt``."""
+    out = io.BytesIO()
+    Image.new("L", (8, 8)).save(out, fmt, **options)
+    return out.getvalue()
+
+
+def jpeg_with(pieces: bytes) -> bytes:
+    """A JPEG with ``pieces`` right after its start-of-image marker."""
+    data = pillow_file("JPEG")
+    return data[:2] + pieces + data[2:]
+
+
+def gif_with(pieces: bytes) -> bytes:
+    """A GIF with ``pieces`` before its first image descriptor."""
+    data = pillow_file("GIF")
+    first_image = data.index(b",")
+    return data[:first_image] + pieces + data[first_image:]
+
+
+def tiff(entries: list[tuple[int, int, int, int]], data: bytes = b"\0") -> bytes:
+    """A little-endian TIFF: ``data`` at offset 8, then one directory of ``entries`` (tag, type, count, value)."""
+    table = b"".join(struct.pack("<HHII", *entry) for entry in sorted(entries))
+    return b"II*\0" + struct.pack("<I", 8 + len(data)) + data + struct.pack("<H", len(entries)) + table + bytes(4)
+
+
+def tiff_of_strips(rows: int, extra_tags: int = 0) -> bytes:
+    """An uncompressed 1 x ``rows`` TIFF of one strip per row (all reading the same byte), with
+    ``extra_tags`` unknown tags besides its nine."""
+    offsets = struct.pack(f"<{rows}I", *[8] * rows)
+    counts = struct.pack(f"<{rows}I", *[1] * rows)
+    entries = [(256, 3, 1, 1), (257, 3, 1, rows), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1), (277, 3, 1, 1)]
+    entries += [(278, 3, 1, 1), (273, 4, rows, 9), (279, 4, rows, 9 + len(offsets))]
+    entries += [(1000 + k, 3, 1, 0) for k in range(extra_tags)]
+    return tiff(entries, b"\0" + offsets + counts)
+
+
+#: The entries of an uncompressed 8 x 8 grayscale TIFF whose pixels start at offset 8.
+TIFF_8X8 = [(256, 3, 1, 8), (257, 3, 1, 8), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1), (273, 4, 1, 8)]
+TIFF_8X8 += [(277, 3, 1, 1), (278, 3, 1, 8), (279, 4, 1, 64)]
+
+#: Files of 20 pieces Pillow reads one at a time in Python, each with its format's limit.
+PIECES = {
+    "jpeg-comments": (jpeg_with(b"\xff\xfe\0\2" * 20), "JPEG", "MAX_JPEG_SEGMENTS"),
+    "jpeg-fill-bytes": (jpeg_with(b"\xff" * 20), "JPEG", "MAX_JPEG_SEGMENTS"),
+    "jpeg-stray-bytes": (jpeg_with(b"\xff\xe0\0\2" + b"x" * 20), "JPEG", "MAX_JPEG_SEGMENTS"),
+    "gif-comments": (gif_with(b"!\xfe\1x\0" * 20), "GIF", "MAX_GIF_BLOCKS"),
+    "gif-sub-blocks": (gif_with(b"!\xff" + b"\1x" * 20 + b"\0"), "GIF", "MAX_GIF_BLOCKS"),
+    "gif-stray-bytes": (gif_with(b"\0" * 20), "GIF", "MAX_GIF_BLOCKS"),
+    "tiff-entries": (tiff_of_strips(1, extra_tags=20), "TIFF", "MAX_TIFF_ENTRIES"),
+    "tiff-strips": (tiff_of_strips(20), "TIFF", "MAX_TIFF_ENTRIES"),
+    "tiff-rationals": (tiff([*TIFF_8X8, (282, 5, 20, 8)], bytes(160)), "TIFF", "MAX_TIFF_ENTRIES"),  # XResolution
+}
+
+
+@pytest.mark.filterwarnings("ignore:Metadata Warning")  # tiff-rationals: one XResolution expected
+@pytest.mark.parametrize("kind", PIECES)
+def test_an_image_of_more_pieces_than_allowed_is_refused_before_pillow_reads_them(kind, tmp_path, monkeypatch):
+    """The attacks: 600,000 empty JPEG comments (2.4 MB) took 0.45 s of CPU, 1.2 MB of JPEG fill bytes
+    0.42 s, 600,000 GIF comments (3 MB) 0.31 s, a TIFF of 600,000 one-row strips (3.6 MB) 4.7 s, a TIFF
+    XResolution of 1,000,000 rationals (8 MB) 3.3 s."""
+    from trainfer.server.uploads import read_upload
+
+    data, fmt, name = PIECES[kind]
+    assert len(data) < 1024  # no KiB adds to the limit
+    path = tmp_path / f"pieces.{fmt.lower()}"
+    path.write_bytes(data)
+    spec = PreprocessSpec(input_shape=(1, 8, 8))
+    monkeypatch.setattr(readers, name, 2**20)
+    load_image(path, spec)  # the file itself is fine
+    monkeypatch.setattr(readers, name, 16)
+    what = readers._STEP_LIMITS[fmt][1]
+    limit = f"holds more than 16 {what}: expected at most 16 (trainfer.serve.readers.{name}) plus one per KiB"
+    with pytest.raises(InputError) as refused:
+        load_image(path, spec)
+    assert str(refused.value) == f"{fmt} file {str(path)!r} {limit} of its {len(data)} bytes"
+    with pytest.raises(InputError) as refused:
+        read_upload(data, f"up.{fmt.lower()}", "application/octet-stream", spec)
+    assert str(refused.value) == f"{fmt} file 'up.{fmt.lower()}' {limit} of its {len(data)} bytes"
+
+
+class _CountingReads(io.BytesIO):
+    """A file in memory counting the reads made of it."""
+
+    reads = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.reads += 1
+        return super().read(size)
+
+
+@pytest.mark.filterwarnings("ignore:Metadata Warning")  # tiff-rationals: one XResolution expected
+@pytest.mark.parametrize(
+    "data",
+    [
+        *(data for data, _, _ in PIECES.values()),
+        jpeg_with(b"\xff\x00" * 20),  # escaped 0xFF bytes
+        jpeg_with(b"\xff\xd0" * 20),  # markers without a length
+        gif_with(b"!\xf9\0" + b"\1x" * 20 + b"\0"),  # an empty first sub-block: Pillow reads on to the next end
+        gif_with(b"!\xfe\0" * 20),  # empty comments
+        pillow_file("TIFF", big_tiff=True),
+    ],
+    ids=[
+        *PIECES,
+        "jpeg-escaped-ff",
+        "jpeg-markers-without-length",
+        "gif-empty-first-sub-block",
+        "gif-empty-comments",
+        "bigtiff",
+    ],
+)
+def test_the_walk_counts_every_piece_pillow_reads_in_python(data):
+    """Pillow reads a file once or twice per piece it walks in Python: the walk's count bounds its reads."""
+    stream = _CountingReads(data)
+    with Image.open(stream) as image:
+        image.load()
+    fmt, walk = next(found for prefix, found in WALKS.items() if data.startswith(prefix))
+    steps = sum(walk(io.BytesIO(data), len(data)))
+    assert stream.reads <= 2 * steps + 40, (fmt, stream.reads, steps)
+
+
+def test_a_compressed_tiffs_strips_are_read_by_libtiff_and_not_counted(tmp_path, monkeypatch):
+    """Pillow hands a compressed TIFF whole to libtiff (one tile, read in C): only its entries count."""
+    path = tmp_path / "deflate.tif"
+    Image.new("L", (1, 40)).save(path, "TIFF", compression="tiff_deflate", strip_size=1)
+    with Image.open(path) as image:
+        assert len(image.tag_v2[273]) == 40  # 40 strips
+    monkeypatch.setattr(readers, "MAX_TIFF_ENTRIES", 16)
+    assert load_image(path, PreprocessSpec(input_shape=(1, 8, 8))).shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "options"),
+    [
+        ("JPEG", {"progressive": True, "exif": Image.Exif(), "comment": b"c", "icc_profile": b"\0" * 200_000}),
+        ("GIF", {"save_all": True, "append_images": [Image.new("L", (8, 8), k) for k in range(50)], "comment": "c"}),
+        ("TIFF", {"save_all": True, "append_images": [Image.new("L", (8, 8))] * 50}),
+        ("PNG", {"save_all": True, "append_images": [Image.new("L", (8, 8), k) for k in range(50)]}),
+    ],
+    ids=["jpeg-with-metadata", "animated-gif", "multipage-tiff", "animated-png"],
+)
+def test_images_pillow_writes_take_few_steps(fmt, options):
+    """What Pillow writes, metadata and frames included, stays far below the limits (real files on the
+    development machine took at most 13 JPEG, 8 GIF and 26 TIFF steps)."""
+    data = pillow_file(fmt, **options)
+    fmt, walk = next(found for prefix, found in WALKS.items() if data.startswith(prefix))
+    assert sum(walk(io.BytesIO(data), len(data))) < 200
+
+
+def test_predict_refuses_a_jpeg_of_too_many_pieces_in_one_line_with_status_2(tmp_path):
+    bundle = save_bundle(tmp_path / "b", seed=0, labels=["a", "b", "c"])
+    path = tmp_path / "comments.jpg"
+    path.write_bytes(jpeg_with(b"\xff\xfe\0\2" * 2 * readers.MAX_JPEG_SEGMENTS))
+    result = CliRunner().invoke(main, ["predict", str(bundle), str(path)])
+    assert result.exit_code == 2, result.output
+    size = path.stat().st_size
+    assert result.output.strip().splitlines() == [
+        f"error: JPEG file {str(path)!r} holds more than {1024 + size // 1024} marker segments, fill and stray "
+        f"bytes before its image data: expected at most 1024 (trainfer.serve.readers.MAX_JPEG_SEGMENTS) plus "
+        f"one per KiB of its {size} bytes"
     ]
 
 

@@ -14,7 +14,8 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from trainfer.atomic import recover
+from trainfer import WriteWarning
+from trainfer.atomic import KEPT_SUFFIX, recover
 from trainfer.cli import main
 from trainfer.demo import pipeline as demo
 from trainfer.demo import sequences
@@ -80,6 +81,19 @@ def test_only_an_earlier_output_proves_itself(earlier, tmp_path):
     assert [p.name for p in forged.iterdir()] == ["new"]
     with pytest.raises(InputError, match="not a trainfer sequence demo output"), sequences.staged_output(forged):
         pytest.fail("entered")
+
+
+def test_a_file_written_into_the_output_during_a_run_is_kept_with_the_earlier_output(copy_of_earlier):
+    """Only the step's own :data:`~trainfer.demo.sequences.OUTPUTS` go: a user's file written into
+    ``DIR/sequences`` while the step runs keeps the earlier output beside it, with a warning."""
+    out = copy_of_earlier / "sequences"
+    before = snapshot(out)
+    with pytest.warns(WriteWarning, match="held 'notes.txt'"):
+        with sequences.staged_output(out) as work:
+            (out / "notes.txt").write_text("mine")  # the user, during the run
+            (work / "scores.json").write_text('{"scores": []}')
+    assert snapshot(copy_of_earlier / ("sequences" + KEPT_SUFFIX)) == {**before, "notes.txt": b"mine"}
+    assert snapshot(out) == {"scores.json": b'{"scores": []}'}
 
 
 def test_a_failure_while_writing_leaves_the_earlier_output_as_it_was(copy_of_earlier, monkeypatch):

@@ -31,8 +31,9 @@ and recording it): removing an empty directory cannot lose data. Reads never rec
 
 The previous version is deleted whole only when the writer owns all of it. A writer that owns only some
 files of the directory it replaces (a bundle: :func:`trainfer.serve.bundle_format.own_files`) passes
-``own``: just before the exchange the journal records the identity of each of those files, and afterwards
-only they are unlinked and the emptied directory removed with ``rmdir``. Anything else found there (a file
+``own``: just before the exchange the journal records the identity of each of those files (or of its
+subdirectories it owns with all they hold: ``trainfer demo``'s output), and afterwards only they are removed and
+the emptied directory removed with ``rmdir``. Anything else found there (a file
 someone wrote into the directory while it was being rewritten) keeps the previous version whole: it is
 renamed to ``NAME.previous-version-with-your-files`` beside the target, with a :class:`WriteWarning`
 naming it (:func:`_discard_previous`; recovery after a crash does the same).
@@ -95,8 +96,8 @@ _KINDS = {
 }
 
 Identity = tuple[int, int]
-#: Given the directory a write replaces, the names of its entries that are the writer's own files (the only ones
-#: it may delete). A writer passing none owns the whole directory.
+#: Given the directory a write replaces, the names of its entries that are the writer's own (the only ones it may
+#: delete): regular files, or directories it owns with all they hold. A writer passing none owns the whole directory.
 OwnFiles = Callable[[Path], Collection[str]]
 
 
@@ -186,7 +187,7 @@ class _Journal:
     pid: int = 0
     host: str = ""
     owned: dict[str, Identity] = field(default_factory=dict)  # "staging" / "old" -> (device, inode)
-    files: dict[str, Identity] | None = None  # the writer's own files in "old" (None: all of it is the writer's)
+    files: dict[str, Identity] | None = None  # the writer's own entries in "old" (None: all of it is the writer's)
 
     def sibling(self, kind: str) -> Path:
         """``.NAME.trainfer-TOKEN.KIND`` beside the target (``tmp``, ``old`` or ``journal``)."""
@@ -215,13 +216,14 @@ class _Journal:
 
     def record(self, kind: str, path: Path, files: Collection[str] | None = None) -> None:
         """Record that the directory now at ``path`` is this write's ``kind`` (``staging`` or ``old``), and with
-        ``files`` the identity of each of those regular files in it (the writer's own: see :data:`OwnFiles`)."""
+        ``files`` the identity of each of those regular files or directories in it (the writer's own: see
+        :data:`OwnFiles`)."""
         identity = _identity(path)
         if identity is None:
             return
         entry: dict[str, object] = {kind: list(identity)}
         if files is not None:
-            found = {name: _file_identity(path / name) for name in files}
+            found = {name: _own_identity(path / name) for name in files}
             self.files = {name: file for name, file in found.items() if file is not None}
             entry["files"] = {name: list(file) for name, file in self.files.items()}
         self.owned[kind] = identity
@@ -314,9 +316,19 @@ def _identity(path: Path, kind: int = stat.S_IFDIR) -> Identity | None:
     return (info.st_dev, info.st_ino) if stat.S_IFMT(info.st_mode) == kind else None
 
 
-def _file_identity(path: Path) -> Identity | None:
-    """(device, inode) of the regular file at ``path`` (not a link); ``None`` otherwise."""
-    return _identity(path, stat.S_IFREG)
+def _own_identity(path: Path) -> Identity | None:
+    """(device, inode) of the regular file or directory at ``path`` (not a link), the entries a writer may
+    own (:data:`OwnFiles`); ``None`` otherwise."""
+    return _identity(path, stat.S_IFREG) or _identity(path, stat.S_IFDIR)
+
+
+def _remove_own(path: Path) -> None:
+    """Remove the writer's own entry ``path``: a file, or a directory with all it holds."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
 
 
 def _dead_journals(target: Path) -> list[_Journal]:
@@ -409,9 +421,8 @@ def _discard_previous(previous: Path, journal: _Journal) -> None:
     foreign = _foreign(previous, files)
     if not foreign:
         for name, identity in files.items():
-            if _file_identity(previous / name) == identity:
-                with contextlib.suppress(OSError):
-                    os.unlink(previous / name)
+            if _own_identity(previous / name) == identity:
+                _remove_own(previous / name)
         with contextlib.suppress(OSError):
             os.rmdir(previous)  # only ever removes an empty directory
     if os.path.lexists(previous):
@@ -422,7 +433,7 @@ def _foreign(directory: Path, files: dict[str, Identity]) -> list[str]:
     """The entries of ``directory`` that are not one of ``files`` (by name and identity)."""
     with os.scandir(directory) as entries:
         names = [entry.name for entry in entries]
-    return [name for name in names if name not in files or _file_identity(directory / name) != files[name]]
+    return [name for name in names if name not in files or _own_identity(directory / name) != files[name]]
 
 
 def _keep(previous: Path, target: Path, foreign: Collection[str]) -> None:

@@ -44,7 +44,7 @@ from trainfer.analysis.inspection import inspect
 from trainfer.atomic import recover, remove_staging, replace_directory, staging_directory
 from trainfer.bench import Timing, count_macs, count_parameters, num_threads, peak_memory, time_forms
 from trainfer.demo import data
-from trainfer.demo.report import write_report
+from trainfer.demo.report import PLOTS, write_report
 from trainfer.demo.sequences import is_output
 from trainfer.demo.train import fit, logits_of
 from trainfer.errors import InputError, ModeWarning
@@ -62,6 +62,26 @@ from trainfer.serve.predictor import Predictor
 FORGOT_EVAL_BATCHES = (1, 16, 256)
 THROUGHPUT_BATCH = 256
 MARKER = "results.json"
+#: Every entry ``trainfer demo`` writes into its output directory, the files and the directories (with all
+#: they hold) a rerun replaces: anything else found there at the replace, such as a file a user wrote into
+#: the output during the run, keeps the previous output beside it with a warning, never deleted
+#: (:func:`_staging`, :func:`trainfer.atomic.replace_directory`'s ``own``).
+OUTPUTS = frozenset(
+    {
+        MARKER,
+        "report.md",
+        *PLOTS.values(),
+        "inspect_divergence.png",
+        "checkpoint.safetensors",
+        "bundle_train",
+        "bundle_deploy",
+        "bundle_int8",
+        "digits.onnx",
+        "digits",
+        "explain",
+        "sequences",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -104,7 +124,8 @@ def _silent(message: str) -> None:
 
 @contextlib.contextmanager
 def _staging(out: Path) -> Iterator[Path]:
-    """A fresh directory beside ``out`` (shared by all ranks) that replaces ``out`` on success."""
+    """A fresh directory beside ``out`` (shared by all ranks) that replaces ``out`` on success, deleting only
+    the previous output's :data:`OUTPUTS`."""
     recover(out / "sequences")  # what a killed `--sequences` run left beside its output
     if out.exists() and not (out / MARKER).is_file() and not _sequences_only(out):
         raise InputError(f"refusing to replace {str(out)!r}: it exists and is not a trainfer demo output")
@@ -113,7 +134,7 @@ def _staging(out: Path) -> Iterator[Path]:
     try:
         yield work
         if distributed.is_main():
-            replace_directory(work, out)
+            replace_directory(work, out, own=lambda directory: OUTPUTS)
     except BaseException:
         if distributed.is_main():
             remove_staging(work)

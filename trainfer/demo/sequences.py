@@ -55,7 +55,8 @@ TRAIN_COUNT, BATCH_SIZE, LR = 1000, 32, 1e-2
 strings at twice the steps per epoch and 2.5x the rate learn as well as 2000 strings in batches of
 64 at 4e-3, at about half the training CPU time (docs/sequences.md, "Measured")."""
 OUTPUTS = frozenset({"report.md", "scores.json", "sequences.png", "crnn_bundle", "seq2seq_bundle"})
-"""What the step writes into its output directory: all that an earlier output it may replace holds."""
+"""What the step writes into its output directory: all that an earlier output it may replace holds, and all
+that a rerun deletes of it (:func:`staged_output`)."""
 MAX_SCORES_BYTES = 1 << 20
 """The most of an existing ``scores.json`` read to prove it is this step's (:func:`is_output`)."""
 
@@ -207,12 +208,13 @@ def staged_output(out: Path) -> Iterator[Path]:
 
     Made before any work, so an unwritable ``out`` fails at once (:class:`~trainfer.errors.WriteError`);
     an existing ``out`` that is neither an empty directory nor :func:`is_output` is refused
-    (:class:`~trainfer.errors.InputError`). A failure removes the staging directory; after a kill,
-    the next write's recovery does.
+    (:class:`~trainfer.errors.InputError`). The replace deletes only the earlier output's :data:`OUTPUTS`: a
+    file written into ``out`` meanwhile keeps the earlier output beside it, with a warning. A failure removes
+    the staging directory; after a kill, the next write's recovery does.
     """
     if os.path.lexists(out) and not (_empty_directory(out) or is_output(out)):
         raise InputError(f"refusing to replace {str(out)!r}: it exists and is not a trainfer sequence demo output")
-    with atomic_directory(out) as work:
+    with atomic_directory(out, own=lambda directory: OUTPUTS) as work:
         yield work
 
 

@@ -2,8 +2,8 @@
 
 Images are converted to the channel count of the spec's ``input_shape``, resized and scaled (see
 :mod:`trainfer.serve.preprocess`); images over :data:`MAX_IMAGE_PIXELS` pixels, or whose decoding would take
-more than :data:`MAX_IMAGE_DECODE_BYTES`, and PNG files of more chunks than :data:`MAX_PNG_CHUNKS` allows,
-are refused before decoding.
+more than :data:`MAX_IMAGE_DECODE_BYTES`, and PNG, JPEG, GIF or TIFF files whose opening would take Pillow
+more steps in Python than :data:`MAX_PNG_CHUNKS` (and its kin) allow, are refused before decoding.
 CSV files give one sample per row (``columns`` picked by name), in chunks; ``.npy`` headers are checked before
 any data is read (numbers only, at most :data:`MAX_NPY_ELEMENTS` read into memory).
 """
@@ -14,7 +14,6 @@ import csv
 import io
 import math
 import os
-import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor
 
 from trainfer.errors import InputError, MissingFileError
+from trainfer.serve.image_steps import WALKS
 from trainfer.serve.preprocess import PreprocessSpec, as_tensor, check_numeric
 
 #: The image files trainfer reads, by suffix, and the Pillow format each is decoded as. Decoding is
@@ -69,7 +69,27 @@ MAX_IMAGE_DECODE_BYTES = 576_000_000
 #: encoders write 8 KiB (libpng) to 64 KiB (Pillow) long. Every chunk up to ``IEND`` counts, the
 #: frames of an animated PNG included. Counted from the chunks' headers before Pillow reads any.
 MAX_PNG_CHUNKS = 1024
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: The most steps Pillow may take in Python to open a JPEG: 1024 marker segments, 0xFF fill bytes and
+#: stray bytes before the image data, plus one for each KiB of the file. 600,000 empty comments (2.4 MB)
+#: took 0.45 s of CPU, 1.2 MB of fill bytes 0.42 s; real files hold a few dozen segments.
+MAX_JPEG_SEGMENTS = 1024
+#: The most steps Pillow may take in Python to open a GIF: 1024 blocks, extension sub-blocks and stray
+#: bytes before the first image, plus one for each KiB of the file. 600,000 comment extensions (3 MB)
+#: took 0.31 s of CPU; real files hold a few extensions before their first image.
+MAX_GIF_BLOCKS = 1024
+#: The most entries (tags), rational values, and strips and tiles of an uncompressed file, the first
+#: directory of a TIFF may declare: 1024, plus one for each KiB of the file. Pillow reads each entry, builds
+#: each rational and each strip or tile, in Python: 600,000 one-row strips (3.6 MB) took 4.7 s of CPU, an
+#: XResolution of 1,000,000 rationals (8 MB) 3.3 s. Real files declare a few dozen entries, a few rationals
+#: and strips of 8 KiB or more.
+MAX_TIFF_ENTRIES = 1024
+#: For each format :mod:`trainfer.serve.image_steps` walks, the name of its limit (above) and what it counts.
+_STEP_LIMITS = {
+    "PNG": ("MAX_PNG_CHUNKS", "chunks"),
+    "JPEG": ("MAX_JPEG_SEGMENTS", "marker segments, fill and stray bytes before its image data"),
+    "GIF": ("MAX_GIF_BLOCKS", "blocks, sub-blocks and stray bytes before its first image"),
+    "TIFF": ("MAX_TIFF_ENTRIES", "directory entries, rational values, strips and tiles"),
+}
 _NPY_MAGIC = b"\x93NUMPY"
 #: The most elements a ``.npy`` input read into memory may hold: 2**30 (4 GiB of float32). Its
 #: header is checked before any data is read; a header declaring more data than the file holds is
@@ -84,8 +104,11 @@ __all__ = [
     "check_regular_file",
     "MAX_IMAGE_DECODE_BYTES",
     "MAX_IMAGE_PIXELS",
+    "MAX_GIF_BLOCKS",
+    "MAX_JPEG_SEGMENTS",
     "MAX_NPY_ELEMENTS",
     "MAX_PNG_CHUNKS",
+    "MAX_TIFF_ENTRIES",
     "column_indices",
     "iter_csv",
     "load_image",
@@ -185,14 +208,14 @@ def load_image(path: Path, spec: PreprocessSpec) -> Tensor:
     The channel count of ``spec.input_shape`` picks the mode (1: grayscale, 3: RGB or BGR, 4: RGBA);
     the image is resized (``spec.resample``, bilinear by default) to its height and width unless
     ``spec.resize`` is false. An image over :data:`MAX_IMAGE_PIXELS` pixels or whose decoding takes
-    more than :data:`MAX_IMAGE_DECODE_BYTES` (:func:`_check_decode_bytes`), or a PNG file of more
-    chunks than :data:`MAX_PNG_CHUNKS` allows (:func:`_check_png_chunks`), is refused before decoding.
+    more than :data:`MAX_IMAGE_DECODE_BYTES` (:func:`_check_decode_bytes`), or a PNG, JPEG, GIF or TIFF
+    file of more pieces than its limit allows (:func:`_check_steps`), is refused before decoding.
     ``path`` may also be a binary file object (an upload in memory), read from its start.
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
-        _check_png_chunks(path)
+        _check_steps(path)
         with Image.open(path, formats=IMAGE_FORMATS) as image:
             _check_pixels(image.width, image.height, path)
             _check_decode_bytes(image, path)
@@ -211,42 +234,36 @@ def load_image(path: Path, spec: PreprocessSpec) -> Tensor:
         raise InputError(f"cannot read image {str(path)!r}: {error}") from None
 
 
-def _check_png_chunks(path: Path | BinaryIO) -> None:
-    """Refuse a PNG file (at ``path``, or a file object read from its start and left there) of more
-    chunks than :data:`MAX_PNG_CHUNKS` plus one per KiB of its bytes; any other file passes."""
+def _check_steps(path: Path | BinaryIO) -> None:
+    """Refuse a PNG, JPEG, GIF or TIFF file (at ``path``, or a file object read from its start and left
+    there) whose opening takes Pillow more steps in Python (:mod:`trainfer.serve.image_steps`) than its
+    format's limit (:data:`_STEP_LIMITS`) plus one per KiB of its bytes; any other file passes."""
     if isinstance(path, io.IOBase):
-        _count_png_chunks(path, path)  # type: ignore[arg-type]
+        _count_steps(path, path)  # type: ignore[arg-type]
     else:
         with open(path, "rb") as stream:
-            _count_png_chunks(stream, path)
+            _count_steps(stream, path)
 
 
-def _count_png_chunks(stream: BinaryIO, path: Path | BinaryIO) -> None:
-    """:func:`_check_png_chunks` of the file ``stream`` (named ``path``), left at its start.
-
-    Only the chunks' 8-byte headers are read, each giving the length to skip to the next, up to
-    ``IEND`` or the file's end (the frames of an animated PNG count); a count past the limit stops
-    the walk, so the check reads at most that many headers. A length that points past the end (a
-    lie, or a truncated file) ends the walk: what it skipped does not exist for Pillow either,
-    which then refuses the file as truncated.
-    """
+def _count_steps(stream: BinaryIO, path: Path | BinaryIO) -> None:
+    """:func:`_check_steps` of the file ``stream`` (named ``path``), left at its start. The walk stops once
+    the count passes the limit, so it reads at most that many headers."""
     size = stream.seek(0, os.SEEK_END)
     stream.seek(0)
-    if stream.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE:
-        limit = MAX_PNG_CHUNKS + size // 1024
-        position, chunks = len(_PNG_SIGNATURE), 0
-        while position + 8 <= size:
-            stream.seek(position)
-            length, kind = struct.unpack(">I4s", stream.read(8))
-            chunks += 1
-            if chunks > limit:
+    head = stream.read(8)
+    found = next((entry for prefix, entry in WALKS.items() if head.startswith(prefix)), None)
+    if found is not None:
+        fmt, walk = found
+        name, what = _STEP_LIMITS[fmt]
+        base = globals()[name]  # read at each call: a test may lower it
+        limit, count = base + size // 1024, 0
+        for steps in walk(stream, size):
+            count += steps
+            if count > limit:
                 raise InputError(
-                    f"PNG file {str(path)!r} holds more than {limit} chunks: expected at most {MAX_PNG_CHUNKS} "
-                    f"(trainfer.serve.readers.MAX_PNG_CHUNKS) plus one per KiB of its {size} bytes"
+                    f"{fmt} file {str(path)!r} holds more than {limit} {what}: expected at most {base} "
+                    f"(trainfer.serve.readers.{name}) plus one per KiB of its {size} bytes"
                 )
-            if kind == b"IEND":
-                break
-            position += 12 + length  # header, data, CRC
     stream.seek(0)
 
 
