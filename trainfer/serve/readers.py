@@ -11,7 +11,6 @@ any data is read (numbers only, at most :data:`MAX_NPY_ELEMENTS` read into memor
 from __future__ import annotations
 
 import csv
-import io
 import math
 import os
 from collections.abc import Iterable, Iterator
@@ -238,11 +237,11 @@ def _check_steps(path: Path | BinaryIO) -> None:
     """Refuse a PNG, JPEG, GIF or TIFF file (at ``path``, or a file object read from its start and left
     there) whose opening takes Pillow more steps in Python (:mod:`trainfer.serve.image_steps`) than its
     format's limit (:data:`_STEP_LIMITS`) plus one per KiB of its bytes; any other file passes."""
-    if isinstance(path, io.IOBase):
-        _count_steps(path, path)  # type: ignore[arg-type]
-    else:
+    if isinstance(path, str | os.PathLike):
         with open(path, "rb") as stream:
             _count_steps(stream, path)
+    else:
+        _count_steps(path, path)
 
 
 def _count_steps(stream: BinaryIO, path: Path | BinaryIO) -> None:
