@@ -590,3 +590,25 @@ def test_a_tiff_declaring_a_tile_far_larger_than_its_pixels_is_refused_from_its_
     _tiff_declaring_a_tile(path, 16, 16, 32768)
     with pytest.raises(ValueError, match=r"\(16x16 pixels of mode L, declaring a tile or strip of 1073741824 pixels\)"):
         load_image(path, PreprocessSpec(input_shape=(1, 8, 8)))
+
+
+def rle8_bmp(width: int, height: int, rows: bytes) -> bytes:
+    """An 8-bit RLE-compressed (BI_RLE8) BMP of ``width`` x ``height`` whose pixel data is ``rows``."""
+    palette = b"".join(bytes((k, k, k, 0)) for k in range(256))
+    offset = 14 + 40 + len(palette)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(rows), 2835, 2835, 256, 0)
+    return b"BM" + struct.pack("<IHHI", offset + len(rows), 0, 0, offset) + info + palette + rows
+
+
+def test_an_rle_bmp_is_refused_before_pillow_decodes_it_in_python_and_a_plain_bmp_is_read(tmp_path):
+    """Pillow decodes RLE BMPs in Python, a run at a time, bounded by no header: refused, naming why."""
+    spec = PreprocessSpec(input_shape=(1, 8, 8))
+    rle = tmp_path / "rle.bmp"
+    rle.write_bytes(rle8_bmp(8, 8, b"\x08\x80\x00\x00" * 8 + b"\x00\x01"))  # 8 rows of 8 pixels of 128
+    with Image.open(rle) as image:
+        assert image.tile[0][0] == "bmp_rle" and image.size == (8, 8)  # a BMP Pillow itself reads
+    with pytest.raises(InputError, match=r"an RLE-compressed BMP is not decoded .*expected an uncompressed BMP"):
+        load_image(rle, spec)
+    plain = tmp_path / "plain.bmp"
+    Image.new("L", (8, 8), 128).save(plain)
+    assert torch.allclose(load_image(plain, spec), torch.full((1, 8, 8), 128 / 255))
