@@ -473,6 +473,7 @@ def test_bench_blames_the_options_the_user_gave_for_too_large_a_batch(nothing_ru
 def test_every_seed_threads_count_and_batch_size_option_shares_one_range():
     """One bound per kind of option across commands; the seed's within what torch.manual_seed takes."""
     from trainfer.cli import common
+    from trainfer.bench import measure
     from trainfer.serve.manifest import MAX_CHANNELS, MAX_ELEMENTS
 
     kinds = {
@@ -496,6 +497,7 @@ def test_every_seed_threads_count_and_batch_size_option_shares_one_range():
     other = {key: given for key, given in found.items() if given is not kinds[key[1]]}
     assert len(found) >= 18 and other == {}, other
     assert common.MAX_BATCH_SIZE == MAX_ELEMENTS
+    assert common.MAX_THREADS == measure.MAX_THREADS
     round_to = next(param.type for param in main.commands["prune"].params if param.name == "round_to")
     assert (round_to.min, round_to.max) == (1, MAX_CHANNELS)
 
@@ -603,3 +605,20 @@ def test_ctrl_c_while_writing_an_output_leaves_nothing_half_written(monkeypatch,
     result = invoke("bench", "--model", "digits_net", *arguments)
     assert (result.exit_code, result.output.splitlines()[-1]) == (130, "interrupted (Ctrl-C)"), result.output
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("threads", [0, -1, 100_000, 2.0, True])
+def test_library_functions_refuse_thread_counts_the_cli_refuses(threads):
+    """time_forward, compile and the demo's num_threads check what --threads bounds (100000 crashed OpenBLAS)."""
+    from trainfer.bench.measure import MAX_THREADS, num_threads
+
+    model, x = digits_net().eval(), torch.randn(1, 1, 8, 8)
+    message = rf"threads must be an int from 1 to {MAX_THREADS}; got {threads!r}"
+    before = torch.get_num_threads()
+    with pytest.raises(errors.InputError, match=message):
+        trainfer.bench.time_forward(model, x, threads=threads)
+    with pytest.raises(errors.InputError, match=message):
+        trainfer.compile(model, x, runtime="torch", threads=threads)
+    with pytest.raises(errors.InputError, match=message), num_threads(threads):
+        pass
+    assert torch.get_num_threads() == before

@@ -33,6 +33,8 @@ __all__ = [
     "Timing",
     "count_macs",
     "count_parameters",
+    "MAX_THREADS",
+    "check_threads",
     "num_threads",
     "peak_memory",
     "time_forms",
@@ -55,19 +57,30 @@ class Timing:
         return cls(statistics.median(ordered), p90, tuple(samples))
 
 
+#: The most intra-op threads a timing or a runtime takes: far more than any machine has cores (100000
+#: crashed OpenBLAS's thread start-up). The CLI's ``--threads`` takes as many (a test keeps them equal).
+MAX_THREADS = 1024
+
+
 def _as_args(inputs: Tensor | Sequence[Any]) -> tuple[Any, ...]:
     """A single tensor is one positional input; a tuple or list is the positional inputs."""
     return (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
 
 
+def check_threads(count: int) -> int:
+    """``count`` if it is a thread count from 1 to :data:`MAX_THREADS`, else :class:`InputError`."""
+    if type(count) is not int or not 1 <= count <= MAX_THREADS:
+        raise InputError(f"threads must be an int from 1 to {MAX_THREADS}; got {count!r}")
+    return count
+
+
 @contextmanager
 def num_threads(count: int | None) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(count)`` (unchanged if None), restored afterwards."""
+    """Run the block with ``torch.set_num_threads(count)`` (unchanged if None; else checked by
+    :func:`check_threads`), restored afterwards."""
     saved = torch.get_num_threads()
     if count is not None:
-        if count < 1:
-            raise InputError(f"threads must be a positive number; got {count}")
-        torch.set_num_threads(count)
+        torch.set_num_threads(check_threads(count))
     try:
         yield
     finally:

@@ -276,7 +276,9 @@ def compile(
     unknown = sorted(set(names) - set(RUNTIMES))
     if unknown:
         raise InputError(f"unknown candidates {unknown}: expected names from {list(RUNTIMES)}")
-    threads = threads or torch.get_num_threads()
+    from trainfer.bench.measure import check_threads
+
+    threads = torch.get_num_threads() if threads is None else check_threads(threads)
     artifacts: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="trainfer-compile-") as work:
         source = _source(model_or_bundle, example_inputs, Path(work), trust_factory)
