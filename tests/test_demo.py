@@ -225,7 +225,8 @@ def test_serving_step_writes_the_int8_form_the_gate_passes(demo_run, tmp_path, m
     assert results["quantization"].startswith("int8 form: gate passed on 200 samples")  # the validation split's
     assert "gated on the validation split" in section({"serving": results})
     predictor = trainfer.Predictor.load(tmp_path / "bundle_int8")
-    assert {result.label for result in predictor.predict(data.splits()["test"].pixels[:3])} <= set(data.LABELS)
+    pixels = data.splits()["test"].pixels[:3] * data.PIXEL_SCALE  # raw inputs in the scaled range, as files give
+    assert {result.label for result in predictor.predict(pixels)} <= set(data.LABELS)
 
 
 def test_serving_step_reports_the_refusal_of_the_gate(demo_run, tmp_path, monkeypatch):
