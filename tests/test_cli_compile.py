@@ -144,3 +144,18 @@ def test_a_search_that_would_record_a_code_generating_runtime_is_refused_before_
         and "runtime.json records only runtimes that load without generating code" in refused.output
     )
     assert files(bundle) == before
+
+
+def test_gate_data_without_calibration_warns_that_int8_is_gated_on_its_own_calibration(made, bundle, monkeypatch):
+    from trainfer.serve import gated
+
+    monkeypatch.setattr(gated, "compile_float", _stop)  # the warning comes before the search
+    root = made["root"]
+    with pytest.warns(UserWarning, match="compile: the int8 candidates are calibrated on the gate data") as caught:
+        result = invoke(bundle, "--gate-data", root / "x.npy", "--labels", root / "y.npy", *FAST)
+    assert result.exit_code == 2 and "search stopped here" in result.output
+    assert len([w for w in caught if "overstates agreement on new data" in str(w.message)]) == 1
+
+
+def _stop(*args, **options):
+    raise trainfer.InputError("search stopped here")

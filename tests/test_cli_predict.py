@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -183,6 +184,29 @@ def test_export_then_predict_with_the_onnx_file(image_bundle, tmp_path):
     negative = CliRunner().invoke(main, ["export", str(root / "bundle"), "-o", str(tmp_path / "y.onnx"), "--rtol=-1"])
     assert negative.exit_code == 2 and "'--rtol': expected a finite number > 0; got '-1'" in negative.output
     assert not (tmp_path / "y.onnx").exists()
+
+
+def test_predict_names_the_form_serving_a_bundle_on_stderr_as_serve_does(tmp_path):
+    """A default load follows runtime.json: predict says so on stderr, in the ready line's words; the
+    bundle's plain PyTorch model goes unsaid, and stdout holds the records only."""
+    from trainfer.serve import runtime as rt
+    from trainfer.serve.runtime_record import save_record
+    from trainfer.server.model import load_model
+
+    bundle = shutil.copytree(TESTS / "fixtures" / "digits_deploy_v2", tmp_path / "b")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32))
+    args = ["predict", str(bundle), str(tmp_path / "x.npy"), "--format", "jsonl"]
+    plain = CliRunner().invoke(main, args)
+    assert plain.exit_code == 0 and plain.stderr == ""
+    save_record(bundle, rt.compile(bundle, runtime="torch").record)  # what `trainfer compile` records
+    recorded = CliRunner().invoke(main, args)
+    served = load_model("b", bundle, runtime=None, trust_factory=False, max_batch=4).serving()
+    assert recorded.stderr == f"serving {str(bundle)!r} on {served}\n" and served.endswith("recorded in runtime.json")
+    assert [json.loads(line)["id"] for line in recorded.stdout.splitlines()] == [
+        f"{tmp_path / 'x.npy'}[{i}]" for i in range(3)
+    ]
+    asked = CliRunner().invoke(main, [*args, "--runtime", "torch"])
+    assert asked.stderr == f"serving {str(bundle)!r} on torch/float32, runtime 'torch' asked for\n"
 
 
 def test_records_flatten_for_tables_and_csv():

@@ -237,20 +237,28 @@ def _serving_with_gate(demo_run, tmp_path, monkeypatch, gate):
     out, _, _ = demo_run
     bundle = shutil.copytree(out / "bundle_deploy", tmp_path / "bundle_deploy")
     monkeypatch.setattr(quantize, "quantize", functools.partial(quantize.quantize, gate=gate))
-    split = data.splits()["test"]
-    test = (data.normalize(split.pixels), split.labels)
-    return serving(bundle, tmp_path, test, data.normalize(data.splits()["train"].pixels[:64]), 1)
+    parts = data.splits()
+    validation, test = ((data.normalize(parts[n].pixels[:size]), parts[n].labels[:size]) for n, size in VAL_TEST)
+    return serving(bundle, tmp_path, validation, test, data.normalize(parts["train"].pixels[:64]), 1)
+
+
+#: The splits the serving step is given in its tests, and how many samples of each: told apart by their sizes.
+VAL_TEST = (("val", 200), ("test", 270))
 
 
 def test_serving_step_writes_the_int8_form_the_gate_passes(demo_run, tmp_path, monkeypatch):
+    from trainfer.demo.serving import section
+
     results = _serving_with_gate(demo_run, tmp_path, monkeypatch, trainfer.AccuracyGate(0.0, 1.0))
     int8 = results["forms"]["int8 (ONNX Runtime, QDQ)"]
     assert results["bundle"] == "bundle_int8/" and results["gate"]["ok"]
     assert (tmp_path / "bundle_int8" / "quantized.onnx").is_file() and int8["bytes"] > 0
     assert int8["bytes"] < results["forms"]["deploy form, eager float32"]["bytes"]  # int8 weights: smaller
-    assert results["quantization"].startswith("int8 form: gate passed on 270 samples")
+    assert results["quantization"].startswith("int8 form: gate passed on 200 samples")  # the validation split's
+    assert "gated on the validation split" in section({"serving": results})
     predictor = trainfer.Predictor.load(tmp_path / "bundle_int8")
-    assert {result.label for result in predictor.predict(data.splits()["test"].pixels[:3])} <= set(data.LABELS)
+    pixels = data.splits()["test"].pixels[:3] * data.PIXEL_SCALE  # raw inputs in the scaled range, as files give
+    assert {result.label for result in predictor.predict(pixels)} <= set(data.LABELS)
 
 
 def test_serving_step_reports_the_refusal_of_the_gate(demo_run, tmp_path, monkeypatch):

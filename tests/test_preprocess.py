@@ -72,6 +72,41 @@ def test_inf_is_rejected_and_ints_are_accepted():
     assert IMAGE.prepare(np.zeros((1, 8, 8), dtype=np.uint8)).dtype == torch.float32
 
 
+#: An image model trained on pixels scaled to [0, 1] (the demo's digits record mean and std like these).
+SCALED = PreprocessSpec(input_shape=(1, 8, 8), mean=[0.3], std=[0.4])
+BYTES = np.full((2, 1, 8, 8), 200, dtype=np.uint8)  # raw pixels the caller forgot to scale
+
+
+@pytest.mark.parametrize(
+    ("spec", "raw", "warned"),
+    [
+        (SCALED, BYTES, True),
+        (SCALED, torch.from_numpy(BYTES).long(), True),  # any integer type
+        (SCALED, BYTES.astype(np.float32) / 255, False),  # scaled: what the model was trained on
+        (SCALED, np.ones((2, 1, 8, 8), dtype=np.uint8), False),  # integers within [0, 1] are scaled pixels too
+        (SCALED, BYTES.astype(np.float32), False),  # floats are the caller's choice: never second-guessed
+        (PreprocessSpec(input_shape=(1, 8, 8), mean=[33.0], std=[60.0]), BYTES, False),  # trained on 0..255
+        (PreprocessSpec(input_shape=(1, 8, 8), mean=[0.3], std=[0.4], pixel_scale=1.0), BYTES, False),
+        (IMAGE, BYTES, False),  # no recorded normalisation: nothing says what the model was trained on
+        (PreprocessSpec(input_shape=(3,), mean=[0.3], std=[0.4]), np.full((2, 3), 200, np.uint8), False),  # a table
+    ],
+)
+def test_integer_pixels_a_scaled_image_model_never_saw_are_warned_about(spec, raw, warned):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        spec.prepare(raw)
+    said = [str(w.message) for w in caught if "tensors and arrays are not scaled" in str(w.message)]
+    assert len(said) == warned
+
+
+def test_the_unscaled_pixels_warning_is_given_once():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own: once per text and place (a new filter forgets the past)
+        for _ in range(3):
+            SCALED.prepare(BYTES)
+    assert len([w for w in caught if "tensors and arrays are not scaled" in str(w.message)]) == 1
+
+
 def write_image(path, array, mode):
     Image.fromarray(array, mode=mode).save(path)
     return path

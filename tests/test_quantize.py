@@ -171,7 +171,8 @@ def test_cli_quantize_then_predict(digits, tmp_path):
     result = runner.invoke(main, [*common, *labelled, "-o", str(out)], catch_exceptions=False)
     assert result.exit_code == 0 and "gate passed" in result.output and (out / QUANTIZED_FILE).is_file()
     predicted = runner.invoke(main, ["predict", str(out), str(tmp_path / "test.npy"), "--format", "jsonl"])
-    rows = [json.loads(line) for line in predicted.output.splitlines()]
+    rows = [json.loads(line) for line in predicted.stdout.splitlines()]  # stderr names the int8 form serving
+    assert predicted.stderr == f"serving {str(out)!r} on onnxruntime/int8\n"
     accuracy = np.mean([row["index"] == label for row, label in zip(rows, digits["test"].labels.tolist())])
     assert len(rows) == len(digits["test"]) and accuracy > 0.9
     refused = runner.invoke(

@@ -169,10 +169,9 @@ def test_a_default_load_serves_what_runtime_json_records_as_the_server_does(bund
     np.save(tmp_path / "x.npy", x.numpy())
     args = ["predict", str(bundle), str(tmp_path / "x.npy"), "--format", "jsonl"]
     runner = CliRunner()
-    outputs = [
-        runner.invoke(main, args + extra, catch_exceptions=False).output for extra in ([], ["--runtime", "recorded"])
-    ]
-    assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 5
+    runs = [runner.invoke(main, args + extra, catch_exceptions=False) for extra in ([], ["--runtime", "recorded"])]
+    assert runs[0].stdout == runs[1].stdout and len(runs[0].stdout.splitlines()) == 5
+    assert runs[0].stderr == f"serving {str(bundle)!r} on onnxruntime/float32, recorded in runtime.json\n"
 
 
 def test_a_default_load_of_a_recorded_bundle_on_another_device_serves_the_pytorch_model_there(
@@ -282,8 +281,8 @@ def test_cli_predict_with_runtime(tmp_path, bundle):
     eager = runner.invoke(main, args, catch_exceptions=False)
     served = runner.invoke(main, [*args, "--runtime", "onnxruntime"], catch_exceptions=False)
     assert served.exit_code == 0
-    records = [json.loads(line) for line in served.output.splitlines()]
-    assert len(records) == 4
+    records = [json.loads(line) for line in served.stdout.splitlines()]  # stderr names the runtime asked for
+    assert len(records) == 4 and served.stderr.endswith("on onnxruntime/float32, runtime 'onnxruntime' asked for\n")
     assert_results_close(records, [json.loads(line) for line in eager.output.splitlines()], atol=1e-5)
     bad = runner.invoke(main, [*args, "--runtime", "tensorrt"])
     assert bad.exit_code == 2 and "tensorrt" in bad.output

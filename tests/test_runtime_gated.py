@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -333,3 +334,27 @@ def test_a_quantized_bundle_compiled_to_float32_serves_one_form_in_predict_and_s
     x = data["x"][:8]
     torch.testing.assert_close(predicted.model(x), served.model(x), rtol=0, atol=0)
     assert [r.to_record() for r in predicted.predict(x)] == [r.to_record() for r in served.predict(x)]
+
+
+@pytest.mark.parametrize(
+    ("calibration", "candidates", "warned"),
+    [
+        ("x", None, True),  # the gate inputs themselves
+        ("x copy", None, True),  # equal inputs, read twice (--calibration naming --gate-data's file)
+        ("calibration", None, False),  # other inputs
+        ("x", ["torch", "onnxruntime"], True),  # one int8 candidate is enough
+        ("x", ["torch"], False),  # no int8 candidate: nothing is calibrated
+    ],
+)
+def test_int8_calibrated_on_the_gate_inputs_warns_as_quantize_does(data, monkeypatch, calibration, candidates, warned):
+    from trainfer.serve import gated
+
+    monkeypatch.setattr(gated, "compile_float", lambda *args, **options: None)  # the warning comes before the search
+    inputs = {"x": data["x"], "x copy": data["x"].clone(), "calibration": data["calibration"]}[calibration]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainfer.compile(
+            data["deployed"], gate_data=(data["x"], data["labels"]), calibration=inputs, candidates=candidates
+        )
+    said = [str(w.message) for w in caught if "overstates agreement on new data" in str(w.message)]
+    assert len(said) == warned and all(s.startswith("compile: the int8 candidates are calibrated on") for s in said)

@@ -108,6 +108,7 @@ def test_a_refusing_gate_serves_float32_says_why_and_write_runtime_records_it(ma
     served = rt.read_record(bundle)
     assert metadata["parameters"]["runtime"] == f"{served.runtime}/{served.dtype}" and served.dtype == "float32"
     assert "no bf16 or int8 form passed the gate: float32 stays chosen" in logs and "recorded in" in logs
+    assert "warning: compile: the int8 candidates are calibrated on the gate data" in logs  # no --calibration
     after = files(bundle)
     assert {name: after[name] for name in before} == before and set(after) - set(before) == {"runtime.json"}
     _, record = compile_record(made, tmp_path, monkeypatch, None, *data)

@@ -67,7 +67,20 @@ def load_predictor(
     if threshold is not None and "binary" not in tasks:  # it would be silently ignored
         raise InputError(f"--threshold applies to binary tasks only; {bundle!r} is {', '.join(tasks)}: drop it")
     check_top_k(top_k, predictor.heads, name="--top-k")
+    say_serving(predictor, bundle, runtime)
     return predictor
+
+
+def say_serving(predictor: Predictor, bundle: str, runtime: str | None) -> None:
+    """One line on stderr naming the form that serves ``bundle`` when it is not the bundle's plain PyTorch
+    model (a recorded runtime, an int8 form, ``--runtime``), in ``trainfer serve``'s words: a default load
+    follows ``runtime.json``, so the answers change after ``trainfer compile``, and this line says why.
+    Stdout is left to the results (machine-readable formats stay clean); under torchrun rank 0 says it."""
+    from trainfer.serve import distributed
+    from trainfer.serve.served_model import load_origin, served_form, serving_words
+
+    if served_form(predictor.model) is not None and distributed.is_main():
+        click.echo(f"serving {bundle!r} on {serving_words(predictor.model, load_origin(bundle, runtime))}", err=True)
 
 
 def gather_inputs(paths: Iterable[str], spec: PreprocessSpec) -> Iterator[tuple[str, Any]]:

@@ -456,8 +456,9 @@ def _serving(deploy_bundle: Path, work: Path, test: tuple[Tensor, Tensor], repea
     _need("onnxruntime", "the int8 form")
     from trainfer.demo.serving import serving
 
-    calibration = data.normalize(data.splits()["train"].pixels)
-    results["serving"] = serving(deploy_bundle, work, test, calibration, repeats)
+    parts = data.splits()
+    calibration, validation = data.normalize(parts["train"].pixels), data.normalize(parts["val"].pixels)
+    results["serving"] = serving(deploy_bundle, work, (validation, parts["val"].labels), test, calibration, repeats)
 
 
 def _pruning(deployed: nn.Module, options: DemoOptions, test: tuple[Tensor, Tensor], results: dict) -> None:

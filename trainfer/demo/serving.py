@@ -4,8 +4,9 @@
 
 1. runs ``trainfer.compile(bundle, runtime="auto")`` (float32 candidates measured paired at batch 1
    and 256) and records the choice in the bundle (``runtime.json``);
-2. quantizes the bundle with ``trainfer.quantize`` (calibration: training digits; gate: the test
-   set with labels) into ``bundle_int8/`` (a refusal by the gate is reported, not raised);
+2. quantizes the bundle with ``trainfer.quantize`` (calibration: training digits; gate: the validation
+   split with labels, so that the test split the forms are then measured on had no say in the
+   verdict) into ``bundle_int8/`` (a refusal by the gate is reported, not raised);
 3. measures each form on the test set: accuracy, latency at batch 1 and throughput at batch 256
    (all forms paired call by call, :func:`trainfer.bench.time_forms`), and size on disk.
 
@@ -28,9 +29,17 @@ __all__ = ["plot_serving", "section", "serving"]
 
 
 def serving(
-    deploy_bundle: Path, work: Path, test: tuple[Tensor, Tensor], calibration: Tensor, repeats: int
+    deploy_bundle: Path,
+    work: Path,
+    validation: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    calibration: Tensor,
+    repeats: int,
 ) -> dict[str, Any]:
-    """Compile, quantize and measure (see the module docstring); returns the JSON-able results."""
+    """Compile, quantize and measure (see the module docstring); returns the JSON-able results.
+
+    ``validation`` and ``test``: ``(inputs, labels)`` of the split the int8 gate measures on and of
+    the split every form's accuracy and speed are measured on."""
     from trainfer.serve.bundle import load
     from trainfer.serve.quantize import QuantizationError, quantize
     from trainfer.serve.runtime import compile, save_record
@@ -43,7 +52,7 @@ def serving(
     forms: dict[str, Any] = {"deploy form, eager float32": load(deploy_bundle).eval(), chosen: auto}
     sizes = {"deploy form, eager float32": float_bytes, chosen: float_bytes}
     try:
-        int8 = quantize(deploy_bundle, calibration, validation=inputs, labels=labels)
+        int8 = quantize(deploy_bundle, calibration, validation=validation[0], labels=validation[1])
     except QuantizationError as refusal:  # a result worth showing: the gate said no, and why
         quantization, gate, bundle = f"refused: {refusal}\n{refusal.report}", refusal.report.gate.to_dict(), None
     else:
@@ -115,6 +124,7 @@ def section(results: dict[str, Any]) -> str:
     return (
         f'{title}\n\n{table}\n\nCandidates of `trainfer.compile(runtime="auto")` (latency x eager float32, '
         f"paired in one run):\n\n```\n{serving_results['runtime_table']}\n```\n\n"
-        f"`trainfer.quantize` (int8 bundle: `{serving_results['bundle'] or 'none, the gate refused'}`):\n\n"
+        f"`trainfer.quantize`, gated on the validation split "
+        f"(int8 bundle: `{serving_results['bundle'] or 'none, the gate refused'}`):\n\n"
         f"```\n{serving_results['quantization']}\n```\n\n![serving](serving.png)"
     )

@@ -13,6 +13,7 @@ points, no limit on the relative error) and :func:`gate_report` measures a candi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from trainfer.errors import InputError
 
-__all__ = ["AccuracyGate", "GateReport", "gate_report", "logits_over"]
+__all__ = ["AccuracyGate", "GateReport", "gate_report", "logits_over", "warn_gated_on_calibration"]
 
 
 @dataclass(frozen=True)
@@ -139,3 +140,17 @@ def gate_report(
         labels = labels.to(predicted.device)
         accuracies = (float((expected == labels).double().mean()), float((predicted == labels).double().mean()))
     return GateReport(gate, len(reference), error, agreement, *accuracies)
+
+
+def warn_gated_on_calibration(why: str, remedy: str, stacklevel: int = 2) -> None:
+    """Warn (``UserWarning``) that an int8 gate measures on the inputs its int8 ranges were calibrated on.
+
+    The one wording of this warning: ``why`` says how it came about (``"quantize: no validation data"``),
+    ``remedy`` what to pass instead. ``stacklevel`` is :func:`warnings.warn`'s, counted from the caller.
+    """
+    warnings.warn(
+        f"{why}, so the accuracy gate measures on the calibration inputs themselves, which the int8 ranges "
+        f"were fitted to: its verdict overstates agreement on new data. {remedy}",
+        UserWarning,
+        stacklevel=stacklevel + 1,
+    )

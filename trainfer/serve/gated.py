@@ -26,11 +26,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from trainfer.errors import BundleError, InputError, QuantizationError
 from trainfer.serve.engines import CompiledModel
-from trainfer.serve.gate import AccuracyGate
+from trainfer.serve.gate import AccuracyGate, warn_gated_on_calibration
 from trainfer.serve.runtime import _Source, _unavailable
 from trainfer.serve.runtime import compile as compile_float
 from trainfer.serve.runtime_record import QUANTIZED_RUNTIMES, CandidateRecord, RuntimeRecord, read_record, save_record
@@ -66,11 +67,25 @@ def compile(
     dtypes = (*dtypes, *(name for name in REDUCED_DTYPES if name not in dtypes))
 
     runtimes = tuple(name for name in QUANTIZED_RUNTIMES if name in (options.get("candidates") or QUANTIZED_RUNTIMES))
+    if runtimes and _calibrated_on_gate_data(calibration, gate_data):
+        warn_gated_on_calibration(
+            "compile: the int8 candidates are calibrated on the gate data (calibration= holds the gate_data= "
+            "inputs; the CLI's --calibration defaults to --gate-data)",
+            "Pass calibration= (CLI: --calibration) with other inputs than the gate's, e.g. training inputs",
+        )
 
     def int8(source: _Source, threads: int, gate: AccuracyGate) -> tuple[list[Any], dict[str, Any]]:
         return int8_candidates(model_or_bundle, source, threads, gate, gate_data, calibration, runtimes)
 
     return compile_float(model_or_bundle, example_inputs, runtime, dtypes, extra_candidates=int8, **options)
+
+
+def _calibrated_on_gate_data(calibration: Tensor, gate_data: Tensor | tuple[Tensor, Tensor]) -> bool:
+    """Whether ``calibration`` holds the inputs of ``gate_data`` (the same tensor, or equal ones)."""
+    inputs = gate_data[0] if isinstance(gate_data, tuple) else gate_data
+    if calibration is inputs:
+        return True
+    return isinstance(inputs, Tensor) and inputs.shape == calibration.shape and torch.equal(inputs, calibration)
 
 
 def int8_candidates(

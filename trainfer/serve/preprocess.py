@@ -26,6 +26,7 @@ by :meth:`PreprocessSpec.unscale_target`: ``t = t' * target_std + target_mean``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -191,10 +192,34 @@ class PreprocessSpec:
         if batch.shape[0] == 0:
             raise InputError(f"empty input: expected at least one sample of shape {self._shape_text()}")
         self._check_shape(batch)
+        if not batch.is_floating_point():
+            self._warn_unscaled_pixels(batch)
         bad = _non_finite_samples(batch, first)
         if bad:
             raise NonFiniteError("input contains NaN or inf values in sample(s) ", bad, ": expected finite numbers")
         return batch
+
+    def _warn_unscaled_pixels(self, batch: Tensor) -> None:
+        """Warn (``UserWarning``, once per process and spec: the text is constant) when an integer ``batch``
+        holds values above ``255 * pixel_scale`` although the model was trained on scaled pixels: an image
+        model (``input_shape`` ``(C, H, W)``) whose recorded ``mean`` lies in ``[0, 255 * pixel_scale]`` and
+        ``std`` at most half that, which data beyond that range cannot give. Tensors are never scaled (only
+        image files are), so such a batch is raw bytes and the answers are wrong. A model without recorded
+        normalisation, or trained on larger values (a mean or std beyond the range), is never warned about."""
+        top = 255 * self.pixel_scale
+        if self.input_shape is None or len(self.input_shape) != 3 or self.mean is None or self.std is None:
+            return
+        if not (all(0 <= m <= top for m in self.mean) and all(s <= top / 2 for s in self.std)):
+            return
+        if float(batch.max()) > top:
+            warnings.warn(
+                f"integer input with values above {top:.6g}, but this model was trained on pixels scaled by "
+                f"pixel_scale {self.pixel_scale:.6g} (its recorded mean and std lie within [0, {top:.6g}]): tensors "
+                f"and arrays are not scaled, only image files are, so its answers will be wrong. Pass float pixels "
+                f"times {self.pixel_scale:.6g}, or the image files (warned once)",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _plain_batch(self, raw: Any) -> Tensor | None:
         """``raw`` as a tensor when it plainly passes :meth:`check_batch` (a C-contiguous float32 or

@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import tempfile
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,7 +50,7 @@ from torch import Tensor, nn
 from trainfer.errors import InputError, QuantizationError
 from trainfer.serve.calibration import calibration_inputs, class_indices
 from trainfer.serve.engines import int8_engine
-from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over
+from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over, warn_gated_on_calibration
 from trainfer.serve.int8_form import write_int8_form
 from trainfer.serve.runtime_record import machine_info
 from trainfer.serve.sensitivity import LayerSensitivity, sensitivity
@@ -279,12 +278,8 @@ def quantize(
         calib = calibration_inputs(calibration_data, source.manifest, calibration_limit)
         check = calibration_inputs(validation, source.manifest) if validation is not None else calib
         if validation is None:
-            warnings.warn(
-                "quantize: no validation data, so the accuracy gate measures on the calibration inputs themselves, "
-                "which the int8 ranges were fitted to: its verdict overstates agreement on new data. Pass "
-                "validation= (CLI: --validation) with held-out inputs",
-                UserWarning,
-                stacklevel=2,
+            warn_gated_on_calibration(
+                "quantize: no validation data", "Pass validation= (CLI: --validation) with held-out inputs"
             )
         reference = logits_over(source.model, check)
         labels = None if labels is None else class_indices(labels, reference.shape[-1], len(reference))

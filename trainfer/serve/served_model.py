@@ -30,9 +30,12 @@ from torch import Tensor, nn
 
 from trainfer.serve.devices import pick_device
 from trainfer.serve.outputs import Head
-from trainfer.serve.runtime_record import TORCH_RUNTIMES
+from trainfer.serve.runtime_record import RUNTIME_FILE, TORCH_RUNTIMES
 
-__all__ = ["Served", "open_served"]
+__all__ = ["PYTORCH_MODEL", "Served", "load_origin", "open_served", "served_form", "serving_words"]
+
+#: What :func:`serving_words` calls the bundle's own PyTorch model.
+PYTORCH_MODEL = "torch, the bundle's PyTorch model"
 
 
 @dataclass(frozen=True)
@@ -136,3 +139,28 @@ def _without_runtime(overrides: dict[str, Any]) -> dict[str, Any]:
 def _on_the_cpu(overrides: dict[str, Any]) -> bool:
     """Whether the load's ``device`` (default ``"auto"``) is the CPU."""
     return pick_device(overrides.get("device", "auto")).type == "cpu"
+
+
+def served_form(model: Any) -> str | None:
+    """``"<runtime>/<dtype>"`` when ``model`` is a compiled or int8 form (it carries a runtime ``record``),
+    else ``None``: the bundle's PyTorch model (or an ``.onnx`` file's session) serves."""
+    record = getattr(model, "record", None)
+    return f"{record.runtime}/{record.dtype}" if record is not None else None
+
+
+def serving_words(model: Any, origin: str) -> str:
+    """What serves, in the words of ``trainfer serve``'s ready line and ``trainfer predict``'s note:
+    ``"<runtime>/<dtype>, <origin>"`` (e.g. ``"onnxruntime/int8, recorded in runtime.json"``), or
+    :data:`PYTORCH_MODEL`. ``origin``: why that form serves (:func:`load_origin`; ``""``: nothing to say)."""
+    form = served_form(model)
+    if form is None:
+        return PYTORCH_MODEL
+    return f"{form}, {origin}" if origin else form
+
+
+def load_origin(path: str | os.PathLike[str], runtime: Any) -> str:
+    """Why a load of the bundle at ``path`` with ``runtime`` (``None``: a default load) serves the form it
+    serves, for :func:`serving_words`: the runtime asked for, or the bundle's ``runtime.json``."""
+    if runtime is not None:
+        return f"runtime {runtime!r} asked for"
+    return f"recorded in {RUNTIME_FILE}" if (Path(path) / RUNTIME_FILE).is_file() else ""

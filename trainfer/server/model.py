@@ -47,6 +47,7 @@ from trainfer.serve.inputs import gather
 from trainfer.serve.predictor import Predictor
 from trainfer.serve.results import check_finite_scores, class_names
 from trainfer.serve.runtime import RUNTIME_FILE
+from trainfer.serve.served_model import load_origin, served_form, serving_words
 from trainfer.server.protocol import datatype_of
 from trainfer.server.sequence_outputs import VARIABLE, sequence_tensors
 
@@ -261,14 +262,13 @@ class ServedModel:
 
     def _runtime(self) -> dict[str, str]:
         """``{"runtime": "<runtime>/<dtype>"}`` when a compiled form serves (a ``CompiledModel``), else ``{}``."""
-        record = getattr(self.predictor.model, "record", None)
-        return {"runtime": f"{record.runtime}/{record.dtype}"} if record is not None else {}
+        form = served_form(self.predictor.model)
+        return {"runtime": form} if form is not None else {}
 
     def serving(self) -> str:
-        """What serves, for the ready log line: ``"<runtime>/<dtype>, <origin>"`` (e.g.
-        ``"onnxruntime/float32, recorded in runtime.json"``), or the bundle's PyTorch model."""
-        runtime = self._runtime().get("runtime", "torch, the bundle's PyTorch model")
-        return f"{runtime}, {self.origin}" if self.origin else runtime
+        """What serves, for the ready log line (:func:`~trainfer.serve.served_model.serving_words`: e.g.
+        ``"onnxruntime/float32, recorded in runtime.json"``, or the bundle's PyTorch model)."""
+        return serving_words(self.predictor.model, self.origin)
 
     def _decoder(self) -> dict[str, Any]:
         """``{"decoder": settings}`` for a sequence bundle (its recorded decoder settings), else ``{}``."""
@@ -299,14 +299,13 @@ def load_model(
     """
     overrides: dict[str, Any] = {"batch_size": max_batch}
     served: Any = runtime
-    origin = "" if runtime is None else f"runtime {runtime!r} asked for"
+    origin = load_origin(path, runtime)
     if search is not None:
         if runtime not in (None, "auto"):
             raise InputError(f"model {name!r}: the start-up search chooses the runtime; got runtime {runtime!r} too")
         served, origin = compiled_form(name, path, search, write_runtime), "chosen by the start-up search"
     elif runtime is None and (Path(path) / RUNTIME_FILE).is_file():
         served = "recorded"  # the runtime trainfer.compile chose and recorded (gated int8/bf16 included)
-        origin = f"recorded in {RUNTIME_FILE}"
     if served is not None:
         overrides["runtime"] = served
     predictor = Predictor.load(path, trust_factory=trust_factory, **overrides)
