@@ -472,8 +472,8 @@ def test_bench_blames_the_options_the_user_gave_for_too_large_a_batch(nothing_ru
 
 def test_every_seed_threads_count_and_batch_size_option_shares_one_range():
     """One bound per kind of option across commands; the seed's within what torch.manual_seed takes."""
-    from trainfer.cli import common
     from trainfer.bench import measure
+    from trainfer.cli import common
     from trainfer.serve.manifest import MAX_CHANNELS, MAX_ELEMENTS
 
     kinds = {
