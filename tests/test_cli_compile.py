@@ -159,3 +159,10 @@ def test_gate_data_without_calibration_warns_that_int8_is_gated_on_its_own_calib
 
 def _stop(*args, **options):
     raise trainfer.InputError("search stopped here")
+
+
+def test_threads_are_what_every_runtime_is_measured_and_recorded_with(made, bundle):
+    result = invoke(bundle, "--candidates", "torch", "--rounds", "1", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert rt.read_record(bundle).threads["measured_with"] == 1
+    _one_line_error(invoke(bundle, "--threads", "0"), "--threads")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from trainfer.cli.common import COUNT, friendly_errors, gate_options, trust_factory_option, trusted
+from trainfer.cli.common import COUNT, THREADS, friendly_errors, gate_options, trust_factory_option, trusted
 from trainfer.cli.quantize import DATA_HELP, read_labels
 from trainfer.serve.runtime_names import AUTO_RUNTIMES, CODE_GENERATING_RUNTIMES, RUNTIMES
 
@@ -107,10 +107,12 @@ def check_recordable(runtime: str | None, candidates: tuple[str, ...]) -> None:
 @click.argument("bundle", type=click.Path())
 @click.option("--runtime", type=click.Choice(["auto", *RUNTIMES]), default="auto", show_default=True,
               help="auto: measure every runtime and keep the fastest that passes; or serve this one.")  # fmt: skip
+@click.option("--threads", type=THREADS, default=None,
+              help="Intra-op threads every runtime is measured and recorded with (default: torch's).")  # fmt: skip
 @search_options
 @trust_factory_option
 @friendly_errors
-def command(bundle: str, runtime: str, **search: Any) -> None:
+def command(bundle: str, runtime: str, threads: int | None, **search: Any) -> None:
     """Measure the runtimes that serve BUNDLE's deploy form on this machine (paired, call by call), and
     record the fastest verified one in BUNDLE/runtime.json (with --gate-data: bf16 and int8 too, each
     behind the accuracy gate). The bundle is otherwise unchanged. `trainfer serve BUNDLE --compile`
@@ -126,7 +128,7 @@ def command(bundle: str, runtime: str, **search: Any) -> None:
     if gated_search and runtime != "auto":
         raise InputError(f"--gate-data asks compile to search bf16/int8 forms: use --runtime auto (got {runtime!r})")
     click.echo(f"compiling {bundle}: {gated.searched_kinds(settings)} candidates...", err=True)
-    compiled = gated.compile(bundle, runtime=runtime, **settings)
+    compiled = gated.compile(bundle, runtime=runtime, threads=threads, **settings)
     saved = gated.save_compiled(bundle, compiled)
     click.echo(compiled.record.table())
     record = compiled.record
