@@ -177,15 +177,31 @@ def test_a_default_load_serves_what_runtime_json_records_as_the_server_does(bund
 def test_a_default_load_of_a_recorded_bundle_on_another_device_serves_the_pytorch_model_there(
     bundle, tmp_path, monkeypatch
 ):
-    """The record's runtimes run on the CPU: on device='cuda' the PyTorch model serves, on that device."""
+    """The record's runtimes run on the CPU: naming device='cuda' serves the PyTorch model there; the
+    default device='auto', even where it would pick CUDA, serves the record, as trainfer serve does
+    (attacker round 5 H-1)."""
     from trainfer.serve import served_model
 
     bundle = Path(shutil.copytree(bundle, tmp_path / "b"))
     rt.save_record(bundle, trainfer.compile(bundle, runtime="torch").record)
-    monkeypatch.setattr(served_model, "pick_device", lambda name: torch.device(name.split(":")[0]))
+    cuda_machine = {"auto": "cuda", "cuda": "cuda", "cpu": "cpu"}
+    monkeypatch.setattr(served_model, "pick_device", lambda name: torch.device(cuda_machine[name]))
     assert served_model._engine(bundle, {"device": "cuda"}) == (None, {"device": "cuda"})
-    _, on_the_cpu = served_model._engine(bundle, {"device": "cpu"})
-    assert on_the_cpu["runtime"].runtime == "torch"
+    for overrides in ({"device": "cpu"}, {"device": "auto"}, {}):
+        _, left = served_model._engine(bundle, overrides)
+        assert left["runtime"].runtime == "torch", overrides
+
+
+def test_an_unavailable_device_is_refused_whatever_serves_the_bundle(bundle, tmp_path):
+    """--device cuda on a machine without CUDA was accepted silently when a recorded runtime or an int8
+    form served (attacker round 5 L-1); it is refused as for the PyTorch model."""
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    bundle = Path(shutil.copytree(bundle, tmp_path / "b"))
+    rt.save_record(bundle, trainfer.compile(bundle, runtime="torch").record)
+    for runtime in (None, "recorded", "onnxruntime"):
+        with pytest.raises(trainfer.InputError, match="device 'cuda' is not available"):
+            trainfer.Predictor.load(bundle, device="cuda", runtime=runtime)
 
 
 @pytest.mark.parametrize("runtime", ["TORCH", "Inductor", " inductor"])

@@ -202,7 +202,7 @@ class Predictor:
         ``runtime`` (see :func:`trainfer.serve.runtime.compile`; ``"recorded"``: the bundle's
         ``runtime.json``; a :class:`~trainfer.serve.engines.CompiledModel` that ``trainfer.compile``
         returned for this bundle: that form) serves the deploy form on another engine. Without ``runtime``, a
-        bundle's ``runtime.json`` serves it (on the CPU; on another ``device``, the PyTorch model serves), else its
+        bundle's ``runtime.json`` serves it (on the CPU; naming another ``device``, the PyTorch model serves), else its
         int8 form (``trainfer quantize``) unless ``runtime`` names a PyTorch runtime: a default load serves the
         form ``trainfer serve`` serves.
 

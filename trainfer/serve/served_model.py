@@ -4,8 +4,9 @@ runtime or the bundle's PyTorch model (:class:`~trainfer.Predictor` then only se
 * an ``.onnx`` file: an ONNX Runtime session (:class:`~trainfer.serve.onnx_runtime.OnnxModel`) and the
   manifest stored inside it;
 * a bundle with a ``runtime.json`` (``trainfer compile``) and no ``runtime`` named: what it records,
-  as ``runtime="recorded"`` serves it, so that a default load serves what ``trainfer serve`` serves;
-  on another ``device`` (the record's runtimes run on the CPU) the bundle's PyTorch model serves there;
+  as ``runtime="recorded"`` serves it, so that a default load serves what ``trainfer serve`` serves
+  (``device="auto"`` too, where CUDA is available); naming another ``device`` (the record's runtimes
+  run on the CPU) serves the bundle's PyTorch model there;
 * a bundle carrying an int8 form (``trainfer quantize``) and no ``runtime.json``: that form, checked
   against the float weights (:func:`trainfer.serve.int8_form.serve_quantized`), unless ``runtime``
   names a PyTorch runtime;
@@ -111,12 +112,13 @@ def _engine(
     from trainfer.serve.runtime import recorded_runtime
     from trainfer.serve.runtime_record import RUNTIME_FILE
 
+    elsewhere = _names_another_device(overrides)  # checked whatever serves: an unavailable device is refused
     runtime = overrides.get("runtime")
     if isinstance(runtime, CompiledModel):  # compiled (verified, gated) for this bundle by the caller
         return runtime, _without_runtime(overrides)
     recorded = (Path(bundle) / RUNTIME_FILE).is_file()
     if runtime is None and recorded:
-        if not _on_the_cpu(overrides):  # the record's runtimes run on the CPU
+        if elsewhere:  # the record's runtimes run on the CPU
             return None, overrides
         runtime = "recorded"
     if runtime == "recorded" and recorded:
@@ -136,9 +138,11 @@ def _without_runtime(overrides: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in overrides.items() if key != "runtime"}
 
 
-def _on_the_cpu(overrides: dict[str, Any]) -> bool:
-    """Whether the load's ``device`` (default ``"auto"``) is the CPU."""
-    return pick_device(overrides.get("device", "auto")).type == "cpu"
+def _names_another_device(overrides: dict[str, Any]) -> bool:
+    """Whether the load names a ``device`` other than the CPU (``"auto"``, the default, names none: a default
+    load serves what ``trainfer serve`` serves even where CUDA is available); an unavailable one is refused."""
+    name = overrides.get("device", "auto")
+    return pick_device(name).type != "cpu" and name != "auto"
 
 
 def served_form(model: Any) -> str | None:
