@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -106,9 +107,19 @@ def test_sigterm_to_two_worker_processes_answers_the_request_in_flight_then_ends
         busy = hold(pool, server, gate)
         server.process.send_signal(signal.SIGTERM)  # to the supervisor, which passes it to its workers
         wait_for(lambda: server.logs().count("Shutting down") == 2)  # both workers stopped accepting
+        wait_for(lambda: refused(server.port))  # while they drain: no connection the kernel would then reset
         gate.touch()
         assert busy.result(timeout=60)[0] == 200
         assert server.process.wait(30) == -signal.SIGTERM
+
+
+def refused(port: int) -> bool:
+    """Whether a connection to ``port`` is refused (nothing listens), not accepted into a backlog no one reads."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 def test_a_request_waiting_past_its_timeout_is_504_and_the_server_goes_on(held):

@@ -1,10 +1,10 @@
 """``trainfer serve --workers N``: uvicorn's supervisor process and its worker processes, tied together.
 
-Two promises that uvicorn's own multi-process supervisor does not keep:
+Promises that uvicorn's own multi-process supervisor does not keep:
 
 * the supervisor ends as a single-process server does (:func:`supervise`): after SIGTERM by
   that signal (143 in a shell), after Ctrl-C with ``KeyboardInterrupt`` (the CLI's 130), once its
-  workers have shut down gracefully;
+  workers have shut down gracefully, the port refusing new connections meanwhile;
 * a worker never outlives its supervisor (:func:`exit_with_parent`), however the supervisor died
   (SIGKILL included): otherwise orphaned workers keep serving the port;
 * a worker leaves no semaphore behind (:func:`thread_locks_for_progress_bars`): otherwise
@@ -52,10 +52,21 @@ def supervise(config: uvicorn.Config) -> None:
         def handle_int(self) -> None:
             stopped_by.append(signal.SIGINT)
             super().handle_int()
+            self.stop_listening()
 
         def handle_term(self) -> None:
             stopped_by.append(signal.SIGTERM)
             super().handle_term()
+            self.stop_listening()
+
+        def stop_listening(self) -> None:
+            """Close the supervisor's copy of the listening socket as the shutdown begins: the workers
+            close theirs as they stop accepting, and the port then refuses new connections at once.
+            Held open while the workers drain, it let the kernel complete connections that no worker
+            would accept, each reset when the supervisor exited (13 of 16 clients opening a connection
+            a request, against 1 with a single process: attacker round 5 M-2)."""
+            for listening in self.sockets:
+                listening.close()
 
     try:
         _Supervisor(config, sockets=[config.bind_socket()]).run()
