@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from trainfer.errors import InputError, TrainferError
+from trainfer.readfile import open_regular
 
 __all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "json_depth", "parse_json", "read_json"]
 
@@ -73,14 +74,16 @@ def parse_json(
 def read_json(
     path: str | os.PathLike[str], *, max_bytes: int = MAX_JSON_BYTES, error: type[TrainferError] = InputError
 ) -> Any:
-    """The JSON file at ``path``, parsed by :func:`parse_json` (its size checked before it is read)."""
+    """The JSON file at ``path``, parsed by :func:`parse_json`: a regular file
+    (:func:`trainfer.readfile.open_regular`: anything else is refused, never waited on), its size checked
+    before it is read."""
     file = Path(path)
     source = repr(str(file))
     try:
-        size = file.stat().st_size
-        if size > max_bytes:
-            raise error(f"{source} is larger than {max_bytes} bytes ({size}): not a file trainfer reads")
-        with open(file, "rb") as handle:
+        with open_regular(file, error) as handle:  # a FIFO or a device is refused, never waited on
+            size = os.fstat(handle.fileno()).st_size
+            if size > max_bytes:
+                raise error(f"{source} is larger than {max_bytes} bytes ({size}): not a file trainfer reads")
             data = handle.read(max_bytes + 1)  # a file growing meanwhile is still bounded
     except OSError as problem:
         raise error(f"cannot read {source}: {problem.strerror or problem}") from None
