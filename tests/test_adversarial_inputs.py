@@ -198,6 +198,17 @@ def _npy_header(path: Path, shape: tuple[int, ...], data: bytes = b"\0" * 256) -
     return path
 
 
+@pytest.mark.parametrize("shape", [(-1, 1, 8, 8), (1, -1, 8, 8), (-(2**40), 1, 8, 8), (-1, -1, 8, 8)])
+def test_a_negative_dimension_in_a_npy_header_is_refused_in_one_line_everywhere(bundle, tmp_path, shape):
+    """``predict`` memory-maps a .npy: a header of shape (-1, 1, 8, 8) crashed there (exit 3), not in the server."""
+    path = _npy_header(tmp_path / "neg.npy", shape)
+    expected = f"neg.npy' declares shape {shape}: expected dimensions >= 0"
+    assert expected in cli("predict", bundle, path)
+    assert expected in cli("quantize", bundle, "--calibration", path, "-o", tmp_path / "q")
+    with pytest.raises(InputError, match=re.escape(expected)):
+        trainfer.Predictor.load(bundle).predict(str(path))
+
+
 def run_limited(code: str, seconds: float = 300) -> subprocess.CompletedProcess:
     """``python -c code`` with :data:`MEMORY_LIMIT` of address space and a wall-clock limit."""
 
