@@ -80,10 +80,12 @@ class GateVerdict(_Schema):
             self.reference_accuracy,
             self.candidate_accuracy,
         )
-        drop = report.accuracy_drop
-        if (drop is None) != (self.accuracy_drop is None) or (
-            drop is not None and abs(drop - self.accuracy_drop) > 1e-9
-        ):
+        drop, recorded = report.accuracy_drop, self.accuracy_drop
+        if recorded is None or drop is None:
+            agree = recorded is drop
+        else:
+            agree = abs(drop - recorded) <= 1e-9
+        if not agree:
             return f"accuracy_drop {self.accuracy_drop} is not reference_accuracy - candidate_accuracy ({drop})"
         if report.ok != self.ok:
             figures = "pass the gate" if report.ok else "fail the gate: " + "; ".join(report.failures())
