@@ -113,6 +113,17 @@ def test_bundle_json_nested_100000_deep_is_a_bundle_error(bundle, tmp_path, name
         trainfer.Predictor.load(copy, runtime="recorded")
 
 
+@pytest.mark.parametrize("name", ["manifest.json", "runtime.json", "quantization.json"])
+@pytest.mark.parametrize(
+    "text", ['{"runtime": "torch", "runtime": "onnxruntime"}', '{"a": {"runtime": 1, "runtime": 2}}']
+)
+def test_bundle_json_giving_a_key_twice_is_refused_not_resolved_to_the_last(bundle, tmp_path, name, text):
+    copy = forge(bundle, tmp_path / "b")
+    (copy / name).write_text(text)
+    with pytest.raises(BundleError, match=f"{name}' is not valid JSON: the key 'runtime' is given twice"):
+        trainfer.Predictor.load(copy, runtime="recorded")
+
+
 def test_an_oversized_runtime_json_is_refused_unread(bundle, tmp_path):
     copy = forge(bundle, tmp_path / "b")
     with open(copy / "runtime.json", "w") as handle:

@@ -6,7 +6,8 @@ Every JSON file trainfer reads (a bundle's ``manifest.json``, ``runtime.json`` a
 cannot exhaust the interpreter: at most ``max_bytes`` bytes (:data:`MAX_JSON_BYTES` unless the
 caller bounds it tighter) and at most :data:`MAX_JSON_DEPTH` nested arrays/objects (``[[[...]]]``
 100,000 deep would otherwise end in ``RecursionError``). Any failure (too large, too deep, not
-UTF-8, not JSON, a 5000-digit integer) is the caller's ``error`` class naming the file.
+UTF-8, not JSON, a 5000-digit integer, an object giving one key twice, which ``json`` would silently
+resolve to the last) is the caller's ``error`` class naming the file.
 """
 
 from __future__ import annotations
@@ -66,9 +67,19 @@ def parse_json(
             f"(at most {MAX_JSON_DEPTH} allowed)"
         )
     try:
-        return json.loads(raw)
-    except (ValueError, RecursionError) as problem:  # bad JSON, bad UTF-8, a 5000-digit integer
+        return json.loads(raw, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as problem:  # bad JSON, bad UTF-8, a 5000-digit integer, a key twice
         raise error(f"{source} is not valid JSON: {problem}") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """One JSON object as a dict, refusing a key given twice (``json`` would silently keep the last)."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"the key {key!r} is given twice in one object (expected each key once)")
+        seen.add(key)
+    return dict(pairs)
 
 
 def read_json(
