@@ -12,6 +12,7 @@ resolve to the last) is the caller's ``error`` class naming the file.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -67,17 +68,20 @@ def parse_json(
             f"(at most {MAX_JSON_DEPTH} allowed)"
         )
     try:
-        return json.loads(raw, object_pairs_hook=_unique_keys)
-    except (ValueError, RecursionError) as problem:  # bad JSON, bad UTF-8, a 5000-digit integer, a key twice
+        return json.loads(raw, object_pairs_hook=functools.partial(_unique_keys, source=source, error=error))
+    except TrainferError:  # a key given twice, already named
+        raise
+    except (ValueError, RecursionError) as problem:  # bad JSON, bad UTF-8, a 5000-digit integer
         raise error(f"{source} is not valid JSON: {problem}") from None
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """One JSON object as a dict, refusing a key given twice (``json`` would silently keep the last)."""
+def _unique_keys(pairs: list[tuple[str, Any]], source: str, error: type[TrainferError]) -> dict[str, Any]:
+    """One JSON object of ``source`` as a dict, refusing (``error``) a key given twice: ``json`` would
+    silently keep the last one."""
     seen: set[str] = set()
     for key, _ in pairs:
         if key in seen:
-            raise ValueError(f"the key {key!r} is given twice in one object (expected each key once)")
+            raise error(f"{source} is not valid JSON: the key {key!r} is given twice in one object (expected once)")
         seen.add(key)
     return dict(pairs)
 
