@@ -113,6 +113,17 @@ def test_bundle_json_nested_100000_deep_is_a_bundle_error(bundle, tmp_path, name
         trainfer.Predictor.load(copy, runtime="recorded")
 
 
+@pytest.mark.parametrize("name", ["manifest.json", "runtime.json", "quantization.json"])
+@pytest.mark.parametrize(
+    "text", ['{"runtime": "torch", "runtime": "onnxruntime"}', '{"a": {"runtime": 1, "runtime": 2}}']
+)
+def test_bundle_json_giving_a_key_twice_is_refused_not_resolved_to_the_last(bundle, tmp_path, name, text):
+    copy = forge(bundle, tmp_path / "b")
+    (copy / name).write_text(text)
+    with pytest.raises(BundleError, match=f"{name}' is not valid JSON: the key 'runtime' is given twice"):
+        trainfer.Predictor.load(copy, runtime="recorded")
+
+
 def test_an_oversized_runtime_json_is_refused_unread(bundle, tmp_path):
     copy = forge(bundle, tmp_path / "b")
     with open(copy / "runtime.json", "w") as handle:
@@ -196,6 +207,17 @@ def _npy_header(path: Path, shape: tuple[int, ...], data: bytes = b"\0" * 256) -
         np.lib.format.write_array_header_1_0(handle, {"descr": "<f4", "fortran_order": False, "shape": shape})
         handle.write(data)
     return path
+
+
+@pytest.mark.parametrize("shape", [(-1, 1, 8, 8), (1, -1, 8, 8), (-(2**40), 1, 8, 8), (-1, -1, 8, 8)])
+def test_a_negative_dimension_in_a_npy_header_is_refused_in_one_line_everywhere(bundle, tmp_path, shape):
+    """``predict`` memory-maps a .npy: a header of shape (-1, 1, 8, 8) crashed there (exit 3), not in the server."""
+    path = _npy_header(tmp_path / "neg.npy", shape)
+    expected = f"neg.npy' declares shape {shape}: expected dimensions >= 0"
+    assert expected in cli("predict", bundle, path)
+    assert expected in cli("quantize", bundle, "--calibration", path, "-o", tmp_path / "q")
+    with pytest.raises(InputError, match=re.escape(expected)):
+        trainfer.Predictor.load(bundle).predict(str(path))
 
 
 def run_limited(code: str, seconds: float = 300) -> subprocess.CompletedProcess:

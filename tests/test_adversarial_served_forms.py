@@ -31,6 +31,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from serving_models import FACTORY, save_bundle, trained
+from time_limit import time_limit
 
 import trainfer
 from trainfer import BundleError, Predictor
@@ -216,6 +217,71 @@ def test_a_recorded_runtime_that_answers_wrong_is_refused(tmp_path, monkeypatch)
     monkeypatch.setattr(rt, "ort_engine", wrong)
     with pytest.raises(trainfer.EquivalenceError, match="cannot serve this model"):
         Predictor.load(path, runtime="recorded")
+
+
+# --------------------------------------------------------------------------- bundle files that are not regular files
+NOT_REGULAR = {
+    "fifo": "a pipe",
+    "directory": "a directory",
+    "link to /dev/zero": "a character device",
+    "dangling link": "a dangling link",
+}
+
+
+def _not_regular(path: Path, kind: str) -> None:
+    """Put a ``kind`` of :data:`NOT_REGULAR` where the bundle file ``path`` was (an unpacked archive can)."""
+    path.unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.symlink_to("/dev/zero" if kind == "link to /dev/zero" else path.parent / "moved-away.json")
+
+
+@pytest.mark.parametrize("kind", NOT_REGULAR)
+def test_a_runtime_json_that_is_not_a_regular_file_is_refused_naming_it(tmp_path, kind):
+    """Not skipped as "no record" (predict and serve then silently served another form): refused, never waited on."""
+    path = save_bundle(tmp_path / "b", 3)
+    _not_regular(path / "runtime.json", kind)
+    with time_limit(30), pytest.raises(BundleError, match=f"runtime.json' is {NOT_REGULAR[kind]}: expected a regular"):
+        Predictor.load(path)
+
+
+def test_the_command_line_refuses_a_fifo_runtime_json_in_one_line(tmp_path):
+    path = save_bundle(tmp_path / "b", 3)
+    _not_regular(path / "runtime.json", "fifo")
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 8, 8), np.float32))
+    with time_limit(60):
+        result = CliRunner().invoke(main, ["predict", str(path), str(tmp_path / "x.npy")])
+    assert result.exit_code == 2 and result.output.count("error: ") == 1, result.output
+    assert "runtime.json' is a pipe: expected a regular file" in result.output
+
+
+@needs_ort
+@pytest.mark.parametrize("kind", NOT_REGULAR)
+def test_an_int8_record_that_is_not_a_regular_file_is_refused_not_skipped(int8_bundles, tmp_path, kind):
+    """A quantize bundle whose quantization.json is a FIFO silently served its float form."""
+    import shutil
+
+    path = tmp_path / "b"
+    shutil.copytree(int8_bundles[0], path)
+    _not_regular(path / int8_form.QUANTIZATION_FILE, kind)
+    with time_limit(30), pytest.raises(BundleError, match=f"quantization.json' is {NOT_REGULAR[kind]}"):
+        Predictor.load(path)
+
+
+@needs_ort
+@pytest.mark.parametrize("name", [int8_form.QUANTIZATION_FILE, int8_form.QUANTIZED_FILE, PROBES_FILE])
+def test_serving_an_int8_form_never_waits_on_a_fifo(int8_bundles, tmp_path, name):
+    """What a runtime.json choosing int8 reaches: opening a FIFO quantization.json blocked predict and serve forever."""
+    import shutil
+
+    path = tmp_path / "b"
+    shutil.copytree(int8_bundles[0], path)
+    _not_regular(path / name, "fifo")
+    with time_limit(30), pytest.raises(BundleError, match=f"{name}' is a pipe: expected a regular file"):
+        int8_form.serve_quantized(path)
 
 
 # --------------------------------------------------------------------------- declared output kinds

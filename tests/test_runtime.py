@@ -312,6 +312,16 @@ def test_openvino_serves_the_same_onnx_file(deployed):
         assert _rel_error(compiled(x), deployed(x)) <= TOLERANCE[torch.float32]
 
 
+def test_an_openvino_that_cannot_be_imported_is_called_not_installed(deployed, monkeypatch):
+    """Found on the path but failing to import, openvino read "CPU plugin reports no float32 ( only)"."""
+    monkeypatch.setattr(rt, "openvino_precisions", lambda: ())  # what it returns when the import fails
+    with pytest.raises(trainfer.TrainferError) as refused:
+        trainfer.compile(deployed, torch.randn(2, 1, 8, 8), runtime="openvino")
+    message = str(refused.value)
+    assert "openvino cannot be imported (not installed): pip install 'trainfer[openvino]'" in message, message
+    assert "( only)" not in message
+
+
 def test_machine_info_names_the_isa_flags():
     info = rt.machine_info()
     assert info["cores"] >= 1 and isinstance(info["cpu"], str)

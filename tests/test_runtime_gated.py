@@ -129,17 +129,31 @@ def _tampered(bundle, tmp_path, change):
     return copy
 
 
-def _reduced(record, dtype, gate_ok, runtime=None):
-    """The record's choice forged into ``dtype`` (on ``runtime``), with no gate (``gate_ok`` None) or a verdict."""
+def _reduced(record, dtype, gate_ok, runtime=None, **figures):
+    """The record's choice forged into ``dtype`` (on ``runtime``), with no gate (``gate_ok`` None) or a verdict
+    (``figures`` replace its fields: by default 8 samples agreeing at 50 % against a 0.99 minimum)."""
     chosen = next(c for c in record["candidates"] if (c["runtime"], c["dtype"]) == (record["runtime"], record["dtype"]))
     runtime = runtime or chosen["runtime"]
     verdict = None
     if gate_ok is not None:
-        limits = {"min_agreement": 0.99, "max_accuracy_drop": None, "max_rel_error": None}
+        limits = {"min_agreement": 0.99, "max_accuracy_drop": 0.005, "max_rel_error": None}
         verdict = {"gate": limits, "samples": 8, "max_rel_error": 0.5, "agreement": 0.5, "reference_accuracy": None,
-                   "candidate_accuracy": None, "accuracy_drop": None, "ok": gate_ok}  # fmt: skip
+                   "candidate_accuracy": None, "accuracy_drop": None, "ok": gate_ok, **figures}  # fmt: skip
     chosen.update(runtime=runtime, dtype=dtype, gate=verdict)
     return {**record, "runtime": runtime, "dtype": dtype}
+
+
+ACCURACIES = {"reference_accuracy": 0.9, "candidate_accuracy": 0.5}
+ERROR_LIMIT = {"min_agreement": None, "max_accuracy_drop": None, "max_rel_error": 0.01}
+
+
+def test_a_reduced_choice_whose_verdict_its_figures_bear_out_is_served(data, tmp_path):
+    """The control for the contradicting verdicts below: the same forged bf16 choice, its figures passing."""
+    bundle = trainfer.save(data["deployed"], tmp_path / "b", task="classification", labels=list("0123456789"))
+    rt.save_record(bundle, trainfer.compile(bundle, runtime="auto", candidates=["torch"], rounds=1).record)
+    verdict = {"agreement": 1.0, **ACCURACIES, "candidate_accuracy": 0.9, "accuracy_drop": 0.0}
+    copy = _tampered(bundle, tmp_path, lambda r: json.dumps(_reduced(r, "bfloat16", True, **verdict)))
+    assert trainfer.Predictor.load(copy).model.record.dtype == "bfloat16"
 
 
 def _reject_the_choice(record):
@@ -160,6 +174,24 @@ def _reject_the_choice(record):
         (lambda r: json.dumps(_reduced(r, "bfloat16", None)), "reduced precision without"),
         (lambda r: json.dumps(_reduced(r, "int8", None, runtime="onnxruntime")), "reduced precision without"),
         (lambda r: json.dumps(_reduced(r, "bfloat16", False)), "reduced precision without"),
+        (
+            lambda r: json.dumps(_reduced(r, "bfloat16", True, samples=0, agreement=0.0)),
+            'contradicts itself: "ok" is true, but its figures fail the gate: measured on no samples; '
+            "class agreement 0.00% < required 99.00%",
+        ),
+        (lambda r: json.dumps(_reduced(r, "bfloat16", True)), "class agreement 50.00% < required 99.00%"),
+        (
+            lambda r: json.dumps(_reduced(r, "bfloat16", True, agreement=1.0, **ACCURACIES, accuracy_drop=0.4)),
+            "accuracy drop 40.00 points > allowed 0.50",
+        ),
+        (
+            lambda r: json.dumps(_reduced(r, "bfloat16", True, agreement=1.0, **ACCURACIES, accuracy_drop=0.0)),
+            "accuracy_drop 0.0 is not reference_accuracy - candidate_accuracy",
+        ),
+        (
+            lambda r: json.dumps(_reduced(r, "bfloat16", True, agreement=1.0, gate=ERROR_LIMIT, max_rel_error=0.5)),
+            "max relative output error 5.000e-01 > allowed 1e-02",
+        ),
     ],
     ids=[
         "chosen-rejected",
@@ -171,6 +203,11 @@ def _reject_the_choice(record):
         "bf16-ungated",
         "int8-ungated",
         "bf16-gate-failed",
+        "bf16-passed-on-no-samples",
+        "bf16-passed-below-its-agreement",
+        "bf16-passed-over-its-accuracy-drop",
+        "bf16-drop-not-its-accuracies",
+        "bf16-passed-over-its-error",
     ],
 )
 def test_a_tampered_runtime_record_is_refused_with_a_clear_error(data, tmp_path, change, message):

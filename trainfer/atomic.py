@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainfer.errors import InputError, TrainferError, WriteError, WriteWarning
+from trainfer.readfile import irregular
 
 __all__ = [
     "atomic_directory",
@@ -67,7 +68,6 @@ __all__ = [
     "check_target",
     "fsync_file",
     "interrupted_write",
-    "irregular",
     "named",
     "recover",
     "remove_staging",
@@ -86,14 +86,6 @@ _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _UNSUPPORTED = frozenset({errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV})
 _STAGING = re.compile(r"\.(.+)\.trainfer-([0-9a-f]{32})\.tmp")
-_KINDS = {
-    stat.S_IFREG: "a regular file",
-    stat.S_IFDIR: "a directory",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFIFO: "a pipe",
-    stat.S_IFSOCK: "a socket",
-}
 
 Identity = tuple[int, int]
 #: Given the directory a write replaces, the names of its entries that are the writer's own (the only ones it may
@@ -112,27 +104,6 @@ def fsync_file(path: str | os.PathLike[str]) -> None:
     """Flush ``path``'s content to disk."""
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
-
-
-def irregular(path: str | os.PathLike[str], role: str, directory: bool = False) -> str | None:
-    """What ``path`` is when it exists and is not a regular file (``directory``: not a directory), links
-    followed, e.g. ``"a pipe"``, or ``"under a file, not in a directory"`` when one of its parents is
-    a file (no write can make it); ``None`` for a new path (a dangling link too) or one of the
-    expected kind.
-
-    Raises :class:`~trainfer.errors.InputError` naming ``role`` and ``path`` when ``path`` cannot be
-    examined (permission denied, a loop of links).
-    """
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return None
-    except NotADirectoryError:
-        return "under a file, not in a directory"
-    except OSError as error:
-        raise InputError(f"{role} {str(path)!r} cannot be examined: {error.strerror or error}") from None
-    expected = stat.S_ISDIR(mode) if directory else stat.S_ISREG(mode)
-    return None if expected else _KINDS.get(stat.S_IFMT(mode), "a file of an unknown kind")
 
 
 def check_target(target: str | os.PathLike[str], option: str = "", directory: bool = False) -> None:

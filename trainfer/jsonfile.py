@@ -6,11 +6,13 @@ Every JSON file trainfer reads (a bundle's ``manifest.json``, ``runtime.json`` a
 cannot exhaust the interpreter: at most ``max_bytes`` bytes (:data:`MAX_JSON_BYTES` unless the
 caller bounds it tighter) and at most :data:`MAX_JSON_DEPTH` nested arrays/objects (``[[[...]]]``
 100,000 deep would otherwise end in ``RecursionError``). Any failure (too large, too deep, not
-UTF-8, not JSON, a 5000-digit integer) is the caller's ``error`` class naming the file.
+UTF-8, not JSON, a 5000-digit integer, an object giving one key twice, which ``json`` would silently
+resolve to the last) is the caller's ``error`` class naming the file.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from trainfer.errors import InputError, TrainferError
+from trainfer.readfile import open_regular
 
 __all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "json_depth", "parse_json", "read_json"]
 
@@ -65,22 +68,37 @@ def parse_json(
             f"(at most {MAX_JSON_DEPTH} allowed)"
         )
     try:
-        return json.loads(raw)
+        return json.loads(raw, object_pairs_hook=functools.partial(_unique_keys, source=source, error=error))
+    except TrainferError:  # a key given twice, already named
+        raise
     except (ValueError, RecursionError) as problem:  # bad JSON, bad UTF-8, a 5000-digit integer
         raise error(f"{source} is not valid JSON: {problem}") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]], source: str, error: type[TrainferError]) -> dict[str, Any]:
+    """One JSON object of ``source`` as a dict, refusing (``error``) a key given twice: ``json`` would
+    silently keep the last one."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise error(f"{source} is not valid JSON: the key {key!r} is given twice in one object (expected once)")
+        seen.add(key)
+    return dict(pairs)
 
 
 def read_json(
     path: str | os.PathLike[str], *, max_bytes: int = MAX_JSON_BYTES, error: type[TrainferError] = InputError
 ) -> Any:
-    """The JSON file at ``path``, parsed by :func:`parse_json` (its size checked before it is read)."""
+    """The JSON file at ``path``, parsed by :func:`parse_json`: a regular file
+    (:func:`trainfer.readfile.open_regular`: anything else is refused, never waited on), its size checked
+    before it is read."""
     file = Path(path)
     source = repr(str(file))
     try:
-        size = file.stat().st_size
-        if size > max_bytes:
-            raise error(f"{source} is larger than {max_bytes} bytes ({size}): not a file trainfer reads")
-        with open(file, "rb") as handle:
+        with open_regular(file, error) as handle:  # a FIFO or a device is refused, never waited on
+            size = os.fstat(handle.fileno()).st_size
+            if size > max_bytes:
+                raise error(f"{source} is larger than {max_bytes} bytes ({size}): not a file trainfer reads")
             data = handle.read(max_bytes + 1)  # a file growing meanwhile is still bounded
     except OSError as problem:
         raise error(f"cannot read {source}: {problem.strerror or problem}") from None

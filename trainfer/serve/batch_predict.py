@@ -40,8 +40,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from trainfer.atomic import atomic_file, check_target, irregular
+from trainfer.atomic import atomic_file, check_target
 from trainfer.errors import InputError, MissingFileError, WriteError
+from trainfer.readfile import irregular
 from trainfer.serve import distributed
 from trainfer.serve.preprocess import PreprocessSpec
 from trainfer.serve.readers import IMAGE_SUFFIXES, iter_csv

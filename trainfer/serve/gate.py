@@ -68,6 +68,8 @@ class GateReport:
     def failures(self) -> list[str]:
         """One sentence per limit that is not met (empty: the gate passes)."""
         gate, problems = self.gate, []
+        if self.samples < 1:
+            problems.append("measured on no samples")
         if gate.min_agreement is not None and self.agreement < gate.min_agreement:
             problems.append(f"class agreement {self.agreement:.2%} < required {gate.min_agreement:.2%}")
         drop = self.accuracy_drop

@@ -25,6 +25,7 @@ from trainfer.atomic import atomic_file
 from trainfer.digest import sha256
 from trainfer.errors import BundleError, InputError
 from trainfer.jsonfile import read_json
+from trainfer.readfile import open_regular, present
 from trainfer.serve.bundle_format import (
     QUANTIZATION_FILE,
     QUANTIZED_FILE,
@@ -109,9 +110,10 @@ def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None, 
     if runtime not in QUANTIZED_RUNTIMES:
         raise InputError(f"an int8 form runs on {list(QUANTIZED_RUNTIMES)}; got runtime {runtime!r}")
     file = directory / QUANTIZED_FILE
-    if not file.is_file():
+    if not present(file):
         raise BundleError(f"bundle {str(directory)!r} lacks its int8 form {QUANTIZED_FILE!r}")
-    data = file.read_bytes()
+    with open_regular(file) as handle:
+        data = handle.read()
     digest = sha256(data)
     if digest != entry.get("sha256"):
         raise BundleError(

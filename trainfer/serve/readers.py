@@ -159,7 +159,8 @@ def npy_samples(array: np.ndarray, name: str, spec: PreprocessSpec) -> np.ndarra
 
 
 def check_npy_header(handle: BinaryIO, name: str, size: int, mmap: bool = False) -> None:
-    """Refuse the ``.npy`` file ``name`` from its header alone: not ``.npy``, not numbers, or more data than it holds.
+    """Refuse the ``.npy`` file ``name`` from its header alone: not ``.npy``, not numbers, a negative dimension,
+    or more data than it holds.
 
     ``handle`` is at the file's start and the file holds ``size`` bytes. The header's element count
     times the item size is checked against the bytes after the header before any array is built (a
@@ -187,6 +188,8 @@ def check_npy_header(handle: BinaryIO, name: str, size: int, mmap: bool = False)
             "(allow_pickle=False): expected numbers"
         )
     check_numeric(dtype, f"cannot read {name!r}: wrong dtype")
+    if any(dimension < 0 for dimension in shape):  # numpy's header reader lets them through; mmap then crashes
+        raise InputError(f"{name!r} declares shape {shape}: expected dimensions >= 0 (a forged .npy header)")
     elements = math.prod(shape)
     available = size - handle.tell()
     if elements * dtype.itemsize > available:

@@ -140,8 +140,12 @@ def _unavailable(runtime: str, dtype: str) -> str | None:
     module = {"onnxruntime": "onnxruntime", "openvino": "openvino", "inductor": "torch._inductor"}.get(runtime)
     if module is not None and importlib.util.find_spec(module.split(".")[0]) is None:
         return f"{module} is not installed"
-    if runtime == "openvino" and dtype not in openvino_precisions():
-        return f"OpenVINO's CPU plugin reports no {dtype} on this CPU ({', '.join(openvino_precisions())} only)"
+    if runtime == "openvino":
+        precisions = openvino_precisions()
+        if not precisions:  # found on the path, but its import fails: not (properly) installed
+            return "openvino cannot be imported (not installed): pip install 'trainfer[openvino]'"
+        if dtype not in precisions:
+            return f"OpenVINO's CPU plugin reports no {dtype} on this CPU ({', '.join(precisions)} only)"
     return None
 
 

@@ -9,7 +9,10 @@ and finite, keyed by batch size. Facts stated twice must agree: every candidate'
 its dtype (int8 only on the runtimes that run a QDQ file) unless it is recorded ``unavailable``,
 and a record ``chosen_by`` ``"auto"`` names a candidate that passed (status ``ok``, and its gate
 where it has one); a chosen dtype other than float32 is served only with its candidate's passing
-gate verdict (a reduced precision is never served unchecked). The chosen runtime is one of
+gate verdict (a reduced precision is never served unchecked), one its own figures bear out: its
+``ok`` recomputed from its samples, agreement, accuracies and error against its limits, by the
+gate's own rule (a verdict of 0 samples and agreement 0.0 against a 0.99 minimum marked ``ok`` is
+refused). The chosen runtime is one of
 :data:`~trainfer.serve.runtime_names.AUTO_RUNTIMES`: a runtime that generates and compiles code when
 built (:data:`~trainfer.serve.runtime_names.CODE_GENERATING_RUNTIMES`, inductor) runs only when the
 operator names it, never because a file does (a candidate may still list its figures). The file itself is read at most
@@ -25,6 +28,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from trainfer.errors import BundleError
+from trainfer.serve.gate import AccuracyGate, GateReport
 from trainfer.serve.manifest import _describe, _Schema
 from trainfer.serve.runtime_names import AUTO_RUNTIMES, serves
 
@@ -64,6 +68,29 @@ class GateVerdict(_Schema):
     candidate_accuracy: Fraction | None
     accuracy_drop: Annotated[float, Field(ge=-1, le=1, allow_inf_nan=False)] | None
     ok: bool
+
+    def contradiction(self) -> str | None:
+        """What the recorded figures say against the recorded ``ok`` (``None``: they agree), judged by the
+        gate's own rule (:meth:`trainfer.serve.gate.GateReport.failures`) on the recorded limits."""
+        report = GateReport(
+            AccuracyGate(**self.gate.model_dump()),
+            self.samples,
+            self.max_rel_error,
+            self.agreement,
+            self.reference_accuracy,
+            self.candidate_accuracy,
+        )
+        drop, recorded = report.accuracy_drop, self.accuracy_drop
+        if recorded is None or drop is None:
+            agree = recorded is drop
+        else:
+            agree = abs(drop - recorded) <= 1e-9
+        if not agree:
+            return f"accuracy_drop {self.accuracy_drop} is not reference_accuracy - candidate_accuracy ({drop})"
+        if report.ok != self.ok:
+            figures = "pass the gate" if report.ok else "fail the gate: " + "; ".join(report.failures())
+            return f'"ok" is {str(self.ok).lower()}, but its figures {figures}'
+        return None
 
 
 class Candidate(_Schema):
@@ -108,6 +135,11 @@ class Record(_Schema):
                 raise ValueError(
                     f"the choice {self.runtime}/{self.dtype} is a reduced precision without exactly one candidate "
                     "whose gate passed: compile it with gate_data"
+                )
+            contradiction = chosen[0].gate.contradiction()
+            if contradiction:
+                raise ValueError(
+                    f"the gate verdict of the choice {self.runtime}/{self.dtype} contradicts itself: {contradiction}"
                 )
         if self.chosen_by == "auto":
             chosen = [c for c in self.candidates if (c.runtime, c.dtype) == (self.runtime, self.dtype)]

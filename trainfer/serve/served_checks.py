@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from trainfer.errors import BundleError
 from trainfer.numerics import tolerance_for
+from trainfer.readfile import open_regular, present
 from trainfer.serve.gate import AccuracyGate, gate_report, logits_over
 from trainfer.serve.outputs import Head, check_output_kind, select_output
 
@@ -122,7 +123,7 @@ def select_probes(inputs: Tensor, reference: Tensor, candidate: Tensor) -> Tenso
 def read_probes(directory: Path, entry: Any, sample_shape: Sequence[int]) -> Tensor:
     """The probe inputs a ``quantization.json`` entry names, validated: file, sha256, shape, finite values."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     record = entry.get("probes") if isinstance(entry, Mapping) else None
     if not isinstance(record, Mapping) or record.get("file") != PROBES_FILE:
@@ -131,13 +132,14 @@ def read_probes(directory: Path, entry: Any, sample_shape: Sequence[int]) -> Ten
             "against the float weights (written by an older trainfer?): run trainfer quantize again"
         )
     file = directory / PROBES_FILE
-    if not file.is_file() or file.stat().st_size > 2 * PROBE_BYTES:
+    if not present(file) or file.stat().st_size > 2 * PROBE_BYTES:
         raise BundleError(f"{str(file)!r} is missing or larger than {2 * PROBE_BYTES} bytes")
-    data = file.read_bytes()
+    with open_regular(file) as handle:
+        data = handle.read(2 * PROBE_BYTES + 1)
     if hashlib.sha256(data).hexdigest() != record.get("sha256"):
         raise BundleError(f"{str(file)!r} does not match the sha256 quantization.json records")
     try:
-        tensors = load_file(str(file))
+        tensors = load(data)  # the bytes checked, not the file opened again
     except (SafetensorError, OSError, ValueError) as error:
         raise BundleError(f"cannot read {str(file)!r}: {error}") from None
     probes = tensors.get("inputs")

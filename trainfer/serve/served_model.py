@@ -29,6 +29,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from trainfer.readfile import present
 from trainfer.serve.devices import pick_device
 from trainfer.serve.outputs import Head
 from trainfer.serve.runtime_record import RUNTIME_FILE, TORCH_RUNTIMES
@@ -95,7 +96,7 @@ def _refuse_stray_record(bundle: Path, decoder: Any) -> None:
     from trainfer.serve.runtime_record import RUNTIME_FILE
     from trainfer.serve.sequence import is_autoregressive
 
-    if decoder is not None and is_autoregressive(decoder.model_dump()) and (bundle / RUNTIME_FILE).is_file():
+    if decoder is not None and is_autoregressive(decoder.model_dump()) and present(bundle / RUNTIME_FILE):
         raise BundleError(
             f"bundle {str(bundle)!r} holds a {RUNTIME_FILE}, but no runtime applies to an autoregressive sequence "
             f"model (trainfer compile never records one for it): remove {RUNTIME_FILE}"
@@ -116,7 +117,7 @@ def _engine(
     runtime = overrides.get("runtime")
     if isinstance(runtime, CompiledModel):  # compiled (verified, gated) for this bundle by the caller
         return runtime, _without_runtime(overrides)
-    recorded = (Path(bundle) / RUNTIME_FILE).is_file()
+    recorded = present(Path(bundle) / RUNTIME_FILE)  # a FIFO, a directory, a dangling link: BundleError
     if runtime is None and recorded:
         if elsewhere:  # the record's runtimes run on the CPU
             return None, overrides
@@ -126,7 +127,7 @@ def _engine(
         if record.dtype == "int8":
             return serve_quantized(bundle, record.runtime, **load_options), _without_runtime(overrides)
         return None, {**overrides, "runtime": record}
-    if (Path(bundle) / QUANTIZATION_FILE).is_file() and runtime not in TORCH_RUNTIMES:
+    if present(Path(bundle) / QUANTIZATION_FILE) and runtime not in TORCH_RUNTIMES:
         chosen = None if runtime in (None, "auto", "recorded") else runtime
         return serve_quantized(bundle, chosen, **load_options), _without_runtime(overrides)
     if runtime == "recorded":
