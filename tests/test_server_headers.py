@@ -82,10 +82,9 @@ def connection():
 
 def test_the_hooks_it_overrides_are_uvicorn_httptools_methods():
     overridden = {name for name in vars(BoundedHeadersProtocol) if not name.startswith("__")}
-    hooks = overridden - {"refuse", "_report", "_excess"}
+    hooks = overridden - {"refuse", "_stop"}
     assert hooks == {
         "data_received",
-        "on_message_begin",
         "on_url",
         "on_header",
         "on_headers_complete",

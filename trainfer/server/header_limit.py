@@ -47,12 +47,14 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
     in a request's head.
 
     A request's head is counted in its usual form: method and target plus 14 bytes, each header's
-    name and value plus 4 (extra spaces around a value are not counted). The counts restart as each
-    request begins, so that keep-alive and pipelined requests each start from zero:
+    name and value plus 4 (extra spaces around a value are not counted). The counts restart when a
+    request's message is complete, so that the next request of a keep-alive or pipelined connection
+    starts from zero:
 
     * ``_counted`` bytes and ``_lines``: what the parser has reported of this request's head (the
-      target as it arrives, each header once it is complete), exact; checked at each report, so
-      that the app never sees a head over the limits, and after every read;
+      target as it arrives, each header once it is complete, the method and request line's syntax
+      when the head is complete), exact; checked at each report, so that the app never sees a head
+      over the limits, and after every read;
     * ``_unreported``: bytes received since the parser last reported anything, an upper bound of
       the header httptools is gathering but has not reported yet (one that never ends); checked
       after every read. A read in which the parser reported something restarts it at zero (the
@@ -70,44 +72,52 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._counted = self._lines = self._unreported = 0
+        self._counted = self._lines = self._unreported = 0  # see the class's description
         self._reported = False
         self._refusal: str | None = None
 
+    # The callbacks run for every request and header: the base class's methods are called directly
+    # (cheaper than super()) and each check is one comparison until a limit is passed.
+
     def data_received(self, data: bytes) -> None:
         self._reported = False
-        super().data_received(data)
+        HttpToolsProtocol.data_received(self, data)
         self._unreported = 0 if self._reported else self._unreported + len(data)
-        refusal = self._excess(self._counted + self._unreported)
-        if refusal is not None and not self.transport.is_closing():
-            self.refuse(refusal)
-
-    def on_message_begin(self) -> None:
-        self._counted, self._lines = _REQUEST_LINE, 0
-        self._report(0)
-        super().on_message_begin()
+        if self._counted + self._unreported > MAX_HEADER_BYTES and not self.transport.is_closing():
+            self.refuse(_too_many_bytes())
 
     def on_url(self, url: bytes) -> None:
-        self._report(len(url))
-        super().on_url(url)
+        self._counted += len(url)
+        self._reported = True
+        if self._counted > MAX_HEADER_BYTES:
+            self._stop(_too_many_bytes())
+        HttpToolsProtocol.on_url(self, url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._counted += len(name) + len(value) + _HEADER_LINE
         self._lines += 1
-        self._report(len(name) + len(value) + _HEADER_LINE)
-        super().on_header(name, value)
+        self._reported = True
+        if self._counted > MAX_HEADER_BYTES:
+            self._stop(_too_many_bytes())
+        if self._lines > MAX_HEADER_LINES:
+            self._stop(f"request has more than {MAX_HEADER_LINES} header lines, the limit")
+        HttpToolsProtocol.on_header(self, name, value)
 
     def on_headers_complete(self) -> None:
-        self._report(len(self.parser.get_method()))
-        super().on_headers_complete()
+        self._counted += _REQUEST_LINE + len(self.parser.get_method())
+        self._reported = True
+        if self._counted > MAX_HEADER_BYTES:
+            self._stop(_too_many_bytes())
+        HttpToolsProtocol.on_headers_complete(self)
 
     def on_body(self, body: bytes) -> None:
         self._reported = True
-        super().on_body(body)
+        HttpToolsProtocol.on_body(self, body)
 
     def on_message_complete(self) -> None:
-        self._counted = self._lines = 0
+        self._counted = self._lines = 0  # the next request of the connection starts from zero
         self._reported = True
-        super().on_message_complete()
+        HttpToolsProtocol.on_message_complete(self)
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request the parser stopped on: the 431 when a limit stopped it."""
@@ -127,21 +137,14 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
             self.transport.write(STATUS_LINE[431] + head + b"\r\n" + bytes(response.body))
         self.transport.close()
 
-    def _report(self, size: int) -> None:
-        """The parser reported ``size`` more bytes of the head: stop it past a limit."""
-        self._counted += size
-        self._reported = True
-        self._refusal = self._excess(self._counted)
-        if self._refusal is not None:
-            raise HeadersTooLarge(self._refusal)
+    def _stop(self, refusal: str) -> None:
+        """Stop the parser (in a callback) for ``refusal``: uvicorn then calls :meth:`send_400_response`."""
+        self._refusal = refusal
+        raise HeadersTooLarge(refusal)
 
-    def _excess(self, size: int) -> str | None:
-        """Why a head of ``size`` bytes and ``_lines`` header lines is refused; None within the limits."""
-        if size > MAX_HEADER_BYTES:
-            return f"request line and headers exceed the limit of {MAX_HEADER_BYTES} bytes"
-        if self._lines > MAX_HEADER_LINES:
-            return f"request has more than {MAX_HEADER_LINES} header lines, the limit"
-        return None
+
+def _too_many_bytes() -> str:
+    return f"request line and headers exceed the limit of {MAX_HEADER_BYTES} bytes"
 
 
 def _client(address: tuple[str, int] | None) -> str:
