@@ -12,7 +12,7 @@ trainfer error and closes the connection, so a connection holds at most the limi
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NoReturn
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -100,7 +100,7 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
         if self._counted > MAX_HEADER_BYTES:
             self._stop(_too_many_bytes())
         if self._lines > MAX_HEADER_LINES:
-            self._stop(f"request has more than {MAX_HEADER_LINES} header lines, the limit")
+            self._stop(f"request has more header lines than the limit of {MAX_HEADER_LINES}")
         HttpToolsProtocol.on_header(self, name, value)
 
     def on_headers_complete(self) -> None:
@@ -137,7 +137,7 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
             self.transport.write(STATUS_LINE[431] + head + b"\r\n" + bytes(response.body))
         self.transport.close()
 
-    def _stop(self, refusal: str) -> None:
+    def _stop(self, refusal: str) -> NoReturn:
         """Stop the parser (in a callback) for ``refusal``: uvicorn then calls :meth:`send_400_response`."""
         self._refusal = refusal
         raise HeadersTooLarge(refusal)
