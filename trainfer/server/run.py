@@ -58,6 +58,8 @@ def serve(
     """Serve ``settings`` on ``host:port`` until SIGTERM or Ctrl-C (``uvicorn``: more ``uvicorn.Config`` options)."""
     import uvicorn as engine
 
+    from trainfer.server.header_limit import BoundedHeadersProtocol
+
     check_address(host, port)  # before the models load: a wrong address is known at once
     _log_access()
     options: dict[str, Any] = {
@@ -69,6 +71,7 @@ def serve(
         # twice that, uvicorn refuses connections itself (a plain-text 503)
         "limit_concurrency": 2 * settings.max_requests,
         "log_level": "info",
+        "http": BoundedHeadersProtocol,  # httptools, with a bound on a request's head (the workers' too)
         **uvicorn,
     }
     if workers > 1:  # each worker loads the models: a bundle that cannot be served fails here, once

@@ -1,0 +1,235 @@
+"""The bound on a request's start line and headers (``trainfer.server.header_limit``): uvicorn's httptools
+protocol has none, so a 200 MB header once took 306 MB of the server's memory.
+
+The first tests drive the protocol class in this process through uvicorn's own entry points (they fail
+at once if a uvicorn upgrade renames or stops calling a hook); the others speak raw HTTP to a real
+server, one process and ``--workers 2``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from server_process import running_server
+from serving_models import save_bundle
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # noqa: E402
+
+from trainfer.server.header_limit import MAX_HEADER_BYTES, MAX_HEADER_LINES, BoundedHeadersProtocol  # noqa: E402
+
+TOO_LARGE = f"request line and headers exceed the limit of {MAX_HEADER_BYTES} bytes"
+
+
+def head(size: int, path: str = "/v2/health/live") -> bytes:
+    """A GET request whose head (request line, headers, blank line) is exactly ``size`` bytes."""
+    start = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: ".encode()
+    return start + b"p" * (size - len(start) - 4) + b"\r\n\r\n"
+
+
+# -- the protocol class in this process ------------------------------------------------------------
+
+
+class Transport(asyncio.Transport):
+    """What the protocol writes, and whether it closed the connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written, self.closed = b"", False
+
+    def write(self, data: Any) -> None:
+        self.written += bytes(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 5000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+@pytest.fixture
+def connection():
+    """A :class:`BoundedHeadersProtocol` on a fake transport, as uvicorn builds one per connection."""
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    loop = asyncio.new_event_loop()
+    config = uvicorn.Config(app, http=BoundedHeadersProtocol, log_level="critical")
+    protocol = BoundedHeadersProtocol(config, uvicorn.server.ServerState(), {}, _loop=loop)
+    transport = Transport()
+    protocol.connection_made(transport)
+    yield protocol, transport, loop
+    protocol.connection_lost(None)
+    loop.close()
+
+
+def test_the_hooks_it_overrides_are_uvicorn_httptools_methods():
+    overridden = {name for name in vars(BoundedHeadersProtocol) if not name.startswith("__")}
+    hooks = overridden - {"refuse", "_stop"}
+    assert hooks == {
+        "data_received",
+        "on_url",
+        "on_header",
+        "on_headers_complete",
+        "on_body",
+        "on_message_complete",
+        "send_400_response",
+    }
+    missing = [name for name in hooks if not callable(getattr(HttpToolsProtocol, name, None))]
+    assert not missing, f"uvicorn's HttpToolsProtocol no longer has {missing}: the header bound does not apply"
+
+
+def answered(transport: Transport) -> tuple[int, dict]:
+    status_line, _, rest = transport.written.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+def test_a_head_at_the_limit_reaches_the_app_one_byte_more_is_431(connection):
+    protocol, transport, loop = connection
+    protocol.data_received(head(MAX_HEADER_BYTES))
+    loop.run_until_complete(asyncio.gather(*protocol.tasks))
+    assert transport.written.startswith(b"HTTP/1.1 200 ") and not transport.closed
+    protocol.data_received(head(MAX_HEADER_BYTES + 1))  # the next request of the connection starts from zero
+    assert not protocol.tasks, "an oversized head reached the app"
+    assert transport.written.count(b"HTTP/1.1 431 ") == 1 and transport.closed
+    transport.written = transport.written.partition(b"ok")[2]
+    assert answered(transport) == (431, {"error": TOO_LARGE})
+
+
+def test_header_lines_past_the_limit_are_431(connection):
+    protocol, transport, loop = connection
+    protocol.data_received(b"GET / HTTP/1.1\r\n" + b"a: b\r\n" * MAX_HEADER_LINES + b"\r\n")
+    loop.run_until_complete(asyncio.gather(*protocol.tasks))
+    assert transport.written.startswith(b"HTTP/1.1 200 ") and not transport.closed
+    transport.written = b""
+    protocol.data_received(b"GET / HTTP/1.1\r\n" + b"a: b\r\n" * (MAX_HEADER_LINES + 1) + b"\r\n")
+    assert not protocol.tasks and transport.closed
+    assert answered(transport) == (
+        431,
+        {"error": f"request has more header lines than the limit of {MAX_HEADER_LINES}"},
+    )
+
+
+def test_a_head_that_never_ends_is_refused_after_the_limit_and_one_read(connection):
+    protocol, transport, _ = connection
+    protocol.data_received(b"GET / HTTP/1.1\r\nX-Big: ")
+    piece = b"a" * 4096
+    sent = 0
+    while not transport.closed:
+        assert sent <= MAX_HEADER_BYTES + len(piece), "still reading past the limit"
+        protocol.data_received(piece)
+        sent += len(piece)
+    assert answered(transport) == (431, {"error": TOO_LARGE})
+    assert not protocol.tasks
+
+
+def test_a_malformed_request_keeps_uvicorns_400(connection):
+    protocol, transport, _ = connection
+    protocol.data_received(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
+    assert transport.written.startswith(b"HTTP/1.1 400 ") and transport.closed
+
+
+# -- a real server ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return save_bundle(tmp_path_factory.mktemp("headers") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    with running_server(str(bundle)) as running:
+        yield running
+
+
+def read_response(stream) -> tuple[int, bytes]:
+    """``(status, body)`` of the next response on ``stream`` (the socket's file), which has a Content-Length."""
+    status = int(stream.readline().split()[1])
+    length = 0
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return status, stream.read(length)
+
+
+def exchange(server, data: bytes, answers: int = 1) -> tuple[list[tuple[int, bytes]], bytes]:
+    """Send ``data`` on a fresh connection; the ``answers`` responses read, and what followed them
+    within 10 s (``b""``: the server closed the connection)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as client:
+        client.sendall(data)
+        stream = client.makefile("rb")
+        responses = [read_response(stream) for _ in range(answers)]
+        client.settimeout(10)
+        try:
+            after = stream.read1(1)
+        except TimeoutError:
+            after = b"(still open)"
+        return responses, after
+
+
+def test_server_serves_a_head_at_the_limit_and_refuses_one_byte_more(server):
+    [(status, _)], after = exchange(server, head(MAX_HEADER_BYTES) + head(100))
+    assert status == 200 and after == b"H"  # the next response follows: the connection lives on
+    [(status, body)], after = exchange(server, head(MAX_HEADER_BYTES + 1))
+    assert (status, json.loads(body)) == (431, {"error": TOO_LARGE})
+    assert after == b"", "the connection stayed open after the 431"
+    assert TOO_LARGE in server.logs()
+
+
+def test_keep_alive_and_pipelined_requests_are_served(server):
+    requests = head(200) + head(300, "/v2/health/ready") + head(MAX_HEADER_BYTES - 10, "/v2/models")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as client:
+        stream = client.makefile("rb")
+        for _ in range(3):  # keep-alive: one request at a time on one connection
+            client.sendall(head(1000))
+            assert read_response(stream)[0] == 200
+        client.sendall(requests * 20)  # pipelined: 60 requests in one send, some near the limit
+        statuses = [read_response(stream)[0] for _ in range(60)]
+    assert statuses == [200] * 60
+
+
+def resident_mb(pid: int) -> float:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(fields["VmRSS"].split()[0]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's memory from /proc")
+def test_a_200_mb_header_is_cut_off_without_growing_the_server(server):
+    exchange(server, head(MAX_HEADER_BYTES + 1))  # the refusal's code paths run once before measuring
+    before = resident_mb(server.process.pid)
+    piece, sent = b"a" * 2**20, 0
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as client:
+        client.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        with pytest.raises(OSError):  # the server closes the connection: the send fails
+            while sent < 200 * 2**20:
+                client.sendall(piece)
+                sent += len(piece)
+    grown = resident_mb(server.process.pid) - before
+    assert sent < 32 * 2**20, f"the server read {sent} bytes of one header before closing the connection"
+    assert grown < 8, f"the server grew by {grown:.1f} MB"
+
+
+def test_workers_bound_headers_too(bundle):
+    with running_server(str(bundle), "--workers", "2") as server:
+        [(status, body)], after = exchange(server, head(MAX_HEADER_BYTES + 1))
+        assert (status, json.loads(body), after) == (431, {"error": TOO_LARGE}, b"")
+        assert exchange(server, head(MAX_HEADER_BYTES))[0][0][0] == 200

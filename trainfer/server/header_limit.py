@@ -1,0 +1,151 @@
+"""A bound on the bytes of a request's start line and headers, which uvicorn's httptools protocol lacks.
+
+Without it a client could send one header of any size: httptools gathers a header in memory until
+its end (a 200 MB header grew the server by 306 MB), and ``--max-body-mb`` bounds bodies only.
+:class:`BoundedHeadersProtocol` is uvicorn's ``HttpToolsProtocol`` (given as ``uvicorn.Config(http=...)``),
+counting a request's head as it arrives; past :data:`MAX_HEADER_BYTES` or :data:`MAX_HEADER_LINES`
+it answers ``431 Request Header Fields Too Large`` with the one-line ``{"error": ...}`` of every
+trainfer error and closes the connection, so a connection holds at most the limit plus one read
+(256 000 bytes with uvloop) of a request's head.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NoReturn
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from trainfer.server.error_answers import answer
+
+__all__ = ["MAX_HEADER_BYTES", "MAX_HEADER_LINES", "BoundedHeadersProtocol", "HeadersTooLarge"]
+
+logger = logging.getLogger("trainfer.server")
+
+#: The most bytes of one request's start line and header lines (trailers of a chunked body included).
+#: Real clients send well under 8 KiB; the limits of other servers: nginx 4 buffers of 8 KiB
+#: (``large_client_header_buffers``, no line over 8 KiB), Node.js 16 KiB, Apache 8 KiB a line.
+#: 64 KiB is twice nginx's total: a request that a proxy in front would pass is never refused here.
+MAX_HEADER_BYTES = 64 * 1024
+#: The most header lines of one request. Apache refuses more than 100 (``LimitRequestFields``); a
+#: browser sends about 20. Each line costs about 100 bytes of Python objects once parsed, so 64 KiB of
+#: ``a: b`` lines (10919 of them) would take 1.1 MB; 256 lines take at most 33 KB beyond their bytes.
+MAX_HEADER_LINES = 256
+#: Bytes a header line adds to its name and value in its usual form (``Name: value\r\n``).
+_HEADER_LINE = len(b": \r\n")
+#: Bytes the request line adds to its method and target (two spaces, ``HTTP/1.1\r\n``), and the
+#: blank line that ends the head.
+_REQUEST_LINE = len(b"  HTTP/1.1\r\n\r\n")
+
+
+class HeadersTooLarge(Exception):
+    """Raised in a parser callback to stop httptools (any exception stops it) once the head is over a limit."""
+
+
+class BoundedHeadersProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with at most :data:`MAX_HEADER_BYTES` and :data:`MAX_HEADER_LINES`
+    in a request's head.
+
+    A request's head is counted in its usual form: method and target plus 14 bytes, each header's
+    name and value plus 4 (extra spaces around a value are not counted). The counts restart when a
+    request's message is complete, so that the next request of a keep-alive or pipelined connection
+    starts from zero:
+
+    * ``_counted`` bytes and ``_lines``: what the parser has reported of this request's head (the
+      target as it arrives, each header once it is complete, the method and request line's syntax
+      when the head is complete), exact; checked at each report, so that the app never sees a head
+      over the limits, and after every read;
+    * ``_unreported``: bytes received since the parser last reported anything, an upper bound of
+      the header httptools is gathering but has not reported yet (one that never ends); checked
+      after every read. A read in which the parser reported something restarts it at zero (the
+      part of that read after the last report is not known): the one read the bound allows.
+
+    So a connection holds at most :data:`MAX_HEADER_BYTES` plus one read (256 000 bytes with
+    uvloop) of a request's head, and the Python objects of at most :data:`MAX_HEADER_LINES` headers.
+
+    Past a limit the answer is a 431 (:meth:`refuse`), unless an earlier request of the connection
+    is still being answered (pipelined): an answer now would be read as the earlier one's, so the
+    connection is closed without one. When a report goes past a limit, the parser is stopped by an
+    exception, which uvicorn takes for a malformed request: it logs "Invalid HTTP request
+    received." and calls :meth:`send_400_response`, which refuses with the 431 instead.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._counted = self._lines = self._unreported = 0  # see the class's description
+        self._reported = False
+        self._refusal: str | None = None
+
+    # The callbacks run for every request and header: the base class's methods are called directly
+    # (cheaper than super()) and each check is one comparison until a limit is passed.
+
+    def data_received(self, data: bytes) -> None:
+        self._reported = False
+        HttpToolsProtocol.data_received(self, data)
+        self._unreported = 0 if self._reported else self._unreported + len(data)
+        if self._counted + self._unreported > MAX_HEADER_BYTES and not self.transport.is_closing():
+            self.refuse(_too_many_bytes())
+
+    def on_url(self, url: bytes) -> None:
+        self._counted += len(url)
+        self._reported = True
+        if self._counted > MAX_HEADER_BYTES:
+            self._stop(_too_many_bytes())
+        HttpToolsProtocol.on_url(self, url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._counted += len(name) + len(value) + _HEADER_LINE
+        self._lines += 1
+        self._reported = True
+        if self._counted > MAX_HEADER_BYTES:
+            self._stop(_too_many_bytes())
+        if self._lines > MAX_HEADER_LINES:
+            self._stop(f"request has more header lines than the limit of {MAX_HEADER_LINES}")
+        HttpToolsProtocol.on_header(self, name, value)
+
+    def on_headers_complete(self) -> None:
+        self._counted += _REQUEST_LINE + len(self.parser.get_method())
+        self._reported = True
+        if self._counted > MAX_HEADER_BYTES:
+            self._stop(_too_many_bytes())
+        HttpToolsProtocol.on_headers_complete(self)
+
+    def on_body(self, body: bytes) -> None:
+        self._reported = True
+        HttpToolsProtocol.on_body(self, body)
+
+    def on_message_complete(self) -> None:
+        self._counted = self._lines = 0  # the next request of the connection starts from zero
+        self._reported = True
+        HttpToolsProtocol.on_message_complete(self)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request the parser stopped on: the 431 when a limit stopped it."""
+        if self._refusal is not None:
+            self.refuse(self._refusal)
+        else:
+            super().send_400_response(msg)
+
+    def refuse(self, message: str) -> None:
+        """Answer 431 with ``{"error": message}`` (unless an earlier request of this connection is
+        still being answered) and close the connection."""
+        logger.warning("%s: %s (431, connection closed)", _client(self.client), message)
+        if self.cycle is None or self.cycle.response_complete:
+            response = answer(431, message)
+            headers = [*self.server_state.default_headers, *response.raw_headers, (b"connection", b"close")]
+            head = b"".join(b"%s: %s\r\n" % pair for pair in headers)
+            self.transport.write(STATUS_LINE[431] + head + b"\r\n" + bytes(response.body))
+        self.transport.close()
+
+    def _stop(self, refusal: str) -> NoReturn:
+        """Stop the parser (in a callback) for ``refusal``: uvicorn then calls :meth:`send_400_response`."""
+        self._refusal = refusal
+        raise HeadersTooLarge(refusal)
+
+
+def _too_many_bytes() -> str:
+    return f"request line and headers exceed the limit of {MAX_HEADER_BYTES} bytes"
+
+
+def _client(address: tuple[str, int] | None) -> str:
+    return f"{address[0]}:{address[1]}" if address else "a client"
