@@ -612,3 +612,26 @@ def test_an_rle_bmp_is_refused_before_pillow_decodes_it_in_python_and_a_plain_bm
     plain = tmp_path / "plain.bmp"
     Image.new("L", (8, 8), 128).save(plain)
     assert torch.allclose(load_image(plain, spec), torch.full((1, 8, 8), 128 / 255))
+
+
+def test_a_jpeg_of_more_scans_than_max_jpeg_scans_is_refused_and_a_progressive_one_is_read(tmp_path):
+    """Attacker round 6 H-1: a progressive JPEG repeating its last scan thousands of times (100 KB) took
+    12.5 s of libjpeg's CPU; scans are counted over the whole file before decoding."""
+    spec = PreprocessSpec(input_shape=(1, 8, 8))
+    buffer = io.BytesIO()
+    Image.radial_gradient("L").save(buffer, "JPEG", progressive=True, quality=90)
+    data = buffer.getvalue()
+    scans = data.count(b"\xff\xda")
+    assert 1 < scans <= readers.MAX_JPEG_SCANS  # a real progressive file passes
+    progressive = tmp_path / "progressive.jpg"
+    progressive.write_bytes(data)
+    assert load_image(progressive, spec).shape == (1, 8, 8)
+    end = data.rindex(b"\xff\xd9")
+    last_scan = data[data.rindex(b"\xff\xda") : end]
+    repeated = tmp_path / "repeated.jpg"
+    repeated.write_bytes(data[:end] + last_scan * (readers.MAX_JPEG_SCANS - scans + 1) + data[end:])
+    message = rf"holds more than {readers.MAX_JPEG_SCANS} scans: expected at most {readers.MAX_JPEG_SCANS}"
+    with pytest.raises(InputError, match=message):
+        load_image(repeated, spec)
+    with pytest.raises(InputError, match=message):
+        load_image(io.BytesIO(repeated.read_bytes()), spec)  # an upload in memory

@@ -362,6 +362,7 @@ def test_a_quantized_bundle_compiled_to_float32_serves_one_form_in_predict_and_s
     )
     bundle = quantized.save(tmp_path / "dq", task="classification")
     assert not isinstance(trainfer.Predictor.load(bundle).model, torch.nn.Module)  # no runtime.json: int8
+    _named_device_serves_the_pytorch_model(bundle)
     _save_float32(bundle)
     assert INT8_FILES <= {p.name for p in bundle.iterdir()}
     predicted = trainfer.Predictor.load(bundle)
@@ -395,3 +396,16 @@ def test_int8_calibrated_on_the_gate_inputs_warns_as_quantize_does(data, monkeyp
         )
     said = [str(w.message) for w in caught if "overstates agreement on new data" in str(w.message)]
     assert len(said) == warned and all(s.startswith("compile: the int8 candidates are calibrated on") for s in said)
+
+
+def _named_device_serves_the_pytorch_model(bundle):
+    """A named device other than the CPU, without a runtime, serves the PyTorch model there, int8 form or
+    not (attacker round 6 M-1: an int8 form served on the CPU instead); "auto" still serves the int8 form."""
+    from trainfer.serve import served_model
+
+    cuda_machine = {"auto": "cuda", "cuda": "cuda", "cpu": "cpu"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(served_model, "pick_device", lambda name: torch.device(cuda_machine[name]))
+        assert served_model._engine(bundle, {"device": "cuda"}) == (None, {"device": "cuda"})
+        engine, _ = served_model._engine(bundle, {"device": "auto"})
+    assert engine is not None and engine.record.dtype == "int8"

@@ -82,6 +82,13 @@ MAX_GIF_BLOCKS = 1024
 #: XResolution of 1,000,000 rationals (8 MB) 3.3 s. Real files declare a few dozen entries, a few rationals
 #: and strips of 8 KiB or more.
 MAX_TIFF_ENTRIES = 1024
+#: The most scans a JPEG may hold (its start-of-scan markers): libjpeg decodes each one over the whole
+#: image, in C but without a limit of its own, so a progressive JPEG repeating a 12-byte scan thousands
+#: of times (100 KB, 2000 x 2000) took 12.5 s of CPU. Encoders write 1 (baseline) to about 10
+#: (libjpeg's progressive script), a few more when optimised.
+MAX_JPEG_SCANS = 32
+#: Bytes of a file read at a time when counting a JPEG's scans.
+_SCAN_BLOCK = 1 << 20
 #: For each format :mod:`trainfer.serve.image_steps` walks, the name of its limit (above) and what it counts.
 _STEP_LIMITS = {
     "PNG": ("MAX_PNG_CHUNKS", "chunks"),
@@ -104,6 +111,7 @@ __all__ = [
     "MAX_IMAGE_DECODE_BYTES",
     "MAX_IMAGE_PIXELS",
     "MAX_GIF_BLOCKS",
+    "MAX_JPEG_SCANS",
     "MAX_JPEG_SEGMENTS",
     "MAX_NPY_ELEMENTS",
     "MAX_PNG_CHUNKS",
@@ -268,7 +276,26 @@ def _count_steps(stream: BinaryIO, path: Path | BinaryIO) -> None:
                     f"{fmt} file {str(path)!r} holds more than {limit} {what}: expected at most {base} "
                     f"(trainfer.serve.readers.{name}) plus one per KiB of its {size} bytes"
                 )
+        if fmt == "JPEG":
+            _check_jpeg_scans(stream, path)
     stream.seek(0)
+
+
+def _check_jpeg_scans(stream: BinaryIO, path: Path | BinaryIO) -> None:
+    """Refuse a JPEG of more than :data:`MAX_JPEG_SCANS` start-of-scan markers (``FF DA``), counted over the
+    whole file a block at a time (an ``FF DA`` inside a segment's data before the first scan counts too:
+    a false refusal needs a crafted file; in the entropy-coded data ``FF`` is always followed by ``00``,
+    a restart marker or a real marker)."""
+    stream.seek(0)
+    scans, last = 0, b""
+    while block := stream.read(_SCAN_BLOCK):
+        scans += (last + block).count(b"\xff\xda")
+        last = block[-1:]  # an FF DA across two blocks, never one counted twice
+        if scans > MAX_JPEG_SCANS:
+            raise InputError(
+                f"JPEG file {str(path)!r} holds more than {MAX_JPEG_SCANS} scans: expected at most "
+                f"{MAX_JPEG_SCANS} (trainfer.serve.readers.MAX_JPEG_SCANS; libjpeg decodes each over the whole image)"
+            )
 
 
 def _check_pixels(width: int, height: int, path: Path) -> None:

@@ -5,8 +5,8 @@ runtime or the bundle's PyTorch model (:class:`~trainfer.Predictor` then only se
   manifest stored inside it;
 * a bundle with a ``runtime.json`` (``trainfer compile``) and no ``runtime`` named: what it records,
   as ``runtime="recorded"`` serves it, so that a default load serves what ``trainfer serve`` serves
-  (``device="auto"`` too, where CUDA is available); naming another ``device`` (the record's runtimes
-  run on the CPU) serves the bundle's PyTorch model there;
+  (``device="auto"`` too, where CUDA is available); naming another ``device`` without a ``runtime``
+  (records and int8 forms run on the CPU) serves the bundle's PyTorch model there;
 * a bundle carrying an int8 form (``trainfer quantize``) and no ``runtime.json``: that form, checked
   against the float weights (:func:`trainfer.serve.int8_form.serve_quantized`), unless ``runtime``
   names a PyTorch runtime;
@@ -118,9 +118,9 @@ def _engine(
     if isinstance(runtime, CompiledModel):  # compiled (verified, gated) for this bundle by the caller
         return runtime, _without_runtime(overrides)
     recorded = present(Path(bundle) / RUNTIME_FILE)  # a FIFO, a directory, a dangling link: BundleError
+    if runtime is None and elsewhere:  # recorded runtimes and int8 forms run on the CPU
+        return None, overrides
     if runtime is None and recorded:
-        if elsewhere:  # the record's runtimes run on the CPU
-            return None, overrides
         runtime = "recorded"
     if runtime == "recorded" and recorded:
         record = recorded_runtime(bundle)
