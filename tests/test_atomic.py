@@ -405,3 +405,33 @@ def test_a_target_under_a_file_is_refused_up_front_naming_why(tmp_path):
         check_target(tmp_path / "file" / "x.json", "--json")
     check_target(tmp_path / "new" / "x.json", "--json")  # a missing parent is fine: the write makes it
     assert (tmp_path / "file").read_text() == "mine"
+
+
+@pytest.fixture
+def umask_022():
+    before = os.umask(0o022)
+    yield
+    os.umask(before)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_a_write_gives_new_files_and_directories_the_umask_modes_and_keeps_a_rewritten_ones(tmp_path, umask_022):
+    """Attacker round 6 L-2: every rewrite left a bundle 0700 with 0600 files (mkstemp's and mkdir(0o700)'s
+    modes), so that a server running as another user could no longer read what it served."""
+    new_file, new_directory = tmp_path / "new.json", tmp_path / "bundle"
+    with atomic_file(new_file) as tmp:
+        tmp.write_text("{}")
+    with atomic_directory(new_directory) as staging:
+        (staging / "inside.txt").write_text("x")
+    assert (_mode(new_file), _mode(new_directory)) == (0o644, 0o755)
+    os.chmod(new_file, 0o640)
+    os.chmod(new_directory, 0o750)
+    with atomic_file(new_file) as tmp:
+        tmp.write_text("{}")
+    with atomic_directory(new_directory) as staging:
+        (staging / "inside.txt").write_text("y")
+    assert (_mode(new_file), _mode(new_directory)) == (0o640, 0o750)
+    assert (new_directory / "inside.txt").read_text() == "y"

@@ -53,7 +53,6 @@ import shutil
 import socket
 import stat
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
@@ -134,10 +133,7 @@ def atomic_file(target: str | os.PathLike[str]) -> Iterator[Path]:
     with _naming_failures(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         check_target(target)
-        # The temporary keeps the target's suffix: some writers (torch.export.save) insist on it.
-        handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent)
-        os.close(handle)
-        tmp = Path(name)
+        tmp = _new_file_beside(target)
         try:
             yield tmp
             fsync_file(tmp)
@@ -146,6 +142,29 @@ def atomic_file(target: str | os.PathLike[str]) -> Iterator[Path]:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+def _new_file_beside(target: Path) -> Path:
+    """A new empty file ``.NAME.XXXXXXXX.tmp.SUFFIX`` beside ``target`` (it keeps the target's suffix: some
+    writers, ``torch.export.save``, insist on it), with the mode ``target`` has, or for a new target the
+    mode the umask gives any new file: ``tempfile.mkstemp``'s 0600 narrowed every rewritten file, so that
+    a server running as another user could no longer read the bundle it served."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        path = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp{target.suffix}"
+        try:
+            os.close(os.open(path, flags, 0o666))  # the umask applies, as to any new file
+        except FileExistsError:
+            continue
+        _keep_mode(target, path)
+        return path
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(target))
+
+
+def _keep_mode(target: Path, new: Path) -> None:
+    """Give ``new`` the permission bits of ``target`` (links followed), when it exists."""
+    with contextlib.suppress(FileNotFoundError):
+        os.chmod(new, stat.S_IMODE(os.stat(target).st_mode))
 
 
 # --------------------------------------------------------------------------- the journal
@@ -327,7 +346,8 @@ def staging_directory(target: str | os.PathLike[str]) -> Path:
     recover(target)
     journal = _Journal.create(target)
     staging = journal.sibling("tmp")
-    os.mkdir(staging, 0o700)
+    os.mkdir(staging, 0o777)  # the umask applies, as to any new directory
+    _keep_mode(target, staging)  # a rewrite keeps the directory's permissions
     journal.record("staging", staging)
     return staging
 
