@@ -1,6 +1,7 @@
 """``trainfer compile``: the (gated) runtime search from the command line, recorded in the bundle, then served."""
 
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -166,3 +167,16 @@ def test_threads_are_what_every_runtime_is_measured_and_recorded_with(made, bund
     assert result.exit_code == 0, result.output
     assert rt.read_record(bundle).threads["measured_with"] == 1
     _one_line_error(invoke(bundle, "--threads", "0"), "--threads")
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_a_max_accuracy_drop_without_labels_is_said_to_go_unchecked(made, bundle, labels):
+    """Attacker round 6 L-1: --max-accuracy-drop without --labels was recorded as a gate it never measured."""
+    args = [bundle, "--gate-data", made["root"] / "x.npy", "--max-accuracy-drop", "0.01", "--candidates", "torch"]
+    args += ["--labels", made["root"] / "y.npy"] if labels else []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = invoke(*args, "--rounds", "1")
+    assert result.exit_code == 0, result.output
+    said = any("--max-accuracy-drop is not checked without --labels" in str(w.message) for w in caught)
+    assert said != labels

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, cast
@@ -161,6 +162,7 @@ def gate_options(rel_error: bool = False) -> Callable[[Callable[..., Any]], Call
     form (quantize, prune, compile)."""
 
     def add(command: Callable[..., Any]) -> Callable[..., Any]:
+        command = _drop_needs_labels(command)
         if rel_error:
             command = click.option(
                 "--max-rel-error", type=FiniteFloatRange(min=0), default=None, help="Limit on max rel output error."
@@ -171,6 +173,26 @@ def gate_options(rel_error: bool = False) -> Callable[[Callable[..., Any]], Call
         return click.option("--min-agreement", type=FiniteFloatRange(0, 1), default=0.99, show_default=True)(command)
 
     return add
+
+
+def _drop_needs_labels(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Warn when ``--max-accuracy-drop`` is given without ``--labels``: without labels no accuracy is
+    measured, so the drop goes unchecked (its default alone goes unchecked without a word)."""
+
+    @functools.wraps(command)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        context = click.get_current_context()
+        given = context.get_parameter_source("max_accuracy_drop") is not click.core.ParameterSource.DEFAULT
+        if given and kwargs.get("labels") is None:
+            warnings.warn(
+                "--max-accuracy-drop is not checked without --labels: no accuracy is measured "
+                "(--min-agreement still applies)",
+                UserWarning,
+                stacklevel=2,
+            )
+        return command(*args, **kwargs)
+
+    return checked
 
 
 def trusted() -> bool:
