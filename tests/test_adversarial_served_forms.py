@@ -248,6 +248,17 @@ def test_a_runtime_json_that_is_not_a_regular_file_is_refused_naming_it(tmp_path
         Predictor.load(path)
 
 
+@pytest.mark.parametrize("name", ["manifest.json", "model.safetensors"])
+@pytest.mark.parametrize("kind", NOT_REGULAR)
+def test_a_manifest_or_weights_file_that_is_not_a_regular_file_is_named_as_what_it_is(tmp_path, kind, name):
+    """Attacker round 6 L-4: these were refused at once, but as missing ("no trainfer bundle", "lacks its
+    weights file"): now in the words of every other bundle file."""
+    path = save_bundle(tmp_path / "b", 3)
+    _not_regular(path / name, kind)
+    with time_limit(30), pytest.raises(BundleError, match=f"{name}' is {NOT_REGULAR[kind]}: expected a regular"):
+        Predictor.load(path)
+
+
 def test_the_command_line_refuses_a_fifo_runtime_json_in_one_line(tmp_path):
     path = save_bundle(tmp_path / "b", 3)
     _not_regular(path / "runtime.json", "fifo")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from trainfer.atomic import interrupted_write
 from trainfer.errors import BundleError, BundleWarning
 from trainfer.jsonfile import read_json
+from trainfer.readfile import present
 from trainfer.serve.preprocess import PreprocessSpec
 
 if TYPE_CHECKING:  # pydantic is imported when a manifest is read or written, not by ``import trainfer``
@@ -116,6 +117,8 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
             f"in {previous.name!r}; the next write to {str(path)!r} (or trainfer.atomic.recover) puts it back"
         )
     file = path / MANIFEST_FILE if path.is_dir() else path
+    if file.name == MANIFEST_FILE:
+        present(file)  # a FIFO, a directory, a device, a dangling link: named as what it is
     if not file.is_file() or file.name != MANIFEST_FILE:
         raise BundleError(f"no trainfer bundle at {str(path)!r}: expected a directory holding {MANIFEST_FILE}")
     data = read_json(file, max_bytes=MAX_MANIFEST_BYTES, error=BundleError)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from trainfer.atomic import fsync_file
 from trainfer.digest import sha256
 from trainfer.errors import BundleError
+from trainfer.readfile import present
 
 if TYPE_CHECKING:
     from trainfer.serve.manifest import Manifest
@@ -46,7 +47,7 @@ def read_bundle_weights(directory: Path, manifest: Manifest) -> dict[str, Tensor
     if entry is None:
         raise BundleError(f"bundle {str(directory)!r}: its manifest names no weights file")
     file = directory / entry.file
-    if not file.is_file():
+    if not present(file):  # a FIFO, a directory, a device: named as what it is
         raise BundleError(f"bundle {str(directory)!r} lacks its weights file {file.name!r}")
     digest = sha256(file)
     if digest != entry.sha256:
