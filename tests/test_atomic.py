@@ -104,35 +104,16 @@ def crash_replace(target, k, when, strategy, own=False):
 
 
 @pytest.mark.parametrize("strategy", ["exchange", "fallback"])
-def test_a_crash_at_any_step_of_a_replace_leaves_the_old_or_the_new_directory(tmp_path, strategy):
-    if strategy == "exchange" and not atomic._renameat2():
-        pytest.skip("no renameat2 on this system")
-    outcomes = set()
-    for k in range(1, 30):
-        for when in ("before", "after"):
-            root = tmp_path / f"{k}{when}"
-            target = root / "bundle"
-            target.mkdir(parents=True)
-            (target / "content").write_text("old")
-            completed = crash_replace(target, k, when, strategy)
-            if strategy == "exchange":
-                assert target.is_dir()  # the exchange is never empty, even before recovery
-            recover(target)  # what the next write or bundle load runs first
-            content = (target / "content").read_text()
-            assert content in ("old", "new") and sorted(p.name for p in root.iterdir()) == ["bundle"]
-            assert content == "new" or not completed
-            outcomes.add(content)
-        if completed:
-            break
-    assert completed and outcomes == {"old", "new"}  # every step was reached, and crashes at both ends
-
-
-@pytest.mark.parametrize("strategy", ["exchange", "fallback"])
-@pytest.mark.parametrize("foreign", [False, True])
-def test_a_crash_at_any_step_never_deletes_a_file_the_writer_does_not_own(tmp_path, strategy, foreign):
-    """M-B1: the previous version holds "late.txt", which the writer does not own (a file written into the
-    directory during its rewrite). At every crash point, after recovery, it is where it was (the old version
-    still in place) or kept with the old version beside the target; without it, nothing is left over."""
+@pytest.mark.parametrize(
+    ("own", "foreign"), [(False, False), (True, False), (True, True)], ids=["whole", "own-files", "a-foreign-file"]
+)
+def test_a_crash_at_any_step_of_a_replace_leaves_the_old_or_the_new_directory_and_no_file_lost(
+    tmp_path, strategy, own, foreign
+):
+    """At every crash point, after recovery, the target holds the old or the new version and nothing is left
+    over. With ``foreign`` the previous version also holds "late.txt", which the writer (owning only its own
+    files: ``own``) does not own, as a file written into the directory during its rewrite (M-B1): it is where
+    it was (the old version still in place) or kept with the old version beside the target."""
     if strategy == "exchange" and not atomic._renameat2():
         pytest.skip("no renameat2 on this system")
     kept_name = "bundle" + atomic.KEPT_SUFFIX
@@ -145,10 +126,12 @@ def test_a_crash_at_any_step_never_deletes_a_file_the_writer_does_not_own(tmp_pa
             (target / "content").write_text("old")
             if foreign:
                 (target / "late.txt").write_text("user")
-            completed = crash_replace(target, k, when, strategy, own=True)
+            completed = crash_replace(target, k, when, strategy, own=own)
+            if strategy == "exchange":
+                assert target.is_dir()  # the exchange is never empty, even before recovery
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", WriteWarning)  # recovery keeps the old version as the write would
-                recover(target)
+                recover(target)  # what the next write or bundle load runs first
             content = (target / "content").read_text()
             kept = [kept_name] if foreign and content == "new" else []
             assert content in ("old", "new") and sorted(p.name for p in root.iterdir()) == ["bundle", *kept]
@@ -160,7 +143,7 @@ def test_a_crash_at_any_step_never_deletes_a_file_the_writer_does_not_own(tmp_pa
             outcomes.add(content)
         if completed:
             break
-    assert completed and outcomes == {"old", "new"}
+    assert completed and outcomes == {"old", "new"}  # every step was reached, and crashes at both ends
 
 
 @pytest.mark.parametrize("strategy", ["exchange", "fallback"])
