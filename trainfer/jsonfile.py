@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import numpy as np
 from trainfer.errors import InputError, TrainferError
 from trainfer.readfile import open_regular
 
-__all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "json_depth", "parse_json", "read_json"]
+__all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "json_depth", "parse_json", "read_json", "unique_keys"]
 
 #: The largest JSON file trainfer parses: 16 MiB.
 MAX_JSON_BYTES = 16 * 2**20
@@ -68,22 +69,28 @@ def parse_json(
             f"(at most {MAX_JSON_DEPTH} allowed)"
         )
     try:
-        return json.loads(raw, object_pairs_hook=functools.partial(_unique_keys, source=source, error=error))
+        return json.loads(raw, object_pairs_hook=functools.partial(unique_keys, refuse=_twice(source, error)))
     except TrainferError:  # a key given twice, already named
         raise
     except (ValueError, RecursionError) as problem:  # bad JSON, bad UTF-8, a 5000-digit integer
         raise error(f"{source} is not valid JSON: {problem}") from None
 
 
-def _unique_keys(pairs: list[tuple[str, Any]], source: str, error: type[TrainferError]) -> dict[str, Any]:
-    """One JSON object of ``source`` as a dict, refusing (``error``) a key given twice: ``json`` would
-    silently keep the last one."""
+def unique_keys(pairs: list[tuple[str, Any]], refuse: Callable[[str], TrainferError]) -> dict[str, Any]:
+    """One JSON object's ``(key, value)`` pairs as a dict (``json.loads``'s ``object_pairs_hook``), raising
+    ``refuse(key)`` for a key given twice, which ``json`` would silently resolve to the last."""
     seen: set[str] = set()
     for key, _ in pairs:
         if key in seen:
-            raise error(f"{source} is not valid JSON: the key {key!r} is given twice in one object (expected once)")
+            raise refuse(key)
         seen.add(key)
     return dict(pairs)
+
+
+def _twice(source: str, error: type[TrainferError]) -> Callable[[str], TrainferError]:
+    return lambda key: error(
+        f"{source} is not valid JSON: the key {key!r} is given twice in one object (expected once)"
+    )
 
 
 def read_json(

@@ -16,6 +16,7 @@ naming what was expected and what was given.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import numpy as np
 import orjson
 
 from trainfer.errors import InputError
+from trainfer.jsonfile import unique_keys
 
 #: The protocol's datatypes this server writes, as numpy dtypes (little-endian).
 DATATYPES: dict[str, np.dtype[Any]] = {
@@ -153,7 +155,7 @@ def _check_unique_keys(text: bytes, document: dict[str, Any], numbers: list[Any]
     escaped = b"\\" in text and (b"\\u003a" in text or b"\\u003A" in text)
     if not escaped and text.count(b":") == _keys_and_colons(document, {id(data) for data in numbers}):
         return
-    _standard_json(text, object_pairs_hook=_unique_keys)
+    _standard_json(text, object_pairs_hook=functools.partial(unique_keys, refuse=_repeated_key))
 
 
 def _keys_and_colons(document: Any, skipped: set[int]) -> int:
@@ -175,17 +177,11 @@ def _keys_and_colons(document: Any, skipped: set[int]) -> int:
     return count
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object's ``(key, value)`` pairs as a dict; a key given twice is an :class:`InputError`."""
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise InputError(
-                f"the request names the key {key!r:.60} twice in one JSON object: expected each key once "
-                "(which value was meant would be a guess)"
-            )
-        seen.add(key)
-    return dict(pairs)
+def _repeated_key(key: str) -> InputError:
+    return InputError(
+        f"the request names the key {key!r:.60} twice in one JSON object: expected each key once "
+        "(which value was meant would be a guess)"
+    )
 
 
 def _standard_json(data: bytes, **options: Any) -> Any:
