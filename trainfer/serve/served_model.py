@@ -93,7 +93,6 @@ def _refuse_stray_record(bundle: Path, decoder: Any) -> None:
     """Refuse a ``runtime.json`` in an autoregressive sequence bundle: no runtime applies to one (its
     decoding calls encode() and step() per token) and ``trainfer compile`` refuses it, so none recorded it."""
     from trainfer.errors import BundleError
-    from trainfer.serve.runtime_record import RUNTIME_FILE
     from trainfer.serve.sequence import is_autoregressive
 
     if decoder is not None and is_autoregressive(decoder.model_dump()) and present(bundle / RUNTIME_FILE):
@@ -111,7 +110,6 @@ def _engine(
     from trainfer.serve.engines import CompiledModel
     from trainfer.serve.int8_form import QUANTIZATION_FILE, serve_quantized
     from trainfer.serve.runtime import recorded_runtime
-    from trainfer.serve.runtime_record import RUNTIME_FILE
 
     elsewhere = _names_another_device(overrides)  # checked whatever serves: an unavailable device is refused
     runtime = overrides.get("runtime")
