@@ -55,8 +55,8 @@ def test_atomic_directory_swaps_whole_directories(tmp_path):
 # os._exit at its K-th file-system step (rename, exchange, fsync of the directory, rmtree), before
 # or after performing it (the journal's writes included). ``strategy`` "fallback" disables the exchange.
 # ``own``: the writer owns only the file "content" of the directory it replaces (as a bundle write owns
-# only the bundle's files). The child imports trainfer.atomic without the package's __init__ (no torch:
-# it starts fast).
+# only the bundle's files). ``own`` "file": the child writes the file ``target`` instead (atomic_file). The child
+# imports trainfer.atomic without the package's __init__ (no torch: it starts fast).
 CHILD = f"""
 import os, shutil, sys, types
 from pathlib import Path
@@ -82,6 +82,7 @@ def step(function):
     return run
 
 os.rename = step(os.rename)
+os.replace = step(os.replace)
 os.mkdir = step(os.mkdir)
 os.unlink = step(os.unlink)
 os.rmdir = step(os.rmdir)
@@ -90,14 +91,18 @@ shutil.rmtree = step(shutil.rmtree)
 atomic._fsync_directory = step(atomic._fsync_directory)
 atomic._exchange = step(atomic._exchange if strategy == "exchange" else (lambda first, second: False))
 atomic._rename_noreplace = step(atomic._rename_noreplace)
-with atomic.atomic_directory(target, own=(lambda directory: ["content"]) if own == "own" else None) as staging:
-    (staging / "content").write_text("new")
+if own == "file":
+    with atomic.atomic_file(target) as tmp:
+        tmp.write_text("new")
+else:
+    with atomic.atomic_directory(target, own=(lambda directory: ["content"]) if own == "own" else None) as staging:
+        (staging / "content").write_text("new")
 print("completed")
 """
 
 
 def crash_replace(target, k, when, strategy, own=False):
-    arguments = [str(target), str(k), when, strategy, "own" if own else "all"]
+    arguments = [str(target), str(k), when, strategy, own if isinstance(own, str) else "own" if own else "all"]
     done = subprocess.run([sys.executable, "-c", CHILD, *arguments], capture_output=True, text=True, timeout=120)
     assert done.returncode in (0, 9), done.stderr
     return done.returncode == 0
@@ -144,6 +149,48 @@ def test_a_crash_at_any_step_of_a_replace_leaves_the_old_or_the_new_directory_an
         if completed:
             break
     assert completed and outcomes == {"old", "new"}  # every step was reached, and crashes at both ends
+
+
+def test_a_crash_at_any_step_of_a_file_write_leaves_the_old_or_the_new_file_and_the_next_write_cleans_up(tmp_path):
+    """A write killed with its temporary file made left ``.NAME.XXXX.tmp.SUFFIX`` beside the target for good; its
+    journal now proves it trainfer's, and the next write (its :func:`recover`) removes it. A user's file of a
+    look-alike name (no journal proves it) is never touched."""
+    look_alike = ".report.json.1234abcd.tmp.json"
+    outcomes = set()
+    for k in range(1, 40):
+        for when in ("before", "after"):
+            root = tmp_path / f"{k}{when}"
+            root.mkdir()
+            (root / "report.json").write_text("old")
+            (root / look_alike).write_text("mine")
+            completed = crash_replace(root / "report.json", k, when, "fallback", own="file")
+            with atomic_file(root / "other.json") as tmp:  # a write of another file cleans up nothing of this one
+                tmp.write_text("{}")
+            leftovers = sorted(p.name for p in root.iterdir())
+            with atomic_file(root / "report.json") as tmp:  # the next write of the file
+                tmp.write_text("next")
+            assert sorted(p.name for p in root.iterdir()) == sorted(["report.json", "other.json", look_alike]), k
+            assert (root / look_alike).read_text() == "mine"
+            outcomes.add((completed, len(leftovers) > 3))
+        if completed:
+            break
+    assert completed and (False, True) in outcomes  # some crashes left files behind, all cleaned up
+
+
+def test_a_file_at_the_temporary_name_of_a_killed_write_is_kept_unless_it_is_the_one_recorded(tmp_path):
+    """The journal proves the temporary file by its identity: one replaced by a user's own file keeps both."""
+    target = tmp_path / "report.json"
+    # steps: 1 makes the parent, 2 syncs the journal, 3 its record of the temporary file, 4 syncs that, 5 renames it
+    assert not crash_replace(target, 5, "before", "fallback", own="file")
+    (temporary,) = tmp_path.glob(".report.json.trainfer-*.tmp.json")
+    assert temporary.read_text() == "new"
+    (tmp_path / "mine").write_text("mine")
+    os.replace(tmp_path / "mine", temporary)  # another file (made while the first exists: another inode), same name
+    recover(target)
+    assert temporary.read_text() == "mine" and len(list(tmp_path.iterdir())) == 2  # the file and its journal
+    temporary.unlink()
+    recover(target)
+    assert list(tmp_path.iterdir()) == []  # nothing left to prove: the journal goes
 
 
 @pytest.mark.parametrize("strategy", ["exchange", "fallback"])

@@ -240,6 +240,24 @@ def test_a_directory_or_link_under_a_bundle_files_name_is_not_a_bundle_file(tmp_
     assert (bundle / "runtime.json/mine").read_text() == "x"
 
 
+def test_a_rewrite_removes_what_a_killed_write_of_a_bundle_file_left_in_it_and_nothing_else(tmp_path):
+    """``trainfer compile`` killed while writing ``runtime.json`` left its temporary file (and journal) in the
+    bundle, which every later ``trainfer.save`` / ``deploy -o`` over it refused as the user's file: the rewrite's
+    check removes them, as proven trainfer's. A user's file of a look-alike name is still refused, and kept."""
+    from test_atomic import crash_replace
+
+    x = torch.randn(2, 1, 8, 8)
+    bundle = trainfer.save(trained(), tmp_path / "b", factory=FACTORY, example_inputs=x)
+    assert not crash_replace(bundle / "runtime.json", 5, "before", "fallback", own="file")  # killed before its rename
+    assert len(list(bundle.glob(".runtime.json.trainfer-*"))) == 2  # the temporary file and its journal
+    trainfer.save(trained(), bundle, factory=FACTORY, example_inputs=x)
+    assert sorted(path.name for path in bundle.iterdir()) == ["manifest.json", "model.safetensors"]
+    (bundle / ".runtime.json.1234abcd.tmp.json").write_text("mine")
+    with pytest.raises(BundleError, match=r"holds '\.runtime\.json\.1234abcd\.tmp\.json', which are not files"):
+        trainfer.save(trained(), bundle, factory=FACTORY, example_inputs=x)
+    assert (bundle / ".runtime.json.1234abcd.tmp.json").read_text() == "mine"
+
+
 INT8_RECORD = {"format": "trainfer-quantized", "file": "quantized.onnx", "sha256": "0" * 64}
 
 

@@ -16,9 +16,11 @@ import sys
 
 import pytest
 import torch
+from click.testing import CliRunner
 from serving_models import gated_digits_bundle
 
 import trainfer
+from trainfer.cli import main
 from trainfer.errors import TrainferError
 from trainfer.serve import runtime as rt
 
@@ -47,6 +49,23 @@ try:
     trainfer.cli.main(arguments, standalone_mode=False)
 finally:
     print(json.dumps({"steps": calls[0]}), file=sys.stderr)
+"""
+
+
+# argv: the command line; the child SIGKILLs itself just before renaming its temporary file over runtime.json.
+KILLED_BEFORE_RUNTIME_RENAME = """
+import os, signal, sys
+import trainfer.cli
+
+replace = os.replace
+
+def killed_before_runtime(source, target, *args, **kwargs):
+    if os.path.basename(target) == "runtime.json":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return replace(source, target, *args, **kwargs)
+
+os.replace = killed_before_runtime
+trainfer.cli.main(sys.argv[1:], standalone_mode=False)
 """
 
 
@@ -116,3 +135,27 @@ def test_a_killed_prune_leaves_the_source_untouched_and_no_half_written_output(s
         assert loaded.keys() == reference.keys(), k  # what loads is the complete output
         for name, tensor in loaded.items():
             torch.testing.assert_close(tensor, reference[name], rtol=0, atol=0, msg=f"step {k}: {name}")
+
+
+def test_the_temporary_file_a_killed_compile_left_is_removed_by_the_next_one_and_look_alikes_are_kept(source, tmp_path):
+    """``trainfer compile`` killed with its ``runtime.json`` written but not yet renamed left
+    ``.runtime.json.XXXX.tmp.json`` in the bundle forever (and a later ``deploy -o`` over the bundle refused it as
+    someone else's file). Its journal proves it trainfer's: the next compile removes it, and files of similar
+    names that no journal proves (a user's, an older trainfer's) stay."""
+    bundle = shutil.copytree(source, tmp_path / "b")
+    look_alikes = {".runtime.json.1234abcd.tmp.json": "older", f".runtime.json.trainfer-{'ab' * 16}.tmp.json": "mine"}
+    for name, content in look_alikes.items():
+        (bundle / name).write_text(content)
+    arguments = ["compile", "--candidates", "torch", "--rounds", "1", str(bundle)]
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_BEFORE_RUNTIME_RENAME, *arguments], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    left = sorted(p.name for p in bundle.glob(".runtime.json.trainfer-*") if p.name not in look_alikes)
+    token = left[0][len(".runtime.json.trainfer-") :][:32]
+    assert left == [f".runtime.json.trainfer-{token}.{kind}" for kind in ("journal", "tmp.json")]
+    assert not (bundle / rt.RUNTIME_FILE).exists() and (bundle / left[1]).stat().st_size > 0  # written, not renamed
+    ran = CliRunner().invoke(main, arguments)
+    assert ran.exit_code == 0, ran.output
+    assert rt.read_record(bundle).runtime == "torch"
+    assert {p.name: p.read_text() for p in bundle.iterdir() if p.name.startswith(".")} == look_alikes

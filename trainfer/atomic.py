@@ -2,7 +2,8 @@
 
 Every file trainfer writes for a user (bundles, checkpoints, exports, reports, plots) goes through
 here: content is written to a temporary sibling, flushed to disk, then renamed over the target.
-An interrupted write (exception, Ctrl-C, crash) never destroys the previous version.
+An interrupted write (exception, Ctrl-C, crash) never destroys the previous version, and what a
+killed one left beside the target is removed by the next write of the same path (:func:`recover`).
 
 Only a file or a directory is ever replaced: a rename would put a regular file in place of a
 device, a FIFO or a link to one (``/dev/full``, a link to ``/proc/self/fd/1``), so a file write
@@ -15,19 +16,20 @@ A directory is replaced by an atomic exchange where the system has one (Linux ``
 Elsewhere the old directory is renamed aside before the new one moves in; a crash between those
 two renames is repaired by :func:`recover`, which the next write of the same path runs.
 
-Recovery touches only what trainfer can prove it made. A directory write first creates a
-*journal* beside the target, ``.NAME.trainfer-TOKEN.journal`` (``TOKEN``: 32 random hex digits;
-created exclusively, never through a link), recording the writer's process id and host name, and
-then the identity (device, inode) of each directory it makes or moves aside: its staging directory
-``.NAME.trainfer-TOKEN.tmp`` and the previous version ``.NAME.trainfer-TOKEN.old``. :func:`recover`
-acts on a leftover only when all of these hold: a journal of the exact name, a regular file owned
-by this user, at most 4096 bytes, whose header names the same token and target; its writer ran
-on this host and its process id no longer runs; and the directory at the token's ``.tmp`` /
-``.old`` name (never a link) has the identity the journal recorded. Anything else (a user's
-``.NAME.backup.old``, a copy, a renamed directory, a forged name without a journal) is left as it
-is. The one exception is an *empty* directory at a journaled name (a crash between creating it
-and recording it): removing an empty directory cannot lose data. Reads never recover: see
-:func:`interrupted_write`.
+Recovery touches only what trainfer can prove it made. Every write first creates a *journal*
+beside the target, ``.NAME.trainfer-TOKEN.journal`` (``TOKEN``: 32 random hex digits; created
+exclusively, never through a link), recording the writer's process id and host name, and then the
+identity (device, inode) of each thing it makes or moves aside: a file write's temporary file
+``.NAME.trainfer-TOKEN.tmpSUFFIX`` (a regular file; ``SUFFIX``: the target's), a directory write's
+staging directory ``.NAME.trainfer-TOKEN.tmp`` and the previous version ``.NAME.trainfer-TOKEN.old``.
+:func:`recover` acts on a leftover only when all of these hold: a journal of the exact name, a
+regular file owned by this user, at most 4096 bytes, whose header names the same token and target;
+its writer ran on this host and its process id no longer runs; and the file or directory at the
+token's name (never a link) has the identity the journal recorded. Anything else (a user's
+``.NAME.backup.old`` or ``.NAME.1234abcd.tmp.json``, a copy, a renamed directory, a forged name
+without a journal) is left as it is. The one exception is an *empty* directory or file at a
+journaled name (a crash between creating it and recording it): removing it cannot lose data.
+Reads never recover: see :func:`interrupted_write`.
 
 The previous version is deleted whole only when the writer owns all of it. A writer that owns only some
 files of the directory it replaces (a bundle: :func:`trainfer.serve.bundle_format.own_files`) passes
@@ -85,6 +87,9 @@ _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _UNSUPPORTED = frozenset({errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV})
 _STAGING = re.compile(r"\.(.+)\.trainfer-([0-9a-f]{32})\.tmp")
+#: What a journal may record a write made, and the file type each is: a directory write's staging directory and
+#: the previous version it moved aside, a file write's temporary file.
+_RECORDED = {"staging": stat.S_IFDIR, "old": stat.S_IFDIR, "file": stat.S_IFREG}
 
 Identity = tuple[int, int]
 #: Given the directory a write replaces, the names of its entries that are the writer's own (the only ones it may
@@ -133,8 +138,12 @@ def atomic_file(target: str | os.PathLike[str]) -> Iterator[Path]:
     with _naming_failures(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         check_target(target)
-        tmp = _new_file_beside(target)
+        recover(target)  # what a killed earlier write of ``target`` left: its temporary file, proven by its journal
+        journal = _Journal.create(target)
+        tmp = journal.temporary_file()
         try:
+            _new_file(tmp, target)
+            journal.record("file", tmp)
             yield tmp
             fsync_file(tmp)
             check_target(target)  # the writer may have taken long: the last check, just before the rename
@@ -142,23 +151,18 @@ def atomic_file(target: str | os.PathLike[str]) -> Iterator[Path]:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        finally:
+            if not os.path.lexists(tmp):  # else its journal stays: a later write proves the file its own
+                journal.close()
 
 
-def _new_file_beside(target: Path) -> Path:
-    """A new empty file ``.NAME.XXXXXXXX.tmp.SUFFIX`` beside ``target`` (it keeps the target's suffix: some
-    writers, ``torch.export.save``, insist on it), with the mode ``target`` has, or for a new target the
-    mode the umask gives any new file: ``tempfile.mkstemp``'s 0600 narrowed every rewritten file, so that
-    a server running as another user could no longer read the bundle it served."""
+def _new_file(path: Path, target: Path) -> None:
+    """Create the empty file ``path`` (exclusively, never through a link) with the mode ``target`` has, or for a
+    new target the mode the umask gives any new file: ``tempfile.mkstemp``'s 0600 narrowed every rewritten
+    file, so that a server running as another user could no longer read the bundle it served."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    for _ in range(100):
-        path = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp{target.suffix}"
-        try:
-            os.close(os.open(path, flags, 0o666))  # the umask applies, as to any new file
-        except FileExistsError:
-            continue
-        _keep_mode(target, path)
-        return path
-    raise FileExistsError(errno.EEXIST, "no free temporary name", str(target))
+    os.close(os.open(path, flags, 0o666))  # the umask applies, as to any new file
+    _keep_mode(target, path)
 
 
 def _keep_mode(target: Path, new: Path) -> None:
@@ -170,18 +174,23 @@ def _keep_mode(target: Path, new: Path) -> None:
 # --------------------------------------------------------------------------- the journal
 @dataclass
 class _Journal:
-    """What one directory write of ``target`` made: its token, writer and the identities it recorded."""
+    """What one write of ``target`` made: its token, writer and the identities it recorded."""
 
     target: Path
     token: str
     pid: int = 0
     host: str = ""
-    owned: dict[str, Identity] = field(default_factory=dict)  # "staging" / "old" -> (device, inode)
+    owned: dict[str, Identity] = field(default_factory=dict)  # "staging" / "old" / "file" -> (device, inode)
     files: dict[str, Identity] | None = None  # the writer's own entries in "old" (None: all of it is the writer's)
 
     def sibling(self, kind: str) -> Path:
         """``.NAME.trainfer-TOKEN.KIND`` beside the target (``tmp``, ``old`` or ``journal``)."""
         return self.target.parent / f".{self.target.name}.trainfer-{self.token}.{kind}"
+
+    def temporary_file(self) -> Path:
+        """``.NAME.trainfer-TOKEN.tmpSUFFIX``, a file write's temporary file: it keeps the target's suffix (some
+        writers, ``torch.export.save``, insist on it)."""
+        return self.sibling(f"tmp{self.target.suffix}")
 
     @classmethod
     def create(cls, target: Path) -> _Journal:
@@ -205,10 +214,10 @@ class _Journal:
         return None
 
     def record(self, kind: str, path: Path, files: Collection[str] | None = None) -> None:
-        """Record that the directory now at ``path`` is this write's ``kind`` (``staging`` or ``old``), and with
-        ``files`` the identity of each of those regular files or directories in it (the writer's own: see
-        :data:`OwnFiles`)."""
-        identity = _identity(path)
+        """Record that the directory (``file``: the regular file) now at ``path`` is this write's ``kind`` (one of
+        :data:`_RECORDED`), and with ``files`` the identity of each of those regular files or directories in it
+        (the writer's own: see :data:`OwnFiles`)."""
+        identity = _identity(path, _RECORDED[kind])
         if identity is None:
             return
         entry: dict[str, object] = {kind: list(identity)}
@@ -264,7 +273,7 @@ class _Journal:
         owned: dict[str, Identity] = {}
         files: dict[str, Identity] | None = None
         for entry in entries[1:]:
-            for kind in ("staging", "old"):
+            for kind in _RECORDED:
                 identity = _parsed_identity(entry.get(kind))
                 if identity is not None:
                     owned[kind] = identity
@@ -477,8 +486,8 @@ def recover(target: str | os.PathLike[str]) -> None:
 
 
 def _repair(journal: _Journal) -> None:
-    old = journal.sibling("old")
-    if not os.path.lexists(journal.target) and _identity(old) == journal.owned.get("old"):
+    old, recorded = journal.sibling("old"), journal.owned.get("old")
+    if recorded is not None and not os.path.lexists(journal.target) and _identity(old) == recorded:
         os.rename(old, journal.target)
         _fsync_directory(journal.target.parent)
     _clean(journal)
@@ -487,7 +496,8 @@ def _repair(journal: _Journal) -> None:
 def _clean(journal: _Journal) -> None:
     """Remove what the write ``journal`` records at its ``.tmp`` and ``.old`` names: its staging directory, its
     previous version as the write discards it (:func:`_discard_previous`), an unrecorded directory only if
-    empty; then the journal, once nothing is left there."""
+    empty, its temporary file (:func:`_remove_temporary_file`); then the journal, once nothing is left there."""
+    _remove_temporary_file(journal)
     for path in (journal.sibling("tmp"), journal.sibling("old")):
         identity = _identity(path)
         if identity is None:
@@ -499,8 +509,24 @@ def _clean(journal: _Journal) -> None:
         else:
             with contextlib.suppress(OSError):
                 os.rmdir(path)  # only ever removes an empty directory
-    if not any(os.path.lexists(journal.sibling(kind)) for kind in ("tmp", "old")):
+    if not any(
+        os.path.lexists(path) for path in (journal.sibling("tmp"), journal.sibling("old"), journal.temporary_file())
+    ):
         journal.close()
+
+
+def _remove_temporary_file(journal: _Journal) -> None:
+    """Remove the regular file at the temporary file name of the file write ``journal`` (never a link) when it is
+    the one the journal records, or, when the journal records none (a crash between creating it and recording
+    it), when it is empty: removing an empty file cannot lose data."""
+    path = journal.temporary_file()
+    with contextlib.suppress(OSError):
+        info = os.lstat(path)
+        recorded = journal.owned.get("file")
+        if stat.S_ISREG(info.st_mode) and (
+            (info.st_dev, info.st_ino) == recorded or (not recorded and not info.st_size)
+        ):
+            os.unlink(path)
 
 
 def interrupted_write(target: str | os.PathLike[str]) -> Path | None:

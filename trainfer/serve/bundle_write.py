@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from trainfer.atomic import atomic_directory, fsync_file, named
+from trainfer.atomic import atomic_directory, fsync_file, named, recover
 from trainfer.digest import sha256
 from trainfer.errors import BundleError
 from trainfer.serve.bundle_format import (
@@ -28,6 +28,7 @@ from trainfer.serve.bundle_format import (
     FORMAT_VERSION,
     MANIFEST_FILE,
     WEIGHTS_FILE,
+    bundle_files,
     own_files,
 )
 from trainfer.serve.factories import call_factory, manifest_factory
@@ -172,14 +173,19 @@ def write_bundle(
 def check_replaceable(path: str | os.PathLike[str]) -> None:
     """Refuse (:class:`BundleError`) to replace ``path`` unless it is missing or a trainfer bundle holding nothing
     but its :func:`~trainfer.serve.bundle_format.own_files`: replacing the directory would delete everything
-    else in it. The refusal names up to :data:`trainfer.atomic.SHOWN_ENTRIES` of the other entries. Cheap (one
-    directory listing, at most one small record read): commands call it before their work.
+    else in it. What a killed write of one of its files left (``trainfer compile`` killed while writing
+    ``runtime.json``: its temporary file and journal) is removed first (:func:`trainfer.atomic.recover`), never
+    a file trainfer cannot prove it made. The refusal names up to :data:`trainfer.atomic.SHOWN_ENTRIES` of the
+    other entries. Cheap (a few directory listings, at most one small record read): commands call it before
+    their work.
     """
     target = Path(path)
     if not target.exists():
         return
     if not (target / MANIFEST_FILE).is_file():
         raise BundleError(f"refusing to overwrite {str(target)!r}: it exists and is not a trainfer bundle")
+    for name in bundle_files():
+        recover(target / name)
     others = set(os.listdir(target)) - set(own_files(target))
     if others:
         raise BundleError(
