@@ -95,7 +95,8 @@ if own == "file":
     with atomic.atomic_file(target) as tmp:
         tmp.write_text("new")
 else:
-    with atomic.atomic_directory(target, own=(lambda directory: ["content"]) if own == "own" else None) as staging:
+    owned = (lambda directory: dict(content=atomic.FILE)) if own == "own" else None
+    with atomic.atomic_directory(target, own=owned) as staging:
         (staging / "content").write_text("new")
 print("completed")
 """
@@ -216,7 +217,7 @@ def test_a_file_written_into_the_directory_during_its_replace_is_kept_with_the_p
         warned = r"'.*bundle' was rewritten, but it held 'late.txt' besides its writer's files \(written into it"
         kept_in = rf" during the rewrite\): nothing was deleted, the previous version is kept with them in '.*/{name}'$"
         with pytest.warns(WriteWarning, match=warned + kept_in):
-            with atomic_directory(target, own=lambda directory: ["content"]) as staging:
+            with atomic_directory(target, own=lambda directory: {"content": atomic.FILE}) as staging:
                 (staging / "content").write_text("new")
         assert (tmp_path / name / "late.txt").read_text() == "user"
         assert (tmp_path / name / "content").read_text() == previous
@@ -248,7 +249,7 @@ def test_an_interrupt_just_after_the_swap_cleans_up_without_deleting_a_file_the_
 
     monkeypatch.setattr(atomic, "_fsync_directory", interrupted_once)
     with pytest.raises(KeyboardInterrupt), pytest.warns(WriteWarning, match="held 'late.txt'"):
-        with atomic_directory(target, own=lambda directory: ["content"]) as staging:
+        with atomic_directory(target, own=lambda directory: {"content": atomic.FILE}) as staging:
             (staging / "content").write_text("new")
     kept = tmp_path / ("bundle" + atomic.KEPT_SUFFIX)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", kept.name]
@@ -261,7 +262,9 @@ def test_a_writer_owning_every_file_of_the_previous_version_removes_it_silently(
     (target / "content").write_text("old")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with atomic_directory(target, own=lambda directory: ["content", "missing"]) as staging:
+        with atomic_directory(
+            target, own=lambda directory: {"content": atomic.FILE, "missing": atomic.FILE}
+        ) as staging:
             (staging / "content").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"] and (target / "content").read_text() == "new"
 
@@ -273,15 +276,38 @@ def test_a_directory_the_writer_owns_goes_with_all_it_holds_but_a_link_named_lik
     (target / "models" / "a.bin").write_text("old")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with atomic_directory(target, own=lambda directory: ["models"]) as staging:
+        with atomic_directory(target, own=lambda directory: {"models": atomic.DIRECTORY}) as staging:
             (staging / "models").mkdir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not any((target / "models").iterdir())
     shutil.rmtree(target / "models")
     (target / "models").symlink_to(tmp_path)
     with pytest.warns(WriteWarning, match="held 'models'"):
-        with atomic_directory(target, own=lambda directory: ["models"]) as staging:
+        with atomic_directory(target, own=lambda directory: {"models": atomic.DIRECTORY}) as staging:
             (staging / "models").mkdir()
     assert (tmp_path / ("out" + atomic.KEPT_SUFFIX) / "models").is_symlink()
+
+
+@pytest.mark.parametrize(
+    ("name", "written", "users"), [("content", "FILE", "directory"), ("models", "DIRECTORY", "file")]
+)
+def test_an_entry_of_another_type_under_an_own_name_is_the_users_and_keeps_the_previous_version(
+    tmp_path, name, written, users
+):
+    """Only an entry of the type the writer writes under its name is the writer's: a user's directory under a bundle
+    file's name (or a file under a demo directory's) was recorded and deleted with the previous version."""
+    target = tmp_path / "out"
+    target.mkdir()
+    if users == "directory":
+        (target / name).mkdir()
+        (target / name / "mine.txt").write_text("user")
+    else:
+        (target / name).write_text("user")
+    with pytest.warns(WriteWarning, match=f"held '{name}' besides its writer's files"):
+        with atomic_directory(target, own=lambda directory: {name: getattr(atomic, written)}) as staging:
+            (staging / "new.txt").write_text("new")
+    kept = tmp_path / ("out" + atomic.KEPT_SUFFIX)
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert (kept / name / "mine.txt" if users == "directory" else kept / name).read_text() == "user"
 
 
 def test_the_fallback_window_is_reported_by_a_load_and_repaired_by_the_next_write(tmp_path):

@@ -258,6 +258,37 @@ def test_a_rewrite_removes_what_a_killed_write_of_a_bundle_file_left_in_it_and_n
     assert (bundle / ".runtime.json.1234abcd.tmp.json").read_text() == "mine"
 
 
+def test_a_directory_made_under_a_bundle_files_name_during_a_rewrite_is_kept(tmp_path, monkeypatch):
+    """Attacker: between a rewrite's listing of the bundle's own files and the swap, the user makes a directory
+    under ``runtime.json``'s name. The journal recorded it (a directory was as good as a file) and the rewrite
+    deleted it with the previous version: only a regular file is a bundle's, so it is kept, with that version."""
+    from trainfer.serve import bundle_format, bundle_write
+
+    x = torch.randn(2, 1, 8, 8)
+    bundle = trainfer.save(trained(), tmp_path / "b", factory=FACTORY, example_inputs=x)
+    (bundle / "runtime.json").write_text("{}")
+    listings = []
+
+    def user_makes_a_directory_after_the_listing(directory):
+        listed = bundle_format.own_files(directory)
+        listings.append(listed)
+        if len(listings) == 2:  # the swap's listing (the first is check_replaceable's)
+            (directory / "runtime.json").unlink()
+            (directory / "runtime.json").mkdir()
+            (directory / "runtime.json" / "mine.txt").write_text("user data")
+        return listed
+
+    monkeypatch.setattr(bundle_write, "own_files", user_makes_a_directory_after_the_listing)
+    with pytest.warns(trainfer.WriteWarning, match="held 'runtime.json' besides its writer's files"):
+        trainfer.save(trained(), bundle, factory=FACTORY, example_inputs=x)
+    assert "runtime.json" in listings[1] and sorted(p.name for p in bundle.iterdir()) == [
+        "manifest.json",
+        "model.safetensors",
+    ]
+    kept = tmp_path / ("b" + trainfer.atomic.KEPT_SUFFIX)
+    assert (kept / "runtime.json" / "mine.txt").read_text() == "user data"
+
+
 INT8_RECORD = {"format": "trainfer-quantized", "file": "quantized.onnx", "sha256": "0" * 64}
 
 

@@ -34,8 +34,9 @@ Reads never recover: see :func:`interrupted_write`.
 The previous version is deleted whole only when the writer owns all of it. A writer that owns only some
 files of the directory it replaces (a bundle: :func:`trainfer.serve.bundle_format.own_files`) passes
 ``own``: just before the exchange the journal records the identity of each of those files (or of its
-subdirectories it owns with all they hold: ``trainfer demo``'s output), and afterwards only they are removed and
-the emptied directory removed with ``rmdir``. Anything else found there (a file
+subdirectories it owns with all they hold: ``trainfer demo``'s output), each only when it has the type the
+writer writes there (:data:`OwnFiles`), and afterwards only they are removed and the emptied directory
+removed with ``rmdir``. Anything else found there (a file
 someone wrote into the directory while it was being rewritten) keeps the previous version whole: it is
 renamed to ``NAME.previous-version-with-your-files`` beside the target, with a :class:`WriteWarning`
 naming it (:func:`_discard_previous`; recovery after a crash does the same).
@@ -56,7 +57,7 @@ import socket
 import stat
 import sys
 import warnings
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +65,8 @@ from trainfer.errors import InputError, TrainferError, WriteError, WriteWarning
 from trainfer.readfile import irregular
 
 __all__ = [
+    "DIRECTORY",
+    "FILE",
     "atomic_directory",
     "atomic_file",
     "check_target",
@@ -92,9 +95,13 @@ _STAGING = re.compile(r"\.(.+)\.trainfer-([0-9a-f]{32})\.tmp")
 _RECORDED = {"staging": stat.S_IFDIR, "old": stat.S_IFDIR, "file": stat.S_IFREG}
 
 Identity = tuple[int, int]
-#: Given the directory a write replaces, the names of its entries that are the writer's own (the only ones it may
-#: delete): regular files, or directories it owns with all they hold. A writer passing none owns the whole directory.
-OwnFiles = Callable[[Path], Collection[str]]
+#: What a writer writes at one of its own entries (:data:`OwnFiles`): a regular file, or a directory with all it holds.
+FILE, DIRECTORY = stat.S_IFREG, stat.S_IFDIR
+#: Given the directory a write replaces, its entries that are the writer's own (the only ones it may delete), each
+#: name with what the writer writes there (:data:`FILE` or :data:`DIRECTORY`): an entry of that name and another
+#: type (a user's directory under a bundle file's name) is not the writer's. A writer passing none owns the whole
+#: directory.
+OwnFiles = Callable[[Path], Mapping[str, int]]
 
 
 def named(entries: Collection[str]) -> str:
@@ -213,16 +220,16 @@ class _Journal:
                 return cls.read(journal.sibling("journal"), journal.target)
         return None
 
-    def record(self, kind: str, path: Path, files: Collection[str] | None = None) -> None:
+    def record(self, kind: str, path: Path, files: Mapping[str, int] | None = None) -> None:
         """Record that the directory (``file``: the regular file) now at ``path`` is this write's ``kind`` (one of
-        :data:`_RECORDED`), and with ``files`` the identity of each of those regular files or directories in it
-        (the writer's own: see :data:`OwnFiles`)."""
+        :data:`_RECORDED`), and with ``files`` the identity of each of those entries in it that has the type
+        ``files`` gives it (the writer's own: see :data:`OwnFiles`)."""
         identity = _identity(path, _RECORDED[kind])
         if identity is None:
             return
         entry: dict[str, object] = {kind: list(identity)}
         if files is not None:
-            found = {name: _own_identity(path / name) for name in files}
+            found = {name: _identity(path / name, written) for name, written in files.items()}
             self.files = {name: file for name, file in found.items() if file is not None}
             entry["files"] = {name: list(file) for name, file in self.files.items()}
         self.owned[kind] = identity

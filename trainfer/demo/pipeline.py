@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from trainfer.analysis.inspection import inspect
-from trainfer.atomic import recover, remove_staging, replace_directory, staging_directory
+from trainfer.atomic import DIRECTORY, FILE, recover, remove_staging, replace_directory, staging_directory
 from trainfer.bench import Timing, count_macs, count_parameters, num_threads, peak_memory, time_forms
 from trainfer.demo import data
 from trainfer.demo.report import PLOTS, write_report
@@ -63,25 +63,15 @@ FORGOT_EVAL_BATCHES = (1, 16, 256)
 THROUGHPUT_BATCH = 256
 MARKER = "results.json"
 #: Every entry ``trainfer demo`` writes into its output directory, the files and the directories (with all
-#: they hold) a rerun replaces: anything else found there at the replace, such as a file a user wrote into
-#: the output during the run, keeps the previous output beside it with a warning, never deleted
-#: (:func:`_staging`, :func:`trainfer.atomic.replace_directory`'s ``own``).
-OUTPUTS = frozenset(
-    {
-        MARKER,
-        "report.md",
-        *PLOTS.values(),
-        "inspect_divergence.png",
-        "checkpoint.safetensors",
-        "bundle_train",
-        "bundle_deploy",
-        "bundle_int8",
-        "digits.onnx",
-        "digits",
-        "explain",
-        "sequences",
-    }
-)
+#: they hold) a rerun replaces, each with its type: anything else found there at the replace, such as a file a
+#: user wrote into the output during the run (or a directory under a file's name), keeps the previous output
+#: beside it with a warning, never deleted (:func:`_staging`, :data:`trainfer.atomic.OwnFiles`).
+OUTPUTS = {
+    **dict.fromkeys(
+        [MARKER, "report.md", *PLOTS.values(), "inspect_divergence.png", "checkpoint.safetensors", "digits.onnx"], FILE
+    ),
+    **dict.fromkeys(["bundle_train", "bundle_deploy", "bundle_int8", "digits", "explain", "sequences"], DIRECTORY),
+}
 
 
 @dataclass(frozen=True)

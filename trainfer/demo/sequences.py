@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainfer import decoding
-from trainfer.atomic import atomic_directory, atomic_file
+from trainfer.atomic import DIRECTORY, FILE, atomic_directory, atomic_file
 from trainfer.demo.digit_strings import DigitStrings, digit_strings, preprocess_spec
 from trainfer.errors import InputError
 from trainfer.models.sequence import (
@@ -54,9 +54,12 @@ TRAIN_COUNT, BATCH_SIZE, LR = 1000, 32, 1e-2
 """Training strings, batch size and AdamW learning rate by default: measured on 2 cores, half the
 strings at twice the steps per epoch and 2.5x the rate learn as well as 2000 strings in batches of
 64 at 4e-3, at about half the training CPU time (docs/sequences.md, "Measured")."""
-OUTPUTS = frozenset({"report.md", "scores.json", "sequences.png", "crnn_bundle", "seq2seq_bundle"})
-"""What the step writes into its output directory: all that an earlier output it may replace holds, and all
-that a rerun deletes of it (:func:`staged_output`)."""
+OUTPUTS = {
+    **dict.fromkeys(["report.md", "scores.json", "sequences.png"], FILE),
+    **dict.fromkeys(["crnn_bundle", "seq2seq_bundle"], DIRECTORY),
+}
+"""What the step writes into its output directory, each with its type: all that an earlier output it may
+replace holds, and all that a rerun deletes of it (:func:`staged_output`, :data:`trainfer.atomic.OwnFiles`)."""
 MAX_SCORES_BYTES = 1 << 20
 """The most of an existing ``scores.json`` read to prove it is this step's (:func:`is_output`)."""
 
@@ -192,7 +195,7 @@ def is_output(path: Path) -> bool:
     a JSON object with a ``scores`` list, as :func:`run` writes."""
     scores = path / "scores.json"
     try:
-        if path.is_symlink() or not path.is_dir() or not {p.name for p in path.iterdir()} <= OUTPUTS:
+        if path.is_symlink() or not path.is_dir() or not {p.name for p in path.iterdir()} <= OUTPUTS.keys():
             return False
         if scores.is_symlink() or not scores.is_file() or scores.stat().st_size > MAX_SCORES_BYTES:
             return False

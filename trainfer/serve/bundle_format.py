@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainfer.atomic import interrupted_write
+from trainfer.atomic import FILE, interrupted_write
 from trainfer.errors import BundleError, BundleWarning
 from trainfer.jsonfile import read_json
 from trainfer.readfile import present
@@ -68,14 +68,15 @@ def bundle_files() -> frozenset[str]:
     )
 
 
-def own_files(directory: Path) -> list[str]:
-    """The entries of the bundle ``directory`` that trainfer wrote, the only ones a rewrite deletes: regular files
-    (not links, not directories) named in :func:`bundle_files`, and of those :data:`RETIRED_FILE` only when it
-    holds trainfer's int8 record (:func:`own_int8_record`): a file of that name is otherwise someone else's."""
+def own_files(directory: Path) -> dict[str, int]:
+    """The entries of the bundle ``directory`` that trainfer wrote, the only ones a rewrite deletes, each a
+    :data:`trainfer.atomic.FILE` (:data:`trainfer.atomic.OwnFiles`): regular files (not links, not directories)
+    named in :func:`bundle_files`, and of those :data:`RETIRED_FILE` only when it holds trainfer's int8 record
+    (:func:`own_int8_record`): a file of that name is otherwise someone else's."""
     known = bundle_files()
     with os.scandir(directory) as entries:
         files = [e.name for e in entries if e.name in known and e.is_file(follow_symlinks=False)]
-    return [name for name in files if name != RETIRED_FILE or own_int8_record(directory / name) is not None]
+    return {name: FILE for name in files if name != RETIRED_FILE or own_int8_record(directory / name) is not None}
 
 
 def own_int8_record(file: Path) -> dict[str, Any] | None:
