@@ -225,6 +225,56 @@ def test_cli_out_resumes_a_csv(tmp_path):
     assert "6 records written" in result.output and "after 4 already there" in result.output
 
 
+def test_a_file_begun_on_one_form_and_device_is_not_resumed_on_another(tmp_path, monkeypatch):
+    """A file begun on the CPU, served by the bundle's runtime.json, and resumed with --device cuda mixed in the
+    answers of the PyTorch model on the GPU: the record names what served on which device, and a resume that would
+    change either is refused, the file untouched. CUDA is simulated: the device is picked, nothing moves."""
+    from trainfer.serve import predictor as predictor_module
+    from trainfer.serve import runtime_record, served_model
+
+    bundle = save_bundle(tmp_path / "b", 0, labels=LABELS, preprocess={"mean": [0.5]})
+    runtime_record.save_record(bundle, trainfer.compile(bundle, runtime="torch").record)
+    paths = [str(p) for p in write_pngs(tmp_path / "images", 3)]
+    out = tmp_path / "o.jsonl"
+    args = ["predict", str(bundle), *paths, "--out", str(out), "--batch-size", "2"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text(lines[0])  # as a crash leaves it
+    recorded = json.loads(producer_path(out).read_text())
+    assert (recorded["forms"], recorded["devices"]) == (["torch/float32"], ["cpu"])
+    with monkeypatch.context() as cuda_machine:  # "cuda" is picked (the PyTorch model serves there); nothing runs
+        cuda_machine.setattr(served_model, "_names_another_device", lambda overrides: overrides["device"] == "cuda")
+        cuda_machine.setattr(served_model, "pick_device", lambda name: torch.device("cpu"))
+        cuda_machine.setattr(predictor_module, "pick_device", lambda name: torch.device(name))
+        cuda_machine.setattr(predictor_module, "placed", lambda model, device: model)
+        cuda_machine.setattr(predictor_module.Predictor, "_check_recorded_kinds", lambda *arguments: None)
+        result = CliRunner().invoke(main, [*args, "--device", "cuda"])
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+    begun = "it was written with devices ['cpu'], not ['cuda']; forms ['torch/float32'], not ['the PyTorch model']"
+    assert begun in result.output
+    assert out.read_text() == lines[0]  # refused, left untouched
+    assert CliRunner().invoke(main, [*args, "--device", "cpu"]).exit_code == 0  # the CPU resumes
+    assert out.read_text().splitlines(keepends=True) == lines
+
+
+def test_a_record_written_before_it_named_the_device_resumes_on_the_cpu_only(predictor, images, tmp_path):
+    out = tmp_path / "o.jsonl"
+    predict_to_jsonl(predictor, images, out, progress=False)
+    lines = out.read_text().splitlines(keepends=True)
+    earlier = {k: v for k, v in json.loads(producer_path(out).read_text()).items() if k not in ("forms", "devices")}
+    out.write_text("".join(lines[:9]))
+    producer_path(out).write_text(json.dumps(earlier))  # as an earlier trainfer wrote it
+    on_a_gpu = Spy(predictor)
+    on_a_gpu.device = torch.device("cuda:0")
+    refused = r"its record, from an earlier trainfer, does not say on which device it was begun, and this run serves"
+    with pytest.raises(trainfer.InputError, match=refused + r" on cuda:0: resume it on the CPU \(--device cpu\)"):
+        predict_to_jsonl(on_a_gpu, images, out, progress=False)
+    assert out.read_text() == "".join(lines[:9])
+    predict_to_jsonl(predictor, images, out, progress=False)  # on the CPU: resumed, the record completed
+    assert out.read_text().splitlines(keepends=True) == lines
+    assert json.loads(producer_path(out).read_text())["devices"] == ["cpu"]
+
+
 @settings(max_examples=20)
 @given(count=st.integers(1, 30), batch_size=st.integers(1, 7), cut=st.floats(0, 1))
 def test_resuming_after_a_crash_at_any_byte_gives_the_uninterrupted_file(

@@ -18,9 +18,10 @@ directory, or ``"<csv path>:<0-based row>"``. Guarantees:
   the number of ranks or interruptions, for the same ``B`` (kernels may round differently per
   batch size).
 * **Resumed only by what wrote it.** ``OUT.trainfer.json`` records what produces the records
-  (the model's digest, ``top_k``, the record format; the CLI adds the bundle files' digest,
-  threshold, runtime and ensemble weights). A non-empty ``out`` without it, or whose record
-  differs, is refused (:class:`InputError`) instead of appended to.
+  (the model's digest, ``top_k``, the record format, and what serves each model on which device:
+  :func:`serving`; the CLI adds the bundle files' digest, threshold, runtime and ensemble weights).
+  A non-empty ``out`` without it, or whose record differs, is refused (:class:`InputError`) instead
+  of appended to. A record an earlier trainfer wrote, without what serves, resumes on the CPU only.
 * **Regular files only.** An ``out`` that exists and is not a regular file (``/dev/stdout``, a
   pipe, ``/dev/zero``, a directory) is refused before anything reads or writes it.
 """
@@ -46,6 +47,7 @@ from trainfer.readfile import irregular
 from trainfer.serve import distributed
 from trainfer.serve.preprocess import PreprocessSpec
 from trainfer.serve.readers import IMAGE_SUFFIXES, iter_csv
+from trainfer.serve.served_model import served_form
 
 Item = tuple[Any, Any]  # (id written in the record, input handed to the predictor)
 PRODUCER_SUFFIX = ".trainfer.json"
@@ -181,11 +183,28 @@ def model_digest(predictor: Any) -> str:
     return digest.hexdigest()
 
 
+def serving(predictor: Any) -> dict[str, list[str]]:
+    """What answers for ``predictor``, one entry per model (an ensemble's members in order): ``forms``, each a
+    compiled or int8 form (:func:`~trainfer.serve.served_model.served_form`, ``"onnxruntime/float32"``) or
+    ``"the PyTorch model"`` (another engine: its type), and ``devices``, where each runs (``"cpu"``,
+    ``"cuda:0"``). The same bundle serves other answers elsewhere: a default load serves its ``runtime.json``
+    on the CPU, ``device="cuda"`` its PyTorch model on the GPU."""
+    members = getattr(predictor, "members", None) or [predictor]
+    models = [getattr(member, "model", member) for member in members]
+    return {
+        "forms": [
+            served_form(model) or ("the PyTorch model" if isinstance(model, torch.nn.Module) else type(model).__name__)
+            for model in models
+        ],
+        "devices": [str(getattr(member, "device", "cpu")) for member in members],
+    }
+
+
 def producer_record(predictor: Any, top_k: int | None, producer: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What ``OUT.trainfer.json`` records: the record format, ``top_k``, and ``producer`` (default:
-    the predictor's :func:`model_digest`)."""
+    """What ``OUT.trainfer.json`` records: the record format, ``top_k``, ``producer`` (default: the
+    predictor's :func:`model_digest`), and what serves it where (:func:`serving`)."""
     made_by = {"model": model_digest(predictor)} if producer is None else producer
-    return {"format": "trainfer-predictions", "records": "jsonl", "top_k": top_k, **made_by}
+    return {"format": "trainfer-predictions", "records": "jsonl", "top_k": top_k, **made_by, **serving(predictor)}
 
 
 def _check_producer(out: Path, expected: dict[str, Any]) -> None:
@@ -205,6 +224,7 @@ def _check_producer(out: Path, expected: dict[str, Any]) -> None:
         recorded = None
     if not isinstance(recorded, dict):
         raise InputError(f"cannot resume {str(out)!r}: {path.name!r} is not a record of what wrote it; {again}")
+    recorded = _with_serving(out, recorded, expected, again)
     differences = [
         f"{key} {recorded.get(key)!r}, not {expected.get(key)!r}"
         for key in sorted(recorded.keys() | expected.keys())
@@ -212,6 +232,21 @@ def _check_producer(out: Path, expected: dict[str, Any]) -> None:
     ]
     if differences:
         raise InputError(f"cannot resume {str(out)!r}: it was written with {'; '.join(differences)}; {again}")
+
+
+def _with_serving(out: Path, recorded: dict[str, Any], expected: dict[str, Any], again: str) -> dict[str, Any]:
+    """``recorded``, or when an earlier trainfer wrote it (without :func:`serving`'s keys), ``recorded`` taken
+    as begun as ``expected`` serves when that is all on the CPU, where the bundle files and ``--runtime``
+    (recorded) decide what serves; on another device it is refused: nothing says the file was begun there."""
+    if any(key in recorded for key in ("forms", "devices")):
+        return recorded
+    devices = expected.get("devices", [])
+    if any(device != "cpu" for device in devices):
+        raise InputError(
+            f"cannot resume {str(out)!r}: its record, from an earlier trainfer, does not say on which device it was "
+            f"begun, and this run serves on {', '.join(devices)}: resume it on the CPU (--device cpu), or {again}"
+        )
+    return {**recorded, "forms": expected.get("forms"), "devices": devices}
 
 
 def _write_producer(out: Path, producer: dict[str, Any]) -> None:
