@@ -267,7 +267,7 @@ def test_a_record_written_before_it_named_the_device_resumes_on_the_cpu_only(pre
     on_a_gpu = Spy(predictor)
     on_a_gpu.device = torch.device("cuda:0")
     refused = r"its record, from an earlier trainfer, does not say on which device it was begun, and this run serves"
-    with pytest.raises(trainfer.InputError, match=refused + r" on cuda:0: resume it on the CPU \(--device cpu\)"):
+    with pytest.raises(trainfer.InputError, match=refused + r" on cuda: resume it on the CPU \(--device cpu\)"):
         predict_to_jsonl(on_a_gpu, images, out, progress=False)
     assert out.read_text() == "".join(lines[:9])
     predict_to_jsonl(predictor, images, out, progress=False)  # on the CPU: resumed, the record completed

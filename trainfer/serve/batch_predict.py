@@ -186,9 +186,10 @@ def model_digest(predictor: Any) -> str:
 def serving(predictor: Any) -> dict[str, list[str]]:
     """What answers for ``predictor``, one entry per model (an ensemble's members in order): ``forms``, each a
     compiled or int8 form (:func:`~trainfer.serve.served_model.served_form`, ``"onnxruntime/float32"``) or
-    ``"the PyTorch model"`` (another engine: its type), and ``devices``, where each runs (``"cpu"``,
-    ``"cuda:0"``). The same bundle serves other answers elsewhere: a default load serves its ``runtime.json``
-    on the CPU, ``device="cuda"`` its PyTorch model on the GPU."""
+    ``"the PyTorch model"`` (another engine: its type), and ``devices``, the type of device each runs on
+    (``"cpu"``, ``"cuda"``: not its index, which differs by rank under torchrun). The same bundle serves other
+    answers elsewhere: a default load serves its ``runtime.json`` on the CPU, ``device="cuda"`` its PyTorch model
+    on the GPU."""
     members = getattr(predictor, "members", None) or [predictor]
     models = [getattr(member, "model", member) for member in members]
     return {
@@ -196,7 +197,7 @@ def serving(predictor: Any) -> dict[str, list[str]]:
             served_form(model) or ("the PyTorch model" if isinstance(model, torch.nn.Module) else type(model).__name__)
             for model in models
         ],
-        "devices": [str(getattr(member, "device", "cpu")) for member in members],
+        "devices": [torch.device(getattr(member, "device", "cpu")).type for member in members],
     }
 
 
