@@ -1,6 +1,7 @@
 """compile with a gate and data: bf16 and int8 gated, the paired measurement decides, runtime.json records it."""
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from search_hook import hooked_measure
+from time_limit import time_limit
 
 import trainfer
 from trainfer.errors import BundleError
@@ -348,6 +350,17 @@ def test_a_float32_choice_leaves_int8_files_trainfer_cannot_prove_its_own(int8_b
     assert outside.is_file() and (bundle / "quantized.onnx").is_symlink()
     assert (bundle / "probes.safetensors").read_bytes() == b"changed by hand"
     assert not (bundle / "quantization.json").exists()
+
+
+def test_a_float32_choice_refuses_a_quantization_json_that_is_not_a_regular_file(int8_bundle, tmp_path):
+    """Deciding whether to retire an int8 form skipped a FIFO quantization.json quietly; a load refuses it."""
+    bundle, _ = _copy(int8_bundle, tmp_path)
+    record = (bundle / rt.RUNTIME_FILE).read_bytes()
+    (bundle / "quantization.json").unlink()
+    os.mkfifo(bundle / "quantization.json")
+    with time_limit(60), pytest.raises(BundleError, match="quantization.json' is a pipe: expected a regular file"):
+        _save_float32(bundle)
+    assert (bundle / rt.RUNTIME_FILE).read_bytes() == record  # refused before anything is written
 
 
 def test_a_quantized_bundle_compiled_to_float32_serves_one_form_in_predict_and_serve(data, tmp_path):

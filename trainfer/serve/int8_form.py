@@ -157,8 +157,12 @@ def compile_made(directory: Path, recorded_int8: bool) -> bool:
     :data:`QUANTIZATION_FILE` is a regular file (not a link) holding trainfer's int8 record, which says
     ``"made_by": "trainfer compile"``, or (a record written before ``made_by`` existed) the bundle's
     ``runtime.json`` serves it (``recorded_int8``: it chose int8). A ``trainfer quantize`` bundle's own
-    int8 form is not."""
-    entry = own_int8_record(directory / QUANTIZATION_FILE)
+    int8 form is not. A :data:`QUANTIZATION_FILE` that is not a regular file (a FIFO, a directory, a
+    device) is refused with :class:`BundleError` naming what it is, as a load refuses it, never skipped."""
+    file = directory / QUANTIZATION_FILE
+    if not present(file):
+        return False
+    entry = own_int8_record(file)
     if entry is None:
         return False
     return entry.get("made_by") == MADE_BY[1] or ("made_by" not in entry and recorded_int8)
