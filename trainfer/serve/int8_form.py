@@ -123,7 +123,7 @@ def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None, 
     manifest = read_manifest(directory)
     threads = torch.get_num_threads()
     try:
-        engine = int8_engine(runtime, file, manifest, threads)
+        engine = int8_engine(runtime, file, manifest, threads, data)  # the bytes checked, not the file again
     except ImportError:
         raise
     except Exception as error:  # the file is untrusted: onnxruntime and OpenVINO raise their own types
