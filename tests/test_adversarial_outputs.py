@@ -364,6 +364,28 @@ def test_a_gated_search_refuses_an_int8_file_it_may_write_before_searching(tmp_p
     assert node_state(node) == before
 
 
+def test_the_bundle_digest_predict_records_never_waits_on_a_fifo_swapped_in(tmp_path, monkeypatch):
+    """predict --out records a digest of the bundle's metadata files: it looked at each (a regular file),
+    then opened it by name, so a FIFO put there in between blocked predict forever."""
+    from pathlib import Path
+
+    from trainfer.cli.predict import model_digest
+
+    manifest = save_bundle(tmp_path / "b", 3) / "manifest.json"
+    is_file = Path.is_file
+
+    def look_then_swap(path):
+        found = is_file(path)
+        if path == manifest:
+            manifest.unlink()
+            os.mkfifo(manifest)
+        return found
+
+    monkeypatch.setattr(Path, "is_file", look_then_swap)
+    with time_limit(30), pytest.raises(trainfer.BundleError, match="manifest.json' is a pipe: expected a regular"):
+        model_digest(str(manifest.parent))
+
+
 @pytest.mark.parametrize("kind", ["fifo", "link to a fifo"])
 @pytest.mark.parametrize(
     "command",

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import stat
 import warnings
 from pathlib import Path
 
@@ -350,6 +351,29 @@ def test_a_float32_choice_leaves_int8_files_trainfer_cannot_prove_its_own(int8_b
     assert outside.is_file() and (bundle / "quantized.onnx").is_symlink()
     assert (bundle / "probes.safetensors").read_bytes() == b"changed by hand"
     assert not (bundle / "quantization.json").exists()
+
+
+def test_an_int8_file_swapped_for_a_fifo_while_it_is_retired_is_kept_never_waited_on(
+    int8_bundle, tmp_path, monkeypatch
+):
+    """The retirement looked at quantized.onnx (a regular file), then opened it again by name to hash it: a
+    FIFO put there in between blocked compile forever. It is opened without blocking, and kept (not trainfer's)."""
+    from trainfer.serve import int8_form
+
+    bundle, float_files = _copy(int8_bundle, tmp_path)
+    file, digest = bundle / "quantized.onnx", int8_form.sha256
+
+    def swap_then_digest(path):
+        if Path(path) == file:
+            file.unlink()
+            os.mkfifo(file)
+        return digest(path)
+
+    monkeypatch.setattr(int8_form, "sha256", swap_then_digest)
+    with time_limit(60):
+        _save_float32(bundle)
+    assert {p.name for p in bundle.iterdir()} == float_files | {rt.RUNTIME_FILE, "quantized.onnx"}
+    assert stat.S_ISFIFO(os.lstat(file).st_mode)
 
 
 def test_a_float32_choice_refuses_a_quantization_json_that_is_not_a_regular_file(int8_bundle, tmp_path):

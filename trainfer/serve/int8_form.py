@@ -190,10 +190,20 @@ def retire_int8_form(directory: Path, stale: bool) -> None:
         probes_digest = probes.get("sha256") if isinstance(probes, dict) else None
         written = {QUANTIZED_FILE: entry.get("sha256"), PROBES_FILE: probes_digest}
         for name, digest in written.items():
-            file = directory / name
-            if file.is_file() and not file.is_symlink() and sha256(file) == digest:
-                file.unlink()
+            if _still_written(directory / name, digest):
+                (directory / name).unlink()
     (directory / RETIRED_FILE).unlink()
+
+
+def _still_written(file: Path, digest: Any) -> bool:
+    """Whether ``file`` still is what trainfer wrote: a regular file, not a link, with the sha256 ``digest``.
+    A FIFO or a device put there after the first look is not (opened without blocking, never waited on)."""
+    if file.is_symlink() or not file.is_file():
+        return False
+    try:
+        return sha256(file) == digest
+    except BundleError:
+        return False
 
 
 def _quantization_entry(directory: Path) -> dict[str, Any]:
