@@ -135,6 +135,20 @@ def constant_of_shape(inner, outer):
     ]
 
 
+def external(tensor) -> None:
+    """Keep ``tensor``'s data in the file ``weights.bin`` beside the model (ONNX external data), not in the model."""
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "weights.bin"
+
+
+def external_constant(inner, outer):
+    value = helper.make_tensor("c", TensorProto.FLOAT, [1], [0.0])
+    external(value)
+    return [helper.make_node("Constant", [], ["c"], value=value), helper.make_node("Add", [inner, "c"], [outer])]
+
+
 def with_function(called: bool):
     def mutate(model):
         function = helper.make_function(
@@ -170,6 +184,9 @@ ATTACKS = {
     "function called": (with_function(True), "'evil.example:Bomb'"),
     "function defined, not called": (with_function(False), "function evil.example:Bomb"),
     "too many nodes": (too_many_nodes, f"more than {MAX_INT8_NODES} nodes"),
+    # another file, not covered by the sha256 (a runtime reading the checked bytes looks in the working directory)
+    "initializer in another file": (lambda model: external(model.graph.initializer[0]), "in another file"),
+    "Constant in another file": (lambda model: wrap_output(model, external_constant), "tensor 'c' keeps its data in"),
     "not ONNX at all": (lambda model: b"\x0a\xff\xff\xff\xff\x0f junk", "not a valid ONNX model"),
 }
 

@@ -362,3 +362,45 @@ def test_a_gated_search_refuses_an_int8_file_it_may_write_before_searching(tmp_p
         result = invoke(*[argument.format(stub=stub, data=data) for argument in command])
     one_line_error(result, f"{str(node)!r} is a pipe: expected a new path or a regular file")
     assert node_state(node) == before
+
+
+def test_the_bundle_digest_predict_records_never_waits_on_a_fifo_swapped_in(tmp_path, monkeypatch):
+    """predict --out records a digest of the bundle's metadata files: it looked at each (a regular file),
+    then opened it by name, so a FIFO put there in between blocked predict forever."""
+    from pathlib import Path
+
+    from trainfer.cli.predict import model_digest
+
+    manifest = save_bundle(tmp_path / "b", 3) / "manifest.json"
+    is_file = Path.is_file
+
+    def look_then_swap(path):
+        found = is_file(path)
+        if path == manifest:
+            manifest.unlink()
+            os.mkfifo(manifest)
+        return found
+
+    monkeypatch.setattr(Path, "is_file", look_then_swap)
+    with time_limit(30), pytest.raises(trainfer.BundleError, match="manifest.json' is a pipe: expected a regular"):
+        model_digest(str(manifest.parent))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to a fifo"])
+@pytest.mark.parametrize(
+    "command",
+    [["compile", "{stub}"], ["serve", "{stub}", "--port", "0", "--compile", "--write-runtime"]],
+    ids=["compile", "serve --compile --write-runtime"],
+)
+def test_a_search_refuses_a_quantization_json_that_is_not_a_regular_file_before_searching(tmp_path, command, kind):
+    """Without --gate-data compile only reads quantization.json (to decide whether an int8 form it wrote is
+    retired): one that was not a regular file was skipped quietly, while every load refuses it."""
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "manifest.json").write_text("{}")  # refused if read: the check must come first
+    node = make_node(stub / "quantization.json", kind)
+    before = node_state(node)
+    with time_limit(60):
+        result = invoke(*[argument.format(stub=stub) for argument in command])
+    one_line_error(result, f"{str(node)!r} is {kind_named(kind)}: expected a regular file")
+    assert node_state(node) == before

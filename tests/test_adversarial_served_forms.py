@@ -295,6 +295,69 @@ def test_serving_an_int8_form_never_waits_on_a_fifo(int8_bundles, tmp_path, name
         int8_form.serve_quantized(path)
 
 
+# --------------------------------------------------------------------------- files swapped after their check
+def _then_swapped(check, file: Path, replacement: bytes | None):
+    """``check`` (a module's ``sha256`` or ``present``) that, once it has run, puts ``replacement`` at ``file``
+    (``None``: a FIFO): another file swapped in between trainfer's check and its load, as whoever can
+    write the bundle's directory can."""
+
+    def check_then_swap(data):
+        result = check(data)
+        swap = file.with_name(file.name + ".swap")
+        if replacement is None:
+            os.mkfifo(swap)
+        else:
+            swap.write_bytes(replacement)
+        os.replace(swap, file)
+        return result
+
+    return check_then_swap
+
+
+@needs_ort
+@pytest.mark.parametrize("runtime", ["onnxruntime", OPENVINO])
+def test_an_int8_file_swapped_after_its_digest_check_is_never_run(int8_bundles, tmp_path, monkeypatch, runtime):
+    """ONNX Runtime and OpenVINO opened quantized.onnx again by name after trainfer hashed its bytes: a model
+    put in its place in between was the one run. The engine is built from the very bytes checked."""
+    import shutil
+
+    genuine, other = int8_bundles
+    path, file = tmp_path / "b", tmp_path / "b" / int8_form.QUANTIZED_FILE
+    shutil.copytree(genuine, path)
+    attacker = (other / int8_form.QUANTIZED_FILE).read_bytes()
+    monkeypatch.setattr(int8_form, "sha256", _then_swapped(int8_form.sha256, file, attacker))
+    served = int8_form.serve_quantized(path, runtime)
+    assert file.read_bytes() == attacker  # the swap happened after the check
+    monkeypatch.undo()
+    probes = load_file(str(genuine / PROBES_FILE))["inputs"]
+    assert torch.equal(served(probes), int8_form.serve_quantized(genuine, runtime)(probes))
+
+
+def test_weights_swapped_after_their_digest_check_are_never_loaded(tmp_path, monkeypatch):
+    """model.safetensors was hashed, then opened again by name to load: other weights (same shapes) put
+    in its place in between were the ones loaded. The weights loaded are the very bytes hashed."""
+    from trainfer.serve import weights
+
+    path, file = save_bundle(tmp_path / "b", 3), tmp_path / "b" / "model.safetensors"
+    expected = load_file(str(file))
+    attacker = (save_bundle(tmp_path / "other", 4) / file.name).read_bytes()
+    monkeypatch.setattr(weights, "sha256", _then_swapped(weights.sha256, file, attacker))
+    state = trainfer.load(path).state_dict()
+    assert file.read_bytes() == attacker  # the swap happened after the check
+    assert all(torch.equal(state[name], tensor) for name, tensor in expected.items())
+
+
+def test_weights_swapped_for_a_fifo_after_their_check_are_refused_at_once(tmp_path, monkeypatch):
+    """A FIFO put where model.safetensors was, after the check that it is a regular file, blocked the
+    hash's open() forever: the file is opened without blocking and refused as what it is."""
+    from trainfer.serve import weights
+
+    path, file = save_bundle(tmp_path / "b", 3), tmp_path / "b" / "model.safetensors"
+    monkeypatch.setattr(weights, "present", _then_swapped(weights.present, file, None))
+    with time_limit(30), pytest.raises(BundleError, match="model.safetensors' is a pipe: expected a regular file"):
+        trainfer.load(path)
+
+
 # --------------------------------------------------------------------------- declared output kinds
 @pytest.mark.parametrize("declared", ["probabilities", "log_probabilities"])
 def test_a_probability_kind_declared_on_a_logits_head_is_refused(tmp_path, declared):

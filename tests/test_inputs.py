@@ -407,6 +407,67 @@ def test_the_walk_counts_every_piece_pillow_reads_in_python(data):
     assert stream.reads <= 2 * steps + 40, (fmt, stream.reads, steps)
 
 
+#: TIFFs whose numeric entries hold more values than their entries, and how many they hold in all.
+TIFF_VALUES = {
+    "one-row strips": (tiff_of_strips(20), 47),  # 7 entries of one value, 20 strip offsets, 20 byte counts
+    "an unknown tag of 40 doubles": (tiff([*TIFF_8X8, (65000, 12, 40, 72)], bytes(64 + 320)), 49),
+    "XResolution of 4 rationals": (tiff([*TIFF_8X8, (282, 5, 4, 72)], bytes(64 + 32)), 13),
+    "BigTIFF": (pillow_file("TIFF", big_tiff=True), 9),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Metadata Warning")  # XResolution: one rational expected
+@pytest.mark.parametrize("kind", TIFF_VALUES)
+def test_a_tiff_of_more_values_than_allowed_is_refused_before_pillow_decodes_them(kind, tmp_path, monkeypatch):
+    """Pillow decodes a numeric entry value by value in Python: an 8 MB BitsPerSample of 4,000,000 values
+    took 0.23-0.25 s of CPU per request. Counted from the entries' headers, tags Pillow skips included."""
+    from trainfer.server.uploads import read_upload
+
+    data, values = TIFF_VALUES[kind]
+    path = tmp_path / "values.tiff"
+    path.write_bytes(data)
+    spec = PreprocessSpec(input_shape=(1, 8, 8))
+    monkeypatch.setattr(readers, "MAX_TIFF_VALUES", values)
+    load_image(path, spec)  # the file itself is fine, and holds no more than its count
+    monkeypatch.setattr(readers, "MAX_TIFF_VALUES", values - 1)
+    bound = f"expected at most {values - 1} (trainfer.serve.readers.MAX_TIFF_VALUES; Pillow decodes each in Python)"
+    with pytest.raises(InputError) as refused:
+        load_image(path, spec)
+    assert str(refused.value) == (
+        f"TIFF file {str(path)!r} holds {values} values in its first directory's numeric entries: {bound}"
+    )
+    with pytest.raises(InputError, match=re.escape(f"TIFF file 'up.tiff' holds {values} values")):
+        read_upload(data, "up.tiff", "application/octet-stream", spec)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"save_all": True, "append_images": [Image.new("L", (8, 8))] * 5},
+        {"compression": "tiff_lzw", "strip_size": 1},
+        {"dpi": (300, 300), "icc_profile": b"\0" * 200_000, "big_tiff": True},
+        {"mode": "P"},
+        {"mode": "F"},
+        {"mode": "I;16"},
+    ],
+    ids=["multi-page", "lzw-one-row-strips", "dpi-icc-bigtiff", "palette", "float", "16-bit"],
+)
+def test_the_values_counted_are_those_pillow_reads_from_the_first_directory(options):
+    """Bytes, text and undefined entries (an ICC profile) are one object each to Pillow, and not counted."""
+    from trainfer.serve.image_steps import tiff_values
+
+    options = dict(options)
+    image = Image.new(str(options.pop("mode", "RGB")), (16, 40))
+    out = io.BytesIO()
+    image.save(out, "TIFF", **options)
+    data = out.getvalue()
+    with Image.open(io.BytesIO(data)) as opened:
+        directory = opened.tag_v2
+        numeric = [tag for tag in directory if directory.tagtype[tag] not in (1, 2, 7)]  # BYTE, ASCII, UNDEFINED
+        read = sum(len(v) if isinstance(v := directory[tag], tuple) else 1 for tag in numeric)
+    assert tiff_values(io.BytesIO(data), len(data)) == read
+
+
 def test_a_compressed_tiffs_strips_are_read_by_libtiff_and_not_counted(tmp_path, monkeypatch):
     """Pillow hands a compressed TIFF whole to libtiff (one tile, read in C): only its entries count."""
     path = tmp_path / "deflate.tif"

@@ -1,13 +1,16 @@
 """compile with a gate and data: bf16 and int8 gated, the paired measurement decides, runtime.json records it."""
 
 import json
+import os
 import shutil
+import stat
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from search_hook import hooked_measure
+from time_limit import time_limit
 
 import trainfer
 from trainfer.errors import BundleError
@@ -348,6 +351,40 @@ def test_a_float32_choice_leaves_int8_files_trainfer_cannot_prove_its_own(int8_b
     assert outside.is_file() and (bundle / "quantized.onnx").is_symlink()
     assert (bundle / "probes.safetensors").read_bytes() == b"changed by hand"
     assert not (bundle / "quantization.json").exists()
+
+
+def test_an_int8_file_swapped_for_a_fifo_while_it_is_retired_is_kept_never_waited_on(
+    int8_bundle, tmp_path, monkeypatch
+):
+    """The retirement looked at quantized.onnx (a regular file), then opened it again by name to hash it: a
+    FIFO put there in between blocked compile forever. It is opened without blocking, and kept (not trainfer's)."""
+    from trainfer.serve import int8_form
+
+    bundle, float_files = _copy(int8_bundle, tmp_path)
+    file, digest = bundle / "quantized.onnx", int8_form.sha256
+
+    def swap_then_digest(path):
+        if Path(path) == file:
+            file.unlink()
+            os.mkfifo(file)
+        return digest(path)
+
+    monkeypatch.setattr(int8_form, "sha256", swap_then_digest)
+    with time_limit(60):
+        _save_float32(bundle)
+    assert {p.name for p in bundle.iterdir()} == float_files | {rt.RUNTIME_FILE, "quantized.onnx"}
+    assert stat.S_ISFIFO(os.lstat(file).st_mode)
+
+
+def test_a_float32_choice_refuses_a_quantization_json_that_is_not_a_regular_file(int8_bundle, tmp_path):
+    """Deciding whether to retire an int8 form skipped a FIFO quantization.json quietly; a load refuses it."""
+    bundle, _ = _copy(int8_bundle, tmp_path)
+    record = (bundle / rt.RUNTIME_FILE).read_bytes()
+    (bundle / "quantization.json").unlink()
+    os.mkfifo(bundle / "quantization.json")
+    with time_limit(60), pytest.raises(BundleError, match="quantization.json' is a pipe: expected a regular file"):
+        _save_float32(bundle)
+    assert (bundle / rt.RUNTIME_FILE).read_bytes() == record  # refused before anything is written
 
 
 def test_a_quantized_bundle_compiled_to_float32_serves_one_form_in_predict_and_serve(data, tmp_path):

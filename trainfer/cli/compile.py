@@ -81,13 +81,17 @@ def search_settings(bundle: str, trust_factory: bool, what: str, way_out: str, *
 def check_written(bundle: str, gated: bool) -> None:
     """Refuse, before any search, a file the search may write into ``bundle`` that exists and is not a
     regular file (:func:`trainfer.atomic.check_target`): ``runtime.json``, and with ``gated`` (``--gate-data``)
-    the int8 form's files, which an int8 choice writes."""
+    the int8 form's files, which an int8 choice writes; and a ``quantization.json`` that is not a regular
+    file, which saving the choice reads to decide whether an int8 form it wrote is retired
+    (:func:`trainfer.serve.int8_form.compile_made`), refused in the words a load uses."""
     from trainfer.atomic import check_target
-    from trainfer.serve.int8_form import INT8_FILES
+    from trainfer.readfile import present
+    from trainfer.serve.int8_form import INT8_FILES, QUANTIZATION_FILE
     from trainfer.serve.runtime_record import RUNTIME_FILE
 
     for name in (RUNTIME_FILE, *(INT8_FILES if gated else ())):
         check_target(Path(bundle) / name)
+    present(Path(bundle) / QUANTIZATION_FILE)
 
 
 def check_recordable(runtime: str | None, candidates: tuple[str, ...]) -> None:

@@ -31,6 +31,7 @@ from trainfer.cli.common import (
     trusted,
 )
 from trainfer.errors import InputError
+from trainfer.readfile import open_regular
 from trainfer.serve.runtime_names import RUNTIMES
 
 if TYPE_CHECKING:  # torch and the serving layer are imported when a command runs, never for --help
@@ -217,7 +218,7 @@ def model_digest(model: str) -> str:
     files = [path] if path.is_file() else [path / name for name in BUNDLE_RECORDS if (path / name).is_file()]
     digest = hashlib.sha256()
     for file in files:
-        with open(file, "rb") as handle:
+        with open_regular(file) as handle:  # a FIFO put there after the check is refused, never waited on
             digest.update(file.name.encode() + hashlib.file_digest(handle, "sha256").digest())
     return digest.hexdigest()
 

@@ -59,10 +59,11 @@ class TorchEngine:
         return tree_map(lambda t: t.float() if isinstance(t, Tensor) and t.is_floating_point() else t, output)
 
 
-def ort_engine(path: Path, manifest: Manifest, threads: int) -> Callable[[Tensor], Any]:
+def ort_engine(path: Path, manifest: Manifest, threads: int, data: bytes | None = None) -> Callable[[Tensor], Any]:
     """An ONNX Runtime session on ``path`` (all graph optimisations, ``threads`` intra-op threads that
     sleep when idle: by default they spin for a while after each run, taking the cores from whatever
-    runs next -- the next form of a paired measurement, a server's event loop)."""
+    runs next -- the next form of a paired measurement, a server's event loop). ``data``: the file's
+    bytes, already read and checked, which the session is built from (see :class:`OnnxModel`)."""
     ort = require("onnxruntime", "onnx", "the onnxruntime runtime")
     from trainfer.serve.onnx_runtime import OnnxModel
 
@@ -70,18 +71,22 @@ def ort_engine(path: Path, manifest: Manifest, threads: int) -> Callable[[Tensor
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return OnnxModel(path, manifest, options, dtype="float32")
+    return OnnxModel(path, manifest, options, dtype="float32", data=data)
 
 
-def int8_engine(runtime: str, path: Path, manifest: Manifest, threads: int) -> Callable[[Tensor], Any]:
-    """The engine of ``runtime`` (``onnxruntime`` or ``openvino``) on the QDQ file at ``path``."""
+def int8_engine(runtime: str, path: Path, manifest: Manifest, threads: int, data: bytes) -> Callable[[Tensor], Any]:
+    """The engine of ``runtime`` (``onnxruntime`` or ``openvino``) on the QDQ model ``data``, the bytes
+    of the file at ``path`` (named in errors) as the caller read and checked them: the file is never
+    opened again, so a file put in its place after the check is never run."""
     if runtime == "onnxruntime":
-        return ort_engine(path, manifest, threads)
-    return OpenVinoEngine(path, manifest, threads)
+        return ort_engine(path, manifest, threads, data)
+    return OpenVinoEngine(path, manifest, threads, data=data)
 
 
 class OpenVinoEngine:
-    """An OpenVINO CPU compilation of an ONNX file at ``precision`` (``f32``, ``bf16``, ``f16``).
+    """An OpenVINO CPU compilation of an ONNX file at ``precision`` (``f32``, ``bf16``, ``f16``); of
+    ``data``, the file's bytes already read and checked, when given (read by OpenVINO's ONNX reader from
+    memory: ``path`` then only names it in errors, and is never opened).
 
     Safe to call from any number of threads: an OpenVINO infer request serves one inference at a
     time (a second concurrent ``infer`` raises "Infer Request is busy" or overwrites the first's
@@ -89,13 +94,14 @@ class OpenVinoEngine:
     outputs and puts the request back. The compiled model itself is shared (OpenVINO allows that).
     """
 
-    def __init__(self, path: Path, manifest: Manifest, threads: int, dtype: str = "float32"):
+    def __init__(self, path: Path, manifest: Manifest, threads: int, dtype: str = "float32", data: bytes | None = None):
         ov = require("openvino", "openvino", "the openvino runtime")
         core = ov.Core()
         hint = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[dtype]
         config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
         try:
-            self.compiled = core.compile_model(str(path), "CPU", config)
+            model = str(path) if data is None else _onnx_from_memory(data)
+            self.compiled = core.compile_model(model, "CPU", config)
         except RuntimeError as error:  # e.g. external data outside the model's directory: OpenVINO refuses it
             raise InputError(f"openvino cannot compile {str(path)!r}: {' '.join(str(error).split())[:500]}") from None
         self.requests: queue.SimpleQueue[Any] = queue.SimpleQueue()  # idle requests; at most one per thread
@@ -115,6 +121,17 @@ class OpenVinoEngine:
         finally:
             self.requests.put(request)
         return structured(values, self.names, self.manifest)
+
+
+def _onnx_from_memory(data: bytes) -> Any:
+    """An OpenVINO model of the ONNX model ``data``, read by OpenVINO's ONNX reader alone (``Core.read_model``
+    on bytes would also take OpenVINO's own XML and other formats)."""
+    import io
+
+    from openvino.frontend import FrontEndManager
+
+    reader = FrontEndManager().load_by_framework("onnx")
+    return reader.convert(reader.load(io.BytesIO(data)))
 
 
 def openvino_precisions() -> tuple[str, ...]:

@@ -123,7 +123,7 @@ def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None, 
     manifest = read_manifest(directory)
     threads = torch.get_num_threads()
     try:
-        engine = int8_engine(runtime, file, manifest, threads)
+        engine = int8_engine(runtime, file, manifest, threads, data)  # the bytes checked, not the file again
     except ImportError:
         raise
     except Exception as error:  # the file is untrusted: onnxruntime and OpenVINO raise their own types
@@ -157,8 +157,12 @@ def compile_made(directory: Path, recorded_int8: bool) -> bool:
     :data:`QUANTIZATION_FILE` is a regular file (not a link) holding trainfer's int8 record, which says
     ``"made_by": "trainfer compile"``, or (a record written before ``made_by`` existed) the bundle's
     ``runtime.json`` serves it (``recorded_int8``: it chose int8). A ``trainfer quantize`` bundle's own
-    int8 form is not."""
-    entry = own_int8_record(directory / QUANTIZATION_FILE)
+    int8 form is not. A :data:`QUANTIZATION_FILE` that is not a regular file (a FIFO, a directory, a
+    device) is refused with :class:`BundleError` naming what it is, as a load refuses it, never skipped."""
+    file = directory / QUANTIZATION_FILE
+    if not present(file):
+        return False
+    entry = own_int8_record(file)
     if entry is None:
         return False
     return entry.get("made_by") == MADE_BY[1] or ("made_by" not in entry and recorded_int8)
@@ -186,10 +190,20 @@ def retire_int8_form(directory: Path, stale: bool) -> None:
         probes_digest = probes.get("sha256") if isinstance(probes, dict) else None
         written = {QUANTIZED_FILE: entry.get("sha256"), PROBES_FILE: probes_digest}
         for name, digest in written.items():
-            file = directory / name
-            if file.is_file() and not file.is_symlink() and sha256(file) == digest:
-                file.unlink()
+            if _still_written(directory / name, digest):
+                (directory / name).unlink()
     (directory / RETIRED_FILE).unlink()
+
+
+def _still_written(file: Path, digest: Any) -> bool:
+    """Whether ``file`` still is what trainfer wrote: a regular file, not a link, with the sha256 ``digest``.
+    A FIFO or a device put there after the first look is not (opened without blocking, never waited on)."""
+    if file.is_symlink() or not file.is_file():
+        return False
+    try:
+        return sha256(file) == digest
+    except BundleError:
+        return False
 
 
 def _quantization_entry(directory: Path) -> dict[str, Any]:

@@ -13,7 +13,9 @@ no operator whose output size is read from data (``ConstantOfShape``, ``Expand``
 :func:`check_int8_ops` runs when a bundle's int8 form is loaded, before ONNX Runtime or
 OpenVINO sees the file, on the main graph, every nested graph (node attributes, refused as
 such: no allowed operator takes one) and every model-local function, at most
-:data:`MAX_INT8_NODES` nodes in all; anything else is a :class:`BundleError`.
+:data:`MAX_INT8_NODES` nodes in all, every tensor held inside the file (never ONNX's external data:
+another file, which the sha256 does not cover and which a runtime reading the model from memory would
+look for in the working directory); anything else is a :class:`BundleError`.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ _STANDARD_DOMAINS = ("", "ai.onnx")
 
 def check_int8_ops(data: bytes, source: str) -> None:
     """Refuse (:class:`BundleError`) the ONNX model ``data`` unless every node of every graph and
-    function is a standard-domain operator of :data:`INT8_OPS`, at most :data:`MAX_INT8_NODES` in all."""
+    function is a standard-domain operator of :data:`INT8_OPS`, at most :data:`MAX_INT8_NODES` in all,
+    and every tensor holds its own data (none in an external file)."""
     import onnx
 
     try:
@@ -82,6 +85,12 @@ def check_int8_ops(data: bytes, source: str) -> None:
                 f"{source}: node {node.name or node.op_type!r} ({where}) holds a graph (attribute {graphs[0]!r}), "
                 "which no operator of trainfer's int8 forms takes: refusing to run it"
             )
+    external = next((tensor.name for tensor in _tensors(model) if _is_external(tensor)), None)
+    if external is not None:
+        raise BundleError(
+            f"{source}: tensor {external!r} keeps its data in another file, which trainfer's int8 forms never do "
+            "(that file is not covered by the sha256): refusing to run it"
+        )
 
 
 def _nodes(model: Any) -> Iterator[tuple[str, Any]]:
@@ -90,6 +99,25 @@ def _nodes(model: Any) -> Iterator[tuple[str, Any]]:
     for function in model.functions:
         for node in function.node:
             yield f"function {function.domain}:{function.name}", node
+
+
+def _tensors(model: Any) -> Iterator[Any]:
+    """Every tensor stored in ``model``: its main graph's initializers (sparse ones too) and the tensors
+    in node attributes (a ``Constant``'s value); nested graphs are refused before these are looked at."""
+    attributes = [attribute for _, node in _nodes(model) for attribute in node.attribute]
+    yield from model.graph.initializer
+    yield from (attribute.t for attribute in attributes if attribute.HasField("t"))
+    yield from (tensor for attribute in attributes for tensor in attribute.tensors)
+    sparse = [*model.graph.sparse_initializer, *(a.sparse_tensor for a in attributes if a.HasField("sparse_tensor"))]
+    for tensor in [*sparse, *(tensor for attribute in attributes for tensor in attribute.sparse_tensors)]:
+        yield from (tensor.values, tensor.indices)
+
+
+def _is_external(tensor: Any) -> bool:
+    """Whether ``tensor`` names a file holding its data (ONNX's external data) instead of holding it."""
+    import onnx
+
+    return tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data) > 0
 
 
 def _graph_nodes(graph: Any, where: str) -> Iterator[tuple[str, Any]]:

@@ -42,14 +42,18 @@ class OnnxModel:
         manifest: Manifest,
         session_options: Any = None,
         dtype: str | None = None,
+        data: bytes | None = None,
     ):
         """``session_options``: an ``onnxruntime.SessionOptions`` (threads, optimisation level), or None;
-        ``dtype``: the input dtype the file takes (default: the manifest's)."""
+        ``dtype``: the input dtype the file takes (default: the manifest's); ``data``: the file's bytes,
+        already read and checked, which the session is built from (``path`` then only names it in
+        messages, and is never opened: a file put in its place after the check is never run)."""
         ort = require("onnxruntime", "onnx", "serving an ONNX file")
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         self.dtype = dtype or manifest.input.dtype or "float32"
         try:
-            self.session = ort.InferenceSession(str(path), session_options, providers=providers)
+            model = str(path) if data is None else data
+            self.session = ort.InferenceSession(model, session_options, providers=providers)
         except Exception as error:  # onnxruntime raises its own pybind exception types
             hint = " (onnxruntime has few float64 kernels: export a float32 copy, model.float())"
             raise InputError(

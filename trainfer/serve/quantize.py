@@ -359,7 +359,7 @@ class _Search:
         kept = [layer.name for layer in variant.ranking[:count]]
         out = self.workdir / f"int8_{len(self.attempts)}.onnx"
         _quantize_file(variant.float_path, out, self.calib, [variant.nodes[name] for name in kept], self.settings)
-        engine = int8_engine(self.settings["runtime"], out, self.source.manifest, self.threads)
+        engine = int8_engine(self.settings["runtime"], out, self.source.manifest, self.threads, out.read_bytes())
         report = gate_report(reference, logits_over(engine, inputs), labels, self.gate)
         form = "equalized" if variant.equalization else "plain"
         self.attempts.append(f"{form}, {count} layer(s) in float: {report}")

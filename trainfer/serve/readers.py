@@ -3,7 +3,8 @@
 Images are converted to the channel count of the spec's ``input_shape``, resized and scaled (see
 :mod:`trainfer.serve.preprocess`); images over :data:`MAX_IMAGE_PIXELS` pixels, or whose decoding would take
 more than :data:`MAX_IMAGE_DECODE_BYTES`, and PNG, JPEG, GIF or TIFF files whose opening would take Pillow
-more steps in Python than :data:`MAX_PNG_CHUNKS` (and its kin) allow, are refused before decoding.
+more steps in Python than :data:`MAX_PNG_CHUNKS` (and its kin) allow, and TIFF files declaring more values than
+:data:`MAX_TIFF_VALUES`, are refused before decoding.
 CSV files give one sample per row (``columns`` picked by name), in chunks; ``.npy`` headers are checked before
 any data is read (numbers only, at most :data:`MAX_NPY_ELEMENTS` read into memory).
 """
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from trainfer.errors import InputError, MissingFileError
-from trainfer.serve.image_steps import WALKS
+from trainfer.serve.image_steps import WALKS, tiff_values
 from trainfer.serve.preprocess import PreprocessSpec, as_tensor, check_numeric
 
 #: The image files trainfer reads, by suffix, and the Pillow format each is decoded as. Decoding is
@@ -82,6 +83,14 @@ MAX_GIF_BLOCKS = 1024
 #: XResolution of 1,000,000 rationals (8 MB) 3.3 s. Real files declare a few dozen entries, a few rationals
 #: and strips of 8 KiB or more.
 MAX_TIFF_ENTRIES = 1024
+#: The most values the numeric entries (every type but bytes, text and undefined) of a TIFF's first directory
+#: may hold together: 1,048,576. Pillow decodes each entry it reads value by value in Python, some 0.06
+#: microseconds a value: a BitsPerSample of 4,000,000 values (8 MB) took 0.23 s of CPU per request. Counted
+#: from the entries' headers, the entries Pillow would not read too. Real files hold a few values per entry
+#: but strip and tile offsets and byte counts, two per strip or tile: at most 128,007 in the files Pillow and
+#: libtiff wrote on the development machine (64 megapixels in one-row strips), 500,000 for 16 x 16 tiles
+#: (the smallest TIFF allows) over 64 megapixels.
+MAX_TIFF_VALUES = 2**20
 #: The most scans a JPEG may hold (its start-of-scan markers): libjpeg decodes each one over the whole
 #: image, in C but without a limit of its own, so a progressive JPEG repeating a 12-byte scan thousands
 #: of times (100 KB, 2000 x 2000) took 12.5 s of CPU. Encoders write 1 (baseline) to about 10
@@ -116,6 +125,7 @@ __all__ = [
     "MAX_NPY_ELEMENTS",
     "MAX_PNG_CHUNKS",
     "MAX_TIFF_ENTRIES",
+    "MAX_TIFF_VALUES",
     "column_indices",
     "iter_csv",
     "load_image",
@@ -219,7 +229,8 @@ def load_image(path: Path, spec: PreprocessSpec) -> Tensor:
     the image is resized (``spec.resample``, bilinear by default) to its height and width unless
     ``spec.resize`` is false. An image over :data:`MAX_IMAGE_PIXELS` pixels or whose decoding takes
     more than :data:`MAX_IMAGE_DECODE_BYTES` (:func:`_check_decode_bytes`), or a PNG, JPEG, GIF or TIFF
-    file of more pieces than its limit allows (:func:`_check_steps`), or one Pillow decodes in Python
+    file of more pieces than its limit allows (:func:`_check_steps`; a TIFF also of more values than
+    :data:`MAX_TIFF_VALUES`), or one Pillow decodes in Python
     (:func:`_check_decoded_in_c`), is refused before decoding.
     ``path`` may also be a binary file object (an upload in memory), read from its start.
     """
@@ -249,7 +260,8 @@ def load_image(path: Path, spec: PreprocessSpec) -> Tensor:
 def _check_steps(path: Path | BinaryIO) -> None:
     """Refuse a PNG, JPEG, GIF or TIFF file (at ``path``, or a file object read from its start and left
     there) whose opening takes Pillow more steps in Python (:mod:`trainfer.serve.image_steps`) than its
-    format's limit (:data:`_STEP_LIMITS`) plus one per KiB of its bytes; any other file passes."""
+    format's limit (:data:`_STEP_LIMITS`) plus one per KiB of its bytes, a JPEG of more scans than
+    :data:`MAX_JPEG_SCANS`, a TIFF of more values than :data:`MAX_TIFF_VALUES`; any other file passes."""
     if isinstance(path, str | os.PathLike):
         with open(path, "rb") as stream:
             _count_steps(stream, path)
@@ -278,7 +290,20 @@ def _count_steps(stream: BinaryIO, path: Path | BinaryIO) -> None:
                 )
         if fmt == "JPEG":
             _check_jpeg_scans(stream, path)
+        elif fmt == "TIFF":
+            _check_tiff_values(stream, path, size)
     stream.seek(0)
+
+
+def _check_tiff_values(stream: BinaryIO, path: Path | BinaryIO, size: int) -> None:
+    """Refuse a TIFF whose first directory's numeric entries hold more than :data:`MAX_TIFF_VALUES` values
+    (:func:`trainfer.serve.image_steps.tiff_values`, from the entries' headers)."""
+    values = tiff_values(stream, size)
+    if values > MAX_TIFF_VALUES:
+        raise InputError(
+            f"TIFF file {str(path)!r} holds {values} values in its first directory's numeric entries: expected at "
+            f"most {MAX_TIFF_VALUES} (trainfer.serve.readers.MAX_TIFF_VALUES; Pillow decodes each in Python)"
+        )
 
 
 def _check_jpeg_scans(stream: BinaryIO, path: Path | BinaryIO) -> None:

@@ -4,7 +4,8 @@
 
 :func:`load_weights` reads ``.safetensors`` or ``torch.load(weights_only=True)`` checkpoints (unwrapping
 ``state_dict``/``model`` entries and DistributedDataParallel's ``module.`` prefix); :func:`read_bundle_weights`
-first checks the sha256 the manifest records; :func:`load_state_dict` loads strictly, naming every mismatch.
+reads a bundle's file once and loads the very bytes whose sha256 matches the manifest's; :func:`load_state_dict`
+loads strictly, naming every mismatch.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from trainfer.atomic import fsync_file
 from trainfer.digest import sha256
 from trainfer.errors import BundleError
-from trainfer.readfile import present
+from trainfer.readfile import open_regular, present
 
 if TYPE_CHECKING:
     from trainfer.serve.manifest import Manifest
@@ -49,12 +50,14 @@ def read_bundle_weights(directory: Path, manifest: Manifest) -> dict[str, Tensor
     file = directory / entry.file
     if not present(file):  # a FIFO, a directory, a device: named as what it is
         raise BundleError(f"bundle {str(directory)!r} lacks its weights file {file.name!r}")
-    digest = sha256(file)
+    with open_regular(file) as handle:  # read once: a file put in its place afterwards is never read
+        data = handle.read()
+    digest = sha256(data)
     if digest != entry.sha256:
         raise BundleError(
             f"weights {str(file)!r} do not match the manifest: sha256 expected {entry.sha256}, got {digest}"
         )
-    return load_weights(file)
+    return _safetensors_state(data, file)  # the bytes checked, not the file opened again
 
 
 def load_weights(path: str | os.PathLike[str]) -> dict[str, Tensor]:
@@ -69,13 +72,8 @@ def load_weights(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     if not path.is_file():
         raise BundleError(f"weights file not found: {str(path)!r}")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as error:
-            raise BundleError(f"cannot read safetensors file {str(path)!r}: {error}") from None
+        with open_regular(path) as handle:
+            return _safetensors_state(handle.read(), path)
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise BundleError(
             f"unknown weights format {path.suffix!r} for {str(path)!r}: "
@@ -92,6 +90,17 @@ def load_weights(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     except (RuntimeError, EOFError, OSError) as error:
         raise BundleError(f"cannot read checkpoint {str(path)!r}: {error}") from None
     return _state_from_checkpoint(data, path)
+
+
+def _safetensors_state(data: bytes, path: Path) -> dict[str, Tensor]:
+    """The tensors of the safetensors file ``data`` (read from ``path``, named in errors), on CPU."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise BundleError(f"cannot read safetensors file {str(path)!r}: {error}") from None
 
 
 def _state_from_checkpoint(data: Any, path: Path) -> dict[str, Tensor]:
