@@ -347,6 +347,21 @@ def test_weights_swapped_after_their_digest_check_are_never_loaded(tmp_path, mon
     assert all(torch.equal(state[name], tensor) for name, tensor in expected.items())
 
 
+def test_weights_load_from_their_bytes_where_no_descriptor_link_exists(tmp_path):
+    """Where ``/proc/self/fd`` is missing (or the file has no descriptor), the weights are loaded from
+    the open file's bytes, the same tensors."""
+    import io
+
+    from trainfer.serve import weights
+
+    file = save_bundle(tmp_path / "b", 3) / "model.safetensors"
+    handle = io.BytesIO(file.read_bytes())
+    handle.read()  # hashed: the load starts again from the beginning
+    state = weights._safetensors_state(handle, file)
+    expected = load_file(str(file))
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], v) for k, v in expected.items())
+
+
 def test_weights_swapped_for_a_fifo_after_their_check_are_refused_at_once(tmp_path, monkeypatch):
     """A FIFO put where model.safetensors was, after the check that it is a regular file, blocked the
     hash's open() forever: the file is opened without blocking and refused as what it is."""
