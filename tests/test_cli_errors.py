@@ -380,6 +380,13 @@ def test_threshold_on_a_bundle_without_a_binary_head_is_refused_not_ignored(bund
     assert invoke("predict", bundle, samples).exit_code == 0
 
 
+def test_top_k_above_the_class_count_is_refused_not_cut(bundle, tmp_path):
+    samples = tmp_path / "x.npy"
+    np.save(samples, np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32))
+    assert invoke("predict", bundle, samples, "--top-k", "10").exit_code == 0
+    one_line_error(invoke("predict", bundle, samples, "--top-k", "11"), "top_k 11 is more than the 10 classes")
+
+
 def test_serve_help_shows_the_bounds_the_server_checks():
     pytest.importorskip("fastapi")
     from trainfer.cli.serve import command
