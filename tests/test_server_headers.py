@@ -117,7 +117,7 @@ def hasty_connection():
 
 def test_the_hooks_it_overrides_are_uvicorn_httptools_methods():
     overridden = {name for name in vars(BoundedHeadersProtocol) if not name.startswith("__")}
-    hooks = overridden - {"refuse", "_stop", "_answering", "_start_head_timer", "_stop_head_timer", "_head_timed_out"}
+    hooks = overridden - {"refuse", "_stop", "_answering", "_check_head_time"}
     assert hooks == {
         "connection_made",
         "connection_lost",
@@ -204,6 +204,17 @@ def test_the_wait_between_keep_alive_requests_is_not_counted(hasty_connection):
         wait(loop, 3)
     assert transport.written.count(b"HTTP/1.1 200 ") == 2 and b" 408 " not in transport.written
     assert not transport.closed
+
+
+def test_a_later_requests_head_is_timed_too(hasty_connection):
+    protocol, transport, loop = hasty_connection
+    protocol.data_received(head(100))
+    wait(loop, 3)  # idle between requests: not counted
+    assert transport.written.startswith(b"HTTP/1.1 200 ") and not transport.closed
+    transport.written = b""
+    protocol.data_received(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    wait(loop, 3)
+    assert answered(transport) == (408, {"error": TOO_SLOW}) and transport.closed
 
 
 def test_a_pipelined_head_is_not_timed_while_an_earlier_request_is_answered(hasty_connection):

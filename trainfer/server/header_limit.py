@@ -68,12 +68,14 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
     So a connection holds at most :data:`MAX_HEADER_BYTES` plus one read (256 000 bytes with
     uvloop) of a request's head, and the Python objects of at most :data:`MAX_HEADER_LINES` headers.
 
-    The time is one timer a request (``_head_timer``): started when the parser meets the request's
-    first byte (for the connection's first request: when the connection opens, so that a connection
-    that never sends is closed too), stopped when its head is complete. The wait between the requests
-    of a keep-alive connection is not counted: uvicorn's ``timeout_keep_alive`` bounds it. While an
-    earlier request of the connection is still being answered (pipelined: uvicorn may have stopped
-    reading meanwhile), the client is not waited on: the timer starts again when it runs out.
+    The time is counted from ``_head_began``, the loop's time when the parser met the request's first
+    byte (for the connection's first request: when the connection opened, so that a connection that
+    never sends is closed too), None once its head is complete; the wait between the requests of a
+    keep-alive connection is not counted (uvicorn's ``timeout_keep_alive`` bounds it). One timer a
+    connection (``_head_timer``, :meth:`_check_head_time`) looks at it at least every
+    ``header_timeout`` seconds, so that a request costs one clock read, not a timer of its own. While
+    an earlier request of the connection is still being answered (pipelined: uvicorn may have stopped
+    reading meanwhile), the client is not waited on: the head's time starts again at each look.
 
     Past a limit the answer is a 431 (:meth:`refuse`), unless an earlier request of the connection
     is still being answered (pipelined): an answer now would be read as the earlier one's, so the
@@ -89,14 +91,17 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
         self._reported = False
         self._refusal: str | None = None
         self._header_timeout = header_timeout
+        self._head_began: float | None = None
         self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         HttpToolsProtocol.connection_made(self, transport)
-        self._start_head_timer()  # the first request's head: counted from the connection's opening
+        self._head_began = self.loop.time()  # the first request's head: counted from the connection's opening
+        self._head_timer = self.loop.call_later(self._header_timeout, self._check_head_time)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_head_timer()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
         HttpToolsProtocol.connection_lost(self, exc)
 
     # The callbacks run for every request and header: the base class's methods are called directly
@@ -110,8 +115,8 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
             self.refuse(431, _too_many_bytes())
 
     def on_message_begin(self) -> None:
-        if self._head_timer is None:  # else the connection's first request, timed from its opening
-            self._start_head_timer()
+        if self._head_began is None:  # else the connection's first request, timed from its opening
+            self._head_began = self.loop.time()
         HttpToolsProtocol.on_message_begin(self)
 
     def on_url(self, url: bytes) -> None:
@@ -136,7 +141,7 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
         self._reported = True
         if self._counted > MAX_HEADER_BYTES:
             self._stop(_too_many_bytes())
-        self._stop_head_timer()
+        self._head_began = None
         HttpToolsProtocol.on_headers_complete(self)
 
     def on_body(self, body: bytes) -> None:
@@ -170,24 +175,20 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
         """Whether an earlier request of this connection is still being answered."""
         return self.cycle is not None and not self.cycle.response_complete
 
-    def _start_head_timer(self) -> None:
-        self._head_timer = self.loop.call_later(self._header_timeout, self._head_timed_out)
-
-    def _stop_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_timed_out(self) -> None:
-        """The head's time ran out: 408, unless the connection is closing or still answering an
-        earlier request (then the client is not the one waited on: the timer starts again)."""
+    def _check_head_time(self) -> None:
+        """The connection's timer: 408 once the head being received has taken ``header_timeout``
+        seconds (unless an earlier request is still being answered: its time then starts again),
+        else a look again when it would have (or ``header_timeout`` from now, between heads)."""
         if self.transport.is_closing():
-            self._head_timer = None
-        elif self._answering():
-            self._start_head_timer()
-        else:
-            self._head_timer = None
+            return
+        now = self.loop.time()
+        if self._head_began is not None and self._answering():
+            self._head_began = now
+        elif self._head_began is not None and now - self._head_began >= self._header_timeout:
             self.refuse(408, f"request line and headers not received within {self._header_timeout:g} s")
+            return
+        began = now if self._head_began is None else self._head_began
+        self._head_timer = self.loop.call_at(began + self._header_timeout, self._check_head_time)
 
     def _stop(self, refusal: str) -> NoReturn:
         """Stop the parser (in a callback) for ``refusal``: uvicorn then calls :meth:`send_400_response`."""
