@@ -281,6 +281,9 @@ def test_help_is_kept_and_a_bare_command_still_shows_it():
         ("--max-delay-ms", "nan"),
         ("--timeout", "inf"),
         ("--timeout", "nan"),
+        ("--header-timeout", "nan"),
+        ("--header-timeout", "inf"),
+        ("--header-timeout", "0"),
         ("--max-body-mb", "nan"),
         ("--max-body-mb", "1e308"),
         ("--max-batch", "100000"),
@@ -377,16 +380,25 @@ def test_threshold_on_a_bundle_without_a_binary_head_is_refused_not_ignored(bund
     assert invoke("predict", bundle, samples).exit_code == 0
 
 
+def test_top_k_above_the_class_count_is_refused_not_cut(bundle, tmp_path):
+    samples = tmp_path / "x.npy"
+    np.save(samples, np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32))
+    assert invoke("predict", bundle, samples, "--top-k", "10").exit_code == 0
+    one_line_error(invoke("predict", bundle, samples, "--top-k", "11"), "top_k 11 is more than the 10 classes")
+
+
 def test_serve_help_shows_the_bounds_the_server_checks():
     pytest.importorskip("fastapi")
     from trainfer.cli.serve import command
-    from trainfer.server.state import LIMITS
+    from trainfer.server.state import LIMITS, ServerSettings
 
     ranges = {param.name: param.type for param in command.params}
-    for field in ("max_batch", "max_delay_ms", "max_queue", "timeout", "batch_workers"):
+    for field in ("max_batch", "max_delay_ms", "max_queue", "timeout", "header_timeout", "batch_workers"):
         assert (ranges[field].min, ranges[field].max) == LIMITS[field], field
     assert ranges["max_body_mb"].max == LIMITS["max_body"][1] / 2**20
     assert (ranges["max_connections"].min, ranges["max_connections"].max) == LIMITS["max_requests"]
+    defaults = {param.name: param.default for param in command.params}
+    assert defaults["header_timeout"] == ServerSettings.header_timeout
     assert "1<=x<=65536" in invoke("serve", "--help").output
 
 

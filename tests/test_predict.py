@@ -397,6 +397,43 @@ def test_scores_keep_gradients_for_attribution():
     assert batch.grad is not None and batch.grad.abs().sum() > 0
 
 
+def test_top_k_above_the_class_count_is_refused_naming_both_before_any_forward_when_labelled():
+    """Ranking more classes than there are would silently return them all: refused, one line naming the
+    class count and the value, before the forward where the labels give the count; on the scores else."""
+    model = make(3)
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    labelled = Predictor(model, preprocess=SPEC, labels=["a", "b", "c"])
+    x = torch.randn(2, 1, 8, 8)
+    assert [len(r.top_k) for r in labelled.predict(x, top_k=3)] == [3, 3]
+    forwards.clear()
+    message = "top_k 4 is more than the 3 classes: give at most 3"
+    for refused in (labelled, Predictor.ensemble([labelled, labelled])):
+        with pytest.raises(trainfer.InputError, match=message):
+            refused.predict(x, top_k=4)
+    assert not forwards, "the model ran for a top_k refused by its labels"
+    with pytest.raises(trainfer.InputError, match=message):  # unlabelled: known from the scores
+        Predictor(model, preprocess=SPEC).predict(x, top_k=4)
+
+
+def test_top_k_above_a_heads_class_count_is_refused_naming_the_head():
+    predictor = Predictor(MultiTask(), heads={"digit": "classification", "size": "regression"}, labels={"digit": "xyz"})
+    with pytest.raises(trainfer.InputError, match="top_k 4 is more than the 3 classes of head 'digit': give at most 3"):
+        predictor.predict(torch.randn(2, 8), top_k=4)
+
+
+def test_top_k_of_a_sequence_head_is_bounded_by_the_hypotheses_a_decoder_returns():
+    from trainfer.serve.decoder_bounds import MAX_SERVED_BEAM_WIDTH
+    from trainfer.serve.outputs import Head
+    from trainfer.serve.results import check_top_k
+
+    heads = [Head(None, None, "sequence", labels=("-", "a"))]  # 2 tokens: top_k counts hypotheses, not tokens
+    assert check_top_k(MAX_SERVED_BEAM_WIDTH, heads) == MAX_SERVED_BEAM_WIDTH
+    message = f"--top-k {MAX_SERVED_BEAM_WIDTH + 1} is more than the {MAX_SERVED_BEAM_WIDTH} hypotheses"
+    with pytest.raises(trainfer.InputError, match=message):
+        check_top_k(MAX_SERVED_BEAM_WIDTH + 1, heads, name="--top-k")
+
+
 @settings(max_examples=15)
 @given(
     classes=st.integers(2, 6),

@@ -259,6 +259,11 @@ def test_bad_inputs_are_400_with_the_cli_message_and_the_server_keeps_serving(se
         Predictor.load(bundles / "yesno").predict(samples(1, 0), top_k=2)
     status, answer, _ = post(f"{server.url}/v2/models/yesno/predict?top_k=2", b"x", headers=key())
     assert (status, json.loads(answer)["error"]) == (400, str(refused_top_k.value))  # not silently ignored
+    with pytest.raises(InputError) as refused_top_k:
+        Predictor.load(bundles / "tiny").predict(samples(1, 0), top_k=len(LABELS) + 1)
+    status, answer, _ = post(f"{server.url}/v2/models/tiny/predict?top_k={len(LABELS) + 1}", b"x", headers=key())
+    assert (status, json.loads(answer)["error"]) == (400, str(refused_top_k.value))  # not cut to the classes
+    assert str(refused_top_k.value) == "top_k 4 is more than the 3 classes: give at most 3"
     x = np.full((1, 1, 8, 8), 1e39, dtype=np.float64)  # finite, but not once cast to float32
     status, answer, _ = post(url, _json_request(x, "FP64"), headers=key())
     assert status == 400 and "overflow float32" in json.loads(answer)["error"]

@@ -1,5 +1,6 @@
-"""The bound on a request's start line and headers (``trainfer.server.header_limit``): uvicorn's httptools
-protocol has none, so a 200 MB header once took 306 MB of the server's memory.
+"""The bounds on a request's start line and headers (``trainfer.server.header_limit``): uvicorn's httptools
+protocol has none, so a 200 MB header once took 306 MB of the server's memory, and a client sending its
+head a byte at a time held a connection for ever.
 
 The first tests drive the protocol class in this process through uvicorn's own entry points (they fail
 at once if a uvicorn upgrade renames or stops calling a hook); the others speak raw HTTP to a real
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import select
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +25,17 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # noqa: E402
 
-from trainfer.server.header_limit import MAX_HEADER_BYTES, MAX_HEADER_LINES, BoundedHeadersProtocol  # noqa: E402
+from trainfer.server.app import ServerSettings  # noqa: E402
+from trainfer.server.header_limit import (  # noqa: E402
+    MAX_HEADER_BYTES,
+    MAX_HEADER_LINES,
+    BoundedHeadersProtocol,
+)
 
 TOO_LARGE = f"request line and headers exceed the limit of {MAX_HEADER_BYTES} bytes"
+#: The header timeout of the protocols and the server these tests time out (seconds).
+SHORT = 0.05
+TOO_SLOW = f"request line and headers not received within {SHORT:g} s"
 
 
 def head(size: int, path: str = "/v2/health/live") -> bytes:
@@ -62,28 +73,55 @@ class Transport(asyncio.Transport):
         pass
 
 
-@pytest.fixture
-def connection():
-    """A :class:`BoundedHeadersProtocol` on a fake transport, as uvicorn builds one per connection."""
+async def app(scope, receive, send):
+    """Answers ``ok``, after ``?wait`` seconds when the query string is ``wait``."""
+    if scope["query_string"] == b"wait":
+        await asyncio.sleep(4 * SHORT)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
 
-    async def app(scope, receive, send):
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-        await send({"type": "http.response.body", "body": b"ok"})
 
+def open_connection(header_timeout: float = ServerSettings.header_timeout):
+    """``(protocol, transport, loop)``: a :class:`BoundedHeadersProtocol` on a fake transport, as uvicorn
+    builds one per connection; close it with :func:`close_connection`."""
     loop = asyncio.new_event_loop()
     config = uvicorn.Config(app, http=BoundedHeadersProtocol, log_level="critical")
-    protocol = BoundedHeadersProtocol(config, uvicorn.server.ServerState(), {}, _loop=loop)
+    protocol = BoundedHeadersProtocol(
+        config, uvicorn.server.ServerState(), {}, _loop=loop, header_timeout=header_timeout
+    )
     transport = Transport()
     protocol.connection_made(transport)
-    yield protocol, transport, loop
+    return protocol, transport, loop
+
+
+def close_connection(protocol: BoundedHeadersProtocol, loop: asyncio.AbstractEventLoop) -> None:
     protocol.connection_lost(None)
     loop.close()
 
 
+@pytest.fixture
+def connection():
+    """A connection with the default header timeout."""
+    protocol, transport, loop = open_connection()
+    yield protocol, transport, loop
+    close_connection(protocol, loop)
+
+
+@pytest.fixture
+def hasty_connection():
+    """A connection whose header timeout is :data:`SHORT`."""
+    protocol, transport, loop = open_connection(SHORT)
+    yield protocol, transport, loop
+    close_connection(protocol, loop)
+
+
 def test_the_hooks_it_overrides_are_uvicorn_httptools_methods():
     overridden = {name for name in vars(BoundedHeadersProtocol) if not name.startswith("__")}
-    hooks = overridden - {"refuse", "_stop"}
+    hooks = overridden - {"refuse", "_stop", "_answering", "_check_head_time"}
     assert hooks == {
+        "connection_made",
+        "connection_lost",
+        "on_message_begin",
         "data_received",
         "on_url",
         "on_header",
@@ -138,6 +176,56 @@ def test_a_head_that_never_ends_is_refused_after_the_limit_and_one_read(connecti
         sent += len(piece)
     assert answered(transport) == (431, {"error": TOO_LARGE})
     assert not protocol.tasks
+
+
+def wait(loop: asyncio.AbstractEventLoop, timeouts: float) -> None:
+    """Run ``loop`` for ``timeouts`` header timeouts (:data:`SHORT`)."""
+    loop.run_until_complete(asyncio.sleep(timeouts * SHORT))
+
+
+def test_a_head_not_complete_in_time_is_408_and_the_connection_closed(hasty_connection):
+    protocol, transport, loop = hasty_connection
+    protocol.data_received(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    wait(loop, 3)
+    assert answered(transport) == (408, {"error": TOO_SLOW}) and transport.closed
+    assert not protocol.tasks, "a late head reached the app"
+
+
+def test_a_connection_that_sends_nothing_is_408_and_closed(hasty_connection):
+    _, transport, loop = hasty_connection
+    wait(loop, 3)
+    assert answered(transport) == (408, {"error": TOO_SLOW}) and transport.closed
+
+
+def test_the_wait_between_keep_alive_requests_is_not_counted(hasty_connection):
+    protocol, transport, loop = hasty_connection
+    for _ in range(2):  # uvicorn's keep-alive timeout (5 s) bounds the wait, not the header timeout
+        protocol.data_received(head(100))
+        wait(loop, 3)
+    assert transport.written.count(b"HTTP/1.1 200 ") == 2 and b" 408 " not in transport.written
+    assert not transport.closed
+
+
+def test_a_later_requests_head_is_timed_too(hasty_connection):
+    protocol, transport, loop = hasty_connection
+    protocol.data_received(head(100))
+    wait(loop, 3)  # idle between requests: not counted
+    assert transport.written.startswith(b"HTTP/1.1 200 ") and not transport.closed
+    transport.written = b""
+    protocol.data_received(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    wait(loop, 3)
+    assert answered(transport) == (408, {"error": TOO_SLOW}) and transport.closed
+
+
+def test_a_pipelined_head_is_not_timed_while_an_earlier_request_is_answered(hasty_connection):
+    protocol, transport, loop = hasty_connection
+    first, second = head(100, "/?wait"), head(100)
+    protocol.data_received(first + second[:20])  # the app answers the first after 4 timeouts
+    wait(loop, 3)  # the second head's timer ran out 3 times meanwhile
+    assert transport.written == b"" and not transport.closed
+    protocol.data_received(second[20:])
+    loop.run_until_complete(asyncio.gather(*protocol.tasks))
+    assert transport.written.count(b"HTTP/1.1 200 ") == 2 and b" 408 " not in transport.written
 
 
 def test_a_malformed_request_keeps_uvicorns_400(connection):
@@ -228,8 +316,65 @@ def test_a_200_mb_header_is_cut_off_without_growing_the_server(server):
     assert grown < 8, f"the server grew by {grown:.1f} MB"
 
 
+# -- a slow head, on a real server ------------------------------------------------------------------
+
+#: The header timeout of the servers below (seconds).
+SERVER_TIMEOUT = 1
+LATE = f"request line and headers not received within {SERVER_TIMEOUT} s"
+
+
+@pytest.fixture(scope="module")
+def hasty_server(bundle):
+    with running_server(str(bundle), "--header-timeout", str(SERVER_TIMEOUT)) as running:
+        yield running
+
+
+def refused_late(client: socket.socket) -> bool:
+    """Whether the server answered 408 on ``client`` (a connection waiting for its head), then closed it."""
+    client.settimeout(30)
+    stream = client.makefile("rb")
+    status, body = read_response(stream)
+    return (status, json.loads(body), stream.read()) == (408, {"error": LATE}, b"")
+
+
+def test_a_head_trickled_a_byte_at_a_time_is_408_and_closed(hasty_server):
+    """Slowloris: each byte arrives well within any read timeout, the head never within the header's."""
+    with socket.create_connection(("127.0.0.1", hasty_server.port)) as client:
+        client.sendall(b"GET /v2/health/live HTTP/1.1\r\nX-Slow: ")
+        for _ in range(100):  # a byte every 0.2 s, 20 s at most: the server's time runs out after 1 s
+            client.sendall(b"a")
+            if select.select([client], [], [], 0.2)[0]:  # the server answered
+                break
+        assert refused_late(client)
+    assert LATE in hasty_server.logs()
+
+
+def test_many_slow_or_silent_connections_are_all_closed_and_the_server_serves_on(hasty_server):
+    clients = [socket.create_connection(("127.0.0.1", hasty_server.port)) for _ in range(20)]
+    try:
+        for client in clients[::2]:  # half send part of a head, half nothing at all
+            client.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\n")
+        assert all(refused_late(client) for client in clients)
+    finally:
+        for client in clients:
+            client.close()
+    assert exchange(hasty_server, head(100))[0][0][0] == 200
+
+
+def test_a_keep_alive_connection_may_wait_longer_than_the_header_timeout_between_requests(hasty_server):
+    with socket.create_connection(("127.0.0.1", hasty_server.port), timeout=30) as client:
+        stream = client.makefile("rb")
+        for _ in range(2):  # uvicorn's keep-alive timeout (5 s) bounds the wait between them, not ours
+            client.sendall(head(100))
+            assert read_response(stream)[0] == 200
+            time.sleep(2 * SERVER_TIMEOUT)
+
+
 def test_workers_bound_headers_too(bundle):
-    with running_server(str(bundle), "--workers", "2") as server:
+    with running_server(str(bundle), "--workers", "2", "--header-timeout", str(SERVER_TIMEOUT)) as server:
         [(status, body)], after = exchange(server, head(MAX_HEADER_BYTES + 1))
         assert (status, json.loads(body), after) == (431, {"error": TOO_LARGE}, b"")
         assert exchange(server, head(MAX_HEADER_BYTES))[0][0][0] == 200
+        with socket.create_connection(("127.0.0.1", server.port)) as client:
+            client.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
+            assert refused_late(client)

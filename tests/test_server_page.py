@@ -102,6 +102,17 @@ def test_the_page_predicts_a_chosen_image_and_draws_its_heat_map(served, page):
     assert full.width == 900 and np.unique(np.asarray(full.convert("L"))).size > 16  # text, bars, preview and heat map
 
 
+def test_the_page_asks_a_classifier_for_at_most_its_classes(served, page):
+    server, _, root = served
+    image = write_pngs(root / "images", 1, seed=12)[0]
+    _open(page, server.url)
+    page.fill("#topk", str(len(LABELS) + 2))  # the server refuses more than the 3 classes: the page asks for 3
+    page.set_input_files("#file", str(image))
+    page.wait_for_selector("#result table")
+    assert page.inner_text("#error") == ""
+    assert len(page.locator("#result table tr").all_inner_texts()) == len(LABELS)
+
+
 def test_the_page_shows_a_bad_file_as_the_servers_one_line_error(served, page, tmp_path):
     server, _, _ = served
     bad = tmp_path / "broken.png"

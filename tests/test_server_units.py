@@ -769,6 +769,34 @@ def _digits_app(**settings):
     return create_app(ServerSettings(bundles={"digits": bundle}, **settings))
 
 
+def test_predict_refuses_a_top_k_above_an_unlabelled_models_classes_before_reading_the_body(tmp_path):
+    """The class count comes from the load-time check: no labels needed, no body read, no forward run."""
+    pytest.importorskip("fastapi")
+    from serving_models import save_bundle
+
+    from trainfer.server.app import ServerSettings, create_app
+
+    bundle = save_bundle(tmp_path / "tiny", seed=0, outputs=3)  # no labels
+    app = create_app(ServerSettings(bundles={"tiny": str(bundle)}))
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            await _ready(app)
+            ranked = await asgi_request(app, "/v2/models/tiny/predict?top_k=3&filename=x.npy", "POST", _npy(3))
+            refused = await asgi_request(app, "/v2/models/tiny/predict?top_k=4", "POST", b"not read")
+            return ranked, refused
+
+    (status, _, body), (refused, _, error) = run(main(), seconds=60)
+    assert status == 200 and all(len(json.loads(line)["top_k"]) == 3 for line in body.splitlines())
+    assert (refused, json.loads(error)) == (400, {"error": "top_k 4 is more than the 3 classes: give at most 3"})
+
+
+def _npy(samples: int) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.random.default_rng(0).random((samples, 1, 8, 8), dtype=np.float32))
+    return buffer.getvalue()
+
+
 def test_a_sample_at_fault_in_a_request_past_max_batch_is_named_by_its_number_in_the_request():
     pytest.importorskip("fastapi")
     app = _digits_app(max_batch=4)

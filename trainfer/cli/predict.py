@@ -287,7 +287,8 @@ def batch_source(inputs: list[str], spec: PreprocessSpec) -> Any:
     "--top-k",
     type=click.IntRange(min=1),
     default=None,
-    help="Report the k most probable classes (classification) or k hypotheses (sequence).",
+    help="Report the k most probable classes (classification: at most the class count) or k hypotheses "
+    "(sequence: at most 64).",
 )
 @click.option("--threshold", type=FiniteFloatRange(0, 1), default=None, help="Decision threshold (binary tasks).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)

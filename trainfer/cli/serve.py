@@ -151,6 +151,14 @@ def _given(context: click.Context, name: str) -> bool:
     help="Seconds a request may wait (504).",
 )
 @click.option(
+    "--header-timeout",
+    default=20.0,
+    show_default=True,
+    type=FiniteFloatRange(0.001, 86_400),
+    help="Seconds a request's start line and headers may take to arrive, from its first byte (a connection's "
+    "first request: from the connection's opening); past them 408 and the connection closed.",
+)
+@click.option(
     "--max-connections",
     default=512,
     show_default=True,
@@ -211,6 +219,7 @@ def command(
     max_queue: int,
     max_body_mb: float,
     timeout: float,
+    header_timeout: float,
     max_connections: int,
     workers: int,
     batch_workers: int | None,
@@ -240,6 +249,7 @@ def command(
         max_delay_ms=max_delay_ms,
         max_queue=max_queue,
         timeout=timeout,
+        header_timeout=header_timeout,
         batch_workers=batch_workers,
         max_body_mb=max_body_mb,
     )
@@ -257,6 +267,7 @@ def command(
         api_key=api_key(api_key_env),
         batch_workers=batch_workers,
         max_requests=max_connections,
+        header_timeout=header_timeout,
         compile=compile_settings(served, search, write_runtime, runtime, workers, search_values),
         write_runtime=write_runtime,
     )

@@ -410,7 +410,7 @@ class Predictor:
 
             return sequence_results(scores, head.labels, self.decoder, top_k)
         if head.task == "classification":
-            return classification_results(scores, head.labels, top_k or 1)
+            return classification_results(scores, head.labels, top_k or 1, head.name)
         if head.task == "binary":
             return binary_results(scores, head.labels, self.threshold)
         return regression_results(scores, head.labels)

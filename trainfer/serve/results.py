@@ -10,7 +10,7 @@ one postprocessing step the Predictor and ensembles share. Non-finite scores are
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from trainfer.errors import InputError, NonFiniteError
+from trainfer.serve.decoder_bounds import MAX_SERVED_BEAM_WIDTH
 from trainfer.serve.outputs import Head
 from trainfer.validate import check_integer
 
@@ -34,6 +35,7 @@ __all__ = [
     "Timings",
     "binary_results",
     "check_finite_scores",
+    "check_classes",
     "check_top_k",
     "class_names",
     "classification_results",
@@ -151,20 +153,51 @@ def check_finite_scores(per_head: list[Tensor], heads: list[Head], first: int = 
 _RANKING_TASKS = ("classification", "sequence")
 
 
-def check_top_k(top_k: Any, heads: Iterable[Head], name: str = "top_k") -> int | None:
-    """``top_k`` as an ``int >= 1`` or None, refused (:class:`InputError`) where no head of ``heads``
-    ranks its answers: a binary or regression model would silently ignore it.
+def check_top_k(
+    top_k: Any, heads: Iterable[Head], name: str = "top_k", classes: Sequence[int | None] = ()
+) -> int | None:
+    """``top_k`` as an ``int >= 1`` or None, refused (:class:`InputError`) where it would be silently
+    cut or ignored: where no head of ``heads`` ranks its answers (a binary or regression model), above
+    a classification head's class count (:func:`check_classes`), or above the
+    :data:`~trainfer.serve.decoder_bounds.MAX_SERVED_BEAM_WIDTH` hypotheses a sequence head returns
+    at most (its n-best: fewer where the search finds fewer).
 
-    ``name``: how the caller spells the setting in the message (``--top-k`` on the command line).
+    A head's class count is its labels' count, else ``classes[i]`` for the i-th head where the caller
+    knows it (a server, from its load-time check); unknown, it is checked on the scores
+    (:func:`classification_results`). ``name``: how the caller spells the setting in the message
+    (``--top-k`` on the command line).
     """
     top_k = check_integer(name, top_k, minimum=1, optional=True)
+    heads = list(heads)
     tasks = sorted({head.task for head in heads})
-    if top_k is not None and not any(task in _RANKING_TASKS for task in tasks):
+    if top_k is None:
+        return None
+    if not any(task in _RANKING_TASKS for task in tasks):
         raise InputError(
             f"{name} applies to classification and sequence models only; this model's task is "
             f"{', '.join(tasks)}: drop {name}"
         )
+    known = list(classes) + [None] * (len(heads) - len(classes))
+    for head, count in zip(heads, known, strict=True):
+        if head.task == "sequence" and top_k > MAX_SERVED_BEAM_WIDTH:
+            raise InputError(
+                f"{name} {top_k} is more than the {MAX_SERVED_BEAM_WIDTH} hypotheses a sequence model returns "
+                f"at most{_of_head(head.name)}: give at most {MAX_SERVED_BEAM_WIDTH}"
+            )
+        if head.task == "classification":
+            check_classes(top_k, len(head.labels) if head.labels is not None else count, head.name, name)
     return top_k
+
+
+def check_classes(top_k: int, classes: int | None, head: str | int | None = None, name: str = "top_k") -> None:
+    """Refuse (:class:`InputError`) a ``top_k`` above a classification head's ``classes`` (None: unknown,
+    not checked), naming both: ranking more classes than there are would silently return them all."""
+    if classes is not None and top_k > classes:
+        raise InputError(f"{name} {top_k} is more than the {classes} classes{_of_head(head)}: give at most {classes}")
+
+
+def _of_head(head: str | int | None) -> str:
+    return f" of head {head!r}" if head is not None else ""
 
 
 def class_names(labels: tuple[str, ...] | None, classes: int) -> tuple[str, ...]:
@@ -176,9 +209,14 @@ def class_names(labels: tuple[str, ...] | None, classes: int) -> tuple[str, ...]
     return labels
 
 
-def classification_results(scores: Tensor, labels: tuple[str, ...] | None, top_k: int) -> list[Result]:
+def classification_results(
+    scores: Tensor, labels: tuple[str, ...] | None, top_k: int, head: str | int | None = None
+) -> list[Result]:
+    """One result per row of ``(N, classes)`` probabilities; a ``top_k`` above ``classes`` is refused
+    (:func:`check_classes`, ``head``: the head's name in the message)."""
     names = class_names(labels, scores.shape[1])
-    values, indices = scores.topk(min(top_k, scores.shape[1]), dim=1)
+    check_classes(top_k, scores.shape[1], head)
+    values, indices = scores.topk(top_k, dim=1)
     results: list[Result] = []
     for row_values, row_indices in zip(values.tolist(), indices.tolist(), strict=True):
         pairs = [(names[i], p) for i, p in zip(row_indices, row_values, strict=True)]

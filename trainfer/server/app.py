@@ -153,7 +153,7 @@ def _routes(app: FastAPI, server: Server) -> None:
         """The file in the body (an image, a .npy array or CSV rows) -> one JSON line per sample, as
         ``trainfer predict --format jsonl`` writes them."""
         model = server.model(name)
-        check_top_k(top_k, model.predictor.heads)  # before reading the body: a refused top_k costs nothing
+        check_top_k(top_k, model.predictor.heads, classes=model.classes)  # before reading the body: costs nothing
         body = await server.body(request.receive, request.headers.get("content-length"))
         content_type = request.headers.get("content-type", "")
 

@@ -1,16 +1,21 @@
-"""A bound on the bytes of a request's start line and headers, which uvicorn's httptools protocol lacks.
+"""Bounds on a request's start line and headers -- their bytes and the time they take -- which
+uvicorn's httptools protocol lacks.
 
-Without it a client could send one header of any size: httptools gathers a header in memory until
-its end (a 200 MB header grew the server by 306 MB), and ``--max-body-mb`` bounds bodies only.
-:class:`BoundedHeadersProtocol` is uvicorn's ``HttpToolsProtocol`` (given as ``uvicorn.Config(http=...)``),
-counting a request's head as it arrives; past :data:`MAX_HEADER_BYTES` or :data:`MAX_HEADER_LINES`
-it answers ``431 Request Header Fields Too Large`` with the one-line ``{"error": ...}`` of every
-trainfer error and closes the connection, so a connection holds at most the limit plus one read
-(256 000 bytes with uvloop) of a request's head.
+Without them a client could send one header of any size: httptools gathers a header in memory until
+its end (a 200 MB header grew the server by 306 MB), and ``--max-body-mb`` bounds bodies only; or it
+could send its head a byte every few seconds (slowloris), each such connection held, with its memory
+and file descriptor, for ever. :class:`BoundedHeadersProtocol` is uvicorn's ``HttpToolsProtocol``
+(given as ``uvicorn.Config(http=partial(BoundedHeadersProtocol, header_timeout=...))``), counting a
+request's head as it arrives; past :data:`MAX_HEADER_BYTES` or :data:`MAX_HEADER_LINES` it answers
+``431 Request Header Fields Too Large``, past ``header_timeout`` seconds
+(``ServerSettings.header_timeout``) ``408 Request Timeout``, each with the one-line ``{"error": ...}``
+of every trainfer error, and closes the connection. So a connection holds at most the limit plus one
+read (256 000 bytes with uvloop) of a request's head, for at most ``header_timeout`` seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, NoReturn
 
@@ -44,7 +49,7 @@ class HeadersTooLarge(Exception):
 
 class BoundedHeadersProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with at most :data:`MAX_HEADER_BYTES` and :data:`MAX_HEADER_LINES`
-    in a request's head.
+    in a request's head, received within ``header_timeout`` seconds.
 
     A request's head is counted in its usual form: method and target plus 14 bytes, each header's
     name and value plus 4 (extra spaces around a value are not counted). The counts restart when a
@@ -63,18 +68,41 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
     So a connection holds at most :data:`MAX_HEADER_BYTES` plus one read (256 000 bytes with
     uvloop) of a request's head, and the Python objects of at most :data:`MAX_HEADER_LINES` headers.
 
+    The time is counted from ``_head_began``, the loop's time when the parser met the request's first
+    byte (for the connection's first request: when the connection opened, so that a connection that
+    never sends is closed too), None once its head is complete; the wait between the requests of a
+    keep-alive connection is not counted (uvicorn's ``timeout_keep_alive`` bounds it). One timer a
+    connection (``_head_timer``, :meth:`_check_head_time`) looks at it at least every
+    ``header_timeout`` seconds, so that a request costs one clock read, not a timer of its own. While
+    an earlier request of the connection is still being answered (pipelined: uvicorn may have stopped
+    reading meanwhile), the client is not waited on: the head's time starts again at each look.
+
     Past a limit the answer is a 431 (:meth:`refuse`), unless an earlier request of the connection
     is still being answered (pipelined): an answer now would be read as the earlier one's, so the
-    connection is closed without one. When a report goes past a limit, the parser is stopped by an
-    exception, which uvicorn takes for a malformed request: it logs "Invalid HTTP request
-    received." and calls :meth:`send_400_response`, which refuses with the 431 instead.
+    connection is closed without one. Past the time the answer is a 408. When a report goes past a
+    limit, the parser is stopped by an exception, which uvicorn takes for a malformed request: it
+    logs "Invalid HTTP request received." and calls :meth:`send_400_response`, which refuses with
+    the 431 instead.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._counted = self._lines = self._unreported = 0  # see the class's description
         self._reported = False
         self._refusal: str | None = None
+        self._header_timeout = header_timeout
+        self._head_began: float | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        HttpToolsProtocol.connection_made(self, transport)
+        self._head_began = self.loop.time()  # the first request's head: counted from the connection's opening
+        self._head_timer = self.loop.call_later(self._header_timeout, self._check_head_time)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        HttpToolsProtocol.connection_lost(self, exc)
 
     # The callbacks run for every request and header: the base class's methods are called directly
     # (cheaper than super()) and each check is one comparison until a limit is passed.
@@ -84,7 +112,12 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
         HttpToolsProtocol.data_received(self, data)
         self._unreported = 0 if self._reported else self._unreported + len(data)
         if self._counted + self._unreported > MAX_HEADER_BYTES and not self.transport.is_closing():
-            self.refuse(_too_many_bytes())
+            self.refuse(431, _too_many_bytes())
+
+    def on_message_begin(self) -> None:
+        if self._head_began is None:  # else the connection's first request, timed from its opening
+            self._head_began = self.loop.time()
+        HttpToolsProtocol.on_message_begin(self)
 
     def on_url(self, url: bytes) -> None:
         self._counted += len(url)
@@ -108,6 +141,7 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
         self._reported = True
         if self._counted > MAX_HEADER_BYTES:
             self._stop(_too_many_bytes())
+        self._head_began = None
         HttpToolsProtocol.on_headers_complete(self)
 
     def on_body(self, body: bytes) -> None:
@@ -122,20 +156,39 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request the parser stopped on: the 431 when a limit stopped it."""
         if self._refusal is not None:
-            self.refuse(self._refusal)
+            self.refuse(431, self._refusal)
         else:
             super().send_400_response(msg)
 
-    def refuse(self, message: str) -> None:
-        """Answer 431 with ``{"error": message}`` (unless an earlier request of this connection is
-        still being answered) and close the connection."""
-        logger.warning("%s: %s (431, connection closed)", _client(self.client), message)
-        if self.cycle is None or self.cycle.response_complete:
-            response = answer(431, message)
+    def refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` with ``{"error": message}`` (unless an earlier request of this connection
+        is still being answered) and close the connection."""
+        logger.warning("%s: %s (%d, connection closed)", _client(self.client), message, status)
+        if not self._answering():
+            response = answer(status, message)
             headers = [*self.server_state.default_headers, *response.raw_headers, (b"connection", b"close")]
             head = b"".join(b"%s: %s\r\n" % pair for pair in headers)
-            self.transport.write(STATUS_LINE[431] + head + b"\r\n" + bytes(response.body))
+            self.transport.write(STATUS_LINE[status] + head + b"\r\n" + bytes(response.body))
         self.transport.close()
+
+    def _answering(self) -> bool:
+        """Whether an earlier request of this connection is still being answered."""
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _check_head_time(self) -> None:
+        """The connection's timer: 408 once the head being received has taken ``header_timeout``
+        seconds (unless an earlier request is still being answered: its time then starts again),
+        else a look again when it would have (or ``header_timeout`` from now, between heads)."""
+        if self.transport.is_closing():
+            return
+        now = self.loop.time()
+        if self._head_began is not None and self._answering():
+            self._head_began = now
+        elif self._head_began is not None and now - self._head_began >= self._header_timeout:
+            self.refuse(408, f"request line and headers not received within {self._header_timeout:g} s")
+            return
+        began = now if self._head_began is None else self._head_began
+        self._head_timer = self.loop.call_at(began + self._header_timeout, self._check_head_time)
 
     def _stop(self, refusal: str) -> NoReturn:
         """Stop the parser (in a callback) for ``refusal``: uvicorn then calls :meth:`send_400_response`."""

@@ -80,6 +80,9 @@ class ServedModel:
     _explainer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     #: Seconds of the fastest one-sample :meth:`compute` in :meth:`check` (None until checked).
     forward_seconds: float | None = None
+    #: Each head's class count where it is a classification head (else None), from :meth:`check`: a
+    #: ``top_k`` above it is refused before a request's body is read, for unlabelled heads too.
+    classes: list[int | None] = field(default_factory=list)
     _labels: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # see _label_table
 
     def explain(self, sample: Any, target: int | None = None) -> Attributions:
@@ -198,7 +201,7 @@ class ServedModel:
     def check(self) -> None:
         """Run a random batch, whole and sample by sample: finite, and the same answers within tolerance.
 
-        Fills the output metadata. Raises :class:`~trainfer.errors.EquivalenceError` when the
+        Fills the output metadata and :attr:`classes`. Raises :class:`~trainfer.errors.EquivalenceError` when the
         batched answers differ from the single ones beyond the dtype's tolerance.
         """
         generator = torch.Generator().manual_seed(0)
@@ -210,6 +213,10 @@ class ServedModel:
         else:
             for h, scores in enumerate(whole[: len(self.predictor.heads)]):
                 self._agree(torch.from_numpy(np.concatenate([rows[h] for rows in single])), torch.from_numpy(scores))
+            self.classes = [
+                scores.shape[1] if head.task == "classification" else None
+                for head, scores in zip(self.predictor.heads, whole, strict=False)
+            ]
         self.outputs = {
             name: (datatype_of(array.dtype), [-1, *(-1 if name in VARIABLE else d for d in array.shape[1:])])
             for name, array in self.tensors(whole).items()

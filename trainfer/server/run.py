@@ -16,6 +16,7 @@ event loop for 0.1-1 s -- the latency tail of a loaded server.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -71,7 +72,8 @@ def serve(
         # twice that, uvicorn refuses connections itself (a plain-text 503)
         "limit_concurrency": 2 * settings.max_requests,
         "log_level": "info",
-        "http": BoundedHeadersProtocol,  # httptools, with a bound on a request's head (the workers' too)
+        # httptools, with bounds on a request's head, its size and its time (the workers' too)
+        "http": functools.partial(BoundedHeadersProtocol, header_timeout=settings.header_timeout),
         **uvicorn,
     }
     if workers > 1:  # each worker loads the models: a bundle that cannot be served fails here, once

@@ -30,10 +30,14 @@ LIMITS: dict[str, tuple[float, float]] = {
     "max_queue": (1, 2**20),
     "max_body": (1, 2**31),
     "timeout": (0.001, 86_400),
+    "header_timeout": (0.001, 86_400),
     "retry_after": (0, 3600),
     "batch_workers": (1, 1024),
     "max_requests": (1, 10**6),
 }
+
+#: The fields of :data:`LIMITS` that are not whole numbers.
+_FRACTIONAL = ("max_delay_ms", "timeout", "header_timeout")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,10 @@ class ServerSettings:
     :func:`~trainfer.server.batching.default_workers`); ``max_requests`` the requests with a body
     (POST) handled at once (``--max-connections``): the next is answered 503 with ``Retry-After``
     before its body is read; bodiless requests (probes, metadata, metrics) are never refused so.
+    ``header_timeout``: the seconds a request's start line and headers may take to arrive (408 past
+    them, :mod:`trainfer.server.header_limit`): from the request's first byte, or for a connection's
+    first request from the connection's opening. Apache's ``mod_reqtimeout`` allows 20 s, nginx 60 s
+    (``client_header_timeout``); a real client sends its head at once, in well under a second.
 
     ``compile`` maps model names to the keyword arguments of :func:`trainfer.serve.gated.compile`
     (``gate``, ``gate_data``, ``calibration``, ``candidates``, ``rounds``, ...; ``runtime="auto"``
@@ -67,6 +75,7 @@ class ServerSettings:
     retry_after: int = 1
     batch_workers: int | None = None
     max_requests: int = 512
+    header_timeout: float = 20.0
     compile: dict[str, dict[str, Any]] | None = None
     write_runtime: bool = False
 
@@ -74,7 +83,7 @@ class ServerSettings:
         """Every number finite and within :data:`LIMITS` (an infinite delay or timeout would hold
         requests); an API key one that clients can send (:func:`check_api_key`)."""
         for name, (least, most) in LIMITS.items():
-            check_number(name, getattr(self, name), least, most, integer=name not in ("max_delay_ms", "timeout"))
+            check_number(name, getattr(self, name), least, most, integer=name not in _FRACTIONAL)
         check_api_key(self.api_key, "api_key")
 
 
