@@ -146,7 +146,7 @@ def atomic_file(target: str | os.PathLike[str]) -> Iterator[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
         check_target(target)
         recover(target)  # what a killed earlier write of ``target`` left: its temporary file, proven by its journal
-        journal = _Journal.create(target)
+        journal = _Journal.create(target, durable=False)  # it proves a temporary file: no fsync needed
         tmp = journal.temporary_file()
         try:
             _new_file(tmp, target)
@@ -189,6 +189,7 @@ class _Journal:
     host: str = ""
     owned: dict[str, Identity] = field(default_factory=dict)  # "staging" / "old" / "file" -> (device, inode)
     files: dict[str, Identity] | None = None  # the writer's own entries in "old" (None: all of it is the writer's)
+    durable: bool = True  # each entry flushed to disk (fsync) before the write goes on
 
     def sibling(self, kind: str) -> Path:
         """``.NAME.trainfer-TOKEN.KIND`` beside the target (``tmp``, ``old`` or ``journal``)."""
@@ -200,9 +201,15 @@ class _Journal:
         return self.sibling(f"tmp{self.target.suffix}")
 
     @classmethod
-    def create(cls, target: Path) -> _Journal:
-        """A new journal for a write of ``target`` (created exclusively: never an existing file or a link)."""
-        journal = cls(target, secrets.token_hex(16), os.getpid(), socket.gethostname())
+    def create(cls, target: Path, durable: bool = True) -> _Journal:
+        """A new journal for a write of ``target`` (created exclusively: never an existing file or a link).
+
+        ``durable``: each entry is flushed to disk before the write goes on, so that it survives a power
+        loss, not only a killed process (whose writes the system keeps): a directory write needs it to put
+        back a previous version moved aside; a file write's journal, which only proves its temporary file
+        trainfer's, does not (after a power loss that file may stay, unproven, never removed).
+        """
+        journal = cls(target, secrets.token_hex(16), os.getpid(), socket.gethostname(), durable=durable)
         header = {"format": JOURNAL_FORMAT, "version": 1, "token": journal.token, "target": target.name}
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
         descriptor = os.open(journal.sibling("journal"), flags, 0o600)
@@ -241,8 +248,9 @@ class _Journal:
             raise WriteError(f"cannot journal the write of {str(self.target)!r}: over {MAX_JOURNAL_BYTES} bytes")
         with open(self.sibling("journal"), "a", encoding="utf-8") as handle:
             handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+            if self.durable:
+                handle.flush()
+                os.fsync(handle.fileno())
 
     def close(self) -> None:
         """Remove the journal (the write is complete or cleaned up)."""
@@ -341,7 +349,7 @@ def _dead_journals(target: Path) -> list[_Journal]:
     """The proven journals of dead writers of ``target``."""
     prefix = f".{target.name}.trainfer-"
     try:
-        names = [entry.name for entry in os.scandir(target.parent) if entry.name.startswith(prefix)]
+        names = [name for name in os.listdir(target.parent) if name.startswith(prefix)]
     except OSError:
         return []
     journals = (_Journal.read(target.parent / name, target) for name in names if name.endswith(".journal"))
