@@ -56,6 +56,8 @@ from trainfer.serve.weights import load_state_dict, load_weights, read_bundle_we
 from trainfer.validate import check_path
 
 if TYPE_CHECKING:  # pydantic is imported when a manifest is read or written, not by ``import trainfer``
+    from pathlib import Path
+
     from trainfer.serve.manifest import Manifest
 
 #: ``save``, ``load_weights``, ``read_manifest`` and ``check_manifest`` are documented under this module's
@@ -110,12 +112,7 @@ def load(
     try:
         load_state_dict(model, state, source=str(path), assign=described)
     except BundleError as error:
-        origin = (
-            "the manifest's architecture"
-            if described
-            else f"the manifest's factory {manifest.factory!r}, config {manifest.config}"
-        )
-        raise BundleError(f"{error} (the architecture comes from {origin})") from None
+        raise BundleError(f"{error} (the architecture comes from {_origin(manifest, path)})") from None
     if described:  # weights in place: what the graph computes is bounded before it computes anything
         graph = cast(fx.GraphModule, model)
         output = check_computation(graph, manifest.input_shape, f"{path}: architecture")
@@ -125,6 +122,15 @@ def load(
     if manifest.form == "deploy":
         model.eval()  # an inference form is used in eval mode (a factory builds in train mode)
     return model
+
+
+def _origin(manifest: Manifest, path: Path) -> str:
+    """Where the architecture that weights are loaded into comes from, for an error's last words."""
+    if manifest.architecture is not None:
+        return "the manifest's architecture"
+    called = f"{manifest.factory!r}, config {manifest.config}"
+    bare = path.is_file() and path.name != MANIFEST_FILE  # a checkpoint: the caller named the factory
+    return f"the factory {called}" if bare else f"the manifest's factory {called}"
 
 
 def _checkpoint_manifest(factory: str, config: Mapping[str, Any] | None) -> Manifest:
