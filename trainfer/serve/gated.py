@@ -83,8 +83,10 @@ def compile(
     :func:`trainfer.serve.runtime.compile`'s.
     """
     check_gated_arguments(runtime, gate_data, calibration)
-    options: dict[str, Any] = {"batch_sizes": batch_sizes, "threads": threads, "candidates": candidates, "gate": gate,
-               "gate_data": gate_data, "rounds": rounds, "trust_factory": trust_factory}  # fmt: skip
+    options: dict[str, Any] = {
+        "batch_sizes": batch_sizes, "threads": threads, "candidates": candidates, "gate": gate,
+        "gate_data": gate_data, "rounds": rounds, "trust_factory": trust_factory,
+    }  # fmt: skip
     if calibration is None or gate_data is None:
         return compile_float(model_or_bundle, example_inputs, runtime, dtype, **options)
     dtypes = (dtype,) if isinstance(dtype, str) else tuple(dtype)
