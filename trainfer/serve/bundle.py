@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import fx, nn
 
-from trainfer.errors import BundleError, InputError
+from trainfer.errors import BundleError, InputError, MissingFileError
 from trainfer.recipe import ModelRecipe, attach_recipe
 from trainfer.registry import factory_name
 from trainfer.serve.architecture import check_computation, rebuild
@@ -52,7 +52,13 @@ from trainfer.serve.bundle_format import (
 )
 from trainfer.serve.bundle_write import save
 from trainfer.serve.factories import call_factory, manifest_factory
-from trainfer.serve.weights import load_state_dict, load_weights, read_bundle_weights, weights_dtype
+from trainfer.serve.weights import (
+    CHECKPOINT_SUFFIXES,
+    load_state_dict,
+    load_weights,
+    read_bundle_weights,
+    weights_dtype,
+)
 from trainfer.validate import check_path
 
 if TYPE_CHECKING:  # pydantic is imported when a manifest is read or written, not by ``import trainfer``
@@ -96,6 +102,8 @@ def load(
     A deploy-form model is returned in eval mode, a training form in the mode its factory built.
     """
     path = check_path("path", path)
+    if factory is not None and path.suffix in {".safetensors", *CHECKPOINT_SUFFIXES} and not path.exists():
+        raise MissingFileError(f"no checkpoint file at {str(path)!r}: expected the weights the factory's model takes")
     if path.is_file() and path.name != MANIFEST_FILE:
         if factory is None:
             raise BundleError(f"{str(path)!r} is a bare checkpoint: pass factory='package.module:function' to load it")
