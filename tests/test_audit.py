@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -13,6 +14,7 @@ from trainfer.analysis.audit import Divergence, audit
 from trainfer.cli import main
 from trainfer.modes.dual import DualModule
 from trainfer.modes.guard import guard
+from trainfer.numerics import relative_error
 from trainfer.testing import randomize_batchnorm
 
 
@@ -124,19 +126,24 @@ def test_audit_changes_neither_model_nor_rng():
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+class Heads(DualModule):
+    """Training returns ``{main_key: main, "aux": aux}`` (aux with ``aux_width`` columns), eval the main head."""
+
+    def __init__(self, main_key: str = "main", aux_width: int = 2):
+        super().__init__()
+        self.main_key = main_key
+        self.main, self.aux = nn.Linear(3, 2), nn.Linear(3, aux_width)
+        self.norm = nn.BatchNorm1d(2)
+
+    def forward_train(self, x):
+        return {self.main_key: self.norm(self.main(x)), "aux": self.aux(x)}
+
+    def forward_infer(self, x):
+        return self.norm(self.main(x))
+
+
 def test_outputs_of_different_kinds_are_described():
-    class Heads(DualModule):
-        def __init__(self):
-            super().__init__()
-            self.main, self.aux = nn.Linear(3, 2), nn.Linear(3, 1)
-
-        def forward_train(self, x):
-            return {"main": self.main(x), "aux": self.aux(x)}
-
-        def forward_infer(self, x):
-            return self.main(x)
-
-    report = audit(Heads(), torch.randn(4, 3))
+    report = audit(Heads(), torch.randn(4, 3))  # two entries of eval's shape, none named logits: ambiguous
     assert report.divergence is None
     assert kinds(report, "train-eval-divergence") == [
         (
@@ -145,6 +152,18 @@ def test_outputs_of_different_kinds_are_described():
             "eval returns a tensor of shape (4, 2)",
         )
     ]
+
+
+@pytest.mark.parametrize(("main_key", "aux_width"), [("logits", 2), ("main", 1)])
+def test_a_training_dict_is_compared_by_its_logits_or_its_only_entry_of_evals_shape(main_key, aux_width):
+    model, x = randomize_batchnorm(Heads(main_key, aux_width)), torch.randn(8, 3)
+    report = audit(model, x)
+    with torch.no_grad():
+        expected = relative_error(copy.deepcopy(model).train()(x)[main_key].double(), model.eval()(x).double())
+    ((_, detail),) = kinds(report, "train-eval-divergence")
+    assert detail.startswith(f"training output [{main_key!r}] vs eval output: max relative error")
+    assert report.divergence is not None and report.divergence.inputs == 8
+    assert report.divergence.max_rel_error == pytest.approx(expected) and expected > 0.01
 
 
 def test_failing_training_forward_is_a_finding_not_a_crash():
@@ -202,7 +221,18 @@ def test_cli_loads_weights(tmp_path, suffix):
     result = run_cli("--weights", str(path), "--json")
     assert result.exit_code == 0, result.output
     found = {f["kind"] for f in json.loads(result.output)["findings"]}
-    assert "untrained-batchnorm" not in found and "training-mode" in found
+    assert "untrained-batchnorm" not in found and "training-mode" not in found  # audited as served: eval
+
+
+def test_cli_audits_a_training_bundle_in_eval_mode_with_figures(tmp_path):
+    """Newcomer 7 #4: a saved training bundle loads in training mode; the CLI reported that as the user's risk,
+    and digits_net's train/eval comparison gave no figures (its training path returns a dict)."""
+    trainfer.save(randomize_batchnorm(trainfer.models.digits_net(width=4)), tmp_path / "b")
+    assert trainfer.load(tmp_path / "b").training  # a training form loads as its factory built it
+    result = CliRunner().invoke(main, ["audit", str(tmp_path / "b"), "--input-shape", "16,1,8,8"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("audit of DigitsNet (in eval mode)") and "training-mode" not in result.output
+    assert "training output ['logits'] vs eval output: max relative error" in result.output
 
 
 def test_cli_refuses_bad_weights_with_one_line(tmp_path):

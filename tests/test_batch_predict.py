@@ -223,6 +223,10 @@ def test_cli_out_resumes_a_csv(tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0 and out.read_text() == full
     assert "6 records written" in result.output and "after 4 already there" in result.output
+    assert "(1 found after the last whole batch of 4 were predicted again" in result.output
+    finished = CliRunner().invoke(main, args)  # a rerun of a finished file redoes its partial last batch, saying so
+    assert finished.exit_code == 0 and out.read_text() == full
+    assert "2 records written" in finished.output and "after 8 already there (2 found after" in finished.output
 
 
 def test_a_file_begun_on_one_form_and_device_is_not_resumed_on_another(tmp_path, monkeypatch):

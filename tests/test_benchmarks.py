@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-SCRIPTS = sorted((Path(__file__).parent.parent / "benchmarks").glob("bench_*.py"))
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+SCRIPTS = sorted([*BENCHMARKS.glob("bench_*.py"), BENCHMARKS / "fold_coverage.py"])
 
 
 def test_benchmarks_exist():

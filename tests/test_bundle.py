@@ -12,6 +12,7 @@ from torch import nn
 
 import trainfer
 from trainfer import BundleError
+from trainfer.errors import MissingFileError
 from trainfer.serve.architecture import digest
 from trainfer.serve.bundle import load_weights, read_manifest
 from trainfer.testing import assert_close, randomize_batchnorm
@@ -124,6 +125,12 @@ def test_corrupted_weights_fail_the_checksum(tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(BundleError, match="sha256 expected"):
         trainfer.load(tmp_path / "b")
+
+
+@pytest.mark.parametrize("name", ["nope.safetensors", "nope.pt"])
+def test_a_missing_checkpoint_with_a_factory_is_a_missing_file_not_a_missing_bundle(tmp_path, name):
+    with pytest.raises(MissingFileError, match=f"no checkpoint file at '{tmp_path / name}'"):
+        trainfer.load(tmp_path / name, factory=FACTORY)
 
 
 def test_not_a_bundle(tmp_path):

@@ -152,3 +152,36 @@ def test_bench_names_a_built_in_model_by_its_factory(tmp_path):
     arguments = ["--json", str(tmp_path / "b.json"), "--threads", "1"]
     assert invoke("bench", "digits_net", tmp_path, *arguments).exit_code == 0
     assert json.loads((tmp_path / "b.json").read_text())["model"] == "trainfer.models:digits_net"
+
+
+@pytest.mark.parametrize("flag", ["--weights", "--reference-weights", "--candidate-weights"])
+def test_a_missing_checkpoint_is_named_as_a_file_not_a_bundle(flag, tmp_path):
+    command = "verify" if flag != "--weights" else "deploy"
+    result = invoke(command, "digits_net", tmp_path, flag, str(tmp_path / "nope.safetensors"))
+    assert result.exit_code == 2 and result.output.count("error: ") == 1, result.output
+    assert f"error: {flag} file not found: '{tmp_path / 'nope.safetensors'}'" in result.output
+    assert "bundle" not in result.output
+
+
+def test_a_checkpoint_of_other_settings_says_how_to_build_them(tmp_path):
+    save_file(digits_net(width=8).state_dict(), str(tmp_path / "w8.safetensors"))
+    result = invoke("deploy", "digits_net", tmp_path, "--weights", str(tmp_path / "w8.safetensors"))
+    assert result.exit_code == 2 and result.output.count("error: ") == 1, result.output
+    assert "manifest" not in result.output  # a built-in name has no manifest
+    assert "the factory 'trainfer.models:digits_net', config {}" in result.output
+    assert "name a factory of yours that builds them, as package.module:factory" in result.output
+
+
+def test_verify_notes_a_reference_built_with_random_weights(tmp_path):
+    torch.manual_seed(0)
+    save_file(randomize_batchnorm(digits_net(width=4)).state_dict(), str(tmp_path / "w.safetensors"))
+    deployed = tmp_path / "deployed"
+    arguments = ["deploy", "test_cli_models:small_net", "--weights", str(tmp_path / "w.safetensors")]
+    assert CliRunner().invoke(main, [*arguments, "-o", str(deployed)]).exit_code == 0
+    forgot = CliRunner().invoke(main, ["verify", "test_cli_models:small_net", str(deployed)])
+    assert forgot.exit_code == 1, forgot.output
+    assert "note: REFERENCE 'test_cli_models:small_net' was built with random initial weights" in forgot.output
+    assert "--reference-weights" in forgot.output.splitlines()[-1] and "CANDIDATE" not in forgot.output
+    given = ["--reference-weights", str(tmp_path / "w.safetensors")]
+    passed = CliRunner().invoke(main, ["verify", "test_cli_models:small_net", str(deployed), *given])
+    assert passed.exit_code == 0 and "note:" not in passed.output, passed.output

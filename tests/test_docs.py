@@ -181,3 +181,40 @@ def test_the_runtimes_page_states_the_tolerances_of_the_code():
         "bf16": TOLERANCE[torch.bfloat16],
         "fp16": TOLERANCE[torch.float16],
     }
+
+
+def api_entries() -> set[str]:
+    """The ``::: dotted.name`` targets of docs/api.md (mkdocstrings entries)."""
+    return set(re.findall(r"^::: (\S+)", (ROOT / "docs" / "api.md").read_text(), re.M))
+
+
+def undocumented(names: list[str], entries: set[str]) -> list[str]:
+    """The public ``names`` of ``trainfer`` that no entry documents: an entry is the object itself (at
+    any path that holds it), its module documented whole (the errors), or for a submodule one of its members."""
+    import inspect
+    import sys
+
+    import trainfer
+
+    documented = [resolve(entry) for entry in entries]
+    missing = []
+    for name in names:
+        value = getattr(trainfer, name)
+        if inspect.ismodule(value):
+            found = any(entry.startswith(f"{value.__name__}.") for entry in entries) or value in documented
+        else:
+            found = any(value is entry for entry in documented) or sys.modules[value.__module__] in documented
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def test_every_public_name_has_an_api_entry():
+    import trainfer
+
+    names = [name for name in trainfer.__all__ if name != "__version__"]
+    assert undocumented(names, api_entries()) == []
+    assert undocumented(["compile", "blocks"], api_entries() - {"trainfer.serve.gated.compile", "trainfer.blocks"}) == [
+        "compile",
+        "blocks",
+    ]  # the check can fail

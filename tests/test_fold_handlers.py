@@ -127,6 +127,24 @@ def test_a_handler_declines_one_way_and_returning_none_is_a_clear_error():
         fold(copy.deepcopy(model), (x,), handlers=FoldHandlers.default({UnfoldConv: lambda context, node: None}))
 
 
+def test_a_wrong_handler_is_named_as_the_suspect_of_its_regions_divergence():
+    """Newcomer 7 #14: only a region's output is compared, so the divergence showed at the BatchNorm ('1')."""
+
+    def flipped(context, node):  # linear, but not what the module computes
+        module = context.module(node)
+        op = ConvOp.from_call(module.weight.detach().flip(-1), module.bias.detach(), padding=1)
+        return context.linear(node, node.args[0], op)
+
+    model, x = model_and_input(torch.float32)
+    with pytest.raises(trainfer.EquivalenceError) as caught:
+        trainfer.deploy(model, x, protocols=False, handlers={UnfoldConv: flipped})
+    assert caught.value.report.handled == ["0"]
+    assert (
+        "first divergence at module '1' (folded into fused with 0, where the error may start; "
+        "0 folded by a custom fold handler: check the expression it returns)"
+    ) in str(caught.value)
+
+
 def test_the_handler_context_is_read_only():
     contexts = []
 

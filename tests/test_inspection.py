@@ -263,7 +263,11 @@ def test_cli_prints_table_and_writes_files(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["test_inspection:tiny_net", "--input-shape", "1,3,7,7", "--modes", "train,eval"], "batch of at least 2"),
+        (
+            ["test_inspection:tiny_net", "--input-shape", "1,3,7,7", "--modes", "train,eval"],
+            "batch of at least 2 examples: BatchNorm layer '1' normalises with batch statistics, and the input has "
+            "shape (1, 3, 7, 7) (batch size 1); pass --input-shape 2,3,7,7 or --modes eval",  # options, not Python
+        ),
         (["test_inspection:tiny_net"], "--input-shape is required"),
         (["test_inspection:tiny_net", "--input-shape", "2,3,7,7", "--modes", "deploy"], "distinct names"),
         (["test_inspection:tiny_net", "--input-shape", "2,1,7,7"], "cannot run on an input of shape (2, 1, 7, 7)"),

@@ -69,9 +69,8 @@ def test_a_training_form_is_deployed_first_and_left_untouched():
 
 
 def test_auto_measures_verified_candidates_and_picks_the_fastest(deployed):
-    compiled = trainfer.compile(
-        deployed, torch.randn(2, 1, 8, 8), dtype=("float32", "bfloat16"), batch_sizes=(1, 4), rounds=3
-    )
+    x = torch.randn(2, 1, 8, 8)
+    compiled = trainfer.compile(deployed, x, dtype=("float32", "bfloat16"), gate_data=x, batch_sizes=(1, 4), rounds=3)
     record = compiled.record
     by_name = {c.name: c for c in record.candidates}
     assert record.chosen_by == "auto" and by_name[rt.REFERENCE].ratio == {"1": 1.0, "4": 1.0}
@@ -140,6 +139,26 @@ def test_bfloat16_goes_through_the_accuracy_gate(deployed):
     strict = trainfer.AccuracyGate(max_rel_error=1e-6)
     with pytest.raises(trainfer.EquivalenceError, match="max relative output error"):
         trainfer.compile(deployed, x[:2], runtime="torch", dtype="bfloat16", gate=strict, gate_data=x)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", ("float32", "bfloat16")])
+def test_a_reduced_precision_without_gate_data_is_refused(deployed, dtype):
+    with pytest.raises(trainfer.InputError, match="is a reduced precision, served only behind an accuracy gate"):
+        trainfer.compile(deployed, torch.randn(2, 1, 8, 8), runtime="torch", dtype=dtype)
+
+
+def test_compile_names_every_option_in_its_signature():
+    import inspect
+
+    from trainfer.serve.gated import compile as gated_compile
+
+    public = inspect.signature(trainfer.compile).parameters
+    assert all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in public.values())
+    assert {"batch_sizes", "rounds", "candidates", "gate", "gate_data", "threads", "calibration"} <= set(public)
+    assert trainfer.compile is gated_compile
+    for name, parameter in inspect.signature(rt.compile).parameters.items():  # the float search's defaults
+        if name != "extra_candidates":  # the gated search's own hook, not the user's
+            assert public[name].default == parameter.default, name
 
 
 def test_record_round_trip_through_a_bundle_and_recorded_runtime(bundle, tmp_path):

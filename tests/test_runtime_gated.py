@@ -252,8 +252,10 @@ def test_the_int8_file_places_its_quantizers_for_its_runtime(data, runtime):
 def test_a_reduced_precision_choice_without_a_gate_is_never_written(data, tmp_path):
     bundle = tmp_path / "b"
     trainfer.save(data["deployed"], bundle, example_inputs=data["x"][:1])
-    compiled = trainfer.compile(data["deployed"], data["x"][:2], runtime="torch", dtype="bfloat16", rounds=1)
+    x = data["x"][:2]
+    compiled = trainfer.compile(data["deployed"], x, runtime="torch", dtype="bfloat16", gate_data=x, rounds=1)
     assert compiled.record.dtype == "bfloat16"
+    compiled.record.candidates[0].gate = None  # a record whose choice was not gated (compile refuses to make one)
     refused = "to be written: the choice torch/bfloat16 is a reduced precision without .* compile it with gate_data"
     with pytest.raises(BundleError, match=refused):
         rt.save_record(bundle, compiled.record)

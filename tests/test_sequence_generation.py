@@ -310,7 +310,8 @@ def test_the_server_refuses_a_runtime_for_an_autoregressive_bundle_at_startup_in
     assert done.returncode == 2, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "runtime does not apply to an autoregressive sequence model" in errors[0], done.stderr
-    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == errors and "--runtime torch for bundle" in errors[0]
+    assert "Uvicorn" not in done.stdout + done.stderr  # refused before a server announced itself (newcomer 7 #5)
 
 
 def test_a_stray_runtime_json_in_an_autoregressive_bundle_is_refused_at_load_everywhere(tmp_path):

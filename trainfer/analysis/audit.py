@@ -7,7 +7,7 @@ and restores the random number generators afterwards.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -189,11 +189,35 @@ def _divergence_finding(model: nn.Module, args: tuple[Any, ...], seed: int) -> t
                     return Finding("train-eval-divergence", "", type(model).__name__, detail), None
             bar.update()
     train, evaluated = outputs["train"], outputs["eval"]
-    if not (isinstance(train, Tensor) and isinstance(evaluated, Tensor) and train.shape == evaluated.shape):
+    matched = _counterpart(train, evaluated)
+    if matched is None:
         detail = f"outputs differ in kind: training returns {_describe(train)}, eval returns {_describe(evaluated)}"
         return Finding("train-eval-divergence", "", type(model).__name__, detail), None
-    divergence = _compare(train.detach(), evaluated)
-    return Finding("train-eval-divergence", "", type(model).__name__, str(divergence)), divergence
+    entry, compared = matched
+    divergence = _compare(compared.detach(), evaluated)
+    detail = str(divergence) if entry is None else f"training output [{entry!r}] vs eval output: {divergence}"
+    return Finding("train-eval-divergence", "", type(model).__name__, detail), divergence
+
+
+def _counterpart(train: Any, evaluated: Any) -> tuple[str | int | None, Tensor] | None:
+    """The training-mode output that eval's tensor ``evaluated`` stands for, and its key (``None``: ``train`` itself).
+
+    A tensor of the same shape is itself. A dict or tuple (a :class:`~trainfer.DualModule`'s training
+    path with its auxiliary heads) gives its ``"logits"`` entry if of that shape, else its only entry
+    of that shape. ``None`` when nothing fits or the choice is ambiguous.
+    """
+    if not isinstance(evaluated, Tensor):
+        return None
+    if isinstance(train, Tensor):
+        return (None, train) if train.shape == evaluated.shape else None
+    entries: dict[Any, Any] = dict(train) if isinstance(train, Mapping) else {}
+    if isinstance(train, tuple | list):
+        entries = dict(enumerate(train))
+    fitting = {key: value for key, value in entries.items() if isinstance(value, Tensor)}
+    fitting = {key: value for key, value in fitting.items() if value.shape == evaluated.shape}
+    if "logits" in fitting:
+        return "logits", fitting["logits"]
+    return next(iter(fitting.items())) if len(fitting) == 1 else None
 
 
 def _compare(train: Tensor, evaluated: Tensor) -> Divergence:

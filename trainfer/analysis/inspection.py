@@ -194,15 +194,26 @@ def as_forward_args(example_inputs: Tensor | Sequence[Any]) -> tuple[Any, ...]:
 
 
 def _check_train_batch(model: nn.Module, inputs: tuple[Any, ...]) -> None:
-    """Train-mode BatchNorm normalises with batch statistics: a batch of one is not a batch."""
+    """Refuse a train-mode pass that :func:`train_batch_problem` finds would fail (an :class:`InputError`)."""
+    problem = train_batch_problem(model, inputs)
+    if problem is not None:
+        raise InputError(f"{problem}; pass a larger batch or modes=('eval',)")
+
+
+def train_batch_problem(model: nn.Module, inputs: tuple[Any, ...]) -> str | None:
+    """Why a train-mode pass of ``model`` on ``inputs`` cannot run, or ``None``.
+
+    Train-mode BatchNorm normalises with batch statistics: a batch of one is not a batch. The text
+    names the layer and the shape, not the remedy (the caller's: an argument here, an option on the CLI).
+    """
     first = next((a for a in inputs if isinstance(a, Tensor)), None)
     norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if norms and first is not None and first.dim() > 0 and first.shape[0] == 1:
-        raise InputError(
-            f"the train-mode pass needs a batch of at least 2 examples: BatchNorm layer {norms[0] or 'model'!r} "
-            f"normalises with batch statistics, and the input has shape {tuple(first.shape)} (batch size 1); "
-            f"pass a larger batch or modes=('eval',)"
-        )
+    if not norms or first is None or first.dim() == 0 or first.shape[0] != 1:
+        return None
+    return (
+        f"the train-mode pass needs a batch of at least 2 examples: BatchNorm layer {norms[0] or 'model'!r} "
+        f"normalises with batch statistics, and the input has shape {tuple(first.shape)} (batch size 1)"
+    )
 
 
 def _cuda_devices(args: tuple[Any, ...]) -> list[int]:

@@ -26,10 +26,12 @@ def command(model_spec: str, weights: str | None, input_shape: str | None, seed:
     Lists every module whose behaviour depends on train/eval mode, modules in another mode than
     their parent, BatchNorm layers whose running statistics were never updated, and, with
     --input-shape, how far training-mode outputs are from eval-mode outputs on random inputs.
+    MODEL is audited in eval mode, the mode it serves in: a factory or a training bundle builds it
+    in training mode, which is the command's doing, not a risk of yours.
     """
     from trainfer.analysis.audit import audit
 
-    model = resolve_model(model_spec, weights, trust_factory=trusted())
+    model = resolve_model(model_spec, weights, trust_factory=trusted()).eval()
     inputs = None if input_shape is None else random_input(model, parse_shape(input_shape), seed)
     report = audit(model, inputs, seed=seed)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else str(report))

@@ -17,6 +17,7 @@ from trainfer.cli.model_spec import (
     resolve_model,
     weights_option,
 )
+from trainfer.errors import InputError
 
 
 @click.command("inspect", epilog=MODEL_HELP)
@@ -45,7 +46,7 @@ def command(
     With --modes train,eval both passes run on copies with the same seeded random input, and the
     first module whose outputs differ is marked: where a forgotten eval() starts to matter.
     """
-    from trainfer.analysis.inspection import inspect
+    from trainfer.analysis.inspection import inspect, train_batch_problem
     from trainfer.atomic import check_target
 
     for option, path in (("--json", json_path), ("--plot", plot_path)):
@@ -55,6 +56,10 @@ def command(
     refuse_encoder_decoder(model, model_spec, "inspect")
     shape = example_shape(model, input_shape, model_spec, min_batch=2 if "train" in modes else 1)
     inputs = random_input(model, shape, seed)
+    problem = train_batch_problem(model, (inputs,)) if "train" in modes else None
+    if problem is not None:
+        sample = ",".join(str(size) for size in shape[1:])
+        raise InputError(f"{problem}; pass --input-shape 2,{sample} or --modes eval")
     try:
         result = inspect(model, inputs, modes=modes, seed=seed)
     except RuntimeError as error:  # torch's own, e.g. a channel count the first conv does not take

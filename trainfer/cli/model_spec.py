@@ -62,8 +62,12 @@ def factory_of(spec: str) -> str | None:
     )
 
 
-def resolve_model(spec: str, weights: str | None = None, *, trust_factory: bool = False) -> nn.Module:
+def resolve_model(
+    spec: str, weights: str | None = None, *, trust_factory: bool = False, weights_flag: str = "--weights"
+) -> nn.Module:
     """The model a MODEL spec names (see the module docstring), with ``weights`` loaded into a factory's model.
+
+    ``weights_flag`` is the option that gave ``weights``, named when the file is missing or does not fit.
 
     A factory's model keeps the recipe its factory attaches (with the input shape it records, also when
     ``weights`` replace its weights), or gets one naming the factory (input shape unknown), so that its
@@ -94,8 +98,32 @@ def resolve_model(spec: str, weights: str | None = None, *, trust_factory: bool 
     recipe = recipe_of(built) or ModelRecipe(factory)
     if not weights:
         return attach_recipe(built, recipe)
-    model = load(weights, factory=factory)  # a checkpoint records no input shape: keep the factory's
+    model = _load_checkpoint(weights, factory, weights_flag)
+    # a checkpoint records no input shape: keep the factory's
     return attach_recipe(model, replace(recipe_of(model) or recipe, input_shape=recipe.input_shape))
+
+
+def _load_checkpoint(weights: str, factory: str, weights_flag: str) -> nn.Module:
+    """The model ``factory()`` builds, with the checkpoint ``weights`` loaded (given as ``weights_flag``).
+
+    A missing file is an :class:`InputError` naming the file (not a missing bundle). Weights that do not
+    fit say how to build the model with other settings: a factory is called without arguments, so a
+    checkpoint of, say, ``digits_net(width=8)`` needs a factory of the user's that builds it.
+    """
+    from trainfer.errors import BundleError
+    from trainfer.serve.bundle import load
+
+    if not Path(weights).is_file():
+        raise InputError(f"{weights_flag} file not found: {weights!r} (expected a .safetensors or .pt checkpoint)")
+    try:
+        return load(weights, factory=factory)
+    except BundleError as error:
+        if "do not fit" not in str(error):
+            raise
+        raise BundleError(
+            f"{error}; {factory} is called without arguments: for a checkpoint of other settings "
+            f"(e.g. width=8), name a factory of yours that builds them, as package.module:factory"
+        ) from None
 
 
 def _check_callable_bare(build: Callable[..., Any], factory: str) -> None:

@@ -273,6 +273,18 @@ def load_serving(
     return predictors[0] if len(predictors) == 1 and weights is None else Predictor.ensemble(predictors, weights)
 
 
+def _summary_line(summary: Any, batch_size: int) -> str:
+    """What ``--out`` did (a :class:`~trainfer.serve.batch_predict.BatchSummary`), and why records were
+    predicted again: a run resumes after the last whole batch, so a rerun of a finished file redoes its tail."""
+    line = f"{summary.written} records written to {summary.path} after {summary.resumed} already there"
+    if summary.repredicted:
+        line += (
+            f" ({summary.repredicted} found after the last whole batch of {batch_size} were predicted again: "
+            "a run resumes in the batches of an uninterrupted one)"
+        )
+    return line
+
+
 def batch_source(inputs: list[str], spec: PreprocessSpec) -> Any:
     """``(id, sample)`` pairs: one directory's images (ids relative to it), else :func:`gather_inputs`'s."""
     from trainfer.serve.batch_predict import iter_images
@@ -371,9 +383,7 @@ def command(
             source = batch_source(paths, predictor.preprocess_spec)
             summary = predict_to_jsonl(predictor, source, out, top_k=top_k, producer=producer)
             if distributed.is_main():
-                click.echo(
-                    f"{summary.written} records written to {out} after {summary.resumed} already there", err=True
-                )
+                click.echo(_summary_line(summary, predictor.batch_size), err=True)
         else:
             items = batch_source(paths, predictor.preprocess_spec)
             write_results(predictions(predictor, items, top_k), fmt, sys.stdout)

@@ -87,6 +87,22 @@ def compile_settings(
     return {name: search_settings(path, trusted(), what, way_out, **values) for name, path in bundles.items()}
 
 
+def check_runtime_applies(bundles: dict[str, str], runtime: str | None) -> None:
+    """Refuse ``--runtime`` for an autoregressive sequence bundle (:func:`~trainfer.serve.predictor_setup.generates`)
+    from its manifest, before the server starts: the refusal must come before uvicorn's "running" line."""
+    from trainfer.serve.bundle import read_manifest
+    from trainfer.serve.predictor_setup import generates
+
+    if runtime is None:
+        return
+    for path in bundles.values():
+        decoder = read_manifest(path).decoder if Path(path).is_dir() else None
+        try:
+            generates(None if decoder is None else decoder.model_dump(), 0, runtime)
+        except InputError as error:
+            raise InputError(f"--runtime {runtime} for bundle {path!r}: {error}") from None
+
+
 def check_options(**values: float | None) -> None:
     """Each option of ``values`` finite and within ServerSettings' bounds (``max_body_mb``: ``max_body``'s
     in MiB), refused as one line naming the option, before anything is converted or loaded."""
@@ -255,6 +271,7 @@ def command(
     )
     check_port(host, port)
     served = model_names(bundles, names)
+    check_runtime_applies(served, runtime)
     settings = ServerSettings(
         bundles=served,
         max_batch=max_batch,

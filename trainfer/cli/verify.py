@@ -13,6 +13,7 @@ from trainfer.cli.common import COUNT_OR_ZERO, Tolerance, friendly_errors, trust
 from trainfer.cli.model_spec import (
     MODEL_HELP,
     example_shape,
+    factory_of,
     model_argument,
     random_input,
     refuse_encoder_decoder,
@@ -59,8 +60,12 @@ def command(
     from trainfer.recipe import recipe_of
     from trainfer.reparam.verify import verify
 
-    reference = resolve_model(reference_spec, reference_weights, trust_factory=trusted())
-    candidate = resolve_model(candidate_spec, candidate_weights, trust_factory=trusted())
+    reference = resolve_model(
+        reference_spec, reference_weights, trust_factory=trusted(), weights_flag="--reference-weights"
+    )
+    candidate = resolve_model(
+        candidate_spec, candidate_weights, trust_factory=trusted(), weights_flag="--candidate-weights"
+    )
     refuse_encoder_decoder(reference, reference_spec, "verify")
     refuse_encoder_decoder(candidate, candidate_spec, "verify")
     x = random_input(reference, example_shape(reference, input_shape, reference_spec))
@@ -74,4 +79,25 @@ def command(
                     dtypes=(torch.float64, None))  # fmt: skip
     click.echo(str(result))
     if not result.ok:
+        for line in _random_weights_notes(reference_spec, reference_weights, candidate_spec, candidate_weights):
+            click.echo(line)
         sys.exit(1)
+
+
+def _random_weights_notes(
+    reference_spec: str, reference_weights: str | None, candidate_spec: str, candidate_weights: str | None
+) -> list[str]:
+    """One line per side that a factory built with fresh random weights (no checkpoint given for it).
+
+    Two models of random weights differ whatever deploy did: after a failed comparison, this says so
+    and which option loads the weights the other side was made from.
+    """
+    notes = []
+    sides = (("REFERENCE", reference_spec, reference_weights), ("CANDIDATE", candidate_spec, candidate_weights))
+    for side, spec, weights in sides:
+        if not weights and factory_of(spec) is not None:
+            notes.append(
+                f"note: {side} {spec!r} was built with random initial weights (no --{side.lower()}-weights): "
+                f"pass the checkpoint the other model was made from, e.g. --{side.lower()}-weights ckpt.safetensors"
+            )
+    return notes

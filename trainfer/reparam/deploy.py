@@ -108,6 +108,8 @@ class DeployReport:
     verification: dict[str, Equivalence] = field(default_factory=dict)
     #: With ``prune_dead=True``: the channels removed per layer, MACs and parameters before/after.
     dead_channels: DeadChannelReport | None = None
+    #: Modules of a type a custom fold handler reads (``handlers=`` or ``register_fold_handler``).
+    handled: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -132,11 +134,21 @@ class DeployReport:
         own = [call for call in self.protocols if call.startswith(f"{module}.") and ": " in call]
         if own:
             return f" ({own[0]})"
-        folded = [r.name for r in self.regions if module in r.members]
-        if folded:
-            return f" (folded into {', '.join(folded)})"
+        region = next((r for r in self.regions if module in r.members), None)
+        if region is not None:
+            return f" (folded into {region.name}{self._members_note(region.members, module)})"
         feeding = [r.name for r in self.regions if module in r.feeds]
         return f" (its input comes from the folded region {', '.join(feeding)})" if feeding else ""
+
+    def _members_note(self, members: list[str], module: str) -> str:
+        """The other members of ``module``'s region, where the error may start (only the region's output
+        is compared), and those a custom fold handler read: the first suspects."""
+        others = [name for name in members if name != module]
+        note = f" with {', '.join(others)}, where the error may start" if others else ""
+        handled = [name for name in members if name in self.handled]
+        if handled:
+            note += f"; {', '.join(handled)} folded by a custom fold handler: check the expression it returns"
+        return note
 
     def __str__(self) -> str:
         lines = [f"deploy report for {self.model}"]
@@ -270,6 +282,8 @@ def _deploy(
         report.protocols_rejected = [str(call) for call in calls.rejected]
     converted = calls.converted
     leaves = _leaf_names(working)  # after the protocols: what they replaced is not "removed"
+    custom = tuple(options.handlers.leaf_types)
+    report.handled = [name for name, module in working.named_modules() if custom and isinstance(module, custom)]
     folded, log = fold(working, arguments64, keywords64, options.handlers)
     folded.eval()  # parts the fold built (GraphModule, nn.Sequential) start in training mode
     _record(report, log)

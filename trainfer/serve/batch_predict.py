@@ -56,11 +56,16 @@ MAX_PRODUCER_BYTES = 1 << 16
 
 @dataclass(frozen=True)
 class BatchSummary:
-    """What one run did: ``written`` new records after ``resumed`` records already in ``path``."""
+    """What one run did: ``written`` new records after ``resumed`` records already in ``path``.
+
+    ``repredicted``: records ``path`` held past its last whole batch, cut and predicted again (counted
+    in ``written``): a rerun of a finished file whose inputs are fewer than a batch redoes them all.
+    """
 
     path: Path
     resumed: int
     written: int
+    repredicted: int = 0
 
 
 def iter_images(directory: str | os.PathLike[str]) -> Iterator[Item]:
@@ -255,8 +260,11 @@ def _write_producer(out: Path, producer: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(producer, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
-def _resume(items: Iterator[Item], out: Path, batch_size: int, producer: dict[str, Any]) -> tuple[int, Iterator[Item]]:
-    """Skip ``out``'s records on every rank, back to the last whole batch; return their count and the rest.
+def _resume(
+    items: Iterator[Item], out: Path, batch_size: int, producer: dict[str, Any]
+) -> tuple[int, int, Iterator[Item]]:
+    """Skip ``out``'s records on every rank, back to the last whole batch; return their count, the count
+    of records cut after it (predicted again), and the rest.
 
     Rank 0 checks ``out`` is a regular file written by ``producer`` and every complete record's
     id, then cuts ``out`` after the last whole batch (a truncated last line goes too): the inputs
@@ -272,18 +280,20 @@ def _resume(items: Iterator[Item], out: Path, batch_size: int, producer: dict[st
             if out.exists() and out.stat().st_size:
                 _check_producer(out, producer)
             done = count_records(out)
-            outcome = done - done % batch_size
-            again = _skip_done(items, out, done, outcome)
-            keep_records(out, outcome)
+            kept = done - done % batch_size
+            again = _skip_done(items, out, done, kept)
+            keep_records(out, kept)
+            outcome = (kept, done - kept)
             _write_producer(out, producer)
         except (ValueError, OSError) as error:
             outcome = error
     outcome = distributed.broadcast_object(outcome)
     if isinstance(outcome, Exception):
         raise outcome
+    kept, cut = outcome
     if not distributed.is_main():
-        next(itertools.islice(items, outcome, outcome), None)
-    return outcome, itertools.chain(again, items)
+        next(itertools.islice(items, kept, kept), None)
+    return kept, cut, itertools.chain(again, items)
 
 
 def _record_lines(predictor: Any, batch: list[Item], top_k: int | None) -> str:
@@ -349,7 +359,7 @@ def predict_to_jsonl(
     batch_size = batch_size or predictor.batch_size
     made_by = producer_record(predictor, top_k, producer)
     items = iter(iter_source(source, predictor.preprocess_spec) if isinstance(source, str | os.PathLike) else source)
-    resumed, items = _resume(items, out, batch_size, made_by)
+    resumed, repredicted, items = _resume(items, out, batch_size, made_by)
     window_size = batch_size * distributed.world_size()
     written = 0
     main = distributed.is_main()
@@ -361,7 +371,7 @@ def predict_to_jsonl(
             window = list(itertools.islice(items, window_size))
             parts = _predict_window(predictor, window, batch_size, top_k)
             if not window:
-                return BatchSummary(out, resumed, written)
+                return BatchSummary(out, resumed, written, repredicted)
             if main:
                 _append(handle, "".join(parts), out)
             written += len(window)

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import fx, nn
 
-from trainfer.errors import BundleError, InputError
+from trainfer.errors import BundleError, InputError, MissingFileError
 from trainfer.recipe import ModelRecipe, attach_recipe
 from trainfer.registry import factory_name
 from trainfer.serve.architecture import check_computation, rebuild
@@ -52,10 +52,18 @@ from trainfer.serve.bundle_format import (
 )
 from trainfer.serve.bundle_write import save
 from trainfer.serve.factories import call_factory, manifest_factory
-from trainfer.serve.weights import load_state_dict, load_weights, read_bundle_weights, weights_dtype
+from trainfer.serve.weights import (
+    CHECKPOINT_SUFFIXES,
+    load_state_dict,
+    load_weights,
+    read_bundle_weights,
+    weights_dtype,
+)
 from trainfer.validate import check_path
 
 if TYPE_CHECKING:  # pydantic is imported when a manifest is read or written, not by ``import trainfer``
+    from pathlib import Path
+
     from trainfer.serve.manifest import Manifest
 
 #: ``save``, ``load_weights``, ``read_manifest`` and ``check_manifest`` are documented under this module's
@@ -94,6 +102,8 @@ def load(
     A deploy-form model is returned in eval mode, a training form in the mode its factory built.
     """
     path = check_path("path", path)
+    if factory is not None and path.suffix in {".safetensors", *CHECKPOINT_SUFFIXES} and not path.exists():
+        raise MissingFileError(f"no checkpoint file at {str(path)!r}: expected the weights the factory's model takes")
     if path.is_file() and path.name != MANIFEST_FILE:
         if factory is None:
             raise BundleError(f"{str(path)!r} is a bare checkpoint: pass factory='package.module:function' to load it")
@@ -110,12 +120,7 @@ def load(
     try:
         load_state_dict(model, state, source=str(path), assign=described)
     except BundleError as error:
-        origin = (
-            "the manifest's architecture"
-            if described
-            else f"the manifest's factory {manifest.factory!r}, config {manifest.config}"
-        )
-        raise BundleError(f"{error} (the architecture comes from {origin})") from None
+        raise BundleError(f"{error} (the architecture comes from {_origin(manifest, path)})") from None
     if described:  # weights in place: what the graph computes is bounded before it computes anything
         graph = cast(fx.GraphModule, model)
         output = check_computation(graph, manifest.input_shape, f"{path}: architecture")
@@ -125,6 +130,15 @@ def load(
     if manifest.form == "deploy":
         model.eval()  # an inference form is used in eval mode (a factory builds in train mode)
     return model
+
+
+def _origin(manifest: Manifest, path: Path) -> str:
+    """Where the architecture that weights are loaded into comes from, for an error's last words."""
+    if manifest.architecture is not None:
+        return "the manifest's architecture"
+    called = f"{manifest.factory!r}, config {manifest.config}"
+    bare = path.is_file() and path.name != MANIFEST_FILE  # a checkpoint: the caller named the factory
+    return f"the factory {called}" if bare else f"the manifest's factory {called}"
 
 
 def _checkpoint_manifest(factory: str, config: Mapping[str, Any] | None) -> Manifest:

@@ -50,23 +50,49 @@ def compile(
     runtime: str | RuntimeRecord = "auto",
     dtype: str | Sequence[str] = "float32",
     *,
+    batch_sizes: Sequence[int] = (1, 8),
+    threads: int | None = None,
+    candidates: Sequence[str] | None = None,
+    gate: AccuracyGate | None = None,
+    gate_data: Tensor | tuple[Tensor, Tensor] | None = None,
     calibration: Tensor | None = None,
-    **options: Any,
+    rounds: int = 10,
+    trust_factory: bool = False,
 ) -> CompiledModel:
-    """``trainfer.compile``: :func:`trainfer.serve.runtime.compile`, and with ``calibration`` the gated search.
+    """Serve ``model_or_bundle``'s deploy form on the fastest runtime that computes it correctly here.
 
-    ``calibration`` (model inputs; needs ``runtime="auto"`` and ``gate_data``): also measure
-    bf16 (:data:`REDUCED_DTYPES`) and one int8 candidate per runtime, each behind ``gate`` (see
-    the module docstring). ``options`` are :func:`~trainfer.serve.runtime.compile`'s.
+    ``model_or_bundle``: a model (deployed first when it is a training form; left untouched) or a
+    bundle path. ``example_inputs``: a batch the model takes (a bundle's recorded input shape
+    otherwise). ``runtime``: ``"auto"`` (measure every candidate, keep the fastest verified one),
+    a name of :data:`~trainfer.serve.runtime_record.RUNTIMES`, ``"recorded"`` (a bundle's
+    ``runtime.json``) or a :class:`~trainfer.serve.runtime_record.RuntimeRecord`. ``dtype``: one
+    dtype or several (``"float32"``, ``"bfloat16"``, ``"float16"``); a reduced one needs ``gate_data``.
+
+    Keywords: ``batch_sizes``, the batch shapes verified and timed; ``threads``, intra-op threads
+    of every runtime (default: torch's setting); ``candidates``, the runtimes ``"auto"`` measures
+    (default :data:`~trainfer.serve.runtime_record.AUTO_RUNTIMES`); ``gate``, the
+    :class:`~trainfer.serve.gate.AccuracyGate` reduced precisions must pass (default thresholds
+    otherwise) on ``gate_data``, inputs or ``(inputs, labels)``; ``calibration``, model inputs that
+    ask for the gated search (with ``runtime="auto"`` and ``gate_data``): bf16 (:data:`REDUCED_DTYPES`)
+    and one int8 candidate per runtime are measured too (see the module docstring); ``rounds``,
+    timing rounds per batch size; ``trust_factory``, :func:`trainfer.load`'s for a bundle.
+
+    Returns a :class:`~trainfer.serve.engines.CompiledModel` (``.record``: the choice and every
+    candidate's figures). Bad arguments raise :class:`trainfer.InputError`; a runtime named
+    explicitly that fails verification, :class:`trainfer.EquivalenceError`. The float search is
+    :func:`trainfer.serve.runtime.compile`'s.
     """
-    gate_data = options.get("gate_data")
     check_gated_arguments(runtime, gate_data, calibration)
+    options: dict[str, Any] = {
+        "batch_sizes": batch_sizes, "threads": threads, "candidates": candidates, "gate": gate,
+        "gate_data": gate_data, "rounds": rounds, "trust_factory": trust_factory,
+    }  # fmt: skip
     if calibration is None or gate_data is None:
         return compile_float(model_or_bundle, example_inputs, runtime, dtype, **options)
     dtypes = (dtype,) if isinstance(dtype, str) else tuple(dtype)
     dtypes = (*dtypes, *(name for name in REDUCED_DTYPES if name not in dtypes))
 
-    runtimes = tuple(name for name in QUANTIZED_RUNTIMES if name in (options.get("candidates") or QUANTIZED_RUNTIMES))
+    runtimes = tuple(name for name in QUANTIZED_RUNTIMES if name in (candidates or QUANTIZED_RUNTIMES))
     if runtimes and _calibrated_on_gate_data(calibration, gate_data):
         warn_gated_on_calibration(
             "compile: the int8 candidates are calibrated on the gate data (calibration= holds the gate_data= "

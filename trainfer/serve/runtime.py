@@ -16,7 +16,7 @@ float16 in eager PyTorch, and in OpenVINO where the CPU reports them. Every cand
 against the float64 deploy form on the example batch shapes and random inputs: its max error
 relative to the output scale must stay within ``trainfer.numerics.TOLERANCE`` of its dtype (1e-5
 for float32, 3e-2 for bfloat16, 1e-2 for float16); a reduced-precision candidate must also pass an
-:class:`~trainfer.serve.gate.AccuracyGate` on ``gate_data`` when given.
+:class:`~trainfer.serve.gate.AccuracyGate` on ``gate_data``, without which a reduced dtype is refused.
 
 ``runtime="auto"`` measures every verified candidate on the target batch shapes, all candidates
 paired in one run and alternating call by call (:func:`trainfer.bench.time_forms`), and picks the
@@ -250,6 +250,7 @@ def compile(
     (a bundle's ``runtime.json``) or a :class:`RuntimeRecord`. ``threads``: intra-op threads of
     every runtime (default: torch's current setting). ``gate_data``: inputs, or ``(inputs,
     labels)``, on which reduced-precision candidates must pass ``gate`` against the float form.
+    A reduced ``dtype`` (bfloat16, float16) without ``gate_data`` is refused (:class:`trainfer.InputError`).
     A runtime named explicitly that fails verification raises :class:`trainfer.EquivalenceError`.
     ``trust_factory`` is :func:`trainfer.load`'s (for a bundle). ``extra_candidates(source, threads,
     gate)``: more ``(CandidateRecord, engine or None)`` pairs to measure beside the others (each
@@ -272,8 +273,10 @@ def compile(
 
         return serve_quantized(model_or_bundle, runtime.runtime, trust_factory=trust_factory)
     if isinstance(runtime, RuntimeRecord):
-        dtypes = (runtime.dtype,)
+        dtypes = (runtime.dtype,)  # recorded: its reduced precision passed its gate when it was compiled
         runtime = runtime.runtime
+    else:
+        check_gated_dtypes(dtypes, gate_data)
     if runtime != "auto" and runtime not in RUNTIMES:
         raise InputError(f"runtime must be 'auto', 'recorded' or one of {list(RUNTIMES)}; got {runtime!r}")
     names = list(candidates or AUTO_RUNTIMES) if runtime == "auto" else [runtime]
@@ -322,6 +325,21 @@ def compile(
     recipe = recipe_of(source.model) or ModelRecipe(None, form="deploy")
     shaped = replace(recipe, input_shape=(1, *source.sample_shape))
     return CompiledModel(engines[chosen.name], record, shaped, artifacts.get(chosen.name))
+
+
+def check_gated_dtypes(dtypes: Sequence[str], gate_data: Any) -> None:
+    """Refuse a reduced precision (any dtype but float32) without ``gate_data`` (an :class:`InputError`).
+
+    bf16 and float16 pass a tolerance check on random inputs, which says nothing of the accuracy on
+    real data: they are served only behind an :class:`~trainfer.serve.gate.AccuracyGate` on data, as
+    ``trainfer compile`` searches them only with ``--gate-data``.
+    """
+    reduced = [name for name in dtypes if name != "float32"]
+    if reduced and gate_data is None:
+        raise InputError(
+            f"dtype {', '.join(reduced)} is a reduced precision, served only behind an accuracy gate: pass "
+            f"gate_data=inputs or (inputs, labels) to check it on, or use dtype='float32'"
+        )
 
 
 def recorded_runtime(model_or_bundle: Any) -> RuntimeRecord:
