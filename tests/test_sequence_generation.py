@@ -240,8 +240,8 @@ def test_top_k_cannot_widen_a_served_search_past_the_bounds():
     predictor = Predictor(tiny_model(), task="sequence", labels=LABELS, decoder={**SETTINGS, "max_length": 512})
     with pytest.raises(DecodingError, match="top_k 9 widens the beam"):
         predictor.predict(images(1), top_k=9)
-    with pytest.raises(DecodingError, match=r"n_best must be in \[1, 64\]"):
-        predictor.predict(images(1), top_k=65)
+    with pytest.raises(InputError, match="top_k 65 is more than the 64 hypotheses a sequence model returns"):
+        predictor.predict(images(1), top_k=65)  # refused up front, before the model runs
 
 
 def save_s2s(root: Path) -> Path:

@@ -1112,3 +1112,22 @@ def test_explain_takes_the_class_or_output_to_explain_and_refuses_one_out_of_ran
     heat = torch.tensor(json.loads(body)["heatmap"], dtype=torch.float64)
     torch.testing.assert_close(heat, expected / expected.max(), rtol=1e-5, atol=1e-6)
     assert "target must index the 10 outputs (0..9); got 10" in json.loads(message)["error"]
+
+
+def test_workers_get_a_minute_to_answer_their_supervisors_health_check(monkeypatch):
+    """uvicorn kills a worker that has not answered its supervisor's ping within 5 s (its default):
+    workers still importing torch and loading their bundle on a busy machine were killed three in a
+    row. ``serve --workers N`` gives them :data:`~trainfer.server.run.WORKER_HEALTH_CHECK_SECONDS`."""
+    from trainfer.server import run
+    from trainfer.server.state import ServerSettings
+
+    configs = []
+    monkeypatch.setattr(run, "check_address", lambda host, port: None)
+    monkeypatch.setattr(run, "check_bundles", lambda settings: None)
+    monkeypatch.setattr(run, "_log_access", lambda: None)  # process-wide logging switches: not in the tests' process
+    monkeypatch.setattr(run, "supervise", configs.append)
+    monkeypatch.delenv(run.SETTINGS_VARIABLE, raising=False)
+    run.serve(ServerSettings(bundles={"m": "unused"}), workers=2)
+    (config,) = configs
+    assert run.WORKER_HEALTH_CHECK_SECONDS == 60 and config.timeout_worker_healthcheck == 60
+    assert config.workers == 2

@@ -30,12 +30,25 @@ from trainfer.server.app import ServerSettings, create_app
 from trainfer.server.model import load_model
 from trainfer.server.supervisor import exit_with_parent, supervise, thread_locks_for_progress_bars
 
-__all__ = ["SETTINGS_VARIABLE", "app_from_environment", "check_address", "check_bundles", "freeze_heap", "serve"]
+__all__ = [
+    "SETTINGS_VARIABLE",
+    "WORKER_HEALTH_CHECK_SECONDS",
+    "app_from_environment",
+    "check_address",
+    "check_bundles",
+    "freeze_heap",
+    "serve",
+]
 
 #: How the settings reach worker processes (uvicorn imports the app by name in each of them).
 SETTINGS_VARIABLE = "TRAINFER_SERVE_SETTINGS"
 #: Seconds added to the request timeout for a graceful shutdown before connections are dropped.
 SHUTDOWN_GRACE = 5.0
+#: Seconds a ``--workers`` process may take to answer its supervisor's health check (uvicorn's ping,
+#: every half second) before uvicorn kills and replaces it. uvicorn's 5 s killed workers still
+#: importing torch and loading their bundle on a busy machine, three in a row (2 cores, load 4-5), so
+#: that the server restarted its workers instead of serving; a hung worker is replaced after this long.
+WORKER_HEALTH_CHECK_SECONDS = 60
 
 
 def check_address(host: str, port: int) -> None:
@@ -79,7 +92,14 @@ def serve(
     if workers > 1:  # each worker loads the models: a bundle that cannot be served fails here, once
         check_bundles(settings)
         os.environ[SETTINGS_VARIABLE] = json.dumps(dataclasses.asdict(settings))
-        supervise(engine.Config(f"{__name__}:app_from_environment", factory=True, workers=workers, **options))
+        config = engine.Config(
+            f"{__name__}:app_from_environment",
+            factory=True,
+            workers=workers,
+            timeout_worker_healthcheck=WORKER_HEALTH_CHECK_SECONDS,
+            **options,
+        )
+        supervise(config)
         return
     failures: list[BaseException] = []
     server: Any = None
