@@ -25,6 +25,7 @@ import click
 from trainfer.cli.common import (
     BATCH_SIZE,
     FiniteFloatRange,
+    IntRange,
     check_output_apart,
     friendly_errors,
     trust_factory_option,
@@ -285,7 +286,7 @@ def batch_source(inputs: list[str], spec: PreprocessSpec) -> Any:
 @click.argument("inputs", nargs=-1, required=True)
 @click.option(
     "--top-k",
-    type=click.IntRange(min=1),
+    type=IntRange(min=1),
     default=None,
     help="Report the k most probable classes (classification: at most the class count) or k hypotheses "
     "(sequence: at most 64).",
