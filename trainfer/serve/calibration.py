@@ -62,8 +62,11 @@ def _input_files(directory: Path) -> list[str]:
 def class_indices(labels: Any, classes: int, count: int) -> Tensor:
     """``labels`` checked as ``count`` class indices of a ``classes``-way output, as an int64 ``(count,)`` tensor.
 
-    Refuses (:class:`InputError`) anything but integers (a float, boolean or object array is not
-    a list of class indices) and any value outside ``0 .. classes - 1``.
+    The one check of labels for every accuracy gate (``trainfer.quantize``, ``trainfer.prune``,
+    ``trainfer.compile``'s ``gate_data``, :func:`~trainfer.serve.gate.gate_report`). Takes shape ``(count,)``
+    or ``(count, 1)`` (a column, as ``y.reshape(-1, 1)`` is often saved); refuses (:class:`InputError`)
+    any other shape, anything but integers (a float, boolean or object array is not a list of class
+    indices) and any value outside ``0 .. classes - 1``.
     """
     try:
         values = torch.as_tensor(labels)
@@ -71,9 +74,13 @@ def class_indices(labels: Any, classes: int, count: int) -> Tensor:
         raise InputError(f"labels must be class indices (integers); got {type(labels).__name__}: {error}") from None
     if values.dtype == torch.bool or values.is_floating_point() or values.is_complex():
         raise InputError(f"labels must be integer class indices; got dtype {str(values.dtype).removeprefix('torch.')}")
-    values = values.flatten()
-    if len(values) != count:
-        raise InputError(f"labels must hold one class index per validation input ({count}); got {len(values)}")
+    if values.dim() == 2 and values.shape[1] == 1:
+        values = values[:, 0]
+    if values.dim() != 1 or len(values) != count:
+        raise InputError(
+            f"labels must hold one class index per validation input ({count}): shape ({count},) or ({count}, 1); "
+            f"got shape {tuple(values.shape)}"
+        )
     outside = values[(values < 0) | (values >= classes)]
     if len(outside):
         raise InputError(
