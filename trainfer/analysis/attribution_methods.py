@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trainfer.analysis.attribution_options import check_options, occlusion_defaults
 from trainfer.analysis.attribution_shap import deeplift_shap, gradient_shap, kernel_shap, lime
 from trainfer.errors import ExplanationError, InputError, InputTypeError, ModeError, NonFiniteError
 from trainfer.extras import require
@@ -69,7 +70,8 @@ def explain(
     ``predictor.check_scores``, ``predict``'s check: NaN or inf raises
     :class:`~trainfer.errors.NonFiniteError` naming the input samples (not for an autoregressive model,
     whose prediction is a search that ``predict`` does not check either). ``options`` go to Captum's
-    ``attribute`` (e.g. ``n_steps``, ``baselines``, ``sliding_window_shapes``).
+    ``attribute`` (e.g. ``n_steps``, ``baselines``, ``sliding_window_shapes``), each checked first
+    (:func:`~trainfer.analysis.attribution_options.check_options`).
     """
     if not isinstance(predictor.model, nn.Module):
         served = type(predictor.model).__name__
@@ -181,6 +183,7 @@ def attribute(
         raise InputError(f"method must be one of {list(METHODS)}; got {method!r}")
     if not isinstance(batch, Tensor) or not batch.is_floating_point() or batch.dim() < 2:
         raise InputTypeError(f"expected a preprocessed floating-point batch (N, ...); got {_describe(batch)}")
+    check_options(method, batch, options)
     if torch.is_inference_mode_enabled():
         raise ModeError(
             "explanations need gradients, and torch.inference_mode() forbids them: call explain() outside "
@@ -313,16 +316,9 @@ def _saliency(attr: ModuleType, forward: Callable, batch: Tensor, target: Any, o
 
 
 def _occlusion(attr: ModuleType, forward: Callable, batch: Tensor, target: Any, options: dict) -> Tensor:
-    """Windows of ``C x k x k`` (``k`` about an eighth of the image side, half-overlapping) or single columns."""
-    sample = batch.shape[1:]
-    window: tuple[int, ...]
-    strides: tuple[int, ...] | int
-    if len(sample) == 3:
-        side = max(1, round(min(sample[1:]) / 8))
-        window, strides = (sample[0], side, side), (sample[0], max(1, side // 2), max(1, side // 2))
-    else:
-        window, strides = (1,) * len(sample), 1
-    settings = {"sliding_window_shapes": window, "strides": strides, "show_progress": sys.stderr.isatty()}
+    """Windows of ``C x k x k`` (``k`` about an eighth of the image side, half-overlapping) or single columns
+    (:func:`~trainfer.analysis.attribution_options.occlusion_defaults`)."""
+    settings = {**occlusion_defaults(tuple(batch.shape[1:])), "show_progress": sys.stderr.isatty()}
     with torch.no_grad():
         return attr.Occlusion(forward).attribute(batch, target=target, **{**settings, **options})
 
