@@ -50,12 +50,13 @@ _ASCII_INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 def parse_integer(text: str) -> int:
-    """``text`` (ASCII digits, an optional sign, surrounding spaces ignored) as an ``int``; else ``ValueError``.
+    """``text`` (ASCII digits, an optional sign, surrounding spaces ignored) as an ``int``; else :class:`InputError`
+    (a ``ValueError``).
 
     The one integer parser of the command line: :class:`IntRange` options and :func:`parse_shape`.
     """
     if not _ASCII_INTEGER.fullmatch(text.strip()):
-        raise ValueError(f"expected an integer written in ASCII digits; got {text!r}")
+        raise InputError(f"expected an integer written in ASCII digits; got {text!r}")
     return int(text)
 
 
