@@ -59,6 +59,12 @@ def _input_files(directory: Path) -> list[str]:
     return files
 
 
+def label_column(labels: Tensor) -> Tensor:
+    """Labels of shape ``(N, 1)`` (a column, as ``y.reshape(-1, 1)`` is often saved) as ``(N,)``; any other
+    shape as given, for the caller to refuse: the one reading of a label column, for every labelled input."""
+    return labels[:, 0] if labels.dim() == 2 and labels.shape[1] == 1 else labels
+
+
 def class_indices(labels: Any, classes: int, count: int) -> Tensor:
     """``labels`` checked as ``count`` class indices of a ``classes``-way output, as an int64 ``(count,)`` tensor.
 
@@ -74,8 +80,7 @@ def class_indices(labels: Any, classes: int, count: int) -> Tensor:
         raise InputError(f"labels must be class indices (integers); got {type(labels).__name__}: {error}") from None
     if values.dtype == torch.bool or values.is_floating_point() or values.is_complex():
         raise InputError(f"labels must be integer class indices; got dtype {str(values.dtype).removeprefix('torch.')}")
-    if values.dim() == 2 and values.shape[1] == 1:
-        values = values[:, 0]
+    values = label_column(values)
     if values.dim() != 1 or len(values) != count:
         raise InputError(
             f"labels must hold one class index per validation input ({count}): shape ({count},) or ({count}, 1); "
