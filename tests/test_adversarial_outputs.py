@@ -235,7 +235,8 @@ def test_a_missing_column_among_sixty_thousand_is_named_in_a_bounded_message(tmp
         ([-1] + [0] * 7, "got -1"),
         ([0.3] * 8, "integer class indices; got dtype float32"),
         ([True] * 8, "got dtype bool"),
-        ([1] * 5, r"one class index per validation input \(8\); got 5"),
+        ([1] * 5, r"one class index per validation input \(8\): shape \(8,\) or \(8, 1\); got shape \(5,\)"),
+        ([[1, 2]] * 4, r"shape \(8,\) or \(8, 1\); got shape \(4, 2\)"),  # not flattened into 8 labels
     ],
 )
 def test_quantize_refuses_labels_that_are_not_class_indices(labels, message):

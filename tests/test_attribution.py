@@ -13,7 +13,13 @@ from torch import nn
 
 import trainfer
 from trainfer.analysis.attribution import attribute, explain, explain_to_files
-from trainfer.errors import ExplanationError, ModeError, NonFiniteError
+from trainfer.errors import (
+    ExplanationError,
+    ExplanationsIncomplete,
+    ExplanationWarning,
+    ModeError,
+    NonFiniteError,
+)
 from trainfer.serve.predictor import Predictor
 from trainfer.serve.preprocess import PreprocessSpec
 from trainfer.testing import randomize_batchnorm
@@ -236,6 +242,21 @@ def test_integrated_gradients_of_a_saturated_probability_is_refused_never_a_sile
     assert float(unsaturated.details["completeness_gap"].abs().max()) < 1e-4
 
 
+def test_explain_to_files_writes_every_example_it_can_and_names_each_it_cannot(tmp_path) -> None:
+    """Examples 1 and 3 saturate (their completeness fails); 0 and 2 sit near the baseline and are written."""
+    x = torch.tensor([[1e-6, 0.0], [1.0, 0.0], [0.0, 1e-6], [0.0, 1.0]])
+    with pytest.warns(ExplanationWarning) as warned, pytest.raises(ExplanationsIncomplete) as raised:
+        explain_to_files(_two_class_linear(1e4), x, tmp_path / "out")
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["000.png", "002.png"]
+    assert [path.name for path in raised.value.written] == ["000.png", "002.png"]
+    assert [(i, name) for i, name, _ in raised.value.failed] == [(1, "001.png"), (3, "003.png")]
+    said = [str(w.message) for w in warned if w.category is ExplanationWarning]
+    assert len(said) == 2 and said[1].startswith(
+        "example 3 (003.png) not explained: integrated gradients failed its completeness check for example(s) [3]"
+    )
+    assert str(raised.value).startswith("2 of 4 examples could not be explained (each named above): 1 (001.png), 3")
+
+
 def test_explain_refuses_non_finite_scores_with_predicts_error(tmp_path) -> None:
     class LogOf(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -248,9 +269,10 @@ def test_explain_refuses_non_finite_scores_with_predicts_error(tmp_path) -> None
     with pytest.raises(NonFiniteError) as explained:
         predictor.explain(rows)
     assert str(explained.value) == str(predicted.value)
-    with pytest.raises(NonFiniteError) as drawn:  # trainfer predict --explain
+    with pytest.warns(ExplanationWarning), pytest.raises(ExplanationsIncomplete) as drawn:  # predict --explain
         explain_to_files(predictor, rows, tmp_path)
-    assert str(drawn.value) == str(predicted.value)
+    assert drawn.value.failed[1] == (1, "001.png", str(predicted.value))  # predict's words, one example at a time
+    assert "NaN or inf between the baseline and the input of example(s) [0]" in drawn.value.failed[0][2]
     with pytest.raises(NonFiniteError, match=r"NaN or inf between the baseline and the input of example\(s\) \[0\]"):
         predictor.explain(rows[:1])  # finite at x, not at the zero baseline: log(0)
 

@@ -203,6 +203,38 @@ def test_cli_out_streams_files_and_explains_them(predictor, tmp_path):
     assert sorted(p.name for p in explained.iterdir()) == ["000_img00000.png", "001_img00001.png"]
 
 
+def test_cli_explain_keeps_every_explanation_it_made_and_exits_1_naming_each_it_could_not(tmp_path, monkeypatch):
+    """Attacker round 7: one example failing its completeness check ended the run with no PNG kept."""
+    from trainfer.analysis import attribution_files
+    from trainfer.errors import ExplanationError, ExplanationWarning
+
+    bundle = save_bundle(tmp_path / "b", 0, labels=LABELS, preprocess={"mean": [0.5]})
+    paths = [str(p) for p in write_pngs(tmp_path / "images", 3)]
+    explain_batch, calls = attribution_files.explain_batch, []
+
+    def failing_second(predictor, batch, *args, **options):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise ExplanationError("integrated gradients failed its completeness check for example(s) ", [0], ": why")
+        return explain_batch(predictor, batch, *args, **options)
+
+    monkeypatch.setattr(attribution_files, "explain_batch", failing_second)
+    out, explained = tmp_path / "o.jsonl", tmp_path / "explained"
+    said = r"example 1 \(001_img00001.png\) not explained: .* completeness check for example\(s\) \[1\]: why"
+    with pytest.warns(ExplanationWarning, match=said):  # one line on the command line; numbered as the run counts
+        result = CliRunner().invoke(
+            main, ["predict", str(bundle), *paths, "--out", str(out), "--explain", str(explained)]
+        )
+    assert result.exit_code == 1, result.output
+    assert calls == [1, 1, 1] and len(out.read_text().splitlines()) == 3  # one example at a time; predictions kept
+    assert sorted(p.name for p in explained.iterdir()) == ["000_img00000.png", "002_img00002.png"]
+    lines = result.output.strip().splitlines()
+    assert lines[-1] == (
+        "error: 1 of 3 examples could not be explained (each named above): 1 (001_img00001.png); "
+        f"the 2 others are written in {str(explained)!r}"
+    )
+
+
 def test_cli_out_resumes_a_csv(tmp_path):
     linear = torch.nn.Linear(2, 1)
     bundle = trainfer.save(

@@ -3,6 +3,7 @@
 import shutil
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -160,6 +161,67 @@ def test_gate_data_without_calibration_warns_that_int8_is_gated_on_its_own_calib
 
 def _stop(*args, **options):
     raise trainfer.InputError("search stopped here")
+
+
+def _labels(tmp_path, values):
+    path = tmp_path / "labels.npy"
+    np.save(path, np.asarray(values, dtype=np.int64))
+    return path
+
+
+@pytest.mark.parametrize("value", [2**40, -1])
+def test_labels_no_class_can_be_are_refused_before_the_search_as_prune_refuses_them(
+    made, bundle, tmp_path, monkeypatch, value
+):
+    """Attacker round 7: compile --labels 2**40 failed the int8 candidate alone, recorded float32 and exited 0."""
+    labels, gate_data = _labels(tmp_path, [value] * 48), made["root"] / "x.npy"
+    monkeypatch.setattr(rt, "_candidate", lambda *a, **k: pytest.fail("a candidate was built"))
+    before = files(bundle)
+    refused = invoke(bundle, "--gate-data", gate_data, "--labels", labels, *FAST)
+    message = f"labels must be class indices in 0..9 (10 classes); got {value} (48 out of range)"
+    _one_line_error(refused, message)
+    assert files(bundle) == before
+    pruned = CliRunner().invoke(main, ["prune", str(bundle), "-o", str(tmp_path / "p"), "--data", str(gate_data)])
+    assert pruned.exit_code == 0  # the same data without labels prunes
+    refused_by_prune = ["prune", bundle, "-o", tmp_path / "q", "--data", gate_data, "--labels", labels]
+    _one_line_error(CliRunner().invoke(main, [str(a) for a in refused_by_prune]), message)
+
+
+@pytest.mark.parametrize(
+    ("shape", "fragment"),
+    [
+        ((48,), "search stopped here"),
+        ((48, 1), "search stopped here"),
+        ((48, 2), "shape (48,) or (48, 1); got shape (48, 2)"),  # not flattened into 96 labels
+        ((1, 48), "--gate-data has 48 inputs but --labels has 1"),
+    ],
+)
+def test_labels_are_one_per_input_or_one_column_of_them_nothing_else(
+    made, bundle, tmp_path, monkeypatch, shape, fragment
+):
+    """(N, 1) labels, as ``y.reshape(-1, 1)`` saves them, are read as (N,); other shapes are refused."""
+    y = np.load(made["root"] / "y.npy")
+    labels = _labels(tmp_path, np.stack([y, y], 1).reshape(shape) if shape == (48, 2) else y.reshape(shape))
+    monkeypatch.setattr(rt, "_candidate", _stop)  # past the labels' check, the search starts here
+    _one_line_error(invoke(bundle, "--gate-data", made["root"] / "x.npy", "--labels", labels, *FAST), fragment)
+
+
+@pytest.mark.parametrize("samples", [1, 29, 30])
+def test_a_gate_on_fewer_than_30_samples_warns_that_its_verdict_means_little(
+    made, bundle, tmp_path, monkeypatch, samples
+):
+    """Attacker round 7: int8 passed a gate of one sample, recorded ``"samples": 1`` and said nothing."""
+    x = np.load(made["root"] / "x.npy")[:samples]
+    np.save(tmp_path / "x.npy", x)
+    labels = _labels(tmp_path, np.load(made["root"] / "y.npy")[:samples])
+    monkeypatch.setattr(rt, "_candidate", _stop)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = invoke(bundle, "--gate-data", tmp_path / "x.npy", "--labels", labels, *FAST)
+    _one_line_error(result, "search stopped here")
+    said = [str(w.message) for w in caught if "fewer than 30" in str(w.message)]
+    assert len(said) == (samples < 30), said
+    assert all(text.startswith(f"the accuracy gate measures on {samples} sample(s)") for text in said)
 
 
 def test_threads_are_what_every_runtime_is_measured_and_recorded_with(made, bundle):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 import torch
@@ -634,3 +635,32 @@ def test_library_functions_refuse_thread_counts_the_cli_refuses(threads):
     with pytest.raises(errors.InputError, match=message), num_threads(threads):
         pass
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["inspect", "digits_net", "--input-shape", "١,١,٨,٨"], "--input-shape"),  # Arabic-Indic digits
+        (["bench", "--model", "digits_net", "--batch-size", "١"], "--batch-size"),
+        (["bench", "--model", "digits_net", "--rounds", "1_0"], "--rounds"),  # int() reads 10
+        (["predict", "b", "x.npy", "--top-k", "٣"], "--top-k"),
+        (["deploy", "digits_net", "--input-shape", "1,1,8,8_0", "-o", "x"], "--input-shape"),
+    ],
+)
+def test_integer_options_take_only_ascii_digits(nothing_runs, args, option):
+    """Attacker round 7: ``int()`` reads other scripts' digits and underscores; the command line does not."""
+    one_line_error(invoke(*args), f"Invalid value for '{option}'")
+
+
+def test_every_integer_option_parses_ascii_digits_only():
+    """Every integer option of every command goes through the one parser (``common.IntRange``)."""
+    from trainfer.cli import common
+
+    integer = [
+        (name, param.name, param.type)
+        for name, command in main.commands.items()
+        for param in command.params
+        if isinstance(param.type, click.types.IntParamType)
+    ]
+    other = [(name, option) for name, option, kind in integer if not isinstance(kind, common.IntRange)]
+    assert len(integer) >= 20 and other == [], other

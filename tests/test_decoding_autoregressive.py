@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -230,6 +231,9 @@ class _BadStep(_GRUModel):
         (dict(eos=9), "eos id 9 is outside"),
         (dict(early_stopping="sometimes"), "early_stopping"),
         (dict(length_penalty=float("nan")), "length_penalty"),
+        (dict(length_penalty=1e300), r"length_penalty must be in \[-10, 10\], got 1e\+300"),  # was OverflowError
+        (dict(length_penalty=-10.5), "length_penalty must be in"),
+        (dict(bos=99), "fed bos=99: IndexError"),  # was a bare IndexError from the model's embedding
     ],
 )
 def test_bad_settings_are_refused_clearly(kwargs, match):
@@ -279,3 +283,50 @@ def test_nan_or_plus_inf_in_a_step_is_refused(value, at, row, token, num_beams):
     model.calls, model.row = 0, row % 2  # greedy: one row per item
     with pytest.raises(DecodingError, match=r"step\(\)'s log_probs holds NaN or \+inf"):
         decoding.greedy_search(model, torch.randn(2, 8), bos=0, eos=1, max_length=4)
+
+
+class _ConstantStep(_GRUModel):
+    """Every step's log-probs replaced by ``fill`` (a model that forbids every token, or forgot log_softmax)."""
+
+    def __init__(self, fill):
+        super().__init__()
+        self.fill = fill
+
+    def step(self, state, tokens):
+        lp, state = super().step(state, tokens)
+        return self.fill(lp), state
+
+
+def _both_searches(model, inputs, **kw):
+    """beam_search's and greedy_search's answers (or errors) for the same model and inputs."""
+    for search in (decoding.beam_search, decoding.greedy_search):
+        options = dict(bos=0, eos=1, max_length=4) | ({"num_beams": 2} if search is decoding.beam_search else {})
+        yield functools.partial(search, model, inputs, **options | kw)
+
+
+def test_items_no_sequence_is_possible_for_are_one_clear_error_in_every_search():
+    """Attacker round 7: all -inf steps gave greedy an IndexError, beam search empty lists."""
+    model = _ConstantStep(lambda lp: torch.full_like(lp, -torch.inf))
+    for run in _both_searches(model, torch.randn(3, 8)):
+        with pytest.raises(DecodingError, match=r"item\(s\) \[0, 1, 2\] no sequence of finite log-probability"):
+            run()
+
+
+def _peak_at(top):
+    """Log-probs shifted so that each row's largest is ``top``: 0 for a true log-softmax."""
+    return _ConstantStep(lambda lp: lp - lp.max(1, keepdim=True).values + top)
+
+
+def test_scores_above_zero_are_refused_as_not_log_probabilities():
+    """Raw logits passed where log_softmax(logits) was meant: refused, not ranked."""
+    for run in _both_searches(_peak_at(0.5), torch.randn(2, 8)):
+        with pytest.raises(DecodingError, match=r"log_probs holds 0.5 > 0: .*pass log_softmax\(logits\)"):
+            run()
+    for run in _both_searches(_peak_at(decoding.LOG_PROB_SLACK / 2), torch.randn(2, 8)):
+        assert len(run()) == 2  # rounding just above 0 is accepted
+
+
+def test_an_empty_batch_is_refused_by_name():
+    for run in _both_searches(_GRUModel(), torch.randn(0, 8)):
+        with pytest.raises(DecodingError, match="inputs must hold at least one item to decode, got a batch of 0"):
+            run()

@@ -135,6 +135,10 @@ def test_beam_width_one_on_peaked_frames_is_greedy():
         (lambda lp: decoding.ctc_greedy(lp * float("nan")), "NaN"),
         (lambda lp: decoding.ctc_greedy(lp, lengths=[3, 9]), "lengths"),
         (lambda lp: decoding.ctc_beam_search(lp, prior=lambda p, n: torch.zeros(1, 5)), "prior"),
+        (lambda lp: decoding.ctc_beam_search(lp + 1.0), r"log_probs holds .* > 0: .*pass log_softmax\(logits\)"),
+        (lambda lp: decoding.ctc_greedy_confidences(lp + 1.0), r"> 0: log-probabilities are <= 0"),
+        (lambda lp: decoding.ctc_beam_search(lp[:0]), "at least one item to decode, got a batch of 0"),
+        (lambda lp: decoding.ctc_greedy(lp[:0]), "at least one item to decode, got a batch of 0"),
     ],
 )
 def test_bad_input_is_refused_clearly(call, match):
@@ -154,3 +158,18 @@ def test_token_tables_refuse_collisions():
         table.text([4])
     with pytest.raises(DecodingError, match="unique"):
         TokenTable(("", "0", "0"), blank=0)
+
+
+@pytest.mark.parametrize("search", [decoding.ctc_beam_search, decoding.ctc_greedy_confidences])
+def test_an_item_no_sequence_is_possible_for_is_named_not_an_empty_list(search):
+    """Attacker round 7: all -inf frames gave [[]] (beam) where the autoregressive greedy search crashed."""
+    log_probs = torch.randn(3, 4, 5).log_softmax(2)
+    log_probs[1, 2] = -torch.inf
+    with pytest.raises(DecodingError, match=r"item\(s\) \[1\] no sequence of finite log-probability"):
+        search(log_probs)
+
+
+def test_ctc_greedy_still_takes_any_monotone_scores():
+    """Best path needs only the order of the scores: logits are fine there (documented)."""
+    logits = torch.randn(2, 6, 5)
+    assert decoding.ctc_greedy(logits) == decoding.ctc_greedy(logits.log_softmax(2))

@@ -51,12 +51,19 @@ def test_the_loop_lowers_the_cross_entropy_and_reports_each_epoch(optimizer):
     "options",
     [{"epochs": -1}, {"lr": 0.0}, {"lr": float("nan")}, {"optimizer": "lbfgs"}, {"batch_size": 0},
      {"labels": torch.zeros(3, dtype=torch.long)}, {"labels": torch.zeros(8)},
+     {"labels": torch.zeros(8, 2, dtype=torch.long)}, {"labels": torch.zeros(1, 8, dtype=torch.long)},
      {"inputs": torch.zeros(8, 64, dtype=torch.long)}],
 )  # fmt: skip
 def test_options_and_data_are_checked(options):
     arguments = {"inputs": torch.zeros(8, 64), "labels": torch.zeros(8, dtype=torch.long), **options}
     with pytest.raises(InputError):
         FinetuneLoop(**arguments)
+
+
+def test_a_column_of_labels_is_read_as_the_gates_read_it():
+    """``--finetune-labels`` of shape (N, 1) is taken as ``--labels`` is (attacker round 7: one rule for both)."""
+    labels = torch.arange(8) % 3
+    assert torch.equal(FinetuneLoop(torch.zeros(8, 64), labels[:, None]).labels, labels)
 
 
 def test_labels_beyond_the_outputs_and_a_non_finite_loss_are_refused():

@@ -55,7 +55,39 @@ class EquivalenceError(TrainferError, ValueError):
 class ExplanationError(TrainferError, ValueError):
     """An explanation failed its method's own check: integrated gradients whose attributions do not sum
     to ``f(x) - f(x0)`` (a score that saturates along the path, or too few steps). The message names
-    the examples, both sums and what to change; no map is returned that would read as meaningful."""
+    the examples, both sums and what to change; no map is returned that would read as meaningful.
+
+    Raised as ``ExplanationError(message)``, or ``ExplanationError(before, examples, after)``, numbered
+    as :class:`NonFiniteError`'s samples are (:meth:`counted_from`).
+    """
+
+    def __init__(self, before: str, examples: list[int] | None = None, after: str = ""):
+        self.before, self.examples, self.after = before, examples, after
+        super().__init__(before if examples is None else f"{before}{examples[:10]}{after}")
+
+    def counted_from(self, first: int) -> "ExplanationError":
+        """This error with its example numbers counted from ``first`` instead of 0."""
+        if self.examples is None or not first:
+            return self
+        return type(self)(self.before, [first + i for i in self.examples], self.after)
+
+
+class ExplanationsIncomplete(ExplanationError):
+    """Some examples of a run that writes explanations could not be explained (each failed its method's
+    check or met NaN/inf); every other one was written. ``written``: the paths written; ``failed``:
+    ``(index, name, reason)`` per example not written. ``trainfer predict --explain`` exits 1 on it."""
+
+    def __init__(self, message: str, written: list[Any], failed: list[tuple[int, str, str]]):
+        super().__init__(message)
+        self.written, self.failed = written, failed
+
+    def counted_from(self, first: int) -> "ExplanationsIncomplete":
+        """Itself: its examples are named in the whole run's numbering already."""
+        return self
+
+
+class ExplanationWarning(UserWarning):
+    """One example of a run that writes explanations could not be explained; the run goes on."""
 
 
 class ModeWarning(UserWarning):
@@ -136,6 +168,8 @@ __all__ = [
     "DecodingError",
     "EquivalenceError",
     "ExplanationError",
+    "ExplanationWarning",
+    "ExplanationsIncomplete",
     "InputError",
     "InputTypeError",
     "MissingExtraError",

@@ -33,12 +33,19 @@ def check_type(name: str, value: Any, types: Any, expected: str) -> Any:
     return value
 
 
-def check_integer(name: str, value: Any, *, minimum: int | None = None, optional: bool = False) -> Any:
-    """``value`` as an ``int`` (numpy integers too; ``bool`` and ``2.5`` are not), at least ``minimum``.
+def check_integer(
+    name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None, optional: bool = False
+) -> Any:
+    """``value`` as an ``int`` (numpy integers too; ``bool`` and ``2.5`` are not), at least ``minimum``
+    and at most ``maximum`` (both: ``must be an integer in [1, 10000]``).
 
     ``optional``: ``None`` is accepted and returned as is.
     """
-    bound = f" >= {minimum}" if minimum is not None else ""
+    if maximum is not None:
+        low = minimum if minimum is not None else "-inf"
+        bound = f" in [{low}, {maximum}]"
+    else:
+        bound = f" >= {minimum}" if minimum is not None else ""
     expected = f"an integer{bound}{' or None' if optional else ''}"
     if value is None and optional:
         return None
@@ -48,6 +55,8 @@ def check_integer(name: str, value: Any, *, minimum: int | None = None, optional
         number = operator.index(value)
     except TypeError:
         raise InputTypeError(f"{name} must be {expected}; got {given(value)}") from None
+    if maximum is not None and not ((minimum is None or number >= minimum) and number <= maximum):
+        raise InputError(f"{name} must be an integer{bound}; got {number}")
     if minimum is not None and number < minimum:
         raise InputError(f"{name} must be >= {minimum}; got {number}")
     return number

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,16 @@ from typing import Any
 from torch import Tensor
 from tqdm import tqdm
 
-from trainfer.analysis.attribution_methods import Attributions, explain
+from trainfer.analysis.attribution_methods import Attributions, explain_batch
 from trainfer.atomic import atomic_file, check_target
-from trainfer.errors import InputError
+from trainfer.errors import (
+    ExplanationError,
+    ExplanationsIncomplete,
+    ExplanationWarning,
+    InputError,
+    NonFiniteError,
+    one_line,
+)
 
 __all__ = ["check_file_targets", "explain_to_files", "file_names", "plot_attribution"]
 
@@ -31,15 +39,44 @@ def explain_to_files(
 ) -> list[Path]:
     """Write one PNG per example to ``out_dir``: a heat map over each image, a bar chart per table row.
 
-    Files are named ``<index>_<input file stem>.png`` (or ``<index>.png``); returns their paths.
+    Files are named ``<index>_<input file stem>.png`` (or ``<index>.png``); returns their paths. Each
+    example is explained alone and its PNG written (atomically) before the next is explained, so a
+    failure loses nothing already done. An example whose explanation fails its method's check
+    (:class:`~trainfer.errors.ExplanationError`) or meets NaN or inf (:class:`~trainfer.errors.NonFiniteError`)
+    is skipped with one :class:`~trainfer.errors.ExplanationWarning` line naming it and why; once every
+    other example is written, :class:`~trainfer.errors.ExplanationsIncomplete` names the skipped ones.
+    Any other error (a bad option, a write that fails) stops the run at once.
     """
-    result = explain(predictor, inputs, method, target, **options)
-    names = file_names(inputs, len(result))
+    batch = predictor.preprocess(inputs).to(predictor.device)
+    names = file_names(inputs, len(batch))
     labels, columns = predictor.labels, predictor.preprocess_spec.columns
-    paths = []
-    for i in tqdm(range(len(result)), desc="explanations", unit="file", disable=None):
-        paths.append(plot_attribution(result, i, Path(out_dir) / names[i], labels=labels, columns=columns))
+    paths: list[Path] = []
+    failed: list[tuple[int, str, str]] = []
+    for i in tqdm(range(len(batch)), desc="explanations", unit="file", disable=None):
+        try:
+            result = explain_batch(predictor, batch[i : i + 1], method, _one_target(target, i, len(batch)), **options)
+        except (ExplanationError, NonFiniteError) as error:  # named as the whole run counts its examples
+            reason = one_line(error.counted_from(i))
+            failed.append((i, names[i], reason))
+            warnings.warn(f"example {i} ({names[i]}) not explained: {reason}", ExplanationWarning, stacklevel=2)
+            continue
+        paths.append(plot_attribution(result, 0, Path(out_dir) / names[i], labels=labels, columns=columns))
+    if failed:
+        listed = ", ".join(f"{i} ({name})" for i, name, _ in failed[:10]) + (", ..." if len(failed) > 10 else "")
+        raise ExplanationsIncomplete(
+            f"{len(failed)} of {len(batch)} examples could not be explained (each named above): {listed}; "
+            f"the {len(paths)} others are written in {str(out_dir)!r}",
+            paths,
+            failed,
+        )
     return paths
+
+
+def _one_target(target: Any, index: int, count: int) -> Any:
+    """``target`` for example ``index`` explained alone: its own entry where one per example was given."""
+    if isinstance(target, Sequence | Tensor) and not isinstance(target, str) and count > 1 and len(target) == count:
+        return target[index : index + 1]
+    return target
 
 
 def file_names(inputs: Any, count: int) -> list[str]:

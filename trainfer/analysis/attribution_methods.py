@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trainfer.analysis.attribution_options import check_options, occlusion_defaults
 from trainfer.analysis.attribution_shap import deeplift_shap, gradient_shap, kernel_shap, lime
 from trainfer.errors import ExplanationError, InputError, InputTypeError, ModeError, NonFiniteError
 from trainfer.extras import require
@@ -33,7 +34,15 @@ COMPLETENESS_TOLERANCE = 0.5
 #: samples' activations, not ``n_steps`` of them. ``internal_batch_size=`` overrides it.
 INTEGRATED_GRADIENTS_ROWS = 8
 
-__all__ = ["COMPLETENESS_TOLERANCE", "INTEGRATED_GRADIENTS_ROWS", "METHODS", "Attributions", "attribute", "explain"]
+__all__ = [
+    "COMPLETENESS_TOLERANCE",
+    "INTEGRATED_GRADIENTS_ROWS",
+    "METHODS",
+    "Attributions",
+    "attribute",
+    "explain",
+    "explain_batch",
+]
 
 
 @dataclass(frozen=True)
@@ -69,14 +78,21 @@ def explain(
     ``predictor.check_scores``, ``predict``'s check: NaN or inf raises
     :class:`~trainfer.errors.NonFiniteError` naming the input samples (not for an autoregressive model,
     whose prediction is a search that ``predict`` does not check either). ``options`` go to Captum's
-    ``attribute`` (e.g. ``n_steps``, ``baselines``, ``sliding_window_shapes``).
+    ``attribute`` (e.g. ``n_steps``, ``baselines``, ``sliding_window_shapes``), each checked first
+    (:func:`~trainfer.analysis.attribution_options.check_options`).
     """
+    return explain_batch(predictor, predictor.preprocess(inputs).to(predictor.device), method, target, **options)
+
+
+def explain_batch(
+    predictor: Any, batch: Tensor, method: str = "integrated_gradients", target: Any = None, **options: Any
+) -> Attributions:
+    """:func:`explain` for a ``batch`` ``predictor.preprocess`` already made (on the predictor's device)."""
     if not isinstance(predictor.model, nn.Module):
         served = type(predictor.model).__name__
         raise InputTypeError(f"explanations need a torch model; this predictor serves a {served}")
     if predictor.multi_head:
         raise InputError("explanations of multi-head predictors are not supported: serve one head to explain it")
-    batch = predictor.preprocess(inputs).to(predictor.device)
     if not getattr(predictor, "generates", False):
         with torch.no_grad():
             predictor.check_scores(predictor.scores(batch))
@@ -181,6 +197,7 @@ def attribute(
         raise InputError(f"method must be one of {list(METHODS)}; got {method!r}")
     if not isinstance(batch, Tensor) or not batch.is_floating_point() or batch.dim() < 2:
         raise InputTypeError(f"expected a preprocessed floating-point batch (N, ...); got {_describe(batch)}")
+    check_options(method, batch, options)
     if torch.is_inference_mode_enabled():
         raise ModeError(
             "explanations need gradients, and torch.inference_mode() forbids them: call explain() outside "
@@ -288,8 +305,9 @@ def _check_completeness(values: Tensor, scores: Tensor, gap: Tensor) -> None:
     broken = (~torch.isfinite(gap)).nonzero().flatten().tolist()
     if broken:
         raise NonFiniteError(
-            f"integrated gradients meet NaN or inf between the baseline and the input of example(s) {broken[:10]}: "
-            "expected finite scores and gradients on the path (the baseline x0 is zeros unless baselines= is given)"
+            "integrated gradients meet NaN or inf between the baseline and the input of example(s) ",
+            broken,
+            ": expected finite scores and gradients on the path (the baseline x0 is zeros unless baselines= is given)",
         )
     rounding = torch.finfo(values.dtype).eps ** 0.5
     values, scores, gap = values.double(), scores.double(), gap.double().to(values.device)
@@ -300,11 +318,12 @@ def _check_completeness(values: Tensor, scores: Tensor, gap: Tensor) -> None:
     if failed:
         i = failed[0]
         raise ExplanationError(
-            f"integrated gradients failed its completeness check for example(s) {failed[:10]}: the attributions "
-            f"of example {i} sum to {float(change[i] + gap[i]):.4g}, expected f(x) - f(x0) = {float(change[i]):.4g} "
-            f"within {COMPLETENESS_TOLERANCE:.0%}: the explained score saturates between the baseline and the input "
-            "(a probability at 0 or 1 has no gradient) or n_steps is too small; pass a larger n_steps=, baselines= "
-            "nearer the input, or method='occlusion' (differences, no gradients)"
+            "integrated gradients failed its completeness check for example(s) ",
+            failed,
+            f": the attributions of the first sum to {float(change[i] + gap[i]):.4g}, expected f(x) - f(x0) = "
+            f"{float(change[i]):.4g} within {COMPLETENESS_TOLERANCE:.0%}: the explained score saturates between "
+            "the baseline and the input (a probability at 0 or 1 has no gradient) or n_steps is too small; pass a "
+            "larger n_steps=, baselines= nearer the input, or method='occlusion' (differences, no gradients)",
         )
 
 
@@ -313,16 +332,9 @@ def _saliency(attr: ModuleType, forward: Callable, batch: Tensor, target: Any, o
 
 
 def _occlusion(attr: ModuleType, forward: Callable, batch: Tensor, target: Any, options: dict) -> Tensor:
-    """Windows of ``C x k x k`` (``k`` about an eighth of the image side, half-overlapping) or single columns."""
-    sample = batch.shape[1:]
-    window: tuple[int, ...]
-    strides: tuple[int, ...] | int
-    if len(sample) == 3:
-        side = max(1, round(min(sample[1:]) / 8))
-        window, strides = (sample[0], side, side), (sample[0], max(1, side // 2), max(1, side // 2))
-    else:
-        window, strides = (1,) * len(sample), 1
-    settings = {"sliding_window_shapes": window, "strides": strides, "show_progress": sys.stderr.isatty()}
+    """Windows of ``C x k x k`` (``k`` about an eighth of the image side, half-overlapping) or single columns
+    (:func:`~trainfer.analysis.attribution_options.occlusion_defaults`)."""
+    settings = {**occlusion_defaults(tuple(batch.shape[1:])), "show_progress": sys.stderr.isatty()}
     with torch.no_grad():
         return attr.Occlusion(forward).attribute(batch, target=target, **{**settings, **options})
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from trainfer.errors import InputError, InputTypeError
+from trainfer.validate import check_integer
 
 SAMPLE_BUDGET = {"kernel_shap": 200, "lime": 200, "gradient_shap": 20}
 """Default ``n_samples`` per sampling method."""
@@ -27,18 +28,20 @@ def feature_mask(batch: Tensor, patch: int | None = None) -> Tensor:
     """Feature ids for KernelSHAP and LIME, shape ``(1, *batch.shape[1:])`` (shared by the batch).
 
     Images ``(N, C, H, W)`` and ``(N, H, W)``: square patches of side ``patch`` (default: a quarter
-    of the shorter side, so about 16 features), all channels of a patch one feature. Tables
-    ``(N, F)``: one feature per column. Other shapes: one feature per element.
+    of the shorter side, so about 16 features; at least 1, at most the shorter side), all channels
+    of a patch one feature. Tables ``(N, F)``: one feature per column. Other shapes: one feature per
+    element; ``patch`` is refused there.
     """
     sample = batch.shape[1:]
     if len(sample) in (2, 3):
         height, width = sample[-2:]
-        side = patch or max(1, min(height, width) // 4)
-        if side < 1:
-            raise InputError(f"patch must be a positive side length; got {patch!r}")
+        default = max(1, min(height, width) // 4)
+        side = default if patch is None else check_integer("patch", patch, minimum=1, maximum=min(height, width))
         rows, cols = torch.arange(height) // side, torch.arange(width) // side
         ids = rows[:, None] * ((width + side - 1) // side) + cols[None, :]
         return ids.expand(sample).reshape(1, *sample).to(batch.device)
+    if patch is not None:
+        raise InputError(f"patch= makes square features of images (C, H, W) or (H, W); the samples are {tuple(sample)}")
     return torch.arange(sample.numel(), device=batch.device).reshape(1, *sample)
 
 

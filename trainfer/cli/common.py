@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -42,17 +43,46 @@ MAX_COUNT = 10_000
 #: not imported here: it loads pydantic; a test keeps the two equal).
 MAX_BATCH_SIZE = 2**24
 
+#: An integer as the command line takes it: ASCII digits with an optional sign. Python's ``int()`` also
+#: reads other scripts' digits (``int("١")`` is 1) and underscores (``int("1_0")`` is 10): a surprise
+#: on a command line, and the server's query parameters refuse both.
+_ASCII_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def parse_integer(text: str) -> int:
+    """``text`` (ASCII digits, an optional sign, surrounding spaces ignored) as an ``int``; else :class:`InputError`
+    (a ``ValueError``).
+
+    The one integer parser of the command line: :class:`IntRange` options and :func:`parse_shape`.
+    """
+    if not _ASCII_INTEGER.fullmatch(text.strip()):
+        raise InputError(f"expected an integer written in ASCII digits; got {text!r}")
+    return int(text)
+
+
+class IntRange(click.IntRange):
+    """click's ``IntRange`` that reads only ASCII digits (:func:`parse_integer`): ``١`` and ``1_0`` are refused."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str):
+            try:
+                value = parse_integer(value)
+            except ValueError:
+                self.fail(f"{value!r} is not an integer written in ASCII digits", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 #: ``--threads``: torch intra-op threads, 1 to :data:`MAX_THREADS`.
-THREADS = click.IntRange(1, MAX_THREADS)
+THREADS = IntRange(1, MAX_THREADS)
 #: ``--seed``: 0 to 2**32 - 1 (numpy's legacy seeds). ``torch.manual_seed`` takes up to 2**64 - 1, but the
 #: demo derives each epoch's seeds as ``(seed * 1_000_003 + epoch) * 1_009 + rank``, which must stay in it.
-SEED = click.IntRange(0, 2**32 - 1)
+SEED = IntRange(0, 2**32 - 1)
 #: A count of at least one (``--rounds``, ``--repeats``, ``--epochs``).
-COUNT = click.IntRange(1, MAX_COUNT)
+COUNT = IntRange(1, MAX_COUNT)
 #: A count that may be zero (``--warmup``, ``--finetune-epochs``, ``--random-inputs``).
-COUNT_OR_ZERO = click.IntRange(0, MAX_COUNT)
+COUNT_OR_ZERO = IntRange(0, MAX_COUNT)
 #: A batch size: 1 to :data:`MAX_BATCH_SIZE` samples.
-BATCH_SIZE = click.IntRange(1, MAX_BATCH_SIZE)
+BATCH_SIZE = IntRange(1, MAX_BATCH_SIZE)
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -75,7 +105,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
     if any(not part.strip() for part in parts):  # "1,,8,8" is a typo, not (1, 8, 8)
         raise click.BadParameter(f"expected comma-separated integers like 1,3,224,224; got {text!r}", param_hint=_HINT)
     try:
-        shape = tuple(int(p) for p in parts)
+        shape = tuple(parse_integer(p) for p in parts)
     except ValueError:
         raise click.BadParameter(
             f"expected comma-separated integers like 1,3,224,224; got {text!r}", param_hint=_HINT

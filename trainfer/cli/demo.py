@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from trainfer.cli.common import COUNT, SEED, THREADS, friendly_errors
+from trainfer.cli.common import COUNT, SEED, THREADS, IntRange, friendly_errors
 
 
 @click.command("demo")
@@ -30,7 +30,7 @@ from trainfer.cli.common import COUNT, SEED, THREADS, friendly_errors
 @click.option(
     "--seed", default=0, show_default=True, type=SEED, help="Seed of initialisation, shuffling, augmentation, Dropout."
 )
-@click.option("--subset", type=click.IntRange(min=1), help="Train on the first N training images only (quick runs).")
+@click.option("--subset", type=IntRange(min=1), help="Train on the first N training images only (quick runs).")
 @click.option("--repeats", default=30, show_default=True, type=COUNT, help="Timed calls per latency figure.")
 @click.option("--threads", default=1, show_default=True, type=THREADS, help="torch intra-op threads.")
 @click.option(

@@ -25,14 +25,19 @@ import click
 from trainfer.cli.common import (
     BATCH_SIZE,
     FiniteFloatRange,
+    IntRange,
     check_output_apart,
     friendly_errors,
     trust_factory_option,
     trusted,
 )
 from trainfer.digest import sha256
-from trainfer.errors import InputError
+from trainfer.errors import ExplanationsIncomplete, InputError, one_line
 from trainfer.serve.runtime_names import RUNTIMES
+
+#: ``predict --explain``'s exit status when some examples could not be explained (each named in a warning
+#: line) and every other PNG, and the predictions, were written: a partial result, as a verdict is (1).
+EXIT_EXPLANATIONS_INCOMPLETE = 1
 
 if TYPE_CHECKING:  # torch and the serving layer are imported when a command runs, never for --help
     from trainfer.serve.predictor import Predictor
@@ -297,7 +302,7 @@ def batch_source(inputs: list[str], spec: PreprocessSpec) -> Any:
 @click.argument("inputs", nargs=-1, required=True)
 @click.option(
     "--top-k",
-    type=click.IntRange(min=1),
+    type=IntRange(min=1),
     default=None,
     help="Report the k most probable classes (classification: at most the class count) or k hypotheses "
     "(sequence: at most 64).",
@@ -390,6 +395,10 @@ def command(
         if explain_dir is not None and distributed.is_main():
             from trainfer.analysis.attribution import explain_to_files
 
-            explain_to_files(explaining_predictor(predictor, models[0], device), paths, explain_dir)
+            try:
+                explain_to_files(explaining_predictor(predictor, models[0], device), paths, explain_dir)
+            except ExplanationsIncomplete as incomplete:  # the others are written: a partial result, not a usage error
+                click.echo(f"error: {one_line(incomplete)}", err=True)
+                sys.exit(EXIT_EXPLANATIONS_INCOMPLETE)
     finally:
         distributed.cleanup()

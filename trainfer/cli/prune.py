@@ -16,6 +16,7 @@ from trainfer.cli.common import (
     BATCH_SIZE,
     COUNT_OR_ZERO,
     FiniteFloatRange,
+    IntRange,
     check_output_apart,
     friendly_errors,
     gate_options,
@@ -36,12 +37,12 @@ if TYPE_CHECKING:
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None, help=".npy of class indices.")
 @gate_options()
 # 4096: trainfer.serve.manifest.MAX_CHANNELS, the most a bundle records (not imported here: it loads pydantic)
-@click.option("--round-to", type=click.IntRange(1, 4096), default=None, help="Keep widths multiples of this.")
+@click.option("--round-to", type=IntRange(1, 4096), default=None, help="Keep widths multiples of this.")
 @click.option("--global", "global_pruning", is_flag=True, help="Rank channels across all layers, not per layer.")
 @click.option("--importance", type=click.Choice(["l2", "l1"]), default="l2", show_default=True)
 @click.option("--search/--no-search", default=True, show_default=True,
               help="Exempt the most sensitive layers until the gate passes.")  # fmt: skip
-@click.option("--max-exempt-layers", type=click.IntRange(min=0), default=None, help="Default: half the layers.")
+@click.option("--max-exempt-layers", type=IntRange(min=0), default=None, help="Default: half the layers.")
 @click.option("--finetune-epochs", type=COUNT_OR_ZERO, default=0, show_default=True,
               help="Fine-tune each pruned candidate this many epochs before the gate (cross-entropy).")  # fmt: skip
 @click.option("--finetune-data", type=click.Path(exists=True), default=None,

@@ -7,7 +7,14 @@ from typing import TYPE_CHECKING
 
 import click
 
-from trainfer.cli.common import check_output_apart, friendly_errors, gate_options, trust_factory_option, trusted
+from trainfer.cli.common import (
+    IntRange,
+    check_output_apart,
+    friendly_errors,
+    gate_options,
+    trust_factory_option,
+    trusted,
+)
 from trainfer.errors import InputError
 
 if TYPE_CHECKING:  # imported when a command runs, never for --help
@@ -44,7 +51,7 @@ def read_labels(path: Path) -> torch.Tensor:
 @click.option("--validation", type=click.Path(exists=True), default=None, help="Gate data (default: calibration).")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None, help=".npy of class indices.")
 @gate_options(rel_error=True)
-@click.option("--max-float-layers", type=click.IntRange(min=0), default=None, help="Default: half the layers.")
+@click.option("--max-float-layers", type=IntRange(min=0), default=None, help="Default: half the layers.")
 @click.option("--equalize", type=click.Choice(list(EQUALIZE)), default="auto", show_default=True)
 @click.option(
     "--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from trainfer.cli.common import INTERRUPTED, FiniteFloatRange, friendly_errors, trust_factory_option, trusted
+from trainfer.cli.common import INTERRUPTED, FiniteFloatRange, IntRange, friendly_errors, trust_factory_option, trusted
 from trainfer.cli.compile import (
     SEARCH_PARAMETERS,
     check_recordable,
@@ -133,11 +133,11 @@ def _given(context: click.Context, name: str) -> bool:
 @click.command("serve")
 @click.argument("bundles", nargs=-1, required=True, type=click.Path())
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--port", default=8000, show_default=True, type=IntRange(0, 65535))
 @click.option("--names", default=None, help="Model names, comma-separated (default: each bundle directory's name).")
 # The ranges below are trainfer.server.state.LIMITS' (not imported here: it loads torch and fastapi), shown by
 # --help; check_options then refuses what a range lets through (nan, inf). A test keeps the two equal.
-@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1, 65536), help="Samples per batch.")
+@click.option("--max-batch", default=32, show_default=True, type=IntRange(1, 65536), help="Samples per batch.")
 @click.option(
     "--max-delay-ms",
     default=5.0,
@@ -149,7 +149,7 @@ def _given(context: click.Context, name: str) -> bool:
     "--max-queue",
     default=256,
     show_default=True,
-    type=click.IntRange(1, 2**20),
+    type=IntRange(1, 2**20),
     help="Samples waiting, per model, before 503.",
 )
 @click.option(
@@ -178,20 +178,20 @@ def _given(context: click.Context, name: str) -> bool:
     "--max-connections",
     default=512,
     show_default=True,
-    type=click.IntRange(1, 1_000_000),
+    type=IntRange(1, 1_000_000),
     help="Requests handled at once (bodies held); the next gets 503 with Retry-After (health probes excepted).",
 )
 @click.option(
     "--workers",
     default=1,
     show_default=True,
-    type=click.IntRange(1, 1024),
+    type=IntRange(1, 1024),
     help="Server processes (each loads the models).",
 )
 @click.option(
     "--batch-workers",
     default=None,
-    type=click.IntRange(1, 1024),
+    type=IntRange(1, 1024),
     help="Batches of one model that may run at once, each in its own thread (default: the cores over torch's "
     "threads per forward: 1 with torch's default threads, one per core with OMP_NUM_THREADS=1).",
 )

@@ -33,12 +33,16 @@ import torch
 
 from trainfer.decoding.checks import (
     MAX_LENGTH,
+    MAX_LENGTH_PENALTY,
     accumulation_dtype,
+    check_at_most_zero,
     check_beam_width,
     check_finite_float,
     check_int,
+    check_items,
     check_scores,
     check_token_id,
+    refuse_impossible,
     refuse_not_log_probs,
 )
 from trainfer.decoding.hypothesis import Hypothesis
@@ -64,7 +68,7 @@ class _Set:
 def _check_settings(bos: int, eos: int, pad: int | None, max_length: int, length_penalty: float) -> int:
     """Checks the settings that do not need the vocabulary; returns the pad id (eos when None)."""
     check_int("max_length", max_length, 1, MAX_LENGTH)
-    check_finite_float("length_penalty", length_penalty)
+    check_finite_float("length_penalty", length_penalty, MAX_LENGTH_PENALTY)
     for name, value in (("bos", bos), ("eos", eos), ("pad", pad)):
         if value is not None:
             check_int(name, value, 0, 2**62)
@@ -80,8 +84,17 @@ def _step(
     """One model step, its log-probs checked: ``(rows, V)`` with V the same every step and >= 2, and
     (``values``) no NaN or +inf (else the caller checks that)."""
     rows = tokens.shape[0]
-    log_probs, state = model.step(state, tokens)
+    try:
+        log_probs, state = model.step(state, tokens)
+    except IndexError as error:  # the first step, fed bos, is where the vocabulary is not known yet
+        if vocab is not None:
+            raise
+        raise DecodingError(
+            f"step() failed on the first step, fed bos={ids['bos']}: {type(error).__name__}: {error}; "
+            "bos must be a token id of the model's vocabulary"
+        ) from error
     log_probs = check_scores(log_probs, _STEP_LOG_PROBS, (rows, vocab), values)
+    check_at_most_zero(log_probs, _STEP_LOG_PROBS)
     if vocab is None:
         if log_probs.shape[1] < 2:
             raise DecodingError(f"step() returned {log_probs.shape[1]} classes; a vocabulary needs at least 2")
@@ -96,7 +109,7 @@ def _encode(model: Any, inputs: Any) -> tuple[Any, int]:
             "the model needs encode(inputs) and step(state, tokens) methods (see trainfer.decoding.StepModel)"
         )
     state = model.encode(inputs)
-    return state, batch_size(state)
+    return state, check_items(batch_size(state), "inputs")
 
 
 def greedy_search(
@@ -394,4 +407,7 @@ def _hypotheses(found: _Set, count: int) -> list[list[Hypothesis]]:
             kept = length - 1 if ended else length
             row.append(Hypothesis(tuple(tok[:kept]), score, lp, tuple(tlp[:kept]), bool(ended)))
         out.append(row)
+    impossible = [i for i, row in enumerate(out) if not row]
+    if impossible:
+        refuse_impossible(impossible, _STEP_LOG_PROBS)
     return out

@@ -15,6 +15,14 @@ MAX_BEAM_WIDTH = 1024
 MAX_LENGTH = 4096
 """The longest ``max_length`` an autoregressive search accepts."""
 
+MAX_LENGTH_PENALTY = 10.0
+"""The largest ``|length_penalty|`` accepted (a bundle's bound too): ``length ** 1e300`` overflows, and
+beyond +-10 the length alone decides the ranking."""
+
+LOG_PROB_SLACK = 1e-3
+"""How far above 0 a log-probability may be (rounding of a ``log_softmax``); a larger value is no
+log-probability: raw logits passed where ``log_softmax(logits)`` was meant, the classic mistake."""
+
 
 def check_int(name: str, value: object, low: int, high: int) -> int:
     """``value`` as an int in ``[low, high]``, else a DecodingError naming ``name`` and the bounds."""
@@ -39,10 +47,12 @@ def check_token_id(name: str, value: object, vocab: int) -> int:
     return value
 
 
-def check_finite_float(name: str, value: object) -> float:
-    """A finite real number (``length_penalty``)."""
+def check_finite_float(name: str, value: object, bound: float = MAX_LENGTH_PENALTY) -> float:
+    """A finite real number in ``[-bound, bound]`` (``length_penalty``)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise DecodingError(f"{name} must be a finite number, got {value!r}")
+        raise DecodingError(f"{name} must be a finite number in [{-bound:g}, {bound:g}], got {value!r}")
+    if abs(value) > bound:
+        raise DecodingError(f"{name} must be in [{-bound:g}, {bound:g}], got {value!r}")
     return float(value)
 
 
@@ -67,6 +77,31 @@ def check_scores(scores: object, what: str, shape: tuple[int | None, ...], value
     if (total != total or total == float("inf")) and bool((torch.isnan(scores) | torch.isposinf(scores)).any()):
         refuse_not_log_probs(what)
     return scores
+
+
+def check_at_most_zero(scores: torch.Tensor, what: str) -> None:
+    """Refuse finite log-probabilities above :data:`LOG_PROB_SLACK` (NaN and +inf are left to :func:`check_scores`)."""
+    largest = float(scores.max()) if scores.numel() else 0.0
+    if math.isfinite(largest) and largest > LOG_PROB_SLACK:
+        raise DecodingError(
+            f"{what} holds {largest:.4g} > 0: log-probabilities are <= 0 (up to {LOG_PROB_SLACK:g} of rounding); "
+            "pass log_softmax(logits), not the logits"
+        )
+
+
+def check_items(count: int, what: str) -> int:
+    """``count`` items to decode, at least one (an empty batch is a caller's mistake, not an empty answer)."""
+    if count < 1:
+        raise DecodingError(f"{what} must hold at least one item to decode, got a batch of {count}")
+    return count
+
+
+def refuse_impossible(items: list[int], what: str) -> NoReturn:
+    """The error for items no finite-probability sequence was found for: every path meets a ``-inf`` score."""
+    raise DecodingError(
+        f"{what} give item(s) {items[:10]} no sequence of finite log-probability (every path meets a -inf score, "
+        "probability 0): nothing to decode; expected log-probabilities that leave some path possible"
+    )
 
 
 def refuse_not_log_probs(what: str) -> NoReturn:

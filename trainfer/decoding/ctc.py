@@ -13,11 +13,14 @@ import torch
 
 from trainfer.decoding.checks import (
     accumulation_dtype,
+    check_at_most_zero,
     check_beam_width,
     check_int,
+    check_items,
     check_lengths,
     check_scores,
     check_token_id,
+    refuse_impossible,
 )
 from trainfer.decoding.hypothesis import Hypothesis
 from trainfer.errors import DecodingError
@@ -34,6 +37,7 @@ forbids the extension (a lexicon). It must depend on the prefix only; the blank 
 def _frames(log_probs: object, blank: int, lengths: object) -> tuple[torch.Tensor, torch.Tensor]:
     """Checked ``(N, T, C)`` log-probs, blank id and per-item frame counts."""
     scores = check_scores(log_probs, "log_probs", (None, None, None))
+    check_items(scores.shape[0], "log_probs")
     if scores.shape[2] < 2:
         raise DecodingError(f"log_probs needs at least 2 classes (blank and a label), got {scores.shape[2]}")
     check_token_id("blank", blank, scores.shape[2])
@@ -71,10 +75,14 @@ def ctc_greedy_confidences(log_probs: torch.Tensor, blank: int = 0, lengths: obj
     a lower bound of the sequence's probability summed over alignments.
     """
     scores, frames = _frames(log_probs, blank, lengths)
+    check_at_most_zero(scores, "log_probs")
     best, emits = _best_path(scores, blank, frames)
     top = scores.max(dim=2).values
     inside = torch.arange(scores.shape[1])[None, :] < frames[:, None]
     path = torch.where(inside, top, torch.zeros_like(top)).sum(dim=1).tolist()
+    impossible = [i for i, p in enumerate(path) if p == -float("inf")]
+    if impossible:
+        refuse_impossible(impossible, "log_probs")
     return [
         Hypothesis(tuple(row[keep].tolist()), p, p, tuple(conf[keep].tolist()))
         for row, keep, conf, p in zip(best, emits, top, path)
@@ -204,6 +212,7 @@ def ctc_beam_search(
         per item, hypotheses sorted best first.
     """
     scores, frames = _frames(log_probs, blank, lengths)
+    check_at_most_zero(scores, "log_probs")
     width = check_beam_width(beam_width)
     check_int("n_best", n_best, 1, width)
     batch, steps, _ = scores.shape
@@ -226,4 +235,7 @@ def _collect(beams: _Beams, n_best: int) -> list[list[Hypothesis]]:
     for s_row, p_row, n_row, t_row in zip(*picked, tokens):
         live = zip(s_row, p_row, n_row, t_row)
         out.append([Hypothesis(tuple(t[:n]), s, p) for s, p, n, t in live if p > -float("inf")])
+    impossible = [i for i, row in enumerate(out) if not row]
+    if impossible:
+        refuse_impossible(impossible, "log_probs")
     return out

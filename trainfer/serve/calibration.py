@@ -59,11 +59,20 @@ def _input_files(directory: Path) -> list[str]:
     return files
 
 
+def label_column(labels: Tensor) -> Tensor:
+    """Labels of shape ``(N, 1)`` (a column, as ``y.reshape(-1, 1)`` is often saved) as ``(N,)``; any other
+    shape as given, for the caller to refuse: the one reading of a label column, for every labelled input."""
+    return labels[:, 0] if labels.dim() == 2 and labels.shape[1] == 1 else labels
+
+
 def class_indices(labels: Any, classes: int, count: int) -> Tensor:
     """``labels`` checked as ``count`` class indices of a ``classes``-way output, as an int64 ``(count,)`` tensor.
 
-    Refuses (:class:`InputError`) anything but integers (a float, boolean or object array is not
-    a list of class indices) and any value outside ``0 .. classes - 1``.
+    The one check of labels for every accuracy gate (``trainfer.quantize``, ``trainfer.prune``,
+    ``trainfer.compile``'s ``gate_data``, :func:`~trainfer.serve.gate.gate_report`). Takes shape ``(count,)``
+    or ``(count, 1)`` (a column, as ``y.reshape(-1, 1)`` is often saved); refuses (:class:`InputError`)
+    any other shape, anything but integers (a float, boolean or object array is not a list of class
+    indices) and any value outside ``0 .. classes - 1``.
     """
     try:
         values = torch.as_tensor(labels)
@@ -71,9 +80,12 @@ def class_indices(labels: Any, classes: int, count: int) -> Tensor:
         raise InputError(f"labels must be class indices (integers); got {type(labels).__name__}: {error}") from None
     if values.dtype == torch.bool or values.is_floating_point() or values.is_complex():
         raise InputError(f"labels must be integer class indices; got dtype {str(values.dtype).removeprefix('torch.')}")
-    values = values.flatten()
-    if len(values) != count:
-        raise InputError(f"labels must hold one class index per validation input ({count}); got {len(values)}")
+    values = label_column(values)
+    if values.dim() != 1 or len(values) != count:
+        raise InputError(
+            f"labels must hold one class index per validation input ({count}): shape ({count},) or ({count}, 1); "
+            f"got shape {tuple(values.shape)}"
+        )
     outside = values[(values < 0) | (values >= classes)]
     if len(outside):
         raise InputError(

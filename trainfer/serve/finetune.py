@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from trainfer.errors import InputError, NonFiniteError
+from trainfer.serve.calibration import label_column
 from trainfer.serve.outputs import flatten_outputs
 
 __all__ = ["OPTIMIZERS", "EpochRecord", "FinetuneLoop"]
@@ -54,7 +55,8 @@ class EpochRecord:
 
 @dataclass(frozen=True)
 class FinetuneLoop:
-    """Train a model in place on ``inputs`` ``(N, ...)`` and ``labels`` ``(N,)`` class indices (see the module)."""
+    """Train a model in place on ``inputs`` ``(N, ...)`` and ``labels`` ``(N,)`` class indices (see the module;
+    ``(N, 1)`` is read as ``(N,)``, as every gate reads labels: :func:`~trainfer.serve.calibration.label_column`)."""
 
     inputs: Tensor
     labels: Tensor
@@ -68,7 +70,8 @@ class FinetuneLoop:
     def __post_init__(self) -> None:
         if not isinstance(self.inputs, Tensor) or not self.inputs.is_floating_point() or self.inputs.dim() < 2:
             raise InputError("fine-tuning inputs must be a floating-point tensor (N, ...) of N samples")
-        labels = self.labels
+        labels = label_column(self.labels) if isinstance(self.labels, Tensor) else self.labels
+        object.__setattr__(self, "labels", labels)  # frozen: the column, read once here
         if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point or labels.is_complex():
             raise InputError("fine-tuning labels must be a 1-D tensor of integer class indices")
         if len(labels) != len(self.inputs) or len(labels) == 0:

@@ -22,8 +22,23 @@ import torch
 from torch import Tensor
 
 from trainfer.errors import InputError
+from trainfer.serve.calibration import class_indices
 
-__all__ = ["AccuracyGate", "GateReport", "gate_report", "logits_over", "warn_gated_on_calibration"]
+__all__ = [
+    "MIN_GATE_SAMPLES",
+    "AccuracyGate",
+    "GateReport",
+    "gate_report",
+    "logits_over",
+    "warn_gated_on_calibration",
+    "warn_small_gate",
+]
+
+#: The fewest gate samples whose verdict :func:`warn_small_gate` lets pass without a warning. On ``n``
+#: samples one disagreement moves agreement by ``1/n``: under 30, the default ``min_agreement`` of 0.99
+#: means "no disagreement at all", and a 95 % interval for an observed agreement of 1.0 still reaches
+#: down to about ``1 - 3/n`` (the rule of three: 0.9 at 30 samples, nothing useful at 1).
+MIN_GATE_SAMPLES = 30
 
 
 @dataclass(frozen=True)
@@ -122,14 +137,8 @@ def gate_report(
     gate = gate or AccuracyGate()
     if reference.shape != candidate.shape:
         raise InputError(f"candidate outputs have shape {tuple(candidate.shape)}; expected {tuple(reference.shape)}")
-    if labels is not None and (labels.dim() != 1 or len(labels) != len(reference)):
-        raise InputError(f"labels must have shape ({len(reference)},); got {tuple(labels.shape)}")
     if labels is not None:  # a label no class can match would pass any accuracy drop (both forms miss it)
-        classes = reference.shape[-1]
-        outside = labels[(labels < 0) | (labels >= classes)]
-        if len(outside):
-            first = int(outside[0])
-            raise InputError(f"labels must be class indices in 0..{classes - 1} ({classes} classes); got {first}")
+        labels = class_indices(labels, reference.shape[-1], len(reference))
     reference, candidate = reference.double(), candidate.double()
     scale = float(reference.abs().max()) or 1.0
     error = float((candidate - reference).abs().max()) / scale
@@ -156,3 +165,19 @@ def warn_gated_on_calibration(why: str, remedy: str, stacklevel: int = 2) -> Non
         UserWarning,
         stacklevel=stacklevel + 1,
     )
+
+
+def warn_small_gate(samples: int) -> None:
+    """Warn (``UserWarning``) when an accuracy gate measures on fewer than :data:`MIN_GATE_SAMPLES` samples.
+
+    A gate passed on one sample says nothing about the next: its verdict stands, but the user is told.
+    Issued from here (not the caller), so a command that gates several forms on the same data says it once.
+    """
+    if samples < MIN_GATE_SAMPLES:
+        warnings.warn(
+            f"the accuracy gate measures on {samples} sample(s), fewer than {MIN_GATE_SAMPLES} "
+            "(trainfer.serve.gate.MIN_GATE_SAMPLES): its verdict says little about other inputs; "
+            "pass more held-out data (CLI: --gate-data, --validation, --data)",
+            UserWarning,
+            stacklevel=1,
+        )

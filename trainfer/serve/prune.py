@@ -42,8 +42,8 @@ from torch import Tensor, fx, nn
 from trainfer.errors import InputError, PruningError
 from trainfer.extras import require
 from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
-from trainfer.serve.calibration import calibration_inputs
-from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over
+from trainfer.serve.calibration import calibration_inputs, class_indices
+from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over, warn_small_gate
 from trainfer.serve.source import check_class_gate, float32_copy, load_source
 
 __all__ = ["LayerPruneSensitivity", "PruneReport", "PruningError", "prune"]
@@ -145,9 +145,12 @@ def prune(
         if data is not None
         else torch.randn(_RANDOM_SAMPLES, *source.sample_shape)
     )
+    reference = logits_over(model, inputs)
+    if data is not None:
+        warn_small_gate(len(inputs))
     if labels is not None:
-        labels = torch.as_tensor(labels).long().flatten()
-    run = _Run(model, example, inputs, labels, logits_over(model, inputs), gate, settings, finetune)
+        labels = class_indices(labels, reference.shape[-1], len(inputs))
+    run = _Run(model, example, inputs, labels, reference, gate, settings, finetune)
     pruned, report = run.search(search, max_exempt_layers)
     pruned = attach_recipe(pruned, _pruned_recipe(model, example, settings))
     pruned.trainfer_prune_report = report

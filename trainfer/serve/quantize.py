@@ -50,7 +50,14 @@ from torch import Tensor, nn
 from trainfer.errors import InputError, QuantizationError
 from trainfer.serve.calibration import calibration_inputs, class_indices
 from trainfer.serve.engines import int8_engine
-from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over, warn_gated_on_calibration
+from trainfer.serve.gate import (
+    AccuracyGate,
+    GateReport,
+    gate_report,
+    logits_over,
+    warn_gated_on_calibration,
+    warn_small_gate,
+)
 from trainfer.serve.int8_form import write_int8_form
 from trainfer.serve.runtime_record import machine_info
 from trainfer.serve.sensitivity import LayerSensitivity, sensitivity
@@ -283,6 +290,7 @@ def quantize(
             )
         reference = logits_over(source.model, check)
         labels = None if labels is None else class_indices(labels, reference.shape[-1], len(reference))
+        warn_small_gate(len(reference))
         settings = {
             "backend": "onnxruntime.quantization.quantize_static",
             "format": "QDQ",

@@ -1,0 +1,104 @@
+"""Every option of every explanation method is checked before Captum runs (attacker round 7, finding 3):
+one line naming the option, what it expects and what it was given, never Captum's own error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from trainfer.analysis import attribution_options
+from trainfer.analysis.attribution import attribute, feature_mask
+from trainfer.analysis.attribution_options import MAX_BASELINES, MAX_SAMPLES, MAX_STEPS, OPTIONS
+from trainfer.errors import InputError, InputTypeError
+
+pytest.importorskip("captum")
+X = torch.rand(2, 1, 8, 8)
+INTS = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+
+
+def image_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(128, 3)).eval()
+
+
+CASES = [
+    # resource bombs: each ran for ever or allocated without bound
+    ("integrated_gradients", {"n_steps": 10**9}, InputError, f"n_steps must be an integer in [1, {MAX_STEPS}]; got"),
+    ("kernel_shap", {"n_samples": 10**10}, InputError, f"n_samples must be an integer in [1, {MAX_SAMPLES}]"),
+    ("lime", {"n_samples": 10**10}, InputError, "n_samples must be an integer in [1, 10000]"),
+    ("gradient_shap", {"n_samples": 10**10}, InputError, "n_samples must be an integer in [1, 10000]"),
+    ("occlusion", {"perturbations_per_eval": 10**9}, InputError, "perturbations_per_eval must be an integer in [1, "),
+    ("gradient_shap", {"baselines": torch.zeros(10**5, 1, 8, 8)}, InputError, f"with B in [1, {MAX_BASELINES}]"),
+    # zero, negative, wrong type
+    ("integrated_gradients", {"n_steps": 0}, InputError, "n_steps must be an integer in [1, 10000]; got 0"),
+    (
+        "integrated_gradients",
+        {"n_steps": 2.5},
+        InputTypeError,
+        "n_steps must be an integer in [1, 10000]; got float 2.5",
+    ),
+    ("integrated_gradients", {"internal_batch_size": 0}, InputError, "internal_batch_size must be an integer in [1, "),
+    ("integrated_gradients", {"internal_batch_size": -1}, InputError, "internal_batch_size must be an integer in [1, "),
+    ("kernel_shap", {"n_samples": -3}, InputError, "n_samples must be an integer in [1, 10000]; got -3"),
+    ("kernel_shap", {"patch": 0}, InputError, "patch must be an integer in [1, 8]; got 0"),  # was the default
+    ("lime", {"patch": 10**9}, InputError, "patch must be an integer in [1, 8]; got 1000000000"),
+    ("lime", {"show_progress": "yes"}, InputTypeError, "show_progress must be True or False; got str 'yes'"),
+    ("gradient_shap", {"stdevs": float("nan")}, InputError, "stdevs must be a number in [0, inf]; got nan"),
+    # shapes and values of tensors
+    ("integrated_gradients", {"baselines": torch.zeros(3, 3)}, InputError, "got a float32 tensor of shape (3, 3)"),
+    ("integrated_gradients", {"baselines": float("inf")}, InputError, "baselines must be finite"),
+    ("gradient_shap", {"baselines": torch.zeros(0, 1, 8, 8)}, InputError, "got shape (0, 1, 8, 8)"),
+    (
+        "deeplift_shap",
+        {"baselines": torch.zeros(1, 1, 8, 8)},
+        InputError,
+        "with B in [2, 1000]; got shape (1, 1, 8, 8)",
+    ),
+    ("kernel_shap", {"feature_mask": INTS + 10**12}, InputError, "feature ids in [0, 63]; got ids from 1000000000000"),
+    ("kernel_shap", {"feature_mask": INTS - 1}, InputError, "feature ids in [0, 63]; got ids from -1 to -1"),
+    ("lime", {"feature_mask": torch.rand(1, 1, 8, 8)}, InputTypeError, "feature_mask must be an integer tensor"),
+    ("lime", {"feature_mask": INTS, "patch": 2}, InputError, "give feature_mask= or patch="),
+    ("occlusion", {"sliding_window_shapes": (0, 0, 0)}, InputError, "each of sliding_window_shapes must be an integer"),
+    ("occlusion", {"sliding_window_shapes": (1, 100, 100)}, InputError, "in [1, 8]; got 100"),
+    ("occlusion", {"strides": 0}, InputError, "each of strides must be an integer in [1, 1]; got 0"),
+    (
+        "occlusion",
+        {"sliding_window_shapes": (1, 2, 2), "strides": (1, 3, 3)},
+        InputError,
+        "strides must be at most the",
+    ),
+    # keywords no method takes here
+    ("integrated_gradients", {"bogus": 1}, InputTypeError, "got unknown keyword argument(s) ['bogus']"),
+    ("integrated_gradients", {"return_convergence_delta": True}, InputTypeError, "['return_convergence_delta']"),
+    ("integrated_gradients", {"additional_forward_args": (1, 2)}, InputTypeError, "['additional_forward_args']"),
+    ("lime", {"return_input_shape": False}, InputTypeError, "['return_input_shape']"),
+]
+
+
+@pytest.mark.parametrize(("method", "options", "error", "message"), CASES)
+def test_a_bad_option_is_one_clear_line_before_captum_runs(monkeypatch, method, options, error, message):
+    monkeypatch.setattr("trainfer.analysis.attribution_methods.require", lambda *a: pytest.fail("Captum was loaded"))
+    with pytest.raises(error) as raised:
+        attribute(image_net(), X, method, **options)
+    assert message in str(raised.value) and "\n" not in str(raised.value), str(raised.value)
+
+
+def test_every_option_of_every_method_has_a_check():
+    assert {name for names in OPTIONS.values() for name in names} == set(attribution_options._CHECKS)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("integrated_gradients", {"n_steps": 4, "internal_batch_size": 4, "baselines": torch.zeros(1, 1, 8, 8)}),
+        ("occlusion", {"sliding_window_shapes": (1, 2, 2), "strides": (1, 2, 2), "baselines": 0.5}),
+        ("kernel_shap", {"n_samples": 8, "patch": 4, "perturbations_per_eval": 2, "show_progress": False}),
+        ("lime", {"n_samples": 8, "feature_mask": feature_mask(X, 2)}),
+        ("gradient_shap", {"n_samples": 3, "stdevs": 0.1, "baselines": torch.zeros(2, 1, 8, 8)}),
+        ("deeplift_shap", {"baselines": torch.zeros(2, 1, 8, 8)}),
+        ("saliency", {"abs": False}),
+    ],
+)
+def test_good_options_at_their_ordinary_values_still_run(method, options):
+    assert attribute(image_net(), X, method, **options).values.shape == X.shape

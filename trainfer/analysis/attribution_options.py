@@ -1,0 +1,200 @@
+"""The options each explanation method takes, checked before Captum runs (:func:`check_options`).
+
+Every option is checked for its type, its range and, for tensors, its shape, and refused in one line
+naming the option, what it expects and what it was given (:mod:`trainfer.validate`'s form:
+:class:`~trainfer.errors.InputTypeError` for a wrong type, :class:`~trainfer.errors.InputError` for a
+value out of range). Captum's own errors (an ``AssertionError`` printing whole tensors, a
+``MemoryError``, a NaN distribution) never reach the caller, and the bounds keep an explanation's
+work and memory finite:
+
+- ``n_steps`` (integrated gradients) at most :data:`MAX_STEPS`; ``n_samples`` (Kernel SHAP, LIME,
+  GradientSHAP) at most :data:`MAX_SAMPLES`; a reference batch at most :data:`MAX_BASELINES` samples;
+- what a method runs through the model at once, rows times one sample's elements, at most
+  :data:`MAX_ELEMENTS_AT_ONCE`: integrated gradients' ``internal_batch_size`` rows; the batch times
+  ``perturbations_per_eval`` (occlusion, Kernel SHAP, LIME); the batch times ``n_samples``
+  (GradientSHAP) or times the reference batch (DeepLIFT-SHAP), which Captum expands at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from trainfer.analysis.attribution_shap import feature_mask
+from trainfer.errors import InputError, InputTypeError
+from trainfer.validate import check_integer, check_keywords, check_number, check_type, given
+
+#: The most points integrated gradients takes on the path (Captum's default is 50; papers use 20 to 300).
+MAX_STEPS = 10_000
+#: The most samples Kernel SHAP, LIME (coalitions) and GradientSHAP (draws) take: 50 times the default 200.
+MAX_SAMPLES = 10_000
+#: The most samples a reference batch (``baselines`` of GradientSHAP and DeepLIFT-SHAP) holds.
+MAX_BASELINES = 1_000
+#: The most input elements a method runs through the model at once (rows times one sample's elements):
+#: 2**28, 1 GiB of float32 inputs, before the model's activations.
+MAX_ELEMENTS_AT_ONCE = 2**28
+
+#: The options each method takes (all keyword arguments of ``explain``/``attribute`` besides ``target``).
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "integrated_gradients": ("n_steps", "internal_batch_size", "baselines"),
+    "saliency": ("abs",),
+    "occlusion": ("sliding_window_shapes", "strides", "baselines", "perturbations_per_eval", "show_progress"),
+    "kernel_shap": ("n_samples", "feature_mask", "patch", "baselines", "perturbations_per_eval", "show_progress"),
+    "lime": ("n_samples", "feature_mask", "patch", "baselines", "perturbations_per_eval", "show_progress"),
+    "gradient_shap": ("n_samples", "stdevs", "baselines"),
+    "deeplift_shap": ("baselines",),
+}
+#: The methods whose ``baselines`` are a reference batch, and the fewest samples it needs.
+_REFERENCE_BATCH = {"gradient_shap": 1, "deeplift_shap": 2}
+
+__all__ = ["MAX_BASELINES", "MAX_ELEMENTS_AT_ONCE", "MAX_SAMPLES", "MAX_STEPS", "OPTIONS", "check_options"]
+
+
+def check_options(method: str, batch: Tensor, options: dict[str, Any]) -> None:
+    """Refuse an option ``method`` does not take, or a value it cannot run with, for the preprocessed ``batch``."""
+    check_keywords(f"explanation method {method!r}", options, OPTIONS[method])
+    if "patch" in options and "feature_mask" in options:
+        raise InputError("give feature_mask= or patch= (which makes square-patch features), not both")
+    for name, value in options.items():
+        _CHECKS[name](name, value, method, batch)
+    if method == "occlusion":
+        _check_strides_fit(options, tuple(batch.shape[1:]))
+
+
+def occlusion_defaults(sample: tuple[int, ...]) -> dict[str, Any]:
+    """Occlusion's window and strides: ``C x k x k`` windows (``k`` about an eighth of the image side),
+    half-overlapping, for images ``(C, H, W)``; single elements otherwise."""
+    if len(sample) == 3:
+        side = max(1, round(min(sample[1:]) / 8))
+        step = max(1, side // 2)
+        return {"sliding_window_shapes": (sample[0], side, side), "strides": (sample[0], step, step)}
+    return {"sliding_window_shapes": (1,) * len(sample), "strides": 1}
+
+
+def _check_strides_fit(options: dict[str, Any], sample: tuple[int, ...]) -> None:
+    """Captum's occlusion moves a window by its strides: a stride larger than the window skips elements."""
+    settings = {**occlusion_defaults(sample), **options}
+    window = _window("sliding_window_shapes", settings["sliding_window_shapes"], sample, scalar=False)
+    strides = _window("strides", settings["strides"], sample)
+    if any(s > w for s, w in zip(strides, window, strict=True)):
+        raise InputError(f"strides must be at most the sliding window {window} in each dimension; got {strides}")
+
+
+def _rows_at_once(name: str, value: Any, batch: Tensor, per_row: int) -> int:
+    """An integer >= 1 whose rows of ``per_row`` samples keep the elements at once within the bound."""
+    most = max(1, MAX_ELEMENTS_AT_ONCE // max(1, per_row * math.prod(batch.shape[1:])))
+    return check_integer(name, value, minimum=1, maximum=most)
+
+
+def _n_steps(name: str, value: Any, method: str, batch: Tensor) -> None:
+    check_integer(name, value, minimum=1, maximum=MAX_STEPS)
+
+
+def _n_samples(name: str, value: Any, method: str, batch: Tensor) -> None:
+    check_integer(name, value, minimum=1, maximum=MAX_SAMPLES)
+    if method == "gradient_shap":  # Captum draws them all at once: the batch times n_samples rows
+        _rows_at_once(name, value, batch, len(batch))
+
+
+def _internal_batch_size(name: str, value: Any, method: str, batch: Tensor) -> None:
+    _rows_at_once(name, value, batch, 1)
+
+
+def _perturbations_per_eval(name: str, value: Any, method: str, batch: Tensor) -> None:
+    _rows_at_once(name, value, batch, len(batch))
+
+
+def _flag(name: str, value: Any, method: str, batch: Tensor) -> None:
+    check_type(name, value, bool, "True or False")
+
+
+def _stdevs(name: str, value: Any, method: str, batch: Tensor) -> None:
+    check_number(name, value, low=0.0, high=math.inf)
+
+
+def _patch(name: str, value: Any, method: str, batch: Tensor) -> None:
+    feature_mask(batch[:1], value)  # its own check: an image's side, at most the shorter one
+
+
+def _feature_mask(name: str, value: Any, method: str, batch: Tensor) -> None:
+    """Integer feature ids per element, shared by the batch ``(1, *sample)`` or one per example ``(N, *sample)``."""
+    sample = tuple(batch.shape[1:])
+    expected = f"an integer tensor of shape {(1, *sample)} or {(len(batch), *sample)}"
+    if not isinstance(value, Tensor) or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise InputTypeError(f"{name} must be {expected}; got {_described(value)}")
+    if tuple(value.shape) not in ((1, *sample), (len(batch), *sample)):
+        raise InputError(f"{name} must be {expected}; got shape {tuple(value.shape)}")
+    elements = math.prod(batch.shape[1:])
+    if value.numel() and (int(value.min()) < 0 or int(value.max()) >= elements):
+        low, high = int(value.min()), int(value.max())
+        raise InputError(f"{name} must hold feature ids in [0, {elements - 1}]; got ids from {low} to {high}")
+
+
+def _window(name: str, value: Any, sample: tuple[int, ...], scalar: bool = True) -> tuple[int, ...]:
+    """A tuple of one int per sample dimension (or, where ``scalar``, one int for all), each in ``[1, that size]``."""
+    sizes = (value,) * len(sample) if scalar and isinstance(value, int) and not isinstance(value, bool) else value
+    expected = f"{'an int or ' if scalar else ''}a tuple of {len(sample)} ints, each in [1, the sample's size {sample}]"
+    if not isinstance(sizes, tuple) or len(sizes) != len(sample):
+        raise InputTypeError(f"{name} must be {expected}; got {given(value)}")
+    for size, limit in zip(sizes, sample, strict=True):
+        check_integer(f"each of {name}", size, minimum=1, maximum=limit)
+    return sizes
+
+
+def _sliding_window_shapes(name: str, value: Any, method: str, batch: Tensor) -> None:
+    _window(name, value, tuple(batch.shape[1:]), scalar=False)
+
+
+def _strides(name: str, value: Any, method: str, batch: Tensor) -> None:
+    _window(name, value, tuple(batch.shape[1:]))
+
+
+def _baselines(name: str, value: Any, method: str, batch: Tensor) -> None:
+    """A finite number or a tensor of samples; for GradientSHAP and DeepLIFT-SHAP a reference batch."""
+    sample, fewest = tuple(batch.shape[1:]), _REFERENCE_BATCH.get(method)
+    if fewest is not None:
+        shape = f"(B, *{sample}) with B in [{fewest}, {MAX_BASELINES}]"
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            raise InputTypeError(
+                f"{name} of {method} must be a float tensor, a reference batch {shape}; got {_described(value)}"
+            )
+        if tuple(value.shape[1:]) != sample or not fewest <= len(value) <= MAX_BASELINES:
+            raise InputError(f"{name} of {method} must be a reference batch {shape}; got shape {tuple(value.shape)}")
+        _rows_at_once(f"the number of {name}", len(value), batch, len(batch))
+    elif isinstance(value, Tensor):
+        allowed = [sample, (1, *sample), (len(batch), *sample)]
+        if not value.is_floating_point() or tuple(value.shape) not in allowed:
+            shapes = " or ".join(str(shape) for shape in allowed)
+            raise InputError(
+                f"{name} must be a finite number or a float tensor of shape {shapes}; got {_described(value)}"
+            )
+    elif isinstance(value, bool) or not isinstance(value, int | float):
+        raise InputTypeError(f"{name} must be a finite number or a float tensor of samples; got {given(value)}")
+    if not bool(torch.isfinite(torch.as_tensor(value)).all()):
+        raise InputError(f"{name} must be finite; got NaN or inf")
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
+    return given(value)
+
+
+_CHECKS: dict[str, Callable[[str, Any, str, Tensor], None]] = {
+    "n_steps": _n_steps,
+    "n_samples": _n_samples,
+    "internal_batch_size": _internal_batch_size,
+    "perturbations_per_eval": _perturbations_per_eval,
+    "abs": _flag,
+    "show_progress": _flag,
+    "stdevs": _stdevs,
+    "patch": _patch,
+    "feature_mask": _feature_mask,
+    "sliding_window_shapes": _sliding_window_shapes,
+    "strides": _strides,
+    "baselines": _baselines,
+}
