@@ -205,6 +205,13 @@ def test_a_datatype_refused_as_an_input_is_not_among_those_the_answer_lists(data
         )
 
 
+def test_an_output_requested_twice_is_refused_by_name():
+    """Two entries naming one output were merged silently (the second's parameters winning)."""
+    body = {"inputs": [json.loads(TENSOR)], "outputs": [{"name": "y"}, {"name": "z"}, {"name": "y"}]}
+    with pytest.raises(InputError, match=r"requested output 'y' is given twice in \"outputs\": name each once"):
+        decode_request(json.dumps(body).encode(), None)
+
+
 def test_an_unknown_requested_output_names_the_outputs():
     with pytest.raises(InputError, match=r"no output\(s\) \['nope'\]: expected some of \['a'\]"):
         encode_response("m", InferRequest(None, {}, {"nope": False}), {"a": np.zeros(1)})
