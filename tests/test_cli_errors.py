@@ -325,6 +325,7 @@ def test_server_settings_refuse_an_unbounded_number(field, value):
         ("k" * 12 + "\x7f" + "k" * 11, "24 characters, 1 of them outside"),
         ("é" * 24, "24 characters, 24 of them outside"),
         ("k" * 15, "15 characters, 0 of them outside"),
+        ("k" * 100_000, "100000 characters, 0 of them outside"),  # past the header limit: never sendable
     ],
 )
 def test_serve_refuses_an_api_key_no_client_can_send_in_one_line_before_serving(bundle, monkeypatch, key, given):

@@ -991,7 +991,7 @@ def test_an_answer_that_cannot_be_sent_because_the_client_left_is_499_without_a_
     assert not [r for r in caplog.records if r.exc_info], "a client leaving is not a bug"
 
 
-@pytest.mark.parametrize("key", [" " * 20, "x" * 15, "a-valid-key-but\n", "caf\u00e9-key-of-16-chars"])
+@pytest.mark.parametrize("key", [" " * 20, "x" * 15, "a-valid-key-but\n", "caf\u00e9-key-of-16-chars", "k" * 4097])
 def test_server_settings_refuse_an_api_key_no_client_can_send_also_outside_the_cli(key):
     """create_app and the Ray Serve deployment take ServerSettings directly: the key rule is theirs too."""
     pytest.importorskip("fastapi")
@@ -1000,6 +1000,26 @@ def test_server_settings_refuse_an_api_key_no_client_can_send_also_outside_the_c
     with pytest.raises(InputError, match="api_key must be a key of at least 16 visible ASCII characters"):
         ServerSettings(bundles={"m": "b"}, api_key=key)
     assert ServerSettings(bundles={"m": "b"}, api_key="k" * 16).api_key == "k" * 16
+    assert ServerSettings(bundles={"m": "b"}, api_key="k" * 4096).api_key == "k" * 4096
+
+
+def test_an_api_key_header_given_twice_is_refused_whichever_value_comes_first():
+    """Only the first was read: a proxy reading the last one would have judged another key."""
+    pytest.importorskip("fastapi")
+    key, wrong = b"k" * 24, b"w" * 24
+    app = _digits_app(api_key=key.decode())
+
+    async def status(*keys: bytes) -> tuple[int, str]:
+        answer = await asgi_request(app, "/v2/models", headers=tuple((b"x-api-key", k) for k in keys))
+        return answer[0], json.loads(answer[2]).get("error", "")
+
+    async def main() -> list[tuple[int, str]]:
+        return [await status(*keys) for keys in ((key,), (key, key), (key, wrong), (wrong, key))]
+
+    answers = run(main())
+    assert answers[0] == (200, "")
+    twice = (401, "header x-api-key given 2 times: send the API key once")
+    assert answers[1:] == [twice] * 3
 
 
 def test_an_app_mounted_under_a_prefix_answers_inference_below_it_as_its_other_routes():

@@ -21,6 +21,7 @@ logger = logging.getLogger("trainfer.server")
 access_logger = logging.getLogger("trainfer.server.access")
 
 API_KEY_HEADER = "x-api-key"
+_API_KEY_NAME = API_KEY_HEADER.encode()
 _OPEN_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/docs", "/openapi.json"})
 #: Methods whose requests hold no body: never counted against max_requests (probes, metadata and
 #: /metrics answer under any load).
@@ -81,8 +82,10 @@ class AccessMiddleware:
         if counted and self.in_flight > settings.max_requests:
             message = f"overloaded: {settings.max_requests} requests are being handled; retry later"
             return 503, {"error": message}, {"retry-after": str(settings.retry_after)}
-        if self.key is not None and scope["path"] not in _OPEN_PATHS and not self._authorized(scope):
-            return 401, {"error": f"missing or wrong API key (header {API_KEY_HEADER})"}, {}
+        if self.key is not None and scope["path"] not in _OPEN_PATHS:
+            problem = self._key_problem(scope)
+            if problem is not None:
+                return 401, {"error": problem}, {}
         return None
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
@@ -105,10 +108,16 @@ class AccessMiddleware:
             )
         )
 
-    def _authorized(self, scope: Scope) -> bool:
+    def _key_problem(self, scope: Scope) -> str | None:
+        """Why the request's API key is refused, or None when it sends the key once: a header given
+        twice is refused whatever its values (a proxy and a client may each read a different one)."""
         assert self.key is not None
-        given = next((value for name, value in scope["headers"] if name == API_KEY_HEADER.encode()), b"")
-        return hmac.compare_digest(given, self.key)
+        given = [value for name, value in scope["headers"] if name == _API_KEY_NAME]
+        if len(given) > 1:
+            return f"header {API_KEY_HEADER} given {len(given)} times: send the API key once"
+        if not given or not hmac.compare_digest(given[0], self.key):
+            return f"missing or wrong API key (header {API_KEY_HEADER})"
+        return None
 
 
 def _json_line(document: dict[str, Any]) -> str:

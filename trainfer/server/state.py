@@ -87,17 +87,25 @@ class ServerSettings:
         check_api_key(self.api_key, "api_key")
 
 
+#: The longest API key accepted (characters, each one byte): far below the 64 KiB a request's head may
+#: hold (:data:`trainfer.server.header_limit.MAX_HEADER_BYTES`) and the 8 KiB many proxies allow a
+#: header line, so that any client can send it.
+MAX_API_KEY = 4096
+
+
 def check_api_key(key: str | None, what: str) -> None:
-    """Refuse a key (None passes) shorter than 16 characters or holding any outside ``!`` to ``~``:
-    HTTP strips the spaces at a header value's edges, and control or non-ASCII characters are not
-    portable in headers, so such a key could never (or not reliably) be sent."""
+    """Refuse a key (None passes) shorter than 16 characters, longer than :data:`MAX_API_KEY`, or
+    holding any outside ``!`` to ``~``: HTTP strips the spaces at a header value's edges, control or
+    non-ASCII characters are not portable in headers, and a header past the server's (or a proxy's)
+    limit is refused, so such a key could never (or not reliably) be sent."""
     if key is None:
         return
     invisible = sum(not "!" <= c <= "~" for c in key)
-    if len(key) < 16 or invisible:
+    if not 16 <= len(key) <= MAX_API_KEY or invisible:
         raise InputError(
             f"{what} must be a key of at least 16 visible ASCII characters ('!' to '~': no spaces, control or "
-            f"non-ASCII characters); got {len(key)} characters, {invisible} of them outside '!' to '~'"
+            f"non-ASCII characters) and at most {MAX_API_KEY}; got {len(key)} characters, {invisible} of them "
+            "outside '!' to '~'"
         )
 
 
