@@ -340,6 +340,17 @@ def test_serve_refuses_an_api_key_no_client_can_send_in_one_line_before_serving(
     assert served == ["k!~" * 6]
 
 
+def test_serve_takes_allowed_hosts_as_names_without_ports_and_refuses_others_in_one_line(bundle, monkeypatch):
+    pytest.importorskip("fastapi")
+    served = []
+    monkeypatch.setattr("trainfer.server.run.serve", lambda settings, **options: served.append(settings))
+    args = ["serve", str(bundle), "--allowed-hosts"]
+    refused = CliRunner().invoke(main, [*args, "api.example.com:8000"])
+    one_line_error(refused, "--allowed-hosts: 'api.example.com:8000' is not a host name", "no port")
+    assert CliRunner().invoke(main, [*args, "API.example.com,10.0.0.7"]).exit_code == 0
+    assert [(s.host, s.allowed_hosts) for s in served] == [("127.0.0.1", ("api.example.com", "10.0.0.7"))]
+
+
 def test_serve_on_a_port_in_use_or_a_bad_host_is_one_line_before_loading(bundle, monkeypatch):
     pytest.importorskip("fastapi")
     import socket

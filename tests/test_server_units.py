@@ -1083,7 +1083,7 @@ def test_a_request_past_max_batch_runs_in_chunks_and_its_later_chunks_never_run_
         server.batchers["m"] = batcher = DynamicBatcher(run, max_batch=4, max_delay=0.0, max_queue=100)
         batcher.start()
         try:
-            return await server.run("m", batch)
+            return await server.bounded(server.run("m", batch))
         finally:
             await batcher.stop()
 
@@ -1139,3 +1139,61 @@ def test_explain_takes_the_class_or_output_to_explain_and_refuses_one_out_of_ran
     heat = torch.tensor(json.loads(body)["heatmap"], dtype=torch.float64)
     torch.testing.assert_close(heat, expected / expected.max(), rtol=1e-5, atol=1e-6)
     assert "target must index the 10 outputs (0..9); got 10" in json.loads(message)["error"]
+
+
+def test_decoding_a_sequence_models_answers_is_bounded_by_the_timeout_and_the_cores_beside_cheap_requests(
+    tmp_path, monkeypatch
+):
+    """A CTC model's answers are decoded after its batch (a beam search per sample). That stage ran
+    outside the request timeout, on the default thread pool: 8 heavy decodes made another client's
+    one-row request answer 200 after 9.6 s under ``--timeout 0.5``. Now every request gets its answer
+    or its 504 within the timeout, and at most one decode per core runs (here 2): the others, which
+    timed out waiting for a turn, never start."""
+    pytest.importorskip("fastapi")
+    from test_sequence_generation import images
+
+    import trainfer
+    from trainfer.models.sequence import CTC_TOKENS, digit_string_crnn
+    from trainfer.numerics import randomize_batchnorm
+    from trainfer.server import state
+    from trainfer.server.app import ServerSettings, create_app
+    from trainfer.server.model import ServedModel
+
+    crnn = randomize_batchnorm(digit_string_crnn(width=4), seed=3).eval()
+    ctc = {"kind": "ctc", "blank": 0, "beam_width": 4}
+    bundle = trainfer.save(crnn, tmp_path / "ctc", task="sequence", labels=list(CTC_TOKENS), decoder=ctc)
+    monkeypatch.setattr(state, "usable_cores", lambda: 2)
+    released, started, decode = threading.Event(), [], ServedModel.results
+
+    def slow_for_top_k_2(self, rows, top_k):  # the heavy requests' decoding, seconds past the timeout
+        if top_k == 2:
+            started.append(top_k)
+            released.wait(5)
+        return decode(self, rows, top_k)
+
+    monkeypatch.setattr(ServedModel, "results", slow_for_top_k_2)
+    app = create_app(ServerSettings(bundles={"ctc": str(bundle)}, timeout=0.5))
+    buffer = io.BytesIO()
+    np.save(buffer, images(1).numpy())
+    npy = buffer.getvalue()
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            await _ready(app)
+            heavy = [
+                asyncio.ensure_future(asgi_request(app, "/v2/models/ctc/predict?top_k=2&filename=a.npy", "POST", npy))
+                for _ in range(8)
+            ]
+            while len(started) < 2:
+                await asyncio.sleep(0.01)
+            cheap = await asgi_request(app, "/v2/models/ctc/predict?filename=b.npy", "POST", npy)
+            answers = await asyncio.gather(*heavy)
+            decoding_at_the_end = len(started)
+            released.set()
+            return cheap, answers, decoding_at_the_end
+
+    cheap, answers, decoded = run(main(), seconds=60)
+    late = {"error": "no answer within the request timeout of 0.5 s"}
+    assert (cheap[0], json.loads(cheap[2])) == (504, late)
+    assert [(status, json.loads(body)) for status, _, body in answers] == [(504, late)] * 8
+    assert decoded == 2
