@@ -1197,3 +1197,46 @@ def test_decoding_a_sequence_models_answers_is_bounded_by_the_timeout_and_the_co
     assert (cheap[0], json.loads(cheap[2])) == (504, late)
     assert [(status, json.loads(body)) for status, _, body in answers] == [(504, late)] * 8
     assert decoded == 2
+
+
+@pytest.mark.parametrize(
+    ("query", "error"),
+    [
+        ("predict?top_k=1&top_k=5", "query parameter(s) given more than once: 'top_k' 2 times; give each once"),
+        ("explain?target=1&target=2", "query parameter(s) given more than once: 'target' 2 times; give each once"),
+        ("predict?filename=a.npy&filename=b.npy", "'filename' 2 times"),
+        *[("explain?target=" + given, f"query parameter target={shown!r}: expected a whole number written with")
+          for given, shown in [("1_0", "1_0"), ("1.0", "1.0"), ("%2B1", "+1"), ("+1", " 1"), ("%201", " 1"),
+                               ("-1", "-1"), ("%D9%A1", "\u0661"), ("1e1", "1e1"), ("", ""), ("9" * 19, "9" * 19)]],
+        ("predict?top_k=3.0", "query parameter top_k='3.0': expected a whole number written with the digits 0-9 only"),
+    ],
+)  # fmt: skip
+def test_a_query_parameter_given_twice_or_an_integer_not_in_plain_decimal_digits_is_a_400_naming_it(query, error):
+    """``target=1_0`` was read as 10 and ``target=1&target=2`` as 2: every integer parameter is plain
+    ASCII digits, every parameter given once, checked before the body is read."""
+    pytest.importorskip("fastapi")
+    app = _digits_app()
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            await _ready(app)
+            return await asgi_request(app, f"/v2/models/digits/{query}", "POST", b"never read")
+
+    status, _, body = run(main(), seconds=60)
+    assert status == 400 and error in json.loads(body)["error"], body
+
+
+def test_the_file_endpoints_document_their_query_parameters_as_integers_and_strings():
+    pytest.importorskip("fastapi")
+    paths = _digits_app().openapi()["paths"]
+    for route, integer in (("predict", "top_k"), ("explain", "target")):
+        parameters = {p["name"]: p for p in paths[f"/v2/models/{{name}}/{route}"]["post"]["parameters"]}
+        assert {name: p["in"] for name, p in parameters.items()} == {
+            "name": "path",
+            "filename": "query",
+            integer: "query",
+        }
+        assert (parameters[integer]["schema"]["type"], parameters["filename"]["schema"]["type"]) == (
+            "integer",
+            "string",
+        )

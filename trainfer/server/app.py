@@ -47,6 +47,7 @@ from trainfer.server.infer_route import InferRoute, versioned
 from trainfer.server.metrics import CONTENT_TYPE_LATEST
 from trainfer.server.openapi_schemas import FILE_SCHEMA, document_infer
 from trainfer.server.pages import add_pages
+from trainfer.server.query import EXPLAIN, PREDICT, openapi_parameters, read_query
 from trainfer.server.state import Server, ServerSettings, in_turn
 from trainfer.server.uploads import read_upload
 
@@ -146,10 +147,16 @@ def _routes(app: FastAPI, server: Server) -> None:
 
     document_infer(app)  # answered by InferRoute, ahead of these routes
 
-    @app.post("/v2/models/{name}/predict", summary="Typed predictions for a file", openapi_extra=FILE_SCHEMA)
-    async def predict(name: str, request: Request, filename: str = "upload", top_k: int | None = None) -> Response:
+    @app.post(
+        "/v2/models/{name}/predict",
+        summary="Typed predictions for a file",
+        openapi_extra={**FILE_SCHEMA, **openapi_parameters(PREDICT)},
+    )
+    async def predict(name: str, request: Request) -> Response:
         """The file in the body (an image, a .npy array or CSV rows) -> one JSON line per sample, as
-        ``trainfer predict --format jsonl`` writes them."""
+        ``trainfer predict --format jsonl`` writes them (query: :data:`~trainfer.server.query.PREDICT`)."""
+        query = read_query(request.scope, PREDICT)
+        filename, top_k = query["filename"], query["top_k"]
         model = server.model(name)
         check_top_k(top_k, model.predictor.heads, classes=model.classes)  # before reading the body: costs nothing
         body = await server.body(request.receive, request.headers.get("content-length"))
@@ -172,15 +179,19 @@ def _routes(app: FastAPI, server: Server) -> None:
         ]
         return Response("".join(lines), media_type="application/jsonl")
 
-    @app.post("/v2/models/{name}/explain", summary="Attribution heat map for a file", openapi_extra=FILE_SCHEMA)
-    async def explain(
-        name: str, request: Request, filename: str = "upload", target: int | None = None
-    ) -> dict[str, Any]:
+    @app.post(
+        "/v2/models/{name}/explain",
+        summary="Attribution heat map for a file",
+        openapi_extra={**FILE_SCHEMA, **openapi_parameters(EXPLAIN)},
+    )
+    async def explain(name: str, request: Request) -> dict[str, Any]:
         """The first sample of the file in the body, explained by integrated gradients: the absolute
         attributions summed over channels, scaled to a maximum of 1 (``heatmap``, rows of numbers);
         ``target``: the class or output index explained (default: the predicted class; a regression
         model with several outputs needs it); 504 past the request timeout, counted from the body's
         arrival (:meth:`Server.bounded`), one explanation computing at a time (``server.explaining``)."""
+        query = read_query(request.scope, EXPLAIN)
+        filename, target = query["filename"], query["target"]
         model = server.model(name)
         body = await server.body(request.receive, request.headers.get("content-length"))
         content_type = request.headers.get("content-type", "")
