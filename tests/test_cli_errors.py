@@ -326,6 +326,7 @@ def test_server_settings_refuse_an_unbounded_number(field, value):
         ("k" * 12 + "\x7f" + "k" * 11, "24 characters, 1 of them outside"),
         ("é" * 24, "24 characters, 24 of them outside"),
         ("k" * 15, "15 characters, 0 of them outside"),
+        ("k" * 100_000, "100000 characters, 0 of them outside"),  # past the header limit: never sendable
     ],
 )
 def test_serve_refuses_an_api_key_no_client_can_send_in_one_line_before_serving(bundle, monkeypatch, key, given):
@@ -338,6 +339,17 @@ def test_serve_refuses_an_api_key_no_client_can_send_in_one_line_before_serving(
     one_line_error(refused, "--api-key-env SERVE_KEY", "at least 16 visible ASCII characters", f"got {given}")
     assert CliRunner().invoke(main, args, env={"SERVE_KEY": "k!~" * 6}).exit_code == 0
     assert served == ["k!~" * 6]
+
+
+def test_serve_takes_allowed_hosts_as_names_without_ports_and_refuses_others_in_one_line(bundle, monkeypatch):
+    pytest.importorskip("fastapi")
+    served = []
+    monkeypatch.setattr("trainfer.server.run.serve", lambda settings, **options: served.append(settings))
+    args = ["serve", str(bundle), "--allowed-hosts"]
+    refused = CliRunner().invoke(main, [*args, "api.example.com:8000"])
+    one_line_error(refused, "--allowed-hosts: 'api.example.com:8000' is not a host name", "no port")
+    assert CliRunner().invoke(main, [*args, "API.example.com,10.0.0.7"]).exit_code == 0
+    assert [(s.host, s.allowed_hosts) for s in served] == [("127.0.0.1", ("api.example.com", "10.0.0.7"))]
 
 
 def test_serve_on_a_port_in_use_or_a_bad_host_is_one_line_before_loading(bundle, monkeypatch):

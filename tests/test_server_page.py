@@ -33,6 +33,8 @@ if not Path(CHROMIUM).is_file():
 pytestmark = pytest.mark.slow
 
 LABELS = ["cat", "dog", "eel"]
+#: What Chromium refused under the page's Content-Security-Policy, in any test of this module.
+CSP_REFUSALS: list[str] = []
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +56,22 @@ def page(served):
         try:
             page = browser.new_page(viewport={"width": 900, "height": 900})
             page.set_default_timeout(60_000)
+            page.on("console", lambda message: _note_refusal(message.text))
             yield page
         finally:
             browser.close()
 
 
+def _note_refusal(text: str) -> None:
+    """Keep what Chromium refused under the page's Content-Security-Policy (it says so on the console)."""
+    if "Content Security Policy" in text:
+        CSP_REFUSALS.append(text)
+
+
 def _open(page, url: str) -> None:
     page.goto(url + "/")
-    page.wait_for_function("document.querySelectorAll('#model option').length === 3")
+    # selectors, not wait_for_function: its polling evaluates a string, which the page's CSP refuses (no 'unsafe-eval')
+    page.wait_for_selector("#model option:nth-child(3)", state="attached")
 
 
 def _predict_on_page(page, url: str, model: str, image) -> None:
@@ -119,7 +129,7 @@ def test_the_page_shows_a_bad_file_as_the_servers_one_line_error(served, page, t
     bad.write_bytes(b"not an image")
     _open(page, server.url)
     page.set_input_files("#file", str(bad))
-    page.wait_for_function("document.getElementById('error').textContent.length > 0")
+    page.wait_for_selector("#error:not(:empty)")
     assert page.inner_text("#error").startswith("400: cannot read image 'broken.png'")
     assert page.locator("#result table").count() == 0
 
@@ -152,3 +162,12 @@ def test_the_page_predicts_with_a_binary_model_sending_no_top_k(served, page):
     probability, decision = page.locator("#result table tr").all_inner_texts()[0].split("\t")
     assert float(probability.removeprefix("p = ")) == pytest.approx(expected.probability, abs=1e-4)
     assert decision == f"decision: {str(expected.decision).lower()}"
+
+
+def test_the_page_runs_under_its_content_security_policy_with_nothing_refused(served, page):
+    """Its inline script and style are allowed by digest (the style applies: the top-k box is 4rem
+    wide), and no test on this page met a refusal."""
+    server, _, _ = served
+    _open(page, server.url)
+    assert page.evaluate("getComputedStyle(document.getElementById('topk')).width") == "64px"
+    assert CSP_REFUSALS == []

@@ -205,6 +205,13 @@ def test_a_datatype_refused_as_an_input_is_not_among_those_the_answer_lists(data
         )
 
 
+def test_an_output_requested_twice_is_refused_by_name():
+    """Two entries naming one output were merged silently (the second's parameters winning)."""
+    body = {"inputs": [json.loads(TENSOR)], "outputs": [{"name": "y"}, {"name": "z"}, {"name": "y"}]}
+    with pytest.raises(InputError, match=r"requested output 'y' is given twice in \"outputs\": name each once"):
+        decode_request(json.dumps(body).encode(), None)
+
+
 def test_an_unknown_requested_output_names_the_outputs():
     with pytest.raises(InputError, match=r"no output\(s\) \['nope'\]: expected some of \['a'\]"):
         encode_response("m", InferRequest(None, {}, {"nope": False}), {"a": np.zeros(1)})
@@ -984,7 +991,7 @@ def test_an_answer_that_cannot_be_sent_because_the_client_left_is_499_without_a_
     assert not [r for r in caplog.records if r.exc_info], "a client leaving is not a bug"
 
 
-@pytest.mark.parametrize("key", [" " * 20, "x" * 15, "a-valid-key-but\n", "caf\u00e9-key-of-16-chars"])
+@pytest.mark.parametrize("key", [" " * 20, "x" * 15, "a-valid-key-but\n", "caf\u00e9-key-of-16-chars", "k" * 4097])
 def test_server_settings_refuse_an_api_key_no_client_can_send_also_outside_the_cli(key):
     """create_app and the Ray Serve deployment take ServerSettings directly: the key rule is theirs too."""
     pytest.importorskip("fastapi")
@@ -993,6 +1000,26 @@ def test_server_settings_refuse_an_api_key_no_client_can_send_also_outside_the_c
     with pytest.raises(InputError, match="api_key must be a key of at least 16 visible ASCII characters"):
         ServerSettings(bundles={"m": "b"}, api_key=key)
     assert ServerSettings(bundles={"m": "b"}, api_key="k" * 16).api_key == "k" * 16
+    assert ServerSettings(bundles={"m": "b"}, api_key="k" * 4096).api_key == "k" * 4096
+
+
+def test_an_api_key_header_given_twice_is_refused_whichever_value_comes_first():
+    """Only the first was read: a proxy reading the last one would have judged another key."""
+    pytest.importorskip("fastapi")
+    key, wrong = b"k" * 24, b"w" * 24
+    app = _digits_app(api_key=key.decode())
+
+    async def status(*keys: bytes) -> tuple[int, str]:
+        answer = await asgi_request(app, "/v2/models", headers=tuple((b"x-api-key", k) for k in keys))
+        return answer[0], json.loads(answer[2]).get("error", "")
+
+    async def main() -> list[tuple[int, str]]:
+        return [await status(*keys) for keys in ((key,), (key, key), (key, wrong), (wrong, key))]
+
+    answers = run(main())
+    assert answers[0] == (200, "")
+    twice = (401, "header x-api-key given 2 times: send the API key once")
+    assert answers[1:] == [twice] * 3
 
 
 def test_an_app_mounted_under_a_prefix_answers_inference_below_it_as_its_other_routes():
@@ -1056,7 +1083,7 @@ def test_a_request_past_max_batch_runs_in_chunks_and_its_later_chunks_never_run_
         server.batchers["m"] = batcher = DynamicBatcher(run, max_batch=4, max_delay=0.0, max_queue=100)
         batcher.start()
         try:
-            return await server.run("m", batch)
+            return await server.bounded(server.run("m", batch))
         finally:
             await batcher.stop()
 
@@ -1131,3 +1158,104 @@ def test_workers_get_a_minute_to_answer_their_supervisors_health_check(monkeypat
     (config,) = configs
     assert run.WORKER_HEALTH_CHECK_SECONDS == 60 and config.timeout_worker_healthcheck == 60
     assert config.workers == 2
+
+
+def test_decoding_a_sequence_models_answers_is_bounded_by_the_timeout_and_the_cores_beside_cheap_requests(
+    tmp_path, monkeypatch
+):
+    """A CTC model's answers are decoded after its batch (a beam search per sample). That stage ran
+    outside the request timeout, on the default thread pool: 8 heavy decodes made another client's
+    one-row request answer 200 after 9.6 s under ``--timeout 0.5``. Now every request gets its answer
+    or its 504 within the timeout, and at most one decode per core runs (here 2): the others, which
+    timed out waiting for a turn, never start."""
+    pytest.importorskip("fastapi")
+    from test_sequence_generation import images
+
+    import trainfer
+    from trainfer.models.sequence import CTC_TOKENS, digit_string_crnn
+    from trainfer.numerics import randomize_batchnorm
+    from trainfer.server import state
+    from trainfer.server.app import ServerSettings, create_app
+    from trainfer.server.model import ServedModel
+
+    crnn = randomize_batchnorm(digit_string_crnn(width=4), seed=3).eval()
+    ctc = {"kind": "ctc", "blank": 0, "beam_width": 4}
+    bundle = trainfer.save(crnn, tmp_path / "ctc", task="sequence", labels=list(CTC_TOKENS), decoder=ctc)
+    monkeypatch.setattr(state, "usable_cores", lambda: 2)
+    released, started, decode = threading.Event(), [], ServedModel.results
+
+    def slow_for_top_k_2(self, rows, top_k):  # the heavy requests' decoding, seconds past the timeout
+        if top_k == 2:
+            started.append(top_k)
+            released.wait(5)
+        return decode(self, rows, top_k)
+
+    monkeypatch.setattr(ServedModel, "results", slow_for_top_k_2)
+    app = create_app(ServerSettings(bundles={"ctc": str(bundle)}, timeout=0.5))
+    buffer = io.BytesIO()
+    np.save(buffer, images(1).numpy())
+    npy = buffer.getvalue()
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            await _ready(app)
+            heavy = [
+                asyncio.ensure_future(asgi_request(app, "/v2/models/ctc/predict?top_k=2&filename=a.npy", "POST", npy))
+                for _ in range(8)
+            ]
+            while len(started) < 2:
+                await asyncio.sleep(0.01)
+            cheap = await asgi_request(app, "/v2/models/ctc/predict?filename=b.npy", "POST", npy)
+            answers = await asyncio.gather(*heavy)
+            decoding_at_the_end = len(started)
+            released.set()
+            return cheap, answers, decoding_at_the_end
+
+    cheap, answers, decoded = run(main(), seconds=60)
+    late = {"error": "no answer within the request timeout of 0.5 s"}
+    assert (cheap[0], json.loads(cheap[2])) == (504, late)
+    assert [(status, json.loads(body)) for status, _, body in answers] == [(504, late)] * 8
+    assert decoded == 2
+
+
+@pytest.mark.parametrize(
+    ("query", "error"),
+    [
+        ("predict?top_k=1&top_k=5", "query parameter(s) given more than once: 'top_k' 2 times; give each once"),
+        ("explain?target=1&target=2", "query parameter(s) given more than once: 'target' 2 times; give each once"),
+        ("predict?filename=a.npy&filename=b.npy", "'filename' 2 times"),
+        *[("explain?target=" + given, f"query parameter target={shown!r}: expected a whole number written with")
+          for given, shown in [("1_0", "1_0"), ("1.0", "1.0"), ("%2B1", "+1"), ("+1", " 1"), ("%201", " 1"),
+                               ("-1", "-1"), ("%D9%A1", "\u0661"), ("1e1", "1e1"), ("", ""), ("9" * 19, "9" * 19)]],
+        ("predict?top_k=3.0", "query parameter top_k='3.0': expected a whole number written with the digits 0-9 only"),
+    ],
+)  # fmt: skip
+def test_a_query_parameter_given_twice_or_an_integer_not_in_plain_decimal_digits_is_a_400_naming_it(query, error):
+    """``target=1_0`` was read as 10 and ``target=1&target=2`` as 2: every integer parameter is plain
+    ASCII digits, every parameter given once, checked before the body is read."""
+    pytest.importorskip("fastapi")
+    app = _digits_app()
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            await _ready(app)
+            return await asgi_request(app, f"/v2/models/digits/{query}", "POST", b"never read")
+
+    status, _, body = run(main(), seconds=60)
+    assert status == 400 and error in json.loads(body)["error"], body
+
+
+def test_the_file_endpoints_document_their_query_parameters_as_integers_and_strings():
+    pytest.importorskip("fastapi")
+    paths = _digits_app().openapi()["paths"]
+    for route, integer in (("predict", "top_k"), ("explain", "target")):
+        parameters = {p["name"]: p for p in paths[f"/v2/models/{{name}}/{route}"]["post"]["parameters"]}
+        assert {name: p["in"] for name, p in parameters.items()} == {
+            "name": "path",
+            "filename": "query",
+            integer: "query",
+        }
+        assert (parameters[integer]["schema"]["type"], parameters["filename"]["schema"]["type"]) == (
+            "integer",
+            "string",
+        )

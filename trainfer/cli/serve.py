@@ -55,6 +55,13 @@ def api_key(variable: str | None) -> str | None:
     return key
 
 
+def host_names(allowed_hosts: str | None) -> tuple[str, ...]:
+    """``--allowed-hosts``' names (comma-separated), checked (:func:`trainfer.server.hosts.check_allowed_hosts`)."""
+    from trainfer.server.hosts import check_allowed_hosts
+
+    return () if allowed_hosts is None else check_allowed_hosts(allowed_hosts.split(","), "--allowed-hosts")
+
+
 def compile_settings(
     bundles: dict[str, str],
     search: bool,
@@ -134,6 +141,14 @@ def _given(context: click.Context, name: str) -> bool:
 @click.argument("bundles", nargs=-1, required=True, type=click.Path())
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
 @click.option("--port", default=8000, show_default=True, type=IntRange(0, 65535))
+@click.option(
+    "--allowed-hosts",
+    default=None,
+    metavar="NAMES",
+    help="More names requests may send in Host, comma-separated (those a proxy or DNS gives this server; '*': any, "
+    "your choice: no defence against DNS rebinding). Always accepted: localhost, 127.0.0.1 and [::1] on a loopback "
+    "--host, the --host address otherwise, any IP address on 0.0.0.0 or ::.",
+)
 @click.option("--names", default=None, help="Model names, comma-separated (default: each bundle directory's name).")
 # The ranges below are trainfer.server.state.LIMITS' (not imported here: it loads torch and fastapi), shown by
 # --help; check_options then refuses what a range lets through (nan, inf). A test keeps the two equal.
@@ -229,6 +244,7 @@ def command(
     bundles: tuple[str, ...],
     host: str,
     port: int,
+    allowed_hosts: str | None,
     names: str | None,
     max_batch: int,
     max_delay_ms: float,
@@ -287,6 +303,8 @@ def command(
         header_timeout=header_timeout,
         compile=compile_settings(served, search, write_runtime, runtime, workers, search_values),
         write_runtime=write_runtime,
+        host=host,
+        allowed_hosts=host_names(allowed_hosts),
     )
     try:
         serve(settings, host=host, port=port, workers=workers)

@@ -1,6 +1,7 @@
-"""Every request's gate and record: the number of requests with a body handled at once (a 503 with
-``Retry-After`` past ``max_requests``), the API key, one structured access-log line (the logger
-``trainfer.server.access``), the metrics, and a one-line 500 for an exception escaping the app."""
+"""Every request's gate and record: the ``Host`` it names (:mod:`trainfer.server.hosts`), the number
+of requests with a body handled at once (a 503 with ``Retry-After`` past ``max_requests``), the API
+key, one structured access-log line (the logger ``trainfer.server.access``), the metrics, a
+``nosniff`` header on every answer, and a one-line 500 for an exception escaping the app."""
 
 from __future__ import annotations
 
@@ -15,13 +16,18 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from trainfer.server.error_answers import CLIENT_GONE, INTERNAL_ERROR
+from trainfer.server.hosts import HostCheck
 from trainfer.server.state import Server
 
 logger = logging.getLogger("trainfer.server")
 access_logger = logging.getLogger("trainfer.server.access")
 
 API_KEY_HEADER = "x-api-key"
+_API_KEY_NAME = API_KEY_HEADER.encode()
 _OPEN_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/docs", "/openapi.json"})
+#: Sent with every answer: a browser never guesses another type than the one declared (a JSON line
+#: echoing an uploaded file's name is never run as HTML).
+_NOSNIFF = (b"x-content-type-options", b"nosniff")
 #: Methods whose requests hold no body: never counted against max_requests (probes, metadata and
 #: /metrics answer under any load).
 _BODILESS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -37,6 +43,7 @@ class AccessMiddleware:
         self.app, self.server = app, server
         key = server.settings.api_key
         self.key = key.encode() if key else None
+        self.hosts = HostCheck(server.settings.host, server.settings.allowed_hosts)
         self.in_flight = 0  # requests with a body being handled: at most settings.max_requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -50,6 +57,7 @@ class AccessMiddleware:
             nonlocal status, started, gone
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
+                message = {**message, "headers": [*message.get("headers", ()), _NOSNIFF]}
             if gone:
                 return
             try:
@@ -75,14 +83,20 @@ class AccessMiddleware:
         self._record(scope, CLIENT_GONE if gone else status, time.perf_counter() - start)
 
     def _refusal(self, scope: Scope, counted: bool) -> tuple[int, dict[str, str], dict[str, str]] | None:
-        """(status, document, headers) of a request refused before the app sees it: over
-        ``max_requests`` (503), or without the API key (401); None to let it through."""
+        """(status, document, headers) of a request refused before the app sees it: naming a host
+        this server is not (400, :mod:`trainfer.server.hosts`), over ``max_requests`` (503), or
+        without the API key (401); None to let it through."""
         settings = self.server.settings
+        foreign = self.hosts.refusal(scope["headers"])
+        if foreign is not None:
+            return 400, {"error": foreign}, {}
         if counted and self.in_flight > settings.max_requests:
             message = f"overloaded: {settings.max_requests} requests are being handled; retry later"
             return 503, {"error": message}, {"retry-after": str(settings.retry_after)}
-        if self.key is not None and scope["path"] not in _OPEN_PATHS and not self._authorized(scope):
-            return 401, {"error": f"missing or wrong API key (header {API_KEY_HEADER})"}, {}
+        if self.key is not None and scope["path"] not in _OPEN_PATHS:
+            problem = self._key_problem(scope)
+            if problem is not None:
+                return 401, {"error": problem}, {}
         return None
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
@@ -105,10 +119,16 @@ class AccessMiddleware:
             )
         )
 
-    def _authorized(self, scope: Scope) -> bool:
+    def _key_problem(self, scope: Scope) -> str | None:
+        """Why the request's API key is refused, or None when it sends the key once: a header given
+        twice is refused whatever its values (a proxy and a client may each read a different one)."""
         assert self.key is not None
-        given = next((value for name, value in scope["headers"] if name == API_KEY_HEADER.encode()), b"")
-        return hmac.compare_digest(given, self.key)
+        given = [value for name, value in scope["headers"] if name == _API_KEY_NAME]
+        if len(given) > 1:
+            return f"header {API_KEY_HEADER} given {len(given)} times: send the API key once"
+        if not given or not hmac.compare_digest(given[0], self.key):
+            return f"missing or wrong API key (header {API_KEY_HEADER})"
+        return None
 
 
 def _json_line(document: dict[str, Any]) -> str:

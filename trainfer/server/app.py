@@ -14,7 +14,7 @@ Routes (``{name}``: a served model; ``/versions/1`` may follow it, as the protoc
 ``/v2/models/{name}/explain``         POST    a file's bytes in, an attribution heat map out
 ``/metrics``                          GET     Prometheus exposition
 ``/``                                 GET     a page to try a model in a browser
-``/docs``, ``/openapi.json``          GET     the OpenAPI schema and its viewer
+``/docs``, ``/openapi.json``          GET     the OpenAPI schema and its viewer (:mod:`.pages`)
 ====================================  ======  ==================================================
 
 Answers to mistakes are one JSON line ``{"error": "..."}``: 400 bad input (the CLI's message),
@@ -30,12 +30,11 @@ import json
 import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from importlib import resources
 from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from trainfer._version import __version__
@@ -46,9 +45,10 @@ from trainfer.server.access import AccessMiddleware
 from trainfer.server.error_answers import answer_errors
 from trainfer.server.infer_route import InferRoute, versioned
 from trainfer.server.metrics import CONTENT_TYPE_LATEST
-from trainfer.server.model import ServedModel
 from trainfer.server.openapi_schemas import FILE_SCHEMA, document_infer
-from trainfer.server.state import HTTPError, Server, ServerSettings
+from trainfer.server.pages import add_pages
+from trainfer.server.query import EXPLAIN, PREDICT, openapi_parameters, read_query
+from trainfer.server.state import Server, ServerSettings, in_turn
 from trainfer.server.uploads import read_upload
 
 logger = logging.getLogger("trainfer.server")
@@ -87,6 +87,8 @@ def create_app(
         version=__version__,
         description="The Open Inference Protocol (KServe v2) over HTTP for trainfer bundles.",
         lifespan=lifespan,
+        docs_url=None,  # trainfer.server.pages serves /docs, with a pinned Swagger UI
+        redoc_url=None,  # its script floats at redoc@2 and it loads Google's fonts: not served
     )
     app.state.server = server
     _routes(app, server)
@@ -114,10 +116,7 @@ class _App(FastAPI):
 
 def _routes(app: FastAPI, server: Server) -> None:
     settings = server.settings
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page() -> HTMLResponse:
-        return HTMLResponse(resources.files("trainfer.server").joinpath("static/index.html").read_text("utf-8"))
+    add_pages(app)
 
     @app.get("/v2/health/live", summary="Liveness")
     async def live() -> dict[str, bool]:
@@ -148,10 +147,16 @@ def _routes(app: FastAPI, server: Server) -> None:
 
     document_infer(app)  # answered by InferRoute, ahead of these routes
 
-    @app.post("/v2/models/{name}/predict", summary="Typed predictions for a file", openapi_extra=FILE_SCHEMA)
-    async def predict(name: str, request: Request, filename: str = "upload", top_k: int | None = None) -> Response:
+    @app.post(
+        "/v2/models/{name}/predict",
+        summary="Typed predictions for a file",
+        openapi_extra={**FILE_SCHEMA, **openapi_parameters(PREDICT)},
+    )
+    async def predict(name: str, request: Request) -> Response:
         """The file in the body (an image, a .npy array or CSV rows) -> one JSON line per sample, as
-        ``trainfer predict --format jsonl`` writes them."""
+        ``trainfer predict --format jsonl`` writes them (query: :data:`~trainfer.server.query.PREDICT`)."""
+        query = read_query(request.scope, PREDICT)
+        filename, top_k = query["filename"], query["top_k"]
         model = server.model(name)
         check_top_k(top_k, model.predictor.heads, classes=model.classes)  # before reading the body: costs nothing
         body = await server.body(request.receive, request.headers.get("content-length"))
@@ -162,30 +167,41 @@ def _routes(app: FastAPI, server: Server) -> None:
             items = read_upload(body, filename, content_type, spec, server.settings.max_queue)
             return [i for i, _ in items], model.prepare([sample for _, sample in items])
 
-        ids, batch = await server.decode(prepare)
-        rows = await server.run(name, batch, top_k)
-        results = (
-            await asyncio.to_thread(model.results, rows, top_k) if model.decodes_answers else model.results(rows, top_k)
-        )
+        async def answer() -> tuple[list[str], list[Any]]:
+            ids, batch = await server.decode(prepare)
+            rows = await server.run(name, batch, top_k)
+            decoding = model.decodes_answers  # a beam search per sample: off the loop, a turn per core
+            return ids, await server.decode(model.results, rows, top_k) if decoding else model.results(rows, top_k)
+
+        ids, results = await server.bounded(answer())
         lines = [
             json.dumps({"id": i, **r}, allow_nan=False) + "\n" for i, r in zip(ids, to_records(results), strict=True)
         ]
         return Response("".join(lines), media_type="application/jsonl")
 
-    @app.post("/v2/models/{name}/explain", summary="Attribution heat map for a file", openapi_extra=FILE_SCHEMA)
-    async def explain(
-        name: str, request: Request, filename: str = "upload", target: int | None = None
-    ) -> dict[str, Any]:
+    @app.post(
+        "/v2/models/{name}/explain",
+        summary="Attribution heat map for a file",
+        openapi_extra={**FILE_SCHEMA, **openapi_parameters(EXPLAIN)},
+    )
+    async def explain(name: str, request: Request) -> dict[str, Any]:
         """The first sample of the file in the body, explained by integrated gradients: the absolute
         attributions summed over channels, scaled to a maximum of 1 (``heatmap``, rows of numbers);
         ``target``: the class or output index explained (default: the predicted class; a regression
-        model with several outputs needs it); 504 past the request timeout (:func:`_explained`)."""
+        model with several outputs needs it); 504 past the request timeout, counted from the body's
+        arrival (:meth:`Server.bounded`), one explanation computing at a time (``server.explaining``)."""
+        query = read_query(request.scope, EXPLAIN)
+        filename, target = query["filename"], query["target"]
         model = server.model(name)
         body = await server.body(request.receive, request.headers.get("content-length"))
         content_type = request.headers.get("content-type", "")
         spec = model.predictor.preprocess_spec
-        items = await server.decode(read_upload, body, filename, content_type, spec, server.settings.max_queue)
-        attributions = await _explained(server, model, items[0][1], target)
+
+        async def explained() -> tuple[list[Any], Attributions]:
+            items = await server.decode(read_upload, body, filename, content_type, spec, server.settings.max_queue)
+            return items, await in_turn(server.explaining, model.explain, items[0][1], target)
+
+        items, attributions = await server.bounded(explained())
         return {
             "id": items[0][0],
             "method": attributions.method,
@@ -195,33 +211,6 @@ def _routes(app: FastAPI, server: Server) -> None:
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:
         return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-
-async def _explained(server: Server, model: ServedModel, sample: Any, target: int | None) -> Attributions:
-    """``model.explain(sample, target)`` in a worker thread, one explanation at a time (``server.explaining``),
-    within the request timeout, the wait for its turn included: past it, a 504.
-
-    A thread cannot be stopped: an explanation that times out runs on in its thread, its result or
-    error dropped, and keeps the turn until it ends (so at most one explanation computes at once);
-    the turn is released when the thread ends, whether or not its request is still waiting.
-    """
-    timeout, turn = server.settings.timeout, server.explaining
-    try:
-        async with asyncio.timeout(timeout):
-            await turn.acquire()
-            computing = asyncio.ensure_future(asyncio.to_thread(model.explain, sample, target))
-            computing.add_done_callback(lambda done: _end_turn(turn, done))
-            return await asyncio.shield(computing)  # a timeout stops the waiting, not the thread
-    except TimeoutError:
-        raise HTTPError(504, f"no answer within the request timeout of {timeout:g} s") from None
-
-
-def _end_turn(turn: asyncio.Lock, done: asyncio.Future) -> None:
-    """Release ``turn`` once an explanation's thread has ended; its error, if any, counts as seen
-    (a timed-out request no longer waits for it)."""
-    turn.release()
-    if not done.cancelled():
-        done.exception()
 
 
 def _heat_map(attributions: Any) -> list[list[float]]:

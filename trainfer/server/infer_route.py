@@ -10,14 +10,14 @@ access log and the metrics apply to it as to every route.
 A request's path through it: its body (bounded, :meth:`~trainfer.server.state.Server.body`), decoded
 (:func:`~trainfer.server.protocol.decode_request`) and checked (:meth:`ServedModel.prepare`), its
 samples through the model's dynamic batcher (:meth:`~trainfer.server.state.Server.run`), its rows
-encoded (:func:`~trainfer.server.protocol.encode_response`). Errors are answered as every route
+encoded (:func:`~trainfer.server.protocol.encode_response`): all but the body's read within the
+request timeout (:meth:`~trainfer.server.state.Server.bounded`). Errors are answered as every route
 answers them (:func:`~trainfer.server.error_answers.error_answer`); any other exception is a bug and
 propagates to the access middleware (logged with its traceback, answered 500 in one line).
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Any
 
@@ -76,13 +76,16 @@ class InferRoute:
                 )
             return decoded, model.prepare(decoded.inputs[model.input_name])
 
-        decoded, batch = decode() if len(body) <= INLINE_BYTES else await server.decode(decode)
-        rows = await server.run(name, batch)
+        async def answer() -> tuple[bytes, dict[str, str]]:
+            decoded, batch = decode() if len(body) <= INLINE_BYTES else await server.decode(decode)
+            rows = await server.run(name, batch)
 
-        def answer() -> tuple[bytes, dict[str, str]]:
-            return encode_response(name, decoded, model.tensors(rows))
+            def encoded() -> tuple[bytes, dict[str, str]]:
+                return encode_response(name, decoded, model.tensors(rows))
 
-        return await asyncio.to_thread(answer) if model.decodes_answers else answer()
+            return await server.decode(encoded) if model.decodes_answers else encoded()  # decoding: a turn per core
+
+        return await server.bounded(answer())
 
 
 def _headers(scope: Scope, names: tuple[bytes, ...]) -> list[str | None]:

@@ -320,6 +320,8 @@ def _requested_outputs(outputs: Any) -> dict[str, bool] | None:
     for index, output in enumerate(outputs):
         if not isinstance(output, dict) or not isinstance(output.get("name"), str):
             raise InputError(f'requested output {index} must be an object with a "name"')
+        if output["name"] in requested:  # the two entries' parameters may differ: which one meant?
+            raise InputError(f'requested output {output["name"]!r} is given twice in "outputs": name each once')
         requested[output["name"]] = _flag(_parameters(output), "binary_data", f"output {output['name']!r}")
     return requested
 

@@ -69,12 +69,14 @@ def check_address(host: str, port: int) -> None:
 def serve(
     settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, **uvicorn: Any
 ) -> None:
-    """Serve ``settings`` on ``host:port`` until SIGTERM or Ctrl-C (``uvicorn``: more ``uvicorn.Config`` options)."""
+    """Serve ``settings`` on ``host:port`` until SIGTERM or Ctrl-C (``uvicorn``: more ``uvicorn.Config`` options);
+    the requests' ``Host`` is checked against ``host`` and ``settings.allowed_hosts`` (:mod:`trainfer.server.hosts`)."""
     import uvicorn as engine
 
     from trainfer.server.header_limit import BoundedHeadersProtocol
 
     check_address(host, port)  # before the models load: a wrong address is known at once
+    settings = dataclasses.replace(settings, host=host)
     _log_access()
     options: dict[str, Any] = {
         "host": host,

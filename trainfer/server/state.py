@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -17,6 +17,7 @@ from starlette.types import Receive
 
 from trainfer.errors import InputError, NonFiniteError
 from trainfer.server.batching import COMPUTE_BOUND, DynamicBatcher, Overloaded, default_workers, usable_cores
+from trainfer.server.hosts import check_allowed_hosts
 from trainfer.server.metrics import Metrics
 from trainfer.server.model import ServedModel, load_model
 
@@ -61,6 +62,11 @@ class ServerSettings:
     (``gate``, ``gate_data``, ``calibration``, ``candidates``, ``rounds``, ...; ``runtime="auto"``
     implied): that model is searched at start-up, before it is ready, and serves what the search
     chose. ``write_runtime``: also record the choice in its bundle, as ``trainfer compile`` does.
+
+    ``host``: the address the server listens on (:func:`trainfer.server.run.serve` sets it; Ray
+    Serve's proxy's for a deployment), and ``allowed_hosts`` more names (``"*"``: any): together the
+    ``Host`` headers a request may send (:class:`~trainfer.server.hosts.HostCheck`; others are a 400:
+    a page rebinding its domain to this machine is refused).
     """
 
     bundles: dict[str, str]
@@ -78,6 +84,8 @@ class ServerSettings:
     header_timeout: float = 20.0
     compile: dict[str, dict[str, Any]] | None = None
     write_runtime: bool = False
+    host: str = "127.0.0.1"
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Every number finite and within :data:`LIMITS` (an infinite delay or timeout would hold
@@ -85,19 +93,28 @@ class ServerSettings:
         for name, (least, most) in LIMITS.items():
             check_number(name, getattr(self, name), least, most, integer=name not in _FRACTIONAL)
         check_api_key(self.api_key, "api_key")
+        object.__setattr__(self, "allowed_hosts", check_allowed_hosts(self.allowed_hosts, "allowed_hosts"))
+
+
+#: The longest API key accepted (characters, each one byte): far below the 64 KiB a request's head may
+#: hold (:data:`trainfer.server.header_limit.MAX_HEADER_BYTES`) and the 8 KiB many proxies allow a
+#: header line, so that any client can send it.
+MAX_API_KEY = 4096
 
 
 def check_api_key(key: str | None, what: str) -> None:
-    """Refuse a key (None passes) shorter than 16 characters or holding any outside ``!`` to ``~``:
-    HTTP strips the spaces at a header value's edges, and control or non-ASCII characters are not
-    portable in headers, so such a key could never (or not reliably) be sent."""
+    """Refuse a key (None passes) shorter than 16 characters, longer than :data:`MAX_API_KEY`, or
+    holding any outside ``!`` to ``~``: HTTP strips the spaces at a header value's edges, control or
+    non-ASCII characters are not portable in headers, and a header past the server's (or a proxy's)
+    limit is refused, so such a key could never (or not reliably) be sent."""
     if key is None:
         return
     invisible = sum(not "!" <= c <= "~" for c in key)
-    if len(key) < 16 or invisible:
+    if not 16 <= len(key) <= MAX_API_KEY or invisible:
         raise InputError(
             f"{what} must be a key of at least 16 visible ASCII characters ('!' to '~': no spaces, control or "
-            f"non-ASCII characters); got {len(key)} characters, {invisible} of them outside '!' to '~'"
+            f"non-ASCII characters) and at most {MAX_API_KEY}; got {len(key)} characters, {invisible} of them "
+            "outside '!' to '~'"
         )
 
 
@@ -126,6 +143,31 @@ def _joined(chunks: list[Any]) -> Any:
     return [row for chunk in chunks for row in chunk]
 
 
+async def in_turn(turns: asyncio.Semaphore, function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` in a worker thread once one of ``turns`` is free.
+
+    The turn is held until the thread ends, also when the caller stops waiting (its timeout): a
+    thread cannot be stopped, so at most as many threads as ``turns`` compute at once, however many
+    callers gave up on theirs. A caller cancelled while waiting for its turn never starts its thread.
+    """
+    await turns.acquire()
+    try:
+        computing = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    except BaseException:
+        turns.release()
+        raise
+    computing.add_done_callback(lambda done: _end_turn(turns, done))
+    return await asyncio.shield(computing)  # a timeout stops the waiting, not the thread
+
+
+def _end_turn(turns: asyncio.Semaphore, done: asyncio.Future[Any]) -> None:
+    """Release a turn once its thread has ended; its error, if any, counts as seen (a caller that
+    timed out no longer waits for it)."""
+    turns.release()
+    if not done.cancelled():
+        done.exception()
+
+
 class HTTPError(Exception):
     """An answer other than 200, with its one-line message and headers."""
 
@@ -149,7 +191,7 @@ class Server:
         self.models: dict[str, ServedModel] = {}
         self.batchers: dict[str, DynamicBatcher] = {}
         self.on_fatal = on_fatal
-        self.explaining = asyncio.Lock()  # one explanation at a time: each runs the model dozens of times
+        self.explaining = asyncio.Semaphore(1)  # one explanation at a time: each runs the model dozens of times
         self._decoding = asyncio.Semaphore(usable_cores())  # see decode
 
     @property
@@ -199,25 +241,33 @@ class Server:
             raise HTTPError(503, f"model {name!r} is still loading", {"Retry-After": str(self.settings.retry_after)})
         return self.models[name]
 
+    async def bounded(self, work: Awaitable[T]) -> T:
+        """``work`` (a request's whole computation, once its body is read: decoding it, its wait for
+        a batch, the batch, its answer's decoding), past the request timeout a 504. Work waiting is
+        dropped; a thread already computing cannot be stopped and runs on, its answer dropped, still
+        holding its turn (:meth:`decode`), so work past its timeout never piles up."""
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                return await work
+        except TimeoutError:
+            raise HTTPError(504, f"no answer within the request timeout of {self.settings.timeout:g} s") from None
+
     async def run(self, name: str, batch: torch.Tensor, top_k: int | None = None) -> list[Any]:
         """``batch``'s rows of every output (:meth:`ServedModel.compute`), through the model's dynamic
-        batcher, within the timeout; ``top_k`` reaches a model that generates (its search depends on it).
-        A request of more than ``max_batch`` samples runs as chunks of ``max_batch``, one after another:
-        once its timeout passes, the chunk running finishes and the rest are never computed."""
+        batcher; ``top_k`` reaches a model that generates (its search depends on it). A request of more
+        than ``max_batch`` samples runs as chunks of ``max_batch``, one after another: once its timeout
+        passes (:meth:`bounded`), the chunk running finishes and the rest are never computed."""
         samples, size = batch.shape[0], self.settings.max_batch
         if not samples:
             raise InputError("empty input: expected at least one sample")
         key, batcher = self.models[name].key(top_k), self.batchers[name]
         try:
-            async with asyncio.timeout(self.settings.timeout):  # a timed-out request's later chunks never run
-                if samples <= size:
-                    return await self._chunk(batcher, batch, 0, size, key)
-                parts = [await self._chunk(batcher, batch, start, size, key) for start in range(0, samples, size)]
+            if samples <= size:
+                return await self._chunk(batcher, batch, 0, size, key)
+            parts = [await self._chunk(batcher, batch, start, size, key) for start in range(0, samples, size)]
             return [_joined(list(rows)) for rows in zip(*parts, strict=True)]
         except Overloaded as error:
             raise HTTPError(503, f"overloaded: {error}; retry later", self._retry()) from None
-        except TimeoutError:
-            raise HTTPError(504, f"no answer within the request timeout of {self.settings.timeout:g} s") from None
 
     @staticmethod
     async def _chunk(batcher: DynamicBatcher, batch: torch.Tensor, start: int, size: int, key: Hashable) -> list[Any]:
@@ -230,11 +280,11 @@ class Server:
             raise error.counted_from(start) from None
 
     async def decode(self, function: Callable[..., T], *args: Any) -> T:
-        """``function(*args)`` in a worker thread, at most one per core at once: decoding a large body
-        (JSON numbers become Python objects, about 8x the body's bytes while parsed) off the event
-        loop, with the memory that takes bounded by the cores, not by ``--max-connections``."""
-        async with self._decoding:
-            return await asyncio.to_thread(function, *args)
+        """``function(*args)`` in a worker thread, at most one per core at once (:func:`in_turn`):
+        decoding a large body (JSON numbers become Python objects, about 8x the body's bytes while
+        parsed) or a sequence model's answers (a beam search per sample) off the event loop, with
+        the memory and cores that take bounded by the cores, not by ``--max-connections``."""
+        return await in_turn(self._decoding, function, *args)
 
     def _retry(self) -> dict[str, str]:
         return {"Retry-After": str(self.settings.retry_after)}

@@ -1,0 +1,122 @@
+"""The ``Host`` a request may name (``trainfer.server.hosts``: no DNS rebinding of a local server) and
+the security headers of the server's answers and pages (``trainfer.server.pages``)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+
+import pytest
+from server_process import get, running_server
+from serving_models import save_bundle
+from test_server_units import _digits_app, _ready, asgi_request, run
+
+from trainfer.errors import InputError
+from trainfer.server.hosts import HostCheck, check_allowed_hosts
+
+pytest.importorskip("fastapi")
+
+EVIL = b"rebind.attacker.example:8712"
+
+
+@pytest.mark.parametrize(
+    ("listening", "allowed", "accepted", "refused"),
+    [
+        (
+            "127.0.0.1",
+            (),
+            [b"localhost", b"localhost:8000", b"127.0.0.1:1", b"[::1]", b"[::1]:8000", b"LocalHost:80"],
+            [EVIL, b"10.0.0.7:8000", b"127.0.0.1.nip.io", b"localhost:x", b"localhost.evil", b"[::2]", b""],
+        ),
+        ("::1", (), [b"localhost:9", b"[::1]:9"], [EVIL, b"[fe80::1]"]),
+        ("localhost", (), [b"127.0.0.1:8000"], [EVIL]),
+        ("0.0.0.0", (), [b"localhost:8000", b"10.0.0.7:8000", b"[fe80::1]:80", b"192.168.1.5"], [EVIL, b"box.lan"]),
+        ("192.168.1.5", (), [b"192.168.1.5:8000", b"192.168.1.5"], [EVIL, b"localhost:8000", b"10.0.0.7"]),
+        ("fe80::1", (), [b"[fe80::1]:8000", b"[FE80::1]"], [b"[::1]", EVIL]),
+        ("127.0.0.1", ("api.example.com", "10.0.0.7"), [b"API.example.com:443", b"10.0.0.7", b"localhost"], [EVIL]),
+        ("127.0.0.1", ("*",), [EVIL, b"anything"], []),
+    ],
+)
+def test_a_host_is_accepted_by_the_listening_address_and_the_names_allowed(listening, allowed, accepted, refused):
+    check = HostCheck(listening, check_allowed_hosts(allowed, "allowed_hosts"))
+    for value in accepted:
+        assert check.refusal([(b"host", value)]) is None, value
+        assert check.refusal([(b"host", value)]) is None, value  # remembered
+    for value in refused:
+        assert check.refusal([(b"host", value)]) is not None, value
+    assert check.refusal([]) is None  # HTTP/1.0: no Host; no browser omits it
+
+
+@pytest.mark.parametrize("names", [["example.com:8000"], ["http://example.com"], ["exa mple.com"], [""], "x.com"])
+def test_allowed_hosts_are_names_or_addresses_without_a_port(names):
+    with pytest.raises(InputError, match="allowed_hosts"):
+        check_allowed_hosts(names, "allowed_hosts")
+
+
+def test_a_rebinding_pages_host_is_a_400_naming_it_on_every_route_even_the_slash_redirect():
+    """The page's name reached every route (and FastAPI's 307 for a trailing slash copied it into
+    ``location``); the loopback names still serve, any port; a Host given twice is refused."""
+    app = _digits_app()
+    request = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]})
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            await _ready(app)
+            refused = [
+                await asgi_request(app, path, method, request.encode(), headers=((b"host", EVIL),))
+                for path, method in [
+                    ("/", "GET"),
+                    ("/v2/models", "GET"),
+                    ("/v2/models/digits/", "GET"),
+                    ("/v2/models/digits/infer", "POST"),
+                    ("/v2/models/digits/predict?filename=x.npy", "POST"),
+                ]
+            ]
+            twice = await asgi_request(app, "/v2/models", headers=((b"host", b"localhost"), (b"host", EVIL)))
+            served = await asgi_request(app, "/v2/models", headers=((b"host", b"localhost:8000"),))
+            return refused, twice, served
+
+    refused, twice, served = run(main(), seconds=60)
+    expected = (
+        "Host 'rebind.attacker.example:8712' is not a name of this server: it answers 127.0.0.1, [::1], localhost "
+        "(any port); name others with --allowed-hosts (ServerSettings.allowed_hosts)"
+    )
+    for status, headers, body in refused:
+        assert (status, json.loads(body)) == (400, {"error": expected}) and "location" not in headers
+    assert (twice[0], json.loads(twice[2])) == (400, {"error": "header Host given 2 times: a request names one host"})
+    assert served[0] == 200
+
+
+def test_every_answer_says_nosniff_and_the_page_runs_only_its_own_script_and_style_unframed():
+    app = _digits_app()
+
+    async def main():
+        return [await asgi_request(app, path) for path in ("/", "/docs", "/v2/health/live", "/no/such/route")]
+
+    (page, headers, body), (_, docs_headers, docs), *others = run(main(), seconds=60)
+    for _, answer_headers, _ in [(page, headers, body), (0, docs_headers, docs), *others]:
+        assert answer_headers["x-content-type-options"] == "nosniff"
+    assert headers["x-frame-options"] == docs_headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in docs_headers["content-security-policy"]
+    policy = dict(part.split(" ", 1) for part in headers["content-security-policy"].split("; "))
+    text = body.decode()
+    for element in ("script", "style"):
+        [inline] = re.findall(rf"<{element}>(.*?)</{element}>", text, flags=re.DOTALL)
+        digest = base64.b64encode(hashlib.sha256(inline.encode()).digest()).decode()
+        assert policy[f"{element}-src"] == f"'sha256-{digest}'"
+    markup = re.sub(r"<(script|style)>.*?</\1>", "", text, flags=re.DOTALL)
+    assert not re.search(r"<[^>]*\s(style|on[a-z]+)=", markup)  # an inline attribute the policy would block
+    assert (policy["default-src"], policy["connect-src"], policy["frame-ancestors"]) == ("'none'", "'self'", "'none'")
+    assert b"swagger-ui-dist@5.35.0/swagger-ui-bundle.js" in docs
+
+
+def test_workers_check_the_host_and_take_allowed_hosts(tmp_path):
+    """``--workers N`` builds each worker's app from the settings its parent passes on: the rule too."""
+    bundle = save_bundle(tmp_path / "tiny", seed=0)
+    with running_server(str(bundle), "--workers", "2", "--allowed-hosts", "api.example.com") as server:
+        url = f"{server.url}/v2/models"
+        assert get(url, headers={"Host": EVIL.decode()})[0] == 400
+        assert get(url, headers={"Host": "api.example.com:443"})[0] == 200
+        assert get(url)[0] == 200  # 127.0.0.1:PORT
