@@ -25,6 +25,7 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # noqa: E402
 
+from trainfer.server import header_limit  # noqa: E402
 from trainfer.server.app import ServerSettings  # noqa: E402
 from trainfer.server.header_limit import (  # noqa: E402
     MAX_HEADER_BYTES,
@@ -72,6 +73,23 @@ class Transport(asyncio.Transport):
     def resume_reading(self) -> None:
         pass
 
+    def can_write_eof(self) -> bool:
+        return False  # a refusal then closes at once: see HalfClosingTransport for the linger
+
+
+class HalfClosingTransport(Transport):
+    """A transport that can shut its sending side (a TCP socket's ``write_eof``), as uvloop's can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.eof_written = False
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof_written = True
+
 
 async def app(scope, receive, send):
     """Answers ``ok``, after ``?wait`` seconds when the query string is ``wait``."""
@@ -81,15 +99,15 @@ async def app(scope, receive, send):
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-def open_connection(header_timeout: float = ServerSettings.header_timeout):
-    """``(protocol, transport, loop)``: a :class:`BoundedHeadersProtocol` on a fake transport, as uvicorn
-    builds one per connection; close it with :func:`close_connection`."""
+def open_connection(header_timeout: float = ServerSettings.header_timeout, transport: Transport | None = None):
+    """``(protocol, transport, loop)``: a :class:`BoundedHeadersProtocol` on a fake transport (by default a
+    :class:`Transport`), as uvicorn builds one per connection; close it with :func:`close_connection`."""
     loop = asyncio.new_event_loop()
     config = uvicorn.Config(app, http=BoundedHeadersProtocol, log_level="critical")
     protocol = BoundedHeadersProtocol(
         config, uvicorn.server.ServerState(), {}, _loop=loop, header_timeout=header_timeout
     )
-    transport = Transport()
+    transport = transport or Transport()
     protocol.connection_made(transport)
     return protocol, transport, loop
 
@@ -117,7 +135,7 @@ def hasty_connection():
 
 def test_the_hooks_it_overrides_are_uvicorn_httptools_methods():
     overridden = {name for name in vars(BoundedHeadersProtocol) if not name.startswith("__")}
-    hooks = overridden - {"refuse", "_stop", "_answering", "_check_head_time"}
+    hooks = overridden - {"refuse", "_stop", "_answering", "_check_head_time", "_linger", "_drop", "_closing"}
     assert hooks == {
         "connection_made",
         "connection_lost",
@@ -189,6 +207,32 @@ def test_a_head_not_complete_in_time_is_408_and_the_connection_closed(hasty_conn
     wait(loop, 3)
     assert answered(transport) == (408, {"error": TOO_SLOW}) and transport.closed
     assert not protocol.tasks, "a late head reached the app"
+
+
+def test_a_refused_connection_lingers_dropping_what_arrives_then_closes(monkeypatch):
+    """Closing a socket while the client still sends resets it, which can destroy the answer unread (a
+    client trickling its head met ConnectionResetError instead of its 408): the sending side is shut
+    after the answer, what arrives is dropped (never parsed), and the connection closes after
+    LINGER_SECONDS, or at once past MAX_HEADER_BYTES dropped."""
+    monkeypatch.setattr(header_limit, "LINGER_SECONDS", 2 * SHORT)
+    protocol, transport, loop = open_connection(SHORT, HalfClosingTransport())
+    try:
+        protocol.data_received(b"GET / HTTP/1.1\r\nX-Slow: a")
+        wait(loop, 1.5)  # past the header timeout, within the linger
+        assert answered(transport) == (408, {"error": TOO_SLOW}) and transport.eof_written and not transport.closed
+        protocol.data_received(b"a" * 1000)  # still trickling: dropped, not parsed, no second answer
+        assert transport.written.count(b"HTTP/1.1") == 1 and not transport.closed
+        wait(loop, 3)
+        assert transport.closed
+    finally:
+        close_connection(protocol, loop)
+    protocol, transport, loop = open_connection(SHORT, HalfClosingTransport())
+    try:
+        wait(loop, 1.5)
+        protocol.data_received(b"a" * (MAX_HEADER_BYTES + 1))
+        assert transport.eof_written and transport.closed  # a client flooding the linger is cut off
+    finally:
+        close_connection(protocol, loop)
 
 
 def test_a_connection_that_sends_nothing_is_408_and_closed(hasty_connection):

@@ -9,8 +9,9 @@ and file descriptor, for ever. :class:`BoundedHeadersProtocol` is uvicorn's ``Ht
 request's head as it arrives; past :data:`MAX_HEADER_BYTES` or :data:`MAX_HEADER_LINES` it answers
 ``431 Request Header Fields Too Large``, past ``header_timeout`` seconds
 (``ServerSettings.header_timeout``) ``408 Request Timeout``, each with the one-line ``{"error": ...}``
-of every trainfer error, and closes the connection. So a connection holds at most the limit plus one
-read (256 000 bytes with uvloop) of a request's head, for at most ``header_timeout`` seconds.
+of every trainfer error, and closes the connection (after a short linger that keeps the answer from
+being reset away: :meth:`BoundedHeadersProtocol._linger`). So a connection holds at most the limit
+plus one read (256 000 bytes with uvloop) of a request's head, for at most ``header_timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from trainfer.server.error_answers import answer
 
-__all__ = ["MAX_HEADER_BYTES", "MAX_HEADER_LINES", "BoundedHeadersProtocol", "HeadersTooLarge"]
+__all__ = ["LINGER_SECONDS", "MAX_HEADER_BYTES", "MAX_HEADER_LINES", "BoundedHeadersProtocol", "HeadersTooLarge"]
 
 logger = logging.getLogger("trainfer.server")
 
@@ -36,6 +37,9 @@ MAX_HEADER_BYTES = 64 * 1024
 #: browser sends about 20. Each line costs about 100 bytes of Python objects once parsed, so 64 KiB of
 #: ``a: b`` lines (10919 of them) would take 1.1 MB; 256 lines take at most 33 KB beyond their bytes.
 MAX_HEADER_LINES = 256
+#: Seconds a refused connection stays open, its answer sent and its sending side shut, reading and
+#: dropping what the client still sends, so that closing it does not reset the answer away.
+LINGER_SECONDS = 2.0
 #: Bytes a header line adds to its name and value in its usual form (``Name: value\r\n``).
 _HEADER_LINE = len(b": \r\n")
 #: Bytes the request line adds to its method and target (two spaces, ``HTTP/1.1\r\n``), and the
@@ -92,7 +96,9 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
         self._refusal: str | None = None
         self._header_timeout = header_timeout
         self._head_began: float | None = None
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_timer: asyncio.TimerHandle | None = None  # then, refused, the timer that ends the linger
+        self._lingering = False  # refused: what arrives is read and dropped until the connection closes
+        self._dropped = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         HttpToolsProtocol.connection_made(self, transport)
@@ -108,10 +114,13 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
     # (cheaper than super()) and each check is one comparison until a limit is passed.
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            self._drop(data)
+            return
         self._reported = False
         HttpToolsProtocol.data_received(self, data)
         self._unreported = 0 if self._reported else self._unreported + len(data)
-        if self._counted + self._unreported > MAX_HEADER_BYTES and not self.transport.is_closing():
+        if self._counted + self._unreported > MAX_HEADER_BYTES and not self._closing():
             self.refuse(431, _too_many_bytes())
 
     def on_message_begin(self) -> None:
@@ -169,7 +178,33 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
             headers = [*self.server_state.default_headers, *response.raw_headers, (b"connection", b"close")]
             head = b"".join(b"%s: %s\r\n" % pair for pair in headers)
             self.transport.write(STATUS_LINE[status] + head + b"\r\n" + bytes(response.body))
-        self.transport.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close the connection without losing the answer just written (a lingering close).
+
+        Closing a socket while the client's bytes are still arriving makes the kernel send a reset,
+        which can destroy the answer before the client reads it (a client trickling its head met a
+        ``ConnectionResetError`` instead of its 408). So the sending side is shut first (the client
+        reads the answer, then the end of the stream), and what still arrives is read and dropped for
+        at most :data:`LINGER_SECONDS` and :data:`MAX_HEADER_BYTES` before the connection closes."""
+        self._lingering = True
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self._head_timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
+    def _drop(self, data: bytes) -> None:
+        """What a refused client still sends, dropped, until :data:`MAX_HEADER_BYTES` of it."""
+        self._dropped += len(data)
+        if self._dropped > MAX_HEADER_BYTES:
+            self.transport.close()
+
+    def _closing(self) -> bool:
+        return self._lingering or self.transport.is_closing()
 
     def _answering(self) -> bool:
         """Whether an earlier request of this connection is still being answered."""
@@ -179,7 +214,7 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
         """The connection's timer: 408 once the head being received has taken ``header_timeout``
         seconds (unless an earlier request is still being answered: its time then starts again),
         else a look again when it would have (or ``header_timeout`` from now, between heads)."""
-        if self.transport.is_closing():
+        if self._closing():
             return
         now = self.loop.time()
         if self._head_began is not None and self._answering():
