@@ -6,7 +6,7 @@ not be exact), never a bug. Each subclass also derives from the built-in excepti
 written before the base existed caught (``ValueError``, ``TypeError``, ``OSError``, ...).
 """
 
-from typing import Any
+from typing import Any, Self
 
 
 class TrainferError(Exception):
@@ -52,24 +52,31 @@ class EquivalenceError(TrainferError, ValueError):
         self.report = report
 
 
-class ExplanationError(TrainferError, ValueError):
+class _Numbered(Exception):
+    """An error naming the items at fault (samples, examples) by number: ``Error(message)``, or
+    ``Error(before, items, after)`` whose message is ``before + str(items[:10]) + after``; numbers
+    count from 0 within what the raiser saw, and :meth:`counted_from` renumbers them for a larger
+    whole (a chunk's error, told in its whole request's or run's numbering)."""
+
+    def __init__(self, before: str, items: list[int] | None = None, after: str = ""):
+        self.before, self.items, self.after = before, items, after
+        super().__init__(before if items is None else f"{before}{items[:10]}{after}")
+
+    def counted_from(self, first: int) -> Self:
+        """This error with its item numbers counted from ``first`` instead of 0."""
+        if self.items is None or not first:
+            return self
+        return type(self)(self.before, [first + i for i in self.items], self.after)
+
+
+class ExplanationError(_Numbered, TrainferError, ValueError):
     """An explanation failed its method's own check: integrated gradients whose attributions do not sum
     to ``f(x) - f(x0)`` (a score that saturates along the path, or too few steps). The message names
     the examples, both sums and what to change; no map is returned that would read as meaningful.
 
     Raised as ``ExplanationError(message)``, or ``ExplanationError(before, examples, after)``, numbered
-    as :class:`NonFiniteError`'s samples are (:meth:`counted_from`).
+    as :class:`NonFiniteError`'s samples are (:class:`_Numbered`).
     """
-
-    def __init__(self, before: str, examples: list[int] | None = None, after: str = ""):
-        self.before, self.examples, self.after = before, examples, after
-        super().__init__(before if examples is None else f"{before}{examples[:10]}{after}")
-
-    def counted_from(self, first: int) -> "ExplanationError":
-        """This error with its example numbers counted from ``first`` instead of 0."""
-        if self.examples is None or not first:
-            return self
-        return type(self)(self.before, [first + i for i in self.examples], self.after)
 
 
 class ExplanationsIncomplete(ExplanationError):
@@ -79,11 +86,7 @@ class ExplanationsIncomplete(ExplanationError):
 
     def __init__(self, message: str, written: list[Any], failed: list[tuple[int, str, str]]):
         super().__init__(message)
-        self.written, self.failed = written, failed
-
-    def counted_from(self, first: int) -> "ExplanationsIncomplete":
-        """Itself: its examples are named in the whole run's numbering already."""
-        return self
+        self.written, self.failed = written, failed  # named in the whole run's numbering: counted_from keeps it
 
 
 class ExplanationWarning(UserWarning):
@@ -130,24 +133,14 @@ class PruningError(TrainferError, ValueError):
         self.report = report
 
 
-class NonFiniteError(InputError):
+class NonFiniteError(_Numbered, InputError):
     """Numbers that must be finite are not: an input that overflows its dtype once cast and
     normalised, or a model output holding NaN or inf (never served as a prediction).
 
     Raised as ``NonFiniteError(message)``, or ``NonFiniteError(before, samples, after)``: the message
     ``before + str(samples[:10]) + after`` names the samples at fault, which :meth:`counted_from`
-    renumbers (a chunk's error, told in its whole request's numbering).
+    renumbers (a chunk's error, told in its whole request's numbering: :class:`_Numbered`).
     """
-
-    def __init__(self, before: str, samples: list[int] | None = None, after: str = ""):
-        self.before, self.samples, self.after = before, samples, after
-        super().__init__(before if samples is None else f"{before}{samples[:10]}{after}")
-
-    def counted_from(self, first: int) -> "NonFiniteError":
-        """This error with its sample numbers counted from ``first`` instead of 0."""
-        if self.samples is None or not first:
-            return self
-        return NonFiniteError(self.before, [first + i for i in self.samples], self.after)
 
 
 class DecodingError(InputError):
