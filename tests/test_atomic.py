@@ -491,3 +491,52 @@ def test_a_write_gives_new_files_and_directories_the_umask_modes_and_keeps_a_rew
         (staging / "inside.txt").write_text("y")
     assert (_mode(new_file), _mode(new_directory)) == (0o640, 0o750)
     assert (new_directory / "inside.txt").read_text() == "y"
+
+
+#: Names up to the system's 255 bytes, which the journal's own additions (about 51 bytes) would overflow if spelled
+#: whole: ASCII, two-byte characters, a long "suffix" after a dot, and two names that differ only in their last byte.
+LONG_NAMES = ["a" * 205, "n" * 255, "é" * 127, "a." + "b" * 240]
+
+
+@pytest.mark.parametrize("name", LONG_NAMES, ids=["205", "255", "two-byte", "long-suffix"])
+def test_any_name_a_plain_write_can_create_is_written_rewritten_and_recovered(tmp_path, name):
+    """A name too long to spell whole beside the target is spelled by its start and a digest; every write works,
+    a killed file write's leftover is cleaned by the next write, and a killed directory write is repaired."""
+    target = tmp_path / name
+    for content in ("first", "second"):
+        with atomic_file(target) as tmp:
+            tmp.write_text(content)
+    assert target.read_text() == "second" and [p.name for p in tmp_path.iterdir()] == [name]
+    assert not crash_replace(target, 3, "before", "fallback", own="file")  # killed just before its rename
+    assert len(list(tmp_path.iterdir())) == 3  # the target, the temporary file and its journal
+    with atomic_file(target) as tmp:
+        tmp.write_text("third")
+    assert target.read_text() == "third" and [p.name for p in tmp_path.iterdir()] == [name]
+
+    missing = 0  # crashes that left the directory moved aside, the target missing, until recovery
+    for k in range(1, 40):
+        directory = tmp_path / f"d{k}" / name
+        directory.mkdir(parents=True)
+        (directory / "content").write_text("old")
+        completed = crash_replace(directory, k, "after", "fallback")
+        missing += not directory.exists()
+        recover(directory)
+        assert (directory / "content").read_text() in ("old", "new")
+        assert [p.name for p in directory.parent.iterdir()] == [name]
+        if completed:
+            break
+    assert completed and missing
+
+
+def test_long_names_that_share_their_start_keep_apart(tmp_path):
+    """Two names differing only past the spelled start have different digests: one's recovery never takes the
+    other's leftovers."""
+    first, second = tmp_path / ("x" * 250 + "1"), tmp_path / ("x" * 250 + "2")
+    assert not crash_replace(first, 3, "before", "fallback", own="file")
+    leftovers = sorted(p.name for p in tmp_path.iterdir())
+    with atomic_file(second) as tmp:
+        tmp.write_text("two")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*leftovers, second.name])
+    with atomic_file(first) as tmp:
+        tmp.write_text("one")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, second.name])

@@ -20,8 +20,10 @@ Recovery touches only what trainfer can prove it made. Every write first creates
 beside the target, ``.NAME.trainfer-TOKEN.journal`` (``TOKEN``: 32 random hex digits; created
 exclusively, never through a link), recording the writer's process id and host name, and then the
 identity (device, inode) of each thing it makes or moves aside: a file write's temporary file
-``.NAME.trainfer-TOKEN.tmpSUFFIX`` (a regular file; ``SUFFIX``: the target's), a directory write's
-staging directory ``.NAME.trainfer-TOKEN.tmp`` and the previous version ``.NAME.trainfer-TOKEN.old``.
+``.NAME.trainfer-TOKEN.tmpSUFFIX`` (a regular file; ``SUFFIX``: the target's, when short), a directory write's
+staging directory ``.NAME.trainfer-TOKEN.tmp`` and the previous version ``.NAME.trainfer-TOKEN.old``. ``NAME``
+is the target's name, or for a name too long to leave room for these additions, its start and a digest of it:
+any name a plain write could create can be written.
 :func:`recover` acts on a leftover only when all of these hold: a journal of the exact name, a
 regular file owned by this user, at most 4096 bytes, whose header names the same token and target;
 its writer ran on this host and its process id no longer runs; and the file or directory at the
@@ -48,6 +50,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import hashlib
 import json
 import os
 import re
@@ -90,6 +93,12 @@ _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _UNSUPPORTED = frozenset({errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV})
 _STAGING = re.compile(r"\.(.+)\.trainfer-([0-9a-f]{32})\.tmp")
+#: The longest target name (in bytes) the names beside it spell out whole: ``.NAME.trainfer-TOKEN.tmpSUFFIX`` adds 43
+#: bytes and at most 20 more, and a file name has at most 255. A longer name is written there as its first bytes and
+#: a digest of it (:func:`_stem`).
+_MAX_STEM_BYTES = 192
+#: The longest target suffix a temporary file keeps (``.pt2``, ``.onnx``); a longer "suffix" is part of a name.
+_MAX_KEPT_SUFFIX = 16
 #: What a journal may record a write made, and the file type each is: a directory write's staging directory and
 #: the previous version it moved aside, a file write's temporary file.
 _RECORDED = {"staging": stat.S_IFDIR, "old": stat.S_IFDIR, "file": stat.S_IFREG}
@@ -192,13 +201,14 @@ class _Journal:
     durable: bool = True  # each entry flushed to disk (fsync) before the write goes on
 
     def sibling(self, kind: str) -> Path:
-        """``.NAME.trainfer-TOKEN.KIND`` beside the target (``tmp``, ``old`` or ``journal``)."""
-        return self.target.parent / f".{self.target.name}.trainfer-{self.token}.{kind}"
+        """``.NAME.trainfer-TOKEN.KIND`` beside the target (``tmp``, ``old``, ``journal``; ``NAME``: :func:`_stem`)."""
+        return self.target.parent / f".{_stem(self.target.name)}.trainfer-{self.token}.{kind}"
 
     def temporary_file(self) -> Path:
         """``.NAME.trainfer-TOKEN.tmpSUFFIX``, a file write's temporary file: it keeps the target's suffix (some
-        writers, ``torch.export.save``, insist on it)."""
-        return self.sibling(f"tmp{self.target.suffix}")
+        writers, ``torch.export.save``, insist on it), when at most :data:`_MAX_KEPT_SUFFIX` bytes."""
+        suffix = self.target.suffix
+        return self.sibling("tmp" + (suffix if len(os.fsencode(suffix)) <= _MAX_KEPT_SUFFIX else ""))
 
     @classmethod
     def create(cls, target: Path, durable: bool = True) -> _Journal:
@@ -219,12 +229,14 @@ class _Journal:
 
     @classmethod
     def of(cls, directory: Path) -> _Journal | None:
-        """The journal of the staging directory ``directory`` (or of its parent), read back, if it has one."""
+        """The journal of the staging directory ``directory`` (or of its parent), read back, if it has one (the
+        target it names passes :meth:`read`'s checks: its name spells the journal's)."""
         for candidate in (Path(directory), Path(directory).parent):
             match = _STAGING.fullmatch(candidate.name)
             if match:
-                journal = cls(candidate.parent / match[1], match[2])
-                return cls.read(journal.sibling("journal"), journal.target)
+                path = candidate.parent / f".{match[1]}.trainfer-{match[2]}.journal"
+                name = _recorded_target(path)
+                return None if name is None else cls.read(path, candidate.parent / name)
         return None
 
     def record(self, kind: str, path: Path, files: Mapping[str, int] | None = None) -> None:
@@ -260,7 +272,7 @@ class _Journal:
     @classmethod
     def read(cls, path: Path, target: Path) -> _Journal | None:
         """The journal at ``path`` for ``target`` if it passes every check (module docstring), else ``None``."""
-        match = re.fullmatch(rf"\.{re.escape(target.name)}\.trainfer-([0-9a-f]{{32}})\.journal", path.name)
+        match = re.fullmatch(rf"\.{re.escape(_stem(target.name))}\.trainfer-([0-9a-f]{{32}})\.journal", path.name)
         try:
             info = os.lstat(path)
             if not match or not stat.S_ISREG(info.st_mode) or info.st_size > MAX_JOURNAL_BYTES:
@@ -313,6 +325,33 @@ class _Journal:
         return False
 
 
+def _stem(name: str) -> str:
+    """What the names beside target ``name`` spell it as: ``name`` itself, or for a name over :data:`_MAX_STEM_BYTES`
+    bytes (no room left for the journal's additions), its first bytes, ``~`` and 16 hex digits of its sha256."""
+    encoded = os.fsencode(name)
+    if len(encoded) <= _MAX_STEM_BYTES:
+        return name
+    digest = hashlib.sha256(encoded).hexdigest()[:16]
+    return os.fsdecode(encoded[: _MAX_STEM_BYTES - len(digest) - 1]) + "~" + digest
+
+
+def _recorded_target(path: Path) -> str | None:
+    """The target name the journal at ``path`` records in its header (a plain name), unchecked otherwise; ``None``
+    when it has none (the journal proves nothing until :meth:`_Journal.read` checks it whole)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        with open(os.open(path, flags), "rb") as handle:  # never a link; a pipe does not block
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                return None
+            header = json.loads(handle.readline(MAX_JOURNAL_BYTES))
+    except (OSError, ValueError, RecursionError):
+        return None
+    name = header.get("target") if isinstance(header, dict) else None
+    if isinstance(name, str) and name not in ("", ".", "..") and name == os.path.basename(name):
+        return name
+    return None
+
+
 def _parsed_identity(value: object) -> Identity | None:
     """A journal's ``[device, inode]`` as an :data:`Identity`, or ``None`` if ``value`` is not one."""
     if isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value):
@@ -347,7 +386,7 @@ def _remove_own(path: Path) -> None:
 
 def _dead_journals(target: Path) -> list[_Journal]:
     """The proven journals of dead writers of ``target``."""
-    prefix = f".{target.name}.trainfer-"
+    prefix = f".{_stem(target.name)}.trainfer-"
     try:
         names = [name for name in os.listdir(target.parent) if name.startswith(prefix)]
     except OSError:
