@@ -1,7 +1,7 @@
 """``trainfer serve`` under load: dynamic batching against batch 1, plain FastAPI, LitServe and the floor.
 
 For each model (deploy forms of ``digits_net`` on 1x8x8 and ``repvgg_a0`` on 3x224x224, random
-weights with non-trivial BatchNorm statistics) five servers run in turn, each in its own process(es):
+weights with non-trivial BatchNorm statistics) six servers run in turn, each in its own process(es):
 ``trainfer serve`` with dynamic batching (``--max-batch 32 --max-delay-ms 5``), ``trainfer serve
 --max-batch 1``, ``benchmarks/serve_peer.py`` (the same Predictor behind a per-request FastAPI
 handler), ``benchmarks/litserve_peer.py`` (the same Predictor behind LitServe with its batching,
@@ -9,7 +9,9 @@ handler), ``benchmarks/litserve_peer.py`` (the same Predictor behind LitServe wi
 (uvicorn with uvloop and httptools, the stack ``trainfer serve`` runs on, serving a raw ASGI app
 that reads the body and answers a fixed, precomputed response of the right shape: no framework, no
 model, no decoding; always one process, so its concurrency-8 and -32 rows are the throughput
-ceiling of one Python process on this stack). wrk (Debian's ``wrk``; a separate process) drives
+ceiling of one Python process on this stack), and the floor running the model (``floor_peer.py
+--bundle``: the same app also runs the model's forward on each request's sample, one process, no
+batching). wrk (Debian's ``wrk``; a separate process) drives
 each at concurrency 1, 8 and 32 with one-sample requests -- Open Inference Protocol binary tensor
 data, or for LitServe (which takes JSON only) the same bytes base64-encoded in JSON -- and reports
 throughput and p50/p99 latency. Every server runs its model on ``--threads`` torch threads
@@ -25,7 +27,9 @@ latency)``, measured with ``--workers 1`` only: with more, /metrics
 answers from whichever process takes its connection, not necessarily the one that served wrk's, so
 the figure is left out rather than guessed. From the same run, the overhead a server costing only
 the floor would have: ``floor latency / (floor latency + forward)`` (mean latencies at
-concurrency 1) -- whether 15 % is reachable at all for a model whose forward is sub-millisecond.
+concurrency 1), and the overhead of the floor running the model, measured by the same formula (its
+forward timed on its event loop, served at its /metrics) -- whether 15 % is reachable at all for a
+model whose forward is sub-millisecond.
 
 ``cpu_ms`` is the server process's own CPU time (user + system, every thread and child process,
 from ``/proc``) per answered request over the run: it moves far less with the machine's load than
@@ -74,7 +78,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # server_process: start and always stop
 sys.path.insert(0, str(ROOT / "benchmarks"))  # serve_targets (also when run by runpy, which adds nothing)
 
 import serve_targets  # noqa: E402
-from serve_targets import BATCH_1, DYNAMIC, FLOOR  # noqa: E402
+from serve_targets import BATCH_1, DYNAMIC, FLOOR, FLOOR_MODEL  # noqa: E402
 from server_process import ServerProcess, get, running_server  # noqa: E402
 
 import trainfer  # noqa: E402
@@ -247,6 +251,7 @@ def servers(
             [sys.executable, str(peers / "litserve_peer.py")],
         )
     found[FLOOR] = (["--name", name], [sys.executable, str(peers / "floor_peer.py")])
+    found[FLOOR_MODEL] = (["--name", name, "--bundle", str(bundle)], [sys.executable, str(peers / "floor_peer.py")])
     return found
 
 
@@ -270,7 +275,7 @@ def measure_model(
     rows = []
     for label, (args, program) in servers(bundle, name, workers, compare).items():
         trainfer_serve = program is None or label.endswith("]")
-        overhead_at_1 = trainfer_serve and workers == 1
+        overhead_at_1 = (trainfer_serve and workers == 1) or label == FLOOR_MODEL  # the floors run one process
         body = bodies["litserve" if label == LITSERVE else "binary"]
         with running_server(*args, program=program) as server:
             url = f"{server.url}/v2/models/{name}/infer"
@@ -372,7 +377,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         for server in dict.fromkeys(row["server"] for row in rows if row["model"] == name):
             own = [row for row in rows if (row["model"], row["server"]) == (name, server) and row["rps"] > 0]
             levels = [row["concurrency"] for row in own]
-            style = {"marker": "o", "linestyle": "--" if server == FLOOR else "-"}
+            style = {"marker": "o", "linestyle": "--" if server in (FLOOR, FLOOR_MODEL) else "-"}
             speed.plot(levels, [row["rps"] for row in own], label=server, **style)
             tail.plot(levels, [row["p99_ms"] for row in own], label=server, **style)
         single = serve_targets.find(rows, name, DYNAMIC, 1)

@@ -25,13 +25,14 @@ def row(server, concurrency, rps, p50_ms=1.0, p99_ms=2.0, model="m", **extra):
     return {"model": model, "server": server, "concurrency": concurrency, **figures}
 
 
-def run(dynamic_32_rps=1000.0, dynamic_32_p99=9.0, overhead=0.10, forward_ms=2.0, floor_rps=2000.0):
+def run(dynamic_32_rps=1000.0, dynamic_32_p99=9.0, overhead=0.10, forward_ms=2.0, floor_rps=2000.0, floor_model=0.3):
     """A run of one model: p50 1 ms at c=1 (p99 target 3 x 1 + 5 = 8 ms), batch-1 at 400 req/s at c=32."""
     return [
         row(targets.DYNAMIC, 1, 500.0, p50_ms=1.0, overhead=overhead, forward_ms=forward_ms),
         row(targets.DYNAMIC, 32, dynamic_32_rps, p99_ms=dynamic_32_p99),
         row(targets.BATCH_1, 32, 400.0),
         row(targets.FLOOR, 1, floor_rps),
+        row(targets.FLOOR_MODEL, 1, 700.0, overhead=floor_model, forward_ms=1.0),
         row(targets.DYNAMIC, 32, 1.0, model="other"),  # another model's row is never read
     ]
 
@@ -47,23 +48,24 @@ def test_the_target_arithmetic():
 
 
 def test_verdicts_judge_each_target_from_the_rows():
-    # batching 2.5x, p99 9 > 8 ms, overhead 10 %, floor 0.5 ms / (0.5 + 2) = 20 %
-    assert outcomes(run()) == [True, False, True, False]
-    # batching 1.75x, p99 7.9 < 8 ms, overhead 15 % (not under), floor 0.1 / (0.1 + 2) = 4.8 %
-    assert outcomes(run(dynamic_32_rps=700.0, dynamic_32_p99=7.9, overhead=0.15, floor_rps=10000.0)) == [
-        False,
-        True,
-        False,
-        True,
-    ]
+    # batching 2.5x, p99 9 > 8 ms, overhead 10 %, floor 0.5 ms / (0.5 + 2) = 20 %, the floor with the model 30 %
+    assert outcomes(run()) == [True, False, True, False, False]
+    # batching 1.75x, p99 7.9 < 8 ms, overhead 15 % (not under), floor 0.1 / (0.1 + 2) = 4.8 %, with the model 5 %
+    assert outcomes(
+        run(dynamic_32_rps=700.0, dynamic_32_p99=7.9, overhead=0.15, floor_rps=10000.0, floor_model=0.05)
+    ) == [False, True, False, True, True]
     assert targets.batching(run(dynamic_32_rps=800.0), "m").met  # exactly 2x meets ">= 2x"
 
 
 def test_verdicts_state_their_figures():
-    batching, tail, overhead, floor = map(str, targets.verdicts(run(), "m"))
+    batching, tail, overhead, floor, floor_model = map(str, targets.verdicts(run(), "m"))
     assert batching == "batching gain at c=32 2.50x (1000.0 / 400.0 req/s) (target >= 2x): met"
     assert tail == "dynamic p99 at c=32 9.0 ms (target < 3 x 1.00 + 5 = 8.0 ms): NOT met"
-    assert overhead == "dynamic overhead at c=1 10.0% (target < 15%): met"
+    assert overhead == "dynamic overhead at c=1 10.0% (2.00 ms forward) (target < 15%): met"
+    assert floor_model == (
+        "(not a target) overhead of the floor running the model 30.0% (1.00 ms forward) (target < 15%): "
+        "out of reach even at the floor"
+    )
     assert floor == (
         "(not a target) overhead at the floor 20.0% (0.50 ms floor + 2.00 ms forward) (target < 15%): "
         "out of reach even at the floor"
@@ -72,12 +74,13 @@ def test_verdicts_state_their_figures():
 
 def test_a_missing_or_silent_row_is_not_measured_never_a_pass():
     rows = run()
-    assert outcomes([r for r in rows if r["server"] != targets.FLOOR]) == [True, False, True, None]
-    assert outcomes([r for r in rows if r["server"] != targets.BATCH_1]) == [None, False, True, False]
+    assert outcomes([r for r in rows if r["server"] != targets.FLOOR]) == [True, False, True, None, False]
+    assert outcomes([r for r in rows if r["server"] != targets.BATCH_1]) == [None, False, True, False, False]
+    assert outcomes([r for r in rows if r["server"] != targets.FLOOR_MODEL]) == [True, False, True, False, None]
     without_overhead = [{k: v for k, v in r.items() if k not in ("overhead", "forward_ms")} for r in rows]
-    assert outcomes(without_overhead) == [True, False, None, None]  # --workers > 1
+    assert outcomes(without_overhead) == [True, False, None, None, None]  # --workers > 1
     floor_text = str(targets.floor(without_overhead, "m"))
     assert floor_text.startswith("(not a target) overhead at the floor - (0.50 ms floor, forward not")
     silent = [r | {"rps": 0.0} if r["server"] == targets.BATCH_1 else r for r in rows]
     assert outcomes(silent)[0] is None  # no division by zero, no infinite gain
-    assert outcomes([]) == [None] * 4
+    assert outcomes([]) == [None] * 5
