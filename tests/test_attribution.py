@@ -396,7 +396,9 @@ def test_one_figure_redrawn_per_example_draws_what_a_new_figure_draws(tmp_path, 
     model = nn.Sequential(nn.Flatten(), nn.Linear(36 * (sample[0] if len(sample) == 3 else 1), 3))
     predictor = Predictor(model, labels=["a", "b", "c"], preprocess=PreprocessSpec(input_shape=sample))
     scales = torch.tensor([1.0, 1e-3, 50.0]).reshape(3, *[1] * len(sample))  # colour bars of other widths
-    result = explain(predictor, torch.rand(3, *sample) * scales + scales)
+    inputs = torch.rand(3, *sample) * scales + scales
+    inputs[0] = 0.5  # a constant input first: its grey scale spans no values, the next ones' do
+    result = explain(predictor, inputs)
     plotter = AttributionPlotter(predictor.labels)
     for k in range(3):
         redrawn = _pixels(plotter.draw(result, k, tmp_path / f"redrawn{k}.png"))
