@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,7 +13,11 @@ from PIL import Image
 from torch import nn
 
 import trainfer
+from trainfer.analysis import attribution_files
 from trainfer.analysis.attribution import attribute, explain, explain_to_files
+from trainfer.analysis.attribution_files import explain_each
+from trainfer.analysis.attribution_methods import explain_batch
+from trainfer.analysis.attribution_plots import AttributionPlotter, plot_attribution
 from trainfer.errors import (
     ExplanationError,
     ExplanationsIncomplete,
@@ -20,6 +25,7 @@ from trainfer.errors import (
     ModeError,
     NonFiniteError,
 )
+from trainfer.models import digits_net
 from trainfer.serve.predictor import Predictor
 from trainfer.serve.preprocess import PreprocessSpec
 from trainfer.testing import randomize_batchnorm
@@ -326,3 +332,91 @@ def test_explain_refuses_predictors_it_cannot_differentiate_or_choose_for() -> N
     two_heads = Predictor(TwoHeads(), heads={"a": "classification", "b": "regression"}, preprocess=spec)
     with pytest.raises(ValueError, match="multi-head"):
         explain(two_heads, [[1.0, 2.0, 3.0]])
+
+
+def _spy_on_explain_batch(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of examples of each explain_batch call explain_to_files and explain_each make, in order."""
+    calls: list[int] = []
+
+    def counted(predictor, batch, *args, **options):
+        calls.append(len(batch))
+        return explain_batch(predictor, batch, *args, **options)
+
+    monkeypatch.setattr(attribution_files, "explain_batch", counted)
+    return calls
+
+
+def test_explain_each_explains_in_chunks_what_one_example_at_a_time_would(monkeypatch) -> None:
+    """Per-example targets and baselines follow their examples into the chunks; float32 rounding apart,
+    the attributions are those of each example explained alone."""
+    torch.manual_seed(0)
+    predictor = Predictor(digits_net().eval(), preprocess=PreprocessSpec(input_shape=(1, 8, 8)))
+    batch = torch.rand(40, 1, 8, 8)
+    targets, baselines = torch.randint(0, 10, (40,)), 0.1 * torch.rand(40, 1, 8, 8)
+    calls = _spy_on_explain_batch(monkeypatch)
+    explained = list(explain_each(predictor, batch, target=targets.tolist(), baselines=baselines))
+    assert calls == [16, 16, 8] and [i for i, _, _ in explained] == list(range(40))
+    for i, result, row in explained:
+        alone = explain_batch(predictor, batch[i : i + 1], target=int(targets[i]), baselines=baselines[i : i + 1])
+        assert int(result.target[row]) == int(targets[i])
+        scale = float(alone.values.abs().max())
+        torch.testing.assert_close(result.values[row], alone.values[0], rtol=0, atol=1e-5 * scale)
+        torch.testing.assert_close(result.scores[row], alone.scores[0], rtol=1e-5, atol=0)
+
+
+def test_a_chunk_that_fails_is_explained_again_one_example_at_a_time(tmp_path, monkeypatch) -> None:
+    """Examples 3 and 17 saturate: their chunks (0-15, 16-19) are explained again example by example, and
+    exactly those two are skipped and named, as when every example was explained alone."""
+    x = torch.tensor([[1.0, 0.0] if i in (3, 17) else [1e-6 * (i + 1), 0.0] for i in range(20)])
+    calls = _spy_on_explain_batch(monkeypatch)
+    with pytest.warns(ExplanationWarning) as warned, pytest.raises(ExplanationsIncomplete) as raised:
+        explain_to_files(_two_class_linear(1e4), x, tmp_path)
+    assert calls == [16, *[1] * 16, 4, *[1] * 4]
+    assert [(i, name) for i, name, _ in raised.value.failed] == [(3, "003.png"), (17, "017.png")]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [f"{i:03d}.png" for i in range(20) if i not in (3, 17)]
+    said = [str(w.message) for w in warned if w.category is ExplanationWarning]
+    assert [line.split(":")[0] for line in said] == [
+        "example 3 (003.png) not explained",
+        "example 17 (017.png) not explained",
+    ]
+    assert "completeness check for example(s) [17]" in said[1]  # numbered as the whole run counts
+
+
+def _pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.mark.parametrize("sample", [(1, 6, 6), (3, 6, 6), (6, 6)])
+def test_one_figure_redrawn_per_example_draws_what_a_new_figure_draws(tmp_path, sample) -> None:
+    """The plotter of a run redraws one figure: example k's PNG is the one a new figure gives it alone
+    (the grey scale, colour limits, colour bar and layout follow the example, nothing stays from the last)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36 * (sample[0] if len(sample) == 3 else 1), 3))
+    predictor = Predictor(model, labels=["a", "b", "c"], preprocess=PreprocessSpec(input_shape=sample))
+    scales = torch.tensor([1.0, 1e-3, 50.0]).reshape(3, *[1] * len(sample))  # colour bars of other widths
+    inputs = torch.rand(3, *sample) * scales + scales
+    inputs[0] = 0.5  # a constant input first: its grey scale spans no values, the next ones' do
+    result = explain(predictor, inputs)
+    plotter = AttributionPlotter(predictor.labels)
+    for k in range(3):
+        redrawn = _pixels(plotter.draw(result, k, tmp_path / f"redrawn{k}.png"))
+        alone = _pixels(plot_attribution(result, k, tmp_path / f"alone{k}.png", labels=predictor.labels))
+        assert redrawn.shape == (374, 770, 3) and np.array_equal(redrawn, alone)
+        heat = redrawn[:, 385:700].astype(int)  # the right panel, without the colour bar
+        reddish, bluish = heat[..., 0] - heat[..., 2] > 60, heat[..., 2] - heat[..., 0] > 60
+        assert reddish.any() and bluish.any()  # attributions of both signs over the input
+
+
+def test_bars_redrawn_per_table_row_draw_what_a_new_figure_draws(tmp_path) -> None:
+    predictor = _table_predictor(nn.Linear(3, 2).double(), columns=("u", "v", "w"))
+    result = explain(predictor, [[1.0, -2.0, 3.0], [-300.0, 0.5, 0.0]], method="occlusion")
+    plotter = AttributionPlotter(columns=("u", "v", "w"))
+    for k in range(2):
+        redrawn = _pixels(plotter.draw(result, k, tmp_path / f"redrawn{k}.png"))
+        alone = _pixels(plot_attribution(result, k, tmp_path / f"alone{k}.png", columns=("u", "v", "w")))
+        assert redrawn.shape == (275, 770, 3) and np.array_equal(redrawn, alone)
+        colours = {tuple(pixel) for pixel in redrawn.reshape(-1, 3).tolist()}
+        signs = {value > 0 for value in result.values[k].tolist() if value != 0}
+        assert ((214, 39, 40) in colours, (31, 119, 180) in colours) == (True in signs, False in signs)

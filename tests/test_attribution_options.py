@@ -9,7 +9,15 @@ from torch import nn
 
 from trainfer.analysis import attribution_options
 from trainfer.analysis.attribution import attribute, feature_mask
-from trainfer.analysis.attribution_options import MAX_BASELINES, MAX_SAMPLES, MAX_STEPS, OPTIONS
+from trainfer.analysis.attribution_options import (
+    MAX_BASELINES,
+    MAX_SAMPLES,
+    MAX_STEPS,
+    OPTIONS,
+    check_options,
+    example_rows,
+    most_examples_at_once,
+)
 from trainfer.errors import InputError, InputTypeError
 
 pytest.importorskip("captum")
@@ -102,3 +110,39 @@ def test_every_option_of_every_method_has_a_check():
 )
 def test_good_options_at_their_ordinary_values_still_run(method, options):
     assert attribute(image_net(), X, method, **options).values.shape == X.shape
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("occlusion", {"perturbations_per_eval": 3000}),
+        ("kernel_shap", {"perturbations_per_eval": 700}),
+        ("gradient_shap", {"n_samples": 1500}),
+        ("gradient_shap", {"baselines": torch.zeros(900, 1, 64, 64)}),
+        ("deeplift_shap", {"baselines": torch.zeros(1000, 1, 64, 64)}),
+    ],
+)
+def test_most_examples_at_once_keeps_the_options_valid_for_that_many_examples_and_no_more(method, options):
+    """explain_to_files explains chunks of at most this many examples: an option valid for one stays valid."""
+    sample = (1, 64, 64)
+    most = most_examples_at_once(method, sample, options)
+    check_options(method, torch.empty(most, *sample, device="meta"), options)
+    with pytest.raises(InputError, match="must be an integer in"):
+        check_options(method, torch.empty(most + 1, *sample, device="meta"), options)
+
+
+def test_most_examples_at_once_bounds_the_batch_itself_and_ignores_options_of_the_wrong_kind():
+    assert most_examples_at_once("integrated_gradients", (1, 64, 64), {}) == 2**28 // 4096
+    assert most_examples_at_once("occlusion", (1, 64, 64), {"perturbations_per_eval": "many"}) == 2**28 // 4096
+    assert most_examples_at_once("saliency", (3, 8192, 8192), {}) == 1  # one such image is more than the bound
+
+
+def test_example_rows_gives_a_part_of_the_batch_its_rows_of_per_example_options():
+    batch = torch.rand(4, 1, 8, 8)
+    per_example, shared = torch.rand(4, 1, 8, 8), torch.rand(1, 1, 8, 8)
+    rows = example_rows("occlusion", {"baselines": per_example, "strides": 2}, batch, 1, 3)
+    assert torch.equal(rows["baselines"], per_example[1:3]) and rows["strides"] == 2
+    assert example_rows("occlusion", {"baselines": shared}, batch, 1, 3)["baselines"] is shared
+    assert example_rows("deeplift_shap", {"baselines": per_example}, batch, 1, 3)["baselines"] is per_example
+    masks = torch.arange(4).reshape(4, 1, 1, 1).expand(4, 1, 8, 8)
+    assert example_rows("lime", {"feature_mask": masks}, batch, 1, 3)["feature_mask"].unique().tolist() == [1, 2]

@@ -212,10 +212,17 @@ def test_cli_explain_keeps_every_explanation_it_made_and_exits_1_naming_each_it_
     paths = [str(p) for p in write_pngs(tmp_path / "images", 3)]
     explain_batch, calls = attribution_files.explain_batch, []
 
+    second: list[torch.Tensor] = []  # the second example, as the first call (all three examples) holds it
+
     def failing_second(predictor, batch, *args, **options):
         calls.append(len(batch))
-        if len(calls) == 2:
-            raise ExplanationError("integrated gradients failed its completeness check for example(s) ", [0], ": why")
+        if not second:
+            second.append(batch[1].clone())
+        failing = [i for i, example in enumerate(batch) if torch.equal(example, second[0])]
+        if failing:
+            raise ExplanationError(
+                "integrated gradients failed its completeness check for example(s) ", failing, ": why"
+            )
         return explain_batch(predictor, batch, *args, **options)
 
     monkeypatch.setattr(attribution_files, "explain_batch", failing_second)
@@ -226,7 +233,8 @@ def test_cli_explain_keeps_every_explanation_it_made_and_exits_1_naming_each_it_
             main, ["predict", str(bundle), *paths, "--out", str(out), "--explain", str(explained)]
         )
     assert result.exit_code == 1, result.output
-    assert calls == [1, 1, 1] and len(out.read_text().splitlines()) == 3  # one example at a time; predictions kept
+    # the three together, then each alone to find the one that fails; predictions kept
+    assert calls == [3, 1, 1, 1] and len(out.read_text().splitlines()) == 3
     assert sorted(p.name for p in explained.iterdir()) == ["000_img00000.png", "002_img00002.png"]
     lines = result.output.strip().splitlines()
     assert lines[-1] == (

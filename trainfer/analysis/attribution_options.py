@@ -13,6 +13,10 @@ work and memory finite:
   :data:`MAX_ELEMENTS_AT_ONCE`: integrated gradients' ``internal_batch_size`` rows; the batch times
   ``perturbations_per_eval`` (occlusion, Kernel SHAP, LIME); the batch times ``n_samples``
   (GradientSHAP) or times the reference batch (DeepLIFT-SHAP), which Captum expands at once.
+
+A caller that explains a batch in parts takes at most :func:`most_examples_at_once` examples per part,
+so options valid for one example stay valid for the part, and gives each part its rows of the options
+that hold one row per example (:func:`example_rows`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainfer.analysis.attribution_shap import feature_mask
+from trainfer.analysis.attribution_shap import SAMPLE_BUDGET, feature_mask
 from trainfer.errors import InputError, InputTypeError
 from trainfer.validate import check_integer, check_keywords, check_number, check_type, given
 
@@ -51,7 +55,16 @@ OPTIONS: dict[str, tuple[str, ...]] = {
 #: The methods whose ``baselines`` are a reference batch, and the fewest samples it needs.
 _REFERENCE_BATCH = {"gradient_shap": 1, "deeplift_shap": 2}
 
-__all__ = ["MAX_BASELINES", "MAX_ELEMENTS_AT_ONCE", "MAX_SAMPLES", "MAX_STEPS", "OPTIONS", "check_options"]
+__all__ = [
+    "MAX_BASELINES",
+    "MAX_ELEMENTS_AT_ONCE",
+    "MAX_SAMPLES",
+    "MAX_STEPS",
+    "OPTIONS",
+    "check_options",
+    "example_rows",
+    "most_examples_at_once",
+]
 
 
 def check_options(method: str, batch: Tensor, options: dict[str, Any]) -> None:
@@ -63,6 +76,43 @@ def check_options(method: str, batch: Tensor, options: dict[str, Any]) -> None:
         _CHECKS[name](name, value, method, batch)
     if method == "occlusion":
         _check_strides_fit(options, tuple(batch.shape[1:]))
+
+
+def most_examples_at_once(method: str, sample: tuple[int, ...], options: dict[str, Any]) -> int:
+    """The most examples of shape ``sample`` one explanation by ``method`` with ``options`` may take (at
+    least 1): the examples, times the rows the method runs through the model at once per example
+    (``perturbations_per_eval``; GradientSHAP's ``n_samples`` or reference batch; DeepLIFT-SHAP's reference
+    batch; else 1), times one sample's elements, stay within :data:`MAX_ELEMENTS_AT_ONCE`. An option of
+    the wrong kind counts as its default here: :func:`check_options` refuses it."""
+    per_example = math.prod(sample) * _rows_per_example(method, options)
+    return max(1, MAX_ELEMENTS_AT_ONCE // max(1, per_example))
+
+
+def _rows_per_example(method: str, options: dict[str, Any]) -> int:
+    reference = options.get("baselines")
+    if method in _REFERENCE_BATCH:
+        references = len(reference) if isinstance(reference, Tensor) and reference.dim() else 1
+        if method == "deeplift_shap":
+            return references if isinstance(reference, Tensor) else 2  # its default: two zero samples
+        return max(_count(options.get("n_samples"), SAMPLE_BUDGET["gradient_shap"]), references)
+    return _count(options.get("perturbations_per_eval"), 1)
+
+
+def _count(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else default
+
+
+def example_rows(method: str, options: dict[str, Any], batch: Tensor, start: int, stop: int) -> dict[str, Any]:
+    """``options`` for examples ``start:stop`` of ``batch`` explained apart: a ``baselines`` or
+    ``feature_mask`` tensor of one row per example (the batch's shape ``(N, *sample)``) keeps those
+    examples' rows; everything else (one value or sample for all, a reference batch) is kept whole."""
+    per_example = ("feature_mask",) if method in _REFERENCE_BATCH else ("feature_mask", "baselines")
+    return {
+        name: value[start:stop]
+        if name in per_example and isinstance(value, Tensor) and value.shape == batch.shape
+        else value
+        for name, value in options.items()
+    }
 
 
 def occlusion_defaults(sample: tuple[int, ...]) -> dict[str, Any]:
