@@ -103,6 +103,7 @@ def _explain_chunk(
 ) -> Iterator[tuple[int, Attributions | ExplanationError | NonFiniteError, int]]:
     """:func:`explain_each` for examples ``start:stop``."""
     rows = example_rows(method, options, batch, start, stop)
+    outcome: Attributions | ExplanationError | NonFiniteError
     try:
         outcome = explain_batch(
             predictor, batch[start:stop], method, _target_rows(target, start, stop, len(batch)), **rows

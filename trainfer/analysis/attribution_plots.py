@@ -78,7 +78,8 @@ def _fresh_margins() -> dict[str, float]:
     """The margins and spacing of subplots that a new figure starts with (matplotlib's settings)."""
     import matplotlib
 
-    return {name: matplotlib.rcParams[f"figure.subplot.{name}"] for name in _MARGINS}
+    settings: Any = matplotlib.rcParams  # indexed by a computed name, which its type stubs do not allow
+    return {name: settings[f"figure.subplot.{name}"] for name in _MARGINS}
 
 
 def _new_figure(size: tuple[float, float]) -> Any:
