@@ -11,6 +11,8 @@ import io
 import json
 import subprocess
 import threading
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -300,6 +302,29 @@ def test_api_key_unknown_models_versions_and_open_health(server):
     assert get(f"{server.url}/v2/health/live")[0] == 200 and get(f"{server.url}/v2/health/ready")[0] == 200
     status, body, _ = get(f"{server.url}/v2", headers=key())
     assert status == 200 and "binary_tensor_data" in json.loads(body)["extensions"]
+
+
+def test_head_over_http_answers_as_get_without_a_body_and_the_key_still_guards_it(server):
+    """Through uvicorn: ``HEAD /`` and the health probes are 200 with ``GET``'s headers and no body;
+    ``HEAD /metrics`` needs the API key as ``GET`` does; the access log names the method ``HEAD``."""
+
+    def head(path: str, headers: dict | None = None) -> tuple[int, bytes, dict]:
+        request = urllib.request.Request(f"{server.url}{path}", headers=headers or {}, method="HEAD")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read(), dict(response.headers)
+        except urllib.error.HTTPError as error:
+            return error.code, error.read(), dict(error.headers)
+
+    for path in ("/", "/v2/health/live", "/v2/health/ready"):
+        status, body, headers = head(path)
+        _, got, got_headers = get(f"{server.url}{path}")
+        assert (status, body) == (200, b"") and got, path
+        assert headers["content-length"] == got_headers["content-length"] == str(len(got)), path
+        assert headers["content-type"] == got_headers["content-type"], path
+    assert head("/")[2]["x-frame-options"] == "DENY"
+    assert head("/metrics")[0] == 401 and head("/metrics", key())[0] == 200
+    assert any(r["method"] == "HEAD" and r["path"] == "/v2/health/ready" for r in server.access_records())
 
 
 def test_openapi_metrics_and_access_log(server):
