@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
 from agreement import assert_results_close
 from server_process import get, post, running_server
 from serving_models import save_bundle, write_pngs
@@ -25,6 +24,7 @@ from serving_models import save_bundle, write_pngs
 from trainfer import Predictor
 from trainfer.cli.predict import gather_inputs, predictions, write_results
 from trainfer.errors import InputError
+from trainfer.serve.readers import check_csv_fits
 
 httpclient = pytest.importorskip("tritonclient.http")
 pytest.importorskip("fastapi")
@@ -209,11 +209,12 @@ def test_csv_rows_through_the_file_endpoint(server, bundles):
     x = samples(2, seed=9)
     text = header + "\n" + "\n".join(",".join(map(repr, row.ravel().tolist())) for row in x) + "\n"
     status, body, _ = post(f"{server.url}/v2/models/tiny/predict?filename=t.csv", text.encode(), headers=key())
-    # the tiny bundle takes (1, 8, 8) samples, not 64 columns: the Predictor's own refusal, one line
+    # the tiny bundle takes (1, 8, 8) samples, not rows: the refusal trainfer predict gives a CSV file, one line
     assert status == 400
     with pytest.raises(InputError) as refused:
-        Predictor.load(bundles / "tiny").predict(torch.tensor(x.reshape(2, 64), dtype=torch.float64))
+        check_csv_fits(Predictor.load(bundles / "tiny").preprocess_spec, "t.csv")
     assert json.loads(body)["error"] == " ".join(str(refused.value).split())
+    assert "CSV rows are samples of shape (F,)" in json.loads(body)["error"]
 
 
 def test_bad_inputs_are_400_with_the_cli_message_and_the_server_keeps_serving(server, client, bundles):
