@@ -505,8 +505,10 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per model")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated names: " + ", ".join(MODELS))
     args = parser.parse_args()
+    names = args.models.split(",")
+    _sibling("bench_timm").require(["torchvision", *(MODELS[name][0] for name in names)], "test-interop")
     rows = []
-    for name in args.models.split(","):
+    for name in names:
         ultralytics = MODELS[name][0] == "ultralytics"
         settings = {"both": (True, False), "on": (True,), "off": (False,)}[args.protocols if ultralytics else "on"]
         for protocols in settings:

@@ -15,10 +15,12 @@ Needs timm (``make test-timm`` builds ``.venv-next``: torch 2.14.1, torchvision 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import multiprocessing
+import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -116,6 +118,19 @@ def compare(name: str, size: int, rounds: int = 0) -> Row:
     return row
 
 
+def require(libraries: Iterable[str], make_target: str) -> None:
+    """Return when this Python imports every one of ``libraries``; otherwise say in one line on stderr which
+    it lacks and how to get them (``make MAKE_TARGET`` builds ``.venv-next``), and exit with status 2."""
+    missing = [name for name in dict.fromkeys(libraries) if importlib.util.find_spec(name) is None]
+    if missing:
+        print(
+            f"error: {sys.argv[0]} needs {', '.join(missing)}, which {sys.executable} cannot import: "
+            f"`make {make_target}` builds .venv-next with them; run .venv-next/bin/python {sys.argv[0]}",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+
+
 def run_isolated(function: Callable[..., Any], args: tuple[Any, ...], timeout: float, row: type = Row) -> Any:
     """``function(*args)`` in a forked process; a timeout or an exception becomes the row's ``error``.
 
@@ -166,6 +181,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per model")
     parser.add_argument("--models", default=",".join(REPARAM_MODELS + BN_CNNS), help="comma-separated timm names")
     args = parser.parse_args()
+    require(["timm"], "test-timm")
     torch.set_num_threads(1)
     rows = []
     for name in args.models.split(","):

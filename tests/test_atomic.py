@@ -214,7 +214,7 @@ def test_a_file_written_into_the_directory_during_its_replace_is_kept_with_the_p
     monkeypatch.setattr(atomic, "_exchange", user_writes_then_exchange)
     kept = "bundle" + atomic.KEPT_SUFFIX
     for previous, name in (("old", kept), ("new", kept + "-2")):  # a second kept version takes a free name
-        warned = r"'.*bundle' was rewritten, but it held 'late.txt' besides its writer's files \(written into it"
+        warned = r"'.*bundle' was rewritten, but it held 'late.txt' besides its writer's files \(put there before or"
         kept_in = rf" during the rewrite\): nothing was deleted, the previous version is kept with them in '.*/{name}'$"
         with pytest.warns(WriteWarning, match=warned + kept_in):
             with atomic_directory(target, own=lambda directory: {"content": atomic.FILE}) as staging:

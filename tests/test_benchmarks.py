@@ -32,3 +32,25 @@ def test_the_interop_bootstrap_interval_brackets_the_median_reproducibly():
     assert bench.Spread.bootstrap(ratios) == spread  # seeded
     assert bench.Spread.bootstrap([1.05] * 9) == bench.Spread(1.05, 1.05, 1.05)
     assert bench.Spread.bootstrap([]).median != bench.Spread.bootstrap([]).median  # nan: nothing timed
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "missing", "target"),
+    [
+        ("bench_timm", ["--rounds", "1", "--models", "resnet18"], "timm", "test-timm"),
+        ("bench_interop", ["--rounds", "1", "--models", "resnet18,bert"], "torchvision, transformers", "test-interop"),
+    ],
+)
+def test_an_interop_benchmark_without_its_libraries_says_what_is_missing_in_one_line(
+    script, argv, missing, target, monkeypatch, capsys
+):
+    """Run with a Python that lacks them (the main venv): one line naming them and the make target, exit 2."""
+    for library in ("timm", "torchvision", "transformers", "ultralytics"):
+        monkeypatch.setitem(sys.modules, library, None)  # importlib.util.find_spec then finds nothing
+    path = str(BENCHMARKS / f"{script}.py")
+    monkeypatch.setattr(sys, "argv", [path, *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(path, run_name="__main__")
+    assert exit_info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {path} needs {missing}, which ") and f"`make {target}` builds .venv-next" in line

@@ -202,6 +202,23 @@ def test_a_file_written_into_the_output_during_a_run_is_kept_with_the_previous_o
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", kept.name]
 
 
+def test_a_file_already_in_the_output_before_a_rerun_is_kept_with_the_whole_previous_output(tmp_path):
+    """A user's file at the top of ``--out`` before the rerun does not stop it: the previous output,
+    ``sequences/`` included, is kept with the file, and the warning does not claim the file came during the run."""
+    out = tmp_path / "demo"
+    (out / "sequences").mkdir(parents=True)
+    (out / "sequences" / "scores.json").write_text("old")
+    (out / demo.MARKER).write_text("{}")
+    (out / "NOTES.txt").write_text("mine")
+    kept = tmp_path / ("demo" + atomic.KEPT_SUFFIX)
+    message = rf"held 'NOTES.txt' besides its writer's files \(put there before or during the rewrite\): .* '{kept}'$"
+    with pytest.warns(WriteWarning, match=message):
+        with demo._staging(out) as work:
+            (work / demo.MARKER).write_text("new")
+    assert (kept / "NOTES.txt").read_text() == "mine" and (kept / "sequences" / "scores.json").read_text() == "old"
+    assert sorted(p.name for p in out.iterdir()) == [demo.MARKER]
+
+
 def test_a_missing_optional_dependency_is_reported_as_skipped(demo_run, tmp_path, monkeypatch):
     _, _, results = demo_run
     monkeypatch.setitem(__import__("sys").modules, "captum", None)  # `import captum` now fails

@@ -218,3 +218,67 @@ def test_every_public_name_has_an_api_entry():
         "compile",
         "blocks",
     ]  # the check can fail
+
+
+def tree_sections(tree: str) -> dict[str, str]:
+    """The text of docs/architecture.md's package tree per directory (``""`` for ``trainfer/``,
+    ``"reparam/fold/"``, ...): the names listed in it and their descriptions. An entry line is indented by
+    two spaces per level (names, then two or more spaces, then its description); a description's
+    continuation lines are indented deeper than any entry."""
+    sections: dict[str, str] = {}
+    stack: list[tuple[int, str]] = []  # (indent, directory) of the directories enclosing the current line
+    current = ""
+    for line in tree.splitlines()[1:]:  # the first line is `trainfer/`
+        indent = len(line) - len(line.lstrip())
+        if indent < 20:  # an entry: `name.py other.py   description` or `directory/   description`
+            stack = [(level, name) for level, name in stack if level < indent]
+            names = re.split(r" {2,}", line.strip(), maxsplit=1)[0]
+            parent = "".join(name for _, name in stack)
+            current = parent + names if names.endswith("/") else parent
+            if names.endswith("/"):
+                stack.append((indent, names))
+        sections[current] = sections.get(current, "") + " " + line
+    return sections
+
+
+def unlisted_modules(tree: str) -> list[str]:
+    """The modules of ``trainfer/`` (``__init__`` aside) whose name the tree's section of their directory
+    does not write (as a word: ``bundle``, ``bundle.py``)."""
+    sections = tree_sections(tree)
+    missing = []
+    for path in sorted((ROOT / "trainfer").rglob("*.py")):
+        relative = path.relative_to(ROOT / "trainfer")
+        directory = "".join(f"{part}/" for part in relative.parts[:-1])
+        if path.stem != "__init__" and not re.search(rf"\b{path.stem}\b", sections.get(directory, "")):
+            missing.append(str(relative))
+    return missing
+
+
+def architecture_tree() -> str:
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    return re.search(r"^```\n(trainfer/\n.*?)^```", page, re.S | re.M).group(1)
+
+
+def test_the_architecture_page_lists_every_module():
+    assert unlisted_modules(architecture_tree()) == []
+
+
+def test_a_module_left_out_of_the_tree_is_caught():
+    tree = architecture_tree()
+    assert "serve/" in tree_sections(tree) and "reparam/fold/" in tree_sections(tree)
+    assert unlisted_modules(tree.replace("migrate", "migration")) == ["cli/migrate.py", "serve/migrate.py"]
+
+
+def aliased_in_table(page: str) -> set[str]:
+    """The 0.1 paths the first column of docs/architecture.md's "Old import paths" table names."""
+    section = re.search(r"^## Old import paths\n(.*?)(?=^## |\Z)", page, re.S | re.M).group(1)
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    return {name for row in rows for name in re.findall(r"`(trainfer\.\w+)`", row.split(" | ")[0])}
+
+
+def test_the_old_import_paths_table_names_exactly_the_aliases_that_import():
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    assert aliased_in_table(page) == set(MOVED)
+    assert aliased_in_table(page.replace("| `trainfer.dual` |", "| `trainfer.dual`, `trainfer.fold_passes` |")) != set(
+        MOVED
+    )  # the check can fail

@@ -522,6 +522,14 @@ def test_csv_rows_with_more_values_than_the_header_are_refused(tmp_path):
         list(iter_csv(path, PreprocessSpec(columns=("a", "b"))))
 
 
+def test_a_csv_for_a_model_whose_samples_are_not_rows_is_refused_before_it_is_read(tmp_path):
+    path = write(tmp_path / "rows.csv", "a,b\n1,2\n")
+    expected = r"CSV rows are samples of shape \(F,\) \(tabular models\), and it takes samples of shape \(1, 8, 8\)"
+    with pytest.raises(InputError, match=r"cannot read CSV file '.*rows.csv' for this model: " + expected):
+        next(iter_csv(path, PreprocessSpec(input_shape=(1, 8, 8))))
+    assert next(iter_csv(path, PreprocessSpec(input_shape=(2,)))).shape == (1, 2)
+
+
 def test_a_header_only_csv_is_refused(tmp_path):
     path = write(tmp_path / "head.csv", "a,b\n")
     with pytest.raises(ValueError, match=r"head.csv' has a header but no data rows: expected at least one row of 2"):
@@ -570,8 +578,8 @@ def bundle(tmp_path_factory):
     return save_bundle(tmp_path_factory.mktemp("bundle") / "b", 0)
 
 
-def cli_error(bundle: Path, *inputs: Path) -> str:
-    result = CliRunner().invoke(main, ["predict", str(bundle), *map(str, inputs)])
+def cli_error(bundle: Path, *inputs: Path, options: tuple[str, ...] = ()) -> str:
+    result = CliRunner().invoke(main, ["predict", str(bundle), *map(str, inputs), *options])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
@@ -584,9 +592,17 @@ def test_cli_bad_npy_files_one_line_exit_2(name, bundle, tmp_path):
     assert re.search(message, cli_error(bundle, npy(tmp_path / name, array, raw)))
 
 
+def table_model() -> torch.nn.Module:
+    """A classifier of table rows of 2 values."""
+    return torch.nn.Linear(2, 3)
+
+
 def test_cli_bad_csv_files_one_line_exit_2(bundle, tmp_path):
-    assert "has a header but no data rows" in cli_error(bundle, write(tmp_path / "head.csv", "a,b\n"))
-    assert "expected 2 values" in cli_error(bundle, write(tmp_path / "wide.csv", "a,b\n1,2,3\n"))
+    table = trainfer.save(table_model(), tmp_path / "table", factory=f"{__name__}:table_model")
+    trust = ("--trust-factory",)  # this test module's own factory
+    assert "has a header but no data rows" in cli_error(table, write(tmp_path / "head.csv", "a,b\n"), options=trust)
+    assert "expected 2 values" in cli_error(table, write(tmp_path / "wide.csv", "a,b\n1,2,3\n"), options=trust)
+    assert "CSV rows are samples of shape (F,)" in cli_error(bundle, write(tmp_path / "rows.csv", "a,b\n1,2\n"))
 
 
 def test_cli_decompression_bomb_one_line_exit_2(bundle, tmp_path):

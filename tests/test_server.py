@@ -11,11 +11,12 @@ import io
 import json
 import subprocess
 import threading
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
 from agreement import assert_results_close
 from server_process import get, post, running_server
 from serving_models import save_bundle, write_pngs
@@ -23,6 +24,7 @@ from serving_models import save_bundle, write_pngs
 from trainfer import Predictor
 from trainfer.cli.predict import gather_inputs, predictions, write_results
 from trainfer.errors import InputError
+from trainfer.serve.readers import check_csv_fits
 
 httpclient = pytest.importorskip("tritonclient.http")
 pytest.importorskip("fastapi")
@@ -207,11 +209,12 @@ def test_csv_rows_through_the_file_endpoint(server, bundles):
     x = samples(2, seed=9)
     text = header + "\n" + "\n".join(",".join(map(repr, row.ravel().tolist())) for row in x) + "\n"
     status, body, _ = post(f"{server.url}/v2/models/tiny/predict?filename=t.csv", text.encode(), headers=key())
-    # the tiny bundle takes (1, 8, 8) samples, not 64 columns: the Predictor's own refusal, one line
+    # the tiny bundle takes (1, 8, 8) samples, not rows: the refusal trainfer predict gives a CSV file, one line
     assert status == 400
     with pytest.raises(InputError) as refused:
-        Predictor.load(bundles / "tiny").predict(torch.tensor(x.reshape(2, 64), dtype=torch.float64))
+        check_csv_fits(Predictor.load(bundles / "tiny").preprocess_spec, "t.csv")
     assert json.loads(body)["error"] == " ".join(str(refused.value).split())
+    assert "CSV rows are samples of shape (F,)" in json.loads(body)["error"]
 
 
 def test_bad_inputs_are_400_with_the_cli_message_and_the_server_keeps_serving(server, client, bundles):
@@ -300,6 +303,29 @@ def test_api_key_unknown_models_versions_and_open_health(server):
     assert get(f"{server.url}/v2/health/live")[0] == 200 and get(f"{server.url}/v2/health/ready")[0] == 200
     status, body, _ = get(f"{server.url}/v2", headers=key())
     assert status == 200 and "binary_tensor_data" in json.loads(body)["extensions"]
+
+
+def test_head_over_http_answers_as_get_without_a_body_and_the_key_still_guards_it(server):
+    """Through uvicorn: ``HEAD /`` and the health probes are 200 with ``GET``'s headers and no body;
+    ``HEAD /metrics`` needs the API key as ``GET`` does; the access log names the method ``HEAD``."""
+
+    def head(path: str, headers: dict | None = None) -> tuple[int, bytes, dict]:
+        request = urllib.request.Request(f"{server.url}{path}", headers=headers or {}, method="HEAD")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read(), dict(response.headers)
+        except urllib.error.HTTPError as error:
+            return error.code, error.read(), dict(error.headers)
+
+    for path in ("/", "/v2/health/live", "/v2/health/ready"):
+        status, body, headers = head(path)
+        _, got, got_headers = get(f"{server.url}{path}")
+        assert (status, body) == (200, b"") and got, path
+        assert headers["content-length"] == got_headers["content-length"] == str(len(got)), path
+        assert headers["content-type"] == got_headers["content-type"], path
+    assert head("/")[2]["x-frame-options"] == "DENY"
+    assert head("/metrics")[0] == 401 and head("/metrics", key())[0] == 200
+    assert any(r["method"] == "HEAD" and r["path"] == "/v2/health/ready" for r in server.access_records())
 
 
 def test_openapi_metrics_and_access_log(server):

@@ -112,6 +112,35 @@ def test_every_answer_says_nosniff_and_the_page_runs_only_its_own_script_and_sty
     assert b"swagger-ui-dist@5.35.0/swagger-ui-bundle.js" in docs
 
 
+def test_head_answers_every_get_route_with_its_headers_and_no_body():
+    """``HEAD`` gets what ``GET`` gets (status, headers: the security headers and the length included) without
+    the body; a route that takes no ``GET`` answers ``HEAD`` as it answers ``GET``."""
+    app = _digits_app()
+    paths = ["/", "/docs", "/openapi.json", "/v2/health/live", "/v2/health/ready", "/v2/models/digits", "/metrics"]
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            await _ready(app)
+            answers = {}
+            for path in [*paths, "/v2/models/digits/infer"]:
+                answers[path] = (await asgi_request(app, path, "HEAD"), await asgi_request(app, path))
+            return answers
+
+    answers = run(main(), seconds=60)
+    for path in paths:
+        (status, headers, body), (get_status, get_headers, get_body) = answers[path]
+        if path == "/metrics":  # its counters moved between the two requests
+            headers.pop("content-length"), get_headers.pop("content-length")
+        assert (status, headers, body) == (200, get_headers, b"") and get_status == 200 and get_body, path
+    for path in ("/", "/docs"):
+        headers = answers[path][0][1]
+        assert headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in headers["content-security-policy"]
+        assert headers["x-content-type-options"] == "nosniff"
+    assert int(answers["/"][0][1]["content-length"]) == len(answers["/"][1][2])
+    (status, headers, body), (get_status, _, _) = answers["/v2/models/digits/infer"]
+    assert (status, headers["allow"], body) == (405, "POST", b"") and get_status == 405
+
+
 def test_workers_check_the_host_and_take_allowed_hosts(tmp_path):
     """``--workers N`` builds each worker's app from the settings its parent passes on: the rule too."""
     bundle = save_bundle(tmp_path / "tiny", seed=0)

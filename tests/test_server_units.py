@@ -1061,6 +1061,8 @@ def test_a_csv_upload_past_max_rows_is_refused_before_its_rows_are_read():
     with time_limit(20), pytest.raises(InputError, match="more than 10 rows"):
         read_upload(data, "big.csv", "text/csv", PreprocessSpec(), max_rows=10)
     assert len(read_upload(b"x\n1\n2\n", "ok.csv", "text/csv", PreprocessSpec(), max_rows=2)) == 2
+    with pytest.raises(InputError, match=r"'img.csv' for this model: CSV rows are samples of shape \(F,\)"):
+        read_upload(b"x\n1\n", "img.csv", "text/csv", PreprocessSpec(input_shape=(1, 8, 8)), max_rows=2)
 
 
 def test_a_request_past_max_batch_runs_in_chunks_and_its_later_chunks_never_run_after_its_timeout():

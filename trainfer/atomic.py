@@ -38,8 +38,8 @@ files of the directory it replaces (a bundle: :func:`trainfer.serve.bundle_forma
 ``own``: just before the exchange the journal records the identity of each of those files (or of its
 subdirectories it owns with all they hold: ``trainfer demo``'s output), each only when it has the type the
 writer writes there (:data:`OwnFiles`), and afterwards only they are removed and the emptied directory
-removed with ``rmdir``. Anything else found there (a file
-someone wrote into the directory while it was being rewritten) keeps the previous version whole: it is
+removed with ``rmdir``. Anything else found there (a file someone wrote into the directory while it was
+being rewritten, or one that was there before, which ``trainfer demo`` allows) keeps the previous version whole: it is
 renamed to ``NAME.previous-version-with-your-files`` beside the target, with a :class:`WriteWarning`
 naming it (:func:`_discard_previous`; recovery after a crash does the same).
 """
@@ -504,8 +504,8 @@ def _keep(previous: Path, target: Path, foreign: Collection[str]) -> None:
                 place = kept
                 break
     warnings.warn(
-        f"{str(target)!r} was rewritten, but it held {named(foreign)} besides its writer's files (written into it "
-        f"during the rewrite): nothing was deleted, the previous version is kept with them in {str(place)!r}",
+        f"{str(target)!r} was rewritten, but it held {named(foreign)} besides its writer's files (put there before "
+        f"or during the rewrite): nothing was deleted, the previous version is kept with them in {str(place)!r}",
         WriteWarning,
         stacklevel=2,
     )

@@ -63,8 +63,8 @@ FORGOT_EVAL_BATCHES = (1, 16, 256)
 THROUGHPUT_BATCH = 256
 MARKER = "results.json"
 #: Every entry ``trainfer demo`` writes into its output directory, the files and the directories (with all
-#: they hold) a rerun replaces, each with its type: anything else found there at the replace, such as a file a
-#: user wrote into the output during the run (or a directory under a file's name), keeps the previous output
+#: they hold) a rerun replaces, each with its type: anything else found there at the replace, such as a user's
+#: file (there before the run or written during it) or a directory under a file's name, keeps the previous output
 #: beside it with a warning, never deleted (:func:`_staging`, :data:`trainfer.atomic.OwnFiles`).
 OUTPUTS = {
     **dict.fromkeys(

@@ -115,6 +115,7 @@ __all__ = [
     "CSV_ENCODING",
     "IMAGE_FORMATS",
     "IMAGE_SUFFIXES",
+    "check_csv_fits",
     "check_npy_header",
     "check_regular_file",
     "MAX_IMAGE_DECODE_BYTES",
@@ -443,12 +444,24 @@ def check_regular_file(path: Path, text: str | None = None) -> None:
         raise InputError(f"input {name!r} is not a regular file (a FIFO, a device or a socket): pass a file")
 
 
+def check_csv_fits(spec: PreprocessSpec, name: str) -> None:
+    """Refuse CSV input, before it is read, for a model whose samples are not rows of numbers: a CSV row is one
+    sample of shape ``(F,)`` (a tabular model), never an image's ``(C, H, W)``."""
+    if spec.input_shape is not None and len(spec.input_shape) != 1:
+        raise InputError(
+            f"cannot read CSV file {name!r} for this model: CSV rows are samples of shape (F,) (tabular models), "
+            f"and it takes samples of shape {spec.input_shape}: send images or a .npy array"
+        )
+
+
 def iter_csv(path: Path, spec: PreprocessSpec, chunk_rows: int = _CSV_CHUNK_ROWS) -> Iterator[Tensor]:
     """Rows of a CSV file with a header, as raw ``(n, F)`` float64 chunks of at most ``chunk_rows``.
 
     ``spec.columns`` picks and orders the columns by name (a missing one is named in the error);
-    without it every column is used in file order.
+    without it every column is used in file order. A model whose samples are not rows is refused
+    (:func:`check_csv_fits`).
     """
+    check_csv_fits(spec, str(path))
     try:
         with open(path, newline="", encoding=CSV_ENCODING) as handle:
             reader = csv.reader(handle)

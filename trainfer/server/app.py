@@ -17,6 +17,8 @@ Routes (``{name}``: a served model; ``/versions/1`` may follow it, as the protoc
 ``/docs``, ``/openapi.json``          GET     the OpenAPI schema and its viewer (:mod:`.pages`)
 ====================================  ======  ==================================================
 
+Every route that answers ``GET`` answers ``HEAD`` too: the same status and headers, no body (:mod:`.head`).
+
 Answers to mistakes are one JSON line ``{"error": "..."}``: 400 bad input (the CLI's message),
 401 a missing or wrong API key, 404 an unknown model, 413 a body over the size limit, 503 overload
 or not ready (with ``Retry-After``), 504 a request that waited past its timeout; 500 only for a
@@ -43,6 +45,7 @@ from trainfer.errors import one_line
 from trainfer.serve.results import check_top_k, to_records
 from trainfer.server.access import AccessMiddleware
 from trainfer.server.error_answers import answer_errors
+from trainfer.server.head import HeadAsGet
 from trainfer.server.infer_route import InferRoute, versioned
 from trainfer.server.metrics import CONTENT_TYPE_LATEST
 from trainfer.server.openapi_schemas import FILE_SCHEMA, document_infer
@@ -97,8 +100,9 @@ def create_app(
 
 
 class _App(FastAPI):
-    """FastAPI entered through two layers of trainfer's: every HTTP request passes
+    """FastAPI entered through three layers of trainfer's: every HTTP request passes
     :class:`AccessMiddleware` (API key, access log, metrics, a one-line 500 for a bug), then
+    :class:`HeadAsGet` (a ``HEAD`` request answered as ``GET``, without the body), then
     :class:`InferRoute`, which answers the protocol's inference requests itself -- without FastAPI's
     per-request work (its telemetry check, middleware, routing; so also without FastAPI's
     OpenTelemetry spans: trainfer's metrics count them) -- and hands every other request to FastAPI.
@@ -106,7 +110,7 @@ class _App(FastAPI):
 
     def __init__(self, server: Server, **options: Any):
         super().__init__(**options)
-        self._front = AccessMiddleware(InferRoute(super().__call__, server), server)
+        self._front = AccessMiddleware(HeadAsGet(InferRoute(super().__call__, server)), server)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

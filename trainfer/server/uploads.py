@@ -23,6 +23,7 @@ from trainfer.serve.preprocess import PreprocessSpec
 from trainfer.serve.readers import (
     CSV_ENCODING,
     IMAGE_SUFFIXES,
+    check_csv_fits,
     check_npy_header,
     column_indices,
     load_image,
@@ -86,6 +87,7 @@ def _npy(data: bytes, name: str, spec: PreprocessSpec) -> list[tuple[str, Any]]:
 
 def _csv(data: bytes, name: str, spec: PreprocessSpec, max_rows: int) -> list[tuple[str, Any]]:
     """The CSV rows of ``data`` (a header, then rows of numbers), picked by ``spec.columns``; at most ``max_rows``."""
+    check_csv_fits(spec, name)
     try:
         reader = csv.reader(io.StringIO(data.decode(CSV_ENCODING), newline=""))
         header = [h.strip() for h in next(reader, [])]
