@@ -270,7 +270,8 @@ def test_a_writer_owning_every_file_of_the_previous_version_removes_it_silently(
 
 
 def test_a_directory_the_writer_owns_goes_with_all_it_holds_but_a_link_named_like_it_is_foreign(tmp_path):
-    """``trainfer demo`` owns its subdirectories whole; an entry of that name that is a link is not the writer's."""
+    """A writer may own a subdirectory with all it holds (``trainfer demo`` claims one only when all it holds is its
+    own); an entry of that name that is a link is not the writer's."""
     target = tmp_path / "out"
     (target / "models").mkdir(parents=True)
     (target / "models" / "a.bin").write_text("old")

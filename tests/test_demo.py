@@ -13,6 +13,7 @@ from trainfer import WriteWarning, atomic
 from trainfer.cli import main
 from trainfer.demo import data
 from trainfer.demo import pipeline as demo
+from trainfer.demo.ownership import WRITTEN
 from trainfer.errors import InputError
 from trainfer.models import digits_net
 from trainfer.modes.contexts import inference
@@ -61,6 +62,7 @@ def test_every_artefact_exists_and_the_report_links_resolve(demo_run):
     assert not [p.name for p in out.parent.iterdir() if p.name != "demo"]  # no staging directory left behind
     written = {p.name: atomic.DIRECTORY if p.is_dir() else atomic.FILE for p in out.iterdir()}
     assert written.items() <= demo.OUTPUTS.items()  # what a rerun deletes covers all the demo writes, by type
+    assert written.items() <= demo.LAYOUT.own(out).items()  # results.json records every file in its subdirectories
 
 
 def test_the_two_forms_predict_identical_classes(demo_run):
@@ -179,7 +181,7 @@ def test_a_file_written_into_the_output_during_a_run_is_kept_with_the_previous_o
     out = tmp_path / "demo"
     (out / "bundle_train").mkdir(parents=True)
     (out / "bundle_train" / "manifest.json").write_text("old")
-    (out / demo.MARKER).write_text("{}")
+    (out / demo.MARKER).write_text(json.dumps({WRITTEN: ["bundle_train/manifest.json"]}))
     exchange = atomic._exchange
 
     def user_writes_then_exchange(first, second):

@@ -65,6 +65,7 @@ def test_a_users_files_are_refused_before_training(tmp_path, monkeypatch):
 
 def test_only_an_earlier_output_proves_itself(earlier, tmp_path):
     assert sequences.is_output(earlier / "sequences")
+    assert sequences.LAYOUT.whole(earlier / "sequences")  # scores.json records every file in its bundles
     forged = tmp_path / "forged"
     shutil.copytree(earlier / "sequences", forged)
     (forged / "notes.txt").write_text("a user's file among the step's")

@@ -36,12 +36,13 @@ Reads never recover: see :func:`interrupted_write`.
 The previous version is deleted whole only when the writer owns all of it. A writer that owns only some
 files of the directory it replaces (a bundle: :func:`trainfer.serve.bundle_format.own_files`) passes
 ``own``: just before the exchange the journal records the identity of each of those files (or of its
-subdirectories it owns with all they hold: ``trainfer demo``'s output), each only when it has the type the
-writer writes there (:data:`OwnFiles`), and afterwards only they are removed and the emptied directory
-removed with ``rmdir``. Anything else found there (a file someone wrote into the directory while it was
-being rewritten, or one that was there before, which ``trainfer demo`` allows) keeps the previous version whole: it is
-renamed to ``NAME.previous-version-with-your-files`` beside the target, with a :class:`WriteWarning`
-naming it (:func:`_discard_previous`; recovery after a crash does the same).
+subdirectories it owns with all they hold: ``trainfer demo`` claims one only when all it holds is the demo's,
+:mod:`trainfer.demo.ownership`), each only when it has the type the writer writes there (:data:`OwnFiles`), and
+afterwards only they are removed and the emptied directory removed with ``rmdir``. Anything else found there (a
+file someone wrote into the directory while it was being rewritten, or one that was there before, which
+``trainfer demo`` allows) keeps the previous version whole: it is renamed to
+``NAME.previous-version-with-your-files`` beside the target, with a :class:`WriteWarning` naming it
+(:func:`_discard_previous`; recovery after a crash does the same).
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ _MAX_KEPT_SUFFIX = 16
 _RECORDED = {"staging": stat.S_IFDIR, "old": stat.S_IFDIR, "file": stat.S_IFREG}
 
 Identity = tuple[int, int]
-#: What a writer writes at one of its own entries (:data:`OwnFiles`): a regular file, or a directory with all it holds.
+#: What a writer writes at one of its own entries (:data:`OwnFiles`): a regular file, or a directory with all it holds
+#: (a writer names one only when all it holds is its own: it is deleted whole).
 FILE, DIRECTORY = stat.S_IFREG, stat.S_IFDIR
 #: Given the directory a write replaces, its entries that are the writer's own (the only ones it may delete), each
 #: name with what the writer writes there (:data:`FILE` or :data:`DIRECTORY`): an entry of that name and another

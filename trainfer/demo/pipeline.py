@@ -43,9 +43,9 @@ from torch import Tensor, nn
 from trainfer.analysis.inspection import inspect
 from trainfer.atomic import DIRECTORY, FILE, recover, remove_staging, replace_directory, staging_directory
 from trainfer.bench import Timing, count_macs, count_parameters, num_threads, peak_memory, time_forms
-from trainfer.demo import data
+from trainfer.demo import data, sequences
+from trainfer.demo.ownership import WRITTEN, OutputLayout
 from trainfer.demo.report import PLOTS, write_report
-from trainfer.demo.sequences import is_output
 from trainfer.demo.train import fit, logits_of
 from trainfer.errors import InputError, ModeWarning
 from trainfer.modes.contexts import inference
@@ -62,16 +62,24 @@ from trainfer.serve.predictor import Predictor
 FORGOT_EVAL_BATCHES = (1, 16, 256)
 THROUGHPUT_BATCH = 256
 MARKER = "results.json"
-#: Every entry ``trainfer demo`` writes into its output directory, the files and the directories (with all
-#: they hold) a rerun replaces, each with its type: anything else found there at the replace, such as a user's
-#: file (there before the run or written during it) or a directory under a file's name, keeps the previous output
-#: beside it with a warning, never deleted (:func:`_staging`, :data:`trainfer.atomic.OwnFiles`).
+#: The most of an existing ``results.json`` read to learn which files the demo wrote (:data:`LAYOUT`); the demo's
+#: is about 25 KB.
+MAX_MARKER_BYTES = 1 << 20
+#: Every entry ``trainfer demo`` writes into its output directory, each with its type: the most a rerun deletes.
+#: A subdirectory goes only when it holds nothing but what the demo wrote there (:data:`LAYOUT`); anything else
+#: found at the replace, such as a user's file (there before the run or written during it, at the top or in a
+#: subdirectory) or a directory under a file's name, keeps the previous output beside it with a warning, never
+#: deleted (:func:`_staging`, :data:`trainfer.atomic.OwnFiles`).
 OUTPUTS = {
     **dict.fromkeys(
         [MARKER, "report.md", *PLOTS.values(), "inspect_divergence.png", "checkpoint.safetensors", "digits.onnx"], FILE
     ),
     **dict.fromkeys(["bundle_train", "bundle_deploy", "bundle_int8", "digits", "explain", "sequences"], DIRECTORY),
 }
+#: The demo's output: ``results.json`` records the files the demo wrote into its subdirectories, and
+#: ``sequences/`` is the sequence step's output, judged by its own ``scores.json``
+#: (:class:`~trainfer.demo.ownership.OutputLayout`).
+LAYOUT = OutputLayout(OUTPUTS, MARKER, MAX_MARKER_BYTES, nested={"sequences": sequences.LAYOUT})
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,7 @@ def _silent(message: str) -> None:
 @contextlib.contextmanager
 def _staging(out: Path) -> Iterator[Path]:
     """A fresh directory beside ``out`` (shared by all ranks) that replaces ``out`` on success, deleting only
-    the previous output's :data:`OUTPUTS`."""
+    the previous output's own entries (:meth:`LAYOUT.own <trainfer.demo.ownership.OutputLayout.own>`)."""
     recover(out / "sequences")  # what a killed `--sequences` run left beside its output
     if out.exists() and not (out / MARKER).is_file() and not _sequences_only(out):
         raise InputError(f"refusing to replace {str(out)!r}: it exists and is not a trainfer demo output")
@@ -124,7 +132,7 @@ def _staging(out: Path) -> Iterator[Path]:
     try:
         yield work
         if distributed.is_main():
-            replace_directory(work, out, own=lambda directory: OUTPUTS)
+            replace_directory(work, out, own=LAYOUT.own)
     except BaseException:
         if distributed.is_main():
             remove_staging(work)
@@ -133,7 +141,7 @@ def _staging(out: Path) -> Iterator[Path]:
 
 def _sequences_only(out: Path) -> bool:
     """``out`` holds nothing but what ``trainfer demo --sequences`` writes (a proven ``sequences/``)."""
-    return [p.name for p in out.iterdir()] == ["sequences"] and is_output(out / "sequences")
+    return [p.name for p in out.iterdir()] == ["sequences"] and sequences.is_output(out / "sequences")
 
 
 # ------------------------------------------------------------------ the pipeline
@@ -176,6 +184,7 @@ def _pipeline(options: DemoOptions, work: Path, device: torch.device, echo: Call
     if options.sequences:
         echo("      sequences: digit strings, a CRNN-CTC and an encoder-decoder, greedy vs beam search")
         results["sequences"] = _sequences(work / "sequences", options)
+    results[WRITTEN] = LAYOUT.written(work)
     (work / MARKER).write_text(json.dumps(results, indent=2), "utf-8")
     write_report(results, work)
     echo(f"report: {final / 'report.md'}  (plots: {', '.join(sorted(p.name for p in work.glob('*.png')))})")
@@ -465,8 +474,6 @@ def _pruning(deployed: nn.Module, options: DemoOptions, test: tuple[Tensor, Tens
 
 def _sequences(out: Path, options: DemoOptions) -> dict[str, Any]:
     """The sequence step into ``out``; the main report keeps its scores and links to its report."""
-    from trainfer.demo import sequences
-
     report = sequences.run(out, epochs=min(options.epochs, sequences.EPOCHS), seed=options.seed)
     return {"report": f"{out.name}/report.md", "plot": f"{out.name}/sequences.png", "scores": report["scores"]}
 

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from trainfer import decoding
 from trainfer.atomic import DIRECTORY, FILE, atomic_directory, atomic_file
 from trainfer.demo.digit_strings import DigitStrings, digit_strings, preprocess_spec
+from trainfer.demo.ownership import WRITTEN, OutputLayout
 from trainfer.errors import InputError
 from trainfer.models.sequence import (
     BOS,
@@ -59,9 +60,13 @@ OUTPUTS = {
     **dict.fromkeys(["crnn_bundle", "seq2seq_bundle"], DIRECTORY),
 }
 """What the step writes into its output directory, each with its type: all that an earlier output it may
-replace holds, and all that a rerun deletes of it (:func:`staged_output`, :data:`trainfer.atomic.OwnFiles`)."""
+replace holds, and the most a rerun deletes of it (:data:`LAYOUT`, :func:`staged_output`)."""
 MAX_SCORES_BYTES = 1 << 20
-"""The most of an existing ``scores.json`` read to prove it is this step's (:func:`is_output`)."""
+"""The most of an existing ``scores.json`` read to prove it is this step's (:func:`is_output`), or to learn
+which files it wrote (:data:`LAYOUT`)."""
+LAYOUT = OutputLayout(OUTPUTS, "scores.json", MAX_SCORES_BYTES)
+"""The step's output: ``scores.json`` records the files it wrote into its bundles, so that a rerun deletes a
+bundle directory only when it holds nothing else (:class:`~trainfer.demo.ownership.OutputLayout`)."""
 
 
 @dataclass(frozen=True)
@@ -211,13 +216,14 @@ def staged_output(out: Path) -> Iterator[Path]:
 
     Made before any work, so an unwritable ``out`` fails at once (:class:`~trainfer.errors.WriteError`);
     an existing ``out`` that is neither an empty directory nor :func:`is_output` is refused
-    (:class:`~trainfer.errors.InputError`). The replace deletes only the earlier output's :data:`OUTPUTS`: a
-    file written into ``out`` meanwhile keeps the earlier output beside it, with a warning. A failure removes
+    (:class:`~trainfer.errors.InputError`). The replace deletes only the earlier output's own entries
+    (:meth:`LAYOUT.own <trainfer.demo.ownership.OutputLayout.own>`): a file written into ``out`` or one of its
+    bundles meanwhile keeps the earlier output beside it, with a warning. A failure removes
     the staging directory; after a kill, the next write's recovery does.
     """
     if os.path.lexists(out) and not (_empty_directory(out) or is_output(out)):
         raise InputError(f"refusing to replace {str(out)!r}: it exists and is not a trainfer sequence demo output")
-    with atomic_directory(out, own=lambda directory: OUTPUTS) as work:
+    with atomic_directory(out, own=LAYOUT.own) as work:
         yield work
 
 
@@ -300,7 +306,7 @@ def _run(out: Path | None, train_count: int, test_count: int, epochs: int, seed:
     report["step_seconds"] = {"wall": time.perf_counter() - began, "cpu": time.process_time() - began_cpu}
     if out is not None:
         with atomic_file(out / "scores.json") as tmp:
-            tmp.write_text(json.dumps(report, indent=2))
+            tmp.write_text(json.dumps({**report, WRITTEN: LAYOUT.written(out)}, indent=2))
         with atomic_file(out / "report.md") as tmp:
             tmp.write_text(markdown(report, scores))
     return report
