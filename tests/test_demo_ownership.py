@@ -113,7 +113,9 @@ def test_a_users_file_in_a_bundle_keeps_the_earlier_sequence_output(earlier):
 
 
 @pytest.mark.parametrize("kind", [*NODES, "link to a directory", "link to a file"])
-@pytest.mark.parametrize("where", ["digits/test000_label7.png", "explain/heatmaps/extra", "sequences/crnn_bundle/x"])
+@pytest.mark.parametrize(
+    "where", ["digits/test000_label7.png", "explain/heatmaps", "explain/heatmaps/extra", "sequences/crnn_bundle/x"]
+)
 def test_a_link_or_a_node_in_a_subdirectory_makes_it_foreign_and_is_never_followed(earlier, tmp_path, where, kind):
     """Under a name the demo wrote or another: a link (never followed, what it points to untouched), a FIFO (never
     opened: no hang) or a device is not a file the demo wrote."""
@@ -121,7 +123,7 @@ def test_a_link_or_a_node_in_a_subdirectory_makes_it_foreign_and_is_never_follow
     outside.mkdir()
     (outside / "precious.txt").write_text("mine")
     path = earlier / where
-    path.unlink(missing_ok=True)
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     if kind == "link to a directory":
         path.symlink_to(outside)
     elif kind == "link to a file":
@@ -144,6 +146,12 @@ def test_a_directory_it_cannot_list_or_of_another_type_is_foreign(tmp_path, monk
     (tmp_path / "models" / "a.bin").mkdir()
     assert layout.own(tmp_path) == {}
     os.rmdir(tmp_path / "models" / "a.bin")
+    (tmp_path / "models").rename(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / "a.bin").write_text("mine")
+    (tmp_path / "models").symlink_to(tmp_path / "elsewhere")  # holding just what the marker records
+    assert layout.own(tmp_path) == {}
+    (tmp_path / "models").unlink()
+    (tmp_path / "elsewhere").rename(tmp_path / "models")
 
     def unreadable(path):
         raise PermissionError(13, "Permission denied", str(path))
