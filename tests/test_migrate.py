@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from time_limit import time_limit
 
 import trainfer
 from trainfer.cli import main
@@ -108,3 +109,29 @@ def test_the_command_migrates_and_refuses_in_one_line(old, tmp_path):
     again = runner.invoke(main, ["migrate", str(tmp_path / "new"), str(tmp_path / "newer")])
     assert again.exit_code == 2
     assert again.output.strip().count("\n") == 0 and "nothing to migrate" in again.output
+
+
+def test_a_recorded_shape_too_costly_to_replay_is_refused_before_any_real_computation(old, tmp_path, monkeypatch):
+    """A hostile manifest records a huge input (within the schema's 2**24 elements a sample): the replay's cost
+    is measured on the meta device and refused in one line, with nothing computed on real tensors (round 8: the
+    replay reached 10.9 GB before). A legitimate shape measures well under the bounds."""
+    manifest = json.loads((old / "manifest.json").read_text())
+    preprocess = {**manifest["preprocess"], "input_shape": [1, 4096, 4096]}
+    _edit_manifest(old, input={**manifest["input"], "shape": [1, 1, 4096, 4096]}, preprocess=preprocess)
+    real_runs = []
+    monkeypatch.setattr(migration, "deploy", lambda *args, **kwargs: real_runs.append(args))
+    with (
+        time_limit(60),
+        pytest.raises(
+            BundleError,
+            match=r"replaying the fold on 4 samples of shape \[1, 4096, 4096\] "
+            r"would compute over 268,435,456 tensor elements: expected the input shape",
+        ),
+    ):
+        migration.migrate(old, tmp_path / "new")
+    assert real_runs == [] and not (tmp_path / "new").exists()
+
+    elements, flops = migration._check_replay_cost(
+        trainfer.models.digits_net().eval(), [4, 1, 8, 8], torch.float32, "digits"
+    )  # the shape the fixture was deployed for: measured (the meta device runs it), far within the bounds
+    assert 0 < elements < migration.MAX_REPLAY_ELEMENTS // 100 and 0 < flops < migration.MAX_REPLAY_FLOPS // 1000
