@@ -586,10 +586,19 @@ def test_predict_refuses_to_write_explanations_into_its_bundle(bundle, tmp_path,
 
 @pytest.mark.parametrize(
     ("names", "message"),
-    [(",", "model name '': use letters"), ("a,a", "model names must differ"), ("a", "--names gives 1 names for 2")],
+    [
+        (",", "model name '': expected 1 to 128 ASCII letters"),
+        ("a,a", "model names must differ"),
+        ("a", "--names gives 1 names for 2"),
+        ("..,a", "model name '..': expected"),  # round 8: URL paths resolve '..' away: no client could reach it
+        ("a,.hidden", "model name '.hidden': expected"),
+        ("a,\u0663", "model name '\u0663': expected"),  # an Arabic-Indic digit: str.isalnum, not ASCII
+        ("a," + "n" * 129, "model name 'nnn"),
+    ],
 )
 def test_serve_names_each_bad_model_name_for_what_it_is(bundle, monkeypatch, names, message):
-    """Empty names are named as empty (not as duplicates), equal ones as equal, a count mismatch as such."""
+    """Empty names are named as empty (not as duplicates), equal ones as equal, a count mismatch as such, and a
+    name a URL path cannot carry as it is (``..``, a leading dot, non-ASCII, over 128 characters) as that."""
     pytest.importorskip("fastapi")
     monkeypatch.setattr("trainfer.server.run.serve", lambda settings, **options: pytest.fail("served"))
     refused = CliRunner().invoke(main, ["serve", str(bundle), str(bundle), "--names", names])

@@ -1261,3 +1261,12 @@ def test_the_file_endpoints_document_their_query_parameters_as_integers_and_stri
             "integer",
             "string",
         )
+
+
+@pytest.mark.parametrize("name", ["..", ".", "", "a/b", "é", "n" * 129, 7])
+def test_a_model_name_a_url_path_cannot_carry_is_refused_by_the_settings(name):
+    """The Python API's settings refuse what ``--names`` refuses (the Ray app builds them too)."""
+    from trainfer.server.state import ServerSettings
+
+    with pytest.raises(InputError, match="model name .*: expected 1 to 128 ASCII letters"):
+        ServerSettings(bundles={name: str(Path(__file__).parent / "fixtures" / "digits_deploy_v2")})

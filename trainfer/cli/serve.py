@@ -31,9 +31,10 @@ def model_names(bundles: tuple[str, ...], names: str | None) -> dict[str, str]:
     chosen = names.split(",") if names is not None else [Path(b).resolve().name for b in bundles]
     if len(chosen) != len(bundles):
         raise InputError(f"--names gives {len(chosen)} names for {len(bundles)} bundles")
+    from trainfer.server.state import check_model_name
+
     for name in chosen:  # before the duplicates: "--names ," is two empty names, not two equal ones
-        if not name or not all(c.isalnum() or c in "-_." for c in name):
-            raise InputError(f"model name {name!r}: use letters, digits, '-', '_' and '.' only")
+        check_model_name(name)
     if len(set(chosen)) != len(chosen):
         raise InputError(f"model names must differ; got {chosen} (name them with --names a,b)")
     return dict(zip(chosen, bundles, strict=True))

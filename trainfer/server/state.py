@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -93,7 +94,23 @@ class ServerSettings:
         for name, (least, most) in LIMITS.items():
             check_number(name, getattr(self, name), least, most, integer=name not in _FRACTIONAL)
         check_api_key(self.api_key, "api_key")
+        for name in self.bundles:
+            check_model_name(name)
         object.__setattr__(self, "allowed_hosts", check_allowed_hosts(self.allowed_hosts, "allowed_hosts"))
+
+
+#: A model's name, as it stands in the protocol's paths (``/v2/models/NAME/infer``): ASCII letters, digits, ``-``,
+#: ``_`` and ``.``, starting with a letter or digit (never ``.`` or ``..``, which URL paths resolve away).
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_model_name(name: Any) -> None:
+    """Refuse a model name outside :data:`MODEL_NAME` (:class:`~trainfer.errors.InputError`, naming it)."""
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+        raise InputError(
+            f"model name {name!r}: expected 1 to 128 ASCII letters, digits, '-', '_' and '.', starting with a letter "
+            "or digit (it stands in URL paths, where '.' and '..' are resolved away; name it with --names)"
+        )
 
 
 #: The longest API key accepted (characters, each one byte): far below the 64 KiB a request's head may
