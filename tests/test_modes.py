@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 import trainfer
-from trainfer.modes.contexts import inference, mode_dependent_modules, restore_modes, snapshot_modes, training
+from trainfer.modes.contexts import (
+    inference,
+    mode_dependent_modules,
+    restore_modes,
+    shared_inference,
+    snapshot_modes,
+    training,
+)
 from trainfer.modes.dual import DualModule, infer_path, train_only
 from trainfer.testing import assert_close
 
@@ -298,3 +305,21 @@ def test_module_replaced_inside_restores_every_module_that_existed_at_entry():
     assert not model[0].training  # the newcomer keeps the mode it was given
     modes = modes_of(model)
     assert modes[:1] + modes[2:] == MIXED[:1] + MIXED[2:]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_shared_inference_evaluates_a_model_whose_deepest_module_was_set_to_train_between_calls(shared):
+    """Every module's own flag is read at each entry: one set directly (no ``.train()``) three levels
+    down, also on a module reached by two paths, is switched to eval inside and given back after."""
+    dropout = nn.Dropout(0.5)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.Sequential(nn.Identity(), dropout))).eval()
+    if shared:
+        model.add_module("again", model[1])
+    x = torch.ones(1, 4)
+    with shared_inference(model):
+        expected = model(x)
+    dropout.training = True
+    with shared_inference(model):
+        assert torch.is_inference_mode_enabled() and not any(module.training for module in model.modules())
+        assert torch.equal(model(x), expected)
+    assert dropout.training and not any(module.training for module in model.modules() if module is not dropout)

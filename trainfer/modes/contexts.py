@@ -101,8 +101,30 @@ _LOCKS_LOCK = threading.Lock()
 
 
 def _lock_of(model: nn.Module) -> threading.RLock:
-    with _LOCKS_LOCK:
-        return _LOCKS.setdefault(model, threading.RLock())
+    lock = _LOCKS.get(model)  # once made, read without the module-wide lock
+    if lock is None:
+        with _LOCKS_LOCK:
+            lock = _LOCKS.setdefault(model, threading.RLock())
+    return lock
+
+
+def _any_training(model: nn.Module) -> bool:
+    """Whether ``model`` or any submodule is in training mode, read from every module's own flag now.
+
+    The modules are those of ``model.modules()`` (each once, a module reachable by several paths or
+    holding an ancestor too), walked through ``_modules`` without building their qualified names,
+    which ``modules()`` does and which cost most of a small model's check.
+    """
+    seen = {model}
+    pending = [model]
+    for module in pending:  # grows as children are found
+        if module.training:
+            return True
+        for child in module._modules.values():
+            if child is not None and child not in seen:
+                seen.add(child)
+                pending.append(child)
+    return False
 
 
 @contextmanager
@@ -118,7 +140,7 @@ def shared_inference(model: nn.Module) -> Iterator[None]:
     _check_module(model)
     lock = _lock_of(model)
     with lock:
-        switch = any(module.training for module in model.modules())
+        switch = _any_training(model)
         if switch:
             with inference(model):
                 yield
