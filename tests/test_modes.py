@@ -1,5 +1,6 @@
 import contextlib
 import functools
+import threading
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 import trainfer
 from trainfer.modes.contexts import (
+    _lock_of,
     inference,
     mode_dependent_modules,
     restore_modes,
@@ -323,3 +325,30 @@ def test_shared_inference_evaluates_a_model_whose_deepest_module_was_set_to_trai
         assert torch.is_inference_mode_enabled() and not any(module.training for module in model.modules())
         assert torch.equal(model(x), expected)
     assert dropout.training and not any(module.training for module in model.modules() if module is not dropout)
+
+
+@pytest.mark.parametrize("trains", [False, True])
+def test_shared_inference_holds_the_models_lock_only_while_it_switches_and_frees_it_after_an_error(trains):
+    model = mixed_model() if trains else mixed_model().eval()
+    before = modes_of(model)
+    lock = _lock_of(model)
+
+    def free_for_another_thread() -> bool:
+        taken: list[bool] = []
+
+        def try_lock() -> None:
+            taken.append(lock.acquire(blocking=False))
+            if taken[0]:
+                lock.release()
+
+        thread = threading.Thread(target=try_lock)
+        thread.start()
+        thread.join()
+        return taken[0]
+
+    with pytest.raises(KeyError, match="inside"), shared_inference(model):
+        assert free_for_another_thread() is not trains
+        assert not any(modes_of(model)) and torch.is_inference_mode_enabled()
+        raise KeyError("inside")
+    assert modes_of(model) == before and not torch.is_inference_mode_enabled()
+    assert free_for_another_thread()

@@ -127,8 +127,7 @@ def _any_training(model: nn.Module) -> bool:
     return False
 
 
-@contextmanager
-def shared_inference(model: nn.Module) -> Iterator[None]:
+def shared_inference(model: nn.Module) -> AbstractContextManager[None]:
     """:func:`inference` for a model that other threads may be running at the same time.
 
     A model whose every submodule is already in eval only enters ``torch.inference_mode()``:
@@ -138,15 +137,40 @@ def shared_inference(model: nn.Module) -> Iterator[None]:
     through this function are synchronised.
     """
     _check_module(model)
-    lock = _lock_of(model)
-    with lock:
-        switch = _any_training(model)
-        if switch:
-            with inference(model):
-                yield
-    if not switch:
-        with torch.inference_mode():
-            yield
+    return _SharedInference(model)
+
+
+class _SharedInference:
+    """The context :func:`shared_inference` returns, for one ``with``. A class rather than a
+    generator: it wraps every batch a server computes, and a generator's context costs about as
+    much again as the check of the modes."""
+
+    __slots__ = ("_held", "_inner", "_model")
+
+    def __init__(self, model: nn.Module):
+        self._model = model
+        self._held: threading.RLock | None = None  # the model's lock, while a switch to eval lasts
+        self._inner: AbstractContextManager[Any] | None = None
+
+    def __enter__(self) -> None:
+        lock = _lock_of(self._model)
+        with lock:
+            if _any_training(self._model):
+                self._inner = inference(self._model)
+                self._inner.__enter__()
+                lock.acquire()  # re-entrant: still held when this block ends, until __exit__
+                self._held = lock
+                return
+        self._inner = torch.inference_mode()
+        self._inner.__enter__()
+
+    def __exit__(self, *error: Any) -> None:
+        assert self._inner is not None
+        try:
+            self._inner.__exit__(*error)  # the modes restored (an exception inside propagates)
+        finally:
+            if self._held is not None:
+                self._held.release()
 
 
 def training(*models: nn.Module) -> AbstractContextManager[None]:
