@@ -1,5 +1,6 @@
 import contextlib
 import functools
+import threading
 
 import pytest
 import torch
@@ -9,7 +10,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 import trainfer
-from trainfer.modes.contexts import inference, mode_dependent_modules, restore_modes, snapshot_modes, training
+from trainfer.modes.contexts import (
+    _lock_of,
+    inference,
+    mode_dependent_modules,
+    restore_modes,
+    shared_inference,
+    snapshot_modes,
+    training,
+)
 from trainfer.modes.dual import DualModule, infer_path, train_only
 from trainfer.testing import assert_close
 
@@ -298,3 +307,48 @@ def test_module_replaced_inside_restores_every_module_that_existed_at_entry():
     assert not model[0].training  # the newcomer keeps the mode it was given
     modes = modes_of(model)
     assert modes[:1] + modes[2:] == MIXED[:1] + MIXED[2:]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_shared_inference_evaluates_a_model_whose_deepest_module_was_set_to_train_between_calls(shared):
+    """Every module's own flag is read at each entry: one set directly (no ``.train()``) three levels
+    down, also on a module reached by two paths, is switched to eval inside and given back after."""
+    dropout = nn.Dropout(0.5)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.Sequential(nn.Identity(), dropout))).eval()
+    if shared:
+        model.add_module("again", model[1])
+    x = torch.ones(1, 4)
+    with shared_inference(model):
+        expected = model(x)
+    dropout.training = True
+    with shared_inference(model):
+        assert torch.is_inference_mode_enabled() and not any(module.training for module in model.modules())
+        assert torch.equal(model(x), expected)
+    assert dropout.training and not any(module.training for module in model.modules() if module is not dropout)
+
+
+@pytest.mark.parametrize("trains", [False, True])
+def test_shared_inference_holds_the_models_lock_only_while_it_switches_and_frees_it_after_an_error(trains):
+    model = mixed_model() if trains else mixed_model().eval()
+    before = modes_of(model)
+    lock = _lock_of(model)
+
+    def free_for_another_thread() -> bool:
+        taken: list[bool] = []
+
+        def try_lock() -> None:
+            taken.append(lock.acquire(blocking=False))
+            if taken[0]:
+                lock.release()
+
+        thread = threading.Thread(target=try_lock)
+        thread.start()
+        thread.join()
+        return taken[0]
+
+    with pytest.raises(KeyError, match="inside"), shared_inference(model):
+        assert free_for_another_thread() is not trains
+        assert not any(modes_of(model)) and torch.is_inference_mode_enabled()
+        raise KeyError("inside")
+    assert modes_of(model) == before and not torch.is_inference_mode_enabled()
+    assert free_for_another_thread()

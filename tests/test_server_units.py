@@ -539,6 +539,66 @@ def test_a_request_overflowing_once_normalised_fails_alone_with_its_own_message_
     np.testing.assert_allclose(served.tensors(rows)["probabilities"].max(1), [r.probability for r in expected], 1e-6)
 
 
+class NonFiniteRows(torch.nn.Module):
+    """Two regression values a row, ``1 / x0`` and ``log(x1)``: +inf, -inf or NaN where x0 or x1 is 0 or negative."""
+
+    def forward(self, x):
+        return torch.stack([1 / x[:, 0], x[:, 1].log()], 1)
+
+
+def test_a_batch_whose_scores_hold_nan_or_inf_raises_naming_those_samples_as_the_predictor_does():
+    from trainfer import Predictor
+    from trainfer.errors import NonFiniteError
+    from trainfer.server.model import ServedModel
+
+    predictor = Predictor(NonFiniteRows(), task="regression", preprocess={"input_shape": [2]})
+    served = ServedModel("rows", predictor)
+    served.check()
+    rows = np.array([[1.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, -1.0], [2.0, 3.0]])  # fine, +inf, -inf, NaN, fine
+    with pytest.raises(NonFiniteError) as served_error:
+        served.compute(served.prepare(rows))
+    with pytest.raises(NonFiniteError) as predicted:
+        predictor.predict(rows)
+    assert "the model's output for input sample(s) [1, 2, 3] holds NaN or inf" in str(served_error.value)
+    assert str(served_error.value) == str(predicted.value)
+    assert served.tensors(served.compute(served.prepare(rows[[0, 4]])))["values"].shape == (2, 2)
+
+
+def test_tied_scores_rank_the_class_the_predictor_names():
+    """Ten equal logits: the served index is the one ``Predictor.predict`` gives (``topk``'s choice
+    among ties, not necessarily the first class), so both answers name one class."""
+    from trainfer import Predictor
+    from trainfer.server.model import ServedModel
+
+    model = torch.nn.Linear(4, 10)
+    torch.nn.init.zeros_(model.weight), torch.nn.init.zeros_(model.bias)
+    predictor = Predictor(model.eval(), preprocess={"input_shape": [4]}, labels=[f"c{i}" for i in range(10)])
+    served = ServedModel("ties", predictor)
+    served.check()
+    x = np.random.default_rng(0).random((3, 4))
+    tensors = served.tensors(served.compute(served.prepare(x)))
+    expected = predictor.predict(x)
+    assert tensors["index"].tolist() == [r.index for r in expected]
+    assert tensors["label"].tolist() == [r.label.encode() for r in expected]
+
+
+def test_a_served_model_set_to_train_between_batches_is_still_served_in_eval():
+    from trainfer import Predictor
+    from trainfer.server.model import ServedModel
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).eval()
+    model[1].running_mean.fill_(2.0), model[1].running_var.fill_(4.0)  # eval's statistics differ from a batch's
+    served = ServedModel("bn", Predictor(model, preprocess={"input_shape": [4]}))
+    served.check()
+    batch = served.prepare(np.random.default_rng(0).random((3, 4)))
+    before = served.compute(batch)
+    model[1].training = True  # the flag alone, as a caller's code might set it
+    after = served.compute(batch)
+    assert model[1].training
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+
 def test_multi_head_and_regression_outputs_are_the_predictors_results():
     from trainfer import Predictor
     from trainfer.server.model import ServedModel

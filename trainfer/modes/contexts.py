@@ -101,12 +101,33 @@ _LOCKS_LOCK = threading.Lock()
 
 
 def _lock_of(model: nn.Module) -> threading.RLock:
-    with _LOCKS_LOCK:
-        return _LOCKS.setdefault(model, threading.RLock())
+    lock = _LOCKS.get(model)  # once made, read without the module-wide lock
+    if lock is None:
+        with _LOCKS_LOCK:
+            lock = _LOCKS.setdefault(model, threading.RLock())
+    return lock
 
 
-@contextmanager
-def shared_inference(model: nn.Module) -> Iterator[None]:
+def _any_training(model: nn.Module) -> bool:
+    """Whether ``model`` or any submodule is in training mode, read from every module's own flag now.
+
+    The modules are those of ``model.modules()`` (each once, a module reachable by several paths or
+    holding an ancestor too), walked through ``_modules`` without building their qualified names,
+    which ``modules()`` does and which cost most of a small model's check.
+    """
+    seen = {model}
+    pending = [model]
+    for module in pending:  # grows as children are found
+        if module.training:
+            return True
+        for child in module._modules.values():
+            if child is not None and child not in seen:
+                seen.add(child)
+                pending.append(child)
+    return False
+
+
+def shared_inference(model: nn.Module) -> AbstractContextManager[None]:
     """:func:`inference` for a model that other threads may be running at the same time.
 
     A model whose every submodule is already in eval only enters ``torch.inference_mode()``:
@@ -116,15 +137,40 @@ def shared_inference(model: nn.Module) -> Iterator[None]:
     through this function are synchronised.
     """
     _check_module(model)
-    lock = _lock_of(model)
-    with lock:
-        switch = any(module.training for module in model.modules())
-        if switch:
-            with inference(model):
-                yield
-    if not switch:
-        with torch.inference_mode():
-            yield
+    return _SharedInference(model)
+
+
+class _SharedInference:
+    """The context :func:`shared_inference` returns, for one ``with``. A class rather than a
+    generator: it wraps every batch a server computes, and a generator's context costs about as
+    much again as the check of the modes."""
+
+    __slots__ = ("_held", "_inner", "_model")
+
+    def __init__(self, model: nn.Module):
+        self._model = model
+        self._held: threading.RLock | None = None  # the model's lock, while a switch to eval lasts
+        self._inner: AbstractContextManager[Any] | None = None
+
+    def __enter__(self) -> None:
+        lock = _lock_of(self._model)
+        with lock:
+            if _any_training(self._model):
+                self._inner = inference(self._model)
+                self._inner.__enter__()
+                lock.acquire()  # re-entrant: still held when this block ends, until __exit__
+                self._held = lock
+                return
+        self._inner = torch.inference_mode()
+        self._inner.__enter__()
+
+    def __exit__(self, *error: Any) -> None:
+        assert self._inner is not None
+        try:
+            self._inner.__exit__(*error)  # the modes restored (an exception inside propagates)
+        finally:
+            if self._held is not None:
+                self._held.release()
 
 
 def training(*models: nn.Module) -> AbstractContextManager[None]:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from trainfer.errors import InputError, NonFiniteError
+from trainfer.numerics import all_finite
 from trainfer.serve.decoder_bounds import MAX_SERVED_BEAM_WIDTH
 from trainfer.serve.outputs import Head
 from trainfer.validate import check_integer
@@ -137,7 +138,7 @@ def check_finite_scores(per_head: list[Tensor], heads: list[Head], first: int = 
     ``first .. first + N - 1``; a non-finite score is never served as a prediction.
     """
     for head, scores in zip(heads, per_head, strict=True):
-        if scores.is_floating_point() and not bool(torch.isfinite(scores).all()):
+        if scores.is_floating_point() and not all_finite(scores):
             rows = (~torch.isfinite(scores)).reshape(len(scores), -1).any(1).nonzero().flatten()
             bad = (rows + first).tolist()
             name = f" (head {head.name!r})" if head.name is not None else ""

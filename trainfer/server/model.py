@@ -146,8 +146,11 @@ class ServedModel:
         if self.generates:
             return [self.predictor.generate(batch, top_k)]
         scores = self.finite(self.scores(batch))
-        top_classes = [s.topk(1, dim=1).indices[:, 0] for s, h in zip(scores, self.predictor.heads) if _ranked(h)]
-        return [column.numpy() for column in scores + top_classes]  # numpy: each request's rows are cheap views
+        # numpy: each request's rows are cheap views (and its column of indices is cut at a third of torch's cost)
+        top_classes = [
+            s.topk(1, dim=1).indices.numpy()[:, 0] for s, h in zip(scores, self.predictor.heads) if _ranked(h)
+        ]
+        return [s.numpy() for s in scores] + top_classes
 
     def scores(self, batch: Tensor) -> list[Tensor]:
         """Per-head scores of a normalised batch, on the CPU."""
