@@ -541,3 +541,45 @@ def test_long_names_that_share_their_start_keep_apart(tmp_path):
     with atomic_file(first) as tmp:
         tmp.write_text("one")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, second.name])
+
+
+def test_a_writer_of_many_files_lists_their_directory_once_and_still_recovers_what_it_finds(tmp_path, monkeypatch):
+    """Each write's recovery lists the target's directory (n writes into n files: quadratic); writes sharing one
+    :class:`atomic.Leftovers` list it once, and a killed write's leftover found by that listing is cleaned up."""
+    assert not crash_replace(tmp_path / "005.png", 3, "before", "fallback", own="file")  # a killed earlier run
+    assert len(list(tmp_path.iterdir())) == 2  # its temporary file and journal
+    listed = []
+    real_listdir = os.listdir
+    monkeypatch.setattr(atomic.os, "listdir", lambda path: listed.append(path) or real_listdir(path))
+    leftovers = atomic.Leftovers()
+    for i in range(10):
+        with atomic_file(tmp_path / f"{i:03d}.png", leftovers) as tmp:
+            tmp.write_text(str(i))
+    assert listed == [tmp_path]
+    for i in range(3):  # without one, every write lists the directory
+        with atomic_file(tmp_path / f"{i:03d}.png") as tmp:
+            tmp.write_text(str(i))
+    assert listed == [tmp_path] * 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i:03d}.png" for i in range(10)]
+
+
+def test_journal_names_are_found_by_the_target_name_they_spell(tmp_path):
+    """A listing files the journal names by their target's spelling (a long name's included); other names,
+    look-alikes and another target's journals are not that target's."""
+    token = "0" * 32
+    long_name = "x" * 250
+    names = [
+        f".a.b.trainfer-{token}.journal",
+        f".a.trainfer-{token}.journal",
+        f".a.trainfer-{token}.tmp",
+        f".a.trainfer-{'g' * 32}.journal",
+        f".{atomic._stem(long_name)}.trainfer-{token}.journal",
+        "a",
+    ]
+    for name in names:
+        (tmp_path / name).write_text("")
+    leftovers = atomic.Leftovers()
+    assert leftovers.journal_names(tmp_path / "a") == [f".a.trainfer-{token}.journal"]
+    assert leftovers.journal_names(tmp_path / "a.b") == [f".a.b.trainfer-{token}.journal"]
+    assert leftovers.journal_names(tmp_path / long_name) == [f".{atomic._stem(long_name)}.trainfer-{token}.journal"]
+    assert leftovers.journal_names(tmp_path / "b") == []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 import trainfer
+from trainfer import atomic
 from trainfer.analysis import attribution_files
 from trainfer.analysis.attribution import attribute, explain, explain_to_files
 from trainfer.analysis.attribution_files import explain_each
@@ -305,8 +308,13 @@ def test_explain_to_files_draws_image_heat_maps_and_table_bars(tmp_path) -> None
         images.append(path)
     spec = PreprocessSpec(input_shape=(1, 6, 6), dtype="float64")
     predictor = Predictor(conv_net(), labels=["a", "b", "c", "d"], preprocess=spec)
-    written = explain_to_files(predictor, images, tmp_path / "maps")
+    listed = []
+    real_listdir = os.listdir
+    with pytest.MonkeyPatch.context() as patch:  # the run's PNGs share a directory, listed once, not once a PNG
+        patch.setattr(atomic.os, "listdir", lambda path: listed.append(Path(path)) or real_listdir(path))
+        written = explain_to_files(predictor, images, tmp_path / "maps")
     assert [p.name for p in written] == ["000_digit0.png", "001_digit1.png"]
+    assert listed.count(tmp_path / "maps") == 1
     table = _table_predictor(nn.Linear(3, 2).double(), columns=("u", "v", "w"))
     bars = explain_to_files(table, [[1.0, 2.0, 3.0]], tmp_path / "bars", method="occlusion")
     assert [p.name for p in bars] == ["000.png"]

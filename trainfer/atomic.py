@@ -71,6 +71,7 @@ from trainfer.readfile import irregular
 __all__ = [
     "DIRECTORY",
     "FILE",
+    "Leftovers",
     "atomic_directory",
     "atomic_file",
     "check_target",
@@ -94,6 +95,7 @@ _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _UNSUPPORTED = frozenset({errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV})
 _STAGING = re.compile(r"\.(.+)\.trainfer-([0-9a-f]{32})\.tmp")
+_JOURNAL_NAME = re.compile(r"\.(.+)\.trainfer-[0-9a-f]{32}\.journal")
 #: The longest target name (in bytes) the names beside it spell out whole: ``.NAME.trainfer-TOKEN.tmpSUFFIX`` adds 43
 #: bytes and at most 20 more, and a file name has at most 255. A longer name is written there as its first bytes and
 #: a digest of it (:func:`_stem`).
@@ -145,18 +147,19 @@ def check_target(target: str | os.PathLike[str], option: str = "", directory: bo
 
 
 @contextlib.contextmanager
-def atomic_file(target: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_file(target: str | os.PathLike[str], leftovers: Leftovers | None = None) -> Iterator[Path]:
     """Yield a temporary file path beside ``target``; on success it atomically replaces ``target``.
 
     A ``target`` that exists and is not a regular file (links followed) is refused when the write
     starts and again just before the rename (:func:`check_target`). An ``OSError`` while writing
-    (disk full, permission denied) becomes a :class:`WriteError` naming ``target``.
+    (disk full, permission denied) becomes a :class:`WriteError` naming ``target``. ``leftovers``: a
+    writer of many files shares one, so that each directory is listed once (:class:`Leftovers`).
     """
     target = Path(target)
     with _naming_failures(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         check_target(target)
-        recover(target)  # what a killed earlier write of ``target`` left: its temporary file, proven by its journal
+        recover(target, leftovers)  # what a killed earlier write of ``target`` left: its temporary file, proven
         journal = _Journal.create(target, durable=False)  # it proves a temporary file: no fsync needed
         tmp = journal.temporary_file()
         try:
@@ -386,14 +389,53 @@ def _remove_own(path: Path) -> None:
             os.unlink(path)
 
 
-def _dead_journals(target: Path) -> list[_Journal]:
-    """The proven journals of dead writers of ``target``."""
+class Leftovers:
+    """The journals in directories, listed once each, for a writer of many files into one directory.
+
+    Recovery looks for a killed write's journal beside each target, which lists the target's directory:
+    ``n`` writes into a directory of ``n`` files cost ``n**2`` entries read (0.55 ms a write at 2000 entries).
+    A writer that passes one :class:`Leftovers` to all its :func:`atomic_file` calls lists each directory
+    once. A journal that appears after that listing (a writer killed meanwhile) is found by a later write
+    made without it.
+    """
+
+    def __init__(self) -> None:
+        self._listed: dict[Path, dict[str, list[str]]] = {}
+
+    def journal_names(self, target: Path) -> list[str]:
+        """The names beside ``target`` that spell a journal of a write of it, as listed first."""
+        if target.parent not in self._listed:
+            self._listed[target.parent] = _journals_by_stem(target.parent)
+        return self._listed[target.parent].get(_stem(target.name), [])
+
+
+def _journals_by_stem(directory: Path) -> dict[str, list[str]]:
+    """The names in ``directory`` spelled like journals (``.STEM.trainfer-TOKEN.journal``), by ``STEM``."""
+    found: dict[str, list[str]] = {}
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return found
+    for name in names:
+        match = _JOURNAL_NAME.fullmatch(name) if name.endswith(".journal") else None
+        if match:
+            found.setdefault(match[1], []).append(name)
+    return found
+
+
+def _journal_names(target: Path) -> list[str]:
+    """The names beside ``target`` that start and end as a journal of a write of it, listed now."""
     prefix = f".{_stem(target.name)}.trainfer-"
     try:
-        names = [name for name in os.listdir(target.parent) if name.startswith(prefix)]
+        return [name for name in os.listdir(target.parent) if name.startswith(prefix) and name.endswith(".journal")]
     except OSError:
         return []
-    journals = (_Journal.read(target.parent / name, target) for name in names if name.endswith(".journal"))
+
+
+def _dead_journals(target: Path, leftovers: Leftovers | None = None) -> list[_Journal]:
+    """The proven journals of dead writers of ``target`` (``leftovers``: as that listing found them)."""
+    names = leftovers.journal_names(target) if leftovers is not None else _journal_names(target)
+    journals = (_Journal.read(target.parent / name, target) for name in names)
     return [journal for journal in journals if journal is not None and journal.dead()]
 
 
@@ -527,16 +569,17 @@ def _move_aside_then_in(new: Path, target: Path, old: Path) -> Path:
     return old
 
 
-def recover(target: str | os.PathLike[str]) -> None:
+def recover(target: str | os.PathLike[str], leftovers: Leftovers | None = None) -> None:
     """Repair what a crashed replace of ``target`` left behind; a no-op when nothing was left.
 
     For each proven journal of a dead writer (module docstring): if ``target`` is missing, the
     previous version it moved aside becomes ``target`` again; then its staging directory and
     previous version are removed, and the journal last. Unproven directories are never touched;
-    failures (a read-only directory, a concurrent recovery) are ignored.
+    failures (a read-only directory, a concurrent recovery) are ignored. ``leftovers``: the journals
+    as that listing of the directory found them (:class:`Leftovers`).
     """
     target = Path(target)
-    for journal in _dead_journals(target):
+    for journal in _dead_journals(target, leftovers):
         with contextlib.suppress(OSError):
             _repair(journal)
 

@@ -17,7 +17,7 @@ from typing import Any
 from torch import Tensor
 
 from trainfer.analysis.attribution_methods import Attributions
-from trainfer.atomic import atomic_file
+from trainfer.atomic import Leftovers, atomic_file
 from trainfer.errors import InputError
 
 __all__ = ["DPI", "AttributionPlotter", "plot_attribution"]
@@ -48,6 +48,7 @@ class AttributionPlotter:
     def __init__(self, labels: Sequence[str] | None = None, columns: Sequence[str] | None = None):
         self.labels, self.columns = labels, columns
         self._picture: _HeatMap | _Bars | None = None
+        self._leftovers = Leftovers()  # a run's PNGs share a directory: it is listed once, not once a file
 
     def draw(self, result: Attributions, index: int, path: Path) -> Path:
         """Draw example ``index``: input and attribution overlay for ``(C, H, W)``/``(H, W)``, bars for
@@ -58,7 +59,7 @@ class AttributionPlotter:
         picture.title.set_text(_title(result, index, self.labels))
         picture.figure.subplots_adjust(**_fresh_margins())  # tight_layout starts from the margins it finds
         picture.figure.tight_layout()
-        with atomic_file(path) as tmp:
+        with atomic_file(path, self._leftovers) as tmp:
             picture.figure.canvas.print_png(tmp)
         return path
 
