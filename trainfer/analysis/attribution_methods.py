@@ -6,6 +6,7 @@ the sampling ones live in :mod:`~trainfer.analysis.attribution_shap`.
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,15 +34,23 @@ COMPLETENESS_TOLERANCE = 0.5
 #: at most this many rows (at least one step of the whole batch), so an explanation holds a few
 #: samples' activations, not ``n_steps`` of them. ``internal_batch_size=`` overrides it.
 INTEGRATED_GRADIENTS_ROWS = 8
+#: The methods whose Captum class hooks the modules of the model it explains (DeepLIFT's rules are forward
+#: and backward hooks, live for the whole call): they run on :func:`private_copy`, never on the model other
+#: threads may be predicting with, where the hooks would fire in their forwards. The other methods only
+#: call the model. Captum's other hooking classes (DeepLift, GuidedBackprop, Deconvolution, GuidedGradCam,
+#: LRP, the layer and neuron methods) are not offered.
+HOOKED_METHODS = ("deeplift_shap",)
 
 __all__ = [
     "COMPLETENESS_TOLERANCE",
+    "HOOKED_METHODS",
     "INTEGRATED_GRADIENTS_ROWS",
     "METHODS",
     "Attributions",
     "attribute",
     "explain",
     "explain_batch",
+    "private_copy",
 ]
 
 
@@ -212,8 +221,8 @@ def attribute(
             model.eval()
             scores = _checked_scores(forward, batch)
             target = _resolve_target(scores, target, task)
-            if method == "deeplift_shap":
-                forward = model  # DeepLIFT's rules hook the model's modules: it explains the raw outputs
+            if method in HOOKED_METHODS:
+                forward = private_copy(model)  # it explains the raw outputs, with hooks no other thread meets
             found = _METHODS[method](attr, forward, batch, target, options)
         values, details = found if isinstance(found, tuple) else (found, {})
         explained = scores.detach() if target is None else scores.detach().gather(1, target[:, None])[:, 0]
@@ -222,6 +231,17 @@ def attribute(
         return Attributions(values.detach().to(batch.dtype), batch, target, explained.reshape(-1), method, details)
     finally:
         restore_modes(model, modes)
+
+
+def private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` in eval mode, for one call of a method in :data:`HOOKED_METHODS`.
+
+    Its hooks then live on modules no other thread runs: predictions sharing ``model`` never meet
+    them, and the explanation never records their activations. It costs one copy of the weights per
+    call (memory on the model's device, and time: see docs/inspection.md).
+    """
+    with torch.no_grad():
+        return copy.deepcopy(model).eval()
 
 
 def _checked_scores(forward: Callable[[Tensor], Tensor], batch: Tensor) -> Tensor:
