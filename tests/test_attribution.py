@@ -13,10 +13,11 @@ from PIL import Image
 from torch import nn
 
 import trainfer
-from trainfer.analysis import attribution_files
+from trainfer.analysis import attribution_files, attribution_ig
 from trainfer.analysis.attribution import attribute, explain, explain_to_files
 from trainfer.analysis.attribution_files import explain_each
 from trainfer.analysis.attribution_methods import explain_batch
+from trainfer.analysis.attribution_options import MAX_STEPS
 from trainfer.analysis.attribution_plots import AttributionPlotter, plot_attribution
 from trainfer.errors import (
     ExplanationError,
@@ -90,6 +91,47 @@ def test_integrated_gradients_runs_the_path_in_chunks_of_at_most_8_rows(examples
     assert max(rows[1:]) == most_rows  # rows[0]: the scores of the batch itself, before the path
     assert sum(rows) == examples * (1 + 50 + 2)  # the batch, 50 steps, then f(x) and f(x0) for the gap
     assert result.details["completeness_gap"].abs().max() < 1e-6
+
+
+@pytest.mark.parametrize(("n_steps", "rows"), [(1, None), (7, 3), (50, None), (50, 40)])
+def test_integrated_gradients_are_captums_gauss_legendre_integrated_gradients(n_steps, rows) -> None:
+    """trainfer computes Captum's default integrated gradients itself (Captum's rule costs O(n_steps**3))."""
+    from captum.attr import IntegratedGradients
+
+    model = conv_net().eval()
+    x = torch.randn(3, 1, 6, 6, dtype=torch.float64)
+    baseline = torch.randn(1, 1, 6, 6, dtype=torch.float64)
+    chunks = {} if rows is None else {"internal_batch_size": rows}
+    result = attribute(model, x, target=[0, 2, 3], n_steps=n_steps, baselines=baseline, **chunks)
+    target = torch.tensor([0, 2, 3])
+    expected, delta = IntegratedGradients(model).attribute(
+        x, baseline, target=target, n_steps=n_steps, return_convergence_delta=True
+    )
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(result.values, expected, rtol=0, atol=1e-6 * scale)  # Captum's weights are float32
+    torch.testing.assert_close(result.details["completeness_gap"], delta, rtol=0, atol=1e-6 * scale)
+
+
+def test_the_path_rule_is_gauss_legendre_on_the_unit_interval() -> None:
+    for n_steps in (1, 2, 64, 301):
+        points, weights = attribution_ig.path_rule(n_steps)
+        nodes, node_weights = np.polynomial.legendre.leggauss(n_steps)
+        np.testing.assert_allclose(points, 0.5 * (1 + nodes), rtol=0, atol=1e-13)
+        np.testing.assert_allclose(weights, 0.5 * node_weights, rtol=0, atol=1e-13)
+
+
+def test_the_most_steps_need_no_dense_eigensolver(monkeypatch) -> None:
+    """NumPy's ``leggauss`` (Captum's rule) solves a dense n x n eigenproblem: minutes at 10000 steps."""
+
+    def dense(*args, **kwargs):
+        raise AssertionError("a dense eigensolver ran: O(n_steps**3)")
+
+    monkeypatch.setattr(np.linalg, "eigvalsh", dense)
+    attribution_ig.path_rule.cache_clear()
+    model = nn.Linear(3, 2).double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    result = attribute(model, x, n_steps=MAX_STEPS, internal_batch_size=2 * MAX_STEPS)
+    torch.testing.assert_close(result.values, model.weight[result.target].detach() * x)
 
 
 def test_saliency_and_occlusion_of_a_linear_model() -> None:

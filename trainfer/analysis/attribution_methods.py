@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trainfer.analysis.attribution_ig import INTEGRATED_GRADIENTS_ROWS, integrated_gradients, picked
 from trainfer.analysis.attribution_options import check_options, occlusion_defaults
 from trainfer.analysis.attribution_shap import deeplift_shap, gradient_shap, kernel_shap, lime
 from trainfer.errors import ExplanationError, InputError, InputTypeError, ModeError, NonFiniteError
@@ -29,11 +30,6 @@ METHODS = ("integrated_gradients", "saliency", "occlusion", "kernel_shap", "lime
 #: misses that on a few inputs at any ``n_steps``; a map missing half the change says nothing (see
 #: :func:`_check_completeness`). ``details["completeness_gap"]`` keeps the gap for a stricter check.
 COMPLETENESS_TOLERANCE = 0.5
-#: The most rows integrated gradients runs through the model at once (forward and backward): its
-#: ``n_steps`` points of the path (50 by default) for each example go in chunks of whole steps of
-#: at most this many rows (at least one step of the whole batch), so an explanation holds a few
-#: samples' activations, not ``n_steps`` of them. ``internal_batch_size=`` overrides it.
-INTEGRATED_GRADIENTS_ROWS = 8
 #: The methods whose Captum class hooks the modules of the model it explains (DeepLIFT's rules are forward
 #: and backward hooks, live for the whole call): they run on :func:`private_copy`, never on the model other
 #: threads may be predicting with, where the hooks would fire in their forwards. The other methods only
@@ -225,7 +221,7 @@ def attribute(
                 forward = private_copy(model)  # it explains the raw outputs, with hooks no other thread meets
             found = _METHODS[method](attr, forward, batch, target, options)
         values, details = found if isinstance(found, tuple) else (found, {})
-        explained = scores.detach() if target is None else scores.detach().gather(1, target[:, None])[:, 0]
+        explained = picked(scores.detach(), target)
         if "completeness_gap" in details:
             _check_completeness(values.detach(), explained.reshape(-1), details["completeness_gap"])
         return Attributions(values.detach().to(batch.dtype), batch, target, explained.reshape(-1), method, details)
@@ -293,26 +289,11 @@ def _class_indices(target: Any) -> Tensor:
     return indices.long()
 
 
-def _integrated_gradients(
-    attr: ModuleType, forward: Callable, batch: Tensor, target: Any, options: dict
-) -> tuple[Tensor, dict[str, Any]]:
-    """Captum's integrated gradients and its convergence delta: ``sum(attributions) - (f(x) - f(x0))`` per example.
-
-    The path's points run in chunks of :data:`INTEGRATED_GRADIENTS_ROWS` rows (Captum's
-    ``internal_batch_size``, whole steps of every example, summed in order; unless given in ``options``).
-    """
-    chunk = max(len(batch), INTEGRATED_GRADIENTS_ROWS)
-    values, gap = attr.IntegratedGradients(forward).attribute(
-        batch, target=target, return_convergence_delta=True, **{"internal_batch_size": chunk, **options}
-    )
-    return values, {"completeness_gap": gap.detach().reshape(-1)}
-
-
 def _check_completeness(values: Tensor, scores: Tensor, gap: Tensor) -> None:
     """Raise :class:`ExplanationError` unless integrated gradients' attributions sum to ``f(x) - f(x0)``.
 
-    Completeness holds for the exact integral; Captum computes a quadrature of ``n_steps`` points of
-    the path, which misses a score that changes within a sliver of it: a softmax probability whose
+    Completeness holds for the exact integral; :func:`integrated_gradients` computes a quadrature of
+    ``n_steps`` points of the path, which misses a score that changes within a sliver of it: a softmax probability whose
     logits are large saturates at 0 or 1 almost everywhere on the path (its gradient ``p (1 - p)``
     underflows to 0), so the map comes out (near) zero while ``f(x) - f(x0)`` is not. Allowed:
     :data:`COMPLETENESS_TOLERANCE` of ``|f(x) - f(x0)|``, or where the score barely changes,
@@ -331,7 +312,7 @@ def _check_completeness(values: Tensor, scores: Tensor, gap: Tensor) -> None:
         )
     rounding = torch.finfo(values.dtype).eps ** 0.5
     values, scores, gap = values.double(), scores.double(), gap.double().to(values.device)
-    change = values.flatten(1).sum(1) - gap  # f(x) - f(x0), as Captum measured it
+    change = values.flatten(1).sum(1) - gap  # f(x) - f(x0), as measured with the attributions
     magnitude = torch.maximum(scores.abs(), (scores - change).abs())
     allowed = torch.maximum(COMPLETENESS_TOLERANCE * change.abs(), rounding * magnitude)
     failed = (gap.abs() > allowed).nonzero().flatten().tolist()
@@ -360,7 +341,7 @@ def _occlusion(attr: ModuleType, forward: Callable, batch: Tensor, target: Any, 
 
 
 _METHODS: dict[str, Callable[..., Any]] = {
-    "integrated_gradients": _integrated_gradients,
+    "integrated_gradients": integrated_gradients,
     "saliency": _saliency,
     "occlusion": _occlusion,
     "kernel_shap": kernel_shap,
