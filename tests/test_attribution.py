@@ -251,6 +251,18 @@ def _table_predictor(model: nn.Module, task: str = "classification", **spec) -> 
     return Predictor(model, task=task, preprocess=PreprocessSpec(input_shape=(3,), dtype="float64", **spec))
 
 
+def test_predictor_explain_is_explain_of_the_predictor_options_included() -> None:
+    """docs/inspection.md: ``predictor.explain(...)`` = ``trainfer.analysis.attribution.explain(predictor, ...)``."""
+    torch.manual_seed(0)
+    predictor = _table_predictor(nn.Linear(3, 4).double())
+    rows = [[0.5, -1.0, 2.0], [1.0, 0.0, -0.5]]
+    signed = predictor.explain(rows, method="saliency", target=1, abs=False)
+    assert (signed.values < 0).any()  # abs=False reached Captum
+    torch.testing.assert_close(signed.values, explain(predictor, rows, "saliency", 1, abs=False).values)
+    steps = {"n_steps": 3, "baselines": 0.5}
+    torch.testing.assert_close(predictor.explain(rows, **steps).values, explain(predictor, rows, **steps).values)
+
+
 def test_explain_uses_the_predictors_preprocessing_and_served_probabilities() -> None:
     torch.manual_seed(0)
     predictor = _table_predictor(nn.Linear(3, 4).double(), mean=(1.0,), std=(2.0,))
@@ -369,7 +381,8 @@ class TwoHeads(nn.Module):
 def test_explain_refuses_predictors_it_cannot_differentiate_or_choose_for() -> None:
     spec = PreprocessSpec(input_shape=(3,))
     callable_model = Predictor(lambda batch: batch[:, :2], output_kind="logits", preprocess=spec)
-    with pytest.raises(TypeError, match="need a torch model; this predictor serves a function"):
+    fix = r"serves a function: for a bundle, explain with Predictor.load\(path, float_form=True\)"
+    with pytest.raises(TypeError, match=fix):
         explain(callable_model, [[1.0, 2.0, 3.0]])
     two_heads = Predictor(TwoHeads(), heads={"a": "classification", "b": "regression"}, preprocess=spec)
     with pytest.raises(ValueError, match="multi-head"):

@@ -95,7 +95,10 @@ def explain_batch(
     """:func:`explain` for a ``batch`` ``predictor.preprocess`` already made (on the predictor's device)."""
     if not isinstance(predictor.model, nn.Module):
         served = type(predictor.model).__name__
-        raise InputTypeError(f"explanations need a torch model; this predictor serves a {served}")
+        raise InputTypeError(
+            f"explanations need a torch model; this predictor serves a {served}: for a bundle, explain with "
+            "Predictor.load(path, float_form=True), which serves its float PyTorch model"
+        )
     if predictor.multi_head:
         raise InputError("explanations of multi-head predictors are not supported: serve one head to explain it")
     if not getattr(predictor, "generates", False):
@@ -224,6 +227,7 @@ def attribute(
         explained = picked(scores.detach(), target)
         if "completeness_gap" in details:
             _check_completeness(values.detach(), explained.reshape(-1), details["completeness_gap"])
+        _check_finite(values.detach(), method)
         return Attributions(values.detach().to(batch.dtype), batch, target, explained.reshape(-1), method, details)
     finally:
         restore_modes(model, modes)
@@ -325,6 +329,20 @@ def _check_completeness(values: Tensor, scores: Tensor, gap: Tensor) -> None:
             f"{float(change[i]):.4g} within {COMPLETENESS_TOLERANCE:.0%}: the explained score saturates between "
             "the baseline and the input (a probability at 0 or 1 has no gradient) or n_steps is too small; pass a "
             "larger n_steps=, baselines= nearer the input, or method='occlusion' (differences, no gradients)",
+        )
+
+
+def _check_finite(values: Tensor, method: str) -> None:
+    """Raise :class:`NonFiniteError` naming the examples whose attributions hold NaN or inf (every method's
+    last check): finite options can overflow on the way, a ``baselines`` of 3e38 in float32 or a
+    GradientSHAP ``stdevs`` of 1e308."""
+    broken = (~torch.isfinite(values.flatten(1))).any(1).nonzero().flatten().tolist()
+    if broken:
+        raise NonFiniteError(
+            f"{method} attributions of example(s) ",
+            broken,
+            " hold NaN or inf: expected finite values (baselines= or stdevs= far beyond the inputs' scale "
+            "overflow the model)",
         )
 
 
