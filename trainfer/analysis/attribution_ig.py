@@ -57,7 +57,8 @@ def integrated_gradients(
     ``options``: ``n_steps`` (default 50), ``baselines`` (``x0``: a number or a tensor broadcast to the
     batch; default 0) and ``internal_batch_size`` (default ``max(N, INTEGRATED_GRADIENTS_ROWS)``): the
     path runs in chunks of ``max(1, internal_batch_size // N)`` whole steps of every example, summed
-    in order. ``attr`` (Captum's module) is unused: the signature is every method's.
+    in order, in float32 at least (as Captum sums: a bfloat16 model's gradients, float32 sums).
+    ``attr`` (Captum's module) is unused: the signature is every method's.
     """
     n_steps = options.get("n_steps", DEFAULT_STEPS)
     steps_at_once = max(1, options.get("internal_batch_size", max(len(batch), INTEGRATED_GRADIENTS_ROWS)) // len(batch))
@@ -67,7 +68,7 @@ def integrated_gradients(
         .contiguous()
     )
     points, weights = path_rule(n_steps)
-    total = torch.zeros_like(batch)
+    total = torch.zeros_like(batch, dtype=torch.promote_types(batch.dtype, torch.float32))
     for first in range(0, n_steps, steps_at_once):
         chunk = slice(first, first + steps_at_once)
         total += _weighted_gradients(forward, start, batch, target, points[chunk], weights[chunk])
@@ -91,5 +92,5 @@ def _weighted_gradients(
     rows = (start + along * (end - start)).reshape(-1, *end.shape[1:]).requires_grad_()
     scores = picked(forward(rows), None if target is None else target.repeat(len(points)))
     (gradients,) = torch.autograd.grad(scores.sum(), rows)
-    scale = torch.tensor(weights, dtype=end.dtype, device=end.device).reshape(shape)
-    return (gradients.reshape(len(points), *end.shape) * scale).sum(0)
+    scale = torch.tensor(weights, dtype=torch.promote_types(end.dtype, torch.float32), device=end.device)
+    return (gradients.reshape(len(points), *end.shape) * scale.reshape(shape)).sum(0)
