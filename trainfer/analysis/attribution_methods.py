@@ -221,7 +221,7 @@ def attribute(
             scores = _checked_scores(forward, batch)
             target = _resolve_target(scores, target, task)
             if method in HOOKED_METHODS:
-                forward = private_copy(model)  # it explains the raw outputs, with hooks no other thread meets
+                forward = private_copy(model, method)  # it explains the raw outputs, with hooks no other thread meets
             found = _METHODS[method](attr, forward, batch, target, options)
         values, details = found if isinstance(found, tuple) else (found, {})
         explained = picked(scores.detach(), target)
@@ -233,15 +233,22 @@ def attribute(
         restore_modes(model, modes)
 
 
-def private_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` in eval mode, for one call of a method in :data:`HOOKED_METHODS`.
+def private_copy(model: nn.Module, method: str) -> nn.Module:
+    """A deep copy of ``model`` in eval mode, for one call of ``method``, one of :data:`HOOKED_METHODS`.
 
     Its hooks then live on modules no other thread runs: predictions sharing ``model`` never meet
     them, and the explanation never records their activations. It costs one copy of the weights per
-    call (memory on the model's device, and time: see docs/inspection.md).
+    call (memory on the model's device, and time: see docs/inspection.md). A model ``copy.deepcopy``
+    cannot copy (one holding a lock, say) is refused with :class:`InputTypeError`.
     """
-    with torch.no_grad():
-        return copy.deepcopy(model).eval()
+    try:
+        with torch.no_grad():
+            return copy.deepcopy(model).eval()
+    except (TypeError, RuntimeError, copy.Error) as error:
+        raise InputTypeError(
+            f"{method} hooks the modules of the model it explains, so it runs on a copy of it (other threads "
+            f"may be running the model), and copy.deepcopy of this {type(model).__name__} fails: {error}"
+        ) from None
 
 
 def _checked_scores(forward: Callable[[Tensor], Tensor], batch: Tensor) -> Tensor:
