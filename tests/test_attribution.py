@@ -16,10 +16,11 @@ from torch import nn
 
 import trainfer
 from trainfer import atomic
-from trainfer.analysis import attribution_files
+from trainfer.analysis import attribution_files, attribution_ig
 from trainfer.analysis.attribution import attribute, explain, explain_to_files
 from trainfer.analysis.attribution_files import explain_each
 from trainfer.analysis.attribution_methods import explain_batch
+from trainfer.analysis.attribution_options import MAX_STEPS
 from trainfer.analysis.attribution_plots import AttributionPlotter, plot_attribution
 from trainfer.errors import (
     ExplanationError,
@@ -93,6 +94,47 @@ def test_integrated_gradients_runs_the_path_in_chunks_of_at_most_8_rows(examples
     assert max(rows[1:]) == most_rows  # rows[0]: the scores of the batch itself, before the path
     assert sum(rows) == examples * (1 + 50 + 2)  # the batch, 50 steps, then f(x) and f(x0) for the gap
     assert result.details["completeness_gap"].abs().max() < 1e-6
+
+
+@pytest.mark.parametrize(("n_steps", "rows"), [(1, None), (7, 3), (50, None), (50, 40)])
+def test_integrated_gradients_are_captums_gauss_legendre_integrated_gradients(n_steps, rows) -> None:
+    """trainfer computes Captum's default integrated gradients itself (Captum's rule costs O(n_steps**3))."""
+    from captum.attr import IntegratedGradients
+
+    model = conv_net().eval()
+    x = torch.randn(3, 1, 6, 6, dtype=torch.float64)
+    baseline = torch.randn(1, 1, 6, 6, dtype=torch.float64)
+    chunks = {} if rows is None else {"internal_batch_size": rows}
+    result = attribute(model, x, target=[0, 2, 3], n_steps=n_steps, baselines=baseline, **chunks)
+    target = torch.tensor([0, 2, 3])
+    expected, delta = IntegratedGradients(model).attribute(
+        x, baseline, target=target, n_steps=n_steps, return_convergence_delta=True
+    )
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(result.values, expected, rtol=0, atol=1e-6 * scale)  # Captum's weights are float32
+    torch.testing.assert_close(result.details["completeness_gap"], delta, rtol=0, atol=1e-6 * scale)
+
+
+def test_the_path_rule_is_gauss_legendre_on_the_unit_interval() -> None:
+    for n_steps in (1, 2, 64, 301):
+        points, weights = attribution_ig.path_rule(n_steps)
+        nodes, node_weights = np.polynomial.legendre.leggauss(n_steps)
+        np.testing.assert_allclose(points, 0.5 * (1 + nodes), rtol=0, atol=1e-13)
+        np.testing.assert_allclose(weights, 0.5 * node_weights, rtol=0, atol=1e-13)
+
+
+def test_the_most_steps_need_no_dense_eigensolver(monkeypatch) -> None:
+    """NumPy's ``leggauss`` (Captum's rule) solves a dense n x n eigenproblem: minutes at 10000 steps."""
+
+    def dense(*args, **kwargs):
+        raise AssertionError("a dense eigensolver ran: O(n_steps**3)")
+
+    monkeypatch.setattr(np.linalg, "eigvalsh", dense)
+    attribution_ig.path_rule.cache_clear()
+    model = nn.Linear(3, 2).double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    result = attribute(model, x, n_steps=MAX_STEPS, internal_batch_size=2 * MAX_STEPS)
+    torch.testing.assert_close(result.values, model.weight[result.target].detach() * x)
 
 
 def test_saliency_and_occlusion_of_a_linear_model() -> None:
@@ -210,6 +252,18 @@ def test_bad_arguments_are_named(kwargs, error, match) -> None:
 
 def _table_predictor(model: nn.Module, task: str = "classification", **spec) -> Predictor:
     return Predictor(model, task=task, preprocess=PreprocessSpec(input_shape=(3,), dtype="float64", **spec))
+
+
+def test_predictor_explain_is_explain_of_the_predictor_options_included() -> None:
+    """docs/inspection.md: ``predictor.explain(...)`` = ``trainfer.analysis.attribution.explain(predictor, ...)``."""
+    torch.manual_seed(0)
+    predictor = _table_predictor(nn.Linear(3, 4).double())
+    rows = [[0.5, -1.0, 2.0], [1.0, 0.0, -0.5]]
+    signed = predictor.explain(rows, method="saliency", target=1, abs=False)
+    assert (signed.values < 0).any()  # abs=False reached Captum
+    torch.testing.assert_close(signed.values, explain(predictor, rows, "saliency", 1, abs=False).values)
+    steps = {"n_steps": 3, "baselines": 0.5}
+    torch.testing.assert_close(predictor.explain(rows, **steps).values, explain(predictor, rows, **steps).values)
 
 
 def test_explain_uses_the_predictors_preprocessing_and_served_probabilities() -> None:
@@ -335,7 +389,8 @@ class TwoHeads(nn.Module):
 def test_explain_refuses_predictors_it_cannot_differentiate_or_choose_for() -> None:
     spec = PreprocessSpec(input_shape=(3,))
     callable_model = Predictor(lambda batch: batch[:, :2], output_kind="logits", preprocess=spec)
-    with pytest.raises(TypeError, match="need a torch model; this predictor serves a function"):
+    fix = r"serves a function: for a bundle, explain with Predictor.load\(path, float_form=True\)"
+    with pytest.raises(TypeError, match=fix):
         explain(callable_model, [[1.0, 2.0, 3.0]])
     two_heads = Predictor(TwoHeads(), heads={"a": "classification", "b": "regression"}, preprocess=spec)
     with pytest.raises(ValueError, match="multi-head"):

@@ -18,11 +18,12 @@ from trainfer.analysis.attribution_options import (
     example_rows,
     most_examples_at_once,
 )
-from trainfer.errors import InputError, InputTypeError
+from trainfer.errors import InputError, InputTypeError, NonFiniteError
 
 pytest.importorskip("captum")
 X = torch.rand(2, 1, 8, 8)
 INTS = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+DENSE_FLOAT32 = "baselines must be a dense float32 tensor on cpu, as the inputs are; "
 
 
 def image_net() -> nn.Module:
@@ -76,6 +77,28 @@ CASES = [
         InputError,
         "strides must be at most the",
     ),
+    # tensors the inputs cannot be combined with (attacker round 8, finding 5): refused, never cast
+    (
+        "integrated_gradients",
+        {"baselines": X[:1].double()},
+        InputTypeError,
+        DENSE_FLOAT32 + "got a float64 tensor on cpu",
+    ),
+    ("occlusion", {"baselines": X[:1].half()}, InputTypeError, DENSE_FLOAT32 + "got a float16 tensor on cpu"),
+    ("gradient_shap", {"baselines": X.double()}, InputTypeError, DENSE_FLOAT32 + "got a float64 tensor on cpu"),
+    ("integrated_gradients", {"baselines": X[:1].to("meta")}, InputTypeError, "got a float32 tensor on meta"),
+    ("lime", {"baselines": X[:1].to_sparse()}, InputTypeError, DENSE_FLOAT32 + "got a sparse_coo float32 tensor"),
+    ("kernel_shap", {"feature_mask": INTS.to("meta")}, InputTypeError, "feature_mask must be a dense tensor on cpu"),
+    # one feature: nothing to weigh it against (Kernel SHAP's NaN distribution)
+    ("kernel_shap", {"feature_mask": INTS}, InputError, "kernel_shap needs at least 2 features to weigh against"),
+    (
+        "kernel_shap",
+        {"patch": 8},
+        InputError,
+        "needs at least 2 features to weigh against each other; the feature mask",
+    ),
+    ("lime", {"feature_mask": INTS}, InputError, "lime needs at least 2 features"),
+    ("lime", {"feature_mask": torch.cat([feature_mask(X, 2), INTS])}, InputError, "the feature mask gives 1 "),
     # keywords no method takes here
     ("integrated_gradients", {"bogus": 1}, InputTypeError, "got unknown keyword argument(s) ['bogus']"),
     ("integrated_gradients", {"return_convergence_delta": True}, InputTypeError, "['return_convergence_delta']"),
@@ -126,9 +149,9 @@ def test_most_examples_at_once_keeps_the_options_valid_for_that_many_examples_an
     """explain_to_files explains chunks of at most this many examples: an option valid for one stays valid."""
     sample = (1, 64, 64)
     most = most_examples_at_once(method, sample, options)
-    check_options(method, torch.empty(most, *sample, device="meta"), options)
+    check_options(method, torch.zeros(most, *sample), options)  # at most 100 samples here
     with pytest.raises(InputError, match="must be an integer in"):
-        check_options(method, torch.empty(most + 1, *sample, device="meta"), options)
+        check_options(method, torch.zeros(most + 1, *sample), options)
 
 
 def test_most_examples_at_once_bounds_the_batch_itself_and_ignores_options_of_the_wrong_kind():
@@ -146,3 +169,29 @@ def test_example_rows_gives_a_part_of_the_batch_its_rows_of_per_example_options(
     assert example_rows("deeplift_shap", {"baselines": per_example}, batch, 1, 3)["baselines"] is per_example
     masks = torch.arange(4).reshape(4, 1, 1, 1).expand(4, 1, 8, 8)
     assert example_rows("lime", {"feature_mask": masks}, batch, 1, 3)["feature_mask"].unique().tolist() == [1, 2]
+
+
+def test_a_table_of_one_column_has_one_feature_for_kernel_shap():
+    with pytest.raises(InputError, match="kernel_shap needs at least 2 features"):
+        attribute(nn.Linear(1, 2), torch.rand(3, 1), "kernel_shap")
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("gradient_shap", {"stdevs": 1e308}),  # finite, but its noise overflows float32
+        ("gradient_shap", {"baselines": torch.full((2, 1, 8, 8), 3e38)}),  # finite in float32
+        ("deeplift_shap", {"baselines": torch.full((2, 1, 8, 8), 3e38)}),
+        ("occlusion", {"baselines": 3e38}),
+        ("integrated_gradients", {"baselines": 3e38}),
+    ],
+)
+def test_attributions_holding_nan_or_inf_are_refused_never_returned(method, options):
+    """Finite options that overflow float32 on the way: 64 inputs of 3e38 summed (a tanh would saturate instead)."""
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).eval()
+    with torch.no_grad():
+        linear[1].weight.copy_(torch.tensor([[1.0], [2.0], [3.0]]).expand(3, 64))
+    with pytest.raises(
+        NonFiniteError, match=r"NaN or inf.*example\(s\) \[0, 1\]|example\(s\) \[0, 1\] hold NaN or inf"
+    ):
+        attribute(linear, X, method, **options)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -125,3 +127,16 @@ def test_new_methods_restore_modes_and_give_the_input_shape(method):
     result = attribute(model, x, method, n_samples=8) if method != "deeplift_shap" else attribute(model, x, method)
     assert result.values.shape == x.shape and result.method == method
     assert all(m.training for m in model.modules()) and torch.is_grad_enabled()
+
+
+def test_deeplift_shap_runs_on_a_copy_and_refuses_a_model_that_cannot_be_copied():
+    """Its hooks never reach the model other threads run (tests/test_explain_threads.py checks the answers)."""
+    model = relu_conv_net()
+    registered = []
+    model.register_forward_hook(lambda *args: registered.append(len(model._forward_hooks)))
+    attribute(model, torch.randn(2, 1, 8, 8, dtype=torch.float64), "deeplift_shap")
+    assert set(registered) == {1}  # the model's own hook, alone: DeepLIFT's were on the copy
+    model.lock = threading.Lock()
+    said = r"deeplift_shap hooks the modules .* runs on a copy of it .* copy.deepcopy of this Sequential fails: cannot"
+    with pytest.raises(TypeError, match=said):
+        attribute(model, torch.randn(2, 1, 8, 8, dtype=torch.float64), "deeplift_shap")

@@ -43,6 +43,12 @@ def test_the_server_explains_an_int8_bundle_on_its_float_model(int8_bundle):
     torch.testing.assert_close(explained.values, expected.values, rtol=1e-5, atol=1e-7)
 
 
+def test_explaining_the_int8_form_names_the_keyword_that_loads_the_float_model(int8_bundle):
+    served = Predictor.load(int8_bundle, trust_factory=True)
+    with pytest.raises(TypeError, match=r"this predictor serves a \w+: .*Predictor.load\(path, float_form=True\)"):
+        served.explain(torch.rand(1, 1, 8, 8))
+
+
 def test_predict_explains_an_int8_bundle(int8_bundle, tmp_path):
     paths = [str(p) for p in write_pngs(tmp_path / "images", 2)]
     explained = tmp_path / "explained"

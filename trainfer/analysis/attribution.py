@@ -28,7 +28,8 @@ preprocessed space):
   exactly for linear ``f``;
 - ``deeplift_shap``: DeepLIFT's rescale rule averaged over the ``baselines``; it sums to
   ``g(x) - mean_b g(b)`` where ``g`` is the MODEL's raw output (logits): its rules live on the
-  model's modules, so it explains the model, not the served probabilities.
+  model's modules, so it explains the model, not the served probabilities (on a copy of the model made
+  for the call: other threads predicting with the model never meet those hooks).
 
 Baselines, explicitly: ``x0`` is all zeros in the preprocessed space unless ``baselines=`` is
 given (after the usual mean/std normalisation, zeros is the data set's mean image or row).
@@ -42,7 +43,8 @@ score itself for binary and regression models with one output.
 
 The concepts live in their own modules; this one re-exports their public names:
 :mod:`~trainfer.analysis.attribution_methods` (:func:`attribute`, :func:`explain`, the gradient
-methods), :mod:`~trainfer.analysis.attribution_shap` (the sampling methods, :func:`feature_mask`)
+methods), :mod:`~trainfer.analysis.attribution_ig` (integrated gradients' computation),
+:mod:`~trainfer.analysis.attribution_shap` (the sampling methods, :func:`feature_mask`)
 and :mod:`~trainfer.analysis.attribution_files` (:func:`explain_to_files`, :func:`check_file_targets`).
 """
 

@@ -6,6 +6,7 @@ the sampling ones live in :mod:`~trainfer.analysis.attribution_shap`.
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trainfer.analysis.attribution_ig import INTEGRATED_GRADIENTS_ROWS, integrated_gradients, picked
 from trainfer.analysis.attribution_options import check_options, occlusion_defaults
 from trainfer.analysis.attribution_shap import deeplift_shap, gradient_shap, kernel_shap, lime
 from trainfer.errors import ExplanationError, InputError, InputTypeError, ModeError, NonFiniteError
@@ -28,20 +30,23 @@ METHODS = ("integrated_gradients", "saliency", "occlusion", "kernel_shap", "lime
 #: misses that on a few inputs at any ``n_steps``; a map missing half the change says nothing (see
 #: :func:`_check_completeness`). ``details["completeness_gap"]`` keeps the gap for a stricter check.
 COMPLETENESS_TOLERANCE = 0.5
-#: The most rows integrated gradients runs through the model at once (forward and backward): its
-#: ``n_steps`` points of the path (50 by default) for each example go in chunks of whole steps of
-#: at most this many rows (at least one step of the whole batch), so an explanation holds a few
-#: samples' activations, not ``n_steps`` of them. ``internal_batch_size=`` overrides it.
-INTEGRATED_GRADIENTS_ROWS = 8
+#: The methods whose Captum class hooks the modules of the model it explains (DeepLIFT's rules are forward
+#: and backward hooks, live for the whole call): they run on :func:`private_copy`, never on the model other
+#: threads may be predicting with, where the hooks would fire in their forwards. The other methods only
+#: call the model. Captum's other hooking classes (DeepLift, GuidedBackprop, Deconvolution, GuidedGradCam,
+#: LRP, the layer and neuron methods) are not offered.
+HOOKED_METHODS = ("deeplift_shap",)
 
 __all__ = [
     "COMPLETENESS_TOLERANCE",
+    "HOOKED_METHODS",
     "INTEGRATED_GRADIENTS_ROWS",
     "METHODS",
     "Attributions",
     "attribute",
     "explain",
     "explain_batch",
+    "private_copy",
 ]
 
 
@@ -90,7 +95,10 @@ def explain_batch(
     """:func:`explain` for a ``batch`` ``predictor.preprocess`` already made (on the predictor's device)."""
     if not isinstance(predictor.model, nn.Module):
         served = type(predictor.model).__name__
-        raise InputTypeError(f"explanations need a torch model; this predictor serves a {served}")
+        raise InputTypeError(
+            f"explanations need a torch model; this predictor serves a {served}: for a bundle, explain with "
+            "Predictor.load(path, float_form=True), which serves its float PyTorch model"
+        )
     if predictor.multi_head:
         raise InputError("explanations of multi-head predictors are not supported: serve one head to explain it")
     if not getattr(predictor, "generates", False):
@@ -212,16 +220,35 @@ def attribute(
             model.eval()
             scores = _checked_scores(forward, batch)
             target = _resolve_target(scores, target, task)
-            if method == "deeplift_shap":
-                forward = model  # DeepLIFT's rules hook the model's modules: it explains the raw outputs
+            if method in HOOKED_METHODS:
+                forward = private_copy(model, method)  # it explains the raw outputs, with hooks no other thread meets
             found = _METHODS[method](attr, forward, batch, target, options)
         values, details = found if isinstance(found, tuple) else (found, {})
-        explained = scores.detach() if target is None else scores.detach().gather(1, target[:, None])[:, 0]
+        explained = picked(scores.detach(), target)
         if "completeness_gap" in details:
             _check_completeness(values.detach(), explained.reshape(-1), details["completeness_gap"])
+        _check_finite(values.detach(), method)
         return Attributions(values.detach().to(batch.dtype), batch, target, explained.reshape(-1), method, details)
     finally:
         restore_modes(model, modes)
+
+
+def private_copy(model: nn.Module, method: str) -> nn.Module:
+    """A deep copy of ``model`` in eval mode, for one call of ``method``, one of :data:`HOOKED_METHODS`.
+
+    Its hooks then live on modules no other thread runs: predictions sharing ``model`` never meet
+    them, and the explanation never records their activations. It costs one copy of the weights per
+    call (memory on the model's device, and time: see docs/inspection.md). A model ``copy.deepcopy``
+    cannot copy (one holding a lock, say) is refused with :class:`InputTypeError`.
+    """
+    try:
+        with torch.no_grad():
+            return copy.deepcopy(model).eval()
+    except (TypeError, RuntimeError, copy.Error) as error:
+        raise InputTypeError(
+            f"{method} hooks the modules of the model it explains, so it runs on a copy of it (other threads "
+            f"may be running the model), and copy.deepcopy of this {type(model).__name__} fails: {error}"
+        ) from None
 
 
 def _checked_scores(forward: Callable[[Tensor], Tensor], batch: Tensor) -> Tensor:
@@ -273,26 +300,11 @@ def _class_indices(target: Any) -> Tensor:
     return indices.long()
 
 
-def _integrated_gradients(
-    attr: ModuleType, forward: Callable, batch: Tensor, target: Any, options: dict
-) -> tuple[Tensor, dict[str, Any]]:
-    """Captum's integrated gradients and its convergence delta: ``sum(attributions) - (f(x) - f(x0))`` per example.
-
-    The path's points run in chunks of :data:`INTEGRATED_GRADIENTS_ROWS` rows (Captum's
-    ``internal_batch_size``, whole steps of every example, summed in order; unless given in ``options``).
-    """
-    chunk = max(len(batch), INTEGRATED_GRADIENTS_ROWS)
-    values, gap = attr.IntegratedGradients(forward).attribute(
-        batch, target=target, return_convergence_delta=True, **{"internal_batch_size": chunk, **options}
-    )
-    return values, {"completeness_gap": gap.detach().reshape(-1)}
-
-
 def _check_completeness(values: Tensor, scores: Tensor, gap: Tensor) -> None:
     """Raise :class:`ExplanationError` unless integrated gradients' attributions sum to ``f(x) - f(x0)``.
 
-    Completeness holds for the exact integral; Captum computes a quadrature of ``n_steps`` points of
-    the path, which misses a score that changes within a sliver of it: a softmax probability whose
+    Completeness holds for the exact integral; :func:`integrated_gradients` computes a quadrature of
+    ``n_steps`` points of the path, which misses a score that changes within a sliver of it: a softmax probability whose
     logits are large saturates at 0 or 1 almost everywhere on the path (its gradient ``p (1 - p)``
     underflows to 0), so the map comes out (near) zero while ``f(x) - f(x0)`` is not. Allowed:
     :data:`COMPLETENESS_TOLERANCE` of ``|f(x) - f(x0)|``, or where the score barely changes,
@@ -311,7 +323,7 @@ def _check_completeness(values: Tensor, scores: Tensor, gap: Tensor) -> None:
         )
     rounding = torch.finfo(values.dtype).eps ** 0.5
     values, scores, gap = values.double(), scores.double(), gap.double().to(values.device)
-    change = values.flatten(1).sum(1) - gap  # f(x) - f(x0), as Captum measured it
+    change = values.flatten(1).sum(1) - gap  # f(x) - f(x0), as measured with the attributions
     magnitude = torch.maximum(scores.abs(), (scores - change).abs())
     allowed = torch.maximum(COMPLETENESS_TOLERANCE * change.abs(), rounding * magnitude)
     failed = (gap.abs() > allowed).nonzero().flatten().tolist()
@@ -324,6 +336,20 @@ def _check_completeness(values: Tensor, scores: Tensor, gap: Tensor) -> None:
             f"{float(change[i]):.4g} within {COMPLETENESS_TOLERANCE:.0%}: the explained score saturates between "
             "the baseline and the input (a probability at 0 or 1 has no gradient) or n_steps is too small; pass a "
             "larger n_steps=, baselines= nearer the input, or method='occlusion' (differences, no gradients)",
+        )
+
+
+def _check_finite(values: Tensor, method: str) -> None:
+    """Raise :class:`NonFiniteError` naming the examples whose attributions hold NaN or inf (every method's
+    last check): finite options can overflow on the way, a ``baselines`` of 3e38 in float32 or a
+    GradientSHAP ``stdevs`` of 1e308."""
+    broken = (~torch.isfinite(values.flatten(1))).any(1).nonzero().flatten().tolist()
+    if broken:
+        raise NonFiniteError(
+            f"{method} attributions of example(s) ",
+            broken,
+            " hold NaN or inf: expected finite values (baselines= or stdevs= far beyond the inputs' scale "
+            "overflow the model)",
         )
 
 
@@ -340,7 +366,7 @@ def _occlusion(attr: ModuleType, forward: Callable, batch: Tensor, target: Any, 
 
 
 _METHODS: dict[str, Callable[..., Any]] = {
-    "integrated_gradients": _integrated_gradients,
+    "integrated_gradients": integrated_gradients,
     "saliency": _saliency,
     "occlusion": _occlusion,
     "kernel_shap": kernel_shap,

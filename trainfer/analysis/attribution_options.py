@@ -76,6 +76,8 @@ def check_options(method: str, batch: Tensor, options: dict[str, Any]) -> None:
         _CHECKS[name](name, value, method, batch)
     if method == "occlusion":
         _check_strides_fit(options, tuple(batch.shape[1:]))
+    if method in ("kernel_shap", "lime"):
+        _check_two_features(method, batch, options)
 
 
 def most_examples_at_once(method: str, sample: tuple[int, ...], options: dict[str, Any]) -> int:
@@ -134,6 +136,22 @@ def _check_strides_fit(options: dict[str, Any], sample: tuple[int, ...]) -> None
         raise InputError(f"strides must be at most the sliding window {window} in each dimension; got {strides}")
 
 
+def _check_two_features(method: str, batch: Tensor, options: dict[str, Any]) -> None:
+    """Kernel SHAP and LIME weigh features against each other: one feature (a mask of one id, a patch the
+    size of the image, a table of one column) leaves Kernel SHAP no coalition to sample (Captum's NaN
+    distribution) and LIME nothing to fit."""
+    mask = options.get("feature_mask")
+    if mask is None:
+        mask = feature_mask(batch[:1], options.get("patch"))
+    fewest = min(int(row.unique().numel()) for row in mask)
+    if fewest < 2:
+        raise InputError(
+            f"{method} needs at least 2 features to weigh against each other; the feature mask gives {fewest} "
+            "(feature_mask= of one id, patch= the image's side, or a sample of one element): pass a smaller "
+            "patch= or a mask of 2 or more ids"
+        )
+
+
 def _rows_at_once(name: str, value: Any, batch: Tensor, per_row: int) -> int:
     """An integer >= 1 whose rows of ``per_row`` samples keep the elements at once within the bound."""
     most = max(1, MAX_ELEMENTS_AT_ONCE // max(1, per_row * math.prod(batch.shape[1:])))
@@ -178,6 +196,7 @@ def _feature_mask(name: str, value: Any, method: str, batch: Tensor) -> None:
         raise InputTypeError(f"{name} must be {expected}; got {_described(value)}")
     if tuple(value.shape) not in ((1, *sample), (len(batch), *sample)):
         raise InputError(f"{name} must be {expected}; got shape {tuple(value.shape)}")
+    _check_like_inputs(name, value, batch, same_dtype=False)
     elements = math.prod(batch.shape[1:])
     if value.numel() and (int(value.min()) < 0 or int(value.max()) >= elements):
         low, high = int(value.min()), int(value.max())
@@ -224,8 +243,23 @@ def _baselines(name: str, value: Any, method: str, batch: Tensor) -> None:
             )
     elif isinstance(value, bool) or not isinstance(value, int | float):
         raise InputTypeError(f"{name} must be a finite number or a float tensor of samples; got {given(value)}")
+    if isinstance(value, Tensor):
+        _check_like_inputs(name, value, batch)
     if not bool(torch.isfinite(torch.as_tensor(value)).all()):
         raise InputError(f"{name} must be finite; got NaN or inf")
+
+
+def _check_like_inputs(name: str, value: Tensor, batch: Tensor, same_dtype: bool = True) -> None:
+    """A tensor option the method combines with the inputs: dense, on their device and (``same_dtype``) of their dtype.
+
+    Refused, not cast: a float64 baseline may hold values the inputs' float32 cannot, and a meta or
+    sparse tensor holds no values to cast (``.to(dtype)``, ``.to(device)`` or ``.to_dense()`` is the fix).
+    """
+    dtype = f"{str(batch.dtype).removeprefix('torch.')} " if same_dtype else ""
+    if value.layout != torch.strided or value.device != batch.device or (same_dtype and value.dtype != batch.dtype):
+        layout = "" if value.layout == torch.strided else f"{str(value.layout).removeprefix('torch.')} "
+        found = f"a {layout}{str(value.dtype).removeprefix('torch.')} tensor on {value.device}"
+        raise InputTypeError(f"{name} must be a dense {dtype}tensor on {batch.device}, as the inputs are; got {found}")
 
 
 def _described(value: Any) -> str:

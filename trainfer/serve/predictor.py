@@ -416,15 +416,16 @@ class Predictor:
         return regression_results(scores, head.labels)
 
     # ------------------------------------------------------------------ explanations
-    def explain(self, inputs: Any, method: str = "integrated_gradients", target: Any = None) -> Any:
-        """Attributions for ``inputs`` (see :func:`trainfer.analysis.attribution.explain`).
+    def explain(self, inputs: Any, method: str = "integrated_gradients", target: Any = None, **options: Any) -> Any:
+        """Attributions for ``inputs``: :func:`trainfer.analysis.attribution.explain` of this predictor.
 
+        ``options`` are the method's (``n_steps``, ``baselines``, ...), each checked before Captum runs.
         The scores are checked first as :meth:`predict` checks them (:meth:`check_scores`). Integrated
         gradients that fail completeness (a saturated score) raise :class:`~trainfer.errors.ExplanationError`.
         """
         from trainfer.analysis.attribution import explain
 
-        return explain(self, inputs, method=method, target=target)
+        return explain(self, inputs, method=method, target=target, **options)
 
     def check_scores(self, scores: Tensor | dict[str, Tensor]) -> None:
         """Refuse :meth:`scores` of input samples 0..N-1 as :meth:`predict` does: NaN or inf raises
