@@ -196,6 +196,8 @@ def check_npy_header(handle: BinaryIO, name: str, size: int, mmap: bool = False)
         raise InputError(f"cannot read {name!r} as a .npy array: format version {version}, expected (1, 0)/(2, 0)")
     try:
         shape, _, dtype = read_header[version](handle)
+        if any(type(dimension) is not int for dimension in shape):  # numpy takes True for 1 (bool is an int)
+            raise ValueError("a dimension that is not an integer")
     except (ValueError, OSError, EOFError, SyntaxError):  # numpy's message may quote the parsed header's objects
         raise InputError(
             f"cannot read {name!r} as a .npy array: a malformed or truncated header (expected a dict of descr, "
