@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 import trainfer
 from trainfer.cli import main
+from trainfer.cli.quantize import read_labels
 from trainfer.errors import InputError
 from trainfer.models import digits_net
 from trainfer.serve.calibration import class_indices
@@ -185,7 +186,7 @@ def test_predict_reads_a_uint64_npy_as_the_same_numbers_in_float32(tmp_path):
     assert refused.output.count("\n") == 1 and f"value(s) above {INT64_MAX}" in refused.output
 
 
-def test_uint64_gate_data_and_labels_read_as_their_values(tmp_path):
+def test_uint64_gate_data_and_labels_read_as_their_values_and_larger_ones_are_refused(tmp_path):
     from trainfer.serve.bundle_format import read_manifest
     from trainfer.serve.calibration import calibration_inputs
 
@@ -205,6 +206,11 @@ def test_uint64_gate_data_and_labels_read_as_their_values(tmp_path):
         class_indices(np.array([1, 10, 0], dtype=np.uint64), 10, 3)
     with pytest.raises(InputError, match=f"value\\(s\\) above {INT64_MAX}"):
         class_indices(np.array([1, 2**63, 0], dtype=np.uint64), 10, 3)
+    np.save(tmp_path / "labels.npy", labels)
+    np.save(tmp_path / "wrapped.npy", np.array([1, 2**64 - 1], dtype=np.uint64))  # astype(int64) made it -1
+    assert read_labels(tmp_path / "labels.npy").tolist() == [1, 9, 0]
+    with pytest.raises(InputError, match=f"value\\(s\\) above {INT64_MAX}"):
+        read_labels(tmp_path / "wrapped.npy")
 
 
 # -- .npy headers ----------------------------------------------------------------------------------

@@ -224,6 +224,7 @@ def check_npy_header(handle: BinaryIO, name: str, size: int, mmap: bool = False)
 
 
 def _malformed_header(name: str) -> InputError:
+    """The error for the ``.npy`` file ``name`` whose header numpy cannot read, or whose shape is not integers."""
     return InputError(
         f"cannot read {name!r} as a .npy array: a malformed or truncated header (expected a dict of descr, "
         "fortran_order and shape, a tuple of integers)"
