@@ -685,3 +685,47 @@ def test_every_integer_option_parses_ascii_digits_only():
     ]
     other = [(name, option) for name, option, kind in integer if not isinstance(kind, common.IntRange)]
     assert len(integer) >= 20 and other == [], other
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["serve", "b", "--max-body-mb", "٢"], "--max-body-mb"),  # Arabic-Indic 2: served a 2 MiB limit
+        (["serve", "b", "--timeout", "١_٥"], "--timeout"),
+        (["serve", "b", "--header-timeout", "1_0"], "--header-timeout"),  # float() reads 10
+        (["serve", "b", "--max-delay-ms", "٥"], "--max-delay-ms"),
+        (["verify", "b", "b", "--rtol", "١e-3"], "--rtol"),
+        (["verify", "b", "b", "--atol", "0_0"], "--atol"),
+        (["prune", "b", "-o", "o", "--ratio", "0.5\xa0"], "--ratio"),  # a no-break space
+        (["predict", "b", "x.npy", "--threshold", "𝟎.5"], "--threshold"),  # mathematical bold zero
+        (["predict", "b", "c", "x.npy", "--weights", "1_0,1"], "--weights"),
+    ],
+)
+def test_real_number_options_take_only_ascii_numbers(nothing_runs, args, option):
+    """Attacker round 8: ``float()`` read them as integer options no longer did; one line naming the text, escaped."""
+    result = invoke(*args)
+    one_line_error(result, f"Invalid value for '{option}'", "written in ASCII", ascii(args[-1]))
+
+
+def test_every_real_number_option_parses_ascii_numbers_only():
+    """Every real-number option of every command goes through the one parser (``trainfer.number_text.parse_float``,
+    by ``common.FiniteFloatRange`` or ``common.Tolerance``): each takes ``0.5`` and refuses ``0_5`` and ``٠.٥``."""
+    from trainfer.cli import common
+
+    real = [
+        (name, param.name, param.type)
+        for name, command in main.commands.items()
+        for param in command.params
+        if isinstance(param.type, click.types.FloatParamType | common.Tolerance)
+    ]
+    other = [
+        (name, option)
+        for name, option, kind in real
+        if not isinstance(kind, common.FiniteFloatRange | common.Tolerance)
+    ]
+    assert len(real) >= 20 and other == [], other
+    for name, option, kind in real:
+        assert kind.convert("0.5", None, None) == 0.5, (name, option)
+        for text in ("0_5", "٠.٥"):
+            with pytest.raises(click.BadParameter, match="written in ASCII"):
+                kind.convert(text, None, None)

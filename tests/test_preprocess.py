@@ -180,7 +180,7 @@ def test_csv_errors_name_column_line_and_file(tmp_path):
     path.write_text("a,b\n1,2\n3,x\n")
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['c'\]: expected \['a', 'c'\], got \['a', 'b'\]"):
         gather(path, PreprocessSpec(columns=["a", "c"]))
-    with pytest.raises(ValueError, match="line 3, column 'b': expected a number, got 'x'"):
+    with pytest.raises(ValueError, match="line 3, column 'b': expected a number written in ASCII .*; got 'x'"):
         gather(path, PreprocessSpec(columns=["a", "b"]))
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(ValueError, match="is empty: expected a header row"):

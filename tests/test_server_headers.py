@@ -135,7 +135,8 @@ def hasty_connection():
 
 def test_the_hooks_it_overrides_are_uvicorn_httptools_methods():
     overridden = {name for name in vars(BoundedHeadersProtocol) if not name.startswith("__")}
-    hooks = overridden - {"refuse", "_stop", "_answering", "_check_head_time", "_linger", "_drop", "_closing"}
+    own = {"refuse", "_write_answer", "_stop", "_answering", "_check_head_time", "_linger", "_drop", "_closing"}
+    hooks = overridden - own
     assert hooks == {
         "connection_made",
         "connection_lost",
@@ -147,6 +148,8 @@ def test_the_hooks_it_overrides_are_uvicorn_httptools_methods():
         "on_body",
         "on_message_complete",
         "send_400_response",
+        "_unsupported_upgrade_warning",
+        "_start_asgi_task",
     }
     missing = [name for name in hooks if not callable(getattr(HttpToolsProtocol, name, None))]
     assert not missing, f"uvicorn's HttpToolsProtocol no longer has {missing}: the header bound does not apply"
@@ -272,10 +275,11 @@ def test_a_pipelined_head_is_not_timed_while_an_earlier_request_is_answered(hast
     assert transport.written.count(b"HTTP/1.1 200 ") == 2 and b" 408 " not in transport.written
 
 
-def test_a_malformed_request_keeps_uvicorns_400(connection):
+def test_a_malformed_request_keeps_uvicorns_400_with_the_headers_of_every_answer(connection):
     protocol, transport, _ = connection
     protocol.data_received(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
-    assert transport.written.startswith(b"HTTP/1.1 400 ") and transport.closed
+    assert answered(transport) == (400, {"error": "Invalid HTTP request received."}) and transport.closed
+    assert b"\r\nx-content-type-options: nosniff\r\n" in transport.written
 
 
 # -- a real server ----------------------------------------------------------------------------------
@@ -412,6 +416,48 @@ def test_a_keep_alive_connection_may_wait_longer_than_the_header_timeout_between
             client.sendall(head(100))
             assert read_response(stream)[0] == 200
             time.sleep(2 * SERVER_TIMEOUT)
+
+
+def answer_head(data: bytes | None, port: int) -> tuple[int, dict[bytes, list[bytes]]]:
+    """The status and headers (lower-case names, each with its values) of the answer to ``data`` sent on a
+    fresh connection to ``port`` (None: nothing sent, the answer awaited)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+        if data is not None:
+            client.sendall(data)
+        stream = client.makefile("rb")
+        status = int(stream.readline().split()[1])
+        headers: dict[bytes, list[bytes]] = {}
+        while (line := stream.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            headers.setdefault(name.strip().lower(), []).append(value.strip())
+        return status, headers
+
+
+def test_every_answer_the_protocol_writes_itself_carries_nosniff_once(bundle):
+    """Attacker round 8: the 431 and the header timeout's 408 lacked ``X-Content-Type-Options: nosniff``, which
+    every answer carries (serving.md). Each answer written without the app, on a real socket: a head over
+    the byte and the line limits (431), one too slow (408), a malformed request (uvicorn's 400), a WebSocket
+    upgrade (no WebSocket protocol: answered by the app as plain HTTP, not by the library's bare 403), and
+    uvicorn's 503 past ``limit_concurrency`` (2 x ``--max-connections``: two idle connections fill it)."""
+    requests = {
+        431: head(MAX_HEADER_BYTES + 1),
+        400: b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+        200: b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        408: None,
+    }
+    lines = b"GET /v2/health/live HTTP/1.1\r\n" + b"X-A: b\r\n" * (MAX_HEADER_LINES + 1) + b"\r\n"
+    options = ("--header-timeout", str(SERVER_TIMEOUT), "--max-connections", "1")
+    with running_server(str(bundle), *options) as server:
+        answers = [(status, answer_head(data, server.port)) for status, data in [*requests.items(), (431, lines)]]
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+        try:
+            answers.append((503, answer_head(head(100), server.port)))
+        finally:
+            for client in idle:
+                client.close()
+    for expected, (status, headers) in answers:
+        assert (status, headers.get(b"x-content-type-options")) == (expected, [b"nosniff"]), (expected, headers)
 
 
 def test_workers_bound_headers_too(bundle):

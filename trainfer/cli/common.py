@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import re
 import sys
 import traceback
 import warnings
@@ -23,6 +22,7 @@ import click
 
 from trainfer._version import __version__
 from trainfer.errors import InputError, TrainferError, one_line
+from trainfer.number_text import EXPECTED_FLOAT, EXPECTED_INTEGER, parse_float, parse_integer
 
 _TRUST_KEY = "trainfer.trust_factory"
 _HINT = "'--input-shape'"  # the option every command parses a shape from
@@ -43,32 +43,17 @@ MAX_COUNT = 10_000
 #: not imported here: it loads pydantic; a test keeps the two equal).
 MAX_BATCH_SIZE = 2**24
 
-#: An integer as the command line takes it: ASCII digits with an optional sign. Python's ``int()`` also
-#: reads other scripts' digits (``int("١")`` is 1) and underscores (``int("1_0")`` is 10): a surprise
-#: on a command line, and the server's query parameters refuse both.
-_ASCII_INTEGER = re.compile(r"[+-]?[0-9]+")
-
-
-def parse_integer(text: str) -> int:
-    """``text`` (ASCII digits, an optional sign, surrounding spaces ignored) as an ``int``; else :class:`InputError`
-    (a ``ValueError``).
-
-    The one integer parser of the command line: :class:`IntRange` options and :func:`parse_shape`.
-    """
-    if not _ASCII_INTEGER.fullmatch(text.strip()):
-        raise InputError(f"expected an integer written in ASCII digits; got {text!r}")
-    return int(text)
-
 
 class IntRange(click.IntRange):
-    """click's ``IntRange`` that reads only ASCII digits (:func:`parse_integer`): ``١`` and ``1_0`` are refused."""
+    """click's ``IntRange`` that reads only ASCII digits (:func:`trainfer.number_text.parse_integer`): ``١`` and
+    ``1_0`` are refused."""
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, str):
             try:
                 value = parse_integer(value)
             except ValueError:
-                self.fail(f"{value!r} is not an integer written in ASCII digits", param, ctx)
+                self.fail(f"{ascii(value)} is not {EXPECTED_INTEGER}", param, ctx)
         return super().convert(value, param, ctx)
 
 
@@ -85,14 +70,27 @@ COUNT_OR_ZERO = IntRange(0, MAX_COUNT)
 BATCH_SIZE = IntRange(1, MAX_BATCH_SIZE)
 
 
+def _ascii_float(value: Any, param: click.Parameter | None, ctx: click.Context | None, kind: click.ParamType) -> Any:
+    """An option's ``value`` as :func:`trainfer.number_text.parse_float` reads text (other values, such as a
+    default, as they are); text it refuses fails the option ``param`` in one line."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return parse_float(value)
+    except ValueError:
+        kind.fail(f"{ascii(value)} is not {EXPECTED_FLOAT}", param, ctx)
+
+
 class FiniteFloatRange(click.FloatRange):
-    """click's ``FloatRange`` that also refuses NaN and infinities: a NaN compares false with every
-    number, so a NaN threshold would pass every range check and make a gate that can never fail."""
+    """click's ``FloatRange`` that reads only ASCII numbers (:func:`trainfer.number_text.parse_float`: ``٢`` and
+    ``1_0`` are refused) and also refuses NaN and infinities: a NaN compares false with every number, so a NaN
+    threshold would pass every range check and make a gate that can never fail. Every real-number option
+    of the command line is one, or a :class:`Tolerance`."""
 
     name = "finite float range"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        number = super().convert(value, param, ctx)
+        number = super().convert(_ascii_float(value, param, ctx, self), param, ctx)
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return number
@@ -147,8 +145,9 @@ class Tolerance(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
         from trainfer.validate import check_tolerance
 
+        number = _ascii_float(value, param, ctx, self)
         try:
-            return cast(float, check_tolerance(self.name, float(value), zero=self.zero))  # never None: a float
+            return cast(float, check_tolerance(self.name, float(number), zero=self.zero))  # never None: a float
         except (TypeError, ValueError):  # not a number, or refused (InputError is a ValueError)
             self.fail(f"expected a finite number {'>=' if self.zero else '>'} 0; got {value!r}", param, ctx)
 

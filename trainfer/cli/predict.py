@@ -33,6 +33,7 @@ from trainfer.cli.common import (
 )
 from trainfer.digest import sha256
 from trainfer.errors import ExplanationsIncomplete, InputError, one_line
+from trainfer.number_text import EXPECTED_FLOAT, parse_floats
 from trainfer.serve.runtime_names import RUNTIMES
 
 #: ``predict --explain``'s exit status when some examples could not be explained (each named in a warning
@@ -241,13 +242,17 @@ def split_models(bundle: str, arguments: tuple[str, ...]) -> tuple[list[str], li
 
 
 def parse_weights(text: str | None) -> list[float] | None:
-    """``"1,2,0.5"`` -> ``[1.0, 2.0, 0.5]`` (validated by the ensemble)."""
+    """``"1,2,0.5"`` -> ``[1.0, 2.0, 0.5]`` (numbers as :func:`trainfer.number_text.parse_floats` reads them;
+    validated by the ensemble)."""
     if text is None:
         return None
     try:
-        return [float(part) for part in text.split(",")]
+        return parse_floats(text.split(","))
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers like 1,2,1; got {text!r}") from None
+        raise click.BadParameter(
+            f"expected comma-separated numbers like 1,2,1, each {EXPECTED_FLOAT}; got {ascii(text)}",
+            param_hint="'--weights'",
+        ) from None
 
 
 def explaining_predictor(predictor: Predictor, bundle: str, device: str) -> Predictor:

@@ -30,10 +30,7 @@ DATA_HELP = (
 
 def read_labels(path: Path) -> torch.Tensor:
     """``--labels``: a ``.npy`` file of integer class indices (read as any trainfer ``.npy`` input)."""
-    import numpy as np
-    import torch
-
-    from trainfer.serve.preprocess import PreprocessSpec
+    from trainfer.serve.preprocess import PreprocessSpec, as_tensor
     from trainfer.serve.readers import read_npy
 
     if path.suffix.lower() != ".npy":
@@ -41,7 +38,7 @@ def read_labels(path: Path) -> torch.Tensor:
     array = read_npy(path, PreprocessSpec())
     if array.dtype.kind not in "iu":
         raise InputError(f"--labels {str(path)!r}: expected integer class indices, got numpy dtype {array.dtype}")
-    return torch.from_numpy(array.astype(np.int64))
+    return as_tensor(array).long()  # uint64 above the largest int64 refused, never wrapped to a negative index
 
 
 @click.command("quantize")

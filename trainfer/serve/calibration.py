@@ -74,8 +74,10 @@ def class_indices(labels: Any, classes: int, count: int) -> Tensor:
     any other shape, anything but integers (a float, boolean or object array is not a list of class
     indices) and any value outside ``0 .. classes - 1``.
     """
+    from trainfer.serve.preprocess import as_signed
+
     try:
-        values = torch.as_tensor(labels)
+        values = as_signed(torch.as_tensor(labels))  # uint16..uint64 labels as int64: torch compares only those
     except (TypeError, ValueError, RuntimeError) as error:
         raise InputError(f"labels must be class indices (integers); got {type(labels).__name__}: {error}") from None
     if values.dtype == torch.bool or values.is_floating_point() or values.is_complex():

@@ -37,7 +37,7 @@ from torch import Tensor
 from trainfer.errors import InputError, InputTypeError, NonFiniteError
 from trainfer.numerics import all_finite_array, numpy_view
 
-__all__ = ["PreprocessSpec", "as_tensor", "check_numeric"]
+__all__ = ["PreprocessSpec", "as_signed", "as_tensor", "check_numeric"]
 
 
 def _floats(values: Any) -> tuple[float, ...] | None:
@@ -308,7 +308,7 @@ def as_tensor(value: Any) -> Tensor:
             raise InputTypeError(f"expected a dense (strided) tensor; got a {value.layout} tensor (call .to_dense())")
         if value.is_meta:
             raise InputError(f"expected a tensor holding data; got a meta tensor of shape {tuple(value.shape)}")
-        return value.detach()
+        return as_signed(value.detach())
     try:
         array = np.asarray(value)
     except (ValueError, TypeError) as error:
@@ -316,10 +316,33 @@ def as_tensor(value: Any) -> Tensor:
     check_numeric(array.dtype, "wrong input dtype")
     if not array.dtype.isnative:  # big-endian data on a little-endian machine: the same numbers, native order
         array = array.astype(array.dtype.newbyteorder("="))
-    if array.dtype == np.uint16 or array.dtype == np.uint32:
-        array = array.astype(np.int64)
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    tensor = as_signed(torch.from_numpy(np.ascontiguousarray(array)))
     return tensor.reshape(()) if array.ndim == 0 else tensor  # ascontiguousarray makes a 0-d array 1-d
+
+
+#: torch's unsigned integer types wider than a byte: most operations (``max``, comparisons) are not
+#: implemented for them, so :func:`as_tensor` gives their values as int64.
+_WIDE_UNSIGNED = frozenset({torch.uint16, torch.uint32, torch.uint64})
+_INT64_MAX = torch.iinfo(torch.int64).max
+
+
+def as_signed(tensor: Tensor) -> Tensor:
+    """``tensor`` with the same values as int64 when it is uint16, uint32 or uint64 (the answer is then that
+    of the same numbers given as int64); a uint64 value above 2**63 - 1, which int64 cannot hold, is an
+    :class:`InputError` naming how many there are and the largest."""
+    if tensor.dtype not in _WIDE_UNSIGNED:
+        return tensor
+    if tensor.dtype == torch.uint64:
+        wrapped = tensor.view(torch.int64)  # the same bits: values above 2**63 - 1 read negative
+        negative = wrapped < 0
+        if bool(negative.any()):
+            largest = int(wrapped[negative].max()) + 2**64
+            raise InputError(
+                f"uint64 input holds {int(negative.sum())} value(s) above {_INT64_MAX} (2**63 - 1, the largest "
+                f"int64), the largest {largest}: expected integers up to {_INT64_MAX}, or float input"
+            )
+        return wrapped  # shares the input's memory, as every tensor as_tensor gives may
+    return tensor.to(torch.int64)
 
 
 def check_numeric(dtype: np.dtype, what: str) -> None:

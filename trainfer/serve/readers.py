@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from trainfer.errors import InputError, MissingFileError
+from trainfer.number_text import NumberTextError, parse_floats
 from trainfer.serve.image_steps import WALKS, tiff_values
 from trainfer.serve.preprocess import PreprocessSpec, as_tensor, check_numeric
 
@@ -197,10 +198,9 @@ def check_npy_header(handle: BinaryIO, name: str, size: int, mmap: bool = False)
     try:
         shape, _, dtype = read_header[version](handle)
     except (ValueError, OSError, EOFError, SyntaxError):  # numpy's message may quote the parsed header's objects
-        raise InputError(
-            f"cannot read {name!r} as a .npy array: a malformed or truncated header (expected a dict of descr, "
-            "fortran_order and shape)"
-        ) from None
+        raise _malformed_header(name) from None
+    if any(type(dimension) is not int for dimension in shape):  # numpy takes True for 1 (bool is an int)
+        raise _malformed_header(name)
     if dtype.hasobject:
         raise InputError(
             f"cannot read {name!r} as a .npy array: it holds pickled Python objects, never loaded "
@@ -221,6 +221,14 @@ def check_npy_header(handle: BinaryIO, name: str, size: int, mmap: bool = False)
             f"{name!r} holds {elements} elements (shape {shape}): expected at most {MAX_NPY_ELEMENTS} "
             "(trainfer.serve.readers.MAX_NPY_ELEMENTS) for a file read into memory"
         )
+
+
+def _malformed_header(name: str) -> InputError:
+    """The error for the ``.npy`` file ``name`` whose header numpy cannot read, or whose shape is not integers."""
+    return InputError(
+        f"cannot read {name!r} as a .npy array: a malformed or truncated header (expected a dict of descr, "
+        "fortran_order and shape, a tuple of integers)"
+    )
 
 
 def load_image(path: Path, spec: PreprocessSpec) -> Tensor:
@@ -490,11 +498,13 @@ def iter_csv(path: Path, spec: PreprocessSpec, chunk_rows: int = _CSV_CHUNK_ROWS
         raise InputError(f"cannot read CSV file {str(path)!r}: {error}") from None
 
 
-def column_indices(header: list[str], spec: PreprocessSpec, path: Path) -> list[int]:
-    """The position of each of ``spec.columns`` in ``header``, in linear time; a picked column missing
-    from ``header``, or named there more than once, is an :class:`InputError`."""
+def column_indices(header: list[str], spec: PreprocessSpec, path: Path) -> Sequence[int]:
+    """The position of each of ``spec.columns`` in ``header``, in linear time: ``range(len(header))`` when they
+    are all the columns in file order (or ``spec.columns`` is None; :func:`parse_row` then takes rows whole);
+    a picked column missing from ``header``, or named there more than once, is an :class:`InputError`."""
+    every = range(len(header))
     if spec.columns is None:
-        return list(range(len(header)))
+        return every
     positions: dict[str, int] = {}
     repeated: set[str] = set()
     for index, name in enumerate(header):
@@ -512,7 +522,8 @@ def column_indices(header: list[str], spec: PreprocessSpec, path: Path) -> list[
             f"CSV file {str(path)!r} lacks column(s) {_some(missing)}: "
             f"expected {_some(spec.columns)}, got {_some(header)}"
         )
-    return [positions[c] for c in spec.columns]
+    picked = [positions[c] for c in spec.columns]
+    return every if picked == list(every) else picked
 
 
 def _some(names: Iterable[str], shown: int = 10) -> str:
@@ -522,17 +533,17 @@ def _some(names: Iterable[str], shown: int = 10) -> str:
     return f"{names[:shown]}{more}"
 
 
-def parse_row(row: list[str], indices: list[int], header: list[str], path: Path, line: int) -> list[float]:
+def parse_row(row: list[str], indices: Sequence[int], header: list[str], path: Path, line: int) -> list[float]:
+    """The cells ``indices`` of the CSV ``row`` (line ``line`` of ``path``) as numbers, each written in ASCII
+    (:func:`trainfer.number_text.parse_floats`: ``١``, ``1_0`` and ``1\\xa0`` are refused); a row of another
+    length than ``header``, or a cell that is not such a number, is an :class:`InputError` naming the line
+    and the column."""
     if len(row) != len(header):
         raise InputError(
             f"CSV file {str(path)!r} line {line}: expected {len(header)} values (one per header column), got {len(row)}"
         )
-    values = []
-    for i in indices:
-        try:
-            values.append(float(row[i]))
-        except ValueError:
-            raise InputError(
-                f"CSV file {str(path)!r} line {line}, column {header[i]!r}: expected a number, got {row[i]!r}"
-            ) from None
-    return values
+    try:
+        return parse_floats(row if indices == range(len(row)) else [row[i] for i in indices])
+    except NumberTextError as error:
+        column = header[indices[error.index]]
+        raise InputError(f"CSV file {str(path)!r} line {line}, column {column!r}: {error}") from None

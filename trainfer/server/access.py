@@ -1,7 +1,8 @@
 """Every request's gate and record: the ``Host`` it names (:mod:`trainfer.server.hosts`), the number
 of requests with a body handled at once (a 503 with ``Retry-After`` past ``max_requests``), the API
 key, one structured access-log line (the logger ``trainfer.server.access``), the metrics, a
-``nosniff`` header on every answer, and a one-line 500 for an exception escaping the app."""
+``nosniff`` header on every answer (:mod:`trainfer.server.answer_headers`), and a one-line 500 for an
+exception escaping the app."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from trainfer.server.answer_headers import with_safety_headers
 from trainfer.server.error_answers import CLIENT_GONE, INTERNAL_ERROR
 from trainfer.server.hosts import HostCheck
 from trainfer.server.state import Server
@@ -25,9 +27,6 @@ access_logger = logging.getLogger("trainfer.server.access")
 API_KEY_HEADER = "x-api-key"
 _API_KEY_NAME = API_KEY_HEADER.encode()
 _OPEN_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/docs", "/openapi.json"})
-#: Sent with every answer: a browser never guesses another type than the one declared (a JSON line
-#: echoing an uploaded file's name is never run as HTML).
-_NOSNIFF = (b"x-content-type-options", b"nosniff")
 #: Methods whose requests hold no body: never counted against max_requests (probes, metadata and
 #: /metrics answer under any load).
 _BODILESS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -57,7 +56,7 @@ class AccessMiddleware:
             nonlocal status, started, gone
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
-                message = {**message, "headers": [*message.get("headers", ()), _NOSNIFF]}
+                message = {**message, "headers": with_safety_headers(message.get("headers", ()))}
             if gone:
                 return
             try:

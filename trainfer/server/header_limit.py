@@ -9,8 +9,10 @@ and file descriptor, for ever. :class:`BoundedHeadersProtocol` is uvicorn's ``Ht
 request's head as it arrives; past :data:`MAX_HEADER_BYTES` or :data:`MAX_HEADER_LINES` it answers
 ``431 Request Header Fields Too Large``, past ``header_timeout`` seconds
 (``ServerSettings.header_timeout``) ``408 Request Timeout``, each with the one-line ``{"error": ...}``
-of every trainfer error, and closes the connection (after a short linger that keeps the answer from
-being reset away: :meth:`BoundedHeadersProtocol._linger`). So a connection holds at most the limit
+of every trainfer error and the headers of every answer (:mod:`trainfer.server.answer_headers`, as
+uvicorn's own 400 of a malformed request and 503 past ``limit_concurrency`` have here), and closes the
+connection (after a short linger that keeps the answer from being reset away:
+:meth:`BoundedHeadersProtocol._linger`). So a connection holds at most the limit
 plus one read (256 000 bytes with uvloop) of a request's head, for at most ``header_timeout`` seconds.
 """
 
@@ -20,8 +22,10 @@ import asyncio
 import logging
 from typing import Any, NoReturn
 
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from trainfer.server.answer_headers import with_safety_headers
 from trainfer.server.error_answers import answer
 
 __all__ = ["LINGER_SECONDS", "MAX_HEADER_BYTES", "MAX_HEADER_LINES", "BoundedHeadersProtocol", "HeadersTooLarge"]
@@ -163,22 +167,43 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
         HttpToolsProtocol.on_message_complete(self)
 
     def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to a request the parser stopped on: the 431 when a limit stopped it."""
+        """uvicorn's answer to a request the parser stopped on: the 431 when a limit stopped it, else
+        uvicorn's 400 (its message, as ``{"error": msg}``) with the headers of every answer, then the
+        connection closed, as uvicorn does."""
         if self._refusal is not None:
             self.refuse(431, self._refusal)
         else:
-            super().send_400_response(msg)
+            self._write_answer(400, msg)
+            self.transport.close()
 
     def refuse(self, status: int, message: str) -> None:
         """Answer ``status`` with ``{"error": message}`` (unless an earlier request of this connection
         is still being answered) and close the connection."""
         logger.warning("%s: %s (%d, connection closed)", _client(self.client), message, status)
         if not self._answering():
-            response = answer(status, message)
-            headers = [*self.server_state.default_headers, *response.raw_headers, (b"connection", b"close")]
-            head = b"".join(b"%s: %s\r\n" % pair for pair in headers)
-            self.transport.write(STATUS_LINE[status] + head + b"\r\n" + bytes(response.body))
+            self._write_answer(status, message)
         self._linger()
+
+    def _write_answer(self, status: int, message: str) -> None:
+        """Write the answer ``status`` ``{"error": message}`` to the connection itself (no app sees the
+        request), with uvicorn's default headers, those of every answer
+        (:func:`~trainfer.server.answer_headers.with_safety_headers`) and ``connection: close``."""
+        response = answer(status, message)
+        headers = with_safety_headers([*self.server_state.default_headers, *response.raw_headers])
+        head = b"".join(b"%s: %s\r\n" % pair for pair in [*headers, (b"connection", b"close")])
+        self.transport.write(STATUS_LINE[status] + head + b"\r\n" + bytes(response.body))
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """uvicorn's warning for an ``Upgrade`` request it does not switch, without its advice to install a
+        WebSocket library: trainfer serves no WebSocket (``ws="none"``) and answers such a request as plain HTTP."""
+        logger.warning("%s: unsupported upgrade request, answered as plain HTTP", _client(self.client))
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        """uvicorn's start of a request's app, but its own 503 past ``limit_concurrency`` (an app of its
+        own, written without trainfer's middleware) carries the headers of every answer too."""
+        if app is service_unavailable:
+            app = _with_safety_headers(app)
+        HttpToolsProtocol._start_asgi_task(self, cycle, app)
 
     def _linger(self) -> None:
         """Close the connection without losing the answer just written (a lingering close).
@@ -229,6 +254,20 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
         """Stop the parser (in a callback) for ``refusal``: uvicorn then calls :meth:`send_400_response`."""
         self._refusal = refusal
         raise HeadersTooLarge(refusal)
+
+
+def _with_safety_headers(app: Any) -> Any:
+    """The ASGI ``app`` whose answers carry :data:`~trainfer.server.answer_headers.SAFETY_HEADERS` too."""
+
+    async def safe(scope: Any, receive: Any, send: Any) -> None:
+        async def sending(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": with_safety_headers(message.get("headers", ()))}
+            await send(message)
+
+        await app(scope, receive, sending)
+
+    return safe
 
 
 def _too_many_bytes() -> str:

@@ -89,14 +89,20 @@ class InferRoute:
 
 
 def _headers(scope: Scope, names: tuple[bytes, ...]) -> list[str | None]:
-    """The values of the request headers ``names`` (lower case; None when absent, the first when
-    repeated), read from the ASGI scope without building Starlette's header mapping."""
+    """The values of the request headers ``names`` (lower case; None when absent), read from the ASGI scope
+    without building Starlette's header mapping. A header repeated with another value is an :class:`InputError`
+    (which one the client meant, or a proxy before this server read, is a guess)."""
     found: list[str | None] = [None] * len(names)
     for key, value in scope["headers"]:
         if key in names:
-            where = names.index(key)
-            if found[where] is None:
-                found[where] = value.decode("latin-1")
+            where, text = names.index(key), value.decode("latin-1")
+            earlier = found[where]
+            if earlier is not None and earlier != text:
+                raise InputError(
+                    f"header {key.decode()} given twice with different values, {ascii(earlier[:40])} and "
+                    f"{ascii(text[:40])}: send it once"
+                )
+            found[where] = text
     return found
 
 

@@ -27,6 +27,7 @@ import orjson
 
 from trainfer.errors import InputError
 from trainfer.jsonfile import unique_keys
+from trainfer.number_text import EXPECTED_INTEGER, parse_integer
 
 #: The protocol's datatypes this server writes, as numpy dtypes (little-endian).
 DATATYPES: dict[str, np.dtype[Any]] = {
@@ -115,12 +116,16 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
 
 
 def _header_size(header_length: str | None, total: int) -> int:
+    """The JSON header's bytes: ``header_length`` (the header's value, decoded as latin-1; an integer as
+    :func:`trainfer.number_text.parse_integer` reads it, so ``1_15`` is refused), or the whole body."""
     if header_length is None:
         return total
     try:
-        size = int(header_length)
-    except ValueError:
-        raise InputError(f"Inference-Header-Content-Length must be an integer; got {header_length[:40]!r}") from None
+        size = parse_integer(header_length)
+    except ValueError:  # its bytes shown escaped (ascii), never as latin-1 mojibake
+        raise InputError(
+            f"Inference-Header-Content-Length must be {EXPECTED_INTEGER}; got {ascii(header_length[:40])}"
+        ) from None
     if not 0 < size <= total:
         raise InputError(f"Inference-Header-Content-Length {size} does not fit a body of {total} bytes")
     return size

@@ -89,6 +89,9 @@ def serve(
         "log_level": "info",
         # httptools, with bounds on a request's head, its size and its time (the workers' too)
         "http": functools.partial(BoundedHeadersProtocol, header_timeout=settings.header_timeout),
+        # no WebSocket protocol: trainfer serves none, and the library's own refusal (a bare 403) would
+        # bypass the headers of every answer; an Upgrade request is answered as the plain HTTP one it is
+        "ws": "none",
         **uvicorn,
     }
     if workers > 1:  # each worker loads the models: a bundle that cannot be served fails here, once
