@@ -253,6 +253,7 @@ def test_an_empty_model_is_refused_not_read_as_the_current_directory(tmp_path, s
         (["deploy", "digits_net", "--input-shape", "abc", "-o", "x"], "Invalid value for '--input-shape'"),
         (["deploy", "digits_net", "--input-shape", "1,,8,8", "-o", "x"], "got '1,,8,8'"),  # not (1, 8, 8)
         (["deploy", "digits_net", "--input-shape", "1,8,8,", "-o", "x"], "got '1,8,8,'"),
+        (["deploy", "digits_net", "--input-shape", "1,1,8,\u0668", "-o", "x"], "got '1,1,8,\\u0668'"),  # escaped
         (["deploy"], "Missing argument 'MODEL'"),
         (["deploy", "--no-such-option"], "No such option"),
         (["--no-such-option"], "No such option"),
@@ -582,6 +583,17 @@ def test_predict_refuses_to_write_explanations_into_its_bundle(bundle, tmp_path,
     refused = CliRunner().invoke(main, ["predict", str(bundle), str(tmp_path / "x.npy"), "--explain", str(target)])
     one_line_error(refused, "--explain", "would overwrite the input")
     assert sorted(p.name for p in Path(bundle).iterdir()) == before
+
+
+def test_predict_refuses_explanations_whose_file_names_would_be_too_long_before_any_work(bundle, tmp_path):
+    """An input named with a 248-byte stem would be explained as ``000_<stem>.png``, 256 bytes: refused before
+    predicting, and --explain's directory never made (round 9: predictions printed, DIR made, then the OS error)."""
+    pytest.importorskip("captum")
+    sample = tmp_path / ("s" * 248 + ".npy")
+    np.save(sample, np.zeros((1, 1, 8, 8), np.float32))
+    refused = CliRunner().invoke(main, ["predict", str(bundle), str(sample), "--explain", str(tmp_path / "maps")])
+    one_line_error(refused, "--explain: an explanation would be written as '000_sss", "(256 bytes): expected a file")
+    assert '"label"' not in refused.output and not (tmp_path / "maps").exists()
 
 
 @pytest.mark.parametrize(

@@ -124,6 +124,7 @@ def test_head_answers_every_get_route_with_its_headers_and_no_body():
             answers = {}
             for path in [*paths, "/v2/models/digits/infer"]:
                 answers[path] = (await asgi_request(app, path, "HEAD"), await asgi_request(app, path))
+            answers["OPTIONS"] = await asgi_request(app, "/v2/health/live", "OPTIONS")  # round 9: Allow lacked HEAD
             return answers
 
     answers = run(main(), seconds=60)
@@ -139,6 +140,8 @@ def test_head_answers_every_get_route_with_its_headers_and_no_body():
     assert int(answers["/"][0][1]["content-length"]) == len(answers["/"][1][2])
     (status, headers, body), (get_status, _, _) = answers["/v2/models/digits/infer"]
     assert (status, headers["allow"], body) == (405, "POST", b"") and get_status == 405
+    status, headers, _ = answers["OPTIONS"]
+    assert (status, headers["allow"]) == (405, "GET, HEAD")  # every method the route takes (RFC 9110, 10.2.1)
 
 
 def test_workers_check_the_host_and_take_allowed_hosts(tmp_path):

@@ -97,9 +97,11 @@ _UNSUPPORTED = frozenset({errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNO
 _STAGING = re.compile(r"\.(.+)\.trainfer-([0-9a-f]{32})\.tmp")
 _JOURNAL_NAME = re.compile(r"\.(.+)\.trainfer-[0-9a-f]{32}\.journal")
 #: The longest target name (in bytes) the names beside it spell out whole: ``.NAME.trainfer-TOKEN.tmpSUFFIX`` adds 43
-#: bytes and at most 20 more, and a file name has at most 255. A longer name is written there as its first bytes and
-#: a digest of it (:func:`_stem`).
+#: bytes and at most 20 more, and a file name has at most 255. A longer name is written there as its first characters
+#: and a digest of it (:func:`_stem`).
 _MAX_STEM_BYTES = 192
+#: The longest file name most file systems take, in bytes (``NAME_MAX``).
+_MAX_NAME_BYTES = 255
 #: The longest target suffix a temporary file keeps (``.pt2``, ``.onnx``); a longer "suffix" is part of a name.
 _MAX_KEPT_SUFFIX = 16
 #: What a journal may record a write made, and the file type each is: a directory write's staging directory and
@@ -332,12 +334,22 @@ class _Journal:
 
 def _stem(name: str) -> str:
     """What the names beside target ``name`` spell it as: ``name`` itself, or for a name over :data:`_MAX_STEM_BYTES`
-    bytes (no room left for the journal's additions), its first bytes, ``~`` and 16 hex digits of its sha256."""
+    bytes (no room left for the journal's additions), its first characters, ``~`` and 16 hex digits of its sha256."""
     encoded = os.fsencode(name)
     if len(encoded) <= _MAX_STEM_BYTES:
         return name
     digest = hashlib.sha256(encoded).hexdigest()[:16]
-    return os.fsdecode(encoded[: _MAX_STEM_BYTES - len(digest) - 1]) + "~" + digest
+    return _fitting(name, _MAX_STEM_BYTES - len(digest) - 1) + "~" + digest
+
+
+def _fitting(name: str, most: int) -> str:
+    """The longest start of ``name`` that is at most ``most`` bytes in the file system's encoding, cut between
+    characters: a cut inside a multi-byte character would leave bytes that are not UTF-8, which a file name may
+    hold but libraries that decode it (ONNX Runtime) refuse."""
+    cut = name[:most]  # never fewer bytes than characters
+    while len(os.fsencode(cut)) > most:
+        cut = cut[:-1]
+    return cut
 
 
 def _recorded_target(path: Path) -> str | None:
@@ -536,13 +548,15 @@ def _foreign(directory: Path, files: dict[str, Identity]) -> list[str]:
 
 def _keep(previous: Path, target: Path, foreign: Collection[str]) -> None:
     """Rename ``previous`` (a replaced version of ``target`` holding ``foreign``, entries its writer does not own)
-    to the first free ``NAME`` :data:`KEPT_SUFFIX` (``-2``, ``-3``, ...) beside ``target``, and warn naming
+    to the first free ``NAME`` :data:`KEPT_SUFFIX` (``-2``, ``-3``, ...; ``NAME`` cut between characters to fit
+    :data:`_MAX_NAME_BYTES`) beside ``target``, and warn naming
     them and where they are (:class:`WriteWarning`). Where the rename fails, ``previous`` stays, and the
     warning names it."""
     place = previous
     with contextlib.suppress(OSError):
         for number in range(1, 1000):
-            kept = target.with_name(f"{target.name}{KEPT_SUFFIX}{f'-{number}' if number > 1 else ''}")
+            ending = f"{KEPT_SUFFIX}{f'-{number}' if number > 1 else ''}"
+            kept = target.with_name(_fitting(target.name, _MAX_NAME_BYTES - len(ending)) + ending)
             if _rename_noreplace(previous, kept):
                 _fsync_directory(target.parent)
                 place = kept

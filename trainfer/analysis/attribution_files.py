@@ -20,6 +20,7 @@ from trainfer.errors import (
     ExplanationError,
     ExplanationsIncomplete,
     ExplanationWarning,
+    InputError,
     NonFiniteError,
     one_line,
 )
@@ -32,6 +33,8 @@ __all__ = ["CHUNK_EXAMPLES", "check_file_targets", "explain_each", "explain_to_f
 #: (one step of the path for the chunk) where one example ran 8
 #: (:data:`~trainfer.analysis.attribution_methods.INTEGRATED_GRADIENTS_ROWS`).
 CHUNK_EXAMPLES = 16
+#: The longest file name most file systems take, in bytes: an explanation named after a longer input is refused.
+MAX_NAME_BYTES = 255
 #: The names of explanation files when the examples are not one per input path (:func:`file_names`).
 _NUMBERED = re.compile(r"[0-9]{3,}\.png")
 
@@ -144,6 +147,11 @@ def check_file_targets(inputs: Any, out_dir: str | Path, option: str = "--explai
     paths = [inputs] if isinstance(inputs, str | Path) else list(inputs)
     numbered = [entry.name for entry in _entries(out_dir) if _NUMBERED.fullmatch(entry.name)]
     for name in [*file_names(paths, len(paths)), *numbered]:
+        if len(os.fsencode(name)) > MAX_NAME_BYTES:
+            raise InputError(
+                f"{option}: an explanation would be written as {name[:40]!r}... ({len(os.fsencode(name))} bytes): "
+                f"expected a file name of at most {MAX_NAME_BYTES} bytes (shorten the input file's name)"
+            )
         check_target(out_dir / name, option)
 
 

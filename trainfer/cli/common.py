@@ -101,16 +101,18 @@ def parse_shape(text: str) -> tuple[int, ...]:
     (:func:`check_elements`)."""
     parts = text.replace("x", ",").split(",")
     if any(not part.strip() for part in parts):  # "1,,8,8" is a typo, not (1, 8, 8)
-        raise click.BadParameter(f"expected comma-separated integers like 1,3,224,224; got {text!r}", param_hint=_HINT)
+        raise click.BadParameter(
+            f"expected comma-separated integers like 1,3,224,224; got {ascii(text)}", param_hint=_HINT
+        )
     try:
         shape = tuple(parse_integer(p) for p in parts)
     except ValueError:
         raise click.BadParameter(
-            f"expected comma-separated integers like 1,3,224,224; got {text!r}", param_hint=_HINT
+            f"expected comma-separated integers like 1,3,224,224; got {ascii(text)}", param_hint=_HINT
         ) from None
     if not shape or any(s <= 0 for s in shape):
-        raise click.BadParameter(f"expected positive sizes like 1,3,224,224; got {text!r}", param_hint=_HINT)
-    check_elements(shape, repr(text), _HINT)
+        raise click.BadParameter(f"expected positive sizes like 1,3,224,224; got {ascii(text)}", param_hint=_HINT)
+    check_elements(shape, ascii(text), _HINT)
     return shape
 
 

@@ -5,7 +5,7 @@ probing ``/``, ``/v2/health/ready`` or ``/metrics`` with ``HEAD`` saw a failure 
 succeeds. :class:`HeadAsGet` hands a ``HEAD`` request to the app as a ``GET`` and sends what the
 app answers without its body: the headers, ``Content-Length`` and the security headers included,
 are ``GET``'s. A route that takes no ``GET`` answers ``HEAD`` as it answers ``GET`` (405, with its
-``Allow``).
+``Allow``), and a 405 of a route that takes ``GET`` lists ``HEAD`` in its ``Allow``.
 """
 
 from __future__ import annotations
@@ -16,14 +16,17 @@ __all__ = ["HeadAsGet"]
 
 
 class HeadAsGet:
-    """ASGI middleware: a ``HEAD`` request runs as ``GET`` in ``app``, its answer sent without a body."""
+    """ASGI middleware: a ``HEAD`` request runs as ``GET`` in ``app``, its answer sent without a body; a
+    405's ``Allow`` that names ``GET`` names ``HEAD`` too (RFC 9110, 10.2.1: every method the route takes)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "HEAD":
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope["method"] != "HEAD":
+            return await self.app(scope, receive, _allowing_head(send))
 
         async def without_body(message: Message) -> None:
             if message["type"] == "http.response.body":
@@ -31,3 +34,22 @@ class HeadAsGet:
             await send(message)
 
         await self.app({**scope, "method": "GET"}, receive, without_body)
+
+
+def _allowing_head(send: Send) -> Send:
+    """``send``, with ``HEAD`` added to a 405's ``Allow`` header wherever it lists ``GET``."""
+
+    async def with_head(message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 405:
+            message = {**message, "headers": [_with_head(name, value) for name, value in message.get("headers", [])]}
+        await send(message)
+
+    return with_head
+
+
+def _with_head(name: bytes, value: bytes) -> tuple[bytes, bytes]:
+    """An ``Allow`` header listing ``GET`` and not ``HEAD`` with ``HEAD`` added; any other header as it is."""
+    methods = [method.strip() for method in value.split(b",")]
+    if name.lower() == b"allow" and b"GET" in methods and b"HEAD" not in methods:
+        return name, b", ".join([*methods, b"HEAD"])
+    return name, value
