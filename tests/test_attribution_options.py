@@ -3,6 +3,7 @@ one line naming the option, what it expects and what it was given, never Captum'
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -54,6 +55,7 @@ CASES = [
     ("lime", {"patch": 10**9}, InputError, "patch must be an integer in [1, 8]; got 1000000000"),
     ("lime", {"show_progress": "yes"}, InputTypeError, "show_progress must be True or False; got str 'yes'"),
     ("gradient_shap", {"stdevs": float("nan")}, InputError, "stdevs must be a number in [0, inf]; got nan"),
+    ("gradient_shap", {"stdevs": torch.tensor([0.1, 0.2])}, InputTypeError, "stdevs must be a number in [0, inf]; got"),
     # shapes and values of tensors
     ("integrated_gradients", {"baselines": torch.zeros(3, 3)}, InputError, "got a float32 tensor of shape (3, 3)"),
     ("integrated_gradients", {"baselines": float("inf")}, InputError, "baselines must be finite"),
@@ -66,6 +68,13 @@ CASES = [
     ),
     ("kernel_shap", {"feature_mask": INTS + 10**12}, InputError, "feature ids in [0, 63]; got ids from 1000000000000"),
     ("kernel_shap", {"feature_mask": INTS - 1}, InputError, "feature ids in [0, 63]; got ids from -1 to -1"),
+    (
+        "kernel_shap",
+        {"feature_mask": torch.tensor([3, 2**63 + 1] * 32, dtype=torch.uint64).reshape(1, 1, 8, 8)},
+        InputError,
+        f"feature ids in [0, 63]; got ids from 3 to {2**63 + 1}",
+    ),
+    ("lime", {"feature_mask": (INTS + 200).to(torch.uint8)}, InputError, "[0, 63]; got ids from 200 to 200"),
     ("lime", {"feature_mask": torch.rand(1, 1, 8, 8)}, InputTypeError, "feature_mask must be an integer tensor"),
     ("lime", {"feature_mask": INTS, "patch": 2}, InputError, "give feature_mask= or patch="),
     ("occlusion", {"sliding_window_shapes": (0, 0, 0)}, InputError, "each of sliding_window_shapes must be an integer"),
@@ -117,6 +126,24 @@ def test_a_bad_option_is_one_clear_line_before_captum_runs(monkeypatch, method, 
 
 def test_every_option_of_every_method_has_a_check():
     assert {name for names in OPTIONS.values() for name in names} == set(attribution_options._CHECKS)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.int8, torch.int16, torch.int32, torch.uint8, torch.uint16, torch.uint32, torch.uint64]
+)
+@pytest.mark.parametrize("method", ["kernel_shap", "lime"])
+def test_a_feature_mask_of_any_integer_dtype_explains_as_its_int64_ids_do(method, dtype):
+    mask = feature_mask(X, 4)
+    torch.manual_seed(1)
+    expected = attribute(image_net(), X, method, n_samples=8, feature_mask=mask).values
+    torch.manual_seed(1)
+    assert torch.equal(attribute(image_net(), X, method, n_samples=8, feature_mask=mask.to(dtype)).values, expected)
+
+
+@pytest.mark.parametrize("stdevs", [np.float32(0.25), np.float64(0.25), torch.tensor(0.25), np.int64(1), 1])
+def test_stdevs_given_as_any_real_number_reaches_captum_as_the_float_it_asserts(stdevs):
+    assert type(check_options("gradient_shap", X, {"stdevs": stdevs})["stdevs"]) is float
+    assert attribute(image_net(), X, "gradient_shap", n_samples=3, stdevs=stdevs).values.shape == X.shape
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -164,7 +165,26 @@ def test_every_datatype_answers_as_float32_of_the_same_numbers_through_the_proto
 def test_uint64_above_the_largest_int64_is_a_400_naming_it_through_the_protocol_and_uploads():
     values = np.full((1, 1, 8, 8), 2**64 - 1, dtype=np.uint64)
     for status, body in served([infer("UINT64", values, False), infer("UINT64", values, True), upload(values)]):
-        assert status == 400 and f"uint64 input holds 64 value(s) above {INT64_MAX}" in json.loads(body)["error"]
+        assert status == 400 and f"holds 64 value(s) above {INT64_MAX}" in json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("elements_at_once", [64, 2**20])  # one sample at a time, or all
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_a_uint64_npy_file_is_refused_counting_its_values_as_the_predictor_counts_the_array(
+    tmp_path, monkeypatch, predictor, elements_at_once, order
+):
+    """Not the count of the first sample holding one: trainfer predict and /predict read a file a sample at a time."""
+    monkeypatch.setattr("trainfer.serve.preprocess._ELEMENTS_AT_ONCE", elements_at_once)
+    values = np.zeros((5, 1, 8, 8), dtype=np.dtype(f"{order}u8"))
+    values[1, 0, 0, :2], values[4, 0, 3, 3] = (2**63, 2**63 + 7), 2**64 - 2
+    counted = f"holds 3 value(s) above {INT64_MAX} (2**63 - 1, the largest int64), the largest {2**64 - 2}: "
+    with pytest.raises(InputError, match=re.escape(counted)):
+        predictor.predict(values)
+    np.save(tmp_path / "u64.npy", values)
+    refused = CliRunner().invoke(main, ["predict", str(BUNDLE), str(tmp_path / "u64.npy")])
+    assert refused.exit_code == 2 and f"uint64 file {str(tmp_path / 'u64.npy')!r} {counted}" in refused.output
+    [(status, body)] = served([upload(values)])
+    assert status == 400 and f"uint64 file 'x.npy' {counted}" in json.loads(body)["error"]
 
 
 # -- the command line and the gates ----------------------------------------------------------------

@@ -135,7 +135,17 @@ def hasty_connection():
 
 def test_the_hooks_it_overrides_are_uvicorn_httptools_methods():
     overridden = {name for name in vars(BoundedHeadersProtocol) if not name.startswith("__")}
-    own = {"refuse", "_write_answer", "_stop", "_answering", "_check_head_time", "_linger", "_drop", "_closing"}
+    own = {
+        "refuse",
+        "_write_answer",
+        "_stop",
+        "_answering",
+        "_check_head_time",
+        "_linger",
+        "_drop",
+        "_closing",
+        "_parse",
+    }
     hooks = overridden - own
     assert hooks == {
         "connection_made",
@@ -341,6 +351,25 @@ def test_keep_alive_and_pipelined_requests_are_served(server):
         client.sendall(requests * 20)  # pipelined: 60 requests in one send, some near the limit
         statuses = [read_response(stream)[0] for _ in range(60)]
     assert statuses == [200] * 60
+
+
+#: The headers of a request asking to upgrade to a WebSocket, and to HTTP/2 (h2c): no protocol is switched.
+UPGRADES = [
+    b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+    b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n",
+]
+
+
+@pytest.mark.parametrize("upgrade", UPGRADES)
+def test_requests_pipelined_after_one_asking_to_upgrade_are_answered(server, upgrade):
+    """Attacker round 9: the request asking to upgrade was answered as plain HTTP, and those pipelined after it
+    in the same read were dropped, unanswered until the connection timed out (5 s here, the socket's 30 s)."""
+    asking = head(100).removesuffix(b"\r\n") + upgrade + b"\r\n"
+    last = head(100, "/v2/models").removesuffix(b"\r\n\r\n") + b"\r\nConnection: close\r\n\r\n"
+    responses, after = exchange(server, asking + head(100, "/v2/health/ready") + asking + last, answers=4)
+    assert [status for status, _ in responses] == [200] * 4 and after == b""
+    assert b"models" in responses[3][1]
 
 
 def resident_mb(pid: int) -> float:

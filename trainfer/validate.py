@@ -63,11 +63,15 @@ def check_integer(
 
 
 def check_number(name: str, value: Any, *, low: float, high: float) -> float:
-    """``value`` as a finite ``float`` in ``[low, high]`` (``bool`` and strings are not numbers)."""
+    """``value`` as a finite ``float`` in ``[low, high]`` (``bool``, strings and arrays of several
+    elements are not numbers; numpy scalars and one-element tensors are)."""
     expected = f"a number in [{low:g}, {high:g}]"
     if isinstance(value, bool | str | bytes) or not hasattr(value, "__float__"):
         raise InputTypeError(f"{name} must be {expected}; got {given(value)}")
-    number = float(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):  # several elements; a meta tensor holds no value
+        raise InputTypeError(f"{name} must be {expected}; got {given(value)}") from None
     if not (math.isfinite(number) and low <= number <= high):
         raise InputError(f"{name} must be {expected}; got {number!r}")
     return number

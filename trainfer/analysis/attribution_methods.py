@@ -205,7 +205,7 @@ def attribute(
         raise InputError(f"method must be one of {list(METHODS)}; got {method!r}")
     if not isinstance(batch, Tensor) or not batch.is_floating_point() or batch.dim() < 2:
         raise InputTypeError(f"expected a preprocessed floating-point batch (N, ...); got {_describe(batch)}")
-    check_options(method, batch, options)
+    options = check_options(method, batch, options)
     if torch.is_inference_mode_enabled():
         raise ModeError(
             "explanations need gradients, and torch.inference_mode() forbids them: call explain() outside "

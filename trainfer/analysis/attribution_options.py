@@ -67,17 +67,23 @@ __all__ = [
 ]
 
 
-def check_options(method: str, batch: Tensor, options: dict[str, Any]) -> None:
-    """Refuse an option ``method`` does not take, or a value it cannot run with, for the preprocessed ``batch``."""
+def check_options(method: str, batch: Tensor, options: dict[str, Any]) -> dict[str, Any]:
+    """Refuse an option ``method`` does not take, or a value it cannot run with, for the preprocessed ``batch``.
+
+    Returns the options as Captum takes them (:data:`_CONVERSIONS`): a feature mask of any integer
+    dtype as int64, ``stdevs`` (a numpy scalar, a one-element tensor) as a ``float``; both exact.
+    """
     check_keywords(f"explanation method {method!r}", options, OPTIONS[method])
     if "patch" in options and "feature_mask" in options:
         raise InputError("give feature_mask= or patch= (which makes square-patch features), not both")
     for name, value in options.items():
         _CHECKS[name](name, value, method, batch)
+    options = {name: _CONVERSIONS[name](value) if name in _CONVERSIONS else value for name, value in options.items()}
     if method == "occlusion":
         _check_strides_fit(options, tuple(batch.shape[1:]))
     if method in ("kernel_shap", "lime"):
         _check_two_features(method, batch, options)
+    return options
 
 
 def most_examples_at_once(method: str, sample: tuple[int, ...], options: dict[str, Any]) -> int:
@@ -198,9 +204,25 @@ def _feature_mask(name: str, value: Any, method: str, batch: Tensor) -> None:
         raise InputError(f"{name} must be {expected}; got shape {tuple(value.shape)}")
     _check_like_inputs(name, value, batch, same_dtype=False)
     elements = math.prod(batch.shape[1:])
-    if value.numel() and (int(value.min()) < 0 or int(value.max()) >= elements):
-        low, high = int(value.min()), int(value.max())
+    low, high = _id_range(value)
+    if low < 0 or high >= elements:
         raise InputError(f"{name} must hold feature ids in [0, {elements - 1}]; got ids from {low} to {high}")
+
+
+def _id_range(mask: Tensor) -> tuple[int, int]:
+    """The least and greatest id of an integer ``mask`` ((0, 0) when empty), whatever its integer dtype.
+
+    Read as int64, which torch's ``min``/``max`` take for every dtype: exact, but for uint64 ids of
+    2**63 and above, which wrap negative and are read back here as the unsigned values they are.
+    """
+    ids = mask.to(torch.int64)
+    if not ids.numel():
+        return 0, 0
+    if mask.dtype != torch.uint64 or int(ids.min()) >= 0:
+        return int(ids.min()), int(ids.max())
+    wrapped, unwrapped = ids[ids < 0], ids[ids >= 0]
+    low = int(unwrapped.min()) if unwrapped.numel() else int(wrapped.min()) + 2**64
+    return low, int(wrapped.max()) + 2**64
 
 
 def _window(name: str, value: Any, sample: tuple[int, ...], scalar: bool = True) -> tuple[int, ...]:
@@ -267,6 +289,11 @@ def _described(value: Any) -> str:
         return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
     return given(value)
 
+
+#: The checked options Captum needs in another type, and the exact conversion to it: Captum indexes
+#: with the feature mask (int8, int16 and uint8 indices mean other things to torch) and asserts that
+#: ``stdevs`` is a ``float``.
+_CONVERSIONS: dict[str, Callable[[Any], Any]] = {"feature_mask": lambda mask: mask.to(torch.int64), "stdevs": float}
 
 _CHECKS: dict[str, Callable[[str, Any, str, Tensor], None]] = {
     "n_steps": _n_steps,

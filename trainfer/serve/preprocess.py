@@ -25,6 +25,7 @@ by :meth:`PreprocessSpec.unscale_target`: ``t = t' * target_std + target_mean``.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
@@ -37,7 +38,7 @@ from torch import Tensor
 from trainfer.errors import InputError, InputTypeError, NonFiniteError
 from trainfer.numerics import all_finite_array, numpy_view
 
-__all__ = ["PreprocessSpec", "as_signed", "as_tensor", "check_numeric"]
+__all__ = ["PreprocessSpec", "as_signed", "as_tensor", "check_numeric", "check_uint64_array"]
 
 
 def _floats(values: Any) -> tuple[float, ...] | None:
@@ -324,6 +325,8 @@ def as_tensor(value: Any) -> Tensor:
 #: implemented for them, so :func:`as_tensor` gives their values as int64.
 _WIDE_UNSIGNED = frozenset({torch.uint16, torch.uint32, torch.uint64})
 _INT64_MAX = torch.iinfo(torch.int64).max
+#: The most elements :func:`check_uint64_array` reads at once (8 MiB of uint64).
+_ELEMENTS_AT_ONCE = 2**20
 
 
 def as_signed(tensor: Tensor) -> Tensor:
@@ -336,13 +339,34 @@ def as_signed(tensor: Tensor) -> Tensor:
         wrapped = tensor.view(torch.int64)  # the same bits: values above 2**63 - 1 read negative
         negative = wrapped < 0
         if bool(negative.any()):
-            largest = int(wrapped[negative].max()) + 2**64
-            raise InputError(
-                f"uint64 input holds {int(negative.sum())} value(s) above {_INT64_MAX} (2**63 - 1, the largest "
-                f"int64), the largest {largest}: expected integers up to {_INT64_MAX}, or float input"
-            )
+            raise _beyond_int64("uint64 input", int(negative.sum()), int(wrapped[negative].max()) + 2**64)
         return wrapped  # shares the input's memory, as every tensor as_tensor gives may
     return tensor.to(torch.int64)
+
+
+def check_uint64_array(array: np.ndarray, what: str) -> None:
+    """Refuse a uint64 ``array`` (``what`` names it) holding values above 2**63 - 1 as :func:`as_signed`
+    refuses it, counting them in the whole array. Read a few samples at a time, so a memory-mapped
+    file is never held whole: a file read a sample at a time is refused with its own count, not the
+    count of the first sample that holds one."""
+    if array.dtype.kind != "u" or array.dtype.itemsize != 8:
+        return
+    rows = max(1, _ELEMENTS_AT_ONCE // max(1, math.prod(array.shape[1:])))
+    count, largest = 0, 0
+    for start in range(0, len(array), rows):
+        chunk = array[start : start + rows]
+        beyond = chunk[chunk > _INT64_MAX]
+        if beyond.size:
+            count, largest = count + beyond.size, max(largest, int(beyond.max()))
+    if count:
+        raise _beyond_int64(what, count, largest)
+
+
+def _beyond_int64(what: str, count: int, largest: int) -> InputError:
+    return InputError(
+        f"{what} holds {count} value(s) above {_INT64_MAX} (2**63 - 1, the largest int64), the largest "
+        f"{largest}: expected integers up to {_INT64_MAX}, or float input"
+    )
 
 
 def check_numeric(dtype: np.dtype, what: str) -> None:

@@ -25,7 +25,7 @@ from torch import Tensor
 from trainfer.errors import InputError, MissingFileError
 from trainfer.number_text import NumberTextError, parse_floats
 from trainfer.serve.image_steps import WALKS, tiff_values
-from trainfer.serve.preprocess import PreprocessSpec, as_tensor, check_numeric
+from trainfer.serve.preprocess import PreprocessSpec, as_tensor, check_numeric, check_uint64_array
 
 #: The image files trainfer reads, by suffix, and the Pillow format each is decoded as. Decoding is
 #: limited to these formats whatever a file's name says (Pillow picks a format from the bytes): an
@@ -162,7 +162,8 @@ def read_npy(path: Path, spec: PreprocessSpec, mmap: bool = False) -> np.ndarray
 def npy_samples(array: np.ndarray, name: str, spec: PreprocessSpec) -> np.ndarray:
     """``array`` (read from the ``.npy`` file ``name``) as a batch: numbers only, one sample of
     ``spec.input_shape`` gains its batch dimension; a 0-d array, no samples or samples of another
-    shape than ``spec.input_shape`` is an :class:`InputError` naming the file and the array's shape."""
+    shape than ``spec.input_shape`` is an :class:`InputError` naming the file and the array's shape,
+    as are uint64 values above 2**63 - 1 (:func:`~trainfer.serve.preprocess.check_uint64_array`)."""
     check_numeric(array.dtype, f"cannot read {name!r}: wrong dtype")
     expected = f"a batch (N, {', '.join(map(str, spec.input_shape))}) or one sample" if spec.input_shape else "a batch"
     if array.ndim == 0:
@@ -175,6 +176,7 @@ def npy_samples(array: np.ndarray, name: str, spec: PreprocessSpec) -> np.ndarra
         spec._check_shape(array)  # type: ignore[arg-type]  # reads only ``.shape``
     except InputError as error:
         raise InputError(f"{name!r} holds an array of shape {array.shape}: {error}") from None
+    check_uint64_array(array, f"uint64 file {name!r}")  # whole: its samples are read one at a time
     return array
 
 

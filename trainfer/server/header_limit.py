@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from typing import Any, NoReturn
 
+import httptools
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -103,6 +105,7 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None  # then, refused, the timer that ends the linger
         self._lingering = False  # refused: what arrives is read and dropped until the connection closes
         self._dropped = 0
+        self._after_upgrade: int | None = None  # where a request asking to upgrade ended in the data parsed
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         HttpToolsProtocol.connection_made(self, transport)
@@ -122,10 +125,22 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
             self._drop(data)
             return
         self._reported = False
-        HttpToolsProtocol.data_received(self, data)
+        self._parse(data)
         self._unreported = 0 if self._reported else self._unreported + len(data)
         if self._counted + self._unreported > MAX_HEADER_BYTES and not self._closing():
             self.refuse(431, _too_many_bytes())
+
+    def _parse(self, data: bytes) -> None:
+        """uvicorn's parsing of ``data``, and of what follows a request asking to upgrade in it.
+
+        httptools stops at the end of such a request (``HttpParserUpgrade``); uvicorn, which switches
+        no protocol here, answers it as plain HTTP but dropped the rest of ``data``: a request pipelined
+        after it went unanswered until the connection timed out. Not switching, the connection stays
+        HTTP/1.1 (RFC 9110, 7.8), so the rest is parsed as the next requests (httptools parses on)."""
+        HttpToolsProtocol.data_received(self, data)
+        while self._after_upgrade is not None and not self._closing():
+            data, self._after_upgrade = data[self._after_upgrade :], None
+            HttpToolsProtocol.data_received(self, data)
 
     def on_message_begin(self) -> None:
         if self._head_began is None:  # else the connection's first request, timed from its opening
@@ -195,8 +210,13 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
 
     def _unsupported_upgrade_warning(self) -> None:
         """uvicorn's warning for an ``Upgrade`` request it does not switch, without its advice to install a
-        WebSocket library: trainfer serves no WebSocket (``ws="none"``) and answers such a request as plain HTTP."""
+        WebSocket library: trainfer serves no WebSocket (``ws="none"``) and answers such a request as plain HTTP.
+
+        uvicorn calls it handling httptools' ``HttpParserUpgrade``, whose argument is where the request
+        ended in the data being parsed: kept for :meth:`_parse`, which parses on from there."""
         logger.warning("%s: unsupported upgrade request, answered as plain HTTP", _client(self.client))
+        upgrade = sys.exc_info()[1]
+        self._after_upgrade = upgrade.args[0] if isinstance(upgrade, httptools.HttpParserUpgrade) else None
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         """uvicorn's start of a request's app, but its own 503 past ``limit_concurrency`` (an app of its
