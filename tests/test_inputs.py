@@ -712,3 +712,27 @@ def test_a_jpeg_of_more_scans_than_max_jpeg_scans_is_refused_and_a_progressive_o
         load_image(repeated, spec)
     with pytest.raises(InputError, match=message):
         load_image(io.BytesIO(repeated.read_bytes()), spec)  # an upload in memory
+
+
+def test_npy_headers_are_parsed_one_at_a_time(tmp_path, monkeypatch):
+    """numpy parses a .npy header with ast.literal_eval, which CPython 3.11 cannot run in two threads at once
+    (gh-106905: a /predict run in CI answered 500 with "AST constructor recursion depth mismatch"): the header
+    check and the load each parse under one lock, and never hold it while anything else runs."""
+    from trainfer.serve import readers
+
+    class Recording:
+        def __init__(self):
+            self.entered = 0
+
+        def __enter__(self):
+            self.entered += 1
+
+        def __exit__(self, *error):
+            return False
+
+    lock = Recording()
+    monkeypatch.setattr(readers, "_NPY_HEADER_LOCK", lock)
+    np.save(tmp_path / "x.npy", np.zeros((2, 1, 8, 8), np.float32))
+    spec = trainfer.PreprocessSpec(input_shape=(1, 8, 8))
+    assert readers.read_npy(tmp_path / "x.npy", spec).shape == (2, 1, 8, 8)
+    assert lock.entered == 2  # the header check's parse and np.load's

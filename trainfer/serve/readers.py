@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -152,11 +153,25 @@ def read_npy(path: Path, spec: PreprocessSpec, mmap: bool = False) -> np.ndarray
     name = str(path)
     with open(path, "rb") as handle:
         check_npy_header(handle, name, os.fstat(handle.fileno()).st_size, mmap)
+    return npy_samples(load_checked_npy(path, name, mmap), name, spec)
+
+
+#: Held while numpy parses a ``.npy`` header: it reads the header's dict with ``ast.literal_eval``, and CPython
+#: 3.11's compiler keeps its AST recursion depth in state every thread shares, so two parses at once can fail
+#: with ``SystemError: AST constructor recursion depth mismatch`` (CPython gh-106905; met by two ``/predict``
+#: uploads decoded on two threads). The lock makes one header parse at a time, a few microseconds each.
+_NPY_HEADER_LOCK = threading.Lock()
+
+
+def load_checked_npy(source: str | os.PathLike[str] | BinaryIO, name: str, mmap: bool = False) -> np.ndarray:
+    """``np.load`` of the ``.npy`` file or bytes ``source`` whose header :func:`check_npy_header` passed (never
+    unpickled; memory-mapped if ``mmap``), one header parse at a time (:data:`_NPY_HEADER_LOCK`); a file numpy
+    cannot read is an :class:`InputError` naming ``name``."""
     try:
-        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        with _NPY_HEADER_LOCK:
+            return np.load(source, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
         raise InputError(f"cannot read {name!r} as a .npy array: {error or 'truncated file'}") from None
-    return npy_samples(array, name, spec)
 
 
 def npy_samples(array: np.ndarray, name: str, spec: PreprocessSpec) -> np.ndarray:
@@ -198,7 +213,8 @@ def check_npy_header(handle: BinaryIO, name: str, size: int, mmap: bool = False)
     if version not in read_header:
         raise InputError(f"cannot read {name!r} as a .npy array: format version {version}, expected (1, 0)/(2, 0)")
     try:
-        shape, _, dtype = read_header[version](handle)
+        with _NPY_HEADER_LOCK:
+            shape, _, dtype = read_header[version](handle)
     except (ValueError, OSError, EOFError, SyntaxError):  # numpy's message may quote the parsed header's objects
         raise _malformed_header(name) from None
     if any(type(dimension) is not int for dimension in shape):  # numpy takes True for 1 (bool is an int)

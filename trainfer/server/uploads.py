@@ -15,7 +15,6 @@ import io
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from trainfer.errors import InputError
@@ -26,6 +25,7 @@ from trainfer.serve.readers import (
     check_csv_fits,
     check_npy_header,
     column_indices,
+    load_checked_npy,
     load_image,
     npy_samples,
     parse_row,
@@ -77,11 +77,7 @@ def _npy(data: bytes, name: str, spec: PreprocessSpec) -> list[tuple[str, Any]]:
     """One raw sample per row of the ``.npy`` array in ``data`` (never unpickled; its header checked
     against the bytes present before any array is built, as ``trainfer predict`` checks a file)."""
     check_npy_header(io.BytesIO(data), name, len(data))
-    try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise InputError(f"cannot read {name!r} as a .npy array: {error or 'truncated file'}") from None
-    array = npy_samples(array, name, spec)  # the checks trainfer predict applies to a .npy file
+    array = npy_samples(load_checked_npy(io.BytesIO(data), name), name, spec)  # as trainfer predict checks a file
     return [(f"{name}[{i}]", array[i : i + 1]) for i in range(len(array))]
 
 
