@@ -435,18 +435,9 @@ def _journals_by_stem(directory: Path) -> dict[str, list[str]]:
     return found
 
 
-def _journal_names(target: Path) -> list[str]:
-    """The names beside ``target`` that start and end as a journal of a write of it, listed now."""
-    prefix = f".{_stem(target.name)}.trainfer-"
-    try:
-        return [name for name in os.listdir(target.parent) if name.startswith(prefix) and name.endswith(".journal")]
-    except OSError:
-        return []
-
-
 def _dead_journals(target: Path, leftovers: Leftovers | None = None) -> list[_Journal]:
     """The proven journals of dead writers of ``target`` (``leftovers``: as that listing found them)."""
-    names = leftovers.journal_names(target) if leftovers is not None else _journal_names(target)
+    names = (leftovers or Leftovers()).journal_names(target)  # without one, the directory is listed now
     journals = (_Journal.read(target.parent / name, target) for name in names)
     return [journal for journal in journals if journal is not None and journal.dead()]
 
