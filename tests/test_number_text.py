@@ -15,9 +15,11 @@ import pytest
 
 from trainfer.errors import InputError
 from trainfer.number_text import (
+    EXPECTED_DIGITS,
     EXPECTED_FLOAT,
     EXPECTED_INTEGER,
     NumberTextError,
+    parse_digits,
     parse_float,
     parse_floats,
     parse_integer,
@@ -115,6 +117,8 @@ SIZE = str(len(ONE))
 #: The header's length in Arabic-Indic and full-width digits, with an underscore, in hexadecimal.
 LENGTHS = [SIZE.translate(str.maketrans("0123456789", digits)) for digits in ("٠١٢٣٤٥٦٧٨٩", "０１２３４５６７８９")]
 LENGTHS += [f"{SIZE[0]}_{SIZE[1:]}", hex(len(ONE))]
+#: ... and with a sign or spaces, which :func:`parse_integer` reads (the query's integers never took them).
+LENGTHS += [f"+{SIZE}", f" {SIZE} ", f"{SIZE} ", f"\t{SIZE}", f"0{SIZE}.0", "-0"]
 
 
 @pytest.mark.parametrize("length", LENGTHS)
@@ -122,10 +126,49 @@ def test_the_header_length_is_an_integer_in_ascii_digits(length):
     with pytest.raises(InputError) as refused:
         decode_request(ONE, length.encode().decode("latin-1"))  # as the server decodes a header's bytes
     message = str(refused.value)
-    assert (
-        message.startswith(f"Inference-Header-Content-Length must be {EXPECTED_INTEGER}; got '") and message.isascii()
-    )
+    assert message.startswith(f"Inference-Header-Content-Length must be {EXPECTED_DIGITS}; got '") and message.isascii()
     assert decode_request(ONE, str(len(ONE))).inputs["x"].tolist() == [1.0]
+
+
+@pytest.mark.parametrize("text", ["0", "7", "007", "9" * 18])
+def test_parse_digits_reads_ascii_digits_as_int_reads_them(text):
+    assert parse_digits(text) == int(text)
+
+
+@pytest.mark.parametrize("text", ["", "+1", "-1", " 1", "1 ", "1_0", "1.0", "1e1", "٢", "１", "9" * 19])
+def test_parse_digits_refuses_anything_but_one_to_eighteen_ascii_digits(text):
+    with pytest.raises(NumberTextError, match=r"expected a whole number written with the digits 0-9 only"):
+        parse_digits(text)
+
+
+@pytest.mark.parametrize("prefix, suffix", [("+", ""), (" ", " "), ("", " "), ("00", ""), ("", "")])
+def test_the_header_with_a_sign_or_spaces_is_a_400_as_a_query_integer_is(prefix, suffix):
+    """``+115`` and `` 115 `` were read as 115 (the CLI's integer rule) while ``top_k=+1`` is a 400:
+    the header takes the query's rule, ASCII digits only; leading zeros are digits, so taken."""
+    pytest.importorskip("fastapi")
+    import asyncio
+
+    from test_server_units import _digits_app, _ready, asgi_request
+
+    app = _digits_app()
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0] * 64}]})
+    length = f"{prefix}{len(body)}{suffix}"
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            await _ready(app)
+            headers = ((b"inference-header-content-length", length.encode()),)
+            return await asgi_request(app, "/v2/models/digits/infer", "POST", body.encode(), headers)
+
+    status, _, answer = asyncio.run(main())
+    if prefix.isdigit() or prefix == suffix == "":
+        assert status == 200, answer
+        return
+    assert (status, json.loads(answer)) == (
+        400,
+        {"error": f"Inference-Header-Content-Length must be {EXPECTED_DIGITS}; got {length!r}"},
+    )
+    assert b"\n" not in answer.strip()
 
 
 def test_the_header_given_twice_with_different_values_is_a_400():

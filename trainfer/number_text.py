@@ -8,6 +8,10 @@ after reading decides whether a non-finite value is taken); ASCII spaces around 
 underscores (``"1_0"`` is 10) and non-ASCII spaces (``"1\\xa0"``): a typo such as ``--max-body-mb 1_6`` or
 a CSV cell ``1_000`` would be read as another number than the one meant, so they are refused.
 
+A count a request gives (a query parameter such as ``top_k``, the ``Inference-Header-Content-Length``
+header) is stricter, :func:`parse_digits`: the digits ``0-9`` only, at most :data:`MAX_DIGITS` of them; no
+sign, no spaces (``+1`` and `` 1 `` are refused).
+
 For ASCII text without an underscore, ``float()`` and ``int()`` accept exactly this rule, so the check is
 two C calls (``str.isascii`` and a search for ``_``), not a regular expression: :func:`parse_floats` checks a
 CSV row's joined text once, then calls ``float()`` on each cell (a regular expression per cell cost four times
@@ -20,12 +24,30 @@ from collections.abc import Sequence
 
 from trainfer.errors import InputError
 
-__all__ = ["EXPECTED_FLOAT", "EXPECTED_INTEGER", "NumberTextError", "parse_float", "parse_floats", "parse_integer"]
+__all__ = [
+    "EXPECTED_DIGITS",
+    "EXPECTED_FLOAT",
+    "EXPECTED_INTEGER",
+    "MAX_DIGITS",
+    "NumberTextError",
+    "parse_digits",
+    "parse_float",
+    "parse_floats",
+    "parse_integer",
+]
+
+#: The most digits :func:`parse_digits` reads (every count a request gives is far smaller).
+MAX_DIGITS = 18
 
 #: What a real number must look like, as error messages say it.
 EXPECTED_FLOAT = "a number written in ASCII (digits 0-9, an optional sign, point and exponent; no underscores)"
 #: What an integer must look like, as error messages say it.
 EXPECTED_INTEGER = "an integer written in ASCII digits (0-9, an optional sign; no underscores)"
+#: What a count given by a request must look like, as error messages say it.
+EXPECTED_DIGITS = (
+    "a whole number written with the digits 0-9 only "
+    f"(no sign, point, underscore or space; at most {MAX_DIGITS} digits)"
+)
 
 
 class NumberTextError(InputError):
@@ -51,6 +73,14 @@ def parse_integer(text: str) -> int:
         except ValueError:
             pass
     raise NumberTextError(f"expected {EXPECTED_INTEGER}; got {ascii(text)}")
+
+
+def parse_digits(text: str) -> int:
+    """``text`` as an ``int`` when it is 1 to :data:`MAX_DIGITS` ASCII digits ``0-9`` and nothing else;
+    else :class:`NumberTextError` naming what was given."""
+    if text.isascii() and text.isdigit() and len(text) <= MAX_DIGITS:
+        return int(text)
+    raise NumberTextError(f"expected {EXPECTED_DIGITS}; got {ascii(text)}")
 
 
 def parse_float(text: str) -> float:

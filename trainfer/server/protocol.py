@@ -27,7 +27,7 @@ import orjson
 
 from trainfer.errors import InputError
 from trainfer.jsonfile import unique_keys
-from trainfer.number_text import EXPECTED_INTEGER, parse_integer
+from trainfer.number_text import EXPECTED_DIGITS, parse_digits
 
 #: The protocol's datatypes this server writes, as numpy dtypes (little-endian).
 DATATYPES: dict[str, np.dtype[Any]] = {
@@ -116,15 +116,16 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
 
 
 def _header_size(header_length: str | None, total: int) -> int:
-    """The JSON header's bytes: ``header_length`` (the header's value, decoded as latin-1; an integer as
-    :func:`trainfer.number_text.parse_integer` reads it, so ``1_15`` is refused), or the whole body."""
+    """The JSON header's bytes: ``header_length`` (the header's value, decoded as latin-1; a count as
+    :func:`trainfer.number_text.parse_digits` reads it, the query's integers' rule, so ``1_15``, ``+115``
+    and `` 115 `` are refused), or the whole body."""
     if header_length is None:
         return total
     try:
-        size = parse_integer(header_length)
+        size = parse_digits(header_length)
     except ValueError:  # its bytes shown escaped (ascii), never as latin-1 mojibake
         raise InputError(
-            f"Inference-Header-Content-Length must be {EXPECTED_INTEGER}; got {ascii(header_length[:40])}"
+            f"Inference-Header-Content-Length must be {EXPECTED_DIGITS}; got {ascii(header_length[:40])}"
         ) from None
     if not 0 < size <= total:
         raise InputError(f"Inference-Header-Content-Length {size} does not fit a body of {total} bytes")

@@ -1,9 +1,10 @@
 """The query parameters of the file endpoints (``/predict``, ``/explain``), read strictly.
 
 A parameter given twice is refused (``target=1&target=2`` silently meant 2), and an integer is a
-plain ASCII decimal (``1_0``, read by Python's ``int`` as 10, and ``1.0``, ``+1``, `` 1`` were
-taken as integers): each a 400 naming the parameter and the value. Parameters these endpoints do
-not take are ignored, as before. The same declarations give the routes' OpenAPI entries.
+plain ASCII decimal, as :func:`trainfer.number_text.parse_digits` reads it (``1_0``, read by
+Python's ``int`` as 10, and ``1.0``, ``+1``, `` 1`` were taken as integers): each a 400 naming
+the parameter and the value. Parameters these endpoints do not take are ignored, as before. The
+same declarations give the routes' OpenAPI entries.
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ from urllib.parse import parse_qsl
 from starlette.types import Scope
 
 from trainfer.errors import InputError
+from trainfer.number_text import EXPECTED_DIGITS, parse_digits
 
 __all__ = ["EXPLAIN", "PREDICT", "Parameter", "openapi_parameters", "read_query"]
-
-#: The most digits an integer parameter may have (every count these endpoints take is far smaller).
-MAX_DIGITS = 18
 
 
 @dataclass(frozen=True)
@@ -57,12 +56,10 @@ def read_query(scope: Scope, parameters: tuple[Parameter, ...]) -> dict[str, Any
 def _value(parameter: Parameter, text: str) -> Any:
     if not parameter.integer:
         return text
-    if not (text.isascii() and text.isdigit() and len(text) <= MAX_DIGITS):
-        raise InputError(
-            f"query parameter {parameter.name}={text!r}: expected a whole number written with the digits 0-9 "
-            f"only (no sign, point, underscore or space; at most {MAX_DIGITS} digits)"
-        )
-    return int(text)
+    try:
+        return parse_digits(text)
+    except ValueError:
+        raise InputError(f"query parameter {parameter.name}={text!r}: expected {EXPECTED_DIGITS}") from None
 
 
 def openapi_parameters(parameters: tuple[Parameter, ...]) -> dict[str, Any]:
