@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -173,3 +174,54 @@ def test_ctc_greedy_still_takes_any_monotone_scores():
     """Best path needs only the order of the scores: logits are fine there (documented)."""
     logits = torch.randn(2, 6, 5)
     assert decoding.ctc_greedy(logits) == decoding.ctc_greedy(logits.log_softmax(2))
+
+
+INTEGER_DTYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    dtype=st.sampled_from([*INTEGER_DTYPES, "bool"]),
+    library=st.sampled_from(["numpy", "torch"]),
+    frames=st.integers(1, 6),
+    data=st.data(),
+)
+def test_lengths_of_every_integer_dtype_are_their_values_or_refused_in_one_line(dtype, library, frames, data):
+    """uint16/32/64 lengths raised torch's bare ``"lt_cpu" not implemented for 'UInt64'``: every integer
+    dtype now gives its values (a uint64 above 2**63 - 1 refused as out of range, naming it), and
+    booleans are refused as no frame counts."""
+    low, high = (0, 1) if dtype == "bool" else (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
+    value = st.one_of(st.integers(max(low, 0), min(high, 7)), st.integers(low, high))  # often a frame count
+    values = data.draw(st.lists(value, min_size=2, max_size=2))
+    array = np.array(values, dtype=dtype)
+    lengths = array if library == "numpy" else torch.from_numpy(array)
+    log_probs = torch.randn(2, frames, 3).log_softmax(2)
+    if dtype == "bool":
+        with pytest.raises(DecodingError, match=r"^lengths must be 2 integers, got shape \(2,\) torch.bool$"):
+            decoding.ctc_greedy(log_probs, lengths=lengths)
+    elif all(0 <= v <= frames for v in values):
+        expected = decoding.ctc_greedy(log_probs, lengths=torch.tensor(values))
+        assert decoding.ctc_greedy(log_probs, lengths=lengths) == expected
+        assert decoding.ctc_beam_search(log_probs, lengths=lengths) == decoding.ctc_beam_search(
+            log_probs, lengths=torch.tensor(values)
+        )
+    else:
+        with pytest.raises(DecodingError) as refused:
+            decoding.ctc_greedy(log_probs, lengths=lengths)
+        assert str(refused.value) == f"lengths must be in [0, {frames}], got {values}"
+
+
+@pytest.mark.parametrize(
+    ("lengths", "message"),
+    [
+        ([3, 2**64], "lengths must be 2 integers, got list [3, 18446744073709551616]"),
+        ([[1], [2, 3]], "lengths must be 2 integers, got list [[1], [2, 3]]"),
+        ("ab", "lengths must be 2 integers, got str 'ab'"),
+        ([1.0, 2.0], "lengths must be 2 integers, got shape (2,) torch.float32"),
+        (np.array([3, 2**63], dtype=np.uint64), f"lengths must be in [0, 4], got [3, {2**63}]"),
+    ],
+)
+def test_lengths_torch_cannot_read_as_integers_are_refused_in_one_line(lengths, message):
+    with pytest.raises(DecodingError) as refused:
+        decoding.ctc_greedy(torch.randn(2, 4, 3).log_softmax(2), lengths=lengths)
+    assert str(refused.value) == message

@@ -174,7 +174,7 @@ def test_a_uint64_npy_file_is_refused_counting_its_values_as_the_predictor_count
     tmp_path, monkeypatch, predictor, elements_at_once, order
 ):
     """Not the count of the first sample holding one: trainfer predict and /predict read a file a sample at a time."""
-    monkeypatch.setattr("trainfer.serve.preprocess._ELEMENTS_AT_ONCE", elements_at_once)
+    monkeypatch.setattr("trainfer.integers._ELEMENTS_AT_ONCE", elements_at_once)
     values = np.zeros((5, 1, 8, 8), dtype=np.dtype(f"{order}u8"))
     values[1, 0, 0, :2], values[4, 0, 3, 3] = (2**63, 2**63 + 7), 2**64 - 2
     counted = f"holds 3 value(s) above {INT64_MAX} (2**63 - 1, the largest int64), the largest {2**64 - 2}: "

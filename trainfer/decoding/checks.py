@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import reprlib
 from typing import NoReturn
 
 import torch
 
-from trainfer.errors import DecodingError
+from trainfer.errors import DecodingError, InputError
+from trainfer.integers import as_signed
 
 MAX_BEAM_WIDTH = 1024
 """The widest beam any decoder accepts (wider is refused as a mistake, not silently slow)."""
@@ -110,15 +112,29 @@ def refuse_not_log_probs(what: str) -> NoReturn:
 
 
 def check_lengths(lengths: object, batch: int, frames: int) -> torch.Tensor:
-    """Per-item frame counts in ``[0, frames]`` (None: every item uses all frames), as int64."""
+    """Per-item frame counts in ``[0, frames]`` (None: every item uses all frames), as int64.
+
+    ``lengths`` is a tensor, NumPy array or sequence of ``batch`` integers of any integer dtype: the
+    unsigned ones torch barely supports (uint16, uint32, uint64) are read as the same values
+    (:func:`trainfer.integers.as_signed`); booleans, floats, anything torch cannot read as numbers
+    and a value outside ``[0, frames]`` (a uint64 above 2**63 - 1 too) are a :class:`DecodingError`.
+    """
     if lengths is None:
         return torch.full((batch,), frames, dtype=torch.long)
-    tensor = torch.as_tensor(lengths)
-    if tensor.shape != (batch,) or tensor.is_floating_point() or tensor.is_complex():
-        raise DecodingError(f"lengths must be {batch} integers, got shape {tuple(tensor.shape)} {tensor.dtype}")
-    if bool((tensor < 0).any()) or bool((tensor > frames).any()):
+    expected = f"lengths must be {batch} integers"
+    try:
+        tensor = torch.as_tensor(lengths)
+    except (TypeError, ValueError, RuntimeError):  # text, ragged lists, Python ints beyond 64 bits
+        raise DecodingError(f"{expected}, got {type(lengths).__name__} {reprlib.repr(lengths)}") from None
+    if tensor.shape != (batch,) or tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
+        raise DecodingError(f"{expected}, got shape {tuple(tensor.shape)} {tensor.dtype}")
+    try:
+        signed: torch.Tensor | None = as_signed(tensor)
+    except InputError:  # uint64 values above 2**63 - 1: beyond any frame count
+        signed = None
+    if signed is None or bool((signed < 0).any()) or bool((signed > frames).any()):
         raise DecodingError(f"lengths must be in [0, {frames}], got {tensor.tolist()}")
-    return tensor.to(torch.long)
+    return signed.to(torch.long)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -74,7 +74,7 @@ def class_indices(labels: Any, classes: int, count: int) -> Tensor:
     any other shape, anything but integers (a float, boolean or object array is not a list of class
     indices) and any value outside ``0 .. classes - 1``.
     """
-    from trainfer.serve.preprocess import as_signed
+    from trainfer.integers import as_signed
 
     try:
         values = as_signed(torch.as_tensor(labels))  # uint16..uint64 labels as int64: torch compares only those

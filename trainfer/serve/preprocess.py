@@ -25,7 +25,6 @@ by :meth:`PreprocessSpec.unscale_target`: ``t = t' * target_std + target_mean``.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
@@ -36,9 +35,10 @@ import torch
 from torch import Tensor
 
 from trainfer.errors import InputError, InputTypeError, NonFiniteError
+from trainfer.integers import as_signed
 from trainfer.numerics import all_finite_array, numpy_view
 
-__all__ = ["PreprocessSpec", "as_signed", "as_tensor", "check_numeric", "check_uint64_array"]
+__all__ = ["PreprocessSpec", "as_tensor", "check_numeric"]
 
 
 def _floats(values: Any) -> tuple[float, ...] | None:
@@ -319,54 +319,6 @@ def as_tensor(value: Any) -> Tensor:
         array = array.astype(array.dtype.newbyteorder("="))
     tensor = as_signed(torch.from_numpy(np.ascontiguousarray(array)))
     return tensor.reshape(()) if array.ndim == 0 else tensor  # ascontiguousarray makes a 0-d array 1-d
-
-
-#: torch's unsigned integer types wider than a byte: most operations (``max``, comparisons) are not
-#: implemented for them, so :func:`as_tensor` gives their values as int64.
-_WIDE_UNSIGNED = frozenset({torch.uint16, torch.uint32, torch.uint64})
-_INT64_MAX = torch.iinfo(torch.int64).max
-#: The most elements :func:`check_uint64_array` reads at once (8 MiB of uint64).
-_ELEMENTS_AT_ONCE = 2**20
-
-
-def as_signed(tensor: Tensor) -> Tensor:
-    """``tensor`` with the same values as int64 when it is uint16, uint32 or uint64 (the answer is then that
-    of the same numbers given as int64); a uint64 value above 2**63 - 1, which int64 cannot hold, is an
-    :class:`InputError` naming how many there are and the largest."""
-    if tensor.dtype not in _WIDE_UNSIGNED:
-        return tensor
-    if tensor.dtype == torch.uint64:
-        wrapped = tensor.view(torch.int64)  # the same bits: values above 2**63 - 1 read negative
-        negative = wrapped < 0
-        if bool(negative.any()):
-            raise _beyond_int64("uint64 input", int(negative.sum()), int(wrapped[negative].max()) + 2**64)
-        return wrapped  # shares the input's memory, as every tensor as_tensor gives may
-    return tensor.to(torch.int64)
-
-
-def check_uint64_array(array: np.ndarray, what: str) -> None:
-    """Refuse a uint64 ``array`` (``what`` names it) holding values above 2**63 - 1 as :func:`as_signed`
-    refuses it, counting them in the whole array. Read a few samples at a time, so a memory-mapped
-    file is never held whole: a file read a sample at a time is refused with its own count, not the
-    count of the first sample that holds one."""
-    if array.dtype.kind != "u" or array.dtype.itemsize != 8:
-        return
-    rows = max(1, _ELEMENTS_AT_ONCE // max(1, math.prod(array.shape[1:])))
-    count, largest = 0, 0
-    for start in range(0, len(array), rows):
-        chunk = array[start : start + rows]
-        beyond = chunk[chunk > _INT64_MAX]
-        if beyond.size:
-            count, largest = count + beyond.size, max(largest, int(beyond.max()))
-    if count:
-        raise _beyond_int64(what, count, largest)
-
-
-def _beyond_int64(what: str, count: int, largest: int) -> InputError:
-    return InputError(
-        f"{what} holds {count} value(s) above {_INT64_MAX} (2**63 - 1, the largest int64), the largest "
-        f"{largest}: expected integers up to {_INT64_MAX}, or float input"
-    )
 
 
 def check_numeric(dtype: np.dtype, what: str) -> None:

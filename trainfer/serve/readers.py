@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 
 from trainfer.errors import InputError, MissingFileError
+from trainfer.integers import check_uint64_array
 from trainfer.number_text import NumberTextError, parse_floats
 from trainfer.serve.image_steps import WALKS, tiff_values
-from trainfer.serve.preprocess import PreprocessSpec, as_tensor, check_numeric, check_uint64_array
+from trainfer.serve.preprocess import PreprocessSpec, as_tensor, check_numeric
 
 #: The image files trainfer reads, by suffix, and the Pillow format each is decoded as. Decoding is
 #: limited to these formats whatever a file's name says (Pillow picks a format from the bytes): an
@@ -178,7 +179,7 @@ def npy_samples(array: np.ndarray, name: str, spec: PreprocessSpec) -> np.ndarra
     """``array`` (read from the ``.npy`` file ``name``) as a batch: numbers only, one sample of
     ``spec.input_shape`` gains its batch dimension; a 0-d array, no samples or samples of another
     shape than ``spec.input_shape`` is an :class:`InputError` naming the file and the array's shape,
-    as are uint64 values above 2**63 - 1 (:func:`~trainfer.serve.preprocess.check_uint64_array`)."""
+    as are uint64 values above 2**63 - 1 (:func:`~trainfer.integers.check_uint64_array`)."""
     check_numeric(array.dtype, f"cannot read {name!r}: wrong dtype")
     expected = f"a batch (N, {', '.join(map(str, spec.input_shape))}) or one sample" if spec.input_shape else "a batch"
     if array.ndim == 0:
