@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -140,3 +141,71 @@ def test_deeplift_shap_runs_on_a_copy_and_refuses_a_model_that_cannot_be_copied(
     said = r"deeplift_shap hooks the modules .* runs on a copy of it .* copy.deepcopy of this Sequential fails: cannot"
     with pytest.raises(TypeError, match=said):
         attribute(model, torch.randn(2, 1, 8, 8, dtype=torch.float64), "deeplift_shap")
+
+
+# -- GradientSHAP from torch's generator (Captum drew from NumPy's global one) ---------------------------
+
+
+def test_gradient_shap_is_repeated_by_torch_manual_seed_alone_and_leaves_numpy_alone():
+    """Captum drew the baselines and path points with ``np.random``: ``torch.manual_seed`` did not repeat an
+    explanation, and every call moved NumPy's global state, which other threads share."""
+    model = mlp(6, 3)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    references = torch.randn(5, 6, dtype=torch.float64)
+    before = np.random.get_state()
+    found = []
+    for numpy_seed in (1, 2):
+        np.random.seed(numpy_seed)
+        state = np.random.get_state()
+        torch.manual_seed(7)
+        found.append(attribute(model, x, "gradient_shap", n_samples=9, stdevs=0.2, baselines=references).values)
+        assert_same_state(np.random.get_state(), state)
+    assert torch.equal(found[0], found[1])
+    torch.manual_seed(8)
+    assert not torch.equal(found[0], attribute(model, x, "gradient_shap", baselines=references, stdevs=0.2).values)
+    np.random.set_state(before)
+
+
+def assert_same_state(got: tuple, expected: tuple) -> None:
+    assert got[0] == expected[0] and np.array_equal(got[1], expected[1]) and got[2:] == expected[2:]
+
+
+@pytest.mark.parametrize(("classes", "stdevs"), [(3, 0.0), (3, 0.3), (1, 0.3)])
+def test_gradient_shap_is_captums_for_the_same_draws(monkeypatch, classes, stdevs):
+    """Captum's GradientShap, handed trainfer's draws in place of NumPy's and torch's (its baseline rows,
+    its path points, its noise), gives the same attributions."""
+    from captum.attr import GradientShap
+
+    from trainfer.analysis import attribution_gradient_shap as ours
+
+    model = mlp(6, classes)
+    forward = model if classes > 1 else (lambda rows: model(rows)[:, 0])
+    x = torch.randn(4, 6, dtype=torch.float64)
+    references = torch.randn(5, 6, dtype=torch.float64)
+    target = torch.tensor([0, 2, 1, 2]) if classes > 1 else None
+    torch.manual_seed(1)
+    draws = ours.draws(x, len(references), 7, stdevs)
+    mine = ours.gradient_shap_of(forward, x, target, references, draws)
+
+    noise = draws.noise if draws.noise is not None else torch.zeros(28, 6, dtype=torch.float64)
+    monkeypatch.setattr(np.random, "choice", lambda count, size: draws.baselines.numpy())
+    monkeypatch.setattr(np.random, "uniform", lambda low, high, size: draws.points.numpy())
+    monkeypatch.setattr(torch, "normal", lambda mean, std: noise)
+    captums = GradientShap(forward).attribute(x, baselines=references, n_samples=7, stdevs=stdevs, target=target)
+    torch.testing.assert_close(mine, captums, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("references", [1, 3])
+def test_gradient_shap_is_complete_in_expectation(references):
+    """``E[(x - b) . grad f(b + a (x - b))]`` over ``a ~ U(0, 1)`` is ``f(x) - f(b)``, and over the reference
+    batch ``f(x) - mean_b f(b)``: 4000 draws of a nonlinear model come within 5 % of the largest gap (1.4 %
+    and 2 % at the seeds 0 to 5)."""
+    model = mlp(5, 3)
+    generator = torch.Generator().manual_seed(5)
+    x = 3 * torch.randn(3, 5, dtype=torch.float64, generator=generator)
+    baselines = torch.randn(3, 5, dtype=torch.float64, generator=generator)[:references]
+    torch.manual_seed(0)
+    result = attribute(model, x, "gradient_shap", target=1, n_samples=4000, baselines=baselines)
+    with torch.no_grad():
+        gap = model(x)[:, 1] - model(baselines)[:, 1].mean()
+    torch.testing.assert_close(result.values.sum(dim=1), gap, rtol=0, atol=0.05 * float(gap.abs().max()))

@@ -45,9 +45,9 @@ def predictor(tmp_path_factory) -> Predictor:
 
 
 def explained(predictor: Predictor, sample: torch.Tensor, method: str) -> torch.Tensor:
-    """The attributions of ``sample``, with the sampling methods' random draws seeded."""
+    """The attributions of ``sample``, with the sampling methods' random draws seeded (torch's generator
+    alone: GradientSHAP, computed by trainfer, no longer draws from NumPy's)."""
     torch.manual_seed(0)  # only this thread draws: predictions use no random numbers
-    np.random.seed(0)  # GradientSHAP draws its baselines and path points with NumPy
     return predictor.explain(sample, method=method, **OPTIONS.get(method, {})).values
 
 

@@ -24,8 +24,10 @@ preprocessed space):
   ``n_samples`` random coalitions weighted by closeness to ``x``; the fit is recorded per example
   in ``details["surrogate_r2"]`` (weighted R^2 on those samples: how far to trust the surrogate);
 - ``gradient_shap``: ``E[(x - b) * grad f(b + a (x - b))]`` over baselines ``b`` drawn from
-  ``baselines`` and ``a ~ U(0, 1)`` (``n_samples`` draws); sums to ``f(x) - E f(b)`` in expectation,
-  exactly for linear ``f``;
+  ``baselines`` and ``a ~ U(0, 1)`` (``n_samples`` draws; ``stdevs`` adds Gaussian noise to ``x``, as
+  Captum's NoiseTunnel does); sums to ``f(x) - E f(b)`` in expectation, exactly for linear ``f``.
+  Computed by trainfer with torch's random generator: ``torch.manual_seed`` repeats it, and NumPy's
+  global generator, which Captum's GradientShap draws from, is never touched;
 - ``deeplift_shap``: DeepLIFT's rescale rule averaged over the ``baselines``; it sums to
   ``g(x) - mean_b g(b)`` where ``g`` is the MODEL's raw output (logits): its rules live on the
   model's modules, so it explains the model, not the served probabilities (on a copy of the model made
@@ -44,7 +46,8 @@ score itself for binary and regression models with one output.
 The concepts live in their own modules; this one re-exports their public names:
 :mod:`~trainfer.analysis.attribution_methods` (:func:`attribute`, :func:`explain`, the gradient
 methods), :mod:`~trainfer.analysis.attribution_ig` (integrated gradients' computation),
-:mod:`~trainfer.analysis.attribution_shap` (the sampling methods, :func:`feature_mask`)
+:mod:`~trainfer.analysis.attribution_gradient_shap` (GradientSHAP's computation),
+:mod:`~trainfer.analysis.attribution_shap` (the sampling methods Captum computes, :func:`feature_mask`)
 and :mod:`~trainfer.analysis.attribution_files` (:func:`explain_to_files`, :func:`check_file_targets`).
 """
 

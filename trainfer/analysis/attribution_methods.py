@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trainfer.analysis.attribution_gradient_shap import gradient_shap
 from trainfer.analysis.attribution_ig import INTEGRATED_GRADIENTS_ROWS, integrated_gradients, picked
 from trainfer.analysis.attribution_options import check_options, occlusion_defaults
-from trainfer.analysis.attribution_shap import deeplift_shap, gradient_shap, kernel_shap, lime
+from trainfer.analysis.attribution_shap import deeplift_shap, kernel_shap, lime
 from trainfer.errors import ExplanationError, InputError, InputTypeError, ModeError, NonFiniteError
 from trainfer.extras import require
 from trainfer.modes.contexts import restore_modes, snapshot_modes

@@ -12,7 +12,8 @@ work and memory finite:
 - what a method runs through the model at once, rows times one sample's elements, at most
   :data:`MAX_ELEMENTS_AT_ONCE`: integrated gradients' ``internal_batch_size`` rows; the batch times
   ``perturbations_per_eval`` (occlusion, Kernel SHAP, LIME); the batch times ``n_samples``
-  (GradientSHAP) or times the reference batch (DeepLIFT-SHAP), which Captum expands at once.
+  (GradientSHAP, drawn and run at once) or times the reference batch (DeepLIFT-SHAP, which Captum expands
+  at once).
 
 A caller that explains a batch in parts takes at most :func:`most_examples_at_once` examples per part,
 so options valid for one example stay valid for the part, and gives each part its rows of the options
@@ -170,7 +171,7 @@ def _n_steps(name: str, value: Any, method: str, batch: Tensor) -> None:
 
 def _n_samples(name: str, value: Any, method: str, batch: Tensor) -> None:
     check_integer(name, value, minimum=1, maximum=MAX_SAMPLES)
-    if method == "gradient_shap":  # Captum draws them all at once: the batch times n_samples rows
+    if method == "gradient_shap":  # drawn and run all at once: the batch times n_samples rows
         _rows_at_once(name, value, batch, len(batch))
 
 
@@ -290,9 +291,9 @@ def _described(value: Any) -> str:
     return given(value)
 
 
-#: The checked options Captum needs in another type, and the exact conversion to it: Captum indexes
-#: with the feature mask (int8, int16 and uint8 indices mean other things to torch) and asserts that
-#: ``stdevs`` is a ``float``.
+#: The checked options the methods need in another type, and the exact conversion to it: Captum indexes
+#: with the feature mask (int8, int16 and uint8 indices mean other things to torch), and GradientSHAP
+#: scales its noise by ``stdevs`` as a plain ``float`` (a 0-d tensor or NumPy scalar, whatever its dtype).
 _CONVERSIONS: dict[str, Callable[[Any], Any]] = {"feature_mask": lambda mask: mask.to(torch.int64), "stdevs": float}
 
 _CHECKS: dict[str, Callable[[str, Any, str, Tensor], None]] = {

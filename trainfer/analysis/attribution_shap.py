@@ -1,6 +1,7 @@
-"""The sampling attribution methods: Kernel SHAP and LIME over features (:func:`feature_mask`), and
-GradientSHAP and DeepLIFT-SHAP over a reference batch (see :mod:`trainfer.analysis.attribution`).
-Each takes Captum's ``captum.attr`` module, the explained function, the batch, the target and options.
+"""The sampling attribution methods Captum computes: Kernel SHAP and LIME over features
+(:func:`feature_mask`), and DeepLIFT-SHAP over a reference batch (see :mod:`trainfer.analysis.attribution`;
+GradientSHAP is computed in :mod:`~trainfer.analysis.attribution_gradient_shap`). Each takes Captum's
+``captum.attr`` module, the explained function, the batch, the target and options.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from trainfer.validate import check_integer
 SAMPLE_BUDGET = {"kernel_shap": 200, "lime": 200, "gradient_shap": 20}
 """Default ``n_samples`` per sampling method."""
 
-__all__ = ["SAMPLE_BUDGET", "deeplift_shap", "feature_mask", "gradient_shap", "kernel_shap", "lime"]
+__all__ = ["SAMPLE_BUDGET", "deeplift_shap", "feature_mask", "kernel_shap", "lime"]
 
 
 def feature_mask(batch: Tensor, patch: int | None = None) -> Tensor:
@@ -104,17 +105,9 @@ def _recording_lasso(alpha: float) -> Any:
     return RecordingLasso(alpha=alpha)
 
 
-def _reference_batch(batch: Tensor, options: dict, copies: int) -> dict:
-    """``options`` with ``baselines`` defaulting to ``copies`` zero samples."""
-    return {"baselines": torch.zeros((copies, *batch.shape[1:]), dtype=batch.dtype, device=batch.device), **options}
-
-
-def gradient_shap(attr: ModuleType, forward: Callable, batch: Tensor, target: Any, options: dict) -> Tensor:
-    settings = {"n_samples": SAMPLE_BUDGET["gradient_shap"], **_reference_batch(batch, options, 1)}
-    return attr.GradientShap(forward).attribute(batch, target=target, **settings)
-
-
 def deeplift_shap(attr: ModuleType, model: Callable, batch: Tensor, target: Any, options: dict) -> Tensor:
+    """DeepLIFT-SHAP over ``options``' ``baselines``, by default the zero sample twice (Captum needs two or more)."""
     if not isinstance(model, nn.Module):
         raise InputTypeError("deeplift_shap needs the model as an nn.Module (its rules hook the model's modules)")
-    return attr.DeepLiftShap(model).attribute(batch, target=target, **_reference_batch(batch, options, 2))
+    zeros = torch.zeros((2, *batch.shape[1:]), dtype=batch.dtype, device=batch.device)
+    return attr.DeepLiftShap(model).attribute(batch, target=target, **{"baselines": zeros, **options})
