@@ -59,6 +59,12 @@ CASES = [
     # shapes and values of tensors
     ("integrated_gradients", {"baselines": torch.zeros(3, 3)}, InputError, "got a float32 tensor of shape (3, 3)"),
     ("integrated_gradients", {"baselines": float("inf")}, InputError, "baselines must be finite"),
+    ("integrated_gradients", {"baselines": np.float32("nan")}, InputError, "baselines must be finite; got nan"),
+    ("occlusion", {"baselines": torch.tensor(-np.inf)}, InputError, "baselines must be finite; got -inf"),
+    ("integrated_gradients", {"baselines": np.array([0.5])}, InputTypeError, "finite number or a float tensor"),
+    ("lime", {"baselines": np.bool_(True)}, InputTypeError, "a float tensor of samples; got bool np.True_"),
+    ("kernel_shap", {"baselines": torch.tensor(1j)}, InputTypeError, "got a complex64 tensor of shape ()"),
+    ("integrated_gradients", {"baselines": torch.tensor(0.5, device="meta")}, InputTypeError, "tensor of shape ()"),
     ("gradient_shap", {"baselines": torch.zeros(0, 1, 8, 8)}, InputError, "got shape (0, 1, 8, 8)"),
     (
         "deeplift_shap",
@@ -140,8 +146,37 @@ def test_a_feature_mask_of_any_integer_dtype_explains_as_its_int64_ids_do(method
     assert torch.equal(attribute(image_net(), X, method, n_samples=8, feature_mask=mask.to(dtype)).values, expected)
 
 
+REAL_DTYPES = [
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+]
+
+
+@pytest.mark.parametrize("dtype", REAL_DTYPES)
+@pytest.mark.parametrize("form", ["numpy scalar", "0-d array", "0-d tensor"])
+@pytest.mark.parametrize("method", ["integrated_gradients", "occlusion"])
+def test_a_baseline_given_as_any_real_scalar_explains_as_the_python_number_does(method, form, dtype):
+    """``np.float32(0.5)`` was refused while ``np.float64(0.5)``, a ``float`` subclass, was taken: every
+    NumPy real scalar, 0-d array and 0-d tensor is one number, as a ``float``, the same attributions."""
+    value = np.array(1, dtype=dtype)  # 1 in every real dtype, exactly
+    given = {"numpy scalar": value[()], "0-d array": value, "0-d tensor": torch.from_numpy(value)}[form]
+    options = {"n_steps": 4} if method == "integrated_gradients" else {"show_progress": False}
+    expected = attribute(image_net(), X, method, baselines=1.0, **options).values
+    assert type(check_options(method, X, {"baselines": given})["baselines"]) is float
+    assert torch.equal(attribute(image_net(), X, method, baselines=given, **options).values, expected)
+
+
 @pytest.mark.parametrize("stdevs", [np.float32(0.25), np.float64(0.25), torch.tensor(0.25), np.int64(1), 1])
-def test_stdevs_given_as_any_real_number_reaches_captum_as_the_float_it_asserts(stdevs):
+def test_stdevs_given_as_any_real_number_reaches_gradient_shap_as_a_float(stdevs):
     assert type(check_options("gradient_shap", X, {"stdevs": stdevs})["stdevs"]) is float
     assert attribute(image_net(), X, "gradient_shap", n_samples=3, stdevs=stdevs).values.shape == X.shape
 

@@ -26,6 +26,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -71,8 +72,9 @@ __all__ = [
 def check_options(method: str, batch: Tensor, options: dict[str, Any]) -> dict[str, Any]:
     """Refuse an option ``method`` does not take, or a value it cannot run with, for the preprocessed ``batch``.
 
-    Returns the options as Captum takes them (:data:`_CONVERSIONS`): a feature mask of any integer
-    dtype as int64, ``stdevs`` (a numpy scalar, a one-element tensor) as a ``float``; both exact.
+    Returns the options as the methods take them (:data:`_CONVERSIONS`): a feature mask of any integer
+    dtype as int64 (exact); ``stdevs`` (a numpy scalar, a one-element tensor) and one ``baselines`` number
+    (a NumPy scalar, a 0-d array or tensor) as a ``float``.
     """
     check_keywords(f"explanation method {method!r}", options, OPTIONS[method])
     if "patch" in options and "feature_mask" in options:
@@ -257,19 +259,43 @@ def _baselines(name: str, value: Any, method: str, batch: Tensor) -> None:
         if tuple(value.shape[1:]) != sample or not fewest <= len(value) <= MAX_BASELINES:
             raise InputError(f"{name} of {method} must be a reference batch {shape}; got shape {tuple(value.shape)}")
         _rows_at_once(f"the number of {name}", len(value), batch, len(batch))
-    elif isinstance(value, Tensor):
+    elif not isinstance(value, Tensor) or value.dim() == 0:
+        _baseline_number(name, value)
+        return
+    else:
         allowed = [sample, (1, *sample), (len(batch), *sample)]
         if not value.is_floating_point() or tuple(value.shape) not in allowed:
             shapes = " or ".join(str(shape) for shape in allowed)
             raise InputError(
                 f"{name} must be a finite number or a float tensor of shape {shapes}; got {_described(value)}"
             )
-    elif isinstance(value, bool) or not isinstance(value, int | float):
-        raise InputTypeError(f"{name} must be a finite number or a float tensor of samples; got {given(value)}")
-    if isinstance(value, Tensor):
-        _check_like_inputs(name, value, batch)
-    if not bool(torch.isfinite(torch.as_tensor(value)).all()):
+    _check_like_inputs(name, value, batch)
+    if not bool(torch.isfinite(value).all()):
         raise InputError(f"{name} must be finite; got NaN or inf")
+
+
+def _baseline_number(name: str, value: Any) -> None:
+    """One baseline for every element: a finite real number (:func:`_real_number`)."""
+    number = _real_number(value)
+    if number is None:
+        raise InputTypeError(f"{name} must be a finite number or a float tensor of samples; got {_described(value)}")
+    if not math.isfinite(number):
+        raise InputError(f"{name} must be finite; got {number!r}")
+
+
+def _real_number(value: Any) -> float | None:
+    """``value`` as a ``float`` when it is one real number: a Python, NumPy or 0-d array or tensor
+    integer or float (``bool`` and complex are not); else None (so is a tensor holding no value, on ``meta``)."""
+    if isinstance(value, Tensor):
+        real = value.dim() == 0 and value.dtype != torch.bool and not value.is_complex() and not value.is_meta
+    else:
+        real = not isinstance(value, bool) and np.ndim(value) == 0 and np.asarray(value).dtype.kind in "iuf"
+    return float(value) if real else None
+
+
+def _baseline_value(value: Any) -> Any:
+    """A checked ``baselines`` as the methods take it: a tensor of samples as it is, one number as a ``float``."""
+    return value if isinstance(value, Tensor) and value.dim() else float(value)
 
 
 def _check_like_inputs(name: str, value: Tensor, batch: Tensor, same_dtype: bool = True) -> None:
@@ -291,10 +317,15 @@ def _described(value: Any) -> str:
     return given(value)
 
 
-#: The checked options the methods need in another type, and the exact conversion to it: Captum indexes
-#: with the feature mask (int8, int16 and uint8 indices mean other things to torch), and GradientSHAP
-#: scales its noise by ``stdevs`` as a plain ``float`` (a 0-d tensor or NumPy scalar, whatever its dtype).
-_CONVERSIONS: dict[str, Callable[[Any], Any]] = {"feature_mask": lambda mask: mask.to(torch.int64), "stdevs": float}
+#: The checked options the methods need in another type, and the conversion to it: Captum indexes with
+#: the feature mask (int8, int16 and uint8 indices mean other things to torch), takes one ``baselines``
+#: number only as an ``int`` or ``float`` (not ``np.float32``), and GradientSHAP scales its noise by
+#: ``stdevs`` as a plain ``float`` (from a 0-d tensor or NumPy scalar, whatever its dtype).
+_CONVERSIONS: dict[str, Callable[[Any], Any]] = {
+    "feature_mask": lambda mask: mask.to(torch.int64),
+    "stdevs": float,
+    "baselines": _baseline_value,
+}
 
 _CHECKS: dict[str, Callable[[str, Any, str, Tensor], None]] = {
     "n_steps": _n_steps,
