@@ -45,7 +45,7 @@ from trainfer.errors import one_line
 from trainfer.serve.results import check_top_k, to_records
 from trainfer.server.access import AccessMiddleware
 from trainfer.server.error_answers import answer_errors
-from trainfer.server.head import HeadAsGet
+from trainfer.server.head import AllowHead, HeadAsGet
 from trainfer.server.infer_route import InferRoute, versioned
 from trainfer.server.metrics import CONTENT_TYPE_LATEST
 from trainfer.server.openapi_schemas import FILE_SCHEMA, document_infer
@@ -100,17 +100,18 @@ def create_app(
 
 
 class _App(FastAPI):
-    """FastAPI entered through three layers of trainfer's: every HTTP request passes
+    """FastAPI entered through four layers of trainfer's: every HTTP request passes
     :class:`AccessMiddleware` (API key, access log, metrics, a one-line 500 for a bug), then
     :class:`HeadAsGet` (a ``HEAD`` request answered as ``GET``, without the body), then
     :class:`InferRoute`, which answers the protocol's inference requests itself -- without FastAPI's
     per-request work (its telemetry check, middleware, routing; so also without FastAPI's
-    OpenTelemetry spans: trainfer's metrics count them) -- and hands every other request to FastAPI.
-    Lifespan events go to FastAPI directly."""
+    OpenTelemetry spans: trainfer's metrics count them) -- and hands every other request to FastAPI
+    through :class:`AllowHead` (a 405 allowing ``GET`` allows ``HEAD``; the inference route's allows
+    ``POST`` only, so its requests skip it). Lifespan events go to FastAPI directly."""
 
     def __init__(self, server: Server, **options: Any):
         super().__init__(**options)
-        self._front = AccessMiddleware(HeadAsGet(InferRoute(super().__call__, server)), server)
+        self._front = AccessMiddleware(HeadAsGet(InferRoute(AllowHead(super().__call__), server)), server)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
