@@ -209,3 +209,42 @@ def test_gradient_shap_is_complete_in_expectation(references):
     with torch.no_grad():
         gap = model(x)[:, 1] - model(baselines)[:, 1].mean()
     torch.testing.assert_close(result.values.sum(dim=1), gap, rtol=0, atol=0.05 * float(gap.abs().max()))
+
+
+class CountingForward(nn.Module):
+    """``model``, counting its forwards and the rows each took."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.rows = model, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows.append(len(x))
+        return self.model(x)
+
+
+@pytest.mark.parametrize("method", ["kernel_shap", "lime", "occlusion"])
+def test_perturbed_copies_share_forwards_by_default_with_the_values_of_one_copy_per_forward(method):
+    """By default up to 64 perturbed copies of an example run per forward (Captum's default is one):
+    the same copies, drawn in the same order, so the values are those of one copy per forward."""
+    model = CountingForward(relu_conv_net())
+    x = torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    budget = {} if method == "occlusion" else {"n_samples": 130}
+    results = []
+    for options in ({"perturbations_per_eval": 1}, {}):
+        model.rows.clear()
+        torch.manual_seed(0)
+        results.append(attribute(model, x, method, **budget, **options).values)
+        if options:
+            assert max(model.rows) == 1 and len(model.rows) > 60
+        else:
+            assert max(model.rows) == 64 and len(model.rows) < 10
+    torch.testing.assert_close(results[1], results[0], rtol=1e-9, atol=1e-12)
+
+
+def test_the_default_copies_per_forward_shrink_with_the_samples_size():
+    from trainfer.analysis.attribution_shap import PERTURBED_ELEMENTS_AT_ONCE, perturbations_at_once
+
+    assert perturbations_at_once(torch.zeros(1, 1, 8, 8)) == 64
+    assert perturbations_at_once(torch.zeros(1, 3, 224, 224)) == PERTURBED_ELEMENTS_AT_ONCE // (3 * 224 * 224) == 6
+    assert perturbations_at_once(torch.zeros(16, 3, 224, 224)) == 1

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from trainfer.analysis.attribution_gradient_shap import gradient_shap
 from trainfer.analysis.attribution_ig import INTEGRATED_GRADIENTS_ROWS, integrated_gradients, picked
 from trainfer.analysis.attribution_options import check_options, occlusion_defaults
-from trainfer.analysis.attribution_shap import deeplift_shap, kernel_shap, lime
+from trainfer.analysis.attribution_shap import deeplift_shap, kernel_shap, lime, perturbations_at_once
 from trainfer.errors import ExplanationError, InputError, InputTypeError, ModeError, NonFiniteError
 from trainfer.extras import require
 from trainfer.modes.contexts import restore_modes, snapshot_modes
@@ -360,8 +360,13 @@ def _saliency(attr: ModuleType, forward: Callable, batch: Tensor, target: Any, o
 
 def _occlusion(attr: ModuleType, forward: Callable, batch: Tensor, target: Any, options: dict) -> Tensor:
     """Windows of ``C x k x k`` (``k`` about an eighth of the image side, half-overlapping) or single columns
-    (:func:`~trainfer.analysis.attribution_options.occlusion_defaults`)."""
-    settings = {**occlusion_defaults(tuple(batch.shape[1:])), "show_progress": sys.stderr.isatty()}
+    (:func:`~trainfer.analysis.attribution_options.occlusion_defaults`), several occluded copies per
+    forward (:func:`~trainfer.analysis.attribution_shap.perturbations_at_once`)."""
+    settings = {
+        **occlusion_defaults(tuple(batch.shape[1:])),
+        "perturbations_per_eval": perturbations_at_once(batch),
+        "show_progress": sys.stderr.isatty(),
+    }
     with torch.no_grad():
         return attr.Occlusion(forward).attribute(batch, target=target, **{**settings, **options})
 
