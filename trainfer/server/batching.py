@@ -227,9 +227,10 @@ class DynamicBatcher:
         self._changed.clear()
         await self._changed.wait()
 
-    def _start(self, taken: list[_Pending]) -> None:
+    def _start(self, taken: list[_Pending], alone: bool = False) -> None:
+        """Run ``taken`` on a worker thread: as one batch, or (``alone``) request by request."""
         self._busy += 1
-        task = asyncio.get_running_loop().create_task(self._run(taken))
+        task = asyncio.get_running_loop().create_task(self._run_alone(taken) if alone else self._run(taken))
         self._running.add(task)
         task.add_done_callback(self._finished)
 
@@ -280,10 +281,17 @@ class DynamicBatcher:
         try:
             outputs, seconds = await loop.run_in_executor(self._executor, self._timed, joined, taken[0].key)
         except Exception as error:  # each request hears its own answer or error: run them one by one
-            answers = [error] if len(taken) == 1 else await loop.run_in_executor(self._executor, self._alone, taken)
-            _settle_each(taken, answers)
+            if len(taken) == 1:
+                _settle_each(taken, [error])
+            else:
+                await self._run_alone(taken)
             return
         self._answer(taken, outputs, seconds)
+
+    async def _run_alone(self, taken: list[_Pending]) -> None:
+        """Each request of ``taken`` run alone on a worker thread, given its own answer or error."""
+        answers = await asyncio.get_running_loop().run_in_executor(self._executor, self._alone, taken)
+        _settle_each(taken, answers)
 
     def _cheap(self, taken: list[_Pending]) -> bool:
         """Whether ``taken`` runs on the loop's thread (``inline``): see the module docstring."""
@@ -294,12 +302,16 @@ class DynamicBatcher:
 
     def _run_here(self, taken: list[_Pending]) -> None:
         """Run ``taken`` on the event loop's thread: each request gets its rows, or, when the batch
-        raises, its own answer or error from a run alone."""
+        raises, its own answer or error from a run alone on a worker thread (``k`` runs alone may take
+        far longer than the batch: the loop is never held for them)."""
         joined = taken[0].batch if len(taken) == 1 else torch.cat([p.batch for p in taken])
         try:
             outputs, seconds = self._timed(joined, taken[0].key)
         except Exception as error:
-            _settle_each(taken, [error] if len(taken) == 1 else self._alone(taken))
+            if len(taken) == 1:
+                _settle_each(taken, [error])
+            else:
+                self._start(taken, alone=True)
             return
         self._answer(taken, outputs, seconds)
 
