@@ -41,12 +41,27 @@ def resolve_factory(spec: str) -> Callable[..., nn.Module]:
         for part in attribute.split("."):
             target = getattr(target, part)
     except ImportError as error:
-        raise BundleError(f"cannot import {module_name!r} for factory {spec!r}: {error}") from None
+        raise BundleError(
+            f"cannot import {module_name!r} for factory {spec!r}: {error}{_not_found(error, module_name)}"
+        ) from None
     except AttributeError:
         raise BundleError(f"module {module_name!r} has no attribute {attribute!r} (factory {spec!r})") from None
     if not callable(target):
         raise BundleError(f"factory {spec!r} is not callable")
     return target
+
+
+def _not_found(error: ImportError, module_name: str) -> str:
+    """How to make ``module_name`` importable, when ``error`` is that module (or a package above it) not
+    found: the ``trainfer`` command does not search the current directory, and does not add it on its
+    own (a file there named like the module, say in a downloaded bundle's folder, would be run)."""
+    missing = getattr(error, "name", None)
+    if not isinstance(error, ModuleNotFoundError) or not missing or not f"{module_name}.".startswith(f"{missing}."):
+        return ""  # the module was found and failed on an import of its own: that error says what
+    return (
+        " (the module must be importable: installed, or on PYTHONPATH; the trainfer command does not search "
+        "the current directory, so from the directory holding it run PYTHONPATH=. trainfer ...)"
+    )
 
 
 def manifest_factory(
