@@ -86,12 +86,20 @@ def manifest_factory(
         return found
     if trust_factory:
         return resolve_factory(name)
-    raise BundleError(
+    raise BundleError(_refusal(name))
+
+
+def _refusal(name: str) -> str:
+    """Why the factory ``name`` is refused and the ways to allow it: the command line's first (there no code
+    of the user's runs before loading, so registering it in code is no way), then Python's."""
+    module = name.partition(":")[0]
+    return (
         f"refusing to build factory {name!r}: a bundle may only name allowed factories (nothing was imported). "
-        f"To allow it: decorate it with @trainfer.register_model in code you import before loading, declare it in "
-        f"the {ENTRY_POINT_GROUP!r} entry-point group of your package, pass factory=<callable> to trainfer.load / "
-        "Predictor.load, or, if you trust whoever wrote this bundle, trust_factory=True (CLI --trust-factory), "
-        "which imports and runs that code"
+        f"To allow it on the command line: --trust-factory, if you trust whoever wrote this bundle (it imports "
+        f"{module!r} and runs that code: run where it is importable, e.g. PYTHONPATH=. from its directory), or "
+        f"install a package declaring the factory in the {ENTRY_POINT_GROUP!r} entry-point group (docs/security.md). "
+        "In Python: decorate it with @trainfer.register_model in code you import before loading, pass "
+        "factory=<callable> to trainfer.load / Predictor.load, or trust_factory=True (trusted authors only)"
     )
 
 
