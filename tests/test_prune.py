@@ -86,6 +86,19 @@ def test_gate_refuses_with_the_figures_and_the_report():
 
 
 @pytest.mark.parametrize(
+    ("finetune", "advice"),
+    [(None, "fine-tune (finetune=...; CLI: --finetune-epochs)"), (lambda model: None, "fine-tune longer or otherwise")],
+)
+def test_a_refusal_advises_fine_tuning_as_it_was_or_was_not_run(finetune, advice):
+    model, data = digits_net().eval(), torch.randn(16, 1, 8, 8)
+    impossible = trainfer.AccuracyGate(min_agreement=1.0, max_rel_error=0.0)  # no pruned form matches exactly
+    with pytest.raises(PruningError) as caught:
+        trainfer.prune(model, data[:2], ratio=0.5, data=data, gate=impossible, finetune=finetune, search=False)
+    assert advice in str(caught.value)
+    assert ("--finetune-epochs)" in str(caught.value)) is (finetune is None)
+
+
+@pytest.mark.parametrize(
     ("max_exempt", "why"),
     [
         (None, "with 2 of 4 layers exempt: the most the search allows (half the prunable layers"),

@@ -279,10 +279,14 @@ class _Run:
                 if search
                 else "(search off)"
             )
+            tune = (
+                "fine-tune longer or otherwise (your finetune loop; CLI: more --finetune-epochs, --finetune-lr)"
+                if self.finetune is not None
+                else "fine-tune (finetune=...; CLI: --finetune-epochs)"
+            )
             raise PruningError(
                 f"no pruned form at ratio {self.settings['ratio']} passes the gate {how}; last tried: {report}. "
-                "Prune less (a lower ratio), fine-tune (finetune=...; CLI: --finetune-epochs), exempt more layers "
-                "or loosen the gate",
+                f"Prune less (a lower ratio), {tune}, exempt more layers or loosen the gate",
                 result,
             )
         return candidate, result
