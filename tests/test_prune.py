@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import trainfer
+from trainfer.bench import count_macs, count_parameters
 from trainfer.cli import main
 from trainfer.errors import InputError, PruningError
 from trainfer.models import digits_net
@@ -63,6 +64,9 @@ def test_dependencies_stay_consistent_residual_concat_depthwise_grouped():
     assert pruned.fc.out_features == 5 and pruned(torch.randn(3, 3, 8, 8)).shape == (3, 5)
     report = pruned.trainfer_prune_report
     assert report.macs[1] < 0.6 * report.macs[0] and report.parameters[1] < report.parameters[0]
+    # counted as trainfer bench and the demo's report count them: one figure on every page
+    assert report.macs == (count_macs(trainfer.deploy(model, x), x[:1]), count_macs(pruned, x[:1]))
+    assert report.parameters == (count_parameters(model), count_parameters(pruned))
 
 
 def test_repvgg_training_form_is_pruned_in_deploy_form_and_still_deploys_exactly():

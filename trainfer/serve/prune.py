@@ -196,9 +196,13 @@ def _output_layers(model: nn.Module) -> set[str]:
 
 
 def _macs_and_parameters(model: nn.Module, example: Tensor) -> tuple[int, int]:
-    tp = require("torch_pruning", "prune", "trainfer.prune")
-    macs, parameters = tp.utils.count_ops_and_params(model, example[:1])
-    return int(macs), int(parameters)
+    """Multiply-adds per sample and parameters, counted as ``trainfer bench`` and the demo's report count them
+    (:func:`trainfer.bench.measure.count_macs`: convolutions and matrix products; element-wise ops and pooling
+    are not multiply-adds of a weight), so the figures of every page agree."""
+    from trainfer.bench.measure import count_macs, count_parameters
+
+    with torch.no_grad():
+        return count_macs(model, example[:1]), count_parameters(model)
 
 
 @dataclass
