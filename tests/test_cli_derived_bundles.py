@@ -99,3 +99,26 @@ def test_trainfer_deploy_of_a_bundle_predicts_what_the_bundle_predicts(tmp_path,
     got = trainfer.Predictor.load(out).predict(raw)
     assert read_manifest(out).form == "deploy"
     assert_results_close(got, expected, atol=1e-4)
+
+
+SERVED_AS = ("task", "labels", "heads", "preprocess", "decoder")
+
+
+@pytest.mark.parametrize("kind", ["classification", "heads"])
+def test_trainfer_prune_of_a_bundle_keeps_what_it_serves_as(tmp_path, kind):
+    source = KINDS[kind](tmp_path / "source")
+    deployed, out = tmp_path / "deployed", tmp_path / "pruned"
+    assert CliRunner().invoke(main, ["deploy", str(source), "-o", str(deployed), "--trust-factory"]).exit_code == 0
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).uniform(0, 1, (8, 1, 8, 8)).astype(np.float32))
+    arguments = ["prune", str(deployed), "-o", str(out), "--ratio", "0.25", "--data", str(tmp_path / "x.npy")]
+    result = CliRunner().invoke(main, [*arguments, "--min-agreement", "0"])
+    assert result.exit_code == 0, result.output
+    written, given = read_manifest(out), read_manifest(source)
+    for field in SERVED_AS:  # the output kinds carried over are declared ones: how each was decided may differ
+        assert _served(written, field) == _served(given, field), field
+
+
+def _served(manifest, field):
+    if field == "heads":
+        return [head.model_dump(exclude={"output_kind_decided_by"}) for head in manifest.heads]
+    return getattr(manifest, field)
