@@ -83,9 +83,8 @@ def untrusted(conditions: Conditions, timings: Mapping[str, Timing]) -> str | No
         reasons.append(f"{worst}'s 90th-percentile call took {spreads[worst]:.1f}x its median")
     if not reasons:
         return None
-    fewer = (
-        ", or with one thread: --threads 1, threads=1 in Python" if conditions.threads > 1 else ""
-    )  # never advise what ran
+    # fewer threads are offered only to a run that used more: never advise what ran
+    fewer = ", or with one thread: --threads 1, threads=1 in Python" if conditions.threads > 1 else ""
     return (
         "latencies measured on a starved or busy machine, so the ratios and the choice may not hold: "
         + "; ".join(reasons)

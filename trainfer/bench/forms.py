@@ -22,6 +22,7 @@ from trainfer.bench.measure import Timing, count_macs, count_parameters, num_thr
 from trainfer.capture import capture
 from trainfer.errors import InputError
 from trainfer.models import reparameterize
+from trainfer.recipe import model_form
 from trainfer.reparam.blocks import ReparamBlock
 from trainfer.reparam.verify import model_dtype
 
@@ -299,13 +300,14 @@ def _build_forms(
     built, skipped = {}, {}
     for form in forms:
         bar.set_postfix_str(f"building {form}")
-        repeated = same_form(model, form, forms)
-        try:
-            if repeated:
-                raise InputError(repeated)
-            built[form] = FORMS[form](model, example_inputs)
-        except ValueError as error:
-            skipped[form] = str(error)
+        why = same_form(model, form, forms)
+        if why is None:
+            try:
+                built[form] = FORMS[form](model, example_inputs)
+            except ValueError as error:
+                why = str(error)
+        if why is not None:
+            skipped[form] = why
         bar.update()
     return built, skipped
 
@@ -316,8 +318,6 @@ def same_form(model: nn.Module, form: str, forms: Sequence[str]) -> str | None:
     A deploy form (a deploy bundle, say) is its own ``train`` and ``reparameterized`` form; a model without
     a re-parameterizable block left to fold is its own ``reparameterized`` form.
     """
-    from trainfer.recipe import model_form
-
     if form in ("train", "reparameterized") and "deploy" in forms and model_form(model) == "deploy":
         return "same as deploy: the model is a deploy form (e.g. a deploy bundle)"
     folds = any(isinstance(m, ReparamBlock) and not m.deploy for m in model.modules())

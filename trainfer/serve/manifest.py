@@ -251,11 +251,10 @@ class Manifest(_Schema):
         that reads a bundle and writes another carries them over."""
         named = self.task == "multi-head"
         kinds = {head.name: head.output_kind for head in self.heads if head.output_kind is not None}
+        labels = {head.name: head.labels for head in self.heads if head.labels is not None}  # keyed as heads=
         return {
             "task": None if named else self.task,
-            "labels": {head.name: head.labels for head in self.heads if head.labels is not None}
-            if named
-            else self.labels,
+            "labels": labels if named else self.labels,
             "heads": {head.name: head.task for head in self.heads} if named else None,
             "output": None if named or not self.heads else self.heads[0].select,
             "output_kind": (kinds or None) if named else kinds.get(None),
