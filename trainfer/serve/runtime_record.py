@@ -175,10 +175,10 @@ def choose(measured: list[CandidateRecord], trusted: bool) -> tuple[CandidateRec
         return fastest, None
     best = min(floats, key=lambda c: c.score)
     gain = 1 - fastest.score / best.score
-    if not trusted:
-        why = "on a timing flagged as untrusted (warning above): rerun compile on an idle machine to choose it"
-    elif gain < REDUCED_MARGIN:
+    if gain < REDUCED_MARGIN:
         why = f"under the {REDUCED_MARGIN:.0%} margin a reduced precision must win by"
+    elif not trusted:
+        why = "but on a timing flagged as untrusted (warning above): rerun compile on an idle machine"
     else:
         return fastest, None
     return best, f"{fastest.name} measured {gain:.0%} less latency than {best.name}, {why}: {best.name} kept"
