@@ -298,3 +298,27 @@ def test_bench_command_measures_a_saved_bundle(tmp_path):
     data = json.loads(out_json.read_text())
     assert data["input_shape"] == [1, 1, 8, 8]
     assert data["forms"]["train"]["parameters"] == count_parameters(model)
+
+
+def test_a_busy_machine_is_said_under_the_table_and_in_the_json(monkeypatch):
+    monkeypatch.setattr("os.getloadavg", lambda: (99.0, 99.0, 99.0))  # a load far above the cores
+    report = benchmark(_tiny_repvgg(), (1, 3, 16, 16), forms=("train",), rounds=1, repeats=1, warmup=0,
+                       threads=1, show_progress=False)  # fmt: skip
+    assert len(report.warnings) == 1 and "load average 99.0 above" in report.warnings[0]
+    assert report.table().splitlines()[-1] == f"warning: {report.warnings[0]}"
+    assert report.warnings[0].startswith("batch 1: latencies measured on a starved or busy machine")
+    assert report.to_dict()["warnings"] == list(report.warnings)
+
+
+def test_forms_that_would_measure_another_again_are_skipped_saying_which():
+    deployed = trainfer.deploy(_tiny_repvgg(), torch.randn(2, 3, 16, 16))
+    forms = ("train", "reparameterized", "deploy")
+    report = benchmark(deployed, (1, 3, 16, 16), forms=forms, rounds=1, repeats=1, warmup=0, show_progress=False)
+    assert [r.form for r in report.results] == ["deploy"]
+    assert report.skipped == dict.fromkeys(
+        forms[:2], "same as deploy: the model is a deploy form (e.g. a deploy bundle)"
+    )
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).eval(), nn.ReLU())
+    report = benchmark(plain, (1, 3, 8, 8), forms=forms, rounds=1, repeats=1, warmup=0, show_progress=False)
+    assert [r.form for r in report.results] == ["train", "deploy"]
+    assert "same as train: no re-parameterizable block" in report.skipped["reparameterized"]

@@ -127,6 +127,11 @@ def test_every_command_refuses_the_bundle_in_one_line_exit_2(tmp_path, command):
     assert result.exit_code == 2, result.output
     assert result.output.count("\n") == 1 and "refusing to build factory 'os:system'" in result.output
     assert "--trust-factory" in result.output and not marker.exists()
+    ways = result.output.partition("In Python:")  # the command line's ways first: code is no way there
+    assert (
+        "--trust-factory" in ways[0] and "'trainfer.models' entry-point group" in ways[0] and "PYTHONPATH=." in ways[0]
+    )
+    assert "register_model" in ways[2] and "register_model" not in ways[0]
 
 
 def test_a_registered_user_factory_reloads_and_an_unregistered_one_is_refused(tmp_path):

@@ -6,6 +6,7 @@ A bad spec is one line on stderr and exit code 2, whatever the command.
 """
 
 import json
+import sys
 
 import pytest
 import torch
@@ -125,6 +126,21 @@ def test_a_bad_spec_is_one_line_and_exit_2(command, spec, tmp_path):
     lines = result.output.splitlines()
     assert lines[-1].startswith("error: ") and BAD_SPECS[spec] in lines[-1], result.output
     assert "Traceback" not in result.output and result.output.count("error: ") == 1
+
+
+def test_a_factory_module_in_the_current_directory_is_not_imported_and_the_error_says_how(tmp_path, monkeypatch):
+    (tmp_path / "cwd_net_xyz.py").write_text("from torch import nn\ndef make(): return nn.Linear(2, 2)\n")
+    (tmp_path / "broken_net_xyz.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.chdir(tmp_path)
+    here = {"", ".", str(tmp_path)}
+    monkeypatch.setattr("sys.path", [entry for entry in sys.path if entry not in here])
+    missing = invoke("deploy", "cwd_net_xyz:make", tmp_path, "--input-shape", "1,2")
+    assert missing.exit_code == 2 and "No module named 'cwd_net_xyz'" in missing.output
+    assert "does not search the current directory" in missing.output and "PYTHONPATH=. trainfer" in missing.output
+    monkeypatch.syspath_prepend(str(tmp_path))  # what PYTHONPATH=. does
+    broken = invoke("deploy", "broken_net_xyz:make", tmp_path, "--input-shape", "1,2")
+    assert "No module named 'no_such_dependency_xyz'" in broken.output and "PYTHONPATH" not in broken.output
+    assert invoke("deploy", "cwd_net_xyz:make", tmp_path, "--input-shape", "1,2").exit_code == 0
 
 
 @pytest.mark.parametrize("command", [command for command in COMMANDS if command != "audit"])  # audit needs none

@@ -148,6 +148,13 @@ def test_bad_input_is_refused_clearly(call, match):
         call(log_probs)
 
 
+def test_text_joins_the_labels_of_tokens_leaving_out_the_special_ids_as_sequences_md_says():
+    table = TokenTable((*"0123456789", "<s>", "</s>", "<pad>"), bos=10, eos=11, pad=12)
+    tokens = [3, 2, 8, 8, 8, 10, 3, 10]
+    assert table.text(tokens) == "328883"  # the docs' example: bos (10) mid-sequence is in tokens only
+    assert table.text([1, 12, 11, 2]) == "12"
+
+
 def test_token_tables_refuse_collisions():
     table = TokenTable(("", "0", "1", "<eos>"), blank=0, eos=3)
     assert table.text([1, 0, 2, 3]) == "01"

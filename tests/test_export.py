@@ -288,3 +288,31 @@ def test_a_tolerance_that_checks_nothing_is_refused_before_any_work(tmp_path, rt
     with pytest.raises(error, match="rtol must be a finite number > 0 or None") as raised:
         export(torch.nn.Conv2d(1, 1, 1), tmp_path / "m.ts", format="torchscript", rtol=rtol)
     assert isinstance(raised.value, trainfer.TrainferError) and not (tmp_path / "m.ts").exists()
+
+
+class Gate(nn.Module):
+    """A custom module with Python control flow on its input: deploy keeps it as one opaque op."""
+
+    def forward(self, x):
+        return x.relu() if bool(x.abs().sum() >= 0) else x
+
+
+class WithGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.gate = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), Gate()
+        self.fc = nn.Linear(4 * 64, 3)
+
+    def forward(self, x):
+        return self.fc(self.gate(self.bn(self.conv(x))).flatten(1))
+
+
+def test_a_deploy_form_holding_a_custom_module_is_exported_though_not_saved(tmp_path):
+    model = trained(WithGate)
+    x = torch.randn(2, 1, 8, 8)
+    deployed = deploy(model, x)
+    with pytest.raises(BundleError, match=r"module 'gate'.*save its training form with factory=.*trainfer\.export"):
+        trainfer.save(deployed, tmp_path / "bundle", example_inputs=x)
+    report = export(deployed, tmp_path / "m.onnx", example_inputs=x)
+    assert not report.deployed_here
+    assert_results_close(Predictor.load(tmp_path / "m.onnx").predict(x), Predictor(model).predict(x))

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
+
 from trainfer.bench.conditions import Conditions, measured, untrusted
 from trainfer.bench.measure import Timing
 from trainfer.serve import runtime as rt
-from trainfer.serve.runtime_record import CandidateRecord, RuntimeRecord
+from trainfer.serve.gated import choice_note
+from trainfer.serve.runtime_record import CandidateRecord, RuntimeRecord, choose
 
 STEADY = {"torch/float32": Timing.from_samples([1.0, 1.1, 0.9, 1.0]), "onnxruntime/float32": Timing.from_samples([0.5])}
 
@@ -61,3 +64,44 @@ def test_the_search_records_the_warning_and_the_table_says_it_on_one_line():
     quiet = {**options, "warnings": [], "sources": sources(1.0, 1.9)}
     rt._measure(engines, records, source, quiet)
     assert quiet["warnings"] == []
+
+
+def test_the_advice_offers_one_thread_only_to_a_run_that_used_more():
+    busy_at_two, busy_at_one = Conditions(2.0, 3.8, 2, 5.5, 2), Conditions(2.0, 1.9, 1, 5.5, 2)
+    assert "--threads 1" in untrusted(busy_at_two, STEADY)
+    assert untrusted(busy_at_one, STEADY).endswith("(rerun on an idle machine)")
+
+
+def _measured(name: str, *ratios: float) -> CandidateRecord:
+    return CandidateRecord(*name.split("/"), "ok", ratio={str(b): r for b, r in zip((1, 8), ratios, strict=False)})
+
+
+FLOATS = [_measured("torch/float32", 1.0, 1.0), _measured("onnxruntime/float32", 0.8, 0.8)]
+
+
+@pytest.mark.parametrize(
+    ("int8", "trusted", "chosen", "note"),
+    [
+        ((0.6, 0.6), True, "onnxruntime/int8", None),  # 25 % less latency than the best float32
+        ((0.75, 0.75), True, "onnxruntime/float32", "6% less latency than onnxruntime/float32, under the 10% margin"),
+        (
+            (0.6, 0.6),
+            False,
+            "onnxruntime/float32",
+            "25% less latency than onnxruntime/float32, but on a timing flagged",
+        ),
+        ((0.75, 0.75), False, "onnxruntime/float32", "6% less latency than onnxruntime/float32, under the 10% margin"),
+        ((0.9, 0.9), True, "onnxruntime/float32", None),  # slower than the best float32: nothing to say
+    ],
+)
+def test_a_reduced_precision_is_chosen_only_by_a_margin_on_a_trusted_timing(int8, trusted, chosen, note):
+    record, why = choose([*FLOATS, _measured("onnxruntime/int8", *int8)], trusted)
+    assert record.name == chosen
+    assert (why is None) if note is None else (note in why and why.endswith("onnxruntime/float32 kept"))
+
+
+def test_the_reason_a_faster_form_was_left_aside_is_in_the_table_and_the_record():
+    record = RuntimeRecord("onnxruntime", "float32", "auto", [1, 8], [*FLOATS], {}, {}, {}, [], "int8 ... kept")
+    assert record.table().splitlines()[-1] == "note: int8 ... kept"
+    assert RuntimeRecord.from_dict(record.to_dict()) == record
+    assert choice_note(record, gated=True) is None  # the note is the record's, not said twice

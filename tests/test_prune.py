@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import trainfer
+from trainfer.bench import count_macs, count_parameters
 from trainfer.cli import main
 from trainfer.errors import InputError, PruningError
 from trainfer.models import digits_net
@@ -63,6 +64,9 @@ def test_dependencies_stay_consistent_residual_concat_depthwise_grouped():
     assert pruned.fc.out_features == 5 and pruned(torch.randn(3, 3, 8, 8)).shape == (3, 5)
     report = pruned.trainfer_prune_report
     assert report.macs[1] < 0.6 * report.macs[0] and report.parameters[1] < report.parameters[0]
+    # counted as trainfer bench and the demo's report count them: one figure on every page
+    assert report.macs == (count_macs(trainfer.deploy(model, x), x[:1]), count_macs(pruned, x[:1]))
+    assert report.parameters == (count_parameters(model), count_parameters(pruned))
 
 
 def test_repvgg_training_form_is_pruned_in_deploy_form_and_still_deploys_exactly():
@@ -83,6 +87,19 @@ def test_gate_refuses_with_the_figures_and_the_report():
         trainfer.prune(model, torch.randn(2, 1, 8, 8), ratio=0.7, data=torch.randn(32, 1, 8, 8), gate=strict,
                        search=False)  # fmt: skip
     assert not caught.value.report.gate.ok and caught.value.report.attempts
+
+
+@pytest.mark.parametrize(
+    ("finetune", "advice"),
+    [(None, "fine-tune (finetune=...; CLI: --finetune-epochs)"), (lambda model: None, "fine-tune longer or otherwise")],
+)
+def test_a_refusal_advises_fine_tuning_as_it_was_or_was_not_run(finetune, advice):
+    model, data = digits_net().eval(), torch.randn(16, 1, 8, 8)
+    impossible = trainfer.AccuracyGate(min_agreement=1.0, max_rel_error=0.0)  # no pruned form matches exactly
+    with pytest.raises(PruningError) as caught:
+        trainfer.prune(model, data[:2], ratio=0.5, data=data, gate=impossible, finetune=finetune, search=False)
+    assert advice in str(caught.value)
+    assert ("--finetune-epochs)" in str(caught.value)) is (finetune is None)
 
 
 @pytest.mark.parametrize(

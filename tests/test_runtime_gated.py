@@ -102,6 +102,22 @@ def test_the_choice_among_passing_candidates_is_the_one_the_paired_run_finds_fas
     assert agreement >= chosen.gate["agreement"] - 1e-9 if chosen.gate else agreement == 1
 
 
+def test_a_timing_flagged_as_untrusted_records_float32_and_says_why(data, monkeypatch, tmp_path):
+    bundle = trainfer.save(data["deployed"], tmp_path / "b", task="classification", labels=list("0123456789"))
+    fast = hooked_measure(rt._measure, None, f"{INT8}/int8")  # int8 measured far faster than the rest
+
+    def flagged(engines, records, source, options):
+        fast(engines, records, source, options)
+        options["warnings"].append("batch 1: latencies measured on a starved or busy machine (a test's)")
+
+    monkeypatch.setattr(rt, "_measure", flagged)
+    compiled = _compile(bundle, data, OPEN)
+    assert compiled.record.dtype == "float32" and compiled.quantized is None
+    assert f"{INT8}/int8 measured" in compiled.record.choice and "flagged as untrusted" in compiled.record.choice
+    save_compiled(bundle, compiled)
+    assert json.loads((bundle / rt.RUNTIME_FILE).read_text())["choice"] == compiled.record.choice
+
+
 def test_an_int8_choice_round_trips_through_the_bundle_and_is_what_serves(data, monkeypatch, tmp_path):
     bundle = trainfer.save(data["deployed"], tmp_path / "b", task="classification", labels=list("0123456789"))
     _only_fast(monkeypatch, f"{INT8}/int8")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -93,6 +94,16 @@ def test_a_bundle_records_the_settings_loads_without_a_graph_and_serves_the_same
         (path / "manifest.json").write_text(json.dumps(broken))
         with pytest.raises(BundleError, match=f"decoder.{key}"):
             Predictor.load(path)
+
+
+def test_a_bundle_takes_its_input_shape_from_the_preprocessing_as_a_deploy_form_does(tmp_path):
+    model = tiny_model()
+    trainfer.attach_recipe(model, dataclasses.replace(trainfer.recipe_of(model), input_shape=None))
+    spec = {"input_shape": [1, 8, 64]}
+    path = trainfer.save(model, tmp_path / "s2s", task="sequence", labels=LABELS, decoder=SETTINGS, preprocess=spec)
+    assert json.loads((path / "manifest.json").read_text())["input"]["shape"] == [1, 1, 8, 64]
+    with pytest.raises(BundleError, match="needs example_inputs= .* or preprocess= with its input_shape"):
+        trainfer.save(model, tmp_path / "none", task="sequence", labels=LABELS, decoder=SETTINGS)
 
 
 @pytest.mark.parametrize(

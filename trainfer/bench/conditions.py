@@ -83,8 +83,10 @@ def untrusted(conditions: Conditions, timings: Mapping[str, Timing]) -> str | No
         reasons.append(f"{worst}'s 90th-percentile call took {spreads[worst]:.1f}x its median")
     if not reasons:
         return None
+    # fewer threads are offered only to a run that used more: never advise what ran
+    fewer = ", or with one thread: --threads 1, threads=1 in Python" if conditions.threads > 1 else ""
     return (
-        "latencies measured on a starved or busy machine, so the ratios and the choice may not hold: "
+        "latencies measured on a starved or busy machine, so the ratios, and any choice made on them, may not hold: "
         + "; ".join(reasons)
-        + " (rerun on an idle machine, or with OMP_NUM_THREADS=1)"
+        + f" (rerun on an idle machine{fewer})"
     )

@@ -22,6 +22,7 @@ from trainfer.bench.measure import Timing, count_macs, count_parameters, num_thr
 from trainfer.capture import capture
 from trainfer.errors import InputError
 from trainfer.models import reparameterize
+from trainfer.recipe import model_form
 from trainfer.reparam.blocks import ReparamBlock
 from trainfer.reparam.verify import model_dtype
 
@@ -36,6 +37,7 @@ __all__ = [
     "deploy_form",
     "plain_form",
     "reparameterized_form",
+    "same_form",
     "train_form",
 ]
 
@@ -129,6 +131,8 @@ class BenchReport:
     threads: int
     results: list[FormResult]
     skipped: dict[str, str]
+    #: Why the latencies cannot be trusted (:func:`trainfer.bench.conditions.untrusted`); empty: nothing seen.
+    warnings: tuple[str, ...] = ()
 
     def ratio(self, numerator: str, denominator: str, batched: bool = False) -> float:
         """Median latency of form ``numerator`` over that of ``denominator`` (both from this run)."""
@@ -180,6 +184,7 @@ class BenchReport:
             f"{pair}: {one:.3f} at batch 1, {many:.3f} at batch {batch}" for pair, (one, many) in self.ratios().items()
         ]
         lines += [f"skipped {name}: {why}" for name, why in self.skipped.items()]
+        lines += [f"warning: {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -201,7 +206,8 @@ class BenchReport:
         batch = self.results[0].batch_size if self.results else None
         settings = {"model": self.model, "input_shape": list(self.input_shape), "batch_size": batch}
         ratios = {pair: {"batch_1": one, f"batch_{batch}": many} for pair, (one, many) in self.ratios().items()}
-        return {**settings, "threads": self.threads, "forms": forms, "ratios": ratios, "skipped": self.skipped}
+        figures = {"forms": forms, "ratios": ratios, "skipped": self.skipped, "warnings": list(self.warnings)}
+        return {**settings, "threads": self.threads, **figures}
 
     def plot(self) -> Figure:
         """Bars per form: batch-1 latency (median, whisker to p90) and throughput at the batch size."""
@@ -238,8 +244,12 @@ def benchmark(
     Latency is timed at batch 1 and throughput at ``batch_size``, the forms interleaved
     (:func:`time_forms`); MACs at batch 1; peak memory of one forward at ``batch_size`` under
     ``torch.inference_mode``. A form whose builder raises ``ValueError`` (e.g. ``plain`` for a model
-    that is not a chain of modules) is reported as skipped. The caller's model is not modified.
+    that is not a chain of modules), or that would be another form measured twice (:func:`same_form`), is
+    reported as skipped. Timings taken on a starved or busy machine carry the one-line ``warnings``
+    :func:`trainfer.bench.conditions.untrusted` gives. The caller's model is not modified.
     """
+    from trainfer.bench.conditions import measured, untrusted
+
     unknown = [form for form in forms if form not in FORMS]
     if unknown:
         raise InputError(f"unknown forms {unknown}; expected some of {list(FORMS)}")
@@ -256,8 +266,11 @@ def benchmark(
         bar.total = len(built) * (2 + 2 * rounds)
         bar.set_postfix_str("timing")
         timing = {"threads": threads, "rounds": rounds, "repeats": repeats, "warmup": warmup, "progress": bar.update}
-        latency = time_forms(built, one, **timing)
-        batch_latency = time_forms(built, many, **timing)
+        with num_threads(threads):
+            used_threads = torch.get_num_threads()
+        latency, at_one = measured(functools.partial(time_forms, built, one, **timing), used_threads)
+        batch_latency, at_many = measured(functools.partial(time_forms, built, many, **timing), used_threads)
+        flagged = [("batch 1", untrusted(at_one, latency)), (f"batch {batch_size}", untrusted(at_many, batch_latency))]
         bar.set_postfix_str("peak memory")
         memory = {form_name: _peak_memory(form, many, bar) for form_name, form in built.items()}
     results = []
@@ -268,10 +281,9 @@ def benchmark(
                 form_name, latency[form_name], batch_latency[form_name], batch_size, parameters, macs, memory[form_name]
             )
         )
-    with num_threads(threads):
-        used_threads = torch.get_num_threads()
     label = name or type(model).__name__
-    return BenchReport(label, tuple(int(size) for size in input_shape), used_threads, results, skipped)
+    warnings = tuple(f"{batch}: {warning}" for batch, warning in flagged if warning)[:1]  # once, as compile says it
+    return BenchReport(label, tuple(int(size) for size in input_shape), used_threads, results, skipped, warnings)
 
 
 def _peak_memory(form: nn.Module, batch: Tensor, bar: tqdm) -> int:
@@ -288,12 +300,30 @@ def _build_forms(
     built, skipped = {}, {}
     for form in forms:
         bar.set_postfix_str(f"building {form}")
-        try:
-            built[form] = FORMS[form](model, example_inputs)
-        except ValueError as error:
-            skipped[form] = str(error)
+        why = same_form(model, form, forms)
+        if why is None:
+            try:
+                built[form] = FORMS[form](model, example_inputs)
+            except ValueError as error:
+                why = str(error)
+        if why is not None:
+            skipped[form] = why
         bar.update()
     return built, skipped
+
+
+def same_form(model: nn.Module, form: str, forms: Sequence[str]) -> str | None:
+    """Why ``form`` of ``model`` would measure another of ``forms`` again, or ``None``.
+
+    A deploy form (a deploy bundle, say) is its own ``train`` and ``reparameterized`` form; a model without
+    a re-parameterizable block left to fold is its own ``reparameterized`` form.
+    """
+    if form in ("train", "reparameterized") and "deploy" in forms and model_form(model) == "deploy":
+        return "same as deploy: the model is a deploy form (e.g. a deploy bundle)"
+    folds = any(isinstance(m, ReparamBlock) and not m.deploy for m in model.modules())
+    if form == "reparameterized" and "train" in forms and not folds:
+        return "same as train: no re-parameterizable block (trainfer.blocks) to fold"
+    return None
 
 
 def _check_accepts(model: nn.Module, example: Tensor) -> None:

@@ -44,14 +44,15 @@ def command(
     no_protocols: bool,
     prune_dead: bool,
 ) -> None:
-    """Fold MODEL into its inference form, verify it, save it."""
+    """Fold MODEL into its inference form, verify it, save it (a bundle MODEL's task, labels, heads,
+    preprocessing and decoder are carried over)."""
     from tqdm.auto import tqdm
 
     from trainfer.atomic import atomic_file, check_target
     from trainfer.errors import EquivalenceError
     from trainfer.recipe import attach_recipe, recipe_of
     from trainfer.reparam.deploy import deploy
-    from trainfer.serve.bundle import save
+    from trainfer.serve.bundle import read_manifest, save
     from trainfer.serve.bundle_write import check_replaceable
 
     check_target(output, "--output", directory=not output.endswith(".safetensors"))
@@ -62,6 +63,8 @@ def command(
     with tqdm(total=3, desc="deploy", unit="step", file=sys.stderr, disable=None) as bar:
         bar.set_postfix_str("loading")
         model = resolve_model(model_spec, weights, trust_factory=trusted())
+        # a bundle's deploy form serves as the bundle does: its task, labels, heads, preprocessing, decoder
+        metadata = read_manifest(model_spec).derived_metadata() if bundle else {}
         x = random_input(model, example_shape(model, input_shape, model_spec))
         recipe = recipe_of(model)
         if recipe is not None and recipe.input_shape is None:
@@ -83,7 +86,7 @@ def command(
             with atomic_file(output) as tmp:
                 write_safetensors({k: v.contiguous() for k, v in deployed.state_dict().items()}, tmp)
         else:
-            save(deployed, output, example_inputs=x)
+            save(deployed, output, example_inputs=x, **metadata)
         bar.update()
     click.echo(str(deployed.trainfer_report))
     click.echo(f"wrote {output}")

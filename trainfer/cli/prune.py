@@ -81,7 +81,6 @@ def command(
     from trainfer.serve.bundle_write import check_replaceable
     from trainfer.serve.gate import AccuracyGate
     from trainfer.serve.prune import prune
-    from trainfer.serve.quantize import bundle_metadata  # the task, labels and preprocessing a bundle carries on
 
     check_target(output, "--output", directory=True)
     check_output_apart(output, bundle, *(p for p in (data, labels, finetune_data, finetune_labels) if p))
@@ -109,7 +108,7 @@ def command(
         search=search,
         max_exempt_layers=max_exempt_layers,
     )
-    save(pruned, output, **bundle_metadata(manifest))
+    save(pruned, output, **manifest.derived_metadata())
     click.echo(str(pruned.trainfer_prune_report))
     click.echo(f"wrote {output}; serve it with: trainfer predict {output} INPUT...")
 

@@ -41,12 +41,27 @@ def resolve_factory(spec: str) -> Callable[..., nn.Module]:
         for part in attribute.split("."):
             target = getattr(target, part)
     except ImportError as error:
-        raise BundleError(f"cannot import {module_name!r} for factory {spec!r}: {error}") from None
+        raise BundleError(
+            f"cannot import {module_name!r} for factory {spec!r}: {error}{_not_found(error, module_name)}"
+        ) from None
     except AttributeError:
         raise BundleError(f"module {module_name!r} has no attribute {attribute!r} (factory {spec!r})") from None
     if not callable(target):
         raise BundleError(f"factory {spec!r} is not callable")
     return target
+
+
+def _not_found(error: ImportError, module_name: str) -> str:
+    """How to make ``module_name`` importable, when ``error`` is that module (or a package above it) not
+    found: the ``trainfer`` command does not search the current directory, and does not add it on its
+    own (a file there named like the module, say in a downloaded bundle's folder, would be run)."""
+    missing = getattr(error, "name", None)
+    if not isinstance(error, ModuleNotFoundError) or not missing or not f"{module_name}.".startswith(f"{missing}."):
+        return ""  # the module was found and failed on an import of its own: that error says what
+    return (
+        " (the module must be importable: installed, or on PYTHONPATH; the trainfer command does not search "
+        "the current directory, so from the directory holding it run PYTHONPATH=. trainfer ...)"
+    )
 
 
 def manifest_factory(
@@ -71,12 +86,20 @@ def manifest_factory(
         return found
     if trust_factory:
         return resolve_factory(name)
-    raise BundleError(
+    raise BundleError(_refusal(name))
+
+
+def _refusal(name: str) -> str:
+    """Why the factory ``name`` is refused and the ways to allow it: the command line's first (there no code
+    of the user's runs before loading, so registering it in code is no way), then Python's."""
+    module = name.partition(":")[0]
+    return (
         f"refusing to build factory {name!r}: a bundle may only name allowed factories (nothing was imported). "
-        f"To allow it: decorate it with @trainfer.register_model in code you import before loading, declare it in "
-        f"the {ENTRY_POINT_GROUP!r} entry-point group of your package, pass factory=<callable> to trainfer.load / "
-        "Predictor.load, or, if you trust whoever wrote this bundle, trust_factory=True (CLI --trust-factory), "
-        "which imports and runs that code"
+        f"To allow it on the command line: --trust-factory, if you trust whoever wrote this bundle (it imports "
+        f"{module!r} and runs that code: run where it is importable, e.g. PYTHONPATH=. from its directory), or "
+        f"install a package declaring the factory in the {ENTRY_POINT_GROUP!r} entry-point group (docs/security.md). "
+        "In Python: decorate it with @trainfer.register_model in code you import before loading, pass "
+        "factory=<callable> to trainfer.load / Predictor.load, or trust_factory=True (trusted authors only)"
     )
 
 

@@ -227,7 +227,7 @@ def choice_note(record: RuntimeRecord, gated: bool) -> str | None:
     """
     if not gated:
         return "bf16 and int8 were not considered: no gate data was given (--gate-data, --labels)"
-    if record.dtype != "float32":
+    if record.dtype != "float32" or record.choice:  # the record's own note says why a faster one was left aside
         return None
     passed = any(c.status == "ok" and c.dtype != "float32" for c in record.candidates)
     why = "bf16/int8 forms passed the gate but measured slower" if passed else "no bf16 or int8 form passed the gate"

@@ -69,7 +69,7 @@ def generator_manifest(
             "bundle names the factory that rebuilds it; loading then needs that factory allowed)"
         )
     config = dict(config if config is not None else getattr(known, "config", {}))
-    example = _example(model, example_inputs, known)
+    example = _example(model, example_inputs, known, PreprocessSpec.coerce(preprocess).input_shape)
     spec = PreprocessSpec.coerce(preprocess, input_shape=tuple(example.shape[1:])).with_dtype(example.dtype)
     head = Head(None, None, "sequence", table.tokens, OutputKind("log_probabilities", "step() returns log-probs"))
     manifest: dict[str, Any] = {
@@ -91,14 +91,18 @@ def generator_manifest(
     return manifest
 
 
-def _example(model: nn.Module, given: Tensor | None, known: Any) -> Tensor:
-    """The example batch: given, else random of the recipe's input shape; refused when neither exists."""
+def _example(model: nn.Module, given: Tensor | None, known: Any, sample_shape: tuple[int, ...] | None) -> Tensor:
+    """The example batch: given, else random of the recipe's input shape or of one ``sample_shape`` (the
+    preprocessing's ``input_shape``), as a deploy form's save takes it; refused when none exists."""
     if given is not None:
         if not isinstance(given, Tensor) or given.dim() < 1 or given.shape[0] < 1:
             raise BundleError("example_inputs must be a tensor batch with at least one item")
         return given
-    shape = getattr(known, "input_shape", None)
+    shape = getattr(known, "input_shape", None) or ((1, *sample_shape) if sample_shape is not None else None)
     if shape is None:
-        raise BundleError("saving an autoregressive model needs example_inputs= (a batch of one sample is enough)")
+        raise BundleError(
+            "saving an autoregressive model needs example_inputs= (a batch of one sample is enough) "
+            "or preprocess= with its input_shape"
+        )
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     return torch.randn(*shape, dtype=dtype)

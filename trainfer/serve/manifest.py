@@ -244,6 +244,24 @@ class Manifest(_Schema):
         """The ``preprocess`` section as :meth:`~trainfer.serve.preprocess.PreprocessSpec.from_dict` takes it."""
         return None if self.preprocess is None else self.preprocess.model_dump()
 
+    def derived_metadata(self) -> dict[str, Any]:
+        """The :func:`trainfer.save` keywords with which a bundle of a form derived from this manifest's model
+        (its deploy, int8 or pruned form) serves as this bundle does: task, labels, heads (the output each
+        selects, their output kinds), preprocessing and the sequence decoder. The one way every command
+        that reads a bundle and writes another carries them over."""
+        named = self.task == "multi-head"
+        kinds = {head.name: head.output_kind for head in self.heads if head.output_kind is not None}
+        labels = {head.name: head.labels for head in self.heads if head.labels is not None}  # keyed as heads=
+        return {
+            "task": None if named else self.task,
+            "labels": labels if named else self.labels,
+            "heads": {head.name: head.task for head in self.heads} if named else None,
+            "output": None if named or not self.heads else self.heads[0].select,
+            "output_kind": (kinds or None) if named else kinds.get(None),
+            "preprocess": self.preprocess_settings(),
+            "decoder": None if self.decoder is None else self.decoder.model_dump(),
+        }
+
     def head_settings(self) -> list[dict[str, Any]]:
         """The ``heads`` as :meth:`~trainfer.serve.outputs.Head.from_dict` takes them."""
         return [head.model_dump() for head in self.heads]

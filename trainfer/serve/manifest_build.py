@@ -40,10 +40,13 @@ def build_manifest(
     output: Selector = None,
     heads: Mapping[Any, str] | None = None,
     decoder: Mapping[str, Any] | None = None,
+    architecture: bool = True,
 ) -> Manifest:
     """The manifest of ``model`` (everything but the weights entry), validated; see the module docstring.
 
     ``factory`` may stay ``None`` here (an exported file needs none); :func:`save` requires it.
+    ``architecture=False`` leaves a deploy form's graph unrecorded: an exported file carries the graph
+    itself, so a deploy form holding a module a bundle cannot describe may still be exported.
     ``decoder``: a sequence head's decoding settings (default: CTC's), checked against the token table.
     """
     from trainfer.modes.contexts import shared_inference
@@ -80,7 +83,7 @@ def build_manifest(
             "config": config,
             "form": form,
             "deploy_options": _deploy_options(model, known),
-            "architecture": describe(model) if form == "deploy" and isinstance(model, fx.GraphModule) else None,
+            "architecture": _architecture(model) if architecture and form == "deploy" else None,
             "input": {"shape": [1, *first.shape[1:]] if first is not None else None, "dtype": spec.dtype},
             "preprocess": spec.to_dict(),
             "task": task_name,
@@ -103,6 +106,21 @@ def _decoder_entry(decoder: Mapping[str, Any] | None, task: str, labels: tuple[s
     settings = DecoderSettings.coerce(decoder)
     settings.table(labels or None)
     return {"decoder": settings.to_dict()}
+
+
+def _architecture(model: nn.Module) -> dict[str, Any] | None:
+    """The graph of a deploy form that ``trainfer.deploy`` traced (``None`` for another model), or a
+    :class:`~trainfer.errors.BundleError` naming what cannot be recorded and the ways that work."""
+    if not isinstance(model, fx.GraphModule):
+        return None
+    try:
+        return describe(model)
+    except BundleError as error:
+        raise BundleError(
+            f"{error}; to keep this model, save its training form with factory='package.module:function' "
+            "(trainfer.save(model, path, factory=...)), or export this deploy form "
+            "(trainfer.export(deployed, 'model.onnx', example_inputs=x): the file carries the graph)"
+        ) from None
 
 
 def _deploy_options(model: nn.Module, known: ModelRecipe | None) -> dict[str, Any]:

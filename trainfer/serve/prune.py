@@ -196,9 +196,13 @@ def _output_layers(model: nn.Module) -> set[str]:
 
 
 def _macs_and_parameters(model: nn.Module, example: Tensor) -> tuple[int, int]:
-    tp = require("torch_pruning", "prune", "trainfer.prune")
-    macs, parameters = tp.utils.count_ops_and_params(model, example[:1])
-    return int(macs), int(parameters)
+    """Multiply-adds per sample and parameters, counted as ``trainfer bench`` and the demo's report count them
+    (:func:`trainfer.bench.measure.count_macs`: convolutions and matrix products; element-wise ops and pooling
+    are not multiply-adds of a weight), so the figures of every page agree."""
+    from trainfer.bench.measure import count_macs, count_parameters
+
+    with torch.no_grad():
+        return count_macs(model, example[:1]), count_parameters(model)
 
 
 @dataclass
@@ -279,10 +283,14 @@ class _Run:
                 if search
                 else "(search off)"
             )
+            tune = (
+                "fine-tune longer or otherwise (your finetune loop; CLI: more --finetune-epochs, --finetune-lr)"
+                if self.finetune is not None
+                else "fine-tune (finetune=...; CLI: --finetune-epochs)"
+            )
             raise PruningError(
                 f"no pruned form at ratio {self.settings['ratio']} passes the gate {how}; last tried: {report}. "
-                "Prune less (a lower ratio), fine-tune (finetune=...; CLI: --finetune-epochs), exempt more layers "
-                "or loosen the gate",
+                f"Prune less (a lower ratio), {tune}, exempt more layers or loosen the gate",
                 result,
             )
         return candidate, result

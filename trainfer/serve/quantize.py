@@ -141,7 +141,7 @@ class QuantizedModel:
         """
         from trainfer.serve.bundle_write import bundle_manifest, tensors_to_save, write_bundle
 
-        manifest = bundle_manifest(self.float_model, **{**bundle_metadata(self.manifest), **metadata})
+        manifest = bundle_manifest(self.float_model, **{**self.manifest.derived_metadata(), **metadata})
         report = self.report.to_dict()
         return write_bundle(
             path,
@@ -149,17 +149,6 @@ class QuantizedModel:
             tensors_to_save(self.float_model),
             finish=lambda staged: write_int8_form(staged, self.onnx_bytes, self.probes, report),
         )
-
-
-def bundle_metadata(manifest: Manifest) -> dict[str, Any]:
-    """What a bundle derived from ``manifest``'s model keeps of it: :func:`trainfer.save`'s task, labels,
-    preprocessing and output kind."""
-    return {
-        "task": manifest.task,
-        "labels": manifest.labels,
-        "preprocess": manifest.preprocess_settings(),
-        "output_kind": manifest.heads[0].output_kind if manifest.heads else None,
-    }
 
 
 # --------------------------------------------------------------------------- calibration data

@@ -20,9 +20,11 @@ for float32, 3e-2 for bfloat16, 1e-2 for float16); a reduced-precision candidate
 
 ``runtime="auto"`` measures every verified candidate on the target batch shapes, all candidates
 paired in one run and alternating call by call (:func:`trainfer.bench.time_forms`), and picks the
-lowest geometric mean of latency relative to eager float32. The choice, every candidate's figures
-(or why it was left out), the thread settings and the machine (CPU flags) form a
-:class:`RuntimeRecord`, which :func:`save_record` writes into a bundle as ``runtime.json`` and
+lowest geometric mean of latency relative to eager float32; a reduced precision only by a margin
+over the best float32 form, and never on a timing flagged as untrusted
+(:func:`~trainfer.serve.runtime_record.choose`). The choice, every candidate's figures (or why it
+was left out), the thread settings and the machine (CPU flags) form a :class:`RuntimeRecord`,
+which :func:`save_record` writes into a bundle as ``runtime.json`` and
 ``compile(bundle, runtime="recorded")`` rebuilds (and verifies again) without measuring.
 """
 
@@ -56,6 +58,7 @@ from trainfer.serve.runtime_record import (
     SUPPORTED_DTYPES,
     CandidateRecord,
     RuntimeRecord,
+    choose,
     machine_info,
     read_record,
     runtime_versions,
@@ -321,11 +324,12 @@ def compile(
         given = built[0][0]
         if given.status != "ok":
             raise EquivalenceError(f"{given.name} cannot serve this model: {given.reason}")
-        chosen, chosen_by = given, "given"
+        chosen, chosen_by, choice = given, "given", None
     else:
         options = {"batch_sizes": batch_sizes, "rounds": rounds, "threads": threads, "warnings": warnings}
         _measure(engines, records, source, options)
-        chosen, chosen_by = min((records[name] for name in engines), key=lambda r: r.score), "auto"
+        chosen, choice = choose([records[name] for name in engines], trusted=not warnings)
+        chosen_by = "auto"
     record = RuntimeRecord(
         chosen.runtime,
         chosen.dtype,
@@ -336,6 +340,7 @@ def compile(
         machine_info(),
         runtime_versions(),
         warnings,
+        choice,
     )
     recipe = recipe_of(source.model) or ModelRecipe(None, form="deploy")
     shaped = replace(recipe, input_shape=(1, *source.sample_shape))

@@ -25,6 +25,10 @@ from trainfer.jsonfile import read_json
 from trainfer.serve.runtime_names import AUTO_RUNTIMES, QUANTIZED_RUNTIMES, RUNTIMES, SUPPORTED_DTYPES
 
 RUNTIME_FILE = "runtime.json"
+#: A reduced precision (bf16, int8) is chosen only with at least this much less latency than the best float32
+#: form (geometric mean of the latency ratios, same run): a smaller gain is within timing noise, and not worth
+#: the accuracy a reduced precision gives up.
+REDUCED_MARGIN = 0.10
 TORCH_RUNTIMES = ("torch", "torch-channels-last", "inductor")
 _FLAGS = (
     "avx2",
@@ -42,12 +46,14 @@ _FLAGS = (
 __all__ = [
     "AUTO_RUNTIMES",
     "QUANTIZED_RUNTIMES",
+    "REDUCED_MARGIN",
     "RUNTIMES",
     "RUNTIME_FILE",
     "SUPPORTED_DTYPES",
     "TORCH_RUNTIMES",
     "CandidateRecord",
     "RuntimeRecord",
+    "choose",
     "machine_info",
     "read_record",
     "runtime_versions",
@@ -100,6 +106,8 @@ class RuntimeRecord:
     versions: dict[str, str]
     #: Why the latencies cannot be trusted (:func:`trainfer.bench.conditions.untrusted`); empty: nothing seen.
     warnings: list[str] = field(default_factory=list)
+    #: Why a faster reduced precision was left aside (:func:`choose`); ``None``: the fastest form was chosen.
+    choice: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -147,10 +155,33 @@ class RuntimeRecord:
         lines.append(f"chosen: {self.runtime}/{self.dtype} ({self.chosen_by}); latency x eager float32, same run")
         lines.append(f"threads: {threads}; machine: {self.machine.get('cpu')} [{flags}]")
         lines += [f"warning: {warning}" for warning in self.warnings]
+        lines += [f"note: {self.choice}"] if self.choice else []
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()
+
+
+def choose(measured: list[CandidateRecord], trusted: bool) -> tuple[CandidateRecord, str | None]:
+    """The candidate an ``"auto"`` search records among the ``measured`` ones, and why a faster one was not.
+
+    The fastest (lowest :attr:`CandidateRecord.score`), unless it is a reduced precision: that one is chosen
+    only on a ``trusted`` timing (:func:`trainfer.bench.conditions.untrusted` saw nothing) and with at least
+    :data:`REDUCED_MARGIN` less latency than the best float32 form; otherwise that float32 form is.
+    """
+    fastest = min(measured, key=lambda c: c.score)
+    floats = [c for c in measured if c.dtype == "float32"]
+    if fastest.dtype == "float32" or not floats:
+        return fastest, None
+    best = min(floats, key=lambda c: c.score)
+    gain = 1 - fastest.score / best.score
+    if gain < REDUCED_MARGIN:
+        why = f"under the {REDUCED_MARGIN:.0%} margin a reduced precision must win by"
+    elif not trusted:
+        why = "but on a timing flagged as untrusted (warning above): rerun compile on an idle machine"
+    else:
+        return fastest, None
+    return best, f"{fastest.name} measured {gain:.0%} less latency than {best.name}, {why}: {best.name} kept"
 
 
 def machine_info() -> dict[str, Any]:

@@ -115,6 +115,7 @@ class Record(_Schema):
     machine: Annotated[dict[Name, Scalar | Annotated[dict[Name, bool], Field(max_length=64)]], Field(max_length=32)]
     versions: Annotated[dict[Name, Name], Field(max_length=16)]
     warnings: Annotated[list[Reason], Field(max_length=8)] = []
+    choice: Reason | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Record:

@@ -66,7 +66,9 @@ def load_source(
         given = type(example_inputs).__name__
         raise InputTypeError(f"example_inputs must be a floating-point tensor batch; got {given}")
     if isinstance(model_or_bundle, nn.Module):
-        model, manifest = model_or_bundle, build_manifest(model_or_bundle, example_inputs=example_inputs)
+        # the served files carry the graph: a deploy form needs no recorded architecture
+        model = model_or_bundle
+        manifest = build_manifest(model, example_inputs=example_inputs, architecture=False)
     else:
         manifest = read_manifest(model_or_bundle)
         if manifest.decoder is not None and manifest.decoder.kind == "autoregressive":

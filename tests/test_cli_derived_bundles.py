@@ -1,0 +1,124 @@
+"""A bundle the CLI writes from a bundle (``trainfer deploy BUNDLE -o OUT``) serves as its source does.
+
+Each kind of bundle (classification with mean/std and labels, binary, regression with target
+scaling, named heads, a CTC sequence model with its decoder) is deployed through the command line,
+and the written bundle's Predictor must give the source bundle's predictions on the same raw inputs:
+a derived bundle that lost the preprocessing, labels, task, heads or decoder answers otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from agreement import assert_results_close
+from click.testing import CliRunner
+from serving_models import FACTORY, trained
+from torch import nn
+
+import trainfer
+from trainfer.cli import main
+from trainfer.serve.bundle import read_manifest
+from trainfer.testing import randomize_batchnorm
+
+IMAGE = {"input_shape": [1, 8, 8], "mean": [0.4], "std": [0.3], "pixel_scale": 1.0}
+
+
+class TwoHeads(nn.Module):
+    """One trunk (conv-BN-ReLU), two named outputs: ``digit`` (4 logits) and ``size`` (one value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
+        self.digit, self.size = nn.Linear(256, 4), nn.Linear(256, 1)
+
+    def forward(self, x):
+        features = self.trunk(x)
+        return {"digit": self.digit(features), "size": self.size(features)}
+
+
+def two_heads() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_batchnorm(TwoHeads(), seed=0).eval()
+
+
+trainfer.register_model(two_heads, name="test_cli_derived_bundles:two_heads")
+
+
+def _classification(path):
+    labels = ["cat", "dog", "eel"]
+    return trainfer.save(trained(1), path, factory=FACTORY, config={}, labels=labels, preprocess=IMAGE)
+
+
+def _binary(path):
+    model, config = trained(2, outputs=1, final="sigmoid"), {"outputs": 1, "final": "sigmoid"}
+    return trainfer.save(
+        model, path, factory=FACTORY, config=config, task="binary", labels=["no", "yes"], preprocess=IMAGE
+    )
+
+
+def _regression(path):
+    scaling = {**IMAGE, "target_mean": [10.0, -3.0], "target_std": [2.0, 0.5]}
+    model, config = trained(3, outputs=2), {"outputs": 2}
+    return trainfer.save(model, path, factory=FACTORY, config=config, task="regression", preprocess=scaling)
+
+
+def _heads(path):
+    tasks, labels = {"digit": "classification", "size": "regression"}, {"digit": list("abcd")}
+    return trainfer.save(
+        two_heads(), path, factory="test_cli_derived_bundles:two_heads", heads=tasks, labels=labels, preprocess=IMAGE
+    )
+
+
+def _ctc(path):
+    from trainfer.demo.digit_strings import preprocess_spec
+    from trainfer.models import digit_string_crnn
+    from trainfer.models.sequence import CTC_TOKENS
+
+    torch.manual_seed(4)
+    model = randomize_batchnorm(digit_string_crnn(width=4), seed=4).eval()
+    decoder = {"kind": "ctc", "blank": 0, "beam_width": 3}
+    return trainfer.save(
+        model, path, task="sequence", labels=list(CTC_TOKENS), decoder=decoder, preprocess=preprocess_spec()
+    )
+
+
+KINDS = {"classification": _classification, "binary": _binary, "regression": _regression, "heads": _heads}
+KINDS["ctc"] = _ctc
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_trainfer_deploy_of_a_bundle_predicts_what_the_bundle_predicts(tmp_path, kind):
+    source = KINDS[kind](tmp_path / "source")
+    out = tmp_path / "deployed"
+    result = CliRunner().invoke(main, ["deploy", str(source), "-o", str(out), "--trust-factory"])
+    assert result.exit_code == 0, result.output
+    shape = read_manifest(source).input_shape
+    raw = np.random.default_rng(0).uniform(0, 1, (5, *shape[1:])).astype(np.float32)
+    expected = trainfer.Predictor.load(source, trust_factory=True).predict(raw)
+    got = trainfer.Predictor.load(out).predict(raw)
+    assert read_manifest(out).form == "deploy"
+    assert_results_close(got, expected, atol=1e-4)
+
+
+SERVED_AS = ("task", "labels", "heads", "preprocess", "decoder")
+
+
+@pytest.mark.parametrize("kind", ["classification", "heads"])
+def test_trainfer_prune_of_a_bundle_keeps_what_it_serves_as(tmp_path, kind):
+    source = KINDS[kind](tmp_path / "source")
+    deployed, out = tmp_path / "deployed", tmp_path / "pruned"
+    assert CliRunner().invoke(main, ["deploy", str(source), "-o", str(deployed), "--trust-factory"]).exit_code == 0
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).uniform(0, 1, (8, 1, 8, 8)).astype(np.float32))
+    arguments = ["prune", str(deployed), "-o", str(out), "--ratio", "0.25", "--data", str(tmp_path / "x.npy")]
+    result = CliRunner().invoke(main, [*arguments, "--min-agreement", "0"])
+    assert result.exit_code == 0, result.output
+    written, given = read_manifest(out), read_manifest(source)
+    for field in SERVED_AS:  # the output kinds carried over are declared ones: how each was decided may differ
+        assert _served(written, field) == _served(given, field), field
+
+
+def _served(manifest, field):
+    if field == "heads":
+        return [head.model_dump(exclude={"output_kind_decided_by"}) for head in manifest.heads]
+    return getattr(manifest, field)
