@@ -123,6 +123,53 @@ def test_int8_probes_that_cannot_check_anything_are_refused(int8_bundles, tmp_pa
         Predictor.load(path)
 
 
+def _set(path: tuple[str, ...], value):
+    """A forge setting ``entry[path...] = value``."""
+
+    def forge(entry):
+        for key in path[:-1]:
+            entry = entry[key]
+        entry[path[-1]] = value
+
+    return forge
+
+
+@needs_ort
+@pytest.mark.parametrize(
+    ("forge", "message"),
+    [
+        pytest.param(
+            _set(("format_version",), 99), "format_version 99; this trainfer reads int8 records up to 2", id="newer"
+        ),
+        pytest.param(_set(("format_version",), "2"), "format_version: Input should be a valid integer", id="text"),
+        pytest.param(
+            _set(("format_version",), -1), "format_version: Input should be greater than or equal to 1", id="neg"
+        ),
+        pytest.param(_set(("format_version",), 10**30), "format_version", id="huge"),
+        pytest.param(_set(("zzz",), 1), "zzz: Extra inputs are not permitted", id="unknown key"),
+        pytest.param(_set(("report",), "junk"), "report: Input should be", id="report junk"),
+        pytest.param(_set(("report", "gate", "ok"), False), "gate verdict failed", id="failed gate"),
+        pytest.param(_set(("report", "gate", "samples"), 0), "contradicts itself", id="gate of 0 samples marked ok"),
+        pytest.param(_set(("made_by",), "x" * 100_000), "made_by: String should have at most 200", id="long made_by"),
+        pytest.param(_set(("made_by",), "someone"), "made_by must be one of", id="other made_by"),
+        pytest.param(_set(("sha256",), "ABC"), "sha256: String should match pattern", id="sha256 not hex"),
+        pytest.param(_set(("report", "sensitivity"), [{"name": "x"}] * 5000), "sensitivity", id="5000 layers"),
+    ],
+)
+def test_an_int8_record_off_its_schema_is_refused_naming_the_field(int8_bundles, tmp_path, forge, message):
+    """``quantization.json`` is checked as strictly as ``runtime.json`` (attacker round 10, F10): each
+    of these was served as onnxruntime/int8 before, without a word."""
+    import shutil
+
+    genuine, _ = int8_bundles
+    path = tmp_path / "forged"
+    shutil.copytree(genuine, path)
+    _rewrite_json(path / int8_form.QUANTIZATION_FILE, forge)
+    with pytest.raises(BundleError, match="int8 record") as refused:
+        Predictor.load(path)
+    assert message in str(refused.value) and len(str(refused.value)) < 1200
+
+
 def _write_probes(path: Path, entry: dict, inputs: torch.Tensor) -> None:
     save_file({"inputs": inputs}, str(path / PROBES_FILE))
     entry["probes"]["sha256"] = _sha256(path / PROBES_FILE)

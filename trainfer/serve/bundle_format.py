@@ -34,6 +34,9 @@ QUANTIZATION_FILE = "quantization.json"
 #: What :func:`trainfer.serve.int8_form.retire_int8_form` renames :data:`QUANTIZATION_FILE` to while it
 #: removes the files it names.
 RETIRED_FILE = "quantization.json.retired"
+#: The writers an int8 record's ``made_by`` names: ``trainfer quantize`` (a bundle of its own),
+#: ``trainfer compile``'s int8 choice (which a later compile may retire).
+MADE_BY = ("trainfer quantize", "trainfer compile")
 FORMAT = "trainfer-bundle"
 #: 2: deploy forms carry their ``architecture``; a version-1 deploy-form bundle built by
 #: ``trainfer.deploy`` (rebuilt by replaying the fold) is refused, pointing to ``trainfer migrate``.
@@ -41,6 +44,7 @@ FORMAT_VERSION = 2
 MAX_MANIFEST_BYTES = 16 * 2**20
 
 __all__ = [
+    "MADE_BY",
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST_FILE",

@@ -27,6 +27,7 @@ from trainfer.errors import BundleError, InputError
 from trainfer.jsonfile import read_json
 from trainfer.readfile import open_regular, present
 from trainfer.serve.bundle_format import (
+    MADE_BY,
     QUANTIZATION_FILE,
     QUANTIZED_FILE,
     RETIRED_FILE,
@@ -46,10 +47,8 @@ from trainfer.serve.runtime_record import (
 from trainfer.serve.served_checks import PROBES_FILE
 from trainfer.serve.weights import write_safetensors
 
-# The int8 form's file names (QUANTIZED_FILE, QUANTIZATION_FILE, RETIRED_FILE) are part of the bundle's
-# layout, in trainfer.serve.bundle_format, which lists every file a bundle may hold.
-#: The writers ``made_by`` names: ``trainfer quantize`` (a bundle of its own), ``trainfer compile``'s int8 choice.
-MADE_BY = ("trainfer quantize", "trainfer compile")
+# The int8 form's file names (QUANTIZED_FILE, QUANTIZATION_FILE, RETIRED_FILE) and its writers (MADE_BY)
+# are part of the bundle's layout, in trainfer.serve.bundle_format, which lists every file a bundle may hold.
 
 __all__ = [
     "MADE_BY",
@@ -207,5 +206,10 @@ def _still_written(file: Path, digest: Any) -> bool:
 
 
 def _quantization_entry(directory: Path) -> dict[str, Any]:
+    """The bundle's int8 record, checked against its schema (:mod:`trainfer.serve.quantization_schema`)."""
+    from trainfer.serve.quantization_schema import check_int8_record
+
     file = directory / QUANTIZATION_FILE
-    return int8_record(read_json(file, error=BundleError), file)
+    entry = int8_record(read_json(file, error=BundleError), file)
+    check_int8_record(entry, repr(str(file)))
+    return entry
