@@ -1382,3 +1382,16 @@ def test_a_model_name_a_url_path_cannot_carry_is_refused_by_the_settings(name):
 
     with pytest.raises(InputError, match="model name .*: expected 1 to 128 ASCII letters"):
         ServerSettings(bundles={name: str(Path(__file__).parent / "fixtures" / "digits_deploy_v2")})
+
+
+def test_only_a_fast_model_whose_cost_does_not_depend_on_its_inputs_runs_batches_on_the_event_loop():
+    """A generating model's cost depends on when its sequences end (up to ``max_length``), not on the
+    random inputs timed at load: however fast those were, its batches stay on a worker thread."""
+    from types import SimpleNamespace
+
+    from trainfer.server.state import runs_inline
+
+    assert runs_inline(SimpleNamespace(forward_seconds=2e-4, generates=False))
+    assert not runs_inline(SimpleNamespace(forward_seconds=2e-4, generates=True))
+    assert not runs_inline(SimpleNamespace(forward_seconds=2e-3, generates=False))
+    assert not runs_inline(SimpleNamespace(forward_seconds=None, generates=False))

@@ -185,6 +185,16 @@ def _end_turn(turns: asyncio.Semaphore, done: asyncio.Future[Any]) -> None:
         done.exception()
 
 
+def runs_inline(model: ServedModel) -> bool:
+    """Whether ``model``'s batches may run on the event loop's thread (:class:`DynamicBatcher`'s ``inline``):
+    its one-sample forward took under :data:`COMPUTE_BOUND` at load, and its cost does not depend on the
+    inputs' values. A model that generates does not qualify: a sequence ending late (or never, up to its
+    ``max_length``) costs many times the random inputs' decoding timed at load, and the loop would serve
+    nothing else meanwhile."""
+    fast = model.forward_seconds is not None and model.forward_seconds < COMPUTE_BOUND
+    return fast and not model.generates
+
+
 class HTTPError(Exception):
     """An answer other than 200, with its one-line message and headers."""
 
@@ -237,7 +247,7 @@ class Server:
                     settings.max_queue,
                     self.metrics.batch_stats(name),
                     settings.batch_workers or default_workers(model.forward_seconds),
-                    inline=model.forward_seconds is not None and model.forward_seconds < COMPUTE_BOUND,
+                    inline=runs_inline(model),
                 )
                 batcher.start()
                 self.models[name] = model
