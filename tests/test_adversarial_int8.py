@@ -5,25 +5,32 @@ trainfer wrote that file, so it accepts only the operators it writes
 (:data:`trainfer.serve.int8_ops.INT8_OPS`), on every graph, nested graph and function, before
 ONNX Runtime or OpenVINO parses it: control flow (a ``Loop`` of 1e12 iterations hung predict),
 size-from-data operators, custom domains and junk are a one-line :class:`trainfer.BundleError`.
+Allowed operators are then costed on the bundle's recorded input shape
+(:mod:`trainfer.serve.int8_cost`): a ``Conv`` whose ``pads`` are 400 (tensors grow as pads², the file
+does not), a chain of 1024x1024 ``MatMul``s, one ``Concat`` listing a tensor 100 times, a sparse
+initializer densified to 2 GiB, or a graph whose shapes cannot be inferred is refused too.
 """
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from serving_models import write_pngs
 from time_limit import time_limit
 
 import trainfer
 from trainfer.cli import main
 from trainfer.models import digits_net
-from trainfer.serve.int8_ops import INT8_OPS, MAX_INT8_NODES
+from trainfer.serve.int8_cost import check_int8_cost, float_flops
+from trainfer.serve.int8_ops import INT8_OPS, MAX_INT8_NODES, check_int8_ops
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +196,127 @@ ATTACKS = {
     "Constant in another file": (lambda model: wrap_output(model, external_constant), "tensor 'c' keeps its data in"),
     "not ONNX at all": (lambda model: b"\x0a\xff\xff\xff\xff\x0f junk", "not a valid ONNX model"),
 }
+
+
+def on_the_side(model, make_nodes) -> None:
+    """Add the nodes ``make_nodes(input)`` builds (ending in ``side``) to the graph, their mean times 0
+    added to its output: the answers are unchanged, the work is done."""
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), "zero"))
+    nodes = [
+        *make_nodes(model.graph.input[0].name),
+        helper.make_node("ReduceMean", ["side"], ["side_mean"], keepdims=0),
+        helper.make_node("Mul", ["side_mean", "zero"], ["side_zero"]),
+    ]
+    wrap_output(model, lambda inner, outer: [*nodes, helper.make_node("Add", [inner, "side_zero"], [outer])])
+
+
+def big_pads(model):
+    conv = next(node for node in model.graph.node if node.op_type == "Conv")
+    next(a for a in conv.attribute if a.name == "pads").ints[:] = [400] * 4
+
+
+def matmul_chain(model):
+    model.graph.initializer.append(numpy_helper.from_array(np.eye(512, dtype=np.float32), "w"))
+
+    def chain(given):
+        mean = helper.make_node("ReduceMean", [given], ["mean"], keepdims=0)
+        return [mean, helper.make_node("Add", ["w", "mean"], ["m0"])] + [
+            helper.make_node("MatMul", [f"m{i}", "w"], [f"m{i + 1}" if i < 1 else "side"]) for i in range(2)
+        ]
+
+    on_the_side(model, chain)
+
+
+def concat_copies(model):
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros((1, 512, 512), np.float32), "c"))
+    on_the_side(model, lambda given: [helper.make_node("Concat", ["c"] * 100, ["side"], axis=0)])
+
+
+def sparse(dims, used: bool):
+    def mutate(model):
+        values = numpy_helper.from_array(np.ones(1, np.float32), "sp")
+        indices = numpy_helper.from_array(np.zeros(1, np.int64), "sp_indices")
+        model.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, dims))
+        if used:
+            on_the_side(model, lambda given: [helper.make_node("Identity", ["sp"], ["side"])])
+
+    return mutate
+
+
+def sparse_constant(model):
+    values = numpy_helper.from_array(np.ones(1, np.float32), "v")
+    value = helper.make_sparse_tensor(values, numpy_helper.from_array(np.zeros(1, np.int64), "i"), [23000, 23000])
+    on_the_side(model, lambda given: [helper.make_node("Constant", [], ["side"], sparse_value=value)])
+
+
+def wide_pooling(model):
+    pool = helper.make_node("MaxPool", [], ["side"], kernel_shape=[4000, 4000], pads=[2000] * 4)
+    on_the_side(model, lambda given: [pool] if pool.input.append(given) is None else [])
+
+
+def shape_from_a_transpose(model):
+    """A Reshape whose shape is computed (a Transpose data propagation does not follow): its output's shape
+    is not known until it runs."""
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "flat"))
+    on_the_side(
+        model,
+        lambda given: [
+            helper.make_node("Transpose", ["flat"], ["computed"]),
+            helper.make_node("Reshape", [given, "computed"], ["side"]),
+        ],
+    )
+
+
+COST_ATTACKS = {
+    "Conv pads 400": (big_pads, r"tensor '.*' of shape \[1, \d+, 806, 806\] holds \d+ elements .* over the limit"),
+    "2 MatMuls of 512x512": (matmul_chain, r"computes 5.4e\+08 floating-point operations .* the float model computes"),
+    "Concat of one tensor 100 times": (concat_copies, r"tensor 'side' of shape \[100, 512, 512\]"),
+    "sparse initializer, unused": (sparse([23000, 23000], False), r"tensor 'sp' of shape \[23000, 23000\]"),
+    "sparse initializer, used": (sparse([23000, 23000], True), r"tensor 'sp' of shape \[23000, 23000\]"),
+    "sparse Constant": (sparse_constant, r"tensor 'side' of shape \[23000, 23000\]"),
+    "MaxPool of a 4000x4000 window": (wide_pooling, r"floating-point operations on the recorded input \[1, 1, 8, 8\]"),
+    "shape not inferable": (shape_from_a_transpose, r"the shape of 'side', output of node .* cannot be inferred"),
+    "negative dims": (lambda model: model.graph.initializer[0].dims.insert(0, -1), "elements on the recorded input"),
+}
+
+
+@pytest.mark.parametrize("attack", list(COST_ATTACKS))
+def test_what_allowed_operators_compute_is_bounded_before_any_runtime_sees_the_file(int8_bundle, tmp_path, attack):
+    mutate, message = COST_ATTACKS[attack]
+    bundle = tampered(int8_bundle, tmp_path / "b", mutate)
+    with time_limit(120), pytest.raises(trainfer.BundleError, match=message):
+        trainfer.Predictor.load(bundle)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"equalize": True},
+        {"equalize": False, "calibration": "entropy"},
+        {"gate": trainfer.AccuracyGate(max_rel_error=1e-5), "max_float_layers": 5},  # every layer falls back
+        {"runtime": "openvino"},
+    ],
+)
+def test_every_int8_form_quantize_makes_passes_the_cost_check(tmp_path, options):
+    if options.get("runtime") == "openvino":
+        pytest.importorskip("openvino")
+    torch.manual_seed(0)
+    samples = torch.rand(16, 1, 8, 8)
+    settings = {"gate": trainfer.AccuracyGate(min_agreement=0.0, max_accuracy_drop=None), "equalize": False}
+    quantized = trainfer.quantize(digits_net().eval(), samples, sensitivity_samples=8, **{**settings, **options})
+    bundle = quantized.save(tmp_path / "b")
+    assert trainfer.Predictor.load(bundle).predict(samples[:2])  # loads: every check passed
+
+
+def test_the_cost_check_counts_what_the_float_model_computes(int8_bundle):
+    """digits_net's int8 form computes its float form's convolutions and matmuls: the same count."""
+    model = check_int8_ops((int8_bundle / "quantized.onnx").read_bytes(), "quantized.onnx")
+    reference = trainfer.load(int8_bundle)
+    flops = float_flops(reference, [1, 1, 8, 8])
+    weights = sum(t.numel() for t in reference.state_dict().values())
+    check_int8_cost(model, [1, 1, 8, 8], weights, flops // 2, "quantized.onnx")  # counts at most 2x the float's
+    with pytest.raises(trainfer.BundleError, match=re.escape(f"the float model computes {flops // 2 - 1:.3g}")):
+        check_int8_cost(model, [1, 1, 8, 8], weights, flops // 2 - 1, "quantized.onnx")
 
 
 @pytest.mark.parametrize("attack", list(ATTACKS))

@@ -245,3 +245,54 @@ def test_class_agreement_gates_refuse_a_ctc_bundle_in_one_line(tmp_path, command
     assert len(errors) == 1 and what in errors[0] and "decodes" in errors[0], result.output
     assert result.output.strip().splitlines() == errors  # refused first: no search or progress announced
     assert not (tmp_path / "out").exists() and not (path / "runtime.json").exists()
+
+
+class RepeatedFrames(FrameModel):
+    """FrameModel's 12 frames repeated 100 times: 1200 frames, as a graph that repeats its output returns."""
+
+    def forward(self, x):
+        return super().forward(x).repeat(1, 100, 1)
+
+
+def repeated_frames() -> nn.Module:
+    model = RepeatedFrames()
+    model.load_state_dict(frame_model().state_dict())
+    return model
+
+
+trainfer.register_model(repeated_frames, name="test_sequence_serving:repeated_frames")
+
+
+def test_a_ctc_bundle_whose_frames_make_the_beam_search_too_long_is_refused_at_load(tmp_path):
+    path = trainfer.save(
+        repeated_frames(),
+        tmp_path / "long",
+        factory="test_sequence_serving:repeated_frames",
+        task="sequence",
+        labels=TOKENS,
+        output_kind="log_probabilities",
+        decoder={**CTC_BEAM, "beam_width": 64},
+        example_inputs=one_hot_frames(PATHS),
+    )
+    with pytest.raises(BundleError, match=r"1200 frames with beam_width 64 .* over the bound of 2.15e\+09"):
+        Predictor.load(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["decoder"]["beam_width"] = 4  # 1200 frames are fine for a narrower beam
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert Predictor.load(path).predict(one_hot_frames(PATHS[:1]))[0].text == "abbc" * 100 + "a"  # a|a merge
+
+
+@pytest.mark.parametrize(("frames", "beam_width", "top_k"), [(2000, 64, None), (2000, 4, 64)])
+def test_a_ctc_beam_search_over_too_many_frames_is_refused_before_it_runs(frames, beam_width, top_k):
+    log_probs = torch.full((1, frames, 4), -1.0).log_softmax(-1)
+    settings = DecoderSettings(kind="ctc", blank=0, beam_width=beam_width)
+    with pytest.raises(DecodingError, match=f"over {frames} frames with beam_width 64 .* over the bound"):
+        sequence_results(log_probs, tuple(TOKENS), settings, top_k)
+
+
+def test_variable_width_inputs_are_bounded_at_predict_time_and_realistic_lengths_decode():
+    predictor = Predictor(frame_model(), task="sequence", labels=TOKENS, decoder={**CTC_BEAM, "beam_width": 16})
+    with pytest.raises(DecodingError, match="over 12000 frames with beam_width 16"):
+        predictor.predict(torch.zeros(1, 1, 4, 12000))
+    (long_line,) = predictor.predict(torch.zeros(1, 1, 4, 2000))  # 2000 frames, beam 16: within the bound
+    assert len(long_line.frame_confidence) == 2000

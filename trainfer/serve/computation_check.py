@@ -17,7 +17,7 @@ from trainfer.errors import BundleError
 from trainfer.serve.architecture_tables import FUNCTION_NAMES, FUNCTIONS, MAX_INT, OPERATORS
 from trainfer.serve.flop_replay import FlopReplay
 
-__all__ = ["check_computation"]
+__all__ = ["MAX_TOTAL_FACTOR", "check_computation", "computation_limits"]
 
 MAX_EXPONENT = 64  #: magnitude of a Python ``**`` exponent
 MAX_GROWTH = 1024  #: a tensor the graph computes holds at most this many times the input's elements...
@@ -68,8 +68,7 @@ def check_computation(gm: fx.GraphModule, input_shape: list[int] | None, where: 
         raise BundleError(f"{where}: a recorded architecture takes one input, found {len(placeholders)} placeholders")
     elements = math.prod(input_shape)
     weights = sum(t.numel() for t in gm.state_dict().values())
-    limit = min(max(MAX_GROWTH * elements, MIN_ELEMENTS_LIMIT), MAX_ELEMENTS_LIMIT)
-    flops = min(max(FLOPS_PER_WEIGHT * (weights + elements) * elements, MIN_FLOPS), MAX_FLOPS)
+    limit, flops = computation_limits(weights, elements)
     meta = {name: torch.empty_like(t, device="meta") for name, t in gm.state_dict(keep_vars=True).items()}
     dtype = next((t.dtype for t in meta.values() if t.is_floating_point()), torch.float32)  # the weights' own
     example = torch.empty(input_shape, device="meta", dtype=dtype)
@@ -91,6 +90,16 @@ def check_computation(gm: fx.GraphModule, input_shape: list[int] | None, where: 
             f"the limit of {flops:.3g} for {weights} weights and {elements} input elements"
         )
     return output
+
+
+def computation_limits(weights: int, elements: int) -> tuple[int, int]:
+    """The bounds :func:`check_computation` applies to a network of ``weights`` weights on an input of
+    ``elements`` elements: the elements one tensor may hold (``L``; all of them together:
+    ``MAX_TOTAL_FACTOR * L``) and the floating-point operations of one forward (see its docstring).
+    A bundle's int8 form is bounded by the same (:mod:`trainfer.serve.int8_cost`)."""
+    limit = min(max(MAX_GROWTH * elements, MIN_ELEMENTS_LIMIT), MAX_ELEMENTS_LIMIT)
+    flops = min(max(FLOPS_PER_WEIGHT * (weights + elements) * elements, MIN_FLOPS), MAX_FLOPS)
+    return limit, flops
 
 
 class _Checked(nn.Module):

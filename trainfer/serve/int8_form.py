@@ -35,6 +35,7 @@ from trainfer.serve.bundle_format import (
     own_int8_record,
 )
 from trainfer.serve.engines import CompiledModel, int8_engine
+from trainfer.serve.int8_cost import check_int8_cost, float_flops
 from trainfer.serve.int8_ops import check_int8_ops
 from trainfer.serve.runtime_record import (
     QUANTIZED_RUNTIMES,
@@ -93,10 +94,12 @@ def write_int8_form(
 def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None, **load_options: Any) -> CompiledModel:
     """The int8 form of a bundle (``quantized.onnx``), once checked against the bundle's float form.
 
-    The file must match its recorded sha256, and then agree with the float weights on the probe
-    inputs stored beside it (:func:`trainfer.serve.served_checks.check_int8_form`; the float form is loaded with
-    ``load_options``, :func:`trainfer.load`'s ``factory``/``trust_factory``): a digest proves
-    nothing, whoever replaces the file recomputes it. ``runtime``: ``onnxruntime`` or ``openvino``
+    The file must match its recorded sha256, hold only the operators trainfer writes
+    (:func:`~trainfer.serve.int8_ops.check_int8_ops`) and compute about what the float model does
+    (:func:`~trainfer.serve.int8_cost.check_int8_cost`, before any runtime sees it), and then agree with
+    the float weights on the probe inputs stored beside it (:func:`trainfer.serve.served_checks.check_int8_form`;
+    the float form is loaded with ``load_options``, :func:`trainfer.load`'s ``factory``/``trust_factory``): a
+    digest proves nothing, whoever replaces the file recomputes it. ``runtime``: ``onnxruntime`` or ``openvino``
     (default: the runtime the file was made and gated for, as its settings record).
     """
     from trainfer.serve.bundle import load, recipe_from
@@ -118,8 +121,14 @@ def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None, 
         raise BundleError(
             f"{str(file)!r} does not match {QUANTIZATION_FILE}: sha256 expected {entry.get('sha256')}, got {digest}"
         )
-    check_int8_ops(data, repr(str(file)))  # before any runtime parses it: only the operators trainfer writes
+    model = check_int8_ops(data, repr(str(file)))  # before any runtime parses it: only the operators trainfer writes
     manifest = read_manifest(directory)
+    shape = manifest.input_shape
+    if not shape:
+        raise BundleError(f"bundle {str(directory)!r} records no input shape to check its int8 form on")
+    reference = load(directory, **load_options)
+    weights = sum(t.numel() for t in reference.state_dict().values())
+    check_int8_cost(model, shape, weights, float_flops(reference, shape), repr(str(file)))  # and how much
     threads = torch.get_num_threads()
     try:
         engine = int8_engine(runtime, file, manifest, threads, data)  # the bytes checked, not the file again
@@ -127,11 +136,8 @@ def serve_quantized(bundle: str | os.PathLike[str], runtime: str | None = None, 
         raise
     except Exception as error:  # the file is untrusted: onnxruntime and OpenVINO raise their own types
         raise BundleError(f"{runtime} cannot load the int8 form {str(file)!r}: {error}"[:2000]) from None
-    shape = manifest.input_shape
-    if not shape:
-        raise BundleError(f"bundle {str(directory)!r} records no input shape to check its int8 form on")
     probes = read_probes(directory, entry, shape[1:])
-    check_int8_form(engine, load(directory, **load_options), probes, repr(str(file)))
+    check_int8_form(engine, reference, probes, repr(str(file)))
     report = entry.get("report")
     gate = report.get("gate") if isinstance(report, dict) else None
     candidate = CandidateRecord(runtime, "int8", "ok", "accuracy gate measured at quantization", gate=gate)

@@ -15,7 +15,8 @@ OpenVINO sees the file, on the main graph, every nested graph (node attributes, 
 such: no allowed operator takes one) and every model-local function, at most
 :data:`MAX_INT8_NODES` nodes in all, every tensor held inside the file (never ONNX's external data:
 another file, which the sha256 does not cover and which a runtime reading the model from memory would
-look for in the working directory); anything else is a :class:`BundleError`.
+look for in the working directory); anything else is a :class:`BundleError`. How much the allowed
+operators compute is bounded by :mod:`trainfer.serve.int8_cost`.
 """
 
 from __future__ import annotations
@@ -58,10 +59,11 @@ MAX_INT8_NODES = 100_000
 _STANDARD_DOMAINS = ("", "ai.onnx")
 
 
-def check_int8_ops(data: bytes, source: str) -> None:
-    """Refuse (:class:`BundleError`) the ONNX model ``data`` unless every node of every graph and
-    function is a standard-domain operator of :data:`INT8_OPS`, at most :data:`MAX_INT8_NODES` in all,
-    and every tensor holds its own data (none in an external file)."""
+def check_int8_ops(data: bytes, source: str) -> Any:
+    """The ONNX model ``data`` parsed (a ``ModelProto``), once every node of every graph and function is
+    a standard-domain operator of :data:`INT8_OPS`, at most :data:`MAX_INT8_NODES` in all, and every tensor
+    holds its own data (none in an external file); refused (:class:`BundleError`) otherwise. What it
+    computes is bounded next (:func:`trainfer.serve.int8_cost.check_int8_cost`)."""
     import onnx
 
     try:
@@ -91,6 +93,7 @@ def check_int8_ops(data: bytes, source: str) -> None:
             f"{source}: tensor {external!r} keeps its data in another file, which trainfer's int8 forms never do "
             "(that file is not covered by the sha256): refusing to run it"
         )
+    return model
 
 
 def _nodes(model: Any) -> Iterator[tuple[str, Any]]:

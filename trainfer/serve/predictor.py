@@ -230,6 +230,7 @@ class Predictor:
         # the caller's kinds replace the recorded ones (checked as they run); a generator has no single forward
         if "output_kind" not in overrides and not predictor.generates:
             predictor._check_recorded_kinds(served.heads, repr(str(path)))
+        predictor._check_ctc_work(repr(str(path)))
         return predictor
 
     def _check_recorded_kinds(self, heads: list[Head], source: str) -> None:
@@ -239,6 +240,23 @@ class Predictor:
         shape = self.preprocess_spec.input_shape
         if heads and shape is not None:
             check_declared_kinds(self.forward, heads, probe_inputs(shape, self.preprocess_spec.torch_dtype), source)
+
+    def _check_ctc_work(self, source: str) -> None:
+        """Refuse a CTC sequence bundle whose beam search, over the frames its model returns for an input of
+        its shape, costs more than the served bound per item (:func:`trainfer.serve.sequence.check_ctc_work`):
+        its graph chooses the frames, and each prediction would pay for them."""
+        from trainfer.errors import BundleError, DecodingError
+        from trainfer.serve.sequence import check_ctc_work
+
+        decoder = self.decoder
+        example = self._example_batch() if decoder is not None and decoder.kind == "ctc" else None
+        if example is None or decoder.beam_width == 1:
+            return
+        shape = tuple(select_output(self.forward(example), self.heads[0].select).shape)
+        try:
+            check_ctc_work(shape, decoder.beam_width)
+        except DecodingError as error:
+            raise BundleError(f"{source}: {error}") from None
 
     @staticmethod
     def ensemble(predictors: Iterable[Member], weights: Iterable[float] | None = None) -> Ensemble:

@@ -36,7 +36,12 @@ from trainfer.decoding.checks import check_finite_float, check_int
 from trainfer.decoding.interface import batch_size
 from trainfer.decoding.tokens import TokenTable
 from trainfer.errors import DecodingError
-from trainfer.serve.decoder_bounds import MAX_SERVED_BEAM_WIDTH, MAX_SERVED_LENGTH, search_work_problem
+from trainfer.serve.decoder_bounds import (
+    MAX_SERVED_BEAM_WIDTH,
+    MAX_SERVED_LENGTH,
+    ctc_work_problem,
+    search_work_problem,
+)
 
 KINDS = ("ctc", "autoregressive")
 
@@ -46,6 +51,7 @@ __all__ = [
     "DecoderSettings",
     "SequenceResult",
     "autoregressive_results",
+    "check_ctc_work",
     "is_autoregressive",
     "sequence_results",
 ]
@@ -163,7 +169,9 @@ def sequence_results(
 ) -> list[SequenceResult]:
     """Decode ``(N, T, C)`` per-frame log-probabilities into one :class:`SequenceResult` per row.
 
-    ``n_best`` (the Predictor's ``top_k``) overrides the settings' ``n_best``; the beam widens to it.
+    ``n_best`` (the Predictor's ``top_k``) overrides the settings' ``n_best``; the beam widens to it. A beam
+    search costing more than :data:`~trainfer.serve.decoder_bounds.MAX_SERVED_CTC_WORK` per item (too many
+    frames for the beam) is refused before it runs (:func:`check_ctc_work`).
     """
     if settings.kind != "ctc":
         raise DecodingError(
@@ -185,6 +193,7 @@ def sequence_results(
             for h, f in zip(found, frames)
         ]
     width = max(settings.beam_width, wanted)
+    check_ctc_work(log_probs.shape, width)
     beams = decoding.ctc_beam_search(log_probs, beam_width=width, blank=blank, n_best=wanted)
     out = []
     for hyps, f in zip(beams, frames):
@@ -192,6 +201,16 @@ def sequence_results(
         listed = [(table.text(h.tokens), h.score) for h in hyps] if wanted > 1 else None
         out.append(SequenceResult(table.text(best.tokens), list(best.tokens), best.score, f, None, listed))
     return out
+
+
+def check_ctc_work(shape: tuple[int, ...], beam_width: int) -> None:
+    """Refuse (:class:`DecodingError`) a CTC beam search of ``beam_width`` over scores of ``shape``
+    ``(N, frames, classes)`` that costs more than the served bound per item (see
+    :func:`~trainfer.serve.decoder_bounds.ctc_work_problem`); a beam of 1 (best path) costs ``frames × classes``.
+    Scores of another rank are left to the caller's own check."""
+    problem = ctc_work_problem(shape[1], beam_width, shape[2]) if beam_width > 1 and len(shape) == 3 else None
+    if problem:
+        raise DecodingError(f"{problem}: refusing to decode (lower the beam_width, or the frames)")
 
 
 def is_autoregressive(decoder: DecoderSettings | Mapping[str, Any] | None) -> bool:

@@ -1,0 +1,163 @@
+"""The static cost check of a bundle's int8 form: what ``quantized.onnx`` would hold and compute, bounded
+before any runtime sees the file (:func:`check_int8_cost`).
+
+The operator allow-list (:mod:`trainfer.serve.int8_ops`) bounds what kind of thing the file computes, not
+how much: allow-listed operators alone make a memory or CPU bomb of any size from a small file (a
+``Conv`` whose ``pads`` are 3000 asks for a 37 GB tensor, 500 chained 1024x1024 ``MatMul``s cost 10 s a
+forward, a ``Concat`` listing one tensor N times holds N copies, a ``sparse_initializer`` of a few bytes
+is densified to 2 GiB when the session is created). So the graph's shapes are inferred
+(``onnx.shape_inference``, strict) on the bundle's recorded input shape, and its memory and work are
+bounded by the bounds the recorded fx architecture is held to at load
+(:func:`trainfer.serve.computation_check.computation_limits`, for the float model's weights and that input)
+and by the float model's own cost: the int8 form of a model computes what its float form does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
+
+from trainfer.errors import BundleError
+from trainfer.serve.computation_check import MAX_TOTAL_FACTOR, computation_limits
+
+__all__ = ["INT8_FLOPS_FACTOR", "check_int8_cost", "float_flops"]
+
+#: An int8 form computes at most this many times its float model's floating-point operations.
+INT8_FLOPS_FACTOR = 2
+
+
+def float_flops(model: nn.Module, input_shape: list[int]) -> int | None:
+    """The floating-point operations (``torch.utils.flop_counter``: convolutions, matmuls) of one forward of
+    ``model`` on an input of ``input_shape``, counted on the meta device (no memory, no arithmetic); None
+    when the model does not run there."""
+    meta = {name: torch.empty_like(t, device="meta") for name, t in model.state_dict(keep_vars=True).items()}
+    dtype = next((t.dtype for t in meta.values() if t.is_floating_point()), torch.float32)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            functional_call(model, meta, (torch.empty(input_shape, device="meta", dtype=dtype),))
+    except Exception:  # an op without a meta kernel: the shared bounds alone apply
+        return None
+    return int(counter.get_total_flops())
+
+
+def check_int8_cost(model: Any, input_shape: list[int], weights: int, reference_flops: int | None, source: str) -> None:
+    """Refuse (:class:`BundleError`) the int8 ONNX ``model`` (a checked ``ModelProto``: allow-listed
+    operators, no nested graph) unless, on one input of ``input_shape`` (the bundle's recorded shape):
+
+    - every tensor it stores (initializers; a sparse one counted dense, as the runtimes hold it) and every
+      tensor a node computes (a ``Constant``'s value too) has a shape shape inference knows, of at most
+      ``L`` elements, and all of them together at most ``MAX_TOTAL_FACTOR * L``;
+    - its floating-point operations (2 per multiply-add of ``Conv``, ``Gemm`` and ``MatMul``; one per
+      window element of a pooling) stay within the flop bound, and within :data:`INT8_FLOPS_FACTOR`
+      times ``reference_flops`` (the float model's, when known).
+
+    ``L`` and the flop bound are :func:`~trainfer.serve.computation_check.computation_limits` for the
+    float model's ``weights`` and the input's elements.
+    """
+    limit, flops_limit = computation_limits(weights, math.prod(input_shape))
+    if reference_flops is not None:
+        flops_limit = min(flops_limit, INT8_FLOPS_FACTOR * reference_flops)
+    stored = dict(_stored_shapes(model))
+    _check_sizes(stored, limit, input_shape, source)  # before inference, which reads them
+    shapes = _inferred_shapes(model, stored, input_shape, source)
+    _check_sizes(shapes, limit, input_shape, source)
+    flops = sum(_node_flops(node, shapes) for node in model.graph.node)
+    if flops > flops_limit:
+        known = "" if reference_flops is None else f"; the float model computes {reference_flops:.3g}"
+        raise BundleError(
+            f"{source}: computes {flops:.3g} floating-point operations on the recorded input {input_shape}, over "
+            f"the limit of {flops_limit:.3g}{known}: not an int8 form of this bundle's model"
+        )
+
+
+def _check_sizes(shapes: dict[str, list[int]], limit: int, input_shape: list[int], source: str) -> None:
+    """Refuse a tensor of ``shapes`` over ``limit`` elements (or with a negative dimension), and all of
+    them together over ``MAX_TOTAL_FACTOR * limit``."""
+    total = 0
+    for name, shape in shapes.items():
+        elements = math.prod(shape)
+        if elements > limit or min(shape, default=0) < 0:
+            raise BundleError(
+                f"{source}: tensor {name!r} of shape {shape} holds {elements} elements on the recorded input "
+                f"{input_shape}, over the limit of {limit}: not an int8 form of this bundle's model"
+            )
+        total += elements
+    if total > MAX_TOTAL_FACTOR * limit:
+        raise BundleError(
+            f"{source}: its tensors hold {total} elements in all on the recorded input {input_shape}, over "
+            f"{MAX_TOTAL_FACTOR} x {limit}: not an int8 form of this bundle's model"
+        )
+
+
+def _inferred_shapes(
+    model: Any, stored: dict[str, list[int]], input_shape: list[int], source: str
+) -> dict[str, list[int]]:
+    """Every tensor's shape in ``model`` run on ``input_shape``: the ``stored`` ones', and those its nodes
+    compute by strict shape inference; a node output whose shape is not fully known is refused."""
+    import onnx
+
+    inputs = [value for value in model.graph.input if value.name not in stored]
+    if len(inputs) != 1:
+        raise BundleError(f"{source}: an int8 form takes one input, found {len(inputs)}")
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    given = probe.graph.input[[value.name for value in probe.graph.input].index(inputs[0].name)]
+    given.type.tensor_type.shape.Clear()
+    given.type.tensor_type.shape.dim.extend(onnx.TensorShapeProto.Dimension(dim_value=d) for d in input_shape)
+    for output in probe.graph.output:  # the file's own declarations are not trusted: inferred afresh
+        output.type.tensor_type.ClearField("shape")
+    del probe.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as error:  # onnx's InferenceError, ValidationError: shapes that do not agree
+        problem = f"its shapes do not agree on the recorded input {input_shape}: {error}"
+        raise BundleError(f"{source}: {problem}"[:600]) from None
+    known = {**stored, inputs[0].name: list(input_shape)}
+    for value in [*inferred.graph.value_info, *inferred.graph.output]:
+        shape = value.type.tensor_type.shape
+        if value.type.HasField("tensor_type") and shape.dim and all(d.HasField("dim_value") for d in shape.dim):
+            known[value.name] = [d.dim_value for d in shape.dim]
+        elif value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape") and not shape.dim:
+            known[value.name] = []  # a scalar
+    for node in model.graph.node:
+        unknown = next((name for name in node.output if name and name not in known), None)
+        if unknown is not None:
+            raise BundleError(
+                f"{source}: the shape of {unknown!r}, output of node {node.name or node.op_type!r} ({node.op_type}), "
+                f"cannot be inferred on the recorded input {input_shape}: refusing a graph whose cost is unknown"
+            )
+    return known
+
+
+def _stored_shapes(model: Any) -> Iterator[tuple[str, list[int]]]:
+    """The name and dense shape of every initializer of ``model``, sparse ones too (the runtimes densify
+    them); a ``Constant``'s value is its output, whose shape inference gives."""
+    for tensor in model.graph.initializer:
+        yield tensor.name, list(tensor.dims)
+    for sparse in model.graph.sparse_initializer:
+        yield sparse.values.name, list(sparse.dims)
+
+
+def _node_flops(node: Any, shapes: dict[str, list[int]]) -> int:
+    """Floating-point operations of one node on known ``shapes``: 2 per multiply-add of a ``Conv``, ``Gemm``
+    or ``MatMul``, one per window element of a pooling, none counted for the rest (elementwise, their
+    work is their tensors, bounded as memory)."""
+    output = math.prod(shapes[node.output[0]])
+    if node.op_type == "Conv":
+        return 2 * output * math.prod(shapes[node.input[1]][1:])
+    if node.op_type == "MatMul":
+        return 2 * output * shapes[node.input[0]][-1]
+    if node.op_type == "Gemm":
+        first = shapes[node.input[0]]
+        transposed = any(a.name == "transA" and a.i for a in node.attribute)
+        return 2 * output * first[0 if transposed else -1]
+    if node.op_type in ("MaxPool", "AveragePool"):
+        kernel = next((list(a.ints) for a in node.attribute if a.name == "kernel_shape"), [])
+        return output * math.prod(kernel)
+    return 0
