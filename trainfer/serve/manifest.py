@@ -349,9 +349,7 @@ def validate(data: Any, source: str) -> Manifest:
     try:
         return Manifest.model_validate(data)
     except ValidationError as error:
-        problems = [_describe(problem) for problem in error.errors(include_url=False)]
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise BundleError(f"invalid manifest {source}: " + "; ".join(problems[:5]) + more) from None
+        raise schema_error(error, f"invalid manifest {source}") from None
 
 
 def build(data: dict[str, Any]) -> Manifest:
@@ -362,6 +360,14 @@ def build(data: dict[str, Any]) -> Manifest:
     except (TypeError, ValueError) as error:
         raise BundleError(f"a manifest holds JSON values only (numbers, strings, lists, dicts): {error}") from None
     return validate(json.loads(text), "the manifest being written")
+
+
+def schema_error(error: ValidationError, what: str) -> BundleError:
+    """One line for a schema's refusal of a bundle file: ``what``, then its first five problems
+    (:func:`_describe`) and how many more there are."""
+    problems = [_describe(problem) for problem in error.errors(include_url=False)]
+    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+    return BundleError(f"{what}: " + "; ".join(problems[:5]) + more)
 
 
 def _describe(problem: Any) -> str:

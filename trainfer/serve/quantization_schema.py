@@ -24,7 +24,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from trainfer.errors import BundleError
 from trainfer.serve.bundle_format import MADE_BY
-from trainfer.serve.manifest import _describe, _Schema
+from trainfer.serve.manifest import _Schema, schema_error
 from trainfer.serve.runtime_schema import GateVerdict, Name, Reason, Scalar
 
 #: The newest int8 record this trainfer reads (what :func:`trainfer.serve.int8_form.write_int8_form` writes).
@@ -104,6 +104,4 @@ def check_int8_record(data: Any, source: str) -> None:
     try:
         Int8Record.model_validate(data)
     except ValidationError as error:
-        problems = [_describe(problem) for problem in error.errors(include_url=False)]
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise BundleError(f"invalid int8 record {source}: " + "; ".join(problems[:5]) + more) from None
+        raise schema_error(error, f"invalid int8 record {source}") from None

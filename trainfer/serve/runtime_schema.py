@@ -27,9 +27,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from trainfer.errors import BundleError
 from trainfer.serve.gate import AccuracyGate, GateReport
-from trainfer.serve.manifest import _describe, _Schema
+from trainfer.serve.manifest import _Schema, schema_error
 from trainfer.serve.runtime_names import AUTO_RUNTIMES, serves
 
 #: The largest ``runtime.json`` read: a record of 64 candidates takes about 100 KiB.
@@ -157,6 +156,4 @@ def check_record(data: Any, source: str) -> None:
     try:
         Record.model_validate(data)
     except ValidationError as error:
-        problems = [_describe(problem) for problem in error.errors(include_url=False)]
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise BundleError(f"invalid runtime record {source}: " + "; ".join(problems[:5]) + more) from None
+        raise schema_error(error, f"invalid runtime record {source}") from None
