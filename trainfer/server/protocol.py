@@ -28,6 +28,7 @@ import orjson
 from trainfer.errors import InputError
 from trainfer.jsonfile import unique_keys
 from trainfer.number_text import EXPECTED_DIGITS, parse_digits
+from trainfer.serve.readers import check_buildable_shape
 
 #: The protocol's datatypes this server writes, as numpy dtypes (little-endian).
 DATATYPES: dict[str, np.dtype[Any]] = {
@@ -245,12 +246,6 @@ def _input_tensor(tensor: Any, index: int, binary: memoryview) -> tuple[str, np.
     name = tensor.get("name")
     if not isinstance(name, str) or not name:
         raise InputError(f'input {index} needs a "name" (a non-empty string)')
-    shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-        raise InputError(f'input {name!r}: "shape" must be a list of non-negative integers; got {shape!r:.80}')
-    count = math.prod(shape)
-    if count > MAX_ELEMENTS:
-        raise InputError(f"input {name!r}: shape {shape} holds {count} elements; at most {MAX_ELEMENTS} are accepted")
     datatype = tensor.get("datatype")
     if not isinstance(datatype, str) or datatype not in INPUT_DATATYPES:
         served = list(INPUT_DATATYPES)
@@ -258,6 +253,13 @@ def _input_tensor(tensor: Any, index: int, binary: memoryview) -> tuple[str, np.
             f"input {name!r}: datatype {datatype!r:.40} is not served as an input; expected one of {served}"
         )
     dtype = INPUT_DATATYPES[datatype]
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise InputError(f'input {name!r}: "shape" must be a list of non-negative integers; got {shape!r:.80}')
+    check_buildable_shape(shape, dtype.itemsize, f"input {name!r}")
+    count = math.prod(shape)
+    if count > MAX_ELEMENTS:
+        raise InputError(f"input {name!r}: shape {shape} holds {count} elements; at most {MAX_ELEMENTS} are accepted")
     size = _parameters(tensor).get("binary_data_size")
     if size is not None:
         if "data" in tensor:
