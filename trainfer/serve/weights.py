@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -196,16 +197,25 @@ def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
     return ""
 
 
-def write_safetensors(state: Mapping[str, Tensor], path: str | os.PathLike[str]) -> None:
-    """Write ``state`` to ``path`` and flush it; a failure (disk full) is an ``OSError``.
+def write_safetensors(
+    state: Mapping[str, Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write ``state`` (and the text ``metadata``) to ``path``, keeping the mode ``path`` has, and flush it; a
+    failure (disk full) is an ``OSError``.
 
-    Meant for the temporary file of an atomic write, which then names the real target.
+    Meant for the temporary file of an atomic write, which then names the real target: its mode is the
+    one the target gets (the umask's, or the replaced file's), and a missing ``path`` gets the umask's,
+    as any new file. safetensors writes a file of its own, mode 0600, and renames it over ``path``: that
+    mode is put back, else every weights file would be unreadable to a server running as another user.
     """
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666))  # the umask applies, as to any new file
+    mode = stat.S_IMODE(os.stat(path).st_mode)
     try:
-        save_file(dict(state), str(path))
+        save_file(dict(state), str(path), metadata=dict(metadata) if metadata is not None else None)
     except SafetensorError as error:  # safetensors reports I/O errors (ENOSPC) as its own type
         raise OSError(f"safetensors could not write: {error}") from error
+    os.chmod(path, mode)
     fsync_file(path)
