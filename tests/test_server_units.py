@@ -958,6 +958,41 @@ def test_infer_answers_odd_shapes_with_a_400_never_a_500(cases):
         assert status in (200, 400), (shape[:8], len(shape), status, body[:200])
 
 
+def test_the_requests_binary_data_output_is_the_default_of_every_named_output():
+    """Attacker round 10 F6: outputs named without their own ``binary_data`` came back as JSON whatever the
+    request's ``binary_data_output`` said, which the binary tensor extension makes their default."""
+    pytest.importorskip("fastapi")
+    app = _digits_app()
+    tensor = {"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 128}
+    named = [{"name": "index"}, {"name": "label", "parameters": {}}, {"name": "probabilities"}]
+    requests = [
+        {"inputs": [tensor], "outputs": named, "parameters": {"binary_data_output": True}},
+        {"inputs": [tensor], "outputs": [*named[:2], {"name": "probabilities", "parameters": {"binary_data": False}}]}
+        | {"parameters": {"binary_data_output": True}},
+        {"inputs": [tensor], "outputs": [{"name": "index", "parameters": {"binary_data": True}}, named[1]]},
+    ]
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            await _ready(app)
+            return [
+                await asgi_request(app, "/v2/models/digits/infer", "POST", json.dumps(r).encode()) for r in requests
+            ]
+
+    binary = []
+    for status, headers, body in run(main(), seconds=60):
+        assert status == 200, body
+        document, _ = split_response(body, headers)
+        binary.append(
+            {entry["name"]: "binary_data_size" in entry.get("parameters", {}) for entry in document["outputs"]}
+        )
+    assert binary == [
+        {"index": True, "label": True, "probabilities": True},
+        {"index": True, "label": True, "probabilities": False},  # an output's own binary_data overrides it
+        {"index": True, "label": False},  # without the request's flag: JSON unless asked
+    ]
+
+
 def test_predict_refuses_a_top_k_above_an_unlabelled_models_classes_before_reading_the_body(tmp_path):
     """The class count comes from the load-time check: no labels needed, no body read, no forward run."""
     pytest.importorskip("fastapi")
