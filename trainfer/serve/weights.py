@@ -5,7 +5,7 @@
 :func:`load_weights` reads ``.safetensors`` or ``torch.load(weights_only=True)`` checkpoints (unwrapping
 ``state_dict``/``model`` entries and DistributedDataParallel's ``module.`` prefix); :func:`read_bundle_weights`
 opens a bundle's file once and loads it through that descriptor once its sha256 matches the manifest's;
-:func:`load_state_dict` loads strictly, naming every mismatch.
+:func:`load_state_dict` loads strictly, naming every mismatch; :func:`check_finite_weights` refuses NaN weights.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ CHECKPOINT_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
+    "check_finite_weights",
     "load_state_dict",
     "load_weights",
     "read_bundle_weights",
@@ -171,6 +172,23 @@ def load_state_dict(
     unloaded = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
     if unloaded:
         raise BundleError(f"weights in {source} leave {type(model).__name__} tensors unset: {', '.join(unloaded)}")
+
+
+def check_finite_weights(model: nn.Module, source: str) -> None:
+    """Refuse loaded weights no answer can come from, with a :class:`BundleError` naming the first such
+    tensor: a NaN in any floating parameter or buffer, or an inf in a parameter (a buffer may hold -inf on
+    purpose: an attention mask). Such a model would be served, and every prediction refused as holding NaN,
+    telling its client to look at the inputs."""
+    for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in tensors:
+            if not tensor.is_floating_point():
+                continue
+            bad = int((tensor.isnan() if kind == "buffer" else ~tensor.isfinite()).sum())
+            if bad:
+                raise BundleError(
+                    f"weights in {source}: {kind} {name!r} holds {bad} NaN or inf value(s) of {tensor.numel()}: "
+                    "broken weights (a diverged training run?), no answer can come from them: expected finite numbers"
+                )
 
 
 #: Names listed per kind of mismatch in an error (the count says how many there are in all).
