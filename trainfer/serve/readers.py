@@ -113,8 +113,9 @@ _NPY_MAGIC = b"\x93NUMPY"
 #: header is checked before any data is read; a header declaring more data than the file holds is
 #: refused too (memory-mapped reads are bounded by the file itself).
 MAX_NPY_ELEMENTS = 2**30
-#: The most dimensions an input array may have: numpy's limit (an array of more cannot be built).
-MAX_DIMS = 64
+#: The most dimensions an input array may have: numpy 1.26's limit (numpy 2's is 64; an array of more cannot be
+#: built), far more than any model's input (a manifest records at most 8).
+MAX_DIMS = 32
 
 __all__ = [
     "CSV_ENCODING",
