@@ -220,6 +220,21 @@ def test_a_negative_dimension_in_a_npy_header_is_refused_in_one_line_everywhere(
         trainfer.Predictor.load(bundle).predict(str(path))
 
 
+@pytest.mark.parametrize(
+    "shape, expected",
+    [
+        ((1,) * 65, "big.npy' declares a shape of 65 dimensions: expected at most 32 (numpy's limit)"),
+        ((2**61, 0, 8, 8), "big.npy' declares shape (2305843009213693952, 0, 8, 8): its non-zero dimensions hold"),
+    ],
+)
+def test_a_npy_shape_no_array_can_take_is_refused_by_the_rule_infer_uses(bundle, tmp_path, shape, expected):
+    """The rule of ``/infer``'s shape check (``check_buildable_shape``), read from the header before ``np.load``."""
+    path = _npy_header(tmp_path / "big.npy", shape, b"")
+    assert expected in cli("predict", bundle, path)
+    with pytest.raises(InputError, match=re.escape(expected)):
+        trainfer.Predictor.load(bundle).predict(str(path))
+
+
 def run_limited(code: str, seconds: float = 300) -> subprocess.CompletedProcess:
     """``python -c code`` with :data:`MEMORY_LIMIT` of address space and a wall-clock limit."""
 

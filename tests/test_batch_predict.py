@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import tracemalloc
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from serving_models import save_bundle, write_pngs
 
 import trainfer
 from trainfer.cli import main
+from trainfer.serve import batch_predict
 from trainfer.serve.batch_predict import (
     count_records,
     iter_images,
@@ -153,6 +155,45 @@ def test_resume_refuses_an_output_of_other_inputs_or_a_corrupt_line(predictor, i
         predict_to_jsonl(predictor, images, out, progress=False)
     out.write_text("".join(f'{{"id": {i}}}\n' for i in range(3)))
     with pytest.raises(ValueError, match="is for 0, input 1 is 'img00000.png'"):
+        predict_to_jsonl(predictor, images, out, progress=False)
+
+
+def test_resume_refuses_a_deeply_nested_record_line_in_one_line_exit_2(tmp_path):
+    """Attacker round 10 F4: the out file is untrusted input; a line nested 200,000 deep was parsed by
+    ``json.loads``: RecursionError, an internal error (exit 3). Its nesting is bounded as any JSON's."""
+    bundle = save_bundle(tmp_path / "b", 0, labels=LABELS)
+    write_pngs(tmp_path / "images", 4)
+    out = tmp_path / "o.jsonl"
+    command = ["predict", str(bundle), str(tmp_path / "images"), "--out", str(out), "--batch-size", "2"]
+    assert CliRunner().invoke(main, command).exit_code == 0
+    lines = out.read_text().splitlines(keepends=True)
+    lines[0] = '{"id": "img00000.png", "x": ' + "[" * 200_000 + "]" * 200_000 + "}\n"
+    out.write_text("".join(lines))
+    result = CliRunner().invoke(main, command)
+    message = (
+        "o.jsonl' line 1 is not a prediction record with an 'id': the line is not valid JSON for trainfer: "
+        "arrays/objects nest 200001 deep (at most 100 allowed)"
+    )
+    assert (result.exit_code, result.output.count("\n")) == (2, 1) and message in result.output, result.output
+
+
+def test_resume_reads_no_line_past_the_record_limit_whole(predictor, images, tmp_path, monkeypatch):
+    """An unterminated last line of 300 MB was read whole only to be cut off; a long line among the records
+    is refused, read no further than the limit."""
+    monkeypatch.setattr(batch_predict, "MAX_RECORD_BYTES", 4096)
+    out = tmp_path / "o.jsonl"
+    predict_to_jsonl(predictor, images, out, progress=False)
+    whole = out.read_bytes()
+    with open(out, "ab") as handle:  # a crash mid-write of a huge line, or a forged file
+        handle.write(b'{"id": "' + b"a" * 20_000_000)
+    tracemalloc.start()
+    summary = predict_to_jsonl(predictor, images, out, progress=False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert out.read_bytes() == whole and summary.resumed == 40 and peak < 10_000_000
+
+    out.write_bytes(b'{"id": "img00000.png", "pad": "' + b"a" * 5000 + b'"}\n' + whole)
+    with pytest.raises(ValueError, match=r"o\.jsonl' line 1 is longer than 4096 bytes .*: not a prediction record"):
         predict_to_jsonl(predictor, images, out, progress=False)
 
 

@@ -5,8 +5,10 @@ trust_factory), the manifest schema (types, bounds, versions, missing preprocess
 test that mutates valid manifests field by field, and the mode a loaded model comes back in.
 """
 
+import asyncio
 import copy
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -446,3 +448,45 @@ def test_mutated_manifests_give_a_named_bundle_error_or_a_correct_load(valid_bun
                 with torch.no_grad():
                     torch.testing.assert_close(loaded.eval()(X), expected, rtol=1e-5, atol=1e-5)
     assert not evil_module.exists() and "trust_evil_mod" not in sys.modules
+
+
+def _with_nan_weights(bundle: Path, name: str) -> Path:
+    """``bundle`` with the weight ``name`` all NaN and the manifest's sha256 recomputed, as anyone can."""
+    from safetensors.torch import load_file, save_file
+
+    from trainfer.digest import sha256
+
+    file = bundle / "model.safetensors"
+    state = load_file(str(file))
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, str(file))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    return rewrite(bundle, weights={**manifest["weights"], "sha256": sha256(file)})
+
+
+@pytest.mark.parametrize("name", ["7.weight", "1.running_var"])
+def test_a_bundle_whose_weights_are_nan_is_refused_at_load_naming_them(tmp_path, name):
+    """Attacker round 10 F8: it loaded, served "ready", and every request was refused telling the client to
+    look at its inputs. Refused at load (Predictor.load, trainfer.load, predict, serve), one line."""
+    from trainfer.server.app import ServerSettings, create_app
+
+    bundle = _with_nan_weights(save(tmp_path / "b"), name)
+    kind = "buffer" if "running" in name else "parameter"
+    message = f"weights in {bundle}: {kind} '{name}' holds"
+    for load in (trainfer.load, trainfer.Predictor.load):
+        with pytest.raises(
+            BundleError, match=re.escape(message) + r" \d+ NaN or inf value\(s\) of \d+: broken weights"
+        ):
+            load(bundle)
+    (tmp_path / "x.npy").write_bytes(b"")  # never read: the bundle is refused first
+    result = CliRunner().invoke(main, ["predict", str(bundle), str(tmp_path / "x.npy")])
+    assert (result.exit_code, result.output.count("\n")) == (2, 1) and message in result.output, result.output
+
+    fatal: list[BaseException] = []
+    app = create_app(ServerSettings(bundles={"b": str(bundle)}), on_fatal=fatal.append, background=False)
+
+    async def serve():
+        async with app.router.lifespan_context(app):
+            return app.state.server.ready
+
+    assert asyncio.run(serve()) is False and len(fatal) == 1 and message in str(fatal[0])

@@ -166,6 +166,30 @@ def test_bad_weights_are_refused(members, weights, message):
         Ensemble(members["binary"], weights=weights)
 
 
+@pytest.mark.parametrize(
+    ("huge", "small"),
+    [([1e308, 1e308], [1, 1]), ([1e308, 5e307, 1e308], [2, 1, 2]), ([5e-324, 1e-323], [1, 2])],
+)
+def test_weights_whose_sum_overflows_weigh_as_their_ratios(members, huge, small):
+    """Attacker round 10 F5: ``1e308, 1e308`` (each finite) summed to inf: every probability 0, a wrong
+    class, exit 0. Only the ratios count: the same answers as in small numbers, to the bit."""
+    team = members["classification"][: len(huge)]
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(Ensemble(team, weights=huge).weights, Ensemble(team, weights=small).weights)
+    assert Ensemble(team, weights=huge).predict(x, top_k=3) == Ensemble(team, weights=small).predict(x, top_k=3)
+
+
+def test_cli_weights_whose_sum_overflows_answer_as_their_ratios(bundles, tmp_path):
+    paths = [str(p) for p in write_pngs(tmp_path / "images", 3)]
+    models = [str(path) for path in bundles["classification"][:2]]
+    outputs = [
+        CliRunner().invoke(main, ["predict", *models, *paths, "--weights", weights, "--format", "jsonl"])
+        for weights in ("1e308,1e308", "1,1")
+    ]
+    assert [result.exit_code for result in outputs] == [0, 0]
+    assert outputs[0].stdout == outputs[1].stdout and '"probability": 0.0' not in outputs[0].stdout
+
+
 def test_zero_weight_member_does_not_vote(members):
     x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(5))
     first, second = members["binary"]

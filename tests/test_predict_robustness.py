@@ -7,6 +7,7 @@ single-threaded results, leave weights and BatchNorm buffers bit-identical and m
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -234,6 +235,13 @@ def test_cli_overflowing_npy_is_one_line_exit_2(bundle, tmp_path):
 
 
 # --------------------------------------------------------------------------- what is not an input
+def _quantized(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A quantized tensor (torch warns that creating one is deprecated: a user may still give one)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.quantize_per_tensor(torch.rand(shape), 0.1, 0, dtype)
+
+
 @pytest.mark.parametrize(
     ("inputs", "error", "message"),
     [
@@ -245,6 +253,12 @@ def test_cli_overflowing_npy_is_one_line_exit_2(bundle, tmp_path):
         (b"\x00\x01", TypeError, r"got bytes"),
         (torch.eye(64).reshape(1, 1, 64, 64)[..., :8, :8].contiguous().to_sparse(), TypeError, r"dense \(strided\)"),
         (torch.empty(2, 1, 8, 8, device="meta"), ValueError, r"got a meta tensor of shape \(2, 1, 8, 8\)"),
+        (  # attacker round 10 F7: torch's plain RuntimeError
+            _quantized((1, 1, 8, 8), torch.quint8),
+            TypeError,
+            r"expected a tensor of plain numbers; got a quantized torch.quint8 tensor \(call .dequantize\(\)\)",
+        ),
+        ([_quantized((1, 8, 8), torch.qint8)], TypeError, "a quantized torch.qint8"),
     ],
 )
 def test_what_is_not_an_input_is_named(inputs, error, message):

@@ -32,7 +32,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -42,6 +41,7 @@ from trainfer.atomic import atomic_file
 from trainfer.errors import BundleError, InputError, InputTypeError
 from trainfer.modes.contexts import inference, training
 from trainfer.serve import distributed
+from trainfer.serve.weights import write_safetensors
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 _STATE_KEY = "trainfer.checkpoint"
@@ -248,7 +248,7 @@ def save_checkpoint(
     }
     path = Path(path)
     with atomic_file(path) as tmp:
-        save_file(tensors, tmp, metadata={_STATE_KEY: json.dumps(state)})
+        write_safetensors(tensors, tmp, metadata={_STATE_KEY: json.dumps(state)})
     return path
 
 

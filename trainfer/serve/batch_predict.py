@@ -36,13 +36,14 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from tqdm.auto import tqdm
 
 from trainfer.atomic import atomic_file, check_target
 from trainfer.errors import InputError, MissingFileError, WriteError
+from trainfer.jsonfile import MAX_JSON_BYTES, parse_json
 from trainfer.readfile import irregular
 from trainfer.serve import distributed
 from trainfer.serve.preprocess import PreprocessSpec
@@ -52,6 +53,10 @@ from trainfer.serve.served_model import served_form
 Item = tuple[Any, Any]  # (id written in the record, input handed to the predictor)
 PRODUCER_SUFFIX = ".trainfer.json"
 MAX_PRODUCER_BYTES = 1 << 16
+#: The longest record line a resumed ``out`` may hold, as any JSON trainfer reads: 16 MiB (a line of
+#: ``top_k`` classes or of a regression's values is far shorter).
+MAX_RECORD_BYTES = MAX_JSON_BYTES
+_BLOCK = 1 << 20  # bytes read at a time when counting lines
 
 
 @dataclass(frozen=True)
@@ -112,34 +117,53 @@ def iter_source(source: str | os.PathLike[str], spec: PreprocessSpec) -> Iterato
 
 
 def count_records(out: str | os.PathLike[str]) -> int:
-    """How many complete (newline-terminated) lines ``out`` holds; 0 if it does not exist."""
+    """How many complete (newline-terminated) lines ``out`` holds; 0 if it does not exist. Read in blocks:
+    an unterminated last line (a crash mid-write, or a forged file) is never held whole."""
     path = Path(out)
     if not path.exists():
         return 0
     with open(path, "rb") as handle:
-        return sum(1 for line in handle if line.endswith(b"\n"))
+        return sum(block.count(b"\n") for block in iter(lambda: handle.read(_BLOCK), b""))
 
 
 def keep_records(out: str | os.PathLike[str], keep: int) -> None:
-    """Cut ``out`` after its first ``keep`` lines (a missing file is left missing)."""
+    """Cut ``out`` after its first ``keep`` lines (a missing file is left missing); a line longer than
+    :data:`MAX_RECORD_BYTES` among them is an :class:`InputError`."""
     path = Path(out)
     if not path.exists():
         return
     with open(path, "rb+") as handle:
-        end = sum(len(line) for line in itertools.islice(handle, keep))
+        end = sum(len(line) for line in _lines(handle, keep, path))
         handle.truncate(end)
 
 
+def _lines(handle: BinaryIO, count: int, out: Path) -> Iterator[bytes]:
+    """The first ``count`` lines of ``handle`` (the file ``out``), each read whole only when at most
+    :data:`MAX_RECORD_BYTES`: a longer one is an :class:`InputError` naming its number."""
+    for number in range(1, count + 1):
+        line = handle.readline(MAX_RECORD_BYTES + 1)
+        if len(line) > MAX_RECORD_BYTES:
+            raise InputError(
+                f"{str(out)!r} line {number} is longer than {MAX_RECORD_BYTES} bytes "
+                "(trainfer.serve.batch_predict.MAX_RECORD_BYTES): not a prediction record"
+            )
+        yield line
+
+
 def _record_ids(out: Path, count: int) -> Iterator[Any]:
-    """The ``id`` of the first ``count`` lines of ``out``, streamed; an unreadable line is named."""
+    """The ``id`` of the first ``count`` lines of ``out``, streamed, each parsed with its length and nesting
+    bounded first (:func:`~trainfer.jsonfile.parse_json`: the file is untrusted); an unreadable line is named."""
     if not count:
         return
     with open(out, "rb") as handle:
-        for number, line in enumerate(itertools.islice(handle, count), start=1):
+        for number, line in enumerate(_lines(handle, count, out), start=1):
             try:
-                yield json.loads(line)["id"]
-            except (ValueError, KeyError, TypeError):
-                raise InputError(f"{str(out)!r} line {number} is not a prediction record with an 'id'") from None
+                yield parse_json(line, "the line", max_bytes=MAX_RECORD_BYTES)["id"]
+            except (InputError, KeyError, TypeError) as error:
+                reason = f": {error}" if isinstance(error, InputError) else ""
+                raise InputError(
+                    f"{str(out)!r} line {number} is not a prediction record with an 'id'{reason}"
+                ) from None
 
 
 def _skip_done(items: Iterator[Item], out: Path, done: int, keep: int) -> list[Item]:

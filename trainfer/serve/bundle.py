@@ -54,6 +54,7 @@ from trainfer.serve.bundle_write import save
 from trainfer.serve.factories import call_factory, manifest_factory
 from trainfer.serve.weights import (
     CHECKPOINT_SUFFIXES,
+    check_finite_weights,
     load_state_dict,
     load_weights,
     read_bundle_weights,
@@ -99,7 +100,8 @@ def load(
 
     ``path`` may also be a bare checkpoint (``.safetensors``, or ``.pt``/``.pth`` read with
     ``torch.load(weights_only=True)``) given with the ``factory`` (and ``config``) that builds it.
-    A deploy-form model is returned in eval mode, a training form in the mode its factory built.
+    A deploy-form model is returned in eval mode, a training form in the mode its factory built. Weights
+    holding NaN (or a parameter inf) are refused (:func:`~trainfer.serve.weights.check_finite_weights`).
     """
     path = check_path("path", path)
     if factory is not None and path.suffix in {".safetensors", *CHECKPOINT_SUFFIXES} and not path.exists():
@@ -121,6 +123,7 @@ def load(
         load_state_dict(model, state, source=str(path), assign=described)
     except BundleError as error:
         raise BundleError(f"{error} (the architecture comes from {_origin(manifest, path)})") from None
+    check_finite_weights(model, str(path))
     if described:  # weights in place: what the graph computes is bounded before it computes anything
         graph = cast(fx.GraphModule, model)
         output = check_computation(graph, manifest.input_shape, f"{path}: architecture")

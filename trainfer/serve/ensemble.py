@@ -163,7 +163,12 @@ def _scores(member: Member, batch: Tensor) -> Tensor:
 
 
 def _weights(given: Iterable[float] | None, count: int) -> Tensor:
-    """Validated weights normalised to sum to 1 (equal weights when none are given), float64."""
+    """Validated weights normalised to sum to 1 (equal weights when none are given), float64.
+
+    Only their ratios count: they are first scaled by the power of two that brings the largest below 1
+    (exact), so that their sum cannot overflow (``1e308, 1e308`` summed to inf, and every probability to 0)
+    and any weights give the same normalised ones as the same ratios in small numbers (``1, 1``).
+    """
     if given is None:
         return torch.full((count,), 1.0 / count, dtype=torch.float64)
     weights = [float(w) for w in given]
@@ -171,10 +176,11 @@ def _weights(given: Iterable[float] | None, count: int) -> Tensor:
         raise InputError(f"expected {count} ensemble weights (one per predictor); got {len(weights)}")
     if any(not math.isfinite(w) or w < 0 for w in weights):
         raise InputError(f"ensemble weights must be finite and non-negative; got {weights}")
-    total = sum(weights)
-    if total == 0:
+    if max(weights) == 0:
         raise InputError(f"ensemble weights must not all be zero; got {weights}")
-    return torch.tensor(weights, dtype=torch.float64) / total
+    exponent = math.frexp(max(weights))[1]
+    scaled = [math.ldexp(w, -exponent) for w in weights]
+    return torch.tensor(scaled, dtype=torch.float64) / sum(scaled)
 
 
 class Ensemble:

@@ -309,6 +309,10 @@ def as_tensor(value: Any) -> Tensor:
             raise InputTypeError(f"expected a dense (strided) tensor; got a {value.layout} tensor (call .to_dense())")
         if value.is_meta:
             raise InputError(f"expected a tensor holding data; got a meta tensor of shape {tuple(value.shape)}")
+        if value.is_quantized:  # torch's own operations on it fail with a plain RuntimeError
+            raise InputTypeError(
+                f"expected a tensor of plain numbers; got a quantized {value.dtype} tensor (call .dequantize())"
+            )
         return as_signed(value.detach())
     try:
         array = np.asarray(value)

@@ -113,6 +113,9 @@ _NPY_MAGIC = b"\x93NUMPY"
 #: header is checked before any data is read; a header declaring more data than the file holds is
 #: refused too (memory-mapped reads are bounded by the file itself).
 MAX_NPY_ELEMENTS = 2**30
+#: The most dimensions an input array may have: numpy 1.26's limit (numpy 2's is 64; an array of more cannot be
+#: built), far more than any model's input (a manifest records at most 8).
+MAX_DIMS = 32
 
 __all__ = [
     "CSV_ENCODING",
@@ -130,6 +133,8 @@ __all__ = [
     "MAX_PNG_CHUNKS",
     "MAX_TIFF_ENTRIES",
     "MAX_TIFF_VALUES",
+    "MAX_DIMS",
+    "check_buildable_shape",
     "column_indices",
     "iter_csv",
     "load_image",
@@ -228,6 +233,7 @@ def check_npy_header(handle: BinaryIO, name: str, size: int, mmap: bool = False)
     check_numeric(dtype, f"cannot read {name!r}: wrong dtype")
     if any(dimension < 0 for dimension in shape):  # numpy's header reader lets them through; mmap then crashes
         raise InputError(f"{name!r} declares shape {shape}: expected dimensions >= 0 (a forged .npy header)")
+    check_buildable_shape(shape, dtype.itemsize, repr(name))
     elements = math.prod(shape)
     available = size - handle.tell()
     if elements * dtype.itemsize > available:
@@ -239,6 +245,23 @@ def check_npy_header(handle: BinaryIO, name: str, size: int, mmap: bool = False)
         raise InputError(
             f"{name!r} holds {elements} elements (shape {shape}): expected at most {MAX_NPY_ELEMENTS} "
             "(trainfer.serve.readers.MAX_NPY_ELEMENTS) for a file read into memory"
+        )
+
+
+def check_buildable_shape(shape: Sequence[int], itemsize: int, what: str) -> None:
+    """Refuse the declared ``shape`` (dimensions >= 0) of items of ``itemsize`` bytes that no array can take,
+    with an :class:`InputError` naming ``what``: more than :data:`MAX_DIMS` dimensions, or non-zero dimensions
+    whose product passes the largest array's bytes (2**63 - 1): numpy counts them even when a 0 makes the array
+    empty (``(2**61, 0, 8, 8)``), so reshaping to such a shape fails, however few elements are given."""
+    if len(shape) > MAX_DIMS:
+        raise InputError(
+            f"{what} declares a shape of {len(shape)} dimensions: expected at most {MAX_DIMS} (numpy's limit)"
+        )
+    nonzero = math.prod(dimension for dimension in shape if dimension)
+    if nonzero * itemsize > np.iinfo(np.intp).max:
+        raise InputError(
+            f"{what} declares shape {tuple(shape)}: its non-zero dimensions hold {nonzero} elements of {itemsize} "
+            "bytes, more than any array can (2**63 - 1 bytes), even an empty one: expected a smaller shape"
         )
 
 

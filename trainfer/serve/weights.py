@@ -5,13 +5,14 @@
 :func:`load_weights` reads ``.safetensors`` or ``torch.load(weights_only=True)`` checkpoints (unwrapping
 ``state_dict``/``model`` entries and DistributedDataParallel's ``module.`` prefix); :func:`read_bundle_weights`
 opens a bundle's file once and loads it through that descriptor once its sha256 matches the manifest's;
-:func:`load_state_dict` loads strictly, naming every mismatch.
+:func:`load_state_dict` loads strictly, naming every mismatch; :func:`check_finite_weights` refuses NaN weights.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -31,6 +32,7 @@ CHECKPOINT_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
+    "check_finite_weights",
     "load_state_dict",
     "load_weights",
     "read_bundle_weights",
@@ -172,6 +174,23 @@ def load_state_dict(
         raise BundleError(f"weights in {source} leave {type(model).__name__} tensors unset: {', '.join(unloaded)}")
 
 
+def check_finite_weights(model: nn.Module, source: str) -> None:
+    """Refuse loaded weights no answer can come from, with a :class:`BundleError` naming the first such
+    tensor: a NaN in any floating parameter or buffer, or an inf in a parameter (a buffer may hold -inf on
+    purpose: an attention mask). Such a model would be served, and every prediction refused as holding NaN,
+    telling its client to look at the inputs."""
+    for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in tensors:
+            if not tensor.is_floating_point():
+                continue
+            bad = int((tensor.isnan() if kind == "buffer" else ~tensor.isfinite()).sum())
+            if bad:
+                raise BundleError(
+                    f"weights in {source}: {kind} {name!r} holds {bad} NaN or inf value(s) of {tensor.numel()}: "
+                    "broken weights (a diverged training run?), no answer can come from them: expected finite numbers"
+                )
+
+
 #: Names listed per kind of mismatch in an error (the count says how many there are in all).
 LISTED_NAMES = 5
 
@@ -196,16 +215,25 @@ def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
     return ""
 
 
-def write_safetensors(state: Mapping[str, Tensor], path: str | os.PathLike[str]) -> None:
-    """Write ``state`` to ``path`` and flush it; a failure (disk full) is an ``OSError``.
+def write_safetensors(
+    state: Mapping[str, Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write ``state`` (and the text ``metadata``) to ``path``, keeping the mode ``path`` has, and flush it; a
+    failure (disk full) is an ``OSError``.
 
-    Meant for the temporary file of an atomic write, which then names the real target.
+    Meant for the temporary file of an atomic write, which then names the real target: its mode is the
+    one the target gets (the umask's, or the replaced file's), and a missing ``path`` gets the umask's,
+    as any new file. safetensors writes a file of its own, mode 0600, and renames it over ``path``: that
+    mode is put back, else every weights file would be unreadable to a server running as another user.
     """
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666))  # the umask applies, as to any new file
+    mode = stat.S_IMODE(os.stat(path).st_mode)
     try:
-        save_file(dict(state), str(path))
+        save_file(dict(state), str(path), metadata=dict(metadata) if metadata is not None else None)
     except SafetensorError as error:  # safetensors reports I/O errors (ENOSPC) as its own type
         raise OSError(f"safetensors could not write: {error}") from error
+    os.chmod(path, mode)
     fsync_file(path)

@@ -28,6 +28,7 @@ import orjson
 from trainfer.errors import InputError
 from trainfer.jsonfile import unique_keys
 from trainfer.number_text import EXPECTED_DIGITS, parse_digits
+from trainfer.serve.readers import check_buildable_shape
 
 #: The protocol's datatypes this server writes, as numpy dtypes (little-endian).
 DATATYPES: dict[str, np.dtype[Any]] = {
@@ -67,8 +68,9 @@ __all__ = [
 class InferRequest:
     """A decoded inference request: its id, input arrays by name, and the outputs asked for.
 
-    ``outputs`` maps each requested output name to whether it goes back as binary data; ``None``
-    means every output, as binary when ``binary_outputs`` (the request's ``binary_data_output``).
+    ``outputs`` maps each requested output name to whether it goes back as binary data (its own
+    ``binary_data``, else the request's ``binary_data_output``: ``binary_outputs``); ``None`` means every
+    output, as binary when ``binary_outputs``.
     """
 
     id: str | None
@@ -107,11 +109,12 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         offset += used
     if offset != len(binary):
         raise InputError(f"{len(binary) - offset} bytes of binary data follow the JSON that no input claims")
+    binary_outputs = _flag(_parameters(document), "binary_data_output", "the request")
     return InferRequest(
         id=_optional_text(document.get("id"), "id"),
         inputs=arrays,
-        outputs=_requested_outputs(document.get("outputs")),
-        binary_outputs=_flag(_parameters(document), "binary_data_output", "the request"),
+        outputs=_requested_outputs(document.get("outputs"), binary_outputs),
+        binary_outputs=binary_outputs,
     )
 
 
@@ -215,10 +218,10 @@ def _parameters(document: dict[str, Any]) -> dict[str, Any]:
     return parameters
 
 
-def _flag(parameters: dict[str, Any], name: str, owner: str) -> bool:
-    """The boolean parameter ``name`` of ``owner`` (false when absent): a JSON ``true`` or ``false``
+def _flag(parameters: dict[str, Any], name: str, owner: str, default: bool = False) -> bool:
+    """The boolean parameter ``name`` of ``owner`` (``default`` when absent): a JSON ``true`` or ``false``
     only, as ``"false"`` (a non-empty string) would otherwise count as true."""
-    value = parameters.get(name, False)
+    value = parameters.get(name, default)
     if not isinstance(value, bool):
         raise InputError(f"parameter {name!r} of {owner} must be true or false (a JSON boolean); got {value!r:.40}")
     return value
@@ -245,12 +248,6 @@ def _input_tensor(tensor: Any, index: int, binary: memoryview) -> tuple[str, np.
     name = tensor.get("name")
     if not isinstance(name, str) or not name:
         raise InputError(f'input {index} needs a "name" (a non-empty string)')
-    shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-        raise InputError(f'input {name!r}: "shape" must be a list of non-negative integers; got {shape!r:.80}')
-    count = math.prod(shape)
-    if count > MAX_ELEMENTS:
-        raise InputError(f"input {name!r}: shape {shape} holds {count} elements; at most {MAX_ELEMENTS} are accepted")
     datatype = tensor.get("datatype")
     if not isinstance(datatype, str) or datatype not in INPUT_DATATYPES:
         served = list(INPUT_DATATYPES)
@@ -258,6 +255,13 @@ def _input_tensor(tensor: Any, index: int, binary: memoryview) -> tuple[str, np.
             f"input {name!r}: datatype {datatype!r:.40} is not served as an input; expected one of {served}"
         )
     dtype = INPUT_DATATYPES[datatype]
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise InputError(f'input {name!r}: "shape" must be a list of non-negative integers; got {shape!r:.80}')
+    check_buildable_shape(shape, dtype.itemsize, f"input {name!r}")
+    count = math.prod(shape)
+    if count > MAX_ELEMENTS:
+        raise InputError(f"input {name!r}: shape {shape} holds {count} elements; at most {MAX_ELEMENTS} are accepted")
     size = _parameters(tensor).get("binary_data_size")
     if size is not None:
         if "data" in tensor:
@@ -317,7 +321,9 @@ def _leaves(data: list[Any]) -> Any:
             stack.pop()
 
 
-def _requested_outputs(outputs: Any) -> dict[str, bool] | None:
+def _requested_outputs(outputs: Any, binary: bool) -> dict[str, bool] | None:
+    """The requested outputs' names and whether each is sent as binary data: its own ``binary_data``, else the
+    request's ``binary_data_output`` (``binary``), as the binary tensor extension says; None when none is named."""
     if outputs is None:
         return None
     if not isinstance(outputs, list):
@@ -328,7 +334,7 @@ def _requested_outputs(outputs: Any) -> dict[str, bool] | None:
             raise InputError(f'requested output {index} must be an object with a "name"')
         if output["name"] in requested:  # the two entries' parameters may differ: which one meant?
             raise InputError(f'requested output {output["name"]!r} is given twice in "outputs": name each once')
-        requested[output["name"]] = _flag(_parameters(output), "binary_data", f"output {output['name']!r}")
+        requested[output["name"]] = _flag(_parameters(output), "binary_data", f"output {output['name']!r}", binary)
     return requested
 
 
