@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -324,97 +323,46 @@ def test_a_lone_request_on_an_idle_model_runs_at_once_without_waiting_for_the_de
     assert sizes == [1] * 5 and [a[0].item() for a in answers] == [1.0, 2.0, 3.0, 4.0, 5.0]
 
 
-class ThreadRecorder:
-    """A model that records, for each batch, whether it ran on the test's (the event loop's) thread,
-    and its size; a negative input raises; ``seconds`` of sleep per batch make it slow."""
+def test_inline_serial_requests_run_on_the_event_loop_and_concurrent_ones_batch_on_a_worker():
+    """With ``inline``, a lone request following a lone one runs on the loop's thread (no hand-off);
+    the first of a series, and requests arriving together, run on a worker thread as a batch; an
+    inline run's error is its request's own."""
+    threads: list[tuple[str, int]] = []
 
-    def __init__(self, seconds: float = 0.0):
-        self.placed: list[tuple[bool, int]] = []
-        self.seconds = seconds
-        self.loop_thread = threading.current_thread()
-
-    def __call__(self, batch: torch.Tensor, key: object = None) -> list[torch.Tensor]:
-        self.placed.append((threading.current_thread() is self.loop_thread, len(batch)))
-        if self.seconds:
-            time.sleep(self.seconds)
+    def model(batch: torch.Tensor) -> list[torch.Tensor]:
+        threads.append((threading.current_thread().name, len(batch)))
         if bool((batch < 0).any()):
             raise ValueError("negative input")
         return [batch + 1]
 
-
-def one(value: float) -> torch.Tensor:
-    return torch.full((1, 1), float(value))
-
-
-def test_inline_batches_run_on_the_event_loop_once_one_batch_was_timed_and_each_error_stays_its_requests():
-    """With ``inline``, the first batch runs on a worker (nothing timed yet); then batches that should
-    take no longer than ``max_delay`` run on the loop's thread, serial or concurrent; a failing batch on
-    the loop runs again request by request on a worker (never holding the loop), so only the bad
-    request fails."""
-    model = ThreadRecorder()
-
-    async def main():
-        batcher = DynamicBatcher(model, max_batch=32, max_delay=1.0, max_queue=100, inline=True)
-        batcher.start()
-        serial = [await batcher.submit(one(i)) for i in range(3)]
-        together = await asyncio.gather(*(batcher.submit(one(i)) for i in range(3)))
-        mixed = await asyncio.gather(
-            *(batcher.submit(one(v)) for v in (5, -1, 6)), return_exceptions=True
-        )  # fmt: skip
-        await batcher.stop()
-        return serial, together, mixed
-
-    serial, together, mixed = run(main(), seconds=30)
-    assert model.placed == [(False, 1), (True, 1), (True, 1), (True, 3), (True, 3), (False, 1), (False, 1), (False, 1)]
-    assert [a[0].item() for a in [*serial, *together]] == [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]
-    assert mixed[0][0].item() == 6.0 and mixed[2][0].item() == 7.0
-    assert isinstance(mixed[1], ValueError) and "negative input" in str(mixed[1])
-
-
-def test_a_batch_expected_to_take_longer_than_the_delay_runs_on_a_worker_even_inline():
-    """The loop's thread never computes a batch whose estimate (the last batch's time, scaled up with
-    its samples) exceeds ``max_delay``: a 50 ms model with a 1 ms delay always runs on a worker."""
-    model = ThreadRecorder(seconds=0.05)
-
-    async def main():
-        batcher = DynamicBatcher(model, max_batch=32, max_delay=0.001, max_queue=100, inline=True)
-        batcher.start()
-        for i in range(3):
-            await batcher.submit(one(i))
-        await asyncio.gather(*(batcher.submit(one(i)) for i in range(4)))
-        await batcher.stop()
-
-    run(main(), seconds=30)
-    assert [on_loop for on_loop, _ in model.placed] == [False] * len(model.placed)
-
-
-def test_after_a_batch_of_k_requests_on_the_event_loop_the_next_runs_as_soon_as_k_new_requests_arrived():
-    """Closed-loop clients answered together come back together: after a batch of ``k`` requests ran on
-    the loop's thread, the next batch starts once ``k`` requests arrived since (an hour of ``max_delay``
-    is never waited); a request left over from before (here, of another key) does not count."""
-    model = ThreadRecorder()
-
     async def main():
         batcher = DynamicBatcher(model, max_batch=32, max_delay=3600.0, max_queue=100, inline=True)
         batcher.start()
-        await batcher.submit(one(0))  # timed on a worker
-        await asyncio.gather(*(batcher.submit(one(i)) for i in range(3)))  # 3 on the loop
-        await asyncio.gather(*(batcher.submit(one(i)) for i in range(3)))  # 3 came back: at once
-        first = [asyncio.ensure_future(batcher.submit(one(i))) for i in range(3)]
-        first.append(asyncio.ensure_future(batcher.submit(one(7), key="b")))  # left over: another key
-        while len(model.placed) < 4:
-            await asyncio.sleep(0.001)
-        late = [asyncio.ensure_future(batcher.submit(one(i), key="b")) for i in range(2)]
-        await asyncio.sleep(0.05)
-        waiting_for_a_third = batcher.queued
-        late.append(asyncio.ensure_future(batcher.submit(one(9), key="b")))
-        await asyncio.gather(*first, *late)
+        serial = [await batcher.submit(torch.full((1, 1), float(i))) for i in range(3)]
+        together = await asyncio.gather(*(batcher.submit(torch.full((1, 1), float(i))) for i in range(3)))
+        after = await batcher.submit(torch.zeros(1, 1))  # follows a batch of three: a worker's again
+        with pytest.raises(ValueError, match="negative input"):
+            await batcher.submit(-torch.ones(1, 1))
+        last = await batcher.submit(torch.ones(1, 1))
+        several = await batcher.submit(torch.ones(4, 1))  # lone, but several samples: never on the loop
         await batcher.stop()
-        return waiting_for_a_third
+        return [*serial, *together, after, last, several]
 
-    waiting_for_a_third = run(main(), seconds=30)  # waiting for the delay once would take an hour
-    assert waiting_for_a_third == 3  # the leftover and two new arrivals: one more new one is needed
-    assert [size for _, size in model.placed] == [1, 3, 3, 3, 4]
+    answers = run(main(), seconds=30)
+    loop_thread = threading.current_thread().name
+    placed = [(name == loop_thread, size) for name, size in threads]
+    assert placed == [(False, 1), (True, 1), (True, 1), (False, 3), (False, 1), (True, 1), (True, 1), (False, 4)]
+    assert [a[0].flatten().tolist() for a in answers] == [
+        [1.0],
+        [2.0],
+        [3.0],
+        [1.0],
+        [2.0],
+        [3.0],
+        [1.0],
+        [2.0],
+        [2.0] * 4,
+    ]
 
 
 @pytest.mark.parametrize(
@@ -1490,9 +1438,9 @@ def test_a_model_name_a_url_path_cannot_carry_is_refused_by_the_settings(name):
         ServerSettings(bundles={name: str(Path(__file__).parent / "fixtures" / "digits_deploy_v2")})
 
 
-def test_only_a_fast_model_whose_cost_does_not_depend_on_its_inputs_runs_batches_on_the_event_loop():
+def test_only_a_fast_model_whose_cost_does_not_depend_on_its_inputs_runs_requests_on_the_event_loop():
     """A generating model's cost depends on when its sequences end (up to ``max_length``), not on the
-    random inputs timed at load: however fast those were, its batches stay on a worker thread."""
+    random inputs timed at load: however fast those were, its lone requests stay on a worker thread."""
     from types import SimpleNamespace
 
     from trainfer.server.state import runs_inline

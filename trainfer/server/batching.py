@@ -7,7 +7,7 @@ batch's. When to run (Triton's rule, collecting only while the model is busy):
 
 - a request that finds the model idle (no batch running) and nobody waiting runs at once, alone
   with whatever arrived in the same instant: a lone request never waits for companions that may
-  never come (but see ``inline`` below);
+  never come;
 - requests that arrived while a batch runs gather until ``max_batch`` samples wait or the oldest
   has waited ``max_delay`` seconds since its arrival, whichever comes first, then run on the first
   free worker (a model slower than ``max_delay`` thus runs the next batch as soon as a worker is
@@ -15,19 +15,19 @@ batch's. When to run (Triton's rule, collecting only while the model is busy):
   per-request Python outweighs its forward, such one-sample batches only contend for the
   interpreter lock and scatter the latencies (digits_net's p99 at concurrency 32 went from 14 to
   9 ms with 2 workers, machine B).
-- with ``inline`` (a fast model: the server sets it when a one-sample forward takes under
-  :data:`COMPUTE_BOUND`), a batch runs on the event loop's own thread, not a worker's, when it
-  should take no longer than ``max_delay`` (at least :data:`COMPUTE_BOUND`), the delay a request
-  may already wait for companions: its estimate is the last batch's time, scaled up linearly with
-  the samples when it holds more (so the first batch runs on a worker, and a large request or a
-  slow model always does). For such a model the hand-off to a worker thread and back costs a third
-  of a one-sample forward (digits_net, machine B: 0.13 ms around 0.37 ms), and under concurrent
-  requests the loop and the worker thread contend for the interpreter lock. The loop reads no
-  request while such a batch runs; the requests it answers are the next batch's. So after a batch
-  of ``k`` requests ran there, the next batch gathers until ``k`` requests arrived since (or the
-  usual ``max_batch`` samples wait, or the oldest waited ``max_delay``): ``k`` clients answered
-  together come back together, and a lone request (``k = 1``) still runs at once; a request that
-  follows a batch of ``k > 1`` without its companions waits up to ``max_delay``.
+- with ``inline``, a lone one-sample request on an idle model that follows a batch of one request
+  (serial traffic: concurrency 1) runs on the event loop's own thread, not a worker's: for a model
+  whose one-sample forward is under :data:`COMPUTE_BOUND` the hand-off to a worker thread and back
+  costs a third of that forward (digits_net, machine B: 0.13 ms around a 0.37 ms forward). The loop
+  then serves nothing else for that one forward, so a request of several samples (its forward
+  grows with them: 16384 digits samples take 1.7 s) always runs on a worker; so do concurrent
+  requests, whose batches are larger than one, so that the loop reads the next requests meanwhile
+  and answers health checks, metrics and overload (503) while the model computes, however long it
+  takes. (Running every batch of a fast model on the loop's thread answered 3-5 % more requests at
+  concurrency 8 and 32 on a quiet machine, 40 % more on a loaded one, but a batch that took far
+  longer than its forerunners, a model stalled on anything, then held the whole server: no 503,
+  no metrics, no signal handled until it returned. Measured and dropped: docs/serving.md.)
+
 A batch is the oldest waiting requests concatenated in arrival order -- requests of different sizes
 together, never splitting one -- up to ``max_batch`` samples; a request holding more than
 ``max_batch`` samples runs alone. The model runs once on it and each request gets its own rows.
@@ -155,9 +155,7 @@ class DynamicBatcher:
             initargs=(torch.get_num_threads(),),
         )
         self._task: asyncio.Task[None] | None = None
-        self._last: tuple[int, float] | None = None  # the last batch's samples and seconds
-        self._arrivals = 0  # requests submitted so far
-        self._enough: int | None = None  # the arrivals that end a gather after a batch on the loop's thread
+        self._lone = False  # the last batch was one request
         self._closing = False
 
     @property
@@ -186,9 +184,8 @@ class DynamicBatcher:
             raise Overloaded(f"{self._queued} samples are waiting (at most {self.max_queue})")
         self._waiting.append(pending)
         self._add(pending.size)
-        self._arrivals += 1
-        if len(self._waiting) == 1 or self._arrivals == self._enough or self._queued >= self.max_batch:
-            self._changed.set()  # else nothing the loop waits for changed
+        if len(self._waiting) == 1 or self._queued >= self.max_batch:  # else nothing the loop waits for changed
+            self._changed.set()
         return pending.future
 
     def _add(self, samples: int) -> None:
@@ -202,7 +199,7 @@ class DynamicBatcher:
                 if self._closing:
                     break
                 await self._change()
-                found_idle = self._busy == 0 and self._enough is None
+                found_idle = self._busy == 0
                 continue
             if self._busy >= self.workers:
                 await self._change()
@@ -211,12 +208,11 @@ class DynamicBatcher:
             if not found_idle:
                 await self._gather()
             taken = self._take()
-            if taken and self._cheap(taken):
-                self._enough = self._arrivals + len(taken)  # its requests, answered, are the next batch
-                self._run_here(taken)
+            if taken and found_idle and self.inline and self._lone and len(taken) == 1 and taken[0].size == 1:
+                self._run_here(taken[0])
             elif taken:
-                self._enough = None
                 self._start(taken)
+            self._lone = len(taken) == 1
             found_idle = False
         if self._running:
             await asyncio.wait(self._running)
@@ -227,10 +223,9 @@ class DynamicBatcher:
         self._changed.clear()
         await self._changed.wait()
 
-    def _start(self, taken: list[_Pending], alone: bool = False) -> None:
-        """Run ``taken`` on a worker thread: as one batch, or (``alone``) request by request."""
+    def _start(self, taken: list[_Pending]) -> None:
         self._busy += 1
-        task = asyncio.get_running_loop().create_task(self._run_alone(taken) if alone else self._run(taken))
+        task = asyncio.get_running_loop().create_task(self._run(taken))
         self._running.add(task)
         task.add_done_callback(self._finished)
 
@@ -242,11 +237,7 @@ class DynamicBatcher:
     async def _gather(self) -> None:
         """Wait until ``max_batch`` samples are queued or the oldest request has waited ``max_delay``."""
         deadline = self._waiting[0].arrived + self.max_delay
-        while (
-            self._queued < self.max_batch
-            and (self._enough is None or self._arrivals < self._enough)
-            and not self._closing
-        ):
+        while self._queued < self.max_batch and not self._closing:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
@@ -275,7 +266,8 @@ class DynamicBatcher:
         return taken
 
     async def _run(self, taken: list[_Pending]) -> None:
-        """Run ``taken`` on a worker thread, as :meth:`_run_here` does on the loop's."""
+        """Run ``taken`` on a worker thread: each request gets its rows, or, when the batch raises, its own
+        answer or error from a run alone."""
         joined = taken[0].batch if len(taken) == 1 else torch.cat([p.batch for p in taken])
         loop = asyncio.get_running_loop()
         try:
@@ -293,33 +285,18 @@ class DynamicBatcher:
         answers = await asyncio.get_running_loop().run_in_executor(self._executor, self._alone, taken)
         _settle_each(taken, answers)
 
-    def _cheap(self, taken: list[_Pending]) -> bool:
-        """Whether ``taken`` runs on the loop's thread (``inline``): see the module docstring."""
-        if not self.inline or self._last is None:
-            return False
-        samples, seconds = self._last
-        return seconds * max(1.0, sum(p.size for p in taken) / samples) <= max(self.max_delay, COMPUTE_BOUND)
-
-    def _run_here(self, taken: list[_Pending]) -> None:
-        """Run ``taken`` on the event loop's thread: each request gets its rows, or, when the batch
-        raises, its own answer or error from a run alone on a worker thread (``k`` runs alone may take
-        far longer than the batch: the loop is never held for them)."""
-        joined = taken[0].batch if len(taken) == 1 else torch.cat([p.batch for p in taken])
+    def _run_here(self, pending: _Pending) -> None:
+        """Run a lone request on the event loop's thread (``inline``): its rows or its error."""
         try:
-            outputs, seconds = self._timed(joined, taken[0].key)
+            outputs, seconds = self._timed(pending.batch, pending.key)
         except Exception as error:
-            if len(taken) == 1:
-                _settle_each(taken, [error])
-            else:
-                self._start(taken, alone=True)
+            _settle_each([pending], [error])
             return
-        self._answer(taken, outputs, seconds)
+        self._answer([pending], outputs, seconds)
 
     def _answer(self, taken: list[_Pending], outputs: list[Any], seconds: float) -> None:
         """Each request of ``taken`` given its rows of ``outputs``; the batch's ``seconds`` recorded."""
-        samples = sum(p.size for p in taken)
-        self._last = (samples, seconds)
-        self.stats.batch(samples, seconds)
+        self.stats.batch(sum(p.size for p in taken), seconds)
         first = 0
         for pending in taken:
             rows = slice(first, first + pending.size)

@@ -186,7 +186,7 @@ def _end_turn(turns: asyncio.Semaphore, done: asyncio.Future[Any]) -> None:
 
 
 def runs_inline(model: ServedModel) -> bool:
-    """Whether ``model``'s batches may run on the event loop's thread (:class:`DynamicBatcher`'s ``inline``):
+    """Whether ``model``'s lone requests may run on the event loop's thread (:class:`DynamicBatcher`'s ``inline``):
     its one-sample forward took under :data:`COMPUTE_BOUND` at load, and its cost does not depend on the
     inputs' values. A model that generates does not qualify: a sequence ending late (or never, up to its
     ``max_length``) costs many times the random inputs' decoding timed at load, and the loop would serve
