@@ -79,10 +79,15 @@ def post(url: str, body: bytes, timeout: float = 30.0, headers: dict | None = No
 
 @contextlib.contextmanager
 def running_server(
-    *args: str, env: dict | None = None, ready: bool = True, program: list[str] | None = None
+    *args: str,
+    env: dict | None = None,
+    ready: bool = True,
+    program: list[str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
 ) -> Iterator[ServerProcess]:
-    """``trainfer serve ARGS`` (or ``program ARGS``) on a free port until the block ends; killed if it
-    does not stop in 20 s. Waits for ``/v2/health/ready`` (``ready``) or ``/v2/health/live`` to answer 200 first.
+    """``trainfer serve ARGS`` (or ``program ARGS``) on a free port, run in ``cwd`` (default: this one),
+    until the block ends; killed if it does not stop in 20 s. Waits for ``/v2/health/ready`` (``ready``)
+    or ``/v2/health/live`` to answer 200 first.
     """
     port = free_port()
     environment = {**os.environ, **(env or {})}
@@ -94,7 +99,7 @@ def running_server(
         with open(log, "wb") as stream:
             start = program or [sys.executable, "-m", "trainfer", "serve"]
             command = [*start, *args, "--port", str(port)]
-            process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=environment)
+            process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=environment, cwd=cwd)
         server = ServerProcess(process, port, log)
         try:
             _wait_until_up(server, "/v2/health/ready" if ready else "/v2/health/live")

@@ -7,6 +7,7 @@ semaphore behind for multiprocessing's resource tracker to warn about."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -77,3 +78,28 @@ def child_processes(parent: int) -> list[int]:
     return [
         int(pid) for task in Path(f"/proc/{parent}/task").iterdir() for pid in (task / "children").read_text().split()
     ]
+
+
+#: A ``multiprocessing.py`` left in a downloaded bundle's folder (attacker round 11, F1): imported, it
+#: leaves a file named after its process, then steps aside for the real module so nothing looks wrong.
+TRAP = """
+import importlib, os, sys
+here = os.path.dirname(os.path.abspath(__file__))
+open(os.path.join(here, f"ran-in-{os.getpid()}"), "w").close()
+sys.path[:] = [p for p in sys.path if p not in ("", ".", here)]
+del sys.modules["multiprocessing"]
+sys.modules["multiprocessing"] = importlib.import_module("multiprocessing")
+"""
+
+
+@pytest.mark.skipif(not Path(sys.executable).with_name("trainfer").exists(), reason="needs the trainfer command")
+def test_workers_import_nothing_from_the_current_directory(bundle, tmp_path):
+    """``trainfer serve . --workers 2`` run in a folder holding a ``multiprocessing.py``: the workers
+    (spawned as ``python -c``, which puts the current directory first on ``sys.path``) never import it."""
+    folder = tmp_path / "downloaded"
+    shutil.copytree(bundle, folder)
+    (folder / "multiprocessing.py").write_text(TRAP)
+    command = [str(Path(sys.executable).with_name("trainfer")), "serve"]
+    with running_server(".", "--workers", "2", program=command, cwd=folder) as server:
+        assert len(worker_processes(server.process.pid)) == 2
+    assert sorted(p.name for p in folder.glob("ran-in-*")) == []

@@ -8,7 +8,10 @@ Promises that uvicorn's own multi-process supervisor does not keep:
 * a worker never outlives its supervisor (:func:`exit_with_parent`), however the supervisor died
   (SIGKILL included): otherwise orphaned workers keep serving the port;
 * a worker leaves no semaphore behind (:func:`thread_locks_for_progress_bars`): otherwise
-  multiprocessing's resource tracker warns of "leaked semaphore objects" as the server stops.
+  multiprocessing's resource tracker warns of "leaked semaphore objects" as the server stops;
+* a worker imports nothing from the current directory (:func:`supervise`): spawned processes start
+  as ``python -c ...``, which puts the current directory first on ``sys.path``, so a
+  ``multiprocessing.py`` in a downloaded bundle's folder ran in every worker (attacker round 11).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ __all__ = ["PARENT_POLL", "exit_with_parent", "supervise", "thread_locks_for_pro
 PARENT_POLL = 0.5
 #: ``prctl``'s option that asks for a signal when the parent dies (<linux/prctl.h>).
 _PR_SET_PDEATHSIG = 1
+#: Python 3.11's ``-P`` as an environment variable: no potentially unsafe path (the current directory
+#: of ``python -c``) is put on ``sys.path`` of the interpreters multiprocessing spawns.
+_SAFE_PATH = "PYTHONSAFEPATH"
 
 
 def supervise(config: uvicorn.Config) -> None:
@@ -47,6 +53,7 @@ def supervise(config: uvicorn.Config) -> None:
 
     before = {number: signal.getsignal(number) for number in SIGNALS}
     stopped_by: list[int] = []
+    safe_path = os.environ.get(_SAFE_PATH)
 
     class _Supervisor(Multiprocess):
         def handle_int(self) -> None:
@@ -68,13 +75,23 @@ def supervise(config: uvicorn.Config) -> None:
             for listening in self.sockets:
                 listening.close()
 
+    os.environ[_SAFE_PATH] = "1"  # inherited by every process spawned from here, restarted workers too
     try:
         _Supervisor(config, sockets=[config.bind_socket()]).run()
     finally:
         for number, handler in before.items():
             signal.signal(number, handler)
+        _restore(_SAFE_PATH, safe_path)
     if stopped_by:
         signal.raise_signal(stopped_by[0])
+
+
+def _restore(name: str, value: str | None) -> None:
+    """The environment variable ``name`` set back to ``value`` (None: unset)."""
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def exit_with_parent() -> None:
