@@ -134,6 +134,26 @@ def _set(path: tuple[str, ...], value):
     return forge
 
 
+def _sqnr(field: str, value: float):
+    """A forge setting ``field`` of the sensitivity ranking's first layer to ``value``."""
+
+    def forge(entry):
+        entry["report"]["sensitivity"][0][field] = value
+
+    return forge
+
+
+@needs_ort
+def test_an_int8_record_takes_the_infinite_sqnr_of_a_layer_quantized_without_noise(int8_bundles):
+    """trainfer writes ``sqnr_db: Infinity`` for a layer whose quantization adds no noise: still a record."""
+    from trainfer.serve.quantization_schema import check_int8_record
+
+    genuine, _ = int8_bundles
+    entry = json.loads((genuine / int8_form.QUANTIZATION_FILE).read_text())
+    entry["report"]["sensitivity"][0].update(sqnr_db=float("inf"), weight_sqnr_db=float("inf"))
+    check_int8_record(json.loads(json.dumps(entry)), "quantization.json")
+
+
 @needs_ort
 @pytest.mark.parametrize(
     ("forge", "message"),
@@ -154,6 +174,13 @@ def _set(path: tuple[str, ...], value):
         pytest.param(_set(("made_by",), "someone"), "made_by must be one of", id="other made_by"),
         pytest.param(_set(("sha256",), "ABC"), "sha256: String should match pattern", id="sha256 not hex"),
         pytest.param(_set(("report", "sensitivity"), [{"name": "x"}] * 5000), "sensitivity", id="5000 layers"),
+        pytest.param(
+            _set(("report", "gate", "max_rel_error"), float("inf")),
+            "max relative output error inf: the outputs hold NaN or inf",
+            id="passing gate of infinite error",
+        ),
+        pytest.param(_sqnr("sqnr_db", float("-inf")), "sqnr_db", id="sqnr -inf"),
+        pytest.param(_sqnr("weight_sqnr_db", float("nan")), "weight_sqnr_db", id="weight sqnr nan"),
     ],
 )
 def test_an_int8_record_off_its_schema_is_refused_naming_the_field(int8_bundles, tmp_path, forge, message):

@@ -232,3 +232,63 @@ def test_lengths_torch_cannot_read_as_integers_are_refused_in_one_line(lengths, 
     with pytest.raises(DecodingError) as refused:
         decoding.ctc_greedy(torch.randn(2, 4, 3).log_softmax(2), lengths=lengths)
     assert str(refused.value) == message
+
+
+def _lengths_item(kind: str, value: int) -> object:
+    """``value`` as one element of a lengths list: a Python int, a NumPy integer scalar, or a boolean."""
+    if kind == "int":
+        return value
+    if kind == "bool":
+        return bool(value)
+    if kind == "np.bool_":
+        return np.bool_(value)
+    if kind == "tensor bool":
+        return torch.tensor(bool(value))
+    return np.dtype(kind).type(value)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    form=st.sampled_from(["list", "tuple", "big-endian array", "sparse", "meta"]),
+    kinds=st.lists(
+        st.sampled_from(["int", *INTEGER_DTYPES, "bool", "np.bool_", "tensor bool"]), min_size=2, max_size=2
+    ),
+    dtype=st.sampled_from(INTEGER_DTYPES),
+    frames=st.integers(1, 6),
+    data=st.data(),
+)
+def test_lengths_in_every_form_are_their_values_or_refused_in_one_line(form, kinds, dtype, frames, data):
+    """``[True, 5]`` decoded item 0 with 1 frame (torch reads a boolean in a list as 1); a list of NumPy
+    uint64 scalars and big-endian arrays were refused though of an integer dtype; sparse and meta tensors
+    raised torch's bare errors. Every form now gives its values or one DecodingError line."""
+    log_probs = torch.randn(2, frames, 3).log_softmax(2)
+    if form in ("list", "tuple"):
+        values = [data.draw(st.integers(0, 1 if k in ("bool", "np.bool_", "tensor bool") else 7)) for k in kinds]
+        items = [_lengths_item(k, v) for k, v in zip(kinds, values, strict=True)]
+        lengths: object = items if form == "list" else tuple(items)
+        boolean = any(k in ("bool", "np.bool_", "tensor bool") for k in kinds)
+    else:
+        values = data.draw(st.lists(st.integers(0, 7), min_size=2, max_size=2))
+        array = np.array(values, dtype=np.dtype(dtype).newbyteorder(">" if form == "big-endian array" else "="))
+        lengths = {
+            "sparse": lambda: torch.tensor(values).to_sparse(),
+            "meta": lambda: torch.tensor(values, device="meta"),
+        }.get(form, lambda: array)()
+        boolean = False
+    if boolean:
+        with pytest.raises(DecodingError, match=r"^lengths must be 2 integers, got (list|tuple) [\[(].*[\])]$"):
+            decoding.ctc_greedy(log_probs, lengths=lengths)
+    elif form in ("sparse", "meta"):
+        with pytest.raises(
+            DecodingError, match=r"^lengths must be 2 integers in a dense tensor holding values, got a "
+        ):
+            decoding.ctc_beam_search(log_probs, lengths=lengths)
+    elif all(v <= frames for v in values):
+        assert decoding.ctc_greedy(log_probs, lengths=lengths) == decoding.ctc_greedy(log_probs, lengths=values)
+        assert decoding.ctc_beam_search(log_probs, lengths=lengths) == decoding.ctc_beam_search(
+            log_probs, lengths=values
+        )
+    else:
+        with pytest.raises(DecodingError) as refused:
+            decoding.ctc_greedy(log_probs, lengths=lengths)
+        assert str(refused.value) == f"lengths must be in [0, {frames}], got {values}"

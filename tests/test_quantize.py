@@ -193,3 +193,17 @@ def test_the_gate_refuses_labels_no_class_can_match(label):
     with pytest.raises(InputError, match=rf"labels must be class indices in 0\.\.2 \(3 classes\); got {label}"):
         gate_report(reference, reference.clone(), labels)
     assert gate_report(reference, reference.clone(), torch.tensor([0, 1, 2, 2])).agreement == 1.0
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_candidate_whose_outputs_hold_nan_or_inf_fails_the_gate_without_an_error_limit(bad):
+    """Its max_rel_error is infinite: with no limit on the error (the default) it passed on its agreement,
+    and a record of ``"max_rel_error": Infinity`` marked ``"ok": true`` was served."""
+    from trainfer.serve.gate import AccuracyGate, gate_report
+
+    reference = torch.tensor([[3.0, 0.0], [0.0, 3.0]])
+    candidate = reference.clone()
+    candidate[0, 0] = bad  # the argmax of row 0 may still agree: agreement alone passes
+    report = gate_report(reference, candidate, gate=AccuracyGate(min_agreement=0.5, max_accuracy_drop=None))
+    assert report.max_rel_error == float("inf") and not report.ok
+    assert report.failures() == ["max relative output error inf: the outputs hold NaN or inf"]

@@ -6,7 +6,11 @@ the reference batch, a point ``a ~ U(0, 1)`` on the path and, with ``stdevs`` > 
 ``InputBaselineXGradient`` takes the gradient at ``a x~ + (1 - a) b``). Captum draws the baselines and
 the points from NumPy's global generator, so ``torch.manual_seed`` alone did not repeat an explanation
 and threads explaining at once shared NumPy's state; here every draw comes from torch's default
-generator of the batch's device (:func:`draws`), and NumPy's is never touched.
+generator of the batch's device (:func:`draws`), and NumPy's is never touched. The draws are made at
+once (the same draws however the rows run); the rows go through the model in chunks of whole draws of
+every example, at most :data:`GRADIENT_SHAP_ROWS` rows (at least one draw of the whole batch), as
+integrated gradients' path does, so an explanation holds a few samples' activations, not ``n_samples``
+of them.
 """
 
 from __future__ import annotations
@@ -18,10 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainfer.analysis.attribution_ig import picked
+from trainfer.analysis.attribution_ig import INTEGRATED_GRADIENTS_ROWS, picked
 from trainfer.analysis.attribution_shap import SAMPLE_BUDGET
 
-__all__ = ["Draws", "draws", "gradient_shap", "gradient_shap_of"]
+#: The most rows GradientSHAP runs through the model at once (forward and backward): integrated
+#: gradients' bound (:data:`~trainfer.analysis.attribution_ig.INTEGRATED_GRADIENTS_ROWS`).
+GRADIENT_SHAP_ROWS = INTEGRATED_GRADIENTS_ROWS
+
+__all__ = ["GRADIENT_SHAP_ROWS", "Draws", "draws", "gradient_shap", "gradient_shap_of"]
 
 
 @dataclass(frozen=True)
@@ -65,10 +73,38 @@ def gradient_shap(
 
 
 def gradient_shap_of(
-    forward: Callable[[Tensor], Tensor], batch: Tensor, target: Tensor | None, references: Tensor, found: Draws
+    forward: Callable[[Tensor], Tensor],
+    batch: Tensor,
+    target: Tensor | None,
+    references: Tensor,
+    found: Draws,
+    rows_at_once: int = GRADIENT_SHAP_ROWS,
 ) -> Tensor:
     """The mean over each example's rows of ``(x~ - b) * grad f(a x~ + (1 - a) b)`` for the draws ``found``,
-    every row through the model at once (the option checks bound the rows times a sample's elements)."""
+    run in chunks of ``max(1, rows_at_once // N)`` whole draws of every example, summed in order in
+    float32 at least (the values do not depend on the chunks, up to rounding)."""
+    n_samples = len(found.points) // len(batch)
+    draws_at_once = max(1, rows_at_once // len(batch))
+    total = torch.zeros_like(batch, dtype=torch.promote_types(batch.dtype, torch.float32))
+    for first in range(0, n_samples, draws_at_once):
+        chunk = _chunk(found, len(batch), slice(first, first + draws_at_once))
+        total += _summed_values(forward, batch, target, references, chunk)
+    return (total / n_samples).to(batch.dtype)
+
+
+def _chunk(found: Draws, examples: int, draws_taken: slice) -> Draws:
+    """The draws ``draws_taken`` of each of ``examples`` examples, ordered as :class:`Draws` orders them."""
+
+    def part(values: Tensor) -> Tensor:
+        return values.reshape(examples, -1, *values.shape[1:])[:, draws_taken].reshape(-1, *values.shape[1:])
+
+    return Draws(part(found.baselines), part(found.points), None if found.noise is None else part(found.noise))
+
+
+def _summed_values(
+    forward: Callable[[Tensor], Tensor], batch: Tensor, target: Tensor | None, references: Tensor, found: Draws
+) -> Tensor:
+    """The sum over each example's rows of ``(x~ - b) * grad f(a x~ + (1 - a) b)``, every row at once."""
     n_samples = len(found.points) // len(batch)
     noisy = batch.repeat_interleave(n_samples, dim=0)
     if found.noise is not None:
@@ -79,4 +115,4 @@ def gradient_shap_of(
     scores = picked(forward(rows), None if target is None else target.repeat_interleave(n_samples))
     (gradients,) = torch.autograd.grad(scores.sum(), rows)
     values = (noisy - chosen) * gradients
-    return values.reshape(len(batch), n_samples, *batch.shape[1:]).sum(1) / n_samples
+    return values.reshape(len(batch), n_samples, *batch.shape[1:]).sum(1)

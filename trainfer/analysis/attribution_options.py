@@ -12,8 +12,9 @@ work and memory finite:
 - what a method runs through the model at once, rows times one sample's elements, at most
   :data:`MAX_ELEMENTS_AT_ONCE`: integrated gradients' ``internal_batch_size`` rows; the batch times
   ``perturbations_per_eval`` (occlusion, Kernel SHAP, LIME); the batch times ``n_samples``
-  (GradientSHAP, drawn and run at once) or times the reference batch (DeepLIFT-SHAP, which Captum expands
-  at once).
+  (GradientSHAP's draws, its noise drawn at once; the rows then run through the model in chunks of
+  :data:`~trainfer.analysis.attribution_gradient_shap.GRADIENT_SHAP_ROWS`) or times the reference batch
+  (DeepLIFT-SHAP, which Captum expands at once).
 
 A caller that explains a batch in parts takes at most :func:`most_examples_at_once` examples per part,
 so options valid for one example stay valid for the part, and gives each part its rows of the options
@@ -173,7 +174,7 @@ def _n_steps(name: str, value: Any, method: str, batch: Tensor) -> None:
 
 def _n_samples(name: str, value: Any, method: str, batch: Tensor) -> None:
     check_integer(name, value, minimum=1, maximum=MAX_SAMPLES)
-    if method == "gradient_shap":  # drawn and run all at once: the batch times n_samples rows
+    if method == "gradient_shap":  # drawn at once (the noise: the batch times n_samples samples)
         _rows_at_once(name, value, batch, len(batch))
 
 

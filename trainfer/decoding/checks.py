@@ -6,6 +6,7 @@ import math
 import reprlib
 from typing import NoReturn
 
+import numpy as np
 import torch
 
 from trainfer.errors import DecodingError, InputError
@@ -20,6 +21,11 @@ MAX_LENGTH = 4096
 MAX_LENGTH_PENALTY = 10.0
 """The largest ``|length_penalty|`` accepted (a bundle's bound too): ``length ** 1e300`` overflows, and
 beyond +-10 the length alone decides the ranking."""
+
+#: The dtypes ``lengths`` may have: every integer one (booleans and quantized integers are no counts).
+_INTEGER_DTYPES = frozenset(
+    {torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32, torch.uint64}
+)
 
 LOG_PROB_SLACK = 1e-3
 """How far above 0 a log-probability may be (rounding of a ``log_softmax``); a larger value is no
@@ -116,17 +122,16 @@ def check_lengths(lengths: object, batch: int, frames: int) -> torch.Tensor:
 
     ``lengths`` is a tensor, NumPy array or sequence of ``batch`` integers of any integer dtype: the
     unsigned ones torch barely supports (uint16, uint32, uint64) are read as the same values
-    (:func:`trainfer.integers.as_signed`); booleans, floats, anything torch cannot read as numbers
-    and a value outside ``[0, frames]`` (a uint64 above 2**63 - 1 too) are a :class:`DecodingError`.
+    (:func:`trainfer.integers.as_signed`), as are NumPy integer scalars in a list and arrays of either
+    byte order; booleans (an array of them or one in a list, which torch would read as 0 or 1), floats,
+    anything torch cannot read as numbers, a sparse or meta tensor and a value outside ``[0, frames]``
+    (a uint64 above 2**63 - 1 too) are a :class:`DecodingError`.
     """
     if lengths is None:
         return torch.full((batch,), frames, dtype=torch.long)
     expected = f"lengths must be {batch} integers"
-    try:
-        tensor = torch.as_tensor(lengths)
-    except (TypeError, ValueError, RuntimeError):  # text, ragged lists, Python ints beyond 64 bits
-        raise DecodingError(f"{expected}, got {type(lengths).__name__} {reprlib.repr(lengths)}") from None
-    if tensor.shape != (batch,) or tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
+    tensor = _lengths_tensor(lengths, expected)
+    if tensor.shape != (batch,) or tensor.dtype not in _INTEGER_DTYPES:
         raise DecodingError(f"{expected}, got shape {tuple(tensor.shape)} {tensor.dtype}")
     try:
         signed: torch.Tensor | None = as_signed(tensor)
@@ -135,6 +140,33 @@ def check_lengths(lengths: object, batch: int, frames: int) -> torch.Tensor:
     if signed is None or bool((signed < 0).any()) or bool((signed > frames).any()):
         raise DecodingError(f"lengths must be in [0, {frames}], got {tensor.tolist()}")
     return signed.to(torch.long)
+
+
+def _lengths_tensor(lengths: object, expected: str) -> torch.Tensor:
+    """``lengths`` as a dense tensor holding values, or a DecodingError starting with ``expected``."""
+    refused = DecodingError(f"{expected}, got {type(lengths).__name__} {reprlib.repr(lengths)}")
+    if isinstance(lengths, list | tuple):
+        if any(_is_boolean(item) for item in lengths):
+            raise refused
+        lengths = [int(item) if isinstance(item, np.integer) else item for item in lengths]
+    elif isinstance(lengths, np.ndarray) and not lengths.dtype.isnative:  # torch reads native byte order only
+        lengths = lengths.astype(lengths.dtype.newbyteorder("="))
+    try:
+        tensor = torch.as_tensor(lengths)
+    except (TypeError, ValueError, RuntimeError):  # text, ragged lists, Python ints beyond 64 bits
+        raise refused from None
+    if tensor.layout != torch.strided or tensor.is_meta:
+        raise DecodingError(
+            f"{expected} in a dense tensor holding values, got a {tensor.layout} tensor on {tensor.device}"
+        )
+    return tensor
+
+
+def _is_boolean(item: object) -> bool:
+    """A Python or NumPy boolean, or a boolean array or tensor: torch reads one inside a list as 0 or 1."""
+    if isinstance(item, torch.Tensor):
+        return item.dtype == torch.bool
+    return isinstance(item, bool | np.bool_) or (isinstance(item, np.ndarray) and item.dtype == np.bool_)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -3,7 +3,8 @@
 Exactness cannot be asked of reduced precision, so the check becomes three figures a user can
 read, measured on data the user gives (or random inputs where none is given):
 
-* ``max_rel_error`` — ``max |candidate - reference| / max |reference|`` over all outputs;
+* ``max_rel_error`` — ``max |candidate - reference| / max |reference|`` over all outputs (infinite
+  when the candidate's outputs hold NaN or inf: such a candidate fails the gate, whatever its limits);
 * ``agreement`` — the share of samples whose predicted class (argmax) is the reference's;
 * ``accuracy_drop`` — reference accuracy minus candidate accuracy, on labelled data only.
 
@@ -13,6 +14,7 @@ points, no limit on the relative error) and :func:`gate_report` measures a candi
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -93,7 +95,9 @@ class GateReport:
                 f"accuracy drop {100 * drop:.2f} points > allowed {100 * gate.max_accuracy_drop:.2f} "
                 f"({self.reference_accuracy:.2%} -> {self.candidate_accuracy:.2%})"
             )
-        if gate.max_rel_error is not None and not self.max_rel_error <= gate.max_rel_error:
+        if not math.isfinite(self.max_rel_error):  # gate_report's mark of outputs holding NaN or inf
+            problems.append(f"max relative output error {self.max_rel_error}: the outputs hold NaN or inf")
+        elif gate.max_rel_error is not None and not self.max_rel_error <= gate.max_rel_error:
             problems.append(f"max relative output error {self.max_rel_error:.3e} > allowed {gate.max_rel_error:.0e}")
         return problems
 

@@ -7,7 +7,9 @@ unknown fields are refused) and raises :class:`~trainfer.errors.BundleError` nam
 A ``format_version`` newer than :data:`INT8_FORMAT_VERSION` is a record this trainfer cannot read.
 The files it names are the bundle's own (``quantized.onnx``, ``probes.safetensors``, each with a
 sha256 of 64 hex digits). Its report's gate verdict passed, and its figures bear that out (recomputed
-by the gate's own rule, as ``runtime.json``'s are): an int8 form is served only on a passing gate.
+by the gate's own rule, as ``runtime.json``'s are: an infinite ``max_rel_error``, outputs holding NaN or
+inf, fails it): an int8 form is served only on a passing gate. An SQNR of the sensitivity ranking is
+finite or +inf (a layer quantized without noise), as trainfer writes it; NaN and -inf are refused.
 Bounds: names up to 200 characters, texts up to 2000 (the equalization summary 20000), at most
 4096 layers in the sensitivity ranking and the float fallbacks, 64 attempts, 32 settings.
 
@@ -18,9 +20,10 @@ Imported only when an int8 form is loaded (pydantic costs about 0.1 s to import)
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from trainfer.errors import BundleError
 from trainfer.serve.bundle_format import MADE_BY
@@ -32,7 +35,17 @@ INT8_FORMAT_VERSION = 2
 MAX_LAYERS = 4096
 
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-Decibels = Annotated[float, Field(allow_inf_nan=True)]  # +inf: a layer whose quantization adds no noise
+
+
+def _decibels(value: float) -> float:
+    """An SQNR as :func:`trainfer.serve.sensitivity.sensitivity` writes it: finite, or +inf for a layer
+    whose quantization adds no noise; never NaN or -inf."""
+    if value != value or value == -math.inf:
+        raise ValueError(f"an SQNR is finite, or +inf for a layer quantized without noise; got {value}")
+    return value
+
+
+Decibels = Annotated[float, Field(allow_inf_nan=True), AfterValidator(_decibels)]
 
 __all__ = ["INT8_FORMAT_VERSION", "check_int8_record"]
 
@@ -49,12 +62,6 @@ class Sensitivity(_Schema):
     sqnr_db: Decibels
     weight_sqnr_db: Decibels
     channel_range: Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=3, max_length=3)]
-
-    @model_validator(mode="after")
-    def _not_nan(self) -> Sensitivity:
-        if self.sqnr_db != self.sqnr_db or self.weight_sqnr_db != self.weight_sqnr_db:
-            raise ValueError(f"layer {self.name!r}: an SQNR is NaN")
-        return self
 
 
 class Report(_Schema):
