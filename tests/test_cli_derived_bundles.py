@@ -8,6 +8,8 @@ a derived bundle that lost the preprocessing, labels, task, heads or decoder ans
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -122,3 +124,61 @@ def _served(manifest, field):
     if field == "heads":
         return [head.model_dump(exclude={"output_kind_decided_by"}) for head in manifest.heads]
     return getattr(manifest, field)
+
+
+def _four_labels(manifest):
+    manifest["labels"] = manifest["heads"][0]["labels"] = ["cat", "dog", "eel", "fox"]  # the model has 3 classes
+
+
+def _probabilities(manifest):
+    manifest["heads"][0]["output_kind"] = "probabilities"  # its outputs are logits
+
+
+UNSERVABLE = {
+    "four labels": (_four_labels, "4 labels given, but the model outputs 3 classes"),
+    "probabilities": (_probabilities, "declared output kind 'probabilities', but outputs range over"),
+}
+
+
+def _edited(bundle, edit):
+    """``bundle`` with its manifest changed by ``edit`` (a dict -> None), as a hostile source would be."""
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    return bundle
+
+
+def _derive(tmp_path, command, source):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).uniform(0, 1, (16, 1, 8, 8)).astype(np.float32))
+    data = str(tmp_path / "x.npy")
+    arguments = {
+        "deploy": ["--trust-factory"],
+        "prune": ["--ratio", "0.25", "--data", data, "--min-agreement", "0"],
+        "quantize": ["--calibration", data],
+    }[command]
+    return CliRunner().invoke(main, [command, str(source), "-o", str(tmp_path / "out"), *arguments])
+
+
+@pytest.mark.parametrize("command", ["deploy", "prune", "quantize"])
+@pytest.mark.parametrize("case", sorted(UNSERVABLE))
+def test_a_bundle_that_cannot_serve_derives_none(tmp_path, command, case):
+    """deploy/prune/quantize of a source whose carried labels or output kind its model contradicts refuse it in
+    one line (exit 2) and write nothing: the bundle they would write fails every load the same way."""
+    edit, expected = UNSERVABLE[case]
+    source = _classification(tmp_path / "source")
+    if command != "deploy":  # prune and quantize take a deploy form
+        assert CliRunner().invoke(main, ["deploy", str(source), "-o", str(tmp_path / "dep")]).exit_code == 0
+        source = tmp_path / "dep"
+    result = _derive(tmp_path, command, _edited(source, edit))
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and result.output.count("error:") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_loader_refuses_labels_for_other_classes_than_its_model_outputs(tmp_path):
+    """What deploy checks is what any load checks: 4 labels on a 3-class model are refused when loaded, not at
+    the first prediction."""
+    source = _edited(_classification(tmp_path / "source"), _four_labels)
+    with pytest.raises(trainfer.errors.BundleError, match="4 labels given, but the model outputs 3 classes"):
+        trainfer.Predictor.load(source, trust_factory=True)
