@@ -116,14 +116,8 @@ def test_trainfer_prune_of_a_bundle_keeps_what_it_serves_as(tmp_path, kind):
     result = CliRunner().invoke(main, [*arguments, "--min-agreement", "0"])
     assert result.exit_code == 0, result.output
     written, given = read_manifest(out), read_manifest(source)
-    for field in SERVED_AS:  # the output kinds carried over are declared ones: how each was decided may differ
-        assert _served(written, field) == _served(given, field), field
-
-
-def _served(manifest, field):
-    if field == "heads":
-        return [head.model_dump(exclude={"output_kind_decided_by"}) for head in manifest.heads]
-    return getattr(manifest, field)
+    for field in SERVED_AS:  # the heads with how each output kind was decided
+        assert getattr(written, field) == getattr(given, field), field
 
 
 def _four_labels(manifest):
@@ -182,3 +176,16 @@ def test_the_loader_refuses_labels_for_other_classes_than_its_model_outputs(tmp_
     source = _edited(_classification(tmp_path / "source"), _four_labels)
     with pytest.raises(trainfer.errors.BundleError, match="4 labels given, but the model outputs 3 classes"):
         trainfer.Predictor.load(source, trust_factory=True)
+
+
+@pytest.mark.parametrize("command", ["deploy", "prune", "quantize"])
+def test_a_derived_bundle_says_why_each_output_kind_is_what_it_is_as_its_source_did(tmp_path, command):
+    """The kinds carried over are the source's: the written manifest keeps its reasons ("detected: ..."),
+    rather than saying that a caller declared them."""
+    source = _classification(tmp_path / "source")
+    if command != "deploy":
+        assert CliRunner().invoke(main, ["deploy", str(source), "-o", str(tmp_path / "dep")]).exit_code == 0
+        source = tmp_path / "dep"
+    assert _derive(tmp_path, command, source).exit_code == 0
+    decided = read_manifest(tmp_path / "out").heads[0].output_kind_decided_by
+    assert decided == read_manifest(source).heads[0].output_kind_decided_by and decided.startswith("detected: ")

@@ -110,11 +110,24 @@ def save_derived(
     What is carried over must fit the derived model as any bundle's load requires
     (:func:`trainfer.serve.served_checks.check_declared_heads`: labels for the classes it outputs, output kinds
     its outputs do not contradict): otherwise :class:`BundleError` before anything is written, as a bundle
-    that no load accepts is no deployment of the source.
+    that no load accepts is no deployment of the source. A head keeps the source's ``output_kind_decided_by``
+    where its output kind is the source's: carried over, it was decided as it was there.
     """
-    manifest = bundle_manifest(model, **{**source.derived_metadata(), **metadata})
+    manifest = _decided_as(bundle_manifest(model, **{**source.derived_metadata(), **metadata}), source)
     _check_heads_fit(model, manifest, repr(str(path)))
     return write_bundle(path, manifest, tensors_to_save(model), finish)
+
+
+def _decided_as(manifest: Manifest, source: Manifest) -> Manifest:
+    """``manifest`` whose heads of the same name and output kind as ``source``'s say why as those do."""
+    reasons = {(head.name, head.output_kind): head.output_kind_decided_by for head in source.heads}
+    heads = [
+        head.model_copy(update={"output_kind_decided_by": reasons[head.name, head.output_kind]})
+        if head.output_kind is not None and reasons.get((head.name, head.output_kind))
+        else head
+        for head in manifest.heads
+    ]
+    return manifest.model_copy(update={"heads": heads})
 
 
 def _check_heads_fit(model: nn.Module, manifest: Manifest, source: str) -> None:
