@@ -8,6 +8,8 @@ a derived bundle that lost the preprocessing, labels, task, heads or decoder ans
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -114,11 +116,76 @@ def test_trainfer_prune_of_a_bundle_keeps_what_it_serves_as(tmp_path, kind):
     result = CliRunner().invoke(main, [*arguments, "--min-agreement", "0"])
     assert result.exit_code == 0, result.output
     written, given = read_manifest(out), read_manifest(source)
-    for field in SERVED_AS:  # the output kinds carried over are declared ones: how each was decided may differ
-        assert _served(written, field) == _served(given, field), field
+    for field in SERVED_AS:  # the heads with how each output kind was decided
+        assert getattr(written, field) == getattr(given, field), field
 
 
-def _served(manifest, field):
-    if field == "heads":
-        return [head.model_dump(exclude={"output_kind_decided_by"}) for head in manifest.heads]
-    return getattr(manifest, field)
+def _four_labels(manifest):
+    manifest["labels"] = manifest["heads"][0]["labels"] = ["cat", "dog", "eel", "fox"]  # the model has 3 classes
+
+
+def _probabilities(manifest):
+    manifest["heads"][0]["output_kind"] = "probabilities"  # its outputs are logits
+
+
+UNSERVABLE = {
+    "four labels": (_four_labels, "4 labels given, but the model outputs 3 classes"),
+    "probabilities": (_probabilities, "declared output kind 'probabilities', but outputs range over"),
+}
+
+
+def _edited(bundle, edit):
+    """``bundle`` with its manifest changed by ``edit`` (a dict -> None), as a hostile source would be."""
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    return bundle
+
+
+def _derive(tmp_path, command, source):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).uniform(0, 1, (16, 1, 8, 8)).astype(np.float32))
+    data = str(tmp_path / "x.npy")
+    arguments = {
+        "deploy": ["--trust-factory"],
+        "prune": ["--ratio", "0.25", "--data", data, "--min-agreement", "0"],
+        "quantize": ["--calibration", data],
+    }[command]
+    return CliRunner().invoke(main, [command, str(source), "-o", str(tmp_path / "out"), *arguments])
+
+
+@pytest.mark.parametrize("command", ["deploy", "prune", "quantize"])
+@pytest.mark.parametrize("case", sorted(UNSERVABLE))
+def test_a_bundle_that_cannot_serve_derives_none(tmp_path, command, case):
+    """deploy/prune/quantize of a source whose carried labels or output kind its model contradicts refuse it in
+    one line (exit 2) and write nothing: the bundle they would write fails every load the same way."""
+    edit, expected = UNSERVABLE[case]
+    source = _classification(tmp_path / "source")
+    if command != "deploy":  # prune and quantize take a deploy form
+        assert CliRunner().invoke(main, ["deploy", str(source), "-o", str(tmp_path / "dep")]).exit_code == 0
+        source = tmp_path / "dep"
+    result = _derive(tmp_path, command, _edited(source, edit))
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and result.output.count("error:") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_loader_refuses_labels_for_other_classes_than_its_model_outputs(tmp_path):
+    """What deploy checks is what any load checks: 4 labels on a 3-class model are refused when loaded, not at
+    the first prediction."""
+    source = _edited(_classification(tmp_path / "source"), _four_labels)
+    with pytest.raises(trainfer.errors.BundleError, match="4 labels given, but the model outputs 3 classes"):
+        trainfer.Predictor.load(source, trust_factory=True)
+
+
+@pytest.mark.parametrize("command", ["deploy", "prune", "quantize"])
+def test_a_derived_bundle_says_why_each_output_kind_is_what_it_is_as_its_source_did(tmp_path, command):
+    """The kinds carried over are the source's: the written manifest keeps its reasons ("detected: ..."),
+    rather than saying that a caller declared them."""
+    source = _classification(tmp_path / "source")
+    if command != "deploy":
+        assert CliRunner().invoke(main, ["deploy", str(source), "-o", str(tmp_path / "dep")]).exit_code == 0
+        source = tmp_path / "dep"
+    assert _derive(tmp_path, command, source).exit_code == 0
+    decided = read_manifest(tmp_path / "out").heads[0].output_kind_decided_by
+    assert decided == read_manifest(source).heads[0].output_kind_decided_by and decided.startswith("detected: ")

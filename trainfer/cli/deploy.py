@@ -53,7 +53,7 @@ def command(
     from trainfer.recipe import attach_recipe, recipe_of
     from trainfer.reparam.deploy import deploy
     from trainfer.serve.bundle import read_manifest, save
-    from trainfer.serve.bundle_write import check_replaceable
+    from trainfer.serve.bundle_write import check_replaceable, save_derived
 
     check_target(output, "--output", directory=not output.endswith(".safetensors"))
     bundle = [model_spec] if factory_of(model_spec) is None else []  # factory_of refuses an empty MODEL
@@ -63,8 +63,7 @@ def command(
     with tqdm(total=3, desc="deploy", unit="step", file=sys.stderr, disable=None) as bar:
         bar.set_postfix_str("loading")
         model = resolve_model(model_spec, weights, trust_factory=trusted())
-        # a bundle's deploy form serves as the bundle does: its task, labels, heads, preprocessing, decoder
-        metadata = read_manifest(model_spec).derived_metadata() if bundle else {}
+        source = read_manifest(model_spec) if bundle else None  # whose deploy form serves as it does
         x = random_input(model, example_shape(model, input_shape, model_spec))
         recipe = recipe_of(model)
         if recipe is not None and recipe.input_shape is None:
@@ -85,8 +84,10 @@ def command(
 
             with atomic_file(output) as tmp:
                 write_safetensors({k: v.contiguous() for k, v in deployed.state_dict().items()}, tmp)
+        elif source is None:
+            save(deployed, output, example_inputs=x)
         else:
-            save(deployed, output, example_inputs=x, **metadata)
+            save_derived(deployed, output, source, example_inputs=x)
         bar.update()
     click.echo(str(deployed.trainfer_report))
     click.echo(f"wrote {output}")

@@ -77,8 +77,8 @@ def command(
     """Remove the least important channels of BUNDLE's deploy form (Torch-Pruning's dependency graph,
     group magnitude), optionally fine-tune, gate the result against the unpruned form, and write OUT."""
     from trainfer.atomic import check_target
-    from trainfer.serve.bundle import read_manifest, save
-    from trainfer.serve.bundle_write import check_replaceable
+    from trainfer.serve.bundle import read_manifest
+    from trainfer.serve.bundle_write import check_replaceable, save_derived
     from trainfer.serve.gate import AccuracyGate
     from trainfer.serve.prune import prune
 
@@ -108,7 +108,7 @@ def command(
         search=search,
         max_exempt_layers=max_exempt_layers,
     )
-    save(pruned, output, **manifest.derived_metadata())
+    save_derived(pruned, output, manifest)
     click.echo(str(pruned.trainfer_prune_report))
     click.echo(f"wrote {output}; serve it with: trainfer predict {output} INPUT...")
 

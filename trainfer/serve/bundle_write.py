@@ -44,6 +44,7 @@ __all__ = [
     "bundle_manifest",
     "check_replaceable",
     "save",
+    "save_derived",
     "tensors_to_save",
     "write_bundle",
     "write_safetensors",
@@ -93,6 +94,60 @@ def save(
         decoder=decoder,
     )
     return write_bundle(path, manifest, tensors_to_save(model))
+
+
+def save_derived(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    source: Manifest,
+    finish: Callable[[Path], None] | None = None,
+    **metadata: Any,
+) -> Path:
+    """Write ``model``, a form derived from the bundle whose manifest is ``source`` (its deploy, pruned or int8
+    form), as a bundle at ``path`` that serves as that bundle does (:meth:`Manifest.derived_metadata`;
+    ``metadata``: further :func:`save` keywords; ``finish`` as :func:`write_bundle`'s), atomically.
+
+    What is carried over must fit the derived model as any bundle's load requires
+    (:func:`trainfer.serve.served_checks.check_declared_heads`: labels for the classes it outputs, output kinds
+    its outputs do not contradict): otherwise :class:`BundleError` before anything is written, as a bundle
+    that no load accepts is no deployment of the source. A head keeps the source's ``output_kind_decided_by``
+    where its output kind is the source's: carried over, it was decided as it was there.
+    """
+    manifest = _decided_as(bundle_manifest(model, **{**source.derived_metadata(), **metadata}), source)
+    _check_heads_fit(model, manifest, repr(str(path)))
+    return write_bundle(path, manifest, tensors_to_save(model), finish)
+
+
+def _decided_as(manifest: Manifest, source: Manifest) -> Manifest:
+    """``manifest`` whose heads of the same name and output kind as ``source``'s say why as those do."""
+    reasons = {(head.name, head.output_kind): head.output_kind_decided_by for head in source.heads}
+    heads = [
+        head.model_copy(update={"output_kind_decided_by": reasons[head.name, head.output_kind]})
+        if head.output_kind is not None and reasons.get((head.name, head.output_kind))
+        else head
+        for head in manifest.heads
+    ]
+    return manifest.model_copy(update={"heads": heads})
+
+
+def _check_heads_fit(model: nn.Module, manifest: Manifest, source: str) -> None:
+    """The load-time check of ``manifest``'s heads against ``model``'s outputs on the probe inputs (a model that
+    generates, by encode/step, has no single forward to check)."""
+    from trainfer.modes.contexts import shared_inference
+    from trainfer.serve.outputs import Head
+    from trainfer.serve.served_checks import check_declared_heads, probe_inputs
+
+    spec = PreprocessSpec.from_dict(manifest.preprocess_settings() or {})
+    generates = manifest.decoder is not None and manifest.decoder.kind == "autoregressive"
+    if spec.input_shape is None or generates:
+        return
+    heads = [Head.from_dict(head) for head in manifest.head_settings()]
+
+    def forward(batch: Tensor) -> Any:
+        with shared_inference(model):
+            return model(batch)
+
+    check_declared_heads(forward, heads, probe_inputs(spec.input_shape, spec.torch_dtype), source)
 
 
 def bundle_manifest(model: nn.Module, **metadata: Any) -> Manifest:

@@ -215,7 +215,8 @@ class Predictor:
 
         What is served is checked against what the bundle declares before it is returned
         (:mod:`trainfer.serve.served_checks`, on fixed probe inputs): a model whose outputs contradict
-        a recorded output kind (unless ``output_kind`` overrides the record), or an int8 form that
+        a recorded output kind (unless ``output_kind`` overrides the record), labels for another number of
+        classes than it outputs, or an int8 form that
         disagrees with the bundle's float weights, is refused with :class:`~trainfer.errors.BundleError`.
         """
         check_keywords("Predictor.load", overrides, _LOAD_OVERRIDES)
@@ -227,19 +228,21 @@ class Predictor:
             predictor = cls._recorded(served.model, served.heads, **settings)
         else:  # the caller overrides some head settings: the recorded ones fill in the others
             predictor = cls(served.model, **{**(head_settings(served.heads) if served.heads else {}), **settings})
-        # the caller's kinds replace the recorded ones (checked as they run); a generator has no single forward
-        if "output_kind" not in overrides and not predictor.generates:
-            predictor._check_recorded_kinds(served.heads, repr(str(path)))
+        if served.heads and not predictor.generates:  # recorded heads; a generator has no single forward
+            # the caller's kinds replace the recorded ones (checked as they run)
+            predictor._check_heads(repr(str(path)), kinds="output_kind" not in overrides)
         predictor._check_ctc_work(repr(str(path)))
         return predictor
 
-    def _check_recorded_kinds(self, heads: list[Head], source: str) -> None:
-        """Refuse a bundle whose model contradicts the output kinds its manifest declares (on probe inputs)."""
-        from trainfer.serve.served_checks import check_declared_kinds, probe_inputs
+    def _check_heads(self, source: str, kinds: bool) -> None:
+        """Refuse a bundle whose model contradicts its heads' labels or (``kinds``) the output kinds its manifest
+        declares, on probe inputs (:func:`trainfer.serve.served_checks.check_declared_heads`)."""
+        from trainfer.serve.served_checks import check_declared_heads, probe_inputs
 
         shape = self.preprocess_spec.input_shape
-        if heads and shape is not None:
-            check_declared_kinds(self.forward, heads, probe_inputs(shape, self.preprocess_spec.torch_dtype), source)
+        if shape is not None:
+            probes = probe_inputs(shape, self.preprocess_spec.torch_dtype)
+            check_declared_heads(self.forward, self.heads, probes, source, kinds)
 
     def _check_ctc_work(self, source: str) -> None:
         """Refuse a CTC sequence bundle whose beam search, over the frames its model returns for an input of

@@ -139,15 +139,15 @@ class QuantizedModel:
 
         ``metadata`` goes to :func:`trainfer.save` (e.g. ``factory=...`` for a model of your own).
         """
-        from trainfer.serve.bundle_write import bundle_manifest, tensors_to_save, write_bundle
+        from trainfer.serve.bundle_write import save_derived
 
-        manifest = bundle_manifest(self.float_model, **{**self.manifest.derived_metadata(), **metadata})
         report = self.report.to_dict()
-        return write_bundle(
+        return save_derived(
+            self.float_model,
             path,
-            manifest,
-            tensors_to_save(self.float_model),
+            self.manifest,
             finish=lambda staged: write_int8_form(staged, self.onnx_bytes, self.probes, report),
+            **metadata,
         )
 
 

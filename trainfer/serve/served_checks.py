@@ -5,12 +5,13 @@ file recomputes its sha256. So before a :class:`~trainfer.Predictor` serves a bu
 would serve are run on fixed inputs and compared with what the bundle declares; a contradiction
 is a :class:`~trainfer.errors.BundleError`:
 
-* **declared output kinds** (:func:`check_declared_kinds`): on :data:`KIND_PROBES` seeded
+* **declared heads** (:func:`check_declared_heads`): on :data:`KIND_PROBES` seeded
   standard-normal inputs (:func:`probe_inputs`, the scale of normalised inputs; never read from
   the bundle), every recorded head's outputs must be what its ``output_kind`` says
   (:func:`trainfer.serve.outputs.check_output_kind`: probabilities in [0, 1] with rows summing to
   1, log-probabilities <= 0 with ``exp`` rows summing to 1, logits that are not already such
-  rows), within the tolerance of the output dtype (at least 1e-3);
+  rows), within the tolerance of the output dtype (at least 1e-3), and a classification head's
+  labels must name exactly the classes its outputs hold;
 * **the int8 form** (:func:`check_int8_form`): ``quantized.onnx`` must agree with the bundle's own
   float weights on the probe inputs ``trainfer quantize`` stored beside it (``probes.safetensors``,
   up to :data:`MAX_PROBES` samples of the validation data on which both forms agreed: random
@@ -62,7 +63,7 @@ __all__ = [
     "MIN_INT8_AGREEMENT",
     "PROBES_FILE",
     "PROBE_SEED",
-    "check_declared_kinds",
+    "check_declared_heads",
     "check_int8_form",
     "probe_inputs",
     "read_probes",
@@ -76,9 +77,12 @@ def probe_inputs(sample_shape: Sequence[int], dtype: torch.dtype = torch.float32
     return torch.randn(samples, *sample_shape, generator=generator, dtype=torch.float64).to(dtype)
 
 
-def check_declared_kinds(forward: Callable[[Tensor], Any], heads: Sequence[Head], probes: Tensor, source: str) -> None:
-    """Refuse heads whose outputs on ``probes`` contradict their declared output kind (see the module doc)."""
-    declared = [head for head in heads if head.kind is not None and head.task != "regression"]
+def check_declared_heads(
+    forward: Callable[[Tensor], Any], heads: Sequence[Head], probes: Tensor, source: str, kinds: bool = True
+) -> None:
+    """Refuse heads whose outputs on ``probes`` contradict their labels or (``kinds``) their declared output
+    kind (see the module doc)."""
+    declared = [head for head in heads if (kinds and _declares_kind(head)) or _declares_classes(head)]
     if not declared:
         return
     try:
@@ -88,11 +92,33 @@ def check_declared_kinds(forward: Callable[[Tensor], Any], heads: Sequence[Head]
         raise BundleError(f"{source}: the model fails on {len(probes)} probe inputs of its shape: {failure}") from error
     for head in declared:
         values = select_output(output, head.select)
-        tolerance = max(1e-3, tolerance_for(values.dtype)) if values.is_floating_point() else 1e-3
-        problem = check_output_kind(values, head.kind.kind, head.task, tolerance)  # type: ignore[union-attr]
+        problem = (_kind_problem(head, values) if kinds else None) or _labels_problem(head, values)
         if problem:
             name = f"head {head.name!r}: " if head.name is not None else ""
             raise BundleError(f"{source}: {name}{problem} on {len(probes)} probe inputs: refusing to serve it")
+
+
+def _declares_kind(head: Head) -> bool:
+    return head.kind is not None and head.task != "regression"
+
+
+def _declares_classes(head: Head) -> bool:
+    return head.task == "classification" and head.labels is not None
+
+
+def _kind_problem(head: Head, values: Tensor) -> str | None:
+    if not _declares_kind(head):
+        return None
+    tolerance = max(1e-3, tolerance_for(values.dtype)) if values.is_floating_point() else 1e-3
+    return check_output_kind(values, head.kind.kind, head.task, tolerance)  # type: ignore[union-attr]
+
+
+def _labels_problem(head: Head, values: Tensor) -> str | None:
+    """A classification head's label count against the classes of its ``(N, classes)`` outputs."""
+    if not _declares_classes(head) or values.dim() != 2:
+        return None
+    classes, count = values.shape[1], len(head.labels)  # type: ignore[arg-type]
+    return None if count == classes else f"{count} labels given, but the model outputs {classes} classes"
 
 
 # --------------------------------------------------------------------------- int8 forms
