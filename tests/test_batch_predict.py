@@ -332,7 +332,7 @@ def test_a_file_begun_on_one_form_and_device_is_not_resumed_on_another(tmp_path,
         cuda_machine.setattr(served_model, "pick_device", lambda name: torch.device("cpu"))
         cuda_machine.setattr(predictor_module, "pick_device", lambda name: torch.device(name))
         cuda_machine.setattr(predictor_module, "placed", lambda model, device: model)
-        cuda_machine.setattr(predictor_module.Predictor, "_check_recorded_kinds", lambda *arguments: None)
+        cuda_machine.setattr(predictor_module.Predictor, "_check_heads", lambda *arguments, **options: None)
         result = CliRunner().invoke(main, [*args, "--device", "cuda"])
     assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
     begun = "it was written with devices ['cpu'], not ['cuda']; forms ['torch/float32'], not ['the PyTorch model']"
