@@ -742,3 +742,18 @@ def test_every_real_number_option_parses_ascii_numbers_only():
         for text in ("0_5", "٠.٥"):
             with pytest.raises(click.BadParameter, match="written in ASCII"):
                 kind.convert(text, None, None)
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "1"), ("", "")])
+def test_every_interpreter_the_command_starts_leaves_the_current_directory_off_its_path(monkeypatch, given, expected):
+    """``trainfer`` sets ``PYTHONSAFEPATH=1`` for the interpreters it starts (torch inductor's compile workers
+    and multiprocessing's run ``python -c``, which would put the current directory, say a downloaded
+    bundle's folder, first on ``sys.path``: attacker round 12); a setting of the user's own is kept."""
+    if given is None:
+        monkeypatch.delenv("PYTHONSAFEPATH", raising=False)
+    else:
+        monkeypatch.setenv("PYTHONSAFEPATH", given)
+    assert CliRunner().invoke(main, ["inspect", "--help"]).exit_code == 0
+    assert os.environ["PYTHONSAFEPATH"] == expected
+    child = subprocess.run([sys.executable, "-c", "import sys; print(sys.path[0])"], capture_output=True, text=True)
+    assert (child.stdout.strip() == "") is (expected == "")  # -c puts '' (the current directory) first, or not

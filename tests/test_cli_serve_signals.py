@@ -7,14 +7,18 @@ semaphore behind for multiprocessing's resource tracker to warn about."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from server_process import get, kill_running, running_server, still_running
 from serving_models import gated_digits_bundle
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytest.importorskip("fastapi")
 pytestmark = pytest.mark.slow  # a server subprocess: torch imported cold, the model loaded
@@ -103,3 +107,37 @@ def test_workers_import_nothing_from_the_current_directory(bundle, tmp_path):
     with running_server(".", "--workers", "2", program=command, cwd=folder) as server:
         assert len(worker_processes(server.process.pid)) == 2
     assert sorted(p.name for p in folder.glob("ran-in-*")) == []
+
+
+#: The supervisor of two workers whose bundle is gone by the time they load it (the parent's check
+#: skipped, as when the bundle is deleted right after it): it must stop, not restart them without end.
+GONE = """
+import sys
+
+from trainfer.errors import BundleError
+from trainfer.server import run
+from trainfer.server.state import ServerSettings
+
+if __name__ == "__main__":  # spawned workers run this file's top again
+    from server_process import free_port
+
+    run.check_bundles = lambda settings: None
+    try:
+        run.serve(ServerSettings(bundles={"gone": sys.argv[1]}), port=free_port(), workers=2)
+    except BundleError as error:
+        print("refused:", error)
+        sys.exit(7)
+"""
+
+
+def test_workers_that_cannot_serve_stop_the_supervisor_instead_of_being_restarted(tmp_path):
+    script = tmp_path / "gone.py"
+    script.write_text(GONE)
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "no-bundle")],
+        capture_output=True, text=True, env=environment, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 7, done.stderr[-3000:]
+    assert "a worker could not serve" in done.stdout
+    assert done.stderr.count("cannot serve:") <= 2  # each worker once, none restarted

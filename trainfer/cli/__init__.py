@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from typing import IO, Any
 
@@ -53,6 +54,10 @@ class _Group(click.Group):
 @click.option("-v", "--verbose", is_flag=True, help="Log details (logger 'trainfer') at DEBUG level.")
 def main(debug: bool, verbose: bool) -> None:
     """Train one form of a PyTorch model, deploy its exact inference form, serve it safely."""
+    # Python 3.11's -P for every interpreter started from here (multiprocessing's workers, torch inductor's
+    # compile workers: `python -c ...` puts the current directory first on sys.path, so a module left in
+    # a downloaded bundle's folder would run in them). An explicit setting of yours is kept.
+    os.environ.setdefault("PYTHONSAFEPATH", "1")
     if not debug:  # a warning is one line, as errors are (--debug keeps Python's form with the source line)
         warnings.formatwarning = one_line_warning
     if verbose:

@@ -145,8 +145,10 @@ def app_from_environment() -> Any:
     settings = ServerSettings(**json.loads(os.environ[SETTINGS_VARIABLE]))
 
     def stop(error: BaseException) -> None:
+        from uvicorn.config import STARTUP_FAILURE
+
         logging.getLogger("trainfer.server").error("cannot serve: %s", error)
-        os._exit(2)  # the supervisor sees the worker die and the user sees why
+        os._exit(STARTUP_FAILURE)  # the supervisor stops (no worker is restarted) and the user sees why
 
     return create_app(settings, on_fatal=stop, background=False, on_ready=freeze_heap)
 

@@ -26,6 +26,8 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from trainfer.errors import BundleError
+
 if TYPE_CHECKING:
     import uvicorn
 
@@ -42,13 +44,17 @@ _SAFE_PATH = "PYTHONSAFEPATH"
 
 def supervise(config: uvicorn.Config) -> None:
     """Run ``config.workers`` processes serving ``config``'s app (named by import string) on one socket
-    until SIGTERM or Ctrl-C (SIGINT).
+    until SIGTERM or Ctrl-C (SIGINT), or until a worker cannot serve: a worker that ends before it
+    serves (its bundle gone or broken, :func:`trainfer.server.run.app_from_environment`) stops the
+    supervisor with :class:`~trainfer.errors.BundleError`, where uvicorn would start another at once,
+    without end (attacker round 12).
 
     The workers then shut down gracefully (each answers the requests it received), and the signal
     that stopped the supervisor is raised again under the handlers that were in place before
     uvicorn's, as a single uvicorn server does: SIGTERM's default handler ends the process by that
     signal; Python's SIGINT handler raises ``KeyboardInterrupt``. Any other end returns normally.
     """
+    from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors.multiprocess import SIGNALS, Multiprocess
 
     before = {number: signal.getsignal(number) for number in SIGNALS}
@@ -76,14 +82,17 @@ def supervise(config: uvicorn.Config) -> None:
                 listening.close()
 
     os.environ[_SAFE_PATH] = "1"  # inherited by every process spawned from here, restarted workers too
+    supervisor = _Supervisor(config, sockets=[config.bind_socket()])
     try:
-        _Supervisor(config, sockets=[config.bind_socket()]).run()
+        supervisor.run()
     finally:
         for number, handler in before.items():
             signal.signal(number, handler)
         _restore(_SAFE_PATH, safe_path)
     if stopped_by:
         signal.raise_signal(stopped_by[0])
+    if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
+        raise BundleError("a worker could not serve (its reason is logged above): the server stopped")
 
 
 def _restore(name: str, value: str | None) -> None:
