@@ -267,6 +267,27 @@ def shape_from_a_transpose(model):
     )
 
 
+def batch_power(model):
+    """A side branch of batch**5 elements from Reshape and Mul alone (the attacker's ``mk_batchbomb.py``):
+    one element at the recorded batch of 1, 32**5 at batch 32, 4.9 GB at batch 64."""
+    model.graph.initializer.extend(
+        numpy_helper.from_array(np.array([1] * k + [-1] + [1] * (4 - k), np.int64), f"axis{k}") for k in range(5)
+    )
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1, 64], np.int64), "rows"))
+    model.graph.initializer.append(numpy_helper.from_array(np.ones((64, 1), np.float32), "ones"))
+
+    def power(given):
+        per_sample = [
+            helper.make_node("Reshape", [given, "rows"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "ones"], ["mean"]),
+        ]
+        columns = [helper.make_node("Reshape", ["mean", f"axis{k}"], [f"r{k}"]) for k in range(5)]
+        products = [helper.make_node("Mul", [f"p{k}" if k else "r0", f"r{k + 1}"], [f"p{k + 1}"]) for k in range(4)]
+        return [*per_sample, *columns, *products, helper.make_node("Identity", ["p4"], ["side"])]
+
+    on_the_side(model, power)
+
+
 COST_ATTACKS = {
     "Conv pads 400": (big_pads, r"tensor '.*' of shape \[1, \d+, 806, 806\] holds \d+ elements .* over the limit"),
     "2 MatMuls of 512x512": (matmul_chain, r"computes 5.4e\+08 floating-point operations .* the float model computes"),
@@ -276,6 +297,10 @@ COST_ATTACKS = {
     "sparse Constant": (sparse_constant, r"tensor 'side' of shape \[23000, 23000\]"),
     "MaxPool of a 4000x4000 window": (wide_pooling, r"floating-point operations on the recorded input \[1, 1, 8, 8\]"),
     "shape not inferable": (shape_from_a_transpose, r"the shape of 'side', output of node .* cannot be inferred"),
+    "batch**5 side branch": (
+        batch_power,
+        r"tensor 'p1' grows faster than the batch: shape \[1, 1, 1, 1, 1\] .* \[2, 2, 1, 1, 1\] on \[2, 1, 8, 8\]",
+    ),
     "negative dims": (lambda model: model.graph.initializer[0].dims.insert(0, -1), "elements on the recorded input"),
 }
 

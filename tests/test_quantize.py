@@ -7,6 +7,7 @@ import pytest
 import torch
 from agreement import assert_same_classes
 from click.testing import CliRunner
+from torch import nn
 
 import trainfer
 from trainfer.cli import main
@@ -207,3 +208,45 @@ def test_a_candidate_whose_outputs_hold_nan_or_inf_fails_the_gate_without_an_err
     report = gate_report(reference, candidate, gate=AccuracyGate(min_agreement=0.5, max_accuracy_drop=None))
     assert report.max_rel_error == float("inf") and not report.ok
     assert report.failures() == ["max relative output error inf: the outputs hold NaN or inf"]
+
+
+class Outputs(nn.Module):
+    """A conv trunk returning its 4 logits and one value as a dict (two heads) or a tuple."""
+
+    def __init__(self, structure: str = "dict"):
+        super().__init__()
+        self.structure = structure
+        self.trunk = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten())
+        self.digit, self.size = nn.Linear(256, 4), nn.Linear(256, 1)
+
+    def forward(self, x):
+        features = self.trunk(x)
+        digit, size = self.digit(features), self.size(features)
+        return {"digit": digit, "size": size} if self.structure == "dict" else (size, digit)
+
+
+trainfer.register_model(Outputs, name="test_quantize:Outputs")
+
+
+@pytest.mark.parametrize(
+    "structure, kind",
+    [("dict", {"heads": {"digit": "classification", "size": "regression"}}), ("tuple", {"output": 1})],
+)
+def test_cli_quantize_refuses_a_model_of_several_outputs_in_one_line(tmp_path, structure, kind):
+    torch.manual_seed(0)
+    bundle = trainfer.save(
+        Outputs(structure).eval(),
+        tmp_path / "b",
+        factory="test_quantize:Outputs",
+        config={"structure": structure},
+        preprocess={"input_shape": [1, 8, 8]},
+        **kind,
+    )
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).random((8, 1, 8, 8), dtype=np.float32))
+    command = ["quantize", str(bundle), "--calibration", str(tmp_path / "calib.npy"), "-o", str(tmp_path / "q")]
+    result = CliRunner().invoke(main, [*command, "--trust-factory"])
+    assert result.exit_code == 2 and result.output == (
+        f"error: trainfer.quantize supports models that return one tensor; this one returns a {structure}: "
+        "serve it in float32 (trainfer deploy)\n"
+    )
+    assert not (tmp_path / "q").exists()

@@ -55,7 +55,9 @@ def check_int8_cost(model: Any, input_shape: list[int], weights: int, reference_
       ``L`` elements, and all of them together at most ``MAX_TOTAL_FACTOR * L``;
     - its floating-point operations (2 per multiply-add of ``Conv``, ``Gemm`` and ``MatMul``; one per
       window element of a pooling) stay within the flop bound, and within :data:`INT8_FLOPS_FACTOR`
-      times ``reference_flops`` (the float model's, when known).
+      times ``reference_flops`` (the float model's, when known);
+    - no tensor's elements, nor the flops, more than double on twice that batch (every cost at most
+      linear in the batch, so these bounds bound it per sample).
 
     ``L`` and the flop bound are :func:`~trainfer.serve.computation_check.computation_limits` for the
     float model's ``weights`` and the input's elements.
@@ -67,12 +69,41 @@ def check_int8_cost(model: Any, input_shape: list[int], weights: int, reference_
     _check_sizes(stored, limit, input_shape, source)  # before inference, which reads them
     shapes = _inferred_shapes(model, stored, input_shape, source)
     _check_sizes(shapes, limit, input_shape, source)
-    flops = sum(_node_flops(node, shapes) for node in model.graph.node)
+    flops = _flops(model, shapes)
     if flops > flops_limit:
         known = "" if reference_flops is None else f"; the float model computes {reference_flops:.3g}"
         raise BundleError(
             f"{source}: computes {flops:.3g} floating-point operations on the recorded input {input_shape}, over "
             f"the limit of {flops_limit:.3g}{known}: not an int8 form of this bundle's model"
+        )
+    _check_linear_in_batch(model, stored, shapes, flops, input_shape, source)
+
+
+def _check_linear_in_batch(
+    model: Any,
+    stored: dict[str, list[int]],
+    shapes: dict[str, list[int]],
+    flops: int,
+    input_shape: list[int],
+    source: str,
+) -> None:
+    """Refuse a cost that grows faster than the batch: infer the shapes again on twice the recorded batch
+    and refuse any tensor whose elements, or the flops, more than double (a side branch of batch**5
+    elements is one element at batch 1). So every cost is at most linear in the batch, and the bounds
+    checked on the recorded input bound it per sample."""
+    doubled = [2 * input_shape[0], *input_shape[1:]]
+    grown = _inferred_shapes(model, stored, doubled, source)
+    for name, shape in grown.items():
+        if math.prod(shape) > 2 * math.prod(shapes[name]):
+            raise BundleError(
+                f"{source}: tensor {name!r} grows faster than the batch: shape {shapes[name]} on the input "
+                f"{input_shape}, {shape} on {doubled}: not an int8 form of this bundle's model"
+            )
+    grown_flops = _flops(model, grown)
+    if grown_flops > 2 * flops:
+        raise BundleError(
+            f"{source}: its floating-point operations grow faster than the batch: {flops:.3g} on the input "
+            f"{input_shape}, {grown_flops:.3g} on {doubled}: not an int8 form of this bundle's model"
         )
 
 
@@ -142,6 +173,11 @@ def _stored_shapes(model: Any) -> Iterator[tuple[str, list[int]]]:
         yield tensor.name, list(tensor.dims)
     for sparse in model.graph.sparse_initializer:
         yield sparse.values.name, list(sparse.dims)
+
+
+def _flops(model: Any, shapes: dict[str, list[int]]) -> int:
+    """The floating-point operations of ``model``'s nodes on known ``shapes`` (:func:`_node_flops`)."""
+    return sum(_node_flops(node, shapes) for node in model.graph.node)
 
 
 def _node_flops(node: Any, shapes: dict[str, list[int]]) -> int:

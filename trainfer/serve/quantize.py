@@ -270,6 +270,7 @@ def quantize(
         workdir = Path(work)
         loaded = load_source(model_or_bundle, _example(model_or_bundle, calibration_data), trust_factory=trust_factory)
         check_class_gate(loaded.manifest, "trainfer.quantize")
+        _check_one_output(loaded.manifest)
         source = _Float(float32_copy(loaded.model), loaded.manifest)
         calib = calibration_inputs(calibration_data, source.manifest, calibration_limit)
         check = calibration_inputs(validation, source.manifest) if validation is not None else calib
@@ -295,6 +296,17 @@ def quantize(
         options = (False, True) if equalize == "auto" else (bool(equalize),)
         variants = [search.prepare(option, sensitivity_samples) for option in options]
         return search.run(variants, max_float_layers)
+
+
+def _check_one_output(manifest: Manifest) -> None:
+    """Refuse (:class:`InputError`) a model that returns a tuple or dict (several heads, or one output
+    picked from several): the sensitivity search and the gate compare one output tensor."""
+    structure = manifest.output_structure
+    if structure is not None and structure.type != "tensor":
+        raise InputError(
+            f"trainfer.quantize supports models that return one tensor; this one returns a {structure.type}: "
+            "serve it in float32 (trainfer deploy)"
+        )
 
 
 def _example(model_or_bundle: Any, calibration_data: Any) -> Tensor | None:
