@@ -189,3 +189,24 @@ def test_a_derived_bundle_says_why_each_output_kind_is_what_it_is_as_its_source_
     assert _derive(tmp_path, command, source).exit_code == 0
     decided = read_manifest(tmp_path / "out").heads[0].output_kind_decided_by
     assert decided == read_manifest(source).heads[0].output_kind_decided_by and decided.startswith("detected: ")
+
+
+def test_trainfer_prune_takes_trust_factory_and_loads_the_bundle_with_it(tmp_path, monkeypatch):
+    """Prune's refusal of an unregistered factory names ``--trust-factory`` (the loader's line), and prune now
+    takes it (it had no such option: attacker round 12), handing it to the load."""
+    from trainfer.serve import prune as prune_module
+
+    seen, load_source = [], prune_module.load_source
+
+    def recording(*arguments, **options):
+        seen.append(options.get("trust_factory"))
+        return load_source(*arguments, **options)
+
+    monkeypatch.setattr(prune_module, "load_source", recording)
+    source = _classification(tmp_path / "source")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).uniform(0, 1, (16, 1, 8, 8)).astype(np.float32))
+    arguments = ["prune", str(source), "--ratio", "0.25", "--data", str(tmp_path / "x.npy"), "--min-agreement", "0"]
+    for out, trust in (("plain", []), ("trusted", ["--trust-factory"])):
+        result = CliRunner().invoke(main, [*arguments, "-o", str(tmp_path / out), *trust])
+        assert result.exit_code == 0, result.output
+    assert seen == [False, True]

@@ -20,6 +20,8 @@ from trainfer.cli.common import (
     check_output_apart,
     friendly_errors,
     gate_options,
+    trust_factory_option,
+    trusted,
 )
 from trainfer.cli.quantize import DATA_HELP, read_labels
 from trainfer.errors import InputError
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
 @click.option("--finetune-optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True,
               help="Adam, or SGD with momentum 0.9.")  # fmt: skip
 @click.option("--finetune-batch-size", type=BATCH_SIZE, default=64, show_default=True)
+@trust_factory_option
 @friendly_errors
 def command(
     bundle: str,
@@ -107,6 +110,7 @@ def command(
         importance=importance,
         search=search,
         max_exempt_layers=max_exempt_layers,
+        trust_factory=trusted(),
     )
     save_derived(pruned, output, manifest)
     click.echo(str(pruned.trainfer_prune_report))

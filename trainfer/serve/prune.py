@@ -125,6 +125,7 @@ def prune(
     importance: str = "l2",
     search: bool = True,
     max_exempt_layers: int | None = None,
+    trust_factory: bool = False,
 ) -> nn.Module:
     """The gated, channel-pruned deploy form of ``model_or_bundle``; see the module docstring.
 
@@ -134,10 +135,11 @@ def prune(
     gate measures on; without ``data``, random inputs of the example's shape (agreement only).
     ``finetune``: called with the pruned model (train mode) to train it in place. ``search=False``
     refuses as soon as the gate fails; ``max_exempt_layers`` bounds the search (default: half the layers).
+    ``trust_factory`` is :func:`trainfer.load`'s, for a bundle whose factory is not registered.
     """
     settings = _settings(ratio, ratios, global_pruning, round_to, importance)
     gate = gate or AccuracyGate()
-    source = load_source(model_or_bundle, example_inputs)
+    source = load_source(model_or_bundle, example_inputs, trust_factory=trust_factory)
     check_class_gate(source.manifest, "trainfer.prune")
     model, example = float32_copy(source.model), torch.randn(2, *source.sample_shape)
     inputs = (
