@@ -297,6 +297,10 @@ class DynamicBatcher:
     def _answer(self, taken: list[_Pending], outputs: list[Any], seconds: float) -> None:
         """Each request of ``taken`` given its rows of ``outputs``; the batch's ``seconds`` recorded."""
         self.stats.batch(sum(p.size for p in taken), seconds)
+        if len(taken) == 1:  # a lone request (concurrency 1's every request): its rows are all the rows
+            if not taken[0].future.done():
+                taken[0].future.set_result(outputs)
+            return
         first = 0
         for pending in taken:
             rows = slice(first, first + pending.size)
