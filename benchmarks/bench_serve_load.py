@@ -1,21 +1,22 @@
 """``trainfer serve`` under load: dynamic batching against batch 1, plain FastAPI, LitServe and the floor.
 
 For each model (deploy forms of ``digits_net`` on 1x8x8 and ``repvgg_a0`` on 3x224x224, random
-weights with non-trivial BatchNorm statistics) six servers run in turn, each in its own process(es):
-``trainfer serve`` with dynamic batching (``--max-batch 32 --max-delay-ms 5``), ``trainfer serve
---max-batch 1``, ``benchmarks/serve_peer.py`` (the same Predictor behind a per-request FastAPI
-handler), ``benchmarks/litserve_peer.py`` (the same Predictor behind LitServe with its batching,
-32 and 5 ms; skipped when litserve is not installed) and the floor, ``benchmarks/floor_peer.py``
-(uvicorn with uvloop and httptools, the stack ``trainfer serve`` runs on, serving a raw ASGI app
-that reads the body and answers a fixed, precomputed response of the right shape: no framework, no
-model, no decoding; always one process, so its concurrency-8 and -32 rows are the throughput
-ceiling of one Python process on this stack), and the floor running the model (``floor_peer.py
---bundle``: the same app also runs the model's forward on each request's sample, one process, no
-batching). wrk (Debian's ``wrk``; a separate process) drives
-each at concurrency 1, 8 and 32 with one-sample requests -- Open Inference Protocol binary tensor
-data, or for LitServe (which takes JSON only) the same bytes base64-encoded in JSON -- and reports
-throughput and p50/p99 latency. Every server runs its model on ``--threads`` torch threads
-(1 by default, the same for all).
+weights with non-trivial BatchNorm statistics) seven servers run in turn, each in its own
+process(es): ``trainfer serve`` with dynamic batching (``--max-batch 32 --max-delay-ms 5``),
+``trainfer serve --max-batch 1``, the dynamic server with ``--compile`` (serving the fastest
+verified float32 form ``trainfer compile``'s search finds at start, e.g. ONNX Runtime),
+``benchmarks/serve_peer.py`` (the same Predictor behind a per-request FastAPI handler),
+``benchmarks/litserve_peer.py`` (the same Predictor behind LitServe with its batching, 32 and 5 ms;
+skipped when litserve is not installed) and the floor, ``benchmarks/floor_peer.py`` (uvicorn with
+uvloop and httptools, the stack ``trainfer serve`` runs on, serving a raw ASGI app that reads the
+body and answers a fixed, precomputed response of the right shape: no framework, no model, no
+decoding; always one process, so its concurrency-8 and -32 rows are the throughput ceiling of one
+Python process on this stack), and the floor running the model (``floor_peer.py --bundle``: the same
+app also runs the model's forward on each request's sample, one process, no batching). wrk (Debian's
+``wrk``; a separate process) drives each at concurrency 1, 8 and 32 with one-sample requests -- Open
+Inference Protocol binary tensor data, or for LitServe (which takes JSON only) the same bytes
+base64-encoded in JSON -- and reports throughput and p50/p99 latency. Every server runs its model on
+``--threads`` torch threads (1 by default, the same for all).
 
 ``--workers N`` (1 by default) runs every server but the floor as N processes sharing the port:
 ``trainfer serve --workers N``, the FastAPI peer as N uvicorn workers, LitServe with N inference
@@ -78,7 +79,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # server_process: start and always stop
 sys.path.insert(0, str(ROOT / "benchmarks"))  # serve_targets (also when run by runpy, which adds nothing)
 
 import serve_targets  # noqa: E402
-from serve_targets import BATCH_1, DYNAMIC, FLOOR, FLOOR_MODEL  # noqa: E402
+from serve_targets import BATCH_1, COMPILED, DYNAMIC, FLOOR, FLOOR_MODEL  # noqa: E402
 from server_process import ServerProcess, get, running_server  # noqa: E402
 
 import trainfer  # noqa: E402
@@ -230,9 +231,11 @@ def servers(
     by the same served by that code."""
     peers = ROOT / "benchmarks"
     processes = ["--workers", str(workers)]
+    dynamic = [str(bundle), "--names", name, "--max-batch", "32", "--max-delay-ms", "5", *processes]
     found = {
-        DYNAMIC: ([str(bundle), "--names", name, "--max-batch", "32", "--max-delay-ms", "5", *processes], None),
+        DYNAMIC: (dynamic, None),
         BATCH_1: ([str(bundle), "--names", name, "--max-batch", "1", "--max-delay-ms", "0", *processes], None),
+        COMPILED: ([*dynamic, "--compile"], None),
         "plain FastAPI per-request handler": (
             [str(bundle), "--name", name, *processes],
             [sys.executable, str(peers / "serve_peer.py")],

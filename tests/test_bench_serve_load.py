@@ -84,3 +84,16 @@ def test_a_missing_or_silent_row_is_not_measured_never_a_pass():
     silent = [r | {"rps": 0.0} if r["server"] == targets.BATCH_1 else r for r in rows]
     assert outcomes(silent)[0] is None  # no division by zero, no infinite gain
     assert outcomes([]) == [None] * 5
+
+
+def test_the_compiled_server_is_judged_against_its_own_single_request_latency():
+    compiled = [
+        row(targets.COMPILED, 1, 900.0, p50_ms=0.5, overhead=0.4, forward_ms=0.2),
+        row(targets.COMPILED, 32, 3000.0, p99_ms=6.4),  # under 3 x 0.5 + 5 = 6.5 ms; the dynamic one's would be 8
+    ]
+    assert outcomes(run()) == [True, False, True, False, False]  # no compiled rows: no compiled verdicts
+    tail, overhead = map(str, targets.verdicts(run() + compiled, "m")[5:])
+    assert tail == "--compile p99 at c=32 6.4 ms (target < 3 x 0.50 + 5 = 6.5 ms): met"
+    assert overhead == "--compile overhead at c=1 40.0% (0.20 ms forward) (target < 15%): NOT met"
+    slower = [r | {"p99_ms": 6.6} if r["concurrency"] == 32 else r for r in compiled]
+    assert outcomes(run() + slower)[5:] == [False, False]
