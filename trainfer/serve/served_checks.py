@@ -12,8 +12,9 @@ is a :class:`~trainfer.errors.BundleError`:
   1, log-probabilities <= 0 with ``exp`` rows summing to 1, logits that are not already such
   rows), within the tolerance of the output dtype (at least 1e-3), and a classification head's
   labels must name exactly the classes its outputs hold; and every head's outputs must be finite
-  (a ``log_probabilities`` output may hold ``-inf``, a probability of 0): weights that overflow
-  (a parameter of 1e30) pass the check of finite weights, then every request would fail;
+  (``logits`` and ``log_probabilities`` may hold ``-inf``, a probability of 0: a masked class):
+  weights that overflow (a parameter of 1e30) pass the check of finite weights, then every
+  request would fail;
 * **the int8 form** (:func:`check_int8_form`): ``quantized.onnx`` must agree with the bundle's own
   float weights on the probe inputs ``trainfer quantize`` stored beside it (``probes.safetensors``,
   up to :data:`MAX_PROBES` samples of the validation data on which both forms agreed: random
@@ -107,11 +108,12 @@ def check_declared_heads(
 
 
 def _finite_problem(head: Head, values: Tensor) -> str | None:
-    """Outputs holding NaN or an infinity (``-inf`` is a declared log-probability's 0), said with where."""
+    """Outputs holding NaN or an infinity, said with where (``-inf`` is the probability 0 of a head whose scores
+    are logarithms: ``logits`` or ``log_probabilities``)."""
     if not values.is_floating_point():
         return None
     bad = ~torch.isfinite(values)
-    if _declares_kind(head) and head.kind.kind == "log_probabilities":  # type: ignore[union-attr]
+    if _declares_kind(head) and head.kind.kind != "probabilities":  # type: ignore[union-attr]
         bad &= ~torch.isneginf(values)
     if not bool(bad.any()):
         return None
