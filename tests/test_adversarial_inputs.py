@@ -373,6 +373,24 @@ def test_integer_weights_are_refused_at_load(bundle, tmp_path, dtype):
         trainfer.load(copy)
 
 
+@pytest.mark.parametrize("fixture", ["bundle", "regression"])
+def test_weights_that_overflow_are_refused_at_load_naming_the_output(request, tmp_path, fixture):
+    """Weights of 1e30 are finite (the weights check passes them) but the outputs overflow: refused at load on the
+    probe inputs, in one line, rather than served with every request failing on its "input"."""
+
+    def overflow(state):
+        for name in state:
+            if name.endswith("weight"):
+                state[name] = state[name] * 1e30
+
+    copy = forge(request.getfixturevalue(fixture), tmp_path / "b", weights=overflow)
+    trainfer.load(copy)  # the weights themselves are finite
+    message = r"the output holds \d+ non-finite value\(s\) .*expected finite outputs .* refusing to serve it$"
+    with pytest.raises(BundleError, match=message) as refused:
+        trainfer.Predictor.load(copy)
+    assert "\n" not in str(refused.value)
+
+
 @pytest.mark.parametrize("key", ["target_std", "target_mean"])
 @pytest.mark.parametrize("values", [[1.0, 2.0, 3.0], [1.0] * 7])
 def test_target_scaling_of_the_wrong_width_is_refused_at_load(regression, tmp_path, key, values):

@@ -310,14 +310,20 @@ def test_a_busy_machine_is_said_under_the_table_and_in_the_json(monkeypatch):
     assert report.to_dict()["warnings"] == list(report.warnings)
 
 
+DEPLOY_FORM = "the model is a deploy form (e.g. a deploy bundle)"
+
+
 def test_forms_that_would_measure_another_again_are_skipped_saying_which():
     deployed = trainfer.deploy(_tiny_repvgg(), torch.randn(2, 3, 16, 16))
     forms = ("train", "reparameterized", "deploy")
     report = benchmark(deployed, (1, 3, 16, 16), forms=forms, rounds=1, repeats=1, warmup=0, show_progress=False)
     assert [r.form for r in report.results] == ["deploy"]
-    assert report.skipped == dict.fromkeys(
-        forms[:2], "same as deploy: the model is a deploy form (e.g. a deploy bundle)"
-    )
+    assert report.skipped == dict.fromkeys(forms[:2], f"same as deploy: {DEPLOY_FORM}")
+    report = benchmark(deployed, (1, 3, 16, 16), forms=("plain", "train"), rounds=1, repeats=1, warmup=0,
+                       show_progress=False)  # fmt: skip
+    assert [r.form for r in report.results] == ["train"]  # one model, timed once (it was timed twice)
+    assert report.skipped == {"plain": f"same as train: {DEPLOY_FORM}, whose plain chain is its own layers"}
+    assert f"skipped plain: {report.skipped['plain']}" in report.table().splitlines()
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).eval(), nn.ReLU())
     report = benchmark(plain, (1, 3, 8, 8), forms=forms, rounds=1, repeats=1, warmup=0, show_progress=False)
     assert [r.form for r in report.results] == ["train", "deploy"]

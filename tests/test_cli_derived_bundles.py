@@ -106,6 +106,23 @@ def test_trainfer_deploy_of_a_bundle_predicts_what_the_bundle_predicts(tmp_path,
 SERVED_AS = ("task", "labels", "heads", "preprocess", "decoder")
 
 
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_save_like_a_bundle_carries_what_it_serves_as_in_python(tmp_path, kind):
+    """``trainfer.save(deploy(load(b)), out, like=b)`` writes what ``trainfer deploy b`` writes: the bundle's
+    task, labels, heads, preprocessing and decoder, so that it predicts what the bundle predicts."""
+    source = KINDS[kind](tmp_path / "source")
+    given = read_manifest(source)
+    model = trainfer.load(source, trust_factory=True)
+    deployed = trainfer.deploy(model, torch.randn(given.input_shape))
+    trainfer.save(deployed, tmp_path / "like", like=source)
+    written = read_manifest(tmp_path / "like")
+    for field in SERVED_AS:
+        assert getattr(written, field) == getattr(given, field), field
+    raw = np.random.default_rng(0).uniform(0, 1, (5, *given.input_shape[1:])).astype(np.float32)
+    expected = trainfer.Predictor.load(source, trust_factory=True).predict(raw)
+    assert_results_close(trainfer.Predictor.load(tmp_path / "like").predict(raw), expected, atol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["classification", "heads"])
 def test_trainfer_prune_of_a_bundle_keeps_what_it_serves_as(tmp_path, kind):
     source = KINDS[kind](tmp_path / "source")
@@ -167,6 +184,17 @@ def test_a_bundle_that_cannot_serve_derives_none(tmp_path, command, case):
     result = _derive(tmp_path, command, _edited(source, edit))
     assert result.exit_code == 2, result.output
     assert expected in result.output and result.output.count("error:") == 1
+    assert result.output.rstrip().endswith("probe inputs: refusing to write it")  # what the command refuses
+    assert not (tmp_path / "out").exists()
+
+
+def test_trainfer_save_refuses_labels_for_other_classes_than_its_model_outputs_writing_nothing(tmp_path):
+    """The check the derived-bundle commands make, made by ``trainfer.save`` itself: 4 labels for a 3-class model
+    are refused before anything is written (no load would accept the bundle), in one line."""
+    model, labels = trained(1), ["cat", "dog", "eel", "fox"]
+    message = r"'.*out': 4 labels given, but the model outputs 3 classes on 8 probe inputs: refusing to write it$"
+    with pytest.raises(trainfer.errors.BundleError, match=message):
+        trainfer.save(model, tmp_path / "out", factory=FACTORY, config={}, labels=labels, preprocess=IMAGE)
     assert not (tmp_path / "out").exists()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -241,6 +242,18 @@ def test_bad_settings_are_refused_clearly(kwargs, match):
     with pytest.raises(DecodingError, match=match) as info:
         decoding.beam_search(_GRUModel(), torch.randn(2, 8), **kw)
     assert isinstance(info.value, TrainferError)
+
+
+def test_bos_eos_and_pad_may_be_numpy_integer_scalars_but_not_booleans():
+    """Token ids read from NumPy (``np.int64``, ``np.uint64``) are their values: the same hypotheses as Python ints."""
+    model, x, kw = _GRUModel(), torch.randn(2, 8), dict(max_length=4, num_beams=3)
+    expected = decoding.beam_search(model, x, bos=0, eos=1, pad=2, **kw)
+    got = decoding.beam_search(model, x, bos=np.int64(0), eos=np.uint64(1), pad=np.int32(2), **kw)
+    assert [[h.tokens for h in item] for item in got] == [[h.tokens for h in item] for item in expected]
+    greedy = decoding.greedy_search(model, x, bos=0, eos=1, max_length=4)
+    assert decoding.greedy_search(model, x, bos=np.uint8(0), eos=np.int16(1), max_length=4) == greedy
+    with pytest.raises(DecodingError, match="^eos must be an int, got bool$"):
+        decoding.greedy_search(_GRUModel(), torch.randn(2, 8), bos=0, eos=np.bool_(True), max_length=4)
 
 
 def test_a_step_of_the_wrong_shape_is_refused():

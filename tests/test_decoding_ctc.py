@@ -155,6 +155,22 @@ def test_text_joins_the_labels_of_tokens_leaving_out_the_special_ids_as_sequence
     assert table.text([1, 12, 11, 2]) == "12"
 
 
+@pytest.mark.parametrize("kind", ["int64", "uint64", "int8", "uint16"])
+def test_token_ids_may_be_numpy_integer_scalars_taken_as_their_values(kind):
+    """A blank id read from a NumPy array (``np.int64(0)``) was refused as "not an int": it is its value now, in the
+    decoders and in a token table (kept as an int); booleans and ids outside the table are still refused."""
+    log_probs = torch.randn(2, 6, 4).log_softmax(2)
+    blank = np.dtype(kind).type(2)
+    assert decoding.ctc_greedy(log_probs, blank=blank) == decoding.ctc_greedy(log_probs, blank=2)
+    assert decoding.ctc_beam_search(log_probs, blank=blank) == decoding.ctc_beam_search(log_probs, blank=2)
+    table = TokenTable(("0", "1", "", "<eos>"), blank=blank, eos=np.dtype(kind).type(3))
+    assert (type(table.blank), table.blank, type(table.eos), table.eos) == (int, 2, int, 3)
+    with pytest.raises(DecodingError, match="^blank must be an int token id, got bool$"):
+        decoding.ctc_greedy(log_probs, blank=np.bool_(True))
+    with pytest.raises(DecodingError, match="^blank id 4 is outside the token table of 4 tokens$"):
+        decoding.ctc_greedy(log_probs, blank=np.dtype(kind).type(4))
+
+
 def test_token_tables_refuse_collisions():
     table = TokenTable(("", "0", "1", "<eos>"), blank=0, eos=3)
     assert table.text([1, 0, 2, 3]) == "01"
@@ -221,14 +237,18 @@ def test_lengths_of_every_integer_dtype_are_their_values_or_refused_in_one_line(
 @pytest.mark.parametrize(
     ("lengths", "message"),
     [
-        ([3, 2**64], "lengths must be 2 integers, got list [3, 18446744073709551616]"),
+        ([3, 2**64], "lengths must be in [0, 4], got [3, 18446744073709551616]"),
         ([[1], [2, 3]], "lengths must be 2 integers, got list [[1], [2, 3]]"),
         ("ab", "lengths must be 2 integers, got str 'ab'"),
         ([1.0, 2.0], "lengths must be 2 integers, got shape (2,) torch.float32"),
         (np.array([3, 2**63], dtype=np.uint64), f"lengths must be in [0, 4], got [3, {2**63}]"),
+        ([np.uint64(3), np.uint64(2**63)], f"lengths must be in [0, 4], got [3, {2**63}]"),
+        ((3, -(2**63) - 1), f"lengths must be in [0, 4], got [3, {-(2**63) - 1}]"),
     ],
 )
 def test_lengths_torch_cannot_read_as_integers_are_refused_in_one_line(lengths, message):
+    """Integers beyond int64 are refused as out of range whatever holds them: a list of NumPy uint64 scalars above
+    2**63 - 1 was refused as "not integers" where the same values in a uint64 array were "outside [0, T]"."""
     with pytest.raises(DecodingError) as refused:
         decoding.ctc_greedy(torch.randn(2, 4, 3).log_softmax(2), lengths=lengths)
     assert str(refused.value) == message

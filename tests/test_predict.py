@@ -482,6 +482,23 @@ def probabilities_factory():
     return Net(4, FINALS["probabilities"])
 
 
+@trainfer.register_model
+def masked_logits_factory(final: str = "logits"):
+    return Net(3, lambda z: FINALS[final](z + torch.tensor([0.0, -torch.inf, 0.0])))
+
+
+@pytest.mark.parametrize("final", ["logits", "log_probabilities"])
+def test_a_masked_class_of_minus_inf_logits_loads_and_serves_its_probability_zero(tmp_path, final):
+    """The load's check of finite outputs refuses NaN and +inf, not the -inf of a masked class in logits or
+    log-probabilities: probability 0, a legitimate output."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(masked_logits_factory(final), seed=0)
+    factory, labels = f"{__name__}:masked_logits_factory", ["a", "b", "c"]
+    trainfer.save(model, tmp_path / "b", factory=factory, config={"final": final}, preprocess=SPEC, labels=labels)
+    results = Predictor.load(tmp_path / "b").predict(torch.randn(4, 1, 8, 8), top_k=3)
+    assert all(dict(r.top_k)["b"] == 0.0 for r in results)
+
+
 def test_to_records_are_json_lines():
     import json
 

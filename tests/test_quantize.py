@@ -1,6 +1,7 @@
 """trainfer.quantize: gated int8 digits, sensitivity-ordered float fallback, refusal, bundle round trip, CLI."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from trainfer.serve.bundle_format import bundle_files
 from trainfer.serve.calibration import calibration_inputs
 from trainfer.serve.int8_form import QUANTIZATION_FILE, QUANTIZED_FILE
 from trainfer.serve.runtime import save_record
+from trainfer.serve.sensitivity import _sqnr_db
 from trainfer.serve.served_checks import PROBES_FILE
 
 onnx = pytest.importorskip("onnx")  # the optional onnx extra: the whole module needs it
@@ -81,6 +83,15 @@ def test_sensitivity_report_ranks_every_layer_with_its_weight_ranges(int8):
         low, median, high = layer.channel_range
         assert 0 < low <= median <= high and 10 < layer.sqnr_db < 80 and layer.outlier_ratio >= 1
     assert "weight range per channel" in str(int8.report)
+
+
+def test_an_sqnr_whose_ratio_underflows_is_its_value_in_db_not_a_log10_error():
+    """A zero output against a candidate of 1e20: signal / noise (1e-300 / 4e40) underflows to 0, whose log10
+    raised ValueError; the SQNR is the difference of the logarithms, finite, and +inf only without noise."""
+    zero, far = torch.zeros(4), torch.full((4,), 1e20)
+    assert 1e-300 / float(far.double().pow(2).sum()) == 0.0  # the ratio the old formula took the log of
+    assert _sqnr_db(zero, far) == pytest.approx(10 * (-300 - math.log10(4e40)))
+    assert _sqnr_db(far, far) == math.inf and _sqnr_db(far, 2 * far) == pytest.approx(0.0)
 
 
 def test_fallback_keeps_the_most_sensitive_layers_in_float_until_the_gate_passes(digits):

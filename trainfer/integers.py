@@ -5,7 +5,8 @@ byte, uint16, uint32 and uint64, and a uint64 (NumPy's or torch's) holds values 
 int64's 2**63 - 1. Every integer a caller hands trainfer (model inputs, labels, a decoder's ``lengths``)
 is therefore read as int64 by :func:`as_signed`, the same values, or refused naming how many values
 int64 cannot hold and the largest; :func:`check_uint64_array` refuses a uint64 array (a memory-mapped
-``.npy`` file) by the same rule without holding it whole.
+``.npy`` file) by the same rule without holding it whole. A single integer a caller passes (a decoder's
+token id) may be a Python ``int`` or a NumPy integer scalar, never a boolean (:func:`integer_value`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from trainfer.errors import InputError
 
-__all__ = ["INT64_MAX", "as_signed", "check_uint64_array"]
+__all__ = ["INT64_MAX", "as_signed", "check_uint64_array", "integer_value"]
 
 #: torch's unsigned integer types wider than a byte: most operations (``max``, comparisons) are not
 #: implemented for them, so :func:`as_signed` gives their values as int64.
@@ -42,6 +43,14 @@ def as_signed(tensor: Tensor) -> Tensor:
             raise _beyond_int64("uint64 input", int(negative.sum()), int(wrapped[negative].max()) + 2**64)
         return wrapped  # shares the input's memory
     return tensor.to(torch.int64)
+
+
+def integer_value(value: object) -> int | None:
+    """``value`` as an ``int`` when it is one integer: a Python ``int`` or a NumPy integer scalar (``np.int64``,
+    ``np.uint64``, ...); else None, for a ``bool`` or ``np.bool_`` too (True is no id)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        return None
+    return int(value)
 
 
 def check_uint64_array(array: np.ndarray, what: str) -> None:

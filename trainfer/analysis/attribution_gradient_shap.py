@@ -6,7 +6,10 @@ the reference batch, a point ``a ~ U(0, 1)`` on the path and, with ``stdevs`` > 
 ``InputBaselineXGradient`` takes the gradient at ``a x~ + (1 - a) b``). Captum draws the baselines and
 the points from NumPy's global generator, so ``torch.manual_seed`` alone did not repeat an explanation
 and threads explaining at once shared NumPy's state; here every draw comes from torch's default
-generator of the batch's device (:func:`draws`), and NumPy's is never touched. The draws are made at
+generator of the batch's device (:func:`draws`), or from the ``generator`` the caller passes, and NumPy's is
+never touched. torch's default generator is shared by every thread: threads explaining at once each draw
+part of the others' draws, so each gets values it would not get alone; a ``generator`` of its own (seeded
+as wanted) gives each the values it gets alone. The draws are made at
 once (the same draws however the rows run); the rows go through the model in chunks of whole draws of
 every example, at most :data:`GRADIENT_SHAP_ROWS` rows (at least one draw of the whole batch), as
 integrated gradients' path does, so an explanation holds a few samples' activations, not ``n_samples``
@@ -44,16 +47,18 @@ class Draws:
     noise: Tensor | None
 
 
-def draws(batch: Tensor, references: int, n_samples: int, stdevs: float) -> Draws:
-    """``n_samples`` draws for each example of ``batch`` from torch's default generator of its device:
-    baseline rows uniform among ``references``, points uniform in ``[0, 1)``, then noise of standard
-    deviation ``stdevs`` (none drawn when it is 0)."""
+def draws(
+    batch: Tensor, references: int, n_samples: int, stdevs: float, generator: torch.Generator | None = None
+) -> Draws:
+    """``n_samples`` draws for each example of ``batch`` from ``generator`` (None: torch's default generator of
+    the batch's device): baseline rows uniform among ``references``, points uniform in ``[0, 1)``, then noise of
+    standard deviation ``stdevs`` (none drawn when it is 0)."""
     rows, device = len(batch) * n_samples, batch.device
-    baselines = torch.randint(references, (rows,), device=device)
-    points = torch.rand(rows, dtype=batch.dtype, device=device)
+    baselines = torch.randint(references, (rows,), device=device, generator=generator)
+    points = torch.rand(rows, dtype=batch.dtype, device=device, generator=generator)
     noise = None
     if stdevs:
-        noise = torch.randn((rows, *batch.shape[1:]), dtype=batch.dtype, device=device) * stdevs
+        noise = torch.randn((rows, *batch.shape[1:]), dtype=batch.dtype, device=device, generator=generator) * stdevs
     return Draws(baselines, points, noise)
 
 
@@ -61,14 +66,15 @@ def gradient_shap(
     attr: Any, forward: Callable[[Tensor], Tensor], batch: Tensor, target: Tensor | None, options: dict
 ) -> Tensor:
     """GradientSHAP of ``forward``'s ``target`` score for ``batch``: ``options`` ``n_samples`` (default
-    :data:`~trainfer.analysis.attribution_shap.SAMPLE_BUDGET`), ``stdevs`` (default 0) and ``baselines``
-    (a reference batch ``(B, *sample)``; default one zero sample), checked before. ``attr`` (Captum's
+    :data:`~trainfer.analysis.attribution_shap.SAMPLE_BUDGET`), ``stdevs`` (default 0), ``baselines``
+    (a reference batch ``(B, *sample)``; default one zero sample) and ``generator`` (a ``torch.Generator`` on
+    the batch's device to draw from; default torch's, shared by every thread), checked before. ``attr`` (Captum's
     module) is unused: the signature is every method's."""
     n_samples = options.get("n_samples", SAMPLE_BUDGET["gradient_shap"])
     references = options.get("baselines")
     if references is None:
         references = torch.zeros((1, *batch.shape[1:]), dtype=batch.dtype, device=batch.device)
-    found = draws(batch, len(references), n_samples, options.get("stdevs", 0.0))
+    found = draws(batch, len(references), n_samples, options.get("stdevs", 0.0), options.get("generator"))
     return gradient_shap_of(forward, batch, target, references, found)
 
 

@@ -52,7 +52,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "occlusion": ("sliding_window_shapes", "strides", "baselines", "perturbations_per_eval", "show_progress"),
     "kernel_shap": ("n_samples", "feature_mask", "patch", "baselines", "perturbations_per_eval", "show_progress"),
     "lime": ("n_samples", "feature_mask", "patch", "baselines", "perturbations_per_eval", "show_progress"),
-    "gradient_shap": ("n_samples", "stdevs", "baselines"),
+    "gradient_shap": ("n_samples", "stdevs", "baselines", "generator"),
     "deeplift_shap": ("baselines",),
 }
 #: The methods whose ``baselines`` are a reference batch, and the fewest samples it needs.
@@ -192,6 +192,16 @@ def _flag(name: str, value: Any, method: str, batch: Tensor) -> None:
 
 def _stdevs(name: str, value: Any, method: str, batch: Tensor) -> None:
     check_number(name, value, low=0.0, high=math.inf)
+
+
+def _generator(name: str, value: Any, method: str, batch: Tensor) -> None:
+    """A ``torch.Generator`` on the inputs' device, which GradientSHAP draws from (its own, not torch's default)."""
+    if not isinstance(value, torch.Generator):
+        raise InputTypeError(f"{name} must be a torch.Generator on {batch.device}; got {given(value)}")
+    if value.device != batch.device:
+        raise InputError(
+            f"{name} must be a torch.Generator on {batch.device}, as the inputs are; got one on {value.device}"
+        )
 
 
 def _patch(name: str, value: Any, method: str, batch: Tensor) -> None:
@@ -341,4 +351,5 @@ _CHECKS: dict[str, Callable[[str, Any, str, Tensor], None]] = {
     "sliding_window_shapes": _sliding_window_shapes,
     "strides": _strides,
     "baselines": _baselines,
+    "generator": _generator,
 }

@@ -315,11 +315,19 @@ def _build_forms(
 def same_form(model: nn.Module, form: str, forms: Sequence[str]) -> str | None:
     """Why ``form`` of ``model`` would measure another of ``forms`` again, or ``None``.
 
-    A deploy form (a deploy bundle, say) is its own ``train`` and ``reparameterized`` form; a model without
-    a re-parameterizable block left to fold is its own ``reparameterized`` form.
+    A deploy form (a deploy bundle, say) is its own ``train`` and ``reparameterized`` form, and its ``plain`` form
+    calls its own layers in the order it calls them (:func:`plain_form` keeps nothing else): the same model as
+    ``deploy`` (or, without it, ``train``). A model without a re-parameterizable block left to fold is its own
+    ``reparameterized`` form.
     """
-    if form in ("train", "reparameterized") and "deploy" in forms and model_form(model) == "deploy":
+    is_deploy = model_form(model) == "deploy"
+    if form in ("train", "reparameterized") and "deploy" in forms and is_deploy:
         return "same as deploy: the model is a deploy form (e.g. a deploy bundle)"
+    timed = next((other for other in ("deploy", "train") if other in forms), None)
+    if form == "plain" and timed is not None and is_deploy:
+        return (
+            f"same as {timed}: the model is a deploy form (e.g. a deploy bundle), whose plain chain is its own layers"
+        )
     folds = any(isinstance(m, ReparamBlock) and not m.deploy for m in model.modules())
     if form == "reparameterized" and "train" in forms and not folds:
         return "same as train: no re-parameterizable block (trainfer.blocks) to fold"

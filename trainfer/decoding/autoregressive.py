@@ -65,14 +65,15 @@ class _Set:
     ended: torch.Tensor | np.ndarray
 
 
-def _check_settings(bos: int, eos: int, pad: int | None, max_length: int, length_penalty: float) -> int:
-    """Checks the settings that do not need the vocabulary; returns the pad id (eos when None)."""
+def _check_settings(
+    bos: int, eos: int, pad: int | None, max_length: int, length_penalty: float
+) -> tuple[int, int, int]:
+    """Checks the settings that do not need the vocabulary; returns the bos, eos and pad ids as ``int`` (pad: eos
+    when None)."""
     check_int("max_length", max_length, 1, MAX_LENGTH)
     check_finite_float("length_penalty", length_penalty, MAX_LENGTH_PENALTY)
-    for name, value in (("bos", bos), ("eos", eos), ("pad", pad)):
-        if value is not None:
-            check_int(name, value, 0, 2**62)
-    return eos if pad is None else pad
+    bos, eos = check_int("bos", bos, 0, 2**62), check_int("eos", eos, 0, 2**62)
+    return bos, eos, eos if pad is None else check_int("pad", pad, 0, 2**62)
 
 
 _STEP_LOG_PROBS = "step()'s log_probs"
@@ -126,7 +127,7 @@ def greedy_search(
 
     Returns one hypothesis per item (``score`` as in beam search, so the two compare).
     """
-    pad = _check_settings(bos, eos, pad, max_length, length_penalty)
+    bos, eos, pad = _check_settings(bos, eos, pad, max_length, length_penalty)
     with torch.no_grad():
         state, n = _encode(model, inputs)
         device = state_device(state)
@@ -204,7 +205,7 @@ def beam_search(
     Returns:
         per item, ``num_return_sequences`` hypotheses best first (fewer if fewer exist).
     """
-    pad = _check_settings(bos, eos, pad, max_length, length_penalty)
+    bos, eos, pad = _check_settings(bos, eos, pad, max_length, length_penalty)
     width = check_beam_width(num_beams, "num_beams")
     check_int("num_return_sequences", num_return_sequences, 1, width)
     if early_stopping not in (True, False, "never"):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from trainfer.errors import DecodingError, InputError
-from trainfer.integers import as_signed
+from trainfer.integers import INT64_MAX, as_signed, integer_value
 
 MAX_BEAM_WIDTH = 1024
 """The widest beam any decoder accepts (wider is refused as a mistake, not silently slow)."""
@@ -33,12 +33,14 @@ log-probability: raw logits passed where ``log_softmax(logits)`` was meant, the 
 
 
 def check_int(name: str, value: object, low: int, high: int) -> int:
-    """``value`` as an int in ``[low, high]``, else a DecodingError naming ``name`` and the bounds."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` (an int or a NumPy integer scalar: :func:`trainfer.integers.integer_value`) as an ``int`` in
+    ``[low, high]``, else a DecodingError naming ``name`` and the bounds."""
+    number = integer_value(value)
+    if number is None:
         raise DecodingError(f"{name} must be an int, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise DecodingError(f"{name} must be in [{low}, {high}], got {value}")
-    return value
+    if not low <= number <= high:
+        raise DecodingError(f"{name} must be in [{low}, {high}], got {number}")
+    return number
 
 
 def check_beam_width(value: object, name: str = "beam_width") -> int:
@@ -47,12 +49,13 @@ def check_beam_width(value: object, name: str = "beam_width") -> int:
 
 
 def check_token_id(name: str, value: object, vocab: int) -> int:
-    """A token id inside a table of ``vocab`` tokens."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """A token id inside a table of ``vocab`` tokens (an int or a NumPy integer scalar, not a bool), as an ``int``."""
+    number = integer_value(value)
+    if number is None:
         raise DecodingError(f"{name} must be an int token id, got {type(value).__name__}")
-    if not 0 <= value < vocab:
-        raise DecodingError(f"{name} id {value} is outside the token table of {vocab} tokens")
-    return value
+    if not 0 <= number < vocab:
+        raise DecodingError(f"{name} id {number} is outside the token table of {vocab} tokens")
+    return number
 
 
 def check_finite_float(name: str, value: object, bound: float = MAX_LENGTH_PENALTY) -> float:
@@ -130,7 +133,7 @@ def check_lengths(lengths: object, batch: int, frames: int) -> torch.Tensor:
     if lengths is None:
         return torch.full((batch,), frames, dtype=torch.long)
     expected = f"lengths must be {batch} integers"
-    tensor = _lengths_tensor(lengths, expected)
+    tensor = _lengths_tensor(lengths, expected, frames)
     if tensor.shape != (batch,) or tensor.dtype not in _INTEGER_DTYPES:
         raise DecodingError(f"{expected}, got shape {tuple(tensor.shape)} {tensor.dtype}")
     try:
@@ -138,17 +141,25 @@ def check_lengths(lengths: object, batch: int, frames: int) -> torch.Tensor:
     except InputError:  # uint64 values above 2**63 - 1: beyond any frame count
         signed = None
     if signed is None or bool((signed < 0).any()) or bool((signed > frames).any()):
-        raise DecodingError(f"lengths must be in [0, {frames}], got {tensor.tolist()}")
+        raise _outside_frames(frames, tensor.tolist())
     return signed.to(torch.long)
 
 
-def _lengths_tensor(lengths: object, expected: str) -> torch.Tensor:
-    """``lengths`` as a dense tensor holding values, or a DecodingError starting with ``expected``."""
+def _outside_frames(frames: int, values: list[int]) -> DecodingError:
+    """The error for frame counts outside ``[0, frames]``, however they were given (list, array, tensor)."""
+    return DecodingError(f"lengths must be in [0, {frames}], got {values}")
+
+
+def _lengths_tensor(lengths: object, expected: str, frames: int) -> torch.Tensor:
+    """``lengths`` as a dense tensor holding values, or a DecodingError starting with ``expected`` (a list of
+    integers beyond int64, which no tensor holds, is refused as outside ``[0, frames]``, as an array is)."""
     refused = DecodingError(f"{expected}, got {type(lengths).__name__} {reprlib.repr(lengths)}")
     if isinstance(lengths, list | tuple):
         if any(_is_boolean(item) for item in lengths):
             raise refused
         lengths = [int(item) if isinstance(item, np.integer) else item for item in lengths]
+        if any(isinstance(item, int) and abs(item) > INT64_MAX for item in lengths):
+            raise _outside_frames(frames, lengths)
     elif isinstance(lengths, np.ndarray) and not lengths.dtype.isnative:  # torch reads native byte order only
         lengths = lengths.astype(lengths.dtype.newbyteorder("="))
     try:

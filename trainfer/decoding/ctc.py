@@ -34,14 +34,14 @@ forbids the extension (a lexicon). It must depend on the prefix only; the blank 
 """
 
 
-def _frames(log_probs: object, blank: int, lengths: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """Checked ``(N, T, C)`` log-probs, blank id and per-item frame counts."""
+def _frames(log_probs: object, blank: int, lengths: object) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Checked ``(N, T, C)`` log-probs, blank id (an ``int``) and per-item frame counts."""
     scores = check_scores(log_probs, "log_probs", (None, None, None))
     check_items(scores.shape[0], "log_probs")
     if scores.shape[2] < 2:
         raise DecodingError(f"log_probs needs at least 2 classes (blank and a label), got {scores.shape[2]}")
-    check_token_id("blank", blank, scores.shape[2])
-    return scores, check_lengths(lengths, scores.shape[0], scores.shape[1])
+    blank = check_token_id("blank", blank, scores.shape[2])
+    return scores, blank, check_lengths(lengths, scores.shape[0], scores.shape[1])
 
 
 def _best_path(scores: torch.Tensor, blank: int, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +63,7 @@ def ctc_greedy(log_probs: torch.Tensor, blank: int = 0, lengths: object = None) 
     Returns:
         per item, its token ids.
     """
-    scores, frames = _frames(log_probs, blank, lengths)
+    scores, blank, frames = _frames(log_probs, blank, lengths)
     best, emits = _best_path(scores, blank, frames)
     return [row[keep].tolist() for row, keep in zip(best, emits)]
 
@@ -74,7 +74,7 @@ def ctc_greedy_confidences(log_probs: torch.Tensor, blank: int = 0, lengths: obj
     ``score`` and ``log_prob`` are the best path's log-probability (the sum of each frame's maximum),
     a lower bound of the sequence's probability summed over alignments.
     """
-    scores, frames = _frames(log_probs, blank, lengths)
+    scores, blank, frames = _frames(log_probs, blank, lengths)
     check_at_most_zero(scores, "log_probs")
     best, emits = _best_path(scores, blank, frames)
     top = scores.max(dim=2).values
@@ -211,7 +211,7 @@ def ctc_beam_search(
     Returns:
         per item, hypotheses sorted best first.
     """
-    scores, frames = _frames(log_probs, blank, lengths)
+    scores, blank, frames = _frames(log_probs, blank, lengths)
     check_at_most_zero(scores, "log_probs")
     width = check_beam_width(beam_width)
     check_int("n_best", n_best, 1, width)

@@ -37,8 +37,8 @@ class TokenTable:
             raise DecodingError("every token must be a string")
         for name in ("blank", "bos", "eos", "pad"):
             value = getattr(self, name)
-            if value is not None:
-                check_token_id(name, value, len(self.tokens))
+            if value is not None:  # kept as an int (a NumPy integer scalar is taken as its value)
+                object.__setattr__(self, name, check_token_id(name, value, len(self.tokens)))
         special = self.special_ids()
         labels = [t for i, t in enumerate(self.tokens) if i not in special]
         if len(set(labels)) != len(labels):

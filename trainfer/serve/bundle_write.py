@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 from trainfer.atomic import atomic_directory, fsync_file, named, recover
@@ -30,6 +31,7 @@ from trainfer.serve.bundle_format import (
     WEIGHTS_FILE,
     bundle_files,
     own_files,
+    read_manifest,
 )
 from trainfer.serve.factories import call_factory, manifest_factory
 from trainfer.serve.manifest_build import build_manifest, writer_versions
@@ -65,8 +67,15 @@ def save(
     output: Selector = None,
     heads: Mapping[Any, str] | None = None,
     decoder: Mapping[str, Any] | None = None,
+    like: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write ``model`` as a bundle directory at ``path`` (atomically) and return the path.
+
+    ``like``: the bundle ``model`` is a form of (its deploy, pruned or fine-tuned form): the new bundle serves as
+    that one does, with its task, labels, heads, preprocessing and decoder
+    (:meth:`~trainfer.serve.manifest.Manifest.derived_metadata`, what ``trainfer deploy BUNDLE`` carries, through
+    :func:`save_derived`): ``save(trainfer.deploy(trainfer.load(b), x), out, like=b)``. The keywords given here
+    (not None) replace its values.
 
     ``decoder``: the ``sequence`` task's decoding settings (:class:`trainfer.serve.sequence.DecoderSettings`),
     checked against the labels (the token table) and recorded in the manifest. Autoregressive settings
@@ -79,20 +88,30 @@ def save(
     other threads meanwhile: a model not in eval is switched under the lock a
     :class:`~trainfer.Predictor` serving it takes (:func:`trainfer.modes.contexts.shared_inference`),
     and tracing never disturbs its calls from other threads (:mod:`trainfer.reparam.fold.trace`).
+
+    The bundle must be one that loads: ``model``'s outputs on the load's probe inputs are checked against the
+    manifest's heads as :func:`save_derived` checks them (labels for the classes it outputs, finite outputs),
+    else :class:`BundleError` before anything is written. An output kind the caller declares is the caller's
+    word, as it is to a :class:`~trainfer.Predictor` (a warning at the first prediction, a load may override it):
+    not checked here.
     """
-    manifest = bundle_manifest(
-        model,
-        factory=factory,
-        config=config,
-        task=task,
-        labels=labels,
-        preprocess=preprocess,
-        example_inputs=example_inputs,
-        output_kind=output_kind,
-        output=output,
-        heads=heads,
-        decoder=decoder,
-    )
+    metadata = {
+        "factory": factory,
+        "config": config,
+        "task": task,
+        "labels": labels,
+        "preprocess": preprocess,
+        "example_inputs": example_inputs,
+        "output_kind": output_kind,
+        "output": output,
+        "heads": heads,
+        "decoder": decoder,
+    }
+    if like is not None:
+        given = {name: value for name, value in metadata.items() if value is not None}
+        return save_derived(model, path, read_manifest(like), **given)
+    manifest = bundle_manifest(model, **metadata)
+    _check_heads_fit(model, manifest, repr(str(path)), kinds=False)
     return write_bundle(path, manifest, tensors_to_save(model))
 
 
@@ -130,9 +149,10 @@ def _decided_as(manifest: Manifest, source: Manifest) -> Manifest:
     return manifest.model_copy(update={"heads": heads})
 
 
-def _check_heads_fit(model: nn.Module, manifest: Manifest, source: str) -> None:
-    """The load-time check of ``manifest``'s heads against ``model``'s outputs on the probe inputs (a model that
-    generates, by encode/step, has no single forward to check)."""
+def _check_heads_fit(model: nn.Module, manifest: Manifest, source: str, kinds: bool = True) -> None:
+    """The load-time check of ``manifest``'s heads (``kinds``: their output kinds too) against ``model``'s outputs
+    on the probe inputs (a model that generates, by encode/step, has no single forward to check), on the model's
+    device."""
     from trainfer.modes.contexts import shared_inference
     from trainfer.serve.outputs import Head
     from trainfer.serve.served_checks import check_declared_heads, probe_inputs
@@ -143,11 +163,14 @@ def _check_heads_fit(model: nn.Module, manifest: Manifest, source: str) -> None:
         return
     heads = [Head.from_dict(head) for head in manifest.head_settings()]
 
+    device = next((tensor.device for tensor in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
+
     def forward(batch: Tensor) -> Any:
         with shared_inference(model):
-            return model(batch)
+            return model(batch.to(device))
 
-    check_declared_heads(forward, heads, probe_inputs(spec.input_shape, spec.torch_dtype), source)
+    probes = probe_inputs(spec.input_shape, spec.torch_dtype)
+    check_declared_heads(forward, heads, probes, source, kinds, refusing="refusing to write it")
 
 
 def bundle_manifest(model: nn.Module, **metadata: Any) -> Manifest:

@@ -68,9 +68,12 @@ def _fake_activation(x: Tensor, low: float, high: float) -> Tensor:
 
 
 def _sqnr_db(reference: Tensor, candidate: Tensor) -> float:
+    """``10 log10(signal / noise)`` in dB (signal counted as at least 1e-300), +inf without noise. Taken as a
+    difference of logarithms: the ratio itself underflows to 0 when the noise is over about 1e308 times the
+    signal (a zero output, far-off candidate), where ``log10`` would raise."""
     noise = float((reference.double() - candidate.double()).pow(2).sum())
     signal = float(reference.double().pow(2).sum())
-    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
+    return math.inf if noise == 0 else 10 * (math.log10(max(signal, 1e-300)) - math.log10(noise))
 
 
 @torch.no_grad()

@@ -11,7 +11,10 @@ is a :class:`~trainfer.errors.BundleError`:
   (:func:`trainfer.serve.outputs.check_output_kind`: probabilities in [0, 1] with rows summing to
   1, log-probabilities <= 0 with ``exp`` rows summing to 1, logits that are not already such
   rows), within the tolerance of the output dtype (at least 1e-3), and a classification head's
-  labels must name exactly the classes its outputs hold;
+  labels must name exactly the classes its outputs hold; and every head's outputs must be finite
+  (``logits`` and ``log_probabilities`` may hold ``-inf``, a probability of 0: a masked class):
+  weights that overflow (a parameter of 1e30) pass the check of finite weights, then every
+  request would fail;
 * **the int8 form** (:func:`check_int8_form`): ``quantized.onnx`` must agree with the bundle's own
   float weights on the probe inputs ``trainfer quantize`` stored beside it (``probes.safetensors``,
   up to :data:`MAX_PROBES` samples of the validation data on which both forms agreed: random
@@ -78,24 +81,48 @@ def probe_inputs(sample_shape: Sequence[int], dtype: torch.dtype = torch.float32
 
 
 def check_declared_heads(
-    forward: Callable[[Tensor], Any], heads: Sequence[Head], probes: Tensor, source: str, kinds: bool = True
+    forward: Callable[[Tensor], Any],
+    heads: Sequence[Head],
+    probes: Tensor,
+    source: str,
+    kinds: bool = True,
+    refusing: str = "refusing to serve it",
 ) -> None:
-    """Refuse heads whose outputs on ``probes`` contradict their labels or (``kinds``) their declared output
-    kind (see the module doc)."""
-    declared = [head for head in heads if (kinds and _declares_kind(head)) or _declares_classes(head)]
-    if not declared:
+    """Refuse heads whose outputs on ``probes`` are not finite, or contradict their labels or (``kinds``) their
+    declared output kind (see the module doc): a :class:`BundleError` of one line ending with ``refusing``
+    (what the caller refuses: the loader serving the bundle, a command writing it)."""
+    if not heads:
         return
     try:
         output = forward(probes)
     except Exception as error:  # the model's own failure on inputs of the shape its manifest declares
         failure = f"{type(error).__name__}: {error}"
         raise BundleError(f"{source}: the model fails on {len(probes)} probe inputs of its shape: {failure}") from error
-    for head in declared:
+    for head in heads:
         values = select_output(output, head.select)
-        problem = (_kind_problem(head, values) if kinds else None) or _labels_problem(head, values)
+        problem = _finite_problem(head, values) or (_kind_problem(head, values) if kinds else None)
+        problem = problem or _labels_problem(head, values)
         if problem:
             name = f"head {head.name!r}: " if head.name is not None else ""
-            raise BundleError(f"{source}: {name}{problem} on {len(probes)} probe inputs: refusing to serve it")
+            raise BundleError(f"{source}: {name}{problem} on {len(probes)} probe inputs: {refusing}")
+
+
+def _finite_problem(head: Head, values: Tensor) -> str | None:
+    """Outputs holding NaN or an infinity, said with where (``-inf`` is the probability 0 of a head whose scores
+    are logarithms: ``logits`` or ``log_probabilities``)."""
+    if not values.is_floating_point():
+        return None
+    bad = ~torch.isfinite(values)
+    if _declares_kind(head) and head.kind.kind != "probabilities":  # type: ignore[union-attr]
+        bad &= ~torch.isneginf(values)
+    if not bool(bad.any()):
+        return None
+    output = "the output" if head.select is None else f"output {head.select!r}"
+    first = tuple(int(i) for i in bad.nonzero()[0])
+    return (
+        f"{output} holds {int(bad.sum())} non-finite value(s) (NaN or inf; the first at index {first}: "
+        f"{float(values[first])}): expected finite outputs (weights that overflow?)"
+    )
 
 
 def _declares_kind(head: Head) -> bool:
