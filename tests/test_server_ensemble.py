@@ -264,3 +264,15 @@ def test_help_names_the_ensemble_options():
     shown = CliRunner().invoke(main, ["serve", "--help"], terminal_width=120).output
     assert "--ensemble NAME" in shown and "Serve the bundles as ONE model called NAME" in shown
     assert "--weights TEXT" in shown and "With --ensemble: its weights, one per bundle" in shown
+
+
+def test_settings_refuse_a_name_served_twice_and_weights_of_no_ensemble():
+    from trainfer.server.state import ServerSettings
+
+    with pytest.raises(InputError, match=r"model names \['duo'\] name both a bundle and an ensemble"):
+        ServerSettings(bundles={"duo": "a"}, ensembles={"duo": ["a", "b"]})
+    with pytest.raises(InputError, match=r"weights for \['trio'\], which no ensemble is called"):
+        ServerSettings(bundles={}, ensembles={"duo": ["a", "b"]}, weights={"trio": [1, 2]})
+    with pytest.raises(InputError, match="model name 'a/b'"):
+        ServerSettings(bundles={}, ensembles={"a/b": ["a", "b"]})
+    assert ServerSettings(bundles={"a": "a"}, ensembles={"duo": ["a", "b"]}).names == ["a", "duo"]
