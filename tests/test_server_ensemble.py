@@ -90,6 +90,8 @@ def infer(client, x: np.ndarray, binary: bool = True) -> list[dict]:
 def test_one_model_is_served_with_the_ensembles_metadata(server):
     status, body, _ = get(server.url + "/v2/models")
     assert json.loads(body) == {"models": [{"name": "duo", "ready": True}]}
+    torch_model = "torch, the bundle's PyTorch model"
+    assert f"model 'duo' ready (an ensemble of 2 members: {torch_model}; {torch_model}) from" in server.logs()
     assert get(server.url + "/v2/models/a")[0] == 404  # members are not served on their own
     metadata = json.loads(get(server.url + "/v2/models/duo")[1])
     assert metadata["inputs"] == [{"name": "input", "datatype": "FP64", "shape": [-1, 1, 8, 8]}]  # b's float64

@@ -123,7 +123,8 @@ class ServedEnsemble(ServedModel):
     def serving(self) -> str:
         """What serves each member, for the ready log line."""
         members = zip(self.predictor.members, self.origins, strict=True)
-        return "ensemble of " + "; ".join(serving_words(member.model, origin) for member, origin in members)
+        words = "; ".join(serving_words(member.model, origin) for member, origin in members)
+        return f"an ensemble of {len(self.origins)} members: {words}"
 
 
 def load_ensemble(
