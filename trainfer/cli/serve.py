@@ -25,9 +25,7 @@ from trainfer.serve.runtime_names import RUNTIMES
 
 def model_names(bundles: tuple[str, ...], names: str | None) -> dict[str, str]:
     """Model name -> bundle path: ``--names`` (comma-separated) or each bundle directory's name."""
-    for bundle in bundles:
-        if not (Path(bundle) / "manifest.json").is_file():
-            raise MissingFileError(f"bundle not found: {bundle!r} (expected a directory holding manifest.json)")
+    check_bundles_exist(bundles)
     chosen = names.split(",") if names is not None else [Path(b).resolve().name for b in bundles]
     if len(chosen) != len(bundles):
         raise InputError(f"--names gives {len(chosen)} names for {len(bundles)} bundles")
@@ -38,6 +36,43 @@ def model_names(bundles: tuple[str, ...], names: str | None) -> dict[str, str]:
     if len(set(chosen)) != len(chosen):
         raise InputError(f"model names must differ; got {chosen} (name them with --names a,b)")
     return dict(zip(chosen, bundles, strict=True))
+
+
+def check_bundles_exist(bundles: tuple[str, ...]) -> None:
+    """Refuse a path that is no bundle directory (:class:`~trainfer.errors.MissingFileError`, naming it)."""
+    for bundle in bundles:
+        if not (Path(bundle) / "manifest.json").is_file():
+            raise MissingFileError(f"bundle not found: {bundle!r} (expected a directory holding manifest.json)")
+
+
+def ensemble_settings(
+    bundles: tuple[str, ...], ensemble: str | None, weights: str | None, names: str | None, search: bool
+) -> dict[str, Any]:
+    """``ServerSettings``' ``ensembles`` and ``weights`` for ``--ensemble NAME [--weights W,...]``: every bundle
+    given is a member of the one ensemble served (``{}`` without ``--ensemble``). Options that name or search
+    separately served bundles are refused with it; the weights are checked as ``Predictor.ensemble`` checks them."""
+    if ensemble is None:
+        if weights is not None:
+            raise InputError("--weights weighs the members of an ensemble: add --ensemble NAME")
+        return {}
+    if names is not None:
+        raise InputError(
+            "--names names separately served bundles; with --ensemble every bundle is a member: drop --names"
+        )
+    if search:
+        raise InputError(
+            "--compile searches one bundle's runtime, not an ensemble's: run `trainfer compile` on each member, "
+            "then serve them with --ensemble"
+        )
+    from trainfer.cli.predict import parse_weights
+    from trainfer.serve.ensemble import normalised_weights
+    from trainfer.server.state import check_model_name
+
+    check_model_name(ensemble)
+    check_bundles_exist(bundles)
+    parsed = parse_weights(weights)
+    normalised_weights(parsed, len(bundles))  # refused here as Predictor.ensemble refuses them
+    return {"ensembles": {ensemble: list(bundles)}, "weights": {} if parsed is None else {ensemble: parsed}}
 
 
 def api_key(variable: str | None) -> str | None:
@@ -151,6 +186,18 @@ def _given(context: click.Context, name: str) -> bool:
     "--host, the --host address otherwise, any IP address on 0.0.0.0 or ::.",
 )
 @click.option("--names", default=None, help="Model names, comma-separated (default: each bundle directory's name).")
+@click.option(
+    "--ensemble",
+    default=None,
+    metavar="NAME",
+    help="Serve the bundles as ONE model called NAME, their ensemble: the answers of trainfer.Predictor.ensemble "
+    "(`trainfer predict A B ...`), every batch running every member.",
+)
+@click.option(
+    "--weights",
+    default=None,
+    help="With --ensemble: its weights, one per bundle, comma-separated (default: equal).",
+)
 # The ranges below are trainfer.server.state.LIMITS' (not imported here: it loads torch and fastapi), shown by
 # --help; check_options then refuses what a range lets through (nan, inf). A test keeps the two equal.
 @click.option("--max-batch", default=32, show_default=True, type=IntRange(1, 65536), help="Samples per batch.")
@@ -247,6 +294,8 @@ def command(
     port: int,
     allowed_hosts: str | None,
     names: str | None,
+    ensemble: str | None,
+    weights: str | None,
     max_batch: int,
     max_delay_ms: float,
     max_queue: int,
@@ -269,6 +318,9 @@ def command(
     one batch of at most --max-batch samples, waiting at most --max-delay-ms for others.
     SIGTERM or Ctrl-C finishes the requests in flight, then exits (after Ctrl-C with status 130).
 
+    --ensemble NAME serves all the bundles given as one model, their ensemble (no bundle is served on
+    its own then): members must agree on task, labels and input shape, as for `trainfer predict A B`.
+
     --compile first runs `trainfer compile`'s search on each bundle (the server is live, not ready,
     meanwhile; progress and every candidate's figures in the log) and serves the form it chose.
     """
@@ -287,8 +339,9 @@ def command(
         max_body_mb=max_body_mb,
     )
     check_port(host, port)
-    served = model_names(bundles, names)
-    check_runtime_applies(served, runtime)
+    ensembles = ensemble_settings(bundles, ensemble, weights, names, search)
+    served = {} if ensembles else model_names(bundles, names)
+    check_runtime_applies(dict(zip(bundles, bundles, strict=True)) if ensembles else served, runtime)
     settings = ServerSettings(
         bundles=served,
         max_batch=max_batch,
@@ -306,6 +359,7 @@ def command(
         write_runtime=write_runtime,
         host=host,
         allowed_hosts=host_names(allowed_hosts),
+        **ensembles,
     )
     try:
         serve(settings, host=host, port=port, workers=workers)

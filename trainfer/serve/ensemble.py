@@ -51,6 +51,7 @@ __all__ = [
     "EnsembleBinaryResult",
     "EnsembleClassificationResult",
     "EnsembleRegressionResult",
+    "normalised_weights",
 ]
 
 
@@ -124,6 +125,9 @@ class Member(Protocol):
     @property
     def batch_size(self) -> int: ...
 
+    @property
+    def threshold(self) -> float: ...
+
     def scores(self, batch: Tensor) -> Tensor | dict[str, Tensor]: ...
 
     def results_from_scores(self, per_head: list[Tensor], top_k: int | None) -> list[Any]: ...
@@ -162,7 +166,7 @@ def _scores(member: Member, batch: Tensor) -> Tensor:
     return cast(Tensor, member.scores(batch))
 
 
-def _weights(given: Iterable[float] | None, count: int) -> Tensor:
+def normalised_weights(given: Iterable[float] | None, count: int) -> Tensor:
     """Validated weights normalised to sum to 1 (equal weights when none are given), float64.
 
     Only their ratios count: they are first scaled by the power of two that brings the largest below 1
@@ -197,7 +201,7 @@ class Ensemble:
     ):
         self.members = list(check_type("predictors", predictors, Iterable, "an iterable of Predictors"))
         _check_members(self.members)
-        self.weights = _weights(weights, len(self.members))
+        self.weights = normalised_weights(weights, len(self.members))
         self._batch_size = check_integer("batch_size", batch_size, minimum=1, optional=True)
 
     @property
@@ -225,6 +229,19 @@ class Ensemble:
     def preprocess_spec(self) -> PreprocessSpec:
         return self.members[0].preprocess_spec
 
+    #: Members are single-head (:func:`_check_members`), and so is their vote.
+    multi_head = False
+
+    @property
+    def heads(self) -> Sequence[Any]:
+        """The first member's heads (members agree on task and labels): what the mean's results follow."""
+        return self.members[0].heads
+
+    @property
+    def threshold(self) -> float:
+        """The first member's threshold, which binary decisions use."""
+        return self.members[0].threshold
+
     def member_scores(self, inputs: Any) -> Iterator[Tensor]:
         """Per batch of ``batch_size`` samples, every member's scores stacked: ``(M, N, ...)`` float64.
 
@@ -238,13 +255,37 @@ class Ensemble:
             for member, source in zip(self.members, sources, strict=True)
         ]
         for batches in zip(*streams, strict=True):
-            yield torch.stack(
-                [
-                    _scores(member, member.preprocess_spec.normalize(raw, first)).detach().to("cpu", torch.float64)
-                    for member, (raw, _) in zip(self.members, batches, strict=True)
-                ]
-            )
+            yield self.stacked_scores([raw for raw, _ in batches], first)
             first += len(batches[0][0])
+
+    def stacked_scores(self, raw: Sequence[Tensor], first: int = 0) -> Tensor:
+        """Every member's scores of one batch, stacked: ``(M, N, ...)`` float64 on the CPU.
+
+        ``raw[i]``: member ``i``'s raw batch (checked by its spec, not normalised; one tensor may stand for
+        all), normalised here by that member's preprocessing (``first``: its first sample's number, for errors).
+        """
+        return torch.stack(
+            [
+                _scores(member, member.preprocess_spec.normalize(batch, first)).detach().to("cpu", torch.float64)
+                for member, batch in zip(self.members, raw, strict=True)
+            ]
+        )
+
+    def vote(self, stacked: Tensor, first: int = 0) -> tuple[Tensor, Tensor]:
+        """The weighted ``mean`` and ``spread`` of :meth:`member_scores`' ``stacked`` (see the module docstring).
+
+        A non-finite mean raises :class:`~trainfer.errors.NonFiniteError` (``first``: the batch's first sample's
+        number, for the message).
+        """
+        w = self.weights.view(-1, *[1] * (stacked.dim() - 1))
+        mean = (w * stacked).sum(0)
+        check_finite_scores([mean], self.members[0].heads, first)
+        return mean, (w * (stacked - mean) ** 2).sum(0).sqrt()
+
+    def voted_results(self, mean: Tensor, spread: Tensor, top_k: int | None) -> list[Any]:
+        """The typed results of one batch's :meth:`vote`, with ``members`` and ``spread``."""
+        results = self.members[0].results_from_scores([mean], top_k)
+        return [self._voted(result, row) for result, row in zip(results, spread, strict=True)]
 
     def predict(self, inputs: Any, top_k: int | None = None) -> list[Any]:
         """One result per input sample, in order, with ``members`` and ``spread``."""
@@ -268,13 +309,9 @@ class Ensemble:
         top_k = check_top_k(top_k, self.members[0].heads)
         first = 0
         for stacked in self.member_scores(inputs):
-            w = self.weights.view(-1, *[1] * (stacked.dim() - 1))
-            mean = (w * stacked).sum(0)
-            check_finite_scores([mean], self.members[0].heads, first)
+            mean, spread = self.vote(stacked, first)
             first += len(mean)
-            spread = (w * (stacked - mean) ** 2).sum(0).sqrt()
-            results = self.members[0].results_from_scores([mean], top_k)
-            yield [self._voted(result, row) for result, row in zip(results, spread, strict=True)]
+            yield self.voted_results(mean, spread, top_k)
 
     def _voted(self, result: Any, spread: Tensor) -> Any:
         if isinstance(result, ClassificationResult):

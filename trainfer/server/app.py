@@ -137,7 +137,7 @@ def _routes(app: FastAPI, server: Server) -> None:
 
     @app.get("/v2/models", summary="Served models (trainfer's extension)")
     async def models() -> dict[str, Any]:
-        return {"models": [{"name": n, "ready": n in server.batchers} for n in settings.bundles]}
+        return {"models": [{"name": n, "ready": n in server.batchers} for n in settings.names]}
 
     @app.get("/v2/models/{name}", summary="Model metadata")
     @app.get("/v2/models/{name}/versions/{version}", include_in_schema=False)

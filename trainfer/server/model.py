@@ -60,7 +60,7 @@ CHECK_SAMPLES = 3
 #: numpy have no bfloat16, and any real datatype is cast by the preprocessing anyway).
 _TORCH_DATATYPES = {torch.float16: "FP16", torch.float32: "FP32", torch.float64: "FP64"}
 
-__all__ = ["CHECK_SAMPLES", "ServedModel", "load_model"]
+__all__ = ["CHECK_SAMPLES", "ServedModel", "load_model", "load_predictor"]
 
 
 @dataclass
@@ -104,9 +104,14 @@ class ServedModel:
         return tuple(shape)
 
     @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype :meth:`prepare` casts requests to: the model's input dtype."""
+        return self.predictor.preprocess_spec.torch_dtype
+
+    @property
     def input_datatype(self) -> str:
-        """The protocol's name of the model's input dtype (any real datatype is accepted and cast)."""
-        return _TORCH_DATATYPES.get(self.predictor.preprocess_spec.torch_dtype, "FP32")
+        """The protocol's name of :attr:`input_dtype` (any real datatype is accepted and cast)."""
+        return _TORCH_DATATYPES.get(self.input_dtype, "FP32")
 
     def prepare(self, raw: Any) -> Tensor:
         """One request's samples checked as the Predictor checks them (shape, real and finite numbers:
@@ -307,6 +312,28 @@ def load_model(
     search on the bundle (:func:`compiled_form`) and serve the form it chose (``runtime`` must then be
     ``None`` or ``"auto"``).
     """
+    predictor, origin = load_predictor(name, path, runtime, trust_factory, max_batch, search, write_runtime)
+    model = ServedModel(
+        name,
+        predictor,
+        explainer_loader=lambda: Predictor.load(path, trust_factory=trust_factory, float_form=True),
+        origin=origin,
+    )
+    model.check()
+    return model
+
+
+def load_predictor(
+    name: str,
+    path: str | os.PathLike[str],
+    runtime: str | None,
+    trust_factory: bool,
+    max_batch: int,
+    search: dict[str, Any] | None = None,
+    write_runtime: bool = False,
+) -> tuple[Predictor, str]:
+    """The Predictor that serves the bundle at ``path`` as model ``name`` (see :func:`load_model`), and why that
+    form serves (:func:`~trainfer.serve.served_model.load_origin`)."""
     overrides: dict[str, Any] = {"batch_size": max_batch}
     served: Any = runtime
     origin = load_origin(path, runtime)
@@ -318,15 +345,7 @@ def load_model(
         served = "recorded"  # the runtime trainfer.compile chose and recorded (gated int8/bf16 included)
     if served is not None:
         overrides["runtime"] = served
-    predictor = Predictor.load(path, trust_factory=trust_factory, **overrides)
-    model = ServedModel(
-        name,
-        predictor,
-        explainer_loader=lambda: Predictor.load(path, trust_factory=trust_factory, float_form=True),
-        origin=origin,
-    )
-    model.check()
-    return model
+    return Predictor.load(path, trust_factory=trust_factory, **overrides), origin
 
 
 def compiled_form(name: str, path: str | os.PathLike[str], search: dict[str, Any], write_runtime: bool) -> Any:

@@ -27,7 +27,7 @@ from typing import Any
 
 from trainfer.errors import InputError
 from trainfer.server.app import ServerSettings, create_app
-from trainfer.server.model import load_model
+from trainfer.server.state import load_served
 from trainfer.server.supervisor import exit_with_parent, supervise, thread_locks_for_progress_bars
 
 __all__ = [
@@ -120,11 +120,9 @@ def serve(
 
 
 def check_bundles(settings: ServerSettings) -> None:
-    """Load and check every bundle of ``settings`` (raises what a worker would meet)."""
-    for name, path in settings.bundles.items():
-        load_model(
-            name, path, runtime=settings.runtime, trust_factory=settings.trust_factory, max_batch=settings.max_batch
-        )
+    """Load and check every model of ``settings`` (raises what a worker would meet)."""
+    for name in settings.names:
+        load_served(settings, name)
 
 
 def freeze_heap() -> None:

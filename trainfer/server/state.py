@@ -8,7 +8,7 @@ import logging
 import math
 import re
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -18,6 +18,7 @@ from starlette.types import Receive
 
 from trainfer.errors import InputError, NonFiniteError
 from trainfer.server.batching import COMPUTE_BOUND, DynamicBatcher, Overloaded, default_workers, usable_cores
+from trainfer.server.ensemble_model import load_ensemble
 from trainfer.server.hosts import check_allowed_hosts
 from trainfer.server.metrics import Metrics
 from trainfer.server.model import ServedModel, load_model
@@ -64,6 +65,10 @@ class ServerSettings:
     implied): that model is searched at start-up, before it is ready, and serves what the search
     chose. ``write_runtime``: also record the choice in its bundle, as ``trainfer compile`` does.
 
+    ``ensembles`` maps more model names to lists of bundle paths: each is served as one model, the
+    ensemble :meth:`trainfer.Predictor.ensemble` makes of those bundles with its ``weights`` (by name;
+    absent: equal weights), every batch running every member (:mod:`trainfer.server.ensemble_model`).
+
     ``host``: the address the server listens on (:func:`trainfer.server.run.serve` sets it; Ray
     Serve's proxy's for a deployment), and ``allowed_hosts`` more names (``"*"``: any): together the
     ``Host`` headers a request may send (:class:`~trainfer.server.hosts.HostCheck`; others are a 400:
@@ -87,6 +92,8 @@ class ServerSettings:
     write_runtime: bool = False
     host: str = "127.0.0.1"
     allowed_hosts: tuple[str, ...] = ()
+    ensembles: dict[str, list[str]] = field(default_factory=dict)
+    weights: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Every number finite and within :data:`LIMITS` (an infinite delay or timeout would hold
@@ -94,8 +101,21 @@ class ServerSettings:
         for name, (least, most) in LIMITS.items():
             check_number(name, getattr(self, name), least, most, integer=name not in _FRACTIONAL)
         check_api_key(self.api_key, "api_key")
-        for name in self.bundles:
+        for name in self.names:
             check_model_name(name)
+        both = sorted(set(self.bundles) & set(self.ensembles))
+        if both:
+            raise InputError(f"model names {both} name both a bundle and an ensemble: expected each name once")
+        stray = sorted(set(self.weights) - set(self.ensembles))
+        if stray:
+            raise InputError(
+                f"weights for {stray}, which no ensemble is called: expected names among {list(self.ensembles)}"
+            )
+
+    @property
+    def names(self) -> list[str]:
+        """Every served model's name: the bundles', then the ensembles'."""
+        return [*self.bundles, *self.ensembles]
         object.__setattr__(self, "allowed_hosts", check_allowed_hosts(self.allowed_hosts, "allowed_hosts"))
 
 
@@ -148,6 +168,20 @@ def check_number(name: str, value: Any, least: float, most: float, integer: bool
     ):
         kind = "an integer" if integer else "a finite number"
         raise InputError(f"{name} must be {kind} in [{least:g}, {most:g}]; got {value!r}")
+
+
+def load_served(settings: ServerSettings, name: str) -> ServedModel:
+    """Load and check the model ``settings`` serve as ``name``: a bundle (:func:`~trainfer.server.model.load_model`)
+    or an ensemble (:func:`~trainfer.server.ensemble_model.load_ensemble`)."""
+    options: dict[str, Any] = {
+        "runtime": settings.runtime,
+        "trust_factory": settings.trust_factory,
+        "max_batch": settings.max_batch,
+    }
+    if name in settings.ensembles:
+        return load_ensemble(name, settings.ensembles[name], settings.weights.get(name), **options)
+    search = (settings.compile or {}).get(name)
+    return load_model(name, settings.bundles[name], search=search, write_runtime=settings.write_runtime, **options)
 
 
 def _joined(chunks: list[Any]) -> Any:
@@ -223,23 +257,14 @@ class Server:
 
     @property
     def ready(self) -> bool:
-        return len(self.batchers) == len(self.settings.bundles)
+        return len(self.batchers) == len(self.settings.names)
 
     async def load_all(self) -> None:
         """Load and check every bundle, in order, off the event loop; a failure stops the server."""
         settings = self.settings
         try:
-            for name, path in settings.bundles.items():
-                model = await asyncio.to_thread(
-                    load_model,
-                    name,
-                    path,
-                    runtime=settings.runtime,
-                    trust_factory=settings.trust_factory,
-                    max_batch=settings.max_batch,
-                    search=(settings.compile or {}).get(name),
-                    write_runtime=settings.write_runtime,
-                )
+            for name in settings.names:
+                model = await asyncio.to_thread(load_served, settings, name)
                 batcher = DynamicBatcher(
                     model.compute,
                     settings.max_batch,
@@ -252,7 +277,8 @@ class Server:
                 batcher.start()
                 self.models[name] = model
                 self.batchers[name] = batcher
-                logger.info("model %r ready (%s) from %s", name, model.serving(), path)
+                source = settings.bundles.get(name) or settings.ensembles[name]
+                logger.info("model %r ready (%s) from %s", name, model.serving(), source)
             self.on_ready()
         except Exception as error:  # a bundle that cannot be served: say why in one line and stop
             self.on_fatal(error)
@@ -262,8 +288,8 @@ class Server:
             await batcher.stop()
 
     def model(self, name: str) -> ServedModel:
-        if name not in self.settings.bundles:
-            raise HTTPError(404, f"unknown model {name!r}: this server serves {list(self.settings.bundles)}")
+        if name not in self.settings.bundles and name not in self.settings.ensembles:
+            raise HTTPError(404, f"unknown model {name!r}: this server serves {self.settings.names}")
         if name not in self.batchers:
             raise HTTPError(503, f"model {name!r} is still loading", {"Retry-After": str(self.settings.retry_after)})
         return self.models[name]
