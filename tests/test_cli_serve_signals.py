@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from server_process import get, kill_running, running_server, still_running
+from server_process import free_port, get, kill_running, running_server, still_running
 from serving_models import gated_digits_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,3 +141,38 @@ def test_workers_that_cannot_serve_stop_the_supervisor_instead_of_being_restarte
     assert done.returncode == 7, done.stderr[-3000:]
     assert "a worker could not serve" in done.stdout
     assert done.stderr.count("cannot serve:") <= 2  # each worker once, none restarted
+
+
+#: Put on the server's PYTHONPATH, it makes every worker crash as it starts, before trainfer's code (or
+#: uvicorn's) runs: spawned by multiprocessing, a worker runs ``python -c "from multiprocessing.spawn
+#: import spawn_main; ..."``. Each crash leaves a file in $CRASHED, to count the starts.
+CRASH_AT_START = """
+import os, sys
+
+if "spawn_main" in " ".join(sys.orig_argv):
+    open(os.path.join(os.environ["CRASHED"], str(os.getpid())), "w").close()
+    os._exit(70)
+"""
+
+
+def test_workers_that_crash_at_start_stop_the_server_after_a_few_tries(bundle, tmp_path):
+    hook, crashed = tmp_path / "hook", tmp_path / "crashed"
+    hook.mkdir()
+    crashed.mkdir()
+    (hook / "sitecustomize.py").write_text(CRASH_AT_START)
+    environment = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)]),
+        "CRASHED": str(crashed),
+    }
+    command = [sys.executable, "-m", "trainfer", "serve", str(bundle), "--workers", "2", "--port", str(free_port())]
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environment)
+    try:
+        _, stderr = server.communicate(timeout=180)  # restarted without end, it would never return
+    finally:
+        server.kill()
+    assert server.returncode == 2, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: a worker failed to start 3 times in a row"), stderr[-3000:]
+    assert "exited with status 70" in last
+    assert 3 <= len(list(crashed.iterdir())) <= 2 * 3  # each of the 2 workers tried at most 3 times
