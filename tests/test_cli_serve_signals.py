@@ -12,11 +12,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from server_process import free_port, get, kill_running, running_server, still_running
 from serving_models import gated_digits_bundle
+from time_limit import time_limit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,6 +69,25 @@ def test_sigkill_of_the_supervisor_stops_its_workers(bundle):
                 get(server.url + "/v2/health/live", timeout=5)
         finally:
             kill_running(workers)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in Linux's /proc")
+def test_a_ready_worker_that_dies_is_started_again_each_time(bundle):
+    """A worker killed while it serves (the OOM killer) is replaced, not counted as a failed start: killed
+    three times, each time once its successor is ready, the server still serves."""
+    with running_server(str(bundle), "--workers", "2") as server:
+        before = worker_processes(server.process.pid)
+        for _ in range(3):
+            os.kill(before[0], signal.SIGKILL)
+            with time_limit(SHUTDOWN_LIMIT):  # a worker never replaced, or never seen ready, fails the test
+                while not (new := set(worker_processes(server.process.pid)) - set(before)):
+                    time.sleep(0.2)
+                while f"[{min(new)}] is ready" not in server.logs():
+                    time.sleep(0.2)
+            assert f"[{before[0]}] killed by SIGKILL; starting another in" in server.logs()
+            before = [min(new), *before[1:]]
+        assert server.process.poll() is None, server.logs()[-3000:]
+        assert get(server.url + "/v2/health/ready")[0] == 200
 
 
 def worker_processes(supervisor: int) -> list[int]:

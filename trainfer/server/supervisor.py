@@ -87,7 +87,10 @@ def supervise(config: uvicorn.Config) -> None:
                 if self.should_exit.is_set():
                     return
                 if slot in self.restart_at:
-                    if time.monotonic() >= self.restart_at[slot]:
+                    if process.process.is_alive():  # replaced meanwhile (SIGHUP: uvicorn's restart_all)
+                        del self.restart_at[slot]
+                        self.restarts.started(slot)
+                    elif time.monotonic() >= self.restart_at[slot]:
                         del self.restart_at[slot]
                         self.start_worker(slot)
                 elif not self.serving(slot, process):
@@ -98,6 +101,7 @@ def supervise(config: uvicorn.Config) -> None:
             if not process.process.is_alive():
                 return False
             if not self.restarts.is_ready(slot) and process.is_ready(timeout=_READY_PROBE):
+                logger.info(f"Child process [{process.pid}] is ready")
                 self.restarts.ready(slot)
             return process.is_alive(timeout=self.config.timeout_worker_healthcheck)
 
