@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from server_process import free_port, get, kill_running, running_server, still_running
+from server_process import START_TIMEOUT, free_port, get, kill_running, running_server, still_running
 from serving_models import gated_digits_bundle
 from time_limit import time_limit
 
@@ -77,17 +77,30 @@ def test_a_ready_worker_that_dies_is_started_again_each_time(bundle):
     three times, each time once its successor is ready, the server still serves."""
     with running_server(str(bundle), "--workers", "2") as server:
         before = worker_processes(server.process.pid)
+        wait_until_ready(server, before)  # the server answers as soon as one worker is
         for _ in range(3):
             os.kill(before[0], signal.SIGKILL)
-            with time_limit(SHUTDOWN_LIMIT):  # a worker never replaced, or never seen ready, fails the test
-                while not (new := set(worker_processes(server.process.pid)) - set(before)):
-                    time.sleep(0.2)
-                while f"[{min(new)}] is ready" not in server.logs():
-                    time.sleep(0.2)
+            try:
+                with time_limit(START_TIMEOUT):  # a worker never replaced fails the test
+                    while not (new := set(worker_processes(server.process.pid)) - set(before)):
+                        time.sleep(0.2)
+            except TimeoutError:
+                raise AssertionError(server.logs()[-3000:]) from None
+            wait_until_ready(server, new)
             assert f"[{before[0]}] killed by SIGKILL; starting another in" in server.logs()
             before = [min(new), *before[1:]]
         assert server.process.poll() is None, server.logs()[-3000:]
         assert get(server.url + "/v2/health/ready")[0] == 200
+
+
+def wait_until_ready(server, workers) -> None:
+    """Until the supervisor of ``server`` has seen each of ``workers`` ready (its log says so)."""
+    try:
+        with time_limit(START_TIMEOUT):  # a worker never seen ready fails the test
+            while not all(f"[{pid}] is ready" in server.logs() for pid in workers):
+                time.sleep(0.2)
+    except TimeoutError:
+        raise AssertionError(server.logs()[-3000:]) from None
 
 
 def worker_processes(supervisor: int) -> list[int]:

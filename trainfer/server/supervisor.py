@@ -9,6 +9,9 @@ Promises that uvicorn's own multi-process supervisor does not keep:
   (SIGKILL included): otherwise orphaned workers keep serving the port;
 * a worker leaves no semaphore behind (:func:`thread_locks_for_progress_bars`): otherwise
   multiprocessing's resource tracker warns of "leaked semaphore objects" as the server stops;
+* a worker that cannot serve, or keeps dying before it is ready, stops the server, and one that dies
+  after it was ready is restarted at a bounded rate (:func:`supervise`, :mod:`trainfer.server.restarts`):
+  uvicorn starts another at once, without end;
 * a worker imports nothing from the current directory (:func:`supervise`): spawned processes start
   as ``python -c ...``, which puts the current directory first on ``sys.path``, so a
   ``multiprocessing.py`` in a downloaded bundle's folder ran in every worker (attacker round 11).
