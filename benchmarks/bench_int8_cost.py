@@ -5,14 +5,17 @@ Every load of a bundle's int8 form parses ``quantized.onnx`` and checks its oper
 (``trainfer.serve.int8_cost.float_flops``) and costs the graph on the recorded input shape
 (``trainfer.serve.int8_cost.check_int8_cost``). This quantizes a randomly initialised ``repvgg_a0``
 once (about 10 s), then times each part and a whole ``Predictor.load``, at one torch thread: the
-median of ``--rounds`` runs, CPU (``time.process_time``) and wall clock.
+median of ``--rounds`` runs, CPU (``time.process_time``) and wall clock. ``--compare-with DIR`` also
+times another checkout's ``check_int8_cost`` (its ``trainfer/serve/int8_cost.py``, importing this
+checkout's other modules) on the same form, interleaved with this one's, alternating which goes first.
 
-    .venv/bin/python benchmarks/bench_int8_cost.py [--rounds 5]
+    .venv/bin/python benchmarks/bench_int8_cost.py [--rounds 5] [--compare-with DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import tempfile
@@ -55,10 +58,35 @@ def timed(label: str, rounds: int, work: Callable[[], Any]) -> Any:
     return result
 
 
+def interleaved(rounds: int, works: dict[str, Callable[[], Any]]) -> None:
+    """Time each of ``works`` once a round, alternating the order; print each one's medians."""
+    cpu: dict[str, list[float]] = {label: [] for label in works}
+    wall: dict[str, list[float]] = {label: [] for label in works}
+    for round_ in range(rounds):
+        for label in list(works) if round_ % 2 == 0 else list(reversed(works)):
+            started, clock = time.process_time(), time.perf_counter()
+            works[label]()
+            cpu[label].append(time.process_time() - started)
+            wall[label].append(time.perf_counter() - clock)
+    for label in works:
+        median_cpu, median_wall = 1e3 * statistics.median(cpu[label]), 1e3 * statistics.median(wall[label])
+        print(f"{label:42s} cpu {median_cpu:7.1f} ms   wall {median_wall:7.1f} ms   (interleaved)")
+
+
+def other_check(checkout: Path) -> Callable[..., None]:
+    """``check_int8_cost`` of the checkout at ``checkout``."""
+    spec = importlib.util.spec_from_file_location("compared_int8_cost", checkout / "trainfer/serve/int8_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.check_int8_cost
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    rounds = parser.parse_args().rounds
+    parser.add_argument("--compare-with", type=Path, metavar="DIR", help="another checkout's root")
+    args = parser.parse_args()
+    rounds = args.rounds
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as work:
         bundle = int8_bundle(Path(work))
@@ -72,6 +100,15 @@ def main() -> None:
             "inference and bounds (check_int8_cost)", rounds, lambda: check_int8_cost(model, SHAPE, weights, flops, "q")
         )
         timed("whole Predictor.load", rounds, lambda: trainfer.Predictor.load(bundle))
+        if args.compare_with is not None:
+            compared = other_check(args.compare_with)
+            interleaved(
+                rounds,
+                {
+                    "check_int8_cost, this checkout": lambda: check_int8_cost(model, SHAPE, weights, flops, "q"),
+                    "check_int8_cost, compared": lambda: compared(model, SHAPE, weights, flops, "q"),
+                },
+            )
         print(f"{len(model.graph.node)} nodes; the float model computes {flops:.3g} flops")
 
 

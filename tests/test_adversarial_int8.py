@@ -288,6 +288,44 @@ def batch_power(model):
     on_the_side(model, power)
 
 
+def batch_square_plus_constant(model):
+    """A side branch of ``(N + 2)**2`` elements (``N**2 + 4 N + 4``): 9 at batch 1, 16 at 2, so every tensor
+    at most doubles on twice the batch; 36 at 4, where the increments stop being linear."""
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "flat_shape"))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1, 64], np.int64), "rows"))
+    model.graph.initializer.append(numpy_helper.from_array(np.ones((64, 1), np.float32), "ones"))
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(2, np.float32), "two"))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1, 1], np.int64), "column"))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1, -1], np.int64), "row"))
+
+    def square(given):
+        return [
+            helper.make_node("Reshape", [given, "rows"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "ones"], ["mean"]),
+            helper.make_node("Reshape", ["mean", "flat_shape"], ["means"]),
+            helper.make_node("Concat", ["means", "two"], ["longer"], axis=0),
+            helper.make_node("Reshape", ["longer", "column"], ["u"]),
+            helper.make_node("Reshape", ["longer", "row"], ["v"]),
+            helper.make_node("Mul", ["u", "v"], ["side"]),
+        ]
+
+    on_the_side(model, square)
+
+
+def batch_fixed_at_one(model):
+    """A side branch that sets the input's 64 values a sample beside one sample's: only batch 1 fits."""
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1, 64], np.int64), "one_row"))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1, 64], np.int64), "rows"))
+    on_the_side(
+        model,
+        lambda given: [
+            helper.make_node("Reshape", [given, "one_row"], ["first"]),
+            helper.make_node("Reshape", [given, "rows"], ["each"]),
+            helper.make_node("Concat", ["first", "each"], ["side"], axis=1),
+        ],
+    )
+
+
 COST_ATTACKS = {
     "Conv pads 400": (big_pads, r"tensor '.*' of shape \[1, \d+, 806, 806\] holds \d+ elements .* over the limit"),
     "2 MatMuls of 512x512": (matmul_chain, r"computes 5.4e\+08 floating-point operations .* the float model computes"),
@@ -299,7 +337,16 @@ COST_ATTACKS = {
     "shape not inferable": (shape_from_a_transpose, r"the shape of 'side', output of node .* cannot be inferred"),
     "batch**5 side branch": (
         batch_power,
-        r"tensor 'p1' grows faster than the batch: shape \[1, 1, 1, 1, 1\] .* \[2, 2, 1, 1, 1\] on \[2, 1, 8, 8\]",
+        r"tensor 'p1' of shape \[1, 1, 1, 1, 1\] at batch 1, \[2, 2, 1, 1, 1\] at batch 2, "
+        r"\[4, 4, 1, 1, 1\] at batch 4 \(the recorded input is \[1, 1, 8, 8\]\), grows faster than the batch",
+    ),
+    "(batch + 2)**2 side branch": (
+        batch_square_plus_constant,
+        r"tensor 'side' of shape \[3, 3\] at batch 1, \[4, 4\] at batch 2, \[6, 6\] at batch 4 .* grows faster",
+    ),
+    "batch fixed at 1 by a Reshape": (
+        batch_fixed_at_one,
+        r"shapes do not agree on the input \[2, 1, 8, 8\], the recorded input \[1, 1, 8, 8\] at batch 2 \(inferred",
     ),
     "negative dims": (lambda model: model.graph.initializer[0].dims.insert(0, -1), "elements on the recorded input"),
 }

@@ -12,11 +12,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from server_process import get, kill_running, running_server, still_running
+from server_process import START_TIMEOUT, free_port, get, kill_running, running_server, still_running
 from serving_models import gated_digits_bundle
+from time_limit import time_limit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,6 +69,38 @@ def test_sigkill_of_the_supervisor_stops_its_workers(bundle):
                 get(server.url + "/v2/health/live", timeout=5)
         finally:
             kill_running(workers)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in Linux's /proc")
+def test_a_ready_worker_that_dies_is_started_again_each_time(bundle):
+    """A worker killed while it serves (the OOM killer) is replaced, not counted as a failed start: killed
+    three times, each time once its successor is ready, the server still serves."""
+    with running_server(str(bundle), "--workers", "2") as server:
+        before = worker_processes(server.process.pid)
+        wait_until_ready(server, before)  # the server answers as soon as one worker is
+        for _ in range(3):
+            os.kill(before[0], signal.SIGKILL)
+            try:
+                with time_limit(START_TIMEOUT):  # a worker never replaced fails the test
+                    while not (new := set(worker_processes(server.process.pid)) - set(before)):
+                        time.sleep(0.2)
+            except TimeoutError:
+                raise AssertionError(server.logs()[-3000:]) from None
+            wait_until_ready(server, new)
+            assert f"[{before[0]}] killed by SIGKILL; starting another in" in server.logs()
+            before = [min(new), *before[1:]]
+        assert server.process.poll() is None, server.logs()[-3000:]
+        assert get(server.url + "/v2/health/ready")[0] == 200
+
+
+def wait_until_ready(server, workers) -> None:
+    """Until the supervisor of ``server`` has seen each of ``workers`` ready (its log says so)."""
+    try:
+        with time_limit(START_TIMEOUT):  # a worker never seen ready fails the test
+            while not all(f"[{pid}] is ready" in server.logs() for pid in workers):
+                time.sleep(0.2)
+    except TimeoutError:
+        raise AssertionError(server.logs()[-3000:]) from None
 
 
 def worker_processes(supervisor: int) -> list[int]:
@@ -141,3 +175,38 @@ def test_workers_that_cannot_serve_stop_the_supervisor_instead_of_being_restarte
     assert done.returncode == 7, done.stderr[-3000:]
     assert "a worker could not serve" in done.stdout
     assert done.stderr.count("cannot serve:") <= 2  # each worker once, none restarted
+
+
+#: Put on the server's PYTHONPATH, it makes every worker crash as it starts, before trainfer's code (or
+#: uvicorn's) runs: spawned by multiprocessing, a worker runs ``python -c "from multiprocessing.spawn
+#: import spawn_main; ..."``. Each crash leaves a file in $CRASHED, to count the starts.
+CRASH_AT_START = """
+import os, sys
+
+if "spawn_main" in " ".join(sys.orig_argv):
+    open(os.path.join(os.environ["CRASHED"], str(os.getpid())), "w").close()
+    os._exit(70)
+"""
+
+
+def test_workers_that_crash_at_start_stop_the_server_after_a_few_tries(bundle, tmp_path):
+    hook, crashed = tmp_path / "hook", tmp_path / "crashed"
+    hook.mkdir()
+    crashed.mkdir()
+    (hook / "sitecustomize.py").write_text(CRASH_AT_START)
+    environment = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)]),
+        "CRASHED": str(crashed),
+    }
+    command = [sys.executable, "-m", "trainfer", "serve", str(bundle), "--workers", "2", "--port", str(free_port())]
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environment)
+    try:
+        _, stderr = server.communicate(timeout=180)  # restarted without end, it would never return
+    finally:
+        server.kill()
+    assert server.returncode == 2, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: a worker failed to start 3 times in a row"), stderr[-3000:]
+    assert "exited with status 70" in last
+    assert 3 <= len(list(crashed.iterdir())) <= 2 * 3  # each of the 2 workers tried at most 3 times

@@ -56,8 +56,8 @@ def check_int8_cost(model: Any, input_shape: list[int], weights: int, reference_
     - its floating-point operations (2 per multiply-add of ``Conv``, ``Gemm`` and ``MatMul``; one per
       window element of a pooling) stay within the flop bound, and within :data:`INT8_FLOPS_FACTOR`
       times ``reference_flops`` (the float model's, when known);
-    - no tensor's elements, nor the flops, more than double on twice that batch (every cost at most
-      linear in the batch, so these bounds bound it per sample).
+    - every tensor's elements, and the flops, grow at most linearly with the batch, checked on twice and
+      four times that batch (:func:`_linear`), so these bounds bound them per sample.
 
     ``L`` and the flop bound are :func:`~trainfer.serve.computation_check.computation_limits` for the
     float model's ``weights`` and the input's elements.
@@ -67,7 +67,7 @@ def check_int8_cost(model: Any, input_shape: list[int], weights: int, reference_
         flops_limit = min(flops_limit, INT8_FLOPS_FACTOR * reference_flops)
     stored = dict(_stored_shapes(model))
     _check_sizes(stored, limit, input_shape, source)  # before inference, which reads them
-    shapes = _inferred_shapes(model, stored, input_shape, source)
+    shapes = _inferred_shapes(model, stored, input_shape, source, input_shape)
     _check_sizes(shapes, limit, input_shape, source)
     flops = _flops(model, shapes)
     if flops > flops_limit:
@@ -87,24 +87,51 @@ def _check_linear_in_batch(
     input_shape: list[int],
     source: str,
 ) -> None:
-    """Refuse a cost that grows faster than the batch: infer the shapes again on twice the recorded batch
-    and refuse any tensor whose elements, or the flops, more than double (a side branch of batch**5
-    elements is one element at batch 1). So every cost is at most linear in the batch, and the bounds
-    checked on the recorded input bound it per sample."""
-    doubled = [2 * input_shape[0], *input_shape[1:]]
-    grown = _inferred_shapes(model, stored, doubled, source)
-    for name, shape in grown.items():
-        if math.prod(shape) > 2 * math.prod(shapes[name]):
-            raise BundleError(
-                f"{source}: tensor {name!r} grows faster than the batch: shape {shapes[name]} on the input "
-                f"{input_shape}, {shape} on {doubled}: not an int8 form of this bundle's model"
-            )
-    grown_flops = _flops(model, grown)
-    if grown_flops > 2 * flops:
-        raise BundleError(
-            f"{source}: its floating-point operations grow faster than the batch: {flops:.3g} on the input "
-            f"{input_shape}, {grown_flops:.3g} on {doubled}: not an int8 form of this bundle's model"
+    """Refuse a cost that grows faster than the batch: infer the shapes again on twice and four times the
+    recorded batch ``b`` and refuse any tensor whose elements ``f``, or the flops, break
+    :func:`_linear` on ``f(b), f(2b), f(4b)`` (a side branch of batch**5 elements is one element at
+    batch 1). So every cost is at most linear in the batch, and the bounds checked on the recorded input
+    bound it per sample."""
+    batches = [input_shape[0] * times for times in (1, 2, 4)]
+    inferred = [
+        shapes,
+        *(_inferred_shapes(model, stored, [n, *input_shape[1:]], source, input_shape) for n in batches[1:]),
+    ]
+    for name in shapes:
+        grown = [each[name] for each in inferred]
+        if not _linear(*(math.prod(shape) for shape in grown)):
+            raise _superlinear(source, f"tensor {name!r} of shape", grown, batches, input_shape)
+    grown_flops = [flops, *(_flops(model, each) for each in inferred[1:])]
+    if not _linear(*grown_flops):
+        raise _superlinear(
+            source, "its floating-point operations,", [f"{f:.3g}" for f in grown_flops], batches, input_shape
         )
+
+
+def _superlinear(source: str, what: str, values: list[Any], batches: list[int], input_shape: list[int]) -> BundleError:
+    """The refusal of a cost (``what``) that takes ``values`` at ``batches``, not linear in the batch."""
+    at = ", ".join(f"{value} at batch {n}" for value, n in zip(values, batches, strict=True))
+    return BundleError(
+        f"{source}: {what} {at} (the recorded input is {input_shape}), grows faster than the batch: "
+        "not an int8 form of this bundle's model"
+    )
+
+
+def _linear(at_b: int, at_2b: int, at_4b: int) -> bool:
+    """Whether a cost ``f`` of the batch, known at ``b``, ``2b`` and ``4b``, fits ``c + a N`` with ``c >= 0``:
+    ``f(2b) <= 2 f(b)`` (a constant part that is not negative, so ``f(N) / N <= f(b) / b`` for ``N >= b``)
+    and ``f(4b) - f(2b) <= 2 (f(2b) - f(b))`` (increments no larger than linear ones).
+
+    Shape inference makes a size from the input's dimensions by sums and products, so a size is a
+    polynomial in the batch; with coefficients that are not negative, a term ``N**k`` adds
+    ``(2**k - 1)(2**k - 2) b**k`` to the second rule's left side over its right, zero exactly for
+    ``k <= 1``: every superlinear term is caught, however small beside a constant (``c + N**2`` with
+    ``c >= 2`` passes the first rule alone) or a linear term. The rules are exact, with no tolerance:
+    sizes and flops are integers, and a form whose tensors are the batch times fixed dimensions meets
+    both with equality; any slack would let a quadratic term hide behind a large linear one. (A graph
+    that subtracts sizes can place a polynomial's roots at the three batches probed; the operator
+    allow-list and the bounds at the recorded batch remain its limits.)"""
+    return at_2b <= 2 * at_b and at_4b - at_2b <= 2 * (at_2b - at_b)
 
 
 def _check_sizes(shapes: dict[str, list[int]], limit: int, input_shape: list[int], source: str) -> None:
@@ -127,10 +154,11 @@ def _check_sizes(shapes: dict[str, list[int]], limit: int, input_shape: list[int
 
 
 def _inferred_shapes(
-    model: Any, stored: dict[str, list[int]], input_shape: list[int], source: str
+    model: Any, stored: dict[str, list[int]], input_shape: list[int], source: str, recorded: list[int]
 ) -> dict[str, list[int]]:
-    """Every tensor's shape in ``model`` run on ``input_shape``: the ``stored`` ones', and those its nodes
-    compute by strict shape inference; a node output whose shape is not fully known is refused."""
+    """Every tensor's shape in ``model`` run on ``input_shape`` (the ``recorded`` input's, or that at another
+    batch): the ``stored`` ones', and those its nodes compute by strict shape inference; a node output
+    whose shape is not fully known is refused."""
     import onnx
 
     inputs = [value for value in model.graph.input if value.name not in stored]
@@ -147,7 +175,7 @@ def _inferred_shapes(
     try:
         inferred = onnx.shape_inference.infer_shapes(probe, check_type=True, strict_mode=True, data_prop=True)
     except Exception as error:  # onnx's InferenceError, ValidationError: shapes that do not agree
-        problem = f"its shapes do not agree on the recorded input {input_shape}: {error}"
+        problem = f"its shapes do not agree on {_the_input(input_shape, recorded)}: {error}"
         raise BundleError(f"{source}: {problem}"[:600]) from None
     known = {**stored, inputs[0].name: list(input_shape)}
     for value in [*inferred.graph.value_info, *inferred.graph.output]:
@@ -161,9 +189,19 @@ def _inferred_shapes(
         if unknown is not None:
             raise BundleError(
                 f"{source}: the shape of {unknown!r}, output of node {node.name or node.op_type!r} ({node.op_type}), "
-                f"cannot be inferred on the recorded input {input_shape}: refusing a graph whose cost is unknown"
+                f"cannot be inferred on {_the_input(input_shape, recorded)}: refusing a graph whose cost is unknown"
             )
     return known
+
+
+def _the_input(input_shape: list[int], recorded: list[int]) -> str:
+    """``input_shape`` in words: the recorded input, or that input at another batch (and why)."""
+    if input_shape == recorded:
+        return f"the recorded input {recorded}"
+    return (
+        f"the input {input_shape}, the recorded input {recorded} at batch {input_shape[0]} (inferred to check "
+        "that its costs grow at most linearly with the batch)"
+    )
 
 
 def _stored_shapes(model: Any) -> Iterator[tuple[str, list[int]]]:

@@ -11,10 +11,11 @@ batch's. When to run (Triton's rule, collecting only while the model is busy):
 - requests that arrived while a batch runs gather until ``max_batch`` samples wait or the oldest
   has waited ``max_delay`` seconds since its arrival, whichever comes first, then run on the first
   free worker (a model slower than ``max_delay`` thus runs the next batch as soon as a worker is
-  free). A second worker never takes a lone request off a busy model: on a small model whose
-  per-request Python outweighs its forward, such one-sample batches only contend for the
-  interpreter lock and scatter the latencies (digits_net's p99 at concurrency 32 went from 14 to
-  9 ms with 2 workers, machine B).
+  free). A free second worker does not run a request at once while the model is busy: that request
+  gathers too, then runs there with whatever joined it. On a small model whose per-request Python
+  outweighs its forward, one-sample batches run at once only contended for the interpreter lock
+  and scattered the latencies (digits_net's p99 at concurrency 32 went from 14 to 9 ms with 2
+  workers, machine B).
 - with ``inline``, a lone one-sample request on an idle model that follows a batch of one request
   (serial traffic: concurrency 1) runs on the event loop's own thread, not a worker's: for a model
   whose one-sample forward is under :data:`COMPUTE_BOUND` the hand-off to a worker thread and back

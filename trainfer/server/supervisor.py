@@ -9,6 +9,9 @@ Promises that uvicorn's own multi-process supervisor does not keep:
   (SIGKILL included): otherwise orphaned workers keep serving the port;
 * a worker leaves no semaphore behind (:func:`thread_locks_for_progress_bars`): otherwise
   multiprocessing's resource tracker warns of "leaked semaphore objects" as the server stops;
+* a worker that cannot serve, or keeps dying before it is ready, stops the server, and one that dies
+  after it was ready is restarted at a bounded rate (:func:`supervise`, :mod:`trainfer.server.restarts`):
+  uvicorn starts another at once, without end;
 * a worker imports nothing from the current directory (:func:`supervise`): spawned processes start
   as ``python -c ...``, which puts the current directory first on ``sys.path``, so a
   ``multiprocessing.py`` in a downloaded bundle's folder ran in every worker (attacker round 11).
@@ -24,9 +27,10 @@ import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from trainfer.errors import BundleError
+from trainfer.errors import BundleError, TrainferError
+from trainfer.server.restarts import Restarts, exit_status
 
 if TYPE_CHECKING:
     import uvicorn
@@ -37,6 +41,8 @@ __all__ = ["PARENT_POLL", "exit_with_parent", "supervise", "thread_locks_for_pro
 PARENT_POLL = 0.5
 #: ``prctl``'s option that asks for a signal when the parent dies (<linux/prctl.h>).
 _PR_SET_PDEATHSIG = 1
+#: Seconds the supervisor waits for a starting worker to say whether it is ready yet.
+_READY_PROBE = 1.0
 #: Python 3.11's ``-P`` as an environment variable: no potentially unsafe path (the current directory
 #: of ``python -c``) is put on ``sys.path`` of the interpreters multiprocessing spawns.
 _SAFE_PATH = "PYTHONSAFEPATH"
@@ -44,10 +50,14 @@ _SAFE_PATH = "PYTHONSAFEPATH"
 
 def supervise(config: uvicorn.Config) -> None:
     """Run ``config.workers`` processes serving ``config``'s app (named by import string) on one socket
-    until SIGTERM or Ctrl-C (SIGINT), or until a worker cannot serve: a worker that ends before it
-    serves (its bundle gone or broken, :func:`trainfer.server.run.app_from_environment`) stops the
-    supervisor with :class:`~trainfer.errors.BundleError`, where uvicorn would start another at once,
-    without end (attacker round 12).
+    until SIGTERM or Ctrl-C (SIGINT), or until a worker cannot serve: a worker that says it cannot
+    (its bundle gone or broken: it exits with uvicorn's ``STARTUP_FAILURE``,
+    :func:`trainfer.server.run.app_from_environment`) stops the supervisor with
+    :class:`~trainfer.errors.BundleError` (attacker round 12); a worker that keeps dying before it is
+    ready, before trainfer's code runs (a crash at import, a segfault), stops it with
+    :class:`~trainfer.errors.TrainferError` after a few tries (:mod:`trainfer.server.restarts`). A worker
+    that was ready and died is started again, at a bounded rate. uvicorn's own supervisor starts
+    another worker at once, without end, in both cases.
 
     The workers then shut down gracefully (each answers the requests it received), and the signal
     that stopped the supervisor is raised again under the handlers that were in place before
@@ -55,13 +65,78 @@ def supervise(config: uvicorn.Config) -> None:
     signal; Python's SIGINT handler raises ``KeyboardInterrupt``. Any other end returns normally.
     """
     from uvicorn.config import STARTUP_FAILURE
-    from uvicorn.supervisors.multiprocess import SIGNALS, Multiprocess
+    from uvicorn.supervisors.multiprocess import SIGNALS, Multiprocess, Process, logger
 
     before = {number: signal.getsignal(number) for number in SIGNALS}
     stopped_by: list[int] = []
+    failures: list[BaseException] = []
     safe_path = os.environ.get(_SAFE_PATH)
 
     class _Supervisor(Multiprocess):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.restarts = Restarts()
+            self.restart_at: dict[int, float] = {}  # slot -> when its dead worker is started again
+
+        def init_processes(self) -> None:
+            super().init_processes()
+            for slot in range(len(self.processes)):
+                self.restarts.started(slot)
+
+        def keep_subprocess_alive(self) -> None:
+            """uvicorn's, with :class:`~trainfer.server.restarts.Restarts` deciding when a dead worker
+            is started again, and whether the server stops instead."""
+            for slot, process in enumerate(self.processes):
+                if self.should_exit.is_set():
+                    return
+                if slot in self.restart_at:
+                    if process.process.is_alive():  # replaced meanwhile (SIGHUP: uvicorn's restart_all)
+                        del self.restart_at[slot]
+                        self.restarts.started(slot)
+                    elif time.monotonic() >= self.restart_at[slot]:
+                        del self.restart_at[slot]
+                        self.start_worker(slot)
+                elif not self.serving(slot, process):
+                    self.replace(slot, process)
+
+        def serving(self, slot: int, process: Any) -> bool:
+            """Whether the worker of ``slot`` lives and answers the health check; noted ready once it is."""
+            if not process.process.is_alive():
+                return False
+            if not self.restarts.is_ready(slot) and process.is_ready(timeout=_READY_PROBE):
+                logger.info(f"Child process [{process.pid}] is ready")
+                self.restarts.ready(slot)
+            return process.is_alive(timeout=self.config.timeout_worker_healthcheck)
+
+        def replace(self, slot: int, process: Any) -> None:
+            """Kill the dead or hung worker of ``slot``; schedule its successor, or stop the server."""
+            process.kill()
+            process.join()
+            if process.exitcode == STARTUP_FAILURE:
+                logger.error(f"Child process [{process.pid}] cannot serve, stopping the parent process.")
+                failures.append(
+                    BundleError("a worker could not serve (its reason is logged above): the server stopped")
+                )
+                self.should_exit.set()
+                return
+            try:
+                delay = self.restarts.died(slot, process.exitcode)
+            except TrainferError as error:
+                logger.error(f"Child process [{process.pid}] {exit_status(process.exitcode)}: {error}")
+                failures.append(error)
+                self.should_exit.set()
+                return
+            logger.info(
+                f"Child process [{process.pid}] {exit_status(process.exitcode)}; starting another in {delay:.1f} s"
+            )
+            self.restart_at[slot] = time.monotonic() + delay
+
+        def start_worker(self, slot: int) -> None:
+            process = Process(self.config, self.sockets)
+            process.start()
+            self.processes[slot] = process
+            self.restarts.started(slot)
+
         def handle_int(self) -> None:
             stopped_by.append(signal.SIGINT)
             super().handle_int()
@@ -91,8 +166,8 @@ def supervise(config: uvicorn.Config) -> None:
         _restore(_SAFE_PATH, safe_path)
     if stopped_by:
         signal.raise_signal(stopped_by[0])
-    if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
-        raise BundleError("a worker could not serve (its reason is logged above): the server stopped")
+    if failures:
+        raise failures[0]
 
 
 def _restore(name: str, value: str | None) -> None:
