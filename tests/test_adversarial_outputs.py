@@ -134,7 +134,7 @@ def test_resume_refuses_other_options_another_bundle_or_no_record(bundle, images
     one_line_error(invoke("predict", bundle, bundle, images, "--out", out, "--top-k", "2"), "models")
     # a classifier takes no threshold: refused before the record is read (resuming with one: the next test)
     thresholded = invoke("predict", bundle, images, "--out", out, "--top-k", "2", "--threshold", "0.3")
-    one_line_error(thresholded, "--threshold applies to binary tasks only", "is classification: drop it")
+    one_line_error(thresholded, "--threshold applies to binary models only", "is classification: drop --threshold")
     assert out.read_bytes() == before  # refused, left untouched
     assert invoke("predict", bundle, images, "--out", out, "--top-k", "2").exit_code == 0  # the same producer resumes
     assert out.read_text().splitlines(keepends=True) == lines

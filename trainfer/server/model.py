@@ -163,12 +163,13 @@ class ServedModel:
         check_finite_scores(per_head, self.predictor.heads)
         return per_head
 
-    def results(self, rows: list[Any], top_k: int | None) -> list[Any]:
-        """Typed results of one request's rows of :meth:`compute` (decoded already when the model generates)."""
+    def results(self, rows: list[Any], top_k: int | None, threshold: float | None = None) -> list[Any]:
+        """Typed results of one request's rows of :meth:`compute` (decoded already when the model generates);
+        ``threshold``: a binary head's decision threshold for this request (None: the Predictor's)."""
         if self.generates:
             return list(rows[0])
         scores = [torch.from_numpy(column) for column in rows[: len(self.predictor.heads)]]
-        return self.predictor.results_from_scores(scores, top_k)
+        return self.predictor.results_from_scores(scores, top_k, threshold)
 
     def tensors(self, rows: list[Any]) -> dict[str, np.ndarray]:
         """The protocol outputs of one request's rows of :meth:`compute`, by name (sequences decoded
