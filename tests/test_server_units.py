@@ -628,6 +628,31 @@ def test_multi_head_and_regression_outputs_are_the_predictors_results():
     )
 
 
+@pytest.mark.parametrize("labels", [["not 7", "7"], None])
+def test_a_binary_models_outputs_label_each_decision_as_a_classifiers_label_its_class(labels):
+    """``/infer`` of a binary model had no ``label`` though ``/predict`` answers one: it names the
+    decision with the bundle's labels, ``"0"``/``"1"`` without (a classifier's unlabelled names)."""
+    from trainfer import Predictor
+    from trainfer.server.model import ServedModel
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 1), torch.nn.Sigmoid()).eval()
+    predictor = Predictor(model, task="binary", labels=labels, preprocess={"input_shape": [8]})
+    served = ServedModel("yesno", predictor)
+    served.check()
+    assert {name: dtype for name, (dtype, _) in served.outputs.items()} == {
+        "probability": "FP32",
+        "decision": "BOOL",
+        "label": "BYTES",
+    }
+    x = torch.randn(16, 8)
+    tensors = served.tensors(served.compute(served.prepare(x)))
+    expected = predictor.predict(x)
+    assert tensors["decision"].tolist() == [r.decision for r in expected] and len(set(tensors["decision"])) == 2
+    names = labels or ["0", "1"]
+    assert [label.decode() for label in tensors["label"]] == [names[r.decision] for r in expected]
+
+
 async def asgi_request(
     app,
     path: str,
