@@ -12,6 +12,7 @@ import pytest
 
 from trainfer.bench.conditions import Conditions, measured, untrusted
 from trainfer.bench.measure import Timing
+from trainfer.errors import BundleError
 from trainfer.serve import runtime as rt
 from trainfer.serve.gated import choice_note
 from trainfer.serve.runtime_record import MAX_WARNINGS, CandidateRecord, RuntimeRecord, choose
@@ -139,3 +140,7 @@ def test_a_record_whose_warnings_are_as_many_as_it_keeps_marks_every_ratio():
     sizes = list(range(1, MAX_WARNINGS + 2))
     record = RuntimeRecord("torch", "float32", "auto", sizes, FLOATS, {}, {}, {}, warnings)
     assert record.untrusted_batches() == {str(b) for b in sizes}
+    kept = RuntimeRecord("torch", "float32", "auto", sizes, FLOATS, {}, {"cpu": "x"}, {}, warnings).to_dict()
+    assert RuntimeRecord.from_dict(kept).warnings == warnings  # runtime.json's schema takes as many, no more
+    with pytest.raises(BundleError, match="warnings"):
+        RuntimeRecord.from_dict({**kept, "warnings": [*warnings, warnings[0]]})

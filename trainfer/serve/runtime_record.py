@@ -31,7 +31,8 @@ RUNTIME_FILE = "runtime.json"
 #: the accuracy a reduced precision gives up.
 REDUCED_MARGIN = 0.10
 TORCH_RUNTIMES = ("torch", "torch-channels-last", "inductor")
-#: The most warnings a record keeps (``runtime.json``'s schema): one per batch size whose timing was flagged.
+#: The most warnings a record keeps (``runtime.json``'s schema, :mod:`trainfer.serve.runtime_schema`, takes no
+#: more): one per batch size whose timing was flagged.
 MAX_WARNINGS = 8
 #: How a warning names the batch size whose timing it flags (:func:`trainfer.serve.runtime._measure` writes it).
 _FLAGGED = re.compile(r"batch ([0-9]+): ")

@@ -30,7 +30,6 @@ from pydantic import Field, ValidationError, model_validator
 from trainfer.serve.gate import AccuracyGate, GateReport
 from trainfer.serve.manifest import _Schema, schema_error
 from trainfer.serve.runtime_names import AUTO_RUNTIMES, serves
-from trainfer.serve.runtime_record import MAX_WARNINGS
 
 #: The largest ``runtime.json`` read: a record of 64 candidates takes about 100 KiB.
 MAX_RECORD_BYTES = 2**20
@@ -114,7 +113,7 @@ class Record(_Schema):
     threads: Annotated[dict[Name, Annotated[int, Field(ge=0, le=65536)]], Field(max_length=16)]
     machine: Annotated[dict[Name, Scalar | Annotated[dict[Name, bool], Field(max_length=64)]], Field(max_length=32)]
     versions: Annotated[dict[Name, Name], Field(max_length=16)]
-    warnings: Annotated[list[Reason], Field(max_length=MAX_WARNINGS)] = []
+    warnings: Annotated[list[Reason], Field(max_length=8)] = []  # runtime_record.MAX_WARNINGS
     choice: Reason | None = None
 
     @model_validator(mode="after")
