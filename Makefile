@@ -1,4 +1,4 @@
-# Three commands matter: `make demo` (the main job), `make test` (the whole suite, as CI runs it) and `make serve` (the demo's bundle over HTTP, after `make demo`).
+# Three commands matter: `make demo` (the main job), `make test` (the whole suite, as CI runs it) and `make serve` (the demo's bundle over HTTP, after `make demo`); `make venv` only sets up the venv they all use.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -16,7 +16,7 @@ AVX2_KERNELS    := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_I
 # ultralytics beside it: optional checks (the interop suites), never part of `make test`.
 NEXT   := .venv-next/bin
 
-.PHONY: demo serve test test-fast test-kernels test-wheel test-torch-next test-timm test-interop docs lint typecheck bench clean
+.PHONY: venv demo serve test test-fast test-kernels test-wheel test-torch-next test-timm test-interop docs lint typecheck bench clean
 
 # torch==2.13.0 first (a CPU wheel on local disk); the project's range (torch>=2.13) then installs no other.
 $(BIN)/.installed: pyproject.toml
@@ -24,6 +24,10 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[all,dev,docs]'
 	touch $@
+
+# Set-up only: the venv that every target below uses, created and installed as they would (a no-op once
+# installed, until pyproject.toml changes).
+venv: $(BIN)/.installed
 
 $(NEXT)/.installed: pyproject.toml
 	$(PYTHON) -m venv .venv-next

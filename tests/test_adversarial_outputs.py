@@ -134,7 +134,7 @@ def test_resume_refuses_other_options_another_bundle_or_no_record(bundle, images
     one_line_error(invoke("predict", bundle, bundle, images, "--out", out, "--top-k", "2"), "models")
     # a classifier takes no threshold: refused before the record is read (resuming with one: the next test)
     thresholded = invoke("predict", bundle, images, "--out", out, "--top-k", "2", "--threshold", "0.3")
-    one_line_error(thresholded, "--threshold applies to binary tasks only", "is classification: drop it")
+    one_line_error(thresholded, "--threshold applies to binary models only", "is classification: drop --threshold")
     assert out.read_bytes() == before  # refused, left untouched
     assert invoke("predict", bundle, images, "--out", out, "--top-k", "2").exit_code == 0  # the same producer resumes
     assert out.read_text().splitlines(keepends=True) == lines
@@ -309,7 +309,7 @@ def test_every_output_under_a_file_is_refused_naming_why_before_any_work(tmp_pat
 
 
 @pytest.mark.parametrize("kind", ["fifo", "link to a fifo"])
-@pytest.mark.parametrize("name", ["000_data.png", "003.png"])  # one example per input; another count's name
+@pytest.mark.parametrize("name", ["000_data.png", "003_data_3.png"])  # one example per input; another count's name
 def test_predict_refuses_an_explanation_file_it_may_write_before_loading(tmp_path, kind, name):
     """Attacker round 4 L-W1: a FIFO at ``DIR/000_data.png`` was refused only after the predictions were printed."""
     data, pngs = tmp_path / "data.npy", tmp_path / "pngs"

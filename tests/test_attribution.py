@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -375,6 +376,44 @@ def test_explain_to_files_draws_image_heat_maps_and_table_bars(tmp_path) -> None
     for path in [*written, *bars]:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["000_digit0.png", "001_digit1.png"]
+
+
+def _digit_pngs(directory: Path, count: int) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.fromarray((torch.rand(6, 6) * 255).to(torch.uint8).numpy(), mode="L").save(directory / f"digit{i}.png")
+    return [directory / f"digit{i}.png" for i in range(count)]
+
+
+def test_explain_to_files_names_each_example_after_its_file_and_row_whatever_files_are_mixed_in(tmp_path) -> None:
+    """``digit0.png`` was explained as ``000_digit0.png`` alone but ``000.png`` beside a ``.npy`` file: names
+    are ``<index>_<stem>.png`` for a file of one example, ``<index>_<stem>_<row>.png`` for each row of another."""
+    torch.manual_seed(0)
+    first, second = _digit_pngs(tmp_path / "in", 2)
+    np.save(tmp_path / "in" / "rows.npy", np.random.default_rng(0).random((3, 1, 6, 6)))
+    predictor = Predictor(conv_net(), preprocess=PreprocessSpec(input_shape=(1, 6, 6), dtype="float64"))
+    inputs = [first, tmp_path / "in" / "rows.npy", second]
+    written = explain_to_files(predictor, inputs, tmp_path / "maps")
+    expected = ["000_digit0.png", "001_rows_0.png", "002_rows_1.png", "003_rows_2.png", "004_digit1.png"]
+    assert [p.name for p in written] == expected
+    explain_to_files(predictor, [second], tmp_path / "alone")
+    assert (tmp_path / "alone" / "000_digit1.png").read_bytes() == written[4].read_bytes()  # the same example
+
+
+def test_explanation_titles_name_a_regression_models_output_not_a_class(tmp_path, monkeypatch) -> None:
+    """A regressor's PNG was titled ``integrated_gradients: class 0 (score ...)``."""
+    from trainfer.analysis import attribution_plots
+
+    titles: list[str] = []
+    title = attribution_plots._title
+    monkeypatch.setattr(attribution_plots, "_title", lambda *args: titles.append(title(*args)) or titles[-1])
+    images = _digit_pngs(tmp_path / "in", 1)
+    spec = PreprocessSpec(input_shape=(1, 6, 6), dtype="float64")
+    explain_to_files(Predictor(conv_net(), preprocess=spec), images, tmp_path / "classes")
+    regressor = Predictor(nn.Sequential(conv_net(), nn.Linear(4, 1).double()), task="regression", preprocess=spec)
+    explain_to_files(regressor, images, tmp_path / "values")
+    assert re.fullmatch(r"integrated_gradients: class [0-3] \(score .*\)", titles[0]), titles
+    assert titles[1].startswith("integrated_gradients: output 0 (score "), titles
 
 
 class TwoHeads(nn.Module):

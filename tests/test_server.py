@@ -100,7 +100,7 @@ def test_health_metadata_and_readiness_through_tritonclient(client):
     outputs = {o["name"]: (o["datatype"], o["shape"]) for o in metadata["outputs"]}
     assert outputs == {"probabilities": ("FP32", [-1, 3]), "index": ("INT64", [-1]), "label": ("BYTES", [-1])}
     binary = {o["name"]: o["datatype"] for o in client.get_model_metadata("yesno", headers=key())["outputs"]}
-    assert binary == {"probability": "FP32", "decision": "BOOL"}
+    assert binary == {"probability": "FP32", "decision": "BOOL", "label": "BYTES"}
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary-tensors", "json-tensors"])
@@ -120,6 +120,7 @@ def test_binary_model_outputs_equal_predictor(client, bundles):
     expected = Predictor.load(bundles / "yesno").predict(x)
     np.testing.assert_allclose(response.as_numpy("probability"), [r.probability for r in expected], atol=1e-6)
     assert response.as_numpy("decision").tolist() == [r.decision for r in expected]
+    assert [label.decode() for label in response.as_numpy("label")] == [str(int(r.decision)) for r in expected]
 
 
 def test_many_threads_get_single_threaded_answers_and_requests_share_batches(server, bundles):

@@ -35,6 +35,8 @@ pytestmark = pytest.mark.slow
 LABELS = ["cat", "dog", "eel"]
 #: What Chromium refused under the page's Content-Security-Policy, in any test of this module.
 CSP_REFUSALS: list[str] = []
+#: Chromium's advice on the page's markup (``[DOM] Password field is not contained in a form``), in any test.
+DOM_ADVICE: list[str] = []
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +65,12 @@ def page(served):
 
 
 def _note_refusal(text: str) -> None:
-    """Keep what Chromium refused under the page's Content-Security-Policy (it says so on the console)."""
+    """Keep what Chromium refused under the page's Content-Security-Policy and its advice on the markup
+    (it says both on the console)."""
     if "Content Security Policy" in text:
         CSP_REFUSALS.append(text)
+    if text.startswith("[DOM]"):
+        DOM_ADVICE.append(text)
 
 
 def _open(page, url: str) -> None:
@@ -108,6 +113,11 @@ def test_the_page_predicts_a_chosen_image_and_draws_its_heat_map(served, page):
         [shot.getpixel((int((j + 0.5) * size), int((i + 0.5) * size)))[0] for j in range(cells)] for i in range(cells)
     ]
     np.testing.assert_allclose(np.array(centres) / 255, heatmap, atol=0.02)  # red channel = attribution share
+    legend = page.locator("#legend").inner_text()
+    assert "0: none" in legend and "1: strongest" in legend and "either sign" in legend
+    ramp = Image.open(io.BytesIO(page.locator("#ramp").screenshot())).convert("RGB")
+    ends = [ramp.getpixel((x, ramp.height // 2)) for x in (0, ramp.width - 1)]
+    np.testing.assert_allclose(ends, [(0, 80, 255), (255, 0, 0)], atol=8)  # the map's colours of 0 and 1
     full = Image.open(io.BytesIO(page.screenshot(full_page=True)))
     assert full.width == 900 and np.unique(np.asarray(full.convert("L"))).size > 16  # text, bars, preview and heat map
 
@@ -164,10 +174,26 @@ def test_the_page_predicts_with_a_binary_model_sending_no_top_k(served, page):
     assert decision == f"decision: {str(expected.decision).lower()}"
 
 
+def test_the_page_shows_its_top_k_box_only_for_a_model_it_sends_top_k_to(served, page):
+    """The box showed for binary and regression models, which are sent no top_k."""
+    server, _, _ = served
+    _open(page, server.url)
+    assert page.locator("#topk").is_visible()
+    page.select_option("#model", "yesno")
+    page.wait_for_selector("#topk", state="hidden")
+    page.select_option("#model", "tiny")
+    page.wait_for_selector("#topk", state="visible")
+
+
 def test_the_page_runs_under_its_content_security_policy_with_nothing_refused(served, page):
     """Its inline script and style are allowed by digest (the style applies: the top-k box is 4rem
-    wide), and no test on this page met a refusal."""
+    wide), no test on this page met a refusal, and Chromium had no advice on its markup (the API key's
+    password box was in no form). Pressing Enter in the key box submits nothing (``form-action 'none'``)."""
     server, _, _ = served
     _open(page, server.url)
     assert page.evaluate("getComputedStyle(document.getElementById('topk')).width") == "64px"
-    assert CSP_REFUSALS == []
+    page.fill("#key", "k" * 24)
+    page.press("#key", "Enter")
+    page.wait_for_selector("#model option:nth-child(3)", state="attached")
+    assert page.url == server.url + "/"
+    assert CSP_REFUSALS == [] and DOM_ADVICE == []

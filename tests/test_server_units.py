@@ -628,6 +628,31 @@ def test_multi_head_and_regression_outputs_are_the_predictors_results():
     )
 
 
+@pytest.mark.parametrize("labels", [["not 7", "7"], None])
+def test_a_binary_models_outputs_label_each_decision_as_a_classifiers_label_its_class(labels):
+    """``/infer`` of a binary model had no ``label`` though ``/predict`` answers one: it names the
+    decision with the bundle's labels, ``"0"``/``"1"`` without (a classifier's unlabelled names)."""
+    from trainfer import Predictor
+    from trainfer.server.model import ServedModel
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 1), torch.nn.Sigmoid()).eval()
+    predictor = Predictor(model, task="binary", labels=labels, preprocess={"input_shape": [8]})
+    served = ServedModel("yesno", predictor)
+    served.check()
+    assert {name: dtype for name, (dtype, _) in served.outputs.items()} == {
+        "probability": "FP32",
+        "decision": "BOOL",
+        "label": "BYTES",
+    }
+    x = torch.randn(16, 8)
+    tensors = served.tensors(served.compute(served.prepare(x)))
+    expected = predictor.predict(x)
+    assert tensors["decision"].tolist() == [r.decision for r in expected] and len(set(tensors["decision"])) == 2
+    names = labels or ["0", "1"]
+    assert [label.decode() for label in tensors["label"]] == [names[r.decision] for r in expected]
+
+
 async def asgi_request(
     app,
     path: str,
@@ -962,6 +987,37 @@ def test_predict_refuses_a_top_k_above_an_unlabelled_models_classes_before_readi
     (status, _, body), (refused, _, error) = run(main(), seconds=60)
     assert status == 200 and all(len(json.loads(line)["top_k"]) == 3 for line in body.splitlines())
     assert (refused, json.loads(error)) == (400, {"error": "top_k 4 is more than the 3 classes: give at most 3"})
+
+
+def test_predict_decides_at_the_requests_threshold_checked_as_the_command_lines(tmp_path):
+    """``threshold`` was ignored (the answer said 0.5): a binary model decides at the request's threshold,
+    which is read and bounded as ``trainfer predict --threshold`` reads it, before the body is read."""
+    pytest.importorskip("fastapi")
+    from serving_models import save_bundle
+
+    from trainfer import Predictor
+    from trainfer.server.app import ServerSettings, create_app
+
+    bundle = save_bundle(tmp_path / "yesno", seed=1, task="binary", outputs=1, final="sigmoid")
+    app = create_app(ServerSettings(bundles={"yesno": str(bundle)}))
+    queries = ["threshold=0.3", "", "threshold=2", "threshold=nan", "threshold=1_0"]
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            await _ready(app)
+            return [await asgi_request(app, f"/v2/models/yesno/predict?{q}", "POST", _npy(6)) for q in queries]
+
+    (status, _, body), (default, _, _), *refused = run(main(), seconds=60)
+    expected = Predictor.load(bundle, threshold=0.3).predict(np.load(io.BytesIO(_npy(6))))
+    answers = [json.loads(line) for line in body.splitlines()]
+    assert status == default == 200 and [a["threshold"] for a in answers] == [0.3] * 6
+    assert [a["decision"] for a in answers] == [r.decision for r in expected]
+    assert [(code, json.loads(error)["error"]) for code, _, error in refused] == [
+        (400, "threshold must be a number in [0, 1]; got 2.0"),
+        (400, "threshold must be a number in [0, 1]; got nan"),
+        (400, "query parameter threshold='1_0': expected a number written in ASCII (digits 0-9, an optional sign, "
+         "point and exponent; no underscores)"),
+    ]  # fmt: skip
 
 
 def _npy(samples: int) -> bytes:
@@ -1352,11 +1408,11 @@ def test_decoding_a_sequence_models_answers_is_bounded_by_the_timeout_and_the_co
     monkeypatch.setattr(state, "usable_cores", lambda: 2)
     released, started, decode = threading.Event(), [], ServedModel.results
 
-    def slow_for_top_k_2(self, rows, top_k):  # the heavy requests' decoding, seconds past the timeout
+    def slow_for_top_k_2(self, rows, top_k, *threshold):  # the heavy requests' decoding, seconds past the timeout
         if top_k == 2:
             started.append(top_k)
             released.wait(5)
-        return decode(self, rows, top_k)
+        return decode(self, rows, top_k, *threshold)
 
     monkeypatch.setattr(ServedModel, "results", slow_for_top_k_2)
     app = create_app(ServerSettings(bundles={"ctc": str(bundle)}, timeout=0.5))
@@ -1396,11 +1452,11 @@ def test_a_predict_answer_is_built_off_the_event_loop_within_the_timeout(monkeyp
 
     released, building, results = threading.Event(), [], ServedModel.results
 
-    def blocked(self, rows, top_k):
+    def blocked(self, rows, *settings):
         building.append(True)
         released.wait(10)
         building.append(False)
-        return results(self, rows, top_k)
+        return results(self, rows, *settings)
 
     monkeypatch.setattr(ServedModel, "results", blocked)
     app = _digits_app(timeout=2)
@@ -1434,6 +1490,11 @@ def test_a_predict_answer_is_built_off_the_event_loop_within_the_timeout(monkeyp
           for given, shown in [("1_0", "1_0"), ("1.0", "1.0"), ("%2B1", "+1"), ("+1", " 1"), ("%201", " 1"),
                                ("-1", "-1"), ("%D9%A1", "\u0661"), ("1e1", "1e1"), ("", ""), ("9" * 19, "9" * 19)]],
         ("predict?top_k=3.0", "query parameter top_k='3.0': expected a whole number written with the digits 0-9 only"),
+        ("predict?treshold=0.2&k=1", "query parameter(s) 'k', 'treshold' unknown here; this endpoint takes filename, "
+                                     "top_k, threshold"),
+        ("explain?top_k=3", "query parameter(s) 'top_k' unknown here; this endpoint takes filename, target"),
+        ("predict?threshold=0.2", "threshold applies to binary models only; this model's task is classification: "
+                                  "drop threshold"),
     ],
 )  # fmt: skip
 def test_a_query_parameter_given_twice_or_an_integer_not_in_plain_decimal_digits_is_a_400_naming_it(query, error):
@@ -1451,20 +1512,16 @@ def test_a_query_parameter_given_twice_or_an_integer_not_in_plain_decimal_digits
     assert status == 400 and error in json.loads(body)["error"], body
 
 
-def test_the_file_endpoints_document_their_query_parameters_as_integers_and_strings():
+def test_the_file_endpoints_document_their_query_parameters_as_integers_numbers_and_strings():
     pytest.importorskip("fastapi")
     paths = _digits_app().openapi()["paths"]
-    for route, integer in (("predict", "top_k"), ("explain", "target")):
+    for route, typed in (
+        ("predict", {"filename": "string", "top_k": "integer", "threshold": "number"}),
+        ("explain", {"filename": "string", "target": "integer"}),
+    ):
         parameters = {p["name"]: p for p in paths[f"/v2/models/{{name}}/{route}"]["post"]["parameters"]}
-        assert {name: p["in"] for name, p in parameters.items()} == {
-            "name": "path",
-            "filename": "query",
-            integer: "query",
-        }
-        assert (parameters[integer]["schema"]["type"], parameters["filename"]["schema"]["type"]) == (
-            "integer",
-            "string",
-        )
+        assert {name: p["in"] for name, p in parameters.items()} == {"name": "path", **dict.fromkeys(typed, "query")}
+        assert {name: parameters[name]["schema"]["type"] for name in typed} == typed
 
 
 @pytest.mark.parametrize("name", ["..", ".", "", "a/b", "é", "n" * 129, 7])

@@ -9,12 +9,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 from tqdm import tqdm
 
 from trainfer.analysis.attribution_methods import Attributions, explain_batch
 from trainfer.analysis.attribution_options import example_rows, most_examples_at_once
-from trainfer.analysis.attribution_plots import AttributionPlotter, plot_attribution
+from trainfer.analysis.attribution_plots import AttributionPlotter, TargetKind, plot_attribution
 from trainfer.atomic import check_target
 from trainfer.errors import (
     ExplanationError,
@@ -35,8 +36,8 @@ __all__ = ["CHUNK_EXAMPLES", "check_file_targets", "explain_each", "explain_to_f
 CHUNK_EXAMPLES = 16
 #: The longest file name most file systems take, in bytes: an explanation named after a longer input is refused.
 MAX_NAME_BYTES = 255
-#: The names of explanation files when the examples are not one per input path (:func:`file_names`).
-_NUMBERED = re.compile(r"[0-9]{3,}\.png")
+#: The name of an explanation file of a row of an input file: ``<index>_<stem>_<row>.png`` (:func:`file_names`).
+_ROW_NAME = r"[0-9]{{3,}}_{stem}_[0-9]+\.png"
 
 
 def explain_to_files(
@@ -49,7 +50,7 @@ def explain_to_files(
 ) -> list[Path]:
     """Write one PNG per example to ``out_dir``: a heat map over each image, a bar chart per table row.
 
-    Files are named ``<index>_<input file stem>.png`` (or ``<index>.png``); returns their paths. The
+    Files are named as :func:`file_names` says (``000_seven.png``, ``001_rows_0.png``, ...); returns their paths. The
     examples are explained in chunks (:func:`explain_each`) and each chunk's PNGs written (atomically)
     before the next chunk is explained, so a failure loses at most one chunk's explanations, never a
     file. An example whose explanation fails its method's check (:class:`~trainfer.errors.ExplanationError`)
@@ -58,9 +59,11 @@ def explain_to_files(
     written, :class:`~trainfer.errors.ExplanationsIncomplete` names the skipped ones. Any other error (a
     bad option, a write that fails) stops the run at once.
     """
-    batch = predictor.preprocess(inputs).to(predictor.device)
-    names = file_names(inputs, len(batch))
-    plotter = AttributionPlotter(predictor.labels, predictor.preprocess_spec.columns)
+    batch, counts = _preprocessed(predictor, inputs)
+    batch = batch.to(predictor.device)
+    names = file_names(inputs, counts)
+    target_kind: TargetKind = "class" if predictor.task == "classification" else "output"
+    plotter = AttributionPlotter(predictor.labels, predictor.preprocess_spec.columns, target_kind)
     paths: list[Path] = []
     failed: list[tuple[int, str, str]] = []
     with tqdm(total=len(batch), desc="explanations", unit="file", disable=None) as progress:
@@ -129,11 +132,39 @@ def _target_rows(target: Any, start: int, stop: int, count: int) -> Any:
     return target
 
 
-def file_names(inputs: Any, count: int) -> list[str]:
-    """The names :func:`explain_to_files` gives ``count`` examples of ``inputs``: ``<index>_<input file
-    stem>.png`` when ``inputs`` is one path per example, else ``<index>.png``."""
-    stems = _stems(inputs, count)
-    return [f"{i:03d}_{stems[i]}.png" if stems else f"{i:03d}.png" for i in range(count)]
+def file_names(inputs: Any, counts: Sequence[int]) -> list[str]:
+    """The names :func:`explain_to_files` gives the examples of ``inputs``, ``counts[i]`` of them from its
+    ``i``-th input path; ``<index>`` counts the examples of the whole run (3 digits or more):
+
+    - a file giving one example (an image): ``<index>_<stem>.png``;
+    - each example of a file giving several (the rows of a ``.npy`` or CSV file):
+      ``<index>_<stem>_<row>.png``, ``<row>`` counted from 0 within the file, as ``trainfer predict``'s
+      ids ``file[row]`` and ``file:row`` count it;
+    - examples that are not read from paths (tensors, arrays, lists): ``<index>.png``.
+    """
+    paths = _paths(inputs)
+    if paths is None:
+        return [f"{i:03d}.png" for i in range(sum(counts))]
+    stems = [
+        Path(path).stem if count == 1 else f"{Path(path).stem}_{row}"
+        for path, count in zip(paths, counts, strict=True)
+        for row in range(count)
+    ]
+    return [f"{i:03d}_{stem}.png" for i, stem in enumerate(stems)]
+
+
+def _preprocessed(predictor: Any, inputs: Any) -> tuple[Tensor, list[int]]:
+    """The examples of ``inputs`` as one preprocessed batch, and how many each input path gave (all of
+    them as one count where ``inputs`` are not paths)."""
+    paths = _paths(inputs)
+    if paths is None:
+        batch = predictor.preprocess(inputs)
+        return batch, [len(batch)]
+    parts = [predictor.preprocess(path) for path in paths]
+    shapes = sorted({tuple(part.shape[1:]) for part in parts})
+    if len(shapes) > 1:
+        raise InputError(f"inputs have different sample shapes {shapes}: expected one shape")
+    return torch.cat(parts), [len(part) for part in parts]
 
 
 def check_file_targets(inputs: Any, out_dir: str | Path, option: str = "--explain") -> None:
@@ -141,12 +172,15 @@ def check_file_targets(inputs: Any, out_dir: str | Path, option: str = "--explai
     is not a regular file (:func:`trainfer.atomic.check_target`: a FIFO, a device, a link to one).
 
     How many examples ``inputs`` hold is known only once they are read, so the names checked are those
-    of one example per input path and every ``<index>.png`` already in ``out_dir`` (another count's).
+    of one example per input path and every ``<index>_<stem>_<row>.png`` of an input's stem already in
+    ``out_dir`` (another count's).
     """
     out_dir = Path(out_dir)
     paths = [inputs] if isinstance(inputs, str | Path) else list(inputs)
-    numbered = [entry.name for entry in _entries(out_dir) if _NUMBERED.fullmatch(entry.name)]
-    for name in [*file_names(paths, len(paths)), *numbered]:
+    stems = "|".join(sorted({re.escape(Path(path).stem) for path in paths}))
+    row_name = re.compile(_ROW_NAME.format(stem=f"(?:{stems})"))
+    rows = [entry.name for entry in _entries(out_dir) if row_name.fullmatch(entry.name)]
+    for name in [*file_names(paths, [1] * len(paths)), *rows]:
         if len(os.fsencode(name)) > MAX_NAME_BYTES:
             raise InputError(
                 f"{option}: an explanation would be written as {name[:40]!r}... ({len(os.fsencode(name))} bytes): "
@@ -164,9 +198,9 @@ def _entries(directory: Path) -> list[os.DirEntry[str]]:
         return []
 
 
-def _stems(inputs: Any, count: int) -> list[str] | None:
-    """Input file names without suffix, when ``inputs`` is one path per example."""
+def _paths(inputs: Any) -> list[str | Path] | None:
+    """``inputs`` as a list of paths when it is a path or a sequence of paths, else None."""
     items = [inputs] if isinstance(inputs, str | Path) else inputs
-    if isinstance(items, Sequence) and len(items) == count and all(isinstance(i, str | Path) for i in items):
-        return [Path(i).stem for i in items]
+    if isinstance(items, Sequence) and items and all(isinstance(i, str | Path) for i in items):
+        return list(items)
     return None

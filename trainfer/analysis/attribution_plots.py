@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor
 
@@ -20,10 +20,12 @@ from trainfer.analysis.attribution_methods import Attributions
 from trainfer.atomic import Leftovers, atomic_file
 from trainfer.errors import InputError
 
-__all__ = ["DPI", "AttributionPlotter", "plot_attribution"]
+__all__ = ["DPI", "AttributionPlotter", "TargetKind", "plot_attribution"]
 
 #: The resolution of the PNGs, in pixels per inch: a heat map is 770 x 374 pixels.
 DPI = 110
+#: What a title calls an explained target without a label: a classifier's class, another model's output.
+TargetKind = Literal["class", "output"]
 #: The margins and spacing of a figure's subplots, which the layout of each example starts from.
 _MARGINS = ("left", "right", "bottom", "top", "wspace", "hspace")
 
@@ -34,19 +36,27 @@ def plot_attribution(
     path: Path,
     labels: Sequence[str] | None = None,
     columns: Sequence[str] | None = None,
+    target_kind: TargetKind = "class",
 ) -> Path:
     """Draw example ``index`` of ``result`` to ``path`` (:meth:`AttributionPlotter.draw` of a new plotter)."""
-    return AttributionPlotter(labels, columns).draw(result, index, path)
+    return AttributionPlotter(labels, columns, target_kind).draw(result, index, path)
 
 
 class AttributionPlotter:
     """Draws examples of :class:`Attributions` to PNG files, reusing one figure while their shape stays.
 
-    ``labels`` name the classes in the titles, ``columns`` the bars of table rows.
+    ``labels`` name the explained classes or outputs in the titles, ``columns`` the bars of table rows;
+    ``target_kind`` is what an unlabelled target is called in the titles: ``"class"`` (a classifier's
+    ``class 3``) or ``"output"`` (a regression model's ``output 0``).
     """
 
-    def __init__(self, labels: Sequence[str] | None = None, columns: Sequence[str] | None = None):
-        self.labels, self.columns = labels, columns
+    def __init__(
+        self,
+        labels: Sequence[str] | None = None,
+        columns: Sequence[str] | None = None,
+        target_kind: TargetKind = "class",
+    ):
+        self.labels, self.columns, self.target_kind = labels, columns, target_kind
         self._picture: _HeatMap | _Bars | None = None
         self._leftovers = Leftovers()  # a run's PNGs share a directory: it is listed once, not once a file
 
@@ -56,7 +66,7 @@ class AttributionPlotter:
         values, sample = result.values[index].cpu().double(), result.inputs[index].cpu().double()
         picture = self._picture_for(values, sample)
         picture.show(values, sample)
-        picture.title.set_text(_title(result, index, self.labels))
+        picture.title.set_text(_title(result, index, self.labels, self.target_kind))
         picture.figure.subplots_adjust(**_fresh_margins())  # tight_layout starts from the margins it finds
         picture.figure.tight_layout()
         with atomic_file(path, self._leftovers) as tmp:
@@ -153,10 +163,10 @@ class _Bars:
         self.axis.autoscale_view()
 
 
-def _title(result: Attributions, index: int, labels: Sequence[str] | None) -> str:
+def _title(result: Attributions, index: int, labels: Sequence[str] | None, target_kind: TargetKind) -> str:
     score = f"score {float(result.scores[index]):.4g}"
     if result.target is None:
         return f"{result.method}: {score}"
     klass = int(result.target[index])
-    name = labels[klass] if labels is not None and klass < len(labels) else f"class {klass}"
+    name = labels[klass] if labels is not None and klass < len(labels) else f"{target_kind} {klass}"
     return f"{result.method}: {name} ({score})"

@@ -62,7 +62,7 @@ def load_predictor(
     task would silently ignore is refused (:class:`InputError`).
     """
     from trainfer.serve.predictor import Predictor
-    from trainfer.serve.results import check_top_k
+    from trainfer.serve.results import check_threshold, check_top_k
 
     overrides: dict[str, Any] = {"batch_size": batch_size, "device": device}
     if threshold is not None:
@@ -70,9 +70,7 @@ def load_predictor(
     if runtime is not None:
         overrides["runtime"] = runtime
     predictor = Predictor.load(bundle, trust_factory=trusted(), **overrides)
-    tasks = sorted({head.task for head in predictor.heads})
-    if threshold is not None and "binary" not in tasks:  # it would be silently ignored
-        raise InputError(f"--threshold applies to binary tasks only; {bundle!r} is {', '.join(tasks)}: drop it")
+    check_threshold(threshold, predictor.heads, name="--threshold")
     check_top_k(top_k, predictor.heads, name="--top-k")
     say_serving(predictor, bundle, runtime)
     return predictor

@@ -417,15 +417,22 @@ class Predictor:
             return autoregressive_results(self.model, batch, self.heads[0].labels, self.decoder, top_k)
 
     # ------------------------------------------------------------------ postprocess
-    def results_from_scores(self, per_head: list[Tensor], top_k: int | None) -> list[Any]:
-        """Typed results from per-head scores (``scores()`` of a batch; an ensemble's averaged scores)."""
-        columns = [self._head_results(head, scores, top_k) for head, scores in zip(self.heads, per_head, strict=True)]
+    def results_from_scores(
+        self, per_head: list[Tensor], top_k: int | None, threshold: float | None = None
+    ) -> list[Any]:
+        """Typed results from per-head scores (``scores()`` of a batch; an ensemble's averaged scores);
+        ``threshold``: the binary heads' decision threshold for these results (None: :attr:`threshold`)."""
+        threshold = self.threshold if threshold is None else threshold
+        columns = [
+            self._head_results(head, scores, top_k, threshold)
+            for head, scores in zip(self.heads, per_head, strict=True)
+        ]
         if not self.multi_head:
             return columns[0]
         names = [str(head.name) for head in self.heads]
         return [MultiHeadResult(dict(zip(names, row, strict=True))) for row in zip(*columns, strict=True)]
 
-    def _head_results(self, head: Head, scores: Tensor, top_k: int | None) -> list[Any]:
+    def _head_results(self, head: Head, scores: Tensor, top_k: int | None, threshold: float) -> list[Any]:
         if head.task == "sequence":
             from trainfer.serve.sequence import sequence_results
 
@@ -433,7 +440,7 @@ class Predictor:
         if head.task == "classification":
             return classification_results(scores, head.labels, top_k or 1, head.name)
         if head.task == "binary":
-            return binary_results(scores, head.labels, self.threshold)
+            return binary_results(scores, head.labels, threshold)
         return regression_results(scores, head.labels)
 
     # ------------------------------------------------------------------ explanations

@@ -21,7 +21,7 @@ from trainfer.errors import InputError, NonFiniteError
 from trainfer.numerics import all_finite
 from trainfer.serve.decoder_bounds import MAX_SERVED_BEAM_WIDTH
 from trainfer.serve.outputs import Head
-from trainfer.validate import check_integer
+from trainfer.validate import check_integer, check_number
 
 #: Per-batch timings kept by :class:`Timings` (bounded, so that a stream does not grow memory).
 HISTORY = 1024
@@ -37,6 +37,7 @@ __all__ = [
     "binary_results",
     "check_finite_scores",
     "check_classes",
+    "check_threshold",
     "check_top_k",
     "class_names",
     "classification_results",
@@ -188,6 +189,19 @@ def check_top_k(
         if head.task == "classification":
             check_classes(top_k, len(head.labels) if head.labels is not None else count, head.name, name)
     return top_k
+
+
+def check_threshold(threshold: Any, heads: Iterable[Head], name: str = "threshold") -> float | None:
+    """``threshold`` as a finite ``float`` in ``[0, 1]`` or None, refused (:class:`InputError`) where no
+    head of ``heads`` is binary: it would be silently ignored. ``name``: how the caller spells the
+    setting in the message (``--threshold`` on the command line)."""
+    if threshold is None:
+        return None
+    threshold = check_number(name, threshold, low=0.0, high=1.0)
+    tasks = sorted({head.task for head in heads})
+    if "binary" not in tasks:
+        raise InputError(f"{name} applies to binary models only; this model's task is {', '.join(tasks)}: drop {name}")
+    return threshold
 
 
 def check_classes(top_k: int, classes: int | None, head: str | int | None = None, name: str = "top_k") -> None:

@@ -53,6 +53,7 @@ from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_ov
 from trainfer.serve.outputs import flatten_outputs
 from trainfer.serve.runtime_record import (
     AUTO_RUNTIMES,
+    MAX_WARNINGS,
     RUNTIME_FILE,
     RUNTIMES,
     SUPPORTED_DTYPES,
@@ -222,8 +223,10 @@ def _measure(
     """Median latency per batch size of every engine, paired call by call in one run; ratios to eager float32.
 
     Why the figures cannot be trusted (:func:`trainfer.bench.conditions.untrusted`: a starved process, a
-    load above the cores, a huge spread), if anything says so, is appended to ``options["warnings"]``
-    (once); ``options["sources"]``: :func:`~trainfer.bench.conditions.measured`'s clocks (tests inject them).
+    load above the cores, a huge spread), if anything says so, is appended to ``options["warnings"]`` as
+    ``batch N: ...``, once per batch size flagged (at most :data:`~trainfer.serve.runtime_record.MAX_WARNINGS`,
+    what a record keeps); ``options["sources"]``: :func:`~trainfer.bench.conditions.measured`'s clocks (tests
+    inject them).
     """
     from trainfer.bench import time_forms
     from trainfer.bench.conditions import measured, untrusted
@@ -237,7 +240,7 @@ def _measure(
             **options.get("sources", {}),
         )
         warning = untrusted(conditions, timings)
-        if warning is not None and not warnings:
+        if warning is not None and len(warnings) < MAX_WARNINGS:
             warnings.append(f"batch {batch}: {warning}")
         for name, timing in timings.items():
             records[name].median_ms[str(batch)] = 1e3 * timing.median_s

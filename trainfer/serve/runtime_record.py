@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,11 @@ RUNTIME_FILE = "runtime.json"
 #: the accuracy a reduced precision gives up.
 REDUCED_MARGIN = 0.10
 TORCH_RUNTIMES = ("torch", "torch-channels-last", "inductor")
+#: The most warnings a record keeps (``runtime.json``'s schema, :mod:`trainfer.serve.runtime_schema`, takes no
+#: more): one per batch size whose timing was flagged.
+MAX_WARNINGS = 8
+#: How a warning names the batch size whose timing it flags (:func:`trainfer.serve.runtime._measure` writes it).
+_FLAGGED = re.compile(r"batch ([0-9]+): ")
 _FLAGS = (
     "avx2",
     "fma",
@@ -45,6 +51,7 @@ _FLAGS = (
 
 __all__ = [
     "AUTO_RUNTIMES",
+    "MAX_WARNINGS",
     "QUANTIZED_RUNTIMES",
     "REDUCED_MARGIN",
     "RUNTIMES",
@@ -104,7 +111,8 @@ class RuntimeRecord:
     threads: dict[str, int]
     machine: dict[str, Any]
     versions: dict[str, str]
-    #: Why the latencies cannot be trusted (:func:`trainfer.bench.conditions.untrusted`); empty: nothing seen.
+    #: Why the latencies cannot be trusted (:func:`trainfer.bench.conditions.untrusted`), one ``batch N: ...``
+    #: line per batch size flagged (an older record names the first only); empty: nothing seen.
     warnings: list[str] = field(default_factory=list)
     #: Why a faster reduced precision was left aside (:func:`choose`); ``None``: the fastest form was chosen.
     choice: str | None = None
@@ -138,21 +146,36 @@ class RuntimeRecord:
         except TypeError as error:
             raise BundleError(f"{source}: unexpected fields: {error}") from None
 
+    def untrusted_batches(self) -> set[str]:
+        """The batch sizes (as ``ratio``'s keys) whose timings the run flagged, each named by a ``batch N:``
+        warning; every batch size when the warnings are as many as a record keeps (:data:`MAX_WARNINGS`),
+        since a flagged batch past those is named by none."""
+        if len(self.warnings) >= MAX_WARNINGS:
+            return {str(b) for b in self.batch_sizes}
+        return {match.group(1) for warning in self.warnings if (match := _FLAGGED.match(warning))}
+
     def table(self) -> str:
-        """The candidates' figures as a text table, best first: status, gate verdict (``-``: none), error, ratios."""
+        """The candidates' figures as a text table, best first: status, the gate's verdict with its agreement
+        and accuracy drop (``-``: not gated), error, ratios (``?`` after a ratio timed at a flagged batch size)."""
         sizes = [str(b) for b in self.batch_sizes]
-        header = f"{'candidate':<30}{'status':<12}{'gate':<7}{'rel error':>10}"
-        lines = [header + "".join(f"{'x b' + s:>9}" for s in sizes)]
+        untrusted = self.untrusted_batches()
+        header = f"{'candidate':<30}{'status':<12}{'gate: agreement, drop':<25}{'rel error':>10}"
+        lines = [header + "".join(f"{'x b' + s:>10}" for s in sizes)]
         for c in sorted(self.candidates, key=lambda c: (c.status != "ok", c.score)):
             error = f"{c.max_rel_error:.1e}" if c.max_rel_error is not None else "-"
-            gate = "-" if c.gate is None else "passed" if c.gate.get("ok") else "FAILED"
-            ratios = "".join(f"{c.ratio[s]:>9.3g}" if s in c.ratio else f"{'-':>9}" for s in sizes)
+            ratios = "".join(_ratio_cell(c.ratio.get(s), s in untrusted) for s in sizes)
             mark = " *" if (c.runtime, c.dtype) == (self.runtime, self.dtype) else ""
             note = f"  ({c.reason})" if c.reason else ""
-            lines.append(f"{c.name + mark:<30}{c.status:<12}{gate:<7}{error:>10}{ratios}{note}")
+            lines.append(f"{c.name + mark:<30}{c.status:<12}{_gate_cell(c.gate):<25}{error:>10}{ratios}{note}")
         threads = ", ".join(f"{k} {v}" for k, v in self.threads.items())
         flags = " ".join(f for f in _FLAGS if self.machine.get("flags", {}).get(f)) or "none of interest"
         lines.append(f"chosen: {self.runtime}/{self.dtype} ({self.chosen_by}); latency x eager float32, same run")
+        if untrusted:
+            batches = ", ".join(s for s in sizes if s in untrusted)
+            lines.append(
+                f"?: timed at batch {batches}, which this run flagged untrusted (warning below): not a valid ratio; "
+                "a run with a flagged timing never chooses a reduced precision"
+            )
         lines.append(f"threads: {threads}; machine: {self.machine.get('cpu')} [{flags}]")
         lines += [f"warning: {warning}" for warning in self.warnings]
         lines += [f"note: {self.choice}"] if self.choice else []
@@ -160,6 +183,23 @@ class RuntimeRecord:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _gate_cell(verdict: dict[str, Any] | None) -> str:
+    """A gate's verdict in the table: ``passed``/``FAILED``, its class agreement and its accuracy drop in
+    points (``-`` without labels); ``-`` for a candidate not gated."""
+    if verdict is None:
+        return "-"
+    drop = verdict.get("accuracy_drop")
+    shown = f"{100 * drop:+.2f} pt" if drop is not None else "-"
+    return f"{'passed' if verdict.get('ok') else 'FAILED'} {verdict.get('agreement', math.nan):.2%}, {shown}"
+
+
+def _ratio_cell(ratio: float | None, untrusted: bool) -> str:
+    """A latency ratio in the table, ``-`` when not measured, marked ``?`` when timed at a flagged batch size."""
+    if ratio is None:
+        return f"{'-':>10}"
+    return f"{ratio:>9.3g}?" if untrusted else f"{ratio:>9.3g} "
 
 
 def choose(measured: list[CandidateRecord], trusted: bool) -> tuple[CandidateRecord, str | None]:

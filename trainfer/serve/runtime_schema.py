@@ -113,7 +113,7 @@ class Record(_Schema):
     threads: Annotated[dict[Name, Annotated[int, Field(ge=0, le=65536)]], Field(max_length=16)]
     machine: Annotated[dict[Name, Scalar | Annotated[dict[Name, bool], Field(max_length=64)]], Field(max_length=32)]
     versions: Annotated[dict[Name, Name], Field(max_length=16)]
-    warnings: Annotated[list[Reason], Field(max_length=8)] = []
+    warnings: Annotated[list[Reason], Field(max_length=8)] = []  # runtime_record.MAX_WARNINGS
     choice: Reason | None = None
 
     @model_validator(mode="after")

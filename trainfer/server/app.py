@@ -42,7 +42,7 @@ from starlette.types import Receive, Scope, Send
 from trainfer._version import __version__
 from trainfer.analysis.attribution import Attributions
 from trainfer.errors import one_line
-from trainfer.serve.results import check_top_k, to_records
+from trainfer.serve.results import check_threshold, check_top_k, to_records
 from trainfer.server.access import AccessMiddleware
 from trainfer.server.error_answers import answer_errors
 from trainfer.server.head import AllowHead, HeadAsGet
@@ -164,6 +164,7 @@ def _routes(app: FastAPI, server: Server) -> None:
         filename, top_k = query["filename"], query["top_k"]
         model = server.model(name)
         check_top_k(top_k, model.predictor.heads, classes=model.classes)  # before reading the body: costs nothing
+        threshold = check_threshold(query["threshold"], model.predictor.heads)
         body = await server.body(request.receive, request.headers.get("content-length"))
         content_type = request.headers.get("content-type", "")
 
@@ -173,7 +174,7 @@ def _routes(app: FastAPI, server: Server) -> None:
             return [i for i, _ in items], model.prepare([sample for _, sample in items])
 
         def lines(ids: list[str], rows: list[Any]) -> bytes:
-            return _json_lines(ids, model.results(rows, top_k))
+            return _json_lines(ids, model.results(rows, top_k, threshold))
 
         async def answer() -> bytes:
             ids, batch = await server.decode(prepare)

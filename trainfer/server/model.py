@@ -18,9 +18,10 @@ the model is ready), so these are ``Predictor.predict``'s results within roundin
 different ``top_k`` never share a batch.
 
 Outputs, per head (prefixed ``"<head>."`` for multi-head bundles): classification ``probabilities``
-``(N, C)``, ``index`` INT64 ``(N,)`` and ``label`` BYTES ``(N,)``; binary ``probability`` ``(N,)``
-and ``decision`` BOOL ``(N,)``; regression ``values`` ``(N, ...)`` in target units; sequence the
-decoded ``text``, ``tokens``, ``lengths``, ``score`` (and ``finished``, autoregressive) of
+``(N, C)``, ``index`` INT64 ``(N,)`` and ``label`` BYTES ``(N,)``; binary ``probability`` ``(N,)``,
+``decision`` BOOL ``(N,)`` and ``label`` BYTES ``(N,)`` (the decision's label, ``"0"``/``"1"`` without
+labels, as a classifier's unlabelled classes are named); regression ``values`` ``(N, ...)`` in target
+units; sequence the decoded ``text``, ``tokens``, ``lengths``, ``score`` (and ``finished``, autoregressive) of
 :mod:`trainfer.server.sequence_outputs`, and a CTC model's per-frame log-probabilities ``values``.
 """
 
@@ -168,12 +169,13 @@ class ServedModel:
         check_finite_scores(per_head, self.predictor.heads)
         return per_head
 
-    def results(self, rows: list[Any], top_k: int | None) -> list[Any]:
-        """Typed results of one request's rows of :meth:`compute` (decoded already when the model generates)."""
+    def results(self, rows: list[Any], top_k: int | None, threshold: float | None = None) -> list[Any]:
+        """Typed results of one request's rows of :meth:`compute` (decoded already when the model generates);
+        ``threshold``: a binary head's decision threshold for this request (None: the Predictor's)."""
         if self.generates:
             return list(rows[0])
         scores = [torch.from_numpy(column) for column in rows[: len(self.predictor.heads)]]
-        return self.predictor.results_from_scores(scores, top_k)
+        return self.predictor.results_from_scores(scores, top_k, threshold)
 
     def tensors(self, rows: list[Any]) -> dict[str, np.ndarray]:
         """The protocol outputs of one request's rows of :meth:`compute`, by name (sequences decoded
@@ -193,13 +195,16 @@ class ServedModel:
                 tensors[prefix + "label"] = self._label_table(head, values.shape[1])[index]
             elif head.task == "binary":
                 tensors[prefix + "probability"] = values
-                tensors[prefix + "decision"] = values.astype(np.float64) >= self.predictor.threshold  # as in Python
+                decision = values.astype(np.float64) >= self.predictor.threshold  # as in Python
+                tensors[prefix + "decision"] = decision
+                tensors[prefix + "label"] = self._label_table(head, 2)[decision.astype(np.intp)]
             else:
                 tensors[prefix + "values"] = values
         return tensors
 
     def _label_table(self, head: Any, classes: int) -> np.ndarray:
-        """The encoded label of each class of ``head`` (the typed results' names), indexable by class."""
+        """The encoded label of each class of ``head`` (the typed results' names), indexable by class
+        (a binary head's two: negative, positive)."""
         table = self._labels.get(str(head.name))
         if table is None or len(table) != classes:
             names = class_names(head.labels, classes)
