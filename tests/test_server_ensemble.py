@@ -176,11 +176,17 @@ def test_a_binary_ensemble_decides_on_its_weighted_mean(bundles):
     rows = served.compute(served.prepare(x))
     want = ensemble(bundles, weights=[1, 3], members=("yes", "no")).predict(x)
     tensors = served.tensors(rows)
-    assert set(tensors) == {"probability", "decision", "spread"}
+    assert set(tensors) == {"probability", "decision", "label", "spread"}
     np.testing.assert_allclose(tensors["probability"], [r.probability for r in want], atol=1e-6, rtol=0)
     np.testing.assert_allclose(tensors["spread"], [r.spread for r in want], atol=1e-6, rtol=0)
     assert tensors["decision"].tolist() == [r.decision for r in want]
+    assert tensors["label"].tolist() == [str(int(r.decision)).encode() for r in want]
     assert_results_close(served.results(rows, None), want)
+    # a request's threshold decides on the same weighted mean
+    cut = float(np.median(tensors["probability"]))
+    decided = served.results(rows, None, threshold=cut)
+    assert [r.decision for r in decided] == [bool(p > cut) for p in tensors["probability"]]
+    assert len(set(r.decision for r in decided)) == 2  # the cut splits the samples: the check compares both ways
 
 
 @pytest.mark.parametrize(

@@ -130,7 +130,9 @@ class Member(Protocol):
 
     def scores(self, batch: Tensor) -> Tensor | dict[str, Tensor]: ...
 
-    def results_from_scores(self, per_head: list[Tensor], top_k: int | None) -> list[Any]: ...
+    def results_from_scores(
+        self, per_head: list[Tensor], top_k: int | None, threshold: float | None = None
+    ) -> list[Any]: ...
 
 
 def _check_members(members: list[Member]) -> None:
@@ -282,9 +284,12 @@ class Ensemble:
         check_finite_scores([mean], self.members[0].heads, first)
         return mean, (w * (stacked - mean) ** 2).sum(0).sqrt()
 
-    def voted_results(self, mean: Tensor, spread: Tensor, top_k: int | None) -> list[Any]:
-        """The typed results of one batch's :meth:`vote`, with ``members`` and ``spread``."""
-        results = self.members[0].results_from_scores([mean], top_k)
+    def voted_results(
+        self, mean: Tensor, spread: Tensor, top_k: int | None, threshold: float | None = None
+    ) -> list[Any]:
+        """The typed results of one batch's :meth:`vote`, with ``members`` and ``spread``; ``threshold``: a
+        binary ensemble's decision threshold (None: :attr:`threshold`)."""
+        results = self.members[0].results_from_scores([mean], top_k, threshold)
         return [self._voted(result, row) for result, row in zip(results, spread, strict=True)]
 
     def predict(self, inputs: Any, top_k: int | None = None) -> list[Any]:

@@ -86,9 +86,10 @@ class ServedEnsemble(ServedModel):
         ranked = [mean.topk(1, dim=1).indices.numpy()[:, 0]] if self.predictor.task == "classification" else []
         return [mean.numpy(), *ranked, spread.numpy()]
 
-    def results(self, rows: list[Any], top_k: int | None) -> list[Any]:
-        """The ensemble's typed results (``members`` and ``spread`` included) of one request's rows."""
-        return self.predictor.voted_results(torch.from_numpy(rows[0]), torch.from_numpy(rows[-1]), top_k)
+    def results(self, rows: list[Any], top_k: int | None, threshold: float | None = None) -> list[Any]:
+        """The ensemble's typed results (``members`` and ``spread`` included) of one request's rows;
+        ``threshold``: a binary ensemble's decision threshold for this request (None: the first member's)."""
+        return self.predictor.voted_results(torch.from_numpy(rows[0]), torch.from_numpy(rows[-1]), top_k, threshold)
 
     def tensors(self, rows: list[Any]) -> dict[str, np.ndarray]:
         """A single model's outputs of the mean, plus ``spread`` (the typed results' ``spread`` per sample)."""
