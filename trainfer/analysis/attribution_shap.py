@@ -6,6 +6,7 @@ GradientSHAP is computed in :mod:`~trainfer.analysis.attribution_gradient_shap`)
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -28,16 +29,25 @@ PERTURBATIONS_AT_ONCE = 64
 #: The most input elements those default copies hold together (4 MiB of float32 before the model's
 #: activations): one 224x224 RGB image takes 6 copies at once, a batch of them 1.
 PERTURBED_ELEMENTS_AT_ONCE = 2**20
+#: The most values Kernel SHAP's and LIME's surrogate is fitted to per example: ``n_samples`` times the
+#: features (Captum's design matrix; with its weights and the fit's float64 copies about 30 bytes each,
+#: so about 500 MB). It bounds the fit's work too: a least-squares fit of ``n`` samples and ``f``
+#: features takes ``n f min(n, f)`` steps, at most ``2**36`` within this bound.
+MAX_SURROGATE_ELEMENTS = 2**24
 
 __all__ = [
+    "MAX_SURROGATE_ELEMENTS",
     "PERTURBATIONS_AT_ONCE",
     "PERTURBED_ELEMENTS_AT_ONCE",
     "SAMPLE_BUDGET",
     "deeplift_shap",
+    "default_samples",
     "feature_mask",
+    "fewest_samples",
     "kernel_shap",
     "lime",
     "perturbations_at_once",
+    "surrogate_features",
 ]
 
 
@@ -62,6 +72,24 @@ def feature_mask(batch: Tensor, patch: int | None = None) -> Tensor:
     return torch.arange(sample.numel(), device=batch.device).reshape(1, *sample)
 
 
+def surrogate_features(mask: Tensor) -> int:
+    """The features Captum's surrogate fits for the feature ``mask`` ``(1 or N, *sample)``: the widest span of
+    ids of one example, greatest minus least plus one (Captum numbers them from the least id, used or not)."""
+    return max(int(row.max()) - int(row.min()) + 1 for row in mask)
+
+
+def fewest_samples(features: int) -> int:
+    """The fewest ``n_samples`` Kernel SHAP and LIME fit a surrogate of ``features`` features with: one weight
+    per feature and an intercept, and one sample more so that the fit has a residual. With fewer the fit is
+    underdetermined: one sample gave all-zero attributions (not summing to ``f(x) - f(x0)``) and an R^2 of 1."""
+    return features + 2
+
+
+def default_samples(method: str, features: int) -> int:
+    """``n_samples`` when none is given: :data:`SAMPLE_BUDGET`, or :func:`fewest_samples` when more."""
+    return max(SAMPLE_BUDGET[method], fewest_samples(features))
+
+
 def perturbations_at_once(batch: Tensor) -> int:
     """The default ``perturbations_per_eval`` for ``batch``: :data:`PERTURBATIONS_AT_ONCE`, fewer (at
     least 1) when the batch's copies would hold more than :data:`PERTURBED_ELEMENTS_AT_ONCE` elements.
@@ -78,7 +106,7 @@ def _sampling_settings(method: str, batch: Tensor, options: dict) -> tuple[dict,
         mask = feature_mask(batch, options.pop("patch", None))
     settings = {
         "feature_mask": mask,
-        "n_samples": SAMPLE_BUDGET[method],
+        "n_samples": default_samples(method, surrogate_features(mask)),
         "baselines": 0.0,
         "perturbations_per_eval": perturbations_at_once(batch),
         "show_progress": sys.stderr.isatty(),
@@ -109,7 +137,8 @@ def _one_fit_per_example() -> Iterator[None]:
 
 
 def _recording_lasso(alpha: float) -> Any:
-    """Captum's Lasso surrogate that also records, per fit, its weighted R^2 on the samples it was fitted to."""
+    """Captum's Lasso surrogate that also records, per fit, its weighted R^2 on the samples it was fitted to:
+    NaN where the model's outputs on those samples do not vary (no variance to explain, R^2 undefined)."""
     from captum._utils.models.linear_model import SkLearnLasso
 
     class RecordingLasso(SkLearnLasso):
@@ -124,7 +153,7 @@ def _recording_lasso(alpha: float) -> Any:
                 error = y.reshape(-1) - self(x).reshape(-1)
             mean = (w * y).sum() / w.sum()
             spread = (w * (y - mean) ** 2).sum()
-            self.r2.append(float(1 - (w * error**2).sum() / spread) if spread > 0 else 1.0)
+            self.r2.append(float(1 - (w * error**2).sum() / spread) if spread > 0 else math.nan)
             return result
 
     return RecordingLasso(alpha=alpha)
