@@ -284,3 +284,22 @@ def test_lime_gives_no_r2_where_the_outputs_do_not_vary():
     nn.init.zeros_(model.weight)
     result = attribute(model, torch.rand(1, 4), "lime", n_samples=20)
     assert torch.equal(result.values, torch.zeros(1, 4)) and np.isnan(result.details["surrogate_r2"][0])
+
+
+def test_deeplift_shap_runs_the_reference_batch_in_chunks_with_captums_values():
+    """Attacker round 13, F2: Captum runs every (example, reference) pair at once (+4.6 GB at 100 references)."""
+    from captum.attr import DeepLiftShap
+
+    from trainfer.analysis.attribution_shap import DEEPLIFT_SHAP_ROWS
+
+    model = relu_conv_net().eval()
+    x, references = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.randn(20, 1, 8, 8, dtype=torch.float64)
+    rows = []
+    model.register_forward_hook(lambda module, inputs, output: rows.append(len(inputs[0])))
+    result = attribute(model, x, "deeplift_shap", target=1, baselines=references)
+    assert (
+        max(rows) <= 2 * DEEPLIFT_SHAP_ROWS < 2 * len(x) * len(references)
+    )  # DeepLIFT runs rows and references together
+    assert sum(rows) == len(x) + 2 * len(x) * len(references)  # the scores once, then every pair
+    expected = DeepLiftShap(model).attribute(x, baselines=references, target=1)
+    torch.testing.assert_close(result.values, expected, rtol=1e-9, atol=1e-12)

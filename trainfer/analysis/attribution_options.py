@@ -13,7 +13,8 @@ work and memory finite:
   :data:`MAX_ELEMENTS_AT_ONCE`: integrated gradients' ``internal_batch_size`` rows; the batch times
   ``n_samples`` (GradientSHAP's draws, its noise drawn at once; the rows then run through the model in
   chunks of :data:`~trainfer.analysis.attribution_gradient_shap.GRADIENT_SHAP_ROWS`) or times the
-  reference batch (GradientSHAP, DeepLIFT-SHAP, which Captum expands at once); the batch times a
+  reference batch (GradientSHAP, DeepLIFT-SHAP, whose pairs run in chunks of
+  :data:`~trainfer.analysis.attribution_shap.DEEPLIFT_SHAP_ROWS`); the batch times a
   ``perturbations_per_eval`` given (occlusion, Kernel SHAP, LIME) at most :data:`MAX_PERTURBED_ELEMENTS`;
 - Kernel SHAP's and LIME's surrogate: ``n_samples`` at least the features + 2, and ``n_samples`` times the
   features at most :data:`~trainfer.analysis.attribution_shap.MAX_SURROGATE_ELEMENTS`.

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trainfer.analysis.attribution_ig import INTEGRATED_GRADIENTS_ROWS
 from trainfer.errors import InputError, InputTypeError
 from trainfer.validate import check_integer
 
@@ -34,8 +35,12 @@ PERTURBED_ELEMENTS_AT_ONCE = 2**20
 #: so about 500 MB). It bounds the fit's work too: a least-squares fit of ``n`` samples and ``f``
 #: features takes ``n f min(n, f)`` steps, at most ``2**36`` within this bound.
 MAX_SURROGATE_ELEMENTS = 2**24
+#: The most rows (an example against one reference) DeepLIFT-SHAP runs through the model at once:
+#: integrated gradients' bound (:data:`~trainfer.analysis.attribution_ig.INTEGRATED_GRADIENTS_ROWS`).
+DEEPLIFT_SHAP_ROWS = INTEGRATED_GRADIENTS_ROWS
 
 __all__ = [
+    "DEEPLIFT_SHAP_ROWS",
     "MAX_SURROGATE_ELEMENTS",
     "PERTURBATIONS_AT_ONCE",
     "PERTURBED_ELEMENTS_AT_ONCE",
@@ -159,9 +164,32 @@ def _recording_lasso(alpha: float) -> Any:
     return RecordingLasso(alpha=alpha)
 
 
-def deeplift_shap(attr: ModuleType, model: Callable, batch: Tensor, target: Any, options: dict) -> Tensor:
-    """DeepLIFT-SHAP over ``options``' ``baselines``, by default the zero sample twice (Captum needs two or more)."""
+def deeplift_shap(
+    attr: ModuleType, model: Callable, batch: Tensor, target: Any, options: dict, rows_at_once: int = DEEPLIFT_SHAP_ROWS
+) -> Tensor:
+    """DeepLIFT-SHAP over ``options``' ``baselines``, by default the zero sample twice: the mean over the
+    reference batch of DeepLIFT's attributions of each example against each reference, as Captum's
+    ``DeepLiftShap`` computes it, but run in chunks of ``max(1, rows_at_once // N)`` references for the whole
+    batch (Captum runs every pair at once: the batch times B copies of the model's activations), summed in
+    order in float32 at least: the values do not depend on the chunks, up to rounding."""
     if not isinstance(model, nn.Module):
         raise InputTypeError("deeplift_shap needs the model as an nn.Module (its rules hook the model's modules)")
-    zeros = torch.zeros((2, *batch.shape[1:]), dtype=batch.dtype, device=batch.device)
-    return attr.DeepLiftShap(model).attribute(batch, target=target, **{"baselines": zeros, **options})
+    references = options.get("baselines")
+    if references is None:
+        references = torch.zeros((2, *batch.shape[1:]), dtype=batch.dtype, device=batch.device)
+    deeplift = attr.DeepLift(model)
+    total = torch.zeros_like(batch, dtype=torch.promote_types(batch.dtype, torch.float32))
+    for chunk in references.split(max(1, rows_at_once // len(batch))):
+        total += _summed_deeplift(deeplift, batch, target, chunk)
+    return (total / len(references)).to(batch.dtype)
+
+
+def _summed_deeplift(deeplift: Any, batch: Tensor, target: Tensor | None, references: Tensor) -> Tensor:
+    """The sum over ``references`` of DeepLIFT's attributions of each example against each, every pair at once
+    (row ``i * B + j``: example ``i`` against reference ``j``, in the order of Captum's ``DeepLiftShap``)."""
+    count = len(references)
+    inputs = batch.repeat_interleave(count, dim=0)
+    baselines = references.repeat(len(batch), *(1,) * (batch.dim() - 1))
+    targets = None if target is None else target.repeat_interleave(count)
+    values = deeplift.attribute(inputs, baselines=baselines, target=targets)
+    return values.reshape(len(batch), count, *batch.shape[1:]).sum(1)
