@@ -111,7 +111,8 @@ def most_examples_at_once(method: str, sample: tuple[int, ...], options: dict[st
     """The most examples of shape ``sample`` one explanation by ``method`` with ``options`` may take (at
     least 1): the examples, times the rows the method runs through the model at once per example
     (``perturbations_per_eval``; GradientSHAP's ``n_samples`` or reference batch; DeepLIFT-SHAP's reference
-    batch; else 1), times one sample's elements, stay within :data:`MAX_ELEMENTS_AT_ONCE`. An option of
+    batch; else 1), times one sample's elements, stay within :data:`MAX_ELEMENTS_AT_ONCE` (within
+    :data:`MAX_PERTURBED_ELEMENTS` where ``perturbations_per_eval`` is given). An option of
     the wrong kind counts as its default here: :func:`check_options` refuses it."""
     per_example = math.prod(sample) * _rows_per_example(method, options)
     return max(1, _elements_limit(method, options) // max(1, per_example))
