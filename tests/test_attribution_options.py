@@ -187,7 +187,7 @@ def test_stdevs_given_as_any_real_number_reaches_gradient_shap_as_a_float(stdevs
         ("integrated_gradients", {"n_steps": 4, "internal_batch_size": 4, "baselines": torch.zeros(1, 1, 8, 8)}),
         ("occlusion", {"sliding_window_shapes": (1, 2, 2), "strides": (1, 2, 2), "baselines": 0.5}),
         ("kernel_shap", {"n_samples": 8, "patch": 4, "perturbations_per_eval": 2, "show_progress": False}),
-        ("lime", {"n_samples": 8, "feature_mask": feature_mask(X, 2)}),
+        ("lime", {"n_samples": 18, "feature_mask": feature_mask(X, 2)}),
         ("gradient_shap", {"n_samples": 3, "stdevs": 0.1, "baselines": torch.zeros(2, 1, 8, 8)}),
         ("deeplift_shap", {"baselines": torch.zeros(2, 1, 8, 8)}),
         ("saliency", {"abs": False}),
@@ -200,7 +200,7 @@ def test_good_options_at_their_ordinary_values_still_run(method, options):
 @pytest.mark.parametrize(
     ("method", "options"),
     [
-        ("occlusion", {"perturbations_per_eval": 3000}),
+        ("occlusion", {"perturbations_per_eval": 300}),
         ("kernel_shap", {"perturbations_per_eval": 700}),
         ("gradient_shap", {"n_samples": 1500}),
         ("gradient_shap", {"baselines": torch.zeros(900, 1, 64, 64)}),
@@ -257,3 +257,44 @@ def test_attributions_holding_nan_or_inf_are_refused_never_returned(method, opti
         NonFiniteError, match=r"NaN or inf.*example\(s\) \[0, 1\]|example\(s\) \[0, 1\] hold NaN or inf"
     ):
         attribute(linear, X, method, **options)
+
+
+def test_kernel_shap_and_lime_refuse_a_surrogate_of_more_values_than_the_bound():
+    """Attacker round 13, F1: patch=1 on one 3x128x128 image at n_samples=8000 held 4.2 GB (the design matrix)."""
+    image = torch.zeros(1, 3, 64, 64)
+    with pytest.raises(InputError, match=r"n_samples x features = 5000 x 4096 = 20,480,000 values, at most 16,777,216"):
+        check_options("lime", image, {"patch": 1, "n_samples": 5000})
+    check_options("kernel_shap", image, {"patch": 2, "n_samples": MAX_SAMPLES})  # 10000 x 1024: within
+    spread = torch.zeros(1, 3, 64, 64, dtype=torch.long)
+    spread[0, 0, -1, -1] = 4095  # two ids, but Captum's surrogate spans ids 0 to 4095: 4096 columns
+    with pytest.raises(InputError, match="5000 x 4096"):
+        check_options("kernel_shap", image, {"feature_mask": spread, "n_samples": 5000})
+    with pytest.raises(InputError, match=r"at least features \+ 2 = 16386 for the 16384 features, more than the most"):
+        check_options("lime", torch.zeros(1, 3, 128, 128), {"patch": 1})
+
+
+@pytest.mark.parametrize("method", ["kernel_shap", "lime"])
+def test_kernel_shap_and_lime_refuse_fewer_samples_than_features_plus_two(method):
+    """Attacker round 13, F4: one sample gave all-zero attributions, and LIME an R^2 of 1."""
+    with pytest.raises(InputError, match=r"n_samples must be at least features \+ 2 = 8 for the 6 features; got 1"):
+        attribute(nn.Linear(6, 1), torch.rand(1, 6), method, n_samples=1)
+    check_options(method, torch.rand(1, 6), {"n_samples": 8})
+
+
+def test_the_default_n_samples_grows_to_the_features_plus_two():
+    """A table of 300 columns is fitted with 302 samples, not the default 200 (one forward row each)."""
+    rows = []
+    model = nn.Linear(300, 1)
+    model.register_forward_hook(lambda module, inputs, output: rows.append(len(inputs[0])))
+    attribute(model, torch.rand(1, 300), "lime", perturbations_per_eval=1)
+    assert sum(rows) == 1 + 302  # the scores checked once, then one row per sample
+
+
+def test_a_given_perturbations_per_eval_is_bounded_by_the_perturbed_elements():
+    """Attacker round 13, F3: 200 occluded copies of a 3x128x128 image took 1.4 GB; 2**22 elements allow 85."""
+    image = torch.zeros(1, 3, 128, 128)
+    assert attribution_options.MAX_PERTURBED_ELEMENTS // (3 * 128 * 128) == 85
+    check_options("occlusion", image, {"perturbations_per_eval": 85})
+    with pytest.raises(InputError, match=r"perturbations_per_eval must be an integer in \[1, 85\]; got 86"):
+        check_options("occlusion", image, {"perturbations_per_eval": 86})
+    check_options("lime", torch.zeros(8, 3, 512, 512), {"perturbations_per_eval": 1})  # 1 is always allowed

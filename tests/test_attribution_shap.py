@@ -125,7 +125,7 @@ def test_new_methods_restore_modes_and_give_the_input_shape(method):
     model = relu_conv_net()
     model.train()
     x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
-    result = attribute(model, x, method, n_samples=8) if method != "deeplift_shap" else attribute(model, x, method)
+    result = attribute(model, x, method, n_samples=18) if method != "deeplift_shap" else attribute(model, x, method)
     assert result.values.shape == x.shape and result.method == method
     assert all(m.training for m in model.modules()) and torch.is_grad_enabled()
 
@@ -276,3 +276,30 @@ def test_the_default_copies_per_forward_shrink_with_the_samples_size():
     assert perturbations_at_once(torch.zeros(1, 1, 8, 8)) == 64
     assert perturbations_at_once(torch.zeros(1, 3, 224, 224)) == PERTURBED_ELEMENTS_AT_ONCE // (3 * 224 * 224) == 6
     assert perturbations_at_once(torch.zeros(16, 3, 224, 224)) == 1
+
+
+def test_lime_gives_no_r2_where_the_outputs_do_not_vary():
+    """A constant model: nothing to explain, so no R^2 (it was 1.0, a "perfect" surrogate of nothing)."""
+    model = nn.Linear(4, 1)
+    nn.init.zeros_(model.weight)
+    result = attribute(model, torch.rand(1, 4), "lime", n_samples=20)
+    assert torch.equal(result.values, torch.zeros(1, 4)) and np.isnan(result.details["surrogate_r2"][0])
+
+
+def test_deeplift_shap_runs_the_reference_batch_in_chunks_with_captums_values():
+    """Attacker round 13, F2: Captum runs every (example, reference) pair at once (+4.6 GB at 100 references)."""
+    from captum.attr import DeepLiftShap
+
+    from trainfer.analysis.attribution_shap import DEEPLIFT_SHAP_ROWS
+
+    model = relu_conv_net().eval()
+    x, references = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.randn(20, 1, 8, 8, dtype=torch.float64)
+    rows = []
+    model.register_forward_hook(lambda module, inputs, output: rows.append(len(inputs[0])))
+    result = attribute(model, x, "deeplift_shap", target=1, baselines=references)
+    assert (
+        max(rows) <= 2 * DEEPLIFT_SHAP_ROWS < 2 * len(x) * len(references)
+    )  # DeepLIFT runs rows and references together
+    assert sum(rows) == len(x) + 2 * len(x) * len(references)  # the scores once, then every pair
+    expected = DeepLiftShap(model).attribute(x, baselines=references, target=1)
+    torch.testing.assert_close(result.values, expected, rtol=1e-9, atol=1e-12)

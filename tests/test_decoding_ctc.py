@@ -136,6 +136,11 @@ def test_beam_width_one_on_peaked_frames_is_greedy():
         (lambda lp: decoding.ctc_greedy(lp * float("nan")), "NaN"),
         (lambda lp: decoding.ctc_greedy(lp, lengths=[3, 9]), "lengths"),
         (lambda lp: decoding.ctc_beam_search(lp, prior=lambda p, n: torch.zeros(1, 5)), "prior"),
+        (  # attacker round 13, F11: a prior of 1e38 overflowed and was reported as a fault of log_probs
+            lambda lp: decoding.ctc_beam_search(lp, prior=lambda p, n: torch.full((len(p), 5), 1e38)),
+            r"the prior's output holds 1e\+38 in magnitude: expected log-scores in \[-1e\+06, 1e\+06\]",
+        ),
+        (lambda lp: decoding.ctc_beam_search(lp, prior=lambda p, n: torch.full((len(p), 5), -2e6)), "prior's output"),
         (lambda lp: decoding.ctc_beam_search(lp + 1.0), r"log_probs holds .* > 0: .*pass log_softmax\(logits\)"),
         (lambda lp: decoding.ctc_greedy_confidences(lp + 1.0), r"> 0: log-probabilities are <= 0"),
         (lambda lp: decoding.ctc_beam_search(lp[:0]), "at least one item to decode, got a batch of 0"),

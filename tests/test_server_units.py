@@ -1365,6 +1365,32 @@ def test_explain_takes_the_class_or_output_to_explain_and_refuses_one_out_of_ran
     assert "target must index the 10 outputs (0..9); got 10" in json.loads(message)["error"]
 
 
+def test_explain_flags_a_map_of_zeros_as_an_input_with_nothing_to_attribute():
+    """Attacker round 13, F8: an input equal to the baseline (the mean image, zeros once normalised; this bundle
+    has no mean: zeros) got a map of zeros, which serving.md said /explain never gives: ``all_zero`` says so."""
+    pytest.importorskip("fastapi")
+    app = _digits_app()
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            await _ready(app)
+            assert app.state.server.models["digits"].predictor.preprocess_spec.mean is None  # zeros: the baseline
+            uploads = [np.zeros((1, 1, 8, 8), np.float32), np.random.default_rng(0).random((1, 1, 8, 8), np.float32)]
+            return [await asgi_request(app, "/v2/models/digits/explain", "POST", _npy_of(a)) for a in uploads]
+
+    (status, _, at_mean), (other_status, _, other) = run(main())
+    assert status == other_status == 200, (at_mean, other)
+    answer, other_answer = json.loads(at_mean), json.loads(other)
+    assert answer["all_zero"] is True and not np.any(answer["heatmap"])
+    assert other_answer["all_zero"] is False and np.max(other_answer["heatmap"]) == 1.0
+
+
+def _npy_of(array: np.ndarray) -> bytes:
+    upload = io.BytesIO()
+    np.save(upload, array)
+    return upload.getvalue()
+
+
 def test_workers_get_a_minute_to_answer_their_supervisors_health_check(monkeypatch):
     """uvicorn kills a worker that has not answered its supervisor's ping within 5 s (its default):
     workers still importing torch and loading their bundle on a busy machine were killed three in a

@@ -22,13 +22,15 @@ preprocessed space):
   carries its feature's value: sum over features, not elements, to check it;
 - ``lime``: the coefficients of a sparse linear surrogate (Lasso, alpha 0.01) fitted to ``f`` on
   ``n_samples`` random coalitions weighted by closeness to ``x``; the fit is recorded per example
-  in ``details["surrogate_r2"]`` (weighted R^2 on those samples: how far to trust the surrogate);
+  in ``details["surrogate_r2"]`` (weighted R^2 on those samples: how far to trust the surrogate;
+  NaN when ``f`` does not vary on them). Both fit a weight per feature: ``n_samples`` is at least the
+  features + 2, and ``n_samples`` times the features bounded (:mod:`~trainfer.analysis.attribution_options`);
 - ``gradient_shap``: ``E[(x - b) * grad f(b + a (x - b))]`` over baselines ``b`` drawn from
   ``baselines`` and ``a ~ U(0, 1)`` (``n_samples`` draws; ``stdevs`` adds Gaussian noise to ``x``, as
   Captum's NoiseTunnel does); sums to ``f(x) - E f(b)`` in expectation, exactly for linear ``f``.
   Computed by trainfer with torch's random generator: ``torch.manual_seed`` repeats it, and NumPy's
   global generator, which Captum's GradientShap draws from, is never touched;
-- ``deeplift_shap``: DeepLIFT's rescale rule averaged over the ``baselines``; it sums to
+- ``deeplift_shap``: DeepLIFT's rescale rule averaged over the ``baselines`` (run in chunks of them); it sums to
   ``g(x) - mean_b g(b)`` where ``g`` is the MODEL's raw output (logits): its rules live on the
   model's modules, so it explains the model, not the served probabilities (on a copy of the model made
   for the call: other threads predicting with the model never meet those hooks).

@@ -11,10 +11,13 @@ work and memory finite:
   GradientSHAP) at most :data:`MAX_SAMPLES`; a reference batch at most :data:`MAX_BASELINES` samples;
 - what a method runs through the model at once, rows times one sample's elements, at most
   :data:`MAX_ELEMENTS_AT_ONCE`: integrated gradients' ``internal_batch_size`` rows; the batch times
-  ``perturbations_per_eval`` (occlusion, Kernel SHAP, LIME); the batch times ``n_samples``
-  (GradientSHAP's draws, its noise drawn at once; the rows then run through the model in chunks of
-  :data:`~trainfer.analysis.attribution_gradient_shap.GRADIENT_SHAP_ROWS`) or times the reference batch
-  (DeepLIFT-SHAP, which Captum expands at once).
+  ``n_samples`` (GradientSHAP's draws, its noise drawn at once; the rows then run through the model in
+  chunks of :data:`~trainfer.analysis.attribution_gradient_shap.GRADIENT_SHAP_ROWS`) or times the
+  reference batch (GradientSHAP, DeepLIFT-SHAP, whose pairs run in chunks of
+  :data:`~trainfer.analysis.attribution_shap.DEEPLIFT_SHAP_ROWS`); the batch times a
+  ``perturbations_per_eval`` given (occlusion, Kernel SHAP, LIME) at most :data:`MAX_PERTURBED_ELEMENTS`;
+- Kernel SHAP's and LIME's surrogate: ``n_samples`` at least the features + 2, and ``n_samples`` times the
+  features at most :data:`~trainfer.analysis.attribution_shap.MAX_SURROGATE_ELEMENTS`.
 
 A caller that explains a batch in parts takes at most :func:`most_examples_at_once` examples per part,
 so options valid for one example stay valid for the part, and gives each part its rows of the options
@@ -31,7 +34,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trainfer.analysis.attribution_shap import SAMPLE_BUDGET, feature_mask
+from trainfer.analysis.attribution_shap import (
+    MAX_SURROGATE_ELEMENTS,
+    SAMPLE_BUDGET,
+    default_samples,
+    feature_mask,
+    fewest_samples,
+    surrogate_features,
+)
 from trainfer.errors import InputError, InputTypeError
 from trainfer.validate import check_integer, check_keywords, check_number, check_type, given
 
@@ -44,6 +54,12 @@ MAX_BASELINES = 1_000
 #: The most input elements a method runs through the model at once (rows times one sample's elements):
 #: 2**28, 1 GiB of float32 inputs, before the model's activations.
 MAX_ELEMENTS_AT_ONCE = 2**28
+#: The most input elements a ``perturbations_per_eval`` given runs through the model at once (the batch
+#: times it times one sample's elements; 1 is always allowed): 2**22, 16 MiB of float32, four times the
+#: default's :data:`~trainfer.analysis.attribution_shap.PERTURBED_ELEMENTS_AT_ONCE`. Each perturbed copy
+#: holds a copy of the model's activations: 200 copies of a 3x128x128 image through two 32-channel
+#: convolutions took 1.4 GB; this bound allows 85 of them.
+MAX_PERTURBED_ELEMENTS = 2**22
 
 #: The options each method takes (all keyword arguments of ``explain``/``attribute`` besides ``target``).
 OPTIONS: dict[str, tuple[str, ...]] = {
@@ -61,6 +77,7 @@ _REFERENCE_BATCH = {"gradient_shap": 1, "deeplift_shap": 2}
 __all__ = [
     "MAX_BASELINES",
     "MAX_ELEMENTS_AT_ONCE",
+    "MAX_PERTURBED_ELEMENTS",
     "MAX_SAMPLES",
     "MAX_STEPS",
     "OPTIONS",
@@ -86,7 +103,7 @@ def check_options(method: str, batch: Tensor, options: dict[str, Any]) -> dict[s
     if method == "occlusion":
         _check_strides_fit(options, tuple(batch.shape[1:]))
     if method in ("kernel_shap", "lime"):
-        _check_two_features(method, batch, options)
+        _check_features(method, batch, options)
     return options
 
 
@@ -94,10 +111,18 @@ def most_examples_at_once(method: str, sample: tuple[int, ...], options: dict[st
     """The most examples of shape ``sample`` one explanation by ``method`` with ``options`` may take (at
     least 1): the examples, times the rows the method runs through the model at once per example
     (``perturbations_per_eval``; GradientSHAP's ``n_samples`` or reference batch; DeepLIFT-SHAP's reference
-    batch; else 1), times one sample's elements, stay within :data:`MAX_ELEMENTS_AT_ONCE`. An option of
+    batch; else 1), times one sample's elements, stay within :data:`MAX_ELEMENTS_AT_ONCE` (within
+    :data:`MAX_PERTURBED_ELEMENTS` where ``perturbations_per_eval`` is given). An option of
     the wrong kind counts as its default here: :func:`check_options` refuses it."""
     per_example = math.prod(sample) * _rows_per_example(method, options)
-    return max(1, MAX_ELEMENTS_AT_ONCE // max(1, per_example))
+    return max(1, _elements_limit(method, options) // max(1, per_example))
+
+
+def _elements_limit(method: str, options: dict[str, Any]) -> int:
+    """The elements-at-once bound of ``method`` with ``options``: :data:`MAX_PERTURBED_ELEMENTS` where a valid
+    ``perturbations_per_eval`` is given, else :data:`MAX_ELEMENTS_AT_ONCE`."""
+    given_copies = method not in _REFERENCE_BATCH and _count(options.get("perturbations_per_eval"), 0)
+    return MAX_PERTURBED_ELEMENTS if given_copies else MAX_ELEMENTS_AT_ONCE
 
 
 def _rows_per_example(method: str, options: dict[str, Any]) -> int:
@@ -146,13 +171,21 @@ def _check_strides_fit(options: dict[str, Any], sample: tuple[int, ...]) -> None
         raise InputError(f"strides must be at most the sliding window {window} in each dimension; got {strides}")
 
 
-def _check_two_features(method: str, batch: Tensor, options: dict[str, Any]) -> None:
-    """Kernel SHAP and LIME weigh features against each other: one feature (a mask of one id, a patch the
-    size of the image, a table of one column) leaves Kernel SHAP no coalition to sample (Captum's NaN
-    distribution) and LIME nothing to fit."""
+def _check_features(method: str, batch: Tensor, options: dict[str, Any]) -> None:
+    """Kernel SHAP and LIME fit a surrogate of one weight per feature: check the features
+    (:func:`_check_two_features`) and the samples they are fitted with (:func:`_check_surrogate_fit`)."""
     mask = options.get("feature_mask")
     if mask is None:
         mask = feature_mask(batch[:1], options.get("patch"))
+    _check_two_features(method, mask)
+    features = surrogate_features(mask)
+    _check_surrogate_fit(method, features, options.get("n_samples", default_samples(method, features)))
+
+
+def _check_two_features(method: str, mask: Tensor) -> None:
+    """Kernel SHAP and LIME weigh features against each other: one feature (a mask of one id, a patch the
+    size of the image, a table of one column) leaves Kernel SHAP no coalition to sample (Captum's NaN
+    distribution) and LIME nothing to fit."""
     fewest = min(int(row.unique().numel()) for row in mask)
     if fewest < 2:
         raise InputError(
@@ -162,9 +195,31 @@ def _check_two_features(method: str, batch: Tensor, options: dict[str, Any]) -> 
         )
 
 
-def _rows_at_once(name: str, value: Any, batch: Tensor, per_row: int) -> int:
-    """An integer >= 1 whose rows of ``per_row`` samples keep the elements at once within the bound."""
-    most = max(1, MAX_ELEMENTS_AT_ONCE // max(1, per_row * math.prod(batch.shape[1:])))
+def _check_surrogate_fit(method: str, features: int, samples: int) -> None:
+    """At least :func:`~trainfer.analysis.attribution_shap.fewest_samples` (else the fit is underdetermined),
+    and ``samples x features`` at most :data:`~trainfer.analysis.attribution_shap.MAX_SURROGATE_ELEMENTS`."""
+    needed, fewer = fewest_samples(features), "fewer features (a larger patch=, a mask of fewer ids)"
+    if needed > MAX_SAMPLES:
+        raise InputError(
+            f"{method} needs n_samples of at least features + 2 = {needed} for the {features} features, more "
+            f"than the most, {MAX_SAMPLES}: pass {fewer}"
+        )
+    if samples < needed:
+        raise InputError(
+            f"{method} fits one weight per feature and an intercept: n_samples must be at least features + 2 = "
+            f"{needed} for the {features} features; got {samples}: pass n_samples={needed} or more, or {fewer}"
+        )
+    if samples * features > MAX_SURROGATE_ELEMENTS:
+        raise InputError(
+            f"{method} fits its surrogate to n_samples x features = {samples} x {features} = "
+            f"{samples * features:,} values, at most {MAX_SURROGATE_ELEMENTS:,} (MAX_SURROGATE_ELEMENTS): "
+            f"pass {fewer} or a smaller n_samples="
+        )
+
+
+def _rows_at_once(name: str, value: Any, batch: Tensor, per_row: int, limit: int = MAX_ELEMENTS_AT_ONCE) -> int:
+    """An integer >= 1 whose rows of ``per_row`` samples keep the elements at once within ``limit``."""
+    most = max(1, limit // max(1, per_row * math.prod(batch.shape[1:])))
     return check_integer(name, value, minimum=1, maximum=most)
 
 
@@ -183,7 +238,7 @@ def _internal_batch_size(name: str, value: Any, method: str, batch: Tensor) -> N
 
 
 def _perturbations_per_eval(name: str, value: Any, method: str, batch: Tensor) -> None:
-    _rows_at_once(name, value, batch, len(batch))
+    _rows_at_once(name, value, batch, len(batch), MAX_PERTURBED_ELEMENTS)
 
 
 def _flag(name: str, value: Any, method: str, batch: Tensor) -> None:

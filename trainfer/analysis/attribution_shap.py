@@ -6,6 +6,7 @@ GradientSHAP is computed in :mod:`~trainfer.analysis.attribution_gradient_shap`)
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trainfer.analysis.attribution_ig import INTEGRATED_GRADIENTS_ROWS
 from trainfer.errors import InputError, InputTypeError
 from trainfer.validate import check_integer
 
@@ -28,16 +30,29 @@ PERTURBATIONS_AT_ONCE = 64
 #: The most input elements those default copies hold together (4 MiB of float32 before the model's
 #: activations): one 224x224 RGB image takes 6 copies at once, a batch of them 1.
 PERTURBED_ELEMENTS_AT_ONCE = 2**20
+#: The most values Kernel SHAP's and LIME's surrogate is fitted to per example: ``n_samples`` times the
+#: features (Captum's design matrix; with its weights and the fit's float64 copies about 30 bytes each,
+#: so about 500 MB). It bounds the fit's work too: a least-squares fit of ``n`` samples and ``f``
+#: features takes ``n f min(n, f)`` steps, at most ``2**36`` within this bound.
+MAX_SURROGATE_ELEMENTS = 2**24
+#: The most rows (an example against one reference) DeepLIFT-SHAP runs through the model at once:
+#: integrated gradients' bound (:data:`~trainfer.analysis.attribution_ig.INTEGRATED_GRADIENTS_ROWS`).
+DEEPLIFT_SHAP_ROWS = INTEGRATED_GRADIENTS_ROWS
 
 __all__ = [
+    "DEEPLIFT_SHAP_ROWS",
+    "MAX_SURROGATE_ELEMENTS",
     "PERTURBATIONS_AT_ONCE",
     "PERTURBED_ELEMENTS_AT_ONCE",
     "SAMPLE_BUDGET",
     "deeplift_shap",
+    "default_samples",
     "feature_mask",
+    "fewest_samples",
     "kernel_shap",
     "lime",
     "perturbations_at_once",
+    "surrogate_features",
 ]
 
 
@@ -62,6 +77,24 @@ def feature_mask(batch: Tensor, patch: int | None = None) -> Tensor:
     return torch.arange(sample.numel(), device=batch.device).reshape(1, *sample)
 
 
+def surrogate_features(mask: Tensor) -> int:
+    """The features Captum's surrogate fits for the feature ``mask`` ``(1 or N, *sample)``: the widest span of
+    ids of one example, greatest minus least plus one (Captum numbers them from the least id, used or not)."""
+    return max(int(row.max()) - int(row.min()) + 1 for row in mask)
+
+
+def fewest_samples(features: int) -> int:
+    """The fewest ``n_samples`` Kernel SHAP and LIME fit a surrogate of ``features`` features with: one weight
+    per feature and an intercept, and one sample more so that the fit has a residual. With fewer the fit is
+    underdetermined: one sample gave all-zero attributions (not summing to ``f(x) - f(x0)``) and an R^2 of 1."""
+    return features + 2
+
+
+def default_samples(method: str, features: int) -> int:
+    """``n_samples`` when none is given: :data:`SAMPLE_BUDGET`, or :func:`fewest_samples` when more."""
+    return max(SAMPLE_BUDGET[method], fewest_samples(features))
+
+
 def perturbations_at_once(batch: Tensor) -> int:
     """The default ``perturbations_per_eval`` for ``batch``: :data:`PERTURBATIONS_AT_ONCE`, fewer (at
     least 1) when the batch's copies would hold more than :data:`PERTURBED_ELEMENTS_AT_ONCE` elements.
@@ -78,7 +111,7 @@ def _sampling_settings(method: str, batch: Tensor, options: dict) -> tuple[dict,
         mask = feature_mask(batch, options.pop("patch", None))
     settings = {
         "feature_mask": mask,
-        "n_samples": SAMPLE_BUDGET[method],
+        "n_samples": default_samples(method, surrogate_features(mask)),
         "baselines": 0.0,
         "perturbations_per_eval": perturbations_at_once(batch),
         "show_progress": sys.stderr.isatty(),
@@ -109,7 +142,8 @@ def _one_fit_per_example() -> Iterator[None]:
 
 
 def _recording_lasso(alpha: float) -> Any:
-    """Captum's Lasso surrogate that also records, per fit, its weighted R^2 on the samples it was fitted to."""
+    """Captum's Lasso surrogate that also records, per fit, its weighted R^2 on the samples it was fitted to:
+    NaN where the model's outputs on those samples do not vary (no variance to explain, R^2 undefined)."""
     from captum._utils.models.linear_model import SkLearnLasso
 
     class RecordingLasso(SkLearnLasso):
@@ -124,15 +158,38 @@ def _recording_lasso(alpha: float) -> Any:
                 error = y.reshape(-1) - self(x).reshape(-1)
             mean = (w * y).sum() / w.sum()
             spread = (w * (y - mean) ** 2).sum()
-            self.r2.append(float(1 - (w * error**2).sum() / spread) if spread > 0 else 1.0)
+            self.r2.append(float(1 - (w * error**2).sum() / spread) if spread > 0 else math.nan)
             return result
 
     return RecordingLasso(alpha=alpha)
 
 
-def deeplift_shap(attr: ModuleType, model: Callable, batch: Tensor, target: Any, options: dict) -> Tensor:
-    """DeepLIFT-SHAP over ``options``' ``baselines``, by default the zero sample twice (Captum needs two or more)."""
+def deeplift_shap(
+    attr: ModuleType, model: Callable, batch: Tensor, target: Any, options: dict, rows_at_once: int = DEEPLIFT_SHAP_ROWS
+) -> Tensor:
+    """DeepLIFT-SHAP over ``options``' ``baselines``, by default the zero sample twice: the mean over the
+    reference batch of DeepLIFT's attributions of each example against each reference, as Captum's
+    ``DeepLiftShap`` computes it, but run in chunks of ``max(1, rows_at_once // N)`` references for the whole
+    batch (Captum runs every pair at once: the batch times B copies of the model's activations), summed in
+    order in float32 at least: the values do not depend on the chunks, up to rounding."""
     if not isinstance(model, nn.Module):
         raise InputTypeError("deeplift_shap needs the model as an nn.Module (its rules hook the model's modules)")
-    zeros = torch.zeros((2, *batch.shape[1:]), dtype=batch.dtype, device=batch.device)
-    return attr.DeepLiftShap(model).attribute(batch, target=target, **{"baselines": zeros, **options})
+    references = options.get("baselines")
+    if references is None:
+        references = torch.zeros((2, *batch.shape[1:]), dtype=batch.dtype, device=batch.device)
+    deeplift = attr.DeepLift(model)
+    total = torch.zeros_like(batch, dtype=torch.promote_types(batch.dtype, torch.float32))
+    for chunk in references.split(max(1, rows_at_once // len(batch))):
+        total += _summed_deeplift(deeplift, batch, target, chunk)
+    return (total / len(references)).to(batch.dtype)
+
+
+def _summed_deeplift(deeplift: Any, batch: Tensor, target: Tensor | None, references: Tensor) -> Tensor:
+    """The sum over ``references`` of DeepLIFT's attributions of each example against each, every pair at once
+    (row ``i * B + j``: example ``i`` against reference ``j``, in the order of Captum's ``DeepLiftShap``)."""
+    count = len(references)
+    inputs = batch.repeat_interleave(count, dim=0)
+    baselines = references.repeat(len(batch), *(1,) * (batch.dim() - 1))
+    targets = None if target is None else target.repeat_interleave(count)
+    values = deeplift.attribute(inputs, baselines=baselines, target=targets)
+    return values.reshape(len(batch), count, *batch.shape[1:]).sum(1)

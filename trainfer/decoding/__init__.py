@@ -13,7 +13,7 @@ never a Python loop over hypotheses. Results are :class:`Hypothesis` records (``
 """
 
 from trainfer.decoding.autoregressive import beam_search, greedy_search
-from trainfer.decoding.checks import LOG_PROB_SLACK, MAX_BEAM_WIDTH, MAX_LENGTH, MAX_LENGTH_PENALTY
+from trainfer.decoding.checks import LOG_PROB_SLACK, MAX_BEAM_WIDTH, MAX_LENGTH, MAX_LENGTH_PENALTY, MAX_PRIOR_SCORE
 from trainfer.decoding.ctc import ctc_beam_search, ctc_greedy, ctc_greedy_confidences
 from trainfer.decoding.hypothesis import Hypothesis
 from trainfer.decoding.interface import StepModel, reorder_state
@@ -24,6 +24,7 @@ __all__ = [
     "MAX_BEAM_WIDTH",
     "MAX_LENGTH",
     "MAX_LENGTH_PENALTY",
+    "MAX_PRIOR_SCORE",
     "Hypothesis",
     "StepModel",
     "TokenTable",

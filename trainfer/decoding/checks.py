@@ -27,6 +27,11 @@ _INTEGER_DTYPES = frozenset(
     {torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32, torch.uint64}
 )
 
+MAX_PRIOR_SCORE = 1e6
+"""The largest magnitude of a finite log-score a CTC ``prior`` may give (``-inf`` forbids an extension): beyond
+it a score drowns the log-probabilities it is added to (float32 keeps about 7 digits), and summed over the
+frames it overflows (a prior of 1e38 gave inf, then NaN, reported as a fault of ``log_probs``)."""
+
 LOG_PROB_SLACK = 1e-3
 """How far above 0 a log-probability may be (rounding of a ``log_softmax``); a larger value is no
 log-probability: raw logits passed where ``log_softmax(logits)`` was meant, the classic mistake."""
@@ -88,6 +93,18 @@ def check_scores(scores: object, what: str, shape: tuple[int | None, ...], value
     if (total != total or total == float("inf")) and bool((torch.isnan(scores) | torch.isposinf(scores)).any()):
         refuse_not_log_probs(what)
     return scores
+
+
+def check_prior_scale(scores: torch.Tensor) -> None:
+    """Refuse a prior's finite log-scores beyond :data:`MAX_PRIOR_SCORE` in magnitude (its own message, not a
+    fault of the log-probabilities it would overflow)."""
+    finite = scores[torch.isfinite(scores)]
+    largest = float(finite.abs().max()) if finite.numel() else 0.0
+    if largest > MAX_PRIOR_SCORE:
+        raise DecodingError(
+            f"the prior's output holds {largest:.4g} in magnitude: expected log-scores in [-{MAX_PRIOR_SCORE:g}, "
+            f"{MAX_PRIOR_SCORE:g}] (MAX_PRIOR_SCORE), or -inf to forbid an extension"
+        )
 
 
 def check_at_most_zero(scores: torch.Tensor, what: str) -> None:

@@ -18,6 +18,7 @@ from trainfer.decoding.checks import (
     check_int,
     check_items,
     check_lengths,
+    check_prior_scale,
     check_scores,
     check_token_id,
     refuse_impossible,
@@ -29,8 +30,9 @@ Prior = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``prior(prefixes, lengths) -> (M, C)``: log-scores for appending each class to each prefix.
 
 ``prefixes`` is ``(M, L)`` int64 (entries past ``lengths`` are -1), ``lengths`` is ``(M,)``. A finite
-value is added to the prefix's ranking score (shallow fusion with a language model, a bias); ``-inf``
-forbids the extension (a lexicon). It must depend on the prefix only; the blank column is ignored.
+value, at most :data:`~trainfer.decoding.checks.MAX_PRIOR_SCORE` in magnitude, is added to the prefix's
+ranking score (shallow fusion with a language model, a bias); ``-inf`` forbids the extension (a lexicon).
+It must depend on the prefix only; the blank column is ignored.
 """
 
 
@@ -161,6 +163,7 @@ def _advance(beams: _Beams, frame: torch.Tensor, blank: int, active: torch.Tenso
         got = check_scores(got, "the prior's output", (rows, classes)).to(bonus.dtype)
         bonus = got.view(n, width, classes).clone()
         bonus[:, :, blank] = 0.0
+        check_prior_scale(bonus)
     rank = torch.logaddexp(p_blank, p_label) + beams.prior[:, :, None] + bonus
     chosen = rank.view(n, -1).topk(width, dim=1).indices
     parent, label = chosen // classes, chosen % classes

@@ -3,6 +3,11 @@
 Thread model: lookups and stores hold the owner's lock (the one that also guards its
 :class:`~trainfer.serve.results.Timings`, where hits and misses are counted); the scores of the
 missed samples are computed outside it, so other threads' batches run meanwhile.
+
+A hit returns the scores computed in an earlier batch; the missed samples run in a batch of their own.
+float32 results depend on the batch a sample runs in, so answers can differ in their last bits with what
+was cached (docs/serving.md, "Cache"): not bit-stable, by design (it would take running every sample in the
+same batch as before).
 """
 
 from __future__ import annotations

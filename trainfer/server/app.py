@@ -191,10 +191,11 @@ def _routes(app: FastAPI, server: Server) -> None:
     )
     async def explain(name: str, request: Request) -> dict[str, Any]:
         """The first sample of the file in the body, explained by integrated gradients: the absolute
-        attributions summed over channels, scaled to a maximum of 1 (``heatmap``, rows of numbers);
-        ``target``: the class or output index explained (default: the predicted class; a regression
-        model with several outputs needs it); 504 past the request timeout, counted from the body's
-        arrival (:meth:`Server.bounded`), one explanation computing at a time (``server.explaining``)."""
+        attributions summed over channels, scaled to a maximum of 1 (``heatmap``, rows of numbers), and
+        ``all_zero``, true when every attribution is 0 (:func:`_all_zero`); ``target``: the class or output
+        index explained (default: the predicted class; a regression model with several outputs needs it);
+        504 past the request timeout, counted from the body's arrival (:meth:`Server.bounded`), one
+        explanation computing at a time (``server.explaining``)."""
         query = read_query(request.scope, EXPLAIN)
         filename, target = query["filename"], query["target"]
         model = server.model(name)
@@ -211,6 +212,7 @@ def _routes(app: FastAPI, server: Server) -> None:
             "id": items[0][0],
             "method": attributions.method,
             "heatmap": _heat_map(attributions),
+            "all_zero": _all_zero(attributions),
         }
 
     @app.get("/metrics", summary="Prometheus metrics")
@@ -228,9 +230,17 @@ def _json_lines(ids: list[str], results: list[Any]) -> bytes:
 
 def _heat_map(attributions: Any) -> list[list[float]]:
     """The first example's attributions as a heat map: absolute values summed over channels, scaled
-    to a maximum of 1. Never a map of nulls or zeros that means nothing: ``Predictor.explain`` has
+    to a maximum of 1. Never a map of nulls, nor zeros that mean nothing: ``Predictor.explain`` has
     refused non-finite scores (:class:`~trainfer.errors.NonFiniteError`, as ``/infer`` and ``/predict`` do) and
-    integrated gradients that fail completeness (:class:`~trainfer.errors.ExplanationError`)."""
+    integrated gradients that fail completeness (:class:`~trainfer.errors.ExplanationError`); a map of zeros
+    is then one with nothing to attribute, flagged by :func:`_all_zero`."""
     values = attributions.values[0].detach().double().abs()
     heat = values.sum(0) if values.dim() == 3 else values.reshape(1, -1)
     return (heat / heat.max().clamp_min(1e-300)).tolist()
+
+
+def _all_zero(attributions: Any) -> bool:
+    """Whether every attribution of the first example is 0: integrated gradients sum to ``f(x) - f(x0)``
+    (checked), so the explained score is the same at the input as at the baseline, most often because the
+    preprocessed input is the baseline (zeros: the data set's mean after mean/std normalisation)."""
+    return not bool(attributions.values[0].any())
