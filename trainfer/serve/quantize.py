@@ -48,11 +48,14 @@ import torch
 from torch import Tensor, nn
 
 from trainfer.errors import InputError, QuantizationError
-from trainfer.serve.calibration import calibration_inputs, class_indices
+from trainfer.serve.calibration import calibration_inputs
 from trainfer.serve.engines import int8_engine
 from trainfer.serve.gate import (
     AccuracyGate,
+    GateOutput,
     GateReport,
+    gate_labels,
+    gate_output,
     gate_report,
     logits_over,
     warn_gated_on_calibration,
@@ -61,7 +64,7 @@ from trainfer.serve.gate import (
 from trainfer.serve.int8_form import write_int8_form
 from trainfer.serve.runtime_record import machine_info
 from trainfer.serve.sensitivity import LayerSensitivity, sensitivity
-from trainfer.serve.served_checks import select_probes
+from trainfer.serve.served_checks import MAX_INT8_REL_ERROR, select_probes
 from trainfer.serve.source import check_class_gate, float32_copy, load_source
 from trainfer.validate import check_type
 
@@ -271,6 +274,7 @@ def quantize(
         loaded = load_source(model_or_bundle, _example(model_or_bundle, calibration_data), trust_factory=trust_factory)
         check_class_gate(loaded.manifest, "trainfer.quantize")
         _check_one_output(loaded.manifest)
+        output = gate_output(loaded.manifest)
         source = _Float(float32_copy(loaded.model), loaded.manifest)
         calib = calibration_inputs(calibration_data, source.manifest, calibration_limit)
         check = calibration_inputs(validation, source.manifest) if validation is not None else calib
@@ -279,7 +283,7 @@ def quantize(
                 "quantize: no validation data", "Pass validation= (CLI: --validation) with held-out inputs"
             )
         reference = logits_over(source.model, check)
-        labels = None if labels is None else class_indices(labels, reference.shape[-1], len(reference))
+        labels = gate_labels(labels, output, tuple(reference.shape), gate)
         warn_small_gate(len(reference))
         settings = {
             "backend": "onnxruntime.quantization.quantize_static",
@@ -291,7 +295,7 @@ def quantize(
             "reduce_range": not machine_info()["int8_dot_product"] if reduce_range is None else reduce_range,
             "runtime": runtime,
         }
-        search = _Search(source, calib, (check, labels, reference), gate, settings, workdir)
+        search = _Search(source, calib, (check, labels, reference), (gate, output), settings, workdir)
         search.threads = threads or torch.get_num_threads()
         options = (False, True) if equalize == "auto" else (bool(equalize),)
         variants = [search.prepare(option, sensitivity_samples) for option in options]
@@ -342,7 +346,7 @@ class _Search:
     source: _Float
     calib: Tensor
     check: tuple[Tensor, Tensor | None, Tensor]
-    gate: AccuracyGate
+    gate: tuple[AccuracyGate, GateOutput]
     settings: dict[str, Any]
     workdir: Path
     threads: int = 1
@@ -369,14 +373,14 @@ class _Search:
         out = self.workdir / f"int8_{len(self.attempts)}.onnx"
         _quantize_file(variant.float_path, out, self.calib, [variant.nodes[name] for name in kept], self.settings)
         engine = int8_engine(self.settings["runtime"], out, self.source.manifest, self.threads, out.read_bytes())
-        report = gate_report(reference, logits_over(engine, inputs), labels, self.gate)
+        report = gate_report(reference, logits_over(engine, inputs), labels, *self.gate)
         form = "equalized" if variant.equalization else "plain"
         self.attempts.append(f"{form}, {count} layer(s) in float: {report}")
         return report, engine, out
 
     def run(self, variants: list[_Variant], max_float_layers: int | None) -> QuantizedModel:
         tried = [(variant, *self.attempt(variant, 0)) for variant in variants]
-        variant, report, engine, out = max(tried, key=lambda t: (t[1].ok, t[1].agreement, -t[1].max_rel_error))
+        variant, report, engine, out = max(tried, key=lambda t: (t[1].ok, -t[1].damage, -t[1].max_rel_error))
         limit = min(len(variant.ranking) // 2 if max_float_layers is None else max_float_layers, len(variant.ranking))
         count = 0
         while not report.ok and count < limit:
@@ -400,6 +404,14 @@ class _Search:
             raise QuantizationError(
                 f"{error}: the gate passed, but nothing could check this int8 form", result
             ) from None
+        if not len(probes):  # a bundle without probes is refused by every load: never write one
+            raise QuantizationError(
+                f"the int8 form agrees with the float form on none of the {len(inputs)} validation inputs (the same "
+                f"class, or for one-column outputs an error within {MAX_INT8_REL_ERROR} of the output scale: what "
+                "every load checks), so no load would accept it: give more representative calibration data, "
+                "allow more float layers (max_float_layers) or a stricter gate",
+                result,
+            )
         return QuantizedModel(variant.model, data, self.source.manifest, result, engine, probes)
 
 
