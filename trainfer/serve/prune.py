@@ -18,8 +18,9 @@
    (``ratios={"layer.name": 0.3}``), rounded to multiples of ``round_to`` channels;
 4. optional **fine-tuning**: ``finetune(model)`` trains the pruned form in place (the user's loop,
    or the demo's) before it is gated;
-5. the **accuracy gate** (:class:`~trainfer.serve.gate.AccuracyGate`, as for int8: class agreement
-   with the unpruned form, accuracy drop on labelled data);
+5. the **accuracy gate** (:class:`~trainfer.serve.gate.AccuracyGate`, as for int8: class or binary decision
+   agreement with the unpruned form and accuracy drop on labelled data; for a regressor, its RMS error and
+   MAE increase);
 6. if the gate fails, **search**: each layer is pruned alone at its ratio and ranked by the damage
    (the per-layer sensitivity report), then the most sensitive layers are exempted one at a time
    until the gate passes; past ``max_exempt_layers`` it refuses with :class:`PruningError`.

@@ -14,9 +14,10 @@
    it works on every x86 CPU (it does not require VNNI or AMX, which the torchao x86 flow assumes
    for speed). On a CPU without VNNI the u8s8 dot product saturates 16-bit sums, so weights use
    7 bits there (``reduce_range``, ONNX Runtime's own advice), recorded in the report;
-4. **the accuracy gate** (:class:`trainfer.serve.gate.AccuracyGate`; default class agreement >= 99 %
-   with the float deploy form, accuracy drop <= 0.5 points on labelled data), measured with the
-   quantized file running in ONNX Runtime;
+4. **the accuracy gate** (:class:`trainfer.serve.gate.AccuracyGate`; by default class, or binary decision,
+   agreement >= 99 % with the float deploy form and accuracy drop <= 0.5 points on labelled data; for a
+   regressor, RMS error <= 0.1 standard deviations of the float outputs and MAE increase <= 10 % against
+   real targets), measured with the quantized file running in ONNX Runtime;
 5. if the gate fails, **fallback**: the layers are ranked by sensitivity (network-output SQNR
    with only that layer's weights and input fake-quantized, in PyTorch) and the most sensitive are
    kept in float one at a time until the gate passes; past ``max_float_layers`` it refuses with
@@ -252,7 +253,8 @@ def quantize(
     """The gated int8 form of ``model_or_bundle``; see the module docstring.
 
     ``validation`` (inputs, same forms as ``calibration_data``; default: the calibration inputs)
-    and ``labels`` (class indices, ``(N,)``) are what the gate measures on. ``equalize``: True,
+    and ``labels`` (class indices; 0/1 for a binary output; real targets for a regression output:
+    :func:`~trainfer.serve.gate.gate_labels`) are what the gate measures on. ``equalize``: True,
     False, or ``"auto"`` (quantize both the equalized and the plain form, keep the one closer to
     the float form: with per-channel weights equalization does not always help). ``max_float_layers``:
     how many layers may fall back to float (default: half of them). ``reduce_range``: 7-bit
