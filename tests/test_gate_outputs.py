@@ -183,6 +183,8 @@ def test_cli_quantize_takes_real_valued_targets_of_a_regressor(ink, digits, tmp_
     result = CliRunner().invoke(main, [*args, "--labels", str(tmp_path / "ink.npy"), "-o", str(tmp_path / "q")])
     assert result.exit_code == 0, result.output
     assert "MAE" in result.output and "output std" in result.output
+    served = trainfer.Predictor.load(tmp_path / "q")  # its quantization.json records a regression verdict
+    assert len(served.predict(digits["val"][:2])) == 2
 
 
 def test_the_cli_gate_defaults_are_the_gates():
@@ -190,3 +192,16 @@ def test_the_cli_gate_defaults_are_the_gates():
 
     gate = trainfer.AccuracyGate()
     assert (gate.max_rms_error, gate.max_mae_increase) == (MAX_RMS_ERROR, MAX_MAE_INCREASE)
+
+
+# --------------------------------------------------------------------------- gates per step (F6)
+def test_quantize_against_a_reference_gates_the_loss_of_both_steps(is7, digits, tmp_path):
+    """The int8 form of a pruned bundle passes against the pruned form, yet not against the original."""
+    anything = trainfer.AccuracyGate(min_agreement=0.0)
+    pruned = trainfer.prune(is7, ratio=0.75, data=digits["val"], gate=anything, search=False)
+    trainfer.save(pruned, tmp_path / "pruned", task="binary", preprocess={"input_shape": list(SHAPE)})
+    options = {"validation": digits["val"], "labels": digits["is7"][1], "gate": trainfer.AccuracyGate(0.95, 0.02)}
+    alone = trainfer.quantize(tmp_path / "pruned", digits["train"], **options)
+    assert alone.report.gate.ok and alone.report.settings["gate_reference"] == "the float form"
+    with pytest.raises(QuantizationError, match="decision agreement"):
+        trainfer.quantize(tmp_path / "pruned", digits["train"], reference=is7, max_float_layers=0, **options)

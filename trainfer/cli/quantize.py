@@ -54,6 +54,10 @@ def read_labels(path: Path, task: str | None = None) -> torch.Tensor:
 @click.option("--validation", type=click.Path(exists=True), default=None, help="Gate data (default: calibration).")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None, help=LABELS_HELP)
 @gate_options(rel_error=True)
+@click.option(
+    "--reference", type=click.Path(exists=True, file_okay=False), default=None,
+    help="The bundle the gate compares with (default: BUNDLE), e.g. the original a pruned BUNDLE was made from.",
+)  # fmt: skip
 @click.option("--max-float-layers", type=IntRange(min=0), default=None, help="Default: half the layers.")
 @click.option("--equalize", type=click.Choice(list(EQUALIZE)), default="auto", show_default=True)
 @click.option(
@@ -79,6 +83,7 @@ def command(
     max_rel_error: float | None,
     max_rms_error: float,
     max_mae_increase: float,
+    reference: str | None,
     max_float_layers: int | None,
     equalize: str,
     calibration_method: str,
@@ -93,7 +98,7 @@ def command(
     from trainfer.serve.quantize import quantize
 
     check_target(output, "--output", directory=True)
-    check_output_apart(output, bundle, *(p for p in (calibration, validation, labels) if p))
+    check_output_apart(output, bundle, *(p for p in (calibration, validation, labels, reference) if p))
     check_replaceable(output)  # before quantizing: a bundle holding the user's files is refused, not emptied
     targets = read_labels(Path(labels), read_manifest(bundle).task) if labels else None
     result = quantize(
@@ -106,6 +111,7 @@ def command(
         max_float_layers=max_float_layers,
         calibration=calibration_method,
         runtime=runtime,
+        reference=reference,
         trust_factory=trusted(),
     )
     result.save(output)

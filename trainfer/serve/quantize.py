@@ -249,6 +249,7 @@ def quantize(
     threads: int | None = None,
     trust_factory: bool = False,
     runtime: str = "onnxruntime",
+    reference: nn.Module | str | os.PathLike[str] | None = None,
 ) -> QuantizedModel:
     """The gated int8 form of ``model_or_bundle``; see the module docstring.
 
@@ -261,7 +262,10 @@ def quantize(
     weights (default: where the CPU lacks VNNI/AMX int8 dot products). ``trust_factory`` is
     :func:`trainfer.load`'s (for a bundle). ``runtime``: the runtime the file is made for, which
     places the quantizers (:data:`PLACEMENT`) and runs the gate (``"onnxruntime"`` or
-    ``"openvino"``); a bundle serves its int8 form there by default.
+    ``"openvino"``); a bundle serves its int8 form there by default. ``reference``: the model or bundle the
+    gate compares with (default: ``model_or_bundle``'s float form), e.g. the original a pruned bundle was
+    made from, so that the gate bounds the loss of both steps; it must take the same inputs and return
+    outputs of the same shape. The probes a load checks are chosen against the float form either way.
     """
     check_type("model_or_bundle", model_or_bundle, nn.Module | str | os.PathLike, "an nn.Module or a bundle path")
     if calibration not in CALIBRATION_METHODS:
@@ -284,7 +288,10 @@ def quantize(
             warn_gated_on_calibration(
                 "quantize: no validation data", "Pass validation= (CLI: --validation) with held-out inputs"
             )
-        reference = logits_over(source.model, check)
+        float_outputs = logits_over(source.model, check)
+        if reference is not None:
+            reference = _reference_outputs(reference, check, float_outputs, trust_factory)
+        reference = float_outputs if reference is None else reference
         labels = gate_labels(labels, output, tuple(reference.shape), gate)
         warn_small_gate(len(reference))
         settings = {
@@ -297,11 +304,25 @@ def quantize(
             "reduce_range": not machine_info()["int8_dot_product"] if reduce_range is None else reduce_range,
             "runtime": runtime,
         }
-        search = _Search(source, calib, (check, labels, reference), (gate, output), settings, workdir)
+        settings["gate_reference"] = "the float form" if reference is float_outputs else "another form (reference=)"
+        search = _Search(source, calib, (check, labels, reference), (gate, output), settings, workdir, float_outputs)
         search.threads = threads or torch.get_num_threads()
         options = (False, True) if equalize == "auto" else (bool(equalize),)
         variants = [search.prepare(option, sensitivity_samples) for option in options]
         return search.run(variants, max_float_layers)
+
+
+def _reference_outputs(reference: Any, inputs: Tensor, float_outputs: Tensor, trust_factory: bool) -> Tensor:
+    """The outputs of ``quantize``'s ``reference=`` (a model or bundle, loaded as the source is) over ``inputs``."""
+    check_type("reference", reference, nn.Module | str | os.PathLike, "an nn.Module or a bundle path")
+    model = float32_copy(load_source(reference, inputs[:2], trust_factory=trust_factory).model)
+    outputs = logits_over(model, inputs)
+    if outputs.shape != float_outputs.shape:
+        raise InputError(
+            f"reference= returns outputs of shape {tuple(outputs.shape)} on the validation inputs; the model "
+            f"quantized returns {tuple(float_outputs.shape)}: give the form this model was made from"
+        )
+    return outputs
 
 
 def _check_one_output(manifest: Manifest) -> None:
@@ -351,6 +372,9 @@ class _Search:
     gate: tuple[AccuracyGate, GateOutput]
     settings: dict[str, Any]
     workdir: Path
+    #: The float form's outputs on the gate's inputs, which the probes are chosen against (the gate's
+    #: ``check`` reference may be another form: ``quantize(reference=...)``).
+    float_outputs: Tensor
     threads: int = 1
     attempts: list[str] = field(default_factory=list)
 
@@ -399,9 +423,9 @@ class _Search:
                 result,
             )
         data = _with_manifest(out, _served_manifest(self.source.manifest))
-        inputs, _, reference = self.check
+        inputs = self.check[0]
         try:  # what a bundle's load checks the int8 form on (trainfer.serve.served_checks)
-            probes = select_probes(inputs, reference, logits_over(engine, inputs))
+            probes = select_probes(inputs, self.float_outputs, logits_over(engine, inputs))
         except ValueError as error:
             raise QuantizationError(
                 f"{error}: the gate passed, but nothing could check this int8 form", result
