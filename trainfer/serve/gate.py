@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -201,13 +202,17 @@ def gate_labels(labels: Any, output: GateOutput, shape: tuple[int, ...], gate: A
     count = shape[0]
     if output.task == "classification":
         return class_indices(labels, shape[1], count)
-    values = torch.as_tensor(labels)
     if output.task == "binary":
-        return class_indices(values.long() if values.dtype == torch.bool else values, 2, count)
-    if not (values.is_floating_point() or values.dtype in (torch.int16, torch.int32, torch.int64, torch.uint8)):
+        boolean = isinstance(labels, Tensor | np.ndarray) and labels.dtype in (torch.bool, np.bool_)
+        return class_indices(torch.as_tensor(labels).long() if boolean else labels, 2, count)
+    try:
+        values = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise InputError(f"labels must be real-valued targets; got {type(labels).__name__}: {error}") from None
+    if values.dtype == torch.bool or values.is_complex():
         raise InputError(f"labels of a regression output must be real-valued targets; got dtype {values.dtype}")
     values = values.double()
-    if values.numel() != math.prod(shape) or label_column(values).shape[0] != count:
+    if values.numel() != math.prod(shape) or values.dim() == 0 or label_column(values).shape[0] != count:
         raise InputError(
             f"labels must hold one target per output value: shape {shape} (or ({count},) for one column); "
             f"got shape {tuple(values.shape)}"

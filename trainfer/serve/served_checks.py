@@ -174,7 +174,7 @@ def read_probes(directory: Path, entry: Any, sample_shape: Sequence[int]) -> Ten
         raise BundleError(
             f"{str(file)!r} holds no probe inputs: the int8 form agreed with the float form on none of its "
             "validation inputs when it was made, so it cannot be checked and is not served; serve the float form "
-            "(Predictor.load(path, float_form=True)), or quantize again with representative calibration data"
+            "(CLI: --runtime torch; Python: runtime='torch'), or quantize again with representative calibration data"
         )
     if (
         probes is None
