@@ -206,3 +206,19 @@ def test_quantize_against_a_reference_gates_the_loss_of_both_steps(is7, digits, 
     assert alone.report.gate.ok and alone.report.settings["gate_reference"] == "the float form"
     with pytest.raises(QuantizationError, match="decision agreement"):
         trainfer.quantize(tmp_path / "pruned", digits["train"], reference=is7, max_float_layers=0, **options)
+
+
+class _TwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.digit, self.size = nn.Conv2d(1, 8, 3), nn.Linear(8, 10), nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = self.body(x).relu().mean((2, 3))
+        return self.digit(h), self.size(h)
+
+
+def test_prune_refuses_to_gate_a_model_with_several_outputs():
+    """Its gate would compare the first output alone, whatever the other heads do."""
+    with pytest.raises(InputError, match="compares one output tensor; this model returns a tuple"):
+        trainfer.prune(_TwoOutputs().eval(), torch.randn(2, *SHAPE), ratio=0.5)
