@@ -22,21 +22,10 @@ from trainfer.serve.runtime_names import AUTO_RUNTIMES, CODE_GENERATING_RUNTIMES
 if TYPE_CHECKING:
     from trainfer.serve.manifest import Manifest
 
+#: The search parameters that are :class:`~trainfer.serve.gate.AccuracyGate`'s limits.
+GATE_LIMITS = ("min_agreement", "max_accuracy_drop", "max_rel_error", "max_rms_error", "max_mae_increase")
 #: The parameters :func:`search_options` adds (what :func:`search_settings` reads).
-SEARCH_PARAMETERS = (
-    "gate_data",
-    "labels",
-    "calibration",
-    "candidates",
-    "rounds",
-    "min_agreement",
-    "max_accuracy_drop",
-    "max_rel_error",
-    "max_rms_error",
-    "max_mae_increase",
-)
-#: The :data:`SEARCH_PARAMETERS` that are :class:`~trainfer.serve.gate.AccuracyGate`'s limits.
-GATE_LIMITS = SEARCH_PARAMETERS[-5:]
+SEARCH_PARAMETERS = ("gate_data", "labels", "calibration", "candidates", "rounds", *GATE_LIMITS)
 
 
 def search_options(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -289,11 +289,11 @@ def quantize(
                 "quantize: no validation data", "Pass validation= (CLI: --validation) with held-out inputs"
             )
         float_outputs = logits_over(source.model, check)
-        if reference is not None:
-            reference = _reference_outputs(reference, check, float_outputs, trust_factory)
-        reference = float_outputs if reference is None else reference
-        labels = gate_labels(labels, output, tuple(reference.shape), gate)
-        warn_small_gate(len(reference))
+        compared = (
+            float_outputs if reference is None else _reference_outputs(reference, check, float_outputs, trust_factory)
+        )
+        labels = gate_labels(labels, output, tuple(compared.shape), gate)
+        warn_small_gate(len(compared))
         settings = {
             "backend": "onnxruntime.quantization.quantize_static",
             "format": "QDQ",
@@ -303,9 +303,9 @@ def quantize(
             "calibration_samples": len(calib),
             "reduce_range": not machine_info()["int8_dot_product"] if reduce_range is None else reduce_range,
             "runtime": runtime,
+            "gate_reference": "the float form" if reference is None else "another form (reference=)",
         }
-        settings["gate_reference"] = "the float form" if reference is float_outputs else "another form (reference=)"
-        search = _Search(source, calib, (check, labels, reference), (gate, output), settings, workdir, float_outputs)
+        search = _Search(source, calib, (check, labels, compared), (gate, output), settings, workdir, float_outputs)
         search.threads = threads or torch.get_num_threads()
         options = (False, True) if equalize == "auto" else (bool(equalize),)
         variants = [search.prepare(option, sensitivity_samples) for option in options]
