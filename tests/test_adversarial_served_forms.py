@@ -58,7 +58,7 @@ def _rewrite_json(path: Path, change) -> None:
 
 def _int8(model: torch.nn.Module, path: Path) -> Path:
     calibration = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    gate = trainfer.AccuracyGate(min_agreement=None, max_accuracy_drop=None)
+    gate = trainfer.AccuracyGate(min_agreement=0.0, max_accuracy_drop=None)  # passes any candidate, deliberately
     result = trainfer.quantize(model, calibration, gate=gate, equalize=False, sensitivity_samples=16)
     return result.save(path, factory=FACTORY, preprocess=SPEC)
 

@@ -187,10 +187,16 @@ def trust_factory_option(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
+#: The regression limits' defaults, :class:`trainfer.serve.gate.AccuracyGate`'s (not imported here: it loads
+#: torch; a test checks they agree).
+MAX_RMS_ERROR, MAX_MAE_INCREASE = 0.1, 0.1
+
+
 def gate_options(rel_error: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Add the accuracy gate's thresholds, ``--min-agreement`` and ``--max-accuracy-drop`` (a fraction),
-    and with ``rel_error`` ``--max-rel-error``, with the defaults of every command that gates a reduced
-    form (quantize, prune, compile)."""
+    ``--max-rms-error`` and ``--max-mae-increase`` (regression outputs), and with ``rel_error``
+    ``--max-rel-error``, with the defaults of every command that gates a reduced form (quantize, prune,
+    compile)."""
 
     def add(command: Callable[..., Any]) -> Callable[..., Any]:
         command = _drop_needs_labels(command)
@@ -198,6 +204,14 @@ def gate_options(rel_error: bool = False) -> Callable[[Callable[..., Any]], Call
             command = click.option(
                 "--max-rel-error", type=FiniteFloatRange(min=0), default=None, help="Limit on max rel output error."
             )(command)
+        command = click.option(
+            "--max-mae-increase", type=FiniteFloatRange(min=0), default=MAX_MAE_INCREASE, show_default=True,
+            help="Regression with --labels (real targets): largest MAE increase, a fraction of the reference's.",
+        )(command)  # fmt: skip
+        command = click.option(
+            "--max-rms-error", type=FiniteFloatRange(min=0), default=MAX_RMS_ERROR, show_default=True,
+            help="Regression: largest RMS output error, in standard deviations of the reference outputs.",
+        )(command)  # fmt: skip
         command = click.option(
             "--max-accuracy-drop", type=FiniteFloatRange(0, 1), default=0.005, show_default=True, help="Fraction."
         )(command)

@@ -16,23 +16,16 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from trainfer.cli.common import COUNT, THREADS, friendly_errors, gate_options, trust_factory_option, trusted
-from trainfer.cli.quantize import DATA_HELP, read_labels
+from trainfer.cli.quantize import DATA_HELP, LABELS_HELP, read_labels
 from trainfer.serve.runtime_names import AUTO_RUNTIMES, CODE_GENERATING_RUNTIMES, RUNTIMES
 
 if TYPE_CHECKING:
     from trainfer.serve.manifest import Manifest
 
+#: The search parameters that are :class:`~trainfer.serve.gate.AccuracyGate`'s limits.
+GATE_LIMITS = ("min_agreement", "max_accuracy_drop", "max_rel_error", "max_rms_error", "max_mae_increase")
 #: The parameters :func:`search_options` adds (what :func:`search_settings` reads).
-SEARCH_PARAMETERS = (
-    "gate_data",
-    "labels",
-    "calibration",
-    "candidates",
-    "rounds",
-    "min_agreement",
-    "max_accuracy_drop",
-    "max_rel_error",
-)
+SEARCH_PARAMETERS = ("gate_data", "labels", "calibration", "candidates", "rounds", *GATE_LIMITS)
 
 
 def search_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -42,7 +35,7 @@ def search_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--gate-data", type=click.Path(exists=True), default=None,
                      help=f"Validation inputs the bf16 and int8 forms must pass the gate on: {DATA_HELP}."),
         click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
-                     help=".npy of class indices for --gate-data (gates the accuracy drop)."),
+                     help=f"For --gate-data: {LABELS_HELP}"),
         click.option("--calibration", type=click.Path(exists=True), default=None,
                      help=f"int8 calibration data (default: --gate-data): {DATA_HELP}."),
         click.option("--candidates", type=click.Choice(RUNTIMES), multiple=True,
@@ -69,7 +62,7 @@ def search_settings(bundle: str, trust_factory: bool, what: str, way_out: str, *
 
     manifest = read_manifest(bundle)  # also refuses a path that is not a bundle, before anything is measured
     check_searchable(manifest, search["gate_data"] is not None, what, way_out)
-    gate = AccuracyGate(search["min_agreement"], search["max_accuracy_drop"], search["max_rel_error"])
+    gate = AccuracyGate(**{name: search[name] for name in GATE_LIMITS})
     options = _gated_options(manifest, search["gate_data"], search["labels"], search["calibration"])
     if "gate_data" in options:
         check_gated_arguments("auto", options["gate_data"], options["calibration"])
@@ -158,7 +151,7 @@ def _gated_options(
             )
         return {}
     inputs = calibration_inputs(gate_data, manifest)
-    targets = read_labels(Path(labels)) if labels else None
+    targets = read_labels(Path(labels), manifest.task) if labels else None
     if targets is not None and len(targets) != len(inputs):  # named as the CLI spells it, not gate_data=
         raise InputError(f"--gate-data has {len(inputs)} inputs but --labels has {len(targets)}: one label per input")
     return {

@@ -23,7 +23,7 @@ from trainfer.cli.common import (
     trust_factory_option,
     trusted,
 )
-from trainfer.cli.quantize import DATA_HELP, read_labels
+from trainfer.cli.quantize import DATA_HELP, LABELS_HELP, read_labels
 from trainfer.errors import InputError
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 @click.option("--ratio", type=FiniteFloatRange(0, 1, max_open=True), default=0.5, show_default=True,
               help="Fraction of each layer's channels to remove.")  # fmt: skip
 @click.option("--data", type=click.Path(exists=True), default=None, help=f"Gate data: {DATA_HELP}.")
-@click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None, help=".npy of class indices.")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None, help=LABELS_HELP)
 @gate_options()
 # 4096: trainfer.serve.manifest.MAX_CHANNELS, the most a bundle records (not imported here: it loads pydantic)
 @click.option("--round-to", type=IntRange(1, 4096), default=None, help="Keep widths multiples of this.")
@@ -65,6 +65,8 @@ def command(
     labels: str | None,
     min_agreement: float,
     max_accuracy_drop: float,
+    max_rms_error: float,
+    max_mae_increase: float,
     round_to: int | None,
     global_pruning: bool,
     importance: str,
@@ -102,8 +104,8 @@ def command(
         bundle,
         ratio=ratio,
         data=data,
-        labels=read_labels(Path(labels)) if labels else None,
-        gate=AccuracyGate(min_agreement, max_accuracy_drop),
+        labels=read_labels(Path(labels), manifest.task) if labels else None,
+        gate=AccuracyGate(min_agreement, max_accuracy_drop, None, max_rms_error, max_mae_increase),
         finetune=finetune,
         round_to=round_to,
         global_pruning=global_pruning,

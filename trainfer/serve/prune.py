@@ -18,8 +18,9 @@
    (``ratios={"layer.name": 0.3}``), rounded to multiples of ``round_to`` channels;
 4. optional **fine-tuning**: ``finetune(model)`` trains the pruned form in place (the user's loop,
    or the demo's) before it is gated;
-5. the **accuracy gate** (:class:`~trainfer.serve.gate.AccuracyGate`, as for int8: class agreement
-   with the unpruned form, accuracy drop on labelled data);
+5. the **accuracy gate** (:class:`~trainfer.serve.gate.AccuracyGate`, as for int8: class or binary decision
+   agreement with the unpruned form and accuracy drop on labelled data; for a regressor, its RMS error and
+   MAE increase);
 6. if the gate fails, **search**: each layer is pruned alone at its ratio and ranked by the damage
    (the per-layer sensitivity report), then the most sensitive layers are exempted one at a time
    until the gate passes; past ``max_exempt_layers`` it refuses with :class:`PruningError`.
@@ -42,8 +43,17 @@ from torch import Tensor, fx, nn
 from trainfer.errors import InputError, PruningError
 from trainfer.extras import require
 from trainfer.recipe import ModelRecipe, attach_recipe, recipe_of
-from trainfer.serve.calibration import calibration_inputs, class_indices
-from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over, warn_small_gate
+from trainfer.serve.calibration import calibration_inputs
+from trainfer.serve.gate import (
+    AccuracyGate,
+    GateOutput,
+    GateReport,
+    gate_labels,
+    gate_output,
+    gate_report,
+    logits_over,
+    warn_small_gate,
+)
 from trainfer.serve.source import check_class_gate, float32_copy, load_source
 
 __all__ = ["LayerPruneSensitivity", "PruneReport", "PruningError", "prune"]
@@ -57,17 +67,15 @@ class LayerPruneSensitivity:
     """What pruning one layer alone (at its ratio, without fine-tuning) costs on the gate's data."""
 
     name: str
-    agreement: float
+    agreement: float | None
     accuracy_drop: float | None
-
-    @property
-    def damage(self) -> float:
-        """Accuracy drop where labels were given, else disagreement: higher = more sensitive."""
-        return self.accuracy_drop if self.accuracy_drop is not None else 1 - self.agreement
+    #: :attr:`GateReport.damage <trainfer.serve.gate.GateReport.damage>`: higher = more sensitive.
+    damage: float
 
     def __str__(self) -> str:
-        drop = "" if self.accuracy_drop is None else f"{100 * self.accuracy_drop:>10.2f}"
-        return f"{self.name:<32}{self.agreement:>10.2%}{drop}"
+        agreement = "-" if self.agreement is None else f"{self.agreement:.2%}"
+        drop = "-" if self.accuracy_drop is None else f"{100 * self.accuracy_drop:.2f}"
+        return f"{self.name:<32}{agreement:>10}{drop:>10}{self.damage:>10.3g}"
 
 
 @dataclass
@@ -105,7 +113,7 @@ class PruneReport:
         lines += [f"  attempt: {attempt}" for attempt in self.attempts]
         lines += [f"  {line}" for line in self.layers]
         if self.sensitivity:
-            lines.append(f"{'layer (most sensitive first)':<32}{'agreement':>10}{'drop pts':>10}")
+            lines.append(f"{'layer (most sensitive first)':<32}{'agreement':>10}{'drop pts':>10}{'damage':>10}")
             lines += [str(layer) for layer in self.sensitivity]
         return "\n".join(lines)
 
@@ -131,8 +139,9 @@ def prune(
 
     ``ratio``: the fraction of each layer's channels removed (``0 <= ratio < 1``); ``ratios``
     overrides it per layer (deploy-form layer names, as the report prints them). ``data`` (inputs,
-    in the forms :func:`trainfer.quantize` takes) and ``labels`` (``(N,)`` class indices) are what the
-    gate measures on; without ``data``, random inputs of the example's shape (agreement only).
+    in the forms :func:`trainfer.quantize` takes) and ``labels`` (class indices, 0/1 for a binary output, real
+    targets for a regression output; :func:`~trainfer.serve.gate.gate_labels`) are what the gate measures on;
+    without ``data``, random inputs of the example's shape (agreement, or a regression output's RMS error).
     ``finetune``: called with the pruned model (train mode) to train it in place. ``search=False``
     refuses as soon as the gate fails; ``max_exempt_layers`` bounds the search (default: half the layers).
     ``trust_factory`` is :func:`trainfer.load`'s, for a bundle whose factory is not registered.
@@ -141,6 +150,7 @@ def prune(
     gate = gate or AccuracyGate()
     source = load_source(model_or_bundle, example_inputs, trust_factory=trust_factory)
     check_class_gate(source.manifest, "trainfer.prune")
+    output = gate_output(source.manifest)
     model, example = float32_copy(source.model), torch.randn(2, *source.sample_shape)
     inputs = (
         calibration_inputs(data, source.manifest)
@@ -150,9 +160,8 @@ def prune(
     reference = logits_over(model, inputs)
     if data is not None:
         warn_small_gate(len(inputs))
-    if labels is not None:
-        labels = class_indices(labels, reference.shape[-1], len(inputs))
-    run = _Run(model, example, inputs, labels, reference, gate, settings, finetune)
+    labels = gate_labels(labels, output, tuple(reference.shape), gate)
+    run = _Run(model, example, inputs, labels, reference, (gate, output), settings, finetune)
     pruned, report = run.search(search, max_exempt_layers)
     pruned = attach_recipe(pruned, _pruned_recipe(model, example, settings))
     pruned.trainfer_prune_report = report
@@ -216,7 +225,7 @@ class _Run:
     inputs: Tensor
     labels: Tensor | None
     reference: Tensor
-    gate: AccuracyGate
+    gate: tuple[AccuracyGate, GateOutput]
     settings: dict[str, Any]
     finetune: Callable[[nn.Module], Any] | None
     attempts: list[str] = field(default_factory=list)
@@ -248,7 +257,7 @@ class _Run:
         return candidate
 
     def gated(self, candidate: nn.Module) -> GateReport:
-        return gate_report(self.reference, logits_over(candidate, self.inputs), self.labels, self.gate)
+        return gate_report(self.reference, logits_over(candidate, self.inputs), self.labels, *self.gate)
 
     def attempt(self, exempt: list[str]) -> tuple[nn.Module, GateReport]:
         candidate = self.pruned(exempt)
@@ -265,7 +274,7 @@ class _Run:
         ranking = []
         for name in self.prunable():
             report = self.gated(self.pruned([], only=name))
-            ranking.append(LayerPruneSensitivity(name, report.agreement, report.accuracy_drop))
+            ranking.append(LayerPruneSensitivity(name, report.agreement, report.accuracy_drop, report.damage))
         return sorted(ranking, key=lambda layer: -layer.damage)
 
     def search(self, search: bool, max_exempt: int | None) -> tuple[nn.Module, PruneReport]:

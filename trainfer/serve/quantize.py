@@ -14,9 +14,10 @@
    it works on every x86 CPU (it does not require VNNI or AMX, which the torchao x86 flow assumes
    for speed). On a CPU without VNNI the u8s8 dot product saturates 16-bit sums, so weights use
    7 bits there (``reduce_range``, ONNX Runtime's own advice), recorded in the report;
-4. **the accuracy gate** (:class:`trainfer.serve.gate.AccuracyGate`; default class agreement >= 99 %
-   with the float deploy form, accuracy drop <= 0.5 points on labelled data), measured with the
-   quantized file running in ONNX Runtime;
+4. **the accuracy gate** (:class:`trainfer.serve.gate.AccuracyGate`; by default class, or binary decision,
+   agreement >= 99 % with the float deploy form and accuracy drop <= 0.5 points on labelled data; for a
+   regressor, RMS error <= 0.1 standard deviations of the float outputs and MAE increase <= 10 % against
+   real targets), measured with the quantized file running in ONNX Runtime;
 5. if the gate fails, **fallback**: the layers are ranked by sensitivity (network-output SQNR
    with only that layer's weights and input fake-quantized, in PyTorch) and the most sensitive are
    kept in float one at a time until the gate passes; past ``max_float_layers`` it refuses with
@@ -48,11 +49,14 @@ import torch
 from torch import Tensor, nn
 
 from trainfer.errors import InputError, QuantizationError
-from trainfer.serve.calibration import calibration_inputs, class_indices
+from trainfer.serve.calibration import calibration_inputs
 from trainfer.serve.engines import int8_engine
 from trainfer.serve.gate import (
     AccuracyGate,
+    GateOutput,
     GateReport,
+    gate_labels,
+    gate_output,
     gate_report,
     logits_over,
     warn_gated_on_calibration,
@@ -61,7 +65,7 @@ from trainfer.serve.gate import (
 from trainfer.serve.int8_form import write_int8_form
 from trainfer.serve.runtime_record import machine_info
 from trainfer.serve.sensitivity import LayerSensitivity, sensitivity
-from trainfer.serve.served_checks import select_probes
+from trainfer.serve.served_checks import MAX_INT8_REL_ERROR, select_probes
 from trainfer.serve.source import check_class_gate, float32_copy, load_source
 from trainfer.validate import check_type
 
@@ -245,18 +249,23 @@ def quantize(
     threads: int | None = None,
     trust_factory: bool = False,
     runtime: str = "onnxruntime",
+    reference: nn.Module | str | os.PathLike[str] | None = None,
 ) -> QuantizedModel:
     """The gated int8 form of ``model_or_bundle``; see the module docstring.
 
     ``validation`` (inputs, same forms as ``calibration_data``; default: the calibration inputs)
-    and ``labels`` (class indices, ``(N,)``) are what the gate measures on. ``equalize``: True,
+    and ``labels`` (class indices; 0/1 for a binary output; real targets for a regression output:
+    :func:`~trainfer.serve.gate.gate_labels`) are what the gate measures on. ``equalize``: True,
     False, or ``"auto"`` (quantize both the equalized and the plain form, keep the one closer to
     the float form: with per-channel weights equalization does not always help). ``max_float_layers``:
     how many layers may fall back to float (default: half of them). ``reduce_range``: 7-bit
     weights (default: where the CPU lacks VNNI/AMX int8 dot products). ``trust_factory`` is
     :func:`trainfer.load`'s (for a bundle). ``runtime``: the runtime the file is made for, which
     places the quantizers (:data:`PLACEMENT`) and runs the gate (``"onnxruntime"`` or
-    ``"openvino"``); a bundle serves its int8 form there by default.
+    ``"openvino"``); a bundle serves its int8 form there by default. ``reference``: the model or bundle the
+    gate compares with (default: ``model_or_bundle``'s float form), e.g. the original a pruned bundle was
+    made from, so that the gate bounds the loss of both steps; it must take the same inputs and return
+    outputs of the same shape. The probes a load checks are chosen against the float form either way.
     """
     check_type("model_or_bundle", model_or_bundle, nn.Module | str | os.PathLike, "an nn.Module or a bundle path")
     if calibration not in CALIBRATION_METHODS:
@@ -271,6 +280,7 @@ def quantize(
         loaded = load_source(model_or_bundle, _example(model_or_bundle, calibration_data), trust_factory=trust_factory)
         check_class_gate(loaded.manifest, "trainfer.quantize")
         _check_one_output(loaded.manifest)
+        output = gate_output(loaded.manifest)
         source = _Float(float32_copy(loaded.model), loaded.manifest)
         calib = calibration_inputs(calibration_data, source.manifest, calibration_limit)
         check = calibration_inputs(validation, source.manifest) if validation is not None else calib
@@ -278,9 +288,12 @@ def quantize(
             warn_gated_on_calibration(
                 "quantize: no validation data", "Pass validation= (CLI: --validation) with held-out inputs"
             )
-        reference = logits_over(source.model, check)
-        labels = None if labels is None else class_indices(labels, reference.shape[-1], len(reference))
-        warn_small_gate(len(reference))
+        float_outputs = logits_over(source.model, check)
+        compared = (
+            float_outputs if reference is None else _reference_outputs(reference, check, float_outputs, trust_factory)
+        )
+        labels = gate_labels(labels, output, tuple(compared.shape), gate)
+        warn_small_gate(len(compared))
         settings = {
             "backend": "onnxruntime.quantization.quantize_static",
             "format": "QDQ",
@@ -290,12 +303,26 @@ def quantize(
             "calibration_samples": len(calib),
             "reduce_range": not machine_info()["int8_dot_product"] if reduce_range is None else reduce_range,
             "runtime": runtime,
+            "gate_reference": "the float form" if reference is None else "another form (reference=)",
         }
-        search = _Search(source, calib, (check, labels, reference), gate, settings, workdir)
+        search = _Search(source, calib, (check, labels, compared), (gate, output), settings, workdir, float_outputs)
         search.threads = threads or torch.get_num_threads()
         options = (False, True) if equalize == "auto" else (bool(equalize),)
         variants = [search.prepare(option, sensitivity_samples) for option in options]
         return search.run(variants, max_float_layers)
+
+
+def _reference_outputs(reference: Any, inputs: Tensor, float_outputs: Tensor, trust_factory: bool) -> Tensor:
+    """The outputs of ``quantize``'s ``reference=`` (a model or bundle, loaded as the source is) over ``inputs``."""
+    check_type("reference", reference, nn.Module | str | os.PathLike, "an nn.Module or a bundle path")
+    model = float32_copy(load_source(reference, inputs[:2], trust_factory=trust_factory).model)
+    outputs = logits_over(model, inputs)
+    if outputs.shape != float_outputs.shape:
+        raise InputError(
+            f"reference= returns outputs of shape {tuple(outputs.shape)} on the validation inputs; the model "
+            f"quantized returns {tuple(float_outputs.shape)}: give the form this model was made from"
+        )
+    return outputs
 
 
 def _check_one_output(manifest: Manifest) -> None:
@@ -342,9 +369,12 @@ class _Search:
     source: _Float
     calib: Tensor
     check: tuple[Tensor, Tensor | None, Tensor]
-    gate: AccuracyGate
+    gate: tuple[AccuracyGate, GateOutput]
     settings: dict[str, Any]
     workdir: Path
+    #: The float form's outputs on the gate's inputs, which the probes are chosen against (the gate's
+    #: ``check`` reference may be another form: ``quantize(reference=...)``).
+    float_outputs: Tensor
     threads: int = 1
     attempts: list[str] = field(default_factory=list)
 
@@ -369,14 +399,14 @@ class _Search:
         out = self.workdir / f"int8_{len(self.attempts)}.onnx"
         _quantize_file(variant.float_path, out, self.calib, [variant.nodes[name] for name in kept], self.settings)
         engine = int8_engine(self.settings["runtime"], out, self.source.manifest, self.threads, out.read_bytes())
-        report = gate_report(reference, logits_over(engine, inputs), labels, self.gate)
+        report = gate_report(reference, logits_over(engine, inputs), labels, *self.gate)
         form = "equalized" if variant.equalization else "plain"
         self.attempts.append(f"{form}, {count} layer(s) in float: {report}")
         return report, engine, out
 
     def run(self, variants: list[_Variant], max_float_layers: int | None) -> QuantizedModel:
         tried = [(variant, *self.attempt(variant, 0)) for variant in variants]
-        variant, report, engine, out = max(tried, key=lambda t: (t[1].ok, t[1].agreement, -t[1].max_rel_error))
+        variant, report, engine, out = max(tried, key=lambda t: (t[1].ok, -t[1].damage, -t[1].max_rel_error))
         limit = min(len(variant.ranking) // 2 if max_float_layers is None else max_float_layers, len(variant.ranking))
         count = 0
         while not report.ok and count < limit:
@@ -393,13 +423,21 @@ class _Search:
                 result,
             )
         data = _with_manifest(out, _served_manifest(self.source.manifest))
-        inputs, _, reference = self.check
+        inputs = self.check[0]
         try:  # what a bundle's load checks the int8 form on (trainfer.serve.served_checks)
-            probes = select_probes(inputs, reference, logits_over(engine, inputs))
+            probes = select_probes(inputs, self.float_outputs, logits_over(engine, inputs))
         except ValueError as error:
             raise QuantizationError(
                 f"{error}: the gate passed, but nothing could check this int8 form", result
             ) from None
+        if not len(probes):  # a bundle without probes is refused by every load: never write one
+            raise QuantizationError(
+                f"the int8 form agrees with the float form on none of the {len(inputs)} validation inputs (the same "
+                f"class, or for one-column outputs an error within {MAX_INT8_REL_ERROR} of the output scale: what "
+                "every load checks), so no load would accept it: give more representative calibration data, "
+                "allow more float layers (max_float_layers) or a stricter gate",
+                result,
+            )
         return QuantizedModel(variant.model, data, self.source.manifest, result, engine, probes)
 
 

@@ -47,9 +47,16 @@ from torch import Tensor, nn
 from trainfer.errors import BundleError, EquivalenceError, InputError, InputTypeError
 from trainfer.numerics import TOLERANCE
 from trainfer.recipe import ModelRecipe, recipe_of
-from trainfer.serve.calibration import class_indices
 from trainfer.serve.engines import DTYPES, CompiledModel, OpenVinoEngine, TorchEngine, openvino_precisions, ort_engine
-from trainfer.serve.gate import AccuracyGate, GateReport, gate_report, logits_over, warn_small_gate
+from trainfer.serve.gate import (
+    AccuracyGate,
+    GateReport,
+    gate_labels,
+    gate_output,
+    gate_report,
+    logits_over,
+    warn_small_gate,
+)
 from trainfer.serve.outputs import flatten_outputs
 from trainfer.serve.runtime_record import (
     AUTO_RUNTIMES,
@@ -175,23 +182,24 @@ def _max_rel_error(engine: Callable[[Tensor], Any], source: _Source, inputs: lis
     return worst
 
 
-def _checked_gate_data(source: _Source, data: Any) -> Any:
-    """``data`` (inputs, or ``(inputs, labels)``) with its labels checked as class indices of the model's
-    outputs (:func:`~trainfer.serve.calibration.class_indices`), before any candidate is built: a label
-    no class can be would otherwise fail each candidate's gate alone, and float32 be recorded. Warns
-    when the gate has too few samples to mean much (:func:`~trainfer.serve.gate.warn_small_gate`)."""
+def _checked_gate_data(source: _Source, data: Any, gate: AccuracyGate) -> Any:
+    """``data`` (inputs, or ``(inputs, labels)``) with its labels checked for the model's outputs
+    (:func:`~trainfer.serve.gate.gate_labels`, which also refuses a gate that would compare nothing),
+    before any candidate is built: a label no class can be would otherwise fail each candidate's gate
+    alone, and float32 be recorded. Warns when the gate has too few samples to mean much
+    (:func:`~trainfer.serve.gate.warn_small_gate`)."""
     inputs, labels = data if isinstance(data, tuple) else (data, None)
     warn_small_gate(len(inputs))
-    if labels is None:
-        return data
-    classes = logits_over(source.model, inputs[:1].detach().to("cpu", torch.float32)).shape[-1]
-    return inputs, class_indices(labels, classes, len(inputs))
+    first = logits_over(source.model, inputs[:1].detach().to("cpu", torch.float32))
+    checked = gate_labels(labels, gate_output(source.manifest), (len(inputs), *first.shape[1:]), gate)
+    return data if labels is None else (inputs, checked)
 
 
 def _gate(engine: Callable[[Tensor], Any], source: _Source, gate: AccuracyGate, data: Any) -> GateReport:
     inputs, labels = data if isinstance(data, tuple) else (data, None)
     inputs = inputs.detach().to("cpu", torch.float32)
-    return gate_report(logits_over(source.model, inputs), logits_over(engine, inputs), labels, gate)
+    reference = logits_over(source.model, inputs)
+    return gate_report(reference, logits_over(engine, inputs), labels, gate, gate_output(source.manifest))
 
 
 def _candidate(
@@ -311,7 +319,7 @@ def compile(
         source = _source(model_or_bundle, example_inputs, Path(work), trust_factory)
         if gate_data is not None:
             check_class_gate(source.manifest, "trainfer.compile with gate_data (--gate-data)")
-            gate_data = _checked_gate_data(source, gate_data)
+            gate_data = _checked_gate_data(source, gate_data, gate or AccuracyGate())
         checks = (_verification_inputs(source, batch_sizes), gate or AccuracyGate(), gate_data)
         pairs = [(r, d) for r in names for d in dtypes]
         if runtime == "auto" and ("torch", "float32") not in pairs:

@@ -10,7 +10,7 @@ its dtype (int8 only on the runtimes that run a QDQ file) unless it is recorded 
 and a record ``chosen_by`` ``"auto"`` names a candidate that passed (status ``ok``, and its gate
 where it has one); a chosen dtype other than float32 is served only with its candidate's passing
 gate verdict (a reduced precision is never served unchecked), one its own figures bear out: its
-``ok`` recomputed from its samples, agreement, accuracies and error against its limits, by the
+``ok`` recomputed from its samples, agreement, accuracies and errors against its limits, by the
 gate's own rule (a verdict of 0 samples and agreement 0.0 against a 0.99 minimum marked ``ok`` is
 refused). The chosen runtime is one of
 :data:`~trainfer.serve.runtime_names.AUTO_RUNTIMES`: a runtime that generates and compiles code when
@@ -27,6 +27,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from trainfer.errors import InputError
 from trainfer.serve.gate import AccuracyGate, GateReport
 from trainfer.serve.manifest import _Schema, schema_error
 from trainfer.serve.runtime_names import AUTO_RUNTIMES, serves
@@ -54,6 +55,8 @@ class GateLimits(_Schema):
     min_agreement: Fraction | None
     max_accuracy_drop: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None
     max_rel_error: Error | None
+    max_rms_error: Error | None = None  # absent from records written before regression gates
+    max_mae_increase: Error | None = None
 
 
 class GateVerdict(_Schema):
@@ -62,23 +65,26 @@ class GateVerdict(_Schema):
     gate: GateLimits
     samples: Annotated[int, Field(ge=0, le=2**31)]
     max_rel_error: Error
-    agreement: Fraction
+    agreement: Fraction | None  # None: a regression output, judged by its values
     reference_accuracy: Fraction | None
     candidate_accuracy: Fraction | None
+    task: Literal["classification", "binary", "regression"] = "classification"
+    rms_error: Error | None = None
+    reference_mae: Error | None = None
+    candidate_mae: Error | None = None
     accuracy_drop: Annotated[float, Field(ge=-1, le=1, allow_inf_nan=False)] | None
     ok: bool
 
     def contradiction(self) -> str | None:
         """What the recorded figures say against the recorded ``ok`` (``None``: they agree), judged by the
         gate's own rule (:meth:`trainfer.serve.gate.GateReport.failures`) on the recorded limits."""
-        report = GateReport(
-            AccuracyGate(**self.gate.model_dump()),
-            self.samples,
-            self.max_rel_error,
-            self.agreement,
-            self.reference_accuracy,
-            self.candidate_accuracy,
-        )
+        figures = self.model_dump(exclude={"gate", "accuracy_drop", "ok"})
+        report = GateReport(AccuracyGate(**self.gate.model_dump()), **figures)
+        labelled = self.reference_accuracy is not None or self.reference_mae is not None
+        try:
+            report.gate.check_compares(self.task, labelled)
+        except InputError as vacuous:
+            return str(vacuous)
         drop, recorded = report.accuracy_drop, self.accuracy_drop
         if recorded is None or drop is None:
             agree = recorded is drop

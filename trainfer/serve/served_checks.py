@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from trainfer.errors import BundleError
 from trainfer.numerics import tolerance_for
 from trainfer.readfile import open_regular, present
-from trainfer.serve.gate import AccuracyGate, gate_report, logits_over
+from trainfer.serve.gate import AccuracyGate, GateOutput, gate_report, logits_over
 from trainfer.serve.outputs import Head, check_output_kind, select_output
 
 PROBE_SEED = 0
@@ -197,6 +197,12 @@ def read_probes(directory: Path, entry: Any, sample_shape: Sequence[int]) -> Ten
         raise BundleError(f"cannot read {str(file)!r}: {error}") from None
     probes = tensors.get("inputs")
     expected = tuple(sample_shape)
+    if probes is not None and probes.dim() > 0 and len(probes) == 0:
+        raise BundleError(
+            f"{str(file)!r} holds no probe inputs: the int8 form agreed with the float form on none of its "
+            "validation inputs when it was made, so it cannot be checked and is not served; serve the float form "
+            "(CLI: --runtime torch; Python: runtime='torch'), or quantize again with representative calibration data"
+        )
     if (
         probes is None
         or probes.dtype != torch.float32
@@ -232,8 +238,9 @@ def check_int8_form(int8: Callable[[Tensor], Any], reference: nn.Module, probes:
         min_agreement=MIN_INT8_AGREEMENT if classes else None,
         max_accuracy_drop=None,
         max_rel_error=None if classes else MAX_INT8_REL_ERROR,
+        max_rms_error=None,
     )
-    report = gate_report(expected, got, None, gate)
+    report = gate_report(expected, got, None, gate, GateOutput("classification" if classes else "regression"))
     if not report.ok:
         raise BundleError(
             f"{source}: the int8 form does not agree with the bundle's float weights on its {len(probes)} probe "
