@@ -158,10 +158,8 @@ class GateOutput:
                 "multi-label output is not a task trainfer serves): expected (N,), (N, 1) or (N, 2)"
             )
 
-    def decisions(self, outputs: Tensor) -> Tensor | None:
-        """Each sample's class or decision (int64 ``(N,)``); ``None`` for regression."""
-        if self.task == "regression":
-            return None
+    def decisions(self, outputs: Tensor) -> Tensor:
+        """Each sample's class or decision (int64 ``(N,)``) of a classification or binary output."""
         if outputs.dim() == 2 and outputs.shape[1] >= 2:
             return outputs.argmax(-1)
         return (outputs.reshape(len(outputs)) >= _DECISION_POINT[self.kind]).long()
@@ -362,11 +360,14 @@ def gate_report(
         served = (output.served_values(reference), output.served_values(candidate))
         return GateReport(gate, len(reference), error, None, task="regression", **_values(*served, labels))
     predicted, expected = output.decisions(candidate), output.decisions(reference)
-    agreement = float((predicted == expected).double().mean())
+    agreement = float(torch.eq(predicted, expected).double().mean())
     accuracies: tuple[float | None, float | None] = (None, None)
     if labels is not None:
         labels = labels.to(predicted.device)
-        accuracies = (float((expected == labels).double().mean()), float((predicted == labels).double().mean()))
+        accuracies = (
+            float(torch.eq(expected, labels).double().mean()),
+            float(torch.eq(predicted, labels).double().mean()),
+        )
     return GateReport(gate, len(reference), error, agreement, *accuracies, task=output.task)
 
 

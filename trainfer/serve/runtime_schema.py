@@ -93,8 +93,8 @@ class GateVerdict(_Schema):
         if not agree:
             return f"accuracy_drop {self.accuracy_drop} is not reference_accuracy - candidate_accuracy ({drop})"
         if report.ok != self.ok:
-            figures = "pass the gate" if report.ok else "fail the gate: " + "; ".join(report.failures())
-            return f'"ok" is {str(self.ok).lower()}, but its figures {figures}'
+            verdict = "pass the gate" if report.ok else "fail the gate: " + "; ".join(report.failures())
+            return f'"ok" is {str(self.ok).lower()}, but its figures {verdict}'
         return None
 
 
