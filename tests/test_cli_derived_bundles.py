@@ -123,7 +123,18 @@ def test_save_like_a_bundle_carries_what_it_serves_as_in_python(tmp_path, kind):
     assert_results_close(trainfer.Predictor.load(tmp_path / "like").predict(raw), expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["classification", "heads"])
+def test_trainfer_prune_refuses_a_bundle_of_several_heads_one_gate_cannot_compare(tmp_path):
+    source = KINDS["heads"](tmp_path / "source")
+    deployed = tmp_path / "deployed"
+    assert CliRunner().invoke(main, ["deploy", str(source), "-o", str(deployed), "--trust-factory"]).exit_code == 0
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).uniform(0, 1, (8, 1, 8, 8)).astype(np.float32))
+    arguments = ["prune", str(deployed), "-o", str(tmp_path / "pruned"), "--ratio", "0.25", "--data"]
+    result = CliRunner().invoke(main, [*arguments, str(tmp_path / "x.npy"), "--min-agreement", "0"])
+    assert result.exit_code == 2 and "compares one output tensor" in result.output
+    assert not (tmp_path / "pruned").exists()
+
+
+@pytest.mark.parametrize("kind", ["classification"])
 def test_trainfer_prune_of_a_bundle_keeps_what_it_serves_as(tmp_path, kind):
     source = KINDS[kind](tmp_path / "source")
     deployed, out = tmp_path / "deployed", tmp_path / "pruned"
